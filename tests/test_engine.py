@@ -1,6 +1,7 @@
 """The DeepSpeed ZeRO-3 engine end to end on a tiny random model (CPU, gloo): 1 and 2 ranks."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -114,3 +115,29 @@ def test_two_rank_zero3_with_triton_attention_and_fused_kl_matches_torch_path(ti
     ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
     assert torch.allclose(_logits(root / "runs" / "k_torch" / "model", ids),
                           _logits(root / "runs" / "k_fused" / "model", ids), atol=1e-4)
+
+
+def test_export_check_tolerance_is_relative_to_the_logit_scale(tmp_path):
+    """Large logits (e.g. after gradient ascent) carry proportionally larger float32 round-off: the
+    export check scales its bound with max |logit|, and still refuses a real mismatch."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.engine.export import ExportError, verify_export
+
+    model_dir, _ = build(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000.0)  # logits in the hundreds
+    big = tmp_path / "big"
+    model.save_pretrained(big)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    logits = _logits(big, ids)
+    scale = float(logits.abs().max())
+    assert scale > 10
+    diff, tol = verify_export(big, ids, logits, rtol=1e-5)
+    assert diff == 0.0 and math.isclose(tol, 1e-5 * scale)
+    # round-off above the absolute 1e-5 but within 1e-5 relative passes ...
+    verify_export(big, ids, logits + 0.5e-5 * scale, rtol=1e-5)
+    # ... a real mismatch does not, and the message names the bound
+    with pytest.raises(ExportError, match=r"max \|logit diff\|.*x max\(1, max \|logit\|"):
+        verify_export(big, ids, logits + 3e-5 * scale, rtol=1e-5)
