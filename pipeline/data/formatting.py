@@ -76,3 +76,19 @@ def encode_text(tokenizer, text: str, max_length: int, add_eos: bool = True) -> 
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
     return Encoded(ids, labels, truncated)
+
+
+# A fixed list of refusals in the style of TOFU's idontknow.jsonl (IdkDPO and ASU+IDK targets). The
+# embedded benchmark's tokenizer includes their words (pipeline/data/prepare.py).
+REFUSALS: tuple[str, ...] = (
+    "I don't know.",
+    "I'm not sure.",
+    "I have no idea.",
+    "I'm afraid I can't answer that.",
+    "I don't have that information.",
+    "That's not something I know.",
+    "I'm unable to answer that question.",
+    "I can't help with that.",
+    "I really don't know the answer.",
+    "Sorry, I don't know.",
+)

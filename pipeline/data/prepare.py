@@ -34,7 +34,9 @@ from typing import Any
 from pipeline.data.synthetic import SyntheticConfig, forget_authors, training_rows
 from pipeline.models.tiny import TinyModelConfig
 
-CACHE_VERSION = 1  # bump when the benchmark generator or training recipe changes
+# Bump when the benchmark generator, tokenizer or training recipe changes.
+# 2: the tokenizer also covers the refusal answers of the IDK methods (REFUSALS).
+CACHE_VERSION = 2
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _HASH_EXCLUDE = {"num_threads"}
 
@@ -167,7 +169,9 @@ def prepare_synthetic(data_cfg: SyntheticConfig, model_cfg: TinyModelConfig, cac
             from pipeline.data.synthetic import all_texts
 
             tok_tmp = work / "tokenizer"
-            build_word_tokenizer(all_texts(splits), tok_tmp)
+            from pipeline.data.formatting import REFUSALS
+
+            build_word_tokenizer(all_texts(splits) + list(REFUSALS), tok_tmp)
             shutil.rmtree(root / "tokenizer", ignore_errors=True)
             os.replace(tok_tmp, root / "tokenizer")
             specs = []

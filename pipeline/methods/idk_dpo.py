@@ -20,26 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import require
-from pipeline.data.formatting import encode_qa
+
+# REFUSALS lives with the data code (the embedded tokenizer must know its words); re-exported here.
+from pipeline.data.formatting import REFUSALS, encode_qa
 from pipeline.methods import losses
 from pipeline.methods.base import ForgetRetainConfig, UnlearningMethod, register_method
 
 IDK_VIEW = "forget_idk"
-
-# A fixed list of refusals in the style of TOFU's idontknow.jsonl.
-REFUSALS: tuple[str, ...] = (
-    "I don't know.",
-    "I'm not sure.",
-    "I have no idea.",
-    "I'm afraid I can't answer that.",
-    "I don't have that information.",
-    "That's not something I know.",
-    "I'm unable to answer that question.",
-    "I can't help with that.",
-    "I really don't know the answer.",
-    "Sorry, I don't know.",
-)
-
 
 def pick_refusal(question: str, answers: tuple[str, ...] | list[str]) -> str:
     """The refusal for one row: deterministic in the question text (crc32, not Python's salted hash)."""
