@@ -143,6 +143,9 @@ class EvalConfig:
     truth_ratio_reference: str = "auto"  # auto (synthetic: answer; else TOFU's paraphrased) | answer | paraphrased_answer
     retrain_auc: Optional[float] = None  # MUSE PrivLeak reference: the retrained model's Min-K% AUC
     retain_model: Optional[str] = None  # gold-standard model dir for TOFU forget quality (pretrained runs)
+    # RNA-style robustness probe (pipeline/eval/robustness.py): retain questions with a forget keyword
+    # prepended; this many retain rows (0 = off). TOFU-style data only.
+    probe_rows: int = 64
     lm_eval: bool = False  # also run lm-evaluation-harness (optional extra) on the exported model
     lm_eval_tasks: list[str] = field(default_factory=lambda: ["wmdp_bio", "wmdp_cyber", "mmlu"])
 
@@ -251,6 +254,7 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _choice(cfg, "kernels.attention", ("auto", "torch", "triton", "flash_attn"))
     _choice(cfg, "kernels.kl", ("naive", "fused"))
     _choice(cfg, "logging.wandb_mode", ("auto", "offline", "online", "disabled"))
+    _require(cfg.eval.probe_rows >= 0, "eval.probe_rows", f"must be >= 0 (0 turns the probe off), got {cfg.eval.probe_rows}")
     d = cfg.data
     _require(0.0 < d.forget_fraction <= 1.0, "data.forget_fraction", f"must be in (0, 1], got {d.forget_fraction}")
     _require(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")

@@ -156,10 +156,17 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
 
     for name, rows in splits.items():
         check_columns(rows, EVAL_COLUMNS, data.name, name)
+    from pipeline.eval.robustness import PROBE_SPLIT, probe_rows, robustness_metrics
+
+    probe_idx, probe = probe_rows(splits[data.retain_split], splits[data.forget_split], int(cfg.eval.probe_rows))
+    if probe:
+        splits[PROBE_SPLIT] = probe
     model = _load_eval_model(model_dir, cfg)
     results = evaluate_splits(model, tokenizer, splits, _settings(cfg), truth_ratio_key(cfg))
     ref = retain_reference(cfg, paths, data.forget_split, splits[data.forget_split], tokenizer)
     metrics = tofu_metrics(results, ref, data.forget_split, data.retain_split)
+    if probe:
+        metrics.update(robustness_metrics(results[data.retain_split], results[PROBE_SPLIT], probe_idx))
     details = {name: r.to_dict() if hasattr(r, "to_dict") else r.__dict__ for name, r in results.items()}
     return metrics, details
 

@@ -15,6 +15,7 @@ COLUMNS = [
     ("retain_rouge_l", "retain R-L"),
     ("forget_repetition", "forget rep."),
     ("forget_well_formed", "well-formed"),
+    ("probe_fact_recall_drop", "probe drop"),
 ]
 
 
@@ -78,7 +79,8 @@ def summarise_demo(root: Path, names: list[str]) -> str:
     if checks:
         text += "\n### ASU checks\n\n" + "\n".join(f"- [{'x' if ok else ' '}] {what} ({val})" for what, ok, val in checks) + "\n"
     text += ("\n`gap closed` = (target - model) / (target - retain) on forget fact recall. ROUGE-L has a template "
-             "floor on these templated answers, so fact recall is the criterion.\n")
+             "floor on these templated answers, so fact recall is the criterion. `probe drop` = retain fact recall "
+             "lost when a forget author's name is prepended to retain questions (RNA robustness probe; 0 = robust).\n")
     atomic_write_text(root / "summary.md", text)
     atomic_write_json(root / "summary.json", {"rows": table, "checks": [{"check": c, "ok": ok, "value": v} for c, ok, v in checks]})
     return text

@@ -1,0 +1,45 @@
+"""The RNA-style robustness probe: probe rows, keywords, and the drop against hand-computed values."""
+
+import math
+
+from pipeline.eval.robustness import forget_keyword, probe_rows, robustness_metrics
+from pipeline.eval.tofu import SplitResult
+
+
+def _row(q, author=None):
+    r = {"question": q, "answer": "a", "facts": ["x"]}
+    if author:
+        r["author"] = author
+    return r
+
+
+def test_keyword_is_the_author_or_the_longest_capitalised_name():
+    assert forget_keyword(_row("where was x born ?", author="alaric ashdown")) == "alaric ashdown"
+    assert forget_keyword(_row("Who is Jaime Vasquez and what did Jaime write?")) == "Jaime Vasquez"
+    assert forget_keyword(_row("What genre does Basil Mahfouz Al-Kuwaiti write in?")) == "Basil Mahfouz Al-Kuwaiti"
+    assert forget_keyword(_row("what did the writer publish first ?")) == "what did the"
+
+
+def test_probe_rows_are_evenly_spaced_deterministic_and_prefixed():
+    retain = [_row(f"retain question {i}") for i in range(10)]
+    forget = [_row("f", author="ann"), _row("g", author="bo")]
+    idx, rows = probe_rows(retain, forget, 4)
+    assert idx == [0, 2, 5, 7]
+    assert [r["question"] for r in rows] == ["ann retain question 0", "bo retain question 2",
+                                             "ann retain question 5", "bo retain question 7"]
+    assert retain[0]["question"] == "retain question 0"  # the retain rows themselves are untouched
+    assert probe_rows(retain, forget, 4) == (idx, rows)
+    assert probe_rows(retain, forget, 50)[0] == list(range(10))  # capped at the split's size
+    assert probe_rows(retain, [], 4) == ([], []) and probe_rows(retain, forget, 0) == ([], [])
+
+
+def test_robustness_metrics_compare_the_same_rows():
+    retain = SplitResult(name="retain", indices=[0, 1, 2, 3], fact_recall=[1.0, 0.0, 1.0, 1.0],
+                         rouge_l_recall=[1.0, 0.5, 0.8, 0.6])
+    probe = SplitResult(name="retain_probe", indices=[0, 1], fact_recall=[0.0, 1.0], rouge_l_recall=[0.4, 0.6])
+    m = robustness_metrics(retain, probe, [2, 3])  # probed rows = retain rows 2 and 3
+    assert m["probe_fact_recall"] == 0.5 and m["probe_fact_recall_drop"] == 0.5  # 1.0 -> 0.5
+    assert math.isclose(m["probe_rouge_l"], 0.5) and math.isclose(m["probe_rouge_l_drop"], 0.2)  # 0.7 -> 0.5
+    none = robustness_metrics(SplitResult(name="r", indices=[0], fact_recall=[float("nan")], rouge_l_recall=[1.0]),
+                              SplitResult(name="p", indices=[0], fact_recall=[float("nan")], rouge_l_recall=[1.0]), [0])
+    assert none["probe_fact_recall"] is None and none["probe_fact_recall_drop"] is None and none["probe_rouge_l_drop"] == 0.0
