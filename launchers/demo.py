@@ -23,17 +23,25 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def run(cmd: list[str], env: dict, log_path: Path) -> None:
+def run(cmd: list[str], env: dict, log_path: Path, echo: str | None = None) -> None:
+    """Run ``cmd`` with its output in ``log_path``; lines containing ``echo`` are also printed."""
     t0 = time.time()
     print(f"$ {' '.join(cmd)}", flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace")
+        for line in proc.stdout:
+            log.write(line)
+            if echo and echo in line:
+                print("  " + line[line.index(echo):].rstrip(), flush=True)
+        proc.wait()
     if proc.returncode != 0:
-        tail = log_path.read_text().splitlines()[-40:]
+        tail = log_path.read_text(errors="replace").splitlines()[-40:]
         print("\n".join(tail), file=sys.stderr)
         raise SystemExit(f"step failed (exit {proc.returncode}); full log: {log_path}")
-    print(f"  done in {time.time() - t0:.0f}s (log: {log_path.relative_to(REPO)})", flush=True)
+    shown = log_path.relative_to(REPO) if log_path.is_relative_to(REPO) else log_path
+    print(f"  done in {time.time() - t0:.0f}s (log: {shown})", flush=True)
 
 
 def launcher(ranks: int, port: int) -> list[str]:
@@ -51,7 +59,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--port", type=int, default=29533)
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides for the train runs (after --)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every step (after --)")
     args = ap.parse_args()
 
     env = dict(os.environ)
@@ -66,29 +74,16 @@ def main() -> None:
     common = ["+exp=tofu_tiny", f"output_dir={out.parent}"]
     demo = out.name
 
-    print("== 1/3 benchmark and models (cached after the first run)", flush=True)
-    run([sys.executable, "launchers/prepare.py", *common], env, logs / "prepare.log")
-
-    print("== 2/3 reference models: target (before unlearning) and retain (gold standard)", flush=True)
-    procs = []
-    for variant in ("target", "retain"):
-        cmd = [sys.executable, "launchers/eval.py", *common, f"model.variant={variant}", f"run_name={demo}/{variant}"]
-        print(f"$ {' '.join(cmd)}", flush=True)
-        procs.append((variant, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(logs / f"eval_{variant}.log", "w"),
-                                                stderr=subprocess.STDOUT)))
-    for variant, p in procs:
-        if p.wait() != 0:
-            print((logs / f"eval_{variant}.log").read_text()[-4000:], file=sys.stderr)
-            raise SystemExit(f"evaluation of the {variant} model failed; log: {logs / f'eval_{variant}.log'}")
+    print("== 1/2 benchmark and models (cached after the first run)", flush=True)
+    run([sys.executable, "launchers/prepare.py", *common, *args.overrides], env, logs / "prepare.log")
 
     methods = [m for m in args.methods.split(",") if m]
-    print(f"== 3/3 unlearning on {args.ranks} CPU rank(s), DeepSpeed ZeRO-3: {', '.join(methods)}", flush=True)
-    for i, m in enumerate(methods):
-        # Methods with values tuned for the embedded benchmark have a conf/method/<name>_tiny.yaml.
-        choice = f"{m}_tiny" if (REPO / "conf" / "method" / f"{m}_tiny.yaml").exists() else m
-        cmd = launcher(args.ranks, args.port + i) + ["launchers/train.py", *common, f"method={choice}",
-                                                     f"run_name={demo}/{m}", *args.overrides]
-        run(cmd, env, logs / f"train_{m}.log")
+    print(f"== 2/2 on {args.ranks} CPU rank(s), DeepSpeed ZeRO-3, one launch: evaluate the target (before "
+          f"unlearning) and retain (gold standard) models, then unlearn with {', '.join(methods)}", flush=True)
+    cmd = launcher(args.ranks, args.port) + ["launchers/demo_runs.py", "--methods", ",".join(methods),
+                                             "--demo-name", demo, "--timings", str(out / "timings.json"),
+                                             *common, *args.overrides]
+    run(cmd, env, logs / "runs.log", echo="[demo] ")
 
     from pipeline.eval.summary import summarise_demo
 
