@@ -22,9 +22,11 @@ $(STAMP): requirements/cpu.lock setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -r requirements/cpu.lock
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	# --no-compile: byte-compiling every installed file costs about a minute on 2 cores; Python
+	# compiles the modules actually imported on first use instead.
+	$(PY) -m pip install -q --no-compile torch==2.13.0
+	$(PY) -m pip install -q --no-compile -r requirements/cpu.lock
+	$(PY) -m pip install -q --no-compile --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 demo: $(STAMP)

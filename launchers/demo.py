@@ -1,11 +1,13 @@
 """The embedded end-to-end demo (``make demo``).
 
 1. builds (or reuses) the synthetic benchmark and its target / retain tiny models;
-2. evaluates the target and the retain model (the gold standard, never trained on forget authors);
-3. unlearns forget10 with ASU, GradDiff and NPO, each on 2 CPU ranks under DeepSpeed ZeRO-3;
-4. prints one comparison table and writes it to ``runs/demo/summary.{md,json}``.
+2. in one launch on 2 CPU ranks under DeepSpeed ZeRO-3 (``launchers/demo_runs.py``): evaluates the
+   target and the retain model (the gold standard, never trained on forget authors), then unlearns
+   forget10 with ASU, GradDiff, NPO, SimNPO, IdkDPO, ASU+IDK and RMU in turn;
+3. prints one comparison table and writes it to ``runs/demo/summary.{md,json}``.
 
-Extra Hydra overrides after ``--`` are passed to every train run, e.g.
+``--methods`` picks the rows (e.g. ``--methods asu_kl,grad_diff,npo``; ``asu_kl_rna`` is ASU with
+the RNA add-on). Extra Hydra overrides after ``--`` reach every step, e.g.
 ``python launchers/demo.py -- method.tau=3.0``.
 """
 
@@ -21,6 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+# ASU, the two classic baselines, then the rest of the registry's TOFU-style methods (one row each).
+DEFAULT_METHODS = ("asu_kl", "grad_diff", "npo", "simnpo", "idk_dpo", "asu_idk", "rmu")
 
 
 def run(cmd: list[str], env: dict, log_path: Path, echo: str | None = None) -> None:
@@ -55,7 +60,7 @@ def launcher(ranks: int, port: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default="asu_kl,grad_diff,npo")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--port", type=int, default=29533)

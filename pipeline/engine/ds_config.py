@@ -20,7 +20,7 @@ def _zero_section(ds_cfg: Any, with_optimizer: bool) -> dict:
     if z["stage"] == 3:
         z.update(
             stage3_gather_16bit_weights_on_model_save=bool(ds_cfg.gather_16bit_weights_on_model_save),
-            stage3_param_persistence_threshold=1e4,
+            stage3_param_persistence_threshold=int(ds_cfg.param_persistence_threshold),
             stage3_prefetch_bucket_size=5e7,
             stage3_max_live_parameters=1e9,
             stage3_max_reuse_distance=1e9,

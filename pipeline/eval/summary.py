@@ -39,9 +39,9 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def summarise_demo(root: Path, names: list[str]) -> str:
-    """Comparison table of ``root/<name>/results.json`` plus ASU's acceptance checks; writes
-    ``summary.md`` and ``summary.json`` in ``root`` and returns the markdown."""
+def summarise_demo(root: Path, names: list[str], checked: tuple[str, ...] = ("asu_kl",)) -> str:
+    """Comparison table of ``root/<name>/results.json`` plus the ASU acceptance checks for the rows
+    named in ``checked``; writes ``summary.md`` and ``summary.json`` in ``root`` and returns the markdown."""
     from pipeline.io import atomic_write_json, atomic_write_text
 
     rows = {n: load_results(root / n) for n in names}
@@ -61,7 +61,7 @@ def summarise_demo(root: Path, names: list[str]) -> str:
         table.append({"name": n, "tau": r.get("tau"), **{k: m.get(k) for k, _ in COLUMNS}, "gap_closed": gc})
     checks = []
     for n, r in rows.items():
-        if r is None or not n.startswith("asu") or not tgt:
+        if r is None or n not in checked or not tgt:
             continue
         m = r["metrics"]
         gc = gap_closed(tgt.get("forget_fact_recall"), ret.get("forget_fact_recall"), m.get("forget_fact_recall"))
