@@ -18,35 +18,51 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# ASU, the two classic baselines, then the rest of the registry's TOFU-style methods (one row each).
-DEFAULT_METHODS = ("asu_kl", "grad_diff", "npo", "simnpo", "idk_dpo", "asu_idk", "rmu")
+# ASU and the two classic baselines on 2 ranks; the rest of the registry's TOFU-style methods as
+# extra rows (single-rank processes side by side, same global batch).
+DEFAULT_METHODS = ("asu_kl", "grad_diff", "npo")
+EXTRA_METHODS = ("simnpo", "idk_dpo", "asu_idk", "rmu")
 
 
-def run(cmd: list[str], env: dict, log_path: Path, echo: str | None = None) -> None:
-    """Run ``cmd`` with its output in ``log_path``; lines containing ``echo`` are also printed."""
+def run(cmds: list[list[str]], env: dict, log_paths: list[Path], echo: str | None = None) -> None:
+    """Run ``cmds`` concurrently, each with its output in its log; lines containing ``echo`` are also
+    printed. Any failure stops the demo with the failed command's log tail."""
     t0 = time.time()
-    print(f"$ {' '.join(cmd)}", flush=True)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
+    procs = []
+    for cmd, log_path in zip(cmds, log_paths):
+        print(f"$ {' '.join(cmd)}", flush=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace")
+        pump = threading.Thread(target=_pump, args=(proc, log_path, echo), daemon=True)
+        pump.start()
+        procs.append((proc, pump, log_path))
+    failed = []
+    for proc, pump, log_path in procs:
+        proc.wait()
+        pump.join()
+        if proc.returncode != 0:
+            failed.append((proc.returncode, log_path))
+    for code, log_path in failed:
+        print("\n".join(log_path.read_text(errors="replace").splitlines()[-40:]), file=sys.stderr)
+        raise SystemExit(f"step failed (exit {code}); full log: {log_path}")
+    shown = [str(p.relative_to(REPO) if p.is_relative_to(REPO) else p) for p in log_paths]
+    print(f"  done in {time.time() - t0:.0f}s (log: {', '.join(shown)})", flush=True)
+
+
+def _pump(proc: subprocess.Popen, log_path: Path, echo: str | None) -> None:
+    with open(log_path, "w") as log:
         for line in proc.stdout:
             log.write(line)
             if echo and echo in line:
                 print("  " + line[line.index(echo):].rstrip(), flush=True)
-        proc.wait()
-    if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace").splitlines()[-40:]
-        print("\n".join(tail), file=sys.stderr)
-        raise SystemExit(f"step failed (exit {proc.returncode}); full log: {log_path}")
-    shown = log_path.relative_to(REPO) if log_path.is_relative_to(REPO) else log_path
-    print(f"  done in {time.time() - t0:.0f}s (log: {shown})", flush=True)
 
 
 def launcher(ranks: int, port: int) -> list[str]:
@@ -60,8 +76,13 @@ def launcher(ranks: int, port: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help="rows unlearned in the multi-rank ZeRO-3 launch (after the target/retain evaluations)")
+    ap.add_argument("--extra-methods", default=",".join(EXTRA_METHODS),
+                    help="further rows, each unlearned by a single-rank process with the same global batch, "
+                         "--procs of them at a time ('' for none)")
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--procs", type=int, default=2, help="concurrent single-rank processes for --extra-methods")
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--port", type=int, default=29533)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every step (after --)")
@@ -76,23 +97,47 @@ def main() -> None:
     out = Path(args.out)
     logs = REPO / out / "logs"
     t0 = time.time()
-    common = ["+exp=tofu_tiny", f"output_dir={out.parent}"]
+    common = ["+exp=tofu_tiny", f"output_dir={out.parent}", *args.overrides]
     demo = out.name
-
-    print("== 1/2 benchmark and models (cached after the first run)", flush=True)
-    run([sys.executable, "launchers/prepare.py", *common, *args.overrides], env, logs / "prepare.log")
-
     methods = [m for m in args.methods.split(",") if m]
-    print(f"== 2/2 on {args.ranks} CPU rank(s), DeepSpeed ZeRO-3, one launch: evaluate the target (before "
-          f"unlearning) and retain (gold standard) models, then unlearn with {', '.join(methods)}", flush=True)
+    extra = [m for m in args.extra_methods.split(",") if m]
+
+    steps = 2 + bool(extra)
+    print(f"== 1/{steps} benchmark and models (cached after the first run)", flush=True)
+    run([[sys.executable, "launchers/prepare.py", *common]], env, [logs / "prepare.log"])
+
+    print(f"== 2/{steps} on {args.ranks} CPU rank(s), DeepSpeed ZeRO-3, one launch: evaluate the target (before "
+          f"unlearning) and retain (gold standard) models, then unlearn with {', '.join(methods) or 'nothing'}",
+          flush=True)
+    timing_files = [out / "logs" / "timings_main.json"]
     cmd = launcher(args.ranks, args.port) + ["launchers/demo_runs.py", "--methods", ",".join(methods),
-                                             "--demo-name", demo, "--timings", str(out / "timings.json"),
-                                             *common, *args.overrides]
-    run(cmd, env, logs / "runs.log", echo="[demo] ")
+                                             "--demo-name", demo, "--timings", str(timing_files[0]), *common]
+    run([cmd], env, [logs / "runs.log"], echo="[demo] ")
+
+    if extra:
+        # On a 2-core CPU, ZeRO-3's per-step collectives make one 2-rank job slower than two 1-rank
+        # jobs side by side; the extra rows use that, with the 2-rank run's global batch.
+        groups = [extra[i::args.procs] for i in range(min(args.procs, len(extra)))]
+        print(f"== 3/{steps} {len(groups)} single-rank process(es) side by side (global batch as above): "
+              f"{', '.join(extra)}", flush=True)
+        cmds, logs_b = [], []
+        for i, group in enumerate(groups):
+            timing_files.append(out / "logs" / f"timings_extra{i}.json")
+            cmds.append([sys.executable, "launchers/demo_runs.py", "--methods", ",".join(group), "--no-references",
+                         "--batch-scale", str(args.ranks), "--demo-name", demo, "--timings", str(timing_files[-1]),
+                         *common])
+            logs_b.append(logs / f"runs_extra{i}.log")
+        run(cmds, env, logs_b, echo="[demo] ")
+
+    import json
 
     from pipeline.eval.summary import summarise_demo
+    from pipeline.io import atomic_write_json
 
-    text = summarise_demo(REPO / out, ["target", "retain", *methods])
+    timings = [t for f in timing_files if (REPO / f).exists() for t in json.loads((REPO / f).read_text())]
+    atomic_write_json(REPO / out / "timings.json", timings)
+    order = {n: i for i, n in enumerate(["target", "retain", *methods, *extra])}
+    text = summarise_demo(REPO / out, sorted(order, key=order.get))
     print(text)
     print(f"total {time.time() - t0:.0f}s; per-run reports: {out}/<name>/report.md", flush=True)
 

@@ -19,6 +19,9 @@ def main() -> None:
     ap.add_argument("--methods", required=True, help="comma-separated method names (conf/method/<name>.yaml)")
     ap.add_argument("--demo-name", default="demo", help="run directory under output_dir")
     ap.add_argument("--timings", default=None, help="write per-job seconds here (JSON, rank 0)")
+    ap.add_argument("--no-references", action="store_true", help="skip the target/retain evaluations")
+    ap.add_argument("--batch-scale", type=int, default=1,
+                    help="multiply the per-rank batch sizes (1 rank with the global batch of N ranks: N)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every job")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -28,9 +31,10 @@ def main() -> None:
     from pipeline.engine.distributed import is_main_process
 
     conf = Path(_bootstrap.CONFIG_PATH)
-    jobs = plan_jobs([m for m in args.methods.split(",") if m], args.demo_name, conf)
+    jobs = plan_jobs([m for m in args.methods.split(",") if m], args.demo_name, conf,
+                     references=not args.no_references)
     timings = []
-    _bootstrap.run_main(lambda: timings.extend(demo_job(conf, list(args.overrides), jobs)))
+    _bootstrap.run_main(lambda: timings.extend(demo_job(conf, list(args.overrides), jobs, args.batch_scale)))
     if args.timings and is_main_process():
         from pipeline.io import atomic_write_json
 

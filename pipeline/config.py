@@ -151,6 +151,10 @@ class EvalConfig:
     # RNA-style robustness probe (pipeline/eval/robustness.py): retain questions with a forget keyword
     # prepended; this many retain rows (0 = off). TOFU-style data only.
     probe_rows: int = 64
+    # At most this many evenly spaced rows of every split but the forget split (None: all), like
+    # TOFU's 400-row retain_perturbed subset of its 3,600 retain rows. The forget split is always
+    # evaluated whole (forget quality compares its full truth-ratio distribution).
+    max_rows: Optional[int] = None
     lm_eval: bool = False  # also run lm-evaluation-harness (optional extra) on the exported model
     lm_eval_tasks: list[str] = field(default_factory=lambda: ["wmdp_bio", "wmdp_cyber", "mmlu"])
 
@@ -261,6 +265,8 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _choice(cfg, "kernels.attention", ("auto", "torch", "triton", "flash_attn"))
     _choice(cfg, "kernels.kl", ("naive", "fused"))
     _choice(cfg, "logging.wandb_mode", ("auto", "offline", "online", "disabled"))
+    _require(cfg.eval.max_rows is None or cfg.eval.max_rows >= 1, "eval.max_rows",
+             f"must be >= 1 or null (all rows), got {cfg.eval.max_rows}")
     _require(cfg.eval.probe_rows >= 0, "eval.probe_rows", f"must be >= 0 (0 turns the probe off), got {cfg.eval.probe_rows}")
     d = cfg.data
     _require(0.0 < d.forget_fraction <= 1.0, "data.forget_fraction", f"must be in (0, 1], got {d.forget_fraction}")

@@ -34,9 +34,10 @@ def method_choice(name: str, conf_dir: Path) -> str:
     return f"{name}_tiny" if (conf_dir / "method" / f"{name}_tiny.yaml").exists() else name
 
 
-def plan_jobs(methods: list[str], demo_name: str, conf_dir: Path) -> list[DemoJob]:
-    """The reference evaluations then one training job per method, in order."""
-    jobs = [DemoJob(v, "eval", (f"model.variant={v}", f"run_name={demo_name}/{v}")) for v in REFERENCE_MODELS]
+def plan_jobs(methods: list[str], demo_name: str, conf_dir: Path, references: bool = True) -> list[DemoJob]:
+    """The reference evaluations (unless ``references`` is false) then one training job per method."""
+    jobs = [DemoJob(v, "eval", (f"model.variant={v}", f"run_name={demo_name}/{v}"))
+            for v in (REFERENCE_MODELS if references else ())]
     for m in methods:
         jobs.append(DemoJob(m, "train", (f"method={method_choice(m, conf_dir)}", f"run_name={demo_name}/{m}")))
     return jobs
@@ -55,17 +56,24 @@ def compose_job(conf_dir: Path, common: list[str], job: DemoJob) -> DictConfig:
     return compose(config_name="config", overrides=[*common, *job.overrides])
 
 
-def demo_job(conf_dir: Path, common: list[str], jobs: list[DemoJob]) -> list[dict]:
+def demo_job(conf_dir: Path, common: list[str], jobs: list[DemoJob], batch_scale: int = 1) -> list[dict]:
     """Run ``jobs`` in order in this process group; returns one timing record per job.
 
     All configs are composed (and so checked for unknown keys) before the first job starts, so a
     typo in an override fails at once rather than after several minutes of training.
+    ``batch_scale`` multiplies the per-rank batch sizes (a single rank standing in for N ranks).
     """
+    from omegaconf import open_dict
+
     from pipeline.engine.distributed import init_distributed, is_main_process
     from pipeline.eval.runner import eval_job
     from pipeline.run import train_job
 
     cfgs = [compose_job(conf_dir, common, j) for j in jobs]
+    for cfg in cfgs:
+        with open_dict(cfg):
+            cfg.trainer.batch_size = int(cfg.trainer.batch_size) * batch_scale
+            cfg.trainer.retain_batch_size = int(cfg.trainer.retain_batch_size) * batch_scale
     init_distributed()
     timings = []
     for i, (job, cfg) in enumerate(zip(jobs, cfgs), 1):

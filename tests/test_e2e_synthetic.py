@@ -46,36 +46,40 @@ def test_prepare_eval_and_two_rank_zero3_unlearning(out):
     assert (run / "model" / "model.safetensors").exists()
 
 
-def test_demo_runs_every_job_in_one_two_rank_launch_and_tabulates_them(out):
-    """``launchers/demo.py`` (what ``make demo`` runs) on the minuscule benchmark: prepare, then one
-    2-rank ZeRO-3 launch that evaluates target and retain and unlearns with each method (tiny-tuned
-    configs where they exist: asu_kl_tiny, rmu_tiny), then the summary table."""
+def test_demo_runs_every_job_and_tabulates_them(out):
+    """``launchers/demo.py`` (what ``make demo`` runs) on the minuscule benchmark: prepare, one
+    2-rank ZeRO-3 launch (target and retain evaluations, then asu_kl and npo), two single-rank
+    processes side by side for the extra rows (idk_dpo, rmu; same global batch), then the table.
+    Tiny-tuned configs are used where they exist (asu_kl_tiny, rmu_tiny)."""
     import subprocess
     import sys
 
     from omegaconf import OmegaConf
 
-    methods = ["asu_kl", "npo", "idk_dpo", "rmu"]
+    main, extra = ["asu_kl", "npo"], ["idk_dpo", "rmu"]
     demo = out / "runs" / "demo"
     # the demo adds +exp=tofu_tiny itself; 3 layers: rmu_tiny steers layer 2
     mini = [a if a != "model.tiny.num_hidden_layers=2" else "model.tiny.num_hidden_layers=3"
             for a in MINI if a != "+exp=tofu_tiny"]
-    cmd = [sys.executable, "launchers/demo.py", "--out", str(demo), "--methods", ",".join(methods),
-           "--port", str(launch._port[0] + 50), "--", *mini, f"cache_dir={out / 'cache'}", "trainer.max_steps=2",
-           "trainer.batch_size=2", "trainer.retain_batch_size=2"]
-    p = subprocess.run(cmd, cwd=launch.ROOT, env=launch.env(), capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "launchers/demo.py", "--out", str(demo), "--methods", ",".join(main),
+           "--extra-methods", ",".join(extra), "--port", str(launch._port[0] + 50), "--", *mini,
+           f"cache_dir={out / 'cache'}", "trainer.max_steps=2", "trainer.batch_size=2", "trainer.retain_batch_size=2"]
+    p = subprocess.run(cmd, cwd=launch.ROOT, env=launch.env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-    assert "[demo] 6/6 rmu done" in p.stdout  # progress of the single launch reaches the terminal
+    assert "[demo] 4/4 npo done" in p.stdout and "[demo] 1/1 rmu done" in p.stdout  # progress reaches the terminal
     summary = json.loads((demo / "summary.json").read_text())
-    assert [r["name"] for r in summary["rows"]] == ["target", "retain", *methods]
+    assert [r["name"] for r in summary["rows"]] == ["target", "retain", *main, *extra]
+    assert [r["world_size"] for r in summary["rows"]] == [2, 2, 2, 2, 1, 1]
     timings = json.loads((demo / "timings.json").read_text())
-    assert [t["name"] for t in timings] == ["target", "retain", *methods]
-    for m in methods:
+    assert sorted(t["name"] for t in timings) == sorted(["target", "retain", *main, *extra])
+    for m in main + extra:
         res = json.loads((demo / m / "results.json").read_text())
-        assert res["world_size"] == 2 and res["steps"] == 2
+        assert res["steps"] == 2
         assert res["metrics"]["probe_fact_recall_drop"] is not None  # robustness probe on every run
+        batch = OmegaConf.load(demo / m / "config.yaml").trainer.batch_size
+        assert batch == (2 if m in main else 4), (m, batch)  # one rank carries the 2-rank global batch
     assert OmegaConf.load(demo / "rmu" / "config.yaml").method.layer == 2  # conf/method/rmu_tiny.yaml
-    assert "| asu_kl |" in (demo / "summary.md").read_text()
+    assert "| asu_kl | 2 |" in (demo / "summary.md").read_text()
 
 
 def test_demo_refuses_a_bad_override_before_any_job_runs(out):
@@ -84,7 +88,8 @@ def test_demo_refuses_a_bad_override_before_any_job_runs(out):
 
     demo = out / "runs" / "demo_bad"
     mini = [a for a in MINI if a != "+exp=tofu_tiny"]
-    cmd = [sys.executable, "launchers/demo.py", "--out", str(demo), "--methods", "asu_kl", "--ranks", "1", "--",
+    cmd = [sys.executable, "launchers/demo.py", "--out", str(demo), "--methods", "asu_kl", "--extra-methods", "",
+           "--ranks", "1", "--",
            *mini, f"cache_dir={out / 'cache'}", "trainer.lrr=1"]
     p = subprocess.run(cmd, cwd=launch.ROOT, env=launch.env(), capture_output=True, text=True, timeout=600)
     assert p.returncode != 0

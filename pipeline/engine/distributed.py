@@ -99,12 +99,27 @@ def _first_slurm_host(nodelist: str) -> str:
     return head
 
 
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op.
+
+    DeepSpeed's CPU backend builds ``deepspeed_shm_comm`` (a C++ extension) the first time a process
+    group is set up on a machine: about a minute on 2 cores, i.e. a sixth of the embedded demo. The op
+    only speeds up ``all_reduce``; ZeRO-3's traffic is all-gather and reduce-scatter, which go through
+    gloo either way, and all-reduce falls back to gloo. ``ASU_DS_SHM_COMM=1`` builds and uses it.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU)."""
     import deepspeed
     import torch
 
     cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("ASU_DS_SHM_COMM", "0") != "1":
+        skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:

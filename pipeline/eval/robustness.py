@@ -36,7 +36,7 @@ def probe_rows(retain: list[dict], forget: list[dict], max_rows: int) -> tuple[l
     if not retain or not forget or max_rows <= 0:
         return [], []
     n = min(max_rows, len(retain))
-    idx = sorted({int(k * len(retain) / n) for k in range(n)})
+    idx = [int(k * len(retain) / n) for k in range(n)]  # distinct: len(retain) / n >= 1
     rows = []
     for k, i in enumerate(idx):
         row = dict(retain[i])

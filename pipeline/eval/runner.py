@@ -132,6 +132,13 @@ def evaluate_mcq_splits(cfg: DictConfig, model: Any, tokenizer: Any, data: Any) 
     return metrics, details
 
 
+def evenly_spaced(rows: list, n: int) -> list:
+    """At most ``n`` rows spread evenly over ``rows`` (deterministic; all of them when ``n >= len``)."""
+    if n >= len(rows):
+        return list(rows)
+    return [rows[int(k * len(rows) / n)] for k in range(n)]
+
+
 def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: Any, paths: Any) -> tuple[dict, dict]:
     """Metrics of ``model_dir`` for the dataset's family (TOFU-style QA, MUSE, WMDP) and details."""
     from pipeline.eval.tofu import tofu_metrics
@@ -156,6 +163,9 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
 
     for name, rows in splits.items():
         check_columns(rows, EVAL_COLUMNS, data.name, name)
+    if cfg.eval.max_rows:
+        splits = {name: rows if name == data.forget_split else evenly_spaced(rows, int(cfg.eval.max_rows))
+                  for name, rows in splits.items()}
     from pipeline.eval.robustness import PROBE_SPLIT, probe_rows, robustness_metrics
 
     probe_idx, probe = probe_rows(splits[data.retain_split], splits[data.forget_split], int(cfg.eval.probe_rows))
@@ -193,7 +203,8 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         run_dir = Path(run_dir)
         label = cfg.model.variant if cfg.model.source == "synthetic" else Path(str(cfg.model.path)).name
         path = write_results(run_dir, label, None, metrics, {"model": paths.model, "forget_split": data.forget_split,
-                                                             "retain_split": data.retain_split, "exp_name": cfg.exp_name})
+                                                             "retain_split": data.retain_split, "exp_name": cfg.exp_name,
+                                                             "world_size": dist.world_size})
         results = json.loads(Path(path).read_text())
         atomic_write_text(run_dir / "report.md", render_report_md(results))
         atomic_write_json(run_dir / "eval_details.json", details)

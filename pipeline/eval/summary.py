@@ -47,7 +47,7 @@ def summarise_demo(root: Path, names: list[str], checked: tuple[str, ...] = ("as
     rows = {n: load_results(root / n) for n in names}
     tgt = (rows.get("target") or {}).get("metrics", {})
     ret = (rows.get("retain") or {}).get("metrics", {})
-    header = ["model", "tau"] + [c[1] for c in COLUMNS] + ["gap closed"]
+    header = ["model", "ranks", "tau"] + [c[1] for c in COLUMNS] + ["gap closed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = []
     for n, r in rows.items():
@@ -56,9 +56,9 @@ def summarise_demo(root: Path, names: list[str], checked: tuple[str, ...] = ("as
             continue
         m = r["metrics"]
         gc = gap_closed(tgt.get("forget_fact_recall"), ret.get("forget_fact_recall"), m.get("forget_fact_recall"))
-        cells = [n, _fmt(r.get("tau"))] + [_fmt(m.get(k)) for k, _ in COLUMNS] + [_fmt(gc)]
+        cells = [n, _fmt(r.get("world_size")), _fmt(r.get("tau"))] + [_fmt(m.get(k)) for k, _ in COLUMNS] + [_fmt(gc)]
         lines.append("| " + " | ".join(cells) + " |")
-        table.append({"name": n, "tau": r.get("tau"), **{k: m.get(k) for k, _ in COLUMNS}, "gap_closed": gc})
+        table.append({"name": n, "world_size": r.get("world_size"), "tau": r.get("tau"), **{k: m.get(k) for k, _ in COLUMNS}, "gap_closed": gc})
     checks = []
     for n, r in rows.items():
         if r is None or n not in checked or not tgt:
