@@ -43,3 +43,12 @@ def test_robustness_metrics_compare_the_same_rows():
     none = robustness_metrics(SplitResult(name="r", indices=[0], fact_recall=[float("nan")], rouge_l_recall=[1.0]),
                               SplitResult(name="p", indices=[0], fact_recall=[float("nan")], rouge_l_recall=[1.0]), [0])
     assert none["probe_fact_recall"] is None and none["probe_fact_recall_drop"] is None and none["probe_rouge_l_drop"] == 0.0
+
+
+def test_evenly_spaced_subset_for_eval_max_rows():
+    from pipeline.eval.runner import evenly_spaced
+
+    rows = list(range(10))
+    assert evenly_spaced(rows, 4) == [0, 2, 5, 7]
+    assert evenly_spaced(rows, 10) == rows and evenly_spaced(rows, 50) == rows
+    assert evenly_spaced(rows, 1) == [0]
