@@ -106,12 +106,16 @@ def main() -> None:
     print(f"== 1/{steps} benchmark and models (cached after the first run)", flush=True)
     run([[sys.executable, "launchers/prepare.py", *common]], env, [logs / "prepare.log"])
 
-    print(f"== 2/{steps} on {args.ranks} CPU rank(s), DeepSpeed ZeRO-3, one launch: evaluate the target (before "
-          f"unlearning) and retain (gold standard) models, then unlearn with {', '.join(methods) or 'nothing'}",
-          flush=True)
+    # With two or more single-rank processes for extra rows, the two reference evaluations (the
+    # target before unlearning, the retain model = gold standard) ride along with them.
+    refs = "" if args.procs >= 2 and len(extra) >= 2 else "target,retain"
+    print(f"== 2/{steps} on {args.ranks} CPU rank(s), DeepSpeed ZeRO-3, one launch: "
+          f"{'evaluate the target and retain models, then ' if refs else ''}unlearn with "
+          f"{', '.join(methods) or 'nothing'}", flush=True)
     timing_files = [out / "logs" / "timings_main.json"]
     cmd = launcher(args.ranks, args.port) + ["launchers/demo_runs.py", "--methods", ",".join(methods),
-                                             "--demo-name", demo, "--timings", str(timing_files[0]), *common]
+                                             "--references", refs, "--demo-name", demo,
+                                             "--timings", str(timing_files[0]), *common]
     run([cmd], env, [logs / "runs.log"], echo="[demo] ")
 
     if extra:
@@ -120,12 +124,15 @@ def main() -> None:
         # the 2-rank run's global batch and ZeRO stage 0 (one rank has nothing to partition; the
         # update is the same), which keeps the whole demo within its 10-minute budget.
         groups = [extra[i::args.procs] for i in range(min(args.procs, len(extra)))]
+        ref_of = ["target", "retain"] if not refs else ["", ""]
         print(f"== 3/{steps} {len(groups)} single-rank process(es) side by side (global batch as above): "
-              f"{', '.join(extra)}", flush=True)
+              f"{'evaluate the target and retain models; ' if not refs else ''}unlearn with {', '.join(extra)}",
+              flush=True)
         cmds, logs_b = [], []
         for i, group in enumerate(groups):
             timing_files.append(out / "logs" / f"timings_extra{i}.json")
-            cmds.append([sys.executable, "launchers/demo_runs.py", "--methods", ",".join(group), "--no-references",
+            cmds.append([sys.executable, "launchers/demo_runs.py", "--methods", ",".join(group),
+                         "--references", ref_of[i] if i < 2 else "",
                          "--batch-scale", str(args.ranks), "--demo-name", demo, "--timings", str(timing_files[-1]),
                          *common, "deepspeed.zero_stage=0"])
             logs_b.append(logs / f"runs_extra{i}.log")

@@ -19,7 +19,8 @@ def main() -> None:
     ap.add_argument("--methods", required=True, help="comma-separated method names (conf/method/<name>.yaml)")
     ap.add_argument("--demo-name", default="demo", help="run directory under output_dir")
     ap.add_argument("--timings", default=None, help="write per-job seconds here (JSON, rank 0)")
-    ap.add_argument("--no-references", action="store_true", help="skip the target/retain evaluations")
+    ap.add_argument("--references", default="target,retain",
+                    help="reference models evaluated first (comma-separated; '' for none)")
     ap.add_argument("--batch-scale", type=int, default=1,
                     help="multiply the per-rank batch sizes (1 rank with the global batch of N ranks: N)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every job")
@@ -32,7 +33,7 @@ def main() -> None:
 
     conf = Path(_bootstrap.CONFIG_PATH)
     jobs = plan_jobs([m for m in args.methods.split(",") if m], args.demo_name, conf,
-                     references=not args.no_references)
+                     references=tuple(v for v in args.references.split(",") if v))
     timings = []
     _bootstrap.run_main(lambda: timings.extend(demo_job(conf, list(args.overrides), jobs, args.batch_scale)))
     if args.timings and is_main_process():

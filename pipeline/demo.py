@@ -34,10 +34,13 @@ def method_choice(name: str, conf_dir: Path) -> str:
     return f"{name}_tiny" if (conf_dir / "method" / f"{name}_tiny.yaml").exists() else name
 
 
-def plan_jobs(methods: list[str], demo_name: str, conf_dir: Path, references: bool = True) -> list[DemoJob]:
-    """The reference evaluations (unless ``references`` is false) then one training job per method."""
-    jobs = [DemoJob(v, "eval", (f"model.variant={v}", f"run_name={demo_name}/{v}"))
-            for v in (REFERENCE_MODELS if references else ())]
+def plan_jobs(methods: list[str], demo_name: str, conf_dir: Path,
+              references: tuple[str, ...] = REFERENCE_MODELS) -> list[DemoJob]:
+    """Evaluations of the ``references`` (``target`` / ``retain``), then one training job per method."""
+    bad = [v for v in references if v not in REFERENCE_MODELS]
+    if bad:
+        raise ValueError(f"unknown reference model(s) {bad}; choose from {list(REFERENCE_MODELS)}")
+    jobs = [DemoJob(v, "eval", (f"model.variant={v}", f"run_name={demo_name}/{v}")) for v in references]
     for m in methods:
         jobs.append(DemoJob(m, "train", (f"method={method_choice(m, conf_dir)}", f"run_name={demo_name}/{m}")))
     return jobs
