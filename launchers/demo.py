@@ -3,12 +3,13 @@
 1. builds (or reuses) the synthetic benchmark and its target / retain tiny models;
 2. in one launch on 2 CPU ranks under DeepSpeed ZeRO-3 (``launchers/demo_runs.py``): evaluates the
    target and the retain model (the gold standard, never trained on forget authors), then unlearns
-   forget10 with ASU, GradDiff, NPO, SimNPO, IdkDPO, ASU+IDK and RMU in turn;
-3. prints one comparison table and writes it to ``runs/demo/summary.{md,json}``.
+   forget10 with ASU, GradDiff and NPO in turn;
+3. with ``--all`` (``make demo-all``) or ``--extra-methods``: SimNPO, IdkDPO, ASU+IDK and RMU as
+   single-rank processes side by side (same global batch; the reference evaluations move there);
+4. prints one comparison table and writes it to ``runs/demo/summary.{md,json}``.
 
-``--methods`` picks the rows (e.g. ``--methods asu_kl,grad_diff,npo``; ``asu_kl_rna`` is ASU with
-the RNA add-on). Extra Hydra overrides after ``--`` reach every step, e.g.
-``python launchers/demo.py -- method.tau=3.0``.
+``--methods`` picks the 2-rank rows (``asu_kl_rna`` is ASU with the RNA add-on). Extra Hydra
+overrides after ``--`` reach every step, e.g. ``python launchers/demo.py -- method.tau=3.0``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# ASU and the two classic baselines on 2 ranks; the rest of the registry's TOFU-style methods as
-# extra rows (single-rank processes side by side, same global batch).
+# ASU and the two classic baselines on 2 ranks (make demo); with --all (make demo-all) also the rest
+# of the registry's TOFU-style methods, as extra rows (single-rank processes side by side, same
+# global batch).
 DEFAULT_METHODS = ("asu_kl", "grad_diff", "npo")
 EXTRA_METHODS = ("simnpo", "idk_dpo", "asu_idk", "rmu")
 
@@ -78,9 +80,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help="rows unlearned in the multi-rank ZeRO-3 launch (after the target/retain evaluations)")
-    ap.add_argument("--extra-methods", default=",".join(EXTRA_METHODS),
+    ap.add_argument("--extra-methods", default="",
                     help="further rows, each unlearned by a single-rank process (ZeRO stage 0) with the same "
-                         "global batch, --procs of them at a time ('' for none)")
+                         "global batch, --procs of them at a time")
+    ap.add_argument("--all", action="store_true",
+                    help=f"add the registry's other TOFU-style methods as extra rows ({', '.join(EXTRA_METHODS)})")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--procs", type=int, default=2, help="concurrent single-rank processes for --extra-methods")
     ap.add_argument("--out", default="runs/demo")
@@ -101,6 +105,7 @@ def main() -> None:
     demo = out.name
     methods = [m for m in args.methods.split(",") if m]
     extra = [m for m in args.extra_methods.split(",") if m]
+    extra += [m for m in EXTRA_METHODS if args.all and m not in extra]
 
     steps = 2 + bool(extra)
     print(f"== 1/{steps} benchmark and models (cached after the first run)", flush=True)

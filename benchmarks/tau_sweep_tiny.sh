@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# tau grid (2, 3, 4, 5) + method.tau=auto on the embedded benchmark (+exp=tofu_tiny, forget10), one
+# SLURM job per point through the submitit launcher, then the sweep report (table, Pareto PNG, choice).
+#
+#   bash benchmarks/tau_sweep_tiny.sh            # needs a SLURM cluster (e.g. sudo .ci/slurm_setup.sh)
+#   LAUNCHER=local bash benchmarks/tau_sweep_tiny.sh   # Hydra's basic launcher, one point after the other
+#
+# Each job is one rank with the demo's global batch (16 forget + 16 retain). Outputs:
+# runs/sweeps/tau_sweep_tiny/tau_*/ and benchmarks/results/tau_sweep_tofu_tiny/{sweep_report.*,pareto.png}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+export HF_HUB_OFFLINE=1 WANDB_MODE=offline DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+LAUNCH=(hydra/launcher=slurm hydra.launcher.partition="${PARTITION:-debug}" hydra.launcher.gpus_per_node=0
+        hydra.launcher.tasks_per_node=1 hydra.launcher.cpus_per_task=1 hydra.launcher.timeout_min=60)
+[ "${LAUNCHER:-slurm}" = local ] && LAUNCH=()
+"$PY" launchers/train.py -m +exp=tofu_tiny exp_name=tau_sweep_tiny logging=none \
+    trainer.batch_size=16 trainer.retain_batch_size=16 method.tau=2.0,3.0,4.0,5.0,auto \
+    'hydra.sweep.subdir=tau_${method.tau}' "${LAUNCH[@]}"
+# the target model's results are the utility reference (0.95x rule)
+"$PY" launchers/eval.py +exp=tofu_tiny model.variant=target run_name=tau_sweep_tiny_target logging=none
+"$PY" launchers/report.py runs/sweeps/tau_sweep_tiny --target runs/tau_sweep_tiny_target/results.json \
+    --out benchmarks/results/tau_sweep_tofu_tiny
