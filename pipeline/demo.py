@@ -10,14 +10,11 @@ directory, and is collective: every rank runs the same sequence; rank 0 writes t
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
-
-log = logging.getLogger("pipeline.demo")
 
 REFERENCE_MODELS = ("target", "retain")
 
