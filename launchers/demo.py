@@ -129,7 +129,7 @@ def main() -> None:
         # the 2-rank run's global batch and ZeRO stage 0 (one rank has nothing to partition; the
         # update is the same), which keeps the whole demo within its 10-minute budget.
         groups = [extra[i::args.procs] for i in range(min(args.procs, len(extra)))]
-        ref_of = ["target", "retain"] if not refs else ["", ""]
+        ref_of = [] if refs else ["target", "retain"]  # reference evaluation of process i, if any
         print(f"== 3/{steps} {len(groups)} single-rank process(es) side by side (global batch as above): "
               f"{'evaluate the target and retain models; ' if not refs else ''}unlearn with {', '.join(extra)}",
               flush=True)
@@ -137,7 +137,7 @@ def main() -> None:
         for i, group in enumerate(groups):
             timing_files.append(out / "logs" / f"timings_extra{i}.json")
             cmds.append([sys.executable, "launchers/demo_runs.py", "--methods", ",".join(group),
-                         "--references", ref_of[i] if i < 2 else "",
+                         "--references", ref_of[i] if i < len(ref_of) else "",
                          "--batch-scale", str(args.ranks), "--demo-name", demo, "--timings", str(timing_files[-1]),
                          *common, "deepspeed.zero_stage=0"])
             logs_b.append(logs / f"runs_extra{i}.log")
@@ -150,8 +150,7 @@ def main() -> None:
 
     timings = [t for f in timing_files if (REPO / f).exists() for t in json.loads((REPO / f).read_text())]
     atomic_write_json(REPO / out / "timings.json", timings)
-    order = {n: i for i, n in enumerate(["target", "retain", *methods, *extra])}
-    text = summarise_demo(REPO / out, sorted(order, key=order.get))
+    text = summarise_demo(REPO / out, list(dict.fromkeys(["target", "retain", *methods, *extra])))
     print(text)
     print(f"total {time.time() - t0:.0f}s; per-run reports: {out}/<name>/report.md", flush=True)
 

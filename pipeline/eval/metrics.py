@@ -264,3 +264,9 @@ def nanmean(values: Sequence[float]) -> float:
     """Mean over the finite values; ``nan`` when there are none (no RuntimeWarning)."""
     arr = _finite(values)
     return float(arr.mean()) if arr.size else float("nan")
+
+
+def evenly_spaced_indices(length: int, n: int) -> list[int]:
+    """``min(n, length)`` distinct positions spread evenly over ``range(length)`` (deterministic)."""
+    n = min(n, length)
+    return [int(k * length / n) for k in range(n)] if n > 0 else []

@@ -35,8 +35,7 @@ def probe_rows(retain: list[dict], forget: list[dict], max_rows: int) -> tuple[l
     prepended to its question (forget rows taken in turn). Deterministic."""
     if not retain or not forget or max_rows <= 0:
         return [], []
-    n = min(max_rows, len(retain))
-    idx = [int(k * len(retain) / n) for k in range(n)]  # distinct: len(retain) / n >= 1
+    idx = M.evenly_spaced_indices(len(retain), max_rows)
     rows = []
     for k, i in enumerate(idx):
         row = dict(retain[i])

@@ -134,9 +134,9 @@ def evaluate_mcq_splits(cfg: DictConfig, model: Any, tokenizer: Any, data: Any) 
 
 def evenly_spaced(rows: list, n: int) -> list:
     """At most ``n`` rows spread evenly over ``rows`` (deterministic; all of them when ``n >= len``)."""
-    if n >= len(rows):
-        return list(rows)
-    return [rows[int(k * len(rows) / n)] for k in range(n)]
+    from pipeline.eval.metrics import evenly_spaced_indices
+
+    return [rows[i] for i in evenly_spaced_indices(len(rows), n)]
 
 
 def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: Any, paths: Any) -> tuple[dict, dict]:
