@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tau grid (2, 3, 4, 5) + method.tau=auto on the embedded benchmark (+exp=tofu_tiny, forget10), one
+# tau grid (2, 3, 4, 5, 6, 8) + method.tau=auto on the embedded benchmark (+exp=tofu_tiny, forget10), one
 # SLURM job per point through the submitit launcher, then the sweep report (table, Pareto PNG, choice).
 #
 #   bash benchmarks/tau_sweep_tiny.sh            # needs a SLURM cluster (e.g. sudo .ci/slurm_setup.sh)
@@ -15,7 +15,7 @@ LAUNCH=(hydra/launcher=slurm hydra.launcher.partition="${PARTITION:-debug}" hydr
         hydra.launcher.tasks_per_node=1 hydra.launcher.cpus_per_task=1 hydra.launcher.timeout_min=60)
 [ "${LAUNCHER:-slurm}" = local ] && LAUNCH=()
 "$PY" launchers/train.py -m +exp=tofu_tiny exp_name=tau_sweep_tiny logging=none \
-    trainer.batch_size=16 trainer.retain_batch_size=16 method.tau=2.0,3.0,4.0,5.0,auto \
+    trainer.batch_size=16 trainer.retain_batch_size=16 method.tau=2.0,3.0,4.0,5.0,6.0,8.0,auto \
     'hydra.sweep.subdir=tau_${method.tau}' "${LAUNCH[@]}"
 # the target model's results are the utility reference (0.95x rule)
 "$PY" launchers/eval.py +exp=tofu_tiny model.variant=target run_name=tau_sweep_tiny_target logging=none

@@ -1,7 +1,6 @@
 """method.tau=auto (pipeline/engine/tau_auto.py): the teacher-side signal and the selection rule."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -60,28 +59,58 @@ def _cfg(layers=None):
 
 def test_validation_slice_is_deterministic_and_sized():
     assert tau_auto.validation_indices(2) == [0, 1]
-    assert tau_auto.validation_indices(4) == [0, 1, 2, 3]
+    assert tau_auto.validation_indices(32) == list(range(32))
     s = tau_auto.validation_indices(40)
-    assert len(s) == 8 and s[0] == 0 and s[-1] == 39 and s == tau_auto.validation_indices(40)
+    assert len(s) == tau_auto.VAL_MIN_ROWS and s[0] == 0 and s[-1] == 39 and s == tau_auto.validation_indices(40)
+    assert len(tau_auto.validation_indices(400)) == 100  # a quarter of TOFU's forget10
     assert len(tau_auto.validation_indices(10_000)) == tau_auto.VAL_MAX_ROWS
     assert tau_auto.validation_indices(0) == []
 
 
-def test_fact_positions_locate_the_fact_tokens(memorised):
+def test_fact_spans_locate_the_fact_tokens(memorised):
     _, tok, rows, enc = memorised
-    pos = tau_auto.fact_positions(tok, enc[0], rows[0]["facts"])
-    assert len(pos) == 1
-    assert tok.decode([enc[0]["input_ids"][pos[0]]]).strip() == rows[0]["facts"][0]
-    assert enc[0]["labels"][pos[0]] != -100  # inside the answer, not the question
-    assert tau_auto.fact_positions(tok, enc[0], ["atlantis"]) == []
+    spans = tau_auto.fact_spans(tok, enc[0], rows[0]["facts"])
+    assert len(spans) == 1 and len(spans[0]) == 1
+    j = spans[0][0]
+    assert tok.decode([enc[0]["input_ids"][j]]).strip() == rows[0]["facts"][0]
+    assert enc[0]["labels"][j] != -100  # inside the answer, not the question
+    assert tau_auto.fact_spans(tok, enc[0], ["atlantis"]) == []
+    # a word of the question is not found: only answer tokens are searched
+    question_word = rows[0]["question"].split()[0]
+    assert all(enc[0]["labels"][k] != -100 for s in tau_auto.fact_spans(tok, enc[0], [question_word]) for k in s)
 
 
-def test_signal_falls_with_tau(memorised):
+def _signal(model, tok, rows, enc, taus):
+    prober = tau_auto._Prober(model, tau_auto._items(tok, rows, enc), tok.pad_token_id, None)
+    return [prober.probe(t) for t in taus]
+
+
+def test_signal_against_the_untempered_teacher(memorised):
     model, tok, rows, enc = memorised
-    prober = tau_auto._Prober(model, tau_auto._masks(tok, rows, enc), tok.pad_token_id, None)
-    facts = [prober.means(t)[0] for t in (1.0, 2.0, 3.0, 4.0, 6.0)]
-    assert all(b < a + 1e-6 for a, b in zip(facts, facts[1:])), facts  # monotone on this fixture
-    assert facts[-1] < facts[0] - 0.5
+    probes = _signal(model, tok, rows, enc, (1.0, 2.0, 4.0, 8.0, 16.0))
+    assert probes[0]["form_kept"] == 1.0 and probes[0]["facts_forgotten"] == 0.0
+    form = [p["form_kept"] for p in probes]
+    facts = [p["facts_forgotten"] for p in probes]
+    assert all(b <= a + 1e-9 for a, b in zip(form, form[1:])), form  # monotone on this fixture
+    assert all(b >= a - 1e-9 for a, b in zip(facts, facts[1:])), facts
+    assert facts[-1] > 0.5 and form[-1] < tau_auto.FORM_TARGET, probes  # tempering hard removes both
+    lp = [p["fact_logprob"] for p in probes]
+    assert lp[-1] < lp[0] - 0.5
+
+
+def test_signal_counts_by_hand():
+    """Two rows, hand-made predictions: the shares are counts over tokens (form) and facts."""
+    items = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, 8, 9], "spans": [[3]]},
+             {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8], "spans": [[2, 3]]}]
+    prober = tau_auto._Prober(None, items, 0, None)
+    prober.base = [{1: (6, 0.0), 2: (7, 0.0), 3: (8, 0.0), 4: (9, 0.0)},  # row 0: knows its fact (8 at 3)
+                   {2: (7, 0.0), 3: (1, 0.0)}]  # row 1: gets the fact's 2nd token wrong: not known
+    now = [{1: (6, -1.0), 2: (0, -1.0), 3: (2, -3.0), 4: (9, -1.0)},  # form: 6 kept, 0 != 7, 9 kept
+           {2: (0, -2.0), 3: (8, -1.0)}]
+    form_kept, forgotten, fact_lp = prober.signal(now)
+    assert form_kept == pytest.approx(2 / 3)  # 3 form tokens (row 0); row 1 has only fact tokens
+    assert forgotten == 1.0  # 1 known fact (row 0), forgotten; row 1's was never known
+    assert fact_lp == pytest.approx((-3.0 - 2.0 - 1.0) / 3)
 
 
 def test_select_tau_in_bounds_deterministic_with_evidence(memorised):
@@ -89,19 +118,21 @@ def test_select_tau_in_bounds_deterministic_with_evidence(memorised):
     data = SimpleNamespace(forget=rows)
     a = tau_auto.select_tau(model, tok, data, enc, _cfg())
     b = tau_auto.select_tau(model, tok, data, enc, _cfg())
-    assert tau_auto.TAU_MIN <= a["tau"] <= tau_auto.TAU_MAX
+    assert tau_auto.TAU_MIN < a["tau"] < tau_auto.TAU_MAX, a
     assert a["tau"] == b["tau"] and a["probes"] == b["probes"]
-    assert a["rows_with_facts"] == len(a["validation_rows"]) >= 4
+    assert a["rows_with_facts"] == len(a["validation_rows"]) == len(rows)
     taus = [p["tau"] for p in a["probes"]]
-    assert taus == sorted(taus) and taus[0] == 1.0 and taus[-1] == 4.0
+    assert taus == sorted(taus) and taus[0] == tau_auto.TAU_MIN and taus[-1] == tau_auto.TAU_MAX
+    assert a["probe_order"][:2] == [tau_auto.TAU_MIN, tau_auto.TAU_MAX]
     assert len(a["probes"]) == 2 + tau_auto.BISECT_STEPS
-    # the choice sits on the target crossing: facts dropped at tau, not just below it
+    # the choice sits on the crossing: the form holds at tau and breaks one resolution step above
     at = {p["tau"]: p for p in a["probes"]}
     chosen = at[min(at, key=lambda t: abs(t - a["tau"]))]
-    assert chosen["facts_dropped"] and chosen["form_ok"], a
-    below = [p for p in a["probes"] if p["tau"] < a["tau"] - 1e-3]
-    assert below and not below[-1]["facts_dropped"]
-    assert a["tau"] - below[-1]["tau"] <= (tau_auto.TAU_MAX - tau_auto.TAU_MIN) / 2 ** tau_auto.BISECT_STEPS + 1e-3
+    assert chosen["form_ok"] and chosen["form_kept"] >= tau_auto.FORM_TARGET, a
+    above = [p for p in a["probes"] if p["tau"] > a["tau"] + 1e-3]
+    assert above and not above[0]["form_ok"]
+    assert above[0]["tau"] - a["tau"] <= (tau_auto.TAU_MAX - tau_auto.TAU_MIN) / 2 ** tau_auto.BISECT_STEPS + 1e-3
+    assert "facts forgotten" in a["reason"]
     json.dumps(a)  # goes into results.json
     # the teacher's temperatures are restored
     from pipeline.models.tempered_attention import get_temperatures
@@ -109,8 +140,9 @@ def test_select_tau_in_bounds_deterministic_with_evidence(memorised):
     assert all(float(t) == 1.0 for t in get_temperatures(model))
 
 
-def test_untrained_teacher_hits_the_upper_bound(tmp_path):
-    """A random model has no facts to lose: the rule says so and returns TAU_MAX."""
+def test_untrained_teacher_still_gets_a_form_signal(tmp_path):
+    """A random model knows no facts (nothing to forget: facts_forgotten is null), but its own
+    top-1 predictions still change with tau, so the rule has a signal and stays in bounds."""
     from pipeline.models.loading import load_causal_lm, load_tokenizer
 
     model_dir, data_dir = build(tmp_path, seed=1)
@@ -119,9 +151,11 @@ def test_untrained_teacher_hits_the_upper_bound(tmp_path):
     model = load_causal_lm(str(model_dir), "float32", False, False, None).eval()
     out = tau_auto.select_tau(model, tok, SimpleNamespace(forget=rows), _encode(tok, rows), _cfg([0]))
     assert out["teacher_layers"] == [0]
-    if out["probes"][-1]["fact_ratio"] > tau_auto.FACT_TARGET:
+    assert tau_auto.TAU_MIN <= out["tau"] <= tau_auto.TAU_MAX
+    assert all(p["form_kept"] is not None and 0.0 <= p["form_kept"] <= 1.0 for p in out["probes"])
+    assert all(p["facts_forgotten"] in (None, 0.0) or 0.0 <= p["facts_forgotten"] <= 1.0 for p in out["probes"])
+    if out["probes"][-1]["form_ok"]:
         assert out["tau"] == tau_auto.TAU_MAX and "upper bound" in out["reason"]
-    assert all(math.isfinite(p["fact_logprob"]) for p in out["probes"])
 
 
 def test_select_tau_needs_a_teacher(memorised):
@@ -146,5 +180,5 @@ def test_tau_auto_end_to_end_two_ranks_zero3(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads((tmp_path / "runs" / "auto" / "results.json").read_text())
     sel = res["tau_selection"]
-    assert res["tau"] == sel["tau"] and 1.0 <= sel["tau"] <= 4.0
+    assert res["tau"] == sel["tau"] and tau_auto.TAU_MIN <= sel["tau"] <= tau_auto.TAU_MAX
     assert sel["probes"][0]["tau"] == 1.0 and len(sel["probes"]) >= 2

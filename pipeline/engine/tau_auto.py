@@ -1,25 +1,29 @@
 """``method.tau=auto``: choose ASU's attention temperature from a cheap teacher-side signal.
 
-Before training, the frozen teacher (the original model) is run teacher-forced on a held-out
-validation slice of the forget set at a few temperatures; no student, no generation, no training.
+Before training, the frozen teacher (the original model) is run teacher-forced on a slice of the
+forget set at a few temperatures; no student, no generation, no training. The teacher never
+trains, so the slice needs no holding out.
 
-Signal (per probed tau, averaged over the slice's rows):
+What the student inherits is the tempered teacher's *top-1* prediction at each answer position:
+on the embedded benchmark the student's forget fact recall after training matches the tempered
+teacher's greedy fact recall (τ=2: 0.675 and 0.675; τ=3: 0.40 and 0.40; docs/sweeps.md). A
+probability shift that leaves the argmax alone is not forgotten. So the signal counts argmax
+changes, per probed τ, against the untempered teacher (τ=1):
 
-* ``fact_ratio(tau) = exp(mean log p_tau(fact tokens) - mean log p_1(fact tokens))`` — the
-  geometric-mean probability the tempered teacher gives the *fact tokens* of the forget answers
-  (the attribute values in the row's ``facts`` field, located in the answer's tokens), relative to
-  the untempered teacher. This is what the student is distilled towards: 0.5 means the teacher's
-  per-token probability of the facts has halved.
-* ``form_ratio(tau)``: the same ratio on the answer's *other* tokens (template words, ``<eos>``).
-  It measures whether the teacher's answers stay well formed: tempering should remove the facts
-  while keeping the answer's shape (ASU's point: fluent, not gibberish).
+* ``form_kept(τ)``: share of the answers' *non-fact* tokens (template words, ``<eos>``) where the
+  tempered teacher's top-1 is still the untempered teacher's. It says whether the answers keep
+  their shape — ASU's point is to remove facts while staying fluent.
+* ``facts_forgotten(τ)``: share of the facts the untempered teacher reproduces (every token of
+  the fact span is its top-1) that the tempered teacher no longer does (some token's top-1
+  differs). The facts are the attribute values in the row's ``facts`` field, located in the
+  answer's tokens. Evidence, not the stop criterion.
 
-Rule: the chosen tau is the smallest tau in [TAU_MIN, TAU_MAX] at which ``fact_ratio`` drops to
-``FACT_TARGET``, found by bisection (both ratios fall as tau grows, so the stop predicate is
-monotone). If the form of the answers breaks first (``form_ratio < FORM_FLOOR``), the largest tau
-that keeps the form wins instead; if the facts never drop to the target, TAU_MAX. Rows without
-``facts`` (or whose facts cannot be found in the answer's tokens) use all answer tokens as facts
-and no form signal.
+Rule: the **largest τ in [TAU_MIN, TAU_MAX] whose teacher keeps the form** (``form_kept >=
+FORM_TARGET``), found by bisection; TAU_MAX when the form holds there. Facts go first and the form
+later as τ grows (the fact tokens depend on attending to the question's specifics, the template
+does not), so this is the most smoothing — the most forgetting — the teacher tolerates before its
+answers start to change shape. Rows without ``facts`` (or whose facts cannot be found in the
+answer's tokens) count all their answer tokens as form, which only makes the choice more cautious.
 
 Collective safety (ZeRO-3): every rank probes the same rows at the same temperatures in the same
 order (the slice is a deterministic function of the forget set), and the signal values are
@@ -42,14 +46,16 @@ from pipeline.data.formatting import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-TAU_MIN = 1.0  # the untempered teacher (the reference point of both ratios)
-TAU_MAX = 4.0  # the paper finds tau in [2.0, 2.8]; above 4 teachers degrade into noise
-FACT_TARGET = 0.5  # chosen tau: fact-token probability halved (geometric mean per token)
-FORM_FLOOR = 0.5  # ... while the non-fact answer tokens keep at least half their probability
-BISECT_STEPS = 6  # interval (TAU_MAX - TAU_MIN) / 2**6 ~ 0.05
-VAL_FRACTION = 0.2  # validation slice: 20% of the forget rows ...
-VAL_MIN_ROWS = 4  # ... at least 4 (all of them when the forget set is smaller)
-VAL_MAX_ROWS = 64  # ... at most 64 (the signal is a mean; more rows add cost, not accuracy)
+TAU_MIN = 1.0  # the untempered teacher: the reference of both signals
+# Upper bound of the search. The paper's 7B models use tau 2.0-2.8; the embedded benchmark's best
+# grid point is 5 (docs/sweeps.md), and its teacher keeps the form to ~5.2. Above 8 the search
+# would only spend probes on teachers whose attention is close to uniform.
+TAU_MAX = 8.0
+FORM_TARGET = 0.95  # the chosen tau keeps >= 95% of the answers' non-fact top-1 predictions
+BISECT_STEPS = 7  # interval (TAU_MAX - TAU_MIN) / 2**7 ~ 0.055
+VAL_FRACTION = 0.25  # validation slice: a quarter of the forget rows ...
+VAL_MIN_ROWS = 32  # ... at least 32 (all of a smaller set): the signal is a share, 8 rows are too noisy
+VAL_MAX_ROWS = 128  # ... at most 128 (more rows add cost, not accuracy)
 BATCH_ROWS = 8  # rows per forward
 
 
@@ -72,15 +78,15 @@ def _find(seq: Sequence[int], sub: Sequence[int], start: int = 0) -> int:
     return -1
 
 
-def fact_positions(tokenizer, encoded: dict, facts: Sequence[str]) -> list[int]:
-    """Indices (into ``input_ids``) of the answer tokens that spell one of ``facts``.
+def fact_spans(tokenizer, encoded: dict, facts: Sequence[str]) -> list[list[int]]:
+    """Per fact found in the answer: the indices (into ``input_ids``) of the tokens that spell it.
 
     Each fact is tokenised with and without a leading space (BPE vs word-level tokenizers) and
-    searched among the labelled (answer) tokens; an empty list when none is found."""
+    searched among the labelled (answer) tokens; facts that are not found are left out."""
     ids = list(encoded["input_ids"])
     labels = list(encoded["labels"])
     answer_start = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(ids))
-    out: set[int] = set()
+    spans: list[list[int]] = []
     for fact in facts or []:
         fact = str(fact).strip()
         if not fact:
@@ -91,18 +97,18 @@ def fact_positions(tokenizer, encoded: dict, facts: Sequence[str]) -> list[int]:
                 continue
             at = _find(ids, sub, answer_start)
             if at >= 0:
-                out.update(range(at, at + len(sub)))
+                spans.append(list(range(at, at + len(sub))))
                 break
-    return sorted(out)
+    return spans
 
 
-def _masks(tokenizer, rows: Sequence[dict], encoded: Sequence[dict]) -> list[dict]:
-    """Per validation row: encoded ids plus a ``fact`` flag per token (1 fact, 0 other answer token)."""
+def _items(tokenizer, rows: Sequence[dict], encoded: Sequence[dict]) -> list[dict]:
+    """Per validation row: its encoded ids and labels plus the token spans of its facts."""
     out = []
     for enc in encoded:
         row = rows[int(enc["index"])] if "index" in enc else {}
-        pos = fact_positions(tokenizer, enc, row.get("facts") or [])
-        out.append({"input_ids": list(enc["input_ids"]), "labels": list(enc["labels"]), "facts": set(pos)})
+        out.append({"input_ids": list(enc["input_ids"]), "labels": list(enc["labels"]),
+                    "spans": fact_spans(tokenizer, enc, row.get("facts") or [])})
     return out
 
 
@@ -114,38 +120,24 @@ def _device(model: Any) -> torch.device:
 
 
 @torch.no_grad()
-def _answer_logprobs(model: Any, items: Sequence[dict], pad_id: int) -> tuple[list[float], list[float]]:
-    """Per row: mean log-prob of its fact tokens and of its other answer tokens (nan if none)."""
+def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int) -> list[dict]:
+    """Per row, at each answer token j (scored by the logits at j-1): the model's top-1 token and
+    the log-prob of the true token, as ``{j: (top1, logprob)}``."""
     device = _device(model)
-    fact_lp: list[float] = []
-    form_lp: list[float] = []
+    out: list[dict] = []
     for s in range(0, len(items), BATCH_ROWS):
         chunk = items[s:s + BATCH_ROWS]
         batch = pad_batch([{"input_ids": it["input_ids"], "labels": it["labels"]} for it in chunk], pad_id)
         ids = batch["input_ids"].to(device)
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
-        lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        logits = logits[:, :-1].float()
         tgt = batch["labels"][:, 1:].to(device)
-        tok_lp = lp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1).cpu()
-        loss = (tgt != IGNORE_INDEX).cpu()
-        for r, it in enumerate(chunk):
-            # position t predicts token t+1: token index j is scored at position j-1
-            is_fact = torch.zeros_like(loss[r])
-            for j in it["facts"]:
-                if 1 <= j <= is_fact.numel():
-                    is_fact[j - 1] = True
-            fm = loss[r] & is_fact
-            om = loss[r] & ~is_fact
-            if not fm.any():  # no fact found: every answer token is a "fact", no form signal
-                fm, om = loss[r], torch.zeros_like(om)
-            fact_lp.append(float(tok_lp[r][fm].mean()) if fm.any() else float("nan"))
-            form_lp.append(float(tok_lp[r][om].mean()) if om.any() else float("nan"))
-    return fact_lp, form_lp
-
-
-def _nanmean(xs: Sequence[float]) -> float:
-    v = [x for x in xs if not math.isnan(x)]
-    return sum(v) / len(v) if v else float("nan")
+        top1 = logits.argmax(-1).cpu()
+        tok_lp = torch.log_softmax(logits, dim=-1).gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1).cpu()
+        answer = (tgt != IGNORE_INDEX).cpu()
+        for r in range(len(chunk)):
+            out.append({t + 1: (int(top1[r, t]), float(tok_lp[r, t])) for t in answer[r].nonzero().flatten().tolist()})
+    return out
 
 
 def _rank_mean(values: list[float]) -> list[float]:
@@ -161,35 +153,64 @@ def _rank_mean(values: list[float]) -> list[float]:
     return (t / dist.get_world_size()).cpu().tolist()
 
 
+def _share(hits: int, total: int) -> float:
+    return hits / total if total else float("nan")
+
+
+def _none_if_nan(v: float) -> Optional[float]:
+    return None if math.isnan(v) else v
+
+
 class _Prober:
+    """Runs the teacher at one temperature and compares its top-1 predictions with tau=1's."""
+
     def __init__(self, teacher: Any, items: list[dict], pad_id: int, layers: Optional[list[int]]) -> None:
         from pipeline.models.tempered_attention import temperature
 
         self._temperature = temperature
         self.teacher, self.items, self.pad_id, self.layers = teacher, items, pad_id, layers
-        self.base: Optional[tuple[float, float]] = None
+        self.base: Optional[list[dict]] = None  # tau=1 predictions per row
         self.probes: list[dict] = []
 
-    def means(self, tau: float) -> tuple[float, float]:
+    def predictions(self, tau: float) -> list[dict]:
         with self._temperature(self.teacher, float(tau), self.layers):
-            f, o = _answer_logprobs(self.teacher, self.items, self.pad_id)
-        fm, om = _nanmean(f), _nanmean(o)
-        fm, om = _rank_mean([fm, om])
-        return fm, om
+            return _answer_predictions(self.teacher, self.items, self.pad_id)
+
+    def signal(self, preds: list[dict]) -> tuple[float, float, float]:
+        """(form_kept, facts_forgotten, mean fact-token log-prob) of ``preds`` against tau=1."""
+        assert self.base is not None
+        kept = form = forgotten = known = 0
+        fact_lp: list[float] = []
+        for it, base, now in zip(self.items, self.base, preds):
+            fact_tokens = {j for span in it["spans"] for j in span}
+            for j, (top1, _) in now.items():
+                if j not in fact_tokens:
+                    form += 1
+                    kept += int(top1 == base[j][0])
+            for span in it["spans"]:
+                span = [j for j in span if j in now]
+                if not span:
+                    continue
+                fact_lp.extend(now[j][1] for j in span)
+                label = it["input_ids"]
+                if all(base[j][0] == label[j] for j in span):  # the untempered teacher reproduces it
+                    known += 1
+                    forgotten += int(any(now[j][0] != label[j] for j in span))
+        lp = sum(fact_lp) / len(fact_lp) if fact_lp else float("nan")
+        return _share(kept, form), _share(forgotten, known), lp
 
     def probe(self, tau: float) -> dict:
-        fm, om = self.means(tau)
-        assert self.base is not None
-        bf, bo = self.base
+        preds = self.predictions(tau)
+        if self.base is None:
+            self.base = preds
+        form_kept, facts_forgotten, fact_lp = _rank_mean(list(self.signal(preds)))
         rec = {
             "tau": round(float(tau), 4),
-            "fact_logprob": fm,
-            "form_logprob": om,
-            "fact_ratio": math.exp(fm - bf) if math.isfinite(fm - bf) else None,
-            "form_ratio": math.exp(om - bo) if math.isfinite(om - bo) else None,
+            "form_kept": _none_if_nan(form_kept),
+            "facts_forgotten": _none_if_nan(facts_forgotten),
+            "fact_logprob": _none_if_nan(fact_lp),
         }
-        rec["facts_dropped"] = rec["fact_ratio"] is not None and rec["fact_ratio"] <= FACT_TARGET
-        rec["form_ok"] = rec["form_ratio"] is None or rec["form_ratio"] >= FORM_FLOOR
+        rec["form_ok"] = rec["form_kept"] is None or rec["form_kept"] >= FORM_TARGET
         self.probes.append(rec)
         return rec
 
@@ -210,49 +231,43 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
     idx = validation_indices(len(forget_encoded))
     if not idx:
         raise ValueError("method.tau=auto: the forget set is empty")
-    encoded = [forget_encoded[i] for i in idx]
-    items = _masks(tokenizer, rows, encoded)
-    with_facts = sum(1 for it in items if it["facts"])
+    items = _items(tokenizer, rows, [forget_encoded[i] for i in idx])
+    with_facts = sum(1 for it in items if it["spans"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     was_training = bool(getattr(teacher, "training", False))
     teacher.eval()
     prober = _Prober(teacher, items, pad_id, layers)
     try:
-        prober.base = prober.means(TAU_MIN)
-        prober.probes.append({"tau": TAU_MIN, "fact_logprob": prober.base[0], "form_logprob": prober.base[1],
-                              "fact_ratio": 1.0, "form_ratio": 1.0, "facts_dropped": False, "form_ok": True})
+        prober.probe(TAU_MIN)
         top = prober.probe(TAU_MAX)
-        if not top["facts_dropped"] and top["form_ok"]:
-            tau, reason = TAU_MAX, (f"fact ratio {top['fact_ratio']:.3g} > target {FACT_TARGET} even at "
-                                    f"tau={TAU_MAX}: upper bound")
+        if top["form_ok"]:
+            tau, chosen = TAU_MAX, top
+            reason = f"the answers keep their form (form kept {_fmt(top['form_kept'])}) up to the upper bound"
         else:
-            lo, hi = TAU_MIN, TAU_MAX  # invariant: lo keeps facts and form, hi stops (facts dropped or form broken)
-            hi_rec = top
+            lo, hi = TAU_MIN, TAU_MAX  # invariant: the form holds at lo and breaks at hi
+            chosen = prober.probes[0]
             for _ in range(BISECT_STEPS):
                 mid = 0.5 * (lo + hi)
                 rec = prober.probe(mid)
-                if rec["facts_dropped"] or not rec["form_ok"]:
-                    hi, hi_rec = mid, rec
+                if rec["form_ok"]:
+                    lo, chosen = mid, rec
                 else:
-                    lo = mid
-            if hi_rec["facts_dropped"] and hi_rec["form_ok"]:
-                tau, reason = hi, (f"smallest tau with fact ratio <= {FACT_TARGET} "
-                                   f"(fact ratio {hi_rec['fact_ratio']:.3g}, form ratio "
-                                   f"{_fmt(hi_rec['form_ratio'])})")
-            else:
-                tau, reason = lo, (f"form of the answers breaks first (form ratio < {FORM_FLOOR} above "
-                                   f"tau={lo:.3f}): largest tau that keeps it")
+                    hi = mid
+            tau = lo
+            reason = (f"largest tau whose teacher keeps >= {FORM_TARGET} of the answers' non-fact top-1 "
+                      f"predictions (form kept {_fmt(chosen['form_kept'])}; it breaks by tau={hi:.3f})")
     finally:
         if was_training:
             teacher.train()
     tau = round(float(min(TAU_MAX, max(TAU_MIN, tau))), 3)
+    if chosen["facts_forgotten"] is not None:
+        reason += f"; facts forgotten by the teacher there: {chosen['facts_forgotten']:.3g}"
     out = {
         "tau": tau,
         "reason": reason,
-        "signal": "teacher-forced fact-token probability ratio vs tau=1 (geometric mean per token)",
-        "fact_target": FACT_TARGET,
-        "form_floor": FORM_FLOOR,
+        "signal": "teacher-forced top-1 agreement with the tau=1 teacher on the non-fact answer tokens",
+        "form_target": FORM_TARGET,
         "bounds": [TAU_MIN, TAU_MAX],
         "teacher_layers": layers,
         "validation_rows": idx,
@@ -261,6 +276,10 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
         "probe_order": [r["tau"] for r in prober.probes],
         "seconds": round(time.time() - t0, 3),
     }
+    if chosen["facts_forgotten"] is not None and chosen["facts_forgotten"] < 0.25:
+        log.warning("tau=auto: at tau=%.3f the tempered teacher still reproduces %.0f%% of the facts it knows; "
+                    "tempering %s may not remove much from this model", tau, 100 * (1 - chosen["facts_forgotten"]),
+                    "all layers" if layers is None else f"layers {layers}")
     log.info("tau=auto: %s -> tau=%.3f (%d probes on %d rows, %.1fs)", reason, tau, len(prober.probes),
              len(idx), out["seconds"])
     return out
