@@ -167,7 +167,7 @@ def main(argv=None):
     from pipeline.models.tiny import TinyModelConfig
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cache", default=str(ROOT / ".cache" / "synthetic"))
+    ap.add_argument("--cache", default=str(ROOT / ".cache" / "asu"), help="the pipeline's cache_dir: reuses the demo's models")
     ap.add_argument("--taus", default="2,3,4")
     ap.add_argument("--layer-sets", default="all;0;0,1;1,2,3")
     ap.add_argument("--steps", type=int, default=None)
