@@ -53,8 +53,8 @@ def memorised(tmp_path_factory):
     return model, tok, rows, enc
 
 
-def _cfg(layers=None):
-    return OmegaConf.create({"method": {"name": "asu_kl", "tau": "auto", "teacher_layers": layers}})
+def _cfg(layers=None, **knobs):
+    return OmegaConf.create({"method": {"name": "asu_kl", "tau": "auto", "teacher_layers": layers, **knobs}})
 
 
 def test_validation_slice_is_deterministic_and_sized():
@@ -138,6 +138,21 @@ def test_select_tau_in_bounds_deterministic_with_evidence(memorised):
     from pipeline.models.tempered_attention import get_temperatures
 
     assert all(float(t) == 1.0 for t in get_temperatures(model))
+
+
+def test_select_tau_knobs_bound_and_target(memorised):
+    """method.tau_max caps the search (the form holds there: the bound wins); a stricter
+    method.tau_form_target stops earlier."""
+    model, tok, rows, enc = memorised
+    data = SimpleNamespace(forget=rows)
+    free = tau_auto.select_tau(model, tok, data, enc, _cfg())
+    capped = tau_auto.select_tau(model, tok, data, enc, _cfg(tau_max=2.0))
+    assert capped["tau"] == 2.0 < free["tau"] and "upper bound" in capped["reason"], capped
+    assert capped["bounds"] == [1.0, 2.0] and max(p["tau"] for p in capped["probes"]) == 2.0
+    strict = tau_auto.select_tau(model, tok, data, enc, _cfg(tau_form_target=0.99))
+    assert strict["tau"] < free["tau"] and strict["form_target"] == 0.99
+    with pytest.raises(ValueError, match="tau_max"):
+        tau_auto.select_tau(model, tok, data, enc, _cfg(tau_max=0.5))
 
 
 def test_untrained_teacher_still_gets_a_form_signal(tmp_path):

@@ -18,8 +18,9 @@ changes, per probed τ, against the untempered teacher (τ=1):
   differs). The facts are the attribute values in the row's ``facts`` field, located in the
   answer's tokens. Evidence, not the stop criterion.
 
-Rule: the **largest τ in [TAU_MIN, TAU_MAX] whose teacher keeps the form** (``form_kept >=
-FORM_TARGET``), found by bisection; TAU_MAX when the form holds there. Facts go first and the form
+Rule: the **largest τ in [TAU_MIN, tau_max] whose teacher keeps the form** (``form_kept >=
+form_target``), found by bisection; tau_max when the form holds there (``method.tau_max``, default
+TAU_MAX; ``method.tau_form_target``, default FORM_TARGET). Facts go first and the form
 later as τ grows (the fact tokens depend on attending to the question's specifics, the template
 does not), so this is the most smoothing — the most forgetting — the teacher tolerates before its
 answers start to change shape. Rows without ``facts`` (or whose facts cannot be found in the
@@ -47,12 +48,12 @@ from pipeline.data.formatting import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 TAU_MIN = 1.0  # the untempered teacher: the reference of both signals
-# Upper bound of the search. The paper's 7B models use tau 2.0-2.8; the embedded benchmark's best
+# Defaults of method.tau_max and method.tau_form_target. Upper bound of the search: The paper's 7B models use tau 2.0-2.8; the embedded benchmark's best
 # grid point is 5 (docs/sweeps.md), and its teacher keeps the form to ~5.2. Above 8 the search
 # would only spend probes on teachers whose attention is close to uniform.
 TAU_MAX = 8.0
 FORM_TARGET = 0.95  # the chosen tau keeps >= 95% of the answers' non-fact top-1 predictions
-BISECT_STEPS = 7  # interval (TAU_MAX - TAU_MIN) / 2**7 ~ 0.055
+BISECT_STEPS = 7  # interval (TAU_MAX - TAU_MIN) / 2**7 ~ 0.055 with the default bounds
 VAL_FRACTION = 0.25  # validation slice: a quarter of the forget rows ...
 VAL_MIN_ROWS = 32  # ... at least 32 (all of a smaller set): the signal is a share, 8 rows are too noisy
 VAL_MAX_ROWS = 128  # ... at most 128 (more rows add cost, not accuracy)
@@ -164,11 +165,13 @@ def _none_if_nan(v: float) -> Optional[float]:
 class _Prober:
     """Runs the teacher at one temperature and compares its top-1 predictions with tau=1's."""
 
-    def __init__(self, teacher: Any, items: list[dict], pad_id: int, layers: Optional[list[int]]) -> None:
+    def __init__(self, teacher: Any, items: list[dict], pad_id: int, layers: Optional[list[int]],
+                 form_target: float = FORM_TARGET) -> None:
         from pipeline.models.tempered_attention import temperature
 
         self._temperature = temperature
         self.teacher, self.items, self.pad_id, self.layers = teacher, items, pad_id, layers
+        self.form_target = float(form_target)
         self.base: Optional[list[dict]] = None  # tau=1 predictions per row
         self.probes: list[dict] = []
 
@@ -210,13 +213,13 @@ class _Prober:
             "facts_forgotten": _none_if_nan(facts_forgotten),
             "fact_logprob": _none_if_nan(fact_lp),
         }
-        rec["form_ok"] = rec["form_kept"] is None or rec["form_kept"] >= FORM_TARGET
+        rec["form_ok"] = rec["form_kept"] is None or rec["form_kept"] >= self.form_target
         self.probes.append(rec)
         return rec
 
 
 def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence[dict], cfg: Any) -> dict:
-    """Choose ASU's tau in [TAU_MIN, TAU_MAX] for ``cfg.method`` (see the module docstring).
+    """Choose ASU's tau in [TAU_MIN, ``method.tau_max``] for ``cfg.method`` (see the module docstring).
 
     ``teacher``: the frozen reference (a DeepSpeed engine or a plain model) with the tempered
     attention implementation. ``data``: the run's ``UnlearningData`` (its ``forget`` rows give
@@ -225,8 +228,14 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
     if teacher is None:
         raise ValueError("method.tau=auto needs the frozen reference model (the ASU teacher)")
     t0 = time.time()
-    layers = cfg.method.get("teacher_layers") if hasattr(cfg.method, "get") else getattr(cfg.method, "teacher_layers", None)
+    mcfg = cfg.method
+    layers = getattr(mcfg, "teacher_layers", None)
     layers = [int(i) for i in layers] if layers is not None else None
+    tau_max = float(getattr(mcfg, "tau_max", TAU_MAX))
+    form_target = float(getattr(mcfg, "tau_form_target", FORM_TARGET))
+    if not (tau_max > TAU_MIN and 0.0 < form_target <= 1.0):
+        raise ValueError(f"method.tau=auto: needs method.tau_max > {TAU_MIN} and 0 < method.tau_form_target <= 1, "
+                         f"got {tau_max} and {form_target}")
     rows = list(getattr(data, "forget", None) or [])
     idx = validation_indices(len(forget_encoded))
     if not idx:
@@ -237,15 +246,15 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
 
     was_training = bool(getattr(teacher, "training", False))
     teacher.eval()
-    prober = _Prober(teacher, items, pad_id, layers)
+    prober = _Prober(teacher, items, pad_id, layers, form_target)
     try:
         prober.probe(TAU_MIN)
-        top = prober.probe(TAU_MAX)
+        top = prober.probe(tau_max)
         if top["form_ok"]:
-            tau, chosen = TAU_MAX, top
+            tau, chosen = tau_max, top
             reason = f"the answers keep their form (form kept {_fmt(top['form_kept'])}) up to the upper bound"
         else:
-            lo, hi = TAU_MIN, TAU_MAX  # invariant: the form holds at lo and breaks at hi
+            lo, hi = TAU_MIN, tau_max  # invariant: the form holds at lo and breaks at hi
             chosen = prober.probes[0]
             for _ in range(BISECT_STEPS):
                 mid = 0.5 * (lo + hi)
@@ -255,20 +264,20 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
                 else:
                     hi = mid
             tau = lo
-            reason = (f"largest tau whose teacher keeps >= {FORM_TARGET} of the answers' non-fact top-1 "
+            reason = (f"largest tau whose teacher keeps >= {form_target} of the answers' non-fact top-1 "
                       f"predictions (form kept {_fmt(chosen['form_kept'])}; it breaks by tau={hi:.3f})")
     finally:
         if was_training:
             teacher.train()
-    tau = round(float(min(TAU_MAX, max(TAU_MIN, tau))), 3)
+    tau = round(float(min(tau_max, max(TAU_MIN, tau))), 3)
     if chosen["facts_forgotten"] is not None:
         reason += f"; facts forgotten by the teacher there: {chosen['facts_forgotten']:.3g}"
     out = {
         "tau": tau,
         "reason": reason,
         "signal": "teacher-forced top-1 agreement with the tau=1 teacher on the non-fact answer tokens",
-        "form_target": FORM_TARGET,
-        "bounds": [TAU_MIN, TAU_MAX],
+        "form_target": form_target,
+        "bounds": [TAU_MIN, tau_max],
         "teacher_layers": layers,
         "validation_rows": idx,
         "rows_with_facts": with_facts,

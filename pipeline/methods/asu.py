@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.config import require
+from pipeline.engine.tau_auto import FORM_TARGET, TAU_MAX
 from pipeline.methods import losses
 from pipeline.methods.base import ForgetRetainConfig, LossOutput, UnlearningMethod, register_method
 
@@ -27,6 +28,10 @@ from pipeline.methods.base import ForgetRetainConfig, LossOutput, UnlearningMeth
 class ASUConfig(ForgetRetainConfig):
     name: str = "asu_kl"
     tau: Any = 2.3  # a float > 0, or "auto" (chosen before training: pipeline/engine/tau_auto.py)
+    # tau=auto only: the search range's upper end, and the share of the answers' non-fact top-1
+    # predictions the tempered teacher must keep (the rule: the largest tau that keeps it).
+    tau_max: float = TAU_MAX
+    tau_form_target: float = FORM_TARGET
     teacher_layers: Optional[list[int]] = None  # None: every layer is tempered
     retain_loss: str = "kl"
     gamma: float = 0.1
@@ -51,7 +56,10 @@ class ASU(UnlearningMethod):
         super().validate_config(mcfg, n_layers)
         tau = mcfg.tau
         if isinstance(tau, str) and tau == "auto":
-            pass
+            require(float(mcfg.tau_max) > 1.0, "method.tau_max",
+                    f"must be > 1 (tau=auto searches [1, tau_max]), got {mcfg.tau_max}")
+            require(0.0 < float(mcfg.tau_form_target) <= 1.0, "method.tau_form_target",
+                    f"must be in (0, 1] (a share of top-1 predictions kept), got {mcfg.tau_form_target}")
         else:
             try:
                 tau = float(tau)
