@@ -20,10 +20,10 @@ changes, per probed τ, against the untempered teacher (τ=1):
 
 Rule: the **largest τ in [TAU_MIN, tau_max] whose teacher keeps the form** (``form_kept >=
 form_target``), found by bisection; tau_max when the form holds there (``method.tau_max``, default
-TAU_MAX; ``method.tau_form_target``, default FORM_TARGET). Facts go first and the form
-later as τ grows (the fact tokens depend on attending to the question's specifics, the template
-does not), so this is the most smoothing — the most forgetting — the teacher tolerates before its
-answers start to change shape. Rows without ``facts`` (or whose facts cannot be found in the
+TAU_MAX; ``method.tau_form_target``, default FORM_TARGET). On the models measured the facts go
+first and the form later as τ grows (a fact token depends on attending to the question's
+specifics, the template much less), so this is the most smoothing — the most forgetting — the
+teacher tolerates before its answers start to change shape. Rows without ``facts`` (or whose facts cannot be found in the
 answer's tokens) count all their answer tokens as form, which only makes the choice more cautious.
 
 Collective safety (ZeRO-3): every rank probes the same rows at the same temperatures in the same
@@ -48,9 +48,9 @@ from pipeline.data.formatting import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 TAU_MIN = 1.0  # the untempered teacher: the reference of both signals
-# Defaults of method.tau_max and method.tau_form_target. Upper bound of the search: The paper's 7B models use tau 2.0-2.8; the embedded benchmark's best
-# grid point is 5 (docs/sweeps.md), and its teacher keeps the form to ~5.2. Above 8 the search
-# would only spend probes on teachers whose attention is close to uniform.
+# Defaults of method.tau_max and method.tau_form_target. The paper's 7B models use tau 2.0-2.8; the
+# embedded benchmark's best grid points are 5-8 (docs/sweeps.md) and its teacher keeps the form
+# up to ~5.2. 8 leaves room above both without spending probes on ever flatter teachers.
 TAU_MAX = 8.0
 FORM_TARGET = 0.95  # the chosen tau keeps >= 95% of the answers' non-fact top-1 predictions
 BISECT_STEPS = 7  # interval (TAU_MAX - TAU_MIN) / 2**7 ~ 0.055 with the default bounds
@@ -285,7 +285,11 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
         "probe_order": [r["tau"] for r in prober.probes],
         "seconds": round(time.time() - t0, 3),
     }
-    if chosen["facts_forgotten"] is not None and chosen["facts_forgotten"] < 0.25:
+    if tau == TAU_MIN:
+        log.warning("tau=auto: the teacher's answers change form at every tau probed above 1, so tau=1 was chosen "
+                    "and ASU's forget term will remove nothing; set method.tau by hand or lower "
+                    "method.tau_form_target (now %s)", form_target)
+    elif chosen["facts_forgotten"] is not None and chosen["facts_forgotten"] < 0.25:
         log.warning("tau=auto: at tau=%.3f the tempered teacher still reproduces %.0f%% of the facts it knows; "
                     "tempering %s may not remove much from this model", tau, 100 * (1 - chosen["facts_forgotten"]),
                     "all layers" if layers is None else f"layers {layers}")
