@@ -75,7 +75,7 @@ def test_fact_spans_locate_the_fact_tokens(memorised):
     assert tok.decode([enc[0]["input_ids"][j]]).strip() == rows[0]["facts"][0]
     assert enc[0]["labels"][j] != -100  # inside the answer, not the question
     assert tau_auto.fact_spans(tok, enc[0], ["atlantis"]) == []
-    # a word of the question is not found: only answer tokens are searched
+    # only answer tokens are searched: a word of the question is never matched inside the question
     question_word = rows[0]["question"].split()[0]
     assert all(enc[0]["labels"][k] != -100 for s in tau_auto.fact_spans(tok, enc[0], [question_word]) for k in s)
 
