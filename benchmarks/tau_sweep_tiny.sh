@@ -5,11 +5,14 @@
 #   bash benchmarks/tau_sweep_tiny.sh            # needs a SLURM cluster (e.g. sudo .ci/slurm_setup.sh)
 #   LAUNCHER=local bash benchmarks/tau_sweep_tiny.sh   # Hydra's basic launcher, one point after the other
 #
-# Each job is one rank with the demo's global batch (16 forget + 16 retain). Outputs:
-# runs/sweeps/tau_sweep_tiny/tau_*/ and benchmarks/results/tau_sweep_tofu_tiny/{sweep_report.*,pareto.png}.
+# Each job is one rank with the demo's global batch (16 forget + 16 retain). On a fresh machine the
+# first job builds the benchmark and its two tiny models (~4 min, once, under a file lock; the other
+# jobs wait for it). Outputs: runs/sweeps/tau_sweep_tiny/tau_*/ and
+# benchmarks/results/tau_sweep_tofu_tiny/{report.md,report.json,pareto.png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || { echo "tau_sweep_tiny: $PY not found: run 'make install' first (or set PY=...)" >&2; exit 1; }
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
 LAUNCH=(hydra/launcher=slurm hydra.launcher.partition="${PARTITION:-debug}" hydra.launcher.gpus_per_node=0
         hydra.launcher.tasks_per_node=1 hydra.launcher.cpus_per_task=1 hydra.launcher.timeout_min=60)
