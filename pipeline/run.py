@@ -220,30 +220,34 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         export_hf(engine, tokenizer, model_dir)
     del ref_engine, reference
     results: dict = {}
+    # results.json is written either way (tau used, tau=auto's evidence, steps, final losses); with
+    # eval.enabled=false its metrics are empty and there is no report.md / eval_details.json.
+    metrics, details = {}, None
     if cfg.eval.enabled:
         from pipeline.eval.runner import evaluate_job
 
         metrics, details = evaluate_job(cfg, model_dir, tokenizer, data, paths)
-        if dist.is_main:
-            from pipeline.eval.report import render_report_md, write_results
+    if dist.is_main:
+        from pipeline.eval.report import render_report_md, write_results
 
-            extra = {
-                "exp_name": cfg.exp_name,
-                "run_name": cfg.run_name,
-                "model": paths.model,
-                "forget_split": data.forget_split,
-                "retain_split": data.retain_split,
-                "steps": total,
-                "skipped_steps": state.skipped,
-                "world_size": dist.world_size,
-                "train_seconds": round(train_seconds, 2),
-                "final_train": state.history[-1] if state.history else {},
-            }
-            if tau_selection is not None:
-                extra["tau_selection"] = tau_selection
-            tau = float(cfg.method.tau) if "tau" in cfg.method else None
-            path = write_results(run_dir, cfg.method.name, tau, metrics, extra)
-            results = json.loads(Path(path).read_text())
+        extra = {
+            "exp_name": cfg.exp_name,
+            "run_name": cfg.run_name,
+            "model": paths.model,
+            "forget_split": data.forget_split,
+            "retain_split": data.retain_split,
+            "steps": total,
+            "skipped_steps": state.skipped,
+            "world_size": dist.world_size,
+            "train_seconds": round(train_seconds, 2),
+            "final_train": state.history[-1] if state.history else {},
+        }
+        if tau_selection is not None:
+            extra["tau_selection"] = tau_selection
+        tau = float(cfg.method.tau) if "tau" in cfg.method else None
+        path = write_results(run_dir, cfg.method.name, tau, metrics, extra)
+        results = json.loads(Path(path).read_text())
+        if cfg.eval.enabled:
             atomic_write_text(run_dir / "report.md", render_report_md(results))
             atomic_write_json(run_dir / "eval_details.json", details)
             run_logger.summary({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})

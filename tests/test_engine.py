@@ -109,6 +109,10 @@ def test_two_rank_zero3_with_triton_attention_and_fused_kl_matches_torch_path(ti
     assert fused.returncode == 0, fused.stderr[-3000:]
     h_ref = json.loads((root / "runs" / "k_torch" / "train_history.json").read_text())
     h_fus = json.loads((root / "runs" / "k_fused" / "train_history.json").read_text())
+    # eval.enabled=false still records the run: results.json with no metrics, no report.md
+    res = json.loads((root / "runs" / "k_torch" / "results.json").read_text())
+    assert res["metrics"] == {} and res["tau"] == 2.0 and res["steps"] == 3 and res["world_size"] == 2
+    assert res["final_train"]["step"] == 3 and not (root / "runs" / "k_torch" / "report.md").exists()
     for a, b in zip(h_ref, h_fus):
         for k in ("loss", "forget_loss", "retain_loss"):
             assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (k, a, b)
