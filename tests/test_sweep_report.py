@@ -106,6 +106,18 @@ def test_target_reference_and_custom_rule(fake_sweep, tmp_path):
     assert rep["chosen"]["name"] is None and "No setting chosen" in (tmp_path / "o3" / "report.md").read_text()
 
 
+def test_unevaluated_point_is_listed_not_chosen(fake_sweep):
+    """A run with eval.enabled=false has a results.json with empty metrics: it is reported as
+    completed but not evaluated, and cannot be chosen."""
+    d = _write_point(fake_sweep, "6.0", 0, 0, 0, results=False)
+    (d / "results.json").write_text(json.dumps({"schema": 1, "method": "asu_kl", "tau": 6.0, "metrics": {}}))
+    rep = sweep.build_report(fake_sweep)
+    assert rep["counts"]["ok"] == 6 and rep["chosen"]["tau"] == 3.5
+    assert "| 6.0 |" in (fake_sweep / "report.md").read_text()
+    assert "ok (not evaluated)" in (fake_sweep / "report.md").read_text()
+    assert "method.tau=6.0" not in " ".join(rep["pareto_front"])
+
+
 def test_objective_missing_falls_back_and_empty_sweep(tmp_path):
     root = tmp_path / "s"
     _write_point(root, "1.0", None, 0.5, 0.9)

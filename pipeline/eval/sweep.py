@@ -170,7 +170,8 @@ def gather(sweep_dir: str | Path) -> list[SweepPoint]:
                 res = json.loads(res_path.read_text())
                 if not isinstance(res, dict) or not isinstance(res.get("metrics"), dict):
                     raise ValueError("no 'metrics' object")
-                points.append(SweepPoint(name, d, "ok", ov, res))
+                points.append(SweepPoint(name, d, "ok", ov, res,
+                                         "" if res["metrics"] else "not evaluated (eval.enabled=false)"))
             except (ValueError, OSError) as exc:
                 points.append(SweepPoint(name, d, "failed", ov, None, f"unreadable {RESULTS_FILE}: {exc}"))
             continue
@@ -374,7 +375,8 @@ def build_report(sweep_dir: str | Path, rule: str = DEFAULT_RULE, target: Option
         for c in metric_cols:
             row[c] = p.metric(c)
         row["pareto"] = "yes" if p.name in on_front else ("" if p.status == "ok" else "-")
-        row["status"] = p.status + (" (chosen)" if p.name == choice["name"] else "")
+        row["status"] = (p.status + (" (chosen)" if p.name == choice["name"] else "")
+                         + (" (not evaluated)" if p.status == "ok" and not p.metrics else ""))
         rows.append(row)
     columns = list(rows[0].keys()) if rows else ["run", "status"]
     md_table = comparison_markdown(rows, columns) if rows else "(no sweep points found)"
