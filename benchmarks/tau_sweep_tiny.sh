@@ -17,6 +17,7 @@ export HF_HUB_OFFLINE=1 WANDB_MODE=offline DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
 LAUNCH=(hydra/launcher=slurm hydra.launcher.partition="${PARTITION:-debug}" hydra.launcher.gpus_per_node=0
         hydra.launcher.tasks_per_node=1 hydra.launcher.cpus_per_task=1 hydra.launcher.timeout_min=60)
 [ "${LAUNCHER:-slurm}" = local ] && LAUNCH=()
+# Arguments are extra overrides for every point (e.g. trainer.lr=1e-3 trainer.max_steps=100).
 # DATA=synthetic_forget05 (or _forget01) sweeps another forget split; NAME names its runs and
 # results directory (benchmarks/results/<NAME>; the default keeps the committed tau_sweep_tofu_tiny).
 DATA=${DATA:-synthetic_forget10}
@@ -24,7 +25,7 @@ NAME=${NAME:-tau_sweep_tiny}
 OUT=${OUT:-benchmarks/results/$([ "$NAME" = tau_sweep_tiny ] && echo tau_sweep_tofu_tiny || echo "$NAME")}
 "$PY" launchers/train.py -m +exp=tofu_tiny data="$DATA" exp_name="$NAME" logging=none \
     trainer.batch_size=16 trainer.retain_batch_size=16 method.tau=2.0,3.0,4.0,5.0,6.0,8.0,auto \
-    'hydra.sweep.subdir=tau_${method.tau}' "${LAUNCH[@]}"
+    'hydra.sweep.subdir=tau_${method.tau}' "${LAUNCH[@]}" "$@"
 # the target model's results are the utility reference (0.95x rule)
 "$PY" launchers/eval.py +exp=tofu_tiny data="$DATA" model.variant=target run_name="${NAME}_target" logging=none
 "$PY" launchers/report.py "runs/sweeps/$NAME" --target "runs/${NAME}_target/results.json" --out "$OUT"
