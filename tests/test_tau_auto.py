@@ -98,6 +98,13 @@ def test_signal_against_the_untempered_teacher(memorised):
     assert lp[-1] < lp[0] - 0.5
 
 
+def test_probe_needs_the_reference_first(memorised):
+    model, tok, rows, enc = memorised
+    prober = tau_auto._Prober(model, tau_auto._items(tok, rows, enc), tok.pad_token_id, None)
+    with pytest.raises(ValueError, match="first"):
+        prober.probe(2.0)
+
+
 def test_signal_counts_by_hand():
     """Two rows, hand-made predictions: the shares are counts over tokens (form) and facts."""
     items = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, 8, 9], "spans": [[3]]},

@@ -23,8 +23,9 @@ form_target``), found by bisection; tau_max when the form holds there (``method.
 TAU_MAX; ``method.tau_form_target``, default FORM_TARGET). On the models measured the facts go
 first and the form later as τ grows (a fact token depends on attending to the question's
 specifics, the template much less), so this is the most smoothing — the most forgetting — the
-teacher tolerates before its answers start to change shape. Rows without ``facts`` (or whose facts cannot be found in the
-answer's tokens) count all their answer tokens as form, which only makes the choice more cautious.
+teacher tolerates before its answers start to change shape. Rows without ``facts`` (or whose
+facts cannot be found in the answer's tokens) count all their answer tokens as form, which only
+makes the choice more cautious.
 
 Collective safety (ZeRO-3): every rank probes the same rows at the same temperatures in the same
 order (the slice is a deterministic function of the forget set), and the signal values are
@@ -203,6 +204,9 @@ class _Prober:
         return _share(kept, form), _share(forgotten, known), lp
 
     def probe(self, tau: float) -> dict:
+        """Signal at ``tau``; the first call must be the reference, ``tau == TAU_MIN``."""
+        if self.base is None and float(tau) != TAU_MIN:
+            raise ValueError(f"probe tau={TAU_MIN} first: it is the reference the other probes are compared with")
         preds = self.predictions(tau)
         if self.base is None:
             self.base = preds
