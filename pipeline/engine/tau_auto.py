@@ -125,6 +125,9 @@ def _device(model: Any) -> torch.device:
 def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int) -> list[dict]:
     """Per row, at each answer token j (scored by the logits at j-1): the model's top-1 token and
     the log-prob of the true token, as ``{j: (top1, logprob)}``."""
+    # lazy: pipeline.methods imports this module (asu.py's tau=auto defaults)
+    from pipeline.methods.losses import token_logprobs
+
     device = _device(model)
     out: list[dict] = []
     for s in range(0, len(items), BATCH_ROWS):
@@ -132,11 +135,8 @@ def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int) -> list[
         batch = pad_batch([{"input_ids": it["input_ids"], "labels": it["labels"]} for it in chunk], pad_id)
         ids = batch["input_ids"].to(device)
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
-        logits = logits[:, :-1].float()
-        tgt = batch["labels"][:, 1:].to(device)
-        top1 = logits.argmax(-1).cpu()
-        tok_lp = torch.log_softmax(logits, dim=-1).gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1).cpu()
-        answer = (tgt != IGNORE_INDEX).cpu()
+        top1 = logits[:, :-1].argmax(-1).cpu()
+        tok_lp, answer = (t.cpu() for t in token_logprobs(logits, batch["labels"].to(device)))
         for r in range(len(chunk)):
             out.append({t + 1: (int(top1[r, t]), float(tok_lp[r, t])) for t in answer[r].nonzero().flatten().tolist()})
     return out
