@@ -29,3 +29,6 @@ OUT=${OUT:-benchmarks/results/$([ "$NAME" = tau_sweep_tiny ] && echo tau_sweep_t
 # the target model's results are the utility reference (0.95x rule)
 "$PY" launchers/eval.py +exp=tofu_tiny data="$DATA" model.variant=target run_name="${NAME}_target" logging=none
 "$PY" launchers/report.py "runs/sweeps/$NAME" --target "runs/${NAME}_target/results.json" --out "$OUT"
+# the machine the sweep ran on (benchmarks/common.py's device_info), beside the report
+"$PY" -c 'import json, sys; sys.path.insert(0, "benchmarks"); from common import device_info
+from pipeline.io import atomic_write_json; atomic_write_json(sys.argv[1], device_info("cpu"))' "$OUT/machine.json"
