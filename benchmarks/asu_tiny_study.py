@@ -200,8 +200,10 @@ def main(argv=None):
         return {"forget": evaluate(m, tok, forget), "retain": evaluate(m, tok, retain_eval),
                 "utility": evaluate(m, tok, util)}
 
+    from common import device_info  # benchmarks/common.py (this script's directory is on sys.path)
+
     results = {"benchmark": dcfg.__dict__, "model": mcfg.__dict__, "asu": hp, "prepare_seconds": prep_s,
-               "runs": []}
+               "env": device_info("cpu"), "runs": []}
     base_t, base_r = ev(target), ev(retain_model)
     results["target"], results["retain"] = base_t, base_r
     gap = base_t["forget"]["fact_recall"] - base_r["forget"]["fact_recall"]
