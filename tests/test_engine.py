@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.launch import free_port
 from tests.helpers.tiny import build, train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,12 +24,12 @@ def _env():
     return env
 
 
-def launch(args, ranks=1, port=29611, timeout=300):
+def launch(args, ranks=1, port=None, timeout=300):
     if ranks == 1:
         cmd = [sys.executable, "launchers/train.py", *args]
     else:
         ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
-        cmd = [ds, "--num_gpus", str(ranks), "--master_port", str(port), "launchers/train.py", *args]
+        cmd = [ds, "--num_gpus", str(ranks), "--master_port", str(port or free_port()), "launchers/train.py", *args]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -100,10 +101,10 @@ def test_two_rank_zero3_with_triton_attention_and_fused_kl_matches_torch_path(ti
         "eval.enabled=false", "method=asu_kl", "method.tau=2.0", "trainer.batch_size=1",
         "trainer.retain_batch_size=1"]
     env = dict(_env(), TRITON_INTERPRET="1")
-    ref = launch(common + ["run_name=k_torch"], ranks=2, port=29631)
+    ref = launch(common + ["run_name=k_torch"], ranks=2)
     assert ref.returncode == 0, ref.stderr[-3000:]
     ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
-    fused = subprocess.run([ds, "--num_gpus", "2", "--master_port", "29632", "launchers/train.py", *common,
+    fused = subprocess.run([ds, "--num_gpus", "2", "--master_port", str(free_port()), "launchers/train.py", *common,
                             "run_name=k_fused", "kernels.attention=triton", "kernels.kl=fused"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert fused.returncode == 0, fused.stderr[-3000:]

@@ -304,11 +304,11 @@ def test_two_rank_zero3_layerwise_and_view_methods(tmp_path):
     runs = tmp_path / "runs"
     base = train_overrides(model_dir, data_dir, runs, "rmu", steps=2) + ["eval.enabled=false"]
     out = launch(base + ["method=rmu", "method.layer=1", "method.rna_noise=0.05", "method.rna_layer=0"],
-                 ranks=2, port=29657)
+                 ranks=2)
     assert out.returncode == 0, out.stderr[-3000:]
     before, after = load_file(str(model_dir / "model.safetensors")), load_file(str(runs / "rmu" / "model" / "model.safetensors"))
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
     out = launch(train_overrides(model_dir, data_dir, runs, "idk", steps=2) + ["eval.enabled=false", "method=idk_dpo"],
-                 ranks=2, port=29658)
+                 ranks=2)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.engine import tau_auto
+from tests.helpers.launch import free_port
 from tests.helpers.tiny import build, train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,7 +198,7 @@ def test_tau_auto_end_to_end_two_ranks_zero3(tmp_path):
         "method=asu_kl", "method.tau=auto"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
-    out = subprocess.run([ds, "--num_gpus", "2", "--master_port", "29647", "launchers/train.py", *args], cwd=ROOT,
+    out = subprocess.run([ds, "--num_gpus", "2", "--master_port", str(free_port()), "launchers/train.py", *args], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads((tmp_path / "runs" / "auto" / "results.json").read_text())

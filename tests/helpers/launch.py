@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-_port = [29700]
+
+
+def free_port() -> int:
+    """A port nobody listens on now: parallel test sessions (or helpers) never share a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def env(**extra: str) -> dict:
@@ -24,9 +31,8 @@ def env(**extra: str) -> dict:
 def command(args: list[str], ranks: int = 1, script: str = "launchers/train.py") -> list[str]:
     if ranks == 1:
         return [sys.executable, script, *args]
-    _port[0] += 1
     ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    return [ds, "--num_gpus", str(ranks), "--master_port", str(_port[0]), script, *args]
+    return [ds, "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
 
 
 def run(args: list[str], ranks: int = 1, timeout: int = 300, script: str = "launchers/train.py",
