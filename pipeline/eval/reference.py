@@ -217,10 +217,12 @@ def load_reference_file(path: str | Path, split: str, rows: Sequence[dict]) -> t
         idx = sorted(int(k) for k in by_index)
     except ValueError:
         raise RetainReferenceError(f"{where}: forget_truth_ratio.value_by_index has non-integer keys") from None
-    if idx != list(range(n)):
+    if len(idx) != n:
         raise RetainReferenceError(
-            f"{where}: forget_truth_ratio has {len(idx)} rows (indices {idx[:1]}..{idx[-1:]}), but split {split!r} "
-            f"has {n} rows: the file is for another forget split")
+            f"{where}: forget_truth_ratio has {len(idx)} rows, but split {split!r} has {n} rows: the file is for "
+            f"another forget split")
+    if idx != list(range(n)):
+        raise RetainReferenceError(f"{where}: forget_truth_ratio.value_by_index keys are not 0..{n - 1}")
     ratios = []
     for i in range(n):
         v = by_index[str(i)] if str(i) in by_index else by_index[i]
