@@ -2,7 +2,9 @@
 
 Each rank loads the (exported) model, evaluates every ``world_size``-th row of each split, and the
 per-row results are gathered back in order. Forget quality needs the retain (gold-standard)
-model's truth ratios on the forget split: they are computed once and cached beside the benchmark.
+model's truth ratios on the forget split: computed once and cached under a key that names the
+retain model's weights, the rows and the settings (:mod:`pipeline.eval.reference`), or read from
+``eval.retain_reference``.
 """
 
 from __future__ import annotations
