@@ -80,6 +80,10 @@ class DataConfig:
     hub_revisions: dict[str, str] = field(default_factory=dict)  # per hub id; ``revision`` covers hub_id
     text_column: str = "text"  # raw-text corpora (MUSE raw/privleak, WMDP corpora)
     columns: dict[str, str] = field(default_factory=dict)  # {canonical column: dataset column}
+    # Which answer the truth ratio treats as correct (a property of the dataset, set in conf/data/):
+    # paraphrased_answer = TOFU's definition (the answer on real_authors / world_facts, which have no
+    # paraphrase); answer = the trained answer on every split (the embedded benchmark).
+    truth_ratio_reference: str = "paraphrased_answer"
 
 
 @dataclass
@@ -145,9 +149,12 @@ class EvalConfig:
     knowmem_max_new_tokens: int = 32
     mink_k: float = 0.4  # Min-K% Prob fraction for PrivLeak
     mcq_add_bos: bool = False  # lm-eval's HF model adds no BOS by default
-    truth_ratio_reference: str = "auto"  # auto (synthetic: answer; else TOFU's paraphrased) | answer | paraphrased_answer
+    truth_ratio_reference: Optional[str] = None  # None: data.truth_ratio_reference | answer | paraphrased_answer
     retrain_auc: Optional[float] = None  # MUSE PrivLeak reference: the retrained model's Min-K% AUC
     retain_model: Optional[str] = None  # gold-standard model dir for TOFU forget quality (pretrained runs)
+    # Precomputed forget-quality reference instead of evaluating retain_model: open-unlearning's retain
+    # logs (TOFU_EVAL.json, forget_truth_ratio) or a retain_reference_*.json of this pipeline.
+    retain_reference: Optional[str] = None
     # RNA-style robustness probe (pipeline/eval/robustness.py): retain questions with a forget keyword
     # prepended; this many retain rows (0 = off). TOFU-style data only.
     probe_rows: int = 64
@@ -268,6 +275,9 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _require(cfg.eval.max_rows is None or cfg.eval.max_rows >= 1, "eval.max_rows",
              f"must be >= 1 or null (all rows), got {cfg.eval.max_rows}")
     _require(cfg.eval.probe_rows >= 0, "eval.probe_rows", f"must be >= 0 (0 turns the probe off), got {cfg.eval.probe_rows}")
+    _require(cfg.eval.truth_ratio_reference in (None, "answer", "paraphrased_answer"), "eval.truth_ratio_reference",
+             f"got {cfg.eval.truth_ratio_reference!r}; allowed values: null (the dataset's), answer, paraphrased_answer")
+    _choice(cfg, "data.truth_ratio_reference", ("answer", "paraphrased_answer"))
     d = cfg.data
     _require(0.0 < d.forget_fraction <= 1.0, "data.forget_fraction", f"must be in (0, 1], got {d.forget_fraction}")
     _require(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")

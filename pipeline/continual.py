@@ -130,16 +130,21 @@ def _split_means(details: dict, split: str) -> Optional[dict]:
     return SplitResult(**d).means()
 
 
-def _retain_reference(retain_model: Optional[str], split: str) -> Optional[list[float]]:
-    """The retain model's truth ratios on ``split``, as cached by the request that forgot it
-    (``pipeline.eval.runner.retain_reference``); None when not computed."""
-    if not retain_model:
-        return None
-    for name in (f"retain_reference_{split}_answer.json", f"retain_reference_{split}.json"):
-        p = Path(retain_model).parent / name
-        if p.exists():
-            return json.loads(p.read_text())["truth_ratio"]
-    return None
+def retain_references(steps: list[tuple[int, str, Path, str]]) -> dict[str, list[float]]:
+    """The retain model's truth ratios on each request's forget split, from the file the request's
+    evaluation used (``results.json`` → ``evaluation.retain_reference.file``, a cache file keyed by
+    the retain model's fingerprint; :mod:`pipeline.eval.reference`). Splits without one are absent."""
+    from pipeline.eval.reference import read_truth_ratios
+
+    out: dict[str, list[float]] = {}
+    for i, name, run_dir, _ in steps:
+        res_file = run_dir / "results.json"
+        if i < 0 or not res_file.exists():
+            continue
+        info = (json.loads(res_file.read_text()).get("evaluation") or {}).get("retain_reference") or {}
+        if info.get("file") and Path(info["file"]).exists():
+            out[name] = read_truth_ratios(info["file"])
+    return out
 
 
 def _num(v: Any) -> Optional[float]:
@@ -149,7 +154,7 @@ def _num(v: Any) -> Optional[float]:
 
 
 def summarise_step(i: int, request: str, requests: list[str], init_model: str, run_dir: Path,
-                   retain_model: Optional[str]) -> dict:
+                   references: dict[str, list[float]]) -> dict:
     """One row of ``continual.json`` from a finished request's ``results.json`` / ``eval_details.json``."""
     from pipeline.eval.metrics import forget_quality_ks
 
@@ -170,7 +175,7 @@ def summarise_step(i: int, request: str, requests: list[str], init_model: str, r
             "well_formed": _num(means["well_formed"]),
             "forget_quality": None,
         }
-        ref = _retain_reference(retain_model, split)
+        ref = references.get(split)
         if ref is not None:
             entry["forget_quality"] = _num(forget_quality_ks(details[split]["truth_ratio"], ref))
         per_request[split] = entry
@@ -264,7 +269,8 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     def write_summary() -> None:
         # All rows are rebuilt each time: a retain-model reference cached by a later request fills
         # in the forget quality of that split in earlier rows too.
-        rows = [summarise_step(i, name, requests, init, d, base["retain_model"]) for i, name, d, init in steps]
+        refs = retain_references(steps)
+        rows = [summarise_step(i, name, requests, init, d, refs) for i, name, d, init in steps]
         out = {"requests": requests, "eval_splits": splits, "retain_split": str(cfg.data.retain_split),
                "method": OmegaConf.to_container(cfg.method, resolve=True), "rows": rows}
         atomic_write_json(run_dir / "continual.json", out)  # after every request: partial results survive

@@ -110,6 +110,9 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     paths = resolve_paths(cfg)
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)  # data errors stop here
+    from pipeline.eval.runner import check_retain_reference
+
+    check_retain_reference(cfg, data)  # a precomputed forget-quality reference that does not fit stops here too
     from pipeline.models.loading import check_same_architecture, check_vocab, load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
@@ -244,6 +247,8 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         }
         if tau_selection is not None:
             extra["tau_selection"] = tau_selection
+        if "evaluation" in metrics:  # what the evaluation scored (reference, generation length, rows)
+            extra["evaluation"] = metrics.pop("evaluation")
         tau = float(cfg.method.tau) if "tau" in cfg.method else None
         path = write_results(run_dir, cfg.method.name, tau, metrics, extra)
         results = json.loads(Path(path).read_text())

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 QA_COLUMNS = ("question", "answer")
 EVAL_COLUMNS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
+# Columns only some metrics read (truth ratio, normalised probability, paraphrase probability): a
+# split may lack them (its metrics are then skipped at evaluation), but not hold them half-filled.
+OPTIONAL_EVAL_COLUMNS = ("paraphrased_answer", "perturbed_answer")
 TEXT_COLUMNS = ("text",)
 LOCAL_FORMATS = (("jsonl", "json"), ("json", "json"), ("parquet", "parquet"))
 
@@ -38,7 +41,8 @@ class UnlearningData:
     forget_split: str = "forget"
     retain_split: str = "retain"
     # Columns every forget/retain row must have (QA pairs, or ``("text",)`` for raw corpora) and,
-    # per eval split, the columns it must have (splits not listed: ``EVAL_COLUMNS``).
+    # per eval split, the columns it must have (splits not listed: ``QA_COLUMNS``; the truth-ratio
+    # columns ``OPTIONAL_EVAL_COLUMNS`` are checked where present).
     train_columns: tuple = QA_COLUMNS
     eval_columns: dict[str, tuple] = field(default_factory=dict)
 
@@ -140,6 +144,25 @@ def check_columns(rows: Sequence[dict], required: Sequence[str], dataset: str, s
         )
 
 
+def check_optional_columns(rows: Sequence[dict], dataset: str, split: str) -> None:
+    """A truth-ratio column is in every row of a split or in none (then its metrics are skipped);
+    ``perturbed_answer`` holds a list of strings."""
+    for col in OPTIONAL_EVAL_COLUMNS:
+        missing = [i for i, r in enumerate(rows) if r.get(col) is None]
+        if missing and len(missing) < len(rows):
+            raise DataError(
+                f"dataset {dataset!r}, split {split!r}, column {col!r}: missing in {len(missing)} of {len(rows)} rows "
+                f"(first: row {missing[0]}); give it in every row or in none (its metrics are then skipped)"
+            )
+    for i, r in enumerate(rows):
+        v = r.get("perturbed_answer")
+        if v is not None and not (isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)):
+            raise DataError(
+                f"dataset {dataset!r}, split {split!r}, column 'perturbed_answer': row {i} must hold a list of "
+                f"strings, got {type(v).__name__}"
+            )
+
+
 def map_columns(rows: list[dict], question_column: str, answer_column: str) -> list[dict]:
     """Rename user-configured question/answer columns to the canonical names."""
     if (question_column, answer_column) == ("question", "answer"):
@@ -193,7 +216,9 @@ def load_unlearning_data(data_cfg: Any, seed: int = 0, **ctx: Any) -> Unlearning
     check_columns(data.forget, data.train_columns, name, data.forget_split)
     check_columns(data.retain, data.train_columns, name, data.retain_split)
     for split, rows in data.eval.items():
-        check_columns(rows, data.eval_columns.get(split, EVAL_COLUMNS), name, split)
+        check_columns(rows, data.eval_columns.get(split, QA_COLUMNS), name, split)
+        if split not in data.eval_columns:
+            check_optional_columns(rows, name, split)
     if not data.forget:
         raise DataError(f"dataset {name!r}: forget split {data.forget_split!r} is empty")
     if not data.retain:
@@ -218,7 +243,9 @@ def load_synthetic(data_cfg: Any, data_dir: Optional[str | Path] = None, **_: An
 
 @DATASETS.register("json")
 def load_local_json(data_cfg: Any, **_: Any) -> UnlearningData:
-    """Any directory of ``<split>.jsonl`` files with TOFU-style columns (``data.path``)."""
+    """Any directory of ``<split>.jsonl`` files (``data.path``): a user's own data. Forget / retain
+    rows need ``question`` and ``answer`` (``facts``: optional list of strings for fact recall);
+    TOFU's evaluation columns (``paraphrased_answer``, ``perturbed_answer``) are optional."""
     if not data_cfg.path:
         raise DataError("dataset 'json' needs data.path (a directory of <split>.jsonl files)")
     name = f"json:{data_cfg.path}"

@@ -2,7 +2,9 @@
 
 Each rank loads the (exported) model, evaluates every ``world_size``-th row of each split, and the
 per-row results are gathered back in order. Forget quality needs the retain (gold-standard)
-model's truth ratios on the forget split: they are computed once and cached beside the benchmark.
+model's truth ratios on the forget split: computed once and cached under a key that names the
+retain model's weights, the rows and the settings (:mod:`pipeline.eval.reference`), or read from
+``eval.retain_reference``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
+from pipeline.data.loaders import DataError
 from pipeline.engine.distributed import barrier, gather_objects, is_main_process
 
 log = logging.getLogger(__name__)
@@ -26,15 +29,22 @@ def _settings(cfg: DictConfig):
                         max_length=int(cfg.eval.max_length))
 
 
+def truth_ratio_reference(cfg: DictConfig) -> str:
+    """Which answer the truth ratio treats as correct, as configured: the dataset's
+    ``data.truth_ratio_reference`` (``conf/data/*.yaml``), overridden by ``eval.truth_ratio_reference``
+    when set. ``paraphrased_answer`` is TOFU's definition (the paraphrase on forget/retain splits,
+    the answer on real_authors / world_facts, which have no paraphrase); ``answer`` uses the trained
+    answer on every split (the embedded benchmark: its tiny models never saw a paraphrase)."""
+    from omegaconf import OmegaConf
+
+    ref = OmegaConf.select(cfg, "eval.truth_ratio_reference") or OmegaConf.select(cfg, "data.truth_ratio_reference")
+    return str(ref or "paraphrased_answer")
+
+
 def truth_ratio_key(cfg: DictConfig) -> Optional[str]:
-    """Which answer the truth ratio treats as correct. TOFU compares perturbed answers with the
-    *paraphrased* answer; the embedded benchmark's tiny models never see paraphrases (they have no
-    pretraining), so there the trained answer is the reference (``eval.truth_ratio_reference``)."""
-    ref = cfg.eval.truth_ratio_reference
-    if ref == "auto":
-        synthetic = cfg.data.name == "synthetic" or "synthetic-" in str(cfg.data.path or "")
-        return "answer" if synthetic else None
-    return ref
+    """The ``truth_ratio_key`` passed to :func:`pipeline.eval.tofu.evaluate_split`: ``"answer"`` on
+    every split, or None for TOFU's per-split definition."""
+    return "answer" if truth_ratio_reference(cfg) == "answer" else None
 
 
 def evaluate_splits(model: Any, tokenizer: Any, splits: dict[str, list[dict]], settings: Any,
@@ -61,22 +71,69 @@ def _load_eval_model(path: str | Path, cfg: DictConfig) -> Any:
     return m.eval()
 
 
-def retain_reference(cfg: DictConfig, paths: Any, forget_split: str, rows: list[dict], tokenizer: Any) -> Optional[list[float]]:
-    """Truth ratios of the retain model on ``forget_split`` (cached), or None when no retain model."""
+def _reference_settings(cfg: DictConfig, forget_split: str, tokenizer: Any) -> tuple[dict, dict]:
+    from omegaconf import OmegaConf
+
+    from pipeline.eval.reference import settings_fingerprint, tokenizer_fingerprint
+    from pipeline.eval.tofu import resolve_truth_ratio_key
+
+    prompt = {k: OmegaConf.select(cfg, f"model.{k}") for k in ("prompt_format", "chat_template", "system_prompt")}
+    settings = settings_fingerprint(_settings(cfg), resolve_truth_ratio_key(forget_split, truth_ratio_key(cfg)),
+                                    {f"model.{k}": v for k, v in prompt.items()})
+    return settings, tokenizer_fingerprint(tokenizer)
+
+
+def reference_cache_dir(cfg: DictConfig, paths: Any) -> Path:
+    """Where computed references are cached: beside the embedded benchmark, else under ``cache_dir``
+    (never the retain model's parent folder, which a hub organisation or a shared models folder
+    would make common to unrelated models)."""
+    return Path(paths.reference_cache) if paths.reference_cache else Path(cfg.cache_dir) / "retain_reference"
+
+
+def retain_reference(cfg: DictConfig, paths: Any, forget_split: str, rows: list[dict],
+                     tokenizer: Any) -> tuple[Optional[list[float]], dict]:
+    """Truth ratios of the retain model on ``forget_split`` and where they came from.
+
+    ``eval.retain_reference=<file>``: read and checked (:func:`pipeline.eval.reference.load_reference_file`).
+    Otherwise, with a retain model: the cache file of this exact key (model fingerprint, rows,
+    settings; :mod:`pipeline.eval.reference`) when it matches, else computed and cached. Rank 0
+    decides and broadcasts, so every rank takes part in the same (collective) evaluation.
+    Returns ``(None, {...})`` without a retain model.
+    """
+    from pipeline.engine.distributed import broadcast_object
+    from pipeline.eval.reference import (
+        cache_file,
+        cache_record,
+        load_reference_file,
+        read_cached,
+        reference_key,
+    )
+
+    if cfg.eval.get("retain_reference"):
+        ratios, fmt = load_reference_file(cfg.eval.retain_reference, forget_split, rows)
+        log.info("forget-quality reference: %d truth ratios from %s (%s format)", len(ratios),
+                 cfg.eval.retain_reference, fmt)
+        return ratios, {"source": "file", "file": str(cfg.eval.retain_reference), "format": fmt}
     if not paths.retain_model:
-        return None
-    cache = Path(paths.reference_cache or Path(paths.retain_model).parent) / f"retain_reference_{forget_split}{'_' + truth_ratio_key(cfg) if truth_ratio_key(cfg) else ''}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())["truth_ratio"]
+        return None, {"source": None}
+    settings, tok = _reference_settings(cfg, forget_split, tokenizer)
+    key = reference_key(paths.retain_model, forget_split, rows, settings, tok)
+    cache = cache_file(reference_cache_dir(cfg, paths), key)
+    info = {"source": "cache", "file": str(cache), "model": key["retain_model"]["path"]}
+    ratios = broadcast_object(read_cached(cache, key) if is_main_process() else None)
+    if ratios is not None:
+        return ratios, info
     model = _load_eval_model(paths.retain_model, cfg)
     res = evaluate_splits(model, tokenizer, {forget_split: rows}, _settings(cfg), truth_ratio_key(cfg))[forget_split]
     ratios = [float(x) for x in res.truth_ratio]
     if is_main_process():
         from pipeline.io import atomic_write_json
 
-        atomic_write_json(cache, {"model": str(paths.retain_model), "split": forget_split, "truth_ratio": ratios})
+        atomic_write_json(cache, cache_record(key, ratios, paths.retain_model))
+        log.info("forget-quality reference: retain model %s evaluated on %s, cached in %s", paths.retain_model,
+                 forget_split, cache)
     barrier()
-    return ratios
+    return ratios, {**info, "source": "computed"}
 
 
 def _gathered(fn, rows: list[dict], **kw) -> Any:
@@ -153,16 +210,7 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
             metrics["lm_eval"] = run_lm_eval(str(model_dir), tasks=list(cfg.eval.lm_eval_tasks))["summary"]
         return metrics, details
 
-    splits = {s: data.eval[s] for s in (cfg.eval.splits or list(data.eval))}
-    # TOFU metrics need the forget and retain splits; use the training sets when not listed.
-    if data.forget_split not in splits:
-        splits[data.forget_split] = data.forget
-    if data.retain_split not in splits:
-        splits[data.retain_split] = data.retain
-    from pipeline.data.loaders import EVAL_COLUMNS, check_columns
-
-    for name, rows in splits.items():
-        check_columns(rows, EVAL_COLUMNS, data.name, name)
+    splits = tofu_eval_splits(cfg, data)
     if cfg.eval.max_rows:
         splits = {name: rows if name == data.forget_split else evenly_spaced(rows, int(cfg.eval.max_rows))
                   for name, rows in splits.items()}
@@ -173,12 +221,66 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
         splits[PROBE_SPLIT] = probe
     model = _load_eval_model(model_dir, cfg)
     results = evaluate_splits(model, tokenizer, splits, _settings(cfg), truth_ratio_key(cfg))
-    ref = retain_reference(cfg, paths, data.forget_split, splits[data.forget_split], tokenizer)
+    ref, ref_info = None, {"source": None}
+    if results[data.forget_split].has_truth_ratio:
+        ref, ref_info = retain_reference(cfg, paths, data.forget_split, splits[data.forget_split], tokenizer)
+    elif is_main_process():
+        log.info("metric forget_quality skipped: split %r has no truth ratios (%s)", data.forget_split,
+                 "; ".join(results[data.forget_split].skipped))
     metrics = tofu_metrics(results, ref, data.forget_split, data.retain_split)
     if probe:
         metrics.update(robustness_metrics(results[data.retain_split], results[PROBE_SPLIT], probe_idx))
+    metrics[EVALUATION_KEY] = evaluation_record(cfg, splits, results, ref_info)
     details = {name: r.to_dict() if hasattr(r, "to_dict") else r.__dict__ for name, r in results.items()}
     return metrics, details
+
+
+EVALUATION_KEY = "evaluation"  # moved from the metrics to results.json's top level by the callers
+
+
+def tofu_eval_splits(cfg: DictConfig, data: Any) -> dict[str, list[dict]]:
+    """The splits a TOFU-style evaluation scores: ``eval.splits`` (or ``data.eval_splits``) plus the
+    forget and retain training sets when not listed. Only question + answer are required; the
+    columns of truth-ratio metrics are optional per split (:func:`pipeline.eval.tofu.evaluate_split`)."""
+    from pipeline.data.loaders import QA_COLUMNS, check_columns
+
+    names = list(cfg.eval.splits or list(data.eval))
+    unknown = [s for s in names if s not in data.eval and s not in (data.forget_split, data.retain_split)]
+    if unknown:
+        raise DataError(f"dataset {data.name!r}: eval.splits {unknown} not loaded; loaded: {sorted(data.eval)} "
+                        f"(add them to data.eval_splits)")
+    splits = {s: data.eval[s] if s in data.eval else data.forget if s == data.forget_split else data.retain
+              for s in names}
+    # TOFU metrics need the forget and retain splits; use the training sets when not listed.
+    splits.setdefault(data.forget_split, data.forget)
+    splits.setdefault(data.retain_split, data.retain)
+    for name, rows in splits.items():
+        check_columns(rows, QA_COLUMNS, data.name, name)
+    return splits
+
+
+def evaluation_record(cfg: DictConfig, splits: dict, results: dict, ref_info: dict) -> dict:
+    """What an evaluation actually scored, for results.json: the truth-ratio reference per split,
+    generation length, rows scored (of rows available) and the metrics skipped for want of columns."""
+    return {
+        "truth_ratio_reference": truth_ratio_reference(cfg),
+        "truth_ratio_key": {n: (r.truth_ratio_key if r.has_truth_ratio else None) for n, r in results.items()},
+        "max_new_tokens": int(cfg.eval.max_new_tokens),
+        "max_length": int(cfg.eval.max_length),
+        "rows": {n: len(r) for n, r in results.items()},
+        "max_rows": cfg.eval.max_rows,
+        "skipped": {n: list(r.skipped) for n, r in results.items() if r.skipped},
+        "retain_reference": ref_info,
+    }
+
+
+def check_retain_reference(cfg: DictConfig, data: Any) -> None:
+    """Fail fast (before training) on an ``eval.retain_reference`` file that does not fit the forget split."""
+    if not (cfg.eval.enabled and cfg.eval.get("retain_reference")) or data.name.split(":")[0] in ("muse", "wmdp"):
+        return
+    from pipeline.eval.reference import load_reference_file
+
+    load_reference_file(cfg.eval.retain_reference, data.forget_split, tofu_eval_splits(cfg, data)[data.forget_split])
 
 
 def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -196,15 +298,18 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     set_threads(int(cfg.trainer.num_threads))
     paths = resolve_paths(cfg)
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
+    check_retain_reference(cfg, data)
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
     metrics, details = evaluate_job(cfg, paths.model, tokenizer, data, paths)
+    evaluation = metrics.pop(EVALUATION_KEY, None)
     results: dict = {}
     if dist.is_main:
         run_dir = Path(run_dir)
         label = cfg.model.variant if cfg.model.source == "synthetic" else Path(str(cfg.model.path)).name
         path = write_results(run_dir, label, None, metrics, {"model": paths.model, "forget_split": data.forget_split,
                                                              "retain_split": data.retain_split, "exp_name": cfg.exp_name,
-                                                             "world_size": dist.world_size})
+                                                             "world_size": dist.world_size,
+                                                             **({EVALUATION_KEY: evaluation} if evaluation else {})})
         results = json.loads(Path(path).read_text())
         atomic_write_text(run_dir / "report.md", render_report_md(results))
         atomic_write_json(run_dir / "eval_details.json", details)

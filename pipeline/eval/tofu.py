@@ -14,6 +14,7 @@ gathers the sharded parameters collectively; pass ``synced_gpus=True`` for ZeRO-
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from pipeline.data.collate import pad_batch
 from pipeline.data.formatting import IGNORE_INDEX, PROMPT_TEMPLATE, encode_qa, prompt_ids
 from pipeline.eval import metrics as M
+
+log = logging.getLogger(__name__)
 
 # Splits whose truth ratio compares perturbed answers with the plain answer (open-unlearning's
 # ra_/wf_ configs); every other split compares with the paraphrased answer.
@@ -214,6 +217,10 @@ class SplitResult:
     generation: list[str] = field(default_factory=list)
     truth_ratio_key: str = "paraphrased_answer"  # which answer the truth ratio treats as correct
     n_truncated: int = 0  # answers cut by max_length (scored on their kept tokens)
+    # Metrics not computed because the split lacks their columns (e.g. plain QA data without
+    # perturbed answers): one "metric(s): reason" entry each; those values are nan.
+    skipped: list[str] = field(default_factory=list)
+    has_truth_ratio: bool = True
 
     PER_EXAMPLE = (
         "indices", "answer_prob", "para_prob", "pert_probs", "truth_ratio", "normalised_prob",
@@ -248,6 +255,27 @@ class SplitResult:
         return asdict(self)
 
 
+def resolve_truth_ratio_key(name: str, truth_ratio_key: Optional[str] = None) -> str:
+    """The answer field the truth ratio of split ``name`` treats as correct: ``truth_ratio_key``
+    when given, else ``"answer"`` for real_authors / world_facts and ``"paraphrased_answer"``
+    otherwise (TOFU's definition, as in open-unlearning)."""
+    if truth_ratio_key is None:
+        base = name.split("/")[-1]
+        truth_ratio_key = "answer" if base in ANSWER_AS_CORRECT_SPLITS else "paraphrased_answer"
+    if truth_ratio_key not in ("answer", "paraphrased_answer"):
+        raise ValueError(f"truth_ratio_key must be 'answer' or 'paraphrased_answer', got {truth_ratio_key!r}")
+    return truth_ratio_key
+
+
+def column_present(rows: Sequence[dict], column: str) -> bool:
+    """True when every row has a value in ``column`` (a non-empty list for ``perturbed_answer``)."""
+    def ok(r: dict) -> bool:
+        v = r.get(column)
+        return bool(v) if column == "perturbed_answer" else v is not None
+
+    return bool(rows) and all(ok(r) for r in rows)
+
+
 def _rank_batches(counts_per_rank: list[int], batch_size: int) -> int:
     return max((math.ceil(c / batch_size) for c in counts_per_rank), default=0)
 
@@ -271,11 +299,7 @@ def evaluate_split(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    if truth_ratio_key is None:
-        base = name.split("/")[-1]
-        truth_ratio_key = "answer" if base in ANSWER_AS_CORRECT_SPLITS else "paraphrased_answer"
-    if truth_ratio_key not in ("answer", "paraphrased_answer"):
-        raise ValueError(f"truth_ratio_key must be 'answer' or 'paraphrased_answer', got {truth_ratio_key!r}")
+    truth_ratio_key = resolve_truth_ratio_key(name, truth_ratio_key)
     indices = list(range(rank, len(rows), world_size))
     mine = [rows[i] for i in indices]
     bs = cfg.batch_size
@@ -287,30 +311,49 @@ def evaluate_split(
         return _rank_batches([sum(count_fn(r) for r in rows[k::world_size]) for k in range(world_size)], bs)
 
     one = calls(lambda r: 1)
-    n_pert = calls(lambda r: len(r["perturbed_answer"]))
+    # Optional columns, decided on the full split so that every rank makes the same calls.
+    has_pert = column_present(rows, "perturbed_answer")
+    has_para = column_present(rows, "paraphrased_answer")
+    has_tr = has_pert and (has_para or truth_ratio_key == "answer")
+    skipped = []
+    if not has_para:
+        skipped.append("para_prob: no paraphrased_answer column")
+    if not has_pert:
+        skipped.append("truth_ratio, normalised_prob (model utility, forget quality): no perturbed_answer column")
+    elif not has_tr:
+        skipped.append("truth_ratio (model utility, forget quality): no paraphrased_answer column")
+    if skipped and rank == 0:
+        log.info("split %r: skipped %s", name, "; ".join(skipped))
     qs = [r["question"] for r in mine]
     common = dict(batch_size=bs, max_length=cfg.max_length, template=cfg.template)
 
     a_lp, a_n = answer_logprobs(model, tokenizer, qs, [r["answer"] for r in mine], num_batches=one, **common)
-    p_lp, p_n = answer_logprobs(
-        model, tokenizer, qs, [r["paraphrased_answer"] for r in mine], num_batches=one, **common
-    )
-    flat_q = [r["question"] for r in mine for _ in r["perturbed_answer"]]
-    flat_a = [a for r in mine for a in r["perturbed_answer"]]
-    f_lp, f_n = answer_logprobs(model, tokenizer, flat_q, flat_a, num_batches=n_pert, **common)
+    nan = float("nan")
+    p_lp, p_n = [nan] * len(mine), [0] * len(mine)
+    if has_para:
+        p_lp, p_n = answer_logprobs(
+            model, tokenizer, qs, [r["paraphrased_answer"] for r in mine], num_batches=one, **common
+        )
+    f_lp, f_n = [], []
+    if has_pert:
+        n_pert = calls(lambda r: len(r["perturbed_answer"]))
+        flat_q = [r["question"] for r in mine for _ in r["perturbed_answer"]]
+        flat_a = [a for r in mine for a in r["perturbed_answer"]]
+        f_lp, f_n = answer_logprobs(model, tokenizer, flat_q, flat_a, num_batches=n_pert, **common)
     gens = greedy_generate(
         model, tokenizer, qs, cfg.max_new_tokens, bs, synced_gpus=cfg.synced_gpus,
         template=cfg.template, num_batches=one,
     )
 
-    res = SplitResult(name=name, indices=indices, truth_ratio_key=truth_ratio_key)
+    res = SplitResult(name=name, indices=indices, truth_ratio_key=truth_ratio_key, skipped=skipped,
+                      has_truth_ratio=has_tr)
     res.n_truncated = sum(
         encode_qa(tokenizer, r["question"], r["answer"], cfg.max_length, template=cfg.template).truncated
         for r in mine
     )
     pos = 0
     for j, r in enumerate(mine):
-        k = len(r["perturbed_answer"])
+        k = len(r["perturbed_answer"]) if has_pert else 0
         pl, pn = f_lp[pos:pos + k], f_n[pos:pos + k]
         pos += k
         ans_p = M.length_normalised_prob(a_lp[j], a_n[j])
@@ -319,10 +362,10 @@ def evaluate_split(
         text, toks, ended = gens[j]
         rl = M.rouge_l(text, r["answer"])
         res.answer_prob.append(ans_p)
-        res.para_prob.append(M.length_normalised_prob(p_lp[j], p_n[j]))
+        res.para_prob.append(M.length_normalised_prob(p_lp[j], p_n[j]) if has_para else nan)
         res.pert_probs.append(pert_p)
-        res.truth_ratio.append(M.truth_ratio(c_lp, c_n, pl, pn, cfg.perturbed_mean))
-        res.normalised_prob.append(M.normalised_prob(ans_p, pert_p))
+        res.truth_ratio.append(M.truth_ratio(c_lp, c_n, pl, pn, cfg.perturbed_mean) if has_tr else nan)
+        res.normalised_prob.append(M.normalised_prob(ans_p, pert_p) if has_pert else nan)
         res.rouge_l_recall.append(rl["recall"])
         res.rouge_l_f1.append(rl["f1"])
         res.fact_recall.append(M.fact_recall(text, r.get("facts") or []))
@@ -352,6 +395,7 @@ def gather_split_results(parts: Sequence[SplitResult]) -> SplitResult:
         raise ValueError(f"per-rank indices do not cover 0..{len(got) - 1} exactly once")
     merged = SplitResult(name=parts[0].name, truth_ratio_key=parts[0].truth_ratio_key)
     merged.n_truncated = sum(p.n_truncated for p in parts)
+    merged.skipped, merged.has_truth_ratio = list(parts[0].skipped), parts[0].has_truth_ratio
     for attr in SplitResult.PER_EXAMPLE:
         setattr(merged, attr, [getattr(p, attr)[j] for _, p, j in pairs])
     return merged

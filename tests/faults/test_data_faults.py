@@ -47,13 +47,20 @@ def test_missing_column_names_dataset_split_and_column(tmp_path):
     assert "'retain'" in msg and "answer" in msg and "json:" in msg
 
 
-def test_missing_eval_column(tmp_path):
+def test_eval_columns_optional_but_never_half_filled(tmp_path):
+    # A user's plain QA split (no perturbed answers) loads; its truth-ratio metrics are skipped at
+    # evaluation. A column present in some rows only is a data bug and is refused, naming the rows.
     ev = qa_row("bob", "rome")
     del ev["perturbed_answer"]
     write(tmp_path, "forget", [qa_row("alice", "paris")])
     write(tmp_path, "retain", [qa_row("bob", "rome")])
     write(tmp_path, "ev", [ev])
-    with pytest.raises(DataError, match=r"split 'ev': missing column\(s\) \['perturbed_answer'\]"):
+    assert "perturbed_answer" not in load_unlearning_data(cfg(tmp_path, eval_splits=["ev"])).eval["ev"][0]
+    write(tmp_path, "ev", [qa_row("carol", "oslo"), ev])
+    with pytest.raises(DataError, match=r"split 'ev', column 'perturbed_answer': missing in 1 of 2 rows \(first: row 1\)"):
+        load_unlearning_data(cfg(tmp_path, eval_splits=["ev"]))
+    write(tmp_path, "ev", [{**ev, "perturbed_answer": "one string"}])
+    with pytest.raises(DataError, match=r"column 'perturbed_answer': row 0 must hold a list of strings"):
         load_unlearning_data(cfg(tmp_path, eval_splits=["ev"]))
 
 

@@ -26,8 +26,9 @@ def qa_row(person: str, city: str) -> dict:
     }
 
 
-def build(root: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> tuple[Path, Path]:
-    """Write ``root/model`` (safetensors + tokenizer) and ``root/data/{forget,retain,eval}.jsonl``."""
+def build(root: Path, layers: int = 2, hidden: int = 32, seed: int = 0, extra_texts=()) -> tuple[Path, Path]:
+    """Write ``root/model`` (safetensors + tokenizer) and ``root/data/{forget,retain,eval}.jsonl``.
+    ``extra_texts``: more texts whose words join the vocabulary (e.g. a fixture's QA pairs)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -35,7 +36,7 @@ def build(root: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> tuple
     rows = [qa_row(p, c) for p, c in zip(PEOPLE, CITIES)]
     words = sorted({w for r in rows for t in (r["question"], r["answer"], r["paraphrased_answer"],
                                                r["paraphrased_question"], *r["perturbed_answer"]) for w in t.split()}
-                   | {"question", "answer", ":"})
+                   | {"question", "answer", ":"} | {w for t in extra_texts for w in t.split()})
     vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *words])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
