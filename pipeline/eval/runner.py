@@ -23,10 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def _settings(cfg: DictConfig):
+    from pipeline.data.prompt_formats import prompt_format_from_config
     from pipeline.eval.tofu import EvalSettings
 
     return EvalSettings(batch_size=int(cfg.eval.batch_size), max_new_tokens=int(cfg.eval.max_new_tokens),
-                        max_length=int(cfg.eval.max_length))
+                        max_length=int(cfg.eval.max_length), template=prompt_format_from_config(cfg.model))
 
 
 def truth_ratio_reference(cfg: DictConfig) -> str:
@@ -300,6 +301,9 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
     check_retain_reference(cfg, data)
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
+    from pipeline.run import checked_prompt_format
+
+    prompt_format = checked_prompt_format(cfg, tokenizer)
     metrics, details = evaluate_job(cfg, paths.model, tokenizer, data, paths)
     evaluation = metrics.pop(EVALUATION_KEY, None)
     results: dict = {}
@@ -309,7 +313,8 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         path = write_results(run_dir, label, None, metrics, {"model": paths.model, "forget_split": data.forget_split,
                                                              "retain_split": data.retain_split, "exp_name": cfg.exp_name,
                                                              "world_size": dist.world_size,
-                                                             **({EVALUATION_KEY: evaluation} if evaluation else {})})
+                                                             **({EVALUATION_KEY: evaluation} if evaluation else {}),
+                                                             "prompt_format": prompt_format.describe()})
         results = json.loads(Path(path).read_text())
         atomic_write_text(run_dir / "report.md", render_report_md(results))
         atomic_write_json(run_dir / "eval_details.json", details)
