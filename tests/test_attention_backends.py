@@ -214,6 +214,12 @@ def test_architecture_matrix_tempered_equals_eager_with_scaled_scaling(arch):
             out = _logits(model, ids, am)
             err = (out - ref)[keep].abs().max().item()
             assert err < 1e-4, f"{arch} on {backend} at tau={tau}: max logit error {err:.3g}"
+        # a per-row temperature (B,): row 0 at tau=1, row 1 at tau=2, in one forward
+        set_temperature(model, torch.tensor([1.0, 2.0]))
+        out = _logits(model, ids, am)
+        for row, ref in ((0, eager1), (1, eager2)):
+            err = (out[row] - ref[row])[keep[row]].abs().max().item()
+            assert err < 1e-4, f"{arch} on {backend}, per-row tau, row {row}: max logit error {err:.3g}"
         ran = A.attention_backend_report()["ran"]
         assert ran, "dispatch recorded nothing"
         used = set().union(*(set(v) for v in ran.values()))
