@@ -25,8 +25,6 @@ from typing import Optional
 
 import torch
 
-from pipeline.config import ConfigError
-
 from .base import ATTENTION_BACKENDS, AttentionBackend, AttentionCall
 
 log = logging.getLogger("pipeline.attention")
@@ -39,8 +37,9 @@ AUTO_RULES: dict[str, tuple[str, Optional[str]]] = {
 }
 
 
-class AttentionBackendError(ConfigError):
-    """``kernels.attention`` names a backend that does not exist or cannot run in this process."""
+class AttentionBackendError(ValueError):
+    """``kernels.attention`` names a backend that does not exist or cannot run in this process
+    (a user error: ``pipeline.errors.USER_ERRORS``, so launchers print one line and exit 2)."""
 
 
 @dataclass
