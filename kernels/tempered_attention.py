@@ -367,8 +367,17 @@ def _check_shapes(q, k, v):
         raise ValueError(f"incompatible shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
     if H % k.shape[1]:
         raise ValueError(f"query heads {H} must be a multiple of key/value heads {k.shape[1]}")
-    if D < 16 and not INTERPRET:
-        raise ValueError("head dim must be >= 16 for tl.dot")
+
+
+def _use_triton(backend: str, q: torch.Tensor) -> bool:
+    """``backend="triton"`` forces the kernel (head_dim < 16 is refused: ``tl.dot`` needs 16 when
+    compiled); ``"auto"`` takes it when it can run here and the head dim fits, else the torch path."""
+    small = q.shape[-1] < 16 and not INTERPRET
+    if backend == "triton":
+        if small:
+            raise ValueError(f"head dim {q.shape[-1]} < 16: the compiled Triton kernel needs >= 16 for tl.dot")
+        return True
+    return backend == "auto" and triton_available_for(q) and not small
 
 
 def _prep_kpm(key_padding_mask, key_lengths, B, S, device):
@@ -503,7 +512,7 @@ def tempered_attention(
     B, H, T, D = q.shape
     S = k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
-    use_triton = backend == "triton" or (backend == "auto" and triton_available_for(q))
+    use_triton = _use_triton(backend, q)
     if not use_triton:
         kpm = key_padding_mask
         if key_lengths is not None:
@@ -537,7 +546,7 @@ def tempered_attention_dual(
     B, H, T, D = q.shape
     S = k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
-    use_triton = backend == "triton" or (backend == "auto" and triton_available_for(q))
+    use_triton = _use_triton(backend, q)
     if not use_triton:
         kpm = key_padding_mask
         if key_lengths is not None:

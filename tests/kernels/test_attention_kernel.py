@@ -189,3 +189,12 @@ def test_torch_dual_reference_matches_two_single_references():
     a, b = tempered_attention_dual_ref(q, k, v, 2.5, 1.0, key_padding_mask=kpm)
     torch.testing.assert_close(a, tempered_attention_ref(q, k, v, 2.5, key_padding_mask=kpm), atol=TOL, rtol=TOL)
     torch.testing.assert_close(b, tempered_attention_ref(q, k, v, 1.0, key_padding_mask=kpm), atol=TOL, rtol=TOL)
+
+
+def test_small_head_dim_compiled_refuses_triton_and_auto_takes_the_torch_path(monkeypatch):
+    q, k, v = _qkv(1, 2, 2, 5, 5, 8, seed=15)
+    monkeypatch.setattr(ta, "INTERPRET", False)  # as when compiled: tl.dot needs head dim >= 16
+    with pytest.raises(ValueError, match="head dim 8 < 16"):
+        tempered_attention(q, k, v, 2.0, backend="triton")
+    out = tempered_attention(q, k, v, 2.0, backend="auto")
+    torch.testing.assert_close(out, tempered_attention_ref(q, k, v, 2.0), atol=TOL, rtol=TOL)
