@@ -73,7 +73,7 @@ TAUS = {
 @pytest.mark.parametrize("padding", ["none", "right", "left"])
 @pytest.mark.parametrize("tau", list(TAUS))
 def test_backend_equals_eager_reference_fwd_bwd(backend, padding, tau):
-    g = torch.Generator().manual_seed(hash((padding, tau)) % 1000)
+    g = torch.Generator().manual_seed(sum(map(ord, padding + tau)))  # stable across processes
     q = (torch.randn(B, T, H, D, generator=g) * 2).transpose(1, 2).requires_grad_(True)  # transformers' layout
     k = (torch.randn(B, HKV, T, D, generator=g) * 2).requires_grad_(True)
     v = torch.randn(B, HKV, T, D, generator=g).requires_grad_(True)
