@@ -20,6 +20,9 @@ Throughput = attention FLOPs (4·B·H·T·S·D forward, ×2.5 more for the backw
 per second. Peak memory (CUDA only) from ``torch.cuda.max_memory_allocated``. Threads pinned.
 
     .venv/bin/python benchmarks/bench_attention.py           # CPU quick defaults (< 1 min)
+    .venv/bin/python benchmarks/bench_attention.py --backends  # the pipeline's kernels.attention backends:
+        # sdpa vs the eager reference (torch), T in {256, 1024, 2048}, fwd+bwd, time + peak memory
+        # (bench_attention_backends_<device>.json; the table in docs/performance.md)
     .venv/bin/python benchmarks/bench_attention.py --seq 1024 2048 4096   # CUDA: B2 H32 Hkv8 D128 bf16
 """
 
@@ -56,7 +59,12 @@ def main() -> None:
     ap.add_argument("--tau", type=float, default=2.3)
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--backends", action="store_true",
+                    help="compare the pipeline's kernels.attention backends (sdpa vs the eager reference)")
+    ap.add_argument("--warmup", type=int, default=1)
     args = ap.parse_args()
+    if args.backends:
+        return pipeline_backends(args)
 
     threads = set_threads(args.threads)
     import torch
@@ -171,6 +179,85 @@ def main() -> None:
         "notes": notes,
     }
     write_json("bench_attention", payload, Path(args.out) if args.out else None)
+
+
+def pipeline_backends(args) -> None:
+    """``kernels.attention`` backends exactly as the pipeline calls them (``AttentionCall`` ->
+    backend ``forward``), with the masks transformers gives each: the eager reference (``torch``)
+    gets the materialised (B, 1, T, T) float causal mask (built outside the timed step, as the model
+    builds it once per forward), ``sdpa`` gets none (``is_causal``). fwd+bwd, tau=2.3, causal."""
+    threads = set_threads(args.threads)
+    import torch
+    from common import cpu_peak_bytes
+    from transformers.masking_utils import eager_mask
+
+    from pipeline.models.attention import ATTENTION_BACKENDS, AttentionCall
+
+    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = dev == "cuda"
+    libc = None
+    if not gpu:
+        import ctypes
+
+        # CPU peak = growth of the RSS high-water mark in one step. Tensors above 64 KiB get their own
+        # mmap (M_MMAP_THRESHOLD = -3) and go back to the OS when freed, so a step's peak is not hidden
+        # by heap the previous step freed but kept (the same setting bench_step.py uses via env).
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 65536)
+        except OSError:
+            libc = None
+    B, H = args.batch or 2, args.heads or 8
+    Hkv, D = args.kv_heads or 8, args.head_dim or 64
+    seqs = args.seq or [256, 1024, 2048]
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    iters = args.iters or 1
+    names = ["torch", "sdpa"]
+    results, table = [], []
+    for T in seqs:
+        g = torch.Generator(device="cpu").manual_seed(T)
+        q = torch.randn(B, H, T, D, generator=g).to(dev, dtype).requires_grad_(True)
+        k = torch.randn(B, Hkv, T, D, generator=g).to(dev, dtype).requires_grad_(True)
+        v = torch.randn(B, Hkv, T, D, generator=g).to(dev, dtype).requires_grad_(True)
+        masks = {"torch": eager_mask(B, T, T, dtype=dtype, device=dev), "sdpa": None}
+        outs = {}
+        for name in names:
+            backend = ATTENTION_BACKENDS.get(name)
+
+            def step(backend=backend, mask=masks[name], q=q, k=k, v=v):
+                out = backend.forward(AttentionCall(q, k, v, mask, D ** -0.5, args.tau))
+                torch.autograd.grad(out.float().square().mean(), (q, k, v))
+                return out
+
+            t = time_fn(step, dev, warmup=args.warmup, iters=iters)
+            if libc is not None:
+                libc.malloc_trim(0)
+            peak = cuda_peak_bytes(step) if gpu else cpu_peak_bytes(step)
+            with torch.no_grad():
+                outs[name] = backend.forward(AttentionCall(q, k, v, masks[name], D ** -0.5, args.tau)).float()
+            results.append({"T": T, "backend": name, "peak_bytes": peak, **t})
+            print(f"  T={T} {name}: {fmt(t['ms_median'], '.1f')} ms, peak {mib(peak)} MiB", flush=True)
+        diff = (outs["sdpa"] - outs["torch"]).abs().max().item()
+        ref = next(r for r in results if r["T"] == T and r["backend"] == "torch")
+        for r in results:
+            if r["T"] == T:
+                r["speedup_vs_eager"] = ref["ms_median"] / r["ms_median"]
+                r["max_abs_diff_vs_eager"] = diff if r["backend"] == "sdpa" else 0.0
+                table.append([T, r["backend"], fmt(r["ms_median"], ".1f"), mib(r["peak_bytes"]),
+                              fmt(r["speedup_vs_eager"], ".2f") + "x", f"{r['max_abs_diff_vs_eager']:.1e}"])
+    print()
+    text = print_table(["T", "backend", "fwd+bwd ms", "peak MiB", "speed vs eager", "max |diff|"], table)
+    payload = {
+        "benchmark": "attention_backends",
+        "env": device_info(dev),
+        "config": {"batch": B, "heads": H, "kv_heads": Hkv, "head_dim": D, "seq": seqs, "dtype": str(dtype),
+                   "tau": args.tau, "causal": True, "warmup": args.warmup, "iters": iters, "threads": threads},
+        "peak_memory": "CUDA: max_memory_allocated growth; CPU: RSS high-water-mark growth of one step "
+                       "(glibc M_MMAP_THRESHOLD=64 KiB, malloc_trim before it)",
+        "results": results,
+        "table": text,
+    }
+    write_json("bench_attention_backends", payload, Path(args.out) if args.out else None)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def worker(spec: dict) -> None:
     from pipeline.methods.grad_diff import GradDiffConfig
     from pipeline.models.tempered_attention import set_attention_backend
 
-    set_attention_backend("torch" if not cuda else "triton")
+    set_attention_backend(spec.get("attention", "auto"), "cuda" if cuda else "cpu")
     counter = CommCounter()
     variants = spec["variants"]
     need_ref = any(v.startswith("asu_live") for v in variants)
@@ -353,6 +353,7 @@ def main() -> None:
     ap.add_argument("--offload-optimizer", default=None, choices=("none", "cpu"))
     ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--attention", default="auto", help="kernels.attention backend (auto = sdpa)")
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
@@ -369,7 +370,7 @@ def main() -> None:
         d = Path(d)
         spec = {"size": args.scale, "batch": batch, "seq": seq, "steps": steps, "warmup": warmup, "topk": args.topk,
                 "threads": args.threads, "cache_dir": str(d / "cache"),
-                "offload_optimizer": args.offload_optimizer or "none",
+                "offload_optimizer": args.offload_optimizer or "none", "attention": args.attention,
                 "model_dir": None if big else str(_save_small_model(d, args.scale))}
         port = 29850 + os.getpid() % 100
         print(f"one launch: {', '.join(variants)} ({args.ranks} ranks, {warmup} warm-up + {steps} timed steps each)",

@@ -5,33 +5,25 @@
 * ``kernels.fused_kl``: streaming fused-linear KL(teacher || student) over row chunks.
 * ``kernels.reference``: the plain-torch references (CPU fallbacks, test oracles).
 
-This package never imports ``pipeline`` at module level; ``register_with_pipeline()`` does the
-(lazy) registration of the Triton attention as the pipeline's ``"triton"`` backend.
+This package never imports ``pipeline``: the pipeline's ``kernels.attention=triton`` backend
+(``pipeline.models.attention.triton``) calls into it.
 """
 
 from __future__ import annotations
 
 from .fused_kl import default_chunk_size, fused_linear_kl
 from .reference import naive_linear_kl, tempered_attention_ref
-from .tempered_attention import attention_interface_fn, stack_teacher_student, tempered_attention_dual
+from .tempered_attention import stack_teacher_student, tempered_attention_dual
 
 # NB: the *function* ``tempered_attention`` is deliberately not re-exported here: it would shadow the
 # submodule ``kernels.tempered_attention`` (use ``from kernels.tempered_attention import tempered_attention``).
 
 __all__ = [
-    "attention_interface_fn",
     "default_chunk_size",
     "fused_linear_kl",
     "naive_linear_kl",
-    "register_with_pipeline",
     "stack_teacher_student",
     "tempered_attention_dual",
     "tempered_attention_ref",
 ]
 
-
-def register_with_pipeline(name: str = "triton") -> None:
-    """Register ``attention_interface_fn`` as ``kernels.attention=<name>`` in the pipeline."""
-    from pipeline.models.tempered_attention import register_attention_backend  # lazy: no import cycle
-
-    register_attention_backend(name, attention_interface_fn)

@@ -37,8 +37,9 @@ IGNORE_INDEX = -100
 def normalize_tau(tau: TauLike, batch: int, heads: int, device: torch.device) -> torch.Tensor:
     """Return ``tau`` as a contiguous (B, H) fp32 tensor.
 
-    Accepts a Python float, a 0-d tensor, an (H,) tensor (per head, as the pipeline's reference), a
-    (B, 1) tensor (per sequence) or a (B, H) tensor.
+    Accepts a Python float, a 0-d tensor, an (H,) tensor (per head), a (B,) or (B, 1) tensor (per
+    sequence / row) or a (B, H) tensor. A 1-d tensor is per head when it has H values and per row
+    when it has B; when B == H > 1 that is ambiguous and refused (use (1, H) or (B, 1)).
     """
     if not isinstance(tau, torch.Tensor):
         return torch.full((batch, heads), float(tau), device=device, dtype=torch.float32)
@@ -46,9 +47,18 @@ def normalize_tau(tau: TauLike, batch: int, heads: int, device: torch.device) ->
     if t.dim() == 0:
         t = t.view(1, 1)
     elif t.dim() == 1:
-        if t.numel() != heads:
-            raise ValueError(f"a 1-d tau is per head: expected {heads} values, got {t.numel()}")
-        t = t.view(1, heads)
+        n = t.numel()
+        if n == 1:
+            t = t.view(1, 1)
+        elif n == heads and n == batch:
+            raise ValueError(f"a 1-d tau of {n} values is ambiguous with B = H = {n}: pass (1, H) for per-head "
+                             "or (B, 1) for per-row temperatures")
+        elif n == heads:
+            t = t.view(1, heads)
+        elif n == batch:
+            t = t.view(batch, 1)
+        else:
+            raise ValueError(f"a 1-d tau is per head ({heads} values) or per row ({batch} values); got {n}")
     elif t.dim() != 2:
         raise ValueError(f"tau must be a float, (H,), (B, 1) or (B, H); got shape {tuple(t.shape)}")
     if t.shape[0] not in (1, batch) or t.shape[1] not in (1, heads):
@@ -190,10 +200,18 @@ def additive_mask_attention_ref(
     tau: TauLike = 1.0,
     num_kv_groups: int = 1,
     dropout: float = 0.0,
+    *,
+    softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Eager attention with logits divided by tau, additive float (or bool) mask and fp32 softmax;
     the pipeline's ``kernels.attention=torch`` backend calls this (``kernels`` never imports
-    ``pipeline``, the dependency goes the other way). Returns (B, T, H, D)."""
+    ``pipeline``, the dependency goes the other way). Returns (B, T, H, D).
+
+    ``softcap`` (Gemma-2): logits become ``softcap·tanh(logits/softcap)`` after the tau division,
+    so tempering stays "attention on q/tau". ``sinks`` (GPT-OSS, (H,)): one extra learned logit per
+    head joins the softmax and is dropped afterwards, computed as transformers' GPT-OSS eager path
+    does (max-subtracted softmax in the logits' dtype); sinks are not tempered (they are not q·k)."""
     key = _repeat_kv(key, num_kv_groups)
     value = _repeat_kv(value, num_kv_groups)
     logits = torch.matmul(query, key.transpose(2, 3)) * scaling
@@ -201,12 +219,20 @@ def additive_mask_attention_ref(
         B, H = query.shape[0], query.shape[1]
         inv = (1.0 / normalize_tau(tau, B, H, query.device)).to(logits.dtype)
         logits = logits * inv[:, :, None, None]
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             logits = logits.masked_fill(~attn_mask[:, :, :, : key.shape[-2]], torch.finfo(logits.dtype).min)
         else:
             logits = logits + attn_mask[:, :, :, : key.shape[-2]]
-    probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    if sinks is not None:
+        sink = sinks.reshape(1, -1, 1, 1).expand(logits.shape[0], -1, logits.shape[2], -1).to(logits.dtype)
+        combined = torch.cat([logits, sink], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1].to(value.dtype)
+    else:
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
     if dropout > 0.0:
         probs = F.dropout(probs, p=dropout, training=True)
     return torch.matmul(probs, value).transpose(1, 2).contiguous()

@@ -15,28 +15,22 @@
 * Stacked mode (teacher and student Q/K/V concatenated along the batch) is plain
   ``tempered_attention`` with a (2B, H) tau; see ``stack_teacher_student``.
 
-Dispatch: the Triton kernels run when the inputs are on CUDA, or when this module was imported with
-``TRITON_INTERPRET=1`` (tests, CPU). Otherwise ``tempered_attention`` falls back to the torch
-reference (``kernels.reference.tempered_attention_sdpa``) so the pipeline runs on a CPU-only box.
-
-Integration with the pipeline: ``attention_interface_fn`` has the signature of
-``pipeline.models.tempered_attention`` backends. If that pipeline module is already loaded when this
-module is imported (the pipeline's ``set_attention_backend("triton")`` imports us), we register
-ourselves as backend ``"triton"``; ``kernels.register_with_pipeline()`` does it explicitly. This
-module never imports ``pipeline``.
+Dispatch inside this module: the Triton kernels run when the inputs are on CUDA, or when this module
+was imported with ``TRITON_INTERPRET=1`` (tests, CPU); with ``backend="auto"`` anything else goes to
+the torch SDPA reference (``kernels.reference.tempered_attention_sdpa``). The pipeline does not rely
+on that: its ``triton`` backend (``pipeline.models.attention.triton``) decides, logs and falls back
+itself. This module never imports ``pipeline``.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from typing import Optional
 
 import torch
 
 from .reference import (
     TauLike,
-    additive_mask_attention_ref,
     key_padding_from_lengths,
     normalize_tau,
     tempered_attention_sdpa,
@@ -60,8 +54,6 @@ __all__ = [
     "tempered_attention",
     "tempered_attention_dual",
     "stack_teacher_student",
-    "attention_interface_fn",
-    "mask_to_causal_and_padding",
     "triton_available_for",
 ]
 
@@ -375,8 +367,17 @@ def _check_shapes(q, k, v):
         raise ValueError(f"incompatible shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
     if H % k.shape[1]:
         raise ValueError(f"query heads {H} must be a multiple of key/value heads {k.shape[1]}")
-    if D < 16 and not INTERPRET:
-        raise ValueError("head dim must be >= 16 for tl.dot")
+
+
+def _use_triton(backend: str, q: torch.Tensor) -> bool:
+    """``backend="triton"`` forces the kernel (head_dim < 16 is refused: ``tl.dot`` needs 16 when
+    compiled); ``"auto"`` takes it when it can run here and the head dim fits, else the torch path."""
+    small = q.shape[-1] < 16 and not INTERPRET
+    if backend == "triton":
+        if small:
+            raise ValueError(f"head dim {q.shape[-1]} < 16: the compiled Triton kernel needs >= 16 for tl.dot")
+        return True
+    return backend == "auto" and triton_available_for(q) and not small
 
 
 def _prep_kpm(key_padding_mask, key_lengths, B, S, device):
@@ -502,7 +503,7 @@ def tempered_attention(
 ) -> torch.Tensor:
     """``softmax(q kᵀ · scale / tau + mask) v``; q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, T, H, D).
 
-    ``tau``: float, (H,), (B, 1) or (B, H) (no gradient). ``key_padding_mask``: (B, S), nonzero =
+    ``tau``: float, (H,), (B,), (B, 1) or (B, H) (no gradient). ``key_padding_mask``: (B, S), nonzero =
     real key; ``key_lengths``: (B,) number of leading real keys (alternative/combined). ``scale``
     defaults to 1/sqrt(D). ``backend``: "auto" (Triton when usable, else the torch fallback),
     "triton" or "torch".
@@ -511,7 +512,7 @@ def tempered_attention(
     B, H, T, D = q.shape
     S = k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
-    use_triton = backend == "triton" or (backend == "auto" and triton_available_for(q))
+    use_triton = _use_triton(backend, q)
     if not use_triton:
         kpm = key_padding_mask
         if key_lengths is not None:
@@ -545,7 +546,7 @@ def tempered_attention_dual(
     B, H, T, D = q.shape
     S = k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
-    use_triton = backend == "triton" or (backend == "auto" and triton_available_for(q))
+    use_triton = _use_triton(backend, q)
     if not use_triton:
         kpm = key_padding_mask
         if key_lengths is not None:
@@ -577,79 +578,3 @@ def stack_teacher_student(
     out = tempered_attention(torch.cat([q_t, q_s]), torch.cat([k_t, k_s]), torch.cat([v_t, v_s]), tau,
                              causal=causal, key_padding_mask=kpm, scale=scale, backend=backend)
     return out[:B], out[B:]
-
-
-# ==================================================================================================
-# transformers / pipeline integration
-# ==================================================================================================
-
-
-def mask_to_causal_and_padding(
-    attn_mask: Optional[torch.Tensor], T: int, S: int
-) -> Optional[tuple[bool, Optional[torch.Tensor]]]:
-    """Express transformers' (B, 1, T, S') mask as (causal, key_padding_mask) or return None.
-
-    ``attn_mask`` is additive float (0 = visible, very negative = hidden) or bool (True = visible).
-    The key padding is read from the mask's *last* query row: under causal masking the last query
-    sees every real key (true for right and left padding alike, with or without a bottom-right
-    aligned KV-cache offset). The candidate (causal & padding, else padding only) is then compared
-    with the full mask and ``None`` is returned when it does not reproduce it exactly (sliding
-    windows, packed sequences, per-query masks...) — callers fall back to the torch reference.
-    Query rows that see no key at all (left-padding queries) are compared too: the kernel returns 0
-    there while eager attention returns a uniform average, a difference confined to padding rows.
-    """
-    if attn_mask is None:
-        return (True, None) if T > 1 else (False, None)
-    m = attn_mask[:, :, :, :S]
-    if m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != T:
-        return None
-    if m.dtype == torch.bool:
-        vis = m[:, 0]
-    else:
-        vis = m[:, 0] > torch.finfo(m.dtype).min / 2
-    kpm = vis[:, -1, :]  # (B, S)
-    i = torch.arange(T, device=m.device)[:, None]
-    j = torch.arange(S, device=m.device)[None, :]
-    causal_vis = (j <= i + (S - T))[None] & kpm[:, None, :]
-    if torch.equal(causal_vis, vis):
-        return True, (None if bool(kpm.all()) else kpm)
-    if torch.equal(kpm[:, None, :].expand_as(vis), vis):
-        return False, (None if bool(kpm.all()) else kpm)
-    return None
-
-
-def attention_interface_fn(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: Optional[torch.Tensor],
-    scaling: float,
-    tau: TauLike = 1.0,
-    num_kv_groups: int = 1,
-    dropout: float = 0.0,
-) -> torch.Tensor:
-    """Pipeline backend signature (see ``pipeline.models.tempered_attention``) -> (B, T, H, D).
-
-    Falls back to the eager-equivalent torch reference when the Triton kernel cannot run (no CUDA
-    and no interpreter), when dropout > 0, or when the mask is not causal/padding expressible.
-    """
-    T, S = query.shape[2], key.shape[2]
-    usable = triton_available_for(query) and dropout == 0.0 and query.shape[1] == key.shape[1] * num_kv_groups
-    spec = mask_to_causal_and_padding(attn_mask, T, S) if usable else None
-    if spec is None:
-        return additive_mask_attention_ref(query, key, value, attn_mask, scaling, tau, num_kv_groups, dropout)
-    causal, kpm = spec
-    return tempered_attention(query, key, value, tau, causal=causal, key_padding_mask=kpm, scale=scaling,
-                              backend="triton")
-
-
-def _register_if_pipeline_loaded() -> bool:
-    """Register as the pipeline's "triton" backend when the pipeline module is already imported."""
-    mod = sys.modules.get("pipeline.models.tempered_attention")
-    if mod is None or not hasattr(mod, "register_attention_backend"):
-        return False
-    mod.register_attention_backend("triton", attention_interface_fn)
-    return True
-
-
-_register_if_pipeline_loaded()

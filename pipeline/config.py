@@ -181,7 +181,7 @@ class LoggingConfig:
 
 @dataclass
 class KernelsConfig:
-    attention: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton | flash_attn
+    attention: str = "auto"  # auto (sdpa on CPU and CUDA) | sdpa | torch | triton | flash_attn
     kl: str = "naive"  # naive (materialised logits) | fused (streaming over vocab chunks)
 
 
@@ -280,7 +280,7 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _require(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0..3, got {cfg.deepspeed.zero_stage}")
     _require(cfg.deepspeed.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold",
              f"must be >= 0, got {cfg.deepspeed.param_persistence_threshold}")
-    _choice(cfg, "kernels.attention", ("auto", "torch", "triton", "flash_attn"))
+    _choice(cfg, "kernels.attention", ("auto", "sdpa", "torch", "triton", "flash_attn"))
     _choice(cfg, "kernels.kl", ("naive", "fused"))
     _choice(cfg, "logging.wandb_mode", ("auto", "offline", "online", "disabled"))
     _require(cfg.eval.max_rows is None or cfg.eval.max_rows >= 1, "eval.max_rows",

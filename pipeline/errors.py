@@ -10,7 +10,8 @@ from pipeline.engine.checkpoint import CheckpointError
 from pipeline.engine.export import ExportError
 from pipeline.engine.preflight import PreflightError
 from pipeline.engine.trainer import NonFiniteLossError
+from pipeline.models.attention import AttentionBackendError
 from pipeline.models.loading import ModelLoadError
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError, NonFiniteLossError, ExportError,
-               PreflightError, PromptFormatError)
+               PreflightError, PromptFormatError, AttentionBackendError)

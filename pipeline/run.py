@@ -97,10 +97,11 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     from pipeline.io import atomic_write_json, atomic_write_text
     from pipeline.logging import RunLogger
     from pipeline.methods import build_method
-    from pipeline.models.tempered_attention import set_attention_backend
+    from pipeline.models.attention import attention_backend_report, check_available, set_attention_backend
 
     run_dir = Path(run_dir)
     validate(cfg)  # before anything is loaded
+    check_available(cfg.kernels.attention)  # e.g. flash_attn without flash-attn: exit 2, nothing written
     dist = init_distributed()
     set_threads(int(cfg.trainer.num_threads))
     torch.manual_seed(int(cfg.seed))
@@ -147,7 +148,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             Path(cfg.cache_dir) / "teacher_cache", paths.model, cfg.method, forget, data.forget_split, max_len)
     if cfg.trainer.preflight:
         run_preflight(cfg, dist.world_size, cuda, paths.model, need_reference)
-    set_attention_backend(_attention_backend(cfg.kernels.attention, dist.device))
+    set_attention_backend(cfg.kernels.attention, dist.device)  # logs the choice (and any fallback)
 
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -268,6 +269,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             extra["tau_selection"] = tau_selection
         if "evaluation" in metrics:  # what the evaluation scored (reference, generation length, rows)
             extra["evaluation"] = metrics.pop("evaluation")
+        extra["attention_backend"] = attention_backend_report()  # requested, resolved, what each model ran
         tau = float(cfg.method.tau) if "tau" in cfg.method else None
         path = write_results(run_dir, cfg.method.name, tau, metrics, extra)
         results = json.loads(Path(path).read_text())
@@ -281,8 +283,3 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         log.info("run %s finished in %.1fs", run_dir, time.time() - t_start)
     return results
 
-
-def _attention_backend(name: str, device: str) -> str:
-    if name == "auto":
-        return "triton" if device == "cuda" else "torch"
-    return name

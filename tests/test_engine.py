@@ -24,13 +24,16 @@ def _env():
     return env
 
 
-def launch(args, ranks=1, port=None, timeout=300):
+def launch(args, ranks=1, port=None, timeout=300, interpret=None):
+    env = _env()
+    if interpret is not None:
+        env["TRITON_INTERPRET"] = interpret
     if ranks == 1:
         cmd = [sys.executable, "launchers/train.py", *args]
     else:
         ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
         cmd = [ds, "--num_gpus", str(ranks), "--master_port", str(port or free_port()), "launchers/train.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +54,11 @@ def _logits(model_dir, ids):
 @pytest.mark.distributed
 def test_single_process_trains_exports_and_evaluates(tiny):
     root, model_dir, data_dir = tiny
-    out = launch(train_overrides(model_dir, data_dir, root / "runs", "single", steps=3) + ["method=grad_diff"])
+    # kernels.attention=triton on CPU without TRITON_INTERPRET: falls back to sdpa, said in the log and results.json
+    out = launch(train_overrides(model_dir, data_dir, root / "runs", "single", steps=3)
+                 + ["method=grad_diff", "kernels.attention=triton"], interpret="0")
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "kernels.attention=triton -> sdpa" in out.stderr and "TRITON_INTERPRET" in out.stderr, out.stderr[-3000:]
     run = root / "runs" / "single"
     exported = run / "model"
     assert (exported / "model.safetensors").exists() and (exported / "tokenizer.json").exists()
@@ -66,6 +72,9 @@ def test_single_process_trains_exports_and_evaluates(tiny):
     assert [h["step"] for h in hist] == [1, 2, 3]
     res = json.loads((run / "results.json").read_text())
     assert res["method"] == "grad_diff" and "retain_fact_recall" in res["metrics"]
+    att = res["attention_backend"]
+    assert att["requested"] == "triton" and att["resolved"] == "sdpa" and "falls back to sdpa" in att["reason"]
+    assert set(att["ran"]["llama"]) == {"sdpa"}
 
 
 @pytest.mark.distributed
@@ -101,8 +110,9 @@ def test_two_rank_zero3_with_triton_attention_and_fused_kl_matches_torch_path(ti
         "eval.enabled=false", "method=asu_kl", "method.tau=2.0", "trainer.batch_size=1",
         "trainer.retain_batch_size=1"]
     env = dict(_env(), TRITON_INTERPRET="1")
-    ref = launch(common + ["run_name=k_torch"], ranks=2)
+    ref = launch(common + ["run_name=k_torch"], ranks=2)  # kernels.attention=auto: sdpa on CPU
     assert ref.returncode == 0, ref.stderr[-3000:]
+    assert "kernels.attention=auto -> sdpa" in ref.stderr, ref.stderr[-3000:]
     ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     fused = subprocess.run([ds, "--num_gpus", "2", "--master_port", str(free_port()), "launchers/train.py", *common,
                             "run_name=k_fused", "kernels.attention=triton", "kernels.kl=fused"],
@@ -114,6 +124,10 @@ def test_two_rank_zero3_with_triton_attention_and_fused_kl_matches_torch_path(ti
     res = json.loads((root / "runs" / "k_torch" / "results.json").read_text())
     assert res["metrics"] == {} and res["tau"] == 2.0 and res["steps"] == 3 and res["world_size"] == 2
     assert res["final_train"]["step"] == 3 and not (root / "runs" / "k_torch" / "report.md").exists()
+    assert res["attention_backend"]["requested"] == "auto" and res["attention_backend"]["resolved"] == "sdpa"
+    assert set(res["attention_backend"]["ran"]["llama"]) == {"sdpa"}
+    fus = json.loads((root / "runs" / "k_fused" / "results.json").read_text())["attention_backend"]
+    assert fus["resolved"] == "triton" and set(fus["ran"]["llama"]) == {"triton"}, fus
     for a, b in zip(h_ref, h_fus):
         for k in ("loss", "forget_loss", "retain_loss"):
             assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (k, a, b)

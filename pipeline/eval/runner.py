@@ -291,12 +291,15 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     from pipeline.engine.distributed import init_distributed
     from pipeline.eval.report import render_report_md, write_results
     from pipeline.io import atomic_write_json, atomic_write_text
+    from pipeline.models.attention import attention_backend_report, check_available, set_attention_backend
     from pipeline.models.loading import load_tokenizer
     from pipeline.run import resolve_paths, set_threads
 
     validate(cfg)
+    check_available(cfg.kernels.attention)
     dist = init_distributed()
     set_threads(int(cfg.trainer.num_threads))
+    set_attention_backend(cfg.kernels.attention, dist.device)  # logs the choice (and any fallback)
     paths = resolve_paths(cfg)
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
     check_retain_reference(cfg, data)
@@ -314,7 +317,8 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                                                              "retain_split": data.retain_split, "exp_name": cfg.exp_name,
                                                              "world_size": dist.world_size,
                                                              **({EVALUATION_KEY: evaluation} if evaluation else {}),
-                                                             "prompt_format": prompt_format.describe()})
+                                                             "prompt_format": prompt_format.describe(),
+                                                             "attention_backend": attention_backend_report()})
         results = json.loads(Path(path).read_text())
         atomic_write_text(run_dir / "report.md", render_report_md(results))
         atomic_write_json(run_dir / "eval_details.json", details)

@@ -6,23 +6,21 @@ We register one attention function, ``"tempered"``, that reads ``tau`` from the 
 (tau = 1) and the temperature can be changed without rebuilding the model.
 
 transformers 5.x needs two registrations: the attention function *and* a mask function; without
-the mask registration no causal mask is built for an unknown implementation name.
+the mask registration no causal mask is built for an unknown implementation name. The backends
+(``kernels.attention``: sdpa, flash_attn, triton, torch) and their dispatch live in
+``pipeline.models.attention``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 ATTN_IMPLEMENTATION = "tempered"
 TEMPERATURE_ATTR = "attn_temperature"
-
-# Backend name -> callable(q, k, v, attn_mask, scaling, tau, num_kv_groups, dropout) -> (B, T, H, D).
-_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {}
-_active_backend = "torch"
 
 
 def torch_tempered_attention(
@@ -38,8 +36,8 @@ def torch_tempered_attention(
     """Plain-torch reference: the eager attention computation with logits divided by ``tau``.
 
     Shapes follow transformers: query (B, H, T, D), key/value (B, H_kv, S, D), additive float mask
-    (B, 1, T, S); ``tau`` a float, (H,), (B, 1) or (B, H). Returns (B, T, H, D). Softmax runs in
-    fp32 like transformers' eager path, so at tau = 1 the result equals eager attention. One
+    (B, 1, T, S); ``tau`` a float, (H,), (B,), (B, 1) or (B, H). Returns (B, T, H, D). Softmax runs
+    in fp32 like transformers' eager path, so at tau = 1 the result equals eager attention. One
     implementation serves both the pipeline and the kernel tests (``kernels.reference``).
     """
     from kernels.reference import additive_mask_attention_ref
@@ -47,35 +45,9 @@ def torch_tempered_attention(
     return additive_mask_attention_ref(query, key, value, attn_mask, scaling, tau, num_kv_groups, dropout)
 
 
-_BACKENDS["torch"] = torch_tempered_attention
-
-
-def register_attention_backend(name: str, fn: Callable[..., torch.Tensor]) -> None:
-    """Register an implementation (e.g. the Triton kernel) under ``kernels.attention=<name>``."""
-    _BACKENDS[name] = fn
-
-
-def set_attention_backend(name: str) -> None:
-    """Select the implementation used by every model with ``attn_implementation="tempered"``."""
-    global _active_backend
-    if name not in _BACKENDS:
-        _load_optional_backend(name)
-    if name not in _BACKENDS:
-        raise ValueError(f"kernels.attention={name!r} is not available; choose one of {sorted(_BACKENDS)}")
-    _active_backend = name
-
-
-def get_attention_backend() -> str:
-    return _active_backend
-
-
-def _load_optional_backend(name: str) -> None:
-    """Backends living in ``kernels/`` register themselves on import."""
-    if name in ("triton", "flash_attn"):
-        try:
-            import kernels.tempered_attention  # noqa: F401  (registers on import)
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ValueError(f"kernels.attention={name!r} could not be imported: {exc}") from exc
+def _model_type(module: nn.Module) -> str:
+    cfg = getattr(module, "config", None)
+    return getattr(cfg, "model_type", None) or type(module).__name__
 
 
 def tempered_attention_forward(
@@ -88,14 +60,53 @@ def tempered_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention-interface entry point (signature of ``sdpa_attention_forward``)."""
+    """transformers attention-interface entry point (signature of ``sdpa_attention_forward``).
+
+    Reads tau from the module (``attn_temperature``) and honours the architecture kwargs
+    transformers passes to attention functions: ``softcap`` (Gemma-2), ``sliding_window``
+    (Mistral, Qwen, Gemma-2/3, ...; the window itself is in the mask), ``s_aux`` (GPT-OSS sinks),
+    ``is_causal``. The backend is chosen by ``pipeline.models.attention.dispatch``.
+    """
+    from pipeline.models.attention import AttentionCall, dispatch
+
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    tau = getattr(module, TEMPERATURE_ATTR, 1.0)
-    groups = getattr(module, "num_key_value_groups", 1)
-    fn = _BACKENDS[_active_backend]
-    out = fn(query, key, value, attention_mask, scaling, tau, groups, dropout if module.training else 0.0)
-    return out, None
+    is_causal = kwargs.get("is_causal")
+    call = AttentionCall(
+        query, key, value, attention_mask, float(scaling), getattr(module, TEMPERATURE_ATTR, 1.0),
+        dropout=float(dropout) if module.training else 0.0,
+        is_causal=bool(getattr(module, "is_causal", True) if is_causal is None else is_causal),
+        softcap=kwargs.get("softcap"), sliding_window=kwargs.get("sliding_window"), s_aux=kwargs.get("s_aux"),
+    )
+    return dispatch(call, _model_type(module)), None
+
+
+def tempered_mask(*args, **kwargs):
+    """Mask function for ``"tempered"``: what the active backend's own path expects.
+
+    ``torch`` (the eager reference) gets transformers' eager float mask, so it is eager attention
+    operation for operation; every other backend gets transformers' sdpa mask (None for a causal
+    batch without padding, else a boolean (B, 1, T, S) mask), so nothing builds a float T×T mask.
+    """
+    from transformers.masking_utils import eager_mask, sdpa_mask
+
+    from pipeline.models.attention import get_attention_backend
+
+    return (eager_mask if get_attention_backend() == "torch" else sdpa_mask)(*args, **kwargs)
+
+
+def set_attention_backend(name: str, device: str = "cpu"):
+    """Select the implementation used by every model with ``attn_implementation="tempered"``
+    (``pipeline.models.attention.set_attention_backend``; returns its resolution)."""
+    from pipeline.models.attention import set_attention_backend as _set
+
+    return _set(name, device)
+
+
+def get_attention_backend() -> str:
+    from pipeline.models.attention import get_attention_backend as _get
+
+    return _get()
 
 
 _registered = False
@@ -107,11 +118,10 @@ def register() -> None:
     if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, tempered_attention_forward)
-    # Always materialise an additive float mask (causal + padding): the kernel needs it explicitly.
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, tempered_mask)
     _registered = True
 
 

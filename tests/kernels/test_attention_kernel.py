@@ -9,13 +9,10 @@ import torch
 
 from kernels import tempered_attention as ta
 from kernels.reference import (
-    additive_mask_attention_ref,
     tempered_attention_ref,
     tempered_attention_sdpa,
 )
 from kernels.tempered_attention import (
-    attention_interface_fn,
-    mask_to_causal_and_padding,
     stack_teacher_student,
     tempered_attention,
     tempered_attention_dual,
@@ -183,78 +180,6 @@ def test_torch_fallback_matches_reference_without_nans():
                                atol=TOL, rtol=TOL)
 
 
-def _eager_mask(kpm: torch.Tensor, T: int, S: int, dtype=torch.float32, window: int | None = None):
-    i = torch.arange(T)[:, None]
-    j = torch.arange(S)[None, :]
-    vis = (j <= i + S - T)[None] & kpm[:, None, :].bool()
-    if window is not None:
-        vis = vis & (j > i + S - T - window)[None]
-    m = torch.zeros(kpm.shape[0], 1, T, S, dtype=dtype)
-    return m.masked_fill(~vis[:, None], torch.finfo(dtype).min)
-
-
-def test_mask_conversion():
-    kpm = torch.ones(2, 10, dtype=torch.bool)
-    kpm[1, 7:] = False
-    assert mask_to_causal_and_padding(None, 10, 10) == (True, None)
-    c, p = mask_to_causal_and_padding(_eager_mask(kpm, 10, 10), 10, 10)
-    assert c is True and torch.equal(p, kpm)
-    c, p = mask_to_causal_and_padding(_eager_mask(torch.ones(2, 10), 10, 10), 10, 10)
-    assert c is True and p is None
-    left = torch.ones(2, 10, dtype=torch.bool)
-    left[0, :3] = False
-    c, p = mask_to_causal_and_padding(_eager_mask(left, 4, 10), 4, 10)  # generation offset, left pad
-    assert c is True and torch.equal(p, left)
-    assert mask_to_causal_and_padding(_eager_mask(kpm, 10, 10, window=3), 10, 10) is None
-
-
-def test_attention_interface_fn_matches_eager_reference():
-    B, H, Hkv, T, D = 2, 4, 2, 13, 16
-    q, k, v = _qkv(B, H, Hkv, T, T, D, seed=13, transposed=True)
-    kpm = torch.ones(B, T, dtype=torch.bool)
-    kpm[1, 9:] = False
-    mask = _eager_mask(kpm, T, T)
-    tau = torch.tensor([1.0, 2.0, 2.0, 3.0])
-    out = attention_interface_fn(q, k, v, mask, D ** -0.5, tau, H // Hkv, 0.0)
-    ref = additive_mask_attention_ref(q, k, v, mask, D ** -0.5, tau, H // Hkv, 0.0)
-    torch.testing.assert_close(out, ref, atol=TOL, rtol=TOL)
-    # inexpressible (sliding-window) mask: falls back to the reference, same numbers
-    wmask = _eager_mask(kpm, T, T, window=4)
-    out = attention_interface_fn(q, k, v, wmask, D ** -0.5, tau, H // Hkv, 0.0)
-    torch.testing.assert_close(out, additive_mask_attention_ref(q, k, v, wmask, D ** -0.5, tau, 2, 0.0))
-
-
-def test_pipeline_registration_and_tiny_llama_logits():
-    pta = pytest.importorskip("pipeline.models.tempered_attention")
-    transformers = pytest.importorskip("transformers")
-    import kernels
-
-    kernels.register_with_pipeline()
-    assert "triton" in pta._BACKENDS
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   initializer_range=0.3)
-    cfg._attn_implementation = "eager"
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    pta.enable_tempered_attention(model)
-    pta.set_temperature(model, 2.0)
-    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(1))
-    am = torch.ones_like(ids)
-    am[1, 8:] = 0
-    before = pta.get_attention_backend()
-    try:
-        with torch.no_grad():
-            pta.set_attention_backend("torch")
-            ref = model(input_ids=ids, attention_mask=am).logits
-            pta.set_attention_backend("triton")
-            out = model(input_ids=ids, attention_mask=am).logits
-    finally:
-        pta.set_attention_backend(before)
-    keep = am.bool()
-    torch.testing.assert_close(out[keep], ref[keep], atol=1e-4, rtol=1e-4)
-
-
 def test_torch_dual_reference_matches_two_single_references():
     from kernels.reference import tempered_attention_dual_ref
 
@@ -264,3 +189,12 @@ def test_torch_dual_reference_matches_two_single_references():
     a, b = tempered_attention_dual_ref(q, k, v, 2.5, 1.0, key_padding_mask=kpm)
     torch.testing.assert_close(a, tempered_attention_ref(q, k, v, 2.5, key_padding_mask=kpm), atol=TOL, rtol=TOL)
     torch.testing.assert_close(b, tempered_attention_ref(q, k, v, 1.0, key_padding_mask=kpm), atol=TOL, rtol=TOL)
+
+
+def test_small_head_dim_compiled_refuses_triton_and_auto_takes_the_torch_path(monkeypatch):
+    q, k, v = _qkv(1, 2, 2, 5, 5, 8, seed=15)
+    monkeypatch.setattr(ta, "INTERPRET", False)  # as when compiled: tl.dot needs head dim >= 16
+    with pytest.raises(ValueError, match="head dim 8 < 16"):
+        tempered_attention(q, k, v, 2.0, backend="triton")
+    out = tempered_attention(q, k, v, 2.0, backend="auto")
+    torch.testing.assert_close(out, tempered_attention_ref(q, k, v, 2.0), atol=TOL, rtol=TOL)

@@ -1,0 +1,316 @@
+"""The prepared GPU check's Python parts (run by ``benchmarks/gpu_check.sh``; one part per call).
+
+Each part writes ``benchmarks/results/gpu_<gpu>_<part>.json`` with the GPU named in it:
+
+* ``kernels``    — the Triton tempered-attention kernels *compiled* (not the interpreter) against the
+  fp32 torch reference, bf16 and fp16, forward and backward, odd shapes, GQA, causal + left/right
+  padding, per-head and per-row tau; the dual-output mode too. Pass/fail per case with the errors.
+* ``attention``  — throughput of tempered attention through the pipeline's backends (sdpa,
+  flash_attn when installed, triton) against untempered SDPA / flash-attn: B=4, H=32, T=4096,
+  d=128, bf16, forward + backward, causal.
+* ``kl``         — fused vs naive KL at V=32k and 128k (``bench_kl.py``): time and peak memory.
+* ``step``       — one ASU step (live teacher, ZeRO-3, one GPU) of a random ~1B Llama
+  (``bench_step.py --scale 1b --ranks 1``): tokens/s and CUDA peak memory against the memory
+  preflight's prediction (``pipeline.engine.preflight.plan_memory``) for the same setting.
+
+    python benchmarks/gpu_check.py --device cuda kernels
+    python benchmarks/gpu_check.py --device cpu kernels   # refused: the parts measure CUDA only
+
+``--device`` guards every part: anything but an available CUDA device prints
+``no CUDA device: nothing measured`` and exits 0 without writing a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from common import RESULTS, device_info  # noqa: E402
+
+NO_CUDA = "no CUDA device: nothing measured"
+
+
+def _gpu_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "gpu"
+
+
+def _write(part: str, payload: dict) -> Path:
+    import torch
+
+    name = torch.cuda.get_device_name()
+    path = RESULTS / f"gpu_{_gpu_slug(name)}_{part}.json"
+    payload = {"part": part, "gpu": name, "env": device_info("cuda"),
+               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path.relative_to(ROOT)}", flush=True)
+    return path
+
+
+def _cuda_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels: compiled Triton vs the reference
+# ------------------------------------------------------------------------------------------------
+
+TOL = {"bfloat16": 3e-2, "float16": 5e-3}  # max abs error vs the fp32 reference, outputs and grads (scaled)
+
+
+def part_kernels() -> None:
+    import torch
+
+    import kernels.tempered_attention as ta
+    from kernels.reference import tempered_attention_ref
+
+    assert not ta.INTERPRET, "unset TRITON_INTERPRET: this part checks the compiled kernels"
+    cases = []
+    shapes = [  # (B, H, Hkv, T, D)
+        (3, 8, 2, 333, 64),
+        (2, 4, 4, 1037, 128),
+        (2, 6, 3, 77, 80),
+        (1, 4, 1, 129, 16),
+    ]
+    for dtype_name in ("bfloat16", "float16"):
+        dtype = getattr(torch, dtype_name)
+        for B, H, Hkv, T, D in shapes:
+            for padding in ("none", "right", "left"):
+                g = torch.Generator(device="cpu").manual_seed(B * 1000 + T)
+                q32 = torch.randn(B, H, T, D, generator=g).cuda()
+                k32 = torch.randn(B, Hkv, T, D, generator=g).cuda()
+                v32 = torch.randn(B, Hkv, T, D, generator=g).cuda()
+                kpm = torch.ones(B, T, dtype=torch.bool, device="cuda")
+                if padding == "right":
+                    kpm[0, T - T // 3:] = False
+                elif padding == "left":
+                    kpm[-1, : T // 4] = False
+                kp = None if padding == "none" else kpm
+                tau = torch.linspace(0.7, 3.0, H).cuda()  # per head
+                row = {"dtype": dtype_name, "B": B, "H": H, "Hkv": Hkv, "T": T, "D": D, "padding": padding}
+                try:
+                    q, k, v = (x.to(dtype).requires_grad_(True) for x in (q32, k32, v32))
+                    out = ta.tempered_attention(q, k, v, tau, causal=True, key_padding_mask=kp, backend="triton")
+                    rq, rk, rv = (x.detach().float().requires_grad_(True) for x in (q, k, v))
+                    ref = tempered_attention_ref(rq, rk, rv, tau, causal=True, key_padding_mask=kp)
+                    real = kpm[:, :, None, None].expand_as(ref).float()
+                    gout = torch.randn(ref.shape, device="cuda") * real
+                    got = torch.autograd.grad(out, (q, k, v), gout.to(dtype))
+                    exp = torch.autograd.grad(ref, (rq, rk, rv), gout)
+                    errs = {"out": ((out.float() - ref) * real).abs().max().item()}
+                    for n, a, b in zip(("dq", "dk", "dv"), got, exp):
+                        errs[n] = ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+                    row.update(errors=errs, ok=all(torch.isfinite(torch.tensor(list(errs.values())))) and
+                               max(errs.values()) <= TOL[dtype_name])
+                except Exception as exc:  # record and continue: the JSON must say what failed
+                    row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
+                cases.append(row)
+                print(f"  {row}", flush=True)
+        # dual-output mode: teacher (tau) and student (1) from one Q K^T, both backpropagated
+        B, H, Hkv, T, D = 2, 8, 2, 513, 64
+        g = torch.Generator(device="cpu").manual_seed(7)
+        q, k, v = (torch.randn(B, h, T, D, generator=g).cuda().to(dtype).requires_grad_(True) for h in (H, Hkv, Hkv))
+        kpm = torch.ones(B, T, dtype=torch.bool, device="cuda")
+        kpm[1, 400:] = False
+        row = {"dtype": dtype_name, "mode": "dual", "B": B, "H": H, "Hkv": Hkv, "T": T, "D": D, "padding": "right"}
+        try:
+            o_t, o_s = ta.tempered_attention_dual(q, k, v, 2.5, 1.0, key_padding_mask=kpm, backend="triton")
+            rq, rk, rv = (x.detach().float().requires_grad_(True) for x in (q, k, v))
+            r_t = tempered_attention_ref(rq, rk, rv, 2.5, key_padding_mask=kpm)
+            r_s = tempered_attention_ref(rq, rk, rv, 1.0, key_padding_mask=kpm)
+            real = kpm[:, :, None, None].expand_as(r_t).float()
+            g_t, g_s = torch.randn_like(r_t) * real, torch.randn_like(r_s) * real
+            got = torch.autograd.grad((o_t.float() * g_t).sum() + (o_s.float() * g_s).sum(), (q, k, v))
+            exp = torch.autograd.grad((r_t * g_t).sum() + (r_s * g_s).sum(), (rq, rk, rv))
+            errs = {"out_teacher": ((o_t.float() - r_t) * real).abs().max().item(),
+                    "out_student": ((o_s.float() - r_s) * real).abs().max().item()}
+            for n, a, b in zip(("dq", "dk", "dv"), got, exp):
+                errs[n] = ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+            row.update(errors=errs, ok=max(errs.values()) <= TOL[dtype_name])
+        except Exception as exc:
+            row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
+        cases.append(row)
+        print(f"  {row}", flush=True)
+    n_ok = sum(bool(c.get("ok")) for c in cases)
+    print(f"kernels: {n_ok}/{len(cases)} cases within tolerance", flush=True)
+    _write("kernels", {"tolerance": TOL, "tolerance_note": "outputs: max abs error on real query rows; grads: "
+                       "max abs error / max abs reference grad", "passed": n_ok, "total": len(cases),
+                       "cases": cases})
+
+
+# ------------------------------------------------------------------------------------------------
+# attention throughput
+# ------------------------------------------------------------------------------------------------
+
+
+def part_attention(B: int = 4, H: int = 32, T: int = 4096, D: int = 128, tau: float = 2.3) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.models.attention import ATTENTION_BACKENDS, AttentionCall
+
+    dtype = torch.bfloat16
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, generator=g).cuda().to(dtype).requires_grad_(True) for _ in range(3))
+    per_head = torch.linspace(1.0, 3.0, H).cuda()
+    scale = D ** -0.5
+    impls = {
+        "untempered sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "tempered sdpa (scalar tau)": lambda: ATTENTION_BACKENDS.get("sdpa").forward(
+            AttentionCall(q, k, v, None, scale, tau)),
+        "tempered sdpa (per-head tau)": lambda: ATTENTION_BACKENDS.get("sdpa").forward(
+            AttentionCall(q, k, v, None, scale, per_head)),
+        "tempered triton (scalar tau)": lambda: ATTENTION_BACKENDS.get("triton").forward(_triton_call(q, k, v, scale, tau)),
+        "tempered triton (per-head tau)": lambda: ATTENTION_BACKENDS.get("triton").forward(
+            _triton_call(q, k, v, scale, per_head)),
+    }
+    notes = []
+    if ATTENTION_BACKENDS.get("flash_attn").unavailable() is None:
+        from flash_attn import flash_attn_func
+
+        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_(True) for x in (q, k, v))
+        impls["untempered flash_attn"] = lambda: flash_attn_func(qt, kt, vt, causal=True)
+        impls["tempered flash_attn (scalar tau)"] = lambda: ATTENTION_BACKENDS.get("flash_attn").forward(
+            _flash_call(q, k, v, scale, tau))
+        impls["tempered flash_attn (per-head tau)"] = lambda: ATTENTION_BACKENDS.get("flash_attn").forward(
+            _flash_call(q, k, v, scale, per_head))
+    else:
+        notes.append("flash_attn: not installed (pip install .[gpu]); its rows are missing")
+    flops = 4.0 * B * H * T * T * D / 2 * 3.5  # causal, fwd + bwd (bwd = 2.5x fwd)
+    rows = []
+    for name, fn in impls.items():
+        def step(fn=fn):
+            out = fn()
+            out.backward(torch.ones_like(out))
+
+        try:
+            ms = _cuda_ms(step)
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            peak = torch.cuda.max_memory_allocated()
+            rows.append({"impl": name, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, "peak_mib": peak / 2**20})
+        except Exception as exc:
+            rows.append({"impl": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        print(f"  {rows[-1]}", flush=True)
+        for x in (q, k, v):
+            x.grad = None
+    base = {r["impl"]: r.get("ms") for r in rows}
+    for r in rows:
+        peer = "untempered flash_attn" if "flash_attn" in r["impl"] else "untempered sdpa"
+        if r.get("ms") and base.get(peer):
+            r["throughput_vs_" + peer.replace(" ", "_")] = base[peer] / r["ms"]
+    fastest = min((r for r in rows if r.get("ms") and r["impl"].startswith("tempered")), key=lambda r: r["ms"],
+                  default=None)
+    _write("attention", {"config": {"B": B, "H": H, "T": T, "D": D, "dtype": "bfloat16", "causal": True,
+                                    "tau": tau, "per_head_tau": "linspace(1, 3, H)", "pass": "forward+backward"},
+                         "flops_formula": "4*B*H*T*T*D/2 * 3.5", "results": rows, "notes": notes,
+                         "fastest_tempered": fastest and fastest["impl"],
+                         "auto_rule_hint": "pipeline/models/attention/dispatch.py AUTO_RULES['cuda'] stays sdpa "
+                                           "unless a tempered triton/flash_attn row beats tempered sdpa here"})
+
+
+def _triton_call(q, k, v, scale, tau):
+    from pipeline.models.attention import AttentionCall
+
+    call = AttentionCall(q, k, v, None, scale, tau)
+    call.notes["triton_spec"] = (True, None)
+    return call
+
+
+def _flash_call(q, k, v, scale, tau):
+    from pipeline.models.attention import AttentionCall
+
+    call = AttentionCall(q, k, v, None, scale, tau)
+    call.notes["flash_spec"] = (True, None, None)
+    return call
+
+
+# ------------------------------------------------------------------------------------------------
+# KL and the ASU step: the existing benchmarks, re-labelled with the GPU
+# ------------------------------------------------------------------------------------------------
+
+
+def _run(cmd: list[str], timeout: int) -> None:
+    print("  $ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=timeout)
+
+
+def part_kl(timeout: int) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        _run([sys.executable, str(HERE / "bench_kl.py"), "--device", "cuda", "--rows", "8192", "--hidden", "4096",
+              "--vocab", "32000", "128256", "--iters", "5", "--out", d], timeout)
+        payload = json.loads(next(Path(d).glob("bench_kl_*.json")).read_text())
+    _write("kl", {"source": "benchmarks/bench_kl.py --rows 8192 --hidden 4096 --vocab 32000 128256", **payload})
+
+
+def part_step(timeout: int, batch: int = 4, seq: int = 512) -> None:
+    from bench_step import SIZES
+
+    from pipeline.config import DeepSpeedConfig
+    from pipeline.engine.preflight import arch_from_dict, plan_memory
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "bench_step_scale_cuda.json"
+        _run([sys.executable, str(HERE / "bench_step.py"), "--scale", "1b", "--ranks", "1", "--variants",
+              "asu_live_naive", "--batch", str(batch), "--seq", str(seq), "--steps", "3", "--warmup", "1",
+              "--out", str(out)], timeout)
+        payload = json.loads(next(Path(d).glob("bench_step_scale*.json")).read_text())
+    ds = DeepSpeedConfig()
+    plan = plan_memory(arch_from_dict(dict(SIZES["1b"], tie_word_embeddings=False)), 1, 1, precision="bf16",
+                       zero_stage=3, offload_optimizer="none", offload_param="none", uses_reference=True,
+                       batch_size=batch, retain_batch_size=batch, seq_len=seq, kl_impl="naive",
+                       activation_checkpointing=bool(ds.activation_checkpointing), flash_attention=True)
+    res = payload["results"]["asu_live_naive"]
+    measured = max(x for x in res["cuda_peak_mib_per_rank"] if x is not None)
+    predicted = plan.gpu_total / 2**20
+    print(f"step: {res['tokens_per_s']:.0f} tokens/s, CUDA peak {measured:.0f} MiB, preflight predicted "
+          f"{predicted:.0f} MiB ({measured / predicted:.2f}x)", flush=True)
+    _write("step", {"source": f"benchmarks/bench_step.py --scale 1b --ranks 1 --variants asu_live_naive "
+                              f"--batch {batch} --seq {seq}",
+                    "tokens_per_s": res["tokens_per_s"], "step_ms": res["step_ms"], "cuda_peak_mib": measured,
+                    "preflight_predicted_mib": predicted, "measured_over_predicted": measured / predicted,
+                    "preflight_components_mib": {k: v / 2**20 for k, v in plan.per_gpu.items()},
+                    "bench_step": payload})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=("kernels", "attention", "kl", "step"))
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--timeout", type=int, default=240, help="for the parts that launch a benchmark script")
+    args = ap.parse_args()
+    import torch
+
+    if args.device != "cuda" or not torch.cuda.is_available():
+        print(NO_CUDA)
+        return
+    {"kernels": part_kernels, "attention": part_attention,
+     "kl": lambda: part_kl(args.timeout), "step": lambda: part_step(args.timeout)}[args.part]()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One prepared GPU check for a machine with one H100/H200 (about 6-8 minutes in all). It writes
+# benchmarks/results/gpu_<gpu>_{kernels,attention,kl,step}.json, each naming the GPU:
+#   kernels   - the Triton attention kernels compiled for real vs the fp32 reference: bf16 and fp16,
+#               forward + backward, odd shapes, GQA, causal + padding, per-head tau, dual output
+#   attention - tempered attention via sdpa / flash_attn / triton vs untempered SDPA / flash-attn,
+#               B=4 H=32 T=4096 d=128 bf16, forward + backward
+#   kl        - fused vs naive KL at V=32k and 128k: time and peak memory (bench_kl.py)
+#   step      - one ASU step (live teacher, ZeRO-3, one GPU) of a random ~1B Llama: tokens/s and
+#               peak memory vs the memory preflight's prediction (bench_step.py --scale 1b)
+# Each part has its own time limit; a part that fails or times out is reported and the others
+# still run (exit code 1 then). Without CUDA it prints one line and exits 0. CI never runs it.
+#
+#   bash benchmarks/gpu_check.sh            # PYTHON=... to choose the interpreter (default .venv/bin/python)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+# fast path (no driver, no device node): no need to start Python at all
+if ! command -v nvidia-smi >/dev/null 2>&1 && ! ls /dev/nvidia0 >/dev/null 2>&1; then
+  echo "no CUDA device: nothing measured"
+  exit 0
+fi
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
+  echo "no CUDA device: nothing measured"
+  exit 0
+fi
+unset TRITON_INTERPRET  # the compiled kernels are what this checks
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+status=0
+part() {  # part <seconds> <name> [args...]
+  local limit=$1
+  shift
+  echo "== gpu_check $* (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_check.py --device cuda "$@"
+  local rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "!! gpu_check $1 failed (rc $rc; 124 = time limit)"
+    status=1
+  fi
+}
+start=$SECONDS
+part 100 kernels
+part 80 attention
+part 100 kl --timeout 90
+part 180 step --timeout 170
+echo "gpu_check: $((SECONDS - start)) s"
+ls -1 benchmarks/results/gpu_*.json 2>/dev/null
+exit "$status"
