@@ -135,11 +135,16 @@ class FrozenBaseView:
             return
         self._depth += 1
         was_training = self.peft_model.training
+        # peft's enable_adapter_layers() (on leaving disable_adapter) marks every active adapter
+        # trainable again, which would undo a method's selection (RMU: down_proj adapters only).
+        flags = [(p, p.requires_grad) for _, p in adapter_parameters(self.peft_model)]
         self.peft_model.eval()
         try:
             with torch.no_grad(), self.peft_model.disable_adapter():
                 yield
         finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
             self.peft_model.train(was_training)
             self._depth -= 1
 
