@@ -194,6 +194,8 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         from pipeline.models.peft_student import reference_for
 
         ref_engine = reference_for(engine, need_reference)
+        log.info("LoRA student: teacher/reference = %s", "the student's base with the adapters off (no second "
+                 "model loaded)" if ref_engine is not None else "none (the method needs no frozen model)")
 
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     run_logger = RunLogger(cfg.logging, str(run_dir), str(cfg.run_name), config_dict, enabled=dist.is_main)
@@ -267,6 +269,8 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         }
         if tau_selection is not None:
             extra["tau_selection"] = tau_selection
+        if lora:
+            extra["peft"] = {**OmegaConf.to_container(cfg.model.peft, resolve=True), "adapter": str(run_dir / "adapter")}
         tau = float(cfg.method.tau) if "tau" in cfg.method else None
         path = write_results(run_dir, cfg.method.name, tau, metrics, extra)
         results = json.loads(Path(path).read_text())
