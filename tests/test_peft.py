@@ -89,6 +89,36 @@ def test_frozen_view_is_the_tempered_base_model(tiny):
     torch.testing.assert_close(h_v, h_b, atol=1e-6, rtol=0)
 
 
+def test_activation_checkpointing_still_trains_the_adapters(tiny):
+    """open-unlearning issue #178: with reentrant checkpointing and a frozen embedding, no input of a
+    checkpointed block requires grad and the adapters inside get no gradient. Shown first (so the
+    check can fail), then fixed by ``enable_checkpointing``."""
+    import warnings
+
+    from pipeline.methods import losses
+    from pipeline.models.peft_student import FrozenBaseView, enable_checkpointing
+
+    _, model_dir, _ = tiny
+    student, _ = _student_and_base(model_dir)
+    x = _inputs()
+
+    def lora_grads():
+        student.zero_grad(set_to_none=True)
+        loss = losses.distill_kl(student, FrozenBaseView(student), x, tau=3.0)
+        if loss.requires_grad:  # with every layer checkpointed the loss may not even need a backward
+            loss.backward()
+        return [p.grad for n, p in student.named_parameters() if "lora_" in n]
+
+    base = student.get_base_model()
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    base.disable_input_require_grads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that no checkpoint input requires grad
+        assert all(g is None for g in lora_grads())  # the pitfall: adapters silently untrained
+    enable_checkpointing(student)
+    assert all(g is not None and g.abs().max() > 0 for g in lora_grads())
+
+
 METHOD_ARGS = {
     "asu_kl": ["method.tau=3.0"], "asu_gd": ["method.tau=3.0"], "asu_idk": ["method.tau=3.0"],
     "asu_wmdp": ["method.layer=1", "method.tau=3.0"], "rmu": ["method.layer=1", "method.alpha=1.0"],
