@@ -177,6 +177,11 @@ def test_layerwise_method_without_a_matching_adapter_is_a_config_error(tiny):
     method = build_method(_compose(["method=rmu", "method.layer=1"]).method)
     with pytest.raises(ConfigError, match="model.peft.target_modules"):
         method.select_trainable(student)
+    from pipeline.models.loading import load_causal_lm
+    from pipeline.models.peft_student import wrap_lora
+
+    with pytest.raises(ConfigError, match="'model.peft.target_modules'.*nope"):  # a user error: exit 2
+        wrap_lora(load_causal_lm(model_dir), OmegaConf.merge(PEFT, {"target_modules": ["nope"]}))
 
 
 def test_peft_config_validation_and_preflight():
@@ -196,6 +201,17 @@ def test_peft_config_validation_and_preflight():
     full, lora = plan_memory(arch, 8, 8, **kw), plan_memory(arch, 8, 8, **kw, lora_params=n)
     assert "teacher params (frozen)" in full.per_gpu and "teacher params (frozen)" not in lora.per_gpu
     assert lora.per_gpu["optimizer states"] * 100 < full.per_gpu["optimizer states"]
+
+
+def test_demo_row_asu_kl_lora_is_asu_with_a_lora_student():
+    from pipeline.config import validate
+    from pipeline.demo import plan_jobs
+
+    (job,) = plan_jobs(["asu_kl_lora"], "demo", ROOT / "conf", references=())
+    cfg = _compose(["+exp=tofu_tiny", *job.overrides])
+    validate(cfg)
+    assert cfg.model.peft.enabled and cfg.method.name == "asu_kl" and cfg.method.tau == 4.0  # asu_kl_tiny's values
+    assert cfg.run_name == "demo/asu_kl_lora" and cfg.trainer.lr > 3e-4
 
 
 # -- launched: ZeRO-3, 1 vs 2 ranks, activation checkpointing, kill-and-resume, export ------------------

@@ -24,6 +24,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from pipeline.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Linear layers LoRA adapts by default, per ``config.model_type``. Llama-family decoders share the
@@ -35,8 +37,9 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 
-class PeftSetupError(ValueError):
-    """``model.peft`` cannot be applied to this model (unknown architecture, no matching module)."""
+class PeftSetupError(ConfigError):
+    """``model.peft`` cannot be applied to this model (unknown architecture, no matching module):
+    a user error, printed as one line with exit code 2."""
 
 
 def is_peft_model(model: Any) -> bool:
@@ -51,7 +54,7 @@ def target_modules(model: nn.Module, pcfg: Any) -> list[str]:
         return [str(m) for m in pcfg.target_modules]
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind not in DEFAULT_TARGETS:
-        raise PeftSetupError(f"model.peft.target_modules: no default LoRA targets for model_type={kind!r}; "
+        raise PeftSetupError(f"config error at 'model.peft.target_modules': no default LoRA targets for model_type={kind!r}; "
                              f"set model.peft.target_modules=[...] (names of its linear layers)")
     return list(DEFAULT_TARGETS[kind])
 
@@ -74,7 +77,7 @@ def wrap_lora(model: nn.Module, pcfg: Any) -> nn.Module:
     try:
         peft_model = get_peft_model(model, lcfg)
     except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
-        raise PeftSetupError(f"model.peft: {exc}") from exc
+        raise PeftSetupError(f"config error at 'model.peft.target_modules': {exc}") from exc
     n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in peft_model.parameters() if p.requires_grad)
     n_all = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in peft_model.parameters())
     log.info("LoRA student: r=%d alpha=%g dropout=%g targets=%s layers=%s; trainable %d of %d parameters (%.3f%%)",
