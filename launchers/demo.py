@@ -151,7 +151,8 @@ def main() -> None:
 
     timings = [t for f in timing_files if (REPO / f).exists() for t in json.loads((REPO / f).read_text())]
     atomic_write_json(REPO / out / "timings.json", timings)
-    text = summarise_demo(REPO / out, list(dict.fromkeys(["target", "retain", *methods, *extra])))
+    text = summarise_demo(REPO / out, list(dict.fromkeys(["target", "retain", *methods, *extra])),
+                          checked=("asu_kl", "asu_kl_lora"))
     print(text)
     print(f"total {time.time() - t0:.0f}s; per-run reports: {out}/<name>/report.md", flush=True)
 
