@@ -36,7 +36,7 @@ $(STAMP): requirements/cpu.lock setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) launchers/demo.py
 
-# The demo plus one row per further method (SimNPO, IdkDPO, ASU+IDK, RMU): ~2 min more.
+# The demo plus one row per further method (SimNPO, IdkDPO, ASU+IDK, RMU, ASU-LoRA): ~2-3 min more.
 demo-all: $(STAMP)
 	$(PY) launchers/demo.py --all
 

@@ -24,12 +24,21 @@ with ``/proc/self/clear_refs``; the workers run with ``MALLOC_MMAP_THRESHOLD_=65
 not hidden by an earlier block's freed-but-kept heap). The process peak RSS (engines included) is
 reported too.
 
+``--lora-compare`` (with ``--scale 134m``): ASU-LoRA vs full ASU, both live teacher (ASU-GD, naive KL),
+in ONE run of this script: two launches, the same model, batch and ranks. Full ASU = the student
+engine + a frozen reference engine; ASU-LoRA = ``model.peft`` defaults (r=8 on q,k,v,o,gate,up,down)
+with the teacher the student's own base, adapters off (pipeline/models/peft_student.py), no
+second model. Reported per rank: process peak RSS, the peak above the RSS before any model was
+built (model states + step; the interpreter/library baseline is the same in both), and the median
+step time; written to ``bench_step_lora_<device>.json``.
+
 ``--scale 1b`` builds a random ~1B-parameter Llama from a config (no download) under
 ``deepspeed.zero.Init`` and runs a couple of GradDiff and ASU (live, and cached) steps, recording
 tokens/s and peak host memory to ``bench_step_scale_<device>.json``.
 
     .venv/bin/python benchmarks/bench_step.py                 # CPU, 2 ranks, ~2 min
     .venv/bin/python benchmarks/bench_step.py --scale 1b      # CPU, needs ~20 GiB RAM, ~10 min
+    .venv/bin/python benchmarks/bench_step.py --scale 134m --lora-compare   # CPU, ~4 GiB RAM, ~3 min
 """
 
 from __future__ import annotations
@@ -54,6 +63,9 @@ from common import device_info, fmt, print_table, set_threads, write_json  # noq
 
 VARIANTS = ("grad_diff", "asu_live_naive", "asu_live_fused", "asu_cached")
 SIZES = {
+    # SmolLM2-135M's architecture (134.5M parameters, tied embeddings), randomly initialised
+    "134m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
     # small: every weight matrix > stage3_param_persistence_threshold (1e4), so ZeRO-3 really shards it
     "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=4),
@@ -183,8 +195,9 @@ def worker(spec: dict) -> None:
                                             max_grad_norm=1.0))
     s_cfg, r_cfg = student_config(ds, tr, cuda), reference_config(ds, tr, cuda)
     dtype = torch.bfloat16 if cuda else torch.float32
-    mcfg = LlamaConfig(**SIZES[spec["size"]], max_position_embeddings=max(256, spec["seq"]), pad_token_id=0,
-                       bos_token_id=1, eos_token_id=2, initializer_range=0.02, tie_word_embeddings=False)
+    mcfg = LlamaConfig(**{"tie_word_embeddings": False, **SIZES[spec["size"]]},
+                       max_position_embeddings=max(256, spec["seq"]), pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2, initializer_range=0.02)
     rss0 = _status_kb("VmRSS")
     t0 = time.perf_counter()
     hf_ds = HfDeepSpeedConfig(s_cfg)
@@ -196,19 +209,27 @@ def worker(spec: dict) -> None:
         return AutoModelForCausalLM.from_config(mcfg, torch_dtype=dtype)
 
     student = make()
+    lora = bool(spec.get("lora"))
+    if lora:  # model.peft defaults; the teacher is the student's own base (no second model)
+        from pipeline.config import PeftConfig
+        from pipeline.models.peft_student import FrozenBaseView, wrap_lora
+
+        student = wrap_lora(student, OmegaConf.structured(PeftConfig(enabled=True)))
     reference = None
-    if need_ref or need_cache:
+    if (need_ref or need_cache) and not lora:
         reference = make()
         reference.requires_grad_(False)
     del hf_ds
     unset_hf_deepspeed_config()
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
-    engine = deepspeed.initialize(model=student, model_parameters=[p for p in student.parameters()],
+    engine = deepspeed.initialize(model=student, model_parameters=[p for p in student.parameters() if p.requires_grad],
                                   config=s_cfg)[0]
     ref_engine = None
     if reference is not None:
         ref_engine = deepspeed.initialize(model=reference, config=r_cfg)[0]
         ref_engine.eval()
+    elif lora and (need_ref or need_cache):
+        ref_engine = FrozenBaseView(engine)
     device = next(engine.module.parameters()).device
     forget_rows = _rows(spec["batch"] * world, spec["seq"], mcfg.vocab_size, 1)
     retain_rows = _rows(spec["batch"] * world, spec["seq"], mcfg.vocab_size, 2)
@@ -354,9 +375,14 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--attention", default="auto", help="kernels.attention backend (auto = sdpa)")
+    ap.add_argument("--lora-compare", action="store_true",
+                    help="ASU-LoRA vs full ASU (live teacher): two launches in one run, memory + step time")
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
+        return
+    if args.lora_compare:
+        lora_compare(args)
         return
     threads = set_threads(args.threads)
     big = args.scale != "small"
@@ -377,6 +403,55 @@ def main() -> None:
               flush=True)
         ranks = launch(dict(spec, variants=variants), args.ranks, port, timeout=7200 if big else 1200)
         _report(ranks, spec, args, dev, threads, variants)
+
+
+def lora_compare(args) -> None:
+    """Full ASU (student + frozen reference engine) vs ASU-LoRA (teacher = own base, adapters off):
+    the same model, batch and ranks, two launches in this one run; memory per rank and step time."""
+    threads = set_threads(args.threads)
+    dev = "cuda" if _cuda() else "cpu"
+    batch, seq = args.batch or 1, args.seq or 64
+    steps = args.steps or 3
+    warmup = args.warmup if args.warmup is not None else 1
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench_step_lora-") as d:
+        spec = {"size": args.scale, "batch": batch, "seq": seq, "steps": steps, "warmup": warmup, "topk": args.topk,
+                "threads": args.threads, "cache_dir": str(Path(d) / "cache"), "offload_optimizer": "none",
+                "model_dir": None, "variants": ["asu_live_naive"]}
+        port = 29750 + os.getpid() % 100
+        for i, (name, lora) in enumerate((("full ASU (live teacher)", False), ("ASU-LoRA (base = teacher)", True))):
+            ranks = launch(dict(spec, lora=lora), args.ranks, port + i, timeout=7200)
+            peak = [r["process_peak_rss_kb"] / 1024 for r in ranks]
+            above = [(r["process_peak_rss_kb"] - r["rss_setup_kb"]) / 1024 for r in ranks]
+            t = max(r["step_s"]["asu_live_naive"] for r in ranks)
+            results["lora" if lora else "full"] = {
+                "name": name, "params": ranks[0]["params"], "step_ms": t * 1e3,
+                "process_peak_rss_mib_per_rank": peak, "peak_above_baseline_mib_per_rank": above,
+                "rss_before_models_mib_per_rank": [r["rss_setup_kb"] / 1024 for r in ranks],
+                "step_ms_all_rank0": [x * 1e3 for x in ranks[0]["step_s_all"]["asu_live_naive"]],
+                "setup_s": ranks[0]["setup_s"]}
+            rows.append([name, fmt(t * 1e3, ".0f"), fmt(max(peak), ".0f"), fmt(max(above), ".0f")])
+    full, lora = results["full"], results["lora"]
+    ratios = {"peak_rss_ratio": max(lora["process_peak_rss_mib_per_rank"]) / max(full["process_peak_rss_mib_per_rank"]),
+              "peak_above_baseline_ratio": max(lora["peak_above_baseline_mib_per_rank"])
+              / max(full["peak_above_baseline_mib_per_rank"]),
+              "step_time_ratio": lora["step_ms"] / full["step_ms"]}
+    rows.append(["LoRA / full", fmt(ratios["step_time_ratio"], ".2f"), fmt(ratios["peak_rss_ratio"], ".2f"),
+                 fmt(ratios["peak_above_baseline_ratio"], ".2f")])
+    print(f"\nZeRO-3, {args.ranks} ranks x {threads} thread(s), {dev}; random Llama {SIZES[args.scale]} = "
+          f"{full['params'] / 1e6:.1f}M params; ASU-GD tau=2, naive KL; per rank {batch} forget + {batch} retain rows "
+          f"x {seq} tokens; median of {steps} steps after {warmup} warm-up")
+    print_table(["variant", "step ms", "peak RSS MiB (max rank)", "peak above pre-model RSS MiB (max rank)"], rows)
+    write_json(args.out.stem.rsplit("_", 1)[0] if args.out else "bench_step_lora", {
+        "env": device_info(dev),
+        "config": {**{k: v for k, v in spec.items() if k not in ("cache_dir", "model_dir")}, "ranks": args.ranks,
+                   "model": SIZES[args.scale], "lora": "model.peft defaults: r=8, alpha=16, q,k,v,o,gate,up,down"},
+        "results": results, "ratios": ratios,
+        "notes": ["two launches in one run of the script, same model/batch/ranks; full = student + frozen reference "
+                  "ZeRO-3 engines; LoRA = one engine, the teacher is its base with the adapters disabled.",
+                  "peak above baseline = process peak RSS minus the RSS before any model was built (after imports "
+                  "and process-group set-up): model states + the step; the baseline is the same in both runs."],
+    }, args.out.parent if args.out else None)
 
 
 def _mem_fields(ranks: list[dict], v: str) -> dict:

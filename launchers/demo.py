@@ -4,11 +4,12 @@
 2. in one launch on 2 CPU ranks under DeepSpeed ZeRO-3 (``launchers/demo_runs.py``): evaluates the
    target and the retain model (the gold standard, never trained on forget authors), then unlearns
    forget10 with ASU, GradDiff and NPO in turn;
-3. with ``--all`` (``make demo-all``) or ``--extra-methods``: SimNPO, IdkDPO, ASU+IDK and RMU as
+3. with ``--all`` (``make demo-all``) or ``--extra-methods``: SimNPO, IdkDPO, ASU+IDK, RMU and ASU-LoRA as
    single-rank processes side by side (same global batch; the reference evaluations move there);
 4. prints one comparison table and writes it to ``runs/demo/summary.{md,json}``.
 
-``--methods`` picks the 2-rank rows (``asu_kl_rna`` is ASU with the RNA add-on). Extra Hydra
+``--methods`` picks the 2-rank rows (``asu_kl_rna`` is ASU with the RNA add-on, ``asu_kl_lora`` ASU
+with a LoRA student whose frozen base is its teacher). Extra Hydra
 overrides after ``--`` reach every step, e.g. ``python launchers/demo.py -- method.tau=3.0``.
 """
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(REPO))
 # of the registry's TOFU-style methods, as extra rows (single-rank processes side by side, same
 # global batch).
 DEFAULT_METHODS = ("asu_kl", "grad_diff", "npo")
-EXTRA_METHODS = ("simnpo", "idk_dpo", "asu_idk", "rmu")
+EXTRA_METHODS = ("simnpo", "idk_dpo", "asu_idk", "rmu", "asu_kl_lora")
 
 
 def run(cmds: list[list[str]], env: dict, log_paths: list[Path], echo: str | None = None) -> None:
@@ -150,7 +151,8 @@ def main() -> None:
 
     timings = [t for f in timing_files if (REPO / f).exists() for t in json.loads((REPO / f).read_text())]
     atomic_write_json(REPO / out / "timings.json", timings)
-    text = summarise_demo(REPO / out, list(dict.fromkeys(["target", "retain", *methods, *extra])))
+    text = summarise_demo(REPO / out, list(dict.fromkeys(["target", "retain", *methods, *extra])),
+                          checked=("asu_kl", "asu_kl_lora"))
     print(text)
     print(f"total {time.time() - t0:.0f}s; per-run reports: {out}/<name>/report.md", flush=True)
 

@@ -41,6 +41,22 @@ class ArchConfig:
 
 
 @dataclass
+class PeftConfig:
+    """``model.peft``: train LoRA adapters (the ``peft`` library) instead of the full model.
+
+    The frozen base then doubles as the teacher/reference (adapters disabled): no second model is
+    loaded (pipeline/models/peft_student.py)."""
+
+    enabled: bool = False
+    r: int = 8  # LoRA rank
+    alpha: float = 16.0  # lora_alpha; the update is scaled by alpha / r
+    dropout: float = 0.0
+    # None: the architecture's defaults (Llama family: q,k,v,o,gate,up,down projections)
+    target_modules: Optional[list[str]] = None
+    layers: Optional[list[int]] = None  # decoder layers that get adapters (None: all)
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny_llama"
     # "synthetic": the embedded benchmark's tiny model, built by launchers/prepare.py;
@@ -60,6 +76,7 @@ class ModelConfig:
     system_prompt: Optional[str] = None  # chat / named templates with a system slot only
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     arch: ArchConfig = field(default_factory=ArchConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
 
 @dataclass
@@ -296,8 +313,25 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
 
     if n_layers is None and cfg.model.source == "synthetic":
         n_layers = int(cfg.model.tiny.num_hidden_layers)
+    _validate_peft(cfg, n_layers)
     # Method-specific ranges live with the method (e.g. tau > 0, layers < n_layers).
     METHODS.get(cfg.method.name).validate_config(cfg.method, n_layers)
+
+
+def _validate_peft(cfg: DictConfig, n_layers: Optional[int]) -> None:
+    p = cfg.model.get("peft")
+    if p is None or not p.enabled:
+        return
+    _require(p.r >= 1, "model.peft.r", f"must be >= 1, got {p.r}")
+    _require(p.alpha > 0, "model.peft.alpha", f"must be > 0, got {p.alpha}")
+    _require(0.0 <= p.dropout < 1.0, "model.peft.dropout", f"must be in [0, 1), got {p.dropout}")
+    _require(p.target_modules is None or len(p.target_modules) > 0, "model.peft.target_modules",
+             "empty list: use null for the architecture's defaults")
+    _require(p.layers is None or len(p.layers) > 0, "model.peft.layers", "empty list: use null for all layers")
+    if p.layers is not None and n_layers is not None:
+        bad = [i for i in p.layers if not 0 <= int(i) < n_layers]
+        _require(not bad, "model.peft.layers",
+                 f"layer indices {bad} out of range: the model has {n_layers} layers (allowed 0..{n_layers - 1})")
 
 
 def require(cond: bool, key: str, msg: str) -> None:

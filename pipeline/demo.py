@@ -26,6 +26,15 @@ class DemoJob:
     overrides: tuple[str, ...]
 
 
+# Rows that are a method plus model/trainer settings rather than a method config of their own:
+# name -> (method, extra overrides). asu_kl_lora: ASU with a LoRA student (model.peft defaults, r=8 on
+# every projection) whose frozen base is its own teacher; LoRA moves less per step than full
+# fine-tuning, so it gets a higher learning rate (docs/methods.md, "ASU with a LoRA student").
+ROW_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "asu_kl_lora": ("asu_kl", ("model.peft.enabled=true", "trainer.lr=3e-3")),
+}
+
+
 def method_choice(name: str, conf_dir: Path) -> str:
     """The method config for ``name``: ``<name>_tiny`` when the embedded benchmark has tuned values."""
     return f"{name}_tiny" if (conf_dir / "method" / f"{name}_tiny.yaml").exists() else name
@@ -39,7 +48,9 @@ def plan_jobs(methods: list[str], demo_name: str, conf_dir: Path,
         raise ValueError(f"unknown reference model(s) {bad}; choose from {list(REFERENCE_MODELS)}")
     jobs = [DemoJob(v, "eval", (f"model.variant={v}", f"run_name={demo_name}/{v}")) for v in references]
     for m in methods:
-        jobs.append(DemoJob(m, "train", (f"method={method_choice(m, conf_dir)}", f"run_name={demo_name}/{m}")))
+        method, extra = ROW_VARIANTS.get(m, (m, ()))
+        jobs.append(DemoJob(m, "train", (f"method={method_choice(method, conf_dir)}", *extra,
+                                         f"run_name={demo_name}/{m}")))
     return jobs
 
 

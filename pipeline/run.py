@@ -77,7 +77,7 @@ def checked_prompt_format(cfg: DictConfig, tokenizer: Any) -> Any:
 def checkpoint_meta(cfg: DictConfig, world_size: int) -> dict:
     """Fields a resumed run must share with the checkpoint it resumes from."""
     method = OmegaConf.to_container(cfg.method, resolve=True)
-    return {
+    meta = {
         "model": f"{cfg.model.source}:{cfg.model.path or cfg.model.name}:{cfg.model.variant}",
         "method": json.dumps(method, sort_keys=True),
         "data": f"{cfg.data.name}:{cfg.data.forget_split}:{cfg.data.retain_split}:{cfg.data.forget_fraction}",
@@ -86,6 +86,9 @@ def checkpoint_meta(cfg: DictConfig, world_size: int) -> dict:
         "retain_batch_size": int(cfg.trainer.retain_batch_size),
         "seed": int(cfg.seed),
     }
+    if cfg.model.peft.enabled:  # only then: checkpoints of full-model runs keep their meta unchanged
+        meta["peft"] = json.dumps(OmegaConf.to_container(cfg.model.peft, resolve=True), sort_keys=True)
+    return meta
 
 
 def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -171,7 +174,14 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_vocab(student, tokenizer, f"model {paths.model}")
     validate(cfg, n_layers=int(student.config.num_hidden_layers))
     reference = None
-    if need_reference:
+    lora = bool(cfg.model.peft.enabled)
+    if lora:
+        # model.peft: the student trains LoRA adapters only; θ₀ is its own base with the adapters off
+        # (FrozenBaseView, built below once the engine exists): no second model is loaded.
+        from pipeline.models.peft_student import wrap_lora
+
+        student = wrap_lora(student, cfg.model.peft)
+    elif need_reference:
         reference = load_causal_lm(paths.model, dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
                                    cfg.model.revision)
         reference.requires_grad_(False)
@@ -183,7 +193,11 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     del hf_ds
     unset_hf_deepspeed_config()
     method.select_trainable(student)
-    if cfg.deepspeed.activation_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
+    if cfg.deepspeed.activation_checkpointing and lora:
+        from pipeline.models.peft_student import enable_checkpointing
+
+        enable_checkpointing(student)
+    elif cfg.deepspeed.activation_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
         student.gradient_checkpointing_enable()
 
     engine, _, _, _ = deepspeed.initialize(
@@ -197,6 +211,12 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     if reference is not None:
         ref_engine = deepspeed.initialize(model=reference, config=r_cfg)[0]
         ref_engine.eval()
+    elif lora:
+        from pipeline.models.peft_student import reference_for
+
+        ref_engine = reference_for(engine, need_reference)
+        log.info("LoRA student: teacher/reference = %s", "the student's base with the adapters off (no second "
+                 "model loaded)" if ref_engine is not None else "none (the method needs no frozen model)")
 
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     run_logger = RunLogger(cfg.logging, str(run_dir), str(cfg.run_name), config_dict, enabled=dist.is_main)
@@ -236,9 +256,14 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     model_dir = run_dir / "model"
     if cfg.trainer.export:
-        from pipeline.engine.export import export_hf
+        if lora:
+            from pipeline.engine.export_peft import export_lora
 
-        export_hf(engine, tokenizer, model_dir)
+            export_lora(engine, tokenizer, model_dir, run_dir / "adapter", paths.model, dtype, cfg.model)
+        else:
+            from pipeline.engine.export import export_hf
+
+            export_hf(engine, tokenizer, model_dir)
     del ref_engine, reference
     results: dict = {}
     # results.json is written either way (tau used, tau=auto's evidence, steps, final losses); with
@@ -270,6 +295,8 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         if "evaluation" in metrics:  # what the evaluation scored (reference, generation length, rows)
             extra["evaluation"] = metrics.pop("evaluation")
         extra["attention_backend"] = attention_backend_report()  # requested, resolved, what each model ran
+        if lora:
+            extra["peft"] = {**OmegaConf.to_container(cfg.model.peft, resolve=True), "adapter": str(run_dir / "adapter")}
         tau = float(cfg.method.tau) if "tau" in cfg.method else None
         path = write_results(run_dir, cfg.method.name, tau, metrics, extra)
         results = json.loads(Path(path).read_text())

@@ -83,6 +83,23 @@ def resolve_arch(model_cfg: Any, model_path: Optional[str] = None, vocab_size: O
     return arch_from_dict(hints)
 
 
+def lora_param_count(arch: ArchSpec, model_cfg: Any) -> int:
+    """Adapter parameters of ``model.peft`` (0 when off): r·(in + out) per adapted linear layer.
+
+    Llama-family names (the defaults); an unknown target name is counted as an h×h projection."""
+    p = getattr(model_cfg, "peft", None)
+    if p is None or not p.enabled:
+        return 0
+    h, ff = arch.hidden_size, arch.intermediate_size
+    kv = arch.num_key_value_heads * (h // arch.num_attention_heads)
+    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+              "gate_proj": (h, ff), "up_proj": (h, ff), "down_proj": (ff, h)}
+    names = list(p.target_modules) if p.target_modules is not None else list(shapes)
+    n_layers = len(p.layers) if p.layers is not None else arch.num_hidden_layers
+    per_layer = sum(int(p.r) * sum(shapes.get(str(n).rsplit(".", 1)[-1], (h, h))) for n in names)
+    return n_layers * per_layer
+
+
 @dataclass
 class MemoryPlan:
     n_gpus: int
@@ -102,26 +119,33 @@ class MemoryPlan:
 def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: str, zero_stage: int,
                 offload_optimizer: str, offload_param: str, uses_reference: bool, batch_size: int,
                 retain_batch_size: int, seq_len: int, kl_impl: str, activation_checkpointing: bool,
-                flash_attention: bool = True) -> MemoryPlan:
-    """Bytes per GPU and per node for one configuration (ZeRO-3 sharding over ``n_gpus``)."""
+                flash_attention: bool = True, lora_params: int = 0) -> MemoryPlan:
+    """Bytes per GPU and per node for one configuration (ZeRO-3 sharding over ``n_gpus``).
+
+    ``lora_params > 0`` (``model.peft``): gradients and optimizer state cover the adapters only, and
+    the teacher/reference is the student's own base with the adapters off (no frozen copy)."""
     P, N = arch.n_params, max(1, n_gpus)
+    T = lora_params if lora_params > 0 else P  # trainable parameters
     shard = N if zero_stage == 3 else 1
     b = 4 if precision == "fp32" else 2
     opt_bytes = 8 if precision == "fp32" else 14  # Adam m+v (+ fp32 master + fp32 grad partition when mixed)
     plan = MemoryPlan(N, gpus_per_node)
     g, h = plan.per_gpu, plan.host_per_node
     g["student params"] = 0 if offload_param != "none" else b * P // shard
-    g["student grads"] = b * P // (N if zero_stage >= 2 else 1)
-    opt = opt_bytes * P // (N if zero_stage >= 1 else 1)
+    if lora_params > 0:
+        g["LoRA adapter params"] = b * T // shard
+    g["student grads"] = b * T // (N if zero_stage >= 2 else 1)
+    opt = opt_bytes * T // (N if zero_stage >= 1 else 1)
     if offload_optimizer == "none":
         g["optimizer states"] = opt
     else:
         h["optimizer states (offloaded)"] = opt * gpus_per_node
     if offload_param != "none":
         h["student params (offloaded)"] = b * P // shard * gpus_per_node
-    if uses_reference:
+    shared_base = uses_reference and lora_params > 0  # θ₀ = the student's base, adapters off
+    if uses_reference and not shared_base:
         g["teacher params (frozen)"] = 0 if offload_param != "none" else b * P // shard
-    g["largest gathered module"] = 4 * arch.largest_module_params * (2 if uses_reference else 1)
+    g["largest gathered module"] = 4 * arch.largest_module_params * (2 if uses_reference and not shared_base else 1)
     rows = batch_size + retain_batch_size
     tokens = rows * seq_len
     H, L = arch.hidden_size, arch.num_hidden_layers
@@ -211,7 +235,8 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
                          uses_reference=uses_reference, batch_size=int(tr.batch_size),
                          retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
                          kl_impl=cfg.kernels.kl, activation_checkpointing=bool(ds.activation_checkpointing),
-                         flash_attention=cfg.kernels.attention != "torch") for n in gpus]
+                         flash_attention=cfg.kernels.attention != "torch",
+                         lora_params=lora_param_count(arch, cfg.model)) for n in gpus]
     text = format_plans(arch, plans, budget, None, "GPU")
     text += "\n" + f"{'fits in ' + format(budget / GiB, '.0f') + ' GiB/GPU':<40}" + "".join(
         f"{'yes' if p.gpu_total <= budget else 'NO':>12}" for p in plans)
@@ -241,7 +266,8 @@ def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[st
                            uses_reference=uses_reference, batch_size=int(tr.batch_size),
                            retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
                            kl_impl=cfg.kernels.kl, activation_checkpointing=bool(ds.activation_checkpointing),
-                           flash_attention=cuda and cfg.kernels.attention != "torch")
+                           flash_attention=cuda and cfg.kernels.attention != "torch",
+                           lora_params=lora_param_count(arch, cfg.model))
 
     current = mk(world_size, ds.offload_optimizer, ds.offload_param)
     gpu_avail, host_avail = available_memory(cuda, ds.gpu_memory_gb, ds.host_memory_gb)

@@ -58,11 +58,16 @@ def fused_distill_kl(
     seq_ids = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
     head_t, head_s = t_mod.get_output_embeddings(), s_mod.get_output_embeddings()
 
+    # A LoRA student's teacher is its own base (model.peft): one lm_head, already gathered by this
+    # forward's hooks; gathering it again would free it under the module's feet on exit.
+    shared = head_t is head_s
+
     def head_forward(self, hs: torch.Tensor) -> torch.Tensor:
-        with _gathered([head_t.weight]):
+        with contextlib.nullcontext() if shared else _gathered([head_t.weight]):
             return fused_linear_kl(hs.reshape(-1, hs.shape[-1]), self.weight, h_t.reshape(-1, h_t.shape[-1]),
-                                   head_t.weight, mask=mask.reshape(-1), seq_ids=seq_ids.reshape(-1),
-                                   reduction=reduction, b_s=self.bias, b_t=head_t.bias)
+                                   self.weight if shared else head_t.weight, mask=mask.reshape(-1),
+                                   seq_ids=seq_ids.reshape(-1), reduction=reduction, b_s=self.bias,
+                                   b_t=self.bias if shared else head_t.bias)
 
     original = head_s.forward
     head_s.forward = types.MethodType(head_forward, head_s)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.data.formatting import IGNORE_INDEX
+from pipeline.models.peft_student import adapters_off
 from pipeline.models.tempered_attention import temperature
 
 
@@ -90,11 +91,14 @@ def kl_from_logits(
 
 @contextlib.contextmanager
 def _maybe_tempered(model: nn.Module, tau: Optional[float], layers: Optional[Sequence[int]]):
-    if tau is None or tau == 1.0:
-        yield
-    else:
-        with temperature(model, tau, layers):
+    # A LoRA student's frozen view (model.peft) runs everything inside with the adapters off, also
+    # code that calls the base model's submodules directly (the fused KL's last hidden state).
+    with adapters_off(model):
+        if tau is None or tau == 1.0:
             yield
+        else:
+            with temperature(model, tau, layers):
+                yield
 
 
 def distill_kl(
@@ -137,9 +141,11 @@ def mean_token_logprob(model: nn.Module, inputs: dict) -> torch.Tensor:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The ``nn.Module`` inside a DeepSpeed engine / DDP wrapper (``.module``), else ``model``."""
+    """The transformers model inside a DeepSpeed engine / DDP wrapper (``.module``) / peft LoRA model, else ``model``."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
+    if hasattr(model, "get_base_model") and hasattr(model, "disable_adapter"):  # a peft LoRA student
+        model = model.get_base_model()
     return model
 
 

@@ -23,9 +23,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline.config import require
+from pipeline.config import ConfigError, require
 from pipeline.methods import losses
 from pipeline.methods.base import ForgetRetainConfig, UnlearningMethod, register_method
+from pipeline.models.peft_student import is_peft_model
 
 RETAIN_CHOICES = ("mse", "nll", "kl", "none")
 
@@ -89,6 +90,18 @@ class LayerwiseMethod(UnlearningMethod):
                 raise ValueError(f"method.update_module={self.cfg.update_module!r}: decoder layer {i} "
                                  f"({type(block).__name__}) has no such submodule") from exc
         losses.unwrap(model).requires_grad_(False)
+        if is_peft_model(model):
+            # LoRA student (model.peft): the update maps onto the adapters inside the chosen modules.
+            picked = [p for mod in chosen for n, p in mod.named_parameters() if "lora_" in n]
+            if not picked:
+                raise ConfigError(
+                    f"config error at 'model.peft.target_modules': {self.cfg.name} trains "
+                    f"{self.cfg.update_module} of layers {self.update_layers}, but model.peft puts no adapter "
+                    f"there; include {str(self.cfg.update_module).rsplit('.', 1)[-1]!r} in model.peft.target_modules "
+                    f"and those layers in model.peft.layers")
+            for p in picked:
+                p.requires_grad_(True)
+            return
         for mod in chosen:
             mod.requires_grad_(True)
 

@@ -19,7 +19,9 @@ from pipeline.methods.losses import check_layer, unwrap
 
 
 def _add_noise(nu: float):
-    def hook(_module: nn.Module, _inputs, output):
+    def hook(module: nn.Module, _inputs, output):
+        if not module.training:  # a LoRA student's frozen view shares this layer and runs in eval mode
+            return output
         if isinstance(output, (tuple, list)):
             h = output[0]
             return type(output)((h + torch.randn_like(h) * nu, *output[1:]))

@@ -1,0 +1,94 @@
+"""Export a LoRA student (``model.peft``): the adapter in peft's layout and a merged full model.
+
+``<run>/adapter``: ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.save_pretrained``),
+reloadable with ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir)``.
+``<run>/model``: the base with the adapters merged in (``merge_and_unload``), a plain transformers
+model directory, which is what evaluation and every later step read.
+
+Under ZeRO-3 only the adapter weights are gathered (``GatheredParameters``; collective, every rank
+calls). The merged model is built on rank 0 from the base on disk plus the adapter just written —
+the base is frozen, so it equals the weights trained against, and the reload path is exactly the one
+users take. Both reloads are checked against the in-engine model's logits on a fixed probe
+(``export_check.json``), with the same relative bound as the full-model export.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.engine.distributed import all_true, barrier, is_main_process
+from pipeline.engine.export import ExportError, _probe_logits, verify_export
+from pipeline.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+
+def _gathered(params: list) -> Any:
+    import contextlib
+
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def load_lora(base_path: str | Path, adapter_dir: str | Path, dtype: str, model_cfg: Any) -> Any:
+    """The base model from disk (safe loading rules of ``model``) with the exported adapter on top."""
+    from peft import PeftModel
+
+    from pipeline.models.loading import load_causal_lm
+
+    base = load_causal_lm(base_path, dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle, model_cfg.revision)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def export_lora(engine: Any, tokenizer: Any, out_dir: str | Path, adapter_dir: str | Path, base_path: str | Path,
+                dtype: str, model_cfg: Any, verify: bool = True) -> Path:
+    """Write ``adapter_dir`` (peft layout) and ``out_dir`` (merged model) atomically on rank 0 and
+    check both reloads reproduce the trained model's logits."""
+    import torch
+
+    from pipeline.engine.health import local_params_finite
+    from pipeline.io import atomic_write_json
+    from pipeline.models.peft_student import adapter_parameters
+
+    out_dir, adapter_dir = Path(out_dir), Path(adapter_dir)
+    if not all_true(local_params_finite(engine)):
+        raise ExportError(f"the trained weights contain NaN/inf: refusing to export to {out_dir}")
+    peft_model = engine.module
+    probe = _probe_logits(engine, int(peft_model.config.vocab_size)) if verify else None
+    lora = [p for _, p in adapter_parameters(peft_model)]
+    if not lora:
+        raise ExportError("model.peft is on but the student has no LoRA weights to export")
+    with _gathered(lora):  # every rank enters: the gather is collective
+        if is_main_process():
+            with atomic_dir(adapter_dir) as tmp:
+                peft_model.save_pretrained(tmp, safe_serialization=True)
+    if is_main_process():
+        with torch.no_grad():
+            merged = load_lora(base_path, adapter_dir, dtype, model_cfg).merge_and_unload()
+        with atomic_dir(out_dir) as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        del merged
+        log.info("exported LoRA adapter to %s and the merged model to %s", adapter_dir, out_dir)
+        if probe is not None:
+            rtol = 1e-5 if next(peft_model.parameters()).dtype == torch.float32 else 5e-2
+            diff, tol = verify_export(out_dir, probe[0], probe[1], rtol)
+            reloaded = load_lora(base_path, adapter_dir, dtype, model_cfg)
+            with torch.no_grad():
+                got = reloaded(input_ids=probe[0], attention_mask=torch.ones_like(probe[0])).logits.float()
+            a_diff = float((got - probe[1]).abs().max())
+            if not a_diff <= tol:
+                raise ExportError(f"the exported adapter at {adapter_dir} on its base does not reproduce the trained "
+                                  f"model: max |logit diff| {a_diff:.3g} > {tol:.3g}")
+            atomic_write_json(out_dir.parent / "export_check.json",
+                              {"max_abs_logit_diff": diff, "adapter_max_abs_logit_diff": a_diff, "tolerance": tol,
+                               "relative_tolerance": rtol, "lora": True})
+            log.info("export verified: merged max |logit diff| %.3g, base+adapter %.3g (tolerance %g)", diff, a_diff,
+                     tol)
+    barrier()
+    return out_dir

@@ -1,0 +1,321 @@
+"""LoRA students (``model.peft``) whose frozen base is their own teacher and reference.
+
+In-process: the frozen view (adapters off, tau) is the base model's tempered network, for every
+path a method uses (logits, naive/fused KL, hidden states); every method trains the adapters only.
+Launched (one fixture, four runs): 1-rank vs 2-rank ZeRO-3 with base weights partitioned and
+activation checkpointing, kill-and-resume, the exported adapter and merged model.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.helpers.launch import command, env
+from tests.helpers.models import model_roots
+from tests.helpers.tiny import build, train_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+PEFT = OmegaConf.create({"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": None,
+                         "layers": None})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft")
+    return (root, *build(root))
+
+
+def _student_and_base(model_dir, peft=PEFT):
+    from pipeline.models.loading import load_causal_lm
+    from pipeline.models.peft_student import wrap_lora
+
+    torch.manual_seed(0)
+    student = wrap_lora(load_causal_lm(model_dir), peft)
+    for n, p in student.named_parameters():  # lora_B starts at 0: make the adapters change the output
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    return student.train(), load_causal_lm(model_dir).eval()
+
+
+def _inputs():
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15, 0, 0, 0]])
+    mask = (torch.arange(8)[None] < torch.tensor([[8], [5]])).long()
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_frozen_view_is_the_tempered_base_model(tiny):
+    """Teacher = the student's own weights with adapters off at tau: equals the separately loaded
+    base model with tempered attention (logits, KL naive and fused, hidden states), while the
+    student itself (adapters on, tau=1) differs and is left exactly as it was."""
+    from pipeline.methods import losses
+    from pipeline.models.peft_student import FrozenBaseView
+    from pipeline.models.tempered_attention import get_temperatures, temperature
+
+    _, model_dir, _ = tiny
+    before = model_roots()
+    student, base = _student_and_base(model_dir)
+    view = FrozenBaseView(student)
+    assert model_roots() == before + 2  # the launched runs' "one model" probe counts what it should
+    x = _inputs()
+    kw = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]}
+    s_before = student(**kw).logits.detach()
+    with torch.no_grad(), temperature(base, 3.0):
+        b_tau = base(**kw).logits
+    with temperature(view, 3.0):
+        v_tau = view(**kw).logits
+    assert not v_tau.requires_grad
+    torch.testing.assert_close(v_tau, b_tau, atol=1e-6, rtol=0)
+    assert (s_before - base(**kw).logits).abs().max() > 1e-2  # the adapters matter: the test can fail
+    assert (v_tau - base(**kw).logits).abs().max() > 1e-3  # and so does tau
+    # the student is untouched: train mode, adapters on, tau back to 1
+    assert student.training and all(t == 1.0 for t in get_temperatures(student))
+    torch.testing.assert_close(student(**kw).logits, s_before, atol=0, rtol=0)
+    # the losses' teacher paths: materialised and streamed KL, hidden states (asu_wmdp / RMU)
+    for impl in ("naive", "fused"):
+        got = losses.distill_kl(student, view, x, tau=3.0, layers=[0], kl_impl=impl)
+        want = losses.distill_kl(student, base, x, tau=3.0, layers=[0], kl_impl="naive")
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with temperature(losses.unwrap(view), 2.0):
+        h_v = losses.hidden_state_at(view, x, 1)
+    with torch.no_grad(), temperature(base, 2.0):
+        h_b = losses.hidden_state_at(base, x, 1)
+    torch.testing.assert_close(h_v, h_b, atol=1e-6, rtol=0)
+
+
+def test_activation_checkpointing_still_trains_the_adapters(tiny):
+    """open-unlearning issue #178: with reentrant checkpointing and a frozen embedding, no input of a
+    checkpointed block requires grad and the adapters inside get no gradient. Shown first (so the
+    check can fail), then fixed by ``enable_checkpointing``."""
+    import warnings
+
+    from pipeline.methods import losses
+    from pipeline.models.peft_student import FrozenBaseView, enable_checkpointing
+
+    _, model_dir, _ = tiny
+    student, _ = _student_and_base(model_dir)
+    x = _inputs()
+
+    def lora_grads():
+        student.zero_grad(set_to_none=True)
+        loss = losses.distill_kl(student, FrozenBaseView(student), x, tau=3.0)
+        if loss.requires_grad:  # with every layer checkpointed the loss may not even need a backward
+            loss.backward()
+        return [p.grad for n, p in student.named_parameters() if "lora_" in n]
+
+    base = student.get_base_model()
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    base.disable_input_require_grads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that no checkpoint input requires grad
+        assert all(g is None for g in lora_grads())  # the pitfall: adapters silently untrained
+    enable_checkpointing(student)
+    assert all(g is not None and g.abs().max() > 0 for g in lora_grads())
+
+
+METHOD_ARGS = {
+    "asu_kl": ["method.tau=3.0"], "asu_gd": ["method.tau=3.0"], "asu_idk": ["method.tau=3.0"],
+    "asu_wmdp": ["method.layer=1", "method.tau=3.0"], "rmu": ["method.layer=1", "method.alpha=1.0"],
+    "grad_ascent": [], "grad_diff": [], "npo": [], "simnpo": [], "idk_dpo": [],
+}
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_ARGS))
+def test_every_method_trains_only_the_adapters(tiny, name):
+    """Each method's loss on a LoRA student (reference = its frozen view) gives gradients to
+    adapters only; the base weights get none."""
+    from pipeline.data.collate import pad_batch
+    from pipeline.data.loaders import encode_rows
+    from pipeline.methods import build_method
+    from pipeline.models.loading import load_tokenizer
+    from pipeline.models.peft_student import reference_for
+
+    _, model_dir, data_dir = tiny
+    cfg = _compose([f"method={name}", *METHOD_ARGS[name]])
+    method = build_method(cfg.method)
+    student, _ = _student_and_base(model_dir)
+    method.select_trainable(student)
+    tok = load_tokenizer(model_dir)
+    rows = [json.loads(line) for line in (data_dir / "forget.jsonl").read_text().splitlines()]
+    retain = [json.loads(line) for line in (data_dir / "retain.jsonl").read_text().splitlines()][:2]
+    batch = {"forget": pad_batch(encode_rows(tok, rows, 64, True, "forget"), tok.pad_token_id),
+             "retain": pad_batch(encode_rows(tok, retain, 64, True, "retain"), tok.pad_token_id)}
+    for view, vrows in method.forget_views(tok, rows, 64).items():
+        batch[view] = pad_batch(vrows, tok.pad_token_id)
+    out = method.compute_loss(student, reference_for(student, method.uses_reference), batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads), sorted(grads)[:3]
+    assert any(g.abs().max() > 0 for g in grads.values())
+    if name in ("rmu", "asu_wmdp"):  # the layer update maps onto the adapters of mlp.down_proj
+        assert all(".mlp.down_proj.lora_" in n for n in grads)
+
+
+def test_layerwise_method_without_a_matching_adapter_is_a_config_error(tiny):
+    from pipeline.config import ConfigError
+    from pipeline.methods import build_method
+
+    _, model_dir, _ = tiny
+    student, _ = _student_and_base(model_dir, OmegaConf.merge(PEFT, {"target_modules": ["q_proj"]}))
+    method = build_method(_compose(["method=rmu", "method.layer=1"]).method)
+    with pytest.raises(ConfigError, match="model.peft.target_modules"):
+        method.select_trainable(student)
+    from pipeline.models.loading import load_causal_lm
+    from pipeline.models.peft_student import wrap_lora
+
+    with pytest.raises(ConfigError, match="'model.peft.target_modules'.*nope"):  # a user error: exit 2
+        wrap_lora(load_causal_lm(model_dir), OmegaConf.merge(PEFT, {"target_modules": ["nope"]}))
+
+
+def test_peft_config_validation_and_preflight():
+    from pipeline.config import ConfigError, validate
+    from pipeline.engine.preflight import ArchSpec, lora_param_count, plan_memory
+
+    with pytest.raises(ConfigError, match="model.peft.layers"):
+        validate(_compose(["model.peft.enabled=true", "model.peft.layers=[0,99]"]))
+    with pytest.raises(ConfigError, match="model.peft.r"):
+        validate(_compose(["model.peft.enabled=true", "model.peft.r=0"]))
+    arch = ArchSpec(32000, 4096, 32, 11008, 32, 32)  # Llama-2-7B
+    cfg = _compose(["model.peft.enabled=true", "model.peft.r=8"])
+    n = lora_param_count(arch, cfg.model)
+    assert n == 8 * 32 * (4 * 2 * 4096 + 3 * (4096 + 11008))  # 19,988,480: peft's count for Llama-2-7B r=8
+    kw = dict(precision="bf16", zero_stage=3, offload_optimizer="none", offload_param="none", uses_reference=True,
+              batch_size=4, retain_batch_size=4, seq_len=512, kl_impl="fused", activation_checkpointing=True)
+    full, lora = plan_memory(arch, 8, 8, **kw), plan_memory(arch, 8, 8, **kw, lora_params=n)
+    assert "teacher params (frozen)" in full.per_gpu and "teacher params (frozen)" not in lora.per_gpu
+    assert lora.per_gpu["optimizer states"] * 100 < full.per_gpu["optimizer states"]
+
+
+def test_demo_row_asu_kl_lora_is_asu_with_a_lora_student():
+    from pipeline.config import validate
+    from pipeline.demo import plan_jobs
+
+    (job,) = plan_jobs(["asu_kl_lora"], "demo", ROOT / "conf", references=())
+    cfg = _compose(["+exp=tofu_tiny", *job.overrides])
+    validate(cfg)
+    assert cfg.model.peft.enabled and cfg.method.name == "asu_kl" and cfg.method.tau == 4.0  # asu_kl_tiny's values
+    assert cfg.run_name == "demo/asu_kl_lora" and cfg.trainer.lr > 3e-4
+
+
+# -- launched: ZeRO-3, 1 vs 2 ranks, activation checkpointing, kill-and-resume, export ------------------
+
+STEPS = 5
+
+
+def _args(tiny, name):
+    root, model_dir, data_dir = tiny
+    return train_overrides(model_dir, data_dir, root / "runs", name, steps=STEPS) + [
+        "eval.enabled=false", "method=asu_kl", "method.tau=2.0", "model.peft.enabled=true", "model.peft.r=4",
+        "deepspeed.activation_checkpointing=true", "deepspeed.param_persistence_threshold=0",
+        "trainer.lr=1e-2", "trainer.save_every=2", "trainer.keep_checkpoints=5"]
+
+
+def _launch(args, ranks, spy=None, **extra):
+    cmd = command(args, ranks, script="tests/helpers/spy_train.py")
+    e = env(**extra, **({"ASU_SPY_OUT": str(spy)} if spy else {}))
+    return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=400)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny):
+    root = tiny[0]
+    r1 = _launch(_args(tiny, "one") + ["trainer.batch_size=2", "trainer.retain_batch_size=2"], 1, root / "spy1")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = _launch(_args(tiny, "two"), 2, root / "spy2")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    # one rank is SIGKILLed while writing the step-4 checkpoint; the rerun resumes from step 2
+    killed = _launch(_args(tiny, "killed"), 2, ASU_INJECT="kill_in_save@4:1")
+    assert killed.returncode != 0 and not (root / "runs" / "killed" / "model").exists()
+    resumed = _launch(_args(tiny, "killed"), 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr + resumed.stdout and "step 2/5" in resumed.stderr + resumed.stdout
+    return root / "runs"
+
+
+@pytest.mark.distributed
+def test_lora_zero3_one_model_adapters_only_and_two_ranks_equal_one(tiny, runs):
+    root = tiny[0]
+    for spy in ("spy1/rank0", "spy2/rank0", "spy2/rank1"):
+        rec = json.loads((root / f"{spy}.json").read_text())
+        # one transformers model in the process: the frozen base is the student's, adapters off
+        assert rec["models"] == 1 and rec["reference"] == "FrozenBaseView", rec
+        assert rec["optimizer_numel"] == rec["lora_numel"] > 0 and rec["trainable_non_lora"] == [], rec
+    h1 = json.loads((runs / "one" / "train_history.json").read_text())
+    h2 = json.loads((runs / "two" / "train_history.json").read_text())
+    assert len(h1) == len(h2) == STEPS
+    for a, b in zip(h1, h2):
+        for k in ("loss", "forget_loss", "retain_loss"):
+            assert abs(a[k] - b[k]) <= 1e-5, (k, a, b)
+    assert h1[-1]["retain_loss"] > 0 and h1[0]["retain_loss"] == 0  # adapters start at 0, then move
+    from safetensors.torch import load_file
+
+    a1 = load_file(runs / "one" / "adapter" / "adapter_model.safetensors")
+    a2 = load_file(runs / "two" / "adapter" / "adapter_model.safetensors")
+    assert a1.keys() == a2.keys()
+    assert max((a1[k] - a2[k]).abs().max().item() for k in a1) <= 1e-5
+    # activation checkpointing + frozen base: every lora_B trained (open-unlearning issue #178)
+    lora_b = [k for k in a2 if "lora_B" in k]
+    assert len(lora_b) == 2 * 7, sorted(a2)
+    assert all(a2[k].abs().max() > 0 for k in lora_b), [k for k in lora_b if a2[k].abs().max() == 0]
+
+
+@pytest.mark.distributed
+def test_lora_kill_and_resume_is_exact(runs):
+    from safetensors.torch import load_file
+
+    a = load_file(runs / "two" / "adapter" / "adapter_model.safetensors")
+    b = load_file(runs / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    ha = json.loads((runs / "two" / "train_history.json").read_text())
+    hb = json.loads((runs / "killed" / "train_history.json").read_text())
+    assert [h["loss"] for h in ha] == pytest.approx([h["loss"] for h in hb], abs=1e-6)
+
+
+@pytest.mark.distributed
+def test_lora_exports_reload_and_evaluate_equal(tiny, runs):
+    """The adapter (peft layout) on the base and the merged model reload with plain transformers /
+    peft and give the same evaluation metrics (1e-5)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.eval.runner import evaluate_splits
+    from pipeline.eval.tofu import EvalSettings
+
+    _, model_dir, data_dir = tiny
+    run = runs / "two"
+    assert {p.name for p in (run / "adapter").iterdir()} >= {"adapter_model.safetensors", "adapter_config.json"}
+    check = json.loads((run / "export_check.json").read_text())
+    assert check["lora"] and check["max_abs_logit_diff"] <= check["tolerance"]
+    assert check["adapter_max_abs_logit_diff"] <= check["tolerance"]
+    merged = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(run / "adapter")).eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(run / "model")
+    splits = {name: [json.loads(line) for line in (data_dir / f"{name}.jsonl").read_text().splitlines()]
+              for name in ("forget", "eval_retain")}
+    settings = EvalSettings(batch_size=4, max_new_tokens=8, max_length=64)
+    res = [{k: r.means() for k, r in evaluate_splits(m, tok, splits, settings, "answer").items()}
+           for m in (merged, lora, base)]
+    for split in splits:
+        for k, v in res[0][split].items():
+            assert v == pytest.approx(res[1][split][k], abs=1e-5, nan_ok=True), (split, k)
+    assert res[0]["forget"]["prob"] != pytest.approx(res[2]["forget"]["prob"], abs=1e-4)  # it did train
+
