@@ -172,6 +172,9 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(total, float(cfg.trainer.warmup_ratio), cfg.trainer.lr_scheduler)),
     )
+    from pipeline.engine.host_memory import share_fp32_master
+
+    share_fp32_master(engine)  # fp32 runs: no second fp32 copy of the partitions (DeepSpeed 0.19 makes one)
     ref_engine = None
     if reference is not None:
         ref_engine = deepspeed.initialize(model=reference, config=r_cfg)[0]
