@@ -358,7 +358,7 @@ def main() -> None:
     print(f"\nsummary ({args.ranks} CPU ranks, fp32, asu_kl live teacher, Adam; per rank, max over ranks)")
     print_table(["size", "params", "peak MiB", "preflight MiB", "peak/pred", "start-up MiB",
                  "growth B/param", "peak B/param"], summary)
-    write_json(args.out.stem if args.out else "bench_memory_cpu", {
+    write_json(args.out.stem.removesuffix("_cpu") if args.out else "bench_memory", {
         "env": device_info("cpu"),
         "config": {"ranks": args.ranks, "batch": args.batch, "seq": args.seq, "steps": args.steps, "kl": args.kl,
                    "persistence_threshold": args.persistence, "threads": args.threads, "method": "asu_kl",

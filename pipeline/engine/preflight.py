@@ -147,7 +147,7 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
             # Methods run the student twice (forget rows, retain rows) and call backward once on the sum:
             # autograd holds each parameter's first-branch gradient, full size, until the second
             # branch's reaches it, so ZeRO-3 can reduce nothing before then: the whole unsharded model.
-            g["student gradients held in backward (2 forwards)"] = b * P
+            g["grads held in backward (2 forwards)"] = b * P
         if offload_optimizer == "none":
             # AdamW's sqrt/div temporaries over one optimizer sub-group (fp32)
             g["optimizer step temporaries"] = 2 * 4 * min(int(buf["sub_group_size"]), -(-P // N))
