@@ -20,8 +20,9 @@ def resolve_precision(ds_cfg: Any, cuda: bool) -> str:
 # sub-group of 1e9 elements). On CPU ranks host memory is the limit and gloo gains nothing from
 # large buckets: with the GPU values a 134M-parameter model stayed fully gathered on every rank
 # (student and teacher), the reduce bucket filled with the whole model's gradients and Adam's
-# temporaries covered the whole partition, 21 bytes/parameter/rank instead of ~11
-# (benchmarks/bench_memory.py, docs/performance.md). The preflight reads these same values.
+# temporaries covered the whole partition (with the other fixes: 37.6 -> 19.1 bytes/parameter/rank
+# of peak growth at 33M, benchmarks/bench_memory.py, docs/performance.md). The preflight reads
+# these same values (plus deepspeed.extra overrides).
 GPU_BUFFERS = {"stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9,
                "stage3_max_reuse_distance": 1e9, "reduce_bucket_size": 5e8, "sub_group_size": 1e9}
 CPU_BUFFERS = {"stage3_prefetch_bucket_size": 5e6, "stage3_max_live_parameters": 5e7,
