@@ -138,6 +138,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     s_cfg = student_config(cfg.deepspeed, cfg.trainer, cuda)
     r_cfg = reference_config(cfg.deepspeed, cfg.trainer, cuda)
+    log.info("DeepSpeed student zero_optimization: %s", s_cfg["zero_optimization"])
     plan = BatchPlan(len(forget), len(retain), int(cfg.trainer.batch_size), int(cfg.trainer.retain_batch_size),
                      dist.world_size, dist.rank, int(cfg.seed))
     total = plan.total_steps(float(cfg.trainer.epochs), int(cfg.trainer.max_steps))

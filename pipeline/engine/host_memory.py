@@ -78,4 +78,6 @@ def tune_host_allocator(mmap_threshold: int = 1 << 20, arenas: int = 2) -> bool:
     ok = bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
     ok &= bool(mallopt(M_TRIM_THRESHOLD, int(mmap_threshold)))
     ok &= bool(mallopt(M_ARENA_MAX, int(arenas)))
+    log.info("host allocator (CPU ranks): glibc mmap/trim threshold %d KiB, %d arenas%s", mmap_threshold // 1024,
+             arenas, "" if ok else " (mallopt refused a setting)")
     return ok
