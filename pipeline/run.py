@@ -162,6 +162,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     s_cfg = student_config(cfg.deepspeed, cfg.trainer, cuda)
     r_cfg = reference_config(cfg.deepspeed, cfg.trainer, cuda)
+    log.info("DeepSpeed student zero_optimization: %s", s_cfg["zero_optimization"])
     plan = BatchPlan(len(forget), len(retain), int(cfg.trainer.batch_size), int(cfg.trainer.retain_batch_size),
                      dist.world_size, dist.rank, int(cfg.seed))
     total = plan.total_steps(float(cfg.trainer.epochs), int(cfg.trainer.max_steps))
@@ -207,6 +208,9 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(total, float(cfg.trainer.warmup_ratio), cfg.trainer.lr_scheduler)),
     )
+    from pipeline.engine.host_memory import share_fp32_master
+
+    share_fp32_master(engine)  # fp32 runs: no second fp32 copy of the partitions (DeepSpeed 0.19 makes one)
     ref_engine = None
     if reference is not None:
         ref_engine = deepspeed.initialize(model=reference, config=r_cfg)[0]

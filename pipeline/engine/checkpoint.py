@@ -48,6 +48,7 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
         if (root / partial_tag).exists():
             shutil.rmtree(root / partial_tag)
     barrier()
+    _check_shared(root)
     try:
         engine.save_checkpoint(str(root), tag=partial_tag, client_state=client_state, save_latest=False)
         from pipeline.engine import faults
@@ -74,6 +75,18 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
         ) from exc
     barrier()
     return final
+
+
+def _check_shared(root: Path) -> None:
+    """Every rank must see the directory rank 0 created: shards of all nodes are renamed together by
+    rank 0, so a node-local ``output_dir`` would leave other nodes' shards behind unpublished."""
+    from pipeline.engine.distributed import all_true
+
+    if not all_true(root.is_dir()):
+        raise CheckpointError(
+            f"checkpoint directory {root} created by rank 0 is not visible on every rank "
+            f"(rank {os.environ.get('RANK', '0')} sees it: {root.is_dir()}): with several nodes, output_dir must be "
+            f"on a filesystem shared by all nodes")
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -76,6 +76,10 @@ def setup_environment() -> None:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        # Ranks per node (the preflight sizes host memory per node with it) and the node index, as
+        # torchrun would set them; without these a 2-node x 1-task job was planned as 2 ranks per node.
+        os.environ["LOCAL_WORLD_SIZE"] = str(_slurm_tasks_on_this_node())
+        os.environ["NODE_RANK"] = os.environ.get("SLURM_NODEID", "0")
         if "MASTER_ADDR" not in os.environ:
             nodes = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "127.0.0.1"))
             os.environ["MASTER_ADDR"] = _first_slurm_host(nodes)
@@ -87,6 +91,23 @@ def setup_environment() -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
+
+
+def _slurm_tasks_on_this_node() -> int:
+    """Tasks of this job step on this node: SLURM_NTASKS_PER_NODE, else this node's entry of
+    SLURM_TASKS_PER_NODE (``2(x3),1`` = 2 on nodes 0-2, 1 on node 3), else all tasks."""
+    if os.environ.get("SLURM_NTASKS_PER_NODE"):
+        return int(os.environ["SLURM_NTASKS_PER_NODE"])
+    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    node = int(os.environ.get("SLURM_NODEID", "0"))
+    if spec:
+        per_node: list[int] = []
+        for part in spec.split(","):
+            count, _, rep = part.partition("(x")
+            per_node += [int(count)] * (int(rep.rstrip(")")) if rep else 1)
+        if node < len(per_node):
+            return per_node[node]
+    return int(os.environ.get("SLURM_NTASKS", "1"))
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -120,6 +141,10 @@ def init_distributed() -> DistInfo:
     cuda = torch.cuda.is_available()
     if not cuda and os.environ.get("ASU_DS_SHM_COMM", "0") != "1":
         skip_shm_comm_build()
+    if not cuda:
+        from pipeline.engine.host_memory import tune_host_allocator
+
+        tune_host_allocator()  # model states live in host memory on CPU ranks: keep freed pages returned
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:

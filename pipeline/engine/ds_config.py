@@ -15,15 +15,28 @@ def resolve_precision(ds_cfg: Any, cuda: bool) -> str:
     return p
 
 
-def _zero_section(ds_cfg: Any, with_optimizer: bool) -> dict:
+# ZeRO-3 buffer limits, in elements. On GPUs DeepSpeed's throughput-minded defaults (prefetch 5e7,
+# up to 1e9 gathered parameters kept for reuse, a 5e8-element gradient reduce bucket, one optimizer
+# sub-group of 1e9 elements). On CPU ranks host memory is the limit and gloo gains nothing from
+# large buckets: with the GPU values a 134M-parameter model stayed fully gathered on every rank
+# (student and teacher), the reduce bucket filled with the whole model's gradients and Adam's
+# temporaries covered the whole partition (with the other fixes: 37.6 -> 19.1 bytes/parameter/rank
+# of peak growth at 33M, benchmarks/bench_memory.py, docs/performance.md). The preflight reads
+# these same values (plus deepspeed.extra overrides).
+GPU_BUFFERS = {"stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9,
+               "stage3_max_reuse_distance": 1e9, "reduce_bucket_size": 5e8, "sub_group_size": 1e9}
+CPU_BUFFERS = {"stage3_prefetch_bucket_size": 5e6, "stage3_max_live_parameters": 5e7,
+               "stage3_max_reuse_distance": 0, "reduce_bucket_size": 5e6, "sub_group_size": 1e7}
+
+
+def _zero_section(ds_cfg: Any, with_optimizer: bool, cuda: bool = True) -> dict:
     z: dict[str, Any] = {"stage": int(ds_cfg.zero_stage)}
     if z["stage"] == 3:
+        buffers = GPU_BUFFERS if cuda else CPU_BUFFERS
         z.update(
             stage3_gather_16bit_weights_on_model_save=bool(ds_cfg.gather_16bit_weights_on_model_save),
             stage3_param_persistence_threshold=int(ds_cfg.param_persistence_threshold),
-            stage3_prefetch_bucket_size=5e7,
-            stage3_max_live_parameters=1e9,
-            stage3_max_reuse_distance=1e9,
+            **{k: v for k, v in buffers.items() if with_optimizer or k.startswith("stage3_")},
         )
         if ds_cfg.offload_param != "none":
             z["offload_param"] = {"device": ds_cfg.offload_param, "pin_memory": True}
@@ -39,7 +52,7 @@ def student_config(ds_cfg: Any, trainer_cfg: Any, cuda: bool) -> dict:
         "train_micro_batch_size_per_gpu": int(trainer_cfg.batch_size),
         "gradient_accumulation_steps": int(trainer_cfg.grad_accum),
         "gradient_clipping": float(trainer_cfg.max_grad_norm),
-        "zero_optimization": _zero_section(ds_cfg, with_optimizer=True),
+        "zero_optimization": _zero_section(ds_cfg, with_optimizer=True, cuda=cuda),
         "bf16": {"enabled": prec == "bf16"},
         "fp16": {"enabled": prec == "fp16"},
         "optimizer": {
@@ -65,7 +78,7 @@ def student_config(ds_cfg: Any, trainer_cfg: Any, cuda: bool) -> dict:
 def reference_config(ds_cfg: Any, trainer_cfg: Any, cuda: bool) -> dict:
     """Config of the frozen teacher/reference: same sharding, no optimizer, no gradients."""
     prec = resolve_precision(ds_cfg, cuda)
-    z = _zero_section(ds_cfg, with_optimizer=False)
+    z = _zero_section(ds_cfg, with_optimizer=False, cuda=cuda)
     if z["stage"] != 3:
         z = {"stage": 0}  # stages 1-2 shard optimizer state only; a frozen model has none
     return {

@@ -115,15 +115,29 @@ class MemoryPlan:
     def host_total(self) -> int:
         return sum(self.host_per_node.values())
 
+    @property
+    def rank_total(self) -> int:
+        """Predicted peak of one rank's process when the ranks run on the CPU (model states in host
+        memory): its device terms plus its share of the per-node host terms."""
+        return self.gpu_total + self.host_total // max(1, self.gpus_per_node)
+
 
 def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: str, zero_stage: int,
                 offload_optimizer: str, offload_param: str, uses_reference: bool, batch_size: int,
                 retain_batch_size: int, seq_len: int, kl_impl: str, activation_checkpointing: bool,
-                flash_attention: bool = True, lora_params: int = 0) -> MemoryPlan:
+                flash_attention: bool = True, lora_params: int = 0, buffers: Optional[dict] = None,
+                cpu_ranks: bool = False) -> MemoryPlan:
     """Bytes per GPU and per node for one configuration (ZeRO-3 sharding over ``n_gpus``).
 
     ``lora_params > 0`` (``model.peft``): gradients and optimizer state cover the adapters only, and
-    the teacher/reference is the student's own base with the adapters off (no frozen copy)."""
+    the teacher/reference is the student's own base with the adapters off (no frozen copy).
+    ``buffers``: the ZeRO-3 buffer limits in effect (``pipeline.engine.ds_config.GPU_BUFFERS`` /
+    ``CPU_BUFFERS`` merged with ``deepspeed.extra``); ``cpu_ranks``: the ranks themselves run on the
+    CPU, so the per-rank process footprint is the measured CPU start-up, not a GPU host's.
+    """
+    from pipeline.engine.ds_config import CPU_BUFFERS, GPU_BUFFERS
+
+    buf = dict(CPU_BUFFERS if cpu_ranks else GPU_BUFFERS, **(buffers or {}))
     P, N = arch.n_params, max(1, n_gpus)
     T = lora_params if lora_params > 0 else P  # trainable parameters
     shard = N if zero_stage == 3 else 1
@@ -145,7 +159,23 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     shared_base = uses_reference and lora_params > 0  # θ₀ = the student's base, adapters off
     if uses_reference and not shared_base:
         g["teacher params (frozen)"] = 0 if offload_param != "none" else b * P // shard
-    g["largest gathered module"] = 4 * arch.largest_module_params * (2 if uses_reference and not shared_base else 1)
+    # ZeRO-3 keeps up to stage3_max_live_parameters gathered for reuse (whole model when that exceeds
+    # it) on top of the module being run and the prefetched bucket; per engine (student, teacher).
+    live = int(buf["stage3_max_live_parameters"]) if int(buf["stage3_max_reuse_distance"]) > 0 else 0
+    gathered = min(P, max(live, arch.largest_module_params) + int(buf["stage3_prefetch_bucket_size"]))
+    g["gathered parameters (ZeRO-3 live set)"] = b * gathered * (2 if uses_reference and zero_stage == 3 and not shared_base else 1)
+    if zero_stage == 3:
+        # backward: the full gradient of the module being reduced + the reduce bucket it is copied into
+        g["gradient reduce buffers"] = b * (min(P, int(buf["reduce_bucket_size"])) + arch.largest_module_params)
+        if retain_batch_size > 0:
+            # Methods run the student twice (forget rows, retain rows) and call backward once on the sum:
+            # autograd holds each parameter's first-branch gradient, full size, until the second
+            # branch's reaches it, so ZeRO-3 can reduce nothing before then: the whole unsharded model.
+            # (LoRA: only the adapters have gradients.)
+            g["grads held in backward (2 forwards)"] = b * T
+        if offload_optimizer == "none":
+            # AdamW's sqrt/div temporaries over one optimizer sub-group (fp32)
+            g["optimizer step temporaries"] = 2 * 4 * min(int(buf["sub_group_size"]), -(-P // N))
     rows = batch_size + retain_batch_size
     tokens = rows * seq_len
     H, L = arch.hidden_size, arch.num_hidden_layers
@@ -160,7 +190,10 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
         # teacher + student fp32 logits, log-softmax copies and the gradient: ~4 B×T×V fp32 tensors
         g["distillation logits (naive)"] = 4 * tokens * arch.vocab_size * 4
     g["framework/buffers"] = int(1.0 * GiB) if precision != "fp32" else int(0.05 * GiB)
-    h["host baseline (per rank)"] = int(2 * GiB) * gpus_per_node
+    # A CPU rank's process before any model: python + torch + deepspeed + transformers, gloo group
+    # (measured 0.33 GiB, benchmarks/bench_memory.py) + model code and tokenizer; a GPU host rank also
+    # holds the CUDA context, pinned buffers and the data pipeline.
+    h["host baseline (per rank)"] = int((0.5 if cpu_ranks else 2) * GiB) * gpus_per_node
     return plan
 
 
@@ -251,23 +284,45 @@ def _cuda_total_gb() -> Optional[float]:
     return None
 
 
+def _local_world_size(world_size: int) -> int:
+    """Ranks per node: the launcher's LOCAL_WORLD_SIZE (torchrun, deepspeed, our SLURM mapping)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if world_size > 1 else 1
+
+
+def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference: bool, offload_opt: str,
+          offload_par: str) -> MemoryPlan:
+    from pipeline.engine.ds_config import resolve_precision, student_config
+
+    ds, tr = cfg.deepspeed, cfg.trainer
+    zero = student_config(ds, tr, cuda)["zero_optimization"]  # the buffer limits DeepSpeed will get
+    return plan_memory(arch, n, min(n, max(gpn, 8 if n >= 8 else n)), precision=resolve_precision(ds, cuda),
+                       zero_stage=int(ds.zero_stage), offload_optimizer=offload_opt, offload_param=offload_par,
+                       uses_reference=uses_reference, batch_size=int(tr.batch_size),
+                       retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
+                       kl_impl=cfg.kernels.kl, activation_checkpointing=bool(ds.activation_checkpointing),
+                       flash_attention=cuda and cfg.kernels.attention != "torch", buffers=zero,
+                       cpu_ranks=not cuda and not ds.gpu_memory_gb, lora_params=lora_param_count(arch, cfg.model))
+
+
+def plan_for_run(cfg: Any, world_size: int, cuda: bool, model_path: Optional[str], uses_reference: bool,
+                 vocab_size: Optional[int] = None, local_world_size: Optional[int] = None) -> MemoryPlan:
+    """The plan :func:`run_preflight` checks for this run (configured world size and offload)."""
+    arch = resolve_arch(cfg.model, model_path, vocab_size)
+    gpn = local_world_size or _local_world_size(world_size)
+    return _plan(cfg, arch, world_size, gpn, cuda, uses_reference, cfg.deepspeed.offload_optimizer,
+                 cfg.deepspeed.offload_param)
+
+
 def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[str], uses_reference: bool,
                   vocab_size: Optional[int] = None, show_gpus: tuple[int, ...] = ()) -> str:
     """Plan for the configured world size (and ``show_gpus``), print it, and refuse when it cannot fit."""
-    from pipeline.engine.ds_config import resolve_precision
 
     arch = resolve_arch(cfg.model, model_path, vocab_size)
-    ds, tr = cfg.deepspeed, cfg.trainer
-    gpn = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if world_size > 1 else 1
+    ds = cfg.deepspeed
+    gpn = _local_world_size(world_size)
 
     def mk(n: int, offload_opt: str, offload_par: str) -> MemoryPlan:
-        return plan_memory(arch, n, min(n, max(gpn, 8 if n >= 8 else n)), precision=resolve_precision(ds, cuda),
-                           zero_stage=int(ds.zero_stage), offload_optimizer=offload_opt, offload_param=offload_par,
-                           uses_reference=uses_reference, batch_size=int(tr.batch_size),
-                           retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
-                           kl_impl=cfg.kernels.kl, activation_checkpointing=bool(ds.activation_checkpointing),
-                           flash_attention=cuda and cfg.kernels.attention != "torch",
-                           lora_params=lora_param_count(arch, cfg.model))
+        return _plan(cfg, arch, n, gpn, cuda, uses_reference, offload_opt, offload_par)
 
     current = mk(world_size, ds.offload_optimizer, ds.offload_param)
     gpu_avail, host_avail = available_memory(cuda, ds.gpu_memory_gb, ds.host_memory_gb)
