@@ -176,6 +176,10 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     if reference is not None:
         ref_engine = deepspeed.initialize(model=reference, config=r_cfg)[0]
         ref_engine.eval()
+    from pipeline.engine.sharding import record as record_partition
+
+    partition = record_partition({"student": engine, "reference": ref_engine}, dist.world_size,
+                                 int(cfg.deepspeed.zero_stage))
 
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     run_logger = RunLogger(cfg.logging, str(run_dir), str(cfg.run_name), config_dict, enabled=dist.is_main)
@@ -239,6 +243,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             "steps": total,
             "skipped_steps": state.skipped,
             "world_size": dist.world_size,
+            "zero3_partition": partition,
             "train_seconds": round(train_seconds, 2),
             "final_train": state.history[-1] if state.history else {},
         }
