@@ -94,7 +94,7 @@ class MethodConfig:
 @dataclass
 class TrainerConfig:
     epochs: float = 5.0
-    max_steps: int = -1  # > 0 overrides epochs
+    max_steps: int = -1  # optimizer steps (each of grad_accum micro-batches); > 0 overrides epochs
     batch_size: int = 8  # forget examples per rank per micro-step
     retain_batch_size: int = 8  # retain examples per rank per micro-step
     grad_accum: int = 1

@@ -140,7 +140,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     r_cfg = reference_config(cfg.deepspeed, cfg.trainer, cuda)
     plan = BatchPlan(len(forget), len(retain), int(cfg.trainer.batch_size), int(cfg.trainer.retain_batch_size),
                      dist.world_size, dist.rank, int(cfg.seed))
-    total = plan.total_steps(float(cfg.trainer.epochs), int(cfg.trainer.max_steps))
+    total = plan.total_steps(float(cfg.trainer.epochs), int(cfg.trainer.max_steps), int(cfg.trainer.grad_accum))
 
     # Keep the HfDeepSpeedConfig alive while loading: under ZeRO-3 it makes from_pretrained
     # build the model inside deepspeed.zero.Init (sharded from the start).
