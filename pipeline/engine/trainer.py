@@ -240,8 +240,9 @@ class UnlearningTrainer:
         ZeRO stages 1-3: DeepSpeed's optimizers already skip an update whose gradient norm is not
         finite (the fp16 overflow path: no optimizer step, no scheduler step, gradients cleared, the
         engine's micro-step bookkeeping advanced), so every rank's gradient is made non-finite and
-        ``engine.step()`` is called. Without ZeRO the gradients are dropped (``p.grad = None``: torch's
-        AdamW leaves such parameters and their moments alone) and the scheduler state is put back.
+        ``engine.step()`` is called. Without ZeRO (plain torch optimizer, which would step on NaN) the
+        gradients are dropped and ``engine.step()`` is not called; only the engine's micro-step
+        counter is advanced, as its ``step()`` would, so the accumulation boundaries stay aligned.
         """
         eng = self.engine
         stage = int(eng.zero_optimization_stage()) if hasattr(eng, "zero_optimization_stage") else 0
@@ -252,12 +253,9 @@ class UnlearningTrainer:
                 raise NonFiniteLossError(f"step {step + 1}: DeepSpeed applied an update that should have been "
                                          f"skipped (trainer.nan_policy=skip); stopping")
             return
-        sched = getattr(eng, "lr_scheduler", None)
-        saved = sched.state_dict() if sched is not None else None
         eng.zero_grad()
-        eng.step()
-        if saved is not None:
-            sched.load_state_dict(saved)
+        if hasattr(eng, "micro_steps"):
+            eng.micro_steps += 1
 
     def _non_finite(self, step: int, batch: dict, what: str) -> None:
         ids = {k: batch[k]["index"].tolist() for k in ("forget", "retain") if "index" in batch[k]}
