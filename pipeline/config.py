@@ -119,7 +119,7 @@ class MethodConfig:
 @dataclass
 class TrainerConfig:
     epochs: float = 5.0
-    max_steps: int = -1  # > 0 overrides epochs
+    max_steps: int = -1  # optimizer steps (each of grad_accum micro-batches); > 0 overrides epochs
     batch_size: int = 8  # forget examples per rank per micro-step
     retain_batch_size: int = 8  # retain examples per rank per micro-step
     grad_accum: int = 1
@@ -148,10 +148,12 @@ class DeepSpeedConfig:
     torch_adam: bool = True  # FusedAdam's CPU build costs ~50 s; torch's AdamW is fine here
     activation_checkpointing: bool = False
     gather_16bit_weights_on_model_save: bool = True
-    # ZeRO-3 keeps parameters with fewer elements than this whole on every rank (DeepSpeed's
-    # stage3_param_persistence_threshold; its own default is 1e5). 1e4 here so that even small test
-    # models have partitioned weights; the embedded tiny experiment uses 1e5 (20% faster steps on CPU,
-    # gradients and optimizer state still partitioned).
+    # ZeRO-3 keeps parameters with at most this many elements whole on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold; its own default is 1e5): at 7B that is the norm weights,
+    # every matrix is partitioned. Tiny models (the embedded tiny Llama, the tests' 2-layer models,
+    # whose largest tensor has a few thousand elements) stay entirely whole at 1e4, so the tests set 0
+    # (every weight partitioned, asserted by ASU_REQUIRE_PARTITIONED=1); the embedded tiny experiment
+    # uses 1e5 (~20% faster steps on CPU, gradients and optimizer state still partitioned).
     param_persistence_threshold: int = 10000
     gpu_memory_gb: Optional[float] = None  # preflight budget per GPU; None = measured
     host_memory_gb: Optional[float] = None  # preflight budget per node; None = measured

@@ -165,7 +165,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     log.info("DeepSpeed student zero_optimization: %s", s_cfg["zero_optimization"])
     plan = BatchPlan(len(forget), len(retain), int(cfg.trainer.batch_size), int(cfg.trainer.retain_batch_size),
                      dist.world_size, dist.rank, int(cfg.seed))
-    total = plan.total_steps(float(cfg.trainer.epochs), int(cfg.trainer.max_steps))
+    total = plan.total_steps(float(cfg.trainer.epochs), int(cfg.trainer.max_steps), int(cfg.trainer.grad_accum))
 
     # Keep the HfDeepSpeedConfig alive while loading: under ZeRO-3 it makes from_pretrained
     # build the model inside deepspeed.zero.Init (sharded from the start).
@@ -221,6 +221,10 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         ref_engine = reference_for(engine, need_reference)
         log.info("LoRA student: teacher/reference = %s", "the student's base with the adapters off (no second "
                  "model loaded)" if ref_engine is not None else "none (the method needs no frozen model)")
+    from pipeline.engine.sharding import record as record_partition
+
+    partition = record_partition({"student": engine, "reference": ref_engine}, dist.world_size,
+                                 int(cfg.deepspeed.zero_stage))
 
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     run_logger = RunLogger(cfg.logging, str(run_dir), str(cfg.run_name), config_dict, enabled=dist.is_main)
@@ -289,6 +293,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             "steps": total,
             "skipped_steps": state.skipped,
             "world_size": dist.world_size,
+            "zero3_partition": partition,
             "train_seconds": round(train_seconds, 2),
             "final_train": state.history[-1] if state.history else {},
             "prompt_format": prompt_format.describe(),

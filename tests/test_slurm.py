@@ -45,7 +45,7 @@ def _env():
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ASU_AUTO_RANK")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="offline",
-               HF_HUB_OFFLINE="1", PY=sys.executable)
+               HF_HUB_OFFLINE="1", PY=sys.executable, ASU_REQUIRE_PARTITIONED="1")
     return env
 
 

@@ -196,7 +196,8 @@ def test_tau_auto_end_to_end_two_ranks_zero3(tmp_path):
     model_dir, data_dir = build(tmp_path)
     args = train_overrides(model_dir, data_dir, tmp_path / "runs", "auto", steps=2) + [
         "method=asu_kl", "method.tau=auto"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               ASU_REQUIRE_PARTITIONED="1")
     ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     out = subprocess.run([ds, "--num_gpus", "2", "--master_port", str(free_port()), "launchers/train.py", *args], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=240)

@@ -35,10 +35,12 @@ class BatchPlan:
     def steps_per_epoch(self) -> int:
         return max(1, math.ceil(self.n_forget / (self.forget_batch * self.world_size)))
 
-    def total_steps(self, epochs: float, max_steps: int) -> int:
+    def total_steps(self, epochs: float, max_steps: int, grad_accum: int = 1) -> int:
+        """Optimizer steps: ``max_steps`` when > 0, else enough for ``epochs`` passes over the forget set
+        with ``grad_accum`` micro-batches (micro-steps ``s * grad_accum + k``) per optimizer step."""
         if max_steps and max_steps > 0:
             return int(max_steps)
-        return max(1, math.ceil(epochs * self.steps_per_epoch))
+        return max(1, math.ceil(epochs * self.steps_per_epoch / max(1, grad_accum)))
 
     def forget_indices(self, step: int) -> list[int]:
         epoch, b = divmod(step, self.steps_per_epoch)

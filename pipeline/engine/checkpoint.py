@@ -37,8 +37,17 @@ def _tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict, meta: dict, keep: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+def _rank_file(rank: int) -> str:
+    return f"rank_state_{rank:05d}.pt"
+
+
+def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict, meta: dict, keep: int = 2,
+                    rank_state: Optional[dict] = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    ``client_state`` is saved once (DeepSpeed writes rank 0's); ``rank_state`` (e.g. RNG states, which
+    differ per rank) goes to one small file per rank, read back by :func:`load_rank_state`.
+    """
     root = Path(root)
     tag = _tag(step)
     final = root / tag
@@ -51,6 +60,10 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
     _check_shared(root)
     try:
         engine.save_checkpoint(str(root), tag=partial_tag, client_state=client_state, save_latest=False)
+        if rank_state is not None:
+            import torch
+
+            torch.save(rank_state, root / partial_tag / _rank_file(_rank()))
         from pipeline.engine import faults
 
         faults.maybe_kill("kill_in_save", step)  # fault suite: a rank dies after writing its shards
@@ -70,7 +83,7 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
             shutil.rmtree(final, ignore_errors=True)  # renamed but never published: not a checkpoint
         prev = latest_checkpoint(root)
         raise CheckpointError(
-            f"could not write checkpoint {tag} to {root}: {exc}. The previous checkpoint "
+            f"could not write checkpoint {tag} to {root}: {exc}{_disk_full_note(root, prev, str(exc))}. The previous checkpoint "
             f"({prev.name if prev else 'none'}) is intact and remains the newest"
         ) from exc
     barrier()
@@ -87,6 +100,21 @@ def _check_shared(root: Path) -> None:
             f"checkpoint directory {root} created by rank 0 is not visible on every rank "
             f"(rank {os.environ.get('RANK', '0')} sees it: {root.is_dir()}): with several nodes, output_dir must be "
             f"on a filesystem shared by all nodes")
+
+
+def _disk_full_note(root: Path, prev: Optional[Path], error: str) -> str:
+    """Name a full disk even when the writer's own error does not (torch's zip writer reports only
+    'unexpected pos' when a write comes up short)."""
+    if "No space left" in error or prev is None:
+        return ""
+    try:
+        free = shutil.disk_usage(root).free
+        need = sum(f.stat().st_size for f in prev.rglob("*") if f.is_file())
+    except OSError:
+        return ""
+    if free >= need:
+        return ""
+    return f" (No space left on device: {free // 1024} KiB free, a checkpoint takes ~{need // 1024} KiB)"
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -124,6 +152,23 @@ def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
             f"checkpoint {ckpt} was made with a different configuration ({detail}). "
             f"Use trainer.resume=never or a fresh run_name to start over."
         )
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def load_rank_state(ckpt: str | Path) -> Optional[dict]:
+    """This rank's ``rank_state`` from :func:`save_checkpoint`, or None when the checkpoint has none."""
+    path = Path(ckpt) / _rank_file(_rank())
+    if not path.exists():
+        return None
+    import torch
+
+    # weights_only: tensors and plain containers only (RNG states are uint8 tensors and int tuples)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(engine: Any, ckpt: str | Path) -> dict:

@@ -5,7 +5,8 @@ SIGKILL of one rank while its checkpoint shards are being written, a NaN loss at
 an external process cannot time reliably. Unset in normal runs: every hook is then a no-op.
 
 Format: comma-separated ``<fault>@<step>[:rank]``, e.g. ``kill_in_save@4:1,nan_loss@3``.
-Faults: ``nan_loss``, ``nan_grad``, ``nan_weights`` (after the optimizer step), ``kill_in_save``.
+Faults: ``nan_loss``, ``nan_grad``, ``nan_weights`` (after the optimizer step), ``kill_in_save``,
+``kill_after_save`` (SIGKILL right after checkpoint ``<step>`` is published: a deterministic kill-and-resume).
 """
 
 from __future__ import annotations

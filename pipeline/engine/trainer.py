@@ -112,11 +112,17 @@ class UnlearningTrainer:
         return {k: v.to(self.device) for k, v in b.items()}
 
     def batch(self, step: int) -> dict:
+        """The batch of global micro-step ``step`` (= optimizer step x grad_accum + micro-batch)."""
         f_idx = self.plan.forget_indices(step)
+        r_idx = self.plan.retain_indices(step)
         out = {
             "forget": self._collate(self.forget, f_idx),
-            "retain": self._collate(self.retain, self.plan.retain_indices(step)),
+            "retain": self._collate(self.retain, r_idx),
         }
+        if float(getattr(self.cfg.method, "rna_noise", 0.0) or 0.0) > 0:
+            # RNA noise keyed by (seed, micro-step, row): identical on any number of ranks and after resume
+            base = (int(self.cfg.seed) * 1_000_003 + step) * 100_003
+            out["retain"]["rna_seed"] = torch.tensor([base + i for i in r_idx], dtype=torch.long)
         for name, rows in self.views.items():
             out[name] = self._collate(rows, f_idx)
         if self.teacher_cache is not None:
@@ -138,8 +144,11 @@ class UnlearningTrainer:
         self.state.step = int(client.get("step", 0))
         self.state.skipped = list(client.get("skipped", []))
         self.state.history = list(client.get("history", []))
-        if "torch_rng" in client:
-            torch.set_rng_state(client["torch_rng"])
+        rng = ckpt.load_rank_state(path)  # this rank's own RNG states (CPU, CUDA, Python)
+        if rng is None and "torch_rng" in client:  # a checkpoint from before per-rank states: rank 0's CPU RNG
+            rng = {"torch": client["torch_rng"]}
+        if rng:
+            set_rng_states(rng)
         log.info("resumed from %s at step %d/%d", path, self.state.step, self.total_steps)
 
     def save(self) -> Path:
@@ -148,8 +157,10 @@ class UnlearningTrainer:
                                      f"checkpoint; the previous one stays the newest")
         client = {"step": self.state.step, "skipped": self.state.skipped, "torch_rng": torch.get_rng_state(),
                   "history": self.state.history}
-        return ckpt.save_checkpoint(self.engine, self.ckpt_root, self.state.step, client, self.ckpt_meta,
-                                    keep=int(self.cfg.trainer.keep_checkpoints))
+        path = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.state.step, client, self.ckpt_meta,
+                                    keep=int(self.cfg.trainer.keep_checkpoints), rank_state=get_rng_states())
+        faults.maybe_kill("kill_after_save", self.state.step)  # fault suite: die right after a published checkpoint
+        return path
 
     # -- loop -------------------------------------------------------------------------------------
     def train(self) -> TrainState:
@@ -166,34 +177,48 @@ class UnlearningTrainer:
             bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"unlearn[{self.cfg.method.name}]",
                        dynamic_ncols=True, mininterval=1.0)
         t0 = time.time()
+        ga = max(1, int(tcfg.grad_accum))
         while self.state.step < self.total_steps:
+            # One iteration = one optimizer step = grad_accum micro-batches, so every checkpoint (taken
+            # between iterations) falls on an optimizer-step boundary: no half-accumulated gradient is lost.
             step = self.state.step
-            batch = self.batch(step)
-            out = self.method.compute_loss(self.engine, self.reference, batch)
-            if faults.nan_loss(step + 1):
-                out.loss = out.loss * float("nan")
-            if not all_true(bool(torch.isfinite(out.loss.detach()).all())):
-                self._non_finite(step, batch, "loss")
-                self.state.step += 1
-                continue
-            self.engine.backward(out.loss)
-            if faults.nan_grad(step + 1):
-                health.fill_local(self.engine, "grad", float("nan"))
-            if not all_true(health.local_grads_finite(self.engine)):
-                self._non_finite(step, batch, "gradient")
-                health.zero_local_grads(self.engine)
-            self.engine.step()
-            if faults.nan_weights(step + 1):
+            bad, bad_batch, micro_logs = None, None, []
+            for k in range(ga):
+                batch = self.batch(step * ga + k)
+                out = self.method.compute_loss(self.engine, self.reference, batch)
+                if faults.nan_loss(step + 1):
+                    out.loss = out.loss * float("nan")
+                if bad is None and not all_true(bool(torch.isfinite(out.loss.detach()).all())):
+                    bad, bad_batch = "loss", batch
+                # Backward even on a non-finite loss: DeepSpeed's accumulation bookkeeping (micro-step
+                # counter, gradient partitions) stays in step; the gradients are discarded below.
+                self.engine.backward(out.loss)
+                micro_logs.append(dict(out.logs))
+                if k == ga - 1:
+                    if faults.nan_grad(step + 1):
+                        health.fill_local(self.engine, "grad", float("nan"))
+                    if bad is None and not all_true(health.local_grads_finite(self.engine)):
+                        bad, bad_batch = "gradient", batch
+                    if bad is not None:
+                        self._non_finite(step, bad_batch, bad)  # raises unless nan_policy=skip
+                        self._skip_optimizer_step(step)
+                        break
+                self.engine.step()
+            if bad is None and faults.nan_weights(step + 1):
                 health.fill_local(self.engine, "param", float("nan"))
             self.state.step += 1
-            logs = mean_over_ranks(dict(out.logs))
-            logs["lr"] = float(self.engine.get_lr()[0]) if hasattr(self.engine, "get_lr") else float("nan")
-            self.state.history.append({"step": self.state.step, **logs})
+            if bad is None:  # a skipped step has no losses to log (results.json lists it in skipped_steps)
+                logs = mean_over_ranks({key: sum(m[key] for m in micro_logs) / len(micro_logs)
+                                        for key in micro_logs[0]})
+                logs["lr"] = float(self.engine.get_lr()[0]) if hasattr(self.engine, "get_lr") else float("nan")
+                self.state.history.append({"step": self.state.step, **logs})
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()
+                                     if k in ("loss", "forget_loss", "retain_loss")})
+                if self.state.step % max(1, tcfg.log_every) == 0 or self.state.step == self.total_steps:
+                    self.logger.log({f"train/{k}": v for k, v in logs.items()}, step=self.state.step)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "forget_loss", "retain_loss")})
-            if self.state.step % max(1, tcfg.log_every) == 0 or self.state.step == self.total_steps:
-                self.logger.log({f"train/{k}": v for k, v in logs.items()}, step=self.state.step)
             if tcfg.save_every and self.state.step % tcfg.save_every == 0 and self.state.step < self.total_steps:
                 self.save()
             if not all_true(not preempt.requested):
@@ -209,6 +234,29 @@ class UnlearningTrainer:
         log.info("trained %d steps in %.1fs", self.total_steps, time.time() - t0)
         return self.state
 
+    def _skip_optimizer_step(self, step: int) -> None:
+        """Discard this optimizer step: weights, Adam moments and the learning-rate schedule stay as they are.
+
+        ZeRO stages 1-3: DeepSpeed's optimizers already skip an update whose gradient norm is not
+        finite (the fp16 overflow path: no optimizer step, no scheduler step, gradients cleared, the
+        engine's micro-step bookkeeping advanced), so every rank's gradient is made non-finite and
+        ``engine.step()`` is called. Without ZeRO (plain torch optimizer, which would step on NaN) the
+        gradients are dropped and ``engine.step()`` is not called; only the engine's micro-step
+        counter is advanced, as its ``step()`` would, so the accumulation boundaries stay aligned.
+        """
+        eng = self.engine
+        stage = int(eng.zero_optimization_stage()) if hasattr(eng, "zero_optimization_stage") else 0
+        if stage >= 1:
+            health.fill_local(eng, "grad", float("nan"))
+            eng.step()
+            if eng.was_step_applied():
+                raise NonFiniteLossError(f"step {step + 1}: DeepSpeed applied an update that should have been "
+                                         f"skipped (trainer.nan_policy=skip); stopping")
+            return
+        eng.zero_grad()
+        if hasattr(eng, "micro_steps"):
+            eng.micro_steps += 1
+
     def _non_finite(self, step: int, batch: dict, what: str) -> None:
         ids = {k: batch[k]["index"].tolist() for k in ("forget", "retain") if "index" in batch[k]}
         msg = (f"non-finite {what} at step {step + 1} (forget rows {ids.get('forget')}, "
@@ -222,6 +270,28 @@ class UnlearningTrainer:
             log.warning("%s: skipping the step (trainer.nan_policy=skip)", msg)
             return
         raise NonFiniteLossError(f"{msg}; stopping without saving (trainer.nan_policy=stop)")
+
+
+def get_rng_states() -> dict:
+    """This process's RNG states: torch CPU, every CUDA device (when present) and Python's ``random``."""
+    import random
+
+    out: dict = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what :func:`get_rng_states` returned (CUDA states only where CUDA is present)."""
+    import random
+
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "python" in states:
+        random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def check_finite_params(module: torch.nn.Module) -> bool:

@@ -112,7 +112,7 @@ class UnlearningMethod:
         """:meth:`retain_objective`, with the RNA noise hook on the student when ``rna_noise > 0``."""
         from pipeline.methods.rna import retain_noise
 
-        with retain_noise(student, self.cfg):
+        with retain_noise(student, self.cfg, retain.get("rna_seed")):
             return self.retain_objective(student, reference, retain)
 
     def retain_objective(self, student: nn.Module, reference: Optional[nn.Module], retain: dict) -> torch.Tensor:

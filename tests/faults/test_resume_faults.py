@@ -20,7 +20,8 @@ STEPS, EVERY = 60, 10
 def _env():
     env = dict(os.environ)
     env.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p), OMP_NUM_THREADS="1",
-               DS_ACCELERATOR="cpu", WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+               DS_ACCELERATOR="cpu", WANDB_MODE="offline", HF_HUB_OFFLINE="1",
+               ASU_REQUIRE_PARTITIONED="1")
     return env
 
 

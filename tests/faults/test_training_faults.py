@@ -37,13 +37,46 @@ def test_nan_loss_stop_names_step_and_rows_and_saves_nothing(tiny):
     assert not (root / "runs" / "nan_stop" / "model").exists()
 
 
-def test_nan_loss_skip_continues_and_records_the_step(tiny):
+def _optimizer_state(ckpt: Path, rank: int) -> dict:
+    """This rank's ZeRO-3 partition of the fp32 weights, Adam's moments and step, and the LR schedule."""
+    import torch
+
+    o = torch.load(ckpt / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", map_location="cpu",
+                   weights_only=False)["optimizer_state_dict"]
+    sched = torch.load(ckpt / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)["lr_scheduler"]
+    adam = o["optimizer_state_dict"]["state"][0]
+    return {"weights": o["fp32_flat_groups"][0], "exp_avg": adam["exp_avg"], "exp_avg_sq": adam["exp_avg_sq"],
+            "adam_step": adam["step"], "lr": torch.tensor(sched["_last_lr"]),
+            "sched_epoch": torch.tensor(sched["last_epoch"])}
+
+
+def test_skipped_steps_leave_weights_moments_and_schedule_unchanged(tiny):
+    """nan_policy=skip on 2 ZeRO-3 ranks (partitioned weights): a non-finite loss (step 2) and a finite
+    loss with non-finite gradients (step 4) are both real skips: every rank's weight partition, Adam
+    exp_avg / exp_avg_sq / step and the (linear) LR schedule after the skipped step equal those before
+    it, while the steps around them do change all of these."""
+    import torch
+
     root = tiny[0]
-    out = launch.run(_args(tiny, "nan_skip", 5, ["trainer.nan_policy=skip"]), ASU_INJECT="nan_loss@2")
+    out = launch.run(_args(tiny, "nan_skip", 6, ["trainer.nan_policy=skip", "trainer.save_every=1",
+                                                 "trainer.keep_checkpoints=10", "trainer.lr_scheduler=linear",
+                                                 "trainer.export=false", "eval.enabled=false"]),
+                     ranks=2, ASU_INJECT="nan_loss@2,nan_grad@4")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "non-finite loss at step 2" in out.stderr and "skipping the step" in out.stderr
+    assert "non-finite gradient at step 4" in out.stderr
     res = json.loads((root / "runs" / "nan_skip" / "results.json").read_text())
-    assert res["skipped_steps"] == [2]
+    assert res["skipped_steps"] == [2, 4]
+    ckpts = root / "runs" / "nan_skip" / "checkpoints"
+    for rank in (0, 1):
+        s = {i: _optimizer_state(ckpts / f"step_{i:08d}", rank) for i in range(1, 6)}
+        for before, skipped in ((1, 2), (3, 4)):
+            for k in s[before]:
+                assert torch.equal(s[before][k], s[skipped][k]), (rank, skipped, k)
+        for before, stepped in ((2, 3), (4, 5)):
+            for k in s[before]:
+                assert not torch.equal(s[before][k], s[stepped][k]), (rank, stepped, k)
 
 
 def test_nan_gradient_stops_naming_step(tiny):

@@ -22,7 +22,9 @@ def free_port() -> int:
 def env(**extra: str) -> dict:
     e = dict(os.environ)
     e.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), e.get("PYTHONPATH")) if p), OMP_NUM_THREADS="1",
-             DS_ACCELERATOR="cpu", WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+             DS_ACCELERATOR="cpu", WANDB_MODE="offline", HF_HUB_OFFLINE="1",
+             # a multi-rank ZeRO-3 test run fails unless every weight is partitioned (engine/sharding.py)
+             ASU_REQUIRE_PARTITIONED="1")
     e.pop("ASU_INJECT", None)
     e.update(extra)
     return e

@@ -67,4 +67,7 @@ def train_overrides(model_dir: Path, data_dir: Path, out: Path, run_name: str, s
         "data.forget_split=forget", "data.retain_split=retain", "data.eval_splits=[eval_retain]",
         f"trainer.max_steps={steps}", "trainer.batch_size=1", "trainer.retain_batch_size=1", "trainer.lr=1e-3",
         "logging=none", f"output_dir={out}", f"run_name={run_name}", "eval.max_new_tokens=8",
+        # every weight partitioned on 2 ranks (the largest tensor here has ~2k elements): the gather
+        # paths are exercised, and ASU_REQUIRE_PARTITIONED=1 (tests.helpers.launch.env) checks it
+        "deepspeed.param_persistence_threshold=0",
     ]
