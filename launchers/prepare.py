@@ -14,7 +14,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=_bootstrap.CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> None:
-    from pipeline.run import resolve_paths
+    from pipeline.inputs import resolve_paths
 
     def go():
         paths = resolve_paths(cfg)

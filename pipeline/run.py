@@ -1,6 +1,8 @@
-"""The unlearning job: validate → data → models → DeepSpeed engines → train → export → evaluate.
+"""The unlearning job as named stages: start → inputs → engines → τ / teacher cache → train → export →
+evaluate and report.
 
-Launchers call :func:`train_job` with a composed Hydra config; nothing here parses arguments.
+Launchers call :func:`train_job` with a composed Hydra config; nothing here parses arguments. Each
+stage is a function of what the previous ones produced, so a stage can be read (and tested) alone.
 """
 
 from __future__ import annotations
@@ -8,70 +10,24 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.config import ConfigError, validate
+from pipeline.config import validate
+from pipeline.inputs import (
+    ModelPaths,
+    checked_prompt_format,
+    effective_max_length,
+    resolve_paths,
+    set_threads,
+)
 
 log = logging.getLogger("pipeline.run")
 
-
-@dataclass
-class ModelPaths:
-    model: str
-    tokenizer: str
-    data_dir: Optional[str] = None
-    retain_model: Optional[str] = None  # gold-standard model for forget quality
-    reference_cache: Optional[str] = None  # where the retain model's eval stats are cached
-
-
-def set_threads(n: int) -> None:
-    import torch
-
-    if n and n > 0:
-        torch.set_num_threads(n)
-
-
-def resolve_paths(cfg: DictConfig) -> ModelPaths:
-    """Where the model, tokenizer and data live; builds the synthetic benchmark if needed."""
-    m = cfg.model
-    if m.source == "synthetic":
-        from pipeline.data.prepare import prepare_synthetic
-
-        art = prepare_synthetic(cfg.data.synthetic, m.tiny, Path(cfg.cache_dir))
-        model = art.target_dir if m.variant == "target" else art.retain_dir
-        return ModelPaths(str(model), str(art.tokenizer_dir), str(art.data_dir), str(art.retain_dir), str(art.root))
-    return ModelPaths(m.path, m.tokenizer_path or m.path, cfg.data.path, cfg.eval.retain_model, None)
-
-
-def effective_max_length(cfg: DictConfig, model_path: str) -> int:
-    """``data.max_length`` capped at the model's context window (read from its config.json)."""
-    cfg_file = Path(model_path) / "config.json"
-    context = None
-    if cfg_file.exists():
-        context = json.loads(cfg_file.read_text()).get("max_position_embeddings")
-    if context and cfg.data.max_length > context:
-        log.warning("data.max_length=%d exceeds the model's context (%d tokens): sequences are limited to %d",
-                    cfg.data.max_length, context, context)
-        return int(context)
-    return int(cfg.data.max_length)
-
-
-def checked_prompt_format(cfg: DictConfig, tokenizer: Any) -> Any:
-    """The run's prompt format (model.prompt_format), checked against the tokenizer; logged once."""
-    from pipeline.data.prompt_formats import PromptFormatError, prompt_format_from_config
-
-    fmt = prompt_format_from_config(cfg.model)
-    try:
-        fmt.check(tokenizer)
-    except PromptFormatError as e:
-        raise ConfigError(f"config error at 'model.prompt_format': {e}") from None
-    log.info("prompt format: %s%s (training, evaluation and generation)", fmt.name,
-             f", system prompt {fmt.system_prompt!r}" if getattr(fmt, "system_prompt", None) else "")
-    return fmt
+__all__ = ["train_job", "checkpoint_meta", "ModelPaths", "resolve_paths"]
 
 
 def checkpoint_meta(cfg: DictConfig, world_size: int) -> dict:
@@ -91,19 +47,84 @@ def checkpoint_meta(cfg: DictConfig, world_size: int) -> dict:
     return meta
 
 
+@dataclass
+class JobInputs:
+    """Stage 2's product: the data, tokenizer and encoded rows the job trains and evaluates on."""
+
+    paths: ModelPaths
+    data: Any  # pipeline.data.loaders.UnlearningData
+    tokenizer: Any
+    prompt_format: Any
+    max_len: int
+    forget: list
+    retain: list
+
+
+@dataclass
+class JobEngines:
+    """Stage 3's product: the student engine and the frozen model (a second engine, the LoRA
+    student's base with its adapters off, or None)."""
+
+    engine: Any
+    reference: Any
+    lora: bool
+    dtype: str
+    partition: dict = field(default_factory=dict)
+
+
 def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run one unlearning job in ``run_dir``; returns the results dict (rank 0) or {}."""
+    run_dir = Path(run_dir)
+    dist, method = _start(cfg, run_dir)
+    if cfg.trainer.dry_run:
+        return _dry_run(cfg, method, dist)
+    t_start = time.time()
+    inputs = _load_inputs(cfg)
+    need_reference = _needs_reference(cfg, method, inputs)
+    engines, plan, total = _build_engines(cfg, dist, method, inputs, need_reference)
+
+    from pipeline.engine.trainer import UnlearningTrainer
+    from pipeline.logging import RunLogger
+
+    run_logger = RunLogger(cfg.logging, str(run_dir), str(cfg.run_name), OmegaConf.to_container(cfg, resolve=True),
+                           enabled=dist.is_main)
+    trainer = UnlearningTrainer(cfg, run_dir, engines.engine, engines.reference, method, inputs.forget, inputs.retain,
+                                inputs.tokenizer.pad_token_id, plan, total, run_logger,
+                                checkpoint_meta(cfg, dist.world_size))
+    trainer.views = method.forget_views(inputs.tokenizer, inputs.data.forget, int(cfg.data.max_length),
+                                        inputs.prompt_format)
+    tau_selection = _choose_tau(cfg, engines, inputs)
+    _attach_teacher_cache(cfg, method, engines, inputs, trainer, need_reference)
+
+    state = trainer.train()
+    train_seconds = time.time() - t_start
+    if dist.is_main:
+        from pipeline.io import atomic_write_json
+
+        atomic_write_json(run_dir / "train_history.json", state.history)
+    model_dir = _export(cfg, engines, inputs, run_dir)
+    engines.reference = trainer.reference = None  # free the frozen model before evaluating
+    results = _evaluate_and_report(cfg, dist, run_dir, model_dir, inputs, engines, method, state, total,
+                                   train_seconds, tau_selection, run_logger)
+    if dist.is_main:
+        log.info("run %s finished in %.1fs", run_dir, time.time() - t_start)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+
+
+def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
+    """Validate (nothing loaded yet), join the process group, write config.yaml, build the method."""
     import torch
 
-    from pipeline.data.loaders import encode_rows, load_unlearning_data
-    from pipeline.engine.distributed import barrier, init_distributed
-    from pipeline.io import atomic_write_json, atomic_write_text
-    from pipeline.logging import RunLogger
+    from pipeline.engine.distributed import init_distributed
+    from pipeline.io import atomic_write_text
     from pipeline.methods import build_method
-    from pipeline.models.attention import attention_backend_report, check_available, set_attention_backend
+    from pipeline.models.attention import check_available
 
-    run_dir = Path(run_dir)
-    validate(cfg)  # before anything is loaded
+    validate(cfg)
     check_available(cfg.kernels.attention)  # e.g. flash_attn without flash-attn: exit 2, nothing written
     dist = init_distributed()
     set_threads(int(cfg.trainer.num_threads))
@@ -111,71 +132,97 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    t_start = time.time()
-
-    from pipeline.engine.preflight import dry_run_plan, run_preflight
-
     method = build_method(cfg.method, kl_impl=cfg.kernels.kl)
     reductions = method.reductions() if hasattr(method, "reductions") else {}
     log.info("loss reductions: %s", ", ".join(f"{k} term {v}" for k, v in reductions.items()))
-    cuda = dist.device == "cuda"
-    if cfg.trainer.dry_run:
-        # No downloads and no training: size the model from a local config.json or model.arch.
-        local = cfg.model.path if cfg.model.source == "pretrained" else None
-        plan = dry_run_plan(cfg, local, method.uses_reference, gpus=(1, 8, 16))
-        if dist.is_main:
-            print(plan, flush=True)
-            print("dry run: config validated and memory plan printed; nothing loaded", flush=True)
-        return {}
+    return dist, method
+
+
+def _dry_run(cfg: DictConfig, method: Any, dist: Any) -> dict:
+    """No downloads and no training: size the model from a local config.json or model.arch."""
+    from pipeline.engine.preflight import dry_run_plan
+
+    local = cfg.model.path if cfg.model.source == "pretrained" else None
+    plan = dry_run_plan(cfg, local, method.uses_reference, gpus=(1, 8, 16))
+    if dist.is_main:
+        print(plan, flush=True)
+        print("dry run: config validated and memory plan printed; nothing loaded", flush=True)
+    return {}
+
+
+def _load_inputs(cfg: DictConfig) -> JobInputs:
+    """Data (its errors stop here, before any model), tokenizer, prompt format and encoded rows."""
+    from pipeline.data.loaders import encode_rows, load_unlearning_data
+    from pipeline.eval.runner import check_retain_reference
+    from pipeline.models.loading import load_tokenizer
 
     paths = resolve_paths(cfg)
-    data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)  # data errors stop here
-    from pipeline.eval.runner import check_retain_reference
-
+    data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
     check_retain_reference(cfg, data)  # a precomputed forget-quality reference that does not fit stops here too
-    from pipeline.models.loading import check_same_architecture, check_vocab, load_causal_lm, load_tokenizer
-
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
-    prompt_format = checked_prompt_format(cfg, tokenizer)
+    fmt = checked_prompt_format(cfg, tokenizer)
     max_len = effective_max_length(cfg, paths.model)
-    forget = encode_rows(tokenizer, data.forget, max_len, cfg.data.truncate, data.forget_split, prompt_format)
-    retain = encode_rows(tokenizer, data.retain, max_len, cfg.data.truncate, data.retain_split, prompt_format)
-    # method.teacher=cached: the frozen model is loaded only to build a missing cache (or for tau=auto,
-    # or for a retain KL); asu_gd with a ready cache trains with no reference model at all.
-    cached = bool(getattr(method, "cached_teacher", False))
-    need_reference = method.uses_reference
-    if cached and not need_reference:
-        from pipeline.engine.teacher_cache import cache_ready
+    forget = encode_rows(tokenizer, data.forget, max_len, cfg.data.truncate, data.forget_split, fmt)
+    retain = encode_rows(tokenizer, data.retain, max_len, cfg.data.truncate, data.retain_split, fmt)
+    return JobInputs(paths, data, tokenizer, fmt, max_len, forget, retain)
 
-        need_reference = str(cfg.method.tau) == "auto" or not cache_ready(
-            Path(cfg.cache_dir) / "teacher_cache", paths.model, cfg.method, forget, data.forget_split, max_len)
+
+def _needs_reference(cfg: DictConfig, method: Any, inputs: JobInputs) -> bool:
+    """Whether the frozen model must exist. method.teacher=cached: only to build a missing cache (or
+    for tau=auto, or for a retain KL); asu_gd with a ready cache trains with no frozen model at all."""
+    if method.uses_reference or not getattr(method, "cached_teacher", False):
+        return bool(method.uses_reference)
+    from pipeline.engine.teacher_cache import cache_ready
+
+    return str(cfg.method.tau) == "auto" or not cache_ready(
+        Path(cfg.cache_dir) / "teacher_cache", inputs.paths.model, cfg.method, inputs.forget,
+        inputs.data.forget_split, inputs.max_len)
+
+
+def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
+                   need_reference: bool) -> tuple[JobEngines, Any, int]:
+    """Preflight, attention backend, the student (optionally LoRA) and frozen model under ZeRO-3."""
+    import deepspeed
+    import torch
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from pipeline.engine.batching import BatchPlan
+    from pipeline.engine.ds_config import reference_config, student_config
+    from pipeline.engine.host_memory import share_fp32_master
+    from pipeline.engine.preflight import run_preflight
+    from pipeline.engine.sharding import record as record_partition
+    from pipeline.engine.trainer import lr_lambda
+    from pipeline.models.attention import set_attention_backend
+    from pipeline.models.loading import check_same_architecture, check_vocab, load_causal_lm
+
+    cuda = dist.device == "cuda"
+    paths = inputs.paths
     if cfg.trainer.preflight:
         run_preflight(cfg, dist.world_size, cuda, paths.model, need_reference)
     set_attention_backend(cfg.kernels.attention, dist.device)  # logs the choice (and any fallback)
 
-    import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
-
-    from pipeline.engine.batching import BatchPlan
-    from pipeline.engine.ds_config import reference_config, student_config
-    from pipeline.engine.trainer import UnlearningTrainer, lr_lambda
-
     s_cfg = student_config(cfg.deepspeed, cfg.trainer, cuda)
     r_cfg = reference_config(cfg.deepspeed, cfg.trainer, cuda)
     log.info("DeepSpeed student zero_optimization: %s", s_cfg["zero_optimization"])
-    plan = BatchPlan(len(forget), len(retain), int(cfg.trainer.batch_size), int(cfg.trainer.retain_batch_size),
-                     dist.world_size, dist.rank, int(cfg.seed))
+    plan = BatchPlan(len(inputs.forget), len(inputs.retain), int(cfg.trainer.batch_size),
+                     int(cfg.trainer.retain_batch_size), dist.world_size, dist.rank, int(cfg.seed))
     total = plan.total_steps(float(cfg.trainer.epochs), int(cfg.trainer.max_steps), int(cfg.trainer.grad_accum))
 
-    # Keep the HfDeepSpeedConfig alive while loading: under ZeRO-3 it makes from_pretrained
-    # build the model inside deepspeed.zero.Init (sharded from the start).
+    def load() -> Any:
+        return load_causal_lm(paths.model, dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
+                              cfg.model.revision)
+
+    # Keep the HfDeepSpeedConfig alive while loading: under ZeRO-3 it makes from_pretrained build the
+    # model inside deepspeed.zero.Init (sharded from the start). Only model construction should see
+    # ZeRO-3 through transformers; the evaluation model loaded later is a plain per-rank copy.
     dtype = cfg.model.dtype if cuda else "float32"
     hf_ds = HfDeepSpeedConfig(s_cfg)
-    student = load_causal_lm(paths.model, dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle, cfg.model.revision)
-    check_vocab(student, tokenizer, f"model {paths.model}")
+    student = load()
+    check_vocab(student, inputs.tokenizer, f"model {paths.model}")
     validate(cfg, n_layers=int(student.config.num_hidden_layers))
-    reference = None
     lora = bool(cfg.model.peft.enabled)
+    frozen = None
     if lora:
         # model.peft: the student trains LoRA adapters only; θ₀ is its own base with the adapters off
         # (FrozenBaseView, built below once the engine exists): no second model is loaded.
@@ -183,14 +230,9 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
 
         student = wrap_lora(student, cfg.model.peft)
     elif need_reference:
-        reference = load_causal_lm(paths.model, dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
-                                   cfg.model.revision)
-        reference.requires_grad_(False)
-        check_same_architecture(student, reference)
-    # Only model construction should see ZeRO-3 through transformers; the evaluation model loaded
-    # later is a plain per-rank copy.
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
+        frozen = load()
+        frozen.requires_grad_(False)
+        check_same_architecture(student, frozen)
     del hf_ds
     unset_hf_deepspeed_config()
     method.select_trainable(student)
@@ -208,103 +250,114 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(total, float(cfg.trainer.warmup_ratio), cfg.trainer.lr_scheduler)),
     )
-    from pipeline.engine.host_memory import share_fp32_master
-
     share_fp32_master(engine)  # fp32 runs: no second fp32 copy of the partitions (DeepSpeed 0.19 makes one)
-    ref_engine = None
-    if reference is not None:
-        ref_engine = deepspeed.initialize(model=reference, config=r_cfg)[0]
-        ref_engine.eval()
+    reference = None
+    if frozen is not None:
+        reference = deepspeed.initialize(model=frozen, config=r_cfg)[0]
+        reference.eval()
     elif lora:
         from pipeline.models.peft_student import reference_for
 
-        ref_engine = reference_for(engine, need_reference)
+        reference = reference_for(engine, need_reference)
         log.info("LoRA student: teacher/reference = %s", "the student's base with the adapters off (no second "
-                 "model loaded)" if ref_engine is not None else "none (the method needs no frozen model)")
-    from pipeline.engine.sharding import record as record_partition
-
-    partition = record_partition({"student": engine, "reference": ref_engine}, dist.world_size,
+                 "model loaded)" if reference is not None else "none (the method needs no frozen model)")
+    partition = record_partition({"student": engine, "reference": reference}, dist.world_size,
                                  int(cfg.deepspeed.zero_stage))
+    return JobEngines(engine, reference, lora, dtype, partition), plan, total
 
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
-    run_logger = RunLogger(cfg.logging, str(run_dir), str(cfg.run_name), config_dict, enabled=dist.is_main)
-    trainer = UnlearningTrainer(
-        cfg, run_dir, engine, ref_engine, method, forget, retain, tokenizer.pad_token_id, plan, total,
-        run_logger, checkpoint_meta(cfg, dist.world_size),
-    )
-    trainer.views = method.forget_views(tokenizer, data.forget, int(cfg.data.max_length), prompt_format)
-    tau_selection = None
-    if "tau" in cfg.method and str(cfg.method.tau) == "auto":
-        # Choose tau from a cheap teacher-side signal before training (recorded in results.json).
-        from pipeline.engine.tau_auto import select_tau
 
-        tau_selection = select_tau(ref_engine, tokenizer, data, forget, cfg)
-        with open_dict(cfg):
-            cfg.method.tau = float(tau_selection["tau"])
-        log.info("method.tau=auto chose tau=%.3f", cfg.method.tau)
-    if cached:
-        from pipeline.engine.teacher_cache import TeacherCache, build_teacher_cache
+def _choose_tau(cfg: DictConfig, engines: JobEngines, inputs: JobInputs) -> Optional[dict]:
+    """method.tau=auto: choose tau from a cheap teacher-side signal before training (its evidence goes
+    to results.json); the config then carries the chosen value."""
+    if "tau" not in cfg.method or str(cfg.method.tau) != "auto":
+        return None
+    from pipeline.engine.tau_auto import select_tau
 
-        cache_path = build_teacher_cache(ref_engine, forget, cfg.method, Path(cfg.cache_dir) / "teacher_cache",
-                                         int(cfg.trainer.batch_size), model_path=paths.model,
-                                         split=data.forget_split, max_length=max_len,
-                                         pad_token_id=tokenizer.pad_token_id, device=trainer.device)
-        trainer.teacher_cache = TeacherCache(cache_path)
-        if not method.uses_reference and ref_engine is not None:
-            import gc
+    selection = select_tau(engines.reference, inputs.tokenizer, inputs.data, inputs.forget, cfg)
+    with open_dict(cfg):
+        cfg.method.tau = float(selection["tau"])
+    log.info("method.tau=auto chose tau=%.3f", cfg.method.tau)
+    return selection
 
-            ref_engine = reference = trainer.reference = None  # the cache replaces it from here on
-            gc.collect()
-        log.info("teacher cache %s; reference model loaded: %s; reference engine during training: %s", cache_path,
-                 "yes" if need_reference else "no", "yes (retain KL)" if trainer.reference is not None else "none")
-    state = trainer.train()
-    train_seconds = time.time() - t_start
-    if dist.is_main:
-        atomic_write_json(run_dir / "train_history.json", state.history)
 
+def _attach_teacher_cache(cfg: DictConfig, method: Any, engines: JobEngines, inputs: JobInputs, trainer: Any,
+                          need_reference: bool) -> None:
+    """method.teacher=cached: build (once) and attach the tempered teacher's cached distributions; a
+    method that needs the frozen model for nothing else then trains without it."""
+    if not getattr(method, "cached_teacher", False):
+        return
+    from pipeline.engine.teacher_cache import TeacherCache, build_teacher_cache
+
+    cache_path = build_teacher_cache(engines.reference, inputs.forget, cfg.method, Path(cfg.cache_dir) / "teacher_cache",
+                                     int(cfg.trainer.batch_size), model_path=inputs.paths.model,
+                                     split=inputs.data.forget_split, max_length=inputs.max_len,
+                                     pad_token_id=inputs.tokenizer.pad_token_id, device=trainer.device)
+    trainer.teacher_cache = TeacherCache(cache_path)
+    if not method.uses_reference and engines.reference is not None:
+        import gc
+
+        engines.reference = trainer.reference = None  # the cache replaces it from here on
+        gc.collect()
+    log.info("teacher cache %s; reference model loaded: %s; reference engine during training: %s", cache_path,
+             "yes" if need_reference else "no", "yes (retain KL)" if trainer.reference is not None else "none")
+
+
+def _export(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir: Path) -> Path:
+    """The HF model directory (safetensors; with LoRA also the adapter) the evaluation reads."""
     model_dir = run_dir / "model"
-    if cfg.trainer.export:
-        if lora:
-            from pipeline.engine.export_peft import export_lora
+    if not cfg.trainer.export:
+        return model_dir
+    if engines.lora:
+        from pipeline.engine.export_peft import export_lora
 
-            export_lora(engine, tokenizer, model_dir, run_dir / "adapter", paths.model, dtype, cfg.model)
-        else:
-            from pipeline.engine.export import export_hf
+        export_lora(engines.engine, inputs.tokenizer, model_dir, run_dir / "adapter", inputs.paths.model,
+                    engines.dtype, cfg.model)
+    else:
+        from pipeline.engine.export import export_hf
 
-            export_hf(engine, tokenizer, model_dir)
-    del ref_engine, reference
-    results: dict = {}
-    # results.json is written either way (tau used, tau=auto's evidence, steps, final losses); with
-    # eval.enabled=false its metrics are empty and there is no report.md / eval_details.json.
+        export_hf(engines.engine, inputs.tokenizer, model_dir)
+    return model_dir
+
+
+def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: Path, inputs: JobInputs,
+                         engines: JobEngines, method: Any, state: Any, total: int, train_seconds: float,
+                         tau_selection: Optional[dict], run_logger: Any) -> dict:
+    """Evaluate the exported model and write results.json (always: τ used, τ=auto's evidence, steps,
+    final losses, what ran), report.md and eval_details.json (with eval.enabled)."""
+    from pipeline.engine.distributed import barrier
+    from pipeline.io import atomic_write_json, atomic_write_text
+    from pipeline.models.attention import attention_backend_report
+
     metrics, details = {}, None
     if cfg.eval.enabled:
         from pipeline.eval.runner import evaluate_job
 
-        metrics, details = evaluate_job(cfg, model_dir, tokenizer, data, paths)
+        metrics, details = evaluate_job(cfg, model_dir, inputs.tokenizer, inputs.data, inputs.paths)
+    results: dict = {}
     if dist.is_main:
         from pipeline.eval.report import render_report_md, write_results
 
         extra = {
             "exp_name": cfg.exp_name,
             "run_name": cfg.run_name,
-            "model": paths.model,
-            "forget_split": data.forget_split,
-            "retain_split": data.retain_split,
+            "model": inputs.paths.model,
+            "forget_split": inputs.data.forget_split,
+            "retain_split": inputs.data.retain_split,
             "steps": total,
             "skipped_steps": state.skipped,
             "world_size": dist.world_size,
-            "zero3_partition": partition,
+            "zero3_partition": engines.partition,
             "train_seconds": round(train_seconds, 2),
             "final_train": state.history[-1] if state.history else {},
-            "prompt_format": prompt_format.describe(),
-            "reductions": reductions,
+            "prompt_format": inputs.prompt_format.describe(),
+            "reductions": method.reductions() if hasattr(method, "reductions") else {},
+            "attention_backend": attention_backend_report(),  # requested, resolved, what each model ran
         }
         if tau_selection is not None:
             extra["tau_selection"] = tau_selection
         if "evaluation" in metrics:  # what the evaluation scored (reference, generation length, rows)
             extra["evaluation"] = metrics.pop("evaluation")
-        extra["attention_backend"] = attention_backend_report()  # requested, resolved, what each model ran
-        if lora:
+        if engines.lora:
             extra["peft"] = {**OmegaConf.to_container(cfg.model.peft, resolve=True), "adapter": str(run_dir / "adapter")}
         tau = float(cfg.method.tau) if "tau" in cfg.method else None
         path = write_results(run_dir, cfg.method.name, tau, metrics, extra)
@@ -315,7 +368,4 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             run_logger.summary({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     run_logger.finish()
     barrier()
-    if dist.is_main:
-        log.info("run %s finished in %.1fs", run_dir, time.time() - t_start)
     return results
-

@@ -15,8 +15,8 @@ from pipeline.config import RunConfig
 from pipeline.eval.reference import RetainReferenceError, load_reference_file
 from pipeline.eval.runner import _settings, retain_reference, truth_ratio_key
 from pipeline.eval.tofu import evaluate_split
+from pipeline.inputs import ModelPaths
 from pipeline.models.loading import load_causal_lm, load_tokenizer
-from pipeline.run import ModelPaths
 from tests.helpers.tiny import CITIES, PEOPLE, build, qa_row
 
 ROOT = Path(__file__).resolve().parents[1]

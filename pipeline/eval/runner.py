@@ -290,10 +290,10 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     from pipeline.data.loaders import load_unlearning_data
     from pipeline.engine.distributed import init_distributed
     from pipeline.eval.report import render_report_md, write_results
+    from pipeline.inputs import checked_prompt_format, resolve_paths, set_threads
     from pipeline.io import atomic_write_json, atomic_write_text
     from pipeline.models.attention import attention_backend_report, check_available, set_attention_backend
     from pipeline.models.loading import load_tokenizer
-    from pipeline.run import resolve_paths, set_threads
 
     validate(cfg)
     check_available(cfg.kernels.attention)
@@ -304,8 +304,6 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
     check_retain_reference(cfg, data)
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
-    from pipeline.run import checked_prompt_format
-
     prompt_format = checked_prompt_format(cfg, tokenizer)
     metrics, details = evaluate_job(cfg, paths.model, tokenizer, data, paths)
     evaluation = metrics.pop(EVALUATION_KEY, None)

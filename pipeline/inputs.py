@@ -1,0 +1,74 @@
+"""What a job runs on: where its model, tokenizer and data live, its prompt format and sequence limit.
+
+Shared by the training job (``pipeline.run``) and the evaluation job (``pipeline.eval.runner``), so
+both resolve a run's inputs the same way and neither imports the other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+from pipeline.config import ConfigError
+
+log = logging.getLogger("pipeline.run")
+
+
+@dataclass
+class ModelPaths:
+    model: str
+    tokenizer: str
+    data_dir: Optional[str] = None
+    retain_model: Optional[str] = None  # gold-standard model for forget quality
+    reference_cache: Optional[str] = None  # where the retain model's eval stats are cached
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    if n and n > 0:
+        torch.set_num_threads(n)
+
+
+def resolve_paths(cfg: DictConfig) -> ModelPaths:
+    """Where the model, tokenizer and data live; builds the synthetic benchmark if needed."""
+    m = cfg.model
+    if m.source == "synthetic":
+        from pipeline.data.prepare import prepare_synthetic
+
+        art = prepare_synthetic(cfg.data.synthetic, m.tiny, Path(cfg.cache_dir))
+        model = art.target_dir if m.variant == "target" else art.retain_dir
+        return ModelPaths(str(model), str(art.tokenizer_dir), str(art.data_dir), str(art.retain_dir), str(art.root))
+    return ModelPaths(m.path, m.tokenizer_path or m.path, cfg.data.path, cfg.eval.retain_model, None)
+
+
+def effective_max_length(cfg: DictConfig, model_path: str) -> int:
+    """``data.max_length`` capped at the model's context window (read from its config.json)."""
+    cfg_file = Path(model_path) / "config.json"
+    context = None
+    if cfg_file.exists():
+        context = json.loads(cfg_file.read_text()).get("max_position_embeddings")
+    if context and cfg.data.max_length > context:
+        log.warning("data.max_length=%d exceeds the model's context (%d tokens): sequences are limited to %d",
+                    cfg.data.max_length, context, context)
+        return int(context)
+    return int(cfg.data.max_length)
+
+
+def checked_prompt_format(cfg: DictConfig, tokenizer: Any) -> Any:
+    """The run's prompt format (model.prompt_format), checked against the tokenizer; logged once."""
+    from pipeline.data.prompt_formats import PromptFormatError, prompt_format_from_config
+
+    fmt = prompt_format_from_config(cfg.model)
+    try:
+        fmt.check(tokenizer)
+    except PromptFormatError as e:
+        raise ConfigError(f"config error at 'model.prompt_format': {e}") from None
+    log.info("prompt format: %s%s (training, evaluation and generation)", fmt.name,
+             f", system prompt {fmt.system_prompt!r}" if getattr(fmt, "system_prompt", None) else "")
+    return fmt
