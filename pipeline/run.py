@@ -253,6 +253,12 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             run_logger.summary({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     run_logger.finish()
     barrier()
+    if cfg.eval.enabled and cfg.trainer.export:
+        from pipeline.eval.runner import add_lm_eval
+
+        # rank 0 only, after the barrier above: the other ranks are done and wait for nothing
+        if add_lm_eval(cfg, model_dir, run_dir) is not None:
+            results = json.loads((Path(run_dir) / "results.json").read_text())
     if dist.is_main:
         log.info("run %s finished in %.1fs", run_dir, time.time() - t_start)
     return results
