@@ -53,7 +53,11 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     trust_remote_code: bool = False  # never on unless asked
     allow_pickle: bool = False  # refuse .bin pickles unless asked; safetensors otherwise
-    chat_template: Optional[str] = None
+    # How QA pairs become tokens, in training, evaluation and generation alike
+    # (pipeline/data/prompt_formats.py): plain | chat (the tokenizer's own chat template) | a named
+    # template (llama2_chat, llama2_chat_tofu, llama3_instruct, zephyr).
+    prompt_format: str = "plain"
+    system_prompt: Optional[str] = None  # chat / named templates with a system slot only
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     arch: ArchConfig = field(default_factory=ArchConfig)
 
@@ -256,6 +260,13 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _choice(cfg, "model.source", ("synthetic", "pretrained"))
     _choice(cfg, "model.variant", ("target", "retain"))
     _choice(cfg, "model.dtype", ("float32", "bfloat16", "float16"))
+    from pipeline.data.prompt_formats import PROMPT_FORMATS, PromptFormatError, prompt_format_from_config
+
+    _choice(cfg, "model.prompt_format", tuple(PROMPT_FORMATS.names()))
+    try:
+        prompt_format_from_config(cfg.model)
+    except PromptFormatError as e:
+        raise ConfigError(f"config error at 'model.system_prompt': {e}") from None
     _require(cfg.model.source != "pretrained" or bool(cfg.model.path), "model.path", "required when model.source=pretrained")
     _choice(cfg, "deepspeed.precision", ("auto", "fp32", "bf16", "fp16"))
     _choice(cfg, "deepspeed.offload_optimizer", ("none", "cpu", "nvme"))

@@ -20,10 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def _settings(cfg: DictConfig):
+    from pipeline.data.prompt_formats import prompt_format_from_config
     from pipeline.eval.tofu import EvalSettings
 
     return EvalSettings(batch_size=int(cfg.eval.batch_size), max_new_tokens=int(cfg.eval.max_new_tokens),
-                        max_length=int(cfg.eval.max_length))
+                        max_length=int(cfg.eval.max_length), template=prompt_format_from_config(cfg.model))
 
 
 def truth_ratio_key(cfg: DictConfig) -> Optional[str]:
@@ -225,6 +226,9 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     paths = resolve_paths(cfg)
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
+    from pipeline.run import checked_prompt_format
+
+    prompt_format = checked_prompt_format(cfg, tokenizer)
     metrics, details = evaluate_job(cfg, paths.model, tokenizer, data, paths)
     results: dict = {}
     if dist.is_main:
@@ -232,7 +236,8 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         label = cfg.model.variant if cfg.model.source == "synthetic" else Path(str(cfg.model.path)).name
         path = write_results(run_dir, label, None, metrics, {"model": paths.model, "forget_split": data.forget_split,
                                                              "retain_split": data.retain_split, "exp_name": cfg.exp_name,
-                                                             "world_size": dist.world_size})
+                                                             "world_size": dist.world_size,
+                                                             "prompt_format": prompt_format.describe()})
         results = json.loads(Path(path).read_text())
         atomic_write_text(run_dir / "report.md", render_report_md(results))
         atomic_write_json(run_dir / "eval_details.json", details)
