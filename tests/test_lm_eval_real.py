@@ -42,7 +42,7 @@ def _tiny_model_dir(root: Path, rows: list[dict]) -> Path:
     return out
 
 
-def test_lm_eval_evaluator_equals_our_mcq_scorer(tmp_path):
+def test_lm_eval_evaluator_equals_our_mcq_scorer(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval", reason="the lm-eval extra (requirements/extras.lock) is not installed")
     from pipeline.models.loading import load_causal_lm, load_tokenizer
 
@@ -62,3 +62,29 @@ def test_lm_eval_evaluator_equals_our_mcq_scorer(tmp_path):
     assert len(set(ours.values["pred"])) > 1
     assert out["summary"]["wmdp_local"] == pytest.approx(mcq_accuracy(ours), abs=1e-12)
     assert out["summary"]["wmdp_local_stderr"] > 0
+
+    # The runner's hook: on rank 0 it adds lm-eval's summary to an existing results.json; any
+    # other rank returns at once (it has no collective to wait on while rank 0 evaluates).
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pipeline.config import register_configs
+    from pipeline.eval.report import write_results
+    from pipeline.eval.runner import add_lm_eval
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "eval.lm_eval=true", "eval.lm_eval_tasks=[wmdp_local]", f"eval.lm_eval_include_path={TASK_DIR}",
+            "eval.lm_eval_include_defaults=false", "eval.batch_size=4"])
+    run_dir = tmp_path / "run"
+    write_results(run_dir, "asu_kl", 2.0, {"forget_fact_recall": 0.5})
+    monkeypatch.setenv("RANK", "1")
+    assert add_lm_eval(cfg, model_dir, run_dir) is None
+    assert "lm_eval" not in json.loads((run_dir / "results.json").read_text())["metrics"]
+    monkeypatch.setenv("RANK", "0")
+    assert add_lm_eval(cfg, model_dir, run_dir) == {"wmdp_local": out["summary"]["wmdp_local"],
+                                                      "wmdp_local_stderr": out["summary"]["wmdp_local_stderr"]}
+    saved = json.loads((run_dir / "results.json").read_text())["metrics"]
+    assert saved["forget_fact_recall"] == 0.5 and saved["lm_eval"]["wmdp_local"] == out["summary"]["wmdp_local"]

@@ -196,6 +196,7 @@ def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path) -> 
 
     include = cfg.eval.get("lm_eval_include_path")
     summary = run_lm_eval(str(model_dir), tasks=list(cfg.eval.lm_eval_tasks), include_path=include or None,
+                          include_defaults=bool(cfg.eval.get("lm_eval_include_defaults", True)),
                           batch_size=int(cfg.eval.batch_size), dtype=str(cfg.model.dtype),
                           trust_remote_code=bool(cfg.model.trust_remote_code),
                           allow_pickle=bool(cfg.model.allow_pickle))["summary"]
@@ -233,7 +234,8 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     results: dict = {}
     if dist.is_main:
         run_dir = Path(run_dir)
-        label = cfg.model.variant if cfg.model.source == "synthetic" else Path(str(cfg.model.path)).name
+        label = (cfg.model.variant if cfg.model.source == "synthetic"
+                 else cfg.model.name if cfg.model.source == "gguf_package" else Path(str(cfg.model.path)).name)
         path = write_results(run_dir, label, None, metrics, {"model": paths.model, "forget_split": data.forget_split,
                                                              "retain_split": data.retain_split, "exp_name": cfg.exp_name,
                                                              "world_size": dist.world_size,
