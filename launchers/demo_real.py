@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--eval-rows", type=int, default=None,
                     help="evaluate at most this many rows of each split (the forget split included)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="greedy answer length (default 24)")
+    ap.add_argument("--reuse-before", action="store_true",
+                    help="keep <out>/target (the model as shipped) from an earlier run instead of evaluating it again")
     ap.add_argument("--out", default="runs/demo_real")
     ap.add_argument("--port", type=int, default=29543)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every job (after --)")
@@ -75,8 +77,10 @@ def main() -> None:
     print(f"== 2/2 on {args.ranks} CPU rank(s), DeepSpeed ZeRO-3, one launch: evaluate the model as shipped, "
           f"then unlearn with {', '.join(methods)} (each from the original model)", flush=True)
     timings = out / "logs" / "timings.json"
+    root = REPO / out if not out.is_absolute() else out
+    before = "" if args.reuse_before and (root / BEFORE / "results.json").exists() else BEFORE
     cmd = launcher(args.ranks, args.port) + ["launchers/demo_runs.py", "--methods", ",".join(methods),
-                                             "--references", BEFORE,
+                                             "--references", before,
                                              "--demo-name", out.name, "--timings", str(timings), *common]
     run([cmd], env, [logs / "runs.log"], echo="[demo] ")
 
@@ -84,7 +88,9 @@ def main() -> None:
 
     forget = REPO / "pipeline" / "data" / "realworld_facts" / "forget.jsonl"
     first_q = json.loads(forget.read_text().splitlines()[0])["question"]
-    print(summarise_real(REPO / out if not out.is_absolute() else out, [BEFORE, *methods], first_q=first_q))
+    # every method run in <out> (this launch's and, with --reuse-before, earlier ones), in order
+    earlier = sorted(d.name for d in root.iterdir() if d.name not in (BEFORE, *methods) and (d / "results.json").exists())
+    print(summarise_real(root, [BEFORE, *methods, *earlier], first_q=first_q))
     print(f"total {time.time() - t0:.0f}s; per-run reports: {out}/<name>/report.md", flush=True)
 
 
