@@ -5,6 +5,7 @@ Launchers print these as one line naming the cause and exit with code 2 instead 
 
 from pipeline.config import ConfigError
 from pipeline.data.loaders import DataError
+from pipeline.data.prompt_formats import PromptFormatError
 from pipeline.engine.checkpoint import CheckpointError
 from pipeline.engine.export import ExportError
 from pipeline.engine.preflight import PreflightError
@@ -12,4 +13,4 @@ from pipeline.engine.trainer import NonFiniteLossError
 from pipeline.models.loading import ModelLoadError
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError, NonFiniteLossError, ExportError,
-               PreflightError)
+               PreflightError, PromptFormatError)

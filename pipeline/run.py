@@ -117,6 +117,8 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     from pipeline.engine.preflight import dry_run_plan, run_preflight
 
     method = build_method(cfg.method, kl_impl=cfg.kernels.kl)
+    reductions = method.reductions() if hasattr(method, "reductions") else {}
+    log.info("loss reductions: %s", ", ".join(f"{k} term {v}" for k, v in reductions.items()))
     cuda = dist.device == "cuda"
     if cfg.trainer.dry_run:
         # No downloads and no training: size the model from a local config.json or model.arch.
@@ -262,6 +264,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             "train_seconds": round(train_seconds, 2),
             "final_train": state.history[-1] if state.history else {},
             "prompt_format": prompt_format.describe(),
+            "reductions": reductions,
         }
         if tau_selection is not None:
             extra["tau_selection"] = tau_selection

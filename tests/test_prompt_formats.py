@@ -264,3 +264,17 @@ def test_trained_prompt_is_the_evaluated_and_generated_prompt(toks, name, tok_ke
         logp = torch.log_softmax(model(input_ids=torch.tensor([t["input_ids"]])).logits[0].float(), -1)
     want = [logp[i - 1, lab].item() for i, lab in enumerate(t["labels"]) if lab != IGNORE_INDEX]
     assert counts[0] == len(want) and sums[0] == pytest.approx(sum(want), abs=1e-4)
+
+
+def test_bos_text_inside_a_template_is_not_doubled(toks):
+    """A template whose text starts with the BOS token itself gets no second BOS id."""
+    from pipeline.data.prompt_formats import TemplateFormat
+
+    tok = toks["llama2"]
+    with_text = TemplateFormat(name="x", prompt="<s>[INST] {question} [/INST]", answer="{answer}</s>", end_token="</s>",
+                               strip=False)
+    named = get_prompt_format("llama2_chat_tofu")
+    for q, a in PAIRS:
+        e = with_text.encode(tok, q, a, 128)
+        assert e.input_ids[:2] != [tok.bos_token_id] * 2 and e.input_ids.count(tok.bos_token_id) == 1
+        assert e == named.encode(tok, q, a, 128)

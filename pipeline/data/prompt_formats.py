@@ -46,7 +46,8 @@ def _with_bos(tokenizer, ids: list[int], want_bos: bool) -> list[int]:
 
 
 class PromptFormat:
-    """Base class: ``prompt_text``/``prompt_ids`` (what generation is conditioned on), ``encode``
+    """Base class (subclasses are dataclasses of plain values, so settings holding one stay
+    ``asdict``/JSON-able): ``prompt_text``/``prompt_ids`` (what generation is conditioned on), ``encode``
     (ids + labels with the loss on the answer and its end token), ``stop_token_id`` (where
     generation stops) and ``check`` (refuse a tokenizer that cannot express the format)."""
 
@@ -76,14 +77,13 @@ class PromptFormat:
         return {"name": self.name}
 
 
+@dataclass(kw_only=True)
 class PlainFormat(PromptFormat):
     """``<bos>Question: {q}\\nAnswer: {a}<eos>`` — prompt and answer tokenised separately, as the
     embedded benchmark's models were trained (kept byte-identical; see pipeline.data.formatting)."""
 
-    name = "plain"
-
-    def __init__(self, template: str = PROMPT_TEMPLATE) -> None:
-        self.template = template
+    name: str = "plain"
+    template: str = PROMPT_TEMPLATE
 
     def prompt_text(self, tokenizer, question: str) -> str:
         return self.template.format(question=question)
@@ -170,6 +170,7 @@ class TemplateFormat(PromptFormat):
         return {"name": self.name, "system_prompt": self.system_prompt, "source": self.source}
 
 
+@dataclass(kw_only=True)
 class ChatFormat(PromptFormat):
     """The tokenizer's own chat template: ``[system?, user q, assistant a]`` rendered with
     ``apply_chat_template(tokenize=False)`` and tokenised with ``add_special_tokens=False`` (the
@@ -177,10 +178,8 @@ class ChatFormat(PromptFormat):
     assistant turn, ``add_generation_prompt=True``. The loss covers the answer and the first special
     token after it (the end of the assistant turn, e.g. ChatML's ``<|im_end|>``)."""
 
-    name = "chat"
-
-    def __init__(self, system_prompt: Optional[str] = None) -> None:
-        self.system_prompt = system_prompt
+    name: str = "chat"
+    system_prompt: Optional[str] = None
 
     def check(self, tokenizer) -> None:
         if not getattr(tokenizer, "chat_template", None):
@@ -240,7 +239,7 @@ def _plain(system_prompt: Optional[str] = None) -> PromptFormat:
 
 
 PROMPT_FORMATS.register("plain")(_plain)
-PROMPT_FORMATS.register("chat")(lambda system_prompt=None: ChatFormat(system_prompt))
+PROMPT_FORMATS.register("chat")(lambda system_prompt=None: ChatFormat(system_prompt=system_prompt))
 # Meta's Llama-2-chat format (their reference chat_completion and the HF tokenizer's template):
 # <s>[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{q} [/INST] {a} </s>
 _register_template(

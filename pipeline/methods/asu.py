@@ -5,9 +5,11 @@ with attention logits divided by ``tau`` in ``teacher_layers`` (all layers by de
 L_R = NLL on retain (``asu_gd``) or KL(p_original || p_student) on retain with the original
 untempered (``asu_kl``). Total = gamma * L_F + alpha * L_R.
 
-Retain KL uses the *masked* reduction (answer tokens, per-sequence mean) like the authors'
-open-unlearning trainer; their standalone TOFU script used ``batchmean`` over all positions
-including padding, which we do not reproduce.
+Reductions, each term its own: the forget KL uses ``reduction`` (per-sequence mean, as the authors);
+the retain term ``retain_reduction`` (auto: the token mean for ``asu_gd``'s NLL, as the authors' code
+and HF's loss; the same masked per-sequence mean for ``asu_kl``'s KL, like the authors'
+open-unlearning trainer — their standalone TOFU script used ``batchmean`` over all positions
+including padding, which we do not reproduce).
 """
 
 from __future__ import annotations

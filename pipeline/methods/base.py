@@ -27,6 +27,9 @@ class ForgetRetainConfig(MethodConfig):
     # sequence_mean: mean over each sequence's loss tokens, then over sequences (ASU authors);
     # token_mean: one mean over all loss tokens of the batch (HF's default loss).
     reduction: str = "sequence_mean"
+    # The retain term's own reduction. auto: token_mean for a retain NLL (HF's loss, used by all of the
+    # ASU authors' code and by open-unlearning), the forget term's ``reduction`` for a retain KL/MSE.
+    retain_reduction: str = "auto"
     # RNA add-on (any method): Gaussian noise N(0, rna_noise^2) on the output hidden state of decoder
     # layer ``rna_layer`` during the retain forward only (training only); 0 disables it. Typical 0.01-0.1.
     rna_noise: float = 0.0
@@ -42,6 +45,8 @@ class UnlearningMethod:
 
     config_cls: ClassVar[type] = ForgetRetainConfig
     needs_reference: ClassVar[bool] = False
+    # How the forget term is reduced when not by ``method.reduction`` (sequence-level losses: NPO, DPO).
+    forget_reduction: ClassVar[Optional[str]] = None
 
     def __init__(self, cfg: Any, kl_impl: str = "naive") -> None:
         self.cfg = cfg
@@ -58,6 +63,9 @@ class UnlearningMethod:
         if "reduction" in mcfg:
             require(mcfg.reduction in ("sequence_mean", "token_mean"), "method.reduction",
                     f"got {mcfg.reduction!r}; allowed: sequence_mean, token_mean")
+        if "retain_reduction" in mcfg:
+            require(mcfg.retain_reduction in ("auto", "sequence_mean", "token_mean"), "method.retain_reduction",
+                    f"got {mcfg.retain_reduction!r}; allowed: auto, sequence_mean, token_mean")
         if "rna_noise" in mcfg:
             require(mcfg.rna_noise >= 0, "method.rna_noise", f"must be >= 0 (typical 0.01-0.1), got {mcfg.rna_noise}")
             if mcfg.rna_noise > 0 and n_layers is not None:
@@ -67,6 +75,22 @@ class UnlearningMethod:
     @property
     def uses_reference(self) -> bool:
         return self.needs_reference or getattr(self.cfg, "retain_loss", None) == "kl"
+
+    def retain_reduction(self) -> str:
+        """The retain term's reduction (``method.retain_reduction``; ``auto`` resolved by retain loss)."""
+        red = getattr(self.cfg, "retain_reduction", "auto")
+        if red != "auto":
+            return red
+        if getattr(self.cfg, "retain_loss", "nll") == "nll":
+            return "token_mean"
+        return getattr(self.cfg, "reduction", "sequence_mean")
+
+    def reductions(self) -> dict[str, str]:
+        """Which reduction each loss term uses (logged at start, recorded in results.json)."""
+        out = {"forget": self.forget_reduction or getattr(self.cfg, "reduction", "token_mean")}
+        if getattr(self.cfg, "retain_loss", "nll") != "none" and self.cfg.alpha > 0:
+            out["retain"] = self.retain_reduction()
+        return out
 
     # -- hooks the engine calls before training -----------------------------------------------------
     def select_trainable(self, model: nn.Module) -> None:
@@ -96,7 +120,7 @@ class UnlearningMethod:
         from pipeline.methods import losses
 
         kind = getattr(self.cfg, "retain_loss", "nll")
-        red = getattr(self.cfg, "reduction", "sequence_mean")
+        red = self.retain_reduction()
         if kind == "nll":
             return losses.nll(student, retain, red)
         if kind == "kl":

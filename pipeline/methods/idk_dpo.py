@@ -82,12 +82,13 @@ class IdkDPOConfig(ForgetRetainConfig):
     gamma: float = 1.0
     alpha: float = 1.0
     retain_loss: str = "nll"
-    reduction: str = "token_mean"  # retain NLL reduction (HF default, as open-unlearning)
+    reduction: str = "token_mean"  # a retain KL's reduction (retain_reduction=auto); the retain NLL is the token mean
     idk_answers: Optional[list[str]] = None  # null: the built-in refusal list
 
 
 @register_method("idk_dpo")
 class IdkDPO(IdkViews, UnlearningMethod):
+    forget_reduction = "per-sequence log-prob ratios, mean over sequences"
     config_cls = IdkDPOConfig
     needs_reference = True
 

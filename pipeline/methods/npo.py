@@ -24,7 +24,7 @@ class NPOConfig(ForgetRetainConfig):
     name: str = "npo"
     beta: float = 0.1
     retain_loss: str = "nll"
-    reduction: str = "token_mean"  # retain NLL reduction
+    reduction: str = "token_mean"  # a retain KL's reduction (retain_reduction=auto); the retain NLL is the token mean
 
 
 def npo_loss(logp_theta: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:
@@ -34,6 +34,7 @@ def npo_loss(logp_theta: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> t
 
 @register_method("npo")
 class NPO(UnlearningMethod):
+    forget_reduction = "per-sequence log-prob ratio, mean over sequences"
     config_cls = NPOConfig
     needs_reference = True
 

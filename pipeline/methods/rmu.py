@@ -102,7 +102,7 @@ class LayerwiseMethod(UnlearningMethod):
             raise ValueError("retain_loss=mse needs the frozen reference model")
         with torch.no_grad():
             target = self.hidden(reference, retain)
-        return losses.hidden_mse(self.hidden(student, retain), target, losses.token_mask(retain), self.cfg.reduction)
+        return losses.hidden_mse(self.hidden(student, retain), target, losses.token_mask(retain), self.retain_reduction())
 
 
 @dataclass

@@ -29,11 +29,12 @@ class SimNPOConfig(ForgetRetainConfig):
     gamma: float = 0.125
     alpha: float = 1.0
     retain_loss: str = "nll"
-    reduction: str = "token_mean"  # retain NLL reduction (HF default, as open-unlearning)
+    reduction: str = "token_mean"  # a retain KL's reduction (retain_reduction=auto); the retain NLL is the token mean
 
 
 @register_method("simnpo")
 class SimNPO(UnlearningMethod):
+    forget_reduction = "per-sequence mean log-prob, mean over sequences"
     config_cls = SimNPOConfig
 
     @classmethod
