@@ -44,6 +44,11 @@ def resolve_paths(cfg: DictConfig) -> ModelPaths:
         art = prepare_synthetic(cfg.data.synthetic, m.tiny, Path(cfg.cache_dir))
         model = art.target_dir if m.variant == "target" else art.retain_dir
         return ModelPaths(str(model), str(art.tokenizer_dir), str(art.data_dir), str(art.retain_dir), str(art.root))
+    if m.source == "gguf_package":
+        from pipeline.models.gguf_package import prepare_gguf_model
+
+        model_dir = str(prepare_gguf_model(m.gguf_package, Path(cfg.cache_dir), m.gguf_file))
+        return ModelPaths(model_dir, m.tokenizer_path or model_dir, cfg.data.path, cfg.eval.retain_model, None)
     return ModelPaths(m.path, m.tokenizer_path or m.path, cfg.data.path, cfg.eval.retain_model, None)
 
 

@@ -368,4 +368,10 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             run_logger.summary({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     run_logger.finish()
     barrier()
+    if cfg.eval.enabled and cfg.trainer.export:
+        from pipeline.eval.runner import add_lm_eval
+
+        # rank 0 only, after the barrier above: the other ranks are done and wait for nothing
+        if add_lm_eval(cfg, model_dir, run_dir) is not None:
+            results = json.loads((Path(run_dir) / "results.json").read_text())
     return results

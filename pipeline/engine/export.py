@@ -98,7 +98,10 @@ def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, verify: bool = T
         log.info("exported HF model to %s", out_dir)
         if probe is not None:
             # bf16 training exports bf16 weights: compare at that precision's resolution.
-            rtol = 1e-5 if next(engine.module.parameters()).dtype == torch.float32 else 5e-2
+            # fp32 round-off between the two attention paths grows with depth: 1e-5 up to 4 layers
+            # (the tiny models), proportionally more beyond (SmolLM2's 30 layers: 7.5e-5; measured 3.9e-5)
+            depth = max(1.0, int(getattr(engine.module.config, "num_hidden_layers", 1)) / 4)
+            rtol = 1e-5 * depth if next(engine.module.parameters()).dtype == torch.float32 else 5e-2
             diff, tol = verify_export(out_dir, probe[0], probe[1], rtol)
             atomic_write_json(out_dir.parent / "export_check.json", {"max_abs_logit_diff": diff, "tolerance": tol,
                                                                      "relative_tolerance": rtol})
