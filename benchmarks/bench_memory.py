@@ -39,7 +39,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from common import device_info, fmt, print_table, write_json  # noqa: E402
+from common import device_info, fmt, print_table, save_random_llama, status_kb, write_json  # noqa: E402
 
 MiB = 2**20
 SIZES = {  # random Llamas, V=32k, untied embeddings (every matrix is partitioned by ZeRO-3)
@@ -56,13 +56,6 @@ SIZES = {  # random Llamas, V=32k, untied embeddings (every matrix is partitione
 # worker (one rank)
 # ------------------------------------------------------------------------------------------------
 
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 class Stages:
@@ -82,8 +75,8 @@ class Stages:
             return False
 
     def mark(self, name: str) -> None:
-        self.rows.append({"stage": name, "rss_mib": _status_kb("VmRSS") / 1024,
-                          "stage_peak_mib": _status_kb("VmHWM") / 1024 if self.hwm_ok else None})
+        self.rows.append({"stage": name, "rss_mib": status_kb("VmRSS", strict=False) / 1024,
+                          "stage_peak_mib": status_kb("VmHWM", strict=False) / 1024 if self.hwm_ok else None})
         self._reset()
 
 
@@ -218,7 +211,7 @@ def worker(spec: dict) -> None:
     if os.environ.get("ASU_BENCH_TRACE") and rank == 0:  # where in backward the resident set peaks
         def rec(name):
             def f(*_):
-                trace.append((name, _status_kb("VmRSS") // 1024))
+                trace.append((name, status_kb("VmRSS", strict=False) // 1024))
             return f
         for name, mod in engine.module.named_modules():
             if not list(mod.children()):
@@ -228,9 +221,9 @@ def worker(spec: dict) -> None:
         orig = opt._DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads
 
         def wrapped(params, dtype):
-            trace.append((f"reduce-scatter {sum(p.numel() for p in params)} in", _status_kb("VmRSS") // 1024))
+            trace.append((f"reduce-scatter {sum(p.numel() for p in params)} in", status_kb("VmRSS", strict=False) // 1024))
             out = orig(params, dtype)
-            trace.append(("reduce-scatter out", _status_kb("VmRSS") // 1024))
+            trace.append(("reduce-scatter out", status_kb("VmRSS", strict=False) // 1024))
             return out
         opt._DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads = wrapped
     step_s = []
@@ -268,14 +261,7 @@ def worker(spec: dict) -> None:
 
 
 def _save_model(d: Path, size: str) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                      initializer_range=0.02, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(d / "model", safe_serialization=True)
-    return d / "model"
+    return save_random_llama(d, SIZES[size], 512)
 
 
 def _predict(model_dir: Path, spec: dict, ranks: int) -> tuple[dict, int]:

@@ -59,7 +59,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from common import device_info, fmt, print_table, set_threads, write_json  # noqa: E402
+from common import device_info, fmt, print_table, save_random_llama, set_threads, status_kb, write_json  # noqa: E402
 
 VARIANTS = ("grad_diff", "asu_live_naive", "asu_live_fused", "asu_cached")
 SIZES = {
@@ -132,13 +132,6 @@ class CommCounter:
         self.calls = dict.fromkeys(self.calls, 0)
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
 
 def _reset_hwm() -> bool:
     try:
@@ -198,7 +191,7 @@ def worker(spec: dict) -> None:
     mcfg = LlamaConfig(**{"tie_word_embeddings": False, **SIZES[spec["size"]]},
                        max_position_embeddings=max(256, spec["seq"]), pad_token_id=0,
                        bos_token_id=1, eos_token_id=2, initializer_range=0.02)
-    rss0 = _status_kb("VmRSS")
+    rss0 = status_kb("VmRSS", strict=False)
     t0 = time.perf_counter()
     hf_ds = HfDeepSpeedConfig(s_cfg)
 
@@ -283,7 +276,7 @@ def worker(spec: dict) -> None:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        rss_before = _status_kb("VmRSS")
+        rss_before = status_kb("VmRSS", strict=False)
         hwm_ok = _reset_hwm()
         for _ in range(spec["steps"]):
             torch.distributed.barrier()
@@ -296,8 +289,8 @@ def worker(spec: dict) -> None:
             comm[v] = {"all_gather_bytes": counter.bytes["all_gather"], "all_gather_calls": counter.calls["all_gather"],
                        "reduce_scatter_bytes": counter.bytes["reduce_scatter"]}  # the last (steady) step
         mem[v] = {"rss_before_kb": rss_before,
-                  "peak_rss_kb": _status_kb("VmHWM") if hwm_ok else None,
-                  "step_rss_growth_kb": (_status_kb("VmHWM") - rss_before) if hwm_ok else None,
+                  "peak_rss_kb": status_kb("VmHWM", strict=False) if hwm_ok else None,
+                  "step_rss_growth_kb": (status_kb("VmHWM", strict=False) - rss_before) if hwm_ok else None,
                   "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
     res = {
         "rank": rank, "world_size": world, "params": int(n_params), "setup_s": setup_s, "cache_build_s": cache_s,
@@ -350,14 +343,7 @@ def _cuda() -> bool:
 
 
 def _save_small_model(d: Path, size: str) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                      initializer_range=0.02, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(d / "model", safe_serialization=True)
-    return d / "model"
+    return save_random_llama(d, SIZES[size], 256)
 
 
 def main() -> None:

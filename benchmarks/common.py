@@ -98,12 +98,28 @@ def time_fn(fn: Callable[[], object], device: str, warmup: int = 1, iters: int =
 # ------------------------------------------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int:
+def status_kb(field: str, strict: bool = True) -> int:
+    """A /proc/self/status field in KiB (VmRSS, VmHWM, ...); 0 when absent and not ``strict``."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    if strict:
+        raise RuntimeError(f"{field} not in /proc/self/status")
+    return 0
+
+
+def save_random_llama(d: Path, arch: dict, max_position_embeddings: int) -> Path:
+    """A randomly initialised Llama of ``arch`` (seed 0, untied embeddings) saved as safetensors in
+    ``d/model``: the benchmarks' stand-in for a real checkpoint of that size."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**arch, max_position_embeddings=max_position_embeddings, pad_token_id=0, bos_token_id=1,
+                      eos_token_id=2, initializer_range=0.02, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(d / "model", safe_serialization=True)
+    return d / "model"
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> Optional[int]:
@@ -111,12 +127,12 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> Optional[int]:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
-        before = _status_kb("VmRSS")
+        before = status_kb("VmRSS")
     except OSError:
         fn()
         return None
     fn()
-    return (_status_kb("VmHWM") - before) * 1024
+    return (status_kb("VmHWM") - before) * 1024
 
 
 def cuda_peak_bytes(fn: Callable[[], object]) -> int:

@@ -68,6 +68,17 @@ def _pump(proc: subprocess.Popen, log_path: Path, echo: str | None) -> None:
                 print("  " + line[line.index(echo):].rstrip(), flush=True)
 
 
+def child_env() -> dict:
+    """The environment of every job a demo starts: offline, CPU ranks, one thread each, repo importable."""
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("WANDB_MODE", "offline")
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def launcher(ranks: int, port: int) -> list[str]:
     if ranks == 1:
         return [sys.executable]
@@ -93,12 +104,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every step (after --)")
     args = ap.parse_args()
 
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("WANDB_MODE", "offline")
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env()
     out = Path(args.out)
     logs = REPO / out / "logs"
     t0 = time.time()

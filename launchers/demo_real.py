@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "launchers"))
 
-from demo import launcher, run  # noqa: E402  (launchers/demo.py: process helpers)
+from demo import child_env, launcher, run  # noqa: E402  (launchers/demo.py: process helpers)
 
 BEFORE = "target"  # the demo's name for the model before unlearning (its run directory)
 
@@ -46,12 +45,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every job (after --)")
     args = ap.parse_args()
 
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("WANDB_MODE", "offline")
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env()
     out = Path(args.out)
     logs = (REPO / out if not out.is_absolute() else out) / "logs"
     t0 = time.time()
