@@ -1,0 +1,243 @@
+"""Does ``method.tau=auto`` pick a good tau? A tau grid against auto on two benchmarks.
+
+    python benchmarks/tau_auto_study.py                      # both benchmarks, grid + auto
+    python benchmarks/tau_auto_study.py --bench real --only auto --reuse
+
+For each benchmark, one 2-rank DeepSpeed ZeRO-3 launch (the jobs run in order on one process
+group, ``pipeline.demo.demo_job``): the original model is evaluated, then ASU is trained from it at
+every tau of the grid {1.5, 2.0, 2.3, 2.8, 3.5, 5.0} and at ``tau=auto``, with the benchmark's own
+trainer settings (the same for every point):
+
+* ``tiny``: ``+exp=tofu_tiny`` (embedded synthetic benchmark, forget10, ``asu_kl_tiny``, 50 steps);
+* ``real``: ``+exp=realworld_smol`` (SmolLM2-135M-Instruct, 12 real book -> author facts to forget,
+  10 capitals kept, ``asu_gd``, 20 steps, lr 5e-5, the model's own chat template).
+
+Reported per run: forget / retain fact recall, utility (the benchmark's ``model_utility`` where
+defined, else the held-out world-facts recall), forget-answer fluency (well-formed share,
+repetition), the tau used, and for auto the selection's seconds against the training seconds.
+
+Criterion (stated before the runs): among runs that keep retain fact recall >= 0.95x the original
+model's and whose forget answers are well formed (``forget_well_formed`` >= 0.95x the original's),
+the best removes the most forget facts (lowest forget fact recall); ties go to the higher retain
+recall. Acceptance: auto's run ranks within the best two of the grid on both benchmarks (ties share
+a rank), and auto's tau >= 1.5 on the real model.
+
+Writes ``benchmarks/results/tau_auto_study.json`` and prints the tables (docs/sweeps.md has them).
+Exported model directories are deleted after each job's evaluation (SmolLM2 is 538 MB a run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GRID = (1.5, 2.0, 2.3, 2.8, 3.5, 5.0)
+BENCHES = {
+    "tiny": {"exp": "tofu_tiny", "method": "asu_kl_tiny", "utility": "model_utility"},
+    "real": {"exp": "realworld_smol", "method": "asu_gd", "utility": "world_facts_fact_recall"},
+}
+RETAIN_FACTOR = 0.95  # retain fact recall >= 0.95x the original model's
+FORM_FACTOR = 0.95  # forget answers well formed: well-formed share >= 0.95x the original's
+
+
+def job_names(only: str | None) -> list[str]:
+    names = ["original"] + [f"tau_{t:g}" for t in GRID] + ["auto"]
+    return names if not only else [n for n in names if n in only.split(",")]
+
+
+def _worker(args: argparse.Namespace) -> None:
+    """Inside the launch: run this benchmark's jobs in order on one process group."""
+    import logging
+
+    import _bootstrap  # noqa: F401  (imported by main() before argparse: environment + rank variables)
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+    from pipeline.demo import DemoJob, demo_job
+    from pipeline.engine.distributed import barrier, is_main_process
+
+    bench = BENCHES[args.bench]
+    root = f"tau_auto_study/{args.bench}"
+    common = [f"+exp={bench['exp']}", f"output_dir={args.out_dir}", "logging=none", *args.overrides]
+    jobs = []
+    for name in args.jobs.split(","):
+        if name == "original":
+            jobs.append(DemoJob(name, "eval", ("model.variant=target", f"run_name={root}/{name}")))
+        else:
+            tau = "auto" if name == "auto" else name.split("_", 1)[1]
+            jobs.append(DemoJob(name, "train", (f"method={bench['method']}", f"method.tau={tau}",
+                                                f"run_name={root}/{name}")))
+    for job in jobs:  # one job at a time, so each exported model can go before the next is written
+        t = demo_job(Path(_bootstrap.CONFIG_PATH), common, [job])
+        barrier()
+        run_dir = Path(args.out_dir) / root / job.name
+        if is_main_process():
+            (run_dir / "timing.json").write_text(json.dumps(t[0]))
+            if job.kind == "train":
+                shutil.rmtree(run_dir / "model", ignore_errors=True)
+        barrier()
+
+
+def _launch(bench: str, names: list[str], out_dir: Path, overrides: list[str], log: Path) -> None:
+    from tests.helpers.launch import free_port
+
+    ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    cmd = [ds, "--num_gpus", "2", "--master_port", str(free_port()), str(Path(__file__).resolve()),
+           "--worker", "--bench", bench, "--jobs", ",".join(names), "--out-dir", str(out_dir), "--", *overrides]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[study] {bench}: {', '.join(names)} (log {log})", flush=True)
+    with open(log, "a") as fh:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"[study] {bench}: the launch failed (exit {rc}); see {log}")
+
+
+def _row(name: str, res: dict, utility_key: str, timing: dict | None) -> dict:
+    m = res.get("metrics", res)
+    sel = res.get("tau_selection") or {}
+    row = {
+        "run": name,
+        "tau": res.get("tau"),
+        "forget_fact_recall": m.get("forget_fact_recall"),
+        "retain_fact_recall": m.get("retain_fact_recall"),
+        "utility": m.get(utility_key),
+        "utility_metric": utility_key,
+        "forget_well_formed": m.get("forget_well_formed"),
+        "forget_repetition": m.get("forget_repetition"),
+        "train_seconds": res.get("train_seconds"),
+        "job_seconds": (timing or {}).get("seconds"),
+    }
+    if sel:
+        row["selection_seconds"] = sel.get("seconds")
+        row["selection_share_of_training"] = (round(sel["seconds"] / res["train_seconds"], 4)
+                                              if res.get("train_seconds") else None)
+        row["selection"] = {k: sel.get(k) for k in ("tau", "reason", "probes", "bounds", "signal")}
+    return row
+
+
+def rank_runs(rows: list[dict], original: dict) -> list[dict]:
+    """Apply the criterion; sets ``eligible`` and ``rank`` (1 = best; ties share a rank) per row."""
+    r0, w0 = original["retain_fact_recall"], original["forget_well_formed"]
+    for r in rows:
+        r["eligible"] = bool(r["retain_fact_recall"] is not None and r["forget_fact_recall"] is not None
+                             and r["retain_fact_recall"] >= RETAIN_FACTOR * r0 - 1e-9
+                             and (w0 is None or (r["forget_well_formed"] or 0.0) >= FORM_FACTOR * w0 - 1e-9))
+    key = {id(r): (round(r["forget_fact_recall"], 6), -round(r["retain_fact_recall"], 6)) for r in rows if r["eligible"]}
+    for r in rows:
+        r["rank"] = 1 + len({key[id(o)] for o in rows if o["eligible"] and key[id(o)] < key[id(r)]}) \
+            if r["eligible"] else None
+    return rows
+
+
+def summarise(bench: str, out_dir: Path) -> dict:
+    root = out_dir / "tau_auto_study" / bench
+    rows, original = [], None
+    for name in job_names(None):
+        path = root / name / "results.json"
+        if not path.exists():
+            continue
+        timing = json.loads((root / name / "timing.json").read_text()) if (root / name / "timing.json").exists() else None
+        row = _row(name, json.loads(path.read_text()), BENCHES[bench]["utility"], timing)
+        if name == "original":
+            original = row
+        else:
+            rows.append(row)
+    if original is None:
+        raise SystemExit(f"[study] {bench}: no evaluation of the original model under {root}")
+    grid = [r for r in rows if r["run"] != "auto"]
+    rank_runs(grid, original)
+    auto = next((r for r in rows if r["run"] == "auto"), None)
+    verdict = {}
+    if auto is not None:
+        # auto's rank among the grid: the grid's ranks with auto's run added
+        ranked = rank_runs([dict(r) for r in grid] + [dict(auto)], original)
+        a = ranked[-1]
+        auto["eligible"], auto["rank_among_grid"] = a["eligible"], a["rank"]
+        verdict = {"auto_tau": auto["tau"], "auto_rank": a["rank"], "within_best_two": a["rank"] is not None
+                   and a["rank"] <= 2, "selection_share_of_training": auto.get("selection_share_of_training")}
+        if bench == "real":
+            verdict["auto_tau_at_least_1.5"] = auto["tau"] is not None and auto["tau"] >= 1.5
+    return {"benchmark": bench, "exp": BENCHES[bench]["exp"], "method": BENCHES[bench]["method"],
+            "original": original, "runs": rows, "verdict": verdict}
+
+
+def table(summary: dict) -> str:
+    def f(v, spec=".3f"):
+        return "-" if v is None else format(v, spec)
+
+    o = summary["original"]
+    lines = ["| run | τ | forget facts | retain facts | utility | well-formed | repetition | eligible | rank |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+             f"| original | - | {f(o['forget_fact_recall'])} | {f(o['retain_fact_recall'])} | {f(o['utility'])} | "
+             f"{f(o['forget_well_formed'])} | {f(o['forget_repetition'])} | - | - |"]
+    for r in summary["runs"]:
+        rank = r.get("rank") if r["run"] != "auto" else r.get("rank_among_grid")
+        lines.append(f"| {r['run']} | {f(r['tau'], '.3g')} | {f(r['forget_fact_recall'])} | "
+                     f"{f(r['retain_fact_recall'])} | {f(r['utility'])} | {f(r['forget_well_formed'])} | "
+                     f"{f(r['forget_repetition'])} | {'yes' if r.get('eligible') else 'no'} | {rank or '-'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", default="tiny,real", help="comma-separated: tiny, real")
+    ap.add_argument("--only", default=None, help="comma-separated job names (original, tau_1.5, ..., auto)")
+    ap.add_argument("--reuse", action="store_true", help="skip jobs whose results.json exists")
+    ap.add_argument("--out-dir", default=str(REPO / "runs"))
+    ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "tau_auto_study.json"))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--jobs", default="", help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every job (after --)")
+    if "--worker" in sys.argv:  # inside the launch: drop the launcher's --local_rank, set the environment
+        sys.path.insert(0, str(REPO / "launchers"))
+        import _bootstrap  # noqa: F401
+    args = ap.parse_args()
+    if args.worker:
+        _worker(args)
+        return
+    out_dir = Path(args.out_dir).resolve()
+    benches = [b for b in args.bench.split(",") if b]
+    for b in benches:
+        if b not in BENCHES:
+            raise SystemExit(f"--bench: unknown {b!r}; choose from {sorted(BENCHES)}")
+        names = job_names(args.only)
+        if args.reuse:
+            names = [n for n in names if not (out_dir / "tau_auto_study" / b / n / "results.json").exists()]
+        if names:
+            t0 = time.time()
+            _launch(b, names, out_dir, list(args.overrides), out_dir / "tau_auto_study" / b / "study.log")
+            print(f"[study] {b}: {time.time() - t0:.0f}s", flush=True)
+    from benchmarks.common import device_info
+    from pipeline.io import atomic_write_json
+
+    payload = {"grid": list(GRID), "criterion": {
+        "retain_fact_recall": f">= {RETAIN_FACTOR} x the original model's",
+        "forget_well_formed": f">= {FORM_FACTOR} x the original model's",
+        "objective": "lowest forget fact recall; ties: higher retain fact recall"},
+        "threads_per_rank": 1, "ranks": 2, "machine": device_info("cpu"), "benchmarks": {}}
+    old = Path(args.json)
+    if old.exists():  # keep the other benchmark's section when only one is re-run
+        payload["benchmarks"] = json.loads(old.read_text()).get("benchmarks", {})
+    for b in BENCHES:
+        if (out_dir / "tau_auto_study" / b / "original" / "results.json").exists():
+            s = summarise(b, out_dir)
+            payload["benchmarks"][b] = s
+            print(f"\n## {b} ({s['exp']}, {s['method']})\n{table(s)}\nverdict: {json.dumps(s['verdict'])}")
+    atomic_write_json(old, payload)
+    print(f"[study] wrote {old}")
+
+
+if __name__ == "__main__":
+    main()
