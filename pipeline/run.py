@@ -10,11 +10,11 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.config import validate
+from pipeline.config import ConfigError, validate
 
 log = logging.getLogger("pipeline.run")
 
@@ -44,6 +44,11 @@ def resolve_paths(cfg: DictConfig) -> ModelPaths:
         art = prepare_synthetic(cfg.data.synthetic, m.tiny, Path(cfg.cache_dir))
         model = art.target_dir if m.variant == "target" else art.retain_dir
         return ModelPaths(str(model), str(art.tokenizer_dir), str(art.data_dir), str(art.retain_dir), str(art.root))
+    if m.source == "gguf_package":
+        from pipeline.models.gguf_package import prepare_gguf_model
+
+        model_dir = str(prepare_gguf_model(m.gguf_package, Path(cfg.cache_dir), m.gguf_file))
+        return ModelPaths(model_dir, m.tokenizer_path or model_dir, cfg.data.path, cfg.eval.retain_model, None)
     return ModelPaths(m.path, m.tokenizer_path or m.path, cfg.data.path, cfg.eval.retain_model, None)
 
 
@@ -58,6 +63,20 @@ def effective_max_length(cfg: DictConfig, model_path: str) -> int:
                     cfg.data.max_length, context, context)
         return int(context)
     return int(cfg.data.max_length)
+
+
+def checked_prompt_format(cfg: DictConfig, tokenizer: Any) -> Any:
+    """The run's prompt format (model.prompt_format), checked against the tokenizer; logged once."""
+    from pipeline.data.prompt_formats import PromptFormatError, prompt_format_from_config
+
+    fmt = prompt_format_from_config(cfg.model)
+    try:
+        fmt.check(tokenizer)
+    except PromptFormatError as e:
+        raise ConfigError(f"config error at 'model.prompt_format': {e}") from None
+    log.info("prompt format: %s%s (training, evaluation and generation)", fmt.name,
+             f", system prompt {fmt.system_prompt!r}" if getattr(fmt, "system_prompt", None) else "")
+    return fmt
 
 
 def checkpoint_meta(cfg: DictConfig, world_size: int) -> dict:
@@ -116,9 +135,10 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     from pipeline.models.loading import check_same_architecture, check_vocab, load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
+    prompt_format = checked_prompt_format(cfg, tokenizer)
     max_len = effective_max_length(cfg, paths.model)
-    forget = encode_rows(tokenizer, data.forget, max_len, cfg.data.truncate, data.forget_split)
-    retain = encode_rows(tokenizer, data.retain, max_len, cfg.data.truncate, data.retain_split)
+    forget = encode_rows(tokenizer, data.forget, max_len, cfg.data.truncate, data.forget_split, prompt_format)
+    retain = encode_rows(tokenizer, data.retain, max_len, cfg.data.truncate, data.retain_split, prompt_format)
     # method.teacher=cached: the frozen model is loaded only to build a missing cache (or for tau=auto,
     # or for a retain KL); asu_gd with a ready cache trains with no reference model at all.
     cached = bool(getattr(method, "cached_teacher", False))
@@ -186,7 +206,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         cfg, run_dir, engine, ref_engine, method, forget, retain, tokenizer.pad_token_id, plan, total,
         run_logger, checkpoint_meta(cfg, dist.world_size),
     )
-    trainer.views = method.forget_views(tokenizer, data.forget, int(cfg.data.max_length))
+    trainer.views = method.forget_views(tokenizer, data.forget, int(cfg.data.max_length), prompt_format)
     tau_selection = None
     if "tau" in cfg.method and str(cfg.method.tau) == "auto":
         # Choose tau from a cheap teacher-side signal before training (recorded in results.json).
@@ -244,6 +264,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             "world_size": dist.world_size,
             "train_seconds": round(train_seconds, 2),
             "final_train": state.history[-1] if state.history else {},
+            "prompt_format": prompt_format.describe(),
         }
         if tau_selection is not None:
             extra["tau_selection"] = tau_selection
@@ -258,6 +279,12 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             run_logger.summary({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     run_logger.finish()
     barrier()
+    if cfg.eval.enabled and cfg.trainer.export:
+        from pipeline.eval.runner import add_lm_eval
+
+        # rank 0 only, after the barrier above: the other ranks are done and wait for nothing
+        if add_lm_eval(cfg, model_dir, run_dir) is not None:
+            results = json.loads((Path(run_dir) / "results.json").read_text())
     if dist.is_main:
         log.info("run %s finished in %.1fs", run_dir, time.time() - t_start)
     return results

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.eval import muse as MU
-from pipeline.eval.lm_eval_bridge import LmEvalNotInstalled, lm_eval_available, run_lm_eval, summarize
+from pipeline.eval.lm_eval_bridge import LmEvalNotInstalled, run_lm_eval
 from pipeline.eval.mcq import (
     MCQSettings,
     continuation_logliks,
@@ -237,30 +237,9 @@ def test_continuation_with_bos_and_multi_token_continuations():
 
 
 # ---------------------------------------------------------------------------------------- lm-eval
-@pytest.mark.skipif(lm_eval_available(), reason="lm_eval is installed; the not-installed error path cannot run")
-def test_lm_eval_missing_gives_clear_error(tmp_path):
-    with pytest.raises(LmEvalNotInstalled, match="pip install lm-eval"):
+# lm-eval itself runs for real in tests/test_lm_eval_real.py.
+def test_lm_eval_missing_gives_clear_error(monkeypatch, tmp_path):
+    # None in sys.modules makes `import lm_eval` raise ImportError, as on a machine without the extra
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(LmEvalNotInstalled, match="requirements/extras.lock"):
         run_lm_eval(tmp_path)
-
-
-def test_lm_eval_bridge_call_contract_with_a_stub(monkeypatch, tmp_path):
-    seen = {}
-
-    def simple_evaluate(**kw):
-        seen.update(kw)
-        return {"results": {"wmdp_bio": {"acc,none": 0.25, "acc_stderr,none": 0.01, "alias": "wmdp_bio"},
-                            "wmdp_cyber": {"acc,none": 0.5}},
-                "groups": {"mmlu": {"acc,none": 0.3}}, "samples": {"x": 1}}
-
-    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
-    out = run_lm_eval(tmp_path, batch_size=4)
-    assert seen["model"] == "hf" and seen["model_args"] == f"pretrained={tmp_path}"
-    assert seen["tasks"] == ["wmdp_bio", "wmdp_cyber", "mmlu"] and seen["num_fewshot"] == 0
-    assert out["summary"] == {"wmdp_bio": 0.25, "wmdp_bio_stderr": 0.01, "wmdp_cyber": 0.5, "mmlu": 0.3}
-    assert "samples" not in out["raw"]
-    assert summarize({"results": {}}, ["mmlu"]) == {}
-
-
-def test_lm_eval_real_run_needs_the_extra():
-    pytest.importorskip("lm_eval", reason="lm-evaluation-harness (optional extra `lm-eval`) is not installed")
-    pytest.skip("a real lm-eval run downloads task data from the hub; not run offline")

@@ -96,10 +96,12 @@ def test_answer_logprobs_matches_manual(model, tokenizer):
         ms, mn = _manual_logprob(model, tokenizer, q, a)
         assert n == mn == len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + 1  # + <eos>
         assert s == pytest.approx(ms, abs=1e-4)
-    # truncation: answers cut by max_length are scored on their kept tokens only
+    # truncation keeps the answer (question words go first); only an answer that does not fit even
+    # after an empty question is scored on its kept tokens
     sums_t, counts_t = answer_logprobs(model, tokenizer, qs[:1], ans[:1], batch_size=1, max_length=14)
-    p = len(prompt_ids(tokenizer, qs[0]))
-    assert counts_t[0] == 14 - p
+    assert counts_t[0] == counts[0]
+    sums_t, counts_t = answer_logprobs(model, tokenizer, qs[:1], ans[:1], batch_size=1, max_length=10)
+    assert counts_t[0] == 10 - len(prompt_ids(tokenizer, ""))
 
 
 def _manual_greedy(model, tokenizer, q, max_new_tokens):

@@ -1,21 +1,26 @@
 """Turning QA pairs and raw text into token ids with loss masks.
 
 One prompt format is used everywhere (training, evaluation, generation) so that the loss mask
-and the evaluated continuation always agree: ``<bos>Question: {q}\\nAnswer: {a}<eos>`` with the
-loss on the answer tokens (and ``<eos>``) only. Models with a chat template can be given their own
-template through ``encode_qa(..., template=...)``.
+and the evaluated continuation always agree. ``template`` is either a format string (the ``plain``
+format, ``<bos>Question: {q}\\nAnswer: {a}<eos>`` by default, with the loss on the answer tokens and
+``<eos>`` only) or a :class:`pipeline.data.prompt_formats.PromptFormat` selected by
+``model.prompt_format`` (chat templates), which then does the encoding.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 IGNORE_INDEX = -100
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 
 
-def build_prompt(question: str, template: str = PROMPT_TEMPLATE) -> str:
-    """The text the model sees before the answer."""
+def build_prompt(question: str, template: Any = PROMPT_TEMPLATE, tokenizer: Any = None) -> str:
+    """The text the model sees before the answer (a PromptFormat may need the ``tokenizer``)."""
+    if not isinstance(template, str):
+        return template.prompt_text(tokenizer, question)
     return template.format(question=question)
 
 
@@ -24,6 +29,8 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    answer_cut: bool = False  # even the answer alone was longer than max_length: its end was cut
+    prompt_mismatch: bool = False  # the prompt's ids differ inside the joint tokenisation (border merge)
 
     @property
     def attention_mask(self) -> list[int]:
@@ -34,8 +41,10 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def prompt_ids(tokenizer, question: str, template: str = PROMPT_TEMPLATE) -> list[int]:
+def prompt_ids(tokenizer, question: str, template: Any = PROMPT_TEMPLATE) -> list[int]:
     """Token ids of ``<bos> + prompt`` (what generation is conditioned on)."""
+    if not isinstance(template, str):
+        return template.prompt_ids(tokenizer, question)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + _ids(tokenizer, build_prompt(question, template))
 
@@ -45,24 +54,51 @@ def encode_qa(
     question: str,
     answer: str,
     max_length: int,
-    template: str = PROMPT_TEMPLATE,
+    template: Any = PROMPT_TEMPLATE,
     add_eos: bool = True,
 ) -> Encoded:
     """Encode one QA pair with the loss on the answer (and EOS) only.
 
-    When the pair is longer than ``max_length`` the prompt keeps its start and the answer is cut
-    from the end; ``truncated`` tells the caller so it can count and report it.
+    ``template``: a format string (plain format) or a PromptFormat, which then encodes. When the
+    pair is longer than ``max_length`` question words are dropped from the left until it fits (the
+    answer is kept whole); only an answer that does not fit even after an empty question is cut from
+    its end (``answer_cut``). ``truncated`` tells the caller so it can count and report it.
     """
-    p = prompt_ids(tokenizer, question, template)
-    a = _ids(tokenizer, " " + answer)
-    if add_eos and tokenizer.eos_token_id is not None:
-        a = a + [tokenizer.eos_token_id]
-    ids = p + a
-    labels = [IGNORE_INDEX] * len(p) + a
-    truncated = len(ids) > max_length
-    if truncated:
-        ids, labels = ids[:max_length], labels[:max_length]
-    return Encoded(ids, labels, truncated)
+    if not isinstance(template, str):
+        return template.encode(tokenizer, question, answer, max_length)
+
+    def encode(q: str) -> Encoded:
+        p = prompt_ids(tokenizer, q, template)
+        a = _ids(tokenizer, " " + answer)
+        if add_eos and tokenizer.eos_token_id is not None:
+            a = a + [tokenizer.eos_token_id]
+        return Encoded(p + a, [IGNORE_INDEX] * len(p) + a)
+
+    return fit_question(encode, question, max_length)
+
+
+def fit_question(encode: Callable[[str], Encoded], question: str, max_length: int) -> Encoded:
+    """``encode(question)`` if it fits in ``max_length`` tokens; otherwise the encoding with the
+    fewest leading question words dropped that fits (``truncated``). If even an empty question does
+    not fit, the answer is cut from its end (``answer_cut``): the loss then misses its last tokens."""
+    enc = encode(question)
+    if len(enc.input_ids) <= max_length:
+        return enc
+    words = question.split(" ")
+    lo, hi, best = 1, len(words), None
+    while lo <= hi:  # the smallest number of dropped words that fits
+        mid = (lo + hi) // 2
+        e = encode(" ".join(words[mid:]))
+        if len(e.input_ids) <= max_length:
+            best, hi = e, mid - 1
+        else:
+            lo = mid + 1
+    if best is None:
+        best = encode("")
+        best.input_ids, best.labels = best.input_ids[:max_length], best.labels[:max_length]
+        best.answer_cut = True
+    best.truncated = True
+    return best
 
 
 def encode_text(tokenizer, text: str, max_length: int, add_eos: bool = True) -> Encoded:

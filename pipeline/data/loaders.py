@@ -256,15 +256,22 @@ def load_local_json(data_cfg: Any, **_: Any) -> UnlearningData:
     return UnlearningData(name, forget, retain, evals, data_cfg.forget_split, data_cfg.retain_split)
 
 
-def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool, split: str) -> list[dict]:
+def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool, split: str,
+                prompt_format: Any = None) -> list[dict]:
     """Tokenise QA rows (loss on answers) or raw-text rows ``{"text": ...}`` (loss on every token,
-    MUSE/WMDP corpora). Over-long rows are cut and counted, or refused."""
-    out, cut = [], 0
+    MUSE/WMDP corpora). Over-long rows are cut and counted, or refused. ``prompt_format``: a
+    :class:`pipeline.data.prompt_formats.PromptFormat` (None: plain)."""
+    from pipeline.data.formatting import PROMPT_TEMPLATE
+
+    template = prompt_format if prompt_format is not None else PROMPT_TEMPLATE
+    out, cut, answer_cut, mismatch = [], 0, 0, 0
     for i, r in enumerate(rows):
         if "question" not in r and "text" in r:
             enc = encode_text(tokenizer, r["text"], max_length)
         else:
-            enc = encode_qa(tokenizer, r["question"], r["answer"], max_length)
+            enc = encode_qa(tokenizer, r["question"], r["answer"], max_length, template=template)
+        answer_cut += enc.answer_cut
+        mismatch += enc.prompt_mismatch
         if enc.truncated:
             if not truncate:
                 raise DataError(
@@ -274,7 +281,14 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
             cut += 1
         out.append({"input_ids": enc.input_ids, "labels": enc.labels, "index": i})
     if cut:
-        log.warning("split %r: truncated %d of %d sequences to data.max_length=%d", split, cut, len(rows), max_length)
+        log.warning("split %r: truncated %d of %d sequences to data.max_length=%d (question words dropped from the "
+                    "left, answers kept)", split, cut, len(rows), max_length)
+    if answer_cut:
+        log.warning("split %r: %d answer(s) alone are longer than data.max_length=%d: their last tokens are cut "
+                    "(no loss on them)", split, answer_cut, max_length)
+    if mismatch:
+        log.warning("split %r: in %d row(s) the prompt tokenises differently inside prompt+answer (border merge); the "
+                    "loss starts after the prompt's token count, as open-unlearning does", split, mismatch)
     return out
 
 

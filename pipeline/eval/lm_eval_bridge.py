@@ -1,16 +1,26 @@
-"""Optional: evaluate an exported model directory with lm-evaluation-harness (``pip install lm-eval``).
+"""lm-evaluation-harness on an exported model directory, in this process (optional extra
+``lm-eval``, pinned in ``requirements/extras.lock``).
 
 ``lm_eval`` is imported lazily, only when :func:`run_lm_eval` is called; without it the call raises
 :class:`LmEvalNotInstalled` (an ``ImportError``) saying how to install it. Our own scorer
-(:mod:`pipeline.eval.mcq`) uses the same prompt format and needs no extra dependency.
+(:mod:`pipeline.eval.mcq`) uses the same prompt format and needs no extra dependency; the test
+``tests/test_lm_eval_real.py`` checks that both give the same per-choice log-likelihoods.
+
+The model is loaded by our safe loader (safetensors, no remote code) and handed to lm-eval's
+``HFLM`` as an instance: lm-eval then runs as a single process (rank 0 of 1) and never builds an
+``accelerate.Accelerator`` or touches the training job's process group. Task configs outside
+lm-eval's own (e.g. an offline copy of WMDP) come from ``include_path`` through a ``TaskManager``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ("wmdp_bio", "wmdp_cyber", "mmlu")
 
@@ -26,24 +36,15 @@ def lm_eval_available() -> bool:
 def _import_lm_eval():
     try:
         import lm_eval  # noqa: PLC0415
+        from lm_eval.models.huggingface import HFLM  # noqa: PLC0415
+        from lm_eval.tasks import TaskManager  # noqa: PLC0415
     except ImportError as e:
         raise LmEvalNotInstalled(
-            "lm-evaluation-harness is not installed; install the optional extra with `pip install lm-eval` "
+            "lm-evaluation-harness is not installed; install the optional extra with "
+            "`pip install --no-deps -r requirements/extras.lock` (`make install` does) "
             "(or use pipeline.eval.mcq, the built-in scorer with the same prompt format)"
         ) from e
-    return lm_eval
-
-
-def build_model_args(model_dir: str | Path, dtype: Optional[str] = None, trust_remote_code: bool = False,
-                     extra: Optional[dict] = None) -> str:
-    """``pretrained=<dir>[,dtype=...][,trust_remote_code=True]`` for ``model="hf"``."""
-    args = {"pretrained": str(model_dir)}
-    if dtype:
-        args["dtype"] = dtype
-    if trust_remote_code:
-        args["trust_remote_code"] = "True"
-    args.update({k: str(v) for k, v in (extra or {}).items()})
-    return ",".join(f"{k}={v}" for k, v in args.items())
+    return lm_eval, HFLM, TaskManager
 
 
 def summarize(results: dict, tasks: Sequence[str]) -> dict[str, float]:
@@ -61,34 +62,64 @@ def summarize(results: dict, tasks: Sequence[str]) -> dict[str, float]:
     return out
 
 
+def per_choice_logliks(samples: dict) -> dict[str, list[dict]]:
+    """``{task: [{"doc_id", "target", "logliks": [per choice]}]}`` from lm-eval's logged samples
+    (multiple-choice tasks: each response is ``(loglikelihood, is_greedy)``), in doc order."""
+    out: dict[str, list[dict]] = {}
+    for task, rows in (samples or {}).items():
+        out[task] = sorted(({"doc_id": int(s["doc_id"]), "target": s.get("target"),
+                             "logliks": [float(r[0]) for r in s["filtered_resps"]]} for s in rows),
+                           key=lambda r: r["doc_id"])
+    return out
+
+
 def run_lm_eval(
     model_dir: str | Path,
     tasks: Sequence[str] = DEFAULT_TASKS,
     *,
-    batch_size: Any = 8,
-    device: Optional[str] = None,
-    num_fewshot: int = 0,
+    include_path: Optional[str | Path | Sequence[str | Path]] = None,
+    include_defaults: bool = True,
+    batch_size: int = 8,
+    num_fewshot: Optional[int] = 0,
     limit: Optional[float] = None,
-    dtype: Optional[str] = None,
+    dtype: str = "float32",
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    log_samples: bool = False,
     **simple_evaluate_kwargs: Any,
 ) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate(model="hf", model_args="pretrained=<dir>", tasks=[...])`` on an
-    exported (safetensors + tokenizer) model dir. Returns ``{"summary": {task: acc},
-    "raw": <lm-eval results without per-sample logs>}``."""
+    """``lm_eval.simple_evaluate`` on the model in ``model_dir`` (safetensors + tokenizer).
+
+    ``include_path``: folder(s) of extra task YAMLs; ``include_defaults=False`` skips indexing
+    lm-eval's built-in tasks (faster when only local tasks are run). Returns ``{"summary": {task:
+    acc}, "raw": <results, groups, versions>}`` plus ``"samples"`` (per-choice log-likelihoods,
+    see :func:`per_choice_logliks`) when ``log_samples``.
+    """
     if not Path(model_dir).exists():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    lm_eval = _import_lm_eval()
+    lm_eval, HFLM, TaskManager = _import_lm_eval()
+    from pipeline.models.loading import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(model_dir, dtype, trust_remote_code, allow_pickle).eval()
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if isinstance(include_path, (str, Path)):
+        include_path = [include_path]
+    manager = TaskManager(include_path=[str(p) for p in include_path] if include_path else None,
+                          include_defaults=include_defaults)
+    log.info("lm-eval %s: tasks %s on %s (batch %d, %s)", getattr(lm_eval, "__version__", "?"), list(tasks),
+             model_dir, batch_size, dtype)
     res = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=build_model_args(model_dir, dtype, trust_remote_code),
+        model=lm,
         tasks=list(tasks),
         num_fewshot=num_fewshot,
-        batch_size=batch_size,
-        device=device,
         limit=limit,
+        task_manager=manager,
+        log_samples=log_samples,
         **simple_evaluate_kwargs,
     )
     res = dict(res or {})
-    res.pop("samples", None)
-    return {"summary": summarize(res, tasks), "raw": {k: res.get(k) for k in ("results", "groups", "versions")}}
+    out = {"summary": summarize(res, tasks), "raw": {k: res.get(k) for k in ("results", "groups", "versions")}}
+    if log_samples:
+        out["samples"] = per_choice_logliks(res.get("samples") or {})
+    return out

@@ -23,10 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def _settings(cfg: DictConfig):
+    from pipeline.data.prompt_formats import prompt_format_from_config
     from pipeline.eval.tofu import EvalSettings
 
     return EvalSettings(batch_size=int(cfg.eval.batch_size), max_new_tokens=int(cfg.eval.max_new_tokens),
-                        max_length=int(cfg.eval.max_length))
+                        max_length=int(cfg.eval.max_length), template=prompt_format_from_config(cfg.model))
 
 
 def truth_ratio_reference(cfg: DictConfig) -> str:
@@ -204,10 +205,7 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
     if family in ("muse", "wmdp"):
         model = _load_eval_model(model_dir, cfg)
         metrics, details = (evaluate_muse if family == "muse" else evaluate_mcq_splits)(cfg, model, tokenizer, data)
-        if cfg.eval.get("lm_eval") and is_main_process():
-            from pipeline.eval.lm_eval_bridge import run_lm_eval
-
-            metrics["lm_eval"] = run_lm_eval(str(model_dir), tasks=list(cfg.eval.lm_eval_tasks))["summary"]
+        # lm-eval (eval.lm_eval) is not run here but by add_lm_eval, after the job's last collective.
         return metrics, details
 
     splits = tofu_eval_splits(cfg, data)
@@ -283,6 +281,38 @@ def check_retain_reference(cfg: DictConfig, data: Any) -> None:
     load_reference_file(cfg.eval.retain_reference, data.forget_split, tofu_eval_splits(cfg, data)[data.forget_split])
 
 
+def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path) -> Optional[dict]:
+    """With ``eval.lm_eval``: run lm-evaluation-harness on ``model_dir`` on rank 0 and add its
+    summary to ``run_dir/results.json`` (``metrics.lm_eval``) and ``report.md``; returns it.
+
+    Called *after* the job's last collective: the other ranks have returned by then, so no rank
+    waits at a barrier (with its process-group timeout) for however long lm-eval takes. lm-eval gets
+    the model as an in-process instance (see :mod:`pipeline.eval.lm_eval_bridge`), so it never
+    joins the job's process group either. Other ranks return None at once.
+    """
+    if not cfg.eval.get("lm_eval") or not is_main_process():
+        return None
+    from pipeline.eval.lm_eval_bridge import run_lm_eval
+    from pipeline.eval.report import RESULTS_FILE, render_report_md
+    from pipeline.io import atomic_write_json, atomic_write_text
+
+    include = cfg.eval.get("lm_eval_include_path")
+    summary = run_lm_eval(str(model_dir), tasks=list(cfg.eval.lm_eval_tasks), include_path=include or None,
+                          include_defaults=bool(cfg.eval.get("lm_eval_include_defaults", True)),
+                          batch_size=int(cfg.eval.batch_size), dtype=str(cfg.model.dtype),
+                          trust_remote_code=bool(cfg.model.trust_remote_code),
+                          allow_pickle=bool(cfg.model.allow_pickle))["summary"]
+    log.info("lm-eval: %s", summary)
+    path = Path(run_dir) / RESULTS_FILE
+    if path.exists():
+        results = json.loads(path.read_text())
+        results.setdefault("metrics", {})["lm_eval"] = summary
+        atomic_write_json(path, results)
+        if (Path(run_dir) / "report.md").exists():
+            atomic_write_text(Path(run_dir) / "report.md", render_report_md(results))
+    return summary
+
+
 def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Evaluate the configured model without training (e.g. the target or retain model)."""
     from pipeline.config import validate
@@ -300,18 +330,25 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
     check_retain_reference(cfg, data)
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
+    from pipeline.run import checked_prompt_format
+
+    prompt_format = checked_prompt_format(cfg, tokenizer)
     metrics, details = evaluate_job(cfg, paths.model, tokenizer, data, paths)
     evaluation = metrics.pop(EVALUATION_KEY, None)
     results: dict = {}
     if dist.is_main:
         run_dir = Path(run_dir)
-        label = cfg.model.variant if cfg.model.source == "synthetic" else Path(str(cfg.model.path)).name
+        label = (cfg.model.variant if cfg.model.source == "synthetic"
+                 else cfg.model.name if cfg.model.source == "gguf_package" else Path(str(cfg.model.path)).name)
         path = write_results(run_dir, label, None, metrics, {"model": paths.model, "forget_split": data.forget_split,
                                                              "retain_split": data.retain_split, "exp_name": cfg.exp_name,
                                                              "world_size": dist.world_size,
+                                                             "prompt_format": prompt_format.describe(),
                                                              **({EVALUATION_KEY: evaluation} if evaluation else {})})
         results = json.loads(Path(path).read_text())
         atomic_write_text(run_dir / "report.md", render_report_md(results))
         atomic_write_json(run_dir / "eval_details.json", details)
         log.info("evaluation written to %s", run_dir)
+    if add_lm_eval(cfg, paths.model, run_dir) is not None:  # rank 0, after the last collective
+        results = json.loads((Path(run_dir) / "results.json").read_text())
     return results

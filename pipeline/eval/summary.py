@@ -84,3 +84,59 @@ def summarise_demo(root: Path, names: list[str], checked: tuple[str, ...] = ("as
     atomic_write_text(root / "summary.md", text)
     atomic_write_json(root / "summary.json", {"rows": table, "checks": [{"check": c, "ok": ok, "value": v} for c, ok, v in checks]})
     return text
+
+
+REAL_COLUMNS = [
+    ("forget_fact_recall", "forget facts"),
+    ("retain_fact_recall", "retain facts"),
+    ("world_facts_fact_recall", "held-out facts"),
+    ("forget_repetition", "forget rep."),
+    ("forget_well_formed", "well-formed"),
+    ("forget_entropy", "forget entropy"),
+]
+
+
+def _first_generation(run_dir: Path, split: str) -> Optional[str]:
+    p = Path(run_dir) / "eval_details.json"
+    if not p.exists():
+        return None
+    gens = (json.loads(p.read_text()).get(split) or {}).get("generation") or []
+    return gens[0] if gens else None
+
+
+def summarise_real(root: Path, names: list[str], forget_split: str = "forget",
+                   first_q: Optional[str] = None) -> str:
+    """The real-model demo's table: fact recall on the forget, retain and held-out facts before
+    (the ``target`` run, shown as "before") and after each method, forget-answer fluency (repetition, well-formed share, unigram
+    entropy), and each model's greedy answer to the first forget question. Writes ``summary.md`` and
+    ``summary.json`` in ``root``; returns the markdown."""
+    from pipeline.io import atomic_write_json, atomic_write_text
+
+    rows = {n: load_results(root / n) for n in names}
+    header = ["model", "steps", "tau"] + [c[1] for c in REAL_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table, examples = [], []
+    for n, r in rows.items():
+        if r is None:
+            lines.append(f"| {n} | (no results) |")
+            continue
+        m = r["metrics"]
+        label = "before (as shipped)" if n == "target" else n
+        cells = [label, _fmt(r.get("steps", 0)), _fmt(r.get("tau"))] + [_fmt(m.get(k)) for k, _ in REAL_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+        gen = _first_generation(root / n, forget_split)
+        table.append({"name": n, "steps": r.get("steps", 0), "tau": r.get("tau"),
+                      **{k: m.get(k) for k, _ in REAL_COLUMNS}, "first_forget_answer": gen})
+        if gen is not None:
+            examples.append(f"- **{label}**: {gen.strip()!r}")
+    text = "\n".join(["## SmolLM2-135M-Instruct: real-world facts before and after unlearning", "", *lines, ""])
+    text += ("\nFact recall = share of facts whose value (e.g. the author's name) the greedy answer contains; "
+             "`held-out facts` were never trained on. Fluency on the forget answers: `forget rep.` = share of "
+             "repeated bigrams, `well-formed` = share of answers that end cleanly, `forget entropy` = unigram "
+             "entropy (bits).\n")
+    if examples:
+        text += f"\nGreedy answer to the first forget question{f' ({first_q!r})' if first_q else ''}:\n\n"
+        text += "\n".join(examples) + "\n"
+    atomic_write_text(root / "summary.md", text)
+    atomic_write_json(root / "summary.json", {"rows": table})
+    return text

@@ -44,7 +44,7 @@ class EvalSettings:
     perturbed_mean: str = "geometric"  # truth-ratio aggregation of perturbed answers
     max_run: int = 3  # well-formedness: a token repeated this many times in a row is degenerate
     repetition_n: int = 2
-    template: str = PROMPT_TEMPLATE
+    template: Any = PROMPT_TEMPLATE  # a format string (plain) or the run's PromptFormat
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides) -> EvalSettings:
@@ -104,7 +104,7 @@ def answer_logprobs(
     answers: Sequence[str],
     batch_size: int,
     max_length: int,
-    template: str = PROMPT_TEMPLATE,
+    template: Any = PROMPT_TEMPLATE,
     num_batches: Optional[int] = None,
 ) -> tuple[list[float], list[int]]:
     """Sum of log-probabilities of each answer (its tokens and ``<eos>``) given its question, and
@@ -160,7 +160,7 @@ def greedy_generate(
     max_new_tokens: int,
     batch_size: int,
     synced_gpus: bool = False,
-    template: str = PROMPT_TEMPLATE,
+    template: Any = PROMPT_TEMPLATE,
     num_batches: Optional[int] = None,
 ) -> list[tuple[str, list[int], bool]]:
     """Greedy answers to ``questions``: ``(text, token_ids, ended_with_eos)`` per question.
@@ -173,7 +173,9 @@ def greedy_generate(
     prompts = [prompt_ids(tokenizer, q, template) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[Optional[tuple[str, list[int], bool]]] = [None] * len(prompts)
-    pad, eos, device = _pad_id(tokenizer), tokenizer.eos_token_id, _device(model)
+    # A chat format's answer ends with its end-of-turn token (e.g. <|eot_id|>), which may not be EOS.
+    eos = tokenizer.eos_token_id if isinstance(template, str) else template.stop_token_id(tokenizer)
+    pad, device = _pad_id(tokenizer), _device(model)
     gen_kwargs = dict(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
         eos_token_id=eos, temperature=None, top_p=None, top_k=None,

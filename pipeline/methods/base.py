@@ -73,8 +73,10 @@ class UnlearningMethod:
         """Freeze parameters the method must not update (e.g. RMU trains a few MLP layers only).
         Default: everything trainable. Called before DeepSpeed wraps the model."""
 
-    def forget_views(self, tokenizer: Any, rows: list[dict], max_length: int) -> dict[str, list[dict]]:
-        """Extra encodings of the forget rows (same order), e.g. refusal answers for IdkDPO.
+    def forget_views(self, tokenizer: Any, rows: list[dict], max_length: int,
+                     prompt_format: Any = None) -> dict[str, list[dict]]:
+        """Extra encodings of the forget rows (same order), e.g. refusal answers for IdkDPO, in
+        ``prompt_format`` (the run's model.prompt_format; None: plain).
         Each view ``name`` reaches the loss as ``batch[name]`` with the same rows as ``batch["forget"]``."""
         return {}
 

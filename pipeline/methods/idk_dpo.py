@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.config import require
 
 # REFUSALS lives with the data code (the embedded tokenizer must know its words); re-exported here.
-from pipeline.data.formatting import REFUSALS, encode_qa
+from pipeline.data.formatting import PROMPT_TEMPLATE, REFUSALS, encode_qa
 from pipeline.methods import losses
 from pipeline.methods.base import ForgetRetainConfig, UnlearningMethod, register_method
 
@@ -43,11 +43,14 @@ class IdkViews:
         custom = getattr(self.cfg, "idk_answers", None)
         return tuple(custom) if custom else REFUSALS
 
-    def forget_views(self, tokenizer: Any, rows: list[dict], max_length: int) -> dict[str, list[dict]]:
+    def forget_views(self, tokenizer: Any, rows: list[dict], max_length: int,
+                     prompt_format: Any = None) -> dict[str, list[dict]]:
         answers = self.refusals()
+        template = prompt_format if prompt_format is not None else PROMPT_TEMPLATE
         out = []
         for i, r in enumerate(rows):
-            enc = encode_qa(tokenizer, r["question"], pick_refusal(r["question"], answers), max_length)
+            enc = encode_qa(tokenizer, r["question"], pick_refusal(r["question"], answers), max_length,
+                            template=template)
             out.append({"input_ids": enc.input_ids, "labels": enc.labels, "index": i})
         return {IDK_VIEW: out}
 

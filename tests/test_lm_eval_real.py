@@ -1,0 +1,90 @@
+"""lm-evaluation-harness for real: its own evaluator (``simple_evaluate`` with a ``TaskManager``
+over a local, WMDP-shaped task shipped in ``tests/fixtures/lm_eval_tasks``) runs through our bridge
+on a tiny Llama, and its accuracy and per-choice log-likelihoods equal our multiple-choice scorer's
+(:mod:`pipeline.eval.mcq`) on the same rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.eval.lm_eval_bridge import run_lm_eval
+from pipeline.eval.mcq import MCQSettings, evaluate_mcq, mcq_accuracy
+
+TASK_DIR = Path(__file__).parent / "fixtures" / "lm_eval_tasks"
+ROWS_FILE = TASK_DIR / "wmdp_local" / "test.jsonl"
+
+
+def _tiny_model_dir(root: Path, rows: list[dict]) -> Path:
+    """A random tiny Llama whose word-level vocabulary covers the task's prompts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    text = " ".join([r["question"] + " " + " ".join(r["choices"]) for r in rows]
+                    + ["The following are multiple choice questions (with answers) about biology. A B C D Answer:"])
+    pre = pre_tokenizers.Whitespace()
+    words = dict.fromkeys(w for w, _ in pre.pre_tokenize_str(text))
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *words])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>")
+    torch.manual_seed(7)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.5)
+    out = root / "model"
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_lm_eval_evaluator_equals_our_mcq_scorer(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval", reason="the lm-eval extra (requirements/extras.lock) is not installed")
+    from pipeline.models.loading import load_causal_lm, load_tokenizer
+
+    rows = [json.loads(line) for line in ROWS_FILE.read_text().splitlines()]
+    model_dir = _tiny_model_dir(tmp_path, rows)
+    out = run_lm_eval(model_dir, ["wmdp_local"], include_path=TASK_DIR, include_defaults=False,
+                      batch_size=4, log_samples=True)
+    theirs = out["samples"]["wmdp_local"]
+    assert [s["doc_id"] for s in theirs] == list(range(len(rows)))
+    assert [int(s["target"]) for s in theirs] == [r["answer"] for r in rows]
+
+    model = load_causal_lm(model_dir).eval()
+    ours = evaluate_mcq(model, load_tokenizer(model_dir), rows, MCQSettings(batch_size=4), name="wmdp-bio")
+    for s, ll in zip(theirs, ours.values["logliks"]):
+        assert s["logliks"] == pytest.approx(ll, abs=1e-4)
+    # The random model must not answer everything the same way, or the comparison would be weak.
+    assert len(set(ours.values["pred"])) > 1
+    assert out["summary"]["wmdp_local"] == pytest.approx(mcq_accuracy(ours), abs=1e-12)
+    assert out["summary"]["wmdp_local_stderr"] > 0
+
+    # The runner's hook: on rank 0 it adds lm-eval's summary to an existing results.json; any
+    # other rank returns at once (it has no collective to wait on while rank 0 evaluates).
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pipeline.config import register_configs
+    from pipeline.eval.report import write_results
+    from pipeline.eval.runner import add_lm_eval
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "eval.lm_eval=true", "eval.lm_eval_tasks=[wmdp_local]", f"eval.lm_eval_include_path={TASK_DIR}",
+            "eval.lm_eval_include_defaults=false", "eval.batch_size=4"])
+    run_dir = tmp_path / "run"
+    write_results(run_dir, "asu_kl", 2.0, {"forget_fact_recall": 0.5})
+    monkeypatch.setenv("RANK", "1")
+    assert add_lm_eval(cfg, model_dir, run_dir) is None
+    assert "lm_eval" not in json.loads((run_dir / "results.json").read_text())["metrics"]
+    monkeypatch.setenv("RANK", "0")
+    assert add_lm_eval(cfg, model_dir, run_dir) == {"wmdp_local": out["summary"]["wmdp_local"],
+                                                      "wmdp_local_stderr": out["summary"]["wmdp_local_stderr"]}
+    saved = json.loads((run_dir / "results.json").read_text())["metrics"]
+    assert saved["forget_fact_recall"] == 0.5 and saved["lm_eval"]["wmdp_local"] == out["summary"]["wmdp_local"]

@@ -1,0 +1,266 @@
+"""Prompt formats (pipeline/data/prompt_formats.py): token ids and labels of every format against
+hand-written expectations, on small word-level tokenizers built here with each family's real special
+tokens (and real Jinja chat templates); truncation keeps the answer; BOS appears once; the prompt a
+model is trained on is the prompt it is evaluated and generates from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pipeline.config import RunConfig
+from pipeline.data.formatting import IGNORE_INDEX, encode_qa, prompt_ids
+from pipeline.data.loaders import encode_rows
+from pipeline.data.prompt_formats import (
+    PROMPT_FORMATS,
+    PromptFormatError,
+    get_prompt_format,
+    prompt_format_from_config,
+)
+
+# Words, single punctuation marks, single spaces and newlines are tokens: every space in a template
+# shows up in the expectation (e.g. TOFU's missing space before the answer).
+SPLIT = pre_tokenizers.Split(Regex(r"\n|[A-Za-z0-9']+|[^A-Za-z0-9'\s]| "), behavior="isolated")
+WORDS = ("Question: Answer: [INST] [/INST] <<SYS>> <</SYS>> Be brief. Who wrote Emma? Jane Austen. Where was Basil "
+         "born? In Paris. <|user|> <|assistant|> <|system|> system user assistant You are a helpful AI named SmolLM, "
+         "trained by Hugging Face")
+PAIRS = [("Who wrote Emma?", "Jane Austen."), ("Where was Basil born?", "In Paris.")]
+
+# Real chat templates (tokenizer_config.json of each model), as Jinja source.
+CHATML_SMOLLM2 = (
+    r"{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    r"{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    r"{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA2_CHAT = (
+    r"{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    r"{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    r"{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    r"{% if loop.index0 == 0 and system_message != false %}"
+    r"{% set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] %}"
+    r"{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    r"{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    r"{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+LLAMA3_INSTRUCT = (
+    r"{% set loop_messages = messages %}{% for message in loop_messages %}"
+    r"{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
+    r" + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    r"{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def make_tokenizer(specials: list[str], chat_template: str | None = None, **roles: str) -> PreTrainedTokenizerFast:
+    words = sorted({w for w, _ in SPLIT.pre_tokenize_str(WORDS + " \n")})
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[0]))
+    tok.pre_tokenizer = SPLIT
+    tok.decoder = decoders.Fuse()  # spaces and newlines are tokens: decoding is the exact text
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=specials[0], **roles)
+    t.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in roles.values()]})
+    assert [t.convert_tokens_to_ids(s) for s in specials] == list(range(len(specials)))  # no new ids
+    if chat_template:
+        t.chat_template = chat_template
+    return t
+
+
+@pytest.fixture(scope="module")
+def toks() -> dict[str, PreTrainedTokenizerFast]:
+    return {
+        "plain": make_tokenizer(["<unk>", "<bos>", "<eos>", "<pad>"], bos_token="<bos>", eos_token="<eos>",
+                                pad_token="<pad>"),
+        "llama2": make_tokenizer(["<unk>", "<s>", "</s>"], LLAMA2_CHAT, bos_token="<s>", eos_token="</s>"),
+        # Meta-Llama-3-8B-Instruct as first released: eos <|end_of_text|>, turns end with <|eot_id|>.
+        "llama3": make_tokenizer(["<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                  "<|end_header_id|>", "<|eot_id|>"], LLAMA3_INSTRUCT,
+                                 bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"),
+        "chatml": make_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML_SMOLLM2,
+                                 bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+    }
+
+
+def S(text: str) -> list[str]:
+    """Hand-writing helper: a text span as tokens, i.e. split at spaces/newlines/punctuation (the
+    test tokenizer's rule), so that the expectations below read like the template."""
+    return [w for w, _ in SPLIT.pre_tokenize_str(text)]
+
+
+Q1, A1 = S("Who wrote Emma?"), S("Jane Austen.")
+Q2, A2 = S("Where was Basil born?"), S("In Paris.")
+INST, END_INST = S("[INST]"), S("[/INST]")
+SYS_L2 = INST + [" "] + S("<<SYS>>") + ["\n"] + S("Be brief.") + ["\n"] + S("<</SYS>>") + ["\n", "\n"]
+H3 = ["<|start_header_id|>"]
+EH3 = ["<|end_header_id|>", "\n", "\n"]
+SMOL_SYS = ["<|im_start|>", "system", "\n"] + S("You are a helpful AI assistant named SmolLM, trained by Hugging Face") + [
+    "<|im_end|>", "\n"]
+
+# format -> (tokenizer, system prompt, [(prompt tokens, answer tokens incl. the end token)] for PAIRS)
+EXPECTED = {
+    "plain": ("plain", None, [
+        (["<bos>"] + S("Question:") + [" "] + Q1 + ["\n"] + S("Answer:"), [" "] + A1 + ["<eos>"]),
+        (["<bos>"] + S("Question:") + [" "] + Q2 + ["\n"] + S("Answer:"), [" "] + A2 + ["<eos>"]),
+    ]),
+    "llama2_chat": ("llama2", "Be brief.", [
+        (["<s>"] + SYS_L2 + Q1 + [" "] + END_INST, [" "] + A1 + [" ", "</s>"]),
+        (["<s>"] + SYS_L2 + Q2 + [" "] + END_INST, [" "] + A2 + [" ", "</s>"]),
+    ]),
+    "llama2_chat_tofu": ("llama2", None, [  # no system prompt, no space between [/INST] and the answer
+        (["<s>"] + INST + [" "] + Q1 + [" "] + END_INST, A1 + ["</s>"]),
+        (["<s>"] + INST + [" "] + Q2 + [" "] + END_INST, A2 + ["</s>"]),
+    ]),
+    "llama3_instruct": ("llama3", "Be brief.", [
+        (["<|begin_of_text|>"] + H3 + ["system"] + EH3 + S("Be brief.") + ["<|eot_id|>"] + H3 + ["user"] + EH3 + Q1
+         + ["<|eot_id|>"] + H3 + ["assistant"] + EH3, A1 + ["<|eot_id|>"]),
+        (["<|begin_of_text|>"] + H3 + ["system"] + EH3 + S("Be brief.") + ["<|eot_id|>"] + H3 + ["user"] + EH3 + Q2
+         + ["<|eot_id|>"] + H3 + ["assistant"] + EH3, A2 + ["<|eot_id|>"]),
+    ]),
+    "zephyr": ("llama2", None, [  # <|user|> is plain text in Zephyr's vocabulary, </s> the special token
+        (["<s>"] + S("<|user|>") + ["\n"] + Q1 + ["</s>", "\n"] + S("<|assistant|>") + ["\n"], A1 + ["</s>"]),
+        (["<s>"] + S("<|user|>") + ["\n"] + Q2 + ["</s>", "\n"] + S("<|assistant|>") + ["\n"], A2 + ["</s>"]),
+    ]),
+    # ChatML (SmolLM2's real template): its default system turn, the answer closed by <|im_end|>;
+    # the template's newline after <|im_end|> is not trained (it follows the stop token).
+    "chat": ("chatml", None, [
+        (SMOL_SYS + ["<|im_start|>", "user", "\n"] + Q1 + ["<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"],
+         A1 + ["<|im_end|>"]),
+        (SMOL_SYS + ["<|im_start|>", "user", "\n"] + Q2 + ["<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"],
+         A2 + ["<|im_end|>"]),
+    ]),
+}
+
+
+def test_every_registered_format_has_a_token_level_expectation():
+    assert sorted(EXPECTED) == PROMPT_FORMATS.names()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_ids_and_labels_equal_hand_written_expectation(toks, name):
+    tok_key, system, pairs = EXPECTED[name]
+    tok = toks[tok_key]
+    fmt = get_prompt_format(name, system)
+    fmt.check(tok)
+    for (q, a), (p_tokens, a_tokens) in zip(PAIRS, pairs):
+        want_ids = tok.convert_tokens_to_ids(p_tokens + a_tokens)
+        assert tok.unk_token_id not in want_ids
+        enc = encode_qa(tok, q, a, 128, template=fmt)
+        assert tok.convert_ids_to_tokens(enc.input_ids) == p_tokens + a_tokens
+        assert enc.labels == [IGNORE_INDEX] * len(p_tokens) + tok.convert_tokens_to_ids(a_tokens)
+        assert not enc.truncated and not enc.prompt_mismatch
+        # what generation is conditioned on: exactly the trained prompt
+        assert fmt.prompt_ids(tok, q) == enc.input_ids[:len(p_tokens)]
+        assert enc.input_ids[:2] != [tok.bos_token_id] * 2  # BOS never doubled
+
+
+def test_plain_format_is_the_legacy_string_template(toks):
+    tok = toks["plain"]
+    fmt = get_prompt_format("plain")
+    for q, a in PAIRS:
+        assert encode_qa(tok, q, a, 128, template=fmt) == encode_qa(tok, q, a, 128)
+        assert fmt.prompt_ids(tok, q) == prompt_ids(tok, q)
+
+
+@pytest.mark.parametrize("name,tok_key,system", [("llama2_chat", "llama2", "Be brief."), ("llama2_chat", "llama2", None),
+                                                 ("llama3_instruct", "llama3", "Be brief."),
+                                                 ("llama3_instruct", "llama3", None)])
+def test_named_template_equals_the_models_own_jinja_template(toks, name, tok_key, system):
+    """The named formats reproduce apply_chat_template of the models' released templates (which
+    carry the BOS text themselves: one BOS either way)."""
+    tok = toks[tok_key]
+    named, chat = get_prompt_format(name, system), get_prompt_format("chat", system)
+    for q, a in PAIRS:
+        e1, e2 = named.encode(tok, q, a, 128), chat.encode(tok, q, a, 128)
+        assert e1 == e2
+        assert named.prompt_ids(tok, q) == chat.prompt_ids(tok, q)
+    assert named.stop_token_id(tok) == chat.stop_token_id(tok)
+
+
+def test_truncation_drops_question_words_from_the_left_and_keeps_the_answer(toks):
+    tok = toks["llama2"]
+    fmt = get_prompt_format("llama2_chat_tofu")
+    q, a = PAIRS[1]
+    full = fmt.encode(tok, q, a, 128)
+    n_ans = sum(lab != IGNORE_INDEX for lab in full.labels)
+    cut = fmt.encode(tok, q, a, len(full.input_ids) - 3)  # 3 tokens too long: "Where", " ", "was", " " go
+    assert cut.truncated and not cut.answer_cut and len(cut.input_ids) <= len(full.input_ids) - 3
+    assert cut.input_ids[-n_ans:] == full.input_ids[-n_ans:] and cut.labels[-n_ans:] == full.labels[-n_ans:]
+    assert tok.convert_ids_to_tokens(cut.input_ids[:len(cut.input_ids) - n_ans]) == \
+        ["<s>"] + INST + [" "] + S("Basil born?") + [" "] + END_INST
+    # even an empty question leaves no room for the whole answer: its end is cut, and it says so
+    tiny = fmt.encode(tok, q, a, 8)
+    assert tiny.truncated and tiny.answer_cut and len(tiny.input_ids) == 8
+    plain = encode_qa(toks["plain"], q, a, 15)  # the plain format too: "born?" is all that stays of the question
+    assert plain.truncated and not plain.answer_cut
+    assert toks["plain"].convert_ids_to_tokens(plain.input_ids) == \
+        ["<bos>"] + S("Question:") + [" "] + S("born?") + ["\n"] + S("Answer:") + [" "] + A2 + ["<eos>"]
+
+
+def test_formats_refuse_a_tokenizer_or_setting_they_cannot_express(toks):
+    with pytest.raises(PromptFormatError, match="<\\|eot_id\\|>"):
+        get_prompt_format("llama3_instruct").check(toks["llama2"])
+    with pytest.raises(PromptFormatError, match="chat_template"):
+        get_prompt_format("chat").check(toks["plain"])
+    with pytest.raises(PromptFormatError, match="system prompt"):
+        get_prompt_format("llama2_chat_tofu", "Be brief.")
+    with pytest.raises(PromptFormatError, match="system prompt"):
+        get_prompt_format("plain", "Be brief.")
+
+
+@pytest.mark.parametrize("name,tok_key,bos_text", [("llama3_instruct", "llama3", "<|begin_of_text|>"),
+                                                   ("chat", "chatml", ""), ("plain", "plain", "<bos>")])
+def test_trained_prompt_is_the_evaluated_and_generated_prompt(toks, name, tok_key, bos_text):
+    """One setting, model.prompt_format, reaches the training encoder (encode_rows) and the
+    evaluation settings (eval.runner); the prompt part of every training row is the string and the
+    ids that evaluation scores under and that generation is conditioned on."""
+    from pipeline.eval.runner import _settings
+    from pipeline.eval.tofu import answer_logprobs, greedy_generate
+
+    tok = toks[tok_key]
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.model.prompt_format = name
+    rows = [{"question": q, "answer": a} for q, a in PAIRS]
+    train = encode_rows(tok, rows, 64, True, "forget", prompt_format_from_config(cfg.model))
+    settings = _settings(cfg)
+    for r, t in zip(rows, train):
+        n = next(i for i, lab in enumerate(t["labels"]) if lab != IGNORE_INDEX)
+        p_eval = prompt_ids(tok, r["question"], settings.template)
+        assert p_eval == t["input_ids"][:n]
+        assert tok.decode(t["input_ids"][:n]) == bos_text + settings.template.prompt_text(tok, r["question"])
+        assert encode_qa(tok, r["question"], r["answer"], 64, template=settings.template).labels == t["labels"]
+
+    torch.manual_seed(0)
+    mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    mcfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(mcfg).eval()
+    stop = settings.template.stop_token_id(tok)
+    with torch.no_grad():
+        # the end-of-turn token outscores the first greedy token of row 0 (positive logit), so generation
+        # must stop on it there: for llama3 it is <|eot_id|>, not the tokenizer's EOS
+        first = model(input_ids=torch.tensor([prompt_ids(tok, rows[0]["question"], settings.template)])).logits[0, -1]
+        assert first.max() > 0
+        model.lm_head.weight[stop] = 3 * model.lm_head.weight[int(first.argmax())]
+    gens = greedy_generate(model, tok, [r["question"] for r in rows], 6, 2, template=settings.template)
+    for t, (_, toks_out, ended) in zip(train, gens):
+        n = next(i for i, lab in enumerate(t["labels"]) if lab != IGNORE_INDEX)
+        ids, out = list(t["input_ids"][:n]), []
+        with torch.no_grad():
+            for _ in range(6):
+                nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+                if nxt == stop:
+                    break
+                out.append(nxt)
+        assert toks_out == out and ended == (len(out) < 6)
+    assert any(ended for _, _, ended in gens)  # the end-of-turn token (not EOS for llama3) stopped generation
+    # scoring uses the training labels: the summed log-prob equals a manual sum over the row's labels
+    sums, counts = answer_logprobs(model, tok, [rows[0]["question"]], [rows[0]["answer"]], 2, 64,
+                                   template=settings.template)
+    t = train[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([t["input_ids"]])).logits[0].float(), -1)
+    want = [logp[i - 1, lab].item() for i, lab in enumerate(t["labels"]) if lab != IGNORE_INDEX]
+    assert counts[0] == len(want) and sums[0] == pytest.approx(sum(want), abs=1e-4)
