@@ -12,14 +12,15 @@ trainer settings (the same for every point):
 * ``real``: ``+exp=realworld_smol`` (SmolLM2-135M-Instruct, 12 real book -> author facts to forget,
   10 capitals kept, ``asu_gd``, 20 steps, lr 5e-5, the model's own chat template).
 
-Reported per run: forget / retain fact recall, utility (the benchmark's ``model_utility`` where
-defined, else the held-out world-facts recall), forget-answer fluency (well-formed share,
+Reported per run: forget / retain fact recall, ``model_utility`` (TOFU's harmonic mean on retain
+and world facts), the held-out world-facts recall, forget-answer fluency (well-formed share,
 repetition), the tau used, and for auto the selection's seconds against the training seconds.
 
-Criterion (stated before the runs): among runs that keep retain fact recall >= 0.95x the original
-model's and whose forget answers are well formed (``forget_well_formed`` >= 0.95x the original's),
-the best removes the most forget facts (lowest forget fact recall); ties go to the higher retain
-recall. Acceptance: auto's run ranks within the best two of the grid on both benchmarks (ties share
+Criterion: among runs that keep retain fact recall >= 0.95x the original model's and whose forget
+answers are well formed (``forget_well_formed`` >= 0.95x the original's and ``forget_repetition``
+<= the original's + 0.1: the real model's 24-token answers never end within 24 tokens, so its
+well-formed share is 0 before training and the repetition bound is what catches loops), the best
+removes the most forget facts (lowest forget fact recall); ties go to the higher retain recall. Acceptance: auto's run ranks within the best two of the grid on both benchmarks (ties share
 a rank), and auto's tau >= 1.5 on the real model.
 
 Writes ``benchmarks/results/tau_auto_study.json`` and prints the tables (docs/sweeps.md has them).
@@ -42,11 +43,16 @@ sys.path.insert(0, str(REPO))
 
 GRID = (1.5, 2.0, 2.3, 2.8, 3.5, 5.0)
 BENCHES = {
-    "tiny": {"exp": "tofu_tiny", "method": "asu_kl_tiny", "utility": "model_utility"},
-    "real": {"exp": "realworld_smol", "method": "asu_gd", "utility": "world_facts_fact_recall"},
+    "tiny": {"exp": "tofu_tiny", "method": "asu_kl_tiny"},
+    "real": {"exp": "realworld_smol", "method": "asu_gd"},
 }
 RETAIN_FACTOR = 0.95  # retain fact recall >= 0.95x the original model's
-FORM_FACTOR = 0.95  # forget answers well formed: well-formed share >= 0.95x the original's
+# Forget answers well formed: the well-formed share (ends with the stop token, no token 3 times in a
+# row) >= 0.95x the original's, and the repeated-token share at most the original's + 0.1. Both: the
+# real model's 24-token answers never end within 24 tokens (well-formed 0 before any training), so
+# there the repetition bound is what catches loops.
+FORM_FACTOR = 0.95
+REPETITION_SLACK = 0.1
 
 
 def job_names(only: str | None) -> list[str]:
@@ -104,7 +110,7 @@ def _launch(bench: str, names: list[str], out_dir: Path, overrides: list[str], l
         raise SystemExit(f"[study] {bench}: the launch failed (exit {rc}); see {log}")
 
 
-def _row(name: str, res: dict, utility_key: str, timing: dict | None) -> dict:
+def _row(name: str, res: dict, timing: dict | None) -> dict:
     m = res.get("metrics", res)
     sel = res.get("tau_selection") or {}
     row = {
@@ -112,8 +118,8 @@ def _row(name: str, res: dict, utility_key: str, timing: dict | None) -> dict:
         "tau": res.get("tau"),
         "forget_fact_recall": m.get("forget_fact_recall"),
         "retain_fact_recall": m.get("retain_fact_recall"),
-        "utility": m.get(utility_key),
-        "utility_metric": utility_key,
+        "utility": m.get("model_utility"),
+        "world_facts_fact_recall": m.get("world_facts_fact_recall"),
         "forget_well_formed": m.get("forget_well_formed"),
         "forget_repetition": m.get("forget_repetition"),
         "train_seconds": res.get("train_seconds"),
@@ -129,11 +135,12 @@ def _row(name: str, res: dict, utility_key: str, timing: dict | None) -> dict:
 
 def rank_runs(rows: list[dict], original: dict) -> list[dict]:
     """Apply the criterion; sets ``eligible`` and ``rank`` (1 = best; ties share a rank) per row."""
-    r0, w0 = original["retain_fact_recall"], original["forget_well_formed"]
+    r0, w0, rep0 = original["retain_fact_recall"], original["forget_well_formed"], original["forget_repetition"]
     for r in rows:
         r["eligible"] = bool(r["retain_fact_recall"] is not None and r["forget_fact_recall"] is not None
                              and r["retain_fact_recall"] >= RETAIN_FACTOR * r0 - 1e-9
-                             and (w0 is None or (r["forget_well_formed"] or 0.0) >= FORM_FACTOR * w0 - 1e-9))
+                             and (w0 is None or (r["forget_well_formed"] or 0.0) >= FORM_FACTOR * w0 - 1e-9)
+                             and (rep0 is None or (r["forget_repetition"] or 0.0) <= rep0 + REPETITION_SLACK + 1e-9))
     key = {id(r): (round(r["forget_fact_recall"], 6), -round(r["retain_fact_recall"], 6)) for r in rows if r["eligible"]}
     for r in rows:
         r["rank"] = 1 + len({key[id(o)] for o in rows if o["eligible"] and key[id(o)] < key[id(r)]}) \
@@ -149,7 +156,7 @@ def summarise(bench: str, out_dir: Path) -> dict:
         if not path.exists():
             continue
         timing = json.loads((root / name / "timing.json").read_text()) if (root / name / "timing.json").exists() else None
-        row = _row(name, json.loads(path.read_text()), BENCHES[bench]["utility"], timing)
+        row = _row(name, json.loads(path.read_text()), timing)
         if name == "original":
             original = row
         else:
@@ -178,14 +185,15 @@ def table(summary: dict) -> str:
         return "-" if v is None else format(v, spec)
 
     o = summary["original"]
-    lines = ["| run | τ | forget facts | retain facts | utility | well-formed | repetition | eligible | rank |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    lines = ["| run | τ | forget facts | retain facts | utility | world facts | well-formed | repetition | eligible | rank |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
              f"| original | - | {f(o['forget_fact_recall'])} | {f(o['retain_fact_recall'])} | {f(o['utility'])} | "
-             f"{f(o['forget_well_formed'])} | {f(o['forget_repetition'])} | - | - |"]
+             f"{f(o['world_facts_fact_recall'])} | {f(o['forget_well_formed'])} | {f(o['forget_repetition'])} | - | - |"]
     for r in summary["runs"]:
         rank = r.get("rank") if r["run"] != "auto" else r.get("rank_among_grid")
         lines.append(f"| {r['run']} | {f(r['tau'], '.3g')} | {f(r['forget_fact_recall'])} | "
-                     f"{f(r['retain_fact_recall'])} | {f(r['utility'])} | {f(r['forget_well_formed'])} | "
+                     f"{f(r['retain_fact_recall'])} | {f(r['utility'])} | {f(r['world_facts_fact_recall'])} | "
+                     f"{f(r['forget_well_formed'])} | "
                      f"{f(r['forget_repetition'])} | {'yes' if r.get('eligible') else 'no'} | {rank or '-'} |")
     return "\n".join(lines)
 
@@ -225,6 +233,7 @@ def main() -> None:
     payload = {"grid": list(GRID), "criterion": {
         "retain_fact_recall": f">= {RETAIN_FACTOR} x the original model's",
         "forget_well_formed": f">= {FORM_FACTOR} x the original model's",
+        "forget_repetition": f"<= the original model's + {REPETITION_SLACK}",
         "objective": "lowest forget fact recall; ties: higher retain fact recall"},
         "threads_per_rank": 1, "ranks": 2, "machine": device_info("cpu"), "benchmarks": {}}
     old = Path(args.json)

@@ -149,16 +149,19 @@ def test_select_tau_in_bounds_deterministic_with_evidence(memorised):
 
 
 def test_select_tau_knobs_bound_and_targets(memorised, caplog):
-    """method.tau_max caps the search (the target is not reached there: the bound wins, with a
-    warning); a lower method.tau_fact_target stops earlier."""
+    """The fact threshold is relative to what tau_max's teacher forgets: a lower method.tau_max
+    searches [1, tau_max] against its own (smaller) share and warns when that share is small; a
+    lower method.tau_fact_target stops earlier."""
     model, tok, rows, enc = memorised
     data = SimpleNamespace(forget=rows)
     free = tau_auto.select_tau(model, tok, data, enc, _cfg())
+    assert free["fact_threshold"] == pytest.approx(tau_auto.FACT_TARGET * free["facts_forgotten_at_tau_max"])
     with caplog.at_level("WARNING"):
         capped = tau_auto.select_tau(model, tok, data, enc, _cfg(tau_max=2.0))
-    assert capped["tau"] == 2.0 < free["tau"] and "upper bound" in capped["reason"], capped
     assert capped["bounds"] == [1.0, 2.0] and max(p["tau"] for p in capped["probes"]) == 2.0
-    assert "tau_max=2.0" in caplog.text and len(capped["probes"]) == 2
+    at_max = capped["facts_forgotten_at_tau_max"]
+    assert capped["tau"] <= 2.0 < free["tau"] and at_max < free["facts_forgotten_at_tau_max"], capped
+    assert ("tau_max=2.0" in caplog.text) == (at_max < tau_auto.FACTS_WARN)
     loose = tau_auto.select_tau(model, tok, data, enc, _cfg(tau_fact_target=0.25))
     assert loose["tau"] < free["tau"] and loose["fact_target"] == 0.25
     with pytest.raises(ValueError, match="tau_max"):

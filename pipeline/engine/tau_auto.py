@@ -62,6 +62,7 @@ VAL_FRACTION = 0.25  # validation slice: a quarter of the forget rows ...
 VAL_MIN_ROWS = 32  # ... at least 32 (all of a smaller set): the signal is a share, 8 rows are too noisy
 VAL_MAX_ROWS = 128  # ... at most 128 (more rows add cost, not accuracy)
 BATCH_ROWS = 8  # rows per forward
+FACTS_WARN = 0.5  # warn when even tau_max's teacher forgets fewer than half of the known facts
 FORM_WARN = 0.5  # warn when the chosen tau's teacher changes more than half of the template's top-1
 
 
@@ -195,6 +196,8 @@ class _Prober:
                  n_forwards: Optional[int] = None) -> None:
         self.teacher, self.items, self.pad_id, self.layers = teacher, items, pad_id, layers
         self.form_target, self.fact_target = float(form_target), float(fact_target)
+        # facts_forgotten a probe must reach: fact_target x the share forgotten at tau_max (set_fact_scale)
+        self.fact_threshold: Optional[float] = None
         self.n_forwards = n_forwards
         self.base: Optional[list[dict]] = None  # tau=1 predictions per row
         self.probes: list[dict] = []
@@ -250,10 +253,22 @@ class _Prober:
             "fact_logprob": _none_if_nan(_share(lp_sum, lp_n)),
         }
         rec["form_ok"] = rec["form_kept"] is None or rec["form_kept"] >= self.form_target
-        rec["facts_ok"] = rec["facts_forgotten"] is not None and rec["facts_forgotten"] >= self.fact_target - 1e-9
         self.probes.append(rec)
+        self._mark(rec)
         self.seconds += time.time() - t0
         return rec
+
+
+    def set_fact_scale(self, forgotten_at_max: float) -> None:
+        """The fact threshold is relative: ``fact_target`` x the share of the known facts the
+        teacher has forgotten at the search's upper bound (marks the probes made so far)."""
+        self.fact_threshold = self.fact_target * float(forgotten_at_max)
+        for rec in self.probes:
+            self._mark(rec)
+
+    def _mark(self, rec: dict) -> None:
+        rec["facts_ok"] = bool(rec["facts_forgotten"] is not None and self.fact_threshold is not None
+                               and rec["facts_forgotten"] > 0.0 and rec["facts_forgotten"] >= self.fact_threshold - 1e-9)
 
 
 def _bisect(prober: _Prober, lo: float, hi: float, ok_at_hi: bool, key: str) -> tuple[float, float]:
@@ -308,15 +323,16 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
         top = prober.probe(tau_max)
         if ref["facts_known"] > 0:
             signal = "facts"
-            if not top["facts_ok"]:
+            prober.set_fact_scale(top["facts_forgotten"] or 0.0)
+            if not top["facts_ok"]:  # tempering up to tau_max removes none of the facts
                 tau, chosen = tau_max, top
-                reason = (f"the teacher forgets only {_fmt(top['facts_forgotten'])} of the facts it knows at the "
-                          f"upper bound (target {fact_target})")
+                reason = f"the teacher forgets none of the {ref['facts_known']} facts it knows even at the upper bound"
             else:
                 _, tau = _bisect(prober, TAU_MIN, tau_max, True, "facts_ok")
                 chosen = _at(prober, tau)
-                reason = (f"smallest tau at which the teacher has forgotten >= {fact_target} of the "
-                          f"{ref['facts_known']} facts it knows (forgotten {_fmt(chosen['facts_forgotten'])})")
+                reason = (f"smallest tau at which the teacher has forgotten >= {fact_target} x the share of the "
+                          f"{ref['facts_known']} facts it knows that it forgets at tau_max={tau_max:g} "
+                          f"({_fmt(top['facts_forgotten'])}): {_fmt(chosen['facts_forgotten'])}")
         else:
             signal = "form"
             if top["form_ok"]:
@@ -341,6 +357,8 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
                    "teacher-forced top-1 agreement with the tau=1 teacher on the non-fact answer tokens (fallback)"),
         "rule": signal,
         "fact_target": fact_target,
+        "facts_forgotten_at_tau_max": top["facts_forgotten"],
+        "fact_threshold": prober.fact_threshold,
         "form_target": form_target,
         "bounds": [TAU_MIN, tau_max],
         "teacher_layers": layers,
@@ -359,9 +377,9 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
                     "the untempered teacher reproduces none of the forget facts", form_target)
         if tau == TAU_MIN:
             log.warning("tau=auto: tau=1 was chosen and ASU's forget term will remove nothing; set method.tau by hand")
-    elif not top["facts_ok"]:
+    elif (top["facts_forgotten"] or 0.0) < FACTS_WARN:
         log.warning("tau=auto: tempering %s up to tau_max=%s leaves the teacher reproducing %.0f%% of the facts "
-                    "it knows, so tau_max was chosen; ASU may not remove much (try other teacher_layers)",
+                    "it knows; ASU may not remove much (try other teacher_layers or a higher tau_max)",
                     where, tau_max, 100 * (1 - (top["facts_forgotten"] or 0.0)))
     if chosen["form_kept"] is not None and chosen["form_kept"] < FORM_WARN:
         log.warning("tau=auto: at tau=%.3f the tempered teacher changes %.0f%% of the answers' non-fact top-1 "
