@@ -23,6 +23,11 @@ well-formed share is 0 before training and the repetition bound is what catches 
 removes the most forget facts (lowest forget fact recall); ties go to the higher retain recall. Acceptance: auto's run ranks within the best two of the grid on both benchmarks (ties share
 a rank), and auto's tau >= 1.5 on the real model.
 
+``--ranks 1`` runs each job on one rank with the same global batch (per-rank batch x 2; ZeRO-3
+without partners): on a loaded 2-core machine two such launches side by side finish sooner than
+one 2-rank launch after another. ``--only`` picks jobs, in the order given; ``--reuse`` skips those
+already done; the JSON keeps the other benchmark's section.
+
 Writes ``benchmarks/results/tau_auto_study.json`` and prints the tables (docs/sweeps.md has them).
 Exported model directories are deleted after each job's evaluation (SmolLM2 is 538 MB a run).
 """
@@ -57,7 +62,12 @@ REPETITION_SLACK = 0.1
 
 def job_names(only: str | None) -> list[str]:
     names = ["original"] + [f"tau_{t:g}" for t in GRID] + ["auto"]
-    return names if not only else [n for n in names if n in only.split(",")]
+    if not only:
+        return names
+    bad = [n for n in only.split(",") if n not in names]
+    if bad:
+        raise SystemExit(f"--only: unknown job(s) {bad}; choose from {names}")
+    return only.split(",")  # in the order given (run the most informative first)
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -84,7 +94,7 @@ def _worker(args: argparse.Namespace) -> None:
             jobs.append(DemoJob(name, "train", (f"method={bench['method']}", f"method.tau={tau}",
                                                 f"run_name={root}/{name}")))
     for job in jobs:  # one job at a time, so each exported model can go before the next is written
-        t = demo_job(Path(_bootstrap.CONFIG_PATH), common, [job])
+        t = demo_job(Path(_bootstrap.CONFIG_PATH), common, [job], batch_scale=args.batch_scale)
         barrier()
         run_dir = Path(args.out_dir) / root / job.name
         if is_main_process():
@@ -94,12 +104,14 @@ def _worker(args: argparse.Namespace) -> None:
         barrier()
 
 
-def _launch(bench: str, names: list[str], out_dir: Path, overrides: list[str], log: Path) -> None:
+def _launch(bench: str, names: list[str], out_dir: Path, overrides: list[str], log: Path, ranks: int) -> None:
     from tests.helpers.launch import free_port
 
     ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    cmd = [ds, "--num_gpus", "2", "--master_port", str(free_port()), str(Path(__file__).resolve()),
-           "--worker", "--bench", bench, "--jobs", ",".join(names), "--out-dir", str(out_dir), "--", *overrides]
+    # fewer ranks keep the global batch: the per-rank batch sizes are scaled by 2 / ranks
+    cmd = [ds, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(Path(__file__).resolve()),
+           "--worker", "--bench", bench, "--jobs", ",".join(names), "--out-dir", str(out_dir),
+           "--batch-scale", str(2 // ranks), "--", *overrides]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                WANDB_MODE="offline", HF_HUB_OFFLINE="1")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +135,7 @@ def _row(name: str, res: dict, timing: dict | None) -> dict:
         "forget_well_formed": m.get("forget_well_formed"),
         "forget_repetition": m.get("forget_repetition"),
         "train_seconds": res.get("train_seconds"),
+        "world_size": res.get("world_size"),
         "job_seconds": (timing or {}).get("seconds"),
     }
     if sel:
@@ -205,7 +218,10 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="skip jobs whose results.json exists")
     ap.add_argument("--out-dir", default=str(REPO / "runs"))
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "tau_auto_study.json"))
+    ap.add_argument("--ranks", type=int, default=2, choices=(1, 2),
+                    help="ranks per launch (1: the same global batch on one rank, ZeRO-3 without partners)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--batch-scale", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--jobs", default="", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every job (after --)")
     if "--worker" in sys.argv:  # inside the launch: drop the launcher's --local_rank, set the environment
@@ -225,7 +241,8 @@ def main() -> None:
             names = [n for n in names if not (out_dir / "tau_auto_study" / b / n / "results.json").exists()]
         if names:
             t0 = time.time()
-            _launch(b, names, out_dir, list(args.overrides), out_dir / "tau_auto_study" / b / "study.log")
+            _launch(b, names, out_dir, list(args.overrides),
+                    out_dir / "tau_auto_study" / b / f"study_{'_'.join(names)}.log", args.ranks)
             print(f"[study] {b}: {time.time() - t0:.0f}s", flush=True)
     from benchmarks.common import device_info
     from pipeline.io import atomic_write_json
