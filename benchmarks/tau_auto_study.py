@@ -122,7 +122,21 @@ def _launch(bench: str, names: list[str], out_dir: Path, overrides: list[str], l
         raise SystemExit(f"[study] {bench}: the launch failed (exit {rc}); see {log}")
 
 
-def _row(name: str, res: dict, timing: dict | None) -> dict:
+def _loop_seconds_from_log(root: Path, name: str) -> float | None:
+    """The training loop's seconds from the progress bar of the stream log whose first job is
+    ``name`` (for runs written before results.json carried ``train_loop_seconds``)."""
+    import re
+
+    for log in sorted(root.glob(f"study_{name}*.log")):
+        if not (log.name == f"study_{name}.log" or log.name.startswith(f"study_{name}_")):
+            continue
+        m = re.search(r"100%\|[^|]*\| (\d+)/\1 \[(?:(\d+):)?(\d+):(\d+)<", log.read_text(errors="replace"))
+        if m:
+            return 3600 * int(m.group(2) or 0) + 60 * int(m.group(3)) + int(m.group(4))
+    return None
+
+
+def _row(name: str, res: dict, timing: dict | None, loop_seconds: float | None = None) -> dict:
     m = res.get("metrics", res)
     sel = res.get("tau_selection") or {}
     row = {
@@ -134,14 +148,15 @@ def _row(name: str, res: dict, timing: dict | None) -> dict:
         "world_facts_fact_recall": m.get("world_facts_fact_recall"),
         "forget_well_formed": m.get("forget_well_formed"),
         "forget_repetition": m.get("forget_repetition"),
-        "train_seconds": res.get("train_seconds"),
+        "train_seconds": res.get("train_seconds"),  # loading + tau=auto + training loop
+        "train_loop_seconds": res.get("train_loop_seconds", loop_seconds),
         "world_size": res.get("world_size"),
         "job_seconds": (timing or {}).get("seconds"),
     }
     if sel:
         row["selection_seconds"] = sel.get("seconds")
-        row["selection_share_of_training"] = (round(sel["seconds"] / res["train_seconds"], 4)
-                                              if res.get("train_seconds") else None)
+        loop = row["train_loop_seconds"]
+        row["selection_share_of_training"] = round(sel["seconds"] / loop, 4) if loop else None
         row["selection"] = {k: sel.get(k) for k in ("tau", "reason", "probes", "bounds", "signal")}
     return row
 
@@ -169,7 +184,7 @@ def summarise(bench: str, out_dir: Path) -> dict:
         if not path.exists():
             continue
         timing = json.loads((root / name / "timing.json").read_text()) if (root / name / "timing.json").exists() else None
-        row = _row(name, json.loads(path.read_text()), timing)
+        row = _row(name, json.loads(path.read_text()), timing, _loop_seconds_from_log(root, name))
         if name == "original":
             original = row
         else:
@@ -208,6 +223,11 @@ def table(summary: dict) -> str:
                      f"{f(r['retain_fact_recall'])} | {f(r['utility'])} | {f(r['world_facts_fact_recall'])} | "
                      f"{f(r['forget_well_formed'])} | "
                      f"{f(r['forget_repetition'])} | {'yes' if r.get('eligible') else 'no'} | {rank or '-'} |")
+    auto = next((r for r in summary["runs"] if r["run"] == "auto"), None)
+    if auto and auto.get("selection_seconds") is not None:
+        lines.append(f"\nauto's selection: {auto['selection_seconds']:.1f} s, training loop "
+                     f"{f(auto['train_loop_seconds'], '.0f')} s (share {f(auto['selection_share_of_training'])}), "
+                     f"{len(auto['selection']['probes'])} probes, {auto.get('world_size')} rank(s)")
     return "\n".join(lines)
 
 
@@ -216,6 +236,7 @@ def main() -> None:
     ap.add_argument("--bench", default="tiny,real", help="comma-separated: tiny, real")
     ap.add_argument("--only", default=None, help="comma-separated job names (original, tau_1.5, ..., auto)")
     ap.add_argument("--reuse", action="store_true", help="skip jobs whose results.json exists")
+    ap.add_argument("--no-run", action="store_true", help="only gather the finished runs into the table and JSON")
     ap.add_argument("--out-dir", default=str(REPO / "runs"))
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "tau_auto_study.json"))
     ap.add_argument("--ranks", type=int, default=2, choices=(1, 2),
@@ -236,7 +257,7 @@ def main() -> None:
     for b in benches:
         if b not in BENCHES:
             raise SystemExit(f"--bench: unknown {b!r}; choose from {sorted(BENCHES)}")
-        names = job_names(args.only)
+        names = [] if args.no_run else job_names(args.only)
         if args.reuse:
             names = [n for n in names if not (out_dir / "tau_auto_study" / b / n / "results.json").exists()]
         if names:

@@ -231,8 +231,10 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             gc.collect()
         log.info("teacher cache %s; reference model loaded: %s; reference engine during training: %s", cache_path,
                  "yes" if need_reference else "no", "yes (retain KL)" if trainer.reference is not None else "none")
+    t_loop = time.time()  # the training loop alone (train_seconds also counts loading and tau=auto)
     state = trainer.train()
     train_seconds = time.time() - t_start
+    train_loop_seconds = time.time() - t_loop
     if dist.is_main:
         atomic_write_json(run_dir / "train_history.json", state.history)
 
@@ -263,6 +265,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             "skipped_steps": state.skipped,
             "world_size": dist.world_size,
             "train_seconds": round(train_seconds, 2),
+            "train_loop_seconds": round(train_loop_seconds, 2),
             "final_train": state.history[-1] if state.history else {},
             "prompt_format": prompt_format.describe(),
         }

@@ -61,7 +61,9 @@ BISECT_STEPS = 6  # interval (TAU_MAX - TAU_MIN) / 2**6 ~ 0.11 with the default 
 VAL_FRACTION = 0.25  # validation slice: a quarter of the forget rows ...
 VAL_MIN_ROWS = 32  # ... at least 32 (all of a smaller set): the signal is a share, 8 rows are too noisy
 VAL_MAX_ROWS = 128  # ... at most 128 (more rows add cost, not accuracy)
-BATCH_ROWS = 8  # rows per forward
+# rows per forward: few, large forwards (under ZeRO-3 each forward gathers every layer's weights, which
+# on small models costs more than the rows); 16 rows x T x vocab float logits stay small at 7B
+BATCH_ROWS = 16
 FACTS_WARN = 0.5  # warn when even tau_max's teacher forgets fewer than half of the known facts
 FORM_WARN = 0.5  # warn when the chosen tau's teacher changes more than half of the template's top-1
 
