@@ -145,6 +145,7 @@ def _row(name: str, res: dict, timing: dict | None, loop_seconds: float | None =
         "forget_fact_recall": m.get("forget_fact_recall"),
         "retain_fact_recall": m.get("retain_fact_recall"),
         "utility": m.get("model_utility"),
+        "forget_quality": m.get("forget_quality"),
         "world_facts_fact_recall": m.get("world_facts_fact_recall"),
         "forget_well_formed": m.get("forget_well_formed"),
         "forget_repetition": m.get("forget_repetition"),
