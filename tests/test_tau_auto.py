@@ -227,3 +227,20 @@ def test_tau_auto_end_to_end_two_ranks_zero3(tmp_path):
     assert res["tau"] == sel["tau"] and tau_auto.TAU_MIN <= sel["tau"] <= tau_auto.TAU_MAX
     assert sel["probes"][0]["tau"] == 1.0 and len(sel["probes"]) >= 2 and sel["ranks"] == 2
     assert sel["seconds"] > 0 and res["train_seconds"] > 0
+
+
+def test_form_floor_caps_the_fact_choice(memorised, monkeypatch):
+    """The guard: when the fact rule's tau changes more of the template than FORM_FLOOR allows, the
+    choice drops to the largest probed tau that keeps it (3 more probes). The fixture keeps >= 0.6 of
+    its template everywhere, so a stricter floor is set to make the guard act on real probes."""
+    model, tok, rows, enc = memorised
+    data = SimpleNamespace(forget=rows)
+    free = tau_auto.select_tau(model, tok, data, enc, _cfg())
+    monkeypatch.setattr(tau_auto, "FORM_FLOOR", 0.99)
+    capped = tau_auto.select_tau(model, tok, data, enc, _cfg())
+    assert capped["tau"] < free["tau"] and "capped" in capped["reason"], capped
+    assert len(capped["probes"]) == len(free["probes"]) + tau_auto.GUARD_STEPS
+    at = {p["tau"]: p for p in capped["probes"]}
+    chosen = at[min(at, key=lambda t: abs(t - capped["tau"]))]
+    assert chosen["form_kept"] >= 0.99
+    assert all(p["form_kept"] < 0.99 for p in capped["probes"] if p["tau"] > capped["tau"] + 1e-3)

@@ -64,6 +64,8 @@ VAL_MAX_ROWS = 128  # ... at most 128 (more rows add cost, not accuracy)
 # rows per forward: few, large forwards (under ZeRO-3 each forward gathers every layer's weights, which
 # on small models costs more than the rows); 16 rows x T x vocab float logits stay small at 7B
 BATCH_ROWS = 16
+FORM_FLOOR = 0.5  # the fact rule never goes above the largest tau keeping half the template's top-1 (guard)
+GUARD_STEPS = 3  # bisection steps of the guard, between two probes the fact search already made
 FACTS_WARN = 0.5  # warn when even tau_max's teacher forgets fewer than half of the known facts
 FORM_WARN = 0.5  # warn when the chosen tau's teacher changes more than half of the template's top-1
 
@@ -335,6 +337,19 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
                 reason = (f"smallest tau at which the teacher has forgotten >= {fact_target} x the share of the "
                           f"{ref['facts_known']} facts it knows that it forgets at tau_max={tau_max:g} "
                           f"({_fmt(top['facts_forgotten'])}): {_fmt(chosen['facts_forgotten'])}")
+                if chosen["form_kept"] is not None and chosen["form_kept"] < FORM_FLOOR:
+                    # Guard: past half the template the student's answers broke on SmolLM2 (docs/sweeps.md).
+                    # Refine between the largest probe below tau that keeps half and the next one up.
+                    lo = max((r["tau"] for r in prober.probes if r["tau"] <= tau and r["form_kept"] is not None
+                              and r["form_kept"] >= FORM_FLOOR), default=TAU_MIN)
+                    hi = min(r["tau"] for r in prober.probes if r["tau"] > lo)
+                    for _ in range(GUARD_STEPS):
+                        mid = 0.5 * (lo + hi)
+                        rec = prober.probe(mid)
+                        lo, hi = (mid, hi) if rec["form_kept"] is not None and rec["form_kept"] >= FORM_FLOOR else (lo, mid)
+                    tau, chosen = lo, _at(prober, lo)
+                    reason += (f"; capped at tau={lo:.3f}, the largest probed tau whose teacher keeps >= {FORM_FLOOR} "
+                               f"of the template's top-1 (facts forgotten there: {_fmt(chosen['facts_forgotten'])})")
         else:
             signal = "form"
             if top["form_ok"]:
