@@ -96,8 +96,9 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     tau_selection = _choose_tau(cfg, engines, inputs)
     _attach_teacher_cache(cfg, method, engines, inputs, trainer, need_reference)
 
+    t_loop = time.time()  # the training loop alone (train_seconds also counts loading and tau=auto)
     state = trainer.train()
-    train_seconds = time.time() - t_start
+    train_seconds, train_loop_seconds = time.time() - t_start, time.time() - t_loop
     if dist.is_main:
         from pipeline.io import atomic_write_json
 
@@ -105,7 +106,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     model_dir = _export(cfg, engines, inputs, run_dir)
     engines.reference = trainer.reference = None  # free the frozen model before evaluating
     results = _evaluate_and_report(cfg, dist, run_dir, model_dir, inputs, engines, method, state, total,
-                                   train_seconds, tau_selection, run_logger)
+                                   (train_seconds, train_loop_seconds), tau_selection, run_logger)
     if dist.is_main:
         log.info("run %s finished in %.1fs", run_dir, time.time() - t_start)
     return results
@@ -320,10 +321,11 @@ def _export(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir: Pa
 
 
 def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: Path, inputs: JobInputs,
-                         engines: JobEngines, method: Any, state: Any, total: int, train_seconds: float,
+                         engines: JobEngines, method: Any, state: Any, total: int, seconds: tuple[float, float],
                          tau_selection: Optional[dict], run_logger: Any) -> dict:
     """Evaluate the exported model and write results.json (always: τ used, τ=auto's evidence, steps,
-    final losses, what ran), report.md and eval_details.json (with eval.enabled)."""
+    final losses, what ran; ``seconds`` = (job so far, training loop alone)), report.md and
+    eval_details.json (with eval.enabled)."""
     from pipeline.engine.distributed import barrier
     from pipeline.io import atomic_write_json, atomic_write_text
     from pipeline.models.attention import attention_backend_report
@@ -347,7 +349,8 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             "skipped_steps": state.skipped,
             "world_size": dist.world_size,
             "zero3_partition": engines.partition,
-            "train_seconds": round(train_seconds, 2),
+            "train_seconds": round(seconds[0], 2),
+            "train_loop_seconds": round(seconds[1], 2),
             "final_train": state.history[-1] if state.history else {},
             "prompt_format": inputs.prompt_format.describe(),
             "reductions": method.reductions() if hasattr(method, "reductions") else {},

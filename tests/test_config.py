@@ -61,9 +61,10 @@ def test_tau_accepts_number_or_auto_only():
     validate(_compose(["method.tau=auto"]))
     with pytest.raises(ConfigError, match="method.tau.*'auto'"):
         validate(_compose(["method.tau=hot"]))
-    validate(_compose(["method.tau=auto", "method.tau_max=4", "method.tau_form_target=0.9"]))
+    validate(_compose(["method.tau=auto", "method.tau_max=4", "method.tau_form_target=0.9", "method.tau_fact_target=0.8"]))
     for bad, key in (("method.tau_max=1.0", "method.tau_max"), ("method.tau_form_target=0", "method.tau_form_target"),
-                     ("method.tau_form_target=1.5", "method.tau_form_target")):
+                     ("method.tau_form_target=1.5", "method.tau_form_target"),
+                     ("method.tau_fact_target=0", "method.tau_fact_target")):
         with pytest.raises(ConfigError, match=key):
             validate(_compose(["method.tau=auto", bad]))
 

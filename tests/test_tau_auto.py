@@ -128,19 +128,19 @@ def test_select_tau_in_bounds_deterministic_with_evidence(memorised):
     b = tau_auto.select_tau(model, tok, data, enc, _cfg())
     assert tau_auto.TAU_MIN < a["tau"] < tau_auto.TAU_MAX, a
     assert a["tau"] == b["tau"] and a["probes"] == b["probes"]
-    assert a["rows_with_facts"] == len(a["validation_rows"]) == len(rows)
+    assert a["rule"] == "facts" and a["rows_with_facts"] == len(a["validation_rows"]) == len(rows)
     taus = [p["tau"] for p in a["probes"]]
     assert taus == sorted(taus) and taus[0] == tau_auto.TAU_MIN and taus[-1] == tau_auto.TAU_MAX
     assert a["probe_order"][:2] == [tau_auto.TAU_MIN, tau_auto.TAU_MAX]
     assert len(a["probes"]) == 2 + tau_auto.BISECT_STEPS
-    # the choice sits on the crossing: the form holds at tau and breaks one resolution step above
+    # the choice sits on the crossing: the fact target is met at tau and missed one resolution step below
     at = {p["tau"]: p for p in a["probes"]}
     chosen = at[min(at, key=lambda t: abs(t - a["tau"]))]
-    assert chosen["form_ok"] and chosen["form_kept"] >= tau_auto.FORM_TARGET, a
-    above = [p for p in a["probes"] if p["tau"] > a["tau"] + 1e-3]
-    assert above and not above[0]["form_ok"]
-    assert above[0]["tau"] - a["tau"] <= (tau_auto.TAU_MAX - tau_auto.TAU_MIN) / 2 ** tau_auto.BISECT_STEPS + 1e-3
-    assert "facts forgotten" in a["reason"]
+    assert chosen["facts_ok"] and chosen["facts_forgotten"] >= a["fact_target"] == tau_auto.FACT_TARGET, a
+    below = [p for p in a["probes"] if p["tau"] < a["tau"] - 1e-3]
+    assert below and not below[-1]["facts_ok"] and below[-1]["facts_known"] == chosen["facts_known"] > 0
+    assert a["tau"] - below[-1]["tau"] <= (tau_auto.TAU_MAX - tau_auto.TAU_MIN) / 2 ** tau_auto.BISECT_STEPS + 1e-3
+    assert "facts it knows" in a["reason"] and "form kept" in a["reason"]
     json.dumps(a)  # goes into results.json
     # the teacher's temperatures are restored
     from pipeline.models.tempered_attention import get_temperatures
@@ -148,37 +148,58 @@ def test_select_tau_in_bounds_deterministic_with_evidence(memorised):
     assert all(float(t) == 1.0 for t in get_temperatures(model))
 
 
-def test_select_tau_knobs_bound_and_target(memorised):
-    """method.tau_max caps the search (the form holds there: the bound wins); a stricter
-    method.tau_form_target stops earlier."""
+def test_select_tau_knobs_bound_and_targets(memorised, caplog):
+    """The fact threshold is relative to what tau_max's teacher forgets: a lower method.tau_max
+    searches [1, tau_max] against its own (smaller) share and warns when that share is small; a
+    lower method.tau_fact_target stops earlier."""
     model, tok, rows, enc = memorised
     data = SimpleNamespace(forget=rows)
     free = tau_auto.select_tau(model, tok, data, enc, _cfg())
-    capped = tau_auto.select_tau(model, tok, data, enc, _cfg(tau_max=2.0))
-    assert capped["tau"] == 2.0 < free["tau"] and "upper bound" in capped["reason"], capped
+    assert free["fact_threshold"] == pytest.approx(tau_auto.FACT_TARGET * free["facts_forgotten_at_tau_max"])
+    with caplog.at_level("WARNING"):
+        capped = tau_auto.select_tau(model, tok, data, enc, _cfg(tau_max=2.0))
     assert capped["bounds"] == [1.0, 2.0] and max(p["tau"] for p in capped["probes"]) == 2.0
-    strict = tau_auto.select_tau(model, tok, data, enc, _cfg(tau_form_target=0.99))
-    assert strict["tau"] < free["tau"] and strict["form_target"] == 0.99
+    at_max = capped["facts_forgotten_at_tau_max"]
+    assert capped["tau"] <= 2.0 < free["tau"] and at_max < free["facts_forgotten_at_tau_max"], capped
+    assert ("tau_max=2.0" in caplog.text) == (at_max < tau_auto.FACTS_WARN)
+    loose = tau_auto.select_tau(model, tok, data, enc, _cfg(tau_fact_target=0.25))
+    assert loose["tau"] < free["tau"] and loose["fact_target"] == 0.25
     with pytest.raises(ValueError, match="tau_max"):
         tau_auto.select_tau(model, tok, data, enc, _cfg(tau_max=0.5))
 
 
-def test_untrained_teacher_still_gets_a_form_signal(tmp_path):
-    """A random model knows no facts (nothing to forget: facts_forgotten is null), but its own
-    top-1 predictions still change with tau, so the rule has a signal and stays in bounds."""
+def test_rank_share_runs_the_same_forwards_on_every_rank():
+    """Rows split over ranks: each row on exactly one rank, and every rank runs as many forwards
+    (ZeRO-3 all-gathers parameters in each), also a rank left without rows."""
+    for n, world in ((13, 2), (17, 2), (1, 2), (32, 3), (8, 1)):
+        shares = [tau_auto.rank_share(n, r, world) for r in range(world)]
+        assert sorted(i for rows, _ in shares for i in rows) == list(range(n))
+        assert len({f for _, f in shares}) == 1 and shares[0][1] * tau_auto.BATCH_ROWS >= len(shares[0][0])
+    assert tau_auto.rank_share(1, 1, 2) == ([], 1)
+
+
+def test_rows_without_facts_fall_back_to_the_form_signal(tmp_path, caplog):
+    """Rows without ``facts`` (MUSE-like text) give no fact signal (facts_forgotten is null), so the
+    rule falls back to the answers' top-1 agreement, says so, and stays in bounds; a rank without
+    rows still runs its forwards."""
     from pipeline.models.loading import load_causal_lm, load_tokenizer
 
     model_dir, data_dir = build(tmp_path, seed=1)
     tok = load_tokenizer(str(model_dir), False)
-    rows = [json.loads(line) for line in open(data_dir / "retain.jsonl")]
+    rows = [dict(json.loads(line), facts=[]) for line in open(data_dir / "retain.jsonl")]
     model = load_causal_lm(str(model_dir), "float32", False, False, None).eval()
-    out = tau_auto.select_tau(model, tok, SimpleNamespace(forget=rows), _encode(tok, rows), _cfg([0]))
-    assert out["teacher_layers"] == [0]
+    with caplog.at_level("WARNING"):
+        out = tau_auto.select_tau(model, tok, SimpleNamespace(forget=rows), _encode(tok, rows), _cfg([0]))
+    assert out["teacher_layers"] == [0] and out["rule"] == "form" and "fallback" in caplog.text
     assert tau_auto.TAU_MIN <= out["tau"] <= tau_auto.TAU_MAX
     assert all(p["form_kept"] is not None and 0.0 <= p["form_kept"] <= 1.0 for p in out["probes"])
-    assert all(p["facts_forgotten"] in (None, 0.0) or 0.0 <= p["facts_forgotten"] <= 1.0 for p in out["probes"])
+    assert all(p["facts_forgotten"] is None and p["facts_known"] == 0 for p in out["probes"])
     if out["probes"][-1]["form_ok"]:
         assert out["tau"] == tau_auto.TAU_MAX and "upper bound" in out["reason"]
+    else:  # the form holds at the choice and breaks one resolution step above
+        above = [p for p in out["probes"] if p["tau"] > out["tau"] + 1e-3]
+        assert not above[0]["form_ok"]
+    assert tau_auto._answer_predictions(model, [], tok.pad_token_id, n_forwards=1) == []
 
 
 def test_select_tau_needs_a_teacher(memorised):
@@ -205,4 +226,22 @@ def test_tau_auto_end_to_end_two_ranks_zero3(tmp_path):
     res = json.loads((tmp_path / "runs" / "auto" / "results.json").read_text())
     sel = res["tau_selection"]
     assert res["tau"] == sel["tau"] and tau_auto.TAU_MIN <= sel["tau"] <= tau_auto.TAU_MAX
-    assert sel["probes"][0]["tau"] == 1.0 and len(sel["probes"]) >= 2
+    assert sel["probes"][0]["tau"] == 1.0 and len(sel["probes"]) >= 2 and sel["ranks"] == 2
+    assert sel["seconds"] > 0 and res["train_seconds"] > 0
+
+
+def test_form_floor_caps_the_fact_choice(memorised, monkeypatch):
+    """The guard: when the fact rule's tau changes more of the template than FORM_FLOOR allows, the
+    choice drops to the largest probed tau that keeps it (3 more probes). The fixture keeps >= 0.6 of
+    its template everywhere, so a stricter floor is set to make the guard act on real probes."""
+    model, tok, rows, enc = memorised
+    data = SimpleNamespace(forget=rows)
+    free = tau_auto.select_tau(model, tok, data, enc, _cfg())
+    monkeypatch.setattr(tau_auto, "FORM_FLOOR", 0.99)
+    capped = tau_auto.select_tau(model, tok, data, enc, _cfg())
+    assert capped["tau"] < free["tau"] and "capped" in capped["reason"], capped
+    assert len(capped["probes"]) == len(free["probes"]) + tau_auto.GUARD_STEPS
+    at = {p["tau"]: p for p in capped["probes"]}
+    chosen = at[min(at, key=lambda t: abs(t - capped["tau"]))]
+    assert chosen["form_kept"] >= 0.99
+    assert all(p["form_kept"] < 0.99 for p in capped["probes"] if p["tau"] > capped["tau"] + 1e-3)

@@ -4,33 +4,38 @@ Before training, the frozen teacher (the original model) is run teacher-forced o
 forget set at a few temperatures; no student, no generation, no training. The teacher never
 trains, so the slice needs no holding out.
 
-What the student inherits is the tempered teacher's *top-1* prediction at each answer position:
-on the embedded benchmark the student's forget fact recall after training matches the tempered
-teacher's greedy fact recall (τ=2: 0.675 and 0.675; τ=3: 0.40 and 0.40; docs/sweeps.md). A
-probability shift that leaves the argmax alone is not forgotten. So the signal counts argmax
-changes, per probed τ, against the untempered teacher (τ=1):
+What the student is pulled towards is the tempered teacher's prediction at each answer position;
+a fact the tempered teacher still puts first is not forgotten (on the embedded benchmark the
+student's forget fact recall after training equals the tempered teacher's greedy fact recall,
+docs/sweeps.md). So the signals count argmax changes, per probed tau, against the untempered
+teacher (tau=1):
 
-* ``form_kept(τ)``: share of the answers' *non-fact* tokens (template words, ``<eos>``) where the
-  tempered teacher's top-1 is still the untempered teacher's. It says whether the answers keep
-  their shape — ASU's point is to remove facts while staying fluent.
-* ``facts_forgotten(τ)``: share of the facts the untempered teacher reproduces (every token of
+* ``facts_forgotten(tau)``: share of the facts the untempered teacher reproduces (every token of
   the fact span is its top-1) that the tempered teacher no longer does (some token's top-1
   differs). The facts are the attribute values in the row's ``facts`` field, located in the
-  answer's tokens. Evidence, not the stop criterion.
+  answer's tokens.
+* ``form_kept(tau)``: share of the answers' *non-fact* tokens (template words, end of turn) where
+  the tempered teacher's top-1 is still the untempered teacher's. Evidence, and the fallback signal.
 
-Rule: the **largest τ in [TAU_MIN, tau_max] whose teacher keeps the form** (``form_kept >=
-form_target``), found by bisection; tau_max when the form holds there (``method.tau_max``, default
-TAU_MAX; ``method.tau_form_target``, default FORM_TARGET). On the models measured the facts go
-first and the form later as τ grows (a fact token depends on attending to the question's
-specifics, the template much less), so this is the most smoothing — the most forgetting — the
-teacher tolerates before its answers start to change shape. Rows without ``facts`` (or whose
-facts cannot be found in the answer's tokens) count all their answer tokens as form, which only
-makes the choice more cautious.
+Rule (rows with facts the teacher knows): the **smallest tau in [TAU_MIN, tau_max] at which the
+tempered teacher has forgotten at least ``method.tau_fact_target`` of the facts it knows**
+(default FACT_TARGET), by bisection; tau_max when even tau_max does not reach it (with a warning).
+Every tau above that point flattens the answers further for few more facts, every tau below it
+leaves facts the student will keep. The first rule (the largest tau that keeps 95% of the non-fact
+top-1 predictions) chose 5.2 on the embedded benchmark but 1.06 on SmolLM2-135M-Instruct, whose
+template tokens (the end of turn after a name, "was written") change top-1 long before its facts
+do, while training at tau 2.3 left its answers fluent: exact top-1 agreement on the template is
+not a transferable stop signal; the facts are what the user asked to remove.
 
-Collective safety (ZeRO-3): every rank probes the same rows at the same temperatures in the same
-order (the slice is a deterministic function of the forget set), and the signal values are
-averaged over ranks before any decision, so the ranks take the same branches and run the same
-number of forwards (each forward is a set of parameter all-gathers).
+Fallback (no row has ``facts``, e.g. MUSE text, or the teacher reproduces none of them): the
+largest tau whose teacher keeps ``form_kept >= method.tau_form_target`` (default FORM_TARGET).
+
+Cost: the slice's rows are split over the ranks (each rank runs its share; the counts are summed
+over ranks before any decision), 1 + 1 + BISECT_STEPS teacher forwards of the slice at most.
+
+Collective safety (ZeRO-3): every rank runs the same number of forwards at the same temperatures in
+the same order (each forward is a set of parameter all-gathers; a rank with fewer rows pads with a
+discarded repeat), and decisions use rank-summed counts, so every rank takes the same branches.
 """
 
 from __future__ import annotations
@@ -45,20 +50,24 @@ import torch
 
 from pipeline.data.collate import pad_batch
 from pipeline.data.formatting import IGNORE_INDEX
+from pipeline.methods.asu import FACT_TARGET, FORM_TARGET, TAU_MAX
+from pipeline.methods.losses import token_logprobs
+from pipeline.models.tempered_attention import temperature
 
 log = logging.getLogger(__name__)
 
 TAU_MIN = 1.0  # the untempered teacher: the reference of both signals
-# Defaults of method.tau_max and method.tau_form_target. The paper's 7B models use tau 2.0-2.8; the
-# embedded benchmark's best grid points are 5-8 (docs/sweeps.md) and its teacher keeps the form
-# up to ~5.2. 8 leaves room above both without spending probes on ever flatter teachers.
-TAU_MAX = 8.0
-FORM_TARGET = 0.95  # the chosen tau keeps >= 95% of the answers' non-fact top-1 predictions
-BISECT_STEPS = 7  # interval (TAU_MAX - TAU_MIN) / 2**7 ~ 0.055 with the default bounds
+BISECT_STEPS = 6  # interval (TAU_MAX - TAU_MIN) / 2**6 ~ 0.11 with the default bounds
 VAL_FRACTION = 0.25  # validation slice: a quarter of the forget rows ...
 VAL_MIN_ROWS = 32  # ... at least 32 (all of a smaller set): the signal is a share, 8 rows are too noisy
 VAL_MAX_ROWS = 128  # ... at most 128 (more rows add cost, not accuracy)
-BATCH_ROWS = 8  # rows per forward
+# rows per forward: few, large forwards (under ZeRO-3 each forward gathers every layer's weights, which
+# on small models costs more than the rows); 16 rows x T x vocab float logits stay small at 7B
+BATCH_ROWS = 16
+FORM_FLOOR = 0.5  # the fact rule never goes above the largest tau keeping half the template's top-1 (guard)
+GUARD_STEPS = 3  # bisection steps of the guard, between two probes the fact search already made
+FACTS_WARN = 0.5  # warn when even tau_max's teacher forgets fewer than half of the known facts
+FORM_WARN = 0.5  # warn when the chosen tau's teacher changes more than half of the template's top-1
 
 
 def validation_indices(n: int, fraction: float = VAL_FRACTION, min_rows: int = VAL_MIN_ROWS,
@@ -121,29 +130,47 @@ def _device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-@torch.no_grad()
-def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int) -> list[dict]:
-    """Per row, at each answer token j (scored by the logits at j-1): the model's top-1 token and
-    the log-prob of the true token, as ``{j: (top1, logprob)}``."""
-    # lazy: pipeline.methods imports this module (asu.py's tau=auto defaults)
-    from pipeline.methods.losses import token_logprobs
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
 
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_share(n: int, rank: int, world: int) -> tuple[list[int], int]:
+    """This rank's rows of ``n`` (contiguous, ceil(n / world) each) and the number of forwards
+    every rank runs (the same on all ranks: ZeRO-3 gathers parameters in each forward)."""
+    per = -(-n // world)
+    mine = list(range(rank * per, min(n, (rank + 1) * per)))
+    return mine, -(-per // BATCH_ROWS)
+
+
+@torch.no_grad()
+def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int, n_forwards: Optional[int] = None) -> list[dict]:
+    """Per row, at each answer token j (scored by the logits at j-1): the model's top-1 token and
+    the log-prob of the true token, as ``{j: (top1, logprob)}``. ``n_forwards``: run exactly this
+    many forwards (a rank with fewer rows repeats a row and discards it; it needs ``items``)."""
     device = _device(model)
+    n_forwards = -(-len(items) // BATCH_ROWS) if n_forwards is None else n_forwards
     out: list[dict] = []
-    for s in range(0, len(items), BATCH_ROWS):
-        chunk = items[s:s + BATCH_ROWS]
+    for b in range(n_forwards):
+        chunk = list(items[b * BATCH_ROWS:(b + 1) * BATCH_ROWS])
+        keep = len(chunk)
+        if not chunk:  # this rank has run out of rows: the same collectives, result discarded
+            chunk = [items[0]] if items else [{"input_ids": [pad_id, pad_id], "labels": [IGNORE_INDEX, pad_id]}]
         batch = pad_batch([{"input_ids": it["input_ids"], "labels": it["labels"]} for it in chunk], pad_id)
         ids = batch["input_ids"].to(device)
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
         top1 = logits[:, :-1].argmax(-1).cpu()
         tok_lp, answer = (t.cpu() for t in token_logprobs(logits, batch["labels"].to(device)))
-        for r in range(len(chunk)):
+        for r in range(keep):
             out.append({t + 1: (int(top1[r, t]), float(tok_lp[r, t])) for t in answer[r].nonzero().flatten().tolist()})
     return out
 
 
-def _rank_mean(values: list[float]) -> list[float]:
-    """Average over ranks (identical inputs give identical values; this makes it certain)."""
+def _rank_sum(values: list[float]) -> list[float]:
+    """Sum over ranks (each rank counted its own rows)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -152,10 +179,10 @@ def _rank_mean(values: list[float]) -> list[float]:
     if torch.cuda.is_available() and dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t)
-    return (t / dist.get_world_size()).cpu().tolist()
+    return t.cpu().tolist()
 
 
-def _share(hits: int, total: int) -> float:
+def _share(hits: float, total: float) -> float:
     return hits / total if total else float("nan")
 
 
@@ -164,27 +191,32 @@ def _none_if_nan(v: float) -> Optional[float]:
 
 
 class _Prober:
-    """Runs the teacher at one temperature and compares its top-1 predictions with tau=1's."""
+    """Runs the teacher at one temperature and compares its top-1 predictions with tau=1's.
+
+    ``items`` are this rank's rows; ``n_forwards`` the number of forwards every rank runs."""
 
     def __init__(self, teacher: Any, items: list[dict], pad_id: int, layers: Optional[list[int]],
-                 form_target: float = FORM_TARGET) -> None:
-        from pipeline.models.tempered_attention import temperature
-
-        self._temperature = temperature
+                 form_target: float = FORM_TARGET, fact_target: float = FACT_TARGET,
+                 n_forwards: Optional[int] = None) -> None:
         self.teacher, self.items, self.pad_id, self.layers = teacher, items, pad_id, layers
-        self.form_target = float(form_target)
+        self.form_target, self.fact_target = float(form_target), float(fact_target)
+        # facts_forgotten a probe must reach: fact_target x the share forgotten at tau_max (set_fact_scale)
+        self.fact_threshold: Optional[float] = None
+        self.n_forwards = n_forwards
         self.base: Optional[list[dict]] = None  # tau=1 predictions per row
         self.probes: list[dict] = []
+        self.seconds = 0.0
 
     def predictions(self, tau: float) -> list[dict]:
-        with self._temperature(self.teacher, float(tau), self.layers):
-            return _answer_predictions(self.teacher, self.items, self.pad_id)
+        with temperature(self.teacher, float(tau), self.layers):
+            return _answer_predictions(self.teacher, self.items, self.pad_id, self.n_forwards)
 
-    def signal(self, preds: list[dict]) -> tuple[float, float, float]:
-        """(form_kept, facts_forgotten, mean fact-token log-prob) of ``preds`` against tau=1."""
+    def counts(self, preds: list[dict]) -> list[float]:
+        """[form tokens kept, form tokens, facts forgotten, facts known, fact-token log-prob sum,
+        fact tokens] of ``preds`` against tau=1 (summable over ranks)."""
         assert self.base is not None
         kept = form = forgotten = known = 0
-        fact_lp: list[float] = []
+        lp_sum, lp_n = 0.0, 0
         for it, base, now in zip(self.items, self.base, preds):
             fact_tokens = {j for span in it["spans"] for j in span}
             for j, (top1, _) in now.items():
@@ -195,31 +227,67 @@ class _Prober:
                 span = [j for j in span if j in now]
                 if not span:
                     continue
-                fact_lp.extend(now[j][1] for j in span)
+                lp_sum += sum(now[j][1] for j in span)
+                lp_n += len(span)
                 label = it["input_ids"]
                 if all(base[j][0] == label[j] for j in span):  # the untempered teacher reproduces it
                     known += 1
                     forgotten += int(any(now[j][0] != label[j] for j in span))
-        lp = sum(fact_lp) / len(fact_lp) if fact_lp else float("nan")
-        return _share(kept, form), _share(forgotten, known), lp
+        return [kept, form, forgotten, known, lp_sum, lp_n]
+
+    def signal(self, preds: list[dict]) -> tuple[float, float, float]:
+        """(form_kept, facts_forgotten, mean fact-token log-prob) of ``preds`` on this rank's rows."""
+        kept, form, forgotten, known, lp_sum, lp_n = self.counts(preds)
+        return _share(kept, form), _share(forgotten, known), _share(lp_sum, lp_n)
 
     def probe(self, tau: float) -> dict:
-        """Signal at ``tau``; the first call must be the reference, ``tau == TAU_MIN``."""
+        """Signal at ``tau`` over all ranks' rows; the first call must be the reference, ``tau == TAU_MIN``."""
         if self.base is None and float(tau) != TAU_MIN:
             raise ValueError(f"probe tau={TAU_MIN} first: it is the reference the other probes are compared with")
+        t0 = time.time()
         preds = self.predictions(tau)
         if self.base is None:
             self.base = preds
-        form_kept, facts_forgotten, fact_lp = _rank_mean(list(self.signal(preds)))
+        kept, form, forgotten, known, lp_sum, lp_n = _rank_sum(self.counts(preds))
         rec = {
             "tau": round(float(tau), 4),
-            "form_kept": _none_if_nan(form_kept),
-            "facts_forgotten": _none_if_nan(facts_forgotten),
-            "fact_logprob": _none_if_nan(fact_lp),
+            "form_kept": _none_if_nan(_share(kept, form)),
+            "facts_forgotten": _none_if_nan(_share(forgotten, known)),
+            "facts_known": int(known),
+            "fact_logprob": _none_if_nan(_share(lp_sum, lp_n)),
         }
         rec["form_ok"] = rec["form_kept"] is None or rec["form_kept"] >= self.form_target
         self.probes.append(rec)
+        self._mark(rec)
+        self.seconds += time.time() - t0
         return rec
+
+
+    def set_fact_scale(self, forgotten_at_max: float) -> None:
+        """The fact threshold is relative: ``fact_target`` x the share of the known facts the
+        teacher has forgotten at the search's upper bound (marks the probes made so far)."""
+        self.fact_threshold = self.fact_target * float(forgotten_at_max)
+        for rec in self.probes:
+            self._mark(rec)
+
+    def _mark(self, rec: dict) -> None:
+        rec["facts_ok"] = bool(rec["facts_forgotten"] is not None and self.fact_threshold is not None
+                               and rec["facts_forgotten"] > 0.0 and rec["facts_forgotten"] >= self.fact_threshold - 1e-9)
+
+
+def _bisect(prober: _Prober, lo: float, hi: float, ok_at_hi: bool, key: str) -> tuple[float, float]:
+    """Bisect [lo, hi] on the probes' boolean ``key``; returns the final (lo, hi).
+
+    ``ok_at_hi``: the condition holds at ``hi`` and not at ``lo`` (search for its smallest tau),
+    else it holds at ``lo`` and not at ``hi`` (its largest)."""
+    for _ in range(BISECT_STEPS):
+        mid = 0.5 * (lo + hi)
+        ok = prober.probe(mid)[key]
+        if ok == ok_at_hi:
+            hi = mid
+        else:
+            lo = mid
+    return lo, hi
 
 
 def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence[dict], cfg: Any) -> dict:
@@ -237,69 +305,111 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
     layers = [int(i) for i in layers] if layers is not None else None
     tau_max = float(getattr(mcfg, "tau_max", TAU_MAX))
     form_target = float(getattr(mcfg, "tau_form_target", FORM_TARGET))
-    if not (tau_max > TAU_MIN and 0.0 < form_target <= 1.0):
-        raise ValueError(f"method.tau=auto: needs method.tau_max > {TAU_MIN} and 0 < method.tau_form_target <= 1, "
-                         f"got {tau_max} and {form_target}")
+    fact_target = float(getattr(mcfg, "tau_fact_target", FACT_TARGET))
+    if not (tau_max > TAU_MIN and 0.0 < form_target <= 1.0 and 0.0 < fact_target <= 1.0):
+        raise ValueError(f"method.tau=auto: needs method.tau_max > {TAU_MIN}, 0 < method.tau_form_target <= 1 and "
+                         f"0 < method.tau_fact_target <= 1, got {tau_max}, {form_target} and {fact_target}")
     rows = list(getattr(data, "forget", None) or [])
     idx = validation_indices(len(forget_encoded))
     if not idx:
         raise ValueError("method.tau=auto: the forget set is empty")
-    items = _items(tokenizer, rows, [forget_encoded[i] for i in idx])
-    with_facts = sum(1 for it in items if it["spans"])
+    rank, world = _world()
+    mine, n_forwards = rank_share(len(idx), rank, world)
+    items = _items(tokenizer, rows, [forget_encoded[idx[i]] for i in mine])
+    with_facts = int(_rank_sum([float(sum(1 for it in items if it["spans"]))])[0])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     was_training = bool(getattr(teacher, "training", False))
     teacher.eval()
-    prober = _Prober(teacher, items, pad_id, layers, form_target)
+    prober = _Prober(teacher, items, pad_id, layers, form_target, fact_target, n_forwards)
     try:
-        prober.probe(TAU_MIN)
+        ref = prober.probe(TAU_MIN)
         top = prober.probe(tau_max)
-        if top["form_ok"]:
-            tau, chosen = tau_max, top
-            reason = f"the answers keep their form (form kept {_fmt(top['form_kept'])}) up to the upper bound"
+        if ref["facts_known"] > 0:
+            signal = "facts"
+            prober.set_fact_scale(top["facts_forgotten"] or 0.0)
+            if not top["facts_ok"]:  # tempering up to tau_max removes none of the facts
+                tau, chosen = tau_max, top
+                reason = f"the teacher forgets none of the {ref['facts_known']} facts it knows even at the upper bound"
+            else:
+                _, tau = _bisect(prober, TAU_MIN, tau_max, True, "facts_ok")
+                chosen = _at(prober, tau)
+                reason = (f"smallest tau at which the teacher has forgotten >= {fact_target} x the share of the "
+                          f"{ref['facts_known']} facts it knows that it forgets at tau_max={tau_max:g} "
+                          f"({_fmt(top['facts_forgotten'])}): {_fmt(chosen['facts_forgotten'])}")
+                if chosen["form_kept"] is not None and chosen["form_kept"] < FORM_FLOOR:
+                    # Guard: past half the template the student's answers broke on SmolLM2 (docs/sweeps.md).
+                    # Refine between the largest probe below tau that keeps half and the next one up.
+                    lo = max((r["tau"] for r in prober.probes if r["tau"] <= tau and r["form_kept"] is not None
+                              and r["form_kept"] >= FORM_FLOOR), default=TAU_MIN)
+                    hi = min(r["tau"] for r in prober.probes if r["tau"] > lo)
+                    for _ in range(GUARD_STEPS):
+                        mid = 0.5 * (lo + hi)
+                        rec = prober.probe(mid)
+                        lo, hi = (mid, hi) if rec["form_kept"] is not None and rec["form_kept"] >= FORM_FLOOR else (lo, mid)
+                    tau, chosen = lo, _at(prober, lo)
+                    reason += (f"; capped at tau={lo:.3f}, the largest probed tau whose teacher keeps >= {FORM_FLOOR} "
+                               f"of the template's top-1 (facts forgotten there: {_fmt(chosen['facts_forgotten'])})")
         else:
-            lo, hi = TAU_MIN, tau_max  # invariant: the form holds at lo and breaks at hi
-            chosen = prober.probes[0]
-            for _ in range(BISECT_STEPS):
-                mid = 0.5 * (lo + hi)
-                rec = prober.probe(mid)
-                if rec["form_ok"]:
-                    lo, chosen = mid, rec
-                else:
-                    hi = mid
-            tau = lo
-            reason = (f"largest tau whose teacher keeps >= {form_target} of the answers' non-fact top-1 "
-                      f"predictions (form kept {_fmt(chosen['form_kept'])}; it breaks by tau={hi:.3f})")
+            signal = "form"
+            if top["form_ok"]:
+                tau, chosen = tau_max, top
+                reason = f"no known facts; the answers keep their form (form kept {_fmt(top['form_kept'])}) up to the upper bound"
+            else:
+                tau, hi = _bisect(prober, TAU_MIN, tau_max, False, "form_ok")
+                chosen = _at(prober, tau)
+                reason = (f"no known facts (fallback): largest tau whose teacher keeps >= {form_target} of the "
+                          f"answers' non-fact top-1 predictions (it breaks by tau={hi:.3f})")
     finally:
         if was_training:
             teacher.train()
     tau = round(float(min(tau_max, max(TAU_MIN, tau))), 3)
-    if chosen["facts_forgotten"] is not None:
-        reason += f"; facts forgotten by the teacher there: {chosen['facts_forgotten']:.3g}"
+    if chosen["form_kept"] is not None:
+        reason += f"; form kept there: {chosen['form_kept']:.3g}"
     out = {
         "tau": tau,
         "reason": reason,
-        "signal": "teacher-forced top-1 agreement with the tau=1 teacher on the non-fact answer tokens",
+        "signal": ("share of the known facts whose tokens the tempered teacher no longer predicts top-1"
+                   if signal == "facts" else
+                   "teacher-forced top-1 agreement with the tau=1 teacher on the non-fact answer tokens (fallback)"),
+        "rule": signal,
+        "fact_target": fact_target,
+        "facts_forgotten_at_tau_max": top["facts_forgotten"],
+        "fact_threshold": prober.fact_threshold,
         "form_target": form_target,
         "bounds": [TAU_MIN, tau_max],
         "teacher_layers": layers,
         "validation_rows": idx,
         "rows_with_facts": with_facts,
+        "ranks": world,
         "probes": sorted(prober.probes, key=lambda r: r["tau"]),
         "probe_order": [r["tau"] for r in prober.probes],
         "seconds": round(time.time() - t0, 3),
     }
-    if tau == TAU_MIN:
-        log.warning("tau=auto: the teacher's answers change form at every tau probed above 1, so tau=1 was chosen "
-                    "and ASU's forget term will remove nothing; set method.tau by hand or lower "
-                    "method.tau_form_target (now %s)", form_target)
-    elif chosen["facts_forgotten"] is not None and chosen["facts_forgotten"] < 0.25:
-        log.warning("tau=auto: at tau=%.3f the tempered teacher still reproduces %.0f%% of the facts it knows; "
-                    "tempering %s may not remove much from this model", tau, 100 * (1 - chosen["facts_forgotten"]),
-                    "all layers" if layers is None else f"layers {layers}")
-    log.info("tau=auto: %s -> tau=%.3f (%d probes on %d rows, %.1fs)", reason, tau, len(prober.probes),
-             len(idx), out["seconds"])
+    where = "all layers" if layers is None else f"layers {layers}"
+    if signal == "form":
+        log.warning("tau=auto: %s, so the fallback rule (template top-1 agreement >= %s) chose tau; it can be "
+                    "very cautious on real models (docs/sweeps.md)",
+                    "no forget row has a 'facts' field found in its answer" if not with_facts else
+                    "the untempered teacher reproduces none of the forget facts", form_target)
+        if tau == TAU_MIN:
+            log.warning("tau=auto: tau=1 was chosen and ASU's forget term will remove nothing; set method.tau by hand")
+    elif (top["facts_forgotten"] or 0.0) < FACTS_WARN:
+        log.warning("tau=auto: tempering %s up to tau_max=%s leaves the teacher reproducing %.0f%% of the facts "
+                    "it knows; ASU may not remove much (try other teacher_layers or a higher tau_max)",
+                    where, tau_max, 100 * (1 - (top["facts_forgotten"] or 0.0)))
+    if chosen["form_kept"] is not None and chosen["form_kept"] < FORM_WARN:
+        log.warning("tau=auto: at tau=%.3f the tempered teacher changes %.0f%% of the answers' non-fact top-1 "
+                    "predictions; check the forget answers' fluency (results.json forget_well_formed)",
+                    tau, 100 * (1 - chosen["form_kept"]))
+    log.info("tau=auto: %s -> tau=%.3f (%d probes on %d rows over %d rank(s), %.1fs)", reason, tau,
+             len(prober.probes), len(idx), world, out["seconds"])
     return out
+
+
+def _at(prober: _Prober, tau: float) -> dict:
+    """The probe record at ``tau`` (the bisection probed it, or it is a bound)."""
+    return min(prober.probes, key=lambda r: abs(r["tau"] - tau))
 
 
 def _fmt(v: Optional[float]) -> str:
