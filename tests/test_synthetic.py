@@ -131,23 +131,25 @@ MINI_DATA = SyntheticConfig(seed=1, n_authors=10, qa_per_author=2, n_world_facts
 
 
 @pytest.mark.parametrize("parallel", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_prepare_synthetic_caches(tmp_path, parallel):
+def test_prepare_synthetic_caches(tmp_path, parallel, monkeypatch):
     """parallel=True trains target and retain in two subprocesses (the real path; ~8-16 s of
-    interpreter start-up, hence marked slow)."""
+    interpreter start-up, hence marked slow), given a cache path relative to a working directory
+    that is not the repository (the subprocesses run in the repository root)."""
     from pipeline.data.prepare import prepare_synthetic
     from pipeline.models.tiny import TinyModelConfig
 
     mcfg = TinyModelConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                            intermediate_size=32, steps=2, batch_size=4, warmup=1)
-    art = prepare_synthetic(MINI_DATA, mcfg, tmp_path, parallel=parallel, log=None)
-    assert (art.root / "COMPLETE").exists()
+    monkeypatch.chdir(tmp_path)
+    art = prepare_synthetic(MINI_DATA, mcfg, "cache" if parallel else tmp_path, parallel=parallel, log=None)
+    assert (art.root / "COMPLETE").exists() and art.root.is_absolute()
     for d in (art.target_dir, art.retain_dir):
         assert (d / "model.safetensors").exists() and (d / "tokenizer.json").exists()
     assert (art.data_dir / "forget10.jsonl").exists() and (art.tokenizer_dir / "tokenizer.json").exists()
     assert art.forget_split_authors["forget10"] == [
         json.loads(line)["author"] for line in open(art.data_dir / "forget10.jsonl")][::2]
     mtime = (art.target_dir / "model.safetensors").stat().st_mtime_ns
-    art2 = prepare_synthetic(MINI_DATA, mcfg, tmp_path, parallel=parallel, log=None)
+    art2 = prepare_synthetic(MINI_DATA, mcfg, "cache" if parallel else tmp_path, parallel=parallel, log=None)
     assert art2.root == art.root
     assert (art2.target_dir / "model.safetensors").stat().st_mtime_ns == mtime
     # a different model config is a different cache entry; num_threads is not part of the key

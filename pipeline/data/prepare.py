@@ -147,7 +147,9 @@ def prepare_synthetic(data_cfg: SyntheticConfig, model_cfg: TinyModelConfig, cac
 
     data_cfg = _as_dataclass(data_cfg, SyntheticConfig)
     model_cfg = _as_dataclass(model_cfg, TinyModelConfig)
-    cache_root = Path(cache_root).expanduser()
+    # Absolute: the two training subprocesses run in the repository root, not in the caller's working
+    # directory (a launcher started elsewhere, e.g. by SLURM, would hand them a path they cannot find).
+    cache_root = Path(cache_root).expanduser().resolve()
     root = cache_root / f"synthetic-{config_hash(data_cfg, model_cfg)}"
     if (root / "COMPLETE").exists():
         return _artifacts(root, data_cfg)
