@@ -76,7 +76,7 @@ def main() -> None:
         with torch.no_grad():
             for p in student.parameters():
                 p.add_(args.perturb * p.detach().abs().mean() / 0.08 * torch.randn_like(p))
-            with losses._maybe_tempered(teacher, args.tau, None):
+            with losses.tempered(teacher, args.tau, None):
                 lt = torch.log_softmax(losses.logits_of(teacher, batch)[:, :-1].float(), -1)[mask]
             entropy = float(-(lt.exp() * lt).sum(-1).mean())
             top = lt.exp().sort(-1, descending=True).values.cumsum(-1)

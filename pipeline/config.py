@@ -19,12 +19,12 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+# The pieces methods and models need live one layer down (no import circle with pipeline.methods);
+# re-exported here, where callers have always found them.
+from pipeline.config_base import ConfigError, MethodConfig, require  # noqa: F401
+from pipeline.config_base import require as _require
 from pipeline.data.synthetic import SyntheticConfig
 from pipeline.models.tiny import TinyModelConfig
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key path."""
 
 
 @dataclass
@@ -109,15 +109,6 @@ class DataConfig:
     # paraphrased_answer = TOFU's definition (the answer on real_authors / world_facts, which have no
     # paraphrase); answer = the trained answer on every split (the embedded benchmark).
     truth_ratio_reference: str = "paraphrased_answer"
-
-
-@dataclass
-class MethodConfig:
-    """Fields every method has; methods subclass it with their own."""
-
-    name: str = MISSING
-    gamma: float = 1.0  # weight of the forget loss
-    alpha: float = 1.0  # weight of the retain loss
 
 
 @dataclass
@@ -258,11 +249,6 @@ def register_configs() -> None:
 # Semantic validation
 
 
-def _require(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"config error at '{key}': {msg}")
-
-
 def _choice(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
     val = OmegaConf.select(cfg, key)
     _require(val in allowed, key, f"got {val!r}; allowed values: {', '.join(allowed)}")
@@ -342,8 +328,3 @@ def _validate_peft(cfg: DictConfig, n_layers: Optional[int]) -> None:
         bad = [i for i in p.layers if not 0 <= int(i) < n_layers]
         _require(not bad, "model.peft.layers",
                  f"layer indices {bad} out of range: the model has {n_layers} layers (allowed 0..{n_layers - 1})")
-
-
-def require(cond: bool, key: str, msg: str) -> None:
-    """Public helper for method/dataset validators: raise ConfigError naming ``key``."""
-    _require(cond, key, msg)

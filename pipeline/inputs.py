@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from pipeline.config import ConfigError
+from pipeline.config_base import ConfigError
 
 log = logging.getLogger("pipeline.run")
 

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.data.loaders import (
+from pipeline.data.common import (
     DATASETS,
     TEXT_COLUMNS,
     UnlearningData,
     check_columns,
+    hub_revision,
     load_hf_split,
     rename_columns,
 )
-from pipeline.data.tofu import hub_revision
 
 MUSE_NEWS_HUB_ID = "muse-bench/MUSE-News"
 MUSE_BOOKS_HUB_ID = "muse-bench/MUSE-Books"

@@ -21,13 +21,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pipeline.data.loaders import (
+from pipeline.data.common import (
     DATASETS,
     EVAL_COLUMNS,
     QA_COLUMNS,
     DataError,
     UnlearningData,
     check_columns,
+    hub_revision,
     load_hf_split,
     map_columns,
     rename_columns,
@@ -48,13 +49,6 @@ def tofu_eval_subset(name: str) -> str:
     if name in NO_PARAPHRASE:
         return f"{name}_perturbed"
     return name
-
-
-def hub_revision(data_cfg: Any, hub_id: str, main_hub_id: str) -> Any:
-    revs = dict(getattr(data_cfg, "hub_revisions", None) or {})
-    if hub_id in revs:
-        return revs[hub_id]
-    return data_cfg.revision if hub_id == main_hub_id else None
 
 
 def check_list_column(rows: list[dict], column: str, dataset: str, split: str) -> None:

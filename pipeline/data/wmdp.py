@@ -21,16 +21,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.data.loaders import (
+from pipeline.data.common import (
     DATASETS,
     TEXT_COLUMNS,
     DataError,
     UnlearningData,
     check_columns,
+    hub_revision,
     load_hf_split,
     rename_columns,
 )
-from pipeline.data.tofu import hub_revision
 
 WMDP_CORPORA_HUB_ID = "cais/wmdp-corpora"
 WMDP_HUB_ID = "cais/wmdp"

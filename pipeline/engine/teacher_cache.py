@@ -10,7 +10,7 @@ Layout of one cache (a directory named by :func:`cache_key` under the cache root
     <root>/<key>/rows-r<rank>-<j>.safetensors per-row tensors, keys "<row>.logprobs" [, "<row>.ids", "<row>.tail"]
 
 Per forget row only the loss positions are kept (``labels[1:] != -100``, the positions
-:func:`~pipeline.methods.losses.shifted_mask` selects; ``skip_first`` is applied at loss time):
+:func:`~pipeline.methods.model_io.shifted_mask` selects; ``skip_first`` is applied at loss time):
 
 * ``cache_topk = 0``: ``logprobs`` (n, V) float32, the teacher's full log-softmax rows (exact KL);
 * ``cache_topk = k``: ``logprobs`` (n, k) float32, ``ids`` (n, k) int32 and ``tail`` (n,) float32,
@@ -90,7 +90,7 @@ def _broadcast(obj: Any) -> Any:
 
 
 def _model_id(teacher: Any) -> str:
-    from pipeline.methods.losses import unwrap
+    from pipeline.methods.model_io import unwrap
 
     cfg = getattr(unwrap(teacher), "config", None)
     return str(getattr(cfg, "_name_or_path", "") or type(unwrap(teacher)).__name__)
@@ -131,10 +131,10 @@ def _teacher_rows(teacher: Any, rows: list[dict], tau: float, layers, topk: int,
                   device) -> list[dict[str, torch.Tensor]]:
     """Tempered teacher tensors of ``rows`` (one padded batch), loss positions only."""
     from pipeline.data.collate import pad_batch
-    from pipeline.methods.losses import _maybe_tempered, logits_of, shifted_mask
+    from pipeline.methods.model_io import logits_of, shifted_mask, tempered
 
     b = {k: v.to(device) for k, v in pad_batch(rows, pad_id).items()}
-    with torch.no_grad(), _maybe_tempered(teacher, tau, layers):
+    with torch.no_grad(), tempered(teacher, tau, layers):
         logits = logits_of(teacher, b)
     lt = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     mask = shifted_mask(b["labels"])
@@ -192,7 +192,7 @@ def build_teacher_cache(
     tmp = Path(tmp)
     try:
         if device is None:
-            from pipeline.methods.losses import unwrap
+            from pipeline.methods.model_io import unwrap
 
             device = next(unwrap(teacher).parameters()).device
         rows = list(forget_encoded)
@@ -319,7 +319,7 @@ class TeacherCache:
     def batch(self, indices: Sequence[int], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Tensors aligned with ``labels``' shifted loss positions (B, T-1, ...) for
         :func:`~pipeline.methods.losses.kl_from_cache`; non-loss slots are zero (ignored there)."""
-        from pipeline.methods.losses import shifted_mask
+        from pipeline.methods.model_io import shifted_mask
 
         mask = shifted_mask(labels).cpu()
         B, T1 = mask.shape

@@ -4,7 +4,7 @@ To add one: a file here defining a config dataclass and a class decorated with
 ``@register_method("name")``, plus ``conf/method/<name>.yaml``; then import it below.
 """
 
-from pipeline.methods import asu, asu_idk, asu_repr, grad_ascent, grad_diff, idk_dpo, npo, rmu, simnpo  # noqa: E402,F401  (registration)  # noqa: E402,F401  (registration)
+from pipeline.methods import asu, asu_idk, asu_repr, grad_ascent, grad_diff, idk_dpo, npo, rmu, simnpo  # noqa: E402,F401  (registration)
 from pipeline.methods.base import METHODS, LossOutput, UnlearningMethod, register_method  # noqa: F401
 
 

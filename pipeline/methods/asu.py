@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from pipeline.config import require
+from pipeline.config_base import require
 from pipeline.methods import losses
 from pipeline.methods.base import ForgetRetainConfig, LossOutput, UnlearningMethod, register_method
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from pipeline.config import require
+from pipeline.config_base import require
 from pipeline.methods import losses
 from pipeline.methods.asu import ASU, ASUConfig
 from pipeline.methods.base import LossOutput, register_method

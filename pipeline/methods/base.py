@@ -9,7 +9,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from torch import nn
 
-from pipeline.config import MethodConfig, require
+from pipeline.config_base import MethodConfig, require
 from pipeline.registry import Registry
 
 

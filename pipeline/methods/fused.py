@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pipeline.methods.losses import _maybe_tempered, shifted_mask, unwrap
+from pipeline.methods.model_io import shifted_mask, tempered, unwrap
 
 
 def _gathered(params: list[nn.Parameter]):
@@ -51,7 +51,7 @@ def fused_distill_kl(
     from kernels.fused_kl import fused_linear_kl
 
     t_mod, s_mod = unwrap(teacher), unwrap(student)
-    with torch.no_grad(), _maybe_tempered(teacher, tau, layers):
+    with torch.no_grad(), tempered(teacher, tau, layers):
         h_t = last_hidden(t_mod, inputs)[:, :-1]
     h_s = last_hidden(s_mod, inputs)[:, :-1]
     mask = shifted_mask(inputs["labels"], skip_first)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import require
+from pipeline.config_base import require
 
 # REFUSALS lives with the data code (the embedded tokenizer must know its words); re-exported here.
 from pipeline.data.formatting import PROMPT_TEMPLATE, REFUSALS, encode_qa

@@ -6,7 +6,6 @@ position t predicts token t+1, so logits[:, :-1] are scored against labels[:, 1:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Optional
 
@@ -14,24 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.data.formatting import IGNORE_INDEX
-from pipeline.models.peft_student import adapters_off
-from pipeline.models.tempered_attention import temperature
-
-
-def logits_of(model: nn.Module, inputs: dict) -> torch.Tensor:
-    return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
-
-
-def shifted_mask(labels: torch.Tensor, skip_first: bool = False) -> torch.Tensor:
-    """(B, T-1) bool mask of positions whose next token carries loss.
-
-    ``skip_first`` drops each row's first loss token (ASU+IDK excludes it from the KL).
-    """
-    mask = labels[:, 1:] != IGNORE_INDEX
-    if skip_first:
-        first = mask.float().cumsum(1) == 1
-        mask = mask & ~first
-    return mask
+from pipeline.methods.model_io import logits_of, shifted_mask, tempered, unwrap  # noqa: F401  (re-exported)
 
 
 def reduce(values: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -89,18 +71,6 @@ def kl_from_logits(
     return reduce(kl, mask, reduction)
 
 
-@contextlib.contextmanager
-def _maybe_tempered(model: nn.Module, tau: Optional[float], layers: Optional[Sequence[int]]):
-    # A LoRA student's frozen view (model.peft) runs everything inside with the adapters off, also
-    # code that calls the base model's submodules directly (the fused KL's last hidden state).
-    with adapters_off(model):
-        if tau is None or tau == 1.0:
-            yield
-        else:
-            with temperature(model, tau, layers):
-                yield
-
-
 def distill_kl(
     student: nn.Module,
     teacher: nn.Module,
@@ -123,7 +93,7 @@ def distill_kl(
         from pipeline.methods.fused import fused_distill_kl
 
         return fused_distill_kl(student, teacher, inputs, reduction, tau, layers, skip_first)
-    with torch.no_grad(), _maybe_tempered(teacher, tau, layers):
+    with torch.no_grad(), tempered(teacher, tau, layers):
         t_logits = logits_of(teacher, inputs)
     s_logits = logits_of(student, inputs)
     return kl_from_logits(t_logits, s_logits, inputs["labels"], reduction, skip_first)
@@ -138,15 +108,6 @@ def mean_token_logprob(model: nn.Module, inputs: dict) -> torch.Tensor:
 
 
 # -- hidden states (representation methods: RMU, ASU-WMDP; RNA noise) --------------------------------
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a DeepSpeed engine / DDP wrapper (``.module``) / peft LoRA model, else ``model``."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    if hasattr(model, "get_base_model") and hasattr(model, "disable_adapter"):  # a peft LoRA student
-        model = model.get_base_model()
-    return model
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

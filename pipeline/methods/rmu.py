@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline.config import ConfigError, require
+from pipeline.config_base import ConfigError, require
 from pipeline.methods import losses
 from pipeline.methods.base import ForgetRetainConfig, UnlearningMethod, register_method
 from pipeline.models.peft_student import is_peft_model

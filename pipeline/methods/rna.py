@@ -21,7 +21,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from pipeline.methods.losses import check_layer, unwrap
+from pipeline.methods.losses import check_layer
+from pipeline.methods.model_io import unwrap
 
 BLOCK = 64  # positions per generator draw: a row's noise at position t does not depend on its length
 

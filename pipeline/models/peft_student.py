@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.config_base import ConfigError
 
 log = logging.getLogger(__name__)
 

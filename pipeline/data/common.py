@@ -1,0 +1,215 @@
+"""What every dataset module shares: the row/column conventions, :class:`UnlearningData`, the
+dataset registry and the loading and checking helpers.
+
+Dataset modules (``tofu``, ``muse``, ``wmdp``) import from here and register themselves in
+:data:`DATASETS`; :mod:`pipeline.data.loaders` imports them to fill the registry (from below: no
+module imports the one that imports it).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.registry import Registry
+
+log = logging.getLogger("pipeline.data.loaders")
+
+QA_COLUMNS = ("question", "answer")
+EVAL_COLUMNS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
+# Columns only some metrics read (truth ratio, normalised probability, paraphrase probability): a
+# split may lack them (its metrics are then skipped at evaluation), but not hold them half-filled.
+OPTIONAL_EVAL_COLUMNS = ("paraphrased_answer", "perturbed_answer")
+TEXT_COLUMNS = ("text",)
+LOCAL_FORMATS = (("jsonl", "json"), ("json", "json"), ("parquet", "parquet"))
+
+
+class DataError(ValueError):
+    """Bad or inconsistent data; the message names dataset, split and column."""
+
+
+@dataclass
+class UnlearningData:
+    name: str
+    forget: list[dict]
+    retain: list[dict]
+    eval: dict[str, list[dict]] = field(default_factory=dict)
+    forget_split: str = "forget"
+    retain_split: str = "retain"
+    # Columns every forget/retain row must have (QA pairs, or ``("text",)`` for raw corpora) and,
+    # per eval split, the columns it must have (splits not listed: ``QA_COLUMNS``; the truth-ratio
+    # columns ``OPTIONAL_EVAL_COLUMNS`` are checked where present).
+    train_columns: tuple = QA_COLUMNS
+    eval_columns: dict[str, tuple] = field(default_factory=dict)
+
+
+DATASETS: Registry[Callable[..., UnlearningData]] = Registry("dataset")
+
+
+def load_json_split(data_dir: str | Path, split: str, dataset: str) -> list[dict]:
+    """Load ``<data_dir>/<split>.jsonl`` with ``datasets`` (the same code path as hub datasets)."""
+    import datasets
+
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.exists():
+        available = sorted(p.stem for p in Path(data_dir).glob("*.jsonl"))
+        raise DataError(f"dataset {dataset!r}: split {split!r} not found at {path}; available splits: {available}")
+    if not path.read_text().strip():
+        return []  # datasets cannot infer a schema from an empty file
+    ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    return [dict(r) for r in ds]
+
+
+def _local_split_file(root: Path, subset: Optional[str], split: str) -> Optional[tuple[Path, str]]:
+    base = root / subset if subset else root
+    for ext, builder in LOCAL_FORMATS:
+        f = base / f"{split}.{ext}"
+        if f.exists():
+            return f, builder
+    return None
+
+
+def load_hf_split(
+    dataset: str,
+    hub_id: str,
+    subset: Optional[str],
+    split: str,
+    revision: Optional[str] = None,
+    path: Optional[str | Path] = None,
+) -> list[dict]:
+    """Rows of ``split`` of config ``subset`` of a hub dataset, through ``datasets.load_dataset``.
+
+    With ``path`` (a local directory mirroring the hub layout) the file
+    ``<path>/<subset>/<split>.{jsonl,json,parquet}`` is loaded with the same call
+    (``load_dataset("json"|"parquet", data_files=...)``); otherwise
+    ``load_dataset(hub_id, subset, split=split, revision=revision)``. A missing split or subset is
+    a :class:`DataError` naming the dataset, subset and split.
+    """
+    import datasets
+
+    where = f"{subset}/{split}" if subset else split
+    if path:
+        root = Path(path)
+        found = _local_split_file(root, subset, split)
+        if found is None:
+            base = root / subset if subset else root
+            available = sorted({f.stem for ext, _ in LOCAL_FORMATS for f in base.glob(f"*.{ext}")})
+            raise DataError(
+                f"dataset {dataset!r}: split {where!r} not found under {base} (looked for {split}.jsonl/.json/.parquet); "
+                f"available splits: {available}"
+            )
+        f, builder = found
+        if f.stat().st_size == 0 or (builder == "json" and not f.read_text().strip()):
+            return []
+        ds = datasets.load_dataset(builder, data_files=str(f), split="train")
+        return [dict(r) for r in ds]
+    try:
+        ds = datasets.load_dataset(hub_id, subset, split=split, revision=revision)
+    except (ValueError, KeyError, FileNotFoundError, ConnectionError, OSError) as e:
+        raise DataError(
+            f"dataset {dataset!r}: cannot load split {where!r} of {hub_id!r}"
+            f"{f' at revision {revision!r}' if revision else ''}: {type(e).__name__}: {str(e)[:300]} "
+            f"(offline? point data.path at a local copy laid out as <path>/<subset>/<split>.jsonl)"
+        ) from e
+    return [dict(r) for r in ds]
+
+
+def rename_columns(rows: list[dict], mapping: dict) -> list[dict]:
+    """Rename dataset columns to canonical names: ``mapping`` is ``{canonical: dataset_column}``."""
+    pairs = [(canon, src) for canon, src in (mapping or {}).items() if src and src != canon]
+    if not pairs:
+        return rows
+    out = []
+    for r in rows:
+        r = dict(r)
+        for canon, src in pairs:
+            if src in r:
+                r[canon] = r.pop(src)
+        out.append(r)
+    return out
+
+
+def check_columns(rows: Sequence[dict], required: Sequence[str], dataset: str, split: str) -> None:
+    if not rows:
+        return
+    cols = set(rows[0].keys())
+    missing = [c for c in required if c not in cols]
+    if missing:
+        raise DataError(
+            f"dataset {dataset!r}, split {split!r}: missing column(s) {missing}; present columns: {sorted(cols)}"
+        )
+
+
+def check_optional_columns(rows: Sequence[dict], dataset: str, split: str) -> None:
+    """A truth-ratio column is in every row of a split or in none (then its metrics are skipped);
+    ``perturbed_answer`` holds a list of strings."""
+    for col in OPTIONAL_EVAL_COLUMNS:
+        missing = [i for i, r in enumerate(rows) if r.get(col) is None]
+        if missing and len(missing) < len(rows):
+            raise DataError(
+                f"dataset {dataset!r}, split {split!r}, column {col!r}: missing in {len(missing)} of {len(rows)} rows "
+                f"(first: row {missing[0]}); give it in every row or in none (its metrics are then skipped)"
+            )
+    for i, r in enumerate(rows):
+        v = r.get("perturbed_answer")
+        if v is not None and not (isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)):
+            raise DataError(
+                f"dataset {dataset!r}, split {split!r}, column 'perturbed_answer': row {i} must hold a list of "
+                f"strings, got {type(v).__name__}"
+            )
+
+
+def map_columns(rows: list[dict], question_column: str, answer_column: str) -> list[dict]:
+    """Rename user-configured question/answer columns to the canonical names."""
+    if (question_column, answer_column) == ("question", "answer"):
+        return rows
+    out = []
+    for r in rows:
+        r = dict(r)
+        if question_column in r:
+            r["question"] = r.pop(question_column)
+        if answer_column in r:
+            r["answer"] = r.pop(answer_column)
+        out.append(r)
+    return out
+
+
+def check_overlap(forget: Sequence[dict], retain: Sequence[dict], dataset: str, fsplit: str, rsplit: str) -> None:
+    """Refuse training when an example's text is in both sets: it would be forgotten and retained."""
+    def key(r: dict) -> tuple[str, str]:
+        if "question" not in r and "text" in r:  # raw-text corpora (MUSE, WMDP)
+            return ("", str(r["text"]).strip())
+        return (str(r["question"]).strip(), str(r["answer"]).strip())
+
+    fkeys = {key(r): i for i, r in enumerate(forget)}
+    both = [(fkeys[key(r)], j, _shown(r)) for j, r in enumerate(retain) if key(r) in fkeys]
+    if both:
+        shown = "; ".join(f"forget[{i}] == retain[{j}]: {q[:80]!r}" for i, j, q in both[:5])
+        raise DataError(
+            f"dataset {dataset!r}: {len(both)} example(s) appear in both forget split {fsplit!r} and retain split "
+            f"{rsplit!r} (exact question+answer text): {shown}"
+        )
+
+
+def _shown(r: dict) -> str:
+    return str(r["question"] if "question" in r else r.get("text", ""))
+
+
+def subsample(rows: list[dict], fraction: float, seed: int) -> list[dict]:
+    """Deterministic subsample (coreset option); keeps at least one row."""
+    if fraction >= 1.0:
+        return rows
+    k = max(1, round(len(rows) * fraction))
+    idx = sorted(random.Random(seed).sample(range(len(rows)), k))
+    return [rows[i] for i in idx]
+
+
+def hub_revision(data_cfg: Any, hub_id: str, main_hub_id: str) -> Any:
+    revs = dict(getattr(data_cfg, "hub_revisions", None) or {})
+    if hub_id in revs:
+        return revs[hub_id]
+    return data_cfg.revision if hub_id == main_hub_id else None

@@ -1,0 +1,57 @@
+"""How a loss sees a model: through its wrappers, at a temperature, at the positions that carry loss.
+
+Shared by the materialised losses (:mod:`pipeline.methods.losses`), the streaming KL
+(:mod:`pipeline.methods.fused`) and the teacher cache, which is why it lives apart from both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pipeline.data.formatting import IGNORE_INDEX
+from pipeline.models.peft_student import adapters_off
+from pipeline.models.tempered_attention import temperature
+
+
+def logits_of(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """The model's logits on ``inputs`` (no KV cache)."""
+    return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+
+
+def shifted_mask(labels: torch.Tensor, skip_first: bool = False) -> torch.Tensor:
+    """(B, T-1) bool mask of positions whose next token carries loss.
+
+    ``skip_first`` drops each row's first loss token (ASU+IDK excludes it from the KL).
+    """
+    mask = labels[:, 1:] != IGNORE_INDEX
+    if skip_first:
+        first = mask.float().cumsum(1) == 1
+        mask = mask & ~first
+    return mask
+
+
+@contextlib.contextmanager
+def tempered(model: nn.Module, tau: Optional[float], layers: Optional[Sequence[int]]) -> Iterator[None]:
+    """Run ``model`` at attention temperature ``tau`` in ``layers`` (as is when ``tau`` is None or 1)."""
+    # A LoRA student's frozen view (model.peft) runs everything inside with the adapters off, also
+    # code that calls the base model's submodules directly (the fused KL's last hidden state).
+    with adapters_off(model):
+        if tau is None or tau == 1.0:
+            yield
+        else:
+            with temperature(model, tau, layers):
+                yield
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a DeepSpeed engine / DDP wrapper (``.module``) / peft LoRA model, else ``model``."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model") and hasattr(model, "disable_adapter"):  # a peft LoRA student
+        model = model.get_base_model()
+    return model
