@@ -120,7 +120,7 @@ def _layout(run: Path) -> list[str]:
 
 def _results(run: Path) -> dict:
     r = json.loads((run / "results.json").read_text())
-    for k in ("train_seconds", "run_name"):
+    for k in ("train_seconds", "train_loop_seconds", "run_name"):
         r.pop(k)
     return r
 

@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 def test_realworld_smol_two_steps_on_two_ranks(tmp_path):
     out = tmp_path / "demo_real"
     cmd = [sys.executable, "launchers/demo_real.py", "--steps", "2", "--eval-rows", "2", "--max-new-tokens", "8",
-           "--methods", "asu_gd", "--out", str(out), "--port", str(free_port()), "--", "eval.probe_rows=0"]
+           "--methods", "asu_gd", "--out", str(out), "--port", str(free_port()), "--", "eval.probe_rows=0",
+           "deepspeed.param_persistence_threshold=0"]  # every weight partitioned, as the test helpers require
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
