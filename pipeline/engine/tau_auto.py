@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -275,14 +275,22 @@ class _Prober:
                                and rec["facts_forgotten"] > 0.0 and rec["facts_forgotten"] >= self.fact_threshold - 1e-9)
 
 
-def _bisect(prober: _Prober, lo: float, hi: float, ok_at_hi: bool, key: str) -> tuple[float, float]:
-    """Bisect [lo, hi] on the probes' boolean ``key``; returns the final (lo, hi).
+def _keeps_form_floor(rec: dict) -> bool:
+    """The guard's condition: the teacher keeps at least FORM_FLOOR of the template's top-1."""
+    return rec["form_kept"] is not None and rec["form_kept"] >= FORM_FLOOR
+
+
+def _bisect(prober: _Prober, lo: float, hi: float, ok_at_hi: bool, key: str | Callable[[dict], bool],
+            steps: int = BISECT_STEPS) -> tuple[float, float]:
+    """Bisect [lo, hi] on the probes' boolean ``key`` (or a predicate of a probe record); returns
+    the final (lo, hi).
 
     ``ok_at_hi``: the condition holds at ``hi`` and not at ``lo`` (search for its smallest tau),
     else it holds at ``lo`` and not at ``hi`` (its largest)."""
-    for _ in range(BISECT_STEPS):
+    for _ in range(steps):
         mid = 0.5 * (lo + hi)
-        ok = prober.probe(mid)[key]
+        rec = prober.probe(mid)
+        ok = key(rec) if callable(key) else rec[key]
         if ok == ok_at_hi:
             hi = mid
         else:
@@ -340,13 +348,10 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
                 if chosen["form_kept"] is not None and chosen["form_kept"] < FORM_FLOOR:
                     # Guard: past half the template the student's answers broke on SmolLM2 (docs/sweeps.md).
                     # Refine between the largest probe below tau that keeps half and the next one up.
-                    lo = max((r["tau"] for r in prober.probes if r["tau"] <= tau and r["form_kept"] is not None
-                              and r["form_kept"] >= FORM_FLOOR), default=TAU_MIN)
+                    lo = max((r["tau"] for r in prober.probes if r["tau"] <= tau and _keeps_form_floor(r)),
+                             default=TAU_MIN)
                     hi = min(r["tau"] for r in prober.probes if r["tau"] > lo)
-                    for _ in range(GUARD_STEPS):
-                        mid = 0.5 * (lo + hi)
-                        rec = prober.probe(mid)
-                        lo, hi = (mid, hi) if rec["form_kept"] is not None and rec["form_kept"] >= FORM_FLOOR else (lo, mid)
+                    lo, _ = _bisect(prober, lo, hi, False, _keeps_form_floor, GUARD_STEPS)
                     tau, chosen = lo, _at(prober, lo)
                     reason += (f"; capped at tau={lo:.3f}, the largest probed tau whose teacher keeps >= {FORM_FLOOR} "
                                f"of the template's top-1 (facts forgotten there: {_fmt(chosen['facts_forgotten'])})")
