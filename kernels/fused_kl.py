@@ -112,7 +112,10 @@ class _FusedLinearKL(torch.autograd.Function):
             ls, lt, tmp = (x[:n] for x in bufs)
             hs = h_s[start:end]
             _logits_into(ls, hs, W_s, b_s)
-            _logits_into(lt, h_t[start:end], W_t, b_t)
+            if W_t is None:  # the teacher given as (log-)probability logits: a cached teacher
+                lt.copy_(h_t[start:end])
+            else:
+                _logits_into(lt, h_t[start:end], W_t, b_t)
             w = weights[start:end]
             kl, g = _chunk_kl_and_grad(ls, lt, tmp, w)
             loss += (kl * w).sum()
@@ -143,7 +146,7 @@ def fused_linear_kl(
     h_s: torch.Tensor,
     W_s: torch.Tensor,
     h_t: torch.Tensor,
-    W_t: torch.Tensor,
+    W_t: Optional[torch.Tensor],
     mask: Optional[torch.Tensor] = None,
     seq_ids: Optional[torch.Tensor] = None,
     reduction: str = "sequence_mean",
@@ -161,14 +164,19 @@ def fused_linear_kl(
     (N,) bool/0-1, True = loss row; ``labels``: (N,) with ``ignore_index`` rows ignored (both may be
     given). ``seq_ids``: (N,) sequence id per row for ``sequence_mean`` (without it
     ``sequence_mean`` equals ``token_mean``). Gradients flow to ``h_s``, ``W_s`` and ``b_s`` only.
+
+    ``W_t=None``: ``h_t`` is the teacher's logits (N, V) themselves — e.g. a cached teacher's
+    log-probs — streamed chunk by chunk like the student's (no N×V temporary beyond the cache).
     """
     if reduction not in ("sequence_mean", "token_mean", "sum"):
         raise ValueError(f"unknown reduction {reduction!r}; use sequence_mean, token_mean or sum")
     h_s, seq_ids = flatten_rows(h_s, seq_ids)
     h_t, _ = flatten_rows(h_t, None)
-    if h_s.shape != h_t.shape[:1] + h_s.shape[1:] or h_s.shape[0] != h_t.shape[0]:
+    if h_s.shape[0] != h_t.shape[0] or (W_t is not None and h_s.shape != h_t.shape):
         raise ValueError(f"student rows {tuple(h_s.shape)} and teacher rows {tuple(h_t.shape)} differ")
-    if W_s.shape[0] != W_t.shape[0]:
+    if W_t is None and h_t.shape[1] != W_s.shape[0]:
+        raise ValueError(f"teacher logits have {h_t.shape[1]} columns, the student vocab is {W_s.shape[0]}")
+    if W_t is not None and W_s.shape[0] != W_t.shape[0]:
         raise ValueError(f"student vocab {W_s.shape[0]} != teacher vocab {W_t.shape[0]}")
     N = h_s.shape[0]
     keep = loss_row_mask(N, h_s.device, mask, labels, ignore_index)
@@ -185,5 +193,5 @@ def fused_linear_kl(
         chunk_size = default_chunk_size(hs.shape[0], W_s.shape[0], max_chunk_bytes,
                                         min(DEFAULT_MIN_CHUNK_BYTES, max_chunk_bytes))
     chunk_size = max(1, int(chunk_size))
-    return _FusedLinearKL.apply(hs, W_s, b_s, ht, W_t.detach(), None if b_t is None else b_t.detach(), w,
+    return _FusedLinearKL.apply(hs, W_s, b_s, ht, None if W_t is None else W_t.detach(), None if b_t is None else b_t.detach(), w,
                                 chunk_size)

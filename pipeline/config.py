@@ -132,6 +132,9 @@ class TrainerConfig:
     preflight: bool = True  # estimate memory before loading and refuse what cannot fit
     num_threads: int = 0  # torch intra-op threads on CPU; 0 = leave as is
     export: bool = True
+    # joint: one forward per model per step over all the rows it needs (pipeline/methods/passes.py);
+    # per_group: one per row group and model, the earlier step, kept to benchmark both side by side.
+    passes: str = "joint"
 
 
 @dataclass
@@ -273,6 +276,7 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _require(0.0 <= t.warmup_ratio < 1.0, "trainer.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
     _require(t.save_every >= 0, "trainer.save_every", f"must be >= 0, got {t.save_every}")
     _choice(cfg, "trainer.nan_policy", ("stop", "skip"))
+    _choice(cfg, "trainer.passes", ("joint", "per_group"))
     _choice(cfg, "trainer.lr_scheduler", ("constant", "linear"))
     _choice(cfg, "model.source", ("synthetic", "pretrained", "gguf_package"))
     _require(cfg.model.source != "gguf_package" or bool(cfg.model.get("gguf_package")), "model.gguf_package",

@@ -133,9 +133,12 @@ def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    method = build_method(cfg.method, kl_impl=cfg.kernels.kl)
+    method = build_method(cfg.method, kl_impl=cfg.kernels.kl, joint_pass=cfg.trainer.passes == "joint")
     reductions = method.reductions() if hasattr(method, "reductions") else {}
     log.info("loss reductions: %s", ", ".join(f"{k} term {v}" for k, v in reductions.items()))
+    log.info("training step: trainer.passes=%s (%s), kernels.kl=%s", cfg.trainer.passes,
+             "one forward per model over all rows, head at loss positions only" if cfg.trainer.passes == "joint"
+             else "one forward per row group and model", cfg.kernels.kl)
     return dist, method
 
 
@@ -354,6 +357,7 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             "final_train": state.history[-1] if state.history else {},
             "prompt_format": inputs.prompt_format.describe(),
             "reductions": method.reductions() if hasattr(method, "reductions") else {},
+            "step_passes": cfg.trainer.passes,
             "attention_backend": attention_backend_report(),  # requested, resolved, what each model ran
         }
         if tau_selection is not None:

@@ -122,9 +122,9 @@ def test_asu_forget_loss_zero_at_step0_when_tau_is_one_and_positive_when_tempere
     labels = ids.clone()
     labels[:, :4] = -100
     b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    loss_1 = method("asu_kl", tau=1.0).forget_loss(student, teacher, b)
+    loss_1 = method("asu_kl", tau=1.0).forget_term(student, teacher, b)
     assert loss_1.item() == pytest.approx(0.0, abs=1e-7)
-    loss_2 = method("asu_kl", tau=2.0).forget_loss(student, teacher, b)
+    loss_2 = method("asu_kl", tau=2.0).forget_term(student, teacher, b)
     assert loss_2.item() > 1e-5
     loss_2.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())

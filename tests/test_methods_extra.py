@@ -36,10 +36,10 @@ def test_simnpo_single_token():
 
 def test_simnpo_length_normalised_and_delta():
     # [0, 1, 0]: log p(1|0) = ln 3/4, log p(0|1) = ln 1/2 -> mean (ln .75 + ln .5) / 2
-    lf = method("simnpo").forget_loss(BigramLM(STUDENT), None, seq([0, 1, 0]))
+    lf = method("simnpo").forget_term(BigramLM(STUDENT), None, seq([0, 1, 0]))
     assert lf.item() == pytest.approx(0.04640025050401935, abs=1e-6)
     # delta inside the beta scaling (open-unlearning): (2/4.5) ln(1 + exp(4.5 (ln .75 + 0.5)))
-    lf = method("simnpo", delta=0.5).forget_loss(BigramLM(STUDENT), None, batch(1))
+    lf = method("simnpo", delta=0.5).forget_term(BigramLM(STUDENT), None, batch(1))
     assert lf.item() == pytest.approx(0.5692780050940944, abs=1e-6)
 
 
@@ -195,21 +195,21 @@ def test_rmu_forget_target_and_retain_zero_at_start():
     # by hand: per token mean_d (h - 6.5 u)^2, per-row mean over labelled tokens, mean over rows
     per_tok = ((h - 6.5 * u) ** 2).mean(-1)
     rows = [(per_tok[i][mask[i]]).mean() for i in range(3)]
-    assert m.forget_loss(student, reference, b).item() == pytest.approx(float(sum(rows) / 3), rel=1e-5)
-    assert m.retain_loss(student, reference, qa_batch(2)).item() == pytest.approx(0.0, abs=1e-10)
+    assert m.forget_term(student, reference, b).item() == pytest.approx(float(sum(rows) / 3), rel=1e-5)
+    assert m.retain_term(student, reference, qa_batch(2)).item() == pytest.approx(0.0, abs=1e-10)
 
 
 def test_asu_wmdp_forget_zero_at_tau_one_positive_tempered():
     student = tiny_llama()
     teacher = copy.deepcopy(student).requires_grad_(False)
     b = qa_batch(3)
-    assert method("asu_wmdp", layer=2, tau=1.0).forget_loss(student, teacher, b).item() == pytest.approx(0.0, abs=1e-10)
-    assert method("asu_wmdp", layer=2, tau=3.0).forget_loss(student, teacher, b).item() > 1e-4
+    assert method("asu_wmdp", layer=2, tau=1.0).forget_term(student, teacher, b).item() == pytest.approx(0.0, abs=1e-10)
+    assert method("asu_wmdp", layer=2, tau=3.0).forget_term(student, teacher, b).item() > 1e-4
     from pipeline.models.tempered_attention import get_temperatures
 
     assert all(t == 1.0 for t in get_temperatures(teacher))
     # retain is against the *untempered* original: 0 at the start whatever tau
-    assert method("asu_wmdp", layer=2, tau=3.0).retain_loss(student, teacher, b).item() == pytest.approx(0.0, abs=1e-10)
+    assert method("asu_wmdp", layer=2, tau=3.0).retain_term(student, teacher, b).item() == pytest.approx(0.0, abs=1e-10)
 
 
 # -- RNA ------------------------------------------------------------------------------------------
@@ -230,17 +230,17 @@ def test_rna_noise_only_on_retain_when_enabled_and_removed():
     assert abs(noisy["retain_loss"] - plain["retain_loss"]) > 1e-5
     assert n_hooks(student) == before  # hook removed
     # retain KL: the reference forward stays clean (student == reference -> only noise makes KL > 0)
-    kl = method("asu_kl", tau=1.0, rna_noise=0.5, rna_layer=1).retain_loss(student, reference, b["retain"])
+    kl = method("asu_kl", tau=1.0, rna_noise=0.5, rna_layer=1).retain_term(student, reference, b["retain"])
     assert kl.item() > 1e-6
     # eval mode: no noise
     student.eval()
-    assert method("asu_kl", tau=1.0, rna_noise=0.5, rna_layer=1).retain_loss(
+    assert method("asu_kl", tau=1.0, rna_noise=0.5, rna_layer=1).retain_term(
         student, reference, b["retain"]).item() == pytest.approx(0.0, abs=1e-10)
     # the hook is removed even when the retain loss raises
     student.train()
     bad = method("grad_diff", rna_noise=0.5, rna_layer=1)
     with pytest.raises(KeyError):  # no labels: fails after the noisy forward
-        bad.retain_loss(student, reference, {"input_ids": b["retain"]["input_ids"], "attention_mask": None})
+        bad.retain_term(student, reference, {"input_ids": b["retain"]["input_ids"], "attention_mask": None})
     assert n_hooks(student) == before
 
 

@@ -33,6 +33,7 @@ JOBS = {
     "asu_gd_cached": ["method=asu_gd", "method.tau=2.0", "method.teacher=cached", "method.cache_topk=5",
                       "method.retain_loss=nll"],
     "npo": ["method=npo"],
+    "idk_dpo": ["method=idk_dpo"],
     "rmu": ["method=rmu", "method.layer=1"],
     "asu_wmdp": ["method=asu_wmdp", "method.layer=1"],
     "asu_kl_rna": ["method=asu_kl", "method.tau=2.0", "method.rna_noise=0.05", "method.rna_layer=0"],
@@ -56,6 +57,11 @@ def runs(tmp_path_factory):
                 "eval.enabled=false", f"trainer.batch_size={per_rank}", f"trainer.retain_batch_size={per_rank}",
                 f"cache_dir={root / f'cache{ranks}'}", *extra]
             jobs.append([name, args])
+        if ranks == 2:  # the per-group step (one forward per row group and model), partitioned
+            jobs.append(["asu_kl_per_group", train_overrides(model_dir, data_dir, root / "w2", "asu_kl_per_group",
+                                                             steps=STEPS) + [
+                "eval.enabled=false", "trainer.batch_size=1", "trainer.retain_batch_size=1",
+                f"cache_dir={root / 'cache2'}", *JOBS["asu_kl"], "trainer.passes=per_group"]])
         if ranks == 2:  # the uninterrupted reference of the kill-and-resume test rides along
             jobs.append(["resume_full", train_overrides(model_dir, data_dir, root / "w2", "resume_full", steps=6) + [
                 "eval.enabled=false", *RESUME]])
@@ -108,6 +114,16 @@ def test_two_sharded_ranks_equal_one_rank(runs, name):
     assert moved > 1e-4, "training did not change the weights: the comparison would prove nothing"
     # the export gathered from 2 shards reloads with plain transformers and gives the in-engine logits
     assert json.loads((r2 / "export_check.json").read_text())["max_abs_logit_diff"] <= 1e-5
+
+
+def test_one_pass_step_equals_the_per_group_step_on_two_partitioned_ranks(runs):
+    """The joint step (one forward per model) and the per-group step give the same weights."""
+    root = runs[0]
+    joint, per_group = root / "w2" / "asu_kl", root / "w2" / "asu_kl_per_group"
+    assert json.loads((joint / "results.json").read_text())["step_passes"] == "joint"
+    assert json.loads((per_group / "results.json").read_text())["step_passes"] == "per_group"
+    a, b = _weights(joint), _weights(per_group)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
 
 def test_kill_after_checkpoint_then_resume_is_exact_with_grad_accum_and_rna(runs):

@@ -316,13 +316,7 @@ class TeacherCache:
             return [self._get(i, "logprobs") for i in indices]
         return [(self._get(i, "logprobs"), self._get(i, "ids").long(), self._get(i, "tail")) for i in indices]
 
-    def batch(self, indices: Sequence[int], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Tensors aligned with ``labels``' shifted loss positions (B, T-1, ...) for
-        :func:`~pipeline.methods.losses.kl_from_cache`; non-loss slots are zero (ignored there)."""
-        from pipeline.methods.model_io import shifted_mask
-
-        mask = shifted_mask(labels).cpu()
-        B, T1 = mask.shape
+    def _checked_rows(self, indices: Sequence[int], mask: torch.Tensor):
         rows = self.rows(indices)
         counts = mask.sum(1).tolist()
         for j, (i, r) in enumerate(zip(indices, rows)):
@@ -330,6 +324,30 @@ class TeacherCache:
             if n != counts[j]:
                 raise TeacherCacheError(f"teacher cache {self.path}: row {i} has {n} cached positions but the batch "
                                         f"has {counts[j]} loss tokens (stale cache?)")
+        return rows
+
+    def selected(self, indices: Sequence[int], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows' cached distributions at ``labels``' loss positions, concatenated in row-major
+        order — (N, V) log-probs, or (N, k) log-probs + ids and (N,) tail — as the training step reads
+        them (pipeline/methods/passes.py): no (B, T-1, V) tensor is built."""
+        from pipeline.methods.model_io import shifted_mask
+
+        rows = self._checked_rows(indices, shifted_mask(labels).cpu())
+        if self.full:
+            out = {"logprobs": torch.cat(rows)}
+        else:
+            out = {"logprobs": torch.cat([r[0] for r in rows]), "ids": torch.cat([r[1] for r in rows]),
+                   "tail": torch.cat([r[2] for r in rows])}
+        return {k: v.to(labels.device) for k, v in out.items()}
+
+    def batch(self, indices: Sequence[int], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tensors aligned with ``labels``' shifted loss positions (B, T-1, ...) for
+        :func:`~pipeline.methods.losses.kl_from_cache`; non-loss slots are zero (ignored there)."""
+        from pipeline.methods.model_io import shifted_mask
+
+        mask = shifted_mask(labels).cpu()
+        B, T1 = mask.shape
+        rows = self._checked_rows(indices, mask)
         if self.full:
             lp = torch.zeros(B, T1, int(self.vocab_size))
             for j, r in enumerate(rows):

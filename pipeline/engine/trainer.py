@@ -126,7 +126,7 @@ class UnlearningTrainer:
         for name, rows in self.views.items():
             out[name] = self._collate(rows, f_idx)
         if self.teacher_cache is not None:
-            out["forget_teacher"] = self.teacher_cache.batch(f_idx, out["forget"]["labels"])
+            out["forget_teacher"] = self.teacher_cache.selected(f_idx, out["forget"]["labels"])
         return out
 
     # -- resume -----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pipeline.methods import asu, asu_idk, asu_repr, grad_ascent, grad_diff, idk
 from pipeline.methods.base import METHODS, LossOutput, UnlearningMethod, register_method  # noqa: F401
 
 
-def build_method(mcfg, kl_impl: str = "naive") -> UnlearningMethod:
-    """Instantiate the method named by ``mcfg.name`` with its config node."""
-    return METHODS.get(mcfg.name)(mcfg, kl_impl=kl_impl)
+def build_method(mcfg, kl_impl: str = "naive", joint_pass: bool = True) -> UnlearningMethod:
+    """Instantiate the method named by ``mcfg.name`` with its config node (``joint_pass=False``:
+    one pass per row group, ``trainer.passes=per_group``)."""
+    return METHODS.get(mcfg.name)(mcfg, kl_impl=kl_impl, joint_pass=joint_pass)

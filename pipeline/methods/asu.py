@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch import nn
 
 from pipeline.config_base import require
-from pipeline.methods import losses
-from pipeline.methods.base import ForgetRetainConfig, LossOutput, UnlearningMethod, register_method
+from pipeline.methods.base import ForgetRetainConfig, UnlearningMethod, register_method
+from pipeline.methods.passes import KLTerm, StepOutputs, StepPlan
 
 # Defaults of tau=auto's knobs (the rule itself is pipeline/engine/tau_auto.py, which reads these).
 # The paper's 7B models use tau 2.0-2.8, the embedded benchmark's best grid points are 5-8
@@ -109,23 +108,19 @@ class ASU(UnlearningMethod):
             return getattr(self.cfg, "retain_loss", None) == "kl"
         return True
 
-    def compute_loss(self, student: nn.Module, reference: Optional[nn.Module], batch: dict) -> LossOutput:
-        if self.cached_teacher:
-            if "forget_teacher" not in batch:
-                raise ValueError("method.teacher=cached: the batch has no 'forget_teacher' rows (the trainer "
-                                 "attaches them from pipeline/engine/teacher_cache.py)")
-            batch = dict(batch, forget=dict(batch["forget"], teacher=batch["forget_teacher"]))
-        return super().compute_loss(student, reference, batch)
+    @property
+    def teacher_layers(self) -> Optional[list[int]]:
+        return list(self.cfg.teacher_layers) if self.cfg.teacher_layers is not None else None
 
-    def forget_loss(self, student: nn.Module, reference: Optional[nn.Module], forget: dict) -> torch.Tensor:
-        if self.cached_teacher:
-            return losses.cached_distill_kl(student, forget, forget["teacher"], self.cfg.reduction,
-                                            skip_first=bool(self.cfg.skip_first_answer_token))
-        layers = list(self.cfg.teacher_layers) if self.cfg.teacher_layers is not None else None
-        return losses.distill_kl(
-            student, reference, forget, self.cfg.reduction, tau=float(self.cfg.tau), layers=layers,
-            skip_first=bool(self.cfg.skip_first_answer_token), kl_impl=self.kl_impl,
-        )
+    def plan_forget(self, plan: StepPlan, batch: dict) -> None:
+        if self.cached_teacher and "forget_teacher" not in batch:
+            raise ValueError("method.teacher=cached: the batch has no 'forget_teacher' rows (the trainer "
+                             "attaches them from pipeline/engine/teacher_cache.py)")
+        plan.need_kl("forget", KLTerm(float(self.cfg.tau), self.cfg.reduction,
+                                      bool(self.cfg.skip_first_answer_token), cached=self.cached_teacher))
+
+    def forget_loss(self, out: StepOutputs) -> torch.Tensor:
+        return out.kl["forget"]
 
 
 @dataclass

@@ -14,13 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from torch import nn
-
 from pipeline.config_base import require
 from pipeline.methods import losses
 from pipeline.methods.asu import ASU, ASUConfig
 from pipeline.methods.base import LossOutput, register_method
-from pipeline.methods.idk_dpo import IdkViews
+from pipeline.methods.idk_dpo import IDK_VIEW, IdkViews
+from pipeline.methods.passes import LOGITS, StepOutputs, StepPlan
 
 
 @dataclass
@@ -41,8 +40,13 @@ class ASUIdk(IdkViews, ASU):
         require(mcfg.idk_weight >= 0, "method.idk_weight", f"must be >= 0, got {mcfg.idk_weight}")
         cls.validate_idk(mcfg)
 
-    def compute_loss(self, student: nn.Module, reference: Optional[nn.Module], batch: dict) -> LossOutput:
-        out = super().compute_loss(student, reference, batch)
-        idk = losses.nll(student, self.idk_batch(batch), self.cfg.reduction)
-        loss = out.loss + float(self.cfg.idk_weight) * idk
-        return LossOutput(loss, {**out.logs, "idk_loss": float(idk.detach()), "loss": float(loss.detach())})
+    def plan_forget(self, plan: StepPlan, batch: dict) -> None:
+        super().plan_forget(plan, batch)
+        self.idk_batch(batch)  # a clear error when the trainer did not attach the view
+        plan.need_student(IDK_VIEW, LOGITS)
+
+    def combine(self, out: StepOutputs, batch: dict) -> LossOutput:
+        res = super().combine(out, batch)
+        idk = losses.nll(out.student[IDK_VIEW], self.cfg.reduction)
+        loss = res.loss + float(self.cfg.idk_weight) * idk
+        return LossOutput(loss, {**res.logs, "idk_loss": float(idk.detach()), "loss": float(loss.detach())})

@@ -17,16 +17,14 @@ extra copy); the hidden state is the decoder layer's output (before the final no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
-from torch import nn
 
 from pipeline.methods import losses
 from pipeline.methods.asu import ASU, ASUConfig
 from pipeline.methods.base import register_method
+from pipeline.methods.passes import HIDDEN, StepOutputs, StepPlan
 from pipeline.methods.rmu import LayerSelectionConfig, LayerwiseMethod
-from pipeline.models.tempered_attention import temperature
 
 
 @dataclass
@@ -44,10 +42,9 @@ class ASUWMDPConfig(LayerSelectionConfig, ASUConfig):
 class ASUWMDP(LayerwiseMethod, ASU):
     config_cls = ASUWMDPConfig
 
-    def forget_loss(self, student: nn.Module, reference: Optional[nn.Module], forget: dict) -> torch.Tensor:
-        if reference is None:
-            raise ValueError("asu_wmdp needs the frozen reference model as its tempered teacher")
-        layers = list(self.cfg.teacher_layers) if self.cfg.teacher_layers is not None else None
-        with torch.no_grad(), temperature(losses.unwrap(reference), float(self.cfg.tau), layers):
-            target = self.hidden(reference, forget)
-        return losses.hidden_mse(self.hidden(student, forget), target, losses.token_mask(forget), self.cfg.reduction)
+    def plan_forget(self, plan: StepPlan, batch: dict) -> None:
+        plan.need_student("forget", HIDDEN).need_frozen("forget", HIDDEN, float(self.cfg.tau))
+
+    def forget_loss(self, out: StepOutputs) -> torch.Tensor:
+        s, t = out.student["forget"], out.frozen["forget"]
+        return losses.hidden_mse(s.hidden, t.hidden, s.token_mask, self.cfg.reduction)

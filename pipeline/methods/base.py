@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 from torch import nn
 
 from pipeline.config_base import MethodConfig, require
+from pipeline.methods.passes import LOGITS, KLTerm, StepOutputs, StepPlan, run_step
 from pipeline.registry import Registry
 
 
@@ -48,9 +49,12 @@ class UnlearningMethod:
     # How the forget term is reduced when not by ``method.reduction`` (sequence-level losses: NPO, DPO).
     forget_reduction: ClassVar[Optional[str]] = None
 
-    def __init__(self, cfg: Any, kl_impl: str = "naive") -> None:
+    def __init__(self, cfg: Any, kl_impl: str = "naive", joint_pass: bool = True) -> None:
         self.cfg = cfg
         self.kl_impl = kl_impl
+        # True: one pass per model per step (pipeline/methods/passes.py); False: one per row group
+        # and model (trainer.passes=per_group, the earlier step, for side-by-side benchmarks).
+        self.joint_pass = joint_pass
 
     # -- configuration ----------------------------------------------------------------------------
     @classmethod
@@ -104,36 +108,86 @@ class UnlearningMethod:
         Each view ``name`` reaches the loss as ``batch[name]`` with the same rows as ``batch["forget"]``."""
         return {}
 
-    # -- losses -----------------------------------------------------------------------------------
-    def forget_loss(self, student: nn.Module, reference: Optional[nn.Module], forget: dict) -> torch.Tensor:
+    # -- the step: what each model must compute, then the loss from it ----------------------------
+    # A method fills a StepPlan (pipeline/methods/passes.py) with the rows and outputs its terms
+    # need; the step runs the frozen model once and the student once over all of them; the terms
+    # then read their own rows' outputs.
+    hidden_layer: Optional[int] = None  # decoder layer whose output hidden-state terms read
+    teacher_layers: Optional[list[int]] = None  # layers where the frozen model's tau applies
+
+    def plan_forget(self, plan: StepPlan, batch: dict) -> None:
+        """Add what the forget term needs to ``plan``."""
         raise NotImplementedError
 
-    def retain_loss(self, student: nn.Module, reference: Optional[nn.Module], retain: dict) -> torch.Tensor:
-        """:meth:`retain_objective`, with the RNA noise hook on the student when ``rna_noise > 0``."""
-        from pipeline.methods.rna import retain_noise
+    def forget_loss(self, out: StepOutputs) -> torch.Tensor:
+        """The forget term from the step's outputs."""
+        raise NotImplementedError
 
-        with retain_noise(student, self.cfg, retain.get("rna_seed")):
-            return self.retain_objective(student, reference, retain)
+    def plan_retain(self, plan: StepPlan) -> None:
+        """Add what the retain term needs (``retain_loss``: nll, kl or none)."""
+        kind = getattr(self.cfg, "retain_loss", "nll")
+        if kind == "nll":
+            plan.need_student("retain", LOGITS)
+        elif kind == "kl":
+            plan.need_kl("retain", KLTerm(1.0, self.retain_reduction()))
 
-    def retain_objective(self, student: nn.Module, reference: Optional[nn.Module], retain: dict) -> torch.Tensor:
-        """The retain term itself (subclasses with another retain loss override this)."""
+    def _plan_retain_with_noise(self, plan: StepPlan) -> None:
+        self.plan_retain(plan)
+        nu = float(getattr(self.cfg, "rna_noise", 0.0) or 0.0)
+        if nu > 0:  # RNA: noise on the retain rows of the student's pass only
+            plan.rna = ("retain", nu, int(getattr(self.cfg, "rna_layer", 7)))
+
+    def retain_objective(self, out: StepOutputs) -> torch.Tensor:
+        """The retain term from the step's outputs (subclasses with another retain loss override both)."""
         from pipeline.methods import losses
 
         kind = getattr(self.cfg, "retain_loss", "nll")
-        red = self.retain_reduction()
         if kind == "nll":
-            return losses.nll(student, retain, red)
+            return losses.nll(out.student["retain"], self.retain_reduction())
         if kind == "kl":
-            return losses.distill_kl(student, reference, retain, red, kl_impl=self.kl_impl)
-        return torch.zeros((), device=retain["input_ids"].device)
+            return out.kl["retain"]
+        return torch.zeros((), device=next(iter(out.student.values())).mask.device)
+
+    def has_retain_term(self, batch: dict) -> bool:
+        return self.cfg.alpha > 0 and getattr(self.cfg, "retain_loss", "nll") != "none" and "retain" in batch
+
+    def plan(self, batch: dict) -> StepPlan:
+        """Everything this step needs from the student and the frozen model."""
+        plan = StepPlan(layer=self.hidden_layer, teacher_layers=self.teacher_layers)
+        self.plan_forget(plan, batch)
+        if self.has_retain_term(batch):
+            self._plan_retain_with_noise(plan)
+        return plan
 
     def compute_loss(self, student: nn.Module, reference: Optional[nn.Module], batch: dict) -> LossOutput:
         """``gamma * L_forget + alpha * L_retain`` with both terms logged."""
-        lf = self.forget_loss(student, reference, batch["forget"])
+        plan = self.plan(batch)
+        seeds = batch["retain"].get("rna_seed") if "retain" in batch else None
+        out = run_step(plan, student, reference, batch, self.kl_impl, self.joint_pass, rna_seeds=seeds)
+        return self.combine(out, batch)
+
+    def forget_term(self, student: nn.Module, reference: Optional[nn.Module], forget: dict,
+                    views: Optional[dict] = None) -> torch.Tensor:
+        """The forget term alone on ``forget`` rows (``views``: extra forget views, cached-teacher rows)."""
+        batch = {"forget": forget, **(views or {})}
+        plan = StepPlan(layer=self.hidden_layer, teacher_layers=self.teacher_layers)
+        self.plan_forget(plan, batch)
+        return self.forget_loss(run_step(plan, student, reference, batch, self.kl_impl, self.joint_pass))
+
+    def retain_term(self, student: nn.Module, reference: Optional[nn.Module], retain: dict) -> torch.Tensor:
+        """The retain term alone on ``retain`` rows (with the RNA noise when ``rna_noise > 0``)."""
+        plan = StepPlan(layer=self.hidden_layer, teacher_layers=self.teacher_layers)
+        self._plan_retain_with_noise(plan)
+        out = run_step(plan, student, reference, {"retain": retain}, self.kl_impl, self.joint_pass,
+                       rna_seeds=retain.get("rna_seed"))
+        return self.retain_objective(out)
+
+    def combine(self, out: StepOutputs, batch: dict) -> LossOutput:
+        lf = self.forget_loss(out)
         logs = {"forget_loss": float(lf.detach())}
         total = self.cfg.gamma * lf
-        if self.cfg.alpha > 0 and getattr(self.cfg, "retain_loss", "nll") != "none" and "retain" in batch:
-            lr = self.retain_loss(student, reference, batch["retain"])
+        if self.has_retain_term(batch):
+            lr = self.retain_objective(out)
             logs["retain_loss"] = float(lr.detach())
             total = total + self.cfg.alpha * lr
         logs["loss"] = float(total.detach())

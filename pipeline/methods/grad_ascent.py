@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
-from torch import nn
 
 from pipeline.methods import losses
 from pipeline.methods.base import ForgetRetainConfig, UnlearningMethod, register_method
+from pipeline.methods.passes import LOGITS, StepOutputs, StepPlan
 
 
 @dataclass
@@ -24,5 +23,8 @@ class GradAscentConfig(ForgetRetainConfig):
 class GradAscent(UnlearningMethod):
     config_cls = GradAscentConfig
 
-    def forget_loss(self, student: nn.Module, reference: Optional[nn.Module], forget: dict) -> torch.Tensor:
-        return -losses.nll(student, forget, self.cfg.reduction)
+    def plan_forget(self, plan: StepPlan, batch: dict) -> None:
+        plan.need_student("forget", LOGITS)
+
+    def forget_loss(self, out: StepOutputs) -> torch.Tensor:
+        return -losses.nll(out.student["forget"], self.cfg.reduction)

@@ -17,7 +17,6 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pipeline.config_base import require
 
@@ -25,6 +24,7 @@ from pipeline.config_base import require
 from pipeline.data.formatting import PROMPT_TEMPLATE, REFUSALS, encode_qa
 from pipeline.methods import losses
 from pipeline.methods.base import ForgetRetainConfig, UnlearningMethod, register_method
+from pipeline.methods.passes import LOGITS, StepOutputs, StepPlan
 
 IDK_VIEW = "forget_idk"
 
@@ -98,15 +98,12 @@ class IdkDPO(IdkViews, UnlearningMethod):
         require(mcfg.beta > 0, "method.beta", f"must be > 0, got {mcfg.beta}")
         cls.validate_idk(mcfg)
 
-    def compute_loss(self, student: nn.Module, reference: Optional[nn.Module], batch: dict):
-        # forget_loss sees one dict: the forget rows with their refusal view attached.
-        forget = {**batch["forget"], IDK_VIEW: self.idk_batch(batch)}
-        return super().compute_loss(student, reference, {**batch, "forget": forget})
+    def plan_forget(self, plan: StepPlan, batch: dict) -> None:
+        self.idk_batch(batch)  # a clear error when the trainer did not attach the view
+        for group in ("forget", IDK_VIEW):
+            plan.need_student(group, LOGITS).need_frozen(group, LOGITS)
 
-    def forget_loss(self, student: nn.Module, reference: Optional[nn.Module], forget: dict) -> torch.Tensor:
-        idk = forget[IDK_VIEW]
-        with torch.no_grad():
-            win_ref = losses.sequence_logprob(reference, idk)
-            lose_ref = losses.sequence_logprob(reference, forget)
-        return dpo_loss(losses.sequence_logprob(student, idk), win_ref,
-                        losses.sequence_logprob(student, forget), lose_ref, float(self.cfg.beta))
+    def forget_loss(self, out: StepOutputs) -> torch.Tensor:
+        lp = losses.sequence_logprob
+        return dpo_loss(lp(out.student[IDK_VIEW]), lp(out.frozen[IDK_VIEW]),
+                        lp(out.student["forget"]), lp(out.frozen["forget"]), float(self.cfg.beta))

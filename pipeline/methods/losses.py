@@ -7,32 +7,17 @@ position t predicts token t+1, so logits[:, :-1] are scored against labels[:, 1:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
 from pipeline.data.formatting import IGNORE_INDEX
-from pipeline.methods.model_io import logits_of, shifted_mask, tempered, unwrap  # noqa: F401  (re-exported)
+from pipeline.methods.loss_math import cache_kl_values, kl_values, reduce, scatter  # noqa: F401  (re-exported)
+from pipeline.methods.model_io import check_layer, decoder_layers, logits_of, shifted_mask, tempered, unwrap  # noqa: F401  (re-exported)  # noqa: F401  (re-exported)
 
-
-def reduce(values: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Reduce per-position ``values`` (B, T-1) over ``mask``.
-
-    ``sequence_mean``: mean over each row's loss tokens, then mean over rows that have any;
-    ``token_mean``: one mean over all loss tokens; ``sum``: plain sum.
-    """
-    m = mask.to(values.dtype)
-    if reduction == "sum":
-        return (values * m).sum()
-    if reduction == "token_mean":
-        return (values * m).sum() / m.sum().clamp_min(1.0)
-    if reduction == "sequence_mean":
-        per_row = m.sum(1)
-        has = per_row > 0
-        row_mean = (values * m).sum(1) / per_row.clamp_min(1.0)
-        return row_mean[has].sum() / has.sum().clamp_min(1)
-    raise ValueError(f"unknown reduction {reduction!r}")
+if TYPE_CHECKING:
+    from pipeline.methods.passes import Part, StepPlan
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,16 +29,28 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return lp * mask, mask
 
 
-def nll(model: nn.Module, inputs: dict, reduction: str = "sequence_mean") -> torch.Tensor:
-    """Negative log-likelihood of the labelled tokens."""
-    lp, mask = token_logprobs(logits_of(model, inputs), inputs["labels"])
-    return reduce(-lp, mask, reduction)
+def label_logprobs(part: Part) -> torch.Tensor:
+    """Log-prob of each labelled next token from a pass's :class:`~pipeline.methods.passes.Part`,
+    as a (B, T-1) tensor that is zero off the loss positions."""
+    lp = torch.log_softmax(part.logits.float(), dim=-1).gather(-1, part.targets.unsqueeze(-1)).squeeze(-1)
+    return scatter(lp, part.mask)
 
 
-def sequence_logprob(model: nn.Module, inputs: dict) -> torch.Tensor:
+def nll(part: Part, reduction: str = "sequence_mean") -> torch.Tensor:
+    """Negative log-likelihood of the labelled tokens of one group."""
+    return reduce(-label_logprobs(part), part.mask, reduction)
+
+
+def sequence_logprob(part: Part) -> torch.Tensor:
     """Sum of labelled-token log-probs per sequence, shape (B,)."""
-    lp, _ = token_logprobs(logits_of(model, inputs), inputs["labels"])
-    return lp.sum(1)
+    return label_logprobs(part).sum(1)
+
+
+def mean_token_logprob(part: Part) -> torch.Tensor:
+    """Length-normalised sequence log-prob (mean over labelled tokens), shape (B,).
+
+    Rows without labelled tokens give 0 (not NaN)."""
+    return sequence_logprob(part) / part.mask.sum(1).clamp_min(1)
 
 
 def kl_from_logits(
@@ -63,12 +60,16 @@ def kl_from_logits(
     reduction: str = "sequence_mean",
     skip_first: bool = False,
 ) -> torch.Tensor:
-    """KL(p_teacher || p_student) = sum_v p_t (log p_t - log p_s) at labelled positions."""
+    """KL(p_teacher || p_student) at the labelled positions of (B, T, V) logits, reduced."""
     mask = shifted_mask(labels, skip_first)
-    lt = torch.log_softmax(teacher_logits[:, :-1].float(), dim=-1)
-    ls = torch.log_softmax(student_logits[:, :-1].float(), dim=-1)
-    kl = (lt.exp() * (lt - ls)).sum(-1)
-    return reduce(kl, mask, reduction)
+    return reduce(kl_values(teacher_logits[:, :-1], student_logits[:, :-1]), mask, reduction)
+
+
+def _one_group(plan: StepPlan, student: nn.Module, teacher: Optional[nn.Module], batch: dict,
+               kl_impl: str) -> torch.Tensor:
+    from pipeline.methods.passes import run_step
+
+    return run_step(plan, student, teacher, batch, kl_impl).kl["x"]
 
 
 def distill_kl(
@@ -84,52 +85,20 @@ def distill_kl(
     """KL(teacher || student) on ``inputs``' labelled positions; the teacher runs with attention
     temperature ``tau`` in ``layers`` (untempered when ``tau`` is None or 1) and without grad.
 
-    ``kl_impl="fused"`` streams over vocabulary chunks from the last hidden states and the lm_head
-    weights (kernels/fused_kl.py) instead of materialising two B×T×V logit tensors.
+    The training step's own code (:func:`~pipeline.methods.passes.run_step`) on one group:
+    ``kl_impl="fused"`` streams over chunks of the loss positions from the last hidden states and
+    the lm_head weights (kernels/fused_kl.py) instead of forming logits.
     """
     if teacher is None:
         raise ValueError("distill_kl needs a teacher/reference model")
-    if kl_impl == "fused":
-        from pipeline.methods.fused import fused_distill_kl
+    from pipeline.methods.passes import KLTerm, StepPlan
 
-        return fused_distill_kl(student, teacher, inputs, reduction, tau, layers, skip_first)
-    with torch.no_grad(), tempered(teacher, tau, layers):
-        t_logits = logits_of(teacher, inputs)
-    s_logits = logits_of(student, inputs)
-    return kl_from_logits(t_logits, s_logits, inputs["labels"], reduction, skip_first)
-
-
-def mean_token_logprob(model: nn.Module, inputs: dict) -> torch.Tensor:
-    """Length-normalised sequence log-prob (mean over labelled tokens), shape (B,).
-
-    Rows without labelled tokens give 0 (not NaN)."""
-    lp, mask = token_logprobs(logits_of(model, inputs), inputs["labels"])
-    return lp.sum(1) / mask.sum(1).clamp_min(1)
+    plan = StepPlan(teacher_layers=list(layers) if layers is not None else None)
+    plan.need_kl("x", KLTerm(1.0 if tau is None else float(tau), reduction, skip_first))
+    return _one_group(plan, student, teacher, {"x": inputs}, kl_impl)
 
 
 # -- hidden states (representation methods: RMU, ASU-WMDP; RNA noise) --------------------------------
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a causal LM, found generically: ``model.model.layers`` (Llama, Mistral,
-    Qwen, Gemma, ...) or ``model.layers`` (a bare decoder). Anything else raises a clear error."""
-    m = unwrap(model)
-    for owner in (getattr(m, "model", None), m):
-        layers = getattr(owner, "layers", None) if owner is not None else None
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return layers
-    raise ValueError(
-        f"{type(m).__name__}: cannot find the decoder layers (expected a Llama-like model with "
-        f"`model.model.layers`); layer-wise methods (RMU, asu_wmdp, RNA) need one")
-
-
-def check_layer(model: nn.Module, layer: int, key: str) -> nn.Module:
-    """Decoder layer ``layer`` of ``model``; a clear error naming ``key`` when out of range."""
-    layers = decoder_layers(model)
-    if not 0 <= int(layer) < len(layers):
-        raise ValueError(f"{key}={layer} out of range: the model has {len(layers)} layers "
-                         f"(allowed 0..{len(layers) - 1})")
-    return layers[int(layer)]
 
 
 def _first(output):
@@ -185,40 +154,12 @@ def kl_from_cache(
     reduction: str = "sequence_mean",
     skip_first: bool = False,
 ) -> torch.Tensor:
-    """KL(p_teacher || p_student) at labelled positions against a *cached* teacher.
-
-    ``teacher`` holds tensors aligned with the shifted positions (B, T-1, ...) — the trainer builds
-    them from the cache with :meth:`TeacherCache.batch`; positions outside the loss mask are ignored:
-
-    * full rows: ``{"logprobs": (B, T-1, V)}`` — the exact KL (same formula as :func:`kl_from_logits`);
-    * top-k: ``{"logprobs": (B, T-1, k), "ids": (B, T-1, k), "tail": (B, T-1)}`` with ``tail`` the
-      teacher's log-mass outside its top k. The KL is taken over k + 1 buckets (the k kept tokens and
-      one tail bucket); the student's tail mass is ``1 - sum_k p_s(ids)``, computed as a log-sum-exp
-      over the other tokens (stable when it is tiny). Coarse-graining never increases a KL, so this
-      is a lower bound of the full KL that tightens monotonically as k grows.
-
-    Same reductions as :func:`kl_from_logits` (``sequence_mean`` / ``token_mean``, ``skip_first``).
-    """
-    mask = shifted_mask(labels, skip_first)
-    ls = torch.log_softmax(student_logits[:, :-1].float(), dim=-1)
-    lt = teacher["logprobs"].to(ls.device, torch.float32)
-    if "ids" not in teacher:
-        if lt.shape != ls.shape:
-            raise ValueError(f"cached teacher rows have shape {tuple(lt.shape)}, student log-probs {tuple(ls.shape)}")
-        kl = (lt.exp() * (lt - ls)).sum(-1)
-    else:
-        ids = teacher["ids"].to(ls.device, torch.long)
-        tail_t = teacher["tail"].to(ls.device, torch.float32)
-        ls_k = ls.gather(-1, ids)
-        kl = (lt.exp() * (lt - ls_k)).sum(-1)
-        if ids.shape[-1] < ls.shape[-1]:  # k = V leaves no tail bucket
-            # log of the student's mass outside the teacher's top k (exact, no 1 - sum cancellation)
-            tail_s = ls.scatter(-1, ids, float("-inf")).logsumexp(-1)
-            p_tail = tail_t.exp()
-            safe = torch.where(p_tail > 0, tail_t, torch.zeros_like(tail_t))  # 0 * log 0 = 0, no NaN grads
-            kl = kl + p_tail * (safe - tail_s)
-    kl = torch.where(mask, kl, torch.zeros_like(kl))  # padding slots of the cache are not scored
-    return reduce(kl, mask, reduction)
+    """:func:`cache_kl_values` on (B, T, V) student logits with the teacher rows laid out (B, T-1, ...)
+    (:meth:`TeacherCache.batch`; slots off the loss positions are ignored), reduced like
+    :func:`kl_from_logits`."""
+    mask = shifted_mask(labels)
+    kl = cache_kl_values(student_logits[:, :-1][mask], {k: v[mask] for k, v in teacher.items()})
+    return reduce(scatter(kl, mask), shifted_mask(labels, skip_first), reduction)
 
 
 def cached_distill_kl(
@@ -227,6 +168,13 @@ def cached_distill_kl(
     teacher: dict,
     reduction: str = "sequence_mean",
     skip_first: bool = False,
+    kl_impl: str = "naive",
 ) -> torch.Tensor:
-    """:func:`distill_kl` with the teacher's distributions read from the cache: no teacher forward."""
-    return kl_from_cache(logits_of(student, inputs), inputs["labels"], teacher, reduction, skip_first)
+    """:func:`distill_kl` with the teacher's distributions read from the cache (laid out (B, T-1, ...)
+    as :meth:`TeacherCache.batch` gives them): no teacher forward; the training step's own code."""
+    from pipeline.methods.passes import KLTerm, StepPlan
+
+    mask = shifted_mask(inputs["labels"])
+    plan = StepPlan().need_kl("x", KLTerm(reduction=reduction, skip_first=skip_first, cached=True))
+    batch = {"x": inputs, "x_teacher": {k: v[mask] for k, v in teacher.items()}}
+    return _one_group(plan, student, None, batch, kl_impl)

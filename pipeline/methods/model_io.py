@@ -1,7 +1,7 @@
 """How a loss sees a model: through its wrappers, at a temperature, at the positions that carry loss.
 
 Shared by the materialised losses (:mod:`pipeline.methods.losses`), the streaming KL
-(:mod:`pipeline.methods.fused`) and the teacher cache, which is why it lives apart from both.
+(:mod:`pipeline.methods.passes`) and the teacher cache, which is why it lives apart from both.
 """
 
 from __future__ import annotations
@@ -37,11 +37,13 @@ def shifted_mask(labels: torch.Tensor, skip_first: bool = False) -> torch.Tensor
 
 @contextlib.contextmanager
 def tempered(model: nn.Module, tau: Optional[float], layers: Optional[Sequence[int]]) -> Iterator[None]:
-    """Run ``model`` at attention temperature ``tau`` in ``layers`` (as is when ``tau`` is None or 1)."""
+    """Run ``model`` at attention temperature ``tau`` in ``layers`` (as is when ``tau`` is None or 1).
+
+    ``tau`` may be a (B, 1) tensor: one temperature per row of the batch (the joint frozen pass)."""
     # A LoRA student's frozen view (model.peft) runs everything inside with the adapters off, also
     # code that calls the base model's submodules directly (the fused KL's last hidden state).
     with adapters_off(model):
-        if tau is None or tau == 1.0:
+        if tau is None or (not isinstance(tau, torch.Tensor) and float(tau) == 1.0):
             yield
         else:
             with temperature(model, tau, layers):
@@ -55,3 +57,25 @@ def unwrap(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_base_model") and hasattr(model, "disable_adapter"):  # a peft LoRA student
         model = model.get_base_model()
     return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a causal LM, found generically: ``model.model.layers`` (Llama, Mistral,
+    Qwen, Gemma, ...) or ``model.layers`` (a bare decoder). Anything else raises a clear error."""
+    m = unwrap(model)
+    for owner in (getattr(m, "model", None), m):
+        layers = getattr(owner, "layers", None) if owner is not None else None
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers
+    raise ValueError(
+        f"{type(m).__name__}: cannot find the decoder layers (expected a Llama-like model with "
+        f"`model.model.layers`); layer-wise methods (RMU, asu_wmdp, RNA) need one")
+
+
+def check_layer(model: nn.Module, layer: int, key: str) -> nn.Module:
+    """Decoder layer ``layer`` of ``model``; a clear error naming ``key`` when out of range."""
+    layers = decoder_layers(model)
+    if not 0 <= int(layer) < len(layers):
+        raise ValueError(f"{key}={layer} out of range: the model has {len(layers)} layers "
+                         f"(allowed 0..{len(layers) - 1})")
+    return layers[int(layer)]

@@ -12,11 +12,11 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pipeline.config_base import require
 from pipeline.methods import losses
 from pipeline.methods.base import ForgetRetainConfig, UnlearningMethod, register_method
+from pipeline.methods.passes import LOGITS, StepOutputs, StepPlan
 
 
 @dataclass
@@ -43,7 +43,9 @@ class NPO(UnlearningMethod):
         super().validate_config(mcfg, n_layers)
         require(mcfg.beta > 0, "method.beta", f"must be > 0, got {mcfg.beta}")
 
-    def forget_loss(self, student: nn.Module, reference: Optional[nn.Module], forget: dict) -> torch.Tensor:
-        with torch.no_grad():
-            ref = losses.sequence_logprob(reference, forget)
-        return npo_loss(losses.sequence_logprob(student, forget), ref, float(self.cfg.beta))
+    def plan_forget(self, plan: StepPlan, batch: dict) -> None:
+        plan.need_student("forget", LOGITS).need_frozen("forget", LOGITS)
+
+    def forget_loss(self, out: StepOutputs) -> torch.Tensor:
+        ref = losses.sequence_logprob(out.frozen["forget"])
+        return npo_loss(losses.sequence_logprob(out.student["forget"]), ref, float(self.cfg.beta))

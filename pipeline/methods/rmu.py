@@ -26,6 +26,7 @@ from torch import nn
 from pipeline.config_base import ConfigError, require
 from pipeline.methods import losses
 from pipeline.methods.base import ForgetRetainConfig, UnlearningMethod, register_method
+from pipeline.methods.passes import HIDDEN, StepOutputs, StepPlan
 from pipeline.models.peft_student import is_peft_model
 
 RETAIN_CHOICES = ("mse", "nll", "kl", "none")
@@ -105,17 +106,20 @@ class LayerwiseMethod(UnlearningMethod):
         for mod in chosen:
             mod.requires_grad_(True)
 
-    def hidden(self, model: nn.Module, inputs: dict) -> torch.Tensor:
-        return losses.hidden_state_at(model, inputs, int(self.cfg.layer))
+    @property
+    def hidden_layer(self) -> int:
+        return int(self.cfg.layer)
 
-    def retain_objective(self, student: nn.Module, reference: Optional[nn.Module], retain: dict) -> torch.Tensor:
+    def plan_retain(self, plan: StepPlan) -> None:
         if self.cfg.retain_loss != "mse":
-            return super().retain_objective(student, reference, retain)
-        if reference is None:
-            raise ValueError("retain_loss=mse needs the frozen reference model")
-        with torch.no_grad():
-            target = self.hidden(reference, retain)
-        return losses.hidden_mse(self.hidden(student, retain), target, losses.token_mask(retain), self.retain_reduction())
+            return super().plan_retain(plan)
+        plan.need_student("retain", HIDDEN).need_frozen("retain", HIDDEN)
+
+    def retain_objective(self, out: StepOutputs) -> torch.Tensor:
+        if self.cfg.retain_loss != "mse":
+            return super().retain_objective(out)
+        s, t = out.student["retain"], out.frozen["retain"]
+        return losses.hidden_mse(s.hidden, t.hidden, s.token_mask, self.retain_reduction())
 
 
 @dataclass
@@ -140,8 +144,8 @@ def control_vector(dim: int, seed: int) -> torch.Tensor:
 class RMU(LayerwiseMethod):
     config_cls = RMUConfig
 
-    def __init__(self, cfg: Any, kl_impl: str = "naive") -> None:
-        super().__init__(cfg, kl_impl)
+    def __init__(self, cfg: Any, kl_impl: str = "naive", joint_pass: bool = True) -> None:
+        super().__init__(cfg, kl_impl, joint_pass)
         self._u: Optional[torch.Tensor] = None
 
     @classmethod
@@ -154,6 +158,10 @@ class RMU(LayerwiseMethod):
             self._u = control_vector(dim, self.cfg.control_seed)
         return float(self.cfg.steering_coeff) * self._u.to(device)
 
-    def forget_loss(self, student: nn.Module, reference: Optional[nn.Module], forget: dict) -> torch.Tensor:
-        h = self.hidden(student, forget)
-        return losses.hidden_mse(h, self.steering(h.shape[-1], h.device), losses.token_mask(forget), self.cfg.reduction)
+    def plan_forget(self, plan: StepPlan, batch: dict) -> None:
+        plan.need_student("forget", HIDDEN)
+
+    def forget_loss(self, out: StepOutputs) -> torch.Tensor:
+        s = out.student["forget"]
+        return losses.hidden_mse(s.hidden, self.steering(s.hidden.shape[-1], s.hidden.device), s.token_mask,
+                                 self.cfg.reduction)

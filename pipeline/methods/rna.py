@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from pipeline.methods.losses import check_layer
-from pipeline.methods.model_io import unwrap
+from pipeline.methods.model_io import check_layer, unwrap
 
 BLOCK = 64  # positions per generator draw: a row's noise at position t does not depend on its length
 
@@ -45,34 +44,36 @@ def row_noise(like: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     return out.to(like.dtype)
 
 
-def _add_noise(nu: float, seeds: Optional[torch.Tensor] = None):
+def _add_noise(nu: float, seeds: Optional[torch.Tensor] = None, rows: Optional[slice] = None):
     def noise(h: torch.Tensor) -> torch.Tensor:
         return (row_noise(h, seeds) if seeds is not None else torch.randn_like(h)) * nu
+
+    def noisy(h: torch.Tensor) -> torch.Tensor:
+        if rows is None or (rows.start == 0 and rows.stop == h.shape[0]):
+            return h + noise(h)
+        # the joint student pass: only this group's rows get noise
+        return torch.cat([h[:rows.start], h[rows] + noise(h[rows]), h[rows.stop:]])
 
     def hook(module: nn.Module, _inputs, output):
         if not module.training:  # a LoRA student's frozen view shares this layer and runs in eval mode
             return output
         if isinstance(output, (tuple, list)):
-            h = output[0]
-            return type(output)((h + noise(h), *output[1:]))
-        return output + noise(output)
+            return type(output)((noisy(output[0]), *output[1:]))
+        return noisy(output)
 
     return hook
 
 
 @contextlib.contextmanager
-def retain_noise(model: nn.Module, cfg: Any, seeds: Optional[torch.Tensor] = None) -> Iterator[None]:
-    """Add N(0, rna_noise^2) to decoder layer ``rna_layer``'s output of ``model`` inside the block.
-
-    ``seeds`` (one per row): per-row noise (:func:`row_noise`); None: the global RNG.
-    A no-op when ``cfg`` has no ``rna_noise`` / it is 0, or when the model is in eval mode.
-    """
-    nu = float(getattr(cfg, "rna_noise", 0.0) or 0.0)
+def rows_noise(model: nn.Module, nu: float, layer: int, rows: Optional[slice] = None,
+               seeds: Optional[torch.Tensor] = None) -> Iterator[None]:
+    """Add N(0, nu^2) to decoder layer ``layer``'s output of ``model`` inside the block, on the batch
+    rows ``rows`` only (None: every row). ``seeds`` (one per noised row): per-row noise
+    (:func:`row_noise`); None: the global RNG. A no-op when ``nu`` is 0 or the model is in eval mode."""
     if nu <= 0.0 or not unwrap(model).training:
         yield
         return
-    layer = int(getattr(cfg, "rna_layer", 7))
-    handle = check_layer(model, layer, "method.rna_layer").register_forward_hook(_add_noise(nu, seeds))
+    handle = check_layer(model, layer, "method.rna_layer").register_forward_hook(_add_noise(nu, seeds, rows))
     try:
         yield
     finally:

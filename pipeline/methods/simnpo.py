@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch import nn
 
 from pipeline.config_base import require
 from pipeline.methods import losses
 from pipeline.methods.base import ForgetRetainConfig, UnlearningMethod, register_method
 from pipeline.methods.npo import npo_loss
+from pipeline.methods.passes import LOGITS, StepOutputs, StepPlan
 
 
 @dataclass
@@ -42,6 +42,9 @@ class SimNPO(UnlearningMethod):
         super().validate_config(mcfg, n_layers)
         require(mcfg.beta > 0, "method.beta", f"must be > 0, got {mcfg.beta}")
 
-    def forget_loss(self, student: nn.Module, reference: Optional[nn.Module], forget: dict) -> torch.Tensor:
-        avg_logp = losses.mean_token_logprob(student, forget)
+    def plan_forget(self, plan: StepPlan, batch: dict) -> None:
+        plan.need_student("forget", LOGITS)
+
+    def forget_loss(self, out: StepOutputs) -> torch.Tensor:
+        avg_logp = losses.mean_token_logprob(out.student["forget"])
         return npo_loss(avg_logp, torch.full_like(avg_logp, -float(self.cfg.delta)), float(self.cfg.beta))
