@@ -3,6 +3,7 @@
 Variants (all with NLL on retain, so only the forget term differs):
 
 * ``grad_diff``        — gradient ascent on forget + NLL on retain (no reference model);
+* ``npo``              — NPO (frozen reference's sequence log-probs on the forget rows) + NLL on retain;
 * ``asu_live_naive``   — ASU-GD, tempered teacher forward every step, materialised-logits KL;
 * ``asu_live_fused``   — ASU-GD, tempered teacher forward every step, streaming fused KL (kernels.kl=fused);
 * ``asu_cached``       — ASU-GD, teacher read from the teacher cache (method.teacher=cached, top-k);
@@ -24,6 +25,11 @@ with ``/proc/self/clear_refs``; the workers run with ``MALLOC_MMAP_THRESHOLD_=65
 not hidden by an earlier block's freed-but-kept heap). The process peak RSS (engines included) is
 reported too.
 
+``--compare-passes``: every variant twice in the same launch, first as ``<variant>@per_group``
+(``trainer.passes=per_group``: one forward per row group and model, the step before the joint pass)
+then as the joint step (one forward per model per step, pipeline/methods/passes.py), so the
+"x per-group" columns compare old and new under the same load.
+
 ``--lora-compare`` (with ``--scale 134m``): ASU-LoRA vs full ASU, both live teacher (ASU-GD, naive KL),
 in ONE run of this script: two launches, the same model, batch and ranks. Full ASU = the student
 engine + a frozen reference engine; ASU-LoRA = ``model.peft`` defaults (r=8 on q,k,v,o,gate,up,down)
@@ -37,6 +43,8 @@ step time; written to ``bench_step_lora_<device>.json``.
 tokens/s and peak host memory to ``bench_step_scale_<device>.json``.
 
     .venv/bin/python benchmarks/bench_step.py                 # CPU, 2 ranks, ~2 min
+    .venv/bin/python benchmarks/bench_step.py --compare-passes                # old vs new step, 7 M
+    .venv/bin/python benchmarks/bench_step.py --compare-passes --scale 134m   # old vs new step, 134 M (~4 GiB/rank)
     .venv/bin/python benchmarks/bench_step.py --scale 1b      # CPU, needs ~20 GiB RAM, ~10 min
     .venv/bin/python benchmarks/bench_step.py --scale 134m --lora-compare   # CPU, ~4 GiB RAM, ~3 min
 """
@@ -61,7 +69,8 @@ sys.path.insert(0, str(HERE))
 
 from common import device_info, fmt, print_table, save_random_llama, set_threads, status_kb, write_json  # noqa: E402
 
-VARIANTS = ("grad_diff", "asu_live_naive", "asu_live_fused", "asu_cached")
+VARIANTS = ("grad_diff", "npo", "asu_live_naive", "asu_live_fused", "asu_cached")
+PER_GROUP = "@per_group"  # variant suffix: trainer.passes=per_group (one forward per row group and model)
 SIZES = {
     # SmolLM2-135M's architecture (134.5M parameters, tied embeddings), randomly initialised
     "134m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -175,15 +184,19 @@ def worker(spec: dict) -> None:
     from pipeline.methods import build_method
     from pipeline.methods.asu import ASUGDConfig
     from pipeline.methods.grad_diff import GradDiffConfig
+    from pipeline.methods.npo import NPOConfig
     from pipeline.models.tempered_attention import set_attention_backend
 
     set_attention_backend(spec.get("attention", "auto"), "cuda" if cuda else "cpu")
     counter = CommCounter()
     variants = spec["variants"]
-    need_ref = any(v.startswith("asu_live") for v in variants)
-    need_cache = "asu_cached" in variants
+    bases = {v.split("@")[0] for v in variants}
+    need_ref = any(b.startswith("asu_live") or b == "npo" for b in bases)
+    need_cache = "asu_cached" in bases
 
-    ds = OmegaConf.structured(DeepSpeedConfig(offload_optimizer=spec["offload_optimizer"]))
+    # persistence threshold 0: every weight is partitioned, as on a 7B model
+    ds = OmegaConf.structured(DeepSpeedConfig(offload_optimizer=spec["offload_optimizer"],
+                                              param_persistence_threshold=spec.get("persistence", 0)))
     tr = OmegaConf.structured(TrainerConfig(batch_size=spec["batch"], retain_batch_size=spec["batch"], lr=1e-5,
                                             max_grad_norm=1.0))
     s_cfg, r_cfg = student_config(ds, tr, cuda), reference_config(ds, tr, cuda)
@@ -232,21 +245,26 @@ def worker(spec: dict) -> None:
 
     methods = {}
     for v in variants:
-        if v == "grad_diff":
-            methods[v] = build_method(OmegaConf.structured(GradDiffConfig()), kl_impl="naive")
+        base = v.split("@")[0]
+        joint = not v.endswith(PER_GROUP)
+        if base == "grad_diff":
+            methods[v] = build_method(OmegaConf.structured(GradDiffConfig()), kl_impl="naive", joint_pass=joint)
+        elif base == "npo":
+            methods[v] = build_method(OmegaConf.structured(NPOConfig()), kl_impl="naive", joint_pass=joint)
         else:
-            teacher = "cached" if v == "asu_cached" else "live"
+            teacher = "cached" if base == "asu_cached" else "live"
             c = OmegaConf.structured(ASUGDConfig(tau=2.0, teacher=teacher, cache_topk=spec["topk"]))
-            methods[v] = build_method(c, kl_impl="fused" if v == "asu_live_fused" else "naive")
+            methods[v] = build_method(c, kl_impl="fused" if base == "asu_live_fused" else "naive", joint_pass=joint)
+    cached_key = next((v for v in variants if v.startswith("asu_cached")), None)
     cache_s = None
     if need_cache:
         tc0 = time.perf_counter()
-        path = build_teacher_cache(ref_engine, forget_rows, methods["asu_cached"].cfg, spec["cache_dir"],
+        path = build_teacher_cache(ref_engine, forget_rows, methods[cached_key].cfg, spec["cache_dir"],
                                    spec["batch"], model_path=f"bench-{spec['size']}", split="bench",
                                    max_length=spec["seq"], pad_token_id=0, device=device)
         cache_s = time.perf_counter() - tc0
         cache = TeacherCache(path)
-        batch["forget_teacher"] = cache.batch(mine, batch["forget"]["labels"])
+        batch["forget_teacher"] = cache.selected(mine, batch["forget"]["labels"])
         if not need_ref:
             ref_engine = reference = None  # cached ASU-GD trains without the reference engine
             import gc
@@ -361,6 +379,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--attention", default="auto", help="kernels.attention backend (auto = sdpa)")
+    ap.add_argument("--compare-passes", action="store_true",
+                    help="each variant twice in one launch: the per-group step (old: one forward per row group and "
+                         "model) then the joint step (new: one forward per model)")
     ap.add_argument("--lora-compare", action="store_true",
                     help="ASU-LoRA vs full ASU (live teacher): two launches in one run, memory + step time")
     args = ap.parse_args()
@@ -377,6 +398,8 @@ def main() -> None:
     steps = args.steps or (2 if big else 4)
     warmup = args.warmup if args.warmup is not None else (1 if big else 2)
     variants = args.variants or (["grad_diff", "asu_live_naive", "asu_cached"] if big else list(VARIANTS))
+    if args.compare_passes:  # old block right before new block: the two are measured under the same load
+        variants = [x for v in variants for x in (v + PER_GROUP, v)]
     dev = "cuda" if _cuda() else "cpu"
     with tempfile.TemporaryDirectory(prefix="bench_step-") as d:
         d = Path(d)
@@ -458,17 +481,28 @@ def _mem_fields(ranks: list[dict], v: str) -> dict:
 
 def _report(ranks, spec, args, dev, threads, variants) -> None:
     r0 = ranks[0]
-    base_t = r0["step_s"].get("grad_diff")
-    base_g = r0["comm"].get("grad_diff", {}).get("all_gather_bytes")
+
+    def step_s(v: str) -> float:
+        return max(r["step_s"][v] for r in ranks)  # ranks wait on each other's collectives: ~equal
+
+    def gather(v: str) -> int:
+        return r0["comm"][v]["all_gather_bytes"]
+
     rows, results = [], {}
     for v in variants:
-        t = max(r["step_s"][v] for r in ranks)  # ranks wait on each other's collectives: ~equal
-        g = r0["comm"][v]["all_gather_bytes"]
+        t, g = step_s(v), gather(v)
+        # ratios to GradDiff of the same step kind (per-group variants to per-group GradDiff)
+        gd = "grad_diff" + (PER_GROUP if v.endswith(PER_GROUP) else "")
+        base_t = step_s(gd) if gd in r0["step_s"] else None
+        base_g = gather(gd) if gd in r0["comm"] else None
+        old = v + PER_GROUP if v + PER_GROUP in r0["step_s"] else None
         mem = _mem_fields(ranks, v)
         results[v] = {
             "step_ms": t * 1e3,
             "tokens_per_s": r0["tokens_per_step"] / t,
             "time_ratio_vs_grad_diff": t / base_t if base_t else None,
+            "time_ratio_vs_per_group": t / step_s(old) if old else None,
+            "all_gather_ratio_vs_per_group": g / gather(old) if old and gather(old) else None,
             "all_gather_mib_per_step_rank0": g / 2**20,
             "all_gather_calls_rank0": r0["comm"][v]["all_gather_calls"],
             "all_gather_ratio_vs_grad_diff": g / base_g if base_g else None,
@@ -480,7 +514,9 @@ def _report(ranks, spec, args, dev, threads, variants) -> None:
         peak = max((x for x in rr["step_peak_mib_per_rank"] if x is not None), default=None)
         cpeak = max((x for x in rr["cuda_peak_mib_per_rank"] if x is not None), default=None)
         rows.append([v, fmt(rr["step_ms"], ".1f"), fmt(rr["tokens_per_s"], ".0f"), fmt(rr["time_ratio_vs_grad_diff"], ".2f"),
+                     fmt(rr["time_ratio_vs_per_group"], ".2f"),
                      fmt(rr["all_gather_mib_per_step_rank0"], ".1f"), fmt(rr["all_gather_ratio_vs_grad_diff"], ".2f"),
+                     fmt(rr["all_gather_ratio_vs_per_group"], ".2f"),
                      fmt(rr["reduce_scatter_mib_per_step_rank0"], ".1f"), fmt(peak, ".1f"),
                      fmt(rr["block_peak_rss_mib_all_ranks"], ".0f"), fmt(cpeak, ".0f")])
     size = SIZES[spec["size"]]
@@ -488,9 +524,12 @@ def _report(ranks, spec, args, dev, threads, variants) -> None:
           f"params; per rank {spec['batch']} forget + {spec['batch']} retain rows x {spec['seq']} tokens; "
           f"median of {spec['steps']} steps after {spec['warmup']} warm-up; cache top-k={spec['topk']}; "
           f"offload_optimizer={spec['offload_optimizer']}; setup {r0['setup_s']:.0f}s")
-    print_table(["variant", "step ms", "tokens/s", "x GradDiff", "all-gather MiB/step", "x GradDiff",
+    print_table(["variant", "step ms", "tokens/s", "x GradDiff", "x per-group", "all-gather MiB/step", "x GradDiff",
+                 "x per-group",
                  "reduce-scatter MiB", "step peak MiB (max rank)", "peak RSS MiB (sum of ranks)", "CUDA peak MiB"], rows)
-    name = "bench_step_scale" if spec["size"] != "small" else "bench_step"
+    name = {"small": "bench_step", "134m": "bench_step_134m"}.get(spec["size"], "bench_step_scale")
+    if args.compare_passes:
+        name += "_passes"
     write_json(args.out.stem.rsplit("_", 1)[0] if args.out else name, {
         "env": device_info(dev),
         "config": {**{k: v for k, v in spec.items() if k not in ("cache_dir", "model_dir")}, "ranks": args.ranks,
@@ -507,6 +546,11 @@ def _report(ranks, spec, args, dev, threads, variants) -> None:
             "asu_cached = asu_gd with method.teacher=cached (top-k cache built once before timing); in this shared "
             "launch the reference engine stays resident for the live variants, but asu_cached never calls it.",
             "tokens/s counts forget + retain tokens of all ranks.",
+            "variant@per_group = trainer.passes=per_group: one forward per row group and model (the step before the "
+            "joint pass; its head also runs at the loss positions only, so it is faster than that step was); "
+            "x per-group = this joint step over its per-group block, measured right before it in the same launch.",
+            "every weight partitioned (stage3_param_persistence_threshold=0); NPO and the ASU variants use a "
+            "frozen reference engine, GradDiff none.",
         ],
     }, args.out.parent if args.out else None)
 
