@@ -17,6 +17,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.config import validate
+from pipeline.config_base import require
 from pipeline.inputs import (
     ModelPaths,
     checked_prompt_format,
@@ -225,6 +226,11 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     student = load()
     check_vocab(student, inputs.tokenizer, f"model {paths.model}")
     validate(cfg, n_layers=int(student.config.num_hidden_layers))
+    if cfg.kernels.kl == "fused":
+        from pipeline.methods.passes import fused_head_problem
+
+        problem = fused_head_problem(student)
+        require(problem is None, "kernels.kl", problem or "")
     lora = bool(cfg.model.peft.enabled)
     frozen = None
     if lora:

@@ -193,13 +193,20 @@ def _decoder(model: nn.Module) -> nn.Module:
     return base
 
 
-def check_fused_head(model: nn.Module) -> None:
-    """kernels.kl=fused forms logits as h·Wᵀ + b; refuse models that post-process their logits."""
+def fused_head_problem(model: nn.Module) -> Optional[str]:
+    """Why ``kernels.kl=fused`` cannot serve ``model`` (it forms logits as h·Wᵀ + b itself), or None."""
     cfg = getattr(unwrap(model), "config", None)
     bad = [k for k in HEAD_POSTPROCESSING if getattr(cfg, k, None) not in (None, 0, 1, 1.0)]
-    if bad:
-        raise ValueError(f"kernels.kl=fused computes logits as h·Wᵀ + b, but {type(unwrap(model)).__name__} "
-                         f"post-processes its logits ({', '.join(bad)}); use kernels.kl=naive")
+    if not bad:
+        return None
+    return (f"kernels.kl=fused computes logits as h·Wᵀ + b, but {type(unwrap(model)).__name__} post-processes "
+            f"its logits ({', '.join(bad)}); use kernels.kl=naive")
+
+
+def check_fused_head(model: nn.Module) -> None:
+    problem = fused_head_problem(model)
+    if problem:
+        raise ValueError(problem)
 
 
 def _parts(joint: dict, rows: dict[str, slice]) -> tuple[torch.Tensor, dict[str, Part], dict[str, slice]]:
