@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from pipeline.config import register_configs
 from pipeline.methods import build_method
 from pipeline.models.tempered_attention import enable_tempered_attention
+from tests.helpers.batches import padded_batch
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 PAD = 0
@@ -39,15 +40,7 @@ def _llama(seed: int) -> LlamaForCausalLM:
 
 def _batch(rows: list[tuple[list[int], int]]) -> dict:
     """Right-padded rows ``(ids, n_prompt)``: loss on the tokens after the first ``n_prompt``."""
-    T = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), T), PAD)
-    att = torch.zeros(len(rows), T, dtype=torch.long)
-    lab = torch.full((len(rows), T), -100)
-    for i, (r, n) in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        att[i, :len(r)] = 1
-        lab[i, n:len(r)] = torch.tensor(r[n:])
-    return {"input_ids": ids, "attention_mask": att, "labels": lab}
+    return padded_batch(rows, PAD)
 
 
 # answers of different lengths, so per-sequence and per-token means differ

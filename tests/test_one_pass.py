@@ -20,6 +20,7 @@ from pipeline.methods import METHODS, build_method
 from pipeline.methods.idk_dpo import IDK_VIEW
 from pipeline.methods.passes import KLTerm, StepPlan, join, run_step
 from pipeline.models.tempered_attention import enable_tempered_attention
+from tests.helpers.batches import padded_batch
 
 PAD = 0
 V = 17
@@ -33,16 +34,7 @@ def _llama(seed: int = 0) -> LlamaForCausalLM:
 
 
 def _batch(rows: list[tuple[list[int], int]], index0: int = 0) -> dict:
-    T = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), T), PAD)
-    att = torch.zeros(len(rows), T, dtype=torch.long)
-    lab = torch.full((len(rows), T), -100)
-    for i, (r, n) in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        att[i, :len(r)] = 1
-        lab[i, n:len(r)] = torch.tensor(r[n:])
-    return {"input_ids": ids, "attention_mask": att, "labels": lab,
-            "index": torch.arange(index0, index0 + len(rows))}
+    return padded_batch(rows, PAD, index0)
 
 
 def _step_batch() -> dict:
