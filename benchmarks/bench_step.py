@@ -1,13 +1,15 @@
 """Benchmark: one unlearning training step under ZeRO-3, ASU vs GradDiff, same batch, same engines.
 
-Variants (all with NLL on retain, so only the forget term differs):
+Variants (all but ``asu_kl_live_fused`` with NLL on retain, so only the forget term differs):
 
 * ``grad_diff``        — gradient ascent on forget + NLL on retain (no reference model);
 * ``npo``              — NPO (frozen reference's sequence log-probs on the forget rows) + NLL on retain;
 * ``asu_live_naive``   — ASU-GD, tempered teacher forward every step, materialised-logits KL;
 * ``asu_live_fused``   — ASU-GD, tempered teacher forward every step, streaming fused KL (kernels.kl=fused);
 * ``asu_cached``       — ASU-GD, teacher read from the teacher cache (method.teacher=cached, top-k);
-  no teacher forward and no reference engine.
+  no teacher forward and no reference engine;
+* ``asu_kl_live_fused`` — ``asu_kl`` (the default ASU: KL to the original on retain too), live
+  teacher, fused KL: the frozen model serves forget rows at τ and retain rows at 1.
 
 The student is a DeepSpeed ZeRO-3 engine built by the pipeline's own ``student_config``; the
 frozen teacher a second ZeRO-3 engine from ``reference_config`` (as in ``pipeline/run.py``). Ranks
@@ -69,7 +71,7 @@ sys.path.insert(0, str(HERE))
 
 from common import device_info, fmt, print_table, save_random_llama, set_threads, status_kb, write_json  # noqa: E402
 
-VARIANTS = ("grad_diff", "npo", "asu_live_naive", "asu_live_fused", "asu_cached")
+VARIANTS = ("grad_diff", "npo", "asu_live_naive", "asu_live_fused", "asu_cached", "asu_kl_live_fused")
 PER_GROUP = "@per_group"  # variant suffix: trainer.passes=per_group (one forward per row group and model)
 SIZES = {
     # SmolLM2-135M's architecture (134.5M parameters, tied embeddings), randomly initialised
@@ -182,7 +184,7 @@ def worker(spec: dict) -> None:
     from pipeline.engine.ds_config import reference_config, student_config
     from pipeline.engine.teacher_cache import TeacherCache, build_teacher_cache
     from pipeline.methods import build_method
-    from pipeline.methods.asu import ASUGDConfig
+    from pipeline.methods.asu import ASUConfig, ASUGDConfig
     from pipeline.methods.grad_diff import GradDiffConfig
     from pipeline.methods.npo import NPOConfig
     from pipeline.models.tempered_attention import set_attention_backend
@@ -191,7 +193,7 @@ def worker(spec: dict) -> None:
     counter = CommCounter()
     variants = spec["variants"]
     bases = {v.split("@")[0] for v in variants}
-    need_ref = any(b.startswith("asu_live") or b == "npo" for b in bases)
+    need_ref = any(b.startswith(("asu_live", "asu_kl")) or b == "npo" for b in bases)
     need_cache = "asu_cached" in bases
 
     # persistence threshold 0: every weight is partitioned, as on a 7B model
@@ -251,6 +253,8 @@ def worker(spec: dict) -> None:
             methods[v] = build_method(OmegaConf.structured(GradDiffConfig()), kl_impl="naive", joint_pass=joint)
         elif base == "npo":
             methods[v] = build_method(OmegaConf.structured(NPOConfig()), kl_impl="naive", joint_pass=joint)
+        elif base == "asu_kl_live_fused":
+            methods[v] = build_method(OmegaConf.structured(ASUConfig(tau=2.0)), kl_impl="fused", joint_pass=joint)
         else:
             teacher = "cached" if base == "asu_cached" else "live"
             c = OmegaConf.structured(ASUGDConfig(tau=2.0, teacher=teacher, cache_topk=spec["topk"]))
