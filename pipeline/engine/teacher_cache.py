@@ -131,16 +131,17 @@ def _teacher_rows(teacher: Any, rows: list[dict], tau: float, layers, topk: int,
                   device) -> list[dict[str, torch.Tensor]]:
     """Tempered teacher tensors of ``rows`` (one padded batch), loss positions only."""
     from pipeline.data.collate import pad_batch
-    from pipeline.methods.model_io import logits_of, shifted_mask, tempered
+    from pipeline.methods.passes import LOGITS, StepPlan, run_step
 
+    # the training step's own frozen pass: the same tempered logits the live teacher gives, at the
+    # loss positions only (row-major), so a cached run equals a live one
     b = {k: v.to(device) for k, v in pad_batch(rows, pad_id).items()}
-    with torch.no_grad(), tempered(teacher, tau, layers):
-        logits = logits_of(teacher, b)
-    lt = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    mask = shifted_mask(b["labels"])
+    plan = StepPlan(teacher_layers=layers).need_frozen("forget", LOGITS, tau)
+    with torch.no_grad():
+        part = run_step(plan, teacher, teacher, {"forget": b}).frozen["forget"]
+    lt = torch.log_softmax(part.logits.float(), dim=-1).cpu()
     out = []
-    for j in range(lt.shape[0]):
-        sel = lt[j][mask[j]].cpu()  # (n, V)
+    for sel in lt.split(part.mask.sum(1).tolist()):  # (n_j, V) per row
         if topk and topk < sel.shape[-1]:
             vals, ids = sel.topk(topk, dim=-1)
             tail = sel.scatter(-1, ids, float("-inf")).logsumexp(-1)
