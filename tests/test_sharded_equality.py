@@ -30,6 +30,8 @@ STEPS = 3
 JOBS = {
     "asu_kl": ["method=asu_kl", "method.tau=2.0"],
     "asu_kl_fused": ["method=asu_kl", "method.tau=2.0", "kernels.kl=fused", "kernels.attention=triton"],
+    # fused KL on forget + NLL logits on retain from one head step (its output is a tuple under ZeRO-3's hooks)
+    "asu_gd_fused": ["method=asu_gd", "method.tau=2.0", "kernels.kl=fused"],
     "asu_gd_cached": ["method=asu_gd", "method.tau=2.0", "method.teacher=cached", "method.cache_topk=5",
                       "method.retain_loss=nll"],
     "npo": ["method=npo"],
