@@ -89,8 +89,9 @@ class GatherWatch:
         self.available = ZeroParamStatus.AVAILABLE
         self.params = [p for m in models for p in m.parameters() if hasattr(p, "ds_status") and not p.ds_persist]
         self.peak = 0
-        for m in models:
+        for m in models:  # after DeepSpeed's own hooks: its pre-hook has gathered the module, its post-hook released it
             for mod in m.modules():
+                mod.register_forward_pre_hook(self._hook)
                 mod.register_forward_hook(self._hook)
 
     def sample(self) -> None:
@@ -414,7 +415,7 @@ def main() -> None:
                   "(incl. the architecture's modeling code) and init_distributed, before any model is built; "
                   "growth = peak - start-up.",
                   "terms are read from the DeepSpeed objects at the end of the run (bytes on rank 0); "
-                  "'most params gathered at once' is sampled after every module forward and after backward."],
+                  "'most params gathered at once' is sampled before and after every module forward and after backward."],
     }, args.out.parent if args.out else None)
 
 
