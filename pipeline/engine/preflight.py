@@ -190,6 +190,7 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
         g["distillation logits (fused, chunked)"] = min(tokens * arch.vocab_size * 4 * 3, 256 * 1024**2)
     else:
         # teacher + student fp32 logits, log-softmax copies and the gradient: ~4 B×T×V fp32 tensors
+        # (an upper bound: the step forms logits at the loss positions only, which depend on the data)
         g["distillation logits (naive)"] = 4 * tokens * arch.vocab_size * 4
     g["framework/buffers"] = int(1.0 * GiB) if precision != "fp32" else int(0.05 * GiB)
     # A CPU rank's process before any model: python + torch + deepspeed + transformers, gloo group
