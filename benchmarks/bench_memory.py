@@ -14,12 +14,16 @@ partition is a second copy or the parameter partition itself, the reduce bucket,
 parameters gathered at once, the teacher's partitions), and the preflight's prediction for the same
 run (``pipeline.engine.preflight.plan_for_run``).
 
-    .venv/bin/python benchmarks/bench_memory.py --size 134m            # ~3 min, ~2 x 3 GiB
-    .venv/bin/python benchmarks/bench_memory.py --size 34m 134m 350m   # one launch per size
+    .venv/bin/python benchmarks/bench_memory.py --size 134m            # ~2 min, ~2 x 2.1 GiB
+    .venv/bin/python benchmarks/bench_memory.py --size 34m 134m 350m   # one launch per size (350m: ~2 x 4.4 GiB)
+    .venv/bin/python benchmarks/bench_memory.py --size 134m --passes per_group  # two student forwards per step
     .venv/bin/python benchmarks/bench_memory.py --size 134m --baseline # as before the fixes (~2 x 4 GiB)
 
 ``ASU_BENCH_TRACE=<file.json>`` writes rank 0's resident set at every student module's backward
 hooks and around every ZeRO-3 reduce-scatter of the second step (how the backward peak was found).
+``ASU_BENCH_CENSUS=<file.json>`` writes rank 0's glibc heap (in use / free, ``mallinfo2``), mmapped
+bytes and the tensors reachable from Python after each step, and which parameters are gathered
+when the loss is computed (how the heap fragmentation and the prefetch-held layers were found).
 """
 
 from __future__ import annotations
