@@ -14,12 +14,16 @@ partition is a second copy or the parameter partition itself, the reduce bucket,
 parameters gathered at once, the teacher's partitions), and the preflight's prediction for the same
 run (``pipeline.engine.preflight.plan_for_run``).
 
-    .venv/bin/python benchmarks/bench_memory.py --size 134m            # ~3 min, ~2 x 3 GiB
-    .venv/bin/python benchmarks/bench_memory.py --size 34m 134m 350m   # one launch per size
+    .venv/bin/python benchmarks/bench_memory.py --size 134m            # ~2 min, ~2 x 2.1 GiB
+    .venv/bin/python benchmarks/bench_memory.py --size 34m 134m 350m   # one launch per size (350m: ~2 x 4.4 GiB)
+    .venv/bin/python benchmarks/bench_memory.py --size 134m --passes per_group  # two student forwards per step
     .venv/bin/python benchmarks/bench_memory.py --size 134m --baseline # as before the fixes (~2 x 4 GiB)
 
 ``ASU_BENCH_TRACE=<file.json>`` writes rank 0's resident set at every student module's backward
 hooks and around every ZeRO-3 reduce-scatter of the second step (how the backward peak was found).
+``ASU_BENCH_CENSUS=<file.json>`` writes rank 0's glibc heap (in use / free, ``mallinfo2``), mmapped
+bytes and the tensors reachable from Python after each step, and which parameters are gathered
+when the loss is computed (how the heap fragmentation and the prefetch-held layers were found).
 """
 
 from __future__ import annotations
@@ -89,8 +93,9 @@ class GatherWatch:
         self.available = ZeroParamStatus.AVAILABLE
         self.params = [p for m in models for p in m.parameters() if hasattr(p, "ds_status") and not p.ds_persist]
         self.peak = 0
-        for m in models:
+        for m in models:  # after DeepSpeed's own hooks: its pre-hook has gathered the module, its post-hook released it
             for mod in m.modules():
+                mod.register_forward_pre_hook(self._hook)
                 mod.register_forward_hook(self._hook)
 
     def sample(self) -> None:
@@ -128,6 +133,42 @@ def _zero3_terms(engine, ref_engine) -> dict:
         _nbytes(p.data) for e in (engine, ref_engine) if e is not None for p in e.module.parameters()
         if getattr(p, "ds_persist", False))
     return out
+
+
+def census(label: str) -> dict:
+    """Where the resident set is (diagnostic, ``ASU_BENCH_CENSUS``): glibc's heap in use / free and
+    its mmapped blocks (``mallinfo2``), and the tensors reachable from Python (unique storages)."""
+    import ctypes
+    import gc
+
+    import torch
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    mi = libc.mallinfo2()
+    seen, by_shape = {}, {}
+    for o in gc.get_objects():
+        try:
+            if not isinstance(o, torch.Tensor) or o.device.type != "cpu":
+                continue
+            st = o.untyped_storage()
+            ptr, n = st.data_ptr(), st.nbytes()
+        except Exception:
+            continue
+        if ptr and ptr not in seen:
+            seen[ptr] = n
+            key = f"{tuple(o.shape)} {o.dtype}"
+            c, b = by_shape.get(key, (0, 0))
+            by_shape[key] = (c + 1, b + n)
+    top = sorted(by_shape.items(), key=lambda kv: -kv[1][1])[:25]
+    return {"label": label, "rss_mib": status_kb("VmRSS", strict=False) / 1024,
+            "heap_arena_mib": mi.arena / MiB, "heap_in_use_mib": mi.uordblks / MiB, "heap_free_mib": mi.fordblks / MiB,
+            "mmapped_mib": mi.hblkhd / MiB, "python_tensors_mib": sum(seen.values()) / MiB,
+            "top": [(k, c, b / MiB) for k, (c, b) in top]}
 
 
 def worker(spec: dict) -> None:
@@ -205,7 +246,8 @@ def worker(spec: dict) -> None:
         return out
 
     batch = {"forget": pad_batch(rows(spec["batch"]), 0), "retain": pad_batch(rows(spec["batch"]), 0)}
-    method = build_method(OmegaConf.structured(ASUConfig(tau=2.0)), kl_impl=spec["kl"])
+    method = build_method(OmegaConf.structured(ASUConfig(tau=2.0)), kl_impl=spec["kl"],
+                          joint_pass=spec.get("passes", "joint") == "joint")
     watch = GatherWatch([engine.module, ref_engine.module])
     trace = []
     if os.environ.get("ASU_BENCH_TRACE") and rank == 0:  # where in backward the resident set peaks
@@ -215,8 +257,13 @@ def worker(spec: dict) -> None:
             return f
         for name, mod in engine.module.named_modules():
             if not list(mod.children()):
+                mod.register_forward_pre_hook(rec("fwd-pre " + name))
+                mod.register_forward_hook(rec("fwd-post " + name))
                 mod.register_full_backward_pre_hook(rec("bwd-pre " + name))
                 mod.register_full_backward_hook(rec("bwd-post " + name))
+        for name, mod in ref_engine.module.named_modules():
+            if not list(mod.children()):
+                mod.register_forward_hook(rec("teacher fwd-post " + name))
         opt = engine.optimizer
         orig = opt._DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads
 
@@ -227,9 +274,20 @@ def worker(spec: dict) -> None:
             return out
         opt._DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads = wrapped
     step_s = []
+    censuses = []
+    do_census = bool(os.environ.get("ASU_BENCH_CENSUS")) and rank == 0
+    if do_census:
+        censuses.append(census("engines built"))
     for i in range(spec["steps"]):
         t = time.perf_counter()
         out = method.compute_loss(engine, ref_engine, batch)
+        if trace:
+            trace.append(("loss computed", status_kb("VmRSS", strict=False) // 1024))
+        if do_census and i == 1:
+            censuses.append(census("step 2: loss computed (before backward)"))
+            censuses[-1]["gathered"] = [f"{tag} {n} {tuple(p.ds_shape)}" for tag, e in (("student", engine), ("teacher", ref_engine))
+                                        for n, p in e.module.named_parameters()
+                                        if getattr(p, "ds_status", None) == watch.available and not p.ds_persist]
         watch.sample()
         st.mark(f"step {i + 1}: forward (teacher + student, loss)")
         engine.backward(out.loss)
@@ -240,6 +298,9 @@ def worker(spec: dict) -> None:
         step_s.append(time.perf_counter() - t)
         torch.distributed.barrier()
         st.mark(f"step {i + 1}: optimizer step")
+        if do_census:
+            censuses.append(census(f"after step {i + 1}"))
+            Path(os.environ["ASU_BENCH_CENSUS"]).write_text(json.dumps(censuses, indent=1))
         if trace and i == 1:
             Path(os.environ["ASU_BENCH_TRACE"]).write_text(json.dumps(trace))
         trace.clear()
@@ -274,7 +335,8 @@ def _predict(model_dir: Path, spec: dict, ranks: int) -> tuple[dict, int]:
     cfg = OmegaConf.create({
         "model": {"source": "pretrained", "path": str(model_dir), "arch": None},
         "deepspeed": OmegaConf.structured(DeepSpeedConfig(param_persistence_threshold=spec["persistence"])),
-        "trainer": OmegaConf.structured(TrainerConfig(batch_size=spec["batch"], retain_batch_size=spec["batch"])),
+        "trainer": OmegaConf.structured(TrainerConfig(batch_size=spec["batch"], retain_batch_size=spec["batch"],
+                                                      passes=spec.get("passes", "joint"))),
         "data": {"max_length": spec["seq"]}, "kernels": {"kl": spec["kl"], "attention": "torch"}})
     plan = plan_for_run(cfg, ranks, False, str(model_dir), True, local_world_size=ranks)
     return dict(plan.per_gpu), plan.rank_total
@@ -315,6 +377,8 @@ def main() -> None:
     ap.add_argument("--kl", default="naive", choices=("naive", "fused"))
     ap.add_argument("--persistence", type=int, default=10000, help="deepspeed.param_persistence_threshold")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--passes", default="joint", choices=("joint", "per_group"),
+                    help="trainer.passes: one student forward over forget + retain rows (joint) or one per group")
     ap.add_argument("--ds-extra", default="{}", help="JSON merged into the student/teacher DeepSpeed configs")
     ap.add_argument("--no-share-master", action="store_true")
     ap.add_argument("--baseline", action="store_true",
@@ -329,7 +393,7 @@ def main() -> None:
     for size in args.size:
         with tempfile.TemporaryDirectory(prefix="bench_memory-") as d:
             spec = {"size": size, "batch": args.batch, "seq": args.seq, "steps": args.steps, "kl": args.kl,
-                    "threads": args.threads, "persistence": args.persistence,
+                    "threads": args.threads, "persistence": args.persistence, "passes": args.passes,
                     "ds_extra": json.loads(args.ds_extra), "share_master": not args.no_share_master,
                     "baseline": args.baseline,
                     "model_dir": str(_save_model(Path(d), size))}
@@ -348,13 +412,14 @@ def main() -> None:
         "env": device_info("cpu"),
         "config": {"ranks": args.ranks, "batch": args.batch, "seq": args.seq, "steps": args.steps, "kl": args.kl,
                    "persistence_threshold": args.persistence, "threads": args.threads, "method": "asu_kl",
+                   "passes": args.passes,
                    "precision": "fp32", "models": {s: SIZES[s] for s in args.size}},
         "results": results,
         "notes": ["peak = VmHWM of the rank over the whole run (max over ranks); start-up = VmRSS after imports "
                   "(incl. the architecture's modeling code) and init_distributed, before any model is built; "
                   "growth = peak - start-up.",
                   "terms are read from the DeepSpeed objects at the end of the run (bytes on rank 0); "
-                  "'most params gathered at once' is sampled after every module forward and after backward."],
+                  "'most params gathered at once' is sampled before and after every module forward and after backward."],
     }, args.out.parent if args.out else None)
 
 

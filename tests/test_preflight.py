@@ -46,6 +46,22 @@ def test_small_model_passes():
     assert "TOTAL per rank" in text
 
 
+def test_grads_held_in_backward_counted_only_for_per_group_passes():
+    """trainer.passes=per_group (two student forwards, one backward) holds a full-size gradient of
+    every trainable parameter in backward; the joint pass (default) does not: both callers agree."""
+    from pipeline.engine.preflight import dry_run_plan, plan_for_run, resolve_arch
+
+    term = "grads held in backward (2 forwards)"
+    joint, per_group = _compose([]), _compose(["trainer.passes=per_group"])
+    assert joint.trainer.passes == "joint"
+    p_joint = plan_for_run(joint, 2, False, None, True, vocab_size=500, local_world_size=2)
+    p_group = plan_for_run(per_group, 2, False, None, True, vocab_size=500, local_world_size=2)
+    n = resolve_arch(joint.model, None, 500).n_params
+    assert term not in p_joint.per_gpu and p_group.per_gpu[term] == 4 * n  # fp32 on CPU ranks, not sharded
+    assert p_group.rank_total - p_joint.rank_total == 4 * n
+    assert term not in dry_run_plan(joint, None, True) and term in dry_run_plan(per_group, None, True)
+
+
 def test_cli_dry_run_prints_plan_for_1_8_16_gpus_without_downloading():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
                HF_HUB_OFFLINE="1")

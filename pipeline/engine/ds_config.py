@@ -22,10 +22,14 @@ def resolve_precision(ds_cfg: Any, cuda: bool) -> str:
 # (student and teacher), the reduce bucket filled with the whole model's gradients and Adam's
 # temporaries covered the whole partition (with the other fixes: 37.6 -> 19.1 bytes/parameter/rank
 # of peak growth at 33M, benchmarks/bench_memory.py, docs/performance.md). The preflight reads
-# these same values (plus deepspeed.extra overrides).
+# these same values (plus deepspeed.extra overrides). No prefetch on CPU ranks: once DeepSpeed has a
+# module trace, its prefetch scan marks parameters that are still gathered as "fetched" for their
+# next use and then never releases them, so the last layers and the head stayed gathered from the
+# end of the forward to their backward (~200 MiB per rank at 134M, at the backward peak);
+# gloo overlaps nothing worth it on CPU.
 GPU_BUFFERS = {"stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9,
                "stage3_max_reuse_distance": 1e9, "reduce_bucket_size": 5e8, "sub_group_size": 1e9}
-CPU_BUFFERS = {"stage3_prefetch_bucket_size": 5e6, "stage3_max_live_parameters": 5e7,
+CPU_BUFFERS = {"stage3_prefetch_bucket_size": 0, "stage3_max_live_parameters": 5e7,
                "stage3_max_reuse_distance": 0, "reduce_bucket_size": 5e6, "sub_group_size": 1e7}
 
 

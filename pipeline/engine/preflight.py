@@ -126,7 +126,7 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
                 offload_optimizer: str, offload_param: str, uses_reference: bool, batch_size: int,
                 retain_batch_size: int, seq_len: int, kl_impl: str, activation_checkpointing: bool,
                 flash_attention: bool = True, lora_params: int = 0, buffers: Optional[dict] = None,
-                cpu_ranks: bool = False) -> MemoryPlan:
+                cpu_ranks: bool = False, joint_pass: bool = True) -> MemoryPlan:
     """Bytes per GPU and per node for one configuration (ZeRO-3 sharding over ``n_gpus``).
 
     ``lora_params > 0`` (``model.peft``): gradients and optimizer state cover the adapters only, and
@@ -134,6 +134,8 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     ``buffers``: the ZeRO-3 buffer limits in effect (``pipeline.engine.ds_config.GPU_BUFFERS`` /
     ``CPU_BUFFERS`` merged with ``deepspeed.extra``); ``cpu_ranks``: the ranks themselves run on the
     CPU, so the per-rank process footprint is the measured CPU start-up, not a GPU host's.
+    ``joint_pass``: ``trainer.passes=joint`` (one student forward over forget and retain rows);
+    False for ``per_group``, whose two student forwards hold a full-size gradient in backward.
     """
     from pipeline.engine.ds_config import CPU_BUFFERS, GPU_BUFFERS
 
@@ -167,8 +169,8 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     if zero_stage == 3:
         # backward: the full gradient of the module being reduced + the reduce bucket it is copied into
         g["gradient reduce buffers"] = b * (min(P, int(buf["reduce_bucket_size"])) + arch.largest_module_params)
-        if retain_batch_size > 0:
-            # Methods run the student twice (forget rows, retain rows) and call backward once on the sum:
+        if retain_batch_size > 0 and not joint_pass:
+            # trainer.passes=per_group runs the student twice (forget rows, retain rows), one backward on the sum:
             # autograd holds each parameter's first-branch gradient, full size, until the second
             # branch's reaches it, so ZeRO-3 can reduce nothing before then: the whole unsharded model.
             # (LoRA: only the adapters have gradients.)
@@ -188,6 +190,7 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
         g["distillation logits (fused, chunked)"] = min(tokens * arch.vocab_size * 4 * 3, 256 * 1024**2)
     else:
         # teacher + student fp32 logits, log-softmax copies and the gradient: ~4 B×T×V fp32 tensors
+        # (an upper bound: the step forms logits at the loss positions only, which depend on the data)
         g["distillation logits (naive)"] = 4 * tokens * arch.vocab_size * 4
     g["framework/buffers"] = int(1.0 * GiB) if precision != "fp32" else int(0.05 * GiB)
     # A CPU rank's process before any model: python + torch + deepspeed + transformers, gloo group
@@ -269,7 +272,8 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
                          retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
                          kl_impl=cfg.kernels.kl, activation_checkpointing=bool(ds.activation_checkpointing),
                          flash_attention=cfg.kernels.attention != "torch",
-                         lora_params=lora_param_count(arch, cfg.model)) for n in gpus]
+                         lora_params=lora_param_count(arch, cfg.model),
+                         joint_pass=getattr(tr, "passes", "joint") == "joint") for n in gpus]
     text = format_plans(arch, plans, budget, None, "GPU")
     text += "\n" + f"{'fits in ' + format(budget / GiB, '.0f') + ' GiB/GPU':<40}" + "".join(
         f"{'yes' if p.gpu_total <= budget else 'NO':>12}" for p in plans)
@@ -301,7 +305,8 @@ def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference
                        retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
                        kl_impl=cfg.kernels.kl, activation_checkpointing=bool(ds.activation_checkpointing),
                        flash_attention=cuda and cfg.kernels.attention != "torch", buffers=zero,
-                       cpu_ranks=not cuda and not ds.gpu_memory_gb, lora_params=lora_param_count(arch, cfg.model))
+                       cpu_ranks=not cuda and not ds.gpu_memory_gb, lora_params=lora_param_count(arch, cfg.model),
+                       joint_pass=getattr(tr, "passes", "joint") == "joint")
 
 
 def plan_for_run(cfg: Any, world_size: int, cuda: bool, model_path: Optional[str], uses_reference: bool,
