@@ -183,7 +183,9 @@ def worker(spec: dict) -> None:
     need_ref = any(v.startswith("asu_live") for v in variants)
     need_cache = "asu_cached" in variants
 
-    ds = OmegaConf.structured(DeepSpeedConfig(offload_optimizer=spec["offload_optimizer"]))
+    # ZeRO-3 on any number of ranks, as this mode always measured (the pipeline's auto would pick stage
+    # 0 for --ranks 1; benchmarks/gpu_check.py compares a 1-GPU run with its ZeRO-3 memory plan)
+    ds = OmegaConf.structured(DeepSpeedConfig(zero_stage=3, offload_optimizer=spec["offload_optimizer"]))
     tr = OmegaConf.structured(TrainerConfig(batch_size=spec["batch"], retain_batch_size=spec["batch"], lr=1e-5,
                                             max_grad_norm=1.0))
     s_cfg, r_cfg = student_config(ds, tr, cuda), reference_config(ds, tr, cuda)

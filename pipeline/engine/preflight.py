@@ -161,10 +161,11 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
         g["teacher params (frozen)"] = 0 if offload_param != "none" else b * P // shard
     # ZeRO-3 keeps up to stage3_max_live_parameters gathered for reuse (whole model when that exceeds
     # it) on top of the module being run and the prefetched bucket; per engine (student, teacher).
+    # (Stages 0-2 keep every parameter whole on every rank: nothing is gathered.)
     live = int(buf["stage3_max_live_parameters"]) if int(buf["stage3_max_reuse_distance"]) > 0 else 0
     gathered = min(P, max(live, arch.largest_module_params) + int(buf["stage3_prefetch_bucket_size"]))
-    g["gathered parameters (ZeRO-3 live set)"] = b * gathered * (2 if uses_reference and zero_stage == 3 and not shared_base else 1)
     if zero_stage == 3:
+        g["gathered parameters (ZeRO-3 live set)"] = b * gathered * (2 if uses_reference and not shared_base else 1)
         # backward: the full gradient of the module being reduced + the reduce bucket it is copied into
         g["gradient reduce buffers"] = b * (min(P, int(buf["reduce_bucket_size"])) + arch.largest_module_params)
         if retain_batch_size > 0:
@@ -263,7 +264,7 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
     arch = resolve_arch(cfg.model, model_path)
     ds, tr = cfg.deepspeed, cfg.trainer
     budget = int((ds.gpu_memory_gb or _cuda_total_gb() or DEFAULT_GPU_GB) * GiB)
-    plans = [plan_memory(arch, n, min(n, 8), precision=resolve_precision(ds, True), zero_stage=int(ds.zero_stage),
+    plans = [plan_memory(arch, n, min(n, 8), precision=resolve_precision(ds, True), zero_stage=_stage(ds, n),
                          offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
                          uses_reference=uses_reference, batch_size=int(tr.batch_size),
                          retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
@@ -289,14 +290,25 @@ def _local_world_size(world_size: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if world_size > 1 else 1
 
 
+def _stage(ds: Any, n: int, offload_opt: Optional[str] = None, offload_par: Optional[str] = None) -> int:
+    """The ZeRO stage a run of ``n`` ranks with these offload settings uses (``deepspeed.zero_stage``,
+    ``auto`` resolved as the job resolves it: pipeline/engine/zero_stage.py)."""
+    from pipeline.engine.zero_stage import choose_zero_stage
+
+    return choose_zero_stage(ds.zero_stage, n, offload_opt or str(ds.offload_optimizer),
+                             offload_par or str(ds.offload_param)).stage
+
+
 def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference: bool, offload_opt: str,
           offload_par: str) -> MemoryPlan:
     from pipeline.engine.ds_config import resolve_precision, student_config
 
     ds, tr = cfg.deepspeed, cfg.trainer
-    zero = student_config(ds, tr, cuda)["zero_optimization"]  # the buffer limits DeepSpeed will get
+    # the buffer limits DeepSpeed will get (ZeRO-3's; read only where the plan's stage is 3)
+    zero = student_config(ds, tr, cuda, world_size=max(2, n))["zero_optimization"]
     return plan_memory(arch, n, min(n, max(gpn, 8 if n >= 8 else n)), precision=resolve_precision(ds, cuda),
-                       zero_stage=int(ds.zero_stage), offload_optimizer=offload_opt, offload_param=offload_par,
+                       zero_stage=_stage(ds, n, offload_opt, offload_par), offload_optimizer=offload_opt,
+                       offload_param=offload_par,
                        uses_reference=uses_reference, batch_size=int(tr.batch_size),
                        retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
                        kl_impl=cfg.kernels.kl, activation_checkpointing=bool(ds.activation_checkpointing),
