@@ -290,24 +290,25 @@ def _local_world_size(world_size: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if world_size > 1 else 1
 
 
-def _stage(ds: Any, n: int, offload_opt: Optional[str] = None, offload_par: Optional[str] = None) -> int:
-    """The ZeRO stage a run of ``n`` ranks with these offload settings uses (``deepspeed.zero_stage``,
-    ``auto`` resolved as the job resolves it: pipeline/engine/zero_stage.py)."""
-    from pipeline.engine.zero_stage import choose_zero_stage
+def _stage(ds: Any, n: int) -> int:
+    """The ZeRO stage a run of ``n`` ranks with this ``deepspeed`` config uses (``auto`` resolved as
+    the job resolves it: pipeline/engine/zero_stage.py)."""
+    from pipeline.engine.zero_stage import resolve_zero_stage
 
-    return choose_zero_stage(ds.zero_stage, n, offload_opt or str(ds.offload_optimizer),
-                             offload_par or str(ds.offload_param)).stage
+    return resolve_zero_stage(ds, n).stage
 
 
 def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference: bool, offload_opt: str,
-          offload_par: str) -> MemoryPlan:
+          offload_par: str, zero_stage: Optional[int] = None) -> MemoryPlan:
+    """The plan of ``cfg`` on ``n`` ranks with these offload settings, in ``zero_stage`` (None: the
+    stage the configured ``deepspeed.zero_stage`` gives ``n`` ranks)."""
     from pipeline.engine.ds_config import resolve_precision, student_config
 
     ds, tr = cfg.deepspeed, cfg.trainer
     # the buffer limits DeepSpeed will get (ZeRO-3's; read only where the plan's stage is 3)
     zero = student_config(ds, tr, cuda, world_size=max(2, n))["zero_optimization"]
     return plan_memory(arch, n, min(n, max(gpn, 8 if n >= 8 else n)), precision=resolve_precision(ds, cuda),
-                       zero_stage=_stage(ds, n, offload_opt, offload_par), offload_optimizer=offload_opt,
+                       zero_stage=_stage(ds, n) if zero_stage is None else zero_stage, offload_optimizer=offload_opt,
                        offload_param=offload_par,
                        uses_reference=uses_reference, batch_size=int(tr.batch_size),
                        retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
@@ -333,8 +334,8 @@ def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[st
     ds = cfg.deepspeed
     gpn = _local_world_size(world_size)
 
-    def mk(n: int, offload_opt: str, offload_par: str) -> MemoryPlan:
-        return _plan(cfg, arch, n, gpn, cuda, uses_reference, offload_opt, offload_par)
+    def mk(n: int, offload_opt: str, offload_par: str, zero_stage: Optional[int] = None) -> MemoryPlan:
+        return _plan(cfg, arch, n, gpn, cuda, uses_reference, offload_opt, offload_par, zero_stage)
 
     current = mk(world_size, ds.offload_optimizer, ds.offload_param)
     gpu_avail, host_avail = available_memory(cuda, ds.gpu_memory_gb, ds.host_memory_gb)
@@ -347,7 +348,7 @@ def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[st
         current.host_per_node["model states on CPU ranks"] = current.gpu_total * gpn
     suggestions = []
     for off_o, off_p, name in (("cpu", "none", "deepspeed=zero3_offload_optimizer"), ("cpu", "cpu", "deepspeed=zero3_offload_all")):
-        p = mk(world_size, off_o, off_p)
+        p = mk(world_size, off_o, off_p, zero_stage=3)  # what those deepspeed configs set
         if p.gpu_total <= (gpu_avail or float("inf")) and p.host_total <= host_avail:
             suggestions.append(f"{name} on {world_size} GPU(s) (~{p.gpu_total / GiB:.1f} GiB/GPU, "
                                f"{p.host_total / GiB:.1f} GiB host)")
