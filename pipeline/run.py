@@ -200,7 +200,7 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     from pipeline.engine.preflight import run_preflight
     from pipeline.engine.sharding import record as record_partition
     from pipeline.engine.trainer import lr_lambda
-    from pipeline.engine.zero_stage import resolve_zero_stage, skip_single_rank_allreduce
+    from pipeline.engine.zero_stage import prepare_stage0_engine, resolve_zero_stage
     from pipeline.models.attention import set_attention_backend
     from pipeline.models.loading import check_same_architecture, check_vocab, load_causal_lm
 
@@ -261,7 +261,8 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
             opt, lr_lambda(total, float(cfg.trainer.warmup_ratio), cfg.trainer.lr_scheduler)),
     )
     share_fp32_master(engine)  # fp32 runs: no second fp32 copy of the partitions (DeepSpeed 0.19 makes one)
-    skip_single_rank_allreduce(engine, dist.world_size)  # stage 0, 1 rank: the all-reduce is the identity
+    for change in prepare_stage0_engine(engine, dist.world_size):  # stage 0 steps like ZeRO-3, without idle work
+        log.info("stage 0 student engine: %s", change)
     reference = None
     if frozen is not None:
         reference = deepspeed.initialize(model=frozen, config=r_cfg)[0]

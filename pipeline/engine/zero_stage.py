@@ -11,7 +11,8 @@ embedded demo model the hooks cost ~90 ms of a ~190 ms step (issue #16). So ``au
 * stage 0 otherwise: one rank, no offload. The run still goes through the DeepSpeed engine
   (``engine.backward`` / ``engine.step`` / ``save_checkpoint``: one code path), with the same
   optimizer (``torch_adam``: ``torch.optim.AdamW`` in both stages), the same gradient clipping and the
-  same learning-rate schedule, so the update equals ZeRO-3's (tests/test_zero_stage.py).
+  same learning-rate schedule, so the update equals ZeRO-3's (tests/test_zero_stage.py; in bf16 after
+  :func:`prepare_stage0_engine` undoes DeepSpeed's start-up optimizer step).
 
 The choice is logged as one line and recorded in ``results.json["zero_stage"]``.
 """
@@ -66,16 +67,43 @@ def resolve_zero_stage(ds_cfg: Any, world_size: int) -> ZeroStageChoice:
     return choose_zero_stage(ds_cfg.zero_stage, world_size, str(ds_cfg.offload_optimizer), str(ds_cfg.offload_param))
 
 
-def skip_single_rank_allreduce(engine: Any, world_size: int) -> bool:
-    """Stage 0 on one rank: turn off the engine's gradient all-reduce after backward.
+def prepare_stage0_engine(engine: Any, world_size: int) -> list[str]:
+    """Make a stage-0 student engine step like ZeRO-3 and drop work that one rank does not need.
+    Returns what was changed (logged by the caller); nothing for other stages.
 
-    Without ZeRO, DeepSpeed all-reduces every gradient after backward by flattening them into one
-    buffer (up to 5e8 elements), reducing it and copying it back. Over one rank the all-reduce is the
-    identity (sum of one, divided by one), so this only costs a full extra copy of the gradients in
-    memory and two passes over them per step. ``enable_backward_allreduce`` is the engine's own switch
-    for it. Returns True when it was turned off."""
+    * bf16/fp16: DeepSpeed wraps the optimizer in ``FP16_UnfusedOptimizer`` / ``FP16_Optimizer``,
+      whose ``initialize_optimizer_states`` runs the optimizer once on zero gradients when it is
+      built. For Adam that makes the first real step the second (its bias correction gives ~0.74x
+      ZeRO-3's first update, which never takes that step) and AdamW's decoupled weight decay shrinks
+      the fp32 master weights once before training. Undone here: the optimizer state is forgotten
+      (torch's Adam / DeepSpeed's FusedAdam create it lazily at the first real step) and the fp32
+      master weights are copied back from the model's weights they were cloned from.
+    * one rank: DeepSpeed all-reduces every gradient after backward by flattening them into one
+      buffer (up to 5e8 elements), reducing it and copying it back. Over one rank that is the
+      identity (sum of one, divided by one) for an extra copy of the gradients and two passes over
+      them per step; ``enable_backward_allreduce`` is the engine's own switch for it.
+    """
+    import torch
+
     stage = int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else -1
-    if stage != 0 or world_size != 1 or not hasattr(engine, "enable_backward_allreduce"):
-        return False
-    engine.enable_backward_allreduce = False
-    return True
+    if stage != 0:
+        return []
+    done = []
+    opt, basic = getattr(engine, "optimizer", None), getattr(engine, "basic_optimizer", None)
+    pairs = []
+    if basic is not None and opt is not basic:
+        if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):  # unfused: a master per parameter
+            pairs = [(m, p) for ms, ps in zip(opt.fp32_groups, opt.fp16_groups) for m, p in zip(ms, ps)]
+        elif hasattr(opt, "fp32_groups_flat") and hasattr(opt, "fp16_groups_flat"):  # fused: one flat master per group
+            pairs = list(zip(opt.fp32_groups_flat, opt.fp16_groups_flat))
+    if pairs:
+        with torch.no_grad():
+            for master, param in pairs:
+                master.copy_(param)
+        basic.state.clear()
+        done.append(f"{type(opt).__name__}'s start-up optimizer step undone (Adam state reset, fp32 master weights "
+                    f"re-copied)")
+    if world_size == 1 and getattr(engine, "enable_backward_allreduce", False):
+        engine.enable_backward_allreduce = False
+        done.append("gradient all-reduce off (one rank)")
+    return done
