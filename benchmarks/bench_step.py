@@ -526,6 +526,10 @@ def _plain_loss(name: str, mcfg, model, ref, batch: dict):
 
     f, r = batch["forget"], batch["retain"]
     gamma, alpha = float(mcfg.gamma), float(mcfg.alpha)
+    # the settings these formulas implement (the demo's configs); anything else would not be the same work
+    assert mcfg.get("rna_noise", 0) == 0 and mcfg.get("retain_reduction", "auto") == "auto", mcfg
+    if name in ("grad_diff", "npo"):
+        assert mcfg.retain_loss == "nll" and (name == "npo" or mcfg.reduction == "token_mean"), mcfg
     if name == "grad_diff":
         return gamma * -_plain_hf_nll(model, f) + alpha * _plain_hf_nll(model, r)
     if name == "npo":
@@ -536,7 +540,8 @@ def _plain_loss(name: str, mcfg, model, ref, batch: dict):
         lf = -(2.0 / beta) * F.logsigmoid(-beta * (lp - lp_ref)).mean()
         return gamma * lf + alpha * _plain_hf_nll(model, r)
     if name == "asu_kl":
-        assert mcfg.teacher_layers is None and mcfg.retain_loss == "kl" and mcfg.reduction == "sequence_mean"
+        assert (mcfg.teacher_layers is None and mcfg.retain_loss == "kl" and mcfg.reduction == "sequence_mean"
+                and mcfg.teacher == "live" and not mcfg.skip_first_answer_token), mcfg
         with torch.no_grad():
             with _PlainTempered(ref, float(mcfg.tau)):
                 t_f = _plain_logits(ref, f)
