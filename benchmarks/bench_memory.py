@@ -205,7 +205,7 @@ def worker(spec: dict) -> None:
     ds = OmegaConf.structured(DeepSpeedConfig(param_persistence_threshold=spec["persistence"],
                                               extra=spec.get("ds_extra") or {}))
     tr = OmegaConf.structured(TrainerConfig(batch_size=spec["batch"], retain_batch_size=spec["batch"], lr=1e-5))
-    s_cfg, r_cfg = student_config(ds, tr, False), reference_config(ds, tr, False)
+    s_cfg, r_cfg = student_config(ds, tr, False, world_size=world), reference_config(ds, tr, False, world_size=world)
     if spec.get("ds_extra", {}).get("zero_optimization"):  # exploration knob: the teacher's gathers too
         r_cfg["zero_optimization"].update({k: v for k, v in spec["ds_extra"]["zero_optimization"].items()
                                            if k.startswith("stage3_")})

@@ -40,6 +40,21 @@ second model. Reported per rank: process peak RSS, the peak above the RSS before
 built (model states + step; the interpreter/library baseline is the same in both), and the median
 step time; written to ``bench_step_lora_<device>.json``.
 
+``--one-process``: the embedded demo's model (the synthetic benchmark's target, ``+exp=tofu_tiny``),
+ONE process, 1 thread, 8 forget + 8 retain rows per step, for GradDiff, NPO and ASU (``asu_kl`` with
+the demo's tuned values, live teacher). "ours" = the pipeline's own step, built by the pipeline's own
+stages (``pipeline.run._start`` / ``_load_inputs`` / ``_build_engines`` with world size 1, so
+``deepspeed.zero_stage=auto`` resolves as a real run would): ``method.compute_loss`` +
+``engine.backward`` + ``engine.step``. "plain" = a plain-torch loop of the same losses written here
+(HF model with its stock SDPA attention, ``model(labels=...).loss`` for NLL terms, the tempered
+teacher by dividing each attention module's ``scaling`` by tau, ``clip_grad_norm_`` and
+``torch.optim.AdamW``: what open-unlearning's HF-Trainer step does), no DeepSpeed. Both start from
+the same weights on the same batches; their first-step losses must agree to 1e-5 (else the script
+stops: the comparison would not be of the same work). Every method's pair is built first; then each
+round runs one step of all six (method, ours|plain) variants, the order rotated every round, after
+warm-up rounds; median per-step ms, ours/plain per method and ASU/GradDiff (ours) go
+to ``bench_step_one_process_<device>.json``. ``--zero-stage 3`` forces ZeRO-3 (the pre-auto default).
+
 ``--scale 1b`` builds a random ~1B-parameter Llama from a config (no download) under
 ``deepspeed.zero.Init`` and runs a couple of GradDiff and ASU (live, and cached) steps, recording
 tokens/s and peak host memory to ``bench_step_scale_<device>.json``.
@@ -49,6 +64,7 @@ tokens/s and peak host memory to ``bench_step_scale_<device>.json``.
     .venv/bin/python benchmarks/bench_step.py --compare-passes --scale 134m   # old vs new step, 134 M (~4 GiB/rank)
     .venv/bin/python benchmarks/bench_step.py --scale 1b      # CPU, needs ~20 GiB RAM, ~10 min
     .venv/bin/python benchmarks/bench_step.py --scale 134m --lora-compare   # CPU, ~4 GiB RAM, ~3 min
+    .venv/bin/python benchmarks/bench_step.py --one-process                  # CPU, 1 thread, ~2 min
 """
 
 from __future__ import annotations
@@ -196,8 +212,10 @@ def worker(spec: dict) -> None:
     need_ref = any(b.startswith(("asu_live", "asu_kl")) or b == "npo" for b in bases)
     need_cache = "asu_cached" in bases
 
+    # ZeRO-3 on any number of ranks, as this mode always measured (the pipeline's auto would pick stage
+    # 0 for --ranks 1; benchmarks/gpu_check.py compares a 1-GPU run with its ZeRO-3 memory plan);
     # persistence threshold 0: every weight is partitioned, as on a 7B model
-    ds = OmegaConf.structured(DeepSpeedConfig(offload_optimizer=spec["offload_optimizer"],
+    ds = OmegaConf.structured(DeepSpeedConfig(zero_stage=3, offload_optimizer=spec["offload_optimizer"],
                                               param_persistence_threshold=spec.get("persistence", 0)))
     tr = OmegaConf.structured(TrainerConfig(batch_size=spec["batch"], retain_batch_size=spec["batch"], lr=1e-5,
                                             max_grad_norm=1.0))
@@ -388,9 +406,15 @@ def main() -> None:
                          "model) then the joint step (new: one forward per model)")
     ap.add_argument("--lora-compare", action="store_true",
                     help="ASU-LoRA vs full ASU (live teacher): two launches in one run, memory + step time")
+    ap.add_argument("--one-process", action="store_true",
+                    help="the demo's model, one process: our step vs a plain-torch loop of the same losses")
+    ap.add_argument("--zero-stage", default="auto", help="--one-process: deepspeed.zero_stage (auto | 0..3)")
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
+        return
+    if args.one_process:
+        one_process(args)
         return
     if args.lora_compare:
         lora_compare(args)
@@ -464,6 +488,245 @@ def lora_compare(args) -> None:
                   "ZeRO-3 engines; LoRA = one engine, the teacher is its base with the adapters disabled.",
                   "peak above baseline = process peak RSS minus the RSS before any model was built (after imports "
                   "and process-group set-up): model states + the step; the baseline is the same in both runs."],
+    }, args.out.parent if args.out else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# --one-process: our step vs a plain-torch loop of the same losses
+# ------------------------------------------------------------------------------------------------
+
+ONE_PROCESS_METHODS = ("grad_diff", "npo", "asu_kl")
+
+
+def _plain_logits(model, b: dict):
+    return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+
+
+def _plain_hf_nll(model, b: dict):
+    """HF's own causal-LM loss (one mean over the batch's labelled tokens), as an HF Trainer step uses it."""
+    return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                 use_cache=False).loss
+
+
+def _plain_seq_logprob(logits, labels):
+    """Sum of the labelled next-token log-probs per row (open-unlearning's compute_batch_nll, negated)."""
+    import torch.nn.functional as F
+
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+    return -nll.sum(-1)
+
+
+def _plain_kl_seq_mean(t_logits, s_logits, labels):
+    """KL(p_t || p_s) at labelled next-token positions: mean over each row's positions, then over rows."""
+    import torch
+
+    mask = (labels[:, 1:] != -100).float()
+    lt = torch.log_softmax(t_logits[:, :-1].float(), -1)
+    ls = torch.log_softmax(s_logits[:, :-1].float(), -1)
+    kl = (lt.exp() * (lt - ls)).sum(-1)
+    per_row, has = mask.sum(1), mask.sum(1) > 0
+    return ((kl * mask).sum(1) / per_row.clamp_min(1))[has].mean()
+
+
+class _PlainTempered:
+    """Attention temperature on a stock HF Llama: every attention module's ``scaling`` divided by tau
+    (softmax(QK^T * scaling / tau)), restored on exit. Independent of the pipeline's attention backends."""
+
+    def __init__(self, model, tau: float) -> None:
+        self.mods = [m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "q_proj")]
+        self.tau = float(tau)
+
+    def __enter__(self):
+        self.saved = [m.scaling for m in self.mods]
+        for m in self.mods:
+            m.scaling = m.scaling / self.tau
+
+    def __exit__(self, *exc):
+        for m, v in zip(self.mods, self.saved):
+            m.scaling = v
+
+
+def _plain_loss(name: str, mcfg, model, ref, batch: dict):
+    """The method's loss in plain torch (the formulas of docs/methods.md, written independently)."""
+    import torch
+    import torch.nn.functional as F
+
+    f, r = batch["forget"], batch["retain"]
+    gamma, alpha = float(mcfg.gamma), float(mcfg.alpha)
+    # the settings these formulas implement (the demo's configs); anything else would not be the same work
+    assert mcfg.get("rna_noise", 0) == 0 and mcfg.get("retain_reduction", "auto") == "auto", mcfg
+    if name in ("grad_diff", "npo"):
+        assert mcfg.retain_loss == "nll" and (name == "npo" or mcfg.reduction == "token_mean"), mcfg
+    if name == "grad_diff":
+        return gamma * -_plain_hf_nll(model, f) + alpha * _plain_hf_nll(model, r)
+    if name == "npo":
+        with torch.no_grad():
+            lp_ref = _plain_seq_logprob(_plain_logits(ref, f), f["labels"])
+        lp = _plain_seq_logprob(_plain_logits(model, f), f["labels"])
+        beta = float(mcfg.beta)
+        lf = -(2.0 / beta) * F.logsigmoid(-beta * (lp - lp_ref)).mean()
+        return gamma * lf + alpha * _plain_hf_nll(model, r)
+    if name == "asu_kl":
+        assert (mcfg.teacher_layers is None and mcfg.retain_loss == "kl" and mcfg.reduction == "sequence_mean"
+                and mcfg.teacher == "live" and not mcfg.skip_first_answer_token), mcfg
+        with torch.no_grad():
+            with _PlainTempered(ref, float(mcfg.tau)):
+                t_f = _plain_logits(ref, f)
+            t_r = _plain_logits(ref, r)
+        lf = _plain_kl_seq_mean(t_f, _plain_logits(model, f), f["labels"])
+        lr = _plain_kl_seq_mean(t_r, _plain_logits(model, r), r["labels"])
+        return gamma * lf + alpha * lr
+    raise ValueError(name)
+
+
+def _one_process_method(name: str, args, tmp: Path) -> dict:
+    """Our engines built the pipeline's way and a plain-torch copy: their step functions and batches."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import register_configs
+    from pipeline.demo import method_choice
+    from pipeline.engine.trainer import UnlearningTrainer
+    from pipeline.run import _build_engines, _load_inputs, _needs_reference, _start
+
+    register_configs()
+    conf = ROOT / "conf"
+    if not GlobalHydra.instance().is_initialized():
+        initialize_config_dir(config_dir=str(conf), version_base="1.3")
+    cfg = compose(config_name="config", overrides=[
+        "+exp=tofu_tiny", f"method={method_choice(name, conf)}", "trainer.batch_size=8", "trainer.retain_batch_size=8",
+        "trainer.num_threads=1", f"deepspeed.zero_stage={args.zero_stage}", "logging=none", "eval.enabled=false",
+        f"output_dir={tmp}", f"run_name={name}", f"cache_dir={ROOT / '.cache' / 'asu'}"])
+    dist, method = _start(cfg, tmp / name)
+    inputs = _load_inputs(cfg)
+    engines, plan, total = _build_engines(cfg, dist, method, inputs, _needs_reference(cfg, method, inputs))
+    engine, reference = engines.engine, engines.reference
+    engine.train()  # as UnlearningTrainer.train() sets them
+    if reference is not None:
+        reference.eval()
+    trainer = UnlearningTrainer(cfg, tmp / name, engine, reference, method, inputs.forget, inputs.retain,
+                                inputs.tokenizer.pad_token_id, plan, total, None, {})
+    n = args.warmup_one + args.steps_one
+    batches = [trainer.batch(i % total) for i in range(n)]  # the pipeline's own collation, prepared up front
+
+    tr = cfg.trainer
+    plain = AutoModelForCausalLM.from_pretrained(inputs.paths.model, dtype=torch.float32,
+                                                 attn_implementation="sdpa").train()
+    ref = None
+    if method.uses_reference:
+        ref = AutoModelForCausalLM.from_pretrained(inputs.paths.model, dtype=torch.float32,
+                                                   attn_implementation="sdpa").eval().requires_grad_(False)
+    opt = torch.optim.AdamW(plain.parameters(), lr=float(tr.lr), betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=float(tr.weight_decay))
+
+    def ours(b: dict) -> float:
+        out = method.compute_loss(engine, reference, b)
+        engine.backward(out.loss)
+        engine.step()
+        return float(out.loss.detach())
+
+    def plain_step(b: dict) -> float:
+        loss = _plain_loss(name, cfg.method, plain, ref, b)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), float(tr.max_grad_norm))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    rows = len(batches[0]["forget"]["input_ids"]) + len(batches[0]["retain"]["input_ids"])
+    return {"fns": {"ours": ours, "plain": plain_step}, "batches": batches,
+            "meta": {"config": cfg.method.name, "zero_stage": engines.zero_stage, "rows_per_step": rows,
+                     "tokens_per_step_max": max(b["forget"]["input_ids"].numel() + b["retain"]["input_ids"].numel()
+                                                for b in batches)}}
+
+
+def _time_interleaved(built: dict, warmup: int) -> dict:
+    """Run every (method, ours|plain) step once per round, the order rotated each round so no variant
+    always runs first or after the same neighbour; times after ``warmup`` rounds."""
+    jobs = [(name, who) for name in built for who in ("ours", "plain")]
+    times = {j: [] for j in jobs}
+    losses = {j: [] for j in jobs}
+    for i in range(len(next(iter(built.values()))["batches"])):
+        k = i % len(jobs)
+        for name, who in jobs[k:] + jobs[:k]:
+            b = built[name]["batches"][i]
+            t = time.perf_counter()
+            losses[(name, who)].append(built[name]["fns"][who](b))
+            dt = time.perf_counter() - t
+            if i >= warmup:
+                times[(name, who)].append(dt)
+    out = {}
+    for name in built:
+        lo, lp = losses[(name, "ours")], losses[(name, "plain")]
+        diff0 = abs(lo[0] - lp[0])
+        if not diff0 <= 1e-5 * max(1.0, abs(lp[0])):
+            raise SystemExit(f"{name}: our first-step loss {lo[0]!r} != the plain-torch loss {lp[0]!r} "
+                             f"(|diff| {diff0:.3g}): the two steps are not the same work")
+        to, tp = times[(name, "ours")], times[(name, "plain")]
+        out[name] = {**built[name]["meta"],
+                     "ours_ms": statistics.median(to) * 1e3, "plain_ms": statistics.median(tp) * 1e3,
+                     "ours_ms_all": [t * 1e3 for t in to], "plain_ms_all": [t * 1e3 for t in tp],
+                     "first_step_loss": {"ours": lo[0], "plain": lp[0], "abs_diff": diff0},
+                     # later steps drift apart by round-off that Adam amplifies (NPO most: a log-ratio of
+                     # two summed sequence log-probs); the same work is established by step 1
+                     "max_abs_loss_diff_all_steps": max(abs(a - c) for a, c in zip(lo, lp)),
+                     "losses": {"ours": lo, "plain": lp}}
+    return out
+
+
+def one_process(args) -> None:
+    """``--one-process``: see the module docstring."""
+    from pipeline.engine.distributed import setup_environment
+
+    threads = set_threads(1)
+    setup_environment()  # a world of one, CPU DeepSpeed: before deepspeed is imported
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    args.warmup_one = args.warmup if args.warmup is not None else 3
+    args.steps_one = args.steps or 20
+    with tempfile.TemporaryDirectory(prefix="bench_step_one-") as d:
+        built = {}
+        for name in ONE_PROCESS_METHODS:  # every method's engines and plain copy live side by side
+            t = time.perf_counter()
+            built[name] = _one_process_method(name, args, Path(d))
+            print(f"  built {name}: {time.perf_counter() - t:.0f}s", flush=True)
+        t = time.perf_counter()
+        results = _time_interleaved(built, args.warmup_one)
+        print(f"  timed: {time.perf_counter() - t:.0f}s", flush=True)
+    gd = results["grad_diff"]["ours_ms"]
+    rows = []
+    for name, r in results.items():
+        r["ours_over_plain"] = r["ours_ms"] / r["plain_ms"]
+        r["ours_over_grad_diff_ours"] = r["ours_ms"] / gd
+        rows.append([name, r["config"], fmt(r["ours_ms"], ".1f"), fmt(r["plain_ms"], ".1f"),
+                     fmt(r["ours_over_plain"], ".2f"), fmt(r["ours_over_grad_diff_ours"], ".2f"),
+                     f"{r['first_step_loss']['abs_diff']:.1e}"])
+    z = results["grad_diff"]["zero_stage"]
+    print(f"\none process, {threads} thread, cpu; the demo's model (+exp=tofu_tiny); "
+          f"{results['grad_diff']['rows_per_step']} rows per step (8 forget + 8 retain); "
+          f"deepspeed.zero_stage={z['requested']} -> {z['resolved']} ({z['reason']}); median of {args.steps_one} "
+          f"steps after {args.warmup_one} warm-up, all six variants interleaved")
+    print_table(["method", "config", "ours ms", "plain torch ms", "ours / plain", "x GradDiff (ours)",
+                 "|loss diff| step 1"], rows)
+    name = "bench_step_one_process" + ("" if str(args.zero_stage) == "auto" else f"_zero{args.zero_stage}")
+    write_json(args.out.stem.rsplit("_", 1)[0] if args.out else name, {
+        "env": device_info("cpu"),
+        "config": {"model": "synthetic target (+exp=tofu_tiny)", "threads": threads, "warmup": args.warmup_one,
+                   "steps": args.steps_one, "zero_stage": z, "batch": "8 forget + 8 retain rows"},
+        "results": results,
+        "ratios": {"grad_diff_ours_over_plain": results["grad_diff"]["ours_over_plain"],
+                   "npo_ours_over_plain": results["npo"]["ours_over_plain"],
+                   "asu_kl_over_grad_diff_ours": results["asu_kl"]["ours_over_grad_diff_ours"],
+                   "asu_kl_ours_over_plain": results["asu_kl"]["ours_over_plain"]},
+        "notes": ["ours = method.compute_loss + engine.backward + engine.step on engines built by pipeline.run's "
+                  "stages (world size 1); plain = the same losses in plain torch (HF model, stock SDPA, "
+                  "clip_grad_norm_, torch.optim.AdamW), no DeepSpeed; same initial weights, same batches.",
+                  "batches are collated before timing (the pipeline's own UnlearningTrainer.batch) and shared.",
+                  "all six variants are interleaved: one step of each per round, the order rotated every round.",
+                  "the first step's losses must agree to 1e-5 or the script stops."],
     }, args.out.parent if args.out else None)
 
 

@@ -162,8 +162,11 @@ def _row(name: str, res: dict, timing: dict | None, loop_seconds: float | None =
         "forget_well_formed": m.get("forget_well_formed"),
         "forget_repetition": m.get("forget_repetition"),
         "forget_nonempty": nonempty,
-        "train_seconds": res.get("train_seconds"),  # loading + tau=auto + training loop
-        "train_loop_seconds": res.get("train_loop_seconds", loop_seconds),
+        # results.json since issue #16: train_seconds = the loop, job_seconds = loading + tau=auto + loop;
+        # before: train_seconds = loading + tau=auto + loop, train_loop_seconds = the loop
+        "train_seconds": res["job_seconds"] if "job_seconds" in res else res.get("train_seconds"),
+        "train_loop_seconds": res["train_seconds"] if "job_seconds" in res else res.get("train_loop_seconds",
+                                                                                        loop_seconds),
         "world_size": res.get("world_size"),
         "job_seconds": (timing or {}).get("seconds"),
     }

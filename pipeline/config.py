@@ -139,7 +139,10 @@ class TrainerConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 3
+    # auto: ZeRO-3 with more than one rank or any offload, else stage 0 (one rank has nothing to
+    # partition and ZeRO-3's per-module hooks cost ~half a tiny-model step); an explicit 0..3 wins.
+    # The choice is logged and recorded in results.json (pipeline/engine/zero_stage.py).
+    zero_stage: Any = "auto"
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     offload_optimizer: str = "none"  # none | cpu
     offload_param: str = "none"  # none | cpu
@@ -294,7 +297,8 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _choice(cfg, "deepspeed.precision", ("auto", "fp32", "bf16", "fp16"))
     _choice(cfg, "deepspeed.offload_optimizer", ("none", "cpu", "nvme"))
     _choice(cfg, "deepspeed.offload_param", ("none", "cpu", "nvme"))
-    _require(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0..3, got {cfg.deepspeed.zero_stage}")
+    _require(cfg.deepspeed.zero_stage in ("auto", 0, 1, 2, 3), "deepspeed.zero_stage",
+             f"must be auto or 0..3, got {cfg.deepspeed.zero_stage!r}")
     _require(cfg.deepspeed.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold",
              f"must be >= 0, got {cfg.deepspeed.param_persistence_threshold}")
     _choice(cfg, "kernels.attention", ("auto", "sdpa", "torch", "triton", "flash_attn"))

@@ -45,6 +45,11 @@ def checkpoint_meta(cfg: DictConfig, world_size: int) -> dict:
     }
     if cfg.model.peft.enabled:  # only then: checkpoints of full-model runs keep their meta unchanged
         meta["peft"] = json.dumps(OmegaConf.to_container(cfg.model.peft, resolve=True), sort_keys=True)
+    from pipeline.engine.zero_stage import resolve_zero_stage
+
+    # The stage decides the checkpoint's layout (ZeRO-3 shards vs one state file): DeepSpeed cannot
+    # load one as the other, so a resume with another stage is refused (checkpoint.check_compatible).
+    meta["zero_stage"] = resolve_zero_stage(cfg.deepspeed, world_size).stage
     return meta
 
 
@@ -71,6 +76,7 @@ class JobEngines:
     lora: bool
     dtype: str
     partition: dict = field(default_factory=dict)
+    zero_stage: dict = field(default_factory=dict)  # requested, resolved, reason (results.json)
 
 
 def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -97,9 +103,9 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     tau_selection = _choose_tau(cfg, engines, inputs)
     _attach_teacher_cache(cfg, method, engines, inputs, trainer, need_reference)
 
-    t_loop = time.time()  # the training loop alone (train_seconds also counts loading and tau=auto)
+    t_loop = time.time()  # train_seconds: the training loop alone; job_seconds also counts loading and tau=auto
     state = trainer.train()
-    train_seconds, train_loop_seconds = time.time() - t_start, time.time() - t_loop
+    job_seconds, train_seconds = time.time() - t_start, time.time() - t_loop
     if dist.is_main:
         from pipeline.io import atomic_write_json
 
@@ -107,7 +113,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     model_dir = _export(cfg, engines, inputs, run_dir)
     engines.reference = trainer.reference = None  # free the frozen model before evaluating
     results = _evaluate_and_report(cfg, dist, run_dir, model_dir, inputs, engines, method, state, total,
-                                   (train_seconds, train_loop_seconds), tau_selection, run_logger)
+                                   (job_seconds, train_seconds), tau_selection, run_logger)
     if dist.is_main:
         log.info("run %s finished in %.1fs", run_dir, time.time() - t_start)
     return results
@@ -198,17 +204,20 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     from pipeline.engine.preflight import run_preflight
     from pipeline.engine.sharding import record as record_partition
     from pipeline.engine.trainer import lr_lambda
+    from pipeline.engine.zero_stage import prepare_stage0_engine, resolve_zero_stage
     from pipeline.models.attention import set_attention_backend
     from pipeline.models.loading import check_same_architecture, check_vocab, load_causal_lm
 
     cuda = dist.device == "cuda"
     paths = inputs.paths
+    zero = resolve_zero_stage(cfg.deepspeed, dist.world_size)
+    log.info(zero.describe())  # e.g. deepspeed.zero_stage=auto -> 0 (1 rank, no offload)
     if cfg.trainer.preflight:
         run_preflight(cfg, dist.world_size, cuda, paths.model, need_reference)
     set_attention_backend(cfg.kernels.attention, dist.device)  # logs the choice (and any fallback)
 
-    s_cfg = student_config(cfg.deepspeed, cfg.trainer, cuda)
-    r_cfg = reference_config(cfg.deepspeed, cfg.trainer, cuda)
+    s_cfg = student_config(cfg.deepspeed, cfg.trainer, cuda, world_size=dist.world_size)
+    r_cfg = reference_config(cfg.deepspeed, cfg.trainer, cuda, world_size=dist.world_size)
     log.info("DeepSpeed student zero_optimization: %s", s_cfg["zero_optimization"])
     plan = BatchPlan(len(inputs.forget), len(inputs.retain), int(cfg.trainer.batch_size),
                      int(cfg.trainer.retain_batch_size), dist.world_size, dist.rank, int(cfg.seed))
@@ -261,6 +270,8 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
             opt, lr_lambda(total, float(cfg.trainer.warmup_ratio), cfg.trainer.lr_scheduler)),
     )
     share_fp32_master(engine)  # fp32 runs: no second fp32 copy of the partitions (DeepSpeed 0.19 makes one)
+    for change in prepare_stage0_engine(engine, dist.world_size):  # stage 0 steps like ZeRO-3, without idle work
+        log.info("stage 0 student engine: %s", change)
     reference = None
     if frozen is not None:
         reference = deepspeed.initialize(model=frozen, config=r_cfg)[0]
@@ -271,9 +282,8 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
         reference = reference_for(engine, need_reference)
         log.info("LoRA student: teacher/reference = %s", "the student's base with the adapters off (no second "
                  "model loaded)" if reference is not None else "none (the method needs no frozen model)")
-    partition = record_partition({"student": engine, "reference": reference}, dist.world_size,
-                                 int(cfg.deepspeed.zero_stage))
-    return JobEngines(engine, reference, lora, dtype, partition), plan, total
+    partition = record_partition({"student": engine, "reference": reference}, dist.world_size, zero.stage)
+    return JobEngines(engine, reference, lora, dtype, partition, zero.record()), plan, total
 
 
 def _choose_tau(cfg: DictConfig, engines: JobEngines, inputs: JobInputs) -> Optional[dict]:
@@ -357,9 +367,10 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             "steps": total,
             "skipped_steps": state.skipped,
             "world_size": dist.world_size,
+            "zero_stage": engines.zero_stage,  # requested (auto or 0..3), resolved, why
             "zero3_partition": engines.partition,
-            "train_seconds": round(seconds[0], 2),
-            "train_loop_seconds": round(seconds[1], 2),
+            "train_seconds": round(seconds[1], 2),  # the training loop alone (train_history.json: per step)
+            "job_seconds": round(seconds[0], 2),  # from the job's start: loading, engines, tau=auto and the loop
             "final_train": state.history[-1] if state.history else {},
             "prompt_format": inputs.prompt_format.describe(),
             "reductions": method.reductions() if hasattr(method, "reductions") else {},

@@ -120,8 +120,9 @@ def _layout(run: Path) -> list[str]:
 
 def _results(run: Path) -> dict:
     r = json.loads((run / "results.json").read_text())
-    for k in ("train_seconds", "train_loop_seconds", "run_name"):
+    for k in ("train_seconds", "job_seconds", "run_name"):
         r.pop(k)
+    r["final_train"].pop("step_seconds")  # a timing too
     return r
 
 

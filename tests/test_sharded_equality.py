@@ -1,4 +1,5 @@
-"""ZeRO-3 with every weight partitioned (2 CPU ranks) equals one rank, for each method family, and a
+"""ZeRO-3 with every weight partitioned (2 CPU ranks) equals one rank (stage 0: deepspeed.zero_stage=auto
+has nothing to partition there), for each method family, and a
 2-rank run killed right after a checkpoint resumes exactly (grad_accum=2, RNA noise on).
 
 Each run passes ``deepspeed.param_persistence_threshold=0`` (tests.helpers.tiny.train_overrides) and
@@ -95,6 +96,9 @@ def test_two_sharded_ranks_equal_one_rank(runs, name):
     res = json.loads((r2 / "results.json").read_text())
     # eval.enabled=false still records the run: results.json with no metrics, no report.md
     assert res["world_size"] == 2 and res["steps"] == STEPS and res["metrics"] == {}
+    # deepspeed.zero_stage=auto: ZeRO-3 on 2 ranks; the 1-rank side had nothing to partition (stage 0)
+    assert res["zero_stage"] == {"requested": "auto", "resolved": 3, "reason": "2 ranks"}
+    assert json.loads((r1 / "results.json").read_text())["zero_stage"]["resolved"] == 0
     assert res["final_train"]["step"] == STEPS and not (r2 / "report.md").exists()
     # every weight of the student (and of the teacher, where one is loaded) was partitioned
     part = res["zero3_partition"]

@@ -143,13 +143,22 @@ def read_meta(ckpt: str | Path) -> dict:
     return json.loads((Path(ckpt) / META).read_text())
 
 
+# Meta fields added after checkpoints without them were written, and the value those checkpoints had:
+# before deepspeed.zero_stage=auto every run used ZeRO-3.
+META_DEFAULTS = {"zero_stage": 3}
+
+
 def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
-    """Refuse to resume from a checkpoint made with a different model/method/data configuration."""
+    """Refuse to resume from a checkpoint made with a different model/method/data configuration
+    (or another ZeRO stage: its files are laid out differently and DeepSpeed cannot read one as the other)."""
+    saved = {**META_DEFAULTS, **saved}
     diffs = [k for k in sorted(set(saved) | set(current)) if k not in ("step", "tag") and saved.get(k) != current.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: checkpoint={saved.get(k)!r} now={current.get(k)!r}" for k in diffs)
+        hint = (f" To resume it, set deepspeed.zero_stage={saved['zero_stage']}."
+                if diffs == ["zero_stage"] else "")
         raise CheckpointError(
-            f"checkpoint {ckpt} was made with a different configuration ({detail}). "
+            f"checkpoint {ckpt} was made with a different configuration ({detail}).{hint} "
             f"Use trainer.resume=never or a fresh run_name to start over."
         )
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
+
+from pipeline.engine.zero_stage import AUTO, resolve_zero_stage
 
 
 def resolve_precision(ds_cfg: Any, cuda: bool) -> str:
@@ -33,8 +35,15 @@ CPU_BUFFERS = {"stage3_prefetch_bucket_size": 0, "stage3_max_live_parameters": 5
                "stage3_max_reuse_distance": 0, "reduce_bucket_size": 5e6, "sub_group_size": 1e7}
 
 
-def _zero_section(ds_cfg: Any, with_optimizer: bool, cuda: bool = True) -> dict:
-    z: dict[str, Any] = {"stage": int(ds_cfg.zero_stage)}
+def _stage(ds_cfg: Any, world_size: Optional[int]) -> int:
+    """``deepspeed.zero_stage`` as an int: ``auto`` resolved for ``world_size`` ranks."""
+    if str(ds_cfg.zero_stage) == AUTO and world_size is None:
+        raise ValueError("deepspeed.zero_stage=auto: the DeepSpeed config needs the world size to resolve it")
+    return resolve_zero_stage(ds_cfg, int(world_size or 1)).stage
+
+
+def _zero_section(ds_cfg: Any, with_optimizer: bool, cuda: bool = True, world_size: Optional[int] = None) -> dict:
+    z: dict[str, Any] = {"stage": _stage(ds_cfg, world_size)}
     if z["stage"] == 3:
         buffers = GPU_BUFFERS if cuda else CPU_BUFFERS
         z.update(
@@ -49,14 +58,15 @@ def _zero_section(ds_cfg: Any, with_optimizer: bool, cuda: bool = True) -> dict:
     return z
 
 
-def student_config(ds_cfg: Any, trainer_cfg: Any, cuda: bool) -> dict:
-    """DeepSpeed config of the trainable student (optimizer built by DeepSpeed)."""
+def student_config(ds_cfg: Any, trainer_cfg: Any, cuda: bool, world_size: Optional[int] = None) -> dict:
+    """DeepSpeed config of the trainable student (optimizer built by DeepSpeed). ``world_size``
+    resolves ``deepspeed.zero_stage=auto`` (pipeline/engine/zero_stage.py); an explicit stage needs none."""
     prec = resolve_precision(ds_cfg, cuda)
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": int(trainer_cfg.batch_size),
         "gradient_accumulation_steps": int(trainer_cfg.grad_accum),
         "gradient_clipping": float(trainer_cfg.max_grad_norm),
-        "zero_optimization": _zero_section(ds_cfg, with_optimizer=True, cuda=cuda),
+        "zero_optimization": _zero_section(ds_cfg, with_optimizer=True, cuda=cuda, world_size=world_size),
         "bf16": {"enabled": prec == "bf16"},
         "fp16": {"enabled": prec == "fp16"},
         "optimizer": {
@@ -79,10 +89,11 @@ def student_config(ds_cfg: Any, trainer_cfg: Any, cuda: bool) -> dict:
     return cfg
 
 
-def reference_config(ds_cfg: Any, trainer_cfg: Any, cuda: bool) -> dict:
-    """Config of the frozen teacher/reference: same sharding, no optimizer, no gradients."""
+def reference_config(ds_cfg: Any, trainer_cfg: Any, cuda: bool, world_size: Optional[int] = None) -> dict:
+    """Config of the frozen teacher/reference: same sharding as the student (the same resolved
+    stage), no optimizer, no gradients."""
     prec = resolve_precision(ds_cfg, cuda)
-    z = _zero_section(ds_cfg, with_optimizer=False, cuda=cuda)
+    z = _zero_section(ds_cfg, with_optimizer=False, cuda=cuda, world_size=world_size)
     if z["stage"] != 3:
         z = {"stage": 0}  # stages 1-2 shard optimizer state only; a frozen model has none
     return {

@@ -163,10 +163,11 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
         g["teacher params (frozen)"] = 0 if offload_param != "none" else b * P // shard
     # ZeRO-3 keeps up to stage3_max_live_parameters gathered for reuse (whole model when that exceeds
     # it) on top of the module being run and the prefetched bucket; per engine (student, teacher).
+    # (Stages 0-2 keep every parameter whole on every rank: nothing is gathered.)
     live = int(buf["stage3_max_live_parameters"]) if int(buf["stage3_max_reuse_distance"]) > 0 else 0
     gathered = min(P, max(live, arch.largest_module_params) + int(buf["stage3_prefetch_bucket_size"]))
-    g["gathered parameters (ZeRO-3 live set)"] = b * gathered * (2 if uses_reference and zero_stage == 3 and not shared_base else 1)
     if zero_stage == 3:
+        g["gathered parameters (ZeRO-3 live set)"] = b * gathered * (2 if uses_reference and not shared_base else 1)
         # backward: the full gradient of the module being reduced + the reduce bucket it is copied into
         g["gradient reduce buffers"] = b * (min(P, int(buf["reduce_bucket_size"])) + arch.largest_module_params)
         if retain_batch_size > 0 and not joint_pass:
@@ -266,7 +267,7 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
     arch = resolve_arch(cfg.model, model_path)
     ds, tr = cfg.deepspeed, cfg.trainer
     budget = int((ds.gpu_memory_gb or _cuda_total_gb() or DEFAULT_GPU_GB) * GiB)
-    plans = [plan_memory(arch, n, min(n, 8), precision=resolve_precision(ds, True), zero_stage=int(ds.zero_stage),
+    plans = [plan_memory(arch, n, min(n, 8), precision=resolve_precision(ds, True), zero_stage=_stage(ds, n),
                          offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
                          uses_reference=uses_reference, batch_size=int(tr.batch_size),
                          retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
@@ -293,14 +294,26 @@ def _local_world_size(world_size: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if world_size > 1 else 1
 
 
+def _stage(ds: Any, n: int) -> int:
+    """The ZeRO stage a run of ``n`` ranks with this ``deepspeed`` config uses (``auto`` resolved as
+    the job resolves it: pipeline/engine/zero_stage.py)."""
+    from pipeline.engine.zero_stage import resolve_zero_stage
+
+    return resolve_zero_stage(ds, n).stage
+
+
 def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference: bool, offload_opt: str,
-          offload_par: str) -> MemoryPlan:
+          offload_par: str, zero_stage: Optional[int] = None) -> MemoryPlan:
+    """The plan of ``cfg`` on ``n`` ranks with these offload settings, in ``zero_stage`` (None: the
+    stage the configured ``deepspeed.zero_stage`` gives ``n`` ranks)."""
     from pipeline.engine.ds_config import resolve_precision, student_config
 
     ds, tr = cfg.deepspeed, cfg.trainer
-    zero = student_config(ds, tr, cuda)["zero_optimization"]  # the buffer limits DeepSpeed will get
+    # the buffer limits DeepSpeed will get (ZeRO-3's; read only where the plan's stage is 3)
+    zero = student_config(ds, tr, cuda, world_size=max(2, n))["zero_optimization"]
     return plan_memory(arch, n, min(n, max(gpn, 8 if n >= 8 else n)), precision=resolve_precision(ds, cuda),
-                       zero_stage=int(ds.zero_stage), offload_optimizer=offload_opt, offload_param=offload_par,
+                       zero_stage=_stage(ds, n) if zero_stage is None else zero_stage, offload_optimizer=offload_opt,
+                       offload_param=offload_par,
                        uses_reference=uses_reference, batch_size=int(tr.batch_size),
                        retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
                        kl_impl=cfg.kernels.kl, activation_checkpointing=bool(ds.activation_checkpointing),
@@ -326,8 +339,8 @@ def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[st
     ds = cfg.deepspeed
     gpn = _local_world_size(world_size)
 
-    def mk(n: int, offload_opt: str, offload_par: str) -> MemoryPlan:
-        return _plan(cfg, arch, n, gpn, cuda, uses_reference, offload_opt, offload_par)
+    def mk(n: int, offload_opt: str, offload_par: str, zero_stage: Optional[int] = None) -> MemoryPlan:
+        return _plan(cfg, arch, n, gpn, cuda, uses_reference, offload_opt, offload_par, zero_stage)
 
     current = mk(world_size, ds.offload_optimizer, ds.offload_param)
     gpu_avail, host_avail = available_memory(cuda, ds.gpu_memory_gb, ds.host_memory_gb)
@@ -340,7 +353,7 @@ def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[st
         current.host_per_node["model states on CPU ranks"] = current.gpu_total * gpn
     suggestions = []
     for off_o, off_p, name in (("cpu", "none", "deepspeed=zero3_offload_optimizer"), ("cpu", "cpu", "deepspeed=zero3_offload_all")):
-        p = mk(world_size, off_o, off_p)
+        p = mk(world_size, off_o, off_p, zero_stage=3)  # what those deepspeed configs set
         if p.gpu_total <= (gpu_avail or float("inf")) and p.host_total <= host_avail:
             suggestions.append(f"{name} on {world_size} GPU(s) (~{p.gpu_total / GiB:.1f} GiB/GPU, "
                                f"{p.host_total / GiB:.1f} GiB host)")

@@ -182,6 +182,7 @@ class UnlearningTrainer:
             # One iteration = one optimizer step = grad_accum micro-batches, so every checkpoint (taken
             # between iterations) falls on an optimizer-step boundary: no half-accumulated gradient is lost.
             step = self.state.step
+            t_step = time.perf_counter()  # the step's wall time: batches, forward/backward, optimizer step
             bad, bad_batch, micro_logs = None, None, []
             for k in range(ga):
                 batch = self.batch(step * ga + k)
@@ -207,11 +208,12 @@ class UnlearningTrainer:
             if bad is None and faults.nan_weights(step + 1):
                 health.fill_local(self.engine, "param", float("nan"))
             self.state.step += 1
+            step_seconds = round(time.perf_counter() - t_step, 6)  # (a skipped step has no history entry)
             if bad is None:  # a skipped step has no losses to log (results.json lists it in skipped_steps)
                 logs = mean_over_ranks({key: sum(m[key] for m in micro_logs) / len(micro_logs)
                                         for key in micro_logs[0]})
                 logs["lr"] = float(self.engine.get_lr()[0]) if hasattr(self.engine, "get_lr") else float("nan")
-                self.state.history.append({"step": self.state.step, **logs})
+                self.state.history.append({"step": self.state.step, **logs, "step_seconds": step_seconds})
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()
                                      if k in ("loss", "forget_loss", "retain_loss")})
