@@ -51,7 +51,7 @@ teacher by dividing each attention module's ``scaling`` by tau, ``clip_grad_norm
 ``torch.optim.AdamW``: what open-unlearning's HF-Trainer step does), no DeepSpeed. Both start from
 the same weights on the same batches; their first-step losses must agree to 1e-5 (else the script
 stops: the comparison would not be of the same work). Every method's pair is built first; then each
-round runs one step of all six (method, ours|plain) variants, the order rotated every round, after
+round runs one step of all eight (method, ours|plain) variants, the order rotated every round, after
 warm-up rounds; median per-step ms, ours/plain per method and ASU/GradDiff (ours) go
 to ``bench_step_one_process_<device>.json``. ``--zero-stage 3`` forces ZeRO-3 (the pre-auto default).
 
@@ -495,7 +495,9 @@ def lora_compare(args) -> None:
 # --one-process: our step vs a plain-torch loop of the same losses
 # ------------------------------------------------------------------------------------------------
 
-ONE_PROCESS_METHODS = ("grad_diff", "npo", "asu_kl")
+# asu_kl is the demo's ASU (retain KL: the frozen model serves forget and retain rows); asu_gd's retain
+# term is an NLL, so its frozen pass covers the forget rows only
+ONE_PROCESS_METHODS = ("grad_diff", "npo", "asu_kl", "asu_gd")
 
 
 def _plain_logits(model, b: dict):
@@ -566,14 +568,17 @@ def _plain_loss(name: str, mcfg, model, ref, batch: dict):
         beta = float(mcfg.beta)
         lf = -(2.0 / beta) * F.logsigmoid(-beta * (lp - lp_ref)).mean()
         return gamma * lf + alpha * _plain_hf_nll(model, r)
-    if name == "asu_kl":
-        assert (mcfg.teacher_layers is None and mcfg.retain_loss == "kl" and mcfg.reduction == "sequence_mean"
-                and mcfg.teacher == "live" and not mcfg.skip_first_answer_token), mcfg
-        with torch.no_grad():
-            with _PlainTempered(ref, float(mcfg.tau)):
-                t_f = _plain_logits(ref, f)
-            t_r = _plain_logits(ref, r)
+    if name in ("asu_kl", "asu_gd"):
+        assert (mcfg.teacher_layers is None and mcfg.retain_loss == ("kl" if name == "asu_kl" else "nll")
+                and mcfg.reduction == "sequence_mean" and mcfg.teacher == "live"
+                and not mcfg.skip_first_answer_token), mcfg
+        with torch.no_grad(), _PlainTempered(ref, float(mcfg.tau)):
+            t_f = _plain_logits(ref, f)
         lf = _plain_kl_seq_mean(t_f, _plain_logits(model, f), f["labels"])
+        if name == "asu_gd":
+            return gamma * lf + alpha * _plain_hf_nll(model, r)
+        with torch.no_grad():
+            t_r = _plain_logits(ref, r)
         lr = _plain_kl_seq_mean(t_r, _plain_logits(model, r), r["labels"])
         return gamma * lf + alpha * lr
     raise ValueError(name)
@@ -708,7 +713,7 @@ def one_process(args) -> None:
     print(f"\none process, {threads} thread, cpu; the demo's model (+exp=tofu_tiny); "
           f"{results['grad_diff']['rows_per_step']} rows per step (8 forget + 8 retain); "
           f"deepspeed.zero_stage={z['requested']} -> {z['resolved']} ({z['reason']}); median of {args.steps_one} "
-          f"steps after {args.warmup_one} warm-up, all six variants interleaved")
+          f"steps after {args.warmup_one} warm-up, all eight variants interleaved")
     print_table(["method", "config", "ours ms", "plain torch ms", "ours / plain", "x GradDiff (ours)",
                  "|loss diff| step 1"], rows)
     name = "bench_step_one_process" + ("" if str(args.zero_stage) == "auto" else f"_zero{args.zero_stage}")
@@ -720,12 +725,14 @@ def one_process(args) -> None:
         "ratios": {"grad_diff_ours_over_plain": results["grad_diff"]["ours_over_plain"],
                    "npo_ours_over_plain": results["npo"]["ours_over_plain"],
                    "asu_kl_over_grad_diff_ours": results["asu_kl"]["ours_over_grad_diff_ours"],
-                   "asu_kl_ours_over_plain": results["asu_kl"]["ours_over_plain"]},
+                   "asu_kl_ours_over_plain": results["asu_kl"]["ours_over_plain"],
+                   "asu_gd_over_grad_diff_ours": results["asu_gd"]["ours_over_grad_diff_ours"],
+                   "asu_gd_ours_over_plain": results["asu_gd"]["ours_over_plain"]},
         "notes": ["ours = method.compute_loss + engine.backward + engine.step on engines built by pipeline.run's "
                   "stages (world size 1); plain = the same losses in plain torch (HF model, stock SDPA, "
                   "clip_grad_norm_, torch.optim.AdamW), no DeepSpeed; same initial weights, same batches.",
                   "batches are collated before timing (the pipeline's own UnlearningTrainer.batch) and shared.",
-                  "all six variants are interleaved: one step of each per round, the order rotated every round.",
+                  "all eight variants are interleaved: one step of each per round, the order rotated every round.",
                   "the first step's losses must agree to 1e-5 or the script stops."],
     }, args.out.parent if args.out else None)
 
