@@ -245,3 +245,70 @@ def test_form_floor_caps_the_fact_choice(memorised, monkeypatch):
     chosen = at[min(at, key=lambda t: abs(t - capped["tau"]))]
     assert chosen["form_kept"] >= 0.99
     assert all(p["form_kept"] < 0.99 for p in capped["probes"] if p["tau"] > capped["tau"] + 1e-3)
+
+
+def _full_logit_predictions(model, items, pad_id):
+    """The probe's values from every position's logits (the computation before the lm_head ran
+    only at the scored positions): top-1 of the logits and log-softmax of the true token."""
+    from pipeline.data.collate import pad_batch
+    from pipeline.methods.losses import token_logprobs
+
+    out = []
+    for b in range(0, len(items), tau_auto.BATCH_ROWS):
+        chunk = items[b:b + tau_auto.BATCH_ROWS]
+        batch = pad_batch([{"input_ids": it["input_ids"], "labels": it["labels"]} for it in chunk], pad_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        top1 = logits[:, :-1].argmax(-1)
+        lp, answer = token_logprobs(logits, batch["labels"])
+        out += [{t + 1: (int(top1[r, t]), float(lp[r, t])) for t in answer[r].nonzero().flatten().tolist()}
+                for r in range(len(chunk))]
+    return out
+
+
+def _same_predictions(got, ref):
+    assert [sorted(g) for g in got] == [sorted(r) for r in ref]  # the same scored positions per row
+    for g, r in zip(got, ref):
+        for j in r:
+            assert g[j][0] == r[j][0], (j, g[j], r[j])
+            assert g[j][1] == pytest.approx(r[j][1], abs=1e-5), (j, g[j], r[j])
+
+
+def test_probe_logits_at_the_scored_positions_match_the_full_logits(memorised):
+    """The probe's lm_head runs only at the answer positions (logits_to_keep): the same top-1 and
+    log-probs as every position's logits, on rows of odd, different lengths (padding), in a batch of
+    more rows than one forward takes, tempered, and on a soft-capped model (Gemma-2's
+    final_logit_softcapping, applied inside its forward after the lm_head)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from pipeline.models.tempered_attention import enable_tempered_attention, temperature
+
+    model, tok, rows, enc = memorised
+    assert tau_auto.keeps_positions(model)
+    # odd lengths: cut answers at different points, keep some prompts whole; 19 rows > BATCH_ROWS
+    items = [{"input_ids": e["input_ids"][:len(e["input_ids"]) - (i % 3)], "labels": e["labels"][:len(e["labels"]) - (i % 3)],
+              "spans": []} for i, e in enumerate((enc * 4)[:19])]
+    assert len({len(it["input_ids"]) for it in items}) >= 3
+    for tau in (1.0, 3.0):
+        with temperature(model, tau):
+            ref = _full_logit_predictions(model, items, tok.pad_token_id)
+            _same_predictions(tau_auto._answer_predictions(model, items, tok.pad_token_id), ref)
+            _same_predictions(tau_auto._answer_predictions(model, items, tok.pad_token_id, at_positions=False), ref)
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5, attn_logit_softcapping=None,
+                       sliding_window=4, pad_token_id=0)
+    gemma = enable_tempered_attention(Gemma2ForCausalLM(cfg).eval())
+    with torch.no_grad():
+        gemma.lm_head.weight.mul_(200.0)  # logits of a few units: the cap changes them
+    assert tau_auto.keeps_positions(gemma)
+    g = torch.Generator().manual_seed(1)
+    rand = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (7, 11, 5, 9)]
+    g_items = [{"input_ids": ids, "labels": [-100] * (len(ids) // 2) + ids[len(ids) // 2:], "spans": []} for ids in rand]
+    with temperature(gemma, 2.0):
+        ref = _full_logit_predictions(gemma, g_items, 0)
+        _same_predictions(tau_auto._answer_predictions(gemma, g_items, 0), ref)
+        gemma.config.final_logit_softcapping = None  # the cap acts: without it the log-probs differ
+        uncapped = _full_logit_predictions(gemma, g_items, 0)
+    assert max(abs(r[j][1] - u[j][1]) for r, u in zip(ref, uncapped) for j in r) > 0.1

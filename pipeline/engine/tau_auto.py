@@ -51,7 +51,7 @@ import torch
 from pipeline.data.collate import pad_batch
 from pipeline.data.formatting import IGNORE_INDEX
 from pipeline.methods.asu import FACT_TARGET, FORM_TARGET, TAU_MAX
-from pipeline.methods.losses import token_logprobs
+from pipeline.methods.model_io import unwrap
 from pipeline.models.tempered_attention import temperature
 
 log = logging.getLogger(__name__)
@@ -146,12 +146,52 @@ def rank_share(n: int, rank: int, world: int) -> tuple[list[int], int]:
     return mine, -(-per // BATCH_ROWS)
 
 
+def keeps_positions(model: Any) -> bool:
+    """Whether ``model``'s forward can compute its logits at given positions only: transformers'
+    ``logits_to_keep`` with a (B, K) tensor of positions, handled by ``slice_logits_to_keep``
+    before the lm_head, so the model's own logit post-processing (Gemma-2's
+    ``final_logit_softcapping``, Granite's ``logits_scaling``) still applies. Models whose forward
+    does not slice through that helper get the full forward."""
+    import inspect
+
+    fwd = type(unwrap(model)).forward
+    if "logits_to_keep" not in inspect.signature(fwd).parameters:
+        return False
+    try:
+        return "slice_logits_to_keep(" in inspect.getsource(fwd)
+    except (OSError, TypeError):  # pragma: no cover - no source (compiled): be safe
+        return False
+
+
+def _scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the positions t whose logits score an answer token (``labels[t + 1]`` is labelled),
+    as a (B, K) index tensor padded by repeating the row's last position (K = the most any row has),
+    and the (B, K) mask of the real ones."""
+    scored = labels[:, 1:] != IGNORE_INDEX
+    k = max(1, int(scored.sum(1).max()))
+    pos = torch.zeros(labels.shape[0], k, dtype=torch.long)
+    keep = torch.zeros(labels.shape[0], k, dtype=torch.bool)
+    for r in range(labels.shape[0]):
+        at = scored[r].nonzero().flatten()
+        n = len(at)
+        if n:
+            pos[r, :n], pos[r, n:], keep[r, :n] = at, at[-1], True
+    return pos, keep
+
+
 @torch.no_grad()
-def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int, n_forwards: Optional[int] = None) -> list[dict]:
+def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int, n_forwards: Optional[int] = None,
+                        at_positions: Optional[bool] = None) -> list[dict]:
     """Per row, at each answer token j (scored by the logits at j-1): the model's top-1 token and
     the log-prob of the true token, as ``{j: (top1, logprob)}``. ``n_forwards``: run exactly this
-    many forwards (a rank with fewer rows repeats a row and discards it; it needs ``items``)."""
+    many forwards (a rank with fewer rows repeats a row and discards it; it needs ``items``).
+
+    ``at_positions`` (default: ``keeps_positions(model)``): the lm_head runs only at the scored
+    positions (``logits_to_keep``), not at every prompt and padding position: on SmolLM2 (49k
+    vocabulary, prompts twice as long as answers) that is a sixth of a probe. The values are those
+    of the full forward's logits at the same positions (tested)."""
     device = _device(model)
+    at_positions = keeps_positions(model) if at_positions is None else at_positions
     n_forwards = -(-len(items) // BATCH_ROWS) if n_forwards is None else n_forwards
     out: list[dict] = []
     for b in range(n_forwards):
@@ -160,12 +200,19 @@ def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int, n_forwar
         if not chunk:  # this rank has run out of rows: the same collectives, result discarded
             chunk = [items[0]] if items else [{"input_ids": [pad_id, pad_id], "labels": [IGNORE_INDEX, pad_id]}]
         batch = pad_batch([{"input_ids": it["input_ids"], "labels": it["labels"]} for it in chunk], pad_id)
-        ids = batch["input_ids"].to(device)
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
-        top1 = logits[:, :-1].argmax(-1).cpu()
-        tok_lp, answer = (t.cpu() for t in token_logprobs(logits, batch["labels"].to(device)))
+        ids, labels = batch["input_ids"].to(device), batch["labels"]
+        pos, real = _scored_positions(labels)
+        kwargs = {"logits_to_keep": pos.to(device)} if at_positions else {}
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False,
+                       **kwargs).logits
+        if not at_positions:  # the full forward: every position's logits, keep the scored ones
+            logits = torch.take_along_dim(logits, pos.to(device)[..., None], dim=1)
+        top1 = logits.argmax(-1).cpu()
+        target = torch.take_along_dim(labels, pos + 1, dim=1).clamp_min(0)
+        tok_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target.to(device)[..., None])[..., 0].cpu()
         for r in range(keep):
-            out.append({t + 1: (int(top1[r, t]), float(tok_lp[r, t])) for t in answer[r].nonzero().flatten().tolist()})
+            out.append({int(pos[r, i]) + 1: (int(top1[r, i]), float(tok_lp[r, i]))
+                        for i in real[r].nonzero().flatten().tolist()})
     return out
 
 
@@ -387,6 +434,8 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
         "validation_rows": idx,
         "rows_with_facts": with_facts,
         "ranks": world,
+        # where the probes' lm_head ran: at the scored answer positions only, or everywhere (see keeps_positions)
+        "logits": "answer positions" if keeps_positions(teacher) else "all positions",
         "probes": sorted(prober.probes, key=lambda r: r["tau"]),
         "probe_order": [r["tau"] for r in prober.probes],
         "seconds": round(time.time() - t0, 3),
@@ -407,8 +456,8 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
         log.warning("tau=auto: at tau=%.3f the tempered teacher changes %.0f%% of the answers' non-fact top-1 "
                     "predictions; check the forget answers' fluency (results.json forget_well_formed)",
                     tau, 100 * (1 - chosen["form_kept"]))
-    log.info("tau=auto: %s -> tau=%.3f (%d probes on %d rows over %d rank(s), %.1fs)", reason, tau,
-             len(prober.probes), len(idx), world, out["seconds"])
+    log.info("tau=auto: %s -> tau=%.3f (%d probes on %d rows over %d rank(s), logits at %s, %.1fs)", reason, tau,
+             len(prober.probes), len(idx), world, out["logits"], out["seconds"])
     return out
 
 
