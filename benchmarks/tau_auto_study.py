@@ -192,13 +192,19 @@ def rank_runs(rows: list[dict], original: dict) -> list[dict]:
     return rows
 
 
-def summarise(bench: str, out_dir: Path) -> dict:
+def summarise(bench: str, out_dir: Path, previous: dict | None = None) -> dict:
+    """The benchmark's table from its run directories. ``previous``: this benchmark's section of
+    the JSON written before; a run whose directory is gone keeps its row from there (marked
+    ``"source": "earlier JSON"``; e.g. auto_noguard, a rule that no longer exists)."""
     root = out_dir / "tau_auto_study" / bench
     rows, original = [], None
+    earlier = {r["run"]: r for r in (previous or {}).get("runs", [])}
     # auto_noguard: a run of the rule before its template guard, kept by hand for the record (docs/sweeps.md)
     for name in job_names(None) + ["auto_noguard"]:
         path = root / name / "results.json"
         if not path.exists():
+            if name in earlier:
+                rows.append({**earlier[name], "source": "earlier JSON"})
             continue
         timing = json.loads((root / name / "timing.json").read_text()) if (root / name / "timing.json").exists() else None
         row = _row(name, json.loads(path.read_text()), timing, _loop_seconds_from_log(root, name),
@@ -242,7 +248,7 @@ def table(summary: dict) -> str:
              f"{f(o['forget_nonempty'])} | - | - |"]
     for r in summary["runs"]:
         rank = r.get("rank") if not r["run"].startswith("auto") else r.get("rank_among_grid")
-        lines.append(f"| {r['run']} | {f(r['tau'], '.3g')} | {f(r['forget_fact_recall'])} | "
+        lines.append(f"| {r['run']}{' (earlier)' if r.get('source') else ''} | {f(r['tau'], '.3g')} | {f(r['forget_fact_recall'])} | "
                      f"{f(r['retain_fact_recall'])} | {f(r['utility'])} | {f(r['world_facts_fact_recall'])} | "
                      f"{f(r['forget_well_formed'])} | "
                      f"{f(r['forget_repetition'])} | {f(r['forget_nonempty'])} | {'yes' if r.get('eligible') else 'no'} "
@@ -367,7 +373,7 @@ def main() -> None:
         payload["selection_cost_real"] = selection_cost()
     for b in BENCHES:
         if (out_dir / "tau_auto_study" / b / "original" / "results.json").exists():
-            s = summarise(b, out_dir)
+            s = summarise(b, out_dir, payload["benchmarks"].get(b))
             payload["benchmarks"][b] = s
             print(f"\n## {b} ({s['exp']}, {s['method']})\n{table(s)}\nverdict: {json.dumps(s['verdict'])}")
     atomic_write_json(old, payload)
