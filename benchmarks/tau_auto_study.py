@@ -84,6 +84,22 @@ def _worker(args: argparse.Namespace) -> None:
 
     from pipeline.demo import DemoJob, demo_job
     from pipeline.engine.distributed import barrier, is_main_process
+    from pipeline.engine.trainer import UnlearningTrainer
+
+    # The training loop's CPU seconds (this process, all threads) next to its wall seconds: on a shared
+    # host the wall seconds of the selection and of the loop are inflated by other jobs unevenly, the
+    # CPU seconds are not (instrumentation only: the loop itself runs unchanged).
+    loop_cpu: list[float] = []
+    train = UnlearningTrainer.train
+
+    def timed_train(self):
+        c0 = time.process_time()
+        try:
+            return train(self)
+        finally:
+            loop_cpu.append(time.process_time() - c0)
+
+    UnlearningTrainer.train = timed_train
 
     bench = BENCHES[args.bench]
     root = f"tau_auto_study/{args.bench}"
@@ -101,6 +117,8 @@ def _worker(args: argparse.Namespace) -> None:
         barrier()
         run_dir = Path(args.out_dir) / root / job.name
         if is_main_process():
+            if job.kind == "train" and loop_cpu:
+                t[0]["train_loop_cpu_seconds"] = round(loop_cpu.pop(), 2)
             (run_dir / "timing.json").write_text(json.dumps(t[0]))
             if job.kind == "train":
                 shutil.rmtree(run_dir / "model", ignore_errors=True)
@@ -171,7 +189,13 @@ def _row(name: str, res: dict, timing: dict | None, loop_seconds: float | None =
         row["selection_seconds"] = sel.get("seconds")
         loop = row["train_loop_seconds"]
         row["selection_share_of_training"] = round(sel["seconds"] / loop, 4) if loop else None
-        row["selection"] = {k: sel.get(k) for k in ("tau", "reason", "probes", "bounds", "signal")}
+        row["selection"] = {k: sel.get(k) for k in ("tau", "reason", "probes", "bounds", "signal", "logits",
+                                                      "probe_seconds")}
+        # the same share in CPU seconds of this process (not inflated by other jobs on the host)
+        row["selection_cpu_seconds"] = sel.get("cpu_seconds")
+        row["train_loop_cpu_seconds"] = (timing or {}).get("train_loop_cpu_seconds")
+        row["selection_cpu_share_of_training"] = (round(sel["cpu_seconds"] / row["train_loop_cpu_seconds"], 4)
+                                                  if sel.get("cpu_seconds") and row["train_loop_cpu_seconds"] else None)
     return row
 
 
@@ -228,7 +252,8 @@ def summarise(bench: str, out_dir: Path, previous: dict | None = None) -> dict:
         a = ranked[-1]
         auto["eligible"], auto["rank_among_grid"] = a["eligible"], a["rank"]
         verdict = {"auto_tau": auto["tau"], "auto_rank": a["rank"], "within_best_two": a["rank"] is not None
-                   and a["rank"] <= 2, "selection_share_of_training": auto.get("selection_share_of_training")}
+                   and a["rank"] <= 2, "selection_share_of_training": auto.get("selection_share_of_training"),
+                   "selection_cpu_share_of_training": auto.get("selection_cpu_share_of_training")}
         if bench == "real":
             verdict["auto_tau_at_least_1.5"] = auto["tau"] is not None and auto["tau"] >= 1.5
     return {"benchmark": bench, "exp": BENCHES[bench]["exp"], "method": BENCHES[bench]["method"],
@@ -256,7 +281,9 @@ def table(summary: dict) -> str:
     auto = next((r for r in summary["runs"] if r["run"] == "auto"), None)
     if auto and auto.get("selection_seconds") is not None:
         lines.append(f"\nauto's selection: {auto['selection_seconds']:.1f} s, training loop "
-                     f"{f(auto['train_loop_seconds'], '.0f')} s (share {f(auto['selection_share_of_training'])}), "
+                     f"{f(auto['train_loop_seconds'], '.0f')} s (share {f(auto['selection_share_of_training'])}; "
+                     f"in CPU seconds {f(auto.get('selection_cpu_seconds'), '.1f')} / "
+                     f"{f(auto.get('train_loop_cpu_seconds'), '.0f')} = {f(auto.get('selection_cpu_share_of_training'))}), "
                      f"{len(auto['selection']['probes'])} probes, {auto.get('world_size')} rank(s)")
     return "\n".join(lines)
 
@@ -291,8 +318,10 @@ def selection_cost() -> dict:
            for k, v in rows.items()}
     opt = torch.optim.AdamW(student.parameters(), lr=5e-5)
 
+    cpu: list[float] = []
+
     def step() -> float:  # asu_gd at the experiment's global batch: 8 forget + 8 retain rows
-        t = time.time()
+        t, c = time.time(), time.process_time()
         f, r = pad_batch(enc["forget"][:8], tok.pad_token_id), pad_batch(enc["retain"][:8], tok.pad_token_id)
         with torch.no_grad(), temperature(teacher, 2.3):
             tl = teacher(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits
@@ -302,6 +331,7 @@ def selection_cost() -> dict:
         (0.1 * kl + nll).backward()
         opt.step()
         opt.zero_grad()
+        cpu.append(time.process_time() - c)
         return time.time() - t
 
     cfg = OmegaConf.create({"method": {"name": "asu_gd", "tau": "auto", "teacher_layers": None}})
@@ -311,6 +341,9 @@ def selection_cost() -> dict:
     selection = time.time() - t0
     after = step()
     out = {"selection_seconds": round(selection, 2), "step_seconds": [round(before, 2), round(after, 2)],
+           "selection_cpu_seconds": sel["cpu_seconds"], "step_cpu_seconds": [round(c, 2) for c in cpu],
+           "share_of_20_steps_cpu": round(sel["cpu_seconds"] / (10 * sum(cpu)), 4),
+           "logits": sel["logits"],
            "tau": sel["tau"], "probes": len(sel["probes"]),
            "share_of_20_steps_mean_step": round(selection / (10 * (before + after)), 4),
            "share_of_20_steps_faster_step": round(selection / (20 * min(before, after)), 4)}

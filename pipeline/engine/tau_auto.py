@@ -253,6 +253,7 @@ class _Prober:
         self.base: Optional[list[dict]] = None  # tau=1 predictions per row
         self.probes: list[dict] = []
         self.seconds = 0.0
+        self.probe_seconds: list[float] = []  # wall seconds of each probe, in probe order
 
     def predictions(self, tau: float) -> list[dict]:
         with temperature(self.teacher, float(tau), self.layers):
@@ -306,6 +307,7 @@ class _Prober:
         rec["form_ok"] = rec["form_kept"] is None or rec["form_kept"] >= self.form_target
         self.probes.append(rec)
         self._mark(rec)
+        self.probe_seconds.append(round(time.time() - t0, 3))
         self.seconds += time.time() - t0
         return rec
 
@@ -354,7 +356,7 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
     with ``tau`` and the evidence (every probed tau with its signal values)."""
     if teacher is None:
         raise ValueError("method.tau=auto needs the frozen reference model (the ASU teacher)")
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     mcfg = cfg.method
     layers = getattr(mcfg, "teacher_layers", None)
     layers = [int(i) for i in layers] if layers is not None else None
@@ -439,6 +441,10 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
         "probes": sorted(prober.probes, key=lambda r: r["tau"]),
         "probe_order": [r["tau"] for r in prober.probes],
         "seconds": round(time.time() - t0, 3),
+        # this process's CPU seconds (all its threads): unlike the wall seconds, not inflated by other
+        # jobs on a shared host; compare with the training loop's CPU seconds, not its wall seconds
+        "cpu_seconds": round(time.process_time() - cpu0, 3),
+        "probe_seconds": prober.probe_seconds,
     }
     where = "all layers" if layers is None else f"layers {layers}"
     if signal == "form":
