@@ -40,6 +40,7 @@ discarded repeat), and decisions use rank-summed counts, so every rank takes the
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -64,6 +65,9 @@ VAL_MAX_ROWS = 128  # ... at most 128 (more rows add cost, not accuracy)
 # rows per forward: few, large forwards (under ZeRO-3 each forward gathers every layer's weights, which
 # on small models costs more than the rows); 16 rows x T x vocab float logits stay small at 7B
 BATCH_ROWS = 16
+# shared prompt prefix (system prompt, chat template) run once per probe when every rank's rows share at
+# least this many tokens: below it one more forward and the cache copies save little
+MIN_PREFIX = 8
 FORM_FLOOR = 0.5  # the fact rule never goes above the largest tau keeping half the template's top-1 (guard)
 GUARD_STEPS = 3  # bisection steps of the guard, between two probes the fact search already made
 FACTS_WARN = 0.5  # warn when even tau_max's teacher forgets fewer than half of the known facts
@@ -179,20 +183,51 @@ def _scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return pos, keep
 
 
+def shared_prefix(items: Sequence[dict]) -> int:
+    """Number of leading tokens every row of ``items`` shares, stopping before the first position
+    whose logits any row scores (so every scored logit comes from the rows' own part)."""
+    if not items:
+        return 0
+    ids = [list(it["input_ids"]) for it in items]
+    first = min(next((t for t, lab in enumerate(it["labels"][1:]) if lab != IGNORE_INDEX), len(it["labels"]) - 1)
+                for it in items)
+    n = 0
+    while n < first and all(len(x) > n and x[n] == ids[0][n] for x in ids):
+        n += 1
+    return n
+
+
+def _prefix_cache(model: Any, prefix: Sequence[int], device: torch.device) -> Any:
+    """The model's KV cache after the shared prefix (one row), or None when the cache cannot be
+    repeated over a batch (then the rows run whole)."""
+    cache = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True).past_key_values
+    return cache if hasattr(cache, "batch_repeat_interleave") else None
+
+
 @torch.no_grad()
 def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int, n_forwards: Optional[int] = None,
-                        at_positions: Optional[bool] = None) -> list[dict]:
+                        at_positions: Optional[bool] = None, prefix: int = 0, ran: Optional[dict] = None) -> list[dict]:
     """Per row, at each answer token j (scored by the logits at j-1): the model's top-1 token and
     the log-prob of the true token, as ``{j: (top1, logprob)}``. ``n_forwards``: run exactly this
     many forwards (a rank with fewer rows repeats a row and discards it; it needs ``items``).
 
     ``at_positions`` (default: ``keeps_positions(model)``): the lm_head runs only at the scored
     positions (``logits_to_keep``), not at every prompt and padding position: on SmolLM2 (49k
-    vocabulary, prompts twice as long as answers) that is a sixth of a probe. The values are those
-    of the full forward's logits at the same positions (tested)."""
+    vocabulary, prompts twice as long as answers) that is a sixth of a probe.
+
+    ``prefix`` (> 0: every row starts with these ``prefix`` tokens, see ``shared_prefix``; needs
+    ``at_positions``): the prefix runs once, one more forward, and the rows continue from its KV
+    cache: on SmolLM2's chat template (26 of ~47 tokens are the system prompt and the user turn's
+    start) a third of a probe. The values are those of the full forward's logits at the same
+    positions up to float rounding (tested). ``ran``: gets ``prefix``, the prefix length that ran
+    once (0 when the model's cache cannot be repeated over rows)."""
     device = _device(model)
     at_positions = keeps_positions(model) if at_positions is None else at_positions
     n_forwards = -(-len(items) // BATCH_ROWS) if n_forwards is None else n_forwards
+    cache = _prefix_cache(model, items[0]["input_ids"][:prefix], device) if prefix and at_positions else None
+    p = prefix if cache is not None else 0
+    if ran is not None:
+        ran["prefix"] = p
     out: list[dict] = []
     for b in range(n_forwards):
         chunk = list(items[b * BATCH_ROWS:(b + 1) * BATCH_ROWS])
@@ -200,12 +235,18 @@ def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int, n_forwar
         if not chunk:  # this rank has run out of rows: the same collectives, result discarded
             chunk = [items[0]] if items else [{"input_ids": [pad_id, pad_id], "labels": [IGNORE_INDEX, pad_id]}]
         batch = pad_batch([{"input_ids": it["input_ids"], "labels": it["labels"]} for it in chunk], pad_id)
-        ids, labels = batch["input_ids"].to(device), batch["labels"]
+        ids, labels, mask = batch["input_ids"].to(device), batch["labels"], batch["attention_mask"].to(device)
         pos, real = _scored_positions(labels)
-        kwargs = {"logits_to_keep": pos.to(device)} if at_positions else {}
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False,
-                       **kwargs).logits
-        if not at_positions:  # the full forward: every position's logits, keep the scored ones
+        if cache is not None:  # the rows' own tokens after the shared prefix's cache (copied: the forward extends it)
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(len(chunk))
+            # the mask spans prefix and rows (transformers' convention with a cache)
+            logits = model(input_ids=ids[:, p:], attention_mask=mask, past_key_values=past, use_cache=True,
+                           logits_to_keep=(pos - p).to(device)).logits
+        elif at_positions:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=pos.to(device)).logits
+        else:  # the full forward: every position's logits, keep the scored ones
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             logits = torch.take_along_dim(logits, pos.to(device)[..., None], dim=1)
         top1 = logits.argmax(-1).cpu()
         target = torch.take_along_dim(labels, pos + 1, dim=1).clamp_min(0)
@@ -244,12 +285,14 @@ class _Prober:
 
     def __init__(self, teacher: Any, items: list[dict], pad_id: int, layers: Optional[list[int]],
                  form_target: float = FORM_TARGET, fact_target: float = FACT_TARGET,
-                 n_forwards: Optional[int] = None) -> None:
+                 n_forwards: Optional[int] = None, prefix: int = 0) -> None:
         self.teacher, self.items, self.pad_id, self.layers = teacher, items, pad_id, layers
         self.form_target, self.fact_target = float(form_target), float(fact_target)
         # facts_forgotten a probe must reach: fact_target x the share forgotten at tau_max (set_fact_scale)
         self.fact_threshold: Optional[float] = None
         self.n_forwards = n_forwards
+        self.prefix = prefix  # shared leading tokens run once per probe (0: the rows run whole)
+        self.ran: dict = {"prefix": 0}  # what the last probe ran (the prefix length actually cached)
         self.base: Optional[list[dict]] = None  # tau=1 predictions per row
         self.probes: list[dict] = []
         self.seconds = 0.0
@@ -257,7 +300,8 @@ class _Prober:
 
     def predictions(self, tau: float) -> list[dict]:
         with temperature(self.teacher, float(tau), self.layers):
-            return _answer_predictions(self.teacher, self.items, self.pad_id, self.n_forwards)
+            return _answer_predictions(self.teacher, self.items, self.pad_id, self.n_forwards, prefix=self.prefix,
+                                       ran=self.ran)
 
     def counts(self, preds: list[dict]) -> list[float]:
         """[form tokens kept, form tokens, facts forgotten, facts known, fact-token log-prob sum,
@@ -375,10 +419,14 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
     items = _items(tokenizer, rows, [forget_encoded[idx[i]] for i in mine])
     with_facts = int(_rank_sum([float(sum(1 for it in items if it["spans"]))])[0])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # the shared prefix runs once only if it does on every rank (the same number of forwards everywhere)
+    prefix = shared_prefix(items)
+    use_prefix = keeps_positions(teacher) and _rank_sum([float(prefix >= MIN_PREFIX)])[0] == world
+    prefix = prefix if use_prefix else 0
 
     was_training = bool(getattr(teacher, "training", False))
     teacher.eval()
-    prober = _Prober(teacher, items, pad_id, layers, form_target, fact_target, n_forwards)
+    prober = _Prober(teacher, items, pad_id, layers, form_target, fact_target, n_forwards, prefix)
     try:
         ref = prober.probe(TAU_MIN)
         top = prober.probe(tau_max)
@@ -438,6 +486,7 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
         "ranks": world,
         # where the probes' lm_head ran: at the scored answer positions only, or everywhere (see keeps_positions)
         "logits": "answer positions" if keeps_positions(teacher) else "all positions",
+        "shared_prefix_tokens": prober.ran["prefix"],  # run once per probe (this rank's rows; 0: the rows ran whole)
         "probes": sorted(prober.probes, key=lambda r: r["tau"]),
         "probe_order": [r["tau"] for r in prober.probes],
         "seconds": round(time.time() - t0, 3),
@@ -462,8 +511,10 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
         log.warning("tau=auto: at tau=%.3f the tempered teacher changes %.0f%% of the answers' non-fact top-1 "
                     "predictions; check the forget answers' fluency (results.json forget_well_formed)",
                     tau, 100 * (1 - chosen["form_kept"]))
-    log.info("tau=auto: %s -> tau=%.3f (%d probes on %d rows over %d rank(s), logits at %s, %.1fs)", reason, tau,
-             len(prober.probes), len(idx), world, out["logits"], out["seconds"])
+    log.info("tau=auto: %s -> tau=%.3f (%d probes on %d rows over %d rank(s), logits at %s, shared prefix of "
+             "%d tokens run once, %.1fs)", reason, tau, len(prober.probes), len(idx), world, out["logits"],
+             out["shared_prefix_tokens"],
+             out["seconds"])
     return out
 
 
