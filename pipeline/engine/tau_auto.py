@@ -31,11 +31,16 @@ Fallback (no row has ``facts``, e.g. MUSE text, or the teacher reproduces none o
 largest tau whose teacher keeps ``form_kept >= method.tau_form_target`` (default FORM_TARGET).
 
 Cost: the slice's rows are split over the ranks (each rank runs its share; the counts are summed
-over ranks before any decision), 1 + 1 + BISECT_STEPS teacher forwards of the slice at most.
+over ranks before any decision), 1 + 1 + BISECT_STEPS probes of the slice (GUARD_STEPS more when the
+guard acts). A probe computes the lm_head only at the scored answer positions (``logits_to_keep``)
+and runs a prompt prefix all rows share (chat template, system prompt) once, the rows continuing
+from its KV cache: the full forward's values up to float rounding, at about half its cost on
+SmolLM2 (docs/sweeps.md).
 
 Collective safety (ZeRO-3): every rank runs the same number of forwards at the same temperatures in
 the same order (each forward is a set of parameter all-gathers; a rank with fewer rows pads with a
-discarded repeat), and decisions use rank-summed counts, so every rank takes the same branches.
+discarded repeat; the shared prefix runs only when every rank's rows have one), and decisions use
+rank-summed counts, so every rank takes the same branches.
 """
 
 from __future__ import annotations
