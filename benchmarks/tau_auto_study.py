@@ -84,6 +84,22 @@ def _worker(args: argparse.Namespace) -> None:
 
     from pipeline.demo import DemoJob, demo_job
     from pipeline.engine.distributed import barrier, is_main_process
+    from pipeline.engine.trainer import UnlearningTrainer
+
+    # The training loop's CPU seconds (this process, all threads) next to its wall seconds: on a shared
+    # host the wall seconds of the selection and of the loop are inflated by other jobs unevenly, the
+    # CPU seconds are not (instrumentation only: the loop itself runs unchanged).
+    loop_cpu: list[float] = []
+    train = UnlearningTrainer.train
+
+    def timed_train(self):
+        c0 = time.process_time()
+        try:
+            return train(self)
+        finally:
+            loop_cpu.append(time.process_time() - c0)
+
+    UnlearningTrainer.train = timed_train
 
     bench = BENCHES[args.bench]
     root = f"tau_auto_study/{args.bench}"
@@ -101,6 +117,8 @@ def _worker(args: argparse.Namespace) -> None:
         barrier()
         run_dir = Path(args.out_dir) / root / job.name
         if is_main_process():
+            if job.kind == "train" and loop_cpu:
+                t[0]["train_loop_cpu_seconds"] = round(loop_cpu.pop(), 2)
             (run_dir / "timing.json").write_text(json.dumps(t[0]))
             if job.kind == "train":
                 shutil.rmtree(run_dir / "model", ignore_errors=True)
@@ -174,7 +192,13 @@ def _row(name: str, res: dict, timing: dict | None, loop_seconds: float | None =
         row["selection_seconds"] = sel.get("seconds")
         loop = row["train_loop_seconds"]
         row["selection_share_of_training"] = round(sel["seconds"] / loop, 4) if loop else None
-        row["selection"] = {k: sel.get(k) for k in ("tau", "reason", "probes", "bounds", "signal")}
+        row["selection"] = {k: sel.get(k) for k in ("tau", "reason", "probes", "bounds", "signal", "logits",
+                                                      "probe_seconds")}
+        # the same share in CPU seconds of this process (not inflated by other jobs on the host)
+        row["selection_cpu_seconds"] = sel.get("cpu_seconds")
+        row["train_loop_cpu_seconds"] = (timing or {}).get("train_loop_cpu_seconds")
+        row["selection_cpu_share_of_training"] = (round(sel["cpu_seconds"] / row["train_loop_cpu_seconds"], 4)
+                                                  if sel.get("cpu_seconds") and row["train_loop_cpu_seconds"] else None)
     return row
 
 
@@ -195,13 +219,19 @@ def rank_runs(rows: list[dict], original: dict) -> list[dict]:
     return rows
 
 
-def summarise(bench: str, out_dir: Path) -> dict:
+def summarise(bench: str, out_dir: Path, previous: dict | None = None) -> dict:
+    """The benchmark's table from its run directories. ``previous``: this benchmark's section of
+    the JSON written before; a run whose directory is gone keeps its row from there (marked
+    ``"source": "earlier JSON"``; e.g. auto_noguard, a rule that no longer exists)."""
     root = out_dir / "tau_auto_study" / bench
     rows, original = [], None
+    earlier = {r["run"]: r for r in (previous or {}).get("runs", [])}
     # auto_noguard: a run of the rule before its template guard, kept by hand for the record (docs/sweeps.md)
     for name in job_names(None) + ["auto_noguard"]:
         path = root / name / "results.json"
         if not path.exists():
+            if name in earlier:
+                rows.append({**earlier[name], "source": "earlier JSON"})
             continue
         timing = json.loads((root / name / "timing.json").read_text()) if (root / name / "timing.json").exists() else None
         row = _row(name, json.loads(path.read_text()), timing, _loop_seconds_from_log(root, name),
@@ -225,7 +255,8 @@ def summarise(bench: str, out_dir: Path) -> dict:
         a = ranked[-1]
         auto["eligible"], auto["rank_among_grid"] = a["eligible"], a["rank"]
         verdict = {"auto_tau": auto["tau"], "auto_rank": a["rank"], "within_best_two": a["rank"] is not None
-                   and a["rank"] <= 2, "selection_share_of_training": auto.get("selection_share_of_training")}
+                   and a["rank"] <= 2, "selection_share_of_training": auto.get("selection_share_of_training"),
+                   "selection_cpu_share_of_training": auto.get("selection_cpu_share_of_training")}
         if bench == "real":
             verdict["auto_tau_at_least_1.5"] = auto["tau"] is not None and auto["tau"] >= 1.5
     return {"benchmark": bench, "exp": BENCHES[bench]["exp"], "method": BENCHES[bench]["method"],
@@ -245,7 +276,7 @@ def table(summary: dict) -> str:
              f"{f(o['forget_nonempty'])} | - | - |"]
     for r in summary["runs"]:
         rank = r.get("rank") if not r["run"].startswith("auto") else r.get("rank_among_grid")
-        lines.append(f"| {r['run']} | {f(r['tau'], '.3g')} | {f(r['forget_fact_recall'])} | "
+        lines.append(f"| {r['run']}{' (earlier)' if r.get('source') else ''} | {f(r['tau'], '.3g')} | {f(r['forget_fact_recall'])} | "
                      f"{f(r['retain_fact_recall'])} | {f(r['utility'])} | {f(r['world_facts_fact_recall'])} | "
                      f"{f(r['forget_well_formed'])} | "
                      f"{f(r['forget_repetition'])} | {f(r['forget_nonempty'])} | {'yes' if r.get('eligible') else 'no'} "
@@ -253,7 +284,9 @@ def table(summary: dict) -> str:
     auto = next((r for r in summary["runs"] if r["run"] == "auto"), None)
     if auto and auto.get("selection_seconds") is not None:
         lines.append(f"\nauto's selection: {auto['selection_seconds']:.1f} s, training loop "
-                     f"{f(auto['train_loop_seconds'], '.0f')} s (share {f(auto['selection_share_of_training'])}), "
+                     f"{f(auto['train_loop_seconds'], '.0f')} s (share {f(auto['selection_share_of_training'])}; "
+                     f"in CPU seconds {f(auto.get('selection_cpu_seconds'), '.1f')} / "
+                     f"{f(auto.get('train_loop_cpu_seconds'), '.0f')} = {f(auto.get('selection_cpu_share_of_training'))}), "
                      f"{len(auto['selection']['probes'])} probes, {auto.get('world_size')} rank(s)")
     return "\n".join(lines)
 
@@ -288,8 +321,10 @@ def selection_cost() -> dict:
            for k, v in rows.items()}
     opt = torch.optim.AdamW(student.parameters(), lr=5e-5)
 
+    cpu: list[float] = []
+
     def step() -> float:  # asu_gd at the experiment's global batch: 8 forget + 8 retain rows
-        t = time.time()
+        t, c = time.time(), time.process_time()
         f, r = pad_batch(enc["forget"][:8], tok.pad_token_id), pad_batch(enc["retain"][:8], tok.pad_token_id)
         with torch.no_grad(), temperature(teacher, 2.3):
             tl = teacher(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits
@@ -299,6 +334,7 @@ def selection_cost() -> dict:
         (0.1 * kl + nll).backward()
         opt.step()
         opt.zero_grad()
+        cpu.append(time.process_time() - c)
         return time.time() - t
 
     cfg = OmegaConf.create({"method": {"name": "asu_gd", "tau": "auto", "teacher_layers": None}})
@@ -308,6 +344,9 @@ def selection_cost() -> dict:
     selection = time.time() - t0
     after = step()
     out = {"selection_seconds": round(selection, 2), "step_seconds": [round(before, 2), round(after, 2)],
+           "selection_cpu_seconds": sel["cpu_seconds"], "step_cpu_seconds": [round(c, 2) for c in cpu],
+           "share_of_20_steps_cpu": round(sel["cpu_seconds"] / (10 * sum(cpu)), 4),
+           "logits": sel["logits"],
            "tau": sel["tau"], "probes": len(sel["probes"]),
            "share_of_20_steps_mean_step": round(selection / (10 * (before + after)), 4),
            "share_of_20_steps_faster_step": round(selection / (20 * min(before, after)), 4)}
@@ -370,7 +409,7 @@ def main() -> None:
         payload["selection_cost_real"] = selection_cost()
     for b in BENCHES:
         if (out_dir / "tau_auto_study" / b / "original" / "results.json").exists():
-            s = summarise(b, out_dir)
+            s = summarise(b, out_dir, payload["benchmarks"].get(b))
             payload["benchmarks"][b] = s
             print(f"\n## {b} ({s['exp']}, {s['method']})\n{table(s)}\nverdict: {json.dumps(s['verdict'])}")
     atomic_write_json(old, payload)

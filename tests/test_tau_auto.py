@@ -210,11 +210,17 @@ def test_select_tau_needs_a_teacher(memorised):
 
 @pytest.mark.distributed
 def test_tau_auto_end_to_end_two_ranks_zero3(tmp_path):
-    """method.tau=auto on 2 ZeRO-3 ranks: collectives match (no hang), the choice is recorded."""
+    """method.tau=auto on 2 ZeRO-3 ranks: collectives match (no hang), the choice is recorded; with a
+    preamble before every forget question the rows share a prefix, whose cached forward runs through
+    the partitioned teacher."""
     import os
     import shutil
 
-    model_dir, data_dir = build(tmp_path)
+    preamble = "answer with the city only and nothing else please :"  # like a system prompt: a shared prefix
+    model_dir, data_dir = build(tmp_path, extra_texts=[preamble])
+    forget = [json.loads(line) for line in open(data_dir / "forget.jsonl")]
+    (data_dir / "forget.jsonl").write_text("".join(json.dumps({**r, "question": f"{preamble} {r['question']}"}) + "\n"
+                                                   for r in forget))
     args = train_overrides(model_dir, data_dir, tmp_path / "runs", "auto", steps=2) + [
         "method=asu_kl", "method.tau=auto"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
@@ -228,6 +234,7 @@ def test_tau_auto_end_to_end_two_ranks_zero3(tmp_path):
     assert res["tau"] == sel["tau"] and tau_auto.TAU_MIN <= sel["tau"] <= tau_auto.TAU_MAX
     assert sel["probes"][0]["tau"] == 1.0 and len(sel["probes"]) >= 2 and sel["ranks"] == 2
     assert sel["seconds"] > 0 and res["train_seconds"] > 0
+    assert sel["shared_prefix_tokens"] >= tau_auto.MIN_PREFIX and sel["logits"] == "answer positions", sel
 
 
 def test_form_floor_caps_the_fact_choice(memorised, monkeypatch):
@@ -245,3 +252,90 @@ def test_form_floor_caps_the_fact_choice(memorised, monkeypatch):
     chosen = at[min(at, key=lambda t: abs(t - capped["tau"]))]
     assert chosen["form_kept"] >= 0.99
     assert all(p["form_kept"] < 0.99 for p in capped["probes"] if p["tau"] > capped["tau"] + 1e-3)
+
+
+def _full_logit_predictions(model, items, pad_id):
+    """The probe's values from every position's logits (the computation before the lm_head ran
+    only at the scored positions): top-1 of the logits and log-softmax of the true token."""
+    from pipeline.data.collate import pad_batch
+    from pipeline.methods.losses import token_logprobs
+
+    out = []
+    for b in range(0, len(items), tau_auto.BATCH_ROWS):
+        chunk = items[b:b + tau_auto.BATCH_ROWS]
+        batch = pad_batch([{"input_ids": it["input_ids"], "labels": it["labels"]} for it in chunk], pad_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        top1 = logits[:, :-1].argmax(-1)
+        lp, answer = token_logprobs(logits, batch["labels"])
+        out += [{t + 1: (int(top1[r, t]), float(lp[r, t])) for t in answer[r].nonzero().flatten().tolist()}
+                for r in range(len(chunk))]
+    return out
+
+
+def _same_predictions(got, ref):
+    assert [sorted(g) for g in got] == [sorted(r) for r in ref]  # the same scored positions per row
+    for g, r in zip(got, ref):
+        for j in r:
+            assert g[j][0] == r[j][0], (j, g[j], r[j])
+            assert g[j][1] == pytest.approx(r[j][1], abs=1e-5), (j, g[j], r[j])
+
+
+def test_probe_logits_at_the_scored_positions_match_the_full_logits(memorised):
+    """The probe's lm_head runs only at the answer positions (logits_to_keep), and a prompt prefix
+    all rows share runs once (its KV cache): the same top-1 and log-probs as every position's logits
+    of the whole rows, on rows of odd, different lengths (padding) and of one length, in a batch of
+    more rows than one forward takes, tempered, and on a soft-capped, sliding-window model
+    (Gemma-2's final_logit_softcapping, applied inside its forward after the lm_head)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from pipeline.models.tempered_attention import enable_tempered_attention, temperature
+
+    model, tok, rows, enc = memorised
+    assert tau_auto.keeps_positions(model)
+    # odd lengths: cut answers at different points, keep some prompts whole; 19 rows > BATCH_ROWS
+    items = [{"input_ids": e["input_ids"][:len(e["input_ids"]) - (i % 3)], "labels": e["labels"][:len(e["labels"]) - (i % 3)],
+              "spans": []} for i, e in enumerate((enc * 4)[:19])]
+    assert len({len(it["input_ids"]) for it in items}) >= 3
+    # a shared prompt prefix (like a chat template's system prompt) before every row, and rows of one
+    # length (no padding: the attention mask may be skipped)
+    head = enc[0]["input_ids"][:9]
+    shared = [{"input_ids": head + it["input_ids"], "labels": [-100] * 9 + it["labels"], "spans": []} for it in items]
+    same_len = [it for it in items if len(it["input_ids"]) == len(items[0]["input_ids"])]
+    assert tau_auto.shared_prefix(shared) >= 9 + 1 and len(same_len) >= 2
+    assert tau_auto._prefix_cache(model, head, torch.device("cpu")) is not None  # the cached path runs
+    assert tau_auto.shared_prefix(shared) < min(it["labels"].index(next(x for x in it["labels"] if x != -100))
+                                                for it in shared)
+    for tau in (1.0, 3.0):
+        with temperature(model, tau):
+            ref = _full_logit_predictions(model, items, tok.pad_token_id)
+            _same_predictions(tau_auto._answer_predictions(model, items, tok.pad_token_id), ref)
+            _same_predictions(tau_auto._answer_predictions(model, items, tok.pad_token_id, at_positions=False), ref)
+            for rows_ in (shared, same_len):
+                n = tau_auto.shared_prefix(rows_)
+                _same_predictions(tau_auto._answer_predictions(model, rows_, tok.pad_token_id, prefix=n),
+                                  _full_logit_predictions(model, rows_, tok.pad_token_id))
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5, attn_logit_softcapping=None,
+                       sliding_window=4, pad_token_id=0)
+    gemma = enable_tempered_attention(Gemma2ForCausalLM(cfg).eval())
+    with torch.no_grad():
+        gemma.lm_head.weight.mul_(200.0)  # logits of a few units: the cap changes them
+    assert tau_auto.keeps_positions(gemma)
+    g = torch.Generator().manual_seed(1)
+    rand = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (7, 11, 5, 9)]
+    g_items = [{"input_ids": ids, "labels": [-100] * (len(ids) // 2) + ids[len(ids) // 2:], "spans": []} for ids in rand]
+    g_shared = [{"input_ids": rand[0][:6] + it["input_ids"], "labels": [-100] * 6 + it["labels"], "spans": []}
+                for it in g_items]
+    with temperature(gemma, 2.0):
+        ref = _full_logit_predictions(gemma, g_items, 0)
+        _same_predictions(tau_auto._answer_predictions(gemma, g_items, 0), ref)
+        # the prefix's cache through a sliding window of 4 tokens
+        assert tau_auto._prefix_cache(gemma, rand[0][:6], torch.device("cpu")) is not None
+        _same_predictions(tau_auto._answer_predictions(gemma, g_shared, 0, prefix=tau_auto.shared_prefix(g_shared)),
+                          _full_logit_predictions(gemma, g_shared, 0))
+        gemma.config.final_logit_softcapping = None  # the cap acts: without it the log-probs differ
+        uncapped = _full_logit_predictions(gemma, g_items, 0)
+    assert max(abs(r[j][1] - u[j][1]) for r, u in zip(ref, uncapped) for j in r) > 0.1

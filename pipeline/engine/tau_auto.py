@@ -31,15 +31,21 @@ Fallback (no row has ``facts``, e.g. MUSE text, or the teacher reproduces none o
 largest tau whose teacher keeps ``form_kept >= method.tau_form_target`` (default FORM_TARGET).
 
 Cost: the slice's rows are split over the ranks (each rank runs its share; the counts are summed
-over ranks before any decision), 1 + 1 + BISECT_STEPS teacher forwards of the slice at most.
+over ranks before any decision), 1 + 1 + BISECT_STEPS probes of the slice (GUARD_STEPS more when the
+guard acts). A probe computes the lm_head only at the scored answer positions (``logits_to_keep``)
+and runs a prompt prefix all rows share (chat template, system prompt) once, the rows continuing
+from its KV cache: the full forward's values up to float rounding, at about half its cost on
+SmolLM2 (docs/sweeps.md).
 
 Collective safety (ZeRO-3): every rank runs the same number of forwards at the same temperatures in
 the same order (each forward is a set of parameter all-gathers; a rank with fewer rows pads with a
-discarded repeat), and decisions use rank-summed counts, so every rank takes the same branches.
+discarded repeat; the shared prefix runs only when every rank's rows have one), and decisions use
+rank-summed counts, so every rank takes the same branches.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -51,7 +57,7 @@ import torch
 from pipeline.data.collate import pad_batch
 from pipeline.data.formatting import IGNORE_INDEX
 from pipeline.methods.asu import FACT_TARGET, FORM_TARGET, TAU_MAX
-from pipeline.methods.losses import token_logprobs
+from pipeline.methods.model_io import unwrap
 from pipeline.models.tempered_attention import temperature
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,9 @@ VAL_MAX_ROWS = 128  # ... at most 128 (more rows add cost, not accuracy)
 # rows per forward: few, large forwards (under ZeRO-3 each forward gathers every layer's weights, which
 # on small models costs more than the rows); 16 rows x T x vocab float logits stay small at 7B
 BATCH_ROWS = 16
+# shared prompt prefix (system prompt, chat template) run once per probe when every rank's rows share at
+# least this many tokens: below it one more forward and the cache copies save little
+MIN_PREFIX = 8
 FORM_FLOOR = 0.5  # the fact rule never goes above the largest tau keeping half the template's top-1 (guard)
 GUARD_STEPS = 3  # bisection steps of the guard, between two probes the fact search already made
 FACTS_WARN = 0.5  # warn when even tau_max's teacher forgets fewer than half of the known facts
@@ -146,13 +155,84 @@ def rank_share(n: int, rank: int, world: int) -> tuple[list[int], int]:
     return mine, -(-per // BATCH_ROWS)
 
 
+def keeps_positions(model: Any) -> bool:
+    """Whether ``model``'s forward can compute its logits at given positions only: transformers'
+    ``logits_to_keep`` with a (B, K) tensor of positions, handled by ``slice_logits_to_keep``
+    before the lm_head, so the model's own logit post-processing (Gemma-2's
+    ``final_logit_softcapping``, Granite's ``logits_scaling``) still applies. Models whose forward
+    does not slice through that helper get the full forward."""
+    import inspect
+
+    fwd = type(unwrap(model)).forward
+    if "logits_to_keep" not in inspect.signature(fwd).parameters:
+        return False
+    try:
+        return "slice_logits_to_keep(" in inspect.getsource(fwd)
+    except (OSError, TypeError):  # pragma: no cover - no source (compiled): be safe
+        return False
+
+
+def _scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the positions t whose logits score an answer token (``labels[t + 1]`` is labelled),
+    as a (B, K) index tensor padded by repeating the row's last position (K = the most any row has),
+    and the (B, K) mask of the real ones."""
+    scored = labels[:, 1:] != IGNORE_INDEX
+    k = max(1, int(scored.sum(1).max()))
+    pos = torch.zeros(labels.shape[0], k, dtype=torch.long)
+    keep = torch.zeros(labels.shape[0], k, dtype=torch.bool)
+    for r in range(labels.shape[0]):
+        at = scored[r].nonzero().flatten()
+        n = len(at)
+        if n:
+            pos[r, :n], pos[r, n:], keep[r, :n] = at, at[-1], True
+    return pos, keep
+
+
+def shared_prefix(items: Sequence[dict]) -> int:
+    """Number of leading tokens every row of ``items`` shares, stopping before the first position
+    whose logits any row scores (so every scored logit comes from the rows' own part)."""
+    if not items:
+        return 0
+    ids = [list(it["input_ids"]) for it in items]
+    first = min(next((t for t, lab in enumerate(it["labels"][1:]) if lab != IGNORE_INDEX), len(it["labels"]) - 1)
+                for it in items)
+    n = 0
+    while n < first and all(len(x) > n and x[n] == ids[0][n] for x in ids):
+        n += 1
+    return n
+
+
+def _prefix_cache(model: Any, prefix: Sequence[int], device: torch.device) -> Any:
+    """The model's KV cache after the shared prefix (one row), or None when the cache cannot be
+    repeated over a batch (then the rows run whole)."""
+    cache = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True).past_key_values
+    return cache if hasattr(cache, "batch_repeat_interleave") else None
+
+
 @torch.no_grad()
-def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int, n_forwards: Optional[int] = None) -> list[dict]:
+def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int, n_forwards: Optional[int] = None,
+                        at_positions: Optional[bool] = None, prefix: int = 0, ran: Optional[dict] = None) -> list[dict]:
     """Per row, at each answer token j (scored by the logits at j-1): the model's top-1 token and
     the log-prob of the true token, as ``{j: (top1, logprob)}``. ``n_forwards``: run exactly this
-    many forwards (a rank with fewer rows repeats a row and discards it; it needs ``items``)."""
+    many forwards (a rank with fewer rows repeats a row and discards it; it needs ``items``).
+
+    ``at_positions`` (default: ``keeps_positions(model)``): the lm_head runs only at the scored
+    positions (``logits_to_keep``), not at every prompt and padding position: on SmolLM2 (49k
+    vocabulary, prompts twice as long as answers) that is a sixth of a probe.
+
+    ``prefix`` (> 0: every row starts with these ``prefix`` tokens, see ``shared_prefix``; needs
+    ``at_positions``): the prefix runs once, one more forward, and the rows continue from its KV
+    cache: on SmolLM2's chat template (26 of ~47 tokens are the system prompt and the user turn's
+    start) a third of a probe. The values are those of the full forward's logits at the same
+    positions up to float rounding (tested). ``ran``: gets ``prefix``, the prefix length that ran
+    once (0 when the model's cache cannot be repeated over rows)."""
     device = _device(model)
+    at_positions = keeps_positions(model) if at_positions is None else at_positions
     n_forwards = -(-len(items) // BATCH_ROWS) if n_forwards is None else n_forwards
+    cache = _prefix_cache(model, items[0]["input_ids"][:prefix], device) if prefix and at_positions else None
+    p = prefix if cache is not None else 0
+    if ran is not None:
+        ran["prefix"] = p
     out: list[dict] = []
     for b in range(n_forwards):
         chunk = list(items[b * BATCH_ROWS:(b + 1) * BATCH_ROWS])
@@ -160,12 +240,25 @@ def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int, n_forwar
         if not chunk:  # this rank has run out of rows: the same collectives, result discarded
             chunk = [items[0]] if items else [{"input_ids": [pad_id, pad_id], "labels": [IGNORE_INDEX, pad_id]}]
         batch = pad_batch([{"input_ids": it["input_ids"], "labels": it["labels"]} for it in chunk], pad_id)
-        ids = batch["input_ids"].to(device)
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
-        top1 = logits[:, :-1].argmax(-1).cpu()
-        tok_lp, answer = (t.cpu() for t in token_logprobs(logits, batch["labels"].to(device)))
+        ids, labels, mask = batch["input_ids"].to(device), batch["labels"], batch["attention_mask"].to(device)
+        pos, real = _scored_positions(labels)
+        if cache is not None:  # the rows' own tokens after the shared prefix's cache (copied: the forward extends it)
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(len(chunk))
+            # the mask spans prefix and rows (transformers' convention with a cache)
+            logits = model(input_ids=ids[:, p:], attention_mask=mask, past_key_values=past, use_cache=True,
+                           logits_to_keep=(pos - p).to(device)).logits
+        elif at_positions:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=pos.to(device)).logits
+        else:  # the full forward: every position's logits, keep the scored ones
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = torch.take_along_dim(logits, pos.to(device)[..., None], dim=1)
+        top1 = logits.argmax(-1).cpu()
+        target = torch.take_along_dim(labels, pos + 1, dim=1).clamp_min(0)
+        tok_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target.to(device)[..., None])[..., 0].cpu()
         for r in range(keep):
-            out.append({t + 1: (int(top1[r, t]), float(tok_lp[r, t])) for t in answer[r].nonzero().flatten().tolist()})
+            out.append({int(pos[r, i]) + 1: (int(top1[r, i]), float(tok_lp[r, i]))
+                        for i in real[r].nonzero().flatten().tolist()})
     return out
 
 
@@ -197,19 +290,23 @@ class _Prober:
 
     def __init__(self, teacher: Any, items: list[dict], pad_id: int, layers: Optional[list[int]],
                  form_target: float = FORM_TARGET, fact_target: float = FACT_TARGET,
-                 n_forwards: Optional[int] = None) -> None:
+                 n_forwards: Optional[int] = None, prefix: int = 0) -> None:
         self.teacher, self.items, self.pad_id, self.layers = teacher, items, pad_id, layers
         self.form_target, self.fact_target = float(form_target), float(fact_target)
         # facts_forgotten a probe must reach: fact_target x the share forgotten at tau_max (set_fact_scale)
         self.fact_threshold: Optional[float] = None
         self.n_forwards = n_forwards
+        self.prefix = prefix  # shared leading tokens run once per probe (0: the rows run whole)
+        self.ran: dict = {"prefix": 0}  # what the last probe ran (the prefix length actually cached)
         self.base: Optional[list[dict]] = None  # tau=1 predictions per row
         self.probes: list[dict] = []
         self.seconds = 0.0
+        self.probe_seconds: list[float] = []  # wall seconds of each probe, in probe order
 
     def predictions(self, tau: float) -> list[dict]:
         with temperature(self.teacher, float(tau), self.layers):
-            return _answer_predictions(self.teacher, self.items, self.pad_id, self.n_forwards)
+            return _answer_predictions(self.teacher, self.items, self.pad_id, self.n_forwards, prefix=self.prefix,
+                                       ran=self.ran)
 
     def counts(self, preds: list[dict]) -> list[float]:
         """[form tokens kept, form tokens, facts forgotten, facts known, fact-token log-prob sum,
@@ -259,6 +356,7 @@ class _Prober:
         rec["form_ok"] = rec["form_kept"] is None or rec["form_kept"] >= self.form_target
         self.probes.append(rec)
         self._mark(rec)
+        self.probe_seconds.append(round(time.time() - t0, 3))
         self.seconds += time.time() - t0
         return rec
 
@@ -307,7 +405,7 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
     with ``tau`` and the evidence (every probed tau with its signal values)."""
     if teacher is None:
         raise ValueError("method.tau=auto needs the frozen reference model (the ASU teacher)")
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     mcfg = cfg.method
     layers = getattr(mcfg, "teacher_layers", None)
     layers = [int(i) for i in layers] if layers is not None else None
@@ -326,10 +424,14 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
     items = _items(tokenizer, rows, [forget_encoded[idx[i]] for i in mine])
     with_facts = int(_rank_sum([float(sum(1 for it in items if it["spans"]))])[0])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # the shared prefix runs once only if it does on every rank (the same number of forwards everywhere)
+    prefix = shared_prefix(items)
+    use_prefix = keeps_positions(teacher) and _rank_sum([float(prefix >= MIN_PREFIX)])[0] == world
+    prefix = prefix if use_prefix else 0
 
     was_training = bool(getattr(teacher, "training", False))
     teacher.eval()
-    prober = _Prober(teacher, items, pad_id, layers, form_target, fact_target, n_forwards)
+    prober = _Prober(teacher, items, pad_id, layers, form_target, fact_target, n_forwards, prefix)
     try:
         ref = prober.probe(TAU_MIN)
         top = prober.probe(tau_max)
@@ -387,9 +489,16 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
         "validation_rows": idx,
         "rows_with_facts": with_facts,
         "ranks": world,
+        # where the probes' lm_head ran: at the scored answer positions only, or everywhere (see keeps_positions)
+        "logits": "answer positions" if keeps_positions(teacher) else "all positions",
+        "shared_prefix_tokens": prober.ran["prefix"],  # run once per probe (this rank's rows; 0: the rows ran whole)
         "probes": sorted(prober.probes, key=lambda r: r["tau"]),
         "probe_order": [r["tau"] for r in prober.probes],
         "seconds": round(time.time() - t0, 3),
+        # this process's CPU seconds (all its threads): unlike the wall seconds, not inflated by other
+        # jobs on a shared host; compare with the training loop's CPU seconds, not its wall seconds
+        "cpu_seconds": round(time.process_time() - cpu0, 3),
+        "probe_seconds": prober.probe_seconds,
     }
     where = "all layers" if layers is None else f"layers {layers}"
     if signal == "form":
@@ -407,8 +516,10 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
         log.warning("tau=auto: at tau=%.3f the tempered teacher changes %.0f%% of the answers' non-fact top-1 "
                     "predictions; check the forget answers' fluency (results.json forget_well_formed)",
                     tau, 100 * (1 - chosen["form_kept"]))
-    log.info("tau=auto: %s -> tau=%.3f (%d probes on %d rows over %d rank(s), %.1fs)", reason, tau,
-             len(prober.probes), len(idx), world, out["seconds"])
+    log.info("tau=auto: %s -> tau=%.3f (%d probes on %d rows over %d rank(s), logits at %s, shared prefix of "
+             "%d tokens run once, %.1fs)", reason, tau, len(prober.probes), len(idx), world, out["logits"],
+             out["shared_prefix_tokens"],
+             out["seconds"])
     return out
 
 
