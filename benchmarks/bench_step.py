@@ -27,10 +27,11 @@ with ``/proc/self/clear_refs``; the workers run with ``MALLOC_MMAP_THRESHOLD_=65
 not hidden by an earlier block's freed-but-kept heap). The process peak RSS (engines included) is
 reported too.
 
-``--compare-passes``: every variant twice in the same launch, first as ``<variant>@per_group``
+``--compare-passes``: every variant twice in the same launch, as ``<variant>@per_group``
 (``trainer.passes=per_group``: one forward per row group and model, the step before the joint pass)
-then as the joint step (one forward per model per step, pipeline/methods/passes.py), so the
-"x per-group" columns compare old and new under the same load.
+and as the joint step (one forward per model per step, pipeline/methods/passes.py); after each
+variant's warm-up block (which measures its memory), the timed steps run in rounds of one step of
+every variant, the order rotated each round, so a change of load falls on old and new alike.
 
 ``--lora-compare`` (with ``--scale 134m``): ASU-LoRA vs full ASU, both live teacher (ASU-GD, naive KL),
 in ONE run of this script: two launches, the same model, batch and ranks. Full ASU = the student
@@ -307,6 +308,19 @@ def worker(spec: dict) -> None:
         libc = None
     times = {v: [] for v in variants}
     comm, mem = {}, {}
+
+    def timed(v: str) -> None:
+        torch.distributed.barrier()
+        counter.reset()
+        t = time.perf_counter()
+        step(v)
+        if cuda:
+            torch.cuda.synchronize()
+        times[v].append(time.perf_counter() - t)
+        comm[v] = {"all_gather_bytes": counter.bytes["all_gather"], "all_gather_calls": counter.calls["all_gather"],
+                   "reduce_scatter_bytes": counter.bytes["reduce_scatter"]}  # the last (steady) step
+
+    interleave = bool(spec.get("interleave"))
     for v in variants:  # one block per variant: warm-up steps (ZeRO-3 records its prefetch trace), then timed
         for _ in range(spec["warmup"]):
             step(v)
@@ -318,20 +332,20 @@ def worker(spec: dict) -> None:
             torch.cuda.reset_peak_memory_stats()
         rss_before = status_kb("VmRSS", strict=False)
         hwm_ok = _reset_hwm()
-        for _ in range(spec["steps"]):
-            torch.distributed.barrier()
-            counter.reset()
-            t = time.perf_counter()
-            step(v)
-            if cuda:
-                torch.cuda.synchronize()
-            times[v].append(time.perf_counter() - t)
-            comm[v] = {"all_gather_bytes": counter.bytes["all_gather"], "all_gather_calls": counter.calls["all_gather"],
-                       "reduce_scatter_bytes": counter.bytes["reduce_scatter"]}  # the last (steady) step
+        for _ in range(1 if interleave else spec["steps"]):  # interleaved: this block measures memory only
+            timed(v)
         mem[v] = {"rss_before_kb": rss_before,
                   "peak_rss_kb": status_kb("VmHWM", strict=False) if hwm_ok else None,
                   "step_rss_growth_kb": (status_kb("VmHWM", strict=False) - rss_before) if hwm_ok else None,
                   "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+    if interleave:
+        # timed rounds: one step of every variant per round, the order rotated each round, so a change of
+        # the host's load during the run falls on all variants alike (the blocks above only warmed up)
+        times = {v: [] for v in variants}
+        for r in range(spec["steps"]):
+            k = r % len(variants)
+            for v in variants[k:] + variants[:k]:
+                timed(v)
     res = {
         "rank": rank, "world_size": world, "params": int(n_params), "setup_s": setup_s, "cache_build_s": cache_s,
         "tokens_per_step": spec["batch"] * world * spec["seq"] * 2,  # forget + retain, all ranks
@@ -426,7 +440,7 @@ def main() -> None:
     steps = args.steps or (2 if big else 4)
     warmup = args.warmup if args.warmup is not None else (1 if big else 2)
     variants = args.variants or (["grad_diff", "asu_live_naive", "asu_cached"] if big else list(VARIANTS))
-    if args.compare_passes:  # old block right before new block: the two are measured under the same load
+    if args.compare_passes:  # every variant old and new, timed interleaved
         variants = [x for v in variants for x in (v + PER_GROUP, v)]
     dev = "cuda" if _cuda() else "cpu"
     with tempfile.TemporaryDirectory(prefix="bench_step-") as d:
@@ -434,7 +448,8 @@ def main() -> None:
         spec = {"size": args.scale, "batch": batch, "seq": seq, "steps": steps, "warmup": warmup, "topk": args.topk,
                 "threads": args.threads, "cache_dir": str(d / "cache"),
                 "offload_optimizer": args.offload_optimizer or "none", "attention": args.attention,
-                "model_dir": None if big else str(_save_small_model(d, args.scale))}
+                "model_dir": None if big else str(_save_small_model(d, args.scale)),
+                "interleave": bool(args.compare_passes)}
         port = 29850 + os.getpid() % 100
         print(f"one launch: {', '.join(variants)} ({args.ranks} ranks, {warmup} warm-up + {steps} timed steps each)",
               flush=True)
@@ -812,7 +827,9 @@ def _report(ranks, spec, args, dev, threads, variants) -> None:
                    [r["process_peak_rss_kb"] / 1024 for r in ranks]},
         "results": results,
         "notes": [
-            "one launch, same engines and batch; per variant a block of warm-up steps then timed steps.",
+            "one launch, same engines and batch; per variant a block of warm-up steps, then timed steps: in the "
+            "block (default) or, with --compare-passes, in rounds of one step of every variant (order rotated each "
+            "round; the block then measures memory only).",
             "all-gather bytes = output tensor bytes of every DeepSpeed all_gather* call on rank 0 during the last "
             "timed step (parameter gathers of the student AND of the reference engine).",
             "step peak = growth of the rank's RSS high-water mark during the block over its RSS at block start "
