@@ -74,8 +74,9 @@ BATCH_ROWS = 16
 # least this many tokens: below it one more forward and the cache copies save little
 MIN_PREFIX = 8
 FORM_FLOOR = 0.5  # the fact rule never goes above the largest tau keeping half the template's top-1 (guard)
-# bisection steps of the guard, between two probes the fact search already made: 2 halve that interval to the
-# search's own resolution ((TAU_MAX - TAU_MIN) / 2**BISECT_STEPS ~ 0.11 between the fact search's last probes)
+# bisection steps of the guard, between two neighbouring probes of the fact search (an interval of 0.11, the
+# search's last step with the default bounds, or a multiple): a quarter of it is finer than the search itself
+# resolves the facts (on SmolLM2 [1.875, 2.09] -> 0.055; 3 steps gave the same tau there, docs/sweeps.md)
 GUARD_STEPS = 2
 FACTS_WARN = 0.5  # warn when even tau_max's teacher forgets fewer than half of the known facts
 FORM_WARN = 0.5  # warn when the chosen tau's teacher changes more than half of the template's top-1
