@@ -239,7 +239,7 @@ def test_tau_auto_end_to_end_two_ranks_zero3(tmp_path):
 
 def test_form_floor_caps_the_fact_choice(memorised, monkeypatch):
     """The guard: when the fact rule's tau changes more of the template than FORM_FLOOR allows, the
-    choice drops to the largest probed tau that keeps it (3 more probes). The fixture keeps >= 0.6 of
+    choice drops to the largest probed tau that keeps it (GUARD_STEPS more probes). The fixture keeps >= 0.6 of
     its template everywhere, so a stricter floor is set to make the guard act on real probes."""
     model, tok, rows, enc = memorised
     data = SimpleNamespace(forget=rows)

@@ -32,10 +32,10 @@ largest tau whose teacher keeps ``form_kept >= method.tau_form_target`` (default
 
 Cost: the slice's rows are split over the ranks (each rank runs its share; the counts are summed
 over ranks before any decision), 1 + 1 + BISECT_STEPS probes of the slice (GUARD_STEPS more when the
-guard acts). A probe computes the lm_head only at the scored answer positions (``logits_to_keep``)
-and runs a prompt prefix all rows share (chat template, system prompt) once, the rows continuing
-from its KV cache: the full forward's values up to float rounding, at about half its cost on
-SmolLM2 (docs/sweeps.md).
+guard acts). A probe computes the lm_head only at the scored answer positions (``logits_to_keep``),
+leaves out the last input position (it scores nothing), and runs a prompt prefix all rows share
+(chat template, system prompt) once, the rows continuing from its KV cache: the full forward's
+values up to float rounding, at about half its cost on SmolLM2 (docs/sweeps.md).
 
 Collective safety (ZeRO-3): every rank runs the same number of forwards at the same temperatures in
 the same order (each forward is a set of parameter all-gathers; a rank with fewer rows pads with a
@@ -74,7 +74,10 @@ BATCH_ROWS = 16
 # least this many tokens: below it one more forward and the cache copies save little
 MIN_PREFIX = 8
 FORM_FLOOR = 0.5  # the fact rule never goes above the largest tau keeping half the template's top-1 (guard)
-GUARD_STEPS = 3  # bisection steps of the guard, between two probes the fact search already made
+# bisection steps of the guard, between two neighbouring probes of the fact search (an interval of 0.11, the
+# search's last step with the default bounds, or a multiple): a quarter of it is finer than the search itself
+# resolves the facts (on SmolLM2 [1.875, 2.09] -> 0.055; 3 steps gave the same tau there, docs/sweeps.md)
+GUARD_STEPS = 2
 FACTS_WARN = 0.5  # warn when even tau_max's teacher forgets fewer than half of the known facts
 FORM_WARN = 0.5  # warn when the chosen tau's teacher changes more than half of the template's top-1
 
@@ -240,7 +243,10 @@ def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int, n_forwar
         if not chunk:  # this rank has run out of rows: the same collectives, result discarded
             chunk = [items[0]] if items else [{"input_ids": [pad_id, pad_id], "labels": [IGNORE_INDEX, pad_id]}]
         batch = pad_batch([{"input_ids": it["input_ids"], "labels": it["labels"]} for it in chunk], pad_id)
-        ids, labels, mask = batch["input_ids"].to(device), batch["labels"], batch["attention_mask"].to(device)
+        # the last input position predicts nothing that is scored (position t scores labels[t + 1]) and, the
+        # attention being causal, no scored position attends to it: the forward runs without it
+        ids, mask = batch["input_ids"][:, :-1].to(device), batch["attention_mask"][:, :-1].to(device)
+        labels = batch["labels"]
         pos, real = _scored_positions(labels)
         if cache is not None:  # the rows' own tokens after the shared prefix's cache (copied: the forward extends it)
             past = copy.deepcopy(cache)
