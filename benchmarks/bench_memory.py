@@ -221,6 +221,10 @@ def worker(spec: dict) -> None:
     del hf_ds
     unset_hf_deepspeed_config()
     n_params = sum(p.ds_numel for p in student.parameters())
+    from pipeline.engine.host_memory import mmap_threshold_for, tune_host_allocator
+
+    if not torch.cuda.is_available():
+        tune_host_allocator(mmap_threshold_for(n_params))  # as pipeline/run.py does after loading
     engine = deepspeed.initialize(
         model=student, model_parameters=[p for p in student.parameters() if p.requires_grad], config=s_cfg,
         lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(spec["steps"], 0.0, "linear")))[0]

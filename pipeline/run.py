@@ -234,6 +234,10 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     hf_ds = HfDeepSpeedConfig(s_cfg)
     student = load()
     check_vocab(student, inputs.tokenizer, f"model {paths.model}")
+    if not cuda:  # CPU ranks: the allocator's mmap threshold for this model's size (host_memory.py)
+        from pipeline.engine.host_memory import mmap_threshold_for, tune_host_allocator
+
+        tune_host_allocator(mmap_threshold_for(sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())))
     validate(cfg, n_layers=int(student.config.num_hidden_layers))
     if cfg.kernels.kl == "fused":
         from pipeline.methods.passes import fused_head_problem

@@ -145,6 +145,7 @@ def init_distributed() -> DistInfo:
         from pipeline.engine.host_memory import tune_host_allocator
 
         tune_host_allocator()  # model states live in host memory on CPU ranks: keep freed pages returned
+        # (the threshold is set again for the model's size once it is loaded: pipeline/run.py)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:

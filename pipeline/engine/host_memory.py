@@ -56,18 +56,34 @@ def trim_host_heap() -> bool:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
 
 
-def tune_host_allocator(mmap_threshold: int = 128 << 10, arenas: int = 2) -> bool:
+# Above this many parameters a CPU rank maps medium allocations (activations) instead of taking them
+# from the heap: at 134M the heap's freed blocks kept 100-200 MiB resident at the peak, while the page
+# faults of fresh mappings were lost in a ~12 s step. On small models the trade reverses: the demo's
+# 1M-parameter model ran its training loop 1.7x slower with the 128 KiB threshold (page faults on every
+# activation of a ~0.1 s step), for a few MiB of fragmentation.
+LARGE_MODEL_PARAMS = 20_000_000
+SMALL_MODEL_MMAP_THRESHOLD = 1 << 20
+LARGE_MODEL_MMAP_THRESHOLD = 128 << 10
+
+
+def mmap_threshold_for(n_params: int) -> int:
+    """The glibc mmap threshold for a CPU rank holding (a shard of) an ``n_params`` model."""
+    return LARGE_MODEL_MMAP_THRESHOLD if n_params >= LARGE_MODEL_PARAMS else SMALL_MODEL_MMAP_THRESHOLD
+
+
+def tune_host_allocator(mmap_threshold: int = SMALL_MODEL_MMAP_THRESHOLD, arenas: int = 2) -> bool:
     """Make freed tensor memory go back to the OS on CPU ranks (glibc only; else a no-op).
 
     glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), so after the
     load-time temporaries every tensor below 32 MiB comes from the heap, whose freed pages stay
     resident; and each thread that touches malloc may get its own arena (8 x cores by default).
-    A fixed threshold at glibc's own starting value (128 KiB) and two arenas keep a ZeRO-3 rank's
-    resident set near what it holds: activations of a few hundred KiB each (2 rows x 64 tokens x 768
-    fp32 = 384 KiB) are mapped and unmapped instead of fragmenting the heap, where 100-200 MiB of
-    freed blocks stayed resident at 134M with a 1 MiB threshold (measured:
-    benchmarks/bench_memory.py, docs/performance.md). ``MALLOC_*`` variables set by the user win:
-    then nothing is changed.
+    A fixed threshold and two arenas keep a ZeRO-3 rank's resident set near what it holds. The
+    threshold: 1 MiB at start-up; once the model is known, :func:`mmap_threshold_for` (glibc's own
+    starting value, 128 KiB, from 20M parameters: activations of a few hundred KiB each — 2 rows x 64
+    tokens x 768 fp32 = 384 KiB — are then mapped and unmapped instead of fragmenting the heap, where
+    100-200 MiB of freed blocks stayed resident at 134M with 1 MiB; measured with
+    benchmarks/bench_memory.py, docs/performance.md). May be called again. ``MALLOC_*`` variables
+    set by the user win: then nothing is changed.
     """
     import os
 

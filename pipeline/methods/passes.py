@@ -38,6 +38,7 @@ from pipeline.methods.loss_math import cache_kl_values, kl_values, reduce, scatt
 from pipeline.methods.model_io import check_layer, shifted_mask, tempered, unwrap
 
 LOGITS, HIDDEN = "logits", "hidden"
+LAST = "last"  # final-norm hidden states at the loss positions (the fused KL's teacher side)
 # Logit post-processing some architectures apply after the head; the fused KL computes logits as
 # h·Wᵀ + b itself, so it refuses these models rather than silently differ.
 HEAD_POSTPROCESSING = ("final_logit_softcapping", "logits_scaling", "logit_scale")
@@ -306,7 +307,7 @@ def _frozen_passes(plan: StepPlan, frozen: nn.Module, batch: dict, fused: bool,
             tau, kinds = spec.setdefault(g, (float(term.tau), set()))
             if tau != float(term.tau):
                 raise ValueError(f"group {g!r}: the KL teacher's tau {term.tau} differs from another frozen use ({tau})")
-            kinds.add("last" if fused else LOGITS)
+            kinds.add(LAST if fused else LOGITS)
     out: dict[str, Part] = {}
     if not spec:
         return out
@@ -319,7 +320,7 @@ def _frozen_passes(plan: StepPlan, frozen: nn.Module, batch: dict, fused: bool,
         with torch.no_grad(), tempered(frozen, taus, plan.teacher_layers):
             out.update(_model_pass(frozen, joint, rows, {g for g in groups if LOGITS in kinds[g]},
                                    {g for g in groups if HIDDEN in kinds[g]},
-                                   {g for g in groups if "last" in kinds[g]}, plan.layer))
+                                   {g for g in groups if LAST in kinds[g]}, plan.layer))
     return out
 
 
