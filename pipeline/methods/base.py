@@ -149,6 +149,7 @@ class UnlearningMethod:
         return torch.zeros((), device=next(iter(out.student.values())).mask.device)
 
     def has_retain_term(self, batch: dict) -> bool:
+        """Whether this step has a retain term (alpha > 0, a retain loss, retain rows in the batch)."""
         return self.cfg.alpha > 0 and getattr(self.cfg, "retain_loss", "nll") != "none" and "retain" in batch
 
     def plan(self, batch: dict) -> StepPlan:
@@ -183,6 +184,7 @@ class UnlearningMethod:
         return self.retain_objective(out)
 
     def combine(self, out: StepOutputs, batch: dict) -> LossOutput:
+        """The total from the step's outputs (methods with extra terms add them here, e.g. ASU+IDK)."""
         lf = self.forget_loss(out)
         logs = {"forget_loss": float(lf.detach())}
         total = self.cfg.gamma * lf
