@@ -43,17 +43,18 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from common import device_info, fmt, print_table, save_random_llama, status_kb, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RANDOM_LLAMAS,
+    device_info,
+    fmt,
+    print_table,
+    save_random_llama,
+    status_kb,
+    write_json,
+)
 
 MiB = 2**20
-SIZES = {  # random Llamas, V=32k, untied embeddings (every matrix is partitioned by ZeRO-3)
-    "34m": dict(vocab_size=32000, hidden_size=384, intermediate_size=1024, num_hidden_layers=5,
-                num_attention_heads=6, num_key_value_heads=6),
-    "134m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                 num_attention_heads=12, num_key_value_heads=12),
-    "350m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=22,
-                 num_attention_heads=16, num_key_value_heads=16),
-}
+SIZES = RANDOM_LLAMAS  # random Llamas, V=32k, untied embeddings (every matrix is partitioned by ZeRO-3)
 
 
 # ------------------------------------------------------------------------------------------------

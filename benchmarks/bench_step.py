@@ -86,7 +86,16 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from common import device_info, fmt, print_table, save_random_llama, set_threads, status_kb, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RANDOM_LLAMAS,
+    device_info,
+    fmt,
+    print_table,
+    save_random_llama,
+    set_threads,
+    status_kb,
+    write_json,
+)
 
 VARIANTS = ("grad_diff", "npo", "asu_live_naive", "asu_live_fused", "asu_cached", "asu_kl_live_fused")
 PER_GROUP = "@per_group"  # variant suffix: trainer.passes=per_group (one forward per row group and model)
@@ -98,8 +107,7 @@ SIZES = {
     "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=4),
     # ~0.13B parameters: what fitted (student + frozen teacher + Adam, 2 ranks) on the 23 GiB shared CPU host
-    "0.1b": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                 num_attention_heads=12, num_key_value_heads=12),
+    "0.1b": RANDOM_LLAMAS["134m"],
     # ~0.55B parameters: OOM-killed on the 23 GiB shared CPU host (peak ~10.7 GiB RSS per rank, see docs/performance.md)
     "0.5b": dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16,
                  num_attention_heads=12, num_key_value_heads=12),

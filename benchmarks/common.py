@@ -109,6 +109,18 @@ def status_kb(field: str, strict: bool = True) -> int:
     return 0
 
 
+# Random Llama shapes several benchmarks build (V = 32k, untied embeddings, so every matrix is above
+# ZeRO-3's persistence threshold): bench_memory.py's sizes, bench_step.py's "0.1b".
+RANDOM_LLAMAS = {
+    "34m": dict(vocab_size=32000, hidden_size=384, intermediate_size=1024, num_hidden_layers=5,
+                num_attention_heads=6, num_key_value_heads=6),
+    "134m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=12),
+    "350m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=22,
+                 num_attention_heads=16, num_key_value_heads=16),
+}
+
+
 def save_random_llama(d: Path, arch: dict, max_position_embeddings: int) -> Path:
     """A randomly initialised Llama of ``arch`` (seed 0, untied embeddings) saved as safetensors in
     ``d/model``: the benchmarks' stand-in for a real checkpoint of that size."""

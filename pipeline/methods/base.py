@@ -152,9 +152,12 @@ class UnlearningMethod:
         """Whether this step has a retain term (alpha > 0, a retain loss, retain rows in the batch)."""
         return self.cfg.alpha > 0 and getattr(self.cfg, "retain_loss", "nll") != "none" and "retain" in batch
 
+    def _empty_plan(self) -> StepPlan:
+        return StepPlan(layer=self.hidden_layer, teacher_layers=self.teacher_layers)
+
     def plan(self, batch: dict) -> StepPlan:
         """Everything this step needs from the student and the frozen model."""
-        plan = StepPlan(layer=self.hidden_layer, teacher_layers=self.teacher_layers)
+        plan = self._empty_plan()
         self.plan_forget(plan, batch)
         if self.has_retain_term(batch):
             self._plan_retain_with_noise(plan)
@@ -171,13 +174,13 @@ class UnlearningMethod:
                     views: Optional[dict] = None) -> torch.Tensor:
         """The forget term alone on ``forget`` rows (``views``: extra forget views, cached-teacher rows)."""
         batch = {"forget": forget, **(views or {})}
-        plan = StepPlan(layer=self.hidden_layer, teacher_layers=self.teacher_layers)
+        plan = self._empty_plan()
         self.plan_forget(plan, batch)
         return self.forget_loss(run_step(plan, student, reference, batch, self.kl_impl, self.joint_pass))
 
     def retain_term(self, student: nn.Module, reference: Optional[nn.Module], retain: dict) -> torch.Tensor:
         """The retain term alone on ``retain`` rows (with the RNA noise when ``rna_noise > 0``)."""
-        plan = StepPlan(layer=self.hidden_layer, teacher_layers=self.teacher_layers)
+        plan = self._empty_plan()
         self._plan_retain_with_noise(plan)
         out = run_step(plan, student, reference, {"retain": retain}, self.kl_impl, self.joint_pass,
                        rna_seeds=retain.get("rna_seed"))

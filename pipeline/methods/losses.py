@@ -14,7 +14,15 @@ from torch import nn
 
 from pipeline.data.formatting import IGNORE_INDEX
 from pipeline.methods.loss_math import cache_kl_values, kl_values, reduce, scatter  # noqa: F401  (re-exported)
-from pipeline.methods.model_io import check_layer, decoder_layers, logits_of, shifted_mask, tempered, unwrap  # noqa: F401  (re-exported)  # noqa: F401  (re-exported)
+from pipeline.methods.model_io import (  # noqa: F401  (re-exported)
+    check_layer,
+    decoder_layers,
+    layer_output,
+    logits_of,
+    shifted_mask,
+    tempered,
+    unwrap,
+)
 
 if TYPE_CHECKING:
     from pipeline.methods.passes import Part, StepPlan
@@ -101,27 +109,17 @@ def distill_kl(
 # -- hidden states (representation methods: RMU, ASU-WMDP; RNA noise) --------------------------------
 
 
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def hidden_state_at(model: nn.Module, inputs: dict, layer: int) -> torch.Tensor:
     """Output hidden state (B, T, d) of decoder layer ``layer`` (0-based) on ``inputs``.
 
-    Captured with a forward hook on that layer during one normal forward pass (with grad when the
-    caller has grad enabled). Equivalent to ``output_hidden_states=True``'s ``hidden_states[layer+1]``
-    for every layer but the last (where transformers substitutes the final-norm output), without
-    keeping every layer's states. The hook only sees an activation, so it works under ZeRO-3 (the
-    parameters are gathered by DeepSpeed's own module hooks), and it is removed before backward so a
-    gradient-checkpointing recompute does not fire it again.
+    Captured (:func:`~pipeline.methods.model_io.layer_output`) during one normal forward pass (with
+    grad when the caller has grad enabled). Equivalent to ``output_hidden_states=True``'s
+    ``hidden_states[layer+1]`` for every layer but the last (where transformers substitutes the
+    final-norm output), without keeping every layer's states.
     """
-    block = check_layer(model, layer, "layer")
     cache: list[torch.Tensor] = []
-    handle = block.register_forward_hook(lambda _m, _i, out: cache.append(_first(out)))
-    try:
+    with layer_output(model, layer, cache):
         logits_of(model, inputs)
-    finally:
-        handle.remove()
     if not cache:
         raise RuntimeError(f"decoder layer {layer} did not run during the forward pass")
     return cache[0]

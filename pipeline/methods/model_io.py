@@ -29,10 +29,12 @@ def shifted_mask(labels: torch.Tensor, skip_first: bool = False) -> torch.Tensor
     ``skip_first`` drops each row's first loss token (ASU+IDK excludes it from the KL).
     """
     mask = labels[:, 1:] != IGNORE_INDEX
-    if skip_first:
-        first = mask.float().cumsum(1) == 1
-        mask = mask & ~first
-    return mask
+    return without_first(mask) if skip_first else mask
+
+
+def without_first(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` (B, T-1) without each row's first True position."""
+    return mask & ~(mask.float().cumsum(1) == 1)
 
 
 @contextlib.contextmanager
@@ -79,3 +81,17 @@ def check_layer(model: nn.Module, layer: int, key: str) -> nn.Module:
         raise ValueError(f"{key}={layer} out of range: the model has {len(layers)} layers "
                          f"(allowed 0..{len(layers) - 1})")
     return layers[int(layer)]
+
+
+@contextlib.contextmanager
+def layer_output(model: nn.Module, layer: int, into: list) -> Iterator[None]:
+    """Append the output hidden state of decoder layer ``layer`` to ``into`` on every forward inside
+    the block (a forward hook: it sees an activation only, so it works under ZeRO-3; removed on exit,
+    so a gradient-checkpointing recompute in backward does not fire it again)."""
+    block = check_layer(model, layer, "layer")
+    handle = block.register_forward_hook(
+        lambda _m, _i, out: into.append(out[0] if isinstance(out, (tuple, list)) else out))
+    try:
+        yield
+    finally:
+        handle.remove()

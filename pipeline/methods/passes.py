@@ -35,7 +35,7 @@ from torch import nn
 
 from pipeline.data.formatting import IGNORE_INDEX
 from pipeline.methods.loss_math import cache_kl_values, kl_values, reduce, scatter
-from pipeline.methods.model_io import check_layer, shifted_mask, tempered, unwrap
+from pipeline.methods.model_io import layer_output, shifted_mask, tempered, unwrap, without_first
 
 LOGITS, HIDDEN = "logits", "hidden"
 LAST = "last"  # final-norm hidden states at the loss positions (the fused KL's teacher side)
@@ -149,19 +149,6 @@ def row_temperatures(taus: dict[str, float], rows: dict[str, slice], device: tor
 
 
 @contextlib.contextmanager
-def _capture_layer(model: nn.Module, layer: Optional[int], into: list) -> Iterator[None]:
-    if layer is None:
-        yield
-        return
-    block = check_layer(model, layer, "layer")
-    handle = block.register_forward_hook(lambda _m, _i, out: into.append(out[0] if isinstance(out, (tuple, list)) else out))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
 def _head_input(head: nn.Module, replacement) -> Iterator[None]:
     """Temporarily replace ``head.forward`` (its ZeRO-3 hooks still gather / release its weights)."""
     own = "forward" in head.__dict__
@@ -260,7 +247,7 @@ def _model_pass(model: nn.Module, joint: dict, rows: dict[str, slice], logit_gro
     m = unwrap(model)
     get_head = getattr(m, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None
-    with _capture_layer(model, layer if hidden_groups else None, captured):
+    with layer_output(model, layer, captured) if hidden_groups else contextlib.nullcontext():
         if last_groups or fused_head is not None:
             h = _decoder(model)(input_ids=joint["input_ids"], attention_mask=joint["attention_mask"],
                                 use_cache=False).last_hidden_state[:, :-1]
@@ -326,10 +313,7 @@ def _frozen_passes(plan: StepPlan, frozen: nn.Module, batch: dict, fused: bool,
 
 def _kl_mask(part: Part, term: KLTerm) -> torch.Tensor:
     """The positions a KL term is reduced over: the loss mask, without each row's first loss token when asked."""
-    if not term.skip_first:
-        return part.mask
-    first = part.mask.float().cumsum(1) == 1
-    return part.mask & ~first
+    return without_first(part.mask) if term.skip_first else part.mask
 
 
 def _fused_head(plan: StepPlan, student: nn.Module, frozen: Optional[nn.Module], frozen_parts: dict[str, Part],
