@@ -240,6 +240,8 @@ def summarise(bench: str, out_dir: Path, previous: dict | None = None) -> dict:
             original = row
         else:
             rows.append(row)
+    if original is None and (previous or {}).get("original"):  # re-running some jobs only (e.g. --only auto)
+        original = {**previous["original"], "source": "earlier JSON"}
     if original is None:
         raise SystemExit(f"[study] {bench}: no evaluation of the original model under {root}")
     grid = [r for r in rows if not r["run"].startswith("auto")]
@@ -408,7 +410,8 @@ def main() -> None:
     if args.cost:
         payload["selection_cost_real"] = selection_cost()
     for b in BENCHES:
-        if (out_dir / "tau_auto_study" / b / "original" / "results.json").exists():
+        if (out_dir / "tau_auto_study" / b / "original" / "results.json").exists() or (
+                b in payload["benchmarks"] and any((out_dir / "tau_auto_study" / b).glob("*/results.json"))):
             s = summarise(b, out_dir, payload["benchmarks"].get(b))
             payload["benchmarks"][b] = s
             print(f"\n## {b} ({s['exp']}, {s['method']})\n{table(s)}\nverdict: {json.dumps(s['verdict'])}")

@@ -238,20 +238,23 @@ def test_tau_auto_end_to_end_two_ranks_zero3(tmp_path):
 
 
 def test_form_floor_caps_the_fact_choice(memorised, monkeypatch):
-    """The guard: when the fact rule's tau changes more of the template than FORM_FLOOR allows, the
-    choice drops to the largest probed tau that keeps it (GUARD_STEPS more probes). The fixture keeps >= 0.6 of
-    its template everywhere, so a stricter floor is set to make the guard act on real probes."""
+    """The guard: when the teacher loses more of the template than FORM_FLOOR allows before it
+    forgets the facts, the one bisection stops there and the choice is the largest probed tau that
+    keeps it (no extra probes). The fixture keeps >= 0.6 of its template everywhere, so a stricter
+    floor is set to make the guard act on real probes."""
     model, tok, rows, enc = memorised
     data = SimpleNamespace(forget=rows)
     free = tau_auto.select_tau(model, tok, data, enc, _cfg())
+    assert "capped" not in free["reason"], free
     monkeypatch.setattr(tau_auto, "FORM_FLOOR", 0.99)
     capped = tau_auto.select_tau(model, tok, data, enc, _cfg())
     assert capped["tau"] < free["tau"] and "capped" in capped["reason"], capped
-    assert len(capped["probes"]) == len(free["probes"]) + tau_auto.GUARD_STEPS
+    assert len(capped["probes"]) == len(free["probes"]) == 2 + tau_auto.BISECT_STEPS
     at = {p["tau"]: p for p in capped["probes"]}
     chosen = at[min(at, key=lambda t: abs(t - capped["tau"]))]
-    assert chosen["form_kept"] >= 0.99
-    assert all(p["form_kept"] < 0.99 for p in capped["probes"] if p["tau"] > capped["tau"] + 1e-3)
+    assert chosen["form_kept"] >= 0.99 and not chosen["facts_ok"], chosen
+    above = min(t for t in at if t > capped["tau"] + 1e-3)  # the bisection's last interval
+    assert at[above]["form_kept"] < 0.99 and above - capped["tau"] <= (tau_auto.TAU_MAX - tau_auto.TAU_MIN) / 2 ** tau_auto.BISECT_STEPS + 1e-3, at
 
 
 def _full_logit_predictions(model, items, pad_id):

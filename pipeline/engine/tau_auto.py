@@ -20,6 +20,9 @@ teacher (tau=1):
 Rule (rows with facts the teacher knows): the **smallest tau in [TAU_MIN, tau_max] at which the
 tempered teacher has forgotten at least ``method.tau_fact_target`` of the facts it knows**
 (default FACT_TARGET), by bisection; tau_max when even tau_max does not reach it (with a warning).
+Guard: the bisection stops at whichever comes first, the facts or the loss of half the template's
+top-1 (FORM_FLOOR); when the template went first, auto takes the largest probed tau below that
+point (on SmolLM2 the fact point alone left the student's forget answers empty, docs/sweeps.md).
 Every tau above that point flattens the answers further for few more facts, every tau below it
 leaves facts the student will keep. The first rule (the largest tau that keeps 95% of the non-fact
 top-1 predictions) chose 5.2 on the embedded benchmark but 1.06 on SmolLM2-135M-Instruct, whose
@@ -31,8 +34,8 @@ Fallback (no row has ``facts``, e.g. MUSE text, or the teacher reproduces none o
 largest tau whose teacher keeps ``form_kept >= method.tau_form_target`` (default FORM_TARGET).
 
 Cost: the slice's rows are split over the ranks (each rank runs its share; the counts are summed
-over ranks before any decision), 1 + 1 + BISECT_STEPS probes of the slice (GUARD_STEPS more when the
-guard acts). A probe computes the lm_head only at the scored answer positions (``logits_to_keep``),
+over ranks before any decision), 1 + 1 + BISECT_STEPS probes of the slice (the template guard
+shares the fact search's bisection). A probe computes the lm_head only at the scored answer positions (``logits_to_keep``),
 leaves out the last input position (it scores nothing), and runs a prompt prefix all rows share
 (chat template, system prompt) once, the rows continuing from its KV cache: the full forward's
 values up to float rounding, at about half its cost on SmolLM2 (docs/sweeps.md).
@@ -73,11 +76,9 @@ BATCH_ROWS = 16
 # shared prompt prefix (system prompt, chat template) run once per probe when every rank's rows share at
 # least this many tokens: below it one more forward and the cache copies save little
 MIN_PREFIX = 8
-FORM_FLOOR = 0.5  # the fact rule never goes above the largest tau keeping half the template's top-1 (guard)
-# bisection steps of the guard, between two neighbouring probes of the fact search (an interval of 0.11, the
-# search's last step with the default bounds, or a multiple): a quarter of it is finer than the search itself
-# resolves the facts (on SmolLM2 [1.875, 2.09] -> 0.055; 3 steps gave the same tau there, docs/sweeps.md)
-GUARD_STEPS = 2
+# the guard: the fact rule never goes above the largest tau keeping half the template's top-1. It is part of
+# the one bisection (its stop condition is "facts forgotten OR half the template gone"), so it costs no probes
+FORM_FLOOR = 0.5
 FACTS_WARN = 0.5  # warn when even tau_max's teacher forgets fewer than half of the known facts
 FORM_WARN = 0.5  # warn when the chosen tau's teacher changes more than half of the template's top-1
 
@@ -384,6 +385,12 @@ def _keeps_form_floor(rec: dict) -> bool:
     return rec["form_kept"] is not None and rec["form_kept"] >= FORM_FLOOR
 
 
+def _fact_search_stops(rec: dict) -> bool:
+    """The fact search's stop condition: the facts are forgotten, or the guard fires (the teacher
+    keeps less than FORM_FLOOR of the template's top-1), whichever comes first as tau grows."""
+    return bool(rec["facts_ok"]) or not _keeps_form_floor(rec)
+
+
 def _bisect(prober: _Prober, lo: float, hi: float, ok_at_hi: bool, key: str | Callable[[dict], bool],
             steps: int = BISECT_STEPS) -> tuple[float, float]:
     """Bisect [lo, hi] on the probes' boolean ``key`` (or a predicate of a probe record); returns
@@ -448,21 +455,23 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
                 tau, chosen = tau_max, top
                 reason = f"the teacher forgets none of the {ref['facts_known']} facts it knows even at the upper bound"
             else:
-                _, tau = _bisect(prober, TAU_MIN, tau_max, True, "facts_ok")
-                chosen = _at(prober, tau)
-                reason = (f"smallest tau at which the teacher has forgotten >= {fact_target} x the share of the "
-                          f"{ref['facts_known']} facts it knows that it forgets at tau_max={tau_max:g} "
-                          f"({_fmt(top['facts_forgotten'])}): {_fmt(chosen['facts_forgotten'])}")
-                if chosen["form_kept"] is not None and chosen["form_kept"] < FORM_FLOOR:
-                    # Guard: past half the template the student's answers broke on SmolLM2 (docs/sweeps.md).
-                    # Refine between the largest probe below tau that keeps half and the next one up.
-                    lo = max((r["tau"] for r in prober.probes if r["tau"] <= tau and _keeps_form_floor(r)),
-                             default=TAU_MIN)
-                    hi = min(r["tau"] for r in prober.probes if r["tau"] > lo)
-                    lo, _ = _bisect(prober, lo, hi, False, _keeps_form_floor, GUARD_STEPS)
+                # One bisection for the fact point and the guard: where the signals are monotone in tau it
+                # probes exactly the fact search's taus when the guard does not act (the same choice)
+                lo, hi = _bisect(prober, TAU_MIN, tau_max, True, _fact_search_stops)
+                stop = _at(prober, hi)
+                if _keeps_form_floor(stop):
+                    tau, chosen = hi, stop
+                    reason = (f"smallest tau at which the teacher has forgotten >= {fact_target} x the share of the "
+                              f"{ref['facts_known']} facts it knows that it forgets at tau_max={tau_max:g} "
+                              f"({_fmt(top['facts_forgotten'])}): {_fmt(chosen['facts_forgotten'])}")
+                else:
+                    # Guard: past half the template the student's answers broke on SmolLM2 (docs/sweeps.md)
                     tau, chosen = lo, _at(prober, lo)
-                    reason += (f"; capped at tau={lo:.3f}, the largest probed tau whose teacher keeps >= {FORM_FLOOR} "
-                               f"of the template's top-1 (facts forgotten there: {_fmt(chosen['facts_forgotten'])})")
+                    reason = (f"capped at tau={lo:.3f}, the largest probed tau whose teacher keeps >= {FORM_FLOOR} of "
+                              f"the template's top-1 (it keeps {_fmt(stop['form_kept'])} at tau={hi:.3f}) before "
+                              f"forgetting {fact_target} x the share of the {ref['facts_known']} facts it knows that "
+                              f"it forgets at tau_max={tau_max:g} ({_fmt(top['facts_forgotten'])}); facts forgotten "
+                              f"there: {_fmt(chosen['facts_forgotten'])}")
         else:
             signal = "form"
             if top["form_ok"]:
