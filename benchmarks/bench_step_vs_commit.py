@@ -5,9 +5,9 @@ a detached git worktree (``.venv`` and ``.cache`` symlinked), this checkout in p
 shape (``--scale``, 2 ranks, 1 thread, the same batch / seq / warm-up / timed steps), one launch
 per side per round, for ``--rounds`` rounds, the order alternating (old, new), (new, old), ... so a
 change of the shared host's load falls on both sides. Per variant the table gives the step time
-(median over rounds of each launch's median step; and the fastest timed step of rank 0 over all
-rounds), the ZeRO-3 all-gather volume of one steady step (rank 0) and the peak memory per rank
-(growth of the RSS high-water mark during the variant's block, and the block's peak RSS), each
+(median over rounds of each launch's median step; the median of each round's new / old; and the
+fastest timed step of rank 0 over all rounds), the ZeRO-3 all-gather volume of one steady step
+(rank 0) and the peak memory per rank (growth of the RSS high-water mark during the variant's block, and the block's peak RSS), each
 old / new / new over old; written to ``benchmarks/results/bench_step_vs_commit_<device>.json``
 (``..._134m_<device>.json`` with ``--scale 0.1b``).
 
@@ -178,6 +178,8 @@ def _summary(v: str, olds: list[dict], news: list[dict]) -> dict:
             "step_median": ratio(n["step_ms_median"], o["step_ms_median"]),
             "step_min": ratio(n["step_ms_min"], o["step_ms_min"]),
             "step_paired_rounds": [b / a for a, b in zip(o["step_ms_per_round"], n["step_ms_per_round"])],
+            # each round's new over the same round's old (adjacent launches): robust to slow load changes
+            "step_paired_median": med([b / a for a, b in zip(o["step_ms_per_round"], n["step_ms_per_round"])]),
             "all_gather": ratio(n["all_gather_mib_median"], o["all_gather_mib_median"]),
             "step_peak_mib": ratio(n["step_peak_mib_max_rank_median"], o["step_peak_mib_max_rank_median"]),
             "block_peak_rss_mib": ratio(n["block_peak_rss_mib_max_rank_median"], o["block_peak_rss_mib_max_rank_median"]),
@@ -255,6 +257,7 @@ def main() -> None:
             return fmt(x[k], spec) if x else "n/a"
 
         rows.append([v, g(o, "step_ms_median"), g(n, "step_ms_median"), fmt(r.get("step_median"), ".2f"),
+                     fmt(r.get("step_paired_median"), ".2f"),
                      g(o, "step_ms_min"), g(n, "step_ms_min"), fmt(r.get("step_min"), ".2f"),
                      g(o, "all_gather_mib_median"), g(n, "all_gather_mib_median"), fmt(r.get("all_gather"), ".2f"),
                      g(o, "step_peak_mib_max_rank_median"), g(n, "step_peak_mib_max_rank_median"),
@@ -265,7 +268,7 @@ def main() -> None:
           f"{shape['batch']}+{shape['batch']} rows x {shape['seq']} tokens; {shape['warmup']} warm-up + "
           f"{shape['steps']} timed steps per variant per launch; {args.rounds} rounds ({', '.join(order)}); "
           "n/a = the old script cannot run it")
-    print_table(["variant", "old ms (median)", "new ms", "new/old", "old ms (min)", "new ms (min)", "new/old (min)",
+    print_table(["variant", "old ms (median)", "new ms", "new/old", "new/old (paired)", "old ms (min)", "new ms (min)", "new/old (min)",
                  "old AG MiB/step", "new AG MiB", "new/old AG", "old step peak MiB/rank", "new step peak MiB/rank",
                  "old block RSS MiB/rank", "new block RSS MiB/rank"], rows)
     name = "bench_step_vs_commit" + ("" if args.scale == "small" else "_134m")
@@ -282,7 +285,8 @@ def main() -> None:
             "each side ran its own benchmarks/bench_step.py (old: a detached worktree of old_commit with this "
             ".venv/.cache), one launch per side per round, the order alternating per round.",
             "step ms = max over ranks of the rank's median timed step in that launch; median over rounds; min = the "
-            "fastest timed step of rank 0 over all rounds (the shared host's load only ever adds time).",
+            "fastest timed step of rank 0 over all rounds (the shared host's load only ever adds time); paired = "
+            "median over rounds of new / old of the same round (adjacent launches).",
             "all-gather MiB = output bytes of every DeepSpeed all_gather* on rank 0 in the last timed step "
             "(student and reference engines); step peak = growth of the RSS high-water mark during the variant's "
             "block over its start (max over ranks); block RSS = the block's peak RSS (engines included).",
