@@ -113,9 +113,9 @@ def gather_frozen_per_layer(model: Any, config: dict, cuda: bool) -> int:
     norms) with one fetch (one all-gather, one hook round) each; as a leaf the layer's weights come in
     one fetch, the same bytes. On 2 gloo ranks sharing 2 cores every collective is a rendezvous, and
     the frozen pass of the benchmark's 7 M model went from 39 all-gathers to 7 per step and its time
-    from 176 to 111 ms (min of 10 interleaved steps; docs/performance.md). The frozen model has no
-    backward, so nothing else changes; a whole layer is live at once (~14 MB fp32 at 134 M). GPUs
-    keep DeepSpeed's per-module fetches and prefetching (not measured there)."""
+    from 176 to 111 ms (min of 10 interleaved steps; docs/performance.md, after the 7 M table). The
+    frozen model has no backward, so nothing else changes; a whole layer is live at once (~14 MB fp32
+    at 134 M). GPUs keep DeepSpeed's per-module fetches and prefetching (not measured there)."""
     if cuda or config.get("zero_optimization", {}).get("stage") != 3:
         return 0
     from deepspeed.utils import set_z3_leaf_modules
