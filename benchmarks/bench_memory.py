@@ -235,6 +235,9 @@ def worker(spec: dict) -> None:
         share_fp32_master(engine)
     torch.distributed.barrier()
     st.mark("student engine (ZeRO-3 optimizer)")
+    from pipeline.engine.ds_config import gather_frozen_per_layer
+
+    gather_frozen_per_layer(reference, r_cfg, torch.cuda.is_available())  # as pipeline/run.py does
     ref_engine = deepspeed.initialize(model=reference, config=r_cfg)[0]
     ref_engine.eval()
     torch.distributed.barrier()

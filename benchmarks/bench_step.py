@@ -261,6 +261,9 @@ def worker(spec: dict) -> None:
                                   config=s_cfg)[0]
     ref_engine = None
     if reference is not None:
+        from pipeline.engine.ds_config import gather_frozen_per_layer
+
+        gather_frozen_per_layer(reference, r_cfg, cuda)  # as pipeline/run.py builds the frozen engine
         ref_engine = deepspeed.initialize(model=reference, config=r_cfg)[0]
         ref_engine.eval()
     elif lora and (need_ref or need_cache):

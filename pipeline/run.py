@@ -278,6 +278,10 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
         log.info("stage 0 student engine: %s", change)
     reference = None
     if frozen is not None:
+        from pipeline.engine.ds_config import gather_frozen_per_layer
+
+        if gather_frozen_per_layer(frozen, r_cfg, cuda):
+            log.info("frozen reference engine (ZeRO-3, CPU ranks): each decoder layer's weights gathered in one fetch")
         reference = deepspeed.initialize(model=frozen, config=r_cfg)[0]
         reference.eval()
     elif lora:
