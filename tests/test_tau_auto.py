@@ -1,6 +1,7 @@
 """method.tau=auto (pipeline/engine/tau_auto.py): the teacher-side signal and the selection rule."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -255,6 +256,17 @@ def test_form_floor_caps_the_fact_choice(memorised, monkeypatch):
     assert chosen["form_kept"] >= 0.99 and not chosen["facts_ok"], chosen
     above = min(t for t in at if t > capped["tau"] + 1e-3)  # the bisection's last interval
     assert at[above]["form_kept"] < 0.99 and above - capped["tau"] <= (tau_auto.TAU_MAX - tau_auto.TAU_MIN) / 2 ** tau_auto.BISECT_STEPS + 1e-3, at
+
+
+def test_guard_before_any_fact_chooses_one_and_warns(memorised, monkeypatch, caplog):
+    """A floor no tempered teacher keeps: every bisection probe stops on the template, the choice is
+    tau=1 (nothing tempered), and the log says ASU will remove nothing."""
+    model, tok, rows, enc = memorised
+    monkeypatch.setattr(tau_auto, "FORM_FLOOR", 1.01)
+    with caplog.at_level(logging.WARNING, logger="pipeline.engine.tau_auto"):
+        out = tau_auto.select_tau(model, tok, SimpleNamespace(forget=rows), enc, _cfg())
+    assert out["tau"] == tau_auto.TAU_MIN and "capped" in out["reason"], out
+    assert any("remove nothing" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def _full_logit_predictions(model, items, pad_id):

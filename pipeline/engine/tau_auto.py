@@ -523,6 +523,10 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
                     "the untempered teacher reproduces none of the forget facts", form_target)
         if tau == TAU_MIN:
             log.warning("tau=auto: tau=1 was chosen and ASU's forget term will remove nothing; set method.tau by hand")
+    elif tau == TAU_MIN:  # the guard fired at the bisection's first steps: the template goes before any fact
+        log.warning("tau=auto: the tempered teacher loses half the template's top-1 before it forgets the facts, "
+                    "so tau=1 was chosen and ASU's forget term will remove nothing; set method.tau by hand or "
+                    "try other method.teacher_layers")
     elif (top["facts_forgotten"] or 0.0) < FACTS_WARN:
         log.warning("tau=auto: tempering %s up to tau_max=%s leaves the teacher reproducing %.0f%% of the facts "
                     "it knows; ASU may not remove much (try other teacher_layers or a higher tau_max)",
