@@ -15,6 +15,8 @@ attention temperature, and which KL(frozen at τ || student) terms to form. :fun
    architecture-specific logit post-processing — Gemma-2's soft-cap, Granite's scaling — still
    applies), or, with ``kernels.kl=fused``, by streaming the KL terms over chunks of those positions
    (kernels/fused_kl.py; live teacher from its hidden states, cached teacher from its log-probs).
+   The final hidden states come from each model's own (root) forward with its head swapped for a
+   pass-through, so DeepSpeed ZeRO-3's root hooks (its per-pass trace reset, hence prefetching) run.
 
 Rows are right-padded, so a row's outputs at its own positions do not depend on how long the joint
 batch is: each loss term equals the one from a pass over its own group (tests/test_one_pass.py).
@@ -172,13 +174,59 @@ def gathered(params: list[nn.Parameter]):
     return contextlib.nullcontext()
 
 
-def _decoder(model: nn.Module) -> nn.Module:
+class _HeadInput(nn.Module):
+    """Stands in for the output head during one forward: keeps the hidden states the model hands its
+    head and returns them unchanged. It has no parameters and no ZeRO-3 hooks, so nothing is gathered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self.seen.append(hidden_states)
+        return hidden_states
+
+
+@contextlib.contextmanager
+def _head_captured(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Inside the block the model's output head is a :class:`_HeadInput`; yields its list of captured inputs.
+
+    The fused KL needs the final-norm hidden states, not logits. Taking them from the root model's own
+    forward (rather than calling its inner decoder) keeps DeepSpeed ZeRO-3's root forward pre-hook,
+    which resets the parameter coordinator's step (its module trace, hence prefetching) every pass."""
     m = unwrap(model)
-    base = getattr(m, "base_model", None)
-    if base is None or base is m:
-        raise ValueError(f"{type(m).__name__} exposes no decoder (`base_model`): kernels.kl=fused needs a "
-                         f"causal LM with a separate output head (use kernels.kl=naive)")
-    return base
+    get_head = getattr(m, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    name = next((n for n, sub in m.named_modules() if sub is head and n), None) if head is not None else None
+    if name is None:
+        raise ValueError(f"{type(m).__name__} exposes no separate output head (`get_output_embeddings`): "
+                         f"kernels.kl=fused needs a causal LM with one (use kernels.kl=naive)")
+    owner_name, _, attr = name.rpartition(".")
+    owner = m.get_submodule(owner_name)
+    capture = _HeadInput()
+    setattr(owner, attr, capture)
+    try:
+        yield capture.seen
+    finally:
+        setattr(owner, attr, head)
+
+
+def _final_hidden(model: nn.Module, joint: dict) -> torch.Tensor:
+    """(B, T, H) final-norm hidden states from one forward of the root model, its head a pass-through.
+
+    The model's output (``.logits``) is used, not the captured tensor: it is the same values (a view of
+    them), and under ZeRO-3 it carries the root module's backward hook, as the logits do in the naive
+    path. Checked to be that pass-through (same storage and shape), so a model that changed its head's
+    output afterwards would be refused rather than give wrong hidden states."""
+    check_fused_head(model)  # the known post-processing architectures: the fused KL's own clear error first
+    with _head_captured(model) as seen:
+        out = model(input_ids=joint["input_ids"], attention_mask=joint["attention_mask"], use_cache=False).logits
+    if not (len(seen) == 1 and out.shape == seen[0].shape and out.data_ptr() == seen[0].data_ptr()
+            and out.shape[:2] == joint["input_ids"].shape):
+        raise RuntimeError(f"{type(unwrap(model)).__name__}'s forward did not return its output head's input at every "
+                           f"position unchanged ({[tuple(t.shape) for t in seen]} -> {tuple(out.shape)}); "
+                           f"use kernels.kl=naive")
+    return out
 
 
 def fused_head_problem(model: nn.Module) -> Optional[str]:
@@ -249,8 +297,7 @@ def _model_pass(model: nn.Module, joint: dict, rows: dict[str, slice], logit_gro
     head = get_head() if get_head is not None else None
     with layer_output(model, layer, captured) if hidden_groups else contextlib.nullcontext():
         if last_groups or fused_head is not None:
-            h = _decoder(model)(input_ids=joint["input_ids"], attention_mask=joint["attention_mask"],
-                                use_cache=False).last_hidden_state[:, :-1]
+            h = _final_hidden(model, joint)[:, :-1]
             if fused_head is not None:
                 fused_head(h[mask], parts, sel)
             else:
