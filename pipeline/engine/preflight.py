@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.engine.zero_stage import resolve_zero_stage
+
 log = logging.getLogger(__name__)
 GiB = 1024**3
 
@@ -267,7 +269,7 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
     arch = resolve_arch(cfg.model, model_path)
     ds, tr = cfg.deepspeed, cfg.trainer
     budget = int((ds.gpu_memory_gb or _cuda_total_gb() or DEFAULT_GPU_GB) * GiB)
-    plans = [plan_memory(arch, n, min(n, 8), precision=resolve_precision(ds, True), zero_stage=_stage(ds, n),
+    plans = [plan_memory(arch, n, min(n, 8), precision=resolve_precision(ds, True), zero_stage=resolve_zero_stage(ds, n).stage,
                          offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
                          uses_reference=uses_reference, batch_size=int(tr.batch_size),
                          retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
@@ -294,14 +296,6 @@ def _local_world_size(world_size: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if world_size > 1 else 1
 
 
-def _stage(ds: Any, n: int) -> int:
-    """The ZeRO stage a run of ``n`` ranks with this ``deepspeed`` config uses (``auto`` resolved as
-    the job resolves it: pipeline/engine/zero_stage.py)."""
-    from pipeline.engine.zero_stage import resolve_zero_stage
-
-    return resolve_zero_stage(ds, n).stage
-
-
 def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference: bool, offload_opt: str,
           offload_par: str, zero_stage: Optional[int] = None) -> MemoryPlan:
     """The plan of ``cfg`` on ``n`` ranks with these offload settings, in ``zero_stage`` (None: the
@@ -312,7 +306,7 @@ def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference
     # the buffer limits DeepSpeed will get (ZeRO-3's; read only where the plan's stage is 3)
     zero = student_config(ds, tr, cuda, world_size=max(2, n))["zero_optimization"]
     return plan_memory(arch, n, min(n, max(gpn, 8 if n >= 8 else n)), precision=resolve_precision(ds, cuda),
-                       zero_stage=_stage(ds, n) if zero_stage is None else zero_stage, offload_optimizer=offload_opt,
+                       zero_stage=resolve_zero_stage(ds, n).stage if zero_stage is None else zero_stage, offload_optimizer=offload_opt,
                        offload_param=offload_par,
                        uses_reference=uses_reference, batch_size=int(tr.batch_size),
                        retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
