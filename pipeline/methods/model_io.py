@@ -61,6 +61,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def output_head(model: nn.Module) -> Optional[nn.Module]:
+    """The model's output head (``get_output_embeddings()`` of :func:`unwrap`), or None when it has none."""
+    get_head = getattr(unwrap(model), "get_output_embeddings", None)
+    return get_head() if get_head is not None else None
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a causal LM, found generically: ``model.model.layers`` (Llama, Mistral,
     Qwen, Gemma, ...) or ``model.layers`` (a bare decoder). Anything else raises a clear error."""

@@ -37,7 +37,7 @@ from torch import nn
 
 from pipeline.data.formatting import IGNORE_INDEX
 from pipeline.methods.loss_math import cache_kl_values, kl_values, reduce, scatter
-from pipeline.methods.model_io import layer_output, shifted_mask, tempered, unwrap, without_first
+from pipeline.methods.model_io import layer_output, output_head, shifted_mask, tempered, unwrap, without_first
 
 LOGITS, HIDDEN = "logits", "hidden"
 LAST = "last"  # final-norm hidden states at the loss positions (the fused KL's teacher side)
@@ -195,8 +195,7 @@ def _head_captured(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     forward (rather than calling its inner decoder) keeps DeepSpeed ZeRO-3's root forward pre-hook,
     which resets the parameter coordinator's step (its module trace, hence prefetching) every pass."""
     m = unwrap(model)
-    get_head = getattr(m, "get_output_embeddings", None)
-    head = get_head() if get_head is not None else None
+    head = output_head(m)
     name = next((n for n, sub in m.named_modules() if sub is head and n), None) if head is not None else None
     if name is None:
         raise ValueError(f"{type(m).__name__} exposes no separate output head (`get_output_embeddings`): "
@@ -292,9 +291,7 @@ def _model_pass(model: nn.Module, joint: dict, rows: dict[str, slice], logit_gro
     """
     mask, parts, sel = _parts(joint, rows)
     captured: list[torch.Tensor] = []
-    m = unwrap(model)
-    get_head = getattr(m, "get_output_embeddings", None)
-    head = get_head() if get_head is not None else None
+    head = output_head(model)
     with layer_output(model, layer, captured) if hidden_groups else contextlib.nullcontext():
         if last_groups or fused_head is not None:
             h = _final_hidden(model, joint)[:, :-1]
@@ -375,8 +372,8 @@ def _fused_head(plan: StepPlan, student: nn.Module, frozen: Optional[nn.Module],
     from kernels.fused_kl import fused_linear_kl
 
     check_fused_head(student)
-    head_s = unwrap(student).get_output_embeddings()
-    head_t = unwrap(frozen).get_output_embeddings() if frozen is not None else None
+    head_s = output_head(student)
+    head_t = output_head(frozen) if frozen is not None else None
     shared = head_t is head_s  # a LoRA student's teacher is its own base: one head, already gathered
 
     def run(h_sel: torch.Tensor, parts: dict[str, Part], sel: dict[str, slice]) -> None:
