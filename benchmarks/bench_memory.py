@@ -226,6 +226,9 @@ def worker(spec: dict) -> None:
 
     if not torch.cuda.is_available():
         tune_host_allocator(mmap_threshold_for(n_params))  # as pipeline/run.py does after loading
+    from pipeline.engine.ds_config import gather_per_layer
+
+    gather_per_layer(student, s_cfg, torch.cuda.is_available())  # as pipeline/run.py does, both engines
     engine = deepspeed.initialize(
         model=student, model_parameters=[p for p in student.parameters() if p.requires_grad], config=s_cfg,
         lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(spec["steps"], 0.0, "linear")))[0]
@@ -235,9 +238,7 @@ def worker(spec: dict) -> None:
         share_fp32_master(engine)
     torch.distributed.barrier()
     st.mark("student engine (ZeRO-3 optimizer)")
-    from pipeline.engine.ds_config import gather_frozen_per_layer
-
-    gather_frozen_per_layer(reference, r_cfg, torch.cuda.is_available())  # as pipeline/run.py does
+    gather_per_layer(reference, r_cfg, torch.cuda.is_available())  # as pipeline/run.py does
     ref_engine = deepspeed.initialize(model=reference, config=r_cfg)[0]
     ref_engine.eval()
     torch.distributed.barrier()

@@ -257,13 +257,17 @@ def worker(spec: dict) -> None:
     del hf_ds
     unset_hf_deepspeed_config()
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
+    per_layer = spec.get("gather", "per-layer") == "per-layer"
+    if per_layer:  # as pipeline/run.py builds both engines (CPU ranks; a no-op on GPUs)
+        from pipeline.engine.ds_config import gather_per_layer
+
+        gather_per_layer(student, s_cfg, cuda, joint_pass=not any(v.endswith(PER_GROUP) for v in variants))
+        if reference is not None:
+            gather_per_layer(reference, r_cfg, cuda)
     engine = deepspeed.initialize(model=student, model_parameters=[p for p in student.parameters() if p.requires_grad],
                                   config=s_cfg)[0]
     ref_engine = None
     if reference is not None:
-        from pipeline.engine.ds_config import gather_frozen_per_layer
-
-        gather_frozen_per_layer(reference, r_cfg, cuda)  # as pipeline/run.py builds the frozen engine
         ref_engine = deepspeed.initialize(model=reference, config=r_cfg)[0]
         ref_engine.eval()
     elif lora and (need_ref or need_cache):
@@ -427,6 +431,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--attention", default="auto", help="kernels.attention backend (auto = sdpa)")
+    ap.add_argument("--gather", choices=("per-layer", "per-module"), default="per-layer",
+                    help="ZeRO-3 on CPU ranks: each decoder layer's weights in one fetch (the pipeline's way, "
+                         "ds_config.gather_per_layer) or DeepSpeed's per-module fetches (before it)")
     ap.add_argument("--compare-passes", action="store_true",
                     help="each variant twice in one launch: the per-group step (old: one forward per row group and "
                          "model) then the joint step (new: one forward per model)")
@@ -461,7 +468,7 @@ def main() -> None:
                 "threads": args.threads, "cache_dir": str(d / "cache"),
                 "offload_optimizer": args.offload_optimizer or "none", "attention": args.attention,
                 "model_dir": None if big else str(_save_small_model(d, args.scale)),
-                "interleave": bool(args.compare_passes)}
+                "interleave": bool(args.compare_passes), "gather": args.gather}
         port = 29850 + os.getpid() % 100
         print(f"one launch: {', '.join(variants)} ({args.ranks} ranks, {warmup} warm-up + {steps} timed steps each)",
               flush=True)

@@ -199,7 +199,7 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from pipeline.engine.batching import BatchPlan
-    from pipeline.engine.ds_config import reference_config, student_config
+    from pipeline.engine.ds_config import gather_per_layer, reference_config, student_config
     from pipeline.engine.host_memory import share_fp32_master
     from pipeline.engine.preflight import run_preflight
     from pipeline.engine.sharding import record as record_partition
@@ -266,6 +266,11 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     elif cfg.deepspeed.activation_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
         student.gradient_checkpointing_enable()
 
+    if gather_per_layer(student, s_cfg, cuda, bool(cfg.deepspeed.activation_checkpointing),
+                        cfg.trainer.passes == "joint"):
+        log.info("student engine (ZeRO-3, CPU ranks): each decoder layer's weights gathered in one fetch")
+    if frozen is not None and gather_per_layer(frozen, r_cfg, cuda):
+        log.info("frozen engine (ZeRO-3, CPU ranks): each decoder layer's weights gathered in one fetch")
     engine, _, _, _ = deepspeed.initialize(
         model=student,
         model_parameters=[p for p in student.parameters() if p.requires_grad],
@@ -278,10 +283,6 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
         log.info("stage 0 student engine: %s", change)
     reference = None
     if frozen is not None:
-        from pipeline.engine.ds_config import gather_frozen_per_layer
-
-        if gather_frozen_per_layer(frozen, r_cfg, cuda):
-            log.info("frozen reference engine (ZeRO-3, CPU ranks): each decoder layer's weights gathered in one fetch")
         reference = deepspeed.initialize(model=frozen, config=r_cfg)[0]
         reference.eval()
     elif lora:

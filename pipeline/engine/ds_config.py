@@ -105,18 +105,32 @@ def reference_config(ds_cfg: Any, trainer_cfg: Any, cuda: bool, world_size: Opti
     }
 
 
-def gather_frozen_per_layer(model: Any, config: dict, cuda: bool) -> int:
-    """CPU ranks, ZeRO-3: make each decoder layer of the frozen (forward-only) ``model`` one DeepSpeed
-    leaf module, before ``deepspeed.initialize``; returns how many layers were marked (0: unchanged).
+def gather_per_layer(model: Any, config: dict, cuda: bool, checkpointing: bool = False,
+                     joint_pass: bool = True) -> int:
+    """CPU ranks, ZeRO-3: make each decoder layer of ``model`` (the student or the frozen model) one
+    DeepSpeed leaf module, before ``deepspeed.initialize``; returns how many layers were marked (0:
+    unchanged).
 
-    Without it ZeRO-3 gathers a frozen Llama layer's nine weights (q, k, v, o, gate, up, down, two
-    norms) with one fetch (one all-gather, one hook round) each; as a leaf the layer's weights come in
-    one fetch, the same bytes. On 2 gloo ranks sharing 2 cores every collective is a rendezvous, and
-    the frozen pass of the benchmark's 7 M model went from 39 all-gathers to 7 per step and its time
-    from 176 to 111 ms (min of 10 interleaved steps; docs/performance.md, after the 7 M table). The
-    frozen model has no backward, so nothing else changes; a whole layer is live at once (~14 MB fp32
-    at 134 M). GPUs keep DeepSpeed's per-module fetches and prefetching (not measured there)."""
+    Without it ZeRO-3 gathers a Llama layer's nine weights (q, k, v, o, gate, up, down, two norms) with
+    one fetch (one all-gather, one hook round) each, in the forward and again in the backward; as a
+    leaf the layer's weights come in one fetch, the same bytes, and DeepSpeed reduces the layer's
+    gradients together once its backward is done. On 2 gloo ranks sharing 2 cores every collective is
+    a rendezvous: at 7 M the frozen pass went from 39 all-gathers to 7 and from 176 to 111 ms, and a
+    GradDiff step from 78 all-gathers to 14 (docs/performance.md). A whole layer is live at once
+    (~28 MB fp32 at 134 M). GPUs keep DeepSpeed's per-module fetches and prefetching, which overlap
+    the gathers with compute there (not measured: no device).
+
+    A model with trainable weights is marked only when *every* weight trains, activation
+    ``checkpointing`` is off and the step runs it once before each backward (``joint_pass``,
+    trainer.passes=joint). DeepSpeed reduces a leaf's gradients and releases its weights from a full
+    backward hook, once per traversal: that hook fires before the layer's own backward when the
+    layer's input needs no gradient (a partly frozen student: LoRA, RMU's one layer), so the backward
+    would find its weights gone; and a layer run twice before one backward (one forward per row group)
+    would have its gradients reduced twice (DeepSpeed asserts)."""
     if cuda or config.get("zero_optimization", {}).get("stage") != 3:
+        return 0
+    grads = [p.requires_grad for p in model.parameters()]
+    if any(grads) and (not all(grads) or checkpointing or not joint_pass):
         return 0
     from deepspeed.utils import set_z3_leaf_modules
 
