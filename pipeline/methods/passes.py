@@ -7,7 +7,9 @@ attention temperature, and which KL(frozen at τ || student) terms to form. :fun
 
 1. runs the frozen model **once** (no grad) on all its groups, padded to one length, with a
    **per-row temperature** (a (B, 1) τ: the teacher's forget rows at τ in ``teacher_layers``, the
-   reference's rows at τ = 1; every attention backend honours it);
+   reference's rows at τ = 1; every attention backend honours it); under ZeRO-3 its token embeddings
+   come from the table's shards when the step's tokens are fewer than the table's rows
+   (pipeline/models/sharded_embedding.py), so the V×H table is not gathered for it;
 2. runs the student **once** (one forward, one backward) on all its groups; RNA noise is added to
    the retain rows only;
 3. applies the output head only at the loss positions (answer tokens + EOS), never at the B×T
@@ -38,6 +40,8 @@ from torch import nn
 from pipeline.data.formatting import IGNORE_INDEX
 from pipeline.methods.loss_math import cache_kl_values, kl_values, reduce, scatter
 from pipeline.methods.model_io import layer_output, output_head, shifted_mask, tempered, unwrap, without_first
+from pipeline.models.sharded_embedding import embeddings_from_shards
+from pipeline.models.submodules import swapped
 
 LOGITS, HIDDEN = "logits", "hidden"
 LAST = "last"  # final-norm hidden states at the loss positions (the fused KL's teacher side)
@@ -196,18 +200,11 @@ def _head_captured(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     which resets the parameter coordinator's step (its module trace, hence prefetching) every pass."""
     m = unwrap(model)
     head = output_head(m)
-    name = next((n for n, sub in m.named_modules() if sub is head and n), None) if head is not None else None
-    if name is None:
+    if head is None:
         raise ValueError(f"{type(m).__name__} exposes no separate output head (`get_output_embeddings`): "
                          f"kernels.kl=fused needs a causal LM with one (use kernels.kl=naive)")
-    owner_name, _, attr = name.rpartition(".")
-    owner = m.get_submodule(owner_name)
-    capture = _HeadInput()
-    setattr(owner, attr, capture)
-    try:
+    with swapped(m, head, _HeadInput()) as capture:
         yield capture.seen
-    finally:
-        setattr(owner, attr, head)
 
 
 def _final_hidden(model: nn.Module, joint: dict) -> torch.Tensor:
@@ -348,7 +345,8 @@ def _frozen_passes(plan: StepPlan, frozen: nn.Module, batch: dict, fused: bool,
         joint, rows = join(batch, groups)
         taus = row_temperatures({g: spec[g][0] for g in groups}, rows, joint["input_ids"].device)
         kinds = {g: spec[g][1] for g in groups}
-        with torch.no_grad(), tempered(frozen, taus, plan.teacher_layers):
+        with (torch.no_grad(), tempered(frozen, taus, plan.teacher_layers),
+              embeddings_from_shards(unwrap(frozen), joint["input_ids"])):
             out.update(_model_pass(frozen, joint, rows, {g for g in groups if LOGITS in kinds[g]},
                                    {g for g in groups if HIDDEN in kinds[g]},
                                    {g for g in groups if LAST in kinds[g]}, plan.layer))
