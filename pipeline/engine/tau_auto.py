@@ -61,6 +61,7 @@ from pipeline.data.collate import pad_batch
 from pipeline.data.formatting import IGNORE_INDEX
 from pipeline.methods.asu import FACT_TARGET, FORM_TARGET, TAU_MAX
 from pipeline.methods.model_io import unwrap
+from pipeline.models.sharded_embedding import embeddings_from_shards
 from pipeline.models.tempered_attention import temperature
 
 log = logging.getLogger(__name__)
@@ -206,10 +207,17 @@ def shared_prefix(items: Sequence[dict]) -> int:
     return n
 
 
+def _forward(model: Any, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+    """``model(input_ids=input_ids, **kwargs)``; under ZeRO-3 its token embeddings come from the table's
+    shards when that moves less than gathering the table (pipeline/models/sharded_embedding.py)."""
+    with embeddings_from_shards(unwrap(model), input_ids):
+        return model(input_ids=input_ids, **kwargs)
+
+
 def _prefix_cache(model: Any, prefix: Sequence[int], device: torch.device) -> Any:
     """The model's KV cache after the shared prefix (one row), or None when the cache cannot be
     repeated over a batch (then the rows run whole)."""
-    cache = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True).past_key_values
+    cache = _forward(model, torch.tensor([list(prefix)], device=device), use_cache=True).past_key_values
     return cache if hasattr(cache, "batch_repeat_interleave") else None
 
 
@@ -253,12 +261,12 @@ def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int, n_forwar
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(len(chunk))
             # the mask spans prefix and rows (transformers' convention with a cache)
-            logits = model(input_ids=ids[:, p:], attention_mask=mask, past_key_values=past, use_cache=True,
-                           logits_to_keep=(pos - p).to(device)).logits
+            logits = _forward(model, ids[:, p:], attention_mask=mask, past_key_values=past, use_cache=True,
+                              logits_to_keep=(pos - p).to(device)).logits
         elif at_positions:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=pos.to(device)).logits
+            logits = _forward(model, ids, attention_mask=mask, use_cache=False, logits_to_keep=pos.to(device)).logits
         else:  # the full forward: every position's logits, keep the scored ones
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = _forward(model, ids, attention_mask=mask, use_cache=False).logits
             logits = torch.take_along_dim(logits, pos.to(device)[..., None], dim=1)
         top1 = logits.argmax(-1).cpu()
         target = torch.take_along_dim(labels, pos + 1, dim=1).clamp_min(0)

@@ -26,6 +26,9 @@ from pipeline.models.submodules import swapped
 
 log = logging.getLogger(__name__)
 _LOGGED: set[str] = set()
+# outcomes where no table is gathered anyway (not ZeRO-3, or whole on this rank): nothing to log
+NOT_SHARDED, WHOLE, ONE_RANK = "not a frozen ZeRO-3 parameter", "the table is whole on this rank", "one rank"
+NOTHING_GATHERED = (NOT_SHARDED, WHOLE, ONE_RANK, "no input embeddings")
 
 
 def fill_from_shard(shard: torch.Tensor, start: int, numel: int, dim: int, ids: torch.Tensor) -> torch.Tensor:
@@ -61,18 +64,18 @@ def _problem(emb: nn.Module, device: torch.device) -> Optional[str]:
     if type(emb) is not nn.Embedding or emb.max_norm is not None:
         return f"{type(emb).__name__} is not a plain nn.Embedding"
     if w is None or not hasattr(w, "ds_tensor") or w.requires_grad:
-        return "not a frozen ZeRO-3 parameter"
+        return NOT_SHARDED
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     shard = w.ds_tensor
     if w.ds_status != ZeroParamStatus.NOT_AVAILABLE or shard is None:
-        return "the table is whole on this rank"
+        return WHOLE
     if getattr(shard, "final_location", None) is not None or hasattr(shard, "ds_quant_scale"):
         return "its shard is offloaded to NVMe or quantized"
     if shard.device != device:
         return f"its shard is on {shard.device}, the tokens on {device}"
     if torch.distributed.get_world_size(group=w.ds_process_group) < 2:
-        return "one rank"
+        return ONE_RANK
     return None
 
 
@@ -125,16 +128,16 @@ def embeddings_from_shards(model: nn.Module, input_ids: torch.Tensor) -> Iterato
     problem = "no input embeddings" if emb is None else _problem(emb, input_ids.device)
     rows = lookup(emb, input_ids) if problem is None else None
     if problem is None and rows is None:
-        problem = "the step's tokens outnumber the table's rows"
+        problem = "the step's token slots over all ranks outnumber the table's rows"
     key = f"{type(model).__name__}:{problem}"
-    if key not in _LOGGED:
+    if key not in _LOGGED and problem not in NOTHING_GATHERED:  # say once per model and outcome what runs
         _LOGGED.add(key)
         if problem is None:
             log.info("frozen model's token embeddings: looked up in the ZeRO-3 shards (a reduce-scatter of "
                      "the step's tokens × %d) instead of gathering the %d × %d table",
                      emb.embedding_dim, emb.num_embeddings, emb.embedding_dim)
         else:
-            log.debug("frozen model's token embeddings: gathered by ZeRO-3 (%s)", problem)
+            log.info("frozen model's token embeddings: ZeRO-3 gathers the table (%s)", problem)
     if problem is not None:
         yield False
         return
