@@ -61,8 +61,6 @@ def fill_from_shard(shard: torch.Tensor, start: int, numel: int, dim: int, ids: 
 def _problem(emb: nn.Module, device: torch.device) -> Optional[str]:
     """Why the shard lookup cannot serve ``emb`` (then DeepSpeed gathers the table as usual), or None."""
     w = getattr(emb, "weight", None)
-    if type(emb) is not nn.Embedding or emb.max_norm is not None:
-        return f"{type(emb).__name__} is not a plain nn.Embedding"
     if w is None or not hasattr(w, "ds_tensor") or w.requires_grad:
         return NOT_SHARDED
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -70,12 +68,14 @@ def _problem(emb: nn.Module, device: torch.device) -> Optional[str]:
     shard = w.ds_tensor
     if w.ds_status != ZeroParamStatus.NOT_AVAILABLE or shard is None:
         return WHOLE
+    if torch.distributed.get_world_size(group=w.ds_process_group) < 2:
+        return ONE_RANK
+    if type(emb) is not nn.Embedding or emb.max_norm is not None:  # e.g. Gemma-3's scaled embedding
+        return f"{type(emb).__name__} is not a plain nn.Embedding"
     if getattr(shard, "final_location", None) is not None or hasattr(shard, "ds_quant_scale"):
         return "its shard is offloaded to NVMe or quantized"
     if shard.device != device:
         return f"its shard is on {shard.device}, the tokens on {device}"
-    if torch.distributed.get_world_size(group=w.ds_process_group) < 2:
-        return ONE_RANK
     return None
 
 
@@ -104,7 +104,7 @@ def lookup(emb: nn.Embedding, input_ids: torch.Tensor) -> Optional[torch.Tensor]
     return mine[:input_ids.numel()].view(*input_ids.shape, emb.embedding_dim)
 
 
-class _Looked(nn.Module):
+class _LookedUp(nn.Module):
     """Stands in for the embedding during one forward: returns the rows already looked up for exactly
     these ``input_ids``. No parameters, so ZeRO-3 gathers nothing for it."""
 
@@ -141,5 +141,5 @@ def embeddings_from_shards(model: nn.Module, input_ids: torch.Tensor) -> Iterato
     if problem is not None:
         yield False
         return
-    with swapped(model, emb, _Looked(input_ids, rows)):
+    with swapped(model, emb, _LookedUp(input_ids, rows)):
         yield True
