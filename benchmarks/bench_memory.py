@@ -228,7 +228,8 @@ def worker(spec: dict) -> None:
         tune_host_allocator(mmap_threshold_for(n_params))  # as pipeline/run.py does after loading
     from pipeline.engine.ds_config import gather_per_layer
 
-    gather_per_layer(student, s_cfg, torch.cuda.is_available())  # as pipeline/run.py does, both engines
+    # as pipeline/run.py does, both engines (the student's layers only with one forward per backward)
+    gather_per_layer(student, s_cfg, torch.cuda.is_available(), joint_pass=spec.get("passes", "joint") == "joint")
     engine = deepspeed.initialize(
         model=student, model_parameters=[p for p in student.parameters() if p.requires_grad], config=s_cfg,
         lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(spec["steps"], 0.0, "linear")))[0]
