@@ -73,6 +73,41 @@ def test_student_and_reference_configs_and_memory_plan_follow_the_resolved_stage
     assert one.per_gpu["student params"] == 2 * two.per_gpu["student params"]  # whole vs half a model
 
 
+def test_layers_become_one_fetch_only_where_deepspeed_can_reduce_them():
+    """ds_config.gather_per_layer: CPU ZeRO-3 only; a model with trainable weights only when all of them
+    train, without checkpointing, one forward per backward (otherwise DeepSpeed's leaf hooks release a
+    layer's weights before its backward, or reduce its gradients twice)."""
+    from deepspeed.utils import z3_leaf_module
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.engine.ds_config import gather_per_layer
+
+    z3, z0 = {"zero_optimization": {"stage": 3}}, {"zero_optimization": {"stage": 0}}
+
+    def model(frozen: str = ""):
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=1))
+        for name, p in m.named_parameters():
+            p.requires_grad_(not (frozen == "all" or (frozen and frozen in name)))
+        return m
+
+    def marked(m):
+        return [z3_leaf_module(layer) for layer in m.model.layers]
+
+    m = model()
+    assert gather_per_layer(m, z3, cuda=False) == 3 and marked(m) == [True] * 3
+    m = model("all")  # the frozen model: no backward
+    assert gather_per_layer(m, z3, cuda=False, joint_pass=False) == 3 and marked(m) == [True] * 3
+    for m, kwargs in ((model("layers.1.mlp"), {}),  # partly frozen (as under RMU or LoRA)
+                      (model("embed_tokens"), {}),  # layer 0's input needs no gradient
+                      (model(), {"checkpointing": True}),
+                      (model(), {"joint_pass": False})):  # trainer.passes=per_group
+        assert gather_per_layer(m, z3, cuda=False, **kwargs) == 0 and marked(m) == [False] * 3, kwargs
+    for config, cuda in ((z3, True), (z0, False)):  # GPUs keep DeepSpeed's per-module fetches
+        m = model()
+        assert gather_per_layer(m, config, cuda=cuda) == 0 and marked(m) == [False] * 3
+
+
 def test_resume_under_another_stage_is_refused_and_old_checkpoints_read_as_zero3():
     meta = {"model": "m", "world_size": 1, "zero_stage": 0}
     check_compatible({**meta, "step": 3}, meta, Path("ck"))
