@@ -11,7 +11,8 @@ from torch import nn
 @contextlib.contextmanager
 def swapped(root: nn.Module, old: nn.Module, new: nn.Module) -> Iterator[nn.Module]:
     """Inside the block ``old`` (a submodule of ``root``, found by identity) is replaced by ``new``
-    wherever ``root`` holds it; restored on exit. Yields ``new``.
+    under its name in ``root`` (the first, should a module be registered twice); restored on exit.
+    Yields ``new``.
 
     Used to stand a parameter-free module in for one with ZeRO-3 weights, so DeepSpeed's hooks on the
     original (which gather its weights) do not run for that forward."""
