@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 _LOGGED: set[str] = set()
 # outcomes where no table is gathered anyway (not ZeRO-3, or whole on this rank): nothing to log
 NOT_SHARDED, WHOLE, ONE_RANK = "not a frozen ZeRO-3 parameter", "the table is whole on this rank", "one rank"
-NOTHING_GATHERED = (NOT_SHARDED, WHOLE, ONE_RANK, "no input embeddings")
+NO_EMBEDDINGS = "no input embeddings"
+NOTHING_GATHERED = (NOT_SHARDED, WHOLE, ONE_RANK, NO_EMBEDDINGS)
 
 
 def fill_from_shard(shard: torch.Tensor, start: int, numel: int, dim: int, ids: torch.Tensor) -> torch.Tensor:
@@ -125,7 +126,7 @@ def embeddings_from_shards(model: nn.Module, input_ids: torch.Tensor) -> Iterato
     Yields whether it does (False: the model is left as it is). A collective when it applies: every
     rank enters the block with its own tokens."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    problem = "no input embeddings" if emb is None else _problem(emb, input_ids.device)
+    problem = NO_EMBEDDINGS if emb is None else _problem(emb, input_ids.device)
     rows = lookup(emb, input_ids) if problem is None else None
     if problem is None and rows is None:
         problem = "the step's token slots over all ranks outnumber the table's rows"
