@@ -196,3 +196,20 @@ def test_a_run_that_keeps_weights_whole_fails_when_partitioning_is_required(runs
     assert p.returncode != 0
     assert "ASU_REQUIRE_PARTITIONED=1: 21 of 21 student parameters are not partitioned across 2 ranks" in p.stderr
     assert not (root / "w2" / "whole" / "train_history.json").exists()
+
+
+def test_partition_stats_counts_a_persistent_parameter_whole_on_every_rank():
+    """A parameter under ``param_persistence_threshold`` keeps a shard *and* its whole tensor on every
+    rank: it counts as whole, with all its elements held (before: only its shard was counted, so a
+    run with nothing partitioned reported holding half the model)."""
+    import torch
+
+    from pipeline.engine.sharding import partition_stats
+
+    lin = torch.nn.Linear(4, 4, bias=False)  # 16 elements, "sharded" over 2 ranks: 8 per rank
+    emb = torch.nn.Embedding(6, 4)  # 24 elements, 12 per rank
+    for p, persist in ((lin.weight, True), (emb.weight, False)):
+        p.ds_numel, p.ds_tensor, p.ds_persist = p.numel(), torch.empty(p.numel() // 2), persist
+    s = partition_stats(torch.nn.ModuleDict({"lin": lin, "emb": emb}))
+    assert s["params"] == 2 and s["partitioned"] == 1 and s["whole"] == ["lin.weight"]
+    assert (s["local_elements"], s["full_elements"]) == (16 + 12, 40)

@@ -30,7 +30,8 @@ def partition_stats(module: torch.nn.Module) -> dict[str, Any]:
 
     A parameter counts as partitioned when DeepSpeed does not keep it whole (``ds_persist`` false)
     and this rank's partition (``ds_tensor``) holds fewer elements than the full tensor
-    (``ds_numel``). Without ZeRO-3 attributes nothing is partitioned.
+    (``ds_numel``). Without ZeRO-3 attributes nothing is partitioned. ``local_elements``: what
+    this rank keeps between steps, its shard of each partitioned parameter and all of each whole one.
     """
     params = list(module.named_parameters())
     whole: list[str] = []
@@ -40,9 +41,10 @@ def partition_stats(module: torch.nn.Module) -> dict[str, Any]:
         part = getattr(p, "ds_tensor", None)
         k = int(part.numel()) if part is not None else n
         full += n
-        local += k
         if getattr(p, "ds_persist", True) or part is None or k >= n:
             whole.append(name)
+            k = n  # a persistent parameter is whole on every rank (DeepSpeed keeps its shard as well)
+        local += k
     return {"params": len(params), "partitioned": len(params) - len(whole), "whole": whole,
             "local_elements": local, "full_elements": full}
 
