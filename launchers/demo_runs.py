@@ -7,11 +7,11 @@ Every rank runs the same jobs in order (see :mod:`pipeline.demo`); run directori
 """
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
 import _bootstrap  # noqa: F401  (must run first: environment + argv)
+
+from pipeline.logging import configure_console
 
 
 def main() -> None:
@@ -25,8 +25,7 @@ def main() -> None:
                     help="multiply the per-rank batch sizes (1 rank with the global batch of N ranks: N)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every job")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    configure_console()
 
     from pipeline.demo import demo_job, plan_jobs
     from pipeline.engine.distributed import is_main_process

@@ -8,6 +8,34 @@ from typing import Any, Optional
 
 log = logging.getLogger("pipeline")
 
+# The console/file format of every launcher; ``%(rank)s`` is filled in by :class:`RankFilter`.
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s]%(rank)s - %(message)s"
+
+
+class RankFilter(logging.Filter):
+    """Multi-rank runs log once: rank 0 passes every record, the other ranks only warnings and
+    errors, tagged with their rank (``[rank 3]``) since those are the ones that can differ between
+    ranks. Without it every rank of an N-rank launch writes each info line, N times over, into the
+    same console and the same ``train.log``. Sets ``record.rank`` ("" on rank 0) for
+    :data:`LOG_FORMAT`; the rank is read per record from ``RANK`` (set for every launch by
+    ``pipeline.engine.distributed.setup_environment``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rank = int(os.environ.get("RANK", "0") or 0)
+        record.rank = f"[rank {rank}]" if rank else ""
+        return rank == 0 or record.levelno >= logging.WARNING
+
+
+def configure_console(stream: Any = None) -> None:
+    """For launchers without Hydra: INFO to ``stream`` (stderr) in :data:`LOG_FORMAT`, through
+    :class:`RankFilter` (Hydra's launchers get the same from ``conf/config.yaml``)."""
+    import sys
+
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(RankFilter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
 
 class RunLogger:
     """Logs scalars to wandb on the main process; a no-op elsewhere or when disabled."""

@@ -46,6 +46,11 @@ def test_prepare_eval_and_two_rank_zero3_unlearning(out):
     assert res["metrics"]["forget_quality"] is not None  # the retain model's reference was used
     assert (run / "report.md").read_text().startswith("#")
     assert (run / "model" / "model.safetensors").exists()
+    # both ranks write train.log and the console; only rank 0 logs info lines (pipeline.logging.RankFilter)
+    for text in ((run / "train.log").read_text(errors="replace"), tr.stderr):
+        assert text.count("deepspeed.zero_stage=auto -> 3 (2 ranks)") == 1
+        assert text.count(" finished in ") == 1
+        assert "[INFO][rank 1]" not in text
 
 
 def test_demo_runs_every_job_and_tabulates_them(out):

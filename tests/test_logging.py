@@ -1,0 +1,90 @@
+"""Multi-rank runs log once: rank 0 logs everything, other ranks only warnings and errors, tagged.
+
+The filter itself on records with ``RANK`` set either way, and the wiring: the launchers' Hydra
+``job_logging`` (console and ``train.log``) uses it with :data:`pipeline.logging.LOG_FORMAT`. The
+2-rank end-to-end test (tests/test_e2e_synthetic.py) checks the result in a real launch's log.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import logging.config
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from pipeline.config import register_configs
+from pipeline.logging import LOG_FORMAT, RankFilter
+from tests.helpers.launch import ROOT
+
+
+def _emit(rank: str, monkeypatch) -> str:
+    """What one INFO and one WARNING record look like through a handler with the filter, on ``rank``."""
+    monkeypatch.setenv("RANK", rank)
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(RankFilter())
+    logger = logging.getLogger(f"test_logging.r{rank}")
+    logger.propagate, logger.level = False, logging.INFO
+    logger.addHandler(handler)
+    try:
+        logger.info("which backend ran")
+        logger.warning("this rank's data was short")
+    finally:
+        logger.removeHandler(handler)
+    return out.getvalue()
+
+
+def test_rank_zero_logs_everything_untagged(monkeypatch):
+    text = _emit("0", monkeypatch)
+    assert "[INFO] - which backend ran" in text
+    assert "[WARNING] - this rank's data was short" in text
+    assert "[rank" not in text
+
+
+def test_other_ranks_log_only_warnings_tagged_with_their_rank(monkeypatch):
+    text = _emit("3", monkeypatch)
+    assert "which backend ran" not in text
+    assert "[WARNING][rank 3] - this rank's data was short" in text
+
+
+def test_launchers_hydra_logging_uses_the_filter_on_console_and_file(tmp_path, monkeypatch):
+    """The composed ``hydra.job_logging`` (what train/eval/prepare configure) builds handlers that
+    filter by rank and format with LOG_FORMAT."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    jl = OmegaConf.to_container(cfg.hydra.job_logging, resolve=False)
+    assert jl["formatters"]["simple"]["format"] == LOG_FORMAT
+    for name in ("console", "file"):
+        assert jl["handlers"][name]["filters"] == ["rank"], name
+    jl["handlers"]["file"]["filename"] = str(tmp_path / "train.log")
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    monkeypatch.setenv("RANK", "1")
+    try:
+        logging.config.dictConfig(jl)
+        logging.getLogger("pipeline.run").info("info from rank 1")
+        logging.getLogger("pipeline.run").warning("warning from rank 1")
+        for h in root.handlers:
+            h.flush()
+        text = (tmp_path / "train.log").read_text()
+    finally:
+        for h in root.handlers:
+            h.close()
+        root.handlers[:], root.level = saved
+    assert "info from rank 1" not in text
+    assert "[pipeline.run][WARNING][rank 1] - warning from rank 1" in text
+
+
+@pytest.mark.parametrize("rank", ["", "0"])
+def test_an_unset_or_empty_rank_is_rank_zero(rank, monkeypatch):
+    if rank:
+        monkeypatch.setenv("RANK", rank)
+    else:
+        monkeypatch.delenv("RANK", raising=False)
+    rec = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+    assert RankFilter().filter(rec) and rec.rank == ""
