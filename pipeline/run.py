@@ -301,8 +301,10 @@ def _choose_tau(cfg: DictConfig, engines: JobEngines, inputs: JobInputs) -> Opti
     if "tau" not in cfg.method or str(cfg.method.tau) != "auto":
         return None
     from pipeline.engine.tau_auto import select_tau
+    from pipeline.progress import progress
 
-    selection = select_tau(engines.reference, inputs.tokenizer, inputs.data, inputs.forget, cfg)
+    with progress("tau=auto probes", cfg.logging.progress_bar):
+        selection = select_tau(engines.reference, inputs.tokenizer, inputs.data, inputs.forget, cfg)
     with open_dict(cfg):
         cfg.method.tau = float(selection["tau"])
     log.info("method.tau=auto chose tau=%.3f", cfg.method.tau)
@@ -316,11 +318,14 @@ def _attach_teacher_cache(cfg: DictConfig, method: Any, engines: JobEngines, inp
     if not getattr(method, "cached_teacher", False):
         return
     from pipeline.engine.teacher_cache import TeacherCache, build_teacher_cache
+    from pipeline.progress import progress
 
-    cache_path = build_teacher_cache(engines.reference, inputs.forget, cfg.method, Path(cfg.cache_dir) / "teacher_cache",
-                                     int(cfg.trainer.batch_size), model_path=inputs.paths.model,
-                                     split=inputs.data.forget_split, max_length=inputs.max_len,
-                                     pad_token_id=inputs.tokenizer.pad_token_id, device=trainer.device)
+    with progress("teacher cache", cfg.logging.progress_bar):  # a bar only while it is being built
+        cache_path = build_teacher_cache(engines.reference, inputs.forget, cfg.method,
+                                         Path(cfg.cache_dir) / "teacher_cache", int(cfg.trainer.batch_size),
+                                         model_path=inputs.paths.model, split=inputs.data.forget_split,
+                                         max_length=inputs.max_len, pad_token_id=inputs.tokenizer.pad_token_id,
+                                         device=trainer.device)
     trainer.teacher_cache = TeacherCache(cache_path)
     if not method.uses_reference and engines.reference is not None:
         import gc

@@ -33,6 +33,9 @@ def test_prepare_eval_and_two_rank_zero3_unlearning(out):
     assert ev.returncode == 0, ev.stderr[-3000:]
     retain = json.loads((out / "runs" / "mini" / "retain" / "results.json").read_text())
     assert retain["method"] == "retain"
+    # a progress bar per evaluated split, in batches (pipeline/progress.py)
+    for split in retain["evaluation"]["rows"]:
+        assert f"eval[{split}]" in ev.stderr and "batch" in ev.stderr, split
 
     tr = launch.run(common + ["run_name=mini/asu", "trainer.max_steps=3", "trainer.batch_size=2",
                               "trainer.retain_batch_size=2"], ranks=2)

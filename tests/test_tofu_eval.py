@@ -244,3 +244,21 @@ def test_tofu_metrics_summary():
     for key in ("forget_rouge_l", "retain_rouge_l", "forget_fact_recall", "retain_fact_recall",
                 "forget_repetition", "forget_well_formed", "forget_prob"):
         assert key in out
+
+
+@pytest.mark.parametrize("rank, world", [(0, 1), (1, 3)])
+def test_the_progress_bar_total_is_every_batch_the_split_runs(model, tokenizer, monkeypatch, rank, world):
+    """evaluate_split announces its batches (answer, paraphrase, perturbed, generation) to the
+    caller's progress bar up front; the bar ends exactly full, on one rank and on a rank of three
+    (where every rank runs the same number of batches)."""
+    from pipeline.progress import current, progress
+
+    monkeypatch.setenv("RANK", "0")  # the bar lives on rank 0; ``rank`` is the data-parallel share
+    cfg = EvalSettings(batch_size=2, max_new_tokens=2, max_length=64)
+    counts, undo = _count_calls(model)
+    with progress("eval[forget01]"):
+        evaluate_split(model, tokenizer, ROWS, cfg, name="forget01", rank=rank, world_size=world)
+        b = current()
+        n, total = b.n, b.total
+    undo()
+    assert n == total == counts["forward"] + counts["generate"] > 0

@@ -63,6 +63,7 @@ from pipeline.methods.asu import FACT_TARGET, FORM_TARGET, TAU_MAX
 from pipeline.methods.model_io import unwrap
 from pipeline.models.sharded_embedding import embeddings_from_shards
 from pipeline.models.tempered_attention import temperature
+from pipeline.progress import tracked
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int, n_forwar
     if ran is not None:
         ran["prefix"] = p
     out: list[dict] = []
-    for b in range(n_forwards):
+    for b in tracked(range(n_forwards)):
         chunk = list(items[b * BATCH_ROWS:(b + 1) * BATCH_ROWS])
         keep = len(chunk)
         if not chunk:  # this rank has run out of rows: the same collectives, result discarded

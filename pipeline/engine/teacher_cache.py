@@ -44,6 +44,8 @@ from typing import Any, Optional
 
 import torch
 
+from pipeline.progress import tracked
+
 log = logging.getLogger(__name__)
 
 INDEX = "index.json"
@@ -220,7 +222,7 @@ def build_teacher_cache(
 
         was_training = getattr(teacher, "training", False)
         teacher.eval()
-        for r in range(rounds):
+        for r in tracked(range(rounds)):
             idx = mine[r] if r < len(mine) else (mine[0] if mine else batches[0])
             res = _teacher_rows(teacher, [rows[i] for i in idx], tau, layers, topk, pad_token_id, device)
             vocab = None if "ids" in res[0] else int(res[0]["logprobs"].shape[-1])

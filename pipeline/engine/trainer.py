@@ -16,8 +16,9 @@ from pipeline.data.collate import pad_batch
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine import faults, health
 from pipeline.engine.batching import BatchPlan
-from pipeline.engine.distributed import all_true, is_main_process, mean_over_ranks
+from pipeline.engine.distributed import all_true, mean_over_ranks
 from pipeline.methods.base import UnlearningMethod
+from pipeline.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +171,8 @@ class UnlearningTrainer:
         self.engine.train()
         if self.reference is not None:
             self.reference.eval()
-        bar = None
-        if is_main_process() and self.cfg.logging.progress_bar:
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"unlearn[{self.cfg.method.name}]",
-                       dynamic_ncols=True, mininterval=1.0)
+        bar = progress_bar(self.cfg.logging.progress_bar, self.total_steps, f"unlearn[{self.cfg.method.name}]",
+                           initial=self.state.step)
         t0 = time.time()
         ga = max(1, int(tcfg.grad_accum))
         while self.state.step < self.total_steps:

@@ -14,10 +14,11 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data.loaders import DataError
 from pipeline.engine.distributed import barrier, gather_objects, is_main_process
+from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,11 @@ def _settings(cfg: DictConfig):
 
     return EvalSettings(batch_size=int(cfg.eval.batch_size), max_new_tokens=int(cfg.eval.max_new_tokens),
                         max_length=int(cfg.eval.max_length), template=prompt_format_from_config(cfg.model))
+
+
+def _progress_bar(cfg: DictConfig) -> bool:
+    """``logging.progress_bar`` (on when the config has no logging group, e.g. a bare eval config)."""
+    return bool(OmegaConf.select(cfg, "logging.progress_bar", default=True))
 
 
 def truth_ratio_reference(cfg: DictConfig) -> str:
@@ -49,8 +55,9 @@ def truth_ratio_key(cfg: DictConfig) -> Optional[str]:
 
 
 def evaluate_splits(model: Any, tokenizer: Any, splits: dict[str, list[dict]], settings: Any,
-                    tr_key: Optional[str] = None) -> dict[str, Any]:
-    """Data-parallel evaluation of each split; every rank returns the merged results."""
+                    tr_key: Optional[str] = None, progress_bar: bool = True) -> dict[str, Any]:
+    """Data-parallel evaluation of each split; every rank returns the merged results. With
+    ``progress_bar`` rank 0 shows a bar per split (``eval[<split>]``, in batches)."""
     import torch.distributed as dist
 
     from pipeline.eval.tofu import evaluate_split, gather_split_results
@@ -59,8 +66,9 @@ def evaluate_splits(model: Any, tokenizer: Any, splits: dict[str, list[dict]], s
     world = dist.get_world_size() if dist.is_initialized() else 1
     out = {}
     for name, rows in splits.items():
-        mine = evaluate_split(model, tokenizer, rows, settings, name=name, rank=rank, world_size=world,
-                              truth_ratio_key=tr_key)
+        with progress(f"eval[{name}]", progress_bar):
+            mine = evaluate_split(model, tokenizer, rows, settings, name=name, rank=rank, world_size=world,
+                                  truth_ratio_key=tr_key)
         out[name] = gather_split_results(gather_objects(mine))
     return out
 
@@ -125,7 +133,9 @@ def retain_reference(cfg: DictConfig, paths: Any, forget_split: str, rows: list[
     if ratios is not None:
         return ratios, info
     model = _load_eval_model(paths.retain_model, cfg)
-    res = evaluate_splits(model, tokenizer, {forget_split: rows}, _settings(cfg), truth_ratio_key(cfg))[forget_split]
+    with progress(f"eval[retain model on {forget_split}]", _progress_bar(cfg)):
+        res = evaluate_splits(model, tokenizer, {forget_split: rows}, _settings(cfg), truth_ratio_key(cfg),
+                              _progress_bar(cfg))[forget_split]
     ratios = [float(x) for x in res.truth_ratio]
     if is_main_process():
         from pipeline.io import atomic_write_json
@@ -137,15 +147,18 @@ def retain_reference(cfg: DictConfig, paths: Any, forget_split: str, rows: list[
     return ratios, {**info, "source": "computed"}
 
 
-def _gathered(fn, rows: list[dict], **kw) -> Any:
-    """Run a per-rank evaluator on ``rows`` data-parallel and merge the ranks' results in order."""
+def _gathered(fn, rows: list[dict], desc: str, progress_bar: bool, **kw) -> Any:
+    """Run a per-rank evaluator on ``rows`` data-parallel and merge the ranks' results in order
+    (rank 0 shows a bar named ``desc`` with ``progress_bar``)."""
     import torch.distributed as dist
 
     from pipeline.eval.muse import merge_results
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return merge_results(gather_objects(fn(rows=rows, rank=rank, world_size=world, **kw)))
+    with progress(desc, progress_bar):
+        mine = fn(rows=rows, rank=rank, world_size=world, **kw)
+    return merge_results(gather_objects(mine))
 
 
 def evaluate_muse(cfg: DictConfig, model: Any, tokenizer: Any, data: Any) -> tuple[dict, dict]:
@@ -159,18 +172,20 @@ def evaluate_muse(cfg: DictConfig, model: Any, tokenizer: Any, data: Any) -> tup
     )
 
     st = MuseSettings.from_config(cfg.eval)
-    ev, res = data.eval, {}
+    ev, res, bar = data.eval, {}, _progress_bar(cfg)
     if "verbmem_forget" in ev:
         res["verbmem"] = _gathered(lambda **k: evaluate_verbmem(model, tokenizer, cfg=st, name="verbmem_forget", **k),
-                                   ev["verbmem_forget"])
+                                   ev["verbmem_forget"], "eval[verbmem_forget]", bar)
     for key in ("knowmem_forget", "knowmem_retain"):
         if key in ev:
             icl = ev.get(f"{key}_icl", [])
             res[key] = _gathered(lambda icl=icl, key=key, **k: evaluate_knowmem(model, tokenizer, cfg=st, icl=icl,
-                                                                                 name=key, **k), ev[key])
+                                                                                 name=key, **k), ev[key],
+                                 f"eval[{key}]", bar)
     for key, arg in (("privleak_forget", "mink_forget"), ("privleak_holdout", "mink_holdout")):
         if key in ev:
-            res[arg] = _gathered(lambda key=key, **k: evaluate_mink(model, tokenizer, cfg=st, name=key, **k), ev[key])
+            res[arg] = _gathered(lambda key=key, **k: evaluate_mink(model, tokenizer, cfg=st, name=key, **k), ev[key],
+                                 f"eval[{key}]", bar)
     metrics = muse_metrics(res.get("verbmem"), res.get("knowmem_forget"), res.get("knowmem_retain"),
                            res.get("mink_forget"), res.get("mink_holdout"), cfg.eval.retrain_auc)
     return metrics, {k: v.to_dict() for k, v in res.items()}
@@ -184,7 +199,8 @@ def evaluate_mcq_splits(cfg: DictConfig, model: Any, tokenizer: Any, data: Any) 
                      add_bos=bool(cfg.eval.mcq_add_bos))
     metrics, details = {}, {}
     for name, rows in data.eval.items():
-        r = _gathered(lambda name=name, **k: evaluate_mcq(model, tokenizer, cfg=st, name=name, **k), rows)
+        r = _gathered(lambda name=name, **k: evaluate_mcq(model, tokenizer, cfg=st, name=name, **k), rows,
+                      f"eval[{name}]", _progress_bar(cfg))
         metrics[f"{name}_accuracy"] = mcq_accuracy(r)
         details[name] = r.to_dict()
     return metrics, details
@@ -218,7 +234,7 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
     if probe:
         splits[PROBE_SPLIT] = probe
     model = _load_eval_model(model_dir, cfg)
-    results = evaluate_splits(model, tokenizer, splits, _settings(cfg), truth_ratio_key(cfg))
+    results = evaluate_splits(model, tokenizer, splits, _settings(cfg), truth_ratio_key(cfg), _progress_bar(cfg))
     ref, ref_info = None, {"source": None}
     if results[data.forget_split].has_truth_ratio:
         ref, ref_info = retain_reference(cfg, paths, data.forget_split, splits[data.forget_split], tokenizer)

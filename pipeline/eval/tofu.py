@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pipeline.data.collate import pad_batch
 from pipeline.data.formatting import IGNORE_INDEX, PROMPT_TEMPLATE, encode_qa, prompt_ids
 from pipeline.eval import metrics as M
+from pipeline.progress import expect, tracked
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,9 @@ def _eval_mode(model):
             model.train()
 
 
-def _batches(order: list[int], batch_size: int, num_batches: Optional[int]) -> list[list[int]]:
-    """Chunk ``order`` into batches; pad with empty batches (run as dummies) to ``num_batches``."""
+def _batches(order: list[int], batch_size: int, num_batches: Optional[int]) -> Iterator[list[int]]:
+    """Chunk ``order`` into batches; pad with empty batches (run as dummies) to ``num_batches``.
+    Inside :func:`pipeline.progress.progress` each batch advances the bar."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     out = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -94,7 +96,7 @@ def _batches(order: list[int], batch_size: int, num_batches: Optional[int]) -> l
         if num_batches < len(out):
             raise ValueError(f"num_batches={num_batches} is smaller than the {len(out)} batches needed")
         out += [[] for _ in range(num_batches - len(out))]
-    return out
+    return tracked(out)
 
 
 def answer_logprobs(
@@ -328,6 +330,14 @@ def evaluate_split(
         log.info("split %r: skipped %s", name, "; ".join(skipped))
     qs = [r["question"] for r in mine]
     common = dict(batch_size=bs, max_length=cfg.max_length, template=cfg.template)
+    n_pert = calls(lambda r: len(r["perturbed_answer"])) if has_pert else None
+
+    def batches(fixed: Optional[int], n_rows: int) -> int:  # what _batches will yield
+        return fixed if fixed is not None else math.ceil(n_rows / bs)
+
+    # the progress bar's total: answer, paraphrase, generation, and the perturbed answers
+    expect(batches(one, len(mine)) * (2 + has_para)
+           + (batches(n_pert, sum(len(r["perturbed_answer"]) for r in mine)) if has_pert else 0))
 
     a_lp, a_n = answer_logprobs(model, tokenizer, qs, [r["answer"] for r in mine], num_batches=one, **common)
     nan = float("nan")
@@ -338,7 +348,6 @@ def evaluate_split(
         )
     f_lp, f_n = [], []
     if has_pert:
-        n_pert = calls(lambda r: len(r["perturbed_answer"]))
         flat_q = [r["question"] for r in mine for _ in r["perturbed_answer"]]
         flat_a = [a for r in mine for a in r["perturbed_answer"]]
         f_lp, f_n = answer_logprobs(model, tokenizer, flat_q, flat_a, num_batches=n_pert, **common)

@@ -1,0 +1,102 @@
+"""Progress bars for long work (training, evaluation, the teacher cache, tau=auto), on rank 0 only.
+
+A loop deep inside a library function advances a bar without being handed one: the caller that
+knows the job (and ``logging.progress_bar``) opens :func:`progress`, and the loops inside iterate
+with :func:`tracked`, each adding its length to the bar's total as it starts. A function that runs
+several loops in a row announces them all up front with :func:`expect`, so the bar shows the
+whole total from the start. Outside such a block both are no-ops, so evaluation and cache
+functions behave the same when called from tests, benchmarks or other ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional, TypeVar
+
+T = TypeVar("T")
+
+
+def _main_process() -> bool:
+    # RANK is set for every launch (pipeline.engine.distributed.setup_environment)
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def bar(enabled: bool, total: Optional[int], desc: str, initial: int = 0, unit: str = "it") -> Optional[Any]:
+    """A tqdm bar on stderr when ``enabled`` and this is rank 0, else None."""
+    if not (enabled and _main_process()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0)
+
+
+class _Pending:
+    """A block's bar, opened on first use, so a block with nothing to do (a cache already built)
+    prints no empty bar."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: Optional[Any] = None
+
+    def get(self) -> Any:
+        if self.bar is None:
+            self.bar = bar(True, 0, self.desc, unit="batch")
+        return self.bar
+
+
+_BLOCK: contextvars.ContextVar[Optional[_Pending]] = contextvars.ContextVar("pipeline_progress_block", default=None)
+
+
+@contextlib.contextmanager
+def progress(desc: str, enabled: bool = True) -> Iterator[None]:
+    """One bar named ``desc`` for the block, in batches: every item a :func:`tracked` loop inside it
+    iterates advances it. Inside another block it adds to that block's bar instead."""
+    if _BLOCK.get() is not None or not (enabled and _main_process()):
+        yield
+        return
+    block = _Pending(desc)
+    token = _BLOCK.set(block)
+    try:
+        yield
+    finally:
+        _BLOCK.reset(token)
+        if block.bar is not None:
+            block.bar.close()
+
+
+def current() -> Optional[Any]:
+    """The bar of the enclosing block once something has used it, else None."""
+    block = _BLOCK.get()
+    return None if block is None else block.bar
+
+
+def _remaining(b: Any) -> int:
+    return 0 if b.total is None else max(0, b.total - b.n)
+
+
+def expect(n: int) -> None:
+    """The current block's bar will advance ``n`` more times (beyond what is already announced)."""
+    block = _BLOCK.get()
+    if block is not None and n > 0:
+        b = block.get()
+        b.total = b.n + _remaining(b) + n
+        b.refresh()
+
+
+def tracked(items: Sequence[T]) -> Iterator[T]:
+    """Iterate ``items``; inside :func:`progress` each item advances its bar once its work is done.
+    The bar's total grows by whatever of ``len(items)`` was not announced before."""
+    block = _BLOCK.get()
+    if block is None or len(items) == 0:
+        yield from items
+        return
+    b = block.get()
+    if len(items) > _remaining(b):
+        b.total = b.n + len(items)
+        b.refresh()
+    for item in items:
+        yield item
+        b.update(1)

@@ -1,0 +1,68 @@
+"""Progress bars for long work: rank 0 only, on when ``logging.progress_bar``, and a loop deep in a
+library function (evaluation batches, teacher-cache batches, tau=auto probes) advances the bar of the
+caller's block without being handed it."""
+
+from __future__ import annotations
+
+from pipeline.progress import current, expect, progress, tracked
+
+
+def _run_block(enabled: bool = True) -> tuple[list, object]:
+    seen, state = [], {}
+    with progress("eval[forget]", enabled):
+        expect(5)
+        for x in tracked([1, 2, 3]):
+            seen.append(x)
+        with progress("inner"):  # a nested block advances the outer bar
+            for x in tracked(range(2)):
+                seen.append(x)
+        b = current()
+        state = None if b is None else {"n": b.n, "total": b.total, "desc": b.desc}
+    return seen, state
+
+
+def test_a_block_counts_every_tracked_item_on_one_bar(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    seen, state = _run_block()
+    assert seen == [1, 2, 3, 0, 1]
+    assert state == {"n": 5, "total": 5, "desc": "eval[forget]"}
+    assert current() is None  # closed and unset after the block
+
+
+def test_no_bar_off_rank_zero_when_disabled_or_outside_a_block(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert _run_block() == ([1, 2, 3, 0, 1], None)
+    monkeypatch.setenv("RANK", "0")
+    assert _run_block(enabled=False) == ([1, 2, 3, 0, 1], None)
+    assert list(tracked([4, 5])) == [4, 5] and current() is None
+    expect(3)  # outside a block: nothing to announce to
+
+
+def test_unannounced_loops_add_their_length_as_they_start(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    with progress("tau=auto probes"):
+        assert current() is None  # nothing used it yet: no bar printed
+        totals = [current().total for _ in tracked(range(4))]
+        b = current()
+        assert totals == [4] * 4 and b.n == 4
+        expect(2)  # announced: the next loop of 3 grows the total by the 1 not announced
+        list(tracked(range(3)))
+        assert (b.n, b.total) == (7, 7)
+
+
+def test_an_item_counts_once_its_work_is_done(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    with progress("cache"):
+        counts = []
+        for _ in tracked(range(3)):
+            counts.append(current().n)
+    assert counts == [0, 1, 2]
+
+
+def test_a_block_with_no_work_prints_no_bar(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    with progress("teacher cache"):  # e.g. the cache was already built
+        list(tracked([]))
+        expect(0)
+        assert current() is None
+    assert "teacher cache" not in capsys.readouterr().err
