@@ -294,6 +294,13 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     except PromptFormatError as e:
         raise ConfigError(f"config error at 'model.system_prompt': {e}") from None
     _require(cfg.model.source != "pretrained" or bool(cfg.model.path), "model.path", "required when model.source=pretrained")
+    # a path the chosen source does not read would be ignored silently (the run would train the
+    # embedded model while the user believes theirs was loaded)
+    _require(cfg.model.source == "pretrained" or not cfg.model.path, "model.path",
+             f"set to {cfg.model.path!r}, but model.source={cfg.model.source} does not read it "
+             "(model.source=pretrained loads a local directory or hub id)")
+    _require(cfg.model.source != "synthetic" or not cfg.model.tokenizer_path, "model.tokenizer_path",
+             f"set to {cfg.model.tokenizer_path!r}, but model.source=synthetic uses the embedded tokenizer")
     _choice(cfg, "deepspeed.precision", ("auto", "fp32", "bf16", "fp16"))
     _choice(cfg, "deepspeed.offload_optimizer", ("none", "cpu", "nvme"))
     _choice(cfg, "deepspeed.offload_param", ("none", "cpu", "nvme"))

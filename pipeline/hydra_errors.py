@@ -1,0 +1,36 @@
+"""Hydra's composition errors as one line (the launchers' ``_bootstrap.launch`` prints it, exit 2).
+
+Hydra reports a bad override over several lines (the options of a config group one per line, the
+OmegaConf cause with its ``full_key`` and ``object_type`` below it); a user who mistyped a key wants
+one line saying which key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from hydra.errors import CompactHydraException, MissingConfigException
+from omegaconf.errors import OmegaConfBaseException
+
+COMPOSE_ERRORS = (CompactHydraException, OmegaConfBaseException)
+
+# pipeline.config registers each typed schema as a config in its group (``method/schema_ASUConfig``):
+# they are not options a user picks
+_SCHEMA_PREFIX = "schema_"
+
+
+def _lines(text: str) -> list[str]:
+    return [ln.strip() for ln in text.splitlines()
+            if ln.strip() and not ln.strip().startswith(("See https://", "full_key:", "object_type=", "reference_type="))]
+
+
+def compose_error_line(exc: BaseException) -> str:
+    """``exc`` (raised while Hydra composed the config) as one line: Hydra's message, the OmegaConf
+    cause's first line, and for a missing group option the options there are."""
+    if isinstance(exc, MissingConfigException) and exc.options is not None:
+        head = str(exc).split("Available options", 1)[0]
+        options = [o for o in exc.options if not o.startswith(_SCHEMA_PREFIX)]
+        return f"{' '.join(_lines(head))}; available: {', '.join(options)}"
+    parts = _lines(str(exc))
+    cause = exc.__cause__
+    if isinstance(cause, OmegaConfBaseException) and str(cause).strip():
+        parts.append(_lines(str(cause))[0])
+    return " ".join(p if p.endswith((".", ":")) else p + "." for p in parts).rstrip(".")
