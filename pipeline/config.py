@@ -2,7 +2,8 @@
 
 Every group of ``conf/`` merges into one of these dataclasses, so an unknown key or a wrong type
 fails while Hydra composes the config, with the full key path in the message (e.g.
-``Key 'lrr' not in 'TrainerConfig' ... full_key: trainer.lrr``). Value checks that need more than a
+``Key 'lrr' not in 'TrainerConfig' ... full_key: trainer.lrr``); a key that ``+key=value`` adds past
+that check is refused by :func:`validate`. Value checks that need more than a
 type (tau > 0, a layer index below the number of layers, ...) run in :func:`validate` right after
 composition, before any data or model is loaded.
 
@@ -12,6 +13,7 @@ it as ``method/schema_<name>``; ``conf/method/<name>.yaml`` lists it in its defa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -260,6 +262,25 @@ def _choice(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
     _require(val in allowed, key, f"got {val!r}; allowed values: {', '.join(allowed)}")
 
 
+def _refuse_added_keys(node: DictConfig, path: str = "") -> None:
+    """Refuse a key that ``node``'s schema does not declare. Hydra refuses an unknown key at
+    compose time, but ``+key=value`` adds one to a typed node anyway and nothing reads it: a
+    misspelled ``+method.gama=0.2`` (or ``+method.tau`` on a method without a tau) would run with
+    the default, silently."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return
+    declared = [f.name for f in dataclasses.fields(schema)]
+    for key in node.keys():
+        if path == "" and key == "hydra":
+            continue
+        _require(key in declared, f"{path}{key}",
+                 f"{schema.__name__} has no key {key!r}, so nothing would read it (added with '+'?); "
+                 f"its keys: {', '.join(declared)}")
+        if OmegaConf.is_dict(node._get_node(key)):
+            _refuse_added_keys(node[key], f"{path}{key}.")
+
+
 def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     """Check values a type cannot express. Raises :class:`ConfigError` naming the key path and range.
 
@@ -268,6 +289,7 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     """
     from pipeline.methods import METHODS
 
+    _refuse_added_keys(cfg)
     _require(cfg.method is not None and "name" in cfg.method, "method", "no method selected (method=<name>)")
     _require(cfg.method.name in METHODS, "method.name", f"unknown method {cfg.method.name!r}; known: {', '.join(METHODS.names())}")
     t = cfg.trainer

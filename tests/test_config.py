@@ -49,6 +49,24 @@ def test_unknown_method_key_fails_with_path():
     assert "taux" in str(e.value)
 
 
+@pytest.mark.parametrize("override,key,schema", [
+    ("+trainer.lrr=0.1", "trainer.lrr", "TrainerConfig"),  # a misspelt key, added with '+'
+    ("+method.gama=0.2", "method.gama", "ASUConfig"),
+    ("+foo=1", "foo", "RunConfig"),
+    ("+model.tiny.layers=4", "model.tiny.layers", "TinyModelConfig"),  # nested schema
+])
+def test_a_key_added_with_plus_that_nothing_reads_is_refused(override, key, schema):
+    cfg = _compose([override])  # '+' gets it past Hydra's own check
+    with pytest.raises(ConfigError, match=rf"config error at '{key}': {schema} has no key"):
+        validate(cfg)
+
+
+def test_a_key_of_another_method_is_refused():
+    cfg = _compose(["method=grad_diff", "+method.tau=2.0"])  # tau is ASU's, not GradDiff's
+    with pytest.raises(ConfigError, match="'method.tau': GradDiffConfig has no key 'tau'"):
+        validate(cfg)
+
+
 @pytest.mark.parametrize("override,key", [("trainer.lr=hot", "lr"), ("method.gamma=big", "gamma"),
                                           ("trainer.batch_size=2.5", "batch_size")])
 def test_wrong_type_fails_at_compose(override, key):
@@ -110,5 +128,5 @@ def test_cli_unknown_key_exits_nonzero_with_message():
     env = dict(os.environ, PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "launchers/train.py", "trainer.bogus_key=1"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0
+    assert out.returncode == 2
     assert "bogus_key" in out.stderr
