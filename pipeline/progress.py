@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional, TypeVar
 
@@ -24,13 +26,47 @@ def _main_process() -> bool:
     return int(os.environ.get("RANK", "0") or 0) == 0
 
 
+class _AboveTheBar:
+    """A console handler's stream while a bar is open: each log line goes through ``tqdm.write``,
+    which prints it above the bar instead of into the bar's line. The handler itself (its format
+    and the rank filter) stays as configured; only its stream is swapped, and put back on close."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        from tqdm import tqdm
+
+        if text.strip():
+            tqdm.write(text.rstrip("\n"), file=self.stream)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _console_handlers() -> list[logging.StreamHandler]:
+    return [h for h in logging.getLogger().handlers
+            if type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stderr, sys.stdout)]
+
+
 def bar(enabled: bool, total: Optional[int], desc: str, initial: int = 0, unit: str = "it") -> Optional[Any]:
-    """A tqdm bar on stderr when ``enabled`` and this is rank 0, else None."""
+    """A tqdm bar on stderr when ``enabled`` and this is rank 0, else None. While it is open, log
+    lines on the console print above it."""
     if not (enabled and _main_process()):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0)
+    class _Bar(tqdm):
+        def close(self) -> None:
+            for handler, stream in getattr(self, "_log_streams", ()):
+                if isinstance(handler.stream, _AboveTheBar):
+                    handler.setStream(stream)
+            self._log_streams = ()
+            super().close()
+
+    b = _Bar(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0)
+    b._log_streams = [(h, h.setStream(_AboveTheBar(h.stream))) for h in _console_handlers()]
+    return b
 
 
 class _Pending:
@@ -41,9 +77,10 @@ class _Pending:
         self.desc = desc
         self.bar: Optional[Any] = None
 
-    def get(self) -> Any:
+    def get(self, total: int) -> Any:
+        """The bar, opened with ``total`` if this is its first use."""
         if self.bar is None:
-            self.bar = bar(True, 0, self.desc, unit="batch")
+            self.bar = bar(True, total, self.desc, unit="batch")
         return self.bar
 
 
@@ -81,7 +118,10 @@ def expect(n: int) -> None:
     """The current block's bar will advance ``n`` more times (beyond what is already announced)."""
     block = _BLOCK.get()
     if block is not None and n > 0:
-        b = block.get()
+        if block.bar is None:
+            block.get(n)
+            return
+        b = block.bar
         b.total = b.n + _remaining(b) + n
         b.refresh()
 
@@ -93,7 +133,7 @@ def tracked(items: Sequence[T]) -> Iterator[T]:
     if block is None or len(items) == 0:
         yield from items
         return
-    b = block.get()
+    b = block.get(len(items))
     if len(items) > _remaining(b):
         b.total = b.n + len(items)
         b.refresh()

@@ -66,3 +66,41 @@ def test_a_block_with_no_work_prints_no_bar(monkeypatch, capsys):
         expect(0)
         assert current() is None
     assert "teacher cache" not in capsys.readouterr().err
+
+
+def test_a_block_opens_its_bar_with_the_announced_total(monkeypatch, capsys):
+    """The first thing a block's bar prints already has the total (no '0batch' line first)."""
+    monkeypatch.setenv("RANK", "0")
+    with progress("eval[forget]"):
+        expect(4)
+        list(tracked(range(4)))
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "0batch" not in err and "0/4" in err and "4/4" in err
+
+
+def test_log_lines_print_above_an_open_bar_with_the_handler_kept(monkeypatch):
+    """A console log line while a bar is open goes through tqdm.write (its own line, the bar redrawn
+    below it) with the handler's format and filters unchanged; closing the bar puts the stream back."""
+    import io
+    import logging
+
+    from pipeline.progress import bar
+
+    monkeypatch.setenv("RANK", "0")
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("LOG %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        b = bar(True, 3, "unlearn[x]")
+        b.update(1)
+        logging.getLogger("pipeline.test").warning("attention backend: sdpa")
+        assert handler.stream is not stream
+        b.close()
+        assert handler.stream is stream
+    finally:
+        root.removeHandler(handler)
+    lines = stream.getvalue().replace("\r", "\n").splitlines()
+    assert "LOG attention backend: sdpa" in lines  # a line of its own, not glued to the bar
