@@ -60,6 +60,9 @@ def setup_environment() -> None:
 
     # torch.distributed's deprecation notices fire on every ZeRO-3 collective; they are not ours to fix.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+    # peft reads transformers' deprecated property whenever it wraps a model (LoRA runs printed it 3×
+    # per rank); likewise not ours to fix
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`is_gradient_checkpointing` is deprecated")
 
     import torch
 
