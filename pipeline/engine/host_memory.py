@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from typing import Any
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ def mmap_threshold_for(n_params: int) -> int:
     return LARGE_MODEL_MMAP_THRESHOLD if n_params >= LARGE_MODEL_PARAMS else SMALL_MODEL_MMAP_THRESHOLD
 
 
+_LOGGED: Optional[tuple[int, int, bool]] = None
+
+
 def tune_host_allocator(mmap_threshold: int = SMALL_MODEL_MMAP_THRESHOLD, arenas: int = 2) -> bool:
     """Make freed tensor memory go back to the OS on CPU ranks (glibc only; else a no-op).
 
@@ -97,6 +100,10 @@ def tune_host_allocator(mmap_threshold: int = SMALL_MODEL_MMAP_THRESHOLD, arenas
     ok = bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
     ok &= bool(mallopt(M_TRIM_THRESHOLD, int(mmap_threshold)))
     ok &= bool(mallopt(M_ARENA_MAX, int(arenas)))
+    global _LOGGED
+    if _LOGGED == (mmap_threshold, arenas, ok):  # called again with the same settings: said already
+        return ok
+    _LOGGED = (mmap_threshold, arenas, ok)
     log.info("host allocator (CPU ranks): glibc mmap/trim threshold %d KiB, %d arenas%s", mmap_threshold // 1024,
              arenas, "" if ok else " (mallopt refused a setting)")
     return ok
