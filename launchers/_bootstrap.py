@@ -53,3 +53,6 @@ def launch(main) -> None:
         if user_full_error or _TASK_STARTED:  # raised by the job itself: a bug, keep the traceback
             raise
         _fail(exc, compose_error_line(exc))
+    finally:
+        if not user_full_error:  # not passed on as if the user had asked for it
+            os.environ.pop("HYDRA_FULL_ERROR", None)
