@@ -1,33 +1,73 @@
 """Hydra callbacks: checks that must run after the config is composed but before Hydra creates the
-run directory (``.hydra/``, the job log), so a bad choice leaves nothing behind."""
+run directory (``.hydra/``, the job log), so a bad choice leaves nothing behind. A ``-m`` sweep checks
+every job's config before the first job runs (or is submitted to SLURM): a bad value in job 5 would
+otherwise stop the sweep after jobs 1-4 had run."""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+_BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
-def _check(config: DictConfig) -> None:
+
+def _fail(exc: BaseException, where: str = "") -> None:
+    # the launchers' one-line form (launchers/_bootstrap.run_main)
+    print(f"error ({type(exc).__name__}, rank {os.environ.get('RANK', '0')}): {where}{exc}", file=sys.stderr,
+          flush=True)
+    sys.exit(2)
+
+
+def _check(config: DictConfig, where: str = "") -> None:
+    """The config's values (:func:`pipeline.config.validate`) and its attention backend."""
+    from pipeline.config import validate
     from pipeline.errors import USER_ERRORS
     from pipeline.models.attention import check_available
 
-    name = config.get("kernels", {}).get("attention", "auto")
     try:
-        check_available(str(name))
-    except USER_ERRORS as exc:  # the launcher's one-line form (launchers/_bootstrap.run_main)
-        print(f"error ({type(exc).__name__}, rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        validate(config)
+        check_available(str(config.get("kernels", {}).get("attention", "auto")))
+    except USER_ERRORS as exc:
+        _fail(exc, where)
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """Each job's overrides, as Hydra's basic sweeper will expand them (``hydra.sweeper.params`` and
+    the command line's sweeps), or ``[]`` for another sweeper (which expands them itself)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if config.hydra.sweeper.get("_target_") != _BASIC_SWEEPER:
+        return []
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
+    return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    for i, job in enumerate(jobs, 1):
+        # Hydra's sweeper has composed each job already (its own check); this adds ours
+        _check(loader.load_sweep_config(config, list(job)), f"sweep job {i} of {len(jobs)} ({' '.join(job)}): ")
 
 
 class EarlyChecks(Callback):
-    """``kernels.attention`` names a backend that can run here (e.g. flash-attn is installed)."""
+    """The composed config's values and its attention backend (e.g. flash-attn is installed), before
+    anything is written; for a sweep, every job's."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check(config)
+        jobs = sweep_jobs(config)
+        if jobs:
+            _check_sweep(config, jobs)
+        else:
+            _check(config)

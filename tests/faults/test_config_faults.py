@@ -6,6 +6,10 @@ import pytest
 from tests.helpers import launch
 from tests.helpers.tiny import train_overrides
 
+# Found once the model is loaded (its number of layers); every other case is found before Hydra
+# creates the run directory, so not even .hydra/ or the job log is written.
+AFTER_LOADING = ("method.teacher_layers=[0,5]",)
+
 
 @pytest.mark.parametrize(
     "override,expect",
@@ -32,5 +36,17 @@ def test_bad_config_stops_with_key_and_range(tiny, override, expect):
         assert word in errors[0], errors[0]
     assert "schema_" not in errors[0]  # the typed schemas registered in a group are not options
     run = root / "runs" / "cfgfault"
+    assert override in AFTER_LOADING or not run.exists(), sorted(run.rglob("*"))
     assert not (run / "model").exists() and not (run / "results.json").exists()
     assert not (run / "checkpoints").exists()
+
+
+def test_a_sweep_checks_every_job_before_the_first_runs(tiny):
+    """``-m``: a bad value in the last job stops the sweep before any job runs, naming the job."""
+    root, model_dir, data_dir = tiny
+    out = launch.run(["-m", *train_overrides(model_dir, data_dir, root / "sweep", "sw"), "method.tau=2.0,3.0,-1"])
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error (")]
+    assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "sweep job 3 of 3 (" in errors[0] and "method.tau=-1" in errors[0] and "must be > 0" in errors[0]
+    assert "Launching" not in out.stderr and not (root / "sweep").exists()  # no job ran, nothing written
