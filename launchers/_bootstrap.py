@@ -17,22 +17,16 @@ setup_environment()
 CONFIG_PATH = os.path.join(REPO, "conf")
 
 
-def _fail(exc: BaseException, message: str) -> None:
-    rank = os.environ.get("RANK", "0")
-    print(f"error ({type(exc).__name__}, rank {rank}): {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def run_main(fn) -> None:
     """Run ``fn`` and turn the pipeline's known errors into one clear line and exit code 2."""
-    from pipeline.errors import USER_ERRORS
+    from pipeline.errors import USER_ERRORS, exit_with
 
     global _TASK_STARTED
     _TASK_STARTED = True
     try:
         fn()
     except USER_ERRORS as exc:
-        _fail(exc, str(exc))
+        exit_with(exc, str(exc))
 
 
 _TASK_STARTED = False
@@ -43,6 +37,7 @@ def launch(main) -> None:
     key, a value of the wrong type, a malformed override) is bad input like any other: one line
     and exit code 2, where Hydra would print a block of text and exit 1. With HYDRA_FULL_ERROR set
     by the user, Hydra's own report (with the traceback) is kept."""
+    from pipeline.errors import exit_with
     from pipeline.hydra_errors import COMPOSE_ERRORS, compose_error_line
 
     user_full_error = bool(os.environ.get("HYDRA_FULL_ERROR"))
@@ -52,7 +47,7 @@ def launch(main) -> None:
     except COMPOSE_ERRORS as exc:
         if user_full_error or _TASK_STARTED:  # raised by the job itself: a bug, keep the traceback
             raise
-        _fail(exc, compose_error_line(exc))
+        exit_with(exc, compose_error_line(exc))
     finally:
         if not user_full_error:  # not passed on as if the user had asked for it
             os.environ.pop("HYDRA_FULL_ERROR", None)

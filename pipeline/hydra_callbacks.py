@@ -5,8 +5,6 @@ otherwise stop the sweep after jobs 1-4 had run."""
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,24 +14,17 @@ from omegaconf import DictConfig
 _BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
-def _fail(exc: BaseException, where: str = "") -> None:
-    # the launchers' one-line form (launchers/_bootstrap.run_main)
-    print(f"error ({type(exc).__name__}, rank {os.environ.get('RANK', '0')}): {where}{exc}", file=sys.stderr,
-          flush=True)
-    sys.exit(2)
-
-
 def _check(config: DictConfig, where: str = "") -> None:
     """The config's values (:func:`pipeline.config.validate`) and its attention backend."""
     from pipeline.config import validate
-    from pipeline.errors import USER_ERRORS
+    from pipeline.errors import USER_ERRORS, exit_with
     from pipeline.models.attention import check_available
 
     try:
         validate(config)
         check_available(str(config.get("kernels", {}).get("attention", "auto")))
     except USER_ERRORS as exc:
-        _fail(exc, where)
+        exit_with(exc, f"{where}{exc}")
 
 
 def sweep_jobs(config: DictConfig) -> list[list[str]]:
@@ -52,10 +43,17 @@ def sweep_jobs(config: DictConfig) -> list[list[str]]:
 def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
+    from pipeline.errors import exit_with
+    from pipeline.hydra_errors import COMPOSE_ERRORS, compose_error_line
+
     loader = GlobalHydra.instance().config_loader()
     for i, job in enumerate(jobs, 1):
-        # Hydra's sweeper has composed each job already (its own check); this adds ours
-        _check(loader.load_sweep_config(config, list(job)), f"sweep job {i} of {len(jobs)} ({' '.join(job)}): ")
+        where = f"sweep job {i} of {len(jobs)} ({' '.join(job)}): "
+        try:
+            job_config = loader.load_sweep_config(config, list(job))
+        except COMPOSE_ERRORS as exc:  # a swept value of the wrong type; Hydra would only warn about it
+            exit_with(exc, where + compose_error_line(exc))  # here and fail later, after writing the sweep dir
+        _check(job_config, where)
 
 
 class EarlyChecks(Callback):
