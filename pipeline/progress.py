@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Optional, TypeVar
 
 T = TypeVar("T")
+FILE_INTERVAL_S = 30.0  # seconds between a bar's states when stderr is not a terminal
 
 
 def _main_process() -> bool:
@@ -64,7 +65,10 @@ def bar(enabled: bool, total: Optional[int], desc: str, initial: int = 0, unit: 
             self._log_streams = ()
             super().close()
 
-    b = _Bar(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0)
+    # Redrawn each second on a terminal; into a file (a SLURM job's stderr) every 30 s, so a long
+    # run's log is not thousands of bar states
+    interval = 1.0 if sys.stderr.isatty() else FILE_INTERVAL_S
+    b = _Bar(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, mininterval=interval)
     b._log_streams = [(h, h.setStream(_AboveTheBar(h.stream))) for h in _console_handlers()]
     return b
 

@@ -104,3 +104,16 @@ def test_log_lines_print_above_an_open_bar_with_the_handler_kept(monkeypatch):
         root.removeHandler(handler)
     lines = stream.getvalue().replace("\r", "\n").splitlines()
     assert "LOG attention backend: sdpa" in lines  # a line of its own, not glued to the bar
+
+
+def test_into_a_file_the_bar_redraws_rarely(monkeypatch):
+    """stderr that is not a terminal (a SLURM job's log): one bar state per FILE_INTERVAL_S, not per second."""
+    import io
+
+    from pipeline.progress import FILE_INTERVAL_S, bar
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    b = bar(True, 3, "unlearn[x]")
+    assert b.mininterval == FILE_INTERVAL_S >= 10
+    b.close()

@@ -230,7 +230,7 @@ class UnlearningTrainer:
             bar.close()
         if tcfg.save_every:
             self.save()
-        log.info("trained %d steps in %.1fs", self.total_steps, time.time() - t0)
+        log.info("trained %d step%s in %.1fs", self.total_steps, "" if self.total_steps == 1 else "s", time.time() - t0)
         return self.state
 
     def _skip_optimizer_step(self, step: int) -> None:
