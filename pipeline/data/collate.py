@@ -9,6 +9,15 @@ import torch
 from pipeline.data.formatting import IGNORE_INDEX
 
 
+def padding_id(tokenizer) -> int:
+    """The token id to pad with: the tokenizer's pad token, else its eos token."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+
+
 def pad_batch(
     examples: Sequence[dict], pad_token_id: int, padding_side: str = "right"
 ) -> dict[str, torch.Tensor]:

@@ -61,6 +61,7 @@ from pipeline.data.collate import pad_batch
 from pipeline.data.formatting import IGNORE_INDEX
 from pipeline.methods.asu import FACT_TARGET, FORM_TARGET, TAU_MAX
 from pipeline.methods.model_io import unwrap
+from pipeline.models.runtime import model_device
 from pipeline.models.sharded_embedding import embeddings_from_shards
 from pipeline.models.tempered_attention import temperature
 from pipeline.progress import tracked
@@ -136,13 +137,6 @@ def _items(tokenizer, rows: Sequence[dict], encoded: Sequence[dict]) -> list[dic
         out.append({"input_ids": list(enc["input_ids"]), "labels": list(enc["labels"]),
                     "spans": fact_spans(tokenizer, enc, row.get("facts") or [])})
     return out
-
-
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - a model without parameters
-        return torch.device("cpu")
 
 
 def _world() -> tuple[int, int]:
@@ -239,7 +233,7 @@ def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int, n_forwar
     start) a third of a probe. The values are those of the full forward's logits at the same
     positions up to float rounding (tested). ``ran``: gets ``prefix``, the prefix length that ran
     once (0 when the model's cache cannot be repeated over rows)."""
-    device = _device(model)
+    device = model_device(model)
     at_positions = keeps_positions(model) if at_positions is None else at_positions
     n_forwards = -(-len(items) // BATCH_ROWS) if n_forwards is None else n_forwards
     cache = _prefix_cache(model, items[0]["input_ids"][:prefix], device) if prefix and at_positions else None

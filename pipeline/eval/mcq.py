@@ -23,13 +23,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from pipeline.data.collate import pad_batch
+from pipeline.data.collate import padding_id
 from pipeline.data.formatting import IGNORE_INDEX
+from pipeline.eval.batching import score_labelled, synced_batch_count
 from pipeline.eval.muse import ExampleResults, merge_results  # noqa: F401  (re-exported for callers)
-from pipeline.eval.tofu import _batches, _device, _eval_mode, _pad_id, _rank_batches
 
 DESCRIPTION = "The following are multiple choice questions (with answers) about {topic}.\n\n"
 # lm-eval task descriptions (lm_eval/tasks/wmdp/wmdp_*.yaml)
@@ -111,25 +109,12 @@ def continuation_logliks(
         ids = (ctx + cont)[-max_length:]
         n_cont = min(len(cont), len(ids) - 1)
         seqs.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (len(ids) - n_cont) + ids[len(ids) - n_cont:]})
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]["input_ids"]))
     out = [0.0] * len(seqs)
-    pad, device = _pad_id(tokenizer), _device(model)
-    with _eval_mode(model), torch.no_grad():
-        for idx in _batches(order, batch_size, num_batches):
-            dummy = not idx
-            exs = [{"input_ids": [pad, pad], "labels": [IGNORE_INDEX, pad]}] if dummy else [seqs[i] for i in idx]
-            batch = pad_batch(exs, pad, "right")
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-            if dummy:
-                continue
-            labels = batch["labels"].to(logits.device)[:, 1:]
-            mask = labels != IGNORE_INDEX
-            nll = F.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="none")
-            per_row = torch.zeros(len(idx), dtype=torch.float32, device=logits.device)
-            per_row.index_add_(0, mask.nonzero()[:, 0], nll)
-            for j, i in enumerate(idx):
-                out[i] = float(-per_row[j])
+    pad = padding_id(tokenizer)
+    dummy = {"input_ids": [pad, pad], "labels": [IGNORE_INDEX, pad]}
+    for b in score_labelled(model, seqs, pad, batch_size, num_batches, dummy):
+        for i, total in zip(b.rows, b.row_sums()):
+            out[i] = total
     return out
 
 
@@ -161,10 +146,8 @@ def evaluate_mcq(
             ctxs.append(ctx)
             conts.append(" " + LETTERS[c])
             owner.append(j)
-    calls = None
-    if world_size > 1:
-        per_rank = [sum(len(r["choices"]) for r in rows[k::world_size]) for k in range(world_size)]
-        calls = _rank_batches(per_rank, cfg.batch_size)
+    per_rank = [sum(len(r["choices"]) for r in rows[k::world_size]) for k in range(world_size)]
+    calls = synced_batch_count(per_rank, cfg.batch_size)
     ll = continuation_logliks(model, tokenizer, ctxs, conts, cfg.batch_size, cfg.max_length, cfg.add_bos, calls)
     per_ex: list[list[float]] = [[] for _ in indices]
     for o, v in zip(owner, ll):

@@ -25,14 +25,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy.stats import rankdata
 
-from pipeline.data.collate import pad_batch
-from pipeline.data.formatting import IGNORE_INDEX, encode_text
+from pipeline.data.collate import padding_id
+from pipeline.data.formatting import encode_text
 from pipeline.eval import metrics as M
-from pipeline.eval.tofu import _batches, _device, _eval_mode, _pad_id, _rank_batches, greedy_generate
+from pipeline.eval.batching import score_labelled, synced_batch_count
+from pipeline.eval.tofu import greedy_generate
 
 RAW_TEMPLATE = "{question}"  # prompt used verbatim (after <bos>) by greedy_generate
 KNOWMEM_STOP = ("\n\n", "\nQuestion", "Question:")
@@ -125,27 +124,15 @@ def token_logprobs(
 ) -> list[list[float]]:
     """Log-probability of every token of each text (after ``<bos>``, no ``<eos>``), teacher
     forced, texts cut to ``max_length`` tokens. Right-padded batches sorted by length."""
-    enc = [encode_text(tokenizer, t, max_length, add_eos=False) for t in texts]
-    order = sorted(range(len(enc)), key=lambda i: -len(enc[i].input_ids))
-    out: list[list[float]] = [[] for _ in enc]
-    pad, device = _pad_id(tokenizer), _device(model)
-    with _eval_mode(model), torch.no_grad():
-        for idx in _batches(order, batch_size, num_batches):
-            dummy = not idx
-            exs = [encode_text(tokenizer, "", max_length, add_eos=True)] if dummy else [enc[i] for i in idx]
-            batch = pad_batch([{"input_ids": e.input_ids, "labels": e.labels} for e in exs], pad, "right")
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-            if dummy:
-                continue
-            labels = batch["labels"].to(logits.device)[:, 1:]
-            mask = labels != IGNORE_INDEX
-            # only scored positions go through float32 log-softmax (logits are [B, T, V])
-            lp = (-F.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="none")).tolist()
-            pos = 0
-            for j, n in zip(idx, mask.sum(-1).tolist()):
-                out[j] = lp[pos:pos + n]
-                pos += n
+    def example(text: str, add_eos: bool) -> dict:
+        e = encode_text(tokenizer, text, max_length, add_eos=add_eos)
+        return {"input_ids": e.input_ids, "labels": e.labels}
+
+    out: list[list[float]] = [[] for _ in texts]
+    for b in score_labelled(model, [example(t, False) for t in texts], padding_id(tokenizer), batch_size,
+                            num_batches, example("", True)):
+        for i, tokens in zip(b.rows, b.row_tokens()):
+            out[i] = tokens
     return out
 
 
@@ -187,9 +174,7 @@ def _mine(rows: Sequence, rank: int, world_size: int) -> list[int]:
 
 
 def _calls(n_rows: int, batch_size: int, world_size: int) -> Optional[int]:
-    if world_size == 1:
-        return None
-    return _rank_batches([len(range(k, n_rows, world_size)) for k in range(world_size)], batch_size)
+    return synced_batch_count([len(range(k, n_rows, world_size)) for k in range(world_size)], batch_size)
 
 
 def evaluate_verbmem(model, tokenizer, rows: Sequence[dict], cfg: MuseSettings, *, name: str = "verbmem_forget",

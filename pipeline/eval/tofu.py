@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
-from pipeline.data.collate import pad_batch
-from pipeline.data.formatting import IGNORE_INDEX, PROMPT_TEMPLATE, encode_qa, prompt_ids
+from pipeline.data.collate import pad_batch, padding_id
+from pipeline.data.formatting import PROMPT_TEMPLATE, encode_qa, prompt_ids
 from pipeline.eval import metrics as M
-from pipeline.progress import expect, tracked
+from pipeline.eval.batching import batch_count, batches, score_labelled, synced_batch_count
+from pipeline.models.runtime import eval_mode, model_device
+from pipeline.progress import expect
 
 log = logging.getLogger(__name__)
 
@@ -59,46 +59,6 @@ class EvalSettings:
 
 
 # ----------------------------------------------------------------------------------- model calls
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - parameter-less stub
-        return torch.device("cpu")
-
-
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    if tokenizer.eos_token_id is not None:
-        return tokenizer.eos_token_id
-    raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
-
-
-@contextmanager
-def _eval_mode(model):
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            model.train()
-
-
-def _batches(order: list[int], batch_size: int, num_batches: Optional[int]) -> Iterator[list[int]]:
-    """Chunk ``order`` into batches; pad with empty batches (run as dummies) to ``num_batches``.
-    Inside :func:`pipeline.progress.progress` each batch advances the bar."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    out = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if num_batches is not None:
-        if num_batches < len(out):
-            raise ValueError(f"num_batches={num_batches} is smaller than the {len(out)} batches needed")
-        out += [[] for _ in range(num_batches - len(out))]
-    return tracked(out)
-
-
 def answer_logprobs(
     model,
     tokenizer,
@@ -119,30 +79,16 @@ def answer_logprobs(
     """
     if len(questions) != len(answers):
         raise ValueError("questions and answers differ in length")
-    enc = [encode_qa(tokenizer, q, a, max_length, template=template) for q, a in zip(questions, answers)]
-    order = sorted(range(len(enc)), key=lambda i: -len(enc[i].input_ids))
-    sums, counts = [0.0] * len(enc), [0] * len(enc)
-    pad, device = _pad_id(tokenizer), _device(model)
-    with _eval_mode(model), torch.no_grad():
-        for idx in _batches(order, batch_size, num_batches):
-            dummy = not idx
-            exs = [encode_qa(tokenizer, "", "", max_length, template=template)] if dummy else [enc[i] for i in idx]
-            batch = pad_batch([{"input_ids": e.input_ids, "labels": e.labels} for e in exs], pad, "right")
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
-            if dummy:
-                continue
-            labels = batch["labels"].to(logits.device)[:, 1:]
-            mask = labels != IGNORE_INDEX
-            # only answer positions go through float32 log-softmax (logits are [B, T, V])
-            nll = F.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="none")
-            per_row = torch.zeros(len(idx), dtype=torch.float32, device=logits.device)
-            per_row.index_add_(0, mask.nonzero()[:, 0], nll)
-            s = (-per_row).tolist()
-            n = mask.sum(-1).tolist()
-            for j, i in enumerate(idx):
-                sums[i], counts[i] = float(s[j]), int(n[j])
+
+    def example(q: str, a: str) -> dict:
+        e = encode_qa(tokenizer, q, a, max_length, template=template)
+        return {"input_ids": e.input_ids, "labels": e.labels}
+
+    examples = [example(q, a) for q, a in zip(questions, answers)]
+    sums, counts = [0.0] * len(examples), [0] * len(examples)
+    for b in score_labelled(model, examples, padding_id(tokenizer), batch_size, num_batches, example("", "")):
+        for i, total, n in zip(b.rows, b.row_sums(), b.counts):
+            sums[i], counts[i] = total, int(n)
     return sums, counts
 
 
@@ -177,15 +123,15 @@ def greedy_generate(
     out: list[Optional[tuple[str, list[int], bool]]] = [None] * len(prompts)
     # A chat format's answer ends with its end-of-turn token (e.g. <|eot_id|>), which may not be EOS.
     eos = tokenizer.eos_token_id if isinstance(template, str) else template.stop_token_id(tokenizer)
-    pad, device = _pad_id(tokenizer), _device(model)
+    pad, device = padding_id(tokenizer), model_device(model)
     gen_kwargs = dict(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
         eos_token_id=eos, temperature=None, top_p=None, top_k=None,
     )
     if synced_gpus:
         gen_kwargs["synced_gpus"] = True
-    with _eval_mode(model), torch.no_grad():
-        for idx in _batches(order, batch_size, num_batches):
+    with eval_mode(model), torch.no_grad():
+        for idx in batches(order, batch_size, num_batches):
             exs = [prompts[i] for i in idx] or [prompt_ids(tokenizer, "", template)]
             batch = pad_batch([{"input_ids": p} for p in exs], pad, "left")
             ids = batch["input_ids"].to(device)
@@ -280,10 +226,6 @@ def column_present(rows: Sequence[dict], column: str) -> bool:
     return bool(rows) and all(ok(r) for r in rows)
 
 
-def _rank_batches(counts_per_rank: list[int], batch_size: int) -> int:
-    return max((math.ceil(c / batch_size) for c in counts_per_rank), default=0)
-
-
 def evaluate_split(
     model,
     tokenizer,
@@ -310,9 +252,7 @@ def evaluate_split(
 
     # Same number of model calls on every rank (ZeRO-3); computed from the full split, no comms.
     def calls(count_fn) -> Optional[int]:
-        if world_size == 1:
-            return None
-        return _rank_batches([sum(count_fn(r) for r in rows[k::world_size]) for k in range(world_size)], bs)
+        return synced_batch_count([sum(count_fn(r) for r in rows[k::world_size]) for k in range(world_size)], bs)
 
     one = calls(lambda r: 1)
     # Optional columns, decided on the full split so that every rank makes the same calls.
@@ -332,12 +272,9 @@ def evaluate_split(
     common = dict(batch_size=bs, max_length=cfg.max_length, template=cfg.template)
     n_pert = calls(lambda r: len(r["perturbed_answer"])) if has_pert else None
 
-    def batches(fixed: Optional[int], n_rows: int) -> int:  # what _batches will yield
-        return fixed if fixed is not None else math.ceil(n_rows / bs)
-
     # the progress bar's total: answer, paraphrase, generation, and the perturbed answers
-    expect(batches(one, len(mine)) * (2 + has_para)
-           + (batches(n_pert, sum(len(r["perturbed_answer"]) for r in mine)) if has_pert else 0))
+    expect(batch_count(len(mine), bs, one) * (2 + has_para)
+           + (batch_count(sum(len(r["perturbed_answer"]) for r in mine), bs, n_pert) if has_pert else 0))
 
     a_lp, a_n = answer_logprobs(model, tokenizer, qs, [r["answer"] for r in mine], num_batches=one, **common)
     nan = float("nan")
