@@ -18,6 +18,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional, TypeVar
 
+from tqdm import tqdm
+
 T = TypeVar("T")
 FILE_INTERVAL_S = 30.0  # seconds between a bar's states when stderr is not a terminal
 
@@ -36,8 +38,6 @@ class _AboveTheBar:
         self.stream = stream
 
     def write(self, text: str) -> None:
-        from tqdm import tqdm
-
         if text.strip():
             tqdm.write(text.rstrip("\n"), file=self.stream)
 
@@ -50,21 +50,24 @@ def _console_handlers() -> list[logging.StreamHandler]:
             if type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stderr, sys.stdout)]
 
 
+class _Bar(tqdm):
+    """A tqdm bar that gives the console handlers their own streams back when it closes."""
+
+    _log_streams: Sequence[tuple[logging.StreamHandler, Any]] = ()
+
+    def close(self) -> None:
+        for handler, stream in self._log_streams:
+            if isinstance(handler.stream, _AboveTheBar):
+                handler.setStream(stream)
+        self._log_streams = ()
+        super().close()
+
+
 def bar(enabled: bool, total: Optional[int], desc: str, initial: int = 0, unit: str = "it") -> Optional[Any]:
     """A tqdm bar on stderr when ``enabled`` and this is rank 0, else None. While it is open, log
     lines on the console print above it."""
     if not (enabled and _main_process()):
         return None
-    from tqdm import tqdm
-
-    class _Bar(tqdm):
-        def close(self) -> None:
-            for handler, stream in getattr(self, "_log_streams", ()):
-                if isinstance(handler.stream, _AboveTheBar):
-                    handler.setStream(stream)
-            self._log_streams = ()
-            super().close()
-
     # Redrawn each second on a terminal; into a file (a SLURM job's stderr) every 30 s, so a long
     # run's log is not thousands of bar states
     interval = 1.0 if sys.stderr.isatty() else FILE_INTERVAL_S
