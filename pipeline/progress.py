@@ -76,6 +76,16 @@ def bar(enabled: bool, total: Optional[int], desc: str, initial: int = 0, unit: 
     return b
 
 
+def library_bars(enabled: bool) -> None:
+    """``logging.progress_bar=false`` also silences transformers' and huggingface_hub's own bars
+    (loading weights, writing shards). Ranks other than 0 never show them
+    (:func:`pipeline.engine.distributed.setup_environment`)."""
+    if not enabled:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 class _Pending:
     """A block's bar, opened on first use, so a block with nothing to do (a cache already built)
     prints no empty bar."""

@@ -131,8 +131,10 @@ def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
     from pipeline.io import atomic_write_text
     from pipeline.methods import build_method
     from pipeline.models.attention import check_available
+    from pipeline.progress import library_bars
 
     validate(cfg)
+    library_bars(bool(cfg.logging.progress_bar))
     check_available(cfg.kernels.attention)  # e.g. flash_attn without flash-attn: exit 2, nothing written
     dist = init_distributed()
     set_threads(int(cfg.trainer.num_threads))

@@ -119,3 +119,31 @@ def test_into_a_file_the_bar_redraws_rarely(monkeypatch):
     b = bar(True, 3, "unlearn[x]")
     assert b.mininterval == FILE_INTERVAL_S >= 10
     b.close()
+
+
+def _library_bars_on(env_rank: str, progress_bar: bool) -> bool:
+    """In a fresh process: the launcher environment for rank ``env_rank``, then the run's switch."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.argv = ['x']\n"
+            "import launchers._bootstrap\n"
+            "from pipeline.progress import library_bars\n"
+            f"library_bars({progress_bar})\n"
+            "from transformers.utils import logging as l\n"
+            "print(l.is_progress_bar_enabled())")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "ASU_AUTO_RANK")}
+    env.update(RANK=env_rank, WORLD_SIZE="2", LOCAL_RANK=env_rank)
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_library_bars_show_on_rank_zero_only_and_follow_the_switch():
+    # transformers' own bars ("Loading weights") from rank 1 used to draw into rank 0's lines
+    assert _library_bars_on("0", True)
+    assert not _library_bars_on("1", True)
+    assert not _library_bars_on("0", False)

@@ -94,6 +94,10 @@ def setup_environment() -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
+    if os.environ["RANK"] != "0":
+        # transformers' and huggingface_hub's own bars (loading weights, writing shards) on rank 0
+        # only: every other rank would draw its copy into rank 0's lines (read at their import)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _slurm_tasks_on_this_node() -> int:

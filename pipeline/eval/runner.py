@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data.loaders import DataError
 from pipeline.engine.distributed import barrier, gather_objects, is_main_process
-from pipeline.progress import progress
+from pipeline.progress import library_bars, progress
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +341,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     from pipeline.models.loading import load_tokenizer
 
     validate(cfg)
+    library_bars(_progress_bar(cfg))
     check_available(cfg.kernels.attention)
     dist = init_distributed()
     set_threads(int(cfg.trainer.num_threads))
