@@ -333,6 +333,8 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _choice(cfg, "kernels.attention", ("auto", "sdpa", "torch", "triton", "flash_attn"))
     _choice(cfg, "kernels.kl", ("naive", "fused"))
     _choice(cfg, "logging.wandb_mode", ("auto", "offline", "online", "disabled"))
+    _require(t.num_threads >= 0, "trainer.num_threads", f"must be >= 0 (0 leaves torch's setting), got {t.num_threads}")
+    _validate_eval(cfg.eval)
     _require(cfg.eval.max_rows is None or cfg.eval.max_rows >= 1, "eval.max_rows",
              f"must be >= 1 or null (all rows), got {cfg.eval.max_rows}")
     _require(cfg.eval.probe_rows >= 0, "eval.probe_rows", f"must be >= 0 (0 turns the probe off), got {cfg.eval.probe_rows}")
@@ -349,6 +351,16 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _validate_peft(cfg, n_layers)
     # Method-specific ranges live with the method (e.g. tau > 0, layers < n_layers).
     METHODS.get(cfg.method.name).validate_config(cfg.method, n_layers)
+
+
+def _validate_eval(e: DictConfig) -> None:
+    # checked before training: a bad evaluation setting used to surface only after the run trained
+    for key in ("batch_size", "max_new_tokens", "verbmem_max_new_tokens", "knowmem_max_new_tokens"):
+        _require(e[key] >= 1, f"eval.{key}", f"must be >= 1, got {e[key]}")
+    _require(e.max_length >= 8, "eval.max_length", f"must be >= 8, got {e.max_length}")
+    _require(0.0 < e.mink_k <= 1.0, "eval.mink_k", f"must be in (0, 1] (a fraction of the tokens), got {e.mink_k}")
+    _require(e.retrain_auc is None or 0.0 <= e.retrain_auc <= 1.0, "eval.retrain_auc",
+             f"must be in [0, 1] (an AUC) or null, got {e.retrain_auc}")
 
 
 def _validate_peft(cfg: DictConfig, n_layers: Optional[int]) -> None:

@@ -300,7 +300,12 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
 def _choose_tau(cfg: DictConfig, engines: JobEngines, inputs: JobInputs) -> Optional[dict]:
     """method.tau=auto: choose tau from a cheap teacher-side signal before training (its evidence goes
     to results.json); the config then carries the chosen value."""
-    if "tau" not in cfg.method or str(cfg.method.tau) != "auto":
+    if "tau" not in cfg.method:
+        return None
+    if str(cfg.method.tau) != "auto":
+        if float(cfg.method.tau) <= 1.0:  # allowed (an ablation, a control), but it does not smooth
+            log.warning("method.tau=%s: a teacher at tau <= 1 is not smoothed (tau = 1 is the frozen model itself, "
+                        "tau < 1 sharpens its attention); ASU forgets with tau > 1", cfg.method.tau)
         return None
     from pipeline.engine.tau_auto import select_tau
     from pipeline.progress import progress

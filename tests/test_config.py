@@ -1,6 +1,7 @@
 """Hydra composition with typed schemas: wrong keys/types fail at compose time naming the key."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -130,3 +131,27 @@ def test_cli_unknown_key_exits_nonzero_with_message():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "bogus_key" in out.stderr
+
+
+@pytest.mark.parametrize("override,key,expect", [
+    ("eval.batch_size=0", "eval.batch_size", "must be >= 1"),  # was a ZeroDivisionError after training
+    ("eval.max_new_tokens=0", "eval.max_new_tokens", "must be >= 1"),
+    ("eval.max_length=4", "eval.max_length", "must be >= 8"),
+    ("eval.mink_k=1.5", "eval.mink_k", "must be in (0, 1]"),
+    ("eval.retrain_auc=2", "eval.retrain_auc", "must be in [0, 1]"),
+    ("trainer.num_threads=-1", "trainer.num_threads", "must be >= 0"),
+])
+def test_evaluation_and_thread_settings_are_checked_before_training(override, key, expect):
+    with pytest.raises(ConfigError, match=rf"config error at '{key}': {re.escape(expect)}"):
+        validate(_compose([override]))
+
+
+@pytest.mark.parametrize("tau,warned", [(1.0, True), (0.5, True), (2.3, False)])
+def test_a_fixed_tau_at_or_below_one_is_run_with_a_warning(caplog, tau, warned):
+    from pipeline.run import _choose_tau
+
+    cfg = _compose([f"method.tau={tau}"])
+    validate(cfg)  # allowed: an ablation or a control
+    with caplog.at_level("WARNING", logger="pipeline.run"):
+        assert _choose_tau(cfg, None, None) is None  # nothing to choose
+    assert ("is not smoothed" in caplog.text) is warned
