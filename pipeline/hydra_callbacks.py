@@ -15,14 +15,12 @@ _BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 def _check(config: DictConfig, where: str = "") -> None:
-    """The config's values (:func:`pipeline.config.validate`) and its attention backend."""
-    from pipeline.config import validate
+    """What :func:`pipeline.inputs.check_before_loading` checks: values, attention backend, model paths."""
     from pipeline.errors import USER_ERRORS, exit_with
-    from pipeline.models.attention import check_available
+    from pipeline.inputs import check_before_loading
 
     try:
-        validate(config)
-        check_available(str(config.get("kernels", {}).get("attention", "auto")))
+        check_before_loading(config)
     except USER_ERRORS as exc:
         exit_with(exc, f"{where}{exc}")
 
@@ -57,8 +55,8 @@ def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
 
 
 class EarlyChecks(Callback):
-    """The composed config's values and its attention backend (e.g. flash-attn is installed), before
-    anything is written; for a sweep, every job's."""
+    """The composed config's values, its attention backend (e.g. flash-attn is installed) and its
+    model paths, before anything is written; for a sweep, every job's."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check(config)

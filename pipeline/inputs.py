@@ -28,6 +28,34 @@ class ModelPaths:
     reference_cache: Optional[str] = None  # where the retain model's eval stats are cached
 
 
+def check_before_loading(cfg: DictConfig) -> None:
+    """Everything about a job that can be checked before anything is loaded or written: the config's
+    values, the attention backend (e.g. flash-attn is installed) and the model paths. Run by the
+    Hydra callback for every job of a sweep, and again by each job (callers without Hydra)."""
+    from pipeline.config import validate
+    from pipeline.models.attention import check_available
+
+    validate(cfg)
+    check_available(str(cfg.get("kernels", {}).get("attention", "auto")))
+    if not cfg.get("trainer", {}).get("dry_run", False):  # a dry run sizes a hub model from model.arch
+        check_model_paths(cfg)
+
+
+def check_model_paths(cfg: DictConfig) -> None:
+    """The configured model directories or hub ids can load (``model.path``, ``model.tokenizer_path``,
+    ``eval.retain_model``): checked before anything is loaded or written."""
+    from pipeline.models.loading import TOKENIZER_FILES, check_model_location
+
+    m = cfg.model
+    if m.source == "pretrained" and m.path:
+        check_model_location(str(m.path), "model.path", m.revision)
+    if m.source != "synthetic" and m.tokenizer_path:
+        check_model_location(str(m.tokenizer_path), "model.tokenizer_path", needs=TOKENIZER_FILES)
+    retain = cfg.get("eval", {}).get("retain_model")
+    if retain and m.source != "synthetic":
+        check_model_location(str(retain), "eval.retain_model")
+
+
 def set_threads(n: int) -> None:
     import torch
 

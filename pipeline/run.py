@@ -20,6 +20,7 @@ from pipeline.config import validate
 from pipeline.config_base import require
 from pipeline.inputs import (
     ModelPaths,
+    check_before_loading,
     checked_prompt_format,
     effective_max_length,
     resolve_paths,
@@ -130,12 +131,10 @@ def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
     from pipeline.engine.distributed import init_distributed
     from pipeline.io import atomic_write_text
     from pipeline.methods import build_method
-    from pipeline.models.attention import check_available
     from pipeline.progress import library_bars
 
-    validate(cfg)
+    check_before_loading(cfg)  # values, attention backend, model paths: exit 2, nothing written
     library_bars(bool(cfg.logging.progress_bar))
-    check_available(cfg.kernels.attention)  # e.g. flash_attn without flash-attn: exit 2, nothing written
     dist = init_distributed()
     set_threads(int(cfg.trainer.num_threads))
     torch.manual_seed(int(cfg.seed))

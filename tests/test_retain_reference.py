@@ -138,7 +138,7 @@ def test_cli_bad_reference_file_one_line_exit_2(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     out = subprocess.run(
-        [sys.executable, "launchers/train.py", "model.source=pretrained", "model.path=/nonexistent", "data.name=json",
+        [sys.executable, "launchers/train.py", "model.source=pretrained", f"model.path={_unloadable_model(tmp_path)}", "data.name=json",
          f"data.path={data}", "data.forget_split=forget", "data.retain_split=retain", "data.eval_splits=[]",
          f"eval.retain_reference={tmp_path / 'ref.json'}", f"output_dir={tmp_path / 'runs'}", "run_name=r",
          "logging=none"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -146,3 +146,12 @@ def test_cli_bad_reference_file_one_line_exit_2(tmp_path):
     err = [ln for ln in out.stderr.splitlines() if "RetainReferenceError" in ln]
     assert len(err) == 1 and "has 3 rows" in err[0] and "split 'forget' has 2 rows" in err[0]
     assert "Traceback" not in out.stderr and not (tmp_path / "runs" / "r" / "model").exists()
+
+
+def _unloadable_model(tmp_path):
+    """A model directory that passes the path check (it has a config.json) but has no weights: the
+    data is checked before any model is loaded, so the run must stop on the data."""
+    d = tmp_path / "model"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text("{}")
+    return d

@@ -331,18 +331,16 @@ def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path) -> 
 
 def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Evaluate the configured model without training (e.g. the target or retain model)."""
-    from pipeline.config import validate
     from pipeline.data.loaders import load_unlearning_data
     from pipeline.engine.distributed import init_distributed
     from pipeline.eval.report import render_report_md, write_results
-    from pipeline.inputs import checked_prompt_format, resolve_paths, set_threads
+    from pipeline.inputs import check_before_loading, checked_prompt_format, resolve_paths, set_threads
     from pipeline.io import atomic_write_json, atomic_write_text
-    from pipeline.models.attention import attention_backend_report, check_available, set_attention_backend
+    from pipeline.models.attention import attention_backend_report, set_attention_backend
     from pipeline.models.loading import load_tokenizer
 
-    validate(cfg)
+    check_before_loading(cfg)
     library_bars(_progress_bar(cfg))
-    check_available(cfg.kernels.attention)
     dist = init_distributed()
     set_threads(int(cfg.trainer.num_threads))
     set_attention_backend(cfg.kernels.attention, dist.device)  # logs the choice (and any fallback)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,6 +18,41 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelLoadError(RuntimeError):
     pass
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "namespace/name"
+
+
+MODEL_FILES = ("config.json",)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
+
+
+def check_model_location(path: str, key: str = "model.path", revision: Optional[str] = None,
+                         needs: tuple[str, ...] = MODEL_FILES) -> None:
+    """Stop, in one line, on a model path that cannot load, before anything is loaded or written: a
+    local path that does not exist or is not a Hugging Face model directory, or a hub id that the
+    offline run (``HF_HUB_OFFLINE=1``, the default) cannot find in the hub cache. ``needs``: the
+    files of which the directory must have one (:data:`MODEL_FILES`, :data:`TOKENIZER_FILES`)."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"{key}={path} is a file, not a model directory"
+                                 + (" (a GGUF file: use model.source=gguf_package)" if p.suffix == ".gguf" else ""))
+        if not any((p / f).is_file() for f in needs):
+            raise ModelLoadError(f"{key}={path} has no {' or '.join(needs)}: not a Hugging Face "
+                                 f"{'model' if needs == MODEL_FILES else 'tokenizer'} directory")
+        return
+    if not _HUB_ID.match(path) or path.startswith((".", "~")):
+        raise ModelLoadError(f"{key}={path}: no such directory")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return  # the hub answers for itself
+    if not any(isinstance(try_to_load_from_cache(path, f, revision=revision), str) for f in needs):
+        raise ModelLoadError(
+            f"{key}={path}: no such directory, and as a hub id it is not in the hub cache "
+            f"({constants.HF_HUB_CACHE}{f', revision {revision}' if revision else ''}) while the run is offline "
+            f"(HF_HUB_OFFLINE=1); download it first (`hf download {path}`) or set ASU_ALLOW_NETWORK=1")
 
 
 def check_weights_safe(path: str | Path, allow_pickle: bool) -> None:

@@ -22,11 +22,18 @@ AFTER_LOADING = ("method.teacher_layers=[0,5]",)
         ("method.tau=-2", ["method.tau", "must be > 0"]),  # out of range
         ("trainer.lr=0", ["trainer.lr", "must be > 0"]),
         ("method.teacher_layers=[0,5]", ["method.teacher_layers", "allowed 0..1"]),  # tiny model: 2 layers
+        ("eval.batch_size=0", ["eval.batch_size", "must be >= 1"]),  # was a traceback after training
+        # model paths: before, a traceback from transformers (exit 1) once the job had started
+        ("model.path=/nonexistent/model", ["ModelLoadError", "model.path=/nonexistent/model: no such directory"]),
+        ("model.path=someone/missing-7b", ["model.path=someone/missing-7b", "not in the hub cache",
+                                           "HF_HUB_OFFLINE=1", "hf download someone/missing-7b"]),
+        ("eval.retain_model=/nonexistent/retain", ["eval.retain_model=/nonexistent/retain: no such directory"]),
     ],
 )
 def test_bad_config_stops_with_key_and_range(tiny, override, expect):
     root, model_dir, data_dir = tiny
-    out = launch.run(train_overrides(model_dir, data_dir, root / "runs", "cfgfault") + [override])
+    name = f"cfgfault-{abs(hash(override))}"  # its own directory: an AFTER_LOADING case leaves its config.yaml
+    out = launch.run(train_overrides(model_dir, data_dir, root / "runs", name) + [override])
     # bad input: one line naming the key, exit code 2, no traceback (Hydra's own report is a block
     # of text and exit code 1)
     assert out.returncode == 2, out.stderr[-2000:]
@@ -35,7 +42,7 @@ def test_bad_config_stops_with_key_and_range(tiny, override, expect):
     for word in expect:
         assert word in errors[0], errors[0]
     assert "schema_" not in errors[0]  # the typed schemas registered in a group are not options
-    run = root / "runs" / "cfgfault"
+    run = root / "runs" / name
     assert override in AFTER_LOADING or not run.exists(), sorted(run.rglob("*"))
     assert not (run / "model").exists() and not (run / "results.json").exists()
     assert not (run / "checkpoints").exists()
@@ -44,6 +51,7 @@ def test_bad_config_stops_with_key_and_range(tiny, override, expect):
 @pytest.mark.parametrize("sweep,expect", [
     ("method.tau=2.0,3.0,-1", ["sweep job 3 of 3 (", "method.tau=-1", "must be > 0"]),  # our validation
     ("trainer.lr=1e-3,1e-4,hot", ["sweep job 3 of 3 (", "trainer.lr=hot", "could not be converted"]),  # type
+    ("eval.retain_model=null,/nonexistent/retain", ["sweep job 2 of 2 (", "no such directory"]),  # a model path
 ])
 def test_a_sweep_checks_every_job_before_the_first_runs(tiny, sweep, expect):
     """``-m``: a bad value in the last job stops the sweep before any job runs, naming the job, and

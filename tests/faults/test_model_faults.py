@@ -80,3 +80,40 @@ def test_sequences_longer_than_context_truncate_or_stop(tiny):
     assert bad.returncode == 2
     assert "sequence longer than 12 tokens" in bad.stderr and "data.truncate=false" in bad.stderr
     assert not (root / "runs" / "ctx_bad" / "model").exists()
+
+
+def test_a_model_path_that_cannot_load_is_named_before_loading(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from pipeline.models.loading import TOKENIZER_FILES, check_model_location
+
+    with pytest.raises(ModelLoadError, match=r"^model.path=/nonexistent/m: no such directory$"):
+        check_model_location("/nonexistent/m")
+    with pytest.raises(ModelLoadError, match="no such directory"):
+        check_model_location("./runs/typo/model")  # relative, not a hub id
+    (tmp_path / "m.gguf").write_text("")
+    with pytest.raises(ModelLoadError, match="is a file, not a model directory .*model.source=gguf_package"):
+        check_model_location(str(tmp_path / "m.gguf"))
+    with pytest.raises(ModelLoadError, match="has no config.json: not a Hugging Face model directory"):
+        check_model_location(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    check_model_location(str(tmp_path), "model.tokenizer_path", needs=TOKENIZER_FILES)  # a tokenizer dir
+    (tmp_path / "config.json").write_text("{}")
+    check_model_location(str(tmp_path))
+
+    # a hub id: offline, it must be in the hub cache (the cache layout huggingface_hub reads)
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError, match=r"someone/model-7b: .* not in the hub cache .*hf download someone/model-7b"):
+        check_model_location("someone/model-7b")
+    snap = cache / "models--someone--model-7b" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (cache / "models--someone--model-7b" / "refs").mkdir()
+    (cache / "models--someone--model-7b" / "refs" / "main").write_text("abc123")
+    check_model_location("someone/model-7b")
+    with pytest.raises(ModelLoadError, match="revision v2"):
+        check_model_location("someone/model-7b", revision="v2")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online: the hub answers for itself
+    check_model_location("someone/other-7b")
