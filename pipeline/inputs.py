@@ -15,6 +15,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from pipeline.config_base import ConfigError
+from pipeline.logging import SAME_ON_EVERY_RANK
 
 log = logging.getLogger("pipeline.run")
 
@@ -88,7 +89,7 @@ def effective_max_length(cfg: DictConfig, model_path: str) -> int:
         context = json.loads(cfg_file.read_text()).get("max_position_embeddings")
     if context and cfg.data.max_length > context:
         log.warning("data.max_length=%d exceeds the model's context (%d tokens): sequences are limited to %d",
-                    cfg.data.max_length, context, context)
+                    cfg.data.max_length, context, context, extra=SAME_ON_EVERY_RANK)
         return int(context)
     return int(cfg.data.max_length)
 

@@ -12,18 +12,24 @@ log = logging.getLogger("pipeline")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s]%(rank)s - %(message)s"
 
 
+# ``log.warning(..., extra=SAME_ON_EVERY_RANK)``: a warning every rank reaches alike (it follows from
+# the config or the data, which all ranks share) is written by rank 0 only, not once per rank
+SAME_ON_EVERY_RANK = {"same_on_every_rank": True}
+
+
 class RankFilter(logging.Filter):
     """Multi-rank runs log once: rank 0 passes every record, the other ranks only warnings and
     errors, tagged with their rank (``[rank 3]``) since those are the ones that can differ between
-    ranks. Without it every rank of an N-rank launch writes each info line, N times over, into the
-    same console and the same ``train.log``. Sets ``record.rank`` ("" on rank 0) for
+    ranks; a warning logged with ``extra=SAME_ON_EVERY_RANK`` cannot, and stays on rank 0. Without
+    it every rank of an N-rank launch writes each info line, N times over, into the same console and
+    the same ``train.log``. Sets ``record.rank`` ("" on rank 0) for
     :data:`LOG_FORMAT`; the rank is read per record from ``RANK`` (set for every launch by
     ``pipeline.engine.distributed.setup_environment``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         rank = int(os.environ.get("RANK", "0") or 0)
         record.rank = f"[rank {rank}]" if rank else ""
-        return rank == 0 or record.levelno >= logging.WARNING
+        return rank == 0 or (record.levelno >= logging.WARNING and not getattr(record, "same_on_every_rank", False))
 
 
 def configure_console(stream: Any = None) -> None:

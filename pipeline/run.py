@@ -26,6 +26,7 @@ from pipeline.inputs import (
     resolve_paths,
     set_threads,
 )
+from pipeline.logging import SAME_ON_EVERY_RANK
 
 log = logging.getLogger("pipeline.run")
 
@@ -304,7 +305,8 @@ def _choose_tau(cfg: DictConfig, engines: JobEngines, inputs: JobInputs) -> Opti
     if str(cfg.method.tau) != "auto":
         if float(cfg.method.tau) <= 1.0:  # allowed (an ablation, a control), but it does not smooth
             log.warning("method.tau=%s: a teacher at tau <= 1 is not smoothed (tau = 1 is the frozen model itself, "
-                        "tau < 1 sharpens its attention); ASU forgets with tau > 1", cfg.method.tau)
+                        "tau < 1 sharpens its attention); ASU forgets with tau > 1", cfg.method.tau,
+                        extra=SAME_ON_EVERY_RANK)
         return None
     from pipeline.engine.tau_auto import select_tau
     from pipeline.progress import progress

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pipeline.config import register_configs
-from pipeline.logging import LOG_FORMAT, RankFilter
+from pipeline.logging import LOG_FORMAT, SAME_ON_EVERY_RANK, RankFilter
 from tests.helpers.launch import ROOT
 
 
@@ -33,6 +33,7 @@ def _emit(rank: str, monkeypatch) -> str:
     try:
         logger.info("which backend ran")
         logger.warning("this rank's data was short")
+        logger.warning("the config's tau is <= 1", extra=SAME_ON_EVERY_RANK)
     finally:
         logger.removeHandler(handler)
     return out.getvalue()
@@ -42,6 +43,7 @@ def test_rank_zero_logs_everything_untagged(monkeypatch):
     text = _emit("0", monkeypatch)
     assert "[INFO] - which backend ran" in text
     assert "[WARNING] - this rank's data was short" in text
+    assert "[WARNING] - the config's tau is <= 1" in text
     assert "[rank" not in text
 
 
@@ -49,6 +51,8 @@ def test_other_ranks_log_only_warnings_tagged_with_their_rank(monkeypatch):
     text = _emit("3", monkeypatch)
     assert "which backend ran" not in text
     assert "[WARNING][rank 3] - this rank's data was short" in text
+    # a warning that follows from what all ranks share is written once, by rank 0
+    assert "tau is <= 1" not in text
 
 
 def test_launchers_hydra_logging_uses_the_filter_on_console_and_file(tmp_path, monkeypatch):

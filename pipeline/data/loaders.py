@@ -31,6 +31,7 @@ from pipeline.data.common import (  # noqa: F401  (re-exported: callers import t
     subsample,
 )
 from pipeline.data.formatting import encode_qa, encode_text
+from pipeline.logging import SAME_ON_EVERY_RANK
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +110,14 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
         out.append({"input_ids": enc.input_ids, "labels": enc.labels, "index": i})
     if cut:
         log.warning("split %r: truncated %d of %d sequences to data.max_length=%d (question words dropped from the "
-                    "left, answers kept)", split, cut, len(rows), max_length)
+                    "left, answers kept)", split, cut, len(rows), max_length, extra=SAME_ON_EVERY_RANK)
     if answer_cut:
         log.warning("split %r: %d answer(s) alone are longer than data.max_length=%d: their last tokens are cut "
-                    "(no loss on them)", split, answer_cut, max_length)
+                    "(no loss on them)", split, answer_cut, max_length, extra=SAME_ON_EVERY_RANK)
     if mismatch:
         log.warning("split %r: in %d row(s) the prompt tokenises differently inside prompt+answer (border merge); the "
-                    "loss starts after the prompt's token count, as open-unlearning does", split, mismatch)
+                    "loss starts after the prompt's token count, as open-unlearning does", split, mismatch,
+                    extra=SAME_ON_EVERY_RANK)
     return out
 
 

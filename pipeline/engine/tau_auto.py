@@ -59,6 +59,7 @@ import torch
 
 from pipeline.data.collate import pad_batch
 from pipeline.data.formatting import IGNORE_INDEX
+from pipeline.logging import SAME_ON_EVERY_RANK
 from pipeline.methods.asu import FACT_TARGET, FORM_TARGET, TAU_MAX
 from pipeline.methods.model_io import unwrap
 from pipeline.models.runtime import model_device
@@ -523,21 +524,23 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
         log.warning("tau=auto: %s, so the fallback rule (template top-1 agreement >= %s) chose tau; it can be "
                     "very cautious on real models (docs/sweeps.md)",
                     "no forget row has a 'facts' field found in its answer" if not with_facts else
-                    "the untempered teacher reproduces none of the forget facts", form_target)
+                    "the untempered teacher reproduces none of the forget facts", form_target,
+                    extra=SAME_ON_EVERY_RANK)
         if tau == TAU_MIN:
-            log.warning("tau=auto: tau=1 was chosen and ASU's forget term will remove nothing; set method.tau by hand")
+            log.warning("tau=auto: tau=1 was chosen and ASU's forget term will remove nothing; set method.tau by hand",
+                        extra=SAME_ON_EVERY_RANK)
     elif tau == TAU_MIN:  # the guard fired at the bisection's first steps: the template goes before any fact
         log.warning("tau=auto: the tempered teacher loses half the template's top-1 before it forgets the facts, "
                     "so tau=1 was chosen and ASU's forget term will remove nothing; set method.tau by hand or "
-                    "try other method.teacher_layers")
+                    "try other method.teacher_layers", extra=SAME_ON_EVERY_RANK)
     elif (top["facts_forgotten"] or 0.0) < FACTS_WARN:
         log.warning("tau=auto: tempering %s up to tau_max=%s leaves the teacher reproducing %.0f%% of the facts "
                     "it knows; ASU may not remove much (try other teacher_layers or a higher tau_max)",
-                    where, tau_max, 100 * (1 - (top["facts_forgotten"] or 0.0)))
+                    where, tau_max, 100 * (1 - (top["facts_forgotten"] or 0.0)), extra=SAME_ON_EVERY_RANK)
     if chosen["form_kept"] is not None and chosen["form_kept"] < FORM_WARN:
         log.warning("tau=auto: at tau=%.3f the tempered teacher changes %.0f%% of the answers' non-fact top-1 "
                     "predictions; check the forget answers' fluency (results.json forget_well_formed)",
-                    tau, 100 * (1 - chosen["form_kept"]))
+                    tau, 100 * (1 - chosen["form_kept"]), extra=SAME_ON_EVERY_RANK)
     log.info("tau=auto: %s -> tau=%.3f (%d probes on %d rows over %d rank(s), logits at %s, shared prefix of "
              "%d tokens run once, %.1fs)", reason, tau, len(prober.probes), len(idx), world, out["logits"],
              out["shared_prefix_tokens"],

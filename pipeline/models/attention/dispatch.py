@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from pipeline.logging import SAME_ON_EVERY_RANK
+
 from .base import ATTENTION_BACKENDS, AttentionBackend, AttentionCall
 
 log = logging.getLogger("pipeline.attention")
@@ -114,7 +116,8 @@ def set_attention_backend(requested: str, device: str = "cpu") -> Resolution:
     global _state
     res = resolve_backend(requested, device)
     (log.warning if res.backend != requested and requested != "auto" else log.info)(
-        "attention backend: kernels.attention=%s -> %s (%s)", requested, res.backend, res.reason)
+        "attention backend: kernels.attention=%s -> %s (%s)", requested, res.backend, res.reason,
+        extra=SAME_ON_EVERY_RANK)
     _state = res
     return res
 
