@@ -149,6 +149,30 @@ def test_select_tau_in_bounds_deterministic_with_evidence(memorised):
     assert all(float(t) == 1.0 for t in get_temperatures(model))
 
 
+def test_the_probe_bar_shows_its_total_before_each_stage_and_ends_full(memorised, monkeypatch):
+    """The bounds' two probes are announced before the first runs and the bisection's before it
+    starts, so the bar does not grow one probe at a time; it ends exactly full."""
+    from pipeline import progress as P
+
+    monkeypatch.setenv("RANK", "0")
+    model, tok, rows, enc = memorised
+    totals = []
+    real = tau_auto._Prober.probe
+
+    def probe(self, tau):  # the bar's total as each probe starts
+        totals.append(P.current().total)
+        return real(self, tau)
+
+    monkeypatch.setattr(tau_auto._Prober, "probe", probe)
+    with P.progress("tau=auto probes"):
+        out = tau_auto.select_tau(model, tok, SimpleNamespace(forget=rows), enc, _cfg())
+        b = P.current()
+        n, total = b.n, b.total
+    per_probe = total // len(out["probes"])
+    assert n == total == len(out["probes"]) * per_probe > 0
+    assert totals == [2 * per_probe] * 2 + [total] * tau_auto.BISECT_STEPS
+
+
 def test_select_tau_knobs_bound_and_targets(memorised, caplog):
     """The fact threshold is relative to what tau_max's teacher forgets: a lower method.tau_max
     searches [1, tau_max] against its own (smaller) share and warns when that share is small; a

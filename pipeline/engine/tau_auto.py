@@ -65,7 +65,7 @@ from pipeline.methods.model_io import unwrap
 from pipeline.models.runtime import model_device
 from pipeline.models.sharded_embedding import embeddings_from_shards
 from pipeline.models.tempered_attention import temperature
-from pipeline.progress import tracked
+from pipeline.progress import expect, tracked
 
 log = logging.getLogger(__name__)
 
@@ -402,6 +402,7 @@ def _bisect(prober: _Prober, lo: float, hi: float, ok_at_hi: bool, key: str | Ca
 
     ``ok_at_hi``: the condition holds at ``hi`` and not at ``lo`` (search for its smallest tau),
     else it holds at ``lo`` and not at ``hi`` (its largest)."""
+    expect(steps * (prober.n_forwards or 0))  # the bar's total: every probe of the bisection
     for _ in range(steps):
         mid = 0.5 * (lo + hi)
         rec = prober.probe(mid)
@@ -450,6 +451,7 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
     teacher.eval()
     prober = _Prober(teacher, items, pad_id, layers, form_target, fact_target, n_forwards, prefix)
     try:
+        expect(2 * n_forwards)  # the bounds' probes; a bisection announces its own
         ref = prober.probe(TAU_MIN)
         top = prober.probe(tau_max)
         if ref["facts_known"] > 0:
