@@ -73,6 +73,65 @@ def triton_available_for(x: torch.Tensor) -> bool:
 
 if HAS_TRITON:
 
+    # ---- pieces every kernel shares (inlined by Triton; ordinary calls under the interpreter) ----
+
+    @triton.jit
+    def _load_tile(base, rows, stride_r, offs_d, stride_d, row_ok, d_ok, UPCAST: tl.constexpr):
+        """A (rows, BLOCK_D) tile, zero outside ``row_ok`` × ``d_ok``; fp32 under the interpreter."""
+        x = tl.load(base + rows[:, None] * stride_r + offs_d[None, :] * stride_d,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def _visible(offs_m, cols, m_ok, n_ok, offset, KPM, b, S, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+        """(BLOCK_M, BLOCK_N): which keys each query sees (in range, causal, not padding)."""
+        valid = m_ok[:, None] & n_ok[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + offset)
+        if HAS_KPM:
+            kp = tl.load(KPM + b * S + cols, mask=n_ok, other=0)
+            valid = valid & (kp[None, :] != 0)
+        return valid
+
+    @triton.jit
+    def _online_softmax_step(qk, c, valid, v, m, norm, acc):
+        """One key tile of the online softmax at log2-domain multiplier ``c``: the new running max,
+        normaliser and unnormalised output."""
+        s = tl.where(valid, qk * c, -1.0e30)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.where(valid, tl.math.exp2(s - m_new[:, None]), 0.0)
+        alpha = tl.math.exp2(m - m_new)
+        norm = norm * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, norm, acc
+
+    @triton.jit
+    def _store_output(Out, LSE, o_off, o_mask, lse_off, m_ok, m, norm, acc):
+        """acc / norm into ``Out`` and the base-2 log-sum-exp into ``LSE``; 0 for rows with no key."""
+        has = norm > 0.0
+        safe_l = tl.where(has, norm, 1.0)
+        tl.store(Out + o_off, (acc / safe_l[:, None]).to(Out.dtype.element_ty), mask=o_mask)
+        tl.store(LSE + lse_off, tl.where(has, m + tl.math.log2(safe_l), 0.0), mask=m_ok)
+
+    @triton.jit
+    def _score_grad(qk, c, n, lse, delta, do, v, valid):
+        """One branch's probabilities P = exp2(qk·c − lse) and dS = P ∘ (dO Vᵀ − delta) · n
+        (query-major: qk is (BLOCK_M, BLOCK_N))."""
+        p = tl.where(valid, tl.math.exp2(qk * c - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        return p, p * (dp - delta[:, None]) * n
+
+    @triton.jit
+    def _score_grad_t(qkT, c, n, lse, delta, do, v, validT):
+        """:func:`_score_grad` transposed (key-major: qkT is (BLOCK_N, BLOCK_M)), for the dK/dV kernel."""
+        pT = tl.where(validT, tl.math.exp2(qkT * c - lse[None, :]), 0.0)
+        dpT = tl.dot(v, tl.trans(do))
+        return pT, pT * (dpT - delta[None, :]) * n
+
+    # ---- kernels ----
+
     @triton.jit
     def _attn_fwd_kernel(
         Q, K, V, TAU, TAU2, KPM, Out, Out2, LSE, LSE2,
@@ -99,10 +158,7 @@ if HAS_TRITON:
 
         # log2-domain multiplier: s2 = (q.k) * scale * log2(e) / tau
         c1 = scale_log2 / tl.load(TAU + pid_bh)
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, offs_d, stride_qd, m_ok, d_ok, UPCAST)
         k_base = K + b * stride_kb + hk * stride_kh
         v_base = V + b * stride_vb + hk * stride_vh
 
@@ -121,50 +177,20 @@ if HAS_TRITON:
         for start_n in range(0, hi, BLOCK_N):
             cols = start_n + offs_n
             n_ok = cols < S
-            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = _load_tile(k_base, cols, stride_ks, offs_d, stride_kd, n_ok, d_ok, UPCAST)
+            v = _load_tile(v_base, cols, stride_vs, offs_d, stride_vd, n_ok, d_ok, UPCAST)
             qk = tl.dot(q, tl.trans(k))
-            valid = m_ok[:, None] & n_ok[None, :]
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None] + offset)
-            if HAS_KPM:
-                kp = tl.load(KPM + b * S + cols, mask=n_ok, other=0)
-                valid = valid & (kp[None, :] != 0)
-
-            s1 = tl.where(valid, qk * c1, -1.0e30)
-            mn1 = tl.maximum(m1, tl.max(s1, 1))
-            p1 = tl.where(valid, tl.math.exp2(s1 - mn1[:, None]), 0.0)
-            a1 = tl.math.exp2(m1 - mn1)
-            l1 = l1 * a1 + tl.sum(p1, 1)
-            acc1 = acc1 * a1[:, None] + tl.dot(p1.to(v.dtype), v)
-            m1 = mn1
+            valid = _visible(offs_m, cols, m_ok, n_ok, offset, KPM, b, S, CAUSAL, HAS_KPM)
+            m1, l1, acc1 = _online_softmax_step(qk, c1, valid, v, m1, l1, acc1)
             if DUAL:
-                s2 = tl.where(valid, qk * c2, -1.0e30)
-                mn2 = tl.maximum(m2, tl.max(s2, 1))
-                p2 = tl.where(valid, tl.math.exp2(s2 - mn2[:, None]), 0.0)
-                a2 = tl.math.exp2(m2 - mn2)
-                l2 = l2 * a2 + tl.sum(p2, 1)
-                acc2 = acc2 * a2[:, None] + tl.dot(p2.to(v.dtype), v)
-                m2 = mn2
+                m2, l2, acc2 = _online_softmax_step(qk, c2, valid, v, m2, l2, acc2)
 
         o_off = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
         o_mask = m_ok[:, None] & d_ok[None, :]
         lse_off = pid_bh * T + offs_m
-        has1 = l1 > 0.0
-        out1 = acc1 / tl.where(has1, l1, 1.0)[:, None]
-        tl.store(Out + o_off, out1.to(Out.dtype.element_ty), mask=o_mask)
-        tl.store(LSE + lse_off, tl.where(has1, m1 + tl.math.log2(tl.where(has1, l1, 1.0)), 0.0), mask=m_ok)
+        _store_output(Out, LSE, o_off, o_mask, lse_off, m_ok, m1, l1, acc1)
         if DUAL:
-            has2 = l2 > 0.0
-            out2 = acc2 / tl.where(has2, l2, 1.0)[:, None]
-            tl.store(Out2 + o_off, out2.to(Out2.dtype.element_ty), mask=o_mask)
-            tl.store(LSE2 + lse_off, tl.where(has2, m2 + tl.math.log2(tl.where(has2, l2, 1.0)), 0.0),
-                     mask=m_ok)
+            _store_output(Out2, LSE2, o_off, o_mask, lse_off, m_ok, m2, l2, acc2)
 
     @triton.jit
     def _attn_bwd_dkdv_kernel(
@@ -192,13 +218,8 @@ if HAS_TRITON:
         d_ok = offs_d < D
         n_ok = offs_n < S
 
-        k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_tile(K + b * stride_kb + hk * stride_kh, offs_n, stride_ks, offs_d, stride_kd, n_ok, d_ok, UPCAST)
+        v = _load_tile(V + b * stride_vb + hk * stride_vh, offs_n, stride_vs, offs_d, stride_vd, n_ok, d_ok, UPCAST)
         kvalid = n_ok
         if HAS_KPM:
             kp = tl.load(KPM + b * S + offs_n, mask=n_ok, other=0)
@@ -223,34 +244,26 @@ if HAS_TRITON:
             for start_m in range(lo, T, BLOCK_M):
                 offs_m = start_m + offs_m0
                 m_ok = offs_m < T
-                q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                            mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                do1 = tl.load(DO + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                              mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
-                    do1 = do1.to(tl.float32)
+                q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, offs_d, stride_qd,
+                               m_ok, d_ok, UPCAST)
+                do1 = _load_tile(DO + b * stride_ob + h * stride_oh, offs_m, stride_ot, offs_d, stride_od,
+                                 m_ok, d_ok, UPCAST)
                 lse1 = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
                 dl1 = tl.load(DELTA + bh * T + offs_m, mask=m_ok, other=0.0)
                 qkT = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M)
                 validT = kvalid[:, None] & m_ok[None, :]
                 if CAUSAL:
                     validT = validT & (offs_n[:, None] <= offs_m[None, :] + offset)
-                pT1 = tl.where(validT, tl.math.exp2(qkT * c1 - lse1[None, :]), 0.0)
+                pT1, dsT = _score_grad_t(qkT, c1, n1, lse1, dl1, do1, v, validT)
                 dv += tl.dot(pT1.to(do1.dtype), do1)
-                dpT1 = tl.dot(v, tl.trans(do1))
-                dsT = pT1 * (dpT1 - dl1[None, :]) * n1
                 if DUAL:
-                    do2 = tl.load(DO2 + b * stride_o2b + h * stride_o2h + offs_m[:, None] * stride_o2t
-                                  + offs_d[None, :] * stride_o2d, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                    if UPCAST:
-                        do2 = do2.to(tl.float32)
+                    do2 = _load_tile(DO2 + b * stride_o2b + h * stride_o2h, offs_m, stride_o2t, offs_d, stride_o2d,
+                                     m_ok, d_ok, UPCAST)
                     lse2 = tl.load(LSE2 + bh * T + offs_m, mask=m_ok, other=0.0)
                     dl2 = tl.load(DELTA2 + bh * T + offs_m, mask=m_ok, other=0.0)
-                    pT2 = tl.where(validT, tl.math.exp2(qkT * c2 - lse2[None, :]), 0.0)
+                    pT2, dsT2 = _score_grad_t(qkT, c2, n2, lse2, dl2, do2, v, validT)
                     dv += tl.dot(pT2.to(do2.dtype), do2)
-                    dpT2 = tl.dot(v, tl.trans(do2))
-                    dsT += pT2 * (dpT2 - dl2[None, :]) * n2
+                    dsT += dsT2
                 dk += tl.dot(dsT.to(q.dtype), q)
 
         dk_off = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd
@@ -284,24 +297,16 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         m_ok = offs_m < T
-        md = m_ok[:, None] & d_ok[None, :]
 
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                    mask=md, other=0.0)
-        do1 = tl.load(DO + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                      mask=md, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do1 = do1.to(tl.float32)
+        q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, offs_d, stride_qd, m_ok, d_ok, UPCAST)
+        do1 = _load_tile(DO + b * stride_ob + h * stride_oh, offs_m, stride_ot, offs_d, stride_od, m_ok, d_ok, UPCAST)
         lse1 = tl.load(LSE + pid_bh * T + offs_m, mask=m_ok, other=0.0)
         dl1 = tl.load(DELTA + pid_bh * T + offs_m, mask=m_ok, other=0.0)
         c1 = scale_log2 / tl.load(TAU + pid_bh)
         n1 = scale / tl.load(TAU + pid_bh)
         if DUAL:
-            do2 = tl.load(DO2 + b * stride_o2b + h * stride_o2h + offs_m[:, None] * stride_o2t
-                          + offs_d[None, :] * stride_o2d, mask=md, other=0.0)
-            if UPCAST:
-                do2 = do2.to(tl.float32)
+            do2 = _load_tile(DO2 + b * stride_o2b + h * stride_o2h, offs_m, stride_o2t, offs_d, stride_o2d,
+                             m_ok, d_ok, UPCAST)
             lse2 = tl.load(LSE2 + pid_bh * T + offs_m, mask=m_ok, other=0.0)
             dl2 = tl.load(DELTA2 + pid_bh * T + offs_m, mask=m_ok, other=0.0)
             c2 = scale_log2 / tl.load(TAU2 + pid_bh)
@@ -316,29 +321,17 @@ if HAS_TRITON:
         for start_n in range(0, hi, BLOCK_N):
             cols = start_n + offs_n0
             n_ok = cols < S
-            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = _load_tile(k_base, cols, stride_ks, offs_d, stride_kd, n_ok, d_ok, UPCAST)
+            v = _load_tile(v_base, cols, stride_vs, offs_d, stride_vd, n_ok, d_ok, UPCAST)
             qk = tl.dot(q, tl.trans(k))
-            valid = m_ok[:, None] & n_ok[None, :]
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None] + offset)
-            if HAS_KPM:
-                kp = tl.load(KPM + b * S + cols, mask=n_ok, other=0)
-                valid = valid & (kp[None, :] != 0)
-            p1 = tl.where(valid, tl.math.exp2(qk * c1 - lse1[:, None]), 0.0)
-            dp1 = tl.dot(do1, tl.trans(v))
-            ds = p1 * (dp1 - dl1[:, None]) * n1
+            valid = _visible(offs_m, cols, m_ok, n_ok, offset, KPM, b, S, CAUSAL, HAS_KPM)
+            _, ds = _score_grad(qk, c1, n1, lse1, dl1, do1, v, valid)
             if DUAL:
-                p2 = tl.where(valid, tl.math.exp2(qk * c2 - lse2[:, None]), 0.0)
-                dp2 = tl.dot(do2, tl.trans(v))
-                ds += p2 * (dp2 - dl2[:, None]) * n2
+                _, ds2 = _score_grad(qk, c2, n2, lse2, dl2, do2, v, valid)
+                ds += ds2
             dq += tl.dot(ds.to(k.dtype), k)
 
+        md = m_ok[:, None] & d_ok[None, :]
         tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
                  dq.to(DQ.dtype.element_ty), mask=md)
 
