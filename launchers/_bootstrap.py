@@ -18,8 +18,9 @@ CONFIG_PATH = os.path.join(REPO, "conf")
 
 
 def run_main(fn) -> None:
-    """Run ``fn`` and turn the pipeline's known errors into one clear line and exit code 2."""
-    from pipeline.errors import USER_ERRORS, exit_with
+    """Run ``fn`` and turn the pipeline's known errors into one clear line and exit code 2, and a
+    Ctrl-C that stops at once (outside training, or pressed twice) into one line and exit code 130."""
+    from pipeline.errors import USER_ERRORS, exit_interrupted, exit_with
 
     global _TASK_STARTED
     _TASK_STARTED = True
@@ -27,6 +28,8 @@ def run_main(fn) -> None:
         fn()
     except USER_ERRORS as exc:
         exit_with(exc, str(exc))
+    except KeyboardInterrupt:
+        exit_interrupted()
 
 
 _TASK_STARTED = False

@@ -13,7 +13,7 @@ from pipeline.data.prompt_formats import PromptFormatError
 from pipeline.engine.checkpoint import CheckpointError
 from pipeline.engine.export import ExportError
 from pipeline.engine.preflight import PreflightError
-from pipeline.engine.trainer import NonFiniteLossError
+from pipeline.engine.trainer import EXIT_INTERRUPTED, NonFiniteLossError
 from pipeline.models.attention import AttentionBackendError
 from pipeline.models.loading import ModelLoadError
 
@@ -25,3 +25,11 @@ def exit_with(exc: BaseException, message: str) -> NoReturn:
     """Print the one-line form, ``error (<Type>, rank <r>): <message>``, on stderr and exit with 2."""
     print(f"error ({type(exc).__name__}, rank {os.environ.get('RANK', '0')}): {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def exit_interrupted() -> NoReturn:
+    """A Ctrl-C that stopped the job at once: one line on stderr, exit code 130 (no traceback).
+    (A single Ctrl-C during training checkpoints first: :class:`pipeline.engine.trainer.StopSignals`.)"""
+    print(f"interrupted (Ctrl-C, rank {os.environ.get('RANK', '0')}): stopped at once; a re-run of the same "
+          f"command resumes from the newest complete checkpoint, if any", file=sys.stderr, flush=True)
+    sys.exit(EXIT_INTERRUPTED)

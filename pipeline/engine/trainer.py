@@ -8,7 +8,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 
@@ -23,6 +23,7 @@ from pipeline.progress import bar as progress_bar
 log = logging.getLogger(__name__)
 
 EXIT_REQUEUE = 124  # exit code after a preemption checkpoint: "requeue me" for our SLURM scripts
+EXIT_INTERRUPTED = 130  # exit code after a Ctrl-C checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,8 +34,17 @@ MAX_CONSECUTIVE_SKIPS = 10
 
 
 class Preempted(SystemExit):
+    """Checkpointed after SIGTERM / SIGUSR1: exit code 124, which our SLURM scripts requeue."""
+
     def __init__(self) -> None:
         super().__init__(EXIT_REQUEUE)
+
+
+class Interrupted(SystemExit):
+    """Checkpointed after Ctrl-C: exit code 130 (128 + SIGINT, the shell's convention); not requeued."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_INTERRUPTED)
 
 
 @dataclass
@@ -57,20 +67,50 @@ def lr_lambda(total_steps: int, warmup_ratio: float, kind: str):
     return f
 
 
-class PreemptionFlag:
-    """SIGTERM/SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits."""
+class StopSignals:
+    """While training: SIGTERM / SIGUSR1 (preemption) and SIGINT (Ctrl-C) ask the loop to checkpoint
+    at the next step boundary and exit; a second Ctrl-C stops at once (``KeyboardInterrupt``). The
+    previous handlers come back when training ends, so a signal during export or evaluation acts
+    as it normally does instead of setting a flag nobody reads."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.signum: Optional[int] = None  # the first stop signal received
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def interrupted(self) -> bool:
+        """The stop came from Ctrl-C (not from a scheduler)."""
+        return self.signum == signal.SIGINT
+
+    def __enter__(self) -> StopSignals:
+        for sig in self.SIGNALS:
             try:
-                signal.signal(sig, self._handle)
-            except ValueError:  # not in the main thread
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread: leave signals alone
                 pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        log.warning("received signal %d: will checkpoint at the next step boundary and exit", signum)
-        self.requested = True
+        if signum == signal.SIGINT and self.interrupted:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: will checkpoint at the next step boundary and exit (Ctrl-C again stops at once, "
+                        "losing the steps since the last checkpoint)")
+        else:
+            log.warning("received signal %d: will checkpoint at the next step boundary and exit", signum)
+        if self.signum is None:
+            self.signum = signum
 
 
 class UnlearningTrainer:
@@ -165,9 +205,12 @@ class UnlearningTrainer:
 
     # -- loop -------------------------------------------------------------------------------------
     def train(self) -> TrainState:
-        tcfg = self.cfg.trainer
         self.maybe_resume()
-        preempt = PreemptionFlag()
+        with StopSignals() as stop:
+            return self._loop(stop)
+
+    def _loop(self, stop: StopSignals) -> TrainState:
+        tcfg = self.cfg.trainer
         self.engine.train()
         if self.reference is not None:
             self.reference.eval()
@@ -220,18 +263,27 @@ class UnlearningTrainer:
                 bar.update(1)
             if tcfg.save_every and self.state.step % tcfg.save_every == 0 and self.state.step < self.total_steps:
                 self.save()
-            if not all_true(not preempt.requested):
-                self.save()
-                if bar is not None:
-                    bar.close()
-                log.warning("preempted at step %d: checkpoint saved, exiting with code %d", self.state.step, EXIT_REQUEUE)
-                raise Preempted()
+            if not all_true(not stop.requested):
+                self._stop_here(stop, bar)
         if bar is not None:
             bar.close()
         if tcfg.save_every:
             self.save()
         log.info("trained %d step%s in %.1fs", self.total_steps, "" if self.total_steps == 1 else "s", time.time() - t0)
         return self.state
+
+    def _stop_here(self, stop: StopSignals, bar: Optional[Any]) -> NoReturn:
+        """A stop signal reached some rank: checkpoint this step on every rank and exit. Ctrl-C on
+        any rank makes it an interruption (exit 130), else a preemption (exit 124, requeued)."""
+        path = self.save()
+        if bar is not None:
+            bar.close()
+        if not all_true(not stop.interrupted):
+            log.warning("interrupted at step %d: checkpoint saved in %s; run the same command again to resume "
+                        "(exit code %d)", self.state.step, path, EXIT_INTERRUPTED)
+            raise Interrupted()
+        log.warning("preempted at step %d: checkpoint saved, exiting with code %d", self.state.step, EXIT_REQUEUE)
+        raise Preempted()
 
     def _skip_optimizer_step(self, step: int) -> None:
         """Discard this optimizer step: weights, Adam moments and the learning-rate schedule stay as they are.

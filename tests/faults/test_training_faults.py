@@ -124,6 +124,36 @@ def test_sigterm_preemption_checkpoints_exits_124_and_resumes(tiny):
     assert [h["step"] for h in hist] == list(range(1, 401))
 
 
+def test_ctrl_c_checkpoints_exits_130_in_one_line_and_resumes(tiny):
+    """A user's Ctrl-C (SIGINT) checkpoints at the next step boundary like a preemption, but exits
+    130 (not 124, which SLURM would requeue) with a line saying how to resume, no traceback."""
+    root = tiny[0]
+    args = _args(tiny, "ctrlc", 300, ["eval.enabled=false"])
+    log = root / "ctrlc.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(launch.command(args), cwd=launch.ROOT, env=launch.env(), stdout=f, stderr=f)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if "unlearn[asu_kl]:" in log.read_text(errors="replace"):
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.1)
+    rc = proc.wait(timeout=120)
+    text = log.read_text(errors="replace")
+    assert rc == 130, text[-2000:]
+    assert "Ctrl-C: will checkpoint at the next step boundary" in text
+    assert "run the same command again to resume" in text and "Traceback" not in text
+    ckpts = root / "runs" / "ctrlc" / "checkpoints"
+    done = _complete(ckpts)
+    assert len(done) == 1 and 0 < int(done[0].split("_")[1]) < 300
+    again = launch.run(args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from {ckpts / done[0]}" in again.stderr
+    hist = json.loads((root / "runs" / "ctrlc" / "train_history.json").read_text())
+    assert [h["step"] for h in hist] == list(range(1, 301))
+
+
 def test_rank_killed_during_save_keeps_previous_checkpoint_and_resume_works(tiny):
     root = tiny[0]
     args = _args(tiny, "killsave", 6, ["trainer.save_every=2", "eval.enabled=false", "trainer.batch_size=1",
