@@ -12,6 +12,9 @@ Each part writes ``benchmarks/results/gpu_<gpu>_<part>.json`` with the GPU named
 * ``step``       — one ASU step (live teacher, ZeRO-3, one GPU) of a random ~1B Llama
   (``bench_step.py --scale 1b --ranks 1``): tokens/s and CUDA peak memory against the memory
   preflight's prediction (``pipeline.engine.preflight.plan_memory``) for the same setting.
+* ``eval``       — the evaluation model placed on the GPU (``eval.dtype`` auto = bf16 here, and
+  float32): device and dtype as chosen, TOFU answer probabilities against the CPU float32
+  evaluation of the same rows; host memory of a 134M model's GPU load against its file size.
 
     python benchmarks/gpu_check.py --device cuda kernels
     python benchmarks/gpu_check.py --device cpu kernels   # refused: the parts measure CUDA only
@@ -297,9 +300,78 @@ def part_step(timeout: int, batch: int = 4, seq: int = 512) -> None:
                     "bench_step": payload})
 
 
+def part_eval() -> None:
+    """The evaluation model on the GPU (``pipeline.eval.runner.eval_placement``): loaded straight onto
+    the rank's device in ``eval.dtype``, its TOFU scores against the CPU float32 evaluation of the
+    same rows; and the host memory a 134M model's GPU load takes, against its file size."""
+    import resource
+
+    import torch
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoTokenizer
+
+    from pipeline.config import register_configs
+    from pipeline.eval import runner
+    from pipeline.eval.tofu import evaluate_split
+    from pipeline.models.loading import load_causal_lm
+    from tests.helpers.tiny import build
+
+    def cfg(*overrides: str):
+        register_configs()
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+
+    out: dict = {"cases": {}}
+    with tempfile.TemporaryDirectory() as d:
+        # written by another process, so that this one's peak host memory has never held the model
+        subprocess.run([sys.executable, "-c", f"from common import RANDOM_LLAMAS, save_random_llama; from pathlib "
+                        f"import Path; save_random_llama(Path({str(Path(d) / 'big')!r}), RANDOM_LLAMAS['134m'], 256)"],
+                       cwd=HERE, check=True, timeout=300)
+        big = Path(d) / "big" / "model"
+        file_mib = sum(f.stat().st_size for f in big.glob("*.safetensors")) / 2**20
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        m = runner._load_eval_model(big, cfg("model.dtype=float32"))
+        out["host_peak_growth_mib_134m_gpu_load"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+        out["weights_file_mib_134m"] = file_mib
+        out["loaded_on"] = str(next(m.parameters()).device)
+        del m
+        torch.cuda.empty_cache()
+
+        model_dir, data_dir = build(Path(d) / "tiny")
+        rows = [json.loads(x) for f in ("forget", "retain") for x in (data_dir / f"{f}.jsonl").read_text().splitlines()]
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        settings = runner._settings(cfg())
+        ref_model = load_causal_lm(model_dir, "float32").eval()  # the CPU float32 evaluation
+        ref = evaluate_split(ref_model, tok, rows, settings, name="forget")
+        ok = out["loaded_on"].startswith("cuda")
+        for dtype, tol in (("float32", 1e-4), ("bfloat16", 5e-2)):
+            c = cfg("model.dtype=bfloat16", f"eval.dtype={dtype}") if dtype == "float32" else cfg("model.dtype=bfloat16")
+            device, resolved = runner.eval_placement(c)
+            model = runner._load_eval_model(model_dir, c)
+            p = next(model.parameters())
+            res = evaluate_split(model, tok, rows, settings, name="forget")
+            err = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(res.answer_prob, ref.answer_prob))
+            case = {"eval.dtype": "auto" if dtype == "bfloat16" else dtype, "resolved": [device, resolved],
+                    "param_device": str(p.device), "param_dtype": str(p.dtype),
+                    "answer_prob_max_rel_err_vs_cpu_fp32": err, "tolerance": tol,
+                    "generations_equal_cpu": sum(a == b for a, b in zip(res.generation, ref.generation)),
+                    "rows": len(rows)}
+            case["pass"] = p.device.type == "cuda" and str(p.dtype) == f"torch.{dtype}" and err <= tol
+            ok &= case["pass"]
+            out["cases"][dtype] = case
+            print(f"eval {case['eval.dtype']:>8}: {p.dtype} on {p.device}, answer prob max rel err {err:.2e} "
+                  f"(<= {tol:g}: {'ok' if case['pass'] else 'FAIL'})", flush=True)
+    print(f"eval: 134M load on the GPU grew host peak memory by {out['host_peak_growth_mib_134m_gpu_load']:.0f} MiB "
+          f"(weights file {file_mib:.0f} MiB)", flush=True)
+    out["pass"] = bool(ok)
+    _write("eval", out)
+    if not ok:
+        sys.exit(1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=("kernels", "attention", "kl", "step"))
+    ap.add_argument("part", choices=("kernels", "attention", "kl", "step", "eval"))
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--timeout", type=int, default=240, help="for the parts that launch a benchmark script")
     args = ap.parse_args()
@@ -309,7 +381,7 @@ def main() -> None:
         print(NO_CUDA)
         return
     {"kernels": part_kernels, "attention": part_attention,
-     "kl": lambda: part_kl(args.timeout), "step": lambda: part_step(args.timeout)}[args.part]()
+     "kl": lambda: part_kl(args.timeout), "step": lambda: part_step(args.timeout), "eval": part_eval}[args.part]()
 
 
 if __name__ == "__main__":

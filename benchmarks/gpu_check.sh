@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a machine with one H100/H200 (about 6-8 minutes in all). It writes
-# benchmarks/results/gpu_<gpu>_{kernels,attention,kl,step}.json, each naming the GPU:
+# One prepared GPU check for a machine with one H100/H200 (about 7-9 minutes in all). It writes
+# benchmarks/results/gpu_<gpu>_{kernels,attention,kl,step,eval}.json, each naming the GPU:
 #   kernels   - the Triton attention kernels compiled for real vs the fp32 reference: bf16 and fp16,
 #               forward + backward, odd shapes, GQA, causal + padding, per-head tau, dual output
 #   attention - tempered attention via sdpa / flash_attn / triton vs untempered SDPA / flash-attn,
@@ -8,6 +8,8 @@
 #   kl        - fused vs naive KL at V=32k and 128k: time and peak memory (bench_kl.py)
 #   step      - one ASU step (live teacher, ZeRO-3, one GPU) of a random ~1B Llama: tokens/s and
 #               peak memory vs the memory preflight's prediction (bench_step.py --scale 1b)
+#   eval      - the evaluation model on the GPU in eval.dtype (auto = bf16, and float32) vs the CPU
+#               float32 evaluation of the same rows; host memory of a 134M model's GPU load
 # Each part has its own time limit; a part that fails or times out is reported and the others
 # still run (exit code 1 then). Without CUDA it prints one line and exits 0. CI never runs it.
 #
@@ -46,6 +48,7 @@ part 100 kernels
 part 80 attention
 part 100 kl --timeout 90
 part 180 step --timeout 170
+part 90 eval
 echo "gpu_check: $((SECONDS - start)) s"
 ls -1 benchmarks/results/gpu_*.json 2>/dev/null
 exit "$status"

@@ -47,6 +47,9 @@ def test_plain_qa_trains_and_evaluates_what_it_can(tmp_path):
     assert ev["rows"]["forget"] == 4 and ev["rows"]["retain"] == 6 and ev["max_new_tokens"] == 6
     assert ev["truth_ratio_key"]["forget"] is None and "no perturbed_answer column" in ev["skipped"]["forget"][1]
     assert ev["retain_reference"]["source"] is None  # the retain model is never evaluated for nothing
+    assert ev["device"] == "cpu" and ev["dtype"] == "float32"  # eval.dtype=auto on a CPU-only machine
     lines = out.stderr.splitlines()
     assert sum("split 'forget': skipped" in ln for ln in lines) == 1
     assert sum("metric forget_quality skipped" in ln for ln in lines) == 1
+    assert sum(f"evaluation model {tmp_path / 'runs' / 'own' / 'model'}: float32 on cpu (eval.dtype=auto)" in ln
+               for ln in lines) == 1

@@ -83,6 +83,7 @@ def run_lm_eval(
     num_fewshot: Optional[int] = 0,
     limit: Optional[float] = None,
     dtype: str = "float32",
+    device: Optional[str] = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     log_samples: bool = False,
@@ -100,15 +101,16 @@ def run_lm_eval(
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     from pipeline.models.loading import load_causal_lm, load_tokenizer
 
-    model = load_causal_lm(model_dir, dtype, trust_remote_code, allow_pickle).eval()
+    # lm-eval's HFLM keeps an instance where it is: place it here (``device``, e.g. "cuda:0"; None = CPU)
+    model = load_causal_lm(model_dir, dtype, trust_remote_code, allow_pickle, device=device).eval()
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     if isinstance(include_path, (str, Path)):
         include_path = [include_path]
     manager = TaskManager(include_path=[str(p) for p in include_path] if include_path else None,
                           include_defaults=include_defaults)
-    log.info("lm-eval %s: tasks %s on %s (batch %d, %s)", getattr(lm_eval, "__version__", "?"), list(tasks),
-             model_dir, batch_size, dtype)
+    log.info("lm-eval %s: tasks %s on %s (batch %d, %s on %s)", getattr(lm_eval, "__version__", "?"), list(tasks),
+             model_dir, batch_size, dtype, device or "cpu")
     res = lm_eval.simple_evaluate(
         model=lm,
         tasks=list(tasks),

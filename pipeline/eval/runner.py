@@ -73,10 +73,30 @@ def evaluate_splits(model: Any, tokenizer: Any, splits: dict[str, list[dict]], s
     return out
 
 
+def eval_placement(cfg: DictConfig) -> tuple[str, str]:
+    """(device, dtype) of the evaluation model: this rank's GPU when there is one, else the CPU;
+    ``eval.dtype``, where ``auto`` is ``model.dtype`` on a GPU (bf16 for the 7B configs: what
+    open-unlearning evaluates in) and float32 on the CPU."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
+    dtype = str(OmegaConf.select(cfg, "eval.dtype", default="auto"))
+    if dtype == "auto":
+        dtype = str(OmegaConf.select(cfg, "model.dtype", default="float32")) if cuda else "float32"
+    return device, dtype
+
+
 def _load_eval_model(path: str | Path, cfg: DictConfig) -> Any:
+    """The model to evaluate, a plain copy per rank (data-parallel evaluation), placed by
+    :func:`eval_placement`."""
     from pipeline.models.loading import load_causal_lm
 
-    m = load_causal_lm(path, "float32", cfg.model.trust_remote_code, cfg.model.allow_pickle)
+    device, dtype = eval_placement(cfg)
+    m = load_causal_lm(path, dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle, device=device)
+    if is_main_process():
+        log.info("evaluation model %s: %s on %s (eval.dtype=%s)", path, dtype, device,
+                 OmegaConf.select(cfg, "eval.dtype", default="auto"))
     return m.eval()
 
 
@@ -88,7 +108,8 @@ def _reference_settings(cfg: DictConfig, forget_split: str, tokenizer: Any) -> t
 
     prompt = {k: OmegaConf.select(cfg, f"model.{k}") for k in ("prompt_format", "chat_template", "system_prompt")}
     settings = settings_fingerprint(_settings(cfg), resolve_truth_ratio_key(forget_split, truth_ratio_key(cfg)),
-                                    {f"model.{k}": v for k, v in prompt.items()})
+                                    {**{f"model.{k}": v for k, v in prompt.items()},
+                                     "eval.dtype": eval_placement(cfg)[1]})  # bf16 and fp32 ratios differ
     return settings, tokenizer_fingerprint(tokenizer)
 
 
@@ -221,6 +242,8 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
     if family in ("muse", "wmdp"):
         model = _load_eval_model(model_dir, cfg)
         metrics, details = (evaluate_muse if family == "muse" else evaluate_mcq_splits)(cfg, model, tokenizer, data)
+        device, dtype = eval_placement(cfg)
+        metrics[EVALUATION_KEY] = {"device": device, "dtype": dtype}
         # lm-eval (eval.lm_eval) is not run here but by add_lm_eval, after the job's last collective.
         return metrics, details
 
@@ -276,9 +299,12 @@ def tofu_eval_splits(cfg: DictConfig, data: Any) -> dict[str, list[dict]]:
 def evaluation_record(cfg: DictConfig, splits: dict, results: dict, ref_info: dict) -> dict:
     """What an evaluation actually scored, for results.json: the truth-ratio reference per split,
     generation length, rows scored (of rows available) and the metrics skipped for want of columns."""
+    device, dtype = eval_placement(cfg)
     return {
         "truth_ratio_reference": truth_ratio_reference(cfg),
         "truth_ratio_key": {n: (r.truth_ratio_key if r.has_truth_ratio else None) for n, r in results.items()},
+        "device": device,  # where the evaluated model ran, and in which dtype
+        "dtype": dtype,
         "max_new_tokens": int(cfg.eval.max_new_tokens),
         "max_length": int(cfg.eval.max_length),
         "rows": {n: len(r) for n, r in results.items()},
@@ -313,9 +339,10 @@ def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path) -> 
     from pipeline.io import atomic_write_json, atomic_write_text
 
     include = cfg.eval.get("lm_eval_include_path")
+    device, dtype = eval_placement(cfg)
     summary = run_lm_eval(str(model_dir), tasks=list(cfg.eval.lm_eval_tasks), include_path=include or None,
                           include_defaults=bool(cfg.eval.get("lm_eval_include_defaults", True)),
-                          batch_size=int(cfg.eval.batch_size), dtype=str(cfg.model.dtype),
+                          batch_size=int(cfg.eval.batch_size), dtype=dtype, device=device,
                           trust_remote_code=bool(cfg.model.trust_remote_code),
                           allow_pickle=bool(cfg.model.allow_pickle))["summary"]
     log.info("lm-eval: %s", summary)

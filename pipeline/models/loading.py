@@ -100,11 +100,14 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     revision: Optional[str] = None,
+    device: Optional[str] = None,
 ) -> Any:
     """Load a causal LM with the ``tempered`` attention implementation (tau = 1).
 
     Under an active ``HfDeepSpeedConfig`` with ZeRO-3, transformers builds the model inside
-    ``deepspeed.zero.Init`` so that no rank ever holds the full weights.
+    ``deepspeed.zero.Init`` so that no rank ever holds the full weights. ``device`` (e.g.
+    ``"cuda:0"``; not with ZeRO-3): the weights are loaded straight onto it, never whole in host
+    memory (eight ranks of a node would otherwise each hold a full copy there first).
     """
     from transformers import AutoModelForCausalLM
 
@@ -116,6 +119,7 @@ def load_causal_lm(
         trust_remote_code=trust_remote_code,
         use_safetensors=None if allow_pickle else True,
         revision=revision,
+        **({"device_map": {"": device}} if device not in (None, "cpu") else {}),
     )
     enable_tempered_attention(model)
     return model
