@@ -17,7 +17,7 @@ from pipeline.eval.runner import _settings, retain_reference, truth_ratio_key
 from pipeline.eval.tofu import evaluate_split
 from pipeline.inputs import ModelPaths
 from pipeline.models.loading import load_causal_lm, load_tokenizer
-from tests.helpers.tiny import CITIES, PEOPLE, build, qa_row
+from tests.helpers.tiny import CITIES, PEOPLE, build, qa_row, unloadable_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [qa_row(p, c) for p, c in zip(PEOPLE[:3], CITIES[:3])]
@@ -138,7 +138,7 @@ def test_cli_bad_reference_file_one_line_exit_2(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     out = subprocess.run(
-        [sys.executable, "launchers/train.py", "model.source=pretrained", f"model.path={_unloadable_model(tmp_path)}", "data.name=json",
+        [sys.executable, "launchers/train.py", "model.source=pretrained", f"model.path={unloadable_model(tmp_path)}", "data.name=json",
          f"data.path={data}", "data.forget_split=forget", "data.retain_split=retain", "data.eval_splits=[]",
          f"eval.retain_reference={tmp_path / 'ref.json'}", f"output_dir={tmp_path / 'runs'}", "run_name=r",
          "logging=none"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -147,11 +147,3 @@ def test_cli_bad_reference_file_one_line_exit_2(tmp_path):
     assert len(err) == 1 and "has 3 rows" in err[0] and "split 'forget' has 2 rows" in err[0]
     assert "Traceback" not in out.stderr and not (tmp_path / "runs" / "r" / "model").exists()
 
-
-def _unloadable_model(tmp_path):
-    """A model directory that passes the path check (it has a config.json) but has no weights: the
-    data is checked before any model is loaded, so the run must stop on the data."""
-    d = tmp_path / "model"
-    d.mkdir(exist_ok=True)
-    (d / "config.json").write_text("{}")
-    return d

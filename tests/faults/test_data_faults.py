@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import DataConfig
 from pipeline.data.loaders import DataError, encode_rows, load_unlearning_data
-from tests.helpers.tiny import qa_row
+from tests.helpers.tiny import qa_row, unloadable_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,7 +121,7 @@ def test_cli_overlap_stops_with_one_line_and_exit_2(tmp_path):
     write(tmp_path / "data", "retain", [shared])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     out = subprocess.run(
-        [sys.executable, "launchers/train.py", "model.source=pretrained", f"model.path={_unloadable_model(tmp_path)}",
+        [sys.executable, "launchers/train.py", "model.source=pretrained", f"model.path={unloadable_model(tmp_path)}",
          "data.name=json", f"data.path={tmp_path / 'data'}", "data.forget_split=forget", "data.retain_split=retain",
          "data.eval_splits=[]", f"output_dir={tmp_path / 'runs'}", "logging=none"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -129,11 +129,3 @@ def test_cli_overlap_stops_with_one_line_and_exit_2(tmp_path):
     assert "error (DataError" in out.stderr and "appear in both" in out.stderr
     assert not (tmp_path / "runs" / "tofu_tiny" / "asu_kl" / "model").exists()
 
-
-def _unloadable_model(tmp_path):
-    """A model directory that passes the path check (it has a config.json) but has no weights: the
-    data is checked before any model is loaded, so the run must stop on the data."""
-    d = tmp_path / "model"
-    d.mkdir(exist_ok=True)
-    (d / "config.json").write_text("{}")
-    return d

@@ -98,60 +98,52 @@ def test_non_finite_weights_are_never_checkpointed(tiny):
     assert not list(ckpts.glob("*.partial")) and not (root / "runs" / "nan_w" / "model").exists()
 
 
-def test_sigterm_preemption_checkpoints_exits_124_and_resumes(tiny):
-    root = tiny[0]
-    args = _args(tiny, "preempt", 400, ["eval.enabled=false"])
-    log = root / "preempt.log"
+def _signal_while_training(args: list[str], log: Path, sig: int) -> int:
+    """Launch a run, send ``sig`` once its training bar is up, return its exit code."""
     with open(log, "w") as f:
         proc = subprocess.Popen(launch.command(args), cwd=launch.ROOT, env=launch.env(), stdout=f, stderr=f)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        text = log.read_text(errors="replace")  # read while being written: may end mid-character
-        if "unlearn[asu_kl]:" in text and "/400" in text:
+        if "unlearn[asu_kl]:" in log.read_text(errors="replace"):  # read while written: may end mid-character
             time.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             break
         time.sleep(0.1)
-    rc = proc.wait(timeout=120)
-    assert rc == 124, log.read_text(errors="replace")[-2000:]
-    ckpts = root / "runs" / "preempt" / "checkpoints"
+    return proc.wait(timeout=120)
+
+
+def _resumes_from_the_one_checkpoint(tiny, args: list[str], name: str, steps: int) -> None:
+    """One complete checkpoint inside the run; the same command resumes from it and the history
+    covers every step exactly once."""
+    ckpts = tiny[0] / "runs" / name / "checkpoints"
     done = _complete(ckpts)
-    assert len(done) == 1 and 0 < int(done[0].split("_")[1]) < 400
+    assert len(done) == 1 and 0 < int(done[0].split("_")[1]) < steps
     again = launch.run(args)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resumed from {ckpts / done[0]}" in again.stderr
-    hist = json.loads((root / "runs" / "preempt" / "train_history.json").read_text())
-    assert [h["step"] for h in hist] == list(range(1, 401))
+    hist = json.loads((tiny[0] / "runs" / name / "train_history.json").read_text())
+    assert [h["step"] for h in hist] == list(range(1, steps + 1))
+
+
+def test_sigterm_preemption_checkpoints_exits_124_and_resumes(tiny):
+    args = _args(tiny, "preempt", 400, ["eval.enabled=false"])
+    log = tiny[0] / "preempt.log"
+    rc = _signal_while_training(args, log, signal.SIGTERM)
+    assert rc == 124, log.read_text(errors="replace")[-2000:]
+    _resumes_from_the_one_checkpoint(tiny, args, "preempt", 400)
 
 
 def test_ctrl_c_checkpoints_exits_130_in_one_line_and_resumes(tiny):
     """A user's Ctrl-C (SIGINT) checkpoints at the next step boundary like a preemption, but exits
     130 (not 124, which SLURM would requeue) with a line saying how to resume, no traceback."""
-    root = tiny[0]
     args = _args(tiny, "ctrlc", 300, ["eval.enabled=false"])
-    log = root / "ctrlc.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(launch.command(args), cwd=launch.ROOT, env=launch.env(), stdout=f, stderr=f)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if "unlearn[asu_kl]:" in log.read_text(errors="replace"):
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.1)
-    rc = proc.wait(timeout=120)
+    log = tiny[0] / "ctrlc.log"
+    rc = _signal_while_training(args, log, signal.SIGINT)
     text = log.read_text(errors="replace")
     assert rc == 130, text[-2000:]
     assert "Ctrl-C: will checkpoint at the next step boundary" in text
     assert "run the same command again to resume" in text and "Traceback" not in text
-    ckpts = root / "runs" / "ctrlc" / "checkpoints"
-    done = _complete(ckpts)
-    assert len(done) == 1 and 0 < int(done[0].split("_")[1]) < 300
-    again = launch.run(args)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"resumed from {ckpts / done[0]}" in again.stderr
-    hist = json.loads((root / "runs" / "ctrlc" / "train_history.json").read_text())
-    assert [h["step"] for h in hist] == list(range(1, 301))
+    _resumes_from_the_one_checkpoint(tiny, args, "ctrlc", 300)
 
 
 def test_rank_killed_during_save_keeps_previous_checkpoint_and_resume_works(tiny):

@@ -71,3 +71,12 @@ def train_overrides(model_dir: Path, data_dir: Path, out: Path, run_name: str, s
         # paths are exercised, and ASU_REQUIRE_PARTITIONED=1 (tests.helpers.launch.env) checks it
         "deepspeed.param_persistence_threshold=0",
     ]
+
+
+def unloadable_model(tmp_path: Path) -> Path:
+    """A model directory that passes the path check (it has a config.json) but has no weights: for
+    tests of what is checked before any model is loaded (the data, a reference file)."""
+    d = tmp_path / "model"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text("{}")
+    return d
