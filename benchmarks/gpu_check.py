@@ -301,7 +301,7 @@ def part_step(timeout: int, batch: int = 4, seq: int = 512) -> None:
 
 
 def part_eval() -> None:
-    """The evaluation model on the GPU (``pipeline.eval.runner.eval_placement``): loaded straight onto
+    """The evaluation model on the GPU (``pipeline.eval.runner.eval_device`` / ``eval_dtype``): loaded straight onto
     the rank's device in ``eval.dtype``, its TOFU scores against the CPU float32 evaluation of the
     same rows; and the host memory a 134M model's GPU load takes, against its file size."""
     import resource
@@ -346,7 +346,7 @@ def part_eval() -> None:
         ok = out["loaded_on"].startswith("cuda")
         for dtype, tol in (("float32", 1e-4), ("bfloat16", 5e-2)):
             c = cfg("model.dtype=bfloat16", f"eval.dtype={dtype}") if dtype == "float32" else cfg("model.dtype=bfloat16")
-            device, resolved = runner.eval_placement(c)
+            device, resolved = runner.eval_device(c, model_dir), runner.eval_dtype(c)
             model = runner._load_eval_model(model_dir, c)
             p = next(model.parameters())
             res = evaluate_split(model, tok, rows, settings, name="forget")

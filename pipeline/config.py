@@ -171,8 +171,11 @@ class EvalConfig:
     max_length: int = 192
     splits: Optional[list[str]] = None  # None: data.eval_splits
     # The evaluation model's dtype: auto = model.dtype on a GPU (bf16 for the 7B configs), float32 on
-    # the CPU. It runs on the rank's GPU when the job has one (pipeline/eval/runner.eval_placement).
+    # the CPU (pipeline/eval/runner.eval_dtype).
     dtype: str = "auto"
+    # Where: auto = the rank's GPU when there is one and the weights fit in its free memory, else the
+    # CPU; cuda insists on the GPU; cpu (pipeline/eval/runner.eval_device).
+    device: str = "auto"
     # MUSE (pipeline/eval/muse.py) and multiple choice (pipeline/eval/mcq.py, lm_eval_bridge.py)
     verbmem_max_new_tokens: int = 128
     knowmem_max_new_tokens: int = 32
@@ -357,11 +360,13 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
 
 
 EVAL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+EVAL_DEVICES = ("auto", "cuda", "cpu")
 
 
 def _validate_eval(e: DictConfig) -> None:
     # checked before training: a bad evaluation setting used to surface only after the run trained
     _require(e.dtype in EVAL_DTYPES, "eval.dtype", f"got {e.dtype!r}; allowed values: {', '.join(EVAL_DTYPES)}")
+    _require(e.device in EVAL_DEVICES, "eval.device", f"got {e.device!r}; allowed values: {', '.join(EVAL_DEVICES)}")
     for key in ("batch_size", "max_new_tokens", "verbmem_max_new_tokens", "knowmem_max_new_tokens"):
         _require(e[key] >= 1, f"eval.{key}", f"must be >= 1, got {e[key]}")
     _require(e.max_length >= 8, "eval.max_length", f"must be >= 8, got {e.max_length}")

@@ -21,6 +21,7 @@ from pipeline.config_base import require
 from pipeline.inputs import (
     ModelPaths,
     check_before_loading,
+    check_eval_device,
     checked_prompt_format,
     effective_max_length,
     resolve_paths,
@@ -113,7 +114,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
 
         atomic_write_json(run_dir / "train_history.json", state.history)
     model_dir = _export(cfg, engines, inputs, run_dir)
-    engines.reference = trainer.reference = None  # free the frozen model before evaluating
+    _release_engines(engines, trainer)  # the evaluation model gets their (GPU) memory
     results = _evaluate_and_report(cfg, dist, run_dir, model_dir, inputs, engines, method, state, total,
                                    (job_seconds, train_seconds), tau_selection, run_logger)
     if dist.is_main:
@@ -137,6 +138,7 @@ def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
     check_before_loading(cfg)  # values, attention backend, model paths: exit 2, nothing written
     library_bars(bool(cfg.logging.progress_bar))
     dist = init_distributed()
+    check_eval_device(cfg, dist.device)
     set_threads(int(cfg.trainer.num_threads))
     torch.manual_seed(int(cfg.seed))
     if dist.is_main:
@@ -336,12 +338,31 @@ def _attach_teacher_cache(cfg: DictConfig, method: Any, engines: JobEngines, inp
                                          device=trainer.device)
     trainer.teacher_cache = TeacherCache(cache_path)
     if not method.uses_reference and engines.reference is not None:
-        import gc
-
-        engines.reference = trainer.reference = None  # the cache replaces it from here on
-        gc.collect()
+        _release_engines(engines, trainer, student=False)  # the cache replaces the frozen model from here on
     log.info("teacher cache %s; reference model loaded: %s; reference engine during training: %s", cache_path,
              "yes" if need_reference else "no", "yes (retain KL)" if trainer.reference is not None else "none")
+
+
+def _release_engines(engines: JobEngines, trainer: Any, student: bool = True) -> None:
+    """Free the frozen model (and with ``student`` the student engine, once exported): DeepSpeed's
+    ``destroy`` removes the ZeRO-3 hooks and optimizer state that would otherwise keep them alive,
+    so the evaluation model that is loaded next has the GPU's memory."""
+    import gc
+
+    import torch
+
+    before = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
+    for name in ("reference", "engine") if student else ("reference",):
+        eng = getattr(engines, name)
+        if eng is not None and hasattr(eng, "destroy"):  # a LoRA student's frozen view is not an engine
+            eng.destroy()
+        setattr(engines, name, None)
+        setattr(trainer, name, None)
+    gc.collect()
+    if before is not None:
+        torch.cuda.empty_cache()
+        log.info("released the %s: %.1f GiB of GPU memory freed", "training engines" if student else "frozen model",
+                 (before - torch.cuda.memory_allocated()) / 2**30)
 
 
 def _export(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir: Path) -> Path:

@@ -1,11 +1,12 @@
-"""Where the evaluation model runs and in which dtype (pipeline/eval/runner.eval_placement).
+"""Where the evaluation model runs and in which dtype (pipeline/eval/runner.eval_device / eval_dtype).
 
 Before: always float32 on the CPU, also on a GPU node (a 7B evaluation on the host). The GPU load
 itself (weights straight onto the rank's GPU) is checked by benchmarks/gpu_check.sh where one is
-lent; here the choice, the real CPU load in the chosen dtype, the config check and the reference
-cache key.
+lent; here the decisions (with torch.cuda's answers patched where a GPU is pretended), the real CPU
+load in the chosen dtype, the weight-size estimate, the config checks and the reference cache key.
 """
 
+import logging
 import os
 
 import pytest
@@ -14,6 +15,8 @@ from hydra import compose, initialize_config_dir
 
 from pipeline.config import ConfigError, register_configs, validate
 from pipeline.eval import runner
+from pipeline.inputs import check_eval_device
+from pipeline.models.loading import weights_bytes
 from tests.helpers.tiny import build
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -25,27 +28,60 @@ def _cfg(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
-def test_auto_is_float32_on_the_cpu_whatever_the_training_dtype():
-    assert runner.eval_placement(_cfg("model.dtype=bfloat16")) == ("cpu", "float32")
-
-
-def test_auto_on_a_gpu_is_the_models_dtype_on_this_ranks_device(monkeypatch):
+@pytest.fixture
+def gpu(monkeypatch):
+    """Pretend rank 3's GPU with ``free`` bytes free (set the returned dict's value)."""
+    state = {"free": 80 * 2**30}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    assert runner.eval_placement(_cfg("model.dtype=bfloat16")) == ("cuda:3", "bfloat16")
-    assert runner.eval_placement(_cfg("model.dtype=bfloat16", "eval.dtype=float32")) == ("cuda:3", "float32")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (state["free"], 80 * 2**30))
+    return state
 
 
-def test_the_chosen_dtype_is_what_loads(tmp_path):
-    model_dir, _ = build(tmp_path)
-    m = runner._load_eval_model(model_dir, _cfg("eval.dtype=bfloat16"))
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("placement"))[0]
+
+
+def test_on_the_cpu_auto_is_float32_whatever_the_training_dtype(tiny_model):
+    cfg = _cfg("model.dtype=bfloat16")
+    assert (runner.eval_device(cfg, tiny_model), runner.eval_dtype(cfg)) == ("cpu", "float32")
+
+
+def test_on_a_gpu_auto_is_the_models_dtype_on_this_ranks_device(gpu, tiny_model):
+    cfg = _cfg("model.dtype=bfloat16")
+    assert (runner.eval_device(cfg, tiny_model), runner.eval_dtype(cfg)) == ("cuda:3", "bfloat16")
+    assert runner.eval_dtype(_cfg("model.dtype=bfloat16", "eval.dtype=float32")) == "float32"
+    assert runner.eval_device(_cfg("eval.device=cpu"), tiny_model) == "cpu"
+
+
+def test_weights_that_do_not_fit_the_free_gpu_memory_are_evaluated_on_the_cpu(gpu, tiny_model, caplog):
+    gpu["free"] = 2**30  # less than the 1 GiB of room kept beside any model
+    with caplog.at_level(logging.WARNING):
+        assert runner.eval_device(_cfg(), tiny_model) == "cpu"
+    assert "do not fit in cuda:3's 1.0 GiB free" in caplog.text
+    assert runner.eval_device(_cfg("eval.device=cuda"), tiny_model) == "cuda:3"  # insisted on
+
+
+def test_eval_device_cuda_without_a_gpu_stops_before_training():
+    with pytest.raises(ConfigError, match="eval.device=cuda, but this rank has no CUDA device"):
+        check_eval_device(_cfg("eval.device=cuda"), "cpu")
+    check_eval_device(_cfg("eval.device=cuda", "eval.enabled=false"), "cpu")  # nothing to evaluate
+
+
+def test_the_weight_size_comes_from_the_safetensors_headers(tiny_model):
+    m = runner._load_eval_model(tiny_model, _cfg("eval.dtype=bfloat16"))
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     assert {p.device.type for p in m.parameters()} == {"cpu"} and not m.training
+    n = sum(t.numel() for t in m.state_dict().values())  # tied weights counted as stored
+    assert weights_bytes(tiny_model, "bfloat16") == 2 * n and weights_bytes(tiny_model, "float32") == 4 * n
+    assert weights_bytes(tiny_model.parent / "no-such-model", "float32") is None
 
 
-def test_an_unknown_dtype_is_a_config_error():
-    with pytest.raises(ConfigError, match="eval.dtype.*'fp8'.*allowed values: auto, float32, bfloat16, float16"):
-        validate(_cfg("eval.dtype=fp8"))
+@pytest.mark.parametrize("key", ["eval.dtype=fp8", "eval.device=tpu"])
+def test_an_unknown_dtype_or_device_is_a_config_error(key):
+    with pytest.raises(ConfigError, match=f"{key.split('=')[0]}.*'{key.split('=')[1]}'.*allowed values: auto"):
+        validate(_cfg(key))
 
 
 def test_the_retain_reference_cache_key_holds_the_dtype():

@@ -51,5 +51,5 @@ def test_plain_qa_trains_and_evaluates_what_it_can(tmp_path):
     lines = out.stderr.splitlines()
     assert sum("split 'forget': skipped" in ln for ln in lines) == 1
     assert sum("metric forget_quality skipped" in ln for ln in lines) == 1
-    assert sum(f"evaluation model {tmp_path / 'runs' / 'own' / 'model'}: float32 on cpu (eval.dtype=auto)" in ln
+    assert sum(f"evaluation model {tmp_path / 'runs' / 'own' / 'model'}: float32 on cpu (eval.dtype=auto, eval.device=auto)" in ln
                for ln in lines) == 1

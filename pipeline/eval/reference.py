@@ -30,12 +30,12 @@ import json
 import logging
 import math
 import re
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.data.loaders import DataError
+from pipeline.models.loading import safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +55,11 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _safetensors_header(path: Path) -> bytes:
-    """The JSON header of a safetensors file (tensor names, dtypes, shapes, offsets): 8 + n bytes."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return head
-        (n,) = struct.unpack("<Q", head)
-        return f.read(min(n, 100_000_000))
-
-
 def _file_entry(f: Path) -> dict:
     st = f.stat()
     e: dict[str, Any] = {"name": f.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if f.suffix == ".safetensors":
-        e["header_sha256"] = _sha256(_safetensors_header(f))
+        e["header_sha256"] = _sha256(safetensors_header(f))
     elif f.suffix == ".json":
         e["sha256"] = _sha256(f.read_bytes())
     return e

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config_base import ConfigError
 from pipeline.data.loaders import DataError
 from pipeline.engine.distributed import barrier, gather_objects, is_main_process
 from pipeline.progress import library_bars, progress
@@ -73,31 +74,63 @@ def evaluate_splits(model: Any, tokenizer: Any, splits: dict[str, list[dict]], s
     return out
 
 
-def eval_placement(cfg: DictConfig) -> tuple[str, str]:
-    """(device, dtype) of the evaluation model: this rank's GPU when there is one, else the CPU;
-    ``eval.dtype``, where ``auto`` is ``model.dtype`` on a GPU (bf16 for the 7B configs: what
-    open-unlearning evaluates in) and float32 on the CPU."""
+def eval_dtype(cfg: DictConfig) -> str:
+    """The evaluation model's dtype: ``eval.dtype``, where ``auto`` is ``model.dtype`` when this
+    machine has a GPU (bf16 for the 7B configs, as open-unlearning's model configs load them) and
+    float32 without one. The same for every model of a run (target, retain reference, lm-eval), so
+    their numbers compare."""
     import torch
 
-    cuda = torch.cuda.is_available()
-    device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
     dtype = str(OmegaConf.select(cfg, "eval.dtype", default="auto"))
     if dtype == "auto":
-        dtype = str(OmegaConf.select(cfg, "model.dtype", default="float32")) if cuda else "float32"
-    return device, dtype
+        return str(OmegaConf.select(cfg, "model.dtype", default="float32")) if torch.cuda.is_available() else "float32"
+    return dtype
+
+
+def eval_device(cfg: DictConfig, model_path: str | Path | None = None) -> str:
+    """Where an evaluation model is loaded: this rank's GPU (``eval.device=auto|cuda``) or the CPU.
+    With ``auto``, a model whose weights (in :func:`eval_dtype`) would not fit in the GPU's free
+    memory with room for activations is evaluated on the CPU instead, with a warning."""
+    import torch
+
+    want = str(OmegaConf.select(cfg, "eval.device", default="auto"))
+    if want == "cpu" or not torch.cuda.is_available():
+        if want == "cuda":
+            raise ConfigError("config error at 'eval.device': eval.device=cuda, but this rank has no CUDA device (eval.device=auto uses one when "
+                              "there is one)")
+        return "cpu"
+    device = f"cuda:{torch.cuda.current_device()}"
+    if want == "auto" and model_path is not None:
+        from pipeline.models.loading import weights_bytes
+
+        need = weights_bytes(model_path, eval_dtype(cfg))
+        free = torch.cuda.mem_get_info()[0]
+        if need is not None and need * 1.2 + 2**30 > free:  # activations, KV cache of generation
+            log.warning("evaluation model %s: %.1f GiB of weights in %s do not fit in %s's %.1f GiB free (with room "
+                        "for activations): evaluating on the CPU (slow; eval.device=cuda insists)", model_path,
+                        need / 2**30, eval_dtype(cfg), device, free / 2**30)
+            return "cpu"
+    return device
 
 
 def _load_eval_model(path: str | Path, cfg: DictConfig) -> Any:
-    """The model to evaluate, a plain copy per rank (data-parallel evaluation), placed by
-    :func:`eval_placement`."""
+    """The model to evaluate, a plain copy per rank (data-parallel evaluation), on
+    :func:`eval_device` in :func:`eval_dtype`."""
     from pipeline.models.loading import load_causal_lm
 
-    device, dtype = eval_placement(cfg)
+    device, dtype = eval_device(cfg, path), eval_dtype(cfg)
     m = load_causal_lm(path, dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle, device=device)
     if is_main_process():
-        log.info("evaluation model %s: %s on %s (eval.dtype=%s)", path, dtype, device,
-                 OmegaConf.select(cfg, "eval.dtype", default="auto"))
+        log.info("evaluation model %s: %s on %s (eval.dtype=%s, eval.device=%s)", path, dtype, device,
+                 OmegaConf.select(cfg, "eval.dtype", default="auto"), OmegaConf.select(cfg, "eval.device", default="auto"))
     return m.eval()
+
+
+def _placement(cfg: DictConfig, model: Any) -> dict:
+    """Where ``model`` ran and in which dtype, for results.json's evaluation record."""
+    from pipeline.models.runtime import model_device
+
+    return {"device": str(model_device(model)), "dtype": eval_dtype(cfg)}
 
 
 def _reference_settings(cfg: DictConfig, forget_split: str, tokenizer: Any) -> tuple[dict, dict]:
@@ -109,7 +142,7 @@ def _reference_settings(cfg: DictConfig, forget_split: str, tokenizer: Any) -> t
     prompt = {k: OmegaConf.select(cfg, f"model.{k}") for k in ("prompt_format", "chat_template", "system_prompt")}
     settings = settings_fingerprint(_settings(cfg), resolve_truth_ratio_key(forget_split, truth_ratio_key(cfg)),
                                     {**{f"model.{k}": v for k, v in prompt.items()},
-                                     "eval.dtype": eval_placement(cfg)[1]})  # bf16 and fp32 ratios differ
+                                     "eval.dtype": eval_dtype(cfg)})  # bf16 and fp32 ratios differ
     return settings, tokenizer_fingerprint(tokenizer)
 
 
@@ -242,8 +275,7 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
     if family in ("muse", "wmdp"):
         model = _load_eval_model(model_dir, cfg)
         metrics, details = (evaluate_muse if family == "muse" else evaluate_mcq_splits)(cfg, model, tokenizer, data)
-        device, dtype = eval_placement(cfg)
-        metrics[EVALUATION_KEY] = {"device": device, "dtype": dtype}
+        metrics[EVALUATION_KEY] = _placement(cfg, model)
         # lm-eval (eval.lm_eval) is not run here but by add_lm_eval, after the job's last collective.
         return metrics, details
 
@@ -267,7 +299,7 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
     metrics = tofu_metrics(results, ref, data.forget_split, data.retain_split)
     if probe:
         metrics.update(robustness_metrics(results[data.retain_split], results[PROBE_SPLIT], probe_idx))
-    metrics[EVALUATION_KEY] = evaluation_record(cfg, splits, results, ref_info)
+    metrics[EVALUATION_KEY] = {**evaluation_record(cfg, splits, results, ref_info), **_placement(cfg, model)}
     details = {name: r.to_dict() if hasattr(r, "to_dict") else r.__dict__ for name, r in results.items()}
     return metrics, details
 
@@ -299,12 +331,9 @@ def tofu_eval_splits(cfg: DictConfig, data: Any) -> dict[str, list[dict]]:
 def evaluation_record(cfg: DictConfig, splits: dict, results: dict, ref_info: dict) -> dict:
     """What an evaluation actually scored, for results.json: the truth-ratio reference per split,
     generation length, rows scored (of rows available) and the metrics skipped for want of columns."""
-    device, dtype = eval_placement(cfg)
     return {
         "truth_ratio_reference": truth_ratio_reference(cfg),
         "truth_ratio_key": {n: (r.truth_ratio_key if r.has_truth_ratio else None) for n, r in results.items()},
-        "device": device,  # where the evaluated model ran, and in which dtype
-        "dtype": dtype,
         "max_new_tokens": int(cfg.eval.max_new_tokens),
         "max_length": int(cfg.eval.max_length),
         "rows": {n: len(r) for n, r in results.items()},
@@ -339,10 +368,10 @@ def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path) -> 
     from pipeline.io import atomic_write_json, atomic_write_text
 
     include = cfg.eval.get("lm_eval_include_path")
-    device, dtype = eval_placement(cfg)
     summary = run_lm_eval(str(model_dir), tasks=list(cfg.eval.lm_eval_tasks), include_path=include or None,
                           include_defaults=bool(cfg.eval.get("lm_eval_include_defaults", True)),
-                          batch_size=int(cfg.eval.batch_size), dtype=dtype, device=device,
+                          batch_size=int(cfg.eval.batch_size), dtype=eval_dtype(cfg),
+                          device=eval_device(cfg, model_dir),
                           trust_remote_code=bool(cfg.model.trust_remote_code),
                           allow_pickle=bool(cfg.model.allow_pickle))["summary"]
     log.info("lm-eval: %s", summary)
@@ -361,7 +390,13 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     from pipeline.data.loaders import load_unlearning_data
     from pipeline.engine.distributed import init_distributed
     from pipeline.eval.report import render_report_md, write_results
-    from pipeline.inputs import check_before_loading, checked_prompt_format, resolve_paths, set_threads
+    from pipeline.inputs import (
+        check_before_loading,
+        check_eval_device,
+        checked_prompt_format,
+        resolve_paths,
+        set_threads,
+    )
     from pipeline.io import atomic_write_json, atomic_write_text
     from pipeline.models.attention import attention_backend_report, set_attention_backend
     from pipeline.models.loading import load_tokenizer
@@ -369,6 +404,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_before_loading(cfg)
     library_bars(_progress_bar(cfg))
     dist = init_distributed()
+    check_eval_device(cfg, dist.device)
     set_threads(int(cfg.trainer.num_threads))
     set_attention_backend(cfg.kernels.attention, dist.device)  # logs the choice (and any fallback)
     paths = resolve_paths(cfg)

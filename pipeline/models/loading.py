@@ -55,6 +55,47 @@ def check_model_location(path: str, key: str = "model.path", revision: Optional[
             f"(HF_HUB_OFFLINE=1); download it first (`hf download {path}`) or set ASU_ALLOW_NETWORK=1")
 
 
+def safetensors_header(path: str | Path) -> bytes:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes, offsets), without the
+    weights: 8 + n bytes read."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return head
+        (n,) = struct.unpack("<Q", head)
+        return f.read(min(n, 100_000_000))
+
+
+def weights_bytes(path: str | Path, dtype: str) -> Optional[int]:
+    """The size of a model's weights once loaded in ``dtype``, from its safetensors headers (no
+    weights read); a hub id is looked up in the local hub cache. None when unknown (no safetensors)."""
+    import json
+
+    p = Path(path)
+    if not p.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            p = Path(snapshot_download(str(path), local_files_only=True))
+        except Exception:  # not a cached hub id: unknown
+            return None
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        return None
+    elements = 0
+    for f in files:
+        header = json.loads(safetensors_header(f) or b"{}")
+        for name, t in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in t["shape"]:
+                    n *= int(d)
+                elements += n
+    return elements * DTYPES[dtype].itemsize
+
+
 def check_weights_safe(path: str | Path, allow_pickle: bool) -> None:
     """Refuse a local model directory that only has pickle (.bin/.pt) weights unless allowed."""
     p = Path(path)

@@ -6,9 +6,10 @@ import pytest
 from tests.helpers import launch
 from tests.helpers.tiny import train_overrides
 
-# Found once the model is loaded (its number of layers); every other case is found before Hydra
+# Found once the model is loaded (its number of layers), or once the job knows its rank's device
+# (a sweep may be checked on a submit host without GPUs); every other case is found before Hydra
 # creates the run directory, so not even .hydra/ or the job log is written.
-AFTER_LOADING = ("method.teacher_layers=[0,5]",)
+AFTER_LOADING = ("method.teacher_layers=[0,5]", "eval.device=cuda")
 
 
 @pytest.mark.parametrize(
@@ -23,6 +24,8 @@ AFTER_LOADING = ("method.teacher_layers=[0,5]",)
         ("trainer.lr=0", ["trainer.lr", "must be > 0"]),
         ("method.teacher_layers=[0,5]", ["method.teacher_layers", "allowed 0..1"]),  # tiny model: 2 layers
         ("eval.batch_size=0", ["eval.batch_size", "must be >= 1"]),  # was a traceback after training
+        ("eval.dtype=fp8", ["eval.dtype", "allowed values: auto, float32, bfloat16, float16"]),
+        ("eval.device=cuda", ["eval.device=cuda, but this rank has no CUDA device"]),  # before training, not after
         # model paths: before, a traceback from transformers (exit 1) once the job had started
         ("model.path=/nonexistent/model", ["ModelLoadError", "model.path=/nonexistent/model: no such directory"]),
         ("model.path=someone/missing-7b", ["model.path=someone/missing-7b", "not in the hub cache",
