@@ -176,6 +176,9 @@ class EvalConfig:
     # Where: auto = the rank's GPU when there is one and the weights fit in its free memory, else the
     # CPU; cuda insists on the GPU; cpu (pipeline/eval/runner.eval_device).
     device: str = "auto"
+    # Keep each finished split in <run dir>/eval_parts/ and reuse it when a re-run (a requeued job,
+    # the same command again) evaluates the same model, rows and settings (pipeline/eval/parts.py).
+    resume: bool = True
     # MUSE (pipeline/eval/muse.py) and multiple choice (pipeline/eval/mcq.py, lm_eval_bridge.py)
     verbmem_max_new_tokens: int = 128
     knowmem_max_new_tokens: int = 32

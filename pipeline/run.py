@@ -113,7 +113,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         from pipeline.io import atomic_write_json
 
         atomic_write_json(run_dir / "train_history.json", state.history)
-    model_dir = _export(cfg, engines, inputs, run_dir)
+    model_dir = _export(cfg, engines, inputs, run_dir, trainer)
     _release_engines(engines, trainer)  # the evaluation model gets their (GPU) memory
     results = _evaluate_and_report(cfg, dist, run_dir, model_dir, inputs, engines, method, state, total,
                                    (job_seconds, train_seconds), tau_selection, run_logger)
@@ -365,10 +365,40 @@ def _release_engines(engines: JobEngines, trainer: Any, student: bool = True) ->
                  (before - torch.cuda.memory_allocated()) / 2**30)
 
 
-def _export(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir: Path) -> Path:
-    """The HF model directory (safetensors; with LoRA also the adapter) the evaluation reads."""
+EXPORTED_FROM = "exported_from.json"  # which checkpoint model/ was exported from (when one was saved at that step)
+
+
+def _exported_already(run_dir: Path, model_dir: Path, trainer: Any) -> bool:
+    """This attempt resumed at the last step, trained nothing, and ``model_dir`` is the export of
+    that very checkpoint (an attempt stopped during its evaluation): export it again for nothing?
+    Rank 0 decides, every rank follows (the export is collective)."""
+    from pipeline.engine.distributed import broadcast_object, is_main_process
+
+    same = False
+    if is_main_process() and trainer.resumed_from is not None and trainer.state.step == trainer.start_step:
+        try:
+            rec = json.loads((run_dir / EXPORTED_FROM).read_text())
+        except (OSError, ValueError):
+            rec = None
+        same = model_dir.is_dir() and rec == {"checkpoint": trainer.resumed_from.name, "step": trainer.state.step}
+    return bool(broadcast_object(same))
+
+
+def _export(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir: Path, trainer: Any) -> Path:
+    """The HF model directory (safetensors; with LoRA also the adapter) the evaluation reads; the one
+    an earlier attempt exported from the same final checkpoint is kept (its files, and so the
+    evaluation parts keyed on them, stay valid)."""
+    from pipeline.engine import checkpoint as ckpt
+    from pipeline.engine.distributed import is_main_process
+    from pipeline.io import atomic_write_json
+
     model_dir = run_dir / "model"
     if not cfg.trainer.export:
+        return model_dir
+    if _exported_already(run_dir, model_dir, trainer):
+        if is_main_process():
+            log.info("%s is the export of checkpoint %s, written by an earlier attempt, and nothing was trained "
+                     "since: not exported again", model_dir, trainer.resumed_from.name)
         return model_dir
     if engines.lora:
         from pipeline.engine.export_peft import export_lora
@@ -379,6 +409,11 @@ def _export(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir: Pa
         from pipeline.engine.export import export_hf
 
         export_hf(engines.engine, inputs.tokenizer, model_dir)
+    if is_main_process():
+        latest = ckpt.latest_checkpoint(trainer.ckpt_root)
+        at_this_step = latest is not None and ckpt.read_meta(latest).get("step") == trainer.state.step
+        atomic_write_json(run_dir / EXPORTED_FROM, {"checkpoint": latest.name if at_this_step else None,
+                                                    "step": trainer.state.step})
     return model_dir
 
 
@@ -394,9 +429,11 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
 
     metrics, details = {}, None
     if cfg.eval.enabled:
+        from pipeline.eval.parts import PARTS_DIR
         from pipeline.eval.runner import evaluate_job
 
-        metrics, details = evaluate_job(cfg, model_dir, inputs.tokenizer, inputs.data, inputs.paths)
+        metrics, details = evaluate_job(cfg, model_dir, inputs.tokenizer, inputs.data, inputs.paths,
+                                        run_dir / PARTS_DIR)
     results: dict = {}
     if dist.is_main:
         from pipeline.eval.report import render_report_md, write_results

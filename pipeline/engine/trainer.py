@@ -143,6 +143,8 @@ class UnlearningTrainer:
         self.ckpt_meta = ckpt_meta
         self.ckpt_root = self.run_dir / "checkpoints"
         self.state = TrainState()
+        self.resumed_from: Optional[Path] = None  # the checkpoint this attempt started from
+        self.start_step = 0  # the step this attempt started at (steps run here: state.step - start_step)
         self.views: dict[str, list[dict]] = {}
         self.teacher_cache: Optional[Any] = None  # method.teacher=cached: batch["forget_teacher"] rows
         self.device = next(engine.module.parameters()).device if hasattr(engine, "module") else torch.device("cpu")
@@ -190,6 +192,7 @@ class UnlearningTrainer:
             rng = {"torch": client["torch_rng"]}
         if rng:
             set_rng_states(rng)
+        self.resumed_from = path
         log.info("resumed from %s at step %d/%d", path, self.state.step, self.total_steps)
 
     def save(self) -> Path:
@@ -206,6 +209,7 @@ class UnlearningTrainer:
     # -- loop -------------------------------------------------------------------------------------
     def train(self) -> TrainState:
         self.maybe_resume()
+        self.start_step = self.state.step
         with StopSignals() as stop:
             return self._loop(stop)
 
@@ -267,9 +271,16 @@ class UnlearningTrainer:
                 self._stop_here(stop, bar)
         if bar is not None:
             bar.close()
-        if tcfg.save_every:
+        if tcfg.save_every and self.state.step > self.start_step:  # resumed at the end: that checkpoint is this one
             self.save()
-        log.info("trained %d step%s in %.1fs", self.total_steps, "" if self.total_steps == 1 else "s", time.time() - t0)
+        if self.start_step == self.total_steps:
+            log.info("nothing to train: resumed at the last step (%d/%d)", self.start_step, self.total_steps)
+        elif self.start_step:
+            log.info("trained steps %d-%d of %d in %.1fs (resumed at %d)", self.start_step + 1, self.total_steps,
+                     self.total_steps, time.time() - t0, self.start_step)
+        else:
+            log.info("trained %d step%s in %.1fs", self.total_steps, "" if self.total_steps == 1 else "s",
+                     time.time() - t0)
         return self.state
 
     def _stop_here(self, stop: StopSignals, bar: Optional[Any]) -> NoReturn:

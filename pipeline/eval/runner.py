@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config_base import ConfigError
 from pipeline.data.loaders import DataError
-from pipeline.engine.distributed import barrier, gather_objects, is_main_process
+from pipeline.engine.distributed import barrier, broadcast_object, gather_objects, is_main_process
+from pipeline.eval.parts import PARTS_DIR, SplitParts
 from pipeline.progress import library_bars, progress
 
 log = logging.getLogger(__name__)
@@ -55,22 +57,58 @@ def truth_ratio_key(cfg: DictConfig) -> Optional[str]:
     return "answer" if truth_ratio_reference(cfg) == "answer" else None
 
 
+class ModelOnDemand:
+    """The evaluation model, loaded on first use: an evaluation whose splits all come from an
+    earlier attempt (:mod:`pipeline.eval.parts`) loads nothing."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load, self._model = load, None
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def get(self) -> Any:
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+
+def _model(model: Any) -> Any:
+    return model.get() if isinstance(model, ModelOnDemand) else model
+
+
+def _ran_on(cfg: DictConfig, model: Any) -> dict:
+    from pipeline.models.runtime import model_device
+
+    return {"device": str(model_device(_model(model))), "dtype": eval_dtype(cfg)}
+
+
 def evaluate_splits(model: Any, tokenizer: Any, splits: dict[str, list[dict]], settings: Any,
-                    tr_key: Optional[str] = None, progress_bar: bool = True) -> dict[str, Any]:
+                    tr_key: Optional[str] = None, progress_bar: bool = True,
+                    parts: Optional[SplitParts] = None, cfg: Optional[DictConfig] = None) -> dict[str, Any]:
     """Data-parallel evaluation of each split; every rank returns the merged results. With
-    ``progress_bar`` rank 0 shows a bar per split (``eval[<split>]``, in batches)."""
+    ``progress_bar`` rank 0 shows a bar per split (``eval[<split>]``, in batches). ``model``: a
+    model or a :class:`ModelOnDemand`; with ``parts`` (and the run's ``cfg``) a split finished by an
+    earlier attempt is taken from there and each newly finished one is kept."""
     import torch.distributed as dist
 
-    from pipeline.eval.tofu import evaluate_split, gather_split_results
+    from pipeline.eval.tofu import SplitResult, evaluate_split, gather_split_results
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     out = {}
     for name, rows in splits.items():
+        done = parts.cached("tofu", name, rows, SplitResult) if parts is not None else None
+        if done is not None:
+            out[name] = done
+            continue
         with progress(f"eval[{name}]", progress_bar):
-            mine = evaluate_split(model, tokenizer, rows, settings, name=name, rank=rank, world_size=world,
+            mine = evaluate_split(_model(model), tokenizer, rows, settings, name=name, rank=rank, world_size=world,
                                   truth_ratio_key=tr_key)
         out[name] = gather_split_results(gather_objects(mine))
+        if parts is not None:
+            parts.store("tofu", name, rows, out[name], _ran_on(cfg, model))
     return out
 
 
@@ -126,11 +164,14 @@ def _load_eval_model(path: str | Path, cfg: DictConfig) -> Any:
     return m.eval()
 
 
-def _placement(cfg: DictConfig, model: Any) -> dict:
-    """Where ``model`` ran and in which dtype, for results.json's evaluation record."""
-    from pipeline.models.runtime import model_device
-
-    return {"device": str(model_device(model)), "dtype": eval_dtype(cfg)}
+def _placement(cfg: DictConfig, model: Any, parts: Optional[SplitParts] = None) -> dict:
+    """Where the model ran and in which dtype, and the splits taken from an earlier attempt, for
+    results.json's evaluation record."""
+    if isinstance(model, ModelOnDemand) and not model.loaded:  # every split came from an earlier attempt
+        ran_on = (parts.ran_on if parts is not None else None) or {"device": None, "dtype": eval_dtype(cfg)}
+    else:
+        ran_on = _ran_on(cfg, model)
+    return {**ran_on, "reused_splits": list(parts.reused) if parts is not None else []}
 
 
 def _reference_settings(cfg: DictConfig, forget_split: str, tokenizer: Any) -> tuple[dict, dict]:
@@ -163,7 +204,6 @@ def retain_reference(cfg: DictConfig, paths: Any, forget_split: str, rows: list[
     decides and broadcasts, so every rank takes part in the same (collective) evaluation.
     Returns ``(None, {...})`` without a retain model.
     """
-    from pipeline.engine.distributed import broadcast_object
     from pipeline.eval.reference import (
         cache_file,
         cache_record,
@@ -201,21 +241,32 @@ def retain_reference(cfg: DictConfig, paths: Any, forget_split: str, rows: list[
     return ratios, {**info, "source": "computed"}
 
 
-def _gathered(fn, rows: list[dict], desc: str, progress_bar: bool, **kw) -> Any:
-    """Run a per-rank evaluator on ``rows`` data-parallel and merge the ranks' results in order
-    (rank 0 shows a bar named ``desc`` with ``progress_bar``)."""
+def _gathered(fn, rows: list[dict], name: str, cfg: DictConfig, model: Any, parts: Optional[SplitParts],
+              kind: str, key_rows: Optional[list[dict]] = None) -> Any:
+    """Run a per-rank evaluator ``fn(model, rows=, rank=, world_size=)`` on ``rows`` data-parallel and
+    merge the ranks' results in order (rank 0 shows a bar ``eval[<name>]``); with ``parts``, a split
+    finished by an earlier attempt is reused and a new one kept (``key_rows``: all the rows its
+    numbers depend on, e.g. with the in-context examples; default ``rows``)."""
     import torch.distributed as dist
 
-    from pipeline.eval.muse import merge_results
+    from pipeline.eval.muse import ExampleResults, merge_results
 
+    key_rows = rows if key_rows is None else key_rows
+    done = parts.cached(kind, name, key_rows, ExampleResults) if parts is not None else None
+    if done is not None:
+        return done
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    with progress(desc, progress_bar):
-        mine = fn(rows=rows, rank=rank, world_size=world, **kw)
-    return merge_results(gather_objects(mine))
+    with progress(f"eval[{name}]", _progress_bar(cfg)):
+        mine = fn(_model(model), rows=rows, rank=rank, world_size=world)
+    out = merge_results(gather_objects(mine))
+    if parts is not None:
+        parts.store(kind, name, key_rows, out, _ran_on(cfg, model))
+    return out
 
 
-def evaluate_muse(cfg: DictConfig, model: Any, tokenizer: Any, data: Any) -> tuple[dict, dict]:
+def evaluate_muse(cfg: DictConfig, model: Any, tokenizer: Any, data: Any,
+                  parts: Optional[SplitParts] = None) -> tuple[dict, dict]:
     """MUSE: VerbMem, KnowMem (forget/retain) and PrivLeak (Min-K% AUC, forget vs holdout)."""
     from pipeline.eval.muse import (
         MuseSettings,
@@ -226,26 +277,27 @@ def evaluate_muse(cfg: DictConfig, model: Any, tokenizer: Any, data: Any) -> tup
     )
 
     st = MuseSettings.from_config(cfg.eval)
-    ev, res, bar = data.eval, {}, _progress_bar(cfg)
+    ev, res = data.eval, {}
     if "verbmem_forget" in ev:
-        res["verbmem"] = _gathered(lambda **k: evaluate_verbmem(model, tokenizer, cfg=st, name="verbmem_forget", **k),
-                                   ev["verbmem_forget"], "eval[verbmem_forget]", bar)
+        res["verbmem"] = _gathered(lambda m, **k: evaluate_verbmem(m, tokenizer, cfg=st, name="verbmem_forget", **k),
+                                   ev["verbmem_forget"], "verbmem_forget", cfg, model, parts, "muse")
     for key in ("knowmem_forget", "knowmem_retain"):
         if key in ev:
             icl = ev.get(f"{key}_icl", [])
-            res[key] = _gathered(lambda icl=icl, key=key, **k: evaluate_knowmem(model, tokenizer, cfg=st, icl=icl,
-                                                                                 name=key, **k), ev[key],
-                                 f"eval[{key}]", bar)
+            res[key] = _gathered(lambda m, icl=icl, key=key, **k: evaluate_knowmem(m, tokenizer, cfg=st, icl=icl,
+                                                                                    name=key, **k),
+                                 ev[key], key, cfg, model, parts, "muse", key_rows=[*ev[key], *icl])
     for key, arg in (("privleak_forget", "mink_forget"), ("privleak_holdout", "mink_holdout")):
         if key in ev:
-            res[arg] = _gathered(lambda key=key, **k: evaluate_mink(model, tokenizer, cfg=st, name=key, **k), ev[key],
-                                 f"eval[{key}]", bar)
+            res[arg] = _gathered(lambda m, key=key, **k: evaluate_mink(m, tokenizer, cfg=st, name=key, **k), ev[key],
+                                 key, cfg, model, parts, "muse")
     metrics = muse_metrics(res.get("verbmem"), res.get("knowmem_forget"), res.get("knowmem_retain"),
                            res.get("mink_forget"), res.get("mink_holdout"), cfg.eval.retrain_auc)
     return metrics, {k: v.to_dict() for k, v in res.items()}
 
 
-def evaluate_mcq_splits(cfg: DictConfig, model: Any, tokenizer: Any, data: Any) -> tuple[dict, dict]:
+def evaluate_mcq_splits(cfg: DictConfig, model: Any, tokenizer: Any, data: Any,
+                        parts: Optional[SplitParts] = None) -> tuple[dict, dict]:
     """WMDP / MMLU: 0-shot multiple-choice accuracy per split (our log-likelihood scorer)."""
     from pipeline.eval.mcq import MCQSettings, evaluate_mcq, mcq_accuracy
 
@@ -253,8 +305,8 @@ def evaluate_mcq_splits(cfg: DictConfig, model: Any, tokenizer: Any, data: Any) 
                      add_bos=bool(cfg.eval.mcq_add_bos))
     metrics, details = {}, {}
     for name, rows in data.eval.items():
-        r = _gathered(lambda name=name, **k: evaluate_mcq(model, tokenizer, cfg=st, name=name, **k), rows,
-                      f"eval[{name}]", _progress_bar(cfg))
+        r = _gathered(lambda m, name=name, **k: evaluate_mcq(m, tokenizer, cfg=st, name=name, **k), rows,
+                      name, cfg, model, parts, "mcq")
         metrics[f"{name}_accuracy"] = mcq_accuracy(r)
         details[name] = r.to_dict()
     return metrics, details
@@ -267,15 +319,26 @@ def evenly_spaced(rows: list, n: int) -> list:
     return [rows[i] for i in evenly_spaced_indices(len(rows), n)]
 
 
-def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: Any, paths: Any) -> tuple[dict, dict]:
-    """Metrics of ``model_dir`` for the dataset's family (TOFU-style QA, MUSE, WMDP) and details."""
+def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: Any, paths: Any,
+                 parts_dir: Optional[str | Path] = None) -> tuple[dict, dict]:
+    """Metrics of ``model_dir`` for the dataset's family (TOFU-style QA, MUSE, WMDP) and details.
+    ``parts_dir``: where finished splits are kept, so that a re-run evaluates only what is missing
+    (:mod:`pipeline.eval.parts`; ``eval.resume``)."""
+    import torch.distributed as dist
+
+    from pipeline.eval.parts import parts_key
     from pipeline.eval.tofu import tofu_metrics
 
+    model = ModelOnDemand(lambda: _load_eval_model(model_dir, cfg))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    parts = SplitParts(parts_dir, broadcast_object(parts_key(cfg, model_dir, eval_dtype(cfg), world,
+                                                             truth_ratio_reference(cfg)) if is_main_process() else None),
+                       reuse=bool(OmegaConf.select(cfg, "eval.resume", default=True))) if parts_dir else None
     family = data.name.split(":")[0]
     if family in ("muse", "wmdp"):
-        model = _load_eval_model(model_dir, cfg)
-        metrics, details = (evaluate_muse if family == "muse" else evaluate_mcq_splits)(cfg, model, tokenizer, data)
-        metrics[EVALUATION_KEY] = _placement(cfg, model)
+        metrics, details = (evaluate_muse if family == "muse" else evaluate_mcq_splits)(cfg, model, tokenizer, data,
+                                                                                        parts)
+        metrics[EVALUATION_KEY] = _placement(cfg, model, parts)
         # lm-eval (eval.lm_eval) is not run here but by add_lm_eval, after the job's last collective.
         return metrics, details
 
@@ -288,8 +351,8 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
     probe_idx, probe = probe_rows(splits[data.retain_split], splits[data.forget_split], int(cfg.eval.probe_rows))
     if probe:
         splits[PROBE_SPLIT] = probe
-    model = _load_eval_model(model_dir, cfg)
-    results = evaluate_splits(model, tokenizer, splits, _settings(cfg), truth_ratio_key(cfg), _progress_bar(cfg))
+    results = evaluate_splits(model, tokenizer, splits, _settings(cfg), truth_ratio_key(cfg), _progress_bar(cfg),
+                              parts, cfg)
     ref, ref_info = None, {"source": None}
     if results[data.forget_split].has_truth_ratio:
         ref, ref_info = retain_reference(cfg, paths, data.forget_split, splits[data.forget_split], tokenizer)
@@ -299,7 +362,7 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
     metrics = tofu_metrics(results, ref, data.forget_split, data.retain_split)
     if probe:
         metrics.update(robustness_metrics(results[data.retain_split], results[PROBE_SPLIT], probe_idx))
-    metrics[EVALUATION_KEY] = {**evaluation_record(cfg, splits, results, ref_info), **_placement(cfg, model)}
+    metrics[EVALUATION_KEY] = {**evaluation_record(cfg, splits, results, ref_info), **_placement(cfg, model, parts)}
     details = {name: r.to_dict() if hasattr(r, "to_dict") else r.__dict__ for name, r in results.items()}
     return metrics, details
 
@@ -412,7 +475,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_retain_reference(cfg, data)
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
     prompt_format = checked_prompt_format(cfg, tokenizer)
-    metrics, details = evaluate_job(cfg, paths.model, tokenizer, data, paths)
+    metrics, details = evaluate_job(cfg, paths.model, tokenizer, data, paths, Path(run_dir) / PARTS_DIR)
     evaluation = metrics.pop(EVALUATION_KEY, None)
     results: dict = {}
     if dist.is_main:

@@ -1,0 +1,80 @@
+"""Resumable evaluation (pipeline/eval/parts.py) and the export an earlier attempt left.
+
+A re-run of a finished (or preempted-during-evaluation) job evaluates only the splits still
+missing, loads no model when none is, keeps the model/ exported from the same final checkpoint,
+and ends with the same metrics; a part from another model, other rows or settings is not reused.
+"""
+
+import json
+import logging
+import math
+
+import pytest
+
+from pipeline.eval.parts import SplitParts
+from pipeline.eval.tofu import SplitResult
+from tests.helpers import launch
+from tests.helpers.tiny import build, train_overrides
+
+ROWS = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]
+
+
+def _result() -> SplitResult:
+    return SplitResult(name="forget", indices=[0, 1], answer_prob=[0.5, 0.25], truth_ratio=[float("nan"), 1.5],
+                       generation=["x", "y"], skipped=["truth_ratio: no column"])
+
+
+def test_a_stored_split_comes_back_equal_nan_included(tmp_path):
+    parts = SplitParts(tmp_path, {"model": "m"})
+    parts.store("tofu", "forget", ROWS, _result(), {"device": "cpu", "dtype": "float32"})
+    again = SplitParts(tmp_path, {"model": "m"})
+    got = again.cached("tofu", "forget", ROWS, SplitResult)
+    assert got is not None and got.answer_prob == [0.5, 0.25] and math.isnan(got.truth_ratio[0])
+    assert got.generation == ["x", "y"] and again.reused == ["forget"] and again.ran_on["device"] == "cpu"
+
+
+def test_another_model_other_rows_a_damaged_file_or_resume_off_is_evaluated_again(tmp_path, caplog):
+    SplitParts(tmp_path, {"model": "m"}).store("tofu", "forget", ROWS, _result(), {"device": "cpu"})
+    with caplog.at_level(logging.INFO):
+        assert SplitParts(tmp_path, {"model": "other"}).cached("tofu", "forget", ROWS, SplitResult) is None
+        assert SplitParts(tmp_path, {"model": "m"}).cached("tofu", "forget", ROWS[:1], SplitResult) is None
+    assert caplog.text.count("is from another model, rows or settings: evaluating 'forget' again") == 2
+    assert SplitParts(tmp_path, {"model": "m"}, reuse=False).cached("tofu", "forget", ROWS, SplitResult) is None
+    (tmp_path / "tofu_forget.json").write_text('{"key": ')  # a write cut short by hand (ours are atomic)
+    with caplog.at_level(logging.WARNING):
+        assert SplitParts(tmp_path, {"model": "m"}).cached("tofu", "forget", ROWS, SplitResult) is None
+    assert "is unreadable (JSONDecodeError)" in caplog.text
+
+
+@pytest.mark.distributed
+def test_a_rerun_reuses_the_export_and_the_finished_splits_and_ends_with_the_same_metrics(tmp_path):
+    model_dir, data_dir = build(tmp_path)
+    args = train_overrides(model_dir, data_dir, tmp_path / "runs", "r", steps=4) + [
+        "method=grad_diff", "trainer.save_every=2", "eval.probe_rows=2"]
+    run = tmp_path / "runs" / "r"
+
+    def go(*extra):
+        out = launch.run(args + list(extra))
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stderr, json.loads((run / "results.json").read_text())
+
+    _, first = go()
+    assert json.loads((run / "exported_from.json").read_text()) == {"checkpoint": "step_00000004", "step": 4}
+    splits = sorted(first["evaluation"]["rows"])
+    assert sorted(p.name for p in (run / "eval_parts").iterdir()) == [f"tofu_{s}.json" for s in splits]
+    model_mtime = (run / "model" / "model.safetensors").stat().st_mtime_ns
+
+    log, again = go()  # the same command: nothing to train, nothing to export, nothing to evaluate
+    assert "nothing to train: resumed at the last step (4/4)" in log and "not exported again" in log
+    assert "evaluation model" not in log  # no model loaded at all
+    assert (run / "model" / "model.safetensors").stat().st_mtime_ns == model_mtime
+    assert sorted(again["evaluation"]["reused_splits"]) == splits and again["evaluation"]["device"] == "cpu"
+    assert again["metrics"] == first["metrics"]
+
+    (run / "eval_parts" / "tofu_retain.json").unlink()  # as if stopped while evaluating 'retain'
+    log, third = go()
+    assert sorted(third["evaluation"]["reused_splits"]) == [s for s in splits if s != "retain"]
+    assert "evaluation model" in log and third["metrics"] == first["metrics"]
+
+    _, fourth = go("eval.resume=false")
+    assert fourth["evaluation"]["reused_splits"] == [] and fourth["metrics"] == first["metrics"]
