@@ -42,16 +42,6 @@ def check_before_loading(cfg: DictConfig) -> None:
         check_model_paths(cfg)
 
 
-def check_eval_device(cfg: DictConfig, device: str) -> None:
-    """``eval.device=cuda`` on a rank without a GPU stops at the start, not after training."""
-    from omegaconf import OmegaConf
-
-    if OmegaConf.select(cfg, "eval.enabled", default=False) and \
-            OmegaConf.select(cfg, "eval.device", default="auto") == "cuda" and device != "cuda":
-        raise ConfigError("config error at 'eval.device': eval.device=cuda, but this rank has no CUDA device (eval.device=auto uses one when there "
-                          "is one)")
-
-
 def check_model_paths(cfg: DictConfig) -> None:
     """The configured model directories or hub ids can load (``model.path``, ``model.tokenizer_path``,
     ``eval.retain_model``): checked before anything is loaded or written."""

@@ -21,7 +21,6 @@ from pipeline.config_base import require
 from pipeline.inputs import (
     ModelPaths,
     check_before_loading,
-    check_eval_device,
     checked_prompt_format,
     effective_max_length,
     resolve_paths,
@@ -131,6 +130,7 @@ def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
     import torch
 
     from pipeline.engine.distributed import init_distributed
+    from pipeline.eval.runner import check_eval_device
     from pipeline.io import atomic_write_text
     from pipeline.methods import build_method
     from pipeline.progress import library_bars
@@ -138,7 +138,7 @@ def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
     check_before_loading(cfg)  # values, attention backend, model paths: exit 2, nothing written
     library_bars(bool(cfg.logging.progress_bar))
     dist = init_distributed()
-    check_eval_device(cfg, dist.device)
+    check_eval_device(cfg)  # eval.device=cuda without a GPU: stop now, not after training
     set_threads(int(cfg.trainer.num_threads))
     torch.manual_seed(int(cfg.seed))
     if dist.is_main:

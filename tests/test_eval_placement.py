@@ -15,7 +15,6 @@ from hydra import compose, initialize_config_dir
 
 from pipeline.config import ConfigError, register_configs, validate
 from pipeline.eval import runner
-from pipeline.inputs import check_eval_device
 from pipeline.models.loading import weights_bytes
 from tests.helpers.tiny import build
 
@@ -65,8 +64,8 @@ def test_weights_that_do_not_fit_the_free_gpu_memory_are_evaluated_on_the_cpu(gp
 
 def test_eval_device_cuda_without_a_gpu_stops_before_training():
     with pytest.raises(ConfigError, match="eval.device=cuda, but this rank has no CUDA device"):
-        check_eval_device(_cfg("eval.device=cuda"), "cpu")
-    check_eval_device(_cfg("eval.device=cuda", "eval.enabled=false"), "cpu")  # nothing to evaluate
+        runner.check_eval_device(_cfg("eval.device=cuda"))
+    runner.check_eval_device(_cfg("eval.device=cuda", "eval.enabled=false"))  # nothing to evaluate
 
 
 def test_the_weight_size_comes_from_the_safetensors_headers(tiny_model):

@@ -134,8 +134,8 @@ def eval_device(cfg: DictConfig, model_path: str | Path | None = None) -> str:
     want = str(OmegaConf.select(cfg, "eval.device", default="auto"))
     if want == "cpu" or not torch.cuda.is_available():
         if want == "cuda":
-            raise ConfigError("config error at 'eval.device': eval.device=cuda, but this rank has no CUDA device (eval.device=auto uses one when "
-                              "there is one)")
+            raise ConfigError("config error at 'eval.device': eval.device=cuda, but this rank has no CUDA device "
+                              "(eval.device=auto uses one when there is one)")
         return "cpu"
     device = f"cuda:{torch.cuda.current_device()}"
     if want == "auto" and model_path is not None:
@@ -149,6 +149,12 @@ def eval_device(cfg: DictConfig, model_path: str | Path | None = None) -> str:
                         need / 2**30, eval_dtype(cfg), device, free / 2**30)
             return "cpu"
     return device
+
+
+def check_eval_device(cfg: DictConfig) -> None:
+    """``eval.device=cuda`` on a rank without a GPU stops at the job's start, not after training."""
+    if OmegaConf.select(cfg, "eval.enabled", default=False):
+        eval_device(cfg)
 
 
 def _load_eval_model(path: str | Path, cfg: DictConfig) -> Any:
@@ -453,13 +459,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     from pipeline.data.loaders import load_unlearning_data
     from pipeline.engine.distributed import init_distributed
     from pipeline.eval.report import render_report_md, write_results
-    from pipeline.inputs import (
-        check_before_loading,
-        check_eval_device,
-        checked_prompt_format,
-        resolve_paths,
-        set_threads,
-    )
+    from pipeline.inputs import check_before_loading, checked_prompt_format, resolve_paths, set_threads
     from pipeline.io import atomic_write_json, atomic_write_text
     from pipeline.models.attention import attention_backend_report, set_attention_backend
     from pipeline.models.loading import load_tokenizer
@@ -467,7 +467,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_before_loading(cfg)
     library_bars(_progress_bar(cfg))
     dist = init_distributed()
-    check_eval_device(cfg, dist.device)
+    check_eval_device(cfg)
     set_threads(int(cfg.trainer.num_threads))
     set_attention_backend(cfg.kernels.attention, dist.device)  # logs the choice (and any fallback)
     paths = resolve_paths(cfg)
