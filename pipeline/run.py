@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.config import validate
 from pipeline.config_base import require
+from pipeline.finished import finished_results, job_key, record_finished
 from pipeline.inputs import (
     ModelPaths,
     check_before_loading,
@@ -89,6 +90,10 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         return _dry_run(cfg, method, dist)
     t_start = time.time()
     inputs = _load_inputs(cfg)
+    key = job_key(cfg, dist.world_size, inputs)  # before tau=auto writes its choice into cfg
+    done = finished_results(cfg, run_dir, key)
+    if done is not None:  # this very job finished here and its outputs are intact: nothing is loaded
+        return done
     need_reference = _needs_reference(cfg, method, inputs)
     engines, plan, total = _build_engines(cfg, dist, method, inputs, need_reference)
 
@@ -116,6 +121,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     _release_engines(engines, trainer)  # the evaluation model gets their (GPU) memory
     results = _evaluate_and_report(cfg, dist, run_dir, model_dir, inputs, engines, method, state, total,
                                    (job_seconds, train_seconds), tau_selection, run_logger)
+    record_finished(run_dir, key, state.step)  # last: a re-run of this job then returns results.json as is
     if dist.is_main:
         log.info("run %s finished in %.1fs", run_dir, time.time() - t_start)
     return results

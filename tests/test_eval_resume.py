@@ -64,6 +64,9 @@ def test_a_rerun_reuses_the_export_and_the_finished_splits_and_ends_with_the_sam
     assert sorted(p.name for p in (run / "eval_parts").iterdir()) == [f"tofu_{s}.json" for s in splits]
     model_mtime = (run / "model" / "model.safetensors").stat().st_mtime_ns
 
+    # as if stopped after its results, before it recorded itself finished (test_finished_run.py: with
+    # the record, a re-run loads nothing at all)
+    (run / "finished.json").unlink()
     log, again = go()  # the same command: nothing to train, nothing to export, nothing to evaluate
     assert "nothing to train: resumed at the last step (4/4)" in log and "not exported again" in log
     assert "evaluation model" not in log  # no model loaded at all
@@ -72,6 +75,7 @@ def test_a_rerun_reuses_the_export_and_the_finished_splits_and_ends_with_the_sam
     assert again["metrics"] == first["metrics"]
 
     (run / "eval_parts" / "tofu_retain.json").unlink()  # as if stopped while evaluating 'retain'
+    (run / "finished.json").unlink()
     log, third = go()
     assert sorted(third["evaluation"]["reused_splits"]) == [s for s in splits if s != "retain"]
     assert "evaluation model" in log and third["metrics"] == first["metrics"]

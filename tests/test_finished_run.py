@@ -1,0 +1,71 @@
+"""A finished job is not run again (pipeline/finished.py): the same command in its run directory
+returns its results.json without loading a model; other inputs, or outputs changed since, run it
+(resuming at its last checkpoint), and the log says why."""
+
+import json
+import logging
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline.finished import FINISHED_FILE, finished_results, record_finished
+from tests.helpers import launch
+from tests.helpers.tiny import build, train_overrides
+
+
+def _cfg(resume: str = "auto", eval_resume: bool = True):
+    return OmegaConf.create({"trainer": {"resume": resume}, "eval": {"enabled": True, "resume": eval_resume}})
+
+
+def test_without_a_checkpoint_of_the_last_step_nothing_is_recorded(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    record_finished(tmp_path, {"k": 1}, last_step=4)  # trainer.save_every=0: no checkpoints at all
+    assert not (tmp_path / FINISHED_FILE).exists()
+
+
+def test_resume_never_a_damaged_record_or_none_runs_the_job_and_drops_the_record(tmp_path, caplog):
+    assert finished_results(_cfg(), tmp_path, {"k": 1}) is None  # never finished here
+    (tmp_path / FINISHED_FILE).write_text('{"key": ')
+    with caplog.at_level(logging.INFO):
+        assert finished_results(_cfg(), tmp_path, {"k": 1}) is None
+    assert f"its earlier results are not reused: {FINISHED_FILE} is unreadable (JSONDecodeError)" in caplog.text
+    assert not (tmp_path / FINISHED_FILE).exists()
+    for cfg in (_cfg(resume="never"), _cfg(eval_resume=False)):
+        (tmp_path / FINISHED_FILE).write_text("{}")
+        assert finished_results(cfg, tmp_path, {"k": 1}) is None and not (tmp_path / FINISHED_FILE).exists()
+
+
+@pytest.mark.distributed
+def test_the_same_command_again_loads_nothing_and_other_inputs_or_changed_outputs_run_it(tmp_path):
+    model_dir, data_dir = build(tmp_path)
+    args = train_overrides(model_dir, data_dir, tmp_path / "runs", "r", steps=4) + [
+        "method=grad_diff", "trainer.save_every=2", "eval.probe_rows=2"]
+    run = tmp_path / "runs" / "r"
+
+    def go(*extra):
+        out = launch.run(args + list(extra), ranks=2)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stderr
+
+    go()
+    rec = json.loads((run / FINISHED_FILE).read_text())
+    assert rec["outputs"]["checkpoint"] == "step_00000004" and rec["key"]["world_size"] == 2
+    results = (run / "results.json").read_bytes()
+    mtime = (run / "results.json").stat().st_mtime_ns
+
+    log = go()  # the same command: no engines, no checkpoint loaded, nothing written
+    assert "finished already" in log and "nothing to do" in log
+    assert "resumed from" not in log and "DeepSpeed student" not in log and "evaluation model" not in log
+    assert (run / "results.json").stat().st_mtime_ns == mtime and (run / "results.json").read_bytes() == results
+
+    log = go("eval.max_new_tokens=6")  # another evaluation setting: resumes at the last step, evaluates again
+    assert "its earlier results are not reused: it finished with other inputs (eval.max_new_tokens)" in log
+    assert "nothing to train: resumed at the last step (4/4)" in log
+    assert json.loads((run / "results.json").read_text())["evaluation"]["max_new_tokens"] == 6
+
+    weights = run / "model" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten since
+    log = go("eval.max_new_tokens=6")
+    assert "its earlier results are not reused: its outputs changed since it finished (model)" in log
+    assert (run / FINISHED_FILE).exists()  # recorded again, with the model/ it evaluated
