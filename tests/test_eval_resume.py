@@ -14,7 +14,7 @@ import pytest
 from pipeline.eval.parts import SplitParts
 from pipeline.eval.tofu import SplitResult
 from tests.helpers import launch
-from tests.helpers.tiny import build, train_overrides
+from tests.helpers.tiny import resumable_job
 
 ROWS = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]
 
@@ -48,10 +48,7 @@ def test_another_model_other_rows_a_damaged_file_or_resume_off_is_evaluated_agai
 
 @pytest.mark.distributed
 def test_a_rerun_reuses_the_export_and_the_finished_splits_and_ends_with_the_same_metrics(tmp_path):
-    model_dir, data_dir = build(tmp_path)
-    args = train_overrides(model_dir, data_dir, tmp_path / "runs", "r", steps=4) + [
-        "method=grad_diff", "trainer.save_every=2", "eval.probe_rows=2"]
-    run = tmp_path / "runs" / "r"
+    args, run = resumable_job(tmp_path)
 
     def go(*extra):
         out = launch.run(args + list(extra))

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from pipeline.finished import FINISHED_FILE, finished_results, record_finished
 from tests.helpers import launch
-from tests.helpers.tiny import build, train_overrides
+from tests.helpers.tiny import resumable_job
 
 
 def _cfg(resume: str = "auto", eval_resume: bool = True):
@@ -38,10 +38,7 @@ def test_resume_never_a_damaged_record_or_none_runs_the_job_and_drops_the_record
 
 @pytest.mark.distributed
 def test_the_same_command_again_loads_nothing_and_other_inputs_or_changed_outputs_run_it(tmp_path):
-    model_dir, data_dir = build(tmp_path)
-    args = train_overrides(model_dir, data_dir, tmp_path / "runs", "r", steps=4) + [
-        "method=grad_diff", "trainer.save_every=2", "eval.probe_rows=2"]
-    run = tmp_path / "runs" / "r"
+    args, run = resumable_job(tmp_path)
 
     def go(*extra):
         out = launch.run(args + list(extra), ranks=2)

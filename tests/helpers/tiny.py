@@ -73,6 +73,15 @@ def train_overrides(model_dir: Path, data_dir: Path, out: Path, run_name: str, s
     ]
 
 
+def resumable_job(tmp_path: Path) -> tuple[list[str], Path]:
+    """Overrides of a 4-step GradDiff job that checkpoints (its last step included) and evaluates,
+    and its run directory: for the tests of what a re-run reuses."""
+    model_dir, data_dir = build(tmp_path)
+    args = train_overrides(model_dir, data_dir, tmp_path / "runs", "r", steps=4) + [
+        "method=grad_diff", "trainer.save_every=2", "eval.probe_rows=2"]
+    return args, tmp_path / "runs" / "r"
+
+
 def unloadable_model(tmp_path: Path) -> Path:
     """A model directory that passes the path check (it has a config.json) but has no weights: for
     tests of what is checked before any model is loaded (the data, a reference file)."""
