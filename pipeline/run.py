@@ -202,28 +202,20 @@ def _needs_reference(cfg: DictConfig, method: Any, inputs: JobInputs) -> bool:
 
 def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
                    need_reference: bool) -> tuple[JobEngines, Any, int]:
-    """Preflight, attention backend, the student (optionally LoRA) and frozen model under ZeRO-3."""
-    import deepspeed
-    import torch
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
+    """Preflight, attention backend, the student (optionally LoRA) and frozen model under ZeRO-3;
+    also the batch plan and the number of optimizer steps."""
     from pipeline.engine.batching import BatchPlan
-    from pipeline.engine.ds_config import gather_per_layer, reference_config, student_config
-    from pipeline.engine.host_memory import share_fp32_master
+    from pipeline.engine.ds_config import reference_config, student_config
     from pipeline.engine.preflight import run_preflight
     from pipeline.engine.sharding import record as record_partition
-    from pipeline.engine.trainer import lr_lambda
-    from pipeline.engine.zero_stage import prepare_stage0_engine, resolve_zero_stage
+    from pipeline.engine.zero_stage import resolve_zero_stage
     from pipeline.models.attention import set_attention_backend
-    from pipeline.models.loading import check_same_architecture, check_vocab, load_causal_lm
 
     cuda = dist.device == "cuda"
-    paths = inputs.paths
     zero = resolve_zero_stage(cfg.deepspeed, dist.world_size)
     log.info(zero.describe())  # e.g. deepspeed.zero_stage=auto -> 0 (1 rank, no offload)
     if cfg.trainer.preflight:
-        run_preflight(cfg, dist.world_size, cuda, paths.model, need_reference)
+        run_preflight(cfg, dist.world_size, cuda, inputs.paths.model, need_reference)
     set_attention_backend(cfg.kernels.attention, dist.device)  # logs the choice (and any fallback)
 
     s_cfg = student_config(cfg.deepspeed, cfg.trainer, cuda, world_size=dist.world_size)
@@ -233,6 +225,25 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
                      int(cfg.trainer.retain_batch_size), dist.world_size, dist.rank, int(cfg.seed))
     total = plan.total_steps(float(cfg.trainer.epochs), int(cfg.trainer.max_steps), int(cfg.trainer.grad_accum))
 
+    dtype = cfg.model.dtype if cuda else "float32"
+    student, frozen = _load_models(cfg, inputs, s_cfg, dtype, cuda, need_reference)
+    method.select_trainable(student)
+    engine, reference = _initialize_engines(cfg, dist, student, frozen, s_cfg, r_cfg, total, need_reference)
+    partition = record_partition({"student": engine, "reference": reference}, dist.world_size, zero.stage)
+    return JobEngines(engine, reference, bool(cfg.model.peft.enabled), dtype, partition, zero.record()), plan, total
+
+
+def _load_models(cfg: DictConfig, inputs: JobInputs, s_cfg: dict, dtype: str, cuda: bool,
+                 need_reference: bool) -> tuple[Any, Any]:
+    """The student (LoRA-wrapped with ``model.peft``) and, when the method needs one and it is not the
+    LoRA student's own base, the frozen model: loaded sharded under ZeRO-3 and checked."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from pipeline.models.loading import check_same_architecture, check_vocab, load_causal_lm
+
+    paths = inputs.paths
+
     def load() -> Any:
         return load_causal_lm(paths.model, dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
                               cfg.model.revision)
@@ -240,7 +251,6 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     # Keep the HfDeepSpeedConfig alive while loading: under ZeRO-3 it makes from_pretrained build the
     # model inside deepspeed.zero.Init (sharded from the start). Only model construction should see
     # ZeRO-3 through transformers; the evaluation model loaded later is a plain per-rank copy.
-    dtype = cfg.model.dtype if cuda else "float32"
     hf_ds = HfDeepSpeedConfig(s_cfg)
     student = load()
     check_vocab(student, inputs.tokenizer, f"model {paths.model}")
@@ -254,11 +264,10 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
 
         problem = fused_head_problem(student)
         require(problem is None, "kernels.kl", problem or "")
-    lora = bool(cfg.model.peft.enabled)
     frozen = None
-    if lora:
+    if cfg.model.peft.enabled:
         # model.peft: the student trains LoRA adapters only; θ₀ is its own base with the adapters off
-        # (FrozenBaseView, built below once the engine exists): no second model is loaded.
+        # (FrozenBaseView, built once the engine exists): no second model is loaded.
         from pipeline.models.peft_student import wrap_lora
 
         student = wrap_lora(student, cfg.model.peft)
@@ -268,7 +277,23 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
         check_same_architecture(student, frozen)
     del hf_ds
     unset_hf_deepspeed_config()
-    method.select_trainable(student)
+    return student, frozen
+
+
+def _initialize_engines(cfg: DictConfig, dist: Any, student: Any, frozen: Any, s_cfg: dict, r_cfg: dict,
+                        total: int, need_reference: bool) -> tuple[Any, Any]:
+    """``deepspeed.initialize`` the student (optimizer, LR schedule) and the frozen model; with LoRA the
+    frozen model is the student's base with its adapters off."""
+    import deepspeed
+    import torch
+
+    from pipeline.engine.ds_config import gather_per_layer
+    from pipeline.engine.host_memory import share_fp32_master
+    from pipeline.engine.trainer import lr_lambda
+    from pipeline.engine.zero_stage import prepare_stage0_engine
+
+    cuda = dist.device == "cuda"
+    lora = bool(cfg.model.peft.enabled)
     if cfg.deepspeed.activation_checkpointing and lora:
         from pipeline.models.peft_student import enable_checkpointing
 
@@ -301,8 +326,7 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
         reference = reference_for(engine, need_reference)
         log.info("LoRA student: teacher/reference = %s", "the student's base with the adapters off (no second "
                  "model loaded)" if reference is not None else "none (the method needs no frozen model)")
-    partition = record_partition({"student": engine, "reference": reference}, dist.world_size, zero.stage)
-    return JobEngines(engine, reference, lora, dtype, partition, zero.record()), plan, total
+    return engine, reference
 
 
 def _choose_tau(cfg: DictConfig, engines: JobEngines, inputs: JobInputs) -> Optional[dict]:
