@@ -452,42 +452,7 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
     prober = _Prober(teacher, items, pad_id, layers, form_target, fact_target, n_forwards, prefix)
     try:
         expect(2 * n_forwards)  # the bounds' probes; a bisection announces its own
-        ref = prober.probe(TAU_MIN)
-        top = prober.probe(tau_max)
-        if ref["facts_known"] > 0:
-            signal = "facts"
-            prober.set_fact_scale(top["facts_forgotten"] or 0.0)
-            if not top["facts_ok"]:  # tempering up to tau_max removes none of the facts
-                tau, chosen = tau_max, top
-                reason = f"the teacher forgets none of the {ref['facts_known']} facts it knows even at the upper bound"
-            else:
-                # One bisection for the fact point and the guard: where the signals are monotone in tau it
-                # probes exactly the fact search's taus when the guard does not act (the same choice)
-                lo, hi = _bisect(prober, TAU_MIN, tau_max, True, _fact_search_stops)
-                stop = _at(prober, hi)
-                if _keeps_form_floor(stop):
-                    tau, chosen = hi, stop
-                    reason = (f"smallest tau at which the teacher has forgotten >= {fact_target} x the share of the "
-                              f"{ref['facts_known']} facts it knows that it forgets at tau_max={tau_max:g} "
-                              f"({_fmt(top['facts_forgotten'])}): {_fmt(chosen['facts_forgotten'])}")
-                else:
-                    # Guard: past half the template the student's answers broke on SmolLM2 (docs/sweeps.md)
-                    tau, chosen = lo, _at(prober, lo)
-                    reason = (f"capped at tau={lo:.3f}, the largest probed tau whose teacher keeps >= {FORM_FLOOR} of "
-                              f"the template's top-1 (it keeps {_fmt(stop['form_kept'])} at tau={hi:.3f}) before "
-                              f"forgetting {fact_target} x the share of the {ref['facts_known']} facts it knows that "
-                              f"it forgets at tau_max={tau_max:g} ({_fmt(top['facts_forgotten'])}); facts forgotten "
-                              f"there: {_fmt(chosen['facts_forgotten'])}")
-        else:
-            signal = "form"
-            if top["form_ok"]:
-                tau, chosen = tau_max, top
-                reason = f"no known facts; the answers keep their form (form kept {_fmt(top['form_kept'])}) up to the upper bound"
-            else:
-                tau, hi = _bisect(prober, TAU_MIN, tau_max, False, "form_ok")
-                chosen = _at(prober, tau)
-                reason = (f"no known facts (fallback): largest tau whose teacher keeps >= {form_target} of the "
-                          f"answers' non-fact top-1 predictions (it breaks by tau={hi:.3f})")
+        signal, tau, chosen, top, reason = _search(prober, tau_max, fact_target, form_target)
     finally:
         if was_training:
             teacher.train()
@@ -521,6 +486,59 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
         "cpu_seconds": round(time.process_time() - cpu0, 3),
         "probe_seconds": prober.probe_seconds,
     }
+    _warn(signal, tau, chosen, top, layers, tau_max, form_target, with_facts)
+    log.info("tau=auto: %s -> tau=%.3f (%d probes on %d rows over %d rank(s), logits at %s, shared prefix of "
+             "%d tokens run once, %.1fs)", reason, tau, len(prober.probes), len(idx), world, out["logits"],
+             out["shared_prefix_tokens"],
+             out["seconds"])
+    return out
+
+
+def _search(prober: _Prober, tau_max: float, fact_target: float,
+            form_target: float) -> tuple[str, float, dict, dict, str]:
+    """Probe the bounds, then bisect: (rule used, tau, its probe record, the tau_max record, why)."""
+    ref = prober.probe(TAU_MIN)
+    top = prober.probe(tau_max)
+    if ref["facts_known"] > 0:
+        signal = "facts"
+        prober.set_fact_scale(top["facts_forgotten"] or 0.0)
+        if not top["facts_ok"]:  # tempering up to tau_max removes none of the facts
+            tau, chosen = tau_max, top
+            reason = f"the teacher forgets none of the {ref['facts_known']} facts it knows even at the upper bound"
+        else:
+            # One bisection for the fact point and the guard: where the signals are monotone in tau it
+            # probes exactly the fact search's taus when the guard does not act (the same choice)
+            lo, hi = _bisect(prober, TAU_MIN, tau_max, True, _fact_search_stops)
+            stop = _at(prober, hi)
+            if _keeps_form_floor(stop):
+                tau, chosen = hi, stop
+                reason = (f"smallest tau at which the teacher has forgotten >= {fact_target} x the share of the "
+                          f"{ref['facts_known']} facts it knows that it forgets at tau_max={tau_max:g} "
+                          f"({_fmt(top['facts_forgotten'])}): {_fmt(chosen['facts_forgotten'])}")
+            else:
+                # Guard: past half the template the student's answers broke on SmolLM2 (docs/sweeps.md)
+                tau, chosen = lo, _at(prober, lo)
+                reason = (f"capped at tau={lo:.3f}, the largest probed tau whose teacher keeps >= {FORM_FLOOR} of "
+                          f"the template's top-1 (it keeps {_fmt(stop['form_kept'])} at tau={hi:.3f}) before "
+                          f"forgetting {fact_target} x the share of the {ref['facts_known']} facts it knows that "
+                          f"it forgets at tau_max={tau_max:g} ({_fmt(top['facts_forgotten'])}); facts forgotten "
+                          f"there: {_fmt(chosen['facts_forgotten'])}")
+    else:
+        signal = "form"
+        if top["form_ok"]:
+            tau, chosen = tau_max, top
+            reason = f"no known facts; the answers keep their form (form kept {_fmt(top['form_kept'])}) up to the upper bound"
+        else:
+            tau, hi = _bisect(prober, TAU_MIN, tau_max, False, "form_ok")
+            chosen = _at(prober, tau)
+            reason = (f"no known facts (fallback): largest tau whose teacher keeps >= {form_target} of the "
+                      f"answers' non-fact top-1 predictions (it breaks by tau={hi:.3f})")
+    return signal, tau, chosen, top, reason
+
+
+def _warn(signal: str, tau: float, chosen: dict, top: dict, layers: Optional[list[int]], tau_max: float,
+          form_target: float, with_facts: int) -> None:
+    """The warnings a choice can deserve (each logged once, by rank 0: every rank reaches it alike)."""
     where = "all layers" if layers is None else f"layers {layers}"
     if signal == "form":
         log.warning("tau=auto: %s, so the fallback rule (template top-1 agreement >= %s) chose tau; it can be "
@@ -543,11 +561,6 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
         log.warning("tau=auto: at tau=%.3f the tempered teacher changes %.0f%% of the answers' non-fact top-1 "
                     "predictions; check the forget answers' fluency (results.json forget_well_formed)",
                     tau, 100 * (1 - chosen["form_kept"]), extra=SAME_ON_EVERY_RANK)
-    log.info("tau=auto: %s -> tau=%.3f (%d probes on %d rows over %d rank(s), logits at %s, shared prefix of "
-             "%d tokens run once, %.1fs)", reason, tau, len(prober.probes), len(idx), world, out["logits"],
-             out["shared_prefix_tokens"],
-             out["seconds"])
-    return out
 
 
 def _at(prober: _Prober, tau: float) -> dict:
