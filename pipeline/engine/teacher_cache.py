@@ -198,79 +198,101 @@ def build_teacher_cache(
             from pipeline.methods.model_io import unwrap
 
             device = next(unwrap(teacher).parameters()).device
-        rows = list(forget_encoded)
-        batches = [list(range(i, min(i + batch_size, len(rows)))) for i in range(0, len(rows), batch_size)]
-        mine = batches[rank::world]
-        rounds = math.ceil(len(batches) / world)
-        part: dict[str, str] = {}
-        vocab: Optional[int] = None
-        lengths: dict[str, int] = {}
-        buf: dict[str, torch.Tensor] = {}
-        nbytes, shard_no = 0, 0
-
-        def flush() -> None:
-            nonlocal buf, nbytes, shard_no
-            if not buf:
-                return
-            from safetensors.torch import save_file
-
-            name = f"rows-r{rank:03d}-{shard_no:05d}.safetensors"
-            save_file(buf, str(tmp / name))
-            for k in buf:
-                part[k.split(".")[0]] = name
-            buf, nbytes, shard_no = {}, 0, shard_no + 1
-
-        was_training = getattr(teacher, "training", False)
-        teacher.eval()
-        for r in tracked(range(rounds)):
-            idx = mine[r] if r < len(mine) else (mine[0] if mine else batches[0])
-            res = _teacher_rows(teacher, [rows[i] for i in idx], tau, layers, topk, pad_token_id, device)
-            vocab = None if "ids" in res[0] else int(res[0]["logprobs"].shape[-1])
-            if r >= len(mine):
-                continue  # a ZeRO-3 filler forward: every rank runs the same number of forwards
-            for i, tensors in zip(idx, res):
-                lengths[str(i)] = int(tensors["logprobs"].shape[0])
-                for k, v in tensors.items():
-                    buf[f"{i}.{k}"] = v
-                    nbytes += v.numel() * v.element_size()
-            if nbytes >= SHARD_BYTES:
-                flush()
-        flush()
-        if was_training:
-            teacher.train()
-        (tmp / f"part-r{rank:03d}.json").write_text(json.dumps({"shards": part, "lengths": lengths}))
+        vocab = _write_rank_part(teacher, list(forget_encoded), batch_size, tau, layers, topk, pad_token_id, device,
+                                 tmp, rank, world)
         _barrier()
         if rank == 0:
-            shards: dict[str, str] = {}
-            lens: dict[str, int] = {}
-            for p in sorted(tmp.glob("part-r*.json")):
-                d = json.loads(p.read_text())
-                shards.update(d["shards"])
-                lens.update(d["lengths"])
-                p.unlink()
-            missing = [i for i in range(len(rows)) if str(i) not in shards]
-            if missing:
-                raise TeacherCacheError(f"teacher cache build: rows {missing[:10]} missing from {tmp} (is the cache "
-                                        f"directory on a filesystem every rank sees?)")
-            index = {"fields": fields, "vocab_size": vocab, "shards": shards, "lengths": lens,
-                     "bytes": sum(p.stat().st_size for p in tmp.glob("*.safetensors"))}
-            from pipeline.io import atomic_write_json
-
-            atomic_write_json(tmp / INDEX, index)
-            if (final / INDEX).exists():  # another job won the race: keep its copy
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                if final.exists():  # an incomplete leftover (no index): replace it
-                    shutil.rmtree(final)
-                os.rename(tmp, final)
-            log.info("teacher cache: built %s (%d rows, topk=%s, %.1f MiB)", final, len(rows), topk or "full",
-                     index["bytes"] / 2**20)
+            _publish(tmp, final, fields, len(forget_encoded), vocab, topk)
         _barrier()
     except BaseException:
         if rank == 0 or world == 1:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+class _ShardWriter:
+    """This rank's cached rows as safetensors shards of about SHARD_BYTES in ``directory``."""
+
+    def __init__(self, directory: Path, rank: int) -> None:
+        self.directory, self.rank = directory, rank
+        self.part: dict[str, str] = {}  # row -> shard file
+        self.lengths: dict[str, int] = {}  # row -> cached positions
+        self._buf: dict[str, torch.Tensor] = {}
+        self._bytes, self._shards = 0, 0
+
+    def add(self, row: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.lengths[str(row)] = int(tensors["logprobs"].shape[0])
+        for k, v in tensors.items():
+            self._buf[f"{row}.{k}"] = v
+            self._bytes += v.numel() * v.element_size()
+        if self._bytes >= SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buf:
+            return
+        from safetensors.torch import save_file
+
+        name = f"rows-r{self.rank:03d}-{self._shards:05d}.safetensors"
+        save_file(self._buf, str(self.directory / name))
+        for k in self._buf:
+            self.part[k.split(".")[0]] = name
+        self._buf, self._bytes, self._shards = {}, 0, self._shards + 1
+
+
+def _write_rank_part(teacher: Any, rows: list[dict], batch_size: int, tau: float, layers: Optional[list],
+                     topk: int, pad_token_id: int, device: Any, tmp: Path, rank: int, world: int) -> Optional[int]:
+    """Run the tempered teacher on this rank's share of the batches and write its shards and
+    ``part-rNNN.json`` into ``tmp``; returns the vocabulary size (None with top-k)."""
+    batches = [list(range(i, min(i + batch_size, len(rows)))) for i in range(0, len(rows), batch_size)]
+    mine = batches[rank::world]
+    writer = _ShardWriter(tmp, rank)
+    vocab: Optional[int] = None
+    was_training = getattr(teacher, "training", False)
+    teacher.eval()
+    for r in tracked(range(math.ceil(len(batches) / world))):
+        idx = mine[r] if r < len(mine) else (mine[0] if mine else batches[0])
+        res = _teacher_rows(teacher, [rows[i] for i in idx], tau, layers, topk, pad_token_id, device)
+        vocab = None if "ids" in res[0] else int(res[0]["logprobs"].shape[-1])
+        if r >= len(mine):
+            continue  # a ZeRO-3 filler forward: every rank runs the same number of forwards
+        for i, tensors in zip(idx, res):
+            writer.add(i, tensors)
+    writer.flush()
+    if was_training:
+        teacher.train()
+    (tmp / f"part-r{rank:03d}.json").write_text(json.dumps({"shards": writer.part, "lengths": writer.lengths}))
+    return vocab
+
+
+def _publish(tmp: Path, final: Path, fields: dict, n_rows: int, vocab: Optional[int], topk: int) -> None:
+    """Rank 0: merge the ranks' parts into the index and rename ``tmp`` to ``final`` (unless a
+    concurrent job published the same cache first)."""
+    from pipeline.io import atomic_write_json
+
+    shards: dict[str, str] = {}
+    lens: dict[str, int] = {}
+    for p in sorted(tmp.glob("part-r*.json")):
+        d = json.loads(p.read_text())
+        shards.update(d["shards"])
+        lens.update(d["lengths"])
+        p.unlink()
+    missing = [i for i in range(n_rows) if str(i) not in shards]
+    if missing:
+        raise TeacherCacheError(f"teacher cache build: rows {missing[:10]} missing from {tmp} (is the cache "
+                                f"directory on a filesystem every rank sees?)")
+    index = {"fields": fields, "vocab_size": vocab, "shards": shards, "lengths": lens,
+             "bytes": sum(p.stat().st_size for p in tmp.glob("*.safetensors"))}
+    atomic_write_json(tmp / INDEX, index)
+    if (final / INDEX).exists():  # another job won the race: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        if final.exists():  # an incomplete leftover (no index): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    log.info("teacher cache: built %s (%d rows, topk=%s, %.1f MiB)", final, n_rows, topk or "full",
+             index["bytes"] / 2**20)
 
 
 
