@@ -346,11 +346,7 @@ def build_report(sweep_dir: str | Path, rule: str = DEFAULT_RULE, target: Option
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out else sweep_dir
     points = gather(sweep_dir)
-    reference = None
-    if target:
-        tp = Path(target)
-        tp = tp / RESULTS_FILE if tp.is_dir() else tp
-        reference = json.loads(tp.read_text())
+    reference = _read_target(target) if target else None
     r = parse_rule(rule)
     swept, fixed = swept_keys(points)
     xk = forget_axis(points, x)
@@ -358,13 +354,63 @@ def build_report(sweep_dir: str | Path, rule: str = DEFAULT_RULE, target: Option
     ok = [p for p in points if p.status == "ok"]
     front = pareto_front(ok, xk, y, x_max)
     choice = choose(points, r, reference, fallback_objective=xk)
-    on_front = {p.name for p in front}
+    metric_cols = _metric_columns(ok, xk, y, r.objective)
 
+    rows = _table_rows(points, swept, metric_cols, {p.name for p in front}, choice["name"])
+    columns = list(rows[0].keys()) if rows else ["run", "status"]
+    md_table = comparison_markdown(rows, columns) if rows else "(no sweep points found)"
+    console = comparison_table(rows, columns) if rows else "(no sweep points found)"
+    md = _markdown(sweep_dir.name, points, swept, fixed, md_table, r, choice, front, xk, x_max, y)
+
+    png = plot_pareto(ok, xk, y, x_max, front, choice["name"], swept, choice["threshold"]
+                      if choice["constraint"] == y else None, reference, title=f"sweep {sweep_dir.name}")
+    on_front = {p.name for p in front}
+    report = {
+        "sweep_dir": str(sweep_dir),
+        "rule": r.text,
+        "x": xk,
+        "y": y,
+        "swept": swept,
+        "fixed": fixed,
+        "chosen": choice,
+        "pareto_front": [p.name for p in front],
+        "target": str(target) if target else None,
+        "points": [{"name": p.name, "status": p.status, "overrides": p.overrides, "note": p.note,
+                    "tau": (p.results or {}).get("tau"), "metrics": {c: p.metric(c) for c in metric_cols},
+                    "pareto": p.name in on_front} for p in points],
+        "counts": {"total": len(points), "ok": len(ok), "missing": sum(p.status == "missing" for p in points),
+                   "failed": sum(p.status == "failed" for p in points)},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "pareto.png", png)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", md)
+    return {**report, "console": console, "markdown": md}
+
+
+def _read_target(target: str | Path) -> dict:
+    """The reference run's results (``--target``: a run directory or its results.json)."""
+    tp = Path(target)
+    tp = tp / RESULTS_FILE if tp.is_dir() else tp
+    return json.loads(tp.read_text())
+
+
+def _metric_columns(ok: list[SweepPoint], xk: str, y: str, objective: str) -> list[str]:
+    """The metric columns of the table: the two axes and the usual metrics that some completed
+    point has, plus the rule's objective when it is none of those."""
+    cols = [c for c in dict.fromkeys((xk, y, *TABLE_METRICS)) if any(p.metric(c) is not None for p in ok)]
+    if objective not in cols and any(p.metric(objective) is not None for p in ok):
+        cols.append(objective)
+    return cols
+
+
+def _table_rows(points: list[SweepPoint], swept: list[str], metric_cols: list[str],
+                on_front: set[str], chosen: Optional[str]) -> list[dict[str, Any]]:
+    """One row per point: its swept values (its name when nothing was swept), the tau it used
+    (only when that says more than the swept method.tau), its metrics, Pareto and status."""
+    ok = [p for p in points if p.status == "ok"]
     show_tau = any(p.results and p.results.get("tau") is not None for p in ok) and (
         "method.tau" not in swept or any(_tau_differs(p) for p in ok))
-    metric_cols = [c for c in dict.fromkeys((xk, y, *TABLE_METRICS)) if any(p.metric(c) is not None for p in ok)]
-    if r.objective not in metric_cols and any(p.metric(r.objective) is not None for p in ok):
-        metric_cols.append(r.objective)
     rows = []
     for p in points:
         row: dict[str, Any] = {k: p.overrides.get(k, "-") for k in swept}
@@ -375,16 +421,20 @@ def build_report(sweep_dir: str | Path, rule: str = DEFAULT_RULE, target: Option
         for c in metric_cols:
             row[c] = p.metric(c)
         row["pareto"] = "yes" if p.name in on_front else ("" if p.status == "ok" else "-")
-        row["status"] = (p.status + (" (chosen)" if p.name == choice["name"] else "")
+        row["status"] = (p.status + (" (chosen)" if p.name == chosen else "")
                          + (" (not evaluated)" if p.status == "ok" and not p.metrics else ""))
         rows.append(row)
-    columns = list(rows[0].keys()) if rows else ["run", "status"]
-    md_table = comparison_markdown(rows, columns) if rows else "(no sweep points found)"
-    console = comparison_table(rows, columns) if rows else "(no sweep points found)"
+    return rows
 
+
+def _markdown(name: str, points: list[SweepPoint], swept: list[str], fixed: dict[str, str], md_table: str,
+              r: Rule, choice: dict, front: list[SweepPoint], xk: str, x_max: bool, y: str) -> str:
+    """report.md: counts, fixed settings, the table, the chosen setting and why, the Pareto front
+    and the points that are missing or failed."""
+    ok = [p for p in points if p.status == "ok"]
     incomplete = [p for p in points if p.status != "ok"]
     chosen_pt = next((p for p in points if p.name == choice["name"]), None)
-    lines = [f"# Sweep report: {sweep_dir.name}", "",
+    lines = [f"# Sweep report: {name}", "",
              f"{len(ok)} of {len(points)} points completed"
              + (f"; {len(incomplete)} missing/failed" if incomplete else "") + ".", ""]
     if fixed:
@@ -411,31 +461,7 @@ def build_report(sweep_dir: str | Path, rule: str = DEFAULT_RULE, target: Option
         lines += ["", "## Missing / failed", ""]
         lines += [f"- `{p.name}`: **{p.status}** — {p.note}" for p in incomplete]
     lines.append("")
-    md = "\n".join(lines)
-
-    png = plot_pareto(ok, xk, y, x_max, front, choice["name"], swept, choice["threshold"]
-                      if choice["constraint"] == y else None, reference, title=f"sweep {sweep_dir.name}")
-    report = {
-        "sweep_dir": str(sweep_dir),
-        "rule": r.text,
-        "x": xk,
-        "y": y,
-        "swept": swept,
-        "fixed": fixed,
-        "chosen": choice,
-        "pareto_front": [p.name for p in front],
-        "target": str(target) if target else None,
-        "points": [{"name": p.name, "status": p.status, "overrides": p.overrides, "note": p.note,
-                    "tau": (p.results or {}).get("tau"), "metrics": {c: p.metric(c) for c in metric_cols},
-                    "pareto": p.name in on_front} for p in points],
-        "counts": {"total": len(points), "ok": len(ok), "missing": sum(p.status == "missing" for p in points),
-                   "failed": sum(p.status == "failed" for p in points)},
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "pareto.png", png)
-    atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", md)
-    return {**report, "console": console, "markdown": md}
+    return "\n".join(lines)
 
 
 def _or(v: Optional[float], default: float) -> float:
