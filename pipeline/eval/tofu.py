@@ -246,19 +246,39 @@ def evaluate_split(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     truth_ratio_key = resolve_truth_ratio_key(name, truth_ratio_key)
+    cols = _split_columns(rows, truth_ratio_key)
+    if cols.skipped and rank == 0:
+        log.info("split %r: skipped %s", name, "; ".join(cols.skipped))
     indices = list(range(rank, len(rows), world_size))
     mine = [rows[i] for i in indices]
-    bs = cfg.batch_size
+    out = _run_model(model, tokenizer, rows, mine, cfg, cols, rank, world_size)
+    res = SplitResult(name=name, indices=indices, truth_ratio_key=truth_ratio_key, skipped=cols.skipped,
+                      has_truth_ratio=cols.truth_ratio)
+    res.n_truncated = sum(
+        encode_qa(tokenizer, r["question"], r["answer"], cfg.max_length, template=cfg.template).truncated
+        for r in mine
+    )
+    _score_rows(res, mine, out, cols, cfg)
+    return res
 
-    # Same number of model calls on every rank (ZeRO-3); computed from the full split, no comms.
-    def calls(count_fn) -> Optional[int]:
-        return synced_batch_count([sum(count_fn(r) for r in rows[k::world_size]) for k in range(world_size)], bs)
 
-    one = calls(lambda r: 1)
-    # Optional columns, decided on the full split so that every rank makes the same calls.
+@dataclass
+class _SplitColumns:
+    """The optional columns a split has, decided on the full split so that every rank makes the
+    same model calls, and the metrics skipped for lack of them."""
+
+    perturbed: bool
+    paraphrased: bool
+    truth_ratio: bool
+    answer_is_correct: bool  # the truth ratio compares the perturbed answers with "answer"
+    skipped: list[str]
+
+
+def _split_columns(rows: Sequence[dict], truth_ratio_key: str) -> _SplitColumns:
     has_pert = column_present(rows, "perturbed_answer")
     has_para = column_present(rows, "paraphrased_answer")
-    has_tr = has_pert and (has_para or truth_ratio_key == "answer")
+    answer_is_correct = truth_ratio_key == "answer"
+    has_tr = has_pert and (has_para or answer_is_correct)
     skipped = []
     if not has_para:
         skipped.append("para_prob: no paraphrased_answer column")
@@ -266,54 +286,77 @@ def evaluate_split(
         skipped.append("truth_ratio, normalised_prob (model utility, forget quality): no perturbed_answer column")
     elif not has_tr:
         skipped.append("truth_ratio (model utility, forget quality): no paraphrased_answer column")
-    if skipped and rank == 0:
-        log.info("split %r: skipped %s", name, "; ".join(skipped))
+    return _SplitColumns(has_pert, has_para, has_tr, answer_is_correct, skipped)
+
+
+@dataclass
+class _ModelOutputs:
+    """Answer log-probabilities and token counts (per row; the perturbed ones flat, row by row)
+    and the greedy generations of this rank's rows."""
+
+    answer: tuple[list, list]
+    para: tuple[list, list]
+    pert: tuple[list, list]
+    gens: list
+
+
+def _run_model(model, tokenizer, rows: Sequence[dict], mine: list[dict], cfg: EvalSettings,
+               cols: _SplitColumns, rank: int, world_size: int) -> _ModelOutputs:
+    """Every model call of one split on this rank: teacher-forced answer, paraphrase and perturbed
+    answers, then greedy generation."""
+    bs = cfg.batch_size
+
+    # Same number of model calls on every rank (ZeRO-3); computed from the full split, no comms.
+    def calls(count_fn) -> Optional[int]:
+        return synced_batch_count([sum(count_fn(r) for r in rows[k::world_size]) for k in range(world_size)], bs)
+
+    one = calls(lambda r: 1)
+    n_pert = calls(lambda r: len(r["perturbed_answer"])) if cols.perturbed else None
     qs = [r["question"] for r in mine]
     common = dict(batch_size=bs, max_length=cfg.max_length, template=cfg.template)
-    n_pert = calls(lambda r: len(r["perturbed_answer"])) if has_pert else None
 
     # the progress bar's total: answer, paraphrase, generation, and the perturbed answers
-    expect(batch_count(len(mine), bs, one) * (2 + has_para)
-           + (batch_count(sum(len(r["perturbed_answer"]) for r in mine), bs, n_pert) if has_pert else 0))
+    expect(batch_count(len(mine), bs, one) * (2 + cols.paraphrased)
+           + (batch_count(sum(len(r["perturbed_answer"]) for r in mine), bs, n_pert) if cols.perturbed else 0))
 
-    a_lp, a_n = answer_logprobs(model, tokenizer, qs, [r["answer"] for r in mine], num_batches=one, **common)
-    nan = float("nan")
-    p_lp, p_n = [nan] * len(mine), [0] * len(mine)
-    if has_para:
-        p_lp, p_n = answer_logprobs(
+    answer = answer_logprobs(model, tokenizer, qs, [r["answer"] for r in mine], num_batches=one, **common)
+    para: tuple[list, list] = ([float("nan")] * len(mine), [0] * len(mine))
+    if cols.paraphrased:
+        para = answer_logprobs(
             model, tokenizer, qs, [r["paraphrased_answer"] for r in mine], num_batches=one, **common
         )
-    f_lp, f_n = [], []
-    if has_pert:
+    pert: tuple[list, list] = ([], [])
+    if cols.perturbed:
         flat_q = [r["question"] for r in mine for _ in r["perturbed_answer"]]
         flat_a = [a for r in mine for a in r["perturbed_answer"]]
-        f_lp, f_n = answer_logprobs(model, tokenizer, flat_q, flat_a, num_batches=n_pert, **common)
+        pert = answer_logprobs(model, tokenizer, flat_q, flat_a, num_batches=n_pert, **common)
     gens = greedy_generate(
         model, tokenizer, qs, cfg.max_new_tokens, bs, synced_gpus=cfg.synced_gpus,
         template=cfg.template, num_batches=one,
     )
+    return _ModelOutputs(answer, para, pert, gens)
 
-    res = SplitResult(name=name, indices=indices, truth_ratio_key=truth_ratio_key, skipped=skipped,
-                      has_truth_ratio=has_tr)
-    res.n_truncated = sum(
-        encode_qa(tokenizer, r["question"], r["answer"], cfg.max_length, template=cfg.template).truncated
-        for r in mine
-    )
+
+def _score_rows(res: SplitResult, mine: list[dict], out: _ModelOutputs, cols: _SplitColumns,
+                cfg: EvalSettings) -> None:
+    """Append each row's metrics to ``res`` from the model's outputs."""
+    nan = float("nan")
+    (a_lp, a_n), (p_lp, p_n), (f_lp, f_n) = out.answer, out.para, out.pert
     pos = 0
     for j, r in enumerate(mine):
-        k = len(r["perturbed_answer"]) if has_pert else 0
+        k = len(r["perturbed_answer"]) if cols.perturbed else 0
         pl, pn = f_lp[pos:pos + k], f_n[pos:pos + k]
         pos += k
         ans_p = M.length_normalised_prob(a_lp[j], a_n[j])
         pert_p = [M.length_normalised_prob(lp, n) for lp, n in zip(pl, pn)]
-        c_lp, c_n = (a_lp[j], a_n[j]) if truth_ratio_key == "answer" else (p_lp[j], p_n[j])
-        text, toks, ended = gens[j]
+        c_lp, c_n = (a_lp[j], a_n[j]) if cols.answer_is_correct else (p_lp[j], p_n[j])
+        text, toks, ended = out.gens[j]
         rl = M.rouge_l(text, r["answer"])
         res.answer_prob.append(ans_p)
-        res.para_prob.append(M.length_normalised_prob(p_lp[j], p_n[j]) if has_para else nan)
+        res.para_prob.append(M.length_normalised_prob(p_lp[j], p_n[j]) if cols.paraphrased else nan)
         res.pert_probs.append(pert_p)
-        res.truth_ratio.append(M.truth_ratio(c_lp, c_n, pl, pn, cfg.perturbed_mean) if has_tr else nan)
-        res.normalised_prob.append(M.normalised_prob(ans_p, pert_p) if has_pert else nan)
+        res.truth_ratio.append(M.truth_ratio(c_lp, c_n, pl, pn, cfg.perturbed_mean) if cols.truth_ratio else nan)
+        res.normalised_prob.append(M.normalised_prob(ans_p, pert_p) if cols.perturbed else nan)
         res.rouge_l_recall.append(rl["recall"])
         res.rouge_l_f1.append(rl["f1"])
         res.fact_recall.append(M.fact_recall(text, r.get("facts") or []))
@@ -322,7 +365,6 @@ def evaluate_split(
         res.entropy.append(M.unigram_entropy(toks))
         res.gen_tokens.append(len(toks))
         res.generation.append(text)
-    return res
 
 
 def gather_split_results(parts: Sequence[SplitResult]) -> SplitResult:
