@@ -37,11 +37,17 @@ def _batch(rows: list[tuple[list[int], int]], index0: int = 0) -> dict:
     return padded_batch(rows, PAD, index0)
 
 
-def _step_batch() -> dict:
-    # three groups, three padded lengths (7, 10, 6), answers of different lengths
+def _step_batch(forget_longest: bool = False) -> dict:
+    # three groups, three padded lengths (7, 10, 6), answers of different lengths; forget_longest:
+    # (11, 6, 6), so that a model pass over the forget rows is longer than one over the retain rows
+    forget = [([1, 5, 6, 2, 7, 8, 9], 3), ([1, 4, 2, 10, 3], 3), ([1, 9, 9, 2, 4, 3], 4)]
+    retain = [([1, 6, 6, 2, 11, 3], 4), ([1, 9, 2, 12, 7, 8, 4, 5, 3, 13], 3)]
+    if forget_longest:
+        forget[0] = ([1, 5, 6, 2, 7, 8, 9, 12, 13, 4, 3], 3)
+        retain[1] = ([1, 9, 2, 12, 7, 8], 3)
     return {
-        "forget": _batch([([1, 5, 6, 2, 7, 8, 9], 3), ([1, 4, 2, 10, 3], 3), ([1, 9, 9, 2, 4, 3], 4)]),
-        "retain": _batch([([1, 6, 6, 2, 11, 3], 4), ([1, 9, 2, 12, 7, 8, 4, 5, 3, 13], 3)], 10),
+        "forget": _batch(forget),
+        "retain": _batch(retain, 10),
         IDK_VIEW: _batch([([1, 5, 6, 2, 14, 15], 3), ([1, 4, 2, 16, 3], 3), ([1, 9, 9, 2, 14], 4)]),
     }
 
@@ -81,7 +87,11 @@ CASES = {
     "asu_kl_rna": ("asu_kl", {"tau": 2.3, "rna_noise": 0.3, "rna_layer": 1}, "naive"),
     "rmu": ("rmu", {"layer": 1, "steering_coeff": 2.0}, "naive"),
     "asu_wmdp": ("asu_wmdp", {"layer": 1, "tau": 2.5}, "naive"),
+    # hidden-state terms whose student pass (all groups) is longer than the frozen pass (one group)
+    "asu_wmdp_nll": ("asu_wmdp", {"layer": 1, "tau": 2.5, "retain_loss": "nll"}, "naive"),
+    "rmu_forget_longest": ("rmu", {"layer": 1, "steering_coeff": 2.0}, "naive"),
 }
+FORGET_LONGEST = {"rmu_forget_longest"}  # these run on _step_batch(forget_longest=True)
 
 
 def _method(name: str, overrides: dict, kl_impl: str, joint: bool):
@@ -98,7 +108,7 @@ def _loss_and_grads(case: str, joint: bool, dtype: torch.dtype = torch.float32):
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     method = _method(name, overrides, kl_impl, joint)
     method.select_trainable(student)
-    batch = _step_batch()
+    batch = _step_batch(forget_longest=case in FORGET_LONGEST)
     if overrides.get("rna_noise"):
         batch["retain"]["rna_seed"] = torch.tensor([11, 12])
     if overrides.get("teacher") == "cached":

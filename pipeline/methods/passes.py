@@ -100,9 +100,10 @@ class Part:
 
     mask: torch.Tensor  # (B_g, T-1) bool: positions whose next token carries loss
     targets: torch.Tensor  # (N_g,) the label at each of them, in row-major order
-    token_mask: torch.Tensor  # (B_g, T) labelled, attended tokens (hidden-state losses)
+    # (B_g, T) labelled, attended tokens (hidden-state losses); with ``hidden``: T_g, the group's longest row
+    token_mask: torch.Tensor
     logits: Optional[torch.Tensor] = None  # (N_g, V) at the loss positions
-    hidden: Optional[torch.Tensor] = None  # (B_g, T, d) output of decoder layer ``plan.layer``
+    hidden: Optional[torch.Tensor] = None  # (B_g, T_g, d) output of decoder layer ``plan.layer``
     last_hidden: Optional[torch.Tensor] = None  # (N_g, H) final-norm states at the loss positions (fused KL)
 
 
@@ -323,7 +324,11 @@ def _model_pass(model: nn.Module, joint: dict, rows: dict[str, slice], logit_gro
         if not captured:
             raise RuntimeError(f"decoder layer {layer} did not run during the forward pass")
         for g in hidden_groups:
-            parts[g].hidden = captured[0][rows[g]]
+            # cut to the group's own length (its rows are right-padded): the student's joint batch can be
+            # longer than the frozen model's, and hidden-state losses compare the two position by position
+            n = int(joint["attention_mask"][rows[g]].sum(1).max())
+            parts[g].hidden = captured[0][rows[g], :n]
+            parts[g].token_mask = parts[g].token_mask[:, :n]
     return parts
 
 
