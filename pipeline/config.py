@@ -126,7 +126,7 @@ class TrainerConfig:
     lr_scheduler: str = "constant"  # constant | linear
     max_grad_norm: float = 1.0
     log_every: int = 10
-    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    save_every: int = 0  # steps between checkpoints (and one at the end); 0 = none, except on SIGTERM/SIGUSR1/Ctrl-C
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | never | <path to a checkpoint tag dir>
     nan_policy: str = "stop"  # stop | skip
