@@ -355,8 +355,9 @@ def build_report(sweep_dir: str | Path, rule: str = DEFAULT_RULE, target: Option
     front = pareto_front(ok, xk, y, x_max)
     choice = choose(points, r, reference, fallback_objective=xk)
     metric_cols = _metric_columns(ok, xk, y, r.objective)
+    on_front = {p.name for p in front}
 
-    rows = _table_rows(points, swept, metric_cols, {p.name for p in front}, choice["name"])
+    rows = _table_rows(points, swept, metric_cols, on_front, choice["name"])
     columns = list(rows[0].keys()) if rows else ["run", "status"]
     md_table = comparison_markdown(rows, columns) if rows else "(no sweep points found)"
     console = comparison_table(rows, columns) if rows else "(no sweep points found)"
@@ -364,7 +365,6 @@ def build_report(sweep_dir: str | Path, rule: str = DEFAULT_RULE, target: Option
 
     png = plot_pareto(ok, xk, y, x_max, front, choice["name"], swept, choice["threshold"]
                       if choice["constraint"] == y else None, reference, title=f"sweep {sweep_dir.name}")
-    on_front = {p.name for p in front}
     report = {
         "sweep_dir": str(sweep_dir),
         "rule": r.text,

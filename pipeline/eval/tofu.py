@@ -251,7 +251,7 @@ def evaluate_split(
         log.info("split %r: skipped %s", name, "; ".join(cols.skipped))
     indices = list(range(rank, len(rows), world_size))
     mine = [rows[i] for i in indices]
-    out = _run_model(model, tokenizer, rows, mine, cfg, cols, rank, world_size)
+    out = _run_model(model, tokenizer, rows, mine, cfg, cols, world_size)
     res = SplitResult(name=name, indices=indices, truth_ratio_key=truth_ratio_key, skipped=cols.skipped,
                       has_truth_ratio=cols.truth_ratio)
     res.n_truncated = sum(
@@ -301,7 +301,7 @@ class _ModelOutputs:
 
 
 def _run_model(model, tokenizer, rows: Sequence[dict], mine: list[dict], cfg: EvalSettings,
-               cols: _SplitColumns, rank: int, world_size: int) -> _ModelOutputs:
+               cols: _SplitColumns, world_size: int) -> _ModelOutputs:
     """Every model call of one split on this rank: teacher-forced answer, paraphrase and perturbed
     answers, then greedy generation."""
     bs = cfg.batch_size
