@@ -2,7 +2,7 @@
 
 Every group of ``conf/`` merges into one of these dataclasses, so an unknown key or a wrong type
 fails while Hydra composes the config, with the full key path in the message (e.g.
-``Key 'lrr' not in 'TrainerConfig' ... full_key: trainer.lrr``); a key that ``+key=value`` adds past
+``Could not override 'trainer.lrr'. ... Key 'lrr' not in 'TrainerConfig'``); a key that ``+key=value`` adds past
 that check is refused by :func:`validate`. Value checks that need more than a
 type (tau > 0, a layer index below the number of layers, ...) run in :func:`validate` right after
 composition, before any data or model is loaded.

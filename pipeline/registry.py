@@ -1,7 +1,8 @@
-"""A tiny name -> object registry used for methods, datasets and metrics.
+"""A tiny name -> object registry: methods, datasets, prompt formats and attention backends use it.
 
-Adding a method, dataset or metric is one file that calls ``REGISTRY.register("name")`` plus one
-YAML file under ``conf/``; nothing else needs editing.
+Adding one is a file that calls ``<REGISTRY>.register("name")``, the import that makes it register
+(the package's ``__init__``: ``pipeline/methods``, ``pipeline/models/attention``; for datasets the
+end of ``pipeline/data/loaders.py``) and, for methods and datasets, one YAML file under ``conf/``.
 """
 
 from __future__ import annotations
