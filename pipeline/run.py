@@ -80,6 +80,7 @@ class JobEngines:
     dtype: str
     partition: dict = field(default_factory=dict)
     zero_stage: dict = field(default_factory=dict)  # requested, resolved, reason (results.json)
+    checkpointed_layers: int = 0  # student decoder layers recomputed in the backward (results.json)
 
 
 def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -209,6 +210,7 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     from pipeline.engine.preflight import run_preflight
     from pipeline.engine.sharding import record as record_partition
     from pipeline.engine.zero_stage import resolve_zero_stage
+    from pipeline.models.activation_checkpointing import checkpointed_layers
     from pipeline.models.attention import set_attention_backend
 
     cuda = dist.device == "cuda"
@@ -230,7 +232,8 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     method.select_trainable(student)
     engine, reference = _initialize_engines(cfg, dist, student, frozen, s_cfg, r_cfg, total, need_reference)
     partition = record_partition({"student": engine, "reference": reference}, dist.world_size, zero.stage)
-    return JobEngines(engine, reference, bool(cfg.model.peft.enabled), dtype, partition, zero.record()), plan, total
+    return JobEngines(engine, reference, bool(cfg.model.peft.enabled), dtype, partition, zero.record(),
+                      checkpointed_layers(engine.module)), plan, total
 
 
 def _load_models(cfg: DictConfig, inputs: JobInputs, s_cfg: dict, dtype: str, cuda: bool,
@@ -294,12 +297,11 @@ def _initialize_engines(cfg: DictConfig, dist: Any, student: Any, frozen: Any, s
 
     cuda = dist.device == "cuda"
     lora = bool(cfg.model.peft.enabled)
-    if cfg.deepspeed.activation_checkpointing and lora:
-        from pipeline.models.peft_student import enable_checkpointing
+    if cfg.deepspeed.activation_checkpointing:
+        from pipeline.models.activation_checkpointing import enable_activation_checkpointing
 
-        enable_checkpointing(student)
-    elif cfg.deepspeed.activation_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
-        student.gradient_checkpointing_enable()
+        log.info("student: activation checkpointing on %d decoder layers (non-reentrant; activations "
+                 "recomputed in the backward)", enable_activation_checkpointing(student))
 
     if gather_per_layer(student, s_cfg, cuda, bool(cfg.deepspeed.activation_checkpointing),
                         cfg.trainer.passes == "joint"):
@@ -485,6 +487,7 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             "prompt_format": inputs.prompt_format.describe(),
             "reductions": method.reductions() if hasattr(method, "reductions") else {},
             "step_passes": cfg.trainer.passes,
+            "activation_checkpointing": {"layers": engines.checkpointed_layers},  # 0: off
             "attention_backend": attention_backend_report(),  # requested, resolved, what each model ran
         }
         if tau_selection is not None:

@@ -92,11 +92,12 @@ def test_frozen_view_is_the_tempered_base_model(tiny):
 def test_activation_checkpointing_still_trains_the_adapters(tiny):
     """open-unlearning issue #178: with reentrant checkpointing and a frozen embedding, no input of a
     checkpointed block requires grad and the adapters inside get no gradient. Shown first (so the
-    check can fail), then fixed by ``enable_checkpointing``."""
+    check can fail), then fixed by ``enable_activation_checkpointing``."""
     import warnings
 
     from pipeline.methods import losses
-    from pipeline.models.peft_student import FrozenBaseView, enable_checkpointing
+    from pipeline.models.activation_checkpointing import enable_activation_checkpointing
+    from pipeline.models.peft_student import FrozenBaseView
 
     _, model_dir, _ = tiny
     student, _ = _student_and_base(model_dir)
@@ -115,7 +116,7 @@ def test_activation_checkpointing_still_trains_the_adapters(tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns that no checkpoint input requires grad
         assert all(g is None for g in lora_grads())  # the pitfall: adapters silently untrained
-    enable_checkpointing(student)
+    assert enable_activation_checkpointing(student) == student.config.num_hidden_layers
     assert all(g is not None and g.abs().max() > 0 for g in lora_grads())
 
 

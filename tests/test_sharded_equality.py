@@ -1,6 +1,6 @@
 """ZeRO-3 with every weight partitioned (2 CPU ranks) equals one rank (stage 0: deepspeed.zero_stage=auto
-has nothing to partition there), for each method family, and a
-2-rank run killed right after a checkpoint resumes exactly (grad_accum=2, RNA noise on).
+has nothing to partition there), for each method family; activation checkpointing changes nothing;
+a 2-rank run killed right after a checkpoint resumes exactly (grad_accum=2, RNA noise on).
 
 Each run passes ``deepspeed.param_persistence_threshold=0`` (tests.helpers.tiny.train_overrides) and
 ``ASU_REQUIRE_PARTITIONED=1`` (tests.helpers.launch.env): a 2-rank run that kept any student or
@@ -44,6 +44,9 @@ JOBS = {
     "asu_idk": ["method=asu_idk", "method.tau=2.0"],  # student: forget, refusals, retain in one pass
     "asu_kl_rna": ["method=asu_kl", "method.tau=2.0", "method.rna_noise=0.05", "method.rna_layer=0"],
 }
+# activation checkpointing (the MUSE 7B experiments run with it) -> the 2-rank job it must equal: RNA's
+# noise hook runs again in the recompute; RMU trains one layer, so no layer input below it needs grad
+CHECKPOINTED = {"asu_kl_rna_ckpt": "asu_kl_rna", "rmu_ckpt": "rmu"}
 # kill-and-resume: accumulation of 2 micro-batches per optimizer step, RNA noise on, a checkpoint every
 # 3 optimizer steps (an odd number of steps: had steps counted micro-batches, it would fall mid-accumulation)
 RESUME = ["method=asu_kl", "method.tau=2.0", "method.rna_noise=0.05", "method.rna_layer=0",
@@ -68,6 +71,11 @@ def runs(tmp_path_factory):
                                                              steps=STEPS) + [
                 "eval.enabled=false", "trainer.batch_size=1", "trainer.retain_batch_size=1",
                 f"cache_dir={root / 'cache2'}", *JOBS["asu_kl"], "trainer.passes=per_group"]])
+        if ranks == 2:
+            for name, same_as in CHECKPOINTED.items():
+                jobs.append([name, train_overrides(model_dir, data_dir, root / "w2", name, steps=STEPS) + [
+                    "eval.enabled=false", "trainer.batch_size=1", "trainer.retain_batch_size=1",
+                    f"cache_dir={root / 'cache2'}", *JOBS[same_as], "deepspeed.activation_checkpointing=true"]])
         if ranks == 2:  # the uninterrupted reference of the kill-and-resume test rides along
             jobs.append(["resume_full", train_overrides(model_dir, data_dir, root / "w2", "resume_full", steps=6) + [
                 "eval.enabled=false", *RESUME]])
@@ -134,6 +142,24 @@ def test_one_pass_step_equals_the_per_group_step_on_two_partitioned_ranks(runs):
     assert json.loads((per_group / "results.json").read_text())["step_passes"] == "per_group"
     a, b = _weights(joint), _weights(per_group)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTED))
+def test_activation_checkpointing_trains_the_same_weights_on_two_partitioned_ranks(runs, name):
+    """deepspeed.activation_checkpointing=true recomputes every student layer in the backward and ends
+    with the weights and losses of the same job without it."""
+    root, model_dir, _ = runs
+    ckpt, plain = root / "w2" / name, root / "w2" / CHECKPOINTED[name]
+    n_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    assert json.loads((ckpt / "results.json").read_text())["activation_checkpointing"] == {"layers": n_layers}
+    assert json.loads((plain / "results.json").read_text())["activation_checkpointing"] == {"layers": 0}
+    for a, b in zip(json.loads((plain / "train_history.json").read_text()),
+                    json.loads((ckpt / "train_history.json").read_text())):
+        for k in ("loss", "forget_loss", "retain_loss"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a, b)
+    w0, wa, wb = load_file(str(model_dir / "model.safetensors")), _weights(plain), _weights(ckpt)
+    assert max((wa[k] - w0[k]).abs().max().item() for k in wa) > 1e-4  # it trained: the check can fail
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
 
 
 def test_kill_after_checkpoint_then_resume_is_exact_with_grad_accum_and_rna(runs):

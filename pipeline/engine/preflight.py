@@ -297,9 +297,11 @@ def _local_world_size(world_size: int) -> int:
 
 
 def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference: bool, offload_opt: str,
-          offload_par: str, zero_stage: Optional[int] = None) -> MemoryPlan:
+          offload_par: str, zero_stage: Optional[int] = None,
+          activation_checkpointing: Optional[bool] = None) -> MemoryPlan:
     """The plan of ``cfg`` on ``n`` ranks with these offload settings, in ``zero_stage`` (None: the
-    stage the configured ``deepspeed.zero_stage`` gives ``n`` ranks)."""
+    stage the configured ``deepspeed.zero_stage`` gives ``n`` ranks) and with activation checkpointing
+    as given (None: as configured)."""
     from pipeline.engine.ds_config import resolve_precision, student_config
 
     ds, tr = cfg.deepspeed, cfg.trainer
@@ -310,7 +312,9 @@ def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference
                        offload_param=offload_par,
                        uses_reference=uses_reference, batch_size=int(tr.batch_size),
                        retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
-                       kl_impl=cfg.kernels.kl, activation_checkpointing=bool(ds.activation_checkpointing),
+                       kl_impl=cfg.kernels.kl,
+                       activation_checkpointing=bool(ds.activation_checkpointing if activation_checkpointing is None
+                                                     else activation_checkpointing),
                        flash_attention=cuda and cfg.kernels.attention != "torch", buffers=zero,
                        cpu_ranks=not cuda and not ds.gpu_memory_gb, lora_params=lora_param_count(arch, cfg.model),
                        joint_pass=getattr(tr, "passes", "joint") == "joint")
@@ -333,8 +337,9 @@ def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[st
     ds = cfg.deepspeed
     gpn = _local_world_size(world_size)
 
-    def mk(n: int, offload_opt: str, offload_par: str, zero_stage: Optional[int] = None) -> MemoryPlan:
-        return _plan(cfg, arch, n, gpn, cuda, uses_reference, offload_opt, offload_par, zero_stage)
+    def mk(n: int, offload_opt: str, offload_par: str, zero_stage: Optional[int] = None,
+           checkpointing: Optional[bool] = None) -> MemoryPlan:
+        return _plan(cfg, arch, n, gpn, cuda, uses_reference, offload_opt, offload_par, zero_stage, checkpointing)
 
     current = mk(world_size, ds.offload_optimizer, ds.offload_param)
     gpu_avail, host_avail = available_memory(cuda, ds.gpu_memory_gb, ds.host_memory_gb)
@@ -346,8 +351,14 @@ def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[st
         gpu_avail = 0  # CPU run: model states live in host memory, checked below via the host total
         current.host_per_node["model states on CPU ranks"] = current.gpu_total * gpn
     suggestions = []
-    for off_o, off_p, name in (("cpu", "none", "deepspeed=zero3_offload_optimizer"), ("cpu", "cpu", "deepspeed=zero3_offload_all")):
-        p = mk(world_size, off_o, off_p, zero_stage=3)  # what those deepspeed configs set
+    # (override, plan): recomputing activations in backward first (it costs compute, not memory
+    # traffic), then the offload configs with what their YAML sets (zero3_offload_all checkpoints too)
+    options = [("deepspeed=zero3_offload_optimizer", mk(world_size, "cpu", "none", zero_stage=3)),
+               ("deepspeed=zero3_offload_all", mk(world_size, "cpu", "cpu", zero_stage=3, checkpointing=True))]
+    if not ds.activation_checkpointing:
+        options.insert(0, ("deepspeed.activation_checkpointing=true",
+                           mk(world_size, ds.offload_optimizer, ds.offload_param, checkpointing=True)))
+    for name, p in options:
         if p.gpu_total <= (gpu_avail or float("inf")) and p.host_total <= host_avail:
             suggestions.append(f"{name} on {world_size} GPU(s) (~{p.gpu_total / GiB:.1f} GiB/GPU, "
                                f"{p.host_total / GiB:.1f} GiB host)")

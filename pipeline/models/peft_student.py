@@ -86,17 +86,6 @@ def wrap_lora(model: nn.Module, pcfg: Any) -> nn.Module:
     return peft_model
 
 
-def enable_checkpointing(peft_model: nn.Module) -> None:
-    """Activation checkpointing that still trains adapters (open-unlearning issue #178's pitfall).
-
-    With reentrant checkpointing and a frozen embedding, no input of a checkpointed block requires
-    grad, so autograd never re-enters it and the adapters inside get no gradient. We use
-    non-reentrant checkpointing *and* make the embedding output require grad, so either way works."""
-    base = peft_model.get_base_model()
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    base.enable_input_require_grads()
-
-
 def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of every LoRA weight of ``model`` (engine, peft model or base)."""
     inner = getattr(model, "module", model)
