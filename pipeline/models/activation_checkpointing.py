@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from pipeline.config_base import require
+
 
 def enable_activation_checkpointing(model: nn.Module) -> int:
     """Checkpoint every decoder layer of ``model`` (a transformers model or a peft wrapper of one);
     returns how many layers now recompute their activations in the backward."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    require(bool(getattr(base, "supports_gradient_checkpointing", False)), "deepspeed.activation_checkpointing",
+            f"{type(base).__name__} does not support activation checkpointing; set it to false")
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()
     return checkpointed_layers(base)
