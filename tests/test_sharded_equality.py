@@ -45,8 +45,9 @@ JOBS = {
     "asu_kl_rna": ["method=asu_kl", "method.tau=2.0", "method.rna_noise=0.05", "method.rna_layer=0"],
 }
 # activation checkpointing (the MUSE 7B experiments run with it) -> the 2-rank job it must equal: RNA's
-# noise hook runs again in the recompute; RMU trains one layer, so no layer input below it needs grad
-CHECKPOINTED = {"asu_kl_rna_ckpt": "asu_kl_rna", "rmu_ckpt": "rmu"}
+# noise hook runs again in the recompute; RMU trains one layer, so no layer input below it needs grad;
+# the fused KL reads the head's weight through the root forward, outside the checkpointed layers
+CHECKPOINTED = {"asu_kl_rna_ckpt": "asu_kl_rna", "rmu_ckpt": "rmu", "asu_gd_fused_ckpt": "asu_gd_fused"}
 # kill-and-resume: accumulation of 2 micro-batches per optimizer step, RNA noise on, a checkpoint every
 # 3 optimizer steps (an odd number of steps: had steps counted micro-batches, it would fall mid-accumulation)
 RESUME = ["method=asu_kl", "method.tau=2.0", "method.rna_noise=0.05", "method.rna_layer=0",
