@@ -113,7 +113,7 @@ def tempered_attention_ref(
     dt = torch.float32 if upcast else q.dtype
     kk = _repeat_kv(k, H // Hkv).to(dt)
     vv = _repeat_kv(v, H // Hkv).to(dt)
-    logits = torch.matmul(q.to(dt), kk.transpose(-1, -2)) * scale / tau_bh.to(dt)[:, :, None, None]
+    logits = ((torch.matmul(q.to(dt), kk.transpose(-1, -2)) * scale).float() / tau_bh[:, :, None, None]).to(dt)
     vis = _visible(T, S, causal, key_padding_mask, B, q.device)
     logits = logits.masked_fill(~vis, float("-inf"))
     any_vis = vis.any(-1, keepdim=True)  # (B, 1, T, 1)
@@ -174,8 +174,10 @@ def tempered_attention_sdpa(
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else scale
-    tau_bh = normalize_tau(tau, B, H, q.device)
-    qs = q / tau_bh.to(q.dtype)[:, :, None, None] if not bool((tau_bh == 1).all()) else q
+    if isinstance(tau, torch.Tensor):  # per row / head: divided in fp32, rounded once (no τ bias in bf16)
+        qs = (q.float() / normalize_tau(tau, B, H, q.device)[:, :, None, None]).to(q.dtype)
+    else:  # a scalar τ folds into the scale: no pass over q, no host sync
+        qs, scale = q, scale / float(tau)
     kk = _repeat_kv(k, H // Hkv)
     vv = _repeat_kv(v, H // Hkv)
     if key_padding_mask is None and (not causal or T == S):
@@ -214,11 +216,12 @@ def additive_mask_attention_ref(
     does (max-subtracted softmax in the logits' dtype); sinks are not tempered (they are not q·k)."""
     key = _repeat_kv(key, num_kv_groups)
     value = _repeat_kv(value, num_kv_groups)
-    logits = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if isinstance(tau, torch.Tensor) or float(tau) != 1.0:
-        B, H = query.shape[0], query.shape[1]
-        inv = (1.0 / normalize_tau(tau, B, H, query.device)).to(logits.dtype)
-        logits = logits * inv[:, :, None, None]
+    if not isinstance(tau, torch.Tensor):  # a scalar τ folds into the scale (fp32), as SDPA's path does
+        logits = torch.matmul(query, key.transpose(2, 3)) * (scaling / float(tau))
+    else:  # per row / head: multiplied in fp32 and rounded once (1/τ in bf16 would bias every row's τ)
+        logits = torch.matmul(query, key.transpose(2, 3)) * scaling
+        inv = 1.0 / normalize_tau(tau, query.shape[0], query.shape[1], query.device)
+        logits = (logits.float() * inv[:, :, None, None]).to(logits.dtype)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if attn_mask is not None:

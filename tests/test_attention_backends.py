@@ -369,3 +369,33 @@ def test_gpu_check_without_cuda_prints_one_line_and_exits_0():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout == "no CUDA device: nothing measured\n" and not out.stderr
+
+
+def test_bf16_per_row_tau_tempers_without_a_bias():
+    """The joint frozen pass gives each row its own τ as one multiply of q; in bf16 1/τ must not be
+    rounded first (1/3 -> 0.334 tempers every logit of that row as τ = 2.994, 1.5 -> 1.497). The
+    effective scale q'·s / (q·scaling/τ) is 1 up to bf16's unbiased round-off (mean ≤ 1e-4)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, H, 64, D, generator=g).bfloat16()
+    k = torch.randn(3, HKV, 64, D, generator=g).bfloat16()
+    tau = torch.tensor([3.0, 1.5, 5.0])
+    call = A.AttentionCall(q, k, k, None, D ** -0.5, tau)
+    q2, scale = call.tempered_query_and_scale()
+    assert q2.dtype == torch.bfloat16
+    ratio = (q2.double() * scale) / (q.double() * (D ** -0.5) / tau.double()[:, None, None, None])
+    ratio = ratio[q.double().abs() > 1e-3]
+    assert (ratio - 1).abs().max() <= 2 ** -8  # one bf16 rounding
+    assert abs(float((ratio - 1).mean())) <= 1e-4  # and no systematic shift of τ
+
+
+def test_bf16_scalar_tau_in_the_torch_reference_folds_into_the_scale():
+    """The torch backend's scalar τ is exactly a smaller scale (one rounding, as SDPA's path), and a
+    per-row τ equal for every row gives the same logits up to one more bf16 rounding."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, h, 16, D, generator=g).bfloat16() for h in (H, HKV, HKV))
+    s = D ** -0.5
+    scalar = additive_mask_attention_ref(q, k, v, None, s, 3.0, H // HKV)
+    folded = additive_mask_attention_ref(q, k, v, None, s / 3.0, 1.0, H // HKV)
+    assert torch.equal(scalar, folded)
+    per_row = additive_mask_attention_ref(q, k, v, None, s, torch.tensor([3.0, 3.0]), H // HKV)
+    torch.testing.assert_close(per_row.float(), scalar.float(), atol=2e-2, rtol=2e-2)

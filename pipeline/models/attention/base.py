@@ -68,8 +68,10 @@ class AttentionCall:
         t = self.scalar_tau()
         if t is not None:
             return self.query, self.scaling / t
-        inv = (1.0 / self.tau_bh()).to(self.query.dtype)[:, :, None, None]
-        return self.query * inv, self.scaling
+        # multiplied in fp32 and rounded once: 1/τ rounded to bf16 first would move every row's τ the
+        # same way (1/3 -> 0.334: τ 2.994), a bias the scalar path (τ folded into the scale) has not
+        inv = (1.0 / self.tau_bh())[:, :, None, None]
+        return (self.query.float() * inv).to(self.query.dtype), self.scaling
 
     def visible(self) -> torch.Tensor:
         """Bool (B or 1, 1, T, S) mask of visible keys, materialised (fallback paths only).
