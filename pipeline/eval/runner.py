@@ -114,14 +114,16 @@ def evaluate_splits(model: Any, tokenizer: Any, splits: dict[str, list[dict]], s
 
 def eval_dtype(cfg: DictConfig) -> str:
     """The evaluation model's dtype: ``eval.dtype``, where ``auto`` is ``model.dtype`` when this
-    machine has a GPU (bf16 for the 7B configs, as open-unlearning's model configs load them) and
-    float32 without one. The same for every model of a run (target, retain reference, lm-eval), so
-    their numbers compare."""
+    machine has a GPU that the evaluation may use (bf16 for the 7B configs, as open-unlearning's model
+    configs load them) and float32 without one or with ``eval.device=cpu``. The same for every model
+    of a run (target, retain reference, lm-eval; also one that falls back to the CPU for lack of GPU
+    memory), so their numbers compare."""
     import torch
 
     dtype = str(OmegaConf.select(cfg, "eval.dtype", default="auto"))
     if dtype == "auto":
-        return str(OmegaConf.select(cfg, "model.dtype", default="float32")) if torch.cuda.is_available() else "float32"
+        on_gpu = torch.cuda.is_available() and str(OmegaConf.select(cfg, "eval.device", default="auto")) != "cpu"
+        return str(OmegaConf.select(cfg, "model.dtype", default="float32")) if on_gpu else "float32"
     return dtype
 
 
