@@ -206,7 +206,7 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     """Preflight, attention backend, the student (optionally LoRA) and frozen model under ZeRO-3;
     also the batch plan and the number of optimizer steps."""
     from pipeline.engine.batching import BatchPlan
-    from pipeline.engine.ds_config import reference_config, student_config
+    from pipeline.engine.ds_config import reference_config, resolve_precision, student_config
     from pipeline.engine.preflight import run_preflight
     from pipeline.engine.sharding import record as record_partition
     from pipeline.engine.zero_stage import resolve_zero_stage
@@ -227,7 +227,9 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
                      int(cfg.trainer.retain_batch_size), dist.world_size, dist.rank, int(cfg.seed))
     total = plan.total_steps(float(cfg.trainer.epochs), int(cfg.trainer.max_steps), int(cfg.trainer.grad_accum))
 
-    dtype = cfg.model.dtype if cuda else "float32"
+    # deepspeed.precision=fp32 on a GPU trains in fp32: DeepSpeed casts weights only for bf16/fp16, so
+    # weights loaded in model.dtype (bf16 for the 7B configs) would train in bf16 with no fp32 master
+    dtype = cfg.model.dtype if cuda and resolve_precision(cfg.deepspeed, cuda) != "fp32" else "float32"
     student, frozen = _load_models(cfg, inputs, s_cfg, dtype, cuda, need_reference)
     method.select_trainable(student)
     engine, reference = _initialize_engines(cfg, dist, student, frozen, s_cfg, r_cfg, total, need_reference)
