@@ -16,15 +16,21 @@ def _zero3(p: torch.nn.Parameter) -> bool:
     return hasattr(p, "ds_id") and hasattr(p, "_z3_optimizer")
 
 
+def _all_finite(tensors: Any) -> bool:
+    """True when every element of every tensor is finite: one flag per tensor, left on its device,
+    and one host sync per device (on a GPU, one per parameter would stall every step ~300 times at 7B)."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t is not None:
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
+
+
 def local_grads_finite(engine: Any) -> bool:
     """True when every gradient element this rank holds is finite (call after backward)."""
     from deepspeed.utils import safe_get_local_grad
 
-    for p in _params(engine):
-        g = safe_get_local_grad(p) if _zero3(p) else p.grad
-        if g is not None and not bool(torch.isfinite(g).all()):
-            return False
-    return True
+    return _all_finite(safe_get_local_grad(p) if _zero3(p) else p.grad for p in _params(engine))
 
 
 def zero_local_grads(engine: Any) -> None:
@@ -44,11 +50,7 @@ def local_params_finite(engine: Any) -> bool:
     """True when this rank's shard of the trainable weights is finite."""
     from deepspeed.utils import safe_get_local_fp32_param
 
-    for p in _params(engine):
-        w = safe_get_local_fp32_param(p) if _zero3(p) else p.data
-        if w is not None and not bool(torch.isfinite(w).all()):
-            return False
-    return True
+    return _all_finite(safe_get_local_fp32_param(p) if _zero3(p) else p.data for p in _params(engine))
 
 
 def fill_local(engine: Any, what: str, value: float) -> None:
