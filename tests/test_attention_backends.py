@@ -273,6 +273,31 @@ def test_triton_without_cuda_or_interpreter_falls_back_to_sdpa_with_a_log_line(m
     assert A.resolve_backend("triton", "cuda").backend == "triton"
 
 
+def test_mask_analysis_is_remembered_per_mask_tensor_and_version():
+    """Every layer of a forward gets the same mask tensor: it is analysed once (the same result
+    object comes back), again after an in-place change, and per shape / window."""
+    from pipeline.models.attention import masks
+
+    kpm = torch.ones(2, 10, dtype=torch.bool)
+    kpm[0, 8:] = False
+    i, j = torch.arange(10)[:, None], torch.arange(10)[None, :]
+    mask = ((j <= i)[None, None] & kpm[:, None, None, :]).clone()
+    first = A.mask_to_causal_and_padding(mask, 10, 10)
+    assert A.mask_to_causal_and_padding(mask, 10, 10) is first and torch.equal(first[1], kpm)
+    assert A.mask_to_causal_and_padding(mask, 10, 10, window=3) is None  # its own entry: no window in the mask
+    assert A.mask_to_causal_and_padding(mask, 10, 10) is first
+    mask[1, 0, :, 9] = False  # in place: key 9 of row 1 is now padding
+    again = A.mask_to_causal_and_padding(mask, 10, 10)
+    assert again is not first and again[0] is True and bool(again[1][1, 9]) is False
+    assert torch.equal(again[1], masks.analyse_mask(mask, 10, 10)[1])
+    with torch.inference_mode():  # inference tensors have no version counter: analysed every time
+        inf = mask.clone()
+        assert torch.equal(A.mask_to_causal_and_padding(inf, 10, 10)[1], again[1])
+    held = [k for k, v in masks._MEMO.items() if v[0]() is mask]
+    del mask, inf
+    assert held and all(masks._MEMO[k][0]() is None for k in held if k in masks._MEMO)  # weak: not kept alive
+
+
 @pytest.mark.skipif(A.ATTENTION_BACKENDS.get("flash_attn").unavailable() is None, reason="flash-attn installed")
 def test_flash_attn_missing_is_a_config_error_naming_the_extra():
     with pytest.raises(A.AttentionBackendError, match=r"pip install \.\[gpu\]"):

@@ -3,9 +3,16 @@ those instead of a mask tensor (Triton, flash-attn)."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
+
+# One forward passes the same mask tensor to every layer, and the analysis below costs (B, T, S)
+# temporaries and two or three host syncs: remembered per mask tensor (weakly: a freed mask is
+# never matched again) and per in-place version, so a model's layers ask once per forward.
+_MEMO: dict[tuple, tuple[weakref.ref, int, Optional[tuple[bool, Optional[torch.Tensor]]]]] = {}
+_MEMO_SIZE = 8
 
 
 def _visible(attn_mask: torch.Tensor) -> torch.Tensor:
@@ -13,6 +20,29 @@ def _visible(attn_mask: torch.Tensor) -> torch.Tensor:
 
 
 def mask_to_causal_and_padding(
+    attn_mask: Optional[torch.Tensor], T: int, S: int, window: Optional[int] = None
+) -> Optional[tuple[bool, Optional[torch.Tensor]]]:
+    """:func:`analyse_mask`, remembered per mask tensor, shape and window (see ``_MEMO``)."""
+    if attn_mask is None:
+        return analyse_mask(attn_mask, T, S, window)
+    try:
+        version = attn_mask._version
+    except RuntimeError:  # an inference tensor has no version counter: not remembered
+        return analyse_mask(attn_mask, T, S, window)
+    key = (id(attn_mask), T, S, window)
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0]() is attn_mask and hit[1] == version:
+        return hit[2]
+    result = analyse_mask(attn_mask, T, S, window)
+    for k in [k for k, v in _MEMO.items() if v[0]() is None]:
+        del _MEMO[k]
+    while len(_MEMO) >= _MEMO_SIZE:
+        del _MEMO[next(iter(_MEMO))]
+    _MEMO[key] = (weakref.ref(attn_mask), version, result)
+    return result
+
+
+def analyse_mask(
     attn_mask: Optional[torch.Tensor], T: int, S: int, window: Optional[int] = None
 ) -> Optional[tuple[bool, Optional[torch.Tensor]]]:
     """Express transformers' (B, 1, T, S') mask as (causal, key_padding_mask) or return None.
