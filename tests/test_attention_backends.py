@@ -336,9 +336,15 @@ def test_triton_refuses_small_head_dim_when_compiled(monkeypatch):
 
     monkeypatch.setattr(ta, "INTERPRET", False)
     monkeypatch.setattr(ta, "triton_available_for", lambda x: True)  # as on a CUDA device
-    call = A.AttentionCall(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), None, 0.3)
+    call = A.AttentionCall(*(torch.randn(1, 2, 5, 8).half() for _ in range(3)), None, 0.3)
     chosen, reason = A.select(call, "triton")
     assert chosen.name == "sdpa" and "head_dim 8 < 16" in reason
+    # compiled, fp32 tensors would go through tl.dot in TF32: SDPA keeps them fp32
+    call = A.AttentionCall(*(torch.randn(1, 2, 5, 16) for _ in range(3)), None, 0.3)
+    chosen, reason = A.select(call, "triton")
+    assert chosen.name == "sdpa" and "TF32" in reason
+    call = A.AttentionCall(*(torch.randn(1, 2, 5, 16).bfloat16() for _ in range(3)), None, 0.3)
+    assert A.select(call, "triton")[0].name == "triton"
 
 
 def test_dispatch_logs_one_line_per_model_type_and_backend(caplog):

@@ -2,7 +2,7 @@
 
 It runs compiled on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (tests). It takes causal + key
 padding + GQA and a per-(row, head) tau; everything else (dropout, soft-capping, sinks, sliding
-windows or other masks, head_dim < 16 when compiled, different q/v head dims) falls back to
+windows or other masks, head_dim < 16 or fp32 tensors when compiled, different q/v head dims) falls back to
 ``sdpa``, which serves all of those but soft-capping/sinks (then ``torch``).
 """
 
@@ -45,6 +45,9 @@ class TritonBackend(AttentionBackend):
         q = call.query
         if not ta.triton_available_for(q):
             return f"the Triton kernel needs CUDA (or TRITON_INTERPRET=1), the tensors are on {q.device.type}"
+        if q.dtype == torch.float32 and not ta.INTERPRET:
+            # compiled tl.dot truncates fp32 inputs to TF32 by default (~1e-3 off); SDPA keeps fp32
+            return "fp32 tensors (the compiled kernel's tl.dot would run them in TF32)"
         if call.dropout > 0:
             return f"attention dropout {call.dropout} is not implemented in the Triton kernel"
         if call.softcap is not None:
