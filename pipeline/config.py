@@ -151,6 +151,10 @@ class DeepSpeedConfig:
     torch_adam: bool = True  # FusedAdam's CPU build costs ~50 s; torch's AdamW is fine here
     activation_checkpointing: bool = False
     gather_16bit_weights_on_model_save: bool = True
+    # torch.distributed's collective timeout. DeepSpeed's own default is 10 minutes; at 7B rank 0
+    # alone writes and re-checks the ~13.5 GB export (longer on a slow shared filesystem) while the
+    # other ranks wait in a barrier, so a run that trained fine would abort there.
+    timeout_minutes: float = 60.0
     # ZeRO-3 keeps parameters with at most this many elements whole on every rank (DeepSpeed's
     # stage3_param_persistence_threshold; its own default is 1e5): at 7B that is the norm weights,
     # every matrix is partitioned. Tiny models (the embedded tiny Llama, the tests' 2-layer models,
@@ -334,6 +338,8 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
              f"set to {cfg.model.tokenizer_path!r}, but model.source=synthetic uses the embedded tokenizer")
     _choice(cfg, "deepspeed.precision", ("auto", "fp32", "bf16", "fp16"))
     _choice(cfg, "deepspeed.offload_optimizer", ("none", "cpu", "nvme"))
+    _require(float(cfg.deepspeed.timeout_minutes) > 0, "deepspeed.timeout_minutes",
+            f"must be > 0, got {cfg.deepspeed.timeout_minutes}")
     _choice(cfg, "deepspeed.offload_param", ("none", "cpu", "nvme"))
     _require(cfg.deepspeed.zero_stage in ("auto", 0, 1, 2, 3), "deepspeed.zero_stage",
              f"must be auto or 0..3, got {cfg.deepspeed.zero_stage!r}")

@@ -251,7 +251,7 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     requests = check_requests(cfg)
     validate(cfg)
-    init_distributed()
+    init_distributed(cfg.deepspeed.timeout_minutes)
     splits = eval_splits(cfg, requests)
     base = base_model(cfg, run_dir, splits)
     init_model = base["model.path"]

@@ -144,7 +144,7 @@ def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
 
     check_before_loading(cfg)  # values, attention backend, model paths: exit 2, nothing written
     library_bars(bool(cfg.logging.progress_bar))
-    dist = init_distributed()
+    dist = init_distributed(cfg.deepspeed.timeout_minutes)
     check_eval_device(cfg)  # eval.device=cuda without a GPU: stop now, not after training
     set_threads(int(cfg.trainer.num_threads))
     torch.manual_seed(int(cfg.seed))

@@ -63,6 +63,12 @@ def test_unknown_key_fails_at_compose_with_path():
     assert "lrr" in str(e.value) and "trainer" in str(e.value)
 
 
+def test_collective_timeout_must_be_positive_and_defaults_to_an_hour():
+    assert _compose().deepspeed.timeout_minutes == 60.0
+    with pytest.raises(ConfigError, match="deepspeed.timeout_minutes"):
+        validate(_compose(["deepspeed.timeout_minutes=0"]))
+
+
 def test_unknown_method_key_fails_with_path():
     with pytest.raises((ConfigCompositionException, ConfigKeyError)) as e:
         _compose(["method.taux=2.0"])

@@ -106,3 +106,19 @@ def test_export_check_tolerance_is_relative_to_the_logit_scale(tmp_path):
     # ... a real mismatch does not, and the message names the bound
     with pytest.raises(ExportError, match=r"max \|logit diff\|.*x max\(1, max \|logit\|"):
         verify_export(big, ids, logits + 3e-5 * scale, rtol=1e-5)
+
+
+def test_collective_timeout_is_the_configured_one(tmp_path):
+    """deepspeed.timeout_minutes reaches the process group (DeepSpeed's own default is 10 minutes,
+    shorter than rank 0's export of a 7B model while the other ranks wait in a barrier)."""
+    script = (
+        "import torch, torch.distributed as d\n"
+        "from pipeline.engine.distributed import init_distributed\n"
+        "init_distributed(7)\n"
+        "print(d.group.WORLD._get_backend(torch.device('cpu')).options._timeout.total_seconds())\n")
+    env = dict(_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "420.0"

@@ -161,6 +161,29 @@ def test_build_is_atomic(models, rows, tmp_path, monkeypatch):
     assert len(list(path.glob("*.safetensors"))) >= 1 and (path / tc.INDEX).exists()
 
 
+@pytest.mark.parametrize("topk", [0, 5])
+def test_size_estimate_is_the_cache_on_disk_and_a_full_disk_refuses_before_building(models, rows, tmp_path,
+                                                                                     monkeypatch, topk):
+    from safetensors import safe_open
+
+    from pipeline.engine.preflight import PreflightError
+
+    teacher, _ = models
+    path = _build(teacher, rows, tmp_path / "ok", topk=topk)
+    stored = 0
+    for shard in path.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            stored += sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert tc.cache_bytes(rows[0], teacher.config.vocab_size, topk) == stored
+    # too little free space: every rank stops with one error, before any teacher pass, nothing left
+    real = tc.shutil.disk_usage
+    monkeypatch.setattr(tc.shutil, "disk_usage", lambda p: real(p)._replace(free=stored // 2))
+    monkeypatch.setattr(tc, "_teacher_rows", lambda *a, **k: pytest.fail("built despite the refusal"))
+    with pytest.raises(PreflightError, match=r"teacher cache needs ~.* GiB but .* GiB free"):
+        _build(teacher, rows, tmp_path / "full", topk=topk)
+    assert list((tmp_path / "full").iterdir()) == []
+
+
 def test_stale_cache_is_refused(models, rows, tmp_path):
     teacher, _ = models
     cache = tc.TeacherCache(_build(teacher, rows, tmp_path, topk=5))

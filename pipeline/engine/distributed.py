@@ -140,8 +140,11 @@ def skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def init_distributed() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU)."""
+def init_distributed(timeout_minutes: float = 60.0) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU), collectives timing
+    out after ``timeout_minutes`` (``deepspeed.timeout_minutes``); a no-op when already initialised."""
+    from datetime import timedelta
+
     import deepspeed
     import torch
 
@@ -153,7 +156,8 @@ def init_distributed() -> DistInfo:
 
         tune_host_allocator()  # model states live in host memory on CPU ranks: keep freed pages returned
         # (the threshold is set again for the model's size once it is loaded: pipeline/run.py)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
+                               timeout=timedelta(minutes=float(timeout_minutes)))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)

@@ -178,17 +178,24 @@ def build_teacher_cache(
     final = root / cache_key(fields)
     rank, world = _rank_world()
 
-    # rank 0 decides (a concurrent job may be finishing the same cache) and names the temp dir
+    # rank 0 decides (a concurrent job may be finishing the same cache), checks the disk and names
+    # the temp dir; a refusal travels with the decision, so every rank stops with the same error
     decision = None
     if rank == 0:
         exists = (final / INDEX).exists()
-        tmp = None
+        tmp, refusal = None, None
         if not exists:
             root.mkdir(parents=True, exist_ok=True)
-            tmp = str(root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-            Path(tmp).mkdir()
-        decision = (exists, tmp)
-    exists, tmp = _broadcast(decision)
+            refusal = _check_size(forget_encoded, _vocab_size(teacher), topk, root)
+            if refusal is None:
+                tmp = str(root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+                Path(tmp).mkdir()
+        decision = (exists, tmp, refusal)
+    exists, tmp, refusal = _broadcast(decision)
+    if refusal is not None:
+        from pipeline.engine.preflight import PreflightError
+
+        raise PreflightError(refusal)
     if exists:
         log.info("teacher cache: reusing %s", final)
         return final
@@ -209,6 +216,36 @@ def build_teacher_cache(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def cache_bytes(forget_encoded: Sequence[dict], vocab: int, topk: int) -> int:
+    """Bytes the cache of these rows takes on disk: per loss position V fp32 log-probs, or with
+    ``topk`` the top-k log-probs (fp32) and ids (int32) and the tail mass (fp32)."""
+    positions = sum(sum(1 for t in r.get("labels", r["input_ids"])[1:] if int(t) != -100) for r in forget_encoded)
+    per_position = (8 * topk + 4) if topk and topk < vocab else 4 * vocab
+    return positions * per_position
+
+
+def _vocab_size(teacher: Any) -> int:
+    from pipeline.methods.model_io import unwrap
+
+    return int(unwrap(teacher).config.vocab_size)
+
+
+def _check_size(forget_encoded: Sequence[dict], vocab: int, topk: int, root: Path) -> Optional[str]:
+    """Log the cache's size; the reason to refuse when the disk under ``root`` cannot hold it."""
+    need = cache_bytes(forget_encoded, vocab, topk)
+    free = shutil.disk_usage(root).free
+    log.info("teacher cache: %d rows, ~%.2f GiB on disk (%s)", len(forget_encoded), need / 2**30,
+             f"top-{topk} of {vocab}" if topk and topk < vocab else f"all {vocab} log-probs per position")
+    if not topk and need > 16 * 2**30:
+        log.warning("teacher cache: full-vocabulary rows take ~%.1f GiB here (and are read back every step); "
+                    "method.cache_topk=100 keeps ~%.2f GiB", need / 2**30,
+                    cache_bytes(forget_encoded, vocab, 100) / 2**30)
+    if need * 1.05 > free:
+        return (f"teacher cache needs ~{need / 2**30:.1f} GiB but {root} has {free / 2**30:.1f} GiB free "
+                "(set cache_dir elsewhere, or method.cache_topk to keep fewer log-probs per position)")
+    return None
 
 
 class _ShardWriter:

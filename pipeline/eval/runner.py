@@ -468,7 +468,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     check_before_loading(cfg)
     library_bars(_progress_bar(cfg))
-    dist = init_distributed()
+    dist = init_distributed(cfg.deepspeed.timeout_minutes)
     check_eval_device(cfg)
     set_threads(int(cfg.trainer.num_threads))
     set_attention_backend(cfg.kernels.attention, dist.device)  # logs the choice (and any fallback)
