@@ -85,7 +85,7 @@ def demo_job(conf_dir: Path, common: list[str], jobs: list[DemoJob], batch_scale
         with open_dict(cfg):
             cfg.trainer.batch_size = int(cfg.trainer.batch_size) * batch_scale
             cfg.trainer.retain_batch_size = int(cfg.trainer.retain_batch_size) * batch_scale
-    init_distributed(cfgs[0].deepspeed.timeout_minutes if cfgs else 60.0)
+    init_distributed(cfgs[0].deepspeed.timeout_minutes) if cfgs else init_distributed()
     timings = []
     for i, (job, cfg) in enumerate(zip(jobs, cfgs), 1):
         run_dir = Path(cfg.output_dir) / str(cfg.run_name)

@@ -221,7 +221,11 @@ def build_teacher_cache(
 def cache_bytes(forget_encoded: Sequence[dict], vocab: int, topk: int) -> int:
     """Bytes the cache of these rows takes on disk: per loss position V fp32 log-probs, or with
     ``topk`` the top-k log-probs (fp32) and ids (int32) and the tail mass (fp32)."""
-    positions = sum(sum(1 for t in r.get("labels", r["input_ids"])[1:] if int(t) != -100) for r in forget_encoded)
+    from pipeline.methods.model_io import shifted_mask
+
+    # the positions the build keeps (and TeacherCache.selected reads back): shifted_mask's
+    positions = sum(int(shifted_mask(torch.as_tensor(r.get("labels", r["input_ids"]))[None]).sum())
+                    for r in forget_encoded)
     per_position = (8 * topk + 4) if topk and topk < vocab else 4 * vocab
     return positions * per_position
 
