@@ -61,23 +61,18 @@ def runs(tmp_path_factory):
     model_dir, data_dir = build(root)
     out = {}
     for ranks, per_rank in ((1, 2), (2, 1)):
-        jobs = []
-        for name, extra in JOBS.items():
-            args = train_overrides(model_dir, data_dir, root / f"w{ranks}", name, steps=STEPS) + [
+        def job(name, extra, ranks=ranks, per_rank=per_rank):
+            return [name, train_overrides(model_dir, data_dir, root / f"w{ranks}", name, steps=STEPS) + [
                 "eval.enabled=false", f"trainer.batch_size={per_rank}", f"trainer.retain_batch_size={per_rank}",
-                f"cache_dir={root / f'cache{ranks}'}", *extra]
-            jobs.append([name, args])
-        if ranks == 2:  # the per-group step (one forward per row group and model), partitioned
-            jobs.append(["asu_kl_per_group", train_overrides(model_dir, data_dir, root / "w2", "asu_kl_per_group",
-                                                             steps=STEPS) + [
-                "eval.enabled=false", "trainer.batch_size=1", "trainer.retain_batch_size=1",
-                f"cache_dir={root / 'cache2'}", *JOBS["asu_kl"], "trainer.passes=per_group"]])
+                f"cache_dir={root / f'cache{ranks}'}", *extra]]
+
+        jobs = [job(name, extra) for name, extra in JOBS.items()]
         if ranks == 2:
-            for name, same_as in CHECKPOINTED.items():
-                jobs.append([name, train_overrides(model_dir, data_dir, root / "w2", name, steps=STEPS) + [
-                    "eval.enabled=false", "trainer.batch_size=1", "trainer.retain_batch_size=1",
-                    f"cache_dir={root / 'cache2'}", *JOBS[same_as], "deepspeed.activation_checkpointing=true"]])
-        if ranks == 2:  # the uninterrupted reference of the kill-and-resume test rides along
+            # the per-group step (one forward per row group and model), partitioned
+            jobs.append(job("asu_kl_per_group", [*JOBS["asu_kl"], "trainer.passes=per_group"]))
+            jobs += [job(name, [*JOBS[same_as], "deepspeed.activation_checkpointing=true"])
+                     for name, same_as in CHECKPOINTED.items()]
+            # the uninterrupted reference of the kill-and-resume test rides along
             jobs.append(["resume_full", train_overrides(model_dir, data_dir, root / "w2", "resume_full", steps=6) + [
                 "eval.enabled=false", *RESUME]])
         spec = root / f"jobs{ranks}.json"
