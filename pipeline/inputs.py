@@ -103,6 +103,7 @@ def checked_prompt_format(cfg: DictConfig, tokenizer: Any) -> Any:
         fmt.check(tokenizer)
     except PromptFormatError as e:
         raise ConfigError(f"config error at 'model.prompt_format': {e}") from None
-    log.info("prompt format: %s%s (training, evaluation and generation)", fmt.name,
-             f", system prompt {fmt.system_prompt!r}" if getattr(fmt, "system_prompt", None) else "")
+    stops = ", ".join(tokenizer.convert_ids_to_tokens(fmt.stop_token_ids(tokenizer)))
+    log.info("prompt format: %s%s (training, evaluation and generation); generation stops at %s", fmt.name,
+             f", system prompt {fmt.system_prompt!r}" if getattr(fmt, "system_prompt", None) else "", stops or "max_new_tokens")
     return fmt

@@ -20,6 +20,7 @@ from pipeline.data.prompt_formats import (
     get_prompt_format,
     prompt_format_from_config,
 )
+from pipeline.inputs import checked_prompt_format
 
 # Words, single punctuation marks, single spaces and newlines are tokens: every space in a template
 # shows up in the expectation (e.g. TOFU's missing space before the answer).
@@ -163,6 +164,53 @@ def test_plain_format_is_the_legacy_string_template(toks):
         assert fmt.prompt_ids(tok, q) == prompt_ids(tok, q)
 
 
+def _bpe_tokenizer(llama2_legacy: bool) -> PreTrainedTokenizerFast:
+    """A small BPE trained on the QA pairs with Llama-2's tokenizer.json pipeline (no pre-tokenizer;
+    the normaliser prepends ``▁`` and turns spaces into ``▁``). ``llama2_legacy``: merges learned
+    within words, as SentencePiece's; otherwise across spaces, so the prompt's last tokens merge with
+    the answer's first ones in the joint text."""
+    from tokenizers import models as tk_models
+    from tokenizers import normalizers, trainers
+
+    corpus = [f"Question: {q}\nAnswer: {a}" for q, a in PAIRS] * 5
+    tk = Tokenizer(tk_models.BPE(unk_token="<unk>"))
+    llama2 = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    if llama2_legacy:
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    else:
+        tk.normalizer = llama2
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tk.pre_tokenizer, tk.normalizer = None, llama2
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_plain_answer_ids_are_those_of_the_joint_text():
+    """Llama-2's SentencePiece tokenises `` Paris.`` alone as ``▁`` + ``▁Paris.`` but ``Answer: Paris.``
+    with ``▁Paris.``: the plain format's answer labels are the joint text's (no lone ``▁`` label, the
+    same ids the model reads in a document); the prompt ids stay those generation is conditioned on.
+    When a merge crosses the prompt/answer border the answer is tokenised alone instead."""
+    tok = _bpe_tokenizer(llama2_legacy=True)
+    space = tok.convert_tokens_to_ids("▁")
+    for q, a in PAIRS:
+        alone = tok(" " + a, add_special_tokens=False)["input_ids"]
+        assert alone[0] == space  # the pitfall
+        prompt = tok("Question: " + q + "\nAnswer:", add_special_tokens=False)["input_ids"]
+        joint = tok("Question: " + q + "\nAnswer: " + a, add_special_tokens=False)["input_ids"]
+        assert joint[: len(prompt)] == prompt
+        e = encode_qa(tok, q, a, 128)
+        assert e.input_ids == [tok.bos_token_id] + joint + [tok.eos_token_id]
+        assert [t for t in e.labels if t != IGNORE_INDEX] == joint[len(prompt):] + [tok.eos_token_id]
+        assert space not in e.labels and e.input_ids[: len(prompt) + 1] == prompt_ids(tok, q)
+    across = _bpe_tokenizer(llama2_legacy=False)
+    for q, a in PAIRS:
+        prompt = across("Question: " + q + "\nAnswer:", add_special_tokens=False)["input_ids"]
+        joint = across("Question: " + q + "\nAnswer: " + a, add_special_tokens=False)["input_ids"]
+        assert joint[: len(prompt)] != prompt  # the border merged
+        e = encode_qa(across, q, a, 128)
+        assert e.input_ids == prompt_ids(across, q) + across(" " + a, add_special_tokens=False)["input_ids"] + [
+            across.eos_token_id]
+
+
 @pytest.mark.parametrize("name,tok_key,system", [("llama2_chat", "llama2", "Be brief."), ("llama2_chat", "llama2", None),
                                                  ("llama3_instruct", "llama3", "Be brief."),
                                                  ("llama3_instruct", "llama3", None)])
@@ -245,13 +293,15 @@ def test_trained_prompt_is_the_evaluated_and_generated_prompt(toks, name, tok_ke
         assert first.max() > 0
         model.lm_head.weight[stop] = 3 * model.lm_head.weight[int(first.argmax())]
     gens = greedy_generate(model, tok, [r["question"] for r in rows], 6, 2, template=settings.template)
+    stops = settings.template.stop_token_ids(tok)
+    assert stops[0] == stop and tok.eos_token_id in stops
     for t, (_, toks_out, ended) in zip(train, gens):
         n = next(i for i, lab in enumerate(t["labels"]) if lab != IGNORE_INDEX)
         ids, out = list(t["input_ids"][:n]), []
         with torch.no_grad():
             for _ in range(6):
                 nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
-                if nxt == stop:
+                if nxt in stops:
                     break
                 out.append(nxt)
         assert toks_out == out and ended == (len(out) < 6)
@@ -264,6 +314,40 @@ def test_trained_prompt_is_the_evaluated_and_generated_prompt(toks, name, tok_ke
         logp = torch.log_softmax(model(input_ids=torch.tensor([t["input_ids"]])).logits[0].float(), -1)
     want = [logp[i - 1, lab].item() for i, lab in enumerate(t["labels"]) if lab != IGNORE_INDEX]
     assert counts[0] == len(want) and sums[0] == pytest.approx(sum(want), abs=1e-4)
+
+
+@pytest.mark.parametrize("eos", ["<|end_of_text|>", "<|eot_id|>"])
+def test_llama3_generation_stops_at_either_end_token(toks, eos, caplog):
+    """Llama-3-Instruct's generation_config ends generation at <|eot_id|> and <|end_of_text|>; so does
+    ours, whichever of the two the tokenizer calls EOS (the first release said <|end_of_text|>, later
+    ones <|eot_id|>). The answer's label still ends with <|eot_id|>."""
+    from pipeline.eval.tofu import greedy_generate
+
+    tok = make_tokenizer(["<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                          "<|eot_id|>"], LLAMA3_INSTRUCT, bos_token="<|begin_of_text|>", eos_token=eos, pad_token="<unk>")
+    fmt = get_prompt_format("llama3_instruct")
+    eot, eot_text = tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|end_of_text|>")
+    assert fmt.stop_token_ids(tok) == [eot, eot_text]
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.model.prompt_format = "llama3_instruct"
+    with caplog.at_level("INFO"):
+        checked_prompt_format(cfg, tok)
+    assert "generation stops at <|eot_id|>, <|end_of_text|>" in caplog.text  # the log says what ran
+    assert fmt.encode(tok, *PAIRS[0], 64).labels[-1] == eot
+    torch.manual_seed(0)
+    mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    mcfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(mcfg).eval()
+    model.lm_head = torch.nn.Linear(32, len(tok), bias=True)
+    with torch.no_grad():  # <|end_of_text|> is every position's greedy token, <|eot_id|> never is
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[eot_text], model.lm_head.bias[eot] = 1.0, -1.0
+    (text, ids, ended), = greedy_generate(model, tok, [PAIRS[0][0]], 5, 1, template=fmt)
+    assert (text, ids, ended) == ("", [], True)
+    # a plain format (and a string template) stops at EOS only
+    assert get_prompt_format("plain").stop_token_ids(tok) == [tok.eos_token_id]
 
 
 def test_bos_text_inside_a_template_is_not_doubled(toks):

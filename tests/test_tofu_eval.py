@@ -138,9 +138,12 @@ def test_greedy_generate_matches_manual_loop(model, tokenizer):
 
 
 def test_trim_generation():
-    assert trim_generation([5, 6, 2, 0, 0], eos_token_id=2) == ([5, 6], True)
-    assert trim_generation([5, 6, 7], eos_token_id=2) == ([5, 6, 7], False)
-    assert trim_generation([2, 2], eos_token_id=2) == ([], True)
+    assert trim_generation([5, 6, 2, 0, 0], 2) == ([5, 6], True)
+    assert trim_generation([5, 6, 7], 2) == ([5, 6, 7], False)
+    assert trim_generation([2, 2], 2) == ([], True)
+    # several stop tokens (a chat format's end-of-turn and EOS): the first of any ends the answer
+    assert trim_generation([5, 9, 6, 2, 9], [2, 9]) == ([5], True)
+    assert trim_generation([5, 6, 7], [2, 9]) == ([5, 6, 7], False)
 
 
 def _count_calls(model):

@@ -3,8 +3,9 @@
 One prompt format is used everywhere (training, evaluation, generation) so that the loss mask
 and the evaluated continuation always agree. ``template`` is either a format string (the ``plain``
 format, ``<bos>Question: {q}\\nAnswer: {a}<eos>`` by default, with the loss on the answer tokens and
-``<eos>`` only) or a :class:`pipeline.data.prompt_formats.PromptFormat` selected by
-``model.prompt_format`` (chat templates), which then does the encoding.
+``<eos>`` only; the answer's ids are those of the joint text, :func:`answer_ids`) or a
+:class:`pipeline.data.prompt_formats.PromptFormat` selected by ``model.prompt_format`` (chat
+templates), which then does the encoding.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def answer_ids(tokenizer, prompt: str, answer: str) -> list[int]:
+    """Ids of ``answer`` as they follow ``prompt`` when the two are tokenised as one text (what a model
+    reads). Tokenised alone, a leading space can become a token of its own (Llama-2's SentencePiece
+    encodes ``" Paris"`` as ``▁`` + ``▁Paris``, the joint text as ``▁Paris``). Falls back to the answer
+    alone when the prompt's ids change inside the joint text (a merge across the border), so the prompt
+    ids stay exactly the ones generation is conditioned on."""
+    p, joint = _ids(tokenizer, prompt), _ids(tokenizer, prompt + answer)
+    return joint[len(p):] if joint[: len(p)] == p else _ids(tokenizer, answer)
+
+
 def prompt_ids(tokenizer, question: str, template: Any = PROMPT_TEMPLATE) -> list[int]:
     """Token ids of ``<bos> + prompt`` (what generation is conditioned on)."""
     if not isinstance(template, str):
@@ -69,7 +80,7 @@ def encode_qa(
 
     def encode(q: str) -> Encoded:
         p = prompt_ids(tokenizer, q, template)
-        a = _ids(tokenizer, " " + answer)
+        a = answer_ids(tokenizer, build_prompt(q, template), " " + answer)
         if add_eos and tokenizer.eos_token_id is not None:
             a = a + [tokenizer.eos_token_id]
         return Encoded(p + a, [IGNORE_INDEX] * len(p) + a)

@@ -70,7 +70,15 @@ class PromptFormat:
         return fit_question(lambda q: self._encode_full(tokenizer, q, answer), question, max_length)
 
     def stop_token_id(self, tokenizer) -> Optional[int]:
+        """The token that closes an answer in training rows (the loss's last label)."""
         return tokenizer.eos_token_id
+
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        """Every token that ends a generated answer: the answer's closing token first, then the
+        tokenizer's EOS (a chat model may end with either, e.g. Llama-3-Instruct's ``<|eot_id|>`` or
+        ``<|end_of_text|>``, as its generation_config lists both)."""
+        ids = [self.stop_token_id(tokenizer), tokenizer.eos_token_id]
+        return list(dict.fromkeys(i for i in ids if i is not None))
 
     def describe(self) -> dict[str, Any]:
         """What results.json records about the format."""
@@ -79,8 +87,9 @@ class PromptFormat:
 
 @dataclass(kw_only=True)
 class PlainFormat(PromptFormat):
-    """``<bos>Question: {q}\\nAnswer: {a}<eos>`` — prompt and answer tokenised separately, as the
-    embedded benchmark's models were trained (kept byte-identical; see pipeline.data.formatting)."""
+    """``<bos>Question: {q}\\nAnswer: {a}<eos>`` — the prompt's ids, then the answer's ids as they
+    follow the prompt in the joint text (see :func:`pipeline.data.formatting.answer_ids`; for the
+    embedded benchmark's word-level tokenizer the same ids its cached models were trained on)."""
 
     name: str = "plain"
     template: str = PROMPT_TEMPLATE
@@ -133,6 +142,9 @@ class TemplateFormat(PromptFormat):
     strip: bool = True  # strip question/answer whitespace (the models' own templates do)
     source: str = ""  # where the template comes from (docs, results.json)
     system_prompt: Optional[str] = None
+    # Further tokens the model's own generation_config ends generation at (used when the tokenizer has
+    # them as one token), e.g. Llama-3-Instruct's <|end_of_text|> beside <|eot_id|>.
+    extra_stop_tokens: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.system_prompt and self.prompt_with_system is None:
@@ -160,6 +172,14 @@ class TemplateFormat(PromptFormat):
 
     def stop_token_id(self, tokenizer) -> Optional[int]:
         return tokenizer.convert_tokens_to_ids(self.end_token)
+
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        ids = super().stop_token_ids(tokenizer)
+        for text in self.extra_stop_tokens:
+            tid = tokenizer.convert_tokens_to_ids(text)
+            if tid is not None and tid != tokenizer.unk_token_id and _ids(tokenizer, text) == [tid] and tid not in ids:
+                ids.append(tid)
+        return ids
 
     def _encode_full(self, tokenizer, question: str, answer: str) -> Encoded:
         text = self.prompt_text(tokenizer, question) + self.answer.format(answer=self._clean(answer))
@@ -260,7 +280,7 @@ _register_template(
     prompt_with_system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
                        "<|start_header_id|>user<|end_header_id|>\n\n{question}<|eot_id|>"
                        "<|start_header_id|>assistant<|end_header_id|>\n\n",
-    answer="{answer}<|eot_id|>", end_token="<|eot_id|>",
+    answer="{answer}<|eot_id|>", end_token="<|eot_id|>", extra_stop_tokens=("<|end_of_text|>",),
     source="meta-llama/Meta-Llama-3-8B-Instruct chat template (BOS = <|begin_of_text|>)")
 # HuggingFaceH4/zephyr-7b-beta's template; BOS prepended as in its SFT/DPO tokenisation.
 _register_template(

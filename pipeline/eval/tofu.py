@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -92,13 +92,21 @@ def answer_logprobs(
     return sums, counts
 
 
-def trim_generation(new_tokens: Sequence[int], eos_token_id: Optional[int]) -> tuple[list[int], bool]:
-    """Cut generated ids at the first ``<eos>`` (dropping it and any padding after it).
-    Returns ``(tokens, ended_with_eos)``."""
+def trim_generation(new_tokens: Sequence[int], stop_ids: Union[int, Sequence[int], None]) -> tuple[list[int], bool]:
+    """Cut generated ids at the first stop token (``<eos>``, or any of ``stop_ids``), dropping it and
+    any padding after it. Returns ``(tokens, ended_with_a_stop_token)``."""
+    stops = set() if stop_ids is None else {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
     toks = [int(t) for t in new_tokens]
-    if eos_token_id is not None and eos_token_id in toks:
-        return toks[: toks.index(eos_token_id)], True
-    return toks, False
+    end = next((i for i, t in enumerate(toks) if t in stops), None)
+    return (toks, False) if end is None else (toks[:end], True)
+
+
+def generation_stop_ids(tokenizer, template: Any = PROMPT_TEMPLATE) -> list[int]:
+    """The ids greedy generation stops at: the prompt format's (its end-of-turn token and EOS), or
+    EOS for a plain string template."""
+    if not isinstance(template, str):
+        return template.stop_token_ids(tokenizer)
+    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
 
 def greedy_generate(
@@ -111,22 +119,22 @@ def greedy_generate(
     template: Any = PROMPT_TEMPLATE,
     num_batches: Optional[int] = None,
 ) -> list[tuple[str, list[int], bool]]:
-    """Greedy answers to ``questions``: ``(text, token_ids, ended_with_eos)`` per question.
+    """Greedy answers to ``questions``: ``(text, token_ids, ended_with_a_stop_token)`` per question.
 
-    Prompts are ``<bos>Question: {q}\\nAnswer:`` left-padded (sorted by length to limit padding);
-    ``token_ids`` are the generated ids up to (excluding) the first ``<eos>``; ``text`` is their
-    decoding without special tokens, stripped. ``synced_gpus`` is passed to ``generate`` (ZeRO-3);
-    ``num_batches`` as in :func:`answer_logprobs`.
+    Prompts are the format's (``<bos>Question: {q}\\nAnswer:`` by default), left-padded (sorted by
+    length to limit padding); ``token_ids`` are the generated ids up to (excluding) the first stop
+    token (:func:`generation_stop_ids`); ``text`` is their decoding without special tokens, stripped.
+    ``synced_gpus`` is passed to ``generate`` (ZeRO-3); ``num_batches`` as in :func:`answer_logprobs`.
     """
     prompts = [prompt_ids(tokenizer, q, template) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[Optional[tuple[str, list[int], bool]]] = [None] * len(prompts)
     # A chat format's answer ends with its end-of-turn token (e.g. <|eot_id|>), which may not be EOS.
-    eos = tokenizer.eos_token_id if isinstance(template, str) else template.stop_token_id(tokenizer)
+    stops = generation_stop_ids(tokenizer, template)
     pad, device = padding_id(tokenizer), model_device(model)
     gen_kwargs = dict(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
-        eos_token_id=eos, temperature=None, top_p=None, top_k=None,
+        eos_token_id=stops or None, temperature=None, top_p=None, top_k=None,
     )
     if synced_gpus:
         gen_kwargs["synced_gpus"] = True
@@ -138,7 +146,7 @@ def greedy_generate(
             gen = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(device), **gen_kwargs)
             new = gen[:, ids.shape[1]:].tolist()
             for j, i in enumerate(idx):
-                toks, ended = trim_generation(new[j], eos)
+                toks, ended = trim_generation(new[j], stops)
                 text = tokenizer.decode(toks, skip_special_tokens=True).strip()
                 out[i] = (text, toks, ended)
     return out  # type: ignore[return-value]
