@@ -106,6 +106,9 @@ class DataConfig:
     utility_hub_id: Optional[str] = None  # wmdp: utility MCQ (None: cais/mmlu)
     hub_revisions: dict[str, str] = field(default_factory=dict)  # per hub id; ``revision`` covers hub_id
     text_column: str = "text"  # raw-text corpora (MUSE raw/privleak, WMDP corpora)
+    # Raw-text training rows: false = one row per text, cut at max_length (RMU's WMDP corpora); true =
+    # the texts joined and cut into max_length-token rows, every token trained on (MUSE, as its trainer)
+    pack_text: bool = False
     columns: dict[str, str] = field(default_factory=dict)  # {canonical column: dataset column}
     # Which answer the truth ratio treats as correct (a property of the dataset, set in conf/data/):
     # paraphrased_answer = TOFU's definition (the answer on real_authors / world_facts, which have no

@@ -184,8 +184,9 @@ def _load_inputs(cfg: DictConfig) -> JobInputs:
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
     fmt = checked_prompt_format(cfg, tokenizer)
     max_len = effective_max_length(cfg, paths.model)
-    forget = encode_rows(tokenizer, data.forget, max_len, cfg.data.truncate, data.forget_split, fmt)
-    retain = encode_rows(tokenizer, data.retain, max_len, cfg.data.truncate, data.retain_split, fmt)
+    pack = bool(cfg.data.pack_text)
+    forget = encode_rows(tokenizer, data.forget, max_len, cfg.data.truncate, data.forget_split, fmt, pack)
+    retain = encode_rows(tokenizer, data.retain, max_len, cfg.data.truncate, data.retain_split, fmt, pack)
     return JobInputs(paths, data, tokenizer, fmt, max_len, forget, retain)
 
 

@@ -162,6 +162,40 @@ def test_text_rows_encode_with_loss_on_every_token():
     assert enc[0]["labels"] == [-100] + enc[0]["input_ids"][1:]
 
 
+@pytest.mark.parametrize("max_length", [4, 7, 64])
+def test_packed_text_rows_cover_the_corpus_once(max_length):
+    """data.pack_text (the MUSE configs): the raw texts joined with a blank line, tokenised once and cut
+    into rows of BOS + (max_length - 1) tokens, as MUSE's trainer does; each token of the corpus is a
+    label exactly once, in order, and no row is longer than max_length."""
+    from tests.test_muse_wmdp_metrics import word_tokenizer
+
+    data_cfg = cfg("muse_news", path=str(FIX / "muse_news"))
+    assert data_cfg.pack_text and cfg("muse_books").pack_text and not cfg("wmdp_bio").pack_text
+    d = load_unlearning_data(data_cfg)
+    texts = [r["text"] for r in d.forget]
+    tok = word_tokenizer(sorted({w for t in texts for w in t.replace(".", " .").split()}))
+    stream = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    rows = encode_rows(tok, d.forget, max_length, True, "forget", pack_text=True)
+    assert len(rows) == -(-len(stream) // (max_length - 1)) and len(rows) < len(stream)
+    assert all(r["input_ids"][0] == tok.bos_token_id and len(r["input_ids"]) <= max_length for r in rows)
+    assert all(len(r["input_ids"]) == max_length for r in rows[:-1])
+    assert [t for r in rows for t in r["labels"] if t != -100] == stream
+    assert [r["labels"][0] for r in rows] == [-100] * len(rows) and [r["index"] for r in rows] == list(range(len(rows)))
+    # one row per text (data.pack_text=false): each text cut at max_length with its own EOS
+    per_text = encode_rows(tok, d.forget, max_length, True, "forget")
+    assert len(per_text) == len(texts) and all(r["input_ids"][-1] == tok.eos_token_id for r in per_text
+                                                if len(r["input_ids"]) < max_length)
+
+
+def test_packing_question_answer_rows_is_a_data_error():
+    from tests.test_muse_wmdp_metrics import word_tokenizer
+
+    tok = word_tokenizer(["a", "b"])
+    with pytest.raises(DataError, match=r"split 'forget' row 1: data.pack_text=true packs raw-text rows .*"
+                                        r"\['answer', 'question'\]; set data.pack_text=false"):
+        encode_rows(tok, [{"text": "a"}, {"question": "a", "answer": "b"}], 8, True, "forget", pack_text=True)
+
+
 def test_text_overlap_between_forget_and_retain(tmp_path):
     shutil.copytree(FIX / "muse_news", tmp_path / "m")
     forget = read_jsonl(tmp_path / "m" / "raw" / "forget.jsonl")

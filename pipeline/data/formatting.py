@@ -10,7 +10,7 @@ templates), which then does the encoding.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +123,25 @@ def encode_text(tokenizer, text: str, max_length: int, add_eos: bool = True) -> 
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
     return Encoded(ids, labels, truncated)
+
+
+def pack_texts(tokenizer, texts: Sequence[str], max_length: int, separator: str = "\n\n") -> list[Encoded]:
+    """A raw-text corpus as one token stream cut into rows of ``max_length`` tokens: the texts joined
+    with ``separator`` and tokenised once, then windows of ``max_length - 1`` tokens, each after
+    ``<bos>``, with the loss on every token but ``<bos>`` and no ``<eos>`` (a window ends mid-text).
+
+    MUSE's own trainer does this (``DefaultDataset``: windows of ``max_len - 1`` tokens after BOS) and
+    so does open-unlearning's ``PretrainingDataset`` for MUSE (texts joined with ``"\\n\\n"``; its
+    windows are ``max_length`` tokens + BOS and pass through a decode/re-encode round trip). Every token
+    of the corpus is trained on once per epoch; one row per document, cut at ``max_length``, would drop
+    the tail of every longer document."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    width = max_length - len(bos)
+    if width < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for text after <bos>")
+    ids = _ids(tokenizer, separator.join(texts))
+    return [Encoded(bos + ids[i:i + width], [IGNORE_INDEX] * len(bos) + ids[i:i + width])
+            for i in range(0, len(ids), width)]
 
 
 # A fixed list of refusals in the style of TOFU's idontknow.jsonl (IdkDPO and ASU+IDK targets). The

@@ -30,7 +30,7 @@ from pipeline.data.common import (  # noqa: F401  (re-exported: callers import t
     rename_columns,
     subsample,
 )
-from pipeline.data.formatting import encode_qa, encode_text
+from pipeline.data.formatting import encode_qa, encode_text, pack_texts
 from pipeline.logging import SAME_ON_EVERY_RANK
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,16 @@ def load_local_json(data_cfg: Any, **_: Any) -> UnlearningData:
 
 
 def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool, split: str,
-                prompt_format: Any = None) -> list[dict]:
+                prompt_format: Any = None, pack_text: bool = False) -> list[dict]:
     """Tokenise QA rows (loss on answers) or raw-text rows ``{"text": ...}`` (loss on every token,
     MUSE/WMDP corpora). Over-long rows are cut and counted, or refused. ``prompt_format``: a
-    :class:`pipeline.data.prompt_formats.PromptFormat` (None: plain)."""
+    :class:`pipeline.data.prompt_formats.PromptFormat` (None: plain). ``pack_text``
+    (``data.pack_text``): raw-text rows become one token stream cut into ``max_length`` rows
+    (:func:`pipeline.data.formatting.pack_texts`) instead of one row per text."""
     from pipeline.data.formatting import PROMPT_TEMPLATE
 
+    if pack_text:
+        return _packed_rows(tokenizer, rows, max_length, split)
     template = prompt_format if prompt_format is not None else PROMPT_TEMPLATE
     out, cut, answer_cut, mismatch = [], 0, 0, 0
     for i, r in enumerate(rows):
@@ -119,6 +123,17 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
                     "loss starts after the prompt's token count, as open-unlearning does", split, mismatch,
                     extra=SAME_ON_EVERY_RANK)
     return out
+
+
+def _packed_rows(tokenizer, rows: Sequence[dict], max_length: int, split: str) -> list[dict]:
+    qa = next((i for i, r in enumerate(rows) if "question" in r or "text" not in r), None)
+    if qa is not None:
+        raise DataError(f"split {split!r} row {qa}: data.pack_text=true packs raw-text rows ({{'text': ...}}), but this "
+                        f"row has columns {sorted(rows[qa])}; set data.pack_text=false for question/answer data")
+    packed = pack_texts(tokenizer, [r["text"] for r in rows], max_length)
+    log.info("split %r: %d texts packed into %d rows of <= %d tokens (%d tokens; data.pack_text=true)", split,
+             len(rows), len(packed), max_length, sum(len(e.input_ids) for e in packed), extra=SAME_ON_EVERY_RANK)
+    return [{"input_ids": e.input_ids, "labels": e.labels, "index": i} for i, e in enumerate(packed)]
 
 
 # Benchmark loaders register themselves in DATASETS on import (kept last: they import this module).
