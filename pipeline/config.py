@@ -14,6 +14,7 @@ it as ``method/schema_<name>``; ``conf/method/<name>.yaml`` lists it in its defa
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -114,6 +115,10 @@ class DataConfig:
     # paraphrased_answer = TOFU's definition (the answer on real_authors / world_facts, which have no
     # paraphrase); answer = the trained answer on every split (the embedded benchmark).
     truth_ratio_reference: str = "paraphrased_answer"
+    # How the benchmark's reference evaluator scores ROUGE (set in conf/data/): true = rouge_score with
+    # Porter stemming, as TOFU's and open-unlearning's (the TOFU and MUSE configs); false = the same
+    # tokens unstemmed (the embedded benchmark, whose invented words a stemmer would conflate).
+    rouge_stemmer: bool = False
 
 
 @dataclass
@@ -363,6 +368,9 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _require(0.0 < d.forget_fraction <= 1.0, "data.forget_fraction", f"must be in (0, 1], got {d.forget_fraction}")
     _require(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
     _require(d.forget_split != d.retain_split, "data.retain_split", "forget and retain splits are the same split")
+    _require(not d.rouge_stemmer or importlib.util.find_spec("rouge_score") is not None, "data.rouge_stemmer",
+             "true needs the rouge_score package (requirements/extras.lock, installed by make install), "
+             "or set data.rouge_stemmer=false")
 
     if n_layers is None and cfg.model.source == "synthetic":
         n_layers = int(cfg.model.tiny.num_hidden_layers)

@@ -69,6 +69,22 @@ def test_collective_timeout_must_be_positive_and_defaults_to_an_hour():
         validate(_compose(["deepspeed.timeout_minutes=0"]))
 
 
+def test_rouge_stemming_follows_the_benchmark_and_needs_rouge_score(monkeypatch):
+    """TOFU and MUSE score ROUGE as their reference evaluator (stemmed); the embedded benchmark does
+    not; asking for stemming without the rouge_score package stops at validation, naming the key."""
+    import importlib.util
+
+    assert _compose().data.rouge_stemmer is False
+    for exp in ("tofu_7b", "muse_news_7b", "muse_books_7b"):
+        assert _compose([f"+exp={exp}"]).data.rouge_stemmer is True
+    cfg = _compose(["data.rouge_stemmer=true"])
+    validate(cfg)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rouge_score" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"data.rouge_stemmer.*rouge_score package"):
+        validate(cfg)
+
+
 def test_unknown_method_key_fails_with_path():
     with pytest.raises((ConfigCompositionException, ConfigKeyError)) as e:
         _compose(["method.taux=2.0"])

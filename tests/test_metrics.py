@@ -20,6 +20,30 @@ def test_lcs_classic_example():
     assert M.lcs_length([], [1, 2]) == 0
 
 
+ROUGE_PAIRS = [
+    ("The author wrote books about running horses.", "She writes a book about a horse that runs."),
+    ("Jean-Luc's café, 1975!", "jean luc cafe 1975"),
+    ("Her novels were translated into several languages", "Her novel was translated into many languages."),
+    ("", "a b"), ("!!!", "a b"), ("studies studying studied", "study"),
+]
+
+
+@pytest.mark.parametrize("stem", [False, True])
+def test_rouge_l_equals_rouge_score(stem):
+    """The ROUGE-L of the field's package (open-unlearning calls it with use_stemmer=True, our TOFU and
+    MUSE data configs set data.rouge_stemmer=true), with and without stemming."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem)
+    for pred, ref in ROUGE_PAIRS:
+        want = scorer.score(ref, pred)["rougeL"]
+        got = M.rouge_l(pred, ref, stem)
+        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx(
+            (want.precision, want.recall, want.fmeasure), abs=1e-12), (pred, ref)
+    # stemming matters on real English: "books"/"book", "running"/"runs" match only when stemmed
+    assert M.rouge_l(*ROUGE_PAIRS[0], stem=True)["recall"] > M.rouge_l(*ROUGE_PAIRS[0])["recall"]
+
+
 def test_rouge_l_values():
     # pred: the cat sat on the mat (6)   ref: the cat is on the mat (6)
     # LCS = the cat on the mat = 5 -> P = R = F = 5/6

@@ -265,3 +265,39 @@ def test_the_progress_bar_total_is_every_batch_the_split_runs(model, tokenizer, 
         n, total = b.n, b.total
     undo()
     assert n == total == counts["forward"] + counts["generate"] > 0
+
+
+@pytest.mark.parametrize("stem", [False, True])
+def test_rouge_stemmer_setting_reaches_tofu_and_muse_scores(stem):
+    """data.rouge_stemmer -> EvalSettings / MuseSettings -> the ROUGE of each generation: a greedy
+    answer "She write novel" to "She writes novels." recalls 1/3 of the words unstemmed, all of them
+    stemmed (as open-unlearning scores it)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import RunConfig
+    from pipeline.eval.muse import MuseSettings, evaluate_knowmem
+    from pipeline.eval.runner import _settings, rouge_stemmer
+
+    words = ["Question", ":", "Answer", "What", "does", "she", "write", "?", "She", "writes", "novels", ".", "novel"]
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"] + words)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    lcfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    model = LlamaForCausalLM(lcfg).eval()
+    answer_ids = tok("She write novel", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    model.generate = lambda input_ids, **kw: torch.cat(
+        [input_ids, torch.tensor([answer_ids] * input_ids.shape[0])], dim=1)
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.data.rouge_stemmer = stem
+    settings = _settings(cfg)
+    assert settings.rouge_stemmer is stem and rouge_stemmer(cfg) is stem
+    row = dict(question="What does she write?", answer="She writes novels.", paraphrased_answer="She writes novels.",
+               perturbed_answer=["She writes novel."], facts=[])
+    res = evaluate_split(model, tok, [row], settings, name="forget")
+    assert res.generation == ["She write novel"]
+    assert res.rouge_l_recall == [pytest.approx(1.0 if stem else 1 / 3)]
+    muse = evaluate_knowmem(model, tok, [row], MuseSettings(rouge_stemmer=stem))
+    assert muse.values["rouge_l_recall"] == [pytest.approx(1.0 if stem else 1 / 3)]

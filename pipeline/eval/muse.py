@@ -47,6 +47,7 @@ class MuseSettings:
     knowmem_max_new_tokens: int = 32
     mink_k: float = 0.4
     synced_gpus: bool = False
+    rouge_stemmer: bool = False  # data.rouge_stemmer (VerbMem / KnowMem ROUGE on stemmed tokens)
 
     @classmethod
     def from_config(cls, eval_cfg: Any, **overrides: Any) -> MuseSettings:
@@ -186,7 +187,7 @@ def evaluate_verbmem(model, tokenizer, rows: Sequence[dict], cfg: MuseSettings, 
                            num_batches=_calls(len(rows), cfg.batch_size, world_size))
     res = ExampleResults(name, idx, {"rouge_l_f1": [], "rouge_l_recall": [], "generation": []})
     for i, (text, _, _) in zip(idx, gens):
-        r = M.rouge_l(text, rows[i]["gt"])
+        r = M.rouge_l(text, rows[i]["gt"], cfg.rouge_stemmer)
         res.values["rouge_l_f1"].append(r["f1"])
         res.values["rouge_l_recall"].append(r["recall"])
         res.values["generation"].append(text)
@@ -204,7 +205,7 @@ def evaluate_knowmem(model, tokenizer, rows: Sequence[dict], cfg: MuseSettings, 
     res = ExampleResults(name, idx, {"rouge_l_f1": [], "rouge_l_recall": [], "generation": []})
     for i, (text, _, _) in zip(idx, gens):
         ans = cut_at_stops(text)
-        r = M.rouge_l(ans, rows[i]["answer"])
+        r = M.rouge_l(ans, rows[i]["answer"], cfg.rouge_stemmer)
         res.values["rouge_l_f1"].append(r["f1"])
         res.values["rouge_l_recall"].append(r["recall"])
         res.values["generation"].append(ans)

@@ -60,6 +60,7 @@ def parts_key(cfg: DictConfig, model_dir: str | Path, dtype: str, world_size: in
     prompt = {k: OmegaConf.select(cfg, f"model.{k}") for k in ("prompt_format", "chat_template", "system_prompt")}
     return json.loads(json.dumps({"schema": KEY_SCHEMA, "model": model_fingerprint(model_dir), "eval": ev,
                                   "prompt": prompt, "truth_ratio_reference": truth_ratio_reference, "dtype": dtype,
+                                  "rouge_stemmer": bool(OmegaConf.select(cfg, "data.rouge_stemmer", default=False)),
                                   "world_size": world_size, "code": code_digest()}, sort_keys=True, default=str))
 
 

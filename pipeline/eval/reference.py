@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 KEY_SCHEMA = 1
 # EvalSettings fields that do not change truth ratios (generation and batching only).
-NOT_IN_KEY = ("batch_size", "synced_gpus", "max_new_tokens", "max_run", "repetition_n")
+NOT_IN_KEY = ("batch_size", "synced_gpus", "max_new_tokens", "max_run", "repetition_n", "rouge_stemmer")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.index.json", "config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json")

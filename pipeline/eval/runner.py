@@ -31,7 +31,13 @@ def _settings(cfg: DictConfig):
     from pipeline.eval.tofu import EvalSettings
 
     return EvalSettings(batch_size=int(cfg.eval.batch_size), max_new_tokens=int(cfg.eval.max_new_tokens),
-                        max_length=int(cfg.eval.max_length), template=prompt_format_from_config(cfg.model))
+                        max_length=int(cfg.eval.max_length), template=prompt_format_from_config(cfg.model),
+                        rouge_stemmer=rouge_stemmer(cfg))
+
+
+def rouge_stemmer(cfg: DictConfig) -> bool:
+    """``data.rouge_stemmer``: ROUGE on Porter-stemmed tokens, as the benchmark's own evaluator."""
+    return bool(OmegaConf.select(cfg, "data.rouge_stemmer", default=False))
 
 
 def _progress_bar(cfg: DictConfig) -> bool:
@@ -284,7 +290,7 @@ def evaluate_muse(cfg: DictConfig, model: Any, tokenizer: Any, data: Any,
         muse_metrics,
     )
 
-    st = MuseSettings.from_config(cfg.eval)
+    st = MuseSettings.from_config(cfg.eval, rouge_stemmer=rouge_stemmer(cfg))
     ev, res = data.eval, {}
     if "verbmem_forget" in ev:
         res["verbmem"] = _gathered(lambda m, **k: evaluate_verbmem(m, tokenizer, cfg=st, name="verbmem_forget", **k),
@@ -347,6 +353,8 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
         metrics, details = (evaluate_muse if family == "muse" else evaluate_mcq_splits)(cfg, model, tokenizer, data,
                                                                                         parts)
         metrics[EVALUATION_KEY] = _placement(cfg, model, parts)
+        if family == "muse":
+            metrics[EVALUATION_KEY]["rouge_stemmer"] = rouge_stemmer(cfg)
         # lm-eval (eval.lm_eval) is not run here but by add_lm_eval, after the job's last collective.
         return metrics, details
 
@@ -405,6 +413,7 @@ def evaluation_record(cfg: DictConfig, splits: dict, results: dict, ref_info: di
     return {
         "truth_ratio_reference": truth_ratio_reference(cfg),
         "truth_ratio_key": {n: (r.truth_ratio_key if r.has_truth_ratio else None) for n, r in results.items()},
+        "rouge_stemmer": rouge_stemmer(cfg),
         "max_new_tokens": int(cfg.eval.max_new_tokens),
         "max_length": int(cfg.eval.max_length),
         "rows": {n: len(r) for n, r in results.items()},

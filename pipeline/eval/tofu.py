@@ -46,6 +46,7 @@ class EvalSettings:
     max_run: int = 3  # well-formedness: a token repeated this many times in a row is degenerate
     repetition_n: int = 2
     template: Any = PROMPT_TEMPLATE  # a format string (plain) or the run's PromptFormat
+    rouge_stemmer: bool = False  # data.rouge_stemmer: ROUGE on Porter-stemmed tokens (metrics.rouge_tokens)
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides) -> EvalSettings:
@@ -359,7 +360,7 @@ def _score_rows(res: SplitResult, mine: list[dict], out: _ModelOutputs, cols: _S
         pert_p = [M.length_normalised_prob(lp, n) for lp, n in zip(pl, pn)]
         c_lp, c_n = (a_lp[j], a_n[j]) if cols.answer_is_correct else (p_lp[j], p_n[j])
         text, toks, ended = out.gens[j]
-        rl = M.rouge_l(text, r["answer"])
+        rl = M.rouge_l(text, r["answer"], cfg.rouge_stemmer)
         res.answer_prob.append(ans_p)
         res.para_prob.append(M.length_normalised_prob(p_lp[j], p_n[j]) if cols.paraphrased else nan)
         res.pert_probs.append(pert_p)
