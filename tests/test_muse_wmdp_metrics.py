@@ -138,7 +138,7 @@ def test_verbmem_rouge_l_f1_by_hand():
 
 def test_knowmem_prompt_stops_and_scores():
     icl = [{"question": "What did the survey find?", "answer": "cracks"}]
-    assert MU.knowmem_prompt("When?", icl) == "Question: What did the survey find?\nAnswer: cracks\n\nQuestion: When?\nAnswer:"
+    assert MU.knowmem_prompt("When?", icl) == "Question: What did the survey find?\nAnswer: cracks\n\nQuestion: When?\nAnswer: "
     assert MU.cut_at_stops(" next spring\n\nQuestion: x") == "next spring"
     assert MU.cut_at_stops("next spring\nQuestion x") == "next spring"
     assert MU.cut_at_stops("a Question: b") == "a"

@@ -4,7 +4,7 @@
 * **VerbMem** — greedy continuation of each ``verbmem`` prompt (``max_new_tokens=128``), ROUGE-L F1
   against the true continuation ``gt``; mean over prompts.
 * **KnowMem** — greedy answer (``max_new_tokens=32``, cut at ``"\\n\\n"``, ``"\\nQuestion"``,
-  ``"Question:"``) to ``Question: {q}\\nAnswer:`` preceded by the few-shot ``*_icl`` pairs, ROUGE-L
+  ``"Question:"``) to ``Question: {q}\\nAnswer: `` preceded by the few-shot ``*_icl`` pairs, ROUGE-L
   F1 (reported) and recall against the answer; mean over questions (forget and retain QA).
 * **PrivLeak** — Min-K% Prob (k=0.4) membership score per text: the mean of the lowest 40 % of its
   token log-probabilities (higher = more likely a member). AUC of forget (positives) vs holdout
@@ -36,7 +36,9 @@ from pipeline.eval.tofu import greedy_generate
 RAW_TEMPLATE = "{question}"  # prompt used verbatim (after <bos>) by greedy_generate
 KNOWMEM_STOP = ("\n\n", "\nQuestion", "Question:")
 QA_TURN = "Question: {question}\nAnswer: {answer}\n\n"
-QA_PROMPT = "Question: {question}\nAnswer:"
+# The trailing space is MUSE's and open-unlearning's (``asst_start_tag: "Answer: "``): a Llama-2 prompt then
+# ends with a lone "▁" token, and the scores are only comparable with the same ids.
+QA_PROMPT = "Question: {question}\nAnswer: "
 
 
 @dataclass
@@ -101,8 +103,8 @@ def cut_at_stops(text: str, stops: Sequence[str] = KNOWMEM_STOP) -> str:
 
 
 def knowmem_prompt(question: str, icl: Sequence[dict] = ()) -> str:
-    """``Question: q1\\nAnswer: a1\\n\\n ... Question: q\\nAnswer:`` (open-unlearning's non-chat
-    template for the MUSE Llama-2 models with the ``*_icl`` pairs in front)."""
+    """``Question: q1\\nAnswer: a1\\n\\n ... Question: q\\nAnswer: `` (MUSE's knowmem script and
+    open-unlearning's non-chat template for the MUSE Llama-2 models, the ``*_icl`` pairs in front)."""
     shots = "".join(QA_TURN.format(question=r["question"], answer=r["answer"]) for r in icl)
     return shots + QA_PROMPT.format(question=question)
 
