@@ -28,6 +28,7 @@ from pipeline.inputs import (
     set_threads,
 )
 from pipeline.logging import SAME_ON_EVERY_RANK
+from pipeline.progress import library_bars, progress
 
 log = logging.getLogger("pipeline.run")
 
@@ -140,7 +141,6 @@ def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
     from pipeline.eval.runner import check_eval_device
     from pipeline.io import atomic_write_text
     from pipeline.methods import build_method
-    from pipeline.progress import library_bars
 
     check_before_loading(cfg)  # values, attention backend, model paths: exit 2, nothing written
     library_bars(bool(cfg.logging.progress_bar))
@@ -185,8 +185,9 @@ def _load_inputs(cfg: DictConfig) -> JobInputs:
     fmt = checked_prompt_format(cfg, tokenizer)
     max_len = effective_max_length(cfg, paths.model)
     pack = bool(cfg.data.pack_text)
-    forget = encode_rows(tokenizer, data.forget, max_len, cfg.data.truncate, data.forget_split, fmt, pack)
-    retain = encode_rows(tokenizer, data.retain, max_len, cfg.data.truncate, data.retain_split, fmt, pack)
+    with progress("tokenizing", cfg.logging.progress_bar):  # a bar for raw-text corpora (batches of texts)
+        forget = encode_rows(tokenizer, data.forget, max_len, cfg.data.truncate, data.forget_split, fmt, pack)
+        retain = encode_rows(tokenizer, data.retain, max_len, cfg.data.truncate, data.retain_split, fmt, pack)
     return JobInputs(paths, data, tokenizer, fmt, max_len, forget, retain)
 
 
@@ -346,7 +347,6 @@ def _choose_tau(cfg: DictConfig, engines: JobEngines, inputs: JobInputs) -> Opti
                         extra=SAME_ON_EVERY_RANK)
         return None
     from pipeline.engine.tau_auto import select_tau
-    from pipeline.progress import progress
 
     with progress("tau=auto probes", cfg.logging.progress_bar):
         selection = select_tau(engines.reference, inputs.tokenizer, inputs.data, inputs.forget, cfg)
@@ -363,7 +363,6 @@ def _attach_teacher_cache(cfg: DictConfig, method: Any, engines: JobEngines, inp
     if not getattr(method, "cached_teacher", False):
         return
     from pipeline.engine.teacher_cache import TeacherCache, build_teacher_cache
-    from pipeline.progress import progress
 
     with progress("teacher cache", cfg.logging.progress_bar):  # a bar only while it is being built
         cache_path = build_teacher_cache(engines.reference, inputs.forget, cfg.method,

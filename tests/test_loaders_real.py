@@ -162,6 +162,23 @@ def test_text_rows_encode_with_loss_on_every_token():
     assert enc[0]["labels"] == [-100] + enc[0]["input_ids"][1:]
 
 
+def test_texts_encoded_in_batches_equal_one_at_a_time():
+    """encode_texts (what encode_rows uses for raw-text rows: one tokenizer call per batch, spread over
+    the fast tokenizer's threads) gives encode_text's ids, labels and truncation, across batch borders."""
+    from pipeline.data.formatting import encode_text, encode_texts
+    from tests.test_muse_wmdp_metrics import word_tokenizer
+
+    tok = word_tokenizer("a b c d e".split())
+    texts = ["a b c", "", "d e a b c d e a", "e", "b b b b b b b b b b", "c d"]
+    for max_length in (3, 6, 64):
+        want = [encode_text(tok, t, max_length) for t in texts]
+        assert encode_texts(tok, texts, max_length, batch_size=4) == want
+        assert any(e.truncated for e in want) == (max_length < 12)
+    rows = [{"text": t} for t in texts]
+    assert [r["input_ids"] for r in encode_rows(tok, rows, 6, True, "forget")] == [
+        e.input_ids for e in (encode_text(tok, t, 6) for t in texts)]
+
+
 @pytest.mark.parametrize("max_length", [4, 7, 64])
 def test_packed_text_rows_cover_the_corpus_once(max_length):
     """data.pack_text (the MUSE configs): the raw texts joined with a blank line, tokenised once and cut

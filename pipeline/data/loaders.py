@@ -30,7 +30,7 @@ from pipeline.data.common import (  # noqa: F401  (re-exported: callers import t
     rename_columns,
     subsample,
 )
-from pipeline.data.formatting import encode_qa, encode_text, pack_texts
+from pipeline.data.formatting import encode_qa, encode_texts, pack_texts
 from pipeline.logging import SAME_ON_EVERY_RANK
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,12 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
     if pack_text:
         return _packed_rows(tokenizer, rows, max_length, split)
     template = prompt_format if prompt_format is not None else PROMPT_TEMPLATE
+    text_rows = [i for i, r in enumerate(rows) if "question" not in r and "text" in r]
+    texts = dict(zip(text_rows, encode_texts(tokenizer, [rows[i]["text"] for i in text_rows], max_length)))
     out, cut, answer_cut, mismatch = [], 0, 0, 0
     for i, r in enumerate(rows):
-        if "question" not in r and "text" in r:
-            enc = encode_text(tokenizer, r["text"], max_length)
+        if i in texts:
+            enc = texts[i]
         else:
             enc = encode_qa(tokenizer, r["question"], r["answer"], max_length, template=template)
         answer_cut += enc.answer_cut
