@@ -306,6 +306,9 @@ def test_lora_exports_reload_and_evaluate_equal(tiny, runs):
     check = json.loads((run / "export_check.json").read_text())
     assert check["lora"] and check["max_abs_logit_diff"] <= check["tolerance"]
     assert check["adapter_max_abs_logit_diff"] <= check["tolerance"]
+    # rank 0 loaded the base + adapter once for both outputs (a 7B load costs minutes); other ranks never
+    assert json.loads((tiny[0] / "spy2" / "export_rank0.json").read_text()) == {"base_loads": 1}
+    assert not (tiny[0] / "spy2" / "export_rank1.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(run / "model").eval()
     lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(run / "adapter")).eval()
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()

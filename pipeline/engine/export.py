@@ -50,6 +50,22 @@ def _probe_logits(engine: Any, vocab: int, seq_len: int = 12) -> Any:
     return ids, out.float().cpu()
 
 
+def export_rtol(module: Any) -> float:
+    """Relative logit bound of the export checks for ``module``'s dtype and depth: bf16 training
+    exports bf16 weights, compared at that precision's resolution; fp32 round-off between two
+    attention paths grows with depth: 1e-5 up to 4 layers (the tiny models), proportionally more
+    beyond (SmolLM2's 30 layers: 7.5e-5; measured 3.9e-5)."""
+    import torch
+
+    depth = max(1.0, int(getattr(module.config, "num_hidden_layers", 1)) / 4)
+    return 1e-5 * depth if next(module.parameters()).dtype == torch.float32 else 5e-2
+
+
+def logit_bound(expected: Any, rtol: float) -> float:
+    """The absolute bound of an export check: ``rtol`` times the largest logit (at least 1)."""
+    return rtol * max(1.0, float(expected.abs().max()))
+
+
 def verify_export(out_dir: Path, ids: Any, expected: Any, rtol: float) -> tuple[float, float]:
     """Reload the export with plain transformers and compare logits with the in-engine model.
 
@@ -65,20 +81,16 @@ def verify_export(out_dir: Path, ids: Any, expected: Any, rtol: float) -> tuple[
     model = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
-    diff = float((got - expected).abs().max())
-    scale = max(1.0, float(expected.abs().max()))
-    tol = rtol * scale
+    diff, tol = float((got - expected).abs().max()), logit_bound(expected, rtol)
     if not diff <= tol:
         raise ExportError(f"exported model at {out_dir} does not reproduce the trained model: max |logit diff| "
-                          f"{diff:.3g} > {tol:.3g} ({rtol:g} x max(1, max |logit| = {scale:.3g}))")
+                          f"{diff:.3g} > {tol:.3g} ({rtol:g} x max(1, max |logit| = {tol / rtol:.3g}))")
     return diff, tol
 
 
 def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, verify: bool = True) -> Path:
     """Write ``out_dir`` (config, safetensors weights, tokenizer) atomically on rank 0, then reload
     it and check its logits against the in-engine model (``export_check.json``)."""
-    import torch
-
     from pipeline.engine.distributed import all_true
     from pipeline.engine.health import local_params_finite
     from pipeline.io import atomic_write_json
@@ -98,11 +110,7 @@ def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, verify: bool = T
             tokenizer.save_pretrained(tmp)
         log.info("exported HF model to %s", out_dir)
         if probe is not None:
-            # bf16 training exports bf16 weights: compare at that precision's resolution.
-            # fp32 round-off between the two attention paths grows with depth: 1e-5 up to 4 layers
-            # (the tiny models), proportionally more beyond (SmolLM2's 30 layers: 7.5e-5; measured 3.9e-5)
-            depth = max(1.0, int(getattr(engine.module.config, "num_hidden_layers", 1)) / 4)
-            rtol = 1e-5 * depth if next(engine.module.parameters()).dtype == torch.float32 else 5e-2
+            rtol = export_rtol(engine.module)
             diff, tol = verify_export(out_dir, probe[0], probe[1], rtol)
             atomic_write_json(out_dir.parent / "export_check.json", {"max_abs_logit_diff": diff, "tolerance": tol,
                                                                      "relative_tolerance": rtol})

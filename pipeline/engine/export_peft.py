@@ -8,8 +8,9 @@ model directory, which is what evaluation and every later step read.
 Under ZeRO-3 only the adapter weights are gathered (``GatheredParameters``; collective, every rank
 calls). The merged model is built on rank 0 from the base on disk plus the adapter just written —
 the base is frozen, so it equals the weights trained against, and the reload path is exactly the one
-users take. Both reloads are checked against the in-engine model's logits on a fixed probe
-(``export_check.json``), with the same relative bound as the full-model export.
+users take. Both are checked against the in-engine model's logits on a fixed probe
+(``export_check.json``), with the same relative bound as the full-model export: base + adapter
+before merging (the merged model is not written when it fails), the merged directory reloaded from disk.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.engine.distributed import all_true, barrier, is_main_process
-from pipeline.engine.export import ExportError, _probe_logits, verify_export
+from pipeline.engine.export import ExportError, _probe_logits, export_rtol, logit_bound, verify_export
 from pipeline.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -68,23 +69,25 @@ def export_lora(engine: Any, tokenizer: Any, out_dir: str | Path, adapter_dir: s
             with atomic_dir(adapter_dir) as tmp:
                 peft_model.save_pretrained(tmp, safe_serialization=True)
     if is_main_process():
+        # One load of base + adapter serves both outputs: its logits check the adapter reload, then the
+        # same model is merged in place and saved (a 7B load costs minutes on a shared filesystem).
+        rtol = export_rtol(peft_model)
         with torch.no_grad():
-            merged = load_lora(base_path, adapter_dir, dtype, model_cfg).merge_and_unload()
+            model = load_lora(base_path, adapter_dir, dtype, model_cfg)
+            if probe is not None:
+                got = model(input_ids=probe[0], attention_mask=torch.ones_like(probe[0])).logits.float()
+                a_diff, tol = float((got - probe[1]).abs().max()), logit_bound(probe[1], rtol)
+                if not a_diff <= tol:
+                    raise ExportError(f"the exported adapter at {adapter_dir} on its base does not reproduce the "
+                                      f"trained model: max |logit diff| {a_diff:.3g} > {tol:.3g}")
+            merged = model.merge_and_unload()
         with atomic_dir(out_dir) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-        del merged
+        del merged, model
         log.info("exported LoRA adapter to %s and the merged model to %s", adapter_dir, out_dir)
         if probe is not None:
-            rtol = 1e-5 if next(peft_model.parameters()).dtype == torch.float32 else 5e-2
             diff, tol = verify_export(out_dir, probe[0], probe[1], rtol)
-            reloaded = load_lora(base_path, adapter_dir, dtype, model_cfg)
-            with torch.no_grad():
-                got = reloaded(input_ids=probe[0], attention_mask=torch.ones_like(probe[0])).logits.float()
-            a_diff = float((got - probe[1]).abs().max())
-            if not a_diff <= tol:
-                raise ExportError(f"the exported adapter at {adapter_dir} on its base does not reproduce the trained "
-                                  f"model: max |logit diff| {a_diff:.3g} > {tol:.3g}")
             atomic_write_json(out_dir.parent / "export_check.json",
                               {"max_abs_logit_diff": diff, "adapter_max_abs_logit_diff": a_diff, "tolerance": tol,
                                "relative_tolerance": rtol, "lora": True})

@@ -2,7 +2,8 @@
 
 When ``UnlearningTrainer.train`` is entered it writes ``$ASU_SPY_OUT/rank<R>.json``: how many
 transformers models exist in the process (``gc``, :func:`model_roots`), the reference's type, and how many parameter
-elements the optimizer holds vs the LoRA adapters — then the real training runs unchanged.
+elements the optimizer holds vs the LoRA adapters — then the real training runs unchanged. A LoRA
+export adds ``$ASU_SPY_OUT/export_rank<R>.json``: how often it loaded the base model with its adapter.
 """
 
 import json
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "launchers"))
 import _bootstrap  # noqa: E402,F401  (environment before anything imports deepspeed)
 
+import pipeline.engine.export_peft as export_peft  # noqa: E402
 import pipeline.engine.trainer as trainer_mod  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
@@ -48,4 +50,17 @@ def train(self):
 
 
 trainer_mod.UnlearningTrainer.train = train
+_load_lora, _loads = export_peft.load_lora, []
+
+
+def load_lora(*args, **kwargs):
+    _loads.append(1)
+    if "ASU_SPY_OUT" in os.environ:
+        out = Path(os.environ["ASU_SPY_OUT"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"export_rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps({"base_loads": len(_loads)}))
+    return _load_lora(*args, **kwargs)
+
+
+export_peft.load_lora = load_lora
 runpy.run_path(str(ROOT / "launchers" / "train.py"), run_name="__main__")
