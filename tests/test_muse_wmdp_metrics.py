@@ -64,10 +64,22 @@ def test_auc_and_privleak_by_hand():
     # 0.35 > 0.2 -> 1; 0.1 -> 0; 0.55 beats all 3 -> 3  => 4 / 9
     auc_retrain = MU.auc_mann_whitney([0.35, 0.1, 0.55], [0.4, 0.2, 0.5])
     assert auc_retrain == pytest.approx(4 / 9)
-    # PrivLeak = (5.5/9 - 4/9) / (4/9) * 100 = 1.5/4 * 100 = 37.5
-    assert MU.privleak(auc_unlearn, auc_retrain) == pytest.approx(37.5)
-    # without a retrained model's AUC the reference is 0.5: (5.5/9 - 0.5)/0.5*100 = (1/9)/0.5*100 = 22.22..
-    assert MU.privleak(auc_unlearn) == pytest.approx(200 / 9)
+    # PrivLeak on MUSE's AUC (forget labelled 0, holdout 1: 1 - ours): unlearned 3.5/9, retrained 5/9
+    # -> (3.5/9 - 5/9) / (5/9) * 100 = -1.5/5 * 100 = -30 (the forget set is still more detectable)
+    assert MU.privleak(auc_unlearn, auc_retrain) == pytest.approx(-30.0)
+    # without a retrained model's AUC the reference is 0.5: (3.5/9 - 0.5)/0.5*100 = -200/9
+    assert MU.privleak(auc_unlearn) == pytest.approx(-200 / 9)
+    # a memorising target (every forget text above every holdout text) is MUSE's -100; retraining 0
+    assert MU.privleak(1.0) == pytest.approx(-100.0) and MU.privleak(0.6, 0.6) == 0.0
+    # the AUC MUSE's own script computes (sklearn roc_curve on y = [0]*forget + [1]*holdout, score =
+    # -Min-K "ppl"), and open-unlearning's privleak on its mia_auc, give the same PrivLeak
+    from sklearn.metrics import roc_auc_score
+
+    def muse_auc(f, h):  # MUSE stores ppl = -(Min-K score) per text and ranks by -ppl, the Min-K score
+        return roc_auc_score([0] * len(f) + [1] * len(h), f + h)
+
+    u, r = muse_auc(forget, holdout), muse_auc([0.35, 0.1, 0.55], [0.4, 0.2, 0.5])
+    assert MU.privleak(auc_unlearn, auc_retrain) == pytest.approx((u - r) / r * 100)
     assert MU.auc_mann_whitney([1.0, 2.0], [0.0]) == 1.0 and MU.auc_mann_whitney([0.0], [1.0, 2.0]) == 0.0
     assert math.isnan(MU.auc_mann_whitney([], [1.0]))
 
@@ -76,7 +88,7 @@ def test_muse_metrics_summary_from_min_k_scores():
     f = MU.ExampleResults("privleak_forget", [0, 1, 2], {"min_k": [0.9, 0.5, 0.3]})
     h = MU.ExampleResults("privleak_holdout", [0, 1, 2], {"min_k": [0.6, 0.2, 0.5]})
     out = MU.muse_metrics(mink_forget=f, mink_holdout=h, retrain_auc=4 / 9)
-    assert out["privleak_auc"] == pytest.approx(5.5 / 9) and out["privleak"] == pytest.approx(37.5)
+    assert out["privleak_auc"] == pytest.approx(5.5 / 9) and out["privleak"] == pytest.approx(-30.0)
     assert out["privleak_reference"] == "retrain"
     assert MU.muse_metrics(mink_forget=f, mink_holdout=h)["privleak_reference"] == "default_0.5"
 

@@ -8,9 +8,10 @@
   F1 (reported) and recall against the answer; mean over questions (forget and retain QA).
 * **PrivLeak** — Min-K% Prob (k=0.4) membership score per text: the mean of the lowest 40 % of its
   token log-probabilities (higher = more likely a member). AUC of forget (positives) vs holdout
-  (negatives) by the Mann-Whitney rank formula;
-  ``PrivLeak = (AUC_unlearn - AUC_retrain) / AUC_retrain * 100`` (0 = like the retrained model,
-  large positive = forget set still detectable, negative = over-unlearned).
+  (negatives) by the Mann-Whitney rank formula (``privleak_auc``); PrivLeak as MUSE defines and
+  reports it, on MUSE's AUC, which is ``1 - privleak_auc`` (see :func:`privleak`): 0 = like the
+  retrained model, negative = forget set still detectable (a target model: about -100), positive =
+  over-unlearned.
 
 Data parallel like :func:`pipeline.eval.tofu.evaluate_split`: pass the full split on every rank
 with ``rank``/``world_size``; each rank handles ``rows[rank::world_size]`` and makes the same
@@ -87,11 +88,15 @@ def auc_mann_whitney(positive: Sequence[float], negative: Sequence[float]) -> fl
 
 
 def privleak(auc_unlearn: float, auc_retrain: float = 0.5) -> float:
-    """``(AUC_unlearn - AUC_retrain) / AUC_retrain * 100`` (MUSE). Without a retrained model's AUC
-    open-unlearning uses 0.5 (the default here)."""
-    if not auc_retrain > 0:
+    """MUSE's ``(AUC_unlearn - AUC_retrain) / AUC_retrain * 100`` on MUSE's AUC, which labels the
+    forget texts 0 and the holdout texts 1 (``privleak/scripts/get_ppl.py``: ``forget_holdout``), i.e.
+    ``1 - auc`` of the AUCs here (forget positive): ``(auc_retrain - auc_unlearn) / (1 - auc_retrain)
+    * 100``. open-unlearning's ``privleak`` computes the same (``score = 1 - auc``). Without a
+    retrained model's AUC the reference is 0.5, as open-unlearning's ``ref_value``."""
+    ref = 1.0 - auc_retrain
+    if not ref > 0:
         return float("nan")
-    return (auc_unlearn - auc_retrain) / auc_retrain * 100.0
+    return ((1.0 - auc_unlearn) - ref) / ref * 100.0
 
 
 def cut_at_stops(text: str, stops: Sequence[str] = KNOWMEM_STOP) -> str:
