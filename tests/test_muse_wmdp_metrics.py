@@ -105,6 +105,8 @@ def test_token_logprobs_and_min_k_match_manual_loop():
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
         manual = [logp[i - 1, ids[i]].item() for i in range(1, len(ids))]
         assert lp == pytest.approx(manual, abs=1e-5)
+    # max_length counts text tokens after <bos> (open-unlearning's MUSE_MIA): 3 of the first text's 6
+    assert MU.token_logprobs(model, tok, texts[:1], batch_size=1, max_length=3)[0] == pytest.approx(got[0][:3], abs=1e-5)
     rows = [{"text": t} for t in texts]
     res = MU.evaluate_mink(model, tok, rows, MU.MuseSettings(batch_size=2, mink_k=0.4))
     assert res.values["min_k"][0] == pytest.approx(MU.min_k_score(got[0], 0.4))

@@ -45,7 +45,7 @@ QA_PROMPT = "Question: {question}\nAnswer: "
 @dataclass
 class MuseSettings:
     batch_size: int = 8
-    max_length: int = 2048  # Min-K%: texts are cut to this many tokens (incl. <bos>)
+    max_length: int = 2048  # Min-K%: texts are cut to this many tokens after <bos> (open-unlearning's MUSE_MIA)
     verbmem_max_new_tokens: int = 128
     knowmem_max_new_tokens: int = 32
     mink_k: float = 0.4
@@ -131,9 +131,13 @@ def token_logprobs(
     num_batches: Optional[int] = None,
 ) -> list[list[float]]:
     """Log-probability of every token of each text (after ``<bos>``, no ``<eos>``), teacher
-    forced, texts cut to ``max_length`` tokens. Right-padded batches sorted by length."""
+    forced, texts cut to ``max_length`` tokens after ``<bos>`` (open-unlearning's ``CompletionDataset``
+    keeps ``max_length`` text tokens: a 2048-token MUSE text is scored whole). Right-padded batches
+    sorted by length."""
+    keep = max_length + (tokenizer.bos_token_id is not None)
+
     def example(text: str, add_eos: bool) -> dict:
-        e = encode_text(tokenizer, text, max_length, add_eos=add_eos)
+        e = encode_text(tokenizer, text, keep, add_eos=add_eos)
         return {"input_ids": e.input_ids, "labels": e.labels}
 
     out: list[list[float]] = [[] for _ in texts]
