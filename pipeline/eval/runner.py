@@ -349,6 +349,10 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
                                                              truth_ratio_reference(cfg)) if is_main_process() else None),
                        reuse=bool(OmegaConf.select(cfg, "eval.resume", default=True))) if parts_dir else None
     family = data.name.split(":")[0]
+    if family != "wmdp":
+        log.info("ROUGE-L on %s tokens (data.rouge_stemmer=%s)",
+                 "Porter-stemmed (rouge_score, as open-unlearning)" if rouge_stemmer(cfg) else "unstemmed",
+                 str(rouge_stemmer(cfg)).lower())
     if family in ("muse", "wmdp"):
         metrics, details = (evaluate_muse if family == "muse" else evaluate_mcq_splits)(cfg, model, tokenizer, data,
                                                                                         parts)
