@@ -71,8 +71,8 @@ def test_auc_and_privleak_by_hand():
     assert MU.privleak(auc_unlearn) == pytest.approx(-200 / 9)
     # a memorising target (every forget text above every holdout text) is MUSE's -100; retraining 0
     assert MU.privleak(1.0) == pytest.approx(-100.0) and MU.privleak(0.6, 0.6) == 0.0
-    # the AUC MUSE's own script computes (sklearn roc_curve on y = [0]*forget + [1]*holdout, score =
-    # -Min-K "ppl"), and open-unlearning's privleak on its mia_auc, give the same PrivLeak
+    # MUSE's own formula on the AUC its script computes (sklearn, y = [0]*forget + [1]*holdout, score =
+    # -ppl, where its Min-K "ppl" is minus our Min-K score) gives the same PrivLeak
     from sklearn.metrics import roc_auc_score
 
     def muse_auc(f, h):  # MUSE stores ppl = -(Min-K score) per text and ranks by -ppl, the Min-K score
