@@ -52,7 +52,8 @@ def code_digest() -> str:
 
 
 
-def parts_key(cfg: DictConfig, model_dir: str | Path, dtype: str, world_size: int, truth_ratio_reference: str) -> dict:
+def parts_key(cfg: DictConfig, model_dir: str | Path, dtype: str, world_size: int, truth_ratio_reference: str,
+              rouge_stemmer: bool) -> dict:
     """What every split's numbers depend on besides its rows (JSON-able)."""
     from pipeline.eval.reference import model_fingerprint
 
@@ -60,7 +61,7 @@ def parts_key(cfg: DictConfig, model_dir: str | Path, dtype: str, world_size: in
     prompt = {k: OmegaConf.select(cfg, f"model.{k}") for k in ("prompt_format", "chat_template", "system_prompt")}
     return json.loads(json.dumps({"schema": KEY_SCHEMA, "model": model_fingerprint(model_dir), "eval": ev,
                                   "prompt": prompt, "truth_ratio_reference": truth_ratio_reference, "dtype": dtype,
-                                  "rouge_stemmer": bool(OmegaConf.select(cfg, "data.rouge_stemmer", default=False)),
+                                  "rouge_stemmer": rouge_stemmer,
                                   "world_size": world_size, "code": code_digest()}, sort_keys=True, default=str))
 
 

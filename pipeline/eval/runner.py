@@ -345,20 +345,21 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
 
     model = ModelOnDemand(lambda: _load_eval_model(model_dir, cfg))
     world = dist.get_world_size() if dist.is_initialized() else 1
+    stem = rouge_stemmer(cfg)
     parts = SplitParts(parts_dir, broadcast_object(parts_key(cfg, model_dir, eval_dtype(cfg), world,
-                                                             truth_ratio_reference(cfg)) if is_main_process() else None),
+                                                             truth_ratio_reference(cfg), stem)
+                                                   if is_main_process() else None),
                        reuse=bool(OmegaConf.select(cfg, "eval.resume", default=True))) if parts_dir else None
     family = data.name.split(":")[0]
     if family != "wmdp":
         log.info("ROUGE-L on %s tokens (data.rouge_stemmer=%s)",
-                 "Porter-stemmed (rouge_score, as open-unlearning)" if rouge_stemmer(cfg) else "unstemmed",
-                 str(rouge_stemmer(cfg)).lower())
+                 "Porter-stemmed (rouge_score, as open-unlearning)" if stem else "unstemmed", str(stem).lower())
     if family in ("muse", "wmdp"):
         metrics, details = (evaluate_muse if family == "muse" else evaluate_mcq_splits)(cfg, model, tokenizer, data,
                                                                                         parts)
         metrics[EVALUATION_KEY] = _placement(cfg, model, parts)
         if family == "muse":
-            metrics[EVALUATION_KEY]["rouge_stemmer"] = rouge_stemmer(cfg)
+            metrics[EVALUATION_KEY]["rouge_stemmer"] = stem
         # lm-eval (eval.lm_eval) is not run here but by add_lm_eval, after the job's last collective.
         return metrics, details
 
