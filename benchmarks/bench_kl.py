@@ -86,14 +86,32 @@ def _step_fn(spec: dict):
 
     def step():
         loss = loss_fn()
-        torch.autograd.grad(loss, (h_s, W_s))
-        return loss
+        return loss, torch.autograd.grad(loss, (h_s, W_s))
 
     return step
 
 
+def _errors_vs_fp32(spec: dict, loss, grads) -> dict:
+    """Loss relative error and grad errors (max abs error / max abs reference) of one call against
+    the naive KL in fp32 on the same inputs: the price of the implementation's precision."""
+    import torch
+
+    from kernels.reference import naive_linear_kl
+
+    h_s, W_s, h_t, W_t, labels, seq_ids = (x.float() if x.is_floating_point() else x for x in _build(spec))
+    h_s, W_s = h_s.detach().requires_grad_(True), W_s.detach().requires_grad_(True)
+    ref = naive_linear_kl(h_s, W_s, h_t, W_t, labels=labels, seq_ids=seq_ids, reduction=spec["reduction"])
+    ref_grads = torch.autograd.grad(ref, (h_s, W_s))
+    loss, ref = float(loss.detach()), float(ref.detach())
+    out = {"loss_rel_err": abs(loss - ref) / max(abs(ref), 1e-12)}
+    for name, a, b in zip(("grad_h", "grad_W"), grads, ref_grads):
+        out[f"{name}_err"] = float((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-12))
+    return out
+
+
 def worker(spec: dict) -> dict:
-    """Measure one (config, impl): peak memory of the first call, then timing."""
+    """Measure one (config, impl): peak memory of the first call, then timing, then its errors
+    against the fp32 naive KL (computed last, so it adds to neither)."""
     step = _step_fn(spec)
     if spec["device"] == "cuda":
         step()  # compile / warm the allocator before measuring the peak
@@ -101,7 +119,9 @@ def worker(spec: dict) -> dict:
     else:
         peak = cpu_peak_bytes(step)
     t = time_fn(step, spec["device"], warmup=spec.get("warmup", 0), iters=spec["iters"])
-    return {"peak_bytes": peak, **t}
+    loss, grads = step()
+    del step
+    return {"peak_bytes": peak, **t, "vs_fp32": _errors_vs_fp32(spec, loss, grads)}
 
 
 def main() -> None:
@@ -162,7 +182,8 @@ def main() -> None:
             print(f"  V={V} {impl}: {r}", flush=True)
         results.append(row)
 
-    headers = ["V", "N", "H", "impl", "ms (median)", "peak MiB", "time vs naive", "memory vs naive"]
+    headers = ["V", "N", "H", "impl", "ms (median)", "peak MiB", "time vs naive", "memory vs naive",
+               "loss err", "dh err", "dW err"]
     table = []
     for row in results:
         base = row["naive"]
@@ -170,13 +191,14 @@ def main() -> None:
             r = row.get(impl)
             if r is None or "error" in r:
                 if r is not None:
-                    table.append([row["vocab"], row["rows"], row["hidden"], impl, "error", r["error"], "-", "-"])
+                    table.append([row["vocab"], row["rows"], row["hidden"], impl, "error", r["error"]] + ["-"] * 5)
                 continue
             tr = r["ms_median"] / base["ms_median"] if "ms_median" in base else None
             mr = (r["peak_bytes"] / base["peak_bytes"]) if base.get("peak_bytes") and r.get("peak_bytes") else None
             row.setdefault("ratios", {})[impl] = {"time": tr, "memory": mr}
             table.append([row["vocab"], row["rows"], row["hidden"], impl, fmt(r["ms_median"], ".1f"),
-                          mib(r.get("peak_bytes")), fmt(tr, ".3f"), fmt(mr, ".3f")])
+                          mib(r.get("peak_bytes")), fmt(tr, ".3f"), fmt(mr, ".3f")] +
+                         [fmt(r.get("vs_fp32", {}).get(k), ".1e") for k in ("loss_rel_err", "grad_h_err", "grad_W_err")])
     print()
     text = print_table(headers, table)
     for n in notes:

@@ -10,8 +10,9 @@ Each part writes ``benchmarks/results/gpu_<gpu>_<part>.json`` with the GPU named
   d=128, bf16, forward + backward, causal.
 * ``kl``         — fused vs naive KL at V=32k and 128k (``bench_kl.py``): time and peak memory.
 * ``step``       — one ASU step (live teacher, ZeRO-3, one GPU) of a random ~1B Llama
-  (``bench_step.py --scale 1b --ranks 1``): tokens/s and CUDA peak memory against the memory
-  preflight's prediction (``pipeline.engine.preflight.plan_memory``) for the same setting.
+  (``bench_step.py --scale 1b --ranks 1``), with the naive and the fused KL (``kernels.kl``):
+  tokens/s and CUDA peak memory against the memory preflight's prediction
+  (``pipeline.engine.preflight.plan_memory``) for the same setting.
 * ``eval``       — the evaluation model placed on the GPU (``eval.dtype`` auto = bf16 here, and
   float32): device and dtype as chosen, TOFU answer probabilities against the CPU float32
   evaluation of the same rows; host memory of a 134M model's GPU load against its file size.
@@ -276,27 +277,32 @@ def part_step(timeout: int, batch: int = 4, seq: int = 512) -> None:
     from pipeline.config import DeepSpeedConfig
     from pipeline.engine.preflight import arch_from_dict, plan_memory
 
+    variants = {"asu_live_naive": "naive", "asu_live_fused": "fused"}  # variant -> kernels.kl
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "bench_step_scale_cuda.json"
-        _run([sys.executable, str(HERE / "bench_step.py"), "--scale", "1b", "--ranks", "1", "--variants",
-              "asu_live_naive", "--batch", str(batch), "--seq", str(seq), "--steps", "3", "--warmup", "1",
-              "--out", str(out)], timeout)
+        _run([sys.executable, str(HERE / "bench_step.py"), "--scale", "1b", "--ranks", "1", "--variants", *variants,
+              "--batch", str(batch), "--seq", str(seq), "--steps", "6", "--warmup", "2", "--out", str(out)], timeout)
         payload = json.loads(next(Path(d).glob("bench_step_scale*.json")).read_text())
     ds = DeepSpeedConfig()
-    plan = plan_memory(arch_from_dict(dict(SIZES["1b"], tie_word_embeddings=False)), 1, 1, precision="bf16",
-                       zero_stage=3, offload_optimizer="none", offload_param="none", uses_reference=True,
-                       batch_size=batch, retain_batch_size=batch, seq_len=seq, kl_impl="naive",
-                       activation_checkpointing=bool(ds.activation_checkpointing), flash_attention=True)
-    res = payload["results"]["asu_live_naive"]
-    measured = max(x for x in res["cuda_peak_mib_per_rank"] if x is not None)
-    predicted = plan.gpu_total / 2**20
-    print(f"step: {res['tokens_per_s']:.0f} tokens/s, CUDA peak {measured:.0f} MiB, preflight predicted "
-          f"{predicted:.0f} MiB ({measured / predicted:.2f}x)", flush=True)
-    _write("step", {"source": f"benchmarks/bench_step.py --scale 1b --ranks 1 --variants asu_live_naive "
+    rows = {}
+    for variant, kl in variants.items():
+        plan = plan_memory(arch_from_dict(dict(SIZES["1b"], tie_word_embeddings=False)), 1, 1, precision="bf16",
+                           zero_stage=3, offload_optimizer="none", offload_param="none", uses_reference=True,
+                           batch_size=batch, retain_batch_size=batch, seq_len=seq, kl_impl=kl,
+                           activation_checkpointing=bool(ds.activation_checkpointing), flash_attention=True)
+        res = payload["results"][variant]
+        measured = max(x for x in res["cuda_peak_mib_per_rank"] if x is not None)
+        predicted = plan.gpu_total / 2**20
+        rows[variant] = {"kernels.kl": kl, "tokens_per_s": res["tokens_per_s"], "step_ms": res["step_ms"],
+                         "cuda_peak_mib": measured, "preflight_predicted_mib": predicted,
+                         "measured_over_predicted": measured / predicted,
+                         "preflight_components_mib": {k: v / 2**20 for k, v in plan.per_gpu.items()}}
+        print(f"step ({variant}): {res['tokens_per_s']:.0f} tokens/s, CUDA peak {measured:.0f} MiB, preflight "
+              f"predicted {predicted:.0f} MiB ({measured / predicted:.2f}x)", flush=True)
+    naive = rows["asu_live_naive"]
+    _write("step", {"source": f"benchmarks/bench_step.py --scale 1b --ranks 1 --variants {' '.join(variants)} "
                               f"--batch {batch} --seq {seq}",
-                    "tokens_per_s": res["tokens_per_s"], "step_ms": res["step_ms"], "cuda_peak_mib": measured,
-                    "preflight_predicted_mib": predicted, "measured_over_predicted": measured / predicted,
-                    "preflight_components_mib": {k: v / 2**20 for k, v in plan.per_gpu.items()},
+                    **{k: v for k, v in naive.items() if k != "kernels.kl"}, "variants": rows,
                     "bench_step": payload})
 
 

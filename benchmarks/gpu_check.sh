@@ -6,7 +6,7 @@
 #   attention - tempered attention via sdpa / flash_attn / triton vs untempered SDPA / flash-attn,
 #               B=4 H=32 T=4096 d=128 bf16, forward + backward
 #   kl        - fused vs naive KL at V=32k and 128k: time and peak memory (bench_kl.py)
-#   step      - one ASU step (live teacher, ZeRO-3, one GPU) of a random ~1B Llama: tokens/s and
+#   step      - one ASU step (live teacher, ZeRO-3, one GPU) of a random ~1B Llama, naive and fused KL: tokens/s and
 #               peak memory vs the memory preflight's prediction (bench_step.py --scale 1b)
 #   eval      - the evaluation model on the GPU in eval.dtype (auto = bf16, and float32) vs the CPU
 #               float32 evaluation of the same rows; host memory of a 134M model's GPU load

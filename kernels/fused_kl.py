@@ -14,7 +14,9 @@ in the forward pass and the backward only scales them by ``grad_output``. Ignore
 ``labels == ignore_index``) are dropped before any GEMM.
 
 Peak extra memory: three reused chunk×V fp32 buffers + the gradient buffers (N×H and V×H fp32), the
-chunk being chosen so that one chunk×V fp32 block stays within ``max_chunk_bytes`` (64 MiB).
+chunk being chosen so that one chunk×V fp32 block stays within ``max_chunk_bytes`` (64 MiB) — on a
+GPU at least ``CUDA_MIN_CHUNK_ROWS`` rows, since smaller chunks are bound by the weight gradient's
+memory traffic (see there).
 No gradient flows to the teacher (``h_t``, ``W_t``, ``b_t`` are treated as constants), which is
 what distillation from a frozen teacher needs.
 """
@@ -28,10 +30,15 @@ import torch.nn.functional as F
 
 from .reference import IGNORE_INDEX, flatten_rows, loss_row_mask, row_weights
 
-__all__ = ["fused_linear_kl", "default_chunk_size", "DEFAULT_MAX_CHUNK_BYTES"]
+__all__ = ["fused_linear_kl", "default_chunk_size", "DEFAULT_MAX_CHUNK_BYTES", "CUDA_MIN_CHUNK_ROWS"]
 
 DEFAULT_MAX_CHUNK_BYTES = 64 * 1024 * 1024  # upper bound on one chunk×V fp32 block
 DEFAULT_MIN_CHUNK_BYTES = 4 * 1024 * 1024  # below this, chunking only adds overhead
+# Each chunk reads and writes the whole V×H fp32 weight gradient once; on a GPU that traffic must stay
+# small beside the chunk's four GEMMs (8·rows·V·H FLOPs), i.e. rows ≫ FLOP/s ÷ bandwidth (≈ 180 on an
+# H200): at 1024 rows it is under a fifth of them. 128-row chunks (the 64 MiB budget at V = 128k) made
+# the fused KL 2.4x slower than the naive one on an H200 (benchmarks/results/gpu_nvidia_h200_kl.json).
+CUDA_MIN_CHUNK_ROWS = 1024
 
 
 def default_chunk_size(
@@ -40,18 +47,20 @@ def default_chunk_size(
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES,
     max_fraction: float = 1 / 16,
+    min_rows: int = 1,
 ) -> int:
     """Rows per chunk so that one chunk×vocab fp32 block stays within a budget.
 
     budget = min(max_chunk_bytes, max(min_chunk_bytes, max_fraction · N·V·4)): at most 64 MiB per
     block, and at most 1/16 of the full logit matrix unless that is under 4 MiB (tiny problems run
-    in one or a few chunks). At least 1 row, at most ``n_rows``; rounded down to a multiple of 8
-    above 8 rows, for GEMM-friendly shapes.
+    in one or a few chunks). At least ``min_rows`` (``CUDA_MIN_CHUNK_ROWS`` on a GPU: the budget
+    gives way to GEMM efficiency there) and at most ``n_rows``; rounded down to a multiple of 8 above
+    8 rows, for GEMM-friendly shapes.
     """
     n = max(1, int(n_rows))
     v = max(1, int(vocab))
     budget = min(max_chunk_bytes, max(min_chunk_bytes, int(max_fraction * n * v * 4)))
-    c = max(1, budget // (4 * v))
+    c = max(1, budget // (4 * v), int(min_rows))
     if c > 8:
         c -= c % 8
     return int(max(1, min(c, n)))
@@ -91,6 +100,20 @@ def _chunk_kl_and_grad(ls: torch.Tensor, lt: torch.Tensor, tmp: torch.Tensor, w:
     return kl, g
 
 
+def _accumulate_weight_grad(grad_W: torch.Tensor, g: torch.Tensor, g_low: torch.Tensor, hs: torch.Tensor) -> None:
+    """``grad_W += gᵀ hs`` into the fp32 ``grad_W``.
+
+    bf16/fp16 on CUDA: one low-precision GEMM accumulated in fp32 (``addmm`` with ``out_dtype``), as
+    the gradient of ``h`` is already formed from ``g_low``. The fp32 GEMM it replaces ran on no
+    tensor cores and made the fused KL 3-4x slower than the naive one on an H200
+    (benchmarks/results/gpu_nvidia_h200_kl.json). CPU has no such kernel: fp32 there.
+    """
+    if hs.is_cuda and hs.dtype in (torch.bfloat16, torch.float16) and g_low.dtype == hs.dtype:
+        torch.addmm(grad_W, g_low.t(), hs, out_dtype=torch.float32, out=grad_W)
+    else:
+        grad_W.addmm_(g.t(), hs if hs.dtype == torch.float32 else hs.float())
+
+
 class _FusedLinearKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, W_s, b_s, h_t, W_t, b_t, weights, chunk_size):
@@ -119,10 +142,12 @@ class _FusedLinearKL(torch.autograd.Function):
             w = weights[start:end]
             kl, g = _chunk_kl_and_grad(ls, lt, tmp, w)
             loss += (kl * w).sum()
+            low = W_s.dtype != torch.float32
+            g_low = g.to(W_s.dtype) if low and (need_h or need_w) else g
             if need_h:
-                grad_h[start:end] = (g if W_s.dtype == torch.float32 else g.to(W_s.dtype)) @ W_s
+                grad_h[start:end] = g_low @ W_s
             if need_w:
-                grad_W.addmm_(g.t(), hs if hs.dtype == torch.float32 else hs.float())
+                _accumulate_weight_grad(grad_W, g, g_low, hs)
             if need_b:
                 grad_b += g.sum(0)
         del bufs
@@ -190,8 +215,10 @@ def fused_linear_kl(
     ht = (h_t if all_kept else h_t.index_select(0, idx)).detach()
     w = weights if all_kept else weights.index_select(0, idx)
     if chunk_size is None:
+        gpu_rows = hs.is_cuda and max_chunk_bytes >= DEFAULT_MAX_CHUNK_BYTES  # a lowered budget is kept
         chunk_size = default_chunk_size(hs.shape[0], W_s.shape[0], max_chunk_bytes,
-                                        min(DEFAULT_MIN_CHUNK_BYTES, max_chunk_bytes))
+                                        min(DEFAULT_MIN_CHUNK_BYTES, max_chunk_bytes),
+                                        min_rows=CUDA_MIN_CHUNK_ROWS if gpu_rows else 1)
     chunk_size = max(1, int(chunk_size))
     return _FusedLinearKL.apply(hs, W_s, b_s, ht, None if W_t is None else W_t.detach(), None if b_t is None else b_t.detach(), w,
                                 chunk_size)

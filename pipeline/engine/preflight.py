@@ -139,6 +139,7 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     ``joint_pass``: ``trainer.passes=joint`` (one student forward over forget and retain rows);
     False for ``per_group``, whose two student forwards hold a full-size gradient in backward.
     """
+    from kernels.fused_kl import CUDA_MIN_CHUNK_ROWS, default_chunk_size
     from pipeline.engine.ds_config import CPU_BUFFERS, GPU_BUFFERS
 
     buf = dict(CPU_BUFFERS if cpu_ranks else GPU_BUFFERS, **(buffers or {}))
@@ -190,7 +191,11 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
         per_layer += int(5 * arch.num_attention_heads * seq_len * tokens * scale)
     g["activations (student)"] = (L * tokens * H * b + per_layer) if activation_checkpointing else L * per_layer
     if kl_impl == "fused":
-        g["distillation logits (fused, chunked)"] = min(tokens * arch.vocab_size * 4 * 3, 256 * 1024**2)
+        # three fp32 chunk × V blocks at the kernel's own chunk size, and its fp32 V × H accumulator of
+        # the head's weight gradient (none under LoRA: the head is frozen)
+        chunk = default_chunk_size(tokens, arch.vocab_size, min_rows=1 if cpu_ranks else CUDA_MIN_CHUNK_ROWS)
+        g["distillation logits (fused, chunked)"] = (3 * chunk * arch.vocab_size * 4 +
+                                                     (arch.vocab_size * H * 4 if lora_params == 0 else 0))
     else:
         # teacher + student fp32 logits, log-softmax copies and the gradient: ~4 B×T×V fp32 tensors
         # (an upper bound: the step forms logits at the loss positions only, which depend on the data)

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from kernels.fused_kl import DEFAULT_MAX_CHUNK_BYTES, _FusedLinearKL, default_chunk_size, fused_linear_kl
+from kernels.fused_kl import (
+    DEFAULT_MAX_CHUNK_BYTES,
+    _accumulate_weight_grad,
+    _FusedLinearKL,
+    default_chunk_size,
+    fused_linear_kl,
+)
 from kernels.reference import naive_linear_kl
 
 TOL = 1e-5
@@ -99,6 +105,40 @@ def test_bf16_close_to_fp32():
     torch.testing.assert_close(loss, ref.detach(), atol=3e-2, rtol=3e-2)
 
 
+def test_weight_grad_accumulates_in_fp32_whatever_the_device():
+    """grad_W += gᵀ h over several chunks: equal to one fp32 product of the same (bf16-rounded on a
+    GPU, where the product runs in bf16 with fp32 accumulation) inputs, not a bf16 running sum."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(11)
+    hs = torch.randn(96, 48, generator=g).to(dev, torch.bfloat16)
+    gs = (torch.randn(96, 200, generator=g) * 1e-3).to(dev)
+    acc = torch.zeros(200, 48, device=dev)
+    for rows in (slice(0, 40), slice(40, 41), slice(41, 96)):
+        _accumulate_weight_grad(acc, gs[rows], gs[rows].bfloat16(), hs[rows])
+    g_used = gs.bfloat16().float() if dev == "cuda" else gs
+    exp = g_used.t() @ hs.float()
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc, exp, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 GEMM path of the weight gradient is CUDA's")
+def test_bf16_cuda_as_close_to_fp32_as_naive_bf16():
+    h_s, W_s, h_t, W_t, _, _, labels, seq_ids = (x.cuda() if torch.is_tensor(x) else x for x in _data(N=300, H=64, V=5000, seed=8))
+    ref = naive_linear_kl(h_s, W_s, h_t, W_t, labels=labels, seq_ids=seq_ids)
+    ref_g = torch.autograd.grad(ref, (h_s, W_s))
+    errs = {}
+    for impl in ("naive", "fused"):
+        hb, Wb = (x.detach().bfloat16().requires_grad_(True) for x in (h_s, W_s))
+        args = (hb, Wb, h_t.bfloat16(), W_t.bfloat16())
+        loss = (fused_linear_kl(*args, labels=labels, seq_ids=seq_ids, chunk_size=37) if impl == "fused" else
+                naive_linear_kl(*args, labels=labels, seq_ids=seq_ids))
+        got = torch.autograd.grad(loss, (hb, Wb))
+        errs[impl] = [float((a.float() - b).abs().max() / b.abs().max()) for a, b in zip(got, ref_g)]
+        torch.testing.assert_close(loss.float(), ref.detach(), atol=3e-2, rtol=3e-2)
+    for fused_err, naive_err in zip(errs["fused"], errs["naive"]):
+        assert fused_err <= max(2 * naive_err, 1e-2), errs
+
+
 def test_chunk_size_bound_keeps_chunk_by_vocab_under_budget():
     for n, v in [(1, 10), (8192, 32_000), (8192, 128_256), (100, 7), (10**6, 256_000), (5, 10**9)]:
         c = default_chunk_size(n, v)
@@ -109,6 +149,9 @@ def test_chunk_size_bound_keeps_chunk_by_vocab_under_budget():
     assert default_chunk_size(8192, 128_256) == 128  # 64 MiB / (128256 * 4 B) = 130.8 -> 128
     assert default_chunk_size(100, 7) == 100
     assert default_chunk_size(1024, 32_000) == 64  # 1/16 of 1024 rows
+    # a GPU's floor (CUDA_MIN_CHUNK_ROWS) beats the byte budget, never the row count
+    assert default_chunk_size(8192, 128_256, min_rows=1024) == 1024
+    assert default_chunk_size(300, 128_256, min_rows=1024) == 300
 
 
 def test_no_full_n_by_v_block_is_formed(monkeypatch):
