@@ -14,6 +14,8 @@
 # still run (exit code 1 then). Without CUDA it prints one line and exits 0. CI never runs it.
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=... to choose the interpreter (default .venv/bin/python)
+# On a machine with a CUDA torch but without this project's packages (and no network), carry the
+# pinned wheels from benchmarks/gpu_wheels.sh (its header says how); 3-4 min on an H200.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"
