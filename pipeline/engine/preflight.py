@@ -260,6 +260,10 @@ def check_fits(plan: MemoryPlan, gpu_avail: int, host_avail: int, suggestions: l
             msg += ". Would fit: " + "; ".join(suggestions)
         else:
             msg += ". No offload setting or GPU count up to 64 fits: reduce batch size / sequence length"
+        if gpu_avail and plan.gpu_total > gpu_avail:
+            # the plan adds transients that never coexist (forward vs optimizer step): an upper bound
+            msg += (". The GPU estimate is an upper bound (a 1B ASU step on an H200 peaked at 0.66x of it); "
+                    "trainer.preflight=false skips this check")
         raise PreflightError(msg)
 
 
