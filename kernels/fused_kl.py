@@ -103,12 +103,13 @@ def _chunk_kl_and_grad(ls: torch.Tensor, lt: torch.Tensor, tmp: torch.Tensor, w:
 def _accumulate_weight_grad(grad_W: torch.Tensor, g: torch.Tensor, g_low: torch.Tensor, hs: torch.Tensor) -> None:
     """``grad_W += gᵀ hs`` into the fp32 ``grad_W``.
 
-    bf16/fp16 on CUDA: one low-precision GEMM accumulated in fp32 (``addmm`` with ``out_dtype``), as
-    the gradient of ``h`` is already formed from ``g_low``. The fp32 GEMM it replaces ran on no
-    tensor cores and made the fused KL 3-4x slower than the naive one on an H200
-    (benchmarks/results/gpu_nvidia_h200_kl.json). CPU has no such kernel: fp32 there.
+    bf16 on CUDA: one bf16 GEMM accumulated in fp32 (``addmm`` with ``out_dtype``), as the gradient
+    of ``h`` is already formed from ``g_low``. The fp32 GEMM it replaces ran on no tensor cores and
+    made the fused KL 3-4x slower than the naive one on an H200
+    (benchmarks/results/gpu_nvidia_h200_kl_fp32_weight_grad.json). CPU has no such kernel, and fp16
+    was not run on a GPU: fp32 there.
     """
-    if hs.is_cuda and hs.dtype in (torch.bfloat16, torch.float16) and g_low.dtype == hs.dtype:
+    if hs.is_cuda and hs.dtype == torch.bfloat16 and g_low.dtype == hs.dtype:
         torch.addmm(grad_W, g_low.t(), hs, out_dtype=torch.float32, out=grad_W)
     else:
         grad_W.addmm_(g.t(), hs if hs.dtype == torch.float32 else hs.float())
