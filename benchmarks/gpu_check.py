@@ -16,6 +16,8 @@ Each part writes ``benchmarks/results/gpu_<gpu>_<part>.json`` with the GPU named
 * ``eval``       — the evaluation model placed on the GPU (``eval.dtype`` auto = bf16 here, and
   float32): device and dtype as chosen, TOFU answer probabilities against the CPU float32
   evaluation of the same rows; host memory of a 134M model's GPU load against its file size.
+* ``pipeline``   — ``launchers/train.py`` end to end on one GPU (the tiny test model, 3 ASU steps,
+  export + its check, evaluation): as the pipeline picks the ZeRO stage, and ZeRO-3 with the fused KL.
 
     python benchmarks/gpu_check.py --device cuda kernels
     python benchmarks/gpu_check.py --device cpu kernels   # refused: the parts measure CUDA only
@@ -375,9 +377,66 @@ def part_eval() -> None:
         sys.exit(1)
 
 
+# (run name, overrides): the pipeline's own 1-GPU choice (ZeRO stage auto = 0, naive KL), and ZeRO-3
+# with every weight partitioned and the fused KL (DeepSpeed's hooks and the fused head on a GPU)
+PIPELINE_RUNS = (
+    ("asu_kl_auto_stage", ["method=asu_kl"]),
+    ("asu_kl_zero3_fused", ["method=asu_kl", "deepspeed.zero_stage=3", "kernels=fused"]),
+)
+
+
+def part_pipeline(timeout: int) -> None:
+    """``launchers/train.py`` end to end on the GPU, as a user runs it on one GPU (no launcher): the
+    tiny test model trains 3 ASU steps, exports (and re-checks the export) and evaluates; once as
+    the pipeline picks the ZeRO stage, once under ZeRO-3 with the fused KL. Each run passes when it
+    exits 0 with an export check within tolerance and its attention and evaluation ran on CUDA."""
+    import os
+
+    from tests.helpers.tiny import build, train_overrides
+
+    out: dict = {"runs": {}}
+    ok = True
+    with tempfile.TemporaryDirectory() as d:
+        model_dir, data_dir = build(Path(d) / "tiny")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+                   HF_HUB_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
+        env.pop("DS_ACCELERATOR", None)
+        for name, extra in PIPELINE_RUNS:
+            args = train_overrides(model_dir, data_dir, Path(d) / "runs", name, steps=3) + extra
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "launchers/train.py", *args], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=timeout)
+            run = {"overrides": extra, "returncode": proc.returncode, "seconds": time.perf_counter() - t0}
+            res_path, check_path = (Path(d) / "runs" / name / f for f in ("results.json", "export_check.json"))
+            if proc.returncode != 0 or not res_path.exists():
+                run["stderr_tail"] = proc.stderr[-3000:]
+                run["pass"] = False
+            else:
+                res = json.loads(res_path.read_text())
+                check = json.loads(check_path.read_text())
+                run.update({k: res.get(k) for k in ("zero_stage", "attention_backend", "train_seconds", "job_seconds",
+                                                    "final_train", "step_passes", "reductions")})
+                run["evaluation"] = {k: res["evaluation"].get(k) for k in ("device", "dtype", "rows")}
+                run["metrics"] = {k: v for k, v in res["metrics"].items() if isinstance(v, (int, float))}
+                run["export_check"] = check
+                run["pass"] = (check["max_abs_logit_diff"] <= check["tolerance"]
+                               and res["attention_backend"]["device"] == "cuda"
+                               and str(res["evaluation"].get("device", "")).startswith("cuda"))
+            ok &= run["pass"]
+            out["runs"][name] = run
+            print(f"pipeline {name}: rc {proc.returncode}, {run['seconds']:.0f} s, "
+                  f"{'ok' if run['pass'] else 'FAIL'}", flush=True)
+            if "stderr_tail" in run:
+                print(run["stderr_tail"], flush=True)
+    out["pass"] = bool(ok)
+    _write("pipeline", out)
+    if not ok:
+        sys.exit(1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=("kernels", "attention", "kl", "step", "eval"))
+    ap.add_argument("part", choices=("kernels", "attention", "kl", "step", "eval", "pipeline"))
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--timeout", type=int, default=240, help="for the parts that launch a benchmark script")
     args = ap.parse_args()
@@ -387,7 +446,8 @@ def main() -> None:
         print(NO_CUDA)
         return
     {"kernels": part_kernels, "attention": part_attention,
-     "kl": lambda: part_kl(args.timeout), "step": lambda: part_step(args.timeout), "eval": part_eval}[args.part]()
+     "kl": lambda: part_kl(args.timeout), "step": lambda: part_step(args.timeout), "eval": part_eval,
+     "pipeline": lambda: part_pipeline(args.timeout)}[args.part]()
 
 
 if __name__ == "__main__":

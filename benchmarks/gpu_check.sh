@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a machine with one H100/H200 (about 7-9 minutes in all). It writes
-# benchmarks/results/gpu_<gpu>_{kernels,attention,kl,step,eval}.json, each naming the GPU:
+# One prepared GPU check for a machine with one H100/H200 (3-4 min on an H200 without the pipeline part,
+# at most 12 min by its parts' limits). It writes
+# benchmarks/results/gpu_<gpu>_{kernels,attention,kl,step,eval,pipeline}.json, each naming the GPU:
 #   kernels   - the Triton attention kernels compiled for real vs the fp32 reference: bf16 and fp16,
 #               forward + backward, odd shapes, GQA, causal + padding, per-head tau, dual output
 #   attention - tempered attention via sdpa / flash_attn / triton vs untempered SDPA / flash-attn,
@@ -10,6 +11,8 @@
 #               peak memory vs the memory preflight's prediction (bench_step.py --scale 1b)
 #   eval      - the evaluation model on the GPU in eval.dtype (auto = bf16, and float32) vs the CPU
 #               float32 evaluation of the same rows; host memory of a 134M model's GPU load
+#   pipeline  - launchers/train.py end to end on the GPU (tiny model, 3 ASU steps, export check,
+#               evaluation): ZeRO stage as picked (0), and ZeRO-3 with the fused KL
 # Each part has its own time limit; a part that fails or times out is reported and the others
 # still run (exit code 1 then). Without CUDA it prints one line and exits 0. CI never runs it.
 #
@@ -51,6 +54,7 @@ part 80 attention
 part 100 kl --timeout 90
 part 180 step --timeout 170
 part 90 eval
+part 150 pipeline --timeout 120
 echo "gpu_check: $((SECONDS - start)) s"
 ls -1 benchmarks/results/gpu_*.json 2>/dev/null
 exit "$status"
