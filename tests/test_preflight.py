@@ -89,3 +89,37 @@ def test_cli_dry_run_prints_plan_for_1_8_16_gpus_without_downloading():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "1 GPUs" in out.stdout and "8 GPUs" in out.stdout and "16 GPUs" in out.stdout
     assert "fits in" in out.stdout and "nothing loaded" in out.stdout
+
+
+def test_total_takes_the_larger_phase_not_both():
+    """Forward/backward transients and the optimizer step's never coexist (ZeRO-3 releases gathered
+    weights before step()): the total is the held terms plus the larger phase."""
+    from pipeline.engine.preflight import MemoryPlan
+
+    plan = MemoryPlan(1, 1, per_gpu={"student params": 10, "activations (student)": 7,
+                                     "gathered parameters (ZeRO-3 live set)": 2, "optimizer step temporaries": 8})
+    assert plan.gpu_total == 10 + 9
+    plan.per_gpu["optimizer step temporaries"] = 20
+    assert plan.gpu_total == 10 + 20
+
+
+def test_plan_bounds_the_measured_h200_step_from_above_and_closely():
+    """The committed GPU measurement (benchmarks/gpu_check.sh, step part: a 1B ASU step, ZeRO-3 on one
+    H200, naive and fused KL) against the plan for the same setting: an upper bound, within 25%."""
+    import json
+
+    from pipeline.config import DeepSpeedConfig
+    from pipeline.engine.preflight import arch_from_dict, plan_memory
+
+    rec = json.loads((ROOT / "benchmarks/results/gpu_nvidia_h200_step.json").read_text())
+    cfg = rec["bench_step"]["config"]
+    assert cfg["ranks"] == 1 and cfg["offload_optimizer"] == "none"
+    for variant, row in rec["variants"].items():
+        plan = plan_memory(arch_from_dict(dict(cfg["model"], tie_word_embeddings=False)), 1, 1, precision="bf16",
+                           zero_stage=3, offload_optimizer="none", offload_param="none", uses_reference=True,
+                           batch_size=cfg["batch"], retain_batch_size=cfg["batch"], seq_len=cfg["seq"],
+                           kl_impl=row["kernels.kl"],
+                           activation_checkpointing=bool(DeepSpeedConfig().activation_checkpointing),
+                           flash_attention=True)
+        ratio = row["cuda_peak_mib"] * 2**20 / plan.gpu_total
+        assert 0.75 <= ratio <= 1.0, (variant, ratio)

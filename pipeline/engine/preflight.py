@@ -102,6 +102,22 @@ def lora_param_count(arch: ArchSpec, model_cfg: Any) -> int:
     return n_layers * per_layer
 
 
+# Device terms alive in one phase of a step only. DeepSpeed's ZeRO-3 step() releases every gathered
+# parameter before the optimizer runs, and the activations and logits are gone after backward: the
+# two phases' transients never coexist. Adding them (as this plan did) over-predicted a 1B ASU step
+# on an H200 by 1.5x (benchmarks/results/gpu_nvidia_h200_step.json). Everything else is held throughout.
+FORWARD_BACKWARD = "forward/backward"
+OPTIMIZER_STEP = "optimizer step"
+PHASE_OF = {
+    "gathered parameters (ZeRO-3 live set)": FORWARD_BACKWARD,
+    "grads held in backward (2 forwards)": FORWARD_BACKWARD,
+    "activations (student)": FORWARD_BACKWARD,
+    "distillation logits (naive)": FORWARD_BACKWARD,
+    "distillation logits (fused, chunked)": FORWARD_BACKWARD,
+    "optimizer step temporaries": OPTIMIZER_STEP,
+}
+
+
 @dataclass
 class MemoryPlan:
     n_gpus: int
@@ -109,9 +125,19 @@ class MemoryPlan:
     per_gpu: dict[str, int] = field(default_factory=dict)  # bytes per component
     host_per_node: dict[str, int] = field(default_factory=dict)
 
+    def phase_totals(self) -> dict[str, int]:
+        """Bytes of the device terms alive in each phase only (``PHASE_OF``)."""
+        totals = {FORWARD_BACKWARD: 0, OPTIMIZER_STEP: 0}
+        for name, size in self.per_gpu.items():
+            if name in PHASE_OF:
+                totals[PHASE_OF[name]] += size
+        return totals
+
     @property
     def gpu_total(self) -> int:
-        return sum(self.per_gpu.values())
+        """Predicted peak per device: the terms held throughout plus the larger phase's transients."""
+        held = sum(v for k, v in self.per_gpu.items() if k not in PHASE_OF)
+        return held + max(self.phase_totals().values())
 
     @property
     def host_total(self) -> int:
@@ -216,8 +242,11 @@ def format_plans(arch: ArchSpec, plans: list[MemoryPlan], available_gpu: Optiona
     lines = [f"memory plan: {arch.n_params / 1e9:.3f}B params ({arch.n_params:,}), largest module "
              f"{arch.largest_module_params:,} params", head, "-" * len(head)]
     for c in comps:
-        lines.append(f"{c:<40}" + "".join(f"{p.per_gpu.get(c, 0) / GiB:>12.2f}" for p in plans))
+        label = c + (" *" if PHASE_OF.get(c) == FORWARD_BACKWARD else " **" if c in PHASE_OF else "")
+        lines.append(f"{label:<40}" + "".join(f"{p.per_gpu.get(c, 0) / GiB:>12.2f}" for p in plans))
     lines.append(f"{'TOTAL per ' + device_name:<40}" + "".join(f"{p.gpu_total / GiB:>12.2f}" for p in plans))
+    lines.append(f"  (TOTAL = the other terms + the larger of the {FORWARD_BACKWARD} transients * and the "
+                 f"{OPTIMIZER_STEP} transients **: never alive together)")
     for c in hcomps:
         lines.append(f"{'host/node: ' + c:<40}" + "".join(f"{p.host_per_node.get(c, 0) / GiB:>12.2f}" for p in plans))
     lines.append(f"{'TOTAL host per node':<40}" + "".join(f"{p.host_total / GiB:>12.2f}" for p in plans))
@@ -261,8 +290,7 @@ def check_fits(plan: MemoryPlan, gpu_avail: int, host_avail: int, suggestions: l
         else:
             msg += ". No offload setting or GPU count up to 64 fits: reduce batch size / sequence length"
         if gpu_avail and plan.gpu_total > gpu_avail:
-            # the plan adds transients that never coexist (forward vs optimizer step): an upper bound
-            msg += (". The GPU estimate is an upper bound (a 1B ASU step on an H200 peaked at 0.66x of it); "
+            msg += (". The GPU estimate is an upper bound (a 1B ASU step on an H200 peaked at 0.81-0.86x of it); "
                     "trainer.preflight=false skips this check")
         raise PreflightError(msg)
 
