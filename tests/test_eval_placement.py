@@ -31,6 +31,7 @@ def _cfg(*overrides: str):
 def gpu(monkeypatch):
     """Pretend rank 3's GPU with ``free`` bytes free (set the returned dict's value)."""
     state = {"free": 80 * 2**30}
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # the tests' conftest pins DeepSpeed to the CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (state["free"], 80 * 2**30))
@@ -62,6 +63,20 @@ def test_weights_that_do_not_fit_the_free_gpu_memory_are_evaluated_on_the_cpu(gp
         assert runner.eval_device(_cfg(), tiny_model) == "cpu"
     assert "do not fit in cuda:3's 1.0 GiB free" in caplog.text
     assert runner.eval_device(_cfg("eval.device=cuda"), tiny_model) == "cuda:3"  # insisted on
+
+
+def test_a_cpu_job_on_a_gpu_node_evaluates_on_the_cpu(gpu, tiny_model, monkeypatch):
+    """DS_ACCELERATOR=cpu (make demo / make test, on any machine): the ranks run on the CPU, so does
+    the evaluation, in float32; eval.device=cuda names why it cannot."""
+    from pipeline.engine.distributed import cuda_ranks
+
+    assert cuda_ranks()
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert not cuda_ranks()
+    cfg = _cfg("model.dtype=bfloat16")
+    assert (runner.eval_device(cfg, tiny_model), runner.eval_dtype(cfg)) == ("cpu", "float32")
+    with pytest.raises(ConfigError, match=r"no CUDA device to use \(DS_ACCELERATOR=cpu;"):
+        runner.check_eval_device(_cfg("eval.device=cuda"))
 
 
 def test_eval_device_cuda_without_a_gpu_stops_before_training():

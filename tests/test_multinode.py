@@ -180,6 +180,61 @@ def test_slurm_environment_maps_to_ranks(clean_env, tasks_per_node, node, local,
     assert "ASU_AUTO_RANK" not in clean_env
 
 
+def test_a_task_that_sees_one_gpu_uses_it_whatever_its_local_rank(clean_env, monkeypatch, capfd):
+    """srun --gpus-per-task=1 (or GPU binding): task 3 of a node sees its GPU as cuda:0; LOCAL_RANK,
+    by which DeepSpeed and set_device pick the device, becomes 0. A CPU job keeps its LOCAL_RANK."""
+    import torch
+
+    from pipeline.engine.distributed import setup_environment
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    clean_env.update(SLURM_PROCID="3", SLURM_NTASKS="4", SLURM_NODEID="0", SLURM_LOCALID="3",
+                     SLURM_JOB_NODELIST="gpu01", SLURM_TASKS_PER_NODE="4", SLURM_JOB_ID="1", DS_ACCELERATOR="cuda")
+    setup_environment()
+    assert clean_env["LOCAL_RANK"] == "0" and clean_env["LOCAL_WORLD_SIZE"] == "4"
+    assert "[rank 3] LOCAL_RANK 3 but 1 visible GPU(s): using cuda:0" in capfd.readouterr().err
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        clean_env.pop(k)
+    clean_env["DS_ACCELERATOR"] = "cpu"
+    setup_environment()
+    assert clean_env["LOCAL_RANK"] == "3"
+
+
+def test_ranks_per_node_from_the_deepspeed_launchers_local_size(monkeypatch):
+    """The deepspeed launcher exports LOCAL_SIZE, not LOCAL_WORLD_SIZE: 2 nodes x 8 GPUs are 8 per
+    node, not 16 (the preflight multiplies host terms by it)."""
+    from pipeline.engine.preflight import _local_world_size
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", "8")
+    assert _local_world_size(16) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert _local_world_size(16) == 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_SIZE")
+    assert _local_world_size(16) == 16 and _local_world_size(1) == 1
+
+
+def test_cuda_rng_state_is_this_ranks_device_and_old_checkpoints_still_resume(monkeypatch):
+    """The saved CUDA RNG state is the rank's own device's (a resume may see another GPU count per
+    process); a checkpoint that saved every device's list restores the current device's entry."""
+    import torch
+
+    from pipeline.engine import trainer
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: calls.append(int(s[0])))
+    assert int(trainer.get_rng_states()["cuda"][0]) == 7
+    trainer.set_rng_states({"cuda": torch.tensor([7], dtype=torch.uint8)})
+    trainer.set_rng_states({"cuda": [torch.tensor([4], dtype=torch.uint8), torch.tensor([5], dtype=torch.uint8)]})
+    trainer.set_rng_states({"cuda": [torch.tensor([4], dtype=torch.uint8)]})  # device 1 not in it: left as is
+    assert calls == [7, 5]
+
+
 @pytest.mark.distributed
 def test_two_nodes_match_one_node(tiny):
     root = tiny[0]

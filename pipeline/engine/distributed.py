@@ -94,6 +94,7 @@ def setup_environment() -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
+    _fit_local_rank_to_visible_gpus()
     if os.environ["RANK"] != "0":
         # transformers' and huggingface_hub's own bars (loading weights, writing shards) on rank 0
         # only: every other rank would draw its copy into rank 0's lines (read at their import)
@@ -140,6 +141,32 @@ def skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def _fit_local_rank_to_visible_gpus() -> None:
+    """A rank whose LOCAL_RANK is no visible GPU's index (SLURM's ``--gpus-per-task=1`` / GPU binding,
+    or CUDA_VISIBLE_DEVICES per process: each task sees one GPU as cuda:0) takes ``LOCAL_RANK mod
+    device count``; DeepSpeed and our ``set_device`` index the device by it."""
+    import torch
+
+    if os.environ.get("DS_ACCELERATOR", "cuda") == "cpu" or not torch.cuda.is_available():
+        return
+    local, n = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+    if n and local >= n:
+        os.environ["LOCAL_RANK"] = str(local % n)
+        # before logging is configured (Hydra has not run yet): straight to stderr, once per rank
+        sys.stderr.write(f"[rank {os.environ.get('RANK', '?')}] LOCAL_RANK {local} but {n} visible GPU(s): "
+                         f"using cuda:{local % n}\n")
+
+
+def cuda_ranks() -> bool:
+    """Whether this job's ranks run on CUDA: a GPU is visible and ``DS_ACCELERATOR`` does not pin
+    DeepSpeed to the CPU (``make demo`` / ``make test`` set it on any machine). Deciding by
+    ``torch.cuda.is_available()`` alone chose nccl for a CPU-accelerator DeepSpeed on a GPU machine,
+    whose CPU tensors nccl cannot carry."""
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
 def init_distributed(timeout_minutes: float = 60.0) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU), collectives timing
     out after ``timeout_minutes`` (``deepspeed.timeout_minutes``); a no-op when already initialised."""
@@ -148,7 +175,7 @@ def init_distributed(timeout_minutes: float = 60.0) -> DistInfo:
     import deepspeed
     import torch
 
-    cuda = torch.cuda.is_available()
+    cuda = cuda_ranks()
     if not cuda and os.environ.get("ASU_DS_SHM_COMM", "0") != "1":
         skip_shm_comm_build()
     if not cuda:
@@ -185,7 +212,7 @@ def all_true(flag: bool) -> bool:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
     t = torch.tensor([0.0 if flag else 1.0])
-    if torch.cuda.is_available():
+    if dist.get_backend() == "nccl":  # nccl carries CUDA tensors only
         t = t.cuda()
     dist.all_reduce(t)
     return float(t.item()) == 0.0
@@ -229,7 +256,7 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
         return values
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    if torch.cuda.is_available():
+    if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t)
     t /= dist.get_world_size()

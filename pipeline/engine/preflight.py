@@ -324,13 +324,16 @@ def _cuda_total_gb() -> Optional[float]:
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory / GiB
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
     return None
 
 
 def _local_world_size(world_size: int) -> int:
-    """Ranks per node: the launcher's LOCAL_WORLD_SIZE (torchrun, deepspeed, our SLURM mapping)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if world_size > 1 else 1
+    """Ranks per node: LOCAL_WORLD_SIZE (torchrun, our SLURM mapping) or LOCAL_SIZE (the deepspeed
+    launcher sets only that one); without either, all ranks on this node."""
+    if world_size <= 1:
+        return 1
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size)
 
 
 def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference: bool, offload_opt: str,

@@ -335,12 +335,13 @@ class UnlearningTrainer:
 
 
 def get_rng_states() -> dict:
-    """This process's RNG states: torch CPU, every CUDA device (when present) and Python's ``random``."""
+    """This process's RNG states: torch CPU, this rank's CUDA device (when present) and Python's
+    ``random``. Only the rank's own device: a resume may see another number of GPUs per process."""
     import random
 
     out: dict = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
+        out["cuda"] = torch.cuda.get_rng_state()
     return out
 
 
@@ -353,7 +354,11 @@ def set_rng_states(states: dict) -> None:
     if "python" in states:
         random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        cuda = states["cuda"]
+        if isinstance(cuda, (list, tuple)):  # checkpoints before this release saved every device's
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def check_finite_params(module: torch.nn.Module) -> bool:

@@ -9,8 +9,10 @@ retain model's weights, the rows and the settings (:mod:`pipeline.eval.reference
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config_base import ConfigError
 from pipeline.data.loaders import DataError
-from pipeline.engine.distributed import barrier, broadcast_object, gather_objects, is_main_process
+from pipeline.engine.distributed import barrier, broadcast_object, cuda_ranks, gather_objects, is_main_process
 from pipeline.eval.parts import PARTS_DIR, SplitParts
 from pipeline.progress import library_bars, progress
 
@@ -124,11 +126,9 @@ def eval_dtype(cfg: DictConfig) -> str:
     configs load them) and float32 without one or with ``eval.device=cpu``. The same for every model
     of a run (target, retain reference, lm-eval; also one that falls back to the CPU for lack of GPU
     memory), so their numbers compare."""
-    import torch
-
     dtype = str(OmegaConf.select(cfg, "eval.dtype", default="auto"))
     if dtype == "auto":
-        on_gpu = torch.cuda.is_available() and str(OmegaConf.select(cfg, "eval.device", default="auto")) != "cpu"
+        on_gpu = cuda_ranks() and str(OmegaConf.select(cfg, "eval.device", default="auto")) != "cpu"
         return str(OmegaConf.select(cfg, "model.dtype", default="float32")) if on_gpu else "float32"
     return dtype
 
@@ -140,16 +140,22 @@ def eval_device(cfg: DictConfig, model_path: str | Path | None = None) -> str:
     import torch
 
     want = str(OmegaConf.select(cfg, "eval.device", default="auto"))
-    if want == "cpu" or not torch.cuda.is_available():
+    if want == "cpu" or not cuda_ranks():
         if want == "cuda":
-            raise ConfigError("config error at 'eval.device': eval.device=cuda, but this rank has no CUDA device "
-                              "(eval.device=auto uses one when there is one)")
+            why = "DS_ACCELERATOR=cpu" if os.environ.get("DS_ACCELERATOR") == "cpu" and torch.cuda.is_available() else \
+                "no CUDA device"
+            raise ConfigError(f"config error at 'eval.device': eval.device=cuda, but this rank has no CUDA device "
+                              f"to use ({why}; eval.device=auto uses one when there is one)")
         return "cpu"
     device = f"cuda:{torch.cuda.current_device()}"
     if want == "auto" and model_path is not None:
         from pipeline.models.loading import weights_bytes
 
         need = weights_bytes(model_path, eval_dtype(cfg))
+        # blocks the caching allocator holds but no tensor uses (the trained engines', a previous
+        # evaluation model's) are free for this one
+        gc.collect()
+        torch.cuda.empty_cache()
         free = torch.cuda.mem_get_info()[0]
         if need is not None and need * 1.2 + 2**30 > free:  # activations, KV cache of generation
             log.warning("evaluation model %s: %.1f GiB of weights in %s do not fit in %s's %.1f GiB free (with room "
