@@ -299,7 +299,8 @@ def worker(spec: dict) -> None:
         tc0 = time.perf_counter()
         path = build_teacher_cache(ref_engine, forget_rows, methods[cached_key].cfg, spec["cache_dir"],
                                    spec["batch"], model_path=f"bench-{spec['size']}", split="bench",
-                                   max_length=spec["seq"], pad_token_id=0, device=device)
+                                   max_length=spec["seq"], pad_token_id=0, device=device,
+                                   dtype=str(dtype).removeprefix("torch."))
         cache_s = time.perf_counter() - tc0
         cache = TeacherCache(path)
         batch["forget_teacher"] = cache.selected(mine, batch["forget"]["labels"])

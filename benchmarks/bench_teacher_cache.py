@@ -89,7 +89,8 @@ def main() -> None:
                 mcfg = SimpleNamespace(tau=args.tau, teacher_layers=None, cache_topk=k)
                 t0 = time.perf_counter()
                 path = build_teacher_cache(teacher, rows, mcfg, d, batch_size=8, model_path=f"bench-random-{scale}",
-                                           split="bench", max_length=args.seq, pad_token_id=0)
+                                           split="bench", max_length=args.seq, pad_token_id=0,
+                                           dtype=str(next(teacher.parameters()).dtype).removeprefix("torch."))
                 build_s = time.perf_counter() - t0
                 cache = TeacherCache(path)
                 with torch.no_grad():

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.config import validate
 from pipeline.config_base import require
+from pipeline.engine.ds_config import gather_per_layer, reference_config, resolve_precision, student_config
 from pipeline.finished import finished_results, job_key, record_finished
 from pipeline.inputs import (
     ModelPaths,
@@ -96,7 +97,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     done = finished_results(cfg, run_dir, key)
     if done is not None:  # this very job finished here and its outputs are intact: nothing is loaded
         return done
-    need_reference = _needs_reference(cfg, method, inputs)
+    need_reference = _needs_reference(cfg, method, inputs, dist.device == "cuda")
     engines, plan, total = _build_engines(cfg, dist, method, inputs, need_reference)
 
     from pipeline.engine.trainer import UnlearningTrainer
@@ -191,7 +192,14 @@ def _load_inputs(cfg: DictConfig) -> JobInputs:
     return JobInputs(paths, data, tokenizer, fmt, max_len, forget, retain)
 
 
-def _needs_reference(cfg: DictConfig, method: Any, inputs: JobInputs) -> bool:
+def _model_dtype(cfg: DictConfig, cuda: bool) -> str:
+    """The dtype both models are loaded and run in. deepspeed.precision=fp32 on a GPU trains in fp32:
+    DeepSpeed casts weights only for bf16/fp16, so weights loaded in model.dtype (bf16 for the 7B
+    configs) would train in bf16 with no fp32 master."""
+    return str(cfg.model.dtype) if cuda and resolve_precision(cfg.deepspeed, cuda) != "fp32" else "float32"
+
+
+def _needs_reference(cfg: DictConfig, method: Any, inputs: JobInputs, cuda: bool) -> bool:
     """Whether the frozen model must exist. method.teacher=cached: only to build a missing cache (or
     for tau=auto, or for a retain KL); asu_gd with a ready cache trains with no frozen model at all."""
     if method.uses_reference or not getattr(method, "cached_teacher", False):
@@ -200,7 +208,7 @@ def _needs_reference(cfg: DictConfig, method: Any, inputs: JobInputs) -> bool:
 
     return str(cfg.method.tau) == "auto" or not cache_ready(
         Path(cfg.cache_dir) / "teacher_cache", inputs.paths.model, cfg.method, inputs.forget,
-        inputs.data.forget_split, inputs.max_len)
+        inputs.data.forget_split, inputs.max_len, _model_dtype(cfg, cuda))
 
 
 def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
@@ -208,7 +216,6 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     """Preflight, attention backend, the student (optionally LoRA) and frozen model under ZeRO-3;
     also the batch plan and the number of optimizer steps."""
     from pipeline.engine.batching import BatchPlan
-    from pipeline.engine.ds_config import reference_config, resolve_precision, student_config
     from pipeline.engine.preflight import run_preflight
     from pipeline.engine.sharding import record as record_partition
     from pipeline.engine.zero_stage import resolve_zero_stage
@@ -229,9 +236,7 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
                      int(cfg.trainer.retain_batch_size), dist.world_size, dist.rank, int(cfg.seed))
     total = plan.total_steps(float(cfg.trainer.epochs), int(cfg.trainer.max_steps), int(cfg.trainer.grad_accum))
 
-    # deepspeed.precision=fp32 on a GPU trains in fp32: DeepSpeed casts weights only for bf16/fp16, so
-    # weights loaded in model.dtype (bf16 for the 7B configs) would train in bf16 with no fp32 master
-    dtype = cfg.model.dtype if cuda and resolve_precision(cfg.deepspeed, cuda) != "fp32" else "float32"
+    dtype = _model_dtype(cfg, cuda)
     student, frozen = _load_models(cfg, inputs, s_cfg, dtype, cuda, need_reference)
     method.select_trainable(student)
     engine, reference = _initialize_engines(cfg, dist, student, frozen, s_cfg, r_cfg, total, need_reference)
@@ -294,7 +299,6 @@ def _initialize_engines(cfg: DictConfig, dist: Any, student: Any, frozen: Any, s
     import deepspeed
     import torch
 
-    from pipeline.engine.ds_config import gather_per_layer
     from pipeline.engine.host_memory import share_fp32_master
     from pipeline.engine.trainer import lr_lambda
     from pipeline.engine.zero_stage import prepare_stage0_engine
@@ -369,7 +373,7 @@ def _attach_teacher_cache(cfg: DictConfig, method: Any, engines: JobEngines, inp
                                          Path(cfg.cache_dir) / "teacher_cache", int(cfg.trainer.batch_size),
                                          model_path=inputs.paths.model, split=inputs.data.forget_split,
                                          max_length=inputs.max_len, pad_token_id=inputs.tokenizer.pad_token_id,
-                                         device=trainer.device)
+                                         device=trainer.device, dtype=engines.dtype)
     trainer.teacher_cache = TeacherCache(cache_path)
     if not method.uses_reference and engines.reference is not None:
         _release_engines(engines, trainer, student=False)  # the cache replaces the frozen model from here on

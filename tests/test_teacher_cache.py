@@ -59,7 +59,7 @@ def _cfg(topk=0, tau=2.0):
 def _build(teacher, rows, root, topk=0, batch_size=3):
     enc, pad = rows
     return tc.build_teacher_cache(teacher, enc, _cfg(topk), root, batch_size, model_path="tiny", split="forget",
-                                  max_length=64, pad_token_id=pad)
+                                  max_length=64, pad_token_id=pad, dtype="float32")
 
 
 def _batch(rows, idx):
@@ -133,10 +133,12 @@ def test_reuse_is_a_noop_and_keys_differ(models, rows, tmp_path, monkeypatch):
     assert again == first and not calls and (first / tc.INDEX).stat().st_mtime_ns == mtime
     # the teacher is not even needed when the cache exists
     assert tc.build_teacher_cache(None, rows[0], _cfg(5), tmp_path, 3, model_path="tiny", split="forget",
-                                  max_length=64, pad_token_id=rows[1]) == first
-    assert tc.cache_ready(tmp_path, "tiny", _cfg(5), rows[0], "forget", 64)
-    assert not tc.cache_ready(tmp_path, "tiny", _cfg(5, tau=3.0), rows[0], "forget", 64)
-    assert not tc.cache_ready(tmp_path, "tiny", _cfg(6), rows[0], "forget", 64)
+                                  max_length=64, pad_token_id=rows[1], dtype="float32") == first
+    assert tc.cache_ready(tmp_path, "tiny", _cfg(5), rows[0], "forget", 64, "float32")
+    assert not tc.cache_ready(tmp_path, "tiny", _cfg(5, tau=3.0), rows[0], "forget", 64, "float32")
+    assert not tc.cache_ready(tmp_path, "tiny", _cfg(6), rows[0], "forget", 64, "float32")
+    # a bf16 run's teacher computes other distributions: its cache is another one
+    assert not tc.cache_ready(tmp_path, "tiny", _cfg(5), rows[0], "forget", 64, "bfloat16")
 
 
 def test_build_is_atomic(models, rows, tmp_path, monkeypatch):
@@ -154,7 +156,7 @@ def test_build_is_atomic(models, rows, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="mid-build"):
         _build(teacher, rows, tmp_path, topk=5, batch_size=2)
     assert list(tmp_path.iterdir()) == [], "a failed build must leave nothing behind"
-    assert not tc.cache_ready(tmp_path, "tiny", _cfg(5), rows[0], "forget", 64)
+    assert not tc.cache_ready(tmp_path, "tiny", _cfg(5), rows[0], "forget", 64, "float32")
     monkeypatch.setattr(tc, "_teacher_rows", real)
     path = _build(teacher, rows, tmp_path, topk=5, batch_size=2)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]

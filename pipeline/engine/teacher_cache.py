@@ -103,8 +103,9 @@ def _abs(path: str) -> str:
 
 
 def cache_fields(model_path: str, tau: float, teacher_layers: Optional[Sequence[int]], split: str,
-                 max_length: int, topk: int, forget_encoded: Sequence[dict]) -> dict:
-    """Everything the cached distributions depend on (hashed into the directory name)."""
+                 max_length: int, topk: int, forget_encoded: Sequence[dict], dtype: str) -> dict:
+    """Everything the cached distributions depend on (hashed into the directory name), the dtype the
+    teacher computes in among them: a bf16 GPU run's distributions are not an fp32 run's."""
     h = hashlib.sha256()
     for r in forget_encoded:
         h.update(json.dumps([list(map(int, r["input_ids"])), list(map(int, r.get("labels", r["input_ids"])))]).encode())
@@ -119,6 +120,7 @@ def cache_fields(model_path: str, tau: float, teacher_layers: Optional[Sequence[
         "topk": int(topk),
         "rows": len(forget_encoded),
         "rows_sha256": h.hexdigest(),
+        "dtype": str(dtype),
     }
 
 
@@ -166,6 +168,7 @@ def build_teacher_cache(
     max_length: int = 0,
     pad_token_id: int = 0,
     device: Optional[torch.device] = None,
+    dtype: str,
 ) -> Path:
     """Compute (or reuse) the cache of ``teacher``'s tempered next-token distributions on the forget
     rows; returns the cache directory ``out_dir/<key>``. Collective under torch.distributed: every
@@ -173,7 +176,8 @@ def build_teacher_cache(
     tau = float(method_cfg.tau)
     layers = list(method_cfg.teacher_layers) if method_cfg.teacher_layers is not None else None
     topk = int(getattr(method_cfg, "cache_topk", 0) or 0)
-    fields = cache_fields(model_path or _model_id(teacher), tau, layers, split, max_length, topk, forget_encoded)
+    fields = cache_fields(model_path or _model_id(teacher), tau, layers, split, max_length, topk, forget_encoded,
+                          dtype)
     root = Path(out_dir)
     final = root / cache_key(fields)
     rank, world = _rank_world()
@@ -429,13 +433,13 @@ class TeacherCache:
 
 
 def cache_ready(root: str | os.PathLike, model_path: str, method_cfg: Any, forget_encoded: Sequence[dict],
-                split: str, max_length: int) -> bool:
+                split: str, max_length: int, dtype: str) -> bool:
     """Whether the cache :func:`build_teacher_cache` would use already exists (rank 0 decides,
     every rank gets the same answer)."""
     ready = None
     if _rank_world()[0] == 0:
         layers = list(method_cfg.teacher_layers) if method_cfg.teacher_layers is not None else None
         fields = cache_fields(model_path, float(method_cfg.tau), layers, split, max_length,
-                              int(getattr(method_cfg, "cache_topk", 0) or 0), forget_encoded)
+                              int(getattr(method_cfg, "cache_topk", 0) or 0), forget_encoded, dtype)
         ready = (Path(root) / cache_key(fields) / INDEX).exists()
     return bool(_broadcast(ready))
