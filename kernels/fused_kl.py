@@ -37,7 +37,8 @@ DEFAULT_MIN_CHUNK_BYTES = 4 * 1024 * 1024  # below this, chunking only adds over
 # Each chunk reads and writes the whole V×H fp32 weight gradient once; on a GPU that traffic must stay
 # small beside the chunk's four GEMMs (8·rows·V·H FLOPs), i.e. rows ≫ FLOP/s ÷ bandwidth (≈ 180 on an
 # H200): at 1024 rows it is under a fifth of them. 128-row chunks (the 64 MiB budget at V = 128k) made
-# the fused KL 2.4x slower than the naive one on an H200 (benchmarks/results/gpu_nvidia_h200_kl.json).
+# the fused KL 2.4x slower than the naive one on an H200 (gpu_nvidia_h200_kl_128_row_chunks.json in
+# benchmarks/results; gpu_nvidia_h200_kl.json is with this floor).
 CUDA_MIN_CHUNK_ROWS = 1024
 
 
