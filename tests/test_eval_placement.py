@@ -106,3 +106,36 @@ def test_the_retain_reference_cache_key_holds_the_dtype():
     f32, _ = runner._reference_settings(_cfg("eval.dtype=float32"), "forget10", tok)
     bf16, _ = runner._reference_settings(_cfg("eval.dtype=bfloat16"), "forget10", tok)
     assert f32["eval.dtype"] == "float32" and bf16["eval.dtype"] == "bfloat16"
+
+
+def test_the_target_model_is_released_before_the_retain_model_loads(tmp_path, monkeypatch):
+    """The retain model's placement (eval_device) reads the GPU's free memory: the evaluated target
+    must be gone by then, not held by the evaluation until the end."""
+    import gc
+    import weakref
+
+    from pipeline.data.loaders import load_unlearning_data
+    from pipeline.inputs import resolve_paths
+    from pipeline.models.loading import load_tokenizer
+    from tests.helpers.tiny import train_overrides
+
+    target, data_dir = build(tmp_path / "target")
+    retain, _ = build(tmp_path / "retain", seed=1)
+    cfg = _cfg(*train_overrides(target, data_dir, tmp_path / "runs", "r"), f"eval.retain_model={retain}",
+               f"cache_dir={tmp_path / 'cache'}", "eval.probe_rows=0")
+    paths = resolve_paths(cfg)
+    data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
+    loaded, real = [], runner._load_eval_model
+
+    def spy_record(path, c):
+        gc.collect()
+        alive_before = [ref() is not None for _, ref, *_ in loaded]
+        m = real(path, c)
+        loaded.append((str(path), weakref.ref(m), alive_before))
+        return m
+
+    monkeypatch.setattr(runner, "_load_eval_model", spy_record)
+    metrics, _ = runner.evaluate_job(cfg, paths.model, load_tokenizer(paths.tokenizer, False), data, paths)
+    assert [p for p, *_ in loaded] == [str(target), str(retain)]
+    assert loaded[1][2] == [False], "the target model was still alive when the retain model was loaded"
+    assert metrics["forget_quality"] is not None and metrics[runner.EVALUATION_KEY]["device"] == "cpu"

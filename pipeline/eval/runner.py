@@ -81,6 +81,11 @@ class ModelOnDemand:
             self._model = self._load()
         return self._model
 
+    def release(self) -> None:
+        """Drop this holder's reference, so that the next model loaded (the retain model) can have the
+        memory once nothing else holds the model."""
+        self._model = None
+
 
 def _model(model: Any) -> Any:
     return model.get() if isinstance(model, ModelOnDemand) else model
@@ -380,6 +385,8 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
         splits[PROBE_SPLIT] = probe
     results = evaluate_splits(model, tokenizer, splits, _settings(cfg), truth_ratio_key(cfg), _progress_bar(cfg),
                               parts, cfg)
+    placement = _placement(cfg, model, parts)
+    model.release()  # evaluated: the retain model below (eval_device measures free GPU memory) gets its memory
     ref, ref_info = None, {"source": None}
     if results[data.forget_split].has_truth_ratio:
         ref, ref_info = retain_reference(cfg, paths, data.forget_split, splits[data.forget_split], tokenizer)
@@ -389,7 +396,7 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
     metrics = tofu_metrics(results, ref, data.forget_split, data.retain_split)
     if probe:
         metrics.update(robustness_metrics(results[data.retain_split], results[PROBE_SPLIT], probe_idx))
-    metrics[EVALUATION_KEY] = {**evaluation_record(cfg, splits, results, ref_info), **_placement(cfg, model, parts)}
+    metrics[EVALUATION_KEY] = {**evaluation_record(cfg, splits, results, ref_info), **placement}
     details = {name: r.to_dict() if hasattr(r, "to_dict") else r.__dict__ for name, r in results.items()}
     return metrics, details
 
