@@ -72,6 +72,8 @@ def test_single_process_trains_exports_and_evaluates(tiny):
     assert [h["step"] for h in hist] == [1, 2, 3]
     res = json.loads((run / "results.json").read_text())
     assert res["method"] == "grad_diff" and "retain_fact_recall" in res["metrics"]
+    assert res["precision"] == {"training": "fp32", "weights": "float32", "device": "cpu"}
+    assert "precision: fp32 training (deepspeed.precision=auto), weights loaded in float32 on cpu" in out.stderr
     att = res["attention_backend"]
     assert att["requested"] == "triton" and att["resolved"] == "sdpa" and "falls back to sdpa" in att["reason"]
     assert set(att["ran"]["llama"]) == {"sdpa"}
