@@ -147,7 +147,7 @@ def _fit_local_rank_to_visible_gpus() -> None:
     device count``; DeepSpeed and our ``set_device`` index the device by it."""
     import torch
 
-    if os.environ.get("DS_ACCELERATOR", "cuda") == "cpu" or not torch.cuda.is_available():
+    if not cuda_ranks():
         return
     local, n = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
     if n and local >= n:
@@ -206,16 +206,22 @@ def barrier() -> None:
 
 def all_true(flag: bool) -> bool:
     """True on every rank iff ``flag`` is True on every rank (used for NaN checks)."""
+    return all_reduce_sum([0.0 if flag else 1.0])[0] == 0.0
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over ranks (float64), on the device the process group's backend
+    carries (nccl: CUDA tensors only); ``values`` unchanged without a process group or with one rank."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0])
-    if dist.get_backend() == "nccl":  # nccl carries CUDA tensors only
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t)
-    return float(t.item()) == 0.0
+    return t.cpu().tolist()
 
 
 def gather_objects(obj):
@@ -249,15 +255,10 @@ def argv_for_hydra() -> list[str]:
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Average scalar logs over ranks (same keys on every rank), so logged losses are global."""
-    import torch
     import torch.distributed as dist
 
     if not values or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+    world = dist.get_world_size()
+    return {k: v / world for k, v in zip(keys, all_reduce_sum([float(values[k]) for k in keys]))}

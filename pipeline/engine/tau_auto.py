@@ -59,6 +59,7 @@ import torch
 
 from pipeline.data.collate import pad_batch
 from pipeline.data.formatting import IGNORE_INDEX
+from pipeline.engine.distributed import all_reduce_sum
 from pipeline.logging import SAME_ON_EVERY_RANK
 from pipeline.methods.asu import FACT_TARGET, FORM_TARGET, TAU_MAX
 from pipeline.methods.model_io import unwrap
@@ -273,19 +274,6 @@ def _answer_predictions(model: Any, items: Sequence[dict], pad_id: int, n_forwar
     return out
 
 
-def _rank_sum(values: list[float]) -> list[float]:
-    """Sum over ranks (each rank counted its own rows)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.cuda.is_available() and dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return t.cpu().tolist()
-
-
 def _share(hits: float, total: float) -> float:
     return hits / total if total else float("nan")
 
@@ -356,7 +344,7 @@ class _Prober:
         preds = self.predictions(tau)
         if self.base is None:
             self.base = preds
-        kept, form, forgotten, known, lp_sum, lp_n = _rank_sum(self.counts(preds))
+        kept, form, forgotten, known, lp_sum, lp_n = all_reduce_sum(self.counts(preds))
         rec = {
             "tau": round(float(tau), 4),
             "form_kept": _none_if_nan(_share(kept, form)),
@@ -440,11 +428,11 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
     rank, world = _world()
     mine, n_forwards = rank_share(len(idx), rank, world)
     items = _items(tokenizer, rows, [forget_encoded[idx[i]] for i in mine])
-    with_facts = int(_rank_sum([float(sum(1 for it in items if it["spans"]))])[0])
+    with_facts = int(all_reduce_sum([float(sum(1 for it in items if it["spans"]))])[0])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # the shared prefix runs once only if it does on every rank (the same number of forwards everywhere)
     prefix = shared_prefix(items)
-    use_prefix = keeps_positions(teacher) and _rank_sum([float(prefix >= MIN_PREFIX)])[0] == world
+    use_prefix = keeps_positions(teacher) and all_reduce_sum([float(prefix >= MIN_PREFIX)])[0] == world
     prefix = prefix if use_prefix else 0
 
     was_training = bool(getattr(teacher, "training", False))
