@@ -131,6 +131,7 @@ class _FusedLinearKL(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
         rows = min(chunk_size, M)
         bufs = [torch.empty(rows, V, dtype=torch.float32, device=h_s.device) for _ in range(3)]
+        low = W_s.dtype != torch.float32
         for start in range(0, M, chunk_size):
             end = min(M, start + chunk_size)
             n = end - start
@@ -144,7 +145,6 @@ class _FusedLinearKL(torch.autograd.Function):
             w = weights[start:end]
             kl, g = _chunk_kl_and_grad(ls, lt, tmp, w)
             loss += (kl * w).sum()
-            low = W_s.dtype != torch.float32
             g_low = g.to(W_s.dtype) if low and (need_h or need_w) else g
             if need_h:
                 grad_h[start:end] = g_low @ W_s

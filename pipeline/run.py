@@ -83,6 +83,7 @@ class JobEngines:
     partition: dict = field(default_factory=dict)
     zero_stage: dict = field(default_factory=dict)  # requested, resolved, reason (results.json)
     checkpointed_layers: int = 0  # student decoder layers recomputed in the backward (results.json)
+    precision: dict = field(default_factory=dict)  # training precision, weights' dtype, device (results.json)
 
 
 def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -237,14 +238,15 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     total = plan.total_steps(float(cfg.trainer.epochs), int(cfg.trainer.max_steps), int(cfg.trainer.grad_accum))
 
     dtype = _model_dtype(cfg, cuda)
+    precision = {"training": resolve_precision(cfg.deepspeed, cuda), "weights": dtype, "device": dist.device}
     log.info("precision: %s training (deepspeed.precision=%s), weights loaded in %s on %s",
-             resolve_precision(cfg.deepspeed, cuda), cfg.deepspeed.precision, dtype, dist.device)
+             precision["training"], cfg.deepspeed.precision, dtype, dist.device)
     student, frozen = _load_models(cfg, inputs, s_cfg, dtype, cuda, need_reference)
     method.select_trainable(student)
     engine, reference = _initialize_engines(cfg, dist, student, frozen, s_cfg, r_cfg, total, need_reference)
     partition = record_partition({"student": engine, "reference": reference}, dist.world_size, zero.stage)
     return JobEngines(engine, reference, bool(cfg.model.peft.enabled), dtype, partition, zero.record(),
-                      checkpointed_layers(engine.module)), plan, total
+                      checkpointed_layers(engine.module), precision), plan, total
 
 
 def _load_models(cfg: DictConfig, inputs: JobInputs, s_cfg: dict, dtype: str, cuda: bool,
@@ -488,8 +490,7 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             "skipped_steps": state.skipped,
             "world_size": dist.world_size,
             "zero_stage": engines.zero_stage,  # requested (auto or 0..3), resolved, why
-            "precision": {"training": resolve_precision(cfg.deepspeed, dist.device == "cuda"),
-                          "weights": engines.dtype, "device": dist.device},
+            "precision": engines.precision,
             "zero3_partition": engines.partition,
             "train_seconds": round(seconds[1], 2),  # the training loop alone (train_history.json: per step)
             "job_seconds": round(seconds[0], 2),  # from the job's start: loading, engines, tau=auto and the loop
