@@ -139,3 +139,45 @@ def test_the_target_model_is_released_before_the_retain_model_loads(tmp_path, mo
     assert [p for p, *_ in loaded] == [str(target), str(retain)]
     assert loaded[1][2] == [False], "the target model was still alive when the retain model was loaded"
     assert metrics["forget_quality"] is not None and metrics[runner.EVALUATION_KEY]["device"] == "cpu"
+
+
+def _record_ranks_devices(rank: int, port: int, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        # rank 1 stands for a rank whose evaluation fell back to another device (meta: no GPU here)
+        model = torch.nn.Linear(2, 2, device="cpu" if rank == 0 else "meta")
+        held = runner.ModelOnDemand(lambda: model)
+        held.get()  # evaluated (a split ran)
+        record = runner._placement(_cfg(), held)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(record, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_evaluated_on_different_devices_are_named_in_the_record(tmp_path):
+    """Each rank places its evaluation model alone (one short of GPU memory evaluates on the CPU):
+    the record names every rank's device then, instead of rank 0's only (gathered over 2 gloo ranks)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.helpers.launch import free_port
+
+    out = tmp_path / "placement.json"
+    mp.spawn(_record_ranks_devices, args=(free_port(), str(out)), nprocs=2, join=True)
+    record = json.loads(out.read_text())
+    assert record["device"] == "cpu" and record["device_by_rank"] == ["cpu", "meta"]
+
+
+def test_one_device_kind_over_all_ranks_is_recorded_once():
+    held = runner.ModelOnDemand(lambda: torch.nn.Linear(2, 2))
+    held.get()
+    record = runner._placement(_cfg(), held)
+    assert record["device"] == "cpu" and "device_by_rank" not in record

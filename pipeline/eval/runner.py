@@ -92,9 +92,16 @@ def _model(model: Any) -> Any:
 
 
 def _ran_on(cfg: DictConfig, model: Any) -> dict:
+    """Where the evaluation ran: rank 0's device, and each rank's where they differ in kind (a rank
+    short of GPU memory evaluates its share on the CPU, :func:`eval_device`). Collective: every rank
+    calls it."""
     from pipeline.models.runtime import model_device
 
-    return {"device": str(model_device(_model(model))), "dtype": eval_dtype(cfg)}
+    devices = [str(d) for d in gather_objects(str(model_device(_model(model))))]
+    out = {"device": devices[0], "dtype": eval_dtype(cfg)}
+    if len({d.split(":")[0] for d in devices}) > 1:
+        out["device_by_rank"] = devices
+    return out
 
 
 def evaluate_splits(model: Any, tokenizer: Any, splits: dict[str, list[dict]], settings: Any,
@@ -196,6 +203,10 @@ def _placement(cfg: DictConfig, model: Any, parts: Optional[SplitParts] = None) 
         ran_on = (parts.ran_on if parts is not None else None) or {"device": None, "dtype": eval_dtype(cfg)}
     else:
         ran_on = _ran_on(cfg, model)
+        if "device_by_rank" in ran_on and is_main_process():
+            log.warning("evaluation: rank(s) %s evaluated their rows on the CPU (too little free GPU memory), the "
+                        "others on their GPU; results merged as usual, the CPU ranks set the pace",
+                        [r for r, d in enumerate(ran_on["device_by_rank"]) if d == "cpu"])
     return {**ran_on, "reused_splits": list(parts.reused) if parts is not None else []}
 
 
