@@ -169,6 +169,27 @@ def test_knowmem_prompt_stops_and_scores():
     assert out["knowmem_forget"] == 0.5 and out["knowmem_forget_recall"] == 0.5
 
 
+def test_knowmem_cuts_the_raw_answer_before_stripping_it():
+    """MUSE's knowmem.py and open-unlearning cut the decoded answer at the stop strings, then strip:
+    an answer opening with a blank line scores as empty. Stripping first kept the text after it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<bos>", "<eos>", "<unk>", "\n\n", "Question:", "Answer:", "When?", "Paris", "today"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    # pieces: "\n\n" and runs of non-space (the rest dropped); decoding fuses them, newlines kept
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n\n|\S+"), behavior="removed", invert=True)
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>")
+    model = ScriptedGenerator(tok, {"Answer:": "\n\n Paris"})
+    res = MU.evaluate_knowmem(model, tok, [{"question": "When?", "answer": "Paris"}], MU.MuseSettings(batch_size=1))
+    assert res.values["generation"] == [""] and res.values["rouge_l_f1"] == [0.0]
+    model = ScriptedGenerator(tok, {"Answer:": "Paris \n\n today"})
+    res = MU.evaluate_knowmem(model, tok, [{"question": "When?", "answer": "Paris"}], MU.MuseSettings(batch_size=1))
+    assert res.values["generation"] == ["Paris"] and res.values["rouge_l_f1"] == [1.0]
+
+
 def test_split_prefix():
     tok = word_tokenizer("a b c d e".split())
     assert MU.split_prefix(tok, "a b c d e", 2) == ("a b", "c d e")

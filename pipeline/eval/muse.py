@@ -100,7 +100,8 @@ def privleak(auc_unlearn: float, auc_retrain: float = 0.5) -> float:
 
 
 def cut_at_stops(text: str, stops: Sequence[str] = KNOWMEM_STOP) -> str:
-    """Text before the first occurrence of any stop string, stripped."""
+    """Text before the first occurrence of any stop string, stripped afterwards (``text`` unstripped:
+    a leading ``\n\n`` is a stop)."""
     for s in stops:
         if s and s in text:
             text = text.split(s)[0]
@@ -214,8 +215,10 @@ def evaluate_knowmem(model, tokenizer, rows: Sequence[dict], cfg: MuseSettings, 
                            synced_gpus=cfg.synced_gpus, template=RAW_TEMPLATE,
                            num_batches=_calls(len(rows), cfg.batch_size, world_size))
     res = ExampleResults(name, idx, {"rouge_l_f1": [], "rouge_l_recall": [], "generation": []})
-    for i, (text, _, _) in zip(idx, gens):
-        ans = cut_at_stops(text)
+    for i, (_, toks, _) in zip(idx, gens):
+        # cut the raw decoding, then strip (MUSE's knowmem.py, open-unlearning's stopword cut): an
+        # answer that opens with a blank line is empty, not the text after it
+        ans = cut_at_stops(tokenizer.decode(toks, skip_special_tokens=True))
         r = M.rouge_l(ans, rows[i]["answer"], cfg.rouge_stemmer)
         res.values["rouge_l_f1"].append(r["f1"])
         res.values["rouge_l_recall"].append(r["recall"])
