@@ -278,3 +278,30 @@ def test_lm_eval_missing_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(LmEvalNotInstalled, match="requirements/extras.lock"):
         run_lm_eval(tmp_path)
+
+
+def test_a_muse_evaluation_shorter_than_mia_2048_tokens_warns_and_is_recorded(tmp_path, caplog):
+    """`data=muse_news` without the MUSE experiment keeps eval.max_length=192: Min-K% then scores
+    192 tokens per text, not open-unlearning's 2048. The run says so and records the length."""
+    import logging
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoTokenizer
+
+    from pipeline.config import register_configs
+    from pipeline.data.loaders import load_unlearning_data
+    from pipeline.eval import runner
+    from tests.helpers.tiny import build
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model_dir = build(tmp_path)[0]
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.join(root, "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["data=muse_news", f"data.path={root}/tests/fixtures/muse_news",
+                                           "eval.verbmem_max_new_tokens=2", "eval.knowmem_max_new_tokens=2"])
+    data = load_unlearning_data(cfg.data, 0)
+    with caplog.at_level(logging.WARNING, logger="pipeline.eval.runner"):
+        metrics, _ = runner.evaluate_job(cfg, model_dir, AutoTokenizer.from_pretrained(model_dir), data, None)
+    assert metrics[runner.EVALUATION_KEY]["max_length"] == 192 and "privleak_auc" in metrics
+    assert any("eval.max_length=192" in r.getMessage() and "2048" in r.getMessage() for r in caplog.records)

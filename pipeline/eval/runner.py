@@ -301,6 +301,9 @@ def _gathered(fn, rows: list[dict], name: str, cfg: DictConfig, model: Any, part
     return out
 
 
+MUSE_MIA_MAX_LENGTH = 2048  # open-unlearning's MUSE_MIA max_length; MUSE's privleak scores whole texts
+
+
 def evaluate_muse(cfg: DictConfig, model: Any, tokenizer: Any, data: Any,
                   parts: Optional[SplitParts] = None) -> tuple[dict, dict]:
     """MUSE: VerbMem, KnowMem (forget/retain) and PrivLeak (Min-K% AUC, forget vs holdout)."""
@@ -314,6 +317,11 @@ def evaluate_muse(cfg: DictConfig, model: Any, tokenizer: Any, data: Any,
 
     st = MuseSettings.from_config(cfg.eval, rouge_stemmer=rouge_stemmer(cfg))
     ev, res = data.eval, {}
+    if st.max_length < MUSE_MIA_MAX_LENGTH and any(k.startswith("privleak") for k in ev) and is_main_process():
+        log.warning("eval.max_length=%d: Min-K%% (PrivLeak) scores the first %d tokens of each text; MUSE and "
+                    "open-unlearning score %d (the +exp=muse_*_7b configs set eval.max_length=%d), so PrivLeak will "
+                    "not compare with published numbers", st.max_length, st.max_length, MUSE_MIA_MAX_LENGTH,
+                    MUSE_MIA_MAX_LENGTH)
     if "verbmem_forget" in ev:
         res["verbmem"] = _gathered(lambda m, **k: evaluate_verbmem(m, tokenizer, cfg=st, name="verbmem_forget", **k),
                                    ev["verbmem_forget"], "verbmem_forget", cfg, model, parts, "muse")
@@ -381,7 +389,7 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
                                                                                         parts)
         metrics[EVALUATION_KEY] = _placement(cfg, model, parts)
         if family == "muse":
-            metrics[EVALUATION_KEY]["rouge_stemmer"] = stem
+            metrics[EVALUATION_KEY].update(rouge_stemmer=stem, max_length=int(cfg.eval.max_length))
         # lm-eval (eval.lm_eval) is not run here but by add_lm_eval, after the job's last collective.
         return metrics, details
 

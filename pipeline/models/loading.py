@@ -49,10 +49,26 @@ def check_model_location(path: str, key: str = "model.path", revision: Optional[
     if not constants.HF_HUB_OFFLINE:
         return  # the hub answers for itself
     if not any(isinstance(try_to_load_from_cache(path, f, revision=revision), str) for f in needs):
+        other = _cached_in_other_case(path, constants.HF_HUB_CACHE)
+        if other and other != path:  # the hub resolves ids in any case, its cache folders do not
+            raise ModelLoadError(f"{key}={path}: not in the hub cache under this spelling, but {other} is "
+                                 f"({constants.HF_HUB_CACHE}); the offline cache is case-sensitive: set {key}={other}")
         raise ModelLoadError(
             f"{key}={path}: no such directory, and as a hub id it is not in the hub cache "
             f"({constants.HF_HUB_CACHE}{f', revision {revision}' if revision else ''}) while the run is offline "
             f"(HF_HUB_OFFLINE=1); download it first (`hf download {path}`) or set ASU_ALLOW_NETWORK=1")
+
+
+def _cached_in_other_case(repo_id: str, cache_dir: str | Path) -> Optional[str]:
+    """The spelling under which hub id ``repo_id`` is in the cache, compared case-insensitively (e.g.
+    ``muse-bench/MUSE-news_target`` downloaded as ``MUSE-News_target``); None when it is not there."""
+    want = "models--" + repo_id.replace("/", "--").lower()
+    try:
+        names = [d.name for d in Path(cache_dir).iterdir() if d.is_dir()]
+    except OSError:
+        return None
+    hit = next((n for n in sorted(names) if n.lower() == want), None)
+    return hit[len("models--"):].replace("--", "/", 1) if hit else None
 
 
 def safetensors_header(path: str | Path) -> bytes:

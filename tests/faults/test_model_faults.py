@@ -115,5 +115,10 @@ def test_a_model_path_that_cannot_load_is_named_before_loading(tmp_path, monkeyp
     check_model_location("someone/model-7b")
     with pytest.raises(ModelLoadError, match="revision v2"):
         check_model_location("someone/model-7b", revision="v2")
+    # the hub resolves ids in any case (MUSE's targets circulate as MUSE-News_target and MUSE-news_target),
+    # its cache folders do not: the error names the cached spelling
+    with pytest.raises(ModelLoadError, match=r"^model.path=Someone/Model-7B: not in the hub cache under this "
+                                             r"spelling, but someone/model-7b is .*set model.path=someone/model-7b$"):
+        check_model_location("Someone/Model-7B")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online: the hub answers for itself
     check_model_location("someone/other-7b")
