@@ -294,9 +294,10 @@ def table(summary: dict) -> str:
 
 
 def selection_cost() -> dict:
-    """tau=auto's cost on the real model against ASU training steps of the experiment's global batch,
-    in one process at one thread, a step before and a step after the selection (same load): plain
-    torch (no DeepSpeed), the selection as the run calls it."""
+    """tau=auto's cost on the real model against ASU training steps of 8 forget + 8 retain rows (twice
+    the experiment's global batch, 2 + 2 per rank x 2 ranks = 4 + 4), in one process at one thread, a
+    step before and a step after the selection (same load): plain torch (no DeepSpeed), the selection
+    as the run calls it."""
     from types import SimpleNamespace
 
     import torch
@@ -325,7 +326,7 @@ def selection_cost() -> dict:
 
     cpu: list[float] = []
 
-    def step() -> float:  # asu_gd at the experiment's global batch: 8 forget + 8 retain rows
+    def step() -> float:  # asu_gd on 8 forget + 8 retain rows: twice the experiment's global batch (4 + 4)
         t, c = time.time(), time.process_time()
         f, r = pad_batch(enc["forget"][:8], tok.pad_token_id), pad_batch(enc["retain"][:8], tok.pad_token_id)
         with torch.no_grad(), temperature(teacher, 2.3):
