@@ -200,6 +200,12 @@ def _model_dtype(cfg: DictConfig, cuda: bool) -> str:
     return str(cfg.model.dtype) if cuda and resolve_precision(cfg.deepspeed, cuda) != "fp32" else "float32"
 
 
+def _compute_dtype(cfg: DictConfig, cuda: bool) -> str:
+    """The dtype the models compute in, which keys the teacher cache: DeepSpeed casts them to bf16 /
+    fp16 whatever dtype they were loaded in (model.dtype=float32 with bf16 training computes in bf16)."""
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(resolve_precision(cfg.deepspeed, cuda), _model_dtype(cfg, cuda))
+
+
 def _needs_reference(cfg: DictConfig, method: Any, inputs: JobInputs, cuda: bool) -> bool:
     """Whether the frozen model must exist. method.teacher=cached: only to build a missing cache (or
     for tau=auto, or for a retain KL); asu_gd with a ready cache trains with no frozen model at all."""
@@ -209,7 +215,7 @@ def _needs_reference(cfg: DictConfig, method: Any, inputs: JobInputs, cuda: bool
 
     return str(cfg.method.tau) == "auto" or not cache_ready(
         Path(cfg.cache_dir) / "teacher_cache", inputs.paths.model, cfg.method, inputs.forget,
-        inputs.data.forget_split, inputs.max_len, _model_dtype(cfg, cuda))
+        inputs.data.forget_split, inputs.max_len, _compute_dtype(cfg, cuda))
 
 
 def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
@@ -377,7 +383,8 @@ def _attach_teacher_cache(cfg: DictConfig, method: Any, engines: JobEngines, inp
                                          Path(cfg.cache_dir) / "teacher_cache", int(cfg.trainer.batch_size),
                                          model_path=inputs.paths.model, split=inputs.data.forget_split,
                                          max_length=inputs.max_len, pad_token_id=inputs.tokenizer.pad_token_id,
-                                         device=trainer.device, dtype=engines.dtype)
+                                         device=trainer.device,
+                                         dtype=_compute_dtype(cfg, engines.precision["device"] == "cuda"))
     trainer.teacher_cache = TeacherCache(cache_path)
     if not method.uses_reference and engines.reference is not None:
         _release_engines(engines, trainer, student=False)  # the cache replaces the frozen model from here on

@@ -4,6 +4,12 @@ real 1-rank asu_gd run that trains with no reference engine."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -163,6 +169,128 @@ def test_build_is_atomic(models, rows, tmp_path, monkeypatch):
     assert len(list(path.glob("*.safetensors"))) >= 1 and (path / tc.INDEX).exists()
 
 
+def test_a_model_rewritten_in_place_gets_a_new_cache(tiny, rows, tmp_path, caplog):
+    """New weights at the same path are another teacher: its cache is built anew, not reused."""
+    from transformers import AutoModelForCausalLM
+
+    _, model_dir, _ = tiny
+    model, root = tmp_path / "model", tmp_path / "cache"
+    shutil.copytree(model_dir, model)
+    teacher = AutoModelForCausalLM.from_pretrained(model).eval()
+    enc, pad = rows
+
+    def build():
+        return tc.build_teacher_cache(teacher, enc, _cfg(5), root, 3, model_path=str(model), split="forget",
+                                      max_length=64, pad_token_id=pad, dtype="float32")
+
+    first = build()
+    assert tc.cache_ready(root, str(model), _cfg(5), enc, "forget", 64, "float32")
+    with torch.no_grad():  # same architecture, same file size: only the weights (and the mtime) change
+        for p in teacher.parameters():
+            p.mul_(1.5)
+    teacher.save_pretrained(model, safe_serialization=True)
+    assert not tc.cache_ready(root, str(model), _cfg(5), enc, "forget", 64, "float32")
+    with caplog.at_level(logging.INFO, logger=tc.__name__):
+        second = build()
+    assert "teacher cache: reusing" not in caplog.text and "teacher cache: built" in caplog.text
+    assert second != first and sorted(p.name for p in root.iterdir()) == sorted([first.name, second.name])
+    old, new = tc.TeacherCache(first).rows([0])[0][0], tc.TeacherCache(second).rows([0])[0][0]
+    assert not torch.equal(old, new)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()
+    return p.pid
+
+
+def _temp_dir(root, key, mib=1, age_s=0.0, **who):
+    d = root / tc._temp_name(key, **who)
+    d.mkdir(parents=True)
+    (d / "rows-r000-00000.safetensors").write_bytes(b"\0" * (mib * 2**20))
+    if age_s:
+        os.utime(d, (time.time() - age_s,) * 2)
+    return d
+
+
+def test_interrupted_builds_temp_dirs_are_removed_and_live_ones_kept(models, rows, tmp_path, caplog):
+    """A build killed outright leaves its temp dir: the next build removes it (and any other stale
+    one under the cache root) with one log line, and leaves the temp dirs of live builds alone."""
+    teacher, _ = models
+    key = tc.cache_key(tc.cache_fields("tiny", 2.0, None, "forget", 64, 5, rows[0], "float32"))
+    other_key, old_hours = "0123456789abcdef0123", 2 * 3600
+    stale = [
+        _temp_dir(tmp_path, key, mib=3, pid=_dead_pid()),  # killed on this host (a requeue on the same node)
+        _temp_dir(tmp_path, key, owner="othernode-1", pid=1, age_s=old_hours),  # killed on another node
+        _temp_dir(tmp_path, other_key, pid=_dead_pid()),  # another cache's interrupted build
+    ]
+    old_format = tmp_path / f".{key}.tmp-0badcafe"  # written before temp names said who writes them
+    old_format.mkdir()
+    os.utime(old_format, (time.time() - old_hours,) * 2)
+    stale.append(old_format)
+    live = [
+        _temp_dir(tmp_path, key),  # this process: alive
+        _temp_dir(tmp_path, key, owner="othernode-1", pid=1),  # another node's build, touched just now
+        _temp_dir(tmp_path, other_key, owner="othernode-1", pid=1),
+    ]
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    with caplog.at_level(logging.INFO, logger=tc.__name__):
+        path = _build(teacher, rows, tmp_path, topk=5)
+    assert path.name == key and (path / tc.INDEX).exists()
+    assert not any(d.exists() for d in stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([key, "notes", *(d.name for d in live)])
+    removed = [r.getMessage() for r in caplog.records if "interrupted build's temp dir" in r.getMessage()]
+    assert len(removed) == len(stale), removed
+    first = next(m for m in removed if stale[0].name in m)
+    assert "is gone" in first and "3.0 MiB freed" in first
+    assert any("untouched for 2.0 h" in m for m in removed)
+
+
+def test_a_live_build_keeps_its_temp_dir_fresh_and_a_concurrent_build_leaves_it(models, rows, tmp_path,
+                                                                                   monkeypatch):
+    """A build refreshes its temp dir between batches, so a concurrent job of the same cache (another
+    node, where its PID means nothing) keeps it; both jobs end with the one published cache."""
+    teacher, _ = models
+    real, calls, inner = tc._teacher_rows, [], []
+    monkeypatch.setattr(tc, "HEARTBEAT_S", 0.0)
+    monkeypatch.setattr(tc, "_owner", lambda: "othernode-1")  # the other job's PID check cannot see us
+
+    def rows_of_a_slow_build(*a, **k):
+        calls.append(1)
+        if len(calls) <= 2:
+            (tmp,) = tmp_path.glob(".*.tmp-*")
+            if len(calls) == 1:  # look long idle...
+                os.utime(tmp, (time.time() - 2 * 3600,) * 2)
+            else:  # ...until the next batch's heartbeat; meanwhile another job builds the same cache
+                assert time.time() - tmp.stat().st_mtime < 60
+                monkeypatch.setattr(tc, "_owner", lambda: "thisnode-1")
+                inner.append(_build(teacher, rows, tmp_path, topk=5, batch_size=2))
+                assert tmp.exists()
+        return real(*a, **k)
+
+    monkeypatch.setattr(tc, "_teacher_rows", rows_of_a_slow_build)
+    outer = _build(teacher, rows, tmp_path, topk=5, batch_size=2)
+    assert inner == [outer] and [p.name for p in tmp_path.iterdir()] == [outer.name]
+    assert len(tc.TeacherCache(outer)) == len(rows[0])
+
+
+def test_a_build_whose_temp_dir_was_taken_stops_in_one_line(models, rows, tmp_path, monkeypatch):
+    teacher, _ = models
+    real = tc._teacher_rows
+    monkeypatch.setattr(tc, "HEARTBEAT_S", 0.0)
+
+    def removed_meanwhile(*a, **k):  # as another job does to a build stopped for over STALE_AFTER_S
+        for d in tmp_path.glob(".*.tmp-*"):
+            shutil.rmtree(d)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tc, "_teacher_rows", removed_meanwhile)
+    with pytest.raises(tc.TeacherCacheError, match=r"cannot touch its temp dir .* untouched for 30 min"):
+        _build(teacher, rows, tmp_path, topk=5, batch_size=2)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("topk", [0, 5])
 def test_size_estimate_is_the_cache_on_disk_and_a_full_disk_refuses_before_building(models, rows, tmp_path,
                                                                                      monkeypatch, topk):
@@ -240,3 +368,25 @@ def test_one_rank_asu_gd_with_cached_teacher_builds_no_reference(tiny):
     h1 = json.loads((root / "runs" / "c1" / "train_history.json").read_text())
     for a, b in zip(h1, h):  # same cache, same trajectory
         assert abs(a["loss"] - b["loss"]) <= 1e-6
+
+
+@pytest.mark.parametrize("overrides,cuda,expect", [
+    ([], False, "float32"),                                   # CPU: fp32 training
+    (["deepspeed.precision=bf16"], False, "bfloat16"),        # bf16 ranks on CPU: DeepSpeed casts
+    (["model.dtype=float32"], True, "bfloat16"),              # loaded fp32, trained (and run) in bf16
+    (["model.dtype=bfloat16", "deepspeed.precision=fp32"], True, "float32"),
+])
+def test_the_cache_is_keyed_by_the_dtype_the_teacher_computes_in(overrides, cuda, expect):
+    """Keyed by the loaded dtype, a bf16-computed cache (model.dtype=float32, bf16 training on a GPU)
+    was reused by an fp32 run of the same model and the other way round."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs
+    from pipeline.run import _compute_dtype
+
+    register_configs()
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        assert _compute_dtype(compose("config", overrides=overrides), cuda) == expect

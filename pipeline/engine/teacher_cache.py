@@ -17,11 +17,20 @@ Per forget row only the loss positions are kept (``labels[1:] != -100``, the pos
   the log of the teacher mass outside the top k (KL over k + 1 buckets, see
   :func:`~pipeline.methods.losses.kl_from_cache`).
 
-The key hashes the model path, tau, teacher_layers, the data split name, max_length, topk and the
-token ids/labels of the encoded forget rows (so a changed tokenizer, truncation or subset never
-reuses a stale cache). A build is atomic: every rank writes its shards into a temporary directory
-next to the final one, rank 0 writes ``index.json`` last and renames the directory into place; an
-existing complete cache is reused without running the teacher.
+The key hashes the model's identity (its resolved path and its weight files' fingerprint — names,
+sizes, mtimes, safetensors headers, config: :func:`pipeline.models.fingerprint.model_fingerprint`,
+so a model rewritten in place gets a new cache), tau, teacher_layers, the data split name,
+max_length, topk and the token ids/labels of the encoded forget rows (so a changed tokenizer,
+truncation or subset never reuses a stale cache). A build is atomic: every rank writes its shards
+into a temporary directory next to the final one, rank 0 writes ``index.json`` last and renames the
+directory into place; an existing complete cache is reused without running the teacher. Two jobs
+building the same cache at once each build their own; the first rename wins, the other discards.
+
+A build killed outright (SIGKILL, a SIGTERM's default action, a lost node) cannot clean up: its temp
+directory ``.<key>.tmp-<host>-<pidns>-<pid>-<random>`` stays. Before building, rank 0 removes every
+such directory under the cache root that no live build owns: its writer's PID is gone (checked only
+on the same host and PID namespace), or nothing touched it for ``STALE_AFTER_S`` — a live build,
+on any node, refreshes its directory's mtime at least every ``HEARTBEAT_S`` between batches.
 
 Distributed: batches are dealt round-robin over ranks. Under ZeRO-3 every rank must run the same
 number of forwards (each layer's parameters are all-gathered collectively), so ranks with fewer
@@ -36,7 +45,10 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +56,7 @@ from typing import Any, Optional
 
 import torch
 
+from pipeline.models.fingerprint import model_fingerprint
 from pipeline.progress import tracked
 
 log = logging.getLogger(__name__)
@@ -51,6 +64,12 @@ log = logging.getLogger(__name__)
 INDEX = "index.json"
 FORMAT_VERSION = 1
 SHARD_BYTES = 256 * 2**20
+# A live build refreshes its temp dir at least this often (between batches); one untouched for
+# STALE_AFTER_S is an interrupted build's, whatever node wrote it (a batch's forward takes far less).
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 30 * 60.0
+# .<key>.tmp-<host>-<pidns>-<pid>-<random>; the older .<key>.tmp-<random> goes by age only
+TEMP_RE = re.compile(r"^\.[0-9a-f]+\.tmp-(?:(?P<owner>.+)-(?P<pid>\d+)-)?[0-9a-f]{8}$")
 
 
 class TeacherCacheError(RuntimeError):
@@ -98,21 +117,18 @@ def _model_id(teacher: Any) -> str:
     return str(getattr(cfg, "_name_or_path", "") or type(unwrap(teacher)).__name__)
 
 
-def _abs(path: str) -> str:
-    return str(Path(path).resolve()) if path and Path(path).exists() else str(path)
-
-
 def cache_fields(model_path: str, tau: float, teacher_layers: Optional[Sequence[int]], split: str,
                  max_length: int, topk: int, forget_encoded: Sequence[dict], dtype: str) -> dict:
-    """Everything the cached distributions depend on (hashed into the directory name), the dtype the
-    teacher computes in among them: a bf16 GPU run's distributions are not an fp32 run's."""
+    """Everything the cached distributions depend on (hashed into the directory name): the model's
+    files' fingerprint (new weights at the same path are another teacher) and the dtype the teacher
+    computes in among them (a bf16 GPU run's distributions are not an fp32 run's)."""
     h = hashlib.sha256()
     for r in forget_encoded:
         h.update(json.dumps([list(map(int, r["input_ids"])), list(map(int, r.get("labels", r["input_ids"])))]).encode())
         h.update(b"|")
     return {
         "format": FORMAT_VERSION,
-        "model": _abs(model_path),
+        "model": model_fingerprint(model_path),
         "tau": float(tau),
         "teacher_layers": None if teacher_layers is None else [int(i) for i in teacher_layers],
         "split": str(split),
@@ -176,26 +192,20 @@ def build_teacher_cache(
     tau = float(method_cfg.tau)
     layers = list(method_cfg.teacher_layers) if method_cfg.teacher_layers is not None else None
     topk = int(getattr(method_cfg, "cache_topk", 0) or 0)
-    fields = cache_fields(model_path or _model_id(teacher), tau, layers, split, max_length, topk, forget_encoded,
-                          dtype)
     root = Path(out_dir)
-    final = root / cache_key(fields)
     rank, world = _rank_world()
 
-    # rank 0 decides (a concurrent job may be finishing the same cache), checks the disk and names
-    # the temp dir; a refusal travels with the decision, so every rank stops with the same error
+    # rank 0 decides (a concurrent job may be finishing the same cache): it fingerprints the model
+    # files once (every rank uses its key, even where another node's view of them would differ),
+    # then prepares the build; a refusal travels with the decision, so every rank stops with the
+    # same error
     decision = None
     if rank == 0:
-        exists = (final / INDEX).exists()
-        tmp, refusal = None, None
-        if not exists:
-            root.mkdir(parents=True, exist_ok=True)
-            refusal = _check_size(forget_encoded, _vocab_size(teacher), topk, root)
-            if refusal is None:
-                tmp = str(root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-                Path(tmp).mkdir()
-        decision = (exists, tmp, refusal)
-    exists, tmp, refusal = _broadcast(decision)
+        fields = cache_fields(model_path or _model_id(teacher), tau, layers, split, max_length, topk,
+                              forget_encoded, dtype)
+        decision = (fields, *_prepare(root, cache_key(fields), teacher, forget_encoded, topk))
+    fields, exists, tmp, refusal = _broadcast(decision)
+    final = root / cache_key(fields)
     if refusal is not None:
         from pipeline.engine.preflight import PreflightError
 
@@ -220,6 +230,120 @@ def build_teacher_cache(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _prepare(root: Path, key: str, teacher: Any, forget_encoded: Sequence[dict],
+             topk: int) -> tuple[bool, Optional[str], Optional[str]]:
+    """Rank 0: ``(exists, temp dir, refusal)`` for the cache ``root/key``. It first removes interrupted
+    builds' leftovers (so their space counts as free), then, unless the cache exists, checks the disk
+    and creates the temp dir."""
+    _remove_stale_temps(root)
+    if (root / key / INDEX).exists():
+        return True, None, None
+    root.mkdir(parents=True, exist_ok=True)
+    refusal = _check_size(forget_encoded, _vocab_size(teacher), topk, root)
+    if refusal is not None:
+        return False, None, refusal
+    tmp = root / _temp_name(key)
+    tmp.mkdir()
+    return False, str(tmp), None
+
+
+# -- interrupted builds' temp dirs ------------------------------------------------------------------------
+
+
+def _owner() -> str:
+    """This process's host and PID namespace, as its temp dirs' names carry them: a PID in a name
+    is only looked up where it names the same process (another container on this host, with the
+    same host name, has its own PIDs)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux: the host name alone
+        ns = 0
+    return f"{host}-{ns}"
+
+
+def _temp_name(key: str, pid: Optional[int] = None, owner: Optional[str] = None) -> str:
+    """``.<key>.tmp-<host>-<pidns>-<pid>-<random>``: the name says who writes it, so a later build can
+    tell an interrupted build's leftover from a live one's."""
+    return f".{key}.tmp-{owner or _owner()}-{pid or os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs on this host (in this PID namespace); an unanswerable check says yes."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process (EPERM), or not a PID at all: age decides
+        return True
+    return True
+
+
+def _stale_reason(d: Path, owner: str, now: float) -> Optional[str]:
+    """Why temp dir ``d`` belongs to no live build, or None while one may still be writing it."""
+    m = TEMP_RE.match(d.name)
+    if m is None:
+        return None
+    if m["owner"] == owner and not _pid_alive(int(m["pid"])):
+        return f"its writer, pid {m['pid']} on this host, is gone"
+    idle = now - d.stat().st_mtime
+    if idle > STALE_AFTER_S:
+        return f"untouched for {idle / 3600:.1f} h"
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _tree_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _remove_stale_temps(root: Path) -> None:
+    """Rank 0: delete the temp dirs under ``root`` (of any key) that interrupted builds left (a
+    requeued job would otherwise leak one per attempt until the disk check refuses); live builds'
+    temp dirs, here or on another node, stay."""
+    if not root.is_dir():
+        return
+    owner, now = _owner(), time.time()
+    for d in sorted(root.iterdir()):
+        try:
+            if d.is_symlink() or not d.is_dir():
+                continue
+            reason = _stale_reason(d, owner, now)
+            if reason is None:
+                continue
+            size = _tree_bytes(d)
+        except FileNotFoundError:  # another job's cleanup, or its build's rename, got there first
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        if not d.exists():
+            log.info("teacher cache: removed %s, an interrupted build's temp dir (%s): %s freed", d, reason,
+                     _size(size))
+
+
+class _Heartbeat:
+    """Keeps a live build's temp dir fresh (its mtime, at most every HEARTBEAT_S), so that no other
+    job's :func:`_remove_stale_temps` takes it for an interrupted build's."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self._last = directory, time.monotonic()
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if now - self._last < HEARTBEAT_S:
+            return
+        try:
+            os.utime(self.directory)
+        except OSError as e:  # ENOENT, or ESTALE on NFS: the build cannot finish; say why in one line
+            raise TeacherCacheError(
+                f"teacher cache build: cannot touch its temp dir {self.directory} ({e.strerror}): another "
+                f"job removes one untouched for {STALE_AFTER_S / 60:.0f} min as an interrupted build's "
+                f"(was this one stopped that long?)") from None
+        self._last = now
 
 
 def cache_bytes(forget_encoded: Sequence[dict], vocab: int, topk: int) -> int:
@@ -293,10 +417,12 @@ def _write_rank_part(teacher: Any, rows: list[dict], batch_size: int, tau: float
     batches = [list(range(i, min(i + batch_size, len(rows)))) for i in range(0, len(rows), batch_size)]
     mine = batches[rank::world]
     writer = _ShardWriter(tmp, rank)
+    heartbeat = _Heartbeat(tmp)
     vocab: Optional[int] = None
     was_training = getattr(teacher, "training", False)
     teacher.eval()
     for r in tracked(range(math.ceil(len(batches) / world))):
+        heartbeat.beat()
         idx = mine[r] if r < len(mine) else (mine[0] if mine else batches[0])
         res = _teacher_rows(teacher, [rows[i] for i in idx], tau, layers, topk, pad_token_id, device)
         vocab = None if "ids" in res[0] else int(res[0]["logprobs"].shape[-1])

@@ -35,14 +35,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.data.loaders import DataError
-from pipeline.models.loading import safetensors_header
+from pipeline.models.fingerprint import model_fingerprint  # finished.py and eval/parts.py import it from here
 
 log = logging.getLogger(__name__)
 
 KEY_SCHEMA = 1
 # EvalSettings fields that do not change truth ratios (generation and batching only).
 NOT_IN_KEY = ("batch_size", "synced_gpus", "max_new_tokens", "max_run", "repetition_n", "rouge_stemmer")
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.index.json", "config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json")
 
@@ -53,36 +52,6 @@ class RetainReferenceError(DataError):
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _file_entry(f: Path) -> dict:
-    st = f.stat()
-    e: dict[str, Any] = {"name": f.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if f.suffix == ".safetensors":
-        e["header_sha256"] = _sha256(safetensors_header(f))
-    elif f.suffix == ".json":
-        e["sha256"] = _sha256(f.read_bytes())
-    return e
-
-
-def model_fingerprint(path: str | Path) -> dict:
-    """Identity of a model: resolved directory + weight-file fingerprints, or hub id + snapshot.
-
-    Cheap by design (no weights are read): size and mtime catch a rewritten file, the safetensors
-    header hash catches a different architecture/sharding, the config/index hashes the rest."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted({f for pat in WEIGHT_PATTERNS for f in p.glob(pat) if f.is_file()})
-        return {"path": str(p.resolve()), "files": [_file_entry(f) for f in files]}
-    # A hub id: the run is offline, so the weights come from the local HF cache; its snapshot
-    # folder is named by the commit.
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = Path(snapshot_download(str(path), local_files_only=True))
-    except Exception:  # not cached (or not a hub id): identity is the name only, said in the key
-        return {"path": f"hub:{path}", "revision": None}
-    return {"path": f"hub:{path}", "revision": local.name, "files": model_fingerprint(local)["files"]}
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict:
