@@ -88,15 +88,19 @@ def resolve_arch(model_cfg: Any, model_path: Optional[str] = None, vocab_size: O
 def lora_param_count(arch: ArchSpec, model_cfg: Any) -> int:
     """Adapter parameters of ``model.peft`` (0 when off): r·(in + out) per adapted linear layer.
 
-    Llama-family names (the defaults); an unknown target name is counted as an h×h projection."""
+    Llama-family and Phi-3 names (the defaults); an unknown target name is counted as an h×h projection."""
     p = getattr(model_cfg, "peft", None)
     if p is None or not p.enabled:
         return 0
     h, ff = arch.hidden_size, arch.intermediate_size
     kv = arch.num_key_value_heads * (h // arch.num_attention_heads)
     shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-              "gate_proj": (h, ff), "up_proj": (h, ff), "down_proj": (ff, h)}
-    names = list(p.target_modules) if p.target_modules is not None else list(shapes)
+              "gate_proj": (h, ff), "up_proj": (h, ff), "down_proj": (ff, h),
+              "qkv_proj": (h, h + 2 * kv), "gate_up_proj": (h, 2 * ff)}  # Phi-3's fused projections
+    from pipeline.models.peft_student import DEFAULT_TARGETS
+
+    # the arch spec has no model type: default targets count as Llama's (Phi-3's fused ones add up the same)
+    names = list(p.target_modules) if p.target_modules is not None else DEFAULT_TARGETS["llama"]
     n_layers = len(p.layers) if p.layers is not None else arch.num_hidden_layers
     per_layer = sum(int(p.r) * sum(shapes.get(str(n).rsplit(".", 1)[-1], (h, h))) for n in names)
     return n_layers * per_layer
@@ -198,7 +202,9 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     if zero_stage == 3:
         g["gathered parameters (ZeRO-3 live set)"] = b * gathered * (2 if uses_reference and not shared_base else 1)
         # backward: the full gradient of the module being reduced + the reduce bucket it is copied into
-        g["gradient reduce buffers"] = b * (min(P, int(buf["reduce_bucket_size"])) + arch.largest_module_params)
+        # (LoRA: the adapters' gradients only)
+        g["gradient reduce buffers"] = b * (min(T, int(buf["reduce_bucket_size"])) +
+                                            (arch.largest_module_params if lora_params == 0 else 0))
         if retain_batch_size > 0 and not joint_pass:
             # trainer.passes=per_group runs the student twice (forget rows, retain rows), one backward on the sum:
             # autograd holds each parameter's first-branch gradient, full size, until the second
@@ -207,7 +213,7 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
             g["grads held in backward (2 forwards)"] = b * T
         if offload_optimizer == "none":
             # AdamW's sqrt/div temporaries over one optimizer sub-group (fp32)
-            g["optimizer step temporaries"] = 2 * 4 * min(int(buf["sub_group_size"]), -(-P // N))
+            g["optimizer step temporaries"] = 2 * 4 * min(int(buf["sub_group_size"]), -(-T // N))
     rows = batch_size + retain_batch_size
     tokens = rows * seq_len
     H, L = arch.hidden_size, arch.num_hidden_layers

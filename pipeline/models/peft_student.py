@@ -29,11 +29,15 @@ from pipeline.config_base import ConfigError
 log = logging.getLogger(__name__)
 
 # Linear layers LoRA adapts by default, per ``config.model_type``. Llama-family decoders share the
-# names; other architectures need model.peft.target_modules.
+# names; other architectures need model.peft.target_modules. Phi-3 fuses q/k/v and gate/up into one
+# linear each; Mixtral's experts are 3-D parameters in transformers 5 (no nn.Linear for LoRA), so
+# its default adapts attention only.
 _LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    name: _LLAMA_TARGETS for name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                                      "phi3", "olmo", "olmo2", "granite", "smollm3")
+    **{name: _LLAMA_TARGETS for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                                         "olmo", "olmo2", "granite", "smollm3")},
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
 
@@ -75,9 +79,18 @@ def wrap_lora(model: nn.Module, pcfg: Any) -> nn.Module:
         bias="none", task_type="CAUSAL_LM",
     )
     try:
-        peft_model = get_peft_model(model, lcfg)
+        # autocast_adapter_dtype=False: adapters in the base's dtype. peft's default makes them fp32,
+        # which DeepSpeed casts to bf16 at stage 0 but not for a model built under ZeRO-3: one GPU and
+        # eight would train adapters of different precision (each keeps an fp32 master either way).
+        peft_model = get_peft_model(model, lcfg, autocast_adapter_dtype=False)
     except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
         raise PeftSetupError(f"config error at 'model.peft.target_modules': {exc}") from exc
+    adapted = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    missing = [t for t in targets if t.rsplit(".", 1)[-1] not in adapted]
+    if missing:  # peft refuses only when no name matches; a partial match would train less than asked
+        log.warning("LoRA: target_modules %s match no linear layer of this %s model (adapted: %s); set "
+                    "model.peft.target_modules to its layer names", missing,
+                    getattr(getattr(model, "config", None), "model_type", "?"), sorted(adapted))
     n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in peft_model.parameters() if p.requires_grad)
     n_all = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in peft_model.parameters())
     log.info("LoRA student: r=%d alpha=%g dropout=%g targets=%s layers=%s; trainable %d of %d parameters (%.3f%%)",
