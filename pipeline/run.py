@@ -55,7 +55,27 @@ def checkpoint_meta(cfg: DictConfig, world_size: int) -> dict:
     # The stage decides the checkpoint's layout (ZeRO-3 shards vs one state file): DeepSpeed cannot
     # load one as the other, so a resume with another stage is refused (checkpoint.check_compatible).
     meta["zero_stage"] = resolve_zero_stage(cfg.deepspeed, world_size).stage
+    meta.update(training_meta(cfg))
     return meta
+
+
+# What else a step depends on: the optimizer and schedule (DeepSpeed restores the checkpoint's lr and
+# schedule whatever the config says now), the step count the schedule and the export aim at, the
+# batches' order and contents, the rows' text and the training precision.
+TRAINING_META = ("trainer.epochs", "trainer.max_steps", "trainer.grad_accum", "trainer.lr", "trainer.weight_decay",
+                 "trainer.warmup_ratio", "trainer.lr_scheduler", "trainer.max_grad_norm", "trainer.nan_policy",
+                 "data.max_length", "data.truncate", "data.pack_text", "data.question_column",
+                 "data.answer_column", "data.text_column", "data.columns", "model.prompt_format",
+                 "model.system_prompt", "deepspeed.precision")
+
+
+def training_meta(cfg: DictConfig) -> dict:
+    """The :data:`TRAINING_META` settings as checkpoint meta fields (``training.<key>``)."""
+    out = {}
+    for key in TRAINING_META:
+        value = OmegaConf.select(cfg, key, default=None)
+        out[f"training.{key}"] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
 
 
 @dataclass
@@ -111,12 +131,13 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                                 checkpoint_meta(cfg, dist.world_size))
     trainer.views = method.forget_views(inputs.tokenizer, inputs.data.forget, int(cfg.data.max_length),
                                         inputs.prompt_format)
-    tau_selection = _choose_tau(cfg, engines, inputs)
+    tau_selection = _choose_tau(cfg, engines, inputs, run_dir, key)
     _attach_teacher_cache(cfg, method, engines, inputs, trainer, need_reference)
 
-    t_loop = time.time()  # train_seconds: the training loop alone; job_seconds also counts loading and tau=auto
     state = trainer.train()
-    job_seconds, train_seconds = time.time() - t_start, time.time() - t_loop
+    # train_seconds: the training loop alone, over every attempt (resumes add theirs to the checkpoint's);
+    # job_seconds: this attempt from its start, loading and tau=auto included
+    job_seconds, train_seconds = time.time() - t_start, state.train_seconds
     if dist.is_main:
         from pipeline.io import atomic_write_json
 
@@ -349,9 +370,11 @@ def _initialize_engines(cfg: DictConfig, dist: Any, student: Any, frozen: Any, s
     return engine, reference
 
 
-def _choose_tau(cfg: DictConfig, engines: JobEngines, inputs: JobInputs) -> Optional[dict]:
+def _choose_tau(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir: Path,
+                key: dict) -> Optional[dict]:
     """method.tau=auto: choose tau from a cheap teacher-side signal before training (its evidence goes
-    to results.json); the config then carries the chosen value."""
+    to results.json and ``run_dir/tau_selection.json``, reused by a later attempt of the job with
+    ``key``); the config then carries the chosen value."""
     if "tau" not in cfg.method:
         return None
     if str(cfg.method.tau) != "auto":
@@ -360,14 +383,39 @@ def _choose_tau(cfg: DictConfig, engines: JobEngines, inputs: JobInputs) -> Opti
                         "tau < 1 sharpens its attention); ASU forgets with tau > 1", cfg.method.tau,
                         extra=SAME_ON_EVERY_RANK)
         return None
+    from pipeline.engine.distributed import broadcast_object, is_main_process
     from pipeline.engine.tau_auto import select_tau
+    from pipeline.io import atomic_write_json
 
-    with progress("tau=auto probes", cfg.logging.progress_bar):
-        selection = select_tau(engines.reference, inputs.tokenizer, inputs.data, inputs.forget, cfg)
+    # An earlier attempt of this very job (same key: config, rows, model, code) chose already: a
+    # requeued run keeps its tau (the checkpoint was trained with it) and does not pay the probes again.
+    path = run_dir / TAU_SELECTION
+    selection = broadcast_object(_earlier_tau_selection(path, key) if is_main_process() else None)
+    if selection is not None:
+        log.info("method.tau=auto: tau=%.3f, chosen by an earlier attempt of this job (%s)", float(selection["tau"]),
+                 path)
+    else:
+        with progress("tau=auto probes", cfg.logging.progress_bar):
+            selection = select_tau(engines.reference, inputs.tokenizer, inputs.data, inputs.forget, cfg)
+        if is_main_process():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, {"key": key, "selection": selection})
+        log.info("method.tau=auto chose tau=%.3f", float(selection["tau"]))
     with open_dict(cfg):
         cfg.method.tau = float(selection["tau"])
-    log.info("method.tau=auto chose tau=%.3f", cfg.method.tau)
     return selection
+
+
+TAU_SELECTION = "tau_selection.json"  # tau=auto's choice and evidence, reused by a later attempt of the same job
+
+
+def _earlier_tau_selection(path: Path, key: dict) -> Optional[dict]:
+    """The selection stored at ``path`` when it was made for ``key`` (this job), else None."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec.get("selection") if isinstance(rec, dict) and rec.get("key") == key else None
 
 
 def _attach_teacher_cache(cfg: DictConfig, method: Any, engines: JobEngines, inputs: JobInputs, trainer: Any,
@@ -499,8 +547,8 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             "zero_stage": engines.zero_stage,  # requested (auto or 0..3), resolved, why
             "precision": engines.precision,
             "zero3_partition": engines.partition,
-            "train_seconds": round(seconds[1], 2),  # the training loop alone (train_history.json: per step)
-            "job_seconds": round(seconds[0], 2),  # from the job's start: loading, engines, tau=auto and the loop
+            "train_seconds": round(seconds[1], 2),  # the training loop alone, every attempt (per step: train_history.json)
+            "job_seconds": round(seconds[0], 2),  # this attempt from its start: loading, engines, tau=auto, the loop
             "final_train": state.history[-1] if state.history else {},
             "prompt_format": inputs.prompt_format.describe(),
             "reductions": method.reductions() if hasattr(method, "reductions") else {},

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -194,5 +195,5 @@ def test_a_fixed_tau_at_or_below_one_is_run_with_a_warning(caplog, tau, warned):
     cfg = _compose([f"method.tau={tau}"])
     validate(cfg)  # allowed: an ablation or a control
     with caplog.at_level("WARNING", logger="pipeline.run"):
-        assert _choose_tau(cfg, None, None) is None  # nothing to choose
+        assert _choose_tau(cfg, None, None, Path("."), {}) is None  # nothing to choose
     assert ("is not smoothed" in caplog.text) is warned

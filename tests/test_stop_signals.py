@@ -25,7 +25,31 @@ def test_sigterm_asks_to_stop_as_a_preemption_and_the_old_handlers_come_back():
         assert stop.requested and not stop.interrupted
         _send(signal.SIGINT)  # a later Ctrl-C does not turn a preemption into an interruption...
         assert not stop.interrupted
-    assert {s: signal.getsignal(s) for s in StopSignals.SIGNALS} == before  # ...and evaluation gets SIGTERM back
+        with pytest.raises(KeyboardInterrupt):  # ...but a second one still stops at once
+            _send(signal.SIGINT)
+            signal.getsignal(signal.SIGINT)  # a bytecode boundary: the handler has run by now
+    assert {s: signal.getsignal(s) for s in StopSignals.SIGNALS} == before  # and evaluation gets SIGTERM back
+
+
+def test_submitits_sigusr2_handler_runs_after_the_checkpoint_not_on_arrival():
+    """submitit's job process handles SIGUSR2 (its preemption/timeout signal) by requeueing the job and
+    exiting at once. While training, SIGUSR2 asks for the stop checkpoint instead; submitit's handler
+    is run afterwards (``hand_over``), so the requeued job resumes from this step."""
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    try:
+        with StopSignals() as stop:
+            _send(signal.SIGUSR2)
+            assert stop.requested and not stop.interrupted and calls == []  # not requeued before the checkpoint
+            assert stop.hand_over() and calls == [signal.SIGUSR2]
+        with StopSignals() as stop:  # default handlers (SIG_DFL) are never called
+            _send(signal.SIGTERM)
+            assert not stop.hand_over()
+        with StopSignals() as stop:  # nor Python's Ctrl-C handler (it raises KeyboardInterrupt)
+            _send(signal.SIGINT)
+            assert not stop.hand_over()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
 
 
 def test_the_first_ctrl_c_asks_to_stop_and_the_second_stops_at_once(caplog):

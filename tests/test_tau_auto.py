@@ -260,6 +260,24 @@ def test_tau_auto_end_to_end_two_ranks_zero3(tmp_path):
     assert sel["probes"][0]["tau"] == 1.0 and len(sel["probes"]) >= 2 and sel["ranks"] == 2
     assert sel["seconds"] > 0 and res["train_seconds"] > 0
     assert sel["shared_prefix_tokens"] >= tau_auto.MIN_PREFIX and sel["logits"] == "answer positions", sel
+    # kept for a later attempt of the same job (a requeue keeps the tau its checkpoint was trained with)
+    assert json.loads((tmp_path / "runs" / "auto" / "tau_selection.json").read_text())["selection"] == sel
+
+
+def test_a_later_attempt_of_the_same_job_reuses_the_choice_and_another_job_does_not(tmp_path, caplog):
+    """tau=auto is chosen once per job: a requeued attempt (same job key) takes tau_selection.json's
+    choice without probing; a file from another job (other key) is not used."""
+    from pipeline.run import TAU_SELECTION, _choose_tau
+
+    chosen = {"tau": 3.25, "probes": [{"tau": 1.0}], "seconds": 1.5}
+    (tmp_path / TAU_SELECTION).write_text(json.dumps({"key": {"config.seed": 0}, "selection": chosen}))
+    cfg = OmegaConf.create({"method": {"name": "asu_kl", "tau": "auto"}, "logging": {"progress_bar": False}})
+    with caplog.at_level(logging.INFO, logger="pipeline.run"):
+        assert _choose_tau(cfg, None, None, tmp_path, {"config.seed": 0}) == chosen  # no model: nothing probed
+    assert cfg.method.tau == 3.25 and "chosen by an earlier attempt of this job" in caplog.text
+    cfg.method.tau = "auto"
+    with pytest.raises(AttributeError):  # another job's file is ignored: it probes (and has no model here)
+        _choose_tau(cfg, None, None, tmp_path, {"config.seed": 1})
 
 
 def test_form_floor_caps_the_fact_choice(memorised, monkeypatch):

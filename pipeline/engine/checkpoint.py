@@ -42,11 +42,13 @@ def _rank_file(rank: int) -> str:
 
 
 def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict, meta: dict, keep: int = 2,
-                    rank_state: Optional[dict] = None) -> Path:
+                    rank_state: Optional[dict] = None, exclude_frozen: bool = False) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory.
 
     ``client_state`` is saved once (DeepSpeed writes rank 0's); ``rank_state`` (e.g. RNG states, which
     differ per rank) goes to one small file per rank, read back by :func:`load_rank_state`.
+    ``exclude_frozen``: leave out parameters that do not train (a LoRA student's base, reloaded from
+    ``model.path`` on resume: ~13 GiB less per save at 7B); load it with ``strict=False``.
     """
     root = Path(root)
     tag = _tag(step)
@@ -59,7 +61,8 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
     barrier()
     _check_shared(root)
     try:
-        engine.save_checkpoint(str(root), tag=partial_tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(root), tag=partial_tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=exclude_frozen)
         if rank_state is not None:
             import torch
 
@@ -67,6 +70,7 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
         from pipeline.engine import faults
 
         faults.maybe_kill("kill_in_save", step)  # fault suite: a rank dies after writing its shards
+        faults.maybe_signal("sigterm_in_save", step)  # fault suite: a preemption notice during the save
         barrier()
         if is_main_process():
             atomic_write_text(root / partial_tag / META, json.dumps({**meta, "step": step, "tag": tag}, indent=2,
@@ -75,7 +79,7 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
                 shutil.rmtree(final)
             os.replace(root / partial_tag, final)
             atomic_write_text(root / "latest", tag)  # written last: readers only ever see complete checkpoints
-            _prune(root, keep)
+            _prune(root, keep, step)
     except (OSError, RuntimeError) as exc:  # disk full (torch.save raises RuntimeError), quota, permissions
         shutil.rmtree(root / partial_tag, ignore_errors=True)
         ptr = root / "latest"
@@ -117,11 +121,15 @@ def _disk_full_note(root: Path, prev: Optional[Path], error: str) -> str:
     return f" (No space left on device: {free // 1024} KiB free, a checkpoint takes ~{need // 1024} KiB)"
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(root: Path, keep: int, step: int) -> None:
+    """Keep the checkpoint of ``step`` (just published) and the ``keep - 1`` newest before it. Later
+    steps are another run's (``trainer.resume=never`` in a used run directory) and are left alone:
+    by step number alone the one just written would go."""
     if keep <= 0:
         return
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL) and (p / META).exists())
-    for p in done[:-keep]:
+    older = [p for p in done if p.name < _tag(step)]  # zero-padded tags sort as their steps
+    for p in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -149,10 +157,15 @@ META_DEFAULTS = {"zero_stage": 3}
 
 
 def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
-    """Refuse to resume from a checkpoint made with a different model/method/data configuration
-    (or another ZeRO stage: its files are laid out differently and DeepSpeed cannot read one as the other)."""
+    """Refuse to resume from a checkpoint made with a different model/method/data configuration, other
+    training settings (``training.*``: lr, schedule, step count, batching, sequence length, prompt
+    format, precision) or another ZeRO stage (its files are laid out differently and DeepSpeed cannot
+    read one as the other)."""
     saved = {**META_DEFAULTS, **saved}
-    diffs = [k for k in sorted(set(saved) | set(current)) if k not in ("step", "tag") and saved.get(k) != current.get(k)]
+    # checkpoints written before the training settings were recorded cannot be compared on them
+    unknown = set() if any(k.startswith("training.") for k in saved) else {k for k in current if k.startswith("training.")}
+    diffs = [k for k in sorted(set(saved) | set(current))
+             if k not in ("step", "tag") and k not in unknown and saved.get(k) != current.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: checkpoint={saved.get(k)!r} now={current.get(k)!r}" for k in diffs)
         hint = (f" To resume it, set deepspeed.zero_stage={saved['zero_stage']}."
@@ -180,10 +193,11 @@ def load_rank_state(ckpt: str | Path) -> Optional[dict]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_checkpoint(engine: Any, ckpt: str | Path) -> dict:
-    """Load model/optimizer/scheduler state; returns the client state (step, RNG, ...)."""
+def load_checkpoint(engine: Any, ckpt: str | Path, strict: bool = True) -> dict:
+    """Load model/optimizer/scheduler state; returns the client state (step, RNG, ...). ``strict=False``
+    for a checkpoint saved with ``exclude_frozen`` (the frozen weights stay as loaded from the model)."""
     ckpt = Path(ckpt)
-    path, state = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    path, state = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=strict)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt}")
     return state or {}

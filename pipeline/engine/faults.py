@@ -38,6 +38,13 @@ def maybe_kill(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def maybe_signal(name: str, step: int, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to this process when ``name@step[:rank]`` is injected (a preemption notice that
+    arrives at a precise moment, e.g. during a checkpoint's save)."""
+    if _hit(name, step):
+        os.kill(os.getpid(), sig)
+
+
 def nan_loss(step: int) -> bool:
     return _hit("nan_loss", step)
 

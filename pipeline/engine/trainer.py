@@ -18,6 +18,7 @@ from pipeline.engine import faults, health
 from pipeline.engine.batching import BatchPlan
 from pipeline.engine.distributed import all_true, mean_over_ranks
 from pipeline.methods.base import UnlearningMethod
+from pipeline.models.peft_student import is_peft_model
 from pipeline.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class TrainState:
     step: int = 0
     skipped: list[int] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0  # the training loop's wall time up to ``step``, over every attempt
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, kind: str):
@@ -68,15 +70,17 @@ def lr_lambda(total_steps: int, warmup_ratio: float, kind: str):
 
 
 class StopSignals:
-    """While training: SIGTERM / SIGUSR1 (preemption) and SIGINT (Ctrl-C) ask the loop to checkpoint
-    at the next step boundary and exit; a second Ctrl-C stops at once (``KeyboardInterrupt``). The
-    previous handlers come back when training ends, so a signal during export or evaluation acts
-    as it normally does instead of setting a flag nobody reads."""
+    """While training: SIGTERM / SIGUSR1 / SIGUSR2 (preemption; USR2 is submitit's) and SIGINT
+    (Ctrl-C) ask the loop to checkpoint at the next step boundary and exit; a second Ctrl-C stops at
+    once (``KeyboardInterrupt``), also after a scheduler's signal. The previous handlers come back
+    when training ends, so a signal during export or evaluation acts as it normally does instead of
+    setting a flag nobody reads."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None  # the first stop signal received
+        self._ctrl_c = False
         self._previous: dict[int, Any] = {}
 
     @property
@@ -85,8 +89,21 @@ class StopSignals:
 
     @property
     def interrupted(self) -> bool:
-        """The stop came from Ctrl-C (not from a scheduler)."""
+        """The stop came from Ctrl-C (not from a scheduler: a Ctrl-C after a preemption signal leaves
+        it a preemption, which is requeued)."""
         return self.signum == signal.SIGINT
+
+    def hand_over(self) -> bool:
+        """After the stop checkpoint: run the Python handler that the first (non-Ctrl-C) stop signal had
+        before training, e.g. submitit's SIGUSR2 handler, which requeues the job (rank 0) and exits.
+        Without it that handler ran on arrival and requeued before any checkpoint. True when one ran."""
+        previous = self._previous.get(self.signum) if self.signum not in (None, signal.SIGINT) else None
+        if not callable(previous):  # SIG_DFL / SIG_IGN / None: nothing of anyone's to run
+            return False
+        log.info("passing signal %d on to the handler installed before training (%s)", self.signum,
+                 getattr(previous, "__qualname__", previous))
+        previous(self.signum, None)
+        return True
 
     def __enter__(self) -> StopSignals:
         for sig in self.SIGNALS:
@@ -102,9 +119,10 @@ class StopSignals:
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        if signum == signal.SIGINT and self.interrupted:
+        if signum == signal.SIGINT and self._ctrl_c:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         if signum == signal.SIGINT:
+            self._ctrl_c = True
             log.warning("Ctrl-C: will checkpoint at the next step boundary and exit (Ctrl-C again stops at once, "
                         "losing the steps since the last checkpoint)")
         else:
@@ -144,10 +162,16 @@ class UnlearningTrainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.state = TrainState()
         self.resumed_from: Optional[Path] = None  # the checkpoint this attempt started from
+        self._saved: Optional[tuple[int, Path]] = None  # (step, directory) of this attempt's newest checkpoint
+        self._loop_start: Optional[float] = None  # perf_counter at this attempt's first step
+        self._seconds_before = 0.0  # the loop's seconds of earlier attempts, up to the resumed checkpoint
         self.start_step = 0  # the step this attempt started at (steps run here: state.step - start_step)
         self.views: dict[str, list[dict]] = {}
         self.teacher_cache: Optional[Any] = None  # method.teacher=cached: batch["forget_teacher"] rows
         self.device = next(engine.module.parameters()).device if hasattr(engine, "module") else torch.device("cpu")
+        # a LoRA student's checkpoints hold the adapters and their optimizer state only: the frozen
+        # base is model.path's, reloaded by every attempt
+        self.lora = is_peft_model(engine)
 
     # -- batches ----------------------------------------------------------------------------------
     def _collate(self, rows: list[dict], idx: list[int]) -> dict:
@@ -183,10 +207,14 @@ class UnlearningTrainer:
         if not (path / ckpt.META).exists():
             raise ckpt.CheckpointError(f"trainer.resume={mode}: {path} is not a complete checkpoint (no {ckpt.META})")
         ckpt.check_compatible(ckpt.read_meta(path), self.ckpt_meta, path)
-        client = ckpt.load_checkpoint(self.engine, path)
+        client = ckpt.load_checkpoint(self.engine, path, strict=not self.lora)
         self.state.step = int(client.get("step", 0))
         self.state.skipped = list(client.get("skipped", []))
         self.state.history = list(client.get("history", []))
+        # checkpoints from before the loop's time was kept: the steps' own times are the best lower bound
+        self._seconds_before = float(client.get("train_seconds", sum(h.get("step_seconds", 0.0)
+                                                                         for h in self.state.history)))
+        self.state.train_seconds = self._seconds_before
         rng = ckpt.load_rank_state(path)  # this rank's own RNG states (CPU, CUDA, Python)
         if rng is None and "torch_rng" in client:  # a checkpoint from before per-rank states: rank 0's CPU RNG
             rng = {"torch": client["torch_rng"]}
@@ -199,12 +227,22 @@ class UnlearningTrainer:
         if not all_true(health.local_params_finite(self.engine)):
             raise NonFiniteLossError(f"weights are non-finite at step {self.state.step}: refusing to save a "
                                      f"checkpoint; the previous one stays the newest")
+        self._update_seconds()
+        t0 = time.perf_counter()
         client = {"step": self.state.step, "skipped": self.state.skipped, "torch_rng": torch.get_rng_state(),
-                  "history": self.state.history}
+                  "history": self.state.history, "train_seconds": self.state.train_seconds}
         path = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.state.step, client, self.ckpt_meta,
-                                    keep=int(self.cfg.trainer.keep_checkpoints), rank_state=get_rng_states())
+                                    keep=int(self.cfg.trainer.keep_checkpoints), rank_state=get_rng_states(),
+                                    exclude_frozen=self.lora)
+        self._saved = (self.state.step, path)
+        log.info("checkpoint saved: %s (%.1fs)", path, time.perf_counter() - t0)
         faults.maybe_kill("kill_after_save", self.state.step)  # fault suite: die right after a published checkpoint
         return path
+
+    def _update_seconds(self) -> None:
+        """``state.train_seconds``: earlier attempts' loop time (to the resumed checkpoint) + this one's."""
+        if self._loop_start is not None:
+            self.state.train_seconds = self._seconds_before + (time.perf_counter() - self._loop_start)
 
     # -- loop -------------------------------------------------------------------------------------
     def train(self) -> TrainState:
@@ -221,6 +259,7 @@ class UnlearningTrainer:
         bar = progress_bar(self.cfg.logging.progress_bar, self.total_steps, f"unlearn[{self.cfg.method.name}]",
                            initial=self.state.step)
         t0 = time.time()
+        self._loop_start = time.perf_counter()
         ga = max(1, int(tcfg.grad_accum))
         while self.state.step < self.total_steps:
             # One iteration = one optimizer step = grad_accum micro-batches, so every checkpoint (taken
@@ -273,6 +312,9 @@ class UnlearningTrainer:
             bar.close()
         if tcfg.save_every and self.state.step > self.start_step:  # resumed at the end: that checkpoint is this one
             self.save()
+        if not all_true(not stop.requested):  # a signal during the final save: exit now, not after the evaluation
+            self._stop_here(stop, None)
+        self._update_seconds()
         if self.start_step == self.total_steps:
             log.info("nothing to train: resumed at the last step (%d/%d)", self.start_step, self.total_steps)
         elif self.start_step:
@@ -285,8 +327,10 @@ class UnlearningTrainer:
 
     def _stop_here(self, stop: StopSignals, bar: Optional[Any]) -> NoReturn:
         """A stop signal reached some rank: checkpoint this step on every rank and exit. Ctrl-C on
-        any rank makes it an interruption (exit 130), else a preemption (exit 124, requeued)."""
-        path = self.save()
+        any rank makes it an interruption (exit 130), else a preemption (exit 124, requeued; under
+        submitit its own SIGUSR2 handler then requeues, :meth:`StopSignals.hand_over`). A checkpoint
+        of this step saved just before (``save_every``, the final one) is not written again."""
+        path = self._saved[1] if self._saved is not None and self._saved[0] == self.state.step else self.save()
         if bar is not None:
             bar.close()
         if not all_true(not stop.interrupted):
@@ -294,6 +338,7 @@ class UnlearningTrainer:
                         "(exit code %d)", self.state.step, path, EXIT_INTERRUPTED)
             raise Interrupted()
         log.warning("preempted at step %d: checkpoint saved, exiting with code %d", self.state.step, EXIT_REQUEUE)
+        stop.hand_over()
         raise Preempted()
 
     def _skip_optimizer_step(self, step: int) -> None:

@@ -83,3 +83,46 @@ def test_resume_refuses_checkpoint_from_other_config(tiny):
                            env=_env(), capture_output=True, text=True, timeout=300)
     assert other.returncode == 2
     assert "different configuration" in other.stderr and "method" in other.stderr and "tau" in other.stderr
+
+
+def test_pruning_keeps_the_checkpoint_just_written_when_another_run_left_later_steps(tmp_path):
+    """trainer.resume=never in a used run directory: the old run's step_6 is later than the new run's
+    step_2. Pruning by step number deleted the step just published (``latest`` then named nothing)."""
+    import json as _json
+
+    from pipeline.engine import checkpoint as ckpt
+
+    for step in (1, 2, 6):
+        d = tmp_path / f"step_{step:08d}"
+        d.mkdir()
+        (d / ckpt.META).write_text(_json.dumps({"step": step}))
+    ckpt._prune(tmp_path, 1, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000006"]
+    ckpt._prune(tmp_path, 2, 6)  # the old run's own later save keeps its newest before it too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000006"]
+
+
+def test_a_resume_with_other_training_settings_is_refused_and_old_checkpoints_are_not(tmp_path):
+    """lr, schedule, step count, batching, sequence length, prompt format and precision are in the
+    checkpoint's meta: before, `trainer.lr=X` re-run in the same run directory silently resumed the old
+    run (DeepSpeed restores the checkpoint's lr and schedule) while config.yaml said X."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs
+    from pipeline.engine.checkpoint import CheckpointError, check_compatible
+    from pipeline.run import checkpoint_meta
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        meta = {over: checkpoint_meta(compose("config", overrides=[over] if over else []), 1)
+                for over in ("", "trainer.lr=0.1", "trainer.max_steps=3", "data.max_length=64",
+                             "deepspeed.precision=bf16", "logging.progress_bar=false")}
+    saved = {**meta[""], "step": 4, "tag": "step_00000004"}
+    for over, key in (("trainer.lr=0.1", "training.trainer.lr"), ("trainer.max_steps=3", "training.trainer.max_steps"),
+                      ("data.max_length=64", "training.data.max_length"),
+                      ("deepspeed.precision=bf16", "training.deepspeed.precision")):
+        with pytest.raises(CheckpointError, match=rf"different configuration \({key}: checkpoint="):
+            check_compatible(saved, meta[over], tmp_path)
+    check_compatible(saved, meta["logging.progress_bar=false"], tmp_path)  # not a training setting
+    old = {k: v for k, v in saved.items() if not k.startswith("training.")}  # written before they were recorded
+    check_compatible(old, meta["trainer.lr=0.1"], tmp_path)

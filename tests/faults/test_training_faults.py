@@ -202,3 +202,30 @@ def test_same_seed_same_metrics(tiny):
     ra = json.loads((root / "runs" / "det_a" / "results.json").read_text())
     rb = json.loads((root / "runs" / "det_b" / "results.json").read_text())
     assert ra["metrics"] == rb["metrics"]
+
+
+def test_a_preemption_notice_during_a_save_does_not_save_twice_nor_train_on(tiny):
+    """SIGTERM while a periodic checkpoint is written: that checkpoint is the stop checkpoint (before:
+    the same step saved again, deleting the complete one first), exit 124. SIGTERM during the final
+    save: exit 124 at once (before: export and evaluation ran, exit 0). The run that finishes reports
+    the loop's time over all three attempts."""
+    steps, name = 4, "notice_in_save"
+    args = _args(tiny, name, steps, ["trainer.save_every=2", "eval.enabled=false"])
+    run_dir = tiny[0] / "runs" / name
+    first = launch.run(args, ASU_INJECT="sigterm_in_save@2")
+    text = first.stderr + first.stdout
+    assert first.returncode == 124, text[-3000:]
+    assert text.count("checkpoint saved: ") == 1 and "step_00000002" in text, text[-3000:]
+    second = launch.run(args, ASU_INJECT="sigterm_in_save@4")  # resumes at 2; the notice comes in the final save
+    text = second.stderr + second.stdout
+    assert second.returncode == 124, text[-3000:]
+    assert text.count("checkpoint saved: ") == 1 and "preempted at step 4" in text
+    assert not (run_dir / "model").exists()
+    third = launch.run(args)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "nothing to train: resumed at the last step (4/4)" in third.stderr + third.stdout
+    hist = json.loads((run_dir / "train_history.json").read_text())
+    res = json.loads((run_dir / "results.json").read_text())
+    assert [h["step"] for h in hist] == [1, 2, 3, 4]
+    # the third attempt trained nothing: train_seconds is the first two attempts' loops
+    assert sum(h["step_seconds"] for h in hist) <= res["train_seconds"]
