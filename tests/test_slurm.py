@@ -1,11 +1,13 @@
 """Real SLURM on this machine (``sudo .ci/slurm_setup.sh`` starts a one-node cluster, partition
-``debug``): plain sbatch with 2 ranks, a submitit sweep, and preemption → requeue → resume.
+``debug``): plain sbatch with 2 ranks, a submitit sweep, preemption → requeue → resume (the
+script's SIGUSR1 and submitit's SIGUSR2), and a plain ``scancel`` that is not requeued.
 
-Skipped with the reason when ``sbatch`` is missing or no SLURM controller answers. ~2-3 min.
+Skipped with the reason when ``sbatch`` is missing or no SLURM controller answers. ~3-4 min.
 """
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -178,3 +180,63 @@ def test_preemption_requeue_resume_matches_uninterrupted(tiny):
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
     print(f"\npreemption: signal after {t_sig - t0:.1f}s, requeued run done {t_done - t_sig:.1f}s later "
           f"(total {time.time() - t0:.1f}s)")
+
+
+def test_scancel_checkpoints_and_is_not_requeued(tiny):
+    """A plain `scancel` (SIGTERM to the script and the ranks): the ranks checkpoint and the job stays
+    cancelled. Before, the script trapped TERM like its own USR1 and requeued the job the user had
+    cancelled."""
+    root = tiny[0]
+    job = _sbatch(_common(tiny, "cancel", 2000, ["trainer.save_every=50", "eval.enabled=false"]), root, "asu-cancel")
+    run = root / "runs" / "cancel"
+    log = root / f"asu-cancel-{job}.out"
+    _wait(lambda: (run / "checkpoints" / "latest").exists(), 150, "the first checkpoint", job, log, poll=0.2)
+    assert subprocess.run(["scancel", job], capture_output=True, text=True, timeout=30).returncode == 0
+    t0 = time.time()
+    while time.time() - t0 < 90 and "terminated (SIGTERM" not in log.read_text(errors="replace"):
+        time.sleep(0.5)
+    time.sleep(5)  # time for a (wrong) requeue to show
+    text = log.read_text(errors="replace")
+    state = _job_state(job)
+    assert "terminated (SIGTERM: scancel or a preemption): checkpointed, not requeueing" in text, text[-3000:]
+    assert "requeueing job" not in text and state.get("Restarts", "0") == "0", state
+    assert state.get("JobState") == "CANCELLED", state
+    assert "preempted at step" in text or "preempted at step" in (run / "train.log").read_text(errors="replace")
+
+
+def test_submitit_preemption_checkpoints_before_submitit_requeues(tiny):
+    """The submitit launcher's preemption signal (SIGUSR2, `signal_delay_s` before the limit): every rank
+    writes the stop checkpoint at the next step boundary, then submitit's own handler requeues the job,
+    and the requeued attempt resumes from that step (before: submitit requeued on arrival and the
+    steps since the last periodic checkpoint were trained again)."""
+    root, model_dir, data_dir = tiny
+    args = [a for a in train_overrides(model_dir, data_dir, root / "runs", "x", steps=400)
+            if not a.startswith("run_name=")]
+    sweep = root / "runs" / "sweeps" / "slurm_usr2"
+    proc = subprocess.Popen(
+        [sys.executable, "launchers/train.py", "-m", *args, "exp_name=slurm_usr2", "method=asu_kl", "method.tau=2.0",
+         "trainer.save_every=100", "eval.enabled=false", "hydra.sweep.subdir=only",
+         "hydra/launcher=slurm", f"hydra.launcher.partition={PARTITION}", "hydra.launcher.gpus_per_node=0",
+         "hydra.launcher.tasks_per_node=1", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=20"],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = sweep / "only"
+    try:
+        _wait(lambda: (run / "checkpoints" / "latest").exists() or proc.poll() is not None, 200, "the first checkpoint",
+              poll=0.2)
+        jobs = sorted(p.name for p in (sweep / ".submitit").glob("[0-9]*"))
+        assert proc.poll() is None and len(jobs) == 1, (jobs, proc.poll())
+        assert subprocess.run(["scancel", "--signal=USR2", jobs[0]], capture_output=True, text=True,
+                              timeout=30).returncode == 0
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    logs = "".join(p.read_text(errors="replace") for p in sorted((sweep / ".submitit").rglob("*_log.*")))
+    stopped = [int(m) for m in re.findall(r"preempted at step (\d+):", logs)]
+    assert len(stopped) == 1 and 0 < stopped[0] < 400, logs[-4000:]
+    assert "passing signal 12 on to the handler installed before training" in logs, logs[-4000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{stopped[0]:08d}'} at step {stopped[0]}/400" in logs
+    hist = json.loads((run / "train_history.json").read_text())
+    assert [h["step"] for h in hist] == list(range(1, 401))
+    assert int(_job_state(jobs[0]).get("Restarts", "0")) >= 1
