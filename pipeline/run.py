@@ -36,8 +36,9 @@ log = logging.getLogger("pipeline.run")
 __all__ = ["train_job", "checkpoint_meta", "ModelPaths", "resolve_paths"]
 
 
-def checkpoint_meta(cfg: DictConfig, world_size: int) -> dict:
-    """Fields a resumed run must share with the checkpoint it resumes from."""
+def checkpoint_meta(cfg: DictConfig, world_size: int, cuda: bool = False) -> dict:
+    """Fields a resumed run must share with the checkpoint it resumes from (``cuda``: the ranks train
+    on GPUs, which decides what ``deepspeed.precision=auto`` is)."""
     method = OmegaConf.to_container(cfg.method, resolve=True)
     meta = {
         "model": f"{cfg.model.source}:{cfg.model.path or cfg.model.name}:{cfg.model.variant}",
@@ -55,7 +56,7 @@ def checkpoint_meta(cfg: DictConfig, world_size: int) -> dict:
     # The stage decides the checkpoint's layout (ZeRO-3 shards vs one state file): DeepSpeed cannot
     # load one as the other, so a resume with another stage is refused (checkpoint.check_compatible).
     meta["zero_stage"] = resolve_zero_stage(cfg.deepspeed, world_size).stage
-    meta.update(training_meta(cfg))
+    meta.update(training_meta(cfg, cuda))
     return meta
 
 
@@ -66,15 +67,17 @@ TRAINING_META = ("trainer.epochs", "trainer.max_steps", "trainer.grad_accum", "t
                  "trainer.warmup_ratio", "trainer.lr_scheduler", "trainer.max_grad_norm", "trainer.nan_policy",
                  "data.max_length", "data.truncate", "data.pack_text", "data.question_column",
                  "data.answer_column", "data.text_column", "data.columns", "model.prompt_format",
-                 "model.system_prompt", "deepspeed.precision")
+                 "model.system_prompt")
 
 
-def training_meta(cfg: DictConfig) -> dict:
-    """The :data:`TRAINING_META` settings as checkpoint meta fields (``training.<key>``)."""
+def training_meta(cfg: DictConfig, cuda: bool) -> dict:
+    """The :data:`TRAINING_META` settings as checkpoint meta fields (``training.<key>``), and the
+    training precision as resolved (``auto`` is bf16 on GPUs, fp32 on CPU ranks)."""
     out = {}
     for key in TRAINING_META:
         value = OmegaConf.select(cfg, key, default=None)
         out[f"training.{key}"] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    out["training.precision"] = resolve_precision(cfg.deepspeed, cuda)
     return out
 
 
@@ -128,7 +131,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                            enabled=dist.is_main)
     trainer = UnlearningTrainer(cfg, run_dir, engines.engine, engines.reference, method, inputs.forget, inputs.retain,
                                 inputs.tokenizer.pad_token_id, plan, total, run_logger,
-                                checkpoint_meta(cfg, dist.world_size))
+                                checkpoint_meta(cfg, dist.world_size, dist.device == "cuda"))
     trainer.views = method.forget_views(inputs.tokenizer, inputs.data.forget, int(cfg.data.max_length),
                                         inputs.prompt_format)
     tau_selection = _choose_tau(cfg, engines, inputs, run_dir, key)

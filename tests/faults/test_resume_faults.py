@@ -120,9 +120,11 @@ def test_a_resume_with_other_training_settings_is_refused_and_old_checkpoints_ar
     saved = {**meta[""], "step": 4, "tag": "step_00000004"}
     for over, key in (("trainer.lr=0.1", "training.trainer.lr"), ("trainer.max_steps=3", "training.trainer.max_steps"),
                       ("data.max_length=64", "training.data.max_length"),
-                      ("deepspeed.precision=bf16", "training.deepspeed.precision")):
+                      ("deepspeed.precision=bf16", "training.precision")):
         with pytest.raises(CheckpointError, match=rf"different configuration \({key}: checkpoint="):
             check_compatible(saved, meta[over], tmp_path)
     check_compatible(saved, meta["logging.progress_bar=false"], tmp_path)  # not a training setting
+    with pytest.raises(CheckpointError, match=r"training.precision: checkpoint='fp32' now='bf16'"):
+        check_compatible(saved, {**meta[""], "training.precision": "bf16"}, tmp_path)  # auto on a GPU node now
     old = {k: v for k, v in saved.items() if not k.startswith("training.")}  # written before they were recorded
     check_compatible(old, meta["trainer.lr=0.1"], tmp_path)
