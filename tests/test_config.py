@@ -197,3 +197,14 @@ def test_a_fixed_tau_at_or_below_one_is_run_with_a_warning(caplog, tau, warned):
     with caplog.at_level("WARNING", logger="pipeline.run"):
         assert _choose_tau(cfg, None, None, Path("."), {}) is None  # nothing to choose
     assert ("is not smoothed" in caplog.text) is warned
+
+
+@pytest.mark.parametrize("method", ["grad_diff", "npo", "simnpo", "idk_dpo", "grad_ascent"])
+def test_the_open_unlearning_tofu_trainer_composes_with_every_baseline(method):
+    """trainer=tofu_7b_open_unlearning: open-unlearning's TOFU schedule (10 epochs, 1 warmup epoch,
+    linear decay) on the 7B experiment's batch, lr and checkpointing."""
+    cfg = _compose(["+exp=tofu_7b", f"method={method}", "trainer=tofu_7b_open_unlearning"])
+    validate(cfg)
+    t = cfg.trainer
+    assert (t.epochs, t.warmup_ratio, t.lr_scheduler, t.lr, t.weight_decay, t.batch_size, t.keep_checkpoints) == \
+        (10, 0.1, "linear", 1e-5, 0.01, 4, 1)
