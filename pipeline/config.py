@@ -195,7 +195,7 @@ class EvalConfig:
     verbmem_max_new_tokens: int = 128
     knowmem_max_new_tokens: int = 32
     mink_k: float = 0.4  # Min-K% Prob fraction for PrivLeak
-    mcq_add_bos: bool = False  # lm-eval's HF model adds no BOS by default
+    mcq_add_bos: bool = False  # no BOS before MCQ contexts (WMDP paper, open-unlearning); passed to lm-eval too
     truth_ratio_reference: Optional[str] = None  # None: data.truth_ratio_reference | answer | paraphrased_answer
     retrain_auc: Optional[float] = None  # MUSE PrivLeak reference: the retrained model's Min-K% AUC
     retain_model: Optional[str] = None  # gold-standard model dir for TOFU forget quality (pretrained runs)

@@ -18,9 +18,10 @@ TASK_DIR = Path(__file__).parent / "fixtures" / "lm_eval_tasks"
 ROWS_FILE = TASK_DIR / "wmdp_local" / "test.jsonl"
 
 
-def _tiny_model_dir(root: Path, rows: list[dict]) -> Path:
-    """A random tiny Llama whose word-level vocabulary covers the task's prompts."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def _tiny_model_dir(root: Path, rows: list[dict], bos_tokenizer: bool = False) -> Path:
+    """A random tiny Llama whose word-level vocabulary covers the task's prompts; ``bos_tokenizer``:
+    its tokenizer prepends ``<bos>`` to every encoding, as Llama's and Zephyr's do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     text = " ".join([r["question"] + " " + " ".join(r["choices"]) for r in rows]
@@ -30,13 +31,15 @@ def _tiny_model_dir(root: Path, rows: list[dict]) -> Path:
     vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *words])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre
+    if bos_tokenizer:
+        tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
                                   unk_token="<unk>")
     torch.manual_seed(7)
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.5)
-    out = root / "model"
+    out = root / ("model_bos" if bos_tokenizer else "model")
     LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
@@ -88,3 +91,23 @@ def test_lm_eval_evaluator_equals_our_mcq_scorer(tmp_path, monkeypatch):
                                                       "wmdp_local_stderr": out["summary"]["wmdp_local_stderr"]}
     saved = json.loads((run_dir / "results.json").read_text())["metrics"]
     assert saved["forget_fact_recall"] == 0.5 and saved["lm_eval"]["wmdp_local"] == out["summary"]["wmdp_local"]
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_with_a_tokenizer_that_adds_bos_lm_eval_still_scores_as_our_scorer(tmp_path, add_bos):
+    """lm-eval >= 0.4.10 adds the tokenizer's BOS unless told (Zephyr's, Llama's add <s>); the bridge
+    tells it eval.mcq_add_bos, so lm-eval and our scorer score the same ids either way. Before, with
+    such a tokenizer lm-eval's log-likelihoods differed from ours by up to ~3 nats per choice."""
+    pytest.importorskip("lm_eval", reason="the lm-eval extra (requirements/extras.lock) is not installed")
+    from pipeline.models.loading import load_causal_lm, load_tokenizer
+
+    rows = [json.loads(line) for line in ROWS_FILE.read_text().splitlines()]
+    model_dir = _tiny_model_dir(tmp_path, rows, bos_tokenizer=True)
+    tok = load_tokenizer(model_dir)
+    assert tok("A")["input_ids"][0] == tok.bos_token_id  # the tokenizer does add it
+    out = run_lm_eval(model_dir, ["wmdp_local"], include_path=TASK_DIR, include_defaults=False, batch_size=4,
+                      log_samples=True, add_bos=add_bos)
+    ours = evaluate_mcq(load_causal_lm(model_dir).eval(), tok, rows, MCQSettings(batch_size=4, add_bos=add_bos),
+                        name="wmdp-bio")
+    for s, ll in zip(out["samples"]["wmdp_local"], ours.values["logliks"]):
+        assert s["logliks"] == pytest.approx(ll, abs=1e-4)

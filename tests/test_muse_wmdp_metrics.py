@@ -305,3 +305,18 @@ def test_a_muse_evaluation_shorter_than_mia_2048_tokens_warns_and_is_recorded(tm
         metrics, _ = runner.evaluate_job(cfg, model_dir, AutoTokenizer.from_pretrained(model_dir), data, None)
     assert metrics[runner.EVALUATION_KEY]["max_length"] == 192 and "privleak_auc" in metrics
     assert any("eval.max_length=192" in r.getMessage() and "2048" in r.getMessage() for r in caplog.records)
+
+
+def test_mcq_prompts_longer_than_max_length_are_counted_in_a_warning(caplog):
+    """A prompt over eval.max_length loses its start (the description first); lm-eval keeps the model's
+    whole context, so the numbers would differ. Before, nothing said so."""
+    import logging
+
+    tok = word_tokenizer(MCQ_WORDS)
+    model = FavourToken(len(tok), tok.convert_tokens_to_ids("B"))
+    with caplog.at_level(logging.WARNING, logger="pipeline.eval.mcq"):
+        evaluate_mcq(model, tok, ROWS, MCQSettings(batch_size=3), name="wmdp-bio")
+    assert "lose their start" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="pipeline.eval.mcq"):
+        evaluate_mcq(model, tok, ROWS, MCQSettings(batch_size=3, max_length=8), name="wmdp-bio")
+    assert "12 of 12 (prompt, choice) pairs are longer than eval.max_length=8 tokens" in caplog.text

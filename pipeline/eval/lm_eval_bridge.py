@@ -87,6 +87,7 @@ def run_lm_eval(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     log_samples: bool = False,
+    add_bos: bool = False,
     **simple_evaluate_kwargs: Any,
 ) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` on the model in ``model_dir`` (safetensors + tokenizer).
@@ -94,7 +95,8 @@ def run_lm_eval(
     ``include_path``: folder(s) of extra task YAMLs; ``include_defaults=False`` skips indexing
     lm-eval's built-in tasks (faster when only local tasks are run). Returns ``{"summary": {task:
     acc}, "raw": <results, groups, versions>}`` plus ``"samples"`` (per-choice log-likelihoods,
-    see :func:`per_choice_logliks`) when ``log_samples``.
+    see :func:`per_choice_logliks`) when ``log_samples``. ``add_bos``: contexts start with the
+    tokenizer's BOS (``eval.mcq_add_bos``; off, as our MCQ scorer, whatever the tokenizer adds).
     """
     if not Path(model_dir).exists():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
@@ -104,7 +106,9 @@ def run_lm_eval(
     # lm-eval's HFLM keeps an instance where it is: place it here (``device``, e.g. "cuda:0"; None = CPU)
     model = load_causal_lm(model_dir, dtype, trust_remote_code, allow_pickle, device=device).eval()
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # add_bos_token explicitly: lm-eval >= 0.4.10 follows the tokenizer (Zephyr's and Llama's add <s>),
+    # where earlier versions, the WMDP paper's numbers, open-unlearning and our own MCQ scorer add none
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bool(add_bos))
     if isinstance(include_path, (str, Path)):
         include_path = [include_path]
     manager = TaskManager(include_path=[str(p) for p in include_path] if include_path else None,

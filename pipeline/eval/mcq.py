@@ -8,7 +8,10 @@ with ``description`` = "The following are multiple choice questions (with answer
 scored by its summed log-probability given the context, and the prediction is the argmax
 (lm-eval's ``acc``; ties go to the first choice, as ``np.argmax``). Tokenisation follows lm-eval's
 HF model: context+continuation are encoded together and the continuation tokens are the ones past
-the context's encoding; no ``<bos>`` unless ``add_bos`` (lm-eval's default ``add_bos_token=False``).
+the context's encoding; no ``<bos>`` unless ``add_bos`` (as lm-eval up to 0.4.9, the WMDP paper and
+open-unlearning; the bridge passes the same setting to lm-eval, which since 0.4.10 otherwise follows
+the tokenizer). A prompt longer than ``max_length`` loses its start (the description first) and is
+counted in a warning.
 
 Data parallel like :func:`pipeline.eval.tofu.evaluate_split` (``rows[rank::world_size]``, the same
 number of model calls on every rank for ZeRO-3); merge per-rank results with
@@ -17,6 +20,7 @@ number of model calls on every rank for ZeRO-3); merge per-rank results with
 
 from __future__ import annotations
 
+import logging
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +32,8 @@ from pipeline.data.collate import padding_id
 from pipeline.data.formatting import IGNORE_INDEX
 from pipeline.eval.batching import score_labelled, synced_batch_count
 from pipeline.eval.muse import ExampleResults, merge_results  # noqa: F401  (re-exported for callers)
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = "The following are multiple choice questions (with answers) about {topic}.\n\n"
 # lm-eval task descriptions (lm_eval/tasks/wmdp/wmdp_*.yaml)
@@ -98,7 +104,7 @@ def continuation_logliks(
     right-padded, sorted by length; results in input order)."""
     if len(contexts) != len(continuations):
         raise ValueError("contexts and continuations differ in length")
-    seqs = []
+    seqs, cut = [], 0
     for c, k in zip(contexts, continuations):
         ctx, cont = encode_pair(tokenizer, c, k, add_bos)
         if not cont:
@@ -106,9 +112,15 @@ def continuation_logliks(
         if not ctx:  # lm-eval scores an empty context after the prefix (eot/bos) token
             pre = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
             ctx = [pre]
+        if len(ctx) + len(cont) > max_length:
+            cut += 1
         ids = (ctx + cont)[-max_length:]
         n_cont = min(len(cont), len(ids) - 1)
         seqs.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (len(ids) - n_cont) + ids[len(ids) - n_cont:]})
+    if cut:  # lm-eval keeps the model's whole context: its numbers would differ for these
+        log.warning("multiple choice: %d of %d (prompt, choice) pairs are longer than eval.max_length=%d tokens and "
+                    "lose their start; raise eval.max_length to score them whole (lm-eval does)", cut, len(seqs),
+                    max_length)
     out = [0.0] * len(seqs)
     pad = padding_id(tokenizer)
     dummy = {"input_ids": [pad, pad], "labels": [IGNORE_INDEX, pad]}

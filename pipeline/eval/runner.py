@@ -490,7 +490,8 @@ def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path) -> 
                           batch_size=int(cfg.eval.batch_size), dtype=eval_dtype(cfg),
                           device=eval_device(cfg, model_dir),
                           trust_remote_code=bool(cfg.model.trust_remote_code),
-                          allow_pickle=bool(cfg.model.allow_pickle))["summary"]
+                          allow_pickle=bool(cfg.model.allow_pickle),
+                          add_bos=bool(OmegaConf.select(cfg, "eval.mcq_add_bos", default=False)))["summary"]
     log.info("lm-eval: %s", summary)
     path = Path(run_dir) / RESULTS_FILE
     if path.exists():
