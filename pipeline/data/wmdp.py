@@ -6,7 +6,8 @@ Hub layout:
 * ``cais/wmdp-corpora``: configs ``bio-retain-corpus``, ``cyber-forget-corpus``,
   ``cyber-retain-corpus`` (split ``train``, column ``text``; the bio *forget* corpus is only
   released on request — put it under ``data.path`` as ``bio-forget-corpus/train.jsonl``);
-  open-unlearning's ``WMDP_Corpora_*.yaml`` read the same configs/split/``text`` key.
+  open-unlearning's ``WMDP_forget.yaml`` / ``WMDP_retain.yaml`` read the same corpora from local
+  JSONL (``text`` key).
 * ``cais/wmdp``: configs ``wmdp-bio``, ``wmdp-cyber``, ``wmdp-chem``, split ``test``:
   ``question`` (str), ``choices`` (list of 4 str), ``answer`` (int index into ``choices``).
 * ``cais/mmlu``: config ``all`` or one per subject, split ``test``: ``question``, ``subject``,

@@ -8,7 +8,8 @@ lr 5e-5). Only the MLP down-projections of layers l-2..l are trained (``update_l
 
 MSE = mean over the hidden dimension, then ``reduction`` over the labelled tokens
 (``sequence_mean``: per-sequence token mean, then mean over sequences — open-unlearning's masked
-activation loss; the WMDP script averages over every position of its unpadded batches).
+activation loss; the WMDP script averages over every position of its left-padded batches, ``<bos>``
+and padding included).
 
 :class:`LayerSelectionConfig` / :class:`LayerwiseMethod` (layer validation, trainable-parameter
 selection, the hidden-state retain MSE) are shared with ``asu_wmdp`` (asu_repr.py).
