@@ -147,6 +147,25 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
+def resume_target(mode: str, root: str | Path) -> Optional[Path]:
+    """The checkpoint ``trainer.resume=<mode>`` resumes from, for a run whose checkpoints go to
+    ``root``: ``never`` none; ``auto`` the run's newest complete one; a path that one — unless it lies
+    outside ``root`` and this run has checkpoints of its own: an earlier attempt started from that
+    path and trained on, so a requeued attempt continues from its own newest (before, every attempt
+    went back to the path and trained the same steps again)."""
+    if mode == "never":
+        return None
+    own = latest_checkpoint(root)
+    if mode == "auto":
+        return own
+    path = Path(mode)
+    if own is not None and not path.resolve().is_relative_to(Path(root).resolve()):
+        log.info("trainer.resume=%s: this run has checkpoints of its own since (an earlier attempt started from "
+                 "that path); resuming from its newest, %s", mode, own)
+        return own
+    return path
+
+
 def read_meta(ckpt: str | Path) -> dict:
     return json.loads((Path(ckpt) / META).read_text())
 

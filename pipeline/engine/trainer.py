@@ -198,10 +198,8 @@ class UnlearningTrainer:
 
     # -- resume -----------------------------------------------------------------------------------
     def maybe_resume(self) -> None:
-        mode = self.cfg.trainer.resume
-        if mode == "never":
-            return
-        path = Path(mode) if mode != "auto" else ckpt.latest_checkpoint(self.ckpt_root)
+        mode = str(self.cfg.trainer.resume)
+        path = ckpt.resume_target(mode, self.ckpt_root)
         if path is None:
             return
         if not (path / ckpt.META).exists():

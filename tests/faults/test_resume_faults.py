@@ -128,3 +128,30 @@ def test_a_resume_with_other_training_settings_is_refused_and_old_checkpoints_ar
         check_compatible(saved, {**meta[""], "training.precision": "bf16"}, tmp_path)  # auto on a GPU node now
     old = {k: v for k, v in saved.items() if not k.startswith("training.")}  # written before they were recorded
     check_compatible(old, meta["trainer.lr=0.1"], tmp_path)
+
+
+def test_a_requeued_run_started_from_another_runs_checkpoint_continues_from_its_own(tmp_path):
+    """trainer.resume=<another run's checkpoint>: the first attempt starts there; once this run has
+    checkpoints of its own, a requeued attempt (same command) continues from its newest instead of
+    going back to the path. A path inside this run's own checkpoints (a rollback) is taken as given."""
+    import json as _json
+
+    from pipeline.engine import checkpoint as ckpt
+
+    def make(root, step):
+        d = root / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        (d / ckpt.META).write_text(_json.dumps({"step": step}))
+        (root / "latest").write_text(d.name)
+        return d
+
+    other, own = tmp_path / "other" / "checkpoints", tmp_path / "run" / "checkpoints"
+    start = make(other, 2)
+    assert ckpt.resume_target(str(start), own) == start  # first attempt: nothing of its own yet
+    assert ckpt.resume_target("never", own) is None and ckpt.resume_target("auto", own) is None
+    make(own, 4)
+    newest = make(own, 6)
+    assert ckpt.resume_target(str(start), own) == newest
+    assert ckpt.resume_target("auto", own) == newest
+    rollback = own / "step_00000004"
+    assert ckpt.resume_target(str(rollback), own) == rollback
