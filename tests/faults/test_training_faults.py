@@ -228,4 +228,4 @@ def test_a_preemption_notice_during_a_save_does_not_save_twice_nor_train_on(tiny
     res = json.loads((run_dir / "results.json").read_text())
     assert [h["step"] for h in hist] == [1, 2, 3, 4]
     # the third attempt trained nothing: train_seconds is the first two attempts' loops
-    assert sum(h["step_seconds"] for h in hist) <= res["train_seconds"]
+    assert sum(h["step_seconds"] for h in hist) <= res["train_seconds"] + 0.005  # results.json rounds to 0.01 s
