@@ -71,6 +71,7 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
 
         faults.maybe_kill("kill_in_save", step)  # fault suite: a rank dies after writing its shards
         faults.maybe_signal("sigterm_in_save", step)  # fault suite: a preemption notice during the save
+        faults.maybe_fail_write("enospc_in_save", step)  # fault suite: one rank's write fails
         barrier()
         if is_main_process():
             atomic_write_text(root / partial_tag / META, json.dumps({**meta, "step": step, "tag": tag}, indent=2,
@@ -81,13 +82,16 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
             atomic_write_text(root / "latest", tag)  # written last: readers only ever see complete checkpoints
             _prune(root, keep, step)
     except (OSError, RuntimeError) as exc:  # disk full (torch.save raises RuntimeError), quota, permissions
-        shutil.rmtree(root / partial_tag, ignore_errors=True)
-        ptr = root / "latest"
-        if final.exists() and not (ptr.exists() and ptr.read_text().strip() == tag):
-            shutil.rmtree(final, ignore_errors=True)  # renamed but never published: not a checkpoint
+        if is_main_process():  # the shared directory is rank 0's: others may still be writing into it
+            shutil.rmtree(root / partial_tag, ignore_errors=True)
+            ptr = root / "latest"
+            if final.exists() and not (ptr.exists() and ptr.read_text().strip() == tag):
+                shutil.rmtree(final, ignore_errors=True)  # renamed but never published: not a checkpoint
         prev = latest_checkpoint(root)
+        cause = (f"another rank failed while writing it (that rank's error says why; here: {exc})" if _peer_gone(exc)
+                 else f"{exc}{_disk_full_note(root, prev, str(exc))}")
         raise CheckpointError(
-            f"could not write checkpoint {tag} to {root}: {exc}{_disk_full_note(root, prev, str(exc))}. The previous checkpoint "
+            f"could not write checkpoint {tag} to {root}: {cause}. The previous checkpoint "
             f"({prev.name if prev else 'none'}) is intact and remains the newest"
         ) from exc
     barrier()
@@ -104,6 +108,16 @@ def _check_shared(root: Path) -> None:
             f"checkpoint directory {root} created by rank 0 is not visible on every rank "
             f"(rank {os.environ.get('RANK', '0')} sees it: {root.is_dir()}): with several nodes, output_dir must be "
             f"on a filesystem shared by all nodes")
+
+
+def _peer_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is this rank's collective failing because another rank left (gloo raises a
+    plain RuntimeError naming the closed connection; NCCL a DistError) rather than its own write."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistError", ())) or "Connection closed by peer" in text or \
+        "remote worker" in text
 
 
 def _disk_full_note(root: Path, prev: Optional[Path], error: str) -> str:

@@ -6,7 +6,8 @@ an external process cannot time reliably. Unset in normal runs: every hook is th
 
 Format: comma-separated ``<fault>@<step>[:rank]``, e.g. ``kill_in_save@4:1,nan_loss@3``.
 Faults: ``nan_loss``, ``nan_grad``, ``nan_weights`` (after the optimizer step), ``kill_in_save``,
-``kill_after_save`` (SIGKILL right after checkpoint ``<step>`` is published: a deterministic kill-and-resume).
+``kill_after_save`` (SIGKILL right after checkpoint ``<step>`` is published: a deterministic kill-and-resume),
+``sigterm_in_save`` (a preemption notice during the save), ``enospc_in_save`` (this rank's write fails).
 """
 
 from __future__ import annotations
@@ -55,3 +56,12 @@ def nan_grad(step: int) -> bool:
 
 def nan_weights(step: int) -> bool:
     return _hit("nan_weights", step)
+
+
+def maybe_fail_write(name: str, step: int) -> None:
+    """Raise a disk-full ``OSError`` when ``name@step[:rank]`` is injected: one rank's write fails
+    while the others' succeed (a node-local quota, a full local scratch)."""
+    if _hit(name, step):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")

@@ -162,6 +162,24 @@ def test_rank_killed_during_save_keeps_previous_checkpoint_and_resume_works(tiny
     assert _complete(ckpts)[-1] == "step_00000006"
 
 
+def test_one_ranks_failed_write_ends_every_rank_and_keeps_the_previous_checkpoint(tiny):
+    """Rank 1 alone cannot write (a node-local quota): every rank stops within the launch's timeout
+    instead of waiting at the next barrier for deepspeed.timeout_minutes, the failing rank names its
+    error, and no half-written checkpoint is left."""
+    root = tiny[0]
+    args = _args(tiny, "enospc_rank1", 6, ["trainer.save_every=2", "eval.enabled=false", "trainer.batch_size=1",
+                                            "trainer.retain_batch_size=1", "deepspeed.timeout_minutes=5"])
+    out = launch.run(args, ranks=2, timeout=200, ASU_INJECT="enospc_in_save@4:1")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "error (CheckpointError, rank 1): could not write checkpoint step_00000004" in out.stderr
+    assert "No space left on device" in out.stderr and "Traceback" not in out.stderr
+    if "rank 0" in out.stderr:  # rank 0 may be killed by the launcher before it reports
+        assert "another rank failed while writing it" in out.stderr
+    ckpts = root / "runs" / "enospc_rank1" / "checkpoints"
+    assert _complete(ckpts) == ["step_00000002"] and (ckpts / "latest").read_text() == "step_00000002"
+    assert not list(ckpts.glob("*.partial"))
+
+
 def test_resume_with_other_world_size_is_refused(tiny):
     base = _args(tiny, "worldsize", 2, ["trainer.save_every=2", "eval.enabled=false", "trainer.batch_size=1",
                                         "trainer.retain_batch_size=1"])
