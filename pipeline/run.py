@@ -314,9 +314,11 @@ def _load_models(cfg: DictConfig, inputs: JobInputs, s_cfg: dict, dtype: str, cu
     if cfg.model.peft.enabled:
         # model.peft: the student trains LoRA adapters only; θ₀ is its own base with the adapters off
         # (FrozenBaseView, built once the engine exists): no second model is loaded.
-        from pipeline.models.peft_student import wrap_lora
+        from pipeline.models.peft_student import low_lr_warning, wrap_lora
 
         student = wrap_lora(student, cfg.model.peft)
+        if (note := low_lr_warning(float(cfg.trainer.lr))) is not None:
+            log.warning(note)
     elif need_reference:
         frozen = load()
         frozen.requires_grad_(False)

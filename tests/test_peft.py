@@ -366,3 +366,18 @@ def test_default_targets_adapt_the_layers_the_architecture_has(kind, caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline.models.peft_student"):
         wrap_lora(model, OmegaConf.merge(PEFT, {"target_modules": ["o_proj", "up_proj"]}))
     assert "target_modules ['up_proj'] match no linear layer" in caplog.text
+
+
+def test_a_full_model_learning_rate_on_a_lora_student_is_warned(tiny):
+    """Adapters start at zero: at tofu_7b's lr 1e-5 they barely move, and the run would report a
+    model that forgot little without a word. The warning is in the run's log; LoRA rates are not warned."""
+    from pipeline.models.peft_student import low_lr_warning
+
+    assert low_lr_warning(3e-3) is None and low_lr_warning(1e-4) is None
+    assert "trainer.lr=1e-05" in low_lr_warning(1e-5)
+    root, model_dir, data_dir = tiny
+    args = train_overrides(model_dir, data_dir, root / "runs", "low_lr", steps=1) + [
+        "eval.enabled=false", "trainer.export=false", "method=grad_diff", "model.peft.enabled=true", "trainer.lr=1e-5"]
+    out = subprocess.run(command(args, 1), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LoRA student with trainer.lr=1e-05, a full-model learning rate" in out.stderr

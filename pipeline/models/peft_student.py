@@ -99,6 +99,23 @@ def wrap_lora(model: nn.Module, pcfg: Any) -> nn.Module:
     return peft_model
 
 
+# Below this a LoRA run is almost certainly on a full fine-tune's preset (tofu_7b / muse_7b: 1e-5).
+LORA_LOW_LR = 1e-4
+
+
+def low_lr_warning(lr: float) -> Optional[str]:
+    """A warning when ``trainer.lr`` is a full-model learning rate for a LoRA student, else None.
+
+    Adapters start at zero (B = 0) and take rank-r updates, so at a full fine-tune's rate they
+    barely move: the run finishes, exports and reports a model that forgot little.
+    """
+    if lr >= LORA_LOW_LR:
+        return None
+    return (f"LoRA student with trainer.lr={lr:g}, a full-model learning rate: adapters start at zero and barely move at "
+            f"it (docs/methods.md, embedded model: 15% of the forget gap closed at 3e-4, 74% at 3e-3); LoRA usually "
+            f"needs ~10x or more (set trainer.lr)")
+
+
 def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of every LoRA weight of ``model`` (engine, peft model or base)."""
     inner = getattr(model, "module", model)
