@@ -40,6 +40,11 @@ def checkpoint_meta(cfg: DictConfig, world_size: int, cuda: bool = False) -> dic
     """Fields a resumed run must share with the checkpoint it resumes from (``cuda``: the ranks train
     on GPUs, which decides what ``deepspeed.precision=auto`` is)."""
     method = OmegaConf.to_container(cfg.method, resolve=True)
+    # refusal settings added later: left out at their defaults, so earlier idk_dpo / asu_idk
+    # checkpoints (written without them) still resume
+    for key, default in (("idk_answers_file", None), ("idk_draw", "per_question")):
+        if key in method and method[key] == default:
+            del method[key]
     meta = {
         "model": f"{cfg.model.source}:{cfg.model.path or cfg.model.name}:{cfg.model.variant}",
         "method": json.dumps(method, sort_keys=True),
@@ -133,7 +138,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                                 inputs.tokenizer.pad_token_id, plan, total, run_logger,
                                 checkpoint_meta(cfg, dist.world_size, dist.device == "cuda"))
     trainer.views = method.forget_views(inputs.tokenizer, inputs.data.forget, int(cfg.data.max_length),
-                                        inputs.prompt_format)
+                                        inputs.prompt_format, seed=int(cfg.seed))
     tau_selection = _choose_tau(cfg, engines, inputs, run_dir, key)
     _attach_teacher_cache(cfg, method, engines, inputs, trainer, need_reference)
 

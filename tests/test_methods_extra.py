@@ -312,3 +312,53 @@ def test_two_rank_zero3_layerwise_and_view_methods(tmp_path):
     out = launch(train_overrides(model_dir, data_dir, runs, "idk", steps=2) + ["eval.enabled=false", "method=idk_dpo"],
                  ranks=2)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_refusals_drawn_per_use_vary_by_step_and_agree_across_ranks_and_attempts(tmp_path):
+    """idk_draw=per_use (open-unlearning draws a refusal each time a row is read): a row gets other
+    refusals at other micro-steps, and the draw depends on (seed, step, row) only, so a fresh view (another
+    rank, a resumed attempt) draws the same; the file's non-empty lines are the refusals."""
+    from pipeline.data.tokenizer import build_word_tokenizer
+    from pipeline.methods.idk_dpo import REFUSALS
+
+    rows = [{"question": f"who is person {i} ?", "answer": f"person {i} is a writer ."} for i in range(6)]
+    tok = build_word_tokenizer([r["question"] + " " + r["answer"] for r in rows] + list(REFUSALS)
+                               + ["question : answer :"])
+    lines = [r.lower() for r in REFUSALS[:4]]
+    path = tmp_path / "idk.jsonl"
+    path.write_text("\n".join(lines[:2]) + "\n\n  " + "\n".join(lines[2:]) + "\n")
+    m = method("idk_dpo", idk_answers_file=str(path), idk_draw="per_use")
+    assert m.refusals() == tuple(lines)
+    view = m.forget_views(tok, rows, 64, seed=7)["forget_idk"]
+    again = m.forget_views(tok, rows, 64, seed=7)["forget_idk"]
+
+    def answer(enc):
+        return tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100],
+                          skip_special_tokens=True)
+
+    drawn = {answer(view.for_step(step, [3])[0]).replace(" ", "") for step in range(40)}
+    assert drawn == {line.replace(" ", "") for line in lines}
+    for step in (0, 5, 17):
+        assert view.for_step(step, [0, 3, 5]) == again.for_step(step, [5, 3, 0])[::-1]
+        assert [e["index"] for e in view.for_step(step, [4, 1])] == [4, 1]
+    other = m.forget_views(tok, rows, 64, seed=8)["forget_idk"]
+    assert [view.choice(s, 2) for s in range(20)] != [other.choice(s, 2) for s in range(20)]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"idk_answers_file": "/nonexistent/idk.jsonl"}, "is not a file"),
+    ({"idk_answers_file": "EMPTY"}, "has no non-empty line"),
+    ({"idk_answers_file": "EMPTY", "idk_answers": ["no ."]}, "use one of them"),
+    ({"idk_draw": "per_epoch"}, "allowed values: per_question, per_use"),
+])
+def test_refusal_settings_are_checked(tmp_path, overrides, message):
+    from omegaconf import OmegaConf
+
+    from pipeline.methods.idk_dpo import IdkDPO, IdkDPOConfig
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    values = {k: (str(empty) if v == "EMPTY" else v) for k, v in overrides.items()}
+    cfg = OmegaConf.merge(OmegaConf.structured(IdkDPOConfig), values)
+    with pytest.raises(ConfigError, match=message):
+        IdkDPO.validate_config(cfg, None)

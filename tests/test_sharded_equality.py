@@ -41,7 +41,8 @@ JOBS = {
     "idk_dpo": ["method=idk_dpo"],
     "rmu": ["method=rmu", "method.layer=1"],
     "asu_wmdp": ["method=asu_wmdp", "method.layer=1"],
-    "asu_idk": ["method=asu_idk", "method.tau=2.0"],  # student: forget, refusals, retain in one pass
+    # student: forget, refusals, retain in one pass; refusals drawn per use (keyed by step and row, not rank)
+    "asu_idk": ["method=asu_idk", "method.tau=2.0", "method.idk_draw=per_use"],
     "asu_kl_rna": ["method=asu_kl", "method.tau=2.0", "method.rna_noise=0.05", "method.rna_layer=0"],
 }
 # activation checkpointing (the MUSE 7B experiments run with it) -> the 2-rank job it must equal: RNA's

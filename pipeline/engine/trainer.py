@@ -166,7 +166,7 @@ class UnlearningTrainer:
         self._loop_start: Optional[float] = None  # perf_counter at this attempt's first step
         self._seconds_before = 0.0  # the loop's seconds of earlier attempts, up to the resumed checkpoint
         self.start_step = 0  # the step this attempt started at (steps run here: state.step - start_step)
-        self.views: dict[str, list[dict]] = {}
+        self.views: dict[str, Any] = {}  # method.forget_views: encoded rows, or a per-step drawn view
         self.teacher_cache: Optional[Any] = None  # method.teacher=cached: batch["forget_teacher"] rows
         self.device = next(engine.module.parameters()).device if hasattr(engine, "module") else torch.device("cpu")
         # a LoRA student's checkpoints hold the adapters and their optimizer state only: the frozen
@@ -175,7 +175,10 @@ class UnlearningTrainer:
 
     # -- batches ----------------------------------------------------------------------------------
     def _collate(self, rows: list[dict], idx: list[int]) -> dict:
-        b = pad_batch([rows[i] for i in idx], self.pad)
+        return self._pad([rows[i] for i in idx])
+
+    def _pad(self, picked: list[dict]) -> dict:
+        b = pad_batch(picked, self.pad)
         return {k: v.to(self.device) for k, v in b.items()}
 
     def batch(self, step: int) -> dict:
@@ -190,8 +193,8 @@ class UnlearningTrainer:
             # RNA noise keyed by (seed, micro-step, row): identical on any number of ranks and after resume
             base = (int(self.cfg.seed) * 1_000_003 + step) * 100_003
             out["retain"]["rna_seed"] = torch.tensor([base + i for i in r_idx], dtype=torch.long)
-        for name, rows in self.views.items():
-            out[name] = self._collate(rows, f_idx)
+        for name, rows in self.views.items():  # a view drawn per use (idk_draw=per_use) encodes its step's rows
+            out[name] = self._pad(rows.for_step(step, f_idx)) if hasattr(rows, "for_step") else self._collate(rows, f_idx)
         if self.teacher_cache is not None:
             out["forget_teacher"] = self.teacher_cache.selected(f_idx, out["forget"]["labels"])
         return out

@@ -18,16 +18,15 @@ from pipeline.config_base import require
 from pipeline.methods import losses
 from pipeline.methods.asu import ASU, ASUConfig
 from pipeline.methods.base import LossOutput, register_method
-from pipeline.methods.idk_dpo import IDK_VIEW, IdkViews
+from pipeline.methods.idk_dpo import IDK_VIEW, IdkFields, IdkViews
 from pipeline.methods.passes import LOGITS, StepOutputs, StepPlan
 
 
 @dataclass
-class ASUIdkConfig(ASUConfig):
+class ASUIdkConfig(IdkFields, ASUConfig):
     name: str = "asu_idk"
     skip_first_answer_token: bool = True
     idk_weight: float = 1.0  # weight of the refusal NLL (not scaled by gamma)
-    idk_answers: Optional[list[str]] = None  # null: the built-in refusal list
 
 
 @register_method("asu_idk")

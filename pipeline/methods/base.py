@@ -102,10 +102,12 @@ class UnlearningMethod:
         Default: everything trainable. Called before DeepSpeed wraps the model."""
 
     def forget_views(self, tokenizer: Any, rows: list[dict], max_length: int,
-                     prompt_format: Any = None) -> dict[str, list[dict]]:
+                     prompt_format: Any = None, seed: int = 0) -> dict[str, Any]:
         """Extra encodings of the forget rows (same order), e.g. refusal answers for IdkDPO, in
         ``prompt_format`` (the run's model.prompt_format; None: plain).
-        Each view ``name`` reaches the loss as ``batch[name]`` with the same rows as ``batch["forget"]``."""
+        Each view ``name`` reaches the loss as ``batch[name]`` with the same rows as ``batch["forget"]``:
+        a list of encoded rows, or an object whose ``for_step(step, idx)`` encodes them per micro-step
+        (drawn anew, keyed by ``seed``)."""
         return {}
 
     # -- the step: what each model must compute, then the loss from it ----------------------------

@@ -4,15 +4,20 @@ the dispreferred one; the reference is the frozen original model; plus the retai
 L_F = -(2/beta) * mean_i log sigmoid(beta * [(log p_theta(idk_i) - log p_ref(idk_i))
                                             - (log p_theta(y_i) - log p_ref(y_i))])
 with sequence log-probs summed over answer tokens — open-unlearning's ``compute_dpo_loss`` (note
-its 2/beta scale, as in NPO). The refusal answers come from a fixed list, one picked per row by a
-stable hash of the question (same choice on every rank and every run); they reach the loss as the
-forget view ``forget_idk`` (:class:`IdkViews`, shared with ``asu_idk``).
+its 2/beta scale, as in NPO). The refusal answers come from a list (built-in, ``idk_answers`` or
+``idk_answers_file``); ``idk_draw=per_question`` picks one per row by a stable hash of the question,
+``per_use`` draws one each time a row is trained (open-unlearning's ``QAwithIdkDataset``), keyed by
+(seed, micro-step, row) so every rank and every resumed attempt draws the same. They reach the loss
+as the forget view ``forget_idk`` (:class:`IdkViews`, shared with ``asu_idk``).
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -27,26 +32,83 @@ from pipeline.methods.base import ForgetRetainConfig, UnlearningMethod, register
 from pipeline.methods.passes import LOGITS, StepOutputs, StepPlan
 
 IDK_VIEW = "forget_idk"
+log = logging.getLogger(__name__)
+
+IDK_DRAWS = ("per_question", "per_use")
+
+
+@dataclass
+class IdkFields:
+    """The refusal settings of the methods that train on the ``forget_idk`` view."""
+
+    idk_answers: Optional[list[str]] = None  # null: idk_answers_file's lines, else the built-in refusal list
+    idk_answers_file: Optional[str] = None  # one refusal per line (TOFU's / open-unlearning's idk file)
+    idk_draw: str = "per_question"  # per_question: one fixed refusal per question; per_use: a new draw each use
+
 
 def pick_refusal(question: str, answers: tuple[str, ...] | list[str]) -> str:
     """The refusal for one row: deterministic in the question text (crc32, not Python's salted hash)."""
     return answers[zlib.crc32(str(question).encode("utf-8")) % len(answers)]
 
 
+def read_refusals(path: str | Path) -> tuple[str, ...]:
+    """Non-empty, stripped lines of a refusal file (open-unlearning reads its idk file line by line)."""
+    return tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+class DrawnRefusalView:
+    """The ``forget_idk`` view with ``idk_draw=per_use``: each time forget row ``i`` is trained at
+    micro-step ``step`` it gets refusal ``random.Random((seed, step, i))``'s pick, so a row sees other
+    refusals in other epochs while ranks, world sizes and resumed attempts draw alike. Rows are
+    encoded when first drawn (rows x refusals encodings up front would be ~40 k for TOFU forget10)."""
+
+    def __init__(self, tokenizer: Any, rows: list[dict], answers: tuple[str, ...], max_length: int, template: Any,
+                 seed: int) -> None:
+        self.tokenizer, self.rows, self.answers = tokenizer, rows, answers
+        self.max_length, self.template, self.seed = max_length, template, seed
+        self._encoded: dict[tuple[int, int], dict] = {}
+
+    def choice(self, step: int, i: int) -> int:
+        """Index into ``answers`` of row ``i``'s refusal at micro-step ``step``."""
+        return random.Random(f"{self.seed}:{step}:{i}").randrange(len(self.answers))
+
+    def for_step(self, step: int, idx: list[int]) -> list[dict]:
+        """The encoded view rows ``idx`` of micro-step ``step``."""
+        out = []
+        for i in idx:
+            key = (i, self.choice(step, i))
+            if key not in self._encoded:
+                enc = encode_qa(self.tokenizer, self.rows[i]["question"], self.answers[key[1]], self.max_length,
+                                template=self.template)
+                self._encoded[key] = {"input_ids": enc.input_ids, "labels": enc.labels, "index": i}
+            out.append(self._encoded[key])
+        return out
+
+
 class IdkViews:
     """Mixin: builds the ``forget_idk`` view (each forget question with a refusal answer) and fetches
-    it from a batch. Config fields used: ``idk_answers`` (None: :data:`REFUSALS`)."""
+    it from a batch. Config fields used: :class:`IdkFields`."""
 
     cfg: Any
 
     def refusals(self) -> tuple[str, ...]:
         custom = getattr(self.cfg, "idk_answers", None)
-        return tuple(custom) if custom else REFUSALS
+        if custom:
+            return tuple(custom)
+        path = getattr(self.cfg, "idk_answers_file", None)
+        return read_refusals(path) if path else REFUSALS
 
     def forget_views(self, tokenizer: Any, rows: list[dict], max_length: int,
-                     prompt_format: Any = None) -> dict[str, list[dict]]:
+                     prompt_format: Any = None, seed: int = 0) -> dict[str, Any]:
         answers = self.refusals()
         template = prompt_format if prompt_format is not None else PROMPT_TEMPLATE
+        draw = getattr(self.cfg, "idk_draw", "per_question")
+        source = ("method.idk_answers" if getattr(self.cfg, "idk_answers", None)
+                  else getattr(self.cfg, "idk_answers_file", None) or "built-in")
+        log.info("refusal answers (forget_idk): %d from %s, drawn %s", len(answers), source,
+                 "anew each time a row trains" if draw == "per_use" else "once per question")
+        if draw == "per_use":
+            return {IDK_VIEW: DrawnRefusalView(tokenizer, rows, answers, max_length, template, seed)}
         out = []
         for i, r in enumerate(rows):
             enc = encode_qa(tokenizer, r["question"], pick_refusal(r["question"], answers), max_length,
@@ -67,6 +129,19 @@ class IdkViews:
         if answers is not None:
             require(len(answers) > 0 and all(str(a).strip() for a in answers), "method.idk_answers",
                     "must be null (built-in refusals) or a non-empty list of non-empty strings")
+        path = getattr(mcfg, "idk_answers_file", None)
+        if path:
+            require(answers is None, "method.idk_answers_file", "set together with method.idk_answers: use one of them")
+            require(Path(path).is_file(), "method.idk_answers_file", f"{path} is not a file")
+            try:
+                n = len(read_refusals(path))
+            except (OSError, UnicodeDecodeError) as exc:
+                n, why = 0, f"cannot read {path}: {exc}"
+            else:
+                why = f"{path} has no non-empty line"
+            require(n > 0, "method.idk_answers_file", why)
+        draw = getattr(mcfg, "idk_draw", "per_question")
+        require(draw in IDK_DRAWS, "method.idk_draw", f"got {draw!r}; allowed values: {', '.join(IDK_DRAWS)}")
 
 
 def dpo_loss(win_theta: torch.Tensor, win_ref: torch.Tensor, lose_theta: torch.Tensor, lose_ref: torch.Tensor,
@@ -76,14 +151,13 @@ def dpo_loss(win_theta: torch.Tensor, win_ref: torch.Tensor, lose_theta: torch.T
 
 
 @dataclass
-class IdkDPOConfig(ForgetRetainConfig):
+class IdkDPOConfig(IdkFields, ForgetRetainConfig):
     name: str = "idk_dpo"
     beta: float = 0.1
     gamma: float = 1.0
     alpha: float = 1.0
     retain_loss: str = "nll"
     reduction: str = "token_mean"  # a retain KL's reduction (retain_reduction=auto); the retain NLL is the token mean
-    idk_answers: Optional[list[str]] = None  # null: the built-in refusal list
 
 
 @register_method("idk_dpo")

@@ -130,6 +130,28 @@ def test_a_resume_with_other_training_settings_is_refused_and_old_checkpoints_ar
     check_compatible(old, meta["trainer.lr=0.1"], tmp_path)
 
 
+def test_refusal_settings_at_their_defaults_leave_the_method_meta_as_before(tmp_path):
+    """idk_answers_file / idk_draw came later: at their defaults they are not in the checkpoint's
+    method record, so an earlier idk_dpo checkpoint still resumes; a per-use draw is refused by it."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs
+    from pipeline.engine.checkpoint import CheckpointError, check_compatible
+    from pipeline.run import checkpoint_meta
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        plain = checkpoint_meta(compose("config", overrides=["method=idk_dpo"]), 1)
+        drawn = checkpoint_meta(compose("config", overrides=["method=idk_dpo", "method.idk_draw=per_use"]), 1)
+    method = json.loads(plain["method"])
+    assert "idk_draw" not in method and "idk_answers_file" not in method and "idk_answers" in method
+    assert json.loads(drawn["method"])["idk_draw"] == "per_use"
+    with pytest.raises(CheckpointError, match="method"):
+        check_compatible({**plain, "step": 2, "tag": "step_00000002"}, drawn, tmp_path)
+
+
 def test_a_requeued_run_started_from_another_runs_checkpoint_continues_from_its_own(tmp_path):
     """trainer.resume=<another run's checkpoint>: the first attempt starts there; once this run has
     checkpoints of its own, a requeued attempt (same command) continues from its newest instead of
