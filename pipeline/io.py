@@ -117,6 +117,12 @@ def recover_dir(final_path: str | os.PathLike) -> bool:
     return True
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
     """Build a directory under a temporary name and move it to ``final_path`` on success.
@@ -129,6 +135,7 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared cluster's exported model from the team
     try:
         yield tmp
     except BaseException:

@@ -110,6 +110,54 @@ def test_export_check_tolerance_is_relative_to_the_logit_scale(tmp_path):
         verify_export(big, ids, logits + 3e-5 * scale, rtol=1e-5)
 
 
+def test_a_failing_export_check_keeps_the_previous_export_and_the_tokenizer_is_saved_as_loaded(tmp_path):
+    """The export is checked in its temporary directory, before it replaces anything: a check that
+    fails leaves the previous (good) export in place (before: the new directory was renamed over it
+    first). The tokenizer is written as it was loaded (no pad token borrowed from EOS) and the
+    directory is readable by others (mkdtemp made it 0700)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import pipeline.engine.export as export
+    from pipeline.models.loading import load_tokenizer
+
+    model_dir, _ = build(tmp_path)
+    no_pad = AutoTokenizer.from_pretrained(model_dir)
+    no_pad.pad_token = None  # as Llama-2/3 ship
+    no_pad.save_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
+    assert tok.pad_token == tok.eos_token  # batching needs one
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+    class StageZeroEngine:  # what an engine without partitioning exposes to the export
+        module = model
+
+        def __call__(self, **kw):
+            return model(**kw)
+
+    out = tmp_path / "run" / "model"
+    export.export_hf(StageZeroEngine(), tok, out)
+    good = (out / "model.safetensors").read_bytes()
+    assert AutoTokenizer.from_pretrained(out).pad_token is None and tok.pad_token == tok.eos_token
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~_umask()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2.0)  # trained on: the next export writes other weights ...
+    probe = export._probe_logits
+    try:  # ... and its check compares against logits it cannot reproduce
+        export._probe_logits = lambda engine, vocab: (probe(engine, vocab)[0], probe(engine, vocab)[1] + 1.0)
+        with pytest.raises(export.ExportError, match=rf"{out} does not reproduce .*previous export there is kept"):
+            export.export_hf(StageZeroEngine(), tok, out)
+    finally:
+        export._probe_logits = probe
+    assert (out / "model.safetensors").read_bytes() == good
+    assert sorted(p.name for p in out.parent.iterdir()) == ["export_check.json", "model"]  # no temp dir left
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_collective_timeout_is_the_configured_one(tmp_path):
     """deepspeed.timeout_minutes reaches the process group (DeepSpeed's own default is 10 minutes,
     shorter than rank 0's export of a 7B model while the other ranks wait in a barrier)."""

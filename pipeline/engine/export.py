@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from pipeline.engine.distributed import barrier, is_main_process
 from pipeline.io import atomic_dir
+from pipeline.models.loading import save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,14 @@ def logit_bound(expected: Any, rtol: float) -> float:
     return rtol * max(1.0, float(expected.abs().max()))
 
 
-def verify_export(out_dir: Path, ids: Any, expected: Any, rtol: float) -> tuple[float, float]:
+def verify_export(out_dir: Path, ids: Any, expected: Any, rtol: float, name: Optional[Path] = None) -> tuple[float, float]:
     """Reload the export with plain transformers and compare logits with the in-engine model.
 
     The bound is relative to the largest logit: the reloaded model runs the same weights through a
     different attention path (summation order), so float32 round-off grows with the logits'
     magnitude (methods such as gradient ascent push them into the hundreds). Returns the maximum
-    absolute difference and the absolute bound it was checked against."""
+    absolute difference and the absolute bound it was checked against. ``name``: the path to report
+    (``out_dir`` is the temporary directory an export is checked in before it replaces anything)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -83,7 +85,8 @@ def verify_export(out_dir: Path, ids: Any, expected: Any, rtol: float) -> tuple[
         got = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
     diff, tol = float((got - expected).abs().max()), logit_bound(expected, rtol)
     if not diff <= tol:
-        raise ExportError(f"exported model at {out_dir} does not reproduce the trained model: max |logit diff| "
+        raise ExportError(f"exported model at {name or out_dir} does not reproduce the trained model (not written; "
+                          f"a previous export there is kept): max |logit diff| "
                           f"{diff:.3g} > {tol:.3g} ({rtol:g} x max(1, max |logit| = {tol / rtol:.3g}))")
     return diff, tol
 
@@ -107,11 +110,13 @@ def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, verify: bool = T
             if getattr(module.config, "tie_word_embeddings", False):
                 sd.pop("lm_head.weight", None)
             module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
+            # checked before it replaces anything: an export that fails leaves the previous one in place
+            check = verify_export(tmp, probe[0], probe[1], export_rtol(module), out_dir) if probe is not None else None
         log.info("exported HF model to %s", out_dir)
-        if probe is not None:
-            rtol = export_rtol(engine.module)
-            diff, tol = verify_export(out_dir, probe[0], probe[1], rtol)
+        if check is not None:
+            diff, tol = check
+            rtol = export_rtol(module)
             atomic_write_json(out_dir.parent / "export_check.json", {"max_abs_logit_diff": diff, "tolerance": tol,
                                                                      "relative_tolerance": rtol})
             log.info("export verified: max |logit diff| %.3g (tolerance %g)", diff, tol)

@@ -10,11 +10,13 @@ calls). The merged model is built on rank 0 from the base on disk plus the adapt
 the base is frozen, so it equals the weights trained against, and the reload path is exactly the one
 users take. Both are checked against the in-engine model's logits on a fixed probe
 (``export_check.json``), with the same relative bound as the full-model export: base + adapter
-before merging (the merged model is not written when it fails), the merged directory reloaded from disk.
+before merging, the merged directory reloaded from disk; neither directory replaces anything unless
+both pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,12 @@ from typing import Any
 from pipeline.engine.distributed import all_true, barrier, is_main_process
 from pipeline.engine.export import ExportError, _probe_logits, export_rtol, logit_bound, verify_export
 from pipeline.io import atomic_dir
+from pipeline.models.loading import save_tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def _gathered(params: list) -> Any:
-    import contextlib
-
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
@@ -64,30 +65,36 @@ def export_lora(engine: Any, tokenizer: Any, out_dir: str | Path, adapter_dir: s
     lora = [p for _, p in adapter_parameters(peft_model)]
     if not lora:
         raise ExportError("model.peft is on but the student has no LoRA weights to export")
-    with _gathered(lora):  # every rank enters: the gather is collective
-        if is_main_process():
-            with atomic_dir(adapter_dir) as tmp:
-                peft_model.save_pretrained(tmp, safe_serialization=True)
+    with contextlib.ExitStack() as commit:
+        # Both directories are committed only once both reloads reproduce the trained model: a failed
+        # check leaves the previous adapter and merged model in place (ExitStack: adapter last).
+        tmp_adapter = commit.enter_context(atomic_dir(adapter_dir)) if is_main_process() else None
+        with _gathered(lora):  # every rank enters: the gather is collective
+            if tmp_adapter is not None:
+                peft_model.save_pretrained(tmp_adapter, safe_serialization=True)
+        if tmp_adapter is not None:
+            # One load of base + adapter serves both outputs: its logits check the adapter reload, then
+            # the same model is merged in place and saved (a 7B load costs minutes on a shared filesystem).
+            rtol = export_rtol(peft_model)
+            with torch.no_grad():
+                model = load_lora(base_path, tmp_adapter, dtype, model_cfg)
+                if probe is not None:
+                    got = model(input_ids=probe[0], attention_mask=torch.ones_like(probe[0])).logits.float()
+                    a_diff, tol = float((got - probe[1]).abs().max()), logit_bound(probe[1], rtol)
+                    if not a_diff <= tol:
+                        raise ExportError(f"the exported adapter for {adapter_dir} on its base does not reproduce the "
+                                          f"trained model (not written; a previous export there is kept): max |logit "
+                                          f"diff| {a_diff:.3g} > {tol:.3g}")
+                merged = model.merge_and_unload()
+            with atomic_dir(out_dir) as tmp:
+                merged.save_pretrained(tmp, safe_serialization=True)
+                save_tokenizer(tokenizer, tmp)
+                del merged, model
+                check = verify_export(tmp, probe[0], probe[1], rtol, out_dir) if probe is not None else None
     if is_main_process():
-        # One load of base + adapter serves both outputs: its logits check the adapter reload, then the
-        # same model is merged in place and saved (a 7B load costs minutes on a shared filesystem).
-        rtol = export_rtol(peft_model)
-        with torch.no_grad():
-            model = load_lora(base_path, adapter_dir, dtype, model_cfg)
-            if probe is not None:
-                got = model(input_ids=probe[0], attention_mask=torch.ones_like(probe[0])).logits.float()
-                a_diff, tol = float((got - probe[1]).abs().max()), logit_bound(probe[1], rtol)
-                if not a_diff <= tol:
-                    raise ExportError(f"the exported adapter at {adapter_dir} on its base does not reproduce the "
-                                      f"trained model: max |logit diff| {a_diff:.3g} > {tol:.3g}")
-            merged = model.merge_and_unload()
-        with atomic_dir(out_dir) as tmp:
-            merged.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-        del merged, model
         log.info("exported LoRA adapter to %s and the merged model to %s", adapter_dir, out_dir)
-        if probe is not None:
-            diff, tol = verify_export(out_dir, probe[0], probe[1], rtol)
+        if check is not None:
+            diff, tol = check
             atomic_write_json(out_dir.parent / "export_check.json",
                               {"max_abs_logit_diff": diff, "adapter_max_abs_logit_diff": a_diff, "tolerance": tol,
                                "relative_tolerance": rtol, "lora": True})

@@ -142,13 +142,31 @@ def check_remote_code(path: str | Path, trust_remote_code: bool) -> None:
             )
 
 
+# set on a tokenizer whose pad token load_tokenizer borrowed from EOS (Llama-2/3 have none)
+_PAD_FROM_EOS = "_asu_pad_from_eos"
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer at ``path``; one without a pad token pads with EOS (batching needs one; padded
+    positions are masked out of every loss and score)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+        setattr(tok, _PAD_FROM_EOS, True)
     return tok
+
+
+def save_tokenizer(tok: Any, out_dir: str | Path) -> None:
+    """Save ``tok`` as it was loaded: a pad token :func:`load_tokenizer` borrowed from EOS is not
+    written (a later fine-tune's collator would mask the EOS labels out as padding)."""
+    if getattr(tok, _PAD_FROM_EOS, False):
+        import copy
+
+        tok = copy.deepcopy(tok)
+        tok.pad_token = None
+    tok.save_pretrained(str(out_dir))
 
 
 def load_causal_lm(
