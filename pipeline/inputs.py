@@ -94,16 +94,35 @@ def effective_max_length(cfg: DictConfig, model_path: str) -> int:
     return int(cfg.data.max_length)
 
 
-def checked_prompt_format(cfg: DictConfig, tokenizer: Any) -> Any:
-    """The run's prompt format (model.prompt_format), checked against the tokenizer; logged once."""
+def prompt_format_uses(data: Any, training: bool, evaluating: bool) -> list[str]:
+    """Where the run's prompt format is applied: question/answer training rows, and a QA
+    evaluation's scoring and generation (MUSE builds its own prompts, WMDP's multiple choice none,
+    and raw-text rows are text as they are)."""
+    uses = []
+    if training and any("question" in r for r in (*data.forget, *data.retain)):
+        uses.append("training")
+    if evaluating and data.name.split(":")[0] not in ("muse", "wmdp"):
+        uses += ["evaluation", "generation"]
+    return uses
+
+
+def checked_prompt_format(cfg: DictConfig, tokenizer: Any, uses: list[str]) -> Any:
+    """The run's prompt format (model.prompt_format), checked against the tokenizer; logged once
+    with where it applies (``uses``: :func:`prompt_format_uses`)."""
     from pipeline.data.prompt_formats import PromptFormatError, prompt_format_from_config
 
-    fmt = prompt_format_from_config(cfg.model)
     try:
+        fmt = prompt_format_from_config(cfg.model)
         fmt.check(tokenizer)
     except PromptFormatError as e:
-        raise ConfigError(f"config error at 'model.prompt_format': {e}") from None
+        key = "model.chat_template_kwargs" if "chat_template_kwargs" in str(e) else "model.prompt_format"
+        raise ConfigError(f"config error at '{key}': {e}") from None
+    system = f", system prompt {fmt.system_prompt!r}" if getattr(fmt, "system_prompt", None) else ""
+    if not uses:
+        log.info("prompt format: %s%s not applied (%s: raw-text rows; its evaluation builds its own prompts)", fmt.name,
+                 system, cfg.data.name)
+        return fmt
     stops = ", ".join(tokenizer.convert_ids_to_tokens(fmt.stop_token_ids(tokenizer)))
-    log.info("prompt format: %s%s (training, evaluation and generation); generation stops at %s", fmt.name,
-             f", system prompt {fmt.system_prompt!r}" if getattr(fmt, "system_prompt", None) else "", stops or "max_new_tokens")
+    log.info("prompt format: %s%s (%s); generation stops at %s", fmt.name, system, ", ".join(uses),
+             stops or "max_new_tokens")
     return fmt

@@ -25,6 +25,7 @@ from pipeline.inputs import (
     check_before_loading,
     checked_prompt_format,
     effective_max_length,
+    prompt_format_uses,
     resolve_paths,
     set_threads,
 )
@@ -72,7 +73,7 @@ TRAINING_META = ("trainer.epochs", "trainer.max_steps", "trainer.grad_accum", "t
                  "trainer.warmup_ratio", "trainer.lr_scheduler", "trainer.max_grad_norm", "trainer.nan_policy",
                  "data.max_length", "data.truncate", "data.pack_text", "data.question_column",
                  "data.answer_column", "data.text_column", "data.columns", "model.prompt_format",
-                 "model.system_prompt")
+                 "model.system_prompt", "model.chat_template_kwargs")
 
 
 def training_meta(cfg: DictConfig, cuda: bool) -> dict:
@@ -97,6 +98,7 @@ class JobInputs:
     max_len: int
     forget: list
     retain: list
+    prompt_format_uses: list  # where the format applies (pipeline.inputs.prompt_format_uses); [] = raw text only
 
 
 @dataclass
@@ -213,13 +215,14 @@ def _load_inputs(cfg: DictConfig) -> JobInputs:
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
     check_retain_reference(cfg, data)  # a precomputed forget-quality reference that does not fit stops here too
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
-    fmt = checked_prompt_format(cfg, tokenizer)
+    uses = prompt_format_uses(data, training=True, evaluating=bool(cfg.eval.enabled))
+    fmt = checked_prompt_format(cfg, tokenizer, uses)
     max_len = effective_max_length(cfg, paths.model)
     pack = bool(cfg.data.pack_text)
     with progress("tokenizing", cfg.logging.progress_bar):  # a bar for raw-text corpora (batches of texts)
         forget = encode_rows(tokenizer, data.forget, max_len, cfg.data.truncate, data.forget_split, fmt, pack)
         retain = encode_rows(tokenizer, data.retain, max_len, cfg.data.truncate, data.retain_split, fmt, pack)
-    return JobInputs(paths, data, tokenizer, fmt, max_len, forget, retain)
+    return JobInputs(paths, data, tokenizer, fmt, max_len, forget, retain, uses)
 
 
 def _model_dtype(cfg: DictConfig, cuda: bool) -> str:
@@ -560,7 +563,7 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             "train_seconds": round(seconds[1], 2),  # the training loop alone, every attempt (per step: train_history.json)
             "job_seconds": round(seconds[0], 2),  # this attempt from its start: loading, engines, tau=auto, the loop
             "final_train": state.history[-1] if state.history else {},
-            "prompt_format": inputs.prompt_format.describe(),
+            "prompt_format": {**inputs.prompt_format.describe(), "applied_to": inputs.prompt_format_uses},
             "reductions": method.reductions() if hasattr(method, "reductions") else {},
             "step_passes": cfg.trainer.passes,
             "activation_checkpointing": {"layers": engines.checkpointed_layers},  # 0: off

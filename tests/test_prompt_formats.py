@@ -331,7 +331,7 @@ def test_llama3_generation_stops_at_either_end_token(toks, eos, caplog):
     cfg = OmegaConf.structured(RunConfig)
     cfg.model.prompt_format = "llama3_instruct"
     with caplog.at_level("INFO"):
-        checked_prompt_format(cfg, tok)
+        checked_prompt_format(cfg, tok, ["training", "evaluation", "generation"])
     assert "generation stops at <|eot_id|>, <|end_of_text|>" in caplog.text  # the log says what ran
     assert fmt.encode(tok, *PAIRS[0], 64).labels[-1] == eot
     torch.manual_seed(0)
@@ -362,3 +362,83 @@ def test_bos_text_inside_a_template_is_not_doubled(toks):
         e = with_text.encode(tok, q, a, 128)
         assert e.input_ids[:2] != [tok.bos_token_id] * 2 and e.input_ids.count(tok.bos_token_id) == 1
         assert e == named.encode(tok, q, a, 128)
+
+
+# Llama-3.2-Instruct's date logic (its tokenizer_config.json), shortened to the parts that matter here:
+# the system header carries today's date unless the caller passes date_string.
+LLAMA32_DATED = (
+    r"{{- bos_token }}{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    r"{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    r"{%- endif %}{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}{{- 'Today Date: ' + date_string + '\n\n' }}"
+    r"{{- '<|eot_id|>' }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+    r"'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    r"{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
+
+
+def _llama32():
+    return make_tokenizer(["<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                           "<|end_header_id|>", "<|eot_id|>"], LLAMA32_DATED, bos_token="<|begin_of_text|>",
+                          eos_token="<|eot_id|>")
+
+
+def test_a_chat_template_that_writes_todays_date_needs_a_fixed_date():
+    """Llama-3.2's template stamps the current date into every prompt: prompts (and so the tokens trained
+    and scored) would change from one day to the next. prompt_format=chat refuses it without
+    model.chat_template_kwargs.date_string, and renders the date given."""
+    tok = _llama32()
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.model.prompt_format = "chat"
+    with pytest.raises(Exception, match=r"config error at 'model.chat_template_kwargs'.*today's date.*date_string"):
+        checked_prompt_format(cfg, tok, ["training"])
+    cfg.model.chat_template_kwargs = {"date_string": "10 Apr 2025"}
+    fmt = checked_prompt_format(cfg, tok, ["training"])
+    assert "Today Date: 10 Apr 2025" in fmt.prompt_text(tok, "Who wrote Emma?")
+    assert fmt.describe()["chat_template_kwargs"] == {"date_string": "10 Apr 2025"}
+    enc = fmt.encode(tok, *PAIRS[0], 128)
+    assert enc.labels[-1] == tok.convert_tokens_to_ids("<|eot_id|>")
+
+
+def test_template_kwargs_with_a_named_format_are_refused():
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.model.prompt_format = "llama3_instruct"
+    cfg.model.chat_template_kwargs = {"date_string": "10 Apr 2025"}
+    with pytest.raises(PromptFormatError, match="only prompt_format=chat reads it"):
+        prompt_format_from_config(cfg.model)
+
+
+def test_a_named_format_that_differs_from_the_tokenizers_template_is_warned(toks, caplog):
+    """llama3_instruct reproduces Llama-3(.0)'s template; on a Llama-3.2 tokenizer (system header with
+    dates) the model's own text differs, said in a warning. Formats on their own family's template
+    are not warned; llama2_chat_tofu differs from Llama-2's template on purpose and is not either."""
+    cfg = OmegaConf.structured(RunConfig)
+    with caplog.at_level("WARNING"):
+        for name, tok in (("llama2_chat", toks["llama2"]), ("llama2_chat_tofu", toks["llama2"]),
+                          ("llama3_instruct", toks["llama3"])):
+            cfg.model.prompt_format = name
+            checked_prompt_format(cfg, tok, ["training"])
+    assert "renders prompts differently" not in caplog.text
+    cfg.model.prompt_format = "llama3_instruct"
+    with caplog.at_level("WARNING"):
+        checked_prompt_format(cfg, _llama32(), ["training"])
+    assert "model.prompt_format=llama3_instruct renders prompts differently from this tokenizer's own chat template" \
+        in caplog.text
+
+
+def test_the_log_says_when_the_prompt_format_is_not_applied(toks, caplog):
+    """MUSE / WMDP runs train on raw text and evaluate with their own prompts: the log (and results.json's
+    prompt_format.applied_to) must not claim the model's chat format ran."""
+    from pipeline.data.common import UnlearningData
+    from pipeline.inputs import prompt_format_uses
+
+    text = UnlearningData("wmdp:bio", [{"text": "a b"}], [{"text": "c d"}])
+    qa = UnlearningData("tofu", [{"question": "q", "answer": "a"}], [{"question": "q", "answer": "a"}])
+    assert prompt_format_uses(text, training=True, evaluating=True) == []
+    assert prompt_format_uses(qa, training=True, evaluating=True) == ["training", "evaluation", "generation"]
+    assert prompt_format_uses(qa, training=False, evaluating=True) == ["evaluation", "generation"]
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.model.prompt_format = "llama2_chat"
+    cfg.data.name = "wmdp"
+    with caplog.at_level("INFO"):
+        checked_prompt_format(cfg, toks["llama2"], [])
+    assert "prompt format: llama2_chat not applied (wmdp: raw-text rows" in caplog.text

@@ -21,12 +21,16 @@ never answer tokens (only an answer that cannot fit even with an empty question 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pipeline.data.formatting import IGNORE_INDEX, PROMPT_TEMPLATE, Encoded, fit_question
+from pipeline.logging import SAME_ON_EVERY_RANK
 from pipeline.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 class PromptFormatError(ValueError):
@@ -145,6 +149,9 @@ class TemplateFormat(PromptFormat):
     # Further tokens the model's own generation_config ends generation at (used when the tokenizer has
     # them as one token), e.g. Llama-3-Instruct's <|end_of_text|> beside <|eot_id|>.
     extra_stop_tokens: tuple[str, ...] = ()
+    # whether this format means to reproduce the tokenizer's own chat template (checked, warned when
+    # not); False for a format that differs on purpose (llama2_chat_tofu: TOFU's fine-tuning text)
+    follows_chat_template: bool = True
 
     def __post_init__(self) -> None:
         if self.system_prompt and self.prompt_with_system is None:
@@ -158,6 +165,29 @@ class TemplateFormat(PromptFormat):
                 f"does not have as one token (wrong format for this model?)")
         if self.bos and tokenizer.bos_token_id is None:
             raise PromptFormatError(f"model.prompt_format={self.name} starts with BOS, but the tokenizer has no bos_token")
+        if self.follows_chat_template:
+            self._compare_with_chat_template(tokenizer)
+
+    def _compare_with_chat_template(self, tokenizer) -> None:
+        """Warn when the tokenizer's own template renders a prompt otherwise (e.g. llama3_instruct on a
+        Llama-3.1/3.2 tokenizer, whose template adds a system header with dates): the model was tuned
+        on its template's text, not this format's. BOS is compared apart (added as an id here)."""
+        if not isinstance(getattr(tokenizer, "chat_template", None), str):
+            return
+        question = "Who wrote this book?"
+        msgs = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
+            {"role": "user", "content": question}]
+        try:
+            theirs = _ids(tokenizer, tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+        except Exception:  # noqa: BLE001 - a template that cannot render this: nothing to compare
+            return
+        ours = self.prompt_ids(tokenizer, question)
+        bos = tokenizer.bos_token_id
+        if [t for t in ours if t != bos] != [t for t in theirs if t != bos]:
+            log.warning("model.prompt_format=%s renders prompts differently from this tokenizer's own chat template "
+                        "(ours %r, the template's %r): the model was tuned on its template's text; "
+                        "model.prompt_format=chat follows the template", self.name,
+                        tokenizer.decode(ours[-40:]), tokenizer.decode(theirs[-40:]), extra=SAME_ON_EVERY_RANK)
 
     def _clean(self, s: str) -> str:
         return s.strip() if self.strip else s
@@ -187,7 +217,8 @@ class TemplateFormat(PromptFormat):
         return _joint(tokenizer, self.prompt_ids(tokenizer, question), full, self.stop_token_id(tokenizer))
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "system_prompt": self.system_prompt, "source": self.source}
+        return {"name": self.name, "system_prompt": self.system_prompt, "source": self.source,
+                "prompt": self.prompt_with_system if self.system_prompt else self.prompt, "answer": self.answer}
 
 
 @dataclass(kw_only=True)
@@ -200,11 +231,25 @@ class ChatFormat(PromptFormat):
 
     name: str = "chat"
     system_prompt: Optional[str] = None
+    # extra variables of the template (model.chat_template_kwargs), e.g. Llama-3.1/3.2's date_string
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def check(self, tokenizer) -> None:
-        if not getattr(tokenizer, "chat_template", None):
+        template = getattr(tokenizer, "chat_template", None)
+        if not template:
             raise PromptFormatError("model.prompt_format=chat, but the tokenizer has no chat_template "
                                     "(pick a named format, e.g. llama2_chat, or plain)")
+        if "strftime_now" in str(template) and "date_string" not in self.template_kwargs:
+            # Llama-3.2's template writes today's date into every prompt: training and evaluation on
+            # other days would see other tokens, and results could not be reproduced
+            raise PromptFormatError("model.prompt_format=chat: this tokenizer's chat template writes today's date "
+                                    "into every prompt (strftime_now); fix it, e.g. +model.chat_template_kwargs.date_string='26 Jul "
+                                    "2024' (the template's own fallback; open-unlearning uses '10 Apr 2025'), so "
+                                    "every run and evaluation sees the same prompt")
+
+    def _render(self, tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                             **self.template_kwargs)
 
     def _messages(self, question: str, answer: Optional[str] = None) -> list[dict]:
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -214,7 +259,7 @@ class ChatFormat(PromptFormat):
         return msgs
 
     def prompt_text(self, tokenizer, question: str) -> str:
-        return tokenizer.apply_chat_template(self._messages(question), tokenize=False, add_generation_prompt=True)
+        return self._render(tokenizer, self._messages(question), generation_prompt=True)
 
     def prompt_ids(self, tokenizer, question: str) -> list[int]:
         return _ids(tokenizer, self.prompt_text(tokenizer, question))
@@ -226,7 +271,7 @@ class ChatFormat(PromptFormat):
 
     def _encode_full(self, tokenizer, question: str, answer: str) -> Encoded:
         prompt = self.prompt_text(tokenizer, question)
-        full = tokenizer.apply_chat_template(self._messages(question, answer), tokenize=False)
+        full = self._render(tokenizer, self._messages(question, answer))
         if not full.startswith(prompt):
             raise PromptFormatError("model.prompt_format=chat: the chat template renders the conversation differently "
                                     "with and without the assistant turn; the prompt is not a prefix of the training text")
@@ -236,11 +281,12 @@ class ChatFormat(PromptFormat):
     def stop_token_id(self, tokenizer) -> Optional[int]:
         # The token that closes an assistant turn: what the template emits after an answer.
         p = self.prompt_ids(tokenizer, "q")
-        ids = _ids(tokenizer, tokenizer.apply_chat_template(self._messages("q", "a"), tokenize=False))
+        ids = _ids(tokenizer, self._render(tokenizer, self._messages("q", "a")))
         return self._end_of_turn(tokenizer, ids[len(p):]) or tokenizer.eos_token_id
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "system_prompt": self.system_prompt, "source": "tokenizer.chat_template"}
+        return {"name": self.name, "system_prompt": self.system_prompt, "source": "tokenizer.chat_template",
+                "chat_template_kwargs": dict(self.template_kwargs)}
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -260,6 +306,7 @@ def _plain(system_prompt: Optional[str] = None) -> PromptFormat:
 
 PROMPT_FORMATS.register("plain")(_plain)
 PROMPT_FORMATS.register("chat")(lambda system_prompt=None: ChatFormat(system_prompt=system_prompt))
+# (model.chat_template_kwargs reach ChatFormat through prompt_format_from_config)
 # Meta's Llama-2-chat format (their reference chat_completion and the HF tokenizer's template):
 # <s>[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{q} [/INST] {a} </s>
 _register_template(
@@ -271,7 +318,7 @@ _register_template(
 # with the tokenizer's BOS, EOS appended): <s>[INST] {q} [/INST]{a}</s> — no space before the answer.
 _register_template(
     name="llama2_chat_tofu", prompt="[INST] {question} [/INST]", answer="{answer}</s>", end_token="</s>",
-    strip=False, source="open-unlearning configs/model/Llama-2-7b-chat-hf.yaml (TOFU fine-tuning format)")
+    strip=False, follows_chat_template=False, source="open-unlearning configs/model/Llama-2-7b-chat-hf.yaml (TOFU fine-tuning format)")
 # Meta-Llama-3(-8B)-Instruct's template (no default system prompt, no date lines; Llama-3.1 adds those).
 _register_template(
     name="llama3_instruct",
@@ -295,6 +342,14 @@ def get_prompt_format(name: str, system_prompt: Optional[str] = None) -> PromptF
 
 
 def prompt_format_from_config(model_cfg: Any) -> PromptFormat:
-    """The format selected by ``model.prompt_format`` / ``model.system_prompt``."""
+    """The format selected by ``model.prompt_format`` / ``model.system_prompt`` /
+    ``model.chat_template_kwargs`` (read by ``chat`` only; set with another format, an error)."""
     get = model_cfg.get if hasattr(model_cfg, "get") else (lambda k, d=None: getattr(model_cfg, k, d))
-    return get_prompt_format(str(get("prompt_format", "plain") or "plain"), get("system_prompt", None))
+    fmt = get_prompt_format(str(get("prompt_format", "plain") or "plain"), get("system_prompt", None))
+    kwargs = get("chat_template_kwargs", None) or {}
+    if kwargs:
+        if not isinstance(fmt, ChatFormat):
+            raise PromptFormatError(f"model.chat_template_kwargs is set, but model.prompt_format={fmt.name} does not "
+                                    f"render the tokenizer's chat template (only prompt_format=chat reads it)")
+        fmt.template_kwargs = {str(k): v for k, v in dict(kwargs).items()}
+    return fmt

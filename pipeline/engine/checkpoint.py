@@ -186,7 +186,8 @@ def read_meta(ckpt: str | Path) -> dict:
 
 # Meta fields added after checkpoints without them were written, and the value those checkpoints had:
 # before deepspeed.zero_stage=auto every run used ZeRO-3.
-META_DEFAULTS = {"zero_stage": 3}
+# fields added after checkpoints were already written, as those runs had them
+META_DEFAULTS = {"zero_stage": 3, "training.model.chat_template_kwargs": {}}
 
 
 def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
@@ -194,9 +195,9 @@ def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
     training settings (``training.*``: lr, schedule, step count, batching, sequence length, prompt
     format, precision) or another ZeRO stage (its files are laid out differently and DeepSpeed cannot
     read one as the other)."""
-    saved = {**META_DEFAULTS, **saved}
     # checkpoints written before the training settings were recorded cannot be compared on them
     unknown = set() if any(k.startswith("training.") for k in saved) else {k for k in current if k.startswith("training.")}
+    saved = {**META_DEFAULTS, **saved}
     diffs = [k for k in sorted(set(saved) | set(current))
              if k not in ("step", "tag") and k not in unknown and saved.get(k) != current.get(k)]
     if diffs:

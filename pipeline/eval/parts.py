@@ -52,13 +52,20 @@ def code_digest() -> str:
 
 
 
+def prompt_settings(cfg: DictConfig) -> dict:
+    """The settings that decide how rows become prompt text (keys of cached evaluation numbers)."""
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k in ("prompt_format", "system_prompt", "chat_template_kwargs")
+            for v in [OmegaConf.select(cfg, f"model.{k}")]}
+
+
 def parts_key(cfg: DictConfig, model_dir: str | Path, dtype: str, world_size: int, truth_ratio_reference: str,
               rouge_stemmer: bool) -> dict:
     """What every split's numbers depend on besides its rows (JSON-able)."""
     from pipeline.eval.reference import model_fingerprint
 
     ev = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k not in NOT_IN_KEY}
-    prompt = {k: OmegaConf.select(cfg, f"model.{k}") for k in ("prompt_format", "chat_template", "system_prompt")}
+    prompt = prompt_settings(cfg)
     return json.loads(json.dumps({"schema": KEY_SCHEMA, "model": model_fingerprint(model_dir), "eval": ev,
                                   "prompt": prompt, "truth_ratio_reference": truth_ratio_reference, "dtype": dtype,
                                   "rouge_stemmer": rouge_stemmer,

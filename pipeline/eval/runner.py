@@ -211,12 +211,12 @@ def _placement(cfg: DictConfig, model: Any, parts: Optional[SplitParts] = None) 
 
 
 def _reference_settings(cfg: DictConfig, forget_split: str, tokenizer: Any) -> tuple[dict, dict]:
-    from omegaconf import OmegaConf
 
+    from pipeline.eval.parts import prompt_settings
     from pipeline.eval.reference import settings_fingerprint, tokenizer_fingerprint
     from pipeline.eval.tofu import resolve_truth_ratio_key
 
-    prompt = {k: OmegaConf.select(cfg, f"model.{k}") for k in ("prompt_format", "chat_template", "system_prompt")}
+    prompt = prompt_settings(cfg)
     settings = settings_fingerprint(_settings(cfg), resolve_truth_ratio_key(forget_split, truth_ratio_key(cfg)),
                                     {**{f"model.{k}": v for k, v in prompt.items()},
                                      "eval.dtype": eval_dtype(cfg)})  # bf16 and fp32 ratios differ
@@ -508,7 +508,13 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     from pipeline.data.loaders import load_unlearning_data
     from pipeline.engine.distributed import init_distributed
     from pipeline.eval.report import render_report_md, write_results
-    from pipeline.inputs import check_before_loading, checked_prompt_format, resolve_paths, set_threads
+    from pipeline.inputs import (
+        check_before_loading,
+        checked_prompt_format,
+        prompt_format_uses,
+        resolve_paths,
+        set_threads,
+    )
     from pipeline.io import atomic_write_json, atomic_write_text
     from pipeline.models.attention import attention_backend_report, set_attention_backend
     from pipeline.models.loading import load_tokenizer
@@ -523,7 +529,8 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
     check_retain_reference(cfg, data)
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
-    prompt_format = checked_prompt_format(cfg, tokenizer)
+    uses = prompt_format_uses(data, training=False, evaluating=True)
+    prompt_format = checked_prompt_format(cfg, tokenizer, uses)
     metrics, details = evaluate_job(cfg, paths.model, tokenizer, data, paths, Path(run_dir) / PARTS_DIR)
     evaluation = metrics.pop(EVALUATION_KEY, None)
     results: dict = {}
@@ -535,7 +542,8 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                                                              "retain_split": data.retain_split, "exp_name": cfg.exp_name,
                                                              "world_size": dist.world_size,
                                                              **({EVALUATION_KEY: evaluation} if evaluation else {}),
-                                                             "prompt_format": prompt_format.describe(),
+                                                             "prompt_format": {**prompt_format.describe(),
+                                                                               "applied_to": uses},
                                                              "attention_backend": attention_backend_report()})
         results = json.loads(Path(path).read_text())
         atomic_write_text(run_dir / "report.md", render_report_md(results))
