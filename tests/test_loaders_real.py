@@ -158,7 +158,7 @@ def test_text_rows_encode_with_loss_on_every_token():
     tok = word_tokenizer(["a", "b", "c"])
     enc = encode_rows(tok, [{"text": "a b c"}], max_length=16, truncate=True, split="forget")
     assert enc[0]["input_ids"] == [1, tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b"),
-                                   tok.convert_tokens_to_ids("c"), 2]
+                                   tok.convert_tokens_to_ids("c")]  # no EOS: a document, not an answer
     assert enc[0]["labels"] == [-100] + enc[0]["input_ids"][1:]
 
 
@@ -176,7 +176,7 @@ def test_texts_encoded_in_batches_equal_one_at_a_time():
         assert any(e.truncated for e in want) == (max_length < 12)
     rows = [{"text": t} for t in texts]
     assert [r["input_ids"] for r in encode_rows(tok, rows, 6, True, "forget")] == [
-        e.input_ids for e in (encode_text(tok, t, 6) for t in texts)]
+        e.input_ids for e in (encode_text(tok, t, 6, add_eos=False) for t in texts)]
 
 
 @pytest.mark.parametrize("max_length", [4, 7, 64])
@@ -198,10 +198,12 @@ def test_packed_text_rows_cover_the_corpus_once(max_length):
     assert all(len(r["input_ids"]) == max_length for r in rows[:-1])
     assert [t for r in rows for t in r["labels"] if t != -100] == stream
     assert [r["labels"][0] for r in rows] == [-100] * len(rows) and [r["index"] for r in rows] == list(range(len(rows)))
-    # one row per text (data.pack_text=false): each text cut at max_length with its own EOS
+    # one row per text (data.pack_text=false, the WMDP configs): <bos> + the text cut at max_length, no EOS
+    # (the WMDP authors' RMU tokenises with the tokenizer's defaults: BOS only)
     per_text = encode_rows(tok, d.forget, max_length, True, "forget")
-    assert len(per_text) == len(texts) and all(r["input_ids"][-1] == tok.eos_token_id for r in per_text
-                                                if len(r["input_ids"]) < max_length)
+    assert [r["input_ids"] for r in per_text] == [
+        ([tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"])[:max_length] for t in texts]
+    assert all(r["labels"][1:] == r["input_ids"][1:] and r["labels"][0] == -100 for r in per_text)
 
 
 def test_packing_question_answer_rows_is_a_data_error():

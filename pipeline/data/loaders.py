@@ -97,7 +97,10 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
         return _packed_rows(tokenizer, rows, max_length, split)
     template = prompt_format if prompt_format is not None else PROMPT_TEMPLATE
     text_rows = [i for i, r in enumerate(rows) if "question" not in r and "text" in r]
-    texts = dict(zip(text_rows, encode_texts(tokenizer, [rows[i]["text"] for i in text_rows], max_length)))
+    # a raw-text row is <bos> + text, no <eos>: as the WMDP authors' RMU (the tokenizer's default special
+    # tokens: BOS only) and open-unlearning's PretrainingDataset; a document has no "answer" to close
+    texts = dict(zip(text_rows, encode_texts(tokenizer, [rows[i]["text"] for i in text_rows], max_length,
+                                             add_eos=False)))
     out, cut, answer_cut, mismatch = [], 0, 0, 0
     for i, r in enumerate(rows):
         if i in texts:
