@@ -197,7 +197,7 @@ def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
     read one as the other)."""
     # checkpoints written before the training settings were recorded cannot be compared on them
     unknown = set() if any(k.startswith("training.") for k in saved) else {k for k in current if k.startswith("training.")}
-    saved = {**META_DEFAULTS, **saved}
+    saved = {**{k: v for k, v in META_DEFAULTS.items() if k in current}, **saved}
     diffs = [k for k in sorted(set(saved) | set(current))
              if k not in ("step", "tag") and k not in unknown and saved.get(k) != current.get(k)]
     if diffs:

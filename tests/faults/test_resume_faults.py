@@ -128,6 +128,12 @@ def test_a_resume_with_other_training_settings_is_refused_and_old_checkpoints_ar
         check_compatible(saved, {**meta[""], "training.precision": "bf16"}, tmp_path)  # auto on a GPU node now
     old = {k: v for k, v in saved.items() if not k.startswith("training.")}  # written before they were recorded
     check_compatible(old, meta["trainer.lr=0.1"], tmp_path)
+    # chat_template_kwargs came later: a checkpoint without it had none ({}), and a run that sets one differs
+    before = {k: v for k, v in saved.items() if k != "training.model.chat_template_kwargs"}
+    check_compatible(before, meta[""], tmp_path)
+    with pytest.raises(CheckpointError, match=r"training.model.chat_template_kwargs: checkpoint=\{\} now="):
+        check_compatible(before, {**meta[""], "training.model.chat_template_kwargs": {"date_string": "1 Jan 2025"}},
+                         tmp_path)
 
 
 def test_refusal_settings_at_their_defaults_leave_the_method_meta_as_before(tmp_path):
