@@ -78,3 +78,35 @@ def test_per_head_and_per_row_tau_match_scalar_calls():
 def test_attention_modules_found_in_layer_order():
     m = _model()
     assert [a.layer_idx for a in attention_modules(m)] == [0, 1, 2]
+
+
+def test_teacher_layers_are_decoder_layer_indices_on_a_hybrid_model():
+    """Granite-4.0-H-style hybrids have attention at some decoder layers only (mamba elsewhere).
+    teacher_layers counts decoder layers, as the config check does: [1, 3] tempers both attention
+    layers (before: refused as 'out of range: 2 layers'), and [0], a mamba layer, is refused instead
+    of tempering nothing (before: ASU distilled from the unmodified model)."""
+    from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+    from pipeline.models.tempered_attention import layers_without_attention
+
+    torch.manual_seed(0)
+    cfg = GraniteMoeHybridConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 layer_types=["mamba", "attention", "mamba", "attention"], mamba_n_heads=4,
+                                 mamba_d_head=32, mamba_d_state=16, mamba_n_groups=1, mamba_expand=2,
+                                 num_local_experts=0, shared_intermediate_size=64)
+    m = enable_tempered_attention(GraniteMoeHybridForCausalLM(cfg).eval())
+    assert [a.layer_idx for a in attention_modules(m)] == [1, 3]
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = m(input_ids=ids).logits
+        set_temperature(m, 3.0, layers=[1, 3])
+        assert get_temperatures(m) == [3.0, 3.0]
+        assert (m(input_ids=ids).logits - base).abs().max() > 1e-3
+        set_temperature(m, 3.0, layers=[3])
+        assert get_temperatures(m) == [1.0, 3.0]
+    assert layers_without_attention(m, [1, 3]) is None
+    with pytest.raises(ValueError, match=r"teacher_layers \[0\] are not attention layers .*\[1, 3\] of 4"):
+        set_temperature(m, 3.0, layers=[0, 1])
+    with pytest.raises(ValueError, match=r"out of range: the model has 4 layers"):
+        set_temperature(m, 3.0, layers=[4])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -142,16 +143,34 @@ def enable_tempered_attention(model: nn.Module) -> nn.Module:
     return model
 
 
+def layers_without_attention(model: nn.Module, layers: Sequence[int]) -> Optional[str]:
+    """Why ``layers`` (decoder-layer indices, as ``method.teacher_layers``) cannot all be tempered, or
+    None. Layer indices are the decoder's, not positions among attention modules: a hybrid model
+    (Granite-4.0-H: mamba and attention layers) has attention at some indices only, and an index
+    without attention would temper nothing."""
+    have = {int(m.layer_idx) for m in attention_modules(model)}
+    if not have:
+        return f"{type(model).__name__} has no attention modules with a layer_idx"
+    n = int(getattr(getattr(model, "config", None), "num_hidden_layers", 0) or max(have) + 1)
+    out = sorted(i for i in {int(i) for i in layers} if not 0 <= i < n)
+    if out:
+        return f"teacher_layers {out} out of range: the model has {n} layers (0..{n - 1})"
+    missing = sorted({int(i) for i in layers} - have)
+    if missing:
+        return (f"teacher_layers {missing} are not attention layers of this {type(model).__name__} (its attention "
+                f"layers: {sorted(have)} of {n}); tempering them would change nothing")
+    return None
+
+
 def set_temperature(model: nn.Module, tau: float | torch.Tensor, layers: Sequence[int] | None = None) -> None:
-    """Set ``tau`` on the attention of ``layers`` (all layers when None) and 1.0 on the others."""
+    """Set ``tau`` on the attention of ``layers`` (decoder-layer indices; all attention layers when
+    None) and 1.0 on the others."""
     mods = attention_modules(model)
     if not mods:
         raise ValueError(f"{type(model).__name__} has no attention modules with a layer_idx")
-    n = len(mods)
-    chosen = set(range(n)) if layers is None else set(layers)
-    bad = [i for i in chosen if not 0 <= i < n]
-    if bad:
-        raise ValueError(f"teacher_layers {sorted(bad)} out of range: the model has {n} layers (0..{n - 1})")
+    chosen = {int(m.layer_idx) for m in mods} if layers is None else {int(i) for i in layers}
+    if layers is not None and (problem := layers_without_attention(model, layers)) is not None:
+        raise ValueError(problem)
     for m in mods:
         setattr(m, TEMPERATURE_ATTR, tau if m.layer_idx in chosen else 1.0)
 
