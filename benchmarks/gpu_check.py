@@ -276,8 +276,7 @@ def part_kl(timeout: int) -> None:
 def part_step(timeout: int, batch: int = 4, seq: int = 512) -> None:
     from bench_step import SIZES
 
-    from pipeline.config import DeepSpeedConfig
-    from pipeline.engine.preflight import arch_from_dict, plan_memory
+    from pipeline.engine.preflight import plan_bench_step
 
     variants = {"asu_live_naive": "naive", "asu_live_fused": "fused"}  # variant -> kernels.kl
     with tempfile.TemporaryDirectory() as d:
@@ -285,13 +284,9 @@ def part_step(timeout: int, batch: int = 4, seq: int = 512) -> None:
         _run([sys.executable, str(HERE / "bench_step.py"), "--scale", "1b", "--ranks", "1", "--variants", *variants,
               "--batch", str(batch), "--seq", str(seq), "--steps", "6", "--warmup", "2", "--out", str(out)], timeout)
         payload = json.loads(next(Path(d).glob("bench_step_scale*.json")).read_text())
-    ds = DeepSpeedConfig()
     rows = {}
     for variant, kl in variants.items():
-        plan = plan_memory(arch_from_dict(dict(SIZES["1b"], tie_word_embeddings=False)), 1, 1, precision="bf16",
-                           zero_stage=3, offload_optimizer="none", offload_param="none", uses_reference=True,
-                           batch_size=batch, retain_batch_size=batch, seq_len=seq, kl_impl=kl,
-                           activation_checkpointing=bool(ds.activation_checkpointing), flash_attention=True)
+        plan = plan_bench_step(SIZES["1b"], batch, seq, kl)
         res = payload["results"][variant]
         measured = max(x for x in res["cuda_peak_mib_per_rank"] if x is not None)
         predicted = plan.gpu_total / 2**20

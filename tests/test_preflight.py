@@ -108,18 +108,12 @@ def test_plan_bounds_the_measured_h200_step_from_above_and_closely():
     H200, naive and fused KL) against the plan for the same setting: an upper bound, within 25%."""
     import json
 
-    from pipeline.config import DeepSpeedConfig
-    from pipeline.engine.preflight import arch_from_dict, plan_memory
+    from pipeline.engine.preflight import plan_bench_step
 
     rec = json.loads((ROOT / "benchmarks/results/gpu_nvidia_h200_step.json").read_text())
     cfg = rec["bench_step"]["config"]
     assert cfg["ranks"] == 1 and cfg["offload_optimizer"] == "none"
     for variant, row in rec["variants"].items():
-        plan = plan_memory(arch_from_dict(dict(cfg["model"], tie_word_embeddings=False)), 1, 1, precision="bf16",
-                           zero_stage=3, offload_optimizer="none", offload_param="none", uses_reference=True,
-                           batch_size=cfg["batch"], retain_batch_size=cfg["batch"], seq_len=cfg["seq"],
-                           kl_impl=row["kernels.kl"],
-                           activation_checkpointing=bool(DeepSpeedConfig().activation_checkpointing),
-                           flash_attention=True)
+        plan = plan_bench_step(cfg["model"], cfg["batch"], cfg["seq"], row["kernels.kl"])
         ratio = row["cuda_peak_mib"] * 2**20 / plan.gpu_total
         assert 0.75 <= ratio <= 1.0, (variant, ratio)

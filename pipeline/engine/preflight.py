@@ -240,6 +240,19 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     return plan
 
 
+def plan_bench_step(model: dict, batch: int, seq: int, kl_impl: str) -> MemoryPlan:
+    """The plan of ``benchmarks/bench_step.py``'s GPU setting: one ASU step (live teacher) of the
+    untied model ``model`` (an :func:`arch_from_dict` dict) on one GPU, ZeRO-3 without offload, bf16,
+    ``batch`` forget + ``batch`` retain rows of ``seq`` tokens, flash attention, the default activation
+    checkpointing — what ``gpu_check`` measures and tests/test_preflight.py compares with the plan."""
+    from pipeline.config import DeepSpeedConfig
+
+    return plan_memory(arch_from_dict(dict(model, tie_word_embeddings=False)), 1, 1, precision="bf16", zero_stage=3,
+                       offload_optimizer="none", offload_param="none", uses_reference=True, batch_size=batch,
+                       retain_batch_size=batch, seq_len=seq, kl_impl=kl_impl,
+                       activation_checkpointing=bool(DeepSpeedConfig().activation_checkpointing), flash_attention=True)
+
+
 def format_plans(arch: ArchSpec, plans: list[MemoryPlan], available_gpu: Optional[int] = None,
                  available_host: Optional[int] = None, device_name: str = "GPU") -> str:
     comps = list(dict.fromkeys(k for p in plans for k in p.per_gpu))
