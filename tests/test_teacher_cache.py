@@ -390,3 +390,29 @@ def test_the_cache_is_keyed_by_the_dtype_the_teacher_computes_in(overrides, cuda
     conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         assert _compute_dtype(compose("config", overrides=overrides), cuda) == expect
+
+
+def test_a_second_publisher_keeps_the_first_copy_and_a_leftover_without_index_is_replaced(tmp_path):
+    """Two jobs of a sweep finish the same cache: the rename decides who publishes; the loser drops
+    its temp copy and never deletes the published one (before: check, then rmtree + rename, so a
+    job that checked just before the other's rename deleted the complete cache under it)."""
+    from pipeline.engine.teacher_cache import INDEX, _rename_unless_published
+
+    def built(name):
+        d = tmp_path / name
+        d.mkdir()
+        (d / INDEX).write_text(name)
+        return d
+
+    final = tmp_path / "key"
+    _rename_unless_published(built(".a.tmp"), final)
+    inode = final.stat().st_ino
+    _rename_unless_published(built(".b.tmp"), final)
+    assert final.stat().st_ino == inode and (final / INDEX).read_text() == ".a.tmp"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key"]
+    leftover = tmp_path / "other"
+    leftover.mkdir()
+    (leftover / "shard.safetensors").write_text("half")  # no index: an interrupted older layout
+    _rename_unless_published(built(".c.tmp"), leftover)
+    assert (leftover / INDEX).read_text() == ".c.tmp" and not (leftover / "shard.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key", "other"]

@@ -40,12 +40,14 @@ rank sees (like checkpoints).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import socket
 import time
@@ -456,15 +458,34 @@ def _publish(tmp: Path, final: Path, fields: dict, n_rows: int, vocab: Optional[
     index = {"fields": fields, "vocab_size": vocab, "shards": shards, "lengths": lens,
              "bytes": sum(p.stat().st_size for p in tmp.glob("*.safetensors"))}
     atomic_write_json(tmp / INDEX, index)
-    if (final / INDEX).exists():  # another job won the race: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        if final.exists():  # an incomplete leftover (no index): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+    _rename_unless_published(tmp, final)
     log.info("teacher cache: built %s (%d rows, topk=%s, %.1f MiB)", final, n_rows, topk or "full",
              index["bytes"] / 2**20)
 
+
+
+def _rename_unless_published(tmp: Path, final: Path) -> None:
+    """Publish ``tmp`` as ``final`` unless a concurrent job published it first (then ``tmp`` goes).
+    The rename itself decides the race (it fails on a non-empty target): checking first and renaming
+    after let a second job delete the copy the first had just published. A final directory without an
+    index (an interrupted older layout) is moved aside under a unique name, never deleted in place."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, final)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        if (final / INDEX).exists():  # another job won the race: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        aside = final.with_name(f".{final.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.rename(final, aside)
+        except FileNotFoundError:
+            continue  # someone else moved it: try again
+        shutil.rmtree(aside, ignore_errors=True)
+    os.rename(tmp, final)
 
 
 # -- read -------------------------------------------------------------------------------------------------
