@@ -41,10 +41,12 @@ def sweep_jobs(config: DictConfig) -> list[list[str]]:
 def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
+    from pipeline.config_base import ConfigError
     from pipeline.errors import exit_with
     from pipeline.hydra_errors import COMPOSE_ERRORS, compose_error_line
 
     loader = GlobalHydra.instance().config_loader()
+    dirs: dict[str, int] = {}
     for i, job in enumerate(jobs, 1):
         where = f"sweep job {i} of {len(jobs)} ({' '.join(job)}): "
         try:
@@ -52,6 +54,25 @@ def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
         except COMPOSE_ERRORS as exc:  # a swept value of the wrong type; Hydra would only warn about it
             exit_with(exc, where + compose_error_line(exc))  # here and fail later, after writing the sweep dir
         _check(job_config, where)
+        run_dir = _job_dir(job_config, i - 1)
+        if run_dir in dirs:
+            # the second point would resume (or skip as finished) the first's run and report it as its own
+            exit_with(ConfigError(), f"{where}the same run directory as sweep job {dirs[run_dir]} ({run_dir}): they "
+                      f"differ only in keys left out of the directory name (hydra.job.config.override_dirname."
+                      f"exclude_keys: data.path, model.path, cache_dir, ...); name the points, e.g. "
+                      rf"hydra.sweep.subdir=job_\${{hydra.job.num}}")
+        dirs[run_dir] = i
+
+
+def _job_dir(job_config: DictConfig, num: int) -> str:
+    """The run directory Hydra's launcher will give this job (``hydra.sweep.dir``/``subdir``, with
+    ``hydra.job.num`` as the launcher sets it)."""
+    from omegaconf import OmegaConf, open_dict
+
+    with open_dict(job_config):
+        job_config.hydra.job.num = num
+        job_config.hydra.job.id = f"job_{num}"
+    return f"{OmegaConf.select(job_config, 'hydra.sweep.dir')}/{OmegaConf.select(job_config, 'hydra.sweep.subdir')}"
 
 
 class EarlyChecks(Callback):

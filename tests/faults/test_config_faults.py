@@ -1,6 +1,8 @@
 """Config faults through the real CLI: stop at compose/validate time, name the key and range,
 and leave no output behind."""
 
+import shutil
+
 import pytest
 
 from tests.helpers import launch
@@ -68,3 +70,20 @@ def test_a_sweep_checks_every_job_before_the_first_runs(tiny, sweep, expect):
     for word in expect:
         assert word in errors[0], errors[0]
     assert "Launching" not in out.stderr and not (root / "sweep").exists()  # no job ran, nothing written
+
+
+def test_sweep_points_that_would_share_a_run_directory_are_refused(tiny):
+    """data.path is left out of the directory name (a path would nest it): two points differing only
+    there shared one run directory, the second resumed the first's checkpoint, trained nothing and the
+    report listed one model for two points. Refused before anything runs; naming the points works."""
+    root, model_dir, data_dir = tiny
+    other = root / "data_copy"
+    if not other.exists():
+        shutil.copytree(data_dir, other)
+    args = [a for a in train_overrides(model_dir, data_dir, root / "sweep_dirs", "sd") if not a.startswith("data.path=")]
+    out = launch.run(["-m", *args, f"data.path={data_dir},{other}"])
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error (")]
+    assert len(errors) == 1 and "sweep job 2 of 2 (" in errors[0] and "the same run directory as sweep job 1" in errors[0]
+    assert "hydra.sweep.subdir=job_\\${hydra.job.num}" in errors[0]  # shell-quoted
+    assert not (root / "sweep_dirs").exists()
