@@ -138,7 +138,9 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                            enabled=dist.is_main)
     trainer = UnlearningTrainer(cfg, run_dir, engines.engine, engines.reference, method, inputs.forget, inputs.retain,
                                 inputs.tokenizer.pad_token_id, plan, total, run_logger,
-                                checkpoint_meta(cfg, dist.world_size, dist.device == "cuda"))
+                                # the rows themselves: another data.path with the same split names resumed silently
+                                {**checkpoint_meta(cfg, dist.world_size, dist.device == "cuda"),
+                                 "rows.forget": key["rows.forget"], "rows.retain": key["rows.retain"]})
     trainer.views = method.forget_views(inputs.tokenizer, inputs.data.forget, int(cfg.data.max_length),
                                         inputs.prompt_format, seed=int(cfg.seed))
     tau_selection = _choose_tau(cfg, engines, inputs, run_dir, key)

@@ -128,6 +128,13 @@ def test_a_resume_with_other_training_settings_is_refused_and_old_checkpoints_ar
         check_compatible(saved, {**meta[""], "training.precision": "bf16"}, tmp_path)  # auto on a GPU node now
     old = {k: v for k, v in saved.items() if not k.startswith("training.")}  # written before they were recorded
     check_compatible(old, meta["trainer.lr=0.1"], tmp_path)
+    # the rows' digests came later: compared when the checkpoint has them (other data under the same split
+    # names resumed silently before), not for a checkpoint written without them
+    with_rows = {**saved, "rows.forget": "a", "rows.retain": "b"}
+    check_compatible(with_rows, {**meta[""], "rows.forget": "a", "rows.retain": "b"}, tmp_path)
+    with pytest.raises(CheckpointError, match=r"rows.forget: checkpoint='a' now='c'"):
+        check_compatible(with_rows, {**meta[""], "rows.forget": "c", "rows.retain": "b"}, tmp_path)
+    check_compatible(saved, {**meta[""], "rows.forget": "c", "rows.retain": "b"}, tmp_path)
     # chat_template_kwargs came later: a checkpoint without it had none ({}), and a run that sets one differs
     before = {k: v for k, v in saved.items() if k != "training.model.chat_template_kwargs"}
     check_compatible(before, meta[""], tmp_path)
