@@ -19,20 +19,51 @@ CONFIG_PATH = os.path.join(REPO, "conf")
 
 def run_main(fn) -> None:
     """Run ``fn`` and turn the pipeline's known errors into one clear line and exit code 2, and a
-    Ctrl-C that stops at once (outside training, or pressed twice) into one line and exit code 130."""
-    from pipeline.errors import USER_ERRORS, exit_interrupted, exit_with
+    Ctrl-C that stops at once (outside training, or pressed twice) into one line and exit code 130.
+    In a sweep run by this process (Hydra's local launcher, one rank) a job's error is reported and
+    the next job runs; :func:`launch` exits with 2 at the end. The line also goes to the job's log
+    file, where the sweep report looks for failures."""
+    from pipeline.errors import USER_ERRORS, error_line, exit_interrupted, exit_with
 
     global _TASK_STARTED
     _TASK_STARTED = True
     try:
         fn()
     except USER_ERRORS as exc:
+        _log_to_files(error_line(exc, str(exc)))
+        if _IN_LAUNCH and _local_sweep():
+            print(error_line(exc, str(exc)), file=sys.stderr, flush=True)
+            from hydra.core.hydra_config import HydraConfig
+
+            _FAILED_JOBS.append(HydraConfig.get().runtime.output_dir)
+            return
         exit_with(exc, str(exc))
     except KeyboardInterrupt:
         exit_interrupted()
 
 
 _TASK_STARTED = False
+_IN_LAUNCH = False  # launch() runs Hydra in this process (not a submitit job process)
+_FAILED_JOBS: list[str] = []  # run directories of this process's sweep jobs that stopped with a user error
+
+
+def _local_sweep() -> bool:
+    """A ``-m`` sweep whose jobs run one after another in this single-rank process."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+            and os.environ.get("WORLD_SIZE", "1") == "1")
+
+
+def _log_to_files(line: str) -> None:
+    """``line`` into the job's log file(s) only (stderr already gets it once)."""
+    import logging
+
+    record = logging.LogRecord("pipeline", logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def launch(main) -> None:
@@ -43,10 +74,16 @@ def launch(main) -> None:
     from pipeline.errors import exit_with
     from pipeline.hydra_errors import COMPOSE_ERRORS, compose_error_line
 
+    global _IN_LAUNCH
     user_full_error = bool(os.environ.get("HYDRA_FULL_ERROR"))
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exiting 1
+    _IN_LAUNCH = True
     try:
         main()
+        if _FAILED_JOBS:
+            print(f"error (SweepError, rank 0): {len(_FAILED_JOBS)} sweep job(s) stopped with an error (above; the "
+                  f"others ran): {', '.join(_FAILED_JOBS)}", file=sys.stderr, flush=True)
+            sys.exit(2)
     except COMPOSE_ERRORS as exc:
         if user_full_error or _TASK_STARTED:  # raised by the job itself: a bug, keep the traceback
             raise

@@ -21,9 +21,14 @@ USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError, NonFinit
                PreflightError, PromptFormatError, AttentionBackendError)
 
 
+def error_line(exc: BaseException, message: str) -> str:
+    """The one-line form of a user error: ``error (<Type>, rank <r>): <message>``."""
+    return f"error ({type(exc).__name__}, rank {os.environ.get('RANK', '0')}): {message}"
+
+
 def exit_with(exc: BaseException, message: str) -> NoReturn:
-    """Print the one-line form, ``error (<Type>, rank <r>): <message>``, on stderr and exit with 2."""
-    print(f"error ({type(exc).__name__}, rank {os.environ.get('RANK', '0')}): {message}", file=sys.stderr, flush=True)
+    """Print :func:`error_line` on stderr and exit with 2."""
+    print(error_line(exc, message), file=sys.stderr, flush=True)
     sys.exit(2)
 
 

@@ -87,3 +87,28 @@ def test_sweep_points_that_would_share_a_run_directory_are_refused(tiny):
     assert len(errors) == 1 and "sweep job 2 of 2 (" in errors[0] and "the same run directory as sweep job 1" in errors[0]
     assert "hydra.sweep.subdir=job_\\${hydra.job.num}" in errors[0]  # shell-quoted
     assert not (root / "sweep_dirs").exists()
+
+
+def test_a_local_sweep_runs_the_jobs_after_one_that_fails(tiny):
+    """Hydra's local launcher runs the jobs in this process: a job's user error exited the process and
+    the later jobs never ran. Now the error is reported (stderr and the job's log, where the sweep report
+    finds it), the next job runs, and the sweep exits 2 naming the failed job."""
+    root, model_dir, data_dir = tiny
+    bad = root / "data_without_forget"
+    if not bad.exists():
+        shutil.copytree(data_dir, bad)
+        (bad / "forget.jsonl").unlink()
+    args = [a for a in train_overrides(model_dir, data_dir, root / "sweep_fail", "sf", steps=1)
+            if not a.startswith("data.path=")]
+    out = launch.run(["-m", *args, f"data.path={bad},{data_dir}", "hydra.sweep.subdir=job_${hydra.job.num}",
+                      "eval.enabled=false", "trainer.export=false"])
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error (")]
+    assert len(errors) == 2 and "DataError" in errors[0] and "forget" in errors[0], errors
+    assert errors[1].startswith("error (SweepError, rank 0): 1 sweep job(s) stopped") and "job_0" in errors[1]
+    sweep = root / "sweep_fail" / "sweeps"
+    done = list(sweep.rglob("job_1/results.json"))
+    assert done, sorted(p.relative_to(sweep) for p in sweep.rglob("*"))[:20]
+    logs = list(sweep.rglob("job_0/*.log"))
+    assert logs and "error (DataError" in logs[0].read_text()
+    assert "Traceback" not in out.stderr
