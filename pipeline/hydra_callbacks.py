@@ -6,7 +6,7 @@ otherwise stop the sweep after jobs 1-4 had run."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -55,24 +55,30 @@ def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
             exit_with(exc, where + compose_error_line(exc))  # here and fail later, after writing the sweep dir
         _check(job_config, where)
         run_dir = _job_dir(job_config, i - 1)
-        if run_dir in dirs:
+        if run_dir is not None and run_dir in dirs:
             # the second point would resume (or skip as finished) the first's run and report it as its own
             exit_with(ConfigError(), f"{where}the same run directory as sweep job {dirs[run_dir]} ({run_dir}): they "
                       f"differ only in keys left out of the directory name (hydra.job.config.override_dirname."
                       f"exclude_keys: data.path, model.path, cache_dir, ...); name the points, e.g. "
                       rf"hydra.sweep.subdir=job_\${{hydra.job.num}}")
-        dirs[run_dir] = i
+        if run_dir is not None:
+            dirs[run_dir] = i
 
 
-def _job_dir(job_config: DictConfig, num: int) -> str:
+def _job_dir(job_config: DictConfig, num: int) -> Optional[str]:
     """The run directory Hydra's launcher will give this job (``hydra.sweep.dir``/``subdir``, with
-    ``hydra.job.num`` as the launcher sets it)."""
+    ``hydra.job.num`` as the launcher sets it); None when it names something only the running job
+    knows (an interpolation that cannot resolve here: that sweep is not checked for shared dirs)."""
     from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
 
     with open_dict(job_config):
         job_config.hydra.job.num = num
         job_config.hydra.job.id = f"job_{num}"
-    return f"{OmegaConf.select(job_config, 'hydra.sweep.dir')}/{OmegaConf.select(job_config, 'hydra.sweep.subdir')}"
+    try:
+        return f"{OmegaConf.select(job_config, 'hydra.sweep.dir')}/{OmegaConf.select(job_config, 'hydra.sweep.subdir')}"
+    except (OmegaConfBaseException, ValueError):
+        return None
 
 
 class EarlyChecks(Callback):

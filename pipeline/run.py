@@ -333,7 +333,7 @@ def _load_models(cfg: DictConfig, inputs: JobInputs, s_cfg: dict, dtype: str, cu
 
         student = wrap_lora(student, cfg.model.peft)
         if (note := low_lr_warning(float(cfg.trainer.lr))) is not None:
-            log.warning(note)
+            log.warning(note, extra=SAME_ON_EVERY_RANK)
     elif need_reference:
         frozen = load()
         frozen.requires_grad_(False)
