@@ -339,8 +339,7 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     try:
         prompt_format_from_config(cfg.model)
     except PromptFormatError as e:
-        key = "model.chat_template_kwargs" if "chat_template_kwargs" in str(e) else "model.system_prompt"
-        raise ConfigError(f"config error at '{key}': {e}") from None
+        raise ConfigError(f"config error at '{e.key}': {e}") from None
     _require(cfg.model.source != "pretrained" or bool(cfg.model.path), "model.path", "required when model.source=pretrained")
     # a path the chosen source does not read would be ignored silently (the run would train the
     # embedded model while the user believes theirs was loaded)

@@ -115,8 +115,7 @@ def checked_prompt_format(cfg: DictConfig, tokenizer: Any, uses: list[str]) -> A
         fmt = prompt_format_from_config(cfg.model)
         fmt.check(tokenizer)
     except PromptFormatError as e:
-        key = "model.chat_template_kwargs" if "chat_template_kwargs" in str(e) else "model.prompt_format"
-        raise ConfigError(f"config error at '{key}': {e}") from None
+        raise ConfigError(f"config error at '{e.key}': {e}") from None
     system = f", system prompt {fmt.system_prompt!r}" if getattr(fmt, "system_prompt", None) else ""
     if not uses:
         log.info("prompt format: %s%s not applied (%s: raw-text rows; its evaluation builds its own prompts)", fmt.name,

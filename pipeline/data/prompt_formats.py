@@ -34,7 +34,12 @@ log = logging.getLogger(__name__)
 
 
 class PromptFormatError(ValueError):
-    """A prompt format cannot be used with this tokenizer (missing template or special token)."""
+    """A prompt format cannot be used with this tokenizer (missing template or special token);
+    ``key`` names the setting to change."""
+
+    def __init__(self, message: str, key: str = "model.prompt_format") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -155,7 +160,8 @@ class TemplateFormat(PromptFormat):
 
     def __post_init__(self) -> None:
         if self.system_prompt and self.prompt_with_system is None:
-            raise PromptFormatError(f"model.prompt_format={self.name} has no system prompt slot; set model.system_prompt=null")
+            raise PromptFormatError(f"model.prompt_format={self.name} has no system prompt slot; set model.system_prompt=null",
+                                    key="model.system_prompt")
 
     def check(self, tokenizer) -> None:
         tid = tokenizer.convert_tokens_to_ids(self.end_token)
@@ -245,7 +251,7 @@ class ChatFormat(PromptFormat):
             raise PromptFormatError("model.prompt_format=chat: this tokenizer's chat template writes today's date "
                                     "into every prompt (strftime_now); fix it, e.g. +model.chat_template_kwargs.date_string='26 Jul "
                                     "2024' (the template's own fallback; open-unlearning uses '10 Apr 2025'), so "
-                                    "every run and evaluation sees the same prompt")
+                                    "every run and evaluation sees the same prompt", key="model.chat_template_kwargs")
 
     def _render(self, tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
@@ -300,7 +306,8 @@ def _register_template(**kw: Any) -> None:
 
 def _plain(system_prompt: Optional[str] = None) -> PromptFormat:
     if system_prompt:
-        raise PromptFormatError("model.prompt_format=plain has no system prompt; set model.system_prompt=null")
+        raise PromptFormatError("model.prompt_format=plain has no system prompt; set model.system_prompt=null",
+                                key="model.system_prompt")
     return PlainFormat()
 
 
@@ -350,6 +357,6 @@ def prompt_format_from_config(model_cfg: Any) -> PromptFormat:
     if kwargs:
         if not isinstance(fmt, ChatFormat):
             raise PromptFormatError(f"model.chat_template_kwargs is set, but model.prompt_format={fmt.name} does not "
-                                    f"render the tokenizer's chat template (only prompt_format=chat reads it)")
+                                    f"render the tokenizer's chat template (only prompt_format=chat reads it)", key="model.chat_template_kwargs")
         fmt.template_kwargs = {str(k): v for k, v in dict(kwargs).items()}
     return fmt

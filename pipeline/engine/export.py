@@ -105,6 +105,7 @@ def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, verify: bool = T
     sd = consolidated_state_dict(engine)
     if is_main_process():
         module = engine.module
+        rtol = export_rtol(module)
         with atomic_dir(out_dir) as tmp:
             # Tied weights share storage; safetensors refuses duplicates, so drop the alias.
             if getattr(module.config, "tie_word_embeddings", False):
@@ -112,11 +113,10 @@ def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, verify: bool = T
             module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
             save_tokenizer(tokenizer, tmp)
             # checked before it replaces anything: an export that fails leaves the previous one in place
-            check = verify_export(tmp, probe[0], probe[1], export_rtol(module), out_dir) if probe is not None else None
+            check = verify_export(tmp, probe[0], probe[1], rtol, out_dir) if probe is not None else None
         log.info("exported HF model to %s", out_dir)
         if check is not None:
             diff, tol = check
-            rtol = export_rtol(module)
             atomic_write_json(out_dir.parent / "export_check.json", {"max_abs_logit_diff": diff, "tolerance": tol,
                                                                      "relative_tolerance": rtol})
             log.info("export verified: max |logit diff| %.3g (tolerance %g)", diff, tol)
