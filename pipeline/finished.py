@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.distributed import broadcast_object, is_main_process
+from pipeline.eval.report import PREVIOUS_RESULTS_FILE, set_aside_results
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,8 @@ def _check(run_dir: Path, key: dict) -> tuple[Optional[str], dict]:
 def finished_results(cfg: DictConfig, run_dir: Path, key: dict) -> Optional[dict]:
     """``results.json`` (rank 0; {} elsewhere) when ``run_dir`` holds this job, finished and
     unchanged; None when it must run. Rank 0 decides and every rank follows. A stale record is
-    removed before the job runs, so that only a job that ends writes one."""
+    removed before the job runs, so that only a job that ends writes one, and an earlier
+    ``results.json`` is set aside as ``results.previous.json``."""
     done = None
     if is_main_process():
         if str(cfg.trainer.resume) != "auto" or (cfg.eval.enabled and not cfg.eval.resume):
@@ -121,6 +123,9 @@ def finished_results(cfg: DictConfig, run_dir: Path, key: dict) -> Optional[dict
             if why and (run_dir / FINISHED_FILE).exists():
                 log.info("run %s: its earlier results are not reused: %s", run_dir, why)
             (run_dir / FINISHED_FILE).unlink(missing_ok=True)
+            if set_aside_results(run_dir) is not None:  # a failing re-run must not leave them as its own
+                log.info("run %s: the earlier results.json is kept as %s until this run writes its own", run_dir,
+                         PREVIOUS_RESULTS_FILE)
     if not broadcast_object(done is not None):
         return None
     return done if is_main_process() else {}

@@ -33,7 +33,11 @@ def test_resume_never_a_damaged_record_or_none_runs_the_job_and_drops_the_record
     assert not (tmp_path / FINISHED_FILE).exists()
     for cfg in (_cfg(resume="never"), _cfg(eval_resume=False)):
         (tmp_path / FINISHED_FILE).write_text("{}")
+        (tmp_path / "results.json").write_text('{"run": "earlier"}')
         assert finished_results(cfg, tmp_path, {"k": 1}) is None and not (tmp_path / FINISHED_FILE).exists()
+        # set aside: a re-run that fails must not leave the earlier results as its own (sweep reports)
+        assert not (tmp_path / "results.json").exists()
+        assert (tmp_path / "results.previous.json").read_text() == '{"run": "earlier"}'
 
 
 @pytest.mark.distributed
@@ -60,6 +64,7 @@ def test_the_same_command_again_loads_nothing_and_other_inputs_or_changed_output
     assert "its earlier results are not reused: it finished with other inputs (eval.max_new_tokens)" in log
     assert "nothing to train: resumed at the last step (4/4)" in log
     assert json.loads((run / "results.json").read_text())["evaluation"]["max_new_tokens"] == 6
+    assert (run / "results.previous.json").read_bytes() == results  # the earlier run's, kept
 
     weights = run / "model" / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten since

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from pipeline.io import atomic_write_json, to_jsonable
 
 RESULTS_FILE = "results.json"
+PREVIOUS_RESULTS_FILE = "results.previous.json"  # an earlier run's results.json, set aside by a re-run
 SCHEMA_VERSION = 1
 RESERVED_KEYS = ("schema", "method", "tau", "metrics")
 
@@ -74,6 +75,18 @@ def write_results(
         raise ValueError(f"extra keys {clash} clash with reserved results.json keys {list(RESERVED_KEYS)}")
     obj = {"schema": SCHEMA_VERSION, "method": method, "tau": tau, "metrics": dict(metrics), **extra}
     return atomic_write_json(Path(run_dir) / RESULTS_FILE, to_jsonable(obj))
+
+
+def set_aside_results(run_dir: str | os.PathLike) -> Optional[Path]:
+    """Rename an earlier run's ``results.json`` in ``run_dir`` to ``results.previous.json`` (replacing
+    an older one) before a run that will write its own: if that run fails, no ``results.json`` is
+    left that a sweep report would count as its result. Returns the new path, or None."""
+    src = Path(run_dir) / RESULTS_FILE
+    if not src.exists():
+        return None
+    dst = src.with_name(PREVIOUS_RESULTS_FILE)
+    os.replace(src, dst)
+    return dst
 
 
 def format_value(v: Any, digits: int = 4) -> str:

@@ -507,7 +507,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Evaluate the configured model without training (e.g. the target or retain model)."""
     from pipeline.data.loaders import load_unlearning_data
     from pipeline.engine.distributed import init_distributed
-    from pipeline.eval.report import render_report_md, write_results
+    from pipeline.eval.report import render_report_md, set_aside_results, write_results
     from pipeline.inputs import (
         check_before_loading,
         checked_prompt_format,
@@ -523,6 +523,8 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     library_bars(_progress_bar(cfg))
     dist = init_distributed(cfg.deepspeed.timeout_minutes)
     check_eval_device(cfg)
+    if dist.is_main:  # a failing re-run must not leave an earlier run's results.json as its own
+        set_aside_results(run_dir)
     set_threads(int(cfg.trainer.num_threads))
     set_attention_backend(cfg.kernels.attention, dist.device)  # logs the choice (and any fallback)
     paths = resolve_paths(cfg)
