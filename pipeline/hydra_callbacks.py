@@ -11,7 +11,7 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-_BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+from pipeline.eval.sweep import sweep_jobs
 
 
 def _check(config: DictConfig, where: str = "") -> None:
@@ -23,19 +23,6 @@ def _check(config: DictConfig, where: str = "") -> None:
         check_before_loading(config)
     except USER_ERRORS as exc:
         exit_with(exc, f"{where}{exc}")
-
-
-def sweep_jobs(config: DictConfig) -> list[list[str]]:
-    """Each job's overrides, as Hydra's basic sweeper will expand them (``hydra.sweeper.params`` and
-    the command line's sweeps), or ``[]`` for another sweeper (which expands them itself)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    if config.hydra.sweeper.get("_target_") != _BASIC_SWEEPER:
-        return []
-    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
-    overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
-    return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
 def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
@@ -81,6 +68,9 @@ def _job_dir(job_config: DictConfig, num: int) -> Optional[str]:
         return None
 
 
+LAUNCHED_SWEEP: Optional[str] = None  # the sweep directory this process launched into (for its error report)
+
+
 class EarlyChecks(Callback):
     """The composed config's values, its attention backend (e.g. flash-attn is installed) and its
     model paths, before anything is written; for a sweep, every job's."""
@@ -89,6 +79,8 @@ class EarlyChecks(Callback):
         _check(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global LAUNCHED_SWEEP
+        LAUNCHED_SWEEP = str(config.hydra.sweep.dir)
         jobs = sweep_jobs(config)
         if jobs:
             _check_sweep(config, jobs)

@@ -131,6 +131,64 @@ def test_objective_missing_falls_back_and_empty_sweep(tmp_path):
     assert rep["counts"]["total"] == 0 and (empty / "pareto.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def _multirun_yaml(root: Path, taus: str) -> None:
+    """What Hydra's basic sweeper writes at the start of ``-m method.tau=<taus> trainer.max_steps=2``."""
+    (root / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper\n"
+        "    max_batch_size: null\n    params: null\n  overrides:\n    task:\n"
+        f"    - method.tau={taus}\n    - trainer.max_steps=2\n")
+
+
+def _slurm_submission(root: Path, job_id: str, num: int, overrides: list, stderr: str) -> None:
+    """``.submitit/<job_id>/`` as hydra-submitit-launcher leaves it: the pickled call with the job's
+    overrides and number (``job_id_for_<num>``), and the job's stderr."""
+    import cloudpickle
+    from submitit.helpers import DelayedSubmission
+
+    d = root / ".submitit" / job_id
+    d.mkdir(parents=True)
+    call = DelayedSubmission(print, overrides, "hydra.sweep.dir", num, f"job_id_for_{num}", {})
+    (d / f"{job_id}_submitted.pkl").write_bytes(cloudpickle.dumps(call))
+    (d / f"{job_id}_0_log.err").write_text(stderr)
+
+
+def test_jobs_never_started_or_failed_on_slurm_before_their_log(fake_sweep):
+    """The latest sweep's jobs come from multirun.yaml: one without a directory is listed (not
+    started, or failed on SLURM with its stderr's error line); a directory whose job died before
+    Hydra's log is placed by the job number in its submitit pickle (never unpickled)."""
+    _multirun_yaml(fake_sweep, "1.5,4.0,7.0,8.0")  # 4.0: a directory without results (fixture)
+    traceback = ("submitit INFO (2026) - Starting with JobEnvironment\nTraceback (most recent call last):\n"
+                 "  File \"x.py\", line 1, in <module>\nModuleNotFoundError: No module named '_bootstrap'\n"
+                 "srun: error: vm: task 0: Exited with exit code 1\n")
+    _slurm_submission(fake_sweep, "41_1", 1, ["method.tau=4.0", "trainer.max_steps=2"], traceback)
+    _slurm_submission(fake_sweep, "41_2", 2, ["method.tau=7.0", "trainer.max_steps=2"],
+                      "slurmstepd: error: *** JOB 41 ON vm CANCELLED AT 2026-12-04T10:00:00 DUE TO TIME LIMIT ***\n")
+    # an earlier sweep's job 3 (other overrides) says nothing about this sweep's job 3
+    _slurm_submission(fake_sweep, "7_3", 3, ["method.tau=9.0", "trainer.max_steps=2"], "ValueError: old\n")
+    rep = sweep.build_report(fake_sweep)
+    by_tau = {p["overrides"]["method.tau"]: p for p in rep["points"]}
+    assert by_tau["4.0"]["status"] == "failed"
+    assert by_tau["4.0"]["note"] == ("SLURM job 41_1: ModuleNotFoundError: No module named '_bootstrap' "
+                                     "(.submitit/41_1/41_1_0_log.err)")
+    assert by_tau["7.0"]["status"] == "failed" and "DUE TO TIME LIMIT" in by_tau["7.0"]["note"]
+    assert by_tau["7.0"]["name"] == "job 2 (method.tau=7.0)"
+    assert by_tau["8.0"]["status"] == "missing" and "not started" in by_tau["8.0"]["note"]
+    assert by_tau["1.5"]["status"] == "ok" and by_tau["5.0"]["status"] == "failed"  # earlier points stay
+    assert rep["counts"] == {"total": 9, "ok": 5, "missing": 1, "failed": 3}
+    assert "`job 3 (method.tau=8.0)`: **missing**" in (fake_sweep / "report.md").read_text()
+
+
+def test_a_point_whose_rerun_set_its_results_aside_is_not_counted(fake_sweep):
+    """A re-run moves an earlier results.json aside (pipeline.finished); until it writes its own
+    the point is not complete, and the report says where the earlier results are."""
+    d = fake_sweep / "method.tau=2.0,trainer.max_steps=2"
+    (d / "results.json").rename(d / "results.previous.json")
+    (d / "train.log").write_text("[..][pipeline][ERROR] - error (CheckpointError, rank 0): disk full\n")
+    p = next(p for p in sweep.gather(fake_sweep) if p.overrides["method.tau"] == "2.0")
+    assert p.status == "failed" and p.note.startswith("train.log: error (CheckpointError, rank 0): disk full")
+    assert p.note.endswith("an earlier run's results are kept in results.previous.json")
+
+
 def test_report_cli(fake_sweep):
     out = subprocess.run([sys.executable, "launchers/report.py", str(fake_sweep), "--rule", "forget_quality"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -3,9 +3,12 @@ forget-vs-utility Pareto plot, and the best setting under a configurable rule.
 
 Layout read (``conf/config.yaml``): ``runs/sweeps/<exp_name>/<override_dirname>/results.json``
 with Hydra's ``.hydra/overrides.yaml`` beside it. A point whose directory has a Hydra config but
-no ``results.json`` is reported as ``missing`` (still running, never started, killed) or
-``failed`` (its log shows an error, or its ``results.json`` is unreadable); neither stops the
-report.
+no ``results.json`` is reported as ``missing`` (still running, killed) or ``failed`` (its log
+shows an error, or its ``results.json`` is unreadable); neither stops the report. The jobs the
+latest sweep launched are read from its ``multirun.yaml`` (Hydra's basic sweeper): one without a
+directory is listed as never started. A SLURM job that failed before its Hydra log existed (its
+Python environment, the node, the time limit) is found through the submitit folder
+(``.submitit/<job id>/``): its error line comes from the job's ``*_log.err``.
 
 Rule syntax (``--rule``): ``[max:|min:]<objective>[,<constraint metric>>=<factor>]``, e.g. the
 default ``forget_quality,model_utility>=0.95``: among the completed points whose
@@ -23,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import pickletools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,7 @@ from typing import Any, Optional
 
 from pipeline.eval.report import (
     METRIC_INFO,
+    PREVIOUS_RESULTS_FILE,
     RESULTS_FILE,
     comparison_markdown,
     comparison_table,
@@ -43,6 +48,12 @@ UTILITY_AXIS = "model_utility"
 TABLE_METRICS = ("forget_fact_recall", "retain_fact_recall", "model_utility", "forget_quality", "forget_rouge_l",
                  "forget_well_formed")
 _FAIL_PATTERNS = ("Traceback (most recent call last)", "Error executing job", "error (")
+_BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# lines of a SLURM job's stderr that say why it ended, most telling first: our error line, Python's
+# exception line, SLURM's own (cancelled, time limit, out of memory), srun's exit code
+_SLURM_ERRORS = tuple(re.compile(p) for p in (
+    r"error \(\w+, rank \d+\): .*", r"[\w.]*(Error|Exception|Interrupt|Exit)(: .*)?",
+    r".*(CANCELLED|TIME LIMIT|[Oo]ut[ -]of[ -]memory|oom[-_]kill).*", r"(srun|slurmstepd): error.*"))
 
 
 @dataclass
@@ -115,14 +126,9 @@ def _read_overrides(d: Path) -> Optional[dict[str, str]]:
     try:
         import yaml
 
-        items = yaml.safe_load(p.read_text()) or []
+        return _override_dict(yaml.safe_load(p.read_text()) or [])
     except Exception:  # a half-written file: fall back to the directory name
         return None
-    out = {}
-    for it in items:
-        k, _, v = str(it).partition("=")
-        out[k.lstrip("+~")] = v
-    return out
 
 
 def _failed(d: Path) -> str:
@@ -131,12 +137,105 @@ def _failed(d: Path) -> str:
             text = log.read_text(errors="replace")
         except OSError:
             continue
-        for pat in _FAIL_PATTERNS:
-            i = text.find(pat)
-            if i >= 0:
-                line = text[i:].splitlines()[0]
-                return f"{log.name}: {line[:160]}"
+        i = max(text.rfind(pat) for pat in _FAIL_PATTERNS)  # the latest: a log gathers every attempt's lines
+        if i >= 0:
+            return f"{log.name}: {text[i:].splitlines()[0][:160]}"
     return ""
+
+
+def sweep_jobs(config: Any) -> list[list[str]]:
+    """Each job's overrides, in job-number order, as Hydra's basic sweeper expands them
+    (``hydra.sweeper.params`` and the command line's sweeps), or ``[]`` for another sweeper (which
+    expands them itself). ``config``: the sweep's config (``multirun.yaml``)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if config.hydra.sweeper.get("_target_") != _BASIC_SWEEPER:
+        return []
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
+    return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def _override_dict(items: list[str]) -> dict[str, str]:
+    out = {}
+    for it in items:
+        k, _, v = str(it).partition("=")
+        out[k.lstrip("+~")] = v
+    return out
+
+
+def expected_jobs(root: Path) -> list[list[str]]:
+    """The overrides of every job the latest sweep into ``root`` launched (its ``multirun.yaml``),
+    by job number; [] when unknown (no multirun.yaml, another sweeper, an unreadable file)."""
+    path = root / "multirun.yaml"
+    if not path.is_file():
+        return []
+    try:
+        from omegaconf import OmegaConf
+
+        return sweep_jobs(OmegaConf.load(path))
+    except Exception:  # a half-written or foreign file: the report still lists what it finds
+        return []
+
+
+@dataclass
+class SlurmJob:
+    """One submitit submission in ``<sweep>/.submitit/<job id>/``."""
+
+    job_id: str
+    job_num: int  # Hydra's job number (hydra.job.num) the submission ran
+    strings: frozenset  # the string constants of its pickle (the job's overrides among them)
+    mtime: float
+    error: str  # why it failed, from its stderr ("" when nothing says so)
+    err_file: Optional[Path]
+
+
+def _pickle_strings(path: Path) -> list[str]:
+    """The string constants of a pickle, read without unpickling it (nothing in it runs)."""
+    return [arg for op, arg, _ in pickletools.genops(path.read_bytes())
+            if isinstance(arg, str) and "UNICODE" in op.name]
+
+
+def _slurm_error(err: Path) -> str:
+    """The line of a job's stderr that says why it ended: our own error line, else Python's last
+    exception line, else SLURM's (a time limit, an out-of-memory kill, srun's exit code)."""
+    try:
+        lines = [ln.strip() for ln in err.read_text(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    for pattern in _SLURM_ERRORS:
+        hits = [ln for ln in lines if pattern.fullmatch(ln)]
+        if hits:
+            return hits[-1][:200]
+    return ""
+
+
+def slurm_jobs(root: Path) -> list[SlurmJob]:
+    """The submitit jobs of the sweeps into ``root`` (hydra-submitit-launcher's ``submitit_folder``
+    ``<sweep>/.submitit/%j``). A job's number is the ``job_id_for_<num>`` argument the launcher
+    pickled with it."""
+    jobs = []
+    for pkl in sorted((root / ".submitit").glob("*/*_submitted.pkl")):
+        try:
+            strings = _pickle_strings(pkl)
+        except Exception:  # truncated or not a pickle: not a job this report can place
+            continue
+        nums = [int(m.group(1)) for s in strings if (m := re.fullmatch(r"job_id_for_(\d+)", s))]
+        if len(nums) != 1:
+            continue
+        job_id = pkl.name.removesuffix("_submitted.pkl")
+        errs = sorted(pkl.parent.glob(f"{job_id}_*_log.err"))
+        error = next((e for e in (_slurm_error(f) for f in errs) if e), "")
+        jobs.append(SlurmJob(job_id, nums[0], frozenset(strings), pkl.stat().st_mtime, error,
+                             errs[0] if errs else None))
+    return jobs
+
+
+def _slurm_job_for(jobs: list[SlurmJob], num: int, overrides: list[str]) -> Optional[SlurmJob]:
+    """The newest submission of job ``num`` with these overrides (a re-launched sweep submits it again)."""
+    mine = [j for j in jobs if j.job_num == num and all(o in j.strings for o in overrides)]
+    return max(mine, key=lambda j: j.mtime, default=None)
 
 
 def _is_hidden(rel: Path) -> bool:
@@ -157,6 +256,9 @@ def gather(sweep_dir: str | Path) -> list[SweepPoint]:
         if p.is_dir() and not _is_hidden(p.parent.relative_to(root)):
             dirs.add(p.parent)
     points = []
+    expected = expected_jobs(root)
+    slurm = slurm_jobs(root) if expected else []
+    placed: set[int] = set()
     for d in sorted(dirs):
         name = d.relative_to(root).as_posix()
         if name == ".":
@@ -164,6 +266,9 @@ def gather(sweep_dir: str | Path) -> list[SweepPoint]:
         ov = _read_overrides(d)
         if ov is None:
             ov = parse_override_dirname(d.name)
+        num = next((i for i, job in enumerate(expected) if i not in placed and _override_dict(job) == ov), None)
+        if num is not None:
+            placed.add(num)
         res_path = d / RESULTS_FILE
         if res_path.exists():
             try:
@@ -175,10 +280,32 @@ def gather(sweep_dir: str | Path) -> list[SweepPoint]:
             except (ValueError, OSError) as exc:
                 points.append(SweepPoint(name, d, "failed", ov, None, f"unreadable {RESULTS_FILE}: {exc}"))
             continue
-        why = _failed(d)
-        points.append(SweepPoint(name, d, "failed" if why else "missing", ov, None,
-                                 why or f"no {RESULTS_FILE} (still running, not started, or killed)"))
+        why = _failed(d) or _slurm_failure(slurm, num, expected, root)
+        note = why or f"no {RESULTS_FILE} (still running, not started, or killed)"
+        if (d / PREVIOUS_RESULTS_FILE).exists():
+            note += f"; an earlier run's results are kept in {PREVIOUS_RESULTS_FILE}"
+        points.append(SweepPoint(name, d, "failed" if why else "missing", ov, None, note))
+    for num, job in enumerate(expected):  # launched by the latest sweep, but no directory: never started
+        if num in placed:
+            continue
+        why = _slurm_failure(slurm, num, expected, root)
+        label = " ".join(o for o in job if _varies(o, expected)) or " ".join(job)
+        points.append(SweepPoint(f"job {num} ({label})", root, "failed" if why else "missing", _override_dict(job),
+                                 None, why or "not started (listed in multirun.yaml; no run directory yet)"))
     return points
+
+
+def _varies(override: str, jobs: list[list[str]]) -> bool:
+    return not all(override in job for job in jobs)
+
+
+def _slurm_failure(slurm: list[SlurmJob], num: Optional[int], expected: list[list[str]], root: Path) -> str:
+    """Why job ``num`` of the latest sweep failed on SLURM, from its submitit stderr; "" if unknown."""
+    job = _slurm_job_for(slurm, num, expected[num]) if num is not None else None
+    if job is None or not job.error:
+        return ""
+    where = job.err_file.relative_to(root).as_posix() if job.err_file else ""
+    return f"SLURM job {job.job_id}: {job.error}" + (f" ({where})" if where else "")
 
 
 def swept_keys(points: list[SweepPoint]) -> tuple[list[str], dict[str, str]]:
