@@ -23,20 +23,26 @@ def run_main(fn) -> None:
     In a sweep run by this process (Hydra's local launcher, one rank) a job's error is reported and
     the next job runs; :func:`launch` exits with 2 at the end. The line also goes to the job's log
     file, where the sweep report looks for failures."""
-    from pipeline.errors import USER_ERRORS, error_line, exit_interrupted, exit_with
+    from pipeline.errors import USER_ERRORS, SweepJobFailed, error_line, exit_interrupted, exit_with
 
     global _TASK_STARTED
     _TASK_STARTED = True
     try:
         fn()
     except USER_ERRORS as exc:
-        _log_to_files(error_line(exc, str(exc)))
+        line = error_line(exc, str(exc))
+        _log_to_files(line)
         if _IN_LAUNCH and _local_sweep():
-            print(error_line(exc, str(exc)), file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
             from hydra.core.hydra_config import HydraConfig
 
             _FAILED_JOBS.append(HydraConfig.get().runtime.output_dir)
             return
+        if os.environ.get("SUBMITIT_EXECUTOR"):
+            # a submitit job: exiting would leave submitit no result, and the launcher would wait on SLURM's
+            # accounting for the job's state (forever where accounting is off); Hydra records this instead
+            print(line, file=sys.stderr, flush=True)
+            raise SweepJobFailed(line) from None
         exit_with(exc, str(exc))
     except KeyboardInterrupt:
         exit_interrupted()
@@ -66,6 +72,27 @@ def _log_to_files(line: str) -> None:
             handler.handle(record)
 
 
+def _exit_slurm_sweep_failed(exc: Exception) -> None:
+    """A job of a submitit sweep failed: it stopped with a user error (Hydra raises the first one
+    once every job has ended), or ended without a result (the launcher raises at the first one it
+    waits for, with submitit's traceback, while the others go on). Each failed job's own error
+    line from the sweep directory, then one line, exit code 2."""
+    from pipeline.errors import SweepJobFailed
+    from pipeline.eval.sweep import gather
+    from pipeline.hydra_callbacks import LAUNCHED_SWEEP
+
+    failed = [p for p in gather(LAUNCHED_SWEEP) if p.status == "failed"] if LAUNCHED_SWEEP else []
+    for p in failed:
+        print(f"  sweep {p.name}: {p.note}", file=sys.stderr)
+    what = (f"{len(failed)} job(s) failed ({', '.join(p.name for p in failed)}; above)" if failed
+            else f"a job failed ({str(exc).strip().splitlines()[0][:160]})")
+    others = ("every job has ended" if isinstance(exc, SweepJobFailed)
+              else "jobs still queued or running go on (squeue); once they end")
+    print(f"error (SweepError, rank 0): SLURM sweep into {LAUNCHED_SWEEP}: {what}; {others}: python "
+          f"launchers/report.py {LAUNCHED_SWEEP}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def launch(main) -> None:
     """Run a ``@hydra.main`` entry point. A config that does not compose (an unknown group option or
     key, a value of the wrong type, a malformed override) is bad input like any other: one line
@@ -88,6 +115,12 @@ def launch(main) -> None:
         if user_full_error or _TASK_STARTED:  # raised by the job itself: a bug, keep the traceback
             raise
         exit_with(exc, compose_error_line(exc))
+    except Exception as exc:
+        from pipeline.errors import SweepJobFailed
+
+        if user_full_error or not (isinstance(exc, SweepJobFailed) or type(exc).__module__.startswith("submitit")):
+            raise
+        _exit_slurm_sweep_failed(exc)
     finally:
         if not user_full_error:  # not passed on as if the user had asked for it
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -21,6 +21,12 @@ USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError, NonFinit
                PreflightError, PromptFormatError, AttentionBackendError)
 
 
+class SweepJobFailed(RuntimeError):
+    """A job of a submitit (SLURM) sweep stopped with a user error; the message is its error line.
+    Raised in the job instead of exiting, so that Hydra records it as the job's outcome and the
+    launcher learns of it (an exit leaves submitit no result to read)."""
+
+
 def error_line(exc: BaseException, message: str) -> str:
     """The one-line form of a user error: ``error (<Type>, rank <r>): <message>``."""
     return f"error ({type(exc).__name__}, rank {os.environ.get('RANK', '0')}): {message}"

@@ -112,18 +112,9 @@ def test_sbatch_two_ranks(tiny):
 
 def test_submitit_sweep(tiny):
     """A 2-point Hydra sweep through the submitit SLURM launcher (one job per point), then the report."""
-    root, model_dir, data_dir = tiny
-    args = [a for a in train_overrides(model_dir, data_dir, root / "runs", "x", steps=2)
-            if not a.startswith(("run_name=", "trainer.max_steps="))]
     t0 = time.time()
-    out = subprocess.run(
-        [sys.executable, "launchers/train.py", "-m", *args, "exp_name=slurm_sweep", "method=asu_kl",
-         "method.tau=1.5,3.0", "trainer.max_steps=2", "hydra.sweep.subdir=tau_${method.tau}",
-         "hydra/launcher=slurm", f"hydra.launcher.partition={PARTITION}", "hydra.launcher.gpus_per_node=0",
-         "hydra.launcher.tasks_per_node=1", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=20"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=200)
+    out, sweep_dir = _slurm_sweep(tiny, "slurm_sweep")
     assert out.returncode == 0, out.stderr[-4000:]
-    sweep_dir = root / "runs" / "sweeps" / "slurm_sweep"
     found = sorted(p.parent.name for p in sweep_dir.glob("*/results.json"))
     assert found == ["tau_1.5", "tau_3.0"], list(sweep_dir.iterdir())
     taus = sorted(json.loads((sweep_dir / d / "results.json").read_text())["tau"] for d in found)
@@ -132,6 +123,49 @@ def test_submitit_sweep(tiny):
                          capture_output=True, text=True, timeout=60)
     assert rep.returncode == 0 and (sweep_dir / "pareto.png").exists(), rep.stderr
     print(f"\nsubmitit 2-point sweep: {time.time() - t0:.1f}s")
+
+
+def _slurm_sweep(tiny, exp: str, extra=(), env=None):
+    root, model_dir, data_dir = tiny
+    args = [a for a in train_overrides(model_dir, data_dir, root / "runs", "x", steps=2)
+            if not a.startswith(("run_name=", "trainer.max_steps="))]
+    out = subprocess.run(
+        [sys.executable, "launchers/train.py", "-m", *args, f"exp_name={exp}", "method=asu_kl", "method.tau=1.5,3.0",
+         "trainer.max_steps=2", "hydra.sweep.subdir=tau_${method.tau}", "hydra/launcher=slurm",
+         f"hydra.launcher.partition={PARTITION}", "hydra.launcher.gpus_per_node=0", "hydra.launcher.tasks_per_node=1",
+         "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=20", *extra],
+        cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True, text=True, timeout=240)
+    return out, root / "runs" / "sweeps" / exp
+
+
+def test_failed_sweep_jobs_end_the_launcher_with_their_error_lines(tiny):
+    """A job's user error inside a SLURM job, and a job that dies before its Hydra log (its Python
+    environment): the launcher ends with exit code 2, each failed job's own error line and no
+    traceback; it used to wait forever for the first (the job exited, leaving submitit no result,
+    and this cluster has no accounting) and print submitit's traceback for the second."""
+    out, sweep_dir = _slurm_sweep(tiny, "slurm_user_error", ["trainer.save_every=1"],
+                                  env={"ASU_INJECT": "enospc_in_save@1"})  # every job: a failed checkpoint write
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    for tau in ("1.5", "3.0"):
+        assert f"sweep tau_{tau}: train.log: error (CheckpointError, rank 0): could not write checkpoint" in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error (SweepError, rank 0): SLURM sweep into") and "2 job(s) failed" in last, last
+
+    setup = ('hydra.launcher.setup=["export PYTHONPATH=$SLURM_SUBMIT_DIR/launchers:$SLURM_SUBMIT_DIR:$PYTHONPATH",'
+             '"unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT ASU_AUTO_RANK",'
+             '"if [ $SLURM_ARRAY_TASK_ID = 1 ]; then export PYTHONPATH=/nonexistent; fi"]')  # job 1 cannot start
+    out, sweep_dir = _slurm_sweep(tiny, "slurm_early_death", [setup])
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "sweep job 1 (method.tau=3.0): SLURM job " in out.stderr
+    assert "ModuleNotFoundError: No module named '_bootstrap'" in out.stderr
+    rep = subprocess.run([sys.executable, "launchers/report.py", str(sweep_dir)], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert rep.returncode == 0, rep.stderr
+    points = {p["overrides"]["method.tau"]: p for p in json.loads((sweep_dir / "report.json").read_text())["points"]}
+    assert points["1.5"]["status"] == "ok" and points["3.0"]["status"] == "failed"
+    assert "No module named '_bootstrap'" in points["3.0"]["note"]
 
 
 def _weights(run: Path) -> dict:
