@@ -397,6 +397,13 @@ def _validate_eval(e: DictConfig) -> None:
     _require(0.0 < e.mink_k <= 1.0, "eval.mink_k", f"must be in (0, 1] (a fraction of the tokens), got {e.mink_k}")
     _require(e.retrain_auc is None or 0.0 <= e.retrain_auc <= 1.0, "eval.retrain_auc",
              f"must be in [0, 1] (an AUC) or null, got {e.retrain_auc}")
+    if e.get("lm_eval"):
+        import importlib.util
+
+        _require(importlib.util.find_spec("lm_eval") is not None, "eval.lm_eval",
+                 "lm-evaluation-harness is not installed: `pip install --no-deps -r requirements/extras.lock` "
+                 "(`make install` does), or eval.lm_eval=false (WMDP/MMLU are scored without it)")
+        _require(len(e.lm_eval_tasks) > 0, "eval.lm_eval_tasks", "empty: name at least one task, or eval.lm_eval=false")
 
 
 def _validate_peft(cfg: DictConfig, n_layers: Optional[int]) -> None:

@@ -14,11 +14,12 @@ from pipeline.engine.checkpoint import CheckpointError
 from pipeline.engine.export import ExportError
 from pipeline.engine.preflight import PreflightError
 from pipeline.engine.trainer import EXIT_INTERRUPTED, NonFiniteLossError
+from pipeline.eval.lm_eval_bridge import LmEvalError
 from pipeline.models.attention import AttentionBackendError
 from pipeline.models.loading import ModelLoadError
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError, NonFiniteLossError, ExportError,
-               PreflightError, PromptFormatError, AttentionBackendError)
+               PreflightError, PromptFormatError, AttentionBackendError, LmEvalError)
 
 
 class SweepJobFailed(RuntimeError):

@@ -173,7 +173,7 @@ def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
     import torch
 
     from pipeline.engine.distributed import init_distributed
-    from pipeline.eval.runner import check_eval_device
+    from pipeline.eval.runner import check_eval_device, check_lm_eval
     from pipeline.io import atomic_write_text
     from pipeline.methods import build_method
 
@@ -181,6 +181,7 @@ def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
     library_bars(bool(cfg.logging.progress_bar))
     dist = init_distributed(cfg.deepspeed.timeout_minutes)
     check_eval_device(cfg)  # eval.device=cuda without a GPU: stop now, not after training
+    check_lm_eval(cfg)  # an lm-eval task it does not know: likewise
     set_threads(int(cfg.trainer.num_threads))
     torch.manual_seed(int(cfg.seed))
     if dist.is_main:

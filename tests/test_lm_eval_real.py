@@ -89,22 +89,69 @@ def test_lm_eval_evaluator_equals_our_mcq_scorer(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     assert add_lm_eval(cfg, model_dir, run_dir) == {"wmdp_local": out["summary"]["wmdp_local"],
                                                       "wmdp_local_stderr": out["summary"]["wmdp_local_stderr"]}
-    saved = json.loads((run_dir / "results.json").read_text())["metrics"]
+    results = json.loads((run_dir / "results.json").read_text())
+    saved = results["metrics"]
     assert saved["forget_fact_recall"] == 0.5 and saved["lm_eval"]["wmdp_local"] == out["summary"]["wmdp_local"]
+    # what ran is recorded (BOS, shots, chat template, dtype, version), and lm-eval's full results kept
+    import lm_eval
+
+    ran = results["lm_eval"]
+    assert (ran["add_bos"], ran["num_fewshot"], ran["chat_template"], ran["dtype"], ran["tasks"]) == (
+        False, 0, False, "float32", ["wmdp_local"])
+    assert ran["version"] == lm_eval.__version__ and ran["file"] == "lm_eval.json"
+    full = json.loads((run_dir / "lm_eval.json").read_text())
+    assert full["results"]["wmdp_local"]["acc,none"] == out["summary"]["wmdp_local"]
 
 
+def test_summary_keeps_acc_norm_and_names_tasks_without_acc(caplog):
+    from pipeline.eval.lm_eval_bridge import summarize
+
+    raw = {"results": {"arc": {"alias": "arc", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.6},
+                       "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25}}}
+    with caplog.at_level("WARNING"):
+        assert summarize(raw, ["arc", "gsm8k"]) == {"arc": 0.5, "arc_stderr": 0.1, "arc_acc_norm": 0.6}
+    assert "lm-eval task gsm8k reports no acc (its metrics: exact_match)" in caplog.text
+
+
+def test_an_unknown_task_stops_the_job_before_its_model_loads(tmp_path):
+    """eval.lm_eval_tasks is checked against lm-eval's task index at the job's start: one line, exit
+    code 2. Before, a traceback (KeyError) and exit 1 — after training, in a training job."""
+    pytest.importorskip("lm_eval", reason="the lm-eval extra (requirements/extras.lock) is not installed")
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    model_dir = _tiny_model_dir(tmp_path, [json.loads(line) for line in ROWS_FILE.read_text().splitlines()])
+    out = subprocess.run(
+        [sys.executable, "launchers/eval.py", "data=wmdp_cyber", "data.path=tests/fixtures/wmdp",
+         "data.eval_splits=[wmdp-cyber]", "model.source=pretrained", f"model.path={model_dir}",
+         f"output_dir={tmp_path}", "run_name=bad", "eval.lm_eval=true", "eval.lm_eval_tasks=[wmdp_locl]",
+         "eval.lm_eval_include_defaults=false", f"eval.lm_eval_include_path={TASK_DIR}"],
+        cwd=root, env=dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(root)),
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == (f"error (LmEvalError, rank 0): eval.lm_eval_tasks: lm-eval knows no task or group ['wmdp_locl'] "
+                    f"(searched {TASK_DIR}); wmdp_locl: did you mean wmdp_local?"), last
+    assert "Traceback" not in out.stderr and not (tmp_path / "bad" / "results.json").exists()
+
+
+@pytest.mark.parametrize("bos_tokenizer", [True, False])
 @pytest.mark.parametrize("add_bos", [False, True])
-def test_with_a_tokenizer_that_adds_bos_lm_eval_still_scores_as_our_scorer(tmp_path, add_bos):
+def test_with_a_tokenizer_that_adds_bos_or_not_lm_eval_still_scores_as_our_scorer(tmp_path, add_bos, bos_tokenizer):
     """lm-eval >= 0.4.10 adds the tokenizer's BOS unless told (Zephyr's, Llama's add <s>); the bridge
     tells it eval.mcq_add_bos, so lm-eval and our scorer score the same ids either way. Before, with
-    such a tokenizer lm-eval's log-likelihoods differed from ours by up to ~3 nats per choice."""
+    such a tokenizer lm-eval's log-likelihoods differed from ours by up to ~3 nats per choice; and
+    with eval.mcq_add_bos=true and a tokenizer that adds no BOS of its own (GPT-2 style: SmolLM2,
+    Qwen), lm-eval added none while our scorer did (up to 6.9 nats per choice apart)."""
     pytest.importorskip("lm_eval", reason="the lm-eval extra (requirements/extras.lock) is not installed")
     from pipeline.models.loading import load_causal_lm, load_tokenizer
 
     rows = [json.loads(line) for line in ROWS_FILE.read_text().splitlines()]
-    model_dir = _tiny_model_dir(tmp_path, rows, bos_tokenizer=True)
+    model_dir = _tiny_model_dir(tmp_path, rows, bos_tokenizer=bos_tokenizer)
     tok = load_tokenizer(model_dir)
-    assert tok("A")["input_ids"][0] == tok.bos_token_id  # the tokenizer does add it
+    assert (tok("A")["input_ids"][0] == tok.bos_token_id) == bos_tokenizer  # the tokenizer adds it, or not
     out = run_lm_eval(model_dir, ["wmdp_local"], include_path=TASK_DIR, include_defaults=False, batch_size=4,
                       log_samples=True, add_bos=add_bos)
     ours = evaluate_mcq(load_causal_lm(model_dir).eval(), tok, rows, MCQSettings(batch_size=4, add_bos=add_bos),

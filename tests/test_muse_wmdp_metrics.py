@@ -320,3 +320,29 @@ def test_mcq_prompts_longer_than_max_length_are_counted_in_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline.eval.mcq"):
         evaluate_mcq(model, tok, ROWS, MCQSettings(batch_size=3, max_length=8), name="wmdp-bio")
     assert "12 of 12 (prompt, choice) pairs are longer than eval.max_length=8 tokens" in caplog.text
+
+
+def test_a_wmdp_evaluation_records_its_length_bos_and_rows(tmp_path):
+    """What changes multiple-choice numbers is recorded in results.json's evaluation block (before:
+    only the device and dtype)."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoTokenizer
+
+    from pipeline.config import register_configs
+    from pipeline.data.loaders import load_unlearning_data
+    from pipeline.eval import runner
+    from tests.helpers.tiny import build
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model_dir = build(tmp_path)[0]
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.join(root, "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["data=wmdp_cyber", f"data.path={root}/tests/fixtures/wmdp",
+                                           "data.eval_splits=[wmdp-cyber]", "eval.max_length=64"])
+    data = load_unlearning_data(cfg.data, 0)
+    metrics, _ = runner.evaluate_job(cfg, model_dir, AutoTokenizer.from_pretrained(model_dir), data, None)
+    record = metrics[runner.EVALUATION_KEY]
+    assert (record["max_length"], record["mcq_add_bos"]) == (64, False)
+    assert record["rows"] == {"wmdp-cyber": len(data.eval["wmdp-cyber"])} and "wmdp-cyber_accuracy" in metrics

@@ -14,6 +14,7 @@ lm-eval's own (e.g. an offline copy of WMDP) come from ``include_path`` through 
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
 from collections.abc import Sequence
@@ -25,7 +26,12 @@ log = logging.getLogger(__name__)
 DEFAULT_TASKS = ("wmdp_bio", "wmdp_cyber", "mmlu")
 
 
-class LmEvalNotInstalled(ImportError):
+class LmEvalError(Exception):
+    """lm-eval cannot run as configured: a task it does not know, a task's dataset that cannot be
+    read (offline), lm-eval not installed. A user error: one line, exit code 2."""
+
+
+class LmEvalNotInstalled(LmEvalError, ImportError):
     """lm-evaluation-harness is an optional extra and is not installed."""
 
 
@@ -47,18 +53,65 @@ def _import_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
+_MANAGERS: dict[tuple, Any] = {}
+
+
+def _paths(include_path: Optional[str | Path | Sequence[str | Path]]) -> tuple[str, ...]:
+    if not include_path:
+        return ()
+    return (str(include_path),) if isinstance(include_path, (str, Path)) else tuple(str(p) for p in include_path)
+
+
+def task_manager(include_path: Optional[str | Path | Sequence[str | Path]] = None, include_defaults: bool = True):
+    """lm-eval's ``TaskManager`` over its own tasks (``include_defaults``) and ``include_path``'s;
+    built once per process (indexing lm-eval's tasks takes ~30 s), shared by the check at the
+    job's start and the evaluation at its end."""
+    key = (_paths(include_path), bool(include_defaults))
+    if key not in _MANAGERS:
+        _, _, TaskManager = _import_lm_eval()
+        _MANAGERS[key] = TaskManager(include_path=list(key[0]) or None, include_defaults=key[1])
+    return _MANAGERS[key]
+
+
+def check_tasks(tasks: Sequence[str], include_path: Optional[str | Path | Sequence[str | Path]] = None,
+                include_defaults: bool = True) -> None:
+    """Every task or group in ``tasks`` is one lm-eval knows; raises :class:`LmEvalError` naming the
+    unknown ones (with close matches). Run at a job's start, not after its training."""
+    for p in _paths(include_path):
+        if not Path(p).is_dir():
+            raise LmEvalError(f"eval.lm_eval_include_path={p}: no such directory")
+    known = set(task_manager(include_path, include_defaults).all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        close = {t: difflib.get_close_matches(t, known, n=3) for t in unknown}
+        hints = "; ".join(f"{t}: did you mean {', '.join(c)}?" for t, c in close.items() if c)
+        where = (["lm-eval's own tasks"] if include_defaults else []) + list(_paths(include_path))
+        raise LmEvalError(f"eval.lm_eval_tasks: lm-eval knows no task or group {unknown} (searched "
+                          f"{' and '.join(where) or 'nothing'})" + (f"; {hints}" if hints else ""))
+
+
 def summarize(results: dict, tasks: Sequence[str]) -> dict[str, float]:
     """``{task: acc}`` from ``simple_evaluate``'s output (groups such as ``mmlu`` read from
-    ``groups`` when present, else ``results``); also ``{task}_stderr`` when reported."""
+    ``groups`` when present, else ``results``); also ``{task}_acc_norm`` and ``{task}_stderr`` when
+    reported. A task without ``acc`` (generation tasks: exact match, perplexity) is logged, not
+    summarised: its numbers are in the run's ``lm_eval.json``."""
     out: dict[str, float] = {}
     for t in tasks:
         block = (results.get("groups") or {}).get(t) or (results.get("results") or {}).get(t) or {}
         for key, value in block.items():
             base = key.split(",", 1)[0]
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
             if base == "acc":
                 out[t] = float(value)
-            elif base == "acc_stderr" and isinstance(value, (int, float)):
+            elif base == "acc_norm":
+                out[f"{t}_acc_norm"] = float(value)
+            elif base == "acc_stderr":
                 out[f"{t}_stderr"] = float(value)
+        if t not in out:
+            metrics = sorted({k.split(",", 1)[0] for k in block} - {"alias", "name", "sample_len"})
+            log.warning("lm-eval task %s reports no acc (its metrics: %s): not in metrics.lm_eval; its numbers are "
+                        "in lm_eval.json", t, ", ".join(metrics) or "none")
     return out
 
 
@@ -94,38 +147,48 @@ def run_lm_eval(
 
     ``include_path``: folder(s) of extra task YAMLs; ``include_defaults=False`` skips indexing
     lm-eval's built-in tasks (faster when only local tasks are run). Returns ``{"summary": {task:
-    acc}, "raw": <results, groups, versions>}`` plus ``"samples"`` (per-choice log-likelihoods,
+    acc}, "raw": <results, groups, versions>, "settings": <what ran>}`` plus ``"samples"`` (per-choice log-likelihoods,
     see :func:`per_choice_logliks`) when ``log_samples``. ``add_bos``: contexts start with the
     tokenizer's BOS (``eval.mcq_add_bos``; off, as our MCQ scorer, whatever the tokenizer adds).
     """
     if not Path(model_dir).exists():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    lm_eval, HFLM, TaskManager = _import_lm_eval()
+    lm_eval, HFLM, _ = _import_lm_eval()
+    check_tasks(tasks, include_path, include_defaults)
     from pipeline.models.loading import load_causal_lm, load_tokenizer
 
     # lm-eval's HFLM keeps an instance where it is: place it here (``device``, e.g. "cuda:0"; None = CPU)
     model = load_causal_lm(model_dir, dtype, trust_remote_code, allow_pickle, device=device).eval()
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
     # add_bos_token explicitly: lm-eval >= 0.4.10 follows the tokenizer (Zephyr's and Llama's add <s>),
-    # where earlier versions, the WMDP paper's numbers, open-unlearning and our own MCQ scorer add none
+    # where earlier versions, the WMDP paper's numbers, open-unlearning and our own MCQ scorer add none.
+    # With an instance, HFLM's add_bos_token only asks the tokenizer for its special tokens: one that
+    # adds no BOS of its own (GPT-2 style: SmolLM2, Qwen) must be loaded to add it
+    tokenizer = load_tokenizer(model_dir, trust_remote_code, **({"add_bos_token": True} if add_bos else {}))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bool(add_bos))
-    if isinstance(include_path, (str, Path)):
-        include_path = [include_path]
-    manager = TaskManager(include_path=[str(p) for p in include_path] if include_path else None,
-                          include_defaults=include_defaults)
-    log.info("lm-eval %s: tasks %s on %s (batch %d, %s on %s)", getattr(lm_eval, "__version__", "?"), list(tasks),
-             model_dir, batch_size, dtype, device or "cpu")
-    res = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=log_samples,
-        **simple_evaluate_kwargs,
-    )
+    log.info("lm-eval %s: tasks %s on %s (batch %d, %s on %s, %d-shot, BOS %s, no chat template)",
+             getattr(lm_eval, "__version__", "?"), list(tasks), model_dir, batch_size, dtype, device or "cpu",
+             num_fewshot or 0, "added" if add_bos else "not added")
+    try:
+        res = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=task_manager(include_path, include_defaults),
+            log_samples=log_samples,
+            **simple_evaluate_kwargs,
+        )
+    except OSError as e:  # a task's dataset that cannot be read: not on disk, or on the hub while offline
+        first = (str(e).strip().splitlines() or [""])[0][:240]
+        raise LmEvalError(f"lm-eval tasks {list(tasks)}: a dataset could not be read ({type(e).__name__}: {first}); "
+                          f"offline runs need the datasets in the HF cache or local task YAMLs "
+                          f"(eval.lm_eval_include_path)") from e
     res = dict(res or {})
-    out = {"summary": summarize(res, tasks), "raw": {k: res.get(k) for k in ("results", "groups", "versions")}}
+    out = {"summary": summarize(res, tasks), "raw": {k: res.get(k) for k in ("results", "groups", "versions")},
+           "settings": {"version": getattr(lm_eval, "__version__", None), "tasks": list(tasks),
+                        "num_fewshot": num_fewshot, "add_bos": bool(add_bos), "chat_template": False,
+                        "dtype": dtype, "batch_size": batch_size, "limit": limit,
+                        "include_path": list(_paths(include_path)), "include_defaults": bool(include_defaults)}}
     if log_samples:
         out["samples"] = per_choice_logliks(res.get("samples") or {})
     return out

@@ -390,6 +390,9 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
         metrics[EVALUATION_KEY] = _placement(cfg, model, parts)
         if family == "muse":
             metrics[EVALUATION_KEY].update(rouge_stemmer=stem, max_length=int(cfg.eval.max_length))
+        else:  # what changes multiple-choice numbers: truncation length and BOS (lm-eval's 0-shot prompt)
+            metrics[EVALUATION_KEY].update(max_length=int(cfg.eval.max_length), mcq_add_bos=bool(cfg.eval.mcq_add_bos),
+                                           rows={name: len(rows) for name, rows in data.eval.items()})
         # lm-eval (eval.lm_eval) is not run here but by add_lm_eval, after the job's last collective.
         return metrics, details
 
@@ -469,9 +472,33 @@ def check_retain_reference(cfg: DictConfig, data: Any) -> None:
     load_reference_file(cfg.eval.retain_reference, data.forget_split, tofu_eval_splits(cfg, data)[data.forget_split])
 
 
+LM_EVAL_FILE = "lm_eval.json"  # lm-eval's results, groups and versions, beside results.json
+
+
+def check_lm_eval(cfg: DictConfig) -> None:
+    """With ``eval.lm_eval``: lm-eval knows every task of ``eval.lm_eval_tasks`` (rank 0 checks, every
+    rank stops alike), at the job's start rather than after its training. Its task index is kept
+    for the evaluation at the end."""
+    if not (cfg.eval.enabled and cfg.eval.get("lm_eval")):
+        return
+    from pipeline.eval.lm_eval_bridge import LmEvalError, check_tasks
+
+    problem = None
+    if is_main_process():
+        try:
+            check_tasks(list(cfg.eval.lm_eval_tasks), cfg.eval.get("lm_eval_include_path") or None,
+                        bool(cfg.eval.get("lm_eval_include_defaults", True)))
+        except LmEvalError as e:
+            problem = str(e)
+    problem = broadcast_object(problem)
+    if problem:
+        raise LmEvalError(problem)
+
+
 def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path) -> Optional[dict]:
     """With ``eval.lm_eval``: run lm-evaluation-harness on ``model_dir`` on rank 0 and add its
-    summary to ``run_dir/results.json`` (``metrics.lm_eval``) and ``report.md``; returns it.
+    summary to ``run_dir/results.json`` (``metrics.lm_eval``; what ran under ``lm_eval``) and
+    ``report.md``, and lm-eval's full results to ``run_dir/lm_eval.json``; returns the summary.
 
     Called *after* the job's last collective: the other ranks have returned by then, so no rank
     waits at a barrier (with its process-group timeout) for however long lm-eval takes. lm-eval gets
@@ -485,18 +512,19 @@ def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path) -> 
     from pipeline.io import atomic_write_json, atomic_write_text
 
     include = cfg.eval.get("lm_eval_include_path")
-    summary = run_lm_eval(str(model_dir), tasks=list(cfg.eval.lm_eval_tasks), include_path=include or None,
-                          include_defaults=bool(cfg.eval.get("lm_eval_include_defaults", True)),
-                          batch_size=int(cfg.eval.batch_size), dtype=eval_dtype(cfg),
-                          device=eval_device(cfg, model_dir),
-                          trust_remote_code=bool(cfg.model.trust_remote_code),
-                          allow_pickle=bool(cfg.model.allow_pickle),
-                          add_bos=bool(OmegaConf.select(cfg, "eval.mcq_add_bos", default=False)))["summary"]
+    out = run_lm_eval(str(model_dir), tasks=list(cfg.eval.lm_eval_tasks), include_path=include or None,
+                      include_defaults=bool(cfg.eval.get("lm_eval_include_defaults", True)),
+                      batch_size=int(cfg.eval.batch_size), dtype=eval_dtype(cfg), device=eval_device(cfg, model_dir),
+                      trust_remote_code=bool(cfg.model.trust_remote_code), allow_pickle=bool(cfg.model.allow_pickle),
+                      add_bos=bool(OmegaConf.select(cfg, "eval.mcq_add_bos", default=False)))
+    summary = out["summary"]
     log.info("lm-eval: %s", summary)
+    atomic_write_json(Path(run_dir) / LM_EVAL_FILE, out["raw"])  # every metric of every task, as lm-eval gave it
     path = Path(run_dir) / RESULTS_FILE
     if path.exists():
         results = json.loads(path.read_text())
         results.setdefault("metrics", {})["lm_eval"] = summary
+        results["lm_eval"] = {**out["settings"], "file": LM_EVAL_FILE}  # what ran: version, BOS, shots, dtype
         atomic_write_json(path, results)
         if (Path(run_dir) / "report.md").exists():
             atomic_write_text(Path(run_dir) / "report.md", render_report_md(results))
@@ -523,6 +551,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     library_bars(_progress_bar(cfg))
     dist = init_distributed(cfg.deepspeed.timeout_minutes)
     check_eval_device(cfg)
+    check_lm_eval(cfg)
     if dist.is_main:  # a failing re-run must not leave an earlier run's results.json as its own
         set_aside_results(run_dir)
     set_threads(int(cfg.trainer.num_threads))

@@ -146,12 +146,13 @@ def check_remote_code(path: str | Path, trust_remote_code: bool) -> None:
 _PAD_FROM_EOS = "_asu_pad_from_eos"
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, **kwargs: Any):
     """The tokenizer at ``path``; one without a pad token pads with EOS (batching needs one; padded
-    positions are masked out of every loss and score)."""
+    positions are masked out of every loss and score). ``kwargs`` go to ``from_pretrained`` (e.g.
+    ``add_bos_token=True``)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
         setattr(tok, _PAD_FROM_EOS, True)
