@@ -284,25 +284,12 @@ def test_a_muse_evaluation_shorter_than_mia_2048_tokens_warns_and_is_recorded(tm
     """`data=muse_news` without the MUSE experiment keeps eval.max_length=192: Min-K% then scores
     192 tokens per text, not open-unlearning's 2048. The run says so and records the length."""
     import logging
-    import os
 
-    from hydra import compose, initialize_config_dir
-    from transformers import AutoTokenizer
-
-    from pipeline.config import register_configs
-    from pipeline.data.loaders import load_unlearning_data
     from pipeline.eval import runner
-    from tests.helpers.tiny import build
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    model_dir = build(tmp_path)[0]
-    register_configs()
-    with initialize_config_dir(config_dir=os.path.join(root, "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["data=muse_news", f"data.path={root}/tests/fixtures/muse_news",
-                                           "eval.verbmem_max_new_tokens=2", "eval.knowmem_max_new_tokens=2"])
-    data = load_unlearning_data(cfg.data, 0)
     with caplog.at_level(logging.WARNING, logger="pipeline.eval.runner"):
-        metrics, _ = runner.evaluate_job(cfg, model_dir, AutoTokenizer.from_pretrained(model_dir), data, None)
+        metrics = _evaluate_tiny(tmp_path, ["data=muse_news", "data.path={root}/tests/fixtures/muse_news",
+                                            "eval.verbmem_max_new_tokens=2", "eval.knowmem_max_new_tokens=2"])
     assert metrics[runner.EVALUATION_KEY]["max_length"] == 192 and "privleak_auc" in metrics
     assert any("eval.max_length=192" in r.getMessage() and "2048" in r.getMessage() for r in caplog.records)
 
@@ -325,6 +312,18 @@ def test_mcq_prompts_longer_than_max_length_are_counted_in_a_warning(caplog):
 def test_a_wmdp_evaluation_records_its_length_bos_and_rows(tmp_path):
     """What changes multiple-choice numbers is recorded in results.json's evaluation block (before:
     only the device and dtype)."""
+    from pipeline.eval import runner
+
+    metrics = _evaluate_tiny(tmp_path, ["data=wmdp_cyber", "data.path={root}/tests/fixtures/wmdp",
+                                        "data.eval_splits=[wmdp-cyber]", "eval.max_length=64"])
+    record = metrics[runner.EVALUATION_KEY]
+    assert (record["max_length"], record["mcq_add_bos"]) == (64, False)
+    assert set(record["rows"]) == {"wmdp-cyber"} and record["rows"]["wmdp-cyber"] > 0 and "wmdp-cyber_accuracy" in metrics
+
+
+def _evaluate_tiny(tmp_path, overrides: list[str]) -> dict:
+    """runner.evaluate_job on a tiny random Llama with the composed config (``{root}`` in an override:
+    the repository)."""
     import os
 
     from hydra import compose, initialize_config_dir
@@ -339,10 +338,6 @@ def test_a_wmdp_evaluation_records_its_length_bos_and_rows(tmp_path):
     model_dir = build(tmp_path)[0]
     register_configs()
     with initialize_config_dir(config_dir=os.path.join(root, "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["data=wmdp_cyber", f"data.path={root}/tests/fixtures/wmdp",
-                                           "data.eval_splits=[wmdp-cyber]", "eval.max_length=64"])
+        cfg = compose("config", overrides=[o.format(root=root) for o in overrides])
     data = load_unlearning_data(cfg.data, 0)
-    metrics, _ = runner.evaluate_job(cfg, model_dir, AutoTokenizer.from_pretrained(model_dir), data, None)
-    record = metrics[runner.EVALUATION_KEY]
-    assert (record["max_length"], record["mcq_add_bos"]) == (64, False)
-    assert record["rows"] == {"wmdp-cyber": len(data.eval["wmdp-cyber"])} and "wmdp-cyber_accuracy" in metrics
+    return runner.evaluate_job(cfg, model_dir, AutoTokenizer.from_pretrained(model_dir), data, None)[0]
