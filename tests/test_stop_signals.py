@@ -52,6 +52,24 @@ def test_submitits_sigusr2_handler_runs_after_the_checkpoint_not_on_arrival():
         signal.signal(signal.SIGUSR2, previous)
 
 
+def test_a_preemptions_sigterm_before_submitits_sigusr2_still_hands_over_to_its_requeue():
+    """A SLURM preemption sends SIGTERM, then (under submitit) SIGUSR2. submitit's SIGTERM handler only
+    logs; its SIGUSR2 handler requeues. Both run after the checkpoint, in arrival order. Before, only
+    the first signal's ran: the job checkpointed, exited, and was never requeued."""
+    calls = []
+    before = {s: signal.signal(s, lambda signum, frame: calls.append(signum)) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        with StopSignals() as stop:
+            _send(signal.SIGTERM)
+            _send(signal.SIGUSR2)
+            _send(signal.SIGTERM)  # repeated: handed over once
+            assert stop.signum == signal.SIGTERM and calls == []
+            assert stop.hand_over() and calls == [signal.SIGTERM, signal.SIGUSR2]
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
 def test_the_first_ctrl_c_asks_to_stop_and_the_second_stops_at_once(caplog):
     with StopSignals() as stop:
         _send(signal.SIGINT)

@@ -80,6 +80,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None  # the first stop signal received
+        self.received: list[int] = []  # every scheduler signal received, in arrival order, once each
         self._ctrl_c = False
         self._previous: dict[int, Any] = {}
 
@@ -94,16 +95,23 @@ class StopSignals:
         return self.signum == signal.SIGINT
 
     def hand_over(self) -> bool:
-        """After the stop checkpoint: run the Python handler that the first (non-Ctrl-C) stop signal had
-        before training, e.g. submitit's SIGUSR2 handler, which requeues the job (rank 0) and exits.
-        Without it that handler ran on arrival and requeued before any checkpoint. True when one ran."""
-        previous = self._previous.get(self.signum) if self.signum not in (None, signal.SIGINT) else None
-        if not callable(previous):  # SIG_DFL / SIG_IGN / None: nothing of anyone's to run
+        """After the stop checkpoint: run the Python handlers that the (non-Ctrl-C) stop signals received
+        had before training, in arrival order — e.g. submitit's SIGUSR2 handler, which requeues the job
+        (rank 0) and exits. Without this that handler ran on arrival and requeued before any checkpoint.
+        Every signal's, not only the first's: a SLURM preemption sends SIGTERM (submitit's handler for it
+        only logs) before submitit's SIGUSR2, whose handler must still run. True when one ran."""
+        ran = False
+        if self.interrupted:  # a Ctrl-C first: the user's stop, not a scheduler's
             return False
-        log.info("passing signal %d on to the handler installed before training (%s)", self.signum,
-                 getattr(previous, "__qualname__", previous))
-        previous(self.signum, None)
-        return True
+        for signum in self.received:
+            previous = self._previous.get(signum)
+            if not callable(previous):  # SIG_DFL / SIG_IGN / None: nothing of anyone's to run
+                continue
+            log.info("passing signal %d on to the handler installed before training (%s)", signum,
+                     getattr(previous, "__qualname__", previous))
+            previous(signum, None)
+            ran = True
+        return ran
 
     def __enter__(self) -> StopSignals:
         for sig in self.SIGNALS:
@@ -129,6 +137,8 @@ class StopSignals:
             log.warning("received signal %d: will checkpoint at the next step boundary and exit", signum)
         if self.signum is None:
             self.signum = signum
+        if signum != signal.SIGINT and signum not in self.received:
+            self.received.append(signum)
 
 
 class UnlearningTrainer:
