@@ -61,7 +61,7 @@ def tiny(tmp_path_factory):
 def _sbatch(args, root: Path, name: str, ntasks: int = 2) -> str:
     cmd = ["sbatch", "--parsable", f"--partition={PARTITION}", f"--job-name={name}", "--nodes=1",
            f"--ntasks-per-node={ntasks}", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
-           "--open-mode=append", f"--output={root}/{name}-%j.out", "launchers/slurm/train.sbatch", *args]
+           f"--output={root}/{name}-%j.out", "launchers/slurm/train.sbatch", *args]  # the script appends
     out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
