@@ -47,6 +47,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
+        # mkstemp's 0600 would hide results.json or an exported model.safetensors from the rest of a
+        # shared cluster's team: the mode an ordinary open() gives under the umask
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -123,6 +126,19 @@ def _umask() -> int:
     return mask
 
 
+def _readable(root: Path) -> None:
+    """Add the read (and, for directories, search) bits the umask allows to everything under ``root``:
+    writers that go through a temporary file (transformers' ``model.safetensors``) leave 0600."""
+    mask = _umask()
+    for d, dirs, files in os.walk(root):
+        for name in dirs:
+            p = os.path.join(d, name)
+            os.chmod(p, os.stat(p).st_mode & 0o7777 | (0o555 & ~mask))
+        for name in files:
+            p = os.path.join(d, name)
+            os.chmod(p, os.stat(p).st_mode & 0o7777 | (0o444 & ~mask))
+
+
 @contextmanager
 def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
     """Build a directory under a temporary name and move it to ``final_path`` on success.
@@ -138,6 +154,7 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared cluster's exported model from the team
     try:
         yield tmp
+        _readable(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -139,6 +139,9 @@ def test_a_failing_export_check_keeps_the_previous_export_and_the_tokenizer_is_s
     good = (out / "model.safetensors").read_bytes()
     assert AutoTokenizer.from_pretrained(out).pad_token is None and tok.pad_token == tok.eos_token
     assert (out.stat().st_mode & 0o777) == 0o777 & ~_umask()
+    # and its files: atomic writes went through mkstemp's 0600 (results.json, model.safetensors)
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {
+        f.name: 0o666 & ~_umask() for f in out.iterdir()}
     with torch.no_grad():
         model.model.norm.weight.mul_(2.0)  # trained on: the next export writes other weights ...
     probe = export._probe_logits
