@@ -287,6 +287,44 @@ def _choice(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
     _require(val in allowed, key, f"got {val!r}; allowed values: {', '.join(allowed)}")
 
 
+def _refuse_non_finite(cfg: DictConfig) -> None:
+    """No setting is nan or inf: range checks (``x > 0``) let inf through and nan fails every one
+    of them silently, and an infinite tau or timeout only fails (or does nothing) once loaded."""
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise ConfigError(f"config error at '{path}': must be a finite number, got {node}")
+
+    for key in cfg.keys():
+        if key != "hydra":  # Hydra's own settings are not ours to check (and may not resolve here)
+            walk(OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key],
+                 str(key))
+
+
+def _validate_output_dir(cfg: DictConfig) -> None:
+    """``output_dir`` names a directory that can hold the run: not empty (the run would land at the
+    filesystem root), and neither it nor the run directory an existing file."""
+    import os
+    from pathlib import Path
+
+    out = cfg.get("output_dir")
+    _require(out is not None and str(out).strip() != "", "output_dir",
+             "empty: name the directory that holds the runs (default: runs)")
+    root = Path(str(out))
+    for path in (root, root / str(cfg.get("run_name", ""))):
+        _require(not path.exists() or path.is_dir(), "output_dir", f"{path} exists and is not a directory")
+    parent = root
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    _require(parent.is_dir() and os.access(parent, os.W_OK | os.X_OK), "output_dir",
+             f"{root} cannot be created: {parent} is not a writable directory")
+
+
 def _refuse_added_keys(node: DictConfig, path: str = "") -> None:
     """Refuse a key that ``node``'s schema does not declare. Hydra refuses an unknown key at
     compose time, but ``+key=value`` adds one to a typed node anyway and nothing reads it: a
@@ -315,11 +353,16 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     from pipeline.methods import METHODS
 
     _refuse_added_keys(cfg)
+    _refuse_non_finite(cfg)
+    _validate_output_dir(cfg)
     _require(cfg.method is not None and "name" in cfg.method, "method", "no method selected (method=<name>)")
     _require(cfg.method.name in METHODS, "method.name", f"unknown method {cfg.method.name!r}; known: {', '.join(METHODS.names())}")
     t = cfg.trainer
     _require(t.lr > 0 and math.isfinite(t.lr), "trainer.lr", f"must be > 0, got {t.lr}")
     _require(t.epochs > 0 or t.max_steps > 0, "trainer.epochs", "must be > 0 (or set trainer.max_steps > 0)")
+    _require(t.max_steps > 0 or t.max_steps == -1, "trainer.max_steps",
+             f"must be > 0, or -1 to train trainer.epochs epochs; got {t.max_steps}")
+    _require(t.max_grad_norm >= 0, "trainer.max_grad_norm", f"must be >= 0 (0: no clipping), got {t.max_grad_norm}")
     _require(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}")
     _require(t.retain_batch_size >= 1, "trainer.retain_batch_size", f"must be >= 1, got {t.retain_batch_size}")
     _require(t.grad_accum >= 1, "trainer.grad_accum", f"must be >= 1, got {t.grad_accum}")
@@ -369,6 +412,10 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
              f"got {cfg.eval.truth_ratio_reference!r}; allowed values: null (the dataset's), answer, paraphrased_answer")
     _choice(cfg, "data.truth_ratio_reference", ("answer", "paraphrased_answer"))
     d = cfg.data
+    # like model.path above: the embedded benchmark is built in cache_dir, and a path would be ignored
+    _require(d.name != "synthetic" or not d.get("path"), "data.path",
+             f"set to {d.get('path')!r}, but data.name=synthetic (the embedded benchmark) does not read it; "
+             "your own files: data.name=json (docs: tests/fixtures/own_qa/README.md)")
     _require(0.0 < d.forget_fraction <= 1.0, "data.forget_fraction", f"must be in (0, 1], got {d.forget_fraction}")
     _require(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}")
     _require(d.forget_split != d.retain_split, "data.retain_split", "forget and retain splits are the same split")

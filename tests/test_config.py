@@ -208,3 +208,17 @@ def test_the_open_unlearning_tofu_trainer_composes_with_every_baseline(method):
     t = cfg.trainer
     assert (t.epochs, t.warmup_ratio, t.lr_scheduler, t.lr, t.weight_decay, t.batch_size, t.keep_checkpoints) == \
         (10, 0.1, "linear", 1e-5, 0.01, 4, 1)
+
+
+def test_an_output_dir_that_cannot_hold_the_run_is_refused(tmp_path):
+    a_file = tmp_path / "runs"
+    a_file.write_text("")
+    with pytest.raises(ConfigError, match=r"config error at 'output_dir': .*runs exists and is not a directory"):
+        validate(_compose([f"output_dir={a_file}"]))
+    cfg = _compose([f"output_dir={tmp_path / 'out'}"])
+    run_dir = tmp_path / "out" / cfg.run_name
+    run_dir.parent.mkdir(parents=True)
+    run_dir.write_text("")  # the run directory is a file
+    with pytest.raises(ConfigError, match=rf"{run_dir} exists and is not a directory"):
+        validate(cfg)
+    validate(_compose([f"output_dir={tmp_path / 'new' / 'deeper'}"]))  # created later: fine

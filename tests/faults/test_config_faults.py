@@ -2,6 +2,7 @@
 and leave no output behind."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,14 @@ AFTER_LOADING = ("method.teacher_layers=[0,5]", "eval.device=cuda")
         ("model.path=someone/missing-7b", ["model.path=someone/missing-7b", "not in the hub cache",
                                            "HF_HUB_OFFLINE=1", "hf download someone/missing-7b"]),
         ("eval.retain_model=/nonexistent/retain", ["eval.retain_model=/nonexistent/retain: no such directory"]),
+        # non-finite values passed every range check: a traceback once loaded, or an infinite tau trained on
+        ("trainer.weight_decay=nan", ["trainer.weight_decay", "must be a finite number, got nan"]),
+        ("method.tau=inf", ["method.tau", "must be a finite number, got inf"]),
+        ("deepspeed.timeout_minutes=inf", ["deepspeed.timeout_minutes", "must be a finite number"]),
+        ("trainer.max_steps=0", ["trainer.max_steps", "or -1 to train trainer.epochs epochs"]),  # was: epochs, silently
+        ("trainer.max_grad_norm=-1", ["trainer.max_grad_norm", "must be >= 0"]),
+        ("data.name=synthetic", ["data.path", "data.name=synthetic", "does not read it"]),  # was: the embedded data
+        ("output_dir=", ["output_dir", "empty"]),  # was: the run written at the filesystem root
     ],
 )
 def test_bad_config_stops_with_key_and_range(tiny, override, expect):
@@ -51,6 +60,7 @@ def test_bad_config_stops_with_key_and_range(tiny, override, expect):
     assert override in AFTER_LOADING or not run.exists(), sorted(run.rglob("*"))
     assert not (run / "model").exists() and not (run / "results.json").exists()
     assert not (run / "checkpoints").exists()
+    assert not (Path("/") / name).exists()  # output_dir= empty
 
 
 @pytest.mark.parametrize("sweep,expect", [
