@@ -48,10 +48,16 @@ def _free_port() -> int:
 
 def setup_environment() -> None:
     """Offline/CPU-safe defaults and rank variables for whichever launcher started us."""
-    # Safe by default: no hub access at run time unless the user opts in.
+    # Safe by default: no hub access at run time unless the user opts in with ASU_ALLOW_NETWORK=1. An
+    # HF_HUB_OFFLINE=0 left in a shell profile is not that opt-in: it is overridden, and said so once.
     if os.environ.get("ASU_ALLOW_NETWORK", "0") != "1":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        lifted = [k for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                  if os.environ.get(k, "1").strip().lower() in ("0", "false", "no", "off", "")]
+        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            os.environ[k] = "1"
+        if lifted and os.environ.get("RANK", "0") == "0":
+            print(f"note: {' and '.join(f'{k}=0' for k in lifted)} from the environment ignored: runs stay offline "
+                  "(no hub access at run time); ASU_ALLOW_NETWORK=1 allows it", file=sys.stderr, flush=True)
     if not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -122,3 +122,15 @@ def test_a_local_sweep_runs_the_jobs_after_one_that_fails(tiny):
     logs = list(sweep.rglob("job_0/*.log"))
     assert logs and "error (DataError" in logs[0].read_text()
     assert "Traceback" not in out.stderr
+
+
+def test_hf_hub_offline_0_from_the_shell_does_not_turn_the_network_on(tiny):
+    """Only ASU_ALLOW_NETWORK=1 allows hub access at run time; an HF_HUB_OFFLINE=0 left in a shell
+    profile is overridden (and said so). Before, it turned the network on and skipped the early
+    hub-cache check: a traceback from transformers trying to connect, exit 1."""
+    root, model_dir, data_dir = tiny
+    out = launch.run(train_overrides(model_dir, data_dir, root / "runs", "offline0") + ["model.path=someone/missing-7b"],
+                     HF_HUB_OFFLINE="0")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "note: HF_HUB_OFFLINE=0 from the environment ignored: runs stay offline" in out.stderr
+    assert "not in the hub cache" in out.stderr and "Traceback" not in out.stderr
