@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.config import validate
 from pipeline.config_base import require
+from pipeline.engine.checkpoint import check_resume
 from pipeline.engine.ds_config import gather_per_layer, reference_config, resolve_precision, student_config
 from pipeline.finished import finished_results, job_key, record_finished
 from pipeline.inputs import (
@@ -128,6 +129,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     done = finished_results(cfg, run_dir, key)
     if done is not None:  # this very job finished here and its outputs are intact: nothing is loaded
         return done
+    check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))  # before loading
     need_reference = _needs_reference(cfg, method, inputs, dist.device == "cuda")
     engines, plan, total = _build_engines(cfg, dist, method, inputs, need_reference)
 

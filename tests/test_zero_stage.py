@@ -162,10 +162,11 @@ def runs(tmp_path_factory):
     assert both.returncode == 0, both.stderr[-3000:]
     # resume the stage-0 run from its step-3 checkpoint into a new run: must end where the first one did
     ck3 = root / "runs" / "auto" / "checkpoints" / "step_00000003"
-    resumed = launch.run(args("resumed", f"trainer.resume={ck3}"), ASU_INJECT=INJECT)
+    # another run's checkpoint: pickles this run did not write, loaded only when trusted
+    resumed = launch.run(args("resumed", f"trainer.resume={ck3}", "model.allow_pickle=true"), ASU_INJECT=INJECT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # the same checkpoint under ZeRO-3: refused before training, one line, exit 2
-    other = launch.run(args("other_stage", f"trainer.resume={ck3}", "deepspeed.zero_stage=3"))
+    other = launch.run(args("other_stage", f"trainer.resume={ck3}", "model.allow_pickle=true", "deepspeed.zero_stage=3"))
     return root, both, resumed, other
 
 

@@ -180,6 +180,24 @@ def resume_target(mode: str, root: str | Path) -> Optional[Path]:
     return path
 
 
+def check_resume(mode: str, root: str | Path, allow_pickle: bool) -> Optional[Path]:
+    """The checkpoint ``trainer.resume=<mode>`` resumes from (:func:`resume_target`), checked before
+    any model is loaded: a complete checkpoint, and one made elsewhere only with
+    ``model.allow_pickle=true`` — DeepSpeed reads its files with ``torch.load(weights_only=False)``,
+    which runs whatever code a pickle holds. This run's own checkpoints are its own writing."""
+    path = resume_target(mode, root)
+    if path is None:
+        return None
+    if not (path / META).exists():
+        raise CheckpointError(f"trainer.resume={mode}: {path} is not a complete checkpoint (no {META})")
+    if not allow_pickle and not path.resolve().is_relative_to(Path(root).resolve()):
+        raise CheckpointError(
+            f"trainer.resume={mode}: a checkpoint made outside this run; DeepSpeed loads its files as pickles "
+            f"(torch.load with weights_only=False), which runs any code they hold. If you trust where it came "
+            f"from, set model.allow_pickle=true")
+    return path
+
+
 def read_meta(ckpt: str | Path) -> dict:
     return json.loads((Path(ckpt) / META).read_text())
 
@@ -233,8 +251,17 @@ def load_rank_state(ckpt: str | Path) -> Optional[dict]:
 def load_checkpoint(engine: Any, ckpt: str | Path, strict: bool = True) -> dict:
     """Load model/optimizer/scheduler state; returns the client state (step, RNG, ...). ``strict=False``
     for a checkpoint saved with ``exclude_frozen`` (the frozen weights stay as loaded from the model)."""
+    import pickle
+
     ckpt = Path(ckpt)
-    path, state = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=strict)
+    try:
+        path, state = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=strict)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:  # a file cut short or damaged
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"checkpoint {ckpt} cannot be read ({type(e).__name__}: {first}): a write cut short or a damaged copy? "
+            f"Resume from an earlier one (trainer.resume={ckpt.parent}/step_...) or start over "
+            f"(trainer.resume=never)") from e
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt}")
     return state or {}

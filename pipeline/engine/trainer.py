@@ -211,12 +211,9 @@ class UnlearningTrainer:
 
     # -- resume -----------------------------------------------------------------------------------
     def maybe_resume(self) -> None:
-        mode = str(self.cfg.trainer.resume)
-        path = ckpt.resume_target(mode, self.ckpt_root)
+        path = ckpt.check_resume(str(self.cfg.trainer.resume), self.ckpt_root, bool(self.cfg.model.allow_pickle))
         if path is None:
             return
-        if not (path / ckpt.META).exists():
-            raise ckpt.CheckpointError(f"trainer.resume={mode}: {path} is not a complete checkpoint (no {ckpt.META})")
         ckpt.check_compatible(ckpt.read_meta(path), self.ckpt_meta, path)
         client = ckpt.load_checkpoint(self.engine, path, strict=not self.lora)
         self.state.step = int(client.get("step", 0))

@@ -190,3 +190,34 @@ def test_a_requeued_run_started_from_another_runs_checkpoint_continues_from_its_
     assert ckpt.resume_target("auto", own) == newest
     rollback = own / "step_00000004"
     assert ckpt.resume_target(str(rollback), own) == rollback
+
+
+@pytest.mark.distributed
+def test_another_runs_checkpoint_needs_allow_pickle_and_a_damaged_one_is_one_line(tiny):
+    """trainer.resume=<a checkpoint made elsewhere>: DeepSpeed unpickles its files (code in them would
+    run), so it is refused before any model loads unless model.allow_pickle=true; a checkpoint file
+    cut short is a CheckpointError naming it. Before: loaded as is (a crafted file ran its code), and
+    a damaged one was a PytorchStreamReader traceback, exit 1."""
+    import shutil
+
+    made = subprocess.run(_cmd(_args(tiny, "source", ["trainer.max_steps=10"])), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    step = tiny[0] / "runs" / "source" / "checkpoints" / f"step_{EVERY:08d}"
+    refused = subprocess.run(_cmd(_args(tiny, "foreign", ["trainer.max_steps=10", f"trainer.resume={step}"])),
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith("error (CheckpointError, rank 0): trainer.resume=")
+    assert "a checkpoint made outside this run" in refused.stderr and "model.allow_pickle=true" in refused.stderr
+    assert "DeepSpeed student" not in refused.stderr  # refused before the engines were built
+
+    damaged = tiny[0] / "damaged" / step.name
+    shutil.copytree(step, damaged)
+    states = next(damaged.rglob("*model_states.pt"))
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
+    broken = subprocess.run(_cmd(_args(tiny, "from_damaged", ["trainer.max_steps=10", f"trainer.resume={damaged}",
+                                                             "model.allow_pickle=true"])),
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr, broken.stderr[-3000:]
+    last = broken.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error (CheckpointError, rank 0): checkpoint {damaged} cannot be read"), last
