@@ -412,6 +412,10 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
              f"got {cfg.eval.truth_ratio_reference!r}; allowed values: null (the dataset's), answer, paraphrased_answer")
     _choice(cfg, "data.truth_ratio_reference", ("answer", "paraphrased_answer"))
     d = cfg.data
+    from pipeline.data.loaders import DATASETS
+
+    _require(d.name in DATASETS, "data.name", f"unknown dataset {d.name!r}; registered: {', '.join(DATASETS.names())} "
+             "(json: a directory of <split>.jsonl files in data.path)")
     # like model.path above: the embedded benchmark is built in cache_dir, and a path would be ignored
     _require(d.name != "synthetic" or not d.get("path"), "data.path",
              f"set to {d.get('path')!r}, but data.name=synthetic (the embedded benchmark) does not read it; "

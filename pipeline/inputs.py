@@ -52,6 +52,8 @@ def check_model_paths(cfg: DictConfig) -> None:
         check_model_location(str(m.path), "model.path", m.revision)
     if m.source != "synthetic" and m.tokenizer_path:
         check_model_location(str(m.tokenizer_path), "model.tokenizer_path", needs=TOKENIZER_FILES)
+    elif m.source == "pretrained" and m.path:  # the tokenizer is read from model.path
+        check_model_location(str(m.path), "model.path", m.revision, needs=TOKENIZER_FILES)
     retain = cfg.get("eval", {}).get("retain_model")
     if retain and m.source != "synthetic":
         check_model_location(str(retain), "eval.retain_model")

@@ -8,9 +8,11 @@ module imports the one that imports it).
 
 from __future__ import annotations
 
+import json
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -52,16 +54,72 @@ DATASETS: Registry[Callable[..., UnlearningData]] = Registry("dataset")
 
 def load_json_split(data_dir: str | Path, split: str, dataset: str) -> list[dict]:
     """Load ``<data_dir>/<split>.jsonl`` with ``datasets`` (the same code path as hub datasets)."""
-    import datasets
-
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.exists():
         available = sorted(p.stem for p in Path(data_dir).glob("*.jsonl"))
         raise DataError(f"dataset {dataset!r}: split {split!r} not found at {path}; available splits: {available}")
-    if not path.read_text().strip():
+    return _load_local_file(path, "json", dataset, split)
+
+
+@contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Silence one library logger for a block (its error line would precede ours, less precise)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _load_local_file(path: Path, builder: str, dataset: str, where: str) -> list[dict]:
+    """Rows of a local file through ``datasets.load_dataset(builder, data_files=...)``. A JSON file
+    that is not UTF-8 or not valid JSON (Lines) is a :class:`DataError` naming the file and the
+    byte offset or line, instead of the library's traceback."""
+    import datasets
+
+    if builder != "json":
+        if path.stat().st_size == 0:
+            return []
+        return [dict(r) for r in datasets.load_dataset(builder, data_files=str(path), split="train")]
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"dataset {dataset!r}, split {where!r}: {path} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset "
+            f"{e.start}, line {line}); JSON data must be UTF-8: re-save the file as UTF-8"
+        ) from None
+    if not text.strip():
         return []  # datasets cannot infer a schema from an empty file
-    ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    try:
+        with _quiet_logger("datasets.packaged_modules.json.json"):
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    except datasets.exceptions.DatasetGenerationError as e:
+        # the library names neither file nor line (its row count skips blank lines): find the line here
+        fault = _jsonl_fault(text) if path.suffix == ".jsonl" else None
+        cause = e.__cause__ or e
+        raise DataError(
+            f"dataset {dataset!r}, split {where!r}: cannot read {path}: "
+            f"{fault or f'{type(cause).__name__}: {str(cause)[:300]}'}"
+        ) from None
     return [dict(r) for r in ds]
+
+
+def _jsonl_fault(text: str) -> Optional[str]:
+    """The first line of a JSON Lines text that is not one JSON object, described; None if all are."""
+    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {n} is not valid JSON ({e.msg}, column {e.colno}); each line must be one JSON object"
+        if not isinstance(obj, dict):
+            return f"line {n} holds a JSON {type(obj).__name__}, not an object; each line must be one JSON object"
+    return None
 
 
 def _local_split_file(root: Path, subset: Optional[str], split: str) -> Optional[tuple[Path, str]]:
@@ -103,10 +161,7 @@ def load_hf_split(
                 f"available splits: {available}"
             )
         f, builder = found
-        if f.stat().st_size == 0 or (builder == "json" and not f.read_text().strip()):
-            return []
-        ds = datasets.load_dataset(builder, data_files=str(f), split="train")
-        return [dict(r) for r in ds]
+        return _load_local_file(f, builder, dataset, where)
     try:
         ds = datasets.load_dataset(hub_id, subset, split=split, revision=revision)
     except (ValueError, KeyError, FileNotFoundError, ConnectionError, OSError) as e:
@@ -161,6 +216,36 @@ def check_optional_columns(rows: Sequence[dict], dataset: str, split: str) -> No
                 f"dataset {dataset!r}, split {split!r}, column 'perturbed_answer': row {i} must hold a list of "
                 f"strings, got {type(v).__name__}"
             )
+
+
+def check_text_values(rows: Sequence[dict], columns: Sequence[str], dataset: str, split: str) -> None:
+    """Question / answer cells hold non-empty strings and raw ``text`` cells strings: a null (a key
+    left empty in JSON) or a number would fail later inside tokenisation, naming no row."""
+    for col in columns:
+        if col not in ("question", "answer", "text"):
+            continue  # other required columns (MCQ choices, indices) are checked by their loaders
+        for i, r in enumerate(rows):
+            v = r.get(col)
+            if not isinstance(v, str):
+                raise DataError(f"dataset {dataset!r}, split {split!r}, column {col!r}: row {i} must hold a "
+                                f"string, got {'null' if v is None else type(v).__name__}")
+            # an empty question or answer trains on (or scores) nothing but the prompt template
+            if col != "text" and not v.strip():
+                raise DataError(f"dataset {dataset!r}, split {split!r}, column {col!r}: row {i} is empty")
+
+
+def check_facts(rows: Sequence[dict], dataset: str, split: str) -> None:
+    """The optional ``facts`` column holds a list of strings (fact recall iterates it: a plain
+    string would be scored character by character)."""
+    for i, r in enumerate(rows):
+        v = r.get("facts")
+        if v is None:
+            continue  # optional: a row without facts (JSON Lines rows lacking the key read as null)
+        bad = [x for x in v if not isinstance(x, str)] if isinstance(v, (list, tuple)) else None
+        if bad is None or bad:
+            got = type(v).__name__ if bad is None else f"a list holding {'null' if bad[0] is None else type(bad[0]).__name__}"
+            raise DataError(f"dataset {dataset!r}, split {split!r}, column 'facts': row {i} must hold a list of "
+                            f"strings (e.g. [\"Melville\"]), got {got}")
 
 
 def map_columns(rows: list[dict], question_column: str, answer_column: str) -> list[dict]:

@@ -1,8 +1,9 @@
 """Dataset registry and loading of forget / retain / evaluation splits.
 
 Loaders return plain row dicts (via the HF ``datasets`` library) and are checked here, before any
-model is loaded: every required column present, a non-empty forget set, and no example shared by
-the forget and retain sets (exact text) — each failure names the dataset, split and column.
+model is loaded: every required column present, question / answer cells non-empty strings,
+``facts`` lists of strings, a non-empty forget set, and no example shared by the forget and retain
+sets (exact text) — each failure names the dataset, split and column (and row).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from pipeline.data.common import (  # noqa: F401  (re-exported: callers import t
     DataError,
     UnlearningData,
     check_columns,
+    check_facts,
     check_optional_columns,
     check_overlap,
+    check_text_values,
     hub_revision,
     load_hf_split,
     load_json_split,
@@ -38,15 +41,22 @@ log = logging.getLogger(__name__)
 
 def load_unlearning_data(data_cfg: Any, seed: int = 0, **ctx: Any) -> UnlearningData:
     """Load and check the configured dataset. ``ctx`` carries loader inputs (e.g. ``data_dir``)."""
+    if data_cfg.name not in DATASETS:  # a typo (data.name=jsonl) is a user error, not a KeyError traceback
+        raise DataError(f"data.name={data_cfg.name!r}: unknown dataset; registered: {', '.join(DATASETS.names())} "
+                        f"(json: a directory of <split>.jsonl files in data.path)")
     loader = DATASETS.get(data_cfg.name)
     data = loader(data_cfg, **ctx)
     name = data.name
-    check_columns(data.forget, data.train_columns, name, data.forget_split)
-    check_columns(data.retain, data.train_columns, name, data.retain_split)
+    for split, rows in ((data.forget_split, data.forget), (data.retain_split, data.retain)):
+        check_columns(rows, data.train_columns, name, split)
+        check_text_values(rows, data.train_columns, name, split)
+        check_facts(rows, name, split)
     for split, rows in data.eval.items():
         check_columns(rows, data.eval_columns.get(split, QA_COLUMNS), name, split)
         if split not in data.eval_columns:
+            check_text_values(rows, QA_COLUMNS, name, split)
             check_optional_columns(rows, name, split)
+        check_facts(rows, name, split)
     if not data.forget:
         raise DataError(f"dataset {name!r}: forget split {data.forget_split!r} is empty")
     if not data.retain:

@@ -24,7 +24,55 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "namespace
 
 
 MODEL_FILES = ("config.json",)
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
+# a tokenizer directory has at least one of these (config.json alone is none: AutoTokenizer needs
+# the vocabulary, and a model directory saved without its tokenizer has a config.json)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "tekken.json", "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (transformers' messages run on for lines), or its type."""
+    lines = str(e).strip().splitlines()
+    return lines[0].strip() if lines else type(e).__name__
+
+
+def _read_json(file: Path, where: str) -> dict:
+    """The JSON object in ``file``; a ModelLoadError naming ``where`` and the file when it is not one
+    (transformers would stop with an OSError traceback, mid-load)."""
+    import json
+
+    try:
+        obj = json.loads(file.read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ModelLoadError(f"{where}: {file.name} is not readable JSON ({_first_line(e)}): "
+                             f"a download or copy cut short, or a hand edit gone wrong?") from None
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{where}: {file.name} holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def check_weight_files(p: Path, where: str) -> None:
+    """Every safetensors file of the local model directory ``p`` has a readable header, and a sharded
+    model's ``*.safetensors.index.json`` names only shards that are there: a download or copy cut
+    short stops here in one line instead of mid-load. Only the headers are read (``safe_open``)."""
+    from safetensors import SafetensorError, safe_open
+
+    for index in sorted(p.glob("*.safetensors.index.json")):
+        weight_map = _read_json(index, where).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{where}: {index.name} has no weight_map: not a safetensors shard index")
+        missing = sorted({str(s) for s in weight_map.values() if not (p / str(s)).is_file()})
+        if missing:
+            raise ModelLoadError(f"{where}: {index.name} names {len(missing)} shard(s) that are not there "
+                                 f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): "
+                                 f"a download or copy cut short?")
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{where}: {f.name} is not a readable safetensors file ({_first_line(e)}): "
+                                 f"a download or copy cut short?") from None
 
 
 def check_model_location(path: str, key: str = "model.path", revision: Optional[str] = None,
@@ -32,7 +80,9 @@ def check_model_location(path: str, key: str = "model.path", revision: Optional[
     """Stop, in one line, on a model path that cannot load, before anything is loaded or written: a
     local path that does not exist or is not a Hugging Face model directory, or a hub id that the
     offline run (``HF_HUB_OFFLINE=1``, the default) cannot find in the hub cache. ``needs``: the
-    files of which the directory must have one (:data:`MODEL_FILES`, :data:`TOKENIZER_FILES`)."""
+    files of which the directory must have one (:data:`MODEL_FILES`, :data:`TOKENIZER_FILES`). A local
+    directory's config.json / tokenizer_config.json must parse, and a model directory's safetensors
+    headers and shard index must be whole (cheap: no weights are read)."""
     p = Path(path).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -40,7 +90,14 @@ def check_model_location(path: str, key: str = "model.path", revision: Optional[
                                  + (" (a GGUF file: use model.source=gguf_package)" if p.suffix == ".gguf" else ""))
         if not any((p / f).is_file() for f in needs):
             raise ModelLoadError(f"{key}={path} has no {' or '.join(needs)}: not a Hugging Face "
-                                 f"{'model' if needs == MODEL_FILES else 'tokenizer'} directory")
+                                 f"{'model' if needs == MODEL_FILES else 'tokenizer'} directory"
+                                 + ("" if needs == MODEL_FILES or key == "model.tokenizer_path" else
+                                    f" (the tokenizer is read from {key} while model.tokenizer_path is not set)"))
+        for name in ("config.json", "tokenizer_config.json"):
+            if name in needs and (p / name).is_file():
+                _read_json(p / name, f"{key}={path}")
+        if needs == MODEL_FILES:
+            check_weight_files(p, f"{key}={path}")
         return
     if not _HUB_ID.match(path) or path.startswith((".", "~")):
         raise ModelLoadError(f"{key}={path}: no such directory")
@@ -129,17 +186,19 @@ def check_weights_safe(path: str | Path, allow_pickle: bool) -> None:
 
 
 def check_remote_code(path: str | Path, trust_remote_code: bool) -> None:
+    """Refuse a local model whose config.json asks for custom code (``auto_map``) unless trusted."""
     p = Path(path)
     cfg_file = p / "config.json"
     if p.is_dir() and cfg_file.exists() and not trust_remote_code:
-        import json
-
-        auto_map = json.loads(cfg_file.read_text()).get("auto_map")
+        auto_map = _read_json(cfg_file, f"model {p}").get("auto_map")
         if auto_map:
-            raise ModelLoadError(
-                f"model {p} requires custom code ({sorted(auto_map)}); refusing to run it. "
-                f"Set model.trust_remote_code=true only if you trust its author"
-            )
+            raise _remote_code_error(f"model {p}", auto_map)
+
+
+def _remote_code_error(what: str, auto_map: Any) -> ModelLoadError:
+    names = f" ({sorted(auto_map)})" if isinstance(auto_map, dict) else ""
+    return ModelLoadError(f"{what} requires custom code{names}; refusing to run it. "
+                          f"Set model.trust_remote_code=true only if you trust its author")
 
 
 # set on a tokenizer whose pad token load_tokenizer borrowed from EOS (Llama-2/3 have none)
@@ -149,10 +208,22 @@ _PAD_FROM_EOS = "_asu_pad_from_eos"
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False, **kwargs: Any):
     """The tokenizer at ``path``; one without a pad token pads with EOS (batching needs one; padded
     positions are masked out of every loss and score). ``kwargs`` go to ``from_pretrained`` (e.g.
-    ``add_bos_token=True``)."""
+    ``add_bos_token=True``). A directory that cannot give a tokenizer is a ModelLoadError naming it."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
+    p = Path(path)
+    if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"tokenizer {p} has no {' or '.join(TOKENIZER_FILES)}: a model directory saved "
+                             f"without its tokenizer? Set model.tokenizer_path to the tokenizer's directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:  # what transformers raises for a broken or foreign directory
+        if not trust_remote_code and "trust_remote_code" in str(e):
+            # a tokenizer_config.json auto_map with no built-in class to fall back on
+            tc = p / "tokenizer_config.json"
+            auto_map = _read_json(tc, f"tokenizer {p}").get("auto_map") if tc.is_file() else None
+            raise _remote_code_error(f"tokenizer {path}", auto_map) from e
+        raise ModelLoadError(f"tokenizer {path} cannot be loaded: {_first_line(e)}") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
         setattr(tok, _PAD_FROM_EOS, True)
@@ -185,18 +256,22 @@ def load_causal_lm(
     ``"cuda:0"``; not with ZeRO-3): the weights are loaded straight onto it, never whole in host
     memory (eight ranks of a node would otherwise each hold a full copy there first).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     check_weights_safe(path, allow_pickle)
     check_remote_code(path, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path),
-        dtype=DTYPES[dtype],
-        trust_remote_code=trust_remote_code,
-        use_safetensors=None if allow_pickle else True,
-        revision=revision,
-        **({"device_map": {"": device}} if device not in (None, "cpu") else {}),
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=DTYPES[dtype],
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            revision=revision,
+            **({"device_map": {"": device}} if device not in (None, "cpu") else {}),
+        )
+    except (OSError, ValueError, SafetensorError) as e:  # a broken directory; not Exception: bugs stay tracebacks
+        raise ModelLoadError(f"model {path} cannot be loaded: {_first_line(e)}") from e
     enable_tempered_attention(model)
     return model
 

@@ -64,6 +64,84 @@ def test_eval_columns_optional_but_never_half_filled(tmp_path):
         load_unlearning_data(cfg(tmp_path, eval_splits=["ev"]))
 
 
+def test_malformed_json_line_names_file_and_line(tmp_path, capfd):
+    # was a datasets DatasetGenerationError traceback naming neither file nor line
+    write(tmp_path, "forget", [qa_row("alice", "paris")])
+    write(tmp_path, "retain", [qa_row("bob", "rome"), qa_row("carol", "oslo")])
+    with open(tmp_path / "retain.jsonl", "a") as f:
+        f.write("\n" + json.dumps(qa_row("dave", "lima"))[:-9] + "\n")  # line 4 (after a blank line) cut short
+    with pytest.raises(DataError, match=r"split 'retain': cannot read .*retain\.jsonl: line 4 is not valid JSON"):
+        load_unlearning_data(cfg(tmp_path))
+    assert "Failed to load JSON" not in capfd.readouterr().err  # the library's own error line is not printed first
+    write(tmp_path, "retain", [qa_row("bob", "rome"), ["not", "an", "object"]])
+    with pytest.raises(DataError, match=r"line 2 holds a JSON list, not an object"):
+        load_unlearning_data(cfg(tmp_path))
+
+
+def test_non_utf8_file_names_file_and_byte(tmp_path):
+    # was a UnicodeDecodeError traceback; hub-layout directories (data.path of tofu/muse/wmdp) read the same way
+    write(tmp_path, "forget", [qa_row("alice", "paris")])
+    (tmp_path / "retain.jsonl").write_bytes(json.dumps(qa_row("bob", "rome")).encode().replace(b"rome", b"r\xf4me"))
+    with pytest.raises(DataError, match=r"split 'retain': .*retain\.jsonl is not UTF-8 \(byte 0xf4 at offset \d+, "
+                                        r"line 1\); JSON data must be UTF-8"):
+        load_unlearning_data(cfg(tmp_path))
+    from pipeline.data.loaders import load_hf_split
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "retain.jsonl").rename(tmp_path / "sub" / "train.jsonl")
+    with pytest.raises(DataError, match=r"dataset 'tofu', split 'sub/train': .*train\.jsonl is not UTF-8"):
+        load_hf_split("tofu", "locuslab/TOFU", "sub", "train", path=tmp_path)
+
+
+@pytest.mark.parametrize("split,column,value,expect", [
+    ("retain", "answer", None, "row 1 must hold a string, got null"),  # was a TypeError inside tokenisation
+    ("forget", "question", 7, "row 1 must hold a string, got int"),
+    ("forget", "question", " ", "row 1 is empty"),  # was accepted: trains on the prompt template alone
+    ("retain", "answer", "", "row 1 is empty"),
+    ("ev", "answer", None, "row 1 must hold a string, got null"),  # evaluation splits too
+])
+def test_text_cells_must_be_non_empty_strings(tmp_path, split, column, value, expect):
+    rows = {"forget": [qa_row("alice", "paris"), qa_row("carol", "oslo")],
+            "retain": [qa_row("bob", "rome"), qa_row("dave", "lima")], "ev": [qa_row("erin", "kyiv")] * 2}
+    rows[split][1] = {**rows[split][1], column: value}
+    for s, r in rows.items():
+        write(tmp_path, s, r)
+    with pytest.raises(DataError, match=rf"split '{split}', column '{column}': {expect}"):
+        load_unlearning_data(cfg(tmp_path, eval_splits=["ev"]))
+
+
+def test_facts_must_be_a_list_of_strings(tmp_path):
+    # a plain string was kept, and fact recall then scored it character by character
+    write(tmp_path, "forget", [qa_row("alice", "paris"), {**qa_row("carol", "oslo"), "facts": "oslo"}])
+    write(tmp_path, "retain", [qa_row("bob", "rome")])
+    with pytest.raises(DataError, match=r"split 'forget', column 'facts': row 1 must hold a list of strings .*got str"):
+        load_unlearning_data(cfg(tmp_path))
+    write(tmp_path, "forget", [qa_row("alice", "paris"), {**qa_row("carol", "oslo"), "facts": ["oslo", None]}])
+    with pytest.raises(DataError, match=r"column 'facts': row 1 must hold a list of strings .*got a list holding null"):
+        load_unlearning_data(cfg(tmp_path))
+    write(tmp_path, "forget", [qa_row("alice", "paris"), {**qa_row("carol", "oslo"), "facts": None}])
+    assert load_unlearning_data(cfg(tmp_path)).forget[1]["facts"] is None  # optional: null is no facts
+
+
+def test_unknown_dataset_name_lists_registered(tmp_path):
+    # was KeyError: "unknown dataset 'jsonl'; ..." with a traceback
+    with pytest.raises(DataError, match=r"data.name='jsonl': unknown dataset; registered: json, .*synthetic"):
+        load_unlearning_data(cfg(tmp_path, name="jsonl"))
+
+
+def test_data_path_with_the_synthetic_dataset_is_refused(tmp_path):
+    # the embedded benchmark never reads data.path: the run used to train on it, ignoring the user's files
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import ConfigError, register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        c = compose("config", overrides=[f"data.path={tmp_path}", f"output_dir={tmp_path / 'runs'}"])
+    with pytest.raises(ConfigError, match=r"data.path.*data.name=synthetic.*data.name=json"):
+        validate(c)
+
+
 def test_missing_split_lists_available(tmp_path):
     write(tmp_path, "forget", [qa_row("alice", "paris")])
     with pytest.raises(DataError, match=r"split 'retain' not found .* available splits: \['forget'\]"):

@@ -122,3 +122,135 @@ def test_a_model_path_that_cannot_load_is_named_before_loading(tmp_path, monkeyp
         check_model_location("Someone/Model-7B")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online: the hub answers for itself
     check_model_location("someone/other-7b")
+
+
+def _broken_copy(model_dir, dst, what):
+    """A copy of the tiny model with one thing broken, as a download or copy cut short leaves it."""
+    shutil.copytree(model_dir, dst)
+    st = dst / "model.safetensors"
+    if what == "truncated safetensors":
+        st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    elif what == "empty safetensors":
+        st.write_bytes(b"")
+    elif what == "garbled safetensors header":
+        raw = bytearray(st.read_bytes())
+        raw[10:14] = b"\xff\xfe\xff\xfe"  # inside the JSON header: not UTF-8
+        st.write_bytes(bytes(raw))
+    elif what == "malformed config.json":
+        (dst / "config.json").write_text((dst / "config.json").read_text() + "}{")
+    elif what == "no tokenizer files":
+        for f in dst.glob("tokenizer*"):
+            f.unlink()
+    elif what == "remote-code tokenizer":
+        cfg = json.loads((dst / "tokenizer_config.json").read_text())
+        cfg.update(auto_map={"AutoTokenizer": ["tok_evil.EvilTokenizer", None]}, tokenizer_class="EvilTokenizer")
+        (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("what, cause", [("truncated safetensors", "incomplete metadata, file not fully covered"),
+                                         ("empty safetensors", "header too small"),
+                                         ("garbled safetensors header", "invalid UTF-8 in header")])
+def test_an_unreadable_safetensors_file_is_named_before_loading(tiny, tmp_path, what, cause):
+    from pipeline.models.loading import check_model_location
+
+    d = _broken_copy(tiny[1], tmp_path / "m", what)
+    with pytest.raises(ModelLoadError, match=rf"^model.path={d}: model.safetensors is not a readable safetensors "
+                                             rf"file \(.*{cause}.*\): a download or copy cut short\?$"):
+        check_model_location(str(d))
+    # loading it anyway (no early check): one line naming the directory, not a SafetensorError
+    with pytest.raises(ModelLoadError, match=rf"^model {d} cannot be loaded: .*{cause}"):
+        load_causal_lm(d)
+
+
+def test_a_sharded_model_missing_a_shard_is_named_before_loading(tiny, tmp_path):
+    from pipeline.models.loading import check_model_location
+
+    d = tmp_path / "sharded"
+    shutil.copytree(tiny[1], d)
+    (d / "model.safetensors").unlink()
+    LlamaForCausalLM.from_pretrained(tiny[1]).save_pretrained(d, max_shard_size="40KB")
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (d / "model.safetensors.index.json").is_file()
+    check_model_location(str(d))  # whole: passes
+    shards[-1].unlink()
+    with pytest.raises(ModelLoadError, match=rf"^model.path={d}: model.safetensors.index.json names 1 shard\(s\) "
+                                             rf"that are not there \({shards[-1].name}\): a download or copy cut short"):
+        check_model_location(str(d))
+
+
+def test_a_malformed_config_json_is_named_before_loading(tiny, tmp_path):
+    from pipeline.models.loading import check_model_location
+
+    d = _broken_copy(tiny[1], tmp_path / "m", "malformed config.json")
+    with pytest.raises(ModelLoadError, match=rf"^model.path={d}: config.json is not readable JSON \(Extra data"):
+        check_model_location(str(d))
+    with pytest.raises(ModelLoadError, match=rf"^model {d}: config.json is not readable JSON"):
+        load_causal_lm(d)
+
+
+def test_a_model_directory_without_its_tokenizer_is_named(tiny, tmp_path):
+    from pipeline.models.loading import TOKENIZER_FILES, check_model_location, load_tokenizer
+
+    d = _broken_copy(tiny[1], tmp_path / "m", "no tokenizer files")
+    check_model_location(str(d))  # a whole model directory
+    # config.json is no tokenizer: the early check of the directory the tokenizer is read from
+    with pytest.raises(ModelLoadError, match=rf"^model.path={d} has no tokenizer_config.json or tokenizer.json .*"
+                                             r"not a Hugging Face tokenizer directory \(the tokenizer is read from "
+                                             r"model.path while model.tokenizer_path is not set\)$"):
+        check_model_location(str(d), "model.path", needs=TOKENIZER_FILES)
+    with pytest.raises(ModelLoadError, match=rf"^tokenizer {d} has no tokenizer_config.json or tokenizer.json .*"
+                                             r"Set model.tokenizer_path to the tokenizer's directory$"):
+        load_tokenizer(d)
+
+
+def test_remote_code_tokenizer_refused_unless_trusted(tiny, tmp_path):
+    from pipeline.models.loading import load_tokenizer
+
+    d = _broken_copy(tiny[1], tmp_path / "m", "remote-code tokenizer")
+    with pytest.raises(ModelLoadError, match=rf"^tokenizer {d} requires custom code \(\['AutoTokenizer'\]\); "
+                                             r"refusing to run it. Set model.trust_remote_code=true"):
+        load_tokenizer(d)
+    # an auto_map next to a built-in tokenizer class: transformers uses the built-in one, no code runs
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert load_tokenizer(d).eos_token == "<eos>"
+
+
+def test_other_load_failures_are_one_line_and_bugs_stay_tracebacks(tiny, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.models.loading import load_tokenizer
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny[1], d)
+    tj = d / "tokenizer.json"
+    tj.write_text(tj.read_text()[:500])  # a copy cut short
+    with pytest.raises(ModelLoadError, match=rf"^tokenizer {d} cannot be loaded: Unterminated string") as err:
+        load_tokenizer(d)
+    assert "\n" not in str(err.value)
+
+    def bug(*a, **k):
+        raise TypeError("a programming error")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", bug)
+    with pytest.raises(TypeError, match="a programming error"):  # not hidden as a ModelLoadError
+        load_causal_lm(tiny[1])
+
+
+@pytest.mark.parametrize("what, message, early", [
+    ("truncated safetensors", "model.safetensors is not a readable safetensors file", True),
+    ("malformed config.json", "config.json is not readable JSON", True),
+    ("no tokenizer files", "has no tokenizer_config.json or tokenizer.json", False),
+    ("remote-code tokenizer", "requires custom code (['AutoTokenizer']); refusing to run it", False)])
+def test_cli_broken_model_directory_stops_with_one_line(tiny, tmp_path, what, message, early):
+    root, model_dir, data_dir = tiny
+    d = _broken_copy(model_dir, tmp_path / "m", what)
+    name = what.replace(" ", "_").replace(".", "_")
+    out = launch.run(train_overrides(d, data_dir, tmp_path / "runs", name) + ["eval.enabled=false"],
+                     script="launchers/eval.py" if what == "remote-code tokenizer" else "launchers/train.py")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "error (ModelLoadError, rank 0): " in out.stderr and message in out.stderr
+    assert "Traceback" not in out.stderr
+    if early:  # checked by the Hydra callback: no run directory
+        assert not (tmp_path / "runs" / name).exists()

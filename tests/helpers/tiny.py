@@ -83,9 +83,11 @@ def resumable_job(tmp_path: Path) -> tuple[list[str], Path]:
 
 
 def unloadable_model(tmp_path: Path) -> Path:
-    """A model directory that passes the path check (it has a config.json) but has no weights: for
-    tests of what is checked before any model is loaded (the data, a reference file)."""
+    """A model directory that passes the path check (a config.json and a tokenizer_config.json) but
+    has no weights nor vocabulary: for tests of what is checked before any model or tokenizer is
+    loaded (the data, a reference file)."""
     d = tmp_path / "model"
     d.mkdir(exist_ok=True)
     (d / "config.json").write_text("{}")
+    (d / "tokenizer_config.json").write_text("{}")
     return d
