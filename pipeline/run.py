@@ -129,7 +129,12 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     done = finished_results(cfg, run_dir, key)
     if done is not None:  # this very job finished here and its outputs are intact: nothing is loaded
         return done
-    check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))  # before loading
+    resume_from = check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
+    # the rows themselves: another data.path with the same split names resumed silently. Before a known
+    # tau=auto choice enters cfg: checkpoints record method.tau=auto, and the chosen tau as tau_chosen
+    meta = {**checkpoint_meta(cfg, dist.world_size, dist.device == "cuda"),
+            "rows.forget": key["rows.forget"], "rows.retain": key["rows.retain"]}
+    tau_selection = _known_tau(cfg, run_dir, key, resume_from)  # no probes, and maybe no frozen model, needed
     need_reference = _needs_reference(cfg, method, inputs, dist.device == "cuda")
     engines, plan, total = _build_engines(cfg, dist, method, inputs, need_reference)
 
@@ -139,13 +144,13 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_logger = RunLogger(cfg.logging, str(run_dir), str(cfg.run_name), OmegaConf.to_container(cfg, resolve=True),
                            enabled=dist.is_main)
     trainer = UnlearningTrainer(cfg, run_dir, engines.engine, engines.reference, method, inputs.forget, inputs.retain,
-                                inputs.tokenizer.pad_token_id, plan, total, run_logger,
-                                # the rows themselves: another data.path with the same split names resumed silently
-                                {**checkpoint_meta(cfg, dist.world_size, dist.device == "cuda"),
-                                 "rows.forget": key["rows.forget"], "rows.retain": key["rows.retain"]})
+                                inputs.tokenizer.pad_token_id, plan, total, run_logger, meta)
     trainer.views = method.forget_views(inputs.tokenizer, inputs.data.forget, int(cfg.data.max_length),
                                         inputs.prompt_format, seed=int(cfg.seed))
-    tau_selection = _choose_tau(cfg, engines, inputs, run_dir, key)
+    if tau_selection is None:
+        tau_selection = _choose_tau(cfg, engines, inputs, run_dir, key)
+    if tau_selection is not None:  # a resume must train on with the tau its checkpoint was trained with
+        meta[TAU_CHOSEN] = float(cfg.method.tau)
     _attach_teacher_cache(cfg, method, engines, inputs, trainer, need_reference)
 
     state = trainer.train()
@@ -395,9 +400,9 @@ def _initialize_engines(cfg: DictConfig, dist: Any, student: Any, frozen: Any, s
 
 def _choose_tau(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir: Path,
                 key: dict) -> Optional[dict]:
-    """method.tau=auto: choose tau from a cheap teacher-side signal before training (its evidence goes
-    to results.json and ``run_dir/tau_selection.json``, reused by a later attempt of the job with
-    ``key``); the config then carries the chosen value."""
+    """method.tau=auto, not known yet (:func:`_known_tau`): choose tau from a cheap teacher-side signal
+    before training (its evidence goes to results.json and ``run_dir/tau_selection.json``, reused by a
+    later attempt of the job with ``key``); the config then carries the chosen value."""
     if "tau" not in cfg.method:
         return None
     if str(cfg.method.tau) != "auto":
@@ -406,30 +411,53 @@ def _choose_tau(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir
                         "tau < 1 sharpens its attention); ASU forgets with tau > 1", cfg.method.tau,
                         extra=SAME_ON_EVERY_RANK)
         return None
-    from pipeline.engine.distributed import broadcast_object, is_main_process
+    from pipeline.engine.distributed import is_main_process
     from pipeline.engine.tau_auto import select_tau
     from pipeline.io import atomic_write_json
 
-    # An earlier attempt of this very job (same key: config, rows, model, code) chose already: a
-    # requeued run keeps its tau (the checkpoint was trained with it) and does not pay the probes again.
-    path = run_dir / TAU_SELECTION
-    selection = broadcast_object(_earlier_tau_selection(path, key) if is_main_process() else None)
-    if selection is not None:
-        log.info("method.tau=auto: tau=%.3f, chosen by an earlier attempt of this job (%s)", float(selection["tau"]),
-                 path)
-    else:
-        with progress("tau=auto probes", cfg.logging.progress_bar):
-            selection = select_tau(engines.reference, inputs.tokenizer, inputs.data, inputs.forget, cfg)
-        if is_main_process():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(path, {"key": key, "selection": selection})
-        log.info("method.tau=auto chose tau=%.3f", float(selection["tau"]))
+    with progress("tau=auto probes", cfg.logging.progress_bar):
+        selection = select_tau(engines.reference, inputs.tokenizer, inputs.data, inputs.forget, cfg)
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / TAU_SELECTION, {"key": key, "selection": selection})
+    log.info("method.tau=auto chose tau=%.3f", float(selection["tau"]))
+    with open_dict(cfg):
+        cfg.method.tau = float(selection["tau"])
+    return selection
+
+
+def _known_tau(cfg: DictConfig, run_dir: Path, key: dict, resume_from: Optional[Path]) -> Optional[dict]:
+    """method.tau=auto already decided for this job, without probes: by an earlier attempt of this very
+    job (same key: config, rows, model, code; ``run_dir/tau_selection.json``), else by the checkpoint it
+    resumes from (which was trained with it; an earlier attempt's selection no longer matches after,
+    e.g., an evaluation setting changed, and probing again could choose another tau for the rest of the
+    run). The config then carries the value; None when it must be chosen."""
+    if "tau" not in cfg.method or str(cfg.method.tau) != "auto":
+        return None
+    from pipeline.engine.checkpoint import read_meta
+    from pipeline.engine.distributed import broadcast_object, is_main_process
+
+    found = None
+    if is_main_process():
+        selection = _earlier_tau_selection(run_dir / TAU_SELECTION, key)
+        if selection is not None:
+            found = (selection, f"chosen by an earlier attempt of this job ({run_dir / TAU_SELECTION})")
+        elif resume_from is not None and read_meta(resume_from).get(TAU_CHOSEN) is not None:
+            tau = float(read_meta(resume_from)[TAU_CHOSEN])
+            found = ({"tau": tau, "source": f"checkpoint {resume_from}"},
+                     f"the tau checkpoint {resume_from} was trained with")
+    found = broadcast_object(found)
+    if found is None:
+        return None
+    selection, why = found
+    log.info("method.tau=auto: tau=%.3f, %s", float(selection["tau"]), why)
     with open_dict(cfg):
         cfg.method.tau = float(selection["tau"])
     return selection
 
 
 TAU_SELECTION = "tau_selection.json"  # tau=auto's choice and evidence, reused by a later attempt of the same job
+TAU_CHOSEN = "tau_chosen"  # checkpoint meta: the tau a tau=auto run trained with (a resume keeps it)
 
 
 def _earlier_tau_selection(path: Path, key: dict) -> Optional[dict]:

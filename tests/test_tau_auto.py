@@ -247,7 +247,7 @@ def test_tau_auto_end_to_end_two_ranks_zero3(tmp_path):
     (data_dir / "forget.jsonl").write_text("".join(json.dumps({**r, "question": f"{preamble} {r['question']}"}) + "\n"
                                                    for r in forget))
     args = train_overrides(model_dir, data_dir, tmp_path / "runs", "auto", steps=2) + [
-        "method=asu_kl", "method.tau=auto"]
+        "method=asu_kl", "method.tau=auto", "trainer.save_every=1"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                ASU_REQUIRE_PARTITIONED="1")
     ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
@@ -262,22 +262,40 @@ def test_tau_auto_end_to_end_two_ranks_zero3(tmp_path):
     assert sel["shared_prefix_tokens"] >= tau_auto.MIN_PREFIX and sel["logits"] == "answer positions", sel
     # kept for a later attempt of the same job (a requeue keeps the tau its checkpoint was trained with)
     assert json.loads((tmp_path / "runs" / "auto" / "tau_selection.json").read_text())["selection"] == sel
+    # and the checkpoints record it: a resume keeps it even when the job's key changed (an eval setting)
+    from pipeline.engine import checkpoint as ckpt
+
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(tmp_path / "runs" / "auto" / "checkpoints"))
+    assert meta["tau_chosen"] == sel["tau"] and json.loads(meta["method"])["tau"] == "auto"
 
 
 def test_a_later_attempt_of_the_same_job_reuses_the_choice_and_another_job_does_not(tmp_path, caplog):
     """tau=auto is chosen once per job: a requeued attempt (same job key) takes tau_selection.json's
-    choice without probing; a file from another job (other key) is not used."""
-    from pipeline.run import TAU_SELECTION, _choose_tau
+    choice without probing; a file from another job (other key) is not used — but the checkpoint the
+    job resumes from is: it was trained with its tau (before, a requeue whose key changed, e.g. by an
+    evaluation setting, probed again and could train the rest of the run with another tau)."""
+    from pipeline.run import TAU_CHOSEN, TAU_SELECTION, _known_tau
 
     chosen = {"tau": 3.25, "probes": [{"tau": 1.0}], "seconds": 1.5}
     (tmp_path / TAU_SELECTION).write_text(json.dumps({"key": {"config.seed": 0}, "selection": chosen}))
-    cfg = OmegaConf.create({"method": {"name": "asu_kl", "tau": "auto"}, "logging": {"progress_bar": False}})
+
+    def cfg():
+        return OmegaConf.create({"method": {"name": "asu_kl", "tau": "auto"}, "logging": {"progress_bar": False}})
+
+    c = cfg()
     with caplog.at_level(logging.INFO, logger="pipeline.run"):
-        assert _choose_tau(cfg, None, None, tmp_path, {"config.seed": 0}) == chosen  # no model: nothing probed
-    assert cfg.method.tau == 3.25 and "chosen by an earlier attempt of this job" in caplog.text
-    cfg.method.tau = "auto"
-    with pytest.raises(AttributeError):  # another job's file is ignored: it probes (and has no model here)
-        _choose_tau(cfg, None, None, tmp_path, {"config.seed": 1})
+        assert _known_tau(c, tmp_path, {"config.seed": 0}, None) == chosen  # no model: nothing probed
+    assert c.method.tau == 3.25 and "chosen by an earlier attempt of this job" in caplog.text
+    c = cfg()
+    assert _known_tau(c, tmp_path, {"config.seed": 1}, None) is None and c.method.tau == "auto"  # must probe
+    step = tmp_path / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"step": 4, TAU_CHOSEN: 2.5}))
+    with caplog.at_level(logging.INFO, logger="pipeline.run"):
+        assert _known_tau(c, tmp_path, {"config.seed": 1}, step)["tau"] == 2.5
+    assert c.method.tau == 2.5 and f"the tau checkpoint {step} was trained with" in caplog.text
+    fixed = OmegaConf.create({"method": {"name": "asu_kl", "tau": 2.0}})
+    assert _known_tau(fixed, tmp_path, {"config.seed": 0}, step) is None and fixed.method.tau == 2.0
 
 
 def test_form_floor_caps_the_fact_choice(memorised, monkeypatch):
