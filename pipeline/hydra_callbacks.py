@@ -68,6 +68,25 @@ def _job_dir(job_config: DictConfig, num: int) -> Optional[str]:
         return None
 
 
+def _check_eval_target(config: DictConfig) -> None:
+    """launchers/eval.py writes results.json, report.md and eval_details.json into its run directory:
+    one that holds a training run (run_name defaults to the training run's) would lose that run's
+    results (its steps, times and training record) to the evaluation's."""
+    from pathlib import Path
+
+    from pipeline.config_base import ConfigError
+    from pipeline.errors import exit_with
+
+    if config.hydra.job.get("name") != "eval":
+        return
+    run_dir = Path(str(config.hydra.run.dir))
+    trained = [n for n in ("train_history.json", "checkpoints", "finished.json") if (run_dir / n).exists()]
+    if trained:
+        exit_with(ConfigError(), f"run_name={config.run_name}: {run_dir} holds a training run ({trained[0]}); "
+                  f"evaluating there would replace its results.json: pass another run_name "
+                  f"(e.g. run_name={config.run_name}_eval)")
+
+
 LAUNCHED_SWEEP: Optional[str] = None  # the sweep directory this process launched into (for its error report)
 
 
@@ -77,6 +96,7 @@ class EarlyChecks(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check(config)
+        _check_eval_target(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global LAUNCHED_SWEEP

@@ -80,6 +80,14 @@ def resolve_paths(cfg: DictConfig) -> ModelPaths:
 
         model_dir = str(prepare_gguf_model(m.gguf_package, Path(cfg.cache_dir), m.gguf_file))
         return ModelPaths(model_dir, m.tokenizer_path or model_dir, cfg.data.path, cfg.eval.retain_model, None)
+    if cfg.data.name == "synthetic":
+        # a pretrained model (e.g. an exported run) on the embedded benchmark: its data, and its retain
+        # model as the forget-quality reference unless eval.retain_model names another
+        from pipeline.data.prepare import prepare_synthetic
+
+        art = prepare_synthetic(cfg.data.synthetic, m.tiny, Path(cfg.cache_dir))
+        return ModelPaths(m.path, m.tokenizer_path or m.path, str(art.data_dir),
+                          cfg.eval.retain_model or str(art.retain_dir), str(art.root))
     return ModelPaths(m.path, m.tokenizer_path or m.path, cfg.data.path, cfg.eval.retain_model, None)
 
 

@@ -55,6 +55,18 @@ def test_prepare_eval_and_two_rank_zero3_unlearning(out):
         assert text.count(" finished in ") == 1
         assert "[INFO][rank 1]" not in text
 
+    # the README's evaluation of an exported run: the embedded benchmark's data and retain reference
+    # (before, "dataset 'synthetic' needs its prepared data directory"); into the training run's own
+    # directory it is refused, which would lose the run's results.json (before, replaced silently)
+    exported = ["model.source=pretrained", f"model.path={run / 'model'}"]
+    again = launch.run(common + exported + ["run_name=mini/asu"], script="launchers/eval.py")
+    assert again.returncode == 2 and "holds a training run (train_history.json)" in again.stderr, again.stderr[-2000:]
+    assert json.loads((run / "results.json").read_text()) == res
+    ev2 = launch.run(common + exported + ["run_name=mini/asu_eval"], script="launchers/eval.py")
+    assert ev2.returncode == 0, ev2.stderr[-3000:]
+    ours = json.loads((out / "runs" / "mini" / "asu_eval" / "results.json").read_text())["metrics"]
+    assert ours["forget_quality"] is not None and abs(ours["model_utility"] - res["metrics"]["model_utility"]) < 1e-6
+
 
 def test_demo_runs_every_job_and_tabulates_them(out):
     """``launchers/demo.py`` (what ``make demo`` runs) on the minuscule benchmark: prepare, one
