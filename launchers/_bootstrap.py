@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+
+
+def _interrupted_while_starting(signum, frame) -> None:  # noqa: ARG001
+    """Ctrl-C while the launcher imports its libraries (torch, hydra: seconds): one line and exit
+    130, not a KeyboardInterrupt traceback from deep inside an import. Nothing has been written yet."""
+    print(f"interrupted (Ctrl-C, rank {os.environ.get('RANK', '0')}): stopped while starting; nothing was written",
+          file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+signal.signal(signal.SIGINT, _interrupted_while_starting)  # until run_main / launch take over
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -27,6 +39,7 @@ def run_main(fn) -> None:
 
     global _TASK_STARTED
     _TASK_STARTED = True
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is handled below
     try:
         fn()
     except USER_ERRORS as exc:
@@ -102,6 +115,7 @@ def launch(main) -> None:
     from pipeline.hydra_errors import COMPOSE_ERRORS, compose_error_line
 
     global _IN_LAUNCH
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # imports done: Hydra and run_main handle Ctrl-C
     user_full_error = bool(os.environ.get("HYDRA_FULL_ERROR"))
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exiting 1
     _IN_LAUNCH = True

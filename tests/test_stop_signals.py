@@ -78,3 +78,21 @@ def test_the_first_ctrl_c_asks_to_stop_and_the_second_stops_at_once(caplog):
         with pytest.raises(KeyboardInterrupt):
             _send(signal.SIGINT)
             signal.getsignal(signal.SIGINT)  # a bytecode boundary: the handler has run by now
+
+
+def test_ctrl_c_while_the_launcher_imports_is_one_line_and_130():
+    """Ctrl-C in the launcher's first seconds (torch, hydra imports): before, a KeyboardInterrupt
+    traceback from inside an import."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "launchers/train.py", "trainer.dry_run=true"], cwd=root,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    time.sleep(0.3)  # still importing torch (about a second or more here)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C, rank 0)"), err[-2000:]
