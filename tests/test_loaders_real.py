@@ -269,3 +269,75 @@ def test_wmdp_bad_answer_and_missing_column(tmp_path):
 def test_wmdp_bio_forget_corpus_missing_locally():
     with pytest.raises(DataError, match=r"dataset 'wmdp': split 'bio-forget-corpus/train' not found"):
         load_unlearning_data(cfg("wmdp_bio", path=str(FIX / "wmdp")))
+
+
+# ------------------------------------------------------------------------- hub snapshots (data.path)
+# tests/fixtures/*_snapshot: the file layouts `hf download <repo> --repo-type dataset` produces, with the
+# dataset cards' `configs:` front matter in the real cards' shape (a few rows each, some files left out as in
+# a partial download).
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket connection fails the test: a local snapshot must never be resolved on the hub."""
+    import socket
+
+    def refuse(*a, **k):
+        raise AssertionError(f"network access attempted: {a}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_tofu_hub_snapshot_root_level_files_through_the_card(no_network):
+    snap = FIX / "tofu_snapshot"
+    assert not (snap / "full.json").exists()  # the card's first (default) config: absent, as in a partial download
+    d = load_unlearning_data(cfg("tofu_forget01", path=str(snap), eval_splits=["forget01", "retain99", "real_authors",
+                                                                                "world_facts", "holdout01"]))
+    mirror = load_unlearning_data(cfg("tofu_forget01", path=str(FIX / "tofu"), eval_splits=[
+        "forget01", "retain99", "real_authors", "world_facts", "holdout01"]))
+    assert d.forget == mirror.forget and d.retain == mirror.retain and d.eval == mirror.eval
+    assert len(d.forget) == 2 and len(d.eval["forget01"]) == 2 and sorted(d.eval["holdout01"][0]) == ["answer",
+                                                                                                     "question"]
+
+
+def test_muse_hub_snapshot_parquet_shards_named_by_the_card(no_network):
+    snap = FIX / "muse_snapshot"
+    d = load_unlearning_data(cfg("muse_news", path=str(snap), eval_splits=["knowmem_forget"]))
+    assert d.forget == [{"text": r["text"]} for r in read_jsonl(FIX / "muse_news" / "raw" / "forget.jsonl")]
+    assert all("STALE" not in r["text"] for r in d.forget)  # raw/forget.json sits there, but the card names the parquet
+    assert len(d.retain) == 2 and sorted(d.eval) == ["knowmem_forget", "knowmem_forget_icl"]
+    assert d.eval["knowmem_forget"] == read_jsonl(FIX / "muse_news" / "knowmem" / "forget_qa.jsonl")
+
+
+def test_wmdp_hub_snapshot_multi_shard_corpus_and_merged_mcq_folders(no_network):
+    d = load_unlearning_data(cfg("wmdp_cyber", path=str(FIX / "wmdp_snapshot")))
+    assert d.forget == read_jsonl(FIX / "wmdp" / "cyber-forget-corpus" / "train.jsonl")  # both shards, in order
+    assert len(d.retain) == 2 and len(d.eval["wmdp-cyber"]) == 3 and d.eval["mmlu"][1]["answer"] == 2
+    # the cais/wmdp-corpora card lists bio-retain-corpus, whose files were not downloaded
+    with pytest.raises(DataError, match=r"dataset 'wmdp': split 'bio-retain-corpus/train': no file under .* matches "
+                                        r"\['bio-retain-corpus/train-\*'\] \(the data files .*README.md names"):
+        load_unlearning_data(cfg("wmdp_cyber", path=str(FIX / "wmdp_snapshot"), retain_split="bio-retain-corpus"))
+
+
+def test_snapshot_without_its_card_reads_hub_named_shards(tmp_path):
+    shutil.copytree(FIX / "wmdp_snapshot", tmp_path / "w")
+    (tmp_path / "w" / "README.md").unlink()
+    d = load_unlearning_data(cfg("wmdp_cyber", path=str(tmp_path / "w")))
+    assert d.forget == read_jsonl(FIX / "wmdp" / "cyber-forget-corpus" / "train.jsonl")
+
+
+def test_snapshot_unknown_config_or_split_lists_what_there_is(tmp_path):
+    with pytest.raises(DataError, match=r"dataset 'tofu': split 'forget07/train' not found under .*; available "
+                                        r"splits: \[\]; configs in .*README.md: \['forget01', .*'world_facts_perturbed'\]"):
+        load_unlearning_data(cfg("tofu_forget01", path=str(FIX / "tofu_snapshot"), forget_split="forget07"))
+    with pytest.raises(DataError, match=r"dataset 'muse:MUSE-News': split 'raw/retain3' not found: config 'raw' of "
+                                        r".*README.md has splits \['forget', 'holdout', 'retain1', 'retain2'\]"):
+        load_unlearning_data(cfg("muse_news", path=str(FIX / "muse_snapshot"), retain_split="retain3"))
+    with pytest.raises(DataError, match=r"dataset 'tofu': data.path='.*nowhere' is not a directory"):
+        load_unlearning_data(cfg("tofu_forget01", path=str(tmp_path / "nowhere")))
+
+
+def test_empty_eval_split_is_refused(tmp_path):
+    shutil.copytree(FIX / "tofu", tmp_path / "tofu")
+    (tmp_path / "tofu" / "forget01_perturbed" / "train.jsonl").write_text("")  # e.g. a truncated download
+    with pytest.raises(DataError, match=r"dataset 'tofu': evaluation split 'forget01' is empty"):
+        load_unlearning_data(cfg("tofu_forget01", path=str(tmp_path / "tofu")))

@@ -113,3 +113,17 @@ def test_truth_ratio_is_tofus_definition_chosen_by_the_data_config(data, tok_mod
         pert = [_avg_logprob(model, tok, r["question"], p) for p in r["perturbed_answer"]]
         expect = math.exp(sum(pert) / len(pert) - _avg_logprob(model, tok, r["question"], r["answer"]))
         assert tr == pytest.approx(expect, rel=1e-4)
+
+
+def test_question_answer_only_config_evaluates_without_truth_ratio(tok_model, caplog):
+    """holdout01 (as full, real_authors: question / answer only; open-unlearning's TOFU_MIA reads
+    holdout10 so) is a valid eval split: its truth-ratio metrics are skipped with a log line, as for
+    any dataset's QA-only split. The *_perturbed configs still need their columns."""
+    tok, model = tok_model
+    d = load_unlearning_data(data_cfg("tofu_forget10", path=str(FIX), eval_splits=["forget10", "holdout01"]))
+    assert sorted(d.eval["holdout01"][0]) == ["answer", "question"]
+    with caplog.at_level("INFO", logger="pipeline.eval.tofu"):
+        res = evaluate_splits(model, tok, {"holdout01": d.eval["holdout01"]},
+                              EvalSettings(batch_size=2, max_new_tokens=2, max_length=128), None)
+    assert any("no perturbed_answer column" in s for s in res["holdout01"].skipped)
+    assert "split 'holdout01': skipped" in caplog.text

@@ -8,9 +8,11 @@ module imports the one that imports it).
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -131,6 +133,116 @@ def _local_split_file(root: Path, subset: Optional[str], split: str) -> Optional
     return None
 
 
+# ``<split>-00000-of-00002.parquet``: how the hub names a split's shards (``push_to_hub``)
+_SHARD = re.compile(r"(?P<split>.+)-\d{5}-of-\d{5}")
+
+
+def _shard_files(base: Path, split: str) -> list[tuple[Path, str]]:
+    """``<base>/<split>-NNNNN-of-NNNNN.{jsonl,json,parquet}`` shards in order, each with its builder:
+    a snapshot's files when its README.md (which names them) is missing."""
+    out = []
+    for ext, builder in LOCAL_FORMATS:
+        for f in sorted(base.glob(f"{glob.escape(split)}-*.{ext}")):
+            m = _SHARD.fullmatch(f.name[: -len(ext) - 1])
+            if m and m["split"] == split:
+                out.append((f, builder))
+    return out
+
+
+def readme_configs(root: Path) -> dict[str, Any]:
+    """``{config_name: data_files}`` of the ``configs:`` list in the YAML front matter of
+    ``<root>/README.md`` (a hub snapshot's dataset card; ``data_files`` None where the card gives
+    none); ``{}`` without such a card."""
+    import yaml
+
+    readme = root / "README.md"
+    if not readme.is_file():
+        return {}
+    m = re.match(r"^---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", readme.read_text(encoding="utf-8", errors="replace"),
+                 re.DOTALL)
+    if not m:
+        return {}
+    try:
+        meta = yaml.safe_load(m.group(1)) or {}
+    except yaml.YAMLError as e:
+        raise DataError(f"{readme}: the YAML front matter does not parse: {str(e)[:300]}") from None
+    configs = (meta.get("configs") or []) if isinstance(meta, dict) else []
+    return {str(c["config_name"]): c.get("data_files") for c in configs if isinstance(c, dict) and c.get("config_name")}
+
+
+def _load_card_config(root: Path, subset: str, data_files: Any, split: str, dataset: str, where: str) -> list[dict]:
+    """Rows of one split of a config of a local hub snapshot, from the files its card names.
+
+    The card's ``data_files`` patterns are read with the ``datasets`` library's own rules
+    (``sanitize_patterns``: a path or list of paths is split ``train``; ``DataFilesList.from_patterns``:
+    the hub's glob semantics, shards in order), for the wanted split only, and each file is loaded
+    as a local file (:func:`_load_local_file`). Not ``load_dataset(<dir>, config)``: that resolves the
+    files of the card's first config too, so a partial download (``hf download --include ...``, a
+    WMDP directory merged from three repos) would fail on files nobody asked for.
+    """
+    import datasets
+    from datasets.data_files import DataFilesList, sanitize_patterns
+
+    card = root / "README.md"
+    if data_files is None:  # a config given by data_dir only: the library resolves it
+        try:
+            ds = datasets.load_dataset(str(root), subset, split=split)  # a local directory: never a hub id
+        except (ValueError, KeyError, FileNotFoundError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+            raise DataError(f"dataset {dataset!r}: cannot load split {where!r} from {root} (config of {card}): "
+                            f"{type(e).__name__}: {str(e)[:300]}") from None
+        return [dict(r) for r in ds]
+    splits = sanitize_patterns(data_files)
+    if split not in splits:
+        raise DataError(f"dataset {dataset!r}: split {where!r} not found: config {subset!r} of {card} has splits "
+                        f"{sorted(splits)}")
+    files = [Path(f) for f in DataFilesList.from_patterns(splits[split], base_path=str(root))]
+    if not files:  # e.g. a partial download
+        raise DataError(f"dataset {dataset!r}: split {where!r}: no file under {root} matches {splits[split]} "
+                        f"(the data files {card} names for it); download them")
+    builders = {f".{ext}": builder for ext, builder in LOCAL_FORMATS} | {".ndjson": "json"}
+    bad = [f.name for f in files if f.suffix not in builders]
+    if bad:
+        raise DataError(f"dataset {dataset!r}: split {where!r}: cannot read {bad} (only JSON Lines / JSON / parquet)")
+    return [r for f in files for r in _load_local_file(f, builders[f.suffix], dataset, where)]
+
+
+def load_local_split(root: Path, dataset: str, subset: Optional[str], split: str) -> list[dict]:
+    """Rows of ``split`` of config ``subset`` from the local directory ``root`` (``data.path``).
+
+    Looked up in order: a config listed in ``<root>/README.md``'s ``configs:`` (an ``hf download``
+    snapshot: TOFU's root-level ``forget01.json``, MUSE's and WMDP's ``<config>/<split>-NNNNN-of-NNNNN.parquet``
+    shards; the card, not stray files such as MUSE's older ``.json`` next to the parquet, says which
+    files are the data: :func:`_load_card_config`); else
+    ``<root>/<subset>/<split>.{jsonl,json,parquet}``; else hub-named shards
+    ``<root>/<subset>/<split>-NNNNN-of-NNNNN.*`` (a snapshot without its README.md, or several
+    snapshots merged into one directory, whose cards overwrite each other). Not found: a
+    :class:`DataError` listing the configs of the card and the splits there are.
+    """
+    where = f"{subset}/{split}" if subset else split
+    if not root.is_dir():
+        # never hand a missing path to load_dataset: it would read it as a hub id
+        raise DataError(f"dataset {dataset!r}: data.path={str(root)!r} is not a directory (split {where!r})")
+    configs = readme_configs(root)
+    if subset is not None and subset in configs:
+        return _load_card_config(root, subset, configs[subset], split, dataset, where)
+    found = _local_split_file(root, subset, split)
+    if found is not None:
+        f, builder = found
+        return _load_local_file(f, builder, dataset, where)
+    base = root / subset if subset else root
+    shards = _shard_files(base, split)
+    if shards:
+        return [r for f, builder in shards for r in _load_local_file(f, builder, dataset, where)]
+    names = {f.stem for ext, _ in LOCAL_FORMATS for f in base.glob(f"*.{ext}")}
+    available = sorted({m["split"] if (m := _SHARD.fullmatch(n)) else n for n in names})
+    listed = (f"; configs in {root / 'README.md'}: {sorted(configs)}" if configs else
+              f"; no dataset card with configs: at {root / 'README.md'} (an `hf download` snapshot has one)")
+    raise DataError(
+        f"dataset {dataset!r}: split {where!r} not found under {base} (looked for {split}.jsonl/.json/.parquet and "
+        f"{split}-NNNNN-of-NNNNN shards); available splits: {available}{listed}"
+    )
+
+
 def load_hf_split(
     dataset: str,
     hub_id: str,
@@ -141,34 +253,23 @@ def load_hf_split(
 ) -> list[dict]:
     """Rows of ``split`` of config ``subset`` of a hub dataset, through ``datasets.load_dataset``.
 
-    With ``path`` (a local directory mirroring the hub layout) the file
-    ``<path>/<subset>/<split>.{jsonl,json,parquet}`` is loaded with the same call
-    (``load_dataset("json"|"parquet", data_files=...)``); otherwise
-    ``load_dataset(hub_id, subset, split=split, revision=revision)``. A missing split or subset is
-    a :class:`DataError` naming the dataset, subset and split.
+    With ``path`` the rows come from that local directory (:func:`load_local_split`: an
+    ``hf download`` snapshot of the dataset, or ``<path>/<subset>/<split>.{jsonl,json,parquet}``);
+    otherwise ``load_dataset(hub_id, subset, split=split, revision=revision)``. A missing split or
+    subset is a :class:`DataError` naming the dataset, subset and split.
     """
     import datasets
 
     where = f"{subset}/{split}" if subset else split
     if path:
-        root = Path(path)
-        found = _local_split_file(root, subset, split)
-        if found is None:
-            base = root / subset if subset else root
-            available = sorted({f.stem for ext, _ in LOCAL_FORMATS for f in base.glob(f"*.{ext}")})
-            raise DataError(
-                f"dataset {dataset!r}: split {where!r} not found under {base} (looked for {split}.jsonl/.json/.parquet); "
-                f"available splits: {available}"
-            )
-        f, builder = found
-        return _load_local_file(f, builder, dataset, where)
+        return load_local_split(Path(path), dataset, subset, split)
     try:
         ds = datasets.load_dataset(hub_id, subset, split=split, revision=revision)
     except (ValueError, KeyError, FileNotFoundError, ConnectionError, OSError) as e:
         raise DataError(
             f"dataset {dataset!r}: cannot load split {where!r} of {hub_id!r}"
             f"{f' at revision {revision!r}' if revision else ''}: {type(e).__name__}: {str(e)[:300]} "
-            f"(offline? point data.path at a local copy laid out as <path>/<subset>/<split>.jsonl)"
+            f"(offline? point data.path at a local copy: an `hf download` snapshot or <path>/<subset>/<split>.jsonl)"
         ) from e
     return [dict(r) for r in ds]
 

@@ -3,7 +3,7 @@
 Loaders return plain row dicts (via the HF ``datasets`` library) and are checked here, before any
 model is loaded: every required column present, question / answer cells non-empty strings,
 ``facts`` lists of strings, a non-empty forget set, and no example shared by the forget and retain
-sets (exact text) — each failure names the dataset, split and column (and row).
+sets (exact text), no empty evaluation split — each failure names the dataset, split and column (and row).
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ def load_unlearning_data(data_cfg: Any, seed: int = 0, **ctx: Any) -> Unlearning
         check_text_values(rows, data.train_columns, name, split)
         check_facts(rows, name, split)
     for split, rows in data.eval.items():
+        # an empty evaluation split (e.g. a truncated download) would be scored as nothing, silently
+        if not rows:
+            raise DataError(f"dataset {name!r}: evaluation split {split!r} is empty (no rows read); fix or remove "
+                            f"it from data.eval_splits")
         check_columns(rows, data.eval_columns.get(split, QA_COLUMNS), name, split)
         if split not in data.eval_columns:
             check_text_values(rows, QA_COLUMNS, name, split)
@@ -107,8 +111,9 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
         return _packed_rows(tokenizer, rows, max_length, split)
     template = prompt_format if prompt_format is not None else PROMPT_TEMPLATE
     text_rows = [i for i, r in enumerate(rows) if "question" not in r and "text" in r]
-    # a raw-text row is <bos> + text, no <eos>: as the WMDP authors' RMU (the tokenizer's default special
-    # tokens: BOS only) and open-unlearning's PretrainingDataset; a document has no "answer" to close
+    # a raw-text row is <bos> + text, no <eos>, one row per text cut at max_length: as the WMDP authors' RMU
+    # (the tokenizer's default special tokens: BOS only); open-unlearning's PretrainingDataset also adds no
+    # <eos> but joins the texts and cuts windows (pack_text=True here). A document has no "answer" to close
     texts = dict(zip(text_rows, encode_texts(tokenizer, [rows[i]["text"] for i in text_rows], max_length,
                                              add_eos=False)))
     out, cut, answer_cut, mismatch = [], 0, 0, 0

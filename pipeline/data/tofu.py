@@ -11,9 +11,11 @@ Eval split names in ``data.eval_splits`` are the *logical* names the TOFU metric
 (:func:`pipeline.eval.tofu.tofu_metrics`): ``forgetNN`` reads ``forgetNN_perturbed``,
 ``retainNN`` reads ``retain_perturbed`` (TOFU's 400-question retain evaluation set),
 ``real_authors`` / ``world_facts`` read their ``*_perturbed`` configs; any other name is read as
-the config of that name. real_authors / world_facts have no paraphrased answer: their truth ratio
-uses the plain answer (open-unlearning ``ra_Truth_Ratio``), so ``paraphrased_answer`` is set to
-``answer`` there to fit the common evaluation row shape.
+the config of that name. The ``*_perturbed`` configs must have their evaluation columns; other
+configs (``holdout01``, ``full``, ...) need only ``question`` / ``answer`` (their truth-ratio
+metrics are skipped, as for any dataset's QA-only split). real_authors / world_facts have no
+paraphrased answer: their truth ratio uses the plain answer (open-unlearning ``ra_Truth_Ratio``),
+so ``paraphrased_answer`` is set to ``answer`` there to fit the common evaluation row shape.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ TOFU_HUB_ID = "locuslab/TOFU"
 TOFU_SPLIT = "train"  # every TOFU config has this one split
 NO_PARAPHRASE = ("real_authors", "world_facts")
 RA_WF_COLUMNS = ("question", "answer", "perturbed_answer")
+PERTURBED_SUFFIX = "_perturbed"
 
 
 def tofu_eval_subset(name: str) -> str:
@@ -84,7 +87,14 @@ def load_tofu(data_cfg: Any, **_: Any) -> UnlearningData:
         if split in NO_PARAPHRASE:
             check_columns(rows, RA_WF_COLUMNS, name, subset)
             rows = [{**r, "paraphrased_answer": r.get("paraphrased_answer") or r["answer"]} for r in rows]
-        check_columns(rows, EVAL_COLUMNS, name, subset)
-        check_list_column(rows, "perturbed_answer", name, subset)
+        if subset.endswith(PERTURBED_SUFFIX):
+            # a perturbed config is defined by these columns: one without them is a broken copy, and
+            # forget quality / model utility need its truth ratio
+            check_columns(rows, EVAL_COLUMNS, name, subset)
+            check_list_column(rows, "perturbed_answer", name, subset)
+        else:
+            # question/answer-only configs (holdout01/05/10, full, ...): the truth-ratio columns are
+            # optional as for any dataset (checked by load_unlearning_data; their metrics are skipped)
+            check_columns(rows, QA_COLUMNS, name, subset)
         evals[split] = rows
     return UnlearningData(name, forget, retain, evals, data_cfg.forget_split, data_cfg.retain_split)

@@ -15,7 +15,10 @@ Hub layout:
 
 Eval split names: ``wmdp-bio`` / ``wmdp-cyber`` / ``wmdp-chem`` (also ``wmdp_bio`` ...), ``mmlu``
 (config ``all``) or ``mmlu-<subject>`` / ``mmlu_<subject>``. With ``data.path`` all of them are read
-from the same local directory: ``<path>/<config>/<split>.{jsonl,json,parquet}``.
+from the same local directory (:func:`pipeline.data.common.load_local_split`): the config folders of
+the three repos' ``hf download`` snapshots copied into one directory (``<config>/<split>-NNNNN-of-NNNNN.parquet``
+shards, read through the README.md card that is there, or by their hub names where the card is
+another repo's), or ``<path>/<config>/<split>.{jsonl,json,parquet}``.
 """
 
 from __future__ import annotations

@@ -207,3 +207,12 @@ def test_cli_overlap_stops_with_one_line_and_exit_2(tmp_path):
     assert "error (DataError" in out.stderr and "appear in both" in out.stderr
     assert not (tmp_path / "runs" / "tofu_tiny" / "asu_kl" / "model").exists()
 
+
+
+def test_empty_eval_split_is_refused(tmp_path):
+    # forget / retain were checked for emptiness, an evaluation split was not: it scored nothing, silently
+    write(tmp_path, "forget", [qa_row("alice", "paris")])
+    write(tmp_path, "retain", [qa_row("bob", "rome")])
+    write(tmp_path, "ev", [])
+    with pytest.raises(DataError, match=r"evaluation split 'ev' is empty"):
+        load_unlearning_data(cfg(tmp_path, eval_splits=["ev"]))
