@@ -432,6 +432,12 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _validate_peft(cfg, n_layers)
     # Method-specific ranges live with the method (e.g. tau > 0, layers < n_layers).
     METHODS.get(cfg.method.name).validate_config(cfg.method, n_layers)
+    # the fused KL streams full cached rows only (pipeline/methods/passes.py): refused here, before the
+    # models load and the cache is built, not at the first training step
+    topk = int(cfg.method.get("cache_topk", 0) or 0)
+    _require(not (cfg.method.get("teacher") == "cached" and topk > 0 and cfg.kernels.kl == "fused"), "method.cache_topk",
+             f"a top-k teacher cache (method.cache_topk={topk}) needs kernels.kl=naive; kernels.kl=fused streams "
+             "full cached rows only (set method.cache_topk=0 or kernels.kl=naive)")
 
 
 EVAL_DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -416,3 +417,174 @@ def test_a_second_publisher_keeps_the_first_copy_and_a_leftover_without_index_is
     _rename_unless_published(built(".c.tmp"), leftover)
     assert (leftover / INDEX).read_text() == ".c.tmp" and not (leftover / "shard.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["key", "other"]
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs
+
+    register_configs()
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def test_a_topk_cache_with_the_fused_kl_is_a_config_error(tmp_path):
+    """kernels.kl=fused streams full cached rows only: a top-k cache with it was refused at the first
+    training step, after both models loaded and the whole cache was built; now by the config check
+    the run makes before it loads anything, in one line naming both keys."""
+    from pipeline.config import ConfigError, validate
+
+    common = ["method=asu_gd", "method.tau=2.0", "method.teacher=cached", f"output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"^config error at 'method.cache_topk': .*kernels.kl=naive.*"
+                                          r"kernels.kl=fused") as e:
+        validate(_compose([*common, "method.cache_topk=5", "kernels=fused"]))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="method.cache_topk"):
+        validate(_compose([*common, "method.cache_topk=5", "kernels.kl=fused"]))
+    validate(_compose([*common, "method.cache_topk=0", "kernels=fused"]))  # full rows stream fine
+    validate(_compose([*common, "method.cache_topk=5", "kernels.kl=naive"]))
+    validate(_compose(["method=asu_gd", "method.tau=2.0", "method.cache_topk=5", "kernels=fused",
+                       f"output_dir={tmp_path}"]))  # a live teacher reads no cache
+
+
+def _corrupt(path, how):
+    """Damage the published cache ``path`` as a bad copy, a full disk or bit rot would."""
+    shard = sorted(path.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    if how == "truncated":
+        shard.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "bytes_changed":  # inside the data region, the header intact: read back silently before
+        data[-200:-100] = b"\x7f" * 100
+        shard.write_bytes(bytes(data))
+    elif how == "header_changed":
+        data[9:13] = b"XXXX"
+        shard.write_bytes(bytes(data))
+    elif how == "missing":
+        shard.unlink()
+    else:  # "old_index": written before the index recorded shard sizes
+        index = json.loads((path / tc.INDEX).read_text())
+        del index["files"]
+        (path / tc.INDEX).write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("how,full_check,reason", [
+    ("truncated", True, "bytes, .* when published"),
+    ("bytes_changed", True, "sha256 differs"),
+    ("missing", True, "is missing"),
+    ("old_index", True, "written before index.json recorded shard sizes"),
+    ("truncated", False, "bytes, .* when published"),
+    ("header_changed", False, "sampled digest differs"),
+    ("bytes_changed", False, "sampled digest differs"),  # the last block is always sampled
+])
+def test_a_damaged_cache_is_rebuilt_not_reused(models, rows, tmp_path, monkeypatch, caplog, how, full_check,
+                                               reason):
+    """A cache damaged after publishing was reused on the strength of its index.json alone: a truncated
+    shard failed at the first step (SafetensorError), changed bytes were read back silently (values up
+    to 3.4e38). Now cache_ready says no (so the teacher gets loaded) and the build rebuilds it, with
+    one log line saying why."""
+    teacher, _ = models
+    if not full_check:  # a cache too large to re-hash on every run: size and sampled digest only
+        monkeypatch.setattr(tc, "FULL_CHECK_BYTES", 0)
+    first = _build(teacher, rows, tmp_path, topk=0)
+    good = tc.TeacherCache(first).rows([0, 1, 2])
+    index = json.loads((first / tc.INDEX).read_text())
+    assert index["files"] and sum(f["bytes"] for f in index["files"].values()) == index["bytes"]
+    assert tc.cache_ready(tmp_path, "tiny", _cfg(0), rows[0], "forget", 64, "float32")
+    _corrupt(first, how)
+    assert not tc.cache_ready(tmp_path, "tiny", _cfg(0), rows[0], "forget", 64, "float32")
+    with caplog.at_level(logging.INFO, logger=tc.__name__):
+        again = _build(teacher, rows, tmp_path, topk=0)
+    lines = [r.getMessage() for r in caplog.records if "fails its check" in r.getMessage()]
+    assert len(lines) == 1 and "rebuilding it" in lines[0], lines
+    assert re.search(reason, lines[0]), lines[0]
+    assert "teacher cache: built" in caplog.text and "teacher cache: reusing" not in caplog.text
+    assert again == first and [p.name for p in tmp_path.iterdir()] == [first.name]
+    for a, b in zip(good, tc.TeacherCache(again).rows([0, 1, 2])):
+        assert torch.equal(a, b)
+    assert tc.cache_ready(tmp_path, "tiny", _cfg(0), rows[0], "forget", 64, "float32")
+
+
+def test_an_intact_cache_is_hashed_once_per_process(models, rows, tmp_path, monkeypatch):
+    """cache_ready and the build's reuse make the same check: the second one is not a second hash."""
+    teacher, _ = models
+    _build(teacher, rows, tmp_path, topk=5)
+    calls = []
+    real = tc._sha256
+    monkeypatch.setattr(tc, "_sha256", lambda p: calls.append(p) or real(p))
+    assert tc.cache_ready(tmp_path, "tiny", _cfg(5), rows[0], "forget", 64, "float32")
+    n = len(calls)
+    assert n >= 1
+    _build(None, rows, tmp_path, topk=5)  # reused: no teacher needed
+    assert len(calls) == n
+
+
+def test_the_key_holds_the_code_that_computes_the_cache(rows, tmp_path, monkeypatch):
+    """A fix to tempered attention or the frozen pass kept serving caches the old code built (unless
+    FORMAT_VERSION was bumped by hand): the key now hashes that code."""
+    files = tc.code_files()
+    names = {(f.parent.name, f.name) for f in files}
+    for needed in [("models", "tempered_attention.py"), ("methods", "passes.py"), ("methods", "model_io.py"),
+                   ("attention", "sdpa.py"), ("kernels", "tempered_attention.py"), ("kernels", "reference.py"),
+                   ("data", "collate.py")]:
+        assert needed in names, needed
+    copies = []
+    for i, f in enumerate(files):
+        copies.append(tmp_path / f"{i}-{f.name}")
+        shutil.copyfile(f, copies[-1])
+    monkeypatch.setattr(tc, "code_files", lambda: list(copies))
+
+    def key():
+        return tc.cache_key(tc.cache_fields("tiny", 2.0, None, "forget", 64, 5, rows[0], "float32"))
+
+    before = key()
+    assert before == key()
+    tempered = next(c for c in copies if c.name.endswith("-tempered_attention.py"))
+    tempered.write_text(tempered.read_text() + "\n# a fix\n")
+    assert key() != before
+
+
+def test_split_name_and_max_length_are_covered_by_the_rows(tiny, rows):
+    """The key hashes the ids the teacher is fed: another split name or max_length with the same rows
+    is the same cache; a max_length that truncates a row is another one."""
+    from transformers import AutoTokenizer
+
+    from pipeline.data.loaders import encode_rows
+
+    enc, _ = rows
+
+    def key(encoded, split="forget", max_length=64):
+        return tc.cache_key(tc.cache_fields("tiny", 2.0, None, split, max_length, 5, encoded, "float32"))
+
+    fields = tc.cache_fields("tiny", 2.0, None, "forget01", 128, 5, enc, "float32")
+    assert fields["split"] == "forget01" and fields["max_length"] == 128  # recorded in the index all the same
+    assert key(enc) == key(enc, "forget01", 128)
+    _, model_dir, data_dir = tiny
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    data = [json.loads(x) for x in (data_dir / "forget.jsonl").read_text().splitlines()]
+    data += [json.loads(x) for x in (data_dir / "retain.jsonl").read_text().splitlines()]
+    longest = max(len(r["input_ids"]) for r in enc)
+    short = encode_rows(tok, data, longest - 2, True, "forget")
+    assert [r["input_ids"] for r in short] != [r["input_ids"] for r in enc]
+    assert key(short, max_length=longest - 2) != key(enc)
+    # labels are hashed too: the same ids with another loss mask are another cache
+    relabeled = [dict(r, labels=list(r["input_ids"])) for r in enc]
+    assert key(relabeled) != key(enc)
+
+
+def test_a_discarded_caches_interrupted_deletion_is_cleaned(models, rows, tmp_path, caplog):
+    """A final directory moved aside to be deleted (.<key>.stale-*) whose deletion was interrupted was
+    never removed: the cleanup only matched .tmp- names."""
+    teacher, _ = models
+    key = tc.cache_key(tc.cache_fields("tiny", 2.0, None, "forget", 64, 5, rows[0], "float32"))
+    stale = tmp_path / f".{key}.stale-{_dead_pid()}-0badcafe"
+    other = tmp_path / ".0123456789abcdef0123.stale-1-deadbeef"  # another cache's, whoever's: nothing reads it
+    for d in (stale, other):
+        d.mkdir()
+        (d / "rows-r000-00000.safetensors").write_bytes(b"\0" * 2**20)
+    with caplog.at_level(logging.INFO, logger=tc.__name__):
+        path = _build(teacher, rows, tmp_path, topk=5)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    removed = [r.getMessage() for r in caplog.records if "deletion was interrupted" in r.getMessage()]
+    assert len(removed) == 2 and all("1.0 MiB freed" in m for m in removed), removed

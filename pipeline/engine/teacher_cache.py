@@ -19,18 +19,33 @@ Per forget row only the loss positions are kept (``labels[1:] != -100``, the pos
 
 The key hashes the model's identity (its resolved path and its weight files' fingerprint — names,
 sizes, mtimes, safetensors headers, config: :func:`pipeline.models.fingerprint.model_fingerprint`,
-so a model rewritten in place gets a new cache), tau, teacher_layers, the data split name,
-max_length, topk and the token ids/labels of the encoded forget rows (so a changed tokenizer,
-truncation or subset never reuses a stale cache). A build is atomic: every rank writes its shards
-into a temporary directory next to the final one, rank 0 writes ``index.json`` last and renames the
-directory into place; an existing complete cache is reused without running the teacher. Two jobs
-building the same cache at once each build their own; the first rename wins, the other discards.
+so a model rewritten in place gets a new cache), tau, teacher_layers, topk, the dtype, the token
+ids/labels of the encoded forget rows — exactly what the teacher is fed, so a changed tokenizer,
+truncation (max_length) or subset (split) never reuses a stale cache; the split name and max_length
+are recorded in the index but not hashed — and a digest of the code that computes the cached values
+(:func:`code_digest`: tempered attention and its backends, the frozen pass, batching and
+:func:`_teacher_rows`), so a fix to that code is a new cache without a hand-bumped FORMAT_VERSION.
+
+A build is atomic: every rank writes its shards into a temporary directory next to the final one,
+rank 0 writes ``index.json`` last and renames the directory into place; an existing complete cache
+is reused without running the teacher. Two jobs building the same cache at once each build their
+own; the first rename wins, the other discards.
+
+The index records each shard's size, sha256 and a sampled digest (:func:`_shard_record`). Before a
+cache is reused (and by :func:`cache_ready`, which decides whether the teacher is loaded at all)
+every shard's size is checked, and its sha256 when the cache is at most ``FULL_CHECK_BYTES`` (about
+a second of hashing), else the sampled digest (its safetensors header and ``SAMPLE_BLOCKS`` blocks
+spread over the file): hashing a multi-GiB full-vocabulary cache on every run would cost as much as
+a good part of building it. A cache that fails is moved aside, deleted and rebuilt, with one log
+line saying why; so is a cache whose index records no shards (written before these checks).
 
 A build killed outright (SIGKILL, a SIGTERM's default action, a lost node) cannot clean up: its temp
 directory ``.<key>.tmp-<host>-<pidns>-<pid>-<random>`` stays. Before building, rank 0 removes every
 such directory under the cache root that no live build owns: its writer's PID is gone (checked only
 on the same host and PID namespace), or nothing touched it for ``STALE_AFTER_S`` — a live build,
-on any node, refreshes its directory's mtime at least every ``HEARTBEAT_S`` between batches.
+on any node, refreshes its directory's mtime at least every ``HEARTBEAT_S`` between batches. It
+also removes every ``.<key>.stale-<pid>-<random>`` directory: a cache moved aside to be deleted
+whose deletion was interrupted (nothing reads or writes one after the move).
 
 Distributed: batches are dealt round-robin over ranks. Under ZeRO-3 every rank must run the same
 number of forwards (each layer's parameters are all-gathered collectively), so ranks with fewer
@@ -42,6 +57,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -52,7 +69,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -64,14 +81,34 @@ from pipeline.progress import tracked
 log = logging.getLogger(__name__)
 
 INDEX = "index.json"
-FORMAT_VERSION = 1
+# 2: the index records each shard's size and hashes, the key holds the code digest
+FORMAT_VERSION = 2
 SHARD_BYTES = 256 * 2**20
+# Reuse checks every shard's sha256 up to this total (about a second at sha256's 1.5 GB/s); above,
+# its size and sampled digest only: full-vocabulary caches of 7B models reach tens of GiB, and
+# re-hashing those on every run would cost a good part of building them.
+FULL_CHECK_BYTES = 2 * 2**30
+# The sampled digest: the safetensors header and this many blocks spread evenly over the shard.
+SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 16, 64 * 2**10
+# The code whose output the cache stores, as globs under the pipeline and kernels packages (hashed
+# into the key by code_digest, with _teacher_rows' own source): tempered attention, its backends and
+# their kernels, the frozen pass, the sharded-embedding lookup it uses, batching.
+CODE_FILES = {
+    "pipeline": ("models/tempered_attention.py", "models/attention/*.py", "models/sharded_embedding.py",
+                 "methods/passes.py", "methods/model_io.py", "data/collate.py"),
+    "kernels": ("reference.py", "tempered_attention.py"),
+}
+# In the key's fields but not hashed: rows_sha256 hashes the ids the teacher is fed, which is what
+# the split and max_length decide (another split name with the same rows is the same cache).
+NOT_IN_KEY = ("split", "max_length")
 # A live build refreshes its temp dir at least this often (between batches); one untouched for
 # STALE_AFTER_S is an interrupted build's, whatever node wrote it (a batch's forward takes far less).
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 30 * 60.0
 # .<key>.tmp-<host>-<pidns>-<pid>-<random>; the older .<key>.tmp-<random> goes by age only
 TEMP_RE = re.compile(r"^\.[0-9a-f]+\.tmp-(?:(?P<owner>.+)-(?P<pid>\d+)-)?[0-9a-f]{8}$")
+# .<key>.stale-<pid>-<random>: a cache moved aside to be deleted (_discard)
+STALE_RE = re.compile(r"^\.[0-9a-f]+\.stale-\d+-[0-9a-f]{8}$")
 
 
 class TeacherCacheError(RuntimeError):
@@ -119,11 +156,41 @@ def _model_id(teacher: Any) -> str:
     return str(getattr(cfg, "_name_or_path", "") or type(unwrap(teacher)).__name__)
 
 
+def code_files() -> list[Path]:
+    """The files :data:`CODE_FILES` names, sorted; a pattern that matches nothing is an error (a
+    moved module would otherwise drop out of the key silently)."""
+    spec = importlib.util.find_spec("kernels")  # the package `from kernels...` imports, wherever it is
+    if spec is None or not spec.submodule_search_locations:
+        raise TeacherCacheError("teacher cache: cannot locate the kernels package to hash its code")
+    roots = {"pipeline": Path(__file__).resolve().parents[1],
+             "kernels": Path(next(iter(spec.submodule_search_locations))).resolve()}
+    files: list[Path] = []
+    for pkg, patterns in CODE_FILES.items():
+        for pattern in patterns:
+            found = sorted(roots[pkg].glob(pattern))
+            if not found:
+                raise TeacherCacheError(f"teacher cache: no file matches {pkg}/{pattern} (update CODE_FILES)")
+            files += found
+    return files
+
+
+def code_digest(files: Optional[Sequence[Path]] = None) -> str:
+    """SHA-256 of the code that computes the cached values (:func:`code_files`, and
+    :func:`_teacher_rows`' source rather than this whole module, whose cleanup and read side do not
+    change a value): a cache computed by other code is not reused."""
+    from pipeline.code_digest import code_sha256
+
+    return code_sha256(code_files() if files is None else files,
+                       [("_teacher_rows", inspect.getsource(_HASHED_FUNCTIONS[0]))])
+
+
 def cache_fields(model_path: str, tau: float, teacher_layers: Optional[Sequence[int]], split: str,
                  max_length: int, topk: int, forget_encoded: Sequence[dict], dtype: str) -> dict:
-    """Everything the cached distributions depend on (hashed into the directory name): the model's
-    files' fingerprint (new weights at the same path are another teacher) and the dtype the teacher
-    computes in among them (a bf16 GPU run's distributions are not an fp32 run's)."""
+    """Everything the cached distributions depend on (hashed into the directory name, all but
+    :data:`NOT_IN_KEY`): the model's files' fingerprint (new weights at the same path are another
+    teacher), the dtype the teacher computes in (a bf16 GPU run's distributions are not an fp32
+    run's), the ids and labels it is fed, the code that computes them."""
+    # the ids/labels exactly as pad_batch feeds them to the teacher (labels default to the ids)
     h = hashlib.sha256()
     for r in forget_encoded:
         h.update(json.dumps([list(map(int, r["input_ids"])), list(map(int, r.get("labels", r["input_ids"])))]).encode())
@@ -139,11 +206,14 @@ def cache_fields(model_path: str, tau: float, teacher_layers: Optional[Sequence[
         "rows": len(forget_encoded),
         "rows_sha256": h.hexdigest(),
         "dtype": str(dtype),
+        "code": code_digest(),
     }
 
 
 def cache_key(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+    """The cache directory's name: a hash of ``fields`` but the informational :data:`NOT_IN_KEY`."""
+    keyed = {k: v for k, v in fields.items() if k not in NOT_IN_KEY}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:20]
 
 
 # -- build ------------------------------------------------------------------------------------------------
@@ -172,6 +242,10 @@ def _teacher_rows(teacher: Any, rows: list[dict], tau: float, layers, topk: int,
         else:
             out.append({"logprobs": sel.contiguous()})
     return out
+
+
+# bound at import: code_digest hashes this code, not whatever replaces the module's name (tests do)
+_HASHED_FUNCTIONS = (_teacher_rows,)
 
 
 def build_teacher_cache(
@@ -237,11 +311,17 @@ def build_teacher_cache(
 def _prepare(root: Path, key: str, teacher: Any, forget_encoded: Sequence[dict],
              topk: int) -> tuple[bool, Optional[str], Optional[str]]:
     """Rank 0: ``(exists, temp dir, refusal)`` for the cache ``root/key``. It first removes interrupted
-    builds' leftovers (so their space counts as free), then, unless the cache exists, checks the disk
-    and creates the temp dir."""
+    builds' leftovers (so their space counts as free), then, unless a cache that passes
+    :func:`_reuse_refusal` exists, discards a failing one, checks the disk and creates the temp dir."""
     _remove_stale_temps(root)
-    if (root / key / INDEX).exists():
-        return True, None, None
+    final = root / key
+    if (final / INDEX).exists():
+        reason = _reuse_refusal(final)
+        if reason is None:
+            return True, None, None
+        # moved aside first: the publishing rename would keep a complete-looking copy in place
+        log.warning("teacher cache: %s fails its check (%s): rebuilding it", final, reason)
+        _discard(final)
     root.mkdir(parents=True, exist_ok=True)
     refusal = _check_size(forget_encoded, _vocab_size(teacher), topk, root)
     if refusal is not None:
@@ -315,14 +395,21 @@ def _remove_stale_temps(root: Path) -> None:
         try:
             if d.is_symlink() or not d.is_dir():
                 continue
-            reason = _stale_reason(d, owner, now)
-            if reason is None:
+            # a discarded cache's directory is only ever deleted once moved aside: any left was interrupted
+            discarded = STALE_RE.match(d.name) is not None
+            reason = None if discarded else _stale_reason(d, owner, now)
+            if reason is None and not discarded:
                 continue
             size = _tree_bytes(d)
         except FileNotFoundError:  # another job's cleanup, or its build's rename, got there first
             continue
         shutil.rmtree(d, ignore_errors=True)
-        if not d.exists():
+        if d.exists():
+            continue
+        if discarded:
+            log.info("teacher cache: removed %s, a discarded cache whose deletion was interrupted: %s freed", d,
+                     _size(size))
+        else:
             log.info("teacher cache: removed %s, an interrupted build's temp dir (%s): %s freed", d, reason,
                      _size(size))
 
@@ -389,6 +476,7 @@ class _ShardWriter:
         self.directory, self.rank = directory, rank
         self.part: dict[str, str] = {}  # row -> shard file
         self.lengths: dict[str, int] = {}  # row -> cached positions
+        self.files: dict[str, dict] = {}  # shard file -> its size and digests (_shard_record)
         self._buf: dict[str, torch.Tensor] = {}
         self._bytes, self._shards = 0, 0
 
@@ -407,6 +495,8 @@ class _ShardWriter:
 
         name = f"rows-r{self.rank:03d}-{self._shards:05d}.safetensors"
         save_file(self._buf, str(self.directory / name))
+        # hashed by the rank that wrote it, just written (from the page cache): ranks share the work
+        self.files[name] = _shard_record(self.directory / name)
         for k in self._buf:
             self.part[k.split(".")[0]] = name
         self._buf, self._bytes, self._shards = {}, 0, self._shards + 1
@@ -435,7 +525,8 @@ def _write_rank_part(teacher: Any, rows: list[dict], batch_size: int, tau: float
     writer.flush()
     if was_training:
         teacher.train()
-    (tmp / f"part-r{rank:03d}.json").write_text(json.dumps({"shards": writer.part, "lengths": writer.lengths}))
+    (tmp / f"part-r{rank:03d}.json").write_text(json.dumps({"shards": writer.part, "lengths": writer.lengths,
+                                                           "files": writer.files}))
     return vocab
 
 
@@ -446,22 +537,36 @@ def _publish(tmp: Path, final: Path, fields: dict, n_rows: int, vocab: Optional[
 
     shards: dict[str, str] = {}
     lens: dict[str, int] = {}
+    files: dict[str, dict] = {}
     for p in sorted(tmp.glob("part-r*.json")):
         d = json.loads(p.read_text())
         shards.update(d["shards"])
         lens.update(d["lengths"])
+        files.update(d["files"])
         p.unlink()
     missing = [i for i in range(n_rows) if str(i) not in shards]
     if missing:
         raise TeacherCacheError(f"teacher cache build: rows {missing[:10]} missing from {tmp} (is the cache "
                                 f"directory on a filesystem every rank sees?)")
-    index = {"fields": fields, "vocab_size": vocab, "shards": shards, "lengths": lens,
-             "bytes": sum(p.stat().st_size for p in tmp.glob("*.safetensors"))}
+    index = {"fields": fields, "vocab_size": vocab, "shards": shards, "lengths": lens, "files": files,
+             "bytes": sum(f["bytes"] for f in files.values())}
     atomic_write_json(tmp / INDEX, index)
     _rename_unless_published(tmp, final)
     log.info("teacher cache: built %s (%d rows, topk=%s, %.1f MiB)", final, n_rows, topk or "full",
              index["bytes"] / 2**20)
 
+
+def _discard(final: Path) -> bool:
+    """Move ``final`` aside under ``.<key>.stale-<pid>-<random>`` and delete it there (a deletion
+    interrupted there is finished by :func:`_remove_stale_temps`, never mistaken for a cache);
+    False if it was gone already."""
+    aside = final.with_name(f".{final.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.rename(final, aside)
+    except FileNotFoundError:
+        return False
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
 
 
 def _rename_unless_published(tmp: Path, final: Path) -> None:
@@ -479,13 +584,113 @@ def _rename_unless_published(tmp: Path, final: Path) -> None:
         if (final / INDEX).exists():  # another job won the race: keep its copy
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        aside = final.with_name(f".{final.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            os.rename(final, aside)
-        except FileNotFoundError:
-            continue  # someone else moved it: try again
-        shutil.rmtree(aside, ignore_errors=True)
+        _discard(final)  # gone already (someone else moved it): try again all the same
     os.rename(tmp, final)
+
+
+# -- integrity of a published cache -----------------------------------------------------------------------
+
+
+def _chunks(f: Any, n: int, size: int = 2**20) -> Iterator[bytes]:
+    """Up to ``n`` bytes of the open file ``f`` from where it stands, in chunks."""
+    while n > 0:
+        b = f.read(min(size, n))
+        if not b:
+            return
+        n -= len(b)
+        yield b
+
+
+def _sample_sha256(path: Path, size: int) -> str:
+    """SHA-256 of a shard's safetensors header (its 8-byte length and JSON) and ``SAMPLE_BLOCKS``
+    blocks spread evenly over the file: a cheap check of a large shard (about 1 MiB read)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        h.update(head)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        for b in _chunks(f, min(n, max(size - 8, 0))):  # a damaged length reads to the end, no further
+            h.update(b)
+        span = max(size - SAMPLE_BLOCK_BYTES, 0)
+        for i in range(SAMPLE_BLOCKS):
+            f.seek(span * i // max(SAMPLE_BLOCKS - 1, 1))
+            h.update(f.read(SAMPLE_BLOCK_BYTES))
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 of the whole file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in _chunks(f, path.stat().st_size):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _shard_record(path: Path) -> dict:
+    """What the index records of a shard, and reuse checks: its size, sha256 and sampled digest."""
+    size = path.stat().st_size
+    return {"bytes": size, "sha256": _sha256(path), "sample_sha256": _sample_sha256(path, size)}
+
+
+# path -> (the files' stat signature, the check's answer): cache_ready and the build check once
+_CHECKED: dict[Path, tuple[tuple, Optional[str]]] = {}
+
+
+def _signature(path: Path) -> tuple:
+    """Names, sizes, mtimes, ctimes and inodes of a cache directory's files: a changed one is checked anew."""
+    out = []
+    for f in sorted(path.iterdir()):
+        st = f.stat()
+        out.append((f.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return tuple(out)
+
+
+def _reuse_refusal(path: Path) -> Optional[str]:
+    """Why the published cache ``path`` must not be reused (damaged after publishing, or written
+    before the index recorded its shards), or None: every shard has the size recorded when it was
+    published, and its sha256 (up to ``FULL_CHECK_BYTES`` in all) or sampled digest (above)."""
+    try:
+        sig = _signature(path)
+    except OSError as e:
+        return f"cannot list it: {e.strerror}"
+    memo = _CHECKED.get(path)
+    if memo is not None and memo[0] == sig:
+        return memo[1]
+    reason = _check_shards(path)
+    _CHECKED[path] = (sig, reason)
+    return reason
+
+
+def _check_shards(path: Path) -> Optional[str]:
+    """:func:`_reuse_refusal`'s check itself, uncached."""
+    try:
+        index = json.loads((path / INDEX).read_text())
+    except (OSError, ValueError) as e:
+        return f"its {INDEX} is unreadable: {e}"
+    files = index.get("files") if isinstance(index, dict) else None
+    if not isinstance(files, dict):
+        return f"written before {INDEX} recorded shard sizes and hashes"
+    unrecorded = sorted(set(index.get("shards", {}).values()) - files.keys())
+    if unrecorded:
+        return f"its {INDEX} records no size for shard {unrecorded[0]}"
+    try:
+        full = sum(int(r["bytes"]) for r in files.values()) <= FULL_CHECK_BYTES
+        digests = {name: r["sha256" if full else "sample_sha256"] for name, r in files.items()}
+    except (KeyError, TypeError, ValueError):
+        return f"its {INDEX} has malformed shard records"
+    for name, rec in sorted(files.items()):
+        try:
+            size = (path / name).stat().st_size
+        except FileNotFoundError:
+            return f"shard {name} is missing"
+        if size != rec["bytes"]:
+            return f"shard {name} has {size} bytes, {rec['bytes']} when published"
+        if full and _sha256(path / name) != digests[name]:
+            return f"shard {name}'s sha256 differs from the one recorded when published"
+        if not full and _sample_sha256(path / name, size) != digests[name]:
+            return f"shard {name}'s sampled digest differs from the one recorded when published"
+    return None
 
 
 # -- read -------------------------------------------------------------------------------------------------
@@ -581,12 +786,14 @@ class TeacherCache:
 
 def cache_ready(root: str | os.PathLike, model_path: str, method_cfg: Any, forget_encoded: Sequence[dict],
                 split: str, max_length: int, dtype: str) -> bool:
-    """Whether the cache :func:`build_teacher_cache` would use already exists (rank 0 decides,
-    every rank gets the same answer)."""
+    """Whether the cache :func:`build_teacher_cache` would reuse exists and passes its check (rank 0
+    decides, every rank gets the same answer)."""
     ready = None
     if _rank_world()[0] == 0:
         layers = list(method_cfg.teacher_layers) if method_cfg.teacher_layers is not None else None
         fields = cache_fields(model_path, float(method_cfg.tau), layers, split, max_length,
                               int(getattr(method_cfg, "cache_topk", 0) or 0), forget_encoded, dtype)
-        ready = (Path(root) / cache_key(fields) / INDEX).exists()
+        final = Path(root) / cache_key(fields)
+        # the same check as the build's reuse: a damaged cache needs the teacher loaded to rebuild it
+        ready = (final / INDEX).exists() and _reuse_refusal(final) is None
     return bool(_broadcast(ready))

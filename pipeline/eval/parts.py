@@ -43,12 +43,10 @@ def rows_digest(rows: Sequence[dict]) -> str:
 def code_digest() -> str:
     """SHA-256 of the code that computes a split's numbers (the evaluators, prompt formatting,
     batching): a part computed by other code is not reused."""
+    from pipeline.code_digest import code_sha256
+
     pipeline_dir = Path(__file__).resolve().parents[1]
-    files = sorted((pipeline_dir / "eval").glob("*.py")) + [pipeline_dir / "data" / f for f in CODE_FILES]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
+    return code_sha256(sorted((pipeline_dir / "eval").glob("*.py")) + [pipeline_dir / "data" / f for f in CODE_FILES])
 
 
 
