@@ -79,3 +79,25 @@ def test_a_rerun_reuses_the_export_and_the_finished_splits_and_ends_with_the_sam
 
     _, fourth = go("eval.resume=false")
     assert fourth["evaluation"]["reused_splits"] == [] and fourth["metrics"] == first["metrics"]
+
+
+def test_privleaks_retrain_auc_does_not_invalidate_the_stored_splits(tmp_path):
+    """eval.retrain_auc only enters the PrivLeak formula over the stored Min-K% scores: setting it once
+    the retrain model's AUC is known (the documented MUSE workflow) reuses every evaluated split."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs
+    from pipeline.eval.parts import parts_key
+    from tests.helpers.tiny import build
+
+    model_dir = build(tmp_path)[0]
+    register_configs()
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    keys = []
+    for extra in ([], ["eval.retrain_auc=0.52"], ["eval.max_new_tokens=7"]):
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            cfg = compose("config", overrides=["data=muse_news", *extra])
+        keys.append(parts_key(cfg, model_dir, "float32", 1, "answer", False))
+    assert keys[0] == keys[1] and keys[0] != keys[2]

@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 KEY_SCHEMA = 1
 PARTS_DIR = "eval_parts"
 # eval.* settings that do not change a split's numbers
-NOT_IN_KEY = ("enabled", "resume", "lm_eval", "lm_eval_tasks", "lm_eval_include_path", "lm_eval_include_defaults")
+# eval settings that change no split's numbers: switches, lm-eval (run apart), and PrivLeak's retrain AUC
+# (applied to the stored Min-K% scores afterwards: setting it once known re-scored every MUSE split)
+NOT_IN_KEY = ("enabled", "resume", "lm_eval", "lm_eval_tasks", "lm_eval_include_path", "lm_eval_include_defaults",
+              "retrain_auc")
 CODE_FILES = ("formatting.py", "prompt_formats.py", "collate.py")  # pipeline/data/ modules, beside pipeline/eval/*.py
 
 
