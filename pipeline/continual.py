@@ -13,14 +13,18 @@ forget quality is measured against the same retain model on every request (it ne
 ``forget10`` author, hence none of ``forget10_part1`` / ``forget10_part2``). Every rank of a
 multi-process launch runs the same sequence (each ``train_job`` is collective); rank 0 writes the files.
 
-A request whose directory already holds a finished step (``continual_step.json`` naming the same
-initial model and split) is not run again, so re-running the same command resumes the sequence;
-a request cut off mid-training resumes from its own checkpoints (``trainer.resume=auto``).
+A request whose directory already holds this very step, finished (``continual_step.json``: the
+request, its starting model and a digest of its settings and of that model's files, see
+:func:`step_record`), is not run again, so re-running the same command resumes the sequence; one
+whose settings, starting model (an earlier request that ran again) or evaluated splits (a request
+added) changed runs again, as does every step with ``trainer.resume=never``. A request cut off
+mid-training resumes from its own checkpoints when it writes them (``trainer.save_every`` > 0).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -76,10 +80,16 @@ def _ensure_synthetic_splits(data_dir: Path, synthetic_cfg: Any, needed: list[st
     if all((data_dir / f"{s}.jsonl").exists() for s in needed):
         return data_dir
     from pipeline.data.prepare import _as_dataclass
-    from pipeline.data.synthetic import SyntheticConfig, write_benchmark
+    from pipeline.data.synthetic import SyntheticConfig, build_benchmark, write_benchmark
 
+    bench = _as_dataclass(synthetic_cfg, SyntheticConfig)
+    known = build_benchmark(bench)
+    unknown = [s for s in needed if s not in known]
+    if unknown:  # a typo, not an out-of-date cache: say so before writing a copy of the benchmark
+        raise ConfigError(f"config error at 'continual.requests': {unknown} is not a split of the embedded benchmark; "
+                          f"its splits: {sorted(known)}")
     # Every rank may write: each file is written atomically and the content is identical.
-    write_benchmark(_as_dataclass(synthetic_cfg, SyntheticConfig), out_dir)
+    write_benchmark(bench, out_dir)
     return out_dir
 
 
@@ -233,9 +243,27 @@ def render_md(rows: list[dict], requests: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _finished(step_dir: Path, request: str, init_model: str, need_model: bool) -> bool:
+def step_record(request: str, init_model: str, step_cfg: DictConfig) -> dict:
+    """What a finished step's marker holds: the request, the model it started from and a digest of
+    its configuration (without the settings that change no result, as a finished job's record) and
+    of that model's files. A step reruns when any of them changed: its settings, or the model it
+    starts from (an earlier step that ran again), or the evaluated splits (a request added)."""
+    from pipeline.eval.reference import model_fingerprint
+    from pipeline.finished import NOT_IN_KEY, _flat
+
+    config = {k: v for k, v in _flat(OmegaConf.to_container(step_cfg, resolve=True)).items()
+              if not any(k == n or k.startswith(n + ".") for n in NOT_IN_KEY)}
+    text = json.dumps({"config": config, "init": model_fingerprint(init_model)}, sort_keys=True, default=str)
+    return {"request": request, "init_model": init_model, "key": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def _finished(step_dir: Path, record: dict, need_model: bool, resume: str) -> bool:
+    """Whether ``step_dir`` holds this very step, finished (``trainer.resume=never`` runs it again)."""
     marker = step_dir / STEP_FILE
-    if not marker.exists() or json.loads(marker.read_text()) != {"request": request, "init_model": init_model}:
+    try:
+        if resume == "never" or json.loads(marker.read_text()) != record:
+            return False
+    except (OSError, ValueError):  # none yet, or cut short
         return False
     return (step_dir / "model" / "config.json").exists() if need_model else (step_dir / "results.json").exists()
 
@@ -257,13 +285,16 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     init_model = base["model.path"]
     # (index, name, step dir, initial model of the step); index -1 = the starting model, evaluated only
     steps: list[tuple[int, str, Path, str]] = []
+    resume = str(cfg.trainer.resume)
     if cfg.continual.eval_initial:
         step_dir = run_dir / "r0_initial"
-        if not _finished(step_dir, "initial", init_model, need_model=False):
+        step_cfg = request_config(cfg, base, 0, requests[0], init_model, splits)
+        record = step_record("initial", init_model, step_cfg)
+        if not _finished(step_dir, record, need_model=False, resume=resume):
             log.info("continual: evaluating the starting model %s", init_model)
-            eval_job(request_config(cfg, base, 0, requests[0], init_model, splits), step_dir)
+            eval_job(step_cfg, step_dir)
             if is_main_process():
-                atomic_write_json(step_dir / STEP_FILE, {"request": "initial", "init_model": init_model})
+                atomic_write_json(step_dir / STEP_FILE, record)
         steps.append((-1, "initial", step_dir, init_model))
 
     def write_summary() -> None:
@@ -278,13 +309,20 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     for i, request in enumerate(requests):
         step_dir = run_dir / step_name(i, request)
-        if _finished(step_dir, request, init_model, need_model=True):
+        step_cfg = request_config(cfg, base, i, request, init_model, splits)
+        record = step_record(request, init_model, step_cfg)
+        if _finished(step_dir, record, need_model=True, resume=resume):
             log.info("continual request %d/%d (%s): already finished in %s", i + 1, len(requests), request, step_dir)
         else:
+            if (step_dir / STEP_FILE).exists():
+                log.info("continual request %d/%d (%s): its settings, starting model or evaluated splits changed "
+                         "since it ran (or trainer.resume=never): running it again", i + 1, len(requests), request)
             log.info("continual request %d/%d: forget %s, starting from %s", i + 1, len(requests), request, init_model)
-            train_job(request_config(cfg, base, i, request, init_model, splits), step_dir)
+            if is_main_process():  # the step is not finished until it writes its record again
+                (step_dir / STEP_FILE).unlink(missing_ok=True)
+            train_job(step_cfg, step_dir)
             if is_main_process():
-                atomic_write_json(step_dir / STEP_FILE, {"request": request, "init_model": init_model})
+                atomic_write_json(step_dir / STEP_FILE, record)
         steps.append((i, request, step_dir, init_model))
         if is_main_process():
             write_summary()

@@ -150,3 +150,36 @@ def test_continual_two_requests_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     assert p.stderr.count("already finished") == 2
     assert time.time() - t0 < 150
+    # a request name that is no split: one line before anything is written (before: the whole
+    # benchmark was copied into the run directory, and the error named that copy)
+    typo = [a for a in args if not a.startswith(("continual.requests=", "run_name="))] + [
+        "continual.requests=[forget10_part1,forget10_typo]", "run_name=typo"]
+    bad = run(typo, script="launchers/continual.py", timeout=120)
+    assert bad.returncode == 2 and "['forget10_typo'] is not a split of the embedded benchmark" in bad.stderr, \
+        bad.stderr[-2000:]
+    assert not (tmp_path / "runs" / "typo" / "data").exists()
+
+
+def test_a_step_is_finished_only_with_the_same_settings_and_starting_model(tmp_path):
+    """A step's record holds its configuration's and starting model's digest: other settings, a
+    starting model that changed (an earlier step ran again) or trainer.resume=never run it again.
+    Before, the request and the starting model's *path* were compared: a re-run with another lr
+    reported the old runs as finished, and later steps kept models trained from a replaced one."""
+    from omegaconf import OmegaConf
+
+    from pipeline.continual import STEP_FILE, _finished, step_record
+    from tests.helpers.tiny import build
+
+    model = build(tmp_path / "m")[0]
+    cfg = OmegaConf.create({"trainer": {"lr": 1e-3, "resume": "auto"}, "output_dir": "a"})
+    rec = step_record("f1", str(model), cfg)
+    step = tmp_path / "r1_f1"
+    (step / "model").mkdir(parents=True)
+    (step / "model" / "config.json").write_text("{}")
+    (step / STEP_FILE).write_text(json.dumps(rec))
+    assert _finished(step, rec, need_model=True, resume="auto")
+    assert step_record("f1", str(model), OmegaConf.create({**cfg, "output_dir": "b"})) == rec  # not a result
+    assert step_record("f1", str(model), OmegaConf.create({**cfg, "trainer": {"lr": 5e-3, "resume": "auto"}})) != rec
+    assert not _finished(step, rec, need_model=True, resume="never")
+    (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes() + b" ")  # retrained
+    assert step_record("f1", str(model), cfg) != rec
