@@ -76,10 +76,14 @@ def _outputs(run_dir: Path) -> dict:
     from pipeline.eval.reference import model_fingerprint
 
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    model_dir = run_dir / "model"
-    return {"checkpoint": latest.name if latest is not None else None,
-            "model": model_fingerprint(model_dir)["files"] if model_dir.is_dir() else None,
-            "results_sha256": _sha256(run_dir / "results.json")}
+    model_dir, adapter_dir = run_dir / "model", run_dir / "adapter"
+    out = {"checkpoint": latest.name if latest is not None else None,
+           "model": model_fingerprint(model_dir)["files"] if model_dir.is_dir() else None,
+           "results_sha256": _sha256(run_dir / "results.json")}
+    # a LoRA run's adapter/ (results.json points to it): a deleted one is not "unchanged" (None elsewhere,
+    # as in records written before it was kept)
+    out["adapter"] = model_fingerprint(adapter_dir)["files"] if adapter_dir.is_dir() else None
+    return out
 
 
 def _check(run_dir: Path, key: dict) -> tuple[Optional[str], dict]:

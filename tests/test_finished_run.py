@@ -71,3 +71,17 @@ def test_the_same_command_again_loads_nothing_and_other_inputs_or_changed_output
     log = go("eval.max_new_tokens=6")
     assert "its earlier results are not reused: its outputs changed since it finished (model)" in log
     assert (run / FINISHED_FILE).exists()  # recorded again, with the model/ it evaluated
+
+
+def test_a_lora_runs_deleted_adapter_is_a_changed_output(tmp_path):
+    """finished.json fingerprints adapter/ too: a LoRA run whose adapter was deleted is not "finished
+    already" (before, it was: results.json kept pointing to the missing adapter)."""
+    from pipeline.finished import _outputs
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * 16)
+    before = _outputs(tmp_path)
+    assert before["adapter"] and _outputs(tmp_path) == before
+    (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
+    (tmp_path / "adapter").rmdir()
+    assert _outputs(tmp_path)["adapter"] is None

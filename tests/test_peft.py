@@ -305,6 +305,10 @@ def test_lora_exports_reload_and_evaluate_equal(tiny, runs):
     assert {p.name for p in (run / "adapter").iterdir()} >= {"adapter_model.safetensors", "adapter_config.json"}
     check = json.loads((run / "export_check.json").read_text())
     assert check["lora"] and check["max_abs_logit_diff"] <= check["tolerance"]
+    # results.json names the modules peft adapted (model.peft.target_modules: null = the defaults)
+    adapted = json.loads((run / "results.json").read_text())["peft"]["adapted_modules"]
+    assert adapted == sorted(json.loads((run / "adapter" / "adapter_config.json").read_text())["target_modules"])
+    assert "q_proj" in adapted
     assert check["adapter_max_abs_logit_diff"] <= check["tolerance"]
     # rank 0 loaded the base + adapter once for both outputs (a 7B load costs minutes); other ranks never
     assert json.loads((tiny[0] / "spy2" / "export_rank0.json").read_text()) == {"base_loads": 1}
