@@ -68,15 +68,20 @@ def _job_dir(job_config: DictConfig, num: int) -> Optional[str]:
         return None
 
 
-def _check_eval_target(config: DictConfig) -> None:
-    """launchers/eval.py writes results.json, report.md and eval_details.json into its run directory:
-    one that holds a training run (run_name defaults to the training run's) would lose that run's
-    results (its steps, times and training record) to the evaluation's."""
+def _check_launcher_settings(config: DictConfig) -> None:
+    """What only the launcher decides: launchers/eval.py writes results.json, report.md and
+    eval_details.json into its run directory, and one that holds a training run (run_name defaults to
+    the training run's) would lose that run's results (its steps, times and training record) to the
+    evaluation's; launchers/train.py ignores continual.requests."""
     from pathlib import Path
 
     from pipeline.config_base import ConfigError
     from pipeline.errors import exit_with
 
+    if config.hydra.job.get("name") == "train" and config.get("continual", {}).get("requests"):
+        # read by launchers/continual.py only: the plain job would unlearn data.forget_split, silently
+        exit_with(ConfigError(), f"config error at 'continual.requests': {list(config.continual.requests)} is read by "
+                  "launchers/continual.py (a sequence of requests); launchers/train.py unlearns data.forget_split once")
     if config.hydra.job.get("name") != "eval":
         return
     run_dir = Path(str(config.hydra.run.dir))
@@ -96,7 +101,7 @@ class EarlyChecks(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check(config)
-        _check_eval_target(config)
+        _check_launcher_settings(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global LAUNCHED_SWEEP

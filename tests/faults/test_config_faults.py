@@ -42,6 +42,7 @@ AFTER_LOADING = ("method.teacher_layers=[0,5]", "eval.device=cuda")
         ("trainer.max_grad_norm=-1", ["trainer.max_grad_norm", "must be >= 0"]),
         ("data.name=synthetic", ["data.path", "data.name=synthetic", "does not read it"]),  # was: the embedded data
         ("output_dir=", ["output_dir", "empty"]),  # was: the run written at the filesystem root
+        ("continual.requests=[forget]", ["continual.requests", "launchers/continual.py"]),  # was: ignored
     ],
 )
 def test_bad_config_stops_with_key_and_range(tiny, override, expect):
