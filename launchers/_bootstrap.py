@@ -94,7 +94,8 @@ def _exit_slurm_sweep_failed(exc: Exception) -> None:
     from pipeline.eval.sweep import gather
     from pipeline.hydra_callbacks import LAUNCHED_SWEEP
 
-    failed = [p for p in gather(LAUNCHED_SWEEP) if p.status == "failed"] if LAUNCHED_SWEEP else []
+    # this sweep's jobs only: a sweep directory may hold an earlier sweep's points too
+    failed = [p for p in gather(LAUNCHED_SWEEP) if p.status == "failed" and p.job is not None] if LAUNCHED_SWEEP else []
     for p in failed:
         print(f"  sweep {p.name}: {p.note}", file=sys.stderr)
     what = (f"{len(failed)} job(s) failed ({', '.join(p.name for p in failed)}; above)" if failed

@@ -121,7 +121,15 @@ def recover_dir(final_path: str | os.PathLike) -> bool:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    """The process's umask, read from /proc where it can be (reading it with ``os.umask`` means setting
+    it for a moment, process-wide: another thread creating a file then would get the wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and put back at once
     os.umask(mask)
     return mask
 

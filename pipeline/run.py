@@ -617,7 +617,7 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             adapter_cfg = run_dir / "adapter" / "adapter_config.json"
             adapted = json.loads(adapter_cfg.read_text()).get("target_modules") if adapter_cfg.exists() else None
             extra["peft"] = {**OmegaConf.to_container(cfg.model.peft, resolve=True), "adapter": str(run_dir / "adapter"),
-                             "adapted_modules": sorted(adapted) if adapted else None}
+                             "adapted_modules": sorted(adapted) if isinstance(adapted, list) else adapted}  # or a regex
         tau = float(cfg.method.tau) if "tau" in cfg.method else None
         path = write_results(run_dir, cfg.method.name, tau, metrics, extra)
         results = json.loads(Path(path).read_text())

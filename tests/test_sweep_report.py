@@ -176,6 +176,9 @@ def test_jobs_never_started_or_failed_on_slurm_before_their_log(fake_sweep):
     assert by_tau["1.5"]["status"] == "ok" and by_tau["5.0"]["status"] == "failed"  # earlier points stay
     assert rep["counts"] == {"total": 9, "ok": 5, "missing": 1, "failed": 3}
     assert "`job 3 (method.tau=8.0)`: **missing**" in (fake_sweep / "report.md").read_text()
+    # which points are the latest sweep's jobs (the launcher's failure report lists only those)
+    jobs = {p.overrides["method.tau"]: p.job for p in sweep.gather(fake_sweep)}
+    assert (jobs["1.5"], jobs["4.0"], jobs["7.0"], jobs["8.0"], jobs["2.0"], jobs["5.0"]) == (0, 1, 2, 3, None, None)
 
 
 def test_a_point_whose_rerun_set_its_results_aside_is_not_counted(fake_sweep):

@@ -64,6 +64,7 @@ class SweepPoint:
     overrides: dict[str, str] = field(default_factory=dict)
     results: Optional[dict] = None
     note: str = ""
+    job: Optional[int] = None  # its job number in the latest sweep (multirun.yaml); None: an earlier sweep's
 
     @property
     def metrics(self) -> dict:
@@ -276,22 +277,22 @@ def gather(sweep_dir: str | Path) -> list[SweepPoint]:
                 if not isinstance(res, dict) or not isinstance(res.get("metrics"), dict):
                     raise ValueError("no 'metrics' object")
                 points.append(SweepPoint(name, d, "ok", ov, res,
-                                         "" if res["metrics"] else "not evaluated (eval.enabled=false)"))
+                                         "" if res["metrics"] else "not evaluated (eval.enabled=false)", num))
             except (ValueError, OSError) as exc:
-                points.append(SweepPoint(name, d, "failed", ov, None, f"unreadable {RESULTS_FILE}: {exc}"))
+                points.append(SweepPoint(name, d, "failed", ov, None, f"unreadable {RESULTS_FILE}: {exc}", num))
             continue
         why = _failed(d) or _slurm_failure(slurm, num, expected, root)
         note = why or f"no {RESULTS_FILE} (still running, not started, or killed)"
         if (d / PREVIOUS_RESULTS_FILE).exists():
             note += f"; an earlier run's results are kept in {PREVIOUS_RESULTS_FILE}"
-        points.append(SweepPoint(name, d, "failed" if why else "missing", ov, None, note))
+        points.append(SweepPoint(name, d, "failed" if why else "missing", ov, None, note, num))
     for num, job in enumerate(expected):  # launched by the latest sweep, but no directory: never started
         if num in placed:
             continue
         why = _slurm_failure(slurm, num, expected, root)
         label = " ".join(o for o in job if _varies(o, expected)) or " ".join(job)
         points.append(SweepPoint(f"job {num} ({label})", root, "failed" if why else "missing", _override_dict(job),
-                                 None, why or "not started (listed in multirun.yaml; no run directory yet)"))
+                                 None, why or "not started (listed in multirun.yaml; no run directory yet)", num))
     return points
 
 
