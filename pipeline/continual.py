@@ -249,11 +249,10 @@ def step_record(request: str, init_model: str, step_cfg: DictConfig) -> dict:
     of that model's files. A step reruns when any of them changed: its settings, or the model it
     starts from (an earlier step that ran again), or the evaluated splits (a request added)."""
     from pipeline.eval.reference import model_fingerprint
-    from pipeline.finished import NOT_IN_KEY, _flat
+    from pipeline.finished import result_config
 
-    config = {k: v for k, v in _flat(OmegaConf.to_container(step_cfg, resolve=True)).items()
-              if not any(k == n or k.startswith(n + ".") for n in NOT_IN_KEY)}
-    text = json.dumps({"config": config, "init": model_fingerprint(init_model)}, sort_keys=True, default=str)
+    text = json.dumps({"config": result_config(step_cfg), "init": model_fingerprint(init_model)}, sort_keys=True,
+                      default=str)
     return {"request": request, "init_model": init_model, "key": hashlib.sha256(text.encode()).hexdigest()}
 
 

@@ -49,15 +49,20 @@ def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
+def result_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved configuration as flat ``key: value`` fields, without :data:`NOT_IN_KEY`: the
+    settings a job's results depend on (a finished job's key, a continual step's record)."""
+    config = _flat(OmegaConf.to_container(cfg, resolve=True))
+    return {k: v for k, v in config.items() if not any(k == n or k.startswith(n + ".") for n in NOT_IN_KEY)}
+
+
 def job_key(cfg: DictConfig, world_size: int, inputs: Any) -> dict:
     """Everything a job's results depend on, as flat JSON-able fields (``config.<key>``, ``world_size``,
     ``rows.*``, ``model``, ``tokenizer``, ``code``); ``inputs`` is run's JobInputs."""
     from pipeline.eval.parts import code_digest, rows_digest
     from pipeline.eval.reference import model_fingerprint, tokenizer_fingerprint
 
-    config = _flat(OmegaConf.to_container(cfg, resolve=True))
-    config = {k: v for k, v in config.items() if not any(k == n or k.startswith(n + ".") for n in NOT_IN_KEY)}
-    key = {f"config.{k}": v for k, v in config.items()}
+    key = {f"config.{k}": v for k, v in result_config(cfg).items()}
     key.update({"schema": SCHEMA, "world_size": int(world_size), "rows.forget": rows_digest(inputs.data.forget),
                 "rows.retain": rows_digest(inputs.data.retain), "model": model_fingerprint(inputs.paths.model),
                 "tokenizer": tokenizer_fingerprint(inputs.tokenizer), "code": code_digest()})

@@ -442,9 +442,8 @@ def _known_tau(cfg: DictConfig, run_dir: Path, key: dict, resume_from: Optional[
         selection = _earlier_tau_selection(run_dir / TAU_SELECTION, key)
         if selection is not None:
             found = (selection, f"chosen by an earlier attempt of this job ({run_dir / TAU_SELECTION})")
-        elif resume_from is not None and read_meta(resume_from).get(TAU_CHOSEN) is not None:
-            tau = float(read_meta(resume_from)[TAU_CHOSEN])
-            found = ({"tau": tau, "source": f"checkpoint {resume_from}"},
+        elif resume_from is not None and (tau := read_meta(resume_from).get(TAU_CHOSEN)) is not None:
+            found = ({"tau": float(tau), "source": f"checkpoint {resume_from}"},
                      f"the tau checkpoint {resume_from} was trained with")
     found = broadcast_object(found)
     if found is None:
