@@ -38,7 +38,7 @@ def test_prepare_eval_and_two_rank_zero3_unlearning(out):
         assert f"eval[{split}]" in ev.stderr and "batch" in ev.stderr, split
 
     tr = launch.run(common + ["run_name=mini/asu", "trainer.max_steps=3", "trainer.batch_size=2",
-                              "trainer.retain_batch_size=2"], ranks=2)
+                              "trainer.retain_batch_size=2"], ranks=2, launcher="deepspeed")  # the README's command
     assert tr.returncode == 0, tr.stderr[-3000:]
     run = out / "runs" / "mini" / "asu"
     res = json.loads((run / "results.json").read_text())

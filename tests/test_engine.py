@@ -3,37 +3,19 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers.launch import free_port
+from tests.helpers.launch import ROOT, env, free_port, run
 from tests.helpers.tiny import build, train_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _env():
-    env = dict(os.environ)
-    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="offline",
-               HF_HUB_OFFLINE="1", ASU_REQUIRE_PARTITIONED="1")
-    return env
-
-
-def launch(args, ranks=1, port=None, timeout=300, interpret=None):
-    env = _env()
-    if interpret is not None:
-        env["TRITON_INTERPRET"] = interpret
-    if ranks == 1:
-        cmd = [sys.executable, "launchers/train.py", *args]
-    else:
-        ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
-        cmd = [ds, "--num_gpus", str(ranks), "--master_port", str(port or free_port()), "launchers/train.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def launch(args, ranks=1, timeout=300, interpret=None):
+    extra = {} if interpret is None else {"TRITON_INTERPRET": interpret}
+    return run(args, ranks=ranks, timeout=timeout, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +151,8 @@ def test_collective_timeout_is_the_configured_one(tmp_path):
         "from pipeline.engine.distributed import init_distributed\n"
         "init_distributed(7)\n"
         "print(d.group.WORLD._get_backend(torch.device('cpu')).options._timeout.total_seconds())\n")
-    env = dict(_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+    one_rank = env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=one_rank, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "420.0"

@@ -169,7 +169,7 @@ def test_one_ranks_failed_write_ends_every_rank_and_keeps_the_previous_checkpoin
     root = tiny[0]
     args = _args(tiny, "enospc_rank1", 6, ["trainer.save_every=2", "eval.enabled=false", "trainer.batch_size=1",
                                             "trainer.retain_batch_size=1", "deepspeed.timeout_minutes=5"])
-    out = launch.run(args, ranks=2, timeout=200, ASU_INJECT="enospc_in_save@4:1")
+    out = launch.run(args, ranks=2, timeout=200, launcher="deepspeed", ASU_INJECT="enospc_in_save@4:1")
     assert out.returncode == 2, out.stderr[-2000:]
     assert "error (CheckpointError, rank 1): could not write checkpoint step_00000004" in out.stderr
     assert "No space left on device" in out.stderr and "Traceback" not in out.stderr
