@@ -391,15 +391,7 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
              "(model.source=pretrained loads a local directory or hub id)")
     _require(cfg.model.source != "synthetic" or not cfg.model.tokenizer_path, "model.tokenizer_path",
              f"set to {cfg.model.tokenizer_path!r}, but model.source=synthetic uses the embedded tokenizer")
-    _choice(cfg, "deepspeed.precision", ("auto", "fp32", "bf16", "fp16"))
-    _choice(cfg, "deepspeed.offload_optimizer", ("none", "cpu", "nvme"))
-    _require(float(cfg.deepspeed.timeout_minutes) > 0, "deepspeed.timeout_minutes",
-            f"must be > 0, got {cfg.deepspeed.timeout_minutes}")
-    _choice(cfg, "deepspeed.offload_param", ("none", "cpu", "nvme"))
-    _require(cfg.deepspeed.zero_stage in ("auto", 0, 1, 2, 3), "deepspeed.zero_stage",
-             f"must be auto or 0..3, got {cfg.deepspeed.zero_stage!r}")
-    _require(cfg.deepspeed.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold",
-             f"must be >= 0, got {cfg.deepspeed.param_persistence_threshold}")
+    _validate_deepspeed(cfg.deepspeed)
     _choice(cfg, "kernels.attention", ("auto", "sdpa", "torch", "triton", "flash_attn"))
     _choice(cfg, "kernels.kl", ("naive", "fused"))
     _choice(cfg, "logging.wandb_mode", ("auto", "offline", "online", "disabled"))
@@ -438,6 +430,27 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _require(not (cfg.method.get("teacher") == "cached" and topk > 0 and cfg.kernels.kl == "fused"), "method.cache_topk",
              f"a top-k teacher cache (method.cache_topk={topk}) needs kernels.kl=naive; kernels.kl=fused streams "
              "full cached rows only (set method.cache_topk=0 or kernels.kl=naive)")
+
+
+def _validate_deepspeed(ds: DictConfig) -> None:
+    """The ``deepspeed`` group: values, and the offload settings DeepSpeed would not honour as asked."""
+    _require(ds.precision in ("auto", "fp32", "bf16", "fp16"), "deepspeed.precision",
+             f"got {ds.precision!r}; allowed values: auto, fp32, bf16, fp16")
+    _require(float(ds.timeout_minutes) > 0, "deepspeed.timeout_minutes", f"must be > 0, got {ds.timeout_minutes}")
+    for key in ("offload_optimizer", "offload_param"):
+        # nvme: DeepSpeed needs an nvme_path (and async I/O) that the generated config never sets, so
+        # the run would fail inside deepspeed.initialize after the models were built
+        _require(ds[key] in ("none", "cpu"), f"deepspeed.{key}",
+                 f"got {ds[key]!r}; allowed values: none, cpu (nvme is not supported: no nvme_path is configured)")
+    _require(ds.zero_stage in ("auto", 0, 1, 2, 3), "deepspeed.zero_stage", f"must be auto or 0..3, got {ds.zero_stage!r}")
+    # DeepSpeed offloads parameters in ZeRO-3 only: for stages 0-2 the DeepSpeed config gets no
+    # offload_param at all, so the weights would stay on the GPU while the memory plan had moved them
+    # (zero_stage=auto with any offload resolves to 3: pipeline/engine/zero_stage.py)
+    _require(ds.offload_param == "none" or ds.zero_stage in ("auto", 3), "deepspeed.offload_param",
+             f"offload_param={ds.offload_param} needs deepspeed.zero_stage=3 (or auto), got zero_stage={ds.zero_stage}: "
+             "DeepSpeed offloads parameters only in ZeRO-3")
+    _require(ds.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold",
+             f"must be >= 0, got {ds.param_persistence_threshold}")
 
 
 EVAL_DTYPES = ("auto", "float32", "bfloat16", "float16")

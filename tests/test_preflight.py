@@ -117,3 +117,148 @@ def test_plan_bounds_the_measured_h200_step_from_above_and_closely():
         plan = plan_bench_step(cfg["model"], cfg["batch"], cfg["seq"], row["kernels.kl"])
         ratio = row["cuda_peak_mib"] * 2**20 / plan.gpu_total
         assert 0.75 <= ratio <= 1.0, (variant, ratio)
+
+
+# --- the plan against DeepSpeed's own accounting and against what the run really builds --------------
+
+ZEPHYR = ArchSpec(32000, 4096, 32, 14336, 32, 8)  # Zephyr-7B-beta / Mistral-7B
+OFFLOAD_KW = dict(precision="bf16", zero_stage=3, batch_size=1, retain_batch_size=1, seq_len=128, kl_impl="naive",
+                  activation_checkpointing=True)
+
+
+def _model_states_on_host(plan) -> int:
+    return plan.host_total - plan.host_per_node["host baseline (per rank)"]
+
+
+@pytest.mark.parametrize("offload_param", ["none", "cpu"])
+def test_optimizer_offload_matches_deepspeeds_buffers_and_its_estimator(offload_param):
+    """ZeRO-3 optimizer offload (runtime/zero/stage3.py): the 16-bit gradient partitions live on the
+    host (grad_partitions_flat_buffer on self.device = cpu), next to the fp32 master, Adam's m and v
+    and the pinned fp32 gradient buffers: 18 bytes/param/rank in bf16, none of it on the GPU.
+    DeepSpeed's own estimator (student alone, no buffer factor) counts 16 (18 with offloaded 16-bit
+    weights): the plan is that plus the 16-bit gradient partitions; its GPU share is the estimator's
+    2·P/N weights (no offloaded weights: 0)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    from pipeline.engine.preflight import plan_memory
+
+    P, n = ZEPHYR.n_params, 8
+    plan = plan_memory(ZEPHYR, n, n, offload_optimizer="cpu", offload_param=offload_param, uses_reference=False,
+                       **OFFLOAD_KW)
+    assert "student grads" not in plan.per_gpu and "optimizer states" not in plan.per_gpu
+    per_rank = 18 + (2 if offload_param == "cpu" else 0)  # bytes/param: + the offloaded 16-bit weights
+    assert abs(_model_states_on_host(plan) - per_rank * P) <= 4 * n  # (integer division per term)
+    ds_cpu, ds_gpu, largest = estimate_zero3_model_states_mem_needs(
+        P, ZEPHYR.largest_module_params, num_gpus_per_node=n, num_nodes=1, cpu_offload=True,
+        cpu_offload_params=offload_param == "cpu", additional_buffer_factor=1)
+    assert abs(_model_states_on_host(plan) - ds_cpu - 2 * P) <= 4 * n  # + the 16-bit gradient partitions
+    assert abs(plan.per_gpu["student params"] - (ds_gpu - largest)) <= 1
+
+
+def test_parameter_offload_puts_the_frozen_models_weights_on_the_host_too():
+    """reference_config copies offload_param: the frozen model's 16-bit partitions leave the GPU for
+    the host (2·P/N per rank), they do not vanish."""
+    from pipeline.engine.ds_config import reference_config
+    from pipeline.engine.preflight import plan_memory
+
+    cfg = _compose(["deepspeed=zero3_offload_all"])
+    assert reference_config(cfg.deepspeed, cfg.trainer, True, world_size=8)["zero_optimization"]["offload_param"]
+    P, n = ZEPHYR.n_params, 8
+    kw = dict(offload_optimizer="cpu", offload_param="cpu", **OFFLOAD_KW)
+    alone, with_ref = plan_memory(ZEPHYR, n, n, uses_reference=False, **kw), plan_memory(ZEPHYR, n, n, uses_reference=True, **kw)
+    assert with_ref.per_gpu["teacher params (frozen)"] == 0
+    assert with_ref.host_per_node["teacher params (offloaded)"] == 2 * P // n * n
+    assert with_ref.host_total - alone.host_total == 2 * P // n * n
+
+
+def test_parameter_offload_below_zero3_and_nvme_are_refused_in_one_line_naming_the_key():
+    """DeepSpeed offloads parameters only in ZeRO-3 (ds_config writes no offload_param below it), and
+    nvme needs an nvme_path the pipeline never writes: both refused before anything loads. With
+    zero_stage=auto any offload resolves to ZeRO-3, so the DeepSpeed config does offload."""
+    from pipeline.config import ConfigError, validate
+    from pipeline.engine.ds_config import student_config
+    from pipeline.engine.zero_stage import resolve_zero_stage
+
+    for stage in (0, 1, 2):
+        with pytest.raises(ConfigError, match=rf"'deepspeed.offload_param'.*zero_stage={stage}") as e:
+            validate(_compose([f"deepspeed.zero_stage={stage}", "deepspeed.offload_param=cpu"]))
+        assert "\n" not in str(e.value)
+    for key in ("offload_optimizer", "offload_param"):
+        with pytest.raises(ConfigError, match=rf"'deepspeed.{key}'.*nvme") as e:
+            validate(_compose([f"deepspeed.{key}=nvme"]))
+        assert "\n" not in str(e.value)
+    for ok in (["deepspeed.zero_stage=3", "deepspeed.offload_param=cpu"], ["deepspeed.offload_param=cpu"],
+               ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu"]):
+        validate(_compose(ok))
+    auto = _compose(["deepspeed.offload_param=cpu"])
+    assert resolve_zero_stage(auto.deepspeed, 1).stage == 3
+    assert student_config(auto.deepspeed, auto.trainer, True, world_size=1)["zero_optimization"]["offload_param"]
+
+
+@pytest.mark.parametrize("method", ["rmu", "asu_wmdp"])
+def test_layerwise_methods_plan_their_trained_modules_and_no_logits(method):
+    """RMU / asu_wmdp train mlp.down_proj of three layers and match hidden states: the plan's
+    gradients and optimizer state cover those weights (the count select_trainable really leaves
+    trainable) and it has no logits term; a logit method keeps both."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.engine.preflight import MethodFootprint, arch_from_dict, method_footprint, plan_for_run
+    from pipeline.methods import build_method
+
+    c = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=80, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2)
+    cfg = _compose([f"method={method}", "method.layer=3"])
+    model = LlamaForCausalLM(c)
+    build_method(cfg.method).select_trainable(model)
+    arch = arch_from_dict(c.to_dict())
+    fp = method_footprint(cfg, arch)
+    assert fp.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad) == 3 * 80 * 32
+    assert not fp.logits
+    assert method_footprint(_compose([f"method={method}", "method.retain_loss=nll"]), arch).logits  # retain NLL
+    assert method_footprint(_compose(["method=npo"]), arch) == MethodFootprint(arch.n_params, True)
+    plan = plan_for_run(cfg, 2, False, None, True, vocab_size=500, local_world_size=2)
+    full = plan_for_run(_compose(["method=asu_kl"]), 2, False, None, True, vocab_size=500, local_world_size=2)
+    assert not any("logits" in k for k in plan.per_gpu) and any("logits" in k for k in full.per_gpu)
+    assert plan.per_gpu["optimizer states"] < full.per_gpu["optimizer states"]
+
+
+def test_wmdp_7b_fits_one_80gb_gpu(monkeypatch):
+    """wmdp_7b trains 3 x 58.7M down_proj weights of a 7.2B model: one 80 GB GPU holds the two 16-bit
+    models, those weights' gradients and Adam state, and the activations. Planned as if every weight
+    trained it was refused (~155 GiB)."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    cfg = _compose(["+exp=wmdp_7b", "deepspeed.gpu_memory_gb=80", "deepspeed.host_memory_gb=1024"])
+    text = run_preflight(cfg, world_size=1, cuda=True, model_path=None, uses_reference=True)
+    assert "logits" not in text
+
+
+def test_activation_checkpointing_writes_no_deepspeed_section():
+    """The pipeline checkpoints through transformers (torch.utils.checkpoint); DeepSpeed's
+    activation_checkpointing section (partition_activations) would configure a checkpoint function
+    nothing calls."""
+    from pipeline.engine.ds_config import student_config
+
+    cfg = _compose(["deepspeed.activation_checkpointing=true"])
+    assert "activation_checkpointing" not in student_config(cfg.deepspeed, cfg.trainer, True, world_size=2)
+
+
+def test_config_jsons_with_their_own_field_names_are_sized():
+    """GPT-2 / Bloom name their sizes n_embd, n_layer, n_head; Falcon has no intermediate_size;
+    Gemma-3 / Llava nest the language model in text_config. Before, every one of them stopped the run
+    with a KeyError traceback from the memory plan."""
+    from pipeline.engine.preflight import PreflightError, arch_from_dict
+
+    bloom = arch_from_dict({"model_type": "bloom", "vocab_size": 64, "hidden_size": 32, "n_layer": 2, "n_head": 4})
+    assert (bloom.num_hidden_layers, bloom.num_attention_heads, bloom.intermediate_size) == (2, 4, 128)
+    gpt2 = arch_from_dict({"model_type": "gpt2", "vocab_size": 50257, "n_embd": 768, "n_layer": 12, "n_head": 12,
+                           "n_inner": None})
+    assert (gpt2.hidden_size, gpt2.num_hidden_layers, gpt2.intermediate_size) == (768, 12, 3072)
+    falcon = arch_from_dict({"model_type": "falcon", "vocab_size": 65024, "hidden_size": 4544, "num_hidden_layers": 32,
+                             "num_attention_heads": 71, "ffn_hidden_size": 18176})
+    assert falcon.intermediate_size == 18176
+    gemma3 = arch_from_dict({"model_type": "gemma3", "text_config": {
+        "model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 2560, "num_hidden_layers": 34,
+        "intermediate_size": 10240, "num_attention_heads": 8, "num_key_value_heads": 4}})
+    assert (gemma3.hidden_size, gemma3.num_key_value_heads) == (2560, 4)
+    with pytest.raises(PreflightError, match=r"its config.json has no \['num_hidden_layers'\].*trainer.preflight=false"):
+        arch_from_dict({"model_type": "weird", "vocab_size": 1, "hidden_size": 8, "num_attention_heads": 2})

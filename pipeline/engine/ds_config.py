@@ -80,8 +80,10 @@ def student_config(ds_cfg: Any, trainer_cfg: Any, cuda: bool, world_size: Option
     }
     if ds_cfg.torch_adam and ds_cfg.offload_optimizer == "none":
         cfg["optimizer"]["params"]["torch_adam"] = True
-    if ds_cfg.activation_checkpointing:
-        cfg["activation_checkpointing"] = {"partition_activations": True, "contiguous_memory_optimization": False}
+    # No "activation_checkpointing" section: it configures deepspeed.checkpointing.checkpoint, which
+    # nothing here calls. deepspeed.activation_checkpointing is applied through transformers'
+    # non-reentrant checkpointing (pipeline/models/activation_checkpointing.py: torch.utils.checkpoint),
+    # which never reads that section; partition_activations there would promise a saving that never happens.
     extra = ds_cfg.extra
     if extra:
         extra = OmegaConf.to_container(extra, resolve=True) if not isinstance(extra, dict) else extra

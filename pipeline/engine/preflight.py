@@ -2,9 +2,12 @@
 and refuse a configuration that cannot fit with a suggestion that would.
 
 The model-state terms follow DeepSpeed's ZeRO-3 accounting (``estimate_zero3_model_states_mem_needs``:
-18 bytes/param over the GPUs in mixed precision, plus the largest layer gathered in fp32); we add
-the frozen teacher (sharded like the student, no grads or optimizer), activations and the
-distillation logits, which is what makes unlearning runs OOM in practice.
+18 bytes/param over the GPUs in mixed precision, plus the largest layer gathered in fp32), and with
+offload the buffers DeepSpeed's stage3.py really keeps on the host (18 bytes per trained parameter
+per rank, which the estimator puts at 16); gradients and optimizer state cover the weights the method
+trains. We add the frozen teacher (sharded like the student, no grads or optimizer), activations
+and the distillation logits (for methods that form logits), which is what makes unlearning runs OOM
+in practice.
 """
 
 from __future__ import annotations
@@ -59,11 +62,35 @@ ARCH_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_siz
              "num_key_value_heads")
 
 
+def _standard_names(d: dict) -> dict:
+    """``d`` (a config.json) with transformers' standard field names filled in from the model
+    type's ``attribute_map`` (GPT-2 / Bloom / MPT: n_embd, n_layer, n_head, d_model, ...), and a
+    multimodal model's ``text_config`` (Gemma-3, Llava) read for its language model."""
+    if "hidden_size" not in d and isinstance(d.get("text_config"), dict):
+        d = {**d["text_config"], **{k: v for k, v in d.items() if k == "tie_word_embeddings"}}
+    from transformers import CONFIG_MAPPING
+
+    amap = getattr(CONFIG_MAPPING[d["model_type"]], "attribute_map", {}) if d.get("model_type") in CONFIG_MAPPING else {}
+    out = dict(d)
+    for std, own in amap.items():
+        if std not in out and own in d:
+            out[std] = d[own]
+    return out
+
+
 def arch_from_dict(d: dict) -> ArchSpec:
+    """The architecture spec of a config.json (or ``model.arch`` hints). Sizes only: architectures
+    without an ``intermediate_size`` (Falcon, GPT-2, Bloom) are planned with their MLP width when
+    named (``ffn_hidden_size``, ``n_inner``) or the usual 4 x hidden otherwise."""
+    d = _standard_names(d)
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if d.get(k) is None]
+    if missing:
+        raise PreflightError(f"cannot size the model: its config.json has no {missing} (model_type "
+                             f"{d.get('model_type')!r}); trainer.preflight=false skips the memory plan")
+    ff = d.get("intermediate_size") or d.get("ffn_hidden_size") or d.get("n_inner") or 4 * int(d["hidden_size"])
     kv = d.get("num_key_value_heads") or d["num_attention_heads"]
     return ArchSpec(int(d["vocab_size"]), int(d["hidden_size"]), int(d["num_hidden_layers"]),
-                    int(d["intermediate_size"]), int(d["num_attention_heads"]), int(kv),
-                    bool(d.get("tie_word_embeddings", False)))
+                    int(ff), int(d["num_attention_heads"]), int(kv), bool(d.get("tie_word_embeddings", False)))
 
 
 def resolve_arch(model_cfg: Any, model_path: Optional[str] = None, vocab_size: Optional[int] = None) -> ArchSpec:
@@ -85,6 +112,15 @@ def resolve_arch(model_cfg: Any, model_path: Optional[str] = None, vocab_size: O
     return arch_from_dict(hints)
 
 
+def _linear_shapes(arch: ArchSpec) -> dict[str, tuple[int, int]]:
+    """(in, out) features of a decoder layer's linear projections, Llama and Phi-3 names."""
+    h, ff = arch.hidden_size, arch.intermediate_size
+    kv = arch.num_key_value_heads * (h // arch.num_attention_heads)
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, ff), "up_proj": (h, ff), "down_proj": (ff, h),
+            "qkv_proj": (h, h + 2 * kv), "gate_up_proj": (h, 2 * ff)}  # Phi-3's fused projections
+
+
 def lora_param_count(arch: ArchSpec, model_cfg: Any) -> int:
     """Adapter parameters of ``model.peft`` (0 when off): r·(in + out) per adapted linear layer.
 
@@ -92,11 +128,8 @@ def lora_param_count(arch: ArchSpec, model_cfg: Any) -> int:
     p = getattr(model_cfg, "peft", None)
     if p is None or not p.enabled:
         return 0
-    h, ff = arch.hidden_size, arch.intermediate_size
-    kv = arch.num_key_value_heads * (h // arch.num_attention_heads)
-    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-              "gate_proj": (h, ff), "up_proj": (h, ff), "down_proj": (ff, h),
-              "qkv_proj": (h, h + 2 * kv), "gate_up_proj": (h, 2 * ff)}  # Phi-3's fused projections
+    h = arch.hidden_size
+    shapes = _linear_shapes(arch)
     from pipeline.models.peft_student import DEFAULT_TARGETS
 
     # the arch spec has no model type: default targets count as Llama's (Phi-3's fused ones add up the same)
@@ -104,6 +137,52 @@ def lora_param_count(arch: ArchSpec, model_cfg: Any) -> int:
     n_layers = len(p.layers) if p.layers is not None else arch.num_hidden_layers
     per_layer = sum(int(p.r) * sum(shapes.get(str(n).rsplit(".", 1)[-1], (h, h))) for n in names)
     return n_layers * per_layer
+
+
+def _module_params(arch: ArchSpec, name: str) -> Optional[int]:
+    """Parameters of decoder-layer submodule ``name`` (``mlp.down_proj``, ``mlp``, ``self_attn``);
+    None when the architecture spec cannot say."""
+    shapes, leaf = _linear_shapes(arch), name.rsplit(".", 1)[-1]
+    if leaf in shapes:
+        return shapes[leaf][0] * shapes[leaf][1]  # Llama's projections have no bias
+    h = arch.hidden_size
+    whole = {"mlp": 3 * h * arch.intermediate_size, "self_attn": arch.layer_params - 2 * h - 3 * h * arch.intermediate_size}
+    return whole.get(leaf)
+
+
+@dataclass(frozen=True)
+class MethodFootprint:
+    """What the configured method trains and computes, as far as the memory plan cares."""
+
+    trainable_params: int  # weights with gradients and optimizer state (before any LoRA)
+    logits: bool  # the step forms vocabulary-sized logits (False: hidden-state terms only)
+
+
+def method_footprint(cfg: Any, arch: ArchSpec) -> MethodFootprint:
+    """The method's trainable-parameter count and whether its step forms logits, from the config and
+    the architecture alone (no model is built).
+
+    Trainable: the layer-wise methods (RMU, asu_wmdp) train ``update_module`` of ``update_layers``
+    only (their ``select_trainable``); every other method trains every weight. Logits: read off the
+    method's own :class:`~pipeline.methods.passes.StepPlan` for a forget + retain batch; a plan that
+    needs a batch view this empty batch lacks (IDK rows, a cached teacher) keeps the logits (those
+    methods score tokens)."""
+    from pipeline.methods import build_method
+    from pipeline.methods.passes import LOGITS
+    from pipeline.methods.rmu import LayerwiseMethod
+
+    method = build_method(cfg.method, kl_impl=cfg.kernels.kl, joint_pass=getattr(cfg.trainer, "passes", "joint") == "joint")
+    trainable = arch.n_params
+    if isinstance(method, LayerwiseMethod):
+        per_layer = _module_params(arch, str(cfg.method.update_module))
+        if per_layer is not None:  # an unknown submodule: planned as if every weight trained
+            trainable = len(method.update_layers) * per_layer
+    try:
+        plan = method.plan({"forget": {}, "retain": {}})
+    except (KeyError, ValueError):
+        return MethodFootprint(trainable, True)
+    kinds = [*plan.student.values(), *(k for _, k in plan.frozen.values())]
+    return MethodFootprint(trainable, bool(plan.kl) or any(LOGITS in k for k in kinds))
 
 
 # Device terms alive in one phase of a step only. DeepSpeed's ZeRO-3 step() releases every gathered
@@ -158,7 +237,8 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
                 offload_optimizer: str, offload_param: str, uses_reference: bool, batch_size: int,
                 retain_batch_size: int, seq_len: int, kl_impl: str, activation_checkpointing: bool,
                 flash_attention: bool = True, lora_params: int = 0, buffers: Optional[dict] = None,
-                cpu_ranks: bool = False, joint_pass: bool = True) -> MemoryPlan:
+                cpu_ranks: bool = False, joint_pass: bool = True, trainable_params: int = 0,
+                logits: bool = True) -> MemoryPlan:
     """Bytes per GPU and per node for one configuration (ZeRO-3 sharding over ``n_gpus``).
 
     ``lora_params > 0`` (``model.peft``): gradients and optimizer state cover the adapters only, and
@@ -168,32 +248,56 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     CPU, so the per-rank process footprint is the measured CPU start-up, not a GPU host's.
     ``joint_pass``: ``trainer.passes=joint`` (one student forward over forget and retain rows);
     False for ``per_group``, whose two student forwards hold a full-size gradient in backward.
+    ``trainable_params``: the weights the method trains (0: all of them; :func:`method_footprint`);
+    gradients and optimizer state cover these only. ``logits``: the step forms vocabulary-sized
+    logits (False for the hidden-state methods: no distillation-logits term).
     """
     from kernels.fused_kl import CUDA_MIN_CHUNK_ROWS, default_chunk_size
     from pipeline.engine.ds_config import CPU_BUFFERS, GPU_BUFFERS
 
     buf = dict(CPU_BUFFERS if cpu_ranks else GPU_BUFFERS, **(buffers or {}))
     P, N = arch.n_params, max(1, n_gpus)
-    T = lora_params if lora_params > 0 else P  # trainable parameters
+    T = lora_params if lora_params > 0 else min(P, trainable_params or P)  # trainable parameters
+    every_weight = T == P  # the head and the largest module have gradients too
     shard = N if zero_stage == 3 else 1
     b = 4 if precision == "fp32" else 2
-    opt_bytes = 8 if precision == "fp32" else 14  # Adam m+v (+ fp32 master + fp32 grad partition when mixed)
-    plan = MemoryPlan(N, gpus_per_node)
+    gpn = gpus_per_node
+    # On the GPU without offload: Adam's fp32 m+v, + in mixed precision the fp32 master (in fp32 the
+    # master is the weight itself) and 2 more, so that with the 16-bit weights and gradients the total
+    # is DeepSpeed's estimate of 18 B/param; stage3.py holds 12 throughout and forms the fp32 gradient
+    # per sub-group at the step only.
+    opt_bytes = 8 if precision == "fp32" else 14
+    opt_shard = N if zero_stage >= 1 else 1
+    # parameter offload is ZeRO-3 only (config validation refuses it for stages 0-2)
+    offloaded = offload_param != "none" and zero_stage == 3
+    plan = MemoryPlan(N, gpn)
     g, h = plan.per_gpu, plan.host_per_node
-    g["student params"] = 0 if offload_param != "none" else b * P // shard
+    g["student params"] = 0 if offloaded else b * P // shard
     if lora_params > 0:
         g["LoRA adapter params"] = b * T // shard
-    g["student grads"] = b * T // (N if zero_stage >= 2 else 1)
-    opt = opt_bytes * T // (N if zero_stage >= 1 else 1)
     if offload_optimizer == "none":
-        g["optimizer states"] = opt
+        g["student grads"] = b * T // (N if zero_stage >= 2 else 1)
+        g["optimizer states"] = opt_bytes * T // opt_shard
     else:
-        h["optimizer states (offloaded)"] = opt * gpus_per_node
-    if offload_param != "none":
-        h["student params (offloaded)"] = b * P // shard * gpus_per_node
+        # DeepSpeed's optimizer offload (runtime/zero/stage3.py, 0.19.8), held on the host for the
+        # whole run: the fp32 master partition (:1157-1160, a copy even in fp32), Adam's fp32 m and v
+        # (DeepSpeedCPUAdam) and one fp32 gradient buffer per sub-group (:1337-1342, pinned; dropped
+        # only without offload, :1366). Stage 3 also puts the 16-bit gradient partitions there
+        # (grad_partitions_flat_buffer on self.device = cpu, :333, :790-795): nothing of them stays
+        # on the GPU. DeepSpeed's own estimator leaves that last buffer out (16 B/param on the host).
+        # Not modelled: torch's CUDA host allocator may round each pinned buffer up to a power of two.
+        h["optimizer states (offloaded)"] = (4 + 8 + 4) * T // opt_shard * gpn
+        if zero_stage == 3:
+            h["student grads (offloaded)"] = b * T // N * gpn
+        else:
+            g["student grads"] = b * T // (N if zero_stage >= 2 else 1)
+    if offloaded:
+        h["student params (offloaded)"] = b * P // N * gpn
     shared_base = uses_reference and lora_params > 0  # θ₀ = the student's base, adapters off
     if uses_reference and not shared_base:
-        g["teacher params (frozen)"] = 0 if offload_param != "none" else b * P // shard
+        g["teacher params (frozen)"] = 0 if offloaded else b * P // shard
+        if offloaded:  # reference_config copies offload_param: its 16-bit partitions live on the host
+            h["teacher params (offloaded)"] = b * P // N * gpn
     # ZeRO-3 keeps up to stage3_max_live_parameters gathered for reuse (whole model when that exceeds
     # it) on top of the module being run and the prefetched bucket; per engine (student, teacher).
     # (Stages 0-2 keep every parameter whole on every rank: nothing is gathered.)
@@ -202,9 +306,10 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     if zero_stage == 3:
         g["gathered parameters (ZeRO-3 live set)"] = b * gathered * (2 if uses_reference and not shared_base else 1)
         # backward: the full gradient of the module being reduced + the reduce bucket it is copied into
-        # (LoRA: the adapters' gradients only)
+        # (LoRA: the adapters' gradients only; a few trained modules: at most one module's, bounded
+        # by the largest module)
         g["gradient reduce buffers"] = b * (min(T, int(buf["reduce_bucket_size"])) +
-                                            (arch.largest_module_params if lora_params == 0 else 0))
+                                            (min(T, arch.largest_module_params) if lora_params == 0 else 0))
         if retain_batch_size > 0 and not joint_pass:
             # trainer.passes=per_group runs the student twice (forget rows, retain rows), one backward on the sum:
             # autograd holds each parameter's first-branch gradient, full size, until the second
@@ -222,13 +327,14 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     if not flash_attention:  # eager/SDPA-math attention keeps the T×T scores and probabilities
         per_layer += int(5 * arch.num_attention_heads * seq_len * tokens * scale)
     g["activations (student)"] = (L * tokens * H * b + per_layer) if activation_checkpointing else L * per_layer
-    if kl_impl == "fused":
+    # (no logits term when the method's terms are hidden states only: RMU, asu_wmdp never run the head)
+    if logits and kl_impl == "fused":
         # three fp32 chunk × V blocks at the kernel's own chunk size, and its fp32 V × H accumulator of
-        # the head's weight gradient (none under LoRA: the head is frozen)
+        # the head's weight gradient (none when the head is frozen: LoRA, a few trained modules)
         chunk = default_chunk_size(tokens, arch.vocab_size, min_rows=1 if cpu_ranks else CUDA_MIN_CHUNK_ROWS)
         g["distillation logits (fused, chunked)"] = (3 * chunk * arch.vocab_size * 4 +
-                                                     (arch.vocab_size * H * 4 if lora_params == 0 else 0))
-    else:
+                                                     (arch.vocab_size * H * 4 if every_weight else 0))
+    elif logits:
         # teacher + student fp32 logits, log-softmax copies and the gradient: ~4 B×T×V fp32 tensors
         # (an upper bound: the step forms logits at the loss positions only, which depend on the data)
         g["distillation logits (naive)"] = 4 * tokens * arch.vocab_size * 4
@@ -236,7 +342,7 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     # A CPU rank's process before any model: python + torch + deepspeed + transformers, gloo group
     # (measured 0.33 GiB, benchmarks/bench_memory.py) + model code and tokenizer; a GPU host rank also
     # holds the CUDA context, pinned buffers and the data pipeline.
-    h["host baseline (per rank)"] = int((0.5 if cpu_ranks else 2) * GiB) * gpus_per_node
+    h["host baseline (per rank)"] = int((0.5 if cpu_ranks else 2) * GiB) * gpn
     return plan
 
 
@@ -324,6 +430,7 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
 
     arch = resolve_arch(cfg.model, model_path)
     ds, tr = cfg.deepspeed, cfg.trainer
+    fp = method_footprint(cfg, arch)
     budget = int((ds.gpu_memory_gb or _cuda_total_gb() or DEFAULT_GPU_GB) * GiB)
     plans = [plan_memory(arch, n, min(n, 8), precision=resolve_precision(ds, True), zero_stage=resolve_zero_stage(ds, n).stage,
                          offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
@@ -332,7 +439,8 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
                          kl_impl=cfg.kernels.kl, activation_checkpointing=bool(ds.activation_checkpointing),
                          flash_attention=cfg.kernels.attention != "torch",
                          lora_params=lora_param_count(arch, cfg.model),
-                         joint_pass=getattr(tr, "passes", "joint") == "joint") for n in gpus]
+                         joint_pass=getattr(tr, "passes", "joint") == "joint",
+                         trainable_params=fp.trainable_params, logits=fp.logits) for n in gpus]
     text = format_plans(arch, plans, budget, None, "GPU")
     text += "\n" + f"{'fits in ' + format(budget / GiB, '.0f') + ' GiB/GPU':<40}" + "".join(
         f"{'yes' if p.gpu_total <= budget else 'NO':>12}" for p in plans)
@@ -364,6 +472,7 @@ def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference
     from pipeline.engine.ds_config import resolve_precision, student_config
 
     ds, tr = cfg.deepspeed, cfg.trainer
+    fp = method_footprint(cfg, arch)
     # the buffer limits DeepSpeed will get (ZeRO-3's; read only where the plan's stage is 3)
     zero = student_config(ds, tr, cuda, world_size=max(2, n))["zero_optimization"]
     return plan_memory(arch, n, min(n, max(gpn, 8 if n >= 8 else n)), precision=resolve_precision(ds, cuda),
@@ -376,7 +485,8 @@ def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference
                                                      else activation_checkpointing),
                        flash_attention=cuda and cfg.kernels.attention != "torch", buffers=zero,
                        cpu_ranks=not cuda and not ds.gpu_memory_gb, lora_params=lora_param_count(arch, cfg.model),
-                       joint_pass=getattr(tr, "passes", "joint") == "joint")
+                       joint_pass=getattr(tr, "passes", "joint") == "joint", trainable_params=fp.trainable_params,
+                       logits=fp.logits)
 
 
 def plan_for_run(cfg: Any, world_size: int, cuda: bool, model_path: Optional[str], uses_reference: bool,
