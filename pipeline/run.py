@@ -323,11 +323,14 @@ def _load_models(cfg: DictConfig, inputs: JobInputs, s_cfg: dict, dtype: str, cu
 
         tune_host_allocator(mmap_threshold_for(sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())))
     validate(cfg, n_layers=int(student.config.num_hidden_layers))
-    if (layers := OmegaConf.select(cfg, "method.teacher_layers", default=None)) is not None:
-        from pipeline.models.tempered_attention import layers_without_attention
+    if OmegaConf.select(cfg, "method.tau", default=None) is not None:  # a tempered teacher (ASU methods)
+        from pipeline.models.tempered_attention import layers_without_attention, tempered_attention_problem
 
-        problem = layers_without_attention(student, list(layers))  # a hybrid model's mamba layers, say
-        require(problem is None, "method.teacher_layers", problem or "")
+        problem = tempered_attention_problem(student)  # Bloom, Falcon, MPT, ...: their own attention code
+        require(problem is None, "model.path", problem or "")
+        if (layers := OmegaConf.select(cfg, "method.teacher_layers", default=None)) is not None:
+            problem = layers_without_attention(student, list(layers))  # a hybrid model's mamba layers, say
+            require(problem is None, "method.teacher_layers", problem or "")
     if cfg.kernels.kl == "fused":
         from pipeline.methods.passes import fused_head_problem
 

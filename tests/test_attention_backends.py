@@ -430,3 +430,51 @@ def test_bf16_scalar_tau_in_the_torch_reference_folds_into_the_scale():
     assert torch.equal(scalar, folded)
     per_row = additive_mask_attention_ref(q, k, v, None, s, torch.tensor([3.0, 3.0]), H // HKV)
     torch.testing.assert_close(per_row.float(), scalar.float(), atol=2e-2, rtol=2e-2)
+
+
+def _bloom(vocab: int = 64):
+    torch.manual_seed(0)
+    return transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=2,
+                                                                  n_head=4)).eval()
+
+
+def test_a_model_with_its_own_attention_code_refuses_a_tau_instead_of_ignoring_it():
+    """Bloom (like Falcon, CodeGen, MPT) keeps its built-in attention whatever attn_implementation says
+    (transformers only warns): before, set_temperature set a tau that no code read, and ASU distilled
+    from the unchanged model without a word. τ = 1 (every other method) still runs."""
+    from pipeline.models.tempered_attention import tempered_attention_problem
+
+    m = enable_tempered_attention(_bloom())
+    assert m.config._attn_implementation != "tempered" and len(attention_modules(m)) == 2
+    problem = tempered_attention_problem(m)
+    assert problem is not None and "BloomForCausalLM runs its own attention code" in problem
+    with pytest.raises(ValueError, match="tau would be ignored"):
+        set_temperature(m, 2.0)
+    with pytest.raises(ValueError, match="tau would be ignored"):
+        set_temperature(m, torch.tensor([[2.0]]))  # a per-row tau as the joint frozen pass sets it
+    set_temperature(m, 1.0)
+    ids = torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        assert torch.isfinite(m(input_ids=ids).logits).all()
+    llama = enable_tempered_attention(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)))
+    assert tempered_attention_problem(llama) is None
+    set_temperature(llama, 2.0)
+
+
+def test_cli_asu_on_a_model_with_its_own_attention_is_one_line_before_training(tmp_path):
+    from tests.helpers import launch
+    from tests.helpers.tiny import build, train_overrides
+
+    model_dir, data_dir = build(tmp_path / "m")
+    vocab = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
+    for f in ("config.json", "model.safetensors"):
+        (model_dir / f).unlink()
+    _bloom(vocab).save_pretrained(model_dir, safe_serialization=True)
+    args = train_overrides(model_dir, data_dir, tmp_path / "runs", "bloom", steps=1)
+    out = launch.run(args + ["method=asu_gd"], timeout=180)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "config error at 'model.path': BloomForCausalLM runs its own attention code" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "runs" / "bloom" / "checkpoints").exists()
+    ok = launch.run(args + ["method=grad_diff", "eval.enabled=false"], timeout=180)  # no tau: it trains
+    assert ok.returncode == 0, ok.stderr[-2000:]

@@ -132,15 +132,43 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
+# Set on each attention module by enable_tempered_attention: whether its model runs transformers'
+# pluggable attention (so the "tempered" function, and tau with it, reaches this module).
+PLUGGABLE_ATTR = "_asu_pluggable_attention"
+
+
 def enable_tempered_attention(model: nn.Module) -> nn.Module:
-    """Switch a transformers model to the ``"tempered"`` implementation (tau = 1 everywhere)."""
+    """Switch a transformers model to the ``"tempered"`` implementation (tau = 1 everywhere).
+
+    Models with their own built-in attention (Bloom, Falcon, CodeGen, MPT, ...: transformers'
+    ``_supports_attention_backend = False``) keep it, with only a warning from transformers; they
+    still run correctly at tau = 1, but a tau > 1 would be ignored: :func:`set_temperature` refuses it
+    and :func:`tempered_attention_problem` says why (run.py checks it before training)."""
     register()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     else:  # pragma: no cover - older transformers
         model.config._attn_implementation = ATTN_IMPLEMENTATION
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    pluggable = impl == ATTN_IMPLEMENTATION and bool(getattr(model, "_supports_attention_backend", True))
+    for m in attention_modules(model):
+        setattr(m, PLUGGABLE_ATTR, pluggable)
     set_temperature(model, 1.0)
     return model
+
+
+def tempered_attention_problem(model: nn.Module) -> Optional[str]:
+    """Why a tau would not reach ``model``'s attention (its architecture keeps its own attention
+    code instead of transformers' attention interface), or None."""
+    mods = attention_modules(model)
+    if mods and all(getattr(m, PLUGGABLE_ATTR, True) for m in mods):
+        return None
+    name = type(model).__name__
+    if not mods:
+        return f"{name} has no attention modules with a layer_idx"
+    return (f"{name} runs its own attention code, not transformers' attention interface, so the tempered "
+            f"teacher's tau would be ignored (ASU would distil from the unchanged model); use an architecture "
+            f"that supports it (Llama, Mistral, Qwen2/3, Gemma, Phi-3, OLMo, GPT-NeoX, ...)")
 
 
 def layers_without_attention(model: nn.Module, layers: Sequence[int]) -> Optional[str]:
@@ -171,6 +199,8 @@ def set_temperature(model: nn.Module, tau: float | torch.Tensor, layers: Sequenc
     chosen = {int(m.layer_idx) for m in mods} if layers is None else {int(i) for i in layers}
     if layers is not None and (problem := layers_without_attention(model, layers)) is not None:
         raise ValueError(problem)
+    if not (isinstance(tau, (int, float)) and tau == 1.0) and (problem := tempered_attention_problem(model)):
+        raise ValueError(problem)  # a silently untempered teacher is the one failure nobody would see
     for m in mods:
         setattr(m, TEMPERATURE_ATTR, tau if m.layer_idx in chosen else 1.0)
 

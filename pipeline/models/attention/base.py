@@ -25,7 +25,8 @@ class AttentionCall:
 
     query (B, H, T, D), key/value (B, H_kv, S, D); ``attention_mask`` None (no mask needed: causal
     when ``is_causal``), bool (B, 1, T, S) with True = visible, or additive float (0 / very
-    negative). ``tau``: a float, a 0-d tensor, (H,) per head, (B,) or (B, 1) per row, or (B, H).
+    negative). ``tau``: a float, a 0-d tensor, (H,) per head, (B, 1) per row, or (B, H); a 1-d (B,)
+    is read as per row too, except when B == H, where it is ambiguous and refused (the pipeline passes (B, 1)).
     ``softcap``/``sliding_window``/``s_aux`` are the architecture kwargs transformers passes to
     attention functions (Gemma-2 logit soft-capping, Mistral/Qwen/Gemma sliding windows, GPT-OSS
     attention sinks). Tempered attention is ``softmax(softcap(q·kᵀ · scaling / tau) + mask) v``:

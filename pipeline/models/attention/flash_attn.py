@@ -64,7 +64,7 @@ class FlashAttnBackend(AttentionBackend):
                 spec = mask_to_causal_and_padding(call.attention_mask, T, S)
                 window = None  # the mask shows no window (e.g. it was already cut to the window)
         if spec is None:
-            return "the mask is not causal + padding (+ the module's sliding window)"
+            return "the mask is not causal + padding (+ the module's sliding window): a static cache's unfilled keys or a custom mask"
         call.notes["flash_spec"] = (spec[0], spec[1], window)
         return None
 

@@ -63,7 +63,7 @@ class TritonBackend(AttentionBackend):
         else:
             spec = mask_to_causal_and_padding(call.attention_mask, q.shape[2], call.key.shape[2])
         if spec is None:
-            return "the mask is not causal + padding (sliding window or custom mask)"
+            return "the mask is not causal + padding (a sliding window, a static cache's unfilled keys or a custom mask)"
         call.notes["triton_spec"] = spec
         return None
 
