@@ -132,6 +132,9 @@ class TrainerConfig:
     batch_size: int = 8  # forget examples per rank per micro-step
     retain_batch_size: int = 8  # retain examples per rank per micro-step
     grad_accum: int = 1
+    # forget rows per optimizer step over all ranks (batch_size x grad_accum x ranks); when set,
+    # grad_accum follows from the number of ranks, so a recipe's batch holds on 1 GPU or 8
+    effective_batch: Optional[int] = None
     lr: float = 1e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.0
@@ -366,6 +369,8 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _require(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}")
     _require(t.retain_batch_size >= 1, "trainer.retain_batch_size", f"must be >= 1, got {t.retain_batch_size}")
     _require(t.grad_accum >= 1, "trainer.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    _require(t.effective_batch is None or t.effective_batch >= 1, "trainer.effective_batch",
+             f"must be >= 1 (or null: batch_size x grad_accum x ranks), got {t.effective_batch}")
     _require(0.0 <= t.warmup_ratio < 1.0, "trainer.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
     _require(t.save_every >= 0, "trainer.save_every", f"must be >= 0, got {t.save_every}")
     _choice(cfg, "trainer.nan_policy", ("stop", "skip"))

@@ -191,6 +191,7 @@ def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
     check_lm_eval(cfg)  # an lm-eval task it does not know: likewise
     set_threads(int(cfg.trainer.num_threads))
     torch.manual_seed(int(cfg.seed))
+    _resolve_batch(cfg, dist.world_size)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -201,6 +202,18 @@ def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
              "one forward per model over all rows, head at loss positions only" if cfg.trainer.passes == "joint"
              else "one forward per row group and model", cfg.kernels.kl)
     return dist, method
+
+
+def _resolve_batch(cfg: DictConfig, world_size: int) -> None:
+    """``trainer.grad_accum`` from ``trainer.effective_batch`` and the number of ranks (written into
+    ``cfg``, so config.yaml, checkpoints and the finished-job key hold what ran), and the batch logged."""
+    from pipeline.engine.batching import resolve_grad_accum
+
+    t = cfg.trainer
+    grad_accum, how = resolve_grad_accum(int(t.batch_size), int(t.grad_accum), t.effective_batch, world_size)
+    with open_dict(cfg):
+        cfg.trainer.grad_accum = grad_accum
+    log.info("batch: %s; %d retain rows per rank per micro-batch", how, int(t.retain_batch_size))
 
 
 def _dry_run(cfg: DictConfig, method: Any, dist: Any) -> dict:
@@ -597,6 +610,9 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             "steps": total,
             "skipped_steps": state.skipped,
             "world_size": dist.world_size,
+            "batch": {"forget_per_rank": int(cfg.trainer.batch_size), "retain_per_rank": int(cfg.trainer.retain_batch_size),
+                      "grad_accum": int(cfg.trainer.grad_accum),
+                      "forget_per_step": int(cfg.trainer.batch_size) * int(cfg.trainer.grad_accum) * dist.world_size},
             "zero_stage": engines.zero_stage,  # requested (auto or 0..3), resolved, why
             "precision": engines.precision,
             "zero3_partition": engines.partition,

@@ -156,3 +156,43 @@ def test_collective_timeout_is_the_configured_one(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "420.0"
+
+
+def test_effective_batch_sets_grad_accum_from_the_number_of_ranks():
+    """trainer.effective_batch (the recipes' 32) holds on any number of GPUs: before, 4 rows per GPU
+    gave 32 on 8 GPUs and 4 on one (8x the optimizer steps at the same lr), with nothing said."""
+    from pipeline.config import ConfigError
+    from pipeline.engine.batching import resolve_grad_accum
+
+    assert [resolve_grad_accum(4, 1, 32, n)[0] for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    assert resolve_grad_accum(4, 3, None, 8) == (3, "4 forget rows per rank x 3 micro-batches x 8 ranks = 96 forget "
+                                                    "rows per optimizer step")
+    assert resolve_grad_accum(4, 8, 32, 1)[0] == 8  # the resolved value, resolved again (continual steps, sweeps)
+    with pytest.raises(ConfigError, match=r"'trainer.effective_batch': 32 forget rows per step is not a multiple of "
+                                          r"trainer.batch_size=4 x 16 ranks = 64"):
+        resolve_grad_accum(4, 1, 32, 16)
+    with pytest.raises(ConfigError, match=r"'trainer.grad_accum': 2 contradicts trainer.effective_batch=32"):
+        resolve_grad_accum(4, 2, 32, 2)
+
+
+@pytest.mark.distributed
+def test_a_run_records_its_batch_and_the_recipes_hold_it_on_any_gpu_count(tiny, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pipeline.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for exp in ("tofu_7b", "muse_news_7b"):
+            assert compose(config_name="config", overrides=[f"+exp={exp}"]).trainer.effective_batch == 32, exp
+    root, model_dir, data_dir = tiny
+    out = launch(train_overrides(model_dir, data_dir, tmp_path / "runs", "eb", steps=1)
+                 + ["trainer.effective_batch=2", "eval.enabled=false", "trainer.export=false"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ("batch: 1 forget rows per rank x 2 micro-batches x 1 rank = 2 forget rows per optimizer step "
+            "(trainer.effective_batch=2)") in out.stderr
+    res = json.loads((tmp_path / "runs" / "eb" / "results.json").read_text())
+    assert res["batch"] == {"forget_per_rank": 1, "retain_per_rank": 1, "grad_accum": 2, "forget_per_step": 2}
+    assert "grad_accum: 2" in (tmp_path / "runs" / "eb" / "config.yaml").read_text()

@@ -14,6 +14,30 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.config_base import require
+
+
+def resolve_grad_accum(batch_size: int, grad_accum: int, effective_batch: int | None, world_size: int) -> tuple[int, str]:
+    """``(grad_accum, what the step is)``: with ``effective_batch`` (``trainer.effective_batch``, forget
+    rows per optimizer step over all ranks) the micro-batches per step that make it on ``world_size``
+    ranks of ``batch_size`` rows; otherwise ``grad_accum`` as configured. The text says it for the log."""
+    per_pass = batch_size * world_size
+    if effective_batch is not None:
+        ranks = f"{world_size} rank{'s' * (world_size != 1)}"
+        require(effective_batch % per_pass == 0, "trainer.effective_batch",
+                f"{effective_batch} forget rows per step is not a multiple of trainer.batch_size={batch_size} x "
+                f"{ranks} = {per_pass}; set trainer.batch_size so that it divides {effective_batch} / {world_size}")
+        derived = effective_batch // per_pass
+        require(grad_accum in (1, derived), "trainer.grad_accum",
+                f"{grad_accum} contradicts trainer.effective_batch={effective_batch} ({derived} micro-batches of "
+                f"{batch_size} rows on {ranks}); set one of them")
+        grad_accum = derived
+    how = (f"{batch_size} forget rows per rank x {grad_accum} micro-batch{'es' * (grad_accum != 1)} x {world_size} "
+           f"rank{'s' * (world_size != 1)} = {per_pass * grad_accum} forget rows per optimizer step")
+    if effective_batch is not None:
+        how += f" (trainer.effective_batch={effective_batch})"
+    return grad_accum, how
+
 
 @functools.lru_cache(maxsize=64)
 def _perm(n: int, seed: int, stream: int, epoch: int) -> tuple[int, ...]:
