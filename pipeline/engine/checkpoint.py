@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from pipeline.engine.distributed import barrier, is_main_process
 from pipeline.io import atomic_write_text
+from pipeline.messages import first_line
 
 log = logging.getLogger(__name__)
 
@@ -257,9 +258,8 @@ def load_checkpoint(engine: Any, ckpt: str | Path, strict: bool = True) -> dict:
     try:
         path, state = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=strict)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:  # a file cut short or damaged
-        first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(
-            f"checkpoint {ckpt} cannot be read ({type(e).__name__}: {first}): a write cut short or a damaged copy? "
+            f"checkpoint {ckpt} cannot be read ({type(e).__name__}: {first_line(e, 200)}): a write cut short or a damaged copy? "
             f"Resume from an earlier one (trainer.resume={ckpt.parent}/step_...) or start over "
             f"(trainer.resume=never)") from e
     if path is None:

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.messages import first_line
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ("wmdp_bio", "wmdp_cyber", "mmlu")
@@ -179,8 +181,8 @@ def run_lm_eval(
             **simple_evaluate_kwargs,
         )
     except OSError as e:  # a task's dataset that cannot be read: not on disk, or on the hub while offline
-        first = (str(e).strip().splitlines() or [""])[0][:240]
-        raise LmEvalError(f"lm-eval tasks {list(tasks)}: a dataset could not be read ({type(e).__name__}: {first}); "
+        raise LmEvalError(f"lm-eval tasks {list(tasks)}: a dataset could not be read ({type(e).__name__}: "
+                          f"{first_line(e, 240)}); "
                           f"offline runs need the datasets in the HF cache or local task YAMLs "
                           f"(eval.lm_eval_include_path)") from e
     res = dict(res or {})

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch
 
+from pipeline.messages import first_line
 from pipeline.models.tempered_attention import enable_tempered_attention
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,6 @@ TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model",
                    "tekken.json", "spiece.model", "sentencepiece.bpe.model", "merges.txt")
 
 
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message (transformers' messages run on for lines), or its type."""
-    lines = str(e).strip().splitlines()
-    return lines[0].strip() if lines else type(e).__name__
-
 
 def _read_json(file: Path, where: str) -> dict:
     """The JSON object in ``file``; a ModelLoadError naming ``where`` and the file when it is not one
@@ -44,7 +40,7 @@ def _read_json(file: Path, where: str) -> dict:
     try:
         obj = json.loads(file.read_text())
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        raise ModelLoadError(f"{where}: {file.name} is not readable JSON ({_first_line(e)}): "
+        raise ModelLoadError(f"{where}: {file.name} is not readable JSON ({first_line(e)}): "
                              f"a download or copy cut short, or a hand edit gone wrong?") from None
     if not isinstance(obj, dict):
         raise ModelLoadError(f"{where}: {file.name} holds a JSON {type(obj).__name__}, not an object")
@@ -71,7 +67,7 @@ def check_weight_files(p: Path, where: str) -> None:
             with safe_open(str(f), framework="pt"):
                 pass
         except (SafetensorError, OSError) as e:
-            raise ModelLoadError(f"{where}: {f.name} is not a readable safetensors file ({_first_line(e)}): "
+            raise ModelLoadError(f"{where}: {f.name} is not a readable safetensors file ({first_line(e)}): "
                                  f"a download or copy cut short?") from None
 
 
@@ -223,7 +219,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, **kwargs: 
             tc = p / "tokenizer_config.json"
             auto_map = _read_json(tc, f"tokenizer {p}").get("auto_map") if tc.is_file() else None
             raise _remote_code_error(f"tokenizer {path}", auto_map) from e
-        raise ModelLoadError(f"tokenizer {path} cannot be loaded: {_first_line(e)}") from e
+        raise ModelLoadError(f"tokenizer {path} cannot be loaded: {first_line(e)}") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
         setattr(tok, _PAD_FROM_EOS, True)
@@ -271,7 +267,7 @@ def load_causal_lm(
             **({"device_map": {"": device}} if device not in (None, "cpu") else {}),
         )
     except (OSError, ValueError, SafetensorError) as e:  # a broken directory; not Exception: bugs stay tracebacks
-        raise ModelLoadError(f"model {path} cannot be loaded: {_first_line(e)}") from e
+        raise ModelLoadError(f"model {path} cannot be loaded: {first_line(e)}") from e
     enable_tempered_attention(model)
     return model
 

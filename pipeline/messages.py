@@ -1,0 +1,13 @@
+"""Exception text for one-line user errors (a dependency-free leaf: any layer may import it)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+def first_line(exc: BaseException, limit: Optional[int] = None) -> str:
+    """The first line of ``exc``'s message (transformers', torch's and DeepSpeed's run on for lines),
+    cut to ``limit`` characters, or the exception's type name when it has no message."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0].strip() if lines else type(exc).__name__
+    return line[:limit] if limit is not None else line
