@@ -282,6 +282,8 @@ def test_config_defaults():
     (["method=idk_dpo", "method.idk_answers=[]"], "method.idk_answers"),
     (["method=npo", "method.rna_noise=-0.1"], "method.rna_noise"),
     (["method=npo", "method.rna_noise=0.1", "method.rna_layer=9"], "method.rna_layer"),
+    # every tempered layer above the matched one: the forget loss would be 0 for any tau (was accepted)
+    (["method=asu_wmdp", "method.layer=1", "method.teacher_layers=[2,3]"], "method.teacher_layers"),
 ])
 def test_new_method_config_errors_name_the_key(overrides, key):
     cfg = _compose(overrides)

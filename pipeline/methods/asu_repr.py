@@ -17,9 +17,11 @@ extra copy); the hidden state is the decoder layer's output (before the final no
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
+from pipeline.config_base import require
 from pipeline.methods import losses
 from pipeline.methods.asu import ASU, ASUConfig
 from pipeline.methods.base import register_method
@@ -41,6 +43,16 @@ class ASUWMDPConfig(LayerSelectionConfig, ASUConfig):
 @register_method("asu_wmdp")
 class ASUWMDP(LayerwiseMethod, ASU):
     config_cls = ASUWMDPConfig
+
+    @classmethod
+    def validate_config(cls, mcfg: Any, n_layers: Optional[int]) -> None:
+        super().validate_config(mcfg, n_layers)
+        layers = mcfg.teacher_layers
+        # only layers <= method.layer shape the hidden state the loss reads: tempering none of them
+        # makes the teacher the untempered model, a forget loss of exactly 0 whatever tau is
+        require(layers is None or any(int(i) <= int(mcfg.layer) for i in layers), "method.teacher_layers",
+                f"{list(layers or [])} are all above method.layer={mcfg.layer}: they cannot change the hidden state "
+                f"it matches (the forget loss would be 0 for every tau); temper layers 0..{mcfg.layer}")
 
     def plan_forget(self, plan: StepPlan, batch: dict) -> None:
         plan.need_student("forget", HIDDEN).need_frozen("forget", HIDDEN, float(self.cfg.tau))
