@@ -196,3 +196,15 @@ def test_a_run_records_its_batch_and_the_recipes_hold_it_on_any_gpu_count(tiny, 
     res = json.loads((tmp_path / "runs" / "eb" / "results.json").read_text())
     assert res["batch"] == {"forget_per_rank": 1, "retain_per_rank": 1, "grad_accum": 2, "forget_per_step": 2}
     assert "grad_accum: 2" in (tmp_path / "runs" / "eb" / "config.yaml").read_text()
+
+
+@pytest.mark.distributed
+def test_into_a_log_file_the_training_bar_is_not_redrawn_every_step(tiny, tmp_path):
+    """stderr to a file (a SLURM log): the bar redraws every FILE_INTERVAL_S. Before, its per-step
+    loss postfix (tqdm's set_postfix redraws by default) wrote one bar state per step into the log."""
+    root, model_dir, data_dir = tiny
+    out = launch(train_overrides(model_dir, data_dir, tmp_path / "runs", "bar", steps=20)
+                 + ["method=grad_diff", "eval.enabled=false", "trainer.export=false", "logging.progress_bar=true"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    states = out.stderr.count("unlearn[grad_diff]")
+    assert 1 <= states <= 4, states  # the opening state, the last, maybe one more: not 20

@@ -306,8 +306,10 @@ class UnlearningTrainer:
                 logs["lr"] = float(self.engine.get_lr()[0]) if hasattr(self.engine, "get_lr") else float("nan")
                 self.state.history.append({"step": self.state.step, **logs, "step_seconds": step_seconds})
                 if bar is not None:
+                    # refresh=False: the update below redraws it, at the bar's own interval (30 s into a
+                    # file); set_postfix's default redraw would write one bar line per step into a log
                     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()
-                                     if k in ("loss", "forget_loss", "retain_loss")})
+                                     if k in ("loss", "forget_loss", "retain_loss")}, refresh=False)
                 if self.state.step % max(1, tcfg.log_every) == 0 or self.state.step == self.total_steps:
                     self.logger.log({f"train/{k}": v for k, v in logs.items()}, step=self.state.step)
             if bar is not None:

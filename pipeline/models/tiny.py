@@ -131,9 +131,9 @@ def train_from_scratch(model, tokenizer, rows: Sequence[dict], cfg: TinyModelCon
         if step % 10 == 0 or step == cfg.steps - 1:
             losses.append(round(loss_v, 5))
         if bar is not None:
-            bar.update(1)
             if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss_v:.4f}")
+                bar.set_postfix(loss=f"{loss_v:.4f}", refresh=False)  # drawn by update, at the bar's interval
+            bar.update(1)
     if bar is not None:
         bar.close()
     model.eval()
