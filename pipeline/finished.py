@@ -131,6 +131,11 @@ def finished_results(cfg: DictConfig, run_dir: Path, key: dict) -> Optional[dict
         else:
             if why and (run_dir / FINISHED_FILE).exists():
                 log.info("run %s: its earlier results are not reused: %s", run_dir, why)
+            elif why == "" and (run_dir / "results.json").exists():  # results without a finished record: say why
+                log.info("run %s: its earlier results are not reused: %s", run_dir,
+                         "a run without checkpoints (trainer.save_every=0) is never recorded as finished, so it "
+                         "trains again" if int(OmegaConf.select(cfg, "trainer.save_every", default=0) or 0) == 0 else
+                         f"no {FINISHED_FILE}: it did not finish (it resumes from its newest checkpoint)")
             (run_dir / FINISHED_FILE).unlink(missing_ok=True)
             if set_aside_results(run_dir) is not None:  # a failing re-run must not leave them as its own
                 log.info("run %s: the earlier results.json is kept as %s until this run writes its own", run_dir,

@@ -40,6 +40,19 @@ def test_resume_never_a_damaged_record_or_none_runs_the_job_and_drops_the_record
         assert (tmp_path / "results.previous.json").read_text() == '{"run": "earlier"}'
 
 
+def test_results_without_a_finished_record_say_why_they_are_not_reused(tmp_path, caplog):
+    """A run with trainer.save_every=0 (the embedded default's sweeps) is never recorded as finished:
+    its re-run trains again, and the log now says why (it said only that results.json was set aside)."""
+    for save_every, why in ((0, "a run without checkpoints (trainer.save_every=0) is never recorded as finished"),
+                            (5, f"no {FINISHED_FILE}: it did not finish")):
+        (tmp_path / "results.json").write_text("{}")
+        cfg = OmegaConf.merge(_cfg(), {"trainer": {"save_every": save_every}})
+        with caplog.at_level(logging.INFO):
+            assert finished_results(cfg, tmp_path, {"k": 1}) is None
+        assert f"its earlier results are not reused: {why}" in caplog.text
+        caplog.clear()
+
+
 @pytest.mark.distributed
 def test_the_same_command_again_loads_nothing_and_other_inputs_or_changed_outputs_run_it(tmp_path):
     args, run = resumable_job(tmp_path)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import register_configs
@@ -89,6 +90,8 @@ def test_cli_dry_run_prints_plan_for_1_8_16_gpus_without_downloading():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "1 GPUs" in out.stdout and "8 GPUs" in out.stdout and "16 GPUs" in out.stdout
     assert "fits in" in out.stdout and "nothing loaded" in out.stdout
+    if not torch.cuda.is_available():  # the 80 GiB budget is an assumption here, and says so
+        assert "GPU memory assumed 80 GiB: no GPU here; deepspeed.gpu_memory_gb=<GiB> plans for yours" in out.stdout
 
 
 def test_total_takes_the_larger_phase_not_both():

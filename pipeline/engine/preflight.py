@@ -431,7 +431,8 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
     arch = resolve_arch(cfg.model, model_path)
     ds, tr = cfg.deepspeed, cfg.trainer
     fp = method_footprint(cfg, arch)
-    budget = int((ds.gpu_memory_gb or _cuda_total_gb() or DEFAULT_GPU_GB) * GiB)
+    measured = ds.gpu_memory_gb or _cuda_total_gb()
+    budget = int((measured or DEFAULT_GPU_GB) * GiB)
     plans = [plan_memory(arch, n, min(n, 8), precision=resolve_precision(ds, True), zero_stage=resolve_zero_stage(ds, n).stage,
                          offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
                          uses_reference=uses_reference, batch_size=int(tr.batch_size),
@@ -444,6 +445,9 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
     text = format_plans(arch, plans, budget, None, "GPU")
     text += "\n" + f"{'fits in ' + format(budget / GiB, '.0f') + ' GiB/GPU':<40}" + "".join(
         f"{'yes' if p.gpu_total <= budget else 'NO':>12}" for p in plans)
+    if not measured:  # no GPU here and none configured: say the budget is an assumption
+        text += (f"\n(GPU memory assumed {DEFAULT_GPU_GB:.0f} GiB: no GPU here; deepspeed.gpu_memory_gb=<GiB> "
+                 f"plans for yours)")
     return text
 
 

@@ -40,8 +40,10 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "forget_well_formed": ("up", "share of forget generations that end with <eos> and never repeat a token 3 "
                            "times in a row (ASU's claim: fluent, not gibberish, after forgetting)."),
     "forget_entropy": ("", "mean unigram entropy (bits) of forget generations; collapse to a few tokens is low."),
-    "forget_truth_ratio": ("up", "mean of min(TR, 1/TR) on the forget set, TR = P(perturbed)/P(paraphrased) "
-                           "with length-normalised probabilities; 1 = no preference for the truth."),
+    "forget_truth_ratio": ("up", "mean of min(TR, 1/TR) on the forget set, TR = P(perturbed)/P(reference) "
+                           "with length-normalised probabilities, the reference being the paraphrased answer "
+                           "or the answer (results.json: evaluation.truth_ratio_reference); 1 = no preference "
+                           "for the truth."),
     "forget_prob": ("down", "mean length-normalised probability exp(-mean NLL) of the forget answers."),
     "forget_para_prob": ("down", "same for the paraphrased forget answers."),
     "retain_prob": ("up", "mean length-normalised probability of the retain answers."),
