@@ -251,16 +251,39 @@ def step_record(request: str, init_model: str, step_cfg: DictConfig) -> dict:
     from pipeline.eval.reference import model_fingerprint
     from pipeline.finished import result_config
 
-    text = json.dumps({"config": result_config(step_cfg), "init": model_fingerprint(init_model)}, sort_keys=True,
-                      default=str)
-    return {"request": request, "init_model": init_model, "key": hashlib.sha256(text.encode()).hexdigest()}
+    config, init = result_config(step_cfg), model_fingerprint(init_model)
+
+    def digest(fields: dict) -> str:
+        return hashlib.sha256(json.dumps({"config": fields, "init": init}, sort_keys=True, default=str).encode()).hexdigest()
+
+    # train_key: what the trained weights depend on (the evaluated splits and settings do not), so a
+    # step whose training inputs changed trains from the start instead of resuming a stale checkpoint
+    training = {k: v for k, v in config.items() if not k.startswith(EVAL_ONLY)}
+    return {"request": request, "init_model": init_model, "key": digest(config), "train_key": digest(training)}
+
+
+# Settings that change what a step measures, not what it trains (its checkpoints stay valid).
+EVAL_ONLY = ("eval.", "data.eval_splits")
+
+
+def _trained_with_other_inputs(step_dir: Path, record: dict) -> bool:
+    """Whether ``step_dir`` holds a step trained with other training inputs than ``record``'s (its
+    checkpoints must not be resumed). A record without ``train_key`` (written before it was kept)
+    or none at all: False (checkpoint_meta still refuses a resume with other training settings)."""
+    try:
+        earlier = json.loads((step_dir / STEP_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return "train_key" in earlier and earlier["train_key"] != record["train_key"]
 
 
 def _finished(step_dir: Path, record: dict, need_model: bool, resume: str) -> bool:
     """Whether ``step_dir`` holds this very step, finished (``trainer.resume=never`` runs it again)."""
     marker = step_dir / STEP_FILE
     try:
-        if resume == "never" or json.loads(marker.read_text()) != record:
+        earlier = json.loads(marker.read_text())
+        # (train_key, added later, is not compared: an earlier marker without it still matches)
+        if resume == "never" or any(earlier.get(k) != record[k] for k in ("request", "init_model", "key")):
             return False
     except (OSError, ValueError):  # none yet, or cut short
         return False
@@ -313,9 +336,19 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         if _finished(step_dir, record, need_model=True, resume=resume):
             log.info("continual request %d/%d (%s): already finished in %s", i + 1, len(requests), request, step_dir)
         else:
-            if (step_dir / STEP_FILE).exists():
-                log.info("continual request %d/%d (%s): its settings, starting model or evaluated splits changed "
-                         "since it ran (or trainer.resume=never): running it again", i + 1, len(requests), request)
+            if _trained_with_other_inputs(step_dir, record):
+                # another lr, or another starting model (an earlier step that trained again): its
+                # checkpoints hold weights trained from other inputs; resuming one would report them
+                log.info("continual request %d/%d (%s): its training settings or starting model changed since it "
+                         "ran: training it from the start (its earlier checkpoints are not resumed)", i + 1,
+                         len(requests), request)
+                with open_dict(step_cfg):
+                    step_cfg.trainer.resume = "never"
+            elif (step_dir / STEP_FILE).exists():
+                log.info("continual request %d/%d (%s): its evaluated splits or evaluation settings changed since it "
+                         "ran (or trainer.resume=never): running it again (it resumes at its last step when it kept "
+                         "a checkpoint there, trainer.save_every > 0; otherwise it trains again)", i + 1,
+                         len(requests), request)
             log.info("continual request %d/%d: forget %s, starting from %s", i + 1, len(requests), request, init_model)
             if is_main_process():  # the step is not finished until it writes its record again
                 (step_dir / STEP_FILE).unlink(missing_ok=True)

@@ -183,3 +183,48 @@ def test_a_step_is_finished_only_with_the_same_settings_and_starting_model(tmp_p
     assert not _finished(step, rec, need_model=True, resume="never")
     (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes() + b" ")  # retrained
     assert step_record("f1", str(model), cfg) != rec
+
+
+def test_the_step_record_separates_training_inputs_from_evaluation_settings(tmp_path):
+    """An added request or another evaluation setting keeps the train_key (the step's checkpoints
+    stay valid: it re-evaluates); another lr or starting model changes it, and the step then trains
+    from the start. Before, such a step resumed its old checkpoint (a replaced starting model: stale
+    weights reported as new) or stopped on the checkpoint's other lr (exit 2, its results set aside)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.continual import STEP_FILE, _finished, _trained_with_other_inputs, step_record
+    from tests.helpers.tiny import build
+
+    model = build(tmp_path / "m")[0]
+    cfg = OmegaConf.create({"trainer": {"lr": 1e-3}, "data": {"eval_splits": ["a"]}, "eval": {"max_new_tokens": 8}})
+    rec = step_record("f1", str(model), cfg)
+    step = tmp_path / "r1_f1"
+    step.mkdir()
+    (step / STEP_FILE).write_text(json.dumps(rec))
+    for change in ({"data": {"eval_splits": ["a", "b"]}}, {"eval": {"max_new_tokens": 6}}):
+        other = step_record("f1", str(model), OmegaConf.merge(cfg, change))
+        assert other["key"] != rec["key"] and other["train_key"] == rec["train_key"], change
+        assert not _trained_with_other_inputs(step, other)
+    assert _trained_with_other_inputs(step, step_record("f1", str(model), OmegaConf.merge(cfg, {"trainer": {"lr": 5e-3}})))
+    (model / "config.json").write_text((model / "config.json").read_text() + " ")  # another starting model
+    assert _trained_with_other_inputs(step, step_record("f1", str(model), cfg))
+    # a marker from before train_key was kept still counts as this step, finished
+    (step / "model").mkdir()
+    (step / "model" / "config.json").write_text("{}")
+    (step / STEP_FILE).write_text(json.dumps({k: v for k, v in rec.items() if k != "train_key"}))
+    assert _finished(step, rec, need_model=True, resume="auto") and not _trained_with_other_inputs(step, rec)
+
+
+@pytest.mark.distributed
+def test_another_lr_in_a_checkpointed_sequence_trains_the_step_again(tmp_path):
+    args = ["+exp=tofu_tiny", "continual.requests=[forget10_part1]", "continual.eval_initial=false", *TINY,
+            "trainer.save_every=1", f"output_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", "run_name=seq"]
+    first = run(args, script="launchers/continual.py", timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run(args + ["trainer.lr=5e-4"], script="launchers/continual.py", timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]  # was: CheckpointError (the checkpoint's other lr), exit 2
+    assert "its training settings or starting model changed since it ran: training it from the start" in again.stderr
+    assert "trained 2 steps" in again.stderr and "resumed from" not in again.stderr
+    step = tmp_path / "runs" / "seq" / "r1_forget10_part1"
+    assert yaml.safe_load((step / "config.yaml").read_text())["trainer"]["lr"] == 5e-4
+    assert json.loads((step / "results.json").read_text())["steps"] == 2
