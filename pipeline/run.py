@@ -7,6 +7,7 @@ stage is a function of what the previous ones produced, so a stage can be read (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -132,8 +133,10 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     resume_from = check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
     # the rows themselves: another data.path with the same split names resumed silently. Before a known
     # tau=auto choice enters cfg: checkpoints record method.tau=auto, and the chosen tau as tau_chosen
+    # and the starting model's files: new weights at the same model.path resumed the old training silently
     meta = {**checkpoint_meta(cfg, dist.world_size, dist.device == "cuda"),
-            "rows.forget": key["rows.forget"], "rows.retain": key["rows.retain"]}
+            "rows.forget": key["rows.forget"], "rows.retain": key["rows.retain"],
+            "model.files_sha256": hashlib.sha256(json.dumps(key["model"], sort_keys=True).encode()).hexdigest()[:16]}
     tau_selection = _known_tau(cfg, run_dir, key, resume_from)  # no probes, and maybe no frozen model, needed
     need_reference = _needs_reference(cfg, method, inputs, dist.device == "cuda")
     engines, plan, total = _build_engines(cfg, dist, method, inputs, need_reference)

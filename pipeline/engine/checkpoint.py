@@ -208,7 +208,7 @@ def read_meta(ckpt: str | Path) -> dict:
 # fields added after checkpoints were already written, as those runs had them
 META_DEFAULTS = {"zero_stage": 3, "training.model.chat_template_kwargs": {}}
 # fields added later whose earlier value is unknown: compared only when the checkpoint has them
-RECORDED_LATER = ("rows.forget", "rows.retain", "tau_chosen")
+RECORDED_LATER = ("rows.forget", "rows.retain", "tau_chosen", "model.files_sha256")
 
 
 def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:

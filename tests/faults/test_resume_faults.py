@@ -85,6 +85,23 @@ def test_resume_refuses_checkpoint_from_other_config(tiny):
     assert "different configuration" in other.stderr and "method" in other.stderr and "tau" in other.stderr
 
 
+@pytest.mark.distributed
+def test_new_weights_at_the_model_path_are_not_resumed_from_the_old_training(tmp_path):
+    """The checkpoint records its starting model's file fingerprint: new weights at the same
+    model.path (a re-trained or re-downloaded model) refuse the resume, naming it. Before, the old
+    training resumed silently and was reported as training from the new model."""
+    root = tmp_path
+    model_dir, data_dir = build(root)
+    args = train_overrides(model_dir, data_dir, root / "runs", "m", steps=2) + [
+        "eval.enabled=false", "method=grad_diff", "trainer.save_every=1", "trainer.export=false"]
+    first = subprocess.run(_cmd(args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    build(root, seed=1)  # other weights, same architecture, same path
+    again = subprocess.run(_cmd(args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "different configuration (model.files_sha256: checkpoint=" in again.stderr and "Traceback" not in again.stderr
+
+
 def test_pruning_keeps_the_checkpoint_just_written_when_another_run_left_later_steps(tmp_path):
     """trainer.resume=never in a used run directory: the old run's step_6 is later than the new run's
     step_2. Pruning by step number deleted the step just published (``latest`` then named nothing)."""
