@@ -266,26 +266,27 @@ def step_record(request: str, init_model: str, step_cfg: DictConfig) -> dict:
 EVAL_ONLY = ("eval.", "data.eval_splits")
 
 
-def _trained_with_other_inputs(step_dir: Path, record: dict) -> bool:
-    """Whether ``step_dir`` holds a step trained with other training inputs than ``record``'s (its
-    checkpoints must not be resumed). A record without ``train_key`` (written before it was kept)
-    or none at all: False (checkpoint_meta still refuses a resume with other training settings)."""
+def _earlier_record(step_dir: Path) -> Optional[dict]:
+    """The step record ``step_dir`` holds (:func:`step_record`), or None: none yet, or cut short."""
     try:
         earlier = json.loads((step_dir / STEP_FILE).read_text())
     except (OSError, ValueError):
-        return False
-    return "train_key" in earlier and earlier["train_key"] != record["train_key"]
+        return None
+    return earlier if isinstance(earlier, dict) else None
 
 
-def _finished(step_dir: Path, record: dict, need_model: bool, resume: str) -> bool:
-    """Whether ``step_dir`` holds this very step, finished (``trainer.resume=never`` runs it again)."""
-    marker = step_dir / STEP_FILE
-    try:
-        earlier = json.loads(marker.read_text())
-        # (train_key, added later, is not compared: an earlier marker without it still matches)
-        if resume == "never" or any(earlier.get(k) != record[k] for k in ("request", "init_model", "key")):
-            return False
-    except (OSError, ValueError):  # none yet, or cut short
+def _trained_with_other_inputs(earlier: Optional[dict], record: dict) -> bool:
+    """Whether the step that wrote ``earlier`` was trained with other training inputs than
+    ``record``'s (its checkpoints must not be resumed). A record without ``train_key`` (written before
+    it was kept) or none at all: False (checkpoint_meta still refuses a resume with other training settings)."""
+    return earlier is not None and "train_key" in earlier and earlier["train_key"] != record["train_key"]
+
+
+def _finished(step_dir: Path, earlier: Optional[dict], record: dict, need_model: bool, resume: str) -> bool:
+    """Whether ``step_dir``, whose record is ``earlier``, holds this very step, finished
+    (``trainer.resume=never`` runs it again). ``train_key``, added later, is not compared: an earlier
+    record without it still matches."""
+    if earlier is None or resume == "never" or any(earlier.get(k) != record[k] for k in ("request", "init_model", "key")):
         return False
     return (step_dir / "model" / "config.json").exists() if need_model else (step_dir / "results.json").exists()
 
@@ -312,7 +313,7 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         step_dir = run_dir / "r0_initial"
         step_cfg = request_config(cfg, base, 0, requests[0], init_model, splits)
         record = step_record("initial", init_model, step_cfg)
-        if not _finished(step_dir, record, need_model=False, resume=resume):
+        if not _finished(step_dir, _earlier_record(step_dir), record, need_model=False, resume=resume):
             log.info("continual: evaluating the starting model %s", init_model)
             eval_job(step_cfg, step_dir)
             if is_main_process():
@@ -333,10 +334,11 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         step_dir = run_dir / step_name(i, request)
         step_cfg = request_config(cfg, base, i, request, init_model, splits)
         record = step_record(request, init_model, step_cfg)
-        if _finished(step_dir, record, need_model=True, resume=resume):
+        earlier = _earlier_record(step_dir)
+        if _finished(step_dir, earlier, record, need_model=True, resume=resume):
             log.info("continual request %d/%d (%s): already finished in %s", i + 1, len(requests), request, step_dir)
         else:
-            if _trained_with_other_inputs(step_dir, record):
+            if _trained_with_other_inputs(earlier, record):
                 # another lr, or another starting model (an earlier step that trained again): its
                 # checkpoints hold weights trained from other inputs; resuming one would report them
                 log.info("continual request %d/%d (%s): its training settings or starting model changed since it "

@@ -167,7 +167,7 @@ def test_a_step_is_finished_only_with_the_same_settings_and_starting_model(tmp_p
     reported the old runs as finished, and later steps kept models trained from a replaced one."""
     from omegaconf import OmegaConf
 
-    from pipeline.continual import STEP_FILE, _finished, step_record
+    from pipeline.continual import STEP_FILE, _earlier_record, _finished, step_record
     from tests.helpers.tiny import build
 
     model = build(tmp_path / "m")[0]
@@ -177,10 +177,10 @@ def test_a_step_is_finished_only_with_the_same_settings_and_starting_model(tmp_p
     (step / "model").mkdir(parents=True)
     (step / "model" / "config.json").write_text("{}")
     (step / STEP_FILE).write_text(json.dumps(rec))
-    assert _finished(step, rec, need_model=True, resume="auto")
+    assert _finished(step, _earlier_record(step), rec, need_model=True, resume="auto")
     assert step_record("f1", str(model), OmegaConf.create({**cfg, "output_dir": "b"})) == rec  # not a result
     assert step_record("f1", str(model), OmegaConf.create({**cfg, "trainer": {"lr": 5e-3, "resume": "auto"}})) != rec
-    assert not _finished(step, rec, need_model=True, resume="never")
+    assert not _finished(step, _earlier_record(step), rec, need_model=True, resume="never")
     (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes() + b" ")  # retrained
     assert step_record("f1", str(model), cfg) != rec
 
@@ -192,7 +192,13 @@ def test_the_step_record_separates_training_inputs_from_evaluation_settings(tmp_
     weights reported as new) or stopped on the checkpoint's other lr (exit 2, its results set aside)."""
     from omegaconf import OmegaConf
 
-    from pipeline.continual import STEP_FILE, _finished, _trained_with_other_inputs, step_record
+    from pipeline.continual import (
+        STEP_FILE,
+        _earlier_record,
+        _finished,
+        _trained_with_other_inputs,
+        step_record,
+    )
     from tests.helpers.tiny import build
 
     model = build(tmp_path / "m")[0]
@@ -204,15 +210,17 @@ def test_the_step_record_separates_training_inputs_from_evaluation_settings(tmp_
     for change in ({"data": {"eval_splits": ["a", "b"]}}, {"eval": {"max_new_tokens": 6}}):
         other = step_record("f1", str(model), OmegaConf.merge(cfg, change))
         assert other["key"] != rec["key"] and other["train_key"] == rec["train_key"], change
-        assert not _trained_with_other_inputs(step, other)
-    assert _trained_with_other_inputs(step, step_record("f1", str(model), OmegaConf.merge(cfg, {"trainer": {"lr": 5e-3}})))
+        assert not _trained_with_other_inputs(_earlier_record(step), other)
+    other_lr = step_record("f1", str(model), OmegaConf.merge(cfg, {"trainer": {"lr": 5e-3}}))
+    assert _trained_with_other_inputs(_earlier_record(step), other_lr)
     (model / "config.json").write_text((model / "config.json").read_text() + " ")  # another starting model
-    assert _trained_with_other_inputs(step, step_record("f1", str(model), cfg))
+    assert _trained_with_other_inputs(_earlier_record(step), step_record("f1", str(model), cfg))
     # a marker from before train_key was kept still counts as this step, finished
     (step / "model").mkdir()
     (step / "model" / "config.json").write_text("{}")
     (step / STEP_FILE).write_text(json.dumps({k: v for k, v in rec.items() if k != "train_key"}))
-    assert _finished(step, rec, need_model=True, resume="auto") and not _trained_with_other_inputs(step, rec)
+    earlier = _earlier_record(step)
+    assert _finished(step, earlier, rec, need_model=True, resume="auto") and not _trained_with_other_inputs(earlier, rec)
 
 
 @pytest.mark.distributed

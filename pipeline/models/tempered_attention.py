@@ -199,8 +199,10 @@ def set_temperature(model: nn.Module, tau: float | torch.Tensor, layers: Sequenc
     chosen = {int(m.layer_idx) for m in mods} if layers is None else {int(i) for i in layers}
     if layers is not None and (problem := layers_without_attention(model, layers)) is not None:
         raise ValueError(problem)
-    if not (isinstance(tau, (int, float)) and tau == 1.0) and (problem := tempered_attention_problem(model)):
-        raise ValueError(problem)  # a silently untempered teacher is the one failure nobody would see
+    if not (isinstance(tau, (int, float)) and tau == 1.0) and not all(getattr(m, PLUGGABLE_ATTR, True) for m in mods):
+        # a silently untempered teacher is the one failure nobody would see (the flags of the modules
+        # found above: this runs every step, so the model is not walked a second time)
+        raise ValueError(tempered_attention_problem(model))
     for m in mods:
         setattr(m, TEMPERATURE_ATTR, tau if m.layer_idx in chosen else 1.0)
 
