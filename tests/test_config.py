@@ -58,6 +58,17 @@ def test_every_experiment_composes_with_every_baseline(exp):
             validate(cfg)
 
 
+def test_rmu_control_vector_follows_the_run_seed_unless_set():
+    """A seed sweep of RMU must not reuse one steering direction u for every seed (it did: control_seed
+    was a constant 0); an explicit method.control_seed still wins."""
+    from pipeline.methods.rmu import control_vector
+
+    seeds = [_compose(["method=rmu_tiny", "+exp=tofu_tiny", f"seed={s}"]).method.control_seed for s in (0, 3)]
+    assert seeds == [0, 3]
+    assert not control_vector(16, seeds[0]).equal(control_vector(16, seeds[1]))
+    assert _compose(["method=rmu_tiny", "seed=3", "method.control_seed=5"]).method.control_seed == 5
+
+
 def test_unknown_key_fails_at_compose_with_path():
     with pytest.raises((ConfigCompositionException, ConfigKeyError)) as e:
         _compose(["trainer.lrr=0.1"])
