@@ -12,12 +12,12 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.config import register_configs
+from pipeline.engine.distributed import with_default_override
 
 register_configs()
 # Its own Hydra directory: the default one (<output_dir>/<exp>/<method>) is a training run's, whose
 # .hydra/ and log this would overwrite (make demo prepares before the runs it then starts).
-if not any(a.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for a in sys.argv[1:]):
-    sys.argv.insert(1, "hydra.run.dir=${output_dir}/prepare/${exp_name}")
+sys.argv = with_default_override(sys.argv, "hydra.run.dir", "${output_dir}/prepare/${exp_name}")
 
 
 @hydra.main(version_base="1.3", config_path=_bootstrap.CONFIG_PATH, config_name="config")

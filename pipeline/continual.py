@@ -35,6 +35,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.config import ConfigError
+from pipeline.engine.distributed import with_default_override
 
 log = logging.getLogger("pipeline.continual")
 
@@ -370,6 +371,4 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
 def default_run_name(argv: list[str]) -> list[str]:
     """Launcher helper: without an explicit ``run_name=``, continual runs go to
     ``<output_dir>/<exp_name>/continual_<method>`` (not the plain run's directory)."""
-    if any(a.split("=", 1)[0].lstrip("+~") == "run_name" for a in argv[1:]):
-        return argv
-    return [argv[0], "run_name=${exp_name}/continual_${method.name}", *argv[1:]]
+    return with_default_override(argv, "run_name", "${exp_name}/continual_${method.name}")

@@ -40,6 +40,14 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def with_default_override(argv: list[str], key: str, value: str) -> list[str]:
+    """``argv`` with ``key=value`` added after the script name unless the user gave ``key`` (in any of
+    Hydra's forms: ``key=``, ``+key=``, ``++key=``, ``~key``)."""
+    if any(a.split("=", 1)[0].lstrip("+~") == key for a in argv[1:]):
+        return argv
+    return [argv[0], f"{key}={value}", *argv[1:]]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
