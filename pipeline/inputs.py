@@ -123,7 +123,8 @@ def checked_prompt_format(cfg: DictConfig, tokenizer: Any, uses: list[str]) -> A
 
     try:
         fmt = prompt_format_from_config(cfg.model)
-        fmt.check(tokenizer)
+        if uses:  # a format the run never applies (WMDP, MUSE) need not suit the tokenizer
+            fmt.check(tokenizer)
     except PromptFormatError as e:
         raise ConfigError(f"config error at '{e.key}': {e}") from None
     system = f", system prompt {fmt.system_prompt!r}" if getattr(fmt, "system_prompt", None) else ""

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pipeline.config import RunConfig
+from pipeline.config import ConfigError, RunConfig
 from pipeline.data.formatting import IGNORE_INDEX, encode_qa, prompt_ids
 from pipeline.data.loaders import encode_rows
 from pipeline.data.prompt_formats import (
@@ -442,3 +442,9 @@ def test_the_log_says_when_the_prompt_format_is_not_applied(toks, caplog):
     with caplog.at_level("INFO"):
         checked_prompt_format(cfg, toks["llama2"], [])
     assert "prompt format: llama2_chat not applied (wmdp: raw-text rows" in caplog.text
+    # a format this tokenizer cannot express (zephyr needs </s>; wmdp_7b's default on another model)
+    # stops the run only where it is applied
+    cfg.model.prompt_format = "zephyr"
+    checked_prompt_format(cfg, toks["plain"], [])
+    with pytest.raises(ConfigError, match="model.prompt_format"):
+        checked_prompt_format(cfg, toks["plain"], ["training"])
