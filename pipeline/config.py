@@ -259,7 +259,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
-    exp_name: str = "tofu_tiny"
+    exp_name: str = "default"
     run_name: str = "${exp_name}/${method.name}"
     output_dir: str = "runs"
     cache_dir: str = "${oc.env:ASU_CACHE,.cache/asu}"

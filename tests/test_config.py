@@ -26,7 +26,7 @@ def _compose(overrides=()):
 def test_default_composes_and_validates():
     cfg = _compose()
     assert cfg.method.name == "asu_kl"
-    assert cfg.exp_name == "tofu_tiny"
+    assert cfg.exp_name == "default"
     validate(cfg)
 
 
