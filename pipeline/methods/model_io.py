@@ -15,6 +15,7 @@ from torch import nn
 
 from pipeline.data.formatting import IGNORE_INDEX
 from pipeline.models.peft_student import adapters_off
+from pipeline.models.submodules import swapped
 from pipeline.models.tempered_attention import temperature
 
 
@@ -101,3 +102,22 @@ def layer_output(model: nn.Module, layer: int, into: list) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def stopped_after(model: nn.Module, layer: int) -> Iterator[None]:
+    """Inside the block a forward of ``model`` runs decoder layers 0..``layer`` only, and its output
+    head is a pass-through: for losses that read the hidden state at ``layer`` and nothing after it.
+
+    The model's own (root) forward still runs from start to end on a truncated layer list, rather than
+    being cut off by an exception from a hook on ``layer``: under DeepSpeed ZeRO-3 every module that
+    starts also finishes, so its post-forward hooks release what they gathered, its module stack stays
+    balanced and the engine registers its output hooks. Each step then runs the same modules on every
+    rank (ZeRO-3's recorded trace stays complete). The final norm runs on the layer-``layer`` state (a
+    few element-wise operations); the head's weights are never gathered.
+    """
+    m = unwrap(model)
+    layers, head = decoder_layers(m), output_head(m)
+    with swapped(m, layers, nn.ModuleList(layers[: int(layer) + 1])):
+        with swapped(m, head, nn.Identity()) if head is not None else contextlib.nullcontext():
+            yield

@@ -19,6 +19,9 @@ attention temperature, and which KL(frozen at τ || student) terms to form. :fun
    (kernels/fused_kl.py; live teacher from its hidden states, cached teacher from its log-probs).
    The final hidden states come from each model's own (root) forward with its head swapped for a
    pass-through, so DeepSpeed ZeRO-3's root hooks (its per-pass trace reset, hence prefetching) run.
+4. stops a pass after decoder layer ``plan.layer`` when that layer's hidden state is all it must give
+   (RMU and asu_wmdp with ``retain_loss=mse``): nothing above the layer can change the loss, so the
+   layers above it and the head are not run (:func:`~pipeline.methods.model_io.stopped_after`).
 
 Rows are right-padded, so a row's outputs at its own positions do not depend on how long the joint
 batch is: each loss term equals the one from a pass over its own group (tests/test_one_pass.py).
@@ -29,6 +32,7 @@ kept for ``trainer.passes=per_group`` so benchmarks can compare both in one run.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
@@ -39,9 +43,21 @@ from torch import nn
 
 from pipeline.data.formatting import IGNORE_INDEX
 from pipeline.methods.loss_math import cache_kl_values, kl_values, reduce, scatter
-from pipeline.methods.model_io import layer_output, output_head, shifted_mask, tempered, unwrap, without_first
+from pipeline.methods.model_io import (
+    decoder_layers,
+    layer_output,
+    output_head,
+    shifted_mask,
+    stopped_after,
+    tempered,
+    unwrap,
+    without_first,
+)
 from pipeline.models.sharded_embedding import embeddings_from_shards
 from pipeline.models.submodules import swapped
+
+log = logging.getLogger(__name__)
+_LOGGED: set[tuple[str, int]] = set()
 
 LOGITS, HIDDEN = "logits", "hidden"
 LAST = "last"  # final-norm hidden states at the loss positions (the fused KL's teacher side)
@@ -74,6 +90,9 @@ class StepPlan:
     layer: Optional[int] = None  # the decoder layer whose output HIDDEN captures
     teacher_layers: Optional[list[int]] = None  # where a frozen row's tau applies (None: every layer)
     rna: Optional[tuple[str, float, int]] = None  # (group, noise std, decoder layer): student only
+    # a pass that needs only the ``layer`` hidden state stops after that layer (False: the full forward,
+    # which gives the same loss and gradients; kept so tests and benchmarks can compare the two)
+    stop_after_layer: bool = True
 
     def need_student(self, group: str, kind: str) -> StepPlan:
         self.student.setdefault(group, set()).add(kind)
@@ -278,20 +297,35 @@ def _split(values: torch.Tensor, keep: torch.Tensor, rows: dict[str, slice],
     return out
 
 
+def _log_stop(model: nn.Module, layer: int) -> None:
+    n = len(decoder_layers(model))
+    if (type(unwrap(model)).__name__, layer) not in _LOGGED:  # once per model type and layer
+        _LOGGED.add((type(unwrap(model)).__name__, layer))
+        log.info("step: the forward stops after decoder layer %d (of %d layers): the loss reads only its "
+                 "hidden state, so layers %d..%d and the output head are not run", layer, n, layer + 1, n - 1)
+
+
 def _model_pass(model: nn.Module, joint: dict, rows: dict[str, slice], logit_groups: set[str],
                 hidden_groups: set[str], last_groups: set[str], layer: Optional[int],
-                fused_head=None) -> dict[str, Part]:
+                fused_head=None, stop_after_layer: bool = False) -> dict[str, Part]:
     """One forward of ``model`` over ``joint``; fills each group's Part with what was asked for.
 
     ``logit_groups``: logits at their loss positions; ``hidden_groups``: the layer-``layer`` state;
     ``last_groups``: final-norm hidden states at the loss positions (no head). ``fused_head``: the
     student's fused head forward (called with the selected hidden states of every group).
+    ``stop_after_layer``: when the layer-``layer`` state is all that is asked for, run the decoder
+    layers up to ``layer`` only.
     """
     mask, parts, sel = _parts(joint, rows)
     captured: list[torch.Tensor] = []
     head = output_head(model)
+    only_hidden = bool(hidden_groups) and not (logit_groups or last_groups) and fused_head is None
     with layer_output(model, layer, captured) if hidden_groups else contextlib.nullcontext():
-        if last_groups or fused_head is not None:
+        if stop_after_layer and only_hidden:
+            with stopped_after(model, layer):
+                model(input_ids=joint["input_ids"], attention_mask=joint["attention_mask"], use_cache=False)
+            _log_stop(model, layer)
+        elif last_groups or fused_head is not None:
             h = _final_hidden(model, joint)[:, :-1]
             if fused_head is not None:
                 fused_head(h[mask], parts, sel)
@@ -354,7 +388,8 @@ def _frozen_passes(plan: StepPlan, frozen: nn.Module, batch: dict, fused: bool,
               embeddings_from_shards(unwrap(frozen), joint["input_ids"])):
             out.update(_model_pass(frozen, joint, rows, {g for g in groups if LOGITS in kinds[g]},
                                    {g for g in groups if HIDDEN in kinds[g]},
-                                   {g for g in groups if LAST in kinds[g]}, plan.layer))
+                                   {g for g in groups if LAST in kinds[g]}, plan.layer,
+                                   stop_after_layer=plan.stop_after_layer))
     return out
 
 
@@ -451,7 +486,7 @@ def run_step(plan: StepPlan, student: nn.Module, frozen: Optional[nn.Module], ba
         with noise:
             out.student.update(_model_pass(student, joint, rows, logit_groups,
                                            {g for g in groups if HIDDEN in spec[g]}, set(), plan.layer,
-                                           fused_head=head))
+                                           fused_head=head, stop_after_layer=plan.stop_after_layer))
     if not fused:
         for g, term in plan.kl.items():
             s = out.student[g]

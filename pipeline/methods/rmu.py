@@ -11,6 +11,10 @@ MSE = mean over the hidden dimension, then ``reduction`` over the labelled token
 activation loss; the WMDP script averages over every position of its left-padded batches, ``<bos>``
 and padding included).
 
+With ``retain_loss=mse`` nothing above layer l enters the loss, so each step's forwards stop after it
+(:func:`~pipeline.methods.model_io.stopped_after`, chosen in :mod:`pipeline.methods.passes`); with
+``nll``/``kl`` the student (and for ``kl`` the frozen model) runs to its logits.
+
 :class:`LayerSelectionConfig` / :class:`LayerwiseMethod` (layer validation, trainable-parameter
 selection, the hidden-state retain MSE) are shared with ``asu_wmdp`` (asu_repr.py).
 """
