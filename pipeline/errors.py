@@ -13,13 +13,14 @@ from pipeline.data.prompt_formats import PromptFormatError
 from pipeline.engine.checkpoint import CheckpointError
 from pipeline.engine.export import ExportError
 from pipeline.engine.preflight import PreflightError
+from pipeline.engine.teacher_cache import TeacherCacheError
 from pipeline.engine.trainer import EXIT_INTERRUPTED, NonFiniteLossError
 from pipeline.eval.lm_eval_bridge import LmEvalError
 from pipeline.models.attention import AttentionBackendError
 from pipeline.models.loading import ModelLoadError
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError, NonFiniteLossError, ExportError,
-               PreflightError, PromptFormatError, AttentionBackendError, LmEvalError)
+               PreflightError, PromptFormatError, AttentionBackendError, LmEvalError, TeacherCacheError)
 
 
 class SweepJobFailed(RuntimeError):

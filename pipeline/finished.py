@@ -63,8 +63,10 @@ def job_key(cfg: DictConfig, world_size: int, inputs: Any) -> dict:
     from pipeline.eval.reference import model_fingerprint, tokenizer_fingerprint
 
     key = {f"config.{k}": v for k, v in result_config(cfg).items()}
+    # the snapshot the model is loaded at (model.revision), not the hub cache's refs/main
+    model = model_fingerprint(inputs.paths.model, OmegaConf.select(cfg, "model.revision", default=None))
     key.update({"schema": SCHEMA, "world_size": int(world_size), "rows.forget": rows_digest(inputs.data.forget),
-                "rows.retain": rows_digest(inputs.data.retain), "model": model_fingerprint(inputs.paths.model),
+                "rows.retain": rows_digest(inputs.data.retain), "model": model,
                 "tokenizer": tokenizer_fingerprint(inputs.tokenizer), "code": code_digest()})
     return json.loads(json.dumps(key, sort_keys=True, default=str))  # as it reads back from the file
 

@@ -273,7 +273,8 @@ def _needs_reference(cfg: DictConfig, method: Any, inputs: JobInputs, cuda: bool
 
     return str(cfg.method.tau) == "auto" or not cache_ready(
         Path(cfg.cache_dir) / "teacher_cache", inputs.paths.model, cfg.method, inputs.forget,
-        inputs.data.forget_split, inputs.max_len, _compute_dtype(cfg, cuda))
+        inputs.data.forget_split, inputs.max_len, _compute_dtype(cfg, cuda), revision=cfg.model.revision,
+        attention=str(cfg.kernels.attention), device="cuda" if cuda else "cpu")
 
 
 def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
@@ -501,7 +502,8 @@ def _attach_teacher_cache(cfg: DictConfig, method: Any, engines: JobEngines, inp
                                          model_path=inputs.paths.model, split=inputs.data.forget_split,
                                          max_length=inputs.max_len, pad_token_id=inputs.tokenizer.pad_token_id,
                                          device=trainer.device,
-                                         dtype=_compute_dtype(cfg, engines.precision["device"] == "cuda"))
+                                         dtype=_compute_dtype(cfg, engines.precision["device"] == "cuda"),
+                                         revision=cfg.model.revision)
     trainer.teacher_cache = TeacherCache(cache_path)
     if not method.uses_reference and engines.reference is not None:
         _release_engines(engines, trainer, student=False)  # the cache replaces the frozen model from here on

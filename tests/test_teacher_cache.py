@@ -588,3 +588,181 @@ def test_a_discarded_caches_interrupted_deletion_is_cleaned(models, rows, tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     removed = [r.getMessage() for r in caplog.records if "deletion was interrupted" in r.getMessage()]
     assert len(removed) == 2 and all("1.0 MiB freed" in m for m in removed), removed
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """Set the process's attention backend for one test (restored afterwards)."""
+    import importlib
+
+    dispatch = importlib.import_module("pipeline.models.attention.dispatch")  # the package re-exports a function
+    monkeypatch.setattr(dispatch, "_state", dispatch._state)
+    return dispatch.set_attention_backend
+
+
+def test_the_key_holds_the_resolved_attention_backend_device_and_versions(models, rows, tmp_path, backend,
+                                                                          monkeypatch):
+    """A cache built on one attention backend was reused by a run on another (auto resolves per node;
+    bf16 log-probs differ by ~0.06 between torch and sdpa): the resolved backend, the device type and
+    the torch / transformers versions are in the key."""
+    import transformers
+
+    teacher, _ = models
+    backend("torch")
+    on_torch = _build(teacher, rows, tmp_path, topk=5)
+    backend("sdpa")
+    on_sdpa = _build(teacher, rows, tmp_path, topk=5)
+    assert on_torch != on_sdpa and sorted(p.name for p in tmp_path.iterdir()) == sorted([on_torch.name, on_sdpa.name])
+    fields = tc.TeacherCache(on_torch).fields
+    assert fields["attention"] == "torch" and fields["device"] == "cpu"
+    assert fields["torch"] == torch.__version__ and fields["transformers"] == transformers.__version__
+    # cache_ready runs before the run activates its backend: it resolves kernels.attention itself
+    assert tc.cache_ready(tmp_path, "tiny", _cfg(5), rows[0], "forget", 64, "float32", attention="torch", device="cpu")
+    assert tc.cache_ready(tmp_path, "tiny", _cfg(5), rows[0], "forget", 64, "float32", attention="auto", device="cpu")
+    assert not tc.cache_ready(tmp_path, "tiny", _cfg(5), rows[0], "forget", 64, "float32", attention="sdpa",
+                              device="cuda")
+
+    def key(**runtime):
+        return tc.cache_key(tc.cache_fields("tiny", 2.0, None, "forget", 64, 5, rows[0], "float32",
+                                            runtime=tc.runtime_fields(**runtime)))
+
+    assert key(attention="sdpa", device="cpu") == on_sdpa.name  # the build's key, from explicit fields
+    assert key(attention="sdpa", device="cuda") != on_sdpa.name
+    monkeypatch.setattr(transformers, "__version__", "0.0.0")
+    assert key(attention="sdpa", device="cpu") != on_sdpa.name
+
+
+def _shard_bytes_of(path, row, name="logprobs"):
+    """(shard file, byte offset, byte length) of row ``row``'s tensor ``name`` in the published cache."""
+    shard = path / tc.TeacherCache(path).index["shards"][str(row)]
+    with open(shard, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        meta = json.loads(f.read(n))[f"{row}.{name}"]
+    start, end = meta["data_offsets"]
+    return shard, 8 + n + start, end - start
+
+
+@pytest.mark.parametrize("topk,name,value", [
+    (0, "logprobs", b"\xff\xff\xff\xff"),          # NaN (a torn write of 0xff bytes)
+    (0, "logprobs", b"\x00\x00\x80\x3f"),          # +1.0: a log-prob above 0
+    (0, "logprobs", b"\x00\x00\x80\xff"),          # -inf: the loss would be NaN (0 * -inf)
+    (5, "tail", b"\x00\x00\x80\x7f"),              # +inf tail log-mass
+    (5, "ids", b"\xff\xff\xff\xff"),               # token id -1
+], ids=["nan", "positive", "minus-inf", "inf-tail", "negative-id"])
+def test_damaged_values_a_sampled_check_misses_stop_the_read_in_one_line(models, rows, tmp_path, monkeypatch,
+                                                                        topk, name, value):
+    """Above FULL_CHECK_BYTES reuse samples 16 blocks of each shard: damage between them was served and
+    reached the loss as NaN. The rows read are now checked: TeacherCacheError names the cache, shard
+    and row and says to delete the cache (a user error: one line, exit 2)."""
+    from pipeline.errors import USER_ERRORS
+
+    assert issubclass(tc.TeacherCacheError, USER_ERRORS)
+    teacher, _ = models
+    monkeypatch.setattr(tc, "FULL_CHECK_BYTES", 0)
+    path = _build(teacher, rows, tmp_path, topk=topk)
+    row = 3
+    shard, offset, _ = _shard_bytes_of(path, row, name)
+    with open(shard, "r+b") as f:
+        f.seek(offset)
+        f.write(value)
+    # as when the damage lies between the sampled blocks: the reuse check passes
+    monkeypatch.setattr(tc, "_sample_sha256", lambda p, size: json.loads((path / tc.INDEX).read_text())[
+        "files"][p.name]["sample_sha256"])
+    tc._CHECKED.clear()
+    assert tc.cache_ready(tmp_path, "tiny", _cfg(topk), rows[0], "forget", 64, "float32")
+    cache = tc.TeacherCache(_build(teacher, rows, tmp_path, topk=topk))
+    b = _batch(rows, [0, row])
+    cache.batch([0, 1], _batch(rows, [0, 1])["labels"])  # undamaged rows still read
+    for read in (cache.batch, cache.selected):
+        with pytest.raises(tc.TeacherCacheError) as e:
+            read([0, row], b["labels"])
+        msg = str(e.value)
+        assert "\n" not in msg and str(path) in msg and shard.name in msg and f"row {row}" in msg
+        assert re.search(r"delete .* to rebuild it$", msg), msg
+
+
+def test_a_legitimate_zero_tail_mass_is_read(models, rows, tmp_path):
+    """-inf is the log of no mass outside the top k, which the loss handles: not damage."""
+    teacher, _ = models
+    path = _build(teacher, rows, tmp_path, topk=5)
+    shard, offset, _ = _shard_bytes_of(path, 0, "tail")
+    with open(shard, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\x00\x00\x80\xff")
+    b = _batch(rows, [0])
+    assert float(tc.TeacherCache(path).batch([0], b["labels"])["tail"].min()) == float("-inf")
+
+
+def test_a_concurrent_builds_discarded_copy_says_so(models, rows, tmp_path, monkeypatch, caplog):
+    """Two jobs of a sweep (another gamma, alpha or seed at one tau) build the same cache at once: both
+    logged "built". The one whose rename lost says its copy was discarded."""
+    teacher, _ = models
+    real, other = tc._rename_unless_published, []
+
+    def the_other_job_publishes_first(tmp, final):
+        if not other:  # the other job's build runs (and publishes) just before this one's rename
+            other.append(None)
+            other[0] = tc.TeacherCache(_build(teacher, rows, tmp_path, topk=5))
+        return real(tmp, final)
+
+    monkeypatch.setattr(tc, "_rename_unless_published", the_other_job_publishes_first)
+    with caplog.at_level(logging.INFO, logger=tc.__name__):
+        path = _build(teacher, rows, tmp_path, topk=5)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher cache: built")]
+    assert len(lines) == 2, lines
+    assert "another job published this cache first; this copy was discarded" not in lines[0]
+    assert "another job published this cache first; this copy was discarded" in lines[1]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name] and other[0].path == path
+
+
+def test_rename_unless_published_says_whether_it_published(tmp_path):
+    from pipeline.engine.teacher_cache import INDEX, _rename_unless_published
+
+    for name in (".a.tmp", ".b.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / INDEX).write_text(name)
+    assert _rename_unless_published(tmp_path / ".a.tmp", tmp_path / "key") is True
+    assert _rename_unless_published(tmp_path / ".b.tmp", tmp_path / "key") is False
+
+
+def test_reuse_records_the_last_use_and_the_root_totals_are_logged(models, rows, tmp_path, caplog):
+    """A tau sweep leaves one cache per value and nothing reported them. Every build and reuse now
+    touches the cache's directory (its last use, without re-running its integrity check) and logs the
+    root's totals, naming those unused for over 30 days; nothing is deleted."""
+    teacher, _ = models
+    with caplog.at_level(logging.INFO, logger=tc.__name__):
+        first = _build(teacher, rows, tmp_path, topk=5)
+    totals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher caches under")]
+    assert totals == [f"teacher caches under {tmp_path}: 1 caches, {tc._size(tc._tree_bytes(first))} "
+                      "(none unused for > 30 days)"], totals
+    old = time.time() - 40 * 86400
+    os.utime(first, (old, old))
+    tc._CHECKED.clear()
+    assert tc._reuse_refusal(first) is None
+    memo = tc._CHECKED[first][0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=tc.__name__):
+        second = tc.build_teacher_cache(teacher, rows[0], _cfg(5, tau=3.0), tmp_path, 3, model_path="tiny",
+                                        max_length=64, pad_token_id=rows[1], dtype="float32")
+    size = tc._size(tc._tree_bytes(first))
+    total = tc._size(tc._tree_bytes(first) + tc._tree_bytes(second))
+    totals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher caches under")]
+    assert totals == [f"teacher caches under {tmp_path}: 2 caches, {total} (1 unused for > 30 days: {size}; "
+                      "remove them by hand)"], totals
+    assert first.exists() and abs(first.stat().st_mtime - old) < 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=tc.__name__):
+        assert _build(teacher, rows, tmp_path, topk=5) == first  # reused: its last use is now
+    assert time.time() - first.stat().st_mtime < 60
+    assert tc._signature(first) == memo  # touching the directory does not invalidate its check
+    totals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher caches under")]
+    assert len(totals) == 1 and "none unused" in totals[0], totals
+
+
+def test_the_size_line_shows_small_caches_in_mib(models, rows, tmp_path, caplog):
+    teacher, _ = models
+    with caplog.at_level(logging.INFO, logger=tc.__name__):
+        _build(teacher, rows, tmp_path, topk=5)
+    line = next(r.getMessage() for r in caplog.records if "on disk" in r.getMessage())
+    need = tc.cache_bytes(rows[0], teacher.config.vocab_size, 5)
+    assert "~0.00 GiB" not in line and f"~{tc._size(need)} on disk" in line, line

@@ -19,17 +19,26 @@ Per forget row only the loss positions are kept (``labels[1:] != -100``, the pos
 
 The key hashes the model's identity (its resolved path and its weight files' fingerprint — names,
 sizes, mtimes, safetensors headers, config: :func:`pipeline.models.fingerprint.model_fingerprint`,
-so a model rewritten in place gets a new cache), tau, teacher_layers, topk, the dtype, the token
+so a model rewritten in place gets a new cache; for a hub id, the snapshot of ``model.revision``,
+so two revisions get two caches), tau, teacher_layers, topk, the dtype, the token
 ids/labels of the encoded forget rows — exactly what the teacher is fed, so a changed tokenizer,
 truncation (max_length) or subset (split) never reuses a stale cache; the split name and max_length
 are recorded in the index but not hashed — and a digest of the code that computes the cached values
 (:func:`code_digest`: tempered attention and its backends, the frozen pass, batching and
-:func:`_teacher_rows`), so a fix to that code is a new cache without a hand-bumped FORMAT_VERSION.
+:func:`_teacher_rows`), so a fix to that code is a new cache without a hand-bumped FORMAT_VERSION —
+and what runs that code (:func:`runtime_fields`): the attention backend ``kernels.attention``
+resolved to (auto picks per node: flash_attn / triton / sdpa / torch round differently, ~0.06 in a
+bf16 log-prob), the device type, and the torch and transformers versions.
 
 A build is atomic: every rank writes its shards into a temporary directory next to the final one,
 rank 0 writes ``index.json`` last and renames the directory into place; an existing complete cache
 is reused without running the teacher. Two jobs building the same cache at once each build their
-own; the first rename wins, the other discards.
+own (there is no lock); the first rename wins, the other discards its copy and says so in its log.
+
+Every reuse or publication refreshes the cache directory's mtime (its last use; the integrity check
+reads only the files inside it), and rank 0 logs one line with the totals of the caches under the
+root and those unused for over 30 days (a sweep over tau leaves one cache per value): nothing is
+deleted automatically — another job may still need one — they are removed by hand.
 
 The index records each shard's size, sha256 and a sampled digest (:func:`_shard_record`). Before a
 cache is reused (and by :func:`cache_ready`, which decides whether the teacher is loaded at all)
@@ -37,7 +46,10 @@ every shard's size is checked, and its sha256 when the cache is at most ``FULL_C
 a second of hashing), else the sampled digest (its safetensors header and ``SAMPLE_BLOCKS`` blocks
 spread over the file): hashing a multi-GiB full-vocabulary cache on every run would cost as much as
 a good part of building it. A cache that fails is moved aside, deleted and rebuilt, with one log
-line saying why; so is a cache whose index records no shards (written before these checks).
+line saying why; so is a cache whose index records no shards (written before these checks). Damage
+between a large cache's sampled blocks passes that check, so :class:`TeacherCache` checks every row
+it reads (finite log-probs <= 0): a damaged one stops the run with a :class:`TeacherCacheError`
+naming the cache, shard and row, instead of feeding NaN to the loss.
 
 A build killed outright (SIGKILL, a SIGTERM's default action, a lost node) cannot clean up: its temp
 directory ``.<key>.tmp-<host>-<pidns>-<pid>-<random>`` stays. Before building, rank 0 removes every
@@ -109,6 +121,13 @@ STALE_AFTER_S = 30 * 60.0
 TEMP_RE = re.compile(r"^\.[0-9a-f]+\.tmp-(?:(?P<owner>.+)-(?P<pid>\d+)-)?[0-9a-f]{8}$")
 # .<key>.stale-<pid>-<random>: a cache moved aside to be deleted (_discard)
 STALE_RE = re.compile(r"^\.[0-9a-f]+\.stale-\d+-[0-9a-f]{8}$")
+# a published cache's directory: cache_key's 20 hex digits
+KEY_RE = re.compile(r"^[0-9a-f]{20}$")
+# A cache whose directory's mtime (refreshed on every reuse) is older than this is reported as unused.
+UNUSED_AFTER_S = 30 * 86400.0
+# Cached log-probs are <= 0 (log_softmax, and the tail's log of a mass <= 1); float32 rounding stays
+# far below this. A larger value, a NaN or an infinite log-prob is a damaged shard (TeacherCache reads).
+LOGPROB_TOL = 1e-4
 
 
 class TeacherCacheError(RuntimeError):
@@ -184,12 +203,31 @@ def code_digest(files: Optional[Sequence[Path]] = None) -> str:
                        [("_teacher_rows", inspect.getsource(_HASHED_FUNCTIONS[0]))])
 
 
+def runtime_fields(attention: Optional[str] = None, device: Optional[str] = None) -> dict:
+    """What computes the cached values besides their code: the attention backend ``attention``
+    (``kernels.attention``, auto included) resolves to on ``device``, the device type, and the torch
+    and transformers versions. Without ``attention`` / ``device``: the process's active resolution
+    (:func:`pipeline.models.attention.set_attention_backend`). Backends and devices round
+    differently (bf16 log-probs differ by ~0.06 between sdpa and torch), so each has its own cache."""
+    import transformers
+
+    from pipeline.models.attention import attention_backend_report, resolve_backend
+
+    active = attention_backend_report()
+    device_type = torch.device(str(device)).type if device is not None else str(active["device"])
+    backend = resolve_backend(attention, device_type).backend if attention is not None else str(active["resolved"])
+    return {"attention": backend, "device": device_type, "torch": str(torch.__version__),
+            "transformers": str(transformers.__version__)}
+
+
 def cache_fields(model_path: str, tau: float, teacher_layers: Optional[Sequence[int]], split: str,
-                 max_length: int, topk: int, forget_encoded: Sequence[dict], dtype: str) -> dict:
+                 max_length: int, topk: int, forget_encoded: Sequence[dict], dtype: str, *,
+                 revision: Optional[str] = None, runtime: Optional[dict] = None) -> dict:
     """Everything the cached distributions depend on (hashed into the directory name, all but
-    :data:`NOT_IN_KEY`): the model's files' fingerprint (new weights at the same path are another
-    teacher), the dtype the teacher computes in (a bf16 GPU run's distributions are not an fp32
-    run's), the ids and labels it is fed, the code that computes them."""
+    :data:`NOT_IN_KEY`): the model's files' fingerprint at ``revision`` (new weights at the same path,
+    or another revision of a hub id, are another teacher), the dtype the teacher computes in (a bf16
+    GPU run's distributions are not an fp32 run's), the ids and labels it is fed, the code that
+    computes them and what runs it (``runtime``, default :func:`runtime_fields` of the active backend)."""
     # the ids/labels exactly as pad_batch feeds them to the teacher (labels default to the ids)
     h = hashlib.sha256()
     for r in forget_encoded:
@@ -197,7 +235,7 @@ def cache_fields(model_path: str, tau: float, teacher_layers: Optional[Sequence[
         h.update(b"|")
     return {
         "format": FORMAT_VERSION,
-        "model": model_fingerprint(model_path),
+        "model": model_fingerprint(model_path, revision),
         "tau": float(tau),
         "teacher_layers": None if teacher_layers is None else [int(i) for i in teacher_layers],
         "split": str(split),
@@ -207,6 +245,7 @@ def cache_fields(model_path: str, tau: float, teacher_layers: Optional[Sequence[
         "rows_sha256": h.hexdigest(),
         "dtype": str(dtype),
         "code": code_digest(),
+        **(runtime_fields() if runtime is None else runtime),
     }
 
 
@@ -261,10 +300,12 @@ def build_teacher_cache(
     pad_token_id: int = 0,
     device: Optional[torch.device] = None,
     dtype: str,
+    revision: Optional[str] = None,
 ) -> Path:
     """Compute (or reuse) the cache of ``teacher``'s tempered next-token distributions on the forget
-    rows; returns the cache directory ``out_dir/<key>``. Collective under torch.distributed: every
-    rank must call it with the same arguments."""
+    rows; returns the cache directory ``out_dir/<key>``. ``revision``: the hub revision ``model_path``
+    is loaded at (``model.revision``). Collective under torch.distributed: every rank must call it
+    with the same arguments."""
     tau = float(method_cfg.tau)
     layers = list(method_cfg.teacher_layers) if method_cfg.teacher_layers is not None else None
     topk = int(getattr(method_cfg, "cache_topk", 0) or 0)
@@ -278,7 +319,8 @@ def build_teacher_cache(
     decision = None
     if rank == 0:
         fields = cache_fields(model_path or _model_id(teacher), tau, layers, split, max_length, topk,
-                              forget_encoded, dtype)
+                              forget_encoded, dtype, revision=revision,
+                              runtime=runtime_fields(device=device) if device is not None else None)
         decision = (fields, *_prepare(root, cache_key(fields), teacher, forget_encoded, topk))
     fields, exists, tmp, refusal = _broadcast(decision)
     final = root / cache_key(fields)
@@ -288,6 +330,9 @@ def build_teacher_cache(
         raise PreflightError(refusal)
     if exists:
         log.info("teacher cache: reusing %s", final)
+        if rank == 0:
+            _mark_used(final)
+            _log_root_usage(root)
         return final
     tmp = Path(tmp)
     try:
@@ -300,6 +345,7 @@ def build_teacher_cache(
         _barrier()
         if rank == 0:
             _publish(tmp, final, fields, len(forget_encoded), vocab, topk)
+            _log_root_usage(root)
         _barrier()
     except BaseException:
         if rank == 0 or world == 1:
@@ -377,7 +423,10 @@ def _stale_reason(d: Path, owner: str, now: float) -> Optional[str]:
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    """``n`` bytes for a log line, in GiB, MiB or (a small cache) KiB."""
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def _tree_bytes(d: Path) -> int:
@@ -412,6 +461,38 @@ def _remove_stale_temps(root: Path) -> None:
         else:
             log.info("teacher cache: removed %s, an interrupted build's temp dir (%s): %s freed", d, reason,
                      _size(size))
+
+
+def _mark_used(final: Path) -> None:
+    """Refresh the published cache ``final``'s directory mtime: it records the cache's last use, which
+    :func:`_log_root_usage` reports (:func:`_signature` reads only the files inside, so it does not
+    make the cache's integrity check run again)."""
+    try:
+        os.utime(final)
+    except OSError as e:  # a read-only cache root still serves: the report is all that is lost
+        log.debug("teacher cache: cannot record the use of %s (%s)", final, e.strerror)
+
+
+def _log_root_usage(root: Path, now: Optional[float] = None) -> None:
+    """Rank 0, once per build or reuse: one line with the published caches under ``root``, their size
+    and those unused for over :data:`UNUSED_AFTER_S` (a sweep over tau leaves one per value; nothing
+    deletes them automatically: another job may still use one)."""
+    now = time.time() if now is None else now
+    n = total = n_old = old = 0
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            if d.is_symlink() or not KEY_RE.match(d.name) or not (d / INDEX).is_file():
+                continue
+            size, idle = _tree_bytes(d), now - d.stat().st_mtime
+        except FileNotFoundError:  # discarded meanwhile by another job
+            continue
+        n, total = n + 1, total + size
+        if idle > UNUSED_AFTER_S:
+            n_old, old = n_old + 1, old + size
+    days = UNUSED_AFTER_S / 86400
+    unused = (f"{n_old} unused for > {days:.0f} days: {_size(old)}; remove them by hand" if n_old
+              else f"none unused for > {days:.0f} days")
+    log.info("teacher caches under %s: %d caches, %s (%s)", root, n, _size(total), unused)
 
 
 class _Heartbeat:
@@ -457,12 +538,11 @@ def _check_size(forget_encoded: Sequence[dict], vocab: int, topk: int, root: Pat
     """Log the cache's size; the reason to refuse when the disk under ``root`` cannot hold it."""
     need = cache_bytes(forget_encoded, vocab, topk)
     free = shutil.disk_usage(root).free
-    log.info("teacher cache: %d rows, ~%.2f GiB on disk (%s)", len(forget_encoded), need / 2**30,
+    log.info("teacher cache: %d rows, ~%s on disk (%s)", len(forget_encoded), _size(need),
              f"top-{topk} of {vocab}" if topk and topk < vocab else f"all {vocab} log-probs per position")
     if not topk and need > 16 * 2**30:
-        log.warning("teacher cache: full-vocabulary rows take ~%.1f GiB here (and are read back every step); "
-                    "method.cache_topk=100 keeps ~%.2f GiB", need / 2**30,
-                    cache_bytes(forget_encoded, vocab, 100) / 2**30)
+        log.warning("teacher cache: full-vocabulary rows take ~%s here (and are read back every step); "
+                    "method.cache_topk=100 keeps ~%s", _size(need), _size(cache_bytes(forget_encoded, vocab, 100)))
     if need * 1.05 > free:
         return (f"teacher cache needs ~{need / 2**30:.1f} GiB but {root} has {free / 2**30:.1f} GiB free "
                 "(set cache_dir elsewhere, or method.cache_topk to keep fewer log-probs per position)")
@@ -551,9 +631,14 @@ def _publish(tmp: Path, final: Path, fields: dict, n_rows: int, vocab: Optional[
     index = {"fields": fields, "vocab_size": vocab, "shards": shards, "lengths": lens, "files": files,
              "bytes": sum(f["bytes"] for f in files.values())}
     atomic_write_json(tmp / INDEX, index)
-    _rename_unless_published(tmp, final)
-    log.info("teacher cache: built %s (%d rows, topk=%s, %.1f MiB)", final, n_rows, topk or "full",
-             index["bytes"] / 2**20)
+    if not _rename_unless_published(tmp, final):
+        log.info("teacher cache: built %s, but another job published this cache first; this copy was "
+                 "discarded (the published one is used)", final)
+        _mark_used(final)
+        return
+    _mark_used(final)
+    log.info("teacher cache: built %s (%d rows, topk=%s, %s)", final, n_rows, topk or "full",
+             _size(index["bytes"]))
 
 
 def _discard(final: Path) -> bool:
@@ -569,23 +654,25 @@ def _discard(final: Path) -> bool:
     return True
 
 
-def _rename_unless_published(tmp: Path, final: Path) -> None:
-    """Publish ``tmp`` as ``final`` unless a concurrent job published it first (then ``tmp`` goes).
+def _rename_unless_published(tmp: Path, final: Path) -> bool:
+    """Publish ``tmp`` as ``final`` unless a concurrent job published it first (then ``tmp`` goes);
+    True when this call published it.
     The rename itself decides the race (it fails on a non-empty target): checking first and renaming
     after let a second job delete the copy the first had just published. A final directory without an
     index (an interrupted older layout) is moved aside under a unique name, never deleted in place."""
     for _ in range(3):
         try:
             os.rename(tmp, final)
-            return
+            return True
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
         if (final / INDEX).exists():  # another job won the race: keep its copy
             shutil.rmtree(tmp, ignore_errors=True)
-            return
+            return False
         _discard(final)  # gone already (someone else moved it): try again all the same
     os.rename(tmp, final)
+    return True
 
 
 # -- integrity of a published cache -----------------------------------------------------------------------
@@ -733,12 +820,16 @@ class TeacherCache:
 
     def rows(self, indices: Sequence[int]):
         """Full rows: a list of (n_i, V) log-prob tensors. Top-k: a list of
-        ``(topk_logprobs (n_i, k), topk_ids (n_i, k), tail_logmass (n_i,))`` tuples."""
-        if self.full:
-            return [self._get(i, "logprobs") for i in indices]
-        return [(self._get(i, "logprobs"), self._get(i, "ids").long(), self._get(i, "tail")) for i in indices]
+        ``(topk_logprobs (n_i, k), topk_ids (n_i, k), tail_logmass (n_i,))`` tuples. Each row's values
+        are checked (:meth:`_check_values`): a damaged one raises :class:`TeacherCacheError`."""
+        out = [self._get(i, "logprobs") if self.full else
+               (self._get(i, "logprobs"), self._get(i, "ids").long(), self._get(i, "tail")) for i in indices]
+        for i, r in zip(indices, out):
+            self._check_values(i, r)
+        return out
 
     def _checked_rows(self, indices: Sequence[int], mask: torch.Tensor):
+        """:meth:`rows` (values checked there), checked against the batch's loss positions."""
         rows = self.rows(indices)
         counts = mask.sum(1).tolist()
         for j, (i, r) in enumerate(zip(indices, rows)):
@@ -747,6 +838,31 @@ class TeacherCache:
                 raise TeacherCacheError(f"teacher cache {self.path}: row {i} has {n} cached positions but the batch "
                                         f"has {counts[j]} loss tokens (stale cache?)")
         return rows
+
+    def _check_values(self, row: int, r: Any) -> None:
+        """Raise when row ``row``'s values cannot be the teacher's: a NaN, an infinite or positive log-prob,
+        a negative id (the reuse check samples a large cache's shards, so damage between its blocks is
+        only seen here)."""
+        bad = self._value_problem(r)
+        if bad is not None:
+            raise TeacherCacheError(
+                f"teacher cache {self.path} is damaged: shard {self.index['shards'][str(row)]}, row {row}: {bad}; "
+                f"delete {self.path} to rebuild it")
+
+    def _value_problem(self, r: Any) -> Optional[str]:
+        """What is wrong with one row's cached tensors, or None. Log-probs must be finite and <= 0 (an
+        infinite one would make the loss NaN: 0 * -inf); the tail's log-mass may be -inf (no mass
+        outside the top k, which the loss handles)."""
+        named = [("log-probs", r, True)] if self.full else [("log-probs", r[0], True), ("tail log-masses", r[2], False)]
+        for name, t, finite in named:
+            ok = t <= LOGPROB_TOL  # NaN compares False: caught with the positive values
+            if finite:
+                ok &= t > float("-inf")
+            if not bool(ok.all()):
+                return f"{name} hold {float(t[~ok][0]):g} (log-probs are finite and <= 0)"
+        if not self.full and bool((r[1] < 0).any()):
+            return "token ids are negative"
+        return None
 
     def selected(self, indices: Sequence[int], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The rows' cached distributions at ``labels``' loss positions, concatenated in row-major
@@ -785,14 +901,19 @@ class TeacherCache:
 
 
 def cache_ready(root: str | os.PathLike, model_path: str, method_cfg: Any, forget_encoded: Sequence[dict],
-                split: str, max_length: int, dtype: str) -> bool:
+                split: str, max_length: int, dtype: str, *, revision: Optional[str] = None,
+                attention: Optional[str] = None, device: Optional[str] = None) -> bool:
     """Whether the cache :func:`build_teacher_cache` would reuse exists and passes its check (rank 0
-    decides, every rank gets the same answer)."""
+    decides, every rank gets the same answer). ``revision``: ``model.revision``; ``attention`` and
+    ``device``: ``kernels.attention`` and the device the run will activate it for (called before the
+    run sets its backend; default: the active one, see :func:`runtime_fields`)."""
     ready = None
     if _rank_world()[0] == 0:
         layers = list(method_cfg.teacher_layers) if method_cfg.teacher_layers is not None else None
+        runtime = runtime_fields(attention, device) if attention is not None or device is not None else None
         fields = cache_fields(model_path, float(method_cfg.tau), layers, split, max_length,
-                              int(getattr(method_cfg, "cache_topk", 0) or 0), forget_encoded, dtype)
+                              int(getattr(method_cfg, "cache_topk", 0) or 0), forget_encoded, dtype,
+                              revision=revision, runtime=runtime)
         final = Path(root) / cache_key(fields)
         # the same check as the build's reuse: a damaged cache needs the teacher loaded to rebuild it
         ready = (final / INDEX).exists() and _reuse_refusal(final) is None

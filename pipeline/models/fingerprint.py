@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from pipeline.models.loading import safetensors_header
 
@@ -33,21 +33,23 @@ def _file_entry(f: Path) -> dict:
     return e
 
 
-def model_fingerprint(path: str | Path) -> dict:
+def model_fingerprint(path: str | Path, revision: Optional[str] = None) -> dict:
     """Identity of a model: resolved directory + weight-file fingerprints, or hub id + snapshot.
 
-    Cheap by design (no weights are read): size and mtime catch a rewritten file, the safetensors
-    header hash catches a different architecture/sharding, the config/index hashes the rest."""
+    ``revision`` (``model.revision``: a branch, tag or commit) picks a hub id's snapshot, as the
+    loader does; a local directory has no revisions and ignores it. Cheap by design (no weights are
+    read): size and mtime catch a rewritten file, the safetensors header hash catches a different
+    architecture/sharding, the config/index hashes the rest."""
     p = Path(path)
     if p.is_dir():
         files = sorted({f for pat in WEIGHT_PATTERNS for f in p.glob(pat) if f.is_file()})
         return {"path": str(p.resolve()), "files": [_file_entry(f) for f in files]}
     # A hub id: the run is offline, so the weights come from the local HF cache; its snapshot
-    # folder is named by the commit.
+    # folder is named by the commit. The revision the model is loaded at, not refs/main's.
     try:
         from huggingface_hub import snapshot_download
 
-        local = Path(snapshot_download(str(path), local_files_only=True))
-    except Exception:  # not cached (or not a hub id): identity is the name only, said in the key
-        return {"path": f"hub:{path}", "revision": None}
+        local = Path(snapshot_download(str(path), revision=revision, local_files_only=True))
+    except Exception:  # not cached (or not a hub id): identity is the name (and revision asked for) only
+        return {"path": f"hub:{path}", "revision": revision}
     return {"path": f"hub:{path}", "revision": local.name, "files": model_fingerprint(local)["files"]}
