@@ -462,6 +462,32 @@ def test_a_model_with_its_own_attention_code_refuses_a_tau_instead_of_ignoring_i
     set_temperature(llama, 2.0)
 
 
+def test_models_that_run_the_attention_interface_take_a_tau_whatever_their_other_flags():
+    """StableLM (like BioGPT, Jamba, Qwen3-Next) runs transformers' attention interface but leaves
+    ``_supports_attention_backend`` False: ASU was refused on them though the tau does reach their
+    attention. A model without layer_idx attention modules (GPT-Neo) loads for the methods without a
+    tau; a tau is refused on it in one line."""
+    from pipeline.models.tempered_attention import tempered_attention_problem
+
+    torch.manual_seed(0)
+    m = enable_tempered_attention(transformers.StableLmForCausalLM(transformers.StableLmConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4)).eval())
+    assert m.config._attn_implementation == "tempered" and tempered_attention_problem(m) is None
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        plain = m(input_ids=ids).logits
+        set_temperature(m, 2.0)
+        tempered = m(input_ids=ids).logits
+        set_temperature(m, 1.0)
+    assert (tempered - plain).abs().max() > 1e-4  # the tau reached the attention
+    neo = enable_tempered_attention(transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+        vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global"], 2]])).eval())
+    assert "has no attention modules with a layer_idx" in tempered_attention_problem(neo)
+    with torch.no_grad():
+        assert torch.isfinite(neo(input_ids=ids).logits).all()
+
+
 def test_cli_asu_on_a_model_with_its_own_attention_is_one_line_before_training(tmp_path):
     from tests.helpers import launch
     from tests.helpers.tiny import build, train_overrides

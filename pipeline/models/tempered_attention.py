@@ -140,20 +140,25 @@ PLUGGABLE_ATTR = "_asu_pluggable_attention"
 def enable_tempered_attention(model: nn.Module) -> nn.Module:
     """Switch a transformers model to the ``"tempered"`` implementation (tau = 1 everywhere).
 
-    Models with their own built-in attention (Bloom, Falcon, CodeGen, MPT, ...: transformers'
-    ``_supports_attention_backend = False``) keep it, with only a warning from transformers; they
-    still run correctly at tau = 1, but a tau > 1 would be ignored: :func:`set_temperature` refuses it
-    and :func:`tempered_attention_problem` says why (run.py checks it before training)."""
+    Models with their own built-in attention (Bloom, Falcon, CodeGen, MPT, ...: their code never calls
+    transformers' attention interface, so ``set_attn_implementation`` leaves their implementation as it
+    was, with only a warning) keep it; they still run correctly at tau = 1, but a tau > 1 would be
+    ignored: :func:`set_temperature` refuses it and :func:`tempered_attention_problem` says why (run.py
+    checks it before training). Models without ``layer_idx`` attention modules (GPT-Neo, Mamba) load
+    too: methods without tau train them; ASU is refused by that same check."""
     register()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     else:  # pragma: no cover - older transformers
         model.config._attn_implementation = ATTN_IMPLEMENTATION
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    pluggable = impl == ATTN_IMPLEMENTATION and bool(getattr(model, "_supports_attention_backend", True))
+    # The implementation that took is the test: transformers switches exactly the models whose code
+    # calls its attention interface (``_supports_attention_backend`` is another flag, False on hybrid
+    # models such as Jamba or Qwen3-Next and on StableLM or BioGPT, which do run the interface).
+    pluggable = impl == ATTN_IMPLEMENTATION
     for m in attention_modules(model):
         setattr(m, PLUGGABLE_ATTR, pluggable)
-    set_temperature(model, 1.0)
+        setattr(m, TEMPERATURE_ATTR, 1.0)
     return model
 
 
