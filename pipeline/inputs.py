@@ -59,6 +59,21 @@ def check_model_paths(cfg: DictConfig) -> None:
         check_model_location(str(retain), "eval.retain_model")
 
 
+def check_inputs_outside(cfg: DictConfig, run_dir: Path) -> None:
+    """A training job's model and tokenizer must not live in its own run directory: the job exports
+    into ``<run_dir>/model`` (and keeps checkpoints there), so it would overwrite the weights it
+    starts from (``model.path=runs/x/model`` trained again with the same run_name)."""
+    m = cfg.model
+    if m.source == "synthetic":
+        return
+    for key, value in (("model.path", m.path), ("model.tokenizer_path", m.tokenizer_path)):
+        p = Path(str(value)) if value else None
+        if p is not None and p.exists() and p.resolve().is_relative_to(run_dir.resolve()):
+            raise ConfigError(f"config error at '{key}': {value} lies inside this run's directory {run_dir}, whose "
+                              f"model/ the run overwrites with its own export: pass another run_name (e.g. "
+                              f"run_name={cfg.run_name}_next)")
+
+
 def set_threads(n: int) -> None:
     import torch
 

@@ -19,12 +19,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.config import validate
 from pipeline.config_base import require
+from pipeline.describe import method_line, trainable_set
+from pipeline.dry_run import dry_run
 from pipeline.engine.checkpoint import check_resume
 from pipeline.engine.ds_config import gather_per_layer, reference_config, resolve_precision, student_config
 from pipeline.finished import finished_results, job_key, record_finished
 from pipeline.inputs import (
     ModelPaths,
     check_before_loading,
+    check_inputs_outside,
     checked_prompt_format,
     effective_max_length,
     prompt_format_uses,
@@ -121,16 +124,19 @@ class JobEngines:
 def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run one unlearning job in ``run_dir``; returns the results dict (rank 0) or {}."""
     run_dir = Path(run_dir)
-    dist, method = _start(cfg, run_dir)
+    dist, method = _start(cfg)
+    check_inputs_outside(cfg, run_dir)  # its export would overwrite the weights it starts from
     if cfg.trainer.dry_run:
-        return _dry_run(cfg, method, dist)
+        return dry_run(cfg, method, dist)
     t_start = time.time()
     inputs = _load_inputs(cfg)
     key = job_key(cfg, dist.world_size, inputs)  # before tau=auto writes its choice into cfg
     done = finished_results(cfg, run_dir, key)
     if done is not None:  # this very job finished here and its outputs are intact: nothing is loaded
+        _announce(dist, done, run_dir, reused=True)
         return done
     resume_from = check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
+    _write_config(cfg, dist, run_dir)  # only now: a dry run or a launch stopped by its inputs keeps the run's own
     # the rows themselves: another data.path with the same split names resumed silently. Before a known
     # tau=auto choice enters cfg: checkpoints record method.tau=auto, and the chosen tau as tau_chosen
     # and the starting model's files: new weights at the same model.path resumed the old training silently
@@ -155,6 +161,9 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     if tau_selection is not None:  # a resume must train on with the tau its checkpoint was trained with
         meta[TAU_CHOSEN] = float(cfg.method.tau)
     _attach_teacher_cache(cfg, method, engines, inputs, trainer, need_reference)
+    if dist.is_main:  # one line with what trains: the settings a reader of the log compares runs by
+        log.info(method_line(cfg, method, trainable_set(method, engines.engine.module, engines.lora), total,
+                             auto_tau=tau_selection is not None))
 
     state = trainer.train()
     # train_seconds: the training loop alone, over every attempt (resumes add theirs to the checkpoint's);
@@ -171,6 +180,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     record_finished(run_dir, key, state.step)  # last: a re-run of this job then returns results.json as is
     if dist.is_main:
         log.info("run %s finished in %.1fs", run_dir, time.time() - t_start)
+    _announce(dist, results, run_dir)
     return results
 
 
@@ -178,13 +188,13 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
 # Stages
 
 
-def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
-    """Validate (nothing loaded yet), join the process group, write config.yaml, build the method."""
+def _start(cfg: DictConfig) -> tuple[Any, Any]:
+    """Validate (nothing loaded yet), join the process group, build the method (nothing is written:
+    config.yaml waits for the input checks, :func:`_write_config`)."""
     import torch
 
     from pipeline.engine.distributed import init_distributed
     from pipeline.eval.runner import check_eval_device, check_lm_eval
-    from pipeline.io import atomic_write_text
     from pipeline.methods import build_method
 
     check_before_loading(cfg)  # values, attention backend, model paths: exit 2, nothing written
@@ -195,9 +205,6 @@ def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
     set_threads(int(cfg.trainer.num_threads))
     torch.manual_seed(int(cfg.seed))
     _resolve_batch(cfg, dist.world_size)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     method = build_method(cfg.method, kl_impl=cfg.kernels.kl, joint_pass=cfg.trainer.passes == "joint")
     reductions = method.reductions() if hasattr(method, "reductions") else {}
     log.info("loss reductions: %s", ", ".join(f"{k} term {v}" for k, v in reductions.items()))
@@ -205,6 +212,26 @@ def _start(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any]:
              "one forward per model over all rows, head at loss positions only" if cfg.trainer.passes == "joint"
              else "one forward per row group and model", cfg.kernels.kl)
     return dist, method
+
+
+def _write_config(cfg: DictConfig, dist: Any, run_dir: Path) -> None:
+    """Rank 0 writes the resolved ``run_dir/config.yaml`` (atomically), once the job has passed its
+    input checks and is about to run: a dry run, or a launch stopped by its data, tokenizer or prompt
+    format, leaves a finished run's config.yaml in the same directory as it was."""
+    if not dist.is_main:
+        return
+    from pipeline.io import atomic_write_text
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _announce(dist: Any, results: dict, run_dir: Path, reused: bool = False) -> None:
+    """Rank 0 prints the job's summary on stdout (each job of a sweep its own)."""
+    if dist.is_main and results:
+        from pipeline.eval.report import print_run_summary
+
+        print_run_summary(results, run_dir, reused)
 
 
 def _resolve_batch(cfg: DictConfig, world_size: int) -> None:
@@ -217,18 +244,6 @@ def _resolve_batch(cfg: DictConfig, world_size: int) -> None:
     with open_dict(cfg):
         cfg.trainer.grad_accum = grad_accum
     log.info("batch: %s; %d retain rows per rank per micro-batch", how, int(t.retain_batch_size))
-
-
-def _dry_run(cfg: DictConfig, method: Any, dist: Any) -> dict:
-    """No downloads and no training: size the model from a local config.json or model.arch."""
-    from pipeline.engine.preflight import dry_run_plan
-
-    local = cfg.model.path if cfg.model.source == "pretrained" else None
-    plan = dry_run_plan(cfg, local, method.uses_reference, gpus=(1, 8, 16))
-    if dist.is_main:
-        print(plan, flush=True)
-        print("dry run: config validated and memory plan printed; nothing loaded", flush=True)
-    return {}
 
 
 def _load_inputs(cfg: DictConfig) -> JobInputs:

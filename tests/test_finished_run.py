@@ -98,3 +98,34 @@ def test_a_lora_runs_deleted_adapter_is_a_changed_output(tmp_path):
     (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
     (tmp_path / "adapter").rmdir()
     assert _outputs(tmp_path)["adapter"] is None
+
+
+def test_a_dry_run_or_a_launch_stopped_by_its_inputs_keeps_the_runs_config_yaml(tmp_path):
+    """config.yaml is written once the job has passed its input checks: a dry run, or a launch with a
+    prompt format the tokenizer cannot render (exit 2), in a finished run's directory left its
+    config.yaml rewritten with their own settings (before: written at the job's start)."""
+    args, run = resumable_job(tmp_path)
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("# the finished run's\n")
+    dry = launch.run(args + ["trainer.dry_run=true", "trainer.lr=5e-4"])
+    assert dry.returncode == 0 and "dry run" in dry.stdout, dry.stderr[-2000:]
+    bad = launch.run(args + ["model.prompt_format=chat"])  # the tiny tokenizer has no chat template
+    assert bad.returncode == 2 and "model.prompt_format" in bad.stderr, bad.stderr[-2000:]
+    assert (run / "config.yaml").read_text() == "# the finished run's\n"
+
+
+def test_a_run_whose_model_lies_in_its_own_directory_is_refused(tmp_path):
+    """model.path=runs/x/model trained again with run_name x exported over the weights it started from
+    (the README's eval example names such a path): one line, exit 2, the weights untouched."""
+    import shutil
+
+    args, run = resumable_job(tmp_path)
+    src = next(a.split("=", 1)[1] for a in args if a.startswith("model.path="))
+    shutil.copytree(src, run / "model")
+    before = {f.name: f.read_bytes() for f in (run / "model").iterdir() if f.is_file()}
+    p = launch.run([a if not a.startswith(("model.path=", "model.tokenizer_path=")) else a.split("=")[0] + "="
+                    + str(run / "model") for a in args])
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "config error at 'model.path'" in p.stderr and "lies inside this run's directory" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert {f.name: f.read_bytes() for f in (run / "model").iterdir() if f.is_file()} == before

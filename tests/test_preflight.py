@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import register_configs
-from pipeline.engine.preflight import ArchSpec, PreflightError, run_preflight
+from pipeline.engine.preflight import HOST_BASELINE, ArchSpec, PreflightError, run_preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ OFFLOAD_KW = dict(precision="bf16", zero_stage=3, batch_size=1, retain_batch_siz
 
 
 def _model_states_on_host(plan) -> int:
-    return plan.host_total - plan.host_per_node["host baseline (per rank)"]
+    return plan.host_total - plan.host_per_node[HOST_BASELINE]
 
 
 @pytest.mark.parametrize("offload_param", ["none", "cpu"])

@@ -201,6 +201,11 @@ PHASE_OF = {
 }
 
 
+# The per-node host term of the ranks' own processes: the per-rank baseline times the ranks of a node
+# (labelled "per rank" before, while its column showed the node's total: 16 GiB for 8 GPU ranks).
+HOST_BASELINE = "host baseline (node's ranks)"
+
+
 @dataclass
 class MemoryPlan:
     n_gpus: int
@@ -342,7 +347,7 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     # A CPU rank's process before any model: python + torch + deepspeed + transformers, gloo group
     # (measured 0.33 GiB, benchmarks/bench_memory.py) + model code and tokenizer; a GPU host rank also
     # holds the CUDA context, pinned buffers and the data pipeline.
-    h["host baseline (per rank)"] = int((0.5 if cpu_ranks else 2) * GiB) * gpn
+    h[HOST_BASELINE] = int((0.5 if cpu_ranks else 2) * GiB) * gpn
     return plan
 
 
@@ -423,9 +428,41 @@ def check_fits(plan: MemoryPlan, gpu_avail: int, host_avail: int, suggestions: l
 DEFAULT_GPU_GB = 80.0  # the dry run's budget when no GPU is present and none is configured
 
 
+def batch_column(trainer: Any, n_gpus: int) -> tuple[str, Optional[str]]:
+    """A dry-run column's optimizer step as ``rows x accumulation x ranks = forget rows``, or
+    ``("refused", why and the fix)`` where a launch on ``n_gpus`` ranks would stop at the batch rule
+    (:func:`pipeline.engine.batching.resolve_grad_accum`, the check the real run makes)."""
+    from pipeline.config_base import ConfigError
+    from pipeline.engine.batching import resolve_grad_accum
+
+    bs, eb = int(trainer.batch_size), trainer.effective_batch
+    # with effective_batch the accumulation is derived per world size (the job already wrote its
+    # one-rank value into trainer.grad_accum): derive it again for this column
+    accum = 1 if eb is not None else int(trainer.grad_accum)
+    try:
+        accum, _ = resolve_grad_accum(bs, accum, eb, n_gpus)
+    except ConfigError:
+        return "refused", _batch_fix(bs, int(eb), n_gpus)
+    return f"{bs}x{accum}x{n_gpus}={bs * accum * n_gpus}", None
+
+
+def _batch_fix(batch_size: int, effective_batch: int, n_gpus: int) -> str:
+    """Why ``effective_batch`` cannot split into ``batch_size`` rows on ``n_gpus`` ranks, and the
+    nearest setting that would: a smaller batch_size dividing effective_batch / n_gpus, or another
+    effective_batch."""
+    what = f"trainer.effective_batch={effective_batch} is not a multiple of {batch_size} rows × {n_gpus} GPUs"
+    if effective_batch % n_gpus == 0:
+        per_rank = effective_batch // n_gpus
+        fit = max(d for d in range(1, batch_size + 1) if per_rank % d == 0)
+        return f"{what}; set trainer.batch_size={fit}"
+    return f"{what}; set trainer.effective_batch to a multiple of {batch_size * n_gpus}"
+
+
 def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus: tuple[int, ...] = (1, 8, 16)) -> str:
-    """The GPU memory plan for ``gpus`` GPUs (8 per node), as the job would run on CUDA, with a
-    fits/does-not-fit line per column; nothing is loaded and nothing is refused."""
+    """The GPU memory plan for ``gpus`` GPUs (8 per node), as the job would run on CUDA: per column the
+    forget rows per optimizer step (rows x accumulation x ranks), the ZeRO stage that run would use
+    and whether it fits, or that the batch rule refuses that launch, with the fix. Nothing is loaded
+    and nothing is refused here."""
     from pipeline.engine.ds_config import resolve_precision
 
     arch = resolve_arch(cfg.model, model_path)
@@ -433,7 +470,8 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
     fp = method_footprint(cfg, arch)
     measured = ds.gpu_memory_gb or _cuda_total_gb()
     budget = int((measured or DEFAULT_GPU_GB) * GiB)
-    plans = [plan_memory(arch, n, min(n, 8), precision=resolve_precision(ds, True), zero_stage=resolve_zero_stage(ds, n).stage,
+    stages = [resolve_zero_stage(ds, n).stage for n in gpus]
+    plans = [plan_memory(arch, n, min(n, 8), precision=resolve_precision(ds, True), zero_stage=stage,
                          offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
                          uses_reference=uses_reference, batch_size=int(tr.batch_size),
                          retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
@@ -441,14 +479,23 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
                          flash_attention=cfg.kernels.attention != "torch",
                          lora_params=lora_param_count(arch, cfg.model),
                          joint_pass=getattr(tr, "passes", "joint") == "joint",
-                         trainable_params=fp.trainable_params, logits=fp.logits) for n in gpus]
-    text = format_plans(arch, plans, budget, None, "GPU")
-    text += "\n" + f"{'fits in ' + format(budget / GiB, '.0f') + ' GiB/GPU':<40}" + "".join(
-        f"{'yes' if p.gpu_total <= budget else 'NO':>12}" for p in plans)
+                         trainable_params=fp.trainable_params, logits=fp.logits) for n, stage in zip(gpus, stages)]
+    batches = [batch_column(tr, n) for n in gpus]
+    fits = ["refused" if why else "yes" if p.gpu_total <= budget else "NO" for p, (_, why) in zip(plans, batches)]
+    lines = [format_plans(arch, plans, budget, None, "GPU"),
+             _row("forget rows/step (rows x accum x GPUs)", [cell for cell, _ in batches]),
+             _row("ZeRO stage", [str(s) for s in stages]),
+             _row(f"fits in {budget / GiB:.0f} GiB/GPU", fits)]
+    lines += [f"{n} GPUs refused: {why}" for n, (_, why) in zip(gpus, batches) if why]
     if not measured:  # no GPU here and none configured: say the budget is an assumption
-        text += (f"\n(GPU memory assumed {DEFAULT_GPU_GB:.0f} GiB: no GPU here; deepspeed.gpu_memory_gb=<GiB> "
-                 f"plans for yours)")
-    return text
+        lines.append(f"(GPU memory assumed {DEFAULT_GPU_GB:.0f} GiB: no GPU here; deepspeed.gpu_memory_gb=<GiB> "
+                     f"plans for yours)")
+    return "\n".join(lines)
+
+
+def _row(label: str, cells: list[str]) -> str:
+    """One line of the plan's table: a 40-wide label, then 12-wide right-aligned cells."""
+    return f"{label:<40}" + "".join(f"{c:>12}" for c in cells)
 
 
 def _cuda_total_gb() -> Optional[float]:

@@ -150,6 +150,57 @@ def render_report_md(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The metrics a job's stdout summary shows, when its results have them: TOFU-style fact recall and
+# ROUGE-L, MUSE's memorisation and leakage, and (below) every multiple-choice accuracy (WMDP, MMLU).
+HEADLINE_METRICS = ("forget_fact_recall", "retain_fact_recall", "forget_rouge_l", "retain_rouge_l", "model_utility",
+                    "verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak")
+
+
+def forget_quality_note(results: dict[str, Any]) -> str:
+    """Why ``forget_quality`` is null in ``results``: the forget split had no truth ratios, or no
+    retain-model reference was configured."""
+    ev = results.get("evaluation") or {}
+    split = results.get("forget_split")
+    if split is not None and (ev.get("truth_ratio_key") or {}).get(split, "") is None:
+        return f"split {split!r} has no truth ratios"
+    return "no eval.retain_model or eval.retain_reference"
+
+
+def _headline(metrics: dict[str, Any]) -> list[str]:
+    """``name value`` of the headline metrics present, forget quality last (with why it is null)."""
+    keys = [k for k in HEADLINE_METRICS if k in metrics]
+    keys += [k for k in metrics if k.endswith("_accuracy") and k not in keys]
+    return [f"{k} {format_value(metrics[k])}" for k in keys if metrics[k] is None or isinstance(metrics[k], (int, float))]
+
+
+def run_summary(results: dict[str, Any], run_dir: str | os.PathLike, reused: bool = False) -> str:
+    """A few lines for stdout at the end of a train or eval job: where its files are, what ran and
+    its headline metrics (``reused``: a finished run's results returned as they were)."""
+    run_dir = Path(run_dir)
+    report = run_dir / "report.md"
+    metrics = results.get("metrics") or {}
+    what = [f"method {results.get('method', '?')}"]
+    if results.get("tau") is not None:
+        what.append(f"tau {format_value(results['tau'], 3)}")
+    if results.get("steps") is not None:
+        what.append(f"{results['steps']} step{'' if results['steps'] == 1 else 's'}")
+    lines = [f"run: {run_dir}" + (" (finished already: its results reused)" if reused else ""),
+             f"results: {run_dir / RESULTS_FILE}" + (f"; report: {report}" if report.exists() else ""),
+             ", ".join(what)]
+    head = _headline(metrics)
+    lines.append("metrics: " + ("; ".join(head) if head else "none (eval.enabled=false)" if not metrics else "-"))
+    if "forget_quality" in metrics:
+        fq = metrics["forget_quality"]
+        lines.append(f"forget_quality: {format_value(fq)}" if fq is not None
+                     else f"forget_quality: null ({forget_quality_note(results)})")
+    return "\n".join(lines)
+
+
+def print_run_summary(results: dict[str, Any], run_dir: str | os.PathLike, reused: bool = False) -> None:
+    """:func:`run_summary` on stdout (which carries results; logs go to stderr). Rank 0 calls it."""
+    print(run_summary(results, run_dir, reused), flush=True)
+
+
 def _cell(row: dict[str, Any], col: str) -> Any:
     if col in row:
         return row[col]

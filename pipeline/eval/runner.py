@@ -412,6 +412,9 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
     ref, ref_info = None, {"source": None}
     if results[data.forget_split].has_truth_ratio:
         ref, ref_info = retain_reference(cfg, paths, data.forget_split, splits[data.forget_split], tokenizer)
+        if ref is None and is_main_process():  # else results.json's forget_quality: null says nothing why
+            log.info("metric forget_quality skipped: no retain-model reference for split %r (set eval.retain_model "
+                     "or eval.retain_reference)", data.forget_split)
     elif is_main_process():
         log.info("metric forget_quality skipped: split %r has no truth ratios (%s)", data.forget_split,
                  "; ".join(results[data.forget_split].skipped))
@@ -535,7 +538,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Evaluate the configured model without training (e.g. the target or retain model)."""
     from pipeline.data.loaders import load_unlearning_data
     from pipeline.engine.distributed import init_distributed
-    from pipeline.eval.report import render_report_md, set_aside_results, write_results
+    from pipeline.eval.report import print_run_summary, render_report_md, set_aside_results, write_results
     from pipeline.inputs import (
         check_before_loading,
         checked_prompt_format,
@@ -582,4 +585,6 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         log.info("evaluation written to %s", run_dir)
     if add_lm_eval(cfg, paths.model, run_dir) is not None:  # rank 0, after the last collective
         results = json.loads((Path(run_dir) / "results.json").read_text())
+    if dist.is_main:  # stdout carries results (logs go to stderr)
+        print_run_summary(results, run_dir)
     return results

