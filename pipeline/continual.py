@@ -252,7 +252,9 @@ def step_record(request: str, init_model: str, step_cfg: DictConfig) -> dict:
     from pipeline.eval.reference import model_fingerprint
     from pipeline.finished import result_config
 
-    config, init = result_config(step_cfg), model_fingerprint(init_model)
+    # the first step starts from model.path at model.revision (a hub id's snapshot); later ones from a
+    # step's exported directory, which has no revisions
+    config, init = result_config(step_cfg), model_fingerprint(init_model, OmegaConf.select(step_cfg, "model.revision"))
 
     def digest(fields: dict) -> str:
         return hashlib.sha256(json.dumps({"config": fields, "init": init}, sort_keys=True, default=str).encode()).hexdigest()

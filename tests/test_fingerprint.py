@@ -84,3 +84,19 @@ def test_the_finished_job_key_holds_the_revisions_files(hub, monkeypatch):
 
     assert model_key(B)["revision"] == B and model_key(None)["revision"] == A
     assert model_key(B)["files"] != model_key(A)["files"]
+
+
+def test_a_continual_steps_record_holds_the_revision_it_starts_from(hub):
+    """The first continual step starts from model.path at model.revision: a branch that moved to
+    another snapshot is another starting model (the step runs again), not a finished step (before,
+    refs/main's snapshot was fingerprinted whatever the revision)."""
+    from pipeline.continual import step_record
+
+    def record():
+        cfg = OmegaConf.create({"model": {"path": "org/m", "revision": "dev"}, "method": {"name": "asu_kl"}})
+        return step_record("forget01", "org/m", cfg)
+
+    (hub / "refs" / "dev").write_text(A)
+    before = record()
+    (hub / "refs" / "dev").write_text(B)
+    assert record()["train_key"] != before["train_key"]
