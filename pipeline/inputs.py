@@ -74,6 +74,22 @@ def check_inputs_outside(cfg: DictConfig, run_dir: Path) -> None:
                               f"run_name={cfg.run_name}_next)")
 
 
+def log_first_prompt(tokenizer: Any, encoded: dict, split: str, limit: int = 400) -> None:
+    """Log one encoded QA row as the model reads it: its prompt (special tokens and a chat template's
+    injected system prompt included) and its answer (the loss tokens). The format's name alone does not
+    say what a template adds (SmolLM2's, for one, inserts its own system prompt)."""
+    from pipeline.data.formatting import IGNORE_INDEX
+
+    ids, labels = list(encoded["input_ids"]), list(encoded["labels"])
+    prompt = tokenizer.decode([t for t, lab in zip(ids, labels) if lab == IGNORE_INDEX])
+    answer = tokenizer.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+
+    def cut(text: str) -> str:
+        return repr(text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2:])
+
+    log.info("first %s row as the model reads it: prompt %s, answer (loss tokens) %s", split, cut(prompt), cut(answer))
+
+
 def set_threads(n: int) -> None:
     import torch
 

@@ -30,6 +30,7 @@ from pipeline.inputs import (
     check_inputs_outside,
     checked_prompt_format,
     effective_max_length,
+    log_first_prompt,
     prompt_format_uses,
     resolve_paths,
     set_threads,
@@ -263,6 +264,8 @@ def _load_inputs(cfg: DictConfig) -> JobInputs:
     with progress("tokenizing", cfg.logging.progress_bar):  # a bar for raw-text corpora (batches of texts)
         forget = encode_rows(tokenizer, data.forget, max_len, cfg.data.truncate, data.forget_split, fmt, pack)
         retain = encode_rows(tokenizer, data.retain, max_len, cfg.data.truncate, data.retain_split, fmt, pack)
+    if "training" in uses and forget and "question" in data.forget[0]:
+        log_first_prompt(tokenizer, forget[0], data.forget_split)
     return JobInputs(paths, data, tokenizer, fmt, max_len, forget, retain, uses)
 
 

@@ -448,3 +448,19 @@ def test_the_log_says_when_the_prompt_format_is_not_applied(toks, caplog):
     checked_prompt_format(cfg, toks["plain"], [])
     with pytest.raises(ConfigError, match="model.prompt_format"):
         checked_prompt_format(cfg, toks["plain"], ["training"])
+
+
+def test_the_log_shows_the_first_row_as_the_model_reads_it(toks, caplog):
+    """The format's name does not say what a template adds (a chat template's own system prompt): the
+    log shows the first training row's prompt and answer as decoded from the ids the model gets."""
+    from pipeline.data.formatting import encode_qa
+    from pipeline.inputs import log_first_prompt
+
+    enc = encode_qa(toks["llama2"], "Who wrote it?", "Basil Mahfouz.", 64,
+                    template=get_prompt_format("llama2_chat", "Be brief."))
+    with caplog.at_level("INFO"):
+        log_first_prompt(toks["llama2"], {"input_ids": enc.input_ids, "labels": enc.labels}, "forget")
+    line = next(r.getMessage() for r in caplog.records if "first forget row" in r.getMessage())
+    # (the toy vocabulary spells unknown words <unk>)
+    assert "'<s>[INST] <<SYS>>\\nBe brief.\\n<</SYS>>\\n\\nWho wrote" in line, line
+    assert line.index("[/INST]") < line.index("answer (loss tokens) ' Basil") < line.index("</s>'")
