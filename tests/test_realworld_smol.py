@@ -40,6 +40,13 @@ def test_realworld_smol_two_steps_on_two_ranks(tmp_path):
     gens = json.loads((out / "target/eval_details.json").read_text())["retain"]["generation"]
     assert gens[0].startswith("The capital of France is Paris"), gens
     assert "before (as shipped)" in (out / "summary.md").read_text()
+    # the model is converted now: a dry run of the recipe sizes it from the converted cache (model.path
+    # is null there: it exited 2) and checks its chat template
+    dry = subprocess.run([sys.executable, "launchers/train.py", "+exp=realworld_smol", "trainer.dry_run=true",
+                          "logging=none", f"output_dir={tmp_path / 'dry'}"], cwd=ROOT, env=env(), capture_output=True,
+                         text=True, timeout=180)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "memory plan: 0.135B params (134,515,008)" in dry.stdout and "prompt format chat checked" in dry.stdout
 
 
 def test_gguf_package_errors_are_one_line_user_errors(tmp_path):
