@@ -50,23 +50,6 @@ def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
                       rf"hydra.sweep.subdir=job_\${{hydra.job.num}}")
         if run_dir is not None:
             dirs[run_dir] = i
-            _check_name_length(run_dir, where)
-
-
-NAME_MAX = 255  # bytes per path component on Linux filesystems (ext4, xfs, lustre, NFS)
-
-
-def _check_name_length(run_dir: str, where: str) -> None:
-    """A sweep point's directory name is its overrides joined (``hydra.job.override_dirname``): many or
-    long ones exceed the filesystem's limit, and Hydra stopped with an OSError traceback after the
-    earlier jobs had run."""
-    from pipeline.config_base import ConfigError
-    from pipeline.errors import exit_with
-
-    longest = max(run_dir.split("/"), key=lambda part: len(part.encode()))
-    if len(longest.encode()) > NAME_MAX:
-        exit_with(ConfigError(), f"{where}its run directory name is {len(longest.encode())} bytes ({longest[:60]}...); "
-                  f"filesystems allow {NAME_MAX}: name the points, e.g. " + r"hydra.sweep.subdir=job_\${hydra.job.num}")
 
 
 def _job_dir(job_config: DictConfig, num: int) -> Optional[str]:
