@@ -99,7 +99,7 @@ def _dry_run_gguf(cfg: DictConfig) -> tuple[Optional[str], str]:
 
     m = cfg.model
     # not installed: its own one-line error
-    gguf, root = converted_dir(str(m.gguf_package), str(cfg.cache_dir), m.gguf_file)
+    gguf, root, _ = converted_dir(str(m.gguf_package), str(cfg.cache_dir), m.gguf_file)
     if (root / "meta.json").exists():
         return str(root), f"model: {root} (converted from {m.gguf_package}), sized from its config.json"
     prepare = f"python launchers/prepare.py {_dry_run_overrides()}".rstrip()

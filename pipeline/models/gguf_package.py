@@ -96,18 +96,19 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict:
             "vocab_size": int(config.vocab_size), "layers": int(config.num_hidden_layers)}
 
 
-def converted_dir(package: str, cache_root: str | Path, gguf_file: Optional[str] = None) -> tuple[Path, Path]:
-    """(the packaged GGUF file, the directory :func:`prepare_gguf_model` converts it into); nothing is
-    converted (a dry run sizes the model from that directory when it exists)."""
+def converted_dir(package: str, cache_root: str | Path, gguf_file: Optional[str] = None) -> tuple[Path, Path, str]:
+    """(the packaged GGUF file, the directory :func:`prepare_gguf_model` converts it into, the file's
+    sha256); nothing is converted (a dry run sizes the model from that directory when it exists)."""
     gguf_path = find_packaged_gguf(package, gguf_file)
     digest = _sha256(gguf_path)
-    return gguf_path, Path(cache_root).expanduser() / f"gguf-{package}-{gguf_path.stem}-{digest[:12]}-v{CONVERTER_VERSION}"
+    root = Path(cache_root).expanduser() / f"gguf-{package}-{gguf_path.stem}-{digest[:12]}-v{CONVERTER_VERSION}"
+    return gguf_path, root, digest
 
 
 def prepare_gguf_model(package: str, cache_root: str | Path, gguf_file: Optional[str] = None,
                        log: Optional[Callable[[str], None]] = print) -> Path:
     """The cached HF directory converted from ``package``'s GGUF file (converted on first use)."""
-    gguf_path, root = converted_dir(package, cache_root, gguf_file)
+    gguf_path, root, digest = converted_dir(package, cache_root, gguf_file)
     cache_root = root.parent
     if (root / "meta.json").exists():
         return root
@@ -127,7 +128,7 @@ def prepare_gguf_model(package: str, cache_root: str | Path, gguf_file: Optional
             tmp.mkdir(parents=True)
             try:
                 info = convert_gguf(gguf_path, tmp)
-                meta = {"package": package, "gguf_file": gguf_path.name, "sha256": _sha256(gguf_path),
+                meta = {"package": package, "gguf_file": gguf_path.name, "sha256": digest,
                         "converter_version": CONVERTER_VERSION,
                         "seconds": round(time.perf_counter() - t0, 1), **info}
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
