@@ -59,19 +59,30 @@ def check_model_paths(cfg: DictConfig) -> None:
         check_model_location(str(retain), "eval.retain_model")
 
 
+# What a training job writes its weights into, under its run directory (export, LoRA adapter,
+# checkpoints); anything else there (results, logs, config.yaml) is not model weights.
+RUN_WEIGHT_DIRS = ("model", "adapter", "checkpoints")
+
+
 def check_inputs_outside(cfg: DictConfig, run_dir: Path) -> None:
-    """A training job's model and tokenizer must not live in its own run directory: the job exports
-    into ``<run_dir>/model`` (and keeps checkpoints there), so it would overwrite the weights it
-    starts from (``model.path=runs/x/model`` trained again with the same run_name)."""
+    """A training job's model and tokenizer must not live where the job writes weights: it exports
+    into ``<run_dir>/model`` (and ``adapter/``, ``checkpoints/``), so it would overwrite the weights
+    it starts from (``model.path=runs/x/model`` trained again with the same run_name). A model
+    elsewhere under the run directory (another run's export nested below it) is left alone."""
     m = cfg.model
     if m.source == "synthetic":
         return
+    run_dir = run_dir.expanduser().resolve()
     for key, value in (("model.path", m.path), ("model.tokenizer_path", m.tokenizer_path)):
-        p = Path(str(value)) if value else None
-        if p is not None and p.exists() and p.resolve().is_relative_to(run_dir.resolve()):
-            raise ConfigError(f"config error at '{key}': {value} lies inside this run's directory {run_dir}, whose "
-                              f"model/ the run overwrites with its own export: pass another run_name (e.g. "
-                              f"run_name={cfg.run_name}_next)")
+        p = Path(str(value)).expanduser() if value else None
+        if p is None or not p.exists():
+            continue
+        p = p.resolve()
+        for name in RUN_WEIGHT_DIRS:
+            if p.is_relative_to(run_dir / name):
+                raise ConfigError(f"config error at '{key}': {value} lies in {run_dir / name}, which this run "
+                                  f"overwrites with its own output: pass another run_name (or hydra.run.dir) so "
+                                  f"the run writes elsewhere")
 
 
 def log_first_prompt(tokenizer: Any, encoded: dict, split: str, limit: int = 400) -> None:

@@ -126,6 +126,20 @@ def test_a_run_whose_model_lies_in_its_own_directory_is_refused(tmp_path):
     p = launch.run([a if not a.startswith(("model.path=", "model.tokenizer_path=")) else a.split("=")[0] + "="
                     + str(run / "model") for a in args])
     assert p.returncode == 2, p.stderr[-2000:]
-    assert "config error at 'model.path'" in p.stderr and "lies inside this run's directory" in p.stderr
+    assert "config error at 'model.path'" in p.stderr and f"lies in {run / 'model'}" in p.stderr
     assert "Traceback" not in p.stderr
     assert {f.name: f.read_bytes() for f in (run / "model").iterdir() if f.is_file()} == before
+
+
+def test_a_model_elsewhere_under_the_run_directory_is_accepted(tmp_path):
+    """Only what the run writes weights into (model/, adapter/, checkpoints/) is refused: another run's
+    export nested under this run's directory (hydra.run.dir=. over a tree of runs) is an input like any."""
+    import shutil
+
+    args, run = resumable_job(tmp_path)
+    src = next(a.split("=", 1)[1] for a in args if a.startswith("model.path="))
+    nested = run / "x" / "asu_kl" / "model"
+    shutil.copytree(src, nested)
+    p = launch.run([a if not a.startswith(("model.path=", "model.tokenizer_path=")) else a.split("=")[0] + "="
+                    + str(nested) for a in args] + ["trainer.dry_run=true"])
+    assert p.returncode == 0, p.stderr[-2000:]
