@@ -156,6 +156,17 @@ def test_the_log_says_where_the_step_stops(caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="pipeline.methods.passes"):
         _loss(method, student, frozen, _batch(), True)
     assert f"stops after decoder layer {LAYER} (of {N_LAYERS} layers)" in caplog.text
+    assert f"layers {LAYER + 1}..{N_LAYERS - 1} and the output head are not run" in caplog.text
+
+
+def test_the_log_at_the_last_layer_names_only_the_head(caplog, monkeypatch):
+    from pipeline.methods import passes
+
+    monkeypatch.setattr(passes, "_LOGGED", set())
+    student, _ = _models(False)
+    with caplog.at_level(logging.INFO, logger="pipeline.methods.passes"):
+        passes._log_stop(student, N_LAYERS - 1)
+    assert "so the output head is not run" in caplog.text and "layers" not in caplog.text.split("so ")[-1]
 
 
 def test_the_model_is_whole_again_after_the_step():

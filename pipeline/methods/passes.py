@@ -301,8 +301,9 @@ def _log_stop(model: nn.Module, layer: int) -> None:
     n = len(decoder_layers(model))
     if (type(unwrap(model)).__name__, layer) not in _LOGGED:  # once per model type and layer
         _LOGGED.add((type(unwrap(model)).__name__, layer))
+        skipped = f"layers {layer + 1}..{n - 1} and the output head are" if layer + 1 < n else "the output head is"
         log.info("step: the forward stops after decoder layer %d (of %d layers): the loss reads only its "
-                 "hidden state, so layers %d..%d and the output head are not run", layer, n, layer + 1, n - 1)
+                 "hidden state, so %s not run", layer, n, skipped)
 
 
 def _model_pass(model: nn.Module, joint: dict, rows: dict[str, slice], logit_groups: set[str],
