@@ -1,7 +1,8 @@
 """Evaluate a model without training it (the target or retain model, or an exported run).
 
-    python launchers/eval.py model.variant=target run_name=tofu_tiny/target
-    python launchers/eval.py model.source=pretrained model.path=runs/tofu_tiny/asu_kl/model
+    python launchers/eval.py +exp=tofu_tiny model.variant=target run_name=tofu_tiny/target
+    python launchers/eval.py +exp=tofu_tiny model.source=pretrained model.path=runs/tofu_tiny/asu_kl/model \
+        run_name=tofu_tiny/asu_eval
 """
 
 import _bootstrap  # noqa: F401
