@@ -137,7 +137,8 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         _announce(dist, done, run_dir, reused=True)
         return done
     resume_from = check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
-    _write_config(cfg, dist, run_dir)  # only now: a dry run or a launch stopped by its inputs keeps the run's own
+    # written when training starts (trainer.on_loop_start), as resolved now: tau=auto still reads "auto"
+    config_text = OmegaConf.to_yaml(cfg, resolve=True)
     # the rows themselves: another data.path with the same split names resumed silently. Before a known
     # tau=auto choice enters cfg: checkpoints record method.tau=auto, and the chosen tau as tau_chosen
     # and the starting model's files: new weights at the same model.path resumed the old training silently
@@ -155,6 +156,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                            enabled=dist.is_main)
     trainer = UnlearningTrainer(cfg, run_dir, engines.engine, engines.reference, method, inputs.forget, inputs.retain,
                                 inputs.tokenizer.pad_token_id, plan, total, run_logger, meta)
+    trainer.on_loop_start = lambda: _write_config(config_text, dist, run_dir)
     trainer.views = method.forget_views(inputs.tokenizer, inputs.data.forget, int(cfg.data.max_length),
                                         inputs.prompt_format, seed=int(cfg.seed))
     if tau_selection is None:
@@ -215,16 +217,17 @@ def _start(cfg: DictConfig) -> tuple[Any, Any]:
     return dist, method
 
 
-def _write_config(cfg: DictConfig, dist: Any, run_dir: Path) -> None:
-    """Rank 0 writes the resolved ``run_dir/config.yaml`` (atomically), once the job has passed its
-    input checks and is about to run: a dry run, or a launch stopped by its data, tokenizer or prompt
-    format, leaves a finished run's config.yaml in the same directory as it was."""
+def _write_config(text: str, dist: Any, run_dir: Path) -> None:
+    """Rank 0 writes the resolved ``run_dir/config.yaml`` (atomically) when training starts: past the
+    input checks, the engines, the teacher cache and the checkpoint's compatibility check. A dry run,
+    or a launch refused by any of them, leaves a finished run's config.yaml in the same directory as
+    it was (it described the run whose checkpoints and results are there)."""
     if not dist.is_main:
         return
     from pipeline.io import atomic_write_text
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(run_dir / "config.yaml", text)
 
 
 def _announce(dist: Any, results: dict, run_dir: Path, reused: bool = False) -> None:

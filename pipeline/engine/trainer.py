@@ -6,6 +6,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, Optional
@@ -178,6 +179,9 @@ class UnlearningTrainer:
         self.start_step = 0  # the step this attempt started at (steps run here: state.step - start_step)
         self.views: dict[str, Any] = {}  # method.forget_views: encoded rows, or a per-step drawn view
         self.teacher_cache: Optional[Any] = None  # method.teacher=cached: batch["forget_teacher"] rows
+        # called once the resume (and its compatibility check) is done, right before the first step:
+        # what this attempt really trains is settled only here (run.py writes config.yaml then)
+        self.on_loop_start: Optional[Callable[[], None]] = None
         self.device = next(engine.module.parameters()).device if hasattr(engine, "module") else torch.device("cpu")
         # a LoRA student's checkpoints hold the adapters and their optimizer state only: the frozen
         # base is model.path's, reloaded by every attempt
@@ -256,6 +260,8 @@ class UnlearningTrainer:
     def train(self) -> TrainState:
         self.maybe_resume()
         self.start_step = self.state.step
+        if self.on_loop_start is not None:
+            self.on_loop_start()
         with StopSignals() as stop:
             return self._loop(stop)
 

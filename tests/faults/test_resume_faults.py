@@ -79,10 +79,14 @@ def test_resume_refuses_checkpoint_from_other_config(tiny):
     first = subprocess.run(_cmd(_args(tiny, "cfgA", ["trainer.max_steps=10"])), cwd=ROOT, env=_env(),
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
+    config = tiny[0] / "runs" / "cfgA" / "config.yaml"
+    before = config.read_text()
     other = subprocess.run(_cmd(_args(tiny, "cfgA", ["trainer.max_steps=20", "method.tau=3.0"])), cwd=ROOT,
                            env=_env(), capture_output=True, text=True, timeout=300)
     assert other.returncode == 2
     assert "different configuration" in other.stderr and "method" in other.stderr and "tau" in other.stderr
+    # the refused launch leaves the config.yaml of the run whose checkpoints and results are there
+    assert config.read_text() == before
 
 
 @pytest.mark.distributed
