@@ -211,9 +211,10 @@ def _start(cfg: DictConfig) -> tuple[Any, Any]:
     method = build_method(cfg.method, kl_impl=cfg.kernels.kl, joint_pass=cfg.trainer.passes == "joint")
     reductions = method.reductions() if hasattr(method, "reductions") else {}
     log.info("loss reductions: %s", ", ".join(f"{k} term {v}" for k, v in reductions.items()))
-    log.info("training step: trainer.passes=%s (%s), kernels.kl=%s", cfg.trainer.passes,
+    log.info("training step: trainer.passes=%s (%s), %s", cfg.trainer.passes,
              "one forward per model over all rows, head at loss positions only" if cfg.trainer.passes == "joint"
-             else "one forward per row group and model", cfg.kernels.kl)
+             else "one forward per row group and model",
+             f"kernels.kl={cfg.kernels.kl}" if method.uses_kl() else "no KL term (kernels.kl unused)")
     return dist, method
 
 

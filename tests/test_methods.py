@@ -132,3 +132,26 @@ def test_asu_forget_loss_zero_at_step0_when_tau_is_one_and_positive_when_tempere
     from pipeline.models.tempered_attention import get_temperatures
 
     assert all(t == 1.0 for t in get_temperatures(teacher))
+
+
+@pytest.mark.parametrize("retain_loss", ["nll", "kl", "none"])
+def test_uses_kl_says_whether_a_step_has_a_kl_term(retain_loss):
+    """The log names kernels.kl only for a method whose step has a KL term (ASU's forget term, a KL
+    retain loss): checked against the step plan of every registered method."""
+    from pipeline.methods import METHODS
+
+    class AnyBatch(dict):  # a batch with every group a plan may ask about
+        def __missing__(self, key):
+            return {}
+
+        def __contains__(self, key):
+            return True
+
+    for name in METHODS.names():
+        cfg = OmegaConf.structured(METHODS.get(name).config_cls)
+        cfg.name = name
+        cfg.retain_loss = retain_loss
+        if cfg.get("tau") == "auto":
+            cfg.tau = 2.0
+        method = build_method(cfg)
+        assert method.uses_kl() == bool(method.plan(AnyBatch(forget={}, retain={})).kl), (name, retain_loss)

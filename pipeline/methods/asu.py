@@ -112,6 +112,8 @@ class ASU(UnlearningMethod):
     def teacher_layers(self) -> Optional[list[int]]:
         return list(self.cfg.teacher_layers) if self.cfg.teacher_layers is not None else None
 
+    forget_kl = True
+
     def plan_forget(self, plan: StepPlan, batch: dict) -> None:
         if self.cached_teacher and "forget_teacher" not in batch:
             raise ValueError("method.teacher=cached: the batch has no 'forget_teacher' rows (the trainer "

@@ -43,6 +43,7 @@ class ASUWMDPConfig(LayerSelectionConfig, ASUConfig):
 @register_method("asu_wmdp")
 class ASUWMDP(LayerwiseMethod, ASU):
     config_cls = ASUWMDPConfig
+    forget_kl = False  # its forget term matches hidden states (MSE), not logits
 
     @classmethod
     def validate_config(cls, mcfg: Any, n_layers: Optional[int]) -> None:

@@ -115,6 +115,7 @@ class UnlearningMethod:
     # need; the step runs the frozen model once and the student once over all of them; the terms
     # then read their own rows' outputs.
     hidden_layer: Optional[int] = None  # decoder layer whose output hidden-state terms read
+    forget_kl: bool = False  # the forget term is a KL (ASU's distillation from the tempered teacher)
     teacher_layers: Optional[list[int]] = None  # layers where the frozen model's tau applies
 
     def plan_forget(self, plan: StepPlan, batch: dict) -> None:
@@ -149,6 +150,11 @@ class UnlearningMethod:
         if kind == "kl":
             return out.kl["retain"]
         return torch.zeros((), device=next(iter(out.student.values())).mask.device)
+
+    def uses_kl(self) -> bool:
+        """Whether a step has a KL term (ASU's forget term, ``retain_loss=kl``): ``kernels.kl`` applies
+        only then."""
+        return self.forget_kl or ("retain" in self.reductions() and getattr(self.cfg, "retain_loss", "nll") == "kl")
 
     def has_retain_term(self, batch: dict) -> bool:
         """Whether this step has a retain term (alpha > 0, a retain loss, retain rows in the batch)."""
