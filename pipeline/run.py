@@ -127,8 +127,9 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     dist, method = _start(cfg)
     check_inputs_outside(cfg, run_dir)  # its export would overwrite the weights it starts from
-    if cfg.trainer.dry_run:
+    if cfg.trainer.dry_run:  # before the batch is resolved for this launch: its columns check grad_accum as configured
         return dry_run(cfg, method, dist)
+    _resolve_batch(cfg, dist.world_size)
     t_start = time.time()
     inputs = _load_inputs(cfg)
     key = job_key(cfg, dist.world_size, inputs)  # before tau=auto writes its choice into cfg
@@ -207,7 +208,6 @@ def _start(cfg: DictConfig) -> tuple[Any, Any]:
     check_lm_eval(cfg)  # an lm-eval task it does not know: likewise
     set_threads(int(cfg.trainer.num_threads))
     torch.manual_seed(int(cfg.seed))
-    _resolve_batch(cfg, dist.world_size)
     method = build_method(cfg.method, kl_impl=cfg.kernels.kl, joint_pass=cfg.trainer.passes == "joint")
     reductions = method.reductions() if hasattr(method, "reductions") else {}
     log.info("loss reductions: %s", ", ".join(f"{k} term {v}" for k, v in reductions.items()))

@@ -84,6 +84,28 @@ def test_cli_plan_header_says_what_would_run(tmp_path):
                                "attention: kernels.attention=auto -> sdpa on GPU, sdpa on CPU")
     assert lines[3].startswith("model.path not checked (dry run): sized from model.arch")
     assert "16 GPUs refused:" in out.stdout and lines[-1].startswith("dry run: config validated")
+    # the job wrote its one-rank accumulation (8) into trainer.grad_accum: not read as configured
+    assert _row(out.stdout, "forget rows/step") == ["4x8x1=32", "4x1x8=32", "refused"]
+
+
+def test_cli_explicit_grad_accum_is_checked_per_column_as_the_launch_checks_it(tmp_path):
+    """trainer.grad_accum=8 with effective_batch 32 of 4-row batches: a 1-GPU launch runs 8 micro-batches,
+    an 8-GPU launch refuses it (it derives 1); the dry run's columns say so (the job had already written
+    its one-rank 8 into the config, and with effective_batch the columns ignored grad_accum)."""
+    out = _dry(["+exp=tofu_7b", "trainer.grad_accum=8"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for n, cell in zip(GPUS, _row(out.stdout, "forget rows/step")):
+        try:
+            accum, _ = resolve_grad_accum(4, 8, 32, n)
+            assert cell == f"4x{accum}x{n}={4 * accum * n}", (n, cell)
+        except ConfigError:
+            assert cell == "refused", (n, cell)
+    assert _row(out.stdout, "forget rows/step") == ["4x8x1=32", "refused", "refused"]
+    assert ("8 GPUs refused: trainer.grad_accum=8 contradicts trainer.effective_batch=32 (1 micro-batch of 4 rows "
+            "on 8 GPUs); set one of them") in out.stdout.splitlines()
+    # composed without a job (no config written into yet): the same columns
+    text = dry_run_plan(_compose(["+exp=tofu_7b", "trainer.grad_accum=8"]), None, True, gpus=GPUS)
+    assert _row(text, "forget rows/step") == ["4x8x1=32", "refused", "refused"]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -436,12 +436,16 @@ def batch_column(trainer: Any, n_gpus: int) -> tuple[str, Optional[str]]:
     from pipeline.engine.batching import resolve_grad_accum
 
     bs, eb = int(trainer.batch_size), trainer.effective_batch
-    # with effective_batch the accumulation is derived per world size (the job already wrote its
-    # one-rank value into trainer.grad_accum): derive it again for this column
-    accum = 1 if eb is not None else int(trainer.grad_accum)
+    # trainer.grad_accum as configured (the dry run passes the value from before the job resolved it
+    # for its own ranks): with effective_batch it must be 1 or this column's derived accumulation
+    accum = int(trainer.grad_accum)
     try:
         accum, _ = resolve_grad_accum(bs, accum, eb, n_gpus)
     except ConfigError:
+        if int(eb) % (bs * n_gpus) == 0:  # a multiple: the configured grad_accum contradicts it
+            derived = int(eb) // (bs * n_gpus)
+            return "refused", (f"trainer.grad_accum={accum} contradicts trainer.effective_batch={eb} ({derived} "
+                               f"micro-batch{'es' * (derived != 1)} of {bs} rows on {n_gpus} GPUs); set one of them")
         return "refused", _batch_fix(bs, int(eb), n_gpus)
     return f"{bs}x{accum}x{n_gpus}={bs * accum * n_gpus}", None
 
