@@ -3,8 +3,8 @@
     python launchers/continual.py +exp=tofu_tiny 'continual.requests=[forget10_part1,forget10_part2]'
     deepspeed --num_gpus 2 launchers/continual.py +exp=tofu_tiny 'continual.requests=[forget10_part1,forget10_part2]'
 
-Writes ``<output_dir>/<run_name>/{continual.json,continual.md}`` and one run directory per request
-(``r1_<split>/``, ``r2_<split>/``, ...). ``run_name`` defaults to ``${exp_name}/continual_${method.name}``.
+Writes ``<output_dir>/<run_name>/{continual.json,continual.md,continual_summary.json}`` and one run
+directory per request (``r1_<split>/``, ``r2_<split>/``, ...); the sequence's summary table goes to stdout. ``run_name`` defaults to ``${exp_name}/continual_${method.name}``.
 """
 
 import sys

@@ -5,7 +5,10 @@ Request ``i`` (``continual.requests[i]``, a forget split) runs :func:`pipeline.r
 model, request ``i > 1`` from request ``i-1``'s exported ``model/`` (``model.source=pretrained``).
 After each request the model is evaluated on **every** request's forget split (do earlier requests
 stay forgotten? are later ones untouched so far?), the retain split and the utility splits.
-``continual.json`` and ``continual.md`` in ``<run_dir>`` hold one row per request.
+``continual.json`` and ``continual.md`` in ``<run_dir>`` hold one row per request; after the last
+request a summary of the whole sequence (per step: forget split, run directory, steps trained or
+"reused", the headline metrics of :func:`pipeline.eval.report.run_summary`, where its results are)
+goes to stdout and to ``continual_summary.json`` (:func:`sequence_summary`).
 
 The synthetic benchmark is resolved once, up front: its data directory is passed as
 ``data.name=json data.path=<dir>`` and its retain (gold-standard) model as ``eval.retain_model``, so
@@ -244,6 +247,52 @@ def render_md(rows: list[dict], requests: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SUMMARY_FILE = "continual_summary.json"
+
+
+def sequence_summary(rows: list[dict], reused: set[str], run_dir: Path) -> dict:
+    """The whole sequence's summary (``continual_summary.json``) from ``continual.json``'s rows: one
+    row per step (0: the starting model, evaluated only) with its forget split, run directory, results
+    files, the steps it trained, whether it was ``reused`` (found finished, not run again: its
+    ``run_dir`` is in ``reused``) and the headline metrics a job's own stdout summary shows
+    (:func:`pipeline.eval.report.headline_keys`, then forget quality, on its own line there)."""
+    from pipeline.eval.report import RESULTS_FILE, headline_keys
+
+    out = []
+    for r in rows:
+        d, m = Path(r["run_dir"]), r.get("metrics") or {}
+        keys = headline_keys(m) + (["forget_quality"] if "forget_quality" in m else [])
+        report = d / "report.md"
+        out.append({"step": r["request"], "forget_split": r["forget_split"], "run_dir": str(d),
+                    "reused": str(d) in reused, "steps": r.get("steps"), "results": str(d / RESULTS_FILE),
+                    "report": str(report) if report.exists() else None, "metrics": {k: m[k] for k in keys}})
+    return {"run_dir": str(run_dir), "requests": [r["forget_split"] for r in rows if r["forget_split"] is not None],
+            "continual_json": str(run_dir / "continual.json"), "continual_md": str(run_dir / "continual.md"),
+            "rows": out}
+
+
+def render_sequence_summary(summary: dict) -> str:
+    """:func:`sequence_summary` as a few lines for stdout: one table row per step."""
+    from pipeline.eval.report import comparison_table
+
+    root = Path(summary["run_dir"])
+    keys = list(dict.fromkeys(k for s in summary["rows"] for k in s["metrics"]))
+    table = []
+    for s in summary["rows"]:
+        trained = ("reused" if s["reused"] else "evaluated" if s["forget_split"] is None
+                   else f"{s['steps']} step{'' if s['steps'] == 1 else 's'}" if s["steps"] is not None else "-")
+        d = Path(s["run_dir"])
+        table.append({"step": s["step"], "forget set": s["forget_split"] or "(starting model)", "trained": trained,
+                      "run dir": str(d.relative_to(root)) if d.is_relative_to(root) else str(d),
+                      "metrics": s["metrics"]})
+    lines = [f"continual run: {root} ({len(summary['requests'])} request{'' if len(summary['requests']) == 1 else 's'}: "
+             f"{', '.join(summary['requests'])})",
+             comparison_table(table, ["step", "forget set", "trained", *keys, "run dir"]),
+             f"per-step results: <run dir>/results.json (report.md beside it), run dirs under {root}",
+             f"all steps: {summary['continual_md']}, {summary['continual_json']}; this summary: {root / SUMMARY_FILE}"]
+    return "\n".join(lines)
+
+
 def step_record(request: str, init_model: str, step_cfg: DictConfig) -> dict:
     """What a finished step's marker holds: the request, the model it started from and a digest of
     its configuration (without the settings that change no result, as a finished job's record) and
@@ -312,18 +361,21 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     # (index, name, step dir, initial model of the step); index -1 = the starting model, evaluated only
     steps: list[tuple[int, str, Path, str]] = []
     resume = str(cfg.trainer.resume)
+    reused: set[str] = set()  # the step directories found finished (not run again)
     if cfg.continual.eval_initial:
         step_dir = run_dir / "r0_initial"
         step_cfg = request_config(cfg, base, 0, requests[0], init_model, splits)
         record = step_record("initial", init_model, step_cfg)
-        if not _finished(step_dir, _earlier_record(step_dir), record, need_model=False, resume=resume):
+        if _finished(step_dir, _earlier_record(step_dir), record, need_model=False, resume=resume):
+            reused.add(str(step_dir))
+        else:
             log.info("continual: evaluating the starting model %s", init_model)
             eval_job(step_cfg, step_dir)
             if is_main_process():
                 atomic_write_json(step_dir / STEP_FILE, record)
         steps.append((-1, "initial", step_dir, init_model))
 
-    def write_summary() -> None:
+    def write_summary() -> list[dict]:
         # All rows are rebuilt each time: a retain-model reference cached by a later request fills
         # in the forget quality of that split in earlier rows too.
         refs = retain_references(steps)
@@ -332,6 +384,7 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                "method": OmegaConf.to_container(cfg.method, resolve=True), "rows": rows}
         atomic_write_json(run_dir / "continual.json", out)  # after every request: partial results survive
         atomic_write_text(run_dir / "continual.md", render_md(rows, requests))
+        return rows
 
     for i, request in enumerate(requests):
         step_dir = run_dir / step_name(i, request)
@@ -340,6 +393,7 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         earlier = _earlier_record(step_dir)
         if _finished(step_dir, earlier, record, need_model=True, resume=resume):
             log.info("continual request %d/%d (%s): already finished in %s", i + 1, len(requests), request, step_dir)
+            reused.add(str(step_dir))
         else:
             if _trained_with_other_inputs(earlier, record):
                 # another lr, or another starting model (an earlier step that trained again): its
@@ -361,12 +415,14 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             if is_main_process():
                 atomic_write_json(step_dir / STEP_FILE, record)
         steps.append((i, request, step_dir, init_model))
-        if is_main_process():
-            write_summary()
+        rows = write_summary() if is_main_process() else []
         init_model = str(step_dir / "model")
     if not is_main_process():
         return {}
+    summary = sequence_summary(rows, reused, run_dir)
+    atomic_write_json(run_dir / SUMMARY_FILE, summary)
     log.info("continual unlearning finished: %s", run_dir / "continual.md")
+    print(render_sequence_summary(summary), flush=True)  # stdout carries results (logs go to stderr)
     return json.loads((run_dir / "continual.json").read_text())
 
 

@@ -145,10 +145,25 @@ def test_continual_two_requests_end_to_end(tmp_path):
     assert (r2 / "model" / "model.safetensors").exists() and (r2 / "results.json").exists()
     md = (root / "continual.md").read_text()
     assert "forget10_part1" in md and md.count("\n| 2 |") == 2
+    # one summary of the whole sequence after the last step: stdout (after each job's own) and a JSON
+    from pipeline.eval.report import headline_keys
+
+    summary = json.loads((root / "continual_summary.json").read_text())
+    assert [(s["step"], s["forget_split"], s["reused"], s["steps"]) for s in summary["rows"]] == [
+        (0, None, False, None), (1, "forget10_part1", False, 2), (2, "forget10_part2", False, 2)]
+    assert summary["rows"][2]["run_dir"] == str(r2) and summary["rows"][2]["results"] == str(r2 / "results.json")
+    assert list(summary["rows"][2]["metrics"]) == headline_keys(rows[2]["metrics"]) + ["forget_quality"]
+    text = p.stdout[p.stdout.index("continual run: "):]
+    assert [line.split()[:3] for line in text.splitlines()[4:6]] == [["1", "forget10_part1", "2"],
+                                                                     ["2", "forget10_part2", "2"]]
+    assert "r2_forget10_part2" in text and str(root / "continual_summary.json") in text
     # re-running the same command finds every step finished and only rebuilds the summary
     p = run(args, script="launchers/continual.py", timeout=120)
     assert p.returncode == 0, p.stderr[-4000:]
     assert p.stderr.count("already finished") == 2
+    summary = json.loads((root / "continual_summary.json").read_text())
+    assert [s["reused"] for s in summary["rows"]] == [True, True, True]
+    assert p.stdout.startswith("continual run: ") and p.stdout.count(" reused ") == 3, p.stdout
     assert time.time() - t0 < 150
     # a request name that is no split: one line before anything is written (before: the whole
     # benchmark was copied into the run directory, and the error named that copy)
@@ -236,3 +251,43 @@ def test_another_lr_in_a_checkpointed_sequence_trains_the_step_again(tmp_path):
     step = tmp_path / "runs" / "seq" / "r1_forget10_part1"
     assert yaml.safe_load((step / "config.yaml").read_text())["trainer"]["lr"] == 5e-4
     assert json.loads((step / "results.json").read_text())["steps"] == 2
+
+
+def test_the_sequence_summary_shows_each_step_with_run_summarys_headline_metrics(tmp_path):
+    """After the last request one table of every step (forget split, steps trained or "reused", the
+    headline metrics a job's own stdout summary picks, its run directory) goes to stdout and
+    ``continual_summary.json``. Before, only each job's own summary was printed (none at all when
+    every step was found finished) and nothing gathered them."""
+    from pipeline.continual import SUMMARY_FILE, render_sequence_summary, sequence_summary
+    from pipeline.eval.report import run_summary
+
+    metrics = {"forget_fact_recall": 0.25, "forget_entropy": 3.5, "model_utility": 0.5, "wmdp_bio_accuracy": 0.3,
+               "forget_quality": None}
+    rows = [{"request": 0, "forget_split": None, "run_dir": str(tmp_path / "r0_initial"), "steps": None,
+             "metrics": dict(metrics)},
+            {"request": 1, "forget_split": "f1", "run_dir": str(tmp_path / "r1_f1"), "steps": 3, "metrics": dict(metrics)},
+            {"request": 2, "forget_split": "f2", "run_dir": str(tmp_path / "r2_f2"), "steps": 3,
+             "metrics": {**metrics, "forget_fact_recall": 0.125}}]
+    (tmp_path / "r2_f2").mkdir()
+    (tmp_path / "r2_f2" / "report.md").write_text("#")
+    summary = sequence_summary(rows, {str(tmp_path / "r1_f1")}, tmp_path)
+    assert summary["requests"] == ["f1", "f2"]
+    assert [(r["step"], r["forget_split"], r["reused"], r["steps"]) for r in summary["rows"]] == [
+        (0, None, False, None), (1, "f1", True, 3), (2, "f2", False, 3)]
+    last = summary["rows"][2]
+    assert (last["results"], last["report"]) == (str(tmp_path / "r2_f2" / "results.json"),
+                                                 str(tmp_path / "r2_f2" / "report.md"))
+    # the metrics run_summary's "metrics:" line shows, then forget quality (its own line there)
+    shown = run_summary({"metrics": metrics}, tmp_path).split("metrics: ")[1].splitlines()[0]
+    assert [kv.split()[0] for kv in shown.split("; ")] == list(last["metrics"])[:-1] == [
+        "forget_fact_recall", "model_utility", "wmdp_bio_accuracy"]
+    assert list(last["metrics"])[-1] == "forget_quality" and last["metrics"]["forget_quality"] is None
+    text = render_sequence_summary(summary)
+    lines = text.splitlines()
+    assert lines[0] == f"continual run: {tmp_path} (2 requests: f1, f2)"
+    assert lines[1].split() == ["step", "forget", "set", "trained", "forget_fact_recall", "model_utility",
+                                "wmdp_bio_accuracy", "forget_quality", "run", "dir"]
+    assert lines[3].split() == ["0", "(starting", "model)", "evaluated", "0.2500", "0.5000", "0.3000", "-", "r0_initial"]
+    assert lines[4].split() == ["1", "f1", "reused", "0.2500", "0.5000", "0.3000", "-", "r1_f1"]
+    assert lines[5].split() == ["2", "f2", "3", "steps", "0.1250", "0.5000", "0.3000", "-", "r2_f2"]
+    assert "forget_entropy" not in text and str(tmp_path / SUMMARY_FILE) in text and "results.json" in text

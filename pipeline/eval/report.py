@@ -166,11 +166,18 @@ def forget_quality_note(results: dict[str, Any]) -> str:
     return "no eval.retain_model or eval.retain_reference"
 
 
-def _headline(metrics: dict[str, Any]) -> list[str]:
-    """``name value`` of the headline metrics present, forget quality last (with why it is null)."""
+def headline_keys(metrics: dict[str, Any]) -> list[str]:
+    """The headline metrics present in ``metrics``, in the order :func:`run_summary` shows them
+    (:data:`HEADLINE_METRICS`, then every ``*_accuracy``; numbers or null only). Forget quality is
+    not among them: run_summary gives it its own line."""
     keys = [k for k in HEADLINE_METRICS if k in metrics]
     keys += [k for k in metrics if k.endswith("_accuracy") and k not in keys]
-    return [f"{k} {format_value(metrics[k])}" for k in keys if metrics[k] is None or isinstance(metrics[k], (int, float))]
+    return [k for k in keys if metrics[k] is None or isinstance(metrics[k], (int, float))]
+
+
+def _headline(metrics: dict[str, Any]) -> list[str]:
+    """``name value`` of the headline metrics present (:func:`headline_keys`)."""
+    return [f"{k} {format_value(metrics[k])}" for k in headline_keys(metrics)]
 
 
 def run_summary(results: dict[str, Any], run_dir: str | os.PathLike, reused: bool = False) -> str:
