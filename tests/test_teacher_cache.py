@@ -293,6 +293,56 @@ def test_a_build_whose_temp_dir_was_taken_stops_in_one_line(models, rows, tmp_pa
 
 
 @pytest.mark.parametrize("topk", [0, 5])
+def test_a_teacher_producing_nan_stops_the_build_in_one_line_and_leaves_no_cache(tiny, rows, tmp_path, topk):
+    """A teacher whose forward gives NaN (NaN weights here; an fp16 overflow in the tempered forward
+    alike) was cached as is, and the read then called the cache damaged and said to delete it to
+    rebuild — which gives the same NaN. The build refuses instead (a user error: one line, exit 2),
+    naming the row, tau and dtype and what to change, and leaves nothing a later run would reuse."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.errors import USER_ERRORS
+
+    _, model_dir, _ = tiny
+    teacher = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        teacher.model.layers[0].self_attn.q_proj.weight.fill_(float("nan"))
+    with pytest.raises(tc.TeacherCacheError) as e:
+        _build(teacher, rows, tmp_path, topk=topk)
+    assert isinstance(e.value, USER_ERRORS)
+    msg = str(e.value)
+    assert "\n" not in msg and "delete" not in msg, msg
+    assert re.search(r"teacher's forward at tau=2 \(float32\) produced non-finite log-probs on forget row 0: log-probs hold nan", msg), msg
+    assert "nothing was cached" in msg and "check the model's weights" in msg, msg
+    assert list(tmp_path.iterdir()) == [], "a refused build must leave nothing behind"
+    assert not tc.cache_ready(tmp_path, "tiny", _cfg(topk), rows[0], "forget", 64, "float32")
+
+
+def test_an_fp16_overflow_on_one_row_stops_the_build_and_suggests_another_precision(models, rows, tmp_path,
+                                                                                    monkeypatch):
+    """Only row 3 (the second batch, after the first was handed to the shard writer) overflows, as an fp16
+    tempered forward may: the build stops there, says to use bf16 or fp32, and leaves no cache."""
+    teacher, _ = models
+    real = tc._teacher_rows
+
+    def overflow_on_row_3(teacher, batch_rows, *a, **k):
+        out = real(teacher, batch_rows, *a, **k)
+        for r, t in zip(batch_rows, out):
+            if r is rows[0][3]:
+                t["logprobs"][1, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(tc, "_teacher_rows", overflow_on_row_3)
+    enc, pad = rows
+    with pytest.raises(tc.TeacherCacheError) as e:
+        tc.build_teacher_cache(teacher, enc, _cfg(0, tau=0.5), tmp_path, 2, model_path="tiny", split="forget",
+                               max_length=64, pad_token_id=pad, dtype="float16")
+    msg = str(e.value)
+    assert "\n" not in msg and "tau=0.5 (float16) produced non-finite log-probs on forget row 3: log-probs hold inf" in msg, msg
+    assert "deepspeed.precision=bf16 or fp32" in msg, msg
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("topk", [0, 5])
 def test_size_estimate_is_the_cache_on_disk_and_a_full_disk_refuses_before_building(models, rows, tmp_path,
                                                                                      monkeypatch, topk):
     from safetensors import safe_open

@@ -87,6 +87,7 @@ from typing import Any, Optional
 
 import torch
 
+from pipeline.engine.distributed import all_true
 from pipeline.models.fingerprint import model_fingerprint
 from pipeline.progress import tracked
 
@@ -287,6 +288,55 @@ def _teacher_rows(teacher: Any, rows: list[dict], tau: float, layers, topk: int,
 _HASHED_FUNCTIONS = (_teacher_rows,)
 
 
+def _row_problem(tensors: dict[str, torch.Tensor]) -> Optional[str]:
+    """What is wrong with one row's teacher tensors (:func:`_teacher_rows`' dict: ``logprobs`` and,
+    with top-k, ``ids`` and ``tail``), or None. Log-probs must be finite and <= 0 (an infinite one
+    would make the loss NaN: 0 * -inf); the tail's log-mass may be -inf (no mass outside the top k,
+    which the loss handles). The build checks the teacher's rows with it, :class:`TeacherCache` the
+    rows it reads."""
+    named = [("log-probs", tensors["logprobs"], True)]
+    if "tail" in tensors:
+        named.append(("tail log-masses", tensors["tail"], False))
+    for name, t, finite in named:
+        ok = t <= LOGPROB_TOL  # NaN compares False: caught with the positive values
+        if finite:
+            ok &= t > float("-inf")
+        if not bool(ok.all()):
+            return f"{name} hold {float(t[~ok][0]):g} (log-probs are finite and <= 0)"
+    if "ids" in tensors and bool((tensors["ids"] < 0).any()):
+        return "token ids are negative"
+    return None
+
+
+def _teacher_rows_problem(res: Sequence[dict[str, torch.Tensor]], idx: Sequence[int], tau: float,
+                          dtype: str) -> Optional[str]:
+    """Why the teacher's rows ``res`` (forget rows ``idx``) must not be written — one is not a
+    distribution (NaN / inf: an fp16 overflow in the tempered forward, or NaN weights) — or None. Not
+    in the cache key's code (:func:`_teacher_rows` is): a check computes no cached value. Rebuilding
+    would give the same values, so the message says what to change instead (the read side's says to
+    delete)."""
+    for i, tensors in zip(idx, res):
+        bad = _row_problem(tensors)
+        if bad is None:
+            continue
+        tail = tensors.get("tail")  # -inf there is legitimate (no mass outside the top k)
+        nonfinite = not bool(tensors["logprobs"].isfinite().all()) or (
+            tail is not None and bool((tail.isnan() | (tail == float("inf"))).any()))
+        what = "non-finite log-probs" if nonfinite else "invalid log-probs"
+        dt = str(dtype).removeprefix("torch.")
+        if dt in ("float16", "fp16", "half"):
+            hint = ("fp16 overflows easily in the tempered forward: set deepspeed.precision=bf16 or fp32 (and "
+                    "model.dtype=bfloat16 or float32); if it persists, check the model's weights for NaN/inf")
+        elif dt in ("float32", "fp32", "float"):
+            hint = "check the model's weights for NaN/inf"
+        else:
+            hint = ("check the model's weights for NaN/inf; if they are finite, try deepspeed.precision=fp32 "
+                    "(and model.dtype=float32)")
+        return (f"teacher cache build: the teacher's forward at tau={tau:g} ({dtype}) produced {what} on forget "
+                f"row {i}: {bad}; nothing was cached (a rebuild gives the same values): {hint}")
+    return None
+
+
 def build_teacher_cache(
     teacher: Any,
     forget_encoded: Sequence[dict],
@@ -341,7 +391,7 @@ def build_teacher_cache(
 
             device = next(unwrap(teacher).parameters()).device
         vocab = _write_rank_part(teacher, list(forget_encoded), batch_size, tau, layers, topk, pad_token_id, device,
-                                 tmp, rank, world)
+                                 tmp, rank, world, dtype)
         _barrier()
         if rank == 0:
             _publish(tmp, final, fields, len(forget_encoded), vocab, topk)
@@ -583,9 +633,11 @@ class _ShardWriter:
 
 
 def _write_rank_part(teacher: Any, rows: list[dict], batch_size: int, tau: float, layers: Optional[list],
-                     topk: int, pad_token_id: int, device: Any, tmp: Path, rank: int, world: int) -> Optional[int]:
+                     topk: int, pad_token_id: int, device: Any, tmp: Path, rank: int, world: int,
+                     dtype: str = "") -> Optional[int]:
     """Run the tempered teacher on this rank's share of the batches and write its shards and
-    ``part-rNNN.json`` into ``tmp``; returns the vocabulary size (None with top-k)."""
+    ``part-rNNN.json`` into ``tmp``; returns the vocabulary size (None with top-k). A row that is not
+    a distribution stops the build on every rank (:func:`_teacher_rows_problem`; the caller removes ``tmp``)."""
     batches = [list(range(i, min(i + batch_size, len(rows)))) for i in range(0, len(rows), batch_size)]
     mine = batches[rank::world]
     writer = _ShardWriter(tmp, rank)
@@ -598,8 +650,13 @@ def _write_rank_part(teacher: Any, rows: list[dict], batch_size: int, tau: float
         idx = mine[r] if r < len(mine) else (mine[0] if mine else batches[0])
         res = _teacher_rows(teacher, [rows[i] for i in idx], tau, layers, topk, pad_token_id, device)
         vocab = None if "ids" in res[0] else int(res[0]["logprobs"].shape[-1])
-        if r >= len(mine):
-            continue  # a ZeRO-3 filler forward: every rank runs the same number of forwards
+        filler = r >= len(mine)  # a ZeRO-3 filler forward: every rank runs the same number of forwards
+        problem = None if filler else _teacher_rows_problem(res, idx, tau, dtype)
+        if not all_true(problem is None):  # every rank stops here together, not in the next forward's gather
+            raise TeacherCacheError(problem or "teacher cache build: another rank's teacher rows are not a "
+                                    "distribution (its error names the row); nothing was cached")
+        if filler:
+            continue
         for i, tensors in zip(idx, res):
             writer.add(i, tensors)
     writer.flush()
@@ -850,19 +907,8 @@ class TeacherCache:
                 f"delete {self.path} to rebuild it")
 
     def _value_problem(self, r: Any) -> Optional[str]:
-        """What is wrong with one row's cached tensors, or None. Log-probs must be finite and <= 0 (an
-        infinite one would make the loss NaN: 0 * -inf); the tail's log-mass may be -inf (no mass
-        outside the top k, which the loss handles)."""
-        named = [("log-probs", r, True)] if self.full else [("log-probs", r[0], True), ("tail log-masses", r[2], False)]
-        for name, t, finite in named:
-            ok = t <= LOGPROB_TOL  # NaN compares False: caught with the positive values
-            if finite:
-                ok &= t > float("-inf")
-            if not bool(ok.all()):
-                return f"{name} hold {float(t[~ok][0]):g} (log-probs are finite and <= 0)"
-        if not self.full and bool((r[1] < 0).any()):
-            return "token ids are negative"
-        return None
+        """What is wrong with one row's cached tensors, or None (:func:`_row_problem`, the build's check)."""
+        return _row_problem({"logprobs": r} if self.full else {"logprobs": r[0], "ids": r[1], "tail": r[2]})
 
     def selected(self, indices: Sequence[int], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The rows' cached distributions at ``labels``' loss positions, concatenated in row-major
