@@ -365,11 +365,14 @@ def _load_models(cfg: DictConfig, inputs: JobInputs, s_cfg: dict, dtype: str, cu
     if OmegaConf.select(cfg, "method.tau", default=None) is not None:  # a tempered teacher (ASU methods)
         from pipeline.models.tempered_attention import layers_without_attention, tempered_attention_problem
 
-        problem = tempered_attention_problem(student)  # Bloom, Falcon, MPT, ...: their own attention code
-        require(problem is None, "model.path", problem or "")
-        if (layers := OmegaConf.select(cfg, "method.teacher_layers", default=None)) is not None:
+        layers = OmegaConf.select(cfg, "method.teacher_layers", default=None)
+        if layers is not None:
             problem = layers_without_attention(student, list(layers))  # a hybrid model's mamba layers, say
             require(problem is None, "method.teacher_layers", problem or "")
+        # Bloom, Falcon, MPT, ... (their own attention code), then a probe forward: every attention
+        # layer tau applies to must call the tempered function (remote code may bypass it)
+        problem = tempered_attention_problem(student, None if layers is None else list(layers))
+        require(problem is None, "model.path", problem or "")
     if cfg.kernels.kl == "fused":
         from pipeline.methods.passes import fused_head_problem
 

@@ -14,11 +14,14 @@ the mask registration no causal mask is built for an unknown implementation name
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Optional
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "tempered"
 TEMPERATURE_ATTR = "attn_temperature"
@@ -51,6 +54,12 @@ def _model_type(module: nn.Module) -> str:
     return getattr(cfg, "model_type", None) or type(module).__name__
 
 
+# While probe_tempered_attention runs its forward: the modules tempered_attention_forward was called
+# with (tau is read from exactly that module); None otherwise.
+_probe_calls: Optional[list[nn.Module]] = None
+PROBE_TOKENS = 3  # the probe's forward: a few tokens through the decoder, no head, no grad
+
+
 def tempered_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -70,6 +79,8 @@ def tempered_attention_forward(
     """
     from pipeline.models.attention import AttentionCall, dispatch
 
+    if _probe_calls is not None:  # probe_tempered_attention: which modules reach this function
+        _probe_calls.append(module)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     is_causal = kwargs.get("is_causal")
@@ -133,7 +144,8 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 # Set on each attention module by enable_tempered_attention: whether its model runs transformers'
-# pluggable attention (so the "tempered" function, and tau with it, reaches this module).
+# pluggable attention (so the "tempered" function, and tau with it, reaches this module); then by
+# probe_tempered_attention from what a forward showed (tempered_attention_problem runs it).
 PLUGGABLE_ATTR = "_asu_pluggable_attention"
 
 
@@ -162,18 +174,155 @@ def enable_tempered_attention(model: nn.Module) -> nn.Module:
     return model
 
 
-def tempered_attention_problem(model: nn.Module) -> Optional[str]:
-    """Why a tau would not reach ``model``'s attention (its architecture keeps its own attention
-    code instead of transformers' attention interface), or None."""
-    mods = attention_modules(model)
-    if mods and all(getattr(m, PLUGGABLE_ATTR, True) for m in mods):
-        return None
+def _layer_list(layers: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    out: list[str] = []
+    for i in sorted(layers):
+        if out and out[-1].rsplit("-", 1)[-1] == str(i - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ", ".join(out)
+
+
+def _not_switched(model: nn.Module, mods: Sequence[nn.Module]) -> bool:
+    """The model kept its own attention implementation (Bloom, Falcon, MPT, ...: nothing to probe)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return impl != ATTN_IMPLEMENTATION and not any(getattr(m, PLUGGABLE_ATTR, True) for m in mods)
+
+
+def _flag_problem(model: nn.Module, mods: Sequence[nn.Module], layers: Sequence[int] | None = None) -> Optional[str]:
+    """What the modules' pluggable flags (``enable_tempered_attention``, then the probe) say about a tau
+    in ``layers`` (decoder-layer indices; None: every attention layer); does not run the model."""
     name = type(model).__name__
+    if _not_switched(model, mods):
+        return (f"{name} runs its own attention code, not transformers' attention interface, so the tempered "
+                f"teacher's tau would be ignored (ASU would distil from the unchanged model); use an architecture "
+                f"that supports it (Llama, Mistral, Qwen2/3, Gemma, Phi-3, OLMo, GPT-NeoX, ...)")
+    chosen = None if layers is None else {int(i) for i in layers}
+    bad = [int(m.layer_idx) for m in mods
+           if not getattr(m, PLUGGABLE_ATTR, True) and (chosen is None or int(m.layer_idx) in chosen)]
+    if not bad:
+        return None
+    return (f"{name}: attention layer(s) {_layer_list(bad)} of {len(mods)} never called the {ATTN_IMPLEMENTATION!r} "
+            f"attention function in a {PROBE_TOKENS}-token probe forward (their code bypasses transformers' attention "
+            f"interface although the model reports attn_implementation={ATTN_IMPLEMENTATION!r}), so the tempered "
+            f"teacher's tau would be ignored there (ASU would distil from an untempered teacher); use an architecture "
+            f"whose every attention layer runs the interface, or method.teacher_layers without these layers")
+
+
+def tempered_attention_problem(model: nn.Module, layers: Sequence[int] | None = None) -> Optional[str]:
+    """Why a tau would not reach ``model``'s attention in ``layers`` (decoder-layer indices, as
+    ``method.teacher_layers``; None: every attention layer), or None.
+
+    Two checks: the implementation transformers switched to (Bloom, Falcon, MPT, ... keep their own
+    attention code), and then :func:`probe_tempered_attention`, a 3-token forward that proves each
+    attention module of ``layers`` calls the ``"tempered"`` function (remote code, or a class that
+    hard-codes eager/sdpa attention, passes transformers' source heuristic but would ignore tau).
+    Run it before ``deepspeed.initialize`` (ZeRO-3 weights partitioned by ``zero.Init`` are gathered one
+    module at a time; every rank must call it: the gathers are collective). Logs one line when it passes."""
+    mods = attention_modules(model)
     if not mods:
-        return f"{name} has no attention modules with a layer_idx"
-    return (f"{name} runs its own attention code, not transformers' attention interface, so the tempered "
-            f"teacher's tau would be ignored (ASU would distil from the unchanged model); use an architecture "
-            f"that supports it (Llama, Mistral, Qwen2/3, Gemma, Phi-3, OLMo, GPT-NeoX, ...)")
+        return f"{type(model).__name__} has no attention modules with a layer_idx"
+    if _not_switched(model, mods):
+        return _flag_problem(model, mods)
+    try:
+        probe_tempered_attention(model)
+    except Exception as e:  # noqa: BLE001 - one line: ASU cannot be shown to temper this model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return (f"{type(model).__name__}: the tempered-attention probe (a {PROBE_TOKENS}-token forward that checks "
+                f"tau reaches every attention layer) failed: {type(e).__name__}: {first}")
+    if (problem := _flag_problem(model, mods, layers)) is not None:
+        return problem
+    from pipeline.logging import SAME_ON_EVERY_RANK
+
+    checked = [int(m.layer_idx) for m in mods if layers is None or int(m.layer_idx) in {int(i) for i in layers}]
+    log.info("tempered attention probe passed: %s attention layers %s (%d of %d) call the %r function "
+             "(%d-token forward)", type(model).__name__, _layer_list(checked), len(checked), len(mods),
+             ATTN_IMPLEMENTATION, PROBE_TOKENS, extra=SAME_ON_EVERY_RANK)
+    return None
+
+
+def probe_tempered_attention(model: nn.Module) -> list[int]:
+    """Run ``model``'s decoder (no head, no grad) on ``PROBE_TOKENS`` tokens and record which attention
+    modules call :func:`tempered_attention_forward` (tau is read from the module it is called with).
+    Sets each attention module's pluggable flag from what happened, so :func:`set_temperature` refuses a
+    tau on one that did not call it; returns those modules' layer indices (ascending).
+
+    Under ZeRO-3 before ``deepspeed.initialize`` (weights partitioned by ``zero.Init``) each module's own
+    weights are gathered for its forward only (collective: every rank runs the same probe)."""
+    global _probe_calls
+    register()
+    mods = attention_modules(model)
+    decoder = getattr(model, "base_model", None)
+    decoder = model if decoder is None else decoder  # skip the output head: nothing to check there
+    cfg = getattr(model, "config", None)
+    vocab = int(getattr(cfg, "vocab_size", None) or getattr(model.get_input_embeddings(), "num_embeddings", 1) or 1)
+    ids = (torch.arange(PROBE_TOKENS) % vocab).view(1, -1).to(_probe_device(model))
+    calls: list[nn.Module] = []
+    _probe_calls = calls
+    try:
+        with torch.no_grad(), _gathered_per_module(decoder):
+            decoder(input_ids=ids, use_cache=False)
+    finally:
+        _probe_calls = None
+    seen = {id(m) for m in calls}
+    for m in mods:
+        setattr(m, PLUGGABLE_ATTR, id(m) in seen)
+    return [int(m.layer_idx) for m in mods if id(m) not in seen]
+
+
+def _probe_device(model: nn.Module) -> torch.device:
+    params = list(model.parameters())
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: gathered weights land on the accelerator
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
+    w = getattr(model.get_input_embeddings(), "weight", None) if hasattr(model, "get_input_embeddings") else None
+    return w.device if w is not None else (params[0].device if params else torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def _gathered_per_module(model: nn.Module) -> Iterator[None]:
+    """ZeRO-3 weights partitioned and no engine yet: gather each module's own weights (and the external
+    ones registered on it) around its forward, one module at a time; nothing for whole weights."""
+    owned = []
+    for m in model.modules():
+        ps = [*m.parameters(recurse=False), *getattr(m, "_external_params", {}).values()]
+        if any(hasattr(p, "ds_id") for p in ps):
+            owned.append((m, ps))
+    if not owned:
+        yield
+        return
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    opened: list = []
+
+    def pre(ps):
+        def hook(module, args):
+            missing = [p for p in ps if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+            ctx = deepspeed.zero.GatheredParameters(missing, modifier_rank=None) if missing else None
+            if ctx is not None:
+                ctx.__enter__()
+            opened.append(ctx)
+        return hook
+
+    def post(module, args, output):
+        if (ctx := opened.pop()) is not None:
+            ctx.__exit__(None, None, None)
+
+    handles = []
+    for m, ps in owned:
+        handles += [m.register_forward_pre_hook(pre(ps)), m.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        while opened:  # a forward that raised: re-partition what it left gathered
+            if (ctx := opened.pop()) is not None:
+                ctx.__exit__(None, None, None)
 
 
 def layers_without_attention(model: nn.Module, layers: Sequence[int]) -> Optional[str]:
@@ -204,10 +353,11 @@ def set_temperature(model: nn.Module, tau: float | torch.Tensor, layers: Sequenc
     chosen = {int(m.layer_idx) for m in mods} if layers is None else {int(i) for i in layers}
     if layers is not None and (problem := layers_without_attention(model, layers)) is not None:
         raise ValueError(problem)
-    if not (isinstance(tau, (int, float)) and tau == 1.0) and not all(getattr(m, PLUGGABLE_ATTR, True) for m in mods):
+    if not (isinstance(tau, (int, float)) and tau == 1.0) and not all(
+            getattr(m, PLUGGABLE_ATTR, True) for m in mods if m.layer_idx in chosen):
         # a silently untempered teacher is the one failure nobody would see (the flags of the modules
         # found above: this runs every step, so the model is not walked a second time)
-        raise ValueError(tempered_attention_problem(model))
+        raise ValueError(_flag_problem(model, mods, sorted(chosen)))
     for m in mods:
         setattr(m, TEMPERATURE_ATTR, tau if m.layer_idx in chosen else 1.0)
 
