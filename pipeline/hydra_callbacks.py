@@ -5,6 +5,8 @@ otherwise stop the sweep after jobs 1-4 had run."""
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -23,10 +25,21 @@ def _check(config: DictConfig, where: str = "") -> None:
         check_before_loading(config)
     except USER_ERRORS as exc:
         exit_with(exc, f"{where}{exc}")
+    except OSError as exc:  # a configured path the file system refuses (raised here, Hydra would only warn
+        if exc.errno != errno.ENAMETOOLONG:  # about it and go on to its own traceback at the job's mkdir)
+            raise
+        from pipeline.config_base import ConfigError
+
+        path = os.fsencode(str(exc.filename or ""))
+        shown = os.fsdecode(path) if len(path) <= 300 else f"{os.fsdecode(path[:200])}...{os.fsdecode(path[-60:])}"
+        exit_with(ConfigError(), f"{where}a configured path is too long for the file system: {shown!r} ({len(path)} "
+                  f"bytes; a name may have 255 bytes (NAME_MAX), a path 4095 (PATH_MAX)): shorten output_dir, "
+                  f"run_name or exp_name")
 
 
 def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
 
     from pipeline.config_base import ConfigError
     from pipeline.errors import exit_with
@@ -34,6 +47,7 @@ def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
 
     loader = GlobalHydra.instance().config_loader()
     dirs: dict[str, int] = {}
+    named: list[tuple[str, str, str]] = []  # (where, sweep dir, run dir) of each job whose run dir resolves here
     for i, job in enumerate(jobs, 1):
         where = f"sweep job {i} of {len(jobs)} ({' '.join(job)}): "
         try:
@@ -50,22 +64,121 @@ def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
                       rf"hydra.sweep.subdir=job_\${{hydra.job.num}}")
         if run_dir is not None:
             dirs[run_dir] = i
+            named.append((where, str(OmegaConf.select(job_config, "hydra.sweep.dir")), run_dir))
+    # after every job's values: a bad value is reported as before, and the name is checked last
+    swept = _swept_keys(jobs)
+    for where, sweep_dir, run_dir in named:
+        _check_dir_name(where, sweep_dir, run_dir, swept)
 
 
 def _job_dir(job_config: DictConfig, num: int) -> Optional[str]:
-    """The run directory Hydra's launcher will give this job (``hydra.sweep.dir``/``subdir``, with
-    ``hydra.job.num`` as the launcher sets it); None when it names something only the running job
-    knows (an interpolation that cannot resolve here: that sweep is not checked for shared dirs)."""
+    """The run directory Hydra's launcher will give this job, composed as Hydra's ``run_job`` does:
+    ``os.path.join(hydra.sweep.dir, hydra.sweep.subdir)`` resolved in the job's own config (its
+    ``hydra.job.override_dirname`` is the one Hydra's config loader computed for it), with
+    ``hydra.job.num``/``id`` as the basic launcher sets them and the job's config as the ``${hydra:...}``
+    resolver's; None when it names something only the running job knows (an interpolation that cannot
+    resolve here: that sweep is not checked for shared dirs or over-long names)."""
+    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     with open_dict(job_config):
         job_config.hydra.job.num = num
-        job_config.hydra.job.id = f"job_{num}"
+        job_config.hydra.job.id = num
+    hydra_config = HydraConfig.instance()
+    previous = hydra_config.cfg
     try:
-        return f"{OmegaConf.select(job_config, 'hydra.sweep.dir')}/{OmegaConf.select(job_config, 'hydra.sweep.subdir')}"
+        hydra_config.set_config(job_config)
+        return os.path.join(str(OmegaConf.select(job_config, "hydra.sweep.dir")),
+                            str(OmegaConf.select(job_config, "hydra.sweep.subdir")))
     except (OmegaConfBaseException, ValueError):
         return None
+    finally:
+        hydra_config.cfg = previous
+
+
+# What Hydra itself writes into a job's directory before the job runs; the longest is its overrides file.
+_HYDRA_JOB_FILE = os.path.join(".hydra", "overrides.yaml")
+
+
+def _fs_limits(path: str) -> tuple[int, int]:
+    """(NAME_MAX, PATH_MAX) in bytes of the file system ``path`` will be created on (its nearest
+    existing ancestor's); 255 and 4096, Linux's, where it cannot say."""
+    probe = path
+    while probe and not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    limits = []
+    for name, default in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
+        try:
+            value = os.pathconf(probe or os.sep, name)
+        except (OSError, ValueError):
+            value = -1
+        limits.append(value if value > 0 else default)
+    return limits[0], limits[1]
+
+
+def _swept_keys(jobs: Sequence[Sequence[str]]) -> dict[str, set[str]]:
+    """The keys whose value differs between the sweep's jobs (in command-line order), with their values."""
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        for item in job:
+            key, _, value = str(item).partition("=")
+            values.setdefault(key.lstrip("+~"), set()).add(value)
+    return {k: v for k, v in values.items() if len(v) > 1}
+
+
+def _subdir_suggestion(swept: dict[str, set[str]]) -> str:
+    r"""A ``hydra.sweep.subdir`` override naming each point by the swept values only (``$`` quoted for
+    the shell), e.g. ``hydra.sweep.subdir=tau_\${method.tau}``; by job number where a swept key is a
+    config group (``method=...``), not a plain dotted key, or has a value with ``/`` (a path: it would nest)."""
+    import re
+
+    numbered = r"hydra.sweep.subdir=job_\${hydra.job.num}"
+    if not swept or len(swept) > 3 or not all(re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", k) for k in swept):
+        return numbered
+    if any(k.startswith("hydra.") or any("/" in v for v in vs) for k, vs in swept.items()):
+        return numbered
+    name = "_".join(rf"{k.rsplit('.', 1)[1]}_\${{{k}}}" for k in swept)
+    return f"hydra.sweep.subdir={name} (or {numbered})"
+
+
+def _check_dir_name(where: str, sweep_dir: str, run_dir: str, swept: dict[str, set[str]]) -> None:
+    """Refuse a run directory Hydra could not create: a name (one path component: a value with ``/``
+    nests the directory) longer than the file system's NAME_MAX bytes, or a path (with the files Hydra
+    writes in it) over PATH_MAX. Hydra's own report is ``OSError: [Errno 36] File name too long`` with
+    a traceback, when the job is reached: after the jobs before it ran."""
+    from pipeline.config_base import ConfigError
+    from pipeline.errors import exit_with
+
+    path = os.path.abspath(run_dir)  # hydra.runtime.output_dir, where the job writes
+    name_max, path_max = _fs_limits(path)
+    sweep_path = os.path.abspath(sweep_dir)
+    # the leading components that are the sweep directory's (output_dir, exp_name), not the job's subdir
+    in_sweep_dir = sum(1 for c in sweep_path.split(os.sep) if c) if (path + os.sep).startswith(sweep_path + os.sep) else 0
+    fix_name = ("fewer or shorter overrides in the name: leave keys out of it (hydra.job.config.override_dirname."
+                f"exclude_keys), put fixed settings in an exp config, or name the points, e.g. "
+                f"{_subdir_suggestion(swept)}")
+    for index, component in enumerate(c for c in path.split(os.sep) if c):
+        size = len(os.fsencode(component))
+        if size <= name_max:
+            continue
+        if index < in_sweep_dir:
+            what, fix = "the sweep directory's name", "shorten output_dir / exp_name (hydra.sweep.dir)"
+        else:
+            what, fix = "its run directory's name (hydra.sweep.subdir, the job's override_dirname)", fix_name
+        exit_with(ConfigError(), f"{where}{what} {component!r} is {size} bytes, over the file system's limit of "
+                  f"{name_max} bytes for one name (NAME_MAX; Hydra would stop with 'OSError: File name too long'): "
+                  f"{fix}")
+    size = len(os.fsencode(os.path.join(path, _HYDRA_JOB_FILE)))
+    if size >= path_max:
+        exit_with(ConfigError(), f"{where}its run directory {path!r} is {len(os.fsencode(path))} bytes; with "
+                  f"{_HYDRA_JOB_FILE} in it {size}, over the file system's limit of {path_max - 1} bytes for a "
+                  f"path (PATH_MAX; Hydra would stop with 'OSError: File name too long'): a shorter sweep directory "
+                  f"(output_dir, exp_name, hydra.sweep.dir), or "
+                  f"{fix_name}")
 
 
 def _check_launcher_settings(config: DictConfig) -> None:
@@ -109,5 +222,7 @@ class EarlyChecks(Callback):
         jobs = sweep_jobs(config)
         if jobs:
             _check_sweep(config, jobs)
-        else:
+        else:  # another sweeper expands the jobs itself: their names are not known here, the sweep dir's is
             _check(config)
+            sweep_dir = str(config.hydra.sweep.dir)
+            _check_dir_name("", sweep_dir, sweep_dir, {})
