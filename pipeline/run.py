@@ -142,10 +142,14 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     # the rows themselves: another data.path with the same split names resumed silently. Before a known
     # tau=auto choice enters cfg: checkpoints record method.tau=auto, and the chosen tau as tau_chosen
-    # and the starting model's files: new weights at the same model.path resumed the old training silently
+    # and the starting model's files: new weights at the same model.path resumed the old training silently.
+    # Their content, not their path or mtimes: a model re-staged to scratch by a requeued job resumes
+    from pipeline.models.fingerprint import content_fingerprint
+
+    content = json.dumps(content_fingerprint(key["model"]), sort_keys=True)
     meta = {**checkpoint_meta(cfg, dist.world_size, dist.device == "cuda"),
             "rows.forget": key["rows.forget"], "rows.retain": key["rows.retain"],
-            "model.files_sha256": hashlib.sha256(json.dumps(key["model"], sort_keys=True).encode()).hexdigest()[:16]}
+            "model.content_sha256": hashlib.sha256(content.encode()).hexdigest()[:16]}
     tau_selection = _known_tau(cfg, run_dir, key, resume_from)  # no probes, and maybe no frozen model, needed
     need_reference = _needs_reference(cfg, method, inputs, dist.device == "cuda")
     engines, plan, total = _build_engines(cfg, dist, method, inputs, need_reference)

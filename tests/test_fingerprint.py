@@ -100,3 +100,127 @@ def test_a_continual_steps_record_holds_the_revision_it_starts_from(hub):
     before = record()
     (hub / "refs" / "dev").write_text(B)
     assert record()["train_key"] != before["train_key"]
+
+
+# --- content, not mtimes: a model re-staged to scratch is the same model, new weights are not ------
+
+
+def _restage(model_dir):
+    """``cp -r`` of the model to the same path, as a requeued SLURM job stages it to node-local scratch:
+    the same bytes, new mtimes (shutil.copyfile keeps none; pushed an hour ahead to be sure)."""
+    import os
+    import shutil
+    import time
+
+    away = model_dir.with_name(model_dir.name + ".orig")
+    model_dir.rename(away)
+    shutil.copytree(away, model_dir, copy_function=shutil.copyfile)
+    for f in model_dir.iterdir():
+        os.utime(f, (time.time() + 3600,) * 2)
+    return away
+
+
+def _tensor(path, name):
+    """(absolute byte offset, length) of tensor ``name``'s data in a safetensors file."""
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        begin, end = json.loads(f.read(n))[name]["data_offsets"]
+    return 8 + n + begin, end - begin
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    from tests.helpers.tiny import build
+
+    return build(tmp_path)[0]
+
+
+def test_a_copy_of_the_model_at_the_same_path_is_the_same_model(tiny_model):
+    """Before, the fingerprint held every file's mtime: a model copied back to its path (cp -r to
+    scratch in each requeued job) was another model for the checkpoint meta, the teacher cache, the
+    evaluation parts, the retain reference and the finished-run record."""
+    before = model_fingerprint(tiny_model)
+    away = _restage(tiny_model)
+    st = (tiny_model / "model.safetensors").stat().st_mtime_ns, (away / "model.safetensors").stat().st_mtime_ns
+    assert st[0] != st[1]
+    assert model_fingerprint(tiny_model) == before
+    from pipeline.models.fingerprint import content_fingerprint
+
+    # elsewhere: the same content (the checkpoint meta's model.content_sha256), another path (the caches')
+    other = model_fingerprint(away)
+    assert content_fingerprint(other) == content_fingerprint(before) and other["path"] != before["path"]
+
+
+def test_one_tensor_rewritten_in_place_changes_the_fingerprint(tiny_model):
+    """Same file, same size, same header: only q_proj of one layer changed (a LoRA merged into it)."""
+    f = tiny_model / "model.safetensors"
+    before = model_fingerprint(tiny_model)
+    start, length = _tensor(f, "model.layers.1.self_attn.q_proj.weight")
+    with open(f, "r+b") as fh:
+        fh.seek(start)
+        data = fh.read(length)
+        fh.seek(start)
+        fh.write(bytes(b ^ 0x01 for b in data))
+    after = model_fingerprint(tiny_model)
+    entry = {e["name"]: e for e in before["files"]}["model.safetensors"]
+    new = {e["name"]: e for e in after["files"]}["model.safetensors"]
+    assert new["size"] == entry["size"] and new["header_sha256"] == entry["header_sha256"]
+    assert after != before
+
+
+def test_a_large_tensor_is_sampled_at_its_start_middle_and_end(tmp_path):
+    """A tensor larger than its slices: a change in any of them is seen (the weights are not read in full)."""
+    import struct
+
+    from pipeline.models.fingerprint import SLICE
+
+    n = 100_000
+    header = json.dumps({"w": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+    data = bytearray(range(256)) * (n // 256) + bytearray(n % 256)
+    f = tmp_path / "model.safetensors"
+
+    def write(d):
+        f.write_bytes(struct.pack("<Q", len(header)) + header + bytes(d))
+        return model_fingerprint(tmp_path)
+
+    base = write(data)
+    for at in (0, n // 2, n - 1):
+        changed = bytearray(data)
+        changed[at] ^= 0xFF
+        assert write(changed) != base, at
+    assert write(data) == base
+    changed = bytearray(data)
+    changed[4 * SLICE] ^= 0xFF  # between the slices: not sampled (the cost of not reading the weights)
+    assert write(changed) == base
+
+
+def test_a_pickled_weight_file_is_sampled_not_timed(tmp_path):
+    """.bin / .pt have no index of their tensors: evenly spaced blocks of the file, and its size."""
+    import os
+    import random
+
+    f = tmp_path / "pytorch_model.bin"
+    data = random.Random(0).randbytes(1 << 20)
+    f.write_bytes(data)
+    base = model_fingerprint(tmp_path)
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # touched: the same model
+    assert model_fingerprint(tmp_path) == base
+    f.write_bytes(bytes(b ^ 0x01 for b in data))  # other weights, same size
+    assert model_fingerprint(tmp_path) != base
+
+
+def test_a_checkpoint_with_the_retired_mtime_fingerprint_still_resumes(tmp_path):
+    """Checkpoints written before the content fingerprint hold model.files_sha256 (it hashed mtimes)
+    and no model.content_sha256: a resume after the upgrade is not refused for the format change;
+    the new field is compared from the checkpoints that have it."""
+    from pipeline.engine.checkpoint import CheckpointError, check_compatible
+
+    common = {"model": "pretrained:/m:base", "seed": 0, "step": 2, "tag": "step_00000002"}
+    old = {**common, "model.files_sha256": "0123456789abcdef"}
+    check_compatible(old, {**common, "model.content_sha256": "fedcba9876543210"}, tmp_path)
+    new = {**common, "model.content_sha256": "fedcba9876543210"}
+    check_compatible(new, new, tmp_path)
+    with pytest.raises(CheckpointError, match=r"model.content_sha256: checkpoint='fedcba9876543210' now='0000"):
+        check_compatible(new, {**common, "model.content_sha256": "0000000000000000"}, tmp_path)

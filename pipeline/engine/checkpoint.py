@@ -208,7 +208,11 @@ def read_meta(ckpt: str | Path) -> dict:
 # fields added after checkpoints were already written, as those runs had them
 META_DEFAULTS = {"zero_stage": 3, "training.model.chat_template_kwargs": {}}
 # fields added later whose earlier value is unknown: compared only when the checkpoint has them
-RECORDED_LATER = ("rows.forget", "rows.retain", "tau_chosen", "model.files_sha256")
+RECORDED_LATER = ("rows.forget", "rows.retain", "tau_chosen", "model.content_sha256")
+# fields no longer recorded: a checkpoint's value is not compared when the current meta has none.
+# model.files_sha256 hashed the model files' mtimes (a model re-staged to scratch by a requeued job
+# was refused); model.content_sha256 replaced it
+RETIRED = ("model.files_sha256",)
 
 
 def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
@@ -218,7 +222,7 @@ def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
     read one as the other)."""
     # checkpoints written before the training settings were recorded cannot be compared on them
     unknown = set() if any(k.startswith("training.") for k in saved) else {k for k in current if k.startswith("training.")}
-    unknown |= {k for k in RECORDED_LATER if k not in saved}
+    unknown |= {k for k in RECORDED_LATER if k not in saved} | {k for k in RETIRED if k not in current}
     saved = {**{k: v for k, v in META_DEFAULTS.items() if k in current}, **saved}
     diffs = [k for k in sorted(set(saved) | set(current))
              if k not in ("step", "tag") and k not in unknown and saved.get(k) != current.get(k)]

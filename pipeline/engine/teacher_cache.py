@@ -18,7 +18,7 @@ Per forget row only the loss positions are kept (``labels[1:] != -100``, the pos
   :func:`~pipeline.methods.losses.kl_from_cache`).
 
 The key hashes the model's identity (its resolved path and its weight files' fingerprint — names,
-sizes, mtimes, safetensors headers, config: :func:`pipeline.models.fingerprint.model_fingerprint`,
+sizes, safetensors headers, sampled bytes of every tensor, config: :func:`pipeline.models.fingerprint.model_fingerprint`,
 so a model rewritten in place gets a new cache; for a hub id, the snapshot of ``model.revision``,
 so two revisions get two caches), tau, teacher_layers, topk, the dtype, the token
 ids/labels of the encoded forget rows — exactly what the teacher is fed, so a changed tokenizer,

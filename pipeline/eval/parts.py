@@ -4,7 +4,7 @@ its evaluation, or the same command again — evaluates only the splits still mi
 the model only if one is.
 
 A part is reused only when its key matches exactly: the evaluated model's fingerprint (its weight
-files' names, sizes, mtimes and safetensors headers: :func:`pipeline.eval.reference.model_fingerprint`),
+files' names, sizes, safetensors headers and sampled tensor bytes: :func:`pipeline.eval.reference.model_fingerprint`),
 the split's rows (a SHA-256 of every field), the evaluation settings (``eval.*`` but the switches
 that do not change a split's numbers, the prompt format, the truth-ratio reference, the dtype), the
 number of ranks (batches differ with it) and the code that computes the numbers (a SHA-256 of

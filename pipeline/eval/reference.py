@@ -6,8 +6,8 @@ retain model, so it is cached — and a cache is only as good as its key. The ke
 everything the numbers depend on:
 
 - the retain model's identity: its resolved path and a fingerprint of its weight files (name,
-  size, mtime and a SHA-256 of each safetensors header / index / config file — cheap, no weights
-  read), or for a hub id the snapshot commit found in the local HF cache;
+  size, a SHA-256 of each safetensors header / index / config file and of sampled bytes of every
+  tensor — cheap, the weights are not read whole), or for a hub id the snapshot commit found in the local HF cache;
 - the forget rows (count and a SHA-256 of question, answers and perturbations);
 - the evaluation settings the truth ratio depends on (prompt template / format, truth-ratio
   reference, ``max_length``, perturbed-answer mean, the tokenizer's files).

@@ -103,7 +103,35 @@ def test_new_weights_at_the_model_path_are_not_resumed_from_the_old_training(tmp
     build(root, seed=1)  # other weights, same architecture, same path
     again = subprocess.run(_cmd(args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 2, again.stderr[-3000:]
-    assert "different configuration (model.files_sha256: checkpoint=" in again.stderr and "Traceback" not in again.stderr
+    assert "different configuration (model.content_sha256: checkpoint=" in again.stderr and "Traceback" not in again.stderr
+
+
+@pytest.mark.distributed
+def test_the_same_weights_copied_back_to_the_model_path_resume(tmp_path):
+    """A requeued SLURM job stages the model to node-local scratch at the same path (``cp -r``: the same
+    bytes, new mtimes). Before, the checkpoint meta's model fingerprint held the files' mtimes: the
+    preempted run's resume was refused ("different configuration (model.files_sha256 ...)") and its
+    finished-run record missed, though the weights were byte-identical."""
+    import shutil
+
+    root = tmp_path
+    model_dir, data_dir = build(root)
+    run = root / "runs" / "m"
+    args = train_overrides(model_dir, data_dir, root / "runs", "m", steps=2) + [
+        "eval.enabled=false", "method=grad_diff", "trainer.save_every=1", "trainer.export=false"]
+    first = subprocess.run(_cmd(args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    model_dir.rename(root / "shared_model")  # the copy on shared storage; the job's scratch copy is gone
+    shutil.copytree(root / "shared_model", model_dir, copy_function=shutil.copyfile)  # cp -r: new mtimes
+    for f in model_dir.iterdir():
+        os.utime(f, (time.time() + 3600,) * 2)
+    again = subprocess.run(_cmd(args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "finished already" in again.stderr, again.stderr[-3000:]  # the finished-run record matches
+    (run / "finished.json").unlink()  # preempted before it finished: it resumes from its last checkpoint
+    resumed = subprocess.run(_cmd(args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "different configuration" not in resumed.stderr and "resumed at the last step (2/2)" in resumed.stderr
 
 
 def test_pruning_keeps_the_checkpoint_just_written_when_another_run_left_later_steps(tmp_path):
