@@ -238,6 +238,49 @@ class MemoryPlan:
         return self.gpu_total + self.host_total // max(1, self.gpus_per_node)
 
 
+def activation_bytes(arch: ArchSpec, tokens: int, seq_len: int, b: int, activation_checkpointing: bool,
+                     flash_attention: bool = True) -> int:
+    """Peak bytes of the student's activations in one forward + backward over ``tokens`` tokens
+    (rows × ``seq_len``) of a Llama-style decoder (RMSNorm, SwiGLU MLP, RoPE) with ``b``-byte weights.
+
+    Counted tensor by tensor from what autograd saves (measured on CPU with the allocator's own
+    events, fp32 and bf16, SDPA and eager; tests/test_preflight.py compares the two). Per token per layer:
+
+    * each of the two RMSNorms: its input in fp32 (transformers upcasts; in fp32 the input itself,
+      i.e. the layer input and the post-attention residual) and the normalised input in the weight
+      dtype (saved for the weight multiply): ``2·(4 + b)·H``;
+    * in the weight dtype: the attention's input (the first norm's output, saved by q/k/v_proj),
+      q, k and v after RoPE as the attention kernel saves them (k and v repeated to every head:
+      transformers' SDPA path repeats them whenever the batch has a padding mask), the attention
+      output (o_proj's input), the MLP's input (the second norm's output) and its four intermediate
+      tensors gate, SiLU(gate), up and SiLU(gate)·up: ``b·(6·H + 4·I)``;
+    * SDPA / flash: the fp32 log-sum-exp per head, and SDPA's padding mask turned into an additive
+      bias in the weight dtype, one (rows, 1, T, T) tensor per layer (none without padding or with
+      flash-attn's own kernel; counted as an upper bound): ``4·heads + b·T``. Eager attention instead
+      keeps the fp32 T×T probabilities per head (+ their copy in the weight dtype when that is 16-bit).
+
+    Korthikanti et al.'s 34·H bytes (16-bit, this plan's formula before) count a GeLU MLP of width
+    4·H, 16-bit norms and one saved 16-bit copy per tensor: for Llama's SwiGLU (I ≈ 2.7-3.5·H) and
+    fp32 norms that is 20-35% below what the step holds.
+
+    Once per step: the final norm's input and normalised input plus its output (what the head or the
+    fused KL reads): ``(4 + 2·b)·H``; and the backward's transient within a layer, formed while that
+    layer's activations are still held: the gradients of the MLP's gate and up outputs (``2·b·I``)
+    and two fp32 gradients of a norm's upcast input (``8·H``).
+    With activation checkpointing each layer keeps only its input (``b·H``) and the backward
+    recomputes one layer at a time: L·b·H + one layer's activations + the once-per-step terms."""
+    H, ff, heads = arch.hidden_size, arch.intermediate_size, arch.num_attention_heads
+    per_token = 2 * (4 + b) * H + b * (6 * H + 4 * ff)
+    if flash_attention:
+        per_token += 4 * heads + b * seq_len
+    else:  # eager / SDPA-math attention: the fp32 softmax output (+ its 16-bit copy) per head
+        per_token += heads * seq_len * (4 + (b if b < 4 else 0))
+    per_layer = tokens * per_token
+    once = tokens * ((4 + 2 * b) * H + 2 * b * ff + 8 * H)
+    L = arch.num_hidden_layers
+    return (L * tokens * b * H + per_layer + once) if activation_checkpointing else L * per_layer + once
+
+
 def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: str, zero_stage: int,
                 offload_optimizer: str, offload_param: str, uses_reference: bool, batch_size: int,
                 retain_batch_size: int, seq_len: int, kl_impl: str, activation_checkpointing: bool,
@@ -326,12 +369,8 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
             g["optimizer step temporaries"] = 2 * 4 * min(int(buf["sub_group_size"]), -(-T // N))
     rows = batch_size + retain_batch_size
     tokens = rows * seq_len
-    H, L = arch.hidden_size, arch.num_hidden_layers
-    scale = b / 2  # the 34·H bytes/token/layer estimate (Korthikanti et al. 2022) is for 16-bit
-    per_layer = int(tokens * H * 34 * scale)
-    if not flash_attention:  # eager/SDPA-math attention keeps the T×T scores and probabilities
-        per_layer += int(5 * arch.num_attention_heads * seq_len * tokens * scale)
-    g["activations (student)"] = (L * tokens * H * b + per_layer) if activation_checkpointing else L * per_layer
+    H = arch.hidden_size
+    g["activations (student)"] = activation_bytes(arch, tokens, seq_len, b, activation_checkpointing, flash_attention)
     # (no logits term when the method's terms are hidden states only: RMU, asu_wmdp never run the head)
     if logits and kl_impl == "fused":
         # three fp32 chunk × V blocks at the kernel's own chunk size, and its fp32 V × H accumulator of
@@ -420,7 +459,7 @@ def check_fits(plan: MemoryPlan, gpu_avail: int, host_avail: int, suggestions: l
         else:
             msg += ". No offload setting or GPU count up to 64 fits: reduce batch size / sequence length"
         if gpu_avail and plan.gpu_total > gpu_avail:
-            msg += (". The GPU estimate is an upper bound (a 1B ASU step on an H200 peaked at 0.81-0.86x of it); "
+            msg += (". The GPU estimate is an upper bound (a 1B ASU step on an H200 peaked at 0.77-0.81x of it); "
                     "trainer.preflight=false skips this check")
         raise PreflightError(msg)
 
