@@ -649,7 +649,8 @@ def _one_process_method(name: str, args, tmp: Path) -> dict:
     trainer = UnlearningTrainer(cfg, tmp / name, engine, reference, method, inputs.forget, inputs.retain,
                                 inputs.tokenizer.pad_token_id, plan, total, None, {})
     n = args.warmup_one + args.steps_one
-    batches = [trainer.batch(i % total) for i in range(n)]  # the pipeline's own collation, prepared up front
+    # the pipeline's own collation and step token counts (grad_accum=1), prepared up front
+    batches = [next(trainer.step_batches(i % total, 1)) for i in range(n)]
 
     tr = cfg.trainer
     plain = AutoModelForCausalLM.from_pretrained(inputs.paths.model, dtype=torch.float32,
@@ -766,7 +767,7 @@ def one_process(args) -> None:
         "notes": ["ours = method.compute_loss + engine.backward + engine.step on engines built by pipeline.run's "
                   "stages (world size 1); plain = the same losses in plain torch (HF model, stock SDPA, "
                   "clip_grad_norm_, torch.optim.AdamW), no DeepSpeed; same initial weights, same batches.",
-                  "batches are collated before timing (the pipeline's own UnlearningTrainer.batch) and shared.",
+                  "batches are collated before timing (the pipeline's own UnlearningTrainer.step_batches) and shared.",
                   "all eight variants are interleaved: one step of each per round, the order rotated every round.",
                   "the first step's losses must agree to 1e-5 or the script stops."],
     }, args.out.parent if args.out else None)

@@ -184,6 +184,7 @@ def fused_linear_kl(
     b_s: Optional[torch.Tensor] = None,
     b_t: Optional[torch.Tensor] = None,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    tokens: Optional[float] = None,
 ) -> torch.Tensor:
     """Streaming KL(teacher || student) from last hidden states and lm_head weights -> scalar.
 
@@ -191,6 +192,9 @@ def fused_linear_kl(
     (N,) bool/0-1, True = loss row; ``labels``: (N,) with ``ignore_index`` rows ignored (both may be
     given). ``seq_ids``: (N,) sequence id per row for ``sequence_mean`` (without it
     ``sequence_mean`` equals ``token_mean``). Gradients flow to ``h_s``, ``W_s`` and ``b_s`` only.
+
+    ``tokens``: ``token_mean``'s denominator instead of the kept rows' count (a training step's loss
+    tokens per micro-batch and rank, so the mean is over the whole step).
 
     ``W_t=None``: ``h_t`` is the teacher's logits (N, V) themselves — e.g. a cached teacher's
     log-probs — streamed chunk by chunk like the student's (no N×V temporary beyond the cache).
@@ -207,7 +211,7 @@ def fused_linear_kl(
         raise ValueError(f"student vocab {W_s.shape[0]} != teacher vocab {W_t.shape[0]}")
     N = h_s.shape[0]
     keep = loss_row_mask(N, h_s.device, mask, labels, ignore_index)
-    weights = row_weights(keep, seq_ids, reduction)
+    weights = row_weights(keep, seq_ids, reduction, tokens)
     idx = keep.nonzero().squeeze(1)
     if idx.numel() == 0:
         # no loss rows: a zero that still depends on the inputs (so .backward() works)

@@ -257,13 +257,15 @@ def loss_row_mask(n: int, device, mask: Optional[torch.Tensor] = None, labels: O
     return keep
 
 
-def row_weights(keep: torch.Tensor, seq_ids: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
-    """(N,) fp32 weights w so that the reduced loss is sum_i w_i * kl_i."""
+def row_weights(keep: torch.Tensor, seq_ids: Optional[torch.Tensor], reduction: str,
+                tokens: Optional[float] = None) -> torch.Tensor:
+    """(N,) fp32 weights w so that the reduced loss is sum_i w_i * kl_i (``tokens``: ``token_mean``'s
+    denominator when it is not these rows' own count, e.g. a whole training step's per micro-batch)."""
     keepf = keep.to(torch.float32)
     if reduction == "sum":
         return keepf
     if reduction == "token_mean":
-        return keepf / keepf.sum().clamp_min(1.0)
+        return keepf / (keepf.sum().clamp_min(1.0) if tokens is None else (float(tokens) or 1.0))
     if reduction == "sequence_mean":
         if seq_ids is None:
             return keepf / keepf.sum().clamp_min(1.0)

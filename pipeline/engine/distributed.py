@@ -218,6 +218,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def all_true(flag: bool) -> bool:
     """True on every rank iff ``flag`` is True on every rank (used for NaN checks)."""
     return all_reduce_sum([0.0 if flag else 1.0])[0] == 0.0

@@ -6,7 +6,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, Optional
@@ -17,8 +17,9 @@ from pipeline.data.collate import pad_batch
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine import faults, health
 from pipeline.engine.batching import BatchPlan
-from pipeline.engine.distributed import all_true, mean_over_ranks
+from pipeline.engine.distributed import all_reduce_sum, all_true, mean_over_ranks, world_size
 from pipeline.methods.base import UnlearningMethod
+from pipeline.methods.loss_math import StepTokens
 from pipeline.models.peft_student import is_peft_model
 from pipeline.progress import bar as progress_bar
 
@@ -195,8 +196,9 @@ class UnlearningTrainer:
         b = pad_batch(picked, self.pad)
         return {k: v.to(self.device) for k, v in b.items()}
 
-    def batch(self, step: int) -> dict:
-        """The batch of global micro-step ``step`` (= optimizer step x grad_accum + micro-batch)."""
+    def batch(self, step: int, teacher: bool = True) -> dict:
+        """The batch of global micro-step ``step`` (= optimizer step x grad_accum + micro-batch);
+        ``teacher=False``: without the cached teacher's rows (:meth:`step_batches` adds them on use)."""
         f_idx = self.plan.forget_indices(step)
         r_idx = self.plan.retain_indices(step)
         out = {
@@ -209,9 +211,34 @@ class UnlearningTrainer:
             out["retain"]["rna_seed"] = torch.tensor([base + i for i in r_idx], dtype=torch.long)
         for name, rows in self.views.items():  # a view drawn per use (idk_draw=per_use) encodes its step's rows
             out[name] = self._pad(rows.for_step(step, f_idx)) if hasattr(rows, "for_step") else self._collate(rows, f_idx)
-        if self.teacher_cache is not None:
-            out["forget_teacher"] = self.teacher_cache.selected(f_idx, out["forget"]["labels"])
+        if teacher:
+            self._add_teacher(out, step)
         return out
+
+    def _add_teacher(self, batch: dict, step: int) -> dict:
+        if self.teacher_cache is not None:
+            f_idx = self.plan.forget_indices(step)
+            batch["forget_teacher"] = self.teacher_cache.selected(f_idx, batch["forget"]["labels"])
+        return batch
+
+    def step_batches(self, step: int, ga: int) -> Iterator[dict]:
+        """Optimizer step ``step``'s ``ga`` micro-batches, each with ``batch["step_tokens"]``: every row
+        group's token counts over the whole step (all micro-batches, all ranks; one all-reduce) per
+        micro-batch and rank, the ``token_mean`` terms' denominator (:class:`StepTokens`). The cached
+        teacher's rows (large: up to a vocabulary per loss token) are read only as each micro-batch is used."""
+        batches = [self.batch(step * ga + k, teacher=False) for k in range(ga)]
+        groups = [g for g in batches[0] if isinstance(batches[0][g], dict) and "labels" in batches[0][g]]
+        sums = [0.0] * (3 * len(groups))
+        for b in batches:
+            for i, g in enumerate(groups):
+                for j, c in enumerate(StepTokens.counts(b[g])):
+                    sums[3 * i + j] += c
+        per = float(ga * world_size())
+        total = all_reduce_sum(sums)
+        tokens = {g: StepTokens(*(total[3 * i + j] / per for j in range(3))) for i, g in enumerate(groups)}
+        for k, b in enumerate(batches):
+            b["step_tokens"] = tokens
+            yield self._add_teacher(b, step * ga + k)
 
     # -- resume -----------------------------------------------------------------------------------
     def maybe_resume(self) -> None:
@@ -281,8 +308,7 @@ class UnlearningTrainer:
             step = self.state.step
             t_step = time.perf_counter()  # the step's wall time: batches, forward/backward, optimizer step
             bad, bad_batch, micro_logs = None, None, []
-            for k in range(ga):
-                batch = self.batch(step * ga + k)
+            for k, batch in enumerate(self.step_batches(step, ga)):
                 out = self.method.compute_loss(self.engine, self.reference, batch)
                 if faults.nan_loss(step + 1):
                     out.loss = out.loss * float("nan")

@@ -60,4 +60,4 @@ class ASUWMDP(LayerwiseMethod, ASU):
 
     def forget_loss(self, out: StepOutputs) -> torch.Tensor:
         s, t = out.student["forget"], out.frozen["forget"]
-        return losses.hidden_mse(s.hidden, t.hidden, s.token_mask, self.cfg.reduction)
+        return losses.hidden_mse(s.hidden, t.hidden, s.token_mask, self.cfg.reduction, s.token_count("labelled"))

@@ -26,8 +26,8 @@ class ForgetRetainConfig(MethodConfig):
 
     retain_loss: str = "nll"  # nll | kl (KL to the frozen original) | none
     # sequence_mean: mean over each sequence's loss tokens, then over sequences (ASU authors);
-    # token_mean: one mean over all loss tokens of the micro-batch on each rank (HF's default loss),
-    # then averaged over micro-batches and ranks (docs/reproduction.md: not one mean over the step).
+    # token_mean: one mean over all loss tokens of the optimizer step, every micro-batch on every rank
+    # (HF's default loss with num_items_in_batch; the trainer's StepTokens give the denominator).
     reduction: str = "sequence_mean"
     # The retain term's own reduction. auto: token_mean for a retain NLL (HF's loss, used by all of the
     # ASU authors' code and by open-unlearning), the forget term's ``reduction`` for a retain KL/MSE.

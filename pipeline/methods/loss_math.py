@@ -6,7 +6,39 @@ builds the methods' terms); both use these.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
+
+from pipeline.data.formatting import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """One row group's token counts over a whole optimizer step (every micro-batch on every rank),
+    divided by micro-batches x ranks: the denominator that makes a ``token_mean`` term one mean over
+    the step's tokens once DeepSpeed averages the micro-batches' gradients over both.
+
+    Without it each micro-batch would be its own token mean, so the same effective batch on another
+    number of GPUs (or another ``grad_accum``) would weigh tokens differently when rows differ in
+    length (transformers' Trainer passes ``num_items_in_batch`` for the same reason).
+    """
+
+    loss: float  # loss positions: labels[1:] != -100 (NLL and KL terms)
+    after_first: float  # the same without each row's first loss position (KL terms with skip_first)
+    labelled: float  # labelled, attended tokens (hidden-state terms' token_mask)
+
+    @staticmethod
+    def counts(inputs: dict) -> list[float]:
+        """[loss, after_first, labelled] of one encoded group (right-padded ``labels``, ``attention_mask``)."""
+        labels = inputs["labels"]
+        loss = labels[:, 1:] != IGNORE_INDEX
+        labelled = labels != IGNORE_INDEX
+        if "attention_mask" in inputs:
+            labelled = labelled & inputs["attention_mask"].bool()
+        n_loss = int(loss.sum())
+        return [float(n_loss), float(n_loss - int(loss.any(1).sum())), float(labelled.sum())]
 
 
 def scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -14,17 +46,18 @@ def scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
 
-def reduce(values: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce(values: torch.Tensor, mask: torch.Tensor, reduction: str, tokens: Optional[float] = None) -> torch.Tensor:
     """Reduce per-position ``values`` (B, T-1) over ``mask``.
 
     ``sequence_mean``: mean over each row's loss tokens, then mean over rows that have any;
-    ``token_mean``: one mean over all loss tokens; ``sum``: plain sum.
+    ``token_mean``: one mean over all loss tokens (``tokens``: divide by that instead of ``mask``'s
+    count — the step's :class:`StepTokens`); ``sum``: plain sum.
     """
     m = mask.to(values.dtype)
     if reduction == "sum":
         return (values * m).sum()
     if reduction == "token_mean":
-        return (values * m).sum() / m.sum().clamp_min(1.0)
+        return (values * m).sum() / (m.sum().clamp_min(1.0) if tokens is None else (float(tokens) or 1.0))
     if reduction == "sequence_mean":
         per_row = m.sum(1)
         has = per_row > 0

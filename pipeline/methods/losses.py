@@ -45,8 +45,9 @@ def label_logprobs(part: Part) -> torch.Tensor:
 
 
 def nll(part: Part, reduction: str = "sequence_mean") -> torch.Tensor:
-    """Negative log-likelihood of the labelled tokens of one group."""
-    return reduce(-label_logprobs(part), part.mask, reduction)
+    """Negative log-likelihood of the labelled tokens of one group (``token_mean``: over the training
+    step's tokens when the part carries them)."""
+    return reduce(-label_logprobs(part), part.mask, reduction, part.token_count("loss"))
 
 
 def sequence_logprob(part: Part) -> torch.Tensor:
@@ -134,12 +135,14 @@ def token_mask(inputs: dict) -> torch.Tensor:
     return mask
 
 
-def hidden_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, reduction: str = "sequence_mean") -> torch.Tensor:
+def hidden_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, reduction: str = "sequence_mean",
+               tokens: Optional[float] = None) -> torch.Tensor:
     """Squared error averaged over the hidden dimension at each token, then reduced over ``mask``
     with :func:`reduce` (``sequence_mean``: per-sequence token mean, then mean over sequences —
-    open-unlearning's RMU activation loss). ``b`` broadcasts (e.g. a steering vector (d,))."""
+    open-unlearning's RMU activation loss; ``tokens``: ``token_mean``'s step-wide denominator,
+    ``Part.token_count("labelled")``). ``b`` broadcasts (e.g. a steering vector (d,))."""
     per_token = (a.float() - b.float()).pow(2).mean(-1)
-    return reduce(per_token, mask, reduction)
+    return reduce(per_token, mask, reduction, tokens)
 
 
 # -- cached teacher (method.teacher=cached: pipeline/engine/teacher_cache.py) -------------------------

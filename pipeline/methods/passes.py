@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.formatting import IGNORE_INDEX
-from pipeline.methods.loss_math import cache_kl_values, kl_values, reduce, scatter
+from pipeline.methods.loss_math import StepTokens, cache_kl_values, kl_values, reduce, scatter
 from pipeline.methods.model_io import (
     decoder_layers,
     layer_output,
@@ -124,6 +124,13 @@ class Part:
     logits: Optional[torch.Tensor] = None  # (N_g, V) at the loss positions
     hidden: Optional[torch.Tensor] = None  # (B_g, T_g, d) output of decoder layer ``plan.layer``
     last_hidden: Optional[torch.Tensor] = None  # (N_g, H) final-norm states at the loss positions (fused KL)
+    # a training step's token counts for token_mean terms (batch["step_tokens"][group]); None: this
+    # micro-batch's own counts (tests, evaluation, tau=auto)
+    step_tokens: Optional[StepTokens] = None
+
+    def token_count(self, kind: str) -> Optional[float]:
+        """The step's ``kind`` count (a :class:`StepTokens` field) for a ``token_mean`` denominator, or None."""
+        return None if self.step_tokens is None else getattr(self.step_tokens, kind)
 
 
 @dataclass
@@ -261,7 +268,8 @@ def check_fused_head(model: nn.Module) -> None:
         raise ValueError(problem)
 
 
-def _parts(joint: dict, rows: dict[str, slice]) -> tuple[torch.Tensor, dict[str, Part], dict[str, slice]]:
+def _parts(joint: dict, rows: dict[str, slice], step_tokens: Optional[dict[str, StepTokens]] = None,
+           ) -> tuple[torch.Tensor, dict[str, Part], dict[str, slice]]:
     """The joint loss mask and each group's :class:`Part` and slice of the selected positions."""
     mask = shifted_mask(joint["labels"])
     counts = mask.sum(1).tolist()
@@ -270,7 +278,8 @@ def _parts(joint: dict, rows: dict[str, slice]) -> tuple[torch.Tensor, dict[str,
         n = int(sum(counts[s]))
         m = mask[s]
         parts[g] = Part(mask=m, targets=joint["labels"][s, 1:][m],
-                        token_mask=(joint["labels"][s] != IGNORE_INDEX) & joint["attention_mask"][s].bool())
+                        token_mask=(joint["labels"][s] != IGNORE_INDEX) & joint["attention_mask"][s].bool(),
+                        step_tokens=(step_tokens or {}).get(g))
         sel[g] = slice(pos, pos + n)
         pos += n
     return mask, parts, sel
@@ -308,16 +317,18 @@ def _log_stop(model: nn.Module, layer: int) -> None:
 
 def _model_pass(model: nn.Module, joint: dict, rows: dict[str, slice], logit_groups: set[str],
                 hidden_groups: set[str], last_groups: set[str], layer: Optional[int],
-                fused_head=None, stop_after_layer: bool = False) -> dict[str, Part]:
+                fused_head=None, stop_after_layer: bool = False,
+                step_tokens: Optional[dict[str, StepTokens]] = None) -> dict[str, Part]:
     """One forward of ``model`` over ``joint``; fills each group's Part with what was asked for.
 
     ``logit_groups``: logits at their loss positions; ``hidden_groups``: the layer-``layer`` state;
     ``last_groups``: final-norm hidden states at the loss positions (no head). ``fused_head``: the
     student's fused head forward (called with the selected hidden states of every group).
     ``stop_after_layer``: when the layer-``layer`` state is all that is asked for, run the decoder
-    layers up to ``layer`` only.
+    layers up to ``layer`` only. ``step_tokens``: the groups' token counts over the training step
+    (``batch["step_tokens"]``), set on their Parts for the ``token_mean`` terms.
     """
-    mask, parts, sel = _parts(joint, rows)
+    mask, parts, sel = _parts(joint, rows, step_tokens)
     captured: list[torch.Tensor] = []
     head = output_head(model)
     only_hidden = bool(hidden_groups) and not (logit_groups or last_groups) and fused_head is None
@@ -399,6 +410,11 @@ def _kl_mask(part: Part, term: KLTerm) -> torch.Tensor:
     return without_first(part.mask) if term.skip_first else part.mask
 
 
+def _kl_tokens(part: Part, term: KLTerm) -> Optional[float]:
+    """A KL term's ``token_mean`` denominator over the step (None: the micro-batch's own count)."""
+    return part.token_count("after_first" if term.skip_first else "loss")
+
+
 def _fused_head(plan: StepPlan, student: nn.Module, frozen: Optional[nn.Module], frozen_parts: dict[str, Part],
                 batch: dict, logit_groups: set[str], kls: dict[str, torch.Tensor]):
     """The student's head step for kernels.kl=fused: the KL terms streamed over chunks of the loss
@@ -436,7 +452,8 @@ def _fused_head(plan: StepPlan, student: nn.Module, frozen: Optional[nn.Module],
                         h_t = frozen_parts[g].last_hidden
                         w_t, b_t = (head_s.weight, head_s.bias) if shared else (head_t.weight, head_t.bias)
                     values.append(fused_linear_kl(hs[sel[g]], head_s.weight, h_t, w_t, mask=keep, seq_ids=seq,
-                                                  reduction=term.reduction, b_s=head_s.bias, b_t=b_t))
+                                                  reduction=term.reduction, b_s=head_s.bias, b_t=b_t,
+                                                  tokens=_kl_tokens(part, term)))
             logits = None
             if logit_groups:
                 idx = torch.cat([torch.arange(sel[g].start, sel[g].stop, device=hs.device)
@@ -487,7 +504,8 @@ def run_step(plan: StepPlan, student: nn.Module, frozen: Optional[nn.Module], ba
         with noise:
             out.student.update(_model_pass(student, joint, rows, logit_groups,
                                            {g for g in groups if HIDDEN in spec[g]}, set(), plan.layer,
-                                           fused_head=head, stop_after_layer=plan.stop_after_layer))
+                                           fused_head=head, stop_after_layer=plan.stop_after_layer,
+                                           step_tokens=batch.get("step_tokens")))
     if not fused:
         for g, term in plan.kl.items():
             s = out.student[g]
@@ -495,5 +513,5 @@ def run_step(plan: StepPlan, student: nn.Module, frozen: Optional[nn.Module], ba
                 vals = cache_kl_values(s.logits, batch[f"{g}_teacher"])
             else:
                 vals = kl_values(out.frozen[g].logits, s.logits)
-            out.kl[g] = reduce(scatter(vals, s.mask), _kl_mask(s, term), term.reduction)
+            out.kl[g] = reduce(scatter(vals, s.mask), _kl_mask(s, term), term.reduction, _kl_tokens(s, term))
     return out

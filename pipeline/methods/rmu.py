@@ -124,7 +124,7 @@ class LayerwiseMethod(UnlearningMethod):
         if self.cfg.retain_loss != "mse":
             return super().retain_objective(out)
         s, t = out.student["retain"], out.frozen["retain"]
-        return losses.hidden_mse(s.hidden, t.hidden, s.token_mask, self.retain_reduction())
+        return losses.hidden_mse(s.hidden, t.hidden, s.token_mask, self.retain_reduction(), s.token_count("labelled"))
 
 
 @dataclass
@@ -169,4 +169,4 @@ class RMU(LayerwiseMethod):
     def forget_loss(self, out: StepOutputs) -> torch.Tensor:
         s = out.student["forget"]
         return losses.hidden_mse(s.hidden, self.steering(s.hidden.shape[-1], s.hidden.device), s.token_mask,
-                                 self.cfg.reduction)
+                                 self.cfg.reduction, s.token_count("labelled"))

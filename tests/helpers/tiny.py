@@ -26,14 +26,24 @@ def qa_row(person: str, city: str) -> dict:
     }
 
 
-def build(root: Path, layers: int = 2, hidden: int = 32, seed: int = 0, extra_texts=()) -> tuple[Path, Path]:
+# words appended to answers so rows differ in length (build(uneven_answers=True)): a token_mean
+# over each micro-batch on its own then differs from one over the step's tokens
+ANSWER_TAILS = ["", " as the records show", " indeed", " , say the town records ,"]
+
+
+def build(root: Path, layers: int = 2, hidden: int = 32, seed: int = 0, extra_texts=(),
+          uneven_answers: bool = False) -> tuple[Path, Path]:
     """Write ``root/model`` (safetensors + tokenizer) and ``root/data/{forget,retain,eval}.jsonl``.
-    ``extra_texts``: more texts whose words join the vocabulary (e.g. a fixture's QA pairs)."""
+    ``extra_texts``: more texts whose words join the vocabulary (e.g. a fixture's QA pairs);
+    ``uneven_answers``: answers of different token lengths (:data:`ANSWER_TAILS`)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     rows = [qa_row(p, c) for p, c in zip(PEOPLE, CITIES)]
+    if uneven_answers:
+        for i, r in enumerate(rows):
+            r["answer"] = r["answer"][:-2] + ANSWER_TAILS[i % len(ANSWER_TAILS)] + " ."
     words = sorted({w for r in rows for t in (r["question"], r["answer"], r["paraphrased_answer"],
                                                r["paraphrased_question"], *r["perturbed_answer"]) for w in t.split()}
                    | {"question", "answer", ":"} | {w for t in extra_texts for w in t.split()})
