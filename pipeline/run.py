@@ -214,7 +214,9 @@ def _start(cfg: DictConfig) -> tuple[Any, Any]:
     torch.manual_seed(int(cfg.seed))
     method = build_method(cfg.method, kl_impl=cfg.kernels.kl, joint_pass=cfg.trainer.passes == "joint")
     reductions = method.reductions() if hasattr(method, "reductions") else {}
-    log.info("loss reductions: %s", ", ".join(f"{k} term {v}" for k, v in reductions.items()))
+    log.info("loss reductions: %s", ", ".join(f"{k} term {v}" for k, v in reductions.items())
+             + ("; token_mean: over the optimizer step's tokens (every micro-batch and rank)"
+                if "token_mean" in reductions.values() else ""))
     log.info("training step: trainer.passes=%s (%s), %s", cfg.trainer.passes,
              "one forward per model over all rows, head at loss positions only" if cfg.trainer.passes == "joint"
              else "one forward per row group and model",
@@ -309,7 +311,7 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     also the batch plan and the number of optimizer steps."""
     from pipeline.engine.batching import BatchPlan
     from pipeline.engine.preflight import run_preflight
-    from pipeline.engine.sharding import record as record_partition
+    from pipeline.engine.sharding import record_models
     from pipeline.engine.zero_stage import resolve_zero_stage
     from pipeline.models.activation_checkpointing import checkpointed_layers
     from pipeline.models.attention import set_attention_backend
@@ -335,7 +337,7 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     student, frozen = _load_models(cfg, inputs, s_cfg, dtype, cuda, need_reference)
     method.select_trainable(student)
     engine, reference = _initialize_engines(cfg, dist, student, frozen, s_cfg, r_cfg, total, need_reference)
-    partition = record_partition({"student": engine, "reference": reference}, dist.world_size, zero.stage)
+    partition = record_models(engine, reference, dist.world_size, zero.stage)
     return JobEngines(engine, reference, bool(cfg.model.peft.enabled), dtype, partition, zero.record(),
                       checkpointed_layers(engine.module), precision), plan, total
 
@@ -536,8 +538,22 @@ def _attach_teacher_cache(cfg: DictConfig, method: Any, engines: JobEngines, inp
     trainer.teacher_cache = TeacherCache(cache_path)
     if not method.uses_reference and engines.reference is not None:
         _release_engines(engines, trainer, student=False)  # the cache replaces the frozen model from here on
-    log.info("teacher cache %s; reference model loaded: %s; reference engine during training: %s", cache_path,
-             "yes" if need_reference else "no", "yes (retain KL)" if trainer.reference is not None else "none")
+    log.info("teacher cache %s; %s", cache_path,
+             _frozen_model_note(engines.lora, need_reference, trainer.reference is not None))
+
+
+def _frozen_model_note(lora: bool, need_reference: bool, in_training: bool) -> str:
+    """What a method.teacher=cached run's log says about its frozen model: whether a reference model was
+    loaded (``need_reference``: to build the cache, probe tau=auto or for a retain KL) and whether it
+    stays for training (``in_training``: the retain KL). A LoRA student loads none: its own base with
+    the adapters off is the frozen model (before, the log said "reference model loaded: yes" there)."""
+    if lora:
+        why = ("its own base with the adapters off is the frozen model, no second copy" if need_reference
+               else "the cache was ready, so no frozen model was needed")
+        return (f"reference model loaded: no (LoRA student: {why}); frozen model during training: "
+                + ("the LoRA base (retain KL)" if in_training else "none"))
+    return (f"reference model loaded: {'yes' if need_reference else 'no'}; reference engine during training: "
+            + ("yes (retain KL)" if in_training else "none"))
 
 
 def _release_engines(engines: JobEngines, trainer: Any, student: bool = True) -> None:

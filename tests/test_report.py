@@ -107,3 +107,42 @@ def test_report_markdown_and_tables(tmp_path):
     assert mdt[1] == "|---|---:|---:|---:|"
     assert mdt[3] == "| grad_ascent | - | 1.00e-09 | 0.0000 |"
     assert not math.isnan(r["metrics"]["model_utility"])
+
+
+PEFT = {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": None, "layers": None,
+        "adapter": "/runs/x/adapter", "adapted_modules": ["down_proj", "k_proj", "q_proj"]}
+PLAIN = {"name": "plain", "template": "Question: {question}\nAnswer:", "applied_to": ["training", "evaluation", "generation"]}
+
+
+def test_report_says_lora_tau_auto_and_the_prompt_format(tmp_path):
+    """results.json records LoRA (``peft``), tau=auto's choice (``tau_selection``) and the prompt format
+    as objects, which report.md skipped: a LoRA run, an auto tau and a chat format read like a full
+    fine-tune at a fixed tau in the plain format. Each is one row now, only where it applies."""
+    sel = {"tau": 2.35, "reason": "smallest tau at which the teacher has forgotten >= 0.5 x the facts", "probes": []}
+    chat = {"name": "chat", "system_prompt": "Be | brief.", "source": "tokenizer.chat_template",
+            "chat_template_kwargs": {"date_string": "26 Jul 2024"}, "applied_to": ["training"]}
+    r = json.loads(write_results(tmp_path, "asu_kl", 2.35, METRICS, {"peft": PEFT, "tau_selection": sel,
+                                                                     "prompt_format": chat}).read_text())
+    md = render_report_md(r)
+    assert md.startswith("# Unlearning report: asu_kl (tau = 2.350, chosen by method.tau=auto)")
+    assert ("| peft | LoRA adapters r=4, alpha=8, dropout=0 on modules down_proj, k_proj, q_proj (the architecture's "
+            "defaults), all layers; base weights frozen |") in md
+    assert ("| prompt_format | chat, system prompt 'Be \\| brief.', chat_template_kwargs date_string='26 Jul 2024'; "
+            "applied to training |") in md
+    assert "| tau_selection | 2.350, chosen by method.tau=auto: smallest tau at which the teacher has forgotten" in md
+    # a tau taken from the checkpoint a resume started from names it
+    resumed = render_report_md({**r, "tau_selection": {"tau": 2.35, "source": "checkpoint /runs/x/step_2"}})
+    assert "| tau_selection | 2.350, chosen by method.tau=auto: checkpoint /runs/x/step_2 |" in resumed
+    # configured modules on given layers, not exported (no adapter config read back)
+    some = {**PEFT, "target_modules": ["q_proj", "v_proj"], "layers": [0, 1], "adapted_modules": None, "r": 8,
+            "alpha": 16.0, "dropout": 0.05}
+    assert ("| peft | LoRA adapters r=8, alpha=16, dropout=0.05 on modules q_proj, v_proj, layers 0, 1; base "
+            "weights frozen |") in render_report_md({**r, "peft": some})
+
+    full = render_report_md(json.loads(write_results(tmp_path, "asu_kl", 2.0, METRICS, {"prompt_format": PLAIN})
+                                       .read_text()))  # a full fine-tune at a fixed tau
+    assert full.startswith("# Unlearning report: asu_kl (tau = 2.000)\n")
+    assert "| prompt_format | plain; applied to training, evaluation, generation |" in full
+    assert "LoRA" not in full and "peft" not in full and "method.tau=auto" not in full and "tau_selection" not in full
+    raw = render_report_md({"method": "rmu", "tau": None, "metrics": {}, "prompt_format": {**PLAIN, "applied_to": []}})
+    assert "| prompt_format | plain; not applied (no question/answer rows) |" in raw

@@ -69,3 +69,33 @@ def record(engines: dict[str, Any], world_size: int, zero_stage: int) -> dict[st
                 f"{REQUIRE_ENV}=1: {len(s['whole'])} of {s['params']} {what} parameters are not partitioned "
                 f"across {world_size} ranks (e.g. {s['whole'][0]}); set deepspeed.param_persistence_threshold=0")
     return out
+
+
+class _BaseWeights:
+    """A LoRA student's frozen view (:class:`pipeline.models.peft_student.FrozenBaseView`) as the
+    partition record counts it: the base weights it computes with. Its modules also hold the adapters,
+    but those are the student's trained weights, switched off in the view."""
+
+    def __init__(self, view: Any) -> None:
+        from pipeline.models.peft_student import adapter_parameters
+
+        self._module = view.module
+        self._adapters = {id(p) for _, p in adapter_parameters(self._module)}
+
+    def named_parameters(self) -> list[tuple[str, Any]]:
+        return [(n, p) for n, p in self._module.named_parameters() if id(p) not in self._adapters]
+
+
+def record_models(engine: Any, reference: Any, world_size: int, zero_stage: int) -> dict:
+    """What ZeRO partitioned, per model, for results.json (``zero3_partition``): the student engine and
+    the frozen model. A LoRA student's frozen model is its own base with the adapters off (no second
+    copy): counted as those base weights, the adapters left out, and marked ``shared_with: student``
+    (counting the adapters there recorded weights the frozen model never uses)."""
+    from pipeline.models.peft_student import FrozenBaseView
+
+    lora_base = isinstance(reference, FrozenBaseView)
+    out = record({"student": engine, "reference": _BaseWeights(reference) if lora_base else reference},
+                 world_size, zero_stage)
+    if lora_base:
+        out["reference"]["shared_with"] = "student"
+    return out

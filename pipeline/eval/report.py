@@ -115,16 +115,94 @@ def _scalar_metrics(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in metrics.items() if v is None or isinstance(v, (int, float))]
 
 
+def _names(values: Any) -> str:
+    """A list of names as ``a, b, c`` (a regex string or a single name as it is)."""
+    return ", ".join(str(v) for v in values) if isinstance(values, (list, tuple)) else str(values)
+
+
+def _num(v: Any) -> str:
+    """A config number as written (alpha 16.0 as 16, dropout 0.05 as 0.05)."""
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def _short(text: Any, limit: int = 60) -> str:
+    """``repr`` of a (system prompt) string, cut to ``limit`` characters."""
+    s = repr(str(text))
+    return s if len(s) <= limit else s[: limit - 4] + "...'"
+
+
+def auto_tau(results: dict[str, Any]) -> bool:
+    """Whether ``results``' tau was chosen by ``method.tau=auto`` (results.json then has ``tau_selection``)."""
+    return isinstance(results.get("tau_selection"), dict)
+
+
+def lora_setting(peft: Any) -> Optional[str]:
+    """results.json's ``peft`` (a LoRA run only) as one line: rank, alpha, dropout, the modules adapted
+    (as peft resolved them from the exported adapter, else as configured) and the layers; None without LoRA."""
+    if not isinstance(peft, dict) or not peft.get("enabled", True):
+        return None
+    modules = peft.get("adapted_modules") or peft.get("target_modules")
+    if modules is None:
+        where = "the architecture's default modules"
+    else:
+        # target_modules null: peft chose the architecture's defaults, so say where the names come from
+        where = f"modules {_names(modules)}" + (" (the architecture's defaults)" if peft.get("target_modules") is None
+                                                else "")
+    layers = peft.get("layers")
+    return (f"LoRA adapters r={_num(peft.get('r'))}, alpha={_num(peft.get('alpha'))}, dropout={_num(peft.get('dropout'))} "
+            f"on {where}, " + ("all layers" if layers is None else f"layers {_names(layers)}") + "; base weights frozen")
+
+
+def prompt_format_setting(fmt: Any) -> Optional[str]:
+    """results.json's ``prompt_format`` as one line: the format's name, its system prompt and chat
+    template variables when set, and where it was applied; None when not recorded."""
+    if not isinstance(fmt, dict) or not fmt.get("name"):
+        return None
+    text = str(fmt["name"])
+    if fmt.get("system_prompt"):
+        text += f", system prompt {_short(fmt['system_prompt'])}"
+    if fmt.get("chat_template_kwargs"):
+        text += ", chat_template_kwargs " + ", ".join(f"{k}={v!r}" for k, v in fmt["chat_template_kwargs"].items())
+    uses = fmt.get("applied_to")
+    if uses is not None:  # [] = no question/answer rows anywhere (raw text, MUSE / WMDP evaluation)
+        text += f"; applied to {_names(uses)}" if uses else "; not applied (no question/answer rows)"
+    return text
+
+
+def tau_setting(results: dict[str, Any]) -> Optional[str]:
+    """How a ``method.tau=auto`` run's tau was chosen, one line (None for a fixed tau, or no tau)."""
+    if not auto_tau(results):
+        return None
+    sel = results["tau_selection"]
+    tau = sel.get("tau", results.get("tau"))
+    why = sel.get("reason") or sel.get("source")  # source: taken from the checkpoint a resume started from
+    return f"{format_value(tau, 3)}, chosen by method.tau=auto" + (f": {why}" if why else "")
+
+
+def run_settings(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(results.json key, readable line) for the settings a reader must know to read the metrics and
+    that results.json records as objects: the prompt format, LoRA (a LoRA run only) and tau=auto's
+    choice (an auto run only). report.md and the stdout summary both show them."""
+    out = [("peft", lora_setting(results.get("peft"))),
+           ("prompt_format", prompt_format_setting(results.get("prompt_format"))),
+           ("tau_selection", tau_setting(results))]
+    return [(k, v) for k, v in out if v is not None]
+
+
 def render_report_md(results: dict[str, Any]) -> str:
     """Markdown report of one run: header, metric table (value, better-direction, meaning) and
-    the run's extra fields."""
+    the run's extra fields (scalars as they are, the settings of :func:`run_settings` as one line each)."""
     metrics = results.get("metrics", {})
     method, tau = results.get("method", "?"), results.get("tau")
-    lines = [f"# Unlearning report: {method}" + (f" (tau = {format_value(tau, 3)})" if tau is not None else ""), ""]
-    info = [(k, results[k]) for k in results if k not in RESERVED_KEYS and not isinstance(results[k], (dict, list))]
+    how = ", chosen by method.tau=auto" if auto_tau(results) else ""
+    lines = [f"# Unlearning report: {method}" + (f" (tau = {format_value(tau, 3)}{how})" if tau is not None else ""), ""]
+    info = [(k, format_value(results[k])) for k in results
+            if k not in RESERVED_KEYS and not isinstance(results[k], (dict, list))]
+    # the settings results.json records as objects (skipped above), as one readable row each
+    info += [(k, v.replace("|", "\\|")) for k, v in run_settings(results)]
     if info:
         lines += ["| field | value |", "|---|---|"]
-        lines += [f"| {k} | {format_value(v)} |" for k, v in info]
+        lines += [f"| {k} | {v} |" for k, v in info]
         lines.append("")
     lines += ["## Metrics", "", "| metric | value | better | meaning |", "|---|---:|:---:|---|"]
     for k, v in _scalar_metrics(metrics):
@@ -188,12 +266,15 @@ def run_summary(results: dict[str, Any], run_dir: str | os.PathLike, reused: boo
     metrics = results.get("metrics") or {}
     what = [f"method {results.get('method', '?')}"]
     if results.get("tau") is not None:
-        what.append(f"tau {format_value(results['tau'], 3)}")
+        what.append(f"tau {format_value(results['tau'], 3)}" + (" (chosen by method.tau=auto)" if auto_tau(results) else ""))
     if results.get("steps") is not None:
         what.append(f"{results['steps']} step{'' if results['steps'] == 1 else 's'}")
     lines = [f"run: {run_dir}" + (" (finished already: its results reused)" if reused else ""),
              f"results: {run_dir / RESULTS_FILE}" + (f"; report: {report}" if report.exists() else ""),
              ", ".join(what)]
+    # LoRA and the prompt format (tau=auto's reason is long: report.md and results.json have it)
+    names = {"peft": "trained", "prompt_format": "prompt format"}
+    lines += [f"{names[k]}: {v}" for k, v in run_settings(results) if k in names]
     head = _headline(metrics)
     lines.append("metrics: " + ("; ".join(head) if head else "none (eval.enabled=false)" if not metrics else "-"))
     if "forget_quality" in metrics:
