@@ -56,6 +56,9 @@ def test_single_process_trains_exports_and_evaluates(tiny):
     assert res["method"] == "grad_diff" and "retain_fact_recall" in res["metrics"]
     assert res["precision"] == {"training": "fp32", "weights": "float32", "device": "cpu"}
     assert "precision: fp32 training (deepspeed.precision=auto), weights loaded in float32 on cpu" in out.stderr
+    # GradDiff's terms are token means: the log says over what
+    assert ("loss reductions: forget term token_mean, retain term token_mean; token_mean: over the optimizer "
+            "step's tokens (every micro-batch and rank)") in out.stderr
     att = res["attention_backend"]
     assert att["requested"] == "triton" and att["resolved"] == "sdpa" and "falls back to sdpa" in att["reason"]
     assert set(att["ran"]["llama"]) == {"sdpa"}
