@@ -140,16 +140,8 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     resume_from = check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
     # written when training starts (trainer.on_loop_start), as resolved now: tau=auto still reads "auto"
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
-    # the rows themselves: another data.path with the same split names resumed silently. Before a known
-    # tau=auto choice enters cfg: checkpoints record method.tau=auto, and the chosen tau as tau_chosen
-    # and the starting model's files: new weights at the same model.path resumed the old training silently.
-    # Their content, not their path or mtimes: a model re-staged to scratch by a requeued job resumes
-    from pipeline.models.fingerprint import content_fingerprint
-
-    content = json.dumps(content_fingerprint(key["model"]), sort_keys=True)
-    meta = {**checkpoint_meta(cfg, dist.world_size, dist.device == "cuda"),
-            "rows.forget": key["rows.forget"], "rows.retain": key["rows.retain"],
-            "model.content_sha256": hashlib.sha256(content.encode()).hexdigest()[:16]}
+    # before a known tau=auto choice enters cfg: checkpoints record method.tau=auto, the chosen tau as tau_chosen
+    meta = _resume_meta(cfg, dist, key)
     tau_selection = _known_tau(cfg, run_dir, key, resume_from)  # no probes, and maybe no frozen model, needed
     need_reference = _needs_reference(cfg, method, inputs, dist.device == "cuda")
     engines, plan, total = _build_engines(cfg, dist, method, inputs, need_reference)
@@ -194,6 +186,19 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # Stages
+
+
+def _resume_meta(cfg: DictConfig, dist: Any, key: dict) -> dict:
+    """What a checkpoint records for a resume to compare (:func:`checkpoint_meta`), plus the rows themselves
+    (another data.path with the same split names resumed silently) and the starting model's content:
+    new weights at the same model.path resumed the old training silently. Content, not paths or mtimes:
+    a model re-staged to scratch by a requeued job resumes."""
+    from pipeline.models.fingerprint import content_fingerprint
+
+    content = json.dumps(content_fingerprint(key["model"]), sort_keys=True)
+    return {**checkpoint_meta(cfg, dist.world_size, dist.device == "cuda"),
+            "rows.forget": key["rows.forget"], "rows.retain": key["rows.retain"],
+            "model.content_sha256": hashlib.sha256(content.encode()).hexdigest()[:16]}
 
 
 def _start(cfg: DictConfig) -> tuple[Any, Any]:
