@@ -346,6 +346,37 @@ def test_lora_checkpoints_hold_the_adapters_not_the_frozen_base(runs):
             assert not state.get("frozen_param_fragments"), f
 
 
+def test_lora_checkpoint_of_a_tied_embedding_model_leaves_the_frozen_head_out(tiny):
+    """Input embedding tied to lm_head (SmolLM2, Llama-3.2, Gemma), one rank: DeepSpeed's frozen-parameter
+    exclusion lists a tied tensor once, so the frozen head stayed in every checkpoint as lm_head.weight
+    (137 MB per save at SmolLM2-135M). Now only adapters are saved, and the run resumes from them."""
+    from transformers import AutoModelForCausalLM
+
+    root, model_dir, data_dir = tiny
+    tied_dir = root / "tied_model"
+    m = AutoModelForCausalLM.from_pretrained(model_dir)
+    m.config.tie_word_embeddings = True
+    m.tie_weights()
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    m.save_pretrained(tied_dir, safe_serialization=True)
+    for f in model_dir.glob("tokenizer*"):
+        (tied_dir / f.name).write_bytes(f.read_bytes())
+    args = train_overrides(tied_dir, data_dir, root / "runs", "tied", steps=2) + [
+        "eval.enabled=false", "method=grad_diff", "model.peft.enabled=true", "model.peft.r=4",
+        "trainer.lr=1e-2", "trainer.save_every=1", "trainer.keep_checkpoints=5"]
+    # killed right after the step-1 checkpoint; the re-run resumes from it (the adapters onto the tied base)
+    killed = _launch(args, 1, ASU_INJECT="kill_after_save@1")
+    assert killed.returncode != 0
+    again = _launch(args, 1)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and "step 1/2" in again.stderr, again.stderr[-3000:]
+    files = sorted((root / "runs" / "tied" / "checkpoints").glob("step_*/mp_rank_00_model_states.pt"))
+    assert len(files) == 2, files
+    for f in files:
+        module = torch.load(f, map_location="cpu", weights_only=False)["module"]
+        assert module and all("lora_" in k for k in module), (f, [k for k in module if "lora_" not in k][:3])
+
+
 @pytest.mark.parametrize("kind", ["phi3", "mixtral"])
 def test_default_targets_adapt_the_layers_the_architecture_has(kind, caplog):
     """transformers 5's Phi-3 fuses q/k/v and gate/up (qkv_proj, gate_up_proj) and Mixtral's experts
