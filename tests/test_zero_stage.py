@@ -118,6 +118,11 @@ def test_resume_under_another_stage_is_refused_and_old_checkpoints_read_as_zero3
     check_compatible(old, {**old, "zero_stage": 3}, Path("ck"))
     with pytest.raises(CheckpointError, match=r"zero_stage: checkpoint=3 now=0"):
         check_compatible(old, {**old, "zero_stage": 0}, Path("ck"))
+    # another number of ranks (a requeue on other GPUs): the message says how many to launch
+    two = {"model": "m", "world_size": 2, "zero_stage": 3}
+    with pytest.raises(CheckpointError, match=r"world_size: checkpoint=2 now=1; zero_stage: checkpoint=3 now=0\)\. "
+                                              r"It was written by 2 ranks .*: to resume it, launch 2 ranks\."):
+        check_compatible(two, {**two, "world_size": 1, "zero_stage": 0}, Path("ck"))
 
 
 # -- launched: 1 rank, auto (stage 0) vs explicit ZeRO-3 ----------------------------------------------

@@ -255,6 +255,9 @@ def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
         detail = "; ".join(f"{k}: checkpoint={saved.get(k)!r} now={current.get(k)!r}" for k in diffs)
         hint = (f" To resume it, set deepspeed.zero_stage={saved['zero_stage']}."
                 if diffs == ["zero_stage"] else "")
+        if "world_size" in diffs:  # the root cause of a changed stage or grad_accum as well (a requeue on other GPUs)
+            hint = (f" It was written by {saved.get('world_size')} ranks (its optimizer state is saved "
+                    f"in per-rank shards): to resume it, launch {saved.get('world_size')} ranks.")
         raise CheckpointError(
             f"checkpoint {ckpt} was made with a different configuration ({detail}).{hint} "
             f"Use trainer.resume=never or a fresh run_name to start over."
