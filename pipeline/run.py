@@ -21,7 +21,7 @@ from pipeline.config import validate
 from pipeline.config_base import require
 from pipeline.describe import method_line, trainable_set
 from pipeline.dry_run import dry_run
-from pipeline.engine.checkpoint import check_resume
+from pipeline.engine.checkpoint import check_compatible, check_resume, read_meta
 from pipeline.engine.ds_config import gather_per_layer, reference_config, resolve_precision, student_config
 from pipeline.finished import finished_results, job_key, record_finished
 from pipeline.inputs import (
@@ -142,6 +142,9 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     # before a known tau=auto choice enters cfg: checkpoints record method.tau=auto, the chosen tau as tau_chosen
     meta = _resume_meta(cfg, dist, key)
+    if resume_from is not None:  # refused before any model is loaded (a requeue on another number of GPUs)
+        saved = {k: v for k, v in read_meta(resume_from).items() if k != TAU_CHOSEN}  # known only once tau is
+        check_compatible(saved, meta, resume_from)
     tau_selection = _known_tau(cfg, run_dir, key, resume_from)  # no probes, and maybe no frozen model, needed
     need_reference = _needs_reference(cfg, method, inputs, dist.device == "cuda")
     engines, plan, total = _build_engines(cfg, dist, method, inputs, need_reference)
@@ -490,7 +493,6 @@ def _known_tau(cfg: DictConfig, run_dir: Path, key: dict, resume_from: Optional[
     run). The config then carries the value; None when it must be chosen."""
     if "tau" not in cfg.method or str(cfg.method.tau) != "auto":
         return None
-    from pipeline.engine.checkpoint import read_meta
     from pipeline.engine.distributed import broadcast_object, is_main_process
 
     found = None

@@ -256,8 +256,9 @@ def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
         hint = (f" To resume it, set deepspeed.zero_stage={saved['zero_stage']}."
                 if diffs == ["zero_stage"] else "")
         if "world_size" in diffs:  # the root cause of a changed stage or grad_accum as well (a requeue on other GPUs)
-            hint = (f" It was written by {saved.get('world_size')} ranks (its optimizer state is saved "
-                    f"in per-rank shards): to resume it, launch {saved.get('world_size')} ranks.")
+            n = saved.get("world_size")
+            hint = (f" It was written by {n} rank{'' if n == 1 else 's'} (DeepSpeed lays a checkpoint out for the "
+                    f"ranks that wrote it): to resume it, launch {n} rank{'' if n == 1 else 's'}.")
         raise CheckpointError(
             f"checkpoint {ckpt} was made with a different configuration ({detail}).{hint} "
             f"Use trainer.resume=never or a fresh run_name to start over."
