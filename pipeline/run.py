@@ -90,6 +90,12 @@ def training_meta(cfg: DictConfig, cuda: bool) -> dict:
         value = OmegaConf.select(cfg, key, default=None)
         out[f"training.{key}"] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     out["training.precision"] = resolve_precision(cfg.deepspeed, cuda)
+    if (int(cfg.trainer.grad_accum) > 1 or float(OmegaConf.select(cfg, "method.rna_noise", default=0) or 0) > 0
+            or OmegaConf.select(cfg, "method.idk_draw", default=None) == "per_use"):
+        # what changed in how these runs draw (2026-12): epochs cut per optimizer step, RNA noise and
+        # per-use refusals keyed by stream position. An earlier checkpoint of such a run lacks the field
+        # and is refused instead of resumed on other rows; a run without any of them draws as before.
+        out["training.draws"] = "rows per optimizer step, keyed by stream position"
     return out
 
 
@@ -335,8 +341,14 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     r_cfg = reference_config(cfg.deepspeed, cfg.trainer, cuda, world_size=dist.world_size)
     log.info("DeepSpeed student zero_optimization: %s", s_cfg["zero_optimization"])
     plan = BatchPlan(len(inputs.forget), len(inputs.retain), int(cfg.trainer.batch_size),
-                     int(cfg.trainer.retain_batch_size), dist.world_size, dist.rank, int(cfg.seed))
-    total = plan.total_steps(float(cfg.trainer.epochs), int(cfg.trainer.max_steps), int(cfg.trainer.grad_accum))
+                     int(cfg.trainer.retain_batch_size), dist.world_size, dist.rank, int(cfg.seed),
+                     int(cfg.trainer.grad_accum))
+    total = plan.total_steps(float(cfg.trainer.epochs), int(cfg.trainer.max_steps))
+    log.info("steps: %d optimizer step%s (%s; %d forget rows, %d step%s per epoch of %d rows)", total,
+             "" if total == 1 else "s",
+             f"trainer.max_steps={int(cfg.trainer.max_steps)}" if int(cfg.trainer.max_steps) > 0
+             else f"trainer.epochs={cfg.trainer.epochs}", plan.n_forget, plan.steps_per_epoch,
+             "" if plan.steps_per_epoch == 1 else "s", plan.forget_per_step)
 
     dtype = _model_dtype(cfg, cuda)
     precision = {"training": resolve_precision(cfg.deepspeed, cuda), "weights": dtype, "device": dist.device}

@@ -178,6 +178,33 @@ def test_effective_batch_sets_grad_accum_from_the_number_of_ranks():
         resolve_grad_accum(4, 2, 32, 2)
 
 
+@pytest.mark.parametrize("n_forget", [5, 37, 40, 64])
+def test_an_optimizer_step_draws_the_same_rows_however_it_is_split(n_forget):
+    """8 forget rows per optimizer step as 1 rank x 8 micro-batches, 2 x 2 x 2, 8 ranks x 1 or 4 rows x 2
+    ranks: the same steps per epoch, the same rows (and retain rows) in each step, every forget row once
+    per epoch. Before, epochs were cut per micro-batch: TOFU forget01 (40 rows, 32 per step) ran 7 steps
+    in 5 epochs on 1 GPU and 10 on 8."""
+    from pipeline.engine.batching import BatchPlan
+
+    def steps(batch, ranks, accum, epochs=3):
+        plans = [BatchPlan(n_forget, 11, batch, batch, ranks, r, 7, accum) for r in range(ranks)]
+        total = plans[0].total_steps(epochs, 0)
+        micro = [(s * accum + k, p) for s in range(total) for k in range(accum) for p in plans]
+        rows = [sorted(i for m, p in micro[s * accum * ranks:(s + 1) * accum * ranks] for i in p.forget_indices(m))
+                for s in range(total)]
+        retain = [sorted(i for m, p in micro[s * accum * ranks:(s + 1) * accum * ranks] for i in p.retain_indices(m))
+                  for s in range(total)]
+        return plans[0].steps_per_epoch, rows, retain
+
+    splits = [steps(*s) for s in ((1, 1, 8), (2, 2, 2), (1, 8, 1), (4, 2, 1))]
+    assert all(s == splits[0] for s in splits[1:])
+    per_epoch, rows, _ = splits[0]
+    assert per_epoch == -(-n_forget // 8) and len(rows) == 3 * per_epoch
+    for e in range(3):
+        assert set().union(*rows[e * per_epoch:(e + 1) * per_epoch]) == set(range(n_forget))
+    assert BatchPlan(40, 10, 4, 4, 1, 0, 0, 8).total_steps(5, 0) == BatchPlan(40, 10, 4, 4, 8, 0, 0, 1).total_steps(5, 0) == 10
+
+
 @pytest.mark.distributed
 def test_a_run_records_its_batch_and_the_recipes_hold_it_on_any_gpu_count(tiny, tmp_path):
     from hydra import compose, initialize_config_dir
@@ -196,6 +223,7 @@ def test_a_run_records_its_batch_and_the_recipes_hold_it_on_any_gpu_count(tiny, 
     assert out.returncode == 0, out.stderr[-3000:]
     assert ("batch: 1 forget rows per rank x 2 micro-batches x 1 rank = 2 forget rows per optimizer step "
             "(trainer.effective_batch=2)") in out.stderr
+    assert "steps: 1 optimizer step (trainer.max_steps=1; 2 forget rows, 1 step per epoch of 2 rows)" in out.stderr
     res = json.loads((tmp_path / "runs" / "eb" / "results.json").read_text())
     assert res["batch"] == {"forget_per_rank": 1, "retain_per_rank": 1, "grad_accum": 2, "forget_per_step": 2}
     assert "grad_accum: 2" in (tmp_path / "runs" / "eb" / "config.yaml").read_text()

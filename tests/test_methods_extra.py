@@ -316,7 +316,7 @@ def test_two_rank_zero3_layerwise_and_view_methods(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-def test_refusals_drawn_per_use_vary_by_step_and_agree_across_ranks_and_attempts(tmp_path):
+def test_refusals_drawn_per_use_vary_by_draw_and_agree_across_ranks_and_attempts(tmp_path):
     """idk_draw=per_use (open-unlearning draws a refusal each time a row is read): a row gets other
     refusals at other micro-steps, and the draw depends on (seed, step, row) only, so a fresh view (another
     rank, a resumed attempt) draws the same; the file's non-empty lines are the refusals."""
@@ -338,11 +338,13 @@ def test_refusals_drawn_per_use_vary_by_step_and_agree_across_ranks_and_attempts
         return tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100],
                           skip_special_tokens=True)
 
-    drawn = {answer(view.for_step(step, [3])[0]).replace(" ", "") for step in range(40)}
+    drawn = {answer(view.for_draws([pos], [3])[0]).replace(" ", "") for pos in range(40)}
     assert drawn == {line.replace(" ", "") for line in lines}
-    for step in (0, 5, 17):
-        assert view.for_step(step, [0, 3, 5]) == again.for_step(step, [5, 3, 0])[::-1]
-        assert [e["index"] for e in view.for_step(step, [4, 1])] == [4, 1]
+    for start in (0, 5, 17):  # a row's draw depends on its position, not on the rows drawn beside it
+        pos = [start, start + 1, start + 2]
+        assert view.for_draws(pos, [0, 3, 5]) == again.for_draws(pos[::-1], [5, 3, 0])[::-1]
+        assert view.for_draws(pos[1:2], [3]) == view.for_draws(pos, [0, 3, 5])[1:2]
+        assert [e["index"] for e in view.for_draws(pos[:2], [4, 1])] == [4, 1]
     other = m.forget_views(tok, rows, 64, seed=8)["forget_idk"]
     assert [view.choice(s, 2) for s in range(20)] != [other.choice(s, 2) for s in range(20)]
 

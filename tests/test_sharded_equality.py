@@ -50,6 +50,14 @@ JOBS = {
 # one rank, 1-row micro-batches x grad_accum=2 -> the 1-rank job of 2-row micro-batches it must equal:
 # token_mean terms are one mean over the optimizer step's tokens, however the step is cut
 ACCUM = {"grad_diff_accum": "grad_diff", "asu_kl_fused_token_mean_accum": "asu_kl_fused_token_mean"}
+# trained by epochs over 5 forget rows at trainer.effective_batch=2: 1 rank x 2 one-row micro-batches vs
+# 2 ranks x 1 -> the same 3 optimizer steps per epoch, the same rows in each, and the same RNA noise and
+# per-use refusals (keyed by each row's position in the step's draws, not by micro-batch)
+EPOCHS = {
+    "epochs_grad_diff_rna": ["method=grad_diff", "method.rna_noise=0.05", "method.rna_layer=0"],
+    "epochs_idk_dpo_per_use": ["method=idk_dpo", "method.idk_draw=per_use"],
+}
+BY_EPOCHS = ["data.forget_split=forget5", "data.retain_split=retain3", "trainer.max_steps=-1", "trainer.epochs=2", "trainer.effective_batch=2"]
 # activation checkpointing (the MUSE 7B experiments run with it) -> the 2-rank job it must equal: RNA's
 # noise hook runs again in the recompute; RMU trains one layer, so no layer input below it needs grad;
 # the fused KL reads the head's weight through the root forward, outside the checkpointed layers
@@ -66,6 +74,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded")
     # answers of different lengths: each rank's micro-batch has its own token count (token_mean terms)
     model_dir, data_dir = build(root, uneven_answers=True)
+    rows = [*(data_dir / "forget.jsonl").read_text().splitlines(), *(data_dir / "retain.jsonl").read_text().splitlines()]
+    (data_dir / "forget5.jsonl").write_text("\n".join(rows[:5]) + "\n")  # not a multiple of 2 rows per step
+    (data_dir / "retain3.jsonl").write_text("\n".join(rows[5:]) + "\n")
     out = {}
     for ranks, per_rank in ((1, 2), (2, 1)):
         def job(name, extra, ranks=ranks, per_rank=per_rank):
@@ -74,6 +85,7 @@ def runs(tmp_path_factory):
                 f"cache_dir={root / f'cache{ranks}'}", *extra]]
 
         jobs = [job(name, extra) for name, extra in JOBS.items()]
+        jobs += [job(name, [*extra, *BY_EPOCHS], per_rank=1) for name, extra in EPOCHS.items()]
         if ranks == 1:
             jobs += [job(name, [*JOBS[same_as], "trainer.grad_accum=2"], per_rank=1) for name, same_as in ACCUM.items()]
         if ranks == 2:
@@ -154,6 +166,25 @@ def test_grad_accum_equals_one_bigger_micro_batch(runs, name):
     w0, wa, wb = load_file(str(model_dir / "model.safetensors")), _weights(whole), _weights(accum)
     assert max((wa[k] - w0[k]).abs().max().item() for k in wa) > 1e-4  # it trained: the check can fail
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(EPOCHS))
+def test_epochs_split_into_ranks_or_micro_batches_train_the_same_steps(runs, name):
+    """2 epochs over 5 forget rows, 2 rows per optimizer step: 1 rank x grad_accum=2 and 2 ranks x 1 run
+    3 steps per epoch (the last one wrapping) on the same rows, with the same RNA noise / refusals."""
+    root, model_dir, _ = runs
+    r1, r2 = root / "w1" / name, root / "w2" / name
+    res1, res2 = (json.loads((r / "results.json").read_text()) for r in (r1, r2))
+    assert (res1["batch"]["grad_accum"], res2["batch"]["grad_accum"]) == (2, 1)
+    assert res1["steps"] == res2["steps"] == 6
+    h1, h2 = (json.loads((r / "train_history.json").read_text()) for r in (r1, r2))
+    assert len(h1) == len(h2) == 6
+    for a, b in zip(h1, h2):
+        for k in ("loss", "forget_loss", "retain_loss"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a, b)
+    w0, w1, w2 = load_file(str(model_dir / "model.safetensors")), _weights(r1), _weights(r2)
+    assert max((w1[k] - w0[k]).abs().max().item() for k in w1) > 1e-4  # it trained: the check can fail
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5
 
 
 def test_one_pass_step_equals_the_per_group_step_on_two_partitioned_ranks(runs):

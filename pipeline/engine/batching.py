@@ -1,9 +1,14 @@
 """Deterministic, resumable batch plan for (forget, retain) pairs across ranks.
 
-The batch at global micro-step ``s`` depends only on ``(seed, s, rank, world_size)``, so a resumed
-run sees exactly the batches the uninterrupted run would have seen, with no dataloader state to
-save. The forget set is walked epoch by epoch in a seeded permutation (wrapping at the epoch end so
-every rank always gets a full batch); the retain set is an endless seeded stream.
+Rows are drawn from two global streams of positions. Micro-step ``s`` (optimizer step x grad_accum
++ micro-batch) of rank ``r`` takes positions ``s * batch * ranks + r * batch + j``, so an optimizer
+step of G = batch x ranks x grad_accum rows covers the same G positions however G is split into
+micro-batches and ranks, and a resumed run sees exactly the batches the uninterrupted run would have
+seen, with no dataloader state to save. The forget stream walks the forget set epoch by epoch in a
+seeded permutation; epochs are cut per optimizer step (ceil(n / G) steps, the last one wrapping to
+the epoch's start), so 1 GPU x 4 micro-batches and 4 GPUs x 1 train the same rows in the same steps.
+The retain stream is an endless seeded permutation stream. A draw's position also keys what is drawn
+per use (RNA noise, ``idk_draw=per_use`` refusals), so those agree across layouts too.
 """
 
 from __future__ import annotations
@@ -47,37 +52,59 @@ def _perm(n: int, seed: int, stream: int, epoch: int) -> tuple[int, ...]:
 
 @dataclass
 class BatchPlan:
+    """Which forget and retain rows rank ``rank`` trains at each micro-step (module docstring)."""
+
     n_forget: int
     n_retain: int
-    forget_batch: int  # per rank
-    retain_batch: int  # per rank
+    forget_batch: int  # per rank and micro-batch
+    retain_batch: int  # per rank and micro-batch
     world_size: int
     rank: int
     seed: int
+    grad_accum: int = 1  # micro-batches per optimizer step (resolved: trainer.effective_batch applied)
+
+    @property
+    def forget_per_step(self) -> int:
+        """Forget rows per optimizer step over all ranks and micro-batches."""
+        return self.forget_batch * self.world_size * max(1, self.grad_accum)
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(self.n_forget / (self.forget_batch * self.world_size)))
+        """Optimizer steps per pass over the forget set."""
+        return max(1, math.ceil(self.n_forget / self.forget_per_step))
 
-    def total_steps(self, epochs: float, max_steps: int, grad_accum: int = 1) -> int:
-        """Optimizer steps: ``max_steps`` when > 0, else enough for ``epochs`` passes over the forget set
-        with ``grad_accum`` micro-batches (micro-steps ``s * grad_accum + k``) per optimizer step."""
+    def total_steps(self, epochs: float, max_steps: int) -> int:
+        """Optimizer steps: ``max_steps`` when > 0, else enough for ``epochs`` passes over the forget set."""
         if max_steps and max_steps > 0:
             return int(max_steps)
-        return max(1, math.ceil(epochs * self.steps_per_epoch / max(1, grad_accum)))
+        return max(1, math.ceil(epochs * self.steps_per_epoch))
+
+    def forget_positions(self, step: int) -> list[int]:
+        """This rank's positions in the forget stream at global micro-step ``step``."""
+        return _positions(step, self.forget_batch, self.world_size, self.rank)
+
+    def retain_positions(self, step: int) -> list[int]:
+        """This rank's positions in the retain stream at global micro-step ``step``."""
+        return _positions(step, self.retain_batch, self.world_size, self.rank)
 
     def forget_indices(self, step: int) -> list[int]:
-        epoch, b = divmod(step, self.steps_per_epoch)
-        perm = _perm(self.n_forget, self.seed, 0, epoch)
-        g = self.forget_batch * self.world_size
-        start = b * g + self.rank * self.forget_batch
-        return [perm[(start + j) % self.n_forget] for j in range(self.forget_batch)]
+        """Forget-set rows of global micro-step ``step`` on this rank."""
+        per_epoch = self.steps_per_epoch * self.forget_per_step
+        out = []
+        for pos in self.forget_positions(step):
+            epoch, k = divmod(pos, per_epoch)
+            out.append(_perm(self.n_forget, self.seed, 0, epoch)[k % self.n_forget])  # the last step wraps
+        return out
 
     def retain_indices(self, step: int) -> list[int]:
-        g = self.retain_batch * self.world_size
+        """Retain-set rows of global micro-step ``step`` on this rank."""
         out = []
-        for j in range(self.retain_batch):
-            pos = step * g + self.rank * self.retain_batch + j
+        for pos in self.retain_positions(step):
             cycle, k = divmod(pos, self.n_retain)
             out.append(_perm(self.n_retain, self.seed, 1, cycle)[k])
         return out
+
+
+def _positions(step: int, batch: int, world_size: int, rank: int) -> list[int]:
+    start = (step * world_size + rank) * batch
+    return list(range(start, start + batch))

@@ -33,7 +33,13 @@ META = "meta.json"
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be written, read or resumed. ``every_rank``: every rank decides it alike
+    from the same shared files (a refused resume), so rank 0's line speaks for all
+    (:func:`pipeline.errors.exit_with`)."""
+
+    def __init__(self, message: str = "", *, every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def _tag(step: int) -> str:
@@ -215,12 +221,12 @@ def check_resume(mode: str, root: str | Path, allow_pickle: bool) -> Optional[Pa
     if path is None:
         return None
     if not (path / META).exists():
-        raise CheckpointError(f"trainer.resume={mode}: {path} is not a complete checkpoint (no {META})")
+        raise CheckpointError(f"trainer.resume={mode}: {path} is not a complete checkpoint (no {META})", every_rank=True)
     if not allow_pickle and not path.resolve().is_relative_to(Path(root).resolve()):
         raise CheckpointError(
             f"trainer.resume={mode}: a checkpoint made outside this run; DeepSpeed loads its files as pickles "
             f"(torch.load with weights_only=False), which runs any code they hold. If you trust where it came "
-            f"from, set model.allow_pickle=true")
+            f"from, set model.allow_pickle=true", every_rank=True)
     return path
 
 
@@ -255,14 +261,16 @@ def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
         detail = "; ".join(f"{k}: checkpoint={saved.get(k)!r} now={current.get(k)!r}" for k in diffs)
         hint = (f" To resume it, set deepspeed.zero_stage={saved['zero_stage']}."
                 if diffs == ["zero_stage"] else "")
+        if "training.draws" in diffs and "training.draws" not in saved:
+            hint = (" It was written by an earlier version, which cut epochs per micro-batch and keyed RNA noise "
+                    "and per-use refusals by micro-batch: resumed now, it would train other rows.")
         if "world_size" in diffs:  # the root cause of a changed stage or grad_accum as well (a requeue on other GPUs)
             n = saved.get("world_size")
             hint = (f" It was written by {n} rank{'' if n == 1 else 's'} (DeepSpeed lays a checkpoint out for the "
                     f"ranks that wrote it): to resume it, launch {n} rank{'' if n == 1 else 's'}.")
         raise CheckpointError(
             f"checkpoint {ckpt} was made with a different configuration ({detail}).{hint} "
-            f"Use trainer.resume=never or a fresh run_name to start over."
-        )
+            f"Use trainer.resume=never or a fresh run_name to start over.", every_rank=True)
 
 
 def _rank() -> int:

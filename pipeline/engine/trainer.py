@@ -206,11 +206,14 @@ class UnlearningTrainer:
             "retain": self._collate(self.retain, r_idx),
         }
         if float(getattr(self.cfg.method, "rna_noise", 0.0) or 0.0) > 0:
-            # RNA noise keyed by (seed, micro-step, row): identical on any number of ranks and after resume
-            base = (int(self.cfg.seed) * 1_000_003 + step) * 100_003
-            out["retain"]["rna_seed"] = torch.tensor([base + i for i in r_idx], dtype=torch.long)
-        for name, rows in self.views.items():  # a view drawn per use (idk_draw=per_use) encodes its step's rows
-            out[name] = self._pad(rows.for_step(step, f_idx)) if hasattr(rows, "for_step") else self._collate(rows, f_idx)
+            # RNA noise keyed by (seed, position in the retain stream): the same for any split of the
+            # optimizer step into ranks and micro-batches, and after resume
+            base = int(self.cfg.seed) * 1_000_000_007
+            out["retain"]["rna_seed"] = torch.tensor([base + p for p in self.plan.retain_positions(step)],
+                                                     dtype=torch.long)
+        for name, rows in self.views.items():  # a view drawn per use (idk_draw=per_use) encodes its draws' rows
+            out[name] = (self._pad(rows.for_draws(self.plan.forget_positions(step), f_idx))
+                         if hasattr(rows, "for_draws") else self._collate(rows, f_idx))
         if teacher:
             self._add_teacher(out, step)
         return out

@@ -107,8 +107,8 @@ class UnlearningMethod:
         """Extra encodings of the forget rows (same order), e.g. refusal answers for IdkDPO, in
         ``prompt_format`` (the run's model.prompt_format; None: plain).
         Each view ``name`` reaches the loss as ``batch[name]`` with the same rows as ``batch["forget"]``:
-        a list of encoded rows, or an object whose ``for_step(step, idx)`` encodes them per micro-step
-        (drawn anew, keyed by ``seed``)."""
+        a list of encoded rows, or an object whose ``for_draws(positions, idx)`` encodes them per draw
+        (drawn anew at each forget-stream position, keyed by ``seed``)."""
         return {}
 
     # -- the step: what each model must compute, then the loss from it ----------------------------

@@ -57,10 +57,11 @@ def read_refusals(path: str | Path) -> tuple[str, ...]:
 
 
 class DrawnRefusalView:
-    """The ``forget_idk`` view with ``idk_draw=per_use``: each time forget row ``i`` is trained at
-    micro-step ``step`` it gets refusal ``random.Random((seed, step, i))``'s pick, so a row sees other
-    refusals in other epochs while ranks, world sizes and resumed attempts draw alike. Rows are
-    encoded when first drawn (rows x refusals encodings up front would be ~40 k for TOFU forget10)."""
+    """The ``forget_idk`` view with ``idk_draw=per_use``: the forget row drawn at position ``pos`` of
+    the forget stream (:class:`pipeline.engine.batching.BatchPlan`) gets refusal
+    ``random.Random((seed, pos, row))``'s pick, so a row sees other refusals in other epochs while
+    ranks, world sizes, micro-batch splits and resumed attempts draw alike. Rows are encoded when
+    first drawn (rows x refusals encodings up front would be ~40 k for TOFU forget10)."""
 
     def __init__(self, tokenizer: Any, rows: list[dict], answers: tuple[str, ...], max_length: int, template: Any,
                  seed: int) -> None:
@@ -68,15 +69,15 @@ class DrawnRefusalView:
         self.max_length, self.template, self.seed = max_length, template, seed
         self._encoded: dict[tuple[int, int], dict] = {}
 
-    def choice(self, step: int, i: int) -> int:
-        """Index into ``answers`` of row ``i``'s refusal at micro-step ``step``."""
-        return random.Random(f"{self.seed}:{step}:{i}").randrange(len(self.answers))
+    def choice(self, pos: int, i: int) -> int:
+        """Index into ``answers`` of row ``i``'s refusal when drawn at forget-stream position ``pos``."""
+        return random.Random(f"{self.seed}:{pos}:{i}").randrange(len(self.answers))
 
-    def for_step(self, step: int, idx: list[int]) -> list[dict]:
-        """The encoded view rows ``idx`` of micro-step ``step``."""
+    def for_draws(self, positions: list[int], idx: list[int]) -> list[dict]:
+        """The encoded view rows ``idx``, drawn at forget-stream positions ``positions``."""
         out = []
-        for i in idx:
-            key = (i, self.choice(step, i))
+        for pos, i in zip(positions, idx, strict=True):
+            key = (i, self.choice(pos, i))
             if key not in self._encoded:
                 enc = encode_qa(self.tokenizer, self.rows[i]["question"], self.answers[key[1]], self.max_length,
                                 template=self.template)

@@ -6,7 +6,7 @@ mode only; the frozen reference's forward is untouched, and the hook is removed 
 retain loss is computed, so forget forwards and evaluation never see it). Typical nu: 0.01-0.1.
 
 When the retain batch carries ``rna_seed`` (one integer per row; the trainer derives it from
-``(seed, micro-step, dataset row)``), each row's noise comes from its own generator, in blocks of
+``(seed, the row's position in the retain stream)``), each row's noise comes from its own generator, in blocks of
 ``BLOCK`` positions: a row gets the same noise whichever rank, batch or padding length it is in, so a
 run on N ranks equals one on 1 rank and a resumed run equals an uninterrupted one (no RNG state to
 carry). Without it the global RNG is used.

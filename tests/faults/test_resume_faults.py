@@ -165,7 +165,8 @@ def test_a_resume_with_other_training_settings_is_refused_and_old_checkpoints_ar
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         meta = {over: checkpoint_meta(compose("config", overrides=[over] if over else []), 1)
                 for over in ("", "trainer.lr=0.1", "trainer.max_steps=3", "data.max_length=64",
-                             "deepspeed.precision=bf16", "logging.progress_bar=false")}
+                             "deepspeed.precision=bf16", "logging.progress_bar=false", "trainer.grad_accum=2",
+                             "method.rna_noise=0.05")}
     saved = {**meta[""], "step": 4, "tag": "step_00000004"}
     for over, key in (("trainer.lr=0.1", "training.trainer.lr"), ("trainer.max_steps=3", "training.trainer.max_steps"),
                       ("data.max_length=64", "training.data.max_length"),
@@ -190,6 +191,14 @@ def test_a_resume_with_other_training_settings_is_refused_and_old_checkpoints_ar
     with pytest.raises(CheckpointError, match=r"training.model.chat_template_kwargs: checkpoint=\{\} now="):
         check_compatible(before, {**meta[""], "training.model.chat_template_kwargs": {"date_string": "1 Jan 2025"}},
                          tmp_path)
+    # rows drawn per optimizer step and RNA / per-use draws keyed by stream position (2026-12): a run that
+    # draws differently now (grad_accum > 1, RNA noise) refuses its earlier checkpoint; one that does not resumes it
+    assert "training.draws" not in meta[""]
+    for over in ("trainer.grad_accum=2", "method.rna_noise=0.05"):
+        earlier = {k: v for k, v in meta[over].items() if k != "training.draws"}
+        with pytest.raises(CheckpointError, match=r"training.draws: checkpoint=None .* written by an earlier version"):
+            check_compatible(earlier, meta[over], tmp_path)
+        check_compatible(meta[over], meta[over], tmp_path)
 
 
 def test_refusal_settings_at_their_defaults_leave_the_method_meta_as_before(tmp_path):
