@@ -3,8 +3,10 @@
 Launchers print these as one line naming the cause and exit with code 2 instead of a traceback.
 """
 
+import json
 import os
 import sys
+import time
 from typing import NoReturn
 
 from pipeline.config import ConfigError
@@ -34,10 +36,39 @@ def error_line(exc: BaseException, message: str) -> str:
     return f"error ({type(exc).__name__}, rank {os.environ.get('RANK', '0')}): {message}"
 
 
+# errors every rank of a node meets alike, from the same config, data, model files and checkpoint meta
+SAME_ON_EVERY_RANK = (ConfigError, DataError, PromptFormatError, ModelLoadError)
+# how long another rank waits for the launcher to end it once rank 0 has reported the same error:
+# deepspeed's launch.py polls its ranks each second, torchrun's agent every 0.1 s
+SPOKEN_FOR_S = 5.0
+
+
 def exit_with(exc: BaseException, message: str) -> NoReturn:
-    """Print :func:`error_line` on stderr and exit with 2."""
-    print(error_line(exc, message), file=sys.stderr, flush=True)
+    """Print :func:`error_line` on stderr and exit with 2. An error every rank meets alike (a bad
+    config, a refused resume) is printed by rank 0 at once; another rank first gives the launcher
+    :data:`SPOKEN_FOR_S` seconds to end it (it does, as rank 0 exited), so N ranks print one line,
+    not N — and where rank 0 did not fail, the line still comes, a few seconds late. Under torchrun
+    the line also goes to the agent's error file, which its failure summary shows."""
+    line = error_line(exc, message)
+    _record_for_torchrun(line)
+    if os.environ.get("RANK", "0") != "0" and (isinstance(exc, SAME_ON_EVERY_RANK) or getattr(exc, "every_rank", False)):
+        time.sleep(SPOKEN_FOR_S)
+    print(line, file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _record_for_torchrun(line: str) -> None:
+    """Write ``line`` where torchrun's agent reads a failed rank's error (torch.distributed.elastic's
+    error-file format), so its summary shows it instead of "To enable traceback see ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                   "timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass  # the line still goes to stderr
 
 
 def exit_interrupted() -> NoReturn:

@@ -185,9 +185,16 @@ def test_resume_with_other_world_size_is_refused(tiny):
                                         "trainer.retain_batch_size=1"])
     first = launch.run(base)
     assert first.returncode == 0, first.stderr[-2000:]
-    second = launch.run(base + ["trainer.max_steps=4"], ranks=2)
-    assert second.returncode != 0
-    assert "world_size: checkpoint=1 now=2" in second.stderr
+    # every rank refuses alike: one line (rank 0's; the launcher ends rank 1 before it repeats it), exit 2
+    second = launch.run(base + ["trainer.max_steps=4"], ranks=2, launcher="deepspeed")
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert second.stderr.count("error (CheckpointError") == 1, second.stderr[-3000:]
+    assert "error (CheckpointError, rank 0): " in second.stderr and "world_size: checkpoint=1 now=2" in second.stderr
+    assert "Traceback" not in second.stderr
+    # torchrun exits 1 with its own failure summary, which shows the line instead of "To enable traceback"
+    third = launch.run(base + ["trainer.max_steps=4"], ranks=2)
+    assert third.returncode == 1 and "To enable traceback" not in third.stderr, third.stderr[-3000:]
+    assert "traceback : error (CheckpointError, rank 0): " in third.stderr, third.stderr[-3000:]
 
 
 def test_disk_full_while_saving_keeps_previous_checkpoint(tiny, tmp_path):
