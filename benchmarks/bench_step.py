@@ -639,9 +639,10 @@ def _one_process_method(name: str, args, tmp: Path) -> dict:
         "+exp=tofu_tiny", f"method={method_choice(name, conf)}", "trainer.batch_size=8", "trainer.retain_batch_size=8",
         "trainer.num_threads=1", f"deepspeed.zero_stage={args.zero_stage}", "logging=none", "eval.enabled=false",
         f"output_dir={tmp}", f"run_name={name}", f"cache_dir={ROOT / '.cache' / 'asu'}"])
-    dist, method = _start(cfg, tmp / name)
+    dist, method = _start(cfg)
     inputs = _load_inputs(cfg)
-    engines, plan, total = _build_engines(cfg, dist, method, inputs, _needs_reference(cfg, method, inputs))
+    engines, plan, total = _build_engines(cfg, dist, method, inputs,
+                                          _needs_reference(cfg, method, inputs, dist.device == "cuda"))
     engine, reference = engines.engine, engines.reference
     engine.train()  # as UnlearningTrainer.train() sets them
     if reference is not None:
