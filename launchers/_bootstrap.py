@@ -129,7 +129,7 @@ def launch(main) -> None:
     except COMPOSE_ERRORS as exc:
         if user_full_error or _TASK_STARTED:  # raised by the job itself: a bug, keep the traceback
             raise
-        exit_with(exc, compose_error_line(exc))
+        exit_with(exc, compose_error_line(exc), every_rank=True)
     except Exception as exc:
         from pipeline.errors import SweepJobFailed
 

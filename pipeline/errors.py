@@ -43,16 +43,21 @@ SAME_ON_EVERY_RANK = (ConfigError, DataError, PromptFormatError, ModelLoadError)
 SPOKEN_FOR_S = 5.0
 
 
-def exit_with(exc: BaseException, message: str) -> NoReturn:
+def exit_with(exc: BaseException, message: str, every_rank: bool = False) -> NoReturn:
     """Print :func:`error_line` on stderr and exit with 2. An error every rank meets alike (a bad
     config, a refused resume) is printed by rank 0 at once; another rank first gives the launcher
     :data:`SPOKEN_FOR_S` seconds to end it (it does, as rank 0 exited), so N ranks print one line,
-    not N — and where rank 0 did not fail, the line still comes, a few seconds late. Under torchrun
+    not N — and where rank 0 did not fail, the line still comes, a few seconds late (``every_rank``:
+    the caller knows every rank fails alike, e.g. an override Hydra cannot compose). Under torchrun
     the line also goes to the agent's error file, which its failure summary shows."""
     line = error_line(exc, message)
     _record_for_torchrun(line)
-    if os.environ.get("RANK", "0") != "0" and (isinstance(exc, SAME_ON_EVERY_RANK) or getattr(exc, "every_rank", False)):
-        time.sleep(SPOKEN_FOR_S)
+    alike = every_rank or isinstance(exc, SAME_ON_EVERY_RANK) or getattr(exc, "every_rank", False)
+    if alike and os.environ.get("RANK", "0") != "0":
+        try:
+            time.sleep(SPOKEN_FOR_S)
+        except KeyboardInterrupt:  # a Ctrl-C meanwhile (deepspeed sends it to every rank): say it and stop
+            pass
     print(line, file=sys.stderr, flush=True)
     sys.exit(2)
 

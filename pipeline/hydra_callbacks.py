@@ -53,7 +53,7 @@ def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
         try:
             job_config = loader.load_sweep_config(config, list(job))
         except COMPOSE_ERRORS as exc:  # a swept value of the wrong type; Hydra would only warn about it
-            exit_with(exc, where + compose_error_line(exc))  # here and fail later, after writing the sweep dir
+            exit_with(exc, where + compose_error_line(exc), every_rank=True)  # here and fail later, after writing the sweep dir
         _check(job_config, where)
         run_dir = _job_dir(job_config, i - 1)
         if run_dir is not None and run_dir in dirs:

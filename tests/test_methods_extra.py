@@ -318,8 +318,8 @@ def test_two_rank_zero3_layerwise_and_view_methods(tmp_path):
 
 def test_refusals_drawn_per_use_vary_by_draw_and_agree_across_ranks_and_attempts(tmp_path):
     """idk_draw=per_use (open-unlearning draws a refusal each time a row is read): a row gets other
-    refusals at other micro-steps, and the draw depends on (seed, step, row) only, so a fresh view (another
-    rank, a resumed attempt) draws the same; the file's non-empty lines are the refusals."""
+    refusals at other draws, and the draw depends on (seed, forget-stream position, row) only, so a fresh view
+    (another rank, a resumed attempt) draws the same; the file's non-empty lines are the refusals."""
     from pipeline.data.tokenizer import build_word_tokenizer
     from pipeline.methods.idk_dpo import REFUSALS
 

@@ -77,7 +77,7 @@ class BatchPlan:
         """Optimizer steps: ``max_steps`` when > 0, else enough for ``epochs`` passes over the forget set."""
         if max_steps and max_steps > 0:
             return int(max_steps)
-        return max(1, math.ceil(epochs * self.steps_per_epoch))
+        return max(1, math.ceil(round(epochs * self.steps_per_epoch, 9)))  # 1.1 x 100 -> 110, not 111
 
     def forget_positions(self, step: int) -> list[int]:
         """This rank's positions in the forget stream at global micro-step ``step``."""

@@ -254,6 +254,7 @@ def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
     # checkpoints written before the training settings were recorded cannot be compared on them
     unknown = set() if any(k.startswith("training.") for k in saved) else {k for k in current if k.startswith("training.")}
     unknown |= {k for k in RECORDED_LATER if k not in saved} | {k for k in RETIRED if k not in current}
+    unknown.discard("training.draws")  # absent from every checkpoint written before it: compared even there
     saved = {**{k: v for k, v in META_DEFAULTS.items() if k in current}, **saved}
     diffs = [k for k in sorted(set(saved) | set(current))
              if k not in ("step", "tag") and k not in unknown and saved.get(k) != current.get(k)]
@@ -261,7 +262,7 @@ def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
         detail = "; ".join(f"{k}: checkpoint={saved.get(k)!r} now={current.get(k)!r}" for k in diffs)
         hint = (f" To resume it, set deepspeed.zero_stage={saved['zero_stage']}."
                 if diffs == ["zero_stage"] else "")
-        if "training.draws" in diffs and "training.draws" not in saved:
+        if "training.draws" in diffs and "training.draws" not in saved and not {"method", "training.trainer.grad_accum"} & set(diffs):
             hint = (" It was written by an earlier version, which cut epochs per micro-batch and keyed RNA noise "
                     "and per-use refusals by micro-batch: resumed now, it would train other rows.")
         if "world_size" in diffs:  # the root cause of a changed stage or grad_accum as well (a requeue on other GPUs)

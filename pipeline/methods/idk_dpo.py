@@ -7,7 +7,8 @@ with sequence log-probs summed over answer tokens — open-unlearning's ``comput
 its 2/beta scale, as in NPO). The refusal answers come from a list (built-in, ``idk_answers`` or
 ``idk_answers_file``); ``idk_draw=per_question`` picks one per row by a stable hash of the question,
 ``per_use`` draws one each time a row is trained (open-unlearning's ``QAwithIdkDataset``), keyed by
-(seed, micro-step, row) so every rank and every resumed attempt draws the same. They reach the loss
+(seed, the draw's forget-stream position, row) so every rank, every split of a step into
+micro-batches and every resumed attempt draws the same. They reach the loss
 as the forget view ``forget_idk`` (:class:`IdkViews`, shared with ``asu_idk``).
 """
 

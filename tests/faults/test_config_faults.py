@@ -64,6 +64,20 @@ def test_bad_config_stops_with_key_and_range(tiny, override, expect):
     assert not (Path("/") / name).exists()  # output_dir= empty
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("override", ["trainer.lr_typo=1", "method.tau=-2"])
+def test_on_two_ranks_a_bad_config_is_one_line_and_exit_2(tiny, override):
+    """Every rank meets it alike (one Hydra cannot compose; one our validation refuses): rank 0 prints
+    it, the other rank is ended by the launcher before it repeats it (before: one line per rank)."""
+    root, model_dir, data_dir = tiny
+    out = launch.run(train_overrides(model_dir, data_dir, root / "runs", "cfgfault-2ranks") + [override],
+                     ranks=2, launcher="deepspeed")
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error (")]
+    assert len(errors) == 1 and ", rank 0): " in errors[0], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("sweep,expect", [
     ("method.tau=2.0,3.0,-1", ["sweep job 3 of 3 (", "method.tau=-1", "must be > 0"]),  # our validation
     ("trainer.lr=1e-3,1e-4,hot", ["sweep job 3 of 3 (", "trainer.lr=hot", "could not be converted"]),  # type

@@ -199,6 +199,15 @@ def test_a_resume_with_other_training_settings_is_refused_and_old_checkpoints_ar
         with pytest.raises(CheckpointError, match=r"training.draws: checkpoint=None .* written by an earlier version"):
             check_compatible(earlier, meta[over], tmp_path)
         check_compatible(meta[over], meta[over], tmp_path)
+        # written before training settings were recorded at all: still refused on the draws
+        ancient = {k: v for k, v in meta[over].items() if not k.startswith("training.")}
+        with pytest.raises(CheckpointError, match=r"training.draws: checkpoint=None"):
+            check_compatible(ancient, meta[over], tmp_path)
+    # a checkpoint of this version with grad_accum=1 resumed with grad_accum=2: the setting is named, no
+    # claim of an earlier version
+    with pytest.raises(CheckpointError, match=r"training.trainer.grad_accum: checkpoint=1 now=2") as refused:
+        check_compatible(saved, meta["trainer.grad_accum=2"], tmp_path)
+    assert "earlier version" not in str(refused.value)
 
 
 def test_refusal_settings_at_their_defaults_leave_the_method_meta_as_before(tmp_path):
