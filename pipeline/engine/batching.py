@@ -31,7 +31,8 @@ def resolve_grad_accum(batch_size: int, grad_accum: int, effective_batch: int | 
         ranks = f"{world_size} rank{'s' * (world_size != 1)}"
         require(effective_batch % per_pass == 0, "trainer.effective_batch",
                 f"{effective_batch} forget rows per step is not a multiple of trainer.batch_size={batch_size} x "
-                f"{ranks} = {per_pass}; set trainer.batch_size so that it divides {effective_batch} / {world_size}")
+                f"{ranks} = {per_pass}; set trainer.batch_size so that it divides {effective_batch} / {world_size} "
+                f"(and trainer.retain_batch_size in proportion: retain rows per step scale with it)")
         derived = effective_batch // per_pass
         require(grad_accum in (1, derived), "trainer.grad_accum",
                 f"{grad_accum} contradicts trainer.effective_batch={effective_batch} ({derived} micro-batches of "
