@@ -347,7 +347,7 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     log.info("steps: %d optimizer step%s (%s; %d forget rows, %d step%s per epoch of %d rows)", total,
              "" if total == 1 else "s",
              f"trainer.max_steps={int(cfg.trainer.max_steps)}" if int(cfg.trainer.max_steps) > 0
-             else f"trainer.epochs={cfg.trainer.epochs}", plan.n_forget, plan.steps_per_epoch,
+             else f"trainer.epochs={float(cfg.trainer.epochs):g}", plan.n_forget, plan.steps_per_epoch,
              "" if plan.steps_per_epoch == 1 else "s", plan.forget_per_step)
 
     dtype = _model_dtype(cfg, cuda)
