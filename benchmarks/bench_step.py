@@ -443,6 +443,8 @@ def main() -> None:
     ap.add_argument("--one-process", action="store_true",
                     help="the demo's model, one process: our step vs a plain-torch loop of the same losses")
     ap.add_argument("--zero-stage", default="auto", help="--one-process: deepspeed.zero_stage (auto | 0..3)")
+    ap.add_argument("--override", action="append", default=[],
+                    help="--one-process: a further Hydra override (repeatable; the tests shrink the benchmark)")
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
@@ -638,7 +640,7 @@ def _one_process_method(name: str, args, tmp: Path) -> dict:
     cfg = compose(config_name="config", overrides=[
         "+exp=tofu_tiny", f"method={method_choice(name, conf)}", "trainer.batch_size=8", "trainer.retain_batch_size=8",
         "trainer.num_threads=1", f"deepspeed.zero_stage={args.zero_stage}", "logging=none", "eval.enabled=false",
-        f"output_dir={tmp}", f"run_name={name}", f"cache_dir={ROOT / '.cache' / 'asu'}"])
+        f"output_dir={tmp}", f"run_name={name}", f"cache_dir={ROOT / '.cache' / 'asu'}", *args.override])
     dist, method = _start(cfg)
     inputs = _load_inputs(cfg)
     engines, plan, total = _build_engines(cfg, dist, method, inputs,

@@ -6,16 +6,9 @@ import json
 import pytest
 
 from tests.helpers import launch
+from tests.helpers.tiny import SYNTHETIC_MINI
 
 pytestmark = pytest.mark.distributed
-
-# A minuscule benchmark and model: the point is the wiring, not the quality (the demo measures that).
-MINI = ["+exp=tofu_tiny", "data.synthetic.n_authors=20", "data.synthetic.qa_per_author=4",
-        "data.synthetic.n_world_facts=4", "data.synthetic.n_real_authors=2", "model.tiny.steps=40",
-        "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=2",
-        "eval.max_new_tokens=12", "logging=none",
-        # tofu_tiny keeps its tiny weights whole (1e5) for speed; the tests partition every one
-        "deepspeed.param_persistence_threshold=0"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +17,7 @@ def out(tmp_path_factory):
 
 
 def test_prepare_eval_and_two_rank_zero3_unlearning(out):
-    common = MINI + [f"cache_dir={out / 'cache'}", f"output_dir={out / 'runs'}"]
+    common = SYNTHETIC_MINI + [f"cache_dir={out / 'cache'}", f"output_dir={out / 'runs'}"]
     prep = launch.run(common, script="launchers/prepare.py")
     assert prep.returncode == 0, prep.stderr[-3000:]
     assert "data:" in prep.stdout and "retain:" in prep.stdout
@@ -82,7 +75,7 @@ def test_demo_runs_every_job_and_tabulates_them(out):
     demo = out / "runs" / "demo"
     # the demo adds +exp=tofu_tiny itself; 3 layers: rmu_tiny steers layer 2
     mini = [a if a != "model.tiny.num_hidden_layers=2" else "model.tiny.num_hidden_layers=3"
-            for a in MINI if a != "+exp=tofu_tiny"]
+            for a in SYNTHETIC_MINI if a != "+exp=tofu_tiny"]
     cmd = [sys.executable, "launchers/demo.py", "--out", str(demo), "--methods", ",".join(main),
            "--extra-methods", ",".join(extra), "--port", str(launch.free_port()), "--", *mini,
            f"cache_dir={out / 'cache'}", "trainer.max_steps=2", "trainer.batch_size=2", "trainer.retain_batch_size=2"]
@@ -110,7 +103,7 @@ def test_demo_refuses_a_bad_override_before_any_job_runs(out):
     import sys
 
     demo = out / "runs" / "demo_bad"
-    mini = [a for a in MINI if a != "+exp=tofu_tiny"]
+    mini = [a for a in SYNTHETIC_MINI if a != "+exp=tofu_tiny"]
     cmd = [sys.executable, "launchers/demo.py", "--out", str(demo), "--methods", "asu_kl", "--extra-methods", "",
            "--ranks", "1", "--",
            *mini, f"cache_dir={out / 'cache'}", "trainer.lrr=1"]
