@@ -189,11 +189,9 @@ def test_an_optimizer_step_draws_the_same_rows_however_it_is_split(n_forget):
     def steps(batch, ranks, accum, epochs=3):
         plans = [BatchPlan(n_forget, 11, batch, batch, ranks, r, 7, accum) for r in range(ranks)]
         total = plans[0].total_steps(epochs, 0)
-        micro = [(s * accum + k, p) for s in range(total) for k in range(accum) for p in plans]
-        rows = [sorted(i for m, p in micro[s * accum * ranks:(s + 1) * accum * ranks] for i in p.forget_indices(m))
-                for s in range(total)]
-        retain = [sorted(i for m, p in micro[s * accum * ranks:(s + 1) * accum * ranks] for i in p.retain_indices(m))
-                  for s in range(total)]
+        micro = [[(s * accum + k, p) for k in range(accum) for p in plans] for s in range(total)]  # per step
+        rows = [sorted(i for m, p in step for i in p.forget_indices(m)) for step in micro]
+        retain = [sorted(i for m, p in step for i in p.retain_indices(m)) for step in micro]
         return plans[0].steps_per_epoch, rows, retain
 
     splits = [steps(*s) for s in ((1, 1, 8), (2, 2, 2), (1, 8, 1), (4, 2, 1))]

@@ -117,6 +117,23 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "model" / "model.safetensors"))
 
 
+def _trained_alike(model_dir: Path, r1: Path, r2: Path) -> tuple[list[dict], list[dict]]:
+    """Runs ``r1`` and ``r2`` logged the same losses each step (1e-5) and exported the same weights
+    (1e-5), which training moved (> 1e-4: else the comparison proves nothing); their histories."""
+    h1 = json.loads((r1 / "train_history.json").read_text())
+    h2 = json.loads((r2 / "train_history.json").read_text())
+    for a, b in zip(h1, h2):
+        for k in ("loss", "forget_loss", "retain_loss"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a, b)
+    w0, w1, w2 = load_file(str(model_dir / "model.safetensors")), _weights(r1), _weights(r2)
+    assert w1.keys() == w2.keys()
+    worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert worst <= 1e-5, worst
+    moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
+    assert moved > 1e-4, "training did not change the weights: the comparison would prove nothing"
+    return h1, h2
+
+
 @pytest.mark.parametrize("name", list(JOBS))
 def test_two_sharded_ranks_equal_one_rank(runs, name):
     root, model_dir, _ = runs
@@ -135,18 +152,8 @@ def test_two_sharded_ranks_equal_one_rank(runs, name):
         assert s["local_elements"] < s["full_elements"], (what, s)
     # every job with a frozen original loads it (asu_gd_cached: to build its cache); GradDiff and SimNPO have none
     assert ("reference" in part) == (name not in ("grad_diff", "simnpo")), part
-    h1 = json.loads((r1 / "train_history.json").read_text())
-    h2 = json.loads((r2 / "train_history.json").read_text())
+    h1, h2 = _trained_alike(model_dir, r1, r2)
     assert [h["step"] for h in h1] == [h["step"] for h in h2] == list(range(1, STEPS + 1))
-    for a, b in zip(h1, h2):
-        for k in ("loss", "forget_loss", "retain_loss"):
-            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a, b)
-    w0, w1, w2 = load_file(str(model_dir / "model.safetensors")), _weights(r1), _weights(r2)
-    assert w1.keys() == w2.keys()
-    worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert worst <= 1e-5, worst
-    moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
-    assert moved > 1e-4, "training did not change the weights: the comparison would prove nothing"
     # the export gathered from 2 shards reloads with plain transformers and gives the in-engine logits
     assert json.loads((r2 / "export_check.json").read_text())["max_abs_logit_diff"] <= 1e-5
 
@@ -159,13 +166,7 @@ def test_grad_accum_equals_one_bigger_micro_batch(runs, name):
     accum, whole = root / "w1" / name, root / "w1" / ACCUM[name]
     assert json.loads((accum / "results.json").read_text())["batch"]["grad_accum"] == 2
     assert "token_mean" in json.loads((accum / "results.json").read_text())["reductions"].values()
-    for a, b in zip(json.loads((whole / "train_history.json").read_text()),
-                    json.loads((accum / "train_history.json").read_text())):
-        for k in ("loss", "forget_loss", "retain_loss"):
-            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a, b)
-    w0, wa, wb = load_file(str(model_dir / "model.safetensors")), _weights(whole), _weights(accum)
-    assert max((wa[k] - w0[k]).abs().max().item() for k in wa) > 1e-4  # it trained: the check can fail
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+    _trained_alike(model_dir, whole, accum)
 
 
 @pytest.mark.parametrize("name", list(EPOCHS))
@@ -177,14 +178,8 @@ def test_epochs_split_into_ranks_or_micro_batches_train_the_same_steps(runs, nam
     res1, res2 = (json.loads((r / "results.json").read_text()) for r in (r1, r2))
     assert (res1["batch"]["grad_accum"], res2["batch"]["grad_accum"]) == (2, 1)
     assert res1["steps"] == res2["steps"] == 6
-    h1, h2 = (json.loads((r / "train_history.json").read_text()) for r in (r1, r2))
+    h1, h2 = _trained_alike(model_dir, r1, r2)
     assert len(h1) == len(h2) == 6
-    for a, b in zip(h1, h2):
-        for k in ("loss", "forget_loss", "retain_loss"):
-            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a, b)
-    w0, w1, w2 = load_file(str(model_dir / "model.safetensors")), _weights(r1), _weights(r2)
-    assert max((w1[k] - w0[k]).abs().max().item() for k in w1) > 1e-4  # it trained: the check can fail
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5
 
 
 def test_one_pass_step_equals_the_per_group_step_on_two_partitioned_ranks(runs):
@@ -206,13 +201,7 @@ def test_activation_checkpointing_trains_the_same_weights_on_two_partitioned_ran
     n_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     assert json.loads((ckpt / "results.json").read_text())["activation_checkpointing"] == {"layers": n_layers}
     assert json.loads((plain / "results.json").read_text())["activation_checkpointing"] == {"layers": 0}
-    for a, b in zip(json.loads((plain / "train_history.json").read_text()),
-                    json.loads((ckpt / "train_history.json").read_text())):
-        for k in ("loss", "forget_loss", "retain_loss"):
-            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a, b)
-    w0, wa, wb = load_file(str(model_dir / "model.safetensors")), _weights(plain), _weights(ckpt)
-    assert max((wa[k] - w0[k]).abs().max().item() for k in wa) > 1e-4  # it trained: the check can fail
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+    _trained_alike(model_dir, plain, ckpt)
 
 
 def test_kill_after_checkpoint_then_resume_is_exact_with_grad_accum_and_rna(runs):
