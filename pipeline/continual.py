@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -334,6 +335,24 @@ def _trained_with_other_inputs(earlier: Optional[dict], record: dict) -> bool:
     return earlier is not None and "train_key" in earlier and earlier["train_key"] != record["train_key"]
 
 
+def discard_checkpoints(step_dir: Path) -> None:
+    """Remove a step's checkpoints trained from other inputs before it trains from the start.
+
+    ``trainer.resume=never`` alone is not enough: the step's record is removed when it starts, so an
+    attempt stopped before its first new checkpoint (preempted, Ctrl-C) would leave a re-run nothing
+    saying "train from the start" and it would resume the stale checkpoint (refused for its other lr,
+    or resumed where the change is not in the checkpoint's meta). The directory is renamed first so a
+    crash mid-delete never leaves a half-deleted checkpoint where a resume looks."""
+    ckpts = step_dir / "checkpoints"
+    stale = step_dir / "checkpoints.stale"
+    if stale.exists():
+        shutil.rmtree(stale)  # an earlier discard that stopped after its rename
+    if ckpts.exists():
+        ckpts.rename(stale)
+        shutil.rmtree(stale)
+        log.info("continual: removed %s (trained from other inputs)", ckpts)
+
+
 def _finished(step_dir: Path, earlier: Optional[dict], record: dict, need_model: bool, resume: str) -> bool:
     """Whether ``step_dir``, whose record is ``earlier``, holds this very step, finished
     (``trainer.resume=never`` runs it again). ``train_key``, added later, is not compared: an earlier
@@ -346,7 +365,7 @@ def _finished(step_dir: Path, earlier: Optional[dict], record: dict, need_model:
 def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run the request sequence in ``run_dir``; returns the ``continual.json`` object (rank 0) or {}."""
     from pipeline.config import validate
-    from pipeline.engine.distributed import init_distributed, is_main_process
+    from pipeline.engine.distributed import barrier, init_distributed, is_main_process
     from pipeline.eval.runner import eval_job
     from pipeline.io import atomic_write_json, atomic_write_text
     from pipeline.run import train_job
@@ -399,10 +418,13 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                 # another lr, or another starting model (an earlier step that trained again): its
                 # checkpoints hold weights trained from other inputs; resuming one would report them
                 log.info("continual request %d/%d (%s): its training settings or starting model changed since it "
-                         "ran: training it from the start (its earlier checkpoints are not resumed)", i + 1,
+                         "ran: training it from the start (its earlier checkpoints are removed, not resumed)", i + 1,
                          len(requests), request)
                 with open_dict(step_cfg):
                     step_cfg.trainer.resume = "never"
+                if is_main_process():
+                    discard_checkpoints(step_dir)
+                barrier()  # no rank saves into the directory before the old checkpoints are gone
             elif (step_dir / STEP_FILE).exists():
                 log.info("continual request %d/%d (%s): its evaluated splits or evaluation settings changed since it "
                          "ran (or trainer.resume=never): running it again (it resumes at its last step when it kept "
