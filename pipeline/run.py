@@ -499,10 +499,11 @@ def _choose_tau(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir
 
 def _known_tau(cfg: DictConfig, run_dir: Path, key: dict, resume_from: Optional[Path]) -> Optional[dict]:
     """method.tau=auto already decided for this job, without probes: by an earlier attempt of this very
-    job (same key: config, rows, model, code; ``run_dir/tau_selection.json``), else by the checkpoint it
-    resumes from (which was trained with it; an earlier attempt's selection no longer matches after,
-    e.g., an evaluation setting changed, and probing again could choose another tau for the rest of the
-    run). The config then carries the value; None when it must be chosen."""
+    job (same key: config, rows, model, code; ``run_dir/tau_selection.json``), or by the checkpoint it
+    resumes from, which wins: it was trained with its tau (an earlier attempt's selection no longer
+    matches after, e.g., an evaluation setting changed, and probing again could choose another tau for
+    the rest of the run; a checkpoint from elsewhere may carry another tau than this directory's
+    selection, which the trainer's compatibility check would refuse only after loading the models). The config then carries the value; None when it must be chosen."""
     if "tau" not in cfg.method or str(cfg.method.tau) != "auto":
         return None
     from pipeline.engine.distributed import broadcast_object, is_main_process
@@ -510,10 +511,11 @@ def _known_tau(cfg: DictConfig, run_dir: Path, key: dict, resume_from: Optional[
     found = None
     if is_main_process():
         selection = _earlier_tau_selection(run_dir / TAU_SELECTION, key)
-        if selection is not None:
+        trained = read_meta(resume_from).get(TAU_CHOSEN) if resume_from is not None else None
+        if selection is not None and (trained is None or float(trained) == float(selection["tau"])):
             found = (selection, f"chosen by an earlier attempt of this job ({run_dir / TAU_SELECTION})")
-        elif resume_from is not None and (tau := read_meta(resume_from).get(TAU_CHOSEN)) is not None:
-            found = ({"tau": float(tau), "source": f"checkpoint {resume_from}"},
+        elif trained is not None:  # a resume trains on with its checkpoint's tau, whatever else was chosen here
+            found = ({"tau": float(trained), "source": f"checkpoint {resume_from}"},
                      f"the tau checkpoint {resume_from} was trained with")
     found = broadcast_object(found)
     if found is None:

@@ -294,6 +294,12 @@ def test_a_later_attempt_of_the_same_job_reuses_the_choice_and_another_job_does_
     with caplog.at_level(logging.INFO, logger="pipeline.run"):
         assert _known_tau(c, tmp_path, {"config.seed": 1}, step)["tau"] == 2.5
     assert c.method.tau == 2.5 and f"the tau checkpoint {step} was trained with" in caplog.text
+    # this job's own selection and a checkpoint trained with another tau (resumed from elsewhere): the
+    # checkpoint's wins (before: the selection's, refused by the trainer only after loading the models)
+    c = cfg()
+    assert _known_tau(c, tmp_path, {"config.seed": 0}, step)["tau"] == 2.5 and c.method.tau == 2.5
+    (step / "meta.json").write_text(json.dumps({"step": 4, TAU_CHOSEN: 3.25}))  # the same tau: the selection, evidence kept
+    assert _known_tau(cfg(), tmp_path, {"config.seed": 0}, step) == chosen
     fixed = OmegaConf.create({"method": {"name": "asu_kl", "tau": 2.0}})
     assert _known_tau(fixed, tmp_path, {"config.seed": 0}, step) is None and fixed.method.tau == 2.0
 
