@@ -27,6 +27,13 @@ class ModelPaths:
     data_dir: Optional[str] = None
     retain_model: Optional[str] = None  # gold-standard model for forget quality
     reference_cache: Optional[str] = None  # where the retain model's eval stats are cached
+    revision: Optional[str] = None  # model.revision: the snapshot of ``model`` when it is a hub id
+
+    @property
+    def tokenizer_revision(self) -> Optional[str]:
+        """The revision the tokenizer is read at: the model's when it comes with the model (a
+        pinned model's tokenizer and chat template are the pinned snapshot's, not the hub's main)."""
+        return self.revision if self.tokenizer == self.model else None
 
 
 def check_before_loading(cfg: DictConfig) -> None:
@@ -129,15 +136,18 @@ def resolve_paths(cfg: DictConfig) -> ModelPaths:
 
         art = prepare_synthetic(cfg.data.synthetic, m.tiny, Path(cfg.cache_dir))
         return ModelPaths(m.path, m.tokenizer_path or m.path, str(art.data_dir),
-                          cfg.eval.retain_model or str(art.retain_dir), str(art.root))
-    return ModelPaths(m.path, m.tokenizer_path or m.path, cfg.data.path, cfg.eval.retain_model, None)
+                          cfg.eval.retain_model or str(art.retain_dir), str(art.root), m.revision)
+    return ModelPaths(m.path, m.tokenizer_path or m.path, cfg.data.path, cfg.eval.retain_model, None, m.revision)
 
 
-def effective_max_length(cfg: DictConfig, model_path: str) -> int:
-    """``data.max_length`` capped at the model's context window (read from its config.json)."""
-    cfg_file = Path(model_path) / "config.json"
+def effective_max_length(cfg: DictConfig, model_path: str, revision: Optional[str] = None) -> int:
+    """``data.max_length`` capped at the model's context window (read from its config.json, a hub
+    id's at ``revision``)."""
+    from pipeline.models.loading import model_config_file
+
+    cfg_file = model_config_file(model_path, revision)
     context = None
-    if cfg_file.exists():
+    if cfg_file is not None:
         context = json.loads(cfg_file.read_text()).get("max_position_embeddings")
     if context and cfg.data.max_length > context:
         log.warning("data.max_length=%d exceeds the model's context (%d tokens): sequences are limited to %d",

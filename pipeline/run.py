@@ -280,10 +280,10 @@ def _load_inputs(cfg: DictConfig) -> JobInputs:
     paths = resolve_paths(cfg)
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
     check_retain_reference(cfg, data)  # a precomputed forget-quality reference that does not fit stops here too
-    tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
     uses = prompt_format_uses(data, training=True, evaluating=bool(cfg.eval.enabled))
     fmt = checked_prompt_format(cfg, tokenizer, uses)
-    max_len = effective_max_length(cfg, paths.model)
+    max_len = effective_max_length(cfg, paths.model, paths.revision)
     pack = bool(cfg.data.pack_text)
     with progress("tokenizing", cfg.logging.progress_bar):  # a bar for raw-text corpora (batches of texts)
         forget = encode_rows(tokenizer, data.forget, max_len, cfg.data.truncate, data.forget_split, fmt, pack)
@@ -375,7 +375,7 @@ def _load_models(cfg: DictConfig, inputs: JobInputs, s_cfg: dict, dtype: str, cu
 
     def load() -> Any:
         return load_causal_lm(paths.model, dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
-                              cfg.model.revision)
+                              paths.revision)
 
     # Keep the HfDeepSpeedConfig alive while loading: under ZeRO-3 it makes from_pretrained build the
     # model inside deepspeed.zero.Init (sharded from the start). Only model construction should see

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.engine.zero_stage import resolve_zero_stage
@@ -94,9 +93,15 @@ def arch_from_dict(d: dict) -> ArchSpec:
 
 
 def resolve_arch(model_cfg: Any, model_path: Optional[str] = None, vocab_size: Optional[int] = None) -> ArchSpec:
-    """Architecture from a local ``config.json`` (no weights read), else from ``model.arch`` hints."""
-    if model_path and (Path(model_path) / "config.json").exists():
-        return arch_from_dict(json.loads((Path(model_path) / "config.json").read_text()))
+    """Architecture from the model's ``config.json`` (a directory's, or a hub id's cached snapshot at
+    ``model.revision``; no weights read), else from ``model.arch`` hints."""
+    from pipeline.models.loading import model_config_file
+
+    same = model_path and str(model_path) == str(getattr(model_cfg, "path", None))
+    revision = getattr(model_cfg, "revision", None) if same else None
+    cfg_file = model_config_file(model_path, revision) if model_path else None
+    if cfg_file is not None:
+        return arch_from_dict(json.loads(cfg_file.read_text()))
     hints = {k: v for k, v in dict(model_cfg.arch or {}).items() if v is not None}
     if model_cfg.source == "synthetic":
         t = model_cfg.tiny
@@ -106,7 +111,7 @@ def resolve_arch(model_cfg: Any, model_path: Optional[str] = None, vocab_size: O
     missing = [k for k in ARCH_KEYS if k not in hints and k != "num_key_value_heads"]
     if missing:
         raise PreflightError(
-            f"cannot size model {model_cfg.path!r} offline: no local config.json and model.arch lacks {missing}; "
+            f"cannot size model {model_cfg.path!r} offline: no config.json (local or in the hub cache) and model.arch lacks {missing}; "
             f"download the model first or set model.arch.<key>=..."
         )
     return arch_from_dict(hints)

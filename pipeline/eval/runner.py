@@ -189,7 +189,10 @@ def _load_eval_model(path: str | Path, cfg: DictConfig) -> Any:
     from pipeline.models.loading import load_causal_lm
 
     device, dtype = eval_device(cfg, path), eval_dtype(cfg)
-    m = load_causal_lm(path, dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle, device=device)
+    # model.revision pins model.path's snapshot (an evaluation-only job on a hub id); other paths
+    # (an exported run, eval.retain_model) have their own
+    revision = OmegaConf.select(cfg, "model.revision") if str(path) == str(OmegaConf.select(cfg, "model.path")) else None
+    m = load_causal_lm(path, dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle, revision, device=device)
     if is_main_process():
         log.info("evaluation model %s: %s on %s (eval.dtype=%s, eval.device=%s)", path, dtype, device,
                  OmegaConf.select(cfg, "eval.dtype", default="auto"), OmegaConf.select(cfg, "eval.device", default="auto"))
@@ -562,7 +565,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     paths = resolve_paths(cfg)
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
     check_retain_reference(cfg, data)
-    tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
     uses = prompt_format_uses(data, training=False, evaluating=True)
     prompt_format = checked_prompt_format(cfg, tokenizer, uses)
     metrics, details = evaluate_job(cfg, paths.model, tokenizer, data, paths, Path(run_dir) / PARTS_DIR)

@@ -112,6 +112,23 @@ def check_model_location(path: str, key: str = "model.path", revision: Optional[
             f"(HF_HUB_OFFLINE=1); download it first (`hf download {path}`) or set ASU_ALLOW_NETWORK=1")
 
 
+def model_config_file(model_path: str, revision: Optional[str] = None) -> Optional[Path]:
+    """The model's config.json: in its directory, or a hub id's cached snapshot at ``revision``
+    (None when neither has it; nothing is downloaded)."""
+    local = Path(model_path) / "config.json"
+    if local.is_file():
+        return local
+    if not _HUB_ID.match(str(model_path)):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(str(model_path), "config.json", revision=revision)
+    except ValueError:  # not a valid hub id after all (e.g. "a..b"): no config to read
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
 def _cached_in_other_case(repo_id: str, cache_dir: str | Path) -> Optional[str]:
     """The spelling under which hub id ``repo_id`` is in the cache, compared case-insensitively (e.g.
     ``muse-bench/MUSE-news_target`` downloaded as ``MUSE-News_target``); None when it is not there."""

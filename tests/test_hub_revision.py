@@ -1,0 +1,43 @@
+"""A hub model pinned with ``model.revision`` is read at that snapshot everywhere: its weights, its
+tokenizer (and chat template), its evaluation copy and its context length. Before, only the preflight
+and the training model followed the revision: with only the pinned snapshot downloaded (offline) the
+tokenizer failed to load after the data, and online it came from main."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from tests.helpers.launch import run
+from tests.helpers.tiny import build, train_overrides
+
+SNAPSHOT = "c" * 40
+
+
+def _pinned_hub_cache(tmp_path):
+    """A hub cache holding ``org/tiny`` only as its pinned download leaves it: refs/v1, no refs/main."""
+    model_dir, data_dir = build(tmp_path / "src")
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(model_dir, repo / "snapshots" / SNAPSHOT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v1").write_text(SNAPSHOT)
+    return data_dir
+
+
+def test_a_pinned_hub_model_trains_and_evaluates_at_its_revision(tmp_path):
+    data_dir = _pinned_hub_cache(tmp_path)
+    hub = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    args = [a for a in train_overrides(tmp_path / "src" / "model", data_dir, tmp_path / "runs", "r", steps=1)
+            if not a.startswith("model.path=")]
+    pinned = ["model.path=org/tiny", "model.revision=v1", "data.max_length=128"]
+    done = run(args + pinned + ["method=grad_diff"], timeout=240, **hub)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the context comes from the pinned snapshot's config.json (64 positions), not only a local directory's
+    assert "data.max_length=128 exceeds the model's context (64 tokens)" in done.stderr
+    results = json.loads((tmp_path / "runs" / "r" / "results.json").read_text())
+    assert results["steps"] == 1
+    # an evaluation-only job scores the pinned hub model itself
+    evaluated = run(args + pinned + ["run_name=e"], script="launchers/eval.py", timeout=240, **hub)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "evaluation model org/tiny" in evaluated.stderr
+    assert (tmp_path / "runs" / "e" / "results.json").exists()
