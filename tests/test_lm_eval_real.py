@@ -158,3 +158,27 @@ def test_with_a_tokenizer_that_adds_bos_or_not_lm_eval_still_scores_as_our_score
                         name="wmdp-bio")
     for s, ll in zip(out["samples"]["wmdp_local"], ours.values["logliks"]):
         assert s["logliks"] == pytest.approx(ll, abs=1e-4)
+
+
+def test_an_evaluation_only_job_of_a_pinned_hub_model_runs_lm_eval_on_it(tmp_path):
+    """`launchers/eval.py model.path=<hub id> model.revision=<tag> eval.lm_eval=true` (the base model's
+    WMDP/MMLU before unlearning): lm-eval scores the pinned snapshot. Before, after every other metric
+    was written, a traceback: `FileNotFoundError: model directory org/m does not exist`."""
+    pytest.importorskip("lm_eval", reason="the lm-eval extra (requirements/extras.lock) is not installed")
+    import shutil
+
+    from tests.helpers.launch import run
+
+    model_dir = _tiny_model_dir(tmp_path, [json.loads(line) for line in ROWS_FILE.read_text().splitlines()])
+    repo = tmp_path / "hub" / "models--org--wmdp-tiny"
+    shutil.copytree(model_dir, repo / "snapshots" / ("d" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v1").write_text("d" * 40)  # only the pinned download: no refs/main
+    out = run(["data=wmdp_cyber", "data.path=tests/fixtures/wmdp", "data.eval_splits=[wmdp-cyber]",
+               "model.source=pretrained", "model.path=org/wmdp-tiny", "model.revision=v1", f"output_dir={tmp_path}",
+               "run_name=base", "eval.lm_eval=true", "eval.lm_eval_tasks=[wmdp_local]", "logging=none",
+               "eval.lm_eval_include_defaults=false", f"eval.lm_eval_include_path={TASK_DIR}", "eval.batch_size=4"],
+              script="launchers/eval.py", timeout=240, HF_HUB_CACHE=str(tmp_path / "hub"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "base" / "results.json").read_text())
+    assert 0.0 <= results["metrics"]["lm_eval"]["wmdp_local"] <= 1.0

@@ -143,9 +143,11 @@ def run_lm_eval(
     allow_pickle: bool = False,
     log_samples: bool = False,
     add_bos: bool = False,
+    revision: Optional[str] = None,
     **simple_evaluate_kwargs: Any,
 ) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` on the model in ``model_dir`` (safetensors + tokenizer).
+    """``lm_eval.simple_evaluate`` on the model in ``model_dir`` (safetensors + tokenizer), or on a hub
+    id's cached snapshot at ``revision`` (an evaluation-only job of a hub model).
 
     ``include_path``: folder(s) of extra task YAMLs; ``include_defaults=False`` skips indexing
     lm-eval's built-in tasks (faster when only local tasks are run). Returns ``{"summary": {task:
@@ -153,19 +155,18 @@ def run_lm_eval(
     see :func:`per_choice_logliks`) when ``log_samples``. ``add_bos``: contexts start with the
     tokenizer's BOS (``eval.mcq_add_bos``; off, as our MCQ scorer, whatever the tokenizer adds).
     """
-    if not Path(model_dir).exists():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
     lm_eval, HFLM, _ = _import_lm_eval()
     check_tasks(tasks, include_path, include_defaults)
     from pipeline.models.loading import load_causal_lm, load_tokenizer
 
     # lm-eval's HFLM keeps an instance where it is: place it here (``device``, e.g. "cuda:0"; None = CPU)
-    model = load_causal_lm(model_dir, dtype, trust_remote_code, allow_pickle, device=device).eval()
+    model = load_causal_lm(model_dir, dtype, trust_remote_code, allow_pickle, revision, device=device).eval()
     # add_bos_token explicitly: lm-eval >= 0.4.10 follows the tokenizer (Zephyr's and Llama's add <s>),
     # where earlier versions, the WMDP paper's numbers, open-unlearning and our own MCQ scorer add none.
     # With an instance, HFLM's add_bos_token only asks the tokenizer for its special tokens: one that
     # adds no BOS of its own (GPT-2 style: SmolLM2, Qwen) must be loaded to add it
-    tokenizer = load_tokenizer(model_dir, trust_remote_code, **({"add_bos_token": True} if add_bos else {}))
+    tokenizer = load_tokenizer(model_dir, trust_remote_code, revision=revision,
+                               **({"add_bos_token": True} if add_bos else {}))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bool(add_bos))
     log.info("lm-eval %s: tasks %s on %s (batch %d, %s on %s, %d-shot, BOS %s, no chat template)",
              getattr(lm_eval, "__version__", "?"), list(tasks), model_dir, batch_size, dtype, device or "cpu",

@@ -183,16 +183,20 @@ def check_eval_device(cfg: DictConfig) -> None:
         eval_device(cfg)
 
 
+def revision_of(cfg: DictConfig, path: str | Path) -> Optional[str]:
+    """The hub revision to load ``path`` at: ``model.revision`` for ``model.path`` itself (an
+    evaluation-only job of a hub model); other paths (an exported run, eval.retain_model) have none."""
+    return OmegaConf.select(cfg, "model.revision") if str(path) == str(OmegaConf.select(cfg, "model.path")) else None
+
+
 def _load_eval_model(path: str | Path, cfg: DictConfig) -> Any:
     """The model to evaluate, a plain copy per rank (data-parallel evaluation), on
     :func:`eval_device` in :func:`eval_dtype`."""
     from pipeline.models.loading import load_causal_lm
 
     device, dtype = eval_device(cfg, path), eval_dtype(cfg)
-    # model.revision pins model.path's snapshot (an evaluation-only job on a hub id); other paths
-    # (an exported run, eval.retain_model) have their own
-    revision = OmegaConf.select(cfg, "model.revision") if str(path) == str(OmegaConf.select(cfg, "model.path")) else None
-    m = load_causal_lm(path, dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle, revision, device=device)
+    m = load_causal_lm(path, dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle, revision_of(cfg, path),
+                       device=device)
     if is_main_process():
         log.info("evaluation model %s: %s on %s (eval.dtype=%s, eval.device=%s)", path, dtype, device,
                  OmegaConf.select(cfg, "eval.dtype", default="auto"), OmegaConf.select(cfg, "eval.device", default="auto"))
@@ -522,7 +526,8 @@ def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path) -> 
                       include_defaults=bool(cfg.eval.get("lm_eval_include_defaults", True)),
                       batch_size=int(cfg.eval.batch_size), dtype=eval_dtype(cfg), device=eval_device(cfg, model_dir),
                       trust_remote_code=bool(cfg.model.trust_remote_code), allow_pickle=bool(cfg.model.allow_pickle),
-                      add_bos=bool(OmegaConf.select(cfg, "eval.mcq_add_bos", default=False)))
+                      add_bos=bool(OmegaConf.select(cfg, "eval.mcq_add_bos", default=False)),
+                      revision=revision_of(cfg, model_dir))
     summary = out["summary"]
     log.info("lm-eval: %s", summary)
     atomic_write_json(Path(run_dir) / LM_EVAL_FILE, out["raw"])  # every metric of every task, as lm-eval gave it
