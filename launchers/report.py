@@ -13,18 +13,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.eval.sweep import DEFAULT_RULE, UTILITY_AXIS, build_report  # noqa: E402
+from pipeline.eval.sweep import DEFAULT_RULE, MUSE_RULE, build_report  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("sweep_dir", help="a Hydra multirun directory, e.g. runs/sweeps/<exp_name>")
-    ap.add_argument("--rule", default=DEFAULT_RULE,
-                    help="'[max:|min:]metric[,metric>=factor]' (default %(default)s; the factor multiplies the "
-                         "target's value, or the sweep's best without --target)")
+    ap.add_argument("--rule", default=None,
+                    help="'[max:|min:|zero:]metric[,metric>=factor]' (the factor multiplies the target's value, or "
+                         f"the sweep's best without --target). Default by the runs' metrics: TOFU '{DEFAULT_RULE}', "
+                         f"MUSE '{MUSE_RULE}', WMDP 'wmdp-bio_accuracy,mmlu_accuracy>=0.95'")
     ap.add_argument("--target", help="results.json (or run dir) of the original/target model: utility reference")
-    ap.add_argument("--x", default=None, help="forget metric on the x axis (default: forget_fact_recall if present)")
-    ap.add_argument("--y", default=UTILITY_AXIS, help="utility metric on the y axis (default %(default)s)")
+    ap.add_argument("--x", default=None, help="forget metric on the x axis (default: forget_fact_recall if present; "
+                                              "MUSE verbmem_forget; WMDP the first wmdp-* accuracy)")
+    ap.add_argument("--y", default=None, help="utility metric on the y axis (default: model_utility; MUSE "
+                                              "knowmem_retain; WMDP mmlu_accuracy)")
     ap.add_argument("--out", default=None, help="output directory (default: the sweep dir)")
     a = ap.parse_args(argv)
     try:

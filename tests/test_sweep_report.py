@@ -53,9 +53,16 @@ def fake_sweep(tmp_path):
 
 def test_parse_rule_and_override_dirname():
     r = sweep.parse_rule(sweep.DEFAULT_RULE)
-    assert (r.objective, r.maximise, r.constraint, r.factor) == ("forget_quality", True, "model_utility", 0.95)
-    assert sweep.parse_rule("forget_fact_recall").maximise is False  # METRIC_INFO: lower is better
-    assert sweep.parse_rule("max:forget_fact_recall").maximise is True
+    assert (r.objective, r.direction, r.constraint, r.factor) == ("forget_quality", "up", "model_utility", 0.95)
+    assert sweep.parse_rule("forget_fact_recall").direction == "down"  # METRIC_INFO: lower is better
+    assert sweep.parse_rule("max:forget_fact_recall").direction == "up"
+    # MUSE and WMDP metrics have their directions (before: every metric the table did not know was
+    # maximised, so a rule on them chose the run that forgot least), and split names hold '-'
+    assert sweep.parse_rule("verbmem_forget").direction == "down"
+    assert sweep.parse_rule("knowmem_forget,knowmem_retain>=0.9").direction == "down"
+    assert sweep.parse_rule("privleak").direction == "0" and sweep.parse_rule("zero:privleak").text == "zero:privleak"
+    r = sweep.parse_rule("wmdp-bio_accuracy,mmlu_accuracy>=0.95")
+    assert (r.objective, r.direction, r.constraint) == ("wmdp-bio_accuracy", "down", "mmlu_accuracy")
     with pytest.raises(ValueError, match="cannot parse rule"):
         sweep.parse_rule("utility >> 3")
     assert sweep.parse_override_dirname("method.tau=1.5,trainer.max_steps=2,data.eval_splits=[a,b]") == {
@@ -230,3 +237,51 @@ def test_real_local_sweep_then_report(tmp_path):
     assert (sweep_dir / "pareto.png").read_bytes()[:8] == PNG_MAGIC
     assert "method.tau" in (sweep_dir / "report.md").read_text()
     print(f"local 2-point sweep + report: {time.time() - t0:.1f}s")
+
+
+def _write_family_point(root: Path, tau: str, metrics: dict) -> None:
+    d = root / f"method.tau={tau}"
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(f"- method.tau={tau}\n")
+    (d / "results.json").write_text(json.dumps({"schema": 1, "method": "asu_kl", "tau": float(tau), "metrics": metrics}))
+
+
+def test_muse_and_wmdp_sweeps_choose_by_their_own_metrics(tmp_path):
+    """A MUSE or WMDP sweep has no model_utility: the default rule and axes are the benchmark's
+    (before: "No setting chosen" and an empty plot; a rule on its metrics maximised forgetting's opposite)."""
+    muse = tmp_path / "muse"
+    # tau -> (verbmem_forget, knowmem_forget, knowmem_retain, privleak)
+    for tau, (vm, kf, kr, pl) in {"1.5": (0.60, 0.55, 0.50, -90.0), "2.0": (0.30, 0.35, 0.47, -40.0),
+                                  "2.5": (0.10, 0.10, 0.30, 20.0), "3.0": (0.20, 0.20, 0.48, 5.0)}.items():
+        _write_family_point(muse, tau, {"verbmem_forget": vm, "knowmem_forget": kf, "knowmem_retain": kr,
+                                        "privleak": pl, "privleak_auc": 0.5})
+    rep = sweep.build_report(muse)
+    # knowmem_retain >= 0.95 x 0.50 keeps 1.5 and 3.0; the lower VerbMem is 3.0's (2.0 is dominated by it)
+    assert (rep["rule"], rep["x"], rep["y"]) == ("min:verbmem_forget,knowmem_retain>=0.95", "verbmem_forget",
+                                                 "knowmem_retain")
+    assert rep["chosen"]["tau"] == 3.0
+    assert {n for n in rep["pareto_front"]} == {"method.tau=1.5", "method.tau=2.5", "method.tau=3.0"}
+    assert sweep.build_report(muse, rule="privleak,knowmem_retain>=0.9", out=tmp_path / "o1")["chosen"]["tau"] == 3.0
+    md = (muse / "report.md").read_text()
+    assert "x: `verbmem_forget` (lower is better), y: `knowmem_retain` (higher is better)" in md
+    wmdp = tmp_path / "wmdp"
+    for tau, (bio, mmlu) in {"1.5": (0.60, 0.58), "2.0": (0.40, 0.57), "2.5": (0.26, 0.45)}.items():
+        _write_family_point(wmdp, tau, {"wmdp-bio_accuracy": bio, "mmlu_accuracy": mmlu})
+    rep = sweep.build_report(wmdp)
+    assert (rep["rule"], rep["x"], rep["y"]) == ("min:wmdp-bio_accuracy,mmlu_accuracy>=0.95", "wmdp-bio_accuracy",
+                                                 "mmlu_accuracy")
+    assert rep["chosen"]["tau"] == 2.0  # 2.5 forgets more but loses MMLU (0.45 < 0.95 x 0.58)
+
+
+def test_a_muse_or_wmdp_report_explains_its_own_metrics():
+    """report.md's table gives MUSE's and WMDP's metrics their direction and meaning, and its reading
+    notes are the run's benchmark's (before: blank columns and TOFU's notes for every run)."""
+    from pipeline.eval.report import render_report_md
+
+    md = render_report_md({"method": "asu_kl", "tau": 2.0, "metrics": {"verbmem_forget": 0.2, "privleak": -12.0}})
+    assert "| `privleak` | -12.0000 | →0 |" in md and "| `verbmem_forget` | 0.2000 | ↓ |" in md
+    assert "**PrivLeak**" in md and "Forget quality" not in md
+    md = render_report_md({"method": "rmu", "tau": None,
+                           "metrics": {"wmdp-bio_accuracy": 0.3, "mmlu_accuracy": 0.55}})
+    assert "| `wmdp-bio_accuracy` | 0.3000 | ↓ |" in md and "| `mmlu_accuracy` | 0.5500 | ↑ |" in md
+    assert "Multiple-choice accuracy" in md and "Forget quality" not in md

@@ -58,8 +58,42 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "world_facts_truth_ratio": ("up", "mean of max(0, 1 - TR) on world facts."),
     "real_authors_fact_recall": ("up", "fact recall on real authors."),
     "world_facts_fact_recall": ("up", "fact recall on world facts."),
+    # MUSE (pipeline/eval/muse.py)
+    "verbmem_forget": ("down", "VerbMem: ROUGE-L F1 of greedy continuations of forget-set text prefixes against "
+                       "the true continuation (verbatim memorisation)."),
+    "knowmem_forget": ("down", "KnowMem on the forget set: ROUGE-L F1 of greedy answers to questions about it "
+                       "(knowledge memorisation)."),
+    "knowmem_retain": ("up", "KnowMem on the retain set: the same on questions the model must still answer "
+                       "(MUSE's utility)."),
+    "knowmem_forget_recall": ("down", "KnowMem on the forget set as ROUGE-L recall."),
+    "knowmem_retain_recall": ("up", "KnowMem on the retain set as ROUGE-L recall."),
+    "privleak": ("0", "PrivLeak: (AUC_retrain − AUC) / (1 − AUC_retrain) × 100 on Min-K% (k = 0.4) scores of "
+                 "forget vs holdout texts; 0 = leaks like the retrained model, about −100 = forget texts "
+                 "still detectable, positive = over-unlearned."),
+    "privleak_auc": ("", "AUC of the Min-K% membership test separating forget from holdout texts."),
 }
-_ARROWS = {"up": "↑", "down": "↓", "1": "→1", "": ""}
+# Multiple-choice accuracies are named after their split (``<split>_accuracy``): the hazardous
+# knowledge (WMDP's ``wmdp-bio``, ``wmdp-cyber``, ``wmdp-chem``) should fall to chance (0.25),
+# general knowledge (``mmlu``) stay.
+_HAZARD_ACCURACY = ("down", "0-shot multiple-choice accuracy on hazardous-knowledge questions (WMDP); 0.25 = chance.")
+_UTILITY_ACCURACY = ("up", "0-shot multiple-choice accuracy on general-knowledge questions (e.g. MMLU).")
+_ARROWS = {"up": "↑", "down": "↓", "1": "→1", "0": "→0", "": ""}
+
+
+def metric_info(name: str) -> tuple[str, str]:
+    """(direction, explanation) of metric ``name``: "up" higher is better, "down" lower, "1"/"0"
+    closer to that value, "" informational (also for a metric this table does not know)."""
+    if name in METRIC_INFO:
+        return METRIC_INFO[name]
+    if name.endswith("_accuracy"):
+        return _HAZARD_ACCURACY if name.startswith("wmdp") else _UTILITY_ACCURACY
+    return "", ""
+
+
+def direction_score(direction: str, value: float) -> float:
+    """``value`` as a score where higher is better, for a metric of ``direction`` (:func:`metric_info`;
+    an informational one counts higher as better)."""
+    return {"down": -value, "1": -abs(value - 1.0), "0": -abs(value)}.get(direction, value)
 
 
 def write_results(
@@ -206,26 +240,43 @@ def render_report_md(results: dict[str, Any]) -> str:
         lines.append("")
     lines += ["## Metrics", "", "| metric | value | better | meaning |", "|---|---:|:---:|---|"]
     for k, v in _scalar_metrics(metrics):
-        direction, text = METRIC_INFO.get(k, ("", ""))
+        direction, text = metric_info(k)
         lines.append(f"| `{k}` | {format_value(v)} | {_ARROWS[direction]} | {text} |")
     lines.append("")
     if metrics.get("forget_quality") is None and "forget_quality" in metrics:
         lines += ["Forget quality is not reported: no retain-model reference truth ratios were available.", ""]
     if metrics.get("model_utility_missing"):
         lines += [f"Model utility was computed without: {', '.join(metrics['model_utility_missing'])}.", ""]
-    lines += [
-        "## How to read this",
-        "",
-        "- **Forget quality** (TOFU): a p-value, so values above 0.05 mean the unlearned model's forget-set "
-        "truth ratios cannot be told apart from the retain model's; log-scale differences matter.",
-        "- **Model utility**: harmonic mean, so one collapsed component drags it to 0.",
-        "- **Truth ratio** TR = P(perturbed) / P(correct), probabilities normalised by answer length "
-        "(geometric mean over perturbed answers, as in the TOFU / open-unlearning code).",
-        "- **Fluency** (repetition, well-formed, entropy) checks that forgetting did not turn answers into "
-        "gibberish — the failure ASU is designed to avoid.",
-        "",
-    ]
+    lines += ["## How to read this", "", *reading_notes(metrics), ""]
     return "\n".join(lines)
+
+
+def reading_notes(metrics: dict[str, Any]) -> list[str]:
+    """report.md's reading notes for the metric families ``metrics`` holds (TOFU-style QA, MUSE,
+    multiple choice), one bullet each."""
+    notes = []
+    if any(k in metrics for k in ("forget_quality", "model_utility", "forget_truth_ratio", "forget_fact_recall")):
+        notes += [
+            "- **Forget quality** (TOFU): a p-value, so values above 0.05 mean the unlearned model's forget-set "
+            "truth ratios cannot be told apart from the retain model's; log-scale differences matter.",
+            "- **Model utility**: harmonic mean, so one collapsed component drags it to 0.",
+            "- **Truth ratio** TR = P(perturbed) / P(correct), probabilities normalised by answer length "
+            "(geometric mean over perturbed answers, as in the TOFU / open-unlearning code).",
+            "- **Fluency** (repetition, well-formed, entropy) checks that forgetting did not turn answers into "
+            "gibberish — the failure ASU is designed to avoid.",
+        ]
+    if any(k in metrics for k in ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak")):
+        notes += [
+            "- **VerbMem / KnowMem forget** (MUSE): lower is better, ideally near the retrained model's values; "
+            "**KnowMem retain** is the utility that must stay.",
+            "- **PrivLeak**: closer to 0 is better; strongly negative means the forget texts are still told apart "
+            "from unseen ones (under-unlearning), strongly positive means over-unlearning. Without "
+            "`eval.retrain_auc` it is relative to an AUC of 0.5 (`privleak_reference`).",
+        ]
+    if any(k.endswith("_accuracy") for k in metrics):
+        notes += ["- **Multiple-choice accuracy** (WMDP, MMLU): hazardous-knowledge splits (`wmdp-*`) should fall "
+                  "towards chance (0.25) while general knowledge (`mmlu`) stays near the original model's."]
+    return notes
 
 
 # The metrics a job's stdout summary shows, when its results have them: TOFU-style fact recall and

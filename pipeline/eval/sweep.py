@@ -10,15 +10,21 @@ directory is listed as never started. A SLURM job that failed before its Hydra l
 Python environment, the node, the time limit) is found through the submitit folder
 (``.submitit/<job id>/``): its error line comes from the job's ``*_log.err``.
 
-Rule syntax (``--rule``): ``[max:|min:]<objective>[,<constraint metric>>=<factor>]``, e.g. the
-default ``forget_quality,model_utility>=0.95``: among the completed points whose
+Rule syntax (``--rule``): ``[max:|min:|zero:]<objective>[,<constraint metric>>=<factor>]``, e.g.
+TOFU's default ``forget_quality,model_utility>=0.95``: among the completed points whose
 ``model_utility`` is at least 0.95 × the reference utility, take the one with the best
-``forget_quality`` (direction from ``METRIC_INFO``: higher is better for forget quality, lower
-for fact recall; ``max:``/``min:`` override it). The reference utility is the target model's
-(``--target`` results.json) when given, else the best utility among the sweep's points. Ties go to
-higher utility, then to the earlier point. When no point has the objective metric (e.g.
+``forget_quality`` (direction from :func:`~pipeline.eval.report.metric_info`: higher is better for
+forget quality, lower for fact recall, VerbMem or WMDP accuracy, closest to 0 for PrivLeak;
+``max:``/``min:``/``zero:`` override it). The reference utility is the target model's (``--target``
+results.json) when given, else the best utility among the sweep's points. Ties go to higher
+utility, then to the earlier point. When no point has the objective metric (e.g.
 ``forget_quality`` is null without a retain model), the plot's forget metric is used instead and
 the report says so.
+
+Without ``--rule``/``--x``/``--y`` the defaults follow the metrics the sweep's runs have
+(:func:`family_defaults`): TOFU-style QA ``forget_quality,model_utility>=0.95`` on fact recall vs
+model utility; MUSE ``verbmem_forget,knowmem_retain>=0.95`` on VerbMem vs KnowMem retain; WMDP
+``wmdp-bio_accuracy,mmlu_accuracy>=0.95`` (the first ``wmdp-*`` split present) on that accuracy vs MMLU.
 """
 
 from __future__ import annotations
@@ -33,18 +39,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.eval.report import (
-    METRIC_INFO,
     PREVIOUS_RESULTS_FILE,
     RESULTS_FILE,
     comparison_markdown,
     comparison_table,
+    direction_score,
     format_value,
+    metric_info,
 )
 from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-DEFAULT_RULE = "forget_quality,model_utility>=0.95"
+DEFAULT_RULE = "forget_quality,model_utility>=0.95"  # TOFU-style QA runs (family_defaults for the others)
 FORGET_AXIS_CANDIDATES = ("forget_fact_recall", "forget_quality", "forget_rouge_l", "forget_prob")
 UTILITY_AXIS = "model_utility"
+MUSE_RULE, MUSE_X, MUSE_Y = "verbmem_forget,knowmem_retain>=0.95", "verbmem_forget", "knowmem_retain"
+MCQ_UTILITY = "mmlu_accuracy"
 TABLE_METRICS = ("forget_fact_recall", "retain_fact_recall", "model_utility", "forget_quality", "forget_rouge_l",
                  "forget_well_formed")
 _FAIL_PATTERNS = ("Traceback (most recent call last)", "Error executing job", "error (")
@@ -80,26 +89,36 @@ class SweepPoint:
 @dataclass
 class Rule:
     objective: str
-    maximise: bool
+    direction: str  # "up" (max), "down" (min), "0" (closest to 0), "1" (closest to 1)
     constraint: Optional[str] = None
     factor: float = 0.0
 
     @property
     def text(self) -> str:
-        s = f"{'max' if self.maximise else 'min'}:{self.objective}"
+        s = f"{_PREFIX.get(self.direction, 'max')}:{self.objective}"
         return s + (f",{self.constraint}>={self.factor:g}" if self.constraint else "")
 
 
+_PREFIX = {"up": "max", "down": "min", "0": "zero", "1": "one"}
+
+
+def objective_direction(metric: str) -> str:
+    """The direction a rule without a prefix optimises ``metric`` in (informational metrics: up)."""
+    return metric_info(metric)[0] or "up"
+
+
 def parse_rule(text: str) -> Rule:
-    """``[max:|min:]metric[,metric>=factor]`` (see the module docstring)."""
+    """``[max:|min:|zero:]metric[,metric>=factor]`` (see the module docstring); metric names may hold
+    ``-`` (a multiple-choice split's accuracy, ``wmdp-bio_accuracy``)."""
     text = text.strip()
-    m = re.fullmatch(r"(?:(max|min):)?([A-Za-z0-9_]+)(?:\s*,\s*([A-Za-z0-9_]+)\s*>=\s*([0-9.eE+-]+))?", text)
+    name = r"[A-Za-z0-9_-]+"
+    m = re.fullmatch(rf"(?:(max|min|zero|one):)?({name})(?:\s*,\s*({name})\s*>=\s*([0-9.eE+-]+))?", text)
     if not m:
-        raise ValueError(f"cannot parse rule {text!r}; expected '[max:|min:]metric[,metric>=factor]', "
+        raise ValueError(f"cannot parse rule {text!r}; expected '[max:|min:|zero:]metric[,metric>=factor]', "
                          f"e.g. {DEFAULT_RULE!r}")
     how, obj, cons, factor = m.groups()
-    maximise = (how == "max") if how else METRIC_INFO.get(obj, ("up", ""))[0] != "down"
-    return Rule(obj, maximise, cons, float(factor) if factor else 0.0)
+    direction = {v: k for k, v in _PREFIX.items()}[how] if how else objective_direction(obj)
+    return Rule(obj, direction, cons, float(factor) if factor else 0.0)
 
 
 # -- gathering ------------------------------------------------------------------------------------
@@ -326,35 +345,32 @@ def swept_keys(points: list[SweepPoint]) -> tuple[list[str], dict[str, str]]:
 
 # -- Pareto and selection -------------------------------------------------------------------------
 
-def _better(maximise: bool):
-    return (lambda a, b: a > b) if maximise else (lambda a, b: a < b)
-
-
-def pareto_front(points: list[SweepPoint], x: str, y: str, x_max: bool, y_max: bool = True) -> list[SweepPoint]:
-    """Points not dominated on (x, y): no other point is at least as good on both and better on one."""
-    bx, by = _better(x_max), _better(y_max)
+def pareto_front(points: list[SweepPoint], x: str, y: str, x_dir: str, y_dir: str = "up") -> list[SweepPoint]:
+    """Points not dominated on (x, y), each metric scored in its direction ("up", "down", "0"):
+    no other point is at least as good on both and better on one."""
     cand = [p for p in points if p.metric(x) is not None and p.metric(y) is not None]
+    score = {id(p): (direction_score(x_dir, p.metric(x)), direction_score(y_dir, p.metric(y))) for p in cand}
     front = []
     for p in cand:
-        px, py = p.metric(x), p.metric(y)
-        dominated = any(
-            (not bx(px, q.metric(x))) and (not by(py, q.metric(y))) and (bx(q.metric(x), px) or by(q.metric(y), py))
-            for q in cand if q is not p)
+        px, py = score[id(p)]
+        dominated = any(qx >= px and qy >= py and (qx > px or qy > py)
+                        for q in cand if q is not p for qx, qy in [score[id(q)]])
         if not dominated:
             front.append(p)
     return sorted(front, key=lambda p: p.metric(x))
 
 
 def choose(points: list[SweepPoint], rule: Rule, reference: Optional[dict] = None,
-           fallback_objective: Optional[str] = None) -> dict:
-    """Apply ``rule``; returns {"name", "objective", "threshold", "reference_utility", "notes", ...}."""
+           fallback_objective: Optional[str] = None, utility: str = UTILITY_AXIS) -> dict:
+    """Apply ``rule``; returns {"name", "objective", "threshold", "reference_utility", "notes", ...}.
+    ``utility``: the metric ties are broken by (higher wins)."""
     ok = [p for p in points if p.status == "ok"]
     notes: list[str] = []
-    objective, maximise = rule.objective, rule.maximise
+    objective, direction = rule.objective, rule.direction
     if not any(p.metric(objective) is not None for p in ok) and fallback_objective:
         notes.append(f"no point has {objective}; chose by {fallback_objective} instead")
         objective = fallback_objective
-        maximise = METRIC_INFO.get(objective, ("up", ""))[0] != "down"
+        direction = objective_direction(objective)
     threshold = ref_value = None
     ref_source = None
     eligible = [p for p in ok if p.metric(objective) is not None]
@@ -377,9 +393,8 @@ def choose(points: list[SweepPoint], rule: Rule, reference: Optional[dict] = Non
             notes.append(f"no point has {rule.constraint}: constraint ignored")
     chosen = None
     if eligible:
-        sign = 1.0 if maximise else -1.0
-        chosen = max(enumerate(eligible),
-                     key=lambda ip: (sign * ip[1].metric(objective), _or(ip[1].metric(UTILITY_AXIS), -math.inf), -ip[0]))[1]
+        chosen = max(enumerate(eligible), key=lambda ip: (direction_score(direction, ip[1].metric(objective)),
+                                                          _or(ip[1].metric(utility), -math.inf), -ip[0]))[1]
     elif ok:
         notes.append("no completed point satisfies the rule")
     return {
@@ -387,7 +402,8 @@ def choose(points: list[SweepPoint], rule: Rule, reference: Optional[dict] = Non
         "overrides": chosen.overrides if chosen else None,
         "tau": (chosen.results or {}).get("tau") if chosen else None,
         "objective": objective,
-        "maximise": maximise,
+        "direction": direction,
+        "maximise": direction == "up",
         "constraint": rule.constraint,
         "threshold": threshold,
         "reference_value": ref_value,
@@ -408,13 +424,30 @@ def forget_axis(points: list[SweepPoint], preferred: Optional[str] = None) -> st
     return FORGET_AXIS_CANDIDATES[0]
 
 
+def family_defaults(points: list[SweepPoint]) -> tuple[str, str, str]:
+    """(rule, x axis, y axis) for the metrics the sweep's completed points have: TOFU-style QA
+    (fact recall / forget quality vs model utility), MUSE (VerbMem vs KnowMem retain) or multiple
+    choice (the first ``wmdp-*`` accuracy vs MMLU's). TOFU's when nothing tells."""
+    have: set[str] = set()
+    for p in points:
+        if p.status == "ok":
+            have |= {k for k in p.metrics if p.metric(k) is not None}
+    if UTILITY_AXIS not in have:
+        if MUSE_Y in have or MUSE_X in have:
+            return MUSE_RULE, MUSE_X, MUSE_Y
+        hazard = sorted(k for k in have if k.startswith("wmdp") and k.endswith("_accuracy"))
+        if hazard:
+            return f"{hazard[0]},{MCQ_UTILITY}>=0.95", hazard[0], MCQ_UTILITY
+    return DEFAULT_RULE, forget_axis(points), UTILITY_AXIS
+
+
 def _short(name: str, swept: list[str], overrides: dict[str, str]) -> str:
     if swept:
         return ",".join(f"{k.split('.')[-1]}={overrides.get(k, '-')}" for k in swept)
     return name
 
 
-def plot_pareto(points: list[SweepPoint], x: str, y: str, x_max: bool, front: list[SweepPoint],
+def plot_pareto(points: list[SweepPoint], x: str, y: str, x_dir: str, front: list[SweepPoint],
                 chosen: Optional[str], swept: list[str], threshold: Optional[float] = None,
                 reference: Optional[dict] = None, title: str = "") -> bytes:
     """The forget-vs-utility scatter as PNG bytes (matplotlib, Agg backend)."""
@@ -447,9 +480,8 @@ def plot_pareto(points: list[SweepPoint], x: str, y: str, x_max: bool, front: li
         ax.scatter(rx, ry, marker="X", s=80, color="black", zorder=4, label="target (original)")
     if threshold is not None:
         ax.axhline(threshold, ls="--", lw=0.8, color="tab:red", label="utility constraint")
-    direction = "lower is better" if not x_max else "higher is better"
-    ax.set_xlabel(f"{x} ({direction})")
-    ax.set_ylabel(f"{y} (higher is better)")
+    ax.set_xlabel(f"{x} ({_better_text(x_dir)})")
+    ax.set_ylabel(f"{y} ({_better_text(objective_direction(y))})")
     if title:
         ax.set_title(title, fontsize=10)
     if x in ("forget_quality",):
@@ -466,22 +498,24 @@ def plot_pareto(points: list[SweepPoint], x: str, y: str, x_max: bool, front: li
     return buf.getvalue()
 
 
-def build_report(sweep_dir: str | Path, rule: str = DEFAULT_RULE, target: Optional[str | Path] = None,
-                 x: Optional[str] = None, y: str = UTILITY_AXIS, out: Optional[str | Path] = None) -> dict:
+def build_report(sweep_dir: str | Path, rule: Optional[str] = None, target: Optional[str | Path] = None,
+                 x: Optional[str] = None, y: Optional[str] = None, out: Optional[str | Path] = None) -> dict:
     """Gather ``sweep_dir``, write ``report.md``, ``report.json`` and ``pareto.png`` into ``out``
     (default: the sweep dir) atomically; returns the report dict (with ``console``: the table as
-    fixed-width text, and ``markdown``)."""
+    fixed-width text, and ``markdown``). ``rule``/``x``/``y`` left out: :func:`family_defaults`."""
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out else sweep_dir
     points = gather(sweep_dir)
     reference = _read_target(target) if target else None
-    r = parse_rule(rule)
+    default_rule, default_x, default_y = family_defaults(points)
+    r = parse_rule(rule or default_rule)
+    y = y or default_y
     swept, fixed = swept_keys(points)
-    xk = forget_axis(points, x)
-    x_max = METRIC_INFO.get(xk, ("down", ""))[0] == "up"
+    xk = x or default_x
+    x_dir = metric_info(xk)[0] or "down"  # an unknown forget metric: lower is better
     ok = [p for p in points if p.status == "ok"]
-    front = pareto_front(ok, xk, y, x_max)
-    choice = choose(points, r, reference, fallback_objective=xk)
+    front = pareto_front(ok, xk, y, x_dir, objective_direction(y))
+    choice = choose(points, r, reference, fallback_objective=xk, utility=y)
     metric_cols = _metric_columns(ok, xk, y, r.objective)
     on_front = {p.name for p in front}
 
@@ -489,9 +523,9 @@ def build_report(sweep_dir: str | Path, rule: str = DEFAULT_RULE, target: Option
     columns = list(rows[0].keys()) if rows else ["run", "status"]
     md_table = comparison_markdown(rows, columns) if rows else "(no sweep points found)"
     console = comparison_table(rows, columns) if rows else "(no sweep points found)"
-    md = _markdown(sweep_dir.name, points, swept, fixed, md_table, r, choice, front, xk, x_max, y)
+    md = _markdown(sweep_dir.name, points, swept, fixed, md_table, r, choice, front, xk, x_dir, y)
 
-    png = plot_pareto(ok, xk, y, x_max, front, choice["name"], swept, choice["threshold"]
+    png = plot_pareto(ok, xk, y, x_dir, front, choice["name"], swept, choice["threshold"]
                       if choice["constraint"] == y else None, reference, title=f"sweep {sweep_dir.name}")
     report = {
         "sweep_dir": str(sweep_dir),
@@ -556,7 +590,7 @@ def _table_rows(points: list[SweepPoint], swept: list[str], metric_cols: list[st
 
 
 def _markdown(name: str, points: list[SweepPoint], swept: list[str], fixed: dict[str, str], md_table: str,
-              r: Rule, choice: dict, front: list[SweepPoint], xk: str, x_max: bool, y: str) -> str:
+              r: Rule, choice: dict, front: list[SweepPoint], xk: str, x_dir: str, y: str) -> str:
     """report.md: counts, fixed settings, the table, the chosen setting and why, the Pareto front
     and the points that are missing or failed."""
     ok = [p for p in points if p.status == "ok"]
@@ -582,7 +616,8 @@ def _markdown(name: str, points: list[SweepPoint], swept: list[str], fixed: dict
         lines.append("**No setting chosen**: no completed point satisfies the rule.")
     lines += [f"- {n}" for n in choice["notes"]]
     lines += ["", "## Pareto front", "",
-              f"![pareto](pareto.png) — x: `{xk}` ({'higher' if x_max else 'lower'} is better), y: `{y}`.", ""]
+              f"![pareto](pareto.png) — x: `{xk}` ({_better_text(x_dir)}), y: `{y}` "
+              f"({_better_text(objective_direction(y))}).", ""]
     lines += [f"- {_short(p.name, swept, p.overrides)}: {xk} = {format_value(p.metric(xk))}, "
               f"{y} = {format_value(p.metric(y))}" for p in front] or ["- (no completed point has both metrics)"]
     if incomplete:
@@ -590,6 +625,11 @@ def _markdown(name: str, points: list[SweepPoint], swept: list[str], fixed: dict
         lines += [f"- `{p.name}`: **{p.status}** — {p.note}" for p in incomplete]
     lines.append("")
     return "\n".join(lines)
+
+
+def _better_text(direction: str) -> str:
+    return {"up": "higher is better", "down": "lower is better", "0": "closer to 0 is better",
+            "1": "closer to 1 is better"}.get(direction, "higher is better")
 
 
 def _or(v: Optional[float], default: float) -> float:
