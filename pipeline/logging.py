@@ -43,10 +43,19 @@ def configure_console(stream: Any = None) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
-class RunLogger:
-    """Logs scalars to wandb on the main process; a no-op elsewhere or when disabled."""
+WANDB_ID_FILE = "wandb_run_id"  # in the run directory: the wandb run a resumed attempt continues
 
-    def __init__(self, cfg: Any, run_dir: str, run_name: str, config: dict, enabled: bool) -> None:
+
+class RunLogger:
+    """Logs scalars to wandb on the main process; a no-op elsewhere or when disabled.
+
+    ``run_name``: the wandb run's name (the run directory below ``output_dir``, so a sweep's points
+    are told apart); ``group``: the experiment. ``resume``: the run resumes from a checkpoint, so it
+    continues the wandb run its earlier attempt opened (its id is kept in the run directory) instead
+    of opening another one per preemption; a run that starts from step 0 opens a new one."""
+
+    def __init__(self, cfg: Any, run_dir: str, run_name: str, config: dict, enabled: bool,
+                 resume: bool = False, group: Optional[str] = None) -> None:
         self._wandb = None
         if not (enabled and cfg.wandb) or cfg.wandb_mode == "disabled":
             return
@@ -56,9 +65,10 @@ class RunLogger:
         try:
             import wandb
 
+            run_id = _wandb_run_id(run_dir, resume)
             self._wandb = wandb.init(
-                project=cfg.project, entity=cfg.entity, name=run_name, dir=run_dir, mode=mode,
-                config=config, reinit="finish_previous",
+                project=cfg.project, entity=cfg.entity, name=run_name, group=group, dir=run_dir, mode=mode,
+                id=run_id, resume="allow", config=config, reinit="finish_previous",
                 settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
             )
         except Exception as exc:  # wandb must never kill a training run
@@ -78,3 +88,21 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _wandb_run_id(run_dir: str, resume: bool) -> str:
+    """The wandb run id of ``run_dir``: the one its earlier attempt wrote when this attempt resumes,
+    else a new one (written for a later attempt)."""
+    import uuid
+    from pathlib import Path
+
+    from pipeline.io import atomic_write_text
+
+    path = Path(run_dir) / WANDB_ID_FILE
+    if resume and path.is_file():
+        kept = path.read_text().strip()
+        if kept:
+            return kept
+    run_id = uuid.uuid4().hex[:16]  # wandb ids: lowercase letters and digits
+    atomic_write_text(path, run_id + "\n")
+    return run_id

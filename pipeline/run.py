@@ -158,8 +158,9 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     from pipeline.engine.trainer import UnlearningTrainer
     from pipeline.logging import RunLogger
 
-    run_logger = RunLogger(cfg.logging, str(run_dir), str(cfg.run_name), OmegaConf.to_container(cfg, resolve=True),
-                           enabled=dist.is_main)
+    run_logger = RunLogger(cfg.logging, str(run_dir), _wandb_name(cfg, run_dir), OmegaConf.to_container(cfg, resolve=True),
+                           enabled=dist.is_main, resume=resume_from is not None,
+                           group=OmegaConf.select(cfg, "exp_name", default=None))
     trainer = UnlearningTrainer(cfg, run_dir, engines.engine, engines.reference, method, inputs.forget, inputs.retain,
                                 inputs.tokenizer.pad_token_id, plan, total, run_logger, meta)
     trainer.on_loop_start = lambda: _write_config(config_text, dist, run_dir)
@@ -195,6 +196,15 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # Stages
+
+
+def _wandb_name(cfg: DictConfig, run_dir: Path) -> str:
+    """The run's name in wandb: its directory below ``output_dir`` (a sweep's points,
+    ``sweeps/<exp>/method.tau=2.0``, are told apart; ``run_name`` is the same for all of them)."""
+    try:
+        return run_dir.resolve().relative_to(Path(str(cfg.output_dir)).resolve()).as_posix()
+    except ValueError:  # a run directory outside output_dir (hydra.run.dir set elsewhere)
+        return str(cfg.run_name)
 
 
 def _resume_meta(cfg: DictConfig, dist: Any, key: dict) -> dict:

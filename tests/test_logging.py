@@ -92,3 +92,35 @@ def test_an_unset_or_empty_rank_is_rank_zero(rank, monkeypatch):
         monkeypatch.delenv("RANK", raising=False)
     rec = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
     assert RankFilter().filter(rec) and rec.rank == ""
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_a_fresh_one_opens_another(tmp_path, monkeypatch):
+    """Real wandb, offline: an attempt resuming from a checkpoint logs into the wandb run of the attempt
+    before it (before: one wandb run per preemption, the curve split across them, every sweep point
+    named alike); a run starting from step 0 opens its own."""
+    from omegaconf import OmegaConf
+
+    from pipeline.logging import WANDB_ID_FILE, RunLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = OmegaConf.create({"wandb": True, "wandb_mode": "offline", "project": "t", "entity": None})
+
+    def attempt(resume: bool, steps: range) -> str:
+        logger = RunLogger(cfg, str(tmp_path), "sweeps/exp/method.tau=2.0", {"a": 1}, enabled=True,
+                           resume=resume, group="exp")
+        assert logger._wandb is not None
+        assert logger._wandb.name == "sweeps/exp/method.tau=2.0" and logger._wandb.group == "exp"
+        for s in steps:
+            logger.log({"loss": float(s)}, step=s)
+        run_id = logger._wandb.id
+        logger.finish()
+        return run_id
+
+    first = attempt(False, range(1, 3))
+    assert (tmp_path / WANDB_ID_FILE).read_text().strip() == first
+    assert attempt(True, range(3, 5)) == first  # the requeued attempt resumes at step 3
+    fresh = attempt(False, range(1, 2))  # trainer.resume=never, or no checkpoint: a new run
+    assert fresh != first and (tmp_path / WANDB_ID_FILE).read_text().strip() == fresh
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert sum(r.endswith(first) for r in runs) == 2 and sum(r.endswith(fresh) for r in runs) == 1
