@@ -100,7 +100,9 @@ def setup_environment() -> None:
         if "MASTER_ADDR" not in os.environ:
             nodes = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "127.0.0.1"))
             os.environ["MASTER_ADDR"] = _first_slurm_host(nodes)
-        os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+        # one port per job (train.sbatch sets the same): jobs sharing a node rendezvous apart; 15000-29999
+        # stays below Linux's ephemeral ports, and only job ids 15000 apart share one
+        os.environ.setdefault("MASTER_PORT", str(15000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 15000))
 
     # Plain `python launchers/train.py`: a world of one (DeepSpeed would otherwise try mpi4py).
     if "RANK" not in os.environ:
