@@ -622,6 +622,12 @@ def test_split_name_and_max_length_are_covered_by_the_rows(tiny, rows):
     relabeled = [dict(r, labels=list(r["input_ids"])) for r in enc]
     assert key(relabeled) != key(enc)
 
+    # teacher_layers is a set of layers: listed in another order (or twice) it is the same cache
+    def layers_key(layers):
+        return tc.cache_key(tc.cache_fields("tiny", 2.0, layers, "forget", 64, 5, enc, "float32"))
+
+    assert layers_key([8, 7, 6]) == layers_key([6, 7, 8]) == layers_key([6, 7, 7, 8]) != layers_key([6, 7])
+
 
 def test_a_discarded_caches_interrupted_deletion_is_cleaned(models, rows, tmp_path, caplog):
     """A final directory moved aside to be deleted (.<key>.stale-*) whose deletion was interrupted was
@@ -680,6 +686,11 @@ def test_the_key_holds_the_resolved_attention_backend_device_and_versions(models
     assert key(attention="sdpa", device="cuda") != on_sdpa.name
     monkeypatch.setattr(transformers, "__version__", "0.0.0")
     assert key(attention="sdpa", device="cpu") != on_sdpa.name
+    # the Triton kernel's own library is in the key too (sdpa's and torch's are torch's version)
+    from importlib.metadata import version
+
+    assert tc.runtime_fields(attention="triton", device="cuda")["triton"] == version("triton")
+    assert "triton" not in tc.runtime_fields(attention="sdpa", device="cpu")
 
 
 def _shard_bytes_of(path, row, name="logprobs"):

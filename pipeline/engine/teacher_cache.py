@@ -217,8 +217,19 @@ def runtime_fields(attention: Optional[str] = None, device: Optional[str] = None
     active = attention_backend_report()
     device_type = torch.device(str(device)).type if device is not None else str(active["device"])
     backend = resolve_backend(attention, device_type).backend if attention is not None else str(active["resolved"])
-    return {"attention": backend, "device": device_type, "torch": str(torch.__version__),
-            "transformers": str(transformers.__version__)}
+    fields = {"attention": backend, "device": device_type, "torch": str(torch.__version__),
+              "transformers": str(transformers.__version__)}
+    # a backend's own library computes the values too (another flash-attn or Triton release rounds
+    # differently); sdpa and torch are covered by torch's version
+    library = {"flash_attn": "flash-attn", "triton": "triton"}.get(backend)
+    if library is not None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            fields[library] = version(library)
+        except PackageNotFoundError:
+            fields[library] = None
+    return fields
 
 
 def cache_fields(model_path: str, tau: float, teacher_layers: Optional[Sequence[int]], split: str,
@@ -238,7 +249,8 @@ def cache_fields(model_path: str, tau: float, teacher_layers: Optional[Sequence[
         "format": FORMAT_VERSION,
         "model": model_fingerprint(model_path, revision),
         "tau": float(tau),
-        "teacher_layers": None if teacher_layers is None else [int(i) for i in teacher_layers],
+        # a set of layers: [8, 7, 6] and [6, 7, 8] temper the same layers, one cache
+        "teacher_layers": None if teacher_layers is None else sorted({int(i) for i in teacher_layers}),
         "split": str(split),
         "max_length": int(max_length),
         "topk": int(topk),
