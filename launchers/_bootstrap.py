@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -36,10 +37,13 @@ def run_main(fn) -> None:
     the next job runs; :func:`launch` exits with 2 at the end. The line also goes to the job's log
     file, where the sweep report looks for failures."""
     from pipeline.errors import USER_ERRORS, SweepJobFailed, error_line, exit_interrupted, exit_with
+    from pipeline.eval.sweep import ATTEMPT_STARTED
 
     global _TASK_STARTED
     _TASK_STARTED = True
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is handled below
+    # the job log gathers every attempt (Hydra appends): the sweep report reads failures after this line only
+    _log_to_files(ATTEMPT_STARTED, logging.INFO)
     try:
         fn()
     except USER_ERRORS as exc:
@@ -75,11 +79,9 @@ def _local_sweep() -> bool:
             and os.environ.get("WORLD_SIZE", "1") == "1")
 
 
-def _log_to_files(line: str) -> None:
-    """``line`` into the job's log file(s) only (stderr already gets it once)."""
-    import logging
-
-    record = logging.LogRecord("pipeline", logging.ERROR, __file__, 0, line, None, None)
+def _log_to_files(line: str, level: int = logging.ERROR) -> None:
+    """``line`` into the job's log file(s) only (stderr already gets it once, or needs it not)."""
+    record = logging.LogRecord("pipeline", level, __file__, 0, line, None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)

@@ -285,3 +285,17 @@ def test_a_muse_or_wmdp_report_explains_its_own_metrics():
                            "metrics": {"wmdp-bio_accuracy": 0.3, "mmlu_accuracy": 0.55}})
     assert "| `wmdp-bio_accuracy` | 0.3000 | ↓ |" in md and "| `mmlu_accuracy` | 0.5500 | ↑ |" in md
     assert "Multiple-choice accuracy" in md and "Forget quality" not in md
+
+
+def test_a_point_running_again_after_a_failed_attempt_is_not_reported_failed(fake_sweep):
+    """Hydra appends each attempt's lines to the job's log: an earlier attempt's traceback made a point
+    that runs again now (a re-launched sweep, a requeue) read as failed. Only lines after the last
+    attempt's start line count."""
+    log = next(fake_sweep.glob("method.tau=5.0*")) / "train.log"
+    log.write_text(log.read_text() + f"[..][pipeline][INFO] - {sweep.ATTEMPT_STARTED}\n"
+                   "[..][pipeline.engine.trainer][INFO] - resumed from checkpoints/step_00000040 at step 40/100\n")
+    status = {p.overrides["method.tau"]: (p.status, p.note) for p in sweep.gather(fake_sweep)}
+    assert status["5.0"][0] == "missing", status["5.0"]
+    log.write_text(log.read_text() + "[..][pipeline][ERROR] - error (DataError, rank 0): bad row 3\n")
+    status = {p.overrides["method.tau"]: (p.status, p.note) for p in sweep.gather(fake_sweep)}
+    assert status["5.0"] == ("failed", "train.log: error (DataError, rank 0): bad row 3"), status["5.0"]

@@ -57,6 +57,10 @@ MCQ_UTILITY = "mmlu_accuracy"
 TABLE_METRICS = ("forget_fact_recall", "retain_fact_recall", "model_utility", "forget_quality", "forget_rouge_l",
                  "forget_well_formed")
 _FAIL_PATTERNS = ("Traceback (most recent call last)", "Error executing job", "error (")
+# written into a job's log as each attempt starts (launchers/_bootstrap.run_main); Hydra appends one
+# attempt's lines to the earlier ones', so only what follows the last of these says how this one went
+ATTEMPT_STARTED = "job attempt started"
+
 _BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # lines of a SLURM job's stderr that say why it ended, most telling first: our error line, Python's
 # exception line, SLURM's own (cancelled, time limit, out of memory), srun's exit code
@@ -157,7 +161,8 @@ def _failed(d: Path) -> str:
             text = log.read_text(errors="replace")
         except OSError:
             continue
-        i = max(text.rfind(pat) for pat in _FAIL_PATTERNS)  # the latest: a log gathers every attempt's lines
+        text = text[text.rfind(ATTEMPT_STARTED) + 1:] if ATTEMPT_STARTED in text else text  # this attempt's
+        i = max(text.rfind(pat) for pat in _FAIL_PATTERNS)  # the latest
         if i >= 0:
             return f"{log.name}: {text[i:].splitlines()[0][:160]}"
     return ""
