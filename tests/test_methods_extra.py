@@ -282,6 +282,9 @@ def test_config_defaults():
     (["method=idk_dpo", "method.idk_answers=[]"], "method.idk_answers"),
     (["method=npo", "method.rna_noise=-0.1"], "method.rna_noise"),
     (["method=npo", "method.rna_noise=0.1", "method.rna_layer=9"], "method.rna_layer"),
+    # noise above the layer RMU's retain MSE reads: never applied (the pass stops there); was accepted
+    (["method=rmu", "method.layer=1", "method.rna_noise=0.1", "method.rna_layer=2"], "method.rna_layer"),
+    (["method=asu_wmdp", "method.layer=1", "method.rna_noise=0.1", "method.rna_layer=2"], "method.rna_layer"),
     # every tempered layer above the matched one: the forget loss would be 0 for any tau (was accepted)
     (["method=asu_wmdp", "method.layer=1", "method.teacher_layers=[2,3]"], "method.teacher_layers"),
 ])

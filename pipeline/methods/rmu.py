@@ -75,6 +75,12 @@ class LayerwiseMethod(UnlearningMethod):
                 f"layers {bad} out of range: allowed 0..{layer} (method.layer; later layers cannot change "
                 f"the hidden state at method.layer)")
         require(bool(str(mcfg.update_module).strip()), "method.update_module", "must name a decoder-layer submodule")
+        if rl == "mse" and float(getattr(mcfg, "rna_noise", 0) or 0) > 0:
+            # the retain pass stops after method.layer (its hidden state is all the MSE reads): noise added
+            # above it would never be applied, and the run would train without RNA while logging it on
+            require(int(mcfg.rna_layer) <= layer, "method.rna_layer",
+                    f"{mcfg.rna_layer} is above method.layer={layer}, whose hidden state the retain loss "
+                    f"(retain_loss=mse) reads: the noise would never reach it; set method.rna_layer <= {layer}")
 
     @property
     def uses_reference(self) -> bool:
