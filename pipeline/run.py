@@ -139,10 +139,6 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     t_start = time.time()
     inputs = _load_inputs(cfg)
     key = job_key(cfg, dist.world_size, inputs)  # before tau=auto writes its choice into cfg
-    done = finished_results(cfg, run_dir, key)
-    if done is not None:  # this very job finished here and its outputs are intact: nothing is loaded
-        _announce(dist, done, run_dir, reused=True)
-        return done
     resume_from = check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
     # written when training starts (trainer.on_loop_start), as resolved now: tau=auto still reads "auto"
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
@@ -150,7 +146,12 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     meta = _resume_meta(cfg, dist, key)
     if resume_from is not None:  # refused before any model is loaded (a requeue on another number of GPUs)
         saved = {k: v for k, v in read_meta(resume_from).items() if k != TAU_CHOSEN}  # known only once tau is
+        # and before finished_results sets the directory's results aside: a refused launch changes nothing
         check_compatible(saved, meta, resume_from)
+    done = finished_results(cfg, run_dir, key)
+    if done is not None:  # this very job finished here and its outputs are intact: nothing is loaded
+        _announce(dist, done, run_dir, reused=True)
+        return done
     tau_selection = _known_tau(cfg, run_dir, key, resume_from)  # no probes, and maybe no frozen model, needed
     need_reference = _needs_reference(cfg, method, inputs, dist.device == "cuda")
     engines, plan, total = _build_engines(cfg, dist, method, inputs, need_reference)

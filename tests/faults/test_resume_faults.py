@@ -79,14 +79,19 @@ def test_resume_refuses_checkpoint_from_other_config(tiny):
     first = subprocess.run(_cmd(_args(tiny, "cfgA", ["trainer.max_steps=10"])), cwd=ROOT, env=_env(),
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
-    config = tiny[0] / "runs" / "cfgA" / "config.yaml"
+    run = tiny[0] / "runs" / "cfgA"
+    config = run / "config.yaml"
     before = config.read_text()
+    kept = {name: (run / name).read_bytes() for name in ("results.json", "finished.json") if (run / name).exists()}
+    assert "results.json" in kept
     other = subprocess.run(_cmd(_args(tiny, "cfgA", ["trainer.max_steps=20", "method.tau=3.0"])), cwd=ROOT,
                            env=_env(), capture_output=True, text=True, timeout=300)
     assert other.returncode == 2
     assert "different configuration" in other.stderr and "method" in other.stderr and "tau" in other.stderr
-    # the refused launch leaves the config.yaml of the run whose checkpoints and results are there
+    # the refused launch leaves the config.yaml of the run whose checkpoints and results are there, and
+    # its results and finished record (before: set aside as results.previous.json before the refusal)
     assert config.read_text() == before
+    assert {name: (run / name).read_bytes() for name in kept} == kept and not (run / "results.previous.json").exists()
 
 
 @pytest.mark.distributed
