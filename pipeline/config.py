@@ -205,7 +205,7 @@ class EvalConfig:
     mcq_add_bos: bool = False  # no BOS before MCQ contexts (WMDP paper, open-unlearning); passed to lm-eval too
     truth_ratio_reference: Optional[str] = None  # None: data.truth_ratio_reference | answer | paraphrased_answer
     retrain_auc: Optional[float] = None  # MUSE PrivLeak reference: the retrained model's Min-K% AUC
-    retain_model: Optional[str] = None  # gold-standard model dir for TOFU forget quality (pretrained runs)
+    retain_model: Optional[str] = None  # gold-standard model dir for TOFU forget quality (unset: the embedded benchmark's, on its data)
     # Precomputed forget-quality reference instead of evaluating retain_model: open-unlearning's retain
     # logs (TOFU_EVAL.json, forget_truth_ratio) or a retain_reference_*.json of this pipeline.
     retain_reference: Optional[str] = None

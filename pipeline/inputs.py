@@ -62,7 +62,7 @@ def check_model_paths(cfg: DictConfig) -> None:
     elif m.source == "pretrained" and m.path:  # the tokenizer is read from model.path
         check_model_location(str(m.path), "model.path", m.revision, needs=TOKENIZER_FILES)
     retain = cfg.get("eval", {}).get("retain_model")
-    if retain and m.source != "synthetic":
+    if retain:
         check_model_location(str(retain), "eval.retain_model")
 
 
@@ -123,7 +123,9 @@ def resolve_paths(cfg: DictConfig) -> ModelPaths:
 
         art = prepare_synthetic(cfg.data.synthetic, m.tiny, Path(cfg.cache_dir))
         model = art.target_dir if m.variant == "target" else art.retain_dir
-        return ModelPaths(str(model), str(art.tokenizer_dir), str(art.data_dir), str(art.retain_dir), str(art.root))
+        # eval.retain_model, when set, is the forget-quality reference here too (it was ignored silently)
+        return ModelPaths(str(model), str(art.tokenizer_dir), str(art.data_dir),
+                          cfg.eval.retain_model or str(art.retain_dir), str(art.root))
     if m.source == "gguf_package":
         from pipeline.models.gguf_package import prepare_gguf_model
 

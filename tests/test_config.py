@@ -233,3 +233,26 @@ def test_an_output_dir_that_cannot_hold_the_run_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=rf"{run_dir} exists and is not a directory"):
         validate(cfg)
     validate(_compose([f"output_dir={tmp_path / 'new' / 'deeper'}"]))  # created later: fine
+
+
+def test_eval_retain_model_is_checked_and_used_with_the_embedded_model(tmp_path, monkeypatch):
+    """model.source=synthetic ignored eval.retain_model silently (a missing path ran, and forget quality
+    came from the embedded retain model); now it is checked before anything loads and is the reference."""
+    from types import SimpleNamespace
+
+    from pipeline.data import prepare
+    from pipeline.inputs import check_model_paths, resolve_paths
+    from pipeline.models.loading import ModelLoadError
+    from tests.helpers.tiny import build
+
+    cfg = _compose(["eval.retain_model=/nonexistent/retain"])
+    with pytest.raises(ModelLoadError, match="eval.retain_model=/nonexistent/retain: no such directory"):
+        check_model_paths(cfg)
+    gold = build(tmp_path / "gold")[0]
+    cfg = _compose([f"eval.retain_model={gold}"])
+    check_model_paths(cfg)
+    # the embedded benchmark's directories (building it takes minutes; only the paths matter here)
+    art = SimpleNamespace(**{k: tmp_path / k for k in ("target_dir", "retain_dir", "tokenizer_dir", "data_dir", "root")})
+    monkeypatch.setattr(prepare, "prepare_synthetic", lambda *a, **k: art)
+    assert resolve_paths(cfg).retain_model == str(gold)
+    assert resolve_paths(_compose()).retain_model == str(art.retain_dir)
