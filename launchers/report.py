@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         rep = build_report(a.sweep_dir, a.rule, a.target, a.x, a.y, a.out)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as exc:  # one line, as the other launchers' errors
+        print(f"error ({type(exc).__name__}, rank 0): {exc}", file=sys.stderr)
         return 2
     out = a.out or a.sweep_dir
     print(rep["console"])

@@ -207,6 +207,19 @@ def test_report_cli(fake_sweep):
     bad = subprocess.run([sys.executable, "launchers/report.py", str(fake_sweep / "nope")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+    # a misspelled metric: one line naming the flag and the likely metric, exit 2 (before: exit 0, the
+    # constraint ignored with a note, or an empty plot for --x)
+    for args, flag, hint in ((["--rule", "forget_quality,model_utlity>=0.9"], "--rule", "model_utility"),
+                             (["--rule", "max:forget_qualty"], "--rule", "forget_quality"),
+                             (["--x", "bogus"], "--x", None)):
+        typo = subprocess.run([sys.executable, "launchers/report.py", str(fake_sweep), *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        lines = typo.stderr.strip().splitlines()
+        assert typo.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error (ValueError, rank 0): {flag}: "), typo.stderr
+        assert hint is None or f"did you mean {hint!r}" in lines[0], lines[0]
+    missing = subprocess.run([sys.executable, "launchers/report.py", str(fake_sweep), "--target", str(fake_sweep / "t.json")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "--target" in missing.stderr and "Errno" not in missing.stderr
 
 
 @pytest.mark.distributed

@@ -517,6 +517,7 @@ def build_report(sweep_dir: str | Path, rule: Optional[str] = None, target: Opti
     y = y or default_y
     swept, fixed = swept_keys(points)
     xk = x or default_x
+    _check_metric_names(points, [("--rule", r.objective), ("--rule", r.constraint), ("--x", x), ("--y", y)])
     x_dir = metric_info(xk)[0] or "down"  # an unknown forget metric: lower is better
     ok = [p for p in points if p.status == "ok"]
     front = pareto_front(ok, xk, y, x_dir, objective_direction(y))
@@ -555,11 +556,34 @@ def build_report(sweep_dir: str | Path, rule: Optional[str] = None, target: Opti
     return {**report, "console": console, "markdown": md}
 
 
+def _check_metric_names(points: list[SweepPoint], names: list[tuple[str, Optional[str]]]) -> None:
+    """A metric named on the command line that no completed point has and that is no known metric
+    is a typo (``model_utlity``): refused, naming the flag, instead of a constraint silently ignored
+    or an empty plot. A known metric no point has (``forget_quality`` on MUSE) falls back as documented."""
+    import difflib
+
+    have = {k for p in points if p.status == "ok" for k in p.metrics}
+    if not have:  # nothing evaluated yet: nothing to compare with
+        return
+    for flag, name in names:
+        if name is None or name in have or metric_info(name)[0]:
+            continue
+        close = difflib.get_close_matches(name, sorted(have), n=1)
+        raise ValueError(f"{flag}: no point of this sweep has a metric named {name!r}"
+                         + (f"; did you mean {close[0]!r}?" if close else "")
+                         + f" (its metrics: {', '.join(sorted(have))})")
+
+
 def _read_target(target: str | Path) -> dict:
     """The reference run's results (``--target``: a run directory or its results.json)."""
     tp = Path(target)
     tp = tp / RESULTS_FILE if tp.is_dir() else tp
-    return json.loads(tp.read_text())
+    try:
+        return json.loads(tp.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--target {target}: no such results.json or run directory") from None
+    except ValueError as e:
+        raise ValueError(f"--target {tp}: not a readable results.json ({e})") from None
 
 
 def _metric_columns(ok: list[SweepPoint], xk: str, y: str, objective: str) -> list[str]:
