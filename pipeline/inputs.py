@@ -47,6 +47,18 @@ def check_before_loading(cfg: DictConfig) -> None:
     check_available(str(cfg.get("kernels", {}).get("attention", "auto")))
     if not cfg.get("trainer", {}).get("dry_run", False):  # a dry run sizes a hub model from model.arch
         check_model_paths(cfg)
+        check_data_path(cfg)
+
+
+def check_data_path(cfg: DictConfig) -> None:
+    """``data.path``, when set, is a directory (a typo was reported, after the run directory was made, as
+    ``split 'forget10' not found at <path>/forget10.jsonl; available splits: []``)."""
+    from pipeline.data.loaders import DataError
+
+    path = cfg.get("data", {}).get("path")
+    if path and not Path(str(path)).expanduser().is_dir():
+        what = "is a file, not a directory" if Path(str(path)).expanduser().exists() else "no such directory"
+        raise DataError(f"data.path={path}: {what} (data.name={cfg.data.name} reads its splits from a directory)")
 
 
 def check_model_paths(cfg: DictConfig) -> None:

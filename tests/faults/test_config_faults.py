@@ -34,6 +34,8 @@ AFTER_LOADING = ("method.teacher_layers=[0,5]", "eval.device=cuda")
         ("model.path=someone/missing-7b", ["model.path=someone/missing-7b", "not in the hub cache",
                                            "HF_HUB_OFFLINE=1", "hf download someone/missing-7b"]),
         ("eval.retain_model=/nonexistent/retain", ["eval.retain_model=/nonexistent/retain: no such directory"]),
+        # was: "split 'forget' not found at /nonexistent/data/forget.jsonl; available splits: []", run dir made
+        ("data.path=/nonexistent/data", ["DataError", "data.path=/nonexistent/data: no such directory"]),
         # non-finite values passed every range check: a traceback once loaded, or an infinite tau trained on
         ("trainer.weight_decay=nan", ["trainer.weight_decay", "must be a finite number, got nan"]),
         ("method.tau=inf", ["method.tau", "must be a finite number, got inf"]),
