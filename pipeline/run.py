@@ -514,7 +514,8 @@ def _known_tau(cfg: DictConfig, run_dir: Path, key: dict, resume_from: Optional[
     resumes from, which wins: it was trained with its tau (an earlier attempt's selection no longer
     matches after, e.g., an evaluation setting changed, and probing again could choose another tau for
     the rest of the run; a checkpoint from elsewhere may carry another tau than this directory's
-    selection, which the trainer's compatibility check would refuse only after loading the models). The config then carries the value; None when it must be chosen."""
+    selection, which the trainer's compatibility check would refuse only after loading the models).
+    The config then carries the value; None when it must be chosen."""
     if "tau" not in cfg.method or str(cfg.method.tau) != "auto":
         return None
     from pipeline.engine.distributed import broadcast_object, is_main_process
