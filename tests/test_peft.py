@@ -426,3 +426,50 @@ def test_a_full_model_learning_rate_on_a_lora_student_is_warned(tiny):
     out = subprocess.run(command(args, 1), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LoRA student with trainer.lr=1e-05, a full-model learning rate" in out.stderr
+
+
+class _Engine:
+    """What export_lora reads of a DeepSpeed engine (``module``, a forward) around a plain model."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, **kw):
+        return self.module(**kw)
+
+
+def test_a_bf16_lora_runs_merged_model_keeps_adapter_changes_below_bf16_resolution(tmp_path):
+    """The merge ran in the training dtype: W + ΔW rounded to bf16, and unlearning's small adapter
+    changes (here |ΔW|/|W| ~ 1e-3) mostly vanished from model/ while the export check, bounded at bf16's
+    resolution, passed. The merged model is now float32 and holds W + ΔW."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from pipeline.engine.export_peft import export_lora
+    from pipeline.models.loading import load_causal_lm
+    from pipeline.models.peft_student import wrap_lora
+
+    model_dir, _ = build(tmp_path / "src")
+    base_dir = tmp_path / "base_bf16"
+    load_causal_lm(model_dir, "bfloat16").save_pretrained(base_dir, safe_serialization=True)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.save_pretrained(base_dir)
+    torch.manual_seed(0)
+    student = wrap_lora(load_causal_lm(base_dir, "bfloat16"), PEFT)  # adapters in the base's dtype, as trained
+    for n, p in student.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=3e-4)
+    cfg = OmegaConf.create({"trust_remote_code": False, "allow_pickle": False, "revision": None})
+    export_lora(_Engine(student), tok, tmp_path / "run" / "model", tmp_path / "run" / "adapter", base_dir,
+                "bfloat16", cfg)
+    merged = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj"
+    layer = student.get_submodule(f"base_model.model.{name}")
+    w = layer.base_layer.weight.float()
+    delta = (layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float()) * layer.scaling["default"]
+    got = merged[f"{name}.weight"]
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, w + delta, rtol=0, atol=1e-6), float((got - (w + delta)).abs().max())
+    # the test has teeth: a bf16 merge would have kept fewer than half of the changes
+    kept = ((w + delta).bfloat16().float() != w).float().mean()
+    assert kept < 0.5, float(kept)

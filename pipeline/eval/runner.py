@@ -135,12 +135,16 @@ def evaluate_splits(model: Any, tokenizer: Any, splits: dict[str, list[dict]], s
 def eval_dtype(cfg: DictConfig) -> str:
     """The evaluation model's dtype: ``eval.dtype``, where ``auto`` is ``model.dtype`` when this
     machine has a GPU that the evaluation may use (bf16 for the 7B configs, as open-unlearning's model
-    configs load them) and float32 without one or with ``eval.device=cpu``. The same for every model
-    of a run (target, retain reference, lm-eval; also one that falls back to the CPU for lack of GPU
-    memory), so their numbers compare."""
+    configs load them; float32 for a LoRA run, whose merged model is float32) and float32 without one
+    or with ``eval.device=cpu``. The same for every model of a run (target, retain reference, lm-eval;
+    also one that falls back to the CPU for lack of GPU memory), so their numbers compare."""
     dtype = str(OmegaConf.select(cfg, "eval.dtype", default="auto"))
     if dtype == "auto":
         on_gpu = cuda_ranks() and str(OmegaConf.select(cfg, "eval.device", default="auto")) != "cpu"
+        if on_gpu and OmegaConf.select(cfg, "model.peft.enabled", default=False):
+            # a LoRA run's merged model is float32 (export_peft.MERGE_DTYPE): cast to bf16 it would lose
+            # the adapter changes below bf16's resolution that the merge kept
+            return "float32"
         return str(OmegaConf.select(cfg, "model.dtype", default="float32")) if on_gpu else "float32"
     return dtype
 
