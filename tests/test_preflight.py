@@ -342,3 +342,35 @@ def test_activation_term_matches_the_measured_forward_backward_peak(precision, c
                        flash_attention=attention != "torch", cpu_ranks=True)
     planned = plan.per_gpu["activations (student)"]
     assert 0.95 <= planned / peak <= 1.15, (planned / peak, planned, peak)
+
+
+def test_a_run_on_4_gpu_nodes_plans_host_memory_for_4_ranks_per_node(monkeypatch):
+    """8 ranks on two 4-GPU nodes with the optimizer offloaded: each node's host holds 4 ranks' share.
+    The plan assumed 8 per node for any run of 8 or more ranks (meant for the other GPU counts it
+    shows), doubling the host estimate and refusing nodes that fit."""
+    from pipeline.engine.preflight import GiB, plan_for_run
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    base = ["+exp=wmdp_7b", "deepspeed=zero3_offload_optimizer", "deepspeed.gpu_memory_gb=80"]
+    cfg = _compose(base + ["deepspeed.host_memory_gb=4096"])
+    four = plan_for_run(cfg, 8, True, None, True, local_world_size=4)
+    eight = plan_for_run(cfg, 8, True, None, True, local_world_size=8)
+    assert four.host_total < eight.host_total
+    between = (four.host_total + eight.host_total) / 2 / GiB
+    run_preflight(_compose(base + [f"deepspeed.host_memory_gb={between:.0f}"]), world_size=8, cuda=True,
+                  model_path=None, uses_reference=True)  # was: refused for host memory
+
+
+def test_a_config_with_its_own_head_dim_is_sized_by_it():
+    """Gemma-7B: 16 heads of 256 with hidden 3072 (16 x 256 = 4096 != 3072). Counted as hidden x hidden
+    the q/o projections were 0.4B short of its 8.54B parameters, and its LoRA adapters too."""
+    from pipeline.engine.preflight import _linear_shapes, arch_from_dict
+
+    gemma = arch_from_dict({"model_type": "gemma", "vocab_size": 256000, "hidden_size": 3072, "num_hidden_layers": 28,
+                            "intermediate_size": 24576, "num_attention_heads": 16, "num_key_value_heads": 16,
+                            "head_dim": 256, "tie_word_embeddings": True})
+    assert gemma.n_params == 8_537_680_896  # transformers' GemmaForCausalLM(config).num_parameters()
+    assert _linear_shapes(gemma)["q_proj"] == (3072, 4096) and _linear_shapes(gemma)["o_proj"] == (4096, 3072)
+    llama = arch_from_dict({"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32,
+                            "intermediate_size": 11008, "num_attention_heads": 32})
+    assert llama.n_params == 6_738_415_616  # Llama-2-7B, unchanged

@@ -37,11 +37,17 @@ class ArchSpec:
     num_attention_heads: int
     num_key_value_heads: int
     tie_word_embeddings: bool = False
+    head_dim: Optional[int] = None  # a config's own (Gemma: 256 with hidden 3072 / 16 heads); else hidden / heads
+
+    @property
+    def head_size(self) -> int:
+        return int(self.head_dim or self.hidden_size // self.num_attention_heads)
 
     @property
     def layer_params(self) -> int:
-        h, kv = self.hidden_size, self.num_key_value_heads * (self.hidden_size // self.num_attention_heads)
-        attn = h * h * 2 + h * kv * 2  # q, o and k, v projections
+        h = self.hidden_size
+        q, kv = self.num_attention_heads * self.head_size, self.num_key_value_heads * self.head_size
+        attn = h * q * 2 + h * kv * 2  # q, o and k, v projections
         mlp = 3 * h * self.intermediate_size  # gate, up, down
         return attn + mlp + 2 * h  # two RMSNorms
 
@@ -89,7 +95,8 @@ def arch_from_dict(d: dict) -> ArchSpec:
     ff = d.get("intermediate_size") or d.get("ffn_hidden_size") or d.get("n_inner") or 4 * int(d["hidden_size"])
     kv = d.get("num_key_value_heads") or d["num_attention_heads"]
     return ArchSpec(int(d["vocab_size"]), int(d["hidden_size"]), int(d["num_hidden_layers"]),
-                    int(ff), int(d["num_attention_heads"]), int(kv), bool(d.get("tie_word_embeddings", False)))
+                    int(ff), int(d["num_attention_heads"]), int(kv), bool(d.get("tie_word_embeddings", False)),
+                    int(d["head_dim"]) if d.get("head_dim") else None)
 
 
 def resolve_arch(model_cfg: Any, model_path: Optional[str] = None, vocab_size: Optional[int] = None) -> ArchSpec:
@@ -120,10 +127,10 @@ def resolve_arch(model_cfg: Any, model_path: Optional[str] = None, vocab_size: O
 def _linear_shapes(arch: ArchSpec) -> dict[str, tuple[int, int]]:
     """(in, out) features of a decoder layer's linear projections, Llama and Phi-3 names."""
     h, ff = arch.hidden_size, arch.intermediate_size
-    kv = arch.num_key_value_heads * (h // arch.num_attention_heads)
-    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+    q, kv = arch.num_attention_heads * arch.head_size, arch.num_key_value_heads * arch.head_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, ff), "up_proj": (h, ff), "down_proj": (ff, h),
-            "qkv_proj": (h, h + 2 * kv), "gate_up_proj": (h, 2 * ff)}  # Phi-3's fused projections
+            "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * ff)}  # Phi-3's fused projections
 
 
 def lora_param_count(arch: ArchSpec, model_cfg: Any) -> int:
@@ -565,16 +572,16 @@ def _local_world_size(world_size: int) -> int:
 def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference: bool, offload_opt: str,
           offload_par: str, zero_stage: Optional[int] = None,
           activation_checkpointing: Optional[bool] = None) -> MemoryPlan:
-    """The plan of ``cfg`` on ``n`` ranks with these offload settings, in ``zero_stage`` (None: the
-    stage the configured ``deepspeed.zero_stage`` gives ``n`` ranks) and with activation checkpointing
-    as given (None: as configured)."""
+    """The plan of ``cfg`` on ``n`` ranks, ``gpn`` of them per node, with these offload settings, in
+    ``zero_stage`` (None: the stage the configured ``deepspeed.zero_stage`` gives ``n`` ranks) and with
+    activation checkpointing as given (None: as configured)."""
     from pipeline.engine.ds_config import resolve_precision, student_config
 
     ds, tr = cfg.deepspeed, cfg.trainer
     fp = method_footprint(cfg, arch)
     # the buffer limits DeepSpeed will get (ZeRO-3's; read only where the plan's stage is 3)
     zero = student_config(ds, tr, cuda, world_size=max(2, n))["zero_optimization"]
-    return plan_memory(arch, n, min(n, max(gpn, 8 if n >= 8 else n)), precision=resolve_precision(ds, cuda),
+    return plan_memory(arch, n, min(n, gpn), precision=resolve_precision(ds, cuda),
                        zero_stage=resolve_zero_stage(ds, n).stage if zero_stage is None else zero_stage, offload_optimizer=offload_opt,
                        offload_param=offload_par,
                        uses_reference=uses_reference, batch_size=int(tr.batch_size),
@@ -607,7 +614,10 @@ def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[st
 
     def mk(n: int, offload_opt: str, offload_par: str, zero_stage: Optional[int] = None,
            checkpointing: Optional[bool] = None) -> MemoryPlan:
-        return _plan(cfg, arch, n, gpn, cuda, uses_reference, offload_opt, offload_par, zero_stage, checkpointing)
+        # this run's own ranks per node; another GPU count (a column, a suggestion) on nodes of 8, or
+        # of this node's size when larger (before, this run too: 4-GPU nodes' host memory was doubled)
+        per_node = gpn if n == world_size else max(gpn, 8 if n >= 8 else n)
+        return _plan(cfg, arch, n, per_node, cuda, uses_reference, offload_opt, offload_par, zero_stage, checkpointing)
 
     current = mk(world_size, ds.offload_optimizer, ds.offload_param)
     gpu_avail, host_avail = available_memory(cuda, ds.gpu_memory_gb, ds.host_memory_gb)
