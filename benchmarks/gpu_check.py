@@ -391,20 +391,29 @@ def part_pipeline(timeout: int) -> None:
 
     out: dict = {"runs": {}}
     ok = True
+    deadline = time.perf_counter() + timeout  # ``timeout``: all runs together (the part's limit is a bit more)
     with tempfile.TemporaryDirectory() as d:
         model_dir, data_dir = build(Path(d) / "tiny")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
                    HF_HUB_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
         env.pop("DS_ACCELERATOR", None)
-        for name, extra in PIPELINE_RUNS:
+        for i, (name, extra) in enumerate(PIPELINE_RUNS):
             args = train_overrides(model_dir, data_dir, Path(d) / "runs", name, steps=3) + extra
+            # each run gets its share of what is left: a slow first run cannot leave the part killed
+            # from outside before any JSON is written
+            share = max(1.0, (deadline - time.perf_counter()) / (len(PIPELINE_RUNS) - i))
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "launchers/train.py", *args], cwd=ROOT, env=env,
-                                  capture_output=True, text=True, timeout=timeout)
-            run = {"overrides": extra, "returncode": proc.returncode, "seconds": time.perf_counter() - t0}
+            try:
+                proc = subprocess.run([sys.executable, "launchers/train.py", *args], cwd=ROOT, env=env,
+                                      capture_output=True, text=True, timeout=share)
+                rc, stderr = proc.returncode, proc.stderr
+            except subprocess.TimeoutExpired as e:
+                err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+                rc, stderr = 124, err + f"\n(timed out after {share:.0f} s)"
+            run = {"overrides": extra, "returncode": rc, "seconds": time.perf_counter() - t0}
             res_path, check_path = (Path(d) / "runs" / name / f for f in ("results.json", "export_check.json"))
-            if proc.returncode != 0 or not res_path.exists():
-                run["stderr_tail"] = proc.stderr[-3000:]
+            if rc != 0 or not res_path.exists():
+                run["stderr_tail"] = stderr[-3000:]
                 run["pass"] = False
             else:
                 res = json.loads(res_path.read_text())
@@ -419,12 +428,12 @@ def part_pipeline(timeout: int) -> None:
                                and str(res["evaluation"].get("device", "")).startswith("cuda"))
             ok &= run["pass"]
             out["runs"][name] = run
-            print(f"pipeline {name}: rc {proc.returncode}, {run['seconds']:.0f} s, "
+            out["pass"] = bool(ok) and len(out["runs"]) == len(PIPELINE_RUNS)
+            _write("pipeline", out)  # after every run: what ran is kept if the part is stopped later
+            print(f"pipeline {name}: rc {rc}, {run['seconds']:.0f} s, "
                   f"{'ok' if run['pass'] else 'FAIL'}", flush=True)
             if "stderr_tail" in run:
                 print(run["stderr_tail"], flush=True)
-    out["pass"] = bool(ok)
-    _write("pipeline", out)
     if not ok:
         sys.exit(1)
 

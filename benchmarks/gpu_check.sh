@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a machine with one H100/H200 (3-4 min on an H200 without the pipeline part,
 # at most 12 min by its parts' limits). It writes
-# benchmarks/results/gpu_<gpu>_{kernels,attention,kl,step,eval,pipeline}.json, each naming the GPU:
+# benchmarks/results/gpu_<gpu>_{kernels,pipeline,attention,kl,eval,step}.json, each naming the GPU:
 #   kernels   - the Triton attention kernels compiled for real vs the fp32 reference: bf16 and fp16,
 #               forward + backward, odd shapes, GQA, causal + padding, per-head tau, dual output
 #   attention - tempered attention via sdpa / flash_attn / triton vs untempered SDPA / flash-attn,
@@ -14,7 +14,8 @@
 #   pipeline  - launchers/train.py end to end on the GPU (tiny model, 3 ASU steps, export check,
 #               evaluation): ZeRO stage as picked (0), and ZeRO-3 with the fused KL
 # Each part has its own time limit; a part that fails or times out is reported and the others
-# still run (exit code 1 then). Without CUDA it prints one line and exits 0. CI never runs it.
+# still run (exit code 1 then). Without a GPU it prints one line and exits 0; with a GPU but a torch
+# that cannot see it, exit 1. CI never runs it.
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=... to choose the interpreter (default .venv/bin/python)
 # On a machine with a CUDA torch but without this project's packages (and no network), carry the
@@ -30,16 +31,30 @@ if ! command -v nvidia-smi >/dev/null 2>&1 && ! ls /dev/nvidia0 >/dev/null 2>&1;
   echo "no CUDA device: nothing measured"
   exit 0
 fi
+# a driver or device node is here, so a torch without CUDA (this project's CPU .venv, carried over) is
+# a setup error: saying "nothing measured" and exiting 0 would look like a passed check
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
-  echo "no CUDA device: nothing measured"
-  exit 0
+  echo "error: a GPU driver or device is present but $PY's torch sees no CUDA device:" \
+       "$("$PY" -c 'import torch; print("torch", torch.__version__, "built for CUDA", torch.version.cuda)' 2>&1 | tail -1)" \
+       "(PYTHON=python3 with a CUDA torch, and the wheels of benchmarks/gpu_wheels.sh)"
+  exit 1
 fi
 unset TRITON_INTERPRET  # the compiled kernels are what this checks
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 status=0
+# GPU_CHECK_BUDGET (s, default 540): the whole check's limit, under one device call's 600 s; a part
+# whose limit no longer fits in what is left is skipped (reported). GPU_CHECK_OUT (e.g. $OUT): a
+# folder the JSON results are copied into after every part, so a call stopped from outside keeps them.
+budget=${GPU_CHECK_BUDGET:-540}
 part() {  # part <seconds> <name> [args...]
   local limit=$1
   shift
+  local left=$((budget - (SECONDS - start) - 15))
+  if [ "$left" -lt "$limit" ]; then
+    echo "!! gpu_check $1 skipped: ${left}s of GPU_CHECK_BUDGET=${budget}s left, its limit is ${limit}s"
+    status=1
+    return
+  fi
   echo "== gpu_check $* (limit ${limit}s)"
   timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_check.py --device cuda "$@"
   local rc=$?
@@ -47,14 +62,18 @@ part() {  # part <seconds> <name> [args...]
     echo "!! gpu_check $1 failed (rc $rc; 124 = time limit)"
     status=1
   fi
+  if [ -n "${GPU_CHECK_OUT:-}" ]; then
+    mkdir -p "$GPU_CHECK_OUT" && cp benchmarks/results/gpu_*.json "$GPU_CHECK_OUT"/ 2>/dev/null
+  fi
 }
 start=$SECONDS
+# the most telling first: a budget that runs out drops the later ones
 part 100 kernels
+part 150 pipeline --timeout 135
 part 80 attention
 part 100 kl --timeout 90
-part 180 step --timeout 170
 part 90 eval
-part 150 pipeline --timeout 120
+part 180 step --timeout 170
 echo "gpu_check: $((SECONDS - start)) s"
 ls -1 benchmarks/results/gpu_*.json 2>/dev/null
 exit "$status"
