@@ -2,7 +2,7 @@
 
 It runs compiled on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (tests). It takes causal + key
 padding + GQA and a per-(row, head) tau; everything else (dropout, soft-capping, sinks, sliding
-windows or other masks, head_dim < 16 or fp32 tensors when compiled, different q/v head dims) falls back to
+windows or other masks, head_dim < 16 or > 128 or fp32 tensors when compiled, different q/v head dims) falls back to
 ``sdpa``, which serves all of those but soft-capping/sinks (then ``torch``).
 """
 
@@ -14,6 +14,8 @@ import torch
 
 from .base import AttentionBackend, AttentionCall, register_backend
 from .masks import mask_to_causal_and_padding
+
+MAX_HEAD_DIM = 128  # the widest head the compiled kernel has been checked at (gpu_check's kernels part)
 
 
 def _kernels():
@@ -56,6 +58,11 @@ class TritonBackend(AttentionBackend):
             return "attention sinks (s_aux) are not implemented in the Triton kernel"
         if q.shape[-1] < 16 and not ta.INTERPRET:
             return f"head_dim {q.shape[-1]} < 16 (tl.dot needs 16)"
+        if q.shape[-1] > MAX_HEAD_DIM and not ta.INTERPRET:
+            # its tiles at 256 need ~200 KB of shared memory, near an H100's 227 KB: not yet run compiled
+            # (benchmarks/gpu_check.py's kernels part has the case); an out-of-resources error would stop
+            # the run instead of falling back
+            return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM} (the compiled kernel is checked up to {MAX_HEAD_DIM})"
         if call.value.shape[-1] != q.shape[-1] or q.shape[1] % call.key.shape[1]:
             return "query/key/value head shapes the kernel does not take"
         if call.attention_mask is None and not call.is_causal:
