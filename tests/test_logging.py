@@ -63,6 +63,9 @@ def test_launchers_hydra_logging_uses_the_filter_on_console_and_file(tmp_path, m
         cfg = compose("config", return_hydra_config=True)
     jl = OmegaConf.to_container(cfg.hydra.job_logging, resolve=False)
     assert jl["formatters"]["simple"]["format"] == LOG_FORMAT
+    # stdout carries results only: Hydra's own lines ("[HYDRA] Launching 2 jobs locally") go to stderr too
+    assert jl["handlers"]["console"]["stream"] == "ext://sys.stderr"
+    assert cfg.hydra.hydra_logging.handlers.console.stream == "ext://sys.stderr"
     for name in ("console", "file"):
         assert jl["handlers"][name]["filters"] == ["rank"], name
     jl["handlers"]["file"]["filename"] = str(tmp_path / "train.log")
