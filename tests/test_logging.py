@@ -125,5 +125,6 @@ def test_a_resumed_run_continues_its_wandb_run_and_a_fresh_one_opens_another(tmp
     assert attempt(True, range(3, 5)) == first  # the requeued attempt resumes at step 3
     fresh = attempt(False, range(1, 2))  # trainer.resume=never, or no checkpoint: a new run
     assert fresh != first and (tmp_path / WANDB_ID_FILE).read_text().strip() == fresh
+    # wandb's offline folders: offline-run-<second>-<id>[-<n> when that second's name is taken]
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
-    assert sum(r.endswith(first) for r in runs) == 2 and sum(r.endswith(fresh) for r in runs) == 1
+    assert {r.split("-")[3] for r in runs} == {first, fresh}, runs
