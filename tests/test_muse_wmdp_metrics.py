@@ -292,6 +292,8 @@ def test_a_muse_evaluation_shorter_than_mia_2048_tokens_warns_and_is_recorded(tm
                                             "eval.verbmem_max_new_tokens=2", "eval.knowmem_max_new_tokens=2"])
     assert metrics[runner.EVALUATION_KEY]["max_length"] == 192 and "privleak_auc" in metrics
     assert any("eval.max_length=192" in r.getMessage() and "2048" in r.getMessage() for r in caplog.records)
+    rows = metrics[runner.EVALUATION_KEY]["rows"]  # what was scored, as TOFU and WMDP runs record it
+    assert rows and all(n > 0 for n in rows.values()) and "verbmem_forget" in rows, rows
 
 
 def test_mcq_prompts_longer_than_max_length_are_counted_in_a_warning(caplog):

@@ -399,11 +399,11 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
         metrics, details = (evaluate_muse if family == "muse" else evaluate_mcq_splits)(cfg, model, tokenizer, data,
                                                                                         parts)
         metrics[EVALUATION_KEY] = _placement(cfg, model, parts)
+        metrics[EVALUATION_KEY]["rows"] = {name: len(rows) for name, rows in data.eval.items()}  # what was scored
         if family == "muse":
             metrics[EVALUATION_KEY].update(rouge_stemmer=stem, max_length=int(cfg.eval.max_length))
         else:  # what changes multiple-choice numbers: truncation length and BOS (lm-eval's 0-shot prompt)
-            metrics[EVALUATION_KEY].update(max_length=int(cfg.eval.max_length), mcq_add_bos=bool(cfg.eval.mcq_add_bos),
-                                           rows={name: len(rows) for name, rows in data.eval.items()})
+            metrics[EVALUATION_KEY].update(max_length=int(cfg.eval.max_length), mcq_add_bos=bool(cfg.eval.mcq_add_bos))
         # lm-eval (eval.lm_eval) is not run here but by add_lm_eval, after the job's last collective.
         return metrics, details
 
