@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -114,15 +115,17 @@ def _check(run_dir: Path, key: dict) -> tuple[Optional[str], dict]:
     return None, rec
 
 
-def finished_results(cfg: DictConfig, run_dir: Path, key: dict) -> Optional[dict]:
+def finished_results(cfg: DictConfig, run_dir: Path, key: dict,
+                     before_rerun: Optional[Callable[[], None]] = None) -> Optional[dict]:
     """``results.json`` (rank 0; {} elsewhere) when ``run_dir`` holds this job, finished and
-    unchanged; None when it must run. Rank 0 decides and every rank follows. A stale record is
-    removed before the job runs, so that only a job that ends writes one, and an earlier
-    ``results.json`` is set aside as ``results.previous.json``."""
-    done = None
+    unchanged; None when it must run. Rank 0 decides and every rank follows. A job that must run
+    first calls ``before_rerun`` on every rank (the resume's compatibility check: a refused launch
+    stops here, changing nothing); then a stale record is removed, so that only a job that ends
+    writes one, and an earlier ``results.json`` is set aside as ``results.previous.json``."""
+    done, why, rec = None, None, {}
     if is_main_process():
         if str(cfg.trainer.resume) != "auto" or (cfg.eval.enabled and not cfg.eval.resume):
-            why, rec = "trainer.resume / eval.resume ask to run it again", {}
+            why = "trainer.resume / eval.resume ask to run it again"
         else:
             why, rec = _check(run_dir, key)
         if why is None:
@@ -130,21 +133,23 @@ def finished_results(cfg: DictConfig, run_dir: Path, key: dict) -> Optional[dict
             log.info("run %s finished already (at %s, checkpoint %s; model/ and results.json unchanged; same "
                      "configuration, data, model and evaluation code): nothing to do (trainer.resume=never runs "
                      "it again)", run_dir, rec.get("finished_at", "?"), rec["outputs"]["checkpoint"])
-        else:
-            if why and (run_dir / FINISHED_FILE).exists():
-                log.info("run %s: its earlier results are not reused: %s", run_dir, why)
-            elif why == "" and (run_dir / "results.json").exists():  # results without a finished record: say why
-                log.info("run %s: its earlier results are not reused: %s", run_dir,
-                         "a run without checkpoints (trainer.save_every=0) is never recorded as finished, so it "
-                         "trains again" if int(OmegaConf.select(cfg, "trainer.save_every", default=0) or 0) == 0 else
-                         f"no {FINISHED_FILE}: it did not finish (it resumes from its newest checkpoint)")
-            (run_dir / FINISHED_FILE).unlink(missing_ok=True)
-            if set_aside_results(run_dir) is not None:  # a failing re-run must not leave them as its own
-                log.info("run %s: the earlier results.json is kept as %s until this run writes its own", run_dir,
-                         PREVIOUS_RESULTS_FILE)
-    if not broadcast_object(done is not None):
-        return None
-    return done if is_main_process() else {}
+    if broadcast_object(done is not None):
+        return done if is_main_process() else {}
+    if before_rerun is not None:
+        before_rerun()
+    if is_main_process():
+        if why and (run_dir / FINISHED_FILE).exists():
+            log.info("run %s: its earlier results are not reused: %s", run_dir, why)
+        elif why == "" and (run_dir / "results.json").exists():  # results without a finished record: say why
+            log.info("run %s: its earlier results are not reused: %s", run_dir,
+                     "a run without checkpoints (trainer.save_every=0) is never recorded as finished, so it "
+                     "trains again" if int(OmegaConf.select(cfg, "trainer.save_every", default=0) or 0) == 0 else
+                     f"no {FINISHED_FILE}: it did not finish (it resumes from its newest checkpoint)")
+        (run_dir / FINISHED_FILE).unlink(missing_ok=True)
+        if set_aside_results(run_dir) is not None:  # a failing re-run must not leave them as its own
+            log.info("run %s: the earlier results.json is kept as %s until this run writes its own", run_dir,
+                     PREVIOUS_RESULTS_FILE)
+    return None
 
 
 def record_finished(run_dir: Path, key: dict, last_step: int) -> None:

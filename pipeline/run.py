@@ -139,16 +139,22 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     t_start = time.time()
     inputs = _load_inputs(cfg)
     key = job_key(cfg, dist.world_size, inputs)  # before tau=auto writes its choice into cfg
-    resume_from = check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
     # written when training starts (trainer.on_loop_start), as resolved now: tau=auto still reads "auto"
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     # before a known tau=auto choice enters cfg: checkpoints record method.tau=auto, the chosen tau as tau_chosen
     meta = _resume_meta(cfg, dist, key)
-    if resume_from is not None:  # refused before any model is loaded (a requeue on another number of GPUs)
-        saved = {k: v for k, v in read_meta(resume_from).items() if k != TAU_CHOSEN}  # known only once tau is
-        # and before finished_results sets the directory's results aside: a refused launch changes nothing
-        check_compatible(saved, meta, resume_from)
-    done = finished_results(cfg, run_dir, key)
+    resume_from: Optional[Path] = None
+
+    def check_the_resume() -> None:
+        # refused before any model is loaded (a requeue on another number of GPUs), and before the
+        # directory's earlier results are set aside: a refused launch changes nothing
+        nonlocal resume_from
+        resume_from = check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
+        if resume_from is not None:
+            saved = {k: v for k, v in read_meta(resume_from).items() if k != TAU_CHOSEN}  # known only once tau is
+            check_compatible(saved, meta, resume_from)
+
+    done = finished_results(cfg, run_dir, key, before_rerun=check_the_resume)
     if done is not None:  # this very job finished here and its outputs are intact: nothing is loaded
         _announce(dist, done, run_dir, reused=True)
         return done

@@ -39,6 +39,26 @@ def test_resume_never_a_damaged_record_or_none_runs_the_job_and_drops_the_record
         assert (tmp_path / "results.previous.json").read_text() == '{"run": "earlier"}'
 
 
+def test_a_refused_rerun_changes_nothing_and_a_finished_job_is_not_checked_again(tmp_path, monkeypatch):
+    """The resume check (before_rerun) runs after the finished check and before anything is set
+    aside: a refused re-run (another max_steps than the checkpoint's) leaves results.json and
+    finished.json as they were; a finished job returns its results without it (a GPU-finished run
+    re-run on a CPU host, whose checkpoint meta differs in precision, was refused)."""
+    from pipeline import finished
+
+    (tmp_path / "results.json").write_text('{"run": "earlier"}')
+    (tmp_path / FINISHED_FILE).write_text("{}")
+
+    def refuse():
+        raise RuntimeError("refused")
+
+    with pytest.raises(RuntimeError, match="refused"):
+        finished_results(_cfg(resume="never"), tmp_path, {"k": 1}, before_rerun=refuse)
+    assert (tmp_path / "results.json").read_text() == '{"run": "earlier"}' and (tmp_path / FINISHED_FILE).exists()
+    monkeypatch.setattr(finished, "_check", lambda run_dir, key: (None, {"outputs": {"checkpoint": "step_4"}}))
+    assert finished_results(_cfg(), tmp_path, {"k": 1}, before_rerun=refuse) == {"run": "earlier"}
+
+
 def test_results_without_a_finished_record_say_why_they_are_not_reused(tmp_path, caplog):
     """A run with trainer.save_every=0 (the embedded default's sweeps) is never recorded as finished:
     its re-run trains again, and the log now says why (it said only that results.json was set aside)."""
