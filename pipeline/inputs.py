@@ -56,6 +56,8 @@ def check_data_path(cfg: DictConfig) -> None:
     from pipeline.data.loaders import DataError
 
     path = cfg.get("data", {}).get("path")
+    if cfg.get("data", {}).get("name") == "synthetic":
+        return  # the embedded benchmark reads its own directory (a data.path there is a config error)
     if path and not Path(str(path)).expanduser().is_dir():
         what = "is a file, not a directory" if Path(str(path)).expanduser().exists() else "no such directory"
         raise DataError(f"data.path={path}: {what} (data.name={cfg.data.name} reads its splits from a directory)")

@@ -211,7 +211,8 @@ def test_report_cli(fake_sweep):
     # constraint ignored with a note, or an empty plot for --x)
     for args, flag, hint in ((["--rule", "forget_quality,model_utlity>=0.9"], "--rule", "model_utility"),
                              (["--rule", "max:forget_qualty"], "--rule", "forget_quality"),
-                             (["--x", "bogus"], "--x", None)):
+                             (["--x", "bogus"], "--x", None),
+                             (["--rule", "forget_quality,mlu_accuracy>=0.9"], "--rule", None)):  # a split's typo
         typo = subprocess.run([sys.executable, "launchers/report.py", str(fake_sweep), *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         lines = typo.stderr.strip().splitlines()

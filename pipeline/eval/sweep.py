@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.eval.report import (
+    METRIC_INFO,
     PREVIOUS_RESULTS_FILE,
     RESULTS_FILE,
     comparison_markdown,
@@ -93,17 +94,18 @@ class SweepPoint:
 @dataclass
 class Rule:
     objective: str
-    direction: str  # "up" (max), "down" (min), "0" (closest to 0), "1" (closest to 1)
+    direction: str  # "up" (max), "down" (min), "0" (closest to 0); "1" (closest to 1) from METRIC_INFO only
     constraint: Optional[str] = None
     factor: float = 0.0
 
     @property
     def text(self) -> str:
-        s = f"{_PREFIX.get(self.direction, 'max')}:{self.objective}"
+        prefix = _PREFIX.get(self.direction)  # "1": the metric's own direction, no prefix says it
+        s = f"{prefix}:{self.objective}" if prefix else self.objective
         return s + (f",{self.constraint}>={self.factor:g}" if self.constraint else "")
 
 
-_PREFIX = {"up": "max", "down": "min", "0": "zero", "1": "one"}
+_PREFIX = {"up": "max", "down": "min", "0": "zero"}
 
 
 def objective_direction(metric: str) -> str:
@@ -116,7 +118,7 @@ def parse_rule(text: str) -> Rule:
     ``-`` (a multiple-choice split's accuracy, ``wmdp-bio_accuracy``)."""
     text = text.strip()
     name = r"[A-Za-z0-9_-]+"
-    m = re.fullmatch(rf"(?:(max|min|zero|one):)?({name})(?:\s*,\s*({name})\s*>=\s*([0-9.eE+-]+))?", text)
+    m = re.fullmatch(rf"(?:(max|min|zero):)?({name})(?:\s*,\s*({name})\s*>=\s*([0-9.eE+-]+))?", text)
     if not m:
         raise ValueError(f"cannot parse rule {text!r}; expected '[max:|min:|zero:]metric[,metric>=factor]', "
                          f"e.g. {DEFAULT_RULE!r}")
@@ -566,7 +568,9 @@ def _check_metric_names(points: list[SweepPoint], names: list[tuple[str, Optiona
     if not have:  # nothing evaluated yet: nothing to compare with
         return
     for flag, name in names:
-        if name is None or name in have or metric_info(name)[0]:
+        # only a metric of the table may be missing (a pattern such as *_accuracy names no metric: a
+        # misspelled split, mlu_accuracy, must be found in the sweep)
+        if name is None or name in have or name in METRIC_INFO:
             continue
         close = difflib.get_close_matches(name, sorted(have), n=1)
         raise ValueError(f"{flag}: no point of this sweep has a metric named {name!r}"
