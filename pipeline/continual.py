@@ -365,7 +365,8 @@ def _finished(step_dir: Path, earlier: Optional[dict], record: dict, need_model:
 def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run the request sequence in ``run_dir``; returns the ``continual.json`` object (rank 0) or {}."""
     from pipeline.config import validate
-    from pipeline.engine.distributed import barrier, init_distributed, is_main_process
+    from pipeline.engine.checkpoint import CheckpointError
+    from pipeline.engine.distributed import broadcast_object, init_distributed, is_main_process
     from pipeline.eval.runner import eval_job
     from pipeline.io import atomic_write_json, atomic_write_text
     from pipeline.run import train_job
@@ -422,9 +423,15 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                          len(requests), request)
                 with open_dict(step_cfg):
                     step_cfg.trainer.resume = "never"
+                problem = None
                 if is_main_process():
-                    discard_checkpoints(step_dir)
-                barrier()  # no rank saves into the directory before the old checkpoints are gone
+                    try:
+                        discard_checkpoints(step_dir)
+                    except OSError as e:  # said on every rank: the others would wait at a collective
+                        problem = f"cannot remove {step_dir / 'checkpoints'} (trained from other inputs): {e}"
+                # also the barrier: no rank saves into the directory before the old checkpoints are gone
+                if broadcast_object(problem):
+                    raise CheckpointError(problem, every_rank=True)
             elif (step_dir / STEP_FILE).exists():
                 log.info("continual request %d/%d (%s): its evaluated splits or evaluation settings changed since it "
                          "ran (or trainer.resume=never): running it again (it resumes at its last step when it kept "
