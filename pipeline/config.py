@@ -57,6 +57,9 @@ class PeftConfig:
     # None: the architecture's defaults (Llama family: q,k,v,o,gate,up,down projections)
     target_modules: Optional[list[str]] = None
     layers: Optional[list[int]] = None  # decoder layers that get adapters (None: all)
+    # model/'s dtype: float32 keeps the adapter changes smaller than bf16's resolution (most of an
+    # unlearning adapter's; pipeline/engine/export_peft.py); "model": model.dtype, half the disk, lossy
+    merged_dtype: str = "float32"
 
 
 @dataclass
@@ -491,6 +494,8 @@ def _validate_peft(cfg: DictConfig, n_layers: Optional[int]) -> None:
     _require(p.target_modules is None or len(p.target_modules) > 0, "model.peft.target_modules",
              "empty list: use null for the architecture's defaults")
     _require(p.layers is None or len(p.layers) > 0, "model.peft.layers", "empty list: use null for all layers")
+    _require(p.merged_dtype in ("float32", "model"), "model.peft.merged_dtype",
+             f"got {p.merged_dtype!r}; allowed values: float32 (keeps small adapter changes), model (model.dtype)")
     if p.layers is not None and n_layers is not None:
         bad = [i for i in p.layers if not 0 <= int(i) < n_layers]
         _require(not bad, "model.peft.layers",

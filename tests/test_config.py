@@ -256,3 +256,10 @@ def test_eval_retain_model_is_checked_and_used_with_the_embedded_model(tmp_path,
     monkeypatch.setattr(prepare, "prepare_synthetic", lambda *a, **k: art)
     assert resolve_paths(cfg).retain_model == str(gold)
     assert resolve_paths(_compose()).retain_model == str(art.retain_dir)
+
+
+def test_lora_merged_dtype_is_float32_or_the_models():
+    assert _compose(["model.peft.enabled=true"]).model.peft.merged_dtype == "float32"
+    validate(_compose(["model.peft.enabled=true", "model.peft.merged_dtype=model"]))
+    with pytest.raises(ConfigError, match="model.peft.merged_dtype"):
+        validate(_compose(["model.peft.enabled=true", "model.peft.merged_dtype=bf16"]))

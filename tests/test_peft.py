@@ -473,3 +473,8 @@ def test_a_bf16_lora_runs_merged_model_keeps_adapter_changes_below_bf16_resoluti
     # the test has teeth: a bf16 merge would have kept fewer than half of the changes
     kept = ((w + delta).bfloat16().float() != w).float().mean()
     assert kept < 0.5, float(kept)
+    # model.peft.merged_dtype=model: model/ in the training dtype (half the disk), the changes rounded
+    lossy = OmegaConf.merge(cfg, {"peft": {"merged_dtype": "model"}})
+    export_lora(_Engine(student), tok, tmp_path / "run2" / "model", tmp_path / "run2" / "adapter", base_dir,
+                "bfloat16", lossy)
+    assert load_file(tmp_path / "run2" / "model" / "model.safetensors")[f"{name}.weight"].dtype == torch.bfloat16

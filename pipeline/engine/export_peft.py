@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 MERGE_DTYPE = "float32"  # the merged model's dtype (module docstring: a bf16 merge loses small adapter changes)
 
 
+def merge_dtype(model_cfg: Any, dtype: str) -> str:
+    """The dtype the adapters are merged and ``model/`` saved in: ``model.peft.merged_dtype`` (float32,
+    the default, or ``model``: the training dtype ``dtype``, half the disk of a bf16 model's float32 copy)."""
+    from omegaconf import OmegaConf
+
+    return dtype if OmegaConf.select(model_cfg, "peft.merged_dtype", default=MERGE_DTYPE) == "model" else MERGE_DTYPE
+
+
 def _gathered(params: list) -> Any:
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
@@ -64,6 +72,7 @@ def export_lora(engine: Any, tokenizer: Any, out_dir: str | Path, adapter_dir: s
     from pipeline.models.peft_student import adapter_parameters
 
     out_dir, adapter_dir = Path(out_dir), Path(adapter_dir)
+    merged_dtype = merge_dtype(model_cfg, dtype)
     if not all_true(local_params_finite(engine)):
         raise ExportError(f"the trained weights contain NaN/inf: refusing to export to {out_dir}")
     peft_model = engine.module
@@ -83,7 +92,7 @@ def export_lora(engine: Any, tokenizer: Any, out_dir: str | Path, adapter_dir: s
             # the same model is merged in place and saved (a 7B load costs minutes on a shared filesystem).
             rtol = export_rtol(peft_model)
             with torch.no_grad():
-                model = load_lora(base_path, tmp_adapter, MERGE_DTYPE, model_cfg)
+                model = load_lora(base_path, tmp_adapter, merged_dtype, model_cfg)
                 if probe is not None:
                     got = model(input_ids=probe[0], attention_mask=torch.ones_like(probe[0])).logits.float()
                     a_diff, tol = float((got - probe[1]).abs().max()), logit_bound(probe[1], rtol)
@@ -99,7 +108,7 @@ def export_lora(engine: Any, tokenizer: Any, out_dir: str | Path, adapter_dir: s
                 check = verify_export(tmp, probe[0], probe[1], rtol, out_dir) if probe is not None else None
     if is_main_process():
         log.info("exported LoRA adapter to %s and the merged model to %s (merged and saved in %s%s)", adapter_dir,
-                 out_dir, MERGE_DTYPE, "" if dtype == MERGE_DTYPE else
+                 out_dir, merged_dtype, "" if dtype == merged_dtype else
                  f", not {dtype}: a {dtype} merge rounds away adapter changes below its resolution")
         if check is not None:
             diff, tol = check

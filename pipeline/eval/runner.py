@@ -141,8 +141,9 @@ def eval_dtype(cfg: DictConfig) -> str:
     dtype = str(OmegaConf.select(cfg, "eval.dtype", default="auto"))
     if dtype == "auto":
         on_gpu = cuda_ranks() and str(OmegaConf.select(cfg, "eval.device", default="auto")) != "cpu"
-        if on_gpu and OmegaConf.select(cfg, "model.peft.enabled", default=False):
-            # a LoRA run's merged model is float32 (export_peft.MERGE_DTYPE): cast to bf16 it would lose
+        if (on_gpu and OmegaConf.select(cfg, "model.peft.enabled", default=False)
+                and OmegaConf.select(cfg, "model.peft.merged_dtype", default="float32") == "float32"):
+            # a LoRA run's merged model is float32 (model.peft.merged_dtype): cast to bf16 it would lose
             # the adapter changes below bf16's resolution that the merge kept
             return "float32"
         return str(OmegaConf.select(cfg, "model.dtype", default="float32")) if on_gpu else "float32"
