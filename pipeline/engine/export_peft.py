@@ -4,7 +4,8 @@
 reloadable with ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir)``.
 ``<run>/model``: the base with the adapters merged in (``merge_and_unload``), a plain transformers
 model directory, which is what evaluation and every later step read. The merge runs, and the merged
-model is saved, in float32 whatever the training dtype: merging into bf16 weights rounds W + ΔW to
+model is saved, in float32 whatever the training dtype (``model.peft.merged_dtype=model`` keeps the
+training dtype, half the disk, rounded): merging into bf16 weights rounds W + ΔW to
 bf16's resolution (~0.4 % of |W|), and unlearning's adapter changes are mostly smaller — at
 |ΔW|/|W| ≈ 6e-4, 86 % of the entries came back unchanged, and the logit check (bounded at bf16's
 resolution) could not tell.
