@@ -14,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.eval.sweep import DEFAULT_RULE, MUSE_RULE, build_report  # noqa: E402
+from pipeline.messages import error_line  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     try:
         rep = build_report(a.sweep_dir, a.rule, a.target, a.x, a.y, a.out)
     except (FileNotFoundError, ValueError) as exc:  # one line, as the other launchers' errors
-        print(f"error ({type(exc).__name__}, rank 0): {exc}", file=sys.stderr)
+        print(error_line(exc, str(exc)), file=sys.stderr)
         return 2
     out = a.out or a.sweep_dir
     print(rep["console"])

@@ -18,6 +18,7 @@ from pipeline.engine.preflight import PreflightError
 from pipeline.engine.teacher_cache import TeacherCacheError
 from pipeline.engine.trainer import EXIT_INTERRUPTED, NonFiniteLossError
 from pipeline.eval.lm_eval_bridge import LmEvalError
+from pipeline.messages import error_line  # noqa: F401  (launchers import it from here)
 from pipeline.models.attention import AttentionBackendError
 from pipeline.models.loading import ModelLoadError
 
@@ -29,11 +30,6 @@ class SweepJobFailed(RuntimeError):
     """A job of a submitit (SLURM) sweep stopped with a user error; the message is its error line.
     Raised in the job instead of exiting, so that Hydra records it as the job's outcome and the
     launcher learns of it (an exit leaves submitit no result to read)."""
-
-
-def error_line(exc: BaseException, message: str) -> str:
-    """The one-line form of a user error: ``error (<Type>, rank <r>): <message>``."""
-    return f"error ({type(exc).__name__}, rank {os.environ.get('RANK', '0')}): {message}"
 
 
 # errors every rank of a node meets alike, from the same config, data, model files and checkpoint meta

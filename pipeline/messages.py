@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 
@@ -11,3 +12,8 @@ def first_line(exc: BaseException, limit: Optional[int] = None) -> str:
     lines = str(exc).strip().splitlines()
     line = lines[0].strip() if lines else type(exc).__name__
     return line[:limit] if limit is not None else line
+
+
+def error_line(exc: BaseException, message: str) -> str:
+    """The one-line form of a user error: ``error (<Type>, rank <r>): <message>``."""
+    return f"error ({type(exc).__name__}, rank {os.environ.get('RANK', '0')}): {message}"
