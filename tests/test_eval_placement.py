@@ -55,6 +55,10 @@ def test_on_a_gpu_auto_is_the_models_dtype_on_this_ranks_device(gpu, tiny_model)
     assert runner.eval_device(_cfg("eval.device=cpu"), tiny_model) == "cpu"
     # eval.device=cpu on a GPU node: every model on the CPU, so auto is float32 there as well
     assert runner.eval_dtype(_cfg("model.dtype=bfloat16", "eval.device=cpu")) == "float32"
+    # a LoRA run: the dtype its model/ was merged and saved in (float32 unless model.peft.merged_dtype=model)
+    lora = ("model.dtype=bfloat16", "model.peft.enabled=true")
+    assert runner.eval_dtype(_cfg(*lora)) == "float32"
+    assert runner.eval_dtype(_cfg(*lora, "model.peft.merged_dtype=model")) == "bfloat16"
 
 
 def test_weights_that_do_not_fit_the_free_gpu_memory_are_evaluated_on_the_cpu(gpu, tiny_model, caplog):

@@ -102,11 +102,9 @@ def arch_from_dict(d: dict) -> ArchSpec:
 def resolve_arch(model_cfg: Any, model_path: Optional[str] = None, vocab_size: Optional[int] = None) -> ArchSpec:
     """Architecture from the model's ``config.json`` (a directory's, or a hub id's cached snapshot at
     ``model.revision``; no weights read), else from ``model.arch`` hints."""
-    from pipeline.models.loading import model_config_file
+    from pipeline.models.loading import model_config_file, revision_for
 
-    same = model_path and str(model_path) == str(getattr(model_cfg, "path", None))
-    revision = getattr(model_cfg, "revision", None) if same else None
-    cfg_file = model_config_file(model_path, revision) if model_path else None
+    cfg_file = model_config_file(model_path, revision_for(model_cfg, model_path)) if model_path else None
     if cfg_file is not None:
         return arch_from_dict(json.loads(cfg_file.read_text()))
     hints = {k: v for k, v in dict(model_cfg.arch or {}).items() if v is not None}

@@ -135,18 +135,22 @@ def evaluate_splits(model: Any, tokenizer: Any, splits: dict[str, list[dict]], s
 def eval_dtype(cfg: DictConfig) -> str:
     """The evaluation model's dtype: ``eval.dtype``, where ``auto`` is ``model.dtype`` when this
     machine has a GPU that the evaluation may use (bf16 for the 7B configs, as open-unlearning's model
-    configs load them; float32 for a LoRA run, whose merged model is float32) and float32 without one
+    configs load them; for a LoRA run the dtype its model/ was merged in, float32 by default) and float32 without one
     or with ``eval.device=cpu``. The same for every model of a run (target, retain reference, lm-eval;
     also one that falls back to the CPU for lack of GPU memory), so their numbers compare."""
+    from pipeline.engine.export_peft import merge_dtype
+
     dtype = str(OmegaConf.select(cfg, "eval.dtype", default="auto"))
     if dtype == "auto":
         on_gpu = cuda_ranks() and str(OmegaConf.select(cfg, "eval.device", default="auto")) != "cpu"
-        if (on_gpu and OmegaConf.select(cfg, "model.peft.enabled", default=False)
-                and OmegaConf.select(cfg, "model.peft.merged_dtype", default="float32") == "float32"):
-            # a LoRA run's merged model is float32 (model.peft.merged_dtype): cast to bf16 it would lose
-            # the adapter changes below bf16's resolution that the merge kept
+        if not on_gpu:
             return "float32"
-        return str(OmegaConf.select(cfg, "model.dtype", default="float32")) if on_gpu else "float32"
+        model_dtype = str(OmegaConf.select(cfg, "model.dtype", default="float32"))
+        if OmegaConf.select(cfg, "model.peft.enabled", default=False):
+            # the dtype a LoRA run's model/ was merged and saved in (float32 by default): cast to bf16
+            # it would lose the adapter changes below bf16's resolution that the merge kept
+            return merge_dtype(cfg.model, model_dtype)
+        return model_dtype
     return dtype
 
 
@@ -188,19 +192,13 @@ def check_eval_device(cfg: DictConfig) -> None:
         eval_device(cfg)
 
 
-def revision_of(cfg: DictConfig, path: str | Path) -> Optional[str]:
-    """The hub revision to load ``path`` at: ``model.revision`` for ``model.path`` itself (an
-    evaluation-only job of a hub model); other paths (an exported run, eval.retain_model) have none."""
-    return OmegaConf.select(cfg, "model.revision") if str(path) == str(OmegaConf.select(cfg, "model.path")) else None
-
-
 def _load_eval_model(path: str | Path, cfg: DictConfig) -> Any:
     """The model to evaluate, a plain copy per rank (data-parallel evaluation), on
     :func:`eval_device` in :func:`eval_dtype`."""
-    from pipeline.models.loading import load_causal_lm
+    from pipeline.models.loading import load_causal_lm, revision_for
 
     device, dtype = eval_device(cfg, path), eval_dtype(cfg)
-    m = load_causal_lm(path, dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle, revision_of(cfg, path),
+    m = load_causal_lm(path, dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle, revision_for(cfg.model, path),
                        device=device)
     if is_main_process():
         log.info("evaluation model %s: %s on %s (eval.dtype=%s, eval.device=%s)", path, dtype, device,
@@ -525,6 +523,7 @@ def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path) -> 
     from pipeline.eval.lm_eval_bridge import run_lm_eval
     from pipeline.eval.report import RESULTS_FILE, render_report_md
     from pipeline.io import atomic_write_json, atomic_write_text
+    from pipeline.models.loading import revision_for
 
     include = cfg.eval.get("lm_eval_include_path")
     out = run_lm_eval(str(model_dir), tasks=list(cfg.eval.lm_eval_tasks), include_path=include or None,
@@ -532,7 +531,7 @@ def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path) -> 
                       batch_size=int(cfg.eval.batch_size), dtype=eval_dtype(cfg), device=eval_device(cfg, model_dir),
                       trust_remote_code=bool(cfg.model.trust_remote_code), allow_pickle=bool(cfg.model.allow_pickle),
                       add_bos=bool(OmegaConf.select(cfg, "eval.mcq_add_bos", default=False)),
-                      revision=revision_of(cfg, model_dir))
+                      revision=revision_for(cfg.model, model_dir))
     summary = out["summary"]
     log.info("lm-eval: %s", summary)
     atomic_write_json(Path(run_dir) / LM_EVAL_FILE, out["raw"])  # every metric of every task, as lm-eval gave it

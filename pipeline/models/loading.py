@@ -112,6 +112,14 @@ def check_model_location(path: str, key: str = "model.path", revision: Optional[
             f"(HF_HUB_OFFLINE=1); download it first (`hf download {path}`) or set ASU_ALLOW_NETWORK=1")
 
 
+def revision_for(model_cfg: Any, path: Any) -> Optional[str]:
+    """The hub revision ``path`` is loaded at: ``model.revision`` for ``model.path`` itself; other paths
+    (an exported run, eval.retain_model, the embedded benchmark's models) have none."""
+    if path is None or str(path) != str(getattr(model_cfg, "path", None)):
+        return None
+    return getattr(model_cfg, "revision", None)
+
+
 def model_config_file(model_path: str, revision: Optional[str] = None) -> Optional[Path]:
     """The model's config.json: in its directory, or a hub id's cached snapshot at ``revision``
     (None when neither has it; nothing is downloaded)."""
