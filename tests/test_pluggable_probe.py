@@ -221,3 +221,7 @@ def test_probe_gathers_zero3_partitioned_weights_one_module_at_a_time(tmp_path):
 if __name__ == "__main__":  # one rank of the 2-rank test above
     result = _two_ranks()
     Path(sys.argv[-1], f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps(result))
+    # leave together and close the group: a rank exiting with gloo's threads still running aborted
+    # now and then ("terminate called without an active exception", exit -6)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
