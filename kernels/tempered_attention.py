@@ -145,8 +145,9 @@ if HAS_TRITON:
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
+        # int64 before any stride product: b * stride_qb passes 2**31 elements on large batches.
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
         hk = h // GROUPS
         offset = S - T  # causal diagonal offset (bottom-right alignment)
 
@@ -208,8 +209,8 @@ if HAS_TRITON:
         """One program per (key tile, batch, kv head): dK, dV summed over the GQA group."""
         pid_n = tl.program_id(0)
         pid_bk = tl.program_id(1)
-        b = pid_bk // HKV
-        hk = pid_bk % HKV
+        b = (pid_bk // HKV).to(tl.int64)  # int64: see _fwd_kernel
+        hk = (pid_bk % HKV).to(tl.int64)
         offset = S - T
 
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -287,8 +288,9 @@ if HAS_TRITON:
         """One program per (query tile, batch, head): dQ."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
+        # int64 before any stride product: b * stride_qb passes 2**31 elements on large batches.
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
         hk = h // GROUPS
         offset = S - T
 
