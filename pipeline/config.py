@@ -8,7 +8,8 @@ type (tau > 0, a layer index below the number of layers, ...) run in :func:`vali
 composition, before any data or model is loaded.
 
 Method configs are per method: each method file defines a ``MethodConfig`` subclass and registers
-it as ``method/schema_<name>``; ``conf/method/<name>.yaml`` lists it in its defaults.
+it as the root config ``method_schema_<Class>``; ``conf/method/<name>.yaml`` lists it in its defaults as
+``/method_schema_<Class>@_here_`` (outside the method group, so it is not an option in ``--help``).
 """
 
 from __future__ import annotations

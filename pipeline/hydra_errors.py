@@ -12,10 +12,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 COMPOSE_ERRORS = (CompactHydraException, OmegaConfBaseException)
 
-# pipeline.config registers each typed schema as a config in its group (``method/schema_ASUConfig``):
-# they are not options a user picks
-_SCHEMA_PREFIX = "schema_"
-
 
 def _lines(text: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines()
@@ -27,8 +23,7 @@ def compose_error_line(exc: BaseException) -> str:
     cause's first line, and for a missing group option the options there are."""
     if isinstance(exc, MissingConfigException) and exc.options is not None:
         head = str(exc).split("Available options", 1)[0]
-        options = [o for o in exc.options if not o.startswith(_SCHEMA_PREFIX)]
-        return f"{' '.join(_lines(head))}; available: {', '.join(options)}"
+        return f"{' '.join(_lines(head))}; available: {', '.join(exc.options)}"
     parts = _lines(str(exc))
     cause = exc.__cause__
     if isinstance(cause, OmegaConfBaseException) and str(cause).strip():

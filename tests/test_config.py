@@ -263,3 +263,15 @@ def test_lora_merged_dtype_is_float32_or_the_models():
     validate(_compose(["model.peft.enabled=true", "model.peft.merged_dtype=model"]))
     with pytest.raises(ConfigError, match="model.peft.merged_dtype"):
         validate(_compose(["model.peft.enabled=true", "model.peft.merged_dtype=bf16"]))
+
+
+def test_method_group_options_are_the_method_configs_only():
+    """The typed schemas are stored outside the method group: ``--help`` and the "available:" list of
+    a mistyped ``method=`` show only configs a user can pick, each one composing."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        options = GlobalHydra.instance().config_loader().get_group_options("method")
+    yamls = sorted(p.stem for p in Path(CONF, "method").glob("*.yaml"))
+    assert options == yamls

@@ -218,7 +218,9 @@ def register_method(*names: str):
         cs = ConfigStore.instance()
         for n in names:
             METHODS.register(n)(cls)
-        cs.store(group="method", name=f"schema_{cls.config_cls.__name__}", node=cls.config_cls)
+        # Stored outside the method group (conf/method/<name>.yaml includes it as
+        # /method_schema_<Class>@_here_): a schema in the group would be listed as an option in --help.
+        cs.store(name=f"method_schema_{cls.config_cls.__name__}", node=cls.config_cls)
         return cls
 
     return deco
