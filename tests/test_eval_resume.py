@@ -90,14 +90,51 @@ def test_privleaks_retrain_auc_does_not_invalidate_the_stored_splits(tmp_path):
 
     from pipeline.config import register_configs
     from pipeline.eval.parts import parts_key
+    from pipeline.models.loading import load_tokenizer
     from tests.helpers.tiny import build
 
     model_dir = build(tmp_path)[0]
+    tokenizer = load_tokenizer(model_dir)
     register_configs()
     conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
     keys = []
     for extra in ([], ["eval.retrain_auc=0.52"], ["eval.max_new_tokens=7"]):
         with initialize_config_dir(config_dir=conf, version_base="1.3"):
             cfg = compose("config", overrides=["data=muse_news", *extra])
-        keys.append(parts_key(cfg, model_dir, "float32", 1, "answer", False))
+        keys.append(parts_key(cfg, model_dir, tokenizer, "float32", 1, "answer", False))
     assert keys[0] == keys[1] and keys[0] != keys[2]
+
+
+def test_stored_splits_belong_to_the_model_revision_and_the_tokenizer(tmp_path):
+    """A split evaluated at one ``model.revision`` of a hub model, or with another tokenizer (its chat
+    template: the prompt text), is not reused for another: before, the key held the model's default
+    snapshot only, so a re-run at a new revision reported the old revision's numbers."""
+    import os
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs
+    from pipeline.eval.parts import parts_key
+    from pipeline.models.loading import load_tokenizer
+    from tests.helpers.tiny import build
+
+    model_dir = build(tmp_path)[0]
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(model_dir, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<|{{ m.role }}|> {{ m.content }}{% endfor %}"
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    register_configs()
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+    def key(path, tokenizer_dir, *extra):
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            cfg = compose("config", overrides=["data=muse_news", f"model.path={path}", *extra])
+        return parts_key(cfg, path, load_tokenizer(tokenizer_dir), "float32", 1, "answer", False)
+
+    assert key(model_dir, model_dir) == key(model_dir, model_dir)
+    assert key(model_dir, model_dir) != key(model_dir, other)
+    # a hub id (not cached here): the revision it is loaded at is part of its identity
+    assert key("org/not-cached", model_dir, "model.revision=v1") != key("org/not-cached", model_dir,
+                                                                        "model.revision=v2")

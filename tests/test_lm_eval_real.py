@@ -182,3 +182,32 @@ def test_an_evaluation_only_job_of_a_pinned_hub_model_runs_lm_eval_on_it(tmp_pat
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "base" / "results.json").read_text())
     assert 0.0 <= results["metrics"]["lm_eval"]["wmdp_local"] <= 1.0
+
+
+def test_an_evaluation_only_job_gives_lm_eval_the_tokenizer_of_model_tokenizer_path(tmp_path):
+    """A model directory without a tokenizer (``model.tokenizer_path`` names it, as the MUSE 7B configs
+    do): lm-eval scores with that tokenizer, as our own scorers do. Before, lm-eval loaded the
+    tokenizer from the model directory: an error after every other metric was written (or, where the
+    model ships a tokenizer of its own, lm-eval and our scorer tokenized differently)."""
+    pytest.importorskip("lm_eval", reason="the lm-eval extra (requirements/extras.lock) is not installed")
+    import shutil
+
+    from tests.helpers.launch import run
+
+    full = _tiny_model_dir(tmp_path, [json.loads(line) for line in ROWS_FILE.read_text().splitlines()])
+    weights_only = tmp_path / "weights_only"
+    weights_only.mkdir()
+    for f in full.iterdir():
+        if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors":
+            shutil.copy(f, weights_only / f.name)
+    out = run(["data=wmdp_cyber", "data.path=tests/fixtures/wmdp", "data.eval_splits=[wmdp-cyber]",
+               "model.source=pretrained", f"model.path={weights_only}", f"model.tokenizer_path={full}",
+               f"output_dir={tmp_path}", "run_name=base", "eval.lm_eval=true", "eval.lm_eval_tasks=[wmdp_local]",
+               "logging=none", "eval.lm_eval_include_defaults=false", f"eval.lm_eval_include_path={TASK_DIR}",
+               "eval.batch_size=4"], script="launchers/eval.py", timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "base" / "results.json").read_text())
+    assert results["lm_eval"]["tokenizer"] == str(full)
+    # the same numbers as lm-eval on the model directory that holds the tokenizer itself
+    direct = run_lm_eval(full, ["wmdp_local"], include_path=TASK_DIR, include_defaults=False, batch_size=4)
+    assert results["metrics"]["lm_eval"] == direct["summary"]

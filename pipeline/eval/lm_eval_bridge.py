@@ -144,10 +144,14 @@ def run_lm_eval(
     log_samples: bool = False,
     add_bos: bool = False,
     revision: Optional[str] = None,
+    tokenizer_path: Optional[str | Path] = None,
+    tokenizer_revision: Optional[str] = None,
     **simple_evaluate_kwargs: Any,
 ) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` on the model in ``model_dir`` (safetensors + tokenizer), or on a hub
-    id's cached snapshot at ``revision`` (an evaluation-only job of a hub model).
+    id's cached snapshot at ``revision`` (an evaluation-only job of a hub model). ``tokenizer_path``
+    (at ``tokenizer_revision``): a tokenizer kept apart from the model (``model.tokenizer_path``);
+    default the model's own, at ``revision``.
 
     ``include_path``: folder(s) of extra task YAMLs; ``include_defaults=False`` skips indexing
     lm-eval's built-in tasks (faster when only local tasks are run). Returns ``{"summary": {task:
@@ -165,7 +169,9 @@ def run_lm_eval(
     # where earlier versions, the WMDP paper's numbers, open-unlearning and our own MCQ scorer add none.
     # With an instance, HFLM's add_bos_token only asks the tokenizer for its special tokens: one that
     # adds no BOS of its own (GPT-2 style: SmolLM2, Qwen) must be loaded to add it
-    tokenizer = load_tokenizer(model_dir, trust_remote_code, revision=revision,
+    if tokenizer_path is None:
+        tokenizer_path, tokenizer_revision = model_dir, revision
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code, revision=tokenizer_revision,
                                **({"add_bos_token": True} if add_bos else {}))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bool(add_bos))
     log.info("lm-eval %s: tasks %s on %s (batch %d, %s on %s, %d-shot, BOS %s, no chat template)",
@@ -190,7 +196,7 @@ def run_lm_eval(
     out = {"summary": summarize(res, tasks), "raw": {k: res.get(k) for k in ("results", "groups", "versions")},
            "settings": {"version": getattr(lm_eval, "__version__", None), "tasks": list(tasks),
                         "num_fewshot": num_fewshot, "add_bos": bool(add_bos), "chat_template": False,
-                        "dtype": dtype, "batch_size": batch_size, "limit": limit,
+                        "dtype": dtype, "batch_size": batch_size, "limit": limit, "tokenizer": str(tokenizer_path),
                         "include_path": list(_paths(include_path)), "include_defaults": bool(include_defaults)}}
     if log_samples:
         out["samples"] = per_choice_logliks(res.get("samples") or {})

@@ -60,15 +60,19 @@ def prompt_settings(cfg: DictConfig) -> dict:
             for v in [OmegaConf.select(cfg, f"model.{k}")]}
 
 
-def parts_key(cfg: DictConfig, model_dir: str | Path, dtype: str, world_size: int, truth_ratio_reference: str,
-              rouge_stemmer: bool) -> dict:
-    """What every split's numbers depend on besides its rows (JSON-able)."""
-    from pipeline.eval.reference import model_fingerprint
+def parts_key(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, dtype: str, world_size: int,
+              truth_ratio_reference: str, rouge_stemmer: bool) -> dict:
+    """What every split's numbers depend on besides its rows (JSON-able): the model at the revision
+    it is loaded at, the tokenizer (its files, chat template included), the settings and the code."""
+    from pipeline.eval.reference import model_fingerprint, tokenizer_fingerprint
+    from pipeline.models.loading import revision_for
 
     ev = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k not in NOT_IN_KEY}
     prompt = prompt_settings(cfg)
-    return json.loads(json.dumps({"schema": KEY_SCHEMA, "model": model_fingerprint(model_dir), "eval": ev,
-                                  "prompt": prompt, "truth_ratio_reference": truth_ratio_reference, "dtype": dtype,
+    model = model_fingerprint(model_dir, revision_for(cfg.model, model_dir))
+    return json.loads(json.dumps({"schema": KEY_SCHEMA, "model": model, "tokenizer": tokenizer_fingerprint(tokenizer),
+                                  "eval": ev, "prompt": prompt, "truth_ratio_reference": truth_ratio_reference,
+                                  "dtype": dtype,
                                   "rouge_stemmer": rouge_stemmer,
                                   "world_size": world_size, "code": code_digest()}, sort_keys=True, default=str))
 

@@ -55,12 +55,15 @@ def _sha256(data: bytes) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict:
-    """The tokenizer's files (full SHA-256; they are small) or, without a local folder, its name and size."""
+    """The tokenizer's files (full SHA-256; they are small) or, without a local folder (a hub id), its
+    name, size and chat template."""
     src = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
     files = [src / n for n in TOKENIZER_FILES if (src / n).is_file()] if src.is_dir() else []
     if files:
         return {f.name: _sha256(f.read_bytes()) for f in files}
-    return {"name": str(src), "vocab": len(tokenizer) if hasattr(tokenizer, "__len__") else None}
+    template = getattr(tokenizer, "chat_template", None)
+    return {"name": str(src), "vocab": len(tokenizer) if hasattr(tokenizer, "__len__") else None,
+            "chat_template": _sha256(json.dumps(template, sort_keys=True).encode()) if template else None}
 
 
 def rows_fingerprint(rows: Sequence[dict]) -> dict:

@@ -386,7 +386,7 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
     model = ModelOnDemand(lambda: _load_eval_model(model_dir, cfg))
     world = dist.get_world_size() if dist.is_initialized() else 1
     stem = rouge_stemmer(cfg)
-    parts = SplitParts(parts_dir, broadcast_object(parts_key(cfg, model_dir, eval_dtype(cfg), world,
+    parts = SplitParts(parts_dir, broadcast_object(parts_key(cfg, model_dir, tokenizer, eval_dtype(cfg), world,
                                                              truth_ratio_reference(cfg), stem)
                                                    if is_main_process() else None),
                        reuse=bool(OmegaConf.select(cfg, "eval.resume", default=True))) if parts_dir else None
@@ -508,7 +508,8 @@ def check_lm_eval(cfg: DictConfig) -> None:
         raise LmEvalError(problem)
 
 
-def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path) -> Optional[dict]:
+def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path, tokenizer_path: Optional[str] = None,
+                tokenizer_revision: Optional[str] = None) -> Optional[dict]:
     """With ``eval.lm_eval``: run lm-evaluation-harness on ``model_dir`` on rank 0 and add its
     summary to ``run_dir/results.json`` (``metrics.lm_eval``; what ran under ``lm_eval``) and
     ``report.md``, and lm-eval's full results to ``run_dir/lm_eval.json``; returns the summary.
@@ -531,7 +532,8 @@ def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path) -> 
                       batch_size=int(cfg.eval.batch_size), dtype=eval_dtype(cfg), device=eval_device(cfg, model_dir),
                       trust_remote_code=bool(cfg.model.trust_remote_code), allow_pickle=bool(cfg.model.allow_pickle),
                       add_bos=bool(OmegaConf.select(cfg, "eval.mcq_add_bos", default=False)),
-                      revision=revision_for(cfg.model, model_dir))
+                      revision=revision_for(cfg.model, model_dir), tokenizer_path=tokenizer_path,
+                      tokenizer_revision=tokenizer_revision)
     summary = out["summary"]
     log.info("lm-eval: %s", summary)
     atomic_write_json(Path(run_dir) / LM_EVAL_FILE, out["raw"])  # every metric of every task, as lm-eval gave it
@@ -595,7 +597,8 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         atomic_write_text(run_dir / "report.md", render_report_md(results))
         atomic_write_json(run_dir / "eval_details.json", details)
         log.info("evaluation written to %s", run_dir)
-    if add_lm_eval(cfg, paths.model, run_dir) is not None:  # rank 0, after the last collective
+    # rank 0, after the last collective; the tokenizer our own scorers used (model.tokenizer_path)
+    if add_lm_eval(cfg, paths.model, run_dir, paths.tokenizer, paths.tokenizer_revision) is not None:
         results = json.loads((Path(run_dir) / "results.json").read_text())
     if dist.is_main:  # stdout carries results (logs go to stderr)
         print_run_summary(results, run_dir)
