@@ -504,3 +504,57 @@ def test_cli_asu_on_a_model_with_its_own_attention_is_one_line_before_training(t
     assert "Traceback" not in out.stderr and not (tmp_path / "runs" / "bloom" / "checkpoints").exists()
     ok = launch.run(args + ["method=grad_diff", "eval.enabled=false"], timeout=180)  # no tau: it trains
     assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_an_attention_input_no_backend_applies_is_refused_not_dropped():
+    """Inkling passes a relative-position logit bias (``position_bias``) to its attention function; the
+    tempered backends used to drop it, so student and teacher were another network even at tau = 1
+    (max logit error 0.38 on a tiny model) while the probe passed."""
+    inkling = pytest.importorskip("transformers.models.inkling.modeling_inkling")
+    from transformers.models.inkling.configuration_inkling import InklingTextConfig
+
+    from pipeline.models.tempered_attention import tempered_attention_problem
+
+    cfg = InklingTextConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                            swa_head_dim=16, sliding_window_size=4, d_rel=4, rel_extent=8, intermediate_size=64,
+                            moe_intermediate_size=32, n_routed_experts=2, num_experts_per_tok=1, n_shared_experts=1,
+                            max_position_embeddings=64, initializer_range=0.2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = enable_tempered_attention(inkling.InklingForCausalLM(cfg).eval())
+    problem = tempered_attention_problem(model)
+    assert problem is not None and "position_bias" in problem, problem
+    with pytest.raises(A.AttentionBackendError, match="position_bias"):
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, 64, (1, 6)))
+
+
+def test_an_attention_class_not_named_attention_is_found_and_tempered():
+    """LongcatFlash's attention is ``LongcatFlashMLA``: found by its name's ending, it takes a tau (before,
+    ASU was refused with "has no attention modules with a layer_idx")."""
+    longcat = pytest.importorskip("transformers.models.longcat_flash.modeling_longcat_flash")
+    from transformers import LongcatFlashConfig
+
+    from pipeline.models.tempered_attention import temperature, tempered_attention_problem
+
+    cfg = LongcatFlashConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             ffn_hidden_size=64, expert_ffn_hidden_size=32, n_routed_experts=4, moe_topk=2, head_dim=8,
+                             kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                             max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = enable_tempered_attention(longcat.LongcatFlashForCausalLM(cfg).eval())
+    assert len(attention_modules(model)) >= 2
+    assert tempered_attention_problem(model) is None
+    ids = torch.randint(3, 64, (1, 8))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with temperature(model, 2.5):
+            tempered = model(input_ids=ids).logits
+    assert (tempered - plain).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("inf"), float("nan"), torch.tensor([[1.0], [0.0]])])
+def test_a_temperature_that_is_not_positive_and_finite_is_refused(tau):
+    model = enable_tempered_attention(_build("llama"))
+    with pytest.raises(ValueError, match="finite and > 0"):
+        set_temperature(model, tau)

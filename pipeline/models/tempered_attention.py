@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from typing import Optional
 
@@ -54,6 +55,12 @@ def _model_type(module: nn.Module) -> str:
     return getattr(cfg, "model_type", None) or type(module).__name__
 
 
+# Attention inputs some architectures pass that change the scores (Inkling's relative-position
+# logit bias, Inkling2's per-token sinks) and that no tempered backend applies: refused, not dropped.
+UNAPPLIED_INPUTS = ("position_bias", "sinks")
+# Class-name endings of self-attention modules (LongcatFlash's is ``LongcatFlashMLA``).
+ATTENTION_CLASS_SUFFIXES = ("Attention", "MLA")
+
 # While probe_tempered_attention runs its forward: the modules tempered_attention_forward was called
 # with (tau is read from exactly that module); None otherwise.
 _probe_calls: Optional[list[nn.Module]] = None
@@ -77,10 +84,17 @@ def tempered_attention_forward(
     (Mistral, Qwen, Gemma-2/3, ...; the window itself is in the mask), ``s_aux`` (GPT-OSS sinks),
     ``is_causal``. The backend is chosen by ``pipeline.models.attention.dispatch``.
     """
-    from pipeline.models.attention import AttentionCall, dispatch
+    from pipeline.models.attention import AttentionBackendError, AttentionCall, dispatch
 
     if _probe_calls is not None:  # probe_tempered_attention: which modules reach this function
         _probe_calls.append(module)
+    unapplied = [k for k in UNAPPLIED_INPUTS if kwargs.get(k) is not None]
+    if unapplied:
+        # dropping them would run another network even at tau = 1, with no error anywhere
+        raise AttentionBackendError(
+            f"{type(module).__name__} passes {', '.join(unapplied)} to its attention function, which the tempered "
+            f"attention backends do not apply (the model would not be itself, even at tau = 1): this architecture "
+            f"is not supported")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     is_causal = kwargs.get("is_causal")
@@ -139,7 +153,7 @@ def register() -> None:
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention modules of a decoder, ordered by ``layer_idx``."""
-    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith(ATTENTION_CLASS_SUFFIXES)]
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
@@ -346,7 +360,13 @@ def layers_without_attention(model: nn.Module, layers: Sequence[int]) -> Optiona
 
 def set_temperature(model: nn.Module, tau: float | torch.Tensor, layers: Sequence[int] | None = None) -> None:
     """Set ``tau`` on the attention of ``layers`` (decoder-layer indices; all attention layers when
-    None) and 1.0 on the others."""
+    None) and 1.0 on the others. ``tau`` must be > 0 and finite (a negative one inverts attention)."""
+    if isinstance(tau, (int, float)):
+        bad = not (math.isfinite(tau) and tau > 0)
+    else:  # a per-row / per-head tensor: checked where it costs no device sync
+        bad = tau.device.type == "cpu" and not bool(torch.isfinite(tau).all() and (tau > 0).all())
+    if bad:
+        raise ValueError(f"attention temperature must be finite and > 0, got {tau}")
     mods = attention_modules(model)
     if not mods:
         raise ValueError(f"{type(model).__name__} has no attention modules with a layer_idx")
