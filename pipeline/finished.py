@@ -7,7 +7,7 @@ evaluation part: minutes of GPU time per point for the same ``results.json``.
 
 At its very end a job writes ``<run dir>/finished.json``: what it depended on (the resolved
 configuration without the settings that do not change its results, the number of ranks, its data
-rows, the base model's and tokenizer's files, the evaluation code) and what it left (the checkpoint
+rows and evaluation rows, the base model's, tokenizer's and retain model's files, the evaluation code) and what it left (the checkpoint
 of its last step, ``model/``'s file fingerprints, a SHA-256 of ``results.json``). A re-run whose
 inputs are the same and whose outputs are still there returns that ``results.json`` right after
 reading its data. Only resumable jobs qualify (``trainer.save_every`` > 0, so a checkpoint of the
@@ -69,6 +69,14 @@ def job_key(cfg: DictConfig, world_size: int, inputs: Any) -> dict:
     key.update({"schema": SCHEMA, "world_size": int(world_size), "rows.forget": rows_digest(inputs.data.forget),
                 "rows.retain": rows_digest(inputs.data.retain), "model": model,
                 "tokenizer": tokenizer_fingerprint(inputs.tokenizer), "code": code_digest()})
+    # what the evaluation reads besides the trained model: its splits' rows, and forget quality's
+    # reference (the retain model's files, or the reference file's bytes), each replaceable in place
+    key.update({f"rows.eval.{name}": rows_digest(rows) for name, rows in (inputs.data.eval or {}).items()})
+    if inputs.paths.retain_model:
+        key["eval.retain_model"] = model_fingerprint(inputs.paths.retain_model)
+    reference_file = OmegaConf.select(cfg, "eval.retain_reference", default=None)
+    if reference_file:
+        key["eval.retain_reference"] = _sha256(Path(str(reference_file)).expanduser())
     return json.loads(json.dumps(key, sort_keys=True, default=str))  # as it reads back from the file
 
 

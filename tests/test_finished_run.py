@@ -164,3 +164,36 @@ def test_a_model_elsewhere_under_the_run_directory_is_accepted(tmp_path):
     p = launch.run([a if not a.startswith(("model.path=", "model.tokenizer_path=")) else a.split("=")[0] + "="
                     + str(nested) for a in args] + ["trainer.dry_run=true"])
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_the_key_covers_the_evaluation_rows_and_forget_qualitys_reference(tmp_path):
+    """A finished run's results are not returned after an evaluation split's rows, the retain model's
+    files or the reference file changed in place: before, only the forget/retain rows and the config
+    (paths) were in the key, and the re-run reported the earlier numbers as current."""
+    from types import SimpleNamespace
+
+    from pipeline.finished import job_key
+    from pipeline.models.loading import load_tokenizer
+    from tests.helpers.tiny import build
+
+    model_dir = build(tmp_path / "a")[0]
+    retain_dir = build(tmp_path / "b", seed=1)[0]
+    reference = tmp_path / "reference.json"
+    reference.write_text('{"forget_truth_ratio": [0.5]}')
+    rows = [{"question": "q", "answer": "a"}]
+
+    def key(eval_rows, with_reference=True):
+        cfg = OmegaConf.create({"eval": {"retain_reference": str(reference) if with_reference else None}})
+        inputs = SimpleNamespace(paths=SimpleNamespace(model=str(model_dir), retain_model=str(retain_dir)),
+                                 data=SimpleNamespace(forget=rows, retain=rows, eval={"world_facts": eval_rows}),
+                                 tokenizer=load_tokenizer(model_dir))
+        return job_key(cfg, 1, inputs)
+
+    first = key(rows)
+    assert key(rows) == first
+    assert key([{"question": "q", "answer": "b"}]) != first  # an evaluation split rewritten
+    reference.write_text('{"forget_truth_ratio": [0.6]}')
+    assert key(rows) != first  # the reference file rewritten
+    second = key(rows)
+    (retain_dir / "config.json").write_text((retain_dir / "config.json").read_text().replace("}", ', "x": 1}', 1))
+    assert key(rows) != second  # the retain model's files changed
