@@ -21,7 +21,13 @@ def dry_run(cfg: DictConfig, method: Any, dist: Any) -> dict:
 
     model_dir, model_note = _dry_run_model(cfg)
     tokenizer_note = _dry_run_tokenizer(cfg, model_dir)
-    plan = dry_run_plan(cfg, model_dir, method.uses_reference, gpus=(1, 8, 16))
+    # a cached teacher: the run that builds the cache (the first, or any with tau=auto) holds the frozen
+    # model as the launch's preflight plans it; with a ready cache and a fixed tau a run needs less
+    cached = bool(getattr(method, "cached_teacher", False)) and not method.uses_reference
+    plan = dry_run_plan(cfg, model_dir, method.uses_reference or cached, gpus=(1, 8, 16))
+    if cached:
+        plan += ("\n(method.teacher=cached: planned with the frozen model, which the run building the cache holds; "
+                 "a run with a ready cache and a fixed tau needs less)")
     if dist.is_main:
         done = ("config, tokenizer and prompt format checked, memory plan printed; nothing loaded but the tokenizer"
                 if tokenizer_note else "config validated, memory plan printed; nothing loaded")

