@@ -8,7 +8,7 @@ means; total = gamma * L_F + alpha * L_R; AdamW) and prints, per run: forget / r
 recall of greedy answers, bigram repetition and the share of well-formed answers (ends with <eos>,
 no token three times in a row). Also reports the tempered *teacher* itself (no training).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/asu_tiny_study.py [--quick] [--cache DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/asu_tiny_study.py [--cache DIR] [--taus 2,3,4] [--steps N]
 
 Writes benchmarks/results/asu_tiny_study.json. Runs with one torch thread.
 """

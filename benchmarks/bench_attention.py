@@ -61,9 +61,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--backends", action="store_true",
                     help="compare the pipeline's kernels.attention backends (sdpa vs the eager reference)")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed calls before the timed ones (default 1; 3 on CUDA outside --backends)")
     args = ap.parse_args()
     if args.backends:
+        args.warmup = 1 if args.warmup is None else args.warmup
         return pipeline_backends(args)
 
     threads = set_threads(args.threads)
@@ -81,6 +83,7 @@ def main() -> None:
     seqs = args.seq or ([1024, 2048, 4096] if gpu else [256, 512, 1024])
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     iters = args.iters or (20 if gpu else 5)
+    warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     tau = args.tau
     notes = []
 
@@ -131,7 +134,7 @@ def main() -> None:
                     torch.autograd.grad(loss, (q, k, v))
 
                 try:
-                    t = time_fn(step, dev, warmup=1 if not gpu else 3, iters=iters)
+                    t = time_fn(step, dev, warmup=warmup, iters=iters)
                     peak = cuda_peak_bytes(step) if gpu else None
                     err = None
                 except Exception as exc:  # keep the other rows of the table
@@ -171,7 +174,7 @@ def main() -> None:
         "benchmark": "tempered_attention",
         "env": device_info(dev),
         "config": {"batch": B, "heads": H, "kv_heads": Hkv, "head_dim": D, "seq": seqs, "dtype": str(dtype),
-                   "tau": tau, "causal": True, "iters": iters, "threads": threads},
+                   "tau": tau, "causal": True, "warmup": warmup, "iters": iters, "threads": threads},
         "flops_formula": "4*B*H*T*S*D/2 (causal) * 3.5 for fwd+bwd; dual counts two attentions",
         "targets": {"triton_vs_flash_attn_throughput_min": 0.9, "dual_vs_one_call_max": 1.35},
         "results": results,

@@ -15,6 +15,11 @@ growth of the measured call in a fresh subprocess per (config, implementation) â
 
     .venv/bin/python benchmarks/bench_kl.py            # CPU quick defaults (~1 min)
     .venv/bin/python benchmarks/bench_kl.py --rows 8192 --hidden 4096 --vocab 32000 128256  # GPU
+
+Targets (``TARGETS``, fused vs naive in the same run): peak memory <= 1/8, time <= 1.1x; each fused
+row records ``targets_met`` (per target true / false, null when not measured) and the table prints
+it. The exit code does not depend on it. Writes ``bench_kl_<device>.json``; a ``--vocab`` other than
+the default adds ``_v<V>-<V>...`` to the name (``bench_kl_v32000_cpu.json``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,24 @@ from common import (  # noqa: E402
 )
 
 IMPLS = ("naive", "fused", "liger")
+DEFAULT_VOCAB = [32_000, 128_256]
+TARGETS = {"memory_ratio_max": 1 / 8, "time_ratio_max": 1.1}  # fused vs naive, same run
+
+
+def _targets_met(ratios: dict) -> dict:
+    """Per target: True / False, None when the ratio was not measured."""
+    t, m = ratios.get("time"), ratios.get("memory")
+    return {"memory_ratio_max": None if m is None else m <= TARGETS["memory_ratio_max"],
+            "time_ratio_max": None if t is None else t <= TARGETS["time_ratio_max"]}
+
+
+def _all_met(vals) -> bool | None:
+    vals = [v for v in vals if v is not None]
+    return all(vals) if vals else None
+
+
+def _ok(x) -> str:
+    return "-" if x is None else ("ok" if x else "FAIL")
 
 
 def _build(spec: dict):
@@ -131,7 +154,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, default=None, help="N = B*T rows (CPU quick: 1024; CUDA: 8192)")
     ap.add_argument("--hidden", type=int, default=None, help="H (CPU quick: 256; CUDA: 4096)")
-    ap.add_argument("--vocab", type=int, nargs="+", default=[32_000, 128_256])
+    ap.add_argument("--vocab", type=int, nargs="+", default=DEFAULT_VOCAB)
     ap.add_argument("--seq-len", type=int, default=256, help="rows per sequence (for sequence_mean)")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--reduction", default="token_mean", choices=["sequence_mean", "token_mean", "sum"])
@@ -183,7 +206,7 @@ def main() -> None:
         results.append(row)
 
     headers = ["V", "N", "H", "impl", "ms (median)", "peak MiB", "time vs naive", "memory vs naive",
-               "loss err", "dh err", "dW err"]
+               "loss err", "dh err", "dW err", "memory target", "time target"]
     table = []
     for row in results:
         base = row["naive"]
@@ -191,14 +214,18 @@ def main() -> None:
             r = row.get(impl)
             if r is None or "error" in r:
                 if r is not None:
-                    table.append([row["vocab"], row["rows"], row["hidden"], impl, "error", r["error"]] + ["-"] * 5)
+                    table.append([row["vocab"], row["rows"], row["hidden"], impl, "error", r["error"]] + ["-"] * 7)
                 continue
             tr = r["ms_median"] / base["ms_median"] if "ms_median" in base else None
             mr = (r["peak_bytes"] / base["peak_bytes"]) if base.get("peak_bytes") and r.get("peak_bytes") else None
             row.setdefault("ratios", {})[impl] = {"time": tr, "memory": mr}
+            met = {}
+            if impl == "fused":  # the targets are the fused kernel's
+                met = row["targets_met"] = _targets_met(row["ratios"][impl])
             table.append([row["vocab"], row["rows"], row["hidden"], impl, fmt(r["ms_median"], ".1f"),
                           mib(r.get("peak_bytes")), fmt(tr, ".3f"), fmt(mr, ".3f")] +
-                         [fmt(r.get("vs_fp32", {}).get(k), ".1e") for k in ("loss_rel_err", "grad_h_err", "grad_W_err")])
+                         [fmt(r.get("vs_fp32", {}).get(k), ".1e") for k in ("loss_rel_err", "grad_h_err", "grad_W_err")]
+                         + [_ok(met.get("memory_ratio_max")), _ok(met.get("time_ratio_max"))])
     print()
     text = print_table(headers, table)
     for n in notes:
@@ -212,12 +239,17 @@ def main() -> None:
         "memory_method": ("torch.cuda.max_memory_allocated minus allocated before the call" if on_gpu else
                           "fresh subprocess per (config, impl); VmHWM reset via /proc/self/clear_refs; "
                           "peak RSS growth of the first fwd+bwd call"),
-        "targets": {"memory_ratio_max": 1 / 8, "time_ratio_max": 1.1},
+        "targets": TARGETS,
+        # per target over every vocab size: all fused rows met it (None: none measured)
+        "targets_met": {k: _all_met(r.get("targets_met", {}).get(k) for r in results) for k in TARGETS},
         "results": results,
         "table": text,
         "notes": notes,
     }
-    write_json("bench_kl", payload, Path(args.out) if args.out else None)
+    name = "bench_kl" if args.vocab == DEFAULT_VOCAB else "bench_kl_v" + "-".join(map(str, args.vocab))
+    print("targets (fused vs naive): " + ", ".join(f"{k} {TARGETS[k]:.3g}: {_ok(v)}"
+                                                   for k, v in payload["targets_met"].items()))
+    write_json(name, payload, Path(args.out) if args.out else None)
 
 
 if __name__ == "__main__":

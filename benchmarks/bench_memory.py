@@ -418,11 +418,13 @@ def main() -> None:
     print(f"\nsummary ({args.ranks} CPU ranks, fp32, asu_kl live teacher, Adam; per rank, max over ranks)")
     print_table(["size", "params", "peak MiB", "preflight MiB", "peak/pred", "start-up MiB",
                  "growth B/param", "peak B/param"], summary)
-    write_json(args.out.stem.removesuffix("_cpu") if args.out else "bench_memory", {
+    # non-default --passes / --baseline: their own file, never the default run's (bench_memory_per_group_cpu.json)
+    name = "bench_memory" + ("" if args.passes == "joint" else f"_{args.passes}") + ("_baseline" if args.baseline else "")
+    write_json(args.out.stem.removesuffix("_cpu") if args.out else name, {
         "env": device_info("cpu"),
         "config": {"ranks": args.ranks, "batch": args.batch, "seq": args.seq, "steps": args.steps, "kl": args.kl,
                    "persistence_threshold": args.persistence, "threads": args.threads, "method": "asu_kl",
-                   "passes": args.passes,
+                   "passes": args.passes, "baseline": args.baseline,
                    "precision": "fp32", "models": {s: SIZES[s] for s in args.size}},
         "results": results,
         "notes": ["peak = VmHWM of the rank over the whole run (max over ranks); start-up = VmRSS after imports "

@@ -15,9 +15,12 @@ The student is a DeepSpeed ZeRO-3 engine built by the pipeline's own ``student_c
 frozen teacher a second ZeRO-3 engine from ``reference_config`` (as in ``pipeline/run.py``). Ranks
 are launched with ``torchrun --nproc_per_node N`` (default 2, gloo on CPU).
 
-Measured in ONE launch (the same engines, the same batch): each variant runs as a block of
-``--warmup`` steps (ZeRO-3 records its prefetch trace; switching the loss invalidates it) then
-``--steps`` timed steps. Reported per variant: median step wall time, ZeRO-3 all-gather volume of
+Measured in ONE launch (the same engines, the same batch): each variant first runs as a block of
+``--warmup`` steps (ZeRO-3 records its prefetch trace; switching the loss invalidates it) and one
+step that measures its memory; then, with several variants, one untimed warm-up round and ``--steps``
+timed rounds of one step of every variant, the order rotated each round, so the variants are timed
+side by side and a change of the host's load falls on all of them alike (a single variant: its
+``--steps`` timed steps in its block). Reported per variant: median and min step wall time, ZeRO-3 all-gather volume of
 one steady step (bytes of the gathered output tensors of every all-gather DeepSpeed issues on rank
 0, counted by wrapping the DeepSpeed comm backend's ``all_gather*`` methods; reduce-scatter volume
 too), and peak memory of the step: CUDA ``max_memory_allocated`` after a reset; CPU the growth of
@@ -29,9 +32,8 @@ reported too.
 
 ``--compare-passes``: every variant twice in the same launch, as ``<variant>@per_group``
 (``trainer.passes=per_group``: one forward per row group and model, the step before the joint pass)
-and as the joint step (one forward per model per step, pipeline/methods/passes.py); after each
-variant's warm-up block (which measures its memory), the timed steps run in rounds of one step of
-every variant, the order rotated each round, so a change of load falls on old and new alike.
+and as the joint step (one forward per model per step, pipeline/methods/passes.py); timed in the
+same interleaved rounds, so a change of load falls on old and new alike.
 
 ``--lora-compare`` (with ``--scale 134m``): ASU-LoRA vs full ASU, both live teacher (ASU-GD, naive KL),
 in ONE run of this script: two launches, the same model, batch and ranks. Full ASU = the student
@@ -58,7 +60,13 @@ to ``bench_step_one_process_<device>.json``. ``--zero-stage 3`` forces ZeRO-3 (t
 
 ``--scale 1b`` builds a random ~1B-parameter Llama from a config (no download) under
 ``deepspeed.zero.Init`` and runs a couple of GradDiff and ASU (live, and cached) steps, recording
-tokens/s and peak host memory to ``bench_step_scale_<device>.json``.
+tokens/s and peak host memory to ``bench_step_scale_1b_<device>.json``.
+
+Output name (without ``--out``): ``bench_step`` (``--scale small``), ``bench_step_134m`` (``0.1b``),
+``bench_step_scale_<size>`` (other sizes, the dot dropped: ``bench_step_scale_05b``), then
+``_passes`` (``--compare-passes``), ``_per_module`` (``--gather per-module``) and
+``_v-<variant>-<variant>...`` (``--variants`` other than the default list), then ``_<device>.json``:
+a run with other arguments never overwrites another's committed file.
 
     .venv/bin/python benchmarks/bench_step.py                 # CPU, 2 ranks, ~2 min
     .venv/bin/python benchmarks/bench_step.py --compare-passes                # old vs new step, 7 M
@@ -336,7 +344,7 @@ def worker(spec: dict) -> None:
         comm[v] = {"all_gather_bytes": counter.bytes["all_gather"], "all_gather_calls": counter.calls["all_gather"],
                    "reduce_scatter_bytes": counter.bytes["reduce_scatter"]}  # the last (steady) step
 
-    interleave = bool(spec.get("interleave"))
+    interleave = bool(spec.get("interleave")) and len(variants) > 1
     for v in variants:  # one block per variant: warm-up steps (ZeRO-3 records its prefetch trace), then timed
         for _ in range(spec["warmup"]):
             step(v)
@@ -356,7 +364,11 @@ def worker(spec: dict) -> None:
                   "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
     if interleave:
         # timed rounds: one step of every variant per round, the order rotated each round, so a change of
-        # the host's load during the run falls on all variants alike (the blocks above only warmed up)
+        # the host's load during the run falls on all variants alike (the blocks above only warmed up and
+        # measured memory); first untimed rounds: the switch between variants is warmed up too
+        for _ in range(spec.get("warmup_rounds", 1)):
+            for v in variants:
+                step(v)
         times = {v: [] for v in variants}
         for r in range(spec["steps"]):
             k = r % len(variants)
@@ -461,7 +473,7 @@ def main() -> None:
     seq = args.seq or (64 if big else 128)
     steps = args.steps or (2 if big else 4)
     warmup = args.warmup if args.warmup is not None else (1 if big else 2)
-    variants = args.variants or (["grad_diff", "asu_live_naive", "asu_cached"] if big else list(VARIANTS))
+    variants = args.variants or _default_variants(args.scale)
     if args.compare_passes:  # every variant old and new, timed interleaved
         variants = [x for v in variants for x in (v + PER_GROUP, v)]
     dev = "cuda" if _cuda() else "cpu"
@@ -471,10 +483,12 @@ def main() -> None:
                 "threads": args.threads, "cache_dir": str(d / "cache"),
                 "offload_optimizer": args.offload_optimizer or "none", "attention": args.attention,
                 "model_dir": None if big else str(_save_small_model(d, args.scale)),
-                "interleave": bool(args.compare_passes), "gather": args.gather}
+                # several variants: timed side by side (interleaved rounds), after one untimed round
+                "interleave": len(variants) > 1, "warmup_rounds": 1, "gather": args.gather}
         port = 29850 + os.getpid() % 100
-        print(f"one launch: {', '.join(variants)} ({args.ranks} ranks, {warmup} warm-up + {steps} timed steps each)",
-              flush=True)
+        how = (f"{warmup} warm-up + 1 memory step each, then 1 warm-up round + {steps} timed rounds interleaved"
+               if spec["interleave"] else f"{warmup} warm-up + {steps} timed steps")
+        print(f"one launch: {', '.join(variants)} ({args.ranks} ranks, {how})", flush=True)
         ranks = launch(dict(spec, variants=variants), args.ranks, port, timeout=7200 if big else 1200)
         _report(ranks, spec, args, dev, threads, variants)
 
@@ -792,6 +806,24 @@ def _mem_fields(ranks: list[dict], v: str) -> dict:
     return out
 
 
+def _out_name(size: str, args, variants: list[str]) -> str:
+    """The result file's name (without ``_<device>.json``): distinct for every non-default argument that
+    changes what is measured, so one run never overwrites another's committed file (module docstring)."""
+    name = {"small": "bench_step", "0.1b": "bench_step_134m"}.get(size) or "bench_step_scale_" + size.replace(".", "")
+    if args.compare_passes:
+        name += "_passes"
+    if args.gather != "per-layer":
+        name += "_" + args.gather.replace("-", "_")
+    base = [v.removesuffix(PER_GROUP) for v in variants if not v.endswith(PER_GROUP)]
+    if args.variants and base != _default_variants(size):
+        name += "_v-" + "-".join(base)
+    return name
+
+
+def _default_variants(size: str) -> list[str]:
+    return ["grad_diff", "asu_live_naive", "asu_cached"] if size != "small" else list(VARIANTS)
+
+
 def _report(ranks, spec, args, dev, threads, variants) -> None:
     r0 = ranks[0]
 
@@ -843,15 +875,15 @@ def _report(ranks, spec, args, dev, threads, variants) -> None:
     size = SIZES[spec["size"]]
     print(f"\nZeRO-3, {args.ranks} ranks x {threads} thread(s), {dev}; random Llama {size} = {r0['params'] / 1e6:.1f}M "
           f"params; per rank {spec['batch']} forget + {spec['batch']} retain rows x {spec['seq']} tokens; "
-          f"median of {spec['steps']} steps after {spec['warmup']} warm-up; cache top-k={spec['topk']}; "
+          f"median (and min) of {spec['steps']} steps after {spec['warmup']} warm-up"
+          f"{' + 1 memory step per variant and an untimed round, timed interleaved' if spec.get('interleave') else ''}; "
+          f"cache top-k={spec['topk']}; "
           f"offload_optimizer={spec['offload_optimizer']}; setup {r0['setup_s']:.0f}s")
     print_table(["variant", "step ms", "tokens/s", "x GradDiff", "x per-group", "min ms", "x GradDiff (min)",
                  "x per-group (min)", "all-gather MiB/step", "x GradDiff",
                  "x per-group",
                  "reduce-scatter MiB", "step peak MiB (max rank)", "peak RSS MiB (sum of ranks)", "CUDA peak MiB"], rows)
-    name = {"small": "bench_step", "0.1b": "bench_step_134m"}.get(spec["size"], "bench_step_scale")
-    if args.compare_passes:
-        name += "_passes"
+    name = _out_name(spec["size"], args, variants)
     write_json(args.out.stem.rsplit("_", 1)[0] if args.out else name, {
         "env": device_info(dev),
         "config": {**{k: v for k, v in spec.items() if k not in ("cache_dir", "model_dir")}, "ranks": args.ranks,
@@ -860,9 +892,10 @@ def _report(ranks, spec, args, dev, threads, variants) -> None:
                    [r["process_peak_rss_kb"] / 1024 for r in ranks]},
         "results": results,
         "notes": [
-            "one launch, same engines and batch; per variant a block of warm-up steps, then timed steps: in the "
-            "block (default) or, with --compare-passes, in rounds of one step of every variant (order rotated each "
-            "round; the block then measures memory only).",
+            "one launch, same engines and batch; per variant a block of warm-up steps, then (several variants, "
+            "config.interleave) one step measuring memory, an untimed round and the timed rounds of one step of "
+            "every variant (order rotated each round), or (one variant) its timed steps in the block. step_ms = "
+            "median, step_ms_min = fastest.",
             "all-gather bytes = output tensor bytes of every DeepSpeed all_gather* call on rank 0 during the last "
             "timed step (parameter gathers of the student AND of the reference engine).",
             "step peak = growth of the rank's RSS high-water mark during the block over its RSS at block start "

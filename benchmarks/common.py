@@ -21,6 +21,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -204,6 +205,18 @@ def write_json(name: str, payload: dict, out_dir: Optional[Path] = None) -> Path
     dev = payload.get("env", {}).get("device", "cpu")
     path = out_dir / f"{name}_{dev}.json"
     payload = dict(payload, timestamp=_dt.datetime.now().isoformat(timespec="seconds"))
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    # atomic: a temporary file in the same directory, then os.replace (a crash or a full disk never
+    # leaves a truncated committed result)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(payload, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain write would (mkstemp makes it 0600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path

@@ -23,14 +23,20 @@ Each part writes ``benchmarks/results/gpu_<gpu>_<part>.json`` with the GPU named
     python benchmarks/gpu_check.py --device cpu kernels   # refused: the parts measure CUDA only
 
 ``--device`` guards every part: anything but an available CUDA device prints
-``no CUDA device: nothing measured`` and exits 0 without writing a file.
+``no CUDA device: nothing measured`` and exits 0 without writing a file. Every child process (the
+benchmark scripts, ``launchers/train.py``) runs in its own session and on a time limit, or when this
+process gets SIGTERM / SIGHUP / Ctrl-C, its whole process group is killed (torchrun's workers too).
+Tolerance checks are NaN-safe: a case passes only when every error is finite and within tolerance.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,7 +48,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from common import RESULTS, device_info  # noqa: E402
+from common import RESULTS, cpu_peak_bytes, device_info  # noqa: E402
 
 NO_CUDA = "no CUDA device: nothing measured"
 
@@ -64,6 +70,61 @@ def _write(part: str, payload: dict) -> Path:
     tmp.replace(path)
     print(f"wrote {path.relative_to(ROOT)}", flush=True)
     return path
+
+
+def _within(errors, tol: float) -> bool:
+    """Every error finite and <= tol (NaN-safe: Python's max() skips a NaN that is not first)."""
+    errors = list(errors)
+    return bool(errors) and all(math.isfinite(e) and e <= tol for e in errors)
+
+
+def _max_err(errors) -> float:
+    """max() that returns NaN when any error is NaN (so a JSON record shows it)."""
+    errors = list(errors)
+    return math.nan if any(math.isnan(e) for e in errors) else max(errors)
+
+
+def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the child's whole process group, SIGKILL after ``grace`` s if the leader is still alive;
+    then SIGKILL to whatever of the group outlived it."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _run_group(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run for every part's children: started in a new session, so that on a timeout (or when
+    this process is stopped: SIGTERM from gpu_check.sh's ``timeout``, Ctrl-C) the whole process group --
+    torchrun and its workers too, not only the direct child -- is killed (SIGTERM, SIGKILL after a grace).
+    TimeoutExpired is re-raised with what the child wrote."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from exc
+    except BaseException:
+        _kill_group(proc, grace=3.0)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    # the children run in their own sessions: turn SIGTERM/SIGHUP into an exception, so that
+    # _run_group's handler kills the running child's group before this process exits
+    raise SystemExit(128 + signum)
 
 
 def _cuda_ms(fn, warmup: int = 3, iters: int = 10) -> float:
@@ -133,8 +194,7 @@ def part_kernels() -> None:
                     errs = {"out": ((out.float() - ref) * real).abs().max().item()}
                     for n, a, b in zip(("dq", "dk", "dv"), got, exp):
                         errs[n] = ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-                    row.update(errors=errs, ok=all(torch.isfinite(torch.tensor(list(errs.values())))) and
-                               max(errs.values()) <= TOL[dtype_name])
+                    row.update(errors=errs, ok=_within(errs.values(), TOL[dtype_name]))
                 except Exception as exc:  # record and continue: the JSON must say what failed
                     row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
                 cases.append(row)
@@ -159,7 +219,7 @@ def part_kernels() -> None:
                     "out_student": ((o_s.float() - r_s) * real).abs().max().item()}
             for n, a, b in zip(("dq", "dk", "dv"), got, exp):
                 errs[n] = ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-            row.update(errors=errs, ok=max(errs.values()) <= TOL[dtype_name])
+            row.update(errors=errs, ok=_within(errs.values(), TOL[dtype_name]))
         except Exception as exc:
             row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
         cases.append(row)
@@ -265,7 +325,9 @@ def _flash_call(q, k, v, scale, tau):
 
 def _run(cmd: list[str], timeout: int) -> None:
     print("  $ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True, timeout=timeout)
+    proc = _run_group(cmd, timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
 
 
 def part_kl(timeout: int) -> None:
@@ -330,14 +392,23 @@ def part_eval() -> None:
     out: dict = {"cases": {}}
     with tempfile.TemporaryDirectory() as d:
         # written by another process, so that this one's peak host memory has never held the model
-        subprocess.run([sys.executable, "-c", f"from common import RANDOM_LLAMAS, save_random_llama; from pathlib "
-                        f"import Path; save_random_llama(Path({str(Path(d) / 'big')!r}), RANDOM_LLAMAS['134m'], 256)"],
-                       cwd=HERE, check=True, timeout=300)
+        proc = _run_group([sys.executable, "-c", f"from common import RANDOM_LLAMAS, save_random_llama; from pathlib "
+                           f"import Path; save_random_llama(Path({str(Path(d) / 'big')!r}), RANDOM_LLAMAS['134m'], 256)"],
+                          300, cwd=HERE)
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, proc.args)
         big = Path(d) / "big" / "model"
         file_mib = sum(f.stat().st_size for f in big.glob("*.safetensors")) / 2**20
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        m = runner._load_eval_model(big, cfg("model.dtype=float32"))
-        out["host_peak_growth_mib_134m_gpu_load"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+        # the load's own peak: VmHWM reset to the current RSS first (common.cpu_peak_bytes), not a
+        # ru_maxrss delta (a lifetime high-water mark: an earlier, higher peak would hide the load's)
+        load_cfg = cfg("model.dtype=float32")
+        loaded = {}
+        peak = cpu_peak_bytes(lambda: loaded.setdefault("m", runner._load_eval_model(big, load_cfg)))
+        m = loaded["m"]
+        if peak is None:  # no /proc/self/clear_refs: the lifetime high-water mark, an upper bound of RSS
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            out["host_peak_note"] = "clear_refs unavailable: process lifetime ru_maxrss, not the load's growth"
+        out["host_peak_growth_mib_134m_gpu_load"] = peak / 2**20
         out["weights_file_mib_134m"] = file_mib
         out["loaded_on"] = str(next(m.parameters()).device)
         del m
@@ -356,13 +427,16 @@ def part_eval() -> None:
             model = runner._load_eval_model(model_dir, c)
             p = next(model.parameters())
             res = evaluate_split(model, tok, rows, settings, name="forget")
-            err = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(res.answer_prob, ref.answer_prob))
+            err = _max_err(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(res.answer_prob, ref.answer_prob))
             case = {"eval.dtype": "auto" if dtype == "bfloat16" else dtype, "resolved": [device, resolved],
                     "param_device": str(p.device), "param_dtype": str(p.dtype),
                     "answer_prob_max_rel_err_vs_cpu_fp32": err, "tolerance": tol,
                     "generations_equal_cpu": sum(a == b for a, b in zip(res.generation, ref.generation)),
                     "rows": len(rows)}
-            case["pass"] = p.device.type == "cuda" and str(p.dtype) == f"torch.{dtype}" and err <= tol
+            case["pass"] = (p.device.type == "cuda" and str(p.dtype) == f"torch.{dtype}"
+                            and len(res.answer_prob) == len(ref.answer_prob) > 0
+                            and _within((abs(a - b) / max(abs(b), 1e-12)
+                                         for a, b in zip(res.answer_prob, ref.answer_prob)), tol))
             ok &= case["pass"]
             out["cases"][dtype] = case
             print(f"eval {case['eval.dtype']:>8}: {p.dtype} on {p.device}, answer prob max rel err {err:.2e} "
@@ -388,8 +462,6 @@ def part_pipeline(timeout: int) -> None:
     tiny test model trains 3 ASU steps, exports (and re-checks the export) and evaluates; once as
     the pipeline picks the ZeRO stage, once under ZeRO-3 with the fused KL. Each run passes when it
     exits 0 with an export check within tolerance and its attention and evaluation ran on CUDA."""
-    import os
-
     from tests.helpers.tiny import build, train_overrides
 
     out: dict = {"runs": {}}
@@ -407,8 +479,8 @@ def part_pipeline(timeout: int) -> None:
             share = max(1.0, (deadline - time.perf_counter()) / (len(PIPELINE_RUNS) - i))
             t0 = time.perf_counter()
             try:
-                proc = subprocess.run([sys.executable, "launchers/train.py", *args], cwd=ROOT, env=env,
-                                      capture_output=True, text=True, timeout=share)
+                proc = _run_group([sys.executable, "launchers/train.py", *args], share, cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 rc, stderr = proc.returncode, proc.stderr
             except subprocess.TimeoutExpired as e:
                 err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
@@ -447,6 +519,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--timeout", type=int, default=240, help="for the parts that launch a benchmark script")
     args = ap.parse_args()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     import torch
 
     if args.device != "cuda" or not torch.cuda.is_available():

@@ -19,7 +19,11 @@
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=... to choose the interpreter (default .venv/bin/python)
 # On a machine with a CUDA torch but without this project's packages (and no network), carry the
-# pinned wheels from benchmarks/gpu_wheels.sh (its header says how); 3-4 min on an H200.
+# pinned wheels from benchmarks/gpu_wheels.sh (its header says how); 3-4 min on an H200. Right after
+# the CUDA check, every top-level module the parts import is looked up once (GPU_CHECK_MODULES below, the
+# same set gpu_wheels.sh carries plus the image's own): any missing -> one line naming them all, exit 1
+# (the pipeline part's own extra modules, PIPELINE_MODULES, missing: that part alone is skipped).
+# Only the gpu_*.json files written by THIS run are copied to GPU_CHECK_OUT and listed at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"
@@ -39,9 +43,38 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
        "(PYTHON=python3 with a CUDA torch, and the wheels of benchmarks/gpu_wheels.sh)"
   exit 1
 fi
+# every top-level module the parts import (traced, see gpu_wheels.sh): one failure naming all the missing
+# ones here, not the same ImportError again in every part. The pipeline part alone also needs datasets
+# (+ pyarrow, pandas) and scipy: ~100 MB of wheels, more than a device call carries, so without them in
+# the image that part is skipped (reported, exit 1: the check is incomplete) and the others still run.
+GPU_CHECK_MODULES="torch triton numpy safetensors yaml psutil packaging tqdm requests filelock fsspec jinja2
+  typing_extensions deepspeed hjson pydantic pydantic_core annotated_types typing_inspection einops msgpack
+  hydra omegaconf antlr4 transformers huggingface_hub tokenizers httpx2 httpcore2 h11 truststore sniffio anyio
+  idna regex dill rouge_score nltk six"
+PIPELINE_MODULES="datasets pyarrow pandas dateutil xxhash multiprocess scipy"
+missing_of() {  # the modules of "$@" that $PY cannot find
+  "$PY" - "$@" <<'PYEOF' 2>&1
+import importlib.util, sys
+sys.path.insert(0, ".")
+print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
+PYEOF
+}
+# shellcheck disable=SC2086
+missing=$(missing_of $GPU_CHECK_MODULES)
+if [ -n "$missing" ]; then
+  echo "error: modules missing for gpu_check: $missing (carry the wheels of benchmarks/gpu_wheels.sh)"
+  exit 1
+fi
+# shellcheck disable=SC2086
+pipeline_missing=$(missing_of $PIPELINE_MODULES)
 unset TRITON_INTERPRET  # the compiled kernels are what this checks
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 status=0
+# a marker older than anything this run writes: only gpu_*.json newer than it are this run's (committed
+# results of a part that is skipped or fails must not be copied or listed as if measured now)
+marker=$(mktemp)
+trap 'rm -f "$marker"' EXIT
+fresh() { find benchmarks/results -maxdepth 1 -name 'gpu_*.json' -newer "$marker" 2>/dev/null | sort; }
 # GPU_CHECK_BUDGET (s, default 540): the whole check's limit, under one device call's 600 s; a part
 # whose limit no longer fits in what is left is skipped (reported). GPU_CHECK_OUT (e.g. $OUT): a
 # folder the JSON results are copied into after every part, so a call stopped from outside keeps them.
@@ -63,17 +96,24 @@ part() {  # part <seconds> <name> [args...]
     status=1
   fi
   if [ -n "${GPU_CHECK_OUT:-}" ]; then
-    mkdir -p "$GPU_CHECK_OUT" && cp benchmarks/results/gpu_*.json "$GPU_CHECK_OUT"/ 2>/dev/null
+    local f
+    mkdir -p "$GPU_CHECK_OUT" && fresh | while IFS= read -r f; do cp "$f" "$GPU_CHECK_OUT"/; done
   fi
 }
 start=$SECONDS
 # the most telling first: a budget that runs out drops the later ones
 part 100 kernels
-part 150 pipeline --timeout 135
+if [ -n "$pipeline_missing" ]; then
+  echo "!! gpu_check pipeline skipped: this Python lacks $pipeline_missing (bash benchmarks/gpu_wheels.sh --pipeline)"
+  status=1
+else
+  part 150 pipeline --timeout 135
+fi
 part 80 attention
 part 100 kl --timeout 90
 part 90 eval
 part 180 step --timeout 170
 echo "gpu_check: $((SECONDS - start)) s"
-ls -1 benchmarks/results/gpu_*.json 2>/dev/null
+echo "written by this run:"
+fresh
 exit "$status"

@@ -8,18 +8,34 @@
 #   python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl
 #   PYTHONPATH=/tmp/site PYTHON=python3 bash benchmarks/gpu_check.sh
 #
-# (how benchmarks/results/gpu_nvidia_h200_* were made). Usage: bash benchmarks/gpu_wheels.sh [PYVER]
+# (how benchmarks/results/gpu_nvidia_h200_* were made). Usage: bash benchmarks/gpu_wheels.sh [--pipeline] [PYVER]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+WITH_PIPELINE=0
+if [ "${1:-}" = "--pipeline" ]; then WITH_PIPELINE=1; shift; fi
 PYV="${1:-3.12}"
 DEST=.whl
 PIP=(.venv/bin/python -m pip)
 [ -x .venv/bin/python ] || { echo "gpu_wheels: no .venv here; run 'make install' first" >&2; exit 2; }
-# Found by tracing the imports of every gpu_check part (transformers/tokenizers/huggingface_hub too:
-# an image's own versions differ from our pins, and transformers' attention interface is what we test)
-NAMES=(deepspeed hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions
-       hydra-core omegaconf antlr4-python3-runtime dill transformers huggingface_hub tokenizers httpx2
-       httpcore2 truststore sniffio click anyio idna regex rouge_score nltk)
+# Found by tracing the imports of every gpu_check part in .venv (python -X importtime / sys.modules after
+# importing launchers/train.py's modules, pipeline.run, pipeline.data.common + datasets, pipeline.eval.runner
+# + metrics + rouge_score.tokenizers, tests.helpers.tiny, bench_kl/bench_step and their workers' imports),
+# mapped to distributions with importlib.metadata.packages_distributions(), minus what a bare CUDA-PyTorch
+# image has (torch + filelock, typing-extensions, sympy, networkx, jinja2, fsspec, triton; numpy,
+# safetensors, psutil, pyyaml, packaging, tqdm, requests) and minus imports guarded by try/except
+# (accelerate, pillow, attrs, tabulate, pytz, cloudpickle, scikit-learn, defusedxml). transformers /
+# tokenizers / huggingface_hub too: an image's own versions differ from our pins, and transformers'
+# attention interface is what we test. gpu_check.sh checks the same modules (GPU_CHECK_MODULES) first.
+NAMES=(deepspeed hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions einops msgpack
+       hydra-core omegaconf antlr4-python3-runtime transformers huggingface_hub tokenizers httpx2
+       httpcore2 h11 truststore sniffio click anyio idna regex dill
+       rouge_score nltk six)                                              # eval.metrics' ROUGE tokenizer
+# The pipeline part alone also reads data with `datasets` and scores forget quality with scipy: about
+# 100 MB of wheels (pyarrow 55 MB, scipy 35 MB), over a device call's 64 MiB carry, so only with
+# --pipeline (for a machine whose image lacks them and that can take the transfer); without them
+# gpu_check.sh skips that part and says so.
+PIPELINE_NAMES=(datasets pyarrow pandas python-dateutil xxhash multiprocess scipy)
+[ "$WITH_PIPELINE" = 1 ] && NAMES+=("${PIPELINE_NAMES[@]}")
 PLATFORMS=()
 for p in manylinux_2_34 manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1; do
   PLATFORMS+=(--platform "${p}_x86_64")
