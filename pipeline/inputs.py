@@ -53,14 +53,16 @@ def check_before_loading(cfg: DictConfig) -> None:
 def check_data_path(cfg: DictConfig) -> None:
     """``data.path``, when set, is a directory (a typo was reported, after the run directory was made, as
     ``split 'forget10' not found at <path>/forget10.jsonl; available splits: []``)."""
-    from pipeline.data.loaders import DataError
+    from pipeline.data.loaders import DataError, check_split_names, resolve_data_path
 
     path = cfg.get("data", {}).get("path")
     if cfg.get("data", {}).get("name") == "synthetic":
         return  # the embedded benchmark reads its own directory (a data.path there is a config error)
-    if path and not Path(str(path)).expanduser().is_dir():
-        what = "is a file, not a directory" if Path(str(path)).expanduser().exists() else "no such directory"
+    # resolved as the loaders resolve it (~, repository-relative package data), so both agree
+    if path and not resolve_data_path(path).is_dir():
+        what = "is a file, not a directory" if resolve_data_path(path).exists() else "no such directory"
         raise DataError(f"data.path={path}: {what} (data.name={cfg.data.name} reads its splits from a directory)")
+    check_split_names(cfg.data)  # an unknown MUSE / WMDP eval split name, before the run directory is made
 
 
 def check_model_paths(cfg: DictConfig) -> None:

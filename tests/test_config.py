@@ -41,6 +41,8 @@ def test_each_method_config_composes(method):
 
 EXPS = sorted(f.removesuffix(".yaml") for f in os.listdir(os.path.join(CONF, "exp")))
 BASELINES = ["grad_ascent", "grad_diff", "npo", "simnpo", "idk_dpo", "rmu", "asu_gd", "asu_kl"]
+# what an experiment leaves to the user (own_qa_7b: the model and the data directory)
+USER_GIVES = {"own_qa_7b": ["model.path=/some/model", "data.path=tests/fixtures/own_qa"]}
 
 
 @pytest.mark.parametrize("exp", EXPS)
@@ -49,7 +51,7 @@ def test_every_experiment_composes_with_every_baseline(exp):
     for any method (a key that method lacks, e.g. method.tau for grad_diff, would fail); the layer
     methods need a model with more than 7 layers (the tiny benchmark has 4: a clear config error)."""
     for method in BASELINES:
-        cfg = _compose([f"+exp={exp}", f"method={method}"])
+        cfg = _compose([f"+exp={exp}", f"method={method}", *USER_GIVES.get(exp, [])])
         assert cfg.method.name == method and cfg.exp_name == exp
         if exp == "tofu_tiny" and method == "rmu":
             with pytest.raises(ConfigError, match="method.layer"):

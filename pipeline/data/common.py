@@ -9,6 +9,7 @@ module imports the one that imports it).
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import random
@@ -54,13 +55,38 @@ class UnlearningData:
 DATASETS: Registry[Callable[..., UnlearningData]] = Registry("dataset")
 
 
+# The repository root: conf/data/*.yaml name the package's own data relative to it
+# (realworld_facts.yaml: pipeline/data/realworld_facts).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """``data.path`` as it is read everywhere (the early check and every loader alike): ``~`` expanded;
+    a relative path that does not exist from the working directory but does from the repository root
+    is taken from there, so the package's own data (``pipeline/data/realworld_facts``) is found from
+    any directory. A path that exists from the working directory always wins (what a user means)."""
+    p = Path(str(path)).expanduser()
+    if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
+        return REPO_ROOT / p
+    return p
+
+
 def load_json_split(data_dir: str | Path, split: str, dataset: str) -> list[dict]:
-    """Load ``<data_dir>/<split>.jsonl`` with ``datasets`` (the same code path as hub datasets)."""
-    path = Path(data_dir) / f"{split}.jsonl"
-    if not path.exists():
-        available = sorted(p.stem for p in Path(data_dir).glob("*.jsonl"))
-        raise DataError(f"dataset {dataset!r}: split {split!r} not found at {path}; available splits: {available}")
-    return _load_local_file(path, "json", dataset, split)
+    """Rows of ``<data_dir>/<split>.jsonl`` (or ``.json`` / ``.parquet``) with ``datasets`` (the same
+    code path as hub datasets). Not found: a :class:`DataError` listing the splits there are, and
+    files named like the split in a format that is not read (e.g. ``forget.csv``)."""
+    root = resolve_data_path(data_dir)
+    found = _local_split_file(root, None, split)
+    if found is None:
+        exts = [ext for ext, _ in LOCAL_FORMATS]
+        available = sorted({f.stem for ext in exts for f in root.glob(f"*.{ext}")})
+        # a forget.csv or forget.txt next to the data: say why it was not read
+        unread = sorted(f.name for f in root.glob(f"{glob.escape(split)}.*") if f.name.split(".", 1)[1] not in exts)
+        hint = f"; {unread} cannot be read (convert to JSON Lines)" if unread else ""
+        raise DataError(f"dataset {dataset!r}: split {split!r} not found at {root / split}.jsonl (or .json / "
+                        f".parquet); available splits: {available}{hint}")
+    f, builder = found
+    return _load_local_file(f, builder, dataset, split)
 
 
 @contextmanager
@@ -75,6 +101,23 @@ def _quiet_logger(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _content_cache_dir(raw: Optional[bytes], path: Path) -> str:
+    """A ``datasets`` cache folder for this file's exact content. datasets keys its cache of a local
+    file on the path and mtime only: a file rewritten within the same second (or copied with its mtime
+    kept: cp -p, rsync -a, tar) was served from the old rows. Keyed by content, a changed file is
+    converted again and an unchanged one (every rank, every re-run) reuses its conversion."""
+    import datasets
+
+    digest = hashlib.sha256()
+    if raw is not None:
+        digest.update(raw)
+    else:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "local_files" / digest.hexdigest()[:32])
+
+
 def _load_local_file(path: Path, builder: str, dataset: str, where: str) -> list[dict]:
     """Rows of a local file through ``datasets.load_dataset(builder, data_files=...)``. A JSON file
     that is not UTF-8 or not valid JSON (Lines) is a :class:`DataError` naming the file and the
@@ -84,7 +127,8 @@ def _load_local_file(path: Path, builder: str, dataset: str, where: str) -> list
     if builder != "json":
         if path.stat().st_size == 0:
             return []
-        return [dict(r) for r in datasets.load_dataset(builder, data_files=str(path), split="train")]
+        return [dict(r) for r in datasets.load_dataset(builder, data_files=str(path), split="train",
+                                                        cache_dir=_content_cache_dir(None, path))]
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -98,7 +142,8 @@ def _load_local_file(path: Path, builder: str, dataset: str, where: str) -> list
         return []  # datasets cannot infer a schema from an empty file
     try:
         with _quiet_logger("datasets.packaged_modules.json.json"):
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+            ds = datasets.load_dataset("json", data_files=str(path), split="train",
+                                       cache_dir=_content_cache_dir(raw, path))
     except datasets.exceptions.DatasetGenerationError as e:
         # the library names neither file nor line (its row count skips blank lines): find the line here
         fault = _jsonl_fault(text) if path.suffix == ".jsonl" else None
@@ -219,6 +264,7 @@ def load_local_split(root: Path, dataset: str, subset: Optional[str], split: str
     :class:`DataError` listing the configs of the card and the splits there are.
     """
     where = f"{subset}/{split}" if subset else split
+    root = resolve_data_path(root)
     if not root.is_dir():
         # never hand a missing path to load_dataset: it would read it as a hub id
         raise DataError(f"dataset {dataset!r}: data.path={str(root)!r} is not a directory (split {where!r})")
@@ -349,10 +395,14 @@ def check_facts(rows: Sequence[dict], dataset: str, split: str) -> None:
                             f"strings (e.g. [\"Melville\"]), got {got}")
 
 
-def map_columns(rows: list[dict], question_column: str, answer_column: str) -> list[dict]:
-    """Rename user-configured question/answer columns to the canonical names."""
+def map_columns(rows: list[dict], question_column: str, answer_column: str, where: str = "") -> list[dict]:
+    """Rename user-configured question/answer columns to the canonical names. A configured column
+    the rows lack is a :class:`DataError` (a typo would otherwise fall back to a canonical column of
+    the same file, silently); ``where`` names the file in that message."""
     if (question_column, answer_column) == ("question", "answer"):
         return rows
+    check_configured_columns(rows, {"data.question_column": question_column, "data.answer_column": answer_column},
+                             where)
     out = []
     for r in rows:
         r = dict(r)
@@ -362,6 +412,16 @@ def map_columns(rows: list[dict], question_column: str, answer_column: str) -> l
             r["answer"] = r.pop(answer_column)
         out.append(r)
     return out
+
+
+def check_configured_columns(rows: Sequence[dict], settings: dict[str, Optional[str]], where: str) -> None:
+    """Every configured column (``{config key: column}``) is a column of ``rows`` (read from ``where``)."""
+    if not rows:
+        return
+    present = set(rows[0])
+    for key, col in settings.items():
+        if col and col not in present:
+            raise DataError(f"{key}={col!r}: no such column in {where or 'the data'}; present columns: {sorted(present)}")
 
 
 def check_overlap(forget: Sequence[dict], retain: Sequence[dict], dataset: str, fsplit: str, rsplit: str) -> None:

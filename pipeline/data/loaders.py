@@ -21,7 +21,9 @@ from pipeline.data.common import (  # noqa: F401  (re-exported: callers import t
     TEXT_COLUMNS,
     DataError,
     UnlearningData,
+    _local_split_file,
     check_columns,
+    check_configured_columns,
     check_facts,
     check_optional_columns,
     check_overlap,
@@ -31,9 +33,10 @@ from pipeline.data.common import (  # noqa: F401  (re-exported: callers import t
     load_json_split,
     map_columns,
     rename_columns,
+    resolve_data_path,
     subsample,
 )
-from pipeline.data.formatting import encode_qa, encode_texts, pack_texts
+from pipeline.data.formatting import IGNORE_INDEX, encode_qa, encode_texts, pack_texts, prompt_ids
 from pipeline.logging import SAME_ON_EVERY_RANK
 
 log = logging.getLogger(__name__)
@@ -70,32 +73,57 @@ def load_unlearning_data(data_cfg: Any, seed: int = 0, **ctx: Any) -> Unlearning
     return data
 
 
+def _read_qa_splits(data_cfg: Any, data_dir: str | Path, name: str) -> tuple[list[dict], list[dict], dict]:
+    """Forget, retain and eval rows of a directory of ``<split>.jsonl`` files, with the configured
+    columns (``data.columns``, then ``data.question_column`` / ``data.answer_column``) renamed to
+    the canonical ones; a configured column a file lacks is a :class:`DataError` naming the key."""
+    cols = {k: v for k, v in dict(getattr(data_cfg, "columns", None) or {}).items() if v}
+    q, a = data_cfg.question_column, data_cfg.answer_column
+
+    def read(split: str) -> list[dict]:
+        rows = load_json_split(data_dir, split, name)
+        found = _local_split_file(resolve_data_path(data_dir), None, split)
+        where = str(found[0]) if found else f"split {split!r} of {data_dir}"  # the file the rows came from
+        check_configured_columns(rows, {f"data.columns.{k}": v for k, v in cols.items()}, where)
+        return map_columns(rename_columns(rows, cols), q, a, where)
+
+    return (read(data_cfg.forget_split), read(data_cfg.retain_split), {s: read(s) for s in data_cfg.eval_splits})
+
+
 @DATASETS.register("synthetic")
 def load_synthetic(data_cfg: Any, data_dir: Optional[str | Path] = None, **_: Any) -> UnlearningData:
     """The embedded benchmark, written as JSONL by ``pipeline.data.prepare``."""
     if data_dir is None:
         raise DataError("dataset 'synthetic' needs its prepared data directory (run launchers/prepare.py)")
-    name = "synthetic"
-    q, a = data_cfg.question_column, data_cfg.answer_column
-    forget = map_columns(load_json_split(data_dir, data_cfg.forget_split, name), q, a)
-    retain = map_columns(load_json_split(data_dir, data_cfg.retain_split, name), q, a)
-    evals = {s: map_columns(load_json_split(data_dir, s, name), q, a) for s in data_cfg.eval_splits}
-    return UnlearningData(name, forget, retain, evals, data_cfg.forget_split, data_cfg.retain_split)
+    forget, retain, evals = _read_qa_splits(data_cfg, data_dir, "synthetic")
+    return UnlearningData("synthetic", forget, retain, evals, data_cfg.forget_split, data_cfg.retain_split)
 
 
 @DATASETS.register("json")
 def load_local_json(data_cfg: Any, **_: Any) -> UnlearningData:
-    """Any directory of ``<split>.jsonl`` files (``data.path``): a user's own data. Forget / retain
-    rows need ``question`` and ``answer`` (``facts``: optional list of strings for fact recall);
-    TOFU's evaluation columns (``paraphrased_answer``, ``perturbed_answer``) are optional."""
+    """Any directory of ``<split>.jsonl`` (or ``.json`` / ``.parquet``) files (``data.path``): a
+    user's own data. Forget / retain rows need ``question`` and ``answer`` (``facts``: optional list
+    of strings for fact recall); TOFU's evaluation columns (``paraphrased_answer``,
+    ``perturbed_answer``) are optional. ``~`` and repository-relative paths: :func:`resolve_data_path`."""
     if not data_cfg.path:
         raise DataError("dataset 'json' needs data.path (a directory of <split>.jsonl files)")
-    name = f"json:{data_cfg.path}"
-    q, a = data_cfg.question_column, data_cfg.answer_column
-    forget = map_columns(load_json_split(data_cfg.path, data_cfg.forget_split, name), q, a)
-    retain = map_columns(load_json_split(data_cfg.path, data_cfg.retain_split, name), q, a)
-    evals = {s: map_columns(load_json_split(data_cfg.path, s, name), q, a) for s in data_cfg.eval_splits}
-    return UnlearningData(name, forget, retain, evals, data_cfg.forget_split, data_cfg.retain_split)
+    path = resolve_data_path(data_cfg.path)
+    forget, retain, evals = _read_qa_splits(data_cfg, path, f"json:{data_cfg.path}")
+    return UnlearningData(f"json:{data_cfg.path}", forget, retain, evals, data_cfg.forget_split,
+                          data_cfg.retain_split)
+
+
+def check_split_names(data_cfg: Any) -> None:
+    """The eval split names of a benchmark with a fixed set (MUSE, WMDP) are known ones: a typo is a
+    :class:`DataError` before anything is loaded or written (it would otherwise surface only after
+    the corpora were read, with the run directory made)."""
+    from pipeline.data.muse import muse_eval_source
+    from pipeline.data.wmdp import mcq_source
+
+    known = {"muse": muse_eval_source, "wmdp": mcq_source}.get(str(data_cfg.get("name") if hasattr(data_cfg, "get")
+                                                                   else data_cfg.name))
+    for s in (data_cfg.eval_splits or []) if known else []:
+        known(str(s))
 
 
 def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool, split: str,
@@ -116,13 +144,17 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
     # <eos> but joins the texts and cuts windows (pack_text=True here). A document has no "answer" to close
     texts = dict(zip(text_rows, encode_texts(tokenizer, [rows[i]["text"] for i in text_rows], max_length,
                                              add_eos=False)))
-    out, cut, answer_cut, mismatch = [], 0, 0, 0
+    out, cut, answer_cut, mismatch, no_loss = [], 0, 0, 0, 0
+    _warn_special_text(tokenizer, rows, split)
     for i, r in enumerate(rows):
         if i in texts:
             enc = texts[i]
         else:
             enc = encode_qa(tokenizer, r["question"], r["answer"], max_length, template=template)
-        answer_cut += enc.answer_cut
+        if i not in texts and all(lab == IGNORE_INDEX for lab in enc.labels):
+            no_loss += 1  # the prompt alone fills max_length: not the answer's fault, counted apart
+        else:
+            answer_cut += enc.answer_cut
         mismatch += enc.prompt_mismatch
         if enc.truncated:
             if not truncate:
@@ -135,6 +167,16 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
     if cut:
         log.warning("split %r: truncated %d of %d sequences to data.max_length=%d (question words dropped from the "
                     "left, answers kept)", split, cut, len(rows), max_length, extra=SAME_ON_EVERY_RANK)
+    if no_loss:
+        n_prompt = len(prompt_ids(tokenizer, "", template))
+        what = (f"the prompt alone (the template and system prompt: {n_prompt} tokens with an empty question) "
+                f"fills data.max_length={max_length}")
+        if no_loss == len(rows):
+            raise DataError(f"split {split!r}: no row has a loss token: {what}; raise data.max_length or shorten "
+                            f"model.system_prompt")
+        log.warning("split %r: %d of %d row(s) have no loss token: %s (long questions are cut, but not the "
+                    "template); raise data.max_length or shorten model.system_prompt", split, no_loss, len(rows),
+                    what, extra=SAME_ON_EVERY_RANK)
     if answer_cut:
         log.warning("split %r: %d answer(s) alone are longer than data.max_length=%d: their last tokens are cut "
                     "(no loss on them)", split, answer_cut, max_length, extra=SAME_ON_EVERY_RANK)
@@ -143,6 +185,25 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
                     "loss starts after the prompt's token count, as open-unlearning does", split, mismatch,
                     extra=SAME_ON_EVERY_RANK)
     return out
+
+
+def _warn_special_text(tokenizer, rows: Sequence[dict], split: str) -> None:
+    """Warn when question/answer text holds a special token's text (``<|im_end|>``, ``</s>``): it
+    tokenises as the control token itself, and a chat format then ends the answer (and its loss) there."""
+    specials = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    specials |= {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+    specials = {t for t in specials if t}
+    if not specials:
+        return
+    hits = [i for i, r in enumerate(rows) if "question" in r
+            for t in specials if t in str(r["question"]) or t in str(r.get("answer", ""))]
+    if hits:
+        rows_hit = sorted(set(hits))
+        found = sorted({t for i in rows_hit[:50] for t in specials
+                        if t in str(rows[i]["question"]) or t in str(rows[i].get("answer", ""))})
+        log.warning("split %r: %d row(s) hold special-token text %s in the question or answer (first: row %d): it "
+                    "becomes the control token itself, and a chat format ends the answer there; remove or reword it",
+                    split, len(rows_hit), found, rows_hit[0], extra=SAME_ON_EVERY_RANK)
 
 
 def _packed_rows(tokenizer, rows: Sequence[dict], max_length: int, split: str) -> list[dict]:

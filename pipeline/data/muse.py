@@ -22,6 +22,7 @@ from typing import Any
 from pipeline.data.common import (
     DATASETS,
     TEXT_COLUMNS,
+    DataError,
     UnlearningData,
     check_columns,
     hub_revision,
@@ -56,7 +57,7 @@ def muse_eval_source(name: str) -> tuple[str, str, tuple]:
     if "/" in name:
         config, split = name.split("/", 1)
         return config, split, _BY_CONFIG.get(config, ())
-    raise ValueError(f"unknown MUSE eval split {name!r}; use one of {sorted(MUSE_EVAL_SPLITS)} or '<config>/<split>'")
+    raise DataError(f"data.eval_splits: unknown MUSE eval split {name!r}; use one of {sorted(MUSE_EVAL_SPLITS)} or '<config>/<split>'")
 
 
 @DATASETS.register("muse")

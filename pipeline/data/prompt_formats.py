@@ -33,6 +33,9 @@ from pipeline.registry import Registry
 log = logging.getLogger(__name__)
 
 
+_warned_plain: list[bool] = []  # the plain-format-on-a-chat-tokenizer warning is logged once per process
+
+
 class PromptFormatError(ValueError):
     """A prompt format cannot be used with this tokenizer (missing template or special token);
     ``key`` names the setting to change."""
@@ -102,6 +105,15 @@ class PlainFormat(PromptFormat):
 
     name: str = "plain"
     template: str = PROMPT_TEMPLATE
+
+    def check(self, tokenizer) -> None:
+        # A chat model's tokenizer with model.prompt_format=plain (the schema's default, the embedded
+        # benchmark's format) trains it on text it was never tuned on: legal, but rarely meant.
+        if getattr(tokenizer, "chat_template", None) and not _warned_plain:
+            _warned_plain.append(True)
+            log.warning("model.prompt_format=plain, but this tokenizer has a chat template: the model is trained and "
+                        "evaluated on 'Question: ...\nAnswer: ...' text, not its chat format; to use its template set "
+                        "model.prompt_format=chat (or +exp=own_qa_7b for your own data)", extra=SAME_ON_EVERY_RANK)
 
     def prompt_text(self, tokenizer, question: str) -> str:
         return self.template.format(question=question)
@@ -252,10 +264,24 @@ class ChatFormat(PromptFormat):
                                     "into every prompt (strftime_now); fix it, e.g. +model.chat_template_kwargs.date_string='26 Jul "
                                     "2024' (the template's own fallback; open-unlearning uses '10 Apr 2025'), so "
                                     "every run and evaluation sees the same prompt", key="model.chat_template_kwargs")
+        self._render(tokenizer, self._messages("q", "a"))  # a template that raises (below) fails here, up front
+        self._render(tokenizer, self._messages("q"), generation_prompt=True)
 
     def _render(self, tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                             **self.template_kwargs)
+        from jinja2 import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                                 **self.template_kwargs)
+        except TemplateError as e:
+            # a template's raise_exception (Gemma, Mistral-Instruct: "System role not supported"; role
+            # alternation) is the setting's fault, not a crash: name the setting to change
+            if self.system_prompt:
+                raise PromptFormatError(f"model.prompt_format=chat: the tokenizer's chat template refuses the "
+                                        f"conversation with model.system_prompt set ({e}); set model.system_prompt=null",
+                                        key="model.system_prompt") from None
+            raise PromptFormatError(f"model.prompt_format=chat: the tokenizer's chat template refuses a [user, "
+                                    f"assistant] conversation ({e}); pick a named format or plain") from None
 
     def _messages(self, question: str, answer: Optional[str] = None) -> list[dict]:
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []

@@ -54,7 +54,7 @@ def mcq_source(name: str, mcq_hub: str = WMDP_HUB_ID, utility_hub: str = MMLU_HU
         return utility_hub, "all", MCQ_SPLIT
     if name.startswith(("mmlu-", "mmlu_")):
         return utility_hub, name[5:], MCQ_SPLIT
-    raise ValueError(f"unknown WMDP eval split {name!r}; use one of {list(WMDP_SUBSETS)}, 'mmlu' or 'mmlu-<subject>'")
+    raise DataError(f"data.eval_splits: unknown WMDP eval split {name!r}; use one of {list(WMDP_SUBSETS)}, 'mmlu' or 'mmlu-<subject>'")
 
 
 def check_mcq_rows(rows: list[dict], dataset: str, split: str) -> None:
