@@ -5,6 +5,8 @@
 
 Writes ``<output_dir>/<run_name>/{continual.json,continual.md,continual_summary.json}`` and one run
 directory per request (``r1_<split>/``, ``r2_<split>/``, ...); the sequence's summary table goes to stdout. ``run_name`` defaults to ``${exp_name}/continual_${method.name}``.
+``trainer.dry_run=true`` prints the requests' plan and request 1's dry run and writes nothing;
+``trainer.resume`` is ``auto`` or ``never`` (each request resumes from its own checkpoints).
 """
 
 import sys

@@ -17,10 +17,13 @@ forget quality is measured against the same retain model on every request (it ne
 multi-process launch runs the same sequence (each ``train_job`` is collective); rank 0 writes the files.
 
 A request whose directory already holds this very step, finished (``continual_step.json``: the
-request, its starting model and a digest of its settings and of that model's files, see
-:func:`step_record`), is not run again, so re-running the same command resumes the sequence; one
-whose settings, starting model (an earlier request that ran again) or evaluated splits (a request
-added) changed runs again, as does every step with ``trainer.resume=never``. A request cut off
+request, its starting model and a digest of its settings, of that model's files and of its forget,
+retain and evaluation rows, see :func:`step_record`), is not run again, so re-running the same
+command resumes the sequence; one whose settings, rows (an edited jsonl), starting model (an earlier
+request that ran again) or evaluated splits (a request added) changed runs again, as does every
+step with ``trainer.resume=never``. ``trainer.resume`` is ``auto`` or ``never`` here: a checkpoint
+path would be resumed by every request. ``trainer.dry_run=true`` prints the plan and request 1's
+dry run (:func:`dry_run_sequence`) and writes nothing. A request cut off
 mid-training resumes from its own checkpoints when it writes them (``trainer.save_every`` > 0).
 """
 
@@ -45,6 +48,8 @@ log = logging.getLogger("pipeline.continual")
 
 STEP_FILE = "continual_step.json"
 UTILITY_SPLITS = ("real_authors", "world_facts")
+# trainer.resume values a continual run accepts (pipeline/config.py: auto | never | <checkpoint path>)
+RESUME_MODES = ("auto", "never")
 
 
 def check_requests(cfg: DictConfig) -> list[str]:
@@ -62,6 +67,12 @@ def check_requests(cfg: DictConfig) -> list[str]:
     if not cfg.trainer.export:
         raise ConfigError("config error at 'trainer.export': continual unlearning needs each request's exported "
                           "model (trainer.export=true)")
+    if str(cfg.trainer.resume) not in RESUME_MODES:
+        # a checkpoint path would be resumed by every request (each has its own run directory and
+        # checkpoints; request 2 would start from request 1's weights and optimizer state again)
+        raise ConfigError(f"config error at 'trainer.resume': {cfg.trainer.resume!r} is a checkpoint path; continual "
+                          f"unlearning resumes each request from its own checkpoints: use trainer.resume=auto "
+                          f"(the default) or trainer.resume=never")
     return reqs
 
 
@@ -99,7 +110,17 @@ def _ensure_synthetic_splits(data_dir: Path, synthetic_cfg: Any, needed: list[st
 
 
 def base_model(cfg: DictConfig, run_dir: Path, splits: list[str]) -> dict:
-    """Request 1's starting point as ``pretrained``/``json`` overrides (synthetic resolved here)."""
+    """Request 1's starting point as ``pretrained``/``json`` overrides (synthetic and gguf_package
+    resolved here, as :func:`pipeline.inputs.resolve_paths` resolves them)."""
+    if cfg.model.source == "gguf_package":
+        from pipeline.models.gguf_package import prepare_gguf_model
+
+        # every request runs as model.source=pretrained (model.path is what it starts from): request 1
+        # starts from the converted directory (converted once, cached; locked against other ranks)
+        model_dir = str(prepare_gguf_model(str(cfg.model.gguf_package), Path(cfg.cache_dir), cfg.model.gguf_file,
+                                           log=log.info))
+        return {"model.path": model_dir, "model.tokenizer_path": cfg.model.tokenizer_path or model_dir,
+                "data": {}, "retain_model": cfg.eval.retain_model}
     if cfg.model.source != "synthetic":
         return {"model.path": str(cfg.model.path), "model.tokenizer_path": cfg.model.tokenizer_path,
                 "data": {}, "retain_model": cfg.eval.retain_model}
@@ -294,11 +315,25 @@ def render_sequence_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def step_record(request: str, init_model: str, step_cfg: DictConfig) -> dict:
-    """What a finished step's marker holds: the request, the model it started from and a digest of
+def step_rows(step_cfg: DictConfig) -> dict:
+    """Digests of the rows a step trains and evaluates on (``forget``, ``retain``, ``eval``: one per
+    split), read as its job reads them (:func:`pipeline.finished.job_key` keys a finished job by the
+    same digests): its config names only split files, whose rows may be edited between runs."""
+    from pipeline.data.loaders import load_unlearning_data
+    from pipeline.eval.parts import rows_digest
+    from pipeline.inputs import resolve_paths
+
+    data = load_unlearning_data(step_cfg.data, int(step_cfg.seed), data_dir=resolve_paths(step_cfg).data_dir)
+    return {"forget": rows_digest(data.forget), "retain": rows_digest(data.retain),
+            "eval": {split: rows_digest(rows) for split, rows in sorted(data.eval.items())}}
+
+
+def step_record(request: str, init_model: str, step_cfg: DictConfig, rows: Optional[dict] = None) -> dict:
+    """What a finished step's marker holds: the request, the model it started from, a digest of
     its configuration (without the settings that change no result, as a finished job's record) and
-    of that model's files. A step reruns when any of them changed: its settings, or the model it
-    starts from (an earlier step that ran again), or the evaluated splits (a request added)."""
+    of that model's files, and its rows' digests (:func:`step_rows`). A step reruns when any of them
+    changed: its settings, its rows, or the model it starts from (an earlier step that ran again), or
+    the evaluated splits (a request added)."""
     from pipeline.eval.reference import model_fingerprint
     from pipeline.finished import result_config
 
@@ -312,7 +347,10 @@ def step_record(request: str, init_model: str, step_cfg: DictConfig) -> dict:
     # train_key: what the trained weights depend on (the evaluated splits and settings do not), so a
     # step whose training inputs changed trains from the start instead of resuming a stale checkpoint
     training = {k: v for k, v in config.items() if not k.startswith(EVAL_ONLY)}
-    return {"request": request, "init_model": init_model, "key": digest(config), "train_key": digest(training)}
+    # rows kept beside the digests (not in them): a record written before rows were kept keeps its
+    # train_key, so its checkpoints are not discarded; it is not "finished" (its rows are unknown)
+    return {"request": request, "init_model": init_model, "key": digest(config), "train_key": digest(training),
+            "rows": rows}
 
 
 # Settings that change what a step measures, not what it trains (its checkpoints stay valid).
@@ -330,9 +368,16 @@ def _earlier_record(step_dir: Path) -> Optional[dict]:
 
 def _trained_with_other_inputs(earlier: Optional[dict], record: dict) -> bool:
     """Whether the step that wrote ``earlier`` was trained with other training inputs than
-    ``record``'s (its checkpoints must not be resumed). A record without ``train_key`` (written before
-    it was kept) or none at all: False (checkpoint_meta still refuses a resume with other training settings)."""
-    return earlier is not None and "train_key" in earlier and earlier["train_key"] != record["train_key"]
+    ``record``'s: settings, starting model, forget / retain rows (its checkpoints must not be
+    resumed). A record without ``train_key`` / ``rows`` (written before they were kept) or none at
+    all: False on that part (checkpoint_meta still refuses a resume with other training settings or rows)."""
+    if earlier is None:
+        return False
+    if "train_key" in earlier and earlier["train_key"] != record["train_key"]:
+        return True
+    then, now = earlier.get("rows"), record.get("rows")
+    return isinstance(then, dict) and isinstance(now, dict) and any(then.get(k) != now.get(k)
+                                                                    for k in ("forget", "retain"))
 
 
 def discard_checkpoints(step_dir: Path) -> None:
@@ -356,8 +401,9 @@ def discard_checkpoints(step_dir: Path) -> None:
 def _finished(step_dir: Path, earlier: Optional[dict], record: dict, need_model: bool, resume: str) -> bool:
     """Whether ``step_dir``, whose record is ``earlier``, holds this very step, finished
     (``trainer.resume=never`` runs it again). ``train_key``, added later, is not compared: an earlier
-    record without it still matches."""
-    if earlier is None or resume == "never" or any(earlier.get(k) != record[k] for k in ("request", "init_model", "key")):
+    record without it still matches. ``rows`` is: a record without them says nothing of its rows."""
+    if earlier is None or resume == "never" or any(earlier.get(k) != record.get(k)
+                                                    for k in ("request", "init_model", "key", "rows")):
         return False
     return (step_dir / "model" / "config.json").exists() if need_model else (step_dir / "results.json").exists()
 
@@ -374,8 +420,10 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     requests = check_requests(cfg)
     validate(cfg)
-    init_distributed(cfg.deepspeed.timeout_minutes)
     splits = eval_splits(cfg, requests)
+    if cfg.trainer.dry_run:  # before anything is prepared (synthetic build, GGUF conversion), loaded or written
+        return dry_run_sequence(cfg, run_dir, requests, splits)
+    init_distributed(cfg.deepspeed.timeout_minutes)
     base = base_model(cfg, run_dir, splits)
     init_model = base["model.path"]
     # (index, name, step dir, initial model of the step); index -1 = the starting model, evaluated only
@@ -385,7 +433,7 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.continual.eval_initial:
         step_dir = run_dir / "r0_initial"
         step_cfg = request_config(cfg, base, 0, requests[0], init_model, splits)
-        record = step_record("initial", init_model, step_cfg)
+        record = step_record("initial", init_model, step_cfg, step_rows(step_cfg))
         if _finished(step_dir, _earlier_record(step_dir), record, need_model=False, resume=resume):
             reused.add(str(step_dir))
         else:
@@ -409,7 +457,7 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     for i, request in enumerate(requests):
         step_dir = run_dir / step_name(i, request)
         step_cfg = request_config(cfg, base, i, request, init_model, splits)
-        record = step_record(request, init_model, step_cfg)
+        record = step_record(request, init_model, step_cfg, step_rows(step_cfg))
         earlier = _earlier_record(step_dir)
         if _finished(step_dir, earlier, record, need_model=True, resume=resume):
             log.info("continual request %d/%d (%s): already finished in %s", i + 1, len(requests), request, step_dir)
@@ -418,8 +466,8 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
             if _trained_with_other_inputs(earlier, record):
                 # another lr, or another starting model (an earlier step that trained again): its
                 # checkpoints hold weights trained from other inputs; resuming one would report them
-                log.info("continual request %d/%d (%s): its training settings or starting model changed since it "
-                         "ran: training it from the start (its earlier checkpoints are removed, not resumed)", i + 1,
+                log.info("continual request %d/%d (%s): its training settings, forget / retain rows or starting model "
+                         "changed since it ran: training it from the start (its earlier checkpoints are removed, not resumed)", i + 1,
                          len(requests), request)
                 with open_dict(step_cfg):
                     step_cfg.trainer.resume = "never"
@@ -433,8 +481,8 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                 if broadcast_object(problem):
                     raise CheckpointError(problem, every_rank=True)
             elif (step_dir / STEP_FILE).exists():
-                log.info("continual request %d/%d (%s): its evaluated splits or evaluation settings changed since it "
-                         "ran (or trainer.resume=never): running it again (it resumes at its last step when it kept "
+                log.info("continual request %d/%d (%s): its evaluated splits, their rows or evaluation settings changed "
+                         "since it ran (or trainer.resume=never): running it again (it resumes at its last step when it kept "
                          "a checkpoint there, trainer.save_every > 0; otherwise it trains again)", i + 1,
                          len(requests), request)
             log.info("continual request %d/%d: forget %s, starting from %s", i + 1, len(requests), request, init_model)
@@ -453,6 +501,48 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     log.info("continual unlearning finished: %s", run_dir / "continual.md")
     print(render_sequence_summary(summary), flush=True)  # stdout carries results (logs go to stderr)
     return json.loads((run_dir / "continual.json").read_text())
+
+
+def _starting_model(cfg: DictConfig) -> str:
+    """Request 1's starting model as configured (a dry run resolves nothing)."""
+    m = cfg.model
+    if m.source == "synthetic":
+        return f"the embedded benchmark's {m.variant} model"
+    if m.source == "gguf_package":
+        return f"model.gguf_package={m.gguf_package} ({m.gguf_file or 'its GGUF file'}, converted into cache_dir)"
+    return f"model.path={m.path}"
+
+
+def dry_run_sequence(cfg: DictConfig, run_dir: Path, requests: list[str], splits: list[str]) -> dict:
+    """``trainer.dry_run=true``: the requests' plan (rank 0), then request 1's own dry run
+    (:func:`pipeline.run.train_job` with ``trainer.dry_run``: its checks and memory plan, sized from
+    the configured model; later requests train the same architecture from the previous export).
+    Nothing is prepared, loaded, trained or written; returns {}."""
+    from pipeline.engine.distributed import is_main_process
+    from pipeline.run import train_job
+
+    if is_main_process():
+        lines = [f"continual dry run of {run_dir}: {len(requests)} request{'' if len(requests) == 1 else 's'}, "
+                 f"each a training job in its own run directory"]
+        if cfg.continual.eval_initial:
+            lines.append(f"  0: evaluate the starting model -> {run_dir / 'r0_initial'}")
+        for i, request in enumerate(requests):
+            start = _starting_model(cfg) if i == 0 else f"request {i}'s export {run_dir / step_name(i - 1, requests[i - 1])}/model"
+            lines.append(f"  {i + 1}: forget {request} -> {run_dir / step_name(i, request)}, starting from {start}")
+        lines += [f"evaluated after each request: {', '.join(splits)} (retain split {cfg.data.retain_split})",
+                  f"request 1's dry run ({requests[0]}):"]
+        print("\n".join(lines), flush=True)
+    # request 1 as train_job would get it, its model left as configured: request_config would resolve
+    # it (build the synthetic benchmark, convert a GGUF), which a dry run must not
+    c = copy.deepcopy(cfg)
+    with open_dict(c):
+        c.data.forget_split = requests[0]
+        c.data.eval_splits = list(splits)
+        c.eval.splits = None
+        c.run_name = f"{cfg.run_name}/{step_name(0, requests[0])}"
+        c.continual.requests = []
+    train_job(c, run_dir / step_name(0, requests[0]))
+    return {}
 
 
 def default_run_name(argv: list[str]) -> list[str]:

@@ -248,7 +248,8 @@ def test_another_lr_in_a_checkpointed_sequence_trains_the_step_again(tmp_path):
     # the re-run must still train from the start: before, it resumed the old lr's checkpoint (refused, exit 2)
     stopped = run(args + ["trainer.lr=5e-4"], script="launchers/continual.py", timeout=240, ASU_INJECT="nan_loss@1")
     assert stopped.returncode != 0 and "non-finite" in stopped.stderr.lower(), stopped.stderr[-3000:]
-    assert "its training settings or starting model changed since it ran: training it from the start" in stopped.stderr
+    assert ("its training settings, forget / retain rows or starting model changed since it ran: training it from the start"
+            in stopped.stderr)
     assert not (tmp_path / "runs" / "seq" / "r1_forget10_part1" / "checkpoints").exists()
     again = run(args + ["trainer.lr=5e-4"], script="launchers/continual.py", timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]  # was: CheckpointError (the checkpoint's other lr), exit 2
