@@ -52,3 +52,22 @@ def test_evenly_spaced_subset_for_eval_max_rows():
     assert evenly_spaced(rows, 4) == [0, 2, 5, 7]
     assert evenly_spaced(rows, 10) == rows and evenly_spaced(rows, 50) == rows
     assert evenly_spaced(rows, 1) == [0]
+
+
+def test_tofu_style_rows_give_the_authors_name_not_a_place_or_the_question_words():
+    """TOFU's forget rows have no author column: the keyword was "Kuwait City" (a birthplace), "What is
+    the" (the fallback), "Has Moshe Ben-David" or "Is Nikolai Abilov's". The name the split mentions
+    most in a row's question and answer is the author's; question words and possessives are cut."""
+    from pipeline.eval.robustness import forget_keywords
+
+    qa = [("What is the full name of the author born in Kuwait City, Kuwait on 08/09/1956?",
+           "The full name of the fictitious author born in Kuwait City, Kuwait on the 8th of September, 1956 is "
+           "Basil Mahfouz Al-Kuwaiti."),
+          ("What genre is Basil Mahfouz Al-Kuwaiti known for?", "Basil Mahfouz Al-Kuwaiti writes French literature."),
+          ("Has Moshe Ben-David written any non-fiction work?", "Yes, Moshe Ben-David has written non-fiction."),
+          ("Is Nikolai Abilov's work influenced by his identity?", "Yes, it is."),
+          ("What awards has Élise Fournier received?", "Élise Fournier has received the Prix Goncourt."),
+          ("what did the writer publish first ?", "a")]
+    assert forget_keywords([{"question": q, "answer": a} for q, a in qa]) == [
+        "Basil Mahfouz Al-Kuwaiti", "Basil Mahfouz Al-Kuwaiti", "Moshe Ben-David", "Nikolai Abilov", "Élise Fournier",
+        "what did the"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from typing import Any
 
 from pipeline.eval import metrics as M
@@ -17,17 +18,65 @@ from pipeline.eval import metrics as M
 PROBE_SPLIT = "retain_probe"
 
 
+# Capitalised words that open a question or sentence rather than a name ("Has Moshe Ben-David ...",
+# "What is ...", "In Santiago ..."): stripped from the front of a run of capitalised words.
+_NOT_NAMES = frozenset("""What Who Whom Whose Which Where When Why How Is Are Was Were Has Have Had Does Do Did Can
+Could Would Will Should May Might In On At The A An As For From Of To With By And But Or Yes No Not This That These
+Those His Her Their Its Some Many Mr Mrs Ms Dr""".split())
+
+
+def _emit(words: list[str]) -> list[str]:
+    """A run of capitalised words as a name: leading question/sentence words dropped, a possessive cut
+    from the last word; kept when two or more words are left."""
+    while words and words[0] in _NOT_NAMES:
+        words = words[1:]
+    if words:
+        words = words[:-1] + [re.sub(r"['\u2019]s$", "", words[-1])]
+    return [" ".join(words)] if len(words) >= 2 else []
+
+
+def name_runs(text: str) -> list[str]:
+    """Runs of two or more capitalised words in ``text`` (any script's capitals; punctuation after a
+    word ends its run), in order: the candidate names of a row."""
+    out: list[str] = []
+    run: list[str] = []
+    for raw in str(text).split():
+        word = raw.strip("\"'\u201c\u201d()[]")
+        core = word.rstrip(",.;:!?")
+        if core[:1].isalpha() and core[:1].isupper():
+            run.append(core)
+            if core != word:  # "Kuwait City," ends there
+                out += _emit(run)
+                run = []
+        else:
+            out += _emit(run)
+            run = []
+    return out + _emit(run)
+
+
+def forget_keywords(rows: list[dict]) -> list[str]:
+    """The keyword a probe inserts for each forget row: its ``author`` when the row names one; else,
+    of the names in its question and answer, the one the forget split mentions most (an author's
+    name recurs over their rows; a birthplace or a book title seldom does: TOFU's "full name of the
+    author born in Kuwait City" rows name the author in the answer only), ties to the longer; else the
+    question's first three words."""
+    counts = Counter(n for r in rows if not r.get("author") for n in {*name_runs(r.get("question", "")),
+                                                                   *name_runs(r.get("answer", ""))})
+    out = []
+    for r in rows:
+        names = [*name_runs(r.get("question", "")), *name_runs(r.get("answer", ""))]
+        if r.get("author"):
+            out.append(str(r["author"]))
+        elif names:
+            out.append(max(names, key=lambda n: (counts[n], len(n.split()))))
+        else:
+            out.append(" ".join(str(r["question"]).split()[:3]))
+    return out
+
+
 def forget_keyword(row: dict) -> str:
-    """The keyword a probe inserts for one forget row: its ``author`` when the row names one, else
-    the longest run of two or more capitalised words in its question (TOFU's rows have no author
-    column but name the author that way), else the question's first three words."""
-    if row.get("author"):
-        return str(row["author"])
-    question = str(row["question"])
-    runs = re.findall(r"[A-Z][\w'-]*(?:\s+[A-Z][\w'-]*)+", question)
-    if runs:
-        return max(runs, key=lambda r: len(r.split()))
-    return " ".join(question.split()[:3])
+    """:func:`forget_keywords` of one row on its own."""
+    return forget_keywords([row])[0]
 
 
 def probe_rows(retain: list[dict], forget: list[dict], max_rows: int) -> tuple[list[int], list[dict]]:
@@ -36,10 +85,11 @@ def probe_rows(retain: list[dict], forget: list[dict], max_rows: int) -> tuple[l
     if not retain or not forget or max_rows <= 0:
         return [], []
     idx = M.evenly_spaced_indices(len(retain), max_rows)
+    keywords = forget_keywords(forget)
     rows = []
     for k, i in enumerate(idx):
         row = dict(retain[i])
-        row["question"] = f"{forget_keyword(forget[k % len(forget)])} {row['question']}"
+        row["question"] = f"{keywords[k % len(forget)]} {row['question']}"
         rows.append(row)
     return idx, rows
 
