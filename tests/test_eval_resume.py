@@ -135,6 +135,8 @@ def test_stored_splits_belong_to_the_model_revision_and_the_tokenizer(tmp_path):
 
     assert key(model_dir, model_dir) == key(model_dir, model_dir)
     assert key(model_dir, model_dir) != key(model_dir, other)
+    # the evaluation model runs the configured attention backend (another kernel, other rounding)
+    assert key(model_dir, model_dir) != key(model_dir, model_dir, "kernels.attention=torch")
     # a hub id (not cached here): the revision it is loaded at is part of its identity
     assert key("org/not-cached", model_dir, "model.revision=v1") != key("org/not-cached", model_dir,
                                                                         "model.revision=v2")

@@ -45,11 +45,15 @@ def rows_digest(rows: Sequence[dict]) -> str:
 
 def code_digest() -> str:
     """SHA-256 of the code that computes a split's numbers (the evaluators, prompt formatting,
-    batching): a part computed by other code is not reused."""
+    batching, and the model code the evaluation model runs: loading and its attention backends, which
+    reach the kernels): a part computed by other code is not reused."""
     from pipeline.code_digest import code_sha256
 
     pipeline_dir = Path(__file__).resolve().parents[1]
-    return code_sha256(sorted((pipeline_dir / "eval").glob("*.py")) + [pipeline_dir / "data" / f for f in CODE_FILES])
+    models = sorted((pipeline_dir / "models").rglob("*.py"))
+    kernels = sorted((pipeline_dir.parent / "kernels").glob("*.py"))
+    return code_sha256(sorted((pipeline_dir / "eval").glob("*.py")) + [pipeline_dir / "data" / f for f in CODE_FILES]
+                       + models + kernels)
 
 
 
@@ -72,7 +76,7 @@ def parts_key(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, dtype: str
     model = model_fingerprint(model_dir, revision_for(cfg.model, model_dir))
     return json.loads(json.dumps({"schema": KEY_SCHEMA, "model": model, "tokenizer": tokenizer_fingerprint(tokenizer),
                                   "eval": ev, "prompt": prompt, "truth_ratio_reference": truth_ratio_reference,
-                                  "dtype": dtype,
+                                  "dtype": dtype, "attention": str(OmegaConf.select(cfg, "kernels.attention")),
                                   "rouge_stemmer": rouge_stemmer,
                                   "world_size": world_size, "code": code_digest()}, sort_keys=True, default=str))
 
