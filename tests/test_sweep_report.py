@@ -313,3 +313,21 @@ def test_a_point_running_again_after_a_failed_attempt_is_not_reported_failed(fak
     log.write_text(log.read_text() + "[..][pipeline][ERROR] - error (DataError, rank 0): bad row 3\n")
     status = {p.overrides["method.tau"]: (p.status, p.note) for p in sweep.gather(fake_sweep)}
     assert status["5.0"] == ("failed", "train.log: error (DataError, rank 0): bad row 3"), status["5.0"]
+
+
+def test_a_dry_run_of_the_sweep_leaves_no_points_and_no_job_list(fake_sweep):
+    """`-m method.tau=... trainer.dry_run=true` makes a directory per point (.hydra/, a log) and
+    replaces multirun.yaml: its points were listed as missing, and the report expected its jobs."""
+    for tau in ("1.5", "9.0"):
+        d = fake_sweep / f"method.tau={tau},trainer.dry_run=true,trainer.max_steps=2"
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- method.tau={tau}\n- trainer.dry_run=true\n"
+                                                     "- trainer.max_steps=2\n")
+        (d / "train.log").write_text("[..][pipeline.run][INFO] - dry run\n")
+    (fake_sweep / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper\n"
+        "    max_batch_size: null\n    params: null\n  overrides:\n    task:\n"
+        "    - method.tau=1.5,9.0\n    - trainer.dry_run=true\n    - trainer.max_steps=2\n")
+    rep = sweep.build_report(fake_sweep)
+    assert not any("dry_run" in p["name"] for p in rep["points"])
+    assert rep["counts"] == {"total": 7, "ok": 5, "missing": 1, "failed": 1}  # the fixture's points only

@@ -201,9 +201,16 @@ def expected_jobs(root: Path) -> list[list[str]]:
     try:
         from omegaconf import OmegaConf
 
-        return sweep_jobs(OmegaConf.load(path))
+        jobs = sweep_jobs(OmegaConf.load(path))
     except Exception:  # a half-written or foreign file: the report still lists what it finds
         return []
+    # a dry run of the sweep (`-m ... trainer.dry_run=true`) replaced the real sweep's file: its jobs
+    # ran nothing, and the real sweep's job list is unknown now (its directories are still read)
+    return [] if any(_is_dry_run(_override_dict(job)) for job in jobs) else jobs
+
+
+def _is_dry_run(overrides: dict[str, str]) -> bool:
+    return str(overrides.get("trainer.dry_run", "")).lower() in ("true", "1", "yes")
 
 
 @dataclass
@@ -293,6 +300,8 @@ def gather(sweep_dir: str | Path) -> list[SweepPoint]:
         ov = _read_overrides(d)
         if ov is None:
             ov = parse_override_dirname(d.name)
+        if _is_dry_run(ov) and not (d / RESULTS_FILE).exists():
+            continue  # a dry run's directory (its .hydra/ and log): nothing was meant to run there
         num = next((i for i, job in enumerate(expected) if i not in placed and _override_dict(job) == ov), None)
         if num is not None:
             placed.add(num)
