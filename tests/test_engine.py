@@ -38,7 +38,8 @@ def test_single_process_trains_exports_and_evaluates(tiny):
     root, model_dir, data_dir = tiny
     # kernels.attention=triton on CPU without TRITON_INTERPRET: falls back to sdpa, said in the log and results.json
     out = launch(train_overrides(model_dir, data_dir, root / "runs", "single", steps=3)
-                 + ["method=grad_diff", "kernels.attention=triton"], interpret="0")
+                 + ["method=grad_diff", "kernels.attention=triton", "trainer.lr_scheduler=linear",
+                    "trainer.warmup_ratio=0.67"], interpret="0")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "kernels.attention=triton -> sdpa" in out.stderr and "TRITON_INTERPRET" in out.stderr, out.stderr[-3000:]
     run = root / "runs" / "single"
@@ -52,6 +53,9 @@ def test_single_process_trains_exports_and_evaluates(tiny):
     assert check["max_abs_logit_diff"] <= 1e-5
     hist = json.loads((run / "train_history.json").read_text())
     assert [h["step"] for h in hist] == [1, 2, 3]
+    # the LR each step trained with (2 warm-up steps of 3, then linear decay): lr x [0.5, 1, 1]; logged
+    # after the optimizer step it read the next step's [1, 1, 1/1] (warm-up never showed)
+    assert [h["lr"] for h in hist] == pytest.approx([5e-4, 1e-3, 1e-3])
     res = json.loads((run / "results.json").read_text())
     assert res["method"] == "grad_diff" and "retain_fact_recall" in res["metrics"]
     assert res["precision"] == {"training": "fp32", "weights": "float32", "device": "cpu"}

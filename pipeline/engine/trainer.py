@@ -310,6 +310,8 @@ class UnlearningTrainer:
             # between iterations) falls on an optimizer-step boundary: no half-accumulated gradient is lost.
             step = self.state.step
             t_step = time.perf_counter()  # the step's wall time: batches, forward/backward, optimizer step
+            # the LR this step trains with: engine.step() below advances the scheduler to the next one
+            step_lr = float(self.engine.get_lr()[0]) if hasattr(self.engine, "get_lr") else float("nan")
             bad, bad_batch, micro_logs = None, None, []
             for k, batch in enumerate(self.step_batches(step, ga)):
                 out = self.method.compute_loss(self.engine, self.reference, batch)
@@ -338,7 +340,7 @@ class UnlearningTrainer:
             if bad is None:  # a skipped step has no losses to log (results.json lists it in skipped_steps)
                 logs = mean_over_ranks({key: sum(m[key] for m in micro_logs) / len(micro_logs)
                                         for key in micro_logs[0]})
-                logs["lr"] = float(self.engine.get_lr()[0]) if hasattr(self.engine, "get_lr") else float("nan")
+                logs["lr"] = step_lr
                 self.state.history.append({"step": self.state.step, **logs, "step_seconds": step_seconds})
                 if bar is not None:
                     # refresh=False: the update below redraws it, at the bar's own interval (30 s into a
