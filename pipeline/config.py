@@ -401,6 +401,12 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _require(cfg.model.source != "synthetic" or not cfg.model.tokenizer_path, "model.tokenizer_path",
              f"set to {cfg.model.tokenizer_path!r}, but model.source=synthetic uses the embedded tokenizer")
     _validate_deepspeed(cfg.deepspeed)
+    # ZeRO-1/2 reduce the gradients into their own buffers and drop p.grad, so the skip's gradient
+    # check sees none, and DeepSpeed's bf16 stage-1/2 step applies a non-finite update (ZeRO-3 and
+    # stage 0 are checked: tests/test_zero_stage.py)
+    _require(cfg.trainer.nan_policy != "skip" or cfg.deepspeed.zero_stage not in (1, 2), "trainer.nan_policy",
+             f"nan_policy=skip needs deepspeed.zero_stage auto, 0 or 3 (got {cfg.deepspeed.zero_stage}): at stage 1/2 "
+             "a non-finite gradient is not seen before the update")
     _choice(cfg, "kernels.attention", ("auto", "sdpa", "torch", "triton", "flash_attn"))
     _choice(cfg, "kernels.kl", ("naive", "fused"))
     _choice(cfg, "logging.wandb_mode", ("auto", "offline", "online", "disabled"))
@@ -441,6 +447,10 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
              "full cached rows only (set method.cache_topk=0 or kernels.kl=naive)")
 
 
+# DeepSpeed config keys the pipeline derives from its own settings (deepspeed.extra may not set them)
+EXTRA_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
 def _validate_deepspeed(ds: DictConfig) -> None:
     """The ``deepspeed`` group: values, and the offload settings DeepSpeed would not honour as asked."""
     _require(ds.precision in ("auto", "fp32", "bf16", "fp16"), "deepspeed.precision",
@@ -460,6 +470,17 @@ def _validate_deepspeed(ds: DictConfig) -> None:
              "DeepSpeed offloads parameters only in ZeRO-3")
     _require(ds.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold",
              f"must be >= 0, got {ds.param_persistence_threshold}")
+    extra = OmegaConf.to_container(ds.extra, resolve=True) if OmegaConf.is_config(ds.extra) else (ds.extra or {})
+    zero = extra.get("zero_optimization") if isinstance(extra, dict) else None
+    # the pipeline decides these itself and reports them (log, results.json, checkpoint meta, the frozen
+    # model's engine, the trainer's accumulation): merged in from deepspeed.extra, DeepSpeed would run
+    # another stage or batch than every one of those says (a stage 3 on a run planned as stage 0
+    # trained, then failed at its export)
+    owned = [f"deepspeed.extra.{k}" for k in EXTRA_OWNED_KEYS if isinstance(extra, dict) and k in extra]
+    owned += ["deepspeed.extra.zero_optimization.stage"] if isinstance(zero, dict) and "stage" in zero else []
+    _require(not owned, owned[0] if owned else "deepspeed.extra",
+             "set by the pipeline from deepspeed.zero_stage and trainer.batch_size / grad_accum / effective_batch; "
+             "set those instead")
 
 
 EVAL_DTYPES = ("auto", "float32", "bfloat16", "float16")

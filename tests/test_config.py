@@ -277,3 +277,23 @@ def test_method_group_options_are_the_method_configs_only():
         options = GlobalHydra.instance().config_loader().get_group_options("method")
     yamls = sorted(p.stem for p in Path(CONF, "method").glob("*.yaml"))
     assert options == yamls
+
+
+@pytest.mark.parametrize("override,key", [
+    ("+deepspeed.extra={zero_optimization:{stage:3}}", "deepspeed.extra.zero_optimization.stage"),
+    ("+deepspeed.extra={gradient_accumulation_steps:4}", "deepspeed.extra.gradient_accumulation_steps"),
+    ("+deepspeed.extra={train_micro_batch_size_per_gpu:2}", "deepspeed.extra.train_micro_batch_size_per_gpu"),
+])
+def test_deepspeed_extra_may_not_set_what_the_pipeline_derives(override, key):
+    """A stage or batch merged in from deepspeed.extra ran while the log, results.json and checkpoint
+    meta said another (a stage 3 on a run planned as stage 0 trained, then failed at its export)."""
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        validate(_compose([override]))
+    validate(_compose(["+deepspeed.extra={zero_optimization:{stage3_max_live_parameters:100000000}}"]))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_nan_skip_is_refused_where_the_gradient_check_cannot_see_the_gradients(stage):
+    with pytest.raises(ConfigError, match="trainer.nan_policy"):
+        validate(_compose(["trainer.nan_policy=skip", f"deepspeed.zero_stage={stage}"]))
+    validate(_compose(["trainer.nan_policy=skip", "deepspeed.zero_stage=3"]))
