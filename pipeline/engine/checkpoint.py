@@ -209,7 +209,21 @@ def resume_target(mode: str, root: str | Path) -> Optional[Path]:
         log.info("trainer.resume=%s: this run has checkpoints of its own since (an earlier attempt started from "
                  "that path); resuming from its newest, %s", mode, own)
         return own
+    if own is not None and own.resolve() != path.resolve() and _rolled_back_to(own) == path.name:
+        # a path of this very run (a rollback): an earlier attempt rolled back there and trained on, and
+        # its checkpoints say so; a requeue with the same command continues from the newest instead of
+        # rolling back again (and failing for good once keep_checkpoints pruned the path)
+        log.info("trainer.resume=%s: this run rolled back there and has trained on since; resuming from its "
+                 "newest, %s", mode, own)
+        return own
     return path
+
+
+def _rolled_back_to(ckpt: Path) -> Optional[str]:
+    try:
+        return read_meta(ckpt).get(ROLLED_BACK)
+    except (OSError, ValueError):
+        return None
 
 
 def check_resume(mode: str, root: str | Path, allow_pickle: bool) -> Optional[Path]:
@@ -228,6 +242,11 @@ def check_resume(mode: str, root: str | Path, allow_pickle: bool) -> Optional[Pa
             f"(torch.load with weights_only=False), which runs any code they hold. If you trust where it came "
             f"from, set model.allow_pickle=true", every_rank=True)
     return path
+
+
+# Meta field of checkpoints trained on after ``trainer.resume=<a checkpoint of this run>``: that
+# checkpoint's name (resume_target: a requeue does not roll back again). Not compared on resume.
+ROLLED_BACK = "rolled_back_to"
 
 
 def read_meta(ckpt: str | Path) -> dict:
@@ -257,7 +276,7 @@ def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
     unknown.discard("training.draws")  # absent from every checkpoint written before it: compared even there
     saved = {**{k: v for k, v in META_DEFAULTS.items() if k in current}, **saved}
     diffs = [k for k in sorted(set(saved) | set(current))
-             if k not in ("step", "tag") and k not in unknown and saved.get(k) != current.get(k)]
+             if k not in ("step", "tag", ROLLED_BACK) and k not in unknown and saved.get(k) != current.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: checkpoint={saved.get(k)!r} now={current.get(k)!r}" for k in diffs)
         hint = (f" To resume it, set deepspeed.zero_stage={saved['zero_stage']}."

@@ -248,7 +248,14 @@ class UnlearningTrainer:
         path = ckpt.check_resume(str(self.cfg.trainer.resume), self.ckpt_root, bool(self.cfg.model.allow_pickle))
         if path is None:
             return
-        ckpt.check_compatible(ckpt.read_meta(path), self.ckpt_meta, path)
+        saved = ckpt.read_meta(path)
+        ckpt.check_compatible(saved, self.ckpt_meta, path)
+        mode = str(self.cfg.trainer.resume)
+        if mode not in ("auto", "never") and path.resolve() == Path(mode).resolve() and \
+                path.resolve().is_relative_to(Path(self.ckpt_root).resolve()):
+            self.ckpt_meta = {**self.ckpt_meta, ckpt.ROLLED_BACK: path.name}  # a rollback within this run
+        elif saved.get(ckpt.ROLLED_BACK):
+            self.ckpt_meta = {**self.ckpt_meta, ckpt.ROLLED_BACK: saved[ckpt.ROLLED_BACK]}  # still that rollback's
         client = ckpt.load_checkpoint(self.engine, path, strict=not self.lora)
         self.state.step = int(client.get("step", 0))
         self.state.skipped = list(client.get("skipped", []))

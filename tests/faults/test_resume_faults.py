@@ -293,3 +293,24 @@ def test_another_runs_checkpoint_needs_allow_pickle_and_a_damaged_one_is_one_lin
     assert broken.returncode == 2 and "Traceback" not in broken.stderr, broken.stderr[-3000:]
     last = broken.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error (CheckpointError, rank 0): checkpoint {damaged} cannot be read"), last
+
+
+@pytest.mark.distributed
+def test_a_requeued_rollback_within_the_run_continues_from_what_it_trained_since(tmp_path):
+    """trainer.resume=<a checkpoint of this run> (a rollback): the first attempt rolls back there; its
+    checkpoints record it, so a requeue (the same command) continues from the newest instead of
+    rolling back again each time (and failing for good once keep_checkpoints pruned the path)."""
+    from tests.helpers import launch
+
+    model_dir, data_dir = build(tmp_path)
+    ckpts = tmp_path / "runs" / "rb" / "checkpoints"
+    args = train_overrides(model_dir, data_dir, tmp_path / "runs", "rb", steps=8) + [
+        "method=grad_diff", "eval.enabled=false", "trainer.save_every=2", "trainer.keep_checkpoints=2"]
+    first = launch.run(args, ASU_INJECT="kill_after_save@6")  # preempted after step 6's checkpoint
+    assert first.returncode != 0 and (ckpts / "step_00000006").exists()
+    rollback = args + [f"trainer.resume={ckpts / 'step_00000004'}"]
+    second = launch.run(rollback, ASU_INJECT="kill_after_save@6")  # rolls back to 4, preempted after 6 again
+    assert "resumed from" in second.stderr and "step_00000004 at step 4/8" in second.stderr, second.stderr[-3000:]
+    third = launch.run(rollback)  # the requeue: same command
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "step_00000006 at step 6/8" in third.stderr and "rolled back there" in third.stderr, third.stderr[-3000:]
