@@ -85,10 +85,12 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
     tag = _tag(step)
     final = root / tag
     partial_tag = tag + PARTIAL
+    aside = root / (REPLACED + tag)
     if is_main_process():
         root.mkdir(parents=True, exist_ok=True)
         if (root / partial_tag).exists():
             shutil.rmtree(root / partial_tag)
+        _settle_replaced(root)
     barrier()
     _check_shared(root)
     try:
@@ -109,9 +111,15 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
             atomic_write_text(root / partial_tag / META, json.dumps({**meta, "step": step, "tag": tag}, indent=2,
                                                                 sort_keys=True))
             if final.exists():
-                shutil.rmtree(final)
+                # the same step saved again (a resume at the last step, resume=never in a used run): the
+                # published one moves aside, not away, until the new one is in place (latest_checkpoint
+                # reads it there meanwhile: a kill in between leaves a complete checkpoint)
+                if aside.exists():
+                    shutil.rmtree(aside)
+                os.replace(final, aside)
             os.replace(root / partial_tag, final)
             atomic_write_text(root / "latest", tag)  # written last: readers only ever see complete checkpoints
+            shutil.rmtree(aside, ignore_errors=True)
             _prune(root, keep, step)
     except (OSError, RuntimeError) as exc:  # disk full (torch.save raises RuntimeError), quota, permissions
         if is_main_process():  # the shared directory is rank 0's: others may still be writing into it
@@ -119,6 +127,7 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
             ptr = root / "latest"
             if final.exists() and not (ptr.exists() and ptr.read_text().strip() == tag):
                 shutil.rmtree(final, ignore_errors=True)  # renamed but never published: not a checkpoint
+            _settle_replaced(root)  # the earlier save of this step, if it was moved aside, comes back
         prev = latest_checkpoint(root)
         cause = (f"another rank failed while writing it (that rank's error says why; here: {exc})" if _peer_gone(exc)
                  else f"{exc}{_disk_full_note(root, prev, str(exc))}")
@@ -179,16 +188,35 @@ def _prune(root: Path, keep: int, step: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+# Prefix of a published checkpoint moved aside while the same step is saved again (save_checkpoint).
+REPLACED = ".replaced-"
+
+
+def _settle_replaced(root: Path) -> None:
+    """Rank 0: a checkpoint moved aside by a save that did not finish goes back where it was; one whose
+    step was published again since is removed."""
+    for old in root.glob(REPLACED + "step_*"):
+        final = root / old.name[len(REPLACED):]
+        if (final / META).exists():
+            shutil.rmtree(old, ignore_errors=True)
+        elif (old / META).exists():
+            if final.exists():
+                shutil.rmtree(final, ignore_errors=True)
+            os.replace(old, final)
+
+
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
-    """The newest *complete* checkpoint (``latest`` pointer, else a scan), or None."""
+    """The newest *complete* checkpoint (``latest`` pointer, else a scan), or None. A published
+    checkpoint moved aside by a save of its step cut off midway (:data:`REPLACED`) still counts."""
     root = Path(root)
     if not root.exists():
         return None
     ptr = root / "latest"
     if ptr.exists():
-        cand = root / ptr.read_text().strip()
-        if (cand / META).exists():
-            return cand
+        name = ptr.read_text().strip()
+        for cand in (root / name, root / (REPLACED + name)):
+            if (cand / META).exists():
+                return cand
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL) and (p / META).exists())
     return done[-1] if done else None
 

@@ -314,3 +314,25 @@ def test_a_requeued_rollback_within_the_run_continues_from_what_it_trained_since
     third = launch.run(rollback)  # the requeue: same command
     assert third.returncode == 0, third.stderr[-3000:]
     assert "step_00000006 at step 6/8" in third.stderr and "rolled back there" in third.stderr, third.stderr[-3000:]
+
+
+def test_a_checkpoint_moved_aside_by_a_cut_off_save_of_its_step_still_counts_and_comes_back(tmp_path):
+    """Saving a published step again moves the old one aside until the new one is in place (it was
+    deleted first: a kill in between left the run without the checkpoint `latest` names, and with
+    keep_checkpoints=1 without any)."""
+    import json as _json
+
+    from pipeline.engine import checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    aside = root / (ckpt.REPLACED + "step_00000004")
+    aside.mkdir(parents=True)
+    (aside / ckpt.META).write_text(_json.dumps({"step": 4}))
+    (root / "latest").write_text("step_00000004")
+    assert ckpt.latest_checkpoint(root) == aside  # killed between moving it aside and the new one's rename
+    ckpt._settle_replaced(root)  # the next save, first thing
+    assert ckpt.latest_checkpoint(root) == root / "step_00000004" and not aside.exists()
+    aside.mkdir()  # the new save was published, the old one not yet removed: it goes
+    (aside / ckpt.META).write_text(_json.dumps({"step": 4}))
+    ckpt._settle_replaced(root)
+    assert not aside.exists() and (root / "step_00000004" / ckpt.META).exists()
