@@ -265,3 +265,29 @@ def test_two_nodes_match_one_node(tiny):
     _same_run(runs / "slurm_2n", runs / "one_node")
     print(f"\n1 node x 2 ranks {t_ref - t0:.1f}s; torchrun 2 nodes {t_tr - t_ref:.1f}s; "
           f"SLURM env 2 nodes, kill + resume {time.time() - t_tr:.1f}s")
+
+
+def test_a_cpu_accelerator_set_for_a_gpu_less_submit_host_is_decided_again_on_a_gpu_node(clean_env, monkeypatch):
+    """A SLURM sweep submitted from a login node without a GPU: the launcher set DS_ACCELERATOR=cpu there
+    and sbatch exported it into the jobs, which trained on the GPU nodes' CPUs. What we set ourselves is
+    marked and decided again; a DS_ACCELERATOR the user set stays."""
+    import torch
+
+    from pipeline.engine.distributed import setup_environment
+
+    clean_env.pop("DS_ACCELERATOR", None)
+    clean_env.pop("TORCH_EXTENSIONS_DIR", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    setup_environment()  # the login node
+    assert clean_env["DS_ACCELERATOR"] == "cpu"
+    submitted = dict(clean_env)
+    clean_env.clear()
+    clean_env.update({k: v for k, v in submitted.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                      "MASTER_ADDR", "MASTER_PORT", "ASU_AUTO_RANK")})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    setup_environment()  # the GPU node
+    assert "DS_ACCELERATOR" not in clean_env and "TORCH_EXTENSIONS_DIR" not in clean_env
+    clean_env["DS_ACCELERATOR"] = "cpu"  # the user's own choice
+    setup_environment()
+    assert clean_env["DS_ACCELERATOR"] == "cpu"

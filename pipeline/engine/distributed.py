@@ -54,6 +54,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The variables setup_environment set itself for a CPU-only host (comma-separated names), so that a
+# process that inherits them on another host decides again.
+AUTO_SET = "ASU_AUTO_SET"
+
+
 def setup_environment() -> None:
     """Offline/CPU-safe defaults and rank variables for whichever launcher started us."""
     # Safe by default: no hub access at run time unless the user opts in with ASU_ALLOW_NETWORK=1. An
@@ -80,9 +85,18 @@ def setup_environment() -> None:
 
     import torch
 
+    # What an earlier process set below for its own CPU-only host is not this host's choice: a sweep
+    # submitted from a GPU-less login node exports its environment into the SLURM jobs (sbatch
+    # --export=ALL), and its DS_ACCELERATOR=cpu trained the GPU nodes' jobs on their CPUs.
+    for k in filter(None, os.environ.pop(AUTO_SET, "").split(",")):
+        os.environ.pop(k, None)
     if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.getcwd(), ".cache", "torch_extensions"))
+        defaults = {"DS_ACCELERATOR": "cpu",
+                    "TORCH_EXTENSIONS_DIR": os.path.join(os.getcwd(), ".cache", "torch_extensions")}
+        mine = [k for k in defaults if k not in os.environ]
+        os.environ.update({k: defaults[k] for k in mine})
+        if mine:
+            os.environ[AUTO_SET] = ",".join(mine)
 
     # srun without a DeepSpeed/torchrun launcher: map SLURM's variables. A RANK we set ourselves for
     # a single process (ASU_AUTO_RANK) may have been exported into the job by sbatch: ignore it.
