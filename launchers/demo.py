@@ -10,19 +10,26 @@
 
 ``--methods`` picks the 2-rank rows (``asu_kl_rna`` is ASU with the RNA add-on, ``asu_kl_lora`` ASU
 with a LoRA student whose frozen base is its teacher). Extra Hydra
-overrides after ``--`` reach every step, e.g. ``python launchers/demo.py -- method.tau=3.0``.
+overrides after ``--`` reach every step and every row, so they must be keys every row's config has,
+e.g. ``python launchers/demo.py -- trainer.max_steps=20``; a method's own key (``method.tau=3.0``) only
+with rows that all have it (``--methods asu_kl``); otherwise the demo stops at once with one line
+naming the row. Training starts afresh on every run (``trainer.resume=never``; a Ctrl-C's stop
+checkpoint is not resumed), and the previous run's ``summary.*`` / ``timings.json`` are removed first.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,9 +41,39 @@ DEFAULT_METHODS = ("asu_kl", "grad_diff", "npo")
 EXTRA_METHODS = ("simnpo", "idk_dpo", "asu_idk", "rmu", "asu_kl_lora")
 
 
+# after a Ctrl-C, how long the children (which got the same SIGINT from the terminal and stop by
+# themselves, a training job after writing a stop checkpoint) may take before they are terminated
+STOP_GRACE_S = 30.0
+EXIT_INTERRUPTED = 130
+# a child's one-line user error (pipeline.messages.error_line), wherever a launcher put it in the line
+ERROR_LINE = re.compile(r"error \([A-Za-z_][\w.]*, rank \d+\): .*")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit code 2 (the project's rule for bad input),
+    not the usage block followed by the message."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error (usage, {self.prog}): {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1 (0 processes or ranks would silently run nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def run(cmds: list[list[str]], env: dict, log_paths: list[Path], echo: str | None = None) -> None:
     """Run ``cmds`` concurrently, each with its output in its log; lines containing ``echo`` are also
-    printed. Any failure stops the demo with the failed command's log tail."""
+    printed. Once all have ended, any failure stops the demo (:func:`report_failures`) with the first
+    failed command's exit code. A Ctrl-C waits for the commands to stop (then ends them), keeps their
+    last log lines and exits 130 with one line."""
     t0 = time.time()
     procs = []
     for cmd, log_path in zip(cmds, log_paths):
@@ -47,21 +84,67 @@ def run(cmds: list[list[str]], env: dict, log_paths: list[Path], echo: str | Non
         pump = threading.Thread(target=_pump, args=(proc, log_path, echo), daemon=True)
         pump.start()
         procs.append((proc, pump, log_path))
-    failed = []
-    for proc, pump, log_path in procs:
-        proc.wait()
+    try:
+        for proc, _, _ in procs:
+            proc.wait()
+    except KeyboardInterrupt:
+        interrupted(procs)
+    for _, pump, _ in procs:
         pump.join()
-        if proc.returncode != 0:
-            failed.append((proc.returncode, log_path))
-    for code, log_path in failed:
-        print("\n".join(log_path.read_text(errors="replace").splitlines()[-40:]), file=sys.stderr)
-        raise SystemExit(f"step failed (exit {code}); full log: {log_path}")
+    report_failures([(proc.returncode, log_path) for proc, _, log_path in procs if proc.returncode != 0])
     shown = [str(p.relative_to(REPO) if p.is_relative_to(REPO) else p) for p in log_paths]
     print(f"  done in {time.time() - t0:.0f}s (log: {', '.join(shown)})", flush=True)
 
 
+def interrupted(procs: list[tuple[subprocess.Popen, threading.Thread, Path]]) -> NoReturn:
+    """Ctrl-C: the children got the SIGINT too and stop by themselves; wait up to :data:`STOP_GRACE_S`
+    for them (a second Ctrl-C: at once), terminate what still runs, let the log pumps write the
+    children's last lines, then one line and exit 130."""
+    deadline = time.monotonic() + STOP_GRACE_S
+    try:
+        for proc, _, _ in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    except KeyboardInterrupt:
+        pass  # pressed again: stop waiting
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up below must not be cut short
+    for proc, _, _ in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc, pump, _ in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        pump.join(timeout=10)
+    logs = ", ".join(str(p) for _, _, p in procs)
+    print(f"interrupted (Ctrl-C): the demo stopped; nothing resumes from this run (training starts afresh "
+          f"next time); log: {logs}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def report_failures(failed: list[tuple[int, Path]]) -> None:
+    """Report every failed command, then exit with the first one's code (a signal's as 128 + its
+    number). A bad-input failure (exit 2) shows only the child's own error line(s) from its log;
+    any other failure its log's tail and where the whole log is."""
+    for code, log_path in failed:
+        lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+        errors = list(dict.fromkeys(m.group(0) for m in map(ERROR_LINE.search, lines) if m)) if code == 2 else []
+        if errors:  # one line per distinct error (ranks that met the same one say it once)
+            print("\n".join(errors), file=sys.stderr, flush=True)
+        else:
+            print("\n".join(lines[-40:]), file=sys.stderr)
+            print(f"step failed (exit {code}); full log: {log_path}", file=sys.stderr, flush=True)
+    if failed:
+        code = failed[0][0]
+        sys.exit(128 - code if code < 0 else code)
+
+
 def _pump(proc: subprocess.Popen, log_path: Path, echo: str | None) -> None:
-    with open(log_path, "w") as log:
+    with open(log_path, "w", buffering=1) as log:  # line-buffered: the log can be followed while a step runs
         for line in proc.stdout:
             log.write(line)
             if echo and echo in line:
@@ -88,8 +171,32 @@ def launcher(ranks: int, port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port)]
 
 
+def zero_words(ranks: int, overrides: list[str]) -> str:
+    """What DeepSpeed runs on ``ranks`` ranks (``deepspeed.zero_stage=auto``: ZeRO-3 on several ranks,
+    stage 0 on one; an override after ``--`` wins), for the step headings."""
+    from pipeline.engine.zero_stage import choose_zero_stage
+
+    given = {k: v for k, _, v in (o.lstrip("+").partition("=") for o in overrides)}
+    try:
+        stage = choose_zero_stage(given.get("deepspeed.zero_stage", "auto"), ranks,
+                                  given.get("deepspeed.offload_optimizer", "none"),
+                                  given.get("deepspeed.offload_param", "none")).stage
+    except ValueError:  # not a stage number: the job's own config check reports it
+        return f"deepspeed.zero_stage={given['deepspeed.zero_stage']}"
+    return "DeepSpeed ZeRO-3" if stage == 3 else f"DeepSpeed ZeRO stage {stage}"
+
+
+def clear_stale(out: Path, names: tuple[str, ...] = ("summary.md", "summary.json", "timings.json")) -> None:
+    """Remove the previous run's summary files from ``out`` (and its ``logs/timings_*.json``): a run
+    that fails must not leave an earlier run's table looking like its own."""
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+    for f in (out / "logs").glob("timings*.json"):
+        f.unlink()
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help="rows unlearned in the multi-rank ZeRO-3 launch (after the target/retain evaluations)")
     ap.add_argument("--extra-methods", default="",
@@ -97,22 +204,30 @@ def main() -> None:
                          "global batch, --procs of them at a time")
     ap.add_argument("--all", action="store_true",
                     help=f"add the registry's other TOFU-style methods as extra rows ({', '.join(EXTRA_METHODS)})")
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--procs", type=int, default=2, help="concurrent single-rank processes for --extra-methods")
+    ap.add_argument("--ranks", type=at_least_one, default=2)
+    ap.add_argument("--procs", type=at_least_one, default=2, help="concurrent single-rank processes for --extra-methods")
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--port", type=int, default=29533)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every step (after --)")
     args = ap.parse_args()
 
-    env = child_env()
-    out = Path(args.out)
-    logs = REPO / out / "logs"
-    t0 = time.time()
-    common = ["+exp=tofu_tiny", f"output_dir={out.parent}", *args.overrides]
-    demo = out.name
+    from pipeline.demo import check_rows
+
     methods = [m for m in args.methods.split(",") if m]
     extra = [m for m in args.extra_methods.split(",") if m]
     extra += [m for m in EXTRA_METHODS if args.all and m not in extra]
+    try:  # a misspelt row fails here, before minutes of preparing
+        check_rows([*methods, *extra], REPO / "conf")
+    except ValueError as exc:
+        ap.error(f"--methods/--extra-methods: {exc}")
+
+    env = child_env()
+    out = Path(args.out)
+    logs = REPO / out / "logs"
+    clear_stale(REPO / out)
+    t0 = time.time()
+    common = ["+exp=tofu_tiny", f"output_dir={out.parent}", *args.overrides]
+    demo = out.name
 
     steps = 2 + bool(extra)
     print(f"== 1/{steps} benchmark and models (cached after the first run)", flush=True)
@@ -121,7 +236,7 @@ def main() -> None:
     # With two or more single-rank processes for extra rows, the two reference evaluations (the
     # target before unlearning, the retain model = gold standard) ride along with them.
     refs = "" if args.procs >= 2 and len(extra) >= 2 else "target,retain"
-    print(f"== 2/{steps} on {args.ranks} CPU rank(s), DeepSpeed ZeRO-3, one launch: "
+    print(f"== 2/{steps} on {args.ranks} CPU rank(s), {zero_words(args.ranks, args.overrides)}, one launch: "
           f"{'evaluate the target and retain models, then ' if refs else ''}unlearn with "
           f"{', '.join(methods) or 'nothing'}", flush=True)
     timing_files = [out / "logs" / "timings_main.json"]
@@ -164,4 +279,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # between steps (run() handles one during a step)
+        print("interrupted (Ctrl-C): the demo stopped", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)

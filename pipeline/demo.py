@@ -26,6 +26,12 @@ class DemoJob:
     overrides: tuple[str, ...]
 
 
+# Demo training starts afresh every time (trainer.tiny saves no checkpoints, save_every=0): a Ctrl-C's
+# stop checkpoint would otherwise be resumed by every later demo, mixing old and new code's steps or
+# refusing changed settings. Goes before the user's overrides, so ``-- trainer.resume=auto`` still resumes.
+TRAIN_DEFAULTS = ("trainer.resume=never",)
+
+
 # Rows that are a method plus model/trainer settings rather than a method config of their own:
 # name -> (method, extra overrides). asu_kl_lora: ASU with a LoRA student (model.peft defaults, r=8 on
 # every projection) whose frozen base is its own teacher; LoRA moves less per step than full
@@ -38,6 +44,20 @@ ROW_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
 def method_choice(name: str, conf_dir: Path) -> str:
     """The method config for ``name``: ``<name>_tiny`` when the embedded benchmark has tuned values."""
     return f"{name}_tiny" if (conf_dir / "method" / f"{name}_tiny.yaml").exists() else name
+
+
+def row_names(conf_dir: Path) -> list[str]:
+    """Every name ``--methods`` accepts: the method configs (``<name>_tiny`` as ``<name>``) and :data:`ROW_VARIANTS`."""
+    stems = {p.stem.removesuffix("_tiny") for p in (conf_dir / "method").glob("*.yaml")}
+    return sorted(stems | set(ROW_VARIANTS))
+
+
+def check_rows(names: list[str], conf_dir: Path) -> None:
+    """Refuse unknown row names before anything runs (Hydra would only fail inside the launch)."""
+    bad = [n for n in names if n not in row_names(conf_dir)]
+    if bad:
+        raise ValueError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(row_names(conf_dir))} "
+                         f"(conf/method/<name>.yaml)")
 
 
 def plan_jobs(methods: list[str], demo_name: str, conf_dir: Path,
@@ -55,16 +75,24 @@ def plan_jobs(methods: list[str], demo_name: str, conf_dir: Path,
 
 
 def compose_job(conf_dir: Path, common: list[str], job: DemoJob) -> DictConfig:
-    """Compose ``config`` with the common overrides then the job's own (later ones win)."""
+    """Compose ``config`` with a train job's :data:`TRAIN_DEFAULTS`, the common overrides, then the
+    job's own (later ones win). An override the job's config cannot take (``method.tau`` for a method
+    without a tau, an unknown method) is a :class:`ConfigError` naming the row, i.e. one line, exit 2."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from pipeline.config import register_configs
+    from pipeline.config import ConfigError, register_configs
+    from pipeline.hydra_errors import COMPOSE_ERRORS, compose_error_line
 
     register_configs()
     if not GlobalHydra.instance().is_initialized():
         initialize_config_dir(config_dir=str(conf_dir), version_base="1.3")
-    return compose(config_name="config", overrides=[*common, *job.overrides])
+    first = TRAIN_DEFAULTS if job.kind == "train" else ()
+    try:
+        return compose(config_name="config", overrides=[*first, *common, *job.overrides])
+    except COMPOSE_ERRORS as exc:
+        raise ConfigError(f"demo row {job.name}: {compose_error_line(exc)} (overrides after -- reach every row; "
+                          f"run that one alone with --methods)") from None
 
 
 def demo_job(conf_dir: Path, common: list[str], jobs: list[DemoJob], batch_scale: int = 1) -> list[dict]:
@@ -91,7 +119,9 @@ def demo_job(conf_dir: Path, common: list[str], jobs: list[DemoJob], batch_scale
         run_dir = Path(cfg.output_dir) / str(cfg.run_name)
         t0 = time.time()
         if is_main_process():
-            print(f"[demo] {i}/{len(jobs)} {job.kind} {job.name} -> {run_dir}", flush=True)
+            # says whether training starts afresh (TRAIN_DEFAULTS) or resumes an earlier checkpoint
+            how = f" (trainer.resume={cfg.trainer.resume})" if job.kind == "train" else ""
+            print(f"[demo] {i}/{len(jobs)} {job.kind} {job.name} -> {run_dir}{how}", flush=True)
         (eval_job if job.kind == "eval" else train_job)(cfg, run_dir)
         dt = time.time() - t0
         timings.append({"name": job.name, "kind": job.kind, "seconds": round(dt, 1)})

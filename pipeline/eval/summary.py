@@ -24,6 +24,36 @@ def load_results(run_dir: Path) -> Optional[dict]:
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def eval_settings(run_dir: Path) -> Optional[dict]:
+    """What makes two runs' rows comparable: ``results.json``'s evaluation record (generation
+    length, rows scored per split, truth-ratio reference, dtype; not which splits were reused) and,
+    where the run wrote a ``config.yaml`` (training runs do, evaluation-only runs do not), its
+    ``data`` section. None when the run has no results."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    if results is None:
+        return None
+    data = None
+    if (run_dir / "config.yaml").exists():
+        from omegaconf import OmegaConf
+
+        data = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").get("data") or {}, resolve=False)
+    record = {k: v for k, v in (results.get("evaluation") or {}).items() if k != "reused_splits"}
+    return {"evaluation": record, "data": data}
+
+
+def same_settings(a: Optional[dict], b: Optional[dict]) -> bool:
+    """Two :func:`eval_settings` alike: the same evaluation record, and the same data where both know it."""
+    if a is None or b is None:
+        return False
+    return a["evaluation"] == b["evaluation"] and (a["data"] is None or b["data"] is None or a["data"] == b["data"])
+
+
+def _missing_row(name: str, width: int) -> str:
+    """A row without results, padded to ``width`` cells so the markdown table stays a table."""
+    return "| " + " | ".join([name, "(no results)", *["-"] * (width - 2)]) + " |"
+
+
 def gap_closed(target: float, retain: float, value: float) -> Optional[float]:
     """Share of the target→retain gap that ``value`` closes (1 = as the retain model, 0 = as the target)."""
     if target is None or retain is None or value is None or abs(target - retain) < 1e-12:
@@ -52,7 +82,7 @@ def summarise_demo(root: Path, names: list[str], checked: tuple[str, ...] = ("as
     table = []
     for n, r in rows.items():
         if r is None:
-            lines.append(f"| {n} | (no results) |")
+            lines.append(_missing_row(n, len(header)))
             continue
         m = r["metrics"]
         gc = gap_closed(tgt.get("forget_fact_recall"), ret.get("forget_fact_recall"), m.get("forget_fact_recall"))
@@ -118,7 +148,7 @@ def summarise_real(root: Path, names: list[str], forget_split: str = "forget",
     table, examples = [], []
     for n, r in rows.items():
         if r is None:
-            lines.append(f"| {n} | (no results) |")
+            lines.append(_missing_row(n, len(header)))
             continue
         m = r["metrics"]
         label = "before (as shipped)" if n == "target" else n
