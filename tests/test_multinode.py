@@ -291,3 +291,14 @@ def test_a_cpu_accelerator_set_for_a_gpu_less_submit_host_is_decided_again_on_a_
     clean_env["DS_ACCELERATOR"] = "cpu"  # the user's own choice
     setup_environment()
     assert clean_env["DS_ACCELERATOR"] == "cpu"
+
+
+@pytest.mark.parametrize("nodelist,first", [("node[01-04],gpu7", "node01"), ("gpu[07-09,11],cpu3", "gpu07"),
+                                            ("rack[1-2]-n[01-02]", "rack1-n01"), ("n[1-2]x", "n1x"),
+                                            ("nid[001000,001002]", "nid001000"), ("solo", "solo")])
+def test_the_first_host_of_a_slurm_nodelist_keeps_the_text_around_its_brackets(nodelist, first):
+    """Under the submitit launcher (no MASTER_ADDR exported) ranks rendezvous on this host: text after
+    a bracket was dropped (rack[1-2]-n[01-02] -> rack1, a host that does not exist)."""
+    from pipeline.engine.distributed import _first_slurm_host
+
+    assert _first_slurm_host(nodelist) == first

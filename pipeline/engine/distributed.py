@@ -6,6 +6,7 @@ Must run before ``import deepspeed`` (``DS_ACCELERATOR`` is read at import time)
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -149,13 +150,15 @@ def _slurm_tasks_on_this_node() -> int:
 
 
 def _first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM nodelist such as ``node[01-04],gpu7`` without needing scontrol."""
-    head = nodelist.split(",")[0]
-    if "[" in head:
-        prefix, rest = head.split("[", 1)
-        first = rest.rstrip("]").split(",")[0].split("-")[0]
-        return prefix + first
-    return head
+    """First host of a SLURM nodelist such as ``node[01-04],gpu7`` or ``rack[1-2]-n[01-02]`` (every
+    bracket its first value, the text around them kept) without needing scontrol."""
+    depth, end = 0, len(nodelist)
+    for i, c in enumerate(nodelist):  # the first host group ends at a comma outside brackets
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], nodelist[:end])
 
 
 def skip_shm_comm_build() -> None:
