@@ -69,14 +69,15 @@ def job_key(cfg: DictConfig, world_size: int, inputs: Any) -> dict:
     key.update({"schema": SCHEMA, "world_size": int(world_size), "rows.forget": rows_digest(inputs.data.forget),
                 "rows.retain": rows_digest(inputs.data.retain), "model": model,
                 "tokenizer": tokenizer_fingerprint(inputs.tokenizer), "code": code_digest()})
-    # what the evaluation reads besides the trained model: its splits' rows, and forget quality's
-    # reference (the retain model's files, or the reference file's bytes), each replaceable in place
-    key.update({f"rows.eval.{name}": rows_digest(rows) for name, rows in (inputs.data.eval or {}).items()})
-    if inputs.paths.retain_model:
-        key["eval.retain_model"] = model_fingerprint(inputs.paths.retain_model)
-    reference_file = OmegaConf.select(cfg, "eval.retain_reference", default=None)
-    if reference_file:
-        key["eval.retain_reference"] = _sha256(Path(str(reference_file)).expanduser())
+    # what the evaluation reads besides the trained model (when it runs): its splits' rows, and forget
+    # quality's reference (the retain model's files, or the reference file's bytes), each replaceable in place
+    if OmegaConf.select(cfg, "eval.enabled", default=True):
+        key.update({f"rows.eval.{name}": rows_digest(rows) for name, rows in (inputs.data.eval or {}).items()})
+        if inputs.paths.retain_model:
+            key["eval.retain_model"] = model_fingerprint(inputs.paths.retain_model)
+        reference_file = OmegaConf.select(cfg, "eval.retain_reference", default=None)
+        if reference_file:
+            key["eval.retain_reference"] = _sha256(Path(str(reference_file)).expanduser())
     return json.loads(json.dumps(key, sort_keys=True, default=str))  # as it reads back from the file
 
 

@@ -183,7 +183,7 @@ def test_the_key_covers_the_evaluation_rows_and_forget_qualitys_reference(tmp_pa
     rows = [{"question": "q", "answer": "a"}]
 
     def key(eval_rows, with_reference=True):
-        cfg = OmegaConf.create({"eval": {"retain_reference": str(reference) if with_reference else None}})
+        cfg = OmegaConf.create({"eval": {"enabled": True, "retain_reference": str(reference) if with_reference else None}})
         inputs = SimpleNamespace(paths=SimpleNamespace(model=str(model_dir), retain_model=str(retain_dir)),
                                  data=SimpleNamespace(forget=rows, retain=rows, eval={"world_facts": eval_rows}),
                                  tokenizer=load_tokenizer(model_dir))

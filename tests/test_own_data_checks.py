@@ -189,6 +189,16 @@ def test_json_loader_applies_data_columns(tmp_path):
     assert d.forget == ROWS and d.eval["forget"] == ROWS
 
 
+def test_a_mapped_optional_column_may_be_missing_from_some_splits(tmp_path):
+    """paraphrased_answer / perturbed_answer / facts are optional per split: a mapping for one is applied
+    where a split has the column and not demanded from the others (only question/answer/text are)."""
+    _write(tmp_path, "forget.jsonl", [{**ROWS[0], "para": "Austen wrote it."}])
+    _write(tmp_path, "retain.jsonl", OTHER)
+    d = load_unlearning_data(_cfg(path=str(tmp_path), columns={"paraphrased_answer": "para"},
+                                  eval_splits=["forget", "retain"]))
+    assert d.forget[0]["paraphrased_answer"] == "Austen wrote it." and "paraphrased_answer" not in d.retain[0]
+
+
 # ---------------------------------------------------------------- 7. rows without loss tokens
 
 

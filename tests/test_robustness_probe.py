@@ -71,3 +71,12 @@ def test_tofu_style_rows_give_the_authors_name_not_a_place_or_the_question_words
     assert forget_keywords([{"question": q, "answer": a} for q, a in qa]) == [
         "Basil Mahfouz Al-Kuwaiti", "Basil Mahfouz Al-Kuwaiti", "Moshe Ben-David", "Nikolai Abilov", "Élise Fournier",
         "what did the"]
+
+
+def test_a_possessive_or_a_quoted_title_ends_the_authors_name():
+    from pipeline.eval.robustness import name_runs
+
+    assert name_runs("How does Carmen Montenegro's Chilean background shape her work?") == ["Carmen Montenegro"]
+    assert name_runs("What about Aysha Al-Hashim's 'Love Across Borders'?") == ["Aysha Al-Hashim",
+                                                                               "Love Across Borders"]
+    assert name_runs("Who is the author of 'The Silent Sea'?") == ["Silent Sea"]

@@ -76,15 +76,17 @@ def load_unlearning_data(data_cfg: Any, seed: int = 0, **ctx: Any) -> Unlearning
 def _read_qa_splits(data_cfg: Any, data_dir: str | Path, name: str) -> tuple[list[dict], list[dict], dict]:
     """Forget, retain and eval rows of a directory of ``<split>.jsonl`` files, with the configured
     columns (``data.columns``, then ``data.question_column`` / ``data.answer_column``) renamed to
-    the canonical ones; a configured column a file lacks is a :class:`DataError` naming the key."""
+    the canonical ones; a configured question/answer/text column a file lacks is a :class:`DataError`
+    naming the key (the other columns, e.g. ``paraphrased_answer``, are optional per split)."""
     cols = {k: v for k, v in dict(getattr(data_cfg, "columns", None) or {}).items() if v}
+    required = {f"data.columns.{k}": v for k, v in cols.items() if k in ("question", "answer", "text")}
     q, a = data_cfg.question_column, data_cfg.answer_column
 
     def read(split: str) -> list[dict]:
         rows = load_json_split(data_dir, split, name)
         found = _local_split_file(resolve_data_path(data_dir), None, split)
         where = str(found[0]) if found else f"split {split!r} of {data_dir}"  # the file the rows came from
-        check_configured_columns(rows, {f"data.columns.{k}": v for k, v in cols.items()}, where)
+        check_configured_columns(rows, required, where)
         return map_columns(rename_columns(rows, cols), q, a, where)
 
     return (read(data_cfg.forget_split), read(data_cfg.retain_split), {s: read(s) for s in data_cfg.eval_splits})

@@ -74,7 +74,7 @@ def load_tofu(data_cfg: Any, **_: Any) -> UnlearningData:
 
     def read(subset: str) -> list[dict]:
         rows = load_hf_split(name, hub, subset, TOFU_SPLIT, rev, data_cfg.path)
-        return map_columns(rename_columns(rows, cols), q, a)
+        return map_columns(rename_columns(rows, cols), q, a, f"{hub} subset {subset!r}")
 
     forget = read(data_cfg.forget_split)
     check_columns(forget, QA_COLUMNS, name, data_cfg.forget_split)

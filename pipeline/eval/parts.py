@@ -74,9 +74,17 @@ def parts_key(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, dtype: str
     ev = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k not in NOT_IN_KEY}
     prompt = prompt_settings(cfg)
     model = model_fingerprint(model_dir, revision_for(cfg.model, model_dir))
+    # the backend the evaluation model runs here (kernels.attention=auto is sdpa on one host, another
+    # backend on a GPU host where a measurement picked one)
+    import torch
+
+    from pipeline.models.attention import resolve_backend
+
+    on_gpu = OmegaConf.select(cfg, "eval.device", default="auto") != "cpu" and torch.cuda.is_available()
+    attention = resolve_backend(str(OmegaConf.select(cfg, "kernels.attention")), "cuda" if on_gpu else "cpu").backend
     return json.loads(json.dumps({"schema": KEY_SCHEMA, "model": model, "tokenizer": tokenizer_fingerprint(tokenizer),
                                   "eval": ev, "prompt": prompt, "truth_ratio_reference": truth_ratio_reference,
-                                  "dtype": dtype, "attention": str(OmegaConf.select(cfg, "kernels.attention")),
+                                  "dtype": dtype, "attention": attention,
                                   "rouge_stemmer": rouge_stemmer,
                                   "world_size": world_size, "code": code_digest()}, sort_keys=True, default=str))
 

@@ -25,27 +25,34 @@ Could Would Will Should May Might In On At The A An As For From Of To With By An
 Those His Her Their Its Some Many Mr Mrs Ms Dr""".split())
 
 
+_OPENING = "\"'\u201c\u2018([{"
+_CLOSING = "\"'\u201d\u2019)]},.;:!?"
+
+
 def _emit(words: list[str]) -> list[str]:
-    """A run of capitalised words as a name: leading question/sentence words dropped, a possessive cut
-    from the last word; kept when two or more words are left."""
+    """A run of capitalised words as a name: leading question/sentence words dropped; kept when two or
+    more words are left."""
     while words and words[0] in _NOT_NAMES:
         words = words[1:]
-    if words:
-        words = words[:-1] + [re.sub(r"['\u2019]s$", "", words[-1])]
     return [" ".join(words)] if len(words) >= 2 else []
 
 
 def name_runs(text: str) -> list[str]:
-    """Runs of two or more capitalised words in ``text`` (any script's capitals; punctuation after a
-    word ends its run), in order: the candidate names of a row."""
+    """Runs of two or more capitalised words in ``text`` (any script's capitals), in order: the
+    candidate names of a row. Punctuation or a closing quote after a word, and a possessive 's, end
+    its run; an opening quote starts a new one (a book title is not part of its author's name)."""
     out: list[str] = []
     run: list[str] = []
     for raw in str(text).split():
-        word = raw.strip("\"'\u201c\u201d()[]")
-        core = word.rstrip(",.;:!?")
-        if core[:1].isalpha() and core[:1].isupper():
-            run.append(core)
-            if core != word:  # "Kuwait City," ends there
+        word = raw.lstrip(_OPENING)
+        if word != raw:  # 'The Silent Sea': a title starts here
+            out += _emit(run)
+            run = []
+        core = word.rstrip(_CLOSING)
+        possessive = re.sub(r"['\u2019]s$", "", core)
+        if possessive[:1].isalpha() and possessive[:1].isupper():
+            run.append(possessive)
+            if core != word or possessive != core:  # "Kuwait City," / "Montenegro's" end there
                 out += _emit(run)
                 run = []
         else:

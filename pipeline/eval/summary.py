@@ -38,7 +38,12 @@ def eval_settings(run_dir: Path) -> Optional[dict]:
         from omegaconf import OmegaConf
 
         data = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").get("data") or {}, resolve=False)
-    record = {k: v for k, v in (results.get("evaluation") or {}).items() if k != "reused_splits"}
+    # where and how it ran, not what it measured: the splits reused from an earlier attempt, the
+    # device(s), and whether the retain reference was computed or read from its cache
+    record = {k: v for k, v in (results.get("evaluation") or {}).items()
+              if k not in ("reused_splits", "device", "device_by_rank")}
+    if isinstance(record.get("retain_reference"), dict):
+        record["retain_reference"] = {k: v for k, v in record["retain_reference"].items() if k != "source"}
     return {"evaluation": record, "data": data}
 
 
