@@ -449,6 +449,7 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
 
 # DeepSpeed config keys the pipeline derives from its own settings (deepspeed.extra may not set them)
 EXTRA_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+EXTRA_OWNED_ZERO_KEYS = ("stage", "offload_optimizer", "offload_param")
 
 
 def _validate_deepspeed(ds: DictConfig) -> None:
@@ -477,10 +478,13 @@ def _validate_deepspeed(ds: DictConfig) -> None:
     # another stage or batch than every one of those says (a stage 3 on a run planned as stage 0
     # trained, then failed at its export)
     owned = [f"deepspeed.extra.{k}" for k in EXTRA_OWNED_KEYS if isinstance(extra, dict) and k in extra]
-    owned += ["deepspeed.extra.zero_optimization.stage"] if isinstance(zero, dict) and "stage" in zero else []
+    owned += [f"deepspeed.extra.zero_optimization.{k}" for k in EXTRA_OWNED_ZERO_KEYS
+              if isinstance(zero, dict) and k in zero]
+    owned += [f"deepspeed.extra.{p}.enabled" for p in ("bf16", "fp16")
+              if isinstance(extra, dict) and isinstance(extra.get(p), dict) and "enabled" in extra[p]]
     _require(not owned, owned[0] if owned else "deepspeed.extra",
-             "set by the pipeline from deepspeed.zero_stage and trainer.batch_size / grad_accum / effective_batch; "
-             "set those instead")
+             "set by the pipeline from deepspeed.zero_stage / precision / offload_optimizer / offload_param and "
+             "trainer.batch_size / grad_accum / effective_batch; set those instead")
 
 
 EVAL_DTYPES = ("auto", "float32", "bfloat16", "float16")

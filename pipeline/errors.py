@@ -32,8 +32,9 @@ class SweepJobFailed(RuntimeError):
     launcher learns of it (an exit leaves submitit no result to read)."""
 
 
-# errors every rank of a node meets alike, from the same config, data, model files and checkpoint meta
-SAME_ON_EVERY_RANK = (ConfigError, DataError, PromptFormatError, ModelLoadError)
+# errors every rank of a node meets alike, from the same config, data, model files, checkpoint meta and
+# installed packages (an attention backend or input the model needs)
+SAME_ON_EVERY_RANK = (ConfigError, DataError, PromptFormatError, ModelLoadError, AttentionBackendError)
 # how long another rank waits for the launcher to end it once rank 0 has reported the same error:
 # deepspeed's launch.py polls its ranks each second, torchrun's agent every 0.1 s
 SPOKEN_FOR_S = 5.0

@@ -283,6 +283,9 @@ def test_method_group_options_are_the_method_configs_only():
     ("+deepspeed.extra={zero_optimization:{stage:3}}", "deepspeed.extra.zero_optimization.stage"),
     ("+deepspeed.extra={gradient_accumulation_steps:4}", "deepspeed.extra.gradient_accumulation_steps"),
     ("+deepspeed.extra={train_micro_batch_size_per_gpu:2}", "deepspeed.extra.train_micro_batch_size_per_gpu"),
+    ("+deepspeed.extra={bf16:{enabled:true}}", "deepspeed.extra.bf16.enabled"),
+    ("+deepspeed.extra={zero_optimization:{offload_optimizer:{device:cpu}}}",
+     "deepspeed.extra.zero_optimization.offload_optimizer"),
 ])
 def test_deepspeed_extra_may_not_set_what_the_pipeline_derives(override, key):
     """A stage or batch merged in from deepspeed.extra ran while the log, results.json and checkpoint
