@@ -94,7 +94,7 @@ def _outputs(run_dir: Path) -> dict:
 
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
     model_dir, adapter_dir = run_dir / "model", run_dir / "adapter"
-    out = {"checkpoint": latest.name if latest is not None else None,
+    out = {"checkpoint": ckpt.checkpoint_name(latest) if latest is not None else None,
            "model": model_fingerprint(model_dir)["files"] if model_dir.is_dir() else None,
            "results_sha256": _sha256(run_dir / "results.json")}
     # a LoRA run's adapter/ (results.json points to it): a deleted one is not "unchanged" (None elsewhere,

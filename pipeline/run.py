@@ -21,7 +21,7 @@ from pipeline.config import validate
 from pipeline.config_base import require
 from pipeline.describe import method_line, trainable_set
 from pipeline.dry_run import dry_run
-from pipeline.engine.checkpoint import check_compatible, check_resume, read_meta
+from pipeline.engine.checkpoint import check_compatible, check_resume, checkpoint_name, read_meta
 from pipeline.engine.ds_config import gather_per_layer, reference_config, resolve_precision, student_config
 from pipeline.finished import finished_results, job_key, record_finished
 from pipeline.inputs import (
@@ -632,7 +632,8 @@ def _exported_already(run_dir: Path, model_dir: Path, trainer: Any) -> bool:
             rec = json.loads((run_dir / EXPORTED_FROM).read_text())
         except (OSError, ValueError):
             rec = None
-        same = model_dir.is_dir() and rec == {"checkpoint": trainer.resumed_from.name, "step": trainer.state.step}
+        same = model_dir.is_dir() and rec == {"checkpoint": checkpoint_name(trainer.resumed_from),
+                                              "step": trainer.state.step}
     return bool(broadcast_object(same))
 
 
@@ -650,7 +651,7 @@ def _export(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir: Pa
     if _exported_already(run_dir, model_dir, trainer):
         if is_main_process():
             log.info("%s is the export of checkpoint %s, written by an earlier attempt, and nothing was trained "
-                     "since: not exported again", model_dir, trainer.resumed_from.name)
+                     "since: not exported again", model_dir, checkpoint_name(trainer.resumed_from))
         return model_dir
     if engines.lora:
         from pipeline.engine.export_peft import export_lora
@@ -664,7 +665,7 @@ def _export(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir: Pa
     if is_main_process():
         latest = ckpt.latest_checkpoint(trainer.ckpt_root)
         at_this_step = latest is not None and ckpt.read_meta(latest).get("step") == trainer.state.step
-        atomic_write_json(run_dir / EXPORTED_FROM, {"checkpoint": latest.name if at_this_step else None,
+        atomic_write_json(run_dir / EXPORTED_FROM, {"checkpoint": checkpoint_name(latest) if at_this_step else None,
                                                     "step": trainer.state.step})
     return model_dir
 

@@ -4,6 +4,8 @@ Layout under ``<run_dir>/checkpoints``::
 
     step_00000040/          complete checkpoint (DeepSpeed shards + meta.json)
     step_00000080.partial/  being written; never read
+    .replaced-step_00000040/  a published checkpoint moved aside while its step is saved again
+                            (read in its place if that save was cut off; the next save tidies it)
     latest                  name of the newest complete checkpoint, written last (atomic rename)
 
 DeepSpeed writes the shards of every rank into ``<tag>.partial``; only after all ranks finished
@@ -90,8 +92,9 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
         root.mkdir(parents=True, exist_ok=True)
         if (root / partial_tag).exists():
             shutil.rmtree(root / partial_tag)
-        _settle_replaced(root)
+        _settle_replaced(root, quiet=True)
     barrier()
+    renamed = False  # whether this save put a new directory at ``final`` (only that one is undone on failure)
     _check_shared(root)
     try:
         with _frozen_left_out(engine.module) if exclude_frozen else contextlib.nullcontext():
@@ -118,6 +121,7 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
                     shutil.rmtree(aside)
                 os.replace(final, aside)
             os.replace(root / partial_tag, final)
+            renamed = True
             atomic_write_text(root / "latest", tag)  # written last: readers only ever see complete checkpoints
             shutil.rmtree(aside, ignore_errors=True)
             _prune(root, keep, step)
@@ -125,9 +129,9 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
         if is_main_process():  # the shared directory is rank 0's: others may still be writing into it
             shutil.rmtree(root / partial_tag, ignore_errors=True)
             ptr = root / "latest"
-            if final.exists() and not (ptr.exists() and ptr.read_text().strip() == tag):
+            if renamed and not (ptr.exists() and ptr.read_text().strip() == tag):
                 shutil.rmtree(final, ignore_errors=True)  # renamed but never published: not a checkpoint
-            _settle_replaced(root)  # the earlier save of this step, if it was moved aside, comes back
+            _settle_replaced(root, quiet=True)  # the earlier save of this step, if moved aside, comes back
         prev = latest_checkpoint(root)
         cause = (f"another rank failed while writing it (that rank's error says why; here: {exc})" if _peer_gone(exc)
                  else f"{exc}{_disk_full_note(root, prev, str(exc))}")
@@ -192,17 +196,29 @@ def _prune(root: Path, keep: int, step: int) -> None:
 REPLACED = ".replaced-"
 
 
-def _settle_replaced(root: Path) -> None:
+def checkpoint_name(path: Path) -> str:
+    """A checkpoint's step tag, also for one read where a cut-off save left it (:data:`REPLACED`)."""
+    return path.name.removeprefix(REPLACED)
+
+
+def _settle_replaced(root: Path, quiet: bool = False) -> None:
     """Rank 0: a checkpoint moved aside by a save that did not finish goes back where it was; one whose
-    step was published again since is removed."""
-    for old in root.glob(REPLACED + "step_*"):
-        final = root / old.name[len(REPLACED):]
-        if (final / META).exists():
-            shutil.rmtree(old, ignore_errors=True)
-        elif (old / META).exists():
-            if final.exists():
-                shutil.rmtree(final, ignore_errors=True)
-            os.replace(old, final)
+    step was published again since is removed. ``quiet``: a filesystem error is a warning (this is
+    tidying; latest_checkpoint reads a checkpoint left aside as it is)."""
+    try:
+        for old in root.glob(REPLACED + "step_*"):
+            final = root / old.name[len(REPLACED):]
+            if (final / META).exists():
+                shutil.rmtree(old, ignore_errors=True)
+            elif (old / META).exists():
+                if final.exists():
+                    shutil.rmtree(final, ignore_errors=True)
+                os.replace(old, final)
+    except OSError as exc:
+        if not quiet:
+            raise
+        log.warning("checkpoints in %s: could not put a checkpoint moved aside back in place (%s); it is read "
+                    "where it is", root, exc)
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
@@ -226,7 +242,8 @@ def resume_target(mode: str, root: str | Path) -> Optional[Path]:
     ``root``: ``never`` none; ``auto`` the run's newest complete one; a path that one — unless it lies
     outside ``root`` and this run has checkpoints of its own: an earlier attempt started from that
     path and trained on, so a requeued attempt continues from its own newest (before, every attempt
-    went back to the path and trained the same steps again)."""
+    went back to the path and trained the same steps again); likewise a path inside ``root`` (a
+    rollback) that an attempt of the same submission already rolled back to (:func:`rollback_record`)."""
     if mode == "never":
         return None
     own = latest_checkpoint(root)
@@ -237,17 +254,25 @@ def resume_target(mode: str, root: str | Path) -> Optional[Path]:
         log.info("trainer.resume=%s: this run has checkpoints of its own since (an earlier attempt started from "
                  "that path); resuming from its newest, %s", mode, own)
         return own
-    if own is not None and own.resolve() != path.resolve() and _rolled_back_to(own) == path.name:
-        # a path of this very run (a rollback): an earlier attempt rolled back there and trained on, and
-        # its checkpoints say so; a requeue with the same command continues from the newest instead of
-        # rolling back again (and failing for good once keep_checkpoints pruned the path)
-        log.info("trainer.resume=%s: this run rolled back there and has trained on since; resuming from its "
-                 "newest, %s", mode, own)
+    if own is not None and own.resolve() != path.resolve() and _rolled_back_to(own) == rollback_record(path):
+        # a path of this very run (a rollback): an attempt of this same submission rolled back there
+        # and trained on, and its checkpoints say so; its requeue (same command, same job) continues
+        # from the newest instead of rolling back again (and failing for good once keep_checkpoints
+        # pruned the path). A new submission that names the path rolls back again.
+        log.warning("trainer.resume=%s: this job rolled back there in an earlier attempt and has trained on "
+                    "since; resuming from its newest, %s (a new submission rolls back again)", mode, own)
         return own
     return path
 
 
-def _rolled_back_to(ckpt: Path) -> Optional[str]:
+def rollback_record(path: Path) -> dict:
+    """What checkpoints trained after a rollback to ``path`` record (:data:`ROLLED_BACK`): its step tag
+    and the submission that rolled back (SLURM keeps a job's id across its requeues; outside SLURM,
+    None: a re-run of the same command is that submission's requeue)."""
+    return {"tag": checkpoint_name(path), "job": os.environ.get("SLURM_JOB_ID")}
+
+
+def _rolled_back_to(ckpt: Path) -> Optional[dict]:
     try:
         return read_meta(ckpt).get(ROLLED_BACK)
     except (OSError, ValueError):
@@ -273,7 +298,8 @@ def check_resume(mode: str, root: str | Path, allow_pickle: bool) -> Optional[Pa
 
 
 # Meta field of checkpoints trained on after ``trainer.resume=<a checkpoint of this run>``: that
-# checkpoint's name (resume_target: a requeue does not roll back again). Not compared on resume.
+# checkpoint's tag and the submission (rollback_record; resume_target: its requeue does not roll back
+# again). Not compared on resume.
 ROLLED_BACK = "rolled_back_to"
 
 

@@ -253,7 +253,7 @@ class UnlearningTrainer:
         mode = str(self.cfg.trainer.resume)
         if mode not in ("auto", "never") and path.resolve() == Path(mode).resolve() and \
                 path.resolve().is_relative_to(Path(self.ckpt_root).resolve()):
-            self.ckpt_meta = {**self.ckpt_meta, ckpt.ROLLED_BACK: path.name}  # a rollback within this run
+            self.ckpt_meta = {**self.ckpt_meta, ckpt.ROLLED_BACK: ckpt.rollback_record(path)}  # a rollback in this run
         elif saved.get(ckpt.ROLLED_BACK):
             self.ckpt_meta = {**self.ckpt_meta, ckpt.ROLLED_BACK: saved[ckpt.ROLLED_BACK]}  # still that rollback's
         client = ckpt.load_checkpoint(self.engine, path, strict=not self.lora)

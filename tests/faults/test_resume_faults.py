@@ -336,3 +336,23 @@ def test_a_checkpoint_moved_aside_by_a_cut_off_save_of_its_step_still_counts_and
     (aside / ckpt.META).write_text(_json.dumps({"step": 4}))
     ckpt._settle_replaced(root)
     assert not aside.exists() and (root / "step_00000004" / ckpt.META).exists()
+
+
+def test_a_rollback_is_continued_by_its_own_jobs_requeue_and_repeated_by_a_new_submission(tmp_path, monkeypatch):
+    import json as _json
+
+    from pipeline.engine import checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    for step in (4, 6, 8):
+        d = root / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        meta = {"step": step}
+        if step > 4:  # trained after rolling back to step 4 in SLURM job 41
+            meta[ckpt.ROLLED_BACK] = {"tag": "step_00000004", "job": "41"}
+        (d / ckpt.META).write_text(_json.dumps(meta))
+    (root / "latest").write_text("step_00000008")
+    monkeypatch.setenv("SLURM_JOB_ID", "41")  # its requeue
+    assert ckpt.resume_target(str(root / "step_00000004"), root) == root / "step_00000008"
+    monkeypatch.setenv("SLURM_JOB_ID", "57")  # a new submission rolls back again
+    assert ckpt.resume_target(str(root / "step_00000004"), root) == root / "step_00000004"
