@@ -25,7 +25,8 @@ Each part writes ``benchmarks/results/gpu_<gpu>_<part>.json`` with the GPU named
 ``--device`` guards every part: anything but an available CUDA device prints
 ``no CUDA device: nothing measured`` and exits 0 without writing a file. Every child process (the
 benchmark scripts, ``launchers/train.py``) runs in its own session and on a time limit, or when this
-process gets SIGTERM / SIGHUP / Ctrl-C, its whole process group is killed (torchrun's workers too).
+process gets SIGTERM / SIGHUP / Ctrl-C, its process group and every descendant are killed (torchrun's
+workers run in sessions of their own).
 Tolerance checks are NaN-safe: a case passes only when every error is finite and within tolerance.
 """
 
@@ -85,22 +86,35 @@ def _max_err(errors) -> float:
 
 
 def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM to the child's whole process group, SIGKILL after ``grace`` s if the leader is still alive;
-    then SIGKILL to whatever of the group outlived it."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+    """SIGTERM to the child's process group and to every descendant (torchrun starts its workers in
+    sessions of their own, out of the group's reach), SIGKILL after ``grace`` s to whatever is left."""
+    import psutil
+
+    try:  # snapshot first: once the leader is gone its children are re-parented and out of sight
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+
+    def signal_all(sig: int) -> None:
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
             pass
+        for p in family:
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+
+    signal_all(signal.SIGTERM)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
         pass
+    _, alive = psutil.wait_procs(family, timeout=max(1.0, grace / 2))
+    if alive or proc.poll() is None:
+        signal_all(signal.SIGKILL)
+        proc.wait()
 
 
 def _run_group(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
