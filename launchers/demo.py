@@ -121,8 +121,8 @@ def interrupted(procs: list[tuple[subprocess.Popen, threading.Thread, Path]]) ->
             proc.wait()
         pump.join(timeout=10)
     logs = ", ".join(str(p) for _, _, p in procs)
-    print(f"interrupted (Ctrl-C): the demo stopped; nothing resumes from this run (training starts afresh "
-          f"next time); log: {logs}", file=sys.stderr, flush=True)
+    print(f"interrupted (Ctrl-C): the demo stopped; its next run trains afresh (trainer.resume=never, unless "
+          f"overridden after --); log: {logs}", file=sys.stderr, flush=True)
     sys.exit(EXIT_INTERRUPTED)
 
 
@@ -177,6 +177,12 @@ def zero_words(ranks: int, overrides: list[str]) -> str:
     from pipeline.engine.zero_stage import choose_zero_stage
 
     given = {k: v for k, _, v in (o.lstrip("+").partition("=") for o in overrides)}
+    group = REPO / "conf" / "deepspeed" / f"{given.get('deepspeed', '')}.yaml"
+    if "deepspeed" in given and group.is_file():  # -- deepspeed=zero3_offload_all: its settings, then the keys
+        import yaml
+
+        chosen = yaml.safe_load(group.read_text()) or {}
+        given = {**{f"deepspeed.{k}": str(v) for k, v in chosen.items()}, **given}
     try:
         stage = choose_zero_stage(given.get("deepspeed.zero_stage", "auto"), ranks,
                                   given.get("deepspeed.offload_optimizer", "none"),

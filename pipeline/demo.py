@@ -47,9 +47,10 @@ def method_choice(name: str, conf_dir: Path) -> str:
 
 
 def row_names(conf_dir: Path) -> list[str]:
-    """Every name ``--methods`` accepts: the method configs (``<name>_tiny`` as ``<name>``) and :data:`ROW_VARIANTS`."""
-    stems = {p.stem.removesuffix("_tiny") for p in (conf_dir / "method").glob("*.yaml")}
-    return sorted(stems | set(ROW_VARIANTS))
+    """Every name ``--methods`` accepts: the method configs (``<name>_tiny`` as itself and as ``<name>``)
+    and :data:`ROW_VARIANTS`."""
+    stems = {p.stem for p in (conf_dir / "method").glob("*.yaml")}
+    return sorted(stems | {s.removesuffix("_tiny") for s in stems} | set(ROW_VARIANTS))
 
 
 def check_rows(names: list[str], conf_dir: Path) -> None:

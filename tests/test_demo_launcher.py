@@ -207,3 +207,11 @@ def test_a_row_without_results_keeps_the_markdown_table_whole(tmp_path):
         table = [ln for ln in text.splitlines() if ln.startswith("|")]
         assert len(table) == 4 and len({ln.count("|") for ln in table}) == 1, table
         assert "| asu" in table[-1] and "(no results)" in table[-1]
+
+
+def test_a_tiny_method_configs_own_name_is_a_row_and_offload_groups_name_zero3():
+    from pipeline.demo import check_rows
+
+    check_rows(["asu_kl_tiny", "asu_kl", "rmu_tiny"], ROOT / "conf")  # refused before: only stems without _tiny
+    assert demo.zero_words(1, ["deepspeed=zero3_offload_all"]) == "DeepSpeed ZeRO-3"
+    assert demo.zero_words(1, []) == "DeepSpeed ZeRO stage 0"
