@@ -75,7 +75,8 @@ def test_the_finished_job_key_holds_the_revisions_files(hub, monkeypatch):
     model.files_sha256, computed from this key, matched too)."""
     from pipeline import finished
 
-    inputs = SimpleNamespace(data=SimpleNamespace(forget=[], retain=[]), paths=SimpleNamespace(model="org/m"),
+    inputs = SimpleNamespace(data=SimpleNamespace(forget=[], retain=[], eval={}),
+                             paths=SimpleNamespace(model="org/m", retain_model=None),
                              tokenizer=SimpleNamespace(name_or_path="org/m"))
 
     def model_key(revision):
