@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,7 +16,32 @@ log = logging.getLogger(__name__)
 
 
 class ExportError(RuntimeError):
-    pass
+    """An export that cannot be written or does not reproduce the trained model. ``every_rank``: the
+    ranks that did not write it learned it from rank 0 (:func:`agree_on_rank0`), whose line speaks for all."""
+
+    def __init__(self, message: str = "", *, every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
+@contextlib.contextmanager
+def agree_on_rank0(what: str) -> Iterator[None]:
+    """Around work only rank 0 does (writing, reloading and checking an export): every rank leaves the
+    block together, and when rank 0's work failed every rank raises the same :class:`ExportError`.
+    Before, rank 0 raised while the others waited at the next barrier until the launcher, or the
+    collective timeout (an hour), ended them."""
+    from pipeline.engine.distributed import broadcast_object
+
+    problem = None
+    try:
+        yield
+    except ExportError as exc:
+        problem = str(exc)
+    except (OSError, RuntimeError) as exc:  # disk full, quota, permissions, a reload that fails
+        problem = f"{what}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    problem = broadcast_object(problem)
+    if problem:
+        raise ExportError(problem, every_rank=True)
 
 
 def consolidated_state_dict(engine: Any) -> dict | None:
@@ -91,34 +118,43 @@ def verify_export(out_dir: Path, ids: Any, expected: Any, rtol: float, name: Opt
     return diff, tol
 
 
+def _write_checked(module: Any, sd: dict, tokenizer: Any, out_dir: Path, probe: Any) -> None:
+    """Rank 0: ``out_dir`` written atomically and, with a ``probe``, checked before it replaces anything."""
+    from pipeline.io import atomic_write_json
+
+    rtol = export_rtol(module)
+    with atomic_dir(out_dir) as tmp:
+        # Tied weights share storage; safetensors refuses duplicates, so drop the alias.
+        if getattr(module.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)
+        module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        from pipeline.engine import faults
+
+        faults.maybe_fail_write("enospc_in_export", 0)  # fault suite: rank 0's export write fails
+        save_tokenizer(tokenizer, tmp)
+        # checked before it replaces anything: an export that fails leaves the previous one in place
+        check = verify_export(tmp, probe[0], probe[1], rtol, out_dir) if probe is not None else None
+    log.info("exported HF model to %s", out_dir)
+    if check is not None:
+        diff, tol = check
+        atomic_write_json(out_dir.parent / "export_check.json", {"max_abs_logit_diff": diff, "tolerance": tol,
+                                                                 "relative_tolerance": rtol})
+        log.info("export verified: max |logit diff| %.3g (tolerance %g)", diff, tol)
+
+
 def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, verify: bool = True) -> Path:
     """Write ``out_dir`` (config, safetensors weights, tokenizer) atomically on rank 0, then reload
     it and check its logits against the in-engine model (``export_check.json``)."""
     from pipeline.engine.distributed import all_true
     from pipeline.engine.health import local_params_finite
-    from pipeline.io import atomic_write_json
 
     out_dir = Path(out_dir)
     if not all_true(local_params_finite(engine)):
         raise ExportError(f"the trained weights contain NaN/inf: refusing to export to {out_dir}")
     probe = _probe_logits(engine, int(engine.module.config.vocab_size)) if verify else None
     sd = consolidated_state_dict(engine)
-    if is_main_process():
-        module = engine.module
-        rtol = export_rtol(module)
-        with atomic_dir(out_dir) as tmp:
-            # Tied weights share storage; safetensors refuses duplicates, so drop the alias.
-            if getattr(module.config, "tie_word_embeddings", False):
-                sd.pop("lm_head.weight", None)
-            module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-            save_tokenizer(tokenizer, tmp)
-            # checked before it replaces anything: an export that fails leaves the previous one in place
-            check = verify_export(tmp, probe[0], probe[1], rtol, out_dir) if probe is not None else None
-        log.info("exported HF model to %s", out_dir)
-        if check is not None:
-            diff, tol = check
-            atomic_write_json(out_dir.parent / "export_check.json", {"max_abs_logit_diff": diff, "tolerance": tol,
-                                                                     "relative_tolerance": rtol})
-            log.info("export verified: max |logit diff| %.3g (tolerance %g)", diff, tol)
+    with agree_on_rank0(f"exporting to {out_dir}"):
+        if is_main_process():
+            _write_checked(engine.module, sd, tokenizer, out_dir, probe)
     barrier()
     return out_dir

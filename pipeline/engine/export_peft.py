@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.engine.distributed import all_true, barrier, is_main_process
-from pipeline.engine.export import ExportError, _probe_logits, export_rtol, logit_bound, verify_export
+from pipeline.engine.export import (
+    ExportError,
+    _probe_logits,
+    agree_on_rank0,
+    export_rtol,
+    logit_bound,
+    verify_export,
+)
 from pipeline.io import atomic_dir
 from pipeline.models.loading import save_tokenizer
 
@@ -81,32 +88,34 @@ def export_lora(engine: Any, tokenizer: Any, out_dir: str | Path, adapter_dir: s
     lora = [p for _, p in adapter_parameters(peft_model)]
     if not lora:
         raise ExportError("model.peft is on but the student has no LoRA weights to export")
-    with contextlib.ExitStack() as commit:
-        # Both directories are committed only once both reloads reproduce the trained model: a failed
-        # check leaves the previous adapter and merged model in place (ExitStack: adapter last).
-        tmp_adapter = commit.enter_context(atomic_dir(adapter_dir)) if is_main_process() else None
-        with _gathered(lora):  # every rank enters: the gather is collective
+    check = None
+    with agree_on_rank0(f"exporting the LoRA adapter to {adapter_dir} and the merged model to {out_dir}"):
+        with contextlib.ExitStack() as commit:
+            # Both directories are committed only once both reloads reproduce the trained model: a failed
+            # check leaves the previous adapter and merged model in place (ExitStack: adapter last).
+            tmp_adapter = commit.enter_context(atomic_dir(adapter_dir)) if is_main_process() else None
+            with _gathered(lora):  # every rank enters: the gather is collective
+                if tmp_adapter is not None:
+                    peft_model.save_pretrained(tmp_adapter, safe_serialization=True)
             if tmp_adapter is not None:
-                peft_model.save_pretrained(tmp_adapter, safe_serialization=True)
-        if tmp_adapter is not None:
-            # One load of base + adapter serves both outputs: its logits check the adapter reload, then
-            # the same model is merged in place and saved (a 7B load costs minutes on a shared filesystem).
-            rtol = export_rtol(peft_model)
-            with torch.no_grad():
-                model = load_lora(base_path, tmp_adapter, merged_dtype, model_cfg)
-                if probe is not None:
-                    got = model(input_ids=probe[0], attention_mask=torch.ones_like(probe[0])).logits.float()
-                    a_diff, tol = float((got - probe[1]).abs().max()), logit_bound(probe[1], rtol)
-                    if not a_diff <= tol:
-                        raise ExportError(f"the exported adapter for {adapter_dir} on its base does not reproduce the "
-                                          f"trained model (not written; a previous export there is kept): max |logit "
-                                          f"diff| {a_diff:.3g} > {tol:.3g}")
-                merged = model.merge_and_unload()
-            with atomic_dir(out_dir) as tmp:
-                merged.save_pretrained(tmp, safe_serialization=True)
-                save_tokenizer(tokenizer, tmp)
-                del merged, model
-                check = verify_export(tmp, probe[0], probe[1], rtol, out_dir) if probe is not None else None
+                # One load of base + adapter serves both outputs: its logits check the adapter reload, then
+                # the same model is merged in place and saved (a 7B load costs minutes on a shared filesystem).
+                rtol = export_rtol(peft_model)
+                with torch.no_grad():
+                    model = load_lora(base_path, tmp_adapter, merged_dtype, model_cfg)
+                    if probe is not None:
+                        got = model(input_ids=probe[0], attention_mask=torch.ones_like(probe[0])).logits.float()
+                        a_diff, tol = float((got - probe[1]).abs().max()), logit_bound(probe[1], rtol)
+                        if not a_diff <= tol:
+                            raise ExportError(f"the exported adapter for {adapter_dir} on its base does not reproduce the "
+                                              f"trained model (not written; a previous export there is kept): max |logit "
+                                              f"diff| {a_diff:.3g} > {tol:.3g}")
+                    merged = model.merge_and_unload()
+                with atomic_dir(out_dir) as tmp:
+                    merged.save_pretrained(tmp, safe_serialization=True)
+                    save_tokenizer(tokenizer, tmp)
+                    del merged, model
+                    check = verify_export(tmp, probe[0], probe[1], rtol, out_dir) if probe is not None else None
     if is_main_process():
         log.info("exported LoRA adapter to %s and the merged model to %s (merged and saved in %s%s)", adapter_dir,
                  out_dir, merged_dtype, "" if dtype == merged_dtype else

@@ -254,3 +254,31 @@ def test_a_preemption_notice_during_a_save_does_not_save_twice_nor_train_on(tiny
     assert [h["step"] for h in hist] == [1, 2, 3, 4]
     # the third attempt trained nothing: train_seconds is the first two attempts' loops
     assert sum(h["step_seconds"] for h in hist) <= res["train_seconds"] + 0.005  # results.json rounds to 0.01 s
+
+
+def test_rank0s_failed_export_ends_every_rank_even_without_a_launcher_that_kills_them(tiny):
+    """Rank 0 writes the export alone; when its write fails, the other ranks learn it (broadcast) and
+    stop with the same one-line error. Before, they waited at the next barrier for the collective
+    timeout (deepspeed.timeout_minutes) unless the launcher killed them: srun without
+    --kill-on-bad-exit, or ranks started by hand, as here."""
+    import sys
+
+    root = tiny[0]
+    args = _args(tiny, "enospc_export", 2, ["eval.enabled=false", "deepspeed.timeout_minutes=5"])
+    port = str(launch.free_port())
+    procs = [subprocess.Popen([sys.executable, "launchers/train.py", *args], cwd=launch.ROOT,
+                              env={**launch.env(ASU_INJECT="enospc_in_export@0:0"), "RANK": str(r), "WORLD_SIZE": "2",
+                                   "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": port},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=180) for p in procs]  # the old behaviour: rank 1 past 5 minutes
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [2, 2], outs[1][1][-2000:]
+    assert "error (ExportError, rank 0): exporting to" in outs[0][1] and "No space left on device" in outs[0][1]
+    assert "Traceback" not in outs[0][1] + outs[1][1]
+    assert not (root / "runs" / "enospc_export" / "model").exists()
+    assert not [p for p in (root / "runs" / "enospc_export").iterdir() if ".tmp" in p.name]  # nothing half-written
