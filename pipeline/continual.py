@@ -315,17 +315,27 @@ def render_sequence_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def step_rows(step_cfg: DictConfig) -> dict:
+def step_rows(step_cfg: DictConfig, memo: Optional[dict] = None) -> dict:
     """Digests of the rows a step trains and evaluates on (``forget``, ``retain``, ``eval``: one per
     split), read as its job reads them (:func:`pipeline.finished.job_key` keys a finished job by the
-    same digests): its config names only split files, whose rows may be edited between runs."""
+    same digests): its config names only split files, whose rows may be edited between runs. ``memo``:
+    digests already read in this invocation, by data settings (the starting model's evaluation and
+    request 1 read the same rows)."""
     from pipeline.data.loaders import load_unlearning_data
     from pipeline.eval.parts import rows_digest
     from pipeline.inputs import resolve_paths
 
-    data = load_unlearning_data(step_cfg.data, int(step_cfg.seed), data_dir=resolve_paths(step_cfg).data_dir)
-    return {"forget": rows_digest(data.forget), "retain": rows_digest(data.retain),
-            "eval": {split: rows_digest(rows) for split, rows in sorted(data.eval.items())}}
+    data_dir = resolve_paths(step_cfg).data_dir
+    key = json.dumps([OmegaConf.to_container(step_cfg.data, resolve=True), int(step_cfg.seed), str(data_dir)],
+                     sort_keys=True, default=str)
+    if memo is not None and key in memo:
+        return memo[key]
+    data = load_unlearning_data(step_cfg.data, int(step_cfg.seed), data_dir=data_dir)
+    out = {"forget": rows_digest(data.forget), "retain": rows_digest(data.retain),
+           "eval": {split: rows_digest(rows) for split, rows in sorted(data.eval.items())}}
+    if memo is not None:
+        memo[key] = out
+    return out
 
 
 def step_record(request: str, init_model: str, step_cfg: DictConfig, rows: Optional[dict] = None) -> dict:
@@ -426,6 +436,7 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     init_distributed(cfg.deepspeed.timeout_minutes)
     base = base_model(cfg, run_dir, splits)
     init_model = base["model.path"]
+    rows_read: dict = {}  # step_rows by data settings: each split set is read once per invocation
     # (index, name, step dir, initial model of the step); index -1 = the starting model, evaluated only
     steps: list[tuple[int, str, Path, str]] = []
     resume = str(cfg.trainer.resume)
@@ -433,7 +444,7 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.continual.eval_initial:
         step_dir = run_dir / "r0_initial"
         step_cfg = request_config(cfg, base, 0, requests[0], init_model, splits)
-        record = step_record("initial", init_model, step_cfg, step_rows(step_cfg))
+        record = step_record("initial", init_model, step_cfg, step_rows(step_cfg, rows_read))
         if _finished(step_dir, _earlier_record(step_dir), record, need_model=False, resume=resume):
             reused.add(str(step_dir))
         else:
@@ -457,7 +468,7 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     for i, request in enumerate(requests):
         step_dir = run_dir / step_name(i, request)
         step_cfg = request_config(cfg, base, i, request, init_model, splits)
-        record = step_record(request, init_model, step_cfg, step_rows(step_cfg))
+        record = step_record(request, init_model, step_cfg, step_rows(step_cfg, rows_read))
         earlier = _earlier_record(step_dir)
         if _finished(step_dir, earlier, record, need_model=True, resume=resume):
             log.info("continual request %d/%d (%s): already finished in %s", i + 1, len(requests), request, step_dir)
