@@ -21,7 +21,7 @@ from pipeline.config import validate
 from pipeline.config_base import require
 from pipeline.describe import method_line, trainable_set
 from pipeline.dry_run import dry_run
-from pipeline.engine.checkpoint import check_compatible, check_resume, checkpoint_name, read_meta
+from pipeline.engine.checkpoint import check_compatible, check_resume, checkpoint_name, ckpt_info, read_meta
 from pipeline.engine.ds_config import gather_per_layer, reference_config, resolve_precision, student_config
 from pipeline.finished import finished_results, job_key, record_finished
 from pipeline.inputs import (
@@ -69,6 +69,10 @@ def checkpoint_meta(cfg: DictConfig, world_size: int, cuda: bool = False) -> dic
     # load one as the other, so a resume with another stage is refused (checkpoint.check_compatible).
     meta["zero_stage"] = resolve_zero_stage(cfg.deepspeed, world_size).stage
     meta.update(training_meta(cfg, cuda))
+    # how the steps were computed (the same math, other kernels): recorded, not compared, so that a
+    # resume under other kernels says so and results.json tells the attempts apart
+    meta[ckpt_info("kernels")] = {"attention": str(cfg.kernels.attention), "kl": str(cfg.kernels.kl),
+                                  "passes": str(cfg.trainer.passes)}
     return meta
 
 
@@ -239,6 +243,9 @@ def _start(cfg: DictConfig) -> tuple[Any, Any]:
     check_before_loading(cfg)  # values, attention backend, model paths: exit 2, nothing written
     library_bars(bool(cfg.logging.progress_bar))
     dist = init_distributed(cfg.deepspeed.timeout_minutes)
+    # here, not in check_before_loading: a sweep's submit host may have no GPU where its jobs do
+    require(not (cfg.deepspeed.precision == "fp16" and dist.device != "cuda"), "deepspeed.precision",
+            "fp16 needs GPU ranks (DeepSpeed's CPU accelerator has no fp16 training); use auto, fp32 or bf16")
     check_eval_device(cfg)  # eval.device=cuda without a GPU: stop now, not after training
     check_lm_eval(cfg)  # an lm-eval task it does not know: likewise
     set_threads(int(cfg.trainer.num_threads))
@@ -508,7 +515,12 @@ def _choose_tau(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / TAU_SELECTION, {"key": key, "selection": selection})
-    log.info("method.tau=auto chose tau=%.3f", float(selection["tau"]))
+    if float(selection["tau"]) <= 1.0:  # the teacher is the frozen model itself: nothing is forgotten
+        log.warning("method.tau=auto chose tau=%.3f (%s): a teacher at tau <= 1 is not smoothed, so the ASU forget "
+                    "term distils the unchanged model; set method.tau to a value > 1", float(selection["tau"]),
+                    selection.get("reason", ""), extra=SAME_ON_EVERY_RANK)
+    else:
+        log.info("method.tau=auto chose tau=%.3f", float(selection["tau"]))
     with open_dict(cfg):
         cfg.method.tau = float(selection["tau"])
     return selection
@@ -709,9 +721,12 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             "train_seconds": round(seconds[1], 2),  # the training loop alone, every attempt (per step: train_history.json)
             "job_seconds": round(seconds[0], 2),  # this attempt from its start: loading, engines, tau=auto, the loop
             "final_train": state.history[-1] if state.history else {},
-            "prompt_format": {**inputs.prompt_format.describe(), "applied_to": inputs.prompt_format_uses},
+            "prompt_format": {**inputs.prompt_format.describe(inputs.tokenizer), "applied_to": inputs.prompt_format_uses},
             "reductions": method.reductions() if hasattr(method, "reductions") else {},
             "step_passes": cfg.trainer.passes,
+            "kernels": {"attention": str(cfg.kernels.attention), "kl": str(cfg.kernels.kl)},
+            "method_config": OmegaConf.to_container(cfg.method, resolve=True),  # every weight and setting it ran
+            "resumed_from": state.resumed,  # null: trained from the start in this attempt
             "activation_checkpointing": {"layers": engines.checkpointed_layers},  # 0: off
             "attention_backend": attention_backend_report(),  # requested, resolved, what each model ran
         }

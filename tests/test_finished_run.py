@@ -197,3 +197,27 @@ def test_the_key_covers_the_evaluation_rows_and_forget_qualitys_reference(tmp_pa
     second = key(rows)
     (retain_dir / "config.json").write_text((retain_dir / "config.json").read_text().replace("}", ', "x": 1}', 1))
     assert key(rows) != second  # the retain model's files changed
+
+
+@pytest.mark.distributed
+def test_a_resume_under_other_kernels_says_so_and_results_record_both(tmp_path):
+    """A run resumed with another kernels.attention / kernels.kl (the same math, other kernels) was
+    recorded as if every step had run with the new ones; the checkpoint now records its steps'
+    kernels (not compared), the resume warns, and results.json names the checkpoint and its kernels."""
+    args, run = resumable_job(tmp_path)
+    assert launch.run(args).returncode == 0
+    out = launch.run(args + ["kernels.attention=torch", "eval.max_new_tokens=6"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "its 4 steps ran with kernels {'attention': 'auto', 'kl': 'naive', 'passes': 'joint'}" in out.stderr
+    res = json.loads((run / "results.json").read_text())
+    assert res["resumed_from"] == {"checkpoint": "step_00000004", "step": 4,
+                                   "kernels": {"attention": "auto", "kl": "naive", "passes": "joint"}}
+    assert res["kernels"] == {"attention": "torch", "kl": "naive"} and res["method_config"]["name"] == "grad_diff"
+
+
+def test_fp16_on_cpu_ranks_is_one_line_before_any_model_loads(tmp_path):
+    args, run = resumable_job(tmp_path)
+    out = launch.run(args + ["deepspeed.precision=fp16"])
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "config error at 'deepspeed.precision': fp16 needs GPU ranks" in out.stderr
+    assert not (run / "model").exists()

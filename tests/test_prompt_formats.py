@@ -464,3 +464,15 @@ def test_the_log_shows_the_first_row_as_the_model_reads_it(toks, caplog):
     # (the toy vocabulary spells unknown words <unk>)
     assert "'<s>[INST] <<SYS>>\\nBe brief.\\n<</SYS>>\\n\\nWho wrote" in line, line
     assert line.index("[/INST]") < line.index("answer (loss tokens) ' Basil") < line.index("</s>'")
+
+
+def test_results_record_the_chat_prompt_as_rendered_with_the_templates_own_system_turn(toks):
+    """model.prompt_format=chat without model.system_prompt: SmolLM2's template adds a system turn of
+    its own, which results.json hid (system_prompt null, nothing else); it now shows the prompt as
+    rendered, the template's hash and the token that ends an answer."""
+    desc = get_prompt_format("chat").describe(toks["chatml"])
+    assert desc["system_prompt"] is None
+    assert desc["example_prompt"].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert desc["example_prompt"].endswith("<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+    assert desc["stop_token"] == "<|im_end|>" and len(desc["chat_template_sha256"]) == 64
+    assert "example_prompt" not in get_prompt_format("chat").describe()  # no tokenizer: the settings only

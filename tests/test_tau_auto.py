@@ -420,3 +420,18 @@ def test_probe_logits_at_the_scored_positions_match_the_full_logits(memorised):
         gemma.config.final_logit_softcapping = None  # the cap acts: without it the log-probs differ
         uncapped = _full_logit_predictions(gemma, g_items, 0)
     assert max(abs(r[j][1] - u[j][1]) for r, u in zip(ref, uncapped) for j in r) > 0.1
+
+
+def test_an_automatic_tau_at_or_below_one_is_a_warning(tmp_path):
+    """On the tiny random model tau=auto falls back to tau = 1 (no known facts to keep): the teacher is
+    the frozen model itself and nothing is forgotten. It said so at INFO level only, unlike a hand-set
+    tau <= 1."""
+    from tests.helpers import launch
+
+    model_dir, data_dir = build(tmp_path)
+    out = launch.run(train_overrides(model_dir, data_dir, tmp_path / "runs", "auto1", steps=1)
+                     + ["method=asu_kl", "method.tau=auto", "eval.enabled=false"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    chosen = json.loads((tmp_path / "runs" / "auto1" / "results.json").read_text())["tau_selection"]["tau"]
+    assert float(chosen) <= 1.0  # the premise (a fallback on this model)
+    assert "[WARNING] - method.tau=auto chose tau=1.000" in out.stderr, out.stderr[-3000:]

@@ -92,8 +92,8 @@ class PromptFormat:
         ids = [self.stop_token_id(tokenizer), tokenizer.eos_token_id]
         return list(dict.fromkeys(i for i in ids if i is not None))
 
-    def describe(self) -> dict[str, Any]:
-        """What results.json records about the format."""
+    def describe(self, tokenizer: Any = None) -> dict[str, Any]:
+        """What results.json records about the format (``tokenizer``: the one it renders with)."""
         return {"name": self.name}
 
 
@@ -128,7 +128,7 @@ class PlainFormat(PromptFormat):
 
         return encode_qa(tokenizer, question, answer, max_length, template=self.template)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, tokenizer: Any = None) -> dict[str, Any]:
         return {"name": self.name, "template": self.template}
 
 
@@ -234,7 +234,7 @@ class TemplateFormat(PromptFormat):
         full = _with_bos(tokenizer, _ids(tokenizer, text), self.bos)
         return _joint(tokenizer, self.prompt_ids(tokenizer, question), full, self.stop_token_id(tokenizer))
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, tokenizer: Any = None) -> dict[str, Any]:
         return {"name": self.name, "system_prompt": self.system_prompt, "source": self.source,
                 "prompt": self.prompt_with_system if self.system_prompt else self.prompt, "answer": self.answer}
 
@@ -316,9 +316,21 @@ class ChatFormat(PromptFormat):
         ids = _ids(tokenizer, self._render(tokenizer, self._messages("q", "a")))
         return self._end_of_turn(tokenizer, ids[len(p):]) or tokenizer.eos_token_id
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "system_prompt": self.system_prompt, "source": "tokenizer.chat_template",
-                "chat_template_kwargs": dict(self.template_kwargs)}
+    def describe(self, tokenizer: Any = None) -> dict[str, Any]:
+        """``system_prompt``: the one set (null: the template's own, if it adds one: ``example_prompt``
+        shows the prompt as rendered, e.g. SmolLM2's built-in system turn)."""
+        out = {"name": self.name, "system_prompt": self.system_prompt, "source": "tokenizer.chat_template",
+               "chat_template_kwargs": dict(self.template_kwargs)}
+        template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+        if template:
+            import hashlib
+            import json
+
+            stop = self.stop_token_id(tokenizer)
+            out.update(chat_template_sha256=hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest(),
+                       example_prompt=self.prompt_text(tokenizer, "{question}"),
+                       stop_token=tokenizer.convert_ids_to_tokens(stop) if stop is not None else None)
+        return out
 
 
 # ------------------------------------------------------------------------------------------ registry

@@ -297,6 +297,15 @@ def check_resume(mode: str, root: str | Path, allow_pickle: bool) -> Optional[Pa
     return path
 
 
+# Prefix of meta fields that are recorded, not compared on resume (e.g. the kernels the steps ran with).
+INFO_PREFIX = "info."
+
+
+def ckpt_info(name: str) -> str:
+    """The meta field ``name`` recorded for information only (:data:`INFO_PREFIX`)."""
+    return INFO_PREFIX + name
+
+
 # Meta field of checkpoints trained on after ``trainer.resume=<a checkpoint of this run>``: that
 # checkpoint's tag and the submission (rollback_record; resume_target: its requeue does not roll back
 # again). Not compared on resume.
@@ -330,7 +339,8 @@ def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
     unknown.discard("training.draws")  # absent from every checkpoint written before it: compared even there
     saved = {**{k: v for k, v in META_DEFAULTS.items() if k in current}, **saved}
     diffs = [k for k in sorted(set(saved) | set(current))
-             if k not in ("step", "tag", ROLLED_BACK) and k not in unknown and saved.get(k) != current.get(k)]
+             if k not in ("step", "tag", ROLLED_BACK) and not k.startswith(INFO_PREFIX) and k not in unknown
+             and saved.get(k) != current.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: checkpoint={saved.get(k)!r} now={current.get(k)!r}" for k in diffs)
         hint = (f" To resume it, set deepspeed.zero_stage={saved['zero_stage']}."

@@ -56,6 +56,7 @@ class TrainState:
     skipped: list[int] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0  # the training loop's wall time up to ``step``, over every attempt
+    resumed: Optional[dict] = None  # the checkpoint this attempt resumed (step tag, step, its steps' kernels)
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, kind: str):
@@ -256,6 +257,13 @@ class UnlearningTrainer:
             self.ckpt_meta = {**self.ckpt_meta, ckpt.ROLLED_BACK: ckpt.rollback_record(path)}  # a rollback in this run
         elif saved.get(ckpt.ROLLED_BACK):
             self.ckpt_meta = {**self.ckpt_meta, ckpt.ROLLED_BACK: saved[ckpt.ROLLED_BACK]}  # still that rollback's
+        kernels = ckpt.ckpt_info("kernels")
+        if saved.get(kernels) is not None and saved[kernels] != self.ckpt_meta.get(kernels):
+            log.warning("resuming %s: its %d steps ran with kernels %s, this attempt runs %s (the same math; "
+                        "results.json records both)", path, int(saved.get("step", 0)), saved[kernels],
+                        self.ckpt_meta.get(kernels))
+        self.state.resumed = {"checkpoint": ckpt.checkpoint_name(path), "step": int(saved.get("step", 0)),
+                              "kernels": saved.get(kernels)}
         client = ckpt.load_checkpoint(self.engine, path, strict=not self.lora)
         self.state.step = int(client.get("step", 0))
         self.state.skipped = list(client.get("skipped", []))

@@ -590,7 +590,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                                                              "retain_split": data.retain_split, "exp_name": cfg.exp_name,
                                                              "world_size": dist.world_size,
                                                              **({EVALUATION_KEY: evaluation} if evaluation else {}),
-                                                             "prompt_format": {**prompt_format.describe(),
+                                                             "prompt_format": {**prompt_format.describe(tokenizer),
                                                                                "applied_to": uses},
                                                              "attention_backend": attention_backend_report()})
         results = json.loads(Path(path).read_text())
