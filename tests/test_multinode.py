@@ -123,6 +123,7 @@ def _results(run: Path) -> dict:
     for k in ("train_seconds", "job_seconds", "run_name"):
         r.pop(k)
     r["final_train"].pop("step_seconds")  # a timing too
+    r.pop("resumed_from")  # which checkpoint this attempt started from: the killed run's resumed, the reference not
     return r
 
 
