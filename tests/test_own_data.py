@@ -30,6 +30,19 @@ def test_plain_qa_loads_with_its_splits_listed_for_evaluation():
     assert len(d.forget) == 4 and len(d.retain) == 6 and "perturbed_answer" not in d.eval["forget"][0]
 
 
+def test_a_split_both_trained_and_evaluated_is_read_once(monkeypatch):
+    import pipeline.data.common as common
+
+    reads = []
+    real = common._load_local_file
+    monkeypatch.setattr(common, "_load_local_file", lambda path, *a: reads.append(path.name) or real(path, *a))
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {"name": "json", "path": str(FIX), "forget_split": "forget",
+                                                            "retain_split": "retain", "eval_splits": ["forget", "retain"]})
+    d = load_unlearning_data(cfg)
+    assert sorted(reads) == ["forget.jsonl", "retain.jsonl"]
+    assert d.eval["forget"] == d.forget and all(a is not b for a, b in zip(d.eval["forget"], d.forget))
+
+
 @pytest.mark.distributed
 def test_plain_qa_trains_and_evaluates_what_it_can(tmp_path):
     model_dir, _ = build(tmp_path, extra_texts=_texts())

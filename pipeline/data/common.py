@@ -75,6 +75,11 @@ def load_json_split(data_dir: str | Path, split: str, dataset: str) -> list[dict
     """Rows of ``<data_dir>/<split>.jsonl`` (or ``.json`` / ``.parquet``) with ``datasets`` (the same
     code path as hub datasets). Not found: a :class:`DataError` listing the splits there are, and
     files named like the split in a format that is not read (e.g. ``forget.csv``)."""
+    return read_split_file(data_dir, split, dataset)[1]
+
+
+def read_split_file(data_dir: str | Path, split: str, dataset: str) -> tuple[Path, list[dict]]:
+    """:func:`load_json_split` and the file the rows came from (for messages naming it)."""
     root = resolve_data_path(data_dir)
     found = _local_split_file(root, None, split)
     if found is None:
@@ -86,7 +91,7 @@ def load_json_split(data_dir: str | Path, split: str, dataset: str) -> list[dict
         raise DataError(f"dataset {dataset!r}: split {split!r} not found at {root / split}.jsonl (or .json / "
                         f".parquet); available splits: {available}{hint}")
     f, builder = found
-    return _load_local_file(f, builder, dataset, split)
+    return f, _load_local_file(f, builder, dataset, split)
 
 
 @contextmanager

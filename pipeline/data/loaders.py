@@ -21,7 +21,6 @@ from pipeline.data.common import (  # noqa: F401  (re-exported: callers import t
     TEXT_COLUMNS,
     DataError,
     UnlearningData,
-    _local_split_file,
     check_columns,
     check_configured_columns,
     check_facts,
@@ -32,6 +31,7 @@ from pipeline.data.common import (  # noqa: F401  (re-exported: callers import t
     load_hf_split,
     load_json_split,
     map_columns,
+    read_split_file,
     rename_columns,
     resolve_data_path,
     subsample,
@@ -82,12 +82,15 @@ def _read_qa_splits(data_cfg: Any, data_dir: str | Path, name: str) -> tuple[lis
     required = {f"data.columns.{k}": v for k, v in cols.items() if k in ("question", "answer", "text")}
     q, a = data_cfg.question_column, data_cfg.answer_column
 
+    files: dict[str, tuple[Path, list[dict]]] = {}  # a split named twice (forget also evaluated) is read once
+
     def read(split: str) -> list[dict]:
-        rows = load_json_split(data_dir, split, name)
-        found = _local_split_file(resolve_data_path(data_dir), None, split)
-        where = str(found[0]) if found else f"split {split!r} of {data_dir}"  # the file the rows came from
-        check_configured_columns(rows, required, where)
-        return map_columns(rename_columns(rows, cols), q, a, where)
+        if split in files:  # its own row dicts: the two uses must not share them
+            path, rows = files[split][0], [dict(r) for r in files[split][1]]
+        else:
+            path, rows = files[split] = read_split_file(data_dir, split, name)
+        check_configured_columns(rows, required, str(path))
+        return map_columns(rename_columns(rows, cols), q, a, str(path))
 
     return (read(data_cfg.forget_split), read(data_cfg.retain_split), {s: read(s) for s in data_cfg.eval_splits})
 

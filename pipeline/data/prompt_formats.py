@@ -21,6 +21,8 @@ never answer tokens (only an answer that cannot fit even with an empty question 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -321,16 +323,22 @@ class ChatFormat(PromptFormat):
         shows the prompt as rendered, e.g. SmolLM2's built-in system turn)."""
         out = {"name": self.name, "system_prompt": self.system_prompt, "source": "tokenizer.chat_template",
                "chat_template_kwargs": dict(self.template_kwargs)}
-        template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
-        if template:
-            import hashlib
-            import json
-
+        digest = chat_template_sha256(tokenizer) if tokenizer is not None else None
+        if digest:
             stop = self.stop_token_id(tokenizer)
-            out.update(chat_template_sha256=hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest(),
+            out.update(chat_template_sha256=digest,
                        example_prompt=self.prompt_text(tokenizer, "{question}"),
                        stop_token=tokenizer.convert_ids_to_tokens(stop) if stop is not None else None)
         return out
+
+
+def chat_template_sha256(tokenizer: Any) -> Optional[str]:
+    """SHA-256 of the tokenizer's chat template (a string, or a dict of named templates), or None
+    without one: what records and cache keys name the template by."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ registry

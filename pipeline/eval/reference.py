@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.data.loaders import DataError
+from pipeline.data.prompt_formats import chat_template_sha256
 from pipeline.models.fingerprint import model_fingerprint  # finished.py and eval/parts.py import it from here
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict:
     files = [src / n for n in TOKENIZER_FILES if (src / n).is_file()] if src.is_dir() else []
     if files:
         return {f.name: _sha256(f.read_bytes()) for f in files}
-    template = getattr(tokenizer, "chat_template", None)
     return {"name": str(src), "vocab": len(tokenizer) if hasattr(tokenizer, "__len__") else None,
-            "chat_template": _sha256(json.dumps(template, sort_keys=True).encode()) if template else None}
+            "chat_template": chat_template_sha256(tokenizer)}
 
 
 def rows_fingerprint(rows: Sequence[dict]) -> dict:
