@@ -150,6 +150,47 @@ def _umask():
     return mask
 
 
+def test_a_custom_code_model_exports_with_the_runs_trust_remote_code(tmp_path):
+    """A model.trust_remote_code=true run's export carries its auto_map and code; the check reload
+    passed no trust_remote_code, so transformers refused it: a ValueError traceback after training,
+    no model written (and the other ranks waited for the collective timeout)."""
+    import importlib.util
+
+    import pipeline.engine.export as export
+    from pipeline.models.loading import load_causal_lm
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "modeling_custom.py").write_text(
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'customllama'\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    spec = importlib.util.spec_from_file_location("modeling_custom", base / "modeling_custom.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.CustomConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2)
+    cfg.auto_map = {"AutoConfig": "modeling_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    mod.CustomForCausalLM(cfg).save_pretrained(base)
+    model = load_causal_lm(str(base), trust_remote_code=True).eval()
+
+    class StageZeroEngine:
+        module = model
+
+        def __call__(self, **kw):
+            return model(**kw)
+
+    class NoTokenizer:
+        def save_pretrained(self, _):
+            pass
+
+    with pytest.raises(export.ExportError, match="ValueError: .*custom code"):  # one line, not a traceback
+        export.export_hf(StageZeroEngine(), NoTokenizer(), tmp_path / "refused" / "model")
+    assert not (tmp_path / "refused" / "model").exists()
+    out = export.export_hf(StageZeroEngine(), NoTokenizer(), tmp_path / "run" / "model", trust_remote_code=True)
+    assert (out / "modeling_custom.py").is_file() and (tmp_path / "run" / "export_check.json").is_file()
+
+
 def test_collective_timeout_is_the_configured_one(tmp_path):
     """deepspeed.timeout_minutes reaches the process group (DeepSpeed's own default is 10 minutes,
     shorter than rank 0's export of a 7B model while the other ranks wait in a barrier)."""

@@ -37,7 +37,9 @@ def agree_on_rank0(what: str) -> Iterator[None]:
         yield
     except ExportError as exc:
         problem = str(exc)
-    except (OSError, RuntimeError) as exc:  # disk full, quota, permissions, a reload that fails
+    # disk full, quota, permissions, a reload that fails (transformers raises ValueError for a directory
+    # it will not load): one line on every rank instead of a traceback while the others wait
+    except (OSError, RuntimeError, ValueError) as exc:
         problem = f"{what}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     problem = broadcast_object(problem)
     if problem:
@@ -94,20 +96,24 @@ def logit_bound(expected: Any, rtol: float) -> float:
     return rtol * max(1.0, float(expected.abs().max()))
 
 
-def verify_export(out_dir: Path, ids: Any, expected: Any, rtol: float, name: Optional[Path] = None) -> tuple[float, float]:
+def verify_export(out_dir: Path, ids: Any, expected: Any, rtol: float, name: Optional[Path] = None,
+                  trust_remote_code: bool = False) -> tuple[float, float]:
     """Reload the export with plain transformers and compare logits with the in-engine model.
 
     The bound is relative to the largest logit: the reloaded model runs the same weights through a
     different attention path (summation order), so float32 round-off grows with the logits'
     magnitude (methods such as gradient ascent push them into the hundreds). Returns the maximum
     absolute difference and the absolute bound it was checked against. ``name``: the path to report
-    (``out_dir`` is the temporary directory an export is checked in before it replaces anything)."""
+    (``out_dir`` is the temporary directory an export is checked in before it replaces anything).
+    ``trust_remote_code``: the run's ``model.trust_remote_code`` (a custom-code model's export carries
+    its ``auto_map`` and code, and reloads only with it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     # float32 on the host whatever the exported dtype: the reference arithmetic for bf16 weights too,
     # and a forward of two 12-token rows costs little even at 7B
-    model = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code).eval()
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
     diff, tol = float((got - expected).abs().max()), logit_bound(expected, rtol)
@@ -118,7 +124,7 @@ def verify_export(out_dir: Path, ids: Any, expected: Any, rtol: float, name: Opt
     return diff, tol
 
 
-def _write_checked(module: Any, sd: dict, tokenizer: Any, out_dir: Path, probe: Any) -> None:
+def _write_checked(module: Any, sd: dict, tokenizer: Any, out_dir: Path, probe: Any, trust_remote_code: bool) -> None:
     """Rank 0: ``out_dir`` written atomically and, with a ``probe``, checked before it replaces anything."""
     from pipeline.io import atomic_write_json
 
@@ -133,7 +139,8 @@ def _write_checked(module: Any, sd: dict, tokenizer: Any, out_dir: Path, probe: 
         faults.maybe_fail_write("enospc_in_export", 0)  # fault suite: rank 0's export write fails
         save_tokenizer(tokenizer, tmp)
         # checked before it replaces anything: an export that fails leaves the previous one in place
-        check = verify_export(tmp, probe[0], probe[1], rtol, out_dir) if probe is not None else None
+        check = (verify_export(tmp, probe[0], probe[1], rtol, out_dir, trust_remote_code) if probe is not None
+                 else None)
     log.info("exported HF model to %s", out_dir)
     if check is not None:
         diff, tol = check
@@ -142,9 +149,11 @@ def _write_checked(module: Any, sd: dict, tokenizer: Any, out_dir: Path, probe: 
         log.info("export verified: max |logit diff| %.3g (tolerance %g)", diff, tol)
 
 
-def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, verify: bool = True) -> Path:
+def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, verify: bool = True,
+              trust_remote_code: bool = False) -> Path:
     """Write ``out_dir`` (config, safetensors weights, tokenizer) atomically on rank 0, then reload
-    it and check its logits against the in-engine model (``export_check.json``)."""
+    it (``trust_remote_code``: the run's setting) and check its logits against the in-engine model
+    (``export_check.json``)."""
     from pipeline.engine.distributed import all_true
     from pipeline.engine.health import local_params_finite
 
@@ -155,6 +164,6 @@ def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, verify: bool = T
     sd = consolidated_state_dict(engine)
     with agree_on_rank0(f"exporting to {out_dir}"):
         if is_main_process():
-            _write_checked(engine.module, sd, tokenizer, out_dir, probe)
+            _write_checked(engine.module, sd, tokenizer, out_dir, probe, trust_remote_code)
     barrier()
     return out_dir

@@ -115,7 +115,8 @@ def export_lora(engine: Any, tokenizer: Any, out_dir: str | Path, adapter_dir: s
                     merged.save_pretrained(tmp, safe_serialization=True)
                     save_tokenizer(tokenizer, tmp)
                     del merged, model
-                    check = verify_export(tmp, probe[0], probe[1], rtol, out_dir) if probe is not None else None
+                    check = (verify_export(tmp, probe[0], probe[1], rtol, out_dir, model_cfg.trust_remote_code)
+                             if probe is not None else None)
     if is_main_process():
         log.info("exported LoRA adapter to %s and the merged model to %s (merged and saved in %s%s)", adapter_dir,
                  out_dir, merged_dtype, "" if dtype == merged_dtype else
