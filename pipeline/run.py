@@ -423,21 +423,21 @@ def _load_models(cfg: DictConfig, inputs: JobInputs, s_cfg: dict, dtype: str, cu
         # layer tau applies to must call the tempered function (remote code may bypass it)
         problem = tempered_attention_problem(student, None if layers is None else list(layers))
         require(problem is None, "model.path", problem or "")
-    if cfg.kernels.kl == "fused":
-        from pipeline.methods.passes import fused_head_problem
-
-        problem = fused_head_problem(student)
-        require(problem is None, "kernels.kl", problem or "")
-    frozen = None
     if cfg.model.peft.enabled:
         # model.peft: the student trains LoRA adapters only; θ₀ is its own base with the adapters off
         # (FrozenBaseView, built once the engine exists): no second model is loaded.
         from pipeline.models.peft_student import low_lr_warning, wrap_lora
 
-        student = wrap_lora(student, cfg.model.peft)
+        student = wrap_lora(student, cfg.model.peft, paths.revision)
         if (note := low_lr_warning(float(cfg.trainer.lr))) is not None:
             log.warning(note, extra=SAME_ON_EVERY_RANK)
-    elif need_reference:
+    if cfg.kernels.kl == "fused":  # after LoRA wrapping: an adapter on the output head is refused too
+        from pipeline.methods.passes import fused_head_problem
+
+        problem = fused_head_problem(student)
+        require(problem is None, "kernels.kl", problem or "")
+    frozen = None
+    if need_reference and not cfg.model.peft.enabled:
         frozen = load()
         frozen.requires_grad_(False)
         check_same_architecture(student, frozen)
@@ -673,7 +673,7 @@ def _export(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir: Pa
     else:
         from pipeline.engine.export import export_hf
 
-        export_hf(engines.engine, inputs.tokenizer, model_dir)
+        export_hf(engines.engine, inputs.tokenizer, model_dir, trust_remote_code=bool(cfg.model.trust_remote_code))
     if is_main_process():
         latest = ckpt.latest_checkpoint(trainer.ckpt_root)
         at_this_step = latest is not None and ckpt.read_meta(latest).get("step") == trainer.state.step

@@ -41,6 +41,30 @@ def _student_and_base(model_dir, peft=PEFT):
     return student.train(), load_causal_lm(model_dir).eval()
 
 
+def test_the_adapter_records_the_base_revision_it_trained_on(tiny, tmp_path):
+    """adapter_config.json named the base without its revision: a reload took the hub's main."""
+    from pipeline.models.loading import load_causal_lm
+    from pipeline.models.peft_student import wrap_lora
+
+    _, model_dir, _ = tiny
+    student = wrap_lora(load_causal_lm(model_dir), PEFT, revision="0123abcd")
+    student.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["revision"] == "0123abcd"
+
+
+def test_fused_kl_refuses_a_lora_adapter_on_the_output_head(tiny):
+    """kernels.kl=fused forms logits from the head's base weight: an lm_head adapter was left out of
+    every loss and never trained, silently (the naive KL was right)."""
+    from pipeline.methods.passes import fused_head_problem
+    from pipeline.models.loading import load_causal_lm
+    from pipeline.models.peft_student import wrap_lora
+
+    _, model_dir, _ = tiny
+    assert fused_head_problem(wrap_lora(load_causal_lm(model_dir), PEFT)) is None
+    on_head = OmegaConf.merge(PEFT, {"target_modules": ["q_proj", "lm_head"]})
+    assert "LoRA adapter on it" in fused_head_problem(wrap_lora(load_causal_lm(model_dir), on_head))
+
+
 def _inputs():
     ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15, 0, 0, 0]])
     mask = (torch.arange(8)[None] < torch.tensor([[8], [5]])).long()

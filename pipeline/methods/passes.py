@@ -254,6 +254,12 @@ def _final_hidden(model: nn.Module, joint: dict) -> torch.Tensor:
 
 def fused_head_problem(model: nn.Module) -> Optional[str]:
     """Why ``kernels.kl=fused`` cannot serve ``model`` (it forms logits as h·Wᵀ + b itself), or None."""
+    if hasattr(output_head(unwrap(model)), "lora_A"):
+        # peft's lora.Linear: .weight is the frozen base; the adapter would be left out of the logits
+        # and get no gradient (measured: another forget loss, lm_head adapters untrained)
+        return ("kernels.kl=fused computes logits from the output head's base weight, so a LoRA adapter on it "
+                "(model.peft.target_modules names the head) would be ignored; use kernels.kl=naive or leave the "
+                "head out of model.peft.target_modules")
     cfg = getattr(unwrap(model), "config", None)
     bad = [k for k in HEAD_POSTPROCESSING if getattr(cfg, k, None) not in (None, 0, 1, 1.0)]
     if not bad:
@@ -437,7 +443,9 @@ def _fused_head(plan: StepPlan, student: nn.Module, frozen: Optional[nn.Module],
 
         def forward(hs: torch.Tensor):
             values = []
-            with gathered([head_t.weight]) if live and not shared else contextlib.nullcontext():
+            # the bias too: a vocab-sized one is partitioned at ZeRO-3 (over param_persistence_threshold)
+            with (gathered([p for p in (head_t.weight, head_t.bias) if p is not None]) if live and not shared
+                  else contextlib.nullcontext()):
                 for g in terms:
                     term, part = plan.kl[g], parts[g]
                     keep = _kl_mask(part, term)[part.mask]

@@ -292,7 +292,12 @@ def load_causal_lm(
             **({"device_map": {"": device}} if device not in (None, "cpu") else {}),
         )
     except (OSError, ValueError, SafetensorError) as e:  # a broken directory; not Exception: bugs stay tracebacks
-        raise ModelLoadError(f"model {path} cannot be loaded: {first_line(e)}") from e
+        msg = first_line(e)
+        if not allow_pickle and "use_safetensors" in msg:
+            # a hub model with pickled weights only: transformers names its own argument, not ours
+            msg = (f"no safetensors weights ({msg.split(' Please', 1)[0].strip()}); pickled weights (.bin) "
+                   f"load only with model.allow_pickle=true (they can run code when loaded)")
+        raise ModelLoadError(f"model {path} cannot be loaded: {msg}") from e
     enable_tempered_attention(model)
     return model
 

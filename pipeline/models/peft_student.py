@@ -63,8 +63,10 @@ def target_modules(model: nn.Module, pcfg: Any) -> list[str]:
     return list(DEFAULT_TARGETS[kind])
 
 
-def wrap_lora(model: nn.Module, pcfg: Any) -> nn.Module:
-    """Return ``model`` as a ``peft`` LoRA model built from ``model.peft`` settings.
+def wrap_lora(model: nn.Module, pcfg: Any, revision: Optional[str] = None) -> nn.Module:
+    """Return ``model`` as a ``peft`` LoRA model built from ``model.peft`` settings. ``revision``: the
+    hub revision the base was loaded at, recorded in the exported ``adapter_config.json`` (without it
+    a reload takes the hub's ``main``, which may have moved).
 
     Only the adapters are trainable afterwards (peft freezes the base). Works on a ZeRO-3
     partitioned model: peft reads ``in_features``/``out_features``, not the (empty) weight shapes,
@@ -82,7 +84,7 @@ def wrap_lora(model: nn.Module, pcfg: Any) -> nn.Module:
         # autocast_adapter_dtype=False: adapters in the base's dtype. peft's default makes them fp32,
         # which DeepSpeed casts to bf16 at stage 0 but not for a model built under ZeRO-3: one GPU and
         # eight would train adapters of different precision (each keeps an fp32 master either way).
-        peft_model = get_peft_model(model, lcfg, autocast_adapter_dtype=False)
+        peft_model = get_peft_model(model, lcfg, autocast_adapter_dtype=False, revision=revision)
     except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
         raise PeftSetupError(f"config error at 'model.peft.target_modules': {exc}") from exc
     adapted = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
