@@ -41,3 +41,26 @@ def test_a_pinned_hub_model_trains_and_evaluates_at_its_revision(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "evaluation model org/tiny" in evaluated.stderr
     assert (tmp_path / "runs" / "e" / "results.json").exists()
+
+
+def test_a_hub_model_with_pickled_weights_only_names_our_setting(tmp_path):
+    """transformers' refusal named its own use_safetensors argument, which the user never set."""
+    import os
+    import subprocess
+    import sys
+
+    _pinned_hub_cache(tmp_path)
+    snap = tmp_path / "hub" / "models--org--tiny" / "snapshots" / SNAPSHOT
+    code = ("import torch, safetensors.torch as st, sys; d = sys.argv[1]; "
+            "torch.save(st.load_file(d + '/model.safetensors'), d + '/pytorch_model.bin')")
+    subprocess.run([sys.executable, "-c", code, str(snap)], check=True)
+    (snap / "model.safetensors").unlink()
+    probe = ("from pipeline.models.loading import load_causal_lm, ModelLoadError\n"
+             "try:\n    load_causal_lm('org/tiny', revision='v1')\nexcept ModelLoadError as e:\n    print(e)\n"
+             "load_causal_lm('org/tiny', revision='v1', allow_pickle=True)\nprint('loaded with allow_pickle')\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second = out.stdout.strip().splitlines()[-2:]
+    assert "model.allow_pickle=true" in first and "use_safetensors" not in first
+    assert second == "loaded with allow_pickle"
