@@ -444,7 +444,8 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     topk = int(cfg.method.get("cache_topk", 0) or 0)
     _require(not (cfg.method.get("teacher") == "cached" and topk > 0 and cfg.kernels.kl == "fused"), "method.cache_topk",
              f"a top-k teacher cache (method.cache_topk={topk}) needs kernels.kl=naive; kernels.kl=fused streams "
-             "full cached rows only (set method.cache_topk=0 or kernels.kl=naive)")
+             "full cached rows only (set method.cache_topk=0 for full rows, which a top-k of at least the "
+             "vocabulary size stores anyway, or kernels.kl=naive)")
 
 
 # DeepSpeed config keys the pipeline derives from its own settings (deepspeed.extra may not set them)
