@@ -176,7 +176,40 @@ def test_texts_encoded_in_batches_equal_one_at_a_time():
         assert any(e.truncated for e in want) == (max_length < 12)
     rows = [{"text": t} for t in texts]
     assert [r["input_ids"] for r in encode_rows(tok, rows, 6, True, "forget")] == [
-        e.input_ids for e in (encode_text(tok, t, 6, add_eos=False) for t in texts)]
+        e.input_ids for e in (encode_text(tok, t, 6, add_eos=False) for t in texts if t)]  # "" is dropped
+
+
+def test_cut_documents_are_reported_as_documents_not_questions(caplog):
+    """A raw-text row over data.max_length loses its end (not question words): the warning says so."""
+    from tests.test_muse_wmdp_metrics import word_tokenizer
+
+    tok = word_tokenizer(["a", "b", "c"])
+    rows = [{"text": "a b c a b c"}, {"text": "a"}]
+    with caplog.at_level("WARNING"):
+        enc = encode_rows(tok, rows, 4, True, "forget")
+    assert [len(r["input_ids"]) for r in enc] == [4, 2]
+    assert "split 'forget': 1 of 2 documents cut at their end to data.max_length=4 tokens" in caplog.text
+    assert "question words" not in caplog.text
+    # question/answer rows keep their own line
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        encode_rows(tok, [{"question": "a b c a b c a b c", "answer": "a"}], 8, True, "forget")
+    assert "question words dropped from the left" in caplog.text and "documents cut" not in caplog.text
+
+
+def test_empty_documents_are_dropped_with_a_warning(caplog):
+    """An empty text row would be <bos> alone: no loss token, trains nothing. It is dropped and counted
+    (the other rows keep their index into the split); a split of empty documents only is a data error."""
+    from tests.test_muse_wmdp_metrics import word_tokenizer
+
+    tok = word_tokenizer(["a", "b"])
+    with caplog.at_level("WARNING"):
+        enc = encode_rows(tok, [{"text": "a b"}, {"text": ""}, {"text": "b"}], 16, True, "forget")
+    assert [r["index"] for r in enc] == [0, 2]
+    assert all(any(lab != -100 for lab in r["labels"]) for r in enc)
+    assert "split 'forget': dropped 1 of 3 text row(s): empty documents" in caplog.text
+    with pytest.raises(DataError, match=r"split 'retain': all 2 text row\(s\) are empty documents"):
+        encode_rows(tok, [{"text": ""}, {"text": ""}], 16, True, "retain")
 
 
 @pytest.mark.parametrize("max_length", [4, 7, 64])

@@ -425,6 +425,41 @@ def test_a_named_format_that_differs_from_the_tokenizers_template_is_warned(toks
         in caplog.text
 
 
+def _llama2_non_legacy() -> PreTrainedTokenizerFast:
+    """Llama-2-chat's tokenizer as transformers 5 loads it with ``legacy: false``: a BPE with
+    Metaspace(prepend_scheme="first"), so text right after a special token gets no ``▁`` (the
+    template's ``<s>[INST]`` reads ``[INST]``, not Meta's ``▁[INST]``)."""
+    from tokenizers import trainers
+
+    corpus = [f"[INST] {q} [/INST] {a} " for q, a in PAIRS] * 10
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")  # merges within words
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=list("▁")))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = LLAMA2_CHAT
+    return tok
+
+
+def test_llama2_chat_on_a_non_legacy_llama2_tokenizer_is_not_warned(caplog):
+    """The template's literal ``<s>`` changes the next word's tokens on a non-legacy tokenizer; the
+    format adds BOS as an id and tokenises ``[INST] ...`` as Meta did. Only the BOS text differs, so no
+    warning (which would advise prompt_format=chat, the ids the model was not trained on)."""
+    tok = _llama2_non_legacy()
+    fmt = get_prompt_format("llama2_chat")
+    text = tok.apply_chat_template([{"role": "user", "content": PAIRS[0][0]}], tokenize=False, add_generation_prompt=True)
+    assert tok(text, add_special_tokens=False)["input_ids"][1:] != fmt.prompt_ids(tok, PAIRS[0][0])[1:]  # the pitfall
+    assert tok.convert_ids_to_tokens(fmt.prompt_ids(tok, PAIRS[0][0]))[:2] == ["<s>", "▁[INST]"]
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.model.prompt_format = "llama2_chat"
+    with caplog.at_level("WARNING"):
+        checked_prompt_format(cfg, tok, ["training"])
+        cfg.model.system_prompt = "Be brief."
+        checked_prompt_format(cfg, tok, ["training"])
+    assert "renders prompts differently" not in caplog.text
+
+
 def test_the_log_says_when_the_prompt_format_is_not_applied(toks, caplog):
     """MUSE / WMDP runs train on raw text and evaluate with their own prompts: the log (and results.json's
     prompt_format.applied_to) must not claim the model's chat format ran."""

@@ -134,7 +134,8 @@ def check_split_names(data_cfg: Any) -> None:
 def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool, split: str,
                 prompt_format: Any = None, pack_text: bool = False) -> list[dict]:
     """Tokenise QA rows (loss on answers) or raw-text rows ``{"text": ...}`` (loss on every token,
-    MUSE/WMDP corpora). Over-long rows are cut and counted, or refused. ``prompt_format``: a
+    MUSE/WMDP corpora). Over-long rows are cut and counted, or refused; empty documents (no text
+    tokens) are dropped with a warning. ``prompt_format``: a
     :class:`pipeline.data.prompt_formats.PromptFormat` (None: plain). ``pack_text``
     (``data.pack_text``): raw-text rows become one token stream cut into ``max_length`` rows
     (:func:`pipeline.data.formatting.pack_texts`) instead of one row per text."""
@@ -149,11 +150,14 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
     # <eos> but joins the texts and cuts windows (pack_text=True here). A document has no "answer" to close
     texts = dict(zip(text_rows, encode_texts(tokenizer, [rows[i]["text"] for i in text_rows], max_length,
                                              add_eos=False)))
-    out, cut, answer_cut, mismatch, no_loss = [], 0, 0, 0, 0
+    out, cut, text_cut, answer_cut, mismatch, no_loss, empty = [], 0, 0, 0, 0, 0, 0
     _warn_special_text(tokenizer, rows, split)
     for i, r in enumerate(rows):
         if i in texts:
             enc = texts[i]
+            if all(lab == IGNORE_INDEX for lab in enc.labels):
+                empty += 1  # an empty document: <bos> alone, nothing to train on; dropped, said below
+                continue
         else:
             enc = encode_qa(tokenizer, r["question"], r["answer"], max_length, template=template)
         if i not in texts and all(lab == IGNORE_INDEX for lab in enc.labels):
@@ -167,11 +171,23 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
                     f"split {split!r} row {i}: sequence longer than {max_length} tokens (the limit set by "
                     f"data.max_length or the model's context) and data.truncate=false"
                 )
-            cut += 1
+            if i in texts:
+                text_cut += 1
+            else:
+                cut += 1
         out.append({"input_ids": enc.input_ids, "labels": enc.labels, "index": i})
+    if empty:
+        if not out:
+            raise DataError(f"split {split!r}: all {len(rows)} text row(s) are empty documents (no text tokens)")
+        log.warning("split %r: dropped %d of %d text row(s): empty documents (no text tokens, nothing to train on)",
+                    split, empty, len(text_rows), extra=SAME_ON_EVERY_RANK)
     if cut:
         log.warning("split %r: truncated %d of %d sequences to data.max_length=%d (question words dropped from the "
-                    "left, answers kept)", split, cut, len(rows), max_length, extra=SAME_ON_EVERY_RANK)
+                    "left, answers kept)", split, cut, len(rows) - len(text_rows), max_length, extra=SAME_ON_EVERY_RANK)
+    if text_cut:
+        log.warning("split %r: %d of %d documents cut at their end to data.max_length=%d tokens (the rest is not "
+                    "trained on; data.pack_text=true trains on every token)", split, text_cut, len(text_rows),
+                    max_length, extra=SAME_ON_EVERY_RANK)
     if no_loss:
         n_prompt = len(prompt_ids(tokenizer, "", template))
         what = (f"the prompt alone (the template and system prompt: {n_prompt} tokens with an empty question) "

@@ -191,16 +191,25 @@ class TemplateFormat(PromptFormat):
     def _compare_with_chat_template(self, tokenizer) -> None:
         """Warn when the tokenizer's own template renders a prompt otherwise (e.g. llama3_instruct on a
         Llama-3.1/3.2 tokenizer, whose template adds a system header with dates): the model was tuned
-        on its template's text, not this format's. BOS is compared apart (added as an id here)."""
+        on its template's text, not this format's. BOS is compared apart (added as an id here): a
+        template's leading BOS text is cut before tokenising the rest, as the models were trained on
+        the BOS id + the text's ids."""
         if not isinstance(getattr(tokenizer, "chat_template", None), str):
             return
         question = "Who wrote this book?"
         msgs = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
             {"role": "user", "content": question}]
         try:
-            theirs = _ids(tokenizer, tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         except Exception:  # noqa: BLE001 - a template that cannot render this: nothing to compare
             return
+        # BOS written as text can change how the next word is split: a non-legacy Llama-2 tokenizer
+        # (Metaspace prepend_scheme="first") reads "<s>[INST]" as "<s> [ INST]", while Meta trained on
+        # BOS id + sp.encode("[INST] ...") = "▁[INST]", which is what this format gives.
+        bos_text = tokenizer.bos_token
+        if isinstance(bos_text, str) and bos_text and text.startswith(bos_text):
+            text = text[len(bos_text):]
+        theirs = _ids(tokenizer, text)
         ours = self.prompt_ids(tokenizer, question)
         bos = tokenizer.bos_token_id
         if [t for t in ours if t != bos] != [t for t in theirs if t != bos]:
