@@ -239,8 +239,9 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
 
 def resume_target(mode: str, root: str | Path) -> Optional[Path]:
     """The checkpoint ``trainer.resume=<mode>`` resumes from, for a run whose checkpoints go to
-    ``root``: ``never`` none; ``auto`` the run's newest complete one; a path that one — unless it lies
-    outside ``root`` and this run has checkpoints of its own: an earlier attempt started from that
+    ``root``: ``never`` none; ``auto`` the run's newest complete one; a path that one (a path that does
+    not exist is a :class:`CheckpointError`) — unless it lies outside ``root`` and this run has
+    checkpoints of its own: an earlier attempt started from that
     path and trained on, so a requeued attempt continues from its own newest (before, every attempt
     went back to the path and trained the same steps again); likewise a path inside ``root`` (a
     rollback) that an attempt of the same submission already rolled back to (:func:`rollback_record`)."""
@@ -250,7 +251,7 @@ def resume_target(mode: str, root: str | Path) -> Optional[Path]:
     if mode == "auto":
         return own
     path = Path(mode)
-    if own is not None and not path.resolve().is_relative_to(Path(root).resolve()):
+    if own is not None and path.exists() and not path.resolve().is_relative_to(Path(root).resolve()):
         log.info("trainer.resume=%s: this run has checkpoints of its own since (an earlier attempt started from "
                  "that path); resuming from its newest, %s", mode, own)
         return own
@@ -262,6 +263,9 @@ def resume_target(mode: str, root: str | Path) -> Optional[Path]:
         log.warning("trainer.resume=%s: this job rolled back there in an earlier attempt and has trained on "
                     "since; resuming from its newest, %s (a new submission rolls back again)", mode, own)
         return own
+    if not path.exists():  # a typo (trainer.resume=nver) resumed this run's own newest checkpoint
+        raise CheckpointError(f"trainer.resume={mode}: no such checkpoint directory (allowed: auto, never, or the "
+                              f"path of a checkpoint)", every_rank=True)
     return path
 
 

@@ -262,6 +262,10 @@ def test_a_requeued_run_started_from_another_runs_checkpoint_continues_from_its_
     assert ckpt.resume_target("auto", own) == newest
     rollback = own / "step_00000004"
     assert ckpt.resume_target(str(rollback), own) == rollback
+    # a typo of never/auto was a path outside the run: it resumed the run's own newest, silently
+    for typo in ("nver", str(tmp_path / "missing" / "step_00000002")):
+        with pytest.raises(ckpt.CheckpointError, match=f"trainer.resume={typo}: no such checkpoint directory"):
+            ckpt.resume_target(typo, own)
 
 
 @pytest.mark.distributed
@@ -356,3 +360,13 @@ def test_a_rollback_is_continued_by_its_own_jobs_requeue_and_repeated_by_a_new_s
     assert ckpt.resume_target(str(root / "step_00000004"), root) == root / "step_00000008"
     monkeypatch.setenv("SLURM_JOB_ID", "57")  # a new submission rolls back again
     assert ckpt.resume_target(str(root / "step_00000004"), root) == root / "step_00000004"
+    # pruned by keep_checkpoints since: the requeue still continues from its newest; a new submission
+    # gets one line instead of a run from scratch
+    import shutil
+
+    shutil.rmtree(root / "step_00000004")
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    assert ckpt.resume_target(str(root / "step_00000004"), root) == root / "step_00000008"
+    monkeypatch.setenv("SLURM_JOB_ID", "57")
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint directory"):
+        ckpt.resume_target(str(root / "step_00000004"), root)
