@@ -323,7 +323,11 @@ def _validate_output_dir(cfg: DictConfig) -> None:
     _require(out is not None and str(out).strip() != "", "output_dir",
              "empty: name the directory that holds the runs (default: runs)")
     root = Path(str(out))
-    for path in (root, root / str(cfg.get("run_name", ""))):
+    # an empty run_name put the run's files among the other runs, and "../x" outside output_dir
+    name = str(cfg.get("run_name", "") or "")
+    _require(name.strip("/ ") != "" and ".." not in Path(name).parts, "run_name",
+             f"got {name!r}: name a directory under output_dir (no '..' parts)")
+    for path in (root, root / name):
         _require(not path.exists() or path.is_dir(), "output_dir", f"{path} exists and is not a directory")
     parent = root
     while not parent.exists() and parent != parent.parent:
@@ -463,7 +467,13 @@ def _validate_deepspeed(ds: DictConfig) -> None:
         # the run would fail inside deepspeed.initialize after the models were built
         _require(ds[key] in ("none", "cpu"), f"deepspeed.{key}",
                  f"got {ds[key]!r}; allowed values: none, cpu (nvme is not supported: no nvme_path is configured)")
-    _require(ds.zero_stage in ("auto", 0, 1, 2, 3), "deepspeed.zero_stage", f"must be auto or 0..3, got {ds.zero_stage!r}")
+    # not a bool: True == 1 in Python, so zero_stage=true read as stage 1
+    _require(not isinstance(ds.zero_stage, bool) and ds.zero_stage in ("auto", 0, 1, 2, 3), "deepspeed.zero_stage",
+             f"must be auto or 0..3, got {ds.zero_stage!r}")
+    # stage 0 has no ZeRO optimizer to keep master weights on the host: DeepSpeed's CPU Adam would
+    # then meet parameters on the GPU (an assertion after the model loaded), and the plan was wrong
+    _require(ds.offload_optimizer == "none" or ds.zero_stage != 0, "deepspeed.offload_optimizer",
+             f"offload_optimizer={ds.offload_optimizer} needs deepspeed.zero_stage 1, 2, 3 (or auto), got zero_stage=0")
     # DeepSpeed offloads parameters in ZeRO-3 only: for stages 0-2 the DeepSpeed config gets no
     # offload_param at all, so the weights would stay on the GPU while the memory plan had moved them
     # (zero_stage=auto with any offload resolves to 3: pipeline/engine/zero_stage.py)

@@ -300,3 +300,16 @@ def test_nan_skip_is_refused_where_the_gradient_check_cannot_see_the_gradients(s
     with pytest.raises(ConfigError, match="trainer.nan_policy"):
         validate(_compose(["trainer.nan_policy=skip", f"deepspeed.zero_stage={stage}"]))
     validate(_compose(["trainer.nan_policy=skip", "deepspeed.zero_stage=3"]))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("deepspeed.zero_stage=true", "deepspeed.zero_stage"),  # True == 1: it ran as stage 1
+    ("deepspeed.offload_optimizer=cpu", "deepspeed.offload_optimizer"),  # with zero_stage=0 below
+    ("run_name=''", "run_name"),
+    ("run_name=../../elsewhere", "run_name"),
+])
+def test_values_that_ran_as_something_else_are_refused(override, key):
+    extra = ["deepspeed.zero_stage=0"] if "offload" in override else []
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        validate(_compose([override, *extra]))
+    validate(_compose(["deepspeed.offload_optimizer=cpu", "deepspeed.zero_stage=2", "run_name=a/b"]))
