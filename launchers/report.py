@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         rep = build_report(a.sweep_dir, a.rule, a.target, a.x, a.y, a.out)
-    except (FileNotFoundError, ValueError) as exc:  # one line, as the other launchers' errors
+    except (OSError, ValueError) as exc:  # one line, as the other launchers' errors (--out unwritable too)
         print(error_line(exc, str(exc)), file=sys.stderr)
         return 2
     out = a.out or a.sweep_dir

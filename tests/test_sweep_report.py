@@ -223,6 +223,23 @@ def test_report_cli(fake_sweep):
     assert missing.returncode == 2 and "--target" in missing.stderr and "Errno" not in missing.stderr
 
 
+def test_report_cli_without_points_or_with_an_unwritable_out_is_one_line(tmp_path, fake_sweep):
+    """An empty directory printed '(no sweep points found)' and wrote report.md/pareto.png into it, with
+    no error line; --out under a file was a NotADirectoryError traceback."""
+    def report(*args):
+        done = subprocess.run([sys.executable, "launchers/report.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error ("), done.stderr
+        return lines[0]
+
+    (tmp_path / "empty").mkdir()
+    assert "no sweep points under" in report(tmp_path / "empty") and not list((tmp_path / "empty").iterdir())
+    (tmp_path / "afile").write_text("x")
+    assert "is not a directory" in report(tmp_path / "afile")
+    assert "Not a directory" in report(fake_sweep, "--out", tmp_path / "afile" / "sub")
+
+
 @pytest.mark.distributed
 def test_real_local_sweep_then_report(tmp_path):
     """Hydra multirun (basic launcher, sequential in one process) on the tiny model, then the report."""

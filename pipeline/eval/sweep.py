@@ -281,7 +281,7 @@ def gather(sweep_dir: str | Path) -> list[SweepPoint]:
     ``.hydra/`` config (hidden directories such as ``.submitit`` are skipped)."""
     root = Path(sweep_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"sweep directory {root} does not exist")
+        raise FileNotFoundError(f"sweep directory {root} " + ("is not a directory" if root.exists() else "does not exist"))
     dirs: set[Path] = set()
     for p in root.rglob(RESULTS_FILE):
         if not _is_hidden(p.parent.relative_to(root)):
@@ -522,6 +522,8 @@ def build_report(sweep_dir: str | Path, rule: Optional[str] = None, target: Opti
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out else sweep_dir
     points = gather(sweep_dir)
+    if not points:  # nothing to report: no report.md / pareto.png written into the directory
+        raise ValueError(f"no sweep points under {sweep_dir} (no run directories with .hydra/ or {RESULTS_FILE})")
     reference = _read_target(target) if target else None
     default_rule, default_x, default_y = family_defaults(points)
     r = parse_rule(rule or default_rule)
