@@ -109,6 +109,16 @@ def _exit_slurm_sweep_failed(exc: Exception) -> None:
     sys.exit(2)
 
 
+def _raised_by_hydra(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside Hydra's own code (its innermost frame is in the hydra package)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{os.sep}hydra{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
 def launch(main) -> None:
     """Run a ``@hydra.main`` entry point. A config that does not compose (an unknown group option or
     key, a value of the wrong type, a malformed override) is bad input like any other: one line
@@ -132,6 +142,12 @@ def launch(main) -> None:
         if user_full_error or _TASK_STARTED:  # raised by the job itself: a bug, keep the traceback
             raise
         exit_with(exc, compose_error_line(exc), every_rank=True)
+    except ValueError as exc:
+        # Hydra's own command-line checks (e.g. "-m ... --cfg job": "Only one of --run, --multirun,
+        # --cfg, ... can be specified") raise a plain ValueError before any job starts
+        if user_full_error or _TASK_STARTED or not _raised_by_hydra(exc):
+            raise
+        exit_with(exc, str(exc).strip().splitlines()[0], every_rank=True)
     except Exception as exc:
         from pipeline.errors import SweepJobFailed
 

@@ -180,6 +180,15 @@ def test_cli_print_config_job():
     assert "method:" in out.stdout and "tau:" in out.stdout and "zero_stage: auto" in out.stdout
 
 
+def test_cli_hydra_flag_conflict_is_one_line():
+    """-m with --cfg: Hydra's ValueError was a traceback, exit 1."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "launchers/train.py", "-m", "+exp=tofu_tiny", "--cfg", "job"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error (ValueError, rank 0): Only one of"), out.stderr
+
+
 def test_cli_unknown_key_exits_nonzero_with_message():
     env = dict(os.environ, PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "launchers/train.py", "trainer.bogus_key=1"], cwd=ROOT, env=env,
