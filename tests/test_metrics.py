@@ -106,6 +106,45 @@ def test_normalised_prob():
     assert M.normalised_prob(0.2, [0.6]) == pytest.approx(0.25)
 
 
+
+def _open_unlearning_tofu(correct_avg_nll, wrong_avg_nlls):
+    """open-unlearning d3d7cf9 written out (memorization.py ``truth_ratio`` with ``aggregate_to_1D``
+    over the perturbed avg losses, ``probability_w_options``): (truth ratio, closer_to_1_better of it,
+    normalised probability)."""
+    import numpy as np
+
+    correct_prob = np.exp(-correct_avg_nll)
+    wrong_prob = np.exp(-np.mean(wrong_avg_nlls))
+    tr = wrong_prob / (correct_prob + 1e-10)
+    closer = np.mean(np.minimum(np.array([tr]), 1 / (np.array([tr]) + 1e-10)))
+    norm = correct_prob / (correct_prob + np.exp(-np.array(wrong_avg_nlls)).sum() + 1e-10)
+    return tr, closer, norm
+
+
+@pytest.mark.parametrize("correct, wrong", [
+    (2.0, [2.5, 3.0]),  # a working model
+    (30.0, [31.0, 29.5, 32.0]),  # collapsed: probabilities below the 1e-10
+    (45.0, [44.0, 46.0]),
+    (720.0, [5.0]),  # diverged: exp(720) overflowed (OverflowError) before
+])
+def test_truth_ratio_and_normalised_prob_equal_open_unlearning_also_for_a_collapsed_model(correct, wrong):
+    n = 10
+    tr = M.truth_ratio(-correct * n, n, [-w * n for w in wrong], [n] * len(wrong))
+    norm = M.normalised_prob(math.exp(-correct), [math.exp(-w) for w in wrong])
+    their_tr, their_closer, their_norm = _open_unlearning_tofu(correct, wrong)
+    assert math.isfinite(tr)
+    assert tr == pytest.approx(their_tr, rel=1e-9)
+    assert M.truth_ratio_score([tr], "closer_to_1_better") == pytest.approx(their_closer, rel=1e-9, abs=1e-300)
+    assert norm == pytest.approx(their_norm, rel=1e-9, abs=1e-300)
+
+
+def test_an_infinite_truth_ratio_scores_zero_not_dropped():
+    # open-unlearning: min(inf, 1/(inf + 1e-10)) = 0, max(0, 1 - inf) = 0; only nan (no tokens) is skipped
+    assert M.truth_ratio_score([1.0, float("inf")], "closer_to_1_better") == pytest.approx(0.5)
+    assert M.truth_ratio_score([0.0, float("inf")], "true_better") == pytest.approx(0.5)
+    assert M.truth_ratio_score([0.5, float("nan"), None], "true_better") == pytest.approx(0.5)
+
+
 # ----------------------------------------------------------------------------------- KS p-value
 def test_forget_quality_ks_exact_small_samples():
     # Under H0 the C(6,3) = 20 ways to interleave two samples of 3 are equally likely.

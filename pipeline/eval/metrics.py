@@ -13,13 +13,13 @@ Definitions, checked against locuslab/open-unlearning (``src/evals/metrics/memor
   labels, as our :func:`pipeline.data.formatting.encode_qa` does).
 * **Normalised probability** (real_authors, world_facts: ``probability_w_options``) =
   ``p(correct) / (p(correct) + sum_k p(perturbed_k))`` with the length-normalised probabilities
-  above (they add ``1e-10`` to the denominator).
-* **Truth ratio** = ``P_pert / P_correct`` where ``P = exp(-avg NLL)``; ``P_pert`` aggregates the
+  above (they add ``1e-10`` to the denominator, as we do).
+* **Truth ratio** = ``P_pert / (P_correct + 1e-10)`` where ``P = exp(-avg NLL)``; ``P_pert`` aggregates the
   perturbed answers by averaging their *avg NLLs* (``aggregate_to_1D``), i.e. the **geometric**
   mean of the length-normalised perturbed probabilities. "Correct" is the *paraphrased* answer on
   forget/retain (``forget_Truth_Ratio.yaml``, ``retain_Truth_Ratio.yaml``) and the plain *answer*
   on real_authors/world_facts (``ra_Truth_Ratio.yaml``: ``ra_Q_A_Prob`` is the correct side).
-  Split aggregates: forget uses ``closer_to_1_better = mean(min(tr, 1/tr))``; retain,
+  Split aggregates: forget uses ``closer_to_1_better = mean(min(tr, 1/(tr + 1e-10)))``; retain,
   real_authors and world_facts use ``true_better = mean(max(0, 1 - tr))``.
 * **Forget quality** = p-value of ``scipy.stats.ks_2samp`` between the per-example forget truth
   ratios of the unlearned model and of the retain model (``privacy.ks_test``; the older
@@ -41,8 +41,11 @@ Differences from open-unlearning (deliberate, small):
   code (``perturbed_mean="geometric"``) and offer ``"arithmetic"``.
 * ``model_utility`` returns 0 when any component is 0 (as ``hmean`` does) and raises on a
   negative value; non-finite components give ``nan`` instead of a scipy warning.
-* We do not add ``1e-10`` to denominators: truth ratios are computed in log space
-  (``exp(mean log p_pert - log p_correct)``), which cannot divide by zero or underflow to 0/0.
+* None in the probabilities: we add open-unlearning's ``1e-10`` where they do
+  (``p_pert / (p_correct + 1e-10)``, ``p_correct / (p_correct + sum p_pert + 1e-10)``,
+  ``min(tr, 1 / (tr + 1e-10))``), so a collapsed model (answer probabilities below ~1e-10, i.e. a
+  mean NLL above ~23 nats/token) scores as there; for a mean NLL up to ~9 nats/token the epsilon
+  moves the values by under 1e-6 relative.
 * Fluency metrics (fact recall, repetition, well-formedness, unigram entropy) are ours; open-
   unlearning has no equivalent (its closest is a gibberish classifier).
 """
@@ -123,6 +126,15 @@ def length_normalised_prob(sum_logprob: float, n_tokens: int) -> float:
     return math.exp(avg_logprob(sum_logprob, n_tokens))
 
 
+EPS = 1e-10  # open-unlearning's guard in the truth-ratio and normalised-probability denominators
+
+
+def _exp(x: float) -> float:
+    """``exp(x)`` that gives ``inf`` instead of raising ``OverflowError`` (nan stays nan)."""
+    with np.errstate(over="ignore"):
+        return float(np.exp(x))
+
+
 def truth_ratio(
     correct_logprob: float,
     correct_ntokens: int,
@@ -130,12 +142,14 @@ def truth_ratio(
     perturbed_ntokens: Sequence[int],
     perturbed_mean: str = "geometric",
 ) -> float:
-    """TOFU truth ratio ``P_pert / P_correct`` of one question (lower = model prefers the truth).
+    """TOFU truth ratio ``P_pert / (P_correct + 1e-10)`` of one question (lower = model prefers the truth).
 
     ``P_x = exp(logprob_x / ntokens_x)`` (length-normalised). The perturbed side is the
     ``"geometric"`` mean of the ``P_pert_k`` (= ``exp(mean_k avg_logprob_k)``, what TOFU and
-    open-unlearning compute) or the ``"arithmetic"`` mean (the formula in the TOFU paper).
-    Returns ``nan`` when any answer has no tokens (e.g. truncated away).
+    open-unlearning compute) or the ``"arithmetic"`` mean (the formula in the TOFU paper). The
+    ``1e-10`` is open-unlearning's (``wrong_prob / (correct_prob + 1e-10)``): it keeps the ratio of a
+    collapsed model finite (at most 1e10) and equal to theirs. Returns ``nan`` when any answer has no
+    tokens (e.g. truncated away).
     """
     if len(perturbed_logprobs) != len(perturbed_ntokens):
         raise ValueError("perturbed_logprobs and perturbed_ntokens differ in length")
@@ -144,18 +158,18 @@ def truth_ratio(
     c = avg_logprob(correct_logprob, correct_ntokens)
     pert = [avg_logprob(lp, n) for lp, n in zip(perturbed_logprobs, perturbed_ntokens)]
     if perturbed_mean == "geometric":
-        return math.exp(float(np.mean(pert)) - c)
-    if perturbed_mean == "arithmetic":
-        # mean_k exp(pert_k - c), computed stably with a shift by the max
-        m = max(pert)
-        return math.exp(m - c) * float(np.mean([math.exp(p - m) for p in pert]))
-    raise ValueError(f"perturbed_mean must be 'geometric' or 'arithmetic', got {perturbed_mean!r}")
+        wrong = _exp(float(np.mean(pert)))
+    elif perturbed_mean == "arithmetic":
+        wrong = float(np.mean([_exp(p) for p in pert]))
+    else:
+        raise ValueError(f"perturbed_mean must be 'geometric' or 'arithmetic', got {perturbed_mean!r}")
+    return wrong / (_exp(c) + EPS)
 
 
 def normalised_prob(correct_prob: float, perturbed_probs: Sequence[float]) -> float:
-    """``p_correct / (p_correct + sum_k p_pert_k)`` (open-unlearning ``probability_w_options``)."""
-    denom = correct_prob + float(sum(perturbed_probs))
-    return correct_prob / denom if denom > 0 else float("nan")
+    """``p_correct / (p_correct + sum_k p_pert_k + 1e-10)`` (open-unlearning ``probability_w_options``,
+    their ``1e-10`` included: 0, not nan, when every probability underflowed to 0)."""
+    return correct_prob / (correct_prob + float(sum(perturbed_probs)) + EPS)
 
 
 def _finite(values: Sequence[float]) -> np.ndarray:
@@ -166,17 +180,18 @@ def _finite(values: Sequence[float]) -> np.ndarray:
 def truth_ratio_score(truth_ratios: Sequence[float], aggregator: str) -> float:
     """Aggregate per-question truth ratios into one score in [0, 1] (higher = better).
 
-    ``"closer_to_1_better"`` (forget split): ``mean(min(tr, 1/tr))`` — 1 when the model cannot
-    tell the truth from perturbations. ``"true_better"`` (retain / real authors / world facts):
-    ``mean(max(0, 1 - tr))`` — high when the truth is much likelier than perturbations.
-    Non-finite ratios are skipped; ``nan`` if none is left.
+    ``"closer_to_1_better"`` (forget split): ``mean(min(tr, 1/(tr + 1e-10)))`` — 1 when the model
+    cannot tell the truth from perturbations. ``"true_better"`` (retain / real authors / world facts):
+    ``mean(max(0, 1 - tr))`` — high when the truth is much likelier than perturbations. Both are
+    open-unlearning's. ``nan``/``None`` ratios (no tokens) are skipped; an infinite ratio scores 0,
+    as there (dropping it would reward a diverged model); ``nan`` if none is left.
     """
-    tr = _finite(truth_ratios)
+    arr = np.asarray([v for v in truth_ratios if v is not None], dtype=float)
+    tr = arr[~np.isnan(arr)]
     if tr.size == 0:
         return float("nan")
     if aggregator == "closer_to_1_better":
-        with np.errstate(divide="ignore"):
-            return float(np.mean(np.minimum(tr, 1.0 / tr)))
+        return float(np.mean(np.minimum(tr, 1.0 / (tr + EPS))))
     if aggregator == "true_better":
         return float(np.mean(np.maximum(0.0, 1.0 - tr)))
     raise ValueError(f"unknown truth-ratio aggregator {aggregator!r}")
