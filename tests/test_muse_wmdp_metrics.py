@@ -323,6 +323,34 @@ def test_a_wmdp_evaluation_records_its_length_bos_and_rows(tmp_path):
     assert set(record["rows"]) == {"wmdp-cyber"} and record["rows"]["wmdp-cyber"] > 0 and "wmdp-cyber_accuracy" in metrics
 
 
+def test_eval_max_rows_applies_to_muse_splits_but_not_the_few_shot_examples(tmp_path):
+    """eval.max_rows caps every scored split (before: silently ignored outside TOFU), is recorded, and the
+    knowmem_*_icl in-context examples are neither cut nor listed as scored rows (icl_rows instead)."""
+    from pipeline.eval import runner
+
+    metrics = _evaluate_tiny(tmp_path, ["data=muse_news", "data.path={root}/tests/fixtures/muse_news",
+                                        "eval.verbmem_max_new_tokens=2", "eval.knowmem_max_new_tokens=2",
+                                        "eval.max_rows=1"])
+    record = metrics[runner.EVALUATION_KEY]
+    assert record["max_rows"] == 1 and record["rows"] and set(record["rows"].values()) == {1}, record["rows"]
+    assert not any(name.endswith("_icl") for name in record["rows"])
+    assert set(record["icl_rows"]) == {"knowmem_forget_icl", "knowmem_retain_icl"}
+    assert record["generation"].startswith("greedy")
+    shots = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(5)]
+    limited = runner.limit_rows({"forget": list(range(9)), "knowmem_forget": list(range(9)),
+                                 "knowmem_forget_icl": shots}, 3, "forget")
+    assert limited == {"forget": list(range(9)), "knowmem_forget": [0, 3, 6], "knowmem_forget_icl": shots}
+
+
+def test_eval_max_rows_applies_to_multiple_choice_splits(tmp_path):
+    from pipeline.eval import runner
+
+    metrics = _evaluate_tiny(tmp_path, ["data=wmdp_cyber", "data.path={root}/tests/fixtures/wmdp",
+                                        "data.eval_splits=[wmdp-cyber]", "eval.max_length=64", "eval.max_rows=1"])
+    record = metrics[runner.EVALUATION_KEY]
+    assert record["rows"] == {"wmdp-cyber": 1} and record["max_rows"] == 1
+
+
 def _evaluate_tiny(tmp_path, overrides: list[str]) -> dict:
     """runner.evaluate_job on a tiny random Llama with the composed config (``{root}`` in an override:
     the repository)."""

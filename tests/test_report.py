@@ -146,3 +146,23 @@ def test_report_says_lora_tau_auto_and_the_prompt_format(tmp_path):
     assert "LoRA" not in full and "peft" not in full and "method.tau=auto" not in full and "tau_selection" not in full
     raw = render_report_md({"method": "rmu", "tau": None, "metrics": {}, "prompt_format": {**PLAIN, "applied_to": []}})
     assert "| prompt_format | plain; not applied (no question/answer rows) |" in raw
+
+
+def test_probe_metrics_have_a_direction_so_rules_and_report_arrows_are_right():
+    """The robustness probe's metrics (every key robustness_metrics returns) are in METRIC_INFO: a drop
+    is better low (``--rule probe_fact_recall_drop`` minimised it only by luck before: it maximised),
+    the probed recalls high; report.md shows the arrow."""
+    from types import SimpleNamespace
+
+    from pipeline.eval.report import metric_info
+    from pipeline.eval.robustness import robustness_metrics
+    from pipeline.eval.sweep import parse_rule
+
+    split = SimpleNamespace(indices=[0, 1], fact_recall=[1.0, 0.5], rouge_l_recall=[1.0, 0.5])
+    keys = set(robustness_metrics(split, split, [0, 1]))
+    assert {k: metric_info(k)[0] for k in keys} == {
+        "probe_fact_recall": "up", "probe_rouge_l": "up", "probe_fact_recall_drop": "down", "probe_rouge_l_drop": "down"}
+    assert all(metric_info(k)[1] for k in keys)
+    assert parse_rule("probe_fact_recall_drop").direction == "down"
+    md = render_report_md({"method": "x", "tau": None, "metrics": {"probe_fact_recall_drop": 0.3}})
+    assert "| `probe_fact_recall_drop` | 0.3000 | ↓ |" in md

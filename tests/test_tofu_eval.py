@@ -301,3 +301,89 @@ def test_rouge_stemmer_setting_reaches_tofu_and_muse_scores(stem):
     assert res.rouge_l_recall == [pytest.approx(1.0 if stem else 1 / 3)]
     muse = evaluate_knowmem(model, tok, [row], MuseSettings(rouge_stemmer=stem))
     assert muse.values["rouge_l_recall"] == [pytest.approx(1.0 if stem else 1 / 3)]
+
+
+def test_greedy_generate_ignores_the_models_generation_config():
+    """A checkpoint's generation_config.json (Qwen2.5-Instruct: repetition_penalty 1.05) must not shape
+    eval answers: with penalties, n-gram blocking, a minimum length, suppressed tokens and sampling
+    set there, greedy_generate still equals a plain argmax loop, and the model's config is restored."""
+    from transformers import GenerationConfig
+
+    torch.manual_seed(0)
+    words = ["Question", ":", "Answer", "a", "b", "c", "d", "?"]
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"] + words)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0)
+    m = LlamaForCausalLM(cfg).eval()
+    m.lm_head = torch.nn.Linear(16, len(tok), bias=True)
+    with torch.no_grad():  # a model that loops on "a": what the penalties would hide
+        m.lm_head.weight.zero_()
+        m.lm_head.bias.zero_()
+        m.lm_head.bias[vocab["a"]] = 1.0
+    qs = ["a ?", "b c ?", "d ?"]
+    own = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.7,
+                           repetition_penalty=3.0, no_repeat_ngram_size=2, min_new_tokens=4,
+                           suppress_tokens=[vocab["b"]], encoder_repetition_penalty=2.0)
+    m.generation_config = own
+    got = greedy_generate(m, tok, qs, max_new_tokens=6, batch_size=2)
+    assert m.generation_config is own
+    for q, (text, toks, ended) in zip(qs, got):
+        assert (toks, ended) == _manual_greedy(m, tok, q, 6) == ([vocab["a"]] * 6, False)
+        assert text == "a a a a a a"  # a penalty or n-gram block would have broken the loop
+    # a LoRA run evaluates a peft wrapper, whose generate() copies the wrapper's config onto the base model
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(m, LoraConfig(r=2, target_modules=["q_proj"])).eval()
+    assert [g[1] for g in greedy_generate(wrapped, tok, qs, max_new_tokens=6, batch_size=2)] == [t for _, t, _ in got]
+    assert m.generation_config is own
+
+
+def test_truth_ratios_without_generation_equal_those_with_it(model, tokenizer):
+    """evaluate_split(generate=False), used for the retain-model reference, runs no generate() and gives
+    the same probabilities and truth ratios; the generation metrics are nan, not scores of ''."""
+    cfg = EvalSettings(batch_size=3, max_new_tokens=4, max_length=64)
+    full = evaluate_split(model, tokenizer, ROWS, cfg, name="forget01")
+    counts, undo = _count_calls(model)
+    quick = evaluate_split(model, tokenizer, ROWS, cfg, name="forget01", generate=False)
+    undo()
+    assert counts["generate"] == 0
+    assert quick.truth_ratio == full.truth_ratio and quick.answer_prob == full.answer_prob
+    assert quick.normalised_prob == full.normalised_prob and quick.pert_probs == full.pert_probs
+    assert all(math.isnan(x) for x in quick.rouge_l_recall + quick.fact_recall + quick.well_formed)
+    assert math.isnan(quick.means()["rouge_l_recall"]) and any("generation skipped" in s for s in quick.skipped)
+
+
+def test_the_retain_reference_is_computed_without_generation(tmp_path, monkeypatch):
+    """runner.retain_reference needs only truth ratios: it never generates (minutes at 7B), and its
+    ratios equal a full evaluation's."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from pipeline.config import RunConfig
+    from pipeline.eval.runner import _settings, retain_reference, truth_ratio_key
+    from pipeline.inputs import ModelPaths
+    from pipeline.models.loading import load_causal_lm
+    from tests.helpers.tiny import CITIES, PEOPLE, build, qa_row
+
+    model_dir = build(tmp_path / "retain")[0]
+    rows = [qa_row(p, c) for p, c in zip(PEOPLE[:3], CITIES[:3])]
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.cache_dir = str(tmp_path / "cache")
+    cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.max_length = 2, 3, 64
+    cfg.eval.device = "cpu"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    full = evaluate_split(load_causal_lm(model_dir, "float32").eval(), tok, rows, _settings(cfg), name="forget",
+                          truth_ratio_key=truth_ratio_key(cfg))
+
+    def no_generate(*_, **__):
+        raise AssertionError("the retain reference generated")
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", no_generate)
+    m = str(model_dir)
+    ratios, info = retain_reference(cfg, ModelPaths(m, m, None, m, None), "forget", rows, tok)
+    assert info["source"] == "computed" and ratios == pytest.approx(full.truth_ratio, rel=1e-6)

@@ -58,6 +58,13 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "world_facts_truth_ratio": ("up", "mean of max(0, 1 - TR) on world facts."),
     "real_authors_fact_recall": ("up", "fact recall on real authors."),
     "world_facts_fact_recall": ("up", "fact recall on world facts."),
+    # robustness probe (pipeline/eval/robustness.py): retain questions with a forget keyword prepended
+    "probe_fact_recall": ("up", "fact recall of greedy answers to retain questions with a forget keyword (a forget "
+                          "author's name) prepended (RNA-style robustness probe)."),
+    "probe_rouge_l": ("up", "ROUGE-L recall of greedy answers to those probed retain questions."),
+    "probe_fact_recall_drop": ("down", "retain fact recall of the probed rows asked plainly minus asked with the "
+                               "forget keyword; 0 = robust, high = forget content in the question breaks answers."),
+    "probe_rouge_l_drop": ("down", "the same drop in ROUGE-L recall (plain minus probed); 0 = robust."),
     # MUSE (pipeline/eval/muse.py)
     "verbmem_forget": ("down", "VerbMem: ROUGE-L F1 of greedy continuations of forget-set text prefixes against "
                        "the true continuation (verbatim memorisation)."),

@@ -9,6 +9,7 @@ retain model's weights, the rows and the settings (:mod:`pipeline.eval.reference
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -106,11 +107,13 @@ def _ran_on(cfg: DictConfig, model: Any) -> dict:
 
 def evaluate_splits(model: Any, tokenizer: Any, splits: dict[str, list[dict]], settings: Any,
                     tr_key: Optional[str] = None, progress_bar: bool = True,
-                    parts: Optional[SplitParts] = None, cfg: Optional[DictConfig] = None) -> dict[str, Any]:
+                    parts: Optional[SplitParts] = None, cfg: Optional[DictConfig] = None,
+                    generate: bool = True) -> dict[str, Any]:
     """Data-parallel evaluation of each split; every rank returns the merged results. With
     ``progress_bar`` rank 0 shows a bar per split (``eval[<split>]``, in batches). ``model``: a
     model or a :class:`ModelOnDemand`; with ``parts`` (and the run's ``cfg``) a split finished by an
-    earlier attempt is taken from there and each newly finished one is kept."""
+    earlier attempt is taken from there and each newly finished one is kept. ``generate=False``:
+    no greedy generation, so no generation-based metrics (:func:`pipeline.eval.tofu.evaluate_split`)."""
     import torch.distributed as dist
 
     from pipeline.eval.tofu import SplitResult, evaluate_split, gather_split_results
@@ -125,7 +128,7 @@ def evaluate_splits(model: Any, tokenizer: Any, splits: dict[str, list[dict]], s
             continue
         with progress(f"eval[{name}]", progress_bar):
             mine = evaluate_split(_model(model), tokenizer, rows, settings, name=name, rank=rank, world_size=world,
-                                  truth_ratio_key=tr_key)
+                                  truth_ratio_key=tr_key, generate=generate)
         out[name] = gather_split_results(gather_objects(mine))
         if parts is not None:
             parts.store("tofu", name, rows, out[name], _ran_on(cfg, model))
@@ -274,8 +277,9 @@ def retain_reference(cfg: DictConfig, paths: Any, forget_split: str, rows: list[
         return ratios, info
     model = _load_eval_model(paths.retain_model, cfg)
     with progress(f"eval[retain model on {forget_split}]", _progress_bar(cfg)):
+        # only the truth ratios are used: greedy generation of every forget row (minutes at 7B) is skipped
         res = evaluate_splits(model, tokenizer, {forget_split: rows}, _settings(cfg), truth_ratio_key(cfg),
-                              _progress_bar(cfg))[forget_split]
+                              _progress_bar(cfg), generate=False)[forget_split]
     ratios = [float(x) for x in res.truth_ratio]
     if is_main_process():
         from pipeline.io import atomic_write_json
@@ -373,6 +377,19 @@ def evenly_spaced(rows: list, n: int) -> list:
     return [rows[i] for i in evenly_spaced_indices(len(rows), n)]
 
 
+def is_icl(split: str) -> bool:
+    """Whether ``split`` holds in-context examples (MUSE's ``knowmem_*_icl``), prompt text, not scored rows."""
+    return split.endswith("_icl")
+
+
+def limit_rows(splits: dict[str, list[dict]], max_rows: int, forget_split: str) -> dict[str, list[dict]]:
+    """``eval.max_rows``: at most ``max_rows`` evenly spaced rows of every split but ``forget_split``
+    (forget quality compares its whole truth-ratio distribution) and the in-context example splits
+    (the few-shot prompt stays whole)."""
+    return {name: rows if name == forget_split or is_icl(name) else evenly_spaced(rows, max_rows)
+            for name, rows in splits.items()}
+
+
 def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: Any, paths: Any,
                  parts_dir: Optional[str | Path] = None) -> tuple[dict, dict]:
     """Metrics of ``model_dir`` for the dataset's family (TOFU-style QA, MUSE, WMDP) and details.
@@ -381,7 +398,7 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
     import torch.distributed as dist
 
     from pipeline.eval.parts import parts_key
-    from pipeline.eval.tofu import tofu_metrics
+    from pipeline.eval.tofu import GENERATION, tofu_metrics
 
     model = ModelOnDemand(lambda: _load_eval_model(model_dir, cfg))
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -391,6 +408,8 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
                                                    if is_main_process() else None),
                        reuse=bool(OmegaConf.select(cfg, "eval.resume", default=True))) if parts_dir else None
     family = data.name.split(":")[0]
+    if family in ("muse", "wmdp") and cfg.eval.max_rows:
+        data = dataclasses.replace(data, eval=limit_rows(data.eval, int(cfg.eval.max_rows), data.forget_split))
     if family != "wmdp":
         log.info("ROUGE-L on %s tokens (data.rouge_stemmer=%s)",
                  "Porter-stemmed (rouge_score, as open-unlearning)" if stem else "unstemmed", str(stem).lower())
@@ -398,9 +417,13 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
         metrics, details = (evaluate_muse if family == "muse" else evaluate_mcq_splits)(cfg, model, tokenizer, data,
                                                                                         parts)
         metrics[EVALUATION_KEY] = _placement(cfg, model, parts)
-        metrics[EVALUATION_KEY]["rows"] = {name: len(rows) for name, rows in data.eval.items()}  # what was scored
+        # what was scored; the few-shot examples are prompt text, not scored rows
+        metrics[EVALUATION_KEY]["rows"] = {name: len(rows) for name, rows in data.eval.items() if not is_icl(name)}
+        metrics[EVALUATION_KEY]["max_rows"] = cfg.eval.max_rows
         if family == "muse":
-            metrics[EVALUATION_KEY].update(rouge_stemmer=stem, max_length=int(cfg.eval.max_length))
+            metrics[EVALUATION_KEY].update(rouge_stemmer=stem, max_length=int(cfg.eval.max_length),
+                                           icl_rows={n: len(r) for n, r in data.eval.items() if is_icl(n)},
+                                           generation=GENERATION)
         else:  # what changes multiple-choice numbers: truncation length and BOS (lm-eval's 0-shot prompt)
             metrics[EVALUATION_KEY].update(max_length=int(cfg.eval.max_length), mcq_add_bos=bool(cfg.eval.mcq_add_bos))
         # lm-eval (eval.lm_eval) is not run here but by add_lm_eval, after the job's last collective.
@@ -408,8 +431,7 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
 
     splits = tofu_eval_splits(cfg, data)
     if cfg.eval.max_rows:
-        splits = {name: rows if name == data.forget_split else evenly_spaced(rows, int(cfg.eval.max_rows))
-                  for name, rows in splits.items()}
+        splits = limit_rows(splits, int(cfg.eval.max_rows), data.forget_split)
     from pipeline.eval.robustness import PROBE_SPLIT, probe_rows, robustness_metrics
 
     probe_idx, probe = probe_rows(splits[data.retain_split], splits[data.forget_split], int(cfg.eval.probe_rows))
@@ -463,11 +485,14 @@ def tofu_eval_splits(cfg: DictConfig, data: Any) -> dict[str, list[dict]]:
 def evaluation_record(cfg: DictConfig, splits: dict, results: dict, ref_info: dict) -> dict:
     """What an evaluation actually scored, for results.json: the truth-ratio reference per split,
     generation length, rows scored (of rows available) and the metrics skipped for want of columns."""
+    from pipeline.eval.tofu import GENERATION
+
     return {
         "truth_ratio_reference": truth_ratio_reference(cfg),
         "truth_ratio_key": {n: (r.truth_ratio_key if r.has_truth_ratio else None) for n, r in results.items()},
         "rouge_stemmer": rouge_stemmer(cfg),
         "max_new_tokens": int(cfg.eval.max_new_tokens),
+        "generation": GENERATION,
         "max_length": int(cfg.eval.max_length),
         "rows": {n: len(r) for n, r in results.items()},
         "max_rows": cfg.eval.max_rows,

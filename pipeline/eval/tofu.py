@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
 import torch
+from transformers import GenerationConfig
 
 from pipeline.data.collate import pad_batch, padding_id
 from pipeline.data.formatting import PROMPT_TEMPLATE, encode_qa, prompt_ids
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 # Splits whose truth ratio compares perturbed answers with the plain answer (open-unlearning's
 # ra_/wf_ configs); every other split compares with the paraphrased answer.
 ANSWER_AS_CORRECT_SPLITS = ("real_authors", "world_facts")
+NOT_GENERATED = "rouge_l, fact_recall, repetition, well_formed, entropy: generation skipped (generate=False)"
 
 
 @dataclass
@@ -110,6 +113,38 @@ def generation_stop_ids(tokenizer, template: Any = PROMPT_TEMPLATE) -> list[int]
     return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
 
+GENERATION = "greedy (the model's generation_config penalties not applied)"  # results.json evaluation.generation
+
+
+@contextmanager
+def plain_greedy_config(model, **settings: Any) -> Iterator[GenerationConfig]:
+    """A fresh ``GenerationConfig`` of plain greedy decoding (``do_sample=False``, ``num_beams=1``
+    and ``settings``), set as ``model.generation_config`` (and its base model's, for a peft wrapper)
+    for the duration.
+
+    Why the swap: ``generate()`` fills every field a passed config leaves unset from the model's own
+    ``generation_config`` (``generation_config.json``), so a checkpoint's ``repetition_penalty``
+    (Qwen2.5-Instruct: 1.05), ``no_repeat_ngram_size``, ``min_new_tokens``, ``suppress_tokens``, ...
+    would still shape the answers, and suppress the very repetition the fluency metrics measure.
+    """
+    plain = GenerationConfig(do_sample=False, num_beams=1, **settings)
+    owners = [model]
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else None
+    if base is not None and base is not model:
+        owners.append(base)
+    saved = [(m, "generation_config" in vars(m), vars(m).get("generation_config")) for m in owners]
+    for m in owners:
+        m.generation_config = plain
+    try:
+        yield plain
+    finally:
+        for m, had, value in saved:
+            if had:
+                m.generation_config = value
+            else:
+                vars(m).pop("generation_config", None)
+
+
 def greedy_generate(
     model,
     tokenizer,
@@ -125,6 +160,7 @@ def greedy_generate(
     Prompts are the format's (``<bos>Question: {q}\\nAnswer:`` by default), left-padded (sorted by
     length to limit padding); ``token_ids`` are the generated ids up to (excluding) the first stop
     token (:func:`generation_stop_ids`); ``text`` is their decoding without special tokens, stripped.
+    Plain argmax decoding whatever the model's ``generation_config`` says (:func:`plain_greedy_config`).
     ``synced_gpus`` is passed to ``generate`` (ZeRO-3); ``num_batches`` as in :func:`answer_logprobs`.
     """
     prompts = [prompt_ids(tokenizer, q, template) for q in questions]
@@ -133,18 +169,16 @@ def greedy_generate(
     # A chat format's answer ends with its end-of-turn token (e.g. <|eot_id|>), which may not be EOS.
     stops = generation_stop_ids(tokenizer, template)
     pad, device = padding_id(tokenizer), model_device(model)
-    gen_kwargs = dict(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
-        eos_token_id=stops or None, temperature=None, top_p=None, top_k=None,
-    )
-    if synced_gpus:
-        gen_kwargs["synced_gpus"] = True
-    with eval_mode(model), torch.no_grad():
+    gen_kwargs: dict[str, Any] = {"synced_gpus": True} if synced_gpus else {}
+    with eval_mode(model), torch.no_grad(), plain_greedy_config(
+        model, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stops or None,
+    ) as plain:
         for idx in batches(order, batch_size, num_batches):
             exs = [prompts[i] for i in idx] or [prompt_ids(tokenizer, "", template)]
             batch = pad_batch([{"input_ids": p} for p in exs], pad, "left")
             ids = batch["input_ids"].to(device)
-            gen = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(device), **gen_kwargs)
+            gen = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(device),
+                                 generation_config=plain, **gen_kwargs)
             new = gen[:, ids.shape[1]:].tolist()
             for j, i in enumerate(idx):
                 toks, ended = trim_generation(new[j], stops)
@@ -245,12 +279,15 @@ def evaluate_split(
     rank: int = 0,
     world_size: int = 1,
     truth_ratio_key: Optional[str] = None,
+    generate: bool = True,
 ) -> SplitResult:
     """Evaluate ``rows[rank::world_size]`` of one split (pass the *full* split on every rank).
 
     ``truth_ratio_key``: the answer field the truth ratio treats as correct; default
     ``"answer"`` for real_authors/world_facts and ``"paraphrased_answer"`` otherwise (as in
-    open-unlearning).
+    open-unlearning). ``generate=False`` skips greedy generation (the slow part) and leaves the
+    generation-based metrics (ROUGE-L, fact recall, fluency) ``nan``: enough for truth ratios and
+    probabilities, which are the same either way (the retain-model reference needs only those).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -260,8 +297,9 @@ def evaluate_split(
         log.info("split %r: skipped %s", name, "; ".join(cols.skipped))
     indices = list(range(rank, len(rows), world_size))
     mine = [rows[i] for i in indices]
-    out = _run_model(model, tokenizer, rows, mine, cfg, cols, world_size)
-    res = SplitResult(name=name, indices=indices, truth_ratio_key=truth_ratio_key, skipped=cols.skipped,
+    out = _run_model(model, tokenizer, rows, mine, cfg, cols, world_size, generate)
+    skipped = cols.skipped + ([] if generate else [NOT_GENERATED])
+    res = SplitResult(name=name, indices=indices, truth_ratio_key=truth_ratio_key, skipped=skipped,
                       has_truth_ratio=cols.truth_ratio)
     res.n_truncated = sum(
         encode_qa(tokenizer, r["question"], r["answer"], cfg.max_length, template=cfg.template).truncated
@@ -306,13 +344,13 @@ class _ModelOutputs:
     answer: tuple[list, list]
     para: tuple[list, list]
     pert: tuple[list, list]
-    gens: list
+    gens: Optional[list]  # None: generation skipped (evaluate_split(generate=False))
 
 
 def _run_model(model, tokenizer, rows: Sequence[dict], mine: list[dict], cfg: EvalSettings,
-               cols: _SplitColumns, world_size: int) -> _ModelOutputs:
+               cols: _SplitColumns, world_size: int, generate: bool = True) -> _ModelOutputs:
     """Every model call of one split on this rank: teacher-forced answer, paraphrase and perturbed
-    answers, then greedy generation."""
+    answers, then (with ``generate``) greedy generation."""
     bs = cfg.batch_size
 
     # Same number of model calls on every rank (ZeRO-3); computed from the full split, no comms.
@@ -325,7 +363,7 @@ def _run_model(model, tokenizer, rows: Sequence[dict], mine: list[dict], cfg: Ev
     common = dict(batch_size=bs, max_length=cfg.max_length, template=cfg.template)
 
     # the progress bar's total: answer, paraphrase, generation, and the perturbed answers
-    expect(batch_count(len(mine), bs, one) * (2 + cols.paraphrased)
+    expect(batch_count(len(mine), bs, one) * (1 + generate + cols.paraphrased)
            + (batch_count(sum(len(r["perturbed_answer"]) for r in mine), bs, n_pert) if cols.perturbed else 0))
 
     answer = answer_logprobs(model, tokenizer, qs, [r["answer"] for r in mine], num_batches=one, **common)
@@ -342,7 +380,7 @@ def _run_model(model, tokenizer, rows: Sequence[dict], mine: list[dict], cfg: Ev
     gens = greedy_generate(
         model, tokenizer, qs, cfg.max_new_tokens, bs, synced_gpus=cfg.synced_gpus,
         template=cfg.template, num_batches=one,
-    )
+    ) if generate else None
     return _ModelOutputs(answer, para, pert, gens)
 
 
@@ -359,13 +397,19 @@ def _score_rows(res: SplitResult, mine: list[dict], out: _ModelOutputs, cols: _S
         ans_p = M.length_normalised_prob(a_lp[j], a_n[j])
         pert_p = [M.length_normalised_prob(lp, n) for lp, n in zip(pl, pn)]
         c_lp, c_n = (a_lp[j], a_n[j]) if cols.answer_is_correct else (p_lp[j], p_n[j])
-        text, toks, ended = out.gens[j]
-        rl = M.rouge_l(text, r["answer"], cfg.rouge_stemmer)
         res.answer_prob.append(ans_p)
         res.para_prob.append(M.length_normalised_prob(p_lp[j], p_n[j]) if cols.paraphrased else nan)
         res.pert_probs.append(pert_p)
         res.truth_ratio.append(M.truth_ratio(c_lp, c_n, pl, pn, cfg.perturbed_mean) if cols.truth_ratio else nan)
         res.normalised_prob.append(M.normalised_prob(ans_p, pert_p) if cols.perturbed else nan)
+        if out.gens is None:  # nan, not the scores of an empty answer
+            for values in (res.rouge_l_recall, res.rouge_l_f1, res.fact_recall, res.repetition, res.well_formed,
+                           res.entropy, res.gen_tokens):
+                values.append(nan)
+            res.generation.append("")
+            continue
+        text, toks, ended = out.gens[j]
+        rl = M.rouge_l(text, r["answer"], cfg.rouge_stemmer)
         res.rouge_l_recall.append(rl["recall"])
         res.rouge_l_f1.append(rl["f1"])
         res.fact_recall.append(M.fact_recall(text, r.get("facts") or []))
