@@ -573,6 +573,25 @@ def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path, tok
     return summary
 
 
+def _dry_run_eval(cfg: DictConfig) -> dict:
+    """``trainer.dry_run=true`` on an evaluation-only job: what a launch checks before loading the
+    model (paths, data and its splits, the retain-model reference, tokenizer and prompt format),
+    then the plan; nothing is evaluated or written (it ran a full evaluation before)."""
+    from pipeline.data.loaders import load_unlearning_data
+    from pipeline.inputs import checked_prompt_format, prompt_format_uses, resolve_paths
+    from pipeline.models.loading import load_tokenizer
+
+    paths = resolve_paths(cfg)
+    data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
+    check_retain_reference(cfg, data)
+    tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
+    checked_prompt_format(cfg, tokenizer, prompt_format_uses(data, training=False, evaluating=True))
+    rows = {name: len(r) for name, r in data.eval.items()}
+    log.info("dry run: evaluation of %s on %s checked (data, tokenizer and prompt format); nothing evaluated or "
+             "written", paths.model, rows)
+    return {}
+
+
 def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Evaluate the configured model without training (e.g. the target or retain model)."""
     from pipeline.data.loaders import load_unlearning_data
@@ -590,6 +609,8 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     from pipeline.models.loading import load_tokenizer
 
     check_before_loading(cfg)
+    if bool(OmegaConf.select(cfg, "trainer.dry_run", default=False)):
+        return _dry_run_eval(cfg)
     library_bars(_progress_bar(cfg))
     dist = init_distributed(cfg.deepspeed.timeout_minutes)
     check_eval_device(cfg)
