@@ -21,6 +21,7 @@ rows) and ``sum``.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -34,6 +35,15 @@ IGNORE_INDEX = -100
 # --------------------------------------------------------------------------------------------------
 
 
+def scalar_tau(tau: float) -> float:
+    """A Python-number ``tau`` as a float, checked: finite and > 0 (0 gave NaN, a negative one inverted
+    attention). Tensors are the caller's (the pipeline checks its own in ``set_temperature``)."""
+    t = float(tau)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"tau must be finite and > 0, got {tau!r}")
+    return t
+
+
 def normalize_tau(tau: TauLike, batch: int, heads: int, device: torch.device) -> torch.Tensor:
     """Return ``tau`` as a contiguous (B, H) fp32 tensor.
 
@@ -42,7 +52,7 @@ def normalize_tau(tau: TauLike, batch: int, heads: int, device: torch.device) ->
     when it has B; when B == H > 1 that is ambiguous and refused (use (1, H) or (B, 1)).
     """
     if not isinstance(tau, torch.Tensor):
-        return torch.full((batch, heads), float(tau), device=device, dtype=torch.float32)
+        return torch.full((batch, heads), scalar_tau(tau), device=device, dtype=torch.float32)
     t = tau.detach().to(device=device, dtype=torch.float32)
     if t.dim() == 0:
         t = t.view(1, 1)
@@ -177,7 +187,7 @@ def tempered_attention_sdpa(
     if isinstance(tau, torch.Tensor):  # per row / head: divided in fp32, rounded once (no τ bias in bf16)
         qs = (q.float() / normalize_tau(tau, B, H, q.device)[:, :, None, None]).to(q.dtype)
     else:  # a scalar τ folds into the scale: no pass over q, no host sync
-        qs, scale = q, scale / float(tau)
+        qs, scale = q, scale / scalar_tau(tau)
     kk = _repeat_kv(k, H // Hkv)
     vv = _repeat_kv(v, H // Hkv)
     if key_padding_mask is None and (not causal or T == S):

@@ -367,6 +367,8 @@ def _check_shapes(q, k, v):
 def _use_triton(backend: str, q: torch.Tensor) -> bool:
     """``backend="triton"`` forces the kernel (head_dim < 16 is refused: ``tl.dot`` needs 16 when
     compiled); ``"auto"`` takes it when it can run here and the head dim fits, else the torch path."""
+    if backend not in ("auto", "triton", "torch"):  # a typo ("Triton", "sdpa") ran the torch path silently
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     small = q.shape[-1] < 16 and not INTERPRET
     if backend == "triton":
         if small:

@@ -445,6 +445,12 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     METHODS.get(cfg.method.name).validate_config(cfg.method, n_layers)
     # the fused KL streams full cached rows only (pipeline/methods/passes.py): refused here, before the
     # models load and the cache is built, not at the first training step
+    # the fused KL computes its gradients in the forward and rounds them to the model dtype before the
+    # loss scale reaches them: under fp16 small ones underflow (and DeepSpeed's first scale, 2**16, was
+    # inf in fp16); bf16 has fp32's range
+    _require(not (cfg.kernels.kl == "fused" and cfg.deepspeed.precision == "fp16"), "kernels.kl",
+             "kernels.kl=fused does not support deepspeed.precision=fp16 (its gradients are rounded to fp16 before "
+             "the loss scale applies); use bf16, fp32 or kernels.kl=naive")
     topk = int(cfg.method.get("cache_topk", 0) or 0)
     _require(not (cfg.method.get("teacher") == "cached" and topk > 0 and cfg.kernels.kl == "fused"), "method.cache_topk",
              f"a top-k teacher cache (method.cache_topk={topk}) needs kernels.kl=naive; kernels.kl=fused streams "

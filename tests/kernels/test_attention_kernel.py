@@ -180,6 +180,16 @@ def test_torch_fallback_matches_reference_without_nans():
                                atol=TOL, rtol=TOL)
 
 
+def test_a_misspelled_backend_or_a_non_positive_tau_is_refused():
+    """backend="Triton" ran the torch path silently; tau=0 gave NaN and tau<0 inverted attention."""
+    q, k, v = _qkv(1, 2, 2, 5, 5, 16, seed=3)
+    with pytest.raises(ValueError, match="backend must be 'auto', 'triton' or 'torch', got 'Triton'"):
+        tempered_attention(q, k, v, 2.0, backend="Triton")
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="tau must be finite and > 0"):
+            tempered_attention(q, k, v, bad, backend="torch")
+
+
 def test_torch_dual_reference_matches_two_single_references():
     from kernels.reference import tempered_attention_dual_ref
 

@@ -105,6 +105,18 @@ def test_bf16_close_to_fp32():
     torch.testing.assert_close(loss, ref.detach(), atol=3e-2, rtol=3e-2)
 
 
+def test_an_fp16_loss_scale_above_fp16s_range_gives_no_nan():
+    """DeepSpeed's fp16 loss scale starts at 2**16, above fp16's max: cast to fp16 before the product it
+    was inf, and 0 * inf made NaN gradients (the run stopped at step 1)."""
+    h_s, W_s, h_t, W_t, *_ = _data(N=16, H=32, V=64, seed=6)
+    hh, Wh = h_s.detach().half().requires_grad_(True), W_s.detach().half().requires_grad_(True)
+    (fused_linear_kl(hh, Wh, h_t.half(), W_t.half(), chunk_size=5) * 2.0**16).backward()
+    ref_h, ref_W = torch.autograd.grad(naive_linear_kl(h_s, W_s, h_t, W_t), (h_s, W_s))
+    assert torch.isfinite(hh.grad).all() and torch.isfinite(Wh.grad).all()
+    torch.testing.assert_close(hh.grad.float() / 2.0**16, ref_h, atol=1e-3, rtol=5e-2)
+    torch.testing.assert_close(Wh.grad.float() / 2.0**16, ref_W, atol=1e-3, rtol=5e-2)
+
+
 def test_weight_grad_accumulates_in_fp32_whatever_the_device():
     """grad_W += gᵀ h over several chunks: equal to one fp32 product of the same (bf16-rounded on a
     GPU, where the product runs in bf16 with fp32 accumulation) inputs, not a bf16 running sum."""
