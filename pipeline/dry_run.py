@@ -14,12 +14,16 @@ from pipeline.inputs import checked_prompt_format, prompt_format_uses
 
 def dry_run(cfg: DictConfig, method: Any, dist: Any) -> dict:
     """No downloads and no training: what would run (:func:`_dry_run_header`), the checks a launch
-    makes in its first seconds that need no weights (a local model directory, the tokenizer and the
+    makes before its weights load (the model paths and data.path, checked by
+    :func:`pipeline.inputs.check_before_loading` before this; a local model directory's weights files,
+    the layer indices against its config.json, a json dataset's split files, the tokenizer and the
     prompt format against it: the same one-line errors), and the memory plan on 1/8/16 GPUs with each
-    column's batch and ZeRO stage, sized from a local config.json or model.arch."""
+    column's batch and ZeRO stage, sized from a local or cached config.json or model.arch."""
     from pipeline.engine.preflight import dry_run_plan
 
     model_dir, model_note = _dry_run_model(cfg)
+    _dry_run_layers(cfg, model_dir)
+    _dry_run_data(cfg)
     tokenizer_note = _dry_run_tokenizer(cfg, model_dir)
     # a cached teacher: the run that builds the cache (the first, or any with tau=auto) holds the frozen
     # model as the launch's preflight plans it; with a ready cache and a fixed tau a run needs less
@@ -80,10 +84,16 @@ def _dry_run_attention(requested: str) -> str:
 def _dry_run_model(cfg: DictConfig) -> tuple[Optional[str], str]:
     """(a local model directory to size from and check, or None; the plan's line saying which).
 
-    model.source=pretrained: model.path when it is a local directory (checked as a launch checks it),
+    model.source=pretrained: model.path when it is a local directory (checked as a launch checks it,
+    its weights files as loading them checks them), or a hub id with a config.json in the hub cache;
     else model.arch sizes it. gguf_package: the converted cache directory when present; otherwise
     model.arch, or a one-line error telling how to convert it (launchers/prepare.py)."""
-    from pipeline.models.loading import check_model_location
+    from pipeline.models.loading import (
+        check_model_location,
+        check_remote_code,
+        check_weights_safe,
+        model_config_file,
+    )
 
     m = cfg.model
     if m.source == "synthetic":
@@ -93,8 +103,56 @@ def _dry_run_model(cfg: DictConfig) -> tuple[Optional[str], str]:
     path = str(m.path) if m.path else None
     if path and Path(path).expanduser().is_dir():
         check_model_location(path, "model.path", m.revision)
+        # what load_causal_lm refuses once the launch reaches the weights (pickle only, none, custom code)
+        check_weights_safe(path, bool(m.allow_pickle))
+        check_remote_code(path, bool(m.trust_remote_code))
         return path, f"model.path {path}: checked, sized from its config.json"
-    return None, f"model.path not checked (dry run): sized from model.arch ({path} is not a local directory)"
+    if path and model_config_file(path, m.revision) is not None:  # checked in the cache by check_model_paths
+        at = f" at revision {m.revision}" if m.revision else ""
+        return path, f"model.path {path}: in the hub cache{at}, sized from its cached config.json"
+    return None, f"model.path not checked (dry run): sized from model.arch ({path} is a hub id not in the hub cache)"
+
+
+def _dry_run_layers(cfg: DictConfig, model_dir: Optional[str]) -> None:
+    """Layer indices (``method.teacher_layers``, RMU's ``method.layer``, ``model.peft.layers``) within the
+    model's ``num_hidden_layers``, read from ``model_dir``'s config.json (a hub id's cached one at
+    model.revision): the launch makes this check, ``validate(cfg, n_layers=...)``, only once the weights
+    are loaded. Without a config.json (sized from model.arch) the launch alone checks them."""
+    import json
+
+    from pipeline.config import validate
+    from pipeline.engine.preflight import arch_from_dict
+    from pipeline.models.loading import model_config_file, revision_for
+
+    if model_dir is None:  # synthetic: validate bounded them by model.tiny; an uncached hub id: no config.json
+        return
+    cfg_file = model_config_file(model_dir, revision_for(cfg.model, model_dir))
+    if cfg_file is None:
+        return
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (OSError, ValueError):  # a cached file cut short: the launch's loading says so, in its own line
+        return
+    # arch_from_dict: the standard name (GPT-2's n_layer, a multimodal model's text_config), as transformers reads it
+    validate(cfg, n_layers=arch_from_dict(config).num_hidden_layers)
+
+
+def _dry_run_data(cfg: DictConfig) -> None:
+    """A ``data.name=json`` directory has a file for each split the launch reads (forget, retain, every
+    eval split): the loader's own one-line DataError otherwise, which the launch gives once it reads its
+    data (``data.forget_split=forgett``). data.path itself was checked before (check_data_path); hub
+    datasets and local mirrors (tofu, muse, wmdp) are found by the launch's reading alone."""
+    from pipeline.data.common import LOCAL_FORMATS, DataError, read_split_file, resolve_data_path
+
+    d = cfg.data
+    if str(d.name) != "json":
+        return
+    if not d.path:  # load_local_json's line
+        raise DataError("dataset 'json' needs data.path (a directory of <split>.jsonl files)")
+    root = resolve_data_path(str(d.path))
+    for split in dict.fromkeys(str(s) for s in (d.forget_split, d.retain_split, *(d.eval_splits or []))):
+        if not any((root / f"{split}.{ext}").exists() for ext, _ in LOCAL_FORMATS):
+            read_split_file(root, split, f"json:{d.path}")  # raises the loader's "split ... not found" line
 
 
 def _dry_run_gguf(cfg: DictConfig) -> tuple[Optional[str], str]:

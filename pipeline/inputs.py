@@ -45,9 +45,10 @@ def check_before_loading(cfg: DictConfig) -> None:
 
     validate(cfg)
     check_available(str(cfg.get("kernels", {}).get("attention", "auto")))
-    if not cfg.get("trainer", {}).get("dry_run", False):  # a dry run sizes a hub model from model.arch
-        check_model_paths(cfg)
-        check_data_path(cfg)
+    # a dry run checks them too (it passed a missing data.path or retain model that the launch refuses),
+    # all but a hub id not downloaded yet: it sizes that model from model.arch
+    check_model_paths(cfg, dry_run=bool(cfg.get("trainer", {}).get("dry_run", False)))
+    check_data_path(cfg)
 
 
 def check_data_path(cfg: DictConfig) -> None:
@@ -65,21 +66,27 @@ def check_data_path(cfg: DictConfig) -> None:
     check_split_names(cfg.data)  # an unknown MUSE / WMDP eval split name, before the run directory is made
 
 
-def check_model_paths(cfg: DictConfig) -> None:
+def check_model_paths(cfg: DictConfig, dry_run: bool = False) -> None:
     """The configured model directories or hub ids can load (``model.path``, ``model.tokenizer_path``,
-    ``eval.retain_model``): checked before anything is loaded or written."""
-    from pipeline.models.loading import TOKENIZER_FILES, check_model_location
+    ``eval.retain_model``): checked before anything is loaded or written. ``dry_run``: a hub id the hub
+    cache holds nothing of is left unchecked (the dry run says so and sizes it from ``model.arch``)."""
+    from pipeline.models.loading import MODEL_FILES, TOKENIZER_FILES, check_model_location, hub_id_not_cached
+
+    def check(path: str, key: str, revision: Optional[str] = None, needs: tuple[str, ...] = MODEL_FILES) -> None:
+        if dry_run and hub_id_not_cached(path, revision):
+            return
+        check_model_location(path, key, revision, needs)
 
     m = cfg.model
     if m.source == "pretrained" and m.path:
-        check_model_location(str(m.path), "model.path", m.revision)
+        check(str(m.path), "model.path", m.revision)
     if m.source != "synthetic" and m.tokenizer_path:
-        check_model_location(str(m.tokenizer_path), "model.tokenizer_path", needs=TOKENIZER_FILES)
+        check(str(m.tokenizer_path), "model.tokenizer_path", needs=TOKENIZER_FILES)
     elif m.source == "pretrained" and m.path:  # the tokenizer is read from model.path
-        check_model_location(str(m.path), "model.path", m.revision, needs=TOKENIZER_FILES)
+        check(str(m.path), "model.path", m.revision, needs=TOKENIZER_FILES)
     retain = cfg.get("eval", {}).get("retain_model")
     if retain:
-        check_model_location(str(retain), "eval.retain_model")
+        check(str(retain), "eval.retain_model")
 
 
 # What a training job writes its weights into, under its run directory (export, LoRA adapter,

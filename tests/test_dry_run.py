@@ -172,3 +172,151 @@ def test_a_cached_teacher_is_planned_with_the_frozen_model_that_builds_the_cache
     assert live.returncode == 0 and cached.returncode == 0, cached.stderr[-2000:]
     assert _row(live.stdout, "TOTAL per GPU") == _row(cached.stdout, "TOTAL per GPU")
     assert "planned with the frozen model" in cached.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# What a launch refuses before (or as) its weights load, the dry run refuses too: a dry run passed a
+# missing data.path or retain model, a split with no file, pickle-only or no weights, a tokenizer path
+# that is a file, and layer indices beyond the model's (exit 0 with "config, tokenizer and prompt
+# format checked") where the launch stops.
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory) -> dict[str, Path]:
+    """The tiny 2-layer model and its data, a copy with pickle weights only, one with no weights, a file."""
+    import shutil
+
+    from tests.helpers.tiny import build
+
+    root = tmp_path_factory.mktemp("dry_inputs")
+    model_dir, data_dir = build(root)
+    for name in ("binonly", "noweights"):
+        shutil.copytree(model_dir, root / name, ignore=shutil.ignore_patterns("*.safetensors"))
+    (root / "binonly" / "pytorch_model.bin").write_bytes(b"")  # only its name is looked at
+    (root / "afile").write_text("not a directory\n")
+    return {"root": root, "model": model_dir, "data": data_dir}
+
+
+def _job_overrides(inputs: dict[str, Path], extra: list[str]) -> list[str]:
+    from tests.helpers.tiny import train_overrides
+
+    return [*train_overrides(inputs["model"], inputs["data"], inputs["root"] / "runs", "r"), "method=grad_diff",
+            "eval.probe_rows=2", *extra]
+
+
+def _dry_in_process(overrides: list[str]) -> None:
+    """A dry run's checks in this process, in the launch's order: check_before_loading (the Hydra
+    callback's and the job's), then :func:`pipeline.dry_run.dry_run` (prints its plan)."""
+    from types import SimpleNamespace
+
+    from pipeline.dry_run import dry_run
+    from pipeline.inputs import check_before_loading
+
+    cfg = _compose([*overrides, "trainer.dry_run=true"])
+    check_before_loading(cfg)
+    dry_run(cfg, SimpleNamespace(uses_reference=True, cached_teacher=False), SimpleNamespace(is_main=True))
+
+
+def _launch_check(kind: str, overrides: list[str]) -> None:
+    """The check the real launch refuses the case with (no dry run): before loading, on reading the
+    data, on loading the weights, or validate with the loaded model's layer count."""
+    from pipeline.config import validate
+    from pipeline.data.loaders import load_unlearning_data
+    from pipeline.inputs import check_before_loading
+    from pipeline.models.loading import check_weights_safe
+
+    cfg = _compose(overrides)
+    check_before_loading(cfg)
+    if kind == "data":
+        load_unlearning_data(cfg.data)
+    elif kind == "weights":
+        check_weights_safe(cfg.model.path, bool(cfg.model.allow_pickle))
+    elif kind == "layers":
+        validate(cfg, n_layers=2)
+
+
+DRY_REFUSALS = [  # (overrides, where the launch refuses it, its line)
+    (["data.path={root}/nodata"], "early",
+     "data.path={root}/nodata: no such directory (data.name=json reads its splits from a directory)"),
+    (["data.forget_split=forgett"], "data",
+     "dataset 'json:{data}': split 'forgett' not found at {data}/forgett.jsonl (or .json / .parquet); "
+     "available splits: ['eval_retain', 'forget', 'retain']"),
+    (["data.eval_splits=[eval_retain,eval_retainn]"], "data",
+     "dataset 'json:{data}': split 'eval_retainn' not found at {data}/eval_retainn.jsonl (or .json / .parquet); "
+     "available splits: ['eval_retain', 'forget', 'retain']"),
+    (["data.path=null"], "data", "dataset 'json' needs data.path (a directory of <split>.jsonl files)"),
+    (["eval.retain_model={root}/nomodel"], "early", "eval.retain_model={root}/nomodel: no such directory"),
+    (["model.path={root}/binonly"], "weights",
+     "model directory {root}/binonly has only pickle weights (.bin/.pt), which can run arbitrary code when loaded; "
+     "convert it to safetensors or set model.allow_pickle=true if you trust it"),
+    (["model.path={root}/noweights"], "weights", "model directory {root}/noweights has no weights (*.safetensors)"),
+    (["model.tokenizer_path={root}/afile"], "early",
+     "model.tokenizer_path={root}/afile is a file, not a model directory"),
+    (["method=asu_kl", "method.teacher_layers=[5]"], "layers",
+     "config error at 'method.teacher_layers': layer indices [5] out of range: the model has 2 layers (allowed 0..1)"),
+    (["method=rmu", "method.layer=9"], "layers",
+     "config error at 'method.layer': 9 out of range: the model has 2 layers (allowed 0..1); set method.layer for "
+     "this model"),
+]
+
+
+@pytest.mark.parametrize("extra, kind, line", DRY_REFUSALS, ids=[c[0][-1].split("=")[0] + "_" + c[1]
+                                                               for c in DRY_REFUSALS])
+def test_a_dry_run_refuses_what_the_launch_refuses_before_its_weights_load(tiny_inputs, extra, kind, line):
+    from pipeline.errors import USER_ERRORS
+
+    names = {k: str(v) for k, v in tiny_inputs.items()}
+    overrides = _job_overrides(tiny_inputs, [e.format(**names) for e in extra])
+    with pytest.raises(USER_ERRORS) as launch_error:
+        _launch_check(kind, overrides)
+    with pytest.raises(USER_ERRORS) as dry_error:
+        _dry_in_process(overrides)
+    assert str(dry_error.value) == str(launch_error.value) == line.format(**names)
+    assert type(dry_error.value) is type(launch_error.value)
+    assert not (tiny_inputs["root"] / "runs").exists()
+
+
+@pytest.mark.parametrize("extra, error", [
+    (["data.path={root}/nodata"], "DataError"),  # refused by the Hydra callback, before the run directory
+    (["model.path={root}/binonly"], "ModelLoadError"),  # by the job's dry run
+])
+def test_cli_a_dry_run_refusal_is_the_launchs_one_line_exit_2_and_writes_no_config(tiny_inputs, tmp_path, extra,
+                                                                                  error):
+    names = {k: str(v) for k, v in tiny_inputs.items()}
+    case = next(c for c in DRY_REFUSALS if c[0] == extra)
+    out = _dry(_job_overrides(tiny_inputs, [e.format(**names) for e in extra]), tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == f"error ({error}, rank 0): {case[2].format(**names)}"
+    assert "Traceback" not in out.stderr and "dry run:" not in out.stdout
+    run_dir = tmp_path / "runs" / "r"  # Hydra's own .hydra/ and job log at most, as for the launch
+    assert {f.name for f in run_dir.iterdir()} <= {".hydra", "train.log"} if run_dir.exists() else True
+
+
+def test_a_dry_run_of_allowed_pickle_weights_passes(tiny_inputs, capsys):
+    _dry_in_process(_job_overrides(tiny_inputs, [f"model.path={tiny_inputs['root'] / 'binonly'}",
+                                                 "model.allow_pickle=true", "method=asu_kl", "method.teacher_layers=[1]"]))
+    assert "dry run: config, tokenizer and prompt format checked" in capsys.readouterr().out
+
+
+def test_a_cached_hub_model_is_checked_from_the_cache_and_an_absent_one_sized_from_model_arch(tiny_inputs, tmp_path,
+                                                                                              monkeypatch, capsys):
+    """A hub id the offline cache holds (at model.revision) has its layer indices checked against its cached
+    config.json and is sized from it; one the cache holds nothing of is left to the launch, as before."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(tiny_inputs["model"], repo / "snapshots" / ("c" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v1").write_text("c" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at import: the env is too late
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub = ["model.path=org/tiny", "model.revision=v1", "method=asu_kl"]
+    with pytest.raises(ConfigError, match=r"^config error at 'method.teacher_layers': layer indices \[5\] out of "
+                                          r"range: the model has 2 layers"):
+        _dry_in_process(_job_overrides(tiny_inputs, [*hub, "method.teacher_layers=[5]"]))
+    _dry_in_process(_job_overrides(tiny_inputs, [*hub, "method.teacher_layers=[1]"]))
+    assert "model.path org/tiny: in the hub cache at revision v1, sized from its cached config.json" in capsys.readouterr().out
+    _dry_in_process(["+exp=tofu_7b"])  # its hub model and retain-free TOFU data: nothing of them in this cache
+    assert "model.path not checked (dry run): sized from model.arch" in capsys.readouterr().out

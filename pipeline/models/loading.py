@@ -112,6 +112,18 @@ def check_model_location(path: str, key: str = "model.path", revision: Optional[
             f"(HF_HUB_OFFLINE=1); download it first (`hf download {path}`) or set ASU_ALLOW_NETWORK=1")
 
 
+def hub_id_not_cached(path: str, revision: Optional[str] = None) -> bool:
+    """Whether ``path`` is a hub id (no local path: not here, not ``/``, ``.`` or ``~``) that the hub cache
+    holds nothing of: no config.json at ``revision`` and no folder of it in any spelling. What a dry run
+    cannot check offline (it sizes such a model from ``model.arch``); anything else it checks as the
+    launch does (a repository cached at another revision or spelling is refused with the launch's line)."""
+    if Path(path).expanduser().exists() or not _HUB_ID.match(path) or path.startswith((".", "~")):
+        return False
+    from huggingface_hub import constants
+
+    return model_config_file(path, revision) is None and _cached_in_other_case(path, constants.HF_HUB_CACHE) is None
+
+
 def revision_for(model_cfg: Any, path: Any) -> Optional[str]:
     """The hub revision ``path`` is loaded at: ``model.revision`` for ``model.path`` itself; other paths
     (an exported run, eval.retain_model, the embedded benchmark's models) have none."""
