@@ -42,7 +42,8 @@ def test_each_method_config_composes(method):
 EXPS = sorted(f.removesuffix(".yaml") for f in os.listdir(os.path.join(CONF, "exp")))
 BASELINES = ["grad_ascent", "grad_diff", "npo", "simnpo", "idk_dpo", "rmu", "asu_gd", "asu_kl"]
 # what an experiment leaves to the user (own_qa_7b: the model and the data directory)
-USER_GIVES = {"own_qa_7b": ["model.path=/some/model", "data.path=tests/fixtures/own_qa"]}
+USER_GIVES = {"own_qa_7b": ["model.path=/some/model", "data.path=tests/fixtures/own_qa"],
+              "realworld_llama3_8b": ["data.path=tests/fixtures/own_qa"]}
 
 
 @pytest.mark.parametrize("exp", EXPS)
