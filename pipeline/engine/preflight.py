@@ -296,7 +296,7 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
                 retain_batch_size: int, seq_len: int, kl_impl: str, activation_checkpointing: bool,
                 flash_attention: bool = True, lora_params: int = 0, buffers: Optional[dict] = None,
                 cpu_ranks: bool = False, joint_pass: bool = True, trainable_params: int = 0,
-                logits: bool = True) -> MemoryPlan:
+                logits: bool = True, torch_adam: bool = True) -> MemoryPlan:
     """Bytes per GPU and per node for one configuration (ZeRO-3 sharding over ``n_gpus``).
 
     ``lora_params > 0`` (``model.peft``): gradients and optimizer state cover the adapters only, and
@@ -308,7 +308,9 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     False for ``per_group``, whose two student forwards hold a full-size gradient in backward.
     ``trainable_params``: the weights the method trains (0: all of them; :func:`method_footprint`);
     gradients and optimizer state cover these only. ``logits``: the step forms vocabulary-sized
-    logits (False for the hidden-state methods: no distillation-logits term).
+    logits (False for the hidden-state methods: no distillation-logits term). ``torch_adam``:
+    ``deepspeed.torch_adam`` (torch's AdamW, else DeepSpeed's FusedAdam), which decides the optimizer
+    step's temporaries at ZeRO stages 0-2.
     """
     from kernels.fused_kl import CUDA_MIN_CHUNK_ROWS, default_chunk_size
     from pipeline.engine.ds_config import CPU_BUFFERS, GPU_BUFFERS
@@ -377,6 +379,9 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
         if offload_optimizer == "none":
             # AdamW's sqrt/div temporaries over one optimizer sub-group (fp32)
             g["optimizer step temporaries"] = 2 * 4 * min(int(buf["sub_group_size"]), -(-T // N))
+    elif offload_optimizer == "none":
+        g["optimizer step temporaries"] = _stage012_step_temporaries(arch, T, b, zero_stage, opt_shard, torch_adam,
+                                                                     cpu_ranks)
     rows = batch_size + retain_batch_size
     tokens = rows * seq_len
     H = arch.hidden_size
@@ -398,6 +403,34 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     # holds the CUDA context, pinned buffers and the data pipeline.
     h[HOST_BASELINE] = int((0.5 if cpu_ranks else 2) * GiB) * gpn
     return plan
+
+
+def _stage012_step_temporaries(arch: ArchSpec, trained: int, b: int, zero_stage: int, opt_shard: int,
+                               torch_adam: bool, cpu_ranks: bool) -> int:
+    """Bytes per device the optimizer step allocates on top of the held model states at ZeRO stages
+    0-2 without offload (DeepSpeed 0.19.8, torch 2.13), for ``trained`` parameters whose optimizer
+    state is split ``opt_shard`` ways (1 at stage 0, the ranks at stages 1-2):
+
+    * in 16-bit precision an fp32 copy of every gradient the rank updates: stage 0 wraps the optimizer
+      in ``FP16_UnfusedOptimizer`` (torch's AdamW) or ``FP16_Optimizer`` (FusedAdam), whose ``step()``
+      sets ``fp32_param.grad = fp16_param.grad.to(fp32)`` (runtime/fp16/unfused_optimizer.py) or
+      flattens those copies (fused_optimizer.py); stages 1-2 form the fp32 gradient partition
+      (``flat_grad_partition.to(fp32)``, runtime/zero/stage_1_and_2.py ``step()``). 4 B/param;
+    * torch's AdamW on a GPU takes the foreach path, whose ``_foreach_sqrt(exp_avg_sqs)`` is one fp32
+      temporary the size of everything it updates (torch/optim/adam.py ``_multi_tensor_adam``): 4 B/param.
+      On CPU ranks it loops per tensor: one tensor's (the largest module bounds it; at stages 1-2 the
+      tensor is the whole flat fp32 partition). FusedAdam computes in its kernel; at stage 0 in 16-bit
+      ``FP16_Optimizer`` instead holds the per-tensor fp32 copies while it flattens them: 4 B/param.
+
+    In bf16 with torch's AdamW on a GPU the step's real peak is ~24 B/trained param (16 held + these 8);
+    the plan's held terms count 18 (DeepSpeed's estimate), so it plans 26 there."""
+    fp32_grads = 4 * trained if b < 4 else 0
+    if torch_adam:
+        per_tensor = zero_stage == 0 and cpu_ranks  # the single-tensor loop over unflattened parameters
+        second = 4 * (min(trained, arch.largest_module_params) if per_tensor else trained)
+    else:
+        second = 4 * trained if zero_stage == 0 and b < 4 else 0
+    return (fp32_grads + second) // opt_shard
 
 
 def plan_bench_step(model: dict, batch: int, seq: int, kl_impl: str) -> MemoryPlan:
@@ -453,8 +486,16 @@ def available_memory(cuda: bool, gpu_memory_gb: Optional[float], host_memory_gb:
     return gpu, host
 
 
-def check_fits(plan: MemoryPlan, gpu_avail: int, host_avail: int, suggestions: list[str]) -> None:
-    """Raise :class:`PreflightError` naming the shortfall (and what would fit) when over budget."""
+def plan_fits(plan: MemoryPlan, gpu_avail: int, host_avail: int) -> bool:
+    """Whether ``plan`` is within the per-device budget (0: not checked, as on CPU ranks) and the
+    host's per node (0: not checked)."""
+    return (not gpu_avail or plan.gpu_total <= gpu_avail) and (not host_avail or plan.host_total <= host_avail)
+
+
+def check_fits(plan: MemoryPlan, gpu_avail: int, host_avail: int, suggestions: list[str],
+               device_name: str = "GPU", no_fit: str = "") -> None:
+    """Raise :class:`PreflightError` naming the shortfall (and what would fit, or ``no_fit`` where
+    nothing tried does) when over budget. ``device_name``: "GPU", or "rank" for a run on CPU ranks."""
     problems = []
     if gpu_avail and plan.gpu_total > gpu_avail:
         problems.append(f"needs {plan.gpu_total / GiB:.1f} GiB per GPU but {gpu_avail / GiB:.1f} GiB are available "
@@ -463,15 +504,134 @@ def check_fits(plan: MemoryPlan, gpu_avail: int, host_avail: int, suggestions: l
         problems.append(f"needs {plan.host_total / GiB:.1f} GiB of host memory per node but "
                         f"{host_avail / GiB:.1f} GiB are available (short by {(plan.host_total - host_avail) / GiB:.1f} GiB)")
     if problems:
-        msg = f"memory preflight on {plan.n_gpus} GPU(s): " + "; ".join(problems)
+        msg = f"memory preflight on {plan.n_gpus} {device_name}(s): " + "; ".join(problems)
         if suggestions:
             msg += ". Would fit: " + "; ".join(suggestions)
-        else:
-            msg += ". No offload setting or GPU count up to 64 fits: reduce batch size / sequence length"
+        elif no_fit:
+            msg += ". " + no_fit
         if gpu_avail and plan.gpu_total > gpu_avail:
-            msg += (". The GPU estimate is an upper bound (a 1B ASU step on an H200 peaked at 0.77-0.81x of it); "
+            # one measurement, not a proof: the plan is built to err high, checked in one setting only
+            msg += (". The GPU estimate is meant to err high but was checked in one setting only (a 1B ASU "
+                    "step, ZeRO-3 on one H200, peaked at 0.77-0.81x of it; stage 0 and several GPUs unmeasured); "
                     "trainer.preflight=false skips this check")
         raise PreflightError(msg)
+
+
+@dataclass(frozen=True)
+class FixSetting:
+    """A deepspeed setting a refusal may suggest; None fields keep the run's own value."""
+
+    override: str  # what to add to the command line ("": the current deepspeed config)
+    offload_optimizer: Optional[str] = None
+    offload_param: Optional[str] = None
+    zero_stage: Optional[int] = None  # None: what deepspeed.zero_stage gives that many ranks
+    checkpointing: Optional[bool] = None
+
+
+# Least offload first: recomputing activations in backward costs compute, not memory traffic; then
+# the offload configs with what their YAML sets (zero3_offload_all checkpoints too), optimizer offload
+# also with checkpointing. Each is searched over SEARCH_COUNTS ranks (before, only the current config
+# was, and no two remedies were combined: a 70B on 8 x 80 GB was told nothing fits).
+FIX_SETTINGS = (
+    FixSetting(""),
+    FixSetting("deepspeed.activation_checkpointing=true", checkpointing=True),
+    FixSetting("deepspeed=zero3_offload_optimizer", "cpu", "none", 3),
+    FixSetting("deepspeed=zero3_offload_optimizer deepspeed.activation_checkpointing=true", "cpu", "none", 3, True),
+    FixSetting("deepspeed=zero3_offload_all", "cpu", "cpu", 3, True),
+)
+SEARCH_COUNTS = (2, 4, 8, 16, 32, 64)
+BATCH_TERMS = ("activations (student)", "distillation logits (naive)", "distillation logits (fused, chunked)")
+CPU_RANK_STATES = "model states on CPU ranks"
+
+
+def states_on_host(plan: MemoryPlan) -> MemoryPlan:
+    """``plan`` for ranks that run on the CPU: each rank's device terms live in the node's memory,
+    so they join its host terms (``CPU_RANK_STATES``, replacing any earlier count)."""
+    plan.host_per_node.pop(CPU_RANK_STATES, None)
+    plan.host_per_node[CPU_RANK_STATES] = plan.gpu_total * plan.gpus_per_node
+    return plan
+
+
+def _without_batch_terms(plan: MemoryPlan, cpu_ranks: bool) -> MemoryPlan:
+    """``plan`` with no activations or logits: the least any batch size or sequence length needs."""
+    lean = MemoryPlan(plan.n_gpus, plan.gpus_per_node, {k: v for k, v in plan.per_gpu.items() if k not in BATCH_TERMS},
+                      dict(plan.host_per_node))
+    return states_on_host(lean) if cpu_ranks else lean
+
+
+def suggest_fixes(cfg: Any, world_size: int, plan_of: Any, gpu_avail: int, host_avail: int,
+                  cpu_ranks: bool) -> tuple[list[str], str]:
+    """(what would fit, what to say when nothing does) for a run of ``cfg`` on ``world_size`` ranks
+    that does not fit. ``plan_of(n, offload_optimizer, offload_param, zero_stage, checkpointing)`` plans
+    ``n`` ranks. Every :data:`FIX_SETTINGS` entry is tried on this rank count and each of
+    :data:`SEARCH_COUNTS` above it; the first suggestion is the cheapest (fewest ranks, then least
+    offload), each later one needs more ranks but less offload. When nothing fits, smaller batches or
+    sequences are suggested only where a plan's activations and logits exceed its shortfall."""
+    ds, tr = cfg.deepspeed, cfg.trainer
+    device = "rank" if cpu_ranks else "GPU"
+
+    def resolved(s: FixSetting, n: int) -> tuple[str, str, int, bool]:
+        stage = resolve_zero_stage(ds, n).stage if s.zero_stage is None else s.zero_stage
+        return (s.offload_optimizer or str(ds.offload_optimizer), s.offload_param or str(ds.offload_param), stage,
+                bool(ds.activation_checkpointing) if s.checkpointing is None else s.checkpointing)
+
+    suggestions: list[str] = []
+    tried: list[tuple[FixSetting, MemoryPlan]] = []
+    best = len(FIX_SETTINGS)  # only settings with less offload than the last suggestion's are worth more ranks
+    for n in (world_size, *(c for c in SEARCH_COUNTS if c > world_size)):
+        seen = {resolved(FIX_SETTINGS[0], world_size)} if n == world_size else set()  # the run itself
+        for rank, s in enumerate(FIX_SETTINGS[:best]):
+            key = resolved(s, n)
+            if key in seen:
+                continue
+            seen.add(key)
+            p = plan_of(n, *key)
+            if cpu_ranks:
+                states_on_host(p)
+            tried.append((s, p))
+            if plan_fits(p, gpu_avail, host_avail):
+                suggestions.append(_describe_fix(s, p, n, world_size, device, tr))
+                best = rank
+                break
+        if best == 0:
+            break
+    if suggestions or not tried:
+        return suggestions, ""
+
+    def over(p: MemoryPlan) -> int:
+        return (max(0, p.gpu_total - gpu_avail) if gpu_avail else 0) + (max(0, p.host_total - host_avail)
+                                                                          if host_avail else 0)
+
+    top = SEARCH_COUNTS[-1]
+    lean = [(s, p, _without_batch_terms(p, cpu_ranks)) for s, p in tried]
+    helped = [(s, p) for s, p, q in lean if plan_fits(q, gpu_avail, host_avail)]
+    if helped:  # fewer rows or tokens would do: the activations and logits are more than the shortfall
+        s, p = min(helped, key=lambda sp: over(sp[1]))
+        batch = sum(v for k, v in p.per_gpu.items() if k in BATCH_TERMS)
+        # on CPU ranks the shortfall is the node's: so are its ranks' activations
+        batch_of = f"{batch * p.gpus_per_node / GiB:.1f} GiB per node" if cpu_ranks else f"{batch / GiB:.1f} GiB/GPU"
+        return [], (f"No offload setting or {device} count up to {top} fits at this batch: "
+                    f"{s.override or 'the current deepspeed config'} on {p.n_gpus} {device}(s) is short by "
+                    f"{over(p) / GiB:.1f} GiB with {batch_of} of activations and logits: reduce "
+                    f"trainer.batch_size / trainer.retain_batch_size / data.max_length")
+    s, _, q = min(lean, key=lambda spq: over(spq[2]))
+    return [], (f"No offload setting or {device} count up to {top} fits, not even without activations: "
+                f"{s.override or 'the current deepspeed config'} on {q.n_gpus} {device}(s) needs "
+                f"~{q.gpu_total / GiB:.1f} GiB/{device} and {q.host_total / GiB:.1f} GiB host per node before "
+                f"any batch: more {device}s or more memory per {device} / node")
+
+
+def _describe_fix(s: FixSetting, p: MemoryPlan, n: int, world_size: int, device: str, trainer: Any) -> str:
+    """One suggestion: the setting, the rank count and what it needs, and (on another rank count)
+    the batch rule's fix where that launch would be refused."""
+    need = (f"~{p.host_total / GiB:.1f} GiB host per node" if device == "rank" else
+            f"~{p.gpu_total / GiB:.1f} GiB/GPU, {p.host_total / GiB:.1f} GiB host per node")
+    text = f"{s.override or 'the current deepspeed config'} on {n} {device}(s) ({need})"
+    if n != world_size:
+        _, why = batch_column(trainer, n)
+        if why:  # planned at the configured batch: the smaller one the fix asks for needs less
+            text += f", and as the batch rule asks: {why}"
+    return text
 
 
 DEFAULT_GPU_GB = 80.0  # the dry run's budget when no GPU is present and none is configured
@@ -514,7 +674,8 @@ def _batch_fix(batch_size: int, effective_batch: int, n_gpus: int) -> str:
 def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus: tuple[int, ...] = (1, 8, 16)) -> str:
     """The GPU memory plan for ``gpus`` GPUs (8 per node), as the job would run on CUDA: per column the
     forget rows per optimizer step (rows x accumulation x ranks), the ZeRO stage that run would use
-    and whether it fits, or that the batch rule refuses that launch, with the fix. Nothing is loaded
+    and whether it fits the GPU budget and the host memory per node (``deepspeed.host_memory_gb``, else
+    this machine's), or that the batch rule refuses that launch, with the fix. Nothing is loaded
     and nothing is refused here."""
 
     arch = resolve_arch(cfg.model, model_path)
@@ -526,15 +687,23 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
     plans = [_plan(cfg, arch, n, min(n, 8), True, uses_reference, ds.offload_optimizer, ds.offload_param)
              for n in gpus]
     batches = [batch_column(tr, n) for n in gpus]
+    # host memory per node decides the offload configs (a 70B with zero3_offload_all fitted its GPUs
+    # and needed > 1 TB per node): its own row, against deepspeed.host_memory_gb or this machine's
+    _, host = available_memory(False, None, ds.host_memory_gb)
     fits = ["refused" if why else "yes" if p.gpu_total <= budget else "NO" for p, (_, why) in zip(plans, batches)]
+    host_fits = ["refused" if why else "yes" if p.host_total <= host else "NO" for p, (_, why) in zip(plans, batches)]
     lines = [format_plans(arch, plans, budget, None, "GPU"),
              _row("forget rows/step (rows x accum x GPUs)", [cell for cell, _ in batches]),
              _row("ZeRO stage", [str(s) for s in stages]),
-             _row(f"fits in {budget / GiB:.0f} GiB/GPU", fits)]
+             _row(f"fits in {budget / GiB:.0f} GiB/GPU", fits),
+             _row(f"fits in {host / GiB:.0f} GiB host/node", host_fits)]
     lines += [f"{n} GPUs refused: {why}" for n, (_, why) in zip(gpus, batches) if why]
     if not measured:  # no GPU here and none configured: say the budget is an assumption
         lines.append(f"(GPU memory assumed {DEFAULT_GPU_GB:.0f} GiB: no GPU here; deepspeed.gpu_memory_gb=<GiB> "
                      f"plans for yours)")
+    if not ds.host_memory_gb:  # the node that will run it may have more or less
+        lines.append(f"(host memory per node: this machine's {host / GiB:.0f} GiB; deepspeed.host_memory_gb=<GiB> "
+                     f"plans for your nodes)")
     return "\n".join(lines)
 
 
@@ -582,7 +751,7 @@ def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference
                        flash_attention=cuda and cfg.kernels.attention != "torch", buffers=zero,
                        cpu_ranks=not cuda and not ds.gpu_memory_gb, lora_params=lora_param_count(arch, cfg.model),
                        joint_pass=getattr(tr, "passes", "joint") == "joint", trainable_params=fp.trainable_params,
-                       logits=fp.logits)
+                       logits=fp.logits, torch_adam=bool(ds.torch_adam))
 
 
 def plan_for_run(cfg: Any, world_size: int, cuda: bool, model_path: Optional[str], uses_reference: bool,
@@ -609,32 +778,18 @@ def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[st
         per_node = gpn if n == world_size else max(gpn, 8 if n >= 8 else n)
         return _plan(cfg, arch, n, per_node, cuda, uses_reference, offload_opt, offload_par, zero_stage, checkpointing)
 
+    cpu_ranks = not (cuda or ds.gpu_memory_gb)
     current = mk(world_size, ds.offload_optimizer, ds.offload_param)
     gpu_avail, host_avail = available_memory(cuda, ds.gpu_memory_gb, ds.host_memory_gb)
     shown = [mk(n, ds.offload_optimizer, ds.offload_param) for n in show_gpus if n != world_size]
     text = format_plans(arch, sorted([current, *shown], key=lambda p: p.n_gpus), gpu_avail or None, host_avail,
-                        "GPU" if (cuda or ds.gpu_memory_gb) else "rank")
+                        "rank" if cpu_ranks else "GPU")
     log.info("\n%s", text)
-    if not (cuda or ds.gpu_memory_gb):
+    if cpu_ranks:
         gpu_avail = 0  # CPU run: model states live in host memory, checked below via the host total
-        current.host_per_node["model states on CPU ranks"] = current.gpu_total * gpn
-    suggestions = []
-    # (override, plan): recomputing activations in backward first (it costs compute, not memory
-    # traffic), then the offload configs with what their YAML sets (zero3_offload_all checkpoints too)
-    options = [("deepspeed=zero3_offload_optimizer", mk(world_size, "cpu", "none", zero_stage=3)),
-               ("deepspeed=zero3_offload_all", mk(world_size, "cpu", "cpu", zero_stage=3, checkpointing=True))]
-    if not ds.activation_checkpointing:
-        options.insert(0, ("deepspeed.activation_checkpointing=true",
-                           mk(world_size, ds.offload_optimizer, ds.offload_param, checkpointing=True)))
-    for name, p in options:
-        if p.gpu_total <= (gpu_avail or float("inf")) and p.host_total <= host_avail:
-            suggestions.append(f"{name} on {world_size} GPU(s) (~{p.gpu_total / GiB:.1f} GiB/GPU, "
-                               f"{p.host_total / GiB:.1f} GiB host)")
-    for n in (2, 4, 8, 16, 32, 64):
-        if n > world_size:
-            p = mk(n, ds.offload_optimizer, ds.offload_param)
-            if gpu_avail and p.gpu_total <= gpu_avail:
-                suggestions.append(f"{n} GPUs with the current deepspeed config (~{p.gpu_total / GiB:.1f} GiB/GPU)")
-                break
-    check_fits(current, gpu_avail, host_avail, suggestions)
+        states_on_host(current)
+    if not plan_fits(current, gpu_avail, host_avail):
+        # (the search plans up to ~35 settings: only for a run that is refused)
+        suggestions, no_fit = suggest_fixes(cfg, world_size, mk, gpu_avail, host_avail, cpu_ranks)
+        check_fits(current, gpu_avail, host_avail, suggestions, "rank" if cpu_ranks else "GPU", no_fit)
     return text
