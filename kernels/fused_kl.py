@@ -164,10 +164,11 @@ class _FusedLinearKL(torch.autograd.Function):
             return grad_h, grad_W, grad_b, None, None, None, None, None
 
         def scale(x):
-            # in fp32: an fp16 loss scale (DeepSpeed starts at 2**16 > fp16's max) cast first was inf -> NaN.
-            # The gradients were rounded to x.dtype before this scale, so under fp16 small ones underflow:
-            # the pipeline refuses kernels.kl=fused with deepspeed.precision=fp16 (pipeline/config.py).
-            return None if x is None else (x.float() * grad_out.float()).to(x.dtype)
+            # grad_out as the 0-d fp32 tensor it is: the product keeps x's dtype, computed against the fp32
+            # scalar (cast to fp16 first, DeepSpeed's first loss scale 2**16 > fp16's max was inf -> NaN),
+            # with no V×H fp32 copy. The gradients were rounded to x.dtype before this scale, so under fp16
+            # small ones underflow: the pipeline refuses kernels.kl=fused with deepspeed.precision=fp16.
+            return None if x is None else x * grad_out
 
         return scale(grad_h), scale(grad_W), scale(grad_b), None, None, None, None, None
 

@@ -325,8 +325,9 @@ def _validate_output_dir(cfg: DictConfig) -> None:
     root = Path(str(out))
     # an empty run_name put the run's files among the other runs, and "../x" outside output_dir
     name = str(cfg.get("run_name", "") or "")
-    _require(name.strip("/ ") != "" and ".." not in Path(name).parts, "run_name",
-             f"got {name!r}: name a directory under output_dir (no '..' parts)")
+    parts = [p for p in Path(name).parts if p not in (".", "/")]
+    _require(bool(parts) and ".." not in parts and not Path(name).is_absolute(), "run_name",
+             f"got {name!r}: name a directory under output_dir (relative, no '..' parts)")
     for path in (root, root / name):
         _require(not path.exists() or path.is_dir(), "output_dir", f"{path} exists and is not a directory")
     parent = root
@@ -451,11 +452,22 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _require(not (cfg.kernels.kl == "fused" and cfg.deepspeed.precision == "fp16"), "kernels.kl",
              "kernels.kl=fused does not support deepspeed.precision=fp16 (its gradients are rounded to fp16 before "
              "the loss scale applies); use bf16, fp32 or kernels.kl=naive")
+    # peft's lora.Linear on the head: the fused KL forms logits from its base weight (the adapter would be
+    # ignored and never trained); checked again on the wrapped model (run.py), here before any loading
+    peft = cfg.model.get("peft") or {}
+    on_head = [t for t in (peft.get("target_modules") or []) if str(t).rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES]
+    _require(not (cfg.kernels.kl == "fused" and peft.get("enabled") and on_head), "model.peft.target_modules",
+             f"{on_head} is the output head: kernels.kl=fused computes logits from its base weight and would ignore "
+             f"a LoRA adapter there; use kernels.kl=naive or leave the head out")
     topk = int(cfg.method.get("cache_topk", 0) or 0)
     _require(not (cfg.method.get("teacher") == "cached" and topk > 0 and cfg.kernels.kl == "fused"), "method.cache_topk",
              f"a top-k teacher cache (method.cache_topk={topk}) needs kernels.kl=naive; kernels.kl=fused streams "
              "full cached rows only (set method.cache_topk=0 for full rows, which a top-k of at least the "
              "vocabulary size stores anyway, or kernels.kl=naive)")
+
+
+# Output-head module names of causal LMs (Llama & co., GPT-NeoX): a LoRA target there is the head.
+OUTPUT_HEAD_NAMES = ("lm_head", "embed_out")
 
 
 # DeepSpeed config keys the pipeline derives from its own settings (deepspeed.extra may not set them)

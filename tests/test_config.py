@@ -317,11 +317,16 @@ def test_nan_skip_is_refused_where_the_gradient_check_cannot_see_the_gradients(s
     ("deepspeed.offload_optimizer=cpu", "deepspeed.offload_optimizer"),  # with zero_stage=0 below
     ("run_name=''", "run_name"),
     ("run_name=../../elsewhere", "run_name"),
+    ("run_name=.", "run_name"),
+    ("run_name=/elsewhere", "run_name"),
     ("kernels=fused", "kernels.kl"),  # with deepspeed.precision=fp16 below: its gradients underflowed
+    ("model.peft.enabled=true", "model.peft.target_modules"),  # an adapter on the head: the fused KL ignored it
 ])
 def test_values_that_ran_as_something_else_are_refused(override, key):
     extra = (["deepspeed.zero_stage=0"] if "offload" in override else
-             ["deepspeed.precision=fp16"] if "kernels" in override else [])
+             ["deepspeed.precision=fp16"] if "kernels" in override else
+             ["kernels=fused", "model.peft.target_modules=[q_proj,lm_head]"] if "peft" in override else [])
     with pytest.raises(ConfigError, match=re.escape(key)):
         validate(_compose([override, *extra]))
     validate(_compose(["deepspeed.offload_optimizer=cpu", "deepspeed.zero_stage=2", "run_name=a/b"]))
+    validate(_compose(["kernels=fused", "model.peft.enabled=true", "model.peft.target_modules=[q_proj,v_proj]"]))

@@ -64,3 +64,20 @@ def test_a_hub_model_with_pickled_weights_only_names_our_setting(tmp_path):
     first, second = out.stdout.strip().splitlines()[-2:]
     assert "model.allow_pickle=true" in first and "use_safetensors" not in first
     assert second == "loaded with allow_pickle"
+
+
+def test_a_cached_hub_model_without_weights_is_not_told_to_allow_pickles(tmp_path):
+    """A snapshot with config.json only (a download cut short) got the allow_pickle hint, then another error."""
+    import os
+    import subprocess
+    import sys
+
+    _pinned_hub_cache(tmp_path)
+    snap = tmp_path / "hub" / "models--org--tiny" / "snapshots" / SNAPSHOT
+    (snap / "model.safetensors").unlink()
+    probe = ("from pipeline.models.loading import load_causal_lm, ModelLoadError\n"
+             "try:\n    load_causal_lm('org/tiny', revision='v1')\nexcept ModelLoadError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    line = out.stdout.strip().splitlines()[-1]
+    assert "no other weight files in the hub cache" in line and "allow_pickle" not in line, out.stdout + out.stderr

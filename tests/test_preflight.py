@@ -447,11 +447,11 @@ def test_stages_0_to_2_plan_the_optimizer_steps_temporaries(precision, stage, to
     if (precision, stage, torch_adam) == ("bf16", 0, True):
         # 2 weights + 2 grads + 4 master + 8 Adam m, v (16 held) + 4 fp32 grad copy + 4 sqrt(v)
         assert plan.gpu_total >= 24 * P
-    # CPU ranks at stage 0: torch's AdamW loops tensor by tensor (one tensor's sqrt at a time)
+    # CPU ranks at stage 0: torch's AdamW loops tensor by tensor, sqrt(v) and its division alive together
     cpu = plan_memory(ZEPHYR, 1, 1, precision="fp32", zero_stage=0, offload_optimizer="none", offload_param="none",
                       uses_reference=False, batch_size=1, retain_batch_size=1, seq_len=128, kl_impl="naive",
                       activation_checkpointing=True, cpu_ranks=True)
-    assert cpu.per_gpu["optimizer step temporaries"] == 4 * ZEPHYR.largest_module_params
+    assert cpu.per_gpu["optimizer step temporaries"] == 8 * ZEPHYR.largest_module_params
 
 
 def test_the_step_temporaries_are_what_the_installed_deepspeed_and_torch_allocate():
@@ -483,7 +483,7 @@ def test_cpu_ranks_count_model_states_on_the_host_for_every_suggestion(monkeypat
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     msg = _refusal(["+exp=tofu_7b", "deepspeed.host_memory_gb=64"], world_size=2, cuda=False)
     assert msg.startswith("memory preflight on 2 rank(s): needs") and "GPU(s)" not in msg
-    assert "activation_checkpointing=true on 2 rank(s)" not in msg
+    assert "Would fit" not in msg and "No offload setting on 2 rank(s) fits" in msg  # more ranks: the same host
     ckpt = plan_for_run(_compose(["+exp=tofu_7b", "deepspeed.activation_checkpointing=true"]), 2, False, None, True,
                         local_world_size=2)
     need = ckpt.gpu_total * 2 + ckpt.host_total  # both ranks' states + the node's own host terms

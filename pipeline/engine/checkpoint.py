@@ -251,7 +251,8 @@ def resume_target(mode: str, root: str | Path) -> Optional[Path]:
     if mode == "auto":
         return own
     path = Path(mode)
-    if own is not None and path.exists() and not path.resolve().is_relative_to(Path(root).resolve()):
+    outside = not path.resolve().is_relative_to(Path(root).resolve())
+    if own is not None and path.exists() and outside:
         log.info("trainer.resume=%s: this run has checkpoints of its own since (an earlier attempt started from "
                  "that path); resuming from its newest, %s", mode, own)
         return own
@@ -262,6 +263,13 @@ def resume_target(mode: str, root: str | Path) -> Optional[Path]:
         # pruned the path). A new submission that names the path rolls back again.
         log.warning("trainer.resume=%s: this job rolled back there in an earlier attempt and has trained on "
                     "since; resuming from its newest, %s (a new submission rolls back again)", mode, own)
+        return own
+    if not path.exists() and own is not None and outside and (os.sep in mode or path.is_absolute()):
+        # another run's checkpoint (a path, not a bare word): an earlier attempt may have started there
+        # and trained on, and the start has since been pruned or cleaned up; this run's own newest is
+        # where it got to (a rollback to a pruned step of this run is refused below)
+        log.warning("trainer.resume=%s: no such checkpoint (any more); this run has checkpoints of its own: "
+                    "resuming from its newest, %s", mode, own)
         return own
     if not path.exists():  # a typo (trainer.resume=nver) resumed this run's own newest checkpoint
         raise CheckpointError(f"trainer.resume={mode}: no such checkpoint directory (allowed: auto, never, or the "

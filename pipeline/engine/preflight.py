@@ -418,16 +418,21 @@ def _stage012_step_temporaries(arch: ArchSpec, trained: int, b: int, zero_stage:
       (``flat_grad_partition.to(fp32)``, runtime/zero/stage_1_and_2.py ``step()``). 4 B/param;
     * torch's AdamW on a GPU takes the foreach path, whose ``_foreach_sqrt(exp_avg_sqs)`` is one fp32
       temporary the size of everything it updates (torch/optim/adam.py ``_multi_tensor_adam``): 4 B/param.
-      On CPU ranks it loops per tensor: one tensor's (the largest module bounds it; at stages 1-2 the
-      tensor is the whole flat fp32 partition). FusedAdam computes in its kernel; at stage 0 in 16-bit
+      On CPU ranks it loops per tensor, where ``sqrt(v)`` and its division are alive together: 8 B per
+      element of one tensor (the largest module bounds it; at stages 1-2 the tensor is the whole flat
+      fp32 partition). FusedAdam computes in its kernel; at stage 0 in 16-bit
       ``FP16_Optimizer`` instead holds the per-tensor fp32 copies while it flattens them: 4 B/param.
 
     In bf16 with torch's AdamW on a GPU the step's real peak is ~24 B/trained param (16 held + these 8);
     the plan's held terms count 18 (DeepSpeed's estimate), so it plans 26 there."""
     fp32_grads = 4 * trained if b < 4 else 0
     if torch_adam:
-        per_tensor = zero_stage == 0 and cpu_ranks  # the single-tensor loop over unflattened parameters
-        second = 4 * (min(trained, arch.largest_module_params) if per_tensor else trained)
+        if not cpu_ranks:
+            second = 4 * trained  # foreach: one fp32 sqrt(v) over everything it updates
+        elif zero_stage == 0:  # per tensor: sqrt(v) and its division alive together, 8 B per element
+            second = 8 * min(trained, arch.largest_module_params)
+        else:  # the same over the one tensor there is, the rank's flat partition (divided below)
+            second = 8 * trained
     else:
         second = 4 * trained if zero_stage == 0 and b < 4 else 0
     return (fp32_grads + second) // opt_shard
@@ -578,7 +583,10 @@ def suggest_fixes(cfg: Any, world_size: int, plan_of: Any, gpu_avail: int, host_
     suggestions: list[str] = []
     tried: list[tuple[FixSetting, MemoryPlan]] = []
     best = len(FIX_SETTINGS)  # only settings with less offload than the last suggestion's are worth more ranks
-    for n in (world_size, *(c for c in SEARCH_COUNTS if c > world_size)):
+    # CPU ranks share one host: more of them hold the same states in the same memory (more per-rank
+    # baselines), so only the settings are searched there
+    counts = (world_size,) if cpu_ranks else (world_size, *(c for c in SEARCH_COUNTS if c > world_size))
+    for n in counts:
         seen = {resolved(FIX_SETTINGS[0], world_size)} if n == world_size else set()  # the run itself
         for rank, s in enumerate(FIX_SETTINGS[:best]):
             key = resolved(s, n)
@@ -602,7 +610,7 @@ def suggest_fixes(cfg: Any, world_size: int, plan_of: Any, gpu_avail: int, host_
         return (max(0, p.gpu_total - gpu_avail) if gpu_avail else 0) + (max(0, p.host_total - host_avail)
                                                                           if host_avail else 0)
 
-    top = SEARCH_COUNTS[-1]
+    scope = f"on {world_size} {device}(s)" if cpu_ranks else f"or {device} count up to {SEARCH_COUNTS[-1]}"
     lean = [(s, p, _without_batch_terms(p, cpu_ranks)) for s, p in tried]
     helped = [(s, p) for s, p, q in lean if plan_fits(q, gpu_avail, host_avail)]
     if helped:  # fewer rows or tokens would do: the activations and logits are more than the shortfall
@@ -610,12 +618,12 @@ def suggest_fixes(cfg: Any, world_size: int, plan_of: Any, gpu_avail: int, host_
         batch = sum(v for k, v in p.per_gpu.items() if k in BATCH_TERMS)
         # on CPU ranks the shortfall is the node's: so are its ranks' activations
         batch_of = f"{batch * p.gpus_per_node / GiB:.1f} GiB per node" if cpu_ranks else f"{batch / GiB:.1f} GiB/GPU"
-        return [], (f"No offload setting or {device} count up to {top} fits at this batch: "
+        return [], (f"No offload setting {scope} fits at this batch: "
                     f"{s.override or 'the current deepspeed config'} on {p.n_gpus} {device}(s) is short by "
                     f"{over(p) / GiB:.1f} GiB with {batch_of} of activations and logits: reduce "
                     f"trainer.batch_size / trainer.retain_batch_size / data.max_length")
     s, _, q = min(lean, key=lambda spq: over(spq[2]))
-    return [], (f"No offload setting or {device} count up to {top} fits, not even without activations: "
+    return [], (f"No offload setting {scope} fits, not even without activations: "
                 f"{s.override or 'the current deepspeed config'} on {q.n_gpus} {device}(s) needs "
                 f"~{q.gpu_total / GiB:.1f} GiB/{device} and {q.host_total / GiB:.1f} GiB host per node before "
                 f"any batch: more {device}s or more memory per {device} / node")

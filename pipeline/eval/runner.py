@@ -581,6 +581,20 @@ def _dry_run_eval(cfg: DictConfig) -> dict:
     from pipeline.inputs import checked_prompt_format, prompt_format_uses, resolve_paths
     from pipeline.models.loading import load_tokenizer
 
+    # resolving these paths builds them (the embedded benchmark trains its tiny models; a GGUF package
+    # is converted): a dry run writes nothing, so it checks no further than the config
+    not_built = None
+    if cfg.model.source == "synthetic" or cfg.data.name == "synthetic":
+        not_built = "the embedded benchmark (its data and models are built or reused in cache_dir by the launch)"
+    elif cfg.model.source == "gguf_package":
+        from pipeline.models.gguf_package import converted_dir
+
+        _, root, _ = converted_dir(str(cfg.model.gguf_package), str(cfg.cache_dir), cfg.model.gguf_file)
+        if not (root / "meta.json").exists():
+            not_built = f"{cfg.model.gguf_package} (not converted yet: the launch converts it into {root})"
+    if not_built:
+        log.info("dry run: evaluation of %s: config checked; nothing built, evaluated or written", not_built)
+        return {}
     paths = resolve_paths(cfg)
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
     check_retain_reference(cfg, data)

@@ -306,9 +306,13 @@ def load_causal_lm(
     except (OSError, ValueError, SafetensorError) as e:  # a broken directory; not Exception: bugs stay tracebacks
         msg = first_line(e)
         if not allow_pickle and "use_safetensors" in msg:
-            # a hub model with pickled weights only: transformers names its own argument, not ours
-            msg = (f"no safetensors weights ({msg.split(' Please', 1)[0].strip()}); pickled weights (.bin) "
-                   f"load only with model.allow_pickle=true (they can run code when loaded)")
+            # transformers names its own argument, not ours; it says so for a snapshot with pickled weights
+            # only and for one with no weights at all (a download cut short): the hint only for the first
+            cfg_file = model_config_file(str(path), revision)
+            pickled = cfg_file is not None and any(f.suffix in (".bin", ".pt") for f in cfg_file.parent.iterdir())
+            msg = (f"no safetensors weights ({msg.split(' Please', 1)[0].strip()}); " +
+                   ("pickled weights (.bin) load only with model.allow_pickle=true (they can run code when loaded)"
+                    if pickled else "and no other weight files in the hub cache either: a download cut short?"))
         raise ModelLoadError(f"model {path} cannot be loaded: {msg}") from e
     enable_tempered_attention(model)
     return model

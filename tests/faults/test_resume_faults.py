@@ -263,9 +263,15 @@ def test_a_requeued_run_started_from_another_runs_checkpoint_continues_from_its_
     rollback = own / "step_00000004"
     assert ckpt.resume_target(str(rollback), own) == rollback
     # a typo of never/auto was a path outside the run: it resumed the run's own newest, silently
-    for typo in ("nver", str(tmp_path / "missing" / "step_00000002")):
-        with pytest.raises(ckpt.CheckpointError, match=f"trainer.resume={typo}: no such checkpoint directory"):
-            ckpt.resume_target(typo, own)
+    with pytest.raises(ckpt.CheckpointError, match="trainer.resume=nver: no such checkpoint directory"):
+        ckpt.resume_target("nver", own)
+    # the start pruned since (keep_checkpoints of the other run, a scratch purge): a requeue continues here
+    import shutil
+
+    shutil.rmtree(start)
+    assert ckpt.resume_target(str(start), own) == newest
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint directory"):  # nothing of its own
+        ckpt.resume_target(str(start), tmp_path / "fresh" / "checkpoints")
 
 
 @pytest.mark.distributed
