@@ -19,6 +19,7 @@ from pipeline.eval.tofu import (
     tofu_metrics,
     trim_generation,
 )
+from tests.test_muse_wmdp_metrics import word_tokenizer
 
 ROWS = [
     dict(question="Where was Ada Vell born?", answer="Ada Vell was born in Lisbon.",
@@ -279,11 +280,7 @@ def test_rouge_stemmer_setting_reaches_tofu_and_muse_scores(stem):
     from pipeline.eval.runner import _settings, rouge_stemmer
 
     words = ["Question", ":", "Answer", "What", "does", "she", "write", "?", "She", "writes", "novels", ".", "novel"]
-    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"] + words)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                  unk_token="<unk>")
+    tok = word_tokenizer(words)
     lcfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
     model = LlamaForCausalLM(lcfg).eval()
@@ -311,11 +308,7 @@ def test_greedy_generate_ignores_the_models_generation_config():
 
     torch.manual_seed(0)
     words = ["Question", ":", "Answer", "a", "b", "c", "d", "?"]
-    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"] + words)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                  unk_token="<unk>")
+    tok = word_tokenizer(words)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
                       eos_token_id=2, pad_token_id=0)
@@ -324,16 +317,16 @@ def test_greedy_generate_ignores_the_models_generation_config():
     with torch.no_grad():  # a model that loops on "a": what the penalties would hide
         m.lm_head.weight.zero_()
         m.lm_head.bias.zero_()
-        m.lm_head.bias[vocab["a"]] = 1.0
+        m.lm_head.bias[tok.convert_tokens_to_ids("a")] = 1.0
     qs = ["a ?", "b c ?", "d ?"]
     own = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.7,
                            repetition_penalty=3.0, no_repeat_ngram_size=2, min_new_tokens=4,
-                           suppress_tokens=[vocab["b"]], encoder_repetition_penalty=2.0)
+                           suppress_tokens=[tok.convert_tokens_to_ids("b")], encoder_repetition_penalty=2.0)
     m.generation_config = own
     got = greedy_generate(m, tok, qs, max_new_tokens=6, batch_size=2)
     assert m.generation_config is own
     for q, (text, toks, ended) in zip(qs, got):
-        assert (toks, ended) == _manual_greedy(m, tok, q, 6) == ([vocab["a"]] * 6, False)
+        assert (toks, ended) == _manual_greedy(m, tok, q, 6) == ([tok.convert_tokens_to_ids("a")] * 6, False)
         assert text == "a a a a a a"  # a penalty or n-gram block would have broken the loop
     # a LoRA run evaluates a peft wrapper, whose generate() copies the wrapper's config onto the base model
     from peft import LoraConfig, get_peft_model
