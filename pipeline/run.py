@@ -80,10 +80,21 @@ def checkpoint_meta(cfg: DictConfig, world_size: int, cuda: bool = False) -> dic
 # schedule whatever the config says now), the step count the schedule and the export aim at, the
 # batches' order and contents, the rows' text and the training precision.
 TRAINING_META = ("trainer.epochs", "trainer.max_steps", "trainer.grad_accum", "trainer.lr", "trainer.weight_decay",
-                 "trainer.warmup_ratio", "trainer.lr_scheduler", "trainer.max_grad_norm", "trainer.nan_policy",
+                 "trainer.warmup_ratio", "trainer.lr_scheduler", "trainer.max_grad_norm",
                  "data.max_length", "data.truncate", "data.pack_text", "data.question_column",
                  "data.answer_column", "data.text_column", "data.columns", "model.prompt_format",
                  "model.system_prompt", "model.chat_template_kwargs")
+
+
+def _command_line_keys() -> set[str]:
+    """The config keys this job's command line sets (empty outside a Hydra launch)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = HydraConfig.get().overrides.task
+    except ValueError:  # not launched through Hydra (a test calling train_job)
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in task}
 
 
 def training_meta(cfg: DictConfig, cuda: bool) -> dict:
@@ -373,6 +384,11 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
              f"trainer.max_steps={int(cfg.trainer.max_steps)}" if int(cfg.trainer.max_steps) > 0
              else f"trainer.epochs={float(cfg.trainer.epochs):g}", plan.n_forget, plan.steps_per_epoch,
              "" if plan.steps_per_epoch == 1 else "s", plan.forget_per_step)
+    if int(cfg.trainer.max_steps) > 0 and "trainer.epochs" in _command_line_keys():
+        # trainer=tiny / realworld_smol / wmdp_7b set max_steps: an epochs override alone changed nothing
+        log.warning("trainer.epochs=%g is not used: trainer.max_steps=%d sets the step count; add "
+                    "trainer.max_steps=-1 to train by epochs", float(cfg.trainer.epochs), int(cfg.trainer.max_steps),
+                    extra=SAME_ON_EVERY_RANK)
 
     dtype = _model_dtype(cfg, cuda)
     precision = {"training": resolve_precision(cfg.deepspeed, cuda), "weights": dtype, "device": dist.device}
@@ -454,7 +470,7 @@ def _initialize_engines(cfg: DictConfig, dist: Any, student: Any, frozen: Any, s
     import torch
 
     from pipeline.engine.host_memory import share_fp32_master
-    from pipeline.engine.trainer import lr_lambda
+    from pipeline.engine.trainer import lr_lambda, warmup_steps
     from pipeline.engine.zero_stage import prepare_stage0_engine
 
     cuda = dist.device == "cuda"
@@ -470,6 +486,11 @@ def _initialize_engines(cfg: DictConfig, dist: Any, student: Any, frozen: Any, s
         log.info("student engine (ZeRO-3, CPU ranks): each decoder layer's weights gathered in one fetch")
     if frozen is not None and gather_per_layer(frozen, r_cfg, cuda):
         log.info("frozen engine (ZeRO-3, CPU ranks): each decoder layer's weights gathered in one fetch")
+    warm = warmup_steps(total, float(cfg.trainer.warmup_ratio))
+    log.info("lr schedule: %s, peak lr %g, %d warm-up step%s of %d (trainer.warmup_ratio=%g)%s",
+             cfg.trainer.lr_scheduler, float(cfg.trainer.lr), warm, "" if warm == 1 else "s", total,
+             float(cfg.trainer.warmup_ratio),
+             "; below one step: no warm-up" if float(cfg.trainer.warmup_ratio) > 0 and not warm else "")
     engine, _, _, _ = deepspeed.initialize(
         model=student,
         model_parameters=[p for p in student.parameters() if p.requires_grad],

@@ -39,8 +39,11 @@ def test_single_process_trains_exports_and_evaluates(tiny):
     # kernels.attention=triton on CPU without TRITON_INTERPRET: falls back to sdpa, said in the log and results.json
     out = launch(train_overrides(model_dir, data_dir, root / "runs", "single", steps=3)
                  + ["method=grad_diff", "kernels.attention=triton", "trainer.lr_scheduler=linear",
-                    "trainer.warmup_ratio=0.67"], interpret="0")
+                    "trainer.warmup_ratio=0.67", "trainer.epochs=7"], interpret="0")
     assert out.returncode == 0, out.stderr[-3000:]
+    # max_steps decides: an epochs override alone changed nothing, silently
+    assert "trainer.epochs=7 is not used: trainer.max_steps=3 sets the step count" in out.stderr
+    assert "lr schedule: linear, peak lr 0.001, 2 warm-up steps of 3 (trainer.warmup_ratio=0.67)" in out.stderr
     assert "kernels.attention=triton -> sdpa" in out.stderr and "TRITON_INTERPRET" in out.stderr, out.stderr[-3000:]
     run = root / "runs" / "single"
     exported = run / "model"
@@ -282,3 +285,12 @@ def test_into_a_log_file_the_training_bar_is_not_redrawn_every_step(tiny, tmp_pa
     assert out.returncode == 0, out.stderr[-3000:]
     states = out.stderr.count("unlearn[grad_diff]")
     assert 1 <= states <= 4, states  # the opening state, the last, maybe one more: not 20
+
+
+def test_warmup_steps_round_away_float_error():
+    """int(0.29 * 100) is 28: a step of warm-up lost to float error."""
+    from pipeline.engine.trainer import lr_lambda, warmup_steps
+
+    assert warmup_steps(100, 0.29) == 29 and warmup_steps(3, 0.67) == 2 and warmup_steps(5, 0.1) == 0
+    f = lr_lambda(100, 0.29, "constant")
+    assert [f(s) for s in (0, 28, 29)] == pytest.approx([1 / 29, 1.0, 1.0])

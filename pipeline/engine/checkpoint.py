@@ -336,8 +336,9 @@ META_DEFAULTS = {"zero_stage": 3, "training.model.chat_template_kwargs": {}}
 RECORDED_LATER = ("rows.forget", "rows.retain", "tau_chosen", "model.content_sha256")
 # fields no longer recorded: a checkpoint's value is not compared when the current meta has none.
 # model.files_sha256 hashed the model files' mtimes (a model re-staged to scratch by a requeued job
-# was refused); model.content_sha256 replaced it
-RETIRED = ("model.files_sha256",)
+# was refused); model.content_sha256 replaced it. trainer.nan_policy decides only what happens at a
+# non-finite step, not the steps a checkpoint holds: a run stopped by a NaN resumes with nan_policy=skip
+RETIRED = ("model.files_sha256", "training.trainer.nan_policy")
 
 
 def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:

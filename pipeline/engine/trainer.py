@@ -59,8 +59,17 @@ class TrainState:
     resumed: Optional[dict] = None  # the checkpoint this attempt resumed (step tag, step, its steps' kernels)
 
 
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """``trainer.warmup_ratio`` of the run's steps, rounded down (after rounding away float error:
+    0.29 x 100 is 28.999..., 29 steps)."""
+    return int(round(total_steps * warmup_ratio, 6))
+
+
 def lr_lambda(total_steps: int, warmup_ratio: float, kind: str):
-    warm = int(total_steps * warmup_ratio)
+    """LambdaLR factor of step ``step`` (0-based): ``(step + 1) / warm`` over the warm-up (the first
+    step trains at lr / warm, the last warm-up step at the full lr; HF's linear schedule starts at 0
+    instead), then constant or a linear decay to 0 at ``total_steps``."""
+    warm = warmup_steps(total_steps, warmup_ratio)
 
     def f(step: int) -> float:
         if warm and step < warm:

@@ -171,7 +171,7 @@ def test_a_resume_with_other_training_settings_is_refused_and_old_checkpoints_ar
         meta = {over: checkpoint_meta(compose("config", overrides=[over] if over else []), 1)
                 for over in ("", "trainer.lr=0.1", "trainer.max_steps=3", "data.max_length=64",
                              "deepspeed.precision=bf16", "logging.progress_bar=false", "trainer.grad_accum=2",
-                             "method.rna_noise=0.05")}
+                             "method.rna_noise=0.05", "trainer.nan_policy=skip")}
     saved = {**meta[""], "step": 4, "tag": "step_00000004"}
     for over, key in (("trainer.lr=0.1", "training.trainer.lr"), ("trainer.max_steps=3", "training.trainer.max_steps"),
                       ("data.max_length=64", "training.data.max_length"),
@@ -179,6 +179,10 @@ def test_a_resume_with_other_training_settings_is_refused_and_old_checkpoints_ar
         with pytest.raises(CheckpointError, match=rf"different configuration \({key}: checkpoint="):
             check_compatible(saved, meta[over], tmp_path)
     check_compatible(saved, meta["logging.progress_bar=false"], tmp_path)  # not a training setting
+    # a run a NaN stopped resumes with nan_policy=skip (it decides nothing about the checkpointed steps),
+    # also from a checkpoint that recorded the policy
+    check_compatible(saved, meta["trainer.nan_policy=skip"], tmp_path)
+    check_compatible({**saved, "training.trainer.nan_policy": "stop"}, meta["trainer.nan_policy=skip"], tmp_path)
     with pytest.raises(CheckpointError, match=r"training.precision: checkpoint='fp32' now='bf16'"):
         check_compatible(saved, {**meta[""], "training.precision": "bf16"}, tmp_path)  # auto on a GPU node now
     old = {k: v for k, v in saved.items() if not k.startswith("training.")}  # written before they were recorded
