@@ -146,7 +146,7 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     log_every: int = 10
     save_every: int = 0  # steps between checkpoints (and one at the end); 0 = none, except on SIGTERM/SIGUSR1/Ctrl-C
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept; 0 keeps every one (none pruned)
     resume: str = "auto"  # auto | never | <path to a checkpoint tag dir>
     nan_policy: str = "stop"  # stop | skip
     dry_run: bool = False  # compose, validate, print the memory plan (1/8/16 GPUs), then stop
