@@ -312,21 +312,21 @@ def test_nan_skip_is_refused_where_the_gradient_check_cannot_see_the_gradients(s
     validate(_compose(["trainer.nan_policy=skip", "deepspeed.zero_stage=3"]))
 
 
-@pytest.mark.parametrize("override, key", [
-    ("deepspeed.zero_stage=true", "deepspeed.zero_stage"),  # True == 1: it ran as stage 1
-    ("deepspeed.offload_optimizer=cpu", "deepspeed.offload_optimizer"),  # with zero_stage=0 below
-    ("run_name=''", "run_name"),
-    ("run_name=../../elsewhere", "run_name"),
-    ("run_name=.", "run_name"),
-    ("run_name=/elsewhere", "run_name"),
-    ("kernels=fused", "kernels.kl"),  # with deepspeed.precision=fp16 below: its gradients underflowed
-    ("model.peft.enabled=true", "model.peft.target_modules"),  # an adapter on the head: the fused KL ignored it
+@pytest.mark.parametrize("override, key, why", [
+    ("deepspeed.zero_stage=true", "deepspeed.zero_stage", "must be auto or 0..3, got True"),  # True == 1: stage 1
+    ("deepspeed.offload_optimizer=cpu", "deepspeed.offload_optimizer", "needs deepspeed.zero_stage 1, 2, 3"),
+    ("run_name=''", "run_name", "name a directory under output_dir"),
+    ("run_name=../../elsewhere", "run_name", "no '..' parts"),
+    ("run_name=.", "run_name", "name a directory under output_dir"),
+    ("run_name=/elsewhere", "run_name", "(relative,"),
+    ("kernels=fused", "kernels.kl", "does not support deepspeed.precision=fp16"),  # its gradients underflowed
+    ("model.peft.enabled=true", "model.peft.target_modules", "is the output head"),  # the fused KL ignored it
 ])
-def test_values_that_ran_as_something_else_are_refused(override, key):
+def test_values_that_ran_as_something_else_are_refused(override, key, why):
     extra = (["deepspeed.zero_stage=0"] if "offload" in override else
              ["deepspeed.precision=fp16"] if "kernels" in override else
              ["kernels=fused", "model.peft.target_modules=[q_proj,lm_head]"] if "peft" in override else [])
-    with pytest.raises(ConfigError, match=re.escape(key)):
+    with pytest.raises(ConfigError, match=re.escape(key) + ".*" + re.escape(why)):
         validate(_compose([override, *extra]))
     validate(_compose(["deepspeed.offload_optimizer=cpu", "deepspeed.zero_stage=2", "run_name=a/b"]))
     validate(_compose(["kernels=fused", "model.peft.enabled=true", "model.peft.target_modules=[q_proj,v_proj]"]))

@@ -276,17 +276,22 @@ def test_a_dry_run_refuses_what_the_launch_refuses_before_its_weights_load(tiny_
     assert not (tiny_inputs["root"] / "runs").exists()
 
 
-@pytest.mark.parametrize("extra, error", [
-    (["data.path={root}/nodata"], "DataError"),  # refused by the Hydra callback, before the run directory
-    (["model.path={root}/binonly"], "ModelLoadError"),  # by the job's dry run
-])
+@pytest.mark.parametrize("extra, kind, line", DRY_REFUSALS, ids=[c[0][-1].split("=")[0] + "_" + c[1]
+                                                               for c in DRY_REFUSALS])
 def test_cli_a_dry_run_refusal_is_the_launchs_one_line_exit_2_and_writes_no_config(tiny_inputs, tmp_path, extra,
-                                                                                  error):
+                                                                                  kind, line):
+    """Every case through the real command line (the Hydra callback, then the job's dry run), not only the
+    in-process sequence above: the launch's own line and class, exit 2, nothing written."""
+    from pipeline.errors import USER_ERRORS
+
     names = {k: str(v) for k, v in tiny_inputs.items()}
-    case = next(c for c in DRY_REFUSALS if c[0] == extra)
-    out = _dry(_job_overrides(tiny_inputs, [e.format(**names) for e in extra]), tmp_path)
+    overrides = _job_overrides(tiny_inputs, [e.format(**names) for e in extra])
+    with pytest.raises(USER_ERRORS) as launch_error:
+        _launch_check(kind, overrides)
+    out = _dry(overrides, tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1] == f"error ({error}, rank 0): {case[2].format(**names)}"
+    want = f"error ({type(launch_error.value).__name__}, rank 0): {line.format(**names)}"
+    assert out.stderr.strip().splitlines()[-1] == want
     assert "Traceback" not in out.stderr and "dry run:" not in out.stdout
     run_dir = tmp_path / "runs" / "r"  # Hydra's own .hydra/ and job log at most, as for the launch
     assert {f.name for f in run_dir.iterdir()} <= {".hydra", "train.log"} if run_dir.exists() else True

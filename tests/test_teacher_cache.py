@@ -118,7 +118,7 @@ def test_topk_error_decreases_with_k(models, rows, tmp_path):
     assert errs[0] > errs[-1] and errs[-1] < 1e-5, errs
 
 
-def test_topk_grad_matches_finite_difference_direction(models, rows, tmp_path):
+def test_topk_loss_backpropagates_finite_gradients_through_the_model(models, rows, tmp_path):
     """The top-k loss is differentiable and finite (the tail bucket's log-sum-exp path)."""
     teacher, student = models
     cache = tc.TeacherCache(_build(teacher, rows, tmp_path, topk=5))
@@ -128,6 +128,32 @@ def test_topk_grad_matches_finite_difference_direction(models, rows, tmp_path):
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in student.parameters()])
     assert torch.isfinite(grads).all() and grads.abs().sum() > 0
+
+
+@pytest.mark.parametrize("k", [1, 5, 11])
+def test_topk_kl_and_its_gradient_equal_a_bucket_kl_written_out(k):
+    """The top-k + tail KL (pipeline/methods/loss_math.cache_kl_values) and its gradient w.r.t. the
+    student logits equal k + 1 buckets written out in float64: the student's tail mass as 1 - the sum of
+    its top-k probabilities. A detached or wrong tail term (the log-sum-exp path) changes the gradient,
+    which the finiteness check above cannot see."""
+    from pipeline.methods.loss_math import cache_kl_values
+
+    g = torch.Generator().manual_seed(k)
+    N, V = 6, 12
+    teacher = torch.log_softmax(torch.randn(N, V, generator=g, dtype=torch.float64) * 2, -1)
+    lt, ids = teacher.topk(k, -1)
+    tail = torch.log1p(-lt.exp().sum(-1).clamp(max=1 - 1e-12))
+    logits = (torch.randn(N, V, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    got = cache_kl_values(logits, {"logprobs": lt.float(), "ids": ids, "tail": tail.float()})
+    (g_got,) = torch.autograd.grad(got.sum(), logits)
+
+    p_s = torch.softmax(logits, -1)
+    top_s = p_s.gather(-1, ids)
+    tail_s = 1 - top_s.sum(-1)
+    want = (lt.exp() * (lt - top_s.log())).sum(-1) + tail.exp() * (tail - tail_s.log())
+    (g_want,) = torch.autograd.grad(want.sum(), logits)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
 
 
 def test_reuse_is_a_noop_and_keys_differ(models, rows, tmp_path, monkeypatch):

@@ -300,39 +300,59 @@ def test_rouge_stemmer_setting_reaches_tofu_and_muse_scores(stem):
     assert muse.values["rouge_l_recall"] == [pytest.approx(1.0 if stem else 1 / 3)]
 
 
-def test_greedy_generate_ignores_the_models_generation_config():
-    """A checkpoint's generation_config.json (Qwen2.5-Instruct: repetition_penalty 1.05) must not shape
-    eval answers: with penalties, n-gram blocking, a minimum length, suppressed tokens and sampling
-    set there, greedy_generate still equals a plain argmax loop, and the model's config is restored."""
-    from transformers import GenerationConfig
-
-    torch.manual_seed(0)
-    words = ["Question", ":", "Answer", "a", "b", "c", "d", "?"]
-    tok = word_tokenizer(words)
+def _bias_only_model(tok, bias: dict):
+    """A tiny Llama whose next-token logits are ``bias`` (token -> value; 0 elsewhere) at every step."""
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
                       eos_token_id=2, pad_token_id=0)
     m = LlamaForCausalLM(cfg).eval()
     m.lm_head = torch.nn.Linear(16, len(tok), bias=True)
-    with torch.no_grad():  # a model that loops on "a": what the penalties would hide
+    with torch.no_grad():
         m.lm_head.weight.zero_()
         m.lm_head.bias.zero_()
-        m.lm_head.bias[tok.convert_tokens_to_ids("a")] = 1.0
-    qs = ["a ?", "b c ?", "d ?"]
-    own = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.7,
-                           repetition_penalty=3.0, no_repeat_ngram_size=2, min_new_tokens=4,
-                           suppress_tokens=[tok.convert_tokens_to_ids("b")], encoder_repetition_penalty=2.0)
+        for t, v in bias.items():
+            m.lm_head.bias[tok.convert_tokens_to_ids(t)] = v
+    return m
+
+
+# (generation_config field, value, logits as biases): each setting changes what generate() gives that
+# model unless greedy_generate keeps it out (checked below, so none of them can pass by being inert)
+GENERATION_FIELDS = [
+    ("repetition_penalty", 3.0, {"a": 1.0, "c": 0.9}),  # "a" once, then "c" wins under the penalty
+    ("no_repeat_ngram_size", 2, {"a": 1.0}),  # "a a" may not repeat
+    ("suppress_tokens", ["a"], {"a": 1.0, "c": 0.5}),
+    ("min_new_tokens", 4, {"<eos>": 1.0, "a": 0.5}),  # greedy stops at once
+    ("do_sample", True, {"a": 1.0}),  # with temperature 2: "a" has p ~0.1 per step
+]
+
+
+@pytest.mark.parametrize("field,value,bias", GENERATION_FIELDS, ids=[f[0] for f in GENERATION_FIELDS])
+def test_greedy_generate_ignores_the_models_generation_config(field, value, bias):
+    """A checkpoint's generation_config.json (Qwen2.5-Instruct: repetition_penalty 1.05) must not shape
+    eval answers: each of these settings changes the model's own generate() output, and greedy_generate
+    still equals a plain argmax loop (also through a peft wrapper), with the model's config restored."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GenerationConfig
+
+    tok = word_tokenizer(["Question", ":", "Answer", "a", "b", "c", "d", "?"])
+    m = _bias_only_model(tok, bias)
+    if field == "suppress_tokens":
+        value = [tok.convert_tokens_to_ids(t) for t in value]
+    own = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                           **({field: value, "temperature": 2.0} if field == "do_sample" else {field: value}))
     m.generation_config = own
+    qs = ["a ?", "b c ?", "d ?"]
+    manual = [_manual_greedy(m, tok, q, 6) for q in qs]
+    torch.manual_seed(0)
+    with torch.no_grad():  # the setting matters: the model's own generate() departs from argmax
+        ids = torch.tensor([prompt_ids(tok, qs[0])])
+        theirs = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6)[0, ids.shape[1]:]
+    assert trim_generation(theirs.tolist(), [2])[0] != manual[0][0], f"{field} does not change this model's output"
     got = greedy_generate(m, tok, qs, max_new_tokens=6, batch_size=2)
     assert m.generation_config is own
-    for q, (text, toks, ended) in zip(qs, got):
-        assert (toks, ended) == _manual_greedy(m, tok, q, 6) == ([tok.convert_tokens_to_ids("a")] * 6, False)
-        assert text == "a a a a a a"  # a penalty or n-gram block would have broken the loop
-    # a LoRA run evaluates a peft wrapper, whose generate() copies the wrapper's config onto the base model
-    from peft import LoraConfig, get_peft_model
-
+    assert [(toks, ended) for _, toks, ended in got] == manual
     wrapped = get_peft_model(m, LoraConfig(r=2, target_modules=["q_proj"])).eval()
-    assert [g[1] for g in greedy_generate(wrapped, tok, qs, max_new_tokens=6, batch_size=2)] == [t for _, t, _ in got]
+    assert [(toks, ended) for _, toks, ended in greedy_generate(wrapped, tok, qs, max_new_tokens=6, batch_size=2)] == manual
     assert m.generation_config is own
 
 

@@ -102,7 +102,10 @@ def test_bf16_close_to_fp32():
     loss = fused_linear_kl(hb, Wb, h_t.bfloat16(), W_t.bfloat16(), chunk_size=5)
     loss.backward()
     assert hb.grad.dtype == torch.bfloat16 and Wb.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(loss, ref.detach(), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(loss, ref.detach(), atol=0, rtol=2e-3)  # observed ~3e-4
+    ref_h, ref_W = torch.autograd.grad(ref, (h_s, W_s))  # gradients too (observed ~0.6% in bf16)
+    torch.testing.assert_close(hb.grad.float(), ref_h, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(Wb.grad.float(), ref_W, rtol=2e-2, atol=2e-3)
 
 
 def test_an_fp16_loss_scale_above_fp16s_range_gives_no_nan():
