@@ -56,6 +56,9 @@ def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
             exit_with(exc, where + compose_error_line(exc), every_rank=True)  # here and fail later, after writing the sweep dir
         _check(job_config, where)
         run_dir = _job_dir(job_config, i - 1)
+        # the launcher's own guards, on the job's directory (a train -m with continual.requests ran plain
+        # jobs; an eval -m into a training sweep replaced every point's results)
+        _check_launcher_settings(job_config, where, run_dir or str(OmegaConf.select(job_config, "hydra.sweep.dir")))
         if run_dir is not None and run_dir in dirs:
             # the second point would resume (or skip as finished) the first's run and report it as its own
             exit_with(ConfigError(), f"{where}the same run directory as sweep job {dirs[run_dir]} ({run_dir}): they "
@@ -181,11 +184,12 @@ def _check_dir_name(where: str, sweep_dir: str, run_dir: str, swept: dict[str, s
                   f"{fix_name}")
 
 
-def _check_launcher_settings(config: DictConfig) -> None:
+def _check_launcher_settings(config: DictConfig, where: str = "", run_dir: Optional[str] = None) -> None:
     """What only the launcher decides: launchers/eval.py writes results.json, report.md and
     eval_details.json into its run directory, and one that holds a training run (run_name defaults to
     the training run's) would lose that run's results (its steps, times and training record) to the
-    evaluation's; launchers/train.py ignores continual.requests."""
+    evaluation's; launchers/train.py ignores continual.requests. ``run_dir``: a sweep job's directory
+    (default: ``hydra.run.dir``, a single run's); ``where`` prefixes the message (which sweep job)."""
     from pathlib import Path
 
     from pipeline.config_base import ConfigError
@@ -193,14 +197,17 @@ def _check_launcher_settings(config: DictConfig) -> None:
 
     if config.hydra.job.get("name") == "train" and config.get("continual", {}).get("requests"):
         # read by launchers/continual.py only: the plain job would unlearn data.forget_split, silently
-        exit_with(ConfigError(), f"config error at 'continual.requests': {list(config.continual.requests)} is read by "
+        exit_with(ConfigError(), f"{where}config error at 'continual.requests': {list(config.continual.requests)} is read by "
                   "launchers/continual.py (a sequence of requests); launchers/train.py unlearns data.forget_split once")
     if config.hydra.job.get("name") != "eval":
         return
-    run_dir = Path(str(config.hydra.run.dir))
-    trained = [n for n in ("train_history.json", "checkpoints", "finished.json") if (run_dir / n).exists()]
+    run_path = Path(str(config.hydra.run.dir) if run_dir is None else run_dir)
+    trained = [n for n in ("train_history.json", "checkpoints", "finished.json") if (run_path / n).exists()]
+    if trained and run_dir is not None:  # a sweep's job: its directory is the sweep's, not run_name's
+        exit_with(ConfigError(), f"{where}{run_path} holds a training run ({trained[0]}); evaluating there would "
+                  f"replace its results.json: evaluate into another sweep directory (hydra.sweep.dir=...)")
     if trained:
-        exit_with(ConfigError(), f"run_name={config.run_name}: {run_dir} holds a training run ({trained[0]}); "
+        exit_with(ConfigError(), f"run_name={config.run_name}: {run_path} holds a training run ({trained[0]}); "
                   f"evaluating there would replace its results.json: pass another run_name "
                   f"(e.g. run_name={config.run_name}_eval)")
 

@@ -202,6 +202,24 @@ def test_a_task_that_sees_one_gpu_uses_it_whatever_its_local_rank(clean_env, mon
     assert clean_env["LOCAL_RANK"] == "3"
 
 
+def test_more_ranks_per_node_than_the_gpus_each_sees_is_one_line(clean_env, monkeypatch, capfd):
+    """tasks_per_node 8 on a node whose tasks each see its 4 GPUs: LOCAL_RANK 4-7 were remapped to
+    cuda:0-3, two ranks per GPU, and NCCL stopped later ("Duplicate GPU detected")."""
+    import torch
+
+    from pipeline.engine.distributed import setup_environment
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    clean_env.update(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_NODEID="0", SLURM_LOCALID="5",
+                     SLURM_JOB_NODELIST="gpu01", SLURM_TASKS_PER_NODE="8", SLURM_JOB_ID="1", DS_ACCELERATOR="cuda")
+    monkeypatch.setattr("pipeline.errors.SPOKEN_FOR_S", 0)
+    with pytest.raises(SystemExit) as e:
+        setup_environment()
+    assert e.value.code == 2
+    assert "LOCAL_RANK 5 on a node whose ranks each see 4 GPUs" in capfd.readouterr().err
+
+
 def test_ranks_per_node_from_the_deepspeed_launchers_local_size(monkeypatch):
     """The deepspeed launcher exports LOCAL_SIZE, not LOCAL_WORLD_SIZE: 2 nodes x 8 GPUs are 8 per
     node, not 16 (the preflight multiplies host terms by it)."""

@@ -506,4 +506,21 @@ def test_dry_run_checks_host_memory_per_node_too():
     assert rows["fits in 1000 GiB host/node"] == ["NO", "NO", "yes"]  # 1429 / 1429 / 723 GiB
     assert "this machine's" not in text
     text = dry_run_plan(_compose(base), None, True, gpus=(8,))
-    assert "(host memory per node: this machine's " in text and "deepspeed.host_memory_gb=<GiB>" in text
+    assert "(host memory per node: this machine's memory, " in text and "deepspeed.host_memory_gb=<GiB>" in text
+
+
+def test_host_memory_is_what_this_jobs_slurm_allocation_allows(monkeypatch):
+    """A SLURM job with part of a node (--mem, enforced by its cgroup) was planned against the node's
+    physical memory: the preflight passed and the cgroup's OOM killer ended the job while loading."""
+    from pipeline.engine.preflight import GiB, available_memory, host_memory_limit
+
+    physical = host_memory_limit()[0]
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", "2048")  # MiB, as SLURM exports it
+    assert host_memory_limit() == (2 * GiB, "this job's SLURM allocation (--mem)")
+    assert available_memory(False, None, None)[1] == 2 * GiB and available_memory(False, None, 5)[1] == 5 * GiB
+    monkeypatch.delenv("SLURM_MEM_PER_NODE")
+    monkeypatch.setenv("SLURM_MEM_PER_CPU", "512")
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "3")
+    assert host_memory_limit() == (1536 * 2**20, "this job's SLURM allocation (--mem-per-cpu x CPUs on the node)")
+    monkeypatch.setenv("SLURM_MEM_PER_CPU", str(physical))  # more than the node has: the node's memory decides
+    assert host_memory_limit()[0] <= physical

@@ -119,6 +119,10 @@ def test_submitit_sweep(tiny):
     assert found == ["tau_1.5", "tau_3.0"], list(sweep_dir.iterdir())
     taus = sorted(json.loads((sweep_dir / d / "results.json").read_text())["tau"] for d in found)
     assert taus == [1.5, 3.0]
+    # requeueable as train.sbatch: submitit's requeue after a preemption checkpoint needs it on clusters
+    # with JobRequeue=0
+    scripts = list(sweep_dir.glob(".submitit/*/*_submission.sh"))
+    assert scripts and all("#SBATCH --requeue" in f.read_text().splitlines() for f in scripts), scripts
     rep = subprocess.run([sys.executable, "launchers/report.py", str(sweep_dir)], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=60)
     assert rep.returncode == 0 and (sweep_dir / "pareto.png").exists(), rep.stderr

@@ -132,10 +132,17 @@ def test_objective_missing_falls_back_and_empty_sweep(tmp_path):
     rep = sweep.build_report(root)
     assert rep["chosen"]["objective"] == "forget_fact_recall" and rep["chosen"]["name"].startswith("method.tau=2.0")
     assert rep["chosen"]["notes"]
-    empty = tmp_path / "empty"
+    empty = tmp_path / "empty"  # nothing to report: an error, and no report files written into it
     empty.mkdir()
-    rep = sweep.build_report(empty)
-    assert rep["counts"]["total"] == 0 and (empty / "pareto.png").read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="no sweep points under"):
+        sweep.build_report(empty)
+    assert not list(empty.iterdir())
+    pending = tmp_path / "pending"  # a sweep submitted, no job started: its expected points are reported
+    pending.mkdir()
+    _multirun_yaml(pending, "1.0,2.0")
+    rep = sweep.build_report(pending)
+    assert rep["counts"]["total"] == 2 and rep["counts"]["missing"] == 2
+    assert (pending / "pareto.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def _multirun_yaml(root: Path, taus: str) -> None:
@@ -348,3 +355,14 @@ def test_a_dry_run_of_the_sweep_leaves_no_points_and_no_job_list(fake_sweep):
     rep = sweep.build_report(fake_sweep)
     assert not any("dry_run" in p["name"] for p in rep["points"])
     assert rep["counts"] == {"total": 7, "ok": 5, "missing": 1, "failed": 1}  # the fixture's points only
+
+
+def test_points_are_in_numeric_order_and_ties_go_to_the_smaller_value(tmp_path):
+    """Directories sorted as strings put method.tau=10.0 before 2.0: the table's rows, and a tie between
+    them went to 10.0 as "the earlier point"."""
+    root = tmp_path / "s"
+    for tau in ("10.0", "2.0", "1.5"):
+        _write_point(root, tau, 0.5, 0.8 if tau != "1.5" else 0.1, 0.3)
+    points = sweep.gather(root)
+    assert [p.overrides["method.tau"] for p in points] == ["1.5", "2.0", "10.0"]
+    assert sweep.build_report(root, "forget_quality")["chosen"]["name"].startswith("method.tau=2.0")

@@ -42,11 +42,13 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def with_default_override(argv: list[str], key: str, value: str) -> list[str]:
-    """``argv`` with ``key=value`` added after the script name unless the user gave ``key`` (in any of
-    Hydra's forms: ``key=``, ``+key=``, ``++key=``, ``~key``)."""
-    if any(a.split("=", 1)[0].lstrip("+~") == key for a in argv[1:]):
+    """``argv`` with ``key=value`` appended unless the user gave ``key`` (in any of Hydra's forms:
+    ``key=``, ``+key=``, ``++key=``, ``~key``) or launches a sweep (``-m``: each job's directory is
+    the sweep's, and the value would join every job's directory name). Appended, not put first: a
+    Hydra flag before the overrides (``--cfg job a=1``) split them in two for argparse."""
+    if any(a.split("=", 1)[0].lstrip("+~") == key for a in argv[1:]) or {"-m", "--multirun"} & set(argv[1:]):
         return argv
-    return [argv[0], f"{key}={value}", *argv[1:]]
+    return [*argv, f"{key}={value}"]
 
 
 def _free_port() -> int:
@@ -183,6 +185,15 @@ def _fit_local_rank_to_visible_gpus() -> None:
     if not cuda_ranks():
         return
     local, n = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+    if n > 1 and local >= n:
+        # more ranks on this node than the GPUs every one of them sees: remapped, two ranks would share a
+        # GPU and NCCL stop later ("Duplicate GPU detected")
+        from pipeline.config_base import ConfigError
+        from pipeline.errors import exit_with
+
+        exit_with(ConfigError(), f"LOCAL_RANK {local} on a node whose ranks each see {n} GPUs: more ranks per node "
+                  f"than GPUs (set hydra.launcher.tasks_per_node / --ntasks-per-node / --num_gpus to {n})",
+                  every_rank=True)
     if n and local >= n:
         os.environ["LOCAL_RANK"] = str(local % n)
         # before logging is configured (Hydra has not run yet): straight to stderr, once per rank

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.engine.zero_stage import resolve_zero_stage
@@ -484,11 +485,48 @@ def available_memory(cuda: bool, gpu_memory_gb: Optional[float], host_memory_gb:
         gpu = torch.cuda.get_device_properties(0).total_memory
     else:
         gpu = 0
-    if host_memory_gb:
-        host = int(host_memory_gb * GiB)
-    else:
-        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    host = int(host_memory_gb * GiB) if host_memory_gb else host_memory_limit()[0]
     return gpu, host
+
+
+def _cgroup_limits() -> list[int]:
+    """The memory limits of this process's cgroup (v2 ``memory.max``, v1 ``memory.limit_in_bytes``),
+    where set: how a SLURM job's allocation (``--mem``) is enforced."""
+    files = [Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")]
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":  # v2: one hierarchy
+                files.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max")
+            elif "memory" in controllers.split(","):
+                files.append(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes")
+    except (OSError, ValueError):
+        pass
+    out = []
+    for f in files:
+        try:
+            text = f.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # "max" / ~2**63: no limit
+            out.append(int(text))
+    return out
+
+
+def host_memory_limit() -> tuple[int, str]:
+    """(bytes this node's ranks may use, what sets it): the physical memory, or less where this job's
+    cgroup or SLURM allocation (``SLURM_MEM_PER_NODE``, ``SLURM_MEM_PER_CPU`` x ``SLURM_CPUS_ON_NODE``,
+    in MiB) says so. Compared with the physical memory alone, a job given a part of a node by SLURM was
+    planned as fitting and killed by the cgroup's OOM while loading."""
+    limits = [(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory")]
+    limits += [(b, "this job's cgroup memory limit") for b in _cgroup_limits()]
+    env = os.environ
+    if env.get("SLURM_MEM_PER_NODE", "").isdigit() and int(env["SLURM_MEM_PER_NODE"]) > 0:
+        limits.append((int(env["SLURM_MEM_PER_NODE"]) << 20, "this job's SLURM allocation (--mem)"))
+    if env.get("SLURM_MEM_PER_CPU", "").isdigit() and env.get("SLURM_CPUS_ON_NODE", "").isdigit():
+        limits.append((int(env["SLURM_MEM_PER_CPU"]) * int(env["SLURM_CPUS_ON_NODE"]) << 20,
+                       "this job's SLURM allocation (--mem-per-cpu x CPUs on the node)"))
+    return min(limits, key=lambda limit: limit[0])
 
 
 def plan_fits(plan: MemoryPlan, gpu_avail: int, host_avail: int) -> bool:
@@ -697,7 +735,7 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
     batches = [batch_column(tr, n) for n in gpus]
     # host memory per node decides the offload configs (a 70B with zero3_offload_all fitted its GPUs
     # and needed > 1 TB per node): its own row, against deepspeed.host_memory_gb or this machine's
-    _, host = available_memory(False, None, ds.host_memory_gb)
+    host, host_source = (int(ds.host_memory_gb * GiB), "") if ds.host_memory_gb else host_memory_limit()
     fits = ["refused" if why else "yes" if p.gpu_total <= budget else "NO" for p, (_, why) in zip(plans, batches)]
     host_fits = ["refused" if why else "yes" if p.host_total <= host else "NO" for p, (_, why) in zip(plans, batches)]
     lines = [format_plans(arch, plans, budget, None, "GPU"),
@@ -710,7 +748,7 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
         lines.append(f"(GPU memory assumed {DEFAULT_GPU_GB:.0f} GiB: no GPU here; deepspeed.gpu_memory_gb=<GiB> "
                      f"plans for yours)")
     if not ds.host_memory_gb:  # the node that will run it may have more or less
-        lines.append(f"(host memory per node: this machine's {host / GiB:.0f} GiB; deepspeed.host_memory_gb=<GiB> "
+        lines.append(f"(host memory per node: {host_source}, {host / GiB:.0f} GiB; deepspeed.host_memory_gb=<GiB> "
                      f"plans for your nodes)")
     return "\n".join(lines)
 

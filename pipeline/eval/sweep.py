@@ -17,7 +17,8 @@ TOFU's default ``forget_quality,model_utility>=0.95``: among the completed point
 forget quality, lower for fact recall, VerbMem or WMDP accuracy, closest to 0 for PrivLeak;
 ``max:``/``min:``/``zero:`` override it). The reference utility is the target model's (``--target``
 results.json) when given, else the best utility among the sweep's points. Ties go to higher
-utility, then to the earlier point. When no point has the objective metric (e.g.
+utility, then to the earlier point (points in the sweep's job order, else by their overrides with numbers
+compared as numbers: τ = 2.0 before 10.0). When no point has the objective metric (e.g.
 ``forget_quality`` is null without a retain model), the plot's forget metric is used instead and
 the report says so.
 
@@ -328,7 +329,16 @@ def gather(sweep_dir: str | Path) -> list[SweepPoint]:
         label = " ".join(o for o in job if _varies(o, expected)) or " ".join(job)
         points.append(SweepPoint(f"job {num} ({label})", root, "failed" if why else "missing", _override_dict(job),
                                  None, why or "not started (listed in multirun.yaml; no run directory yet)", num))
+    # the sweep's own order (job number), else numbers as numbers: "method.tau=10.0" after 2.0, not
+    # before it (string order), which decided the table's rows and a rule's ties ("the earlier point")
+    points.sort(key=lambda p: (p.job is None, p.job or 0, _natural_key(p.name)))
     return points
+
+
+def _natural_key(text: str) -> list[tuple]:
+    """``text`` split into numbers (compared as numbers) and the rest (as text)."""
+    parts = re.split(r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)", text)
+    return [(0, float(t), "") if i % 2 else (1, 0.0, t) for i, t in enumerate(parts)]
 
 
 def _varies(override: str, jobs: list[list[str]]) -> bool:

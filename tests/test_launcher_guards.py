@@ -1,0 +1,41 @@
+"""The launchers' own guards hold for a sweep's every job as for a single run, and a launcher's default
+override does not break Hydra's usual argument order (flags first)."""
+
+import subprocess
+import sys
+
+from tests.helpers.launch import ROOT, env
+
+
+def _launch(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"launchers/{script}", *args], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=180)
+
+
+def test_train_multirun_refuses_continual_requests_as_a_single_run_does(tmp_path):
+    """train.py -m with continual.requests ran plain forget-split jobs (only a single run was refused)."""
+    out = _launch("train.py", "-m", "+exp=tofu_tiny", "continual.requests=[forget10_part1]", "method.tau=2.0,3.0",
+                  f"output_dir={tmp_path / 'runs'}", "trainer.dry_run=true")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+    assert lines[0].startswith("error (ConfigError, rank 0): sweep job 1 of 2 (") and "is read by launchers/continual.py" in lines[0]
+
+
+def test_eval_multirun_into_a_training_sweep_is_refused(tmp_path):
+    """eval.py -m aimed at a training sweep replaced every point's results.json with the evaluation's."""
+    point = tmp_path / "runs" / "sweeps" / "tofu_tiny" / "tau_2.0"
+    point.mkdir(parents=True)
+    (point / "train_history.json").write_text("[]")
+    out = _launch("eval.py", "-m", "+exp=tofu_tiny", "method.tau=2.0", "hydra.sweep.subdir=tau_${method.tau}",
+                  f"output_dir={tmp_path / 'runs'}")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+    assert f"{point} holds a training run (train_history.json)" in lines[0]
+    assert (point / "train_history.json").read_text() == "[]" and not (point / "results.json").exists()
+
+
+def test_continual_with_a_hydra_flag_first_composes():
+    """continual.py --cfg job +exp=...: the default run_name put first split the overrides (argparse usage, exit 2)."""
+    out = _launch("continual.py", "--cfg", "job", "+exp=tofu_tiny", "continual.requests=[forget10_part1]")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "run_name: ${exp_name}/continual_${method.name}" in out.stdout
