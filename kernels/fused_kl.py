@@ -164,10 +164,11 @@ class _FusedLinearKL(torch.autograd.Function):
             return grad_h, grad_W, grad_b, None, None, None, None, None
 
         def scale(x):
-            # grad_out as the 0-d fp32 tensor it is: the product keeps x's dtype, computed against the fp32
-            # scalar (cast to fp16 first, DeepSpeed's first loss scale 2**16 > fp16's max was inf -> NaN),
-            # with no V×H fp32 copy. The gradients were rounded to x.dtype before this scale, so under fp16
-            # small ones underflow: the pipeline refuses kernels.kl=fused with deepspeed.precision=fp16.
+            # grad_out as the 0-d fp32 tensor it is: the product keeps x's dtype and needs no V×H fp32 copy.
+            # On the CPU the scalar stays fp32 (cast to fp16 first, DeepSpeed's first loss scale 2**16 >
+            # fp16's max was inf -> NaN); a CUDA kernel may take it in x's dtype. Either way the gradients
+            # were rounded to x.dtype before this scale, so under fp16 small ones underflow: the pipeline
+            # refuses kernels.kl=fused with deepspeed.precision=fp16.
             return None if x is None else x * grad_out
 
         return scale(grad_h), scale(grad_W), scale(grad_b), None, None, None, None, None

@@ -99,11 +99,15 @@ def test_request_config_starts_from_the_given_model(tmp_path):
 def test_default_run_name():
     from pipeline.continual import default_run_name
 
-    assert default_run_name(["x.py", "a=1"]) == ["x.py", "a=1", "run_name=${exp_name}/continual_${method.name}"]
+    default = "run_name=${exp_name}/continual_${method.name}"
+    assert default_run_name(["x.py", "a=1"]) == ["x.py", default, "a=1"]
     assert default_run_name(["x.py", "run_name=foo"]) == ["x.py", "run_name=foo"]
-    # after Hydra's flags and the overrides (put first, "--cfg job a=1" split the overrides for argparse);
-    # none in a sweep, whose jobs' directories are the sweep's (it joined every job's name, with a '/')
-    assert default_run_name(["x.py", "--cfg", "job", "a=1"])[-1].startswith("run_name=")
+    # among the overrides, wherever Hydra's flags are (first, "--cfg job a=1" split the overrides for
+    # argparse; last, "a=1 --cfg job" and "--info" took it as a flag's value); none in a sweep, whose
+    # jobs' directories are the sweep's (it joined every job's name, with a '/')
+    assert default_run_name(["x.py", "--cfg", "job", "a=1"]) == ["x.py", "--cfg", "job", default, "a=1"]
+    assert default_run_name(["x.py", "a=1", "--cfg", "job"]) == ["x.py", default, "a=1", "--cfg", "job"]
+    assert default_run_name(["x.py", "--info"]) == ["x.py", default, "--info"]
     assert default_run_name(["x.py", "-m", "a=1,2"]) == ["x.py", "-m", "a=1,2"]
 
 

@@ -34,8 +34,11 @@ def test_eval_multirun_into_a_training_sweep_is_refused(tmp_path):
     assert (point / "train_history.json").read_text() == "[]" and not (point / "results.json").exists()
 
 
-def test_continual_with_a_hydra_flag_first_composes():
-    """continual.py --cfg job +exp=...: the default run_name put first split the overrides (argparse usage, exit 2)."""
-    out = _launch("continual.py", "--cfg", "job", "+exp=tofu_tiny", "continual.requests=[forget10_part1]")
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "run_name: ${exp_name}/continual_${method.name}" in out.stdout
+def test_continual_with_a_hydra_flag_before_or_after_the_overrides_composes():
+    """continual.py --cfg job +exp=... (and +exp=... --cfg job): the default run_name, put first or last,
+    split the overrides or became a flag's value (argparse usage, exit 2)."""
+    overrides = ["+exp=tofu_tiny", "continual.requests=[forget10_part1]"]
+    for args in (["--cfg", "job", *overrides], [*overrides, "--cfg", "job"]):
+        out = _launch("continual.py", *args)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "run_name: ${exp_name}/continual_${method.name}" in out.stdout

@@ -211,13 +211,23 @@ def test_more_ranks_per_node_than_the_gpus_each_sees_is_one_line(clean_env, monk
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    clean_env.update(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_NODEID="0", SLURM_LOCALID="5",
-                     SLURM_JOB_NODELIST="gpu01", SLURM_TASKS_PER_NODE="8", SLURM_JOB_ID="1", DS_ACCELERATOR="cuda")
+    slurm = dict(SLURM_NTASKS="8", SLURM_NODEID="0", SLURM_JOB_NODELIST="gpu01", SLURM_TASKS_PER_NODE="8",
+                 SLURM_JOB_ID="1", DS_ACCELERATOR="cuda", SLURM_GPUS_ON_NODE="4")
     monkeypatch.setattr("pipeline.errors.SPOKEN_FOR_S", 0)
-    with pytest.raises(SystemExit) as e:
-        setup_environment()
-    assert e.value.code == 2
-    assert "LOCAL_RANK 5 on a node whose ranks each see 4 GPUs" in capfd.readouterr().err
+    for rank in ("0", "5"):  # every rank alike: rank 0 waiting in the rendezvous would hold the node for an hour
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            clean_env.pop(k, None)
+        clean_env.update(slurm, SLURM_PROCID=rank, SLURM_LOCALID=rank)
+        with pytest.raises(SystemExit) as e:
+            setup_environment()
+        assert e.value.code == 2
+        assert "8 ranks on a node with 4 GPUs: more ranks per node than GPUs" in capfd.readouterr().err
+    # bound tasks (--gpu-bind): each sees 4 of the node's 8 GPUs, and rank 5 takes its own cuda:1
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        clean_env.pop(k, None)
+    clean_env.update(slurm, SLURM_PROCID="5", SLURM_LOCALID="5", SLURM_GPUS_ON_NODE="8")
+    setup_environment()
+    assert clean_env["LOCAL_RANK"] == "1"
 
 
 def test_ranks_per_node_from_the_deepspeed_launchers_local_size(monkeypatch):

@@ -524,3 +524,8 @@ def test_host_memory_is_what_this_jobs_slurm_allocation_allows(monkeypatch):
     assert host_memory_limit() == (1536 * 2**20, "this job's SLURM allocation (--mem-per-cpu x CPUs on the node)")
     monkeypatch.setenv("SLURM_MEM_PER_CPU", str(physical))  # more than the node has: the node's memory decides
     assert host_memory_limit()[0] <= physical
+    monkeypatch.setenv("SLURM_MEM_PER_CPU", "0")  # 0: no limit from it (it planned against 0 GiB)
+    assert host_memory_limit()[0] > 0
+    monkeypatch.setenv("SLURM_MEM_PER_GPU", "1024")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "2")
+    assert host_memory_limit() == (2 * GiB, "this job's SLURM allocation (--mem-per-gpu x GPUs on the node)")

@@ -251,8 +251,7 @@ def resume_target(mode: str, root: str | Path) -> Optional[Path]:
     if mode == "auto":
         return own
     path = Path(mode)
-    outside = not path.resolve().is_relative_to(Path(root).resolve())
-    if own is not None and path.exists() and outside:
+    if own is not None and path.exists() and not path.resolve().is_relative_to(Path(root).resolve()):
         log.info("trainer.resume=%s: this run has checkpoints of its own since (an earlier attempt started from "
                  "that path); resuming from its newest, %s", mode, own)
         return own
@@ -264,16 +263,13 @@ def resume_target(mode: str, root: str | Path) -> Optional[Path]:
         log.warning("trainer.resume=%s: this job rolled back there in an earlier attempt and has trained on "
                     "since; resuming from its newest, %s (a new submission rolls back again)", mode, own)
         return own
-    if not path.exists() and own is not None and outside and (os.sep in mode or path.is_absolute()):
-        # another run's checkpoint (a path, not a bare word): an earlier attempt may have started there
-        # and trained on, and the start has since been pruned or cleaned up; this run's own newest is
-        # where it got to (a rollback to a pruned step of this run is refused below)
-        log.warning("trainer.resume=%s: no such checkpoint (any more); this run has checkpoints of its own: "
-                    "resuming from its newest, %s", mode, own)
-        return own
-    if not path.exists():  # a typo (trainer.resume=nver) resumed this run's own newest checkpoint
+    if not path.exists():  # a typo (trainer.resume=nver, a mistyped path) resumed this run's own newest
+        # not guessed: a start pruned since (this run trained on from it: trainer.resume=auto continues)
+        # and a mistyped rollback look alike here
+        hint = (f"; this run has checkpoints of its own (newest {own.name}): trainer.resume=auto continues from "
+                f"them" if own is not None else "")
         raise CheckpointError(f"trainer.resume={mode}: no such checkpoint directory (allowed: auto, never, or the "
-                              f"path of a checkpoint)", every_rank=True)
+                              f"path of a checkpoint){hint}", every_rank=True)
     return path
 
 

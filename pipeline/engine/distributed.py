@@ -42,13 +42,24 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def with_default_override(argv: list[str], key: str, value: str) -> list[str]:
-    """``argv`` with ``key=value`` appended unless the user gave ``key`` (in any of Hydra's forms:
-    ``key=``, ``+key=``, ``++key=``, ``~key``) or launches a sweep (``-m``: each job's directory is
-    the sweep's, and the value would join every job's directory name). Appended, not put first: a
-    Hydra flag before the overrides (``--cfg job a=1``) split them in two for argparse."""
-    if any(a.split("=", 1)[0].lstrip("+~") == key for a in argv[1:]) or {"-m", "--multirun"} & set(argv[1:]):
+    """``argv`` with ``key=value`` added to its overrides unless the user gave ``key`` (in any of
+    Hydra's forms: ``key=``, ``+key=``, ``++key=``, ``~key``) or launches a sweep (``-m``: each job's
+    directory is the sweep's, and the value would join every job's directory name). Inserted just
+    before the first override as Hydra's parser finds them (the overrides are one positional list:
+    put first, ``--cfg job a=1`` split them in two; put last, ``a=1 --cfg job`` and ``--info`` took it
+    as a flag's value)."""
+    from hydra._internal.utils import get_args_parser
+
+    if any(a.split("=", 1)[0].lstrip("+~") == key for a in argv[1:]):
         return argv
-    return [*argv, f"{key}={value}"]
+    try:
+        args, _ = get_args_parser().parse_known_args(argv[1:])
+    except SystemExit:  # a malformed command line: Hydra's own parse reports it
+        return argv
+    if args.multirun:
+        return argv
+    at = argv.index(args.overrides[0], 1) if args.overrides else 1
+    return [*argv[:at], f"{key}={value}", *argv[at:]]
 
 
 def _free_port() -> int:
@@ -185,15 +196,16 @@ def _fit_local_rank_to_visible_gpus() -> None:
     if not cuda_ranks():
         return
     local, n = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
-    if n > 1 and local >= n:
-        # more ranks on this node than the GPUs every one of them sees: remapped, two ranks would share a
-        # GPU and NCCL stop later ("Duplicate GPU detected")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    if n > 1 and per_node > n and os.environ.get("SLURM_GPUS_ON_NODE", str(n)) == str(n):
+        # every rank sees all of the node's GPUs and there are more ranks than GPUs: remapped, two ranks
+        # would share a GPU and NCCL stop later ("Duplicate GPU detected"). Decided alike on every rank.
+        # (Bound tasks that each see a subset of the node's GPUs, --gpu-bind, keep the remap below.)
         from pipeline.config_base import ConfigError
         from pipeline.errors import exit_with
 
-        exit_with(ConfigError(), f"LOCAL_RANK {local} on a node whose ranks each see {n} GPUs: more ranks per node "
-                  f"than GPUs (set hydra.launcher.tasks_per_node / --ntasks-per-node / --num_gpus to {n})",
-                  every_rank=True)
+        exit_with(ConfigError(), f"{per_node} ranks on a node with {n} GPUs: more ranks per node than GPUs (set "
+                  f"hydra.launcher.tasks_per_node / --ntasks-per-node / --num_gpus to {n})", every_rank=True)
     if n and local >= n:
         os.environ["LOCAL_RANK"] = str(local % n)
         # before logging is configured (Hydra has not run yet): straight to stderr, once per rank

@@ -497,9 +497,14 @@ def _cgroup_limits() -> list[int]:
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             _, controllers, path = line.split(":", 2)
             if controllers == "":  # v2: one hierarchy
-                files.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max")
+                base, name = Path("/sys/fs/cgroup"), "memory.max"
             elif "memory" in controllers.split(","):
-                files.append(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes")
+                base, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
+            else:
+                continue
+            parts = [p for p in path.split("/") if p]
+            # every level: SLURM sets the limit on job_*/step_* while the leaf reads "max"
+            files += [base.joinpath(*parts[:i], name) for i in range(1, len(parts) + 1)]
     except (OSError, ValueError):
         pass
     out = []
@@ -520,12 +525,16 @@ def host_memory_limit() -> tuple[int, str]:
     planned as fitting and killed by the cgroup's OOM while loading."""
     limits = [(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory")]
     limits += [(b, "this job's cgroup memory limit") for b in _cgroup_limits()]
-    env = os.environ
-    if env.get("SLURM_MEM_PER_NODE", "").isdigit() and int(env["SLURM_MEM_PER_NODE"]) > 0:
-        limits.append((int(env["SLURM_MEM_PER_NODE"]) << 20, "this job's SLURM allocation (--mem)"))
-    if env.get("SLURM_MEM_PER_CPU", "").isdigit() and env.get("SLURM_CPUS_ON_NODE", "").isdigit():
-        limits.append((int(env["SLURM_MEM_PER_CPU"]) * int(env["SLURM_CPUS_ON_NODE"]) << 20,
-                       "this job's SLURM allocation (--mem-per-cpu x CPUs on the node)"))
+    def mib(name: str) -> int:  # a SLURM memory variable (MiB); 0 or unset: no limit from it
+        value = os.environ.get(name, "")
+        return int(value) if value.isdigit() else 0
+
+    if mib("SLURM_MEM_PER_NODE"):
+        limits.append((mib("SLURM_MEM_PER_NODE") << 20, "this job's SLURM allocation (--mem)"))
+    for per, count, flag in (("SLURM_MEM_PER_CPU", "SLURM_CPUS_ON_NODE", "--mem-per-cpu x CPUs"),
+                             ("SLURM_MEM_PER_GPU", "SLURM_GPUS_ON_NODE", "--mem-per-gpu x GPUs")):
+        if mib(per) and mib(count):
+            limits.append((mib(per) * mib(count) << 20, f"this job's SLURM allocation ({flag} on the node)"))
     return min(limits, key=lambda limit: limit[0])
 
 
@@ -545,7 +554,9 @@ def check_fits(plan: MemoryPlan, gpu_avail: int, host_avail: int, suggestions: l
                         f"(short by {(plan.gpu_total - gpu_avail) / GiB:.1f} GiB)")
     if host_avail and plan.host_total > host_avail:
         problems.append(f"needs {plan.host_total / GiB:.1f} GiB of host memory per node but "
-                        f"{host_avail / GiB:.1f} GiB are available (short by {(plan.host_total - host_avail) / GiB:.1f} GiB)")
+                        f"{host_avail / GiB:.1f} GiB are available (short by {(plan.host_total - host_avail) / GiB:.1f} GiB; "
+                        f"the budget is deepspeed.host_memory_gb, else the node's memory or this job's SLURM "
+                        f"allocation / cgroup limit where smaller)")
     if problems:
         msg = f"memory preflight on {plan.n_gpus} {device_name}(s): " + "; ".join(problems)
         if suggestions:
@@ -664,7 +675,8 @@ def suggest_fixes(cfg: Any, world_size: int, plan_of: Any, gpu_avail: int, host_
     return [], (f"No offload setting {scope} fits, not even without activations: "
                 f"{s.override or 'the current deepspeed config'} on {q.n_gpus} {device}(s) needs "
                 f"~{q.gpu_total / GiB:.1f} GiB/{device} and {q.host_total / GiB:.1f} GiB host per node before "
-                f"any batch: more {device}s or more memory per {device} / node")
+                f"any batch: " + ("more memory on the host (more CPU ranks on one host share it)" if cpu_ranks
+                                  else f"more {device}s or more memory per {device} / node"))
 
 
 def _describe_fix(s: FixSetting, p: MemoryPlan, n: int, world_size: int, device: str, trainer: Any) -> str:

@@ -269,12 +269,14 @@ def test_a_requeued_run_started_from_another_runs_checkpoint_continues_from_its_
     # a typo of never/auto was a path outside the run: it resumed the run's own newest, silently
     with pytest.raises(ckpt.CheckpointError, match="trainer.resume=nver: no such checkpoint directory"):
         ckpt.resume_target("nver", own)
-    # the start pruned since (keep_checkpoints of the other run, a scratch purge): a requeue continues here
+    # the start pruned since, or a mistyped path (alike here): not guessed, the fix named
     import shutil
 
     shutil.rmtree(start)
-    assert ckpt.resume_target(str(start), own) == newest
-    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint directory"):  # nothing of its own
+    with pytest.raises(ckpt.CheckpointError, match="newest step_00000006.: trainer.resume=auto continues"):
+        ckpt.resume_target(str(start), own)
+    with pytest.raises(ckpt.CheckpointError, match=r"no such checkpoint directory \(allowed: auto, never, or the "
+                                                   r"path of a checkpoint\)$"):  # nothing of its own
         ckpt.resume_target(str(start), tmp_path / "fresh" / "checkpoints")
 
 
