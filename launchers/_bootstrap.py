@@ -147,7 +147,9 @@ def launch(main) -> None:
         # --cfg, ... can be specified") raise a plain ValueError before any job starts
         if user_full_error or _TASK_STARTED or not _raised_by_hydra(exc):
             raise
-        exit_with(exc, (str(exc).strip().splitlines() or [type(exc).__name__])[0], every_rank=True)
+        from pipeline.messages import first_line
+
+        exit_with(exc, first_line(exc), every_rank=True)
     except Exception as exc:
         from pipeline.errors import SweepJobFailed
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.describe import teacher_settings
-from pipeline.inputs import checked_prompt_format, prompt_format_uses
+from pipeline.inputs import checked_prompt_format, command_line_overrides, prompt_format_uses
 
 
 def dry_run(cfg: DictConfig, method: Any, dist: Any) -> dict:
@@ -88,12 +88,7 @@ def _dry_run_model(cfg: DictConfig) -> tuple[Optional[str], str]:
     its weights files as loading them checks them), or a hub id with a config.json in the hub cache;
     else model.arch sizes it. gguf_package: the converted cache directory when present; otherwise
     model.arch, or a one-line error telling how to convert it (launchers/prepare.py)."""
-    from pipeline.models.loading import (
-        check_model_location,
-        check_remote_code,
-        check_weights_safe,
-        model_config_file,
-    )
+    from pipeline.models.loading import check_remote_code, check_weights_safe, model_config_file
 
     m = cfg.model
     if m.source == "synthetic":
@@ -101,8 +96,7 @@ def _dry_run_model(cfg: DictConfig) -> tuple[Optional[str], str]:
     if m.source == "gguf_package":
         return _dry_run_gguf(cfg)
     path = str(m.path) if m.path else None
-    if path and Path(path).expanduser().is_dir():
-        check_model_location(path, "model.path", m.revision)
+    if path and Path(path).expanduser().is_dir():  # as a launch checks it: check_before_loading, before this
         # what load_causal_lm refuses once the launch reaches the weights (pickle only, none, custom code)
         check_weights_safe(path, bool(m.allow_pickle))
         check_remote_code(path, bool(m.trust_remote_code))
@@ -118,23 +112,13 @@ def _dry_run_layers(cfg: DictConfig, model_dir: Optional[str]) -> None:
     model's ``num_hidden_layers``, read from ``model_dir``'s config.json (a hub id's cached one at
     model.revision): the launch makes this check, ``validate(cfg, n_layers=...)``, only once the weights
     are loaded. Without a config.json (sized from model.arch) the launch alone checks them."""
-    import json
-
     from pipeline.config import validate
-    from pipeline.engine.preflight import arch_from_dict
-    from pipeline.models.loading import model_config_file, revision_for
+    from pipeline.engine.preflight import resolve_arch
 
     if model_dir is None:  # synthetic: validate bounded them by model.tiny; an uncached hub id: no config.json
         return
-    cfg_file = model_config_file(model_dir, revision_for(cfg.model, model_dir))
-    if cfg_file is None:
-        return
-    try:
-        config = json.loads(cfg_file.read_text())
-    except (OSError, ValueError):  # a cached file cut short: the launch's loading says so, in its own line
-        return
-    # arch_from_dict: the standard name (GPT-2's n_layer, a multimodal model's text_config), as transformers reads it
-    validate(cfg, n_layers=arch_from_dict(config).num_hidden_layers)
+    # the plan's own reading of the config.json (GPT-2's n_layer, a multimodal model's text_config)
+    validate(cfg, n_layers=resolve_arch(cfg.model, model_dir).num_hidden_layers)
 
 
 def _dry_run_data(cfg: DictConfig) -> None:
@@ -142,29 +126,27 @@ def _dry_run_data(cfg: DictConfig) -> None:
     eval split): the loader's own one-line DataError otherwise, which the launch gives once it reads its
     data (``data.forget_split=forgett``). data.path itself was checked before (check_data_path); hub
     datasets and local mirrors (tofu, muse, wmdp) are found by the launch's reading alone."""
-    from pipeline.data.common import LOCAL_FORMATS, DataError, read_split_file, resolve_data_path
+    from pipeline.data.common import find_split_file
+    from pipeline.data.loaders import json_data_dir
 
     d = cfg.data
     if str(d.name) != "json":
         return
-    if not d.path:  # load_local_json's line
-        raise DataError("dataset 'json' needs data.path (a directory of <split>.jsonl files)")
-    root = resolve_data_path(str(d.path))
+    root = json_data_dir(d)
     for split in dict.fromkeys(str(s) for s in (d.forget_split, d.retain_split, *(d.eval_splits or []))):
-        if not any((root / f"{split}.{ext}").exists() for ext, _ in LOCAL_FORMATS):
-            read_split_file(root, split, f"json:{d.path}")  # raises the loader's "split ... not found" line
+        find_split_file(root, split, f"json:{d.path}")  # the loader's "split ... not found" line
 
 
 def _dry_run_gguf(cfg: DictConfig) -> tuple[Optional[str], str]:
     """The converted directory of ``model.gguf_package`` in cache_dir (the name
     :func:`pipeline.models.gguf_package.prepare_gguf_model` gives it), without converting anything."""
     from pipeline.engine.preflight import ARCH_KEYS, PreflightError
-    from pipeline.models.gguf_package import converted_dir
+    from pipeline.models.gguf_package import converted_dir, is_converted
 
     m = cfg.model
     # not installed: its own one-line error
     gguf, root, _ = converted_dir(str(m.gguf_package), str(cfg.cache_dir), m.gguf_file)
-    if (root / "meta.json").exists():
+    if is_converted(root):
         return str(root), f"model: {root} (converted from {m.gguf_package}), sized from its config.json"
     prepare = f"python launchers/prepare.py {_dry_run_overrides()}".rstrip()
     if all(OmegaConf.select(m, f"arch.{k}", default=None) is not None for k in ARCH_KEYS[:-1]):
@@ -175,11 +157,8 @@ def _dry_run_gguf(cfg: DictConfig) -> tuple[Optional[str], str]:
 
 def _dry_run_overrides() -> str:
     """This job's command-line overrides without trainer.dry_run (for a command to suggest)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        task = list(HydraConfig.get().overrides.task)
-    except ValueError:
+    task = command_line_overrides()
+    if task is None:
         return "<the same overrides>"
     return " ".join(o for o in task if not o.startswith("trainer.dry_run"))
 

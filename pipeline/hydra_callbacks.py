@@ -56,9 +56,10 @@ def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
             exit_with(exc, where + compose_error_line(exc), every_rank=True)  # here and fail later, after writing the sweep dir
         _check(job_config, where)
         run_dir = _job_dir(job_config, i - 1)
+        sweep_dir = str(OmegaConf.select(job_config, "hydra.sweep.dir"))
         # the launcher's own guards, on the job's directory (a train -m with continual.requests ran plain
         # jobs; an eval -m into a training sweep replaced every point's results)
-        _check_launcher_settings(job_config, where, run_dir or str(OmegaConf.select(job_config, "hydra.sweep.dir")))
+        _check_launcher_settings(job_config, where, run_dir or sweep_dir)
         if run_dir is not None and run_dir in dirs:
             # the second point would resume (or skip as finished) the first's run and report it as its own
             exit_with(ConfigError(), f"{where}the same run directory as sweep job {dirs[run_dir]} ({run_dir}): they "
@@ -67,7 +68,7 @@ def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
                       rf"hydra.sweep.subdir=job_\${{hydra.job.num}}")
         if run_dir is not None:
             dirs[run_dir] = i
-            named.append((where, str(OmegaConf.select(job_config, "hydra.sweep.dir")), run_dir))
+            named.append((where, sweep_dir, run_dir))
     # after every job's values: a bad value is reported as before, and the name is checked last
     swept = _swept_keys(jobs)
     for where, sweep_dir, run_dir in named:

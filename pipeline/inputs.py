@@ -47,8 +47,19 @@ def check_before_loading(cfg: DictConfig) -> None:
     check_available(str(cfg.get("kernels", {}).get("attention", "auto")))
     # a dry run checks them too (it passed a missing data.path or retain model that the launch refuses),
     # all but a hub id not downloaded yet: it sizes that model from model.arch
-    check_model_paths(cfg, dry_run=bool(cfg.get("trainer", {}).get("dry_run", False)))
+    check_model_paths(cfg)
     check_data_path(cfg)
+
+
+def command_line_overrides() -> Optional[list[str]]:
+    """This job's command-line overrides as Hydra parsed them; None outside a Hydra launch (a test
+    calling a job function)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return None
 
 
 def check_data_path(cfg: DictConfig) -> None:
@@ -66,11 +77,14 @@ def check_data_path(cfg: DictConfig) -> None:
     check_split_names(cfg.data)  # an unknown MUSE / WMDP eval split name, before the run directory is made
 
 
-def check_model_paths(cfg: DictConfig, dry_run: bool = False) -> None:
+def check_model_paths(cfg: DictConfig) -> None:
     """The configured model directories or hub ids can load (``model.path``, ``model.tokenizer_path``,
-    ``eval.retain_model``): checked before anything is loaded or written. ``dry_run``: a hub id the hub
-    cache holds nothing of is left unchecked (the dry run says so and sizes it from ``model.arch``)."""
+    ``eval.retain_model``): checked before anything is loaded or written. A dry run
+    (``trainer.dry_run``) leaves a hub id the hub cache holds nothing of unchecked (the dry run says
+    so and sizes it from ``model.arch``)."""
     from pipeline.models.loading import MODEL_FILES, TOKENIZER_FILES, check_model_location, hub_id_not_cached
+
+    dry_run = bool(cfg.get("trainer", {}).get("dry_run", False))
 
     def check(path: str, key: str, revision: Optional[str] = None, needs: tuple[str, ...] = MODEL_FILES) -> None:
         if dry_run and hub_id_not_cached(path, revision):

@@ -29,6 +29,7 @@ from pipeline.inputs import (
     check_before_loading,
     check_inputs_outside,
     checked_prompt_format,
+    command_line_overrides,
     effective_max_length,
     log_first_prompt,
     prompt_format_uses,
@@ -84,17 +85,6 @@ TRAINING_META = ("trainer.epochs", "trainer.max_steps", "trainer.grad_accum", "t
                  "data.max_length", "data.truncate", "data.pack_text", "data.question_column",
                  "data.answer_column", "data.text_column", "data.columns", "model.prompt_format",
                  "model.system_prompt", "model.chat_template_kwargs")
-
-
-def _command_line_keys() -> set[str]:
-    """The config keys this job's command line sets (empty outside a Hydra launch)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        task = HydraConfig.get().overrides.task
-    except ValueError:  # not launched through Hydra (a test calling train_job)
-        return set()
-    return {o.split("=", 1)[0].lstrip("+~") for o in task}
 
 
 def training_meta(cfg: DictConfig, cuda: bool) -> dict:
@@ -384,7 +374,8 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
              f"trainer.max_steps={int(cfg.trainer.max_steps)}" if int(cfg.trainer.max_steps) > 0
              else f"trainer.epochs={float(cfg.trainer.epochs):g}", plan.n_forget, plan.steps_per_epoch,
              "" if plan.steps_per_epoch == 1 else "s", plan.forget_per_step)
-    if int(cfg.trainer.max_steps) > 0 and "trainer.epochs" in _command_line_keys():
+    if int(cfg.trainer.max_steps) > 0 and any(o.split("=", 1)[0].lstrip("+~") == "trainer.epochs"
+                                              for o in command_line_overrides() or []):
         # trainer=tiny / realworld_smol / wmdp_7b set max_steps: an epochs override alone changed nothing
         log.warning("trainer.epochs=%g is not used: trainer.max_steps=%d sets the step count; add "
                     "trainer.max_steps=-1 to train by epochs", float(cfg.trainer.epochs), int(cfg.trainer.max_steps),

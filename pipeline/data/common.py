@@ -80,6 +80,13 @@ def load_json_split(data_dir: str | Path, split: str, dataset: str) -> list[dict
 
 def read_split_file(data_dir: str | Path, split: str, dataset: str) -> tuple[Path, list[dict]]:
     """:func:`load_json_split` and the file the rows came from (for messages naming it)."""
+    f, builder = find_split_file(data_dir, split, dataset)
+    return f, _load_local_file(f, builder, dataset, split)
+
+
+def find_split_file(data_dir: str | Path, split: str, dataset: str) -> tuple[Path, str]:
+    """The file of ``split`` in ``data_dir`` and its ``datasets`` builder, without reading it; not
+    found: :func:`load_json_split`'s :class:`DataError`."""
     root = resolve_data_path(data_dir)
     found = _local_split_file(root, None, split)
     if found is None:
@@ -90,8 +97,7 @@ def read_split_file(data_dir: str | Path, split: str, dataset: str) -> tuple[Pat
         hint = f"; {unread} cannot be read (convert to JSON Lines)" if unread else ""
         raise DataError(f"dataset {dataset!r}: split {split!r} not found at {root / split}.jsonl (or .json / "
                         f".parquet); available splits: {available}{hint}")
-    f, builder = found
-    return f, _load_local_file(f, builder, dataset, split)
+    return found
 
 
 @contextmanager

@@ -82,15 +82,15 @@ def _read_qa_splits(data_cfg: Any, data_dir: str | Path, name: str) -> tuple[lis
     required = {f"data.columns.{k}": v for k, v in cols.items() if k in ("question", "answer", "text")}
     q, a = data_cfg.question_column, data_cfg.answer_column
 
-    files: dict[str, tuple[Path, list[dict]]] = {}  # a split named twice (forget also evaluated) is read once
+    done: dict[str, list[dict]] = {}  # a split named twice (forget also evaluated) is read once
 
     def read(split: str) -> list[dict]:
-        if split in files:  # its own row dicts: the two uses must not share them
-            path, rows = files[split][0], [dict(r) for r in files[split][1]]
-        else:
-            path, rows = files[split] = read_split_file(data_dir, split, name)
+        if split in done:  # its own row dicts: the two uses must not share them
+            return [dict(r) for r in done[split]]
+        path, rows = read_split_file(data_dir, split, name)
         check_configured_columns(rows, required, str(path))
-        return map_columns(rename_columns(rows, cols), q, a, str(path))
+        done[split] = map_columns(rename_columns(rows, cols), q, a, str(path))
+        return done[split]
 
     return (read(data_cfg.forget_split), read(data_cfg.retain_split), {s: read(s) for s in data_cfg.eval_splits})
 
@@ -104,16 +104,21 @@ def load_synthetic(data_cfg: Any, data_dir: Optional[str | Path] = None, **_: An
     return UnlearningData("synthetic", forget, retain, evals, data_cfg.forget_split, data_cfg.retain_split)
 
 
+def json_data_dir(data_cfg: Any) -> Path:
+    """``data.path`` of a ``data.name=json`` dataset, as the loaders read it (:func:`resolve_data_path`);
+    unset: a :class:`DataError`."""
+    if not data_cfg.path:
+        raise DataError("dataset 'json' needs data.path (a directory of <split>.jsonl files)")
+    return resolve_data_path(data_cfg.path)
+
+
 @DATASETS.register("json")
 def load_local_json(data_cfg: Any, **_: Any) -> UnlearningData:
     """Any directory of ``<split>.jsonl`` (or ``.json`` / ``.parquet``) files (``data.path``): a
     user's own data. Forget / retain rows need ``question`` and ``answer`` (``facts``: optional list
     of strings for fact recall); TOFU's evaluation columns (``paraphrased_answer``,
     ``perturbed_answer``) are optional. ``~`` and repository-relative paths: :func:`resolve_data_path`."""
-    if not data_cfg.path:
-        raise DataError("dataset 'json' needs data.path (a directory of <split>.jsonl files)")
-    path = resolve_data_path(data_cfg.path)
-    forget, retain, evals = _read_qa_splits(data_cfg, path, f"json:{data_cfg.path}")
+    forget, retain, evals = _read_qa_splits(data_cfg, json_data_dir(data_cfg), f"json:{data_cfg.path}")
     return UnlearningData(f"json:{data_cfg.path}", forget, retain, evals, data_cfg.forget_split,
                           data_cfg.retain_split)
 
@@ -153,14 +158,11 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
     out, cut, text_cut, answer_cut, mismatch, no_loss, empty = [], 0, 0, 0, 0, 0, 0
     _warn_special_text(tokenizer, rows, split)
     for i, r in enumerate(rows):
-        if i in texts:
-            enc = texts[i]
-            if all(lab == IGNORE_INDEX for lab in enc.labels):
+        enc = texts[i] if i in texts else encode_qa(tokenizer, r["question"], r["answer"], max_length, template=template)
+        if all(lab == IGNORE_INDEX for lab in enc.labels):
+            if i in texts:
                 empty += 1  # an empty document: <bos> alone, nothing to train on; dropped, said below
                 continue
-        else:
-            enc = encode_qa(tokenizer, r["question"], r["answer"], max_length, template=template)
-        if i not in texts and all(lab == IGNORE_INDEX for lab in enc.labels):
             no_loss += 1  # the prompt alone fills max_length: not the answer's fault, counted apart
         else:
             answer_cut += enc.answer_cut

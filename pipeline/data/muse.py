@@ -50,6 +50,11 @@ MUSE_EVAL_SPLITS: dict[str, tuple[str, str, tuple]] = {
 _BY_CONFIG = {"verbmem": VERBMEM_COLUMNS, "knowmem": KNOWMEM_COLUMNS, "privleak": TEXT_COLUMNS, RAW: TEXT_COLUMNS}
 
 
+def is_icl(split: str) -> bool:
+    """Whether ``split`` holds in-context examples (``knowmem_*_icl``): prompt text, not scored rows."""
+    return split.endswith("_icl")
+
+
 def muse_eval_source(name: str) -> tuple[str, str, tuple]:
     """``(config, split, required columns)`` of logical eval split ``name`` (or ``config/split``)."""
     if name in MUSE_EVAL_SPLITS:
@@ -85,7 +90,7 @@ def load_muse(data_cfg: Any, **_: Any) -> UnlearningData:
     wanted = list(data_cfg.eval_splits)
     for s in list(wanted):
         icl = f"{s}_icl"
-        if s.startswith("knowmem_") and not s.endswith("_icl") and icl in MUSE_EVAL_SPLITS and icl not in wanted:
+        if s.startswith("knowmem_") and not is_icl(s) and icl in MUSE_EVAL_SPLITS and icl not in wanted:
             wanted.append(icl)
     for s in wanted:
         config, split, required = muse_eval_source(s)

@@ -332,7 +332,7 @@ class ChatFormat(PromptFormat):
         shows the prompt as rendered, e.g. SmolLM2's built-in system turn)."""
         out = {"name": self.name, "system_prompt": self.system_prompt, "source": "tokenizer.chat_template",
                "chat_template_kwargs": dict(self.template_kwargs)}
-        digest = chat_template_sha256(tokenizer) if tokenizer is not None else None
+        digest = chat_template_sha256(tokenizer)
         if digest:
             stop = self.stop_token_id(tokenizer)
             out.update(chat_template_sha256=digest,

@@ -5,6 +5,8 @@ Must run before ``import deepspeed`` (``DS_ACCELERATOR`` is read at import time)
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import socket
@@ -52,9 +54,10 @@ def with_default_override(argv: list[str], key: str, value: str) -> list[str]:
 
     if any(a.split("=", 1)[0].lstrip("+~") == key for a in argv[1:]):
         return argv
-    try:
-        args, _ = get_args_parser().parse_known_args(argv[1:])
-    except SystemExit:  # a malformed command line: Hydra's own parse reports it
+    try:  # quietly: --version, --help or a malformed line print (and exit) in Hydra's own parse, once
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            args, _ = get_args_parser().parse_known_args(argv[1:])
+    except SystemExit:
         return argv
     if args.multirun:
         return argv

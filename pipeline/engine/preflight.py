@@ -601,7 +601,6 @@ CPU_RANK_STATES = "model states on CPU ranks"
 def states_on_host(plan: MemoryPlan) -> MemoryPlan:
     """``plan`` for ranks that run on the CPU: each rank's device terms live in the node's memory,
     so they join its host terms (``CPU_RANK_STATES``, replacing any earlier count)."""
-    plan.host_per_node.pop(CPU_RANK_STATES, None)
     plan.host_per_node[CPU_RANK_STATES] = plan.gpu_total * plan.gpus_per_node
     return plan
 

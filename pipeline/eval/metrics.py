@@ -129,12 +129,6 @@ def length_normalised_prob(sum_logprob: float, n_tokens: int) -> float:
 EPS = 1e-10  # open-unlearning's guard in the truth-ratio and normalised-probability denominators
 
 
-def _exp(x: float) -> float:
-    """``exp(x)`` that gives ``inf`` instead of raising ``OverflowError`` (nan stays nan)."""
-    with np.errstate(over="ignore"):
-        return float(np.exp(x))
-
-
 def truth_ratio(
     correct_logprob: float,
     correct_ntokens: int,
@@ -155,15 +149,15 @@ def truth_ratio(
         raise ValueError("perturbed_logprobs and perturbed_ntokens differ in length")
     if not perturbed_logprobs:
         return float("nan")
-    c = avg_logprob(correct_logprob, correct_ntokens)
+    # probabilities (average log-probs are <= 0: no exp overflows; the old exp(pert - c) did)
     pert = [avg_logprob(lp, n) for lp, n in zip(perturbed_logprobs, perturbed_ntokens)]
     if perturbed_mean == "geometric":
-        wrong = _exp(float(np.mean(pert)))
+        wrong = math.exp(float(np.mean(pert)))
     elif perturbed_mean == "arithmetic":
-        wrong = float(np.mean([_exp(p) for p in pert]))
+        wrong = float(np.mean([math.exp(p) for p in pert]))
     else:
         raise ValueError(f"perturbed_mean must be 'geometric' or 'arithmetic', got {perturbed_mean!r}")
-    return wrong / (_exp(c) + EPS)
+    return wrong / (length_normalised_prob(correct_logprob, correct_ntokens) + EPS)
 
 
 def normalised_prob(correct_prob: float, perturbed_probs: Sequence[float]) -> float:
@@ -172,8 +166,13 @@ def normalised_prob(correct_prob: float, perturbed_probs: Sequence[float]) -> fl
     return correct_prob / (correct_prob + float(sum(perturbed_probs)) + EPS)
 
 
+def _floats(values: Sequence) -> np.ndarray:
+    """``values`` without the Nones, as a float array."""
+    return np.asarray([v for v in values if v is not None], dtype=float)
+
+
 def _finite(values: Sequence[float]) -> np.ndarray:
-    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    arr = _floats(values)
     return arr[np.isfinite(arr)]
 
 
@@ -186,7 +185,7 @@ def truth_ratio_score(truth_ratios: Sequence[float], aggregator: str) -> float:
     open-unlearning's. ``nan``/``None`` ratios (no tokens) are skipped; an infinite ratio scores 0,
     as there (dropping it would reward a diverged model); ``nan`` if none is left.
     """
-    arr = np.asarray([v for v in truth_ratios if v is not None], dtype=float)
+    arr = _floats(truth_ratios)
     tr = arr[~np.isnan(arr)]
     if tr.size == 0:
         return float("nan")

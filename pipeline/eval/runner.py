@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config_base import ConfigError
 from pipeline.data.loaders import DataError
+from pipeline.data.muse import is_icl
 from pipeline.engine.distributed import barrier, broadcast_object, cuda_ranks, gather_objects, is_main_process
 from pipeline.eval.parts import PARTS_DIR, SplitParts
 from pipeline.progress import library_bars, progress
@@ -377,11 +378,6 @@ def evenly_spaced(rows: list, n: int) -> list:
     return [rows[i] for i in evenly_spaced_indices(len(rows), n)]
 
 
-def is_icl(split: str) -> bool:
-    """Whether ``split`` holds in-context examples (MUSE's ``knowmem_*_icl``), prompt text, not scored rows."""
-    return split.endswith("_icl")
-
-
 def limit_rows(splits: dict[str, list[dict]], max_rows: int, forget_split: str) -> dict[str, list[dict]]:
     """``eval.max_rows``: at most ``max_rows`` evenly spaced rows of every split but ``forget_split``
     (forget quality compares its whole truth-ratio distribution) and the in-context example splits
@@ -577,50 +573,49 @@ def _dry_run_eval(cfg: DictConfig) -> dict:
     """``trainer.dry_run=true`` on an evaluation-only job: what a launch checks before loading the
     model (paths, data and its splits, the retain-model reference, tokenizer and prompt format),
     then the plan; nothing is evaluated or written (it ran a full evaluation before)."""
-    from pipeline.data.loaders import load_unlearning_data
-    from pipeline.inputs import checked_prompt_format, prompt_format_uses, resolve_paths
-    from pipeline.models.loading import load_tokenizer
-
     # resolving these paths builds them (the embedded benchmark trains its tiny models; a GGUF package
     # is converted): a dry run writes nothing, so it checks no further than the config
     not_built = None
     if cfg.model.source == "synthetic" or cfg.data.name == "synthetic":
         not_built = "the embedded benchmark (its data and models are built or reused in cache_dir by the launch)"
     elif cfg.model.source == "gguf_package":
-        from pipeline.models.gguf_package import converted_dir
+        from pipeline.models.gguf_package import converted_dir, is_converted
 
         _, root, _ = converted_dir(str(cfg.model.gguf_package), str(cfg.cache_dir), cfg.model.gguf_file)
-        if not (root / "meta.json").exists():
+        if not is_converted(root):
             not_built = f"{cfg.model.gguf_package} (not converted yet: the launch converts it into {root})"
     if not_built:
         log.info("dry run: evaluation of %s: config checked; nothing built, evaluated or written", not_built)
         return {}
-    paths = resolve_paths(cfg)
-    data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
-    check_retain_reference(cfg, data)
-    tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
-    checked_prompt_format(cfg, tokenizer, prompt_format_uses(data, training=False, evaluating=True))
+    paths, data, _, _, _ = _eval_inputs(cfg)
     rows = {name: len(r) for name, r in data.eval.items()}
     log.info("dry run: evaluation of %s on %s checked (data, tokenizer and prompt format); nothing evaluated or "
              "written", paths.model, rows)
     return {}
 
 
+def _eval_inputs(cfg: DictConfig) -> tuple[Any, Any, Any, list[str], Any]:
+    """(paths, data, tokenizer, where the prompt format applies, the checked prompt format) of an
+    evaluation-only job: what it reads before loading the model."""
+    from pipeline.data.loaders import load_unlearning_data
+    from pipeline.inputs import checked_prompt_format, prompt_format_uses, resolve_paths
+    from pipeline.models.loading import load_tokenizer
+
+    paths = resolve_paths(cfg)
+    data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
+    check_retain_reference(cfg, data)
+    tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
+    uses = prompt_format_uses(data, training=False, evaluating=True)
+    return paths, data, tokenizer, uses, checked_prompt_format(cfg, tokenizer, uses)
+
+
 def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Evaluate the configured model without training (e.g. the target or retain model)."""
-    from pipeline.data.loaders import load_unlearning_data
     from pipeline.engine.distributed import init_distributed
     from pipeline.eval.report import print_run_summary, render_report_md, set_aside_results, write_results
-    from pipeline.inputs import (
-        check_before_loading,
-        checked_prompt_format,
-        prompt_format_uses,
-        resolve_paths,
-        set_threads,
-    )
+    from pipeline.inputs import check_before_loading, set_threads
     from pipeline.io import atomic_write_json, atomic_write_text
     from pipeline.models.attention import attention_backend_report, set_attention_backend
-    from pipeline.models.loading import load_tokenizer
 
     check_before_loading(cfg)
     if bool(OmegaConf.select(cfg, "trainer.dry_run", default=False)):
@@ -633,12 +628,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         set_aside_results(run_dir)
     set_threads(int(cfg.trainer.num_threads))
     set_attention_backend(cfg.kernels.attention, dist.device)  # logs the choice (and any fallback)
-    paths = resolve_paths(cfg)
-    data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
-    check_retain_reference(cfg, data)
-    tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
-    uses = prompt_format_uses(data, training=False, evaluating=True)
-    prompt_format = checked_prompt_format(cfg, tokenizer, uses)
+    paths, data, tokenizer, uses, prompt_format = _eval_inputs(cfg)
     metrics, details = evaluate_job(cfg, paths.model, tokenizer, data, paths, Path(run_dir) / PARTS_DIR)
     evaluation = metrics.pop(EVALUATION_KEY, None)
     results: dict = {}

@@ -254,7 +254,7 @@ def _final_hidden(model: nn.Module, joint: dict) -> torch.Tensor:
 
 def fused_head_problem(model: nn.Module) -> Optional[str]:
     """Why ``kernels.kl=fused`` cannot serve ``model`` (it forms logits as h·Wᵀ + b itself), or None."""
-    if hasattr(output_head(unwrap(model)), "lora_A"):
+    if hasattr(output_head(model), "lora_A"):
         # peft's lora.Linear: .weight is the frozen base; the adapter would be left out of the logits
         # and get no gradient (measured: another forget loss, lm_head adapters untrained)
         return ("kernels.kl=fused computes logits from the output head's base weight, so a LoRA adapter on it "

@@ -105,19 +105,24 @@ def converted_dir(package: str, cache_root: str | Path, gguf_file: Optional[str]
     return gguf_path, root, digest
 
 
+def is_converted(root: Path) -> bool:
+    """Whether ``root`` (:func:`converted_dir`'s) holds a finished conversion (its meta.json is written last)."""
+    return (root / "meta.json").exists()
+
+
 def prepare_gguf_model(package: str, cache_root: str | Path, gguf_file: Optional[str] = None,
                        log: Optional[Callable[[str], None]] = print) -> Path:
     """The cached HF directory converted from ``package``'s GGUF file (converted on first use)."""
     gguf_path, root, digest = converted_dir(package, cache_root, gguf_file)
     cache_root = root.parent
-    if (root / "meta.json").exists():
+    if is_converted(root):
         return root
     cache_root.mkdir(parents=True, exist_ok=True)
     # one lock per conversion (not the cache-wide .lock, which a synthetic build holds for minutes)
     with open(cache_root / f".{root.name}.lock", "a+") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)
         try:
-            if (root / "meta.json").exists():  # converted by another process while we waited
+            if is_converted(root):  # converted by another process while we waited
                 return root
             t0 = time.perf_counter()
             if log:

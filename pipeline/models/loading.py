@@ -95,7 +95,7 @@ def check_model_location(path: str, key: str = "model.path", revision: Optional[
         if needs == MODEL_FILES:
             check_weight_files(p, f"{key}={path}")
         return
-    if not _HUB_ID.match(path) or path.startswith((".", "~")):
+    if not _is_hub_id(path):
         raise ModelLoadError(f"{key}={path}: no such directory")
     from huggingface_hub import constants, try_to_load_from_cache
 
@@ -112,12 +112,17 @@ def check_model_location(path: str, key: str = "model.path", revision: Optional[
             f"(HF_HUB_OFFLINE=1); download it first (`hf download {path}`) or set ASU_ALLOW_NETWORK=1")
 
 
+def _is_hub_id(path: str) -> bool:
+    """Whether ``path``, not a directory here, reads as a hub id (``org/name``, not ``./x`` or ``~/x``)."""
+    return bool(_HUB_ID.match(path)) and not path.startswith((".", "~"))
+
+
 def hub_id_not_cached(path: str, revision: Optional[str] = None) -> bool:
     """Whether ``path`` is a hub id (no local path: not here, not ``/``, ``.`` or ``~``) that the hub cache
     holds nothing of: no config.json at ``revision`` and no folder of it in any spelling. What a dry run
     cannot check offline (it sizes such a model from ``model.arch``); anything else it checks as the
     launch does (a repository cached at another revision or spelling is refused with the launch's line)."""
-    if Path(path).expanduser().exists() or not _HUB_ID.match(path) or path.startswith((".", "~")):
+    if Path(path).expanduser().exists() or not _is_hub_id(path):
         return False
     from huggingface_hub import constants
 
@@ -202,13 +207,18 @@ def weights_bytes(path: str | Path, dtype: str) -> Optional[int]:
     return elements * DTYPES[dtype].itemsize
 
 
+def has_pickle_weights(directory: Path) -> bool:
+    """Whether ``directory`` holds pickled weight files (.bin / .pt / .pth)."""
+    return any(f.suffix in (".bin", ".pt", ".pth") for f in directory.iterdir())
+
+
 def check_weights_safe(path: str | Path, allow_pickle: bool) -> None:
     """Refuse a local model directory that only has pickle (.bin/.pt) weights unless allowed."""
     p = Path(path)
     if not p.is_dir():
         return  # hub id: from_pretrained(use_safetensors=True) enforces it
     has_st = any(p.glob("*.safetensors"))
-    has_pickle = any(p.glob("*.bin")) or any(p.glob("*.pt")) or any(p.glob("*.pth"))
+    has_pickle = has_pickle_weights(p)
     if not has_st and has_pickle and not allow_pickle:
         raise ModelLoadError(
             f"model directory {p} has only pickle weights (.bin/.pt), which can run arbitrary code when loaded; "
@@ -309,7 +319,7 @@ def load_causal_lm(
             # transformers names its own argument, not ours; it says so for a snapshot with pickled weights
             # only and for one with no weights at all (a download cut short): the hint only for the first
             cfg_file = model_config_file(str(path), revision)
-            pickled = cfg_file is not None and any(f.suffix in (".bin", ".pt") for f in cfg_file.parent.iterdir())
+            pickled = cfg_file is not None and has_pickle_weights(cfg_file.parent)
             msg = (f"no safetensors weights ({msg.split(' Please', 1)[0].strip()}); " +
                    ("pickled weights (.bin) load only with model.allow_pickle=true (they can run code when loaded)"
                     if pickled else "and no other weight files in the hub cache either: a download cut short?"))

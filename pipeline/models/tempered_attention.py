@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from typing import Optional
 
@@ -362,10 +361,11 @@ def set_temperature(model: nn.Module, tau: float | torch.Tensor, layers: Sequenc
     """Set ``tau`` on the attention of ``layers`` (decoder-layer indices; all attention layers when
     None) and 1.0 on the others. ``tau`` must be > 0 and finite (a negative one inverts attention)."""
     if isinstance(tau, (int, float)):
-        bad = not (math.isfinite(tau) and tau > 0)
-    else:  # a per-row / per-head tensor: checked where it costs no device sync
-        bad = tau.device.type == "cpu" and not bool(torch.isfinite(tau).all() and (tau > 0).all())
-    if bad:
+        from kernels.reference import scalar_tau
+
+        scalar_tau(tau)  # the kernels' own check: finite and > 0
+    elif tau.device.type == "cpu" and not bool(torch.isfinite(tau).all() and (tau > 0).all()):
+        # a per-row / per-head tensor: checked where it costs no device sync
         raise ValueError(f"attention temperature must be finite and > 0, got {tau}")
     mods = attention_modules(model)
     if not mods:
