@@ -6,7 +6,6 @@ both resolve a run's inputs the same way and neither imports the other.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from pipeline.config_base import ConfigError
-from pipeline.logging import SAME_ON_EVERY_RANK
 
 log = logging.getLogger("pipeline.run")
 
@@ -177,22 +175,6 @@ def resolve_paths(cfg: DictConfig) -> ModelPaths:
         return ModelPaths(m.path, m.tokenizer_path or m.path, str(art.data_dir),
                           cfg.eval.retain_model or str(art.retain_dir), str(art.root), m.revision)
     return ModelPaths(m.path, m.tokenizer_path or m.path, cfg.data.path, cfg.eval.retain_model, None, m.revision)
-
-
-def effective_max_length(cfg: DictConfig, model_path: str, revision: Optional[str] = None) -> int:
-    """``data.max_length`` capped at the model's context window (read from its config.json, a hub
-    id's at ``revision``)."""
-    from pipeline.models.loading import model_config_file
-
-    cfg_file = model_config_file(model_path, revision)
-    context = None
-    if cfg_file is not None:
-        context = json.loads(cfg_file.read_text()).get("max_position_embeddings")
-    if context and cfg.data.max_length > context:
-        log.warning("data.max_length=%d exceeds the model's context (%d tokens): sequences are limited to %d",
-                    cfg.data.max_length, context, context, extra=SAME_ON_EVERY_RANK)
-        return int(context)
-    return int(cfg.data.max_length)
 
 
 def prompt_format_uses(data: Any, training: bool, evaluating: bool) -> list[str]:

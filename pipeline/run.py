@@ -30,7 +30,6 @@ from pipeline.inputs import (
     check_inputs_outside,
     checked_prompt_format,
     command_line_overrides,
-    effective_max_length,
     log_first_prompt,
     prompt_format_uses,
     resolve_paths,
@@ -300,7 +299,7 @@ def _load_inputs(cfg: DictConfig) -> JobInputs:
     """Data (its errors stop here, before any model), tokenizer, prompt format and encoded rows."""
     from pipeline.data.loaders import encode_rows, load_unlearning_data
     from pipeline.eval.runner import check_retain_reference
-    from pipeline.models.loading import load_tokenizer
+    from pipeline.models.loading import capped_at_context, load_tokenizer
 
     paths = resolve_paths(cfg)
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
@@ -308,7 +307,7 @@ def _load_inputs(cfg: DictConfig) -> JobInputs:
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
     uses = prompt_format_uses(data, training=True, evaluating=bool(cfg.eval.enabled))
     fmt = checked_prompt_format(cfg, tokenizer, uses)
-    max_len = effective_max_length(cfg, paths.model, paths.revision)
+    max_len = capped_at_context("data.max_length", int(cfg.data.max_length), paths.model, paths.revision)
     pack = bool(cfg.data.pack_text)
     with progress("tokenizing", cfg.logging.progress_bar):  # a bar for raw-text corpora (batches of texts)
         forget = encode_rows(tokenizer, data.forget, max_len, cfg.data.truncate, data.forget_split, fmt, pack)

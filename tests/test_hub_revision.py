@@ -37,10 +37,14 @@ def test_a_pinned_hub_model_trains_and_evaluates_at_its_revision(tmp_path):
     results = json.loads((tmp_path / "runs" / "r" / "results.json").read_text())
     assert results["steps"] == 1
     # an evaluation-only job scores the pinned hub model itself
-    evaluated = run(args + pinned + ["run_name=e"], script="launchers/eval.py", timeout=240, **hub)
+    evaluated = run(args + pinned + ["run_name=e", "eval.max_length=100"], script="launchers/eval.py", timeout=240,
+                    **hub)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "evaluation model org/tiny" in evaluated.stderr
-    assert (tmp_path / "runs" / "e" / "results.json").exists()
+    # evaluation is capped at the context too (positions past 64 are out of the model's range)
+    assert "eval.max_length=100 exceeds the model's context (64 tokens)" in evaluated.stderr
+    evaluation = json.loads((tmp_path / "runs" / "e" / "results.json").read_text())["evaluation"]
+    assert evaluation["max_length"] == 64
 
 
 def test_a_hub_model_with_pickled_weights_only_names_our_setting(tmp_path):

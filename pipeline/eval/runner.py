@@ -395,7 +395,12 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
 
     from pipeline.eval.parts import parts_key
     from pipeline.eval.tofu import GENERATION, tofu_metrics
+    from pipeline.models.loading import capped_at_context, revision_for
 
+    max_len = capped_at_context("eval.max_length", int(cfg.eval.max_length), str(model_dir),
+                                revision_for(cfg.model, model_dir))
+    if max_len != int(cfg.eval.max_length):  # scored, generated and recorded at the capped length
+        cfg = OmegaConf.merge(cfg, {"eval": {"max_length": max_len}})
     model = ModelOnDemand(lambda: _load_eval_model(model_dir, cfg))
     world = dist.get_world_size() if dist.is_initialized() else 1
     stem = rouge_stemmer(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, Optional
 
 import torch
 
+from pipeline.logging import SAME_ON_EVERY_RANK
 from pipeline.messages import first_line
 from pipeline.models.tempered_attention import enable_tempered_attention
 
@@ -35,8 +37,6 @@ TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model",
 def _read_json(file: Path, where: str) -> dict:
     """The JSON object in ``file``; a ModelLoadError naming ``where`` and the file when it is not one
     (transformers would stop with an OSError traceback, mid-load)."""
-    import json
-
     try:
         obj = json.loads(file.read_text())
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
@@ -154,6 +154,20 @@ def model_config_file(model_path: str, revision: Optional[str] = None) -> Option
     return Path(cached) if isinstance(cached, str) else None
 
 
+def capped_at_context(key: str, value: int, model_path: str, revision: Optional[str] = None) -> int:
+    """``value`` (the config's ``key``, a token length) capped at the model's context window, read from
+    its config.json (a hub id's at ``revision``); past it positions are out of the model's range:
+    an index error for learned positions, silent extrapolation for rotary ones."""
+    cfg_file = model_config_file(model_path, revision)
+    fields = _read_json(cfg_file, str(model_path)) if cfg_file is not None else {}
+    context = fields.get("max_position_embeddings") or fields.get("n_positions")
+    if isinstance(context, int) and 0 < context < value:
+        log.warning("%s=%d exceeds the model's context (%d tokens): sequences are limited to %d", key, value,
+                    context, context, extra=SAME_ON_EVERY_RANK)
+        return context
+    return int(value)
+
+
 def _cached_in_other_case(repo_id: str, cache_dir: str | Path) -> Optional[str]:
     """The spelling under which hub id ``repo_id`` is in the cache, compared case-insensitively (e.g.
     ``muse-bench/MUSE-news_target`` downloaded as ``MUSE-News_target``); None when it is not there."""
@@ -182,8 +196,6 @@ def safetensors_header(path: str | Path) -> bytes:
 def weights_bytes(path: str | Path, dtype: str) -> Optional[int]:
     """The size of a model's weights once loaded in ``dtype``, from its safetensors headers (no
     weights read); a hub id is looked up in the local hub cache. None when unknown (no safetensors)."""
-    import json
-
     p = Path(path)
     if not p.is_dir():
         try:
