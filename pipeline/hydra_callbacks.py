@@ -5,6 +5,7 @@ otherwise stop the sweep after jobs 1-4 had run."""
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 from collections.abc import Sequence
@@ -223,6 +224,7 @@ class EarlyChecks(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check(config)
         _check_launcher_settings(config)
+        _dry_run_writes_nothing(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global LAUNCHED_SWEEP
@@ -234,3 +236,38 @@ class EarlyChecks(Callback):
             _check(config)
             sweep_dir = str(config.hydra.sweep.dir)
             _check_dir_name("", sweep_dir, sweep_dir, {})
+
+
+
+
+def _dry_run_writes_nothing(config: DictConfig) -> None:
+    """``trainer.dry_run=true`` (a single run; a sweep's jobs compose their own configs) writes no
+    ``.hydra/`` and no job log: a dry run into an existing run's directory would replace the
+    config.yaml its results came from, and one into a new directory would leave a run without results."""
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    if not OmegaConf.select(config, "trainer.dry_run", default=False):
+        return
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.output_subdir = None
+        logging_cfg = config.hydra.job_logging
+        if "file" in (logging_cfg.get("handlers") or {}):
+            del logging_cfg.handlers["file"]
+            root = logging_cfg.get("root") or {}
+            if "handlers" in root:
+                root.handlers = [h for h in root.handlers if h != "file"]
+    # Hydra makes the run directory whatever a callback does: the ones it creates go at exit (also
+    # after a refusal's exit 2), innermost first, each only if still empty
+    created, path = [], os.path.abspath(str(config.hydra.run.dir))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        created.append(path)
+        path = os.path.dirname(path)
+    atexit.register(_remove_empty_dirs, created)
+
+
+def _remove_empty_dirs(paths: Sequence[str]) -> None:
+    for path in paths:
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty (or gone): it and its parents stay
+            break

@@ -126,10 +126,20 @@ def test_a_dry_run_or_a_launch_stopped_by_its_inputs_keeps_the_runs_config_yaml(
     prompt format the tokenizer cannot render (exit 2), in a finished run's directory left its
     config.yaml rewritten with their own settings (before: written at the job's start)."""
     args, run = resumable_job(tmp_path)
-    run.mkdir(parents=True)
+    (run / ".hydra").mkdir(parents=True)
     (run / "config.yaml").write_text("# the finished run's\n")
+    (run / ".hydra" / "config.yaml").write_text("# Hydra's, of the finished run\n")
     dry = launch.run(args + ["trainer.dry_run=true", "trainer.lr=5e-4"])
     assert dry.returncode == 0 and "dry run" in dry.stdout, dry.stderr[-2000:]
+    # nor Hydra's record of it (a sweep's report reads .hydra/), and the dry run keeps no job log
+    assert (run / ".hydra" / "config.yaml").read_text() == "# Hydra's, of the finished run\n"
+    assert not (run / "train.log").exists()
+    # a dry run of a new run leaves no directory behind, also when it refuses
+    fresh = [a for a in args if not a.startswith("run_name=")]
+    for extra in (["run_name=new/x"], ["run_name=new/x", "method.teacher_layers=[9]"]):
+        out = launch.run(fresh + extra + ["trainer.dry_run=true", "method=asu_gd"])
+        assert out.returncode == (0 if len(extra) == 1 else 2), out.stderr[-2000:]
+        assert not (run.parent / "new").exists()
     bad = launch.run(args + ["model.prompt_format=chat"])  # the tiny tokenizer has no chat template
     assert bad.returncode == 2 and "model.prompt_format" in bad.stderr, bad.stderr[-2000:]
     assert (run / "config.yaml").read_text() == "# the finished run's\n"
