@@ -199,7 +199,7 @@ def _fit_local_rank_to_visible_gpus() -> None:
     if not cuda_ranks():
         return
     local, n = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    per_node = ranks_per_node(0)
     if n > 1 and per_node > n and os.environ.get("SLURM_GPUS_ON_NODE", str(n)) == str(n):
         # every rank sees all of the node's GPUs and there are more ranks than GPUs: remapped, two ranks
         # would share a GPU and NCCL stop later ("Duplicate GPU detected"). Decided alike on every rank.
@@ -214,6 +214,12 @@ def _fit_local_rank_to_visible_gpus() -> None:
         # before logging is configured (Hydra has not run yet): straight to stderr, once per rank
         sys.stderr.write(f"[rank {os.environ.get('RANK', '?')}] LOCAL_RANK {local} but {n} visible GPU(s): "
                          f"using cuda:{local % n}\n")
+
+
+def ranks_per_node(default: int) -> int:
+    """Ranks per node: LOCAL_WORLD_SIZE (torchrun, our SLURM mapping) or LOCAL_SIZE (the deepspeed
+    launcher sets only that one); ``default`` without either."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or default)
 
 
 def cuda_ranks() -> bool:

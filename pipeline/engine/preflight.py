@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.engine.distributed import ranks_per_node
 from pipeline.engine.zero_stage import resolve_zero_stage
 
 log = logging.getLogger(__name__)
@@ -778,11 +779,8 @@ def _cuda_total_gb() -> Optional[float]:
 
 
 def _local_world_size(world_size: int) -> int:
-    """Ranks per node: LOCAL_WORLD_SIZE (torchrun, our SLURM mapping) or LOCAL_SIZE (the deepspeed
-    launcher sets only that one); without either, all ranks on this node."""
-    if world_size <= 1:
-        return 1
-    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size)
+    """Ranks per node (all ranks on this node when the launcher does not say)."""
+    return 1 if world_size <= 1 else ranks_per_node(world_size)
 
 
 def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference: bool, offload_opt: str,
