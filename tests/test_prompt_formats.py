@@ -350,6 +350,45 @@ def test_llama3_generation_stops_at_either_end_token(toks, eos, caplog):
     assert get_prompt_format("plain").stop_token_ids(tok) == [tok.eos_token_id]
 
 
+def test_generation_also_stops_at_the_models_generation_config_end_tokens(toks, caplog):
+    """`chat` on a Llama-3.1-style tokenizer (EOS <|eot_id|>) knew only <|eot_id|>; the model's
+    generation_config also ends at <|end_of_text|>, and text past it was scored as the answer."""
+    from pipeline.eval.tofu import greedy_generate
+
+    tok = make_tokenizer(["<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                          "<|eot_id|>"], LLAMA3_INSTRUCT, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                         pad_token="<unk>")
+    fmt = get_prompt_format("chat")
+    eot, eot_text = tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|end_of_text|>")
+    assert fmt.stop_token_ids(tok) == [eot]
+    torch.manual_seed(0)
+    mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                       eos_token_id=eot)
+    mcfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(mcfg).eval()
+    model.lm_head = torch.nn.Linear(32, len(tok), bias=True)
+    with torch.no_grad():  # <|end_of_text|> is every position's greedy token
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[eot_text] = 1.0
+    assert greedy_generate(model, tok, [PAIRS[0][0]], 3, 1, template=fmt)[0] == ("", [eot_text] * 3, False)
+    model.generation_config.eos_token_id = [eot_text, eot]  # as Llama-3.1-Instruct's generation_config.json
+    with caplog.at_level("INFO"):
+        assert greedy_generate(model, tok, [PAIRS[0][0]], 3, 1, template=fmt)[0] == ("", [], True)
+    assert "generation also stops at the model's generation_config end tokens: <|end_of_text|>" in caplog.text
+    assert model.generation_config.eos_token_id == [eot_text, eot]  # the model's own config is left as it was
+
+
+def test_an_unknown_character_in_a_chat_answer_does_not_end_the_turn():
+    """A chat template's end of turn was the answer's first special token, <unk> included: an answer
+    with a character the vocabulary lacks (no byte fallback) lost its rest and its </s> label."""
+    tok = make_tokenizer(["<unk>", "<s>", "</s>"], LLAMA2_CHAT, bos_token="<s>", eos_token="</s>")
+    enc = get_prompt_format("chat").encode(tok, "Who wrote Emma?", "Jane Zyx Austen.", 64)
+    answer = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]
+    assert tok.convert_ids_to_tokens(answer) == [" ", "Jane", " ", "<unk>", " ", "Austen", ".", " ", "</s>"]
+
+
 def test_bos_text_inside_a_template_is_not_doubled(toks):
     """A template whose text starts with the BOS token itself gets no second BOS id."""
     from pipeline.data.prompt_formats import TemplateFormat

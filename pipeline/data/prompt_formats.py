@@ -310,6 +310,10 @@ class ChatFormat(PromptFormat):
     def _end_of_turn(self, tokenizer, answer_ids: list[int]) -> Optional[int]:
         special = set(tokenizer.all_special_ids)
         special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+        # <unk> is special but stands for a character of the answer (a tokenizer without byte fallback):
+        # the turn does not end there (unless it is also EOS, as GPT-2-style tokenizers have it)
+        if tokenizer.unk_token_id != tokenizer.eos_token_id:
+            special.discard(tokenizer.unk_token_id)
         return next((t for t in answer_ids if t in special), None)
 
     def _encode_full(self, tokenizer, question: str, answer: str) -> Encoded:

@@ -26,6 +26,7 @@ from transformers import GenerationConfig
 
 from pipeline.data.collate import pad_batch, padding_id
 from pipeline.data.formatting import PROMPT_TEMPLATE, encode_qa, prompt_ids
+from pipeline.engine.distributed import is_main_process
 from pipeline.eval import metrics as M
 from pipeline.eval.batching import batch_count, batches, score_labelled, synced_batch_count
 from pipeline.models.runtime import eval_mode, model_device
@@ -113,6 +114,28 @@ def generation_stop_ids(tokenizer, template: Any = PROMPT_TEMPLATE) -> list[int]
     return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
 
+def model_stop_ids(model) -> list[int]:
+    """The end tokens of the model's own generation config (``generation_config.json``, else its
+    config.json's ``eos_token_id``), which its ``generate()`` stops at: Llama-3.1-Instruct lists
+    ``<|end_of_text|>``, ``<|eom_id|>`` and ``<|eot_id|>``, Qwen2.5-Instruct ``<|im_end|>`` and
+    ``<|endoftext|>``; a chat format alone knows one or two of them."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+_LOGGED_MODEL_STOPS: set[tuple[int, ...]] = set()
+
+
+def _log_model_stops(tokenizer, format_stops: list[int], model_stops: list[int]) -> None:
+    extra = tuple(i for i in model_stops if i not in format_stops)
+    if extra and extra not in _LOGGED_MODEL_STOPS and is_main_process():
+        _LOGGED_MODEL_STOPS.add(extra)
+        log.info("generation also stops at the model's generation_config end tokens: %s",
+                 ", ".join(map(str, tokenizer.convert_ids_to_tokens(list(extra)))))
+
+
 GENERATION = "greedy (the model's generation_config penalties not applied)"  # results.json evaluation.generation
 
 
@@ -159,7 +182,7 @@ def greedy_generate(
 
     Prompts are the format's (``<bos>Question: {q}\\nAnswer:`` by default), left-padded (sorted by
     length to limit padding); ``token_ids`` are the generated ids up to (excluding) the first stop
-    token (:func:`generation_stop_ids`); ``text`` is their decoding without special tokens, stripped.
+    token (:func:`generation_stop_ids`, :func:`model_stop_ids`); ``text`` is their decoding without special tokens, stripped.
     Plain argmax decoding whatever the model's ``generation_config`` says (:func:`plain_greedy_config`).
     ``synced_gpus`` is passed to ``generate`` (ZeRO-3); ``num_batches`` as in :func:`answer_logprobs`.
     """
@@ -167,7 +190,10 @@ def greedy_generate(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[Optional[tuple[str, list[int], bool]]] = [None] * len(prompts)
     # A chat format's answer ends with its end-of-turn token (e.g. <|eot_id|>), which may not be EOS.
-    stops = generation_stop_ids(tokenizer, template)
+    # ... and the model's own generate() stops at the end tokens of its generation_config as well
+    format_stops, model_stops = generation_stop_ids(tokenizer, template), model_stop_ids(model)
+    _log_model_stops(tokenizer, format_stops, model_stops)
+    stops = list(dict.fromkeys(format_stops + [i for i in model_stops if 0 <= i < len(tokenizer)]))
     pad, device = padding_id(tokenizer), model_device(model)
     gen_kwargs: dict[str, Any] = {"synced_gpus": True} if synced_gpus else {}
     with eval_mode(model), torch.no_grad(), plain_greedy_config(
