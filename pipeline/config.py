@@ -229,7 +229,7 @@ class EvalConfig:
 @dataclass
 class LoggingConfig:
     wandb: bool = True
-    wandb_mode: str = "auto"  # auto (offline without an API key) | offline | online | disabled
+    wandb_mode: str = "auto"  # auto (WANDB_MODE, else offline without an API key) | offline | online | disabled
     project: str = "asu-unlearning"
     entity: Optional[str] = None
     progress_bar: bool = True

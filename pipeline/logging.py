@@ -57,11 +57,11 @@ class RunLogger:
     def __init__(self, cfg: Any, run_dir: str, run_name: str, config: dict, enabled: bool,
                  resume: bool = False, group: Optional[str] = None) -> None:
         self._wandb = None
-        if not (enabled and cfg.wandb) or cfg.wandb_mode == "disabled":
+        if not (enabled and cfg.wandb):
             return
-        mode = cfg.wandb_mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        mode = wandb_mode(cfg.wandb_mode)
+        if mode == "disabled":
+            return
         try:
             import wandb
 
@@ -88,6 +88,23 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+_WANDB_MODES = ("online", "offline", "disabled")
+
+
+def wandb_mode(configured: str) -> str:
+    """The wandb mode a run uses: ``logging.wandb_mode`` when set; for ``auto`` the environment's
+    ``WANDB_MODE`` when it names a mode (an explicit ``WANDB_MODE=offline`` stays offline with an API
+    key configured, ``disabled`` writes nothing), else online with ``WANDB_API_KEY`` and offline without."""
+    if configured != "auto":
+        return configured
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in _WANDB_MODES:
+        return env
+    if env == "dryrun":  # wandb's older name for offline
+        return "offline"
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
 def _wandb_run_id(run_dir: str, resume: bool) -> str:

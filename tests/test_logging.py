@@ -128,3 +128,28 @@ def test_a_resumed_run_continues_its_wandb_run_and_a_fresh_one_opens_another(tmp
     # wandb's offline folders: offline-run-<second>-<id>[-<n> when that second's name is taken]
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert {r.split("-")[3] for r in runs} == {first, fresh}, runs
+
+
+def test_wandb_auto_mode_follows_an_explicit_wandb_mode_in_the_environment(tmp_path, monkeypatch):
+    """``wandb_mode=auto`` went online whenever WANDB_API_KEY was set, over an explicit WANDB_MODE=offline
+    (a node without network timed out, or a run meant to stay local was uploaded), and WANDB_MODE=disabled
+    still wrote an offline run."""
+    from omegaconf import OmegaConf
+
+    from pipeline.logging import WANDB_ID_FILE, RunLogger, wandb_mode
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert wandb_mode("auto") == "online"
+    for env, want in (("offline", "offline"), ("disabled", "disabled"), ("dryrun", "offline"), ("ONLINE", "online"),
+                      ("bogus", "online")):
+        monkeypatch.setenv("WANDB_MODE", env)
+        assert wandb_mode("auto") == want, env
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.delenv("WANDB_MODE")
+    assert wandb_mode("auto") == "offline" and wandb_mode("online") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = OmegaConf.create({"wandb": True, "wandb_mode": "auto", "project": "t", "entity": None})
+    logger = RunLogger(cfg, str(tmp_path), "r", {}, enabled=True)
+    assert logger._wandb is None
+    assert not (tmp_path / "wandb").exists() and not (tmp_path / WANDB_ID_FILE).exists()
