@@ -529,6 +529,48 @@ def test_an_attention_input_no_backend_applies_is_refused_not_dropped():
             model(input_ids=torch.randint(3, 64, (1, 6)))
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "torch"])
+def test_sparse_attentions_selected_keys_are_applied_at_every_tau(backend):
+    """DeepSeek-V3.2's indexer picks each query's top-k keys; transformers applies them as a mask for
+    "eager"/"sdpa" only and passes ``indices`` to any other attention function, which dropped them: a
+    dense model (max logit error 8.8 at tau = 1, index_topk=3) with the probe passing."""
+    dsv32 = pytest.importorskip("transformers.models.deepseek_v32.modeling_deepseek_v32")
+    from transformers.models.deepseek_v32.configuration_deepseek_v32 import DeepseekV32Config
+
+    from pipeline.models.tempered_attention import set_temperature
+
+    cfg = DeepseekV32Config(vocab_size=96, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=2,
+                            num_experts_per_tok=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16,
+                            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, first_k_dense_replace=0,
+                            max_position_embeddings=64, index_topk=3, index_head_dim=16, index_n_heads=2,
+                            initializer_range=0.3)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = dsv32.DeepseekV32ForCausalLM(cfg).eval()
+    ids = torch.randint(3, 90, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # one right-padded row
+    rows = mask.bool()
+    with torch.no_grad():
+        stock = model(input_ids=ids, attention_mask=mask).logits
+        for layer in model.model.layers:  # the stock model at tau = 2: q / 2 in every attention
+            layer.self_attn.scaling /= 2.0
+        stock_tau2 = model(input_ids=ids, attention_mask=mask).logits
+        for layer in model.model.layers:
+            layer.self_attn.scaling *= 2.0
+    enable_tempered_attention(model)
+    A.set_attention_backend(backend)
+    try:
+        for tau, want in ((1.0, stock), (2.0, stock_tau2)):
+            set_temperature(model, tau)
+            with torch.no_grad():
+                got = model(input_ids=ids, attention_mask=mask).logits
+            assert (got - want)[rows].abs().max().item() < 1e-4, (tau, backend)
+    finally:
+        A.set_attention_backend("auto")
+
+
 def test_an_attention_class_not_named_attention_is_found_and_tempered():
     """LongcatFlash's attention is ``LongcatFlashMLA``: found by its name's ending, it takes a tau (before,
     ASU was refused with "has no attention modules with a layer_idx")."""

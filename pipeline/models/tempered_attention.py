@@ -55,8 +55,9 @@ def _model_type(module: nn.Module) -> str:
 
 
 # Attention inputs some architectures pass that change the scores (Inkling's relative-position
-# logit bias, Inkling2's per-token sinks) and that no tempered backend applies: refused, not dropped.
-UNAPPLIED_INPUTS = ("position_bias", "sinks")
+# logit bias, Inkling2's per-token sinks, MiniMax-M3's sparse key blocks) and that no tempered backend
+# applies: refused, not dropped.
+UNAPPLIED_INPUTS = ("position_bias", "sinks", "block_indices")
 # Class-name endings of self-attention modules (LongcatFlash's is ``LongcatFlashMLA``).
 ATTENTION_CLASS_SUFFIXES = ("Attention", "MLA")
 
@@ -81,7 +82,8 @@ def tempered_attention_forward(
     Reads tau from the module (``attn_temperature``) and honours the architecture kwargs
     transformers passes to attention functions: ``softcap`` (Gemma-2), ``sliding_window``
     (Mistral, Qwen, Gemma-2/3, ...; the window itself is in the mask), ``s_aux`` (GPT-OSS sinks),
-    ``is_causal``. The backend is chosen by ``pipeline.models.attention.dispatch``.
+    ``is_causal``, ``indices`` (sparse attention's selected keys). The backend is chosen by
+    ``pipeline.models.attention.dispatch``.
     """
     from pipeline.models.attention import AttentionBackendError, AttentionCall, dispatch
 
@@ -103,6 +105,13 @@ def tempered_attention_forward(
         is_causal=bool(getattr(module, "is_causal", True) if is_causal is None else is_causal),
         softcap=kwargs.get("softcap"), sliding_window=kwargs.get("sliding_window"), s_aux=kwargs.get("s_aux"),
     )
+    indices = kwargs.get("indices")
+    if indices is not None:
+        # DeepSeek-V3.2-style sparse attention (also GLM-MoE-DSA, Mistral-Large-4): transformers applies
+        # the indexer's top-k keys (B, T, k) as a mask for "eager"/"sdpa" only and hands any other
+        # attention function the indices; dropped, every query would attend to all keys
+        selected = torch.zeros(*indices.shape[:2], key.shape[2], dtype=torch.bool, device=key.device)
+        call.attention_mask = call.visible() & selected.scatter(-1, indices.long(), True)[:, None]
     return dispatch(call, _model_type(module)), None
 
 
