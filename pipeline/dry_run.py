@@ -9,7 +9,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.describe import teacher_settings
-from pipeline.inputs import checked_prompt_format, command_line_overrides, prompt_format_uses
+from pipeline.inputs import checked_prompt_format, prompt_format_uses
+from pipeline.provenance import command_line_overrides
 
 
 def dry_run(cfg: DictConfig, method: Any, dist: Any) -> dict:

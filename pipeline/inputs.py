@@ -14,6 +14,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from pipeline.config_base import ConfigError
+from pipeline.logging import SAME_ON_EVERY_RANK
 
 log = logging.getLogger("pipeline.run")
 
@@ -47,17 +48,6 @@ def check_before_loading(cfg: DictConfig) -> None:
     # all but a hub id not downloaded yet: it sizes that model from model.arch
     check_model_paths(cfg)
     check_data_path(cfg)
-
-
-def command_line_overrides() -> Optional[list[str]]:
-    """This job's command-line overrides as Hydra parsed them; None outside a Hydra launch (a test
-    calling a job function)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:
-        return None
 
 
 def check_data_path(cfg: DictConfig) -> None:
@@ -208,4 +198,31 @@ def checked_prompt_format(cfg: DictConfig, tokenizer: Any, uses: list[str]) -> A
     stops = ", ".join(tokenizer.convert_ids_to_tokens(fmt.stop_token_ids(tokenizer)))
     log.info("prompt format: %s%s (%s); generation stops at %s", fmt.name, system, ", ".join(uses),
              stops or "max_new_tokens")
+    _warn_if_trained_in_another_format(cfg)
     return fmt
+
+
+_FORMAT_KEYS = ("prompt_format", "system_prompt", "chat_template_kwargs")
+
+
+def _warn_if_trained_in_another_format(cfg: DictConfig) -> None:
+    """A run's export (``<run>/model``, beside the run's config.yaml) used with other prompt-format
+    settings than it was trained with, e.g. ``eval.py model.path=runs/x/model`` with the default
+    ``plain`` for a model unlearned in ``chat``: every score then reads another prompt."""
+    from omegaconf import OmegaConf
+
+    model_dir = Path(str(cfg.model.path or "")).expanduser()
+    run_config = model_dir.parent / "config.yaml"
+    if model_dir.name != "model" or not (model_dir.parent / "exported_from.json").is_file() or not run_config.is_file():
+        return
+    try:
+        trained = OmegaConf.to_container(OmegaConf.load(run_config).get("model") or {}, resolve=False)
+    except Exception:  # not a config.yaml of ours: nothing to compare
+        return
+    now = OmegaConf.to_container(cfg.model, resolve=True)
+    differ = [k for k in _FORMAT_KEYS if k in trained and (trained.get(k) or None) != (now.get(k) or None)]
+    if differ:
+        log.warning("model.path=%s was unlearned with %s (%s); this job uses %s: its prompts differ from those it "
+                    "was trained on (set the same to score it in its own format)", model_dir,
+                    ", ".join(f"model.{k}={trained.get(k)!r}" for k in differ), run_config,
+                    ", ".join(f"model.{k}={now.get(k)!r}" for k in differ), extra=SAME_ON_EVERY_RANK)

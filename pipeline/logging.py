@@ -79,6 +79,11 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
+    def update_config(self, values: dict[str, Any]) -> None:
+        """Settings known only once the run has chosen them (``tau=auto``'s τ), over the configured ones."""
+        if self._wandb is not None:
+            self._wandb.config.update(values, allow_val_change=True)
+
     def summary(self, metrics: dict[str, Any]) -> None:
         if self._wandb is not None:
             for k, v in metrics.items():

@@ -29,7 +29,6 @@ from pipeline.inputs import (
     check_before_loading,
     check_inputs_outside,
     checked_prompt_format,
-    command_line_overrides,
     log_first_prompt,
     prompt_format_uses,
     resolve_paths,
@@ -37,6 +36,7 @@ from pipeline.inputs import (
 )
 from pipeline.logging import SAME_ON_EVERY_RANK
 from pipeline.progress import library_bars, progress
+from pipeline.provenance import command_line_overrides, provenance, provenance_line
 
 log = logging.getLogger("pipeline.run")
 
@@ -181,6 +181,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         tau_selection = _choose_tau(cfg, engines, inputs, run_dir, key)
     if tau_selection is not None:  # a resume must train on with the tau its checkpoint was trained with
         meta[TAU_CHOSEN] = float(cfg.method.tau)
+        run_logger.update_config({"method": {**OmegaConf.to_container(cfg.method, resolve=True)}})
     _attach_teacher_cache(cfg, method, engines, inputs, trainer, need_reference)
     if dist.is_main:  # one line with what trains: the settings a reader of the log compares runs by
         log.info(method_line(cfg, method, trainable_set(method, engines.engine.module, engines.lora), total,
@@ -250,6 +251,8 @@ def _start(cfg: DictConfig) -> tuple[Any, Any]:
     check_lm_eval(cfg)  # an lm-eval task it does not know: likewise
     set_threads(int(cfg.trainer.num_threads))
     torch.manual_seed(int(cfg.seed))
+    if dist.is_main:
+        log.info(provenance_line(int(cfg.seed)))  # which code: results.json["provenance"] too
     method = build_method(cfg.method, kl_impl=cfg.kernels.kl, joint_pass=cfg.trainer.passes == "joint")
     reductions = method.reductions() if hasattr(method, "reductions") else {}
     log.info("loss reductions: %s", ", ".join(f"{k} term {v}" for k, v in reductions.items())
@@ -723,6 +726,7 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             "steps": total,
             "skipped_steps": state.skipped,
             "world_size": dist.world_size,
+            "train_rows": {"forget": len(inputs.forget), "retain": len(inputs.retain)},
             "batch": {"forget_per_rank": int(cfg.trainer.batch_size), "retain_per_rank": int(cfg.trainer.retain_batch_size),
                       "grad_accum": int(cfg.trainer.grad_accum),
                       "forget_per_step": int(cfg.trainer.batch_size) * int(cfg.trainer.grad_accum) * dist.world_size},
@@ -740,6 +744,7 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             "resumed_from": state.resumed,  # null: trained from the start in this attempt
             "activation_checkpointing": {"layers": engines.checkpointed_layers},  # 0: off
             "attention_backend": attention_backend_report(),  # requested, resolved, what each model ran
+            "provenance": provenance(int(cfg.seed), command_line_overrides()),  # code, libraries, seed, overrides
         }
         if tau_selection is not None:
             extra["tau_selection"] = tau_selection

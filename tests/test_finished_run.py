@@ -33,10 +33,18 @@ def test_resume_never_a_damaged_record_or_none_runs_the_job_and_drops_the_record
     for cfg in (_cfg(resume="never"), _cfg(eval_resume=False)):
         (tmp_path / FINISHED_FILE).write_text("{}")
         (tmp_path / "results.json").write_text('{"run": "earlier"}')
+        for name in ("report.md", "train_history.json", "eval_details.json", "exported_from.json"):
+            (tmp_path / name).write_text("earlier")
         assert finished_results(cfg, tmp_path, {"k": 1}) is None and not (tmp_path / FINISHED_FILE).exists()
         # set aside: a re-run that fails must not leave the earlier results as its own (sweep reports)
         assert not (tmp_path / "results.json").exists()
         assert (tmp_path / "results.previous.json").read_text() == '{"run": "earlier"}'
+        # nor the report, history and details of that earlier run next to its own config.yaml
+        for name in ("report", "train_history", "eval_details"):
+            assert not list(tmp_path.glob(f"{name}.json")) + list(tmp_path.glob(f"{name}.md"))
+            assert [p.name for p in tmp_path.glob(f"{name}.previous.*")], name
+        # model/'s record stays with model/: a re-run that trains nothing keeps the export
+        assert (tmp_path / "exported_from.json").read_text() == "earlier"
 
 
 def test_a_refused_rerun_changes_nothing_and_a_finished_job_is_not_checked_again(tmp_path, monkeypatch):

@@ -153,3 +153,19 @@ def test_wandb_auto_mode_follows_an_explicit_wandb_mode_in_the_environment(tmp_p
     logger = RunLogger(cfg, str(tmp_path), "r", {}, enabled=True)
     assert logger._wandb is None
     assert not (tmp_path / "wandb").exists() and not (tmp_path / WANDB_ID_FILE).exists()
+
+
+def test_a_chosen_tau_replaces_auto_in_the_wandb_config(tmp_path, monkeypatch):
+    """tau=auto's choice was never sent to wandb: its run config kept method.tau="auto"."""
+    from omegaconf import OmegaConf
+
+    from pipeline.logging import RunLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = OmegaConf.create({"wandb": True, "wandb_mode": "auto", "project": "t", "entity": None})
+    logger = RunLogger(cfg, str(tmp_path), "r", {"method": {"name": "asu_kl", "tau": "auto"}}, enabled=True)
+    assert logger._wandb is not None and logger._wandb.config["method"]["tau"] == "auto"
+    logger.update_config({"method": {"name": "asu_kl", "tau": 2.5}})
+    assert logger._wandb.config["method"] == {"name": "asu_kl", "tau": 2.5}
+    logger.finish()

@@ -281,17 +281,19 @@ def test_lm_eval_missing_gives_clear_error(monkeypatch, tmp_path):
 
 
 def test_a_muse_evaluation_shorter_than_mia_2048_tokens_warns_and_is_recorded(tmp_path, caplog):
-    """`data=muse_news` without the MUSE experiment keeps eval.max_length=192: Min-K% then scores
-    192 tokens per text, not open-unlearning's 2048. The run says so and records the length."""
+    """`data=muse_news` without the MUSE experiment keeps a short eval.max_length (192 by default; 48
+    here, within the tiny model's context): Min-K% then scores that many tokens per text, not
+    open-unlearning's 2048. The run says so and records the length."""
     import logging
 
     from pipeline.eval import runner
 
     with caplog.at_level(logging.WARNING, logger="pipeline.eval.runner"):
         metrics = _evaluate_tiny(tmp_path, ["data=muse_news", "data.path={root}/tests/fixtures/muse_news",
-                                            "eval.verbmem_max_new_tokens=2", "eval.knowmem_max_new_tokens=2"])
-    assert metrics[runner.EVALUATION_KEY]["max_length"] == 192 and "privleak_auc" in metrics
-    assert any("eval.max_length=192" in r.getMessage() and "2048" in r.getMessage() for r in caplog.records)
+                                            "eval.verbmem_max_new_tokens=2", "eval.knowmem_max_new_tokens=2",
+                                            "eval.max_length=48"])
+    assert metrics[runner.EVALUATION_KEY]["max_length"] == 48 and "privleak_auc" in metrics
+    assert any("eval.max_length=48" in r.getMessage() and "2048" in r.getMessage() for r in caplog.records)
     rows = metrics[runner.EVALUATION_KEY]["rows"]  # what was scored, as TOFU and WMDP runs record it
     assert rows and all(n > 0 for n in rows.values()) and "verbmem_forget" in rows, rows
 

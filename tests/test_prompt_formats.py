@@ -524,6 +524,29 @@ def test_the_log_says_when_the_prompt_format_is_not_applied(toks, caplog):
         checked_prompt_format(cfg, toks["plain"], ["training"])
 
 
+def test_a_runs_export_used_in_another_prompt_format_is_warned(toks, tmp_path, caplog):
+    """eval.py model.path=runs/x/model with the default plain format for a model unlearned in chat
+    scored it on prompts it was never trained on, with only a generic "this tokenizer has a chat
+    template" note."""
+    run = tmp_path / "x"
+    (run / "model").mkdir(parents=True)
+    (run / "exported_from.json").write_text('{"checkpoint": null, "step": 4}')
+    trained = OmegaConf.structured(RunConfig)
+    trained.model.prompt_format, trained.model.system_prompt = "llama2_chat", "Be brief."
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(trained))
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.model.path = str(run / "model")
+    with caplog.at_level("WARNING"):
+        checked_prompt_format(cfg, toks["llama2"], ["evaluation", "generation"])
+    assert (f"model.path={run / 'model'} was unlearned with model.prompt_format='llama2_chat', "
+            "model.system_prompt='Be brief.'") in caplog.text and "this job uses model.prompt_format='plain'" in caplog.text
+    caplog.clear()
+    cfg.model.prompt_format, cfg.model.system_prompt = "llama2_chat", "Be brief."
+    with caplog.at_level("WARNING"):
+        checked_prompt_format(cfg, toks["llama2"], ["evaluation", "generation"])
+    assert "was unlearned with" not in caplog.text
+
+
 def test_the_log_shows_the_first_row_as_the_model_reads_it(toks, caplog):
     """The format's name does not say what a template adds (a chat template's own system prompt): the
     log shows the first training row's prompt and answer as decoded from the ids the model gets."""

@@ -206,6 +206,19 @@ def test_a_point_whose_rerun_set_its_results_aside_is_not_counted(fake_sweep):
     assert p.note.endswith("an earlier run's results are kept in results.previous.json")
 
 
+def test_a_points_settings_are_those_its_results_recorded(fake_sweep):
+    """A later launch into a point's directory rewrites .hydra/ before its checks, also one that is
+    refused (another trainer.max_steps than the checkpoint's): the report listed the point with the
+    refused launch's settings next to the earlier run's numbers."""
+    d = fake_sweep / "method.tau=2.0,trainer.max_steps=2"
+    res = json.loads((d / "results.json").read_text())
+    res["provenance"] = {"overrides": ["method.tau=2.0", "trainer.max_steps=2"]}
+    (d / "results.json").write_text(json.dumps(res))
+    (d / ".hydra" / "overrides.yaml").write_text("- method.tau=2.0\n- trainer.max_steps=20\n")
+    p = next(p for p in sweep.gather(fake_sweep) if p.path == d)
+    assert p.overrides == {"method.tau": "2.0", "trainer.max_steps": "2"} and p.status == "ok"
+
+
 def test_report_cli(fake_sweep):
     out = subprocess.run([sys.executable, "launchers/report.py", str(fake_sweep), "--rule", "forget_quality"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -265,6 +278,10 @@ def test_real_local_sweep_then_report(tmp_path):
     sweep_dir = tmp_path / "runs" / "sweeps" / "tsweep"
     results = sorted(sweep_dir.glob("tau_*/results.json"))
     assert len(results) == 2, list(sweep_dir.iterdir())
+    for r in results:  # each point's settings, code and seed, as its job ran
+        prov = json.loads(r.read_text())["provenance"]
+        assert f"method.tau={r.parent.name[4:]}" in prov["overrides"] and "trainer.max_steps=2" in prov["overrides"]
+        assert prov["seed"] == 0 and prov["versions"]["torch"] and len(prov["code"]["sources_sha256"]) == 16
     rep = subprocess.run([sys.executable, "launchers/report.py", str(sweep_dir)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stderr

@@ -120,11 +120,22 @@ def write_results(
     return atomic_write_json(Path(run_dir) / RESULTS_FILE, to_jsonable(obj))
 
 
+# What a run writes beside results.json from the same run: set aside with it, so an interrupted re-run
+# leaves none of them next to its own config.yaml. model/ stays with exported_from.json (which
+# checkpoint it is the export of): a re-run that trains nothing keeps it instead of exporting again.
+RESULT_COMPANIONS = ("report.md", "train_history.json", "eval_details.json")
+
+
 def set_aside_results(run_dir: str | os.PathLike) -> Optional[Path]:
     """Rename an earlier run's ``results.json`` in ``run_dir`` to ``results.previous.json`` (replacing
     an older one) before a run that will write its own: if that run fails, no ``results.json`` is
-    left that a sweep report would count as its result. Returns the new path, or None."""
+    left that a sweep report would count as its result. Its companions (:data:`RESULT_COMPANIONS`)
+    go likewise to ``<name>.previous<suffix>``. Returns the new results path, or None."""
     src = Path(run_dir) / RESULTS_FILE
+    for name in RESULT_COMPANIONS:
+        companion = src.with_name(name)
+        if companion.exists():
+            os.replace(companion, companion.with_name(f"{companion.stem}.previous{companion.suffix}"))
     if not src.exists():
         return None
     dst = src.with_name(PREVIOUS_RESULTS_FILE)

@@ -621,6 +621,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     from pipeline.inputs import check_before_loading, set_threads
     from pipeline.io import atomic_write_json, atomic_write_text
     from pipeline.models.attention import attention_backend_report, set_attention_backend
+    from pipeline.provenance import command_line_overrides, provenance, provenance_line
 
     check_before_loading(cfg)
     if bool(OmegaConf.select(cfg, "trainer.dry_run", default=False)):
@@ -630,6 +631,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_eval_device(cfg)
     check_lm_eval(cfg)
     if dist.is_main:  # a failing re-run must not leave an earlier run's results.json as its own
+        log.info(provenance_line(int(cfg.seed)))
         set_aside_results(run_dir)
     set_threads(int(cfg.trainer.num_threads))
     set_attention_backend(cfg.kernels.attention, dist.device)  # logs the choice (and any fallback)
@@ -647,7 +649,9 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                                                              **({EVALUATION_KEY: evaluation} if evaluation else {}),
                                                              "prompt_format": {**prompt_format.describe(tokenizer),
                                                                                "applied_to": uses},
-                                                             "attention_backend": attention_backend_report()})
+                                                             "attention_backend": attention_backend_report(),
+                                                             "provenance": provenance(int(cfg.seed),
+                                                                                      command_line_overrides())})
         results = json.loads(Path(path).read_text())
         atomic_write_text(run_dir / "report.md", render_report_md(results))
         atomic_write_json(run_dir / "eval_details.json", details)

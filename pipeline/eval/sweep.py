@@ -158,6 +158,16 @@ def _read_overrides(d: Path) -> Optional[dict[str, str]]:
         return None
 
 
+def _results_overrides(d: Path) -> Optional[dict[str, str]]:
+    """The command-line overrides ``results.json`` records (``provenance.overrides``); None when it has
+    none (written before they were recorded, outside a Hydra launch, or unreadable)."""
+    try:
+        recorded = (json.loads((d / RESULTS_FILE).read_text()).get("provenance") or {}).get("overrides")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return _override_dict(recorded) if isinstance(recorded, list) else None
+
+
 def _failed(d: Path) -> str:
     for log in sorted(d.glob("*.log")):
         try:
@@ -298,7 +308,11 @@ def gather(sweep_dir: str | Path) -> list[SweepPoint]:
         name = d.relative_to(root).as_posix()
         if name == ".":
             name = d.name
-        ov = _read_overrides(d)
+        # the settings of the run whose results are there (a later launch into the directory, also a
+        # refused one, rewrites .hydra/), else of the latest launch, else the directory's name
+        ov = _results_overrides(d)
+        if ov is None:
+            ov = _read_overrides(d)
         if ov is None:
             ov = parse_override_dirname(d.name)
         if _is_dry_run(ov) and not (d / RESULTS_FILE).exists():
