@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -69,6 +70,12 @@ def check_weight_files(p: Path, where: str) -> None:
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{where}: {f.name} is not a readable safetensors file ({first_line(e)}): "
                                  f"a download or copy cut short?") from None
+
+
+def expand_user(path: str | Path) -> str:
+    """``path`` with a leading ``~`` expanded (a quoted ``model.path='~/models/x'`` reaches us as is; the
+    location checks expand it, so loading must too); a hub id is returned unchanged."""
+    return os.path.expanduser(str(path))
 
 
 def check_model_location(path: str, key: str = "model.path", revision: Optional[str] = None,
@@ -140,6 +147,7 @@ def revision_for(model_cfg: Any, path: Any) -> Optional[str]:
 def model_config_file(model_path: str, revision: Optional[str] = None) -> Optional[Path]:
     """The model's config.json: in its directory, or a hub id's cached snapshot at ``revision``
     (None when neither has it; nothing is downloaded)."""
+    model_path = expand_user(model_path)
     local = Path(model_path) / "config.json"
     if local.is_file():
         return local
@@ -196,7 +204,7 @@ def safetensors_header(path: str | Path) -> bytes:
 def weights_bytes(path: str | Path, dtype: str) -> Optional[int]:
     """The size of a model's weights once loaded in ``dtype``, from its safetensors headers (no
     weights read); a hub id is looked up in the local hub cache. None when unknown (no safetensors)."""
-    p = Path(path)
+    p = Path(expand_user(path))
     if not p.is_dir():
         try:
             from huggingface_hub import snapshot_download
@@ -266,6 +274,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, **kwargs: 
     ``add_bos_token=True``). A directory that cannot give a tokenizer is a ModelLoadError naming it."""
     from transformers import AutoTokenizer
 
+    path = expand_user(path)
     p = Path(path)
     if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
         raise ModelLoadError(f"tokenizer {p} has no {' or '.join(TOKENIZER_FILES)}: a model directory saved "
@@ -314,6 +323,7 @@ def load_causal_lm(
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    path = expand_user(path)
     check_weights_safe(path, allow_pickle)
     check_remote_code(path, trust_remote_code)
     try:

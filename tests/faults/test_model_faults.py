@@ -37,6 +37,20 @@ def test_remote_code_model_refused_unless_trusted(tiny, tmp_path):
         load_causal_lm(d)
 
 
+def test_a_home_relative_model_path_loads_as_it_was_checked(tiny, tmp_path, monkeypatch):
+    """A quoted model.path='~/models/x' passed the location check (which expands ~) and then failed in
+    transformers: "tokenizer ~/models/x cannot be loaded: Repo id must be in the form ..."."""
+    from pipeline.models.loading import check_model_location, load_tokenizer, model_config_file
+
+    _, model_dir, _ = tiny
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(model_dir, tmp_path / "models" / "x")
+    check_model_location("~/models/x")
+    assert load_tokenizer("~/models/x").eos_token == "<eos>"
+    assert load_causal_lm("~/models/x").config.num_hidden_layers >= 1
+    assert model_config_file("~/models/x") == tmp_path / "models" / "x" / "config.json"
+
+
 def test_vocab_mismatch_names_both_sizes(tiny):
     _, model_dir, _ = tiny
     tok = AutoTokenizer.from_pretrained(model_dir)
