@@ -15,6 +15,11 @@ e.g. ``python launchers/demo.py -- trainer.max_steps=20``; a method's own key (`
 with rows that all have it (``--methods asu_kl``); otherwise the demo stops at once with one line
 naming the row. Training starts afresh on every run (``trainer.resume=never``; a Ctrl-C's stop
 checkpoint is not resumed), and the previous run's ``summary.*`` / ``timings.json`` are removed first.
+
+After the table, ``ASU checks: N/M passed`` (the acceptance checks of the ``asu_kl`` / ``asu_kl_lora``
+rows, ``pipeline.eval.summary.summarise_demo``); when one fails, a line naming the failed checks and exit
+code 1 (a result, not bad input: that is 2), also with overrides after ``--``, though the checks were
+designed for the default settings and the line then says so.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ EXTRA_METHODS = ("simnpo", "idk_dpo", "asu_idk", "rmu", "asu_kl_lora")
 # themselves, a training job after writing a stop checkpoint) may take before they are terminated
 STOP_GRACE_S = 30.0
 EXIT_INTERRUPTED = 130
+# the ASU checks ran and at least one failed: a result, not bad input (2) nor a crashed step
+EXIT_CHECKS_FAILED = 1
+# the rows the ASU checks apply to
+CHECKED_ROWS = ("asu_kl", "asu_kl_lora")
 # a child's one-line user error (pipeline.messages.error_line), wherever a launcher put it in the line
 ERROR_LINE = re.compile(r"error \([A-Za-z_][\w.]*, rank \d+\): .*")
 
@@ -201,7 +210,25 @@ def clear_stale(out: Path, names: tuple[str, ...] = ("summary.md", "summary.json
         f.unlink()
 
 
-def main() -> None:
+def report_checks(checks: list[dict], overrides: list[str]) -> int:
+    """After the table: ``ASU checks: N/M passed`` and, when some failed, one line (stderr) naming them;
+    returns the exit code (:data:`EXIT_CHECKS_FAILED` when a check failed, else 0). No checks (no checked
+    row in the run): no line, 0. With ``overrides`` the failure line says the checks were designed for
+    the default settings."""
+    if not checks:
+        return 0
+    failed = [c for c in checks if not c["ok"]]
+    print(f"ASU checks: {len(checks) - len(failed)}/{len(checks)} passed", flush=True)
+    if not failed:
+        return 0
+    note = (f" (the checks were designed for the default settings; overrides given: {' '.join(overrides)})"
+            if overrides else "")
+    names = "; ".join(f"{c['check']} ({c['value']})" for c in failed)
+    print(f"ASU check(s) failed, exit {EXIT_CHECKS_FAILED}{note}: {names}", file=sys.stderr, flush=True)
+    return EXIT_CHECKS_FAILED
+
+
+def main() -> int:
     ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help="rows unlearned in the multi-rank ZeRO-3 launch (after the target/retain evaluations)")
@@ -279,14 +306,16 @@ def main() -> None:
     timings = [t for f in timing_files if (REPO / f).exists() for t in json.loads((REPO / f).read_text())]
     atomic_write_json(REPO / out / "timings.json", timings)
     text = summarise_demo(REPO / out, list(dict.fromkeys(["target", "retain", *methods, *extra])),
-                          checked=("asu_kl", "asu_kl_lora"))
+                          checked=CHECKED_ROWS)
     print(text)
     print(f"total {time.time() - t0:.0f}s; per-run reports: {out}/<name>/report.md", flush=True)
+    checks = json.loads((REPO / out / "summary.json").read_text()).get("checks", [])
+    return report_checks(checks, args.overrides)
 
 
 if __name__ == "__main__":
     try:
-        main()
+        sys.exit(main())
     except KeyboardInterrupt:  # between steps (run() handles one during a step)
         print("interrupted (Ctrl-C): the demo stopped", file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)

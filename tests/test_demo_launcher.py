@@ -215,3 +215,63 @@ def test_a_tiny_method_configs_own_name_is_a_row_and_offload_groups_name_zero3()
     check_rows(["asu_kl_tiny", "asu_kl", "rmu_tiny"], ROOT / "conf")  # refused before: only stems without _tiny
     assert demo.zero_words(1, ["deepspeed=zero3_offload_all"]) == "DeepSpeed ZeRO-3"
     assert demo.zero_words(1, []) == "DeepSpeed ZeRO stage 0"
+
+
+# --- 9. the ASU checks: counted after the table, a failed one is exit 1 -------------------------------
+
+def _results(root: Path, name: str, forget: float, retain: float, utility: float, fq: float | None) -> None:
+    (root / name).mkdir(parents=True)
+    (root / name / "results.json").write_text(json.dumps({"forget_split": "forget10", "metrics": {
+        "forget_fact_recall": forget, "retain_fact_recall": retain, "model_utility": utility, "forget_quality": fq}}))
+
+
+# forget quality on the embedded benchmark (this host, docs in pipeline/eval/summary.py): the target
+# 2.94e-17 (KS 0.9 on 40 forget rows), 2 steps of asu_kl 5.59e-15 (KS 0.85), the default demo 4.31e-12
+# (KS 0.775)
+@pytest.mark.parametrize("fq, ok", [(4.31e-12, True), (5.39e-13, True), (5.91e-14, True), (5.59e-15, False),
+                                    (2.94e-17, False), (None, False)],
+                         ids=["default_demo", "ks_0.8", "ks_0.825", "two_steps", "as_target", "none"])
+def test_the_forget_quality_check_needs_far_more_than_any_change_from_the_target(tmp_path, fq, ok):
+    from pipeline.eval.summary import summarise_demo
+
+    _results(tmp_path, "target", 1.0, 1.0, 0.740, 2.94e-17)
+    _results(tmp_path, "retain", 0.025, 1.0, 0.739, 1.0)
+    _results(tmp_path, "asu_kl", 0.325, 1.0, 0.724, fq)
+    summarise_demo(tmp_path, ["target", "retain", "asu_kl"])
+    checks = json.loads((tmp_path / "summary.json").read_text())["checks"]
+    (check,) = [c for c in checks if "forget quality" in c["check"]]
+    assert check["ok"] is ok, check
+    assert [c["ok"] for c in checks if c is not check] == [True, True, True]
+
+
+def test_a_forget_quality_at_tofus_bar_passes_whatever_the_target():
+    from pipeline.eval.summary import forget_quality_bar
+
+    assert forget_quality_bar(2.94e-17) == pytest.approx(2.94e-14)
+    assert forget_quality_bar(1e-3) == 0.05 and forget_quality_bar(None) is None
+
+
+CHECKS = [{"check": "asu_kl: forget fact recall closes >= 60% of the target->retain gap", "ok": False, "value": "0.000"},
+          {"check": "asu_kl: model utility >= 0.95x target", "ok": True, "value": "0.738 vs 0.703"}]
+
+
+def test_a_failed_check_is_counted_named_in_one_line_and_exit_1(capsys):
+    assert demo.report_checks(CHECKS, []) == 1
+    out, err = capsys.readouterr()
+    assert out == "ASU checks: 1/2 passed\n"
+    assert err == ("ASU check(s) failed, exit 1: asu_kl: forget fact recall closes >= 60% of the target->retain "
+                   "gap (0.000)\n")
+
+
+def test_with_overrides_a_failed_check_still_exits_1_and_says_the_checks_are_for_the_defaults(capsys):
+    assert demo.report_checks(CHECKS, ["trainer.max_steps=2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ASU check(s) failed, exit 1 (the checks were designed for the default settings; "
+                          "overrides given: trainer.max_steps=2): asu_kl: forget fact recall"), err
+
+
+def test_passed_checks_are_counted_and_exit_0_and_no_checks_say_nothing(capsys):
+    assert demo.report_checks([{**CHECKS[1]}], ["trainer.max_steps=2"]) == 0
+    assert capsys.readouterr() == ("ASU checks: 1/1 passed\n", "")
+    assert demo.report_checks([], []) == 0  # no checked row (e.g. --methods grad_diff)
+    assert capsys.readouterr() == ("", "")

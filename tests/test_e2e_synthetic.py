@@ -65,7 +65,9 @@ def test_demo_runs_every_job_and_tabulates_them(out):
     """``launchers/demo.py`` (what ``make demo`` runs) on the minuscule benchmark: prepare, one
     2-rank ZeRO-3 launch (asu_kl and npo), two single-rank processes side by side (target and retain
     evaluations, then the extra rows idk_dpo and rmu with the same global batch), then the table.
-    Tiny-tuned configs are used where they exist (asu_kl_tiny, rmu_tiny)."""
+    Tiny-tuned configs are used where they exist (asu_kl_tiny, rmu_tiny). Two training steps on the
+    minuscule benchmark cannot pass the ASU checks (made for the default demo), so the demo ends with exit
+    code 1 and a line naming the failed checks, after writing every row and the table."""
     import subprocess
     import sys
 
@@ -80,7 +82,7 @@ def test_demo_runs_every_job_and_tabulates_them(out):
            "--extra-methods", ",".join(extra), "--port", str(launch.free_port()), "--", *mini,
            f"cache_dir={out / 'cache'}", "trainer.max_steps=2", "trainer.batch_size=2", "trainer.retain_batch_size=2"]
     p = subprocess.run(cmd, cwd=launch.ROOT, env=launch.env(), capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    assert p.returncode == 1, (p.stdout[-3000:], p.stderr[-3000:])
     assert "[demo] 2/2 npo done" in p.stdout and "[demo] 2/2 rmu done" in p.stdout  # progress reaches the terminal
     summary = json.loads((demo / "summary.json").read_text())
     assert [r["name"] for r in summary["rows"]] == ["target", "retain", *main, *extra]
@@ -96,6 +98,15 @@ def test_demo_runs_every_job_and_tabulates_them(out):
         assert batch == (2 if m in main else 4), (m, batch)  # one rank carries the 2-rank global batch
     assert OmegaConf.load(demo / "rmu" / "config.yaml").method.layer == 2  # conf/method/rmu_tiny.yaml
     assert "| asu_kl | 2 |" in (demo / "summary.md").read_text()
+    # the ASU checks (asu_kl's row only): counted after the table, the failed ones named in one line
+    checks = summary["checks"]
+    assert len(checks) == 4 and all(c["check"].startswith("asu_kl: ") for c in checks), checks
+    failed = [c for c in checks if not c["ok"]]
+    assert failed, checks
+    assert p.stdout.rstrip().splitlines()[-1] == f"ASU checks: {4 - len(failed)}/4 passed", p.stdout[-500:]
+    (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("ASU check(s) failed, exit 1")]
+    assert "designed for the default settings" in line and "trainer.max_steps=2" in line, line
+    assert all(c["check"] in line for c in failed) and not any(c["check"] in line for c in checks if c["ok"]), line
 
 
 def test_demo_refuses_a_bad_override_before_any_job_runs(out):

@@ -74,6 +74,26 @@ def _fmt(v) -> str:
     return str(v)
 
 
+# The ASU checks' forget-quality bar. Forget quality is a KS-test p-value on the forget split's truth
+# ratios against the retain model's (40 rows each on the embedded benchmark), so it moves in coarse
+# steps: each forget row whose truth ratio moves to the retain model's side lowers the KS statistic by
+# 1/40 and multiplies the p-value by 7-15 (KS 0.9 to 0.75). Barely unlearning moves a row or two: 2 steps of
+# asu_kl took it from the target's 2.94e-17 (KS 0.9) to 5.59e-15 (KS 0.85, 190x), which "above the
+# target's" passed. The bar is 1e3x the target's, i.e. with that target a KS statistic at least 0.075
+# below the target's (0.825: 2.0e3x passes); the default demo's asu_kl reaches 4.31e-12, 1.5e5x (KS
+# 0.775, on 1 and on 2 ranks): two rows of margin, against numerical noise between machines. TOFU's own
+# bar (p >= 0.05: not distinguishable from the retain model) caps it, for a target already close to its
+# retain model; the demo's ASU is far below that (the tau sweep in docs/sweeps.md peaks at 1.9e-10).
+FORGET_QUALITY_FACTOR = 1e3
+FORGET_QUALITY_TOFU = 0.05
+
+
+def forget_quality_bar(target: Optional[float]) -> Optional[float]:
+    """The forget quality a checked row needs: :data:`FORGET_QUALITY_FACTOR` x the target's, at most
+    :data:`FORGET_QUALITY_TOFU`; None when the target has none (no retain reference)."""
+    return None if target is None else min(FORGET_QUALITY_TOFU, FORGET_QUALITY_FACTOR * target)
+
+
 def summarise_demo(root: Path, names: list[str], checked: tuple[str, ...] = ("asu_kl",)) -> str:
     """Comparison table of ``root/<name>/results.json`` plus the ASU acceptance checks for the rows
     named in ``checked``; writes ``summary.md`` and ``summary.json`` in ``root`` and returns the markdown."""
@@ -106,8 +126,7 @@ def summarise_demo(root: Path, names: list[str], checked: tuple[str, ...] = ("as
              f"{m['retain_fact_recall']:.3f} vs {0.95 * tgt['retain_fact_recall']:.3f}"),
             (f"{n}: model utility >= 0.95x target", m["model_utility"] >= 0.95 * tgt["model_utility"],
              f"{m['model_utility']:.3f} vs {0.95 * tgt['model_utility']:.3f}"),
-            (f"{n}: forget quality above target's", (m.get("forget_quality") or 0) > (tgt.get("forget_quality") or 0),
-             f"{_fmt(m.get('forget_quality'))} vs {_fmt(tgt.get('forget_quality'))}"),
+            _forget_quality_check(n, m.get("forget_quality"), tgt.get("forget_quality")),
         ]
     text = "\n".join(["## Unlearning comparison (forget split: "
                       f"{(rows.get('target') or {}).get('forget_split', '?')})", "", *lines, ""])
@@ -115,10 +134,22 @@ def summarise_demo(root: Path, names: list[str], checked: tuple[str, ...] = ("as
         text += "\n### ASU checks\n\n" + "\n".join(f"- [{'x' if ok else ' '}] {what} ({val})" for what, ok, val in checks) + "\n"
     text += ("\n`gap closed` = (target - model) / (target - retain) on forget fact recall. ROUGE-L has a template "
              "floor on these templated answers, so fact recall is the criterion. `probe drop` = retain fact recall "
-             "lost when a forget author's name is prepended to retain questions (RNA robustness probe; 0 = robust).\n")
+             "lost when a forget author's name is prepended to retain questions (RNA robustness probe; 0 = robust). "
+             "`forget quality` = TOFU's KS-test p-value of the forget truth ratios against the retain model's; its "
+             f"check asks for {FORGET_QUALITY_FACTOR:g}x the target's (on 40 rows: a KS statistic about 0.075 lower), "
+             "since any training raises a near-zero p-value a little.\n")
     atomic_write_text(root / "summary.md", text)
     atomic_write_json(root / "summary.json", {"rows": table, "checks": [{"check": c, "ok": ok, "value": v} for c, ok, v in checks]})
     return text
+
+
+def _forget_quality_check(name: str, value: Optional[float], target: Optional[float]) -> tuple[str, bool, str]:
+    """The ASU check on forget quality (see :data:`FORGET_QUALITY_FACTOR`); fails without a value."""
+    bar = forget_quality_bar(target)
+    ok = value is not None and bar is not None and value >= bar
+    times = f", {value / target:.3g}x target's" if value is not None and target else ""
+    return (f"{name}: forget quality >= {FORGET_QUALITY_FACTOR:g}x target's (or >= {FORGET_QUALITY_TOFU}, TOFU's bar)",
+            ok, f"{_fmt(value)} vs {_fmt(bar)} needed{times}")
 
 
 REAL_COLUMNS = [
