@@ -137,6 +137,8 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     dist, method = _start(cfg)
     check_inputs_outside(cfg, run_dir)  # its export would overwrite the weights it starts from
+    if str(cfg.trainer.resume) not in ("auto", "never"):  # a path (or a typo): before anything is loaded, dry run too
+        check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
     if cfg.trainer.dry_run:  # before the batch is resolved for this launch: its columns check grad_accum as configured
         return dry_run(cfg, method, dist)
     _resolve_batch(cfg, dist.world_size)

@@ -325,3 +325,22 @@ def test_a_cached_hub_model_is_checked_from_the_cache_and_an_absent_one_sized_fr
     assert "model.path org/tiny: in the hub cache at revision v1, sized from its cached config.json" in capsys.readouterr().out
     _dry_in_process(["+exp=tofu_7b"])  # its hub model and retain-free TOFU data: nothing of them in this cache
     assert "model.path not checked (dry run): sized from model.arch" in capsys.readouterr().out
+
+
+def test_cli_a_resume_path_the_launch_refuses_is_refused_by_the_dry_run_before_the_data(tiny_inputs, tmp_path):
+    """trainer.resume=<no checkpoint> passed a dry run (exit 0) and stopped the launch only after its data
+    and tokenizer were read; a checkpoint made outside the run likewise (it needs model.allow_pickle)."""
+    names = {k: str(v) for k, v in tiny_inputs.items()}
+    outside = tiny_inputs["root"] / "other_run" / "checkpoints" / "step_00000002"
+    outside.mkdir(parents=True, exist_ok=True)
+    (outside / "meta.json").write_text("{}")
+    cases = [(f"{names['root']}/nockpt", f"trainer.resume={names['root']}/nockpt: no such checkpoint directory"),
+             ("sometimes", "trainer.resume=sometimes: no such checkpoint directory"),
+             (str(outside), f"trainer.resume={outside}: a checkpoint made outside this run")]
+    for resume, line in cases:
+        overrides = _job_overrides(tiny_inputs, [f"trainer.resume={resume}", f"output_dir={tmp_path / 'runs'}"])
+        for out in (_dry(overrides, tmp_path), launch.run(overrides)):
+            assert out.returncode == 2, out.stderr[-2000:]
+            last = out.stderr.strip().splitlines()[-1]
+            assert last.startswith("error (CheckpointError, rank 0): " + line), last
+            assert "Traceback" not in out.stderr and "prompt format:" not in out.stderr  # before data and tokenizer
