@@ -99,14 +99,36 @@ def _ensure_synthetic_splits(data_dir: Path, synthetic_cfg: Any, needed: list[st
     from pipeline.data.synthetic import SyntheticConfig, build_benchmark, write_benchmark
 
     bench = _as_dataclass(synthetic_cfg, SyntheticConfig)
-    known = build_benchmark(bench)
-    unknown = [s for s in needed if s not in known]
-    if unknown:  # a typo, not an out-of-date cache: say so before writing a copy of the benchmark
-        raise ConfigError(f"config error at 'continual.requests': {unknown} is not a split of the embedded benchmark; "
-                          f"its splits: {sorted(known)}")
+    _refuse_unknown_synthetic(needed, build_benchmark(bench))  # a typo, not an out-of-date cache
     # Every rank may write: each file is written atomically and the content is identical.
     write_benchmark(bench, out_dir)
     return out_dir
+
+
+def _refuse_unknown_synthetic(needed: list[str], known: Any) -> None:
+    unknown = [s for s in needed if s not in known]
+    if unknown:
+        raise ConfigError(f"config error at 'continual.requests': {unknown} is not a split of the embedded benchmark; "
+                          f"its splits: {sorted(known)}")
+
+
+def check_request_splits(cfg: DictConfig, splits: list[str]) -> None:
+    """Every split the sequence reads exists, checked before request 1 trains and by a dry run (a typo in
+    request 3 stopped the sequence after two requests had trained; a dry run passed it): the embedded
+    benchmark's split names, a ``data.name=json`` directory's files (the loader's one-line DataError).
+    Other datasets are found by reading them."""
+    needed = list(dict.fromkeys([*splits, str(cfg.data.retain_split)]))
+    if cfg.data.name == "synthetic":
+        from pipeline.data.prepare import _as_dataclass
+        from pipeline.data.synthetic import SyntheticConfig, build_benchmark
+
+        _refuse_unknown_synthetic(needed, build_benchmark(_as_dataclass(cfg.data.synthetic, SyntheticConfig)))
+    elif cfg.data.name == "json":
+        from pipeline.data.common import find_split_file
+        from pipeline.data.loaders import json_data_dir
+
+        for split in needed:
+            find_split_file(json_data_dir(cfg.data), split, f"json:{cfg.data.path}")
 
 
 def base_model(cfg: DictConfig, run_dir: Path, splits: list[str]) -> dict:
@@ -431,6 +453,7 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     requests = check_requests(cfg)
     validate(cfg)
     splits = eval_splits(cfg, requests)
+    check_request_splits(cfg, [*requests, *splits])
     if cfg.trainer.dry_run:  # before anything is prepared (synthetic build, GGUF conversion), loaded or written
         return dry_run_sequence(cfg, run_dir, requests, splits)
     init_distributed(cfg.deepspeed.timeout_minutes)

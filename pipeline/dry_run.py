@@ -13,7 +13,7 @@ from pipeline.inputs import checked_prompt_format, prompt_format_uses
 from pipeline.provenance import command_line_overrides
 
 
-def dry_run(cfg: DictConfig, method: Any, dist: Any) -> dict:
+def dry_run(cfg: DictConfig, method: Any, dist: Any, run_dir: Optional[Path] = None) -> dict:
     """No downloads and no training: what would run (:func:`_dry_run_header`), the checks a launch
     makes before its weights load (the model paths and data.path, checked by
     :func:`pipeline.inputs.check_before_loading` before this; a local model directory's weights files,
@@ -36,12 +36,12 @@ def dry_run(cfg: DictConfig, method: Any, dist: Any) -> dict:
     if dist.is_main:
         done = ("config, tokenizer and prompt format checked, memory plan printed; nothing loaded but the tokenizer"
                 if tokenizer_note else "config validated, memory plan printed; nothing loaded")
-        lines = [*_dry_run_header(cfg), model_note, tokenizer_note or "", plan, f"dry run: {done}"]
+        lines = [*_dry_run_header(cfg, run_dir), model_note, tokenizer_note or "", plan, f"dry run: {done}"]
         print("\n".join(line for line in lines if line), flush=True)
     return {}
 
 
-def _dry_run_header(cfg: DictConfig) -> list[str]:
+def _dry_run_header(cfg: DictConfig, run_dir: Optional[Path] = None) -> list[str]:
     """What the run would be: method (tau, teacher layers and mode where it has them), prompt format,
     precision, attention backend and run directory; a few short lines."""
     from pipeline.engine.ds_config import resolve_precision
@@ -51,7 +51,7 @@ def _dry_run_header(cfg: DictConfig) -> list[str]:
     method = f"method {m.name}" + (f" ({', '.join(parts)})" if parts else "")
     ds = cfg.deepspeed
     applied = "" if _dry_run_format_uses(cfg) else " (not applied: raw-text data)"
-    return [f"dry run of {_dry_run_dir(cfg)}",
+    return [f"dry run of {run_dir or _dry_run_dir(cfg)}",
             f"{method}; prompt format {cfg.model.prompt_format}{applied}",
             f"precision: {resolve_precision(ds, True)} on GPUs, {resolve_precision(ds, False)} on CPU ranks "
             f"(deepspeed.precision={ds.precision}); attention: {_dry_run_attention(str(cfg.kernels.attention))}"]

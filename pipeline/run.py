@@ -140,7 +140,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     if str(cfg.trainer.resume) not in ("auto", "never"):  # a path (or a typo): before anything is loaded, dry run too
         check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
     if cfg.trainer.dry_run:  # before the batch is resolved for this launch: its columns check grad_accum as configured
-        return dry_run(cfg, method, dist)
+        return dry_run(cfg, method, dist, run_dir)
     _resolve_batch(cfg, dist.world_size)
     t_start = time.time()
     inputs = _load_inputs(cfg)

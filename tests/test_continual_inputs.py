@@ -139,8 +139,27 @@ def test_a_continual_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert f"1: forget fa -> {root / 'r1_fa'}, starting from model.path={tmp_path / 'model'}" in p.stdout
     assert f"2: forget fb -> {root / 'r2_fb'}, starting from request 1's export {root / 'r1_fa'}/model" in p.stdout
     assert "memory plan" in p.stdout and "dry run: config, tokenizer and prompt format checked" in p.stdout
+    assert f"\ndry run of {root / 'r1_fa'}\n" in p.stdout  # request 1's own directory, not the sequence's
     # not even Hydra's .hydra/ and job log
     assert not root.exists(), sorted(root.iterdir())
+
+
+def test_a_request_whose_split_does_not_exist_is_refused_before_anything_trains_and_by_a_dry_run(tmp_path):
+    """A typo in request 2 stopped the sequence after request 1 had trained (json data), and a dry run
+    passed it (exit 0), as it passed an unknown split of the embedded benchmark."""
+    from pipeline.config import ConfigError
+    from pipeline.continual import check_request_splits
+
+    with pytest.raises(ConfigError, match=r"\['forget10_typo'\] is not a split of the embedded benchmark"):
+        check_request_splits(_compose(["+exp=tofu_tiny"]), ["forget10_part1", "forget10_typo"])
+    check_request_splits(_compose(["+exp=tofu_tiny"]), ["forget10_part1", "forget10_part2"])
+    args = [a.replace("continual.requests=[fa,fb]", "continual.requests=[fa,fbb]") for a in _two_requests(tmp_path)]
+    for extra in ([], ["trainer.dry_run=true"]):
+        p = run(args + extra, script="launchers/continual.py", timeout=200)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+        assert p.stderr.strip().splitlines()[-1].startswith(
+            f"error (DataError, rank 0): dataset 'json:{tmp_path / 'data'}': split 'fbb' not found"), p.stderr[-2000:]
+        assert not (tmp_path / "runs" / "seq" / "r1_fa").exists()
 
 
 def test_a_checkpoint_path_in_trainer_resume_is_refused(tmp_path):
