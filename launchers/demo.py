@@ -244,7 +244,7 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every step (after --)")
     args = ap.parse_args()
 
-    from pipeline.demo import check_rows
+    from pipeline.demo import check_rows, without_method_keys
 
     methods = [m for m in args.methods.split(",") if m]
     extra = [m for m in args.extra_methods.split(",") if m]
@@ -264,7 +264,7 @@ def main() -> int:
 
     steps = 2 + bool(extra)
     print(f"== 1/{steps} benchmark and models (cached after the first run)", flush=True)
-    run([[sys.executable, "launchers/prepare.py", *common]], env, [logs / "prepare.log"])
+    run([[sys.executable, "launchers/prepare.py", *without_method_keys(common)]], env, [logs / "prepare.log"])
 
     # With two or more single-rank processes for extra rows, the two reference evaluations (the
     # target before unlearning, the retain model = gold standard) ride along with them.

@@ -75,6 +75,13 @@ def plan_jobs(methods: list[str], demo_name: str, conf_dir: Path,
     return jobs
 
 
+def without_method_keys(overrides: list[str]) -> list[str]:
+    """``overrides`` less the method's own keys (``method.beta=0.5``): the steps that train no method
+    (preparing the benchmark, the target / retain evaluations) are composed with the default method,
+    which may not have them (an NPO-only key stopped the demo at its first step, naming no row)."""
+    return [o for o in overrides if not o.lstrip("+~").startswith(("method.", "method="))]
+
+
 def compose_job(conf_dir: Path, common: list[str], job: DemoJob) -> DictConfig:
     """Compose ``config`` with a train job's :data:`TRAIN_DEFAULTS`, the common overrides, then the
     job's own (later ones win). An override the job's config cannot take (``method.tau`` for a method
@@ -89,6 +96,8 @@ def compose_job(conf_dir: Path, common: list[str], job: DemoJob) -> DictConfig:
     if not GlobalHydra.instance().is_initialized():
         initialize_config_dir(config_dir=str(conf_dir), version_base="1.3")
     first = TRAIN_DEFAULTS if job.kind == "train" else ()
+    if job.kind != "train":
+        common = without_method_keys(common)
     try:
         return compose(config_name="config", overrides=[*first, *common, *job.overrides])
     except COMPOSE_ERRORS as exc:

@@ -54,6 +54,18 @@ def test_an_override_a_row_cannot_take_is_one_config_error_naming_the_row():
         assert pdemo.compose_job(CONF, ["+exp=tofu_tiny", "trainer.max_steps=20"], job).trainer.max_steps == 20
 
 
+def test_a_method_key_every_training_row_has_reaches_them_and_not_the_steps_without_a_method():
+    """`--methods npo -- method.beta=0.5`: every training row has beta, but the benchmark's preparation
+    and the target / retain evaluations (composed with the default ASU method) stopped the demo at its
+    first step: "Could not override 'method.beta' ... Key 'beta' not in 'ASUConfig'"."""
+    (target, npo) = pdemo.plan_jobs(["npo"], "demo", CONF, references=("target",))
+    common = ["+exp=tofu_tiny", "method.beta=0.5", "trainer.max_steps=3"]
+    assert pdemo.compose_job(CONF, common, npo).method.beta == 0.5
+    assert pdemo.compose_job(CONF, common, target).trainer.max_steps == 3
+    assert pdemo.without_method_keys(["+method.x=1", "method=npo", "methods=2", "trainer.lr=1"]) == ["methods=2",
+                                                                                                    "trainer.lr=1"]
+
+
 def test_an_unknown_method_inside_the_launch_is_one_config_error_with_the_options():
     (job,) = pdemo.plan_jobs(["asu_kll"], "demo", CONF, references=())
     with pytest.raises(ConfigError, match=r"demo row asu_kll: .*available: .*asu_kl"):
