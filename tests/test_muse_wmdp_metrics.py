@@ -332,8 +332,11 @@ def test_eval_max_rows_applies_to_muse_splits_but_not_the_few_shot_examples(tmp_
 
     metrics = _evaluate_tiny(tmp_path, ["data=muse_news", "data.path={root}/tests/fixtures/muse_news",
                                         "eval.verbmem_max_new_tokens=2", "eval.knowmem_max_new_tokens=2",
-                                        "eval.max_rows=1"])
+                                        "eval.max_rows=1", "eval.retrain_auc=0.5228"])
     record = metrics[runner.EVALUATION_KEY]
+    # every setting that changes MUSE's numbers is recorded (PrivLeak's reference AUC was nowhere)
+    assert (record["retrain_auc"], record["mink_k"], record["verbmem_max_new_tokens"],
+            record["knowmem_max_new_tokens"]) == (0.5228, 0.4, 2, 2)
     assert record["max_rows"] == 1 and record["rows"] and set(record["rows"].values()) == {1}, record["rows"]
     assert not any(name.endswith("_icl") for name in record["rows"])
     assert set(record["icl_rows"]) == {"knowmem_forget_icl", "knowmem_retain_icl"}

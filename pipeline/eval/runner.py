@@ -422,9 +422,12 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
         metrics[EVALUATION_KEY]["rows"] = {name: len(rows) for name, rows in data.eval.items() if not is_icl(name)}
         metrics[EVALUATION_KEY]["max_rows"] = cfg.eval.max_rows
         if family == "muse":
-            metrics[EVALUATION_KEY].update(rouge_stemmer=stem, max_length=int(cfg.eval.max_length),
+            e = cfg.eval  # and what else changes MUSE's numbers: lengths, Min-K%'s k, PrivLeak's reference AUC
+            metrics[EVALUATION_KEY].update(rouge_stemmer=stem, max_length=int(e.max_length),
                                            icl_rows={n: len(r) for n, r in data.eval.items() if is_icl(n)},
-                                           generation=GENERATION)
+                                           generation=GENERATION, verbmem_max_new_tokens=int(e.verbmem_max_new_tokens),
+                                           knowmem_max_new_tokens=int(e.knowmem_max_new_tokens),
+                                           mink_k=float(e.mink_k), retrain_auc=e.retrain_auc)
         else:  # what changes multiple-choice numbers: truncation length and BOS (lm-eval's 0-shot prompt)
             metrics[EVALUATION_KEY].update(max_length=int(cfg.eval.max_length), mcq_add_bos=bool(cfg.eval.mcq_add_bos))
         # lm-eval (eval.lm_eval) is not run here but by add_lm_eval, after the job's last collective.
