@@ -10,7 +10,10 @@ no token three times in a row). Also reports the tempered *teacher* itself (no t
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/asu_tiny_study.py [--cache DIR] [--taus 2,3,4] [--steps N]
 
-Writes benchmarks/results/asu_tiny_study.json. Runs with one torch thread.
+Writes benchmarks/results/asu_tiny_study.json (atomically); every argument other than its default
+adds ``_<arg>-<value>`` to the name (``common.out_name``: ``asu_tiny_study_steps-5.json``), and
+``--out DIR`` writes into DIR (a path ending in ``.json`` names the file, as before). The arguments
+are checked before the benchmark is prepared (minutes on a fresh cache). Runs with one torch thread.
 """
 
 from __future__ import annotations
@@ -27,9 +30,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import (  # noqa: E402  (benchmarks/common.py)
+    OneLineParser,
+    device_info,
+    json_object,
+    out_name,
+    positive_float,
+    positive_int,
+    write_json,
+)
 
 from pipeline.data.collate import pad_batch  # noqa: E402
 from pipeline.data.formatting import encode_qa, prompt_ids  # noqa: E402
@@ -161,27 +174,64 @@ def row_line(name, r):
             f"{r.get('gap_closed', float('nan')):>6.2f} {r.get('seconds', 0):>6.1f}")
 
 
+def tau_list(text: str) -> list[float]:
+    """argparse type: comma-separated temperatures, each a number > 0 (``2,3,4``)."""
+    return [positive_float(t) for t in text.split(",")]
+
+
+def layer_sets(text: str) -> list:
+    """argparse type: ';'-separated layer sets, each ``all`` or comma-separated layer indices >= 0
+    (``all;0;0,1``): None for all layers, else the list of indices."""
+    out = []
+    for part in text.split(";"):
+        if part == "all":
+            out.append(None)
+            continue
+        try:
+            layers = [int(x) for x in part.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a layer set is 'all' or indices like 0,1; got {part!r}") from None
+        if min(layers) < 0:
+            raise argparse.ArgumentTypeError(f"layer indices must be >= 0, got {part!r}")
+        out.append(layers)
+    return out
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
+    """The command line, checked before anything is built: (arguments, their defaults)."""
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default=str(ROOT / ".cache" / "asu"), help="the pipeline's cache_dir: reuses the demo's models")
+    ap.add_argument("--taus", type=tau_list, default="2,3,4")
+    ap.add_argument("--layer-sets", type=layer_sets, default="all;0;0,1;1,2,3")
+    ap.add_argument("--steps", type=positive_int, default=None)
+    ap.add_argument("--lr", type=positive_float, default=None)
+    ap.add_argument("--gamma", type=float, default=None)
+    ap.add_argument("--alpha", type=float, default=None)
+    ap.add_argument("--teacher-only", action="store_true")
+    ap.add_argument("--data", type=json_object, default={}, help="JSON overrides of SyntheticConfig")
+    ap.add_argument("--model", type=json_object, default={}, help="JSON overrides of TinyModelConfig")
+    ap.add_argument("--retain-eval", type=positive_int, default=120, help="retain rows evaluated (speed)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results directory (default benchmarks/results); a path ending in .json names the file")
+    args = ap.parse_args(argv)
+    from pipeline.data.synthetic import SyntheticConfig
+    from pipeline.models.tiny import TinyModelConfig
+
+    for flag, cls, value in (("--data", SyntheticConfig, args.data), ("--model", TinyModelConfig, args.model)):
+        try:
+            cls(**value)
+        except (TypeError, ValueError) as exc:  # an unknown or bad field: now, not after minutes of preparing
+            ap.error(f"argument {flag}: {exc}")
+    return args, vars(ap.parse_args([]))
+
+
 def main(argv=None):
+    args, defaults = parse_args(argv)
     from pipeline.data.prepare import prepare_synthetic
     from pipeline.data.synthetic import SyntheticConfig
     from pipeline.models.tiny import TinyModelConfig
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cache", default=str(ROOT / ".cache" / "asu"), help="the pipeline's cache_dir: reuses the demo's models")
-    ap.add_argument("--taus", default="2,3,4")
-    ap.add_argument("--layer-sets", default="all;0;0,1;1,2,3")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--gamma", type=float, default=None)
-    ap.add_argument("--alpha", type=float, default=None)
-    ap.add_argument("--teacher-only", action="store_true")
-    ap.add_argument("--data", default="{}", help="JSON overrides of SyntheticConfig")
-    ap.add_argument("--model", default="{}", help="JSON overrides of TinyModelConfig")
-    ap.add_argument("--retain-eval", type=int, default=120, help="retain rows evaluated (speed)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "asu_tiny_study.json"))
-    args = ap.parse_args(argv)
-
-    dcfg, mcfg = SyntheticConfig(**json.loads(args.data)), TinyModelConfig(**json.loads(args.model))
+    dcfg, mcfg = SyntheticConfig(**args.data), TinyModelConfig(**args.model)
     hp = dict(RECOMMENDED)
     for k in ("steps", "lr", "gamma", "alpha"):
         if getattr(args, k) is not None:
@@ -200,8 +250,6 @@ def main(argv=None):
         return {"forget": evaluate(m, tok, forget), "retain": evaluate(m, tok, retain_eval),
                 "utility": evaluate(m, tok, util)}
 
-    from common import device_info  # benchmarks/common.py (this script's directory is on sys.path)
-
     results = {"benchmark": dcfg.__dict__, "model": mcfg.__dict__, "asu": hp, "prepare_seconds": prep_s,
                "env": device_info("cpu"), "runs": []}
     base_t, base_r = ev(target), ev(retain_model)
@@ -216,13 +264,11 @@ def main(argv=None):
     print(row_line("target", base_t))
     print(row_line("retain (gold)", base_r))
     n_layers = target.config.num_hidden_layers
-    taus = [float(t) for t in args.taus.split(",")]
-    layer_sets = [None if s == "all" else [int(x) for x in s.split(",")] for s in args.layer_sets.split(";")]
-    for layers in layer_sets:
+    for layers in args.layer_sets:
         lname = "all" if layers is None else ",".join(map(str, layers))
         if layers is not None and max(layers) >= n_layers:
             continue
-        for tau in taus:
+        for tau in args.taus:
             with temperature(target, tau, layers):
                 r = ev(target)
             r.update(kind="teacher", tau=tau, layers=lname)
@@ -240,10 +286,9 @@ def main(argv=None):
             results["runs"].append(r)
             print(row_line(f"asu_kl tau={tau:g} L={lname}", r), flush=True)
             print("      e.g.", r["forget"]["examples"][0], "| truth:", forget[0]["answer"])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {args.out}")
+    named = [k for k in defaults if k not in ("cache", "out")]  # what changes the measurement
+    name = out_name("asu_tiny_study", {k: getattr(args, k) for k in named}, {k: defaults[k] for k in named})
+    write_json(name, results, args.out, device_suffix=False)  # atomic; the committed file has no device suffix
 
 
 # lr 3e-4 x 50 steps: at 1e-3 x 100 the model utility fell to 0.9x the target's (docs/synthetic_benchmark.md).

@@ -19,6 +19,10 @@ run (``pipeline.engine.preflight.plan_for_run``).
     .venv/bin/python benchmarks/bench_memory.py --size 134m --passes per_group  # two student forwards per step
     .venv/bin/python benchmarks/bench_memory.py --size 134m --baseline # as before the fixes (~2 x 4 GiB)
 
+Writes ``bench_memory_cpu.json``, plus ``_per_group`` / ``_baseline`` and every other argument that
+differs from its default as ``_<arg>-<value>`` (``common.out_name``: ``bench_memory_size-34m_cpu.json``);
+``--out DIR`` writes it into DIR (a path ending in ``.json`` names the file, as before).
+
 ``ASU_BENCH_TRACE=<file.json>`` writes rank 0's resident set at every student module's backward
 hooks and around every ZeRO-3 reduce-scatter of the second step (how the backward peak was found).
 ``ASU_BENCH_CENSUS=<file.json>`` writes rank 0's glibc heap (in use / free, ``mallinfo2``), mmapped
@@ -45,8 +49,14 @@ sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
     RANDOM_LLAMAS,
+    OneLineParser,
     device_info,
     fmt,
+    int_at_least,
+    json_object,
+    non_negative_int,
+    out_name,
+    positive_int,
     print_table,
     save_random_llama,
     status_kb,
@@ -377,24 +387,27 @@ def launch(spec: dict, ranks: int, timeout: int) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--size", nargs="+", choices=tuple(SIZES), default=["134m"])
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=1, help="forget and retain rows per rank")
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=3)
+    # >= 2: the pipeline's deepspeed.zero_stage=auto picks ZeRO-3 (what this measures) only with partners
+    ap.add_argument("--ranks", type=int_at_least(2), default=2, help="ranks (>= 2: ZeRO-3 as the pipeline picks it)")
+    ap.add_argument("--batch", type=positive_int, default=1, help="forget and retain rows per rank")
+    ap.add_argument("--seq", type=positive_int, default=64)
+    ap.add_argument("--steps", type=positive_int, default=3)
     ap.add_argument("--kl", default="naive", choices=("naive", "fused"))
-    ap.add_argument("--persistence", type=int, default=10000, help="deepspeed.param_persistence_threshold")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--persistence", type=non_negative_int, default=10000, help="deepspeed.param_persistence_threshold")
+    ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--passes", default="joint", choices=("joint", "per_group"),
                     help="trainer.passes: one student forward over forget + retain rows (joint) or one per group")
-    ap.add_argument("--ds-extra", default="{}", help="JSON merged into the student/teacher DeepSpeed configs")
+    ap.add_argument("--ds-extra", type=json_object, default={},
+                    help="a JSON object merged into the student/teacher DeepSpeed configs")
     ap.add_argument("--no-share-master", action="store_true")
     ap.add_argument("--baseline", action="store_true",
                     help="as before the memory fixes: DeepSpeed's GPU buffer limits on CPU ranks, the duplicate fp32 "
                          "master partition, glibc's default malloc tuning")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results directory (default benchmarks/results); a path ending in .json names the file")
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
@@ -404,7 +417,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench_memory-") as d:
             spec = {"size": size, "batch": args.batch, "seq": args.seq, "steps": args.steps, "kl": args.kl,
                     "threads": args.threads, "persistence": args.persistence, "passes": args.passes,
-                    "ds_extra": json.loads(args.ds_extra), "share_master": not args.no_share_master,
+                    "ds_extra": args.ds_extra, "share_master": not args.no_share_master,
                     "baseline": args.baseline,
                     "model_dir": str(_save_model(Path(d), size))}
             t = time.perf_counter()
@@ -418,9 +431,15 @@ def main() -> None:
     print(f"\nsummary ({args.ranks} CPU ranks, fp32, asu_kl live teacher, Adam; per rank, max over ranks)")
     print_table(["size", "params", "peak MiB", "preflight MiB", "peak/pred", "start-up MiB",
                  "growth B/param", "peak B/param"], summary)
-    # non-default --passes / --baseline: their own file, never the default run's (bench_memory_per_group_cpu.json)
+    # non-default --passes / --baseline: their own file, never the default run's (bench_memory_per_group_cpu.json);
+    # every other non-default argument too (common.out_name: bench_memory_size-34m_steps-1_cpu.json)
     name = "bench_memory" + ("" if args.passes == "joint" else f"_{args.passes}") + ("_baseline" if args.baseline else "")
-    write_json(args.out.stem.removesuffix("_cpu") if args.out else name, {
+    name = out_name(name, {"size": args.size, "ranks": args.ranks, "batch": args.batch, "seq": args.seq,
+                           "steps": args.steps, "kl": args.kl, "persistence": args.persistence, "threads": args.threads,
+                           "ds_extra": args.ds_extra, "no_share_master": args.no_share_master},
+                    {"size": ["134m"], "ranks": 2, "batch": 1, "seq": 64, "steps": 3, "kl": "naive",
+                     "persistence": 10000, "threads": 1, "ds_extra": {}, "no_share_master": False})
+    write_json(name, {
         "env": device_info("cpu"),
         "config": {"ranks": args.ranks, "batch": args.batch, "seq": args.seq, "steps": args.steps, "kl": args.kl,
                    "persistence_threshold": args.persistence, "threads": args.threads, "method": "asu_kl",
@@ -432,7 +451,7 @@ def main() -> None:
                   "growth = peak - start-up.",
                   "terms are read from the DeepSpeed objects at the end of the run (bytes on rank 0); "
                   "'most params gathered at once' is sampled before and after every module forward and after backward."],
-    }, args.out.parent if args.out else None)
+    }, args.out)
 
 
 def _report(size: str, ranks: list[dict], pred_terms: dict, pred_total: int, wall: float) -> dict:

@@ -19,8 +19,10 @@ Measured in ONE launch (the same engines, the same batch): each variant first ru
 ``--warmup`` steps (ZeRO-3 records its prefetch trace; switching the loss invalidates it) and one
 step that measures its memory; then, with several variants, one untimed warm-up round and ``--steps``
 timed rounds of one step of every variant, the order rotated each round, so the variants are timed
-side by side and a change of the host's load falls on all of them alike (a single variant: its
-``--steps`` timed steps in its block). Reported per variant: median and min step wall time, ZeRO-3 all-gather volume of
+side by side and a change of the host's load falls on all of them alike (a single variant, or
+``--timing blocks``: each variant's ``--steps`` timed steps in its own block, the way this script
+timed before 2026-12-05 and the way an older commit's bench_step.py still times; recorded as
+``config.interleave``). Reported per variant: median and min step wall time, ZeRO-3 all-gather volume of
 one steady step (bytes of the gathered output tensors of every all-gather DeepSpeed issues on rank
 0, counted by wrapping the DeepSpeed comm backend's ``all_gather*`` methods; reduce-scatter volume
 too), and peak memory of the step: CUDA ``max_memory_allocated`` after a reset; CPU the growth of
@@ -62,11 +64,16 @@ to ``bench_step_one_process_<device>.json``. ``--zero-stage 3`` forces ZeRO-3 (t
 ``deepspeed.zero.Init`` and runs a couple of GradDiff and ASU (live, and cached) steps, recording
 tokens/s and peak host memory to ``bench_step_scale_1b_<device>.json``.
 
-Output name (without ``--out``): ``bench_step`` (``--scale small``), ``bench_step_134m`` (``0.1b``),
+Output name: ``bench_step`` (``--scale small``), ``bench_step_134m`` (``0.1b``),
 ``bench_step_scale_<size>`` (other sizes, the dot dropped: ``bench_step_scale_05b``), then
 ``_passes`` (``--compare-passes``), ``_per_module`` (``--gather per-module``) and
-``_v-<variant>-<variant>...`` (``--variants`` other than the default list), then ``_<device>.json``:
-a run with other arguments never overwrites another's committed file.
+``_v-<variant>-<variant>...`` (``--variants`` other than the default list), then every other
+argument that differs from its default as ``_<arg>-<value>`` (``--batch``, ``--seq``, ``--steps``,
+``--warmup``, ``--ranks``, ``--threads``, ``--topk``, ``--offload-optimizer``, ``--attention``,
+``--timing``; ``common.out_name``), then ``_<device>.json``: a run with other arguments never
+overwrites another's committed file. ``--out DIR`` writes it into DIR instead of
+benchmarks/results; a ``--out`` ending in ``.json`` names the file itself (the earlier meaning,
+still accepted: the tests and bench_step_vs_commit.py use it).
 
     .venv/bin/python benchmarks/bench_step.py                 # CPU, 2 ranks, ~2 min
     .venv/bin/python benchmarks/bench_step.py --compare-passes                # old vs new step, 7 M
@@ -96,8 +103,12 @@ sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
     RANDOM_LLAMAS,
+    OneLineParser,
     device_info,
     fmt,
+    non_negative_int,
+    out_name,
+    positive_int,
     print_table,
     save_random_llama,
     set_threads,
@@ -430,19 +441,26 @@ def _save_small_model(d: Path, size: str) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--scale", choices=tuple(SIZES), default="small")
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=None, help="rows per rank (forget and retain each)")
-    ap.add_argument("--seq", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--topk", type=int, default=100, help="cache_topk of the cached-teacher variant")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--ranks", type=positive_int, default=2)
+    ap.add_argument("--batch", type=positive_int, default=None, help="rows per rank (forget and retain each)")
+    ap.add_argument("--seq", type=positive_int, default=None)
+    ap.add_argument("--steps", type=positive_int, default=None)
+    ap.add_argument("--topk", type=non_negative_int, default=100,
+                    help="cache_topk of the cached-teacher variant (0 = full rows)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads per rank")
+    ap.add_argument("--warmup", type=non_negative_int, default=None)
     ap.add_argument("--offload-optimizer", default=None, choices=("none", "cpu"))
-    ap.add_argument("--variants", nargs="+", default=None)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--variants", nargs="+", default=None, choices=VARIANTS, metavar="VARIANT",
+                    help=f"some of {', '.join(VARIANTS)}")
+    ap.add_argument("--timing", choices=("interleaved", "blocks"), default="interleaved",
+                    help="several variants: timed side by side in rotated rounds (default), or each in its own "
+                         "block of --steps steps (the way before 2026-12-05; bench_step_vs_commit.py uses it "
+                         "against an old commit that can only time that way)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results directory (default benchmarks/results); a path ending in .json names the file")
     ap.add_argument("--attention", default="auto", help="kernels.attention backend (auto = sdpa)")
     ap.add_argument("--gather", choices=("per-layer", "per-module"), default="per-layer",
                     help="ZeRO-3 on CPU ranks: each decoder layer's weights in one fetch (the pipeline's way, "
@@ -454,7 +472,8 @@ def main() -> None:
                     help="ASU-LoRA vs full ASU (live teacher): two launches in one run, memory + step time")
     ap.add_argument("--one-process", action="store_true",
                     help="the demo's model, one process: our step vs a plain-torch loop of the same losses")
-    ap.add_argument("--zero-stage", default="auto", help="--one-process: deepspeed.zero_stage (auto | 0..3)")
+    ap.add_argument("--zero-stage", default="auto", choices=("auto", "0", "1", "2", "3"),
+                    help="--one-process: deepspeed.zero_stage (auto | 0..3)")
     ap.add_argument("--override", action="append", default=[],
                     help="--one-process: a further Hydra override (repeatable; the tests shrink the benchmark)")
     args = ap.parse_args()
@@ -469,10 +488,8 @@ def main() -> None:
         return
     threads = set_threads(args.threads)
     big = args.scale != "small"
-    batch = args.batch or (1 if big else 2)
-    seq = args.seq or (64 if big else 128)
-    steps = args.steps or (2 if big else 4)
-    warmup = args.warmup if args.warmup is not None else (1 if big else 2)
+    shape = _shape(args, _shape_defaults(args.scale))
+    batch, seq, steps, warmup = shape["batch"], shape["seq"], shape["steps"], shape["warmup"]
     variants = args.variants or _default_variants(args.scale)
     if args.compare_passes:  # every variant old and new, timed interleaved
         variants = [x for v in variants for x in (v + PER_GROUP, v)]
@@ -483,8 +500,10 @@ def main() -> None:
                 "threads": args.threads, "cache_dir": str(d / "cache"),
                 "offload_optimizer": args.offload_optimizer or "none", "attention": args.attention,
                 "model_dir": None if big else str(_save_small_model(d, args.scale)),
-                # several variants: timed side by side (interleaved rounds), after one untimed round
-                "interleave": len(variants) > 1, "warmup_rounds": 1, "gather": args.gather}
+                # several variants: timed side by side (interleaved rounds), after one untimed round,
+                # unless --timing blocks (each variant's steps in its own block, as before 2026-12-05)
+                "interleave": args.timing == "interleaved" and len(variants) > 1, "warmup_rounds": 1,
+                "gather": args.gather}
         port = 29850 + os.getpid() % 100
         how = (f"{warmup} warm-up + 1 memory step each, then 1 warm-up round + {steps} timed rounds interleaved"
                if spec["interleave"] else f"{warmup} warm-up + {steps} timed steps")
@@ -498,9 +517,12 @@ def lora_compare(args) -> None:
     the same model, batch and ranks, two launches in this one run; memory per rank and step time."""
     threads = set_threads(args.threads)
     dev = "cuda" if _cuda() else "cpu"
-    batch, seq = args.batch or 1, args.seq or 64
-    steps = args.steps or 3
-    warmup = args.warmup if args.warmup is not None else 1
+    defaults = {"batch": 1, "seq": 64, "steps": 3, "warmup": 1}
+    shape = _shape(args, defaults)
+    batch, seq, steps, warmup = shape["batch"], shape["seq"], shape["steps"], shape["warmup"]
+    # named by what differs from the documented run (--scale 134m, module docstring)
+    name = out_name("bench_step_lora", {**shape, "scale": args.scale, "ranks": args.ranks, "threads": args.threads},
+                    {**defaults, "scale": "134m", "ranks": 2, "threads": 1})
     rows, results = [], {}
     with tempfile.TemporaryDirectory(prefix="bench_step_lora-") as d:
         spec = {"size": args.scale, "batch": batch, "seq": seq, "steps": steps, "warmup": warmup, "topk": args.topk,
@@ -530,7 +552,7 @@ def lora_compare(args) -> None:
           f"{full['params'] / 1e6:.1f}M params; ASU-GD tau=2, naive KL; per rank {batch} forget + {batch} retain rows "
           f"x {seq} tokens; median of {steps} steps after {warmup} warm-up")
     print_table(["variant", "step ms", "peak RSS MiB (max rank)", "peak above pre-model RSS MiB (max rank)"], rows)
-    write_json(args.out.stem.rsplit("_", 1)[0] if args.out else "bench_step_lora", {
+    write_json(name, {
         "env": device_info(dev),
         "config": {**{k: v for k, v in spec.items() if k not in ("cache_dir", "model_dir")}, "ranks": args.ranks,
                    "model": SIZES[args.scale], "lora": "model.peft defaults: r=8, alpha=16, q,k,v,o,gate,up,down"},
@@ -539,7 +561,7 @@ def lora_compare(args) -> None:
                   "ZeRO-3 engines; LoRA = one engine, the teacher is its base with the adapters disabled.",
                   "peak above baseline = process peak RSS minus the RSS before any model was built (after imports "
                   "and process-group set-up): model states + the step; the baseline is the same in both runs."],
-    }, args.out.parent if args.out else None)
+    }, args.out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -770,7 +792,9 @@ def one_process(args) -> None:
     print_table(["method", "config", "ours ms", "plain torch ms", "ours / plain", "x GradDiff (ours)",
                  "|loss diff| step 1"], rows)
     name = "bench_step_one_process" + ("" if str(args.zero_stage) == "auto" else f"_zero{args.zero_stage}")
-    write_json(args.out.stem.rsplit("_", 1)[0] if args.out else name, {
+    name = out_name(name, {"steps": args.steps_one, "warmup": args.warmup_one, "override": args.override},
+                    {"steps": 20, "warmup": 3, "override": []})
+    write_json(name, {
         "env": device_info("cpu"),
         "config": {"model": "synthetic target (+exp=tofu_tiny)", "threads": threads, "warmup": args.warmup_one,
                    "steps": args.steps_one, "zero_stage": z, "batch": "8 forget + 8 retain rows"},
@@ -787,7 +811,7 @@ def one_process(args) -> None:
                   "batches are collated before timing (the pipeline's own UnlearningTrainer.step_batches) and shared.",
                   "all eight variants are interleaved: one step of each per round, the order rotated every round.",
                   "the first step's losses must agree to 1e-5 or the script stops."],
-    }, args.out.parent if args.out else None)
+    }, args.out)
 
 
 def _mem_fields(ranks: list[dict], v: str) -> dict:
@@ -806,7 +830,7 @@ def _mem_fields(ranks: list[dict], v: str) -> dict:
     return out
 
 
-def _out_name(size: str, args, variants: list[str]) -> str:
+def _out_name(size: str, args: argparse.Namespace, variants: list[str], shape: dict) -> str:
     """The result file's name (without ``_<device>.json``): distinct for every non-default argument that
     changes what is measured, so one run never overwrites another's committed file (module docstring)."""
     name = {"small": "bench_step", "0.1b": "bench_step_134m"}.get(size) or "bench_step_scale_" + size.replace(".", "")
@@ -817,7 +841,23 @@ def _out_name(size: str, args, variants: list[str]) -> str:
     base = [v.removesuffix(PER_GROUP) for v in variants if not v.endswith(PER_GROUP)]
     if args.variants and base != _default_variants(size):
         name += "_v-" + "-".join(base)
-    return name
+    values = {**shape, "ranks": args.ranks, "threads": args.threads, "topk": args.topk,
+              "offload_optimizer": args.offload_optimizer or "none", "attention": args.attention, "timing": args.timing}
+    defaults = {**_shape_defaults(size), "ranks": 2, "threads": 1, "topk": 100, "offload_optimizer": "none",
+                "attention": "auto", "timing": "interleaved"}
+    return out_name(name, values, defaults)
+
+
+def _shape_defaults(size: str) -> dict:
+    """Rows per rank, tokens per row, timed and warm-up steps when not given: smaller above 'small'."""
+    if size == "small":
+        return {"batch": 2, "seq": 128, "steps": 4, "warmup": 2}
+    return {"batch": 1, "seq": 64, "steps": 2, "warmup": 1}
+
+
+def _shape(args: argparse.Namespace, defaults: dict) -> dict:
+    """``defaults`` with the arguments given on the command line."""
+    return {k: d if getattr(args, k) is None else getattr(args, k) for k, d in defaults.items()}
 
 
 def _default_variants(size: str) -> list[str]:
@@ -883,10 +923,11 @@ def _report(ranks, spec, args, dev, threads, variants) -> None:
                  "x per-group (min)", "all-gather MiB/step", "x GradDiff",
                  "x per-group",
                  "reduce-scatter MiB", "step peak MiB (max rank)", "peak RSS MiB (sum of ranks)", "CUDA peak MiB"], rows)
-    name = _out_name(spec["size"], args, variants)
-    write_json(args.out.stem.rsplit("_", 1)[0] if args.out else name, {
+    name = _out_name(spec["size"], args, variants, {k: spec[k] for k in ("batch", "seq", "steps", "warmup")})
+    write_json(name, {
         "env": device_info(dev),
         "config": {**{k: v for k, v in spec.items() if k not in ("cache_dir", "model_dir")}, "ranks": args.ranks,
+                   "timing": "interleaved" if spec["interleave"] else "blocks",
                    "model": size, "params": r0["params"], "variants": variants, "setup_s": r0["setup_s"],
                    "cache_build_s": r0["cache_build_s"], "process_peak_rss_mib_per_rank":
                    [r["process_peak_rss_kb"] / 1024 for r in ranks]},
@@ -909,7 +950,7 @@ def _report(ranks, spec, args, dev, threads, variants) -> None:
             "every weight partitioned (stage3_param_persistence_threshold=0); NPO and the ASU variants use a "
             "frozen reference engine, GradDiff none.",
         ],
-    }, args.out.parent if args.out else None)
+    }, args.out)
 
 
 if __name__ == "__main__":

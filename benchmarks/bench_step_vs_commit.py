@@ -9,7 +9,15 @@ change of the shared host's load falls on both sides. Per variant the table give
 fastest timed step of rank 0 over all rounds), the ZeRO-3 all-gather volume of one steady step
 (rank 0) and the peak memory per rank (growth of the RSS high-water mark during the variant's block, and the block's peak RSS), each
 old / new / new over old; written to ``benchmarks/results/bench_step_vs_commit_<device>.json``
-(``..._134m_<device>.json`` with ``--scale 0.1b``).
+(``..._134m_<device>.json`` with ``--scale 0.1b``; arguments other than their defaults add
+``_<arg>-<value>`` to the name, ``common.out_name``; ``--out DIR`` writes it into DIR).
+
+Timing method: both sides must time their variants the same way. The old script times each variant
+in its own block of steps when it predates side-by-side timing (no ``"interleave"`` in its
+source: 14fb46a) or runs a single variant; this checkout's bench_step.py is then run with
+``--timing blocks`` too, else both time side by side. The timing method each launch reports
+(``config.interleave``) is compared with the rest of the config after every round: a difference
+stops the script with one line (exit 2).
 
 Every weight partitioned on both sides: this checkout's bench_step sets
 ``stage3_param_persistence_threshold=0`` itself; the old script (14fb46a) has no flag for it and
@@ -49,8 +57,19 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from common import device_info, fmt, print_table, write_json  # noqa: E402
+from common import (  # noqa: E402
+    OneLineParser,
+    device_info,
+    fmt,
+    int_at_least,
+    non_negative_int,
+    out_name,
+    positive_int,
+    print_table,
+    write_json,
+)
 
+DEFAULT_OLD = "14fb46a"  # the commit before the one-pass step
 OLD_VARIANTS = ("grad_diff", "asu_live_naive", "asu_live_fused", "asu_cached")  # git show 14fb46a:benchmarks/bench_step.py
 NEW_ONLY = ("npo", "asu_kl_live_fused")
 # bench_step's own defaults per scale (the same in both versions), passed explicitly to both sides
@@ -97,23 +116,29 @@ if os.environ.get("BENCH_VS_COMMIT_RECORD") and "--worker" in sys.argv:
 '''
 
 
-def run_side(tree: Path, tag: str, variants: list[str], args, shape: dict, work: Path, old: bool) -> dict:
-    """One launch of ``tree``'s bench_step.py; returns its JSON plus the engines' partition records."""
+def run_side(tree: Path, tag: str, variants: list[str], args: argparse.Namespace, shape: dict, work: Path,
+             old: bool, timing_flag: list[str]) -> dict:
+    """One launch of ``tree``'s bench_step.py; returns its JSON plus the engines' partition records.
+    ``timing_flag``: ``--timing ...`` for a bench_step.py that has the flag, else empty."""
     rec = work / "records" / tag
     rec.mkdir(parents=True)
-    out = work / f"{tag}_cpu.json"  # bench_step writes <stem up to the last _>_<device>.json next to --out
+    # --out <tag>.json: both versions write <tag>_<device>.json next to it (the old one: the stem up to
+    # its last '_'; this one: a path ending in .json names the file), on whichever device they ran
+    out = work / f"{tag}.json"
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                PYTHONPATH=str(work / "shim"), BENCH_VS_COMMIT_RECORD=str(rec),
                BENCH_VS_COMMIT_PERSISTENCE0="1" if old else "0")
     cmd = [str(tree / ".venv/bin/python"), "benchmarks/bench_step.py", "--scale", args.scale, "--ranks",
            str(args.ranks), "--threads", str(args.threads), "--batch", str(shape["batch"]), "--seq", str(shape["seq"]),
            "--steps", str(shape["steps"]), "--warmup", str(shape["warmup"]), "--topk", str(args.topk),
-           "--variants", *variants, "--out", str(out)]
+           "--variants", *variants, *timing_flag, "--out", str(out)]
     for attempt in (1, 2):  # bench_step picks its rendezvous port from its pid: retry once on a clash
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=args.timeout)
         (work / f"{tag}.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode == 0 and out.exists():
+        written = sorted(work.glob(f"{tag}_*.json"))
+        if proc.returncode == 0 and len(written) == 1:
+            out = written[0]
             break
         sys.stderr.write(proc.stderr[-3000:])
         if attempt == 2 or "not partitioned" in proc.stderr:
@@ -126,11 +151,22 @@ def run_side(tree: Path, tag: str, variants: list[str], args, shape: dict, work:
     return data
 
 
+def _timing(config: dict) -> str:
+    """How a launch timed its variants (bench_step's ``config.interleave``; absent in scripts from before
+    side-by-side timing, which timed each variant in its own block)."""
+    return "interleaved" if config.get("interleave") else "blocks"
+
+
 def _check_same(old: dict, new: dict) -> None:
+    """Stop (one line, exit 2) unless both launches measured the same thing the same way, every
+    weight partitioned under ZeRO-3."""
     a, b = old["config"], new["config"]
     diff = {k: (a.get(k), b.get(k)) for k in SAME_CONFIG if a.get(k) != b.get(k)}
+    if _timing(a) != _timing(b):  # new/old ratios of different timing methods would compare the methods
+        diff["timing"] = (_timing(a), _timing(b))
     if diff:
-        raise SystemExit(f"old and new did not measure the same thing: {diff}")
+        print(f"error: old and new did not measure the same thing (old, new): {diff}", file=sys.stderr)
+        raise SystemExit(2)
     for side in (old, new):
         for rank, engines in side["engines"].items():
             for e in engines:
@@ -187,42 +223,54 @@ def _summary(v: str, olds: list[dict], news: list[dict]) -> dict:
     return out
 
 
+def _git(*args: str) -> subprocess.CompletedProcess:
+    """``git -C <this checkout> args...``, output captured (the caller checks the return code)."""
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--old", default="14fb46a", help="the older commit (default: the one before the one-pass step)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--old", default=DEFAULT_OLD, help="the older commit (default: the one before the one-pass step)")
+    ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--scale", choices=("small", "0.1b"), default="small", help="small = 7 M, 0.1b = 134 M")
-    ap.add_argument("--variants", nargs="+", default=None,
+    ap.add_argument("--variants", nargs="+", default=None, choices=OLD_VARIANTS + NEW_ONLY, metavar="VARIANT",
                     help=f"default: {' '.join(OLD_VARIANTS + NEW_ONLY)} ({' '.join(NEW_ONLY)}: new side only)")
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--seq", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--topk", type=int, default=100)
-    ap.add_argument("--timeout", type=int, default=3600, help="seconds per launch")
+    ap.add_argument("--ranks", type=int_at_least(2), default=2,
+                    help="ranks per launch (>= 2: with one rank ZeRO-3 has nothing to partition, which the check refuses)")
+    ap.add_argument("--threads", type=positive_int, default=1)
+    ap.add_argument("--batch", type=positive_int, default=None)
+    ap.add_argument("--seq", type=positive_int, default=None)
+    ap.add_argument("--steps", type=positive_int, default=None)
+    ap.add_argument("--warmup", type=non_negative_int, default=None)
+    ap.add_argument("--topk", type=non_negative_int, default=100)
+    ap.add_argument("--timeout", type=positive_int, default=3600, help="seconds per launch")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, raw JSONs)")
+    ap.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args()
     variants = args.variants or list(OLD_VARIANTS + NEW_ONLY)
-    bad = [v for v in variants if v not in OLD_VARIANTS + NEW_ONLY]
-    if bad:
-        print(f"error: --variants: unknown {bad}; choose from {' '.join(OLD_VARIANTS + NEW_ONLY)}", file=sys.stderr)
-        raise SystemExit(2)
     old_variants = [v for v in variants if v in OLD_VARIANTS]
+    if not old_variants:
+        ap.error(f"--variants: at least one the old script runs ({' '.join(OLD_VARIANTS)})")
     new_variants = old_variants + [v for v in variants if v not in OLD_VARIANTS]  # shared blocks first, same order
     d = DEFAULTS["small" if args.scale == "small" else "big"]
     shape = {k: getattr(args, k) if getattr(args, k) is not None else d[k] for k in d}
-    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{args.old}^{{commit}}"],
-                         capture_output=True, text=True)
+    sha = _git("rev-parse", "--verify", f"{args.old}^{{commit}}")
     if sha.returncode != 0:
-        print(f"error: --old {args.old}: not a commit of {ROOT}", file=sys.stderr)
-        raise SystemExit(2)
+        ap.error(f"--old {args.old}: not a commit of {ROOT}")
     old_sha = sha.stdout.strip()
-    new_sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "pipeline", "kernels",
-                                 "benchmarks/bench_step.py", "benchmarks/common.py"],
-                                capture_output=True, text=True).stdout.strip())
+    new_sha = _git("rev-parse", "HEAD").stdout.strip()
+    dirty = bool(_git("status", "--porcelain", "--", "pipeline", "kernels", "benchmarks/bench_step.py",
+                      "benchmarks/common.py").stdout.strip())
+    # the timing method both sides use: side by side only where the old script does it too
+    old_src = _git("show", f"{old_sha}:benchmarks/bench_step.py").stdout
+    timing = "interleaved" if '"interleave"' in old_src and len(old_variants) > 1 else "blocks"
+    old_flag = ["--timing", timing] if '"--timing"' in old_src else []
+    name = out_name("bench_step_vs_commit" + ("" if args.scale == "small" else "_134m"),
+                    {"old": old_sha[:9], "rounds": args.rounds, "variants": variants, **shape, "topk": args.topk,
+                     "ranks": args.ranks, "threads": args.threads},
+                    {"old": _git("rev-parse", "--verify", f"{DEFAULT_OLD}^{{commit}}").stdout.strip()[:9],
+                     "rounds": 3, "variants": list(OLD_VARIANTS + NEW_ONLY), **d, "topk": 100, "ranks": 2,
+                     "threads": 1})
     work = Path(tempfile.mkdtemp(prefix="bench_step_vs_commit-"))
     tree = work / "old"
     ok = False
@@ -233,13 +281,13 @@ def main() -> None:
         (work / "shim").mkdir()
         (work / "shim" / "sitecustomize.py").write_text(SITECUSTOMIZE)
         print(f"old {old_sha[:9]} vs new {new_sha[:9]}{' (+ uncommitted changes)' if dirty else ''}: "
-              f"{args.rounds} rounds, --scale {args.scale}, {shape}", flush=True)
+              f"{args.rounds} rounds, --scale {args.scale}, {shape}, variants timed {timing}", flush=True)
         olds, news, order = [], [], []
         for i in range(1, args.rounds + 1):
-            sides = [("old", tree, old_variants, olds), ("new", ROOT, new_variants, news)]
-            for side, t, vs, acc in sides if i % 2 else sides[::-1]:
+            sides = [("old", tree, old_variants, olds, old_flag), ("new", ROOT, new_variants, news, ["--timing", timing])]
+            for side, t, vs, acc, flag in sides if i % 2 else sides[::-1]:
                 order.append(f"{side}{i}")
-                acc.append(run_side(t, f"{side}{i}", vs, args, shape, work, old=side == "old"))
+                acc.append(run_side(t, f"{side}{i}", vs, args, shape, work, old=side == "old", timing_flag=flag))
             _check_same(olds[-1], news[-1])
         ok = True
     finally:
@@ -266,15 +314,15 @@ def main() -> None:
     print(f"\nold = {old_sha[:9]}, new = {new_sha[:9]}; each side its own bench_step.py; ZeRO-3, {args.ranks} ranks x "
           f"{args.threads} thread, every weight partitioned; {cfg['params'] / 1e6:.1f}M params; per rank "
           f"{shape['batch']}+{shape['batch']} rows x {shape['seq']} tokens; {shape['warmup']} warm-up + "
-          f"{shape['steps']} timed steps per variant per launch; {args.rounds} rounds ({', '.join(order)}); "
-          "n/a = the old script cannot run it")
+          f"{shape['steps']} timed steps per variant per launch, timed {timing} on both sides; {args.rounds} rounds "
+          f"({', '.join(order)}); n/a = the old script cannot run it")
     print_table(["variant", "old ms (median)", "new ms", "new/old", "new/old (paired)", "old ms (min)", "new ms (min)", "new/old (min)",
                  "old AG MiB/step", "new AG MiB", "new/old AG", "old step peak MiB/rank", "new step peak MiB/rank",
                  "old block RSS MiB/rank", "new block RSS MiB/rank"], rows)
-    name = "bench_step_vs_commit" + ("" if args.scale == "small" else "_134m")
     write_json(name, {
-        "env": device_info("cpu"),
+        "env": device_info(news[0]["env"]["device"]),  # where the launches ran (cpu, or cuda)
         "config": {"old_commit": old_sha, "new_commit": new_sha, "new_uncommitted_changes": dirty,
+                   "timing": timing,
                    "rounds": args.rounds, "order": order, "scale": args.scale, **shape, "topk": args.topk,
                    "ranks": args.ranks, "threads": args.threads, "model": cfg["model"], "params": cfg["params"],
                    "old_variants": old_variants, "new_variants": new_variants,
@@ -294,8 +342,10 @@ def main() -> None:
             "engine and rank (engines_*); the old side's threshold set through a sitecustomize that replaces "
             "pipeline.config.DeepSpeedConfig's default (its bench_step.py has no flag for it).",
             "npo / asu_kl_live_fused: new side only (run after the shared variants in the same launch).",
+            "timing: how both sides timed their variants within a launch (interleaved = side by side in rotated "
+            "rounds; blocks = each variant's steps in its own block, as the old script does).",
         ],
-    })
+    }, args.out)
 
 
 if __name__ == "__main__":

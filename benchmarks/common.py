@@ -10,14 +10,33 @@ Peak memory
   page the call touched (allocator caches included), which is what an OOM would see. A fresh
   process is needed because glibc keeps freed blocks, so a second measurement in the same process
   would under-count.
+
+Timing
+------
+Implementations that are compared are timed in ONE process, one call of each per round, the order
+rotated each round (``time_rounds``): a change of the shared host's load then falls on all of them
+alike. Reported: the median per implementation and, for a ratio, the median of the per-round ratios
+(``paired_ratio``), which a slow drift of the load does not move.
+
+Command lines and result files
+------------------------------
+Every script parses with ``OneLineParser`` (launchers/demo.py: a usage error is one line, exit 2)
+and the argument types below. ``--out DIR`` is a directory in every script; a result is written to
+``DIR/<name>_<device>.json`` (default ``benchmarks/results``), where ``<name>`` carries every
+argument that differs from its default (``out_name``), so a smoke run never overwrites a committed
+file. A ``--out`` ending in ``.json`` still names the file itself (its stem without a trailing
+``_cpu`` / ``_cuda`` is the name), as bench_step.py and bench_memory.py took it before.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -29,6 +48,112 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
+if str(ROOT) not in sys.path:  # the pipeline package for the one-line parser below
+    sys.path.insert(0, str(ROOT))
+
+# the launchers' one-line usage errors (exit 2), re-exported for the scripts; stdlib only: cheap to import
+from pipeline.cli import OneLineParser, at_least_one, int_at_least  # noqa: E402, F401
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+# ------------------------------------------------------------------------------------------------
+# argument types: a bad value is one line and exit 2 (OneLineParser), not a traceback later
+# ------------------------------------------------------------------------------------------------
+
+positive_int = at_least_one  # threads, rows, ranks, rounds, ...: 0 would silently measure nothing
+
+
+non_negative_int = int_at_least(0)  # warm-up calls, top-k (0 = full rows), thresholds
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0 (a temperature, a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def dtype_name(text: str) -> str:
+    """argparse type: a floating torch dtype by name (``float32``, ``bfloat16``, ...)."""
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose from {', '.join(DTYPES)}")
+    return text
+
+
+def device_name(text: str) -> str:
+    """argparse type: ``auto``, ``cpu`` or ``cuda``; ``cuda`` only where torch sees a CUDA device
+    (else the run would fail later with a traceback, or write an error-filled JSON)."""
+    if text not in ("auto", "cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; choose from auto, cpu, cuda")
+    if text == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"cuda: no CUDA device available (torch {torch.__version__})")
+    return text
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; other names as given (``device_name`` checked them)."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def json_object(text: str) -> dict:
+    """argparse type: a JSON object (``--ds-extra '{"a": 1}'``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg} at character {exc.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object ({{...}}), got {text!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# result file names
+# ------------------------------------------------------------------------------------------------
+
+
+def _slug(value: object) -> str:
+    """A value as a file-name piece: lists joined by '-', floats by %g, other characters -> '-'."""
+    if isinstance(value, (list, tuple)):
+        return "-".join(_slug(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        value = json.dumps(value, sort_keys=True)
+    text = re.sub(r"[^A-Za-z0-9.]+", "-", str(value)).strip("-") or "none"
+    # a long value (a JSON object, Hydra overrides) by its hash: the name stays short and distinct
+    return text if len(text) <= 40 else hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def out_name(base: str, values: dict, defaults: dict, labels: Optional[dict] = None) -> str:
+    """``base`` plus ``_<label><value>`` for every key of ``defaults`` whose value in ``values``
+    differs from its default, in the order of ``defaults``: a run with other arguments never
+    overwrites another's result file. The label is ``<key>-`` unless ``labels`` gives one (bench_kl's
+    ``v`` for ``--vocab``: ``bench_kl_v32000``); a flag that is set is ``_<key>`` alone."""
+    labels = labels or {}
+    name = base
+    for key, default in defaults.items():
+        value = values[key]
+        if isinstance(value, tuple):
+            value = list(value)
+        if value == (list(default) if isinstance(default, tuple) else default):
+            continue
+        if value is True:
+            name += f"_{labels.get(key, key)}"
+        else:
+            name += f"_{labels.get(key, key + '-')}{_slug(value)}"
+    return name
 
 
 def set_threads(n: int) -> int:
@@ -41,7 +166,16 @@ def set_threads(n: int) -> int:
     return torch.get_num_threads()
 
 
+def git_state() -> dict:
+    """The checkout's commit, whether it has uncommitted changes and its sources' SHA-256, as a run's
+    results.json records them (``pipeline.provenance.code_record``; None outside a git checkout)."""
+    from pipeline.provenance import code_record
+
+    return dict(code_record())
+
+
 def device_info(device: str) -> dict:
+    """The machine and the code a result was measured on (recorded in every result JSON)."""
     import torch
 
     info = {
@@ -51,6 +185,7 @@ def device_info(device: str) -> dict:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "hostname": platform.node(),
+        **git_state(),
     }
     try:
         import triton
@@ -74,6 +209,7 @@ def device_info(device: str) -> dict:
 
 
 def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously), so a wall time covers it."""
     if device == "cuda":
         import torch
 
@@ -92,6 +228,66 @@ def time_fn(fn: Callable[[], object], device: str, warmup: int = 1, iters: int =
         sync(device)
         ts.append((time.perf_counter() - t0) * 1e3)
     return {"ms_median": statistics.median(ts), "ms_min": min(ts), "iters": iters}
+
+
+def time_rounds(fns: dict[str, Callable[[], object]], device: str, warmup: int = 1,
+                rounds: int = 5) -> dict[str, dict]:
+    """Time the implementations ``fns`` side by side in this process: ``warmup`` untimed calls of
+    each, then ``rounds`` rounds of one timed call of each, the order rotated every round (round r
+    starts with the r-th), so a change of the host's load falls on all alike and no implementation
+    always runs first or after the same neighbour. Per name: ``ms_median``, ``ms_min``, ``iters``
+    (= rounds), ``warmup`` and ``ms_all`` (one time per round, in round order, for ``paired_ratio``).
+    An implementation that raises is dropped from the rounds and gets ``{"error": "..."}``; the
+    others go on (a table keeps its other rows)."""
+    errors: dict[str, str] = {}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+
+    def call(name: str) -> Optional[float]:
+        try:
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            return (time.perf_counter() - t0) * 1e3
+        except Exception as exc:  # recorded, the rest of the table still runs
+            errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+            return None
+
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            if name not in errors:
+                call(name)
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            if name not in errors:
+                ms = call(name)
+                if ms is not None:
+                    times[name].append(ms)
+    out = {}
+    for name in names:
+        if name in errors:
+            out[name] = {"error": errors[name]}
+        else:
+            ts = times[name]
+            out[name] = {"ms_median": statistics.median(ts), "ms_min": min(ts), "iters": rounds, "warmup": warmup,
+                         "ms_all": ts}
+    return out
+
+
+def paired_ratio(num: dict, den: dict) -> Optional[float]:
+    """Median over rounds of ``num``'s time / ``den``'s time in the same round (``time_rounds``
+    entries); None when either has no times (an error)."""
+    a, b = num.get("ms_all"), den.get("ms_all")
+    if not a or not b or len(a) != len(b):
+        return None
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def median_ratio(num: dict, den: dict) -> Optional[float]:
+    """``num``'s median time / ``den``'s median time; None when either is missing."""
+    a, b = num.get("ms_median"), den.get("ms_median")
+    return a / b if a and b else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,11 +395,17 @@ def print_table(headers: list[str], rows: list[list]) -> str:
     return text
 
 
-def write_json(name: str, payload: dict, out_dir: Optional[Path] = None) -> Path:
-    out_dir = Path(out_dir or RESULTS)
+def write_json(name: str, payload: dict, out: Optional[Path] = None, device_suffix: bool = True) -> Path:
+    """Write ``payload`` (plus a timestamp) atomically to ``<out>/<name>_<device>.json``; ``out`` is
+    the scripts' ``--out``: a directory (default benchmarks/results) or, ending in ``.json``, the file
+    itself (its stem without a trailing ``_cpu`` / ``_cuda`` is the name; module docstring).
+    ``device_suffix=False``: ``<name>.json`` (a result file committed under that name)."""
+    out_dir = Path(out) if out else RESULTS
+    if out_dir.suffix == ".json":
+        name, out_dir = re.sub(r"_(cpu|cuda)$", "", out_dir.stem), out_dir.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = payload.get("env", {}).get("device", "cpu")
-    path = out_dir / f"{name}_{dev}.json"
+    path = out_dir / (f"{name}_{dev}.json" if device_suffix else f"{name}.json")
     payload = dict(payload, timestamp=_dt.datetime.now().isoformat(timespec="seconds"))
     # atomic: a temporary file in the same directory, then os.replace (a crash or a full disk never
     # leaves a truncated committed result)

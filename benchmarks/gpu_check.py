@@ -49,7 +49,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from common import RESULTS, cpu_peak_bytes, device_info  # noqa: E402
+from common import RESULTS, OneLineParser, cpu_peak_bytes, device_info, positive_int  # noqa: E402
 
 NO_CUDA = "no CUDA device: nothing measured"
 
@@ -359,9 +359,8 @@ def part_step(timeout: int, batch: int = 4, seq: int = 512) -> None:
 
     variants = {"asu_live_naive": "naive", "asu_live_fused": "fused"}  # variant -> kernels.kl
     with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "bench_step_scale_cuda.json"
         _run([sys.executable, str(HERE / "bench_step.py"), "--scale", "1b", "--ranks", "1", "--variants", *variants,
-              "--batch", str(batch), "--seq", str(seq), "--steps", "6", "--warmup", "2", "--out", str(out)], timeout)
+              "--batch", str(batch), "--seq", str(seq), "--steps", "6", "--warmup", "2", "--out", d], timeout)
         payload = json.loads(next(Path(d).glob("bench_step_scale*.json")).read_text())
     rows = {}
     for variant, kl in variants.items():
@@ -528,10 +527,11 @@ def part_pipeline(timeout: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=("kernels", "attention", "kl", "step", "eval", "pipeline"))
+    # no CUDA-available guard here: --device cpu (or no GPU) is answered with NO_CUDA and exit 0 (docstring)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    ap.add_argument("--timeout", type=int, default=240, help="for the parts that launch a benchmark script")
+    ap.add_argument("--timeout", type=positive_int, default=240, help="for the parts that launch a benchmark script")
     args = ap.parse_args()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on_signal)

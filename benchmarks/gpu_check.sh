@@ -47,6 +47,8 @@ fi
 # ones here, not the same ImportError again in every part. The pipeline part alone also needs datasets
 # (+ pyarrow, pandas) and scipy: ~100 MB of wheels, more than a device call carries, so without them in
 # the image that part is skipped (reported, exit 1: the check is incomplete) and the others still run.
+# (The eval part imports pipeline.eval.tofu -> pipeline.eval.metrics, which imports scipy only inside
+# forget_quality_ks, a pipeline-part metric; traced with PIPELINE_MODULES absent, every other part imports.)
 GPU_CHECK_MODULES="torch triton numpy safetensors yaml psutil packaging tqdm requests filelock fsspec jinja2
   typing_extensions deepspeed hjson pydantic pydantic_core annotated_types typing_inspection einops msgpack
   hydra omegaconf antlr4 transformers huggingface_hub tokenizers httpx2 httpcore2 h11 truststore sniffio anyio

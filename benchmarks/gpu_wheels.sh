@@ -30,7 +30,8 @@ NAMES=(deepspeed hjson pydantic pydantic_core annotated-types typing-inspection 
        hydra-core omegaconf antlr4-python3-runtime transformers huggingface_hub tokenizers httpx2
        httpcore2 h11 truststore sniffio click anyio idna regex dill
        rouge_score nltk six)                                              # eval.metrics' ROUGE tokenizer
-# The pipeline part alone also reads data with `datasets` and scores forget quality with scipy: about
+# The pipeline part alone also reads data with `datasets` and scores forget quality with scipy (which
+# pipeline.eval.metrics imports inside forget_quality_ks only, so the eval part needs none of these): about
 # 100 MB of wheels (pyarrow 55 MB, scipy 35 MB), over a device call's 64 MiB carry, so only with
 # --pipeline (for a machine whose image lacks them and that can take the transfer); without them
 # gpu_check.sh skips that part and says so.

@@ -64,12 +64,14 @@ MIN_TOKENS = 3
 
 
 def job_names(only: str | None) -> list[str]:
+    """The jobs to run: all, or those of ``only`` (comma-separated) in the order given; ValueError
+    naming an unknown one (``main`` turns it into a usage error)."""
     names = ["original"] + [f"tau_{t:g}" for t in GRID] + ["auto"]
     if not only:
         return names
     bad = [n for n in only.split(",") if n not in names]
     if bad:
-        raise SystemExit(f"--only: unknown job(s) {bad}; choose from {names}")
+        raise ValueError(f"unknown job(s) {bad}; choose from {names}")
     return only.split(",")  # in the order given (run the most informative first)
 
 
@@ -358,7 +360,9 @@ def selection_cost() -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from benchmarks.common import OneLineParser
+
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", default="tiny,real", help="comma-separated: tiny, real")
     ap.add_argument("--only", default=None, help="comma-separated job names (original, tau_1.5, ..., auto)")
     ap.add_argument("--reuse", action="store_true", help="skip jobs whose results.json exists")
@@ -382,13 +386,20 @@ def main() -> None:
         return
     out_dir = Path(args.out_dir).resolve()
     benches = [b for b in args.bench.split(",") if b]
+    bad = [b for b in benches if b not in BENCHES]
+    if bad or not benches:  # checked before any launch: a typo must not cost a finished benchmark's time
+        ap.error(f"argument --bench: unknown {bad or args.bench!r}; choose from {','.join(BENCHES)}")
+    try:
+        job_names(args.only)
+    except ValueError as exc:
+        ap.error(f"argument --only: {exc}")
+    launched = False  # whether this call launched any job (then with --ranks)
     for b in benches:
-        if b not in BENCHES:
-            raise SystemExit(f"--bench: unknown {b!r}; choose from {sorted(BENCHES)}")
         names = [] if args.no_run else job_names(args.only)
         if args.reuse:
             names = [n for n in names if not (out_dir / "tau_auto_study" / b / n / "results.json").exists()]
         if names:
+            launched = True
             t0 = time.time()
             _launch(b, names, out_dir, list(args.overrides),
                     out_dir / "tau_auto_study" / b / f"study_{'_'.join(names)}.log", args.ranks)
@@ -402,7 +413,10 @@ def main() -> None:
         "forget_repetition": f"<= the original model's + {REPETITION_SLACK}",
         "forget_nonempty": f"share of forget answers with >= {MIN_TOKENS} tokens >= {FORM_FACTOR} x the original's",
         "objective": "lowest forget fact recall; ties: higher retain fact recall"},
-        "threads_per_rank": 1, "ranks": 2, "machine": device_info("cpu"), "benchmarks": {}}
+        # _launch runs every rank with OMP_NUM_THREADS=1; ranks: what this call launched with (None with
+        # --no-run); each run's own world size is in its row (world_size), for runs made by earlier calls too
+        "threads_per_rank": 1, "ranks": args.ranks if launched else None, "machine": device_info("cpu"),
+        "benchmarks": {}}
     old = Path(args.json)
     if old.exists():  # keep the other benchmark's section when only one is re-run
         payload["benchmarks"] = json.loads(old.read_text()).get("benchmarks", {})
@@ -416,6 +430,9 @@ def main() -> None:
             s = summarise(b, out_dir, payload["benchmarks"].get(b))
             payload["benchmarks"][b] = s
             print(f"\n## {b} ({s['exp']}, {s['method']})\n{table(s)}\nverdict: {json.dumps(s['verdict'])}")
+    # the ranks every run in the JSON really had (its results.json's world_size), whichever call made it
+    payload["world_sizes"] = sorted({r["world_size"] for s in payload["benchmarks"].values()
+                                     for r in [s.get("original") or {}, *s.get("runs", [])] if r.get("world_size")})
     atomic_write_json(old, payload)
     print(f"[study] wrote {old}")
 

@@ -39,6 +39,8 @@ from typing import NoReturn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.cli import OneLineParser, at_least_one  # noqa: E402  (stdlib only)
+
 # ASU and the two classic baselines on 2 ranks (make demo); with --all (make demo-all) also the rest
 # of the registry's TOFU-style methods, as extra rows (single-rank processes side by side, same
 # global batch).
@@ -56,26 +58,6 @@ EXIT_CHECKS_FAILED = 1
 CHECKED_ROWS = ("asu_kl", "asu_kl_lora")
 # a child's one-line user error (pipeline.messages.error_line), wherever a launcher put it in the line
 ERROR_LINE = re.compile(r"error \([A-Za-z_][\w.]*, rank \d+\): .*")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line and exit code 2 (the project's rule for bad input),
-    not the usage block followed by the message."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error (usage, {self.prog}): {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-def at_least_one(text: str) -> int:
-    """argparse type: an integer >= 1 (0 processes or ranks would silently run nothing)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
 
 
 def run(cmds: list[list[str]], env: dict, log_paths: list[Path], echo: str | None = None) -> None:

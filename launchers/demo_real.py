@@ -30,14 +30,14 @@ sys.path.insert(0, str(REPO / "launchers"))
 
 from demo import (  # noqa: E402  (launchers/demo.py: process helpers)
     EXIT_INTERRUPTED,
-    OneLineParser,
-    at_least_one,
     child_env,
     clear_stale,
     launcher,
     run,
     zero_words,
 )
+
+from pipeline.cli import OneLineParser, at_least_one  # noqa: E402
 
 BEFORE = "target"  # the demo's name for the model before unlearning (its run directory)
 

@@ -30,8 +30,7 @@ def code_record() -> dict[str, Any]:
     one SHA-256 over the package's sources (``pipeline/``, ``kernels/``): it tells apart an installed
     copy or a dirty tree that the commit alone does not."""
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no", "--", "pipeline", "kernels", "launchers",
-                  "conf") if commit else None
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None  # tracked files changed
     files = sorted(p for d in ("pipeline", "kernels") for p in (_ROOT / d).rglob("*.py"))
     return {"git_commit": commit.strip() if commit else None,
             "git_dirty": bool(status.strip()) if status is not None else None,

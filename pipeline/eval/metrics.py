@@ -59,7 +59,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
 
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 
@@ -208,6 +207,10 @@ def forget_quality_ks(
     a, b = _finite(unlearn_truth_ratios), _finite(retain_truth_ratios)
     if a.size == 0 or b.size == 0:
         return float("nan")
+    # imported here, not at module level: the GPU check's eval part imports this module (through
+    # pipeline.eval.tofu) on machines whose carried wheels have no scipy (benchmarks/gpu_wheels.sh)
+    from scipy import stats
+
     return float(stats.ks_2samp(a, b).pvalue)
 
 
