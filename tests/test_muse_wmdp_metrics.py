@@ -376,3 +376,20 @@ def _evaluate_tiny(tmp_path, overrides: list[str]) -> dict:
         cfg = compose("config", overrides=[o.format(root=root) for o in overrides])
     data = load_unlearning_data(cfg.data, 0)
     return runner.evaluate_job(cfg, model_dir, AutoTokenizer.from_pretrained(model_dir), data, None)[0]
+
+
+def test_min_k_scoring_fits_bos_and_text_in_a_learned_position_context(tmp_path):
+    """eval.max_length is capped at the model's context, but token_logprobs adds <bos> to max_length text
+    tokens: a GPT-2-style model (learned positions) raised an IndexError at exactly its context."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from pipeline.eval.muse import token_logprobs
+    from tests.helpers.tiny import build
+
+    model_dir, _ = build(tmp_path)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    words = " ".join(tok.convert_ids_to_tokens(list(range(4, 24))))  # 20 text tokens
+    (scores,) = token_logprobs(model, tok, [words], batch_size=1, max_length=16)
+    assert len(scores) == 15  # <bos> + 15 text tokens fill the 16 positions

@@ -136,6 +136,10 @@ def token_logprobs(
     keeps ``max_length`` text tokens: a 2048-token MUSE text is scored whole). Right-padded batches
     sorted by length."""
     keep = max_length + (tokenizer.bos_token_id is not None)
+    # eval.max_length is capped at the model's context (runner.evaluate_job); <bos> must fit in it too
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and context > 0:
+        keep = min(keep, context)
 
     def example(text: str, add_eos: bool) -> dict:
         e = encode_text(tokenizer, text, keep, add_eos=add_eos)

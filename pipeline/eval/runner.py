@@ -397,8 +397,10 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
     from pipeline.eval.tofu import GENERATION, tofu_metrics
     from pipeline.models.loading import capped_at_context, revision_for
 
+    # info, not a warning: the model cannot read more, and eval.max_length's default (192) exceeds the
+    # embedded benchmark's context (128) in every default run; the length scored is in results.json
     max_len = capped_at_context("eval.max_length", int(cfg.eval.max_length), str(model_dir),
-                                revision_for(cfg.model, model_dir))
+                                revision_for(cfg.model, model_dir), level=logging.INFO)
     if max_len != int(cfg.eval.max_length):  # scored, generated and recorded at the capped length
         cfg = OmegaConf.merge(cfg, {"eval": {"max_length": max_len}})
     model = ModelOnDemand(lambda: _load_eval_model(model_dir, cfg))

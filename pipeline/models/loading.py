@@ -162,16 +162,17 @@ def model_config_file(model_path: str, revision: Optional[str] = None) -> Option
     return Path(cached) if isinstance(cached, str) else None
 
 
-def capped_at_context(key: str, value: int, model_path: str, revision: Optional[str] = None) -> int:
+def capped_at_context(key: str, value: int, model_path: str, revision: Optional[str] = None,
+                      level: int = logging.WARNING) -> int:
     """``value`` (the config's ``key``, a token length) capped at the model's context window, read from
     its config.json (a hub id's at ``revision``); past it positions are out of the model's range:
-    an index error for learned positions, silent extrapolation for rotary ones."""
+    an index error for learned positions, silent extrapolation for rotary ones. Logged at ``level``."""
     cfg_file = model_config_file(model_path, revision)
     fields = _read_json(cfg_file, str(model_path)) if cfg_file is not None else {}
     context = fields.get("max_position_embeddings") or fields.get("n_positions")
     if isinstance(context, int) and 0 < context < value:
-        log.warning("%s=%d exceeds the model's context (%d tokens): sequences are limited to %d", key, value,
-                    context, context, extra=SAME_ON_EVERY_RANK)
+        log.log(level, "%s=%d exceeds the model's context (%d tokens): sequences are limited to %d", key, value,
+                context, context, extra=SAME_ON_EVERY_RANK)
         return context
     return int(value)
 
