@@ -219,6 +219,24 @@ def test_a_points_settings_are_those_its_results_recorded(fake_sweep):
     assert p.overrides == {"method.tau": "2.0", "trainer.max_steps": "2"} and p.status == "ok"
 
 
+def test_a_relaunch_reusing_a_finished_point_with_an_extra_key_is_that_job_not_a_missing_one(tmp_path):
+    """`-m ... trainer.resume=auto` over a finished sweep returns each point's results as they were; their
+    recorded overrides lack the new key, and matching by them listed every job as never started."""
+    root = tmp_path / "sweep"
+    d = _write_point(root, "2.0", 0.1, 0.6, 0.3)
+    res = json.loads((d / "results.json").read_text())
+    res["provenance"] = {"overrides": ["method.tau=2.0", "trainer.max_steps=2"]}
+    (d / "results.json").write_text(json.dumps(res))
+    (d / ".hydra" / "overrides.yaml").write_text("- method.tau=2.0\n- trainer.max_steps=2\n- trainer.resume=auto\n")
+    (root / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper\n"
+        "    max_batch_size: null\n    params: null\n  overrides:\n    task:\n"
+        "    - method.tau=2.0\n    - trainer.max_steps=2\n    - trainer.resume=auto\n")
+    (point,) = sweep.gather(root)
+    assert point.job == 0 and point.status == "ok"
+    assert point.overrides == {"method.tau": "2.0", "trainer.max_steps": "2"}  # what its results ran with
+
+
 def test_report_cli(fake_sweep):
     out = subprocess.run([sys.executable, "launchers/report.py", str(fake_sweep), "--rule", "forget_quality"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -308,16 +308,16 @@ def gather(sweep_dir: str | Path) -> list[SweepPoint]:
         name = d.relative_to(root).as_posix()
         if name == ".":
             name = d.name
-        # the settings of the run whose results are there (a later launch into the directory, also a
-        # refused one, rewrites .hydra/), else of the latest launch, else the directory's name
-        ov = _results_overrides(d)
-        if ov is None:
-            ov = _read_overrides(d)
-        if ov is None:
-            ov = parse_override_dirname(d.name)
-        if _is_dry_run(ov) and not (d / RESULTS_FILE).exists():
+        # shown: the settings of the run whose results are there (a later launch into the directory, also
+        # a refused one, rewrites .hydra/), else of the latest launch, else the directory's name; placed
+        # among the latest sweep's jobs by the latest launch's (a re-launch that reuses a finished point's
+        # results may add keys the directory name leaves out, e.g. trainer.resume=auto)
+        launched = _read_overrides(d)
+        ov = _results_overrides(d) or launched or parse_override_dirname(d.name)
+        if _is_dry_run(launched or ov) and not (d / RESULTS_FILE).exists():
             continue  # a dry run's directory (its .hydra/ and log): nothing was meant to run there
-        num = next((i for i, job in enumerate(expected) if i not in placed and _override_dict(job) == ov), None)
+        match = launched or ov
+        num = next((i for i, job in enumerate(expected) if i not in placed and _override_dict(job) == match), None)
         if num is not None:
             placed.add(num)
         res_path = d / RESULTS_FILE
