@@ -240,6 +240,9 @@ class EarlyChecks(Callback):
 
 
 
+DRY_RUN_JOBS = ("train", "eval", "continual")  # the launchers (Hydra job names) that honour trainer.dry_run
+
+
 def _dry_run_writes_nothing(config: DictConfig) -> None:
     """``trainer.dry_run=true`` (a single run; a sweep's jobs compose their own configs) writes no
     ``.hydra/`` and no job log: a dry run into an existing run's directory would replace the
@@ -248,6 +251,8 @@ def _dry_run_writes_nothing(config: DictConfig) -> None:
 
     if not OmegaConf.select(config, "trainer.dry_run", default=False):
         return
+    if OmegaConf.select(config, "hydra.job.name") not in DRY_RUN_JOBS:
+        return  # a launcher that does its work whatever trainer.dry_run says (prepare.py) keeps its log
     with read_write(config.hydra), open_dict(config.hydra):
         config.hydra.output_subdir = None
         logging_cfg = config.hydra.job_logging

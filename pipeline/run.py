@@ -137,8 +137,8 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     dist, method = _start(cfg)
     check_inputs_outside(cfg, run_dir)  # its export would overwrite the weights it starts from
-    if str(cfg.trainer.resume) not in ("auto", "never"):  # a path (or a typo): before anything is loaded, dry run too
-        check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
+    # the checkpoint to resume from: a path (or a typo) refused before anything is loaded, a dry run's too
+    resume_path = check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
     if cfg.trainer.dry_run:  # before the batch is resolved for this launch: its columns check grad_accum as configured
         return dry_run(cfg, method, dist, run_dir)
     _resolve_batch(cfg, dist.world_size)
@@ -155,7 +155,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         # refused before any model is loaded (a requeue on another number of GPUs), and before the
         # directory's earlier results are set aside: a refused launch changes nothing
         nonlocal resume_from
-        resume_from = check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
+        resume_from = resume_path
         if resume_from is not None:
             saved = {k: v for k, v in read_meta(resume_from).items() if k != TAU_CHOSEN}  # known only once tau is
             check_compatible(saved, meta, resume_from)
