@@ -431,10 +431,32 @@ def test_default_targets_adapt_the_layers_the_architecture_has(kind, caplog):
         student = wrap_lora(model, PEFT)
     adapted = {n.rsplit(".", 1)[-1] for n, m in student.named_modules() if hasattr(m, "lora_A")}
     assert adapted == set(DEFAULT_TARGETS[kind]) and "match no linear layer" not in caplog.text
+    # a name among them that matches nothing (a typo, another architecture's name) stops the run: a
+    # warning left it training fewer modules than asked
+    from pipeline.models.peft_student import PeftSetupError
+
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **small))
-    with caplog.at_level(logging.WARNING, logger="pipeline.models.peft_student"):
+    with pytest.raises(PeftSetupError, match=r"\['up_proj'\] match no linear layer of this .* model \(the others "
+                                             r"match: \['o_proj'\]\)"):
         wrap_lora(model, OmegaConf.merge(PEFT, {"target_modules": ["o_proj", "up_proj"]}))
-    assert "target_modules ['up_proj'] match no linear layer" in caplog.text
+
+
+def test_lora_on_a_tied_head_or_embedding_is_refused_before_training():
+    """Qwen2 ties its embeddings to its head: an adapter on lm_head or embed_tokens trained to the end and
+    then the merged export failed its check (max |logit diff| 4.49), keeping nothing of the run."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from pipeline.models.peft_student import PeftSetupError, wrap_lora
+
+    cfg = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               num_key_value_heads=1, max_position_embeddings=32)
+    for target in ("lm_head", "embed_tokens"):
+        tied = Qwen2ForCausalLM(Qwen2Config(**cfg, tie_word_embeddings=True))
+        with pytest.raises(PeftSetupError, match=rf"\['{target}'\] share one weight matrix .* qwen2 model ties"):
+            wrap_lora(tied, OmegaConf.merge(PEFT, {"target_modules": ["q_proj", target]}))
+    untied = Qwen2ForCausalLM(Qwen2Config(**cfg, tie_word_embeddings=False))
+    student = wrap_lora(untied, OmegaConf.merge(PEFT, {"target_modules": ["q_proj", "lm_head"]}))
+    assert hasattr(student.base_model.model.lm_head, "lora_A")
 
 
 def test_a_full_model_learning_rate_on_a_lora_student_is_warned(tiny):
@@ -502,3 +524,28 @@ def test_a_bf16_lora_runs_merged_model_keeps_adapter_changes_below_bf16_resoluti
     export_lora(_Engine(student), tok, tmp_path / "run2" / "model", tmp_path / "run2" / "adapter", base_dir,
                 "bfloat16", lossy)
     assert load_file(tmp_path / "run2" / "model" / "model.safetensors")[f"{name}.weight"].dtype == torch.bfloat16
+
+
+def test_an_adapter_on_the_head_saves_the_adapter_alone(tmp_path):
+    """With lm_head adapted, peft's save_pretrained also wrote the whole base head (V x H: ~1 GB at a
+    128k vocabulary) into every adapter_model.safetensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from pipeline.engine.export_peft import export_lora
+    from pipeline.models.loading import load_causal_lm
+    from pipeline.models.peft_student import wrap_lora
+
+    model_dir, _ = build(tmp_path / "src")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    student = wrap_lora(load_causal_lm(model_dir), OmegaConf.merge(PEFT, {"target_modules": ["q_proj", "lm_head"]}))
+    for n, p in student.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=1e-2)
+    cfg = OmegaConf.create({"trust_remote_code": False, "allow_pickle": False, "revision": None})
+    export_lora(_Engine(student), tok, tmp_path / "run" / "model", tmp_path / "run" / "adapter", model_dir,
+                "float32", cfg)
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert saved and all("lora_A" in k or "lora_B" in k for k in saved), [k for k in saved if "lora_" not in k]
+    assert any("lm_head.lora_B" in k for k in saved)

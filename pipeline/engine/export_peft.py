@@ -96,7 +96,9 @@ def export_lora(engine: Any, tokenizer: Any, out_dir: str | Path, adapter_dir: s
             tmp_adapter = commit.enter_context(atomic_dir(adapter_dir)) if is_main_process() else None
             with _gathered(lora):  # every rank enters: the gather is collective
                 if tmp_adapter is not None:
-                    peft_model.save_pretrained(tmp_adapter, safe_serialization=True)
+                    # the adapter alone: with lm_head adapted, peft would also save the whole base head
+                    # (V x H: ~1 GB at a 128k vocabulary) in every adapter; the vocabulary is never resized
+                    peft_model.save_pretrained(tmp_adapter, safe_serialization=True, save_embedding_layers=False)
             if tmp_adapter is not None:
                 # One load of base + adapter serves both outputs: its logits check the adapter reload, then
                 # the same model is merged in place and saved (a 7B load costs minutes on a shared filesystem).

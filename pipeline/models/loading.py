@@ -91,6 +91,9 @@ def check_model_location(path: str, key: str = "model.path", revision: Optional[
         if not p.is_dir():
             raise ModelLoadError(f"{key}={path} is a file, not a model directory"
                                  + (" (a GGUF file: use model.source=gguf_package)" if p.suffix == ".gguf" else ""))
+        if needs == MODEL_FILES and not (p / "config.json").is_file() and (p / "adapter_config.json").is_file():
+            raise ModelLoadError(f"{key}={path} is a LoRA adapter (adapter_config.json), not a model: evaluate or "
+                                 f"train from the run's merged export beside it ({p.parent / 'model'})")
         if not any((p / f).is_file() for f in needs):
             raise ModelLoadError(f"{key}={path} has no {' or '.join(needs)}: not a Hugging Face "
                                  f"{'model' if needs == MODEL_FILES else 'tokenizer'} directory"

@@ -63,6 +63,18 @@ def target_modules(model: nn.Module, pcfg: Any) -> list[str]:
     return list(DEFAULT_TARGETS[kind])
 
 
+def _tied_embedding_names(model: nn.Module) -> set[str]:
+    """The module names (last part) of the input embeddings and the output head when they share one
+    weight (``tie_word_embeddings``), else an empty set."""
+    try:
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return set()
+    if inp is None or out is None or getattr(inp, "weight", None) is not getattr(out, "weight", None):
+        return set()
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is inp or m is out}
+
+
 def wrap_lora(model: nn.Module, pcfg: Any, revision: Optional[str] = None) -> nn.Module:
     """Return ``model`` as a ``peft`` LoRA model built from ``model.peft`` settings. ``revision``: the
     hub revision the base was loaded at, recorded in the exported ``adapter_config.json`` (without it
@@ -75,6 +87,13 @@ def wrap_lora(model: nn.Module, pcfg: Any, revision: Optional[str] = None) -> nn
     from peft import LoraConfig, get_peft_model
 
     targets = target_modules(model, pcfg)
+    tied = _tied_embedding_names(model) & {t.rsplit(".", 1)[-1] for t in targets}
+    if tied:  # refused before training: the merged export of such an adapter is another network
+        raise PeftSetupError(
+            f"config error at 'model.peft.target_modules': {sorted(tied)} share one weight matrix (this "
+            f"{getattr(getattr(model, 'config', None), 'model_type', '?')} model ties its input embeddings to its "
+            f"output head), so merging the adapter into one changes the other too and the exported model/ would "
+            f"not be the trained model; leave them out of model.peft.target_modules")
     lcfg = LoraConfig(
         r=int(pcfg.r), lora_alpha=float(pcfg.alpha), lora_dropout=float(pcfg.dropout), target_modules=targets,
         layers_to_transform=[int(i) for i in pcfg.layers] if pcfg.layers is not None else None,
@@ -89,10 +108,11 @@ def wrap_lora(model: nn.Module, pcfg: Any, revision: Optional[str] = None) -> nn
         raise PeftSetupError(f"config error at 'model.peft.target_modules': {exc}") from exc
     adapted = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
     missing = [t for t in targets if t.rsplit(".", 1)[-1] not in adapted]
-    if missing:  # peft refuses only when no name matches; a partial match would train less than asked
-        log.warning("LoRA: target_modules %s match no linear layer of this %s model (adapted: %s); set "
-                    "model.peft.target_modules to its layer names", missing,
-                    getattr(getattr(model, "config", None), "model_type", "?"), sorted(adapted))
+    if missing:  # peft refuses only when no name matches; a typo among them would train less than asked
+        raise PeftSetupError(
+            f"config error at 'model.peft.target_modules': {missing} match no linear layer of this "
+            f"{getattr(getattr(model, 'config', None), 'model_type', '?')} model (the others match: {sorted(adapted)}); "
+            f"set model.peft.target_modules to its layer names")
     n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in peft_model.parameters() if p.requires_grad)
     n_all = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in peft_model.parameters())
     log.info("LoRA student: r=%d alpha=%g dropout=%g targets=%s layers=%s; trainable %d of %d parameters (%.3f%%)",

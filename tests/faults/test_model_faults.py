@@ -51,6 +51,17 @@ def test_a_home_relative_model_path_loads_as_it_was_checked(tiny, tmp_path, monk
     assert model_config_file("~/models/x") == tmp_path / "models" / "x" / "config.json"
 
 
+def test_a_runs_adapter_directory_as_a_model_path_names_the_merged_export(tmp_path):
+    """eval.py model.path=<run>/adapter said "has no config.json: not a Hugging Face model directory"."""
+    from pipeline.models.loading import check_model_location
+
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=rf"is a LoRA adapter \(adapter_config.json\), not a model: .*"
+                                             rf"\({tmp_path / 'run' / 'model'}\)"):
+        check_model_location(str(tmp_path / "run" / "adapter"))
+
+
 def test_vocab_mismatch_names_both_sizes(tiny):
     _, model_dir, _ = tiny
     tok = AutoTokenizer.from_pretrained(model_dir)
