@@ -124,6 +124,8 @@ def _results(run: Path) -> dict:
         r.pop(k)
     r["final_train"].pop("step_seconds")  # a timing too
     r.pop("resumed_from")  # which checkpoint this attempt started from: the killed run's resumed, the reference not
+    # the job's own overrides name its run (the code, libraries and seed must be the same)
+    r["provenance"]["overrides"] = [o for o in r["provenance"]["overrides"] if not o.startswith("run_name=")]
     return r
 
 
