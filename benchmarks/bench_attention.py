@@ -87,7 +87,6 @@ def _flops(B: int, H: int, T: int, S: int, D: int, causal: bool, fwd_bwd: bool =
 
 def main() -> None:
     ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small CPU-friendly defaults (the default on CPU)")
     ap.add_argument("--device", type=device_name, default="auto", help="auto, cpu or cuda")
     ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--batch", type=positive_int, default=None)

@@ -3,7 +3,8 @@
 # under an older commit and under this checkout, ROUNDS times, the order alternating per round
 # (old, new), (new, old), ... so a change of the host's load falls on both sides alike; prints each
 # job's training-loop seconds and writes benchmarks/results/bench_demo_train_cpu.json (OUT=DIR: into
-# DIR; ROUNDS other than 2 adds _rounds-<N> to the name, so a smoke run keeps the committed file).
+# DIR; ROUNDS other than 2 or another OLD_COMMIT than 14fb46a adds _rounds-<N> / _old-<sha> to the
+# name, so a smoke run keeps the committed file).
 # A failed job stops the script with its exit code; the jobs' logs are kept (copied to a directory the
 # last line names) and the failed one's tail is printed.
 #   bash benchmarks/bench_demo_train.sh 14fb46a 2     # the commit before the one-pass step, 2 rounds
@@ -16,17 +17,19 @@ ROUNDS=${2:-2}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OLD_SHA=$(git -C "$ROOT" rev-parse --verify -q "$OLD^{commit}") || usage "OLD_COMMIT '$OLD' is not a commit of $ROOT"
 WORK=$(mktemp -d /tmp/bench_demo_train.XXXXXX)
+CURRENT=""  # the job running (run() sets it): the one whose log a failure shows
 cleanup() {
   local rc=$?
   git -C "$ROOT" worktree remove --force "$WORK/old" >/dev/null 2>&1 || true
-  # a failed run: its log would go with $WORK, so keep every log and show the last one's end
+  # a failed run: its log would go with $WORK, so keep every log and show the failed one's end
   if [ "$rc" -ne 0 ] && compgen -G "$WORK/*.log" >/dev/null; then
-    local keep last
+    local keep
     keep=$(mktemp -d /tmp/bench_demo_train-logs.XXXXXX)
-    cp "$WORK"/*.log "$keep"/
-    last=$(ls -t "$keep"/*.log | head -1)
-    echo "--- the end of $last:" >&2
-    tail -n 30 "$last" >&2
+    cp -p "$WORK"/*.log "$keep"/
+    if [ -n "$CURRENT" ] && [ -f "$keep/$CURRENT.log" ]; then
+      echo "--- the end of $keep/$CURRENT.log:" >&2
+      tail -n 30 "$keep/$CURRENT.log" >&2
+    fi
     echo "bench_demo_train: failed (exit $rc); the jobs' logs are in $keep" >&2
   fi
   rm -rf "$WORK"
@@ -36,6 +39,7 @@ git -C "$ROOT" worktree add -q --detach "$WORK/old" "$OLD_SHA"
 ln -s "$ROOT/.venv" "$WORK/old/.venv"
 ln -s "$ROOT/.cache" "$WORK/old/.cache"  # the same embedded benchmark (built once)
 run() {  # tree tag
+  CURRENT=$2
   echo "  $2" >&2
   (cd "$1" && timeout 900 .venv/bin/deepspeed --num_gpus 2 --master_port $((29400 + RANDOM % 300)) \
      launchers/demo_runs.py --methods asu_kl,grad_diff,npo --references "" --demo-name "$2" -- \
@@ -68,7 +72,8 @@ for m in ("asu_kl", "grad_diff", "npo"):
                  f"{res[m]['new_over_old_median']:.2f}", f"{res[m]['new_over_old_paired_median']:.2f}"])
 print_table(["method", f"old ({old[:9]}) loop s", "new loop s", "new / old (medians)", "new / old (paired)"], rows)
 new = git_state()
-write_json(out_name("bench_demo_train", {"rounds": rounds}, {"rounds": 2}), {"env": device_info("cpu"), "config": {
+# the old commit in the name too: a run against another commit keeps the committed file
+write_json(out_name("bench_demo_train", {"rounds": rounds, "old": old[:9]}, {"rounds": 2, "old": "14fb46ac2"}), {"env": device_info("cpu"), "config": {
     "old_commit": old, "new_commit": new["git_commit"], "new_uncommitted_changes": new["git_dirty"],
     "rounds": rounds, "order": order,
     "jobs": "launchers/demo_runs.py asu_kl,grad_diff,npo, 2 CPU ranks, +exp=tofu_tiny, eval.enabled=false, "

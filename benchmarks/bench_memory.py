@@ -21,7 +21,7 @@ run (``pipeline.engine.preflight.plan_for_run``).
 
 Writes ``bench_memory_cpu.json``, plus ``_per_group`` / ``_baseline`` and every other argument that
 differs from its default as ``_<arg>-<value>`` (``common.out_name``: ``bench_memory_size-34m_cpu.json``);
-``--out DIR`` writes it into DIR (a path ending in ``.json`` names the file, as before).
+``--out DIR`` writes it into DIR (a path ending in ``.json`` gives the name, ``_<device>`` appended, as before).
 
 ``ASU_BENCH_TRACE=<file.json>`` writes rank 0's resident set at every student module's backward
 hooks and around every ZeRO-3 reduce-scatter of the second step (how the backward peak was found).
@@ -407,7 +407,7 @@ def main() -> None:
                     help="as before the memory fixes: DeepSpeed's GPU buffer limits on CPU ranks, the duplicate fp32 "
                          "master partition, glibc's default malloc tuning")
     ap.add_argument("--out", type=Path, default=None,
-                    help="results directory (default benchmarks/results); a path ending in .json names the file")
+                    help="results directory (default benchmarks/results); a path ending in .json gives the name, _<device> appended")
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker))

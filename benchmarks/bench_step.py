@@ -72,7 +72,7 @@ argument that differs from its default as ``_<arg>-<value>`` (``--batch``, ``--s
 ``--warmup``, ``--ranks``, ``--threads``, ``--topk``, ``--offload-optimizer``, ``--attention``,
 ``--timing``; ``common.out_name``), then ``_<device>.json``: a run with other arguments never
 overwrites another's committed file. ``--out DIR`` writes it into DIR instead of
-benchmarks/results; a ``--out`` ending in ``.json`` names the file itself (the earlier meaning,
+benchmarks/results; a ``--out`` ending in ``.json`` gives the name, ``_<device>`` appended (the earlier meaning,
 still accepted: the tests and bench_step_vs_commit.py use it).
 
     .venv/bin/python benchmarks/bench_step.py                 # CPU, 2 ranks, ~2 min
@@ -460,7 +460,7 @@ def main() -> None:
                          "block of --steps steps (the way before 2026-12-05; bench_step_vs_commit.py uses it "
                          "against an old commit that can only time that way)")
     ap.add_argument("--out", type=Path, default=None,
-                    help="results directory (default benchmarks/results); a path ending in .json names the file")
+                    help="results directory (default benchmarks/results); a path ending in .json gives the name, _<device> appended")
     ap.add_argument("--attention", default="auto", help="kernels.attention backend (auto = sdpa)")
     ap.add_argument("--gather", choices=("per-layer", "per-module"), default="per-layer",
                     help="ZeRO-3 on CPU ranks: each decoder layer's weights in one fetch (the pipeline's way, "

@@ -20,7 +20,7 @@ alike. Reported: the median per implementation and, for a ratio, the median of t
 
 Command lines and result files
 ------------------------------
-Every script parses with ``OneLineParser`` (launchers/demo.py: a usage error is one line, exit 2)
+Every script parses with ``OneLineParser`` (pipeline/cli.py: a usage error is one line, exit 2)
 and the argument types below. ``--out DIR`` is a directory in every script; a result is written to
 ``DIR/<name>_<device>.json`` (default ``benchmarks/results``), where ``<name>`` carries every
 argument that differs from its default (``out_name``), so a smoke run never overwrites a committed
@@ -40,7 +40,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -407,18 +406,9 @@ def write_json(name: str, payload: dict, out: Optional[Path] = None, device_suff
     dev = payload.get("env", {}).get("device", "cpu")
     path = out_dir / (f"{name}_{dev}.json" if device_suffix else f"{name}.json")
     payload = dict(payload, timestamp=_dt.datetime.now().isoformat(timespec="seconds"))
-    # atomic: a temporary file in the same directory, then os.replace (a crash or a full disk never
-    # leaves a truncated committed result)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(payload, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain write would (mkstemp makes it 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # atomic (a crash or a full disk never leaves a truncated committed result), strict JSON (NaN: null)
+    from pipeline.io import atomic_write_json
+
+    atomic_write_json(path, payload)
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path

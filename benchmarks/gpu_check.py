@@ -349,7 +349,7 @@ def part_kl(timeout: int) -> None:
         _run([sys.executable, str(HERE / "bench_kl.py"), "--device", "cuda", "--rows", "8192", "--hidden", "4096",
               "--vocab", "32000", "128256", "--iters", "5", "--out", d], timeout)
         payload = json.loads(next(Path(d).glob("bench_kl_*.json")).read_text())
-    _write("kl", {"source": "benchmarks/bench_kl.py --rows 8192 --hidden 4096 --vocab 32000 128256", **payload})
+    _write("kl", {"source": "benchmarks/bench_kl.py --rows 8192 --hidden 4096 --vocab 32000 128256 --iters 5", **payload})
 
 
 def part_step(timeout: int, batch: int = 4, seq: int = 512) -> None:

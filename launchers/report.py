@@ -7,18 +7,18 @@
 Writes report.md, report.json and pareto.png into the sweep directory (or --out).
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.cli import OneLineParser  # noqa: E402
 from pipeline.eval.sweep import DEFAULT_RULE, MUSE_RULE, build_report  # noqa: E402
 from pipeline.messages import error_line  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap = OneLineParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("sweep_dir", help="a Hydra multirun directory, e.g. runs/sweeps/<exp_name>")
     ap.add_argument("--rule", default=None,
                     help="'[max:|min:|zero:]metric[,metric>=factor]' (the factor multiplies the target's value, or "

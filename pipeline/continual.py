@@ -96,20 +96,12 @@ def _ensure_synthetic_splits(data_dir: Path, synthetic_cfg: Any, needed: list[st
     if all((data_dir / f"{s}.jsonl").exists() for s in needed):
         return data_dir
     from pipeline.data.prepare import _as_dataclass
-    from pipeline.data.synthetic import SyntheticConfig, build_benchmark, write_benchmark
+    from pipeline.data.synthetic import SyntheticConfig, write_benchmark
 
-    bench = _as_dataclass(synthetic_cfg, SyntheticConfig)
-    _refuse_unknown_synthetic(needed, build_benchmark(bench))  # a typo, not an out-of-date cache
-    # Every rank may write: each file is written atomically and the content is identical.
-    write_benchmark(bench, out_dir)
+    # unknown split names were refused before (check_request_splits). Every rank may write: each file
+    # is written atomically and the content is identical.
+    write_benchmark(_as_dataclass(synthetic_cfg, SyntheticConfig), out_dir)
     return out_dir
-
-
-def _refuse_unknown_synthetic(needed: list[str], known: Any) -> None:
-    unknown = [s for s in needed if s not in known]
-    if unknown:
-        raise ConfigError(f"config error at 'continual.requests': {unknown} is not a split of the embedded benchmark; "
-                          f"its splits: {sorted(known)}")
 
 
 def check_request_splits(cfg: DictConfig, splits: list[str]) -> None:
@@ -119,10 +111,12 @@ def check_request_splits(cfg: DictConfig, splits: list[str]) -> None:
     Other datasets are found by reading them."""
     needed = list(dict.fromkeys([*splits, str(cfg.data.retain_split)]))
     if cfg.data.name == "synthetic":
-        from pipeline.data.prepare import _as_dataclass
-        from pipeline.data.synthetic import SyntheticConfig, build_benchmark
+        from pipeline.data.synthetic import SPLITS
 
-        _refuse_unknown_synthetic(needed, build_benchmark(_as_dataclass(cfg.data.synthetic, SyntheticConfig)))
+        unknown = [s for s in needed if s not in SPLITS]
+        if unknown:  # a typo, not an out-of-date cache (_ensure_synthetic_splits writes the benchmark anew)
+            raise ConfigError(f"config error at 'continual.requests': {unknown} is not a split of the embedded "
+                              f"benchmark; its splits: {sorted(SPLITS)}")
     elif cfg.data.name == "json":
         from pipeline.data.common import find_split_file
         from pipeline.data.loaders import json_data_dir

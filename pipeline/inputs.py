@@ -211,9 +211,11 @@ def _warn_if_trained_in_another_format(cfg: DictConfig) -> None:
     ``plain`` for a model unlearned in ``chat``: every score then reads another prompt."""
     from omegaconf import OmegaConf
 
+    from pipeline.engine.export import EXPORTED_FROM
+
     model_dir = Path(str(cfg.model.path or "")).expanduser()
     run_config = model_dir.parent / "config.yaml"
-    if model_dir.name != "model" or not (model_dir.parent / "exported_from.json").is_file() or not run_config.is_file():
+    if model_dir.name != "model" or not (model_dir.parent / EXPORTED_FROM).is_file() or not run_config.is_file():
         return
     try:
         trained = OmegaConf.to_container(OmegaConf.load(run_config).get("model") or {}, resolve=False)

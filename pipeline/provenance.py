@@ -31,9 +31,8 @@ def code_record() -> dict[str, Any]:
     copy or a dirty tree that the commit alone does not."""
     # only this checkout's own commit: an installed copy inside another repository (a .venv in a clone)
     # would report that repository's HEAD; a checkout git refuses to read (another owner) has none
-    top = _git("rev-parse", "--show-toplevel")
-    own = top is not None and Path(top.strip()).resolve() == _ROOT.resolve()
-    commit = _git("rev-parse", "HEAD") if own else None
+    top, _, head = (_git("rev-parse", "--show-toplevel", "HEAD") or "").strip().partition("\n")
+    commit = head if top and Path(top).resolve() == _ROOT.resolve() else None
     status = _git("status", "--porcelain", "--untracked-files=no") if commit else None  # tracked files changed
     files = sorted(p for d in ("pipeline", "kernels") for p in (_ROOT / d).rglob("*.py"))
     return {"git_commit": commit.strip() if commit else None,

@@ -23,6 +23,7 @@ from pipeline.describe import method_line, trainable_set
 from pipeline.dry_run import dry_run
 from pipeline.engine.checkpoint import check_compatible, check_resume, checkpoint_name, ckpt_info, read_meta
 from pipeline.engine.ds_config import gather_per_layer, reference_config, resolve_precision, student_config
+from pipeline.engine.export import EXPORTED_FROM
 from pipeline.finished import finished_results, job_key, record_finished
 from pipeline.inputs import (
     ModelPaths,
@@ -149,13 +150,11 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     # before a known tau=auto choice enters cfg: checkpoints record method.tau=auto, the chosen tau as tau_chosen
     meta = _resume_meta(cfg, dist, key)
-    resume_from: Optional[Path] = None
+    resume_from: Optional[Path] = resume_path
 
     def check_the_resume() -> None:
         # refused before any model is loaded (a requeue on another number of GPUs), and before the
         # directory's earlier results are set aside: a refused launch changes nothing
-        nonlocal resume_from
-        resume_from = resume_path
         if resume_from is not None:
             saved = {k: v for k, v in read_meta(resume_from).items() if k != TAU_CHOSEN}  # known only once tau is
             check_compatible(saved, meta, resume_from)
@@ -177,13 +176,13 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     trainer = UnlearningTrainer(cfg, run_dir, engines.engine, engines.reference, method, inputs.forget, inputs.retain,
                                 inputs.tokenizer.pad_token_id, plan, total, run_logger, meta)
     trainer.on_loop_start = lambda: _write_config(config_text, dist, run_dir)
-    trainer.views = method.forget_views(inputs.tokenizer, inputs.data.forget, int(cfg.data.max_length),
+    trainer.views = method.forget_views(inputs.tokenizer, inputs.data.forget, inputs.max_len,
                                         inputs.prompt_format, seed=int(cfg.seed))
     if tau_selection is None:
         tau_selection = _choose_tau(cfg, engines, inputs, run_dir, key)
     if tau_selection is not None:  # a resume must train on with the tau its checkpoint was trained with
         meta[TAU_CHOSEN] = float(cfg.method.tau)
-        run_logger.update_config({"method": {**OmegaConf.to_container(cfg.method, resolve=True)}})
+        run_logger.update_config({"method": OmegaConf.to_container(cfg.method, resolve=True)})
     _attach_teacher_cache(cfg, method, engines, inputs, trainer, need_reference)
     if dist.is_main:  # one line with what trains: the settings a reader of the log compares runs by
         log.info(method_line(cfg, method, trainable_set(method, engines.engine.module, engines.lora), total,
@@ -645,7 +644,6 @@ def _release_engines(engines: JobEngines, trainer: Any, student: bool = True) ->
                  (before - torch.cuda.memory_allocated()) / 2**30)
 
 
-EXPORTED_FROM = "exported_from.json"  # which checkpoint model/ was exported from (when one was saved at that step)
 
 
 def _exported_already(run_dir: Path, model_dir: Path, trainer: Any) -> bool:

@@ -334,13 +334,15 @@ def test_cli_a_resume_path_the_launch_refuses_is_refused_by_the_dry_run_before_t
     outside = tiny_inputs["root"] / "other_run" / "checkpoints" / "step_00000002"
     outside.mkdir(parents=True, exist_ok=True)
     (outside / "meta.json").write_text("{}")
-    cases = [(f"{names['root']}/nockpt", f"trainer.resume={names['root']}/nockpt: no such checkpoint directory"),
-             ("sometimes", "trainer.resume=sometimes: no such checkpoint directory"),
-             (str(outside), f"trainer.resume={outside}: a checkpoint made outside this run")]
-    for resume, line in cases:
+    # (the messages themselves: tests/faults/test_resume_faults.py)
+    cases = [("sometimes", "trainer.resume=sometimes: no such checkpoint directory", _dry),
+             (str(outside), f"trainer.resume={outside}: a checkpoint made outside this run",
+              lambda overrides, _: launch.run(overrides)),
+             (f"{names['root']}/nockpt", f"trainer.resume={names['root']}/nockpt: no such checkpoint directory", _dry)]
+    for resume, line, launcher in cases:
         overrides = _job_overrides(tiny_inputs, [f"trainer.resume={resume}", f"output_dir={tmp_path / 'runs'}"])
-        for out in (_dry(overrides, tmp_path), launch.run(overrides)):
-            assert out.returncode == 2, out.stderr[-2000:]
-            last = out.stderr.strip().splitlines()[-1]
-            assert last.startswith("error (CheckpointError, rank 0): " + line), last
-            assert "Traceback" not in out.stderr and "prompt format:" not in out.stderr  # before data and tokenizer
+        out = launcher(overrides, tmp_path)
+        assert out.returncode == 2, out.stderr[-2000:]
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("error (CheckpointError, rank 0): " + line), last
+        assert "Traceback" not in out.stderr and "prompt format:" not in out.stderr  # before data and tokenizer

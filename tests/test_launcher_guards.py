@@ -32,6 +32,12 @@ def test_eval_multirun_into_a_training_sweep_is_refused(tmp_path):
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
     assert f"{point} holds a training run (train_history.json)" in lines[0]
     assert (point / "train_history.json").read_text() == "[]" and not (point / "results.json").exists()
+    # a failed re-train set its history aside with its results: its config.yaml still says what it is
+    (point / "train_history.json").rename(point / "train_history.previous.json")
+    (point / "config.yaml").write_text("seed: 0\n")
+    out = _launch("eval.py", "-m", "+exp=tofu_tiny", "method.tau=2.0", "hydra.sweep.subdir=tau_${method.tau}",
+                  f"output_dir={tmp_path / 'runs'}")
+    assert out.returncode == 2 and f"{point} holds a training run (config.yaml)" in out.stderr, out.stderr[-2000:]
 
 
 def test_continual_with_a_hydra_flag_before_or_after_the_overrides_composes():

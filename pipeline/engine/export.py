@@ -14,6 +14,9 @@ from pipeline.models.loading import save_tokenizer
 
 log = logging.getLogger(__name__)
 
+# beside a run's model/: which checkpoint it was exported from (when one was saved at that step)
+EXPORTED_FROM = "exported_from.json"
+
 
 class ExportError(RuntimeError):
     """An export that cannot be written or does not reproduce the trained model. ``every_rank``: the

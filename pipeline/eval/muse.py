@@ -33,6 +33,7 @@ from pipeline.data.formatting import encode_text
 from pipeline.eval import metrics as M
 from pipeline.eval.batching import score_labelled, synced_batch_count
 from pipeline.eval.tofu import greedy_generate
+from pipeline.models.loading import model_context
 
 RAW_TEMPLATE = "{question}"  # prompt used verbatim (after <bos>) by greedy_generate
 KNOWMEM_STOP = ("\n\n", "\nQuestion", "Question:")
@@ -137,8 +138,8 @@ def token_logprobs(
     sorted by length."""
     keep = max_length + (tokenizer.bos_token_id is not None)
     # eval.max_length is capped at the model's context (runner.evaluate_job); <bos> must fit in it too
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(context, int) and context > 0:
+    context = model_context(getattr(model, "config", None))
+    if context is not None:
         keep = min(keep, context)
 
     def example(text: str, add_eos: bool) -> dict:

@@ -2,7 +2,8 @@
 forget-vs-utility Pareto plot, and the best setting under a configurable rule.
 
 Layout read (``conf/config.yaml``): ``runs/sweeps/<exp_name>/<override_dirname>/results.json``
-with Hydra's ``.hydra/overrides.yaml`` beside it. A point whose directory has a Hydra config but
+with Hydra's ``.hydra/overrides.yaml`` beside it; a point's settings are those its ``results.json``
+records (``provenance.overrides``), else its ``.hydra/``'s. A point whose directory has a Hydra config but
 no ``results.json`` is reported as ``missing`` (still running, killed) or ``failed`` (its log
 shows an error, or its ``results.json`` is unreadable); neither stops the report. The jobs the
 latest sweep launched are read from its ``multirun.yaml`` (Hydra's basic sweeper): one without a
@@ -158,13 +159,10 @@ def _read_overrides(d: Path) -> Optional[dict[str, str]]:
         return None
 
 
-def _results_overrides(d: Path) -> Optional[dict[str, str]]:
-    """The command-line overrides ``results.json`` records (``provenance.overrides``); None when it has
-    none (written before they were recorded, outside a Hydra launch, or unreadable)."""
-    try:
-        recorded = (json.loads((d / RESULTS_FILE).read_text()).get("provenance") or {}).get("overrides")
-    except (OSError, ValueError, AttributeError):
-        return None
+def _recorded_overrides(results: Optional[dict]) -> Optional[dict[str, str]]:
+    """The command-line overrides a ``results.json`` records (``provenance.overrides``); None when it
+    has none (written before they were recorded, or outside a Hydra launch)."""
+    recorded = ((results or {}).get("provenance") or {}).get("overrides")
     return _override_dict(recorded) if isinstance(recorded, list) else None
 
 
@@ -308,28 +306,34 @@ def gather(sweep_dir: str | Path) -> list[SweepPoint]:
         name = d.relative_to(root).as_posix()
         if name == ".":
             name = d.name
-        # shown: the settings of the run whose results are there (a later launch into the directory, also
-        # a refused one, rewrites .hydra/), else of the latest launch, else the directory's name; placed
-        # among the latest sweep's jobs by the latest launch's (a re-launch that reuses a finished point's
-        # results may add keys the directory name leaves out, e.g. trainer.resume=auto)
-        launched = _read_overrides(d)
-        ov = _results_overrides(d) or launched or parse_override_dirname(d.name)
-        if _is_dry_run(launched or ov) and not (d / RESULTS_FILE).exists():
-            continue  # a dry run's directory (its .hydra/ and log): nothing was meant to run there
-        match = launched or ov
-        num = next((i for i, job in enumerate(expected) if i not in placed and _override_dict(job) == match), None)
-        if num is not None:
-            placed.add(num)
         res_path = d / RESULTS_FILE
+        res, unreadable = None, ""
         if res_path.exists():
             try:
                 res = json.loads(res_path.read_text())
                 if not isinstance(res, dict) or not isinstance(res.get("metrics"), dict):
                     raise ValueError("no 'metrics' object")
-                points.append(SweepPoint(name, d, "ok", ov, res,
-                                         "" if res["metrics"] else "not evaluated (eval.enabled=false)", num))
             except (ValueError, OSError) as exc:
-                points.append(SweepPoint(name, d, "failed", ov, None, f"unreadable {RESULTS_FILE}: {exc}", num))
+                res, unreadable = None, f"unreadable {RESULTS_FILE}: {exc}"
+        # shown: the settings of the run whose results are there (a later launch into the directory, also
+        # a refused one, rewrites .hydra/), else of the latest launch, else the directory's name; placed
+        # among the latest sweep's jobs by the latest launch's (a re-launch that reuses a finished point's
+        # results may add keys the directory name leaves out, e.g. trainer.resume=auto)
+        launched = _read_overrides(d)
+        recorded = _recorded_overrides(res)
+        ov = recorded if recorded is not None else launched if launched is not None else parse_override_dirname(d.name)
+        if not res_path.exists() and _is_dry_run(ov):
+            continue  # a dry run's directory (its .hydra/ and log): nothing was meant to run there
+        match = launched if launched is not None else ov
+        num = next((i for i, job in enumerate(expected) if i not in placed and _override_dict(job) == match), None)
+        if num is not None:
+            placed.add(num)
+        if res is not None:
+            points.append(SweepPoint(name, d, "ok", ov, res,
+                                     "" if res["metrics"] else "not evaluated (eval.enabled=false)", num))
+            continue
+        if unreadable:
+            points.append(SweepPoint(name, d, "failed", ov, None, unreadable, num))
             continue
         why = _failed(d) or _slurm_failure(slurm, num, expected, root)
         note = why or f"no {RESULTS_FILE} (still running, not started, or killed)"

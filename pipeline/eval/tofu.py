@@ -191,9 +191,10 @@ def greedy_generate(
     out: list[Optional[tuple[str, list[int], bool]]] = [None] * len(prompts)
     # A chat format's answer ends with its end-of-turn token (e.g. <|eot_id|>), which may not be EOS.
     # ... and the model's own generate() stops at the end tokens of its generation_config as well
-    format_stops, model_stops = generation_stop_ids(tokenizer, template), model_stop_ids(model)
+    format_stops = generation_stop_ids(tokenizer, template)
+    model_stops = [i for i in model_stop_ids(model) if 0 <= i < len(tokenizer)]  # ids this tokenizer has
     _log_model_stops(tokenizer, format_stops, model_stops)
-    stops = list(dict.fromkeys(format_stops + [i for i in model_stops if 0 <= i < len(tokenizer)]))
+    stops = list(dict.fromkeys(format_stops + model_stops))
     pad, device = padding_id(tokenizer), model_device(model)
     gen_kwargs: dict[str, Any] = {"synced_gpus": True} if synced_gpus else {}
     with eval_mode(model), torch.no_grad(), plain_greedy_config(

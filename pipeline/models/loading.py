@@ -86,7 +86,7 @@ def check_model_location(path: str, key: str = "model.path", revision: Optional[
     files of which the directory must have one (:data:`MODEL_FILES`, :data:`TOKENIZER_FILES`). A local
     directory's config.json / tokenizer_config.json must parse, and a model directory's safetensors
     headers and shard index must be whole (cheap: no weights are read)."""
-    p = Path(path).expanduser()
+    p = Path(expand_user(path))
     if p.exists():
         if not p.is_dir():
             raise ModelLoadError(f"{key}={path} is a file, not a model directory"
@@ -132,7 +132,7 @@ def hub_id_not_cached(path: str, revision: Optional[str] = None) -> bool:
     holds nothing of: no config.json at ``revision`` and no folder of it in any spelling. What a dry run
     cannot check offline (it sizes such a model from ``model.arch``); anything else it checks as the
     launch does (a repository cached at another revision or spelling is refused with the launch's line)."""
-    if Path(path).expanduser().exists() or not _is_hub_id(path):
+    if Path(expand_user(path)).exists() or not _is_hub_id(path):
         return False
     from huggingface_hub import constants
 
@@ -165,15 +165,22 @@ def model_config_file(model_path: str, revision: Optional[str] = None) -> Option
     return Path(cached) if isinstance(cached, str) else None
 
 
+def model_context(config: Any) -> Optional[int]:
+    """The context window (positions) of a model's config: a config.json's fields or a loaded model's
+    ``config`` (``max_position_embeddings``, GPT-2's ``n_positions``); None when it says none."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    context = get("max_position_embeddings") or get("n_positions")
+    return context if isinstance(context, int) and context > 0 else None
+
+
 def capped_at_context(key: str, value: int, model_path: str, revision: Optional[str] = None,
                       level: int = logging.WARNING) -> int:
     """``value`` (the config's ``key``, a token length) capped at the model's context window, read from
     its config.json (a hub id's at ``revision``); past it positions are out of the model's range:
     an index error for learned positions, silent extrapolation for rotary ones. Logged at ``level``."""
     cfg_file = model_config_file(model_path, revision)
-    fields = _read_json(cfg_file, str(model_path)) if cfg_file is not None else {}
-    context = fields.get("max_position_embeddings") or fields.get("n_positions")
-    if isinstance(context, int) and 0 < context < value:
+    context = model_context(_read_json(cfg_file, str(model_path)) if cfg_file is not None else {})
+    if context is not None and context < value:
         log.log(level, "%s=%d exceeds the model's context (%d tokens): sequences are limited to %d", key, value,
                 context, context, extra=SAME_ON_EVERY_RANK)
         return context
