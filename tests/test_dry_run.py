@@ -330,15 +330,13 @@ def test_a_cached_hub_model_is_checked_from_the_cache_and_an_absent_one_sized_fr
 def test_cli_a_resume_path_the_launch_refuses_is_refused_by_the_dry_run_before_the_data(tiny_inputs, tmp_path):
     """trainer.resume=<no checkpoint> passed a dry run (exit 0) and stopped the launch only after its data
     and tokenizer were read; a checkpoint made outside the run likewise (it needs model.allow_pickle)."""
-    names = {k: str(v) for k, v in tiny_inputs.items()}
     outside = tiny_inputs["root"] / "other_run" / "checkpoints" / "step_00000002"
     outside.mkdir(parents=True, exist_ok=True)
     (outside / "meta.json").write_text("{}")
     # (the messages themselves: tests/faults/test_resume_faults.py)
     cases = [("sometimes", "trainer.resume=sometimes: no such checkpoint directory", _dry),
              (str(outside), f"trainer.resume={outside}: a checkpoint made outside this run",
-              lambda overrides, _: launch.run(overrides)),
-             (f"{names['root']}/nockpt", f"trainer.resume={names['root']}/nockpt: no such checkpoint directory", _dry)]
+              lambda overrides, _: launch.run(overrides))]
     for resume, line, launcher in cases:
         overrides = _job_overrides(tiny_inputs, [f"trainer.resume={resume}", f"output_dir={tmp_path / 'runs'}"])
         out = launcher(overrides, tmp_path)
