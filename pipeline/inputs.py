@@ -212,14 +212,17 @@ def _warn_if_trained_in_another_format(cfg: DictConfig) -> None:
     from omegaconf import OmegaConf
 
     from pipeline.engine.export import EXPORTED_FROM
+    from pipeline.io import RUN_CONFIG, run_config_section
 
     model_dir = Path(str(cfg.model.path or "")).expanduser()
-    run_config = model_dir.parent / "config.yaml"
-    if model_dir.name != "model" or not (model_dir.parent / EXPORTED_FROM).is_file() or not run_config.is_file():
+    if model_dir.name != "model" or not (model_dir.parent / EXPORTED_FROM).is_file():
         return
+    run_config = model_dir.parent / RUN_CONFIG
     try:
-        trained = OmegaConf.to_container(OmegaConf.load(run_config).get("model") or {}, resolve=False)
+        trained = run_config_section(model_dir.parent, "model")
     except Exception:  # not a config.yaml of ours: nothing to compare
+        return
+    if trained is None:
         return
     now = OmegaConf.to_container(cfg.model, resolve=True)
     differ = [k for k in _FORMAT_KEYS if k in trained and (trained.get(k) or None) != (now.get(k) or None)]

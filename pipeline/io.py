@@ -185,3 +185,17 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink()
+
+
+RUN_CONFIG = "config.yaml"  # a training run's resolved config (pipeline.run writes it when training starts)
+
+
+def run_config_section(run_dir: str | os.PathLike, section: str) -> dict | None:
+    """Section ``section`` of the ``config.yaml`` a training run wrote in ``run_dir`` (unresolved, as
+    written); None when the directory has none (evaluation-only runs do not write one)."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path).get(section) or {}, resolve=False)

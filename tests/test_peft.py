@@ -29,15 +29,20 @@ def tiny(tmp_path_factory):
     return (root, *build(root))
 
 
+def _trained_adapters(student, std: float):
+    """``student`` with non-zero lora_B weights (peft starts them at zero), as after some training."""
+    for n, p in student.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=std)
+    return student
+
+
 def _student_and_base(model_dir, peft=PEFT):
     from pipeline.models.loading import load_causal_lm
     from pipeline.models.peft_student import wrap_lora
 
     torch.manual_seed(0)
-    student = wrap_lora(load_causal_lm(model_dir), peft)
-    for n, p in student.named_parameters():  # lora_B starts at 0: make the adapters change the output
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.3)
+    student = _trained_adapters(wrap_lora(load_causal_lm(model_dir), peft), std=0.3)  # adapters change the output
     return student.train(), load_causal_lm(model_dir).eval()
 
 
@@ -484,6 +489,10 @@ class _Engine:
         return self.module(**kw)
 
 
+EXPORT_MODEL_CFG = OmegaConf.create({"trust_remote_code": False, "allow_pickle": False, "revision": None})
+
+
+
 def test_a_bf16_lora_runs_merged_model_keeps_adapter_changes_below_bf16_resolution(tmp_path):
     """The merge ran in the training dtype: W + ΔW rounded to bf16, and unlearning's small adapter
     changes (here |ΔW|/|W| ~ 1e-3) mostly vanished from model/ while the export check, bounded at bf16's
@@ -501,11 +510,9 @@ def test_a_bf16_lora_runs_merged_model_keeps_adapter_changes_below_bf16_resoluti
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.save_pretrained(base_dir)
     torch.manual_seed(0)
-    student = wrap_lora(load_causal_lm(base_dir, "bfloat16"), PEFT)  # adapters in the base's dtype, as trained
-    for n, p in student.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=3e-4)
-    cfg = OmegaConf.create({"trust_remote_code": False, "allow_pickle": False, "revision": None})
+    # adapters in the base's dtype, as trained
+    student = _trained_adapters(wrap_lora(load_causal_lm(base_dir, "bfloat16"), PEFT), std=3e-4)
+    cfg = EXPORT_MODEL_CFG
     export_lora(_Engine(student), tok, tmp_path / "run" / "model", tmp_path / "run" / "adapter", base_dir,
                 "bfloat16", cfg)
     merged = load_file(tmp_path / "run" / "model" / "model.safetensors")
@@ -539,13 +546,10 @@ def test_an_adapter_on_the_head_saves_the_adapter_alone(tmp_path):
     model_dir, _ = build(tmp_path / "src")
     tok = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
-    student = wrap_lora(load_causal_lm(model_dir), OmegaConf.merge(PEFT, {"target_modules": ["q_proj", "lm_head"]}))
-    for n, p in student.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=1e-2)
-    cfg = OmegaConf.create({"trust_remote_code": False, "allow_pickle": False, "revision": None})
+    student = _trained_adapters(wrap_lora(load_causal_lm(model_dir),
+                                          OmegaConf.merge(PEFT, {"target_modules": ["q_proj", "lm_head"]})), std=1e-2)
     export_lora(_Engine(student), tok, tmp_path / "run" / "model", tmp_path / "run" / "adapter", model_dir,
-                "float32", cfg)
+                "float32", EXPORT_MODEL_CFG)
     saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert saved and all("lora_A" in k or "lora_B" in k for k in saved), [k for k in saved if "lora_" not in k]
     assert any("lm_head.lora_B" in k for k in saved)

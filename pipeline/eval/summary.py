@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from pipeline.io import run_config_section
+
 COLUMNS = [
     ("forget_fact_recall", "forget facts"),
     ("retain_fact_recall", "retain facts"),
@@ -33,11 +35,7 @@ def eval_settings(run_dir: Path) -> Optional[dict]:
     results = load_results(run_dir)
     if results is None:
         return None
-    data = None
-    if (run_dir / "config.yaml").exists():
-        from omegaconf import OmegaConf
-
-        data = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").get("data") or {}, resolve=False)
+    data = run_config_section(run_dir, "data")
     # where and how it ran, not what it measured: the splits reused from an earlier attempt, the
     # device(s), and whether the retain reference was computed or read from its cache
     record = {k: v for k, v in (results.get("evaluation") or {}).items()
