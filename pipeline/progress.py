@@ -132,15 +132,18 @@ def _remaining(b: Any) -> int:
 
 
 def expect(n: int) -> None:
-    """The current block's bar will advance ``n`` more times (beyond what is already announced)."""
+    """The current block's bar will advance ``n`` more times (beyond what is already announced).
+    A negative ``n`` takes back announced work that will not run (a search that stops early), so
+    the bar still ends full."""
     block = _BLOCK.get()
-    if block is not None and n > 0:
-        if block.bar is None:
-            block.get(n)
-            return
-        b = block.bar
-        b.total = b.n + _remaining(b) + n
-        b.refresh()
+    if block is None or n == 0 or (n < 0 and block.bar is None):
+        return
+    if block.bar is None:
+        block.get(n)
+        return
+    b = block.bar
+    b.total = b.n + max(0, _remaining(b) + n)
+    b.refresh()
 
 
 def tracked(items: Sequence[T]) -> Iterator[T]:

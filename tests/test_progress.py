@@ -50,6 +50,20 @@ def test_unannounced_loops_add_their_length_as_they_start(monkeypatch):
         assert (b.n, b.total) == (7, 7)
 
 
+def test_announced_work_that_will_not_run_is_taken_back(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    with progress("tau=auto probes"):
+        expect(-2)  # nothing announced yet: nothing to take back, no bar
+        assert current() is None
+        expect(8)  # a search's every probe; it stops after 3
+        list(tracked(range(3)))
+        expect(-5)
+        b = current()
+        assert (b.n, b.total) == (3, 3)
+        expect(-4)  # never below the work done
+        assert (b.n, b.total) == (3, 3)
+
+
 def test_an_item_counts_once_its_work_is_done(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with progress("cache"):

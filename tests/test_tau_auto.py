@@ -100,6 +100,20 @@ def test_signal_against_the_untempered_teacher(memorised):
     assert lp[-1] < lp[0] - 0.5
 
 
+def test_skip_first_answer_token_leaves_the_first_answer_token_unscored(memorised):
+    """ASU+IDK's KL leaves the first answer token out: the probes do not score it either (a fact
+    forgotten only there would be counted for a change the student is never distilled on)."""
+    model, tok, rows, enc = memorised
+    whole, skipped = tau_auto._items(tok, rows, enc), tau_auto._items(tok, rows, enc, skip_first=True)
+    for w, s, e in zip(whole, skipped, enc):
+        first = next(j for j, lab in enumerate(e["labels"]) if lab != -100)
+        assert w["labels"] == list(e["labels"]) and s["spans"] == w["spans"]  # spans found on the whole answer
+        assert s["labels"][first] == -100 and s["labels"][:first] + s["labels"][first + 1:] == \
+            w["labels"][:first] + w["labels"][first + 1:]
+        assert tau_auto._Prober(model, [s], tok.pad_token_id, None).predictions(1.0)[0].keys() == \
+            set(range(first + 1, len(e["labels"]))) - {j for j, lab in enumerate(e["labels"]) if lab == -100}
+
+
 def test_probe_needs_the_reference_first(memorised):
     model, tok, rows, enc = memorised
     prober = tau_auto._Prober(model, tau_auto._items(tok, rows, enc), tok.pad_token_id, None)
@@ -150,8 +164,8 @@ def test_select_tau_in_bounds_deterministic_with_evidence(memorised):
 
 
 def test_the_probe_bar_shows_its_total_before_each_stage_and_ends_full(memorised, monkeypatch):
-    """The bounds' two probes are announced before the first runs and the bisection's before it
-    starts, so the bar does not grow one probe at a time; it ends exactly full."""
+    """Every probe (the bounds' two and the bisection's) is announced before the first runs, so the
+    bar's total, and its first estimate of the time left, holds from the start; it ends exactly full."""
     from pipeline import progress as P
 
     monkeypatch.setenv("RANK", "0")
@@ -170,7 +184,7 @@ def test_the_probe_bar_shows_its_total_before_each_stage_and_ends_full(memorised
         n, total = b.n, b.total
     per_probe = total // len(out["probes"])
     assert n == total == len(out["probes"]) * per_probe > 0
-    assert totals == [2 * per_probe] * 2 + [total] * tau_auto.BISECT_STEPS
+    assert len(out["probes"]) == 2 + tau_auto.BISECT_STEPS and totals == [total] * len(out["probes"])
 
 
 def test_select_tau_knobs_bound_and_targets(memorised, caplog):
@@ -292,7 +306,7 @@ def test_a_later_attempt_of_the_same_job_reuses_the_choice_and_another_job_does_
     step.mkdir(parents=True)
     (step / "meta.json").write_text(json.dumps({"step": 4, TAU_CHOSEN: 2.5}))
     with caplog.at_level(logging.INFO, logger="pipeline.run"):
-        assert _known_tau(c, tmp_path, {"config.seed": 1}, step)["tau"] == 2.5
+        assert _known_tau(c, tmp_path, {"config.seed": 1}, step) == {"tau": 2.5, "source": f"checkpoint {step}"}
     assert c.method.tau == 2.5 and f"the tau checkpoint {step} was trained with" in caplog.text
     # this job's own selection and a checkpoint trained with another tau (resumed from elsewhere): the
     # checkpoint's wins (before: the selection's, refused by the trainer only after loading the models)
@@ -300,6 +314,11 @@ def test_a_later_attempt_of_the_same_job_reuses_the_choice_and_another_job_does_
     assert _known_tau(c, tmp_path, {"config.seed": 0}, step)["tau"] == 2.5 and c.method.tau == 2.5
     (step / "meta.json").write_text(json.dumps({"step": 4, TAU_CHOSEN: 3.25}))  # the same tau: the selection, evidence kept
     assert _known_tau(cfg(), tmp_path, {"config.seed": 0}, step) == chosen
+    # another key (an evaluation setting changed before a requeue), the checkpoint trained with the
+    # directory's selection's tau: the resume keeps that selection's evidence, with its source
+    got = _known_tau(cfg(), tmp_path, {"config.seed": 1}, step)
+    assert got["tau"] == 3.25 and got["probes"] == chosen["probes"]
+    assert got["source"] == f"checkpoint {step}; chosen (with this evidence) by an earlier attempt, {tmp_path / TAU_SELECTION}"
     fixed = OmegaConf.create({"method": {"name": "asu_kl", "tau": 2.0}})
     assert _known_tau(fixed, tmp_path, {"config.seed": 0}, step) is None and fixed.method.tau == 2.0
 

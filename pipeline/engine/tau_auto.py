@@ -18,8 +18,10 @@ teacher (tau=1):
   the tempered teacher's top-1 is still the untempered teacher's. Evidence, and the fallback signal.
 
 Rule (rows with facts the teacher knows): the **smallest tau in [TAU_MIN, tau_max] at which the
-tempered teacher has forgotten at least ``method.tau_fact_target`` of the facts it knows**
-(default FACT_TARGET), by bisection; tau_max when even tau_max does not reach it (with a warning).
+tempered teacher has forgotten at least ``method.tau_fact_target`` (default FACT_TARGET) times the
+share of the facts it knows that it forgets at tau_max**, by bisection (relative to tau_max: a
+teacher that keeps some facts however flat its attention would otherwise never reach an absolute
+share); tau_max when tempering up to tau_max forgets none of them (with a warning).
 Guard: the bisection stops at whichever comes first, the facts or the loss of half the template's
 top-1 (FORM_FLOOR); when the template went first, auto takes the largest probed tau below that
 point (on SmolLM2 the fact point alone left the student's forget answers empty, docs/sweeps.md).
@@ -131,13 +133,21 @@ def fact_spans(tokenizer, encoded: dict, facts: Sequence[str]) -> list[list[int]
     return spans
 
 
-def _items(tokenizer, rows: Sequence[dict], encoded: Sequence[dict]) -> list[dict]:
-    """Per validation row: its encoded ids and labels plus the token spans of its facts."""
+def _items(tokenizer, rows: Sequence[dict], encoded: Sequence[dict], skip_first: bool = False) -> list[dict]:
+    """Per validation row: its encoded ids and labels plus the token spans of its facts.
+    ``skip_first`` (``method.skip_first_answer_token``, ASU+IDK): the first answer token is not
+    scored, as the forget KL leaves it out, so a fact counts as forgotten only by what the student
+    is distilled on (its spans are found first, on the whole answer)."""
     out = []
     for enc in encoded:
         row = rows[int(enc["index"])] if "index" in enc else {}
-        out.append({"input_ids": list(enc["input_ids"]), "labels": list(enc["labels"]),
-                    "spans": fact_spans(tokenizer, enc, row.get("facts") or [])})
+        labels = list(enc["labels"])
+        spans = fact_spans(tokenizer, enc, row.get("facts") or [])
+        if skip_first:
+            first = next((j for j, lab in enumerate(labels) if lab != IGNORE_INDEX), None)
+            if first is not None:
+                labels[first] = IGNORE_INDEX
+        out.append({"input_ids": list(enc["input_ids"]), "labels": labels, "spans": spans})
     return out
 
 
@@ -390,8 +400,7 @@ def _bisect(prober: _Prober, lo: float, hi: float, ok_at_hi: bool, key: str | Ca
 
     ``ok_at_hi``: the condition holds at ``hi`` and not at ``lo`` (search for its smallest tau),
     else it holds at ``lo`` and not at ``hi`` (its largest)."""
-    expect(steps * (prober.n_forwards or 0))  # the bar's total: every probe of the bisection
-    for _ in range(steps):
+    for _ in range(steps):  # announced up front by select_tau
         mid = 0.5 * (lo + hi)
         rec = prober.probe(mid)
         ok = key(rec) if callable(key) else rec[key]
@@ -427,7 +436,8 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
         raise ValueError("method.tau=auto: the forget set is empty")
     rank, world = _world()
     mine, n_forwards = rank_share(len(idx), rank, world)
-    items = _items(tokenizer, rows, [forget_encoded[idx[i]] for i in mine])
+    items = _items(tokenizer, rows, [forget_encoded[idx[i]] for i in mine],
+                   bool(getattr(mcfg, "skip_first_answer_token", False)))
     with_facts = int(all_reduce_sum([float(sum(1 for it in items if it["spans"]))])[0])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # the shared prefix runs once only if it does on every rank (the same number of forwards everywhere)
@@ -439,8 +449,11 @@ def select_tau(teacher: Any, tokenizer: Any, data: Any, forget_encoded: Sequence
     teacher.eval()
     prober = _Prober(teacher, items, pad_id, layers, form_target, fact_target, n_forwards, prefix)
     try:
-        expect(2 * n_forwards)  # the bounds' probes; a bisection announces its own
+        # every probe up front (the bounds' two and the bisection's), so the bar's first estimate of
+        # the time left holds; a search that needs no bisection takes its share back
+        expect((2 + BISECT_STEPS) * n_forwards)
         signal, tau, chosen, top, reason = _search(prober, tau_max, fact_target, form_target)
+        expect(-(2 + BISECT_STEPS - len(prober.probes)) * n_forwards)
     finally:
         if was_training:
             teacher.train()

@@ -27,8 +27,9 @@ from pipeline.methods.passes import KLTerm, StepOutputs, StepPlan
 # The paper's 7B models use tau 2.0-2.8, the embedded benchmark's best grid points are 5-8
 # (docs/sweeps.md): 8 leaves room above both without spending probes on ever flatter teachers.
 TAU_MAX = 8.0
-# The chosen tau: the smallest whose tempered teacher no longer reproduces 90% of the forget facts it
-# knows (docs/sweeps.md, "method.tau=auto": why 0.9, measured on both benchmarks).
+# The chosen tau: the smallest whose tempered teacher has forgotten 90% of the share of its known
+# forget facts that it forgets at tau_max (docs/sweeps.md, "method.tau=auto": why 0.9, measured on
+# both benchmarks).
 FACT_TARGET = 0.9
 # Fallback without known facts: the largest tau that keeps 95% of the answers' non-fact top-1 predictions.
 FORM_TARGET = 0.95
@@ -38,8 +39,9 @@ FORM_TARGET = 0.95
 class ASUConfig(ForgetRetainConfig):
     name: str = "asu_kl"
     tau: Any = 2.3  # a float > 0, or "auto" (chosen before training: pipeline/engine/tau_auto.py)
-    # tau=auto only: the search range's upper end; the share of the known forget facts the tempered
-    # teacher must have forgotten (the rule: the smallest tau that reaches it); without known facts,
+    # tau=auto only: the search range's upper end; the fraction of what it forgets at tau_max that the
+    # tempered teacher must have forgotten of its known forget facts (the rule: the smallest tau that
+    # reaches it); without known facts,
     # the share of the answers' non-fact top-1 predictions it must keep (the largest tau that keeps it).
     tau_max: float = TAU_MAX
     tau_fact_target: float = FACT_TARGET
