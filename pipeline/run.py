@@ -555,12 +555,19 @@ def _known_tau(cfg: DictConfig, run_dir: Path, key: dict, resume_from: Optional[
 
     found = None
     if is_main_process():
-        selection = _earlier_tau_selection(run_dir / TAU_SELECTION, key)
+        stored_key, stored = _stored_tau_selection(run_dir / TAU_SELECTION)
+        selection = stored if stored_key == key else None
         trained = read_meta(resume_from).get(TAU_CHOSEN) if resume_from is not None else None
         if selection is not None and (trained is None or float(trained) == float(selection["tau"])):
             found = (selection, f"chosen by an earlier attempt of this job ({run_dir / TAU_SELECTION})")
         elif trained is not None:  # a resume trains on with its checkpoint's tau, whatever else was chosen here
-            found = ({"tau": float(trained), "source": f"checkpoint {resume_from}"},
+            source = f"checkpoint {resume_from}"
+            # the directory's selection of that same tau, made before a key change (an evaluation setting,
+            # a code update before a requeue): its evidence (reason, probes) still explains the tau
+            evidence = stored if stored is not None and float(stored.get("tau", -1)) == float(trained) else {}
+            if evidence:
+                source += f"; chosen (with this evidence) by an earlier attempt, {run_dir / TAU_SELECTION}"
+            found = ({**evidence, "tau": float(trained), "source": source},
                      f"the tau checkpoint {resume_from} was trained with")
     found = broadcast_object(found)
     if found is None:
@@ -576,13 +583,15 @@ TAU_SELECTION = "tau_selection.json"  # tau=auto's choice and evidence, reused b
 TAU_CHOSEN = "tau_chosen"  # checkpoint meta: the tau a tau=auto run trained with (a resume keeps it)
 
 
-def _earlier_tau_selection(path: Path, key: dict) -> Optional[dict]:
-    """The selection stored at ``path`` when it was made for ``key`` (this job), else None."""
+def _stored_tau_selection(path: Path) -> tuple[Optional[dict], Optional[dict]]:
+    """(the job key it was made for, the selection) stored at ``path``; (None, None) when there is none."""
     try:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
-    return rec.get("selection") if isinstance(rec, dict) and rec.get("key") == key else None
+        return None, None
+    if not isinstance(rec, dict) or not isinstance(rec.get("selection"), dict):
+        return None, None
+    return rec.get("key"), rec["selection"]
 
 
 def _attach_teacher_cache(cfg: DictConfig, method: Any, engines: JobEngines, inputs: JobInputs, trainer: Any,
