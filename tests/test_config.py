@@ -142,6 +142,12 @@ def test_tau_accepts_number_or_auto_only():
                      ("method.tau_fact_target=0", "method.tau_fact_target")):
         with pytest.raises(ConfigError, match=key):
             validate(_compose(["method.tau=auto", bad]))
+    # asu_wmdp's tau is a number: auto is refused with the reason, not a type error at composition
+    with pytest.raises(ConfigError, match="method.tau.*asu_wmdp takes a number, not 'auto'.*hidden-state"):
+        validate(_compose(["method=asu_wmdp", "method.tau=auto"]))
+    with pytest.raises(ConfigError, match="method.tau.*must be > 0"):
+        validate(_compose(["method=asu_wmdp", "method.tau=0", "method.layer=2"]))
+    validate(_compose(["method=asu_wmdp", "method.tau=2.5", "method.layer=2"]))
 
 
 @pytest.mark.parametrize(

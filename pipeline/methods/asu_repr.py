@@ -33,7 +33,7 @@ from pipeline.methods.rmu import LayerSelectionConfig, LayerwiseMethod
 class ASUWMDPConfig(LayerSelectionConfig, ASUConfig):
     # lr: RMU's 5e-5 is a reasonable start (trainer.lr); gamma/alpha/tau are untuned defaults.
     name: str = "asu_wmdp"
-    tau: float = 2.0
+    tau: Any = 2.0  # a number; typed Any only so that tau=auto gets validate_config's reason, not a type error
     layer: int = 7
     retain_loss: str = "mse"
     gamma: float = 1.0
@@ -47,6 +47,9 @@ class ASUWMDP(LayerwiseMethod, ASU):
 
     @classmethod
     def validate_config(cls, mcfg: Any, n_layers: Optional[int]) -> None:
+        require(mcfg.tau != "auto", "method.tau",
+                "asu_wmdp takes a number, not 'auto': tau=auto's signal scores next-token predictions, which "
+                "its hidden-state loss does not use (docs/sweeps.md, section 3)")
         super().validate_config(mcfg, n_layers)
         layers = mcfg.teacher_layers
         # only layers <= method.layer shape the hidden state the loss reads: tempering none of them
