@@ -243,6 +243,8 @@ def part_kernels() -> None:
     _write("kernels", {"tolerance": TOL, "tolerance_note": "outputs: max abs error on real query rows; grads: "
                        "max abs error / max abs reference grad", "passed": n_ok, "total": len(cases),
                        "cases": cases})
+    if n_ok < len(cases):  # like the eval and pipeline parts: gpu_check.sh exits 1
+        sys.exit(1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@
 * Causal (bottom-right aligned: query i sees keys j <= i + S - T) and key padding through a (B, S)
   0/1 mask or per-sequence key lengths. Query rows with no visible key produce 0 and get 0 gradient.
 * GQA/MQA: H_q a multiple of H_kv; dK/dV are summed over each group inside the kernel (no atomics).
-* fp32 / bf16 / fp16 inputs, fp32 accumulation. Under ``TRITON_INTERPRET=1`` the tiles are upcast to
-  fp32 before ``tl.dot`` (bf16 ``tl.dot`` is wrong in the interpreter).
+* bf16 / fp16 inputs, fp32 accumulation. fp32 inputs: compiled, ``tl.dot`` runs them in TF32 (~1e-3
+  off), so ``backend="auto"`` sends them to the torch path and only ``backend="triton"`` forces the
+  kernel. Under ``TRITON_INTERPRET=1`` the tiles are upcast to fp32 before ``tl.dot`` (bf16
+  ``tl.dot`` is wrong in the interpreter), and fp32 is exact.
 * Dual-output mode (``tempered_attention_dual``): one Q Kᵀ per tile, two online softmaxes (tau_teacher
   and tau_student) and two P·V products; the backward handles gradients from *both* outputs
   (one recomputed Q Kᵀ per tile, the two branches' dS summed before the dQ/dK GEMMs).
@@ -366,7 +368,8 @@ def _check_shapes(q, k, v):
 
 def _use_triton(backend: str, q: torch.Tensor) -> bool:
     """``backend="triton"`` forces the kernel (head_dim < 16 is refused: ``tl.dot`` needs 16 when
-    compiled); ``"auto"`` takes it when it can run here and the head dim fits, else the torch path."""
+    compiled); ``"auto"`` takes it when it can run here, the head dim fits and, compiled, the inputs are
+    not fp32 (TF32 in ``tl.dot``), else the torch path."""
     if backend not in ("auto", "triton", "torch"):  # a typo ("Triton", "sdpa") ran the torch path silently
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     small = q.shape[-1] < 16 and not INTERPRET
@@ -374,7 +377,8 @@ def _use_triton(backend: str, q: torch.Tensor) -> bool:
         if small:
             raise ValueError(f"head dim {q.shape[-1]} < 16: the compiled Triton kernel needs >= 16 for tl.dot")
         return True
-    return backend == "auto" and triton_available_for(q) and not small
+    tf32 = q.dtype == torch.float32 and not INTERPRET
+    return backend == "auto" and triton_available_for(q) and not small and not tf32
 
 
 def _prep_kpm(key_padding_mask, key_lengths, B, S, device):

@@ -259,6 +259,13 @@ def test_cuda_rng_state_is_this_ranks_device_and_old_checkpoints_still_resume(mo
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: calls.append(int(s[0])))
+    # CPU ranks on a GPU host (make test / make demo): no CUDA state saved or restored (reading it
+    # would open a CUDA context on GPU 0 in every rank)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert "cuda" not in trainer.get_rng_states()
+    trainer.set_rng_states({"cuda": torch.tensor([3], dtype=torch.uint8)})
+    assert calls == []
+    monkeypatch.delenv("DS_ACCELERATOR")
     assert int(trainer.get_rng_states()["cuda"][0]) == 7
     trainer.set_rng_states({"cuda": torch.tensor([7], dtype=torch.uint8)})
     trainer.set_rng_states({"cuda": [torch.tensor([4], dtype=torch.uint8), torch.tensor([5], dtype=torch.uint8)]})

@@ -17,7 +17,7 @@ from pipeline.data.collate import pad_batch
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine import faults, health
 from pipeline.engine.batching import BatchPlan
-from pipeline.engine.distributed import all_reduce_sum, all_true, mean_over_ranks, world_size
+from pipeline.engine.distributed import all_reduce_sum, all_true, cuda_ranks, mean_over_ranks, world_size
 from pipeline.methods.base import UnlearningMethod
 from pipeline.methods.loss_math import StepTokens
 from pipeline.models.peft_student import is_peft_model
@@ -456,7 +456,9 @@ def get_rng_states() -> dict:
     import random
 
     out: dict = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
+    # cuda_ranks, not torch.cuda.is_available(): CPU ranks on a GPU host (DS_ACCELERATOR=cpu) would
+    # each open a CUDA context on GPU 0 to save a state the run never uses
+    if cuda_ranks():
         out["cuda"] = torch.cuda.get_rng_state()
     return out
 
@@ -469,7 +471,7 @@ def set_rng_states(states: dict) -> None:
         torch.set_rng_state(states["torch"])
     if "python" in states:
         random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
+    if "cuda" in states and cuda_ranks():
         cuda = states["cuda"]
         if isinstance(cuda, (list, tuple)):  # checkpoints before this release saved every device's
             cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None

@@ -190,6 +190,18 @@ def test_a_misspelled_backend_or_a_non_positive_tau_is_refused():
             tempered_attention(q, k, v, bad, backend="torch")
 
 
+def test_auto_sends_fp32_to_the_torch_path_when_compiled(monkeypatch):
+    """Compiled, tl.dot runs fp32 inputs in TF32 (~1e-3 off): "auto" keeps fp32 on the torch path
+    (as the pipeline's triton backend refuses it); bf16/fp16 take the kernel; "triton" still forces it."""
+    monkeypatch.setattr(ta, "INTERPRET", False)
+    monkeypatch.setattr(ta, "triton_available_for", lambda x: True)  # as on a CUDA tensor
+    q32 = torch.zeros(1, 2, 4, 16)
+    assert not ta._use_triton("auto", q32) and ta._use_triton("triton", q32)
+    assert ta._use_triton("auto", q32.bfloat16()) and ta._use_triton("auto", q32.half())
+    monkeypatch.setattr(ta, "INTERPRET", True)  # the interpreter upcasts to fp32 itself: exact
+    assert ta._use_triton("auto", q32)
+
+
 def test_torch_dual_reference_matches_two_single_references():
     from kernels.reference import tempered_attention_dual_ref
 
