@@ -654,6 +654,23 @@ def test_split_name_and_max_length_are_covered_by_the_rows(tiny, rows):
 
     assert layers_key([8, 7, 6]) == layers_key([6, 7, 8]) == layers_key([6, 7, 7, 8]) != layers_key([6, 7])
 
+    # the model by its files, not its path: a byte-identical copy elsewhere (a job's scratch staging, a
+    # moved cache_dir) is the same cache; rewritten weights, or another uncached hub id, are not
+    import shutil
+
+    def model_key(path):
+        return tc.cache_key(tc.cache_fields(str(path), 2.0, None, "forget", 64, 5, enc, "float32"))
+
+    copy = shutil.copytree(model_dir, tiny[0] / "staged" / "copy")
+    assert model_key(copy) == model_key(model_dir)
+    assert tc.cache_fields(str(copy), 2.0, None, "forget", 64, 5, enc, "float32")["model_path"] == str(copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(b ^ 0x01 for b in data[-64:])
+    weights.write_bytes(bytes(data))
+    assert model_key(copy) != model_key(model_dir)
+    assert model_key("someone/model-a") != model_key("someone/model-b")
+
 
 def test_a_discarded_caches_interrupted_deletion_is_cleaned(models, rows, tmp_path, caplog):
     """A final directory moved aside to be deleted (.<key>.stale-*) whose deletion was interrupted was

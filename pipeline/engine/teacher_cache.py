@@ -17,10 +17,11 @@ Per forget row only the loss positions are kept (``labels[1:] != -100``, the pos
   the log of the teacher mass outside the top k (KL over k + 1 buckets, see
   :func:`~pipeline.methods.losses.kl_from_cache`).
 
-The key hashes the model's identity (its resolved path and its weight files' fingerprint — names,
-sizes, safetensors headers, sampled bytes of every tensor, config: :func:`pipeline.models.fingerprint.model_fingerprint`,
-so a model rewritten in place gets a new cache; for a hub id, the snapshot of ``model.revision``,
-so two revisions get two caches), tau, teacher_layers, topk, the dtype, the token
+The key hashes the model's identity (its weight files' fingerprint — names, sizes, safetensors
+headers, sampled bytes of every tensor, config: :func:`pipeline.models.fingerprint.model_fingerprint`,
+so a model rewritten in place gets a new cache, while a byte-identical copy elsewhere, a job's
+scratch staging or a moved ``cache_dir``, reuses it: the path is recorded in the index, not hashed;
+for a hub id, the snapshot of ``model.revision``, so two revisions get two caches), tau, teacher_layers, topk, the dtype, the token
 ids/labels of the encoded forget rows — exactly what the teacher is fed, so a changed tokenizer,
 truncation (max_length) or subset (split) never reuses a stale cache; the split name and max_length
 are recorded in the index but not hashed — and a digest of the code that computes the cached values
@@ -88,7 +89,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline.engine.distributed import all_true
-from pipeline.models.fingerprint import model_fingerprint
+from pipeline.models.fingerprint import content_fingerprint, model_fingerprint
 from pipeline.progress import tracked
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,9 @@ CODE_FILES = {
     "kernels": ("reference.py", "tempered_attention.py"),
 }
 # In the key's fields but not hashed: rows_sha256 hashes the ids the teacher is fed, which is what
-# the split and max_length decide (another split name with the same rows is the same cache).
-NOT_IN_KEY = ("split", "max_length")
+# the split and max_length decide (another split name with the same rows is the same cache); the
+# model's path, where its files' fingerprint ("model") identifies it.
+NOT_IN_KEY = ("split", "max_length", "model_path")
 # A live build refreshes its temp dir at least this often (between batches); one untouched for
 # STALE_AFTER_S is an interrupted build's, whatever node wrote it (a batch's forward takes far less).
 HEARTBEAT_S = 60.0
@@ -247,7 +249,8 @@ def cache_fields(model_path: str, tau: float, teacher_layers: Optional[Sequence[
         h.update(b"|")
     return {
         "format": FORMAT_VERSION,
-        "model": model_fingerprint(model_path, revision),
+        "model": _model_identity(model_path, revision),
+        "model_path": str(model_path),
         "tau": float(tau),
         # a set of layers: [8, 7, 6] and [6, 7, 8] temper the same layers, one cache
         "teacher_layers": None if teacher_layers is None else sorted({int(i) for i in teacher_layers}),
@@ -260,6 +263,13 @@ def cache_fields(model_path: str, tau: float, teacher_layers: Optional[Sequence[
         "code": code_digest(),
         **(runtime_fields() if runtime is None else runtime),
     }
+
+
+def _model_identity(model_path: str, revision: Optional[str]) -> dict:
+    """The model's fingerprint without its path when its files were found (a copy of the same files
+    elsewhere is the same teacher); an uncached hub id, identified by its name alone, keeps it."""
+    fingerprint = model_fingerprint(model_path, revision)
+    return content_fingerprint(fingerprint) if fingerprint.get("files") else fingerprint
 
 
 def cache_key(fields: dict) -> str:
@@ -604,10 +614,11 @@ def _check_size(forget_encoded: Sequence[dict], vocab: int, topk: int, root: Pat
              f"top-{topk} of {vocab}" if topk and topk < vocab else f"all {vocab} log-probs per position")
     if not topk and need > 16 * 2**30:
         log.warning("teacher cache: full-vocabulary rows take ~%s here (and are read back every step); "
-                    "method.cache_topk=100 keeps ~%s", _size(need), _size(cache_bytes(forget_encoded, vocab, 100)))
+                    "method.cache_topk=100 (with kernels.kl=naive: the fused KL reads full rows) keeps ~%s", _size(need), _size(cache_bytes(forget_encoded, vocab, 100)))
     if need * 1.05 > free:
         return (f"teacher cache needs ~{need / 2**30:.1f} GiB but {root} has {free / 2**30:.1f} GiB free "
-                "(set cache_dir elsewhere, or method.cache_topk to keep fewer log-probs per position)")
+                "(set cache_dir elsewhere, or method.cache_topk with kernels.kl=naive to keep fewer log-probs per "
+                "position)")
     return None
 
 
