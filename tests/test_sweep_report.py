@@ -276,6 +276,12 @@ def test_report_cli_without_points_or_with_an_unwritable_out_is_one_line(tmp_pat
     (tmp_path / "afile").write_text("x")
     assert "is not a directory" in report(tmp_path / "afile")
     assert "Not a directory" in report(fake_sweep, "--out", tmp_path / "afile" / "sub")
+    # one run's directory: refused, its own report.md kept (a sweep report replaced it); --out elsewhere is fine
+    run = next(d for d in fake_sweep.iterdir() if (d / "results.json").is_file())
+    (run / "report.md").write_text("# the run's own report\n")
+    assert "is a run directory" in report(run) and (run / "report.md").read_text() == "# the run's own report\n"
+    rep = sweep.build_report(run, out=tmp_path / "one")
+    assert rep["counts"]["total"] == 1 and (run / "report.md").read_text() == "# the run's own report\n"
 
 
 @pytest.mark.distributed
