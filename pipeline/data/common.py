@@ -155,8 +155,10 @@ def _load_local_file(path: Path, builder: str, dataset: str, where: str) -> list
         with _quiet_logger("datasets.packaged_modules.json.json"):
             ds = datasets.load_dataset("json", data_files=str(path), split="train",
                                        cache_dir=_content_cache_dir(raw, path))
-    except datasets.exceptions.DatasetGenerationError as e:
-        # the library names neither file nor line (its row count skips blank lines): find the line here
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+        # the library names neither file nor line (its row count skips blank lines): find the line here.
+        # ValueError: a line cut short right after a key's colon escapes as ujson's bare "Expected object
+        # or value" (pyarrow's ArrowInvalid is one too)
         fault = _jsonl_fault(text) if path.suffix == ".jsonl" else None
         cause = e.__cause__ or e
         raise DataError(

@@ -76,6 +76,13 @@ def test_malformed_json_line_names_file_and_line(tmp_path, capfd):
     write(tmp_path, "retain", [qa_row("bob", "rome"), ["not", "an", "object"]])
     with pytest.raises(DataError, match=r"line 2 holds a JSON list, not an object"):
         load_unlearning_data(cfg(tmp_path))
+    # a line cut right after a key's colon, rows after it: the reader raised a bare ValueError ("Expected
+    # object or value"), a traceback with exit 1
+    write(tmp_path, "retain", [qa_row("bob", "rome")])
+    text = (tmp_path / "retain.jsonl").read_text()
+    (tmp_path / "retain.jsonl").write_text(text + '{"question": "x", "answer": \n' + text)
+    with pytest.raises(DataError, match=r"split 'retain': cannot read .*retain\.jsonl: line 2 is not valid JSON"):
+        load_unlearning_data(cfg(tmp_path))
 
 
 def test_non_utf8_file_names_file_and_byte(tmp_path):
