@@ -145,11 +145,21 @@ def launch(main) -> None:
     except ValueError as exc:
         # Hydra's own command-line checks (e.g. "-m ... --cfg job": "Only one of --run, --multirun,
         # --cfg, ... can be specified") raise a plain ValueError before any job starts
+        cause = exc.__cause__ or exc.__context__
+        if not (user_full_error or _TASK_STARTED) and isinstance(cause, OSError):
+            # logging.config's "Unable to configure handler 'file'": the run directory's job log cannot
+            # be opened (a directory the user cannot write to, another user's run)
+            exit_with(cause, f"cannot open the run's log file: {cause}")
         if user_full_error or _TASK_STARTED or not _raised_by_hydra(exc):
             raise
         from pipeline.messages import first_line
 
         exit_with(exc, first_line(exc), every_rank=True)
+    except OSError as exc:
+        if user_full_error or _TASK_STARTED:
+            raise
+        # before the job starts: Hydra creating the run directory or writing its .hydra/ record
+        exit_with(exc, f"cannot set up the run directory: {exc}")
     except Exception as exc:
         from pipeline.errors import SweepJobFailed
 

@@ -48,3 +48,13 @@ def test_continual_with_a_hydra_flag_before_or_after_the_overrides_composes():
         out = _launch("continual.py", *args)
         assert out.returncode == 0, out.stderr[-2000:]
         assert "run_name: ${exp_name}/continual_${method.name}" in out.stdout
+
+
+def test_a_run_directory_hydra_cannot_set_up_is_one_line_and_exit_2(tmp_path):
+    """A run directory whose job log cannot be opened (another user's run, not writable; here a directory
+    in its place) was logging.config's ValueError traceback, exit 1, before any of our checks ran."""
+    (tmp_path / "runs" / "r" / "train.log").mkdir(parents=True)
+    out = _launch("train.py", "+exp=tofu_tiny", f"output_dir={tmp_path / 'runs'}", "run_name=r")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+    assert lines[0].startswith("error (IsADirectoryError, rank 0): cannot open the run's log file: ") and "train.log" in lines[0]
