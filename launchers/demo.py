@@ -183,6 +183,14 @@ def zero_words(ranks: int, overrides: list[str]) -> str:
     return "DeepSpeed ZeRO-3" if stage == 3 else f"DeepSpeed ZeRO stage {stage}"
 
 
+def out_dir(ap: argparse.ArgumentParser, given: str) -> Path:
+    """``--out`` as a directory (relative to the repository); a file in its place is a usage error."""
+    path = REPO / given  # an absolute ``given`` stays itself
+    if path.exists() and not path.is_dir():
+        ap.error(f"--out {given}: exists and is not a directory")
+    return path
+
+
 def clear_stale(out: Path, names: tuple[str, ...] = ("summary.md", "summary.json", "timings.json")) -> None:
     """Remove the previous run's summary files from ``out`` (and its ``logs/timings_*.json``): a run
     that fails must not leave an earlier run's table looking like its own."""
@@ -238,7 +246,7 @@ def main() -> int:
 
     env = child_env()
     out = Path(args.out)
-    logs = REPO / out / "logs"
+    logs = out_dir(ap, args.out) / "logs"
     clear_stale(REPO / out)
     t0 = time.time()
     common = ["+exp=tofu_tiny", f"output_dir={out.parent}", *args.overrides]

@@ -33,6 +33,7 @@ from demo import (  # noqa: E402  (launchers/demo.py: process helpers)
     child_env,
     clear_stale,
     launcher,
+    out_dir,
     run,
     zero_words,
 )
@@ -68,7 +69,7 @@ def main() -> None:
 
     env = child_env()
     out = Path(args.out)
-    root = REPO / out if not out.is_absolute() else out
+    root = out_dir(ap, args.out)
     logs = root / "logs"
     clear_stale(root)
     t0 = time.time()

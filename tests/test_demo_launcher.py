@@ -96,6 +96,16 @@ def test_demo_real_refuses_bad_arguments_in_one_line_before_converting(tmp_path,
     assert not (tmp_path / "d").exists()  # no cut data files, nothing converted
 
 
+@pytest.mark.parametrize("script", ["demo.py", "demo_real.py"])
+def test_an_out_that_is_a_file_is_a_usage_error(tmp_path, script):
+    """--out naming a file was a NotADirectoryError traceback from the clean-up of earlier summaries."""
+    (tmp_path / "f").write_text("kept")
+    p = _launch(script, "--out", str(tmp_path / "f"))
+    assert p.returncode == 2 and p.stderr.strip() == f"error (usage, {script}): --out {tmp_path / 'f'}: exists and is " \
+        "not a directory", p.stderr
+    assert (tmp_path / "f").read_text() == "kept"
+
+
 # --- 2. no resume across demo runs ---------------------------------------------------------------
 
 def test_demo_training_starts_afresh_unless_the_user_asks_to_resume():
