@@ -295,30 +295,6 @@ def test_new_method_config_errors_name_the_key(overrides, key):
     assert key in str(e.value)
 
 
-# -- end to end: 2 ranks, ZeRO-3 (frozen parameters, forget views, RNA hook) ------------------------
-
-
-@pytest.mark.distributed
-def test_two_rank_zero3_layerwise_and_view_methods(tmp_path):
-    from safetensors.torch import load_file
-
-    from tests.helpers.tiny import build, train_overrides
-    from tests.test_engine import launch
-
-    model_dir, data_dir = build(tmp_path)  # 2 layers
-    runs = tmp_path / "runs"
-    base = train_overrides(model_dir, data_dir, runs, "rmu", steps=2) + ["eval.enabled=false"]
-    out = launch(base + ["method=rmu", "method.layer=1", "method.rna_noise=0.05", "method.rna_layer=0"],
-                 ranks=2)
-    assert out.returncode == 0, out.stderr[-3000:]
-    before, after = load_file(str(model_dir / "model.safetensors")), load_file(str(runs / "rmu" / "model" / "model.safetensors"))
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
-    out = launch(train_overrides(model_dir, data_dir, runs, "idk", steps=2) + ["eval.enabled=false", "method=idk_dpo"],
-                 ranks=2)
-    assert out.returncode == 0, out.stderr[-3000:]
-
-
 def test_refusals_drawn_per_use_vary_by_draw_and_agree_across_ranks_and_attempts(tmp_path):
     """idk_draw=per_use (open-unlearning draws a refusal each time a row is read): a row gets other
     refusals at other draws, and the draw depends on (seed, forget-stream position, row) only, so a fresh view

@@ -39,7 +39,8 @@ JOBS = {
     "simnpo": ["method=simnpo"],
     "npo": ["method=npo"],
     "idk_dpo": ["method=idk_dpo"],
-    "rmu": ["method=rmu", "method.layer=1"],
+    # RMU trains one module per layer (frozen parameters under ZeRO-3), with RNA's noise hook on a layer below
+    "rmu": ["method=rmu", "method.layer=1", "method.rna_noise=0.05", "method.rna_layer=0"],
     "asu_wmdp": ["method=asu_wmdp", "method.layer=1"],
     # student: forget, refusals, retain in one pass; refusals drawn per use (keyed by step and row, not rank)
     "asu_idk": ["method=asu_idk", "method.tau=2.0", "method.idk_draw=per_use"],
@@ -154,6 +155,10 @@ def test_two_sharded_ranks_equal_one_rank(runs, name):
     assert ("reference" in part) == (name not in ("grad_diff", "simnpo")), part
     h1, h2 = _trained_alike(model_dir, r1, r2)
     assert [h["step"] for h in h1] == [h["step"] for h in h2] == list(range(1, STEPS + 1))
+    if name == "rmu":  # only its update modules moved, gathered from 2 shards into the export
+        w0, w2 = load_file(str(model_dir / "model.safetensors")), _weights(r2)
+        assert {k for k in w0 if not torch.equal(w0[k], w2[k])} == {"model.layers.0.mlp.down_proj.weight",
+                                                                    "model.layers.1.mlp.down_proj.weight"}
     # the export gathered from 2 shards reloads with plain transformers and gives the in-engine logits
     assert json.loads((r2 / "export_check.json").read_text())["max_abs_logit_diff"] <= 1e-5
 
