@@ -182,6 +182,9 @@ def _two_ranks() -> dict:
     """Runs on each of 2 ranks: tiny Llamas built inside deepspeed.zero.Init, probed before any engine."""
     import deepspeed
 
+    from pipeline.engine.distributed import skip_shm_comm_build
+
+    skip_shm_comm_build()  # as the pipeline's own init: no JIT build of an op training never calls (~30 s)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     import transformers.models.llama.modeling_llama  # noqa: F401 - not imported lazily inside zero.Init

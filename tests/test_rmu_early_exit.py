@@ -236,6 +236,9 @@ def _zero3_steps(case: str, lora: bool) -> dict:
 def _zero3_main(out_dir: str) -> None:
     import deepspeed
 
+    from pipeline.engine.distributed import skip_shm_comm_build
+
+    skip_shm_comm_build()  # as the pipeline's own init: no JIT build of an op training never calls (~30 s)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rec = {f"{case}-{'lora' if lora else 'full'}": _zero3_steps(case, lora)
            for case in ("rmu", "asu_wmdp") for lora in (False, True)}
