@@ -45,14 +45,26 @@ def trainable_set(method: Any, model: Any, lora: bool = False) -> str:
     return f"{_count(trained)} of {_count(total)} params ({which})"
 
 
+def loss_settings(m: Any, layerwise: bool) -> list[str]:
+    """``layer=..`` (``layerwise``: the hidden state RMU / asu_wmdp match) and the loss weights
+    ``gamma`` / ``alpha`` / ``beta`` a method config has."""
+    parts = [f"layer={int(m.layer)}"] if layerwise else []
+    return parts + [f"{k}={round(float(m[k]), 6)}" for k in ("gamma", "alpha", "beta") if m.get(k) is not None]
+
+
+def optimizer_line(t: Any) -> str:
+    """The trainer's optimisation settings in one line (the dry run's; the launch logs the resolved
+    step and warm-up counts itself): lr and its schedule, weight decay, clipping, and how long."""
+    length = f"{int(t.max_steps)} steps (trainer.max_steps)" if int(t.max_steps) > 0 else f"{float(t.epochs):g} epochs"
+    return (f"trainer: lr {float(t.lr):g}, {t.lr_scheduler} schedule, warm-up ratio {float(t.warmup_ratio):g}, "
+            f"weight decay {float(t.weight_decay):g}, max grad norm {float(t.max_grad_norm):g}; {length}")
+
+
 def method_line(cfg: DictConfig, method: Any, trainable: str, steps: int, auto_tau: bool = False) -> str:
     """The log's one line on what trains: method, tau (chosen by tau=auto or fixed), teacher layers and
     mode, the loss weights, lr, steps and the trainable set; a method without tau leaves those out."""
     m = cfg.method
-    parts = teacher_settings(m, auto_tau)
-    if hasattr(method, "update_layers"):  # the hidden state the layer-wise methods match
-        parts.append(f"layer={int(m.layer)}")
-    parts += [f"{k}={round(float(m[k]), 6)}" for k in ("gamma", "alpha", "beta") if m.get(k) is not None]
+    parts = teacher_settings(m, auto_tau) + loss_settings(m, layerwise=hasattr(method, "update_layers"))
     settings = f"{', '.join(parts)}; " if parts else ""
     return (f"method {m.name}: {settings}lr {float(cfg.trainer.lr):g}, {steps} step{'' if steps == 1 else 's'}; "
             f"trainable: {trainable}")

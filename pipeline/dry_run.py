@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.describe import teacher_settings
+from pipeline.describe import loss_settings, optimizer_line, teacher_settings
 from pipeline.inputs import checked_prompt_format, prompt_format_uses
 from pipeline.provenance import command_line_overrides
 
@@ -42,19 +42,21 @@ def dry_run(cfg: DictConfig, method: Any, dist: Any, run_dir: Optional[Path] = N
 
 
 def _dry_run_header(cfg: DictConfig, run_dir: Optional[Path] = None) -> list[str]:
-    """What the run would be: method (tau, teacher layers and mode where it has them), prompt format,
-    precision, attention backend and run directory; a few short lines."""
+    """What the run would be: method (tau, teacher layers and mode, layer and loss weights where it has
+    them), prompt format, precision, attention backend, the optimiser's settings and the run
+    directory; a few short lines."""
     from pipeline.engine.ds_config import resolve_precision
 
     m = cfg.method
-    parts = teacher_settings(m)
+    parts = teacher_settings(m) + loss_settings(m, layerwise=m.get("layer") is not None)
     method = f"method {m.name}" + (f" ({', '.join(parts)})" if parts else "")
     ds = cfg.deepspeed
     applied = "" if _dry_run_format_uses(cfg) else " (not applied: raw-text data)"
     return [f"dry run of {run_dir or _dry_run_dir(cfg)}",
             f"{method}; prompt format {cfg.model.prompt_format}{applied}",
             f"precision: {resolve_precision(ds, True)} on GPUs, {resolve_precision(ds, False)} on CPU ranks "
-            f"(deepspeed.precision={ds.precision}); attention: {_dry_run_attention(str(cfg.kernels.attention))}"]
+            f"(deepspeed.precision={ds.precision}); attention: {_dry_run_attention(str(cfg.kernels.attention))}",
+            optimizer_line(cfg.trainer)]
 
 
 def _dry_run_dir(cfg: DictConfig) -> str:

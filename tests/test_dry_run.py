@@ -79,10 +79,14 @@ def test_cli_plan_header_says_what_would_run(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert lines[0] == f"dry run of {tmp_path / 'runs'}/tofu_7b/asu_kl"
-    assert lines[1] == "method asu_kl (tau=2.3, teacher_layers=all, teacher live); prompt format llama2_chat_tofu"
+    assert lines[1] == ("method asu_kl (tau=2.3, teacher_layers=all, teacher live, gamma=0.1, alpha=1.0); "
+                        "prompt format llama2_chat_tofu")
     assert lines[2].startswith("precision: bf16 on GPUs, fp32 on CPU ranks (deepspeed.precision=auto); "
                                "attention: kernels.attention=auto -> sdpa on GPU, sdpa on CPU")
-    assert lines[3].startswith("model.path not checked (dry run): sized from model.arch")
+    # the recipe's optimisation settings (the launch logs its resolved steps and warm-up itself)
+    assert lines[3] == ("trainer: lr 1e-05, constant schedule, warm-up ratio 0, weight decay 0.01, max grad norm 1; "
+                        "5 epochs")
+    assert lines[4].startswith("model.path not checked (dry run): sized from model.arch")
     assert "16 GPUs refused:" in out.stdout and lines[-1].startswith("dry run: config validated")
     # the job wrote its one-rank accumulation (8) into trainer.grad_accum: not read as configured
     assert _row(out.stdout, "forget rows/step") == ["4x8x1=32", "4x1x8=32", "refused"]
