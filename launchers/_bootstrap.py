@@ -119,6 +119,18 @@ def _raised_by_hydra(exc: BaseException) -> bool:
     return f"{os.sep}hydra{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
+def _hydra_setup_error(exc: BaseException) -> bool:
+    """Whether ``exc`` came from Hydra setting up the job (its run directory, ``.hydra/``, the job
+    log): raised through Hydra's code and none of ours (our callbacks re-raise what they do not
+    expect, to keep its traceback)."""
+    files, tb = [], exc.__traceback__
+    while tb is not None:
+        files.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    ours = os.path.join(REPO, "pipeline") + os.sep
+    return any(f"{os.sep}hydra{os.sep}" in f for f in files) and not any(f.startswith(ours) for f in files)
+
+
 def launch(main) -> None:
     """Run a ``@hydra.main`` entry point. A config that does not compose (an unknown group option or
     key, a value of the wrong type, a malformed override) is bad input like any other: one line
@@ -146,7 +158,7 @@ def launch(main) -> None:
         # Hydra's own command-line checks (e.g. "-m ... --cfg job": "Only one of --run, --multirun,
         # --cfg, ... can be specified") raise a plain ValueError before any job starts
         cause = exc.__cause__ or exc.__context__
-        if not (user_full_error or _TASK_STARTED) and isinstance(cause, OSError):
+        if not (user_full_error or _TASK_STARTED) and isinstance(cause, OSError) and _hydra_setup_error(exc):
             # logging.config's "Unable to configure handler 'file'": the run directory's job log cannot
             # be opened (a directory the user cannot write to, another user's run)
             exit_with(cause, f"cannot open the run's log file: {cause}")
@@ -156,7 +168,7 @@ def launch(main) -> None:
 
         exit_with(exc, first_line(exc), every_rank=True)
     except OSError as exc:
-        if user_full_error or _TASK_STARTED:
+        if user_full_error or _TASK_STARTED or not _hydra_setup_error(exc):
             raise
         # before the job starts: Hydra creating the run directory or writing its .hydra/ record
         exit_with(exc, f"cannot set up the run directory: {exc}")

@@ -188,6 +188,11 @@ def out_dir(ap: argparse.ArgumentParser, given: str) -> Path:
     path = REPO / given  # an absolute ``given`` stays itself
     if path.exists() and not path.is_dir():
         ap.error(f"--out {given}: exists and is not a directory")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        ap.error(f"--out {given}: {parent} is a file, not a directory")
     return path
 
 

@@ -104,6 +104,9 @@ def test_an_out_that_is_a_file_is_a_usage_error(tmp_path, script):
     assert p.returncode == 2 and p.stderr.strip() == f"error (usage, {script}): --out {tmp_path / 'f'}: exists and is " \
         "not a directory", p.stderr
     assert (tmp_path / "f").read_text() == "kept"
+    p = _launch(script, "--out", str(tmp_path / "f" / "sub"))  # under a file
+    assert p.returncode == 2 and p.stderr.strip() == f"error (usage, {script}): --out {tmp_path / 'f' / 'sub'}: " \
+        f"{tmp_path / 'f'} is a file, not a directory", p.stderr
 
 
 # --- 2. no resume across demo runs ---------------------------------------------------------------

@@ -279,7 +279,7 @@ def test_report_cli_without_points_or_with_an_unwritable_out_is_one_line(tmp_pat
     # one run's directory: refused, its own report.md kept (a sweep report replaced it); --out elsewhere is fine
     run = next(d for d in fake_sweep.iterdir() if (d / "results.json").is_file())
     (run / "report.md").write_text("# the run's own report\n")
-    assert "is a run directory" in report(run) and (run / "report.md").read_text() == "# the run's own report\n"
+    assert "is a run directory (it has its own results.json)" in report(run) and (run / "report.md").read_text() == "# the run's own report\n"
     rep = sweep.build_report(run, out=tmp_path / "one")
     assert rep["counts"]["total"] == 1 and (run / "report.md").read_text() == "# the run's own report\n"
 

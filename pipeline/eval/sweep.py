@@ -549,10 +549,11 @@ def build_report(sweep_dir: str | Path, rule: Optional[str] = None, target: Opti
     fixed-width text, and ``markdown``). ``rule``/``x``/``y`` left out: :func:`family_defaults`."""
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out else sweep_dir
-    if out.resolve() == sweep_dir.resolve() and ((sweep_dir / RESULTS_FILE).is_file() or (sweep_dir / ".hydra").is_dir()):
-        # one run's directory: its report.md is the run's own report, which a sweep report would replace
-        raise ValueError(f"{sweep_dir} is a run directory (it has its own {RESULTS_FILE} or .hydra/), not a sweep: "
-                         f"pass the sweep directory above it, or --out elsewhere")
+    if out.resolve() == sweep_dir.resolve() and (sweep_dir / RESULTS_FILE).is_file():
+        # one run's directory: its report.md is the run's own report, which a sweep report would replace (a
+        # continual sequence's directory, whose steps are the points, has no results.json of its own)
+        raise ValueError(f"{sweep_dir} is a run directory (it has its own {RESULTS_FILE}), not a sweep: pass the "
+                         f"sweep directory above it, or --out elsewhere")
     points = gather(sweep_dir)
     if not points:  # nothing to report: no report.md / pareto.png written into the directory
         raise ValueError(f"no sweep points under {sweep_dir} (no run directories with .hydra/ or {RESULTS_FILE})")
