@@ -138,8 +138,13 @@ def _load_local_file(path: Path, builder: str, dataset: str, where: str) -> list
     if builder != "json":
         if path.stat().st_size == 0:
             return []
-        return [dict(r) for r in datasets.load_dataset(builder, data_files=str(path), split="train",
-                                                        cache_dir=_content_cache_dir(None, path))]
+        try:
+            return [dict(r) for r in datasets.load_dataset(builder, data_files=str(path), split="train",
+                                                            cache_dir=_content_cache_dir(None, path))]
+        except (datasets.exceptions.DatasetGenerationError, ValueError) as e:  # pyarrow's ArrowInvalid is one
+            cause = e.__cause__ or e
+            raise DataError(f"dataset {dataset!r}, split {where!r}: cannot read {path} "
+                            f"({type(cause).__name__}: {str(cause)[:300]}): a download or copy cut short?") from None
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")

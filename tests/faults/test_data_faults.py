@@ -85,6 +85,16 @@ def test_malformed_json_line_names_file_and_line(tmp_path, capfd):
         load_unlearning_data(cfg(tmp_path))
 
 
+def test_a_parquet_split_cut_short_names_its_file(tmp_path):
+    """A truncated parquet shard (an interrupted download) was pyarrow's ArrowInvalid traceback."""
+    from pipeline.data.common import _load_local_file
+
+    (tmp_path / "forget.parquet").write_bytes(b"PAR1" + b"x" * 20 + b"PAR1")
+    with pytest.raises(DataError, match=r"split 'forget': cannot read .*forget\.parquet \(ArrowInvalid: .*\): a "
+                                        r"download or copy cut short\?"):
+        _load_local_file(tmp_path / "forget.parquet", "parquet", "tofu", "forget")
+
+
 def test_non_utf8_file_names_file_and_byte(tmp_path):
     # was a UnicodeDecodeError traceback; hub-layout directories (data.path of tofu/muse/wmdp) read the same way
     write(tmp_path, "forget", [qa_row("alice", "paris")])
