@@ -136,6 +136,8 @@ def test_tau_accepts_number_or_auto_only():
     validate(_compose(["method.tau=auto"]))
     with pytest.raises(ConfigError, match="method.tau.*'auto'"):
         validate(_compose(["method.tau=hot"]))
+    with pytest.raises(ConfigError, match="method.tau.*must be a number > 0 or 'auto', got True"):
+        validate(_compose(["method.tau=true"]))  # float(True) == 1.0: an untempered teacher
     validate(_compose(["method.tau=auto", "method.tau_max=4", "method.tau_form_target=0.9", "method.tau_fact_target=0.8"]))
     for bad, key in (("method.tau_max=1.0", "method.tau_max"), ("method.tau_form_target=0", "method.tau_form_target"),
                      ("method.tau_form_target=1.5", "method.tau_form_target"),

@@ -78,6 +78,8 @@ class ASU(UnlearningMethod):
                     f"must be in (0, 1] (a share of the known facts forgotten), got {mcfg.tau_fact_target}")
         else:
             try:
+                if isinstance(tau, bool):  # method.tau=true parses as a bool, which float() reads as 1.0
+                    raise TypeError
                 tau = float(tau)
             except (TypeError, ValueError):
                 require(False, "method.tau", f"must be a number > 0 or 'auto', got {mcfg.tau!r}")
