@@ -257,13 +257,24 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def requests_done(rows: list[dict]) -> int:
+    """How many requests ``rows`` (the starting model's row, then one per request trained) cover."""
+    return sum(1 for r in rows if r["forget_split"] is not None)
+
+
 def render_md(rows: list[dict], requests: list[str]) -> str:
+    """``continual.md``: the sequence's rows so far, saying when requests are still to come (the table is
+    rewritten after every request, so a stopped sequence leaves a partial one)."""
+    done = requests_done(rows)
     head = ["#", "request", "forget facts", "forget quality"]
     head += [f"facts {s}" for s in requests] + ["retain facts", "utility", "well-formed"]
     lines = ["## Continual unlearning", "",
              f"Requests in order: {', '.join(requests)}. After each request the model is evaluated on every "
-             "request's forget split (`*` = not yet requested) and on the retain / utility sets.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             "request's forget split (`*` = not yet requested) and on the retain / utility sets.", ""]
+    if done < len(requests):
+        lines += [f"**{done} of {len(requests)} requests done**: the sequence is running or stopped; a re-run of "
+                  "the same command continues it.", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         m = r["metrics"]
         if r["forget_split"] is None:  # the starting model: its metrics are on the split columns
@@ -476,7 +487,8 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         # in the forget quality of that split in earlier rows too.
         refs = retain_references(steps)
         rows = [summarise_step(i, name, requests, init, d, refs) for i, name, d, init in steps]
-        out = {"requests": requests, "eval_splits": splits, "retain_split": str(cfg.data.retain_split),
+        out = {"requests": requests, "requests_done": requests_done(rows), "eval_splits": splits,
+               "retain_split": str(cfg.data.retain_split),
                "method": OmegaConf.to_container(cfg.method, resolve=True), "rows": rows}
         atomic_write_json(run_dir / "continual.json", out)  # after every request: partial results survive
         atomic_write_text(run_dir / "continual.md", render_md(rows, requests))

@@ -152,7 +152,13 @@ def test_continual_two_requests_end_to_end(tmp_path):
     assert c2["model"]["path"] == str(r1 / "model") and c2["data"]["forget_split"] == "forget10_part2"
     assert (r2 / "model" / "model.safetensors").exists() and (r2 / "results.json").exists()
     md = (root / "continual.md").read_text()
-    assert "forget10_part1" in md and md.count("\n| 2 |") == 2
+    assert "forget10_part1" in md and md.count("\n| 2 |") == 2 and "requests done" not in md
+    assert json.loads((root / "continual.json").read_text())["requests_done"] == 2
+    # a sequence stopped after request 1 (its table is rewritten after every request) says so
+    from pipeline.continual import render_md
+
+    partial = render_md(rows[:2], ["forget10_part1", "forget10_part2"])
+    assert "**1 of 2 requests done**: the sequence is running or stopped" in partial and "\n| 2 |" not in partial
     # one summary of the whole sequence after the last step: stdout (after each job's own) and a JSON
     from pipeline.eval.report import headline_keys
 
