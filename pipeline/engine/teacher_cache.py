@@ -21,9 +21,10 @@ The key hashes the model's identity (its weight files' fingerprint — names, si
 headers, sampled bytes of every tensor, config: :func:`pipeline.models.fingerprint.model_fingerprint`,
 so a model rewritten in place gets a new cache, while a byte-identical copy elsewhere, a job's
 scratch staging or a moved ``cache_dir``, reuses it: the path is recorded in the index, not hashed;
-for a hub id, the snapshot of ``model.revision``, so two revisions get two caches), tau, teacher_layers, topk, the dtype, the token
-ids/labels of the encoded forget rows — exactly what the teacher is fed, so a changed tokenizer,
-truncation (max_length) or subset (split) never reuses a stale cache; the split name and max_length
+for a hub id, the snapshot of ``model.revision``, so two revisions get two caches), tau,
+teacher_layers, topk, the dtype, the token ids/labels of the encoded forget rows — exactly what the
+teacher is fed, so a changed tokenizer, truncation (max_length) or subset (split) never reuses a
+stale cache; the split name and max_length
 are recorded in the index but not hashed — and a digest of the code that computes the cached values
 (:func:`code_digest`: tempered attention and its backends, the frozen pass, batching and
 :func:`_teacher_rows`), so a fix to that code is a new cache without a hand-bumped FORMAT_VERSION —
@@ -614,7 +615,8 @@ def _check_size(forget_encoded: Sequence[dict], vocab: int, topk: int, root: Pat
              f"top-{topk} of {vocab}" if topk and topk < vocab else f"all {vocab} log-probs per position")
     if not topk and need > 16 * 2**30:
         log.warning("teacher cache: full-vocabulary rows take ~%s here (and are read back every step); "
-                    "method.cache_topk=100 (with kernels.kl=naive: the fused KL reads full rows) keeps ~%s", _size(need), _size(cache_bytes(forget_encoded, vocab, 100)))
+                    "method.cache_topk=100 (with kernels.kl=naive: the fused KL reads full rows) keeps ~%s",
+                    _size(need), _size(cache_bytes(forget_encoded, vocab, 100)))
     if need * 1.05 > free:
         return (f"teacher cache needs ~{need / 2**30:.1f} GiB but {root} has {free / 2**30:.1f} GiB free "
                 "(set cache_dir elsewhere, or method.cache_topk with kernels.kl=naive to keep fewer log-probs per "

@@ -41,8 +41,8 @@ class ASUConfig(ForgetRetainConfig):
     tau: Any = 2.3  # a float > 0, or "auto" (chosen before training: pipeline/engine/tau_auto.py)
     # tau=auto only: the search range's upper end; the fraction of what it forgets at tau_max that the
     # tempered teacher must have forgotten of its known forget facts (the rule: the smallest tau that
-    # reaches it); without known facts,
-    # the share of the answers' non-fact top-1 predictions it must keep (the largest tau that keeps it).
+    # reaches it); without known facts, the share of the answers' non-fact top-1 predictions it must
+    # keep (the largest tau that keeps it).
     tau_max: float = TAU_MAX
     tau_fact_target: float = FACT_TARGET
     tau_form_target: float = FORM_TARGET
