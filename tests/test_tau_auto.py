@@ -163,7 +163,7 @@ def test_select_tau_in_bounds_deterministic_with_evidence(memorised):
     assert all(float(t) == 1.0 for t in get_temperatures(model))
 
 
-def test_the_probe_bar_shows_its_total_before_each_stage_and_ends_full(memorised, monkeypatch):
+def test_the_probe_bar_shows_its_whole_total_before_the_first_probe_and_ends_full(memorised, monkeypatch):
     """Every probe (the bounds' two and the bisection's) is announced before the first runs, so the
     bar's total, and its first estimate of the time left, holds from the start; it ends exactly full."""
     from pipeline import progress as P
