@@ -12,8 +12,9 @@
 with a LoRA student whose frozen base is its teacher). Extra Hydra
 overrides after ``--`` reach every step and every row, so they must be keys every row's config has,
 e.g. ``python launchers/demo.py -- trainer.max_steps=20``; a method's own key (``method.tau=3.0``) only
-with rows that all have it (``--methods asu_kl``); otherwise the demo stops at once with one line
-naming the row. Training starts afresh on every run (``trainer.resume=never``; a Ctrl-C's stop
+with rows that all have it (``--methods asu_kl``); otherwise a launch stops before any of its rows runs,
+with one line naming the row (rows of an earlier launch, e.g. ``--methods`` before ``--extra-methods``,
+may have run by then). Training starts afresh on every run (``trainer.resume=never``; a Ctrl-C's stop
 checkpoint is not resumed), and the previous run's ``summary.*`` / ``timings.json`` are removed first.
 
 After the table, ``ASU checks: N/M passed`` (the acceptance checks of the ``asu_kl`` / ``asu_kl_lora``
@@ -251,8 +252,9 @@ def main() -> int:
 
     env = child_env()
     out = Path(args.out)
-    logs = out_dir(ap, args.out) / "logs"
-    clear_stale(REPO / out)
+    root = out_dir(ap, args.out)
+    logs = root / "logs"
+    clear_stale(root)
     t0 = time.time()
     common = ["+exp=tofu_tiny", f"output_dir={out.parent}", *args.overrides]
     demo = out.name
@@ -299,12 +301,12 @@ def main() -> int:
     from pipeline.io import atomic_write_json
 
     timings = [t for f in timing_files if (REPO / f).exists() for t in json.loads((REPO / f).read_text())]
-    atomic_write_json(REPO / out / "timings.json", timings)
-    text = summarise_demo(REPO / out, list(dict.fromkeys(["target", "retain", *methods, *extra])),
+    atomic_write_json(root / "timings.json", timings)
+    text = summarise_demo(root, list(dict.fromkeys(["target", "retain", *methods, *extra])),
                           checked=CHECKED_ROWS)
     print(text)
     print(f"total {time.time() - t0:.0f}s; per-run reports: {out}/<name>/report.md", flush=True)
-    checks = json.loads((REPO / out / "summary.json").read_text()).get("checks", [])
+    checks = json.loads((root / "summary.json").read_text()).get("checks", [])
     return report_checks(checks, args.overrides)
 
 

@@ -45,10 +45,10 @@ def trainable_set(method: Any, model: Any, lora: bool = False) -> str:
     return f"{_count(trained)} of {_count(total)} params ({which})"
 
 
-def loss_settings(m: Any, layerwise: bool) -> list[str]:
-    """``layer=..`` (``layerwise``: the hidden state RMU / asu_wmdp match) and the loss weights
-    ``gamma`` / ``alpha`` / ``beta`` a method config has."""
-    parts = [f"layer={int(m.layer)}"] if layerwise else []
+def loss_settings(m: Any) -> list[str]:
+    """``layer=..`` (the hidden state the layer-wise methods, RMU and asu_wmdp, match) and the loss
+    weights ``gamma`` / ``alpha`` / ``beta`` a method config has."""
+    parts = [f"layer={int(m.layer)}"] if m.get("layer") is not None else []
     return parts + [f"{k}={round(float(m[k]), 6)}" for k in ("gamma", "alpha", "beta") if m.get(k) is not None]
 
 
@@ -60,11 +60,11 @@ def optimizer_line(t: Any) -> str:
             f"weight decay {float(t.weight_decay):g}, max grad norm {float(t.max_grad_norm):g}; {length}")
 
 
-def method_line(cfg: DictConfig, method: Any, trainable: str, steps: int, auto_tau: bool = False) -> str:
+def method_line(cfg: DictConfig, trainable: str, steps: int, auto_tau: bool = False) -> str:
     """The log's one line on what trains: method, tau (chosen by tau=auto or fixed), teacher layers and
     mode, the loss weights, lr, steps and the trainable set; a method without tau leaves those out."""
     m = cfg.method
-    parts = teacher_settings(m, auto_tau) + loss_settings(m, layerwise=hasattr(method, "update_layers"))
+    parts = teacher_settings(m, auto_tau) + loss_settings(m)
     settings = f"{', '.join(parts)}; " if parts else ""
     return (f"method {m.name}: {settings}lr {float(cfg.trainer.lr):g}, {steps} step{'' if steps == 1 else 's'}; "
             f"trainable: {trainable}")

@@ -48,7 +48,7 @@ def _dry_run_header(cfg: DictConfig, run_dir: Optional[Path] = None) -> list[str
     from pipeline.engine.ds_config import resolve_precision
 
     m = cfg.method
-    parts = teacher_settings(m) + loss_settings(m, layerwise=m.get("layer") is not None)
+    parts = teacher_settings(m) + loss_settings(m)
     method = f"method {m.name}" + (f" ({', '.join(parts)})" if parts else "")
     ds = cfg.deepspeed
     applied = "" if _dry_run_format_uses(cfg) else " (not applied: raw-text data)"

@@ -15,6 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pipeline.eval.sweep import sweep_jobs
+from pipeline.io import RUN_CONFIG
 
 
 def _check(config: DictConfig, where: str = "") -> None:
@@ -205,7 +206,7 @@ def _check_launcher_settings(config: DictConfig, where: str = "", run_dir: Optio
         return
     run_path = Path(str(config.hydra.run.dir) if run_dir is None else run_dir)
     # config.yaml: written by training only, and kept when a failed re-run set the results aside
-    trained = [n for n in ("train_history.json", "checkpoints", "finished.json", "config.yaml") if (run_path / n).exists()]
+    trained = [n for n in ("train_history.json", "checkpoints", "finished.json", RUN_CONFIG) if (run_path / n).exists()]
     if trained and run_dir is not None:  # a sweep's job: its directory is the sweep's, not run_name's
         exit_with(ConfigError(), f"{where}{run_path} holds a training run ({trained[0]}); evaluating there would "
                   f"replace its results.json: evaluate into another sweep directory (hydra.sweep.dir=...)")

@@ -139,7 +139,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     dist, method = _start(cfg)
     check_inputs_outside(cfg, run_dir)  # its export would overwrite the weights it starts from
     # the checkpoint to resume from: a path (or a typo) refused before anything is loaded, a dry run's too
-    resume_path = check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
+    resume_from = check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
     if cfg.trainer.dry_run:  # before the batch is resolved for this launch: its columns check grad_accum as configured
         return dry_run(cfg, method, dist, run_dir)
     _resolve_batch(cfg, dist.world_size)
@@ -150,7 +150,6 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     # before a known tau=auto choice enters cfg: checkpoints record method.tau=auto, the chosen tau as tau_chosen
     meta = _resume_meta(cfg, dist, key)
-    resume_from: Optional[Path] = resume_path
 
     def check_the_resume() -> None:
         # refused before any model is loaded (a requeue on another number of GPUs), and before the
@@ -185,7 +184,7 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         run_logger.update_config({"method": OmegaConf.to_container(cfg.method, resolve=True)})
     _attach_teacher_cache(cfg, method, engines, inputs, trainer, need_reference)
     if dist.is_main:  # one line with what trains: the settings a reader of the log compares runs by
-        log.info(method_line(cfg, method, trainable_set(method, engines.engine.module, engines.lora), total,
+        log.info(method_line(cfg, trainable_set(method, engines.engine.module, engines.lora), total,
                              auto_tau=tau_selection is not None))
 
     state = trainer.train()
@@ -273,10 +272,10 @@ def _write_config(text: str, dist: Any, run_dir: Path) -> None:
     it was (it described the run whose checkpoints and results are there)."""
     if not dist.is_main:
         return
-    from pipeline.io import atomic_write_text
+    from pipeline.io import RUN_CONFIG, atomic_write_text
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", text)
+    atomic_write_text(run_dir / RUN_CONFIG, text)
 
 
 def _announce(dist: Any, results: dict, run_dir: Path, reused: bool = False) -> None:
@@ -651,8 +650,6 @@ def _release_engines(engines: JobEngines, trainer: Any, student: bool = True) ->
         torch.cuda.empty_cache()
         log.info("released the %s: %.1f GiB of GPU memory freed", "training engines" if student else "frozen model",
                  (before - torch.cuda.memory_allocated()) / 2**30)
-
-
 
 
 def _exported_already(run_dir: Path, model_dir: Path, trainer: Any) -> bool:

@@ -393,14 +393,14 @@ def _fact_search_stops(rec: dict) -> bool:
     return bool(rec["facts_ok"]) or not _keeps_form_floor(rec)
 
 
-def _bisect(prober: _Prober, lo: float, hi: float, ok_at_hi: bool, key: str | Callable[[dict], bool],
-            steps: int = BISECT_STEPS) -> tuple[float, float]:
+def _bisect(prober: _Prober, lo: float, hi: float, ok_at_hi: bool,
+            key: str | Callable[[dict], bool]) -> tuple[float, float]:
     """Bisect [lo, hi] on the probes' boolean ``key`` (or a predicate of a probe record); returns
     the final (lo, hi).
 
     ``ok_at_hi``: the condition holds at ``hi`` and not at ``lo`` (search for its smallest tau),
     else it holds at ``lo`` and not at ``hi`` (its largest)."""
-    for _ in range(steps):  # announced up front by select_tau
+    for _ in range(BISECT_STEPS):  # announced up front by select_tau
         mid = 0.5 * (lo + hi)
         rec = prober.probe(mid)
         ok = key(rec) if callable(key) else rec[key]
