@@ -39,13 +39,12 @@ def _fused_steps_under_zero3() -> dict:
     from omegaconf import OmegaConf
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.engine.distributed import skip_shm_comm_build
+    from pipeline.engine.distributed import init_distributed
     from pipeline.methods import METHODS, build_method
     from pipeline.models.tempered_attention import enable_tempered_attention
     from tests.helpers.batches import padded_batch
 
-    skip_shm_comm_build()  # as the pipeline's own init: no JIT build of an op training never calls (~30 s)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_distributed()  # the pipeline's own: gloo on CPU, without the shm op's JIT build (~30 s)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=32, initializer_range=0.4, pad_token_id=0)

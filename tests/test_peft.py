@@ -420,7 +420,7 @@ def test_lora_checkpoint_of_a_tied_embedding_model_leaves_the_frozen_head_out(ti
 def test_default_targets_adapt_the_layers_the_architecture_has(kind, caplog):
     """transformers 5's Phi-3 fuses q/k/v and gate/up (qkv_proj, gate_up_proj) and Mixtral's experts
     are 3-D parameters: with Llama's names LoRA adapted o/down (Phi-3) or attention (Mixtral) only,
-    silently. Now the defaults name what is there; a target that matches nothing is said."""
+    silently. Now the defaults name what is there; a target that matches nothing stops the run."""
     import logging
 
     from transformers import AutoConfig, AutoModelForCausalLM

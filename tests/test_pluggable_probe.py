@@ -182,10 +182,9 @@ def _two_ranks() -> dict:
     """Runs on each of 2 ranks: tiny Llamas built inside deepspeed.zero.Init, probed before any engine."""
     import deepspeed
 
-    from pipeline.engine.distributed import skip_shm_comm_build
+    from pipeline.engine.distributed import init_distributed
 
-    skip_shm_comm_build()  # as the pipeline's own init: no JIT build of an op training never calls (~30 s)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_distributed()  # the pipeline's own: gloo on CPU, without the shm op's JIT build (~30 s)
     ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     import transformers.models.llama.modeling_llama  # noqa: F401 - not imported lazily inside zero.Init
     with deepspeed.zero.Init(config_dict_or_path=ds):

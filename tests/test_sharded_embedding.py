@@ -47,14 +47,13 @@ def _two_ranks() -> dict:
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.engine.distributed import skip_shm_comm_build
+    from pipeline.engine.distributed import init_distributed
     from pipeline.methods.passes import LOGITS, StepPlan, run_step
     from pipeline.models.sharded_embedding import embeddings_from_shards
     from pipeline.models.tempered_attention import enable_tempered_attention
     from tests.helpers.batches import padded_batch
 
-    skip_shm_comm_build()  # as the pipeline's own init: no JIT build of an op training never calls (~30 s)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_distributed()  # the pipeline's own: gloo on CPU, without the shm op's JIT build (~30 s)
     rank = torch.distributed.get_rank()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=37, hidden_size=12, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
