@@ -53,6 +53,7 @@ for i in $(seq 1 "$ROUNDS"); do
     ORDER+=("$side$i")
   done
 done
+CURRENT=""  # every job ran: a failure from here on is the summary's, not the last job's
 "$ROOT/.venv/bin/python" - "$WORK/runs" "$ROUNDS" "$OLD_SHA" "$ROOT/benchmarks" "${OUT:-}" "${ORDER[*]}" <<'PY'
 import json, statistics, sys
 sys.path.insert(0, sys.argv[4])

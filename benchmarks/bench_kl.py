@@ -73,7 +73,9 @@ def _targets_met(ratios: dict) -> dict:
     """Per target: True / False, None when the ratio was not measured. Time: the median of the
     per-round ratios (robust to a drift of the host's load), else the ratio of the medians."""
     t = ratios.get("time_paired")
-    t, m = ratios.get("time") if t is None else t, ratios.get("memory")
+    if t is None:
+        t = ratios.get("time")
+    m = ratios.get("memory")
     return {"memory_ratio_max": None if m is None else m <= TARGETS["memory_ratio_max"],
             "time_ratio_max": None if t is None else t <= TARGETS["time_ratio_max"]}
 
