@@ -22,10 +22,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from pipeline.config_base import ConfigError  # noqa: E402
 from pipeline.engine.distributed import setup_environment, strip_launcher_args  # noqa: E402
 
 sys.argv = strip_launcher_args(sys.argv)
-setup_environment()
+try:
+    setup_environment()
+except ConfigError as exc:  # e.g. more ranks on a node than GPUs: every rank alike, one line, exit 2
+    from pipeline.errors import exit_with
+
+    exit_with(exc, str(exc), every_rank=True)
 
 CONFIG_PATH = os.path.join(REPO, "conf")
 

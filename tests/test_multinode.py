@@ -204,26 +204,41 @@ def test_a_task_that_sees_one_gpu_uses_it_whatever_its_local_rank(clean_env, mon
     assert clean_env["LOCAL_RANK"] == "3"
 
 
-def test_more_ranks_per_node_than_the_gpus_each_sees_is_one_line(clean_env, monkeypatch, capfd):
+def test_more_ranks_per_node_than_the_gpus_each_sees_is_one_line(clean_env, monkeypatch):
     """tasks_per_node 8 on a node whose tasks each see its 4 GPUs: LOCAL_RANK 4-7 were remapped to
     cuda:0-3, two ranks per GPU, and NCCL stopped later ("Duplicate GPU detected")."""
     import torch
 
+    from pipeline.config_base import ConfigError
     from pipeline.engine.distributed import setup_environment
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     slurm = dict(SLURM_NTASKS="8", SLURM_NODEID="0", SLURM_JOB_NODELIST="gpu01", SLURM_TASKS_PER_NODE="8",
                  SLURM_JOB_ID="1", DS_ACCELERATOR="cuda", SLURM_GPUS_ON_NODE="4")
-    monkeypatch.setattr("pipeline.errors.SPOKEN_FOR_S", 0)
+    message = "8 ranks on a node with 4 GPUs: more ranks per node than GPUs"
     for rank in ("0", "5"):  # every rank alike: rank 0 waiting in the rendezvous would hold the node for an hour
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
             clean_env.pop(k, None)
         clean_env.update(slurm, SLURM_PROCID=rank, SLURM_LOCALID=rank)
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(ConfigError, match=message):
             setup_environment()
-        assert e.value.code == 2
-        assert "8 ranks on a node with 4 GPUs: more ranks per node than GPUs" in capfd.readouterr().err
+    # what a launcher's preamble makes of it: one line, exit 2, before any library import or Hydra
+    # (a real launcher process; torch told it has 4 GPUs before the preamble runs)
+    preamble = ("import sys, torch\n"
+                "torch.cuda.is_available = lambda: True\n"
+                "torch.cuda.device_count = lambda: 4\n"
+                f"sys.path.insert(0, {str(ROOT / 'launchers')!r})\n"
+                "import _bootstrap\n"
+                "print('started anyway')\n")
+    launch_env = {k: v for k, v in clean_env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    launch_env.update(slurm, SLURM_PROCID="0", SLURM_LOCALID="0")
+    out = subprocess.run([sys.executable, "-c", preamble], env=launch_env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "started anyway" not in out.stdout and "Traceback" not in out.stderr, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error (")]
+    assert len(lines) == 1 and message in lines[0] and "ConfigError, rank 0" in lines[0], out.stderr
     # bound tasks (--gpu-bind): each sees 4 of the node's 8 GPUs, and rank 5 takes its own cuda:1
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         clean_env.pop(k, None)

@@ -13,6 +13,8 @@ import socket
 import sys
 from dataclasses import dataclass
 
+from pipeline.config_base import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -77,7 +79,8 @@ AUTO_SET = "ASU_AUTO_SET"
 
 
 def setup_environment() -> None:
-    """Offline/CPU-safe defaults and rank variables for whichever launcher started us."""
+    """Offline/CPU-safe defaults and rank variables for whichever launcher started us. Raises
+    :class:`ConfigError` for a launch no rank can run (more ranks on a node than its GPUs)."""
     # Safe by default: no hub access at run time unless the user opts in with ASU_ALLOW_NETWORK=1. An
     # HF_HUB_OFFLINE=0 left in a shell profile is not that opt-in: it is overridden, and said so once.
     if os.environ.get("ASU_ALLOW_NETWORK", "0") != "1":
@@ -204,11 +207,9 @@ def _fit_local_rank_to_visible_gpus() -> None:
         # every rank sees all of the node's GPUs and there are more ranks than GPUs: remapped, two ranks
         # would share a GPU and NCCL stop later ("Duplicate GPU detected"). Decided alike on every rank.
         # (Bound tasks that each see a subset of the node's GPUs, --gpu-bind, keep the remap below.)
-        from pipeline.config_base import ConfigError
-        from pipeline.errors import exit_with
-
-        exit_with(ConfigError(), f"{per_node} ranks on a node with {n} GPUs: more ranks per node than GPUs (set "
-                  f"hydra.launcher.tasks_per_node / --ntasks-per-node / --num_gpus to {n})", every_rank=True)
+        # every rank meets it alike; the launcher turns it into one line
+        raise ConfigError(f"{per_node} ranks on a node with {n} GPUs: more ranks per node than GPUs (set "
+                          f"hydra.launcher.tasks_per_node / --ntasks-per-node / --num_gpus to {n})")
     if n and local >= n:
         os.environ["LOCAL_RANK"] = str(local % n)
         # before logging is configured (Hydra has not run yet): straight to stderr, once per rank
