@@ -12,9 +12,8 @@
 with a LoRA student whose frozen base is its teacher). Extra Hydra
 overrides after ``--`` reach every step and every row, so they must be keys every row's config has,
 e.g. ``python launchers/demo.py -- trainer.max_steps=20``; a method's own key (``method.tau=3.0``) only
-with rows that all have it (``--methods asu_kl``); otherwise a launch stops before any of its rows runs,
-with one line naming the row (rows of an earlier launch, e.g. ``--methods`` before ``--extra-methods``,
-may have run by then). Training starts afresh on every run (``trainer.resume=never``; a Ctrl-C's stop
+with rows that all have it (``--methods asu_kl``); otherwise the demo stops before anything runs, with
+one line naming the row (every row of every launch is composed and validated first). Training starts afresh on every run (``trainer.resume=never``; a Ctrl-C's stop
 checkpoint is not resumed), and the previous run's ``summary.*`` / ``timings.json`` are removed first.
 
 After the table, ``ASU checks: N/M passed`` (the acceptance checks of the ``asu_kl`` / ``asu_kl_lora``
@@ -250,22 +249,34 @@ def main() -> int:
     except ValueError as exc:
         ap.error(f"--methods/--extra-methods: {exc}")
 
-    env = child_env()
     out = Path(args.out)
     root = out_dir(ap, args.out)
+    common = ["+exp=tofu_tiny", f"output_dir={out.parent}", *args.overrides]
+    demo = out.name
+    # With two or more single-rank processes for extra rows, the two reference evaluations (the
+    # target before unlearning, the retain model = gold standard) ride along with them.
+    refs = "" if args.procs >= 2 and len(extra) >= 2 else "target,retain"
+    extra_common = [*common, "deepspeed.zero_stage=0"]
+    try:  # every row of both launches, as they will compose it: a bad override stops before anything runs
+        from pipeline.demo import check_jobs, plan_jobs
+
+        check_jobs(REPO / "conf", common, plan_jobs(methods, demo, REPO / "conf"))
+        check_jobs(REPO / "conf", extra_common, plan_jobs(extra, demo, REPO / "conf", references=()))
+    except ValueError as exc:  # ConfigError: one line naming the row
+        from pipeline.messages import error_line
+
+        print(error_line(exc, str(exc)), file=sys.stderr, flush=True)
+        return 2
+
+    env = child_env()
     logs = root / "logs"
     clear_stale(root)
     t0 = time.time()
-    common = ["+exp=tofu_tiny", f"output_dir={out.parent}", *args.overrides]
-    demo = out.name
 
     steps = 2 + bool(extra)
     print(f"== 1/{steps} benchmark and models (cached after the first run)", flush=True)
     run([[sys.executable, "launchers/prepare.py", *without_method_keys(common)]], env, [logs / "prepare.log"])
 
-    # With two or more single-rank processes for extra rows, the two reference evaluations (the
-    # target before unlearning, the retain model = gold standard) ride along with them.
-    refs = "" if args.procs >= 2 and len(extra) >= 2 else "target,retain"
     print(f"== 2/{steps} on {args.ranks} CPU rank(s), {zero_words(args.ranks, args.overrides)}, one launch: "
           f"{'evaluate the target and retain models, then ' if refs else ''}unlearn with "
           f"{', '.join(methods) or 'nothing'}", flush=True)
@@ -291,7 +302,7 @@ def main() -> int:
             cmds.append([sys.executable, "launchers/demo_runs.py", "--methods", ",".join(group),
                          "--references", ref_of[i] if i < len(ref_of) else "",
                          "--batch-scale", str(args.ranks), "--demo-name", demo, "--timings", str(timing_files[-1]),
-                         *common, "deepspeed.zero_stage=0"])
+                         *extra_common])
             logs_b.append(logs / f"runs_extra{i}.log")
         run(cmds, env, logs_b, echo="[demo] ")
 

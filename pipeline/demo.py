@@ -105,6 +105,19 @@ def compose_job(conf_dir: Path, common: list[str], job: DemoJob) -> DictConfig:
                           f"run that one alone with --methods)") from None
 
 
+def check_jobs(conf_dir: Path, common: list[str], jobs: list[DemoJob]) -> None:
+    """Compose and validate every job's config as :func:`demo_job` will (``launchers/demo.py`` calls it
+    for every row of every launch before anything runs). Raises :class:`ConfigError` naming the row."""
+    from pipeline.config import ConfigError, validate
+
+    for job in jobs:
+        cfg = compose_job(conf_dir, common, job)
+        try:
+            validate(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"demo row {job.name}: {exc}") from None
+
+
 def demo_job(conf_dir: Path, common: list[str], jobs: list[DemoJob], batch_scale: int = 1) -> list[dict]:
     """Run ``jobs`` in order in this process group; returns one timing record per job.
 
