@@ -106,9 +106,8 @@ def test_an_unknown_dtype_or_device_is_a_config_error(key):
 
 def test_the_retain_reference_cache_key_holds_the_dtype():
     """bf16 and fp32 truth ratios differ: a reference cached in one is not read for the other."""
-    tok = type("Tok", (), {"name_or_path": "", "__len__": lambda self: 10})()
-    f32, _ = runner._reference_settings(_cfg("eval.dtype=float32"), "forget10", tok)
-    bf16, _ = runner._reference_settings(_cfg("eval.dtype=bfloat16"), "forget10", tok)
+    f32 = runner._reference_settings(_cfg("eval.dtype=float32"), "forget10")
+    bf16 = runner._reference_settings(_cfg("eval.dtype=bfloat16"), "forget10")
     assert f32["eval.dtype"] == "float32" and bf16["eval.dtype"] == "bfloat16"
 
 

@@ -93,6 +93,26 @@ def test_two_retain_models_in_one_folder_get_their_own_reference(models, caplog)
     assert Path(info["file"]).parent == root / "cache" / "retain_reference"
 
 
+def test_a_reference_cached_by_other_evaluation_code_is_recomputed(models, tmp_path, monkeypatch, caplog):
+    """The key holds the evaluation code's digest, as the evaluation parts' does: truth ratios that other
+    code computed (another answer labelling, say) were read back and KS-tested against this code's."""
+    cfg = _cfg(models)
+    cfg.cache_dir = str(tmp_path)
+    tok = load_tokenizer(models / "models" / "retain_a", False)
+    paths = _paths(models, "retain_a", shared_cache=False)
+    ref, info = retain_reference(cfg, paths, "forget", ROWS, tok)
+    assert info["source"] == "computed"
+    assert retain_reference(cfg, paths, "forget", ROWS, tok)[1]["source"] == "cache"
+    monkeypatch.setattr("pipeline.eval.parts.code_digest", lambda: "other code")
+    with caplog.at_level(logging.WARNING, logger="pipeline.eval.reference"):
+        again, info2 = retain_reference(cfg, paths, "forget", ROWS, tok)
+    stale = [r.getMessage() for r in caplog.records if "does not match" in r.getMessage()]
+    assert len(stale) == 1 and "(code differ)" in stale[0], stale
+    assert info2["source"] == "computed" and info2["file"] == info["file"]  # replaced, not one file per code
+    assert json.loads(Path(info["file"]).read_text())["key"]["code"] == "other code"
+    assert again == pytest.approx(ref, rel=1e-6)
+
+
 def _ou_logs(scores, answers=None):
     """open-unlearning's TOFU_EVAL.json shape (saves/eval/tofu_<model>_retain90/TOFU_EVAL.json)."""
     logs = {"forget_truth_ratio": {"agg_value": 0.6, "value_by_index": {str(i): {"score": s} for i, s in enumerate(scores)}}}
@@ -110,6 +130,13 @@ def test_precomputed_reference_file_is_read_and_checked(tmp_path):
     ours = tmp_path / "ours.json"
     ours.write_text(json.dumps({"split": "forget", "truth_ratio": [0.1, 0.2, 0.3]}))
     assert load_reference_file(ours, "forget", ROWS) == ([0.1, 0.2, 0.3], "pipeline")
+    # one of our cache files records its settings: other ones than this run's are refused, naming them
+    here = {"max_length": 64, "truth_ratio_reference": "paraphrase", "model.prompt_format": "chat"}
+    ours.write_text(json.dumps({"split": "forget", "truth_ratio": [0.1, 0.2, 0.3], "key": {"settings": here}}))
+    assert load_reference_file(ours, "forget", ROWS, dict(here)) == ([0.1, 0.2, 0.3], "pipeline")
+    with pytest.raises(RetainReferenceError, match=r"computed with other evaluation settings \(max_length 64 there, "
+                                                   r"48 here; model.prompt_format 'chat' there, 'raw' here\); set"):
+        load_reference_file(ours, "forget", ROWS, {**here, "max_length": 48, "model.prompt_format": "raw"})
 
     bad = tmp_path / "bad.json"
     cases = [

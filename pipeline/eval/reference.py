@@ -83,17 +83,20 @@ def settings_fingerprint(settings: Any, truth_ratio_key: str, extra: Optional[di
     return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
-def reference_key(retain_model: str, split: str, rows: Sequence[dict], settings: dict, tokenizer: dict) -> dict:
-    """The full cache key (JSON-able)."""
+def reference_key(retain_model: str, split: str, rows: Sequence[dict], settings: dict, tokenizer: dict,
+                  code: str) -> dict:
+    """The full cache key (JSON-able). ``code``: the digest of the evaluation code
+    (:func:`pipeline.eval.parts.code_digest`), as for the evaluation parts: truth ratios computed by
+    other code (another answer labelling, say) are not compared with this code's."""
     return {"schema": KEY_SCHEMA, "split": split, "retain_model": model_fingerprint(retain_model),
-            "rows": rows_fingerprint(rows), "settings": settings, "tokenizer": tokenizer}
+            "rows": rows_fingerprint(rows), "settings": settings, "tokenizer": tokenizer, "code": code}
 
 
 def cache_file(cache_dir: str | Path, key: dict) -> Path:
     """Where the reference of ``key`` lives: named by split and a digest of (model path, rows,
-    settings, tokenizer) — not of the weight fingerprint, so a model rewritten in place reads its
-    old file, sees the mismatch and replaces it."""
-    addr = {k: v for k, v in key.items() if k != "retain_model"}
+    settings, tokenizer) — not of the weight fingerprint nor the code, so a model rewritten in place
+    (or a code change) reads its old file, sees the mismatch and replaces it."""
+    addr = {k: v for k, v in key.items() if k not in ("retain_model", "code")}
     addr["model_path"] = key["retain_model"]["path"]
     digest = _sha256(json.dumps(addr, sort_keys=True).encode())[:16]
     return Path(cache_dir) / f"retain_reference_{re.sub(r'[^A-Za-z0-9_.-]+', '_', key['split'])}_{digest}.json"
@@ -127,6 +130,19 @@ def read_cached(path: Path, key: dict) -> Optional[list[float]]:
     return [_float(x) for x in ratios]
 
 
+def _at(d: Any, dotted: str) -> Any:
+    """The value at a :func:`_diff` path (None where it is missing); keys may hold dots themselves
+    (``model.prompt_format``)."""
+    if not isinstance(d, dict):
+        return None
+    if dotted in d:
+        return d[dotted]
+    for i, ch in enumerate(dotted):
+        if ch == "." and dotted[:i] in d:
+            return _at(d[dotted[:i]], dotted[i + 1:])
+    return None
+
+
 def cache_record(key: dict, ratios: Sequence[float], retain_model: str) -> dict:
     return {"key": key, "split": key["split"], "model": str(retain_model), "truth_ratio": [float(x) for x in ratios]}
 
@@ -139,11 +155,13 @@ def _norm(s: Any) -> str:
     return " ".join(str(s).split())
 
 
-def load_reference_file(path: str | Path, split: str, rows: Sequence[dict]) -> tuple[list[float], str]:
+def load_reference_file(path: str | Path, split: str, rows: Sequence[dict],
+                        settings: Optional[dict] = None) -> tuple[list[float], str]:
     """Truth ratios from a precomputed reference file, checked against the forget ``split`` rows.
 
     Accepted: this pipeline's cache files (``truth_ratio`` + ``split``; the rows' hash is compared
-    too) and open-unlearning's evaluation logs (``TOFU_EVAL.json``: ``forget_truth_ratio`` →
+    too, and the truth-ratio settings it records with this run's ``settings`` when given: a reference
+    computed with another truth-ratio reference, prompt format or dtype is not comparable) and open-unlearning's evaluation logs (``TOFU_EVAL.json``: ``forget_truth_ratio`` →
     ``value_by_index`` → ``{"<i>": {"score": tr}}``; where the file also holds
     ``forget_Q_A_ROUGE`` its ``ground_truth`` answers are compared with the split's answers).
     Returns ``(ratios, format)``; anything that does not fit raises :class:`RetainReferenceError`.
@@ -168,6 +186,13 @@ def load_reference_file(path: str | Path, split: str, rows: Sequence[dict]) -> t
         got = ((obj.get("key") or {}).get("rows") or {}).get("sha256")
         if got is not None and got != want:
             raise RetainReferenceError(f"{where}: computed on different rows of split {split!r} (rows hash differs)")
+        stored = (obj.get("key") or {}).get("settings")
+        differ = _diff(stored, settings) if isinstance(stored, dict) and settings is not None else []
+        if differ:
+            shown = "; ".join(f"{k} {_at(stored, k)!r} there, {_at(settings, k)!r} here" for k in differ[:3])
+            raise RetainReferenceError(f"{where}: computed with other evaluation settings ({shown}"
+                                       f"{'; ...' if len(differ) > 3 else ''}); set them alike, or leave "
+                                       f"eval.retain_reference unset to compute the reference")
         return [_float(x) for x in ratios], "pipeline"
     tr = obj.get("forget_truth_ratio") if isinstance(obj, dict) else None
     by_index = tr.get("value_by_index") if isinstance(tr, dict) else None

@@ -224,17 +224,16 @@ def _placement(cfg: DictConfig, model: Any, parts: Optional[SplitParts] = None) 
     return {**ran_on, "reused_splits": list(parts.reused) if parts is not None else []}
 
 
-def _reference_settings(cfg: DictConfig, forget_split: str, tokenizer: Any) -> tuple[dict, dict]:
-
+def _reference_settings(cfg: DictConfig, forget_split: str) -> dict:
+    """The settings the retain model's truth ratios on ``forget_split`` depend on (part of their key)."""
     from pipeline.eval.parts import prompt_settings
-    from pipeline.eval.reference import settings_fingerprint, tokenizer_fingerprint
+    from pipeline.eval.reference import settings_fingerprint
     from pipeline.eval.tofu import resolve_truth_ratio_key
 
     prompt = prompt_settings(cfg)
-    settings = settings_fingerprint(_settings(cfg), resolve_truth_ratio_key(forget_split, truth_ratio_key(cfg)),
-                                    {**{f"model.{k}": v for k, v in prompt.items()},
-                                     "eval.dtype": eval_dtype(cfg)})  # bf16 and fp32 ratios differ
-    return settings, tokenizer_fingerprint(tokenizer)
+    return settings_fingerprint(_settings(cfg), resolve_truth_ratio_key(forget_split, truth_ratio_key(cfg)),
+                                {**{f"model.{k}": v for k, v in prompt.items()},
+                                 "eval.dtype": eval_dtype(cfg)})  # bf16 and fp32 ratios differ
 
 
 def reference_cache_dir(cfg: DictConfig, paths: Any) -> Path:
@@ -254,23 +253,26 @@ def retain_reference(cfg: DictConfig, paths: Any, forget_split: str, rows: list[
     decides and broadcasts, so every rank takes part in the same (collective) evaluation.
     Returns ``(None, {...})`` without a retain model.
     """
+    from pipeline.eval.parts import code_digest
     from pipeline.eval.reference import (
         cache_file,
         cache_record,
         load_reference_file,
         read_cached,
         reference_key,
+        tokenizer_fingerprint,
     )
 
+    settings = _reference_settings(cfg, forget_split)
     if cfg.eval.get("retain_reference"):
-        ratios, fmt = load_reference_file(cfg.eval.retain_reference, forget_split, rows)
+        ratios, fmt = load_reference_file(cfg.eval.retain_reference, forget_split, rows, settings)
         log.info("forget-quality reference: %d truth ratios from %s (%s format)", len(ratios),
                  cfg.eval.retain_reference, fmt)
         return ratios, {"source": "file", "file": str(cfg.eval.retain_reference), "format": fmt}
     if not paths.retain_model:
         return None, {"source": None}
-    settings, tok = _reference_settings(cfg, forget_split, tokenizer)
-    key = reference_key(paths.retain_model, forget_split, rows, settings, tok)
+    key = reference_key(paths.retain_model, forget_split, rows, settings, tokenizer_fingerprint(tokenizer),
+                        code_digest())
     cache = cache_file(reference_cache_dir(cfg, paths), key)
     info = {"source": "cache", "file": str(cache), "model": key["retain_model"]["path"]}
     ratios = broadcast_object(read_cached(cache, key) if is_main_process() else None)
@@ -513,7 +515,8 @@ def check_retain_reference(cfg: DictConfig, data: Any) -> None:
         return
     from pipeline.eval.reference import load_reference_file
 
-    load_reference_file(cfg.eval.retain_reference, data.forget_split, tofu_eval_splits(cfg, data)[data.forget_split])
+    load_reference_file(cfg.eval.retain_reference, data.forget_split, tofu_eval_splits(cfg, data)[data.forget_split],
+                        _reference_settings(cfg, data.forget_split))
 
 
 LM_EVAL_FILE = "lm_eval.json"  # lm-eval's results, groups and versions, beside results.json
