@@ -652,10 +652,14 @@ def _release_engines(engines: JobEngines, trainer: Any, student: bool = True) ->
                  (before - torch.cuda.memory_allocated()) / 2**30)
 
 
-def _exported_already(run_dir: Path, model_dir: Path, trainer: Any) -> bool:
-    """This attempt resumed at the last step, trained nothing, and ``model_dir`` is the export of
-    that very checkpoint (an attempt stopped during its evaluation): export it again for nothing?
+def _exported_already(run_dir: Path, model_dir: Path, trainer: Any, lora: bool) -> bool:
+    """This attempt resumed at the last step, trained nothing, and ``model_dir`` (with LoRA also the
+    adapter) is the export of that very checkpoint (an attempt stopped during its evaluation): export
+    it again for nothing? The checkpoint's save id, not only its step, must match: a run trained again
+    in its directory (``trainer.resume=never``, a continual step whose inputs changed) and stopped
+    before its export left the earlier training's export beside a new checkpoint of the same step.
     Rank 0 decides, every rank follows (the export is collective)."""
+    from pipeline.engine.checkpoint import save_id
     from pipeline.engine.distributed import broadcast_object, is_main_process
 
     same = False
@@ -664,8 +668,9 @@ def _exported_already(run_dir: Path, model_dir: Path, trainer: Any) -> bool:
             rec = json.loads((run_dir / EXPORTED_FROM).read_text())
         except (OSError, ValueError):
             rec = None
-        same = model_dir.is_dir() and rec == {"checkpoint": checkpoint_name(trainer.resumed_from),
-                                              "step": trainer.state.step}
+        exported = model_dir.is_dir() and (not lora or (run_dir / "adapter" / "adapter_config.json").is_file())
+        same = exported and rec == {"checkpoint": checkpoint_name(trainer.resumed_from), "step": trainer.state.step,
+                                    "save_id": save_id(trainer.resumed_from)}
     return bool(broadcast_object(same))
 
 
@@ -680,7 +685,7 @@ def _export(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir: Pa
     model_dir = run_dir / "model"
     if not cfg.trainer.export:
         return model_dir
-    if _exported_already(run_dir, model_dir, trainer):
+    if _exported_already(run_dir, model_dir, trainer, bool(engines.lora)):
         if is_main_process():
             log.info("%s is the export of checkpoint %s, written by an earlier attempt, and nothing was trained "
                      "since: not exported again", model_dir, checkpoint_name(trainer.resumed_from))
@@ -698,7 +703,8 @@ def _export(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir: Pa
         latest = ckpt.latest_checkpoint(trainer.ckpt_root)
         at_this_step = latest is not None and ckpt.read_meta(latest).get("step") == trainer.state.step
         atomic_write_json(run_dir / EXPORTED_FROM, {"checkpoint": checkpoint_name(latest) if at_this_step else None,
-                                                    "step": trainer.state.step})
+                                                    "step": trainer.state.step,
+                                                    "save_id": ckpt.save_id(latest) if at_this_step else None})
     return model_dir
 
 

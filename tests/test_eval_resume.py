@@ -8,6 +8,7 @@ and ends with the same metrics; a part from another model, other rows or setting
 import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 
@@ -56,7 +57,9 @@ def test_a_rerun_reuses_the_export_and_the_finished_splits_and_ends_with_the_sam
         return out.stderr, json.loads((run / "results.json").read_text())
 
     _, first = go()
-    assert json.loads((run / "exported_from.json").read_text()) == {"checkpoint": "step_00000004", "step": 4}
+    exported = json.loads((run / "exported_from.json").read_text())
+    assert exported == {"checkpoint": "step_00000004", "step": 4, "save_id": exported["save_id"]}
+    assert len(exported["save_id"]) == 32
     splits = sorted(first["evaluation"]["rows"])
     assert sorted(p.name for p in (run / "eval_parts").iterdir()) == [f"tofu_{s}.json" for s in splits]
     model_mtime = (run / "model" / "model.safetensors").stat().st_mtime_ns
@@ -79,6 +82,45 @@ def test_a_rerun_reuses_the_export_and_the_finished_splits_and_ends_with_the_sam
 
     _, fourth = go("eval.resume=false")
     assert fourth["evaluation"]["reused_splits"] == [] and fourth["metrics"] == first["metrics"]
+
+
+def test_a_run_trained_again_and_stopped_before_its_export_exports_the_new_weights(tmp_path):
+    """Trained again in its directory (``trainer.resume=never``, as the "different configuration" error
+    advises) and killed after its last checkpoint, before its export: the next launch resumed at the last
+    step and kept the first training's model/ as "the export of checkpoint step_00000004" (the tag names
+    the step only), evaluated it and recorded the run finished with the other lr's weights."""
+    import hashlib
+
+    args, run = resumable_job(tmp_path)
+    args += ["eval.enabled=false"]
+
+    def weights(d: Path) -> str:
+        return hashlib.sha256((d / "model" / "model.safetensors").read_bytes()).hexdigest()
+
+    assert launch.run(args).returncode == 0
+    first = weights(run)
+    killed = launch.run(args + ["trainer.lr=5e-3", "trainer.resume=never"], ASU_INJECT="kill_after_save@4")
+    assert killed.returncode != 0 and weights(run) == first  # the new step-4 checkpoint is there, model/ is old
+    out = launch.run(args + ["trainer.lr=5e-3"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stderr and "not exported again" not in out.stderr
+    fresh = launch.run(args + ["trainer.lr=5e-3", "run_name=fresh"])
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert weights(run) == weights(run.parent / "fresh") != first
+
+
+def test_a_lora_runs_deleted_adapter_is_exported_again(tmp_path):
+    """Only model/ was looked at: the re-run resumed at the last step, logged "not exported again" and
+    recorded the run finished with results.json pointing at the missing adapter/."""
+    import shutil
+
+    args, run = resumable_job(tmp_path)
+    args += ["eval.enabled=false", "model.peft.enabled=true"]
+    assert launch.run(args).returncode == 0
+    shutil.rmtree(run / "adapter")
+    out = launch.run(args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "not exported again" not in out.stderr and (run / "adapter" / "adapter_config.json").is_file()
 
 
 def test_privleaks_retrain_auc_does_not_invalidate_the_stored_splits(tmp_path):

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -111,8 +112,9 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
         faults.maybe_fail_write("enospc_in_save", step)  # fault suite: one rank's write fails
         barrier()
         if is_main_process():
-            atomic_write_text(root / partial_tag / META, json.dumps({**meta, "step": step, "tag": tag}, indent=2,
-                                                                sort_keys=True))
+            # save_id: this save, among saves of the same step (a run trained again in its directory)
+            record = {**meta, "step": step, "tag": tag, SAVE_ID: uuid.uuid4().hex}
+            atomic_write_text(root / partial_tag / META, json.dumps(record, indent=2, sort_keys=True))
             if final.exists():
                 # the same step saved again (a resume at the last step, resume=never in a used run): the
                 # published one moves aside, not away, until the new one is in place (latest_checkpoint
@@ -312,6 +314,15 @@ INFO_PREFIX = "info."
 def ckpt_info(name: str) -> str:
     """The meta field ``name`` recorded for information only (:data:`INFO_PREFIX`)."""
     return INFO_PREFIX + name
+
+
+# a random id per save: tells two checkpoints of one step apart (the tag names the step only)
+SAVE_ID = ckpt_info("save_id")
+
+
+def save_id(ckpt: str | Path) -> Optional[str]:
+    """The :data:`SAVE_ID` of checkpoint ``ckpt`` (None for one saved before it was recorded)."""
+    return read_meta(ckpt).get(SAVE_ID)
 
 
 # Meta field of checkpoints trained on after ``trainer.resume=<a checkpoint of this run>``: that
