@@ -210,6 +210,9 @@ def test_empty_documents_are_dropped_with_a_warning(caplog):
     assert "split 'forget': dropped 1 of 3 text row(s): empty documents" in caplog.text
     with pytest.raises(DataError, match=r"split 'retain': all 2 text row\(s\) are empty documents"):
         encode_rows(tok, [{"text": ""}, {"text": ""}], 16, True, "retain")
+    # packed (data.pack_text=true): no rows at all, which stopped training with a ZeroDivisionError
+    with pytest.raises(DataError, match=r"split 'retain': all 2 text row\(s\) are empty documents"):
+        encode_rows(tok, [{"text": ""}, {"text": ""}], 16, True, "retain", pack_text=True)
 
 
 @pytest.mark.parametrize("max_length", [4, 7, 64])

@@ -235,6 +235,8 @@ def _packed_rows(tokenizer, rows: Sequence[dict], max_length: int, split: str) -
         raise DataError(f"split {split!r} row {qa}: data.pack_text=true packs raw-text rows ({{'text': ...}}), but this "
                         f"row has columns {sorted(rows[qa])}; set data.pack_text=false for question/answer data")
     packed = pack_texts(tokenizer, [r["text"] for r in rows], max_length)
+    if not packed:  # as unpacked rows: a split with nothing to train on stops here, not in the batch plan
+        raise DataError(f"split {split!r}: all {len(rows)} text row(s) are empty documents (no text tokens)")
     log.info("split %r: %d texts packed into %d rows of <= %d tokens (%d tokens; data.pack_text=true)", split,
              len(rows), len(packed), max_length, sum(len(e.input_ids) for e in packed), extra=SAME_ON_EVERY_RANK)
     return [{"input_ids": e.input_ids, "labels": e.labels, "index": i} for i, e in enumerate(packed)]
