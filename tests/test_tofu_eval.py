@@ -105,8 +105,8 @@ def test_answer_logprobs_matches_manual(model, tokenizer):
     assert counts_t[0] == 10 - len(prompt_ids(tokenizer, ""))
 
 
-def _manual_greedy(model, tokenizer, q, max_new_tokens):
-    ids = prompt_ids(tokenizer, q)
+def _manual_greedy(model, tokenizer, q, max_new_tokens, ids=None):
+    ids = prompt_ids(tokenizer, q) if ids is None else ids
     out = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
@@ -136,6 +136,26 @@ def test_greedy_generate_matches_manual_loop(model, tokenizer):
         assert text == tokenizer.decode(ref, skip_special_tokens=True).strip()
         ended.append(end)
     assert any(ended)
+
+
+def test_an_over_long_question_is_shortened_for_generation_as_for_scoring(model, tokenizer, caplog):
+    """Scoring drops leading question words to fit max_length; generation took the whole question (past
+    the model's context when longer), so ROUGE and fact recall read another prompt than the probabilities."""
+    from pipeline.data.formatting import fit_prompt
+
+    long_q, short_q = " ".join([ROWS[0]["question"]] * 4), ROWS[1]["question"]
+    max_length, new = len(prompt_ids(tokenizer, ROWS[0]["question"])) + 2 + 5, 5
+    ids, cut = fit_prompt(tokenizer, long_q, max_length - new)
+    full = prompt_ids(tokenizer, long_q)
+    assert cut and len(ids) <= max_length - new < len(full) and ids[0] == full[0] and ids[-4:] == full[-4:]
+    assert fit_prompt(tokenizer, short_q, max_length - new) == (prompt_ids(tokenizer, short_q), False)
+    with caplog.at_level("WARNING", logger="pipeline.eval.tofu"):
+        got = greedy_generate(model, tokenizer, [long_q, short_q], max_new_tokens=new, batch_size=2,
+                              max_length=max_length)
+    assert got[0][1] == _manual_greedy(model, tokenizer, long_q, new, ids=ids)[0]
+    assert got[1][1] == _manual_greedy(model, tokenizer, short_q, new)[0]
+    assert "generation: 1 of 2 prompt(s) shortened" in caplog.text
+    assert greedy_generate(model, tokenizer, [short_q], max_new_tokens=new, batch_size=1) == got[1:]  # no limit
 
 
 def test_trim_generation():

@@ -60,6 +60,14 @@ def prompt_ids(tokenizer, question: str, template: Any = PROMPT_TEMPLATE) -> lis
     return bos + _ids(tokenizer, build_prompt(question, template))
 
 
+def fit_prompt(tokenizer, question: str, max_length: int, template: Any = PROMPT_TEMPLATE) -> tuple[list[int], bool]:
+    """:func:`prompt_ids` of ``question`` in at most ``max_length`` tokens, shortened as a QA row is
+    (:func:`fit_question`: leading question words dropped; a prompt too long even without its question
+    is cut from its end); and whether it was shortened."""
+    enc = fit_question(lambda q: Encoded(prompt_ids(tokenizer, q, template), []), question, max_length)
+    return enc.input_ids, enc.truncated
+
+
 def encode_qa(
     tokenizer,
     question: str,

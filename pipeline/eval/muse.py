@@ -201,7 +201,7 @@ def evaluate_verbmem(model, tokenizer, rows: Sequence[dict], cfg: MuseSettings, 
     idx = _mine(rows, rank, world_size)
     gens = greedy_generate(model, tokenizer, [rows[i]["prompt"] for i in idx], cfg.verbmem_max_new_tokens,
                            cfg.batch_size, synced_gpus=cfg.synced_gpus, template=RAW_TEMPLATE,
-                           num_batches=_calls(len(rows), cfg.batch_size, world_size))
+                           num_batches=_calls(len(rows), cfg.batch_size, world_size), max_length=cfg.max_length)
     res = ExampleResults(name, idx, {"rouge_l_f1": [], "rouge_l_recall": [], "generation": []})
     for i, (text, _, _) in zip(idx, gens):
         r = M.rouge_l(text, rows[i]["gt"], cfg.rouge_stemmer)
@@ -218,7 +218,7 @@ def evaluate_knowmem(model, tokenizer, rows: Sequence[dict], cfg: MuseSettings, 
     prompts = [knowmem_prompt(rows[i]["question"], icl) for i in idx]
     gens = greedy_generate(model, tokenizer, prompts, cfg.knowmem_max_new_tokens, cfg.batch_size,
                            synced_gpus=cfg.synced_gpus, template=RAW_TEMPLATE,
-                           num_batches=_calls(len(rows), cfg.batch_size, world_size))
+                           num_batches=_calls(len(rows), cfg.batch_size, world_size), max_length=cfg.max_length)
     res = ExampleResults(name, idx, {"rouge_l_f1": [], "rouge_l_recall": [], "generation": []})
     for i, (_, toks, _) in zip(idx, gens):
         # cut the raw decoding, then strip (MUSE's knowmem.py, open-unlearning's stopword cut): an

@@ -25,7 +25,7 @@ import torch
 from transformers import GenerationConfig
 
 from pipeline.data.collate import pad_batch, padding_id
-from pipeline.data.formatting import PROMPT_TEMPLATE, encode_qa, prompt_ids
+from pipeline.data.formatting import PROMPT_TEMPLATE, encode_qa, fit_prompt, prompt_ids
 from pipeline.engine.distributed import is_main_process
 from pipeline.eval import metrics as M
 from pipeline.eval.batching import batch_count, batches, score_labelled, synced_batch_count
@@ -177,16 +177,29 @@ def greedy_generate(
     synced_gpus: bool = False,
     template: Any = PROMPT_TEMPLATE,
     num_batches: Optional[int] = None,
+    max_length: Optional[int] = None,
 ) -> list[tuple[str, list[int], bool]]:
     """Greedy answers to ``questions``: ``(text, token_ids, ended_with_a_stop_token)`` per question.
 
     Prompts are the format's (``<bos>Question: {q}\\nAnswer:`` by default), left-padded (sorted by
-    length to limit padding); ``token_ids`` are the generated ids up to (excluding) the first stop
+    length to limit padding); with ``max_length``, a prompt and its ``max_new_tokens`` fit in it: a
+    longer question loses leading words, as in scoring (:func:`fit_prompt`), and the count is logged
+    (before, an over-long question went to ``generate`` whole, past the model's context if it was
+    longer); ``token_ids`` are the generated ids up to (excluding) the first stop
     token (:func:`generation_stop_ids`, :func:`model_stop_ids`); ``text`` is their decoding without special tokens, stripped.
     Plain argmax decoding whatever the model's ``generation_config`` says (:func:`plain_greedy_config`).
     ``synced_gpus`` is passed to ``generate`` (ZeRO-3); ``num_batches`` as in :func:`answer_logprobs`.
     """
-    prompts = [prompt_ids(tokenizer, q, template) for q in questions]
+    if max_length is None:
+        prompts = [prompt_ids(tokenizer, q, template) for q in questions]
+    else:
+        # a budget of at least one token: a max_new_tokens over max_length still generates (its prompt cut)
+        fitted = [fit_prompt(tokenizer, q, max(max_length - max_new_tokens, 1), template) for q in questions]
+        prompts = [ids for ids, _ in fitted]
+        cut = sum(shortened for _, shortened in fitted)
+        if cut:
+            log.warning("generation: %d of %d prompt(s) shortened (leading question words dropped) to leave "
+                        "max_new_tokens=%d in max_length=%d", cut, len(prompts), max_new_tokens, max_length)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[Optional[tuple[str, list[int], bool]]] = [None] * len(prompts)
     # A chat format's answer ends with its end-of-turn token (e.g. <|eot_id|>), which may not be EOS.
@@ -236,7 +249,7 @@ class SplitResult:
     gen_tokens: list[int] = field(default_factory=list)  # generated length (without eos)
     generation: list[str] = field(default_factory=list)
     truth_ratio_key: str = "paraphrased_answer"  # which answer the truth ratio treats as correct
-    n_truncated: int = 0  # answers cut by max_length (scored on their kept tokens)
+    n_truncated: int = 0  # rows cut to max_length to be scored (question words dropped; or the answer's end)
     # Metrics not computed because the split lacks their columns (e.g. plain QA data without
     # perturbed answers): one "metric(s): reason" entry each; those values are nan.
     skipped: list[str] = field(default_factory=list)
@@ -406,7 +419,7 @@ def _run_model(model, tokenizer, rows: Sequence[dict], mine: list[dict], cfg: Ev
         pert = answer_logprobs(model, tokenizer, flat_q, flat_a, num_batches=n_pert, **common)
     gens = greedy_generate(
         model, tokenizer, qs, cfg.max_new_tokens, bs, synced_gpus=cfg.synced_gpus,
-        template=cfg.template, num_batches=one,
+        template=cfg.template, num_batches=one, max_length=cfg.max_length,
     ) if generate else None
     return _ModelOutputs(answer, para, pert, gens)
 
