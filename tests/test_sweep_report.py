@@ -113,6 +113,41 @@ def test_target_reference_and_custom_rule(fake_sweep, tmp_path):
     assert rep["chosen"]["name"] is None and "No setting chosen" in (tmp_path / "o3" / "report.md").read_text()
 
 
+def test_points_or_a_target_evaluated_with_other_settings_are_named_in_the_notes(fake_sweep, tmp_path):
+    """Points kept from an earlier launch after the config's eval.* changed (200 new tokens on 360 rows
+    against 24 on 120) were compared as they were, and could be chosen, without a word."""
+    def evaluation(d: Path, **record):
+        r = json.loads((d / "results.json").read_text())
+        r["evaluation"] = {"max_new_tokens": 24, "rows": {"forget": 40, "retain": 120}, "device": "cpu",
+                           "reused_splits": [], **record}
+        (d / "results.json").write_text(json.dumps(r))
+
+    points = sorted(p for p in fake_sweep.iterdir() if (p / "results.json").exists())
+    for d in points:
+        evaluation(d, device="cuda:0" if "2.0" in d.name else "cpu")  # where it ran does not count
+    assert sweep.build_report(fake_sweep)["chosen"]["notes"] == []
+    evaluation(points[-1], max_new_tokens=200, rows={"forget": 40, "retain": 360})  # tau=3.5
+    rep = sweep.build_report(fake_sweep)
+    assert rep["chosen"]["notes"] == ["tau=3.5: evaluated with other settings than most points (max_new_tokens, "
+                                      "rows.retain): the numbers may not compare"]
+    assert "- tau=3.5: evaluated with other settings than most points" in (fake_sweep / "report.md").read_text()
+    target = tmp_path / "target.json"
+    target.write_text(json.dumps({"metrics": {"model_utility": 0.61}, "evaluation": {
+        "max_new_tokens": 200, "rows": {"forget": 40, "retain": 360}}}))
+    notes = sweep.build_report(fake_sweep, target=target, out=tmp_path / "o")["chosen"]["notes"]
+    assert notes == ["tau=1.5, tau=2.0, tau=2.5, tau=3.0: evaluated with other settings than the target "
+                     "(max_new_tokens, rows.retain): the numbers may not compare"]
+    target.write_text(json.dumps({"metrics": {"model_utility": 0.61}, "evaluation": {"max_new_tokens": 48}}))
+    notes = sweep.build_report(fake_sweep, target=target, out=tmp_path / "o")["chosen"]["notes"]
+    assert notes[-1] == "the target was evaluated with other settings than the points (max_new_tokens, rows): " \
+                        "its values may not compare"
+    # a target that is no run's results.json is one error, not an AttributeError
+    for bad in ({"metrics": None}, [1, 2]):
+        target.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=r"--target .*target.json: not a run's results.json \(no 'metrics' object\)"):
+            sweep.build_report(fake_sweep, target=target, out=tmp_path / "o")
+
+
 def test_unevaluated_point_is_listed_not_chosen(fake_sweep):
     """A run with eval.enabled=false has a results.json with empty metrics: it is reported as
     completed but not evaluated, and cannot be chosen."""
@@ -350,6 +385,14 @@ def test_muse_and_wmdp_sweeps_choose_by_their_own_metrics(tmp_path):
     assert (rep["rule"], rep["x"], rep["y"]) == ("min:wmdp-bio_accuracy,mmlu_accuracy>=0.95", "wmdp-bio_accuracy",
                                                  "mmlu_accuracy")
     assert rep["chosen"]["tau"] == 2.0  # 2.5 forgets more but loses MMLU (0.45 < 0.95 x 0.58)
+    # MMLU scored on subjects only (data.eval_splits=[wmdp-bio, mmlu-anatomy]): that subject is the utility
+    # (before: "--rule: no point of this sweep has a metric named 'mmlu_accuracy'", a flag never passed)
+    subjects = tmp_path / "wmdp_subjects"
+    for tau, (bio, anatomy) in {"1.5": (0.60, 0.58), "2.0": (0.40, 0.57), "2.5": (0.26, 0.45)}.items():
+        _write_family_point(subjects, tau, {"wmdp-bio_accuracy": bio, "mmlu-anatomy_accuracy": anatomy})
+    rep = sweep.build_report(subjects)
+    assert (rep["rule"], rep["y"]) == ("min:wmdp-bio_accuracy,mmlu-anatomy_accuracy>=0.95", "mmlu-anatomy_accuracy")
+    assert rep["chosen"]["tau"] == 2.0
 
 
 def test_a_muse_or_wmdp_report_explains_its_own_metrics():

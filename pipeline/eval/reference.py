@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 from pipeline.data.loaders import DataError
 from pipeline.data.prompt_formats import chat_template_sha256
+from pipeline.eval.summary import diff_paths
 from pipeline.models.fingerprint import model_fingerprint  # finished.py and eval/parts.py import it from here
 
 log = logging.getLogger(__name__)
@@ -102,15 +103,6 @@ def cache_file(cache_dir: str | Path, key: dict) -> Path:
     return Path(cache_dir) / f"retain_reference_{re.sub(r'[^A-Za-z0-9_.-]+', '_', key['split'])}_{digest}.json"
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
-        return out
-    return [] if a == b else [prefix or "<root>"]
-
-
 def read_cached(path: Path, key: dict) -> Optional[list[float]]:
     """The cached truth ratios when ``path`` holds exactly ``key``; else None (a stale or
     unreadable file is named in one log line)."""
@@ -122,7 +114,7 @@ def read_cached(path: Path, key: dict) -> Optional[list[float]]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("retain reference cache %s is unreadable (%s): recomputing", path, type(e).__name__)
         return None
-    diff = _diff(stored, key)
+    diff = diff_paths(stored, key)
     if diff or len(ratios) != key["rows"]["n"]:
         log.warning("retain reference cache %s does not match this run (%s differ): recomputing", path,
                     ", ".join(diff[:6]) or "row count")
@@ -131,7 +123,7 @@ def read_cached(path: Path, key: dict) -> Optional[list[float]]:
 
 
 def _at(d: Any, dotted: str) -> Any:
-    """The value at a :func:`_diff` path (None where it is missing); keys may hold dots themselves
+    """The value at a :func:`diff_paths` path (None where it is missing); keys may hold dots themselves
     (``model.prompt_format``)."""
     if not isinstance(d, dict):
         return None
@@ -187,7 +179,7 @@ def load_reference_file(path: str | Path, split: str, rows: Sequence[dict],
         if got is not None and got != want:
             raise RetainReferenceError(f"{where}: computed on different rows of split {split!r} (rows hash differs)")
         stored = (obj.get("key") or {}).get("settings")
-        differ = _diff(stored, settings) if isinstance(stored, dict) and settings is not None else []
+        differ = diff_paths(stored, settings) if isinstance(stored, dict) and settings is not None else []
         if differ:
             shown = "; ".join(f"{k} {_at(stored, k)!r} there, {_at(settings, k)!r} here" for k in differ[:3])
             raise RetainReferenceError(f"{where}: computed with other evaluation settings ({shown}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from pipeline.io import run_config_section
 
@@ -35,14 +35,29 @@ def eval_settings(run_dir: Path) -> Optional[dict]:
     results = load_results(run_dir)
     if results is None:
         return None
-    data = run_config_section(run_dir, "data")
-    # where and how it ran, not what it measured: the splits reused from an earlier attempt, the
-    # device(s), and whether the retain reference was computed or read from its cache
-    record = {k: v for k, v in (results.get("evaluation") or {}).items()
+    return {"evaluation": evaluation_record(results), "data": run_config_section(run_dir, "data")}
+
+
+def evaluation_record(results: dict) -> dict:
+    """``results.json``'s evaluation record without where and how it ran, which does not change what
+    it measured: the splits reused from an earlier attempt, the device(s), and whether the retain
+    reference was computed or read from its cache."""
+    evaluation = results.get("evaluation") if isinstance(results, dict) else None
+    record = {k: v for k, v in (evaluation if isinstance(evaluation, dict) else {}).items()
               if k not in ("reused_splits", "device", "device_by_rank")}
     if isinstance(record.get("retain_reference"), dict):
         record["retain_reference"] = {k: v for k, v in record["retain_reference"].items() if k != "source"}
-    return {"evaluation": record, "data": data}
+    return record
+
+
+def diff_paths(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted paths at which two JSON-like values differ (``rows.forget``), sorted."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += diff_paths(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if a == b else [prefix or "<root>"]
 
 
 def same_settings(a: Optional[dict], b: Optional[dict]) -> bool:

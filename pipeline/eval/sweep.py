@@ -471,7 +471,8 @@ def forget_axis(points: list[SweepPoint], preferred: Optional[str] = None) -> st
 def family_defaults(points: list[SweepPoint]) -> tuple[str, str, str]:
     """(rule, x axis, y axis) for the metrics the sweep's completed points have: TOFU-style QA
     (fact recall / forget quality vs model utility), MUSE (VerbMem vs KnowMem retain) or multiple
-    choice (the first ``wmdp-*`` accuracy vs MMLU's). TOFU's when nothing tells."""
+    choice (the first ``wmdp-*`` accuracy vs MMLU's, as a whole or else its first subject scored). TOFU's
+    when nothing tells."""
     have: set[str] = set()
     for p in points:
         if p.status == "ok":
@@ -481,7 +482,10 @@ def family_defaults(points: list[SweepPoint]) -> tuple[str, str, str]:
             return MUSE_RULE, MUSE_X, MUSE_Y
         hazard = sorted(k for k in have if k.startswith("wmdp") and k.endswith("_accuracy"))
         if hazard:
-            return f"{hazard[0]},{MCQ_UTILITY}>=0.95", hazard[0], MCQ_UTILITY
+            # MMLU as a whole, else the first of its subjects scored (data.eval_splits=[mmlu-<subject>])
+            mmlu = sorted(k for k in have if k.startswith("mmlu") and k.endswith("_accuracy"))
+            utility = MCQ_UTILITY if MCQ_UTILITY in have or not mmlu else mmlu[0]
+            return f"{hazard[0]},{utility}>=0.95", hazard[0], utility
     return DEFAULT_RULE, forget_axis(points), UTILITY_AXIS
 
 
@@ -568,6 +572,7 @@ def build_report(sweep_dir: str | Path, rule: Optional[str] = None, target: Opti
     ok = [p for p in points if p.status == "ok"]
     front = pareto_front(ok, xk, y, x_dir, objective_direction(y))
     choice = choose(points, r, reference, fallback_objective=xk, utility=y)
+    choice["notes"] += settings_notes(ok, reference, swept)
     metric_cols = _metric_columns(ok, xk, y, r.objective)
     on_front = {p.name for p in front}
 
@@ -627,11 +632,45 @@ def _read_target(target: str | Path) -> dict:
     tp = Path(target)
     tp = tp / RESULTS_FILE if tp.is_dir() else tp
     try:
-        return json.loads(tp.read_text())
+        results = json.loads(tp.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"--target {target}: no such results.json or run directory") from None
     except ValueError as e:
         raise ValueError(f"--target {tp}: not a readable results.json ({e})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("metrics"), dict):
+        raise ValueError(f"--target {tp}: not a run's results.json (no 'metrics' object)")
+    return results
+
+
+def settings_notes(ok: list[SweepPoint], reference: Optional[dict], swept: list[str]) -> list[str]:
+    """Notes naming the completed points (and the target) evaluated with other settings than the rest
+    (:func:`pipeline.eval.summary.evaluation_record`: generation length, rows scored, truth-ratio
+    reference, dtype, ...), e.g. points of an earlier launch kept after the config's ``eval.*`` changed:
+    their numbers may not compare. The settings of the target, else of most points, are the yardstick."""
+    from pipeline.eval.summary import diff_paths, evaluation_record
+
+    def key(results: dict) -> str:
+        return json.dumps(evaluation_record(results), sort_keys=True, default=str)
+
+    groups: dict[str, list[str]] = {}
+    for p in ok:
+        groups.setdefault(key(p.results or {}), []).append(_short(p.name, swept, p.overrides))
+    target = key(reference) if reference is not None and reference.get("evaluation") else None
+    if not groups:
+        return []
+    main = target if target in groups else max(groups, key=lambda k: len(groups[k]))
+    against = "the target" if main == target else "most points"
+    notes = []
+    for k, names in groups.items():
+        if k != main:
+            fields = diff_paths(json.loads(main), json.loads(k))
+            notes.append(f"{', '.join(names)}: evaluated with other settings than {against} "
+                         f"({', '.join(fields[:4])}{', ...' if len(fields) > 4 else ''}): the numbers may not compare")
+    if target is not None and target != main:
+        fields = diff_paths(json.loads(main), json.loads(target))
+        notes.append(f"the target was evaluated with other settings than the points "
+                     f"({', '.join(fields[:4])}{', ...' if len(fields) > 4 else ''}): its values may not compare")
+    return notes
 
 
 def _metric_columns(ok: list[SweepPoint], xk: str, y: str, objective: str) -> list[str]:
