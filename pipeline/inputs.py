@@ -192,8 +192,10 @@ def checked_prompt_format(cfg: DictConfig, tokenizer: Any, uses: list[str]) -> A
         raise ConfigError(f"config error at '{e.key}': {e}") from None
     system = f", system prompt {fmt.system_prompt!r}" if getattr(fmt, "system_prompt", None) else ""
     if not uses:
-        log.info("prompt format: %s%s not applied (%s: raw-text rows; its evaluation builds its own prompts)", fmt.name,
-                 system, cfg.data.name)
+        from pipeline.data.formatting import raw_text_bos
+
+        log.info("prompt format: %s%s not applied (%s: raw-text rows; its evaluation builds its own prompts); %s",
+                 fmt.name, system, cfg.data.name, raw_text_bos(tokenizer))
         return fmt
     stops = ", ".join(tokenizer.convert_ids_to_tokens(fmt.stop_token_ids(tokenizer)))
     log.info("prompt format: %s%s (%s); generation stops at %s", fmt.name, system, ", ".join(uses),

@@ -499,6 +499,21 @@ def test_llama2_chat_on_a_non_legacy_llama2_tokenizer_is_not_warned(caplog):
     assert "renders prompts differently" not in caplog.text
 
 
+def test_the_log_says_how_raw_text_rows_start():
+    """Raw-text rows (MUSE / WMDP corpora) get the tokenizer's BOS whenever it has one; a model whose
+    tokenizer adds none itself (SmolLM2's <|im_start|>) may not expect it: the log says which."""
+    from tokenizers.processors import TemplateProcessing
+
+    from pipeline.data.formatting import raw_text_bos
+
+    tok = make_tokenizer(["<unk>", "<bos>", "<eos>"], bos_token="<bos>", eos_token="<eos>")
+    assert raw_text_bos(tok) == "raw text starts with BOS <bos> (prepended; the tokenizer itself adds none)"
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    assert raw_text_bos(tok) == "raw text starts with BOS <bos>"
+    assert raw_text_bos(make_tokenizer(["<unk>", "<eos>"], eos_token="<eos>")) == \
+        "raw text starts without BOS (the tokenizer has none)"
+
+
 def test_the_log_says_when_the_prompt_format_is_not_applied(toks, caplog):
     """MUSE / WMDP runs train on raw text and evaluate with their own prompts: the log (and results.json's
     prompt_format.applied_to) must not claim the model's chat format ran."""
@@ -516,6 +531,7 @@ def test_the_log_says_when_the_prompt_format_is_not_applied(toks, caplog):
     with caplog.at_level("INFO"):
         checked_prompt_format(cfg, toks["llama2"], [])
     assert "prompt format: llama2_chat not applied (wmdp: raw-text rows" in caplog.text
+    assert "raw text starts with BOS <s> (prepended; the tokenizer itself adds none)" in caplog.text, caplog.text
     # a format this tokenizer cannot express (zephyr needs </s>; wmdp_7b's default on another model)
     # stops the run only where it is applied
     cfg.model.prompt_format = "zephyr"

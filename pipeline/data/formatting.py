@@ -120,6 +120,17 @@ def fit_question(encode: Callable[[str], Encoded], question: str, max_length: in
     return best
 
 
+def raw_text_bos(tokenizer) -> str:
+    """How raw-text rows start, for the log: with the tokenizer's BOS whenever it has one (as the MUSE
+    and WMDP references tokenise with Llama-2 / Zephyr tokenizers, which add it), also where the
+    tokenizer itself adds none (SmolLM2, Pythia): said, as such a model may not expect it."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return "raw text starts without BOS (the tokenizer has none)"
+    own = tokenizer("x")["input_ids"][:1] == [bos]
+    return f"raw text starts with BOS {tokenizer.bos_token}" + ("" if own else " (prepended; the tokenizer itself adds none)")
+
+
 def encode_text(tokenizer, text: str, max_length: int, add_eos: bool = True) -> Encoded:
     """Encode raw text (MUSE-style corpora) with the loss on every token after ``<bos>``."""
     return _text_row(tokenizer, _ids(tokenizer, text), max_length, add_eos)
