@@ -175,6 +175,19 @@ def test_out_of_range_values_name_key_and_range(override, key):
     assert key in str(e.value)
 
 
+@pytest.mark.parametrize("overrides", [["method=grad_ascent"], ["method=asu_kl", "method.alpha=0"],
+                                       ["method=npo", "method.retain_loss=none"]])
+def test_rna_noise_without_a_retain_term_is_refused(overrides):
+    """RNA perturbs the retain rows: without a retain term the run trained without noise while its
+    results and checkpoints recorded RNA on."""
+    with pytest.raises(ConfigError, match=r"method.rna_noise.*adds noise to the retain rows, but this method has "
+                                          r"no retain term"):
+        validate(_compose([*overrides, "method.rna_noise=0.05"]))
+    validate(_compose([*overrides]))
+    if len(overrides) > 1:  # the method with its retain term takes it
+        validate(_compose([overrides[0], "method.rna_noise=0.05", "method.rna_layer=1"]))
+
+
 def test_layer_range_message_names_allowed_range():
     cfg = _compose(["method.teacher_layers=[0,99]"])
     with pytest.raises(ConfigError, match=r"allowed 0\.\.\d+"):

@@ -73,6 +73,13 @@ class UnlearningMethod:
                     f"got {mcfg.retain_reduction!r}; allowed: auto, sequence_mean, token_mean")
         if "rna_noise" in mcfg:
             require(mcfg.rna_noise >= 0, "method.rna_noise", f"must be >= 0 (typical 0.01-0.1), got {mcfg.rna_noise}")
+            # RNA perturbs the retain rows: without a retain term the run would train without it while
+            # its results and checkpoints record it on
+            no_retain = mcfg.alpha == 0 or mcfg.get("retain_loss", "nll") == "none"
+            require(mcfg.rna_noise == 0 or not no_retain, "method.rna_noise",
+                    f"{mcfg.rna_noise} adds noise to the retain rows, but this method has no retain term (method.alpha="
+                    f"{mcfg.alpha}, method.retain_loss={mcfg.get('retain_loss', 'nll')}): set method.rna_noise=0 or a "
+                    f"retain term")
             if mcfg.rna_noise > 0 and n_layers is not None:
                 require(0 <= mcfg.rna_layer < n_layers, "method.rna_layer",
                         f"{mcfg.rna_layer} out of range: the model has {n_layers} layers (allowed 0..{n_layers - 1})")
