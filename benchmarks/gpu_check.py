@@ -469,14 +469,19 @@ def part_eval() -> None:
 PIPELINE_RUNS = (
     ("asu_kl_auto_stage", ["method=asu_kl"]),
     ("asu_kl_zero3_fused", ["method=asu_kl", "deepspeed.zero_stage=3", "kernels=fused"]),
+    # fp16 with a loss scale that overflows (2**32): DeepSpeed skips those updates and lowers the scale;
+    # the run must go on (listed in loss_scale_skipped_steps), not stop at a "non-finite gradient"
+    ("grad_diff_fp16_overflow", ["method=grad_diff", "deepspeed.precision=fp16",
+                                 "+deepspeed.extra.fp16.initial_scale_power=32"]),
 )
 
 
 def part_pipeline(timeout: int) -> None:
     """``launchers/train.py`` end to end on the GPU, as a user runs it on one GPU (no launcher): the
     tiny test model trains 3 ASU steps, exports (and re-checks the export) and evaluates; once as
-    the pipeline picks the ZeRO stage, once under ZeRO-3 with the fused KL. Each run passes when it
-    exits 0 with an export check within tolerance and its attention and evaluation ran on CUDA."""
+    the pipeline picks the ZeRO stage, once under ZeRO-3 with the fused KL; then GradDiff in fp16 with a
+    loss scale that overflows. Each run passes when it exits 0 with an export check within tolerance
+    and its attention and evaluation ran on CUDA (the fp16 run: with its overflow steps listed)."""
     from tests.helpers.tiny import build, train_overrides
 
     out: dict = {"runs": {}}
@@ -509,13 +514,15 @@ def part_pipeline(timeout: int) -> None:
                 res = json.loads(res_path.read_text())
                 check = json.loads(check_path.read_text())
                 run.update({k: res.get(k) for k in ("zero_stage", "attention_backend", "train_seconds", "job_seconds",
-                                                    "final_train", "step_passes", "reductions")})
+                                                    "final_train", "step_passes", "reductions",
+                                                    "loss_scale_skipped_steps")})
                 run["evaluation"] = {k: res["evaluation"].get(k) for k in ("device", "dtype", "rows")}
                 run["metrics"] = {k: v for k, v in res["metrics"].items() if isinstance(v, (int, float))}
                 run["export_check"] = check
                 run["pass"] = (check["max_abs_logit_diff"] <= check["tolerance"]
                                and res["attention_backend"]["device"] == "cuda"
-                               and str(res["evaluation"].get("device", "")).startswith("cuda"))
+                               and str(res["evaluation"].get("device", "")).startswith("cuda")
+                               and (not name.endswith("_overflow") or bool(res.get("loss_scale_skipped_steps"))))
             ok &= run["pass"]
             out["runs"][name] = run
             out["pass"] = bool(ok) and len(out["runs"]) == len(PIPELINE_RUNS)

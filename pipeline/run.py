@@ -737,6 +737,7 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             "retain_split": inputs.data.retain_split,
             "steps": total,
             "skipped_steps": state.skipped,
+            "loss_scale_skipped_steps": state.overflow_skipped,  # fp16 only: DeepSpeed's overflow skips
             "world_size": dist.world_size,
             "train_rows": {"forget": len(inputs.forget), "retain": len(inputs.retain)},
             "batch": {"forget_per_rank": int(cfg.trainer.batch_size), "retain_per_rank": int(cfg.trainer.retain_batch_size),

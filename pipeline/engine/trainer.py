@@ -54,6 +54,8 @@ class Interrupted(SystemExit):
 class TrainState:
     step: int = 0
     skipped: list[int] = field(default_factory=list)
+    # fp16: steps whose update DeepSpeed's dynamic loss scaling skipped (an overflow; the scale lowered)
+    overflow_skipped: list[int] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0  # the training loop's wall time up to ``step``, over every attempt
     resumed: Optional[dict] = None  # the checkpoint this attempt resumed (step tag, step, its steps' kernels)
@@ -276,6 +278,7 @@ class UnlearningTrainer:
         client = ckpt.load_checkpoint(self.engine, path, strict=not self.lora)
         self.state.step = int(client.get("step", 0))
         self.state.skipped = list(client.get("skipped", []))
+        self.state.overflow_skipped = list(client.get("overflow_skipped", []))
         self.state.history = list(client.get("history", []))
         # checkpoints from before the loop's time was kept: the steps' own times are the best lower bound
         self._seconds_before = float(client.get("train_seconds", sum(h.get("step_seconds", 0.0)
@@ -295,7 +298,8 @@ class UnlearningTrainer:
                                      f"checkpoint; the previous one stays the newest")
         self._update_seconds()
         t0 = time.perf_counter()
-        client = {"step": self.state.step, "skipped": self.state.skipped, "torch_rng": torch.get_rng_state(),
+        client = {"step": self.state.step, "skipped": self.state.skipped,
+                  "overflow_skipped": self.state.overflow_skipped, "torch_rng": torch.get_rng_state(),
                   "history": self.state.history, "train_seconds": self.state.train_seconds}
         path = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.state.step, client, self.ckpt_meta,
                                     keep=int(self.cfg.trainer.keep_checkpoints), rank_state=get_rng_states(),
@@ -329,6 +333,10 @@ class UnlearningTrainer:
         t0 = time.time()
         self._loop_start = time.perf_counter()
         ga = max(1, int(tcfg.grad_accum))
+        # fp16: the gradients are loss-scaled, and an overflow in them is DeepSpeed's to handle (it skips
+        # the update and lowers the scale, routinely in the first steps at 2**16): the gradient check
+        # would stop the run at the first one; a non-finite loss is still caught
+        loss_scaled = bool(getattr(self.engine, "fp16_enabled", lambda: False)())
         while self.state.step < self.total_steps:
             # One iteration = one optimizer step = grad_accum micro-batches, so every checkpoint (taken
             # between iterations) falls on an optimizer-step boundary: no half-accumulated gradient is lost.
@@ -350,13 +358,17 @@ class UnlearningTrainer:
                 if k == ga - 1:
                     if faults.nan_grad(step + 1):
                         health.fill_local(self.engine, "grad", float("nan"))
-                    if bad is None and not all_true(health.local_grads_finite(self.engine)):
+                    if bad is None and not loss_scaled and not all_true(health.local_grads_finite(self.engine)):
                         bad, bad_batch = "gradient", batch
                     if bad is not None:
                         self._non_finite(step, bad_batch, bad)  # raises unless nan_policy=skip
                         self._skip_optimizer_step(step)
                         break
                 self.engine.step()
+                if loss_scaled and k == ga - 1 and not self.engine.was_step_applied():
+                    self.state.overflow_skipped.append(step + 1)
+                    log.info("step %d: fp16 gradient overflow: DeepSpeed skipped the update and lowered the loss "
+                             "scale", step + 1)
             if bad is None and faults.nan_weights(step + 1):
                 health.fill_local(self.engine, "param", float("nan"))
             self.state.step += 1
