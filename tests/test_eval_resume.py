@@ -8,6 +8,7 @@ and ends with the same metrics; a part from another model, other rows or setting
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,12 @@ def test_a_run_trained_again_and_stopped_before_its_export_exports_the_new_weigh
     def weights(d: Path) -> str:
         return hashlib.sha256((d / "model" / "model.safetensors").read_bytes()).hexdigest()
 
-    assert launch.run(args).returncode == 0
+    out = launch.run(args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # the losses reach the log (train.log, the console), not only wandb: the mean of the steps since the last
+    # line, at trainer.log_every (10) and at the last step
+    assert re.search(r"step 4/4: loss [0-9.e-]+, forget_loss [0-9.e-]+, retain_loss [0-9.e-]+ \(mean of steps 1-4\), "
+                     r"lr ", out.stderr), out.stderr[-2000:]
     first = weights(run)
     killed = launch.run(args + ["trainer.lr=5e-3", "trainer.resume=never"], ASU_INJECT="kill_after_save@4")
     assert killed.returncode != 0 and weights(run) == first  # the new step-4 checkpoint is there, model/ is old

@@ -17,7 +17,14 @@ from pipeline.data.collate import pad_batch
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine import faults, health
 from pipeline.engine.batching import BatchPlan
-from pipeline.engine.distributed import all_reduce_sum, all_true, cuda_ranks, mean_over_ranks, world_size
+from pipeline.engine.distributed import (
+    all_reduce_sum,
+    all_true,
+    cuda_ranks,
+    is_main_process,
+    mean_over_ranks,
+    world_size,
+)
 from pipeline.methods.base import UnlearningMethod
 from pipeline.methods.loss_math import StepTokens
 from pipeline.models.peft_student import is_peft_model
@@ -337,6 +344,7 @@ class UnlearningTrainer:
         # the update and lowers the scale, routinely in the first steps at 2**16): the gradient check
         # would stop the run at the first one; a non-finite loss is still caught
         loss_scaled = bool(getattr(self.engine, "fp16_enabled", lambda: False)())
+        logged_up_to = self.state.step  # the last step whose interval was logged
         while self.state.step < self.total_steps:
             # One iteration = one optimizer step = grad_accum micro-batches, so every checkpoint (taken
             # between iterations) falls on an optimizer-step boundary: no half-accumulated gradient is lost.
@@ -384,7 +392,8 @@ class UnlearningTrainer:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()
                                      if k in ("loss", "forget_loss", "retain_loss")}, refresh=False)
                 if self.state.step % max(1, tcfg.log_every) == 0 or self.state.step == self.total_steps:
-                    self.logger.log({f"train/{k}": v for k, v in logs.items()}, step=self.state.step)
+                    self._log_interval(logged_up_to, step_lr)
+                    logged_up_to = self.state.step
             if bar is not None:
                 bar.update(1)
             if tcfg.save_every and self.state.step % tcfg.save_every == 0 and self.state.step < self.total_steps:
@@ -407,6 +416,20 @@ class UnlearningTrainer:
             log.info("trained %d step%s in %.1fs", self.total_steps, "" if self.total_steps == 1 else "s",
                      time.time() - t0)
         return self.state
+
+    def _log_interval(self, since: int, lr: float) -> None:
+        """The losses of the steps after ``since`` up to this one, averaged (as HF Trainer logs them), with
+        this step's lr: to wandb (``train/<key>``) and, on rank 0, one log line (train.log, the console)."""
+        window = [h for h in self.state.history if h["step"] > since]
+        if not window:
+            return
+        keys = [k for k in window[-1] if k not in ("step", "lr", "step_seconds") and all(k in h for h in window)]
+        means = {k: sum(h[k] for h in window) / len(window) for k in keys}
+        self.logger.log({f"train/{k}": v for k, v in {**means, "lr": lr}.items()}, step=self.state.step)
+        if is_main_process():
+            shown = ", ".join(f"{k} {means[k]:.4g}" for k in sorted(means, key=lambda k: k != "loss"))
+            over = f" (mean of steps {window[0]['step']}-{self.state.step})" if len(window) > 1 else ""
+            log.info("step %d/%d: %s%s, lr %.3g", self.state.step, self.total_steps, shown, over, lr)
 
     def _stop_here(self, stop: StopSignals, bar: Optional[Any]) -> NoReturn:
         """A stop signal reached some rank: checkpoint this step on every rank and exit. Ctrl-C on
