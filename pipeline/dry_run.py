@@ -91,7 +91,7 @@ def _dry_run_model(cfg: DictConfig) -> tuple[Optional[str], str]:
     its weights files as loading them checks them), or a hub id with a config.json in the hub cache;
     else model.arch sizes it. gguf_package: the converted cache directory when present; otherwise
     model.arch, or a one-line error telling how to convert it (launchers/prepare.py)."""
-    from pipeline.models.loading import check_remote_code, check_weights_safe, model_config_file
+    from pipeline.models.loading import model_config_file
 
     m = cfg.model
     if m.source == "synthetic":
@@ -99,10 +99,9 @@ def _dry_run_model(cfg: DictConfig) -> tuple[Optional[str], str]:
     if m.source == "gguf_package":
         return _dry_run_gguf(cfg)
     path = str(m.path) if m.path else None
-    if path and Path(path).expanduser().is_dir():  # as a launch checks it: check_before_loading, before this
-        # what load_causal_lm refuses once the launch reaches the weights (pickle only, none, custom code)
-        check_weights_safe(path, bool(m.allow_pickle))
-        check_remote_code(path, bool(m.trust_remote_code))
+    if path and Path(path).expanduser().is_dir():
+        # its weights files (pickle only, none, custom code) were checked before this, as a launch checks
+        # them (pipeline.inputs.check_model_paths, from check_before_loading)
         return path, f"model.path {path}: checked, sized from its config.json"
     if path and model_config_file(path, m.revision) is not None:  # checked in the cache by check_model_paths
         at = f" at revision {m.revision}" if m.revision else ""

@@ -70,16 +70,29 @@ def check_model_paths(cfg: DictConfig) -> None:
     ``eval.retain_model``): checked before anything is loaded or written. A dry run
     (``trainer.dry_run``) leaves a hub id the hub cache holds nothing of unchecked (the dry run says
     so and sizes it from ``model.arch``)."""
-    from pipeline.models.loading import MODEL_FILES, TOKENIZER_FILES, check_model_location, hub_id_not_cached
+    from pipeline.models.loading import (
+        MODEL_FILES,
+        TOKENIZER_FILES,
+        check_model_location,
+        check_remote_code,
+        check_weights_safe,
+        expand_user,
+        hub_id_not_cached,
+    )
 
     dry_run = bool(cfg.get("trainer", {}).get("dry_run", False))
+    m = cfg.model
 
     def check(path: str, key: str, revision: Optional[str] = None, needs: tuple[str, ...] = MODEL_FILES) -> None:
         if dry_run and hub_id_not_cached(path, revision):
             return
         check_model_location(path, key, revision, needs)
+        if needs is MODEL_FILES:
+            # what loading it refuses (pickle-only weights, custom code), before any training: the retain
+            # model loads only for the evaluation, after the whole training and export
+            check_weights_safe(expand_user(path), bool(m.allow_pickle))
+            check_remote_code(expand_user(path), bool(m.trust_remote_code))
 
-    m = cfg.model
     if m.source == "pretrained" and m.path:
         check(str(m.path), "model.path", m.revision)
     if m.source != "synthetic" and m.tokenizer_path:

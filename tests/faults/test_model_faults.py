@@ -37,6 +37,28 @@ def test_remote_code_model_refused_unless_trusted(tiny, tmp_path):
         load_causal_lm(d)
 
 
+def test_an_unsafe_retain_model_is_refused_before_anything_runs(tiny, tmp_path):
+    """eval.retain_model with only pickle weights, or asking for custom code, loads for the evaluation
+    only: the run trained and exported, then stopped; a dry run passed it; and the refused launch had
+    already set a finished run's results aside. One line, exit 2, before the run directory exists."""
+    _, model_dir, data_dir = tiny
+    pickled, remote = tmp_path / "pickled", tmp_path / "remote"
+    shutil.copytree(model_dir, pickled)
+    torch.save(LlamaForCausalLM.from_pretrained(pickled).state_dict(), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    shutil.copytree(model_dir, remote)
+    cfg = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModelForCausalLM": "m.Evil"}}))
+    for retain, why in ((pickled, "only pickle weights"), (remote, "requires custom code")):
+        for dry in ("true", "false"):
+            out = launch.run(train_overrides(model_dir, data_dir, tmp_path / "runs", "r") +
+                             [f"eval.retain_model={retain}", f"trainer.dry_run={dry}"])
+            assert out.returncode == 2, out.stderr[-2000:]
+            lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error (")]
+            assert len(lines) == 1 and "ModelLoadError" in lines[0] and why in lines[0] and str(retain) in lines[0]
+            assert "Traceback" not in out.stderr and not (tmp_path / "runs" / "r").exists()
+
+
 def test_a_home_relative_model_path_loads_as_it_was_checked(tiny, tmp_path, monkeypatch):
     """A quoted model.path='~/models/x' passed the location check (which expands ~) and then failed in
     transformers: "tokenizer ~/models/x cannot be loaded: Repo id must be in the form ..."."""
