@@ -142,6 +142,15 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     resume_from = check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
     if cfg.trainer.dry_run:  # before the batch is resolved for this launch: its columns check grad_accum as configured
         return dry_run(cfg, method, dist, run_dir)
+    from pipeline.engine.run_lock import run_dir_lock
+
+    with run_dir_lock(run_dir):  # one launch at a time writes here: before anything in it is set aside
+        return _train(cfg, run_dir, dist, method, resume_from)
+
+
+def _train(cfg: DictConfig, run_dir: Path, dist: Any, method: Any, resume_from: Optional[Path]) -> dict:
+    """:func:`train_job` past its checks, holding the run directory: inputs, engines, τ and the teacher
+    cache, training, export, evaluation."""
     _resolve_batch(cfg, dist.world_size)
     t_start = time.time()
     inputs = _load_inputs(cfg)

@@ -125,6 +125,33 @@ def _resumes_from_the_one_checkpoint(tiny, args: list[str], name: str, steps: in
     assert [h["step"] for h in hist] == list(range(1, steps + 1))
 
 
+def test_a_second_launch_into_a_running_runs_directory_is_refused(tiny):
+    """The same command again while the first still trained resumed from checkpoints the first was pruning
+    (a FileNotFoundError traceback), or trained alongside it into the same checkpoints and model/."""
+    args = _args(tiny, "busy", 100000, ["eval.enabled=false", "trainer.save_every=50"])
+    run, log = tiny[0] / "runs" / "busy", tiny[0] / "busy.log"
+    with open(log, "w") as f:
+        first = subprocess.Popen(launch.command(args), cwd=launch.ROOT, env=launch.env(), stdout=f, stderr=f)
+    try:
+        deadline = time.time() + 120
+        while "unlearn[asu_kl]:" not in log.read_text(errors="replace"):
+            assert first.poll() is None and time.time() < deadline, log.read_text(errors="replace")[-2000:]
+            time.sleep(0.1)
+        second = launch.run(args)
+        assert second.returncode == 2, second.stderr[-2000:]
+        lines = [ln for ln in second.stderr.splitlines() if ln.startswith("error (")]
+        assert len(lines) == 1 and lines[0].startswith("error (RunDirInUseError, rank 0): run directory ") and \
+            f"is in use by another launch (pid {first.pid} on " in lines[0], second.stderr[-2000:]
+        assert "resumed from" not in second.stderr and "Traceback" not in second.stderr
+        assert first.poll() is None  # the first goes on
+    finally:
+        first.kill()  # as a node that dies: the kernel releases the lock with the process
+        first.wait(timeout=60)
+    again = launch.run(_args(tiny, "busy", 2, ["eval.enabled=false", "trainer.resume=never"]))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (run / ".run.lock").read_text().startswith("pid ")
+
+
 def test_sigterm_preemption_checkpoints_exits_124_and_resumes(tiny):
     args = _args(tiny, "preempt", 400, ["eval.enabled=false"])
     log = tiny[0] / "preempt.log"

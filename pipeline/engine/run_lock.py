@@ -1,0 +1,73 @@
+"""One launch at a time per run directory.
+
+A second launch into a directory whose run is still going (the same command in another terminal, a
+sweep re-submitted while its jobs run) resumed from the first one's checkpoints while they were being
+pruned, or trained alongside it, both saving the same steps and exporting into the same ``model/``.
+Rank 0 holds an exclusive ``flock`` on ``<run dir>/.run.lock`` for the job's life; the kernel drops it
+when the process ends, however it ends (a SIGKILL, a preempted node), so a requeued job is never
+refused by the attempt it replaces. A filesystem without locks (some Lustre mounts) runs unguarded,
+with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Optional
+
+from pipeline.engine.checkpoint import CheckpointError
+from pipeline.engine.distributed import broadcast_object, is_main_process
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".run.lock"
+
+
+class RunDirInUseError(CheckpointError):
+    """Another launch is running in this run directory."""
+
+
+def _acquire(run_dir: Path) -> tuple[Optional[IO[str]], Optional[str]]:
+    """(the held lock file, None), or (None, why this launch may not run here)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "holder unknown"
+        f.close()
+        return None, (f"run directory {run_dir} is in use by another launch ({holder}): wait for it to end, or "
+                      f"use another run_name")
+    except OSError as e:  # no locks on this filesystem: as before, unguarded
+        f.close()
+        log.warning("run directory %s: cannot lock it (%s): a second launch into it would not be refused", run_dir,
+                    e.strerror or type(e).__name__)
+        return None, None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f, None
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold ``run_dir`` for this launch (collective: rank 0 locks, every rank learns the outcome).
+    Raises :class:`RunDirInUseError` on every rank when another launch holds it."""
+    held, problem = _acquire(Path(run_dir)) if is_main_process() else (None, None)
+    problem = broadcast_object(problem)
+    if problem:
+        raise RunDirInUseError(problem, every_rank=True)
+    try:
+        yield
+    finally:
+        if held is not None:
+            fcntl.flock(held, fcntl.LOCK_UN)
+            held.close()
