@@ -310,12 +310,12 @@ def _resolve_batch(cfg: DictConfig, world_size: int) -> None:
 def _load_inputs(cfg: DictConfig) -> JobInputs:
     """Data (its errors stop here, before any model), tokenizer, prompt format and encoded rows."""
     from pipeline.data.loaders import encode_rows, load_unlearning_data
-    from pipeline.eval.runner import check_retain_reference
+    from pipeline.eval.runner import check_eval_inputs
     from pipeline.models.loading import capped_at_context, load_tokenizer
 
     paths = resolve_paths(cfg)
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
-    check_retain_reference(cfg, data)  # a precomputed forget-quality reference that does not fit stops here too
+    check_eval_inputs(cfg, data)  # an eval.splits typo or a reference file that does not fit: stops here
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
     uses = prompt_format_uses(data, training=True, evaluating=bool(cfg.eval.enabled))
     fmt = checked_prompt_format(cfg, tokenizer, uses)

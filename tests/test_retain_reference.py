@@ -155,7 +155,12 @@ def test_precomputed_reference_file_is_read_and_checked(tmp_path):
         load_reference_file(bad, "forget", ROWS)
 
 
-def test_cli_bad_reference_file_one_line_exit_2(tmp_path):
+@pytest.mark.parametrize("extra,error,expect", [
+    (["eval.retain_reference={ref}"], "RetainReferenceError", ["has 3 rows", "split 'forget' has 2 rows"]),
+    # a typo in eval.splits trained and exported the model, then stopped at the evaluation
+    (["eval.splits=[forget,retian]"], "DataError", ["eval.splits ['retian'] not loaded"]),
+])
+def test_cli_bad_reference_file_or_eval_split_one_line_exit_2(tmp_path, extra, error, expect):
     """Checked right after the data is loaded, before any model: one line, exit 2, nothing written."""
     data = tmp_path / "data"
     data.mkdir()
@@ -167,10 +172,10 @@ def test_cli_bad_reference_file_one_line_exit_2(tmp_path):
     out = subprocess.run(
         [sys.executable, "launchers/train.py", "model.source=pretrained", f"model.path={unloadable_model(tmp_path)}", "data.name=json",
          f"data.path={data}", "data.forget_split=forget", "data.retain_split=retain", "data.eval_splits=[]",
-         f"eval.retain_reference={tmp_path / 'ref.json'}", f"output_dir={tmp_path / 'runs'}", "run_name=r",
+         *(e.format(ref=tmp_path / "ref.json") for e in extra), f"output_dir={tmp_path / 'runs'}", "run_name=r",
          "logging=none"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
-    err = [ln for ln in out.stderr.splitlines() if "RetainReferenceError" in ln]
-    assert len(err) == 1 and "has 3 rows" in err[0] and "split 'forget' has 2 rows" in err[0]
+    err = [ln for ln in out.stderr.splitlines() if ln.startswith("error (")]
+    assert len(err) == 1 and error in err[0] and all(x in err[0] for x in expect), out.stderr[-2000:]
     assert "Traceback" not in out.stderr and not (tmp_path / "runs" / "r" / "model").exists()
 

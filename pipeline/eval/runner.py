@@ -509,14 +509,18 @@ def evaluation_record(cfg: DictConfig, splits: dict, results: dict, ref_info: di
     }
 
 
-def check_retain_reference(cfg: DictConfig, data: Any) -> None:
-    """Fail fast (before training) on an ``eval.retain_reference`` file that does not fit the forget split."""
-    if not (cfg.eval.enabled and cfg.eval.get("retain_reference")) or data.name.split(":")[0] in ("muse", "wmdp"):
+def check_eval_inputs(cfg: DictConfig, data: Any) -> None:
+    """Fail fast (before training) on what a TOFU-style evaluation would refuse at the end: an
+    ``eval.splits`` name the data did not load (a typo trained and exported the model first), a split
+    without question / answer columns, an ``eval.retain_reference`` file that does not fit the forget split."""
+    if not cfg.eval.enabled or data.name.split(":")[0] in ("muse", "wmdp"):
         return
-    from pipeline.eval.reference import load_reference_file
+    splits = tofu_eval_splits(cfg, data)
+    if cfg.eval.get("retain_reference"):
+        from pipeline.eval.reference import load_reference_file
 
-    load_reference_file(cfg.eval.retain_reference, data.forget_split, tofu_eval_splits(cfg, data)[data.forget_split],
-                        _reference_settings(cfg, data.forget_split))
+        load_reference_file(cfg.eval.retain_reference, data.forget_split, splits[data.forget_split],
+                            _reference_settings(cfg, data.forget_split))
 
 
 LM_EVAL_FILE = "lm_eval.json"  # lm-eval's results, groups and versions, beside results.json
@@ -616,7 +620,7 @@ def _eval_inputs(cfg: DictConfig) -> tuple[Any, Any, Any, list[str], Any]:
 
     paths = resolve_paths(cfg)
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
-    check_retain_reference(cfg, data)
+    check_eval_inputs(cfg, data)
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
     uses = prompt_format_uses(data, training=False, evaluating=True)
     return paths, data, tokenizer, uses, checked_prompt_format(cfg, tokenizer, uses)

@@ -103,11 +103,14 @@ def resumable_job(tmp_path: Path) -> tuple[list[str], Path]:
 
 
 def unloadable_model(tmp_path: Path) -> Path:
-    """A model directory that passes the path check (a config.json and a tokenizer_config.json) but
-    has no weights nor vocabulary: for tests of what is checked before any model or tokenizer is
+    """A model directory that passes the path and weights-file checks (a config.json, a
+    tokenizer_config.json, a model.safetensors of no tensors) but has no weights nor vocabulary: for tests of what is checked before any model or tokenizer is
     loaded (the data, a reference file)."""
     d = tmp_path / "model"
     d.mkdir(exist_ok=True)
     (d / "config.json").write_text("{}")
     (d / "tokenizer_config.json").write_text("{}")
+    from safetensors.torch import save_file
+
+    save_file({}, str(d / "model.safetensors"))  # a weights file, as the weights check wants, of no tensors
     return d
