@@ -273,6 +273,10 @@ class RunConfig:
 _STORED = False
 
 
+# trainer.num_threads above this is a typo, not a machine (torch crashed with a segfault at 100000)
+MAX_THREADS = 1024
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent). Importing methods registers theirs."""
     global _STORED
@@ -415,7 +419,11 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _choice(cfg, "kernels.attention", ("auto", "sdpa", "torch", "triton", "flash_attn"))
     _choice(cfg, "kernels.kl", ("naive", "fused"))
     _choice(cfg, "logging.wandb_mode", ("auto", "offline", "online", "disabled"))
-    _require(t.num_threads >= 0, "trainer.num_threads", f"must be >= 0 (0 leaves torch's setting), got {t.num_threads}")
+    _require(0 <= t.num_threads <= MAX_THREADS, "trainer.num_threads",
+             f"must be in 0..{MAX_THREADS} (0 leaves torch's setting), got {t.num_threads}")
+    # torch.manual_seed takes a 64-bit value; a larger one was an OverflowError traceback
+    _require(-2**63 <= cfg.seed < 2**64, "seed", f"must fit in 64 bits, got {cfg.seed}")
+    _validate_embedded(cfg)
     _validate_eval(cfg.eval)
     _require(cfg.eval.max_rows is None or cfg.eval.max_rows >= 1, "eval.max_rows",
              f"must be >= 1 or null (all rows), got {cfg.eval.max_rows}")
@@ -473,6 +481,31 @@ OUTPUT_HEAD_NAMES = ("lm_head", "embed_out")
 # DeepSpeed config keys the pipeline derives from its own settings (deepspeed.extra may not set them)
 EXTRA_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 EXTRA_OWNED_ZERO_KEYS = ("stage", "offload_optimizer", "offload_param")
+
+
+def _validate_embedded(cfg: DictConfig) -> None:
+    """The embedded benchmark's generator (``data.synthetic``) and tiny model (``model.tiny``), where the
+    run builds them: values they cannot be built with were tracebacks inside the build."""
+    if cfg.data.name == "synthetic":
+        from pipeline.data.synthetic import SyntheticConfig, check_config
+
+        try:
+            check_config(SyntheticConfig(**OmegaConf.to_container(cfg.data.synthetic, resolve=True)))
+        except ValueError as e:
+            raise ConfigError(f"config error at 'data.synthetic': {e}") from None
+    if cfg.model.source != "synthetic":
+        return
+    m = cfg.model.tiny
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                "max_position_embeddings", "batch_size", "max_length"):
+        _require(m[key] >= 1, f"model.tiny.{key}", f"must be >= 1, got {m[key]}")
+    _require(m.hidden_size % m.num_attention_heads == 0, "model.tiny.hidden_size",
+             f"{m.hidden_size} is not a multiple of model.tiny.num_attention_heads ({m.num_attention_heads})")
+    _require(m.num_attention_heads % m.num_key_value_heads == 0, "model.tiny.num_key_value_heads",
+             f"{m.num_key_value_heads} does not divide model.tiny.num_attention_heads ({m.num_attention_heads})")
+    _require(m.steps >= 0 and m.warmup >= 0, "model.tiny.steps", f"steps and warmup must be >= 0, got {m.steps}, "
+             f"{m.warmup}")
+    _require(m.lr > 0, "model.tiny.lr", f"must be > 0, got {m.lr}")
 
 
 def _validate_deepspeed(ds: DictConfig) -> None:

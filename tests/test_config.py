@@ -166,6 +166,13 @@ def test_tau_accepts_number_or_auto_only():
         ("eval.probe_rows=-1", "eval.probe_rows"),
         ("eval.max_rows=0", "eval.max_rows"),
         ("deepspeed.param_persistence_threshold=-5", "deepspeed.param_persistence_threshold"),
+        # the embedded benchmark and model, the seed, the threads: tracebacks (a segfault) before
+        ("data.synthetic.n_authors=-3", "data.synthetic"),
+        ("data.synthetic.qa_per_author=0", "data.synthetic"),
+        ("model.tiny.num_key_value_heads=3", "model.tiny.num_key_value_heads"),
+        ("model.tiny.batch_size=0", "model.tiny.batch_size"),
+        ("seed=99999999999999999999", "seed"),
+        ("trainer.num_threads=100000", "trainer.num_threads"),
     ],
 )
 def test_out_of_range_values_name_key_and_range(override, key):
@@ -225,7 +232,7 @@ def test_cli_unknown_key_exits_nonzero_with_message():
     ("eval.max_length=4", "eval.max_length", "must be >= 8"),
     ("eval.mink_k=1.5", "eval.mink_k", "must be in (0, 1]"),
     ("eval.retrain_auc=2", "eval.retrain_auc", "must be in [0, 1]"),
-    ("trainer.num_threads=-1", "trainer.num_threads", "must be >= 0"),
+    ("trainer.num_threads=-1", "trainer.num_threads", "must be in 0..1024"),
 ])
 def test_evaluation_and_thread_settings_are_checked_before_training(override, key, expect):
     with pytest.raises(ConfigError, match=rf"config error at '{key}': {re.escape(expect)}"):

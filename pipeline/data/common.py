@@ -191,8 +191,11 @@ def _local_split_file(root: Path, subset: Optional[str], split: str) -> Optional
     base = root / subset if subset else root
     for ext, builder in LOCAL_FORMATS:
         f = base / f"{split}.{ext}"
-        if f.exists():
+        if f.is_file():
             return f, builder
+        if f.is_symlink() or f.exists():  # a directory, or a link to nothing or to itself: not "not found"
+            what = "a directory" if f.is_dir() else "a link that leads to no file"
+            raise DataError(f"split {split!r}: {f} is {what}, not a data file")
     return None
 
 

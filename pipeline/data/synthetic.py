@@ -228,7 +228,8 @@ def _row(question, answer, para_q, para_a, perturbed, author, attribute, facts) 
             "attribute": attribute, "facts": facts}
 
 
-def _check(cfg: SyntheticConfig) -> None:
+def check_config(cfg: SyntheticConfig) -> None:
+    """Raise ValueError for a generator setting the benchmark cannot be built with."""
     if not 1 <= cfg.qa_per_author <= len(ATTRIBUTES):
         raise ValueError(f"qa_per_author must be in 1..{len(ATTRIBUTES)}, got {cfg.qa_per_author}")
     nf = min(cfg.n_first_names, len(FIRST_NAMES))
@@ -245,7 +246,7 @@ def _check(cfg: SyntheticConfig) -> None:
 
 def author_names(cfg: SyntheticConfig) -> list[str]:
     """The fictitious authors' names in benchmark order (the forget splits take the last ones)."""
-    _check(cfg)
+    check_config(cfg)
     rng = random.Random(f"names-{cfg.seed}")
     firsts = FIRST_NAMES[: cfg.n_first_names]
     lasts = LAST_NAMES[: cfg.n_last_names]
@@ -278,7 +279,7 @@ def continual_authors(cfg: SyntheticConfig) -> dict[str, list[str]]:
 
 def build_benchmark(cfg: SyntheticConfig) -> dict[str, list[dict]]:
     """All splits of the benchmark, deterministic from ``cfg`` (``random.Random(cfg.seed)``)."""
-    _check(cfg)
+    check_config(cfg)
     rng = random.Random(cfg.seed)
     pre = _preambles(cfg, rng)
     names = author_names(cfg)

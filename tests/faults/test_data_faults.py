@@ -165,6 +165,19 @@ def test_missing_split_lists_available(tmp_path):
         load_unlearning_data(cfg(tmp_path))
 
 
+def test_a_split_file_that_is_a_directory_or_a_looping_link_is_named(tmp_path):
+    """A directory named retain.jsonl was an IsADirectoryError traceback; a link to itself, "not found"
+    with retain listed among the available splits."""
+    write(tmp_path, "forget", [qa_row("alice", "paris")])
+    (tmp_path / "retain.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"split 'retain': .*retain.jsonl is a directory, not a data file"):
+        load_unlearning_data(cfg(tmp_path))
+    (tmp_path / "retain.jsonl").rmdir()
+    (tmp_path / "retain.jsonl").symlink_to(tmp_path / "retain.jsonl")
+    with pytest.raises(DataError, match=r"split 'retain': .*retain.jsonl is a link that leads to no file"):
+        load_unlearning_data(cfg(tmp_path))
+
+
 def test_overlap_between_forget_and_retain_is_refused(tmp_path):
     shared = qa_row("carol", "oslo")
     write(tmp_path, "forget", [qa_row("alice", "paris"), shared])
