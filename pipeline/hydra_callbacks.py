@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.eval.sweep import sweep_jobs
 from pipeline.io import RUN_CONFIG
@@ -202,6 +202,17 @@ def _check_launcher_settings(config: DictConfig, where: str = "", run_dir: Optio
         # read by launchers/continual.py only: the plain job would unlearn data.forget_split, silently
         exit_with(ConfigError(), f"{where}config error at 'continual.requests': {list(config.continual.requests)} is read by "
                   "launchers/continual.py (a sequence of requests); launchers/train.py unlearns data.forget_split once")
+    if run_dir is None:  # a single run's directory, as set
+        given = str(OmegaConf.select(config, "hydra.run.dir", default="") or "").strip()
+        # empty (an unset shell variable): the run's files would land in the working directory, e.g. the repo
+        if not given:
+            exit_with(ConfigError(), "config error at 'hydra.run.dir': empty: name the run directory (default: "
+                      "<output_dir>/<run_name>; `hydra.run.dir=.` for the working directory)")
+        model_path = OmegaConf.select(config, "model.path", default=None)
+        if model_path and Path(str(model_path)).expanduser().is_dir() and \
+                Path(given).expanduser().resolve() == Path(str(model_path)).expanduser().resolve():
+            exit_with(ConfigError(), f"config error at 'hydra.run.dir': {given} is model.path's directory: the run's "
+                      f"files (results.json, checkpoints/, model/) would be mixed into the model it starts from")
     if config.hydra.job.get("name") != "eval":
         return
     run_path = Path(str(config.hydra.run.dir) if run_dir is None else run_dir)

@@ -58,3 +58,23 @@ def test_a_run_directory_hydra_cannot_set_up_is_one_line_and_exit_2(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
     assert lines[0].startswith("error (IsADirectoryError, rank 0): cannot open the run's log file: ") and "train.log" in lines[0]
+
+
+def test_an_empty_run_directory_or_the_models_own_is_refused(tmp_path):
+    """hydra.run.dir= (an unset shell variable) wrote results.json, model/ and checkpoints/ into the working
+    directory, the repository from its root; hydra.run.dir=<model.path> mixed them into the model's folder."""
+    from tests.helpers.tiny import build, train_overrides
+
+    model_dir, data_dir = build(tmp_path / "b")
+    args = train_overrides(model_dir, data_dir, tmp_path / "runs", "r") + ["trainer.max_steps=1"]
+    work = tmp_path / "work"
+    work.mkdir()
+    before = sorted(p.name for p in model_dir.iterdir())
+    for run_dir, why in (("", "empty: name the run directory"), (str(model_dir), "is model.path's directory")):
+        out = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), *args, f"hydra.run.dir={run_dir}"],
+                             cwd=work, env=env(), capture_output=True, text=True, timeout=180)
+        lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error (")]
+        assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+        assert lines[0].startswith("error (ConfigError, rank 0): config error at 'hydra.run.dir': ") and why in lines[0]
+        assert not any(work.iterdir()) and sorted(p.name for p in model_dir.iterdir()) == before
+        assert not (tmp_path / "runs").exists()
