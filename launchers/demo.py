@@ -39,7 +39,8 @@ from typing import NoReturn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.cli import OneLineParser, at_least_one  # noqa: E402  (stdlib only)
+from pipeline.cli import OneLineParser, at_least_one, port_number  # noqa: E402  (stdlib only)
+from pipeline.cli import out_dir as cli_out_dir  # noqa: E402
 
 # ASU and the two classic baselines on 2 ranks (make demo); with --all (make demo-all) also the rest
 # of the registry's TOFU-style methods, as extra rows (single-rank processes side by side, same
@@ -184,16 +185,8 @@ def zero_words(ranks: int, overrides: list[str]) -> str:
 
 
 def out_dir(ap: argparse.ArgumentParser, given: str) -> Path:
-    """``--out`` as a directory (relative to the repository); a file in its place is a usage error."""
-    path = REPO / given  # an absolute ``given`` stays itself
-    if path.exists() and not path.is_dir():
-        ap.error(f"--out {given}: exists and is not a directory")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        ap.error(f"--out {given}: {parent} is a file, not a directory")
-    return path
+    """``--out`` as a directory, relative to the repository (:func:`pipeline.cli.out_dir`)."""
+    return cli_out_dir(ap, given, REPO)
 
 
 def clear_stale(out: Path, names: tuple[str, ...] = ("summary.md", "summary.json", "timings.json")) -> None:
@@ -235,7 +228,7 @@ def main() -> int:
     ap.add_argument("--ranks", type=at_least_one, default=2)
     ap.add_argument("--procs", type=at_least_one, default=2, help="concurrent single-rank processes for --extra-methods")
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--port", type=int, default=29533)
+    ap.add_argument("--port", type=port_number, default=29533)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every step (after --)")
     args = ap.parse_args()
 

@@ -38,7 +38,7 @@ from demo import (  # noqa: E402  (launchers/demo.py: process helpers)
     zero_words,
 )
 
-from pipeline.cli import OneLineParser, at_least_one  # noqa: E402
+from pipeline.cli import OneLineParser, at_least_one, port_number  # noqa: E402
 
 BEFORE = "target"  # the demo's name for the model before unlearning (its run directory)
 
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--reuse-before", action="store_true",
                     help="keep <out>/target (the model as shipped) from an earlier run instead of evaluating it again")
     ap.add_argument("--out", default="runs/demo_real")
-    ap.add_argument("--port", type=int, default=29543)
+    ap.add_argument("--port", type=port_number, default=29543)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every job (after --)")
     args = ap.parse_args()
 

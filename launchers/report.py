@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.cli import OneLineParser  # noqa: E402
+from pipeline.cli import OneLineParser, out_dir  # noqa: E402
 from pipeline.eval.sweep import DEFAULT_RULE, MUSE_RULE, build_report  # noqa: E402
 from pipeline.messages import error_line  # noqa: E402
 
@@ -31,6 +31,8 @@ def main(argv=None) -> int:
                                               "knowmem_retain; WMDP mmlu_accuracy)")
     ap.add_argument("--out", default=None, help="output directory (default: the sweep dir)")
     a = ap.parse_args(argv)
+    if a.out:  # a file in its place: the usage error, not FileExistsError naming no flag
+        out_dir(ap, a.out)
     try:
         rep = build_report(a.sweep_dir, a.rule, a.target, a.x, a.y, a.out)
     except (OSError, ValueError) as exc:  # one line, as the other launchers' errors (--out unwritable too)

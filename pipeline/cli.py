@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from pathlib import Path
+from typing import NoReturn, Optional
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -19,16 +20,17 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """argparse type factory: an integer >= ``low``."""
+def int_at_least(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """argparse type factory: an integer >= ``low`` (and <= ``high``)."""
+    want = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {value}")
         return value
 
     parse.__name__ = f"int_at_least_{low}"  # argparse names the type in some messages
@@ -37,3 +39,19 @@ def int_at_least(low: int) -> Callable[[str], int]:
 
 # ranks, processes, threads, rows, rounds: 0 would silently run or measure nothing
 at_least_one = int_at_least(1)
+# a rendezvous port: one outside this range started the launch, which then failed as "step failed"
+port_number = int_at_least(1, 65535)
+
+
+def out_dir(ap: argparse.ArgumentParser, given: str, base: Optional[Path] = None) -> Path:
+    """``--out`` as a directory (relative to ``base``, default the working directory; an absolute
+    ``given`` stays itself); a file in its place, or above it, is a usage error."""
+    path = (base or Path()) / given
+    if path.exists() and not path.is_dir():
+        ap.error(f"--out {given}: exists and is not a directory")
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        ap.error(f"--out {given}: {parent} is a file, not a directory")
+    return path

@@ -79,7 +79,8 @@ def test_method_names_are_checked_against_conf_method():
 
 
 @pytest.mark.parametrize("args", [["--methods", "asu_kl,asu_kll"], ["--extra-methods", "simnpoo"],
-                                  ["--procs", "0"], ["--procs", "-1"], ["--ranks", "0"], ["--ranks", "two"]])
+                                  ["--procs", "0"], ["--procs", "-1"], ["--ranks", "0"], ["--ranks", "two"],
+                                  ["--port", "99999"], ["--port", "0"]])
 def test_demo_refuses_bad_arguments_in_one_line_before_preparing(tmp_path, args):
     p = _launch("demo.py", "--out", str(tmp_path / "d"), *args)
     assert p.returncode == 2, p.stderr
@@ -103,7 +104,7 @@ def test_a_row_a_later_launch_would_refuse_stops_the_demo_before_anything_runs(t
 
 
 @pytest.mark.parametrize("args", [["--eval-rows", "0"], ["--eval-rows", "-1"], ["--ranks", "0"],
-                                  ["--steps", "0"], ["--methods", "asu_gdd"]])
+                                  ["--steps", "0"], ["--methods", "asu_gdd"], ["--port", "70000"]])
 def test_demo_real_refuses_bad_arguments_in_one_line_before_converting(tmp_path, args):
     p = _launch("demo_real.py", "--out", str(tmp_path / "d"), *args)
     assert p.returncode == 2, p.stderr

@@ -310,7 +310,10 @@ def test_report_cli_without_points_or_with_an_unwritable_out_is_one_line(tmp_pat
     assert "no sweep points under" in report(tmp_path / "empty") and not list((tmp_path / "empty").iterdir())
     (tmp_path / "afile").write_text("x")
     assert "is not a directory" in report(tmp_path / "afile")
-    assert "Not a directory" in report(fake_sweep, "--out", tmp_path / "afile" / "sub")
+    assert report(fake_sweep, "--out", tmp_path / "afile" / "sub") == \
+        f"error (usage, report.py): --out {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a directory"
+    assert report(fake_sweep, "--out", tmp_path / "afile") == \
+        f"error (usage, report.py): --out {tmp_path / 'afile'}: exists and is not a directory"
     # one run's directory: refused, its own report.md kept (a sweep report replaced it); --out elsewhere is fine
     run = next(d for d in fake_sweep.iterdir() if (d / "results.json").is_file())
     (run / "report.md").write_text("# the run's own report\n")
