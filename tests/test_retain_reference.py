@@ -150,6 +150,8 @@ def test_precomputed_reference_file_is_read_and_checked(tmp_path):
         bad.write_text(json.dumps(obj))
         with pytest.raises(RetainReferenceError, match=msg):
             load_reference_file(bad, "forget", ROWS)
+    with pytest.raises(RetainReferenceError, match=r"eval.retain_reference=.*: a directory, not a file"):
+        load_reference_file(tmp_path, "forget", ROWS)
     bad.write_text("{not json")
     with pytest.raises(RetainReferenceError, match=r"not readable JSON"):
         load_reference_file(bad, "forget", ROWS)

@@ -161,7 +161,7 @@ def load_reference_file(path: str | Path, split: str, rows: Sequence[dict],
     where = f"eval.retain_reference={path}"
     p = Path(path)
     if not p.is_file():
-        raise RetainReferenceError(f"{where}: no such file")
+        raise RetainReferenceError(f"{where}: {'a directory, not a file' if p.is_dir() else 'no such file'}")
     try:
         obj = json.loads(p.read_text())
     except (OSError, ValueError) as e:
