@@ -230,6 +230,24 @@ def test_jobs_never_started_or_failed_on_slurm_before_their_log(fake_sweep):
     assert (jobs["1.5"], jobs["4.0"], jobs["7.0"], jobs["8.0"], jobs["2.0"], jobs["5.0"]) == (0, 1, 2, 3, None, None)
 
 
+def test_a_requeued_slurm_job_is_not_failed_until_a_later_attempt_fails(fake_sweep):
+    """A point requeued by submitit (a preemption, a time limit with timeouts left) was reported failed with
+    srun's 'Exited with exit code 255' while it waited for its next attempt; only that attempt's lines count."""
+    _multirun_yaml(fake_sweep, "1.5,4.0,8.0")
+    attempt = ("submitit INFO (2026) - Starting with JobEnvironment(job_id=41_{n})\n"
+               "submitit WARNING (2026) - Caught signal SIGUSR2 on vm: this job is timed-out.\n"
+               "submitit INFO (2026) - Requeued job 41_{n} (2 remaining timeouts)\n"
+               "slurmstepd: error: *** JOB 41 ON vm CANCELLED AT 2026-12-04T10:00:00 DUE TO JOB REQUEUE ***\n"
+               "srun: error: vm: task 0: Exited with exit code 255\n")
+    _slurm_submission(fake_sweep, "41_1", 1, ["method.tau=4.0", "trainer.max_steps=2"], attempt.format(n=1))
+    # requeued, started again, and that attempt failed: its own error
+    _slurm_submission(fake_sweep, "41_2", 2, ["method.tau=8.0", "trainer.max_steps=2"], attempt.format(n=2) +
+                      "submitit INFO (2026) - Starting with JobEnvironment(job_id=41_2)\nValueError: boom\n")
+    by_tau = {p["overrides"]["method.tau"]: p for p in sweep.build_report(fake_sweep)["points"]}
+    assert by_tau["4.0"]["status"] == "missing" and "still running" in by_tau["4.0"]["note"], by_tau["4.0"]
+    assert by_tau["8.0"]["status"] == "failed" and by_tau["8.0"]["note"].startswith("SLURM job 41_2: ValueError: boom")
+
+
 def test_a_point_whose_rerun_set_its_results_aside_is_not_counted(fake_sweep):
     """A re-run moves an earlier results.json aside (pipeline.finished); until it writes its own
     the point is not complete, and the report says where the earlier results are."""

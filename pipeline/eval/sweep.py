@@ -67,6 +67,9 @@ ATTEMPT_STARTED = "job attempt started"
 _BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # lines of a SLURM job's stderr that say why it ended, most telling first: our error line, Python's
 # exception line, SLURM's own (cancelled, time limit, out of memory), srun's exit code
+# submitit's log lines: an attempt's start, and its requeue (submitit/core/submission.py, slurm/slurm.py)
+_SUBMITIT_START = "Starting with "
+_SUBMITIT_REQUEUED = "Requeued job "
 _SLURM_ERRORS = tuple(re.compile(p) for p in (
     r"error \(\w+, rank \d+\): .*", r"[\w.]*(Error|Exception|Interrupt|Exit)(: .*)?",
     r".*(CANCELLED|TIME LIMIT|[Oo]ut[ -]of[ -]memory|oom[-_]kill).*", r"(srun|slurmstepd): error.*"))
@@ -240,13 +243,20 @@ def _pickle_strings(path: Path) -> list[str]:
             if isinstance(arg, str) and "UNICODE" in op.name]
 
 
-def _slurm_error(err: Path) -> str:
-    """The line of a job's stderr that says why it ended: our own error line, else Python's last
-    exception line, else SLURM's (a time limit, an out-of-memory kill, srun's exit code)."""
+def _slurm_attempt(err: Path) -> list[str]:
+    """The lines of a job task's stderr from its latest attempt on (after submitit's last ``Starting
+    with`` line: a requeued job appends its next attempt to the same file)."""
     try:
         lines = [ln.strip() for ln in err.read_text(errors="replace").splitlines()]
     except OSError:
-        return ""
+        return []
+    starts = [i for i, ln in enumerate(lines) if _SUBMITIT_START in ln]
+    return lines[starts[-1]:] if starts else lines
+
+
+def _slurm_error(lines: list[str]) -> str:
+    """The line of a job attempt's stderr that says why it ended: our own error line, else Python's last
+    exception line, else SLURM's (a time limit, an out-of-memory kill, srun's exit code)."""
     for pattern in _SLURM_ERRORS:
         hits = [ln for ln in lines if pattern.fullmatch(ln)]
         if hits:
@@ -269,7 +279,11 @@ def slurm_jobs(root: Path) -> list[SlurmJob]:
             continue
         job_id = pkl.name.removesuffix("_submitted.pkl")
         errs = sorted(pkl.parent.glob(f"{job_id}_*_log.err"))
-        error = next((e for e in (_slurm_error(f) for f in errs) if e), "")
+        attempts = [_slurm_attempt(f) for f in errs]
+        # requeued (a preemption, a time limit with timeouts left): waiting for or running its next attempt,
+        # not failed, though its last attempt's tasks ended with SLURM's error lines (exit codes 124 / 255)
+        requeued = any(_SUBMITIT_REQUEUED in ln for lines in attempts for ln in lines)
+        error = "" if requeued else next((e for e in map(_slurm_error, attempts) if e), "")
         jobs.append(SlurmJob(job_id, nums[0], frozenset(strings), pkl.stat().st_mtime, error,
                              errs[0] if errs else None))
     return jobs
