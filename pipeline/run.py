@@ -315,7 +315,7 @@ def _load_inputs(cfg: DictConfig) -> JobInputs:
 
     paths = resolve_paths(cfg)
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
-    check_eval_inputs(cfg, data)  # an eval.splits typo or a reference file that does not fit: stops here
+    check_eval_inputs(cfg, data, paths.model)  # an eval.splits typo or a reference file that does not fit: stops here
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
     uses = prompt_format_uses(data, training=True, evaluating=bool(cfg.eval.enabled))
     fmt = checked_prompt_format(cfg, tokenizer, uses)

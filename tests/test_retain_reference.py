@@ -113,6 +113,26 @@ def test_a_reference_cached_by_other_evaluation_code_is_recomputed(models, tmp_p
     assert again == pytest.approx(ref, rel=1e-6)
 
 
+def test_our_cache_file_passes_the_check_before_training_at_the_models_context(models, tmp_path):
+    """The evaluation scores at eval.max_length capped at the model's context (192 -> 64 here, as the
+    embedded benchmark's 192 -> 128), and the cache file records that length: the check before training
+    compared it with the uncapped 192 and refused the very file the evaluation would accept."""
+    from pipeline.data.common import UnlearningData
+    from pipeline.eval.runner import at_model_context, check_eval_inputs
+
+    model_dir = models / "models" / "retain_a"
+    tok = load_tokenizer(model_dir, False)
+    cfg = _cfg(models, max_length=192)
+    cfg.cache_dir = str(tmp_path)
+    _, info = retain_reference(at_model_context(cfg, model_dir), _paths(models, "retain_a", shared_cache=False),
+                               "forget", ROWS, tok)
+    assert json.loads(Path(info["file"]).read_text())["key"]["settings"]["max_length"] == 64
+    data = UnlearningData("json", ROWS, ROWS[:1])
+    check_eval_inputs(_cfg(models, max_length=192, retain_reference=info["file"]), data, model_dir)
+    with pytest.raises(RetainReferenceError, match=r"max_length 64 there, 48 here"):
+        check_eval_inputs(_cfg(models, max_length=48, retain_reference=info["file"]), data, model_dir)
+
+
 def _ou_logs(scores, answers=None):
     """open-unlearning's TOFU_EVAL.json shape (saves/eval/tofu_<model>_retain90/TOFU_EVAL.json)."""
     logs = {"forget_truth_ratio": {"agg_value": 0.6, "value_by_index": {str(i): {"score": s} for i, s in enumerate(scores)}}}

@@ -397,14 +397,10 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
 
     from pipeline.eval.parts import parts_key
     from pipeline.eval.tofu import GENERATION, tofu_metrics
-    from pipeline.models.loading import capped_at_context, revision_for
 
     # info, not a warning: the model cannot read more, and eval.max_length's default (192) exceeds the
     # embedded benchmark's context (128) in every default run; the length scored is in results.json
-    max_len = capped_at_context("eval.max_length", int(cfg.eval.max_length), str(model_dir),
-                                revision_for(cfg.model, model_dir), level=logging.INFO)
-    if max_len != int(cfg.eval.max_length):  # scored, generated and recorded at the capped length
-        cfg = OmegaConf.merge(cfg, {"eval": {"max_length": max_len}})
+    cfg = at_model_context(cfg, model_dir, level=logging.INFO)
     model = ModelOnDemand(lambda: _load_eval_model(model_dir, cfg))
     world = dist.get_world_size() if dist.is_initialized() else 1
     stem = rouge_stemmer(cfg)
@@ -509,12 +505,24 @@ def evaluation_record(cfg: DictConfig, splits: dict, results: dict, ref_info: di
     }
 
 
-def check_eval_inputs(cfg: DictConfig, data: Any) -> None:
+def at_model_context(cfg: DictConfig, model_dir: str | Path, level: int = logging.DEBUG) -> DictConfig:
+    """``cfg`` with ``eval.max_length`` capped at the context of the model in ``model_dir``: scored,
+    generated and recorded (the retain reference's key too) at that length."""
+    from pipeline.models.loading import capped_at_context, revision_for
+
+    max_len = capped_at_context("eval.max_length", int(cfg.eval.max_length), str(model_dir),
+                                revision_for(cfg.model, model_dir), level=level)
+    return cfg if max_len == int(cfg.eval.max_length) else OmegaConf.merge(cfg, {"eval": {"max_length": max_len}})
+
+
+def check_eval_inputs(cfg: DictConfig, data: Any, model_dir: str | Path) -> None:
     """Fail fast (before training) on what a TOFU-style evaluation would refuse at the end: an
     ``eval.splits`` name the data did not load (a typo trained and exported the model first), a split
-    without question / answer columns, an ``eval.retain_reference`` file that does not fit the forget split."""
+    without question / answer columns, an ``eval.retain_reference`` file that does not fit the forget split
+    (its settings compared as the evaluation will: at ``model_dir``'s context, which the export keeps)."""
     if not cfg.eval.enabled or data.name.split(":")[0] in ("muse", "wmdp"):
         return
+    cfg = at_model_context(cfg, model_dir)
     splits = tofu_eval_splits(cfg, data)
     if cfg.eval.get("retain_reference"):
         from pipeline.eval.reference import load_reference_file
@@ -620,7 +628,7 @@ def _eval_inputs(cfg: DictConfig) -> tuple[Any, Any, Any, list[str], Any]:
 
     paths = resolve_paths(cfg)
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
-    check_eval_inputs(cfg, data)
+    check_eval_inputs(cfg, data, paths.model)
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
     uses = prompt_format_uses(data, training=False, evaluating=True)
     return paths, data, tokenizer, uses, checked_prompt_format(cfg, tokenizer, uses)
