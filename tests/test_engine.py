@@ -284,7 +284,10 @@ def test_into_a_log_file_the_training_bar_is_not_redrawn_every_step(tiny, tmp_pa
                  + ["method=grad_diff", "eval.enabled=false", "trainer.export=false", "logging.progress_bar=true"])
     assert out.returncode == 0, out.stderr[-3000:]
     states = out.stderr.count("unlearn[grad_diff]")
-    assert 1 <= states <= 4, states  # the opening state, the last, maybe one more: not 20
+    # the opening state, the last, maybe one more, and one redrawn below each loss line (trainer.log_every,
+    # 2 here): not 20
+    loss_lines = out.stderr.count("pipeline.engine.trainer][INFO] - step ")
+    assert loss_lines == 2 and 1 <= states <= 4 + loss_lines, (states, loss_lines)
 
 
 def test_warmup_steps_round_away_float_error():

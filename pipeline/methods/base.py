@@ -58,13 +58,15 @@ class UnlearningMethod:
         self.joint_pass = joint_pass
 
     # -- configuration ----------------------------------------------------------------------------
+    RETAIN_LOSSES: tuple[str, ...] = ("nll", "kl", "none")  # method.retain_loss values this method takes
+
     @classmethod
     def validate_config(cls, mcfg: Any, n_layers: Optional[int]) -> None:
         require(mcfg.gamma >= 0, "method.gamma", f"must be >= 0, got {mcfg.gamma}")
         require(mcfg.alpha >= 0, "method.alpha", f"must be >= 0, got {mcfg.alpha}")
         if "retain_loss" in mcfg:
-            require(mcfg.retain_loss in ("nll", "kl", "none"), "method.retain_loss",
-                    f"got {mcfg.retain_loss!r}; allowed: nll, kl, none")
+            require(mcfg.retain_loss in cls.RETAIN_LOSSES, "method.retain_loss",
+                    f"got {mcfg.retain_loss!r}; allowed: {', '.join(cls.RETAIN_LOSSES)}")
         if "reduction" in mcfg:
             require(mcfg.reduction in ("sequence_mean", "token_mean"), "method.reduction",
                     f"got {mcfg.reduction!r}; allowed: sequence_mean, token_mean")

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from pipeline.config_base import ConfigError, require
@@ -33,8 +32,6 @@ from pipeline.methods import losses
 from pipeline.methods.base import ForgetRetainConfig, UnlearningMethod, register_method
 from pipeline.methods.passes import HIDDEN, StepOutputs, StepPlan
 from pipeline.models.peft_student import is_peft_model
-
-RETAIN_CHOICES = ("mse", "nll", "kl", "none")
 
 
 @dataclass
@@ -57,12 +54,11 @@ def update_layer_indices(layer: int, update_layers: Optional[list[int]]) -> list
 class LayerwiseMethod(UnlearningMethod):
     """Base for methods matching hidden states at ``cfg.layer`` and training a few modules only."""
 
+    RETAIN_LOSSES = ("mse", "nll", "kl", "none")  # mse: the hidden state at `layer` vs the frozen original's
+
     @classmethod
     def validate_config(cls, mcfg: Any, n_layers: Optional[int]) -> None:
-        rl = mcfg.retain_loss
-        require(rl in RETAIN_CHOICES, "method.retain_loss", f"got {rl!r}; allowed: {', '.join(RETAIN_CHOICES)}")
-        # The base check knows nll|kl|none; "mse" is ours.
-        super().validate_config(OmegaConf.merge(mcfg, {"retain_loss": "none"}) if rl == "mse" else mcfg, n_layers)
+        super().validate_config(mcfg, n_layers)  # retain_loss among RETAIN_LOSSES, which adds "mse"
         layer = int(mcfg.layer)
         require(layer >= 0, "method.layer", f"must be >= 0, got {layer}")
         if n_layers is not None:
@@ -75,7 +71,7 @@ class LayerwiseMethod(UnlearningMethod):
                 f"layers {bad} out of range: allowed 0..{layer} (method.layer; later layers cannot change "
                 f"the hidden state at method.layer)")
         require(bool(str(mcfg.update_module).strip()), "method.update_module", "must name a decoder-layer submodule")
-        if rl == "mse" and float(getattr(mcfg, "rna_noise", 0) or 0) > 0:
+        if mcfg.retain_loss == "mse" and float(getattr(mcfg, "rna_noise", 0) or 0) > 0:
             # the retain pass stops after method.layer (its hidden state is all the MSE reads): noise added
             # above it would never be applied, and the run would train without RNA while logging it on
             require(int(mcfg.rna_layer) <= layer, "method.rna_layer",
