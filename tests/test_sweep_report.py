@@ -439,6 +439,12 @@ def test_a_point_running_again_after_a_failed_attempt_is_not_reported_failed(fak
                    "[..][pipeline.engine.trainer][INFO] - resumed from checkpoints/step_00000040 at step 40/100\n")
     status = {p.overrides["method.tau"]: (p.status, p.note) for p in sweep.gather(fake_sweep)}
     assert status["5.0"][0] == "missing", status["5.0"]
+    # a second launch refused while that attempt runs (the directory is in use): says nothing of the point
+    refused = (f"[..][pipeline][INFO] - {sweep.ATTEMPT_STARTED}\n[..][pipeline][ERROR] - error (RunDirInUseError, "
+               f"rank 0): run directory x is in use by another launch (pid 7 on vm)\n")
+    log.write_text(log.read_text() + refused)
+    status = {p.overrides["method.tau"]: (p.status, p.note) for p in sweep.gather(fake_sweep)}
+    assert status["5.0"][0] == "missing", status["5.0"]
     log.write_text(log.read_text() + "[..][pipeline][ERROR] - error (DataError, rank 0): bad row 3\n")
     status = {p.overrides["method.tau"]: (p.status, p.note) for p in sweep.gather(fake_sweep)}
     assert status["5.0"] == ("failed", "train.log: error (DataError, rank 0): bad row 3"), status["5.0"]

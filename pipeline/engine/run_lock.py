@@ -3,10 +3,11 @@
 A second launch into a directory whose run is still going (the same command in another terminal, a
 sweep re-submitted while its jobs run) resumed from the first one's checkpoints while they were being
 pruned, or trained alongside it, both saving the same steps and exporting into the same ``model/``.
-Rank 0 holds an exclusive ``flock`` on ``<run dir>/.run.lock`` for the job's life; the kernel drops it
-when the process ends, however it ends (a SIGKILL, a preempted node), so a requeued job is never
-refused by the attempt it replaces. A filesystem without locks (some Lustre mounts) runs unguarded,
-with a warning.
+Rank 0 holds an exclusive ``flock`` on ``<run dir>/.run.lock`` for the job's life, taken before the job
+changes anything there (Hydra's own ``.hydra/`` and job-log lines come first: the sweep report skips a
+refused attempt's); the kernel drops it when the process ends, however it ends (a SIGKILL, a preempted
+node), so a requeued job is never refused by the attempt it replaces. A filesystem without locks (some
+Lustre mounts) runs unguarded, with a warning.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ class RunDirInUseError(CheckpointError):
 
 
 def _acquire(run_dir: Path) -> tuple[Optional[IO[str]], Optional[str]]:
-    """(the held lock file, None), or (None, why this launch may not run here)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / LOCK_FILE, "a+")
+    """(the held lock file, None), or (None, why this launch may not run here). Any other failure (no
+    locks on this filesystem, a lock file this user cannot open) leaves the run unguarded, as before,
+    with a warning: never an exception here, which would leave the other ranks waiting in the broadcast."""
+    f = None
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / LOCK_FILE, "a+")
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
@@ -45,15 +49,19 @@ def _acquire(run_dir: Path) -> tuple[Optional[IO[str]], Optional[str]]:
         f.close()
         return None, (f"run directory {run_dir} is in use by another launch ({holder}): wait for it to end, or "
                       f"use another run_name")
-    except OSError as e:  # no locks on this filesystem: as before, unguarded
-        f.close()
+    except OSError as e:
+        if f is not None:
+            f.close()
         log.warning("run directory %s: cannot lock it (%s): a second launch into it would not be refused", run_dir,
                     e.strerror or type(e).__name__)
         return None, None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
+    try:  # who holds it, for the refusal's message
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+    except OSError:  # a full disk: held all the same, the holder unnamed
+        pass
     return f, None
 
 

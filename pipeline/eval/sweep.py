@@ -63,6 +63,7 @@ _FAIL_PATTERNS = ("Traceback (most recent call last)", "Error executing job", "e
 # written into a job's log as each attempt starts (launchers/_bootstrap.run_main); Hydra appends one
 # attempt's lines to the earlier ones', so only what follows the last of these says how this one went
 ATTEMPT_STARTED = "job attempt started"
+RUN_DIR_IN_USE = "error (RunDirInUseError"  # pipeline.engine.run_lock's refusal of a second launch
 
 _BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # lines of a SLURM job's stderr that say why it ended, most telling first: our error line, Python's
@@ -175,7 +176,16 @@ def _failed(d: Path) -> str:
             text = log.read_text(errors="replace")
         except OSError:
             continue
-        text = text[text.rfind(ATTEMPT_STARTED) + 1:] if ATTEMPT_STARTED in text else text  # this attempt's
+        # this attempt's lines. An attempt refused because another launch held the directory is no attempt:
+        # its start and refusal lines are dropped, and the lines after them (the running launch goes on
+        # writing into the same log) belong to the attempt before it
+        attempts = text.split(ATTEMPT_STARTED)
+        text = attempts[0]
+        for lines in attempts[1:]:
+            if RUN_DIR_IN_USE in lines:
+                text += "\n".join(ln for ln in lines.splitlines() if RUN_DIR_IN_USE not in ln)
+            else:
+                text = lines
         i = max(text.rfind(pat) for pat in _FAIL_PATTERNS)  # the latest
         if i >= 0:
             return f"{log.name}: {text[i:].splitlines()[0][:160]}"
