@@ -141,6 +141,11 @@ def test_points_or_a_target_evaluated_with_other_settings_are_named_in_the_notes
     notes = sweep.build_report(fake_sweep, target=target, out=tmp_path / "o")["chosen"]["notes"]
     assert notes[-1] == "the target was evaluated with other settings than the points (max_new_tokens, rows): " \
                         "its values may not compare"
+    # what a swept key changes on purpose is no note: eval.<field> that field, data.* the rows
+    ok = [p for p in sweep.gather(fake_sweep) if p.status == "ok"]
+    (note,) = sweep.settings_notes(ok, None, ["method.tau", "eval.max_new_tokens"])
+    assert note.startswith("tau=3.5,") and "than most points (rows.retain): the numbers may not compare" in note
+    assert sweep.settings_notes(ok, None, ["method.tau", "eval.max_new_tokens", "data.forget_split"]) == []
     # a target that is no run's results.json is one error, not an AttributeError
     for bad in ({"metrics": None}, [1, 2]):
         target.write_text(json.dumps(bad))

@@ -372,7 +372,7 @@ class UnlearningTrainer:
                         self._non_finite(step, bad_batch, bad)  # raises unless nan_policy=skip
                         self._skip_optimizer_step(step)
                         break
-                self.engine.step()
+                self._optimizer_step(step, loss_scaled)
                 if loss_scaled and k == ga - 1 and not self.engine.was_step_applied():
                     self.state.overflow_skipped.append(step + 1)
                     log.info("step %d: fp16 gradient overflow: DeepSpeed skipped the update and lowered the loss "
@@ -416,6 +416,17 @@ class UnlearningTrainer:
             log.info("trained %d step%s in %.1fs", self.total_steps, "" if self.total_steps == 1 else "s",
                      time.time() - t0)
         return self.state
+
+    def _optimizer_step(self, step: int, loss_scaled: bool) -> None:
+        """``engine.step()``; under fp16, DeepSpeed's bare exception for gradients that overflow even at
+        its minimum loss scale (non-finite gradients, not a scale too high) is the run's non-finite stop."""
+        try:
+            self.engine.step()
+        except Exception as e:  # DeepSpeed raises a plain Exception there (raise_error_at_min_scale)
+            if not (loss_scaled and "loss scale already at minimum" in str(e)):
+                raise
+            raise NonFiniteLossError(f"non-finite gradient at step {step + 1}: fp16 gradients overflow even at "
+                                     f"DeepSpeed's minimum loss scale; stopping without saving") from None
 
     def _log_interval(self, since: int, lr: float) -> None:
         """The losses of the steps after ``since`` up to this one, averaged (as HF Trainer logs them), with

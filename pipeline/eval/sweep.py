@@ -670,11 +670,19 @@ def settings_notes(ok: list[SweepPoint], reference: Optional[dict], swept: list[
     """Notes naming the completed points (and the target) evaluated with other settings than the rest
     (:func:`pipeline.eval.summary.evaluation_record`: generation length, rows scored, truth-ratio
     reference, dtype, ...), e.g. points of an earlier launch kept after the config's ``eval.*`` changed:
-    their numbers may not compare. The settings of the target, else of most points, are the yardstick."""
+    their numbers may not compare. The settings of the target, else of most points, are the yardstick;
+    fields the swept keys change on purpose (``data.*``: the rows; ``eval.<field>``) are not compared."""
     from pipeline.eval.summary import diff_paths, evaluation_record
 
+    # fields a swept key changes on purpose: a sweep over data.* scores other rows (and another forget
+    # split's reference), one over eval.<field> that field
+    explained = {"rows", "retain_reference"} if any(k.startswith("data.") for k in swept) else set()
+    explained |= {k.split(".", 1)[1] for k in swept if k.startswith("eval.")}
+    explained |= {"rows"} if "eval.max_rows" in swept else set()
+
     def key(results: dict) -> str:
-        return json.dumps(evaluation_record(results), sort_keys=True, default=str)
+        record = {k: v for k, v in evaluation_record(results).items() if k not in explained}
+        return json.dumps(record, sort_keys=True, default=str)
 
     groups: dict[str, list[str]] = {}
     for p in ok:
