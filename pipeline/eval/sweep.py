@@ -584,7 +584,8 @@ def build_report(sweep_dir: str | Path, rule: Optional[str] = None, target: Opti
                          f"sweep directory above it, or --out elsewhere")
     points = gather(sweep_dir)
     if not points:  # nothing to report: no report.md / pareto.png written into the directory
-        raise ValueError(f"no sweep points under {sweep_dir} (no run directories with .hydra/ or {RESULTS_FILE})")
+        raise ValueError(f"no sweep points under {sweep_dir} (no run directories with .hydra/ or {RESULTS_FILE}; "
+                         f"a dry run's directories are none)")
     reference = _read_target(target) if target else None
     default_rule, default_x, default_y = family_defaults(points)
     r = parse_rule(rule or default_rule)
