@@ -63,6 +63,24 @@ def test_muse_7b_fits_8_gpus_by_checkpointing_activations_which_a_refusal_sugges
     assert "Would fit: deepspeed.activation_checkpointing=true on 8 GPU(s)" in str(e.value)
 
 
+def test_a_refusal_whose_shortfall_is_the_naive_kls_logits_suggests_the_fused_kl(monkeypatch):
+    """Llama-3's 128k vocabulary on MUSE's 8 x 2048 tokens: the naive KL's logits (~31 GiB/GPU) shrink neither
+    with more GPUs nor with offload, and the refusal sent the user to full offload or 8x the GPUs, though
+    kernels.kl=fused fits the same 8 GPUs without either."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    budget = ["+exp=muse_news_7b", "model=llama3_8b_instruct", "deepspeed.gpu_memory_gb=48",
+              "deepspeed.host_memory_gb=1024"]
+    with pytest.raises(PreflightError, match=r"Would fit: kernels.kl=fused on 8 GPU\(s\) \(~[0-9.]+ GiB/GPU"):
+        run_preflight(_compose(budget), world_size=8, cuda=True, model_path=None, uses_reference=True)
+    run_preflight(_compose(budget + ["kernels.kl=fused"]), world_size=8, cuda=True, model_path=None,
+                  uses_reference=True)
+    # under fp16 the fused KL is refused (config.validate): never suggested there
+    with pytest.raises(PreflightError) as e:
+        run_preflight(_compose(budget + ["deepspeed.precision=fp16"]), world_size=8, cuda=True, model_path=None,
+                      uses_reference=True)
+    assert "kernels.kl=fused on" not in str(e.value)
+
+
 def test_small_model_passes():
     cfg = _compose([])
     text = run_preflight(cfg, world_size=1, cuda=False, model_path=None, uses_reference=True, vocab_size=500)

@@ -581,6 +581,7 @@ class FixSetting:
     offload_param: Optional[str] = None
     zero_stage: Optional[int] = None  # None: what deepspeed.zero_stage gives that many ranks
     checkpointing: Optional[bool] = None
+    kl: Optional[str] = None  # kernels.kl
 
 
 # Least offload first: recomputing activations in backward costs compute, not memory traffic; then
@@ -589,6 +590,9 @@ class FixSetting:
 # was, and no two remedies were combined: a 70B on 8 x 80 GB was told nothing fits).
 FIX_SETTINGS = (
     FixSetting(""),
+    # the naive KL's B x T x V logits shrink neither with more ranks nor with offload; the fused KL
+    # streams them (and is faster: docs/performance.md)
+    FixSetting("kernels.kl=fused", kl="fused"),
     FixSetting("deepspeed.activation_checkpointing=true", checkpointing=True),
     FixSetting("deepspeed=zero3_offload_optimizer", "cpu", "none", 3),
     FixSetting("deepspeed=zero3_offload_optimizer deepspeed.activation_checkpointing=true", "cpu", "none", 3, True),
@@ -616,7 +620,7 @@ def _without_batch_terms(plan: MemoryPlan, cpu_ranks: bool) -> MemoryPlan:
 def suggest_fixes(cfg: Any, world_size: int, plan_of: Any, gpu_avail: int, host_avail: int,
                   cpu_ranks: bool) -> tuple[list[str], str]:
     """(what would fit, what to say when nothing does) for a run of ``cfg`` on ``world_size`` ranks
-    that does not fit. ``plan_of(n, offload_optimizer, offload_param, zero_stage, checkpointing)`` plans
+    that does not fit. ``plan_of(n, offload_optimizer, offload_param, zero_stage, checkpointing, kl_impl)`` plans
     ``n`` ranks. Every :data:`FIX_SETTINGS` entry is tried on this rank count and each of
     :data:`SEARCH_COUNTS` above it; the first suggestion is the cheapest (fewest ranks, then least
     offload), each later one needs more ranks but less offload. When nothing fits, smaller batches or
@@ -624,20 +628,24 @@ def suggest_fixes(cfg: Any, world_size: int, plan_of: Any, gpu_avail: int, host_
     ds, tr = cfg.deepspeed, cfg.trainer
     device = "rank" if cpu_ranks else "GPU"
 
-    def resolved(s: FixSetting, n: int) -> tuple[str, str, int, bool]:
+    def resolved(s: FixSetting, n: int) -> tuple[str, str, int, bool, str]:
         stage = resolve_zero_stage(ds, n).stage if s.zero_stage is None else s.zero_stage
         return (s.offload_optimizer or str(ds.offload_optimizer), s.offload_param or str(ds.offload_param), stage,
-                bool(ds.activation_checkpointing) if s.checkpointing is None else s.checkpointing)
+                bool(ds.activation_checkpointing) if s.checkpointing is None else s.checkpointing,
+                s.kl or str(cfg.kernels.kl))
+
+    # the fused KL is refused under fp16 (config.validate): not a fix there
+    settings = [s for s in FIX_SETTINGS if not (s.kl == "fused" and str(ds.precision) == "fp16")]
 
     suggestions: list[str] = []
     tried: list[tuple[FixSetting, MemoryPlan]] = []
-    best = len(FIX_SETTINGS)  # only settings with less offload than the last suggestion's are worth more ranks
+    best = len(settings)  # only settings with less offload than the last suggestion's are worth more ranks
     # CPU ranks share one host: more of them hold the same states in the same memory (more per-rank
     # baselines), so only the settings are searched there
     counts = (world_size,) if cpu_ranks else (world_size, *(c for c in SEARCH_COUNTS if c > world_size))
     for n in counts:
-        seen = {resolved(FIX_SETTINGS[0], world_size)} if n == world_size else set()  # the run itself
-        for rank, s in enumerate(FIX_SETTINGS[:best]):
+        seen = {resolved(settings[0], world_size)} if n == world_size else set()  # the run itself
+        for rank, s in enumerate(settings[:best]):
             key = resolved(s, n)
             if key in seen:
                 continue
@@ -670,7 +678,8 @@ def suggest_fixes(cfg: Any, world_size: int, plan_of: Any, gpu_avail: int, host_
         return [], (f"No offload setting {scope} fits at this batch: "
                     f"{s.override or 'the current deepspeed config'} on {p.n_gpus} {device}(s) is short by "
                     f"{over(p) / GiB:.1f} GiB with {batch_of} of activations and logits: reduce "
-                    f"trainer.batch_size / trainer.retain_batch_size / data.max_length")
+                    f"trainer.batch_size / trainer.retain_batch_size / data.max_length"
+                    + (", or set kernels.kl=fused" if "distillation logits (naive)" in p.per_gpu else ""))
     s, _, q = min(lean, key=lambda spq: over(spq[2]))
     return [], (f"No offload setting {scope} fits, not even without activations: "
                 f"{s.override or 'the current deepspeed config'} on {q.n_gpus} {device}(s) needs "
@@ -785,10 +794,10 @@ def _local_world_size(world_size: int) -> int:
 
 def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference: bool, offload_opt: str,
           offload_par: str, zero_stage: Optional[int] = None,
-          activation_checkpointing: Optional[bool] = None) -> MemoryPlan:
+          activation_checkpointing: Optional[bool] = None, kl_impl: Optional[str] = None) -> MemoryPlan:
     """The plan of ``cfg`` on ``n`` ranks, ``gpn`` of them per node, with these offload settings, in
     ``zero_stage`` (None: the stage the configured ``deepspeed.zero_stage`` gives ``n`` ranks) and with
-    activation checkpointing as given (None: as configured)."""
+    activation checkpointing and the KL (``kernels.kl``) as given (None: as configured)."""
     from pipeline.engine.ds_config import resolve_precision, student_config
 
     ds, tr = cfg.deepspeed, cfg.trainer
@@ -800,7 +809,7 @@ def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference
                        offload_param=offload_par,
                        uses_reference=uses_reference, batch_size=int(tr.batch_size),
                        retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
-                       kl_impl=cfg.kernels.kl,
+                       kl_impl=kl_impl or cfg.kernels.kl,
                        activation_checkpointing=bool(ds.activation_checkpointing if activation_checkpointing is None
                                                      else activation_checkpointing),
                        flash_attention=cuda and cfg.kernels.attention != "torch", buffers=zero,
@@ -827,11 +836,12 @@ def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[st
     gpn = _local_world_size(world_size)
 
     def mk(n: int, offload_opt: str, offload_par: str, zero_stage: Optional[int] = None,
-           checkpointing: Optional[bool] = None) -> MemoryPlan:
+           checkpointing: Optional[bool] = None, kl_impl: Optional[str] = None) -> MemoryPlan:
         # this run's own ranks per node; another GPU count (a column, a suggestion) on nodes of 8, or
         # of this node's size when larger (before, this run too: 4-GPU nodes' host memory was doubled)
         per_node = gpn if n == world_size else max(gpn, 8 if n >= 8 else n)
-        return _plan(cfg, arch, n, per_node, cuda, uses_reference, offload_opt, offload_par, zero_stage, checkpointing)
+        return _plan(cfg, arch, n, per_node, cuda, uses_reference, offload_opt, offload_par, zero_stage, checkpointing,
+                     kl_impl)
 
     cpu_ranks = not (cuda or ds.gpu_memory_gb)
     current = mk(world_size, ds.offload_optimizer, ds.offload_param)
