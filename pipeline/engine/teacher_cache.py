@@ -439,8 +439,14 @@ def _prepare(root: Path, key: str, teacher: Any, forget_encoded: Sequence[dict],
         if reason is None:
             return True, None, None
         # moved aside first: the publishing rename would keep a complete-looking copy in place
+        if teacher is None:  # judged ready before the run loaded no frozen model: nothing to rebuild it with
+            return False, None, (f"teacher cache {final} was ready when the run started but fails its check now "
+                                 f"({reason}): launch again to rebuild it")
         log.warning("teacher cache: %s fails its check (%s): rebuilding it", final, reason)
         _discard(final)
+    elif teacher is None:  # removed (by hand, a scratch purge) since the run found it ready
+        return False, None, (f"teacher cache {final} was ready when the run started but is gone now: launch again "
+                             f"to rebuild it")
     root.mkdir(parents=True, exist_ok=True)
     refusal = _check_size(forget_encoded, _vocab_size(teacher), topk, root)
     if refusal is not None:
@@ -650,6 +656,8 @@ class _ShardWriter:
 
         name = f"rows-r{self.rank:03d}-{self._shards:05d}.safetensors"
         save_file(self._buf, str(self.directory / name))
+        # safetensors writes 0600 whatever the umask: readable as the index is, for others sharing the root
+        os.chmod(self.directory / name, 0o666 & ~_umask())
         # hashed by the rank that wrote it, just written (from the page cache): ranks share the work
         self.files[name] = _shard_record(self.directory / name)
         for k in self._buf:
@@ -831,6 +839,20 @@ def _reuse_refusal(path: Path) -> Optional[str]:
     return reason
 
 
+def _umask() -> int:
+    """This process's umask: from /proc (Linux), else by setting it back at once (no getter; another
+    thread creating a file in between would get umask 0, hence /proc first)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _check_shards(path: Path) -> Optional[str]:
     """:func:`_reuse_refusal`'s check itself, uncached."""
     try:
@@ -851,14 +873,16 @@ def _check_shards(path: Path) -> Optional[str]:
     for name, rec in sorted(files.items()):
         try:
             size = (path / name).stat().st_size
+            if size != rec["bytes"]:
+                return f"shard {name} has {size} bytes, {rec['bytes']} when published"
+            if full and _sha256(path / name) != digests[name]:
+                return f"shard {name}'s sha256 differs from the one recorded when published"
+            if not full and _sample_sha256(path / name, size) != digests[name]:
+                return f"shard {name}'s sampled digest differs from the one recorded when published"
         except FileNotFoundError:
             return f"shard {name} is missing"
-        if size != rec["bytes"]:
-            return f"shard {name} has {size} bytes, {rec['bytes']} when published"
-        if full and _sha256(path / name) != digests[name]:
-            return f"shard {name}'s sha256 differs from the one recorded when published"
-        if not full and _sample_sha256(path / name, size) != digests[name]:
-            return f"shard {name}'s sampled digest differs from the one recorded when published"
+        except OSError as e:  # another user's cache it cannot read (a shared root)
+            return f"shard {name} cannot be read ({e.strerror or type(e).__name__})"
     return None
 
 
