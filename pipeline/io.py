@@ -49,7 +49,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     try:
         # mkstemp's 0600 would hide results.json or an exported model.safetensors from the rest of a
         # shared cluster's team: the mode an ordinary open() gives under the umask
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -120,7 +120,7 @@ def recover_dir(final_path: str | os.PathLike) -> bool:
     return True
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process's umask, read from /proc where it can be (reading it with ``os.umask`` means setting
     it for a moment, process-wide: another thread creating a file then would get the wrong mode)."""
     try:
@@ -137,7 +137,7 @@ def _umask() -> int:
 def _readable(root: Path) -> None:
     """Add the read (and, for directories, search) bits the umask allows to everything under ``root``:
     writers that go through a temporary file (transformers' ``model.safetensors``) leave 0600."""
-    mask = _umask()
+    mask = current_umask()
     for d, dirs, files in os.walk(root):
         for name in dirs:
             p = os.path.join(d, name)
@@ -159,7 +159,7 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared cluster's exported model from the team
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide a shared cluster's exported model from the team
     try:
         yield tmp
         _readable(tmp)

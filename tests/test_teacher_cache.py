@@ -180,11 +180,12 @@ def test_a_cache_gone_or_damaged_after_it_was_found_ready_is_one_line(models, ro
     import shutil
 
     from pipeline.engine.preflight import PreflightError
+    from pipeline.io import current_umask
 
     teacher, _ = models
     first = _build(teacher, rows, tmp_path, topk=5)
     shard = next(first.glob("rows-*.safetensors"))
-    assert oct(shard.stat().st_mode & 0o777) == oct(0o666 & ~tc._umask())  # not safetensors' 0600
+    assert oct(shard.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())  # not safetensors' 0600
     shard.write_bytes(shard.read_bytes()[:-1])
     with pytest.raises(PreflightError, match=r"teacher cache .* was ready when the run started but fails its check "
                                              r"now \(shard .* bytes.*\): launch again to rebuild it"):

@@ -90,6 +90,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline.engine.distributed import all_true
+from pipeline.io import current_umask
 from pipeline.models.fingerprint import content_fingerprint, model_fingerprint
 from pipeline.progress import tracked
 
@@ -657,7 +658,7 @@ class _ShardWriter:
         name = f"rows-r{self.rank:03d}-{self._shards:05d}.safetensors"
         save_file(self._buf, str(self.directory / name))
         # safetensors writes 0600 whatever the umask: readable as the index is, for others sharing the root
-        os.chmod(self.directory / name, 0o666 & ~_umask())
+        os.chmod(self.directory / name, 0o666 & ~current_umask())
         # hashed by the rank that wrote it, just written (from the page cache): ranks share the work
         self.files[name] = _shard_record(self.directory / name)
         for k in self._buf:
@@ -837,20 +838,6 @@ def _reuse_refusal(path: Path) -> Optional[str]:
     reason = _check_shards(path)
     _CHECKED[path] = (sig, reason)
     return reason
-
-
-def _umask() -> int:
-    """This process's umask: from /proc (Linux), else by setting it back at once (no getter; another
-    thread creating a file in between would get umask 0, hence /proc first)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _check_shards(path: Path) -> Optional[str]:
