@@ -341,6 +341,21 @@ def _validate_output_dir(cfg: DictConfig) -> None:
              f"{root} cannot be created: {parent} is not a writable directory")
 
 
+def _validate_cache_dir(cfg: DictConfig) -> None:
+    """``cache_dir`` (benchmark, teacher caches, converted models) names a directory or a path one can be
+    made at: a file there was a FileExistsError traceback from the first mkdir. Not checked for writing:
+    a read-only shared cache is read."""
+    from pathlib import Path
+
+    raw = str(cfg.get("cache_dir") or "").strip()
+    _require(bool(raw), "cache_dir", "empty: name a directory (default: .cache/asu, or $ASU_CACHE)")
+    path = Path(raw).expanduser()
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    _require(parent.is_dir(), "cache_dir", f"{path}: {parent} is a file, not a directory")
+
+
 def _refuse_added_keys(node: DictConfig, path: str = "") -> None:
     """Refuse a key that ``node``'s schema does not declare. Hydra refuses an unknown key at
     compose time, but ``+key=value`` adds one to a typed node anyway and nothing reads it: a
@@ -371,6 +386,7 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _refuse_added_keys(cfg)
     _refuse_non_finite(cfg)
     _validate_output_dir(cfg)
+    _validate_cache_dir(cfg)
     _require(cfg.method is not None and "name" in cfg.method, "method", "no method selected (method=<name>)")
     _require(cfg.method.name in METHODS, "method.name", f"unknown method {cfg.method.name!r}; known: {', '.join(METHODS.names())}")
     t = cfg.trainer

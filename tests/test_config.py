@@ -195,6 +195,16 @@ def test_rna_noise_without_a_retain_term_is_refused(overrides):
         validate(_compose([overrides[0], "method.rna_noise=0.05", "method.rna_layer=1"]))
 
 
+def test_a_cache_dir_that_is_a_file_is_a_config_error(tmp_path):
+    """prepare.py (and every run building the benchmark or a cache) stopped with a FileExistsError traceback."""
+    (tmp_path / "f").write_text("x")
+    for given in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(ConfigError, match=rf"cache_dir': {re.escape(str(given))}: {re.escape(str(tmp_path / 'f'))} is a "
+                                              r"file, not a directory"):
+            validate(_compose([f"cache_dir={given}"]))
+    validate(_compose([f"cache_dir={tmp_path / 'new' / 'cache'}"]))  # made when first written
+
+
 def test_layer_range_message_names_allowed_range():
     cfg = _compose(["method.teacher_layers=[0,99]"])
     with pytest.raises(ConfigError, match=r"allowed 0\.\.\d+"):
