@@ -34,10 +34,10 @@ def _fresh_hydra():
     GlobalHydra.instance().clear()
 
 
-def _launch(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def _launch(script: str, *args: str, cwd: Path = ROOT, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, f"launchers/{script}", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 # --- 1. overrides every row gets, and misspelt rows -------------------------------------------
@@ -211,8 +211,10 @@ def test_a_failed_demo_leaves_no_earlier_table_and_passes_on_the_child_error(tmp
     (out / "logs").mkdir(parents=True)
     for f in ("summary.md", "summary.json", "timings.json", "logs/timings_main.json"):
         (out / f).write_text("{}")
-    # a split the benchmark lacks: composes, so only the launch's first job meets it
-    p = _launch("demo.py", "--out", str(out), "--ranks", "1", "--methods", "asu_kl", "--", "data.forget_split=forget99")
+    # a split the benchmark lacks: composes, so only the launch's first job meets it, after the benchmark step
+    # (which builds the embedded benchmark on a fresh clone, minutes; the later tests reuse it)
+    p = _launch("demo.py", "--out", str(out), "--ranks", "1", "--methods", "asu_kl", "--", "data.forget_split=forget99",
+                timeout=900)
     assert p.returncode == 2, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "split 'forget99' not found" in p.stderr, p.stderr
     assert sorted(f.name for f in out.rglob("*.json")) == [] and not (out / "summary.md").exists()
