@@ -679,7 +679,8 @@ def suggest_fixes(cfg: Any, world_size: int, plan_of: Any, gpu_avail: int, host_
                     f"{s.override or 'the current deepspeed config'} on {p.n_gpus} {device}(s) is short by "
                     f"{over(p) / GiB:.1f} GiB with {batch_of} of activations and logits: reduce "
                     f"trainer.batch_size / trainer.retain_batch_size / data.max_length"
-                    + (", or set kernels.kl=fused" if "distillation logits (naive)" in p.per_gpu else ""))
+                    + (", or set kernels.kl=fused" if "distillation logits (naive)" in p.per_gpu
+                       and str(ds.precision) != "fp16" else ""))
     s, _, q = min(lean, key=lambda spq: over(spq[2]))
     return [], (f"No offload setting {scope} fits, not even without activations: "
                 f"{s.override or 'the current deepspeed config'} on {q.n_gpus} {device}(s) needs "
