@@ -469,6 +469,13 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
     _validate_peft(cfg, n_layers)
     # Method-specific ranges live with the method (e.g. tau > 0, layers < n_layers).
     METHODS.get(cfg.method.name).validate_config(cfg.method, n_layers)
+    check_fused_kl(cfg)
+
+
+def check_fused_kl(cfg: DictConfig) -> None:
+    """What ``kernels.kl=fused`` cannot run with (precision, a LoRA head, a top-k cache): a
+    :class:`ConfigError` naming the key (validate; the preflight's fix search asks it before suggesting
+    the fused KL)."""
     # the fused KL streams full cached rows only (pipeline/methods/passes.py): refused here, before the
     # models load and the cache is built, not at the first training step
     # the fused KL computes its gradients in the forward and rounds them to the model dtype before the

@@ -79,6 +79,11 @@ def test_a_refusal_whose_shortfall_is_the_naive_kls_logits_suggests_the_fused_kl
         run_preflight(_compose(budget + ["deepspeed.precision=fp16"]), world_size=8, cuda=True, model_path=None,
                       uses_reference=True)
     assert "kernels.kl=fused" not in str(e.value)
+    # nor with a top-k teacher cache, which the fused KL cannot read (config.check_fused_kl)
+    with pytest.raises(PreflightError) as e:
+        run_preflight(_compose(budget + ["method.teacher=cached", "method.cache_topk=5"]), world_size=8, cuda=True,
+                      model_path=None, uses_reference=True)
+    assert "kernels.kl=fused" not in str(e.value) and "Would fit: deepspeed=zero3_offload_all" in str(e.value)
 
 
 def test_small_model_passes():

@@ -617,6 +617,20 @@ def _without_batch_terms(plan: MemoryPlan, cpu_ranks: bool) -> MemoryPlan:
     return states_on_host(lean) if cpu_ranks else lean
 
 
+def _fused_kl_allowed(cfg: Any) -> bool:
+    """Whether this run's config takes ``kernels.kl=fused`` (:func:`pipeline.config.check_fused_kl`)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import check_fused_kl
+    from pipeline.config_base import ConfigError
+
+    try:
+        check_fused_kl(OmegaConf.merge(cfg, {"kernels": {"kl": "fused"}}))
+    except ConfigError:
+        return False
+    return True
+
+
 def suggest_fixes(cfg: Any, world_size: int, plan_of: Any, gpu_avail: int, host_avail: int,
                   cpu_ranks: bool) -> tuple[list[str], str]:
     """(what would fit, what to say when nothing does) for a run of ``cfg`` on ``world_size`` ranks
@@ -634,8 +648,9 @@ def suggest_fixes(cfg: Any, world_size: int, plan_of: Any, gpu_avail: int, host_
                 bool(ds.activation_checkpointing) if s.checkpointing is None else s.checkpointing,
                 s.kl or str(cfg.kernels.kl))
 
-    # the fused KL is refused under fp16 (config.validate): not a fix there
-    settings = [s for s in FIX_SETTINGS if not (s.kl == "fused" and str(ds.precision) == "fp16")]
+    # not a fix where the config refuses the fused KL (fp16, a LoRA head, a top-k cache)
+    fused_ok = _fused_kl_allowed(cfg)
+    settings = [s for s in FIX_SETTINGS if fused_ok or s.kl != "fused"]
 
     suggestions: list[str] = []
     tried: list[tuple[FixSetting, MemoryPlan]] = []
@@ -679,8 +694,8 @@ def suggest_fixes(cfg: Any, world_size: int, plan_of: Any, gpu_avail: int, host_
                     f"{s.override or 'the current deepspeed config'} on {p.n_gpus} {device}(s) is short by "
                     f"{over(p) / GiB:.1f} GiB with {batch_of} of activations and logits: reduce "
                     f"trainer.batch_size / trainer.retain_batch_size / data.max_length"
-                    + (", or set kernels.kl=fused" if "distillation logits (naive)" in p.per_gpu
-                       and str(ds.precision) != "fp16" else ""))
+                    + (", or set kernels.kl=fused" if "distillation logits (naive)" in p.per_gpu and fused_ok
+                       else ""))
     s, _, q = min(lean, key=lambda spq: over(spq[2]))
     return [], (f"No offload setting {scope} fits, not even without activations: "
                 f"{s.override or 'the current deepspeed config'} on {q.n_gpus} {device}(s) needs "

@@ -439,11 +439,11 @@ def _prepare(root: Path, key: str, teacher: Any, forget_encoded: Sequence[dict],
         reason = _reuse_refusal(final)
         if reason is None:
             return True, None, None
-        # moved aside first: the publishing rename would keep a complete-looking copy in place
         if teacher is None:  # judged ready before the run loaded no frozen model: nothing to rebuild it with
             return False, None, (f"teacher cache {final} was ready when the run started but fails its check now "
                                  f"({reason}): launch again to rebuild it")
         log.warning("teacher cache: %s fails its check (%s): rebuilding it", final, reason)
+        # moved aside first: the publishing rename would keep a complete-looking copy in place
         _discard(final)
     elif teacher is None:  # removed (by hand, a scratch purge) since the run found it ready
         return False, None, (f"teacher cache {final} was ready when the run started but is gone now: launch again "
