@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, Optional
 
+from pipeline.io import nearest_existing
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line and exit code 2 (the project's rule for bad input),
@@ -49,9 +51,7 @@ def out_dir(ap: argparse.ArgumentParser, given: str, base: Optional[Path] = None
     path = (base or Path()) / given
     if path.exists() and not path.is_dir():
         ap.error(f"--out {given}: exists and is not a directory")
-    parent = path
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_existing(path)
     if not parent.is_dir():
         ap.error(f"--out {given}: {parent} is a file, not a directory")
     return path

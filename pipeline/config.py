@@ -28,6 +28,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from pipeline.config_base import ConfigError, MethodConfig, require  # noqa: F401
 from pipeline.config_base import require as _require
 from pipeline.data.synthetic import SyntheticConfig
+from pipeline.io import nearest_existing
 from pipeline.models.tiny import TinyModelConfig
 
 
@@ -334,9 +335,7 @@ def _validate_output_dir(cfg: DictConfig) -> None:
              f"got {name!r}: name a directory under output_dir (relative, no '..' parts)")
     for path in (root, root / name):
         _require(not path.exists() or path.is_dir(), "output_dir", f"{path} exists and is not a directory")
-    parent = root
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_existing(root)
     _require(parent.is_dir() and os.access(parent, os.W_OK | os.X_OK), "output_dir",
              f"{root} cannot be created: {parent} is not a writable directory")
 
@@ -350,9 +349,7 @@ def _validate_cache_dir(cfg: DictConfig) -> None:
     raw = str(cfg.get("cache_dir") or "").strip()
     _require(bool(raw), "cache_dir", "empty: name a directory (default: .cache/asu, or $ASU_CACHE)")
     path = Path(raw).expanduser()
-    parent = path
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_existing(path)
     _require(parent.is_dir(), "cache_dir", f"{path}: {parent} is a file, not a directory")
 
 

@@ -27,6 +27,13 @@ from pathlib import Path
 from typing import Any
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path``, or its closest ancestor that exists: where making ``path`` as a directory would start."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _fsync_dir(path: Path) -> None:
     """Persist a rename/creation in ``path`` (best effort: not all platforms allow it)."""
     try:
