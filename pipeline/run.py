@@ -138,14 +138,20 @@ def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     dist, method = _start(cfg)
     check_inputs_outside(cfg, run_dir)  # its export would overwrite the weights it starts from
-    # the checkpoint to resume from: a path (or a typo) refused before anything is loaded, a dry run's too
-    resume_from = check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
+
+    def resume_point() -> Optional[Path]:
+        # the checkpoint to resume from: a path (or a typo) refused before anything is loaded, a dry run's too
+        return check_resume(str(cfg.trainer.resume), run_dir / "checkpoints", bool(cfg.model.allow_pickle))
+
     if cfg.trainer.dry_run:  # before the batch is resolved for this launch: its columns check grad_accum as configured
+        resume_point()
         return dry_run(cfg, method, dist, run_dir)
     from pipeline.engine.run_lock import run_dir_lock
 
-    with run_dir_lock(run_dir):  # one launch at a time writes here: before anything in it is set aside
-        return _train(cfg, run_dir, dist, method, resume_from)
+    # one launch at a time writes here: held before the checkpoints are read (another launch still
+    # training prunes them) and before anything in the directory is set aside
+    with run_dir_lock(run_dir):
+        return _train(cfg, run_dir, dist, method, resume_point())
 
 
 def _train(cfg: DictConfig, run_dir: Path, dist: Any, method: Any, resume_from: Optional[Path]) -> dict:

@@ -152,6 +152,19 @@ def test_a_second_launch_into_a_running_runs_directory_is_refused(tiny):
     assert (run / ".run.lock").read_text().startswith("pid ")
 
 
+def test_a_held_run_directory_refuses_before_its_checkpoints_are_read(tiny):
+    """The lock comes before the resume point is looked up: a launch beside a running one read the
+    checkpoints that one was pruning and could stop on one it had just deleted, not on the lock."""
+    from pipeline.engine.run_lock import run_dir_lock
+
+    run = tiny[0] / "runs" / "held"
+    with run_dir_lock(run):  # as another launch training there (a lock on another open file: refused)
+        out = launch.run(_args(tiny, "held", 2, ["trainer.resume=" + str(run / "checkpoints" / "step_00000009")]))
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error (")]
+    assert len(lines) == 1 and lines[0].startswith("error (RunDirInUseError, rank 0): "), out.stderr[-2000:]
+
+
 def test_sigterm_preemption_checkpoints_exits_124_and_resumes(tiny):
     args = _args(tiny, "preempt", 400, ["eval.enabled=false"])
     log = tiny[0] / "preempt.log"
