@@ -21,7 +21,14 @@ from pipeline.config import validate
 from pipeline.config_base import require
 from pipeline.describe import method_line, trainable_set
 from pipeline.dry_run import dry_run
-from pipeline.engine.checkpoint import check_compatible, check_resume, checkpoint_name, ckpt_info, read_meta
+from pipeline.engine.checkpoint import (
+    check_compatible,
+    check_resume,
+    checkpoint_name,
+    ckpt_info,
+    peft_meta,
+    read_meta,
+)
 from pipeline.engine.ds_config import gather_per_layer, reference_config, resolve_precision, student_config
 from pipeline.engine.export import EXPORTED_FROM
 from pipeline.finished import finished_results, job_key, record_finished
@@ -63,7 +70,7 @@ def checkpoint_meta(cfg: DictConfig, world_size: int, cuda: bool = False) -> dic
         "seed": int(cfg.seed),
     }
     if cfg.model.peft.enabled:  # only then: checkpoints of full-model runs keep their meta unchanged
-        meta["peft"] = json.dumps(OmegaConf.to_container(cfg.model.peft, resolve=True), sort_keys=True)
+        meta["peft"] = peft_meta(OmegaConf.to_container(cfg.model.peft, resolve=True))
     from pipeline.engine.zero_stage import resolve_zero_stage
 
     # The stage decides the checkpoint's layout (ZeRO-3 shards vs one state file): DeepSpeed cannot
@@ -667,14 +674,24 @@ def _release_engines(engines: JobEngines, trainer: Any, student: bool = True) ->
                  (before - torch.cuda.memory_allocated()) / 2**30)
 
 
-def _exported_already(run_dir: Path, model_dir: Path, trainer: Any, lora: bool) -> bool:
+def _export_record(checkpoint: Optional[Path], step: int, merged_dtype: Optional[str]) -> dict:
+    """``exported_from.json``: the checkpoint (name and save id) ``model/`` was exported from, at which
+    step, and with LoRA the dtype the adapters were merged into (resumable: it decides no step)."""
+    from pipeline.engine.checkpoint import save_id
+
+    rec = {"checkpoint": None if checkpoint is None else checkpoint_name(checkpoint), "step": step,
+           "save_id": None if checkpoint is None else save_id(checkpoint)}
+    return rec if merged_dtype is None else {**rec, "merged_dtype": merged_dtype}
+
+
+def _exported_already(run_dir: Path, model_dir: Path, trainer: Any, merged_dtype: Optional[str]) -> bool:
     """This attempt resumed at the last step, trained nothing, and ``model_dir`` (with LoRA also the
     adapter) is the export of that very checkpoint (an attempt stopped during its evaluation): export
     it again for nothing? The checkpoint's save id, not only its step, must match: a run trained again
     in its directory (``trainer.resume=never``, a continual step whose inputs changed) and stopped
     before its export left the earlier training's export beside a new checkpoint of the same step.
-    Rank 0 decides, every rank follows (the export is collective)."""
-    from pipeline.engine.checkpoint import save_id
+    ``merged_dtype``: LoRA's (None: a full model), which must match too. Rank 0 decides, every rank
+    follows (the export is collective)."""
     from pipeline.engine.distributed import broadcast_object, is_main_process
 
     same = False
@@ -683,9 +700,9 @@ def _exported_already(run_dir: Path, model_dir: Path, trainer: Any, lora: bool) 
             rec = json.loads((run_dir / EXPORTED_FROM).read_text())
         except (OSError, ValueError):
             rec = None
-        exported = model_dir.is_dir() and (not lora or (run_dir / "adapter" / "adapter_config.json").is_file())
-        same = exported and rec == {"checkpoint": checkpoint_name(trainer.resumed_from), "step": trainer.state.step,
-                                    "save_id": save_id(trainer.resumed_from)}
+        exported = model_dir.is_dir() and (merged_dtype is None or
+                                           (run_dir / "adapter" / "adapter_config.json").is_file())
+        same = exported and rec == _export_record(trainer.resumed_from, trainer.state.step, merged_dtype)
     return bool(broadcast_object(same))
 
 
@@ -700,7 +717,12 @@ def _export(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir: Pa
     model_dir = run_dir / "model"
     if not cfg.trainer.export:
         return model_dir
-    if _exported_already(run_dir, model_dir, trainer, bool(engines.lora)):
+    merged_dtype = None
+    if engines.lora:
+        from pipeline.engine.export_peft import merge_dtype
+
+        merged_dtype = merge_dtype(cfg.model, engines.dtype)
+    if _exported_already(run_dir, model_dir, trainer, merged_dtype):
         if is_main_process():
             log.info("%s is the export of checkpoint %s, written by an earlier attempt, and nothing was trained "
                      "since: not exported again", model_dir, checkpoint_name(trainer.resumed_from))
@@ -717,9 +739,8 @@ def _export(cfg: DictConfig, engines: JobEngines, inputs: JobInputs, run_dir: Pa
     if is_main_process():
         latest = ckpt.latest_checkpoint(trainer.ckpt_root)
         at_this_step = latest is not None and ckpt.read_meta(latest).get("step") == trainer.state.step
-        atomic_write_json(run_dir / EXPORTED_FROM, {"checkpoint": checkpoint_name(latest) if at_this_step else None,
-                                                    "step": trainer.state.step,
-                                                    "save_id": ckpt.save_id(latest) if at_this_step else None})
+        atomic_write_json(run_dir / EXPORTED_FROM,
+                          _export_record(latest if at_this_step else None, trainer.state.step, merged_dtype))
     return model_dir
 
 

@@ -348,6 +348,16 @@ RECORDED_LATER = ("rows.forget", "rows.retain", "tau_chosen", "model.content_sha
 RETIRED = ("model.files_sha256", "training.trainer.nan_policy")
 
 
+# model.peft settings that decide only the export (the dtype the adapters are merged into for model/), no
+# training step: not compared, so a finished LoRA run resumes at its last step to be exported again
+PEFT_EXPORT_ONLY = ("merged_dtype",)
+
+
+def peft_meta(peft: dict) -> str:
+    """The ``peft`` meta field: the LoRA settings the checkpoint's steps depend on."""
+    return json.dumps({k: v for k, v in peft.items() if k not in PEFT_EXPORT_ONLY}, sort_keys=True)
+
+
 def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
     """Refuse to resume from a checkpoint made with a different model/method/data configuration, other
     training settings (``training.*``: lr, schedule, step count, batching, sequence length, prompt
@@ -358,6 +368,8 @@ def check_compatible(saved: dict, current: dict, ckpt: Path) -> None:
     unknown |= {k for k in RECORDED_LATER if k not in saved} | {k for k in RETIRED if k not in current}
     unknown.discard("training.draws")  # absent from every checkpoint written before it: compared even there
     saved = {**{k: v for k, v in META_DEFAULTS.items() if k in current}, **saved}
+    if isinstance(saved.get("peft"), str):  # checkpoints written before PEFT_EXPORT_ONLY recorded them too
+        saved["peft"] = peft_meta(json.loads(saved["peft"]))
     diffs = [k for k in sorted(set(saved) | set(current))
              if k not in ("step", "tag", ROLLED_BACK) and not k.startswith(INFO_PREFIX) and k not in unknown
              and saved.get(k) != current.get(k)]

@@ -1,6 +1,7 @@
 """Kill-and-resume: a run SIGKILLed mid-training and resumed ends with the same weights as an
 uninterrupted run; a checkpoint from another configuration is refused with the fields named."""
 
+import json
 import os
 import signal
 import subprocess
@@ -217,6 +218,46 @@ def test_a_resume_with_other_training_settings_is_refused_and_old_checkpoints_ar
     with pytest.raises(CheckpointError, match=r"training.trainer.grad_accum: checkpoint=1 now=2") as refused:
         check_compatible(saved, meta["trainer.grad_accum=2"], tmp_path)
     assert "earlier version" not in str(refused.value)
+
+
+def test_a_lora_run_resumes_under_another_merged_dtype_and_exports_again(tmp_path):
+    """model.peft.merged_dtype decides only model/'s dtype, no training step: a finished LoRA run
+    re-launched with merged_dtype=model to halve its disk was refused ("different configuration (peft:
+    ...)"). It resumes at its last step, and the export record, which names the dtype, has it exported
+    again; other LoRA settings (the rank) are still compared."""
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs
+    from pipeline.engine.checkpoint import CheckpointError, check_compatible
+    from pipeline.run import _export_record, _exported_already, checkpoint_meta
+
+    register_configs()
+    lora = ["model.peft.enabled=true"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        meta = {over: checkpoint_meta(compose("config", overrides=lora + ([over] if over else [])), 1)
+                for over in ("", "model.peft.merged_dtype=model", "model.peft.r=4")}
+    check_compatible(meta[""], meta["model.peft.merged_dtype=model"], tmp_path)
+    # a checkpoint written before: its peft field holds merged_dtype as well
+    legacy = {**meta[""], "peft": json.dumps({**json.loads(meta[""]["peft"]), "merged_dtype": "float32"},
+                                             sort_keys=True)}
+    check_compatible(legacy, meta["model.peft.merged_dtype=model"], tmp_path)
+    with pytest.raises(CheckpointError, match=r"different configuration \(peft: "):
+        check_compatible(legacy, meta["model.peft.r=4"], tmp_path)
+    # the export of the last checkpoint is reused only when it was merged into the same dtype
+    ckpt = tmp_path / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": 4, "info.save_id": "a" * 32}))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "exported_from.json").write_text(json.dumps(_export_record(ckpt, 4, "float32")))
+    trainer = SimpleNamespace(resumed_from=ckpt, state=SimpleNamespace(step=4), start_step=4)
+    assert _exported_already(tmp_path, tmp_path / "model", trainer, "float32")
+    assert not _exported_already(tmp_path, tmp_path / "model", trainer, "bfloat16")
+    (tmp_path / "exported_from.json").write_text(json.dumps(_export_record(ckpt, 4, None)))  # before: no dtype
+    assert not _exported_already(tmp_path, tmp_path / "model", trainer, "float32")
 
 
 def test_refusal_settings_at_their_defaults_leave_the_method_meta_as_before(tmp_path):
