@@ -171,6 +171,17 @@ def test_one_tensor_rewritten_in_place_changes_the_fingerprint(tiny_model):
     assert after != before
 
 
+def test_a_remote_code_models_edited_modeling_file_changes_the_fingerprint(tiny_model):
+    """A trust_remote_code model's modeling_*.py computes its logits: edited in place, the teacher cache,
+    evaluation parts and finished-run records keyed on the fingerprint matched the old code's entries."""
+    code = tiny_model / "modeling_custom.py"
+    code.write_text("SCALE = 1.0\n")
+    before = model_fingerprint(tiny_model)
+    assert "modeling_custom.py" in {e["name"] for e in before["files"]}
+    code.write_text("SCALE = 2.0\n")  # same size: only the content tells
+    assert model_fingerprint(tiny_model) != before
+
+
 def test_a_large_tensor_is_sampled_at_its_start_middle_and_end(tmp_path):
     """A tensor larger than its slices: a change in any of them is seen (the weights are not read in full)."""
     import struct

@@ -18,7 +18,7 @@ Per forget row only the loss positions are kept (``labels[1:] != -100``, the pos
   :func:`~pipeline.methods.losses.kl_from_cache`).
 
 The key hashes the model's identity (its weight files' fingerprint — names, sizes, safetensors
-headers, sampled bytes of every tensor, config: :func:`pipeline.models.fingerprint.model_fingerprint`,
+headers, sampled bytes of every tensor, config, remote code: :func:`pipeline.models.fingerprint.model_fingerprint`,
 so a model rewritten in place gets a new cache, while a byte-identical copy elsewhere, a job's
 scratch staging or a moved ``cache_dir``, reuses it: the path is recorded in the index, not hashed;
 for a hub id, the snapshot of ``model.revision``, so two revisions get two caches), tau,

@@ -9,8 +9,9 @@ file names and sizes, the safetensors header hash (architecture, sharding, every
 and a hash of a few small slices of every tensor's data (:data:`SLICE` bytes at its start, middle
 and end), so any tensor that changed (a LoRA merged into one projection) changes it; a pickled
 ``.bin`` / ``.pt`` (no index of its tensors) hashes :data:`BLOCKS` evenly spaced blocks; the config /
-index JSON files are hashed in full. mtimes are not used: a copy has new ones. A change confined to
-bytes no slice covers (one row in the middle of an embedding) goes unseen.
+index JSON files and a remote-code model's ``*.py`` are hashed in full. mtimes are not used: a copy
+has new ones. A change confined to bytes no slice covers (one row in the middle of an embedding)
+goes unseen.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from typing import Any, Optional
 from pipeline.models.loading import safetensors_header
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.index.json", "config.json")
+# a trust_remote_code model's own modeling / configuration code computes its outputs as much as its
+# weights do: an edited modeling_*.py at the same path must not match the old cache entries
+CODE_PATTERNS = ("*.py",)
 SLICE = 64  # bytes hashed at the start, middle and end of each safetensors tensor (all of a smaller one)
 BLOCKS, BLOCK = 64, 4096  # evenly spaced blocks hashed in a pickled weight file (all of a smaller one)
 
@@ -68,10 +72,11 @@ def _tensor_spans(header: bytes, size: int) -> Optional[list[tuple[int, int]]]:
 
 
 def _file_entry(f: Path) -> dict:
-    """Name, size and a content hash of one weight / config file: in full for JSON, sampled for weights."""
+    """Name, size and a content hash of one weight / config / code file: in full for JSON and Python,
+    sampled for weights."""
     size = f.stat().st_size
     e: dict[str, Any] = {"name": f.name, "size": size}
-    if f.suffix == ".json":
+    if f.suffix in (".json", ".py"):
         e["sha256"] = _sha256(f.read_bytes())
         return e
     spans = None
@@ -100,7 +105,7 @@ def model_fingerprint(path: str | Path, revision: Optional[str] = None) -> dict:
     the same files (re-staged to scratch) is the same model."""
     p = Path(path)
     if p.is_dir():
-        files = sorted({f for pat in WEIGHT_PATTERNS for f in p.glob(pat) if f.is_file()})
+        files = sorted({f for pat in WEIGHT_PATTERNS + CODE_PATTERNS for f in p.glob(pat) if f.is_file()})
         return {"path": str(p.resolve()), "files": [_file_entry(f) for f in files]}
     # A hub id: the run is offline, so the weights come from the local HF cache; its snapshot
     # folder is named by the commit. The revision the model is loaded at, not refs/main's.
