@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, Optional
 
-from pipeline.io import nearest_existing
+from pipeline.io import why_no_directory
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -49,9 +49,7 @@ def out_dir(ap: argparse.ArgumentParser, given: str, base: Optional[Path] = None
     """``--out`` as a directory (relative to ``base``, default the working directory; an absolute
     ``given`` stays itself); a file in its place, or above it, is a usage error."""
     path = (base or Path()) / given
-    if path.exists() and not path.is_dir():
-        ap.error(f"--out {given}: exists and is not a directory")
-    parent = nearest_existing(path)
-    if not parent.is_dir():
-        ap.error(f"--out {given}: {parent} is a file, not a directory")
+    why = why_no_directory(path)
+    if why:
+        ap.error(f"--out {given}: {why}")
     return path

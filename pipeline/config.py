@@ -28,7 +28,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from pipeline.config_base import ConfigError, MethodConfig, require  # noqa: F401
 from pipeline.config_base import require as _require
 from pipeline.data.synthetic import SyntheticConfig
-from pipeline.io import nearest_existing
+from pipeline.io import nearest_existing, why_no_directory
 from pipeline.models.tiny import TinyModelConfig
 
 
@@ -333,10 +333,10 @@ def _validate_output_dir(cfg: DictConfig) -> None:
     parts = [p for p in Path(name).parts if p not in (".", "/")]
     _require(bool(parts) and ".." not in parts and not Path(name).is_absolute(), "run_name",
              f"got {name!r}: name a directory under output_dir (relative, no '..' parts)")
-    for path in (root, root / name):
-        _require(not path.exists() or path.is_dir(), "output_dir", f"{path} exists and is not a directory")
+    why = why_no_directory(root / name)  # a file (or a link to nothing) where the run's directory must be
+    _require(why is None, "output_dir", f"the run directory {root / name} cannot be made: {why}")
     parent = nearest_existing(root)
-    _require(parent.is_dir() and os.access(parent, os.W_OK | os.X_OK), "output_dir",
+    _require(os.access(parent, os.W_OK | os.X_OK), "output_dir",
              f"{root} cannot be created: {parent} is not a writable directory")
 
 
@@ -349,8 +349,8 @@ def _validate_cache_dir(cfg: DictConfig) -> None:
     raw = str(cfg.get("cache_dir") or "").strip()
     _require(bool(raw), "cache_dir", "empty: name a directory (default: .cache/asu, or $ASU_CACHE)")
     path = Path(raw).expanduser()
-    parent = nearest_existing(path)
-    _require(parent.is_dir(), "cache_dir", f"{path}: {parent} is a file, not a directory")
+    why = why_no_directory(path)
+    _require(why is None, "cache_dir", f"{path}: {why}")
 
 
 def _refuse_added_keys(node: DictConfig, path: str = "") -> None:

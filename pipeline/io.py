@@ -24,14 +24,26 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 def nearest_existing(path: Path) -> Path:
-    """``path``, or its closest ancestor that exists: where making ``path`` as a directory would start."""
-    while not path.exists() and path != path.parent:
+    """``path``, or its closest ancestor that exists: where making ``path`` as a directory would start.
+    A link to nothing (or a loop of links) counts as existing: ``mkdir`` stops there ("File exists")."""
+    while not path.exists() and not path.is_symlink() and path != path.parent:
         path = path.parent
     return path
+
+
+def why_no_directory(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be a directory, for a one-line error: the file or link to nothing in its place
+    or above it. None when it is one or can be made (write permission aside)."""
+    parent = nearest_existing(path)
+    if parent.is_dir():
+        return None
+    if parent.is_symlink() and not parent.exists():
+        return f"{parent} is a link to nothing (or a loop of links)"
+    return f"{parent} is a file, not a directory"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -274,13 +274,24 @@ def test_the_open_unlearning_tofu_trainer_composes_with_every_baseline(method):
 def test_an_output_dir_that_cannot_hold_the_run_is_refused(tmp_path):
     a_file = tmp_path / "runs"
     a_file.write_text("")
-    with pytest.raises(ConfigError, match=r"config error at 'output_dir': .*runs exists and is not a directory"):
+    with pytest.raises(ConfigError, match=r"config error at 'output_dir': the run directory .* cannot be made: .*runs is a "
+                                          r"file, not a directory"):
         validate(_compose([f"output_dir={a_file}"]))
+    # a link to nothing (or a loop) was let through, and mkdir stopped on it with "File exists"
+    for name, target in (("dangling", tmp_path / "gone" / "x"), ("loop", tmp_path / "loop")):
+        (tmp_path / name).symlink_to(target)
+        for out in (tmp_path / name, tmp_path / name / "sub"):
+            with pytest.raises(ConfigError, match=rf"cannot be made: {tmp_path / name} is a link to nothing \(or a "
+                                                  r"loop of links\)"):
+                validate(_compose([f"output_dir={out}"]))
+        with pytest.raises(ConfigError, match=rf"config error at 'cache_dir': {tmp_path / name}: {tmp_path / name} is a link to "
+                                                  r"nothing"):
+            validate(_compose([f"cache_dir={tmp_path / name}"]))
     cfg = _compose([f"output_dir={tmp_path / 'out'}"])
     run_dir = tmp_path / "out" / cfg.run_name
     run_dir.parent.mkdir(parents=True)
     run_dir.write_text("")  # the run directory is a file
-    with pytest.raises(ConfigError, match=rf"{run_dir} exists and is not a directory"):
+    with pytest.raises(ConfigError, match=rf"{run_dir} is a file, not a directory"):
         validate(cfg)
     validate(_compose([f"output_dir={tmp_path / 'new' / 'deeper'}"]))  # created later: fine
 

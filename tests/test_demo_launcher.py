@@ -117,8 +117,8 @@ def test_an_out_that_is_a_file_is_a_usage_error(tmp_path, script):
     """--out naming a file was a NotADirectoryError traceback from the clean-up of earlier summaries."""
     (tmp_path / "f").write_text("kept")
     p = _launch(script, "--out", str(tmp_path / "f"))
-    assert p.returncode == 2 and p.stderr.strip() == f"error (usage, {script}): --out {tmp_path / 'f'}: exists and is " \
-        "not a directory", p.stderr
+    assert p.returncode == 2 and p.stderr.strip() == f"error (usage, {script}): --out {tmp_path / 'f'}: " \
+        f"{tmp_path / 'f'} is a file, not a directory", p.stderr
     assert (tmp_path / "f").read_text() == "kept"
     p = _launch(script, "--out", str(tmp_path / "f" / "sub"))  # under a file
     assert p.returncode == 2 and p.stderr.strip() == f"error (usage, {script}): --out {tmp_path / 'f' / 'sub'}: " \

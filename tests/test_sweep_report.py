@@ -336,7 +336,11 @@ def test_report_cli_without_points_or_with_an_unwritable_out_is_one_line(tmp_pat
     assert report(fake_sweep, "--out", tmp_path / "afile" / "sub") == \
         f"error (usage, report.py): --out {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a directory"
     assert report(fake_sweep, "--out", tmp_path / "afile") == \
-        f"error (usage, report.py): --out {tmp_path / 'afile'}: exists and is not a directory"
+        f"error (usage, report.py): --out {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a directory"
+    (tmp_path / "alink").symlink_to(tmp_path / "gone")
+    assert report(fake_sweep, "--out", tmp_path / "alink" / "sub") == \
+        f"error (usage, report.py): --out {tmp_path / 'alink' / 'sub'}: {tmp_path / 'alink'} is a link to nothing " \
+        "(or a loop of links)"
     # one run's directory: refused, its own report.md kept (a sweep report replaced it); --out elsewhere is fine
     run = next(d for d in fake_sweep.iterdir() if (d / "results.json").is_file())
     (run / "report.md").write_text("# the run's own report\n")
