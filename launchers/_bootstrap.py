@@ -40,9 +40,17 @@ def run_main(fn) -> None:
     """Run ``fn`` and turn the pipeline's known errors into one clear line and exit code 2, and a
     Ctrl-C that stops at once (outside training, or pressed twice) into one line and exit code 130.
     In a sweep run by this process (Hydra's local launcher, one rank) a job's error is reported and
-    the next job runs; :func:`launch` exits with 2 at the end. The line also goes to the job's log
-    file, where the sweep report looks for failures."""
-    from pipeline.errors import USER_ERRORS, SweepJobFailed, error_line, exit_interrupted, exit_with
+    the next job runs; :func:`launch` exits with 2 at the end. In a submitit job of several ranks, a
+    failure every rank may not share exits the rank (see _exit_the_step). The line also goes to the
+    job's log file, where the sweep report looks for failures."""
+    from pipeline.errors import (
+        USER_ERRORS,
+        SweepJobFailed,
+        error_line,
+        exit_interrupted,
+        exit_with,
+        on_every_rank,
+    )
     from pipeline.eval.sweep import ATTEMPT_STARTED
 
     global _TASK_STARTED
@@ -62,13 +70,39 @@ def run_main(fn) -> None:
             _FAILED_JOBS.append(HydraConfig.get().runtime.output_dir)
             return
         if os.environ.get("SUBMITIT_EXECUTOR"):
-            # a submitit job: exiting would leave submitit no result, and the launcher would wait on SLURM's
-            # accounting for the job's state (forever where accounting is off); Hydra records this instead
             print(line, file=sys.stderr, flush=True)
-            raise SweepJobFailed(line) from None
+            if _job_ranks() == 1 or on_every_rank(exc):
+                # a submitit job: exiting would leave submitit no result, and the launcher would wait on SLURM's
+                # accounting for the job's state (forever where accounting is off); Hydra records this instead
+                raise SweepJobFailed(line) from None
+            sys.exit(2)  # maybe this rank's alone: _exit_the_step
         exit_with(exc, str(exc))
     except KeyboardInterrupt:
         exit_interrupted()
+    except Exception:
+        if not (os.environ.get("SUBMITIT_EXECUTOR") and _job_ranks() > 1):
+            raise
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        sys.exit(1)  # _exit_the_step
+
+
+# _exit_the_step: in a submitit job of several ranks, a rank that fails (maybe alone: an out-of-memory
+# error, one rank's checkpoint) exits non-zero, so srun ends the step (SLURM_KILL_BAD_EXIT=1, set by
+# conf/hydra/launcher/slurm.yaml): returning the error to Hydra, which records it as the job's outcome,
+# exited 0, and the other ranks waited in their next collective for deepspeed.timeout_minutes (60).
+# The job then leaves submitit no result: the launcher reports it as a failed job (its error line is in
+# the job's log).
+
+
+def _job_ranks() -> int:
+    """Ranks of this SLURM job (one per task, as pipeline.engine.distributed sets them up)."""
+    try:
+        return int(os.environ.get("SLURM_NTASKS", "1"))
+    except ValueError:
+        return 1
 
 
 _TASK_STARTED = False

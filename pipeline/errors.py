@@ -40,6 +40,12 @@ SAME_ON_EVERY_RANK = (ConfigError, DataError, PromptFormatError, ModelLoadError,
 SPOKEN_FOR_S = 5.0
 
 
+def on_every_rank(exc: BaseException) -> bool:
+    """Whether every rank of the job meets ``exc`` alike: a :data:`SAME_ON_EVERY_RANK` type, or an error
+    raised with ``every_rank=True`` (a refused resume, a held run directory)."""
+    return isinstance(exc, SAME_ON_EVERY_RANK) or bool(getattr(exc, "every_rank", False))
+
+
 def exit_with(exc: BaseException, message: str, every_rank: bool = False) -> NoReturn:
     """Print :func:`error_line` on stderr and exit with 2. An error every rank meets alike (a bad
     config, a refused resume) is printed by rank 0 at once; another rank first gives the launcher
@@ -49,8 +55,7 @@ def exit_with(exc: BaseException, message: str, every_rank: bool = False) -> NoR
     the line also goes to the agent's error file, which its failure summary shows."""
     line = error_line(exc, message)
     _record_for_torchrun(line)
-    alike = every_rank or isinstance(exc, SAME_ON_EVERY_RANK) or getattr(exc, "every_rank", False)
-    if alike and os.environ.get("RANK", "0") != "0":
+    if (every_rank or on_every_rank(exc)) and os.environ.get("RANK", "0") != "0":
         try:
             time.sleep(SPOKEN_FOR_S)
         except KeyboardInterrupt:  # a Ctrl-C meanwhile (deepspeed sends it to every rank): say it and stop

@@ -78,3 +78,48 @@ def test_an_empty_run_directory_or_the_models_own_is_refused(tmp_path):
         assert lines[0].startswith("error (ConfigError, rank 0): config error at 'hydra.run.dir': ") and why in lines[0]
         assert not any(work.iterdir()) and sorted(p.name for p in model_dir.iterdir()) == before
         assert not (tmp_path / "runs").exists()
+
+
+_SUBMITIT_TASK = """
+import sys
+sys.argv = ["x"]
+import launchers._bootstrap as b
+from pipeline.engine.checkpoint import CheckpointError
+from pipeline.errors import SweepJobFailed
+from pipeline.models.loading import ModelLoadError
+
+fault = {"bug": RuntimeError("CUDA out of memory (one rank)"), "one": CheckpointError("rank 1's shard is unreadable"),
+         "alike": ModelLoadError("no weights at model.path")}[sys.argv_fault]
+def fn():
+    raise fault
+try:
+    b.run_main(fn)
+except SweepJobFailed:
+    print("recorded for Hydra")  # Hydra's run_job catches it: the task exits 0 with a result
+except RuntimeError:
+    print("raised to Hydra")
+"""
+
+
+def _submitit_task(fault: str, tasks: int) -> subprocess.CompletedProcess:
+    code = _SUBMITIT_TASK.replace("sys.argv_fault", repr(fault))
+    e = {**env(), "SUBMITIT_EXECUTOR": "slurm", "SLURM_NTASKS": str(tasks)}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
+
+
+def test_a_rank_of_a_multi_rank_submitit_job_that_fails_alone_exits_so_srun_ends_the_step():
+    """Hydra's run_job records a job's exception as its outcome and the task exited 0: in a SLURM job of
+    several ranks, an out-of-memory error or a user error on one rank left the others waiting in their
+    next collective for deepspeed.timeout_minutes (60). The failing rank now exits non-zero (srun's
+    SLURM_KILL_BAD_EXIT ends the step); an error every rank meets alike is still recorded for Hydra, and
+    a one-rank job is as before."""
+    bug = _submitit_task("bug", 2)
+    assert bug.returncode == 1 and "RuntimeError: CUDA out of memory (one rank)" in bug.stderr, bug.stderr[-2000:]
+    one = _submitit_task("one", 2)
+    assert one.returncode == 2 and one.stderr.strip().splitlines()[-1] == \
+        "error (CheckpointError, rank 0): rank 1's shard is unreadable", one.stderr[-2000:]
+    alike = _submitit_task("alike", 2)
+    assert alike.returncode == 0 and alike.stdout.strip() == "recorded for Hydra", alike.stderr[-2000:]
+    for fault, said in (("bug", "raised to Hydra"), ("one", "recorded for Hydra")):
+        single = _submitit_task(fault, 1)
+        assert single.returncode == 0 and single.stdout.strip() == said, single.stderr[-2000:]
