@@ -20,3 +20,17 @@ torch.set_num_threads(1)
 # triton (transformers does, indirectly), so here rather than in tests/kernels/conftest.py.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def umask_022():
+    """A umask of 022 for the test: under the user's own (077, say), the 0600 that mkstemp and
+    safetensors leave equals what the code must leave (0666 & ~umask), and a mode check proves nothing."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)

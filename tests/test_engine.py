@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -102,7 +101,7 @@ def test_export_check_tolerance_is_relative_to_the_logit_scale(tmp_path):
         verify_export(big, ids, logits + 3e-5 * scale, rtol=1e-5)
 
 
-def test_a_failing_export_check_keeps_the_previous_export_and_the_tokenizer_is_saved_as_loaded(tmp_path):
+def test_a_failing_export_check_keeps_the_previous_export_and_the_tokenizer_is_saved_as_loaded(tmp_path, umask_022):
     """The export is checked in its temporary directory, before it replaces anything: a check that
     fails leaves the previous (good) export in place (before: the new directory was renamed over it
     first). The tokenizer is written as it was loaded (no pad token borrowed from EOS) and the
@@ -130,10 +129,9 @@ def test_a_failing_export_check_keeps_the_previous_export_and_the_tokenizer_is_s
     export.export_hf(StageZeroEngine(), tok, out)
     good = (out / "model.safetensors").read_bytes()
     assert AutoTokenizer.from_pretrained(out).pad_token is None and tok.pad_token == tok.eos_token
-    assert (out.stat().st_mode & 0o777) == 0o777 & ~_umask()
+    assert (out.stat().st_mode & 0o777) == 0o755
     # and its files: atomic writes went through mkstemp's 0600 (results.json, model.safetensors)
-    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {
-        f.name: 0o666 & ~_umask() for f in out.iterdir()}
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {f.name: 0o644 for f in out.iterdir()}
     with torch.no_grad():
         model.model.norm.weight.mul_(2.0)  # trained on: the next export writes other weights ...
     probe = export._probe_logits
@@ -145,12 +143,6 @@ def test_a_failing_export_check_keeps_the_previous_export_and_the_tokenizer_is_s
         export._probe_logits = probe
     assert (out / "model.safetensors").read_bytes() == good
     assert sorted(p.name for p in out.parent.iterdir()) == ["export_check.json", "model"]  # no temp dir left
-
-
-def _umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def test_a_custom_code_model_exports_with_the_runs_trust_remote_code(tmp_path):
