@@ -17,6 +17,7 @@ import pytest
 
 import pipeline.demo as pdemo
 from pipeline.config import ConfigError
+from tests.helpers.launch import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -36,8 +37,7 @@ def _fresh_hydra():
 
 def _launch(script: str, *args: str, cwd: Path = ROOT, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, f"launchers/{script}", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_group([sys.executable, f"launchers/{script}", *args], timeout, cwd=cwd, env=env)
 
 
 # --- 1. overrides every row gets, and misspelt rows -------------------------------------------

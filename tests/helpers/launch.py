@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -48,7 +49,27 @@ def command(args: list[str], ranks: int = 1, script: str = "launchers/train.py",
     return [_venv_tool("torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port()), script, *args]
 
 
+def run_group(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)``, except that a
+    timeout (or a Ctrl-C of the tests) ends the command's whole process group: torchrun's ranks, the
+    demo's jobs. subprocess.run killed the launcher alone, and its orphans ran on, slowing every later
+    test on a 2-core runner."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kw) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except BaseException as exc:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            out, err = p.communicate()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+            raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def run(args: list[str], ranks: int = 1, timeout: int = 300, script: str = "launchers/train.py",
         launcher: str = "torchrun", **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command(args, ranks, script, launcher), cwd=ROOT, env=env(**extra_env), capture_output=True,
-                          text=True, timeout=timeout)
+    return run_group(command(args, ranks, script, launcher), timeout, cwd=ROOT, env=env(**extra_env))
