@@ -117,8 +117,9 @@ def test_cli_dry_run_prints_plan_for_1_8_16_gpus_without_downloading():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "1 GPUs" in out.stdout and "8 GPUs" in out.stdout and "16 GPUs" in out.stdout
     assert "fits in" in out.stdout and "nothing loaded" in out.stdout
-    if not torch.cuda.is_available():  # the 80 GiB budget is an assumption here, and says so
-        assert "GPU memory assumed 80 GiB: no GPU here; deepspeed.gpu_memory_gb=<GiB> plans for yours" in out.stdout
+    if not torch.cuda.is_available():  # the 80 GB GPU's budget is an assumption here, and says so
+        assert "GPU memory assumed 79.2 GiB, an 80 GB GPU's: no GPU here; deepspeed.gpu_memory_gb=<GiB> plans for " \
+            "yours" in out.stdout and "fits in 79.2 GiB/GPU" in out.stdout
 
 
 def test_total_takes_the_larger_phase_not_both():
@@ -525,7 +526,7 @@ def test_dry_run_checks_host_memory_per_node_too():
     base = ["+exp=tofu_7b", *LLAMA_70B, "deepspeed=zero3_offload_all", "trainer.batch_size=2"]
     text = dry_run_plan(_compose(base + ["deepspeed.host_memory_gb=1000"]), None, True, gpus=(1, 8, 16))
     rows = {ln[:40].strip(): ln[40:].split() for ln in text.splitlines()}
-    assert rows["fits in 80 GiB/GPU"] == ["yes", "yes", "yes"]
+    assert rows["fits in 79.2 GiB/GPU"] == ["yes", "yes", "yes"]
     assert rows["fits in 1000 GiB host/node"] == ["NO", "NO", "yes"]  # 1429 / 1429 / 723 GiB
     assert "this machine's" not in text
     text = dry_run_plan(_compose(base), None, True, gpus=(8,))

@@ -717,7 +717,9 @@ def _describe_fix(s: FixSetting, p: MemoryPlan, n: int, world_size: int, device:
     return text
 
 
-DEFAULT_GPU_GB = 80.0  # the dry run's budget when no GPU is present and none is configured
+# the dry run's budget when no GPU is present and none is configured: an "80 GB" H100 / A100 as torch
+# reports it (total_memory 85.0e9 bytes = 79.2 GiB); 80 GiB planned 0.8 GiB a rank does not have
+DEFAULT_GPU_GB = 79.2
 
 
 def batch_column(trainer: Any, n_gpus: int) -> tuple[str, Optional[str]]:
@@ -778,12 +780,12 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
     lines = [format_plans(arch, plans, budget, None, "GPU"),
              _row("forget rows/step (rows x accum x GPUs)", [cell for cell, _ in batches]),
              _row("ZeRO stage", [str(s) for s in stages]),
-             _row(f"fits in {budget / GiB:.0f} GiB/GPU", fits),
+             _row(f"fits in {round(budget / GiB, 1):g} GiB/GPU", fits),
              _row(f"fits in {host / GiB:.0f} GiB host/node", host_fits)]
     lines += [f"{n} GPUs refused: {why}" for n, (_, why) in zip(gpus, batches) if why]
     if not measured:  # no GPU here and none configured: say the budget is an assumption
-        lines.append(f"(GPU memory assumed {DEFAULT_GPU_GB:.0f} GiB: no GPU here; deepspeed.gpu_memory_gb=<GiB> "
-                     f"plans for yours)")
+        lines.append(f"(GPU memory assumed {DEFAULT_GPU_GB:g} GiB, an 80 GB GPU's: no GPU here; "
+                     f"deepspeed.gpu_memory_gb=<GiB> plans for yours)")
     if not ds.host_memory_gb:  # the node that will run it may have more or less
         lines.append(f"(host memory per node: {host_source}, {host / GiB:.0f} GiB; deepspeed.host_memory_gb=<GiB> "
                      f"plans for your nodes)")
