@@ -151,7 +151,7 @@ class TrainerConfig:
     resume: str = "auto"  # auto | never | <path to a checkpoint tag dir>
     nan_policy: str = "stop"  # stop | skip
     dry_run: bool = False  # compose, validate, print the memory plan (1/8/16 GPUs), then stop
-    preflight: bool = True  # estimate memory before loading and refuse what cannot fit
+    preflight: bool = True  # estimate memory and disk before loading and refuse what cannot fit
     num_threads: int = 0  # torch intra-op threads on CPU; 0 = leave as is
     export: bool = True
     # joint: one forward per model per step over all the rows it needs (pipeline/methods/passes.py);

@@ -20,6 +20,7 @@ def dry_run(cfg: DictConfig, method: Any, dist: Any, run_dir: Optional[Path] = N
     the layer indices against its config.json, a json dataset's split files, the tokenizer and the
     prompt format against it: the same one-line errors), and the memory plan on 1/8/16 GPUs with each
     column's batch and ZeRO stage, sized from a local or cached config.json or model.arch."""
+    from pipeline.engine.disk_plan import dry_run_disk
     from pipeline.engine.preflight import dry_run_plan
 
     model_dir, model_note = _dry_run_model(cfg)
@@ -30,6 +31,7 @@ def dry_run(cfg: DictConfig, method: Any, dist: Any, run_dir: Optional[Path] = N
     # model as the launch's preflight plans it; with a ready cache and a fixed tau a run needs less
     cached = bool(getattr(method, "cached_teacher", False)) and not method.uses_reference
     plan = dry_run_plan(cfg, model_dir, method.uses_reference or cached, gpus=(1, 8, 16))
+    plan += "\n" + dry_run_disk(cfg, model_dir, gpus=(1, 8, 16))
     if cached:
         plan += ("\n(method.teacher=cached: planned with the frozen model, which the run building the cache holds; "
                  "a run with a ready cache and a fixed tau needs less)")

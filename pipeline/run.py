@@ -186,7 +186,7 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Any, method: Any, resume_from: 
         return done
     tau_selection = _known_tau(cfg, run_dir, key, resume_from)  # no probes, and maybe no frozen model, needed
     need_reference = _needs_reference(cfg, method, inputs, dist.device == "cuda")
-    engines, plan, total = _build_engines(cfg, dist, method, inputs, need_reference)
+    engines, plan, total = _build_engines(cfg, dist, method, inputs, need_reference, run_dir)
 
     from pipeline.engine.trainer import UnlearningTrainer
     from pipeline.logging import RunLogger
@@ -369,9 +369,9 @@ def _needs_reference(cfg: DictConfig, method: Any, inputs: JobInputs, cuda: bool
 
 
 def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
-                   need_reference: bool) -> tuple[JobEngines, Any, int]:
-    """Preflight, attention backend, the student (optionally LoRA) and frozen model under ZeRO-3;
-    also the batch plan and the number of optimizer steps."""
+                   need_reference: bool, run_dir: Path) -> tuple[JobEngines, Any, int]:
+    """Memory and disk preflight, attention backend, the student (optionally LoRA) and frozen model
+    under ZeRO-3; also the batch plan and the number of optimizer steps."""
     from pipeline.engine.batching import BatchPlan
     from pipeline.engine.preflight import run_preflight
     from pipeline.engine.sharding import record_models
@@ -398,6 +398,9 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
              f"trainer.max_steps={int(cfg.trainer.max_steps)}" if int(cfg.trainer.max_steps) > 0
              else f"trainer.epochs={float(cfg.trainer.epochs):g}", plan.n_forget, plan.steps_per_epoch,
              "" if plan.steps_per_epoch == 1 else "s", plan.forget_per_step)
+    from pipeline.engine.disk_plan import run_disk_preflight
+
+    run_disk_preflight(cfg, dist.world_size, cuda, inputs.paths.model, run_dir, total)  # before any model loads
     if int(cfg.trainer.max_steps) > 0 and any(o.split("=", 1)[0].lstrip("+~") == "trainer.epochs"
                                               for o in command_line_overrides() or []):
         # trainer=tiny / realworld_smol / wmdp_7b set max_steps: an epochs override alone changed nothing

@@ -117,6 +117,10 @@ def test_cli_dry_run_prints_plan_for_1_8_16_gpus_without_downloading():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "1 GPUs" in out.stdout and "8 GPUs" in out.stdout and "16 GPUs" in out.stdout
     assert "fits in" in out.stdout and "nothing loaded" in out.stdout
+    # the disk a launch writes, per GPU count: ZeRO-3's 12 B per weight on 8 GPUs, stage 0's 14 (bf16) on 1
+    disk = next(ln for ln in out.stdout.splitlines() if ln.startswith("run directory on disk (peak)")).split()
+    assert len(disk) == 5 + 6 and float(disk[5]) > float(disk[7]) > 0, disk
+    assert "checkpoints of ~" in out.stdout and "(stage 3), " in out.stdout
     if not torch.cuda.is_available():  # the 80 GB GPU's budget is an assumption here, and says so
         assert "GPU memory assumed 79.2 GiB, an 80 GB GPU's: no GPU here; deepspeed.gpu_memory_gb=<GiB> plans for " \
             "yours" in out.stdout and "fits in 79.2 GiB/GPU" in out.stdout

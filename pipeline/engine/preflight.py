@@ -778,10 +778,10 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
     fits = ["refused" if why else "yes" if p.gpu_total <= budget else "NO" for p, (_, why) in zip(plans, batches)]
     host_fits = ["refused" if why else "yes" if p.host_total <= host else "NO" for p, (_, why) in zip(plans, batches)]
     lines = [format_plans(arch, plans, budget, None, "GPU"),
-             _row("forget rows/step (rows x accum x GPUs)", [cell for cell, _ in batches]),
-             _row("ZeRO stage", [str(s) for s in stages]),
-             _row(f"fits in {round(budget / GiB, 1):g} GiB/GPU", fits),
-             _row(f"fits in {host / GiB:.0f} GiB host/node", host_fits)]
+             plan_row("forget rows/step (rows x accum x GPUs)", [cell for cell, _ in batches]),
+             plan_row("ZeRO stage", [str(s) for s in stages]),
+             plan_row(f"fits in {round(budget / GiB, 1):g} GiB/GPU", fits),
+             plan_row(f"fits in {host / GiB:.0f} GiB host/node", host_fits)]
     lines += [f"{n} GPUs refused: {why}" for n, (_, why) in zip(gpus, batches) if why]
     if not measured:  # no GPU here and none configured: say the budget is an assumption
         lines.append(f"(GPU memory assumed {DEFAULT_GPU_GB:g} GiB, an 80 GB GPU's: no GPU here; "
@@ -792,7 +792,7 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
     return "\n".join(lines)
 
 
-def _row(label: str, cells: list[str]) -> str:
+def plan_row(label: str, cells: list[str]) -> str:
     """One line of the plan's table: a 40-wide label, then 12-wide right-aligned cells."""
     return f"{label:<40}" + "".join(f"{c:>12}" for c in cells)
 

@@ -246,7 +246,11 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tiny, tmp_path):
         root, model_dir, data_dir = tiny
         args = train_overrides(model_dir, data_dir, mnt, "full", steps=8) + [
             "method=grad_diff", "trainer.save_every=1", "trainer.keep_checkpoints=0", "eval.enabled=false",
-            "trainer.export=false"]
+            "trainer.export=false", "trainer.preflight=false"]  # else its disk check refuses it at the start
+        refused = launch.run(args[:-1])
+        assert refused.returncode == 2 and "error (PreflightError, rank 0): disk preflight: run directory on disk: " \
+            in refused.stderr and "all 8 kept (trainer.keep_checkpoints=0)" in refused.stderr, refused.stderr[-2000:]
+        assert not (mnt / "full" / "checkpoints").exists()
         out = launch.run(args)
         assert out.returncode == 2, out.stderr[-2000:]
         assert "could not write checkpoint" in out.stderr and "No space left on device" in out.stderr

@@ -1,0 +1,83 @@
+"""The run directory's disk plan (pipeline/engine/disk_plan.py): its bytes per weight against real
+checkpoints and exports of real DeepSpeed runs (stage 0 in bf16, ZeRO-3 in fp32, each file counted),
+how many checkpoints coexist, and the launch's refusal when the filesystem cannot hold the run."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pipeline.config import register_configs
+from pipeline.engine.disk_plan import DiskPlan, check_disk, checkpoints_at_once, plan_disk
+from pipeline.engine.preflight import PreflightError, resolve_arch
+from tests.helpers import launch
+from tests.helpers.tiny import build, train_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def wider(tmp_path_factory):
+    """The tiny fixture's tokenizer and data with a 2.6 M-parameter model: weights, not a checkpoint's
+    fixed few KB of names and RNG states, make up its files."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("disk")
+    model_dir, data_dir = build(root / "tiny")
+    cfg = LlamaConfig.from_pretrained(model_dir)
+    cfg.update({"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+                "num_key_value_heads": 4, "head_dim": 64})
+    LlamaForCausalLM(cfg).save_pretrained(root / "model", safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(root / "model")
+    return root, root / "model", data_dir
+
+
+@pytest.mark.parametrize("stage,precision", [(0, "bf16"), (3, "fp32")])
+def test_the_plan_is_what_a_run_writes(wider, stage, precision):
+    root, model_dir, data_dir = wider
+    name = f"s{stage}_{precision}"
+    args = train_overrides(model_dir, data_dir, root / "runs", name, steps=3) + [
+        "method=grad_diff", "eval.enabled=false", "trainer.save_every=1", "trainer.keep_checkpoints=2", "trainer.lr=1e-5",
+        f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}"]
+    out = launch.run(args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = root / "runs" / name
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=args)
+    plan = plan_disk(cfg, resolve_arch(cfg.model, str(model_dir)), stage, precision, None)
+    ckpts = sorted(p for p in (run / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 2 and plan.at_once == 3  # two kept; the third exists while written, before the prune
+    for c in ckpts:
+        assert abs(_bytes(c) - plan.checkpoint) <= 0.01 * plan.checkpoint, (_bytes(c), plan.checkpoint)
+    assert abs(_bytes(run / "model") - plan.export) <= 0.01 * plan.export, (_bytes(run / "model"), plan.export)
+    assert "[pipeline.engine.disk_plan][INFO] - run directory on disk: ~" in out.stderr
+    assert f"checkpoints of ~{plan.checkpoint / 1024**2:.1f} MiB (stage {stage}), 3 at once" in out.stderr
+
+
+def test_checkpoints_at_once_follow_save_every_keep_and_the_step_count():
+    assert checkpoints_at_once(0, 2, 100) == 0  # none saved (a preemption's is not planned)
+    assert checkpoints_at_once(10, 2, 100) == 3 and checkpoints_at_once(10, 2, None) == 3
+    assert checkpoints_at_once(10, 5, 25) == 3  # saves at 10, 20 and the last step
+    assert checkpoints_at_once(10, 0, 25) == 3 and checkpoints_at_once(10, 0, None) is None
+
+
+def test_a_filesystem_that_cannot_hold_the_run_is_refused_and_the_checkpoints_there_count(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    run = tmp_path / "run"
+    too_big = DiskPlan(checkpoint=free // 2 + 2**20, at_once=2, export=2**20, zero_stage=3)
+    with pytest.raises(PreflightError, match=rf"disk preflight: run directory on disk: .*; {run}'s filesystem has "
+                                             r"[0-9.]+ GiB free, .* short: a save would fail\. .*trainer.preflight=false"):
+        check_disk(too_big, run, refuse=True)
+    assert check_disk(too_big, run, refuse=False).endswith(" free")  # trainer.preflight=false: said, not refused
+    # a resumed run's checkpoints are part of its peak already
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000002" / "meta.json").write_text(json.dumps({"step": 2}))
+    fits = DiskPlan(checkpoint=100, at_once=2, export=0, zero_stage=3)
+    assert "run directory on disk: ~0.0 MiB" in check_disk(fits, run, refuse=True)
