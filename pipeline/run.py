@@ -400,7 +400,8 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
              "" if plan.steps_per_epoch == 1 else "s", plan.forget_per_step)
     from pipeline.engine.disk_plan import run_disk_preflight
 
-    run_disk_preflight(cfg, dist.world_size, cuda, inputs.paths.model, run_dir, total)  # before any model loads
+    if cfg.trainer.preflight:  # before any model loads
+        run_disk_preflight(cfg, dist.world_size, cuda, inputs.paths.model, run_dir, total)
     if int(cfg.trainer.max_steps) > 0 and any(o.split("=", 1)[0].lstrip("+~") == "trainer.epochs"
                                               for o in command_line_overrides() or []):
         # trainer=tiny / realworld_smol / wmdp_7b set max_steps: an epochs override alone changed nothing

@@ -1,6 +1,6 @@
 """What a run writes into its run directory: its checkpoints and the exported model, planned from the
-architecture and the config alone. The dry run prints it per GPU count; a launch logs it and, with
-``trainer.preflight``, refuses to start when the run directory's filesystem cannot hold it (before,
+architecture and the config alone. The dry run prints it per GPU count; a launch with
+``trainer.preflight`` logs it and refuses to start when the run directory's filesystem cannot hold it (before,
 a 7B run learnt it at its first save, an hour in: ~75 GiB per ZeRO-3 checkpoint, one more on disk
 while each is written).
 
@@ -122,10 +122,9 @@ def _bytes_under(path: Path) -> int:
     return total
 
 
-def check_disk(plan: DiskPlan, run_dir: Path, refuse: bool) -> str:
-    """Log line of ``plan`` for ``run_dir``; raises :class:`PreflightError` (``refuse``) when its
-    filesystem's free space is less than what the run still adds (the checkpoints already there
-    count as written)."""
+def check_disk(plan: DiskPlan, run_dir: Path) -> str:
+    """Log line of ``plan`` for ``run_dir``; raises :class:`PreflightError` when its filesystem's free
+    space is less than what the run still adds (the checkpoints already there count as written)."""
     from pipeline.io import nearest_existing
 
     line = plan.describe()
@@ -135,7 +134,7 @@ def check_disk(plan: DiskPlan, run_dir: Path, refuse: bool) -> str:
     # a rename once the new export is written beside it)
     need = plan.peak - _bytes_under(run_dir / "checkpoints")
     free = shutil.disk_usage(nearest_existing(run_dir)).free
-    if refuse and need > free:
+    if need > free:
         raise PreflightError(
             f"disk preflight: {line}; {run_dir}'s filesystem has {_gib(free)} free, ~{_gib(need - free)} short: "
             f"a save would fail. Free space, lower trainer.keep_checkpoints (or raise trainer.save_every), set "
@@ -159,7 +158,7 @@ def run_disk_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Option
         plan = plan_disk(cfg, resolve_arch(cfg.model, model_path), resolve_zero_stage(cfg.deepspeed, world_size).stage,
                          resolve_precision(cfg.deepspeed, cuda), steps)
         try:
-            logging.getLogger(__name__).info(check_disk(plan, run_dir, bool(cfg.trainer.preflight)))
+            logging.getLogger(__name__).info(check_disk(plan, run_dir))
         except PreflightError as exc:
             problem = str(exc)
     problem = broadcast_object(problem)
