@@ -74,6 +74,12 @@ def test_a_refusal_whose_shortfall_is_the_naive_kls_logits_suggests_the_fused_kl
         run_preflight(_compose(budget), world_size=8, cuda=True, model_path=None, uses_reference=True)
     run_preflight(_compose(budget + ["kernels.kl=fused"]), world_size=8, cuda=True, model_path=None,
                   uses_reference=True)
+    # short of both the fused KL and activation checkpointing: the two together, on the same 8 GPUs (the
+    # search tried the fused KL with no other remedy, and sent this run to optimizer offload)
+    with pytest.raises(PreflightError, match=r"Would fit: deepspeed.activation_checkpointing=true kernels.kl=fused "
+                                             r"on 8 GPU\(s\)"):
+        run_preflight(_compose(budget + ["deepspeed.activation_checkpointing=false"]), world_size=8, cuda=True,
+                      model_path=None, uses_reference=True)
     # under fp16 the fused KL is refused (config.validate): never suggested there
     with pytest.raises(PreflightError) as e:
         run_preflight(_compose(budget + ["deepspeed.precision=fp16"]), world_size=8, cuda=True, model_path=None,
@@ -453,7 +459,9 @@ def test_smaller_batches_are_suggested_only_where_activations_exceed_the_shortfa
     assert "reduce trainer.batch_size" not in msg
     msg = _refusal(["+exp=tofu_7b", *LLAMA_70B, "deepspeed.gpu_memory_gb=12", "deepspeed.host_memory_gb=2000",
                     "data.max_length=4096"])
-    assert "No offload setting or GPU count up to 64 fits at this batch: deepspeed=zero3_offload_all on 8 GPU(s)" in msg
+    # the closest setting streams the KL too: only activations are left to shrink
+    assert "No offload setting or GPU count up to 64 fits at this batch: deepspeed=zero3_offload_all kernels.kl=fused " \
+        "on 8 GPU(s)" in msg
     assert "reduce trainer.batch_size / trainer.retain_batch_size / data.max_length" in msg
 
 
