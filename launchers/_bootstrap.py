@@ -41,7 +41,7 @@ def run_main(fn) -> None:
     Ctrl-C that stops at once (outside training, or pressed twice) into one line and exit code 130.
     In a sweep run by this process (Hydra's local launcher, one rank) a job's error is reported and
     the next job runs; :func:`launch` exits with 2 at the end. In a submitit job of several ranks, a
-    failure every rank may not share exits the rank (see _exit_the_step). The line also goes to the
+    failure every rank may not share ends the job (:func:`_end_the_step`). The line also goes to the
     job's log file, where the sweep report looks for failures."""
     from pipeline.errors import (
         USER_ERRORS,
@@ -75,7 +75,7 @@ def run_main(fn) -> None:
                 # a submitit job: exiting would leave submitit no result, and the launcher would wait on SLURM's
                 # accounting for the job's state (forever where accounting is off); Hydra records this instead
                 raise SweepJobFailed(line) from None
-            sys.exit(2)  # maybe this rank's alone: _exit_the_step
+            _end_the_step(line, 2)  # maybe this rank's alone
         exit_with(exc, str(exc))
     except KeyboardInterrupt:
         exit_interrupted()
@@ -84,17 +84,36 @@ def run_main(fn) -> None:
             raise
         import traceback
 
-        traceback.print_exc()
-        sys.stderr.flush()
-        sys.exit(1)  # _exit_the_step
+        trace = traceback.format_exc()
+        print(trace, file=sys.stderr, end="", flush=True)
+        _end_the_step(trace, 1)
 
 
-# _exit_the_step: in a submitit job of several ranks, a rank that fails (maybe alone: an out-of-memory
-# error, one rank's checkpoint) exits non-zero, so srun ends the step (SLURM_KILL_BAD_EXIT=1, set by
-# conf/hydra/launcher/slurm.yaml): returning the error to Hydra, which records it as the job's outcome,
-# exited 0, and the other ranks waited in their next collective for deepspeed.timeout_minutes (60).
-# The job then leaves submitit no result: the launcher reports it as a failed job (its error line is in
-# the job's log).
+def _end_the_step(error: str, code: int) -> None:
+    """A rank of a submitit job of several ranks failed, maybe alone (an out-of-memory error, its own
+    checkpoint shard): end the job now. Returning the error to Hydra (which records it as the job's
+    outcome) exited 0 and left the other ranks waiting in their next collective for
+    deepspeed.timeout_minutes (60). Instead: ``error`` goes into every task's submitit result that has
+    none yet (the launcher reads task 0's first; with no result it waits on SLURM's accounting, forever
+    where there is none), then this process exits with ``code``, and srun ends the other ranks
+    (SLURM_KILL_BAD_EXIT=1, conf/hydra/launcher/slurm.yaml). ``os._exit``: nothing left running (a
+    library's thread) may keep the process, and the job, alive."""
+    try:
+        import submitit
+        from submitit.core import utils as submitit_utils
+
+        job = submitit.JobEnvironment()
+        for task in range(job.num_tasks):
+            path = submitit_utils.JobPaths(os.environ["SUBMITIT_FOLDER"], job.job_id, task).result_pickle
+            if not path.exists():
+                with submitit_utils.temporary_save_path(path) as tmp:
+                    submitit_utils.cloudpickle_dump(("error", error), tmp)
+    except Exception as exc:  # the exit below still ends the step; the launcher then waits on SLURM's state
+        print(f"(the failure could not be recorded for submitit: {exc})", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()  # the job log's last lines
+    os._exit(code)
 
 
 def _job_ranks() -> int:

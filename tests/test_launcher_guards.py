@@ -3,6 +3,7 @@ override does not break Hydra's usual argument order (flags first)."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.helpers.launch import ROOT, env
 
@@ -101,25 +102,40 @@ except RuntimeError:
 """
 
 
-def _submitit_task(fault: str, tasks: int) -> subprocess.CompletedProcess:
+def _submitit_task(fault: str, tasks: int, folder: Path) -> subprocess.CompletedProcess:
+    """Task 0 of submitit job 41 (``tasks`` tasks, results in ``folder``) meeting ``fault``."""
     code = _SUBMITIT_TASK.replace("sys.argv_fault", repr(fault))
-    e = {**env(), "SUBMITIT_EXECUTOR": "slurm", "SLURM_NTASKS": str(tasks)}
+    folder.mkdir()
+    e = {**env(), "SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(folder), "SLURM_JOB_ID": "41",
+         "SLURM_NTASKS": str(tasks), "SLURM_PROCID": "0"}
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
 
 
-def test_a_rank_of_a_multi_rank_submitit_job_that_fails_alone_exits_so_srun_ends_the_step():
+def _results(folder: Path) -> dict:
+    import pickle
+
+    return {p.name: pickle.loads(p.read_bytes()) for p in sorted(folder.glob("*_result.pkl"))}
+
+
+def test_a_rank_of_a_multi_rank_submitit_job_that_fails_alone_ends_the_job(tmp_path):
     """Hydra's run_job records a job's exception as its outcome and the task exited 0: in a SLURM job of
     several ranks, an out-of-memory error or a user error on one rank left the others waiting in their
     next collective for deepspeed.timeout_minutes (60). The failing rank now exits non-zero (srun's
-    SLURM_KILL_BAD_EXIT ends the step); an error every rank meets alike is still recorded for Hydra, and
-    a one-rank job is as before."""
-    bug = _submitit_task("bug", 2)
+    SLURM_KILL_BAD_EXIT ends the step) after recording the error as every task's submitit result (the
+    launcher reads task 0's first, and without SLURM accounting would wait forever for one). An error
+    every rank meets alike is still recorded for Hydra, and a one-rank job is as before."""
+    bug = _submitit_task("bug", 2, tmp_path / "bug")
     assert bug.returncode == 1 and "RuntimeError: CUDA out of memory (one rank)" in bug.stderr, bug.stderr[-2000:]
-    one = _submitit_task("one", 2)
-    assert one.returncode == 2 and one.stderr.strip().splitlines()[-1] == \
-        "error (CheckpointError, rank 0): rank 1's shard is unreadable", one.stderr[-2000:]
-    alike = _submitit_task("alike", 2)
+    results = _results(tmp_path / "bug")
+    assert sorted(results) == ["41_0_result.pkl", "41_1_result.pkl"], results
+    assert all(r[0] == "error" and "RuntimeError: CUDA out of memory (one rank)" in r[1] for r in results.values())
+    one = _submitit_task("one", 2, tmp_path / "one")
+    line = "error (CheckpointError, rank 0): rank 1's shard is unreadable"
+    assert one.returncode == 2 and one.stderr.strip().splitlines()[-1] == line, one.stderr[-2000:]
+    assert list(_results(tmp_path / "one").values()) == [("error", line)] * 2
+    alike = _submitit_task("alike", 2, tmp_path / "alike")
     assert alike.returncode == 0 and alike.stdout.strip() == "recorded for Hydra", alike.stderr[-2000:]
     for fault, said in (("bug", "raised to Hydra"), ("one", "recorded for Hydra")):
-        single = _submitit_task(fault, 1)
+        single = _submitit_task(fault, 1, tmp_path / f"single_{fault}")
         assert single.returncode == 0 and single.stdout.strip() == said, single.stderr[-2000:]
+    assert not _results(tmp_path / "alike") and not list(tmp_path.glob("single_*/*_result.pkl"))  # submitit's own

@@ -163,9 +163,7 @@ def run_disk_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Option
             problem = str(exc)
     problem = broadcast_object(problem)
     if problem:
-        exc = PreflightError(problem)
-        exc.every_rank = True  # decided by rank 0 for all (pipeline.errors.on_every_rank)
-        raise exc
+        raise PreflightError(problem, every_rank=True)  # decided by rank 0 for all
 
 
 def dry_run_disk(cfg: Any, model_path: Optional[str], gpus: tuple[int, ...]) -> str:

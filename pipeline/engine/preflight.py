@@ -27,7 +27,12 @@ GiB = 1024**3
 
 
 class PreflightError(RuntimeError):
-    """The configuration will not fit in memory; the message names the shortfall and a fix."""
+    """The configuration will not fit in memory (or on disk); the message names the shortfall and a fix.
+    ``every_rank``: every rank decides it alike (:func:`pipeline.errors.on_every_rank`)."""
+
+    def __init__(self, message: str = "", *, every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 @dataclass
@@ -569,7 +574,7 @@ def check_fits(plan: MemoryPlan, gpu_avail: int, host_avail: int, suggestions: l
             msg += (". The GPU estimate is meant to err high but was checked in one setting only (a 1B ASU "
                     "step, ZeRO-3 on one H200, peaked at 0.77-0.81x of it; stage 0 and several GPUs unmeasured); "
                     "trainer.preflight=false skips this check")
-        raise PreflightError(msg)
+        raise PreflightError(msg, every_rank=True)  # the same plan on every rank
 
 
 @dataclass(frozen=True)
