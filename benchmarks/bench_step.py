@@ -680,7 +680,7 @@ def _one_process_method(name: str, args, tmp: Path) -> dict:
     dist, method = _start(cfg)
     inputs = _load_inputs(cfg)
     engines, plan, total = _build_engines(cfg, dist, method, inputs,
-                                          _needs_reference(cfg, method, inputs, dist.device == "cuda"))
+                                          _needs_reference(cfg, method, inputs, dist.device == "cuda"), tmp / name)
     engine, reference = engines.engine, engines.reference
     engine.train()  # as UnlearningTrainer.train() sets them
     if reference is not None:
