@@ -186,7 +186,7 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Any, method: Any, resume_from: 
         return done
     tau_selection = _known_tau(cfg, run_dir, key, resume_from)  # no probes, and maybe no frozen model, needed
     need_reference = _needs_reference(cfg, method, inputs, dist.device == "cuda")
-    engines, plan, total = _build_engines(cfg, dist, method, inputs, need_reference, run_dir)
+    engines, plan, total = _build_engines(cfg, dist, method, inputs, need_reference, run_dir, resume_from)
 
     from pipeline.engine.trainer import UnlearningTrainer
     from pipeline.logging import RunLogger
@@ -368,10 +368,11 @@ def _needs_reference(cfg: DictConfig, method: Any, inputs: JobInputs, cuda: bool
         attention=str(cfg.kernels.attention), device="cuda" if cuda else "cpu")
 
 
-def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
-                   need_reference: bool, run_dir: Path) -> tuple[JobEngines, Any, int]:
-    """Memory and disk preflight, attention backend, the student (optionally LoRA) and frozen model
-    under ZeRO-3; also the batch plan and the number of optimizer steps."""
+def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs, need_reference: bool,
+                   run_dir: Path, resume_from: Optional[Path] = None) -> tuple[JobEngines, Any, int]:
+    """Memory and disk preflight (for the steps left after ``resume_from``), attention backend, the
+    student (optionally LoRA) and frozen model under ZeRO-3; also the batch plan and the number of
+    optimizer steps."""
     from pipeline.engine.batching import BatchPlan
     from pipeline.engine.preflight import run_preflight
     from pipeline.engine.sharding import record_models
@@ -401,7 +402,8 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs,
     from pipeline.engine.disk_plan import run_disk_preflight
 
     if cfg.trainer.preflight:  # before any model loads
-        run_disk_preflight(cfg, dist.world_size, cuda, inputs.paths.model, run_dir, total)
+        start = int(read_meta(resume_from).get("step", 0)) if resume_from is not None else 0
+        run_disk_preflight(cfg, dist.world_size, cuda, inputs.paths.model, run_dir, max(0, total - start))
     if int(cfg.trainer.max_steps) > 0 and any(o.split("=", 1)[0].lstrip("+~") == "trainer.epochs"
                                               for o in command_line_overrides() or []):
         # trainer=tiny / realworld_smol / wmdp_7b set max_steps: an epochs override alone changed nothing

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import register_configs
-from pipeline.engine.disk_plan import DiskPlan, check_disk, checkpoints_at_once, plan_disk
+from pipeline.engine.disk_plan import DiskPlan, check_disk, plan_disk, saves_to_come
 from pipeline.engine.preflight import PreflightError, resolve_arch
 from tests.helpers import launch
 from tests.helpers.tiny import build, train_overrides
@@ -37,13 +37,15 @@ def wider(tmp_path_factory):
     return root, root / "model", data_dir
 
 
-@pytest.mark.parametrize("stage,precision", [(0, "bf16"), (3, "fp32")])
-def test_the_plan_is_what_a_run_writes(wider, stage, precision):
+@pytest.mark.parametrize("stage,precision,method", [(0, "bf16", "grad_diff"), (3, "fp32", "grad_diff"),
+                                                    (3, "fp32", "rmu")])
+def test_the_plan_is_what_a_run_writes(wider, stage, precision, method):
+    """RMU trains three layers' down_proj: under ZeRO-3 DeepSpeed saves the frozen weights' partitions too."""
     root, model_dir, data_dir = wider
-    name = f"s{stage}_{precision}"
+    name = f"s{stage}_{precision}_{method}"
     args = train_overrides(model_dir, data_dir, root / "runs", name, steps=3) + [
-        "method=grad_diff", "eval.enabled=false", "trainer.save_every=1", "trainer.keep_checkpoints=2", "trainer.lr=1e-5",
-        f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}"]
+        f"method={method}", "eval.enabled=false", "trainer.save_every=1", "trainer.keep_checkpoints=2", "trainer.lr=1e-5",
+        f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}"] + (["method.layer=2"] if method == "rmu" else [])
     out = launch.run(args)
     assert out.returncode == 0, out.stderr[-2000:]
     run = root / "runs" / name
@@ -52,7 +54,7 @@ def test_the_plan_is_what_a_run_writes(wider, stage, precision):
         cfg = compose("config", overrides=args)
     plan = plan_disk(cfg, resolve_arch(cfg.model, str(model_dir)), stage, precision, None)
     ckpts = sorted(p for p in (run / "checkpoints").glob("step_*"))
-    assert len(ckpts) == 2 and plan.at_once == 3  # two kept; the third exists while written, before the prune
+    assert len(ckpts) == 2 and plan.counts() == (3, 2)  # two kept; the third exists while written, before the prune
     for c in ckpts:
         assert abs(_bytes(c) - plan.checkpoint) <= 0.01 * plan.checkpoint, (_bytes(c), plan.checkpoint)
     assert abs(_bytes(run / "model") - plan.export) <= 0.01 * plan.export, (_bytes(run / "model"), plan.export)
@@ -60,17 +62,27 @@ def test_the_plan_is_what_a_run_writes(wider, stage, precision):
     assert f"checkpoints of ~{plan.checkpoint / 1024**2:.1f} MiB (stage {stage}), 3 at once" in out.stderr
 
 
-def test_checkpoints_at_once_follow_save_every_keep_and_the_step_count():
-    assert checkpoints_at_once(0, 2, 100) == 0  # none saved (a preemption's is not planned)
-    assert checkpoints_at_once(10, 2, 100) == 3 and checkpoints_at_once(10, 2, None) == 3
-    assert checkpoints_at_once(10, 5, 25) == 3  # saves at 10, 20 and the last step
-    assert checkpoints_at_once(10, 0, 25) == 3 and checkpoints_at_once(10, 0, None) is None
+def test_checkpoints_at_once_follow_save_every_keep_the_steps_left_and_those_there():
+    assert saves_to_come(0, 100) == 0 and saves_to_come(10, 0) == 0 and saves_to_come(10, None) is None
+    assert saves_to_come(10, 25) == 3  # at 10, 20 and the last step
+
+    def counts(saves, keep, existing=0):
+        return DiskPlan(1, 0, 3, saves, keep, existing).counts()
+
+    assert counts(10, 2) == (3, 2) and counts(None, 2) == (3, 2) and counts(2, 5) == (2, 2)
+    assert counts(3, 0) == (3, 3) and counts(None, 0) == (None, None)
+    assert counts(0, 2) == (0, 0)  # no save_every: nothing planned (a preemption's checkpoint is not)
+    # a resume: the first save is written beside every checkpoint there, pruned only then
+    assert counts(4, 2, existing=2) == (3, 2) and counts(4, 1, existing=3) == (4, 1)
+    # resumed at the last step (only the export is left): its checkpoints stay, no save is planned
+    resumed = DiskPlan(10, 7, 3, 0, 2, existing=2)
+    assert resumed.counts() == (0, 2) and resumed.peak == 2 * 10 + 7
 
 
 def test_a_filesystem_that_cannot_hold_the_run_is_refused_and_the_checkpoints_there_count(tmp_path):
     free = shutil.disk_usage(tmp_path).free
     run = tmp_path / "run"
-    too_big = DiskPlan(checkpoint=free // 2 + 2**20, at_once=2, export=2**20, zero_stage=3)
+    too_big = DiskPlan(checkpoint=free // 2 + 2**20, export=2**20, zero_stage=3, saves=1, keep=1, existing=1)
     with pytest.raises(PreflightError, match=rf"disk preflight: run directory on disk: .*; {run}'s filesystem has "
                                              r"[0-9.]+ GiB free, .* short: a save would fail\. .*trainer.preflight=false"):
         check_disk(too_big, run)
@@ -78,5 +90,5 @@ def test_a_filesystem_that_cannot_hold_the_run_is_refused_and_the_checkpoints_th
     (run / "checkpoints" / "step_00000002").mkdir(parents=True)
     (run / "checkpoints" / "step_00000002" / "optim_states.pt").write_bytes(b"\1" * 2**26)
     free = shutil.disk_usage(tmp_path).free
-    resumed = DiskPlan(checkpoint=(free + 2**25) // 2, at_once=2, export=0, zero_stage=3)
+    resumed = DiskPlan(checkpoint=(free + 2**25) // 2, export=0, zero_stage=3, saves=1, keep=1, existing=1)
     assert check_disk(resumed, run).endswith(" free")

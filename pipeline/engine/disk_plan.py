@@ -5,11 +5,13 @@ a 7B run learnt it at its first save, an hour in: ~75 GiB per ZeRO-3 checkpoint,
 while each is written).
 
 Bytes per weight, measured with DeepSpeed 0.19 on CPU ranks (a 2.6 M-parameter Llama, fp32 and bf16,
-stage 0 and ZeRO-3; every file of the checkpoint directory counted):
+stage 0 and ZeRO-3, every weight or RMU's few trained; every file of the checkpoint directory counted,
+tests/test_disk_plan.py):
 
 * ZeRO-3, any precision: 12 per trained weight — its fp32 copy (the master in 16-bit training, the
-  weight itself in fp32) and Adam's two moments, in the ranks' ``optim_states`` files. The
-  partitioned module weights are not saved (``model_states`` is a few KB).
+  weight itself in fp32) and Adam's two moments, in the ranks' ``optim_states`` files — and the
+  frozen weights' partitions in the training dtype (``model_states``: RMU's untrained layers; the
+  trained weights' 16-bit partitions are not saved).
 * stage 0: every weight of the module in its training dtype (4 bytes fp32, 2 bf16 / fp16) in
   ``model_states``, plus Adam's moments (8 per trained weight) and in 16-bit training the fp32 master
   (4 more).
@@ -41,32 +43,53 @@ def _dtype_bytes(precision: str) -> int:
 
 @dataclass(frozen=True)
 class DiskPlan:
-    """Bytes of one checkpoint (every rank's files), how many are on disk at once at the peak (the
-    kept ones and the one being written; None: every one is kept and their number is not known
-    before the data is), and the export (``model/``, with LoRA ``adapter/`` too)."""
+    """Bytes of one checkpoint (every rank's files) and of the export (``model/``, with LoRA
+    ``adapter/`` too); the saves still to come (None: not known before the data is) with
+    ``trainer.keep_checkpoints`` (0: none pruned) and the complete checkpoints already there."""
 
     checkpoint: int
-    at_once: Optional[int]
     export: int
     zero_stage: int
-    keep_all: bool = False  # trainer.keep_checkpoints=0: none pruned
+    saves: Optional[int]
+    keep: int
+    existing: int = 0
+
+    def counts(self) -> tuple[Optional[int], Optional[int]]:
+        """(checkpoints on disk while one is written, at its peak; checkpoints left beside the export).
+        A save is published before the oldest is pruned (the first one beside every existing one);
+        None: every one is kept and their number is not known yet."""
+        if self.saves == 0:
+            return 0, self.existing
+        if self.keep <= 0:
+            total = None if self.saves is None else self.existing + self.saves
+            return total, total
+        if self.saves is None:
+            return max(self.existing + 1, self.keep + 1), self.keep
+        total = self.existing + self.saves
+        return max(self.existing + 1, min(self.keep + 1, total)), min(self.keep, total)
 
     @property
     def peak(self) -> Optional[int]:
-        """The run directory's largest size: the checkpoints at once, then the export beside them."""
-        return None if self.at_once is None else self.checkpoint * self.at_once + self.export
+        """The run directory's largest size: while a checkpoint is written, or once the export is
+        beside the kept ones (the last save's prune comes before the export)."""
+        during, after = self.counts()
+        if during is None or after is None:
+            return None
+        return max(during * self.checkpoint, after * self.checkpoint + self.export)
 
     def describe(self) -> str:
         """One line: the peak and what makes it up."""
-        if self.at_once == 0:
-            what = f"no checkpoints (trainer.save_every=0; one a preemption writes: ~{_gib(self.checkpoint)})"
+        during, _ = self.counts()
+        size = f"~{_gib(self.checkpoint)} (stage {self.zero_stage})"
+        if self.saves == 0:
+            what = f"no checkpoint to write (one a preemption would write: {size})"
+        elif self.keep <= 0:
+            what = (f"checkpoints of {size}, " + (f"all {during} kept" if during is not None else "every one kept")
+                    + " (trainer.keep_checkpoints=0)")
         else:
-            count = (f"{self.at_once} at once while one is written" if not self.keep_all
-                     else "every one kept (trainer.keep_checkpoints=0)" if self.at_once is None
-                     else f"all {self.at_once} kept (trainer.keep_checkpoints=0)")
-            what = f"checkpoints of ~{_gib(self.checkpoint)} (stage {self.zero_stage}), {count}"
+            what = f"checkpoints of {size}, {during} at once while one is written"
         what += f", and model/ ~{_gib(self.export)}" if self.export else ""
-        total = f"~{_gib(self.peak)}" if self.peak is not None else "more than one checkpoint per save"
+        total = f"~{_gib(self.peak)}" if self.peak is not None else "unknown until the step count is (every save kept)"
         return f"run directory on disk: {total}: {what}"
 
 
@@ -74,40 +97,41 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / 1024**2:.1f} MiB"
 
 
-def checkpoints_at_once(save_every: int, keep: int, steps: Optional[int]) -> Optional[int]:
-    """Checkpoints on disk at the peak for ``steps`` optimizer steps (None: not known yet). None
-    without ``save_every``. Otherwise the ``keep`` newest and
-    the one being written (it is published before the oldest is pruned), at most one per save; with
-    ``keep`` 0 every save's."""
-    if save_every <= 0:  # only a preemption notice's or a Ctrl-C's: planned for, not counted
+def saves_to_come(save_every: int, steps: Optional[int]) -> Optional[int]:
+    """Checkpoints written over ``steps`` optimizer steps (None: not known yet): one every
+    ``save_every`` and one at the last step; none without ``save_every`` (only a preemption
+    notice's or a Ctrl-C's, not planned)."""
+    if save_every <= 0 or steps == 0:
         return 0
-    saves = None if not steps or steps <= 0 else math.ceil(steps / save_every)  # the last step's included
-    if keep <= 0:
-        return saves
-    return keep + 1 if saves is None else min(keep + 1, saves)
+    return None if steps is None or steps < 0 else math.ceil(steps / save_every)
 
 
-def plan_disk(cfg: Any, arch: ArchSpec, zero_stage: int, precision: str, steps: Optional[int]) -> DiskPlan:
+def plan_disk(cfg: Any, arch: ArchSpec, zero_stage: int, precision: str, steps: Optional[int],
+              existing: int = 0) -> DiskPlan:
     """The run directory's checkpoints and export for ``cfg`` at ``zero_stage`` in ``precision``
-    (``fp32`` / ``bf16`` / ``fp16``, as resolved), over ``steps`` optimizer steps (None: from
-    ``trainer.max_steps`` when set)."""
+    (``fp32`` / ``bf16`` / ``fp16``, as resolved), over ``steps`` optimizer steps still to train
+    (None: ``trainer.max_steps`` when set) beside ``existing`` complete checkpoints."""
     tr = cfg.trainer
     lora = lora_param_count(arch, cfg.model)
     trained = lora or method_footprint(cfg, arch).trainable_params
-    held = lora or arch.n_params  # the weights a checkpoint's module state holds at stage 0
     width = _dtype_bytes(precision)
-    if zero_stage == 3:
-        ckpt = ZERO3_PER_TRAINED * trained
+    if lora:  # the adapters alone: the frozen base is left out
+        ckpt = (ZERO3_PER_TRAINED if zero_stage == 3 else width + ADAM_MOMENTS + (FP32_MASTER if width == 2 else 0)) * lora
+    elif zero_stage == 3:  # DeepSpeed saves the frozen weights' 16-bit partitions too (RMU's other layers)
+        ckpt = ZERO3_PER_TRAINED * trained + width * (arch.n_params - trained)
     else:
-        ckpt = width * held + (ADAM_MOMENTS + (FP32_MASTER if width == 2 else 0)) * trained
+        ckpt = width * arch.n_params + (ADAM_MOMENTS + (FP32_MASTER if width == 2 else 0)) * trained
     export = 0
     if tr.export:
-        merged = 4 if lora and str(cfg.model.peft.merged_dtype) != "model" else width
+        merged = width  # a full model's weights as DeepSpeed trained them (16-bit casts whatever was loaded)
+        if lora:  # float32, or with merged_dtype=model the dtype the base was loaded in (model.dtype on GPUs)
+            model_dtype = 4 if width == 4 or str(cfg.model.dtype) == "float32" else 2
+            merged = model_dtype if str(cfg.model.peft.merged_dtype) == "model" else 4
         export = merged * arch.n_params + 4 * lora
     if steps is None and int(tr.max_steps) > 0:
         steps = int(tr.max_steps)
-    return DiskPlan(ckpt, checkpoints_at_once(int(tr.save_every), int(tr.keep_checkpoints), steps), export, zero_stage,
-                    keep_all=int(tr.keep_checkpoints) <= 0)
+    return DiskPlan(ckpt, export, zero_stage, saves_to_come(int(tr.save_every), steps), int(tr.keep_checkpoints),
+                    existing)
 
 
 def _bytes_under(path: Path) -> int:
@@ -142,10 +166,19 @@ def check_disk(plan: DiskPlan, run_dir: Path) -> str:
     return f"{line}; {_gib(free)} free"
 
 
+def _complete_checkpoints(root: Path) -> int:
+    """Complete checkpoints under ``root`` (published: not ``.partial``, with their meta)."""
+    from pipeline.engine.checkpoint import META, PARTIAL
+
+    return sum(1 for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL) and (p / META).exists())
+
+
 def run_disk_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[str], run_dir: Path,
-                       steps: int) -> None:
-    """A launch's disk check (collective): rank 0 plans this run's directory and logs it; every rank
-    raises the refusal (:func:`check_disk`) when its filesystem cannot hold it."""
+                       steps_left: int) -> None:
+    """A launch's disk check (collective): rank 0 plans this run's directory for the ``steps_left``
+    optimizer steps it still trains (a resume's are fewer) beside the checkpoints already there, logs
+    it, and every rank raises the refusal (:func:`check_disk`) when rank 0's filesystem (the run
+    directory's, shared) cannot hold it. A plan that fails for another reason is skipped, with a warning."""
     import logging
 
     from pipeline.engine.distributed import broadcast_object, is_main_process
@@ -153,14 +186,18 @@ def run_disk_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Option
     from pipeline.engine.preflight import resolve_arch
     from pipeline.engine.zero_stage import resolve_zero_stage
 
+    log = logging.getLogger(__name__)
     problem = None
     if is_main_process():
-        plan = plan_disk(cfg, resolve_arch(cfg.model, model_path), resolve_zero_stage(cfg.deepspeed, world_size).stage,
-                         resolve_precision(cfg.deepspeed, cuda), steps)
         try:
-            logging.getLogger(__name__).info(check_disk(plan, run_dir))
+            plan = plan_disk(cfg, resolve_arch(cfg.model, model_path), resolve_zero_stage(cfg.deepspeed, world_size).stage,
+                             resolve_precision(cfg.deepspeed, cuda), steps_left,
+                             existing=_complete_checkpoints(run_dir / "checkpoints"))
+            log.info(check_disk(plan, run_dir))
         except PreflightError as exc:
             problem = str(exc)
+        except Exception as exc:  # noqa: BLE001  (never a hang: the other ranks wait in the broadcast)
+            log.warning("disk preflight skipped: %s: %s", type(exc).__name__, exc)
     problem = broadcast_object(problem)
     if problem:
         raise PreflightError(problem, every_rank=True)  # decided by rank 0 for all
