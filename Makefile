@@ -47,8 +47,12 @@ demo-all: $(STAMP)
 demo-real: $(STAMP)
 	$(PY) launchers/demo_real.py
 
+# Two workers (pytest-xdist), a test file each at a time (module fixtures built once): most tests run
+# one single-threaded process, so a 2-core runner does two at once. TEST_WORKERS=0 runs them in this
+# process (pdb, -s); more cores, more workers.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline kernels launchers tests benchmarks
