@@ -64,7 +64,7 @@ def test_muse_7b_fits_8_gpus_by_checkpointing_activations_which_a_refusal_sugges
 
 
 def test_a_refusal_whose_shortfall_is_the_naive_kls_logits_suggests_the_fused_kl(monkeypatch):
-    """Llama-3's 128k vocabulary on MUSE's 8 x 2048 tokens: the naive KL's logits (~31 GiB/GPU) shrink neither
+    """Llama-3's 128k vocabulary on MUSE's 8 x 2048 tokens: the naive KL's logits (~47 GiB/GPU) shrink neither
     with more GPUs nor with offload, and the refusal sent the user to full offload or 8x the GPUs, though
     kernels.kl=fused fits the same 8 GPUs without either."""
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
@@ -89,7 +89,8 @@ def test_a_refusal_whose_shortfall_is_the_naive_kls_logits_suggests_the_fused_kl
     with pytest.raises(PreflightError) as e:
         run_preflight(_compose(budget + ["method.teacher=cached", "method.cache_topk=5"]), world_size=8, cuda=True,
                       model_path=None, uses_reference=True)
-    assert "kernels.kl=fused" not in str(e.value) and "Would fit: deepspeed=zero3_offload_all" in str(e.value)
+    assert "kernels.kl=fused" not in str(e.value) and \
+        "No offload setting or GPU count up to 64 fits at this batch: deepspeed=zero3_offload_all on 8" in str(e.value)
 
 
 def test_small_model_passes():
@@ -146,7 +147,8 @@ def test_total_takes_the_larger_phase_not_both():
 
 def test_plan_bounds_the_measured_h200_step_from_above_and_closely():
     """The committed GPU measurement (benchmarks/gpu_check.sh, step part: a 1B ASU step, ZeRO-3 on one
-    H200, naive and fused KL) against the plan for the same setting: an upper bound, within 25%."""
+    H200, naive and fused KL) against the plan for the same setting: an upper bound, within 30% (the
+    naive KL's term counts every position as a loss position; these rows label their answers only)."""
     import json
 
     from pipeline.engine.preflight import plan_bench_step
@@ -157,7 +159,7 @@ def test_plan_bounds_the_measured_h200_step_from_above_and_closely():
     for variant, row in rec["variants"].items():
         plan = plan_bench_step(cfg["model"], cfg["batch"], cfg["seq"], row["kernels.kl"])
         ratio = row["cuda_peak_mib"] * 2**20 / plan.gpu_total
-        assert 0.75 <= ratio <= 1.0, (variant, ratio)
+        assert 0.7 <= ratio <= 1.0, (variant, ratio)
 
 
 # --- the plan against DeepSpeed's own accounting and against what the run really builds --------------
@@ -438,7 +440,7 @@ def test_a_70b_refusal_searches_gpu_counts_for_combined_settings_and_each_sugges
     msg = _refusal(budget)
     assert "No offload setting" not in msg and "reduce trainer.batch_size" not in msg
     first = ("Would fit: deepspeed=zero3_offload_optimizer deepspeed.activation_checkpointing=true on 16 GPU(s) "
-             "(~33.0 GiB/GPU, 594.2 GiB host per node), and as the batch rule asks: trainer.effective_batch=32 is "
+             "(~34.0 GiB/GPU, 594.2 GiB host per node), and as the batch rule asks: trainer.effective_batch=32 is "
              "not a multiple of 4 rows × 16 GPUs; set trainer.batch_size=2; ")
     assert first in msg
     assert "; deepspeed.activation_checkpointing=true on 32 GPU(s) (~" in msg and "set trainer.batch_size=1" in msg

@@ -401,9 +401,12 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
         g["distillation logits (fused, chunked)"] = (3 * chunk * arch.vocab_size * 4 +
                                                      (arch.vocab_size * H * 4 if every_weight else 0))
     elif logits:
-        # teacher + student fp32 logits, log-softmax copies and the gradient: ~4 B×T×V fp32 tensors
-        # (an upper bound: the step forms logits at the loss positions only, which depend on the data)
-        g["distillation logits (naive)"] = 4 * tokens * arch.vocab_size * 4
+        # the forward's peak, in the KL's p_t·(log p_t − log p_s): the teacher's and the student's logits
+        # (the weights' dtype) and five fp32 tensors (both log-softmaxes, p_t, the difference and the
+        # product): 2·b + 20 bytes per position and vocabulary entry, 28 in fp32, 24 in bf16 — measured
+        # on CPU ranks (fp32 27.5-28.0, bf16 23.6-23.9); it was planned at 16. An upper bound on the
+        # positions: the step forms logits at the loss positions only, which depend on the data.
+        g["distillation logits (naive)"] = (2 * b + 5 * 4) * tokens * arch.vocab_size
     g["framework/buffers"] = int(1.0 * GiB) if precision != "fp32" else int(0.05 * GiB)
     # A CPU rank's process before any model: python + torch + deepspeed + transformers, gloo group
     # (measured 0.33 GiB, benchmarks/bench_memory.py) + model code and tokenizer; a GPU host rank also
@@ -572,7 +575,7 @@ def check_fits(plan: MemoryPlan, gpu_avail: int, host_avail: int, suggestions: l
         if gpu_avail and plan.gpu_total > gpu_avail:
             # one measurement, not a proof: the plan is built to err high, checked in one setting only
             msg += (". The GPU estimate is meant to err high but was checked in one setting only (a 1B ASU "
-                    "step, ZeRO-3 on one H200, peaked at 0.77-0.81x of it; stage 0 and several GPUs unmeasured); "
+                    "step, ZeRO-3 on one H200, peaked at 0.74-0.81x of it; stage 0 and several GPUs unmeasured); "
                     "trainer.preflight=false skips this check")
         raise PreflightError(msg, every_rank=True)  # the same plan on every rank
 
