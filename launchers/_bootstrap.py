@@ -79,13 +79,14 @@ def run_main(fn) -> None:
         exit_with(exc, str(exc))
     except KeyboardInterrupt:
         exit_interrupted()
-    except Exception:
+    except Exception as exc:
         if not (os.environ.get("SUBMITIT_EXECUTOR") and _job_ranks() > 1):
             raise
         import traceback
 
         trace = traceback.format_exc()
         print(trace, file=sys.stderr, end="", flush=True)
+        _log_to_files(error_line(exc, str(exc)))  # the sweep report's failure, as a user error's
         _end_the_step(trace, 1)
 
 

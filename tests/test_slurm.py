@@ -129,15 +129,16 @@ def test_submitit_sweep(tiny):
     print(f"\nsubmitit 2-point sweep: {time.time() - t0:.1f}s")
 
 
-def _slurm_sweep(tiny, exp: str, extra=(), env=None):
+def _slurm_sweep(tiny, exp: str, extra=(), env=None, taus: str = "1.5,3.0", tasks: int = 1):
     root, model_dir, data_dir = tiny
     args = [a for a in train_overrides(model_dir, data_dir, root / "runs", "x", steps=2)
             if not a.startswith(("run_name=", "trainer.max_steps="))]
     out = subprocess.run(
-        [sys.executable, "launchers/train.py", "-m", *args, f"exp_name={exp}", "method=asu_kl", "method.tau=1.5,3.0",
+        [sys.executable, "launchers/train.py", "-m", *args, f"exp_name={exp}", "method=asu_kl", f"method.tau={taus}",
          "trainer.max_steps=2", "hydra.sweep.subdir=tau_${method.tau}", "hydra/launcher=slurm",
-         f"hydra.launcher.partition={PARTITION}", "hydra.launcher.gpus_per_node=0", "hydra.launcher.tasks_per_node=1",
-         "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=20", *extra],
+         f"hydra.launcher.partition={PARTITION}", "hydra.launcher.gpus_per_node=0",
+         f"hydra.launcher.tasks_per_node={tasks}", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=20",
+         *extra],
         cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True, text=True, timeout=240)
     return out, root / "runs" / "sweeps" / exp
 
@@ -170,6 +171,21 @@ def test_failed_sweep_jobs_end_the_launcher_with_their_error_lines(tiny):
     points = {p["overrides"]["method.tau"]: p for p in json.loads((sweep_dir / "report.json").read_text())["points"]}
     assert points["1.5"]["status"] == "ok" and points["3.0"]["status"] == "failed"
     assert "No module named '_bootstrap'" in points["3.0"]["note"]
+
+
+def test_a_rank_failing_alone_ends_its_two_rank_job_and_the_launcher(tiny):
+    """Rank 1 of a 2-rank submitit job fails at its first step (an injected error, as an out-of-memory
+    error on one GPU) while rank 0 goes on into the step's collectives. Before, Hydra recorded the error
+    and rank 1 exited 0: rank 0 waited out deepspeed.timeout_minutes (here 10, past this test's 4-minute
+    limit) and the launcher with it. Now rank 1 records the error as both tasks' submitit results and
+    exits, srun ends rank 0, and the launcher stops with the error named, exit 2."""
+    out, sweep_dir = _slurm_sweep(tiny, "slurm_one_rank", ["deepspeed.timeout_minutes=10"], taus="1.5", tasks=2,
+                                  env={"ASU_INJECT": "error_in_step@1:1"})
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "injected error (error_in_step@1, rank 1)" in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error (SweepError, rank 0): SLURM sweep into") and "failed" in last, last
+    assert not (sweep_dir / "tau_1.5" / "results.json").exists()
 
 
 def _weights(run: Path) -> dict:

@@ -8,7 +8,8 @@ Format: comma-separated ``<fault>@<step>[:rank]``, e.g. ``kill_in_save@4:1,nan_l
 Faults: ``nan_loss``, ``nan_grad``, ``nan_weights`` (after the optimizer step), ``kill_in_save``,
 ``kill_after_save`` (SIGKILL right after checkpoint ``<step>`` is published: a deterministic kill-and-resume),
 ``sigterm_in_save`` (a preemption notice during the save), ``enospc_in_save`` (this rank's write fails),
-``enospc_in_export@0`` (rank 0's write of the exported model fails).
+``enospc_in_export@0`` (rank 0's write of the exported model fails), ``error_in_step`` (a plain
+exception in this rank's forward at that step, as an out-of-memory error on one GPU).
 """
 
 from __future__ import annotations
@@ -66,3 +67,10 @@ def maybe_fail_write(name: str, step: int) -> None:
         import errno
 
         raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+
+def maybe_raise(name: str, step: int) -> None:
+    """Raise a ``RuntimeError`` when ``name@step[:rank]`` is injected: one rank fails where the others
+    go on into their next collective (an out-of-memory error on one GPU)."""
+    if _hit(name, step):
+        raise RuntimeError(f"injected error ({name}@{step}, rank {os.environ.get('RANK', '0')})")

@@ -354,6 +354,7 @@ class UnlearningTrainer:
             step_lr = float(self.engine.get_lr()[0]) if hasattr(self.engine, "get_lr") else float("nan")
             bad, bad_batch, micro_logs = None, None, []
             for k, batch in enumerate(self.step_batches(step, ga)):
+                faults.maybe_raise("error_in_step", step + 1)  # fault suite: one rank fails alone
                 out = self.method.compute_loss(self.engine, self.reference, batch)
                 if faults.nan_loss(step + 1):
                     out.loss = out.loss * float("nan")
