@@ -4,6 +4,7 @@ the teacher-cache key and the finished-job key alike."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -131,6 +132,16 @@ def _tensor(path, name):
     return 8 + n + begin, end - begin
 
 
+def _composed():
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return compose("config")
+
+
 @pytest.fixture
 def tiny_model(tmp_path):
     from tests.helpers.tiny import build
@@ -176,10 +187,37 @@ def test_a_remote_code_models_edited_modeling_file_changes_the_fingerprint(tiny_
     evaluation parts and finished-run records keyed on the fingerprint matched the old code's entries."""
     code = tiny_model / "modeling_custom.py"
     code.write_text("SCALE = 1.0\n")
+    plain = model_fingerprint(tiny_model)  # no auto_map: a stray script, no part of the model
+    assert "modeling_custom.py" not in {e["name"] for e in plain["files"]}
+    config = json.loads((tiny_model / "config.json").read_text())
+    (tiny_model / "config.json").write_text(json.dumps({**config, "auto_map": {
+        "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}}))
     before = model_fingerprint(tiny_model)
     assert "modeling_custom.py" in {e["name"] for e in before["files"]}
     code.write_text("SCALE = 2.0\n")  # same size: only the content tells
     assert model_fingerprint(tiny_model) != before
+
+
+def test_a_checkpoint_written_before_the_code_was_fingerprinted_still_resumes(tmp_path):
+    """The code's digest is a meta field of its own (model.code_sha256), compared only where a checkpoint
+    has it: model.content_sha256 stays the weights' as before, so a remote-code model's earlier
+    checkpoints resume, and an edited modeling file refuses a checkpoint that recorded the code."""
+    from pipeline.engine.checkpoint import CheckpointError, check_compatible
+    from pipeline.run import _resume_meta
+
+    files = [{"name": "model.safetensors", "size": 8, "sample_sha256": "a"}]
+    key = {"model": {"path": "/m", "files": files}, "rows.forget": "f", "rows.retain": "r"}
+    cfg = _composed()
+    dist = SimpleNamespace(world_size=1, device="cpu")
+    before = _resume_meta(cfg, dist, key)
+    assert "model.code_sha256" not in before
+    code = {"name": "modeling_x.py", "size": 3, "sha256": "c1"}
+    now = _resume_meta(cfg, dist, {**key, "model": {"path": "/m", "files": files + [code]}})
+    assert now["model.content_sha256"] == before["model.content_sha256"] and "model.code_sha256" in now
+    check_compatible(before, now, tmp_path)  # an earlier checkpoint: the code was not recorded
+    edited = _resume_meta(cfg, dist, {**key, "model": {"path": "/m", "files": files + [{**code, "sha256": "c2"}]}})
+    with pytest.raises(CheckpointError, match="model.code_sha256"):
+        check_compatible(now, edited, tmp_path)
 
 
 def test_a_large_tensor_is_sampled_at_its_start_middle_and_end(tmp_path):

@@ -340,7 +340,7 @@ def read_meta(ckpt: str | Path) -> dict:
 # fields added after checkpoints were already written, as those runs had them
 META_DEFAULTS = {"zero_stage": 3, "training.model.chat_template_kwargs": {}}
 # fields added later whose earlier value is unknown: compared only when the checkpoint has them
-RECORDED_LATER = ("rows.forget", "rows.retain", "tau_chosen", "model.content_sha256")
+RECORDED_LATER = ("rows.forget", "rows.retain", "tau_chosen", "model.content_sha256", "model.code_sha256")
 # fields no longer recorded: a checkpoint's value is not compared when the current meta has none.
 # model.files_sha256 hashed the model files' mtimes (a model re-staged to scratch by a requeued job
 # was refused); model.content_sha256 replaced it. trainer.nan_policy decides only what happens at a

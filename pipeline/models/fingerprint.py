@@ -9,9 +9,9 @@ file names and sizes, the safetensors header hash (architecture, sharding, every
 and a hash of a few small slices of every tensor's data (:data:`SLICE` bytes at its start, middle
 and end), so any tensor that changed (a LoRA merged into one projection) changes it; a pickled
 ``.bin`` / ``.pt`` (no index of its tensors) hashes :data:`BLOCKS` evenly spaced blocks; the config /
-index JSON files and a remote-code model's ``*.py`` are hashed in full. mtimes are not used: a copy
-has new ones. A change confined to bytes no slice covers (one row in the middle of an embedding)
-goes unseen.
+index JSON files and a remote-code model's ``*.py`` (config.json with an ``auto_map``) are hashed in
+full. mtimes are not used: a copy has new ones. A change confined to bytes no slice covers (one row
+in the middle of an embedding) goes unseen.
 """
 
 from __future__ import annotations
@@ -25,9 +25,19 @@ from typing import Any, Optional
 from pipeline.models.loading import safetensors_header
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.index.json", "config.json")
-# a trust_remote_code model's own modeling / configuration code computes its outputs as much as its
-# weights do: an edited modeling_*.py at the same path must not match the old cache entries
+# a remote-code model's own modeling / configuration code (its config.json has an auto_map) computes its
+# outputs as much as its weights do: an edited modeling_*.py at the same path must not match the old
+# cache entries. Other directories' *.py (a conversion script) are no part of the model.
 CODE_PATTERNS = ("*.py",)
+CODE_SUFFIX = ".py"
+
+
+def _has_remote_code(directory: Path) -> bool:
+    """Whether ``directory``'s config.json maps classes to its own code (``auto_map``)."""
+    try:
+        return "auto_map" in json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 SLICE = 64  # bytes hashed at the start, middle and end of each safetensors tensor (all of a smaller one)
 BLOCKS, BLOCK = 64, 4096  # evenly spaced blocks hashed in a pickled weight file (all of a smaller one)
 
@@ -105,7 +115,8 @@ def model_fingerprint(path: str | Path, revision: Optional[str] = None) -> dict:
     the same files (re-staged to scratch) is the same model."""
     p = Path(path)
     if p.is_dir():
-        files = sorted({f for pat in WEIGHT_PATTERNS + CODE_PATTERNS for f in p.glob(pat) if f.is_file()})
+        patterns = WEIGHT_PATTERNS + (CODE_PATTERNS if _has_remote_code(p) else ())
+        files = sorted({f for pat in patterns for f in p.glob(pat) if f.is_file()})
         return {"path": str(p.resolve()), "files": [_file_entry(f) for f in files]}
     # A hub id: the run is offline, so the weights come from the local HF cache; its snapshot
     # folder is named by the commit. The revision the model is loaded at, not refs/main's.
