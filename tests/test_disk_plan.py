@@ -79,16 +79,20 @@ def test_checkpoints_at_once_follow_save_every_keep_the_steps_left_and_those_the
     assert resumed.counts() == (0, 2) and resumed.peak == 2 * 10 + 7
 
 
-def test_a_filesystem_that_cannot_hold_the_run_is_refused_and_the_checkpoints_there_count(tmp_path):
-    free = shutil.disk_usage(tmp_path).free
+def test_a_filesystem_that_cannot_hold_the_run_is_refused_and_the_checkpoints_there_count(tmp_path, monkeypatch):
+    """The filesystem's free space is fixed here (the other test worker writes and prunes checkpoints
+    on the same disk): 10 GiB."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=10 * 2**30))
     run = tmp_path / "run"
-    too_big = DiskPlan(checkpoint=free // 2 + 2**20, export=2**20, zero_stage=3, saves=1, keep=1, existing=1)
-    with pytest.raises(PreflightError, match=rf"disk preflight: run directory on disk: .*; {run}'s filesystem has "
-                                             r"[0-9.]+ GiB free, .* short: a save would fail\. .*trainer.preflight=false"):
+    # one save beside one kept: 2 checkpoints of 5 GiB + 1 MiB at once
+    too_big = DiskPlan(checkpoint=5 * 2**30 + 2**20, export=2**20, zero_stage=3, saves=1, keep=1, existing=1)
+    with pytest.raises(PreflightError, match=rf"disk preflight: run directory on disk: ~10.0 GiB: .*; {run}'s filesystem "
+                                             r"has 10.0 GiB free, ~2.0 MiB short: a save would fail\. .*"
+                                             r"trainer.preflight=false"):
         check_disk(too_big, run)
-    # a resumed run's checkpoints are part of its peak already: 64 MiB there, 32 MiB more than the free space
+    # a resumed run's checkpoints are part of its peak already: with 64 MiB of them there, the same plan fits
     (run / "checkpoints" / "step_00000002").mkdir(parents=True)
     (run / "checkpoints" / "step_00000002" / "optim_states.pt").write_bytes(b"\1" * 2**26)
-    free = shutil.disk_usage(tmp_path).free
-    resumed = DiskPlan(checkpoint=(free + 2**25) // 2, export=0, zero_stage=3, saves=1, keep=1, existing=1)
-    assert check_disk(resumed, run).endswith(" free")
+    assert check_disk(too_big, run).endswith("; 10.0 GiB free")
