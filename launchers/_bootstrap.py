@@ -62,7 +62,9 @@ def run_main(fn) -> None:
         fn()
     except USER_ERRORS as exc:
         line = error_line(exc, str(exc))
-        _log_to_files(line)
+        ends_the_step = bool(os.environ.get("SUBMITIT_EXECUTOR")) and _job_ranks() > 1 and not on_every_rank(exc)
+        if not (ends_the_step and _peer_failed_first()):
+            _log_to_files(line)
         if _IN_LAUNCH and _local_sweep():
             print(line, file=sys.stderr, flush=True)
             from hydra.core.hydra_config import HydraConfig
@@ -71,7 +73,7 @@ def run_main(fn) -> None:
             return
         if os.environ.get("SUBMITIT_EXECUTOR"):
             print(line, file=sys.stderr, flush=True)
-            if _job_ranks() == 1 or on_every_rank(exc):
+            if not ends_the_step:
                 # a submitit job: exiting would leave submitit no result, and the launcher would wait on SLURM's
                 # accounting for the job's state (forever where accounting is off); Hydra records this instead
                 raise SweepJobFailed(line) from None
@@ -86,8 +88,21 @@ def run_main(fn) -> None:
 
         trace = traceback.format_exc()
         print(trace, file=sys.stderr, end="", flush=True)
-        _log_to_files(error_line(exc, str(exc)))  # the sweep report's failure, as a user error's
+        if not _peer_failed_first():  # the sweep report's failure, as a user error's
+            _log_to_files(error_line(exc, str(exc)))
         _end_the_step(trace, 1)
+
+
+def _peer_failed_first() -> bool:
+    """Whether another rank of this submitit job ended it already (:func:`_end_the_step` wrote its error
+    as this task's result too): this rank's error is its consequence (gloo's "Connection reset by peer"
+    in the next collective), kept out of the job log, where the sweep report reads the cause."""
+    try:
+        import submitit
+
+        return submitit.JobEnvironment().paths.result_pickle.exists()
+    except Exception:  # noqa: BLE001  (not a submitit task after all: nothing recorded)
+        return False
 
 
 def _end_the_step(error: str, code: int) -> None:

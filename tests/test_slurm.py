@@ -182,7 +182,9 @@ def test_a_rank_failing_alone_ends_its_two_rank_job_and_the_launcher(tiny):
     out, sweep_dir = _slurm_sweep(tiny, "slurm_one_rank", ["deepspeed.timeout_minutes=10"], taus="1.5", tasks=2,
                                   env={"ASU_INJECT": "error_in_step@1:1"})
     assert out.returncode == 2, out.stderr[-3000:]
-    assert "injected error (error_in_step@1, rank 1)" in out.stderr, out.stderr[-3000:]
+    # the cause, rank 1's line (rank 0's "Connection reset by peer" that followed is kept out of the job log)
+    assert "sweep tau_1.5: train.log: error (RuntimeError, rank 1): injected failure: error_in_step@1 on rank 1" \
+        in out.stderr, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error (SweepError, rank 0): SLURM sweep into") and "failed" in last, last
     assert not (sweep_dir / "tau_1.5" / "results.json").exists()

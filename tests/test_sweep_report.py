@@ -486,3 +486,12 @@ def test_points_are_in_numeric_order_and_ties_go_to_the_smaller_value(tmp_path):
     points = sweep.gather(root)
     assert [p.overrides["method.tau"] for p in points] == ["1.5", "2.0", "10.0"]
     assert sweep.build_report(root, "forget_quality")["chosen"]["name"].startswith("method.tau=2.0")
+
+
+def test_a_failures_note_starts_at_its_error_line_whatever_its_message_holds(tmp_path):
+    """The note began at the latest "error (" in the log, which an error's own message may hold: a rank's
+    "error (RuntimeError, rank 1): lost a row (error (x))" was reported as "error (x))"."""
+    (tmp_path / "train.log").write_text(f"[..][pipeline][INFO] - {sweep.ATTEMPT_STARTED}\n"
+                                        "[..][pipeline][ERROR][rank 1] - error (RuntimeError, rank 1): lost a row "
+                                        "(error (x)) in step 3\n")
+    assert sweep._failed(tmp_path) == "train.log: error (RuntimeError, rank 1): lost a row (error (x)) in step 3"

@@ -73,4 +73,4 @@ def maybe_raise(name: str, step: int) -> None:
     """Raise a ``RuntimeError`` when ``name@step[:rank]`` is injected: one rank fails where the others
     go on into their next collective (an out-of-memory error on one GPU)."""
     if _hit(name, step):
-        raise RuntimeError(f"injected error ({name}@{step}, rank {os.environ.get('RANK', '0')})")
+        raise RuntimeError(f"injected failure: {name}@{step} on rank {os.environ.get('RANK', '0')}")

@@ -188,7 +188,9 @@ def _failed(d: Path) -> str:
                 text = lines
         i = max(text.rfind(pat) for pat in _FAIL_PATTERNS)  # the latest
         if i >= 0:
-            return f"{log.name}: {text[i:].splitlines()[0][:160]}"
+            # from the first pattern on that line: an error's own message may hold one ("... error (x)")
+            line = text[text.rfind("\n", 0, i) + 1:].splitlines()[0]
+            return f"{log.name}: {line[min(line.find(p) for p in _FAIL_PATTERNS if p in line):][:160]}"
     return ""
 
 
