@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 
 def _interrupted_while_starting(signum, frame) -> None:  # noqa: ARG001
@@ -88,8 +89,10 @@ def run_main(fn) -> None:
 
         trace = traceback.format_exc()
         print(trace, file=sys.stderr, end="", flush=True)
-        if not _peer_failed_first():  # the sweep report's failure, as a user error's
-            _log_to_files(error_line(exc, str(exc)))
+        if not _peer_failed_first():  # the sweep report's failure, as a user error's: one line
+            from pipeline.messages import first_line
+
+            _log_to_files(error_line(exc, first_line(exc)))
         _end_the_step(trace, 1)
 
 
@@ -97,12 +100,19 @@ def _peer_failed_first() -> bool:
     """Whether another rank of this submitit job ended it already (:func:`_end_the_step` wrote its error
     as this task's result too): this rank's error is its consequence (gloo's "Connection reset by peer"
     in the next collective), kept out of the job log, where the sweep report reads the cause."""
+    import time
+
     try:
         import submitit
 
-        return submitit.JobEnvironment().paths.result_pickle.exists()
+        own = submitit.JobEnvironment().paths.result_pickle
     except Exception:  # noqa: BLE001  (not a submitit task after all: nothing recorded)
         return False
+    for _ in range(10):  # a peer on another node: its write may take a moment to show on a shared filesystem
+        if own.exists():
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _end_the_step(error: str, code: int) -> None:
@@ -119,17 +129,45 @@ def _end_the_step(error: str, code: int) -> None:
         from submitit.core import utils as submitit_utils
 
         job = submitit.JobEnvironment()
-        for task in range(job.num_tasks):
-            path = submitit_utils.JobPaths(os.environ["SUBMITIT_FOLDER"], job.job_id, task).result_pickle
-            if not path.exists():
-                with submitit_utils.temporary_save_path(path) as tmp:
-                    submitit_utils.cloudpickle_dump(("error", error), tmp)
-    except Exception as exc:  # the exit below still ends the step; the launcher then waits on SLURM's state
+        tasks = [job.global_rank] + [t for t in range(job.num_tasks) if t != job.global_rank]  # its own first
+        paths = [submitit_utils.JobPaths(os.environ["SUBMITIT_FOLDER"], job.job_id, t).result_pickle for t in tasks]
+    except Exception as exc:  # noqa: BLE001  (the exit below still ends the step)
         print(f"(the failure could not be recorded for submitit: {exc})", file=sys.stderr)
+        paths = []
+    for path in paths:
+        _record_failure(path, error)
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()  # the job log's last lines
     os._exit(code)
+
+
+def _record_failure(path: Path, error: str) -> None:
+    """``("error", error)`` as the submitit result ``path`` unless one is there: written to a temporary
+    file of this process's own (two ranks failing at once would race on submitit's fixed ``.save_tmp``)
+    and linked into place, which never replaces another rank's."""
+    import tempfile
+
+    from submitit.core import utils as submitit_utils
+
+    tmp = None
+    try:
+        if path.exists():
+            return
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(fd)
+        submitit_utils.cloudpickle_dump(("error", error), tmp)
+        os.link(tmp, path)
+    except FileExistsError:  # another rank's came first
+        pass
+    except Exception as exc:  # noqa: BLE001  (the exit still ends the step; the launcher then waits on SLURM)
+        print(f"(the failure could not be recorded for submitit in {path}: {exc})", file=sys.stderr)
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def _job_ranks() -> int:

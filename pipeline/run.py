@@ -412,7 +412,7 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs, n
 
     if cfg.trainer.preflight:  # before any model loads
         start = int(read_meta(resume_from).get("step", 0)) if resume_from is not None else 0
-        run_disk_preflight(cfg, dist.world_size, cuda, inputs.paths.model, run_dir, max(0, total - start))
+        run_disk_preflight(cfg, dist.world_size, cuda, inputs.paths.model, run_dir, total, start)
     if int(cfg.trainer.max_steps) > 0 and any(o.split("=", 1)[0].lstrip("+~") == "trainer.epochs"
                                               for o in command_line_overrides() or []):
         # trainer=tiny / realworld_smol / wmdp_7b set max_steps: an epochs override alone changed nothing

@@ -65,6 +65,8 @@ def test_the_plan_is_what_a_run_writes(wider, stage, precision, method):
 def test_checkpoints_at_once_follow_save_every_keep_the_steps_left_and_those_there():
     assert saves_to_come(0, 100) == 0 and saves_to_come(10, 0) == 0 and saves_to_come(10, None) is None
     assert saves_to_come(10, 25) == 3  # at 10, 20 and the last step
+    # resumed from a preemption's step 8: saves at 10, 15, 20 and the last step (21), not ceil(13 / 5)
+    assert saves_to_come(5, 21, start=8) == 4 and saves_to_come(5, 20, start=20) == 0
 
     def counts(saves, keep, existing=0):
         return DiskPlan(1, 0, 3, saves, keep, existing).counts()
@@ -95,4 +97,7 @@ def test_a_filesystem_that_cannot_hold_the_run_is_refused_and_the_checkpoints_th
     # a resumed run's checkpoints are part of its peak already: with 64 MiB of them there, the same plan fits
     (run / "checkpoints" / "step_00000002").mkdir(parents=True)
     (run / "checkpoints" / "step_00000002" / "optim_states.pt").write_bytes(b"\1" * 2**26)
+    with pytest.raises(PreflightError):  # not published yet (no meta.json): a crashed save's, removed by the next
+        check_disk(too_big, run)
+    (run / "checkpoints" / "step_00000002" / "meta.json").write_text('{"step": 2}')
     assert check_disk(too_big, run).endswith("; 10.0 GiB free")

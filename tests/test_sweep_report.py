@@ -495,3 +495,6 @@ def test_a_failures_note_starts_at_its_error_line_whatever_its_message_holds(tmp
                                         "[..][pipeline][ERROR][rank 1] - error (RuntimeError, rank 1): lost a row "
                                         "(error (x)) in step 3\n")
     assert sweep._failed(tmp_path) == "train.log: error (RuntimeError, rank 1): lost a row (error (x)) in step 3"
+    # a progress bar's carriage return before it on the same line (a log captured from stderr)
+    (tmp_path / "train.log").write_text("step 3/10\r[x][ERROR] - error (RuntimeError, rank 1): boom\n")
+    assert sweep._failed(tmp_path) == "train.log: error (RuntimeError, rank 1): boom"

@@ -23,7 +23,6 @@ tests/test_disk_plan.py):
 
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,20 +96,22 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / 1024**2:.1f} MiB"
 
 
-def saves_to_come(save_every: int, steps: Optional[int]) -> Optional[int]:
-    """Checkpoints written over ``steps`` optimizer steps (None: not known yet): one every
-    ``save_every`` and one at the last step; none without ``save_every`` (only a preemption
-    notice's or a Ctrl-C's, not planned)."""
-    if save_every <= 0 or steps == 0:
+def saves_to_come(save_every: int, total: Optional[int], start: int = 0) -> Optional[int]:
+    """Checkpoints written from step ``start`` to ``total`` (None: not known yet): at every multiple of
+    ``save_every`` after ``start`` (a resume from a preemption's checkpoint is off the grid) and at the
+    last step; none without ``save_every`` (only a preemption notice's or a Ctrl-C's, not planned)."""
+    if save_every <= 0 or (total is not None and total <= start):
         return 0
-    return None if steps is None or steps < 0 else math.ceil(steps / save_every)
+    if total is None or total < 0:
+        return None
+    return total // save_every - start // save_every + (1 if total % save_every else 0)
 
 
-def plan_disk(cfg: Any, arch: ArchSpec, zero_stage: int, precision: str, steps: Optional[int],
+def plan_disk(cfg: Any, arch: ArchSpec, zero_stage: int, precision: str, total: Optional[int], start: int = 0,
               existing: int = 0) -> DiskPlan:
     """The run directory's checkpoints and export for ``cfg`` at ``zero_stage`` in ``precision``
-    (``fp32`` / ``bf16`` / ``fp16``, as resolved), over ``steps`` optimizer steps still to train
-    (None: ``trainer.max_steps`` when set) beside ``existing`` complete checkpoints."""
+    (``fp32`` / ``bf16`` / ``fp16``, as resolved), training from step ``start`` to ``total`` (None:
+    ``trainer.max_steps`` when set) beside ``existing`` complete checkpoints."""
     tr = cfg.trainer
     lora = lora_param_count(arch, cfg.model)
     trained = lora or method_footprint(cfg, arch).trainable_params
@@ -128,10 +129,10 @@ def plan_disk(cfg: Any, arch: ArchSpec, zero_stage: int, precision: str, steps: 
             model_dtype = 4 if width == 4 or str(cfg.model.dtype) == "float32" else 2
             merged = model_dtype if str(cfg.model.peft.merged_dtype) == "model" else 4
         export = merged * arch.n_params + 4 * lora
-    if steps is None and int(tr.max_steps) > 0:
-        steps = int(tr.max_steps)
-    return DiskPlan(ckpt, export, zero_stage, saves_to_come(int(tr.save_every), steps), int(tr.keep_checkpoints),
-                    existing)
+    if total is None and int(tr.max_steps) > 0:
+        total = int(tr.max_steps)
+    return DiskPlan(ckpt, export, zero_stage, saves_to_come(int(tr.save_every), total, start),
+                    int(tr.keep_checkpoints), existing)
 
 
 def _bytes_under(path: Path) -> int:
@@ -154,9 +155,9 @@ def check_disk(plan: DiskPlan, run_dir: Path) -> str:
     line = plan.describe()
     if plan.peak is None:
         return line
-    # the checkpoints already there are part of the peak; an earlier model/ is not (it is replaced by
-    # a rename once the new export is written beside it)
-    need = plan.peak - _bytes_under(run_dir / "checkpoints")
+    # the complete checkpoints already there are part of the peak (a crashed save's .partial is not:
+    # the next save removes it); an earlier model/ is not either (replaced once the new one is written)
+    need = plan.peak - sum(_bytes_under(p) for p in _complete_checkpoints(run_dir / "checkpoints"))
     free = shutil.disk_usage(nearest_existing(run_dir)).free
     if need > free:
         raise PreflightError(
@@ -166,17 +167,17 @@ def check_disk(plan: DiskPlan, run_dir: Path) -> str:
     return f"{line}; {_gib(free)} free"
 
 
-def _complete_checkpoints(root: Path) -> int:
+def _complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root`` (published: not ``.partial``, with their meta)."""
     from pipeline.engine.checkpoint import META, PARTIAL
 
-    return sum(1 for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL) and (p / META).exists())
+    return [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL) and (p / META).exists()]
 
 
 def run_disk_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[str], run_dir: Path,
-                       steps_left: int) -> None:
-    """A launch's disk check (collective): rank 0 plans this run's directory for the ``steps_left``
-    optimizer steps it still trains (a resume's are fewer) beside the checkpoints already there, logs
+                       total: int, start: int = 0) -> None:
+    """A launch's disk check (collective): rank 0 plans this run's directory for its optimizer steps
+    from ``start`` (a resume's checkpoint) to ``total`` beside the checkpoints already there, logs
     it, and every rank raises the refusal (:func:`check_disk`) when rank 0's filesystem (the run
     directory's, shared) cannot hold it. A plan that fails for another reason is skipped, with a warning."""
     import logging
@@ -191,8 +192,8 @@ def run_disk_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Option
     if is_main_process():
         try:
             plan = plan_disk(cfg, resolve_arch(cfg.model, model_path), resolve_zero_stage(cfg.deepspeed, world_size).stage,
-                             resolve_precision(cfg.deepspeed, cuda), steps_left,
-                             existing=_complete_checkpoints(run_dir / "checkpoints"))
+                             resolve_precision(cfg.deepspeed, cuda), total, start,
+                             existing=len(_complete_checkpoints(run_dir / "checkpoints")))
             log.info(check_disk(plan, run_dir))
         except PreflightError as exc:
             problem = str(exc)

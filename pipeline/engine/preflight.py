@@ -577,7 +577,9 @@ def check_fits(plan: MemoryPlan, gpu_avail: int, host_avail: int, suggestions: l
             msg += (". The GPU estimate is meant to err high but was checked in one setting only (a 1B ASU "
                     "step, ZeRO-3 on one H200, peaked at 0.74-0.81x of it; stage 0 and several GPUs unmeasured); "
                     "trainer.preflight=false skips this check")
-        raise PreflightError(msg, every_rank=True)  # the same plan on every rank
+        # not every_rank: the host budget is each node's own (its memory, cgroup, SLURM allocation, ranks),
+        # so on uneven nodes one may refuse while another passes (a SLURM job then ends at this rank)
+        raise PreflightError(msg)
 
 
 @dataclass(frozen=True)

@@ -189,8 +189,10 @@ def _failed(d: Path) -> str:
         i = max(text.rfind(pat) for pat in _FAIL_PATTERNS)  # the latest
         if i >= 0:
             # from the first pattern on that line: an error's own message may hold one ("... error (x)")
-            line = text[text.rfind("\n", 0, i) + 1:].splitlines()[0]
-            return f"{log.name}: {line[min(line.find(p) for p in _FAIL_PATTERNS if p in line):][:160]}"
+            start = text.rfind("\n", 0, i) + 1
+            line = text[start:].split("\n", 1)[0]
+            first = min(line.find(p) for p in _FAIL_PATTERNS if p in line)  # i - start is one of them
+            return f"{log.name}: {line[first:].splitlines()[0][:160]}"
     return ""
 
 
