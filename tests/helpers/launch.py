@@ -14,8 +14,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
-    """A port nobody listens on now: parallel test sessions (or helpers) never share a rendezvous."""
-    with socket.socket() as s:
+    """A port nobody listens on now: parallel test sessions (or helpers) never share a rendezvous.
+    Drawn below Linux's ephemeral range (32768-60999): a port the kernel handed out for the bind
+    check could be handed to another worker's gloo connection before torchrun binds it."""
+    import random
+
+    for _ in range(100):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
