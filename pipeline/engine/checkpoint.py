@@ -182,13 +182,19 @@ def _disk_full_note(root: Path, prev: Optional[Path], error: str) -> str:
     return f" (No space left on device: {free // 1024} KiB free, a checkpoint takes ~{need // 1024} KiB)"
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The published checkpoints under ``root`` (not ``.partial``, with their meta), oldest first
+    (zero-padded tags sort as their steps)."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL) and (p / META).exists())
+
+
 def _prune(root: Path, keep: int, step: int) -> None:
     """Keep the checkpoint of ``step`` (just published) and the ``keep - 1`` newest before it. Later
     steps are another run's (``trainer.resume=never`` in a used run directory) and are left alone:
     by step number alone the one just written would go."""
     if keep <= 0:
         return
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL) and (p / META).exists())
+    done = complete_checkpoints(root)
     older = [p for p in done if p.name < _tag(step)]  # zero-padded tags sort as their steps
     for p in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
@@ -235,7 +241,7 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
         for cand in (root / name, root / (REPLACED + name)):
             if (cand / META).exists():
                 return cand
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL) and (p / META).exists())
+    done = complete_checkpoints(root)
     return done[-1] if done else None
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.engine.checkpoint import complete_checkpoints
 from pipeline.engine.preflight import ArchSpec, PreflightError, lora_param_count, method_footprint
 
 GiB = 1024**3
@@ -157,7 +158,7 @@ def check_disk(plan: DiskPlan, run_dir: Path) -> str:
         return line
     # the complete checkpoints already there are part of the peak (a crashed save's .partial is not:
     # the next save removes it); an earlier model/ is not either (replaced once the new one is written)
-    need = plan.peak - sum(_bytes_under(p) for p in _complete_checkpoints(run_dir / "checkpoints"))
+    need = plan.peak - sum(_bytes_under(p) for p in complete_checkpoints(run_dir / "checkpoints"))
     free = shutil.disk_usage(nearest_existing(run_dir)).free
     if need > free:
         raise PreflightError(
@@ -165,13 +166,6 @@ def check_disk(plan: DiskPlan, run_dir: Path) -> str:
             f"a save would fail. Free space, lower trainer.keep_checkpoints (or raise trainer.save_every), set "
             f"output_dir on a larger filesystem, or trainer.preflight=false to run anyway")
     return f"{line}; {_gib(free)} free"
-
-
-def _complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root`` (published: not ``.partial``, with their meta)."""
-    from pipeline.engine.checkpoint import META, PARTIAL
-
-    return [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL) and (p / META).exists()]
 
 
 def run_disk_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[str], run_dir: Path,
@@ -193,7 +187,7 @@ def run_disk_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Option
         try:
             plan = plan_disk(cfg, resolve_arch(cfg.model, model_path), resolve_zero_stage(cfg.deepspeed, world_size).stage,
                              resolve_precision(cfg.deepspeed, cuda), total, start,
-                             existing=len(_complete_checkpoints(run_dir / "checkpoints")))
+                             existing=len(complete_checkpoints(run_dir / "checkpoints")))
             log.info(check_disk(plan, run_dir))
         except PreflightError as exc:
             problem = str(exc)
