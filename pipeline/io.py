@@ -46,6 +46,19 @@ def why_no_directory(path: Path) -> Optional[str]:
     return f"{parent} is a file, not a directory"
 
 
+def tree_bytes(directory: Path) -> int:
+    """Bytes of the files under ``directory`` (links not followed). A file removed meanwhile raises
+    ``FileNotFoundError``, for the caller to decide."""
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def size_text(n: int) -> str:
+    """``n`` bytes for a log line or a message, in GiB, MiB or (something small) KiB."""
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
 def _fsync_dir(path: Path) -> None:
     """Persist a rename/creation in ``path`` (best effort: not all platforms allow it)."""
     try:

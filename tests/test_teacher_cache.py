@@ -857,7 +857,7 @@ def test_reuse_records_the_last_use_and_the_root_totals_are_logged(models, rows,
     with caplog.at_level(logging.INFO, logger=tc.__name__):
         first = _build(teacher, rows, tmp_path, topk=5)
     totals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher caches under")]
-    assert totals == [f"teacher caches under {tmp_path}: 1 caches, {tc._size(tc._tree_bytes(first))} "
+    assert totals == [f"teacher caches under {tmp_path}: 1 caches, {tc.size_text(tc.tree_bytes(first))} "
                       "(none unused for > 30 days)"], totals
     old = time.time() - 40 * 86400
     os.utime(first, (old, old))
@@ -868,8 +868,8 @@ def test_reuse_records_the_last_use_and_the_root_totals_are_logged(models, rows,
     with caplog.at_level(logging.INFO, logger=tc.__name__):
         second = tc.build_teacher_cache(teacher, rows[0], _cfg(5, tau=3.0), tmp_path, 3, model_path="tiny",
                                         max_length=64, pad_token_id=rows[1], dtype="float32")
-    size = tc._size(tc._tree_bytes(first))
-    total = tc._size(tc._tree_bytes(first) + tc._tree_bytes(second))
+    size = tc.size_text(tc.tree_bytes(first))
+    total = tc.size_text(tc.tree_bytes(first) + tc.tree_bytes(second))
     totals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher caches under")]
     assert totals == [f"teacher caches under {tmp_path}: 2 caches, {total} (1 unused for > 30 days: {size}; "
                       "remove them by hand)"], totals
@@ -889,4 +889,4 @@ def test_the_size_line_shows_small_caches_in_mib(models, rows, tmp_path, caplog)
         _build(teacher, rows, tmp_path, topk=5)
     line = next(r.getMessage() for r in caplog.records if "on disk" in r.getMessage())
     need = tc.cache_bytes(rows[0], teacher.config.vocab_size, 5)
-    assert "~0.00 GiB" not in line and f"~{tc._size(need)} on disk" in line, line
+    assert "~0.00 GiB" not in line and f"~{tc.size_text(need)} on disk" in line, line

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.engine.distributed import barrier, is_main_process
-from pipeline.io import atomic_write_text
+from pipeline.io import atomic_write_text, tree_bytes
 from pipeline.messages import first_line
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def _disk_full_note(root: Path, prev: Optional[Path], error: str) -> str:
         return ""
     try:
         free = shutil.disk_usage(root).free
-        need = sum(f.stat().st_size for f in prev.rglob("*") if f.is_file())
+        need = tree_bytes(prev)
     except OSError:
         return ""
     if free >= need:

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.engine.checkpoint import complete_checkpoints
-from pipeline.engine.preflight import ArchSpec, PreflightError, lora_param_count, method_footprint
+from pipeline.engine.preflight import ArchSpec, GiB, PreflightError, lora_param_count, method_footprint
+from pipeline.io import nearest_existing, size_text, tree_bytes
 
-GiB = 1024**3
 ZERO3_PER_TRAINED = 12  # fp32 weight / master + Adam's exp_avg and exp_avg_sq
 ADAM_MOMENTS = 8
 FP32_MASTER = 4
@@ -80,7 +80,7 @@ class DiskPlan:
     def describe(self) -> str:
         """One line: the peak and what makes it up."""
         during, _ = self.counts()
-        size = f"~{_gib(self.checkpoint)} (stage {self.zero_stage})"
+        size = f"~{size_text(self.checkpoint)} (stage {self.zero_stage})"
         if self.saves == 0:
             what = f"no checkpoint to write (one a preemption would write: {size})"
         elif self.keep <= 0:
@@ -88,13 +88,9 @@ class DiskPlan:
                     + " (trainer.keep_checkpoints=0)")
         else:
             what = f"checkpoints of {size}, {during} at once while one is written"
-        what += f", and model/ ~{_gib(self.export)}" if self.export else ""
-        total = f"~{_gib(self.peak)}" if self.peak is not None else "unknown until the step count is (every save kept)"
+        what += f", and model/ ~{size_text(self.export)}" if self.export else ""
+        total = f"~{size_text(self.peak)}" if self.peak is not None else "unknown until the step count is (every save kept)"
         return f"run directory on disk: {total}: {what}"
-
-
-def _gib(n: int) -> str:
-    return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / 1024**2:.1f} MiB"
 
 
 def saves_to_come(save_every: int, total: Optional[int], start: int = 0) -> Optional[int]:
@@ -117,12 +113,13 @@ def plan_disk(cfg: Any, arch: ArchSpec, zero_stage: int, precision: str, total: 
     lora = lora_param_count(arch, cfg.model)
     trained = lora or method_footprint(cfg, arch).trainable_params
     width = _dtype_bytes(precision)
+    optimizer = ADAM_MOMENTS + (FP32_MASTER if width == 2 else 0)  # stage 0, per trained weight
     if lora:  # the adapters alone: the frozen base is left out
-        ckpt = (ZERO3_PER_TRAINED if zero_stage == 3 else width + ADAM_MOMENTS + (FP32_MASTER if width == 2 else 0)) * lora
+        ckpt = (ZERO3_PER_TRAINED if zero_stage == 3 else width + optimizer) * lora
     elif zero_stage == 3:  # DeepSpeed saves the frozen weights' 16-bit partitions too (RMU's other layers)
         ckpt = ZERO3_PER_TRAINED * trained + width * (arch.n_params - trained)
     else:
-        ckpt = width * arch.n_params + (ADAM_MOMENTS + (FP32_MASTER if width == 2 else 0)) * trained
+        ckpt = width * arch.n_params + optimizer * trained
     export = 0
     if tr.export:
         merged = width  # a full model's weights as DeepSpeed trained them (16-bit casts whatever was loaded)
@@ -136,36 +133,22 @@ def plan_disk(cfg: Any, arch: ArchSpec, zero_stage: int, precision: str, total: 
                     int(tr.keep_checkpoints), existing)
 
 
-def _bytes_under(path: Path) -> int:
-    """Bytes of the files under ``path`` (0 when there is none)."""
-    total = 0
-    for p in path.rglob("*") if path.is_dir() else ():
-        try:
-            if p.is_file() and not p.is_symlink():
-                total += p.stat().st_size
-        except OSError:  # pruned meanwhile
-            pass
-    return total
-
-
 def check_disk(plan: DiskPlan, run_dir: Path) -> str:
     """Log line of ``plan`` for ``run_dir``; raises :class:`PreflightError` when its filesystem's free
     space is less than what the run still adds (the checkpoints already there count as written)."""
-    from pipeline.io import nearest_existing
-
     line = plan.describe()
     if plan.peak is None:
         return line
     # the complete checkpoints already there are part of the peak (a crashed save's .partial is not:
     # the next save removes it); an earlier model/ is not either (replaced once the new one is written)
-    need = plan.peak - sum(_bytes_under(p) for p in complete_checkpoints(run_dir / "checkpoints"))
+    need = plan.peak - sum(tree_bytes(p) for p in complete_checkpoints(run_dir / "checkpoints"))
     free = shutil.disk_usage(nearest_existing(run_dir)).free
     if need > free:
         raise PreflightError(
-            f"disk preflight: {line}; {run_dir}'s filesystem has {_gib(free)} free, ~{_gib(need - free)} short: "
+            f"disk preflight: {line}; {run_dir}'s filesystem has {size_text(free)} free, ~{size_text(need - free)} short: "
             f"a save would fail. Free space, lower trainer.keep_checkpoints (or raise trainer.save_every), set "
             f"output_dir on a larger filesystem, or trainer.preflight=false to run anyway")
-    return f"{line}; {_gib(free)} free"
+    return f"{line}; {size_text(free)} free"
 
 
 def run_disk_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[str], run_dir: Path,

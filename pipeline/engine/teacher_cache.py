@@ -90,7 +90,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline.engine.distributed import all_true
-from pipeline.io import current_umask
+from pipeline.io import current_umask, size_text, tree_bytes
 from pipeline.models.fingerprint import content_fingerprint, model_fingerprint
 from pipeline.progress import tracked
 
@@ -502,17 +502,6 @@ def _stale_reason(d: Path, owner: str, now: float) -> Optional[str]:
     return None
 
 
-def _size(n: int) -> str:
-    """``n`` bytes for a log line, in GiB, MiB or (a small cache) KiB."""
-    if n >= 2**30:
-        return f"{n / 2**30:.1f} GiB"
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
-
-
-def _tree_bytes(d: Path) -> int:
-    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
-
-
 def _remove_stale_temps(root: Path) -> None:
     """Rank 0: delete the temp dirs under ``root`` (of any key) that interrupted builds left (a
     requeued job would otherwise leak one per attempt until the disk check refuses); live builds'
@@ -529,7 +518,7 @@ def _remove_stale_temps(root: Path) -> None:
             reason = None if discarded else _stale_reason(d, owner, now)
             if reason is None and not discarded:
                 continue
-            size = _tree_bytes(d)
+            size = tree_bytes(d)
         except FileNotFoundError:  # another job's cleanup, or its build's rename, got there first
             continue
         shutil.rmtree(d, ignore_errors=True)
@@ -537,10 +526,10 @@ def _remove_stale_temps(root: Path) -> None:
             continue
         if discarded:
             log.info("teacher cache: removed %s, a discarded cache whose deletion was interrupted: %s freed", d,
-                     _size(size))
+                     size_text(size))
         else:
             log.info("teacher cache: removed %s, an interrupted build's temp dir (%s): %s freed", d, reason,
-                     _size(size))
+                     size_text(size))
 
 
 def _mark_used(final: Path) -> None:
@@ -563,16 +552,16 @@ def _log_root_usage(root: Path, now: Optional[float] = None) -> None:
         try:
             if d.is_symlink() or not KEY_RE.match(d.name) or not (d / INDEX).is_file():
                 continue
-            size, idle = _tree_bytes(d), now - d.stat().st_mtime
+            size, idle = tree_bytes(d), now - d.stat().st_mtime
         except FileNotFoundError:  # discarded meanwhile by another job
             continue
         n, total = n + 1, total + size
         if idle > UNUSED_AFTER_S:
             n_old, old = n_old + 1, old + size
     days = UNUSED_AFTER_S / 86400
-    unused = (f"{n_old} unused for > {days:.0f} days: {_size(old)}; remove them by hand" if n_old
+    unused = (f"{n_old} unused for > {days:.0f} days: {size_text(old)}; remove them by hand" if n_old
               else f"none unused for > {days:.0f} days")
-    log.info("teacher caches under %s: %d caches, %s (%s)", root, n, _size(total), unused)
+    log.info("teacher caches under %s: %d caches, %s (%s)", root, n, size_text(total), unused)
 
 
 class _Heartbeat:
@@ -618,12 +607,12 @@ def _check_size(forget_encoded: Sequence[dict], vocab: int, topk: int, root: Pat
     """Log the cache's size; the reason to refuse when the disk under ``root`` cannot hold it."""
     need = cache_bytes(forget_encoded, vocab, topk)
     free = shutil.disk_usage(root).free
-    log.info("teacher cache: %d rows, ~%s on disk (%s)", len(forget_encoded), _size(need),
+    log.info("teacher cache: %d rows, ~%s on disk (%s)", len(forget_encoded), size_text(need),
              f"top-{topk} of {vocab}" if topk and topk < vocab else f"all {vocab} log-probs per position")
     if not topk and need > 16 * 2**30:
         log.warning("teacher cache: full-vocabulary rows take ~%s here (and are read back every step); "
                     "method.cache_topk=100 (with kernels.kl=naive: the fused KL reads full rows) keeps ~%s",
-                    _size(need), _size(cache_bytes(forget_encoded, vocab, 100)))
+                    size_text(need), size_text(cache_bytes(forget_encoded, vocab, 100)))
     if need * 1.05 > free:
         return (f"teacher cache needs ~{need / 2**30:.1f} GiB but {root} has {free / 2**30:.1f} GiB free "
                 "(set cache_dir elsewhere, or method.cache_topk with kernels.kl=naive to keep fewer log-probs per "
@@ -729,7 +718,7 @@ def _publish(tmp: Path, final: Path, fields: dict, n_rows: int, vocab: Optional[
         return
     _mark_used(final)
     log.info("teacher cache: built %s (%d rows, topk=%s, %s)", final, n_rows, topk or "full",
-             _size(index["bytes"]))
+             size_text(index["bytes"]))
 
 
 def _discard(final: Path) -> bool:
