@@ -246,14 +246,10 @@ def _resume_meta(cfg: DictConfig, dist: Any, key: dict) -> dict:
     (another data.path with the same split names resumed silently) and the starting model's content:
     new weights at the same model.path resumed the old training silently. Content, not paths or mtimes:
     a model re-staged to scratch by a requeued job resumes."""
-    from pipeline.models.fingerprint import CODE_SUFFIX, content_fingerprint
+    from pipeline.models.fingerprint import content_fingerprint, split_code
 
-    fingerprint = content_fingerprint(key["model"])
-    # a remote-code model's *.py: a field of its own (compared only where a checkpoint has it), so that
-    # checkpoints written before the code was fingerprinted still resume
-    files = fingerprint.get("files") or []
-    code = [f for f in files if str(f.get("name", "")).endswith(CODE_SUFFIX)]
-    weights = {**fingerprint, "files": [f for f in files if f not in code]} if "files" in fingerprint else fingerprint
+    # a remote-code model's *.py: a field of its own (compared only where a checkpoint has it)
+    weights, code = split_code(content_fingerprint(key["model"]))
 
     def digest(obj: Any) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

@@ -98,6 +98,17 @@ def _file_entry(f: Path) -> dict:
     return e
 
 
+def split_code(fingerprint: dict) -> tuple[dict, list[dict]]:
+    """``fingerprint`` without a remote-code model's ``*.py`` entries, and those entries: the checkpoint
+    meta records the code apart (``model.code_sha256``), so checkpoints written before the code was
+    fingerprinted still match on the weights."""
+    files = fingerprint.get("files")
+    if not files:
+        return fingerprint, []
+    code = [f for f in files if str(f.get("name", "")).endswith(CODE_SUFFIX)]
+    return {**fingerprint, "files": [f for f in files if f not in code]}, code
+
+
 def content_fingerprint(fingerprint: dict) -> dict:
     """:func:`model_fingerprint` without its ``path``: the same for a byte-identical copy of the
     weights wherever it is. Its digest is the checkpoint meta's ``model.content_sha256`` (the meta
