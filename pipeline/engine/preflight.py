@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -598,24 +598,23 @@ class FixSetting:
 # the offload configs with what their YAML sets (zero3_offload_all checkpoints too), optimizer offload
 # also with checkpointing. Each is searched over SEARCH_COUNTS ranks (before, only the current config
 # was, and no two remedies were combined: a 70B on 8 x 80 GB was told nothing fits).
-_FUSED = " kernels.kl=fused"
-_OFFLOAD_OPT = "deepspeed=zero3_offload_optimizer"
-_CKPT = "deepspeed.activation_checkpointing=true"
+_BASE_FIXES = (
+    FixSetting(""),
+    FixSetting("deepspeed.activation_checkpointing=true", checkpointing=True),
+    FixSetting("deepspeed=zero3_offload_optimizer", "cpu", "none", 3),
+    FixSetting("deepspeed=zero3_offload_optimizer deepspeed.activation_checkpointing=true", "cpu", "none", 3, True),
+    FixSetting("deepspeed=zero3_offload_all", "cpu", "cpu", 3, True),
+)
+
+
+def _with_fused_kl(s: FixSetting) -> FixSetting:
+    return replace(s, override=f"{s.override} kernels.kl=fused".strip(), kl="fused")
+
+
 # The naive KL's B x T x V logits shrink neither with more ranks nor with offload; the fused KL streams
 # them (and is faster: docs/performance.md): each setting is tried as it is, then with the fused KL too
 # (before, never with another remedy: a run short of both was sent to offload or more GPUs).
-FIX_SETTINGS = (
-    FixSetting(""),
-    FixSetting(_FUSED.strip(), kl="fused"),
-    FixSetting(_CKPT, checkpointing=True),
-    FixSetting(_CKPT + _FUSED, checkpointing=True, kl="fused"),
-    FixSetting(_OFFLOAD_OPT, "cpu", "none", 3),
-    FixSetting(_OFFLOAD_OPT + _FUSED, "cpu", "none", 3, kl="fused"),
-    FixSetting(f"{_OFFLOAD_OPT} {_CKPT}", "cpu", "none", 3, True),
-    FixSetting(f"{_OFFLOAD_OPT} {_CKPT}{_FUSED}", "cpu", "none", 3, True, "fused"),
-    FixSetting("deepspeed=zero3_offload_all", "cpu", "cpu", 3, True),
-    FixSetting("deepspeed=zero3_offload_all" + _FUSED, "cpu", "cpu", 3, True, "fused"),
-)
+FIX_SETTINGS = tuple(v for s in _BASE_FIXES for v in (s, _with_fused_kl(s)))
 SEARCH_COUNTS = (2, 4, 8, 16, 32, 64)
 BATCH_TERMS = ("activations (student)", "distillation logits (naive)", "distillation logits (fused, chunked)")
 CPU_RANK_STATES = "model states on CPU ranks"
