@@ -526,6 +526,10 @@ def test_a_bf16_lora_runs_merged_model_keeps_adapter_changes_below_bf16_resoluti
     # the test has teeth: a bf16 merge would have kept fewer than half of the changes
     kept = ((w + delta).bfloat16().float() != w).float().mean()
     assert kept < 0.5, float(kept)
+    # the bf16 engine's logits were checked within its measured round-off, both reloads
+    check = json.loads((tmp_path / "run" / "export_check.json").read_text())
+    assert check["precision_noise"] > 0 and check["tolerance"] >= 3 * check["precision_noise"]
+    assert max(check["max_abs_logit_diff"], check["adapter_max_abs_logit_diff"]) <= check["tolerance"]
     # model.peft.merged_dtype=model: model/ in the training dtype (half the disk), the changes rounded
     lossy = OmegaConf.merge(cfg, {"peft": {"merged_dtype": "model"}})
     export_lora(_Engine(student), tok, tmp_path / "run2" / "model", tmp_path / "run2" / "adapter", base_dir,

@@ -14,7 +14,8 @@ Under ZeRO-3 only the adapter weights are gathered (``GatheredParameters``; coll
 calls). The merged model is built on rank 0 from the base on disk plus the adapter just written —
 the base is frozen, so it equals the weights trained against, and the reload path is exactly the one
 users take. Both are checked against the in-engine model's logits on a fixed probe
-(``export_check.json``), with the same relative bound as the full-model export: base + adapter
+(``export_check.json``), with the same bound as the full-model export (measured on the merged
+reload for a bf16 engine, and applied to both): base + adapter
 before merging, the merged directory reloaded from disk; neither directory replaces anything unless
 both pass.
 """
@@ -31,8 +32,8 @@ from pipeline.engine.export import (
     ExportError,
     _probe_logits,
     agree_on_rank0,
+    compute_dtype,
     export_rtol,
-    logit_bound,
     verify_export,
 )
 from pipeline.io import atomic_dir
@@ -102,33 +103,34 @@ def export_lora(engine: Any, tokenizer: Any, out_dir: str | Path, adapter_dir: s
             if tmp_adapter is not None:
                 # One load of base + adapter serves both outputs: its logits check the adapter reload, then
                 # the same model is merged in place and saved (a 7B load costs minutes on a shared filesystem).
-                rtol = export_rtol(peft_model)
+                rtol, engine_dtype = export_rtol(peft_model), compute_dtype(peft_model)
                 with torch.no_grad():
                     model = load_lora(base_path, tmp_adapter, merged_dtype, model_cfg)
                     if probe is not None:
                         got = model(input_ids=probe[0], attention_mask=torch.ones_like(probe[0])).logits.float()
-                        a_diff, tol = float((got - probe[1]).abs().max()), logit_bound(probe[1], rtol)
-                        if not a_diff <= tol:
-                            raise ExportError(f"the exported adapter for {adapter_dir} on its base does not reproduce the "
-                                              f"trained model (not written; a previous export there is kept): max |logit "
-                                              f"diff| {a_diff:.3g} > {tol:.3g}")
+                        a_diff = float((got - probe[1]).abs().max())
                     merged = model.merge_and_unload()
                 with atomic_dir(out_dir) as tmp:
                     merged.save_pretrained(tmp, safe_serialization=True)
                     save_tokenizer(tokenizer, tmp)
                     del merged, model
-                    check = (verify_export(tmp, probe[0], probe[1], rtol, out_dir, model_cfg.trust_remote_code)
-                             if probe is not None else None)
+                    if probe is not None:
+                        check = verify_export(tmp, probe[0], probe[1], rtol, out_dir, model_cfg.trust_remote_code,
+                                              engine_dtype)
+                        # judged against the merged reload's bound: its round-off is measured on float32
+                        # weights, and casting this model to measure it would change what is merged
+                        if not a_diff <= check.tolerance:
+                            raise ExportError(f"the exported adapter for {adapter_dir} on its base does not reproduce "
+                                              f"the trained model (not written; a previous export there is kept): max "
+                                              f"|logit diff| {a_diff:.3g} > {check.tolerance:.3g} ({check.bound_text()})")
     if is_main_process():
         log.info("exported LoRA adapter to %s and the merged model to %s (merged and saved in %s%s)", adapter_dir,
                  out_dir, merged_dtype, "" if dtype == merged_dtype else
                  f", not {dtype}: a {dtype} merge rounds away adapter changes below its resolution")
         if check is not None:
-            diff, tol = check
             atomic_write_json(out_dir.parent / "export_check.json",
-                              {"max_abs_logit_diff": diff, "adapter_max_abs_logit_diff": a_diff, "tolerance": tol,
-                               "relative_tolerance": rtol, "lora": True})
-            log.info("export verified: merged max |logit diff| %.3g, base+adapter %.3g (tolerance %g)", diff, a_diff,
-                     tol)
+                              {**check.record(), "adapter_max_abs_logit_diff": a_diff, "lora": True})
+            log.info("export verified: merged max |logit diff| %.3g, base+adapter %.3g (tolerance %.3g: %s)",
+                     check.max_abs_logit_diff, a_diff, check.tolerance, check.bound_text())
     barrier()
     return out_dir
