@@ -238,6 +238,7 @@ class EarlyChecks(Callback):
         _check(config)
         _check_launcher_settings(config)
         _dry_run_writes_nothing(config)
+        _refuse_a_run_directory_in_use(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global LAUNCHED_SWEEP
@@ -281,6 +282,29 @@ def _dry_run_writes_nothing(config: DictConfig) -> None:
         created.append(path)
         path = os.path.dirname(path)
     atexit.register(_remove_empty_dirs, created)
+
+
+def _refuse_a_run_directory_in_use(config: DictConfig) -> None:
+    """A training launch into a directory another launch is running in: refused here, before Hydra
+    writes ``.hydra/`` and opens the job log there (the job's own lock refused it only after Hydra had
+    replaced the running run's ``.hydra/config.yaml`` with the refused launch's). Rank 0 looks; the
+    launch's other ranks write no ``.hydra/`` (rank 0 writes the same files), so a refused launch of
+    several ranks leaves nothing there either, and they cannot mistake rank 0's lock for another's."""
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    from pipeline.engine.run_lock import RunDirInUseError, in_use
+    from pipeline.errors import exit_with
+
+    if OmegaConf.select(config, "hydra.job.name") != "train" or OmegaConf.select(config, "trainer.dry_run",
+                                                                                 default=False):
+        return
+    if os.environ.get("RANK", "0") != "0":
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.output_subdir = None
+        return
+    problem = in_use(str(config.hydra.run.dir))
+    if problem:
+        exit_with(RunDirInUseError(problem), problem)
 
 
 def _remove_empty_dirs(paths: Sequence[str]) -> None:

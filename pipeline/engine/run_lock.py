@@ -4,10 +4,12 @@ A second launch into a directory whose run is still going (the same command in a
 sweep re-submitted while its jobs run) resumed from the first one's checkpoints while they were being
 pruned, or trained alongside it, both saving the same steps and exporting into the same ``model/``.
 Rank 0 holds an exclusive ``flock`` on ``<run dir>/.run.lock`` for the job's life, taken before the job
-changes anything there (Hydra's own ``.hydra/`` and job-log lines come first: the sweep report skips a
-refused attempt's); the kernel drops it when the process ends, however it ends (a SIGKILL, a preempted
-node), so a requeued job is never refused by the attempt it replaces. A filesystem without locks (some
-Lustre mounts) runs unguarded, with a warning.
+changes anything there; the kernel drops it when the process ends, however it ends (a SIGKILL, a
+preempted node), so a requeued job is never refused by the attempt it replaces. A single launch looks
+first (:func:`in_use`, from a Hydra callback) before Hydra writes ``.hydra/`` and opens the job log
+there, so a refused one leaves the running run's record as it was; a sweep's jobs write theirs before
+they reach the lock (the sweep report skips a refused attempt's lines). A filesystem without locks
+(some Lustre mounts) runs unguarded, with a warning.
 """
 
 from __future__ import annotations
@@ -44,11 +46,9 @@ def _acquire(run_dir: Path) -> tuple[Optional[IO[str]], Optional[str]]:
         f = open(run_dir / LOCK_FILE, "a+")
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "holder unknown"
+        problem = _refusal(run_dir, f)
         f.close()
-        return None, (f"run directory {run_dir} is in use by another launch ({holder}): wait for it to end, or "
-                      f"use another run_name")
+        return None, problem
     except OSError as e:
         if f is not None:
             f.close()
@@ -63,6 +63,28 @@ def _acquire(run_dir: Path) -> tuple[Optional[IO[str]], Optional[str]]:
     except OSError:  # a full disk: held all the same, the holder unnamed
         pass
     return f, None
+
+
+def _refusal(run_dir: Path, lock: IO[str]) -> str:
+    lock.seek(0)
+    holder = lock.read().strip() or "holder unknown"
+    return f"run directory {run_dir} is in use by another launch ({holder}): wait for it to end, or use another run_name"
+
+
+def in_use(run_dir: str | Path) -> Optional[str]:
+    """Why a launch may not run in ``run_dir`` (another launch holds its lock), else None. Looks only:
+    creates nothing, and holds nothing after it returns (the job takes the lock in :func:`run_dir_lock`)."""
+    run_dir = Path(run_dir)
+    try:
+        with open(run_dir / LOCK_FILE) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _refusal(run_dir, f)
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:  # no lock file (a new run), or no locks on this filesystem: the job's lock decides
+        pass
+    return None
 
 
 @contextlib.contextmanager

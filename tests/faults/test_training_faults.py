@@ -137,12 +137,17 @@ def test_a_second_launch_into_a_running_runs_directory_is_refused(tiny):
         while "unlearn[asu_kl]:" not in log.read_text(errors="replace"):
             assert first.poll() is None and time.time() < deadline, log.read_text(errors="replace")[-2000:]
             time.sleep(0.1)
-        second = launch.run(args)
+        hydra_record = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+        second = launch.run(args + ["trainer.lr=5e-4"])
         assert second.returncode == 2, second.stderr[-2000:]
         lines = [ln for ln in second.stderr.splitlines() if ln.startswith("error (")]
         assert len(lines) == 1 and lines[0].startswith("error (RunDirInUseError, rank 0): run directory ") and \
             f"is in use by another launch (pid {first.pid} on " in lines[0], second.stderr[-2000:]
         assert "resumed from" not in second.stderr and "Traceback" not in second.stderr
+        # refused before Hydra wrote anything there: the running run's .hydra/ is its own, its log has no
+        # second attempt (Hydra replaced config.yaml and overrides.yaml with the refused launch's before)
+        assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == hydra_record
+        assert "RunDirInUseError" not in (run / "train.log").read_text()
         assert first.poll() is None  # the first goes on
     finally:
         first.kill()  # as a node that dies: the kernel releases the lock with the process
@@ -154,15 +159,20 @@ def test_a_second_launch_into_a_running_runs_directory_is_refused(tiny):
 
 def test_a_held_run_directory_refuses_before_its_checkpoints_are_read(tiny):
     """The lock comes before the resume point is looked up: a launch beside a running one read the
-    checkpoints that one was pruning and could stop on one it had just deleted, not on the lock."""
+    checkpoints that one was pruning and could stop on one it had just deleted, not on the lock. And
+    before Hydra writes anything there, on one rank or two."""
     from pipeline.engine.run_lock import run_dir_lock
 
     run = tiny[0] / "runs" / "held"
     with run_dir_lock(run):  # as another launch training there (a lock on another open file: refused)
         out = launch.run(_args(tiny, "held", 2, ["trainer.resume=" + str(run / "checkpoints" / "step_00000009")]))
+        # two ranks: rank 0 refuses; rank 1, which never looks, writes no .hydra/ and opens no job log
+        two = launch.run(_args(tiny, "held", 2, []), ranks=2)
     assert out.returncode == 2, out.stderr[-2000:]
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error (")]
     assert len(lines) == 1 and lines[0].startswith("error (RunDirInUseError, rank 0): "), out.stderr[-2000:]
+    assert two.returncode != 0 and "error (RunDirInUseError, rank 0): " in two.stderr, two.stderr[-2000:]
+    assert sorted(p.name for p in run.iterdir()) == [".run.lock"]  # no .hydra/, no job log
 
 
 def test_sigterm_preemption_checkpoints_exits_124_and_resumes(tiny):
