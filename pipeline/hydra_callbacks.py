@@ -288,8 +288,9 @@ def _refuse_a_run_directory_in_use(config: DictConfig) -> None:
     """A training launch into a directory another launch is running in: refused here, before Hydra
     writes ``.hydra/`` and opens the job log there (the job's own lock refused it only after Hydra had
     replaced the running run's ``.hydra/config.yaml`` with the refused launch's). Rank 0 looks; the
-    launch's other ranks write no ``.hydra/`` (rank 0 writes the same files), so a refused launch of
-    several ranks leaves nothing there either, and they cannot mistake rank 0's lock for another's."""
+    launch's other ranks write no ``.hydra/`` (rank 0 writes the same files) and open the job log at
+    their first line only, so a refused launch of several ranks leaves nothing there either, and they
+    cannot mistake rank 0's lock for another's."""
     from omegaconf import OmegaConf, open_dict, read_write
 
     from pipeline.engine.run_lock import RunDirInUseError, in_use
@@ -301,6 +302,10 @@ def _refuse_a_run_directory_in_use(config: DictConfig) -> None:
     if os.environ.get("RANK", "0") != "0":
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.output_subdir = None
+            # opened at its first line (these ranks log only warnings): a refused launch's create no job log
+            handlers = config.hydra.job_logging.get("handlers") or {}
+            if "file" in handlers:
+                handlers.file.delay = True
         return
     problem = in_use(str(config.hydra.run.dir))
     if problem:
