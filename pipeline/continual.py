@@ -448,11 +448,7 @@ def _finished(step_dir: Path, earlier: Optional[dict], record: dict, need_model:
 def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run the request sequence in ``run_dir``; returns the ``continual.json`` object (rank 0) or {}."""
     from pipeline.config import validate
-    from pipeline.engine.checkpoint import CheckpointError
-    from pipeline.engine.distributed import broadcast_object, init_distributed, is_main_process
-    from pipeline.eval.runner import eval_job
-    from pipeline.io import atomic_write_json, atomic_write_text
-    from pipeline.run import train_job
+    from pipeline.engine.distributed import init_distributed
 
     run_dir = Path(run_dir)
     requests = check_requests(cfg)
@@ -462,6 +458,22 @@ def continual_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.trainer.dry_run:  # before anything is prepared (synthetic build, GGUF conversion), loaded or written
         return dry_run_sequence(cfg, run_dir, requests, splits)
     init_distributed(cfg.deepspeed.timeout_minutes)
+    from pipeline.engine.run_lock import run_dir_lock
+
+    # one launch at a time runs the sequence: a second one re-evaluated the starting model into the
+    # same r0_initial/ (each request's train_job also holds its own directory)
+    with run_dir_lock(run_dir):
+        return _run_sequence(cfg, run_dir, requests, splits)
+
+
+def _run_sequence(cfg: DictConfig, run_dir: Path, requests: list[str], splits: list[str]) -> dict:
+    """:func:`continual_job` past its checks, holding the sequence's directory."""
+    from pipeline.engine.checkpoint import CheckpointError
+    from pipeline.engine.distributed import broadcast_object, is_main_process
+    from pipeline.eval.runner import eval_job
+    from pipeline.io import atomic_write_json, atomic_write_text
+    from pipeline.run import train_job
+
     base = base_model(cfg, run_dir, splits)
     init_model = base["model.path"]
     rows_read: dict = {}  # step_rows by data settings: each split set is read once per invocation

@@ -284,8 +284,11 @@ def _dry_run_writes_nothing(config: DictConfig) -> None:
     atexit.register(_remove_empty_dirs, created)
 
 
+LOCKED_JOBS = ("train", "continual")  # the launchers whose job holds its run directory (pipeline.engine.run_lock)
+
+
 def _refuse_a_run_directory_in_use(config: DictConfig) -> None:
-    """A training launch into a directory another launch is running in: refused here, before Hydra
+    """A training (or continual) launch into a directory another launch is running in: refused here, before Hydra
     writes ``.hydra/`` and opens the job log there (the job's own lock refused it only after Hydra had
     replaced the running run's ``.hydra/config.yaml`` with the refused launch's). Rank 0 looks; the
     launch's other ranks write no ``.hydra/`` (rank 0 writes the same files) and open the job log at
@@ -296,8 +299,8 @@ def _refuse_a_run_directory_in_use(config: DictConfig) -> None:
     from pipeline.engine.run_lock import RunDirInUseError, in_use
     from pipeline.errors import exit_with
 
-    if OmegaConf.select(config, "hydra.job.name") != "train" or OmegaConf.select(config, "trainer.dry_run",
-                                                                                 default=False):
+    if OmegaConf.select(config, "hydra.job.name") not in LOCKED_JOBS or OmegaConf.select(config, "trainer.dry_run",
+                                                                                        default=False):
         return
     if os.environ.get("RANK", "0") != "0":
         with read_write(config.hydra), open_dict(config.hydra):

@@ -179,6 +179,17 @@ def test_continual_two_requests_end_to_end(tmp_path):
     assert [s["reused"] for s in summary["rows"]] == [True, True, True]
     assert p.stdout.startswith("continual run: ") and p.stdout.count(" reused ") == 3, p.stdout
     assert time.time() - t0 < 150
+    # a second launch while one runs the sequence (its lock held here, as that launch holds it): refused
+    # before Hydra rewrites the sequence's .hydra/ (before: it re-evaluated the starting model into the
+    # same r0_initial/ and was refused only at request 1's own directory)
+    from pipeline.engine.run_lock import run_dir_lock
+
+    hydra_record = {f.name: f.read_bytes() for f in (root / ".hydra").iterdir()}
+    with run_dir_lock(root):
+        busy = run(args + ["trainer.lr=5e-4"], script="launchers/continual.py", timeout=120)
+    assert busy.returncode == 2 and "error (RunDirInUseError, rank 0): run directory " in busy.stderr, \
+        busy.stderr[-2000:]
+    assert {f.name: f.read_bytes() for f in (root / ".hydra").iterdir()} == hydra_record
     # a request name that is no split: one line before anything is written (before: the whole
     # benchmark was copied into the run directory, and the error named that copy)
     typo = [a for a in args if not a.startswith(("continual.requests=", "run_name="))] + [
