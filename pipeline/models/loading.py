@@ -14,6 +14,7 @@ import torch
 from pipeline.logging import SAME_ON_EVERY_RANK
 from pipeline.messages import first_line
 from pipeline.models.tempered_attention import enable_tempered_attention
+from pipeline.models.weight_report import load_report_muted, loaded_weights_problem
 
 log = logging.getLogger(__name__)
 
@@ -338,14 +339,18 @@ def load_causal_lm(
     check_weights_safe(path, allow_pickle)
     check_remote_code(path, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path),
-            dtype=DTYPES[dtype],
-            trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True,
-            revision=revision,
-            **({"device_map": {"": device}} if device not in (None, "cpu") else {}),
-        )
+        with load_report_muted():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path),
+                dtype=DTYPES[dtype],
+                trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle else True,
+                revision=revision,
+                # what was loaded is checked below: a shape mismatch refused in one line, not a traceback
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **({"device_map": {"": device}} if device not in (None, "cpu") else {}),
+            )
     except (OSError, ValueError, SafetensorError) as e:  # a broken directory; not Exception: bugs stay tracebacks
         msg = first_line(e)
         if not allow_pickle and "use_safetensors" in msg:
@@ -357,6 +362,9 @@ def load_causal_lm(
                    ("pickled weights (.bin) load only with model.allow_pickle=true (they can run code when loaded)"
                     if pickled else "and no other weight files in the hub cache either: a download cut short?"))
         raise ModelLoadError(f"model {path} cannot be loaded: {msg}") from e
+    problem = loaded_weights_problem(path, model, info)
+    if problem:
+        raise ModelLoadError(problem)
     enable_tempered_attention(model)
     return model
 

@@ -301,3 +301,54 @@ def test_cli_broken_model_directory_stops_with_one_line(tiny, tmp_path, what, me
     assert "Traceback" not in out.stderr
     if early:  # checked by the Hydra callback: no run directory
         assert not (tmp_path / "runs" / name).exists()
+
+
+def _resaved(src, dst, edit):
+    """A copy of the model at ``src`` whose weights file holds ``edit(state_dict)``."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    sd = load_file(dst / "model.safetensors")
+    save_file(edit(sd), dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_weights_missing_or_named_otherwise_are_refused_not_started_random(tiny, tmp_path):
+    """transformers fills a weight its files lack with a random one, reports it in a table that scrolls
+    past, and the run unlearned a random model with exit 0; a PEFT-wrapped state dict (every name
+    prefixed) did the same for every weight. Refused in one line naming them; tensors the architecture
+    does not use are only a warning."""
+    _, model_dir, _ = tiny
+    prefixed = _resaved(model_dir, tmp_path / "prefixed", lambda sd: {f"base_model.model.{k}": v for k, v in sd.items()})
+    with pytest.raises(ModelLoadError, match=rf"^model {prefixed}: \d+ weight\(s\) of LlamaForCausalLM are not in its "
+                                             r"files and would start random \(lm_head.weight, .*\); its files name them "
+                                             r"with the prefix 'base_model.model.' \(a wrapped model's state dict"):
+        load_causal_lm(prefixed)
+    lost = "model.layers.1.mlp.down_proj.weight"
+    cut = _resaved(model_dir, tmp_path / "cut", lambda sd: {k: v for k, v in sd.items() if k != lost})
+    with pytest.raises(ModelLoadError, match=rf"^model {cut}: 1 weight\(s\) of LlamaForCausalLM are not in its files "
+                                             rf"and would start random \({lost}\); a download or copy cut short"):
+        load_causal_lm(cut)
+    extra = _resaved(model_dir, tmp_path / "extra", lambda sd: {**sd, "model.layers.0.self_attn.rotary_emb.inv_freq":
+                                                                torch.ones(4)})
+    model = load_causal_lm(extra)  # loads, every weight from the files
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, load_causal_lm(model_dir).model.layers[1].mlp.down_proj.weight)
+
+
+def test_a_config_json_whose_shapes_differ_from_the_weights_is_one_line(tiny, tmp_path):
+    """A config.json from another model (here vocab_size edited, as after resizing the embeddings) was
+    transformers' RuntimeError traceback, exit 1. One line naming the first weight and both shapes, exit 2."""
+    _, model_dir, data_dir = tiny
+    d = tmp_path / "vocab"
+    shutil.copytree(model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 1}))
+    with pytest.raises(ModelLoadError, match=rf"^model {d}: 2 weight\(s\) in its files have other shapes than its "
+                                             rf"config.json gives LlamaForCausalLM \(lm_head.weight: \({cfg['vocab_size']}, "
+                                             rf"\d+\) in the files, \({cfg['vocab_size'] + 1}, \d+\) from config.json; "
+                                             r"also model.embed_tokens.weight\)"):
+        load_causal_lm(d)
+    out = launch.run(train_overrides(d, data_dir, tmp_path / "runs", "r", steps=1) + ["eval.enabled=false"])
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error (")]
+    assert out.returncode == 2 and len(lines) == 1 and "ModelLoadError" in lines[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "LOAD REPORT" not in out.stderr
