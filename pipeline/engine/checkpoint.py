@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -305,12 +306,50 @@ def check_resume(mode: str, root: str | Path, allow_pickle: bool) -> Optional[Pa
         return None
     if not (path / META).exists():
         raise CheckpointError(f"trainer.resume={mode}: {path} is not a complete checkpoint (no {META})", every_rank=True)
+    # a copy or a disk cut short: named here, before any model loads (DeepSpeed stopped on it with an
+    # AssertionError or a JSONDecodeError traceback after the engines were built)
+    try:
+        meta = read_meta(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"trainer.resume={mode}: {path / META} is not readable JSON ({first_line(e)}): a damaged "
+                              f"copy?{_earlier_hint(path)}", every_rank=True) from None
+    missing = missing_files(path, meta)
+    if missing:
+        raise CheckpointError(f"trainer.resume={mode}: checkpoint {path} lacks {len(missing)} file(s) its "
+                              f"{int(meta.get('world_size', 1))} rank(s) wrote ({', '.join(missing[:3])}"
+                              f"{', ...' if len(missing) > 3 else ''}): a copy or write cut short?{_earlier_hint(path)}",
+                              every_rank=True)
     if not allow_pickle and not path.resolve().is_relative_to(Path(root).resolve()):
         raise CheckpointError(
             f"trainer.resume={mode}: a checkpoint made outside this run; DeepSpeed loads its files as pickles "
             f"(torch.load with weights_only=False), which runs any code they hold. If you trust where it came "
             f"from, set model.allow_pickle=true", every_rank=True)
     return path
+
+
+def missing_files(ckpt: Path, meta: dict) -> list[str]:
+    """The files of checkpoint ``ckpt`` (saved as ``meta`` says: its ranks and ZeRO stage) that are not
+    there: DeepSpeed's model states (ZeRO-3: one per rank), its optimizer states per rank (ZeRO stages
+    1-3 and bf16 at stage 0, whose names may carry a ``bf16_`` prefix) and this pipeline's RNG states
+    per rank (a checkpoint saved before they were written has none at all)."""
+    names = {f.name for f in ckpt.iterdir()}
+    world, stage = int(meta.get("world_size", 1)), int(meta.get("zero_stage", META_DEFAULTS["zero_stage"]))
+    per_rank = range(world)
+    want = ([f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in per_rank] if stage == 3
+            else ["mp_rank_00_model_states.pt"])
+    missing = [n for n in want if n not in names]
+    if stage > 0 or any(n.endswith("_optim_states.pt") for n in names):
+        optim = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in per_rank]
+        missing += [n for n in optim if not any(have.endswith(n) for have in names)]
+    if any(n.startswith("rank_state_") for n in names):
+        missing += [_rank_file(r) for r in per_rank if _rank_file(r) not in names]
+    return missing
+
+
+def _earlier_hint(ckpt: Path) -> str:
+    earlier = [c for c in complete_checkpoints(ckpt.parent) if c.name < ckpt.name]
+    return (f" Resume from an earlier one (trainer.resume={earlier[-1]}) or start over (trainer.resume=never)" if earlier
+            else " Start over (trainer.resume=never)")
 
 
 # Prefix of meta fields that are recorded, not compared on resume (e.g. the kernels the steps ran with).
@@ -408,23 +447,31 @@ def load_rank_state(ckpt: str | Path) -> Optional[dict]:
         return None
     import torch
 
-    # weights_only: tensors and plain containers only (RNG states are uint8 tensors and int tuples)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        # weights_only: tensors and plain containers only (RNG states are uint8 tensors and int tuples)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except DAMAGED_FILE_ERRORS as e:
+        raise CheckpointError(_unreadable(Path(ckpt), e)) from e
+
+
+# what torch.load / DeepSpeed raise for a checkpoint file cut short or damaged (a pickle stream that
+# ends early: IndexError or EOFError; AssertionError: DeepSpeed's check of the files it expects)
+DAMAGED_FILE_ERRORS = (RuntimeError, OSError, EOFError, IndexError, ValueError, AssertionError, pickle.UnpicklingError)
+
+
+def _unreadable(ckpt: Path, e: BaseException) -> str:
+    return (f"checkpoint {ckpt} cannot be read ({type(e).__name__}: {first_line(e, 200)}): a write cut short or a "
+            f"damaged copy?{_earlier_hint(ckpt)}")
 
 
 def load_checkpoint(engine: Any, ckpt: str | Path, strict: bool = True) -> dict:
     """Load model/optimizer/scheduler state; returns the client state (step, RNG, ...). ``strict=False``
     for a checkpoint saved with ``exclude_frozen`` (the frozen weights stay as loaded from the model)."""
-    import pickle
-
     ckpt = Path(ckpt)
     try:
         path, state = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=strict)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:  # a file cut short or damaged
-        raise CheckpointError(
-            f"checkpoint {ckpt} cannot be read ({type(e).__name__}: {first_line(e, 200)}): a write cut short or a damaged copy? "
-            f"Resume from an earlier one (trainer.resume={ckpt.parent}/step_...) or start over "
-            f"(trainer.resume=never)") from e
+    except DAMAGED_FILE_ERRORS as e:
+        raise CheckpointError(_unreadable(ckpt, e)) from e
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt}")
     return state or {}

@@ -296,6 +296,9 @@ class UnlearningTrainer:
             rng = {"torch": client["torch_rng"]}
         if rng:
             set_rng_states(rng)
+        else:
+            log.warning("checkpoint %s holds no random-number states (rank_state_*.pt): the steps after it draw other "
+                        "random numbers (RNA noise, dropout) than a run that was not interrupted", path)
         self.resumed_from = path
         log.info("resumed from %s at step %d/%d", path, self.state.step, self.total_steps)
 

@@ -350,6 +350,22 @@ def test_another_runs_checkpoint_needs_allow_pickle_and_a_damaged_one_is_one_lin
     assert broken.returncode == 2 and "Traceback" not in broken.stderr, broken.stderr[-3000:]
     last = broken.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error (CheckpointError, rank 0): checkpoint {damaged} cannot be read"), last
+    # a file left out of a copy, a meta.json cut short: named before any model loads (before: DeepSpeed's
+    # AssertionError, a JSONDecodeError traceback); an RNG state cut short: one line (an OSError traceback)
+    for name, damage, says in (
+            ("lacking", lambda d: next(d.glob("*model_states.pt")).unlink(), "lacks 1 file(s) its 1 rank(s) wrote ("),
+            ("bad_meta", lambda d: (d / "meta.json").write_text('{"step": 1,'), "meta.json is not readable JSON"),
+            ("bad_rng", lambda d: (d / "rank_state_00000.pt").write_bytes(b"\x80"), "cannot be read")):
+        copy = tiny[0] / name / step.name
+        shutil.copytree(step, copy)
+        damage(copy)
+        out = subprocess.run(_cmd(_args(tiny, f"from_{name}", ["trainer.max_steps=10", f"trainer.resume={copy}",
+                                                               "model.allow_pickle=true"])),
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        last = out.stderr.strip().splitlines()[-1]
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert last.startswith("error (CheckpointError, rank 0): ") and says in last and str(copy) in last, last
+        assert name == "bad_rng" or "DeepSpeed student" not in out.stderr
 
 
 @pytest.mark.distributed
