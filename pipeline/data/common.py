@@ -396,7 +396,7 @@ def check_text_values(rows: Sequence[dict], columns: Sequence[str], dataset: str
             v = r.get(col)
             if not isinstance(v, str):
                 raise DataError(f"dataset {dataset!r}, split {split!r}, column {col!r}: row {i} must hold a "
-                                f"string, got {'null' if v is None else type(v).__name__}")
+                                f"string, got {'null (the key is missing or null there)' if v is None else type(v).__name__}")
             # an empty question or answer trains on (or scores) nothing but the prompt template
             if col != "text" and not v.strip():
                 raise DataError(f"dataset {dataset!r}, split {split!r}, column {col!r}: row {i} is empty")

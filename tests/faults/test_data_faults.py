@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,11 +112,11 @@ def test_non_utf8_file_names_file_and_byte(tmp_path):
 
 
 @pytest.mark.parametrize("split,column,value,expect", [
-    ("retain", "answer", None, "row 1 must hold a string, got null"),  # was a TypeError inside tokenisation
+    ("retain", "answer", None, "row 1 must hold a string, got null (the key is missing or null there)"),  # was a TypeError inside tokenisation
     ("forget", "question", 7, "row 1 must hold a string, got int"),
     ("forget", "question", " ", "row 1 is empty"),  # was accepted: trains on the prompt template alone
     ("retain", "answer", "", "row 1 is empty"),
-    ("ev", "answer", None, "row 1 must hold a string, got null"),  # evaluation splits too
+    ("ev", "answer", None, "row 1 must hold a string, got null (the key is missing or null there)"),  # evaluation splits too
 ])
 def test_text_cells_must_be_non_empty_strings(tmp_path, split, column, value, expect):
     rows = {"forget": [qa_row("alice", "paris"), qa_row("carol", "oslo")],
@@ -123,7 +124,7 @@ def test_text_cells_must_be_non_empty_strings(tmp_path, split, column, value, ex
     rows[split][1] = {**rows[split][1], column: value}
     for s, r in rows.items():
         write(tmp_path, s, r)
-    with pytest.raises(DataError, match=rf"split '{split}', column '{column}': {expect}"):
+    with pytest.raises(DataError, match=rf"split '{split}', column '{column}': {re.escape(expect)}"):
         load_unlearning_data(cfg(tmp_path, eval_splits=["ev"]))
 
 
