@@ -79,6 +79,18 @@ def expand_user(path: str | Path) -> str:
     return os.path.expanduser(str(path))
 
 
+# files only a training run's directory holds (pipeline.run): named when it is given as a model
+_RUN_MARKERS = ("train_history.json", "checkpoints", "results.json")
+
+
+def _run_directory_hint(p: Path, key: str) -> str:
+    if (p / "model" / "config.json").is_file():
+        return f"; a run directory: its exported model is {p / 'model'} ({key}={p / 'model'})"
+    if any((p / m).exists() for m in _RUN_MARKERS):
+        return "; a run directory without its exported model/ (stopped before the export? run it again to export)"
+    return ""
+
+
 def check_model_location(path: str, key: str = "model.path", revision: Optional[str] = None,
                          needs: tuple[str, ...] = MODEL_FILES) -> None:
     """Stop, in one line, on a model path that cannot load, before anything is loaded or written: a
@@ -99,7 +111,8 @@ def check_model_location(path: str, key: str = "model.path", revision: Optional[
             raise ModelLoadError(f"{key}={path} has no {' or '.join(needs)}: not a Hugging Face "
                                  f"{'model' if needs == MODEL_FILES else 'tokenizer'} directory"
                                  + ("" if needs == MODEL_FILES or key == "model.tokenizer_path" else
-                                    f" (the tokenizer is read from {key} while model.tokenizer_path is not set)"))
+                                    f" (the tokenizer is read from {key} while model.tokenizer_path is not set)")
+                                 + _run_directory_hint(p, key))
         for name in ("config.json", "tokenizer_config.json"):
             if name in needs and (p / name).is_file():
                 _read_json(p / name, f"{key}={path}")

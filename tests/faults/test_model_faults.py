@@ -141,8 +141,19 @@ def test_a_model_path_that_cannot_load_is_named_before_loading(tmp_path, monkeyp
     (tmp_path / "m.gguf").write_text("")
     with pytest.raises(ModelLoadError, match="is a file, not a model directory .*model.source=gguf_package"):
         check_model_location(str(tmp_path / "m.gguf"))
-    with pytest.raises(ModelLoadError, match="has no config.json: not a Hugging Face model directory"):
+    with pytest.raises(ModelLoadError, match="has no config.json: not a Hugging Face model directory$"):
         check_model_location(str(tmp_path))
+    # a training run's directory given as the model: its export, or that it has none yet
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ModelLoadError, match=r"not a Hugging Face model directory; a run directory without its "
+                                             r"exported model/ \(stopped before the export\?"):
+        check_model_location(str(run))
+    (run / "model").mkdir()
+    (run / "model" / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=rf"; a run directory: its exported model is {run / 'model'} "
+                                             rf"\(model.path={run / 'model'}\)$"):
+        check_model_location(str(run))
     (tmp_path / "tokenizer.json").write_text("{}")
     check_model_location(str(tmp_path), "model.tokenizer_path", needs=TOKENIZER_FILES)  # a tokenizer dir
     (tmp_path / "config.json").write_text("{}")
