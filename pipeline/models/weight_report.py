@@ -16,6 +16,8 @@ import logging
 from collections.abc import Iterator
 from typing import Any, Optional
 
+from pipeline.logging import SAME_ON_EVERY_RANK
+
 log = logging.getLogger(__name__)
 
 _REPORT_LOGGER = "transformers.modeling_utils"  # where transformers logs its load report
@@ -73,5 +75,5 @@ def loaded_weights_problem(path: Any, model: Any, info: dict) -> Optional[str]:
                 f"({_names(missing)}){_renamed(missing, unexpected)}")
     if unexpected:
         log.warning("model %s: %d tensor(s) in its files are not used by %s and were left out (%s)", path,
-                    len(unexpected), arch, _names(unexpected))
+                    len(unexpected), arch, _names(unexpected), extra=SAME_ON_EVERY_RANK)
     return None
