@@ -288,12 +288,12 @@ LOCKED_JOBS = ("train", "continual")  # the launchers whose job holds its run di
 
 
 def _refuse_a_run_directory_in_use(config: DictConfig) -> None:
-    """A training (or continual) launch into a directory another launch is running in: refused here, before Hydra
-    writes ``.hydra/`` and opens the job log there (the job's own lock refused it only after Hydra had
-    replaced the running run's ``.hydra/config.yaml`` with the refused launch's). Rank 0 looks; the
-    launch's other ranks write no ``.hydra/`` (rank 0 writes the same files) and open the job log at
-    their first line only, so a refused launch of several ranks leaves nothing there either, and they
-    cannot mistake rank 0's lock for another's."""
+    """A training (or continual) launch into a directory another launch is running in: refused here,
+    on every rank, before Hydra writes ``.hydra/`` and opens the job log there (the job's own lock
+    refused it only after Hydra had replaced the running run's ``.hydra/config.yaml`` with the refused
+    launch's). Every rank looks: none of this launch's holds the lock yet (rank 0 takes it after every
+    rank has joined the process group, past this point). The launch's other ranks write no ``.hydra/``
+    (rank 0 writes the same files) and open the job log at their first line only."""
     from omegaconf import OmegaConf, open_dict, read_write
 
     from pipeline.engine.run_lock import RunDirInUseError, in_use
@@ -302,17 +302,16 @@ def _refuse_a_run_directory_in_use(config: DictConfig) -> None:
     if OmegaConf.select(config, "hydra.job.name") not in LOCKED_JOBS or OmegaConf.select(config, "trainer.dry_run",
                                                                                         default=False):
         return
+    problem = in_use(str(config.hydra.run.dir))
+    if problem:
+        exit_with(RunDirInUseError(problem, every_rank=True), problem)
     if os.environ.get("RANK", "0") != "0":
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.output_subdir = None
-            # opened at its first line (these ranks log only warnings): a refused launch's create no job log
+            # opened at its first line (these ranks log only warnings): nothing of theirs in a directory unused
             handlers = config.hydra.job_logging.get("handlers") or {}
             if "file" in handlers:
                 handlers.file.delay = True
-        return
-    problem = in_use(str(config.hydra.run.dir))
-    if problem:
-        exit_with(RunDirInUseError(problem), problem)
 
 
 def _remove_empty_dirs(paths: Sequence[str]) -> None:

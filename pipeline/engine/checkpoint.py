@@ -306,6 +306,11 @@ def check_resume(mode: str, root: str | Path, allow_pickle: bool) -> Optional[Pa
         return None
     if not (path / META).exists():
         raise CheckpointError(f"trainer.resume={mode}: {path} is not a complete checkpoint (no {META})", every_rank=True)
+    if not allow_pickle and not path.resolve().is_relative_to(Path(root).resolve()):
+        raise CheckpointError(
+            f"trainer.resume={mode}: a checkpoint made outside this run; DeepSpeed loads its files as pickles "
+            f"(torch.load with weights_only=False), which runs any code they hold. If you trust where it came "
+            f"from, set model.allow_pickle=true", every_rank=True)
     # a copy or a disk cut short: named here, before any model loads (DeepSpeed stopped on it with an
     # AssertionError or a JSONDecodeError traceback after the engines were built)
     try:
@@ -313,17 +318,15 @@ def check_resume(mode: str, root: str | Path, allow_pickle: bool) -> Optional[Pa
     except (OSError, ValueError) as e:
         raise CheckpointError(f"trainer.resume={mode}: {path / META} is not readable JSON ({first_line(e)}): a damaged "
                               f"copy?{_earlier_hint(path)}", every_rank=True) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"trainer.resume={mode}: {path / META} holds a JSON {type(meta).__name__}, not an "
+                              f"object: a damaged copy?{_earlier_hint(path)}", every_rank=True)
     missing = missing_files(path, meta)
     if missing:
         raise CheckpointError(f"trainer.resume={mode}: checkpoint {path} lacks {len(missing)} file(s) its "
                               f"{int(meta.get('world_size', 1))} rank(s) wrote ({', '.join(missing[:3])}"
                               f"{', ...' if len(missing) > 3 else ''}): a copy or write cut short?{_earlier_hint(path)}",
                               every_rank=True)
-    if not allow_pickle and not path.resolve().is_relative_to(Path(root).resolve()):
-        raise CheckpointError(
-            f"trainer.resume={mode}: a checkpoint made outside this run; DeepSpeed loads its files as pickles "
-            f"(torch.load with weights_only=False), which runs any code they hold. If you trust where it came "
-            f"from, set model.allow_pickle=true", every_rank=True)
     return path
 
 
@@ -347,7 +350,7 @@ def missing_files(ckpt: Path, meta: dict) -> list[str]:
 
 
 def _earlier_hint(ckpt: Path) -> str:
-    earlier = [c for c in complete_checkpoints(ckpt.parent) if c.name < ckpt.name]
+    earlier = [c for c in complete_checkpoints(ckpt.parent) if c.name < checkpoint_name(ckpt)]
     return (f" Resume from an earlier one (trainer.resume={earlier[-1]}) or start over (trainer.resume=never)" if earlier
             else " Start over (trainer.resume=never)")
 
@@ -460,8 +463,8 @@ DAMAGED_FILE_ERRORS = (RuntimeError, OSError, EOFError, IndexError, ValueError, 
 
 
 def _unreadable(ckpt: Path, e: BaseException) -> str:
-    return (f"checkpoint {ckpt} cannot be read ({type(e).__name__}: {first_line(e, 200)}): a write cut short or a "
-            f"damaged copy?{_earlier_hint(ckpt)}")
+    return (f"checkpoint {ckpt} cannot be read ({type(e).__name__}: {first_line(e, 200)}): a write cut short, a "
+            f"damaged copy, or not a checkpoint of this configuration?{_earlier_hint(ckpt)}")
 
 
 def load_checkpoint(engine: Any, ckpt: str | Path, strict: bool = True) -> dict:

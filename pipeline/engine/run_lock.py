@@ -44,7 +44,7 @@ def _acquire(run_dir: Path) -> tuple[Optional[IO[str]], Optional[str]]:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         f = open(run_dir / LOCK_FILE, "a+")
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_exclusive(f)
     except BlockingIOError:
         problem = _refusal(run_dir, f)
         f.close()
@@ -63,6 +63,19 @@ def _acquire(run_dir: Path) -> tuple[Optional[IO[str]], Optional[str]]:
     except OSError:  # a full disk: held all the same, the holder unnamed
         pass
     return f, None
+
+
+def _lock_exclusive(f: IO[str], tries: int = 5, wait_s: float = 0.1) -> None:
+    """``flock(LOCK_EX | LOCK_NB)`` a few times over half a second: another launch's look (:func:`in_use`)
+    holds the lock shared for an instant, and is no reason to refuse. Raises BlockingIOError when held."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(wait_s)
 
 
 def _refusal(run_dir: Path, lock: IO[str]) -> str:

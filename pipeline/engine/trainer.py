@@ -25,6 +25,7 @@ from pipeline.engine.distributed import (
     mean_over_ranks,
     world_size,
 )
+from pipeline.logging import SAME_ON_EVERY_RANK
 from pipeline.methods.base import UnlearningMethod
 from pipeline.methods.loss_math import StepTokens
 from pipeline.models.peft_student import is_peft_model
@@ -298,7 +299,8 @@ class UnlearningTrainer:
             set_rng_states(rng)
         else:
             log.warning("checkpoint %s holds no random-number states (rank_state_*.pt): the steps after it draw other "
-                        "random numbers (RNA noise, dropout) than a run that was not interrupted", path)
+                        "random numbers (RNA noise, dropout) than a run that was not interrupted", path,
+                        extra=SAME_ON_EVERY_RANK)
         self.resumed_from = path
         log.info("resumed from %s at step %d/%d", path, self.state.step, self.total_steps)
 

@@ -14,7 +14,7 @@ import torch
 from pipeline.logging import SAME_ON_EVERY_RANK
 from pipeline.messages import first_line
 from pipeline.models.tempered_attention import enable_tempered_attention
-from pipeline.models.weight_report import load_report_muted, loaded_weights_problem
+from pipeline.models.weight_report import load_report_muted, loaded_weights_problem, size_mismatch_problem
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +364,12 @@ def load_causal_lm(
                 ignore_mismatched_sizes=True,
                 **({"device_map": {"": device}} if device not in (None, "cpu") else {}),
             )
+    except RuntimeError as e:
+        # ZeRO-3 loads on rank 0 alone: its shape mismatch is rank 0's; every rank learns it below
+        problem = size_mismatch_problem(path, e)
+        if problem is None:
+            raise
+        model = info = None
     except (OSError, ValueError, SafetensorError) as e:  # a broken directory; not Exception: bugs stay tracebacks
         msg = first_line(e)
         if not allow_pickle and "use_safetensors" in msg:
@@ -375,11 +381,26 @@ def load_causal_lm(
                    ("pickled weights (.bin) load only with model.allow_pickle=true (they can run code when loaded)"
                     if pickled else "and no other weight files in the hub cache either: a download cut short?"))
         raise ModelLoadError(f"model {path} cannot be loaded: {msg}") from e
-    problem = loaded_weights_problem(path, model, info)
+    else:
+        problem = loaded_weights_problem(path, model, info)
+    problem = _rank0_under_zero3(problem)
     if problem:
         raise ModelLoadError(problem)
     enable_tempered_attention(model)
     return model
+
+
+def _rank0_under_zero3(problem: Optional[str]) -> Optional[str]:
+    """Under ZeRO-3 (a collective load, every rank here) rank 0's verdict for every rank: transformers
+    loads the weights on rank 0 alone, and only there reports a shape mismatch; otherwise ``problem``."""
+    import torch.distributed as dist
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not (is_deepspeed_zero3_enabled() and dist.is_available() and dist.is_initialized()):
+        return problem
+    verdict = [problem]
+    dist.broadcast_object_list(verdict, src=0)
+    return verdict[0]
 
 
 def check_vocab(model: Any, tokenizer: Any, where: str) -> None:

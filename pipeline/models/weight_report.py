@@ -5,8 +5,11 @@ transformers fills a weight its files lack (or name differently: a PEFT-wrapped 
 past, and the run goes on: unlearning a random model, with numbers as if nothing were wrong. A
 config.json whose shapes differ from the files' (``vocab_size`` after the embeddings were resized)
 stopped with a RuntimeError traceback. Both are refused here in one line, naming the first weights;
-tensors in the files that the architecture does not use are only a warning (older Llama checkpoints
-carry ``rotary_emb.inv_freq`` buffers).
+tensors in the files that the architecture does not use are only a warning (transformers itself
+drops the ones it knows to be harmless, such as older Llama checkpoints' ``rotary_emb.inv_freq``).
+Under ZeRO-3 transformers loads on rank 0 alone and reports neither shapes nor unused tensors: a
+shape mismatch is its ``RuntimeError`` on rank 0 (:func:`size_mismatch_problem`), and the tensors the
+files hold are read from their headers for the hint.
 """
 
 from __future__ import annotations
@@ -71,9 +74,37 @@ def loaded_weights_problem(path: Any, model: Any, info: dict) -> Optional[str]:
                 f"from another model, or edited (vocab_size after the embeddings were resized)?")
     missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
     if missing:
+        if not unexpected:  # ZeRO-3's loading reports none: the files' own names tell
+            unexpected = sorted(set(file_tensor_names(path)) - set(model.state_dict(keep_vars=True)))
         return (f"model {path}: {len(missing)} weight(s) of {arch} are not in its files and would start random "
                 f"({_names(missing)}){_renamed(missing, unexpected)}")
     if unexpected:
         log.warning("model %s: %d tensor(s) in its files are not used by %s and were left out (%s)", path,
                     len(unexpected), arch, _names(unexpected), extra=SAME_ON_EVERY_RANK)
     return None
+
+
+def size_mismatch_problem(path: Any, error: RuntimeError) -> Optional[str]:
+    """The one line for transformers' "Error(s) in loading state_dict ... size mismatch for <name>"
+    (ZeRO-3's loading, which ignores ``ignore_mismatched_sizes``), else None."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip().startswith("size mismatch for ")]
+    if not lines:
+        return None
+    return (f"model {path}: {len(lines)} weight(s) in its files have other shapes than its config.json gives them "
+            f"({lines[0].removesuffix('.')}): a config.json from another model, or edited (vocab_size after the "
+            f"embeddings were resized)?")
+
+
+def file_tensor_names(path: Any) -> list[str]:
+    """The tensor names in a local model directory's safetensors headers (none for a hub id)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    names: list[str] = []
+    p = Path(str(path))
+    if p.is_dir():
+        for f in sorted(p.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                names.extend(st.keys())
+    return names

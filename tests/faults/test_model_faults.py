@@ -324,7 +324,7 @@ def _resaved(src, dst, edit):
     return dst
 
 
-def test_weights_missing_or_named_otherwise_are_refused_not_started_random(tiny, tmp_path):
+def test_weights_missing_or_named_otherwise_are_refused_not_started_random(tiny, tmp_path, caplog):
     """transformers fills a weight its files lack with a random one, reports it in a table that scrolls
     past, and the run unlearned a random model with exit 0; a PEFT-wrapped state dict (every name
     prefixed) did the same for every weight. Refused in one line naming them; tensors the architecture
@@ -340,9 +340,11 @@ def test_weights_missing_or_named_otherwise_are_refused_not_started_random(tiny,
     with pytest.raises(ModelLoadError, match=rf"^model {cut}: 1 weight\(s\) of LlamaForCausalLM are not in its files "
                                              rf"and would start random \({lost}\); a download or copy cut short"):
         load_causal_lm(cut)
-    extra = _resaved(model_dir, tmp_path / "extra", lambda sd: {**sd, "model.layers.0.self_attn.rotary_emb.inv_freq":
-                                                                torch.ones(4)})
-    model = load_causal_lm(extra)  # loads, every weight from the files
+    extra = _resaved(model_dir, tmp_path / "extra", lambda sd: {**sd, "extra.foo": torch.ones(4)})
+    with caplog.at_level("WARNING", logger="pipeline.models.weight_report"):
+        model = load_causal_lm(extra)  # loads, every weight from the files, and says what it left out
+    assert f"model {extra}: 1 tensor(s) in its files are not used by LlamaForCausalLM and were left out (extra.foo)" \
+        in caplog.text
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight, load_causal_lm(model_dir).model.layers[1].mlp.down_proj.weight)
 
 
@@ -359,7 +361,28 @@ def test_a_config_json_whose_shapes_differ_from_the_weights_is_one_line(tiny, tm
                                              rf"\d+\) in the files, \({cfg['vocab_size'] + 1}, \d+\) from config.json; "
                                              r"also model.embed_tokens.weight\)"):
         load_causal_lm(d)
-    out = launch.run(train_overrides(d, data_dir, tmp_path / "runs", "r", steps=1) + ["eval.enabled=false"])
+    # a run, and one under ZeRO-3 (transformers loads on rank 0 alone there, and reports the mismatch
+    # only as its RuntimeError: before, a traceback on rank 0 while any other rank went on)
+    for stage in ("auto", "3"):
+        out = launch.run(train_overrides(d, data_dir, tmp_path / "runs", f"r{stage}", steps=1) +
+                         ["eval.enabled=false", f"deepspeed.zero_stage={stage}"])
+        lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error (")]
+        assert out.returncode == 2 and len(lines) == 1 and "ModelLoadError" in lines[0], out.stderr[-2000:]
+        # (ZeRO-3: transformers' own line for the first, with both shapes)
+        assert "other shapes than its config.json gives" in lines[0] and ".weight" in lines[0], lines[0]
+        assert str(cfg["vocab_size"]) in lines[0] and str(cfg["vocab_size"] + 1) in lines[0], lines[0]
+        assert "Traceback" not in out.stderr and "LOAD REPORT" not in out.stderr
+
+
+@pytest.mark.distributed
+def test_a_prefixed_state_dict_is_named_under_zero3_too(tiny, tmp_path):
+    """ZeRO-3's loading reports no unused tensors: the hint reads the names from the files' headers."""
+    _, model_dir, data_dir = tiny
+    prefixed = _resaved(model_dir, tmp_path / "prefixed", lambda sd: {f"base_model.model.{k}": v for k, v in sd.items()})
+    out = launch.run(train_overrides(prefixed, data_dir, tmp_path / "runs", "r", steps=1) +
+                     ["eval.enabled=false", "deepspeed.zero_stage=3"], ranks=2)
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error (")]
-    assert out.returncode == 2 and len(lines) == 1 and "ModelLoadError" in lines[0], out.stderr[-2000:]
-    assert "Traceback" not in out.stderr and "LOAD REPORT" not in out.stderr
+    assert out.returncode != 0 and lines and lines[0].startswith("error (ModelLoadError, rank 0): "), out.stderr[-2000:]
+    assert "would start random" in lines[0] and "its files name them with the prefix 'base_model.model.'" in lines[0]
+    # no rank's traceback (torchrun's own summary of the failed launch has one of its own process)
+    assert "]: Traceback" not in out.stderr
