@@ -49,7 +49,7 @@ def _names(keys: list[str]) -> str:
 
 def _renamed(missing: list[str], unexpected: list[str]) -> str:
     """Why the files' tensors did not match the missing weights, as far as their names tell."""
-    for u in unexpected:
+    for u in unexpected[:64]:  # a prefix shows in any of them; not every pair of a large model's thousands
         for m in missing:
             if u != m and u.endswith(m):
                 return (f"; its files name them with the prefix {u[:-len(m)]!r} (a wrapped model's state dict, e.g. "
