@@ -12,7 +12,7 @@ from pipeline.config import register_configs
 from pipeline.engine.disk_plan import DiskPlan, check_disk, plan_disk, saves_to_come
 from pipeline.engine.preflight import PreflightError, resolve_arch
 from tests.helpers import launch
-from tests.helpers.tiny import build, train_overrides
+from tests.helpers.tiny import build, build_wider, train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,16 +25,9 @@ def _bytes(path: Path) -> int:
 def wider(tmp_path_factory):
     """The tiny fixture's tokenizer and data with a 2.6 M-parameter model: weights, not a checkpoint's
     fixed few KB of names and RNG states, make up its files."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("disk")
     model_dir, data_dir = build(root / "tiny")
-    cfg = LlamaConfig.from_pretrained(model_dir)
-    cfg.update({"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
-                "num_key_value_heads": 4, "head_dim": 64})
-    LlamaForCausalLM(cfg).save_pretrained(root / "model", safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(root / "model")
-    return root, root / "model", data_dir
+    return root, build_wider(model_dir, root / "model"), data_dir
 
 
 @pytest.mark.parametrize("stage,precision,method", [(0, "bf16", "grad_diff"), (3, "fp32", "grad_diff"),

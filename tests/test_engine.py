@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.helpers.launch import ROOT, env, free_port, run
-from tests.helpers.tiny import build, train_overrides
+from tests.helpers.tiny import build, build_wider, train_overrides, wider_config
 
 
 def launch(args, ranks=1, timeout=300, interpret=None):
@@ -297,14 +297,12 @@ def test_a_bf16_engines_export_is_bounded_by_bf16s_round_off_measured_on_the_exp
     refused). The check runs the export's own weights through the probe in bf16 too, and allows 3x that
     round-off; a conversion that swaps two layers' MLPs is still refused, a float32 engine keeps the
     relative bound alone."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from pipeline.engine.export import PRECISION_NOISE_FACTOR, ExportError, verify_export
 
     model_dir, _ = build(tmp_path)
-    cfg = LlamaConfig.from_pretrained(model_dir)
-    cfg.update({"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
-                "num_key_value_heads": 4, "head_dim": 64})
+    cfg = wider_config(model_dir)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1234))
@@ -340,15 +338,8 @@ def test_a_bf16_run_at_a_high_learning_rate_exports(tmp_path):
     """The run that failed its export before: bf16 on CPU, 3 GradDiff steps at lr 1e-3 on a 2.6 M random
     Llama (max |logit diff| 0.83 against a bound of 0.71); the check now also allows 3x bf16's round-off
     measured on the export, and says so."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     model_dir, data_dir = build(tmp_path / "tiny")
-    cfg = LlamaConfig.from_pretrained(model_dir)
-    cfg.update({"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
-                "num_key_value_heads": 4, "head_dim": 64})
-    torch.manual_seed(5)  # on this host: max |logit diff| 0.80 against the old bound's 0.57
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model", safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp_path / "model")
+    build_wider(model_dir, tmp_path / "model", seed=5)  # on this host: max |logit diff| 0.80 against the old bound's 0.57
     out = launch(train_overrides(tmp_path / "model", data_dir, tmp_path / "runs", "bf16", steps=3) + [
         "method=grad_diff", "eval.enabled=false", "trainer.lr=1e-3", "deepspeed.precision=bf16"])
     assert out.returncode == 0, out.stderr[-2000:]

@@ -81,6 +81,33 @@ def build(root: Path, layers: int = 2, hidden: int = 32, seed: int = 0, extra_te
     return model_dir, data_dir
 
 
+# A 2.6 M-parameter Llama on the tiny tokenizer: weights, not a checkpoint's fixed few KB of names and RNG
+# states, make up its files, and bf16's round-off shows in its logits (the export check's tests).
+WIDER_LLAMA = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 4, "head_dim": 64}
+
+
+def wider_config(model_dir: Path):
+    """``model_dir``'s Llama config (its vocabulary) at :data:`WIDER_LLAMA`'s size."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig.from_pretrained(model_dir)
+    cfg.update(WIDER_LLAMA)
+    return cfg
+
+
+def build_wider(model_dir: Path, out: Path, seed=None) -> Path:
+    """A random :data:`WIDER_LLAMA` model with ``model_dir``'s tokenizer, saved at ``out`` (``seed``: its init)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    LlamaForCausalLM(wider_config(model_dir)).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
 def train_overrides(model_dir: Path, data_dir: Path, out: Path, run_name: str, steps: int = 3) -> list[str]:
     return [
         "model.source=pretrained", f"model.path={model_dir}", "data.name=json", f"data.path={data_dir}",
