@@ -28,16 +28,8 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.index.json", "config.jso
 # a remote-code model's own modeling / configuration code (its config.json has an auto_map) computes its
 # outputs as much as its weights do: an edited modeling_*.py at the same path must not match the old
 # cache entries. Other directories' *.py (a conversion script) are no part of the model.
-CODE_PATTERNS = ("*.py",)
 CODE_SUFFIX = ".py"
-
-
-def _has_remote_code(directory: Path) -> bool:
-    """Whether ``directory``'s config.json maps classes to its own code (``auto_map``)."""
-    try:
-        return "auto_map" in json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
+CODE_PATTERNS = ("*" + CODE_SUFFIX,)
 SLICE = 64  # bytes hashed at the start, middle and end of each safetensors tensor (all of a smaller one)
 BLOCKS, BLOCK = 64, 4096  # evenly spaced blocks hashed in a pickled weight file (all of a smaller one)
 
@@ -96,6 +88,14 @@ def _file_entry(f: Path) -> dict:
         spans = _tensor_spans(header, size)
     e["sample_sha256"] = _hash_spans(f, spans if spans is not None else _spans(0, size, BLOCKS, BLOCK))
     return e
+
+
+def _has_remote_code(directory: Path) -> bool:
+    """Whether ``directory``'s config.json maps classes to its own code (``auto_map``)."""
+    try:
+        return "auto_map" in json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def split_code(fingerprint: dict) -> tuple[dict, list[dict]]:

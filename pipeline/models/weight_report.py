@@ -68,10 +68,9 @@ def loaded_weights_problem(path: Any, model: Any, info: dict) -> Optional[str]:
     mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
     if mismatched:
         name, in_files, in_config = mismatched[0]
-        return (f"model {path}: {len(mismatched)} weight(s) in its files have other shapes than its config.json gives "
-                f"{arch} ({name}: {tuple(in_files)} in the files, {tuple(in_config)} from config.json"
-                f"{'; also ' + _names([m[0] for m in mismatched[1:]]) if len(mismatched) > 1 else ''}): a config.json "
-                f"from another model, or edited (vocab_size after the embeddings were resized)?")
+        also = f"; also {_names([m[0] for m in mismatched[1:]])}" if len(mismatched) > 1 else ""
+        return _shapes_problem(path, len(mismatched), f"{arch} ({name}: {tuple(in_files)} in the files, "
+                                                      f"{tuple(in_config)} from config.json{also})")
     missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
     if missing:
         if not unexpected:  # ZeRO-3's loading reports none: the files' own names tell
@@ -88,11 +87,12 @@ def size_mismatch_problem(path: Any, error: RuntimeError) -> Optional[str]:
     """The one line for transformers' "Error(s) in loading state_dict ... size mismatch for <name>"
     (ZeRO-3's loading, which ignores ``ignore_mismatched_sizes``), else None."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip().startswith("size mismatch for ")]
-    if not lines:
-        return None
-    return (f"model {path}: {len(lines)} weight(s) in its files have other shapes than its config.json gives them "
-            f"({lines[0].removesuffix('.')}): a config.json from another model, or edited (vocab_size after the "
-            f"embeddings were resized)?")
+    return _shapes_problem(path, len(lines), f"them ({lines[0].removesuffix('.')})") if lines else None
+
+
+def _shapes_problem(path: Any, n: int, which: str) -> str:
+    return (f"model {path}: {n} weight(s) in its files have other shapes than its config.json gives {which}: a "
+            f"config.json from another model, or edited (vocab_size after the embeddings were resized)?")
 
 
 def file_tensor_names(path: Any) -> list[str]:
