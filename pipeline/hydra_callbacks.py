@@ -291,18 +291,19 @@ def _refuse_a_run_directory_in_use(config: DictConfig) -> None:
     """A training (or continual) launch into a directory another launch is running in: refused here,
     on every rank, before Hydra writes ``.hydra/`` and opens the job log there (the job's own lock
     refused it only after Hydra had replaced the running run's ``.hydra/config.yaml`` with the refused
-    launch's). Every rank looks: none of this launch's holds the lock yet (rank 0 takes it after every
-    rank has joined the process group, past this point). The launch's other ranks write no ``.hydra/``
-    (rank 0 writes the same files) and open the job log at their first line only."""
+    launch's). Rank 0 takes the lock now and the job keeps it; the other ranks look, past a lock that
+    names this launch. They write no ``.hydra/`` (rank 0 writes the same files) and open the job log at
+    their first line only."""
     from omegaconf import OmegaConf, open_dict, read_write
 
-    from pipeline.engine.run_lock import RunDirInUseError, in_use
+    from pipeline.engine.run_lock import RunDirInUseError, hold_early, in_use
     from pipeline.errors import exit_with
 
     if OmegaConf.select(config, "hydra.job.name") not in LOCKED_JOBS or OmegaConf.select(config, "trainer.dry_run",
                                                                                         default=False):
         return
-    problem = in_use(str(config.hydra.run.dir))
+    run_dir = str(config.hydra.run.dir)
+    problem = hold_early(run_dir) if os.environ.get("RANK", "0") == "0" else in_use(run_dir)
     if problem:
         exit_with(RunDirInUseError(problem, every_rank=True), problem)
     if os.environ.get("RANK", "0") != "0":

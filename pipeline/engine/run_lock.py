@@ -5,11 +5,12 @@ sweep re-submitted while its jobs run) resumed from the first one's checkpoints 
 pruned, or trained alongside it, both saving the same steps and exporting into the same ``model/``.
 Rank 0 holds an exclusive ``flock`` on ``<run dir>/.run.lock`` for the job's life, taken before the job
 changes anything there; the kernel drops it when the process ends, however it ends (a SIGKILL, a
-preempted node), so a requeued job is never refused by the attempt it replaces. A single launch looks
-first (:func:`in_use`, from a Hydra callback) before Hydra writes ``.hydra/`` and opens the job log
-there, so a refused one leaves the running run's record as it was; a sweep's jobs write theirs before
-they reach the lock (the sweep report skips a refused attempt's lines). A filesystem without locks
-(some Lustre mounts) runs unguarded, with a warning.
+preempted node), so a requeued job is never refused by the attempt it replaces. A single launch takes
+it earlier, from a Hydra callback (:func:`hold_early` on rank 0, :func:`in_use` on the others), before
+Hydra writes ``.hydra/`` and opens the job log there, so a refused one leaves the running run's record
+as it was, also when two launches start at the same instant; the job then keeps the lock it holds. A
+sweep's jobs write theirs before they reach the lock (the sweep report skips a refused attempt's
+lines). A filesystem without locks (some Lustre mounts) runs unguarded, with a warning.
 """
 
 from __future__ import annotations
@@ -55,10 +56,11 @@ def _acquire(run_dir: Path) -> tuple[Optional[IO[str]], Optional[str]]:
         log.warning("run directory %s: cannot lock it (%s): a second launch into it would not be refused", run_dir,
                     e.strerror or type(e).__name__)
         return None, None
-    try:  # who holds it, for the refusal's message
+    try:  # who holds it, for the refusal's message; the launch, for this launch's other ranks (in_use)
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                f"{_LAUNCH_MARK}{launch_id()}\n")
         f.flush()
     except OSError:  # a full disk: held all the same, the holder unnamed
         pass
@@ -78,33 +80,82 @@ def _lock_exclusive(f: IO[str], tries: int = 5, wait_s: float = 0.1) -> None:
             time.sleep(wait_s)
 
 
-def _refusal(run_dir: Path, lock: IO[str]) -> str:
+_LAUNCH_MARK = "; launch "
+
+
+def launch_id() -> str:
+    """What every rank of this launch shares and no other launch running now does: the rendezvous
+    address (torchrun and DeepSpeed's launcher bind its port; a single process picks a free one) and
+    SLURM's job step where there is one."""
+    env = os.environ
+    step = f" slurm {env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}" if "SLURM_JOB_ID" in env else ""
+    return f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}{step}"
+
+
+def _holder(lock: IO[str]) -> str:
     lock.seek(0)
-    holder = lock.read().strip() or "holder unknown"
+    return lock.read().strip()
+
+
+def _refusal(run_dir: Path, lock: IO[str]) -> str:
+    holder = _holder(lock).split(_LAUNCH_MARK)[0] or "holder unknown"
     return f"run directory {run_dir} is in use by another launch ({holder}): wait for it to end, or use another run_name"
 
 
-def in_use(run_dir: str | Path) -> Optional[str]:
+def in_use(run_dir: str | Path, tries: int = 5, wait_s: float = 0.1) -> Optional[str]:
     """Why a launch may not run in ``run_dir`` (another launch holds its lock), else None. Looks only:
-    creates nothing, and holds nothing after it returns (the job takes the lock in :func:`run_dir_lock`)."""
+    creates nothing, and holds nothing after it returns. A lock held by this launch's own rank 0
+    (:func:`hold_early`) is no reason: it names :func:`launch_id`; one held but not (yet) naming it is
+    looked at again over half a second (rank 0 names itself an instant after locking)."""
     run_dir = Path(run_dir)
+    ours = launch_id()
     try:
         with open(run_dir / LOCK_FILE) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return _refusal(run_dir, f)
-            fcntl.flock(f, fcntl.LOCK_UN)
+            for attempt in range(tries):
+                try:
+                    fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if _holder(f).endswith(_LAUNCH_MARK + ours):
+                        return None
+                    if attempt == tries - 1:
+                        return _refusal(run_dir, f)
+                    time.sleep(wait_s)
+                    continue
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return None
     except OSError:  # no lock file (a new run), or no locks on this filesystem: the job's lock decides
         pass
     return None
 
 
+# Locks rank 0 took before the job started (hold_early), by resolved run directory; None: that
+# directory cannot be locked (warned already), the job runs unguarded without warning again.
+_EARLY: dict[str, Optional[IO[str]]] = {}
+
+
+def hold_early(run_dir: str | Path) -> Optional[str]:
+    """Rank 0 of a single launch, before Hydra writes into ``run_dir``: take its lock now and keep it
+    for the job (:func:`run_dir_lock` adopts it), so two launches started at the same instant cannot
+    both pass a look and write their ``.hydra/`` before the job's lock refuses one. Returns why this
+    launch may not run there (another launch holds it), else None. Creates ``run_dir`` (Hydra would)."""
+    key = str(Path(run_dir).resolve())
+    if key in _EARLY:
+        return None
+    held, problem = _acquire(Path(run_dir))
+    if problem is None:
+        _EARLY[key] = held
+    return problem
+
+
 @contextlib.contextmanager
 def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
-    """Hold ``run_dir`` for this launch (collective: rank 0 locks, every rank learns the outcome).
-    Raises :class:`RunDirInUseError` on every rank when another launch holds it."""
-    held, problem = _acquire(Path(run_dir)) if is_main_process() else (None, None)
+    """Hold ``run_dir`` for this launch (collective: rank 0 locks, or keeps the lock it took early,
+    and every rank learns the outcome). Raises :class:`RunDirInUseError` on every rank when another
+    launch holds it."""
+    held, problem = None, None
+    if is_main_process():
+        key = str(Path(run_dir).resolve())
+        held, problem = (_EARLY.pop(key), None) if key in _EARLY else _acquire(Path(run_dir))
     problem = broadcast_object(problem)
     if problem:
         raise RunDirInUseError(problem, every_rank=True)

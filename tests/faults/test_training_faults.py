@@ -157,6 +157,28 @@ def test_a_second_launch_into_a_running_runs_directory_is_refused(tiny):
     assert (run / ".run.lock").read_text().startswith("pid ")
 
 
+def test_two_launches_at_the_same_instant_one_runs_and_the_other_writes_nothing_there(tiny):
+    """Two launches started together both passed the look (the lock was taken seconds later, after the
+    imports and the process group), and Hydra wrote the refused one's .hydra/ over the running one's.
+    Rank 0 now takes the lock in the callback: the later one is refused before Hydra writes."""
+    run = tiny[0] / "runs" / "same_instant"
+    logs = [tiny[0] / f"same_instant_{i}.log" for i in (0, 1)]
+    procs = []
+    for i, log in enumerate(logs):  # lr tells whose .hydra/ is there
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen(launch.command(_args(tiny, "same_instant", 30, [
+                "eval.enabled=false", "trainer.export=false", f"trainer.lr={i + 1}e-4"])),
+                cwd=launch.ROOT, env=launch.env(), stdout=f, stderr=f))
+    codes = [p.wait(timeout=300) for p in procs]
+    texts = [log.read_text(errors="replace") for log in logs]
+    assert sorted(codes) == [0, 2], texts
+    ran, refused = (0, 1) if codes[0] == 0 else (1, 0)
+    assert "error (RunDirInUseError, rank 0): run directory " in texts[refused] and "Traceback" not in texts[refused]
+    overrides = (run / ".hydra" / "overrides.yaml").read_text()
+    assert f"trainer.lr={ran + 1}e-4" in overrides and f"trainer.lr={refused + 1}e-4" not in overrides
+    assert "RunDirInUseError" not in (run / "train.log").read_text()
+
+
 def test_a_held_run_directory_refuses_before_its_checkpoints_are_read(tiny):
     """The lock comes before the resume point is looked up: a launch beside a running one read the
     checkpoints that one was pruning and could stop on one it had just deleted, not on the lock. And
