@@ -39,6 +39,7 @@ def main() -> None:
         from pipeline.io import atomic_write_json
 
         atomic_write_json(Path(args.timings), timings)
+    _bootstrap.leave_together()
 
 
 if __name__ == "__main__":
