@@ -244,27 +244,6 @@ def _hydra_setup_error(exc: BaseException) -> bool:
     return any(f"{os.sep}hydra{os.sep}" in f for f in files) and not any(f.startswith(ours) for f in files)
 
 
-def leave_together() -> None:
-    """End a launch of several ranks that finished well: wait for every rank, run the exit handlers
-    (the job log's last lines, wandb, Hydra's callbacks), and exit 0 without the interpreter's teardown.
-    Tearing down with gloo's and DeepSpeed's threads still running aborted a finished rank now and
-    then ("terminate called without an active exception", exit -6, after "run ... finished": 2 CI runs
-    of 10, two different tests; ``destroy_process_group()`` first did not prevent it), and the
-    launcher reported a failed launch of a run whose files were all written. One rank, or no process
-    group: nothing to do (a normal exit)."""
-    torch = sys.modules.get("torch")
-    if torch is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()
-                             and torch.distributed.get_world_size() > 1):
-        return
-    import atexit
-
-    torch.distributed.barrier()  # a rank leaving early would cut a peer's last collective short
-    atexit._run_exitfuncs()  # what a normal exit runs before the teardown
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def launch(main) -> None:
     """Run a ``@hydra.main`` entry point. A config that does not compose (an unknown group option or
     key, a value of the wrong type, a malformed override) is bad input like any other: one line
@@ -284,6 +263,8 @@ def launch(main) -> None:
             print(f"error (SweepError, rank 0): {len(_FAILED_JOBS)} sweep job(s) stopped with an error (above; the "
                   f"others ran): {', '.join(_FAILED_JOBS)}", file=sys.stderr, flush=True)
             sys.exit(2)
+        from pipeline.engine.distributed import leave_together
+
         leave_together()
     except COMPOSE_ERRORS as exc:
         if user_full_error or _TASK_STARTED:  # raised by the job itself: a bug, keep the traceback

@@ -28,7 +28,7 @@ def main() -> None:
     configure_console()
 
     from pipeline.demo import demo_job, plan_jobs
-    from pipeline.engine.distributed import is_main_process
+    from pipeline.engine.distributed import is_main_process, leave_together
 
     conf = Path(_bootstrap.CONFIG_PATH)
     jobs = plan_jobs([m for m in args.methods.split(",") if m], args.demo_name, conf,
@@ -39,7 +39,7 @@ def main() -> None:
         from pipeline.io import atomic_write_json
 
         atomic_write_json(Path(args.timings), timings)
-    _bootstrap.leave_together()
+    leave_together()
 
 
 if __name__ == "__main__":

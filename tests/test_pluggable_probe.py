@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import types
 from pathlib import Path
@@ -224,10 +223,6 @@ def test_probe_gathers_zero3_partitioned_weights_one_module_at_a_time(tmp_path):
 if __name__ == "__main__":  # one rank of the 2-rank test above
     result = _two_ranks()
     Path(sys.argv[-1], f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps(result))
-    # leave together, then skip the interpreter's teardown: a rank tearing down with gloo's (and
-    # DeepSpeed's) threads still running aborted now and then ("terminate called without an active
-    # exception", exit -6), with destroy_process_group() too (a 2-worker CI run, 2026-12-06)
-    torch.distributed.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    from pipeline.engine.distributed import leave_together
+
+    leave_together()  # a teardown with gloo's threads running aborted a rank now and then

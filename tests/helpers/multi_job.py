@@ -25,6 +25,10 @@ def main() -> None:
     demo = [DemoJob(name, "train", (*overrides, f"run_name={name}")) for name, overrides in jobs]
     _bootstrap.run_main(lambda: demo_job(Path(_bootstrap.CONFIG_PATH), [], demo))
 
+    from pipeline.engine.distributed import leave_together
+
+    leave_together()
+
 
 if __name__ == "__main__":
     main()
