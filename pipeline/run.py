@@ -379,7 +379,7 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs, n
     student (optionally LoRA) and frozen model under ZeRO-3; also the batch plan and the number of
     optimizer steps."""
     from pipeline.engine.batching import BatchPlan
-    from pipeline.engine.preflight import run_preflight
+    from pipeline.engine.preflight import largest_batch, run_preflight
     from pipeline.engine.sharding import record_models
     from pipeline.engine.zero_stage import resolve_zero_stage
     from pipeline.models.activation_checkpointing import checkpointed_layers
@@ -389,7 +389,9 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs, n
     zero = resolve_zero_stage(cfg.deepspeed, dist.world_size)
     log.info(zero.describe())  # e.g. deepspeed.zero_stage=auto -> 0 (1 rank, no offload)
     if cfg.trainer.preflight:
-        run_preflight(cfg, dist.world_size, cuda, inputs.paths.model, need_reference)
+        run_preflight(cfg, dist.world_size, cuda, inputs.paths.model, need_reference,
+                      batch=largest_batch(inputs.forget, inputs.retain, int(cfg.trainer.batch_size),
+                                          int(cfg.trainer.retain_batch_size)))
     set_attention_backend(cfg.kernels.attention, dist.device)  # logs the choice (and any fallback)
 
     s_cfg = student_config(cfg.deepspeed, cfg.trainer, cuda, world_size=dist.world_size)

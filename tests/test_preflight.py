@@ -93,6 +93,37 @@ def test_a_refusal_whose_shortfall_is_the_naive_kls_logits_suggests_the_fused_kl
         "No offload setting or GPU count up to 64 fits at this batch: deepspeed=zero3_offload_all on 8" in str(e.value)
 
 
+def test_the_data_sizes_the_batch_terms_where_the_method_trains_on_its_rows(monkeypatch):
+    """The naive KL's logits were planned at every position of data.max_length-token rows, though the
+    step forms them at the loss positions only and pads a batch to its own longest row: the same MUSE
+    run on short answers fits where the bound was refused. IdkDPO adds refusal rows the data does not
+    bound: planned as before."""
+    from pipeline.data.formatting import IGNORE_INDEX
+    from pipeline.engine.preflight import BatchBound, largest_batch
+
+    def row(prompt, answer):
+        return {"input_ids": [1] * (prompt + answer), "labels": [IGNORE_INDEX] * prompt + [7] * answer}
+
+    forget = [row(30, 5), row(10, 40), row(60, 20)]
+    retain = [row(5, 3), row(100, 9)]
+    # longest row 109; loss positions: the 2 forget rows with most (40 + 20) and the retain row with most (9)
+    assert largest_batch(forget, retain, 2, 1) == BatchBound(109, 69)
+    assert largest_batch([row(0, 4)], [], 8, 8) == BatchBound(4, 3)  # the first position is no target
+    assert largest_batch([], [], 1, 1) is None
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    budget = ["+exp=muse_news_7b", "model=llama3_8b_instruct", "deepspeed.gpu_memory_gb=48",
+              "deepspeed.host_memory_gb=1024"]
+    short = BatchBound(seq_len=300, loss_positions=8 * 40)
+    with pytest.raises(PreflightError):
+        run_preflight(_compose(budget), world_size=8, cuda=True, model_path=None, uses_reference=True)
+    text = run_preflight(_compose(budget), world_size=8, cuda=True, model_path=None, uses_reference=True, batch=short)
+    assert "rows of up to 300 tokens (data.max_length=2048), logits at 320 loss positions" in text
+    with pytest.raises(PreflightError):  # idk_dpo's refusal rows: the config's bound
+        run_preflight(_compose(budget + ["method=idk_dpo"]), world_size=8, cuda=True, model_path=None,
+                      uses_reference=True, batch=short)
+
+
 def test_small_model_passes():
     cfg = _compose([])
     text = run_preflight(cfg, world_size=1, cuda=False, model_path=None, uses_reference=True, vocab_size=500)

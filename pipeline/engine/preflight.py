@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -173,6 +174,39 @@ class MethodFootprint:
 
     trainable_params: int  # weights with gradients and optimizer state (before any LoRA)
     logits: bool  # the step forms vocabulary-sized logits (False: hidden-state terms only)
+    # the step's rows are the batch's forget and retain rows (False: it adds views, e.g. IDK answers,
+    # whose lengths the data's rows do not bound; the plan keeps data.max_length for those)
+    rows_given: bool = True
+
+
+@dataclass(frozen=True)
+class BatchBound:
+    """The largest micro-batch this run's rows can form (:func:`largest_batch`): what the plan's batch
+    terms are sized for, where ``data.max_length`` on every row and every position is only a bound."""
+
+    seq_len: int  # the longest row's tokens: a batch is padded to its own longest row
+    loss_positions: int  # of the batch_size forget and retain_batch_size retain rows that have the most
+
+    def describe(self, max_length: int) -> str:
+        return (f"batch terms sized for the data's largest micro-batch: rows of up to {self.seq_len} tokens "
+                f"(data.max_length={max_length}), logits at {self.loss_positions:,} loss positions")
+
+
+def largest_batch(forget: Sequence[dict], retain: Sequence[dict], batch_size: int,
+                  retain_batch_size: int) -> Optional[BatchBound]:
+    """:class:`BatchBound` of encoded rows (``input_ids``, ``labels``); None without rows. Loss
+    positions are a row's ``labels[1:] != -100`` (answer tokens + EOS, where the step forms logits)."""
+    from pipeline.data.formatting import IGNORE_INDEX
+
+    if not forget and not retain:
+        return None
+
+    def most(rows: Sequence[dict], k: int) -> int:
+        counts = sorted((sum(lab != IGNORE_INDEX for lab in r["labels"][1:]) for r in rows), reverse=True)
+        return sum(counts[:k])
+
+    return BatchBound(max(len(r["input_ids"]) for r in (*forget, *retain)),
+                      most(forget, batch_size) + most(retain, retain_batch_size))
 
 
 def method_footprint(cfg: Any, arch: ArchSpec) -> MethodFootprint:
@@ -197,7 +231,7 @@ def method_footprint(cfg: Any, arch: ArchSpec) -> MethodFootprint:
     try:
         plan = method.plan({"forget": {}, "retain": {}})
     except (KeyError, ValueError):
-        return MethodFootprint(trainable, True)
+        return MethodFootprint(trainable, True, rows_given=False)
     kinds = [*plan.student.values(), *(k for _, k in plan.frozen.values())]
     return MethodFootprint(trainable, bool(plan.kl) or any(LOGITS in k for k in kinds))
 
@@ -303,7 +337,7 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
                 retain_batch_size: int, seq_len: int, kl_impl: str, activation_checkpointing: bool,
                 flash_attention: bool = True, lora_params: int = 0, buffers: Optional[dict] = None,
                 cpu_ranks: bool = False, joint_pass: bool = True, trainable_params: int = 0,
-                logits: bool = True, torch_adam: bool = True) -> MemoryPlan:
+                logits: bool = True, torch_adam: bool = True, loss_positions: Optional[int] = None) -> MemoryPlan:
     """Bytes per GPU and per node for one configuration (ZeRO-3 sharding over ``n_gpus``).
 
     ``lora_params > 0`` (``model.peft``): gradients and optimizer state cover the adapters only, and
@@ -317,7 +351,8 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     gradients and optimizer state cover these only. ``logits``: the step forms vocabulary-sized
     logits (False for the hidden-state methods: no distillation-logits term). ``torch_adam``:
     ``deepspeed.torch_adam`` (torch's AdamW, else DeepSpeed's FusedAdam), which decides the optimizer
-    step's temporaries at ZeRO stages 0-2.
+    step's temporaries at ZeRO stages 0-2. ``loss_positions``: the positions a micro-batch forms logits at
+    (:class:`BatchBound`); None: every position of every row, a bound.
     """
     from kernels.fused_kl import CUDA_MIN_CHUNK_ROWS, default_chunk_size
     from pipeline.engine.ds_config import CPU_BUFFERS, GPU_BUFFERS
@@ -393,20 +428,21 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     tokens = rows * seq_len
     H = arch.hidden_size
     g["activations (student)"] = activation_bytes(arch, tokens, seq_len, b, activation_checkpointing, flash_attention)
+    positions = tokens if loss_positions is None else min(tokens, loss_positions)
     # (no logits term when the method's terms are hidden states only: RMU, asu_wmdp never run the head)
     if logits and kl_impl == "fused":
         # three fp32 chunk × V blocks at the kernel's own chunk size, and its fp32 V × H accumulator of
         # the head's weight gradient (none when the head is frozen: LoRA, a few trained modules)
-        chunk = default_chunk_size(tokens, arch.vocab_size, min_rows=1 if cpu_ranks else CUDA_MIN_CHUNK_ROWS)
+        chunk = default_chunk_size(positions, arch.vocab_size, min_rows=1 if cpu_ranks else CUDA_MIN_CHUNK_ROWS)
         g["distillation logits (fused, chunked)"] = (3 * chunk * arch.vocab_size * 4 +
                                                      (arch.vocab_size * H * 4 if every_weight else 0))
     elif logits:
         # the forward's peak, in the KL's p_t·(log p_t − log p_s): the teacher's and the student's logits
         # (the weights' dtype) and five fp32 tensors (both log-softmaxes, p_t, the difference and the
         # product): 2·b + 20 bytes per position and vocabulary entry, 28 in fp32, 24 in bf16 — measured
-        # on CPU ranks (fp32 27.5-28.0, bf16 23.6-23.9); it was planned at 16. An upper bound on the
-        # positions: the step forms logits at the loss positions only, which depend on the data.
-        g["distillation logits (naive)"] = (2 * b + 5 * 4) * tokens * arch.vocab_size
+        # on CPU ranks (fp32 27.5-28.0, bf16 23.6-23.9); it was planned at 16. At the loss positions
+        # only (where the step forms logits), every position where the data is not known.
+        g["distillation logits (naive)"] = (2 * b + 5 * 4) * positions * arch.vocab_size
     g["framework/buffers"] = int(1.0 * GiB) if precision != "fp32" else int(0.05 * GiB)
     # A CPU rank's process before any model: python + torch + deepspeed + transformers, gloo group
     # (measured 0.33 GiB, benchmarks/bench_memory.py) + model code and tokenizer; a GPU host rank also
@@ -829,22 +865,28 @@ def _local_world_size(world_size: int) -> int:
 
 def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference: bool, offload_opt: str,
           offload_par: str, zero_stage: Optional[int] = None,
-          activation_checkpointing: Optional[bool] = None, kl_impl: Optional[str] = None) -> MemoryPlan:
+          activation_checkpointing: Optional[bool] = None, kl_impl: Optional[str] = None,
+          batch: Optional[BatchBound] = None) -> MemoryPlan:
     """The plan of ``cfg`` on ``n`` ranks, ``gpn`` of them per node, with these offload settings, in
     ``zero_stage`` (None: the stage the configured ``deepspeed.zero_stage`` gives ``n`` ranks) and with
-    activation checkpointing and the KL (``kernels.kl``) as given (None: as configured)."""
+    activation checkpointing and the KL (``kernels.kl``) as given (None: as configured). ``batch``:
+    the data's largest micro-batch (None, or a method that adds rows of its own: every row
+    ``data.max_length`` tokens, logits at every position)."""
     from pipeline.engine.ds_config import resolve_precision, student_config
 
     ds, tr = cfg.deepspeed, cfg.trainer
     fp = method_footprint(cfg, arch)
+    if not fp.rows_given:
+        batch = None
     # the buffer limits DeepSpeed will get (ZeRO-3's; read only where the plan's stage is 3)
     zero = student_config(ds, tr, cuda, world_size=max(2, n))["zero_optimization"]
     return plan_memory(arch, n, min(n, gpn), precision=resolve_precision(ds, cuda),
                        zero_stage=resolve_zero_stage(ds, n).stage if zero_stage is None else zero_stage, offload_optimizer=offload_opt,
                        offload_param=offload_par,
                        uses_reference=uses_reference, batch_size=int(tr.batch_size),
-                       retain_batch_size=int(tr.retain_batch_size), seq_len=int(cfg.data.max_length),
-                       kl_impl=kl_impl or cfg.kernels.kl,
+                       retain_batch_size=int(tr.retain_batch_size),
+                       seq_len=min(int(cfg.data.max_length), batch.seq_len) if batch else int(cfg.data.max_length),
+                       loss_positions=batch.loss_positions if batch else None, kl_impl=kl_impl or cfg.kernels.kl,
                        activation_checkpointing=bool(ds.activation_checkpointing if activation_checkpointing is None
                                                      else activation_checkpointing),
                        flash_attention=cuda and cfg.kernels.attention != "torch", buffers=zero,
@@ -863,8 +905,10 @@ def plan_for_run(cfg: Any, world_size: int, cuda: bool, model_path: Optional[str
 
 
 def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[str], uses_reference: bool,
-                  vocab_size: Optional[int] = None, show_gpus: tuple[int, ...] = ()) -> str:
-    """Plan for the configured world size (and ``show_gpus``), print it, and refuse when it cannot fit."""
+                  vocab_size: Optional[int] = None, show_gpus: tuple[int, ...] = (),
+                  batch: Optional[BatchBound] = None) -> str:
+    """Plan for the configured world size (and ``show_gpus``), print it, and refuse when it cannot fit.
+    ``batch``: the data's largest micro-batch (:func:`largest_batch`; None: bounded by the config)."""
 
     arch = resolve_arch(cfg.model, model_path, vocab_size)
     ds = cfg.deepspeed
@@ -876,7 +920,7 @@ def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[st
         # of this node's size when larger (before, this run too: 4-GPU nodes' host memory was doubled)
         per_node = gpn if n == world_size else max(gpn, 8 if n >= 8 else n)
         return _plan(cfg, arch, n, per_node, cuda, uses_reference, offload_opt, offload_par, zero_stage, checkpointing,
-                     kl_impl)
+                     kl_impl, batch)
 
     cpu_ranks = not (cuda or ds.gpu_memory_gb)
     current = mk(world_size, ds.offload_optimizer, ds.offload_param)
@@ -884,6 +928,8 @@ def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[st
     shown = [mk(n, ds.offload_optimizer, ds.offload_param) for n in show_gpus if n != world_size]
     text = format_plans(arch, sorted([current, *shown], key=lambda p: p.n_gpus), gpu_avail or None, host_avail,
                         "rank" if cpu_ranks else "GPU")
+    if batch is not None and method_footprint(cfg, arch).rows_given:
+        text = f"{text}\n{batch.describe(int(cfg.data.max_length))}"
     log.info("\n%s", text)
     if cpu_ranks:
         gpu_avail = 0  # CPU run: model states live in host memory, checked below via the host total
