@@ -369,7 +369,7 @@ def check_columns(rows: Sequence[dict], required: Sequence[str], dataset: str, s
 
 def check_optional_columns(rows: Sequence[dict], dataset: str, split: str) -> None:
     """A truth-ratio column is in every row of a split or in none (then its metrics are skipped);
-    ``perturbed_answer`` holds a list of strings."""
+    ``perturbed_answer`` holds a non-empty list of strings, ``paraphrased_answer`` a non-empty string."""
     for col in OPTIONAL_EVAL_COLUMNS:
         missing = [i for i, r in enumerate(rows) if r.get(col) is None]
         if missing and len(missing) < len(rows):
@@ -379,10 +379,18 @@ def check_optional_columns(rows: Sequence[dict], dataset: str, split: str) -> No
             )
     for i, r in enumerate(rows):
         v = r.get("perturbed_answer")
-        if v is not None and not (isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)):
+        if v is not None and not (isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v)):
             raise DataError(
-                f"dataset {dataset!r}, split {split!r}, column 'perturbed_answer': row {i} must hold a list of "
-                f"strings, got {type(v).__name__}"
+                f"dataset {dataset!r}, split {split!r}, column 'perturbed_answer': row {i} must hold a non-empty "
+                f"list of strings, got {'an empty list' if isinstance(v, (list, tuple)) and not v else type(v).__name__}"
+            )
+        # scored like the answer (para_prob, the truth ratio): a number failed in evaluation, after
+        # the training it came after, with a TypeError traceback
+        v = r.get("paraphrased_answer")
+        if v is not None and not (isinstance(v, str) and v.strip()):
+            raise DataError(
+                f"dataset {dataset!r}, split {split!r}, column 'paraphrased_answer': row {i} must hold a non-empty "
+                f"string, got {'an empty string' if isinstance(v, str) else type(v).__name__}"
             )
 
 

@@ -53,6 +53,7 @@ def load_unlearning_data(data_cfg: Any, seed: int = 0, **ctx: Any) -> Unlearning
     for split, rows in ((data.forget_split, data.forget), (data.retain_split, data.retain)):
         check_columns(rows, data.train_columns, name, split)
         check_text_values(rows, data.train_columns, name, split)
+        check_optional_columns(rows, name, split)  # the forget split is evaluated too, after training
         check_facts(rows, name, split)
     for split, rows in data.eval.items():
         # an empty evaluation split (e.g. a truncated download) would be scored as nothing, silently

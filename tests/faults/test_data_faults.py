@@ -61,7 +61,17 @@ def test_eval_columns_optional_but_never_half_filled(tmp_path):
     with pytest.raises(DataError, match=r"split 'ev', column 'perturbed_answer': missing in 1 of 2 rows \(first: row 1\)"):
         load_unlearning_data(cfg(tmp_path, eval_splits=["ev"]))
     write(tmp_path, "ev", [{**ev, "perturbed_answer": "one string"}])
-    with pytest.raises(DataError, match=r"column 'perturbed_answer': row 0 must hold a list of strings"):
+    with pytest.raises(DataError, match=r"column 'perturbed_answer': row 0 must hold a non-empty list of strings, got str"):
+        load_unlearning_data(cfg(tmp_path, eval_splits=["ev"]))
+    write(tmp_path, "ev", [{**ev, "perturbed_answer": []}])  # was logged as "no perturbed_answer column"
+    with pytest.raises(DataError, match=r"column 'perturbed_answer': row 0 must hold a non-empty list of strings, got an "
+                                        r"empty list"):
+        load_unlearning_data(cfg(tmp_path, eval_splits=["ev"]))
+    # the forget split is scored after training: a number there was a TypeError traceback once it had trained
+    write(tmp_path, "ev", [ev])
+    write(tmp_path, "forget", [{**qa_row("alice", "paris"), "paraphrased_answer": 3}])
+    with pytest.raises(DataError, match=r"split 'forget', column 'paraphrased_answer': row 0 must hold a non-empty "
+                                        r"string, got int"):
         load_unlearning_data(cfg(tmp_path, eval_splits=["ev"]))
 
 
