@@ -399,6 +399,8 @@ def validate(cfg: DictConfig, n_layers: Optional[int] = None) -> None:
              f"must be >= 1 (or null: batch_size x grad_accum x ranks), got {t.effective_batch}")
     _require(0.0 <= t.warmup_ratio < 1.0, "trainer.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
     _require(t.save_every >= 0, "trainer.save_every", f"must be >= 0, got {t.save_every}")
+    _require(t.keep_checkpoints >= 0, "trainer.keep_checkpoints",
+             f"must be >= 0 (the newest N kept; 0 keeps every one), got {t.keep_checkpoints}")
     _choice(cfg, "trainer.nan_policy", ("stop", "skip"))
     _choice(cfg, "trainer.passes", ("joint", "per_group"))
     _choice(cfg, "trainer.lr_scheduler", ("constant", "linear"))

@@ -243,6 +243,8 @@ def test_cli_unknown_key_exits_nonzero_with_message():
     ("eval.mink_k=1.5", "eval.mink_k", "must be in (0, 1]"),
     ("eval.retrain_auc=2", "eval.retrain_auc", "must be in [0, 1]"),
     ("trainer.num_threads=-1", "trainer.num_threads", "must be in 0..1024"),
+    # was taken as 0 (every checkpoint kept) and logged as trainer.keep_checkpoints=0
+    ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints", "must be >= 0"),
 ])
 def test_evaluation_and_thread_settings_are_checked_before_training(override, key, expect):
     with pytest.raises(ConfigError, match=rf"config error at '{key}': {re.escape(expect)}"):
