@@ -7,7 +7,7 @@ one line saying which key and what is allowed.
 
 from __future__ import annotations
 
-from hydra.errors import CompactHydraException, MissingConfigException
+from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
 COMPOSE_ERRORS = (CompactHydraException, OmegaConfBaseException)
@@ -21,6 +21,9 @@ def _lines(text: str) -> list[str]:
 def compose_error_line(exc: BaseException) -> str:
     """``exc`` (raised while Hydra composed the config) as one line: Hydra's message, the OmegaConf
     cause's first line, and for a missing group option the options there are."""
+    if isinstance(exc, OverrideParseException):  # Hydra's message names neither the override nor a way out
+        return (f"cannot parse the override {exc.override!r}: {' '.join(_lines(exc.message))}; a value with spaces, "
+                f"'=', brackets or quotes goes in quotes: key='...' (in the shell: \"key='...'\")")
     if isinstance(exc, MissingConfigException) and exc.options is not None:
         head = str(exc).split("Available options", 1)[0]
         return f"{' '.join(_lines(head))}; available: {', '.join(exc.options)}"

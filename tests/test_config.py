@@ -236,6 +236,18 @@ def test_cli_unknown_key_exits_nonzero_with_message():
     assert "bogus_key" in out.stderr
 
 
+def test_cli_an_override_that_does_not_parse_names_itself_and_the_quoting():
+    """A path with a space and '=' was "mismatched input '=' expecting <EOF>", naming neither the override
+    nor the way out (quoting)."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "launchers/train.py", "output_dir=/tmp/my runs=x"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("error (OverrideParseException, rank 0): cannot parse the override "
+                               "'output_dir=/tmp/my runs=x': mismatched input '='") and "key='...'" in lines[0], lines
+
+
 @pytest.mark.parametrize("override,key,expect", [
     ("eval.batch_size=0", "eval.batch_size", "must be >= 1"),  # was a ZeroDivisionError after training
     ("eval.max_new_tokens=0", "eval.max_new_tokens", "must be >= 1"),
