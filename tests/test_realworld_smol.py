@@ -40,6 +40,10 @@ def test_realworld_smol_two_steps_on_two_ranks(tmp_path):
     gens = json.loads((out / "target/eval_details.json").read_text())["retain"]["generation"]
     assert gens[0].startswith("The capital of France is Paris"), gens
     assert "before (as shipped)" in (out / "summary.md").read_text()
+    # the exported tokenizer truncates at the model's context (the GGUF's carries transformers' 1e30)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out / "asu_gd" / "model").model_max_length == 8192
     # the model is converted now: a dry run of the recipe sizes it from the converted cache (model.path
     # is null there: it exited 2) and checks its chat template
     dry = subprocess.run([sys.executable, "launchers/train.py", "+exp=realworld_smol", "trainer.dry_run=true",

@@ -28,7 +28,7 @@ from typing import Optional
 from pipeline.models.loading import ModelLoadError
 
 # Part of the cache directory's name: a change to what convert_gguf writes invalidates old caches.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3  # 3: the tokenizer's model_max_length is the model's context
 
 
 class GGUFPackageError(ModelLoadError):
@@ -90,6 +90,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict:
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.save_pretrained(out_dir, safe_serialization=True)
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # the GGUF tokenizer carries no length limit (transformers' 1e30 "none"): the exported model's
+    # tokenizer would truncate nothing wherever it is used; the model's context is its real limit
+    tok.model_max_length = int(config.max_position_embeddings)
     tok.save_pretrained(out_dir)
     return {"n_params": sum(p.numel() for p in model.parameters()),
             "chat_template": bool(getattr(tok, "chat_template", None)),
