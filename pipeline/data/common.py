@@ -188,15 +188,21 @@ def _jsonl_fault(text: str) -> Optional[str]:
 
 
 def _local_split_file(root: Path, subset: Optional[str], split: str) -> Optional[tuple[Path, str]]:
+    """The one file of ``split`` under ``root`` (``<split>.jsonl``, ``.json`` or ``.parquet``) and its
+    ``datasets`` builder; None when there is none."""
     base = root / subset if subset else root
+    found = []
     for ext, builder in LOCAL_FORMATS:
         f = base / f"{split}.{ext}"
         if f.is_file():
-            return f, builder
-        if f.is_symlink() or f.exists():  # a directory, or a link to nothing or to itself: not "not found"
+            found.append((f, builder))
+        elif f.is_symlink() or f.exists():  # a directory, or a link to nothing or to itself: not "not found"
             what = "a directory" if f.is_dir() else "a link that leads to no file"
             raise DataError(f"split {split!r}: {f} is {what}, not a data file")
-    return None
+    if len(found) > 1:  # one was read without a word: a stale copy beside a newer one trained on the wrong rows
+        raise DataError(f"split {split!r}: {len(found)} files for it in {base} ({', '.join(f.name for f, _ in found)}); "
+                        f"keep one")
+    return found[0] if found else None
 
 
 # ``<split>-00000-of-00002.parquet``: how the hub names a split's shards (``push_to_hub``)

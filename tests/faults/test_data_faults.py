@@ -75,6 +75,16 @@ def test_eval_columns_optional_but_never_half_filled(tmp_path):
         load_unlearning_data(cfg(tmp_path, eval_splits=["ev"]))
 
 
+def test_two_files_for_one_split_are_refused_naming_both(tmp_path):
+    """forget.jsonl beside forget.json: the .jsonl was read without a word (a stale copy trained on)."""
+    write(tmp_path, "forget", [qa_row("alice", "paris")])
+    write(tmp_path, "retain", [qa_row("bob", "rome")])
+    (tmp_path / "forget.json").write_text(json.dumps([qa_row("carol", "oslo")]))
+    with pytest.raises(DataError, match=rf"split 'forget': 2 files for it in {re.escape(str(tmp_path))} "
+                                        r"\(forget.jsonl, forget.json\); keep one"):
+        load_unlearning_data(cfg(tmp_path))
+
+
 def test_malformed_json_line_names_file_and_line(tmp_path, capfd):
     # was a datasets DatasetGenerationError traceback naming neither file nor line
     write(tmp_path, "forget", [qa_row("alice", "paris")])
