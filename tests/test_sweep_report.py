@@ -165,6 +165,20 @@ def test_unevaluated_point_is_listed_not_chosen(fake_sweep):
     assert "method.tau=6.0" not in " ".join(rep["pareto_front"])
 
 
+def test_damaged_values_in_a_results_file_mark_the_point_not_the_report(fake_sweep):
+    """A 400-digit metric (OverflowError in math.isfinite) and a file nested past json's depth
+    (RecursionError) stopped the report with a traceback."""
+    big = _write_point(fake_sweep, "6.0", 0, 0, 0, results=False)
+    (big / "results.json").write_text('{"schema": 1, "tau": 6.0, "metrics": {"forget_quality": ' + "9" * 400 + "}}")
+    deep = _write_point(fake_sweep, "7.0", 0, 0, 0, results=False)
+    (deep / "results.json").write_text("[" * 100000 + "]" * 100000)
+    rep = sweep.build_report(fake_sweep)
+    assert rep["chosen"]["tau"] == 3.5
+    points = {p.name: p for p in sweep.gather(fake_sweep)}
+    assert points[big.name].metric("forget_quality") is None
+    assert points[deep.name].status == "failed" and points[deep.name].note.startswith("unreadable results.json: ")
+
+
 def test_objective_missing_falls_back_and_empty_sweep(tmp_path):
     root = tmp_path / "s"
     _write_point(root, "1.0", None, 0.5, 0.9)

@@ -92,9 +92,13 @@ class SweepPoint:
 
     def metric(self, key: str) -> Optional[float]:
         v = self.metrics.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
             return None
-        return float(v)
+        try:
+            v = float(v)  # an int past float's range (a damaged file) raises here, not in the report
+        except OverflowError:
+            return None
+        return v if math.isfinite(v) else None
 
 
 @dataclass
@@ -341,7 +345,7 @@ def gather(sweep_dir: str | Path) -> list[SweepPoint]:
                 res = json.loads(res_path.read_text())
                 if not isinstance(res, dict) or not isinstance(res.get("metrics"), dict):
                     raise ValueError("no 'metrics' object")
-            except (ValueError, OSError) as exc:
+            except (ValueError, OSError, RecursionError) as exc:  # RecursionError: nested past json's depth
                 res, unreadable = None, f"unreadable {RESULTS_FILE}: {exc}"
         # shown: the settings of the run whose results are there (a later launch into the directory, also
         # a refused one, rewrites .hydra/), else of the latest launch, else the directory's name; placed
