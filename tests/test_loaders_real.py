@@ -94,7 +94,7 @@ def test_tofu_perturbed_answer_must_be_a_list(tmp_path):
     shutil.copytree(FIX / "tofu", tmp_path / "tofu")
     p = tmp_path / "tofu" / "retain_perturbed" / "train.jsonl"
     write_jsonl(p, [{**r, "perturbed_answer": "one string"} for r in read_jsonl(p)])
-    with pytest.raises(DataError, match=r"split 'retain_perturbed', column 'perturbed_answer': row 0 must hold a list"):
+    with pytest.raises(DataError, match=r"split 'retain_perturbed', column 'perturbed_answer': row 1 must hold a list"):
         load_unlearning_data(cfg("tofu_forget01", path=str(tmp_path / "tofu")))
 
 
@@ -246,7 +246,7 @@ def test_packing_question_answer_rows_is_a_data_error():
     from tests.test_muse_wmdp_metrics import word_tokenizer
 
     tok = word_tokenizer(["a", "b"])
-    with pytest.raises(DataError, match=r"split 'forget' row 1: data.pack_text=true packs raw-text rows .*"
+    with pytest.raises(DataError, match=r"split 'forget' row 2: data.pack_text=true packs raw-text rows .*"
                                         r"\['answer', 'question'\]; set data.pack_text=false"):
         encode_rows(tok, [{"text": "a"}, {"question": "a", "answer": "b"}], 8, True, "forget", pack_text=True)
 
@@ -295,7 +295,7 @@ def test_wmdp_bad_answer_and_missing_column(tmp_path):
     p = tmp_path / "w" / "wmdp-bio" / "test.jsonl"
     rows = read_jsonl(p)
     write_jsonl(p, [{**rows[0], "answer": 4}])
-    with pytest.raises(DataError, match=r"split 'wmdp-bio/test', column 'answer': row 0 must be an int index in \[0, 4\)"):
+    with pytest.raises(DataError, match=r"split 'wmdp-bio/test', column 'answer': row 1 must be an int index in \[0, 4\)"):
         load_unlearning_data(cfg("wmdp_cyber", path=str(tmp_path / "w"), eval_splits=["wmdp-bio"]))
     write_jsonl(p, [{k: v for k, v in rows[0].items() if k != "choices"}])
     with pytest.raises(DataError, match=r"dataset 'wmdp', split 'wmdp-bio/test': missing column\(s\) \['choices'\]"):

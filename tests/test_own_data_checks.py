@@ -247,4 +247,4 @@ def test_special_token_text_in_rows_is_reported(caplog):
         assert not caplog.records
         encode_rows(tok, rows, 256, True, "forget", get_prompt_format("chat"))
     msg = [r.getMessage() for r in caplog.records if "special-token text" in r.getMessage()]
-    assert len(msg) == 1 and "1 row(s)" in msg[0] and "'<|im_end|>'" in msg[0] and "row 1" in msg[0]
+    assert len(msg) == 1 and "1 row(s)" in msg[0] and "'<|im_end|>'" in msg[0] and "(first: row 2)" in msg[0]

@@ -161,7 +161,7 @@ def test_precomputed_reference_file_is_read_and_checked(tmp_path):
     bad = tmp_path / "bad.json"
     cases = [
         (_ou_logs([0.5, 0.7]), r"forget_truth_ratio has 2 rows, but split 'forget' has 3 rows: the file is for another"),
-        (_ou_logs([0.5, 0.7, 0.9], ["x", "y", "z"]), r"row 0's answer differs from split 'forget'"),
+        (_ou_logs([0.5, 0.7, 0.9], ["x", "y", "z"]), r"row 1's answer differs from split 'forget'"),
         ({"split": "forget05", "truth_ratio": [0.1, 0.2, 0.3]}, r"the reference is for split 'forget05', this run forgets 'forget'"),
         ({"truth_ratio": [0.1]}, r"1 truth ratios, but split 'forget' has 3 rows"),
         ({"forget_Q_A_Prob": {}}, r"not a retain reference"),

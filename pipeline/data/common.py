@@ -381,13 +381,13 @@ def check_optional_columns(rows: Sequence[dict], dataset: str, split: str) -> No
         if missing and len(missing) < len(rows):
             raise DataError(
                 f"dataset {dataset!r}, split {split!r}, column {col!r}: missing in {len(missing)} of {len(rows)} rows "
-                f"(first: row {missing[0]}); give it in every row or in none (its metrics are then skipped)"
+                f"(first: row {missing[0] + 1}); give it in every row or in none (its metrics are then skipped)"
             )
     for i, r in enumerate(rows):
         v = r.get("perturbed_answer")
         if v is not None and not (isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v)):
             raise DataError(
-                f"dataset {dataset!r}, split {split!r}, column 'perturbed_answer': row {i} must hold a non-empty "
+                f"dataset {dataset!r}, split {split!r}, column 'perturbed_answer': row {i + 1} must hold a non-empty "
                 f"list of strings, got {'an empty list' if isinstance(v, (list, tuple)) and not v else type(v).__name__}"
             )
         # scored like the answer (para_prob, the truth ratio): a number failed in evaluation, after
@@ -395,7 +395,7 @@ def check_optional_columns(rows: Sequence[dict], dataset: str, split: str) -> No
         v = r.get("paraphrased_answer")
         if v is not None and not (isinstance(v, str) and v.strip()):
             raise DataError(
-                f"dataset {dataset!r}, split {split!r}, column 'paraphrased_answer': row {i} must hold a non-empty "
+                f"dataset {dataset!r}, split {split!r}, column 'paraphrased_answer': row {i + 1} must hold a non-empty "
                 f"string, got {'an empty string' if isinstance(v, str) else type(v).__name__}"
             )
 
@@ -409,11 +409,11 @@ def check_text_values(rows: Sequence[dict], columns: Sequence[str], dataset: str
         for i, r in enumerate(rows):
             v = r.get(col)
             if not isinstance(v, str):
-                raise DataError(f"dataset {dataset!r}, split {split!r}, column {col!r}: row {i} must hold a "
+                raise DataError(f"dataset {dataset!r}, split {split!r}, column {col!r}: row {i + 1} must hold a "
                                 f"string, got {'null (the key is missing or null there)' if v is None else type(v).__name__}")
             # an empty question or answer trains on (or scores) nothing but the prompt template
             if col != "text" and not v.strip():
-                raise DataError(f"dataset {dataset!r}, split {split!r}, column {col!r}: row {i} is empty")
+                raise DataError(f"dataset {dataset!r}, split {split!r}, column {col!r}: row {i + 1} is empty")
 
 
 def check_facts(rows: Sequence[dict], dataset: str, split: str) -> None:
@@ -426,7 +426,7 @@ def check_facts(rows: Sequence[dict], dataset: str, split: str) -> None:
         bad = [x for x in v if not isinstance(x, str)] if isinstance(v, (list, tuple)) else None
         if bad is None or bad:
             got = type(v).__name__ if bad is None else f"a list holding {'null' if bad[0] is None else type(bad[0]).__name__}"
-            raise DataError(f"dataset {dataset!r}, split {split!r}, column 'facts': row {i} must hold a list of "
+            raise DataError(f"dataset {dataset!r}, split {split!r}, column 'facts': row {i + 1} must hold a list of "
                             f"strings (e.g. [\"Melville\"]), got {got}")
 
 

@@ -171,7 +171,7 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
         if enc.truncated:
             if not truncate:
                 raise DataError(
-                    f"split {split!r} row {i}: sequence longer than {max_length} tokens (the limit set by "
+                    f"split {split!r} row {i + 1}: sequence longer than {max_length} tokens (the limit set by "
                     f"data.max_length or the model's context) and data.truncate=false"
                 )
             if i in texts:
@@ -227,13 +227,13 @@ def _warn_special_text(tokenizer, rows: Sequence[dict], split: str) -> None:
                         if t in str(rows[i]["question"]) or t in str(rows[i].get("answer", ""))})
         log.warning("split %r: %d row(s) hold special-token text %s in the question or answer (first: row %d): it "
                     "becomes the control token itself, and a chat format ends the answer there; remove or reword it",
-                    split, len(rows_hit), found, rows_hit[0], extra=SAME_ON_EVERY_RANK)
+                    split, len(rows_hit), found, rows_hit[0] + 1, extra=SAME_ON_EVERY_RANK)
 
 
 def _packed_rows(tokenizer, rows: Sequence[dict], max_length: int, split: str) -> list[dict]:
     qa = next((i for i, r in enumerate(rows) if "question" in r or "text" not in r), None)
     if qa is not None:
-        raise DataError(f"split {split!r} row {qa}: data.pack_text=true packs raw-text rows ({{'text': ...}}), but this "
+        raise DataError(f"split {split!r} row {qa + 1}: data.pack_text=true packs raw-text rows ({{'text': ...}}), but this "
                         f"row has columns {sorted(rows[qa])}; set data.pack_text=false for question/answer data")
     packed = pack_texts(tokenizer, [r["text"] for r in rows], max_length)
     if not packed:  # as unpacked rows: a split with nothing to train on stops here, not in the batch plan

@@ -58,7 +58,7 @@ def check_list_column(rows: list[dict], column: str, dataset: str, split: str) -
     for i, r in enumerate(rows):
         if not isinstance(r.get(column), (list, tuple)):
             raise DataError(
-                f"dataset {dataset!r}, split {split!r}, column {column!r}: row {i} must hold a list of strings, "
+                f"dataset {dataset!r}, split {split!r}, column {column!r}: row {i + 1} must hold a list of strings, "
                 f"got {type(r.get(column)).__name__}"
             )
 

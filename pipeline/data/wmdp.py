@@ -62,10 +62,10 @@ def check_mcq_rows(rows: list[dict], dataset: str, split: str) -> None:
     for i, r in enumerate(rows):
         ch, ans = r["choices"], r["answer"]
         if not isinstance(ch, (list, tuple)) or len(ch) < 2:
-            raise DataError(f"dataset {dataset!r}, split {split!r}, column 'choices': row {i} needs a list of >= 2 choices")
+            raise DataError(f"dataset {dataset!r}, split {split!r}, column 'choices': row {i + 1} needs a list of >= 2 choices")
         if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(ch):
             raise DataError(
-                f"dataset {dataset!r}, split {split!r}, column 'answer': row {i} must be an int index in "
+                f"dataset {dataset!r}, split {split!r}, column 'answer': row {i + 1} must be an int index in "
                 f"[0, {len(ch)}), got {ans!r}"
             )
 

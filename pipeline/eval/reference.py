@@ -207,7 +207,7 @@ def load_reference_file(path: str | Path, split: str, rows: Sequence[dict],
         v = by_index[str(i)] if str(i) in by_index else by_index[i]
         score = v.get("score") if isinstance(v, dict) else v
         if score is not None and not isinstance(score, (int, float)):
-            raise RetainReferenceError(f"{where}: forget_truth_ratio row {i} has no numeric 'score'")
+            raise RetainReferenceError(f"{where}: forget_truth_ratio row {i + 1} has no numeric 'score'")
         ratios.append(_float(score))
     rouge = ((obj.get("forget_Q_A_ROUGE") or {}).get("value_by_index")) if isinstance(obj, dict) else None
     if isinstance(rouge, dict):
@@ -215,7 +215,7 @@ def load_reference_file(path: str | Path, split: str, rows: Sequence[dict],
             gt = (rouge.get(str(i)) or {}).get("ground_truth")
             if gt is not None and _norm(gt) != _norm(r.get("answer", "")):
                 raise RetainReferenceError(
-                    f"{where}: row {i}'s answer differs from split {split!r} ({_norm(gt)[:60]!r} vs "
+                    f"{where}: row {i + 1}'s answer differs from split {split!r} ({_norm(gt)[:60]!r} vs "
                     f"{_norm(r.get('answer', ''))[:60]!r}): the file is for another forget split")
     if not any(math.isfinite(x) for x in ratios):
         raise RetainReferenceError(f"{where}: no finite truth ratio in forget_truth_ratio")

@@ -58,19 +58,19 @@ def test_eval_columns_optional_but_never_half_filled(tmp_path):
     write(tmp_path, "ev", [ev])
     assert "perturbed_answer" not in load_unlearning_data(cfg(tmp_path, eval_splits=["ev"])).eval["ev"][0]
     write(tmp_path, "ev", [qa_row("carol", "oslo"), ev])
-    with pytest.raises(DataError, match=r"split 'ev', column 'perturbed_answer': missing in 1 of 2 rows \(first: row 1\)"):
+    with pytest.raises(DataError, match=r"split 'ev', column 'perturbed_answer': missing in 1 of 2 rows \(first: row 2\)"):
         load_unlearning_data(cfg(tmp_path, eval_splits=["ev"]))
     write(tmp_path, "ev", [{**ev, "perturbed_answer": "one string"}])
-    with pytest.raises(DataError, match=r"column 'perturbed_answer': row 0 must hold a non-empty list of strings, got str"):
+    with pytest.raises(DataError, match=r"column 'perturbed_answer': row 1 must hold a non-empty list of strings, got str"):
         load_unlearning_data(cfg(tmp_path, eval_splits=["ev"]))
     write(tmp_path, "ev", [{**ev, "perturbed_answer": []}])  # was logged as "no perturbed_answer column"
-    with pytest.raises(DataError, match=r"column 'perturbed_answer': row 0 must hold a non-empty list of strings, got an "
+    with pytest.raises(DataError, match=r"column 'perturbed_answer': row 1 must hold a non-empty list of strings, got an "
                                         r"empty list"):
         load_unlearning_data(cfg(tmp_path, eval_splits=["ev"]))
     # the forget split is scored after training: a number there was a TypeError traceback once it had trained
     write(tmp_path, "ev", [ev])
     write(tmp_path, "forget", [{**qa_row("alice", "paris"), "paraphrased_answer": 3}])
-    with pytest.raises(DataError, match=r"split 'forget', column 'paraphrased_answer': row 0 must hold a non-empty "
+    with pytest.raises(DataError, match=r"split 'forget', column 'paraphrased_answer': row 1 must hold a non-empty "
                                         r"string, got int"):
         load_unlearning_data(cfg(tmp_path, eval_splits=["ev"]))
 
@@ -132,11 +132,11 @@ def test_non_utf8_file_names_file_and_byte(tmp_path):
 
 
 @pytest.mark.parametrize("split,column,value,expect", [
-    ("retain", "answer", None, "row 1 must hold a string, got null (the key is missing or null there)"),  # was a TypeError inside tokenisation
-    ("forget", "question", 7, "row 1 must hold a string, got int"),
-    ("forget", "question", " ", "row 1 is empty"),  # was accepted: trains on the prompt template alone
-    ("retain", "answer", "", "row 1 is empty"),
-    ("ev", "answer", None, "row 1 must hold a string, got null (the key is missing or null there)"),  # evaluation splits too
+    ("retain", "answer", None, "row 2 must hold a string, got null (the key is missing or null there)"),  # was a TypeError inside tokenisation
+    ("forget", "question", 7, "row 2 must hold a string, got int"),
+    ("forget", "question", " ", "row 2 is empty"),  # was accepted: trains on the prompt template alone
+    ("retain", "answer", "", "row 2 is empty"),
+    ("ev", "answer", None, "row 2 must hold a string, got null (the key is missing or null there)"),  # evaluation splits too
 ])
 def test_text_cells_must_be_non_empty_strings(tmp_path, split, column, value, expect):
     rows = {"forget": [qa_row("alice", "paris"), qa_row("carol", "oslo")],
@@ -152,10 +152,10 @@ def test_facts_must_be_a_list_of_strings(tmp_path):
     # a plain string was kept, and fact recall then scored it character by character
     write(tmp_path, "forget", [qa_row("alice", "paris"), {**qa_row("carol", "oslo"), "facts": "oslo"}])
     write(tmp_path, "retain", [qa_row("bob", "rome")])
-    with pytest.raises(DataError, match=r"split 'forget', column 'facts': row 1 must hold a list of strings .*got str"):
+    with pytest.raises(DataError, match=r"split 'forget', column 'facts': row 2 must hold a list of strings .*got str"):
         load_unlearning_data(cfg(tmp_path))
     write(tmp_path, "forget", [qa_row("alice", "paris"), {**qa_row("carol", "oslo"), "facts": ["oslo", None]}])
-    with pytest.raises(DataError, match=r"column 'facts': row 1 must hold a list of strings .*got a list holding null"):
+    with pytest.raises(DataError, match=r"column 'facts': row 2 must hold a list of strings .*got a list holding null"):
         load_unlearning_data(cfg(tmp_path))
     write(tmp_path, "forget", [qa_row("alice", "paris"), {**qa_row("carol", "oslo"), "facts": None}])
     assert load_unlearning_data(cfg(tmp_path)).forget[1]["facts"] is None  # optional: null is no facts
@@ -240,7 +240,7 @@ def test_truncation_counted_or_refused():
     rows = [{"question": "x " * 20, "answer": "x x"}, {"question": "x", "answer": "x"}]
     enc = encode_rows(tok, rows, max_length=10, truncate=True, split="forget")
     assert len(enc[0]["input_ids"]) == 10 and len(enc[1]["input_ids"]) < 10
-    with pytest.raises(DataError, match=r"split 'forget' row 0: sequence longer than 10 tokens"):
+    with pytest.raises(DataError, match=r"split 'forget' row 1: sequence longer than 10 tokens"):
         encode_rows(tok, rows, max_length=10, truncate=False, split="forget")
 
 
