@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 
@@ -17,3 +18,9 @@ def first_line(exc: BaseException, limit: Optional[int] = None) -> str:
 def error_line(exc: BaseException, message: str) -> str:
     """The one-line form of a user error: ``error (<Type>, rank <r>): <message>``."""
     return f"error ({type(exc).__name__}, rank {os.environ.get('RANK', '0')}): {message}"
+
+
+def note(line: str) -> None:
+    """One progress line on stderr, with the logs: stdout carries results only (dry-run plans, the
+    demo's report), which a user may pipe or parse."""
+    print(line, file=sys.stderr, flush=True)

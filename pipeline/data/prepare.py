@@ -27,11 +27,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.data.synthetic import SyntheticConfig, forget_authors, training_rows
+from pipeline.messages import note
 from pipeline.models.tiny import TinyModelConfig
 
 # Bump when the benchmark generator, tokenizer or training recipe changes.
@@ -140,7 +142,7 @@ def _run_trainings(specs: list[Path], root: Path, parallel: bool, log) -> None:
 
 
 def prepare_synthetic(data_cfg: SyntheticConfig, model_cfg: TinyModelConfig, cache_root: str | Path,
-                      parallel: bool = True, log=print) -> SyntheticArtifacts:
+                      parallel: bool = True, log: Callable[[str], None] = note) -> SyntheticArtifacts:
     """Build or reuse ``cache_root/synthetic-<hash>/``; see the module docstring."""
     from pipeline.data.synthetic import build_benchmark, write_benchmark
     from pipeline.data.tokenizer import build_word_tokenizer

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
+from pipeline.messages import note
 from pipeline.models.loading import ModelLoadError
 
 # Part of the cache directory's name: a change to what convert_gguf writes invalidates old caches.
@@ -114,7 +115,7 @@ def is_converted(root: Path) -> bool:
 
 
 def prepare_gguf_model(package: str, cache_root: str | Path, gguf_file: Optional[str] = None,
-                       log: Optional[Callable[[str], None]] = print) -> Path:
+                       log: Optional[Callable[[str], None]] = note) -> Path:
     """The cached HF directory converted from ``package``'s GGUF file (converted on first use)."""
     gguf_path, root, digest = converted_dir(package, cache_root, gguf_file)
     cache_root = root.parent
