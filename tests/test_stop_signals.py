@@ -70,6 +70,35 @@ def test_a_preemptions_sigterm_before_submitits_sigusr2_still_hands_over_to_its_
             signal.signal(s, h)
 
 
+def test_a_signal_after_the_loops_last_look_is_passed_on_when_training_ends(caplog):
+    """A notice between the loop's last look and the end of training set a flag nobody read: the run
+    logged "will checkpoint", exported, evaluated and exited 0. release() gives the handlers back and
+    passes the signal on to the one it had before (a default handler would end the process here)."""
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+
+    previous = signal.signal(signal.SIGUSR2, handler)
+    try:
+        with StopSignals() as stop:
+            stop.release()  # nothing arrived: nothing passed on
+            assert calls == [] and signal.getsignal(signal.SIGUSR2) is handler
+        with StopSignals() as stop:
+            _send(signal.SIGUSR2)  # after the look
+            assert stop.requested and calls == []
+            stop.release()
+            assert calls == [signal.SIGUSR2] and not stop.requested
+            assert "signal 12 arrived after the last training step" in caplog.text
+            _send(signal.SIGUSR2)  # the previous handler is back
+            assert calls == [signal.SIGUSR2] * 2
+        with StopSignals() as stop, pytest.raises(KeyboardInterrupt):  # Ctrl-C: Python's own handler, 130
+            _send(signal.SIGINT)
+            stop.release()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
 def test_the_first_ctrl_c_asks_to_stop_and_the_second_stops_at_once(caplog):
     with StopSignals() as stop:
         _send(signal.SIGINT)

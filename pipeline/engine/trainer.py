@@ -148,6 +148,22 @@ class StopSignals:
             signal.signal(sig, handler)
         self._previous = {}
 
+    def release(self) -> None:
+        """Training ended and its last look found no stop asked: the signals go back to their previous
+        handlers now, and one that arrived since that look is passed on to them (a scheduler's notice
+        there set a flag nobody read: logged as "will checkpoint", then the run exported, evaluated and
+        exited 0 while the scheduler waited for it to stop). A default handler ends the process."""
+        pending = [*([signal.SIGINT] if self._ctrl_c else []), *self.received]
+        if self.signum is not None and pending and pending[0] != self.signum:
+            pending.remove(self.signum)
+            pending.insert(0, self.signum)  # arrival order: the first signal first
+        self.__exit__()
+        self.signum, self.received, self._ctrl_c = None, [], False
+        for sig in pending:
+            log.warning("signal %d arrived after the last training step: training is over (its final checkpoint, if "
+                        "any, is written); acting on it as outside training", sig)
+            signal.raise_signal(sig)
+
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         if signum == signal.SIGINT and self._ctrl_c:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
@@ -412,6 +428,8 @@ class UnlearningTrainer:
             self.save()
         if not all_true(not stop.requested):  # a signal during the final save: exit now, not after the evaluation
             self._stop_here(stop, None)
+        faults.maybe_signal("sigterm_after_training", self.state.step)  # fault suite: a notice after that look
+        stop.release()  # no rank stopped: from here a signal acts as outside training
         self._update_seconds()
         if self.start_step == self.total_steps:
             log.info("nothing to train: resumed at the last step (%d/%d)", self.start_step, self.total_steps)
