@@ -233,6 +233,9 @@ def test_rows_without_facts_fall_back_to_the_form_signal(tmp_path, caplog):
     assert tau_auto.TAU_MIN <= out["tau"] <= tau_auto.TAU_MAX
     assert all(p["form_kept"] is not None and 0.0 <= p["form_kept"] <= 1.0 for p in out["probes"])
     assert all(p["facts_forgotten"] is None and p["facts_known"] == 0 for p in out["probes"])
+    # the guard's own field beside the form rule's (a probe at 0.504 read form_ok False under a reason
+    # that cited the 0.5 guard)
+    assert all(p["form_floor_ok"] == (p["form_kept"] >= tau_auto.FORM_FLOOR) for p in out["probes"])
     if out["probes"][-1]["form_ok"]:
         assert out["tau"] == tau_auto.TAU_MAX and "upper bound" in out["reason"]
     else:  # the form holds at the choice and breaks one resolution step above

@@ -362,7 +362,8 @@ class _Prober:
             "facts_known": int(known),
             "fact_logprob": _none_if_nan(_share(lp_sum, lp_n)),
         }
-        rec["form_ok"] = rec["form_kept"] is None or rec["form_kept"] >= self.form_target
+        rec["form_ok"] = rec["form_kept"] is None or rec["form_kept"] >= self.form_target  # the form rule's test
+        rec["form_floor_ok"] = _keeps_form_floor(rec)  # the fact search's guard (a probe may pass it, not form_ok)
         self.probes.append(rec)
         self._mark(rec)
         self.probe_seconds.append(round(time.time() - t0, 3))
