@@ -150,10 +150,12 @@ def finished_results(cfg: DictConfig, run_dir: Path, key: dict,
         if why and (run_dir / FINISHED_FILE).exists():
             log.info("run %s: its earlier results are not reused: %s", run_dir, why)
         elif why == "" and (run_dir / "results.json").exists():  # results without a finished record: say why
+            left = ckpt.latest_checkpoint(run_dir / "checkpoints")  # e.g. a preemption's, under save_every=0
+            again = f"resumes from {ckpt.checkpoint_name(left)}" if left is not None else "trains again"
             log.info("run %s: its earlier results are not reused: %s", run_dir,
-                     "a run without checkpoints (trainer.save_every=0) is never recorded as finished, so it "
-                     "trains again" if int(OmegaConf.select(cfg, "trainer.save_every", default=0) or 0) == 0 else
-                     f"no {FINISHED_FILE}: it did not finish (it resumes from its newest checkpoint)")
+                     f"a run without checkpoints of its last step (trainer.save_every=0) is never recorded as "
+                     f"finished, so it {again}" if int(OmegaConf.select(cfg, "trainer.save_every", default=0) or 0) == 0
+                     else f"no {FINISHED_FILE}: it did not finish (it resumes from its newest checkpoint)")
         (run_dir / FINISHED_FILE).unlink(missing_ok=True)
         if set_aside_results(run_dir) is not None:  # a failing re-run must not leave them as its own
             log.info("run %s: the earlier results.json is kept as %s until this run writes its own", run_dir,

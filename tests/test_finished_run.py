@@ -70,8 +70,13 @@ def test_a_refused_rerun_changes_nothing_and_a_finished_job_is_not_checked_again
 def test_results_without_a_finished_record_say_why_they_are_not_reused(tmp_path, caplog):
     """A run with trainer.save_every=0 (the embedded default's sweeps) is never recorded as finished:
     its re-run trains again, and the log now says why (it said only that results.json was set aside)."""
-    for save_every, why in ((0, "a run without checkpoints (trainer.save_every=0) is never recorded as finished"),
-                            (5, f"no {FINISHED_FILE}: it did not finish")):
+    plain = "a run without checkpoints of its last step (trainer.save_every=0) is never recorded as finished, so it"
+    for save_every, why in ((0, f"{plain} trains again"), (5, f"no {FINISHED_FILE}: it did not finish"),
+                            # a preemption's checkpoint left in it: the re-run resumes there (it said "trains again")
+                            (0, f"{plain} resumes from step_00000002")):
+        if why.endswith("step_00000002"):
+            (tmp_path / "checkpoints" / "step_00000002").mkdir(parents=True)
+            (tmp_path / "checkpoints" / "step_00000002" / "meta.json").write_text('{"step": 2}')
         (tmp_path / "results.json").write_text("{}")
         cfg = OmegaConf.merge(_cfg(), {"trainer": {"save_every": save_every}})
         with caplog.at_level(logging.INFO):
