@@ -77,14 +77,19 @@ def _tiny_lora():
     return student, FrozenBaseView(student), n_base
 
 
-def test_the_lora_reference_partition_counts_the_base_weights_not_the_adapters():
+def test_the_lora_reference_partition_counts_the_base_weights_not_the_adapters(caplog):
     """A LoRA run's frozen model is the student's base with the adapters off: results.json's
-    zero3_partition.reference counted the adapters as its weights (they sit in the same modules)."""
+    zero3_partition.reference counted the adapters as its weights (they sit in the same modules), and
+    its log line read as a second model's."""
     from pipeline.engine.sharding import record_models
 
     student, view, n_base = _tiny_lora()
     n_lora = sum(p.numel() for n, p in student.named_parameters() if "lora_" in n)
-    part = record_models(student, view, 1, 0)
+    with caplog.at_level("INFO"):
+        part = record_models(student, view, 1, 0)
+    assert f"ZeRO-0 reference: 0 of {part['reference']['params']} parameters partitioned; this rank holds " \
+           f"{n_base} of {n_base} elements (the LoRA student's own base weights, adapters off: no second copy)" \
+           in caplog.text
     assert n_lora > 0 and part["student"]["full_elements"] == n_base + n_lora
     ref = part["reference"]
     assert ref["full_elements"] == ref["local_elements"] == n_base, (ref, n_base, n_lora)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -49,8 +49,10 @@ def partition_stats(module: torch.nn.Module) -> dict[str, Any]:
             "local_elements": local, "full_elements": full}
 
 
-def record(engines: dict[str, Any], world_size: int, zero_stage: int) -> dict[str, dict]:
-    """Log (and return, for ``results.json``) the partition statistics of each named engine.
+def record(engines: dict[str, Any], world_size: int, zero_stage: int, notes: Optional[dict[str, str]] = None
+           ) -> dict[str, dict]:
+    """Log (and return, for ``results.json``) the partition statistics of each named engine
+    (``notes``: a remark for an engine's log line).
 
     Raises :class:`NotPartitionedError` when ``ASU_REQUIRE_PARTITIONED=1``, the run is ZeRO-3 on
     more than one rank and some parameter is whole.
@@ -60,8 +62,9 @@ def record(engines: dict[str, Any], world_size: int, zero_stage: int) -> dict[st
         if engine is None:
             continue
         s = partition_stats(engine.module if hasattr(engine, "module") else engine)
-        log.info("ZeRO-%d %s: %d of %d parameters partitioned; this rank holds %d of %d elements", zero_stage,
-                 what, s["partitioned"], s["params"], s["local_elements"], s["full_elements"])
+        log.info("ZeRO-%d %s: %d of %d parameters partitioned; this rank holds %d of %d elements%s", zero_stage,
+                 what, s["partitioned"], s["params"], s["local_elements"], s["full_elements"],
+                 f" ({notes[what]})" if notes and what in notes else "")
         out[what] = {k: v for k, v in s.items() if k != "whole"}
         out[what]["whole"] = s["whole"][:20]  # names of the first few whole ones, for the log reader
         if os.environ.get(REQUIRE_ENV) == "1" and zero_stage == 3 and world_size > 1 and s["whole"]:
@@ -95,7 +98,8 @@ def record_models(engine: Any, reference: Any, world_size: int, zero_stage: int)
 
     lora_base = isinstance(reference, FrozenBaseView)
     out = record({"student": engine, "reference": _BaseWeights(reference) if lora_base else reference},
-                 world_size, zero_stage)
+                 world_size, zero_stage,
+                 {"reference": "the LoRA student's own base weights, adapters off: no second copy"} if lora_base else None)
     if lora_base:
         out["reference"]["shared_with"] = "student"
     return out
