@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Optional
 
 from pipeline.engine.checkpoint import CheckpointError
-from pipeline.engine.distributed import broadcast_object, is_main_process
+from pipeline.engine.distributed import broadcast_object, is_main_process, ranks_per_node
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ def _acquire(run_dir: Path) -> tuple[Optional[IO[str]], Optional[str]]:
         f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
                 f"{_LAUNCH_MARK}{launch_id()}\n")
         f.flush()
+        os.fsync(f.fileno())  # to the server now: ranks on other nodes read it (NFS caches a write until close)
     except OSError:  # a full disk: held all the same, the holder unnamed
         pass
     return f, None
@@ -84,12 +85,18 @@ _LAUNCH_MARK = "; launch "
 
 
 def launch_id() -> str:
-    """What every rank of this launch shares and no other launch running now does: the rendezvous
-    address (torchrun and DeepSpeed's launcher bind its port; a single process picks a free one) and
-    SLURM's job step where there is one."""
+    """What every rank of this launch shares and no other launch running now does: SLURM's job step;
+    else, on one node, the launcher process whose children the ranks are (torchrun's agent, DeepSpeed's
+    launch.py) on this host — not the rendezvous address: DeepSpeed's launcher gives every launch
+    port 29500 and binds nothing before the ranks start; across nodes, that address and torchrun's
+    rendezvous id (the port is bound on the first node by then)."""
     env = os.environ
-    step = f" slurm {env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}" if "SLURM_JOB_ID" in env else ""
-    return f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}{step}"
+    if "SLURM_JOB_ID" in env:
+        return f"slurm {env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}"
+    world = int(env.get("WORLD_SIZE", "1"))
+    if ranks_per_node(world) >= world:
+        return f"{socket.gethostname()} launcher pid {os.getppid()}"
+    return f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')} {env.get('TORCHELASTIC_RUN_ID', '')}"
 
 
 def _holder(lock: IO[str]) -> str:
@@ -102,29 +109,30 @@ def _refusal(run_dir: Path, lock: IO[str]) -> str:
     return f"run directory {run_dir} is in use by another launch ({holder}): wait for it to end, or use another run_name"
 
 
-def in_use(run_dir: str | Path, tries: int = 5, wait_s: float = 0.1) -> Optional[str]:
+def in_use(run_dir: str | Path, tries: int = 20, wait_s: float = 0.1) -> Optional[str]:
     """Why a launch may not run in ``run_dir`` (another launch holds its lock), else None. Looks only:
     creates nothing, and holds nothing after it returns. A lock held by this launch's own rank 0
     (:func:`hold_early`) is no reason: it names :func:`launch_id`; one held but not (yet) naming it is
-    looked at again over half a second (rank 0 names itself an instant after locking)."""
+    looked at again over two seconds, the file opened anew each time (rank 0 names itself an instant
+    after locking; another node sees the name once it reaches the file server)."""
     run_dir = Path(run_dir)
-    ours = launch_id()
-    try:
-        with open(run_dir / LOCK_FILE) as f:
-            for attempt in range(tries):
+    ours = _LAUNCH_MARK + launch_id()
+    for attempt in range(tries):
+        try:
+            with open(run_dir / LOCK_FILE) as f:
                 try:
                     fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    if _holder(f).endswith(_LAUNCH_MARK + ours):
+                    if _holder(f).endswith(ours):
                         return None
                     if attempt == tries - 1:
                         return _refusal(run_dir, f)
-                    time.sleep(wait_s)
-                    continue
-                fcntl.flock(f, fcntl.LOCK_UN)
-                return None
-    except OSError:  # no lock file (a new run), or no locks on this filesystem: the job's lock decides
-        pass
+                else:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                    return None
+        except OSError:  # no lock file (a new run), or no locks on this filesystem: the job's lock decides
+            return None
+        time.sleep(wait_s)
     return None
 
 
