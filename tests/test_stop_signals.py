@@ -70,10 +70,9 @@ def test_a_preemptions_sigterm_before_submitits_sigusr2_still_hands_over_to_its_
             signal.signal(s, h)
 
 
-def test_a_signal_after_the_loops_last_look_is_passed_on_when_training_ends(caplog):
-    """A notice between the loop's last look and the end of training set a flag nobody read: the run
-    logged "will checkpoint", exported, evaluated and exited 0. release() gives the handlers back and
-    passes the signal on to the one it had before (a default handler would end the process here)."""
+def test_restore_gives_the_handlers_back_and_keeps_what_arrived_before_for_the_last_look():
+    """The loop's end: the handlers go back first, then the last look reads what arrived before
+    (a notice after the last step's look was a flag nobody read: the run evaluated and exited 0)."""
     calls = []
 
     def handler(signum, frame):
@@ -82,19 +81,15 @@ def test_a_signal_after_the_loops_last_look_is_passed_on_when_training_ends(capl
     previous = signal.signal(signal.SIGUSR2, handler)
     try:
         with StopSignals() as stop:
-            stop.release()  # nothing arrived: nothing passed on
-            assert calls == [] and signal.getsignal(signal.SIGUSR2) is handler
-        with StopSignals() as stop:
-            _send(signal.SIGUSR2)  # after the look
-            assert stop.requested and calls == []
-            stop.release()
-            assert calls == [signal.SIGUSR2] and not stop.requested
-            assert "signal 12 arrived after the last training step" in caplog.text
-            _send(signal.SIGUSR2)  # the previous handler is back
-            assert calls == [signal.SIGUSR2] * 2
-        with StopSignals() as stop, pytest.raises(KeyboardInterrupt):  # Ctrl-C: Python's own handler, 130
-            _send(signal.SIGINT)
-            stop.release()
+            _send(signal.SIGUSR2)  # after the last step's look, before the end of training
+            stop.restore()
+            assert signal.getsignal(signal.SIGUSR2) is handler and calls == []
+            assert stop.requested  # the last look still sees it, and stops there
+            _send(signal.SIGUSR2)  # from here a signal acts as outside training
+            assert calls == [signal.SIGUSR2]
+            assert stop.hand_over() and calls == [signal.SIGUSR2] * 2  # the checkpoint's hand-over still runs it
+            stop.restore()  # idempotent, and so is the exit
+        assert signal.getsignal(signal.SIGUSR2) is handler
     finally:
         signal.signal(signal.SIGUSR2, previous)
 

@@ -8,7 +8,7 @@ Format: comma-separated ``<fault>@<step>[:rank]``, e.g. ``kill_in_save@4:1,nan_l
 Faults: ``nan_loss``, ``nan_grad``, ``nan_weights`` (after the optimizer step), ``kill_in_save``,
 ``kill_after_save`` (SIGKILL right after checkpoint ``<step>`` is published: a deterministic kill-and-resume),
 ``sigterm_in_save`` (a preemption notice during the save), ``sigterm_after_training`` (one after the
-loop's last look at the stop flag), ``enospc_in_save`` (this rank's write fails),
+last step's look at the stop flag), ``enospc_in_save`` (this rank's write fails),
 ``enospc_in_export@0`` (rank 0's write of the exported model fails), ``error_in_step`` (a plain
 exception in this rank's forward at that step, as an out-of-memory error on one GPU).
 """

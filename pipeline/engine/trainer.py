@@ -105,6 +105,7 @@ class StopSignals:
         self.received: list[int] = []  # every scheduler signal received, in arrival order, once each
         self._ctrl_c = False
         self._previous: dict[int, Any] = {}
+        self._restored = False
 
     @property
     def requested(self) -> bool:
@@ -144,25 +145,17 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """The signals go back to their previous handlers (idempotent): from here a signal acts as
+        outside training. What arrived before stays ``requested``, for the caller's last look, and
+        :meth:`hand_over` can still pass it on."""
+        if self._restored:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        self._previous = {}
-
-    def release(self) -> None:
-        """Training ended and its last look found no stop asked: the signals go back to their previous
-        handlers now, and one that arrived since that look is passed on to them (a scheduler's notice
-        there set a flag nobody read: logged as "will checkpoint", then the run exported, evaluated and
-        exited 0 while the scheduler waited for it to stop). A default handler ends the process."""
-        pending = [*([signal.SIGINT] if self._ctrl_c else []), *self.received]
-        if self.signum is not None and pending and pending[0] != self.signum:
-            pending.remove(self.signum)
-            pending.insert(0, self.signum)  # arrival order: the first signal first
-        self.__exit__()
-        self.signum, self.received, self._ctrl_c = None, [], False
-        for sig in pending:
-            log.warning("signal %d arrived after the last training step: training is over (its final checkpoint, if "
-                        "any, is written); acting on it as outside training", sig)
-            signal.raise_signal(sig)
+        self._restored = True
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         if signum == signal.SIGINT and self._ctrl_c:
@@ -426,10 +419,13 @@ class UnlearningTrainer:
             bar.close()
         if tcfg.save_every and self.state.step > self.start_step:  # resumed at the end: that checkpoint is this one
             self.save()
-        if not all_true(not stop.requested):  # a signal during the final save: exit now, not after the evaluation
+        faults.maybe_signal("sigterm_after_training", self.state.step)  # fault suite: a notice after the last step
+        # The handlers go back first, then the last look: a signal from here on acts as outside training, and
+        # one before it (during the final save, or after the last step's look) stops here, checkpointed and
+        # exit 124 -- set after the look, it was a flag nobody read: the run evaluated and exited 0.
+        stop.restore()
+        if not all_true(not stop.requested):
             self._stop_here(stop, None)
-        faults.maybe_signal("sigterm_after_training", self.state.step)  # fault suite: a notice after that look
-        stop.release()  # no rank stopped: from here a signal acts as outside training
         self._update_seconds()
         if self.start_step == self.total_steps:
             log.info("nothing to train: resumed at the last step (%d/%d)", self.start_step, self.total_steps)

@@ -295,16 +295,17 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tiny, tmp_path):
         subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
-def test_a_preemption_notice_after_the_last_step_acts_as_outside_training(tiny):
-    """A SIGTERM between the loop's last look at the stop flag and the end of training set a flag nobody
-    read: the run logged "will checkpoint ... and exit", exported, evaluated and exited 0 while the
-    scheduler waited for it to stop. It now reaches the handler it had before training (the default:
-    the process ends), and the same command then finishes from the final checkpoint."""
-    args = _args(tiny, "notice_after", 2, ["trainer.save_every=2"])
+def test_a_preemption_notice_after_the_last_steps_look_checkpoints_and_exits_124(tiny):
+    """A SIGTERM after the last step's look at the stop flag, before the end of training, set a flag
+    nobody read: the run logged "will checkpoint ... and exit", exported, evaluated and exited 0 while
+    the scheduler waited for it to stop. The last look now comes after the handlers are restored: the
+    notice stops the run there, checkpointed (also with save_every=0, which writes no other), exit 124;
+    the same command then finishes from that checkpoint without training again."""
+    args = _args(tiny, "notice_after", 2, ["trainer.save_every=0"])
     run_dir = tiny[0] / "runs" / "notice_after"
     first = launch.run(args, ASU_INJECT="sigterm_after_training@2")
-    assert first.returncode == -signal.SIGTERM, first.stderr[-3000:]
-    assert "signal 15 arrived after the last training step" in first.stderr
+    assert first.returncode == 124, first.stderr[-3000:]
+    assert "preempted at step 2: checkpoint saved, exiting with code 124" in first.stderr
     assert not (run_dir / "results.json").exists() and not (run_dir / "model").exists()
     again = launch.run(args)
     assert again.returncode == 0, again.stderr[-3000:]
