@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from pipeline.config_base import ConfigError
+from pipeline.messages import first_line
 
 
 @dataclass
@@ -270,23 +271,32 @@ def barrier() -> None:
         dist.barrier()
 
 
-def leave_together() -> None:
+def leave_together(wait_s: float = 60.0) -> None:
     """End a process of a launch of several ranks that finished well: wait for every rank, run the
     exit handlers (the job log's last lines, wandb, Hydra's callbacks), and exit 0 without the
     interpreter's teardown.
     Tearing down with gloo's and DeepSpeed's threads still running aborted a finished rank now and
     then ("terminate called without an active exception", exit -6, after "run ... finished": 2 CI runs
     of 10, two different tests; ``destroy_process_group()`` first did not prevent it), and the
-    launcher reported a failed launch of a run whose files were all written. One rank, or no process
+    launcher reported a failed launch of a run whose files were all written. A peer that has not come
+    within ``wait_s`` (it failed after the last collective) is not waited for. One rank, or no process
     group: nothing to do (a normal exit)."""
     import atexit
+    from datetime import timedelta
 
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
-    dist.barrier()  # a rank leaving early would cut a peer's last collective short
-    atexit._run_exitfuncs()  # what a normal exit runs before the teardown
+    if dist.get_backend() == "gloo":  # (the aborts were gloo's; nccl ranks leave as they did)
+        try:  # leave together, but not wait long for a peer that failed after the last collective
+            dist.monitored_barrier(timeout=timedelta(seconds=wait_s))
+        except RuntimeError as e:
+            print(f"note: not every rank reached the end of the launch ({first_line(e, 200)}); this rank's work is "
+                  f"done", file=sys.stderr, flush=True)
+    # the private function a normal exit calls before the teardown: the job log's last lines, wandb,
+    # Hydra's callbacks (CPython's, stable since 3.0; public atexit has no "run them now")
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
