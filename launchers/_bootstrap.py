@@ -294,6 +294,11 @@ def launch(main) -> None:
         if user_full_error or not (isinstance(exc, SweepJobFailed) or type(exc).__module__.startswith("submitit")):
             raise
         _exit_slurm_sweep_failed(exc)
+    except SystemExit as exc:  # a rank of several that stopped (2, 124, 130): no teardown to abort its code
+        from pipeline.engine.distributed import leave_alone
+
+        leave_alone(exc.code)
+        raise
     finally:
         if not user_full_error:  # not passed on as if the user had asked for it
             os.environ.pop("HYDRA_FULL_ERROR", None)

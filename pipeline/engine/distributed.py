@@ -12,6 +12,7 @@ import re
 import socket
 import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 from pipeline.config_base import ConfigError
 from pipeline.messages import first_line
@@ -281,12 +282,11 @@ def leave_together(wait_s: float = 60.0) -> None:
     launcher reported a failed launch of a run whose files were all written. A peer that has not come
     within ``wait_s`` (it failed after the last collective) is not waited for. One rank, or no process
     group: nothing to do (a normal exit)."""
-    import atexit
     from datetime import timedelta
 
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _one_of_several_ranks():
         return
     if dist.get_backend() == "gloo":  # (the aborts were gloo's; nccl ranks leave as they did)
         try:  # leave together, but not wait long for a peer that failed after the last collective
@@ -294,12 +294,39 @@ def leave_together(wait_s: float = 60.0) -> None:
         except RuntimeError as e:
             print(f"note: not every rank reached the end of the launch ({first_line(e, 200)}); this rank's work is "
                   f"done", file=sys.stderr, flush=True)
+    _exit_without_teardown(0)
+
+
+def leave_alone(code: object) -> None:
+    """A rank of several ending with ``sys.exit(code)`` (a refusal's 2, a preemption's 124, a Ctrl-C's
+    130): the exit handlers, then that exit code without the interpreter's teardown, which could
+    abort it as :func:`leave_together` says (exit -6 in place of the code a requeue reads). No wait
+    for the other ranks: they may be anywhere. Returns without a process group of several ranks."""
+    if not _one_of_several_ranks():
+        return
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit's own rule: a message is printed, the code is 1
+        print(code, file=sys.stderr, flush=True)
+        code = 1
+    _exit_without_teardown(code)
+
+
+def _one_of_several_ranks() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _exit_without_teardown(code: int) -> NoReturn:
+    import atexit
+
     # the private function a normal exit calls before the teardown: the job log's last lines, wandb,
     # Hydra's callbacks (CPython's, stable since 3.0; public atexit has no "run them now")
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def world_size() -> int:
