@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -244,11 +246,29 @@ def _hydra_setup_error(exc: BaseException) -> bool:
     return any(f"{os.sep}hydra{os.sep}" in f for f in files) and not any(f.startswith(ours) for f in files)
 
 
+@contextlib.contextmanager
+def ranks_leave() -> Iterator[None]:
+    """Around a launcher's work: a process of a launch of several ranks then ends without the
+    interpreter's teardown (pipeline.engine.distributed): together and with exit 0 when the work
+    returns, alone with its code when it exits (a refusal's 2, a preemption's 124, a Ctrl-C's 130).
+    With one rank, or no process group, it ends as Python does. (The errors :func:`launch` reports
+    come before any process group: its own handlers' exits need none of this.)"""
+    from pipeline.engine.distributed import leave_alone, leave_together
+
+    try:
+        yield
+    except SystemExit as exc:
+        leave_alone(exc.code)
+        raise
+    leave_together()
+
+
 def launch(main) -> None:
     """Run a ``@hydra.main`` entry point. A config that does not compose (an unknown group option or
     key, a value of the wrong type, a malformed override) is bad input like any other: one line
     and exit code 2, where Hydra would print a block of text and exit 1. With HYDRA_FULL_ERROR set
-    by the user, Hydra's own report (with the traceback) is kept."""
+    by the user, Hydra's own report (with the traceback) is kept. A rank of several ends as
+    :func:`ranks_leave` says."""
     from pipeline.errors import exit_with
     from pipeline.hydra_errors import COMPOSE_ERRORS, compose_error_line
 
@@ -258,14 +278,12 @@ def launch(main) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exiting 1
     _IN_LAUNCH = True
     try:
-        main()
-        if _FAILED_JOBS:
-            print(f"error (SweepError, rank 0): {len(_FAILED_JOBS)} sweep job(s) stopped with an error (above; the "
-                  f"others ran): {', '.join(_FAILED_JOBS)}", file=sys.stderr, flush=True)
-            sys.exit(2)
-        from pipeline.engine.distributed import leave_together
-
-        leave_together()
+        with ranks_leave():
+            main()
+            if _FAILED_JOBS:
+                print(f"error (SweepError, rank 0): {len(_FAILED_JOBS)} sweep job(s) stopped with an error (above; "
+                      f"the others ran): {', '.join(_FAILED_JOBS)}", file=sys.stderr, flush=True)
+                sys.exit(2)
     except COMPOSE_ERRORS as exc:
         if user_full_error or _TASK_STARTED:  # raised by the job itself: a bug, keep the traceback
             raise
@@ -294,11 +312,6 @@ def launch(main) -> None:
         if user_full_error or not (isinstance(exc, SweepJobFailed) or type(exc).__module__.startswith("submitit")):
             raise
         _exit_slurm_sweep_failed(exc)
-    except SystemExit as exc:  # a rank of several that stopped (2, 124, 130): no teardown to abort its code
-        from pipeline.engine.distributed import leave_alone
-
-        leave_alone(exc.code)
-        raise
     finally:
         if not user_full_error:  # not passed on as if the user had asked for it
             os.environ.pop("HYDRA_FULL_ERROR", None)

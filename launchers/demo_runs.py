@@ -28,18 +28,18 @@ def main() -> None:
     configure_console()
 
     from pipeline.demo import demo_job, plan_jobs
-    from pipeline.engine.distributed import is_main_process, leave_together
+    from pipeline.engine.distributed import is_main_process
 
     conf = Path(_bootstrap.CONFIG_PATH)
     jobs = plan_jobs([m for m in args.methods.split(",") if m], args.demo_name, conf,
                      references=tuple(v for v in args.references.split(",") if v))
     timings = []
-    _bootstrap.run_main(lambda: timings.extend(demo_job(conf, list(args.overrides), jobs, args.batch_scale)))
-    if args.timings and is_main_process():
-        from pipeline.io import atomic_write_json
+    with _bootstrap.ranks_leave():
+        _bootstrap.run_main(lambda: timings.extend(demo_job(conf, list(args.overrides), jobs, args.batch_scale)))
+        if args.timings and is_main_process():
+            from pipeline.io import atomic_write_json
 
-        atomic_write_json(Path(args.timings), timings)
-    leave_together()
+            atomic_write_json(Path(args.timings), timings)
 
 
 if __name__ == "__main__":

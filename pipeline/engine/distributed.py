@@ -322,10 +322,12 @@ def _exit_without_teardown(code: int) -> NoReturn:
     import atexit
 
     # the private function a normal exit calls before the teardown: the job log's last lines, wandb,
-    # Hydra's callbacks (CPython's, stable since 3.0; public atexit has no "run them now")
+    # Hydra's callbacks (CPython's, stable since 3.0; public atexit has no "run them now"). Not joined,
+    # as a normal exit would: non-daemon threads (the pipeline starts none; a library's would be cut off)
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe must not cost the exit code
+            stream.flush()
     os._exit(code)
 
 

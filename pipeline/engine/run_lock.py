@@ -105,7 +105,8 @@ def _holder(lock: IO[str]) -> str:
 
 
 def _refusal(run_dir: Path, lock: IO[str]) -> str:
-    holder = _holder(lock).split(_LAUNCH_MARK)[0] or "holder unknown"
+    holder = (_holder(lock).split(_LAUNCH_MARK)[0]
+              or "holder unknown: its lock file names no one, e.g. this launch's rank 0 could not write it on a full disk")
     return f"run directory {run_dir} is in use by another launch ({holder}): wait for it to end, or use another run_name"
 
 

@@ -20,6 +20,7 @@ from pipeline.engine.batching import BatchPlan
 from pipeline.engine.distributed import (
     all_reduce_sum,
     all_true,
+    barrier,
     cuda_ranks,
     is_main_process,
     mean_over_ranks,
@@ -423,6 +424,8 @@ class UnlearningTrainer:
         # The handlers go back first, then the last look: a signal from here on acts as outside training, and
         # one before it (during the final save, or after the last step's look) stops here, checkpointed and
         # exit 124 -- set after the look, it was a flag nobody read: the run evaluated and exited 0.
+        barrier()  # the ranks restore at about the same moment: a signal then meets one rank's handler, another's default
+        # only in a short window (as one during the export would)
         stop.restore()
         if not all_true(not stop.requested):
             self._stop_here(stop, None)

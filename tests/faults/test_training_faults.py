@@ -307,7 +307,11 @@ def test_a_preemption_notice_after_the_last_steps_look_checkpoints_and_exits_124
     assert first.returncode == 124, first.stderr[-3000:]
     assert "preempted at step 2: checkpoint saved, exiting with code 124" in first.stderr
     assert not (run_dir / "results.json").exists() and not (run_dir / "model").exists()
-    again = launch.run(args)
+    # 2 ranks: each exits 124 itself (torchrun's summary; torchrun's own code is 1), not the teardown's -6
+    two = launch.run(args + ["trainer.resume=never"], ranks=2, ASU_INJECT="sigterm_after_training@2")
+    assert two.returncode == 1 and "exitcode  : 124" in two.stderr and "exitcode  : -6" not in two.stderr, \
+        two.stderr[-3000:]
+    again = launch.run(args, ranks=2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to train: resumed at the last step (2/2)" in again.stderr
     assert (run_dir / "results.json").exists()

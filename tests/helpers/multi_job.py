@@ -23,11 +23,8 @@ def main() -> None:
 
     jobs = json.loads(Path(sys.argv[1]).read_text())
     demo = [DemoJob(name, "train", (*overrides, f"run_name={name}")) for name, overrides in jobs]
-    _bootstrap.run_main(lambda: demo_job(Path(_bootstrap.CONFIG_PATH), [], demo))
-
-    from pipeline.engine.distributed import leave_together
-
-    leave_together()
+    with _bootstrap.ranks_leave():
+        _bootstrap.run_main(lambda: demo_job(Path(_bootstrap.CONFIG_PATH), [], demo))
 
 
 if __name__ == "__main__":
