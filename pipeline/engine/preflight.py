@@ -873,14 +873,12 @@ def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference
     """The plan of ``cfg`` on ``n`` ranks, ``gpn`` of them per node, with these offload settings, in
     ``zero_stage`` (None: the stage the configured ``deepspeed.zero_stage`` gives ``n`` ranks) and with
     activation checkpointing and the KL (``kernels.kl``) as given (None: as configured). ``batch``:
-    the data's largest micro-batch (None, or a method that adds rows of its own: every row
-    ``data.max_length`` tokens, logits at every position)."""
+    the data's largest micro-batch (None: every row ``data.max_length`` tokens, logits at every
+    position)."""
     from pipeline.engine.ds_config import resolve_precision, student_config
 
     ds, tr = cfg.deepspeed, cfg.trainer
     fp = method_footprint(cfg, arch)
-    if not fp.rows_given:
-        batch = None
     # the buffer limits DeepSpeed will get (ZeRO-3's; read only where the plan's stage is 3)
     zero = student_config(ds, tr, cuda, world_size=max(2, n))["zero_optimization"]
     return plan_memory(arch, n, min(n, gpn), precision=resolve_precision(ds, cuda),
@@ -916,6 +914,8 @@ def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[st
     arch = resolve_arch(cfg.model, model_path, vocab_size)
     ds = cfg.deepspeed
     gpn = _local_world_size(world_size)
+    if batch is not None and not method_footprint(cfg, arch).rows_given:
+        batch = None  # the method adds rows of its own (IDK views), which the data's rows do not bound
 
     def mk(n: int, offload_opt: str, offload_par: str, zero_stage: Optional[int] = None,
            checkpointing: Optional[bool] = None, kl_impl: Optional[str] = None) -> MemoryPlan:
@@ -931,7 +931,7 @@ def run_preflight(cfg: Any, world_size: int, cuda: bool, model_path: Optional[st
     shown = [mk(n, ds.offload_optimizer, ds.offload_param) for n in show_gpus if n != world_size]
     text = format_plans(arch, sorted([current, *shown], key=lambda p: p.n_gpus), gpu_avail or None, host_avail,
                         "rank" if cpu_ranks else "GPU")
-    if batch is not None and method_footprint(cfg, arch).rows_given:
+    if batch is not None:
         text = f"{text}\n{batch.describe(int(cfg.data.max_length))}"
     log.info("\n%s", text)
     if cpu_ranks:
