@@ -81,6 +81,11 @@ def run_main(fn) -> None:
                 # accounting for the job's state (forever where accounting is off); Hydra records this instead
                 raise SweepJobFailed(line) from None
             _end_the_step(line, 2)  # maybe this rank's alone
+        from pipeline.launch_record import undo_if_untouched
+
+        undone = undo_if_untouched()  # refused before its run began: Hydra's record as it was
+        if undone:
+            _log_to_files(f"refused before the run began: {undone}", logging.INFO)
         exit_with(exc, str(exc))
     except KeyboardInterrupt:
         exit_interrupted()

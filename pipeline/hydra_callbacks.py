@@ -238,6 +238,7 @@ class EarlyChecks(Callback):
         _check(config)
         _check_launcher_settings(config)
         _dry_run_writes_nothing(config)
+        _remember_the_record(config)
         _refuse_a_run_directory_in_use(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -282,6 +283,24 @@ def _dry_run_writes_nothing(config: DictConfig) -> None:
         created.append(path)
         path = os.path.dirname(path)
     atexit.register(_remove_empty_dirs, created)
+
+
+def _remember_the_record(config: DictConfig) -> None:
+    """Rank 0 of a single run: what Hydra's record in the run directory holds before Hydra writes it, so
+    a launch refused before its run began puts it back (:mod:`pipeline.launch_record`)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.launch_record import remember
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    run_dir = str(config.hydra.run.dir)
+    job_name = OmegaConf.select(config, "hydra.job.name")
+    try:  # Hydra's default is <output_dir>/<job name>.log; the output dir is set only once the job starts
+        job_log = OmegaConf.select(config, "hydra.job_logging.handlers.file.filename", throw_on_resolution_failure=True)
+    except Exception:  # noqa: BLE001  (${hydra.runtime.output_dir}: not resolvable yet)
+        job_log = os.path.join(run_dir, f"{job_name}.log")
+    remember(run_dir, OmegaConf.select(config, "hydra.output_subdir"), str(job_log) if job_log else None)
 
 
 LOCKED_JOBS = ("train", "continual")  # the launchers whose job holds its run directory (pipeline.engine.run_lock)

@@ -1,0 +1,114 @@
+"""What a single launch's Hydra record replaced in its run directory, so that a launch refused before
+it wrote anything of its own puts it back.
+
+Hydra writes ``.hydra/`` (config, overrides) and opens the job log before the job runs; the job's
+own input checks (a bad data cell, two files for one split, a checkpoint this config cannot resume)
+come after. Without this, such a refusal replaced a finished run's ``.hydra/config.yaml`` and
+``overrides.yaml`` with the refused launch's, and left a new run directory holding only Hydra's
+files and a log. Rank 0 of a single run remembers the directory in the Hydra callback
+(:func:`remember`, before Hydra writes) and the launcher calls :func:`undo_if_untouched` on a refusal.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+LOCK_FILE = ".run.lock"  # pipeline.engine.run_lock's (the callback may create it before Hydra writes)
+
+
+@dataclass
+class _Before:
+    run_dir: Path
+    hydra_dir: Path
+    job_log: Optional[str]  # the job log's name when it lies in run_dir
+    created: list[Path]  # run_dir and the parents this launch creates, innermost first (empty: it existed)
+    hydra_files: dict[str, Optional[bytes]] = field(default_factory=dict)  # None: not there before
+    entries: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # the run's own files' stats
+
+
+_BEFORE: Optional[_Before] = None
+
+
+def _own_entries(run_dir: Path, skip: set[str]) -> dict[str, tuple[int, int, int]]:
+    """(inode, mtime_ns, size) of each entry of ``run_dir`` that is the run's (not Hydra's record, the job
+    log or the lock): a launch that wrote any of them (config.yaml, checkpoints/, results.json) began its run."""
+    try:
+        names = os.listdir(run_dir)
+    except OSError:
+        return {}
+    stats = {}
+    for name in names:
+        if name in skip:
+            continue
+        try:
+            st = os.stat(run_dir / name)
+        except OSError:
+            continue
+        stats[name] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return stats
+
+
+def remember(run_dir: str | Path, output_subdir: Optional[str], job_log: Optional[str]) -> None:
+    """Before Hydra writes into ``run_dir``: what its record (``output_subdir``, e.g. ``.hydra``) holds
+    now, which directories this launch creates, and the stats of the run's own files."""
+    global _BEFORE
+    if output_subdir is None:  # a dry run / another rank: Hydra writes no record
+        return
+    run_path = Path(os.path.abspath(run_dir))
+    created, probe = [], run_path
+    while not probe.exists() and probe.parent != probe:
+        created.append(probe)
+        probe = probe.parent
+    log_name = None
+    if job_log and Path(os.path.abspath(job_log)).parent == run_path:
+        log_name = Path(job_log).name
+    hydra_dir = run_path / output_subdir
+    before = _Before(run_path, hydra_dir, log_name, created)
+    for name in HYDRA_FILES:
+        try:
+            before.hydra_files[name] = (hydra_dir / name).read_bytes()
+        except OSError:
+            before.hydra_files[name] = None
+    before.entries = _own_entries(run_path, _skipped(before))
+    _BEFORE = before
+
+
+def _skipped(before: _Before) -> set[str]:
+    top = os.path.relpath(before.hydra_dir, before.run_dir).split(os.sep)[0]
+    return {top, LOCK_FILE} | ({before.job_log} if before.job_log else set())
+
+
+def undo_if_untouched() -> Optional[str]:
+    """After a refusal: if the launch wrote nothing of the run's own, put Hydra's record back as it was
+    (a directory this launch created goes, with its log); returns what was done, for the error's log, or
+    None. A launch that had begun its run (its files changed) keeps its record: it describes them."""
+    global _BEFORE
+    before, _BEFORE = _BEFORE, None
+    if before is None or _own_entries(before.run_dir, _skipped(before)) != before.entries:
+        return None
+    from pipeline.io import atomic_write_bytes
+
+    try:
+        for name, data in before.hydra_files.items():
+            path = before.hydra_dir / name
+            if data is not None:
+                atomic_write_bytes(path, data)
+            elif path.exists():
+                path.unlink()
+        if not before.created:
+            return "its run directory's .hydra/ is as it was before this launch"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the other ranks write their error line into the
+            os.rmdir(before.hydra_dir)                   # job log now or in a moment: it stays, with them
+            return "no .hydra/ is left in the run directory it created"
+        for name in (before.job_log, LOCK_FILE):
+            if name:
+                (before.run_dir / name).unlink(missing_ok=True)
+        for path in [before.hydra_dir, *before.created]:
+            os.rmdir(path)  # only if empty: anything else there stays, with its parents
+    except OSError:
+        return None
+    return "the run directory it created is removed"
