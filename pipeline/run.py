@@ -420,8 +420,10 @@ def _build_engines(cfg: DictConfig, dist: Any, method: Any, inputs: JobInputs, n
 
     dtype = _model_dtype(cfg, cuda)
     precision = {"training": resolve_precision(cfg.deepspeed, cuda), "weights": dtype, "device": dist.device}
-    log.info("precision: %s training (deepspeed.precision=%s), weights loaded in %s on %s",
-             precision["training"], cfg.deepspeed.precision, dtype, dist.device)
+    unused = "" if str(cfg.model.dtype) == dtype else \
+        f" (model.dtype={cfg.model.dtype} not used: {precision['training']} training keeps float32 weights)"
+    log.info("precision: %s training (deepspeed.precision=%s), weights loaded in %s on %s%s",
+             precision["training"], cfg.deepspeed.precision, dtype, dist.device, unused)
     student, frozen = _load_models(cfg, inputs, s_cfg, dtype, cuda, need_reference)
     method.select_trainable(student)
     engine, reference = _initialize_engines(cfg, dist, student, frozen, s_cfg, r_cfg, total, need_reference)

@@ -38,7 +38,7 @@ def test_single_process_trains_exports_and_evaluates(tiny):
     # kernels.attention=triton on CPU without TRITON_INTERPRET: falls back to sdpa, said in the log and results.json
     out = launch(train_overrides(model_dir, data_dir, root / "runs", "single", steps=3)
                  + ["method=grad_diff", "kernels.attention=triton", "trainer.lr_scheduler=linear",
-                    "trainer.warmup_ratio=0.67", "trainer.epochs=7"], interpret="0")
+                    "trainer.warmup_ratio=0.67", "trainer.epochs=7", "model.dtype=bfloat16"], interpret="0")
     assert out.returncode == 0, out.stderr[-3000:]
     # max_steps decides: an epochs override alone changed nothing, silently
     assert "trainer.epochs=7 is not used: trainer.max_steps=3 sets the step count" in out.stderr
@@ -61,7 +61,9 @@ def test_single_process_trains_exports_and_evaluates(tiny):
     res = json.loads((run / "results.json").read_text())
     assert res["method"] == "grad_diff" and "retain_fact_recall" in res["metrics"]
     assert res["precision"] == {"training": "fp32", "weights": "float32", "device": "cpu"}
-    assert "precision: fp32 training (deepspeed.precision=auto), weights loaded in float32 on cpu" in out.stderr
+    # model.dtype=bfloat16 (the 7B configs') on CPU ranks: fp32, and the log says the setting went unused
+    assert ("precision: fp32 training (deepspeed.precision=auto), weights loaded in float32 on cpu (model.dtype="
+            "bfloat16 not used: fp32 training keeps float32 weights)") in out.stderr
     # GradDiff's terms are token means: the log says over what
     assert ("loss reductions: forget term token_mean, retain term token_mean; token_mean: over the optimizer "
             "step's tokens (every micro-batch and rank)") in out.stderr

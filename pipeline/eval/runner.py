@@ -196,14 +196,15 @@ def check_eval_device(cfg: DictConfig) -> None:
         eval_device(cfg)
 
 
-def _load_eval_model(path: str | Path, cfg: DictConfig) -> Any:
+def _load_eval_model(path: str | Path, cfg: DictConfig, tokenizer: Any) -> Any:
     """The model to evaluate, a plain copy per rank (data-parallel evaluation), on
-    :func:`eval_device` in :func:`eval_dtype`."""
-    from pipeline.models.loading import load_causal_lm, revision_for
+    :func:`eval_device` in :func:`eval_dtype`; refused when ``tokenizer``'s ids can pass its embedding."""
+    from pipeline.models.loading import check_vocab, load_causal_lm, revision_for
 
     device, dtype = eval_device(cfg, path), eval_dtype(cfg)
     m = load_causal_lm(path, dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle, revision_for(cfg.model, path),
                        device=device)
+    check_vocab(m, tokenizer, f"model {path}")  # else an IndexError traceback in the first scored batch
     if is_main_process():
         log.info("evaluation model %s: %s on %s (eval.dtype=%s, eval.device=%s)", path, dtype, device,
                  OmegaConf.select(cfg, "eval.dtype", default="auto"), OmegaConf.select(cfg, "eval.device", default="auto"))
@@ -278,7 +279,7 @@ def retain_reference(cfg: DictConfig, paths: Any, forget_split: str, rows: list[
     ratios = broadcast_object(read_cached(cache, key) if is_main_process() else None)
     if ratios is not None:
         return ratios, info
-    model = _load_eval_model(paths.retain_model, cfg)
+    model = _load_eval_model(paths.retain_model, cfg, tokenizer)
     with progress(f"eval[retain model on {forget_split}]", _progress_bar(cfg)):
         # only the truth ratios are used: greedy generation of every forget row (minutes at 7B) is skipped
         res = evaluate_splits(model, tokenizer, {forget_split: rows}, _settings(cfg), truth_ratio_key(cfg),
@@ -401,7 +402,7 @@ def evaluate_job(cfg: DictConfig, model_dir: str | Path, tokenizer: Any, data: A
     # info, not a warning: the model cannot read more, and eval.max_length's default (192) exceeds the
     # embedded benchmark's context (128) in every default run; the length scored is in results.json
     cfg = at_model_context(cfg, model_dir, level=logging.INFO)
-    model = ModelOnDemand(lambda: _load_eval_model(model_dir, cfg))
+    model = ModelOnDemand(lambda: _load_eval_model(model_dir, cfg, tokenizer))
     world = dist.get_world_size() if dist.is_initialized() else 1
     stem = rouge_stemmer(cfg)
     parts = SplitParts(parts_dir, broadcast_object(parts_key(cfg, model_dir, tokenizer, eval_dtype(cfg), world,

@@ -14,7 +14,12 @@ import torch
 from pipeline.logging import SAME_ON_EVERY_RANK
 from pipeline.messages import first_line
 from pipeline.models.tempered_attention import enable_tempered_attention
-from pipeline.models.weight_report import load_report_muted, loaded_weights_problem, size_mismatch_problem
+from pipeline.models.weight_report import (
+    load_report_muted,
+    loaded_weights_problem,
+    size_mismatch_problem,
+    weight_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +56,13 @@ def _read_json(file: Path, where: str) -> dict:
 
 def check_weight_files(p: Path, where: str) -> None:
     """Every safetensors file of the local model directory ``p`` has a readable header, and a sharded
-    model's ``*.safetensors.index.json`` names only shards that are there: a download or copy cut
-    short stops here in one line instead of mid-load. Only the headers are read (``safe_open``)."""
+    model's ``*.safetensors.index.json`` names only shards that are there, each holding the tensors the
+    index places in it: a download or copy cut short, or an index from another revision, stops here in
+    one line instead of mid-load (or, for a weight the index misplaces, after the data and the memory
+    plan). Only the headers are read (``safe_open``)."""
     from safetensors import SafetensorError, safe_open
 
+    indexes = {}
     for index in sorted(p.glob("*.safetensors.index.json")):
         weight_map = _read_json(index, where).get("weight_map")
         if not isinstance(weight_map, dict):
@@ -64,13 +72,23 @@ def check_weight_files(p: Path, where: str) -> None:
             raise ModelLoadError(f"{where}: {index.name} names {len(missing)} shard(s) that are not there "
                                  f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): "
                                  f"a download or copy cut short?")
+        indexes[index.name] = weight_map
+    keys: dict[str, set[str]] = {}
     for f in sorted(p.glob("*.safetensors")):
         try:
-            with safe_open(str(f), framework="pt"):
-                pass
+            with safe_open(str(f), framework="pt") as st:
+                keys[f.name] = set(st.keys())
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{where}: {f.name} is not a readable safetensors file ({first_line(e)}): "
                                  f"a download or copy cut short?") from None
+    for name, weight_map in indexes.items():
+        absent = sorted((str(t), str(s)) for t, s in weight_map.items() if str(t) not in keys.get(str(s), set()))
+        if absent:
+            tensor, shard = absent[0]
+            raise ModelLoadError(f"{where}: {name} places {len(absent)} tensor(s) in shards that do not hold them "
+                                 f"(first: {tensor} in {shard}): shards and index from different downloads or "
+                                 f"revisions, or a shard cut short?")
+
 
 
 def expand_user(path: str | Path) -> str:
@@ -237,7 +255,7 @@ def weights_bytes(path: str | Path, dtype: str) -> Optional[int]:
             p = Path(snapshot_download(str(path), local_files_only=True))
         except Exception:  # not a cached hub id: unknown
             return None
-    files = sorted(p.glob("*.safetensors"))
+    files = weight_files(p)
     if not files:
         return None
     elements = 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.logging import SAME_ON_EVERY_RANK
@@ -97,14 +98,27 @@ def _shapes_problem(path: Any, n: int, which: str) -> str:
 
 def file_tensor_names(path: Any) -> list[str]:
     """The tensor names in a local model directory's safetensors headers (none for a hub id)."""
-    from pathlib import Path
-
     from safetensors import safe_open
 
     names: list[str] = []
     p = Path(str(path))
     if p.is_dir():
-        for f in sorted(p.glob("*.safetensors")):
+        for f in weight_files(p):
             with safe_open(str(f), framework="pt") as st:
                 names.extend(st.keys())
     return names
+
+
+def weight_files(p: Path) -> list[Path]:
+    """The safetensors files transformers loads from ``p``: the shards ``model.safetensors.index.json``
+    names, else ``model.safetensors``, else every ``*.safetensors`` (hub Mistral repos ship a
+    ``consolidated.safetensors`` beside the shards, which would count the weights twice)."""
+    import json
+
+    index = p / "model.safetensors.index.json"
+    try:
+        shards = sorted({str(s) for s in json.loads(index.read_text())["weight_map"].values()})
+        return [p / s for s in shards if (p / s).is_file()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return [p / "model.safetensors"] if (p / "model.safetensors").is_file() else sorted(p.glob("*.safetensors"))

@@ -2,6 +2,7 @@
 tokenizer/model vocab mismatch, teacher/student architecture mismatch, over-long sequences."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -114,6 +115,12 @@ def test_cli_vocab_mismatch_stops_before_training(tiny, tmp_path):
     assert out.returncode == 2
     assert f"tokenizer has {len(tok)} tokens but the model's embedding has {len(tok) - 3} rows" in out.stderr
     assert not (root / "runs" / "vocab" / "model").exists()
+    # launchers/eval.py alike (it raised an IndexError traceback in the first scored batch, exit 1)
+    out = launch.run(train_overrides(d, data_dir, root / "runs", "vocab_eval"), script="launchers/eval.py")
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        f"error (ModelLoadError, rank 0): model {d}: tokenizer has {len(tok)} tokens but the model's embedding has "
+        f"{len(tok) - 3} rows"), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (root / "runs" / "vocab_eval").exists()
 
 
 def test_sequences_longer_than_context_truncate_or_stop(tiny):
@@ -234,6 +241,35 @@ def test_a_sharded_model_missing_a_shard_is_named_before_loading(tiny, tmp_path)
     shards[-1].unlink()
     with pytest.raises(ModelLoadError, match=rf"^model.path={d}: model.safetensors.index.json names 1 shard\(s\) "
                                              rf"that are not there \({shards[-1].name}\): a download or copy cut short"):
+        check_model_location(str(d))
+
+
+def test_a_shard_index_that_misplaces_a_tensor_is_named_and_the_weights_are_counted_once(tiny, tmp_path):
+    """An index from another download places a weight in a shard that lacks it: named before loading
+    (it was found only after the data and the memory plan, or not at all for a weight the model does not
+    have). A ``consolidated.safetensors`` beside the shards (hub Mistral repos) is not counted again."""
+    from safetensors.torch import save_file
+
+    from pipeline.models.loading import check_model_location, weights_bytes
+
+    d = tmp_path / "sharded"
+    shutil.copytree(tiny[1], d)
+    (d / "model.safetensors").unlink()
+    model = LlamaForCausalLM.from_pretrained(tiny[1])
+    model.save_pretrained(d, max_shard_size="40KB")
+    one_file = weights_bytes(tiny[1], "float32")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              str(d / "consolidated.safetensors"))
+    assert weights_bytes(d, "float32") == one_file
+    check_model_location(str(d))  # whole: passes
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    tensor = next(t for t, s in sorted(index["weight_map"].items()) if s == shards[0])
+    index["weight_map"][tensor] = shards[-1]
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=rf"^model.path={d}: model.safetensors.index.json places 1 tensor\(s\) in "
+                                             rf"shards that do not hold them \(first: {re.escape(tensor)} in "
+                                             rf"{shards[-1]}\): shards and index from different downloads"):
         check_model_location(str(d))
 
 
