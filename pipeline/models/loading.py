@@ -109,6 +109,23 @@ def _run_directory_hint(p: Path, key: str) -> str:
     return ""
 
 
+def _check_model_type(config: dict, where: str) -> None:
+    """config.json's ``model_type`` is one this transformers knows (or the model brings its own code,
+    ``auto_map``, which the load decides on): else transformers stops only once the data, tokenizer and
+    memory plan are done, after a stray warning."""
+    if "auto_map" in config:
+        return
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    # none: transformers guesses from the path's name (a "llama" in it), as older configs need
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise ModelLoadError(f"{where}: config.json's model_type {model_type!r} is not an architecture transformers "
+                             f"{transformers.__version__} knows: a newer transformers, or a typo in config.json?")
+
+
 def check_model_location(path: str, key: str = "model.path", revision: Optional[str] = None,
                          needs: tuple[str, ...] = MODEL_FILES) -> None:
     """Stop, in one line, on a model path that cannot load, before anything is loaded or written: a
@@ -133,7 +150,9 @@ def check_model_location(path: str, key: str = "model.path", revision: Optional[
                                  + _run_directory_hint(p, key))
         for name in ("config.json", "tokenizer_config.json"):
             if name in needs and (p / name).is_file():
-                _read_json(p / name, f"{key}={path}")
+                obj = _read_json(p / name, f"{key}={path}")
+                if name == "config.json":
+                    _check_model_type(obj, f"{key}={path}")
         if needs == MODEL_FILES:
             check_weight_files(p, f"{key}={path}")
         return

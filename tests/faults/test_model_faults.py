@@ -273,6 +273,22 @@ def test_a_shard_index_that_misplaces_a_tensor_is_named_and_the_weights_are_coun
         check_model_location(str(d))
 
 
+def test_an_unknown_model_type_is_named_before_loading(tiny, tmp_path):
+    """transformers stopped on it only after the data, the tokenizer and the memory plan, with a stray warning."""
+    from pipeline.models.loading import check_model_location
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny[1], d)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "model_type": "llamazzz"}))
+    with pytest.raises(ModelLoadError, match=rf"^model.path={d}: config.json's model_type 'llamazzz' is not an "
+                                             rf"architecture transformers .* knows: a newer transformers, or a typo "
+                                             rf"in config.json\?$"):
+        check_model_location(str(d))
+    (d / "config.json").write_text(json.dumps({**config, "model_type": "llamazzz", "auto_map": {}}))
+    check_model_location(str(d))  # its own code: trust_remote_code decides, at the load
+
+
 def test_a_malformed_config_json_is_named_before_loading(tiny, tmp_path):
     from pipeline.models.loading import check_model_location
 
