@@ -26,6 +26,7 @@ class _Before:
     hydra_dir: Path
     job_log: Optional[str]  # the job log's name when it lies in run_dir
     created: list[Path]  # run_dir and the parents this launch creates, innermost first (empty: it existed)
+    hydra_dir_existed: bool = True
     hydra_files: dict[str, Optional[bytes]] = field(default_factory=dict)  # None: not there before
     entries: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # the run's own files' stats
 
@@ -67,7 +68,7 @@ def remember(run_dir: str | Path, output_subdir: Optional[str], job_log: Optiona
     if job_log and Path(os.path.abspath(job_log)).parent == run_path:
         log_name = Path(job_log).name
     hydra_dir = run_path / output_subdir
-    before = _Before(run_path, hydra_dir, log_name, created)
+    before = _Before(run_path, hydra_dir, log_name, created, hydra_dir.is_dir())
     for name in HYDRA_FILES:
         try:
             before.hydra_files[name] = (hydra_dir / name).read_bytes()
@@ -100,6 +101,8 @@ def undo_if_untouched() -> Optional[str]:
             elif path.exists():
                 path.unlink()
         if not before.created:
+            if not before.hydra_dir_existed:
+                os.rmdir(before.hydra_dir)
             return "its run directory's .hydra/ is as it was before this launch"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the other ranks write their error line into the
             os.rmdir(before.hydra_dir)                   # job log now or in a moment: it stays, with them

@@ -64,3 +64,16 @@ def test_a_launch_that_began_its_run_keeps_its_record(tmp_path):
     assert launch_record.undo_if_untouched() is None
     assert (run / ".hydra" / "config.yaml").read_text() == "this launch's\n"
     assert launch_record.undo_if_untouched() is None  # once only
+
+
+def test_an_existing_directory_without_a_record_gets_none(tmp_path):
+    """A launch into an existing directory that held no .hydra/ (e.g. hydra.run.dir=.) leaves none there."""
+    run = tmp_path / "r1"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    launch_record.remember(run, ".hydra", str(run / "train.log"))
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("this launch's\n")
+    (run / "train.log").write_text("a line\n")
+    assert launch_record.undo_if_untouched() == "its run directory's .hydra/ is as it was before this launch"
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt", "train.log"]
