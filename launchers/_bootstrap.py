@@ -46,6 +46,7 @@ def run_main(fn) -> None:
     the next job runs; :func:`launch` exits with 2 at the end. In a submitit job of several ranks, a
     failure every rank may not share ends the job (:func:`_end_the_step`). The line also goes to the
     job's log file, where the sweep report looks for failures."""
+    from pipeline.engine.trainer import handle_stops_outside_training
     from pipeline.errors import (
         USER_ERRORS,
         SweepJobFailed,
@@ -59,6 +60,7 @@ def run_main(fn) -> None:
     global _TASK_STARTED
     _TASK_STARTED = True
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is handled below
+    handle_stops_outside_training()  # a scheduler's signal: one line and exit 124 (training checkpoints first)
     # the job log gathers every attempt (Hydra appends): the sweep report reads failures after this line only
     _log_to_files(ATTEMPT_STARTED, logging.INFO)
     try:

@@ -52,6 +52,36 @@ class Preempted(SystemExit):
         super().__init__(EXIT_REQUEUE)
 
 
+class StoppedOutsideTraining(SystemExit):
+    """SIGTERM / SIGUSR1 / SIGUSR2 while the job was not training (loading, the teacher cache, export,
+    evaluation): exit code 124 at once, as after a preemption checkpoint. What was saved stays (the
+    training's checkpoints, an export, each evaluated split); the same command resumes from there."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_REQUEUE)
+
+
+def stop_outside_training(signum: int, frame: Any) -> None:  # noqa: ARG001
+    """The job's handler for a scheduler's signal outside training (:func:`handle_stops_outside_training`)."""
+    log.warning("received signal %d (%s) while not training: stopping now, exit code %d; the same command again "
+                "resumes from what was saved (checkpoints, the export, evaluated splits)", signum,
+                signal.Signals(signum).name, EXIT_REQUEUE)
+    raise StoppedOutsideTraining()
+
+
+def handle_stops_outside_training() -> None:
+    """A scheduler's signal (SIGTERM, SIGUSR1, SIGUSR2) outside training stops the job with one line and
+    exit code 124, where it would end the process silently (143 / 138 / 140, nothing in the log).
+    Only signals left at their default action: a handler installed before (submitit's) stays theirs.
+    Training's :class:`StopSignals` takes them over while it runs and gives them back after."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        try:
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                signal.signal(sig, stop_outside_training)
+        except ValueError:  # not in the main thread: leave signals alone
+            pass
+
+
 class Interrupted(SystemExit):
     """Checkpointed after Ctrl-C: exit code 130 (128 + SIGINT, the shell's convention); not requeued."""
 
@@ -96,8 +126,9 @@ class StopSignals:
     """While training: SIGTERM / SIGUSR1 / SIGUSR2 (preemption; USR2 is submitit's) and SIGINT
     (Ctrl-C) ask the loop to checkpoint at the next step boundary and exit; a second Ctrl-C stops at
     once (``KeyboardInterrupt``), also after a scheduler's signal. The previous handlers come back
-    when training ends, so a signal during export or evaluation acts as it normally does instead of
-    setting a flag nobody reads."""
+    when training ends, so a signal during export or evaluation acts as outside training (one line and
+    exit 124, :func:`handle_stops_outside_training`, or a scheduler's own handler) instead of setting a
+    flag nobody reads."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
@@ -129,7 +160,8 @@ class StopSignals:
             return False
         for signum in self.received:
             previous = self._previous.get(signum)
-            if not callable(previous):  # SIG_DFL / SIG_IGN / None: nothing of anyone's to run
+            # SIG_DFL / SIG_IGN / None, or the job's own exit outside training: nothing of anyone's to run
+            if not callable(previous) or previous is stop_outside_training:
                 continue
             log.info("passing signal %d on to the handler installed before training (%s)", signum,
                      getattr(previous, "__qualname__", previous))

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config_base import ConfigError
 from pipeline.data.loaders import DataError
 from pipeline.data.muse import is_icl
+from pipeline.engine import faults
 from pipeline.engine.distributed import barrier, broadcast_object, cuda_ranks, gather_objects, is_main_process
 from pipeline.eval.parts import PARTS_DIR, SplitParts
 from pipeline.progress import library_bars, progress
@@ -122,7 +123,7 @@ def evaluate_splits(model: Any, tokenizer: Any, splits: dict[str, list[dict]], s
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     out = {}
-    for name, rows in splits.items():
+    for index, (name, rows) in enumerate(splits.items(), 1):
         done = parts.cached("tofu", name, rows, SplitResult) if parts is not None else None
         if done is not None:
             out[name] = done
@@ -133,6 +134,7 @@ def evaluate_splits(model: Any, tokenizer: Any, splits: dict[str, list[dict]], s
         out[name] = gather_split_results(gather_objects(mine))
         if parts is not None:
             parts.store("tofu", name, rows, out[name], _ran_on(cfg, model))
+        faults.maybe_signal("sigterm_in_eval", index)  # fault suite: a preemption notice between splits
     return out
 
 

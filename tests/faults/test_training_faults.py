@@ -317,6 +317,28 @@ def test_a_preemption_notice_after_the_last_steps_look_checkpoints_and_exits_124
     assert (run_dir / "results.json").exists()
 
 
+def test_a_preemption_notice_during_evaluation_says_so_and_exits_124(tiny):
+    """SIGTERM after training (here: between evaluated splits) ended the process silently with 143:
+    nothing in stderr or train.log. Now one line, exit 124 (what the SLURM scripts requeue on USR1),
+    and the same command resumes: nothing trained again, the evaluated split reused. 2 ranks: each
+    rank exits 124 itself."""
+    args = _args(tiny, "notice_in_eval", 2, ["data.eval_splits=[eval_retain,forget]", "trainer.save_every=2"])
+    run_dir = tiny[0] / "runs" / "notice_in_eval"
+    first = launch.run(args, ASU_INJECT="sigterm_in_eval@1")
+    assert first.returncode == 124, first.stderr[-3000:]
+    line = ("received signal 15 (SIGTERM) while not training: stopping now, exit code 124; the same command again "
+            "resumes from what was saved (checkpoints, the export, evaluated splits)")
+    assert line in first.stderr and line in (run_dir / "train.log").read_text()
+    assert "Traceback" not in first.stderr and not (run_dir / "results.json").exists()
+    two = launch.run(args + ["run_name=notice_in_eval_2"], ranks=2, ASU_INJECT="sigterm_in_eval@1")
+    assert two.returncode == 1 and two.stderr.count("exitcode  : 124") == 2, two.stderr[-3000:]
+    again = launch.run(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to train: resumed at the last step (2/2)" in again.stderr
+    assert "eval[eval_retain]: the result of an earlier attempt is reused" in again.stderr
+    assert (run_dir / "results.json").exists()
+
+
 def test_same_seed_same_metrics(tiny):
     root = tiny[0]
     a = launch.run(_args(tiny, "det_a", 3))
