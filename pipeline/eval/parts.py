@@ -117,8 +117,10 @@ class SplitParts:
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("evaluation part %s is unreadable (%s): evaluating %r again", path, type(e).__name__, name)
             return None
-        if stored != self._full_key(kind, name, rows):
-            log.info("evaluation part %s is from another model, rows or settings: evaluating %r again", path, name)
+        full = self._full_key(kind, name, rows)
+        if stored != full:
+            differ = sorted(k for k in set(stored) | set(full) if stored.get(k) != full.get(k))
+            log.info("evaluation part %s was made with another %s: evaluating %r again", path, ", ".join(differ), name)
             return None
         return {"result": result, "ran_on": obj.get("ran_on")}
 
