@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     c = rep["chosen"]
     n = rep["counts"]
     print(f"\n{n['ok']}/{n['total']} points completed ({n['missing']} missing, {n['failed']} failed)")
-    print(f"rule {rep['rule']}: " + (f"chosen {c['name']} (tau {c['tau']})" if c["name"] else "no setting satisfies it"))
+    print(f"rule {rep['rule']}: " + (f"chosen {c['name']} (tau {c['tau']})" if c["name"] else
+                                  "no setting satisfies it" if c["completed"] else "no point has completed"))
     for note in c["notes"]:
         print(f"  note: {note}")
     print(f"wrote {os.path.join(out, 'report.md')}, report.json, pareto.png")

@@ -158,8 +158,9 @@ def finished_results(cfg: DictConfig, run_dir: Path, key: dict,
                      else f"no {FINISHED_FILE}: it did not finish (it resumes from its newest checkpoint)")
         (run_dir / FINISHED_FILE).unlink(missing_ok=True)
         if set_aside_results(run_dir) is not None:  # a failing re-run must not leave them as its own
-            log.info("run %s: the earlier results.json is kept as %s until this run writes its own", run_dir,
-                     PREVIOUS_RESULTS_FILE)
+            log.info("run %s: the earlier results.json is set aside as %s (with its report.md, eval_details.json and "
+                     "train_history.json as *.previous.*, kept for comparison): a re-run that fails leaves no "
+                     "results.json of another run", run_dir, PREVIOUS_RESULTS_FILE)
     return None
 
 

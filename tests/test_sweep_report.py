@@ -512,3 +512,16 @@ def test_a_failures_note_starts_at_its_error_line_whatever_its_message_holds(tmp
     # a progress bar's carriage return before it on the same line (a log captured from stderr)
     (tmp_path / "train.log").write_text("step 3/10\r[x][ERROR] - error (RuntimeError, rank 1): boom\n")
     assert sweep._failed(tmp_path) == "train.log: error (RuntimeError, rank 1): boom"
+
+
+def test_a_sweep_without_a_completed_point_says_so_and_nothing_else(tmp_path):
+    """Before: "no setting satisfies it", then notes that no point has forget_quality (chose by another
+    metric instead) and no point has model_utility (constraint ignored) — of a sweep where no point ran."""
+    points = [sweep.SweepPoint(f"method.tau={t}", tmp_path / f"method.tau={t}", "missing", {"method.tau": t})
+              for t in ("1.5", "2.0")]
+    choice = sweep.choose(points, sweep.parse_rule(sweep.DEFAULT_RULE), fallback_objective="forget_fact_recall")
+    assert choice["name"] is None and choice["completed"] == 0 and choice["notes"] == []
+    points[0].status, points[0].results = "ok", {"metrics": {"forget_fact_recall": 0.5}}
+    choice = sweep.choose(points, sweep.parse_rule(sweep.DEFAULT_RULE), fallback_objective="forget_fact_recall")
+    assert choice["completed"] == 1 and choice["notes"] == [
+        "no point has forget_quality; chose by forget_fact_recall instead", "no point has model_utility: constraint ignored"]

@@ -443,14 +443,15 @@ def choose(points: list[SweepPoint], rule: Rule, reference: Optional[dict] = Non
     ok = [p for p in points if p.status == "ok"]
     notes: list[str] = []
     objective, direction = rule.objective, rule.direction
-    if not any(p.metric(objective) is not None for p in ok) and fallback_objective:
+    # without a completed point there is nothing to choose from, and no note on metrics none could have
+    if ok and not any(p.metric(objective) is not None for p in ok) and fallback_objective:
         notes.append(f"no point has {objective}; chose by {fallback_objective} instead")
         objective = fallback_objective
         direction = objective_direction(objective)
     threshold = ref_value = None
     ref_source = None
     eligible = [p for p in ok if p.metric(objective) is not None]
-    if rule.constraint:
+    if rule.constraint and ok:
         ref_metrics = (reference or {}).get("metrics", {}) if reference else {}
         rv = ref_metrics.get(rule.constraint)
         if isinstance(rv, (int, float)) and not isinstance(rv, bool) and math.isfinite(rv):
@@ -485,6 +486,7 @@ def choose(points: list[SweepPoint], rule: Rule, reference: Optional[dict] = Non
         "reference_value": ref_value,
         "reference_source": ref_source,
         "eligible": [p.name for p in eligible],
+        "completed": len(ok),
         "notes": notes,
     }
 
@@ -770,7 +772,8 @@ def _markdown(name: str, points: list[SweepPoint], swept: list[str], fixed: dict
                      + f": {choice['objective']} = {format_value(chosen_pt.metric(choice['objective']))}, "
                      f"{y} = {format_value(chosen_pt.metric(y))}.")
     else:
-        lines.append("**No setting chosen**: no completed point satisfies the rule.")
+        lines.append("**No setting chosen**: " + ("no completed point satisfies the rule." if choice["completed"]
+                                                  else "no point has completed."))
     lines += [f"- {n}" for n in choice["notes"]]
     lines += ["", "## Pareto front", "",
               f"![pareto](pareto.png) — x: `{xk}` ({_better_text(x_dir)}), y: `{y}` "
