@@ -481,18 +481,6 @@ def _run_sequence(cfg: DictConfig, run_dir: Path, requests: list[str], splits: l
     steps: list[tuple[int, str, Path, str]] = []
     resume = str(cfg.trainer.resume)
     reused: set[str] = set()  # the step directories found finished (not run again)
-    if cfg.continual.eval_initial:
-        step_dir = run_dir / "r0_initial"
-        step_cfg = request_config(cfg, base, 0, requests[0], init_model, splits)
-        record = step_record("initial", init_model, step_cfg, step_rows(step_cfg, rows_read))
-        if _finished(step_dir, _earlier_record(step_dir), record, need_model=False, resume=resume):
-            reused.add(str(step_dir))
-        else:
-            log.info("continual: evaluating the starting model %s", init_model)
-            eval_job(step_cfg, step_dir)
-            if is_main_process():
-                atomic_write_json(step_dir / STEP_FILE, record)
-        steps.append((-1, "initial", step_dir, init_model))
 
     def write_summary() -> list[dict]:
         # All rows are rebuilt each time: a retain-model reference cached by a later request fills
@@ -505,6 +493,21 @@ def _run_sequence(cfg: DictConfig, run_dir: Path, requests: list[str], splits: l
         atomic_write_json(run_dir / "continual.json", out)  # after every request: partial results survive
         atomic_write_text(run_dir / "continual.md", render_md(rows, requests))
         return rows
+
+    if cfg.continual.eval_initial:
+        step_dir = run_dir / "r0_initial"
+        step_cfg = request_config(cfg, base, 0, requests[0], init_model, splits)
+        record = step_record("initial", init_model, step_cfg, step_rows(step_cfg, rows_read))
+        if _finished(step_dir, _earlier_record(step_dir), record, need_model=False, resume=resume):
+            reused.add(str(step_dir))
+        else:
+            log.info("continual: evaluating the starting model %s", init_model)
+            eval_job(step_cfg, step_dir)
+            if is_main_process():
+                atomic_write_json(step_dir / STEP_FILE, record)
+        steps.append((-1, "initial", step_dir, init_model))
+        if is_main_process():  # "0 of N requests done", with the starting model's row, from here on
+            write_summary()
 
     for i, request in enumerate(requests):
         step_dir = run_dir / step_name(i, request)
