@@ -171,6 +171,7 @@ def test_train_and_eval_print_a_summary_and_the_log_says_what_trains(tmp_path):
     ev = launch.run(exported, script="launchers/eval.py")
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert ev.stdout.splitlines()[0] == f"run: {tmp_path / 'runs' / 'asu_eval'}"
+    assert ev.stdout.splitlines()[2] == f"evaluated {run / 'model'}"  # it said "method model" (the model's label)
     assert "metrics: forget_fact_recall" in ev.stdout and "forget_quality: null" in ev.stdout
 
 

@@ -333,7 +333,9 @@ def run_summary(results: dict[str, Any], run_dir: str | os.PathLike, reused: boo
     run_dir = Path(run_dir)
     report = run_dir / "report.md"
     metrics = results.get("metrics") or {}
-    what = [f"method {results.get('method', '?')}"]
+    # an evaluation's results carry no steps, and its "method" is the model's label (e.g. "model")
+    what = [f"method {results.get('method', '?')}"] if results.get("steps") is not None or "model" not in results \
+        else [f"evaluated {results['model']}"]
     if results.get("tau") is not None:
         what.append(f"tau {format_value(results['tau'], 3)}" + (" (chosen by method.tau=auto)" if auto_tau(results) else ""))
     if results.get("steps") is not None:
