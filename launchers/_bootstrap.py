@@ -46,7 +46,7 @@ def run_main(fn) -> None:
     the next job runs; :func:`launch` exits with 2 at the end. In a submitit job of several ranks, a
     failure every rank may not share ends the job (:func:`_end_the_step`). The line also goes to the
     job's log file, where the sweep report looks for failures."""
-    from pipeline.engine.trainer import handle_stops_outside_training
+    from pipeline.engine.trainer import outside_training_stops
     from pipeline.errors import (
         USER_ERRORS,
         SweepJobFailed,
@@ -60,11 +60,11 @@ def run_main(fn) -> None:
     global _TASK_STARTED
     _TASK_STARTED = True
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is handled below
-    handle_stops_outside_training()  # a scheduler's signal: one line and exit 124 (training checkpoints first)
     # the job log gathers every attempt (Hydra appends): the sweep report reads failures after this line only
     _log_to_files(ATTEMPT_STARTED, logging.INFO)
     try:
-        fn()
+        with outside_training_stops():  # a scheduler's signal: one line and exit 124 (training checkpoints first)
+            fn()
     except USER_ERRORS as exc:
         line = error_line(exc, str(exc))
         ends_the_step = bool(os.environ.get("SUBMITIT_EXECUTOR")) and _job_ranks() > 1 and not on_every_rank(exc)

@@ -288,11 +288,13 @@ def _dry_run_writes_nothing(config: DictConfig) -> None:
 def _remember_the_record(config: DictConfig) -> None:
     """Rank 0 of a single run: what Hydra's record in the run directory holds before Hydra writes it, so
     a launch refused before its run began puts it back (:mod:`pipeline.launch_record`)."""
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict, read_write
 
     from pipeline.launch_record import remember
 
-    if os.environ.get("RANK", "0") != "0":
+    if os.environ.get("RANK", "0") != "0":  # rank 0 writes the same files: one writer, which a refusal can undo
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.output_subdir = None
         return
     run_dir = str(config.hydra.run.dir)
     job_name = OmegaConf.select(config, "hydra.job.name")
@@ -311,8 +313,7 @@ def _refuse_a_run_directory_in_use(config: DictConfig) -> None:
     on every rank, before Hydra writes ``.hydra/`` and opens the job log there (the job's own lock
     refused it only after Hydra had replaced the running run's ``.hydra/config.yaml`` with the refused
     launch's). Rank 0 takes the lock now and the job keeps it; the other ranks look, past a lock that
-    names this launch. They write no ``.hydra/`` (rank 0 writes the same files) and open the job log at
-    their first line only."""
+    names this launch. They open the job log at their first line only."""
     from omegaconf import OmegaConf, open_dict, read_write
 
     from pipeline.engine.run_lock import RunDirInUseError, hold_early, in_use
@@ -325,9 +326,8 @@ def _refuse_a_run_directory_in_use(config: DictConfig) -> None:
     problem = hold_early(run_dir) if os.environ.get("RANK", "0") == "0" else in_use(run_dir)
     if problem:
         exit_with(RunDirInUseError(problem, every_rank=True), problem)
-    if os.environ.get("RANK", "0") != "0":
+    if os.environ.get("RANK", "0") != "0":  # they write no .hydra/ (_remember_the_record)
         with read_write(config.hydra), open_dict(config.hydra):
-            config.hydra.output_subdir = None
             # opened at its first line (these ranks log only warnings): nothing of theirs in a directory unused
             handlers = config.hydra.job_logging.get("handlers") or {}
             if "file" in handlers:

@@ -36,7 +36,8 @@ _BEFORE: Optional[_Before] = None
 
 def _own_entries(run_dir: Path, skip: set[str]) -> dict[str, tuple[int, int, int]]:
     """(inode, mtime_ns, size) of each entry of ``run_dir`` that is the run's (not Hydra's record, the job
-    log or the lock): a launch that wrote any of them (config.yaml, checkpoints/, results.json) began its run."""
+    log or the lock): a launch that wrote any of them (config.yaml, checkpoints/, results.json) began its run.
+    Top-level entries only: every refusal that can follow a write of the run's comes after its config.yaml."""
     try:
         names = os.listdir(run_dir)
     except OSError:

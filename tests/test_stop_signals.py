@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from pipeline.engine.trainer import StopSignals
+from pipeline.engine.trainer import StoppedOutsideTraining, StopSignals, outside_training_stops
 
 
 def _send(sig: int) -> None:
@@ -120,3 +120,41 @@ def test_ctrl_c_while_the_launcher_imports_is_one_line_and_130():
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C, rank 0)"), err[-2000:]
+
+
+def test_outside_training_a_signal_stops_once_with_124_and_the_defaults_come_back():
+    """Outside training a scheduler's signal ended the process silently (143 / 138); now it raises exit
+    124 once (a second signal, e.g. train.sbatch's USR1 after a scancel's TERM, cannot break into the
+    cleanup), a handler installed before is left alone, and the defaults are back after the job."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    theirs = []
+    signal.signal(signal.SIGUSR2, lambda signum, frame: theirs.append(signum))
+    try:
+        with outside_training_stops():
+            assert signal.getsignal(signal.SIGUSR2) is not signal.SIG_DFL
+            with StopSignals() as stop:  # training takes them over and gives them back
+                _send(signal.SIGTERM)
+                assert stop.requested and not stop.hand_over()  # ours is nobody's to hand over to
+            cleaned = False
+            with pytest.raises(StoppedOutsideTraining) as raised:
+                try:
+                    _send(signal.SIGTERM)
+                finally:
+                    _send(signal.SIGUSR1)  # ignored: the cleanup goes on
+                    cleaned = True
+            assert raised.value.code == 124 and cleaned
+            _send(signal.SIGUSR2)
+            assert theirs == [signal.SIGUSR2]
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # stopping: not restored
+        with outside_training_stops():
+            pass
+        with outside_training_stops():
+            pass
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        with outside_training_stops():
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

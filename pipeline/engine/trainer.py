@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -61,25 +62,49 @@ class StoppedOutsideTraining(SystemExit):
         super().__init__(EXIT_REQUEUE)
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _stopping_already(signum: int, frame: Any) -> None:  # noqa: ARG001
+    """A further signal once the job is stopping (train.sbatch's trap sends USR1 after a scancel's
+    TERM; srun and torchrun signal again): nothing, so it cannot break into the cleanup under way."""
+
+
 def stop_outside_training(signum: int, frame: Any) -> None:  # noqa: ARG001
-    """The job's handler for a scheduler's signal outside training (:func:`handle_stops_outside_training`)."""
-    log.warning("received signal %d (%s) while not training: stopping now, exit code %d; the same command again "
-                "resumes from what was saved (checkpoints, the export, evaluated splits)", signum,
-                signal.Signals(signum).name, EXIT_REQUEUE)
+    """The job's handler for a scheduler's signal outside training (:func:`outside_training_stops`):
+    one line, then exit 124; acts once."""
+    for sig in _STOP_SIGNALS:
+        if signal.getsignal(sig) is stop_outside_training:  # another's handler (submitit's) stays
+            signal.signal(sig, _stopping_already)
+    log.warning("received signal %d (%s) while not training (a preemption or cancel, or the launcher ending this "
+                "rank after another failed): stopping now, exit code %d; the same command again resumes from what "
+                "was saved (checkpoints, the export, evaluated splits)", signum, signal.Signals(signum).name,
+                EXIT_REQUEUE)
     raise StoppedOutsideTraining()
 
 
-def handle_stops_outside_training() -> None:
-    """A scheduler's signal (SIGTERM, SIGUSR1, SIGUSR2) outside training stops the job with one line and
-    exit code 124, where it would end the process silently (143 / 138 / 140, nothing in the log).
-    Only signals left at their default action: a handler installed before (submitit's) stays theirs.
-    Training's :class:`StopSignals` takes them over while it runs and gives them back after."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+@contextlib.contextmanager
+def outside_training_stops() -> Iterator[None]:
+    """While the job runs, a scheduler's signal (SIGTERM, SIGUSR1, SIGUSR2) outside training stops it
+    with one line and exit code 124, where it ended the process silently (143 / 138 / 140). Only
+    signals left at their default action: a handler installed before (submitit's) stays theirs.
+    Training's :class:`StopSignals` takes them over while it runs and gives them back after. A rank
+    blocked in a C call (a collective) acts on the signal once the call returns (``kill -9`` ends it
+    at once), as during training. After the job the defaults come back, unless it is stopping."""
+    ours = []
+    for sig in _STOP_SIGNALS:
         try:
             if signal.getsignal(sig) == signal.SIG_DFL:
                 signal.signal(sig, stop_outside_training)
+                ours.append(sig)
         except ValueError:  # not in the main thread: leave signals alone
             pass
+    try:
+        yield
+    finally:
+        for sig in ours:
+            if signal.getsignal(sig) is stop_outside_training:
+                signal.signal(sig, signal.SIG_DFL)
 
 
 class Interrupted(SystemExit):
@@ -127,7 +152,7 @@ class StopSignals:
     (Ctrl-C) ask the loop to checkpoint at the next step boundary and exit; a second Ctrl-C stops at
     once (``KeyboardInterrupt``), also after a scheduler's signal. The previous handlers come back
     when training ends, so a signal during export or evaluation acts as outside training (one line and
-    exit 124, :func:`handle_stops_outside_training`, or a scheduler's own handler) instead of setting a
+    exit 124, :func:`outside_training_stops`, or a scheduler's own handler) instead of setting a
     flag nobody reads."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)

@@ -120,7 +120,8 @@ class SplitParts:
         full = self._full_key(kind, name, rows)
         if stored != full:
             differ = sorted(k for k in set(stored) | set(full) if stored.get(k) != full.get(k))
-            log.info("evaluation part %s was made with another %s: evaluating %r again", path, ", ".join(differ), name)
+            log.info("evaluation part %s differs from this evaluation in %s: evaluating %r again", path,
+                     ", ".join(differ), name)
             return None
         return {"result": result, "ran_on": obj.get("ran_on")}
 

@@ -326,8 +326,9 @@ def test_a_preemption_notice_during_evaluation_says_so_and_exits_124(tiny):
     run_dir = tiny[0] / "runs" / "notice_in_eval"
     first = launch.run(args, ASU_INJECT="sigterm_in_eval@1")
     assert first.returncode == 124, first.stderr[-3000:]
-    line = ("received signal 15 (SIGTERM) while not training: stopping now, exit code 124; the same command again "
-            "resumes from what was saved (checkpoints, the export, evaluated splits)")
+    line = ("received signal 15 (SIGTERM) while not training (a preemption or cancel, or the launcher ending this "
+            "rank after another failed): stopping now, exit code 124; the same command again resumes from what "
+            "was saved (checkpoints, the export, evaluated splits)")
     assert line in first.stderr and line in (run_dir / "train.log").read_text()
     assert "Traceback" not in first.stderr and not (run_dir / "results.json").exists()
     two = launch.run(args + ["run_name=notice_in_eval_2"], ranks=2, ASU_INJECT="sigterm_in_eval@1")
