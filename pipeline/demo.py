@@ -16,8 +16,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.messages import note
-
 REFERENCE_MODELS = ("target", "retain")
 
 
@@ -146,10 +144,10 @@ def demo_job(conf_dir: Path, common: list[str], jobs: list[DemoJob], batch_scale
         if is_main_process():
             # says whether training starts afresh (TRAIN_DEFAULTS) or resumes an earlier checkpoint
             how = f" (trainer.resume={cfg.trainer.resume})" if job.kind == "train" else ""
-            note(f"[demo] {i}/{len(jobs)} {job.kind} {job.name} -> {run_dir}{how}")
+            print(f"[demo] {i}/{len(jobs)} {job.kind} {job.name} -> {run_dir}{how}", flush=True)
         (eval_job if job.kind == "eval" else train_job)(cfg, run_dir)
         dt = time.time() - t0
         timings.append({"name": job.name, "kind": job.kind, "seconds": round(dt, 1)})
         if is_main_process():
-            note(f"[demo] {i}/{len(jobs)} {job.name} done in {dt:.0f}s")
+            print(f"[demo] {i}/{len(jobs)} {job.name} done in {dt:.0f}s", flush=True)
     return timings
