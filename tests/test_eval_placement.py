@@ -90,7 +90,9 @@ def test_eval_device_cuda_without_a_gpu_stops_before_training():
 
 
 def test_the_weight_size_comes_from_the_safetensors_headers(tiny_model):
-    m = runner._load_eval_model(tiny_model, _cfg("eval.dtype=bfloat16"))
+    from pipeline.models.loading import load_tokenizer
+
+    m = runner._load_eval_model(tiny_model, _cfg("eval.dtype=bfloat16"), load_tokenizer(str(tiny_model), False))
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     assert {p.device.type for p in m.parameters()} == {"cpu"} and not m.training
     n = sum(t.numel() for t in m.state_dict().values())  # tied weights counted as stored
@@ -130,10 +132,10 @@ def test_the_target_model_is_released_before_the_retain_model_loads(tmp_path, mo
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
     loaded, real = [], runner._load_eval_model
 
-    def spy_record(path, c):
+    def spy_record(path, c, tokenizer):
         gc.collect()
         alive_before = [ref() is not None for _, ref, *_ in loaded]
-        m = real(path, c)
+        m = real(path, c, tokenizer)
         loaded.append((str(path), weakref.ref(m), alive_before))
         return m
 
