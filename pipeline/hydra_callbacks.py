@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.eval.sweep import sweep_jobs
-from pipeline.io import RUN_CONFIG
+from pipeline.io import RUN_CONFIG, dirs_to_create, remove_empty_dirs
 
 
 def _check(config: DictConfig, where: str = "") -> None:
@@ -278,11 +278,7 @@ def _dry_run_writes_nothing(config: DictConfig) -> None:
                 root.handlers = [h for h in root.handlers if h != "file"]
     # Hydra makes the run directory whatever a callback does: the ones it creates go at exit (also
     # after a refusal's exit 2), innermost first, each only if still empty
-    created, path = [], os.path.abspath(str(config.hydra.run.dir))
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        created.append(path)
-        path = os.path.dirname(path)
-    atexit.register(_remove_empty_dirs, created)
+    atexit.register(remove_empty_dirs, dirs_to_create(str(config.hydra.run.dir)))
 
 
 def _remember_the_record(config: DictConfig) -> None:
@@ -332,11 +328,3 @@ def _refuse_a_run_directory_in_use(config: DictConfig) -> None:
             handlers = config.hydra.job_logging.get("handlers") or {}
             if "file" in handlers:
                 handlers.file.delay = True
-
-
-def _remove_empty_dirs(paths: Sequence[str]) -> None:
-    for path in paths:
-        try:
-            os.rmdir(path)
-        except OSError:  # not empty (or gone): it and its parents stay
-            break

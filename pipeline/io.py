@@ -35,6 +35,24 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
+def dirs_to_create(path: str | os.PathLike) -> list[Path]:
+    """The directories making ``path`` (absolute) would create, innermost first: ``path`` and its
+    missing parents (none when it exists)."""
+    path = Path(os.path.abspath(path))
+    return [path, *path.parents][: len(path.parents) - len(nearest_existing(path).parents)]
+
+
+def remove_empty_dirs(paths: list[Path] | list[str]) -> bool:
+    """Remove ``paths`` in order (innermost first), each only if empty; stop at the first that is not
+    (or is gone): it and those after it stay. True when every one was removed."""
+    for path in paths:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return False
+    return True
+
+
 def why_no_directory(path: Path) -> Optional[str]:
     """Why ``path`` cannot be a directory, for a one-line error: the file or link to nothing in its place
     or above it. None when it is one or can be made (write permission aside)."""

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from pipeline.engine.run_lock import LOCK_FILE  # the callback may create it before Hydra writes
+from pipeline.io import atomic_write_bytes, dirs_to_create, remove_empty_dirs
+
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
-LOCK_FILE = ".run.lock"  # pipeline.engine.run_lock's (the callback may create it before Hydra writes)
 
 
 @dataclass
@@ -61,10 +63,7 @@ def remember(run_dir: str | Path, output_subdir: Optional[str], job_log: Optiona
     if output_subdir is None:  # a dry run / another rank: Hydra writes no record
         return
     run_path = Path(os.path.abspath(run_dir))
-    created, probe = [], run_path
-    while not probe.exists() and probe.parent != probe:
-        created.append(probe)
-        probe = probe.parent
+    created = dirs_to_create(run_path)
     log_name = None
     if job_log and Path(os.path.abspath(job_log)).parent == run_path:
         log_name = Path(job_log).name
@@ -92,8 +91,6 @@ def undo_if_untouched() -> Optional[str]:
     before, _BEFORE = _BEFORE, None
     if before is None or _own_entries(before.run_dir, _skipped(before)) != before.entries:
         return None
-    from pipeline.io import atomic_write_bytes
-
     try:
         for name, data in before.hydra_files.items():
             path = before.hydra_dir / name
@@ -111,8 +108,7 @@ def undo_if_untouched() -> Optional[str]:
         for name in (before.job_log, LOCK_FILE):
             if name:
                 (before.run_dir / name).unlink(missing_ok=True)
-        for path in [before.hydra_dir, *before.created]:
-            os.rmdir(path)  # only if empty: anything else there stays, with its parents
     except OSError:
         return None
-    return "the run directory it created is removed"
+    # only if empty: anything else there stays, with its parents
+    return "the run directory it created is removed" if remove_empty_dirs([before.hydra_dir, *before.created]) else None

@@ -62,7 +62,7 @@ class StoppedOutsideTraining(SystemExit):
         super().__init__(EXIT_REQUEUE)
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+SCHEDULER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # preemption, time limit, submitit's
 
 
 def _stopping_already(signum: int, frame: Any) -> None:  # noqa: ARG001
@@ -73,7 +73,7 @@ def _stopping_already(signum: int, frame: Any) -> None:  # noqa: ARG001
 def stop_outside_training(signum: int, frame: Any) -> None:  # noqa: ARG001
     """The job's handler for a scheduler's signal outside training (:func:`outside_training_stops`):
     one line, then exit 124; acts once."""
-    for sig in _STOP_SIGNALS:
+    for sig in SCHEDULER_SIGNALS:
         if signal.getsignal(sig) is stop_outside_training:  # another's handler (submitit's) stays
             signal.signal(sig, _stopping_already)
     log.warning("received signal %d (%s) while not training (a preemption or cancel, or the launcher ending this "
@@ -92,7 +92,7 @@ def outside_training_stops() -> Iterator[None]:
     blocked in a C call (a collective) acts on the signal once the call returns (``kill -9`` ends it
     at once), as during training. After the job the defaults come back, unless it is stopping."""
     ours = []
-    for sig in _STOP_SIGNALS:
+    for sig in SCHEDULER_SIGNALS:
         try:
             if signal.getsignal(sig) == signal.SIG_DFL:
                 signal.signal(sig, stop_outside_training)
@@ -155,7 +155,7 @@ class StopSignals:
     exit 124, :func:`outside_training_stops`, or a scheduler's own handler) instead of setting a
     flag nobody reads."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+    SIGNALS = (*SCHEDULER_SIGNALS, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None  # the first stop signal received
@@ -481,8 +481,8 @@ class UnlearningTrainer:
         # The handlers go back first, then the last look: a signal from here on acts as outside training, and
         # one before it (during the final save, or after the last step's look) stops here, checkpointed and
         # exit 124 -- set after the look, it was a flag nobody read: the run evaluated and exited 0.
-        barrier()  # the ranks restore at about the same moment: a signal then meets one rank's handler, another's default
-        # only in a short window (as one during the export would)
+        barrier()  # the ranks restore at about the same moment: a signal then meets one rank's training handler,
+        # another's outside-training stop only in a short window (as one during the export would)
         stop.restore()
         if not all_true(not stop.requested):
             self._stop_here(stop, None)

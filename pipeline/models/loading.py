@@ -90,7 +90,6 @@ def check_weight_files(p: Path, where: str) -> None:
                                  f"revisions, or a shard cut short?")
 
 
-
 def expand_user(path: str | Path) -> str:
     """``path`` with a leading ``~`` expanded (a quoted ``model.path='~/models/x'`` reaches us as is; the
     location checks expand it, so loading must too); a hub id is returned unchanged."""
