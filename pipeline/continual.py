@@ -331,7 +331,11 @@ def render_sequence_summary(summary: dict) -> str:
         trained = ("reused" if s["reused"] else "evaluated" if s["forget_split"] is None
                    else f"{s['steps']} step{'' if s['steps'] == 1 else 's'}" if s["steps"] is not None else "-")
         d = Path(s["run_dir"])
-        table.append({"step": s["step"], "forget set": s["forget_split"] or "(starting model)", "trained": trained,
+        # the starting model is evaluated with request 1's forget split as its forget set: its forget_*
+        # columns are that split's, before any request (continual.md gives them in request 1's column)
+        forget_set = s["forget_split"] or (f"{summary['requests'][0]} (starting model)" if summary["requests"]
+                                           else "(starting model)")
+        table.append({"step": s["step"], "forget set": forget_set, "trained": trained,
                       "run dir": str(d.relative_to(root)) if d.is_relative_to(root) else str(d),
                       "metrics": s["metrics"]})
     lines = [f"continual run: {root} ({len(summary['requests'])} request{'' if len(summary['requests']) == 1 else 's'}: "
