@@ -137,6 +137,38 @@ def test_an_unknown_task_stops_the_job_before_its_model_loads(tmp_path):
     assert "Traceback" not in out.stderr and not (tmp_path / "bad" / "results.json").exists()
 
 
+def test_a_task_whose_dataset_cannot_be_read_offline_stops_the_job_at_its_start(tmp_path):
+    """A task whose dataset is on the hub and not in the cache (runs are offline) stops the job at its
+    start, in one line, exit code 2. Before, the task's name passed the start's check and the dataset
+    was first read by the evaluation at the end: after a training job's whole training."""
+    pytest.importorskip("lm_eval", reason="the lm-eval extra (requirements/extras.lock) is not installed")
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    local = (TASK_DIR / "wmdp_local" / "wmdp_local.yaml").read_text()
+    (tasks / "wmdp_hub.yaml").write_text(local.replace("task: wmdp_local", "task: wmdp_hub").replace(
+        "custom_dataset: !function wmdp_local_data.load", "dataset_path: asu-tests/no-such-dataset"))
+    model_dir = _tiny_model_dir(tmp_path, [json.loads(line) for line in ROWS_FILE.read_text().splitlines()])
+    out = subprocess.run(
+        [sys.executable, "launchers/eval.py", "data=wmdp_cyber", "data.path=tests/fixtures/wmdp",
+         "data.eval_splits=[wmdp-cyber]", "model.source=pretrained", f"model.path={model_dir}",
+         f"output_dir={tmp_path}", "run_name=hub", "eval.lm_eval=true", "eval.lm_eval_tasks=[wmdp_hub]",
+         "eval.lm_eval_include_defaults=false", f"eval.lm_eval_include_path={tasks}"],
+        cwd=root, env=dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(root)),
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error (LmEvalError, rank 0): lm-eval tasks ['wmdp_hub']: a dataset could not be read ("), last
+    assert last.endswith("offline runs need the datasets in the HF cache or local task YAMLs "
+                         "(eval.lm_eval_include_path)"), last
+    # refused before its run began: nothing evaluated, and the directory the launch made is gone again
+    assert "Traceback" not in out.stderr and not (tmp_path / "hub").exists()
+
+
 @pytest.mark.parametrize("bos_tokenizer", [True, False])
 @pytest.mark.parametrize("add_bos", [False, True])
 def test_with_a_tokenizer_that_adds_bos_or_not_lm_eval_still_scores_as_our_scorer(tmp_path, add_bos, bos_tokenizer):

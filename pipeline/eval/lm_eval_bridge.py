@@ -92,6 +92,25 @@ def check_tasks(tasks: Sequence[str], include_path: Optional[str | Path | Sequen
                           f"{' and '.join(where) or 'nothing'})" + (f"; {hints}" if hints else ""))
 
 
+def _unreadable_data(tasks: Sequence[str], e: OSError) -> LmEvalError:
+    """The one line for a task's dataset that cannot be read (not on disk, or on the hub while offline)."""
+    return LmEvalError(f"lm-eval tasks {list(tasks)}: a dataset could not be read ({type(e).__name__}: "
+                       f"{first_line(e, 240)}); offline runs need the datasets in the HF cache or local task "
+                       f"YAMLs (eval.lm_eval_include_path)")
+
+
+def check_task_data(tasks: Sequence[str], include_path: Optional[str | Path | Sequence[str | Path]] = None,
+                    include_defaults: bool = True) -> None:
+    """Every task's dataset can be read here (from the HF cache or local files; runs are offline): lm-eval
+    builds the tasks as its evaluation will, which reads their data. Raises :class:`LmEvalError` in one
+    line. At a job's start, so a dataset missing from a cluster's cache stops the job before its
+    training, not after it (the evaluation reads the data again, from the same cache)."""
+    try:
+        task_manager(include_path, include_defaults).load_task_or_group(list(tasks))
+    except OSError as e:  # datasets' DatasetNotFoundError, OfflineModeIsEnabled's ConnectionError: OSErrors
+        raise _unreadable_data(tasks, e) from e
+
+
 def summarize(results: dict, tasks: Sequence[str]) -> dict[str, float]:
     """``{task: acc}`` from ``simple_evaluate``'s output (groups such as ``mmlu`` read from
     ``groups`` when present, else ``results``); also ``{task}_acc_norm`` and ``{task}_stderr`` when
@@ -187,11 +206,8 @@ def run_lm_eval(
             log_samples=log_samples,
             **simple_evaluate_kwargs,
         )
-    except OSError as e:  # a task's dataset that cannot be read: not on disk, or on the hub while offline
-        raise LmEvalError(f"lm-eval tasks {list(tasks)}: a dataset could not be read ({type(e).__name__}: "
-                          f"{first_line(e, 240)}); "
-                          f"offline runs need the datasets in the HF cache or local task YAMLs "
-                          f"(eval.lm_eval_include_path)") from e
+    except OSError as e:  # a task's dataset that cannot be read (checked at the job's start: removed since?)
+        raise _unreadable_data(tasks, e) from e
     res = dict(res or {})
     out = {"summary": summarize(res, tasks), "raw": {k: res.get(k) for k in ("results", "groups", "versions")},
            "settings": {"version": getattr(lm_eval, "__version__", None), "tasks": list(tasks),

@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -538,18 +539,23 @@ LM_EVAL_FILE = "lm_eval.json"  # lm-eval's results, groups and versions, beside 
 
 
 def check_lm_eval(cfg: DictConfig) -> None:
-    """With ``eval.lm_eval``: lm-eval knows every task of ``eval.lm_eval_tasks`` (rank 0 checks, every
-    rank stops alike), at the job's start rather than after its training. Its task index is kept
-    for the evaluation at the end."""
+    """With ``eval.lm_eval``: lm-eval knows every task of ``eval.lm_eval_tasks`` and can read each
+    task's dataset here (rank 0 checks, every rank stops alike), at the job's start rather than after
+    its training. Its task index is kept for the evaluation at the end."""
     if not (cfg.eval.enabled and cfg.eval.get("lm_eval")):
         return
-    from pipeline.eval.lm_eval_bridge import LmEvalError, check_tasks
+    from pipeline.eval.lm_eval_bridge import LmEvalError, check_task_data, check_tasks
 
     problem = None
     if is_main_process():
+        tasks = list(cfg.eval.lm_eval_tasks)
+        where = (cfg.eval.get("lm_eval_include_path") or None, bool(cfg.eval.get("lm_eval_include_defaults", True)))
         try:
-            check_tasks(list(cfg.eval.lm_eval_tasks), cfg.eval.get("lm_eval_include_path") or None,
-                        bool(cfg.eval.get("lm_eval_include_defaults", True)))
+            check_tasks(tasks, *where)
+            started = time.perf_counter()
+            check_task_data(tasks, *where)
+            log.info("lm-eval: the data of tasks %s can be read here (%.0f s; the evaluation at the end reads it "
+                     "again)", tasks, time.perf_counter() - started)
         except LmEvalError as e:
             problem = str(e)
     problem = broadcast_object(problem)
