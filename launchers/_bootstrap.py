@@ -209,6 +209,26 @@ def _log_to_files(line: str, level: int = logging.ERROR) -> None:
             handler.handle(record)
 
 
+def _sbatch_refusal(exc: Exception) -> str | None:
+    """sbatch's first error line when ``exc`` is submitit's report that the sweep's submission failed
+    (sbatch exited non-zero: a partition, account or limit the cluster refuses, no controller; or
+    printed no job id), else None."""
+    import subprocess
+
+    from submitit.core.utils import FailedSubmissionError
+
+    from pipeline.messages import first_line
+
+    if isinstance(exc, FailedSubmissionError):
+        return first_line(exc, 200)
+    cause = exc.__cause__
+    if isinstance(cause, subprocess.CalledProcessError) and cause.cmd and os.path.basename(str(cause.cmd[0])) == "sbatch":
+        lines = [ln.strip() for ln in str(cause.stderr or "").splitlines() if ln.strip()]
+        line = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "")
+        return line[:200] or f"sbatch exit code {cause.returncode}"
+    return None
+
+
 def _exit_slurm_sweep_failed(exc: Exception) -> None:
     """A job of a submitit sweep failed: it stopped with a user error (Hydra raises the first one
     once every job has ended), or ended without a result (the launcher raises at the first one it
@@ -218,6 +238,12 @@ def _exit_slurm_sweep_failed(exc: Exception) -> None:
     from pipeline.eval.sweep import gather
     from pipeline.hydra_callbacks import LAUNCHED_SWEEP
 
+    refusal = _sbatch_refusal(exc)
+    if refusal is not None:  # the sweep is one job array: nothing was queued (sbatch's own lines are above)
+        print(f"error (SweepError, rank 0): SLURM sweep into {LAUNCHED_SWEEP}: sbatch refused the submission "
+              f"({refusal}): no job was submitted; the same command submits the sweep once that is fixed",
+              file=sys.stderr, flush=True)
+        sys.exit(2)
     # this sweep's jobs only: a sweep directory may hold an earlier sweep's points too
     failed = [p for p in gather(LAUNCHED_SWEEP) if p.status == "failed" and p.job is not None] if LAUNCHED_SWEEP else []
     for p in failed:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -16,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.eval.sweep import sweep_jobs
 from pipeline.io import RUN_CONFIG, dirs_to_create, remove_empty_dirs
+
+log = logging.getLogger(__name__)
 
 
 def _check(config: DictConfig, where: str = "") -> None:
@@ -50,6 +53,7 @@ def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
     loader = GlobalHydra.instance().config_loader()
     dirs: dict[str, int] = {}
     named: list[tuple[str, str, str]] = []  # (where, sweep dir, run dir) of each job whose run dir resolves here
+    seen: set[tuple] = set()  # SLURM checks made already: a warning once, lm-eval's task index (~30 s) once
     for i, job in enumerate(jobs, 1):
         where = f"sweep job {i} of {len(jobs)} ({' '.join(job)}): "
         try:
@@ -62,6 +66,7 @@ def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
         # the launcher's own guards, on the job's directory (a train -m with continual.requests ran plain
         # jobs; an eval -m into a training sweep replaced every point's results)
         _check_launcher_settings(job_config, where, run_dir or sweep_dir)
+        _check_slurm_job(job_config, where, seen)
         if run_dir is not None and run_dir in dirs:
             # the second point would resume (or skip as finished) the first's run and report it as its own
             exit_with(ConfigError(), f"{where}the same run directory as sweep job {dirs[run_dir]} ({run_dir}): they "
@@ -75,6 +80,46 @@ def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
     swept = _swept_keys(jobs)
     for where, sweep_dir, run_dir in named:
         _check_dir_name(where, sweep_dir, run_dir, swept)
+
+
+def _check_slurm_job(config: DictConfig, where: str, seen: set[tuple]) -> None:
+    """What a SLURM job would meet only on its node, after its wait in the queue, checked before the
+    sweep is submitted: more ranks per node than GPUs (``pipeline.engine.distributed`` stops every such
+    job), an lm-eval task lm-eval does not know (the job's start checks it: every job would stop there).
+    Fewer ranks than GPUs runs, with the other GPUs allocated and idle: warned. Task data is not looked
+    for here: the submitting host's HF cache need not be the nodes'."""
+    from pipeline.config_base import ConfigError
+    from pipeline.errors import exit_with
+
+    launcher = OmegaConf.select(config, "hydra.launcher", default=None)
+    if launcher is None or not str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
+        return
+    gpus, tasks = launcher.get("gpus_per_node"), launcher.get("tasks_per_node")
+    if isinstance(gpus, int) and isinstance(tasks, int) and gpus > 0:
+        if tasks > gpus:
+            exit_with(ConfigError(), f"{where}config error at 'hydra.launcher.tasks_per_node': {tasks} ranks per node "
+                      f"on {gpus} GPUs per node (hydra.launcher.gpus_per_node): every job would stop on its node once "
+                      f"it starts (two ranks on one GPU); one rank per GPU: hydra.launcher.tasks_per_node={gpus}")
+        if tasks < gpus and ("idle", tasks, gpus) not in seen:
+            seen.add(("idle", tasks, gpus))
+            log.warning("warning: %d ranks per node on %d GPUs per node: %d GPUs of each node are allocated and idle (one "
+                        "rank per GPU: hydra.launcher.tasks_per_node=%d, or fewer: hydra.launcher.gpus_per_node=%d)",
+                        tasks, gpus, gpus - tasks, gpus, tasks)
+    if OmegaConf.select(config, "eval.enabled", default=False) and OmegaConf.select(config, "eval.lm_eval", default=False):
+        from pipeline.eval.lm_eval_bridge import LmEvalError, check_tasks
+
+        include = OmegaConf.select(config, "eval.lm_eval_include_path", default=None) or None
+        if include is not None and not isinstance(include, str):
+            include = tuple(str(p) for p in include)
+        key = ("lm_eval", tuple(config.eval.lm_eval_tasks), include,
+               bool(OmegaConf.select(config, "eval.lm_eval_include_defaults", default=True)))
+        if key in seen:
+            return
+        seen.add(key)
+        try:
+            check_tasks(list(key[1]), key[2], key[3])
+        except LmEvalError as exc:
+            exit_with(exc, f"{where}{exc}")
 
 
 def _job_dir(job_config: DictConfig, num: int) -> Optional[str]:

@@ -139,3 +139,60 @@ def test_a_rank_of_a_multi_rank_submitit_job_that_fails_alone_ends_the_job(tmp_p
         single = _submitit_task(fault, 1, tmp_path / f"single_{fault}")
         assert single.returncode == 0 and single.stdout.strip() == said, single.stderr[-2000:]
     assert not _results(tmp_path / "alike") and not list(tmp_path.glob("single_*/*_result.pkl"))  # submitit's own
+
+
+# --- a SLURM sweep: what its jobs would meet only on their nodes, refused before sbatch ------------------
+
+def _slurm_sweep(tmp_path: Path, *overrides: str, sbatch_error: str = "") -> tuple[subprocess.CompletedProcess, Path]:
+    """``train.py -m`` on the SLURM launcher with an ``sbatch`` on PATH that records its call and refuses
+    the submission as sbatch does (its error on stderr, exit 1): the stand-in is the cluster, not the
+    code under test (submitit writes the real batch script and runs the command it finds)."""
+    bin_dir, called = tmp_path / "bin", tmp_path / "sbatch_called"
+    bin_dir.mkdir(exist_ok=True)
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(f"#!/bin/sh\ntouch {called}\necho 'sbatch: error: {sbatch_error or 'refused'}' >&2\nexit 1\n")
+    sbatch.chmod(0o755)
+    out = subprocess.run([sys.executable, "launchers/train.py", "-m", "+exp=tofu_tiny", "method.tau=1.5,2.0",
+                          "hydra/launcher=slurm", f"output_dir={tmp_path / 'runs'}", *overrides], cwd=ROOT,
+                         env=env(PATH=f"{bin_dir}:{env()['PATH']}"), capture_output=True, text=True, timeout=180)
+    return out, called
+
+
+def test_a_slurm_sweep_with_more_ranks_than_gpus_per_node_is_refused_before_it_is_submitted(tmp_path):
+    """8 tasks per node on 4 GPUs went to sbatch; every job stopped only on its node, after its wait in the
+    queue (``8 ranks on a node with 4 GPUs``). Fewer tasks than GPUs runs, warned once (GPUs idle)."""
+    out, called = _slurm_sweep(tmp_path, "hydra.launcher.gpus_per_node=4")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and not called.exists(), out.stderr[-2000:]
+    assert lines[-1].startswith("error (ConfigError, rank 0): sweep job 1 of 2 (") and lines[-1].endswith(
+        "config error at 'hydra.launcher.tasks_per_node': 8 ranks per node on 4 GPUs per node "
+        "(hydra.launcher.gpus_per_node): every job would stop on its node once it starts (two ranks on one GPU); "
+        "one rank per GPU: hydra.launcher.tasks_per_node=4"), lines[-1]
+    out, called = _slurm_sweep(tmp_path, "hydra.launcher.gpus_per_node=8", "hydra.launcher.tasks_per_node=4")
+    assert called.exists() and out.returncode == 2, out.stderr[-2000:]  # submitted (and refused by the stand-in)
+    assert out.stderr.count("warning: 4 ranks per node on 8 GPUs per node: 4 GPUs of each node are allocated and "
+                            "idle") == 1, out.stderr[-2000:]
+
+
+def test_a_slurm_sweep_with_an_lm_eval_task_lm_eval_does_not_know_is_refused_before_it_is_submitted(tmp_path):
+    """The job's start checks the task names, on its node: before, every job of the sweep stopped there."""
+    tasks = ROOT / "tests" / "fixtures" / "lm_eval_tasks"
+    out, called = _slurm_sweep(tmp_path, "eval.lm_eval=true", "eval.lm_eval_tasks=[wmdp_locl]",
+                               "eval.lm_eval_include_defaults=false", f"eval.lm_eval_include_path={tasks}")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and not called.exists(), out.stderr[-2000:]
+    assert lines[-1].startswith("error (LmEvalError, rank 0): sweep job 1 of 2 (") and lines[-1].endswith(
+        f"eval.lm_eval_tasks: lm-eval knows no task or group ['wmdp_locl'] (searched {tasks}); wmdp_locl: did you "
+        f"mean wmdp_local?"), lines[-1]
+
+
+def test_a_submission_sbatch_refuses_says_no_job_was_submitted(tmp_path):
+    """sbatch refusing the sweep's job array (a partition the cluster lacks, no controller) ended with
+    'a job failed (...); jobs still queued or running go on (squeue)': nothing was queued."""
+    out, called = _slurm_sweep(tmp_path, "hydra.launcher.partition=nope",
+                               sbatch_error="invalid partition specified: nope")
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and called.exists() and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert last == (f"error (SweepError, rank 0): SLURM sweep into {tmp_path / 'runs' / 'sweeps' / 'tofu_tiny'}: "
+                    "sbatch refused the submission (sbatch: error: invalid partition specified: nope): no job was "
+                    "submitted; the same command submits the sweep once that is fixed"), last
