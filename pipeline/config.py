@@ -225,6 +225,10 @@ class EvalConfig:
     lm_eval_tasks: list[str] = field(default_factory=lambda: ["wmdp_bio", "wmdp_cyber", "mmlu"])
     lm_eval_include_path: Optional[str] = None  # folder of extra lm-eval task YAMLs (e.g. an offline WMDP)
     lm_eval_include_defaults: bool = True  # false: index only include_path (lm-eval's ~30 s task scan skipped)
+    lm_eval_num_fewshot: int = 0  # lm-eval's num_fewshot (0: the WMDP paper's and open-unlearning's setting)
+    # lm-eval's limit: at most this many rows per task (>= 1), or this fraction of each (< 1); null: all.
+    # For a quick look: the numbers are not comparable with full ones (report.md and the summary say so)
+    lm_eval_limit: Optional[float] = None
 
 
 @dataclass
@@ -586,6 +590,11 @@ def _validate_eval(e: DictConfig) -> None:
     _require(0.0 < e.mink_k <= 1.0, "eval.mink_k", f"must be in (0, 1] (a fraction of the tokens), got {e.mink_k}")
     _require(e.retrain_auc is None or 0.0 <= e.retrain_auc <= 1.0, "eval.retrain_auc",
              f"must be in [0, 1] (an AUC) or null, got {e.retrain_auc}")
+    _require(e.lm_eval_num_fewshot >= 0, "eval.lm_eval_num_fewshot", f"must be >= 0, got {e.lm_eval_num_fewshot}")
+    limit = e.lm_eval_limit  # lm-eval would take 2.5 as a count of 2 rows, and a limit <= 0 as every row
+    _require(limit is None or 0 < limit < 1 or (limit >= 1 and float(limit).is_integer()), "eval.lm_eval_limit",
+             f"must be a number of rows per task (a whole number >= 1), a fraction of each task in (0, 1), or "
+             f"null (all rows), got {limit}")
     if e.get("lm_eval"):
         import importlib.util
 

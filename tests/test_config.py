@@ -257,6 +257,10 @@ def test_cli_an_override_that_does_not_parse_names_itself_and_the_quoting():
     ("trainer.num_threads=-1", "trainer.num_threads", "must be in 0..1024"),
     # was taken as 0 (every checkpoint kept) and logged as trainer.keep_checkpoints=0
     ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints", "must be >= 0"),
+    # lm-eval would take 2.5 as a count of 2 rows, and a negative limit as every row
+    ("eval.lm_eval_limit=2.5", "eval.lm_eval_limit", "must be a number of rows per task (a whole number"),
+    ("eval.lm_eval_limit=-1", "eval.lm_eval_limit", "must be a number of rows per task (a whole number"),
+    ("eval.lm_eval_num_fewshot=-1", "eval.lm_eval_num_fewshot", "must be >= 0"),
 ])
 def test_evaluation_and_thread_settings_are_checked_before_training(override, key, expect):
     with pytest.raises(ConfigError, match=rf"config error at '{key}': {re.escape(expect)}"):

@@ -243,3 +243,31 @@ def test_an_evaluation_only_job_gives_lm_eval_the_tokenizer_of_model_tokenizer_p
     # the same numbers as lm-eval on the model directory that holds the tokenizer itself
     direct = run_lm_eval(full, ["wmdp_local"], include_path=TASK_DIR, include_defaults=False, batch_size=4)
     assert results["metrics"]["lm_eval"] == direct["summary"]
+
+
+def test_eval_lm_eval_limit_scores_part_of_each_task_and_the_report_says_so(tmp_path):
+    """``eval.lm_eval_limit`` / ``eval.lm_eval_num_fewshot`` reach lm-eval (before, every run was 0-shot
+    over every row, with no setting to change either), and report.md and the stdout summary say which
+    rows were scored, so a quick look is not read as a full result."""
+    pytest.importorskip("lm_eval", reason="the lm-eval extra (requirements/extras.lock) is not installed")
+    from tests.helpers.launch import run
+
+    model_dir = _tiny_model_dir(tmp_path, [json.loads(line) for line in ROWS_FILE.read_text().splitlines()])
+    out = run(["data=wmdp_cyber", "data.path=tests/fixtures/wmdp", "data.eval_splits=[wmdp-cyber]",
+               "model.source=pretrained", f"model.path={model_dir}", f"output_dir={tmp_path}", "run_name=part",
+               "eval.lm_eval=true", "eval.lm_eval_tasks=[wmdp_local]", "logging=none", "eval.lm_eval_limit=3",
+               "eval.lm_eval_num_fewshot=1", "eval.lm_eval_include_defaults=false",
+               f"eval.lm_eval_include_path={TASK_DIR}", "eval.batch_size=4"], script="launchers/eval.py", timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "part"
+    raw = json.loads((run_dir / "lm_eval.json").read_text())
+    assert raw["n-samples"]["wmdp_local"] == {"original": 8, "effective": 3}
+    settings = json.loads((run_dir / "results.json").read_text())["lm_eval"]
+    assert (settings["limit"], settings["num_fewshot"]) == (3, 1)
+    line = ("lm-eval 0.4.13: wmdp_local; 1-shot, the first 3 rows of each task only (limit=3: a quick look, not "
+            "comparable with full runs), BOS not added, no chat template, float32")
+    assert f"| lm_eval | {line} |" in (run_dir / "report.md").read_text()
+    score = json.loads((run_dir / "results.json").read_text())["metrics"]["lm_eval"]["wmdp_local"]
+    assert out.stdout.strip().splitlines()[-1] == (
+        f"lm-eval 0.4.13: wmdp_local {score:.4f} (1-shot, the first 3 rows of each task only (limit=3: a quick look, "
+        f"not comparable with full runs), BOS not added, no chat template, float32)"), out.stdout

@@ -92,6 +92,14 @@ def check_tasks(tasks: Sequence[str], include_path: Optional[str | Path | Sequen
                           f"{' and '.join(where) or 'nothing'})" + (f"; {hints}" if hints else ""))
 
 
+def limit_words(limit: Optional[float]) -> str:
+    """lm-eval's ``limit`` in words: all rows, or the part of each task scored (not comparable with full runs)."""
+    if limit is None:
+        return "every row of each task"
+    part = f"the first {int(limit)} rows" if limit >= 1 else f"the first {limit:.0%}"
+    return f"{part} of each task only (limit={limit}: a quick look, not comparable with full runs)"
+
+
 def _unreadable_data(tasks: Sequence[str], e: OSError) -> LmEvalError:
     """The one line for a task's dataset that cannot be read (not on disk, or on the hub while offline)."""
     return LmEvalError(f"lm-eval tasks {list(tasks)}: a dataset could not be read ({type(e).__name__}: "
@@ -193,9 +201,9 @@ def run_lm_eval(
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code, revision=tokenizer_revision,
                                **({"add_bos_token": True} if add_bos else {}))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bool(add_bos))
-    log.info("lm-eval %s: tasks %s on %s (batch %d, %s on %s, %d-shot, BOS %s, no chat template)",
+    log.info("lm-eval %s: tasks %s on %s (batch %d, %s on %s, %d-shot, BOS %s, no chat template, %s)",
              getattr(lm_eval, "__version__", "?"), list(tasks), model_dir, batch_size, dtype, device or "cpu",
-             num_fewshot or 0, "added" if add_bos else "not added")
+             num_fewshot or 0, "added" if add_bos else "not added", limit_words(limit))
     try:
         res = lm_eval.simple_evaluate(
             model=lm,
@@ -209,7 +217,7 @@ def run_lm_eval(
     except OSError as e:  # a task's dataset that cannot be read (checked at the job's start: removed since?)
         raise _unreadable_data(tasks, e) from e
     res = dict(res or {})
-    out = {"summary": summarize(res, tasks), "raw": {k: res.get(k) for k in ("results", "groups", "versions")},
+    out = {"summary": summarize(res, tasks), "raw": {k: res.get(k) for k in ("results", "groups", "versions", "n-samples")},
            "settings": {"version": getattr(lm_eval, "__version__", None), "tasks": list(tasks),
                         "num_fewshot": num_fewshot, "add_bos": bool(add_bos), "chat_template": False,
                         "dtype": dtype, "batch_size": batch_size, "limit": limit, "tokenizer": str(tokenizer_path),

@@ -34,7 +34,7 @@ PARTS_DIR = "eval_parts"
 # eval settings that change no split's numbers: switches, lm-eval (run apart), and PrivLeak's retrain AUC
 # (applied to the stored Min-K% scores afterwards: setting it once known re-scored every MUSE split)
 NOT_IN_KEY = ("enabled", "resume", "lm_eval", "lm_eval_tasks", "lm_eval_include_path", "lm_eval_include_defaults",
-              "retrain_auc")
+              "lm_eval_num_fewshot", "lm_eval_limit", "retrain_auc")
 CODE_FILES = ("formatting.py", "prompt_formats.py", "collate.py")  # pipeline/data/ modules, beside pipeline/eval/*.py
 
 

@@ -221,6 +221,31 @@ def prompt_format_setting(fmt: Any) -> Optional[str]:
     return text
 
 
+def _lm_eval_how(settings: dict) -> str:
+    """How lm-eval scored: shots, the rows scored, BOS, chat template, dtype."""
+    from pipeline.eval.lm_eval_bridge import limit_words
+
+    return (f"{settings.get('num_fewshot') or 0}-shot, {limit_words(settings.get('limit'))}, BOS "
+            f"{'added' if settings.get('add_bos') else 'not added'}, "
+            f"{'chat template' if settings.get('chat_template') else 'no chat template'}, {settings.get('dtype', '?')}")
+
+
+def lm_eval_setting(settings: Any) -> Optional[str]:
+    """results.json's ``lm_eval`` (what lm-eval ran) as one line: version, tasks, then :func:`_lm_eval_how`."""
+    if not isinstance(settings, dict) or not settings.get("tasks"):
+        return None
+    return f"lm-eval {settings.get('version') or '?'}: {', '.join(settings['tasks'])}; {_lm_eval_how(settings)}"
+
+
+def _lm_eval_line(results: dict[str, Any]) -> Optional[str]:
+    """The stdout summary's lm-eval line: each task's score, then how they were scored."""
+    scores, settings = (results.get("metrics") or {}).get("lm_eval"), results.get("lm_eval")
+    if not isinstance(scores, dict) or not scores or not isinstance(settings, dict):
+        return None
+    shown = "; ".join(f"{k} {format_value(v)}" for k, v in scores.items() if not k.endswith("_stderr"))
+    return f"lm-eval {settings.get('version') or '?'}: {shown} ({_lm_eval_how(settings)})"
+
+
 def tau_setting(results: dict[str, Any]) -> Optional[str]:
     """How a ``method.tau=auto`` run's tau was chosen, one line (None for a fixed tau, or no tau)."""
     if not auto_tau(results):
@@ -233,11 +258,13 @@ def tau_setting(results: dict[str, Any]) -> Optional[str]:
 
 def run_settings(results: dict[str, Any]) -> list[tuple[str, str]]:
     """(results.json key, readable line) for the settings a reader must know to read the metrics and
-    that results.json records as objects: the prompt format, LoRA (a LoRA run only) and tau=auto's
-    choice (an auto run only). report.md and the stdout summary both show them."""
+    that results.json records as objects: the prompt format, LoRA (a LoRA run only), tau=auto's
+    choice (an auto run only) and what lm-eval ran (an ``eval.lm_eval`` run only). report.md and the
+    stdout summary both show them."""
     out = [("peft", lora_setting(results.get("peft"))),
            ("prompt_format", prompt_format_setting(results.get("prompt_format"))),
-           ("tau_selection", tau_setting(results))]
+           ("tau_selection", tau_setting(results)),
+           ("lm_eval", lm_eval_setting(results.get("lm_eval")))]
     return [(k, v) for k, v in out if v is not None]
 
 
@@ -352,6 +379,9 @@ def run_summary(results: dict[str, Any], run_dir: str | os.PathLike, reused: boo
         fq = metrics["forget_quality"]
         lines.append(f"forget_quality: {format_value(fq)}" if fq is not None
                      else f"forget_quality: null ({forget_quality_note(results)})")
+    lm_eval = _lm_eval_line(results)
+    if lm_eval is not None:
+        lines.append(lm_eval)
     return "\n".join(lines)
 
 

@@ -563,6 +563,14 @@ def check_lm_eval(cfg: DictConfig) -> None:
         raise LmEvalError(problem)
 
 
+def lm_eval_limit(value: Any) -> Optional[float | int]:
+    """``eval.lm_eval_limit`` as lm-eval reads its ``limit``: a whole number of rows as an int (a float
+    >= 1 would be taken as a count anyway, but recorded as 20.0), a fraction as a float, None: all."""
+    if value is None:
+        return None
+    return int(value) if float(value) >= 1 else float(value)
+
+
 def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path, tokenizer_path: Optional[str] = None,
                 tokenizer_revision: Optional[str] = None) -> Optional[dict]:
     """With ``eval.lm_eval``: run lm-evaluation-harness on ``model_dir`` on rank 0 and add its
@@ -588,7 +596,8 @@ def add_lm_eval(cfg: DictConfig, model_dir: str | Path, run_dir: str | Path, tok
                       trust_remote_code=bool(cfg.model.trust_remote_code), allow_pickle=bool(cfg.model.allow_pickle),
                       add_bos=bool(OmegaConf.select(cfg, "eval.mcq_add_bos", default=False)),
                       revision=revision_for(cfg.model, model_dir), tokenizer_path=tokenizer_path,
-                      tokenizer_revision=tokenizer_revision)
+                      tokenizer_revision=tokenizer_revision, num_fewshot=int(cfg.eval.get("lm_eval_num_fewshot", 0)),
+                      limit=lm_eval_limit(cfg.eval.get("lm_eval_limit")))
     summary = out["summary"]
     log.info("lm-eval: %s", summary)
     atomic_write_json(Path(run_dir) / LM_EVAL_FILE, out["raw"])  # every metric of every task, as lm-eval gave it
