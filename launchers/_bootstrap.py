@@ -240,9 +240,12 @@ def _exit_slurm_sweep_failed(exc: Exception) -> None:
 
     refusal = _sbatch_refusal(exc)
     if refusal is not None:  # the sweep is one job array: nothing was queued (sbatch's own lines are above)
+        from pipeline.launch_record import undo_refused_submission
+
+        undone = undo_refused_submission()
         print(f"error (SweepError, rank 0): SLURM sweep into {LAUNCHED_SWEEP}: sbatch refused the submission "
-              f"({refusal}): no job was submitted; the same command submits the sweep once that is fixed",
-              file=sys.stderr, flush=True)
+              f"({refusal}): no job was submitted" + (f" ({undone})" if undone else "") +
+              "; the same command submits the sweep once that is fixed", file=sys.stderr, flush=True)
         sys.exit(2)
     # this sweep's jobs only: a sweep directory may hold an earlier sweep's points too
     failed = [p for p in gather(LAUNCHED_SWEEP) if p.status == "failed" and p.job is not None] if LAUNCHED_SWEEP else []

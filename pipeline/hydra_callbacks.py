@@ -296,6 +296,22 @@ class EarlyChecks(Callback):
             _check(config)
             sweep_dir = str(config.hydra.sweep.dir)
             _check_dir_name("", sweep_dir, sweep_dir, {})
+        _remember_the_sweep(config)
+
+
+def _remember_the_sweep(config: DictConfig) -> None:
+    """A submitit sweep: what its directory holds before the launcher writes ``multirun.yaml`` and the
+    submission's files, so a submission sbatch refuses puts it back (:mod:`pipeline.launch_record`)."""
+    from pipeline.launch_record import remember_sweep
+
+    launcher = OmegaConf.select(config, "hydra.launcher", default=None)
+    if launcher is None or "submitit" not in str(launcher.get("_target_", "")):
+        return
+    folder = str(launcher.get("submitit_folder") or "")
+    parts = folder.split(os.sep)
+    # the part before the first %j-style pattern: the folder itself is made per job
+    kept = parts[:next((i for i, p in enumerate(parts) if "%" in p), len(parts))]
+    remember_sweep(str(config.hydra.sweep.dir), [os.sep.join(kept)] if kept and os.sep.join(kept) else [])
 
 
 

@@ -7,6 +7,8 @@ come after. Without this, such a refusal replaced a finished run's ``.hydra/conf
 ``overrides.yaml`` with the refused launch's, and left a new run directory holding only Hydra's
 files and a log. Rank 0 of a single run remembers the directory in the Hydra callback
 (:func:`remember`, before Hydra writes) and the launcher calls :func:`undo_if_untouched` on a refusal.
+A SLURM sweep whose submission sbatch refuses is put back alike (:func:`remember_sweep`,
+:func:`undo_refused_submission`): its ``multirun.yaml`` and submitit folder as they were.
 """
 
 from __future__ import annotations
@@ -112,3 +114,65 @@ def undo_if_untouched() -> Optional[str]:
         return None
     # only if empty: anything else there stays, with its parents
     return "the run directory it created is removed" if remove_empty_dirs([before.hydra_dir, *before.created]) else None
+
+
+# --- a SLURM sweep whose submission sbatch refused ----------------------------------------------------
+
+SWEEP_FILE = "multirun.yaml"  # Hydra's record of the latest sweep: the sweep report lists its points
+
+
+@dataclass
+class _SweepBefore:
+    sweep_dir: Path
+    created: list[Path]  # the sweep directory and the parents this launch creates, innermost first
+    multirun: Optional[bytes]  # multirun.yaml before this launch; None: not there
+    # each submitit folder: its entries before this launch, and the directories making it creates
+    submitit: dict[Path, tuple[set[str], list[Path]]] = field(default_factory=dict)
+
+
+_SWEEP_BEFORE: Optional[_SweepBefore] = None
+
+
+def remember_sweep(sweep_dir: str | Path, submitit_dirs: list[str]) -> None:
+    """Before a submitit launcher writes into ``sweep_dir``: its ``multirun.yaml``, which directories
+    the launch creates, and what ``submitit_dirs`` (its submission folders, ``%j`` cut off) hold."""
+    global _SWEEP_BEFORE
+    path = Path(os.path.abspath(sweep_dir))
+    try:
+        multirun: Optional[bytes] = (path / SWEEP_FILE).read_bytes()
+    except OSError:
+        multirun = None
+    before = _SweepBefore(path, dirs_to_create(path), multirun)
+    for d in submitit_dirs:
+        folder = Path(os.path.abspath(d))
+        try:
+            entries = set(os.listdir(folder))
+        except OSError:
+            entries = set()
+        before.submitit[folder] = (entries, dirs_to_create(folder))
+    _SWEEP_BEFORE = before
+
+
+def undo_refused_submission() -> Optional[str]:
+    """After sbatch refused the sweep's submission (nothing queued): the sweep directory as it was, with
+    the earlier sweep's ``multirun.yaml`` (the sweep report's list of points) and without the batch
+    script and pickles this launch wrote; a directory it created goes. Returns what was done, or None."""
+    global _SWEEP_BEFORE
+    before, _SWEEP_BEFORE = _SWEEP_BEFORE, None
+    if before is None:
+        return None
+    try:
+        if before.multirun is not None:
+            atomic_write_bytes(before.sweep_dir / SWEEP_FILE, before.multirun)
+        else:
+            (before.sweep_dir / SWEEP_FILE).unlink(missing_ok=True)
+        for folder, (entries, created) in before.submitit.items():
+            for name in (set(os.listdir(folder)) - entries) if folder.is_dir() else set():
+                if (folder / name).is_file():  # a job's own folder (%j) would mean it was queued: kept
+                    (folder / name).unlink()
+            remove_empty_dirs([d for d in created if before.sweep_dir in d.parents])  # the sweep dir's: below
+    except OSError:
+        return None
+    if before.created:
+        return "the sweep directory it created is removed" if remove_empty_dirs(before.created) else None
+    return "the sweep directory is as it was before this launch"

@@ -186,13 +186,27 @@ def test_a_slurm_sweep_with_an_lm_eval_task_lm_eval_does_not_know_is_refused_bef
         f"mean wmdp_local?"), lines[-1]
 
 
-def test_a_submission_sbatch_refuses_says_no_job_was_submitted(tmp_path):
+def test_a_submission_sbatch_refuses_says_no_job_was_submitted_and_leaves_the_sweep_directory_as_it_was(tmp_path):
     """sbatch refusing the sweep's job array (a partition the cluster lacks, no controller) ended with
-    'a job failed (...); jobs still queued or running go on (squeue)': nothing was queued."""
+    'a job failed (...); jobs still queued or running go on (squeue)': nothing was queued. And it left
+    Hydra's multirun.yaml naming the refused sweep's points (the sweep report listed them as not
+    started, in place of the earlier sweep's) and submitit's batch script and pickles."""
+    sweep_dir = tmp_path / "runs" / "sweeps" / "tofu_tiny"
     out, called = _slurm_sweep(tmp_path, "hydra.launcher.partition=nope",
                                sbatch_error="invalid partition specified: nope")
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 2 and called.exists() and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert last == (f"error (SweepError, rank 0): SLURM sweep into {tmp_path / 'runs' / 'sweeps' / 'tofu_tiny'}: "
-                    "sbatch refused the submission (sbatch: error: invalid partition specified: nope): no job was "
-                    "submitted; the same command submits the sweep once that is fixed"), last
+    assert last == (f"error (SweepError, rank 0): SLURM sweep into {sweep_dir}: sbatch refused the submission "
+                    "(sbatch: error: invalid partition specified: nope): no job was submitted (the sweep directory "
+                    "it created is removed); the same command submits the sweep once that is fixed"), last
+    assert not (tmp_path / "runs").exists()
+    # an earlier sweep's directory: its record and its jobs' submitit folders stay as they were
+    (sweep_dir / ".submitit" / "155_0").mkdir(parents=True)
+    (sweep_dir / ".submitit" / "155_0" / "155_0_0_log.out").write_text("earlier job")
+    (sweep_dir / "tau_1.5").mkdir()
+    (sweep_dir / "multirun.yaml").write_bytes(b"earlier sweep\n")
+    before = sorted((str(p.relative_to(sweep_dir)), p.is_file() and p.read_bytes()) for p in sweep_dir.rglob("*"))
+    out, _ = _slurm_sweep(tmp_path, "hydra.launcher.partition=nope", sbatch_error="invalid partition specified: nope")
+    assert out.returncode == 2 and "no job was submitted (the sweep directory is as it was before this launch)" in \
+        out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
+    assert sorted((str(p.relative_to(sweep_dir)), p.is_file() and p.read_bytes()) for p in sweep_dir.rglob("*")) == before
