@@ -113,10 +113,9 @@ def test_summary_keeps_acc_norm_and_names_tasks_without_acc(caplog):
     assert "lm-eval task gsm8k reports no acc (its metrics: exact_match)" in caplog.text
 
 
-def test_an_unknown_task_stops_the_job_before_its_model_loads(tmp_path):
-    """eval.lm_eval_tasks is checked against lm-eval's task index at the job's start: one line, exit
-    code 2. Before, a traceback (KeyError) and exit 1 — after training, in a training job."""
-    pytest.importorskip("lm_eval", reason="the lm-eval extra (requirements/extras.lock) is not installed")
+def _refused_eval(tmp_path: Path, run_name: str, task: str, include_path: Path) -> str:
+    """``launchers/eval.py`` with lm-eval on ``task``, expected to stop with exit code 2 and no traceback:
+    its last stderr line."""
     import os
     import subprocess
     import sys
@@ -126,15 +125,22 @@ def test_an_unknown_task_stops_the_job_before_its_model_loads(tmp_path):
     out = subprocess.run(
         [sys.executable, "launchers/eval.py", "data=wmdp_cyber", "data.path=tests/fixtures/wmdp",
          "data.eval_splits=[wmdp-cyber]", "model.source=pretrained", f"model.path={model_dir}",
-         f"output_dir={tmp_path}", "run_name=bad", "eval.lm_eval=true", "eval.lm_eval_tasks=[wmdp_locl]",
-         "eval.lm_eval_include_defaults=false", f"eval.lm_eval_include_path={TASK_DIR}"],
+         f"output_dir={tmp_path}", f"run_name={run_name}", "eval.lm_eval=true", f"eval.lm_eval_tasks=[{task}]",
+         "eval.lm_eval_include_defaults=false", f"eval.lm_eval_include_path={include_path}"],
         cwd=root, env=dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(root)),
         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stderr[-2000:]
-    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    return out.stderr.strip().splitlines()[-1]
+
+
+def test_an_unknown_task_stops_the_job_before_its_model_loads(tmp_path):
+    """eval.lm_eval_tasks is checked against lm-eval's task index at the job's start: one line, exit
+    code 2. Before, a traceback (KeyError) and exit 1 — after training, in a training job."""
+    pytest.importorskip("lm_eval", reason="the lm-eval extra (requirements/extras.lock) is not installed")
+    last = _refused_eval(tmp_path, "bad", "wmdp_locl", TASK_DIR)
     assert last == (f"error (LmEvalError, rank 0): eval.lm_eval_tasks: lm-eval knows no task or group ['wmdp_locl'] "
                     f"(searched {TASK_DIR}); wmdp_locl: did you mean wmdp_local?"), last
-    assert "Traceback" not in out.stderr and not (tmp_path / "bad" / "results.json").exists()
+    assert not (tmp_path / "bad" / "results.json").exists()
 
 
 def test_a_task_whose_dataset_cannot_be_read_offline_stops_the_job_at_its_start(tmp_path):
@@ -142,31 +148,17 @@ def test_a_task_whose_dataset_cannot_be_read_offline_stops_the_job_at_its_start(
     start, in one line, exit code 2. Before, the task's name passed the start's check and the dataset
     was first read by the evaluation at the end: after a training job's whole training."""
     pytest.importorskip("lm_eval", reason="the lm-eval extra (requirements/extras.lock) is not installed")
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).parents[1]
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     local = (TASK_DIR / "wmdp_local" / "wmdp_local.yaml").read_text()
     (tasks / "wmdp_hub.yaml").write_text(local.replace("task: wmdp_local", "task: wmdp_hub").replace(
         "custom_dataset: !function wmdp_local_data.load", "dataset_path: asu-tests/no-such-dataset"))
-    model_dir = _tiny_model_dir(tmp_path, [json.loads(line) for line in ROWS_FILE.read_text().splitlines()])
-    out = subprocess.run(
-        [sys.executable, "launchers/eval.py", "data=wmdp_cyber", "data.path=tests/fixtures/wmdp",
-         "data.eval_splits=[wmdp-cyber]", "model.source=pretrained", f"model.path={model_dir}",
-         f"output_dir={tmp_path}", "run_name=hub", "eval.lm_eval=true", "eval.lm_eval_tasks=[wmdp_hub]",
-         "eval.lm_eval_include_defaults=false", f"eval.lm_eval_include_path={tasks}"],
-        cwd=root, env=dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(root)),
-        capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stderr[-2000:]
-    last = out.stderr.strip().splitlines()[-1]
+    last = _refused_eval(tmp_path, "hub", "wmdp_hub", tasks)
     assert last.startswith("error (LmEvalError, rank 0): lm-eval tasks ['wmdp_hub']: a dataset could not be read ("), last
     assert last.endswith("offline runs need the datasets in the HF cache or local task YAMLs "
                          "(eval.lm_eval_include_path)"), last
     # refused before its run began: nothing evaluated, and the directory the launch made is gone again
-    assert "Traceback" not in out.stderr and not (tmp_path / "hub").exists()
+    assert not (tmp_path / "hub").exists()
 
 
 @pytest.mark.parametrize("bos_tokenizer", [True, False])
