@@ -173,6 +173,25 @@ def test_failed_sweep_jobs_end_the_launcher_with_their_error_lines(tiny):
     assert "No module named '_bootstrap'" in points["3.0"]["note"]
 
 
+def test_a_partition_the_cluster_lacks_is_refused_by_sbatch_and_said_so(tiny):
+    """The real sbatch's refusal (test_launcher_guards.py has the same with an sbatch stand-in): nothing
+    was queued, and the line says so instead of pointing at squeue; the new sweep directory is removed."""
+    root, model_dir, data_dir = tiny
+    args = [a for a in train_overrides(model_dir, data_dir, root / "refused", "x", steps=2) if not a.startswith("run_name=")]
+    out = subprocess.run(
+        [sys.executable, "launchers/train.py", "-m", *args, "exp_name=refused", "method.tau=1.5,3.0",
+         "hydra.sweep.subdir=tau_${method.tau}",
+         "hydra/launcher=slurm", "hydra.launcher.partition=asu_no_such_partition", "hydra.launcher.gpus_per_node=0",
+         "hydra.launcher.tasks_per_node=1", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert re.fullmatch(r"error \(SweepError, rank 0\): SLURM sweep into .*/refused/sweeps/refused: sbatch refused the "
+                        r"submission \(sbatch: error: .*\): no job was submitted \(the sweep directory it created is "
+                        r"removed\); the same command submits the sweep once that is fixed", last), last
+    assert not (root / "refused").exists()
+
+
 def test_a_rank_failing_alone_ends_its_two_rank_job_and_the_launcher(tiny):
     """Rank 1 of a 2-rank submitit job fails at its first step (an injected error, as an out-of-memory
     error on one GPU) while rank 0 goes on into the step's collectives. Before, Hydra recorded the error
