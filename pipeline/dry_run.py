@@ -105,7 +105,7 @@ def _dry_run_model(cfg: DictConfig) -> tuple[Optional[str], str]:
         # its weights files (pickle only, none, custom code) were checked before this, as a launch checks
         # them (pipeline.inputs.check_model_paths, from check_before_loading)
         return path, f"model.path {path}: checked, sized from its config.json"
-    if path and model_config_file(path, m.revision) is not None:  # checked in the cache by check_model_paths
+    if path and model_config_file(path, m.revision) is not None:  # its snapshot checked by check_model_paths
         at = f" at revision {m.revision}" if m.revision else ""
         return path, f"model.path {path}: in the hub cache{at}, sized from its cached config.json"
     return None, f"model.path not checked (dry run): sized from model.arch ({path} is a hub id not in the hub cache)"

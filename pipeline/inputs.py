@@ -73,8 +73,10 @@ def check_model_paths(cfg: DictConfig) -> None:
     from pipeline.models.loading import (
         MODEL_FILES,
         TOKENIZER_FILES,
+        cached_snapshot,
         check_model_location,
         check_remote_code,
+        check_weight_files,
         check_weights_safe,
         expand_user,
         hub_id_not_cached,
@@ -88,10 +90,17 @@ def check_model_paths(cfg: DictConfig) -> None:
             return
         check_model_location(path, key, revision, needs)
         if needs is MODEL_FILES:
-            # what loading it refuses (pickle-only weights, custom code), before any training: the retain
-            # model loads only for the evaluation, after the whole training and export
-            check_weights_safe(expand_user(path), bool(m.allow_pickle))
-            check_remote_code(expand_user(path), bool(m.trust_remote_code))
+            # what loading it refuses (pickle-only weights, none, custom code), before any training: the
+            # retain model loads only for the evaluation, after the whole training and export. A cached
+            # hub id's snapshot is checked as a directory is (a dry run passed one without weights)
+            snapshot = cached_snapshot(path, revision)
+            what = None
+            if snapshot is not None:
+                what = f"{key}={path} (its snapshot in the hub cache{f' at revision {revision}' if revision else ''})"
+                check_weight_files(snapshot, f"{key}={path}")
+            target = str(snapshot) if snapshot is not None else expand_user(path)
+            check_weights_safe(target, bool(m.allow_pickle), what)
+            check_remote_code(target, bool(m.trust_remote_code), what)
 
     if m.source == "pretrained" and m.path:
         check(str(m.path), "model.path", m.revision)

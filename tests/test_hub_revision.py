@@ -85,3 +85,31 @@ def test_a_cached_hub_model_without_weights_is_not_told_to_allow_pickles(tmp_pat
                          env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
     line = out.stdout.strip().splitlines()[-1]
     assert "no other weight files in the hub cache" in line and "allow_pickle" not in line, out.stdout + out.stderr
+
+
+def test_a_cached_hub_model_without_usable_weights_is_refused_by_the_dry_run_as_by_the_launch(tmp_path):
+    """A dry run of a cached hub id read only its config.json: a snapshot without weights, or with pickled
+    ones only, passed it (exit 0) and the launch stopped on it once the model loaded. Now both stop
+    before anything loads, naming the hub id and our setting."""
+    import subprocess
+    import sys
+
+    data_dir = _pinned_hub_cache(tmp_path)
+    snap = tmp_path / "hub" / "models--org--tiny" / "snapshots" / SNAPSHOT
+    hub = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    args = [a for a in train_overrides(tmp_path / "src" / "model", data_dir, tmp_path / "runs", "r", steps=1)
+            if not a.startswith("model.path=")] + ["model.path=org/tiny", "model.revision=v1"]
+    code = ("import torch, safetensors.torch as st, sys; d = sys.argv[1]; "
+            "torch.save(st.load_file(d + '/model.safetensors'), d + '/pytorch_model.bin')")
+    subprocess.run([sys.executable, "-c", code, str(snap)], check=True)
+    (snap / "model.safetensors").unlink()
+    what = "error (ModelLoadError, rank 0): model.path=org/tiny (its snapshot in the hub cache at revision v1) has "
+    for extra in (["trainer.dry_run=true"], []):
+        out = run(args + extra, timeout=240, **hub)
+        last = out.stderr.strip().splitlines()[-1]
+        assert out.returncode == 2 and last.startswith(what + "only pickle weights (.bin/.pt)"), out.stderr[-2000:]
+        assert "model.allow_pickle=true" in last and not (tmp_path / "runs" / "r").exists()
+    (snap / "pytorch_model.bin").unlink()  # config.json and tokenizer only: a download cut short
+    out = run(args + ["trainer.dry_run=true"], timeout=240, **hub)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == what + "no weights (*.safetensors)", \
+        out.stderr[-2000:]

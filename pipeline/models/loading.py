@@ -293,30 +293,43 @@ def has_pickle_weights(directory: Path) -> bool:
     return any(f.suffix in (".bin", ".pt", ".pth") for f in directory.iterdir())
 
 
-def check_weights_safe(path: str | Path, allow_pickle: bool) -> None:
-    """Refuse a local model directory that only has pickle (.bin/.pt) weights unless allowed."""
+def check_weights_safe(path: str | Path, allow_pickle: bool, what: Optional[str] = None) -> None:
+    """Refuse a local model directory (or a hub id's cached snapshot, :func:`cached_snapshot`) that only
+    has pickle (.bin/.pt) weights unless allowed, or none. ``what`` names it in the message (default:
+    ``model directory <path>``)."""
     p = Path(path)
     if not p.is_dir():
-        return  # hub id: from_pretrained(use_safetensors=True) enforces it
+        return  # a hub id not cached: from_pretrained(use_safetensors=True) enforces it
+    what = what or f"model directory {p}"
     has_st = any(p.glob("*.safetensors"))
     has_pickle = has_pickle_weights(p)
     if not has_st and has_pickle and not allow_pickle:
         raise ModelLoadError(
-            f"model directory {p} has only pickle weights (.bin/.pt), which can run arbitrary code when loaded; "
+            f"{what} has only pickle weights (.bin/.pt), which can run arbitrary code when loaded; "
             f"convert it to safetensors or set model.allow_pickle=true if you trust it"
         )
     if not has_st and not has_pickle:
-        raise ModelLoadError(f"model directory {p} has no weights (*.safetensors)")
+        raise ModelLoadError(f"{what} has no weights (*.safetensors)")
 
 
-def check_remote_code(path: str | Path, trust_remote_code: bool) -> None:
-    """Refuse a local model whose config.json asks for custom code (``auto_map``) unless trusted."""
+def check_remote_code(path: str | Path, trust_remote_code: bool, what: Optional[str] = None) -> None:
+    """Refuse a local model (or a cached snapshot) whose config.json asks for custom code (``auto_map``)
+    unless trusted."""
     p = Path(path)
     cfg_file = p / "config.json"
     if p.is_dir() and cfg_file.exists() and not trust_remote_code:
         auto_map = _read_json(cfg_file, f"model {p}").get("auto_map")
         if auto_map:
-            raise _remote_code_error(f"model {p}", auto_map)
+            raise _remote_code_error(what or f"model {p}", auto_map)
+
+
+def cached_snapshot(path: str, revision: Optional[str] = None) -> Optional[Path]:
+    """A hub id's cached snapshot directory at ``revision`` (the one holding its config.json), so its
+    files are checked as a local directory's are; None for a local path or a hub id not cached."""
+    if Path(expand_user(path)).exists() or not _is_hub_id(path):
+        return None
+    config = model_config_file(path, revision)
+    return config.parent if config is not None else None
 
 
 def _remote_code_error(what: str, auto_map: Any) -> ModelLoadError:
