@@ -83,8 +83,8 @@ def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
 
 
 def _check_slurm_job(config: DictConfig, where: str, seen: set[tuple]) -> None:
-    """What a SLURM job would meet only on its node, after its wait in the queue, checked before the
-    sweep is submitted: more ranks per node than GPUs (``pipeline.engine.distributed`` stops every such
+    """A dry run (refused: it would queue jobs to print plans), and what a SLURM job would meet only on
+    its node, after its wait in the queue, checked before the sweep is submitted: more ranks per node than GPUs (``pipeline.engine.distributed`` stops every such
     job), an lm-eval task lm-eval does not know (the job's start checks it: every job would stop there).
     Fewer ranks than GPUs runs, with the other GPUs allocated and idle: warned. Task data is not looked
     for here: the submitting host's HF cache need not be the nodes'."""
@@ -94,6 +94,11 @@ def _check_slurm_job(config: DictConfig, where: str, seen: set[tuple]) -> None:
     launcher = OmegaConf.select(config, "hydra.launcher", default=None)
     if launcher is None or not str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
         return
+    if OmegaConf.select(config, "trainer.dry_run", default=False):
+        # it would queue one job per point (8 GPUs each by default) to print a plan into a SLURM log
+        exit_with(ConfigError(), f"{where}config error at 'trainer.dry_run': a dry run under hydra/launcher=slurm "
+                  f"would submit a SLURM job per sweep point to print its plan; drop hydra/launcher=slurm: the dry "
+                  f"run then checks and plans every point here, on this host")
     gpus, tasks = launcher.get("gpus_per_node"), launcher.get("tasks_per_node")
     if isinstance(gpus, int) and isinstance(tasks, int) and gpus > 0:
         if tasks > gpus:

@@ -210,3 +210,15 @@ def test_a_submission_sbatch_refuses_says_no_job_was_submitted_and_leaves_the_sw
     assert out.returncode == 2 and "no job was submitted (the sweep directory is as it was before this launch)" in \
         out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
     assert sorted((str(p.relative_to(sweep_dir)), p.is_file() and p.read_bytes()) for p in sweep_dir.rglob("*")) == before
+
+
+def test_a_dry_run_under_the_slurm_launcher_is_refused_before_anything_is_submitted(tmp_path):
+    """`-m ... hydra/launcher=slurm trainer.dry_run=true` (the docs' "check a command with its dry run"
+    on the README's SLURM sweep) queued one 8-GPU job per point to print its plan into a SLURM log."""
+    out, called = _slurm_sweep(tmp_path, "trainer.dry_run=true")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and not called.exists() and not (tmp_path / "runs").exists(), out.stderr[-2000:]
+    assert lines[-1].startswith("error (ConfigError, rank 0): sweep job 1 of 2 (") and lines[-1].endswith(
+        "config error at 'trainer.dry_run': a dry run under hydra/launcher=slurm would submit a SLURM job per sweep "
+        "point to print its plan; drop hydra/launcher=slurm: the dry run then checks and plans every point here, on "
+        "this host"), lines[-1]
