@@ -178,19 +178,33 @@ def _dry_run_format_uses(cfg: DictConfig) -> list[str]:
 
 
 def _dry_run_tokenizer(cfg: DictConfig, model_dir: Optional[str]) -> Optional[str]:
-    """Load a local tokenizer and check the prompt format against it as the real run does
-    (:func:`pipeline.inputs.checked_prompt_format`: the same one-line ConfigError); the line saying
-    so, or None when the tokenizer is not local (a hub id, the synthetic benchmark's, not built yet)."""
-    from pipeline.models.loading import TOKENIZER_FILES, check_model_location, load_tokenizer
+    """Load the tokenizer (a local directory, or a hub id's cached files at its revision) and check the
+    prompt format against it as the real run does (:func:`pipeline.inputs.checked_prompt_format`: the
+    same one-line ConfigError); the line saying so. A hub id the cache holds nothing of: a line saying
+    it was not checked and how to get it (a MUSE config's gated Llama-2 tokenizer, say, which the launch
+    refuses). None for the synthetic benchmark's (not built yet) and a model sized from model.arch."""
+    from pipeline.models.loading import (
+        TOKENIZER_FILES,
+        check_model_location,
+        hub_id_not_cached,
+        load_tokenizer,
+    )
 
     m = cfg.model
     if m.source == "synthetic":
         return None
-    key, path = ("model.tokenizer_path", str(m.tokenizer_path)) if m.tokenizer_path else ("model.path", model_dir)
-    if not path or not Path(path).expanduser().is_dir():
+    if m.tokenizer_path:
+        key, path, revision = "model.tokenizer_path", str(m.tokenizer_path), None
+    else:
+        key, path, revision = "model.path", model_dir, (m.revision if model_dir == str(m.path) else None)
+    if not path:
         return None
-    check_model_location(path, key, needs=TOKENIZER_FILES)
-    tokenizer = load_tokenizer(path, m.trust_remote_code)
+    if not Path(path).expanduser().is_dir() and hub_id_not_cached(path, revision):
+        return (f"{key} {path}: not checked (dry run): not in the hub cache, which the launch reads it from "
+                f"(offline); get it first: hf download {path} --include 'tokenizer*' (a gated repository: accept "
+                f"its licence on the hub and `hf auth login` before)")
+    check_model_location(path, key, revision, needs=TOKENIZER_FILES)
+    tokenizer = load_tokenizer(path, m.trust_remote_code, revision=revision)
     uses = _dry_run_format_uses(cfg)
     fmt = checked_prompt_format(cfg, tokenizer, uses)
     return f"tokenizer {path}: prompt format {fmt.name} " + ("checked" if uses else "not applied (raw-text data)")

@@ -326,9 +326,17 @@ def test_a_cached_hub_model_is_checked_from_the_cache_and_an_absent_one_sized_fr
                                           r"range: the model has 2 layers"):
         _dry_in_process(_job_overrides(tiny_inputs, [*hub, "method.teacher_layers=[5]"]))
     _dry_in_process(_job_overrides(tiny_inputs, [*hub, "method.teacher_layers=[1]"]))
-    assert "model.path org/tiny: in the hub cache at revision v1, sized from its cached config.json" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "model.path org/tiny: in the hub cache at revision v1, sized from its cached config.json" in out
+    # its tokenizer too, from the cached snapshot (before, a hub id's tokenizer went unchecked and unsaid)
+    assert "tokenizer org/tiny: prompt format plain checked" in out
     _dry_in_process(["+exp=tofu_7b"])  # its hub model and retain-free TOFU data: nothing of them in this cache
     assert "model.path not checked (dry run): sized from model.arch" in capsys.readouterr().out
+    # a tokenizer the cache lacks, which the launch refuses (MUSE's gated Llama-2 tokenizer): said, with the fix
+    _dry_in_process(_job_overrides(tiny_inputs, ["model.tokenizer_path=meta-llama/Llama-2-7b-hf"]))
+    assert ("model.tokenizer_path meta-llama/Llama-2-7b-hf: not checked (dry run): not in the hub cache, which the "
+            "launch reads it from (offline); get it first: hf download meta-llama/Llama-2-7b-hf --include "
+            "'tokenizer*'") in capsys.readouterr().out
 
 
 def test_cli_a_resume_path_the_launch_refuses_is_refused_by_the_dry_run_before_the_data(tiny_inputs, tmp_path):
