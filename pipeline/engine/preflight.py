@@ -823,7 +823,8 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
     ds, tr = cfg.deepspeed, cfg.trainer
     measured = ds.gpu_memory_gb or _cuda_total_gb()
     budget = int((measured or DEFAULT_GPU_GB) * GiB)
-    stages = [resolve_zero_stage(ds, n).stage for n in gpus]
+    choices = [resolve_zero_stage(ds, n) for n in gpus]
+    stages = [c.stage for c in choices]
     # the very plan a launch's preflight makes (its ZeRO-3 buffer limits included), 8 GPUs per node
     plans = [_plan(cfg, arch, n, min(n, 8), True, uses_reference, ds.offload_optimizer, ds.offload_param)
              for n in gpus]
@@ -839,6 +840,9 @@ def dry_run_plan(cfg: Any, model_path: Optional[str], uses_reference: bool, gpus
              plan_row(f"fits in {round(budget / GiB, 1):g} GiB/GPU", fits),
              plan_row(f"fits in {host / GiB:.0f} GiB host/node", host_fits)]
     lines += [f"{n} GPUs refused: {why}" for n, (_, why) in zip(gpus, batches) if why]
+    # why each stage (an 'auto' that differs between columns would otherwise read as a mistake)
+    lines.append("ZeRO stage: " + "; ".join(f"{n} GPU{'s' if n > 1 else ''}: {c.describe()}"
+                                            for n, c in zip(gpus, choices)))
     if not measured:  # no GPU here and none configured: say the budget is an assumption
         lines.append(f"(GPU memory assumed {DEFAULT_GPU_GB:g} GiB, an 80 GB GPU's: no GPU here; "
                      f"deepspeed.gpu_memory_gb=<GiB> plans for yours)")
