@@ -357,6 +357,22 @@ def _validate_cache_dir(cfg: DictConfig) -> None:
     _require(why is None, "cache_dir", f"{path}: {why}")
 
 
+def method_key_hint(key: str) -> str:
+    """For a ``method.<key>`` the chosen method lacks: the methods whose config has it (``tau``: the
+    ASU methods), as the end of an error line; '' when no method has it."""
+    import pipeline.methods  # noqa: F401  (each method registers itself)
+    from pipeline.methods.base import METHODS
+
+    owners = sorted(n for n in METHODS.names()
+                    if any(f.name == key for f in dataclasses.fields(METHODS.get(n).config_cls)))
+    from pathlib import Path
+
+    group = Path(__file__).resolve().parents[1] / "conf" / "method"  # what method=<option> can name
+    if group.is_dir():
+        owners = [n for n in owners if (group / f"{n}.yaml").is_file()]
+    return f"; method.{key} is a setting of method={', '.join(owners)}" if owners else ""
+
+
 def _refuse_added_keys(node: DictConfig, path: str = "") -> None:
     """Refuse a key that ``node``'s schema does not declare. Hydra refuses an unknown key at
     compose time, but ``+key=value`` adds one to a typed node anyway and nothing reads it: a
@@ -371,7 +387,7 @@ def _refuse_added_keys(node: DictConfig, path: str = "") -> None:
             continue
         _require(key in declared, f"{path}{key}",
                  f"{schema.__name__} has no key {key!r}, so nothing would read it (added with '+'?); "
-                 f"its keys: {', '.join(declared)}")
+                 f"its keys: {', '.join(declared)}" + (method_key_hint(key) if path == "method." else ""))
         if OmegaConf.is_dict(node._get_node(key)):
             _refuse_added_keys(node[key], f"{path}{key}.")
 

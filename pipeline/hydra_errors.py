@@ -7,6 +7,8 @@ one line saying which key and what is allowed.
 
 from __future__ import annotations
 
+import re
+
 from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -31,4 +33,12 @@ def compose_error_line(exc: BaseException) -> str:
     cause = exc.__cause__
     if isinstance(cause, OmegaConfBaseException) and str(cause).strip():
         parts.append(_lines(str(cause))[0])
-    return " ".join(p if p.endswith((".", ":")) else p + "." for p in parts).rstrip(".")
+    hint = ""
+    wrong_method = re.match(r"Could not override 'method\.(\w+)'\.", str(exc).strip())
+    if wrong_method:  # Hydra's "use +method.tau=..." adds a key the chosen method never reads (refused later)
+        from pipeline.config import method_key_hint
+
+        hint = method_key_hint(wrong_method.group(1))
+        if hint:
+            parts = [p for p in parts if not p.startswith("To append to your config use +")]
+    return " ".join(p if p.endswith((".", ":")) else p + "." for p in parts).rstrip(".") + hint

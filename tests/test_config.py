@@ -118,10 +118,21 @@ def test_a_key_added_with_plus_that_nothing_reads_is_refused(override, key, sche
         validate(cfg)
 
 
-def test_a_key_of_another_method_is_refused():
+def test_a_key_of_another_method_is_refused_naming_the_methods_that_have_it():
+    """Both ways in (Hydra's refusal, and the key added with the '+' that refusal suggested) say which
+    methods take the key: before, neither said that method.tau (and tau=auto) is the ASU methods'."""
+    from pipeline.hydra_errors import compose_error_line
+
+    owners = "method.tau is a setting of method=asu_gd, asu_idk, asu_kl, asu_wmdp"
     cfg = _compose(["method=grad_diff", "+method.tau=2.0"])  # tau is ASU's, not GradDiff's
-    with pytest.raises(ConfigError, match="'method.tau': GradDiffConfig has no key 'tau'"):
+    with pytest.raises(ConfigError, match="'method.tau': GradDiffConfig has no key 'tau'") as e:
         validate(cfg)
+    assert str(e.value).endswith(owners)
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose(["method=grad_diff", "method.tau=auto"])
+    line = compose_error_line(e.value)
+    assert line.startswith("Could not override 'method.tau'.") and line.endswith(owners), line
+    assert "+method.tau" not in line  # Hydra's advice: a key nothing would read
 
 
 @pytest.mark.parametrize("override,key", [("trainer.lr=hot", "lr"), ("method.gamma=big", "gamma"),
