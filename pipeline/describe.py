@@ -27,14 +27,19 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def trainable_set(method: Any, model: Any, lora: bool = False) -> str:
-    """``<trainable> of <all> params (<which>)`` of ``model`` (ZeRO-3 partitioned parameters counted
-    whole): ``all``, the layer-wise methods' module and layers (RMU, asu_wmdp), or LoRA adapters."""
+def param_counts(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters of ``model``, ZeRO-3 partitioned parameters counted whole."""
     def numel(p: Any) -> int:
         return int(getattr(p, "ds_numel", p.numel()))
 
     params = list(model.parameters())
-    total, trained = sum(numel(p) for p in params), sum(numel(p) for p in params if p.requires_grad)
+    return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)
+
+
+def trainable_set(method: Any, model: Any, lora: bool = False) -> str:
+    """``<trainable> of <all> params (<which>)`` of ``model`` (ZeRO-3 partitioned parameters counted
+    whole): ``all``, the layer-wise methods' module and layers (RMU, asu_wmdp), or LoRA adapters."""
+    trained, total = param_counts(model)
     if hasattr(method, "update_layers"):  # pipeline.methods.rmu.LayerwiseMethod
         which = f"{method.cfg.update_module} of layers {','.join(str(i) for i in method.update_layers)}"
         which = f"LoRA adapters in {which}" if lora else which

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.config import validate
 from pipeline.config_base import require
-from pipeline.describe import method_line, trainable_set
+from pipeline.describe import method_line, param_counts, trainable_set
 from pipeline.dry_run import dry_run
 from pipeline.engine.checkpoint import (
     check_compatible,
@@ -138,6 +138,7 @@ class JobEngines:
     zero_stage: dict = field(default_factory=dict)  # requested, resolved, reason (results.json)
     checkpointed_layers: int = 0  # student decoder layers recomputed in the backward (results.json)
     precision: dict = field(default_factory=dict)  # training precision, weights' dtype, device (results.json)
+    params: tuple[int, int] = (0, 0)  # trainable and total student parameters (a LoRA run's results.json)
 
 
 def train_job(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -205,6 +206,7 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Any, method: Any, resume_from: 
         meta[TAU_CHOSEN] = float(cfg.method.tau)
         run_logger.update_config({"method": OmegaConf.to_container(cfg.method, resolve=True)})
     _attach_teacher_cache(cfg, method, engines, inputs, trainer, need_reference)
+    engines.params = param_counts(engines.engine.module)  # counted before the engines are released
     if dist.is_main:  # one line with what trains: the settings a reader of the log compares runs by
         log.info(method_line(cfg, trainable_set(method, engines.engine.module, engines.lora), total,
                              auto_tau=tau_selection is not None))
@@ -820,7 +822,8 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             adapter_cfg = run_dir / "adapter" / "adapter_config.json"
             adapted = json.loads(adapter_cfg.read_text()).get("target_modules") if adapter_cfg.exists() else None
             extra["peft"] = {**OmegaConf.to_container(cfg.model.peft, resolve=True), "adapter": str(run_dir / "adapter"),
-                             "adapted_modules": sorted(adapted) if isinstance(adapted, list) else adapted}  # or a regex
+                             "adapted_modules": sorted(adapted) if isinstance(adapted, list) else adapted,  # or a regex
+                             "trainable_params": engines.params[0], "total_params": engines.params[1]}
         tau = float(cfg.method.tau) if "tau" in cfg.method else None
         path = write_results(run_dir, cfg.method.name, tau, metrics, extra)
         results = json.loads(Path(path).read_text())

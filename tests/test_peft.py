@@ -338,6 +338,15 @@ def test_lora_exports_reload_and_evaluate_equal(tiny, runs):
     adapted = json.loads((run / "results.json").read_text())["peft"]["adapted_modules"]
     assert adapted == sorted(json.loads((run / "adapter" / "adapter_config.json").read_text())["target_modules"])
     assert "q_proj" in adapted
+    # and how many parameters trained, of how many (the log said it; results.json and report.md did not)
+    peft = json.loads((run / "results.json").read_text())["peft"]
+    from safetensors.torch import load_file
+
+    adapter_numel = sum(t.numel() for t in load_file(run / "adapter" / "adapter_model.safetensors").values())
+    assert peft["trainable_params"] == adapter_numel and peft["total_params"] > adapter_numel
+    from pipeline.eval.report import lora_setting
+
+    assert f"({adapter_numel:,} of {peft['total_params']:,} parameters trained" in lora_setting(peft)
     assert check["adapter_max_abs_logit_diff"] <= check["tolerance"]
     # rank 0 loaded the base + adapter once for both outputs (a 7B load costs minutes); other ranks never
     assert json.loads((tiny[0] / "spy2" / "export_rank0.json").read_text()) == {"base_loads": 1}

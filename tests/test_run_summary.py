@@ -48,13 +48,14 @@ def test_the_summary_says_lora_tau_auto_and_the_prompt_format(tmp_path):
     """A LoRA run, a tau chosen by method.tau=auto and the prompt format were missing from the summary:
     each is said now, only where it applies (no LoRA line for a full fine-tune, no "auto" for a fixed tau)."""
     peft = {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": None, "layers": None,
-            "adapter": str(tmp_path / "adapter"), "adapted_modules": ["k_proj", "q_proj"]}
+            "adapter": str(tmp_path / "adapter"), "adapted_modules": ["k_proj", "q_proj"],
+            "trainable_params": 2048, "total_params": 1_000_000}
     lora = {**_tofu(0.5), "tau": 2.35, "tau_selection": {"tau": 2.35, "reason": "long"}, "peft": peft,
             "prompt_format": PLAIN}
     lines = run_summary(lora, tmp_path).splitlines()
     assert lines[2] == "method asu_kl, tau 2.350 (chosen by method.tau=auto), 4 steps"
     assert lines[3] == ("trained: LoRA adapters r=4, alpha=8, dropout=0 on modules k_proj, q_proj (the architecture's "
-                        "defaults), all layers; base weights frozen")
+                        "defaults), all layers; base weights frozen (2,048 of 1,000,000 parameters trained, 0.20%)")
     assert lines[4] == "prompt format: plain; applied to training, evaluation, generation"
     assert lines[5].startswith("metrics: ") and len(lines) == 7
     full = run_summary({**_tofu(0.5), "prompt_format": PLAIN}, tmp_path)

@@ -201,8 +201,12 @@ def lora_setting(peft: Any) -> Optional[str]:
         where = f"modules {_names(modules)}" + (" (the architecture's defaults)" if peft.get("target_modules") is None
                                                 else "")
     layers = peft.get("layers")
+    trained, total = peft.get("trainable_params"), peft.get("total_params")
+    counts = (f" ({trained:,} of {total:,} parameters trained, {100.0 * trained / total:.2f}%)"
+              if isinstance(trained, int) and isinstance(total, int) and total > 0 else "")
     return (f"LoRA adapters r={_num(peft.get('r'))}, alpha={_num(peft.get('alpha'))}, dropout={_num(peft.get('dropout'))} "
-            f"on {where}, " + ("all layers" if layers is None else f"layers {_names(layers)}") + "; base weights frozen")
+            f"on {where}, " + ("all layers" if layers is None else f"layers {_names(layers)}") + "; base weights frozen"
+            + counts)
 
 
 def prompt_format_setting(fmt: Any) -> Optional[str]:
