@@ -177,6 +177,10 @@ class MethodFootprint:
     # the step's rows are the batch's forget and retain rows (False: it adds views, e.g. IDK answers,
     # whose lengths the data's rows do not bound; the plan keeps data.max_length for those)
     rows_given: bool = True
+    # decoder layers whose activations the student's backward holds (None: every layer). The layer-wise
+    # methods' step stops after method.layer and nothing below their first trained layer needs a
+    # gradient: layers first..layer (an upper bound: the first keeps only what its trained module needs)
+    activation_layers: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -222,7 +226,7 @@ def method_footprint(cfg: Any, arch: ArchSpec) -> MethodFootprint:
     needs a batch view this empty batch lacks (IDK rows, a cached teacher) keeps the logits (those
     methods score tokens)."""
     from pipeline.methods import build_method
-    from pipeline.methods.passes import LOGITS
+    from pipeline.methods.passes import HIDDEN, LOGITS
     from pipeline.methods.rmu import LayerwiseMethod
 
     method = build_method(cfg.method, kl_impl=cfg.kernels.kl, joint_pass=getattr(cfg.trainer, "passes", "joint") == "joint")
@@ -236,7 +240,12 @@ def method_footprint(cfg: Any, arch: ArchSpec) -> MethodFootprint:
     except (KeyError, ValueError):
         return MethodFootprint(trainable, True, rows_given=False)
     kinds = [*plan.student.values(), *(k for _, k in plan.frozen.values())]
-    return MethodFootprint(trainable, bool(plan.kl) or any(LOGITS in k for k in kinds))
+    logits = bool(plan.kl) or any(LOGITS in k for k in kinds)
+    held = None
+    if isinstance(method, LayerwiseMethod) and plan.layer is not None and plan.stop_after_layer and \
+            all(k <= {HIDDEN} for k in plan.student.values()) and not logits:
+        held = int(plan.layer) - min(method.update_layers) + 1
+    return MethodFootprint(trainable, logits, activation_layers=held)
 
 
 # Device terms alive in one phase of a step only. DeepSpeed's ZeRO-3 step() releases every gathered
@@ -293,7 +302,7 @@ class MemoryPlan:
 
 
 def activation_bytes(arch: ArchSpec, tokens: int, seq_len: int, b: int, activation_checkpointing: bool,
-                     flash_attention: bool = True) -> int:
+                     flash_attention: bool = True, layers: Optional[int] = None) -> int:
     """Peak bytes of the student's activations in one forward + backward over ``tokens`` tokens
     (rows × ``seq_len``) of a Llama-style decoder (RMSNorm, SwiGLU MLP, RoPE) with ``b``-byte weights.
 
@@ -322,7 +331,9 @@ def activation_bytes(arch: ArchSpec, tokens: int, seq_len: int, b: int, activati
     layer's activations are still held: the gradients of the MLP's gate and up outputs (``2·b·I``)
     and two fp32 gradients of a norm's upcast input (``8·H``).
     With activation checkpointing each layer keeps only its input (``b·H``) and the backward
-    recomputes one layer at a time: L·b·H + one layer's activations + the once-per-step terms."""
+    recomputes one layer at a time: L·b·H + one layer's activations + the once-per-step terms.
+    ``layers``: the decoder layers whose activations backward holds (:class:`MethodFootprint`'s
+    ``activation_layers``; None: all ``num_hidden_layers``)."""
     H, ff, heads = arch.hidden_size, arch.intermediate_size, arch.num_attention_heads
     per_token = 2 * (4 + b) * H + b * (6 * H + 4 * ff)
     if flash_attention:
@@ -331,7 +342,7 @@ def activation_bytes(arch: ArchSpec, tokens: int, seq_len: int, b: int, activati
         per_token += heads * seq_len * (4 + (b if b < 4 else 0))
     per_layer = tokens * per_token
     once = tokens * ((4 + 2 * b) * H + 2 * b * ff + 8 * H)
-    L = arch.num_hidden_layers
+    L = arch.num_hidden_layers if layers is None else min(int(layers), arch.num_hidden_layers)
     return (L * tokens * b * H + per_layer + once) if activation_checkpointing else L * per_layer + once
 
 
@@ -340,7 +351,8 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
                 retain_batch_size: int, seq_len: int, kl_impl: str, activation_checkpointing: bool,
                 flash_attention: bool = True, lora_params: int = 0, buffers: Optional[dict] = None,
                 cpu_ranks: bool = False, joint_pass: bool = True, trainable_params: int = 0,
-                logits: bool = True, torch_adam: bool = True, loss_positions: Optional[int] = None) -> MemoryPlan:
+                logits: bool = True, torch_adam: bool = True, loss_positions: Optional[int] = None,
+                activation_layers: Optional[int] = None) -> MemoryPlan:
     """Bytes per GPU and per node for one configuration (ZeRO-3 sharding over ``n_gpus``).
 
     ``lora_params > 0`` (``model.peft``): gradients and optimizer state cover the adapters only, and
@@ -355,7 +367,8 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     logits (False for the hidden-state methods: no distillation-logits term). ``torch_adam``:
     ``deepspeed.torch_adam`` (torch's AdamW, else DeepSpeed's FusedAdam), which decides the optimizer
     step's temporaries at ZeRO stages 0-2. ``loss_positions``: the positions a micro-batch forms logits at
-    (:class:`BatchBound`); None: every position of every row, a bound.
+    (:class:`BatchBound`); None: every position of every row, a bound. ``activation_layers``: the
+    decoder layers whose activations the backward holds (None: all; :class:`MethodFootprint`).
     """
     from kernels.fused_kl import CUDA_MIN_CHUNK_ROWS, default_chunk_size
     from pipeline.engine.ds_config import CPU_BUFFERS, GPU_BUFFERS
@@ -430,7 +443,8 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     rows = batch_size + retain_batch_size
     tokens = rows * seq_len
     H = arch.hidden_size
-    g["activations (student)"] = activation_bytes(arch, tokens, seq_len, b, activation_checkpointing, flash_attention)
+    g["activations (student)"] = activation_bytes(arch, tokens, seq_len, b, activation_checkpointing, flash_attention,
+                                                  activation_layers)
     positions = tokens if loss_positions is None else min(tokens, loss_positions)
     # (no logits term when the method's terms are hidden states only: RMU, asu_wmdp never run the head)
     if logits and kl_impl == "fused":
@@ -897,7 +911,7 @@ def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference
                        flash_attention=cuda and cfg.kernels.attention != "torch", buffers=zero,
                        cpu_ranks=not cuda and not ds.gpu_memory_gb, lora_params=lora_param_count(arch, cfg.model),
                        joint_pass=getattr(tr, "passes", "joint") == "joint", trainable_params=fp.trainable_params,
-                       logits=fp.logits, torch_adam=bool(ds.torch_adam))
+                       logits=fp.logits, torch_adam=bool(ds.torch_adam), activation_layers=fp.activation_layers)
 
 
 def plan_for_run(cfg: Any, world_size: int, cuda: bool, model_path: Optional[str], uses_reference: bool,
