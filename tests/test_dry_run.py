@@ -248,7 +248,9 @@ DRY_REFUSALS = [  # (overrides, where the launch refuses it, its line)
     (["data.eval_splits=[eval_retain,eval_retainn]"], "data",
      "dataset 'json:{data}': split 'eval_retainn' not found at {data}/eval_retainn.jsonl (or .json / .parquet); "
      "available splits: ['eval_retain', 'forget', 'retain']"),
-    (["data.path=null"], "data", "dataset 'json' needs data.path (a directory of <split>.jsonl files)"),
+    (["data.path=null"], "data", "data.path is not set: data.name=json (your own rows, as data=own_qa) reads a "
+     "directory of <split>.jsonl files (forget.jsonl, retain.jsonl; question and answer per row): set "
+     "data.path=<that directory>"),
     (["eval.retain_model={root}/nomodel"], "early", "eval.retain_model={root}/nomodel: no such directory"),
     (["model.path={root}/binonly"], "weights",
      "model directory {root}/binonly has only pickle weights (.bin/.pt), which can run arbitrary code when loaded; "

@@ -109,7 +109,10 @@ def json_data_dir(data_cfg: Any) -> Path:
     """``data.path`` of a ``data.name=json`` dataset, as the loaders read it (:func:`resolve_data_path`);
     unset: a :class:`DataError`."""
     if not data_cfg.path:
-        raise DataError("dataset 'json' needs data.path (a directory of <split>.jsonl files)")
+        splits = [str(s) for s in (data_cfg.forget_split, data_cfg.retain_split) if s]
+        raise DataError(f"data.path is not set: data.name=json (your own rows, as data=own_qa) reads a directory of "
+                        f"<split>.jsonl files ({', '.join(f'{s}.jsonl' for s in splits)}; question and answer per "
+                        f"row): set data.path=<that directory>")
     return resolve_data_path(data_cfg.path)
 
 
