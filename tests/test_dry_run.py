@@ -5,6 +5,7 @@ weights (local tokenizer + prompt format) stop the dry run with the same one lin
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -198,6 +199,12 @@ def tiny_inputs(tmp_path_factory) -> dict[str, Path]:
         shutil.copytree(model_dir, root / name, ignore=shutil.ignore_patterns("*.safetensors"))
     (root / "binonly" / "pytorch_model.bin").write_bytes(b"")  # only its name is looked at
     (root / "afile").write_text("not a directory\n")
+    # custom code named by its config.json, its modeling file missing (copied without the .py files)
+    shutil.copytree(model_dir, root / "remote")
+    config = json.loads((root / "remote" / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyModel"}
+    (root / "remote" / "config.json").write_text(json.dumps(config))
+    (root / "remote" / "configuration_my.py").write_text("")
     return {"root": root, "model": model_dir, "data": data_dir}
 
 
@@ -256,6 +263,9 @@ DRY_REFUSALS = [  # (overrides, where the launch refuses it, its line)
      "model directory {root}/binonly has only pickle weights (.bin/.pt), which can run arbitrary code when loaded; "
      "convert it to safetensors or set model.allow_pickle=true if you trust it"),
     (["model.path={root}/noweights"], "weights", "model directory {root}/noweights has no weights (*.safetensors)"),
+    (["model.path={root}/remote", "model.trust_remote_code=true"], "early",
+     "model {root}/remote asks for custom code its directory lacks: ['modeling_my.py'] (config.json auto_map); "
+     "copy them from the model's repository beside config.json"),
     (["model.tokenizer_path={root}/afile"], "early",
      "model.tokenizer_path={root}/afile is a file, not a model directory"),
     (["method=asu_kl", "method.teacher_layers=[5]"], "layers",

@@ -317,10 +317,19 @@ def check_remote_code(path: str | Path, trust_remote_code: bool, what: Optional[
     unless trusted."""
     p = Path(path)
     cfg_file = p / "config.json"
-    if p.is_dir() and cfg_file.exists() and not trust_remote_code:
-        auto_map = _read_json(cfg_file, f"model {p}").get("auto_map")
-        if auto_map:
-            raise _remote_code_error(what or f"model {p}", auto_map)
+    if not (p.is_dir() and cfg_file.exists()):
+        return
+    auto_map = _read_json(cfg_file, f"model {p}").get("auto_map")
+    if auto_map and not trust_remote_code:
+        raise _remote_code_error(what or f"model {p}", auto_map)
+    if auto_map and isinstance(auto_map, dict):
+        # trusted: its code must be there (transformers would look for it on the hub, offline, and name a
+        # URL made of the local path); "other/repo--module.Class" is another repository's, not checked
+        refs = [v for vs in auto_map.values() for v in (vs if isinstance(vs, list) else [vs]) if isinstance(v, str)]
+        missing = sorted({f"{r.split('.')[0]}.py" for r in refs if "--" not in r} - {f.name for f in p.glob("*.py")})
+        if missing:
+            raise ModelLoadError(f"{what or f'model {p}'} asks for custom code its directory lacks: {missing} "
+                                 f"(config.json auto_map); copy them from the model's repository beside config.json")
 
 
 def cached_snapshot(path: str, revision: Optional[str] = None) -> Optional[Path]:
