@@ -210,17 +210,12 @@ def _log_to_files(line: str, level: int = logging.ERROR) -> None:
 
 
 def _sbatch_refusal(exc: Exception) -> str | None:
-    """sbatch's first error line when ``exc`` is submitit's report that the sweep's submission failed
-    (sbatch exited non-zero: a partition, account or limit the cluster refuses, no controller; or
-    printed no job id), else None."""
+    """sbatch's first error line when ``exc`` is submitit's report that sbatch refused the sweep's
+    submission (it exited non-zero: a partition, account or limit the cluster refuses, no controller),
+    else None. (sbatch exiting 0 without a job id submitit can read may have queued the array: not a
+    refusal.)"""
     import subprocess
 
-    from submitit.core.utils import FailedSubmissionError
-
-    from pipeline.messages import first_line
-
-    if isinstance(exc, FailedSubmissionError):
-        return first_line(exc, 200)
     cause = exc.__cause__
     if isinstance(cause, subprocess.CalledProcessError) and cause.cmd and os.path.basename(str(cause.cmd[0])) == "sbatch":
         lines = [ln.strip() for ln in str(cause.stderr or "").splitlines() if ln.strip()]

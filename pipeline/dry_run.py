@@ -200,9 +200,9 @@ def _dry_run_tokenizer(cfg: DictConfig, model_dir: Optional[str]) -> Optional[st
     if not path:
         return None
     if not Path(path).expanduser().is_dir() and hub_id_not_cached(path, revision):
-        return (f"{key} {path}: not checked (dry run): not in the hub cache, which the launch reads it from "
-                f"(offline); get it first: hf download {path} --include 'tokenizer*' (a gated repository: accept "
-                f"its licence on the hub and `hf auth login` before)")
+        return (f"{key} {path}: not checked (dry run): not in the hub cache, which the launch reads it from; "
+                f"get it first: hf download {path} --include 'tokenizer*' 'special_tokens_map.json' (a gated "
+                f"repository: accept its licence on the hub and `hf auth login` before)")
     check_model_location(path, key, revision, needs=TOKENIZER_FILES)
     tokenizer = load_tokenizer(path, m.trust_remote_code, revision=revision)
     uses = _dry_run_format_uses(cfg)

@@ -202,7 +202,10 @@ def tiny_inputs(tmp_path_factory) -> dict[str, Path]:
     # custom code named by its config.json, its modeling file missing (copied without the .py files)
     shutil.copytree(model_dir, root / "remote")
     config = json.loads((root / "remote" / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyModel"}
+    # (a tokenizer or another head may ship elsewhere: only the classes a run loads are looked for)
+    config["auto_map"] = {"AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyModel",
+                          "AutoTokenizer": ["tokenization_my.MyTokenizer", None],
+                          "AutoModelForSequenceClassification": "heads_my.MyClassifier"}
     (root / "remote" / "config.json").write_text(json.dumps(config))
     (root / "remote" / "configuration_my.py").write_text("")
     return {"root": root, "model": model_dir, "data": data_dir}
@@ -256,7 +259,7 @@ DRY_REFUSALS = [  # (overrides, where the launch refuses it, its line)
      "dataset 'json:{data}': split 'eval_retainn' not found at {data}/eval_retainn.jsonl (or .json / .parquet); "
      "available splits: ['eval_retain', 'forget', 'retain']"),
     (["data.path=null"], "data", "data.path is not set: data.name=json (your own rows, as data=own_qa) reads a "
-     "directory of <split>.jsonl files (forget.jsonl, retain.jsonl; question and answer per row): set "
+     "directory of <split>.jsonl files (forget.jsonl, retain.jsonl, eval_retain.jsonl; question and answer per row): set "
      "data.path=<that directory>"),
     (["eval.retain_model={root}/nomodel"], "early", "eval.retain_model={root}/nomodel: no such directory"),
     (["model.path={root}/binonly"], "weights",
@@ -347,8 +350,8 @@ def test_a_cached_hub_model_is_checked_from_the_cache_and_an_absent_one_sized_fr
     # a tokenizer the cache lacks, which the launch refuses (MUSE's gated Llama-2 tokenizer): said, with the fix
     _dry_in_process(_job_overrides(tiny_inputs, ["model.tokenizer_path=meta-llama/Llama-2-7b-hf"]))
     assert ("model.tokenizer_path meta-llama/Llama-2-7b-hf: not checked (dry run): not in the hub cache, which the "
-            "launch reads it from (offline); get it first: hf download meta-llama/Llama-2-7b-hf --include "
-            "'tokenizer*'") in capsys.readouterr().out
+            "launch reads it from; get it first: hf download meta-llama/Llama-2-7b-hf --include 'tokenizer*' "
+            "'special_tokens_map.json'") in capsys.readouterr().out
 
 
 def test_cli_a_resume_path_the_launch_refuses_is_refused_by_the_dry_run_before_the_data(tiny_inputs, tmp_path):

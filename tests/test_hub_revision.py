@@ -113,3 +113,19 @@ def test_a_cached_hub_model_without_usable_weights_is_refused_by_the_dry_run_as_
     out = run(args + ["trainer.dry_run=true"], timeout=240, **hub)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == what + "no weights (*.safetensors)", \
         out.stderr[-2000:]
+
+
+def test_an_online_run_leaves_a_cached_snapshots_files_to_the_hub(tmp_path, monkeypatch):
+    """With the network allowed (ASU_ALLOW_NETWORK=1) the hub supplies what the cache lacks (safetensors
+    beside a cached .bin, a newer main): only an offline run checks the cached snapshot's files."""
+    from huggingface_hub import constants
+
+    from pipeline.models.loading import cached_snapshot
+
+    _pinned_hub_cache(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at import: the env is too late
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    snap = tmp_path / "hub" / "models--org--tiny" / "snapshots" / SNAPSHOT
+    assert cached_snapshot("org/tiny", "v1") == snap and cached_snapshot("org/other", "v1") is None
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert cached_snapshot("org/tiny", "v1") is None

@@ -263,3 +263,26 @@ def test_eval_lm_eval_limit_scores_part_of_each_task_and_the_report_says_so(tmp_
     assert out.stdout.strip().splitlines()[-1] == (
         f"lm-eval 0.4.13: wmdp_local {score:.4f} (1-shot, the first 3 rows of each task only (limit=3: a quick look, "
         f"not comparable with full runs), BOS not added, no chat template, float32)"), out.stdout
+
+
+@pytest.mark.parametrize("raised, line", [
+    ("ValueError(\"Couldn't find cache for org/x for config 'other'\")",
+     "a dataset could not be read (ValueError: Couldn't find cache for org/x for config 'other'); offline runs need"),
+    ("RuntimeError('bad column')", "could not be built (RuntimeError: bad column)"),
+])
+def test_a_task_that_cannot_be_built_is_one_lm_eval_error(tmp_path, raised, line):
+    """datasets' offline miss of a config it cached under another name is a ValueError, and a task's own
+    code (custom_dataset, process_docs) may raise anything: each was a traceback on rank 0 at the job's
+    start (the other ranks waiting in the check's collective), now one LmEvalError line."""
+    pytest.importorskip("lm_eval", reason="the lm-eval extra (requirements/extras.lock) is not installed")
+    from pipeline.eval.lm_eval_bridge import LmEvalError, check_task_data
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    local = (TASK_DIR / "wmdp_local" / "wmdp_local.yaml").read_text()
+    (tasks / "broken.yaml").write_text(local.replace("task: wmdp_local", "task: broken").replace(
+        "wmdp_local_data.load", "broken_data.load"))
+    (tasks / "broken_data.py").write_text(f"def load(**kwargs):\n    raise {raised}\n")
+    with pytest.raises(LmEvalError) as e:
+        check_task_data(["broken"], tasks, include_defaults=False)
+    assert str(e.value).startswith("lm-eval tasks ['broken']: ") and line in str(e.value), str(e.value)

@@ -109,7 +109,8 @@ def json_data_dir(data_cfg: Any) -> Path:
     """``data.path`` of a ``data.name=json`` dataset, as the loaders read it (:func:`resolve_data_path`);
     unset: a :class:`DataError`."""
     if not data_cfg.path:
-        splits = [str(s) for s in (data_cfg.forget_split, data_cfg.retain_split) if s]
+        named = [data_cfg.forget_split, data_cfg.retain_split, *(data_cfg.get("eval_splits") or [])]
+        splits = list(dict.fromkeys(str(s) for s in named if s))  # an evaluation reads its eval_splits too
         raise DataError(f"data.path is not set: data.name=json (your own rows, as data=own_qa) reads a directory of "
                         f"<split>.jsonl files ({', '.join(f'{s}.jsonl' for s in splits)}; question and answer per "
                         f"row): set data.path=<that directory>")

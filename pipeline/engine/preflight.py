@@ -181,6 +181,9 @@ class MethodFootprint:
     # methods' step stops after method.layer and nothing below their first trained layer needs a
     # gradient: layers first..layer (an upper bound: the first keeps only what its trained module needs)
     activation_layers: Optional[int] = None
+    # decoder layers the student's forward runs (None: every layer; layer-wise: 0..method.layer). With
+    # activation checkpointing each keeps its input: the input embeddings are made to require a gradient
+    layers_run: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -241,11 +244,11 @@ def method_footprint(cfg: Any, arch: ArchSpec) -> MethodFootprint:
         return MethodFootprint(trainable, True, rows_given=False)
     kinds = [*plan.student.values(), *(k for _, k in plan.frozen.values())]
     logits = bool(plan.kl) or any(LOGITS in k for k in kinds)
-    held = None
     if isinstance(method, LayerwiseMethod) and plan.layer is not None and plan.stop_after_layer and \
             all(k <= {HIDDEN} for k in plan.student.values()) and not logits:
-        held = int(plan.layer) - min(method.update_layers) + 1
-    return MethodFootprint(trainable, logits, activation_layers=held)
+        return MethodFootprint(trainable, logits, activation_layers=int(plan.layer) - min(method.update_layers) + 1,
+                               layers_run=int(plan.layer) + 1)
+    return MethodFootprint(trainable, logits)
 
 
 # Device terms alive in one phase of a step only. DeepSpeed's ZeRO-3 step() releases every gathered
@@ -302,7 +305,8 @@ class MemoryPlan:
 
 
 def activation_bytes(arch: ArchSpec, tokens: int, seq_len: int, b: int, activation_checkpointing: bool,
-                     flash_attention: bool = True, layers: Optional[int] = None) -> int:
+                     flash_attention: bool = True, layers: Optional[int] = None,
+                     layers_run: Optional[int] = None) -> int:
     """Peak bytes of the student's activations in one forward + backward over ``tokens`` tokens
     (rows × ``seq_len``) of a Llama-style decoder (RMSNorm, SwiGLU MLP, RoPE) with ``b``-byte weights.
 
@@ -332,8 +336,9 @@ def activation_bytes(arch: ArchSpec, tokens: int, seq_len: int, b: int, activati
     and two fp32 gradients of a norm's upcast input (``8·H``).
     With activation checkpointing each layer keeps only its input (``b·H``) and the backward
     recomputes one layer at a time: L·b·H + one layer's activations + the once-per-step terms.
-    ``layers``: the decoder layers whose activations backward holds (:class:`MethodFootprint`'s
-    ``activation_layers``; None: all ``num_hidden_layers``)."""
+    ``layers``: the decoder layers whose activations backward holds, ``layers_run``: those the forward
+    runs, each keeping its input under checkpointing (:class:`MethodFootprint`; None: all
+    ``num_hidden_layers``)."""
     H, ff, heads = arch.hidden_size, arch.intermediate_size, arch.num_attention_heads
     per_token = 2 * (4 + b) * H + b * (6 * H + 4 * ff)
     if flash_attention:
@@ -342,8 +347,12 @@ def activation_bytes(arch: ArchSpec, tokens: int, seq_len: int, b: int, activati
         per_token += heads * seq_len * (4 + (b if b < 4 else 0))
     per_layer = tokens * per_token
     once = tokens * ((4 + 2 * b) * H + 2 * b * ff + 8 * H)
-    L = arch.num_hidden_layers if layers is None else min(int(layers), arch.num_hidden_layers)
-    return (L * tokens * b * H + per_layer + once) if activation_checkpointing else L * per_layer + once
+    def count(n: Optional[int]) -> int:
+        return arch.num_hidden_layers if n is None else min(int(n), arch.num_hidden_layers)
+
+    if activation_checkpointing:
+        return count(layers_run) * tokens * b * H + per_layer + once
+    return count(layers) * per_layer + once
 
 
 def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: str, zero_stage: int,
@@ -352,7 +361,7 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
                 flash_attention: bool = True, lora_params: int = 0, buffers: Optional[dict] = None,
                 cpu_ranks: bool = False, joint_pass: bool = True, trainable_params: int = 0,
                 logits: bool = True, torch_adam: bool = True, loss_positions: Optional[int] = None,
-                activation_layers: Optional[int] = None) -> MemoryPlan:
+                activation_layers: Optional[int] = None, layers_run: Optional[int] = None) -> MemoryPlan:
     """Bytes per GPU and per node for one configuration (ZeRO-3 sharding over ``n_gpus``).
 
     ``lora_params > 0`` (``model.peft``): gradients and optimizer state cover the adapters only, and
@@ -368,7 +377,8 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     ``deepspeed.torch_adam`` (torch's AdamW, else DeepSpeed's FusedAdam), which decides the optimizer
     step's temporaries at ZeRO stages 0-2. ``loss_positions``: the positions a micro-batch forms logits at
     (:class:`BatchBound`); None: every position of every row, a bound. ``activation_layers``: the
-    decoder layers whose activations the backward holds (None: all; :class:`MethodFootprint`).
+    decoder layers whose activations the backward holds, ``layers_run``: those the forward runs (None:
+    all; :class:`MethodFootprint`).
     """
     from kernels.fused_kl import CUDA_MIN_CHUNK_ROWS, default_chunk_size
     from pipeline.engine.ds_config import CPU_BUFFERS, GPU_BUFFERS
@@ -444,7 +454,7 @@ def plan_memory(arch: ArchSpec, n_gpus: int, gpus_per_node: int, *, precision: s
     tokens = rows * seq_len
     H = arch.hidden_size
     g["activations (student)"] = activation_bytes(arch, tokens, seq_len, b, activation_checkpointing, flash_attention,
-                                                  activation_layers)
+                                                  activation_layers, layers_run)
     positions = tokens if loss_positions is None else min(tokens, loss_positions)
     # (no logits term when the method's terms are hidden states only: RMU, asu_wmdp never run the head)
     if logits and kl_impl == "fused":
@@ -911,7 +921,8 @@ def _plan(cfg: Any, arch: ArchSpec, n: int, gpn: int, cuda: bool, uses_reference
                        flash_attention=cuda and cfg.kernels.attention != "torch", buffers=zero,
                        cpu_ranks=not cuda and not ds.gpu_memory_gb, lora_params=lora_param_count(arch, cfg.model),
                        joint_pass=getattr(tr, "passes", "joint") == "joint", trainable_params=fp.trainable_params,
-                       logits=fp.logits, torch_adam=bool(ds.torch_adam), activation_layers=fp.activation_layers)
+                       logits=fp.logits, torch_adam=bool(ds.torch_adam), activation_layers=fp.activation_layers,
+                       layers_run=fp.layers_run)
 
 
 def plan_for_run(cfg: Any, world_size: int, cuda: bool, model_path: Optional[str], uses_reference: bool,

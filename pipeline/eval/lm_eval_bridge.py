@@ -96,7 +96,8 @@ def limit_words(limit: Optional[float]) -> str:
     """lm-eval's ``limit`` in words: all rows, or the part of each task scored (not comparable with full runs)."""
     if limit is None:
         return "every row of each task"
-    part = f"the first {int(limit)} rows" if limit >= 1 else f"the first {limit:.0%}"
+    part = (f"the first {int(limit)} row{'' if int(limit) == 1 else 's'}" if limit >= 1
+            else f"the first {limit * 100:.3g}%")
     return f"{part} of each task only (limit={limit}: a quick look, not comparable with full runs)"
 
 
@@ -115,8 +116,15 @@ def check_task_data(tasks: Sequence[str], include_path: Optional[str | Path | Se
     training, not after it (the evaluation reads the data again, from the same cache)."""
     try:
         task_manager(include_path, include_defaults).load_task_or_group(list(tasks))
-    except OSError as e:  # datasets' DatasetNotFoundError, OfflineModeIsEnabled's ConnectionError: OSErrors
+    # datasets' DatasetNotFoundError, OfflineModeIsEnabled's ConnectionError: OSErrors; a dataset cached
+    # under another config while offline: ValueError ("Couldn't find cache for ... for config ...")
+    except (OSError, ValueError) as e:
         raise _unreadable_data(tasks, e) from e
+    except LmEvalError:
+        raise
+    except Exception as e:  # noqa: BLE001  (a task's own code: !function, process_docs) one line, every rank stops
+        raise LmEvalError(f"lm-eval tasks {list(tasks)}: could not be built ({type(e).__name__}: "
+                          f"{first_line(e, 240)})") from e
 
 
 def summarize(results: dict, tasks: Sequence[str]) -> dict[str, float]:

@@ -325,7 +325,9 @@ def check_remote_code(path: str | Path, trust_remote_code: bool, what: Optional[
     if auto_map and isinstance(auto_map, dict):
         # trusted: its code must be there (transformers would look for it on the hub, offline, and name a
         # URL made of the local path); "other/repo--module.Class" is another repository's, not checked
-        refs = [v for vs in auto_map.values() for v in (vs if isinstance(vs, list) else [vs]) if isinstance(v, str)]
+        # the classes a run loads from this directory (a tokenizer entry or other heads may ship elsewhere)
+        loaded = [v for k, v in auto_map.items() if k in ("AutoConfig", "AutoModel", "AutoModelForCausalLM")]
+        refs = [v for vs in loaded for v in (vs if isinstance(vs, list) else [vs]) if isinstance(v, str)]
         missing = sorted({f"{r.split('.')[0]}.py" for r in refs if "--" not in r} - {f.name for f in p.glob("*.py")})
         if missing:
             raise ModelLoadError(f"{what or f'model {p}'} asks for custom code its directory lacks: {missing} "
@@ -333,9 +335,12 @@ def check_remote_code(path: str | Path, trust_remote_code: bool, what: Optional[
 
 
 def cached_snapshot(path: str, revision: Optional[str] = None) -> Optional[Path]:
-    """A hub id's cached snapshot directory at ``revision`` (the one holding its config.json), so its
-    files are checked as a local directory's are; None for a local path or a hub id not cached."""
-    if Path(expand_user(path)).exists() or not _is_hub_id(path):
+    """An offline run's hub id: its cached snapshot directory at ``revision`` (the one holding its
+    config.json), so its files are checked as a local directory's are. None for a local path, a hub id
+    not cached, and an online run (``ASU_ALLOW_NETWORK=1``: the hub supplies what the cache lacks)."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE or Path(expand_user(path)).exists() or not _is_hub_id(path):
         return None
     config = model_config_file(path, revision)
     return config.parent if config is not None else None
