@@ -3,6 +3,7 @@ that need no weights, and the memory plan on 1/8/16 GPUs; nothing is downloaded,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,8 +19,9 @@ def dry_run(cfg: DictConfig, method: Any, dist: Any, run_dir: Optional[Path] = N
     makes before its weights load (the model paths and data.path, checked by
     :func:`pipeline.inputs.check_before_loading` before this; a local model directory's weights files,
     the layer indices against its config.json, a json dataset's split files, the tokenizer and the
-    prompt format against it: the same one-line errors), and the memory plan on 1/8/16 GPUs with each
-    column's batch and ZeRO stage, sized from a local or cached config.json or model.arch."""
+    prompt format against it: the same one-line errors), and the memory plan on 1/8/16 GPUs and the
+    launched world size (:func:`plan_columns`) with each column's batch and ZeRO stage, sized from a
+    local or cached config.json or model.arch."""
     from pipeline.engine.disk_plan import dry_run_disk
     from pipeline.engine.preflight import dry_run_plan
 
@@ -30,8 +32,9 @@ def dry_run(cfg: DictConfig, method: Any, dist: Any, run_dir: Optional[Path] = N
     # a cached teacher: the run that builds the cache (the first, or any with tau=auto) holds the frozen
     # model as the launch's preflight plans it; with a ready cache and a fixed tau a run needs less
     cached = bool(getattr(method, "cached_teacher", False)) and not method.uses_reference
-    plan = dry_run_plan(cfg, model_dir, method.uses_reference or cached, gpus=(1, 8, 16))
-    plan += "\n" + dry_run_disk(cfg, model_dir, gpus=(1, 8, 16))
+    gpus = plan_columns()
+    plan = dry_run_plan(cfg, model_dir, method.uses_reference or cached, gpus=gpus)
+    plan += "\n" + dry_run_disk(cfg, model_dir, gpus=gpus)
     if cached:
         plan += ("\n(method.teacher=cached: planned with the frozen model, which the run building the cache holds; "
                  "a run with a ready cache and a fixed tau needs less)")
@@ -41,6 +44,16 @@ def dry_run(cfg: DictConfig, method: Any, dist: Any, run_dir: Optional[Path] = N
         lines = [*_dry_run_header(cfg, run_dir), model_note, tokenizer_note or "", plan, f"dry run: {done}"]
         print("\n".join(line for line in lines if line), flush=True)
     return {}
+
+
+PLAN_GPUS = (1, 8, 16)  # the dry run's columns: one GPU, one node, two nodes
+
+
+def plan_columns() -> tuple[int, ...]:
+    """The GPU counts the dry run plans: :data:`PLAN_GPUS`, and the launched world size when the dry run
+    runs under a multi-rank launcher (``deepspeed --num_gpus 2``: the 2-GPU column is the one it asks about)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return tuple(sorted({*PLAN_GPUS, world}))
 
 
 def _dry_run_header(cfg: DictConfig, run_dir: Optional[Path] = None) -> list[str]:

@@ -371,3 +371,21 @@ def test_cli_a_resume_path_the_launch_refuses_is_refused_by_the_dry_run_before_t
         last = out.stderr.strip().splitlines()[-1]
         assert last.startswith("error (CheckpointError, rank 0): " + line), last
         assert "Traceback" not in out.stderr and "prompt format:" not in out.stderr  # before data and tokenizer
+
+
+def test_a_dry_run_under_a_multi_rank_launcher_plans_its_world_size_too(monkeypatch):
+    """`deepspeed --num_gpus 2 launchers/train.py ... trainer.dry_run=true` planned 1, 8 and 16 GPUs only:
+    the launched world size is a column of its own."""
+    from pipeline.dry_run import plan_columns
+
+    assert plan_columns() == (1, 8, 16)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert plan_columns() == (1, 2, 8, 16)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert plan_columns() == (1, 8, 16)
+    from pipeline.engine.disk_plan import dry_run_disk
+
+    cfg = _compose(["+exp=tofu_7b"])
+    text = dry_run_plan(cfg, None, True, gpus=(1, 2, 8, 16))
+    assert _row(text, "forget rows/step") == ["4x8x1=32", "4x4x2=32", "4x1x8=32", "refused"]
+    assert _row(dry_run_disk(cfg, None, gpus=(1, 2, 8, 16)), "run directory on disk (peak)").count("GiB") == 4
