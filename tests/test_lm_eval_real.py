@@ -113,6 +113,17 @@ def test_summary_keeps_acc_norm_and_names_tasks_without_acc(caplog):
     assert "lm-eval task gsm8k reports no acc (its metrics: exact_match)" in caplog.text
 
 
+def _task_dir_with(tmp_path: Path, task: str, data_line: str) -> Path:
+    """A task folder holding a copy of the wmdp_local task named ``task`` whose data comes from
+    ``data_line`` instead of its ``custom_dataset`` line."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    local = (TASK_DIR / "wmdp_local" / "wmdp_local.yaml").read_text()
+    (tasks / f"{task}.yaml").write_text(local.replace("task: wmdp_local", f"task: {task}").replace(
+        "custom_dataset: !function wmdp_local_data.load", data_line))
+    return tasks
+
+
 def _refused_eval(tmp_path: Path, run_name: str, task: str, include_path: Path) -> str:
     """``launchers/eval.py`` with lm-eval on ``task``, expected to stop with exit code 2 and no traceback:
     its last stderr line."""
@@ -148,11 +159,7 @@ def test_a_task_whose_dataset_cannot_be_read_offline_stops_the_job_at_its_start(
     start, in one line, exit code 2. Before, the task's name passed the start's check and the dataset
     was first read by the evaluation at the end: after a training job's whole training."""
     pytest.importorskip("lm_eval", reason="the lm-eval extra (requirements/extras.lock) is not installed")
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    local = (TASK_DIR / "wmdp_local" / "wmdp_local.yaml").read_text()
-    (tasks / "wmdp_hub.yaml").write_text(local.replace("task: wmdp_local", "task: wmdp_hub").replace(
-        "custom_dataset: !function wmdp_local_data.load", "dataset_path: asu-tests/no-such-dataset"))
+    tasks = _task_dir_with(tmp_path, "wmdp_hub", "dataset_path: asu-tests/no-such-dataset")
     last = _refused_eval(tmp_path, "hub", "wmdp_hub", tasks)
     assert last.startswith("error (LmEvalError, rank 0): lm-eval tasks ['wmdp_hub']: a dataset could not be read ("), last
     assert last.endswith("offline runs need the datasets in the HF cache or local task YAMLs "
@@ -277,11 +284,7 @@ def test_a_task_that_cannot_be_built_is_one_lm_eval_error(tmp_path, raised, line
     pytest.importorskip("lm_eval", reason="the lm-eval extra (requirements/extras.lock) is not installed")
     from pipeline.eval.lm_eval_bridge import LmEvalError, check_task_data
 
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    local = (TASK_DIR / "wmdp_local" / "wmdp_local.yaml").read_text()
-    (tasks / "broken.yaml").write_text(local.replace("task: wmdp_local", "task: broken").replace(
-        "wmdp_local_data.load", "broken_data.load"))
+    tasks = _task_dir_with(tmp_path, "broken", "custom_dataset: !function broken_data.load")
     (tasks / "broken_data.py").write_text(f"def load(**kwargs):\n    raise {raised}\n")
     with pytest.raises(LmEvalError) as e:
         check_task_data(["broken"], tasks, include_defaults=False)
