@@ -360,13 +360,13 @@ def _validate_cache_dir(cfg: DictConfig) -> None:
 def method_key_hint(key: str) -> str:
     """For a ``method.<key>`` the chosen method lacks: the methods whose config has it (``tau``: the
     ASU methods), as the end of an error line; '' when no method has it."""
+    from pathlib import Path
+
     import pipeline.methods  # noqa: F401  (each method registers itself)
     from pipeline.methods.base import METHODS
 
     owners = sorted(n for n in METHODS.names()
                     if any(f.name == key for f in dataclasses.fields(METHODS.get(n).config_cls)))
-    from pathlib import Path
-
     group = Path(__file__).resolve().parents[1] / "conf" / "method"  # what method=<option> can name
     if group.is_dir():
         owners = [n for n in owners if (group / f"{n}.yaml").is_file()]

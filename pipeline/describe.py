@@ -36,10 +36,10 @@ def param_counts(model: Any) -> tuple[int, int]:
     return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)
 
 
-def trainable_set(method: Any, model: Any, lora: bool = False) -> str:
-    """``<trainable> of <all> params (<which>)`` of ``model`` (ZeRO-3 partitioned parameters counted
-    whole): ``all``, the layer-wise methods' module and layers (RMU, asu_wmdp), or LoRA adapters."""
-    trained, total = param_counts(model)
+def trainable_set(method: Any, counts: tuple[int, int], lora: bool = False) -> str:
+    """``<trainable> of <all> params (<which>)`` from :func:`param_counts`'s ``counts``: ``all``, the
+    layer-wise methods' module and layers (RMU, asu_wmdp), or LoRA adapters."""
+    trained, total = counts
     if hasattr(method, "update_layers"):  # pipeline.methods.rmu.LayerwiseMethod
         which = f"{method.cfg.update_module} of layers {','.join(str(i) for i in method.update_layers)}"
         which = f"LoRA adapters in {which}" if lora else which

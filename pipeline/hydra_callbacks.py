@@ -82,17 +82,24 @@ def _check_sweep(config: DictConfig, jobs: Sequence[Sequence[str]]) -> None:
         _check_dir_name(where, sweep_dir, run_dir, swept)
 
 
+def _launcher(config: DictConfig) -> tuple[Optional[DictConfig], str]:
+    """The job's ``hydra.launcher`` node (None when unset) and its ``_target_`` ('' then)."""
+    launcher = OmegaConf.select(config, "hydra.launcher", default=None)
+    return launcher, str(launcher.get("_target_", "")) if launcher is not None else ""
+
+
 def _check_slurm_job(config: DictConfig, where: str, seen: set[tuple]) -> None:
     """A dry run (refused: it would queue jobs to print plans), and what a SLURM job would meet only on
-    its node, after its wait in the queue, checked before the sweep is submitted: more ranks per node than GPUs (``pipeline.engine.distributed`` stops every such
-    job), an lm-eval task lm-eval does not know (the job's start checks it: every job would stop there).
-    Fewer ranks than GPUs runs, with the other GPUs allocated and idle: warned. Task data is not looked
-    for here: the submitting host's HF cache need not be the nodes'."""
+    its node, after its wait in the queue, checked before the sweep is submitted: more ranks per node
+    than GPUs (``pipeline.engine.distributed`` stops every such job), an lm-eval task lm-eval does not
+    know (the job's start checks it: every job would stop there). Fewer ranks than GPUs runs, with the
+    other GPUs allocated and idle: warned. Task data is not looked for here: the submitting host's HF
+    cache need not be the nodes'."""
     from pipeline.config_base import ConfigError
     from pipeline.errors import exit_with
 
-    launcher = OmegaConf.select(config, "hydra.launcher", default=None)
-    if launcher is None or not str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
+    launcher, target = _launcher(config)
+    if not target.endswith("SlurmLauncher"):
         return
     if OmegaConf.select(config, "trainer.dry_run", default=False):
         # it would queue one job per point (8 GPUs each by default) to print a plan into a SLURM log
@@ -307,16 +314,17 @@ class EarlyChecks(Callback):
 def _remember_the_sweep(config: DictConfig) -> None:
     """A submitit sweep: what its directory holds before the launcher writes ``multirun.yaml`` and the
     submission's files, so a submission sbatch refuses puts it back (:mod:`pipeline.launch_record`)."""
+    from submitit.core.utils import JobPaths
+
     from pipeline.launch_record import remember_sweep
 
-    launcher = OmegaConf.select(config, "hydra.launcher", default=None)
-    if launcher is None or "submitit" not in str(launcher.get("_target_", "")):
+    launcher, target = _launcher(config)
+    if "submitit" not in target:
         return
-    folder = str(launcher.get("submitit_folder") or "")
-    parts = folder.split(os.sep)
-    # the part before the first %j-style pattern: the folder itself is made per job
-    kept = parts[:next((i for i, p in enumerate(parts) if "%" in p), len(parts))]
-    remember_sweep(str(config.hydra.sweep.dir), [os.sep.join(kept)] if kept and os.sep.join(kept) else [])
+    folder = launcher.get("submitit_folder")
+    # the folder above the per-job ones (%j, %A, ...), where the submission's own files go
+    remember_sweep(str(config.hydra.sweep.dir),
+                   [str(JobPaths.get_first_id_independent_folder(str(folder)))] if folder else [])
 
 
 

@@ -94,11 +94,12 @@ def check_model_paths(cfg: DictConfig) -> None:
             # retain model loads only for the evaluation, after the whole training and export. A cached
             # hub id's snapshot is checked as a directory is (a dry run passed one without weights)
             snapshot = cached_snapshot(path, revision)
-            what = None
-            if snapshot is not None:
+            if snapshot is None:
+                target, what = expand_user(path), None
+            else:
+                target = str(snapshot)
                 what = f"{key}={path} (its snapshot in the hub cache{f' at revision {revision}' if revision else ''})"
                 check_weight_files(snapshot, f"{key}={path}")
-            target = str(snapshot) if snapshot is not None else expand_user(path)
             check_weights_safe(target, bool(m.allow_pickle), what)
             check_remote_code(target, bool(m.trust_remote_code), what)
 

@@ -208,7 +208,7 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Any, method: Any, resume_from: 
     _attach_teacher_cache(cfg, method, engines, inputs, trainer, need_reference)
     engines.params = param_counts(engines.engine.module)  # counted before the engines are released
     if dist.is_main:  # one line with what trains: the settings a reader of the log compares runs by
-        log.info(method_line(cfg, trainable_set(method, engines.engine.module, engines.lora), total,
+        log.info(method_line(cfg, trainable_set(method, engines.params, engines.lora), total,
                              auto_tau=tau_selection is not None))
 
     state = trainer.train()

@@ -347,6 +347,7 @@ def activation_bytes(arch: ArchSpec, tokens: int, seq_len: int, b: int, activati
         per_token += heads * seq_len * (4 + (b if b < 4 else 0))
     per_layer = tokens * per_token
     once = tokens * ((4 + 2 * b) * H + 2 * b * ff + 8 * H)
+
     def count(n: Optional[int]) -> int:
         return arch.num_hidden_layers if n is None else min(int(n), arch.num_hidden_layers)
 

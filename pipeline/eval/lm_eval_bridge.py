@@ -101,7 +101,7 @@ def limit_words(limit: Optional[float]) -> str:
     return f"{part} of each task only (limit={limit}: a quick look, not comparable with full runs)"
 
 
-def _unreadable_data(tasks: Sequence[str], e: OSError) -> LmEvalError:
+def _unreadable_data(tasks: Sequence[str], e: Exception) -> LmEvalError:
     """The one line for a task's dataset that cannot be read (not on disk, or on the hub while offline)."""
     return LmEvalError(f"lm-eval tasks {list(tasks)}: a dataset could not be read ({type(e).__name__}: "
                        f"{first_line(e, 240)}); offline runs need the datasets in the HF cache or local task "

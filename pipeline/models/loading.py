@@ -323,9 +323,9 @@ def check_remote_code(path: str | Path, trust_remote_code: bool, what: Optional[
     if auto_map and not trust_remote_code:
         raise _remote_code_error(what or f"model {p}", auto_map)
     if auto_map and isinstance(auto_map, dict):
-        # trusted: its code must be there (transformers would look for it on the hub, offline, and name a
-        # URL made of the local path); "other/repo--module.Class" is another repository's, not checked
-        # the classes a run loads from this directory (a tokenizer entry or other heads may ship elsewhere)
+        # trusted: the code of the classes a run loads must be here (transformers would look for it on the
+        # hub, offline, and name a URL made of the local path). A tokenizer entry or another head may ship
+        # elsewhere; "other/repo--module.Class" is another repository's: neither is looked for
         loaded = [v for k, v in auto_map.items() if k in ("AutoConfig", "AutoModel", "AutoModelForCausalLM")]
         refs = [v for vs in loaded for v in (vs if isinstance(vs, list) else [vs]) if isinstance(v, str)]
         missing = sorted({f"{r.split('.')[0]}.py" for r in refs if "--" not in r} - {f.name for f in p.glob("*.py")})
