@@ -351,8 +351,11 @@ def _predict(model_dir: Path, spec: dict, ranks: int) -> tuple[dict, int]:
 
     from pipeline.config import DeepSpeedConfig, TrainerConfig
     from pipeline.engine.preflight import plan_for_run
+    from pipeline.methods.asu import ASUConfig
 
     cfg = OmegaConf.create({
+        # the method the ranks train (worker): the preflight plans its passes and trainable weights
+        "method": OmegaConf.structured(ASUConfig(tau=2.0)),
         "model": {"source": "pretrained", "path": str(model_dir), "arch": None},
         "deepspeed": OmegaConf.structured(DeepSpeedConfig(param_persistence_threshold=spec["persistence"])),
         "trainer": OmegaConf.structured(TrainerConfig(batch_size=spec["batch"], retain_batch_size=spec["batch"],

@@ -116,3 +116,17 @@ def test_eval_metrics_import_without_scipy():
             "assert m.forget_quality_ks([], [1.0]) != m.forget_quality_ks([], [1.0])")  # nan: no scipy needed
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_bench_memory_prediction_plans_the_method_its_ranks_train(tmp_path: Path):
+    """bench_memory prints the preflight's plan beside the measurement; the plan is built from the
+    method's own step plan, so the config it hands the preflight must name that method (it once did not:
+    `--size 34m` stopped with "Missing key method" before any rank ran)."""
+    import bench_memory
+
+    arch = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2)
+    model_dir = common.save_random_llama(tmp_path, arch, 32)
+    spec = {"persistence": 0, "batch": 1, "passes": "joint", "seq": 16, "kl": "naive"}
+    per_gpu, total = bench_memory._predict(model_dir, spec, 2)
+    assert total > 0 and per_gpu and all(v >= 0 for v in per_gpu.values())
