@@ -152,6 +152,22 @@ def test_muse_missing_column(tmp_path):
     assert d.eval["verbmem_forget"][0]["gt"].startswith("the old ferry pier")
 
 
+@pytest.mark.parametrize(("split_file", "row", "problem"), [
+    ("knowmem/forget_qa.jsonl", {"question": "Which pier?"}, "holds no value"),  # key left out of one row
+    ("knowmem/forget_qa.jsonl", {"question": "Which pier?", "answer": 7}, "must hold a string, got int"),
+    ("verbmem/forget.jsonl", {"prompt": "The council", "gt": " "}, "is empty"),
+])
+def test_a_muse_eval_row_without_a_usable_value_is_refused_at_load(tmp_path, split_file, row, problem):
+    """A second row lacking what the first has (its metric's scorer failed on it after training)."""
+    shutil.copytree(FIX / "muse_news", tmp_path / "m")
+    p = tmp_path / "m" / split_file
+    rows = read_jsonl(p)
+    write_jsonl(p, [rows[0], row, *rows[2:]])
+    col = "gt" if "gt" in row else "answer"
+    with pytest.raises(DataError, match=rf"split '{split_file[:-6]}', column '{col}': row 2 {problem}"):
+        load_unlearning_data(cfg("muse_news", path=str(tmp_path / "m")))
+
+
 def test_text_rows_encode_with_loss_on_every_token():
     from tests.test_muse_wmdp_metrics import word_tokenizer
 

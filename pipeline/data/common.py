@@ -363,6 +363,9 @@ def rename_columns(rows: list[dict], mapping: dict) -> list[dict]:
 
 
 def check_columns(rows: Sequence[dict], required: Sequence[str], dataset: str, split: str) -> None:
+    """Every ``required`` column is in the split and holds a value in every row. A JSON row without
+    the key reads as null (``datasets`` gives the split one schema), which some metrics only met after
+    training, inside a scorer's tokeniser (a MUSE KnowMem answer)."""
     if not rows:
         return
     cols = set(rows[0].keys())
@@ -371,6 +374,11 @@ def check_columns(rows: Sequence[dict], required: Sequence[str], dataset: str, s
         raise DataError(
             f"dataset {dataset!r}, split {split!r}: missing column(s) {missing}; present columns: {sorted(cols)}"
         )
+    for i, r in enumerate(rows):
+        empty = [c for c in required if r.get(c) is None]
+        if empty:
+            raise DataError(f"dataset {dataset!r}, split {split!r}, column {empty[0]!r}: row {i + 1} holds no value "
+                            f"(the key is missing or null there)")
 
 
 def check_optional_columns(rows: Sequence[dict], dataset: str, split: str) -> None:
@@ -404,7 +412,7 @@ def check_text_values(rows: Sequence[dict], columns: Sequence[str], dataset: str
     """Question / answer cells hold non-empty strings and raw ``text`` cells strings: a null (a key
     left empty in JSON) or a number would fail later inside tokenisation, naming no row."""
     for col in columns:
-        if col not in ("question", "answer", "text"):
+        if col not in ("question", "answer", "text", "prompt", "gt"):
             continue  # other required columns (MCQ choices, indices) are checked by their loaders
         for i, r in enumerate(rows):
             v = r.get(col)
@@ -412,7 +420,7 @@ def check_text_values(rows: Sequence[dict], columns: Sequence[str], dataset: str
                 raise DataError(f"dataset {dataset!r}, split {split!r}, column {col!r}: row {i + 1} must hold a "
                                 f"string, got {'null (the key is missing or null there)' if v is None else type(v).__name__}")
             # an empty question or answer trains on (or scores) nothing but the prompt template
-            if col != "text" and not v.strip():
+            if col not in ("text", "prompt") and not v.strip():
                 raise DataError(f"dataset {dataset!r}, split {split!r}, column {col!r}: row {i + 1} is empty")
 
 

@@ -25,6 +25,7 @@ from pipeline.data.common import (
     DataError,
     UnlearningData,
     check_columns,
+    check_text_values,
     hub_revision,
     load_hf_split,
     rename_columns,
@@ -78,6 +79,8 @@ def load_muse(data_cfg: Any, **_: Any) -> UnlearningData:
     def read(config: str, split: str, required: tuple) -> list[dict]:
         rows = rename_columns(load_hf_split(name, hub, config, split, rev, data_cfg.path), cols)
         check_columns(rows, required, name, f"{config}/{split}")
+        # a number where a KnowMem answer or a VerbMem continuation belongs failed in the scorer, after training
+        check_text_values(rows, required, name, f"{config}/{split}")
         return rows
 
     def text_only(rows: list[dict]) -> list[dict]:
