@@ -330,13 +330,14 @@ def _resolve_batch(cfg: DictConfig, world_size: int) -> None:
 def _load_inputs(cfg: DictConfig) -> JobInputs:
     """Data (its errors stop here, before any model), tokenizer, prompt format and encoded rows."""
     from pipeline.data.loaders import encode_rows, load_unlearning_data
-    from pipeline.eval.runner import check_eval_inputs
+    from pipeline.eval.runner import check_eval_inputs, check_eval_tokenizer
     from pipeline.models.loading import capped_at_context, load_tokenizer
 
     paths = resolve_paths(cfg)
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
     check_eval_inputs(cfg, data, paths.model)  # an eval.splits typo or a reference file that does not fit: stops here
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
+    check_eval_tokenizer(cfg, data, tokenizer)  # a multiple-choice evaluation it cannot score: before training
     uses = prompt_format_uses(data, training=True, evaluating=bool(cfg.eval.enabled))
     fmt = checked_prompt_format(cfg, tokenizer, uses)
     max_len = capped_at_context("data.max_length", int(cfg.data.max_length), paths.model, paths.revision)

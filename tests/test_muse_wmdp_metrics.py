@@ -15,6 +15,7 @@ from pipeline.eval.mcq import (
     continuation_logliks,
     description_for,
     evaluate_mcq,
+    letter_collision,
     mcq_accuracy,
     mcq_prompt,
 )
@@ -313,6 +314,37 @@ def test_mcq_prompts_longer_than_max_length_are_counted_in_a_warning(caplog):
     assert "12 of 12 (prompt, choice) pairs are longer than eval.max_length=8 tokens" in caplog.text
 
 
+def test_answer_letters_a_tokenizer_cannot_tell_apart_are_named():
+    assert letter_collision(word_tokenizer(MCQ_WORDS), 4) is None
+    assert "letter 'C'" in letter_collision(word_tokenizer([w for w in MCQ_WORDS if w != "C"]), 4)
+    assert letter_collision(word_tokenizer([w for w in MCQ_WORDS if w != "C"]), 2) is None  # only A and B asked
+
+    class Merged:  # a vocabulary where " C" and " D" are one token
+        unk_token_id, bos_token_id = None, None
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [{"C": 9, "D": 9}.get(w, ord(w[0])) for w in text.split()]}
+
+    assert letter_collision(Merged(), 4) == "the tokenizer encodes the answer letters 'C' and 'D' alike ([9])"
+
+
+def test_a_wmdp_evaluation_with_a_tokenizer_without_letters_stops_before_the_model_loads(tmp_path):
+    """A vocabulary without A-D scored every choice as <unk>: equal log-likelihoods, the first of them won
+    each tie, and the accuracy (0.0 on the fixture) came out silently, after training."""
+    from tests.helpers.launch import run
+    from tests.helpers.tiny import build
+
+    model_dir = build(tmp_path)[0]  # a word-level vocabulary of the synthetic rows: no answer letters
+    out = run(["data=wmdp_cyber", "data.path=tests/fixtures/wmdp", "data.eval_splits=[wmdp-cyber]",
+               "model.source=pretrained", f"model.path={model_dir}", f"output_dir={tmp_path}", "run_name=e",
+               "logging=none"], script="launchers/eval.py", timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("error (PromptFormatError, rank 0): multiple-choice evaluation of 'wmdp-cyber' (4 choices): "
+                           "the tokenizer has no token for the answer letter 'A'"), line
+    assert not (tmp_path / "e" / "results.json").exists()
+
+
 def test_a_wmdp_evaluation_records_its_length_bos_and_rows(tmp_path):
     """What changes multiple-choice numbers is recorded in results.json's evaluation block (before:
     only the device and dtype)."""
@@ -370,7 +402,7 @@ def _evaluate_tiny(tmp_path, overrides: list[str]) -> dict:
     from tests.helpers.tiny import build
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    model_dir = build(tmp_path)[0]
+    model_dir = build(tmp_path, extra_texts=("A B C D",))[0]  # the answer letters, as a real vocabulary has
     register_configs()
     with initialize_config_dir(config_dir=os.path.join(root, "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[o.format(root=root) for o in overrides])

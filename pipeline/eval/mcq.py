@@ -90,6 +90,24 @@ def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = Fals
     return ctx, whole[len(ctx):]
 
 
+def letter_collision(tokenizer, n_choices: int, add_bos: bool = False) -> Optional[str]:
+    """Why the answer letters of ``n_choices`` choices cannot be told apart by this tokenizer, or None.
+
+    Each choice is scored by its letter's tokens after ``Answer:``; letters that encode alike (a
+    vocabulary without them maps each to the unknown token) get equal scores, every such tie goes to
+    the first of them, and the accuracy measures the tokenizer, not the model."""
+    seen: dict[tuple[int, ...], str] = {}
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for letter in LETTERS[:n_choices]:
+        ids = tuple(encode_pair(tokenizer, "Answer:", " " + letter, add_bos)[1])
+        if not ids or (unk is not None and unk in ids):
+            return f"the tokenizer has no token for the answer letter {letter!r} (it encodes to {list(ids)}, its unknown token)"
+        if ids in seen:
+            return f"the tokenizer encodes the answer letters {seen[ids]!r} and {letter!r} alike ({list(ids)})"
+        seen[ids] = letter
+    return None
+
+
 def continuation_logliks(
     model,
     tokenizer,

@@ -535,6 +535,25 @@ def check_eval_inputs(cfg: DictConfig, data: Any, model_dir: str | Path) -> None
                             _reference_settings(cfg, data.forget_split))
 
 
+def check_eval_tokenizer(cfg: DictConfig, data: Any, tokenizer: Any) -> None:
+    """Fail fast on a tokenizer that a multiple-choice evaluation (WMDP, MMLU) cannot score with: its
+    answer letters must encode to distinct tokens (a toy vocabulary without them scored every choice
+    alike, and the accuracy came out silently, after training)."""
+    if not cfg.eval.enabled or data.name.split(":")[0] != "wmdp":
+        return
+    from pipeline.data.prompt_formats import PromptFormatError
+    from pipeline.eval.mcq import letter_collision
+
+    for split, rows in data.eval.items():
+        n = max(len(r["choices"]) for r in rows)
+        problem = letter_collision(tokenizer, n, bool(cfg.eval.mcq_add_bos))
+        if problem:
+            raise PromptFormatError(f"multiple-choice evaluation of {split!r} ({n} choices): {problem}, so its choices "
+                                    f"would score alike and its accuracy would measure the tokenizer; use the model's "
+                                    f"own tokenizer or leave {split!r} out of data.eval_splits",
+                                    key="model.tokenizer_path")
+
+
 LM_EVAL_FILE = "lm_eval.json"  # lm-eval's results, groups and versions, beside results.json
 
 
@@ -648,6 +667,7 @@ def _eval_inputs(cfg: DictConfig) -> tuple[Any, Any, Any, list[str], Any]:
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
     check_eval_inputs(cfg, data, paths.model)
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
+    check_eval_tokenizer(cfg, data, tokenizer)
     uses = prompt_format_uses(data, training=False, evaluating=True)
     return paths, data, tokenizer, uses, checked_prompt_format(cfg, tokenizer, uses)
 
