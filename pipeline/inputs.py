@@ -197,9 +197,30 @@ def prompt_format_uses(data: Any, training: bool, evaluating: bool) -> list[str]
     uses = []
     if training and any("question" in r for r in (*data.forget, *data.retain)):
         uses.append("training")
-    if evaluating and data.name.split(":")[0] not in ("muse", "wmdp"):
+    if evaluating and own_evaluation_prompts(data) is None:
         uses += ["evaluation", "generation"]
     return uses
+
+
+# what a benchmark's own evaluation prompts are, where the run's prompt format is not applied to them
+OWN_EVALUATION_PROMPTS = {
+    "muse": "MUSE's own (VerbMem: the text prompt continued; KnowMem: 'Question: ...\\nAnswer: ' after the "
+            "few-shot *_icl pairs)",
+    "wmdp": "lm-eval's multiple-choice template ('...\\nA. ...\\nAnswer:', each choice scored as ' A', ' B', ...)",
+}
+
+
+def own_evaluation_prompts(data: Any) -> Optional[str]:
+    """The prompts a benchmark's evaluation builds itself (MUSE, WMDP), or None where the evaluation
+    uses the run's prompt format (question/answer rows)."""
+    return OWN_EVALUATION_PROMPTS.get(data.name.split(":")[0])
+
+
+def prompt_format_record(fmt: Any, tokenizer: Any, uses: list[str], data: Any) -> dict:
+    """results.json's ``prompt_format``: the format, where it was applied, and the prompts a benchmark's
+    evaluation builds itself instead (``evaluation_prompts``; MUSE, WMDP)."""
+    own = own_evaluation_prompts(data)
+    return {**fmt.describe(tokenizer), "applied_to": uses, **({"evaluation_prompts": own} if own else {})}
 
 
 def checked_prompt_format(cfg: DictConfig, tokenizer: Any, uses: list[str]) -> Any:

@@ -38,6 +38,7 @@ from pipeline.inputs import (
     check_inputs_outside,
     checked_prompt_format,
     log_first_prompt,
+    prompt_format_record,
     prompt_format_uses,
     resolve_paths,
     set_threads,
@@ -803,7 +804,8 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             "train_seconds": round(seconds[1], 2),  # the training loop alone, every attempt (per step: train_history.json)
             "job_seconds": round(seconds[0], 2),  # this attempt from its start: loading, engines, tau=auto, the loop
             "final_train": state.history[-1] if state.history else {},
-            "prompt_format": {**inputs.prompt_format.describe(inputs.tokenizer), "applied_to": inputs.prompt_format_uses},
+            "prompt_format": prompt_format_record(inputs.prompt_format, inputs.tokenizer, inputs.prompt_format_uses,
+                                                  inputs.data),
             "reductions": method.reductions() if hasattr(method, "reductions") else {},
             "step_passes": cfg.trainer.passes,
             "kernels": {"attention": str(cfg.kernels.attention), "kl": str(cfg.kernels.kl)},

@@ -213,6 +213,9 @@ def test_an_evaluation_only_job_of_a_pinned_hub_model_runs_lm_eval_on_it(tmp_pat
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "base" / "results.json").read_text())
     assert 0.0 <= results["metrics"]["lm_eval"]["wmdp_local"] <= 1.0
+    # the run's prompt format is not applied to WMDP; results.json names the prompts that were
+    assert results["prompt_format"]["applied_to"] == []
+    assert results["prompt_format"]["evaluation_prompts"].startswith("lm-eval's multiple-choice template")
 
 
 def test_an_evaluation_only_job_gives_lm_eval_the_tokenizer_of_model_tokenizer_path(tmp_path):

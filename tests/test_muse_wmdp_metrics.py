@@ -362,10 +362,12 @@ def test_eval_max_rows_applies_to_muse_splits_but_not_the_few_shot_examples(tmp_
     knowmem_*_icl in-context examples are neither cut nor listed as scored rows (icl_rows instead)."""
     from pipeline.eval import runner
 
-    metrics = _evaluate_tiny(tmp_path, ["data=muse_news", "data.path={root}/tests/fixtures/muse_news",
-                                        "eval.verbmem_max_new_tokens=2", "eval.knowmem_max_new_tokens=2",
-                                        "eval.max_rows=1", "eval.retrain_auc=0.5228"])
+    metrics, details = _evaluate_tiny(tmp_path, ["data=muse_news", "data.path={root}/tests/fixtures/muse_news",
+                                                 "eval.verbmem_max_new_tokens=2", "eval.knowmem_max_new_tokens=2",
+                                                 "eval.max_rows=1", "eval.retrain_auc=0.5228"], with_details=True)
     record = metrics[runner.EVALUATION_KEY]
+    # eval_details.json is keyed by split, as the record's rows (it said verbmem and mink_forget)
+    assert set(details) == set(record["rows"]), (sorted(details), sorted(record["rows"]))
     # every setting that changes MUSE's numbers is recorded (PrivLeak's reference AUC was nowhere)
     assert (record["retrain_auc"], record["mink_k"], record["verbmem_max_new_tokens"],
             record["knowmem_max_new_tokens"]) == (0.5228, 0.4, 2, 2)
@@ -388,9 +390,9 @@ def test_eval_max_rows_applies_to_multiple_choice_splits(tmp_path):
     assert record["rows"] == {"wmdp-cyber": 1} and record["max_rows"] == 1
 
 
-def _evaluate_tiny(tmp_path, overrides: list[str]) -> dict:
+def _evaluate_tiny(tmp_path, overrides: list[str], with_details: bool = False):
     """runner.evaluate_job on a tiny random Llama with the composed config (``{root}`` in an override:
-    the repository)."""
+    the repository): its metrics (``with_details``: and eval_details)."""
     import os
 
     from hydra import compose, initialize_config_dir
@@ -407,7 +409,8 @@ def _evaluate_tiny(tmp_path, overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=os.path.join(root, "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[o.format(root=root) for o in overrides])
     data = load_unlearning_data(cfg.data, 0)
-    return runner.evaluate_job(cfg, model_dir, AutoTokenizer.from_pretrained(model_dir), data, None)[0]
+    metrics, details = runner.evaluate_job(cfg, model_dir, AutoTokenizer.from_pretrained(model_dir), data, None)
+    return (metrics, details) if with_details else metrics
 
 
 def test_min_k_scoring_fits_bos_and_text_in_a_learned_position_context(tmp_path):

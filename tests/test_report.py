@@ -146,6 +146,13 @@ def test_report_says_lora_tau_auto_and_the_prompt_format(tmp_path):
     assert "LoRA" not in full and "peft" not in full and "method.tau=auto" not in full and "tau_selection" not in full
     raw = render_report_md({"method": "rmu", "tau": None, "metrics": {}, "prompt_format": {**PLAIN, "applied_to": []}})
     assert "| prompt_format | plain; not applied (no question/answer rows) |" in raw
+    # MUSE / WMDP: the evaluation's prompts are the benchmark's own, and the report says which (it said none)
+    from pipeline.inputs import OWN_EVALUATION_PROMPTS
+
+    wmdp = render_report_md({"method": "rmu", "tau": None, "metrics": {},
+                             "prompt_format": {**PLAIN, "applied_to": [], "evaluation_prompts": OWN_EVALUATION_PROMPTS["wmdp"]}})
+    assert ("| prompt_format | plain; not applied (raw-text rows); evaluation prompts: lm-eval's multiple-choice "
+            "template ('...\\nA. ...\\nAnswer:', each choice scored as ' A', ' B', ...) |") in wmdp
 
 
 def test_probe_metrics_have_a_direction_so_rules_and_report_arrows_are_right():
@@ -166,3 +173,24 @@ def test_probe_metrics_have_a_direction_so_rules_and_report_arrows_are_right():
     assert parse_rule("probe_fact_recall_drop").direction == "down"
     md = render_report_md({"method": "x", "tau": None, "metrics": {"probe_fact_recall_drop": 0.3}})
     assert "| `probe_fact_recall_drop` | 0.3000 | ↓ |" in md
+
+
+def test_the_report_says_what_the_evaluation_scored_and_how():
+    """report.md had no word on the rows scored, lengths or BOS of a MUSE / WMDP evaluation (only
+    results.json's evaluation record had them)."""
+    from pipeline.eval.report import evaluation_setting
+
+    wmdp = {"device": "cpu", "dtype": "float32", "reused_splits": [], "rows": {"wmdp-cyber": 3, "mmlu": 2},
+            "max_rows": None, "max_length": 64, "mcq_add_bos": False}
+    assert evaluation_setting(wmdp) == "rows wmdp-cyber 3, mmlu 2; max_length 64; BOS not added; on cpu, float32"
+    muse = {"device": "cpu", "dtype": "float32", "rows": {"verbmem_forget": 1, "knowmem_forget": 1}, "max_rows": 1,
+            "rouge_stemmer": False, "max_length": 48, "icl_rows": {"knowmem_forget_icl": 2},
+            "generation": "greedy", "verbmem_max_new_tokens": 2, "knowmem_max_new_tokens": 2, "mink_k": 0.4,
+            "retrain_auc": None}
+    assert evaluation_setting(muse) == (
+        "rows verbmem_forget 1, knowmem_forget 1 (eval.max_rows=1); few-shot knowmem_forget_icl 2; max_length 48; "
+        "verbmem_max_new_tokens 2, knowmem_max_new_tokens 2 (greedy); Min-K% k=0.4; retrain AUC -; ROUGE unstemmed; "
+        "on cpu, float32")
+    md = render_report_md({"method": "model", "tau": None, "metrics": {"wmdp-cyber_accuracy": 0.5}, "evaluation": wmdp})
+    assert "| evaluation | rows wmdp-cyber 3, mmlu 2; max_length 64; BOS not added; on cpu, float32 |" in md
+    assert evaluation_setting(None) is None and evaluation_setting({"device": "cpu"}) is None

@@ -220,8 +220,11 @@ def prompt_format_setting(fmt: Any) -> Optional[str]:
     if fmt.get("chat_template_kwargs"):
         text += ", chat_template_kwargs " + ", ".join(f"{k}={v!r}" for k, v in fmt["chat_template_kwargs"].items())
     uses = fmt.get("applied_to")
+    own = fmt.get("evaluation_prompts")  # MUSE / WMDP: the evaluation's prompts are the benchmark's own
     if uses is not None:  # [] = no question/answer rows anywhere (raw text, MUSE / WMDP evaluation)
-        text += f"; applied to {_names(uses)}" if uses else "; not applied (no question/answer rows)"
+        text += f"; applied to {_names(uses)}" if uses else f"; not applied ({'raw-text rows' if own else 'no question/answer rows'})"
+    if own:
+        text += f"; evaluation prompts: {own}"
     return text
 
 
@@ -260,15 +263,44 @@ def tau_setting(results: dict[str, Any]) -> Optional[str]:
     return f"{format_value(tau, 3)}, chosen by method.tau=auto" + (f": {why}" if why else "")
 
 
+def evaluation_setting(ev: Any) -> Optional[str]:
+    """results.json's ``evaluation`` record (what the evaluation scored and how) as one line: rows
+    scored per split, then what changes the numbers (lengths, BOS, Min-K%'s k, the reference AUC),
+    then where it ran; None when not recorded."""
+    if not isinstance(ev, dict) or not isinstance(ev.get("rows"), dict):
+        return None
+    parts = ["rows " + ", ".join(f"{k} {v}" for k, v in ev["rows"].items())
+             + (f" (eval.max_rows={ev['max_rows']})" if ev.get("max_rows") else "")]
+    if ev.get("icl_rows"):
+        parts.append("few-shot " + ", ".join(f"{k} {v}" for k, v in ev["icl_rows"].items()))
+    if ev.get("max_length") is not None:
+        parts.append(f"max_length {ev['max_length']}")
+    if "mcq_add_bos" in ev:
+        parts.append(f"BOS {'added' if ev['mcq_add_bos'] else 'not added'}")
+    news = [f"{k} {ev[k]}" for k in ("max_new_tokens", "verbmem_max_new_tokens", "knowmem_max_new_tokens") if k in ev]
+    if news:
+        parts.append(", ".join(news) + (f" ({ev['generation']})" if ev.get("generation") else ""))
+    if ev.get("mink_k") is not None:
+        parts.append(f"Min-K% k={_num(ev['mink_k'])}")
+    if "retrain_auc" in ev:
+        parts.append(f"retrain AUC {'-' if ev['retrain_auc'] is None else _num(ev['retrain_auc'])}")
+    if "rouge_stemmer" in ev:
+        parts.append(f"ROUGE {'stemmed' if ev['rouge_stemmer'] else 'unstemmed'}")
+    if ev.get("device"):
+        parts.append(f"on {ev['device']}" + (f", {ev['dtype']}" if ev.get("dtype") else ""))
+    return "; ".join(parts)
+
+
 def run_settings(results: dict[str, Any]) -> list[tuple[str, str]]:
     """(results.json key, readable line) for the settings a reader must know to read the metrics and
     that results.json records as objects: the prompt format, LoRA (a LoRA run only), tau=auto's
-    choice (an auto run only) and what lm-eval ran (an ``eval.lm_eval`` run only). report.md and the
-    stdout summary both show them."""
+    choice (an auto run only), what lm-eval ran (an ``eval.lm_eval`` run only) and what the
+    evaluation scored. report.md and the stdout summary both show them."""
     out = [("peft", lora_setting(results.get("peft"))),
            ("prompt_format", prompt_format_setting(results.get("prompt_format"))),
            ("tau_selection", tau_setting(results)),
-           ("lm_eval", lm_eval_setting(results.get("lm_eval")))]
+           ("lm_eval", lm_eval_setting(results.get("lm_eval"))),
+           ("evaluation", evaluation_setting(results.get("evaluation")))]
     return [(k, v) for k, v in out if v is not None]
 
 

@@ -343,21 +343,23 @@ def evaluate_muse(cfg: DictConfig, model: Any, tokenizer: Any, data: Any,
                     "open-unlearning score %d (the +exp=muse_*_7b configs set eval.max_length=%d), so PrivLeak will "
                     "not compare with published numbers", st.max_length, st.max_length, MUSE_MIA_MAX_LENGTH,
                     MUSE_MIA_MAX_LENGTH)
+    # keyed by split name, as results.json's evaluation.rows and every other benchmark's eval_details.json
     if "verbmem_forget" in ev:
-        res["verbmem"] = _gathered(lambda m, **k: evaluate_verbmem(m, tokenizer, cfg=st, name="verbmem_forget", **k),
-                                   ev["verbmem_forget"], "verbmem_forget", cfg, model, parts, "muse")
+        res["verbmem_forget"] = _gathered(lambda m, **k: evaluate_verbmem(m, tokenizer, cfg=st, name="verbmem_forget",
+                                                                          **k),
+                                          ev["verbmem_forget"], "verbmem_forget", cfg, model, parts, "muse")
     for key in ("knowmem_forget", "knowmem_retain"):
         if key in ev:
             icl = ev.get(f"{key}_icl", [])
             res[key] = _gathered(lambda m, icl=icl, key=key, **k: evaluate_knowmem(m, tokenizer, cfg=st, icl=icl,
                                                                                     name=key, **k),
                                  ev[key], key, cfg, model, parts, "muse", key_rows=[*ev[key], *icl])
-    for key, arg in (("privleak_forget", "mink_forget"), ("privleak_holdout", "mink_holdout")):
+    for key in ("privleak_forget", "privleak_holdout"):
         if key in ev:
-            res[arg] = _gathered(lambda m, key=key, **k: evaluate_mink(m, tokenizer, cfg=st, name=key, **k), ev[key],
+            res[key] = _gathered(lambda m, key=key, **k: evaluate_mink(m, tokenizer, cfg=st, name=key, **k), ev[key],
                                  key, cfg, model, parts, "muse")
-    metrics = muse_metrics(res.get("verbmem"), res.get("knowmem_forget"), res.get("knowmem_retain"),
-                           res.get("mink_forget"), res.get("mink_holdout"), cfg.eval.retrain_auc)
+    metrics = muse_metrics(res.get("verbmem_forget"), res.get("knowmem_forget"), res.get("knowmem_retain"),
+                           res.get("privleak_forget"), res.get("privleak_holdout"), cfg.eval.retrain_auc)
     return metrics, {k: v.to_dict() for k, v in res.items()}
 
 
@@ -676,7 +678,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Evaluate the configured model without training (e.g. the target or retain model)."""
     from pipeline.engine.distributed import init_distributed
     from pipeline.eval.report import print_run_summary, render_report_md, set_aside_results, write_results
-    from pipeline.inputs import check_before_loading, set_threads
+    from pipeline.inputs import check_before_loading, prompt_format_record, set_threads
     from pipeline.io import atomic_write_json, atomic_write_text
     from pipeline.models.attention import attention_backend_report, set_attention_backend
     from pipeline.provenance import command_line_overrides, provenance, provenance_line
@@ -705,8 +707,8 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
                                                              "retain_split": data.retain_split, "exp_name": cfg.exp_name,
                                                              "world_size": dist.world_size,
                                                              **({EVALUATION_KEY: evaluation} if evaluation else {}),
-                                                             "prompt_format": {**prompt_format.describe(tokenizer),
-                                                                               "applied_to": uses},
+                                                             "prompt_format": prompt_format_record(prompt_format,
+                                                                                                   tokenizer, uses, data),
                                                              "attention_backend": attention_backend_report(),
                                                              "provenance": provenance(int(cfg.seed),
                                                                                       command_line_overrides())})
