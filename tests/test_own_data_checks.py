@@ -208,10 +208,16 @@ def test_prompt_longer_than_max_length_is_blamed_on_the_prompt(caplog):
     with pytest.raises(DataError, match=rf"split 'forget': no row has a loss token: the prompt alone .*{n_prompt} "
                                         rf"tokens.* fills data.max_length={n_prompt - 1}"):
         encode_rows(tok, ROWS * 2, n_prompt - 1, True, "forget", get_prompt_format("plain"))
+    caplog.clear()
     with caplog.at_level(logging.WARNING):  # one answer token fits: the answer is cut, and said so
         rows = encode_rows(tok, ROWS, n_prompt + 1, True, "forget", get_prompt_format("plain"))
     assert sum(lab != -100 for lab in rows[0]["labels"]) == 1
-    assert any("answer(s) alone are longer" in r.getMessage() for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records]
+    # the cause is the prompt's length, not the answer's (it said "answer(s) alone are longer"), and the
+    # row is not also counted as "answers kept"
+    assert (f"split 'forget': 1 of 1 row(s) do not fit data.max_length={n_prompt + 1} even with their whole question "
+            f"dropped: the prompt (the template and system prompt: {n_prompt} tokens with an empty question)") in said[-1]
+    assert "shorten model.system_prompt" in said[-1] and not any("answers kept" in m for m in said), said
 
 
 # ---------------------------------------------------------------- 8. .json / .parquet files, unread formats

@@ -188,15 +188,16 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
             raise DataError(f"split {split!r}: all {len(rows)} text row(s) are empty documents (no text tokens)")
         log.warning("split %r: dropped %d of %d text row(s): empty documents (no text tokens, nothing to train on)",
                     split, empty, len(text_rows), extra=SAME_ON_EVERY_RANK)
-    if cut:
+    if cut - answer_cut:  # the rows whose answer was cut too are said below, with their cause
         log.warning("split %r: truncated %d of %d sequences to data.max_length=%d (question words dropped from the "
-                    "left, answers kept)", split, cut, len(rows) - len(text_rows), max_length, extra=SAME_ON_EVERY_RANK)
+                    "left, answers kept)", split, cut - answer_cut, len(rows) - len(text_rows), max_length,
+                    extra=SAME_ON_EVERY_RANK)
     if text_cut:
         log.warning("split %r: %d of %d documents cut at their end to data.max_length=%d tokens (the rest is not "
                     "trained on; data.pack_text=true trains on every token)", split, text_cut, len(text_rows),
                     max_length, extra=SAME_ON_EVERY_RANK)
+    n_prompt = len(prompt_ids(tokenizer, "", template)) if no_loss or answer_cut else 0
     if no_loss:
-        n_prompt = len(prompt_ids(tokenizer, "", template))
         what = (f"the prompt alone (the template and system prompt: {n_prompt} tokens with an empty question) "
                 f"fills data.max_length={max_length}")
         if no_loss == len(rows):
@@ -206,8 +207,12 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
                     "template); raise data.max_length or shorten model.system_prompt", split, no_loss, len(rows),
                     what, extra=SAME_ON_EVERY_RANK)
     if answer_cut:
-        log.warning("split %r: %d answer(s) alone are longer than data.max_length=%d: their last tokens are cut "
-                    "(no loss on them)", split, answer_cut, max_length, extra=SAME_ON_EVERY_RANK)
+        # the answer is rarely long on its own: a chat template and system prompt can take most of max_length
+        log.warning("split %r: %d of %d row(s) do not fit data.max_length=%d even with their whole question dropped: "
+                    "the prompt (the template and system prompt: %d tokens with an empty question) and the answer are "
+                    "longer, so the answer's last tokens are cut (no loss on them); raise data.max_length%s", split,
+                    answer_cut, len(rows) - len(text_rows), max_length, n_prompt,
+                    " or shorten model.system_prompt" if n_prompt * 2 > max_length else "", extra=SAME_ON_EVERY_RANK)
     if mismatch:
         log.warning("split %r: in %d row(s) the prompt tokenises differently inside prompt+answer (border merge); the "
                     "loss starts after the prompt's token count, as open-unlearning does", split, mismatch,
