@@ -30,9 +30,10 @@ def _main_process() -> bool:
 
 
 class _AboveTheBar:
-    """A console handler's stream while a bar is open: each log line goes through ``tqdm.write``,
-    which prints it above the bar instead of into the bar's line. The handler itself (its format
-    and the rank filter) stays as configured; only its stream is swapped, and put back on close."""
+    """A console handler's stream while a bar is open on a terminal: each log line goes through
+    ``tqdm.write``, which prints it above the bar instead of into the bar's line. The handler itself
+    (its format and the rank filter) stays as configured; only its stream is swapped, and put back on
+    close. (Into a file the bar is whole lines of its own, :class:`_BarLines`: log lines go straight.)"""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
@@ -40,6 +41,25 @@ class _AboveTheBar:
     def write(self, text: str) -> None:
         if text.strip():
             tqdm.write(text.rstrip("\n"), file=self.stream)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class _BarLines:
+    """The stream of a bar whose stderr is not a terminal (a SLURM job's log, ``2> file``): each bar
+    state becomes a line of its own. tqdm redraws in place with ``\\r`` (and pads with spaces), which
+    in a file glued every state, and the log lines written between them, into one long line that
+    ``grep`` and ``tail`` could not read."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        for state in text.split("\r"):
+            state = state.rstrip()
+            if state:
+                self.stream.write(state + "\n")
 
     def flush(self) -> None:
         self.stream.flush()
@@ -70,10 +90,13 @@ def bar(enabled: bool, total: Optional[int], desc: str, initial: int = 0, unit: 
         return None
     # Redrawn each second on a terminal; into a file (a SLURM job's stderr) every 30 s, so a long
     # run's log is not thousands of bar states
-    interval = 1.0 if sys.stderr.isatty() else FILE_INTERVAL_S
-    b = _Bar(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, mininterval=interval)
-    b._log_streams = [(h, h.setStream(_AboveTheBar(h.stream))) for h in _console_handlers()]
-    return b
+    if sys.stderr.isatty():
+        b = _Bar(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0)
+        b._log_streams = [(h, h.setStream(_AboveTheBar(h.stream))) for h in _console_handlers()]
+        return b
+    # a file: a state per line, at most one each FILE_INTERVAL_S (and the last), log lines as they come
+    return _Bar(total=total, initial=initial, desc=desc, unit=unit, file=_BarLines(sys.stderr), ncols=100,
+                mininterval=FILE_INTERVAL_S)
 
 
 def library_bars(enabled: bool) -> None:

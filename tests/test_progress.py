@@ -102,8 +102,12 @@ def test_log_lines_print_above_an_open_bar_with_the_handler_kept(monkeypatch):
 
     from pipeline.progress import bar
 
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
     monkeypatch.setenv("RANK", "0")
-    stream = io.StringIO()
+    stream = Terminal()
     monkeypatch.setattr("sys.stderr", stream)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("LOG %(message)s"))
@@ -122,17 +126,38 @@ def test_log_lines_print_above_an_open_bar_with_the_handler_kept(monkeypatch):
     assert "LOG attention backend: sdpa" in lines  # a line of its own, not glued to the bar
 
 
-def test_into_a_file_the_bar_redraws_rarely(monkeypatch):
-    """stderr that is not a terminal (a SLURM job's log): one bar state per FILE_INTERVAL_S, not per second."""
+def test_into_a_file_the_bar_redraws_rarely_a_state_per_line(monkeypatch):
+    """stderr that is not a terminal (a SLURM job's log): one bar state per FILE_INTERVAL_S, not per second,
+    each a line of its own, and log lines as they come. Before, tqdm's in-place redraws (``\\r``) glued
+    the states and the log lines between them into one line (``grep '^\\['`` missed them)."""
     import io
+    import logging
 
     from pipeline.progress import FILE_INTERVAL_S, bar
 
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr("sys.stderr", io.StringIO())
-    b = bar(True, 3, "unlearn[x]")
-    assert b.mininterval == FILE_INTERVAL_S >= 10
-    b.close()
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("[LOG] %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        b = bar(True, 3, "teacher cache")
+        assert b.mininterval == FILE_INTERVAL_S >= 10
+        b.update(1)
+        logging.getLogger("pipeline.test").warning("built the cache")
+        b.update(2)
+        b.close()
+    finally:
+        root.removeHandler(handler)
+    text = stream.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert "[LOG] built the cache" in lines
+    states = [ln for ln in lines if ln.startswith("teacher cache:")]
+    assert states[0].startswith("teacher cache:   0%") and "3/3 [" in states[-1], lines
+    assert len(states) == len(set(states)) and all(ln == ln.rstrip() for ln in lines), lines
 
 
 def _library_bars_on(env_rank: str, progress_bar: bool) -> bool:
