@@ -240,6 +240,7 @@ def summarise_step(i: int, request: str, requests: list[str], init_model: str, r
         "method": res.get("method"),
         "tau": res.get("tau"),
         "steps": res.get("steps"),
+        "resumed_from": res.get("resumed_from"),  # the checkpoint its last attempt started from (null: the start)
         "train_seconds": res.get("train_seconds"),
         "metrics": m,  # the request's own results.json metrics (forget = this request)
         "forget": per_request,  # every request's forget split, evaluated after this request
@@ -277,11 +278,10 @@ def render_md(rows: list[dict], requests: list[str]) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         m = r["metrics"]
-        if r["forget_split"] is None:  # the starting model: its metrics are on the split columns
-            cells = [str(r["request"]), "(starting model)", "-", "-"]
-        else:
-            cells = [str(r["request"]), r["forget_split"], _fmt(m.get("forget_fact_recall")),
-                     _fmt(m.get("forget_quality"))]
+        # the starting model is evaluated with request 1's forget split as its forget set, and labelled so
+        # (as in the stdout summary): its forget columns are that split's, before any request
+        label = r["forget_split"] or f"{requests[0]} (starting model)"
+        cells = [str(r["request"]), label, _fmt(m.get("forget_fact_recall")), _fmt(m.get("forget_quality"))]
         for s in requests:
             e = r["forget"].get(s)
             cells.append("-" if e is None else _fmt(e["fact_recall"]) + ("" if e["requested"] else "*"))
@@ -313,7 +313,8 @@ def sequence_summary(rows: list[dict], reused: set[str], run_dir: Path) -> dict:
         keys = headline_keys(m) + (["forget_quality"] if "forget_quality" in m else [])
         report = d / "report.md"
         out.append({"step": r["request"], "forget_split": r["forget_split"], "run_dir": str(d),
-                    "reused": str(d) in reused, "steps": r.get("steps"), "results": str(d / RESULTS_FILE),
+                    "reused": str(d) in reused, "steps": r.get("steps"), "resumed_from": r.get("resumed_from"),
+                    "results": str(d / RESULTS_FILE),
                     "report": str(report) if report.exists() else None, "metrics": {k: m[k] for k in keys}})
     return {"run_dir": str(run_dir), "requests": [r["forget_split"] for r in rows if r["forget_split"] is not None],
             "continual_json": str(run_dir / "continual.json"), "continual_md": str(run_dir / "continual.md"),
@@ -330,6 +331,8 @@ def render_sequence_summary(summary: dict) -> str:
     for s in summary["rows"]:
         trained = ("reused" if s["reused"] else "evaluated" if s["forget_split"] is None
                    else f"{s['steps']} step{'' if s['steps'] == 1 else 's'}" if s["steps"] is not None else "-")
+        if not s["reused"] and s.get("resumed_from"):  # a stopped step continued from its checkpoint
+            trained += f" (resumed from {s['resumed_from']})"
         d = Path(s["run_dir"])
         # the starting model is evaluated with request 1's forget split as its forget set: its forget_*
         # columns are that split's, before any request (continual.md gives them in request 1's column)
@@ -369,18 +372,22 @@ def step_rows(step_cfg: DictConfig, memo: Optional[dict] = None) -> dict:
     return out
 
 
-def step_record(request: str, init_model: str, step_cfg: DictConfig, rows: Optional[dict] = None) -> dict:
+def step_record(request: str, init_model: str, step_cfg: DictConfig, rows: Optional[dict] = None,
+                evaluation_only: bool = False) -> dict:
     """What a finished step's marker holds: the request, the model it started from, a digest of
     its configuration (without the settings that change no result, as a finished job's record) and
     of that model's files, and its rows' digests (:func:`step_rows`). A step reruns when any of them
     changed: its settings, its rows, or the model it starts from (an earlier step that ran again), or
-    the evaluated splits (a request added)."""
+    the evaluated splits (a request added). ``evaluation_only``: the starting model's evaluation,
+    which no training setting changes (:data:`TRAINING_ONLY` left out of its digest)."""
     from pipeline.eval.reference import model_fingerprint
     from pipeline.finished import result_config
 
     # the first step starts from model.path at model.revision (a hub id's snapshot); later ones from a
     # step's exported directory, which has no revisions
     config, init = result_config(step_cfg), model_fingerprint(init_model, OmegaConf.select(step_cfg, "model.revision"))
+    if evaluation_only:  # another lr re-evaluated the unchanged starting model
+        config = {k: v for k, v in config.items() if not k.startswith(TRAINING_ONLY)}
 
     def digest(fields: dict) -> str:
         return hashlib.sha256(json.dumps({"config": fields, "init": init}, sort_keys=True, default=str).encode()).hexdigest()
@@ -396,6 +403,8 @@ def step_record(request: str, init_model: str, step_cfg: DictConfig, rows: Optio
 
 # Settings that change what a step measures, not what it trains (its checkpoints stay valid).
 EVAL_ONLY = ("eval.", "data.eval_splits")
+# Settings that change what a step trains, not how a model is evaluated (the starting model's row).
+TRAINING_ONLY = ("trainer.", "method.")
 
 
 def _earlier_record(step_dir: Path) -> Optional[dict]:
@@ -501,7 +510,7 @@ def _run_sequence(cfg: DictConfig, run_dir: Path, requests: list[str], splits: l
     if cfg.continual.eval_initial:
         step_dir = run_dir / "r0_initial"
         step_cfg = request_config(cfg, base, 0, requests[0], init_model, splits)
-        record = step_record("initial", init_model, step_cfg, step_rows(step_cfg, rows_read))
+        record = step_record("initial", init_model, step_cfg, step_rows(step_cfg, rows_read), evaluation_only=True)
         if _finished(step_dir, _earlier_record(step_dir), record, need_model=False, resume=resume):
             reused.add(str(step_dir))
         else:

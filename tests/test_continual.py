@@ -153,6 +153,11 @@ def test_continual_two_requests_end_to_end(tmp_path):
     assert (r2 / "model" / "model.safetensors").exists() and (r2 / "results.json").exists()
     md = (root / "continual.md").read_text()
     assert "forget10_part1" in md and md.count("\n| 2 |") == 2 and "requests done" not in md
+    # the starting model's row: labelled and filled as in the stdout summary (its forget set is request 1's)
+    row0 = next(line for line in md.splitlines() if line.startswith("| 0 | forget10_part1 (starting model) | "))
+    from pipeline.continual import _fmt
+
+    assert row0.split(" | ")[2:4] == [_fmt(rows[0]["metrics"][k]) for k in ("forget_fact_recall", "forget_quality")]
     assert json.loads((root / "continual.json").read_text())["requests_done"] == 2
     # a sequence stopped after request 1 (its table is rewritten after every request) says so
     from pipeline.continual import render_md
@@ -253,6 +258,13 @@ def test_the_step_record_separates_training_inputs_from_evaluation_settings(tmp_
         assert not _trained_with_other_inputs(_earlier_record(step), other)
     other_lr = step_record("f1", str(model), OmegaConf.merge(cfg, {"trainer": {"lr": 5e-3}}))
     assert _trained_with_other_inputs(_earlier_record(step), other_lr)
+    # the starting model's evaluation (r0_initial) depends on no training setting: another lr or method
+    # setting re-evaluated it unchanged; an evaluation setting still does
+    initial = step_record("initial", str(model), cfg, evaluation_only=True)
+    for change, same in (({"trainer": {"lr": 5e-3}}, True), ({"method": {"tau": 3.0}}, True),
+                         ({"eval": {"max_new_tokens": 6}}, False)):
+        other = step_record("initial", str(model), OmegaConf.merge(cfg, change), evaluation_only=True)
+        assert (other["key"] == initial["key"]) is same, change
     (model / "config.json").write_text((model / "config.json").read_text() + " ")  # another starting model
     assert _trained_with_other_inputs(_earlier_record(step), step_record("f1", str(model), cfg))
     # a marker from before train_key was kept still counts as this step, finished
@@ -298,7 +310,7 @@ def test_the_sequence_summary_shows_each_step_with_run_summarys_headline_metrics
              "metrics": dict(metrics)},
             {"request": 1, "forget_split": "f1", "run_dir": str(tmp_path / "r1_f1"), "steps": 3, "metrics": dict(metrics)},
             {"request": 2, "forget_split": "f2", "run_dir": str(tmp_path / "r2_f2"), "steps": 3,
-             "metrics": {**metrics, "forget_fact_recall": 0.125}}]
+             "resumed_from": "step_00000002", "metrics": {**metrics, "forget_fact_recall": 0.125}}]
     (tmp_path / "r2_f2").mkdir()
     (tmp_path / "r2_f2" / "report.md").write_text("#")
     summary = sequence_summary(rows, {str(tmp_path / "r1_f1")}, tmp_path)
@@ -322,5 +334,8 @@ def test_the_sequence_summary_shows_each_step_with_run_summarys_headline_metrics
     assert lines[3].split() == ["0", "f1", "(starting", "model)", "evaluated", "0.2500", "0.5000", "0.3000", "-",
                                 "r0_initial"]
     assert lines[4].split() == ["1", "f1", "reused", "0.2500", "0.5000", "0.3000", "-", "r1_f1"]
-    assert lines[5].split() == ["2", "f2", "3", "steps", "0.1250", "0.5000", "0.3000", "-", "r2_f2"]
+    # a step that continued from its checkpoint says so (it read "3 steps" as if trained in one go)
+    assert lines[5].split() == ["2", "f2", "3", "steps", "(resumed", "from", "step_00000002)", "0.1250", "0.5000",
+                                "0.3000", "-", "r2_f2"]
+    assert summary["rows"][2]["resumed_from"] == "step_00000002" and summary["rows"][1]["resumed_from"] is None
     assert "forget_entropy" not in text and str(tmp_path / SUMMARY_FILE) in text and "results.json" in text
