@@ -4,6 +4,8 @@ caller's block without being handed it."""
 
 from __future__ import annotations
 
+import contextlib
+
 from pipeline.progress import current, expect, progress, tracked
 
 
@@ -94,6 +96,23 @@ def test_a_block_opens_its_bar_with_the_announced_total(monkeypatch, capsys):
     assert "4/4 [" in states[-1]
 
 
+@contextlib.contextmanager
+def _stderr_with_a_log_handler(monkeypatch, stream, fmt: str):
+    """``stream`` as stderr on rank 0, with a console log handler writing to it in ``fmt``."""
+    import logging
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr("sys.stderr", stream)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+
+
 def test_log_lines_print_above_an_open_bar_with_the_handler_kept(monkeypatch):
     """A console log line while a bar is open goes through tqdm.write (its own line, the bar redrawn
     below it) with the handler's format and filters unchanged; closing the bar puts the stream back."""
@@ -106,22 +125,14 @@ def test_log_lines_print_above_an_open_bar_with_the_handler_kept(monkeypatch):
         def isatty(self) -> bool:
             return True
 
-    monkeypatch.setenv("RANK", "0")
     stream = Terminal()
-    monkeypatch.setattr("sys.stderr", stream)
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("LOG %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
+    with _stderr_with_a_log_handler(monkeypatch, stream, "LOG %(message)s") as handler:
         b = bar(True, 3, "unlearn[x]")
         b.update(1)
         logging.getLogger("pipeline.test").warning("attention backend: sdpa")
         assert handler.stream is not stream
         b.close()
         assert handler.stream is stream
-    finally:
-        root.removeHandler(handler)
     lines = stream.getvalue().replace("\r", "\n").splitlines()
     assert "LOG attention backend: sdpa" in lines  # a line of its own, not glued to the bar
 
@@ -135,22 +146,14 @@ def test_into_a_file_the_bar_redraws_rarely_a_state_per_line(monkeypatch):
 
     from pipeline.progress import FILE_INTERVAL_S, bar
 
-    monkeypatch.setenv("RANK", "0")
     stream = io.StringIO()
-    monkeypatch.setattr("sys.stderr", stream)
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("[LOG] %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
+    with _stderr_with_a_log_handler(monkeypatch, stream, "[LOG] %(message)s"):
         b = bar(True, 3, "teacher cache")
         assert b.mininterval == FILE_INTERVAL_S >= 10
         b.update(1)
         logging.getLogger("pipeline.test").warning("built the cache")
         b.update(2)
         b.close()
-    finally:
-        root.removeHandler(handler)
     text = stream.getvalue()
     assert "\r" not in text
     lines = text.splitlines()
