@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config_base import ConfigError
 from pipeline.logging import SAME_ON_EVERY_RANK
@@ -200,6 +200,18 @@ def prompt_format_uses(data: Any, training: bool, evaluating: bool) -> list[str]
     if evaluating and own_evaluation_prompts(data) is None:
         uses += ["evaluation", "generation"]
     return uses
+
+
+def data_record(cfg: DictConfig, paths: ModelPaths, data: Any) -> dict:
+    """results.json's ``data``: which dataset ran and where it was read from (``path``: a local
+    directory, the embedded benchmark's in the cache included; else the hub id at ``revision``), and
+    the rows of each split (the forget split's after ``data.forget_fraction``; evaluation splits before
+    ``eval.max_rows``, whose rows scored are in ``evaluation.rows``)."""
+    return {"name": str(cfg.data.name), "dataset": data.name, "path": paths.data_dir,
+            "hub_id": None if paths.data_dir else OmegaConf.select(cfg, "data.hub_id", default=None),
+            "revision": None if paths.data_dir else OmegaConf.select(cfg, "data.revision", default=None),
+            "rows": {data.forget_split: len(data.forget), data.retain_split: len(data.retain),
+                     **{k: len(v) for k, v in data.eval.items() if k not in (data.forget_split, data.retain_split)}}}
 
 
 # what a benchmark's own evaluation prompts are, where the run's prompt format is not applied to them

@@ -37,6 +37,7 @@ from pipeline.inputs import (
     check_before_loading,
     check_inputs_outside,
     checked_prompt_format,
+    data_record,
     log_first_prompt,
     prompt_format_record,
     prompt_format_uses,
@@ -331,11 +332,13 @@ def _resolve_batch(cfg: DictConfig, world_size: int) -> None:
 def _load_inputs(cfg: DictConfig) -> JobInputs:
     """Data (its errors stop here, before any model), tokenizer, prompt format and encoded rows."""
     from pipeline.data.loaders import encode_rows, load_unlearning_data
+    from pipeline.eval.report import data_setting
     from pipeline.eval.runner import check_eval_inputs, check_eval_tokenizer
     from pipeline.models.loading import capped_at_context, load_tokenizer
 
     paths = resolve_paths(cfg)
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
+    log.info("data: %s", data_setting(data_record(cfg, paths, data)))
     check_eval_inputs(cfg, data, paths.model)  # an eval.splits typo or a reference file that does not fit: stops here
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
     check_eval_tokenizer(cfg, data, tokenizer)  # a multiple-choice evaluation it cannot score: before training
@@ -788,6 +791,7 @@ def _evaluate_and_report(cfg: DictConfig, dist: Any, run_dir: Path, model_dir: P
             "exp_name": cfg.exp_name,
             "run_name": cfg.run_name,
             "model": inputs.paths.model,
+            "data": data_record(cfg, inputs.paths, inputs.data),  # which dataset, read from where, its rows
             "forget_split": inputs.data.forget_split,
             "retain_split": inputs.data.retain_split,
             "steps": total,

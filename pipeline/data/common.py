@@ -477,7 +477,8 @@ def check_overlap(forget: Sequence[dict], retain: Sequence[dict], dataset: str, 
     fkeys = {key(r): i for i, r in enumerate(forget)}
     both = [(fkeys[key(r)], j, _shown(r)) for j, r in enumerate(retain) if key(r) in fkeys]
     if both:
-        shown = "; ".join(f"forget[{i}] == retain[{j}]: {q[:80]!r}" for i, j, q in both[:5])
+        # rows counted from 1, as every other data error names them (a jsonl file's line numbers)
+        shown = "; ".join(f"forget row {i + 1} == retain row {j + 1}: {q[:80]!r}" for i, j, q in both[:5])
         raise DataError(
             f"dataset {dataset!r}: {len(both)} example(s) appear in both forget split {fsplit!r} and retain split "
             f"{rsplit!r} (exact question+answer text): {shown}"

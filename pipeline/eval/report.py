@@ -59,8 +59,9 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "real_authors_fact_recall": ("up", "fact recall on real authors."),
     "world_facts_fact_recall": ("up", "fact recall on world facts."),
     # robustness probe (pipeline/eval/robustness.py): retain questions with a forget keyword prepended
-    "probe_fact_recall": ("up", "fact recall of greedy answers to retain questions with a forget keyword (a forget "
-                          "author's name) prepended (RNA-style robustness probe)."),
+    "probe_fact_recall": ("up", "fact recall of greedy answers to retain questions with a forget keyword prepended "
+                          "(the row's author, else the name its forget split mentions most; RNA-style robustness "
+                          "probe)."),
     "probe_rouge_l": ("up", "ROUGE-L recall of greedy answers to those probed retain questions."),
     "probe_fact_recall_drop": ("down", "retain fact recall of the probed rows asked plainly minus asked with the "
                                "forget keyword; 0 = robust, high = forget content in the question breaks answers."),
@@ -263,6 +264,18 @@ def tau_setting(results: dict[str, Any]) -> Optional[str]:
     return f"{format_value(tau, 3)}, chosen by method.tau=auto" + (f": {why}" if why else "")
 
 
+def data_setting(record: Any) -> Optional[str]:
+    """results.json's ``data`` (:func:`pipeline.inputs.data_record`: the dataset, where it was read
+    from, its rows) as one line, as the job's log gives it too; None when not recorded."""
+    if not isinstance(record, dict) or not record.get("name"):
+        return None
+    where = record.get("path") or record.get("hub_id") or "the hub (the loader's default id)"
+    if record.get("revision"):
+        where += f" at revision {record['revision']}"
+    rows = ", ".join(f"{k} {n}" for k, n in (record.get("rows") or {}).items())
+    return f"{record.get('dataset')} (data.name={record['name']}) from {where}" + (f"; rows: {rows}" if rows else "")
+
+
 def evaluation_setting(ev: Any) -> Optional[str]:
     """results.json's ``evaluation`` record (what the evaluation scored and how) as one line: rows
     scored per split, then what changes the numbers (lengths, BOS, Min-K%'s k, the reference AUC),
@@ -293,10 +306,11 @@ def evaluation_setting(ev: Any) -> Optional[str]:
 
 def run_settings(results: dict[str, Any]) -> list[tuple[str, str]]:
     """(results.json key, readable line) for the settings a reader must know to read the metrics and
-    that results.json records as objects: the prompt format, LoRA (a LoRA run only), tau=auto's
+    that results.json records as objects: the data, the prompt format, LoRA (a LoRA run only), tau=auto's
     choice (an auto run only), what lm-eval ran (an ``eval.lm_eval`` run only) and what the
     evaluation scored. report.md and the stdout summary both show them."""
-    out = [("peft", lora_setting(results.get("peft"))),
+    out = [("data", data_setting(results.get("data"))),
+           ("peft", lora_setting(results.get("peft"))),
            ("prompt_format", prompt_format_setting(results.get("prompt_format"))),
            ("tau_selection", tau_setting(results)),
            ("lm_eval", lm_eval_setting(results.get("lm_eval"))),
@@ -325,8 +339,11 @@ def render_report_md(results: dict[str, Any]) -> str:
         lines.append(f"| `{k}` | {format_value(v)} | {_ARROWS[direction]} | {text} |")
     lines.append("")
     if metrics.get("forget_quality") is None and "forget_quality" in metrics:
-        lines += ["Forget quality is not reported: no retain-model reference truth ratios were available.", ""]
-    if metrics.get("model_utility_missing"):
+        # the same reason as the stdout summary's (it said "no reference" where the split had no truth ratios)
+        lines += [f"Forget quality is not reported: {forget_quality_note(results)}.", ""]
+    if "model_utility" in metrics and metrics["model_utility"] is None:
+        lines += [f"Model utility is not reported: {_utility_note(metrics)}.", ""]
+    elif metrics.get("model_utility_missing"):
         lines += [f"Model utility was computed without: {', '.join(metrics['model_utility_missing'])}.", ""]
     lines += ["## How to read this", "", *reading_notes(metrics), ""]
     return "\n".join(lines)
@@ -364,6 +381,17 @@ def reading_notes(metrics: dict[str, Any]) -> list[str]:
 # ROUGE-L, MUSE's memorisation and leakage, and (below) every multiple-choice accuracy (WMDP, MMLU).
 HEADLINE_METRICS = ("forget_fact_recall", "retain_fact_recall", "forget_rouge_l", "retain_rouge_l", "model_utility",
                     "verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak")
+
+
+def _utility_note(metrics: dict[str, Any]) -> str:
+    """Why ``model_utility`` is null: the components without a value (a harmonic mean of all of them)."""
+    empty = [k for k in metrics.get("model_utility_components") or []
+             if not isinstance(metrics.get(k), (int, float)) or math.isnan(metrics[k])]
+    if not empty:
+        return "no component had a value"
+    why = " (no paraphrased / perturbed answers in the split)" if any(k.endswith("_truth_ratio") for k in empty) else ""
+    return f"it is the harmonic mean of {', '.join(metrics['model_utility_components'])}, and {', '.join(empty)} " \
+           f"{'has' if len(empty) == 1 else 'have'} no value{why}"
 
 
 def forget_quality_note(results: dict[str, Any]) -> str:

@@ -662,11 +662,13 @@ def _eval_inputs(cfg: DictConfig) -> tuple[Any, Any, Any, list[str], Any]:
     """(paths, data, tokenizer, where the prompt format applies, the checked prompt format) of an
     evaluation-only job: what it reads before loading the model."""
     from pipeline.data.loaders import load_unlearning_data
-    from pipeline.inputs import checked_prompt_format, prompt_format_uses, resolve_paths
+    from pipeline.eval.report import data_setting
+    from pipeline.inputs import checked_prompt_format, data_record, prompt_format_uses, resolve_paths
     from pipeline.models.loading import load_tokenizer
 
     paths = resolve_paths(cfg)
     data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
+    log.info("data: %s", data_setting(data_record(cfg, paths, data)))
     check_eval_inputs(cfg, data, paths.model)
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
     check_eval_tokenizer(cfg, data, tokenizer)
@@ -678,7 +680,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Evaluate the configured model without training (e.g. the target or retain model)."""
     from pipeline.engine.distributed import init_distributed
     from pipeline.eval.report import print_run_summary, render_report_md, set_aside_results, write_results
-    from pipeline.inputs import check_before_loading, prompt_format_record, set_threads
+    from pipeline.inputs import check_before_loading, data_record, prompt_format_record, set_threads
     from pipeline.io import atomic_write_json, atomic_write_text
     from pipeline.models.attention import attention_backend_report, set_attention_backend
     from pipeline.provenance import command_line_overrides, provenance, provenance_line
@@ -703,7 +705,9 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         run_dir = Path(run_dir)
         label = (cfg.model.variant if cfg.model.source == "synthetic"
                  else cfg.model.name if cfg.model.source == "gguf_package" else Path(str(cfg.model.path)).name)
-        path = write_results(run_dir, label, None, metrics, {"model": paths.model, "forget_split": data.forget_split,
+        path = write_results(run_dir, label, None, metrics, {"model": paths.model,
+                                                             "data": data_record(cfg, paths, data),
+                                                             "forget_split": data.forget_split,
                                                              "retain_split": data.retain_split, "exp_name": cfg.exp_name,
                                                              "world_size": dist.world_size,
                                                              **({EVALUATION_KEY: evaluation} if evaluation else {}),

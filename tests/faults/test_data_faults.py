@@ -132,11 +132,11 @@ def test_non_utf8_file_names_file_and_byte(tmp_path):
 
 
 @pytest.mark.parametrize("split,column,value,expect", [
-    ("retain", "answer", None, "row 2 must hold a string, got null (the key is missing or null there)"),  # was a TypeError inside tokenisation
+    ("retain", "answer", None, "row 2 holds no value (the key is missing or null there)"),  # was a TypeError inside tokenisation
     ("forget", "question", 7, "row 2 must hold a string, got int"),
     ("forget", "question", " ", "row 2 is empty"),  # was accepted: trains on the prompt template alone
     ("retain", "answer", "", "row 2 is empty"),
-    ("ev", "answer", None, "row 2 must hold a string, got null (the key is missing or null there)"),  # evaluation splits too
+    ("ev", "answer", None, "row 2 holds no value (the key is missing or null there)"),  # evaluation splits too
 ])
 def test_text_cells_must_be_non_empty_strings(tmp_path, split, column, value, expect):
     rows = {"forget": [qa_row("alice", "paris"), qa_row("carol", "oslo")],
@@ -205,7 +205,7 @@ def test_overlap_between_forget_and_retain_is_refused(tmp_path):
     write(tmp_path, "retain", [qa_row("bob", "rome"), shared])
     with pytest.raises(DataError) as e:
         load_unlearning_data(cfg(tmp_path))
-    assert "1 example(s) appear in both" in str(e.value) and "forget[1] == retain[1]" in str(e.value)
+    assert "1 example(s) appear in both" in str(e.value) and "forget row 2 == retain row 2" in str(e.value)
     assert "where was carol born" in str(e.value)
 
 
