@@ -331,8 +331,9 @@ def render_sequence_summary(summary: dict) -> str:
     for s in summary["rows"]:
         trained = ("reused" if s["reused"] else "evaluated" if s["forget_split"] is None
                    else f"{s['steps']} step{'' if s['steps'] == 1 else 's'}" if s["steps"] is not None else "-")
-        if not s["reused"] and s.get("resumed_from"):  # a stopped step continued from its checkpoint
-            trained += f" (resumed from {s['resumed_from']})"
+        resumed = s.get("resumed_from")
+        if not s["reused"] and isinstance(resumed, dict):  # a stopped step continued from its checkpoint
+            trained += f" (resumed at step {resumed.get('step')})"
         d = Path(s["run_dir"])
         # the starting model is evaluated with request 1's forget split as its forget set: its forget_*
         # columns are that split's, before any request (continual.md gives them in request 1's column)

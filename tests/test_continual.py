@@ -310,7 +310,8 @@ def test_the_sequence_summary_shows_each_step_with_run_summarys_headline_metrics
              "metrics": dict(metrics)},
             {"request": 1, "forget_split": "f1", "run_dir": str(tmp_path / "r1_f1"), "steps": 3, "metrics": dict(metrics)},
             {"request": 2, "forget_split": "f2", "run_dir": str(tmp_path / "r2_f2"), "steps": 3,
-             "resumed_from": "step_00000002", "metrics": {**metrics, "forget_fact_recall": 0.125}}]
+             "resumed_from": {"checkpoint": "step_00000002", "step": 2, "kernels": None},
+             "metrics": {**metrics, "forget_fact_recall": 0.125}}]
     (tmp_path / "r2_f2").mkdir()
     (tmp_path / "r2_f2" / "report.md").write_text("#")
     summary = sequence_summary(rows, {str(tmp_path / "r1_f1")}, tmp_path)
@@ -335,7 +336,7 @@ def test_the_sequence_summary_shows_each_step_with_run_summarys_headline_metrics
                                 "r0_initial"]
     assert lines[4].split() == ["1", "f1", "reused", "0.2500", "0.5000", "0.3000", "-", "r1_f1"]
     # a step that continued from its checkpoint says so (it read "3 steps" as if trained in one go)
-    assert lines[5].split() == ["2", "f2", "3", "steps", "(resumed", "from", "step_00000002)", "0.1250", "0.5000",
+    assert lines[5].split() == ["2", "f2", "3", "steps", "(resumed", "at", "step", "2)", "0.1250", "0.5000",
                                 "0.3000", "-", "r2_f2"]
-    assert summary["rows"][2]["resumed_from"] == "step_00000002" and summary["rows"][1]["resumed_from"] is None
+    assert summary["rows"][2]["resumed_from"]["step"] == 2 and summary["rows"][1]["resumed_from"] is None
     assert "forget_entropy" not in text and str(tmp_path / SUMMARY_FILE) in text and "results.json" in text

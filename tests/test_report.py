@@ -194,3 +194,17 @@ def test_the_report_says_what_the_evaluation_scored_and_how():
     md = render_report_md({"method": "model", "tau": None, "metrics": {"wmdp-cyber_accuracy": 0.5}, "evaluation": wmdp})
     assert "| evaluation | rows wmdp-cyber 3, mmlu 2; max_length 64; BOS not added; on cpu, float32 |" in md
     assert evaluation_setting(None) is None and evaluation_setting({"device": "cpu"}) is None
+
+
+def test_the_report_names_a_resumed_checkpoint_and_the_command_line_overrides():
+    """A resumed run's report.md dropped resumed_from (a dict, skipped as not a scalar), and a sweep point's
+    report named neither its lr nor any other override (every point has the sweep's run_name)."""
+    base = {"method": "asu_kl", "tau": 2.5, "metrics": {}, "resumed_from": None,
+            "provenance": {"overrides": ["+exp=tofu_tiny", "method.tau=2.5", "trainer.lr=0.001"]}}
+    fresh = render_report_md(base)
+    assert "| resumed_from | - |" in fresh
+    assert "| overrides | +exp=tofu_tiny method.tau=2.5 trainer.lr=0.001 |" in fresh
+    resumed = render_report_md({**base, "resumed_from": {"checkpoint": "step_00000011", "step": 11, "kernels": None}})
+    assert ("| resumed_from | step 11 (checkpoint step_00000011); train_seconds adds the earlier attempts' loop time |"
+            in resumed)
+    assert "| overrides |" not in render_report_md({**base, "provenance": {"overrides": None}})

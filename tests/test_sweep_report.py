@@ -525,3 +525,27 @@ def test_a_sweep_without_a_completed_point_says_so_and_nothing_else(tmp_path):
     choice = sweep.choose(points, sweep.parse_rule(sweep.DEFAULT_RULE), fallback_objective="forget_fact_recall")
     assert choice["completed"] == 1 and choice["notes"] == [
         "no point has forget_quality; chose by forget_fact_recall instead", "no point has model_utility: constraint ignored"]
+
+
+def test_a_point_that_did_not_set_a_swept_key_shows_the_value_it_ran_with(tmp_path):
+    """A tau sweep, then a tau x lr sweep into the same directory: the first points ran at the config's
+    lr, which the table and the chosen setting showed as "-" (it read their command lines only). Where
+    the points wrote (output_dir, cache_dir) is no "fixed setting"."""
+    root = tmp_path / "sweeps" / "exp"
+    for tau, (fq, mu, fr) in list(POINTS.items())[:2]:
+        d = _write_point(root, tau, fq, mu, fr)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- method.tau={tau}\n- trainer.max_steps=2\n"
+                                                     f"- output_dir={tmp_path}\n")
+        (d / "config.yaml").write_text("trainer:\n  lr: 0.0003\n  max_steps: 2\nmethod:\n  tau: " + tau + "\n")
+    d = root / "method.tau=2.5,trainer.lr=0.001,trainer.max_steps=2"
+    d.mkdir(parents=True)
+    (d / ".hydra").mkdir()
+    (d / ".hydra" / "overrides.yaml").write_text(f"- method.tau=2.5\n- trainer.lr=0.001\n- trainer.max_steps=2\n"
+                                                 f"- output_dir={tmp_path}\n")
+    (d / "results.json").write_text(json.dumps({"schema": 1, "method": "asu_kl", "tau": 2.5, "metrics": {
+        "forget_quality": 0.9, "model_utility": 0.1, "forget_fact_recall": 0.9}}))
+    rep = sweep.build_report(root)
+    assert rep["swept"] == ["method.tau", "trainer.lr"] and rep["fixed"] == {"trainer.max_steps": "2"}
+    md = (root / "report.md").read_text()
+    assert "| 1.5 | 0.0003 (default) |" in md and "| 2.0 | 0.0003 (default) |" in md and "| 2.5 | 0.001 |" in md
+    assert "**Chosen: `method.tau=1.5`, `trainer.lr=0.0003 (default)`**" in md

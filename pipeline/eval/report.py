@@ -264,6 +264,14 @@ def tau_setting(results: dict[str, Any]) -> Optional[str]:
     return f"{format_value(tau, 3)}, chosen by method.tau=auto" + (f": {why}" if why else "")
 
 
+def resumed_setting(resumed: Any) -> Optional[str]:
+    """results.json's ``resumed_from`` (the checkpoint the last attempt started from) as one line;
+    None for a run trained from the start."""
+    if not isinstance(resumed, dict) or resumed.get("step") is None:
+        return None
+    return f"step {resumed['step']} (checkpoint {resumed.get('checkpoint')}); train_seconds adds the earlier attempts' loop time"
+
+
 def data_setting(record: Any) -> Optional[str]:
     """results.json's ``data`` (:func:`pipeline.inputs.data_record`: the dataset, where it was read
     from, its rows) as one line, as the job's log gives it too; None when not recorded."""
@@ -313,6 +321,9 @@ def run_settings(results: dict[str, Any]) -> list[tuple[str, str]]:
            ("peft", lora_setting(results.get("peft"))),
            ("prompt_format", prompt_format_setting(results.get("prompt_format"))),
            ("tau_selection", tau_setting(results)),
+           ("resumed_from", resumed_setting(results.get("resumed_from"))),
+           # a sweep point's own settings (every point has the sweep's run_name): its command line as Hydra parsed it
+           ("overrides", " ".join((results.get("provenance") or {}).get("overrides") or []) or None),
            ("lm_eval", lm_eval_setting(results.get("lm_eval"))),
            ("evaluation", evaluation_setting(results.get("evaluation")))]
     return [(k, v) for k, v in out if v is not None]

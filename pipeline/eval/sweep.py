@@ -90,6 +90,19 @@ class SweepPoint:
     def metrics(self) -> dict:
         return (self.results or {}).get("metrics", {}) or {}
 
+    def setting(self, key: str) -> str:
+        """The value of ``key`` this point ran with: its override, else (a point from a sweep that did
+        not sweep ``key``) the value in its resolved ``config.yaml``, marked "(default)"; "-" when unknown."""
+        if key in self.overrides:
+            return self.overrides[key]
+        try:
+            from omegaconf import OmegaConf
+
+            value = OmegaConf.select(OmegaConf.load(self.path / "config.yaml"), key, default=None)
+        except (OSError, ValueError, TypeError):  # no config (a missing point), or one that does not parse
+            return "-"
+        return "-" if value is None else f"{value} (default)"
+
     def metric(self, key: str) -> Optional[float]:
         v = self.metrics.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -414,9 +427,12 @@ def swept_keys(points: list[SweepPoint]) -> tuple[list[str], dict[str, str]]:
         vals = {p.overrides.get(k) for p in points}
         if len(vals) > 1:
             swept.append(k)
-        else:
+        elif k not in WHERE_KEYS:
             fixed[k] = next(iter(vals))
     return swept, fixed
+
+
+WHERE_KEYS = ("output_dir", "cache_dir")  # where the points wrote, not what they ran: not "fixed settings"
 
 
 # -- Pareto and selection -------------------------------------------------------------------------
@@ -523,10 +539,10 @@ def family_defaults(points: list[SweepPoint]) -> tuple[str, str, str]:
     return DEFAULT_RULE, forget_axis(points), UTILITY_AXIS
 
 
-def _short(name: str, swept: list[str], overrides: dict[str, str]) -> str:
+def _short(p: SweepPoint, swept: list[str]) -> str:
     if swept:
-        return ",".join(f"{k.split('.')[-1]}={overrides.get(k, '-')}" for k in swept)
-    return name
+        return ",".join(f"{k.split('.')[-1]}={p.setting(k)}" for k in swept)
+    return p.name
 
 
 def plot_pareto(points: list[SweepPoint], x: str, y: str, x_dir: str, front: list[SweepPoint],
@@ -545,7 +561,7 @@ def plot_pareto(points: list[SweepPoint], x: str, y: str, x_dir: str, front: lis
     for p in pts:
         ax.scatter(p.metric(x), p.metric(y), s=36, zorder=3,
                    color="tab:blue" if p.name in on_front else "tab:gray", edgecolors="none")
-        labels.setdefault((p.metric(x), p.metric(y)), []).append(_short(p.name, swept, p.overrides))
+        labels.setdefault((p.metric(x), p.metric(y)), []).append(_short(p, swept))
     for xy, names in labels.items():  # points at the same place share one label
         ax.annotate("; ".join(names), xy, fontsize=7, xytext=(4, 4), textcoords="offset points")
     if len(front) > 1:
@@ -697,7 +713,7 @@ def settings_notes(ok: list[SweepPoint], reference: Optional[dict], swept: list[
 
     groups: dict[str, list[str]] = {}
     for p in ok:
-        groups.setdefault(key(p.results or {}), []).append(_short(p.name, swept, p.overrides))
+        groups.setdefault(key(p.results or {}), []).append(_short(p, swept))
     target = key(reference) if reference is not None and reference.get("evaluation") else None
     if not groups:
         return []
@@ -734,7 +750,7 @@ def _table_rows(points: list[SweepPoint], swept: list[str], metric_cols: list[st
         "method.tau" not in swept or any(_tau_differs(p) for p in ok))
     rows = []
     for p in points:
-        row: dict[str, Any] = {k: p.overrides.get(k, "-") for k in swept}
+        row: dict[str, Any] = {k: p.setting(k) for k in swept}
         if not swept:
             row["run"] = p.name
         if show_tau:
@@ -766,7 +782,7 @@ def _markdown(name: str, points: list[SweepPoint], swept: list[str], fixed: dict
                  f"{choice['reference_source']}; threshold {format_value(choice['threshold'])})"
                  if choice["threshold"] is not None else ""), ""]
     if chosen_pt is not None:
-        desc = ", ".join(f"`{k}={chosen_pt.overrides.get(k)}`" for k in swept) or f"`{chosen_pt.name}`"
+        desc = ", ".join(f"`{k}={chosen_pt.setting(k)}`" for k in swept) or f"`{chosen_pt.name}`"
         lines.append(f"**Chosen: {desc}**" + (f" (tau used {format_value(choice['tau'], 3)})"
                                               if choice["tau"] is not None else "")
                      + f": {choice['objective']} = {format_value(chosen_pt.metric(choice['objective']))}, "
@@ -778,7 +794,7 @@ def _markdown(name: str, points: list[SweepPoint], swept: list[str], fixed: dict
     lines += ["", "## Pareto front", "",
               f"![pareto](pareto.png) — x: `{xk}` ({_better_text(x_dir)}), y: `{y}` "
               f"({_better_text(objective_direction(y))}).", ""]
-    lines += [f"- {_short(p.name, swept, p.overrides)}: {xk} = {format_value(p.metric(xk))}, "
+    lines += [f"- {_short(p, swept)}: {xk} = {format_value(p.metric(xk))}, "
               f"{y} = {format_value(p.metric(y))}" for p in front] or ["- (no completed point has both metrics)"]
     if incomplete:
         lines += ["", "## Missing / failed", ""]
