@@ -285,6 +285,8 @@ def _start(cfg: DictConfig) -> tuple[Any, Any]:
     if dist.is_main:
         log.info(provenance_line(int(cfg.seed)))  # which code: results.json["provenance"] too
     method = build_method(cfg.method, kl_impl=cfg.kernels.kl, joint_pass=cfg.trainer.passes == "joint")
+    for caution in type(method).config_cautions(cfg.method):
+        log.warning(caution, extra=SAME_ON_EVERY_RANK)
     reductions = method.reductions() if hasattr(method, "reductions") else {}
     log.info("loss reductions: %s", ", ".join(f"{k} term {v}" for k, v in reductions.items())
              + ("; token_mean: over the optimizer step's tokens (every micro-batch and rank)"

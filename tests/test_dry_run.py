@@ -389,3 +389,19 @@ def test_a_dry_run_under_a_multi_rank_launcher_plans_its_world_size_too(monkeypa
     text = dry_run_plan(cfg, None, True, gpus=(1, 2, 8, 16))
     assert _row(text, "forget rows/step") == ["4x8x1=32", "4x4x2=32", "4x1x8=32", "refused"]
     assert _row(dry_run_disk(cfg, None, gpus=(1, 2, 8, 16)), "run directory on disk (peak)").count("GiB") == 4
+
+
+def test_a_tau_below_one_is_run_with_a_warning_that_it_sharpens(tmp_path):
+    """ASU's teacher smooths attention with tau > 1; tau < 1 sharpens it. Valid for an ablation, so not
+    refused, but it ran without a word (a sweep of 1.5,0.5 was a typo away)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.methods.asu import ASU, ASUConfig
+
+    assert ASU.config_cautions(OmegaConf.structured(ASUConfig(tau=2.0))) == []
+    assert ASU.config_cautions(OmegaConf.structured(ASUConfig(tau=1.0))) == []  # the model itself: a sanity check
+    assert ASU.config_cautions(OmegaConf.structured(ASUConfig(tau="auto"))) == []
+    out = _dry(["+exp=tofu_7b", "method.tau=0.5"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sum("method.tau=0.5 < 1 sharpens the teacher's attention instead of smoothing it" in line
+               for line in out.stderr.splitlines()) == 1

@@ -83,7 +83,7 @@ class ASU(UnlearningMethod):
                 tau = float(tau)
             except (TypeError, ValueError):
                 require(False, "method.tau", f"must be a number > 0 or 'auto', got {mcfg.tau!r}")
-            require(tau > 0, "method.tau", f"must be > 0 (ASU uses tau > 1, typically 2.0-2.8), got {mcfg.tau}")
+            require(tau > 0, "method.tau", f"must be > 0 (ASU smooths attention with tau > 1), got {mcfg.tau}")
         layers = mcfg.teacher_layers
         if layers is not None:
             require(len(layers) > 0, "method.teacher_layers", "empty list: use null for all layers")
@@ -100,6 +100,14 @@ class ASU(UnlearningMethod):
             require(cls.forget_loss is ASU.forget_loss, "method.teacher",
                     f"teacher=cached caches next-token distributions; {mcfg.name} has another forget loss "
                     f"(use method.teacher=live)")
+
+    @classmethod
+    def config_cautions(cls, mcfg: Any) -> list[str]:
+        tau = mcfg.tau  # a number (validate_config checked it) or "auto", which searches [1, tau_max]
+        if tau != "auto" and float(tau) < 1.0:
+            return [f"method.tau={tau} < 1 sharpens the teacher's attention instead of smoothing it (ASU's teacher "
+                    f"uses tau > 1; tau = 1 is the model itself): meant for an ablation only"]
+        return []
 
     @property
     def cached_teacher(self) -> bool:

@@ -86,6 +86,12 @@ class UnlearningMethod:
                 require(0 <= mcfg.rna_layer < n_layers, "method.rna_layer",
                         f"{mcfg.rna_layer} out of range: the model has {n_layers} layers (allowed 0..{n_layers - 1})")
 
+    @classmethod
+    def config_cautions(cls, mcfg: Any) -> list[str]:
+        """Settings that are valid but probably not what was meant, one sentence each: the job logs
+        them as warnings at its start (a refusal would stop an ablation that means them)."""
+        return []
+
     @property
     def uses_reference(self) -> bool:
         return self.needs_reference or getattr(self.cfg, "retain_loss", None) == "kl"
