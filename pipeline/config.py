@@ -373,6 +373,33 @@ def method_key_hint(key: str) -> str:
     return f"; method.{key} is a setting of method={', '.join(owners)}" if owners else ""
 
 
+def closest_key_hint(path: str) -> str:
+    """For a key path the schema does not declare (``method.tua``, ``trainer.lrr``): the declared key
+    of the same node it most resembles, as the end of an error line; '' when none is close. ``method``
+    keys are compared with every method's."""
+    import difflib
+    import typing
+
+    parent, _, key = path.rpartition(".")
+    schema: Any = RunConfig
+    for part in parent.split(".") if parent else []:
+        if part == "method" and schema is RunConfig:
+            import pipeline.methods  # noqa: F401  (each method registers itself)
+            from pipeline.methods.base import METHODS
+
+            names = {f.name for n in METHODS.names() for f in dataclasses.fields(METHODS.get(n).config_cls)}
+            schema = None
+            break
+        hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
+        schema = hints.get(part)
+        if not dataclasses.is_dataclass(schema):
+            return ""
+    else:
+        names = {f.name for f in dataclasses.fields(schema)}
+    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+    return f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+
+
 def _refuse_added_keys(node: DictConfig, path: str = "") -> None:
     """Refuse a key that ``node``'s schema does not declare. Hydra refuses an unknown key at
     compose time, but ``+key=value`` adds one to a typed node anyway and nothing reads it: a
@@ -387,7 +414,8 @@ def _refuse_added_keys(node: DictConfig, path: str = "") -> None:
             continue
         _require(key in declared, f"{path}{key}",
                  f"{schema.__name__} has no key {key!r}, so nothing would read it (added with '+'?); "
-                 f"its keys: {', '.join(declared)}" + (method_key_hint(key) if path == "method." else ""))
+                 f"its keys: {', '.join(declared)}"
+                 + ((method_key_hint(key) if path == "method." else "") or closest_key_hint(f"{path}{key}")))
         if OmegaConf.is_dict(node._get_node(key)):
             _refuse_added_keys(node[key], f"{path}{key}.")
 

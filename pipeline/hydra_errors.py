@@ -34,11 +34,12 @@ def compose_error_line(exc: BaseException) -> str:
     if isinstance(cause, OmegaConfBaseException) and str(cause).strip():
         parts.append(_lines(str(cause))[0])
     hint = ""
-    wrong_method = re.match(r"Could not override 'method\.(\w+)'\.", str(exc).strip())
-    if wrong_method:  # Hydra's "use +method.tau=..." adds a key the chosen method never reads (refused later)
-        from pipeline.config import method_key_hint
+    unknown = re.match(r"Could not override '([\w.]+)'\.", str(exc).strip())
+    if unknown:  # Hydra's "use +key=..." adds a key nothing reads (refused later): name the key meant instead
+        from pipeline.config import closest_key_hint, method_key_hint
 
-        hint = method_key_hint(wrong_method.group(1))
+        path = unknown.group(1)
+        hint = (method_key_hint(path.split(".", 1)[1]) if path.startswith("method.") else "") or closest_key_hint(path)
         if hint:
             parts = [p for p in parts if not p.startswith("To append to your config use +")]
     return " ".join(p if p.endswith((".", ":")) else p + "." for p in parts).rstrip(".") + hint

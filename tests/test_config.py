@@ -135,6 +135,23 @@ def test_a_key_of_another_method_is_refused_naming_the_methods_that_have_it():
     assert "+method.tau" not in line  # Hydra's advice: a key nothing would read
 
 
+@pytest.mark.parametrize("override,meant", [("method.tua=1.5", "method.tau"), ("trainer.lrr=1e-4", "trainer.lr"),
+                                            ("model.peft.rr=8", "model.peft.r")])
+def test_a_misspelled_key_names_the_key_it_resembles(override, meant):
+    """Hydra's advice for a misspelled key was '+key=...', which adds a key nothing reads (refused
+    later, with the same advice missing): the line names the declared key instead, both ways in."""
+    from pipeline.hydra_errors import compose_error_line
+
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose([override])
+    line = compose_error_line(e.value)
+    assert line.endswith(f"; did you mean {meant}?") and "To append" not in line, line
+    cfg = _compose(["+" + override])
+    with pytest.raises(ConfigError, match=rf"did you mean {re.escape(meant)}\?$"):
+        validate(cfg)
+    assert "did you mean" not in compose_error_line(ValueError("Could not override 'trainer.zzzzzz'. To append +"))
+
+
 @pytest.mark.parametrize("override,key", [("trainer.lr=hot", "lr"), ("method.gamma=big", "gamma"),
                                           ("trainer.batch_size=2.5", "batch_size")])
 def test_wrong_type_fails_at_compose(override, key):
