@@ -8,7 +8,9 @@
 # Each job is one rank with the demo's global batch (16 forget + 16 retain). On a fresh machine the
 # first job builds the benchmark and its two tiny models (~4 min, once, under a file lock; the other
 # jobs wait for it). Outputs: runs/sweeps/tau_sweep_tiny/tau_*/ and
-# benchmarks/results/tau_sweep_tofu_tiny/{report.md,report.json,pareto.png}.
+# benchmarks/results/tau_sweep_tofu_tiny/{report.md,report.json,pareto.png}. RUNS=/scratch/runs puts the
+# points and the target's evaluation there instead of runs/ (an output_dir= argument would move the
+# points only, and the report would read runs/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -23,12 +25,17 @@ LAUNCH=(hydra/launcher=slurm hydra.launcher.partition="${PARTITION:-debug}" hydr
 DATA=${DATA:-synthetic_forget10}
 NAME=${NAME:-tau_sweep_tiny}
 OUT=${OUT:-benchmarks/results/$([ "$NAME" = tau_sweep_tiny ] && echo tau_sweep_tofu_tiny || echo "$NAME")}
-"$PY" launchers/train.py -m +exp=tofu_tiny data="$DATA" exp_name="$NAME" logging=none \
+RUNS=${RUNS:-runs}
+for arg in "$@"; do
+  case "$arg" in output_dir=*) echo "tau_sweep_tiny: set RUNS=<dir> instead of $arg (the report reads RUNS)" >&2; exit 2;; esac
+done
+"$PY" launchers/train.py -m +exp=tofu_tiny data="$DATA" exp_name="$NAME" logging=none output_dir="$RUNS" \
     trainer.batch_size=16 trainer.retain_batch_size=16 method.tau=2.0,3.0,4.0,5.0,6.0,8.0,auto \
     'hydra.sweep.subdir=tau_${method.tau}' "${LAUNCH[@]}" "$@"
 # the target model's results are the utility reference (0.95x rule)
-"$PY" launchers/eval.py +exp=tofu_tiny data="$DATA" model.variant=target run_name="${NAME}_target" logging=none
-"$PY" launchers/report.py "runs/sweeps/$NAME" --target "runs/${NAME}_target/results.json" --out "$OUT"
+"$PY" launchers/eval.py +exp=tofu_tiny data="$DATA" model.variant=target run_name="${NAME}_target" logging=none \
+    output_dir="$RUNS"
+"$PY" launchers/report.py "$RUNS/sweeps/$NAME" --target "$RUNS/${NAME}_target/results.json" --out "$OUT"
 # the machine the sweep ran on (benchmarks/common.py's device_info), beside the report
 "$PY" -c 'import json, sys; sys.path.insert(0, "benchmarks"); from common import device_info
 from pipeline.io import atomic_write_json; atomic_write_json(sys.argv[1], device_info("cpu"))' "$OUT/machine.json"
