@@ -51,11 +51,14 @@ def exit_with(exc: BaseException, message: str, every_rank: bool = False) -> NoR
     config, a refused resume) is printed by rank 0 at once; another rank first gives the launcher
     :data:`SPOKEN_FOR_S` seconds to end it (it does, as rank 0 exited), so N ranks print one line,
     not N — and where rank 0 did not fail, the line still comes, a few seconds late (``every_rank``:
-    the caller knows every rank fails alike, e.g. an override Hydra cannot compose). Under torchrun
-    the line also goes to the agent's error file, which its failure summary shows."""
+    the caller knows every rank fails alike, e.g. an override Hydra cannot compose; an error raised with
+    ``every_local_rank=True``, such as a node's memory, is printed by each node's local rank 0). Under
+    torchrun the line also goes to the agent's error file, which its failure summary shows."""
     line = error_line(exc, message)
     _record_for_torchrun(line)
-    if (every_rank or on_every_rank(exc)) and os.environ.get("RANK", "0") != "0":
+    spoken_for = ((every_rank or on_every_rank(exc)) and os.environ.get("RANK", "0") != "0") or (
+        getattr(exc, "every_local_rank", False) and os.environ.get("LOCAL_RANK", "0") != "0")
+    if spoken_for:
         try:
             time.sleep(SPOKEN_FOR_S)
         except KeyboardInterrupt:  # a Ctrl-C meanwhile (deepspeed sends it to every rank): say it and stop

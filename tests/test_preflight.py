@@ -648,3 +648,18 @@ def test_host_memory_is_what_this_jobs_slurm_allocation_allows(monkeypatch):
     monkeypatch.setenv("SLURM_MEM_PER_GPU", "1024")
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "2")
     assert host_memory_limit() == (2 * GiB, "this job's SLURM allocation (--mem-per-gpu x GPUs on the node)")
+
+
+@pytest.mark.distributed
+def test_a_host_memory_refusal_on_two_ranks_of_a_node_is_one_line(tmp_path):
+    """The ranks of a node share its memory and refuse alike: one error line per node (each rank printed
+    its own copy: 8 identical lines on an 8-GPU node), exit code 2."""
+    from tests.helpers.launch import run
+    from tests.helpers.tiny import build, train_overrides
+
+    model_dir, data_dir = build(tmp_path)
+    out = run(train_overrides(model_dir, data_dir, tmp_path / "runs", "mem") + ["deepspeed.host_memory_gb=0.01"],
+              ranks=2, timeout=180, launcher="deepspeed")  # the README's launcher (torchrun adds its own summary)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    refusals = [ln for ln in out.stderr.splitlines() if ln.startswith("error (PreflightError")]
+    assert len(refusals) == 1 and "memory preflight on 2 rank(s)" in refusals[0], out.stderr[-3000:]

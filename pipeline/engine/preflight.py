@@ -29,11 +29,13 @@ GiB = 1024**3
 
 class PreflightError(RuntimeError):
     """The configuration will not fit in memory (or on disk); the message names the shortfall and a fix.
-    ``every_rank``: every rank decides it alike (:func:`pipeline.errors.on_every_rank`)."""
+    ``every_rank``: every rank decides it alike (:func:`pipeline.errors.on_every_rank`);
+    ``every_local_rank``: every rank of a node does (its memory), so one line per node is enough."""
 
-    def __init__(self, message: str = "", *, every_rank: bool = False) -> None:
+    def __init__(self, message: str = "", *, every_rank: bool = False, every_local_rank: bool = False) -> None:
         super().__init__(message)
         self.every_rank = every_rank
+        self.every_local_rank = every_local_rank
 
 
 @dataclass
@@ -99,7 +101,7 @@ def arch_from_dict(d: dict) -> ArchSpec:
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if d.get(k) is None]
     if missing:
         raise PreflightError(f"cannot size the model: its config.json has no {missing} (model_type "
-                             f"{d.get('model_type')!r}); trainer.preflight=false skips the memory plan")
+                             f"{d.get('model_type')!r}); trainer.preflight=false skips the memory plan", every_rank=True)
     ff = d.get("intermediate_size") or d.get("ffn_hidden_size") or d.get("n_inner") or 4 * int(d["hidden_size"])
     kv = d.get("num_key_value_heads") or d["num_attention_heads"]
     return ArchSpec(int(d["vocab_size"]), int(d["hidden_size"]), int(d["num_hidden_layers"]),
@@ -125,7 +127,7 @@ def resolve_arch(model_cfg: Any, model_path: Optional[str] = None, vocab_size: O
     if missing:
         raise PreflightError(
             f"cannot size model {model_cfg.path!r} offline: no config.json (local or in the hub cache) and model.arch lacks {missing}; "
-            f"download the model first or set model.arch.<key>=..."
+            f"download the model first or set model.arch.<key>=...", every_rank=True
         )
     return arch_from_dict(hints)
 
@@ -642,8 +644,9 @@ def check_fits(plan: MemoryPlan, gpu_avail: int, host_avail: int, suggestions: l
                     "step, ZeRO-3 on one H200, peaked at 0.74-0.81x of it; stage 0 and several GPUs unmeasured); "
                     "trainer.preflight=false skips this check")
         # not every_rank: the host budget is each node's own (its memory, cgroup, SLURM allocation, ranks),
-        # so on uneven nodes one may refuse while another passes (a SLURM job then ends at this rank)
-        raise PreflightError(msg)
+        # so on uneven nodes one may refuse while another passes (a SLURM job then ends at this rank); the
+        # ranks of one node decide alike: one line per node, not one per GPU
+        raise PreflightError(msg, every_local_rank=True)
 
 
 @dataclass(frozen=True)

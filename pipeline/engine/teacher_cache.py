@@ -401,7 +401,7 @@ def build_teacher_cache(
     if refusal is not None:
         from pipeline.engine.preflight import PreflightError
 
-        raise PreflightError(refusal)
+        raise PreflightError(refusal, every_rank=True)  # decided by rank 0 and broadcast
     if exists:
         log.info("teacher cache: reusing %s", final)
         if rank == 0:
