@@ -416,9 +416,13 @@ def part_eval() -> None:
         file_mib = sum(f.stat().st_size for f in big.glob("*.safetensors")) / 2**20
         # the load's own peak: VmHWM reset to the current RSS first (common.cpu_peak_bytes), not a
         # ru_maxrss delta (a lifetime high-water mark: an earlier, higher peak would hide the load's)
+        # the tiny benchmark's tokenizer serves both loads (the evaluation load checks it against the
+        # model's vocabulary: the 134M random model's 32k rows hold its ~50 tokens)
+        model_dir, data_dir = build(Path(d) / "tiny")
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
         load_cfg = cfg("model.dtype=float32")
         loaded = {}
-        peak = cpu_peak_bytes(lambda: loaded.setdefault("m", runner._load_eval_model(big, load_cfg)))
+        peak = cpu_peak_bytes(lambda: loaded.setdefault("m", runner._load_eval_model(big, load_cfg, tok)))
         m = loaded["m"]
         if peak is None:  # no /proc/self/clear_refs: the lifetime high-water mark, an upper bound of RSS
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -429,9 +433,7 @@ def part_eval() -> None:
         del m
         torch.cuda.empty_cache()
 
-        model_dir, data_dir = build(Path(d) / "tiny")
         rows = [json.loads(x) for f in ("forget", "retain") for x in (data_dir / f"{f}.jsonl").read_text().splitlines()]
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
         settings = runner._settings(cfg())
         ref_model = load_causal_lm(model_dir, "float32").eval()  # the CPU float32 evaluation
         ref = evaluate_split(ref_model, tok, rows, settings, name="forget")
@@ -439,7 +441,7 @@ def part_eval() -> None:
         for dtype, tol in (("float32", 1e-4), ("bfloat16", 5e-2)):
             c = cfg("model.dtype=bfloat16", f"eval.dtype={dtype}") if dtype == "float32" else cfg("model.dtype=bfloat16")
             device, resolved = runner.eval_device(c, model_dir), runner.eval_dtype(c)
-            model = runner._load_eval_model(model_dir, c)
+            model = runner._load_eval_model(model_dir, c, tok)
             p = next(model.parameters())
             res = evaluate_split(model, tok, rows, settings, name="forget")
             err = _max_err(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(res.answer_prob, ref.answer_prob))
