@@ -384,6 +384,8 @@ def closest_key_hint(path: str) -> str:
     schema: Any = RunConfig
     for part in parent.split(".") if parent else []:
         if part == "method" and schema is RunConfig:
+            if parent != "method":  # a method's nested keys are its own: no schema to compare with here
+                return ""
             import pipeline.methods  # noqa: F401  (each method registers itself)
             from pipeline.methods.base import METHODS
 

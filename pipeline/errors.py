@@ -13,6 +13,7 @@ from pipeline.config import ConfigError
 from pipeline.data.loaders import DataError
 from pipeline.data.prompt_formats import PromptFormatError
 from pipeline.engine.checkpoint import CheckpointError
+from pipeline.engine.distributed import node_local_rank
 from pipeline.engine.export import ExportError
 from pipeline.engine.preflight import PreflightError
 from pipeline.engine.teacher_cache import TeacherCacheError
@@ -57,7 +58,7 @@ def exit_with(exc: BaseException, message: str, every_rank: bool = False) -> NoR
     line = error_line(exc, message)
     _record_for_torchrun(line)
     spoken_for = ((every_rank or on_every_rank(exc)) and os.environ.get("RANK", "0") != "0") or (
-        getattr(exc, "every_local_rank", False) and os.environ.get("LOCAL_RANK", "0") != "0")
+        getattr(exc, "every_local_rank", False) and node_local_rank() != 0)
     if spoken_for:
         try:
             time.sleep(SPOKEN_FOR_S)

@@ -207,9 +207,13 @@ def data_record(cfg: DictConfig, paths: ModelPaths, data: Any) -> dict:
     directory, the embedded benchmark's in the cache included; else the hub id at ``revision``), and
     the rows of each split (the forget split's after ``data.forget_fraction``; evaluation splits before
     ``eval.max_rows``, whose rows scored are in ``evaluation.rows``)."""
-    return {"name": str(cfg.data.name), "dataset": data.name, "path": paths.data_dir,
-            "hub_id": None if paths.data_dir else OmegaConf.select(cfg, "data.hub_id", default=None),
-            "revision": None if paths.data_dir else OmegaConf.select(cfg, "data.revision", default=None),
+    hub_id = None if paths.data_dir else OmegaConf.select(cfg, "data.hub_id", default=None)
+    revisions = {} if paths.data_dir else {
+        k: v for k, v in {hub_id or "default": OmegaConf.select(cfg, "data.revision", default=None),
+                          **dict(OmegaConf.select(cfg, "data.hub_revisions", default=None) or {})}.items() if v}
+    return {"name": str(cfg.data.name), "dataset": data.name, "path": paths.data_dir, "hub_id": hub_id,
+            # per hub id ("default": the loader's default id, which data.revision pins): WMDP and MUSE read several
+            "revisions": revisions or None,
             "rows": {data.forget_split: len(data.forget), data.retain_split: len(data.retain),
                      **{k: len(v) for k, v in data.eval.items() if k not in (data.forget_split, data.retain_split)}}}
 

@@ -67,12 +67,12 @@ def test_plain_qa_trains_and_evaluates_what_it_can(tmp_path):
     assert sum(f"evaluation model {tmp_path / 'runs' / 'own' / 'model'}: float32 on cpu (eval.dtype=auto, eval.device=auto)" in ln
                for ln in lines) == 1
     # which data ran, from where, is in results.json, the log and report.md (before: only in config.yaml)
-    assert res["data"] == {"name": "json", "dataset": res["data"]["dataset"], "path": str(FIX), "hub_id": None,
-                           "revision": None, "rows": {"forget": 4, "retain": 6}}
-    line = f"(data.name=json) from {FIX}; rows: forget 4, retain 6"
-    assert sum(line in ln and "data: " in ln for ln in lines) == 1
+    assert res["data"] == {"name": "json", "dataset": f"json:{FIX}", "path": str(FIX), "hub_id": None,
+                           "revisions": None, "rows": {"forget": 4, "retain": 6}}
+    line = f"data.name=json from {FIX}; rows: forget 4, retain 6"  # the path once (the label repeats it)
+    assert sum(ln.endswith(f"data: {line}") for ln in lines) == 1
     report = (tmp_path / "runs" / "own" / "report.md").read_text()
-    assert f"| data | {res['data']['dataset']} {line} |" in report
+    assert f"| data | {line} |" in report
     # null forget quality and utility give their own reasons (it blamed a missing reference, and said
     # utility was "computed without" real_authors / world_facts)
     assert "Forget quality is not reported: split 'forget' has no truth ratios." in report

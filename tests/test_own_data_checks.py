@@ -205,9 +205,11 @@ def test_a_mapped_optional_column_may_be_missing_from_some_splits(tmp_path):
 def test_prompt_longer_than_max_length_is_blamed_on_the_prompt(caplog):
     tok = make_tokenizer(["<unk>", "<bos>", "<eos>"], bos_token="<bos>", eos_token="<eos>")
     n_prompt = len(get_prompt_format("plain").prompt_ids(tok, ""))
-    with pytest.raises(DataError, match=rf"split 'forget': no row has a loss token: the prompt alone .*{n_prompt} "
-                                        rf"tokens.* fills data.max_length={n_prompt - 1}"):
+    with caplog.at_level(logging.WARNING), pytest.raises(
+            DataError, match=rf"split 'forget': no row has a loss token: the prompt alone .*{n_prompt} "
+                             rf"tokens.* fills data.max_length={n_prompt - 1}"):
         encode_rows(tok, ROWS * 2, n_prompt - 1, True, "forget", get_prompt_format("plain"))
+    assert not any("answers kept" in r.getMessage() for r in caplog.records)  # no row kept its answer
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # one answer token fits: the answer is cut, and said so
         rows = encode_rows(tok, ROWS, n_prompt + 1, True, "forget", get_prompt_format("plain"))

@@ -663,3 +663,15 @@ def test_a_host_memory_refusal_on_two_ranks_of_a_node_is_one_line(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     refusals = [ln for ln in out.stderr.splitlines() if ln.startswith("error (PreflightError")]
     assert len(refusals) == 1 and "memory preflight on 2 rank(s)" in refusals[0], out.stderr[-3000:]
+
+
+def test_one_line_per_node_counts_ranks_as_the_launcher_numbered_them(monkeypatch):
+    """A task bound to one GPU (srun --gpus-per-task=1) has LOCAL_RANK remapped to 0 on every rank; the
+    node's one line must still come from the node's first rank only."""
+    from pipeline.engine.distributed import NODE_LOCAL_RANK, node_local_rank
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv(NODE_LOCAL_RANK, raising=False)
+    assert node_local_rank() == 0
+    monkeypatch.setenv(NODE_LOCAL_RANK, "3")  # what the remap keeps
+    assert node_local_rank() == 3

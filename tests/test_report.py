@@ -151,7 +151,7 @@ def test_report_says_lora_tau_auto_and_the_prompt_format(tmp_path):
 
     wmdp = render_report_md({"method": "rmu", "tau": None, "metrics": {},
                              "prompt_format": {**PLAIN, "applied_to": [], "evaluation_prompts": OWN_EVALUATION_PROMPTS["wmdp"]}})
-    assert ("| prompt_format | plain; not applied (raw-text rows); evaluation prompts: lm-eval's multiple-choice "
+    assert ("| prompt_format | plain; not applied; evaluation prompts: lm-eval's multiple-choice "
             "template ('...\\nA. ...\\nAnswer:', each choice scored as ' A', ' B', ...) |") in wmdp
 
 
@@ -173,6 +173,18 @@ def test_probe_metrics_have_a_direction_so_rules_and_report_arrows_are_right():
     assert parse_rule("probe_fact_recall_drop").direction == "down"
     md = render_report_md({"method": "x", "tau": None, "metrics": {"probe_fact_recall_drop": 0.3}})
     assert "| `probe_fact_recall_drop` | 0.3000 | ↓ |" in md
+
+
+def test_the_data_row_names_a_hub_dataset_and_its_pinned_revisions():
+    from pipeline.eval.report import data_setting
+
+    hub = {"name": "wmdp", "dataset": "wmdp:bio", "path": None, "hub_id": None,
+           "revisions": {"default": "abc123", "cais/wmdp": "def456"}, "rows": {"bio-forget-corpus": 2}}
+    assert data_setting(hub) == ("data.name=wmdp (wmdp:bio) from the hub (the loader's default id) at revision abc123, "
+                                 "cais/wmdp def456; rows: bio-forget-corpus 2")
+    one = {**hub, "hub_id": "locuslab/TOFU", "revisions": {"locuslab/TOFU": "v1"}, "name": "tofu", "dataset": "tofu"}
+    assert data_setting(one).startswith("data.name=tofu (tofu) from locuslab/TOFU at revision v1;")
+    assert data_setting({"name": None}) is None and data_setting("x") is None
 
 
 def test_the_report_says_what_the_evaluation_scored_and_how():

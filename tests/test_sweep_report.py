@@ -534,9 +534,10 @@ def test_a_point_that_did_not_set_a_swept_key_shows_the_value_it_ran_with(tmp_pa
     root = tmp_path / "sweeps" / "exp"
     for tau, (fq, mu, fr) in list(POINTS.items())[:2]:
         d = _write_point(root, tau, fq, mu, fr)
-        (d / ".hydra" / "overrides.yaml").write_text(f"- method.tau={tau}\n- trainer.max_steps=2\n"
-                                                     f"- output_dir={tmp_path}\n")
-        (d / "config.yaml").write_text("trainer:\n  lr: 0.0003\n  max_steps: 2\nmethod:\n  tau: " + tau + "\n")
+        # an earlier sweep: its own output_dir (none given) and lr (the config's)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- method.tau={tau}\n- trainer.max_steps=2\n")
+        (d / "config.yaml").write_text("trainer:\n  lr: 0.0003\n  max_steps: 2\nmethod:\n  name: asu_kl\n"
+                                       "  tau: " + tau + "\n")
     d = root / "method.tau=2.5,trainer.lr=0.001,trainer.max_steps=2"
     d.mkdir(parents=True)
     (d / ".hydra").mkdir()
@@ -548,4 +549,8 @@ def test_a_point_that_did_not_set_a_swept_key_shows_the_value_it_ran_with(tmp_pa
     assert rep["swept"] == ["method.tau", "trainer.lr"] and rep["fixed"] == {"trainer.max_steps": "2"}
     md = (root / "report.md").read_text()
     assert "| 1.5 | 0.0003 (default) |" in md and "| 2.0 | 0.0003 (default) |" in md and "| 2.5 | 0.001 |" in md
-    assert "**Chosen: `method.tau=1.5`, `trainer.lr=0.0003 (default)`**" in md
+    assert "**Chosen: `method.tau=1.5`, `trainer.lr=0.0003` (default)**" in md  # the code span copies as an override
+    first = sweep.SweepPoint("x", next(root.glob("method.tau=1.5*")), "ok", {"method.tau": "1.5"})
+    assert first.setting("method") == "asu_kl (default)"  # a config group by its name, not its whole node
+    (first.path / "config.yaml").write_text("trainer: [unclosed\n")  # damaged: the report goes on
+    assert sweep.SweepPoint("y", first.path, "ok", {}).setting("trainer.lr") == "-"

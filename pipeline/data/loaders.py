@@ -188,9 +188,10 @@ def encode_rows(tokenizer, rows: Sequence[dict], max_length: int, truncate: bool
             raise DataError(f"split {split!r}: all {len(rows)} text row(s) are empty documents (no text tokens)")
         log.warning("split %r: dropped %d of %d text row(s): empty documents (no text tokens, nothing to train on)",
                     split, empty, len(text_rows), extra=SAME_ON_EVERY_RANK)
-    if cut - answer_cut:  # the rows whose answer was cut too are said below, with their cause
+    kept = cut - answer_cut - no_loss  # rows whose answer was cut, or left no loss token, are said below
+    if kept:
         log.warning("split %r: truncated %d of %d sequences to data.max_length=%d (question words dropped from the "
-                    "left, answers kept)", split, cut - answer_cut, len(rows) - len(text_rows), max_length,
+                    "left, answers kept)", split, kept, len(rows) - len(text_rows), max_length,
                     extra=SAME_ON_EVERY_RANK)
     if text_cut:
         log.warning("split %r: %d of %d documents cut at their end to data.max_length=%d tokens (the rest is not "

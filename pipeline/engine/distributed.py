@@ -213,10 +213,20 @@ def _fit_local_rank_to_visible_gpus() -> None:
         raise ConfigError(f"{per_node} ranks on a node with {n} GPUs: more ranks per node than GPUs (set "
                           f"hydra.launcher.tasks_per_node / --ntasks-per-node / --num_gpus to {n})")
     if n and local >= n:
+        os.environ[NODE_LOCAL_RANK] = str(local)  # the rank on its node still (one error line per node)
         os.environ["LOCAL_RANK"] = str(local % n)
         # before logging is configured (Hydra has not run yet): straight to stderr, once per rank
         sys.stderr.write(f"[rank {os.environ.get('RANK', '?')}] LOCAL_RANK {local} but {n} visible GPU(s): "
                          f"using cuda:{local % n}\n")
+
+
+# LOCAL_RANK as the launcher set it, where it is remapped to a visible GPU above (a task bound to one GPU)
+NODE_LOCAL_RANK = "ASU_NODE_LOCAL_RANK"
+
+
+def node_local_rank() -> int:
+    """This rank's index among its node's ranks, as the launcher numbered them."""
+    return int(os.environ.get(NODE_LOCAL_RANK, os.environ.get("LOCAL_RANK", "0")) or 0)
 
 
 def ranks_per_node(default: int) -> int:

@@ -100,7 +100,9 @@ def letter_collision(tokenizer, n_choices: int, add_bos: bool = False) -> Option
     unk = getattr(tokenizer, "unk_token_id", None)
     for letter in LETTERS[:n_choices]:
         ids = tuple(encode_pair(tokenizer, "Answer:", " " + letter, add_bos)[1])
-        if not ids or (unk is not None and unk in ids):
+        if not ids:
+            return f"the tokenizer encodes the answer letter {letter!r} after 'Answer:' to no token of its own"
+        if unk is not None and unk in ids:
             return f"the tokenizer has no token for the answer letter {letter!r} (it encodes to {list(ids)}, its unknown token)"
         if ids in seen:
             return f"the tokenizer encodes the answer letters {seen[ids]!r} and {letter!r} alike ({list(ids)})"

@@ -223,8 +223,8 @@ def prompt_format_setting(fmt: Any) -> Optional[str]:
     uses = fmt.get("applied_to")
     own = fmt.get("evaluation_prompts")  # MUSE / WMDP: the evaluation's prompts are the benchmark's own
     if uses is not None:  # [] = no question/answer rows anywhere (raw text, MUSE / WMDP evaluation)
-        text += f"; applied to {_names(uses)}" if uses else f"; not applied ({'raw-text rows' if own else 'no question/answer rows'})"
-    if own:
+        text += f"; applied to {_names(uses)}" if uses else "; not applied" + ("" if own else " (no question/answer rows)")
+    if own:  # why it is not applied there: the benchmark's evaluation builds its own
         text += f"; evaluation prompts: {own}"
     return text
 
@@ -278,10 +278,15 @@ def data_setting(record: Any) -> Optional[str]:
     if not isinstance(record, dict) or not record.get("name"):
         return None
     where = record.get("path") or record.get("hub_id") or "the hub (the loader's default id)"
-    if record.get("revision"):
-        where += f" at revision {record['revision']}"
+    revisions = record.get("revisions") or {}
+    if isinstance(revisions, dict) and revisions:
+        where += " at " + ", ".join(f"revision {v}" if k in ("default", record.get("hub_id")) else f"{k} {v}"
+                                    for k, v in revisions.items())
     rows = ", ".join(f"{k} {n}" for k, n in (record.get("rows") or {}).items())
-    return f"{record.get('dataset')} (data.name={record['name']}) from {where}" + (f"; rows: {rows}" if rows else "")
+    dataset, path = str(record.get("dataset") or ""), record.get("path")
+    # the loader's label names the hub dataset (muse:MUSE-News); a local one's names the path given next
+    label = f"data.name={record['name']}" + (f" ({dataset})" if dataset and not (path and path in dataset) else "")
+    return f"{label} from {where}" + (f"; rows: {rows}" if rows else "")
 
 
 def evaluation_setting(ev: Any) -> Optional[str]:

@@ -85,6 +85,7 @@ class SweepPoint:
     results: Optional[dict] = None
     note: str = ""
     job: Optional[int] = None  # its job number in the latest sweep (multirun.yaml); None: an earlier sweep's
+    _config: Any = field(default=None, repr=False, compare=False)  # its config.yaml, read on first use
 
     @property
     def metrics(self) -> dict:
@@ -92,15 +93,20 @@ class SweepPoint:
 
     def setting(self, key: str) -> str:
         """The value of ``key`` this point ran with: its override, else (a point from a sweep that did
-        not sweep ``key``) the value in its resolved ``config.yaml``, marked "(default)"; "-" when unknown."""
+        not sweep ``key``) the value in its resolved ``config.yaml``, marked "(default)" (a config group
+        such as ``method`` by its ``name``); "-" when unknown."""
         if key in self.overrides:
             return self.overrides[key]
-        try:
-            from omegaconf import OmegaConf
+        from omegaconf import OmegaConf
 
-            value = OmegaConf.select(OmegaConf.load(self.path / "config.yaml"), key, default=None)
-        except (OSError, ValueError, TypeError):  # no config (a missing point), or one that does not parse
-            return "-"
+        if self._config is None:
+            try:
+                self._config = OmegaConf.load(self.path / "config.yaml")
+            except Exception:  # noqa: BLE001  (no config: a missing point; a damaged one: the report goes on)
+                self._config = OmegaConf.create({})
+        value = OmegaConf.select(self._config, key, default=None)
+        if OmegaConf.is_config(value):
+            value = value.get("name") if OmegaConf.is_dict(value) else None
         return "-" if value is None else f"{value} (default)"
 
     def metric(self, key: str) -> Optional[float]:
@@ -424,10 +430,12 @@ def swept_keys(points: list[SweepPoint]) -> tuple[list[str], dict[str, str]]:
         keys += [k for k in p.overrides if k not in keys]
     swept, fixed = [], {}
     for k in keys:
+        if k in WHERE_KEYS:
+            continue
         vals = {p.overrides.get(k) for p in points}
         if len(vals) > 1:
             swept.append(k)
-        elif k not in WHERE_KEYS:
+        else:
             fixed[k] = next(iter(vals))
     return swept, fixed
 
@@ -537,6 +545,13 @@ def family_defaults(points: list[SweepPoint]) -> tuple[str, str, str]:
             utility = MCQ_UTILITY if MCQ_UTILITY in have or not mmlu else mmlu[0]
             return f"{hazard[0]},{utility}>=0.95", hazard[0], utility
     return DEFAULT_RULE, forget_axis(points), UTILITY_AXIS
+
+
+def _setting_md(p: SweepPoint, key: str) -> str:
+    """``key=value`` as a code span that can be copied as an override ("(default)" outside it)."""
+    value = p.setting(key)
+    default = value.endswith(" (default)")
+    return f"`{key}={value.removesuffix(' (default)')}`" + (" (default)" if default else "")
 
 
 def _short(p: SweepPoint, swept: list[str]) -> str:
@@ -782,7 +797,7 @@ def _markdown(name: str, points: list[SweepPoint], swept: list[str], fixed: dict
                  f"{choice['reference_source']}; threshold {format_value(choice['threshold'])})"
                  if choice["threshold"] is not None else ""), ""]
     if chosen_pt is not None:
-        desc = ", ".join(f"`{k}={chosen_pt.setting(k)}`" for k in swept) or f"`{chosen_pt.name}`"
+        desc = ", ".join(_setting_md(chosen_pt, k) for k in swept) or f"`{chosen_pt.name}`"
         lines.append(f"**Chosen: {desc}**" + (f" (tau used {format_value(choice['tau'], 3)})"
                                               if choice["tau"] is not None else "")
                      + f": {choice['objective']} = {format_value(chosen_pt.metric(choice['objective']))}, "
