@@ -357,46 +357,42 @@ def _validate_cache_dir(cfg: DictConfig) -> None:
     _require(why is None, "cache_dir", f"{path}: {why}")
 
 
-def method_key_hint(key: str) -> str:
-    """For a ``method.<key>`` the chosen method lacks: the methods whose config has it (``tau``: the
-    ASU methods), as the end of an error line; '' when no method has it."""
+def _method_fields() -> dict[str, set[str]]:
+    """Each method a ``method=<option>`` can name (its ``conf/method/<name>.yaml``; every registered one
+    where conf/ is not beside the package) -> its config's keys."""
     from pathlib import Path
 
     import pipeline.methods  # noqa: F401  (each method registers itself)
     from pipeline.methods.base import METHODS
 
-    owners = sorted(n for n in METHODS.names()
-                    if any(f.name == key for f in dataclasses.fields(METHODS.get(n).config_cls)))
-    group = Path(__file__).resolve().parents[1] / "conf" / "method"  # what method=<option> can name
-    if group.is_dir():
-        owners = [n for n in owners if (group / f"{n}.yaml").is_file()]
-    return f"; method.{key} is a setting of method={', '.join(owners)}" if owners else ""
+    group = Path(__file__).resolve().parents[1] / "conf" / "method"
+    return {n: {f.name for f in dataclasses.fields(METHODS.get(n).config_cls)} for n in METHODS.names()
+            if not group.is_dir() or (group / f"{n}.yaml").is_file()}
 
 
-def closest_key_hint(path: str) -> str:
-    """For a key path the schema does not declare (``method.tua``, ``trainer.lrr``): the declared key
-    of the same node it most resembles, as the end of an error line; '' when none is close. ``method``
-    keys are compared with every method's."""
+def unknown_key_hint(path: str) -> str:
+    """The end of an error line for a key path the schema does not declare: for a ``method.<key>`` the
+    chosen method lacks, the methods whose config has it (``tau``: the ASU methods); else the declared
+    key of the same node it most resembles (``method.tua``, ``trainer.lrr``: "did you mean ...?",
+    ``method`` keys compared with every method's); '' when neither."""
     import difflib
     import typing
 
     parent, _, key = path.rpartition(".")
-    schema: Any = RunConfig
-    for part in parent.split(".") if parent else []:
-        if part == "method" and schema is RunConfig:
-            if parent != "method":  # a method's nested keys are its own: no schema to compare with here
-                return ""
-            import pipeline.methods  # noqa: F401  (each method registers itself)
-            from pipeline.methods.base import METHODS
-
-            names = {f.name for n in METHODS.names() for f in dataclasses.fields(METHODS.get(n).config_cls)}
-            schema = None
-            break
-        hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
-        schema = hints.get(part)
-        if not dataclasses.is_dataclass(schema):
-            return ""
+    if parent == "method":
+        fields = _method_fields()
+        owners = sorted(n for n, keys in fields.items() if key in keys)
+        if owners:
+            return f"; method.{key} is a setting of method={', '.join(owners)}"
+        names = set().union(*fields.values())
+    elif parent.split(".")[0] == "method":  # a method's nested keys are its own: no schema to compare with here
+        return ""
     else:
+        schema: Any = RunConfig
+        for part in parent.split(".") if parent else []:
+            schema = typing.get_type_hints(schema).get(part)
+            if not dataclasses.is_dataclass(schema):
+                return ""
         names = {f.name for f in dataclasses.fields(schema)}
     close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
     return f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
@@ -416,8 +412,7 @@ def _refuse_added_keys(node: DictConfig, path: str = "") -> None:
             continue
         _require(key in declared, f"{path}{key}",
                  f"{schema.__name__} has no key {key!r}, so nothing would read it (added with '+'?); "
-                 f"its keys: {', '.join(declared)}"
-                 + ((method_key_hint(key) if path == "method." else "") or closest_key_hint(f"{path}{key}")))
+                 f"its keys: {', '.join(declared)}" + unknown_key_hint(f"{path}{key}"))
         if OmegaConf.is_dict(node._get_node(key)):
             _refuse_added_keys(node[key], f"{path}{key}.")
 

@@ -36,10 +36,9 @@ def compose_error_line(exc: BaseException) -> str:
     hint = ""
     unknown = re.match(r"Could not override '([\w.]+)'\.", str(exc).strip())
     if unknown:  # Hydra's "use +key=..." adds a key nothing reads (refused later): name the key meant instead
-        from pipeline.config import closest_key_hint, method_key_hint
+        from pipeline.config import unknown_key_hint
 
-        path = unknown.group(1)
-        hint = (method_key_hint(path.split(".", 1)[1]) if path.startswith("method.") else "") or closest_key_hint(path)
+        hint = unknown_key_hint(unknown.group(1))
         if hint:
             parts = [p for p in parts if not p.startswith("To append to your config use +")]
     return " ".join(p if p.endswith((".", ":")) else p + "." for p in parts).rstrip(".") + hint

@@ -150,9 +150,9 @@ def test_a_misspelled_key_names_the_key_it_resembles(override, meant):
     with pytest.raises(ConfigError, match=rf"did you mean {re.escape(meant)}\?$"):
         validate(cfg)
     assert "did you mean" not in compose_error_line(ValueError("Could not override 'trainer.zzzzzz'. To append +"))
-    from pipeline.config import closest_key_hint
+    from pipeline.config import unknown_key_hint
 
-    assert closest_key_hint("method.extra.tua") == ""  # a method's nested keys: no schema here to compare with
+    assert unknown_key_hint("method.extra.tua") == ""  # a method's nested keys: no schema here to compare with
 
 
 @pytest.mark.parametrize("override,key", [("trainer.lr=hot", "lr"), ("method.gamma=big", "gamma"),
