@@ -36,11 +36,9 @@ from pipeline.inputs import (
     ModelPaths,
     check_before_loading,
     check_inputs_outside,
-    checked_prompt_format,
     data_record,
     log_first_prompt,
     prompt_format_record,
-    prompt_format_uses,
     resolve_paths,
     set_threads,
 )
@@ -333,19 +331,11 @@ def _resolve_batch(cfg: DictConfig, world_size: int) -> None:
 
 def _load_inputs(cfg: DictConfig) -> JobInputs:
     """Data (its errors stop here, before any model), tokenizer, prompt format and encoded rows."""
-    from pipeline.data.loaders import encode_rows, load_unlearning_data
-    from pipeline.eval.report import data_setting
-    from pipeline.eval.runner import check_eval_inputs, check_eval_tokenizer
-    from pipeline.models.loading import capped_at_context, load_tokenizer
+    from pipeline.data.loaders import encode_rows
+    from pipeline.eval.runner import read_inputs
+    from pipeline.models.loading import capped_at_context
 
-    paths = resolve_paths(cfg)
-    data = load_unlearning_data(cfg.data, int(cfg.seed), data_dir=paths.data_dir)
-    log.info("data: %s", data_setting(data_record(cfg, paths, data)))
-    check_eval_inputs(cfg, data, paths.model)  # an eval.splits typo or a reference file that does not fit: stops here
-    tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
-    check_eval_tokenizer(cfg, data, tokenizer)  # a multiple-choice evaluation it cannot score: before training
-    uses = prompt_format_uses(data, training=True, evaluating=bool(cfg.eval.enabled))
-    fmt = checked_prompt_format(cfg, tokenizer, uses)
+    paths, data, tokenizer, uses, fmt = read_inputs(cfg, training=True)
     max_len = capped_at_context("data.max_length", int(cfg.data.max_length), paths.model, paths.revision)
     pack = bool(cfg.data.pack_text)
     with progress("tokenizing", cfg.logging.progress_bar):  # a bar for raw-text corpora (batches of texts)

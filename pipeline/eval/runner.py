@@ -651,16 +651,18 @@ def _dry_run_eval(cfg: DictConfig) -> dict:
     if not_built:
         log.info("dry run: evaluation of %s: config checked; nothing built, evaluated or written", not_built)
         return {}
-    paths, data, _, _, _ = _eval_inputs(cfg)
+    paths, data, _, _, _ = read_inputs(cfg, training=False)
     rows = {name: len(r) for name, r in data.eval.items()}
     log.info("dry run: evaluation of %s on %s checked (data, tokenizer and prompt format); nothing evaluated or "
              "written", paths.model, rows)
     return {}
 
 
-def _eval_inputs(cfg: DictConfig) -> tuple[Any, Any, Any, list[str], Any]:
-    """(paths, data, tokenizer, where the prompt format applies, the checked prompt format) of an
-    evaluation-only job: what it reads before loading the model."""
+def read_inputs(cfg: DictConfig, training: bool) -> tuple[Any, Any, Any, list[str], Any]:
+    """(paths, data, tokenizer, where the prompt format applies, the checked prompt format): what a
+    training job (``training``) or an evaluation-only one reads before loading a model; their one-line
+    errors (data, an eval.splits typo or a reference file that does not fit, a tokenizer the evaluation
+    cannot score with, a prompt format it cannot express) stop the job here."""
     from pipeline.data.loaders import load_unlearning_data
     from pipeline.eval.report import data_setting
     from pipeline.inputs import checked_prompt_format, data_record, prompt_format_uses, resolve_paths
@@ -671,8 +673,8 @@ def _eval_inputs(cfg: DictConfig) -> tuple[Any, Any, Any, list[str], Any]:
     log.info("data: %s", data_setting(data_record(cfg, paths, data)))
     check_eval_inputs(cfg, data, paths.model)
     tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code, revision=paths.tokenizer_revision)
-    check_eval_tokenizer(cfg, data, tokenizer)
-    uses = prompt_format_uses(data, training=False, evaluating=True)
+    check_eval_tokenizer(cfg, data, tokenizer)  # a multiple-choice evaluation it cannot score: before training
+    uses = prompt_format_uses(data, training=training, evaluating=bool(cfg.eval.enabled) if training else True)
     return paths, data, tokenizer, uses, checked_prompt_format(cfg, tokenizer, uses)
 
 
@@ -697,7 +699,7 @@ def eval_job(cfg: DictConfig, run_dir: str | Path) -> dict:
         set_aside_results(run_dir)
     set_threads(int(cfg.trainer.num_threads))
     set_attention_backend(cfg.kernels.attention, dist.device)  # logs the choice (and any fallback)
-    paths, data, tokenizer, uses, prompt_format = _eval_inputs(cfg)
+    paths, data, tokenizer, uses, prompt_format = read_inputs(cfg, training=False)
     metrics, details = evaluate_job(cfg, paths.model, tokenizer, data, paths, Path(run_dir) / PARTS_DIR)
     evaluation = metrics.pop(EVALUATION_KEY, None)
     results: dict = {}
